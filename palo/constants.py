@@ -1,0 +1,32 @@
+"""Constants shared by training, evaluation and serving.
+
+The values are part of the on-disk and wire formats of the original PALO/LLaVA code, so they must not change.
+"""
+
+IGNORE_INDEX = -100
+# A sentinel in ``input_ids`` marking where one image's features are spliced in; never a vocabulary id.
+IMAGE_TOKEN_INDEX = -200
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
+DEFAULT_IM_START_TOKEN = "<im_start>"
+DEFAULT_IM_END_TOKEN = "<im_end>"
+IMAGE_PLACEHOLDER = "<image-placeholder>"
+
+CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds
+WORKER_HEART_BEAT_INTERVAL = 15  # seconds
+LOGDIR = "."
+
+# The ten PALO languages, in the order the paper and the evaluation scripts list them.
+LANGUAGES = (
+    "english",
+    "chinese",
+    "french",
+    "spanish",
+    "russian",
+    "japanese",
+    "arabic",
+    "hindi",
+    "bengali",
+    "urdu",
+)

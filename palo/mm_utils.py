@@ -1,0 +1,219 @@
+"""Multimodal helpers with the original PALO/LLaVA entry points.
+
+``tokenizer_image_token``, ``process_images``, ``expand2square``, ``get_model_name_from_path`` and
+``KeywordsStoppingCriteria`` keep the original names and signatures so existing user code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import StoppingCriteria
+
+from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+
+# Decompression-bomb guard: refuse images with more pixels than this (about 8k x 8k). CLIP sees 336x336 anyway.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read: missing, corrupt, not an image, or too large."""
+
+
+def _open_image(source: Any, name: str) -> Image.Image:
+    try:
+        image = Image.open(source)
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageLoadError(
+                f"{name}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS:,}; resize the image first"
+            )
+        image.load()
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
+    return image.convert("RGB")
+
+
+def load_image(path_or_url: str) -> Image.Image:
+    """Open a local image file as RGB.
+
+    Args:
+        path_or_url: A local path. (Remote URLs are rejected: nothing is fetched at run time.)
+
+    Returns:
+        The image in RGB mode.
+
+    Raises:
+        ImageLoadError: If the file is missing, not an image, corrupt or too large.
+    """
+    if path_or_url.startswith(("http://", "https://")):
+        raise ImageLoadError(f"{path_or_url}: remote images are not fetched; download it and pass a local path")
+    if not os.path.isfile(path_or_url):
+        raise ImageLoadError(f"{path_or_url}: no such image file")
+    with open(path_or_url, "rb") as f:
+        return _open_image(io.BytesIO(f.read()), path_or_url)
+
+
+def load_image_from_base64(data: str) -> Image.Image:
+    """Decode a base64 string (optionally a ``data:image/...;base64,`` URL) into an RGB image.
+
+    Raises:
+        ImageLoadError: If the string is not valid base64 or not an image.
+    """
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ImageLoadError(f"image is not valid base64 ({exc})") from exc
+    return _open_image(io.BytesIO(raw), "base64 image")
+
+
+def expand2square(pil_img: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
+    """Pad an image to a square, centred, with ``background_color``.
+
+    A wide image is pasted at ``(0, (W - H) // 2)`` on a W x W canvas, a tall one at ``((H - W) // 2, 0)``; the canvas
+    keeps the image's mode. This is the ``pad`` rule PALO trained with.
+    """
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
+def pad_color(image_processor: Any) -> tuple[int, ...]:
+    """The ``pad`` background: the processor's mean times 255, truncated (122, 116, 104 for CLIP)."""
+    return tuple(int(x * 255) for x in image_processor.image_mean)
+
+
+def process_images(images: Sequence[Image.Image], image_processor: Any, model_cfg: Any) -> torch.Tensor | list:
+    """Turn PIL images into CLIP pixel values following the model's ``image_aspect_ratio``.
+
+    Args:
+        images: PIL images.
+        image_processor: The CLIP image processor of the model.
+        model_cfg: The model config; ``image_aspect_ratio == "pad"`` pads to a square first, anything else (``square``,
+            absent) lets the processor resize the short side and centre-crop.
+
+    Returns:
+        A tensor ``[N, 3, H, W]`` when all images share a shape (always, for CLIP), else a list of ``[3, H, W]``.
+    """
+    aspect = getattr(model_cfg, "image_aspect_ratio", None)
+    new_images = []
+    for image in images:
+        if aspect == "pad":
+            image = expand2square(image, pad_color(image_processor))
+        new_images.append(image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0])
+    if new_images and all(x.shape == new_images[0].shape for x in new_images):
+        return torch.stack(new_images, dim=0)
+    return new_images
+
+
+def tokenizer_image_token(
+    prompt: str,
+    tokenizer: Any,
+    image_token_index: int = IMAGE_TOKEN_INDEX,
+    return_tensors: str | None = None,
+) -> list[int] | torch.Tensor:
+    """Tokenize a prompt, putting ``image_token_index`` where each ``<image>`` stands.
+
+    Each text chunk between placeholders is tokenized on its own (as if it began a sequence, SentencePiece dummy
+    prefix included), the output starts with one BOS, and exactly one sentinel sits between consecutive chunks. This
+    is the rule training and inference both used in the original, so ids match the released checkpoints.
+
+    Args:
+        prompt: The rendered prompt.
+        tokenizer: A tokenizer that prepends BOS.
+        image_token_index: The sentinel id (``-200``).
+        return_tensors: ``"pt"`` for a 1-D long tensor, None for a list.
+
+    Returns:
+        The ids.
+    """
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(DEFAULT_IMAGE_TOKEN)]
+    input_ids: list[int] = []
+    offset = 0
+    if chunks and chunks[0] and chunks[0][0] == tokenizer.bos_token_id:
+        offset = 1
+        input_ids.append(chunks[0][0])
+    for i, chunk in enumerate(chunks):
+        if i > 0:
+            input_ids.append(image_token_index)
+        input_ids.extend(chunk[offset:])
+    if return_tensors is None:
+        return input_ids
+    if return_tensors == "pt":
+        return torch.tensor(input_ids, dtype=torch.long)
+    raise ValueError(f"Unsupported tensor type: {return_tensors}")
+
+
+def get_model_name_from_path(model_path: str) -> str:
+    """The display name of a checkpoint: its last path component, or ``<parent>_<checkpoint-N>``."""
+    parts = model_path.strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return parts[-2] + "_" + parts[-1]
+    return parts[-1]
+
+
+class KeywordsStoppingCriteria(StoppingCriteria):
+    """Stop when every row has generated one of the keywords (e.g. the template's stop string).
+
+    A row matches when its last ids equal a keyword's ids, or when the text decoded from its last new tokens
+    contains a keyword.
+
+    Args:
+        keywords: Stop strings.
+        tokenizer: The tokenizer used to encode them and decode the output.
+        input_ids: The prompt ids ``[B, T]``; only tokens after them are checked.
+    """
+
+    def __init__(self, keywords: Sequence[str], tokenizer: Any, input_ids: torch.Tensor) -> None:
+        self.keywords = list(keywords)
+        self.tokenizer = tokenizer
+        self.keyword_ids: list[torch.Tensor] = []
+        self.max_keyword_len = 0
+        for keyword in self.keywords:
+            ids = tokenizer(keyword).input_ids
+            if len(ids) > 1 and ids[0] == tokenizer.bos_token_id:
+                ids = ids[1:]
+            self.max_keyword_len = max(self.max_keyword_len, len(ids))
+            self.keyword_ids.append(torch.tensor(ids, dtype=torch.long))
+        self.start_len = input_ids.shape[1]
+
+    def _row_matches(self, row: torch.Tensor, num_new: int) -> bool:
+        if num_new <= 0:
+            return False
+        for ids in self.keyword_ids:
+            if num_new >= ids.shape[0] and torch.equal(row[-ids.shape[0]:].cpu(), ids):
+                return True
+        tail = min(num_new, self.max_keyword_len)
+        text = self.tokenizer.decode(row[-tail:], skip_special_tokens=True)
+        return any(keyword in text for keyword in self.keywords)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs: Any) -> torch.BoolTensor:
+        """Per-row stop flags.
+
+        Args:
+            input_ids: ``[B, T + n]``, the prompt followed by the ``n`` tokens generated so far.
+
+        Returns:
+            ``[B]`` booleans. Unlike the original (one flag for the whole batch), each row stops on its own, so batched
+            generation gives the same text as one-by-one.
+        """
+        num_new = input_ids.shape[1] - self.start_len
+        flags = [self._row_matches(row, num_new) for row in input_ids]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)

@@ -1,0 +1,301 @@
+"""``load_pretrained_model``: load any released or trained PALO / LLaVA-1.5 checkpoint.
+
+What a folder holds decides how it loads, never its name (the original required ``palo`` and ``lora`` in folder
+names, so the README's own ``results/PALO-7B`` LoRA output could not be merged):
+
+=====================  ==================================================  =====================================
+kind                   files                                               needs
+=====================  ==================================================  =====================================
+full                   config.json + model*.safetensors / pytorch_model*.bin  nothing
+LoRA                   adapter_config.json + adapter_model.* (+ non_lora_trainables.bin)  ``model_base``
+stage-1 projector      config.json + mm_projector.bin, no model weights    ``model_base``
+=====================  ==================================================  =====================================
+
+A config with ``mm_vision_tower`` is multimodal (PALO); without it the folder is a plain LLM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from palo.model.config import MultimodalSpec, PaloConfig
+from palo.model.palo_llama import PaloForCausalLM
+from palo.model.tokenizer import load_tokenizer
+from palo.model.vision_tower import load_image_processor
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A folder is not a loadable checkpoint, or lacks what its kind needs."""
+
+
+class CheckpointKind(enum.Enum):
+    FULL = "full"
+    LORA = "lora"
+    PROJECTOR = "projector"
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A local folder for ``path``: the folder itself, or the snapshot of a hub id in the local HF cache.
+
+    Raises:
+        CheckpointError: If ``path`` is neither.
+    """
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path!r} is a file; pass the checkpoint folder that holds config.json")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=path)
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
+        offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise CheckpointError(
+            f"{path!r} is not a local folder and could not be found as a Hugging Face repo{offline}: {exc}"
+        ) from exc
+
+
+def detect_checkpoint_kind(model_dir: str) -> CheckpointKind:
+    """Classify a checkpoint folder by the files it holds.
+
+    Raises:
+        CheckpointError: If the folder holds no checkpoint.
+    """
+    files = set(os.listdir(model_dir))
+    if files & set(ADAPTER_FILES):
+        if "adapter_config.json" not in files:
+            raise CheckpointError(f"{model_dir!r} has LoRA weights but no adapter_config.json")
+        return CheckpointKind.LORA
+    if "config.json" not in files:
+        raise CheckpointError(
+            f"{model_dir!r} is not a checkpoint: it has no config.json (files: {sorted(files)[:10]}). Expected a "
+            "full model (config.json + model.safetensors or pytorch_model*.bin), a LoRA output "
+            "(adapter_config.json + adapter_model.*) or a stage-1 output (config.json + mm_projector.bin)."
+        )
+    has_weights = bool(files & set(WEIGHT_FILES)) or any(
+        f.startswith(("model-", "pytorch_model-")) and f.endswith((".safetensors", ".bin")) for f in files
+    )
+    if has_weights:
+        return CheckpointKind.FULL
+    if "mm_projector.bin" in files:
+        return CheckpointKind.PROJECTOR
+    raise CheckpointError(
+        f"{model_dir!r} has a config.json but no weights: expected model.safetensors, pytorch_model*.bin, "
+        "adapter_model.* (LoRA) or mm_projector.bin (stage 1)."
+    )
+
+
+def _load_bin(path: str) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _normalize_non_lora_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``base_model.model.model.mm_projector.x`` -> ``model.mm_projector.x`` (both historical forms accepted)."""
+    state = {(k[len("base_model."):] if k.startswith("base_model.") else k): v for k, v in state.items()}
+    if any(k.startswith("model.model.") for k in state):
+        state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
+    return state
+
+
+def _load_projector_state(model: PaloForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load every ``*mm_projector.*`` tensor of ``state`` into the projector, strictly."""
+    prefix = "mm_projector."
+    projector_state = {k.split(prefix, 1)[1]: v for k, v in state.items() if prefix in k}
+    if not projector_state:
+        raise CheckpointError(f"{source} holds no mm_projector weights (keys: {list(state)[:5]})")
+    try:
+        model.projector.load_state_dict(projector_state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{source} does not fit the projector '{model.spec.projector_type}' of this config: {exc}"
+        ) from exc
+
+
+@contextlib.contextmanager
+def _without_multimodal_modules(model: PaloForCausalLM) -> Iterator[None]:
+    """Hide the tower and projector while PEFT merges a LoRA adapter.
+
+    The original applied LoRA before those modules existed, so adapter target names (``q_proj`` ...) must only
+    match the language model, not CLIP's attention layers of the same names.
+    """
+    inner = model.model
+    saved = {name: inner._modules.pop(name) for name in ("vision_tower", "mm_projector") if name in inner._modules}
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            inner._modules[name] = module
+
+
+def _merge_lora(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
+    from peft import PeftModel
+
+    logger.info("Merging LoRA weights from %s", adapter_dir)
+    if isinstance(model, PaloForCausalLM):
+        with _without_multimodal_modules(model):
+            merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        return merged
+    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[str, Any]:
+    if not (load_8bit or load_4bit):
+        return {}
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        raise ValueError("--load-8bit/--load-4bit need a CUDA device and bitsandbytes; on CPU load in float32")
+    from transformers import BitsAndBytesConfig
+
+    if load_8bit:
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["mm_projector", "vision_tower", "lm_head"])}
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=["mm_projector", "vision_tower", "lm_head"],
+        )
+    }
+
+
+def _as_palo_config(config: Any) -> PaloConfig:
+    """LoRA folders may carry a plain ``llama`` config with the mm_* keys; treat it as PALO."""
+    if isinstance(config, PaloConfig):
+        return config
+    values = config.to_dict()
+    values.pop("model_type", None)
+    return PaloConfig(**values)
+
+
+def _check_loading_info(info: dict[str, Any], allowed_missing: tuple[str, ...], source: str) -> list[str]:
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith(allowed_missing)]
+    if missing:
+        raise CheckpointError(f"{source} is incomplete: {len(missing)} weights missing, e.g. {sorted(missing)[:5]}")
+    return list(info.get("missing_keys", []))
+
+
+def load_pretrained_model(
+    model_path: str,
+    model_base: str | None = None,
+    model_name: str | None = None,
+    load_8bit: bool = False,
+    load_4bit: bool = False,
+    device_map: Any = "auto",
+    device: str = "cuda",
+    *,
+    vision_tower: str | None = None,
+    dtype: torch.dtype | None = None,
+    use_flash_attn: bool = False,
+    **kwargs: Any,
+) -> tuple[Any, PreTrainedModel, Any, int]:
+    """Load a PALO / LLaVA-1.5 checkpoint (or a plain LLM) for inference.
+
+    Args:
+        model_path: A checkpoint folder or hub id (resolved through the local Hugging Face cache).
+        model_base: The base LLM for LoRA and stage-1 folders.
+        model_name: Kept for compatibility with the original signature; it no longer changes behaviour.
+        load_8bit: Quantise the language model to 8 bits (CUDA, bitsandbytes).
+        load_4bit: Quantise to 4-bit NF4 (CUDA, bitsandbytes).
+        device_map: transformers ``device_map`` on CUDA; on other devices everything goes to ``device``.
+        device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``.
+        vision_tower: Override ``mm_vision_tower`` (e.g. a local CLIP folder for offline use).
+        dtype: Weights dtype; default float32 on CPU, float16 on CUDA.
+        use_flash_attn: Use FlashAttention-2 (CUDA, flash-attn installed).
+        **kwargs: Extra ``from_pretrained`` arguments.
+
+    Returns:
+        ``(tokenizer, model, image_processor, context_len)``; ``image_processor`` is None for a text-only LLM.
+
+    Raises:
+        CheckpointError: If the folder is not a checkpoint or lacks what its kind needs.
+        palo.model.vision_tower.VisionTowerError: If the vision tower cannot be found.
+    """
+    del model_name  # compatibility only: the files decide, not the name
+    model_dir = resolve_checkpoint_dir(model_path)
+    kind = detect_checkpoint_kind(model_dir)
+    base_dir = resolve_checkpoint_dir(model_base) if model_base else None
+    if kind is CheckpointKind.FULL and base_dir:
+        logger.warning("%s is a full checkpoint; ignoring --model-base %s", model_path, model_base)
+        base_dir = None
+    if kind is not CheckpointKind.FULL and base_dir is None:
+        what = "a LoRA adapter" if kind is CheckpointKind.LORA else "a stage-1 projector (mm_projector.bin)"
+        raise CheckpointError(f"{model_path!r} holds {what}; pass the base LLM with --model-base (model_base=)")
+
+    if dtype is None:
+        dtype = torch.float32 if str(device) == "cpu" else torch.float16
+    if not str(device).startswith("cuda"):
+        device_map = {"": device}
+    load_kwargs: dict[str, Any] = dict(dtype=dtype, device_map=device_map, **kwargs)
+    load_kwargs.update(_quantization_kwargs(load_8bit, load_4bit, device))
+    if use_flash_attn:
+        load_kwargs["attn_implementation"] = "flash_attention_2"
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if vision_tower:
+        config.mm_vision_tower = vision_tower
+    spec = MultimodalSpec.from_config(config)
+    tokenizer = load_tokenizer(base_dir or model_dir, use_fast=False)
+
+    if not spec.is_multimodal:
+        if kind is CheckpointKind.PROJECTOR:
+            raise CheckpointError(f"{model_path!r} has mm_projector.bin but its config names no mm_vision_tower")
+        model = AutoModelForCausalLM.from_pretrained(base_dir or model_dir, **load_kwargs)
+        if kind is CheckpointKind.LORA:
+            model = _merge_lora(model, model_dir)
+        return tokenizer, model, None, getattr(model.config, "max_sequence_length", 2048)
+
+    config = _as_palo_config(config)
+    tower_prefix = "model.vision_tower."
+    model, info = PaloForCausalLM.from_pretrained(
+        base_dir or model_dir, config=config, output_loading_info=True, **load_kwargs
+    )
+    if kind is CheckpointKind.FULL:
+        missing = _check_loading_info(info, (tower_prefix,), model_path)
+    else:
+        missing = _check_loading_info(info, (tower_prefix, "model.mm_projector."), model_base or "")
+        if kind is CheckpointKind.LORA:
+            non_lora = os.path.join(model_dir, "non_lora_trainables.bin")
+            if os.path.isfile(non_lora):
+                state = _normalize_non_lora_keys(_load_bin(non_lora))
+                _load_projector_state(model, state, non_lora)
+            else:
+                raise CheckpointError(f"{model_path!r} is a PALO LoRA folder without non_lora_trainables.bin")
+            model = _merge_lora(model, model_dir)
+        else:
+            projector_file = os.path.join(model_dir, "mm_projector.bin")
+            _load_projector_state(model, _load_bin(projector_file), projector_file)
+
+    tower = model.get_vision_tower()
+    if any(k.startswith(tower_prefix) for k in missing):
+        tower.load_weights_from(spec.vision_tower)
+    tower.image_processor = load_image_processor(spec.vision_tower, tower.config.image_size, fallback_dirs=(model_dir,))
+
+    # The original adds these tokens at load time; <im_patch> by default when the config does not say otherwise.
+    if spec.use_im_patch_token:
+        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+    if spec.use_im_start_end:
+        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
+    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.eval()
+    context_len = getattr(model.config, "max_sequence_length", 2048)
+    return tokenizer, model, tower.image_processor, context_len

@@ -1,0 +1,261 @@
+"""The PALO multimodal causal LM: a CLIP vision tower, a projector and a LLaMA-family language model.
+
+Composition, with the original checkpoint layout:
+
+* ``model`` (:class:`PaloModel`) is the LLaMA decoder. It also *holds* ``vision_tower`` and ``mm_projector`` so
+  that their weights keep the released names ``model.vision_tower.vision_tower.*`` and ``model.mm_projector.*``;
+  the decoder's own forward never touches them.
+* :class:`PaloForCausalLM` encodes images (tower, then projector), splices the features into the embedded prompt
+  with :func:`~palo.model.multimodal.splice_image_features`, and runs the decoder and ``lm_head``.
+
+``model.generate(input_ids, images=...)`` takes prompts with the ``-200`` image sentinel as in the original and
+returns the prompt ids followed by the new ids (PALO's convention: callers slice off ``input_ids.shape[1]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import CLIPVisionConfig, LlamaForCausalLM, LlamaModel, StoppingCriteria, StoppingCriteriaList
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.model.config import LlavaLlamaConfig, MultimodalSpec, PaloConfig
+from palo.model.multimodal import SplicedInputs, splice_image_features
+from palo.model.projectors import build_projector
+from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec, resolve_vision_config
+
+def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTower:
+    """Build the (randomly initialised) CLIP tower described by ``config``.
+
+    The architecture comes from ``config.mm_vision_config`` when present (this project writes it), else it is
+    resolved from ``mm_vision_tower`` (local folder, cache, or preset).
+    """
+    vision_config = getattr(config, "mm_vision_config", None)
+    if isinstance(vision_config, dict):
+        vision_config = CLIPVisionConfig(**vision_config)
+    elif vision_config is None:
+        vision_config = resolve_vision_config(spec.vision_tower)
+    features = VisionFeatureSpec(select_layer=spec.select_layer, select_feature=spec.select_feature)
+    return CLIPVisionTower(spec.vision_tower, vision_config, features)
+
+
+class PaloModel(LlamaModel):
+    """The LLaMA decoder, also holding the vision tower and the projector under their original names."""
+
+    config_class = PaloConfig
+
+    def __init__(self, config: PaloConfig) -> None:
+        super().__init__(config)
+        spec = MultimodalSpec.from_config(config)
+        if spec.is_multimodal:
+            self.vision_tower = build_vision_tower(config, spec)
+            mm_hidden = spec.mm_hidden_size or self.vision_tower.hidden_size
+            self.mm_projector = build_projector(spec.projector_type, mm_hidden, config.hidden_size)
+
+
+def _flatten_images(images: Any) -> list[torch.Tensor]:
+    """Accept ``[N, 3, H, W]``, ``[B, k, 3, H, W]``, or a list of ``[3, H, W]`` / ``[k, 3, H, W]``."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 4:
+            return list(images)
+        if images.dim() == 5:
+            return list(images.flatten(0, 1))
+        if images.dim() == 3:
+            return [images]
+        raise ValueError(f"images must be [N, 3, H, W] or [B, k, 3, H, W], got shape {tuple(images.shape)}")
+    flat: list[torch.Tensor] = []
+    for item in images:
+        flat.extend(_flatten_images(item) if item.dim() != 3 else [item])
+    return flat
+
+
+class _WithPrompt(StoppingCriteria):
+    """Shows a stopping criterion the prompt followed by the new ids, as generation from ids would.
+
+    Generation here runs from embeddings, where transformers passes criteria only the new ids; criteria written for
+    the original (e.g. :class:`~palo.mm_utils.KeywordsStoppingCriteria`) count new tokens from the prompt length.
+    """
+
+    def __init__(self, inner: StoppingCriteria, prompt_ids: torch.Tensor) -> None:
+        self.inner = inner
+        self.prompt_ids = prompt_ids
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        full = torch.cat([self.prompt_ids.to(input_ids.device), input_ids], dim=1)
+        result = self.inner(full, scores, **kwargs)
+        if isinstance(result, bool):
+            result = torch.full((input_ids.shape[0],), result, dtype=torch.bool, device=input_ids.device)
+        return result
+
+
+class PaloForCausalLM(LlamaForCausalLM):
+    """PALO / LLaVA-1.5 multimodal causal LM over a LLaMA-family language model."""
+
+    config_class = PaloConfig
+    # Old checkpoints carry buffers that current modules recompute.
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq", r"embeddings\.position_ids"]
+
+    def __init__(self, config: PaloConfig) -> None:
+        # Skip LlamaForCausalLM.__init__, which would first build a plain LlamaModel only to replace it.
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = PaloModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # -- parts -------------------------------------------------------------------------------------------------
+    @property
+    def spec(self) -> MultimodalSpec:
+        return MultimodalSpec.from_config(self.config)
+
+    @property
+    def vision_tower(self) -> CLIPVisionTower | None:
+        return getattr(self.model, "vision_tower", None)
+
+    @property
+    def projector(self) -> torch.nn.Module | None:
+        return getattr(self.model, "mm_projector", None)
+
+    def get_model(self) -> PaloModel:
+        """Original API: the inner model."""
+        return self.model
+
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        """Original API: the vision tower (``.image_processor`` is attached by the loader)."""
+        return self.vision_tower
+
+    # -- images --------------------------------------------------------------------------------------------------
+    def encode_images(self, images: Any) -> list[torch.Tensor]:
+        """Vision tower then projector.
+
+        Args:
+            images: Pixel values, ``[N, 3, H, W]`` or any form :func:`_flatten_images` accepts.
+
+        Returns:
+            One ``[n_tokens, hidden_size]`` tensor per image (576 rows for CLIP-L/336 with an MLP projector, 144
+            with LDP).
+        """
+        if self.vision_tower is None:
+            raise ValueError("This checkpoint has no vision tower (no mm_vision_tower in config.json): it takes text only")
+        flat = _flatten_images(images)
+        if not flat:
+            return []
+        pixels = torch.stack(flat, dim=0)
+        features = self.vision_tower(pixels)
+        projected = self.projector(features.to(self.lm_head.weight.dtype))
+        return list(projected)
+
+    def prepare_multimodal_inputs(
+        self,
+        input_ids: torch.Tensor,
+        images: Any,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        padding_side: str | None = None,
+    ) -> SplicedInputs:
+        """Encode ``images`` and splice them into ``input_ids`` (see :func:`splice_image_features`)."""
+        spec = self.spec
+        return splice_image_features(
+            input_ids,
+            self.encode_images(images) if images is not None else [],
+            self.get_input_embeddings(),
+            attention_mask=attention_mask,
+            labels=labels,
+            padding_side=padding_side or spec.padding_side,
+            max_length=spec.max_length,
+        )
+
+    # -- forward / generate --------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        images: Any = None,
+        image_sizes: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Causal-LM forward; with ``images``, the ``-200`` sentinels in ``input_ids`` are replaced by image features.
+
+        Args:
+            input_ids: ``[B, T]``, possibly with ``IMAGE_TOKEN_INDEX`` sentinels.
+            attention_mask: ``[B, T]``.
+            position_ids: ``[B, T]``; recomputed when images are spliced.
+            inputs_embeds: ``[B, T, D]`` instead of ``input_ids``.
+            labels: ``[B, T]``; image rows get ``IGNORE_INDEX``.
+            images: Pixel values for the sentinels, in order.
+            image_sizes: Accepted for LLaVA-1.6 callers; unused.
+            **kwargs: Passed to the LLaMA forward (cache, ``use_cache``, ``logits_to_keep`` ...).
+
+        Returns:
+            transformers' ``CausalLMOutputWithPast`` over the spliced sequence.
+        """
+        has_sentinel = input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
+        if inputs_embeds is None and (images is not None or has_sentinel):
+            if images is None:
+                raise ValueError("input_ids contain <image> sentinels (-200) but no images were given")
+            spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, labels)
+            input_ids = None
+            inputs_embeds = spliced.inputs_embeds
+            attention_mask = spliced.attention_mask
+            position_ids = spliced.position_ids
+            labels = spliced.labels
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        images: Any = None,
+        image_sizes: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        stopping_criteria: StoppingCriteriaList | Sequence[StoppingCriteria] | None = None,
+        **kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate from prompts that may hold image sentinels.
+
+        Args:
+            inputs: Prompt ids ``[B, T]`` (also accepted as ``input_ids=``), left-padded when ``B > 1`` with
+                ``attention_mask`` marking real tokens.
+            images: Pixel values for all sentinels of all rows, in order (``[N, 3, H, W]`` or a list).
+            image_sizes: Accepted for LLaVA-1.6 callers; unused.
+            attention_mask: ``[B, T]``; None means no padding.
+            stopping_criteria: Criteria written for ids-based generation; they are shown prompt + new ids.
+            **kwargs: transformers generation arguments (``max_new_tokens``, ``do_sample``, ``temperature`` ...).
+
+        Returns:
+            ``[B, T + n]``: the prompt ids followed by the generated ids (padded with the pad id where a row stopped
+            early).
+        """
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None or images is None and not bool((input_ids == IMAGE_TOKEN_INDEX).any()):
+            return super().generate(
+                input_ids, attention_mask=attention_mask, stopping_criteria=stopping_criteria, **kwargs
+            )
+        spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, padding_side="left")
+        criteria = StoppingCriteriaList([_WithPrompt(c, input_ids) for c in (stopping_criteria or [])])
+        new_ids = super().generate(
+            inputs_embeds=spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            stopping_criteria=criteria,
+            **kwargs,
+        )
+        return torch.cat([input_ids.to(new_ids.device), new_ids], dim=1)
+
+
+class LlavaLlamaForCausalLM(PaloForCausalLM):
+    """The same model under LLaVA-1.5's ``model_type`` ``llava_llama``."""
+
+    config_class = LlavaLlamaConfig

@@ -1,0 +1,175 @@
+"""The LLaMA SentencePiece tokenizer, as PALO trained with it.
+
+PALO and LLaVA-1.5 tokenized with transformers 4.31's *slow* ``LlamaTokenizer``. Its behaviour differs from the
+tokenizers-backed ``LlamaTokenizer`` of transformers 5 in ways that change token ids:
+
+* every text segment between special tokens (``</s>USER: ...``) is encoded by SentencePiece on its own, so it gets
+  the dummy-prefix ``▁`` again (the "legacy" behaviour, which 4.31 applied whatever ``legacy`` the config said);
+* leading spaces are kept (``" x"`` encodes as ``▁▁x``), while the tokenizers ``Metaspace`` pre-tokenizer merges
+  the dummy prefix into an existing leading space.
+
+Prompts, label masks and the released checkpoints all depend on those ids, so :class:`PaloLlamaTokenizer`
+reproduces them exactly with the ``sentencepiece`` library. :func:`load_tokenizer` picks it for every LLaMA-family
+SentencePiece checkpoint and falls back to ``AutoTokenizer`` for anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+SPIECE_UNDERLINE = "▁"
+
+# tokenizer_class values (as written in tokenizer_config.json) that mean "LLaMA SentencePiece tokenizer".
+_LLAMA_TOKENIZER_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "PaloLlamaTokenizer", None}
+
+
+class PaloLlamaTokenizer(SentencePieceBackend):
+    """A SentencePiece LLaMA tokenizer with transformers-4.31 semantics.
+
+    Encoding prepends BOS (``add_bos_token``), never appends EOS unless ``add_eos_token`` is set, and encodes each
+    segment between special tokens with ``SentencePieceProcessor.encode`` (dummy prefix included). Decoding joins
+    pieces with SentencePiece so byte-fallback pieces (``<0xE4>``...) become text again.
+
+    It saves as ``tokenizer_class: LlamaTokenizer`` with the original ``tokenizer.model``, so folders it writes load
+    in the original PALO code unchanged.
+    """
+
+    vocab_files_names = {"vocab_file": "tokenizer.model"}
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "right"
+
+    def __init__(
+        self,
+        vocab_file: str,
+        unk_token: str = "<unk>",
+        bos_token: str = "<s>",
+        eos_token: str = "</s>",
+        pad_token: str | None = None,
+        add_bos_token: bool = True,
+        add_eos_token: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        # The 4.31 slow tokenizer segment-encoded as described above regardless of this flag; keep the key only so
+        # that a saved config round-trips.
+        kwargs["legacy"] = True
+        super().__init__(
+            vocab_file=vocab_file,
+            unk_token=unk_token,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            add_bos_token=add_bos_token,
+            add_eos_token=add_eos_token,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            **kwargs,
+        )
+
+    def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        return self.sp_model.encode(text, out_type=str)
+
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: list[int], token_ids_1: list[int] | None = None
+    ) -> list[int]:
+        bos = [self.bos_token_id] if self.add_bos_token else []
+        eos = [self.eos_token_id] if self.add_eos_token else []
+        output = bos + token_ids_0 + eos
+        if token_ids_1 is not None:
+            output = output + bos + token_ids_1 + eos
+        return output
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return (int(self.add_bos_token) + int(self.add_eos_token)) * (2 if pair else 1)
+
+    def get_special_tokens_mask(
+        self,
+        token_ids_0: list[int],
+        token_ids_1: list[int] | None = None,
+        already_has_special_tokens: bool = False,
+    ) -> list[int]:
+        if already_has_special_tokens:
+            special = set(self.all_special_ids)
+            return [int(i in special) for i in token_ids_0]
+        bos = [1] if self.add_bos_token else []
+        eos = [1] if self.add_eos_token else []
+        mask = bos + [0] * len(token_ids_0) + eos
+        if token_ids_1 is not None:
+            mask = mask + bos + [0] * len(token_ids_1) + eos
+        return mask
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        # Special tokens are not SentencePiece pieces of the text: decode the runs between them with SentencePiece.
+        specials = set(self.all_special_tokens)
+        out: list[str] = []
+        run: list[str] = []
+        prev_special = False
+        for i, token in enumerate(tokens):
+            if token in specials:
+                if not prev_special and i != 0:
+                    out.append(" ")
+                out.append(self.sp_model.decode(run) + token)
+                run = []
+                prev_special = True
+            else:
+                run.append(token)
+                prev_special = False
+        out.append(self.sp_model.decode(run))
+        return "".join(out)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        # Name the class the original code knows, so the folder stays loadable by PALO/LLaVA and by AutoTokenizer.
+        config_path = os.path.join(save_directory, "tokenizer_config.json")
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        config["tokenizer_class"] = "LlamaTokenizer"
+        config.pop("backend", None)
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        return files
+
+
+def _tokenizer_class_name(path: str) -> str | None:
+    config_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path, encoding="utf-8") as f:
+        return json.load(f).get("tokenizer_class")
+
+
+def load_tokenizer(path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a checkpoint folder.
+
+    LLaMA-family folders with a SentencePiece ``tokenizer.model`` get :class:`PaloLlamaTokenizer` (exact original
+    ids); anything else goes through ``AutoTokenizer``.
+
+    Args:
+        path: A local folder holding the tokenizer files.
+        **kwargs: Passed to ``from_pretrained`` (e.g. ``model_max_length``, ``padding_side``).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        FileNotFoundError: If the folder holds no tokenizer files.
+    """
+    kwargs.pop("use_fast", None)  # accepted for compatibility with the original calls; the choice is made here
+    if os.path.isfile(os.path.join(path, "tokenizer.model")) and _tokenizer_class_name(path) in _LLAMA_TOKENIZER_CLASSES:
+        return PaloLlamaTokenizer.from_pretrained(path, **kwargs)
+    has_files = any(
+        os.path.isfile(os.path.join(path, name))
+        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    )
+    if not has_files:
+        raise FileNotFoundError(
+            f"No tokenizer files in {path!r}: expected tokenizer.model (SentencePiece) or tokenizer.json. "
+            "A LoRA or stage-1 folder takes its tokenizer from --model-base."
+        )
+    return AutoTokenizer.from_pretrained(path, **kwargs)
