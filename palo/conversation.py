@@ -647,3 +647,25 @@ conv_templates: dict[str, Conversation] = {
     "llava_llama_2": conv_llava_llama_2,
     "mpt": conv_mpt,
 }
+
+
+def conv_mode_for_checkpoint(config: Any, model_name: str = "") -> str:
+    """The template a checkpoint was trained with, decided by its config rather than its folder name.
+
+    PALO checkpoints (``model_type`` ``palo``) and MobileVLM ones were trained with ``--version v1``, i.e.
+    ``vicuna_v1``; LLaVA-1.5 checkpoints (``llava_llama``) with ``llava_v1`` unless the name says otherwise.
+
+    Args:
+        config: The checkpoint's config (anything with ``model_type``).
+        model_name: The model's name, used only for LLaVA-family checkpoints.
+
+    Returns:
+        A key of :data:`conv_templates`.
+    """
+    model_type = getattr(config, "model_type", "")
+    if model_type in ("palo", "mobilevlm"):
+        return "vicuna_v1"
+    if model_type == "llava_llama":
+        mode = infer_conv_mode(model_name)
+        return "llava_v1" if mode == "llava_v0" else mode
+    return infer_conv_mode(model_name) if model_name else "vicuna_v1"

@@ -1,0 +1,118 @@
+"""Interactive chat about an image in the terminal, streamed (``python -m palo.serve.cli``).
+
+The flags are those of LLaVA's ``cli.py``; ``--conv-mode`` defaults to the template the checkpoint was trained
+with (from its config, not its name). Type in any of the 10 languages; an empty line or EOF ends the chat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from transformers import TextStreamer
+
+from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
+from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from palo.mm_utils import ImageLoadError, KeywordsStoppingCriteria, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--image-file", type=str, default=None, help="local image to talk about (omit for text-only)")
+    parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
+    parser.add_argument("--conv-mode", type=str, default=None, choices=sorted(conv_templates))
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
+    parser.add_argument("--debug", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from palo.model.builder import CheckpointError, load_pretrained_model
+    from palo.model.vision_tower import VisionTowerError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    image = None
+    if args.image_file:
+        try:
+            image = load_image(args.image_file)
+        except ImageLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    model_name = get_model_name_from_path(args.model_path)
+    try:
+        tokenizer, model, image_processor, context_len = load_pretrained_model(
+            args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
+            vision_tower=args.vision_tower,
+        )
+    except (CheckpointError, VisionTowerError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if image is not None and image_processor is None:
+        print("error: this checkpoint takes text only; drop --image-file", file=sys.stderr)
+        return 2
+
+    conv_mode = conv_mode_for_checkpoint(model.config, model_name)
+    if args.conv_mode and args.conv_mode != conv_mode:
+        print(f"[note] the checkpoint was trained with --conv-mode {conv_mode}; using {args.conv_mode} as asked")
+        conv_mode = args.conv_mode
+    conv = conv_templates[conv_mode].copy()
+    roles = conv.roles
+    images = None
+    image_tokens = 0
+    if image is not None:
+        images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
+        image_tokens = model.encode_images(images)[0].shape[0]
+    use_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
+
+    while True:
+        try:
+            inp = input(f"{roles[0]}: ")
+        except EOFError:
+            inp = ""
+        if not inp:
+            print("exit...")
+            return 0
+        print(f"{roles[1]}: ", end="", flush=True)
+        if image is not None and len(conv.messages) == conv.offset:  # the image rides on the first user turn
+            token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if use_start_end else DEFAULT_IMAGE_TOKEN
+            inp = token + "\n" + inp
+        conv.append_message(roles[0], inp)
+        conv.append_message(roles[1], None)
+        prompt = conv.get_prompt()
+        input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
+        budget = context_len - input_ids.shape[1] - image_tokens
+        if budget <= 0:
+            print(f"\n[the conversation is {context_len - budget} tokens, over the model's {context_len}; start a new one]")
+            return 1
+        stop = stop_string(conv)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        output_ids = model.generate(
+            input_ids,
+            images=images,
+            do_sample=args.temperature > 0,
+            temperature=args.temperature if args.temperature > 0 else None,
+            top_p=None,
+            top_k=None,
+            max_new_tokens=min(args.max_new_tokens, budget),
+            streamer=streamer,
+            stopping_criteria=[KeywordsStoppingCriteria([stop], tokenizer, input_ids)] if stop else None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id,
+        )
+        outputs = tokenizer.decode(output_ids[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+        if stop and outputs.endswith(stop):
+            outputs = outputs[: -len(stop)].strip()
+        conv.messages[-1][-1] = outputs
+        if args.debug:
+            print("\n", {"prompt": prompt, "outputs": outputs}, "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The multimodal causal LM: parity with transformers' Llava, generation contracts, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.conversation import conv_templates
+from palo.mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
+from palo.model.multimodal import ImagePlaceholderMismatch
+from palo.model.tokenizer import load_tokenizer
+
+
+def _prompt(question: str, images: int = 1) -> str:
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" * images + question)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def to_hf_llava(model, image_token_id: int) -> LlavaForConditionalGeneration:
+    """transformers' own Llava holding exactly the weights of a PALO mlp2x_gelu model."""
+    tower = model.get_vision_tower()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(**tower.config.to_dict()).to_dict(),
+        text_config=LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("mm_")}).to_dict(),
+        image_token_index=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
+    )
+    hf = LlavaForConditionalGeneration(config).eval()
+    ours = model.state_dict()
+    mapped = {}
+    for key, value in ours.items():
+        if key.startswith("model.vision_tower.vision_tower.vision_model."):
+            mapped["model.vision_tower." + key[len("model.vision_tower.vision_tower.vision_model."):]] = value
+        elif key.startswith("model.mm_projector."):
+            index, rest = key[len("model.mm_projector."):].split(".", 1)
+            mapped[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{rest}"] = value
+        elif key.startswith("model."):
+            mapped["model.language_model." + key[len("model."):]] = value
+        else:
+            mapped[key] = value
+    result = hf.load_state_dict(mapped, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert not [k for k in result.missing_keys if "position_ids" not in k], result.missing_keys
+    return hf
+
+
+def test_logits_equal_transformers_llava(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model
+    image_token_id = len(tokenizer) - 1
+    hf = to_hf_llava(model, image_token_id)
+    ids = tokenizer_image_token(_prompt("ما الذي في الصورة؟ 图中有什么？", images=2), tokenizer, return_tensors="pt")
+    assert image_token_id not in ids.tolist()
+    pixels = torch.randn(2, 3, 56, 56)
+    n = model.get_vision_tower().num_tokens
+    expanded = []
+    for token in ids.tolist():
+        expanded.extend([image_token_id] * n if token == IMAGE_TOKEN_INDEX else [token])
+    with torch.no_grad():
+        ours = model(input_ids=ids[None], images=pixels).logits
+        theirs = hf(input_ids=torch.tensor([expanded]), pixel_values=pixels).logits
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_with_cache_equals_argmax_of_full_recomputation(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model
+    ids = tokenizer_image_token(_prompt("这张图片里有什么？"), tokenizer, return_tensors="pt")[None]
+    pixels = torch.randn(1, 3, 56, 56)
+    out = model.generate(ids, images=pixels, max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert torch.equal(out[:, : ids.shape[1]], ids)  # PALO's convention: prompt ids, then new ids
+    new = out[0, ids.shape[1]:]
+    assert new.shape[0] == 12
+    for step in range(new.shape[0]):
+        prefix = torch.cat([ids, new[:step][None]], dim=1)
+        with torch.no_grad():
+            logits = model(input_ids=prefix, images=pixels).logits
+        assert logits[0, -1].argmax().item() == new[step].item(), f"step {step}"
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(r.shape[0] for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return ids, mask
+
+
+def test_batched_generation_equals_one_by_one(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model
+    cases = [
+        (_prompt("Describe the scene in detail, please.", images=1), 1),
+        (_prompt("Что на изображении? Сколько здесь треугольников?", images=2), 2),
+        (_prompt("कितने त्रिभुज हैं?", images=0), 0),
+        (_prompt("¿Qué hay?", images=1), 1),
+    ]
+    pixels = [torch.randn(n, 3, 56, 56) for _, n in cases]
+    singles = []
+    for (prompt, n), px in zip(cases, pixels):
+        ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]
+        out = model.generate(ids, images=px if n else None, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        singles.append(out[0, ids.shape[1]:])
+    rows = [tokenizer_image_token(p, tokenizer, return_tensors="pt") for p, _ in cases]
+    ids, mask = _left_pad(rows, pad_id=0)
+    out = model.generate(ids, images=torch.cat(pixels), attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    for i, single in enumerate(singles):
+        batched = out[i, ids.shape[1]:]
+        # A row that stopped at EOS is padded afterwards in the batch.
+        assert torch.equal(batched[: single.shape[0]], single), f"row {i}"
+
+
+def test_keyword_stopping_criteria_see_prompt_and_new_ids(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model
+    ids = tokenizer_image_token(_prompt("What is shown?"), tokenizer, return_tensors="pt")[None]
+    pixels = torch.randn(1, 3, 56, 56)
+    free = model.generate(ids, images=pixels, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    # Use the third generated token's text as a stop keyword: generation must stop right there.
+    keyword_ids = free[2:3]
+    keyword = tokenizer.decode(keyword_ids, skip_special_tokens=True).strip()
+    assert keyword
+    stopper = KeywordsStoppingCriteria([keyword], tokenizer, ids)
+    out = model.generate(ids, images=pixels, max_new_tokens=8, do_sample=False, stopping_criteria=[stopper])
+    stopped = out[0, ids.shape[1]:]
+    assert stopped.shape[0] < free.shape[0]
+    assert keyword in tokenizer.decode(stopped, skip_special_tokens=True)
+
+
+def test_text_only_generation_is_plain_llama(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    ids = tokenizer(_prompt("Hello", images=0), return_tensors="pt").input_ids
+    out = world.model.generate(ids, max_new_tokens=4, do_sample=False, min_new_tokens=4)
+    assert torch.equal(out[:, : ids.shape[1]], ids) and out.shape[1] == ids.shape[1] + 4
+
+
+def test_training_forward_masks_image_rows_and_gives_loss(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    ids = tokenizer_image_token(_prompt("What?"), tokenizer, return_tensors="pt")[None]
+    labels = ids.clone()
+    labels[labels == IMAGE_TOKEN_INDEX] = -100
+    out = world.model(input_ids=ids, images=torch.randn(1, 3, 56, 56), labels=labels)
+    assert out.loss is not None and torch.isfinite(out.loss)
+    assert out.logits.shape[1] == ids.shape[1] - 1 + world.model.get_vision_tower().num_tokens
+
+
+def test_images_and_placeholders_must_agree(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    ids = tokenizer_image_token(_prompt("Two?", images=2), tokenizer, return_tensors="pt")[None]
+    with pytest.raises(ImagePlaceholderMismatch, match="1 image\\(s\\) for 2 <image> placeholder"):
+        world.model.generate(ids, images=torch.randn(1, 3, 56, 56), max_new_tokens=2)
+    with pytest.raises(ValueError, match="no images were given"):
+        world.model(input_ids=ids)
+    text_ids = tokenizer(_prompt("none", images=0), return_tensors="pt").input_ids
+    with pytest.raises(ImagePlaceholderMismatch, match="3 image\\(s\\) for 0"):
+        world.model.generate(text_ids, images=torch.randn(3, 3, 56, 56), max_new_tokens=2)
+
+
+def test_image_batch_shapes_accepted(world):
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    ids = tokenizer_image_token(_prompt("Two?", images=2), tokenizer, return_tensors="pt")[None]
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        a = world.model(input_ids=ids, images=pixels).logits
+        b = world.model(input_ids=ids, images=[pixels[0], pixels[1]]).logits
+        c = world.model(input_ids=ids, images=pixels[None]).logits
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="images must be"):
+        world.model(input_ids=ids, images=torch.randn(2, 56, 56, 3, 1, 1))

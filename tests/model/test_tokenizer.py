@@ -1,0 +1,191 @@
+"""Tests for palo.model.tokenizer: the LLaMA SentencePiece tokenizer with transformers-4.31 ("legacy") semantics.
+
+Expected ids come from the raw ``sentencepiece`` library, following palo-formats.md §3.7 item 6: BOS, then every text
+segment between the special tokens ``<s>``, ``</s>``, ``<unk>`` encoded by SentencePiece on its own (dummy prefix
+included), and each special token as its own id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from palo.model.tokenizer import PaloLlamaTokenizer, load_tokenizer
+from palo.testing.corpus import SAMPLES
+
+SPECIAL_IDS = {"<unk>": 0, "<s>": 1, "</s>": 2}  # the LLaMA convention the tiny model is trained with
+
+SYS_V1 = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
+
+# Prompts as vicuna_v1 renders them (typed out by hand), plus whitespace edge cases.
+PROMPTS = [
+    f"{SYS_V1} USER: What is shown in this image? ASSISTANT: A red circle next to a blue square.</s>"
+    "USER: How many triangles are there? ASSISTANT: There are three green triangles.</s>",
+    f"{SYS_V1} USER: ما الذي يظهر في هذه الصورة؟ ASSISTANT: تُظهر الصورة دائرة حمراء بجانب مربع أزرق.</s>"
+    "USER: 这张图片里有什么？ ASSISTANT: 图片中有一个红色的圆形。</s>USER: इस चित्र में क्या दिखाया गया है? ASSISTANT:",
+    f"{SYS_V1} USER: <image>\nDescribe the scene in detail, please. ASSISTANT: The lake is calm.</s>",
+    " leading space",
+    "  two leading spaces and  a double  space",
+    "line one\nline two\n\nline four\n",
+    "\n",
+    "a </s> b",  # whitespace next to a special token is kept (AddedToken lstrip/rstrip False)
+    "</s></s>USER:",
+    "<s>x<unk>y",
+    "ends with a space ",
+]
+
+
+def emulate(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+    """The 4.31 slow LlamaTokenizer (legacy): BOS, then special ids and ``sp.encode`` of each segment between them."""
+    ids = [SPECIAL_IDS["<s>"]]
+    for part in re.split(r"(<s>|</s>|<unk>)", text):
+        if not part:
+            continue
+        ids.extend([SPECIAL_IDS[part]] if part in SPECIAL_IDS else sp.encode(part))
+    return ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return load_tokenizer(world.tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def sp(world) -> spm.SentencePieceProcessor:
+    return spm.SentencePieceProcessor(model_file=os.path.join(world.tokenizer_dir, "tokenizer.model"))
+
+
+def test_load_picks_palo_llama_tokenizer(tokenizer):
+    assert isinstance(tokenizer, PaloLlamaTokenizer)
+    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert tokenizer.padding_side == "right"
+
+
+@pytest.mark.parametrize("language", sorted(SAMPLES))
+def test_round_trip_every_language(tokenizer, sp, language):
+    for sentence in SAMPLES[language]:
+        ids = tokenizer(sentence).input_ids
+        assert ids[0] == 1 and 2 not in ids  # BOS, no EOS
+        assert ids == [1] + sp.encode(sentence)
+        assert tokenizer.decode(ids, skip_special_tokens=True) == sentence
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["😀🎨 emoji", "สวัสดีครับ", "Ελληνικά και ქართული", "mixed 中文 and ไทย 🙂!"],
+)
+def test_round_trip_byte_fallback(tokenizer, sp, text):
+    ids = tokenizer(text).input_ids
+    assert 0 not in ids  # byte fallback: never <unk>
+    # Characters outside the corpus become <0x..> byte pieces.
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert any(re.fullmatch(r"<0x[0-9A-F]{2}>", p) for p in pieces)
+    assert ids == [1] + sp.encode(text)
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("text", PROMPTS)
+def test_ids_match_legacy_sentencepiece_emulation(tokenizer, sp, text):
+    assert tokenizer(text).input_ids == emulate(sp, text)
+
+
+def test_segment_after_eos_gets_dummy_prefix(tokenizer, sp):
+    # The legacy behaviour PALO's label masking relies on: "USER:" after "</s>" tokenizes like a fresh string.
+    ids = tokenizer("ok</s>USER:").input_ids
+    assert ids == [1] + sp.encode("ok") + [2] + sp.encode("USER:")
+    assert sp.id_to_piece(ids[len(sp.encode("ok")) + 2]).startswith("▁")
+    # And a leading space is kept, not merged into the dummy prefix: " x" is "▁" + "▁x".
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" x").input_ids[1:]) == sp.encode(" x", out_type=str)
+    assert sp.encode(" x", out_type=str)[0] == "▁"
+
+
+def test_saved_config_names_llama_tokenizer_and_reloads(tokenizer, tmp_path):
+    tokenizer.save_pretrained(str(tmp_path))
+    with open(tmp_path / "tokenizer_config.json", encoding="utf-8") as f:
+        config = json.load(f)
+    assert config["tokenizer_class"] == "LlamaTokenizer"
+    assert (tmp_path / "tokenizer.model").is_file()
+    reloaded = load_tokenizer(str(tmp_path))
+    assert isinstance(reloaded, PaloLlamaTokenizer)
+    for text in PROMPTS:
+        assert reloaded(text).input_ids == tokenizer(text).input_ids
+
+
+def _added_token(content: str) -> dict:
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def test_loads_transformers_431_folder(world, sp, tmp_path):
+    """A tokenizer folder as transformers 4.31 wrote it for vicuna-7b-v1.5 / PALO checkpoints."""
+    shutil.copy(os.path.join(world.tokenizer_dir, "tokenizer.model"), tmp_path / "tokenizer.model")
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": _added_token("<s>"),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": _added_token("</s>"),
+        "legacy": False,  # vicuna's config says False; 4.31's slow tokenizer segment-encoded anyway
+        "model_max_length": 2048,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": _added_token("<unk>"),
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    strip = lambda d: {k: v for k, v in d.items() if k != "__type"}  # noqa: E731
+    special_map = {
+        "bos_token": strip(_added_token("<s>")),
+        "eos_token": strip(_added_token("</s>")),
+        "pad_token": "<unk>",
+        "unk_token": strip(_added_token("<unk>")),
+    }
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))
+
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, PaloLlamaTokenizer)
+    assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
+    assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
+    assert tok.model_max_length == 2048
+    for text in PROMPTS:
+        assert tok(text).input_ids == emulate(sp, text)
+
+
+def test_right_padding_with_unk_as_pad(world, sp):
+    tok = load_tokenizer(world.tokenizer_dir)
+    tok.pad_token = tok.unk_token  # what PALO's training and the builder do for LLaMA
+    assert tok.pad_token_id == 0
+    texts = ["Hi", "What is shown in this image?"]
+    batch = tok(texts, padding="longest", return_tensors="pt")
+    short, long = [1] + sp.encode(texts[0]), [1] + sp.encode(texts[1])
+    assert len(short) < len(long)
+    n_pad = len(long) - len(short)
+    expected_ids = torch.tensor([short + [0] * n_pad, long])
+    expected_mask = torch.tensor([[1] * len(short) + [0] * n_pad, [1] * len(long)])
+    assert torch.equal(batch.input_ids, expected_ids)
+    assert torch.equal(batch.attention_mask, expected_mask)
+
+
+def test_folder_without_tokenizer_files_raises(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="No tokenizer files") as info:
+        load_tokenizer(str(tmp_path))
+    message = str(info.value)
+    assert str(tmp_path) in message
+    assert "tokenizer.model" in message and "--model-base" in message
