@@ -140,10 +140,13 @@ class PaloForCausalLM(LlamaForCausalLM):
         """
         if self.vision_tower is None:
             raise ValueError("This checkpoint has no vision tower (no mm_vision_tower in config.json): it takes text only")
-        flat = _flatten_images(images)
-        if not flat:
-            return []
-        pixels = torch.stack(flat, dim=0)
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            pixels = images  # the common case: no copy
+        else:
+            flat = _flatten_images(images)
+            if not flat:
+                return []
+            pixels = torch.stack(flat, dim=0)
         features = self.vision_tower(pixels)
         projected = self.projector(features.to(self.lm_head.weight.dtype))
         return list(projected)
@@ -157,15 +160,15 @@ class PaloForCausalLM(LlamaForCausalLM):
         padding_side: str | None = None,
     ) -> SplicedInputs:
         """Encode ``images`` and splice them into ``input_ids`` (see :func:`splice_image_features`)."""
-        spec = self.spec
+        config = self.config
         return splice_image_features(
             input_ids,
             self.encode_images(images) if images is not None else [],
             self.get_input_embeddings(),
             attention_mask=attention_mask,
             labels=labels,
-            padding_side=padding_side or spec.padding_side,
-            max_length=spec.max_length,
+            padding_side=padding_side or getattr(config, "tokenizer_padding_side", None) or "right",
+            max_length=getattr(config, "tokenizer_model_max_length", None),
         )
 
     # -- forward / generate --------------------------------------------------------------------------------------

@@ -203,18 +203,24 @@ class CLIPVisionTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images.
 
+        Only the encoder layers up to ``select_layer`` run: with PALO's ``-2`` the last CLIP layer (whose output
+        nobody reads) is skipped, which ``output_hidden_states=True`` would compute.
+
         Args:
             images: Pixel values ``[N, 3, H, W]``.
 
         Returns:
             Features ``[N, num_tokens, hidden_size]`` in the dtype of ``images``.
         """
-        outputs = self.vision_tower.vision_model(
-            pixel_values=images.to(device=self.vision_tower.vision_model.embeddings.patch_embedding.weight.device,
-                                   dtype=self.dtype),
-            output_hidden_states=True,
-        )
-        features = outputs.hidden_states[self.features.select_layer]
+        vision = self.vision_tower.vision_model
+        weight = vision.embeddings.patch_embedding.weight
+        layers = vision.encoder.layers
+        # hidden_states[0] is the (pre-layernormed) embedding output, hidden_states[i] the output of layer i.
+        index = self.features.select_layer % (len(layers) + 1)
+        hidden = vision.pre_layrnorm(vision.embeddings(images.to(device=weight.device, dtype=weight.dtype)))
+        for layer in layers[:index]:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
         if self.features.select_feature == "patch":
-            features = features[:, 1:]
-        return features.to(images.dtype)
+            hidden = hidden[:, 1:]
+        return hidden.to(images.dtype)

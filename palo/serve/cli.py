@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             inp = input(f"{roles[0]}: ")
         except EOFError:
             inp = ""
+        if not sys.stdin.isatty() and inp:
+            print(inp)  # piped input is not echoed by the terminal: show it so transcripts read as a chat
         if not inp:
             print("exit...")
             return 0

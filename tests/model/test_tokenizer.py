@@ -163,6 +163,7 @@ def test_loads_transformers_431_folder(world, sp, tmp_path):
     assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
     assert (tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (1, 2, 0)
     assert tok.model_max_length == 2048
+    assert (tok.pad_token, tok.pad_token_id) == ("<unk>", 0)  # from special_tokens_map.json
     for text in PROMPTS:
         assert tok(text).input_ids == emulate(sp, text)
 

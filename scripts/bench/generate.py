@@ -1,0 +1,189 @@
+"""Benchmark: PALO generation against transformers' LlavaForConditionalGeneration with the same weights.
+
+Both models hold the *same tensors* (the baseline's parameters alias ours, so memory is not doubled) and see the
+same prompts and images. Measured, as the median of ``--repeats`` runs after a warm-up:
+
+* prefill: one forward over the prompt with its image(s) (vision tower, projector, language model);
+* decode: per-token time of greedy generation with the KV cache, ``(t(n new) - t(1 new)) / (n - 1)``;
+
+at batch 1 and at ``--batch`` (same-length prompts, one image each). Printed as a table with the ratio
+baseline / PALO (above 1 means PALO is faster).
+
+Examples::
+
+    python scripts/bench/generate.py                      # tiny shapes, CPU
+    python scripts/bench/generate.py --shape mobile       # MobileLLaMA-1.4B-sized LLM + CLIP-L/336 (fp32, ~12 GB)
+    python scripts/bench/generate.py --shape 7b --device cuda --dtype bfloat16   # PALO-7B shapes, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.model.config import PaloConfig
+from palo.model.palo_llama import PaloForCausalLM
+from palo.model.vision_tower import VISION_PRESETS
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    vision: dict
+
+
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+                   patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+SHAPES = {
+    "tiny": Shape(64, 2, 4, 128, 1000, TINY_VISION),
+    "mobile": Shape(2048, 24, 16, 5632, 32000, VISION_PRESETS["openai/clip-vit-large-patch14-336"]),
+    "7b": Shape(4096, 32, 32, 11008, 32000, VISION_PRESETS["openai/clip-vit-large-patch14-336"]),
+}
+
+
+def build_models(shape: Shape, device: str, dtype: torch.dtype) -> tuple[PaloForCausalLM, LlavaForConditionalGeneration]:
+    """Random PALO model (mlp2x_gelu) and an HF Llava whose parameters are the same tensors."""
+    llama = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                 num_hidden_layers=shape.layers, num_attention_heads=shape.heads, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, pad_token_id=0)
+    vision = CLIPVisionConfig(**shape.vision)
+    config = PaloConfig(**llama, mm_vision_tower="benchmark/clip", mm_vision_config=vision.to_dict(),
+                        mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                        mm_hidden_size=vision.hidden_size, mm_projector_type="mlp2x_gelu", mm_use_im_patch_token=False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            palo = PaloForCausalLM(config)
+            for p in palo.parameters():  # scaled init keeps activations finite at depth
+                torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else None
+            image_token = shape.vocab - 1
+            llava_config = LlavaConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**llama).to_dict(),
+                                       image_token_index=image_token, projector_hidden_act="gelu",
+                                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+            llava = LlavaForConditionalGeneration(llava_config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    mapped = {}
+    for key, value in palo.state_dict().items():
+        if key.startswith("model.vision_tower.vision_tower.vision_model."):
+            mapped["model.vision_tower." + key.split("vision_model.", 1)[1]] = value
+        elif key.startswith("model.mm_projector."):
+            index, rest = key[len("model.mm_projector."):].split(".", 1)
+            mapped[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{rest}"] = value
+        elif key.startswith("model."):
+            mapped["model.language_model." + key[len("model."):]] = value
+        else:
+            mapped[key] = value
+    # assign=True makes the baseline's parameters the very same tensors (its own random ones are freed).
+    result = llava.load_state_dict(mapped, strict=False, assign=True)
+    if result.unexpected_keys or [k for k in result.missing_keys if "position_ids" not in k]:
+        raise RuntimeError(f"weight mapping incomplete: {result}")
+    return palo.eval(), llava.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int, device: str) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    shape = SHAPES[args.shape]
+    palo, llava = build_models(shape, args.device, dtype)
+    vision = CLIPVisionConfig(**shape.vision)
+    n_img = palo.get_vision_tower().num_tokens
+    image_token = shape.vocab - 1
+    results = []
+    for batch in sorted({1, args.batch}):
+        gen = torch.Generator().manual_seed(batch)
+        text = torch.randint(3, shape.vocab - 2, (batch, args.prompt_len), generator=gen)
+        ids = torch.cat([text[:, :5], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 5:]], dim=1).to(args.device)
+        hf_ids = torch.cat([text[:, :5], torch.full((batch, n_img), image_token), text[:, 5:]], dim=1).to(args.device)
+        pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=gen).to(args.device, dtype)
+
+        def palo_prefill():
+            with torch.no_grad():
+                palo(input_ids=ids, images=pixels, logits_to_keep=1)
+
+        def hf_prefill():
+            with torch.no_grad():
+                llava(input_ids=hf_ids, pixel_values=pixels, logits_to_keep=1)
+
+        def palo_gen(n):
+            return lambda: palo.generate(ids, images=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        def hf_gen(n):
+            return lambda: llava.generate(input_ids=hf_ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
+                                          do_sample=False, pad_token_id=0)
+
+        # Same greedy tokens from both: the comparison is of equal work.
+        same = torch.equal(palo_gen(args.new_tokens)()[:, ids.shape[1]:], hf_gen(args.new_tokens)()[:, hf_ids.shape[1]:])
+        row = {"batch": batch, "same_tokens": same}
+        for name, pre, g1, gn in (("palo", palo_prefill, palo_gen(1), palo_gen(args.new_tokens)),
+                                  ("hf_llava", hf_prefill, hf_gen(1), hf_gen(args.new_tokens))):
+            row[f"{name}_prefill_ms"] = 1000 * _median_time(pre, args.repeats, args.device)
+            t1 = _median_time(g1, args.repeats, args.device)
+            tn = _median_time(gn, args.repeats, args.device)
+            row[f"{name}_decode_ms_per_token"] = 1000 * (tn - t1) / (args.new_tokens - 1)
+        row["prefill_ratio"] = row["hf_llava_prefill_ms"] / row["palo_prefill_ms"]
+        row["decode_ratio"] = row["hf_llava_decode_ms_per_token"] / row["palo_decode_ms_per_token"]
+        results.append(row)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(torch.get_num_threads())
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"# generate benchmark: shape={args.shape} dtype={args.dtype} device={device_name} torch={torch.__version__}")
+    results = run(args)
+    print(f"{'batch':>5} {'metric':<22} {'palo':>10} {'hf_llava':>10} {'hf/palo':>8}  same tokens")
+    for row in results:
+        print(f"{row['batch']:>5} {'prefill ms':<22} {row['palo_prefill_ms']:>10.2f} {row['hf_llava_prefill_ms']:>10.2f} "
+              f"{row['prefill_ratio']:>8.2f}  {row['same_tokens']}")
+        print(f"{row['batch']:>5} {'decode ms/token':<22} {row['palo_decode_ms_per_token']:>10.2f} "
+              f"{row['hf_llava_decode_ms_per_token']:>10.2f} {row['decode_ratio']:>8.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device_name, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
