@@ -1,8 +1,14 @@
 """The one contract for putting image features into a token sequence.
 
-Training, evaluation and serving all call :func:`splice_image_features`: each ``IMAGE_TOKEN_INDEX`` (-200) in
-``input_ids`` is replaced by the rows of the next image's projected features, whose labels are ``IGNORE_INDEX``.
-It fails loudly when images and placeholders disagree instead of silently mis-aligning them.
+Training, evaluation and serving all go through here: each ``IMAGE_TOKEN_INDEX`` (-200) in ``input_ids`` is
+replaced by the rows of the next image's projected features, whose labels are ``IGNORE_INDEX``. A mismatch
+between images and placeholders fails loudly instead of silently mis-aligning them.
+
+The work is split in two so that a GPU never waits on the host:
+
+1. :func:`plan_splice` reads ``input_ids`` and the attention mask on the host (the only device-to-host copy, made
+   before the vision tower is launched) and decides where every text token and image row goes;
+2. :func:`apply_splice` builds the batch with two indexed copies on the device, with no further synchronisation.
 """
 
 from __future__ import annotations
@@ -37,126 +43,220 @@ class SplicedInputs:
     labels: torch.Tensor | None
 
 
+@dataclass
+class SplicePlan:
+    """Where every position of the spliced batch comes from (host-side index lists).
+
+    Attributes:
+        batch_size: B.
+        length: L, the padded length of the spliced batch.
+        text_src: Flat indices ``b * T + t`` of the text tokens kept, in output order.
+        text_dst: Flat output indices ``b * L + j`` of those tokens.
+        image_src: Flat indices ``i * n + r`` into the stacked image features ``[N * n, D]``.
+        image_dst: Flat output indices of those image rows.
+        real_dst: Flat output indices of every real (non-padding) position.
+        positions: Position id of each entry of ``real_dst``.
+        dummy_images: Images given to text-only rows (training batches), used only to keep them in the graph.
+        num_images: N.
+        tokens_per_image: n.
+    """
+
+    batch_size: int
+    length: int
+    text_src: list[int]
+    text_dst: list[int]
+    image_src: list[int]
+    image_dst: list[int]
+    real_dst: list[int]
+    positions: list[int]
+    dummy_images: list[int]
+    num_images: int
+    tokens_per_image: int
+
+
 def count_placeholders(input_ids: torch.Tensor) -> list[int]:
     """Number of image sentinels in each row of ``input_ids`` ``[B, T]``."""
     return (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1).tolist()
 
 
+def plan_splice(
+    input_ids: torch.Tensor,
+    num_images: int,
+    tokens_per_image: int,
+    attention_mask: torch.Tensor | None = None,
+    padding_side: str = "right",
+    max_length: int | None = None,
+) -> SplicePlan:
+    """Decide the layout of the spliced batch.
+
+    Images are consumed in order: row 0's placeholders first, left to right, then row 1's, and so on. For training
+    batches that mix image and text-only samples, each text-only row may also be given one (dummy) image, which it
+    consumes without using.
+
+    Args:
+        input_ids: ``[B, T]`` with ``IMAGE_TOKEN_INDEX`` at image positions.
+        num_images: N, the number of images given.
+        tokens_per_image: n, rows per image after the projector (576, or 144 with LDP).
+        attention_mask: ``[B, T]``; 0 marks padding. None means no padding.
+        padding_side: Where to pad the spliced sequences (``left`` for generation).
+        max_length: Truncate each spliced sequence to this many positions (the original's
+            ``tokenizer_model_max_length``); None keeps everything.
+
+    Returns:
+        The plan.
+
+    Raises:
+        ImagePlaceholderMismatch: If N is neither the number of placeholders nor that plus one per text-only row.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    ids = input_ids.detach().to("cpu")
+    mask = attention_mask.detach().to("cpu").bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    batch_size, width = ids.shape
+    rows = [ids[b][mask[b]].tolist() for b in range(batch_size)]
+    kept = [mask[b].nonzero(as_tuple=True)[0].tolist() for b in range(batch_size)]
+    per_row = [row.count(IMAGE_TOKEN_INDEX) for row in rows]
+    num_placeholders = sum(per_row)
+    text_only_rows = [b for b, n in enumerate(per_row) if n == 0]
+    if num_images == num_placeholders:
+        dummy_rows: set[int] = set()
+    elif text_only_rows and num_images == num_placeholders + len(text_only_rows):
+        dummy_rows = set(text_only_rows)
+    else:
+        raise ImagePlaceholderMismatch(
+            f"Image features and image tokens do not match: {num_images} image(s) for {num_placeholders} <image> "
+            f"placeholder(s) (per prompt: {per_row}). Give exactly one image per <image> in the prompt."
+        )
+
+    # Per row: the source of each output position, as ("t", flat text index) or ("i", flat image-row index).
+    layouts: list[tuple[list[int], list[int]]] = []  # (text (src, local pos) pairs, image (src, local pos) pairs)
+    lengths: list[int] = []
+    dummy_images: list[int] = []
+    next_image = 0
+    for b in range(batch_size):
+        text: list[tuple[int, int]] = []
+        image: list[tuple[int, int]] = []
+        pos = 0
+        for token, t in zip(rows[b], kept[b]):
+            if token == IMAGE_TOKEN_INDEX:
+                base = next_image * tokens_per_image
+                image.extend((base + r, pos + r) for r in range(tokens_per_image))
+                pos += tokens_per_image
+                next_image += 1
+            else:
+                text.append((b * width + t, pos))
+                pos += 1
+        if b in dummy_rows:
+            dummy_images.append(next_image)
+            next_image += 1
+        if max_length is not None and pos > max_length:
+            text = [x for x in text if x[1] < max_length]
+            image = [x for x in image if x[1] < max_length]
+            pos = max_length
+        layouts.append((text, image))
+        lengths.append(pos)
+
+    length = max(lengths) if lengths else 0
+    plan = SplicePlan(batch_size, length, [], [], [], [], [], [], dummy_images, num_images, tokens_per_image)
+    for b, ((text, image), n) in enumerate(zip(layouts, lengths)):
+        offset = b * length + (length - n if padding_side == "left" else 0)
+        plan.text_src += [src for src, _ in text]
+        plan.text_dst += [offset + p for _, p in text]
+        plan.image_src += [src for src, _ in image]
+        plan.image_dst += [offset + p for _, p in image]
+        plan.real_dst += range(offset, offset + n)
+        plan.positions += range(n)
+    return plan
+
+
+def apply_splice(
+    plan: SplicePlan,
+    input_ids: torch.Tensor,
+    image_features: torch.Tensor | Sequence[torch.Tensor],
+    embed_tokens: nn.Module,
+    labels: torch.Tensor | None = None,
+) -> SplicedInputs:
+    """Build the spliced batch on the device of ``input_ids``.
+
+    Args:
+        plan: From :func:`plan_splice` for the same ``input_ids``.
+        input_ids: ``[B, T]``.
+        image_features: ``[N, n, D]``, or N tensors ``[n, D]``.
+        embed_tokens: The language model's input embedding.
+        labels: ``[B, T]`` or None.
+
+    Returns:
+        The spliced batch.
+    """
+    # Sentinels are not vocabulary ids: embed a valid id there; those rows are never copied.
+    text_embeds = embed_tokens(input_ids.clamp(min=0))
+    device, dtype, hidden = text_embeds.device, text_embeds.dtype, text_embeds.shape[-1]
+    if not isinstance(image_features, torch.Tensor):
+        image_features = torch.stack(list(image_features)) if len(image_features) else text_embeds.new_zeros(0, plan.tokens_per_image, hidden)
+    if image_features.shape[0] != plan.num_images or image_features.shape[1:] != (plan.tokens_per_image, hidden):
+        raise ValueError(
+            f"image features must be [{plan.num_images}, {plan.tokens_per_image}, {hidden}], "
+            f"got {tuple(image_features.shape)}"
+        )
+    features = image_features.to(device=device, dtype=dtype).reshape(-1, hidden)
+
+    def index(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+    batch_size, length = plan.batch_size, plan.length
+    flat = text_embeds.new_zeros(batch_size * length, hidden)
+    flat[index(plan.text_dst)] = text_embeds.reshape(-1, hidden)[index(plan.text_src)]
+    if plan.image_dst:
+        flat[index(plan.image_dst)] = features[index(plan.image_src)]
+    inputs_embeds = flat.view(batch_size, length, hidden)
+    if plan.dummy_images:
+        # A dummy image joins the graph with zero weight, so every projector parameter gets a gradient on every
+        # rank even in a batch of text-only samples (distributed training needs that).
+        dummy = image_features[plan.dummy_images].to(device=device, dtype=dtype)
+        inputs_embeds = inputs_embeds + dummy.sum() * 0
+
+    real = index(plan.real_dst)
+    attention_mask = torch.zeros(batch_size * length, dtype=torch.long, device=device)
+    attention_mask[real] = 1
+    position_ids = torch.zeros(batch_size * length, dtype=torch.long, device=device)
+    position_ids[real] = index(plan.positions)
+    spliced_labels = None
+    if labels is not None:
+        spliced_labels = torch.full((batch_size * length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        spliced_labels[index(plan.text_dst).to(labels.device)] = labels.reshape(-1)[index(plan.text_src).to(labels.device)]
+        spliced_labels = spliced_labels.view(batch_size, length)
+    return SplicedInputs(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask.view(batch_size, length),
+        position_ids=position_ids.view(batch_size, length),
+        labels=spliced_labels,
+    )
+
+
 def splice_image_features(
     input_ids: torch.Tensor,
-    image_features: Sequence[torch.Tensor],
+    image_features: torch.Tensor | Sequence[torch.Tensor],
     embed_tokens: nn.Module,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     padding_side: str = "right",
     max_length: int | None = None,
 ) -> SplicedInputs:
-    """Replace each image sentinel by that image's features and re-pad the batch.
-
-    Images are consumed in order: row 0's placeholders first, left to right, then row 1's, and so on. For training
-    batches that mix image and text-only samples, a text-only row may also be given one (dummy) image, which it
-    consumes without using; its features enter the graph with zero weight so every projector parameter still gets a
-    gradient on every rank.
+    """Plan and apply in one call (see :func:`plan_splice` and :func:`apply_splice`).
 
     Args:
-        input_ids: ``[B, T]`` token ids with ``IMAGE_TOKEN_INDEX`` at image positions; padded positions are those
-            where ``attention_mask`` is 0.
-        image_features: One tensor ``[n_i, D]`` per image, in order.
+        input_ids: ``[B, T]`` token ids with ``IMAGE_TOKEN_INDEX`` at image positions.
+        image_features: ``[N, n, D]`` or N tensors ``[n, D]``, in order.
         embed_tokens: The language model's input embedding.
         attention_mask: ``[B, T]``; None means no padding.
         labels: ``[B, T]`` or None.
-        padding_side: Where to pad the spliced sequences (``left`` for generation).
-        max_length: Truncate each spliced sequence to this many positions (the original's
-            ``tokenizer_model_max_length``); None keeps everything.
+        padding_side: ``left`` or ``right``.
+        max_length: Truncation length of each spliced sequence, or None.
 
     Returns:
         The spliced batch.
-
-    Raises:
-        ImagePlaceholderMismatch: If the number of images is neither the number of placeholders nor that plus one
-            per text-only row.
     """
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
-    batch_size = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    attention_mask = attention_mask.bool()
-
-    per_row = count_placeholders(input_ids.masked_fill(~attention_mask, 0))
-    num_placeholders = sum(per_row)
-    num_text_only = sum(1 for n in per_row if n == 0)
-    if len(image_features) == num_placeholders:
-        dummy_per_text_row = False
-    elif len(image_features) == num_placeholders + num_text_only and num_text_only > 0:
-        dummy_per_text_row = True
-    else:
-        raise ImagePlaceholderMismatch(
-            f"Image features and image tokens do not match: {len(image_features)} image(s) for "
-            f"{num_placeholders} <image> placeholder(s) (per prompt: {per_row}). Give exactly one image per "
-            "<image> in the prompt."
-        )
-
-    # Sentinels are not vocabulary ids: embed a valid id there, the rows are replaced below anyway.
-    text_embeds = embed_tokens(input_ids.clamp(min=0))
-    hidden = text_embeds.shape[-1]
-    device, dtype = text_embeds.device, text_embeds.dtype
-
-    rows_embeds: list[torch.Tensor] = []
-    rows_labels: list[torch.Tensor] = []
-    next_image = 0
-    for b in range(batch_size):
-        keep = attention_mask[b]
-        ids = input_ids[b][keep]
-        embeds = text_embeds[b][keep]
-        row_labels = labels[b][keep] if labels is not None else None
-        positions = (ids == IMAGE_TOKEN_INDEX).nonzero(as_tuple=True)[0].tolist()
-        pieces: list[torch.Tensor] = []
-        label_pieces: list[torch.Tensor] = []
-        start = 0
-        for pos in positions:
-            feats = image_features[next_image].to(device=device, dtype=dtype)
-            next_image += 1
-            if feats.dim() != 2 or feats.shape[-1] != hidden:
-                raise ValueError(f"image features must be [n, {hidden}], got {tuple(feats.shape)}")
-            pieces += [embeds[start:pos], feats]
-            if row_labels is not None:
-                label_pieces += [
-                    row_labels[start:pos],
-                    torch.full((feats.shape[0],), IGNORE_INDEX, dtype=row_labels.dtype, device=row_labels.device),
-                ]
-            start = pos + 1
-        pieces.append(embeds[start:])
-        if row_labels is not None:
-            label_pieces.append(row_labels[start:])
-        if not positions and dummy_per_text_row:
-            # Zero-length slice: the dummy image joins the graph without changing the sequence.
-            pieces.append(image_features[next_image].to(device=device, dtype=dtype)[:0])
-            next_image += 1
-        row = torch.cat(pieces, dim=0)
-        row_lab = torch.cat(label_pieces, dim=0) if row_labels is not None else None
-        if max_length is not None:
-            row = row[:max_length]
-            row_lab = row_lab[:max_length] if row_lab is not None else None
-        rows_embeds.append(row)
-        if row_lab is not None:
-            rows_labels.append(row_lab)
-
-    length = max(r.shape[0] for r in rows_embeds)
-    out_embeds = torch.zeros(batch_size, length, hidden, device=device, dtype=dtype)
-    out_mask = torch.zeros(batch_size, length, dtype=torch.long, device=device)
-    out_pos = torch.zeros(batch_size, length, dtype=torch.long, device=device)
-    out_labels = (
-        torch.full((batch_size, length), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-        if labels is not None
-        else None
-    )
-    for b, row in enumerate(rows_embeds):
-        n = row.shape[0]
-        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
-        out_embeds[b, span] = row
-        out_mask[b, span] = 1
-        out_pos[b, span] = torch.arange(n, device=device)
-        if out_labels is not None:
-            out_labels[b, span] = rows_labels[b]
-    return SplicedInputs(inputs_embeds=out_embeds, attention_mask=out_mask, position_ids=out_pos, labels=out_labels)
+    num_images = len(image_features)
+    tokens = image_features[0].shape[0] if num_images else 0
+    plan = plan_splice(input_ids, num_images, tokens, attention_mask, padding_side, max_length)
+    return apply_splice(plan, input_ids, image_features, embed_tokens, labels)

@@ -6,7 +6,7 @@ Composition, with the original checkpoint layout:
   that their weights keep the released names ``model.vision_tower.vision_tower.*`` and ``model.mm_projector.*``;
   the decoder's own forward never touches them.
 * :class:`PaloForCausalLM` encodes images (tower, then projector), splices the features into the embedded prompt
-  with :func:`~palo.model.multimodal.splice_image_features`, and runs the decoder and ``lm_head``.
+  with :mod:`palo.model.multimodal`, and runs the decoder and ``lm_head``.
 
 ``model.generate(input_ids, images=...)`` takes prompts with the ``-200`` image sentinel as in the original and
 returns the prompt ids followed by the new ids (PALO's convention: callers slice off ``input_ids.shape[1]``).
@@ -23,8 +23,8 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.model.config import LlavaLlamaConfig, MultimodalSpec, PaloConfig
-from palo.model.multimodal import SplicedInputs, splice_image_features
-from palo.model.projectors import build_projector
+from palo.model.multimodal import SplicedInputs, apply_splice, plan_splice
+from palo.model.projectors import build_projector, projector_num_tokens
 from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec, resolve_vision_config
 
 def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTower:
@@ -128,28 +128,27 @@ class PaloForCausalLM(LlamaForCausalLM):
         return self.vision_tower
 
     # -- images --------------------------------------------------------------------------------------------------
-    def encode_images(self, images: Any) -> list[torch.Tensor]:
+    @property
+    def image_token_count(self) -> int:
+        """LLM positions one image occupies: 576 for CLIP-L/336 with an MLP projector, 144 with LDP."""
+        if self.vision_tower is None:
+            return 0
+        return projector_num_tokens(self.spec.projector_type, self.vision_tower.num_tokens)
+
+    def encode_images(self, images: Any) -> torch.Tensor:
         """Vision tower then projector.
 
         Args:
-            images: Pixel values, ``[N, 3, H, W]`` or any form :func:`_flatten_images` accepts.
+            images: Pixel values ``[N, 3, H, W]``, ``[B, k, 3, H, W]`` or a list of ``[3, H, W]`` / ``[k, 3, H, W]``.
 
         Returns:
-            One ``[n_tokens, hidden_size]`` tensor per image (576 rows for CLIP-L/336 with an MLP projector, 144
-            with LDP).
+            ``[N, n, hidden_size]``: n = :attr:`image_token_count` rows per image.
         """
         if self.vision_tower is None:
             raise ValueError("This checkpoint has no vision tower (no mm_vision_tower in config.json): it takes text only")
-        if isinstance(images, torch.Tensor) and images.dim() == 4:
-            pixels = images  # the common case: no copy
-        else:
-            flat = _flatten_images(images)
-            if not flat:
-                return []
-            pixels = torch.stack(flat, dim=0)
+        pixels = images if isinstance(images, torch.Tensor) and images.dim() == 4 else torch.stack(_flatten_images(images))
         features = self.vision_tower(pixels)
-        projected = self.projector(features.to(self.lm_head.weight.dtype))
-        return list(projected)
+        return self.projector(features.to(self.lm_head.weight.dtype))
 
     def prepare_multimodal_inputs(
         self,
@@ -159,17 +158,29 @@ class PaloForCausalLM(LlamaForCausalLM):
         labels: torch.Tensor | None = None,
         padding_side: str | None = None,
     ) -> SplicedInputs:
-        """Encode ``images`` and splice them into ``input_ids`` (see :func:`splice_image_features`)."""
+        """Encode ``images`` and splice them into ``input_ids`` (see :mod:`palo.model.multimodal`).
+
+        The layout is planned from ``input_ids`` before the vision tower is launched, so a mismatch fails before any
+        compute and the device never waits on the host afterwards.
+        """
         config = self.config
-        return splice_image_features(
+        if images is None:
+            num_images = 0
+        elif isinstance(images, torch.Tensor) and images.dim() in (4, 5):
+            num_images = images.shape[0] if images.dim() == 4 else images.shape[0] * images.shape[1]
+        else:
+            images = _flatten_images(images)
+            num_images = len(images)
+        plan = plan_splice(
             input_ids,
-            self.encode_images(images) if images is not None else [],
-            self.get_input_embeddings(),
-            attention_mask=attention_mask,
-            labels=labels,
+            num_images,
+            self.image_token_count,
+            attention_mask,
             padding_side=padding_side or getattr(config, "tokenizer_padding_side", None) or "right",
             max_length=getattr(config, "tokenizer_model_max_length", None),
         )
+        features = self.encode_images(images) if num_images else []
+        return apply_splice(plan, input_ids, features, self.get_input_embeddings(), labels)
 
     # -- forward / generate --------------------------------------------------------------------------------------
     def forward(
@@ -198,10 +209,11 @@ class PaloForCausalLM(LlamaForCausalLM):
         Returns:
             transformers' ``CausalLMOutputWithPast`` over the spliced sequence.
         """
-        has_sentinel = input_ids is not None and bool((input_ids == IMAGE_TOKEN_INDEX).any())
-        if inputs_embeds is None and (images is not None or has_sentinel):
-            if images is None:
+        if inputs_embeds is None and images is None and input_ids is not None and input_ids.shape[1] > 1:
+            # (Decoding steps feed one generated id: no check, no host sync on the hot path.)
+            if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
                 raise ValueError("input_ids contain <image> sentinels (-200) but no images were given")
+        if inputs_embeds is None and images is not None:
             spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, labels)
             input_ids = None
             inputs_embeds = spliced.inputs_embeds
