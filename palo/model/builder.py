@@ -30,7 +30,7 @@ from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
 from palo.model.tokenizer import load_tokenizer
-from palo.model.vision_tower import load_image_processor
+from palo.model.vision_tower import VisionTowerError, load_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +155,35 @@ def _merge_lora(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
             merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
         return merged
     return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+
+
+def _available_locally(name: str) -> bool:
+    """Whether a CLIP id/path can be loaded with no download: a local folder, or a hub id in the local cache."""
+    if os.path.isdir(name):
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an invalid repo id is simply "not available"
+        return False
+
+
+def _load_vision_tower_weights(tower: Any, carried: bool, forced: bool) -> None:
+    """Give the tower its weights, from ``mm_vision_tower`` as the original did whenever that is possible.
+
+    Full checkpoints also carry the tower, but as training cast it (fp16/bf16), while the original always re-read
+    the tower from ``mm_vision_tower``. So: ``mm_vision_tower`` when it was forced (``--vision-tower``), is not
+    carried, or is available locally; otherwise (offline, not cached) the checkpoint's own copy, with no network.
+    """
+    if forced or not carried or _available_locally(tower.name):
+        try:
+            tower.load_weights_from(tower.name)
+            return
+        except VisionTowerError:
+            if not carried:
+                raise
+    logger.info("Using the vision tower weights stored in the checkpoint (%s is not available locally)", tower.name)
 
 
 def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[str, Any]:
@@ -282,11 +311,17 @@ def load_pretrained_model(
             model = _merge_lora(model, model_dir)
         else:
             projector_file = os.path.join(model_dir, "mm_projector.bin")
-            _load_projector_state(model, _load_bin(projector_file), projector_file)
+            # The original rounds stage-1 projector weights through float16 in this branch; released projectors are
+            # bf16/fp16 already (so this is exact for them), and doing the same keeps logits identical for others.
+            state = {k: v.to(torch.float16) for k, v in _load_bin(projector_file).items()}
+            _load_projector_state(model, state, projector_file)
 
+    _load_vision_tower_weights(
+        model.get_vision_tower(),
+        carried=not any(k.startswith(tower_prefix) for k in missing),
+        forced=bool(vision_tower),
+    )
     tower = model.get_vision_tower()
-    if any(k.startswith(tower_prefix) for k in missing):
-        tower.load_weights_from(spec.vision_tower)
     tower.image_processor = load_image_processor(spec.vision_tower, tower.config.image_size, fallback_dirs=(model_dir,))
 
     # The original adds these tokens at load time; <im_patch> by default when the config does not say otherwise.

@@ -35,12 +35,15 @@ class SplicedInputs:
         attention_mask: ``[B, L]``, 1 on real positions.
         position_ids: ``[B, L]``, restarting at 0 on each sample's first real position.
         labels: ``[B, L]`` with ``IGNORE_INDEX`` on image rows and padding, or None.
+        padded: Whether any position is padding. When not, the language model can be given no mask at all, which
+            keeps it on its fast causal path (a mask of ones makes it check the mask on the device first).
     """
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None
+    padded: bool = True
 
 
 @dataclass
@@ -230,6 +233,7 @@ def apply_splice(
         attention_mask=attention_mask.view(batch_size, length),
         position_ids=position_ids.view(batch_size, length),
         labels=spliced_labels,
+        padded=len(plan.real_dst) != batch_size * length,
     )
 
 

@@ -217,7 +217,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, labels)
             input_ids = None
             inputs_embeds = spliced.inputs_embeds
-            attention_mask = spliced.attention_mask
+            attention_mask = spliced.attention_mask if spliced.padded else None
             position_ids = spliced.position_ids
             labels = spliced.labels
         return super().forward(

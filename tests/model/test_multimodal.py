@@ -42,6 +42,12 @@ def test_rows_with_zero_one_and_two_images_left_padded(embed):
     torch.testing.assert_close(out.inputs_embeds[2, 6:], e[10:13])
     assert out.labels.tolist()[1] == [7, -100, -100, -100, 8, -100, -100, -100, 9]
     assert out.labels.tolist()[0] == [-100] * 4 + [5, -100, -100, -100, 6]
+    assert out.padded
+
+
+def test_unpadded_batch_says_so(embed):
+    out = splice_image_features(torch.tensor([[1, IMG], [IMG, 2]]), [feats(0), feats(1)], embed)
+    assert not out.padded and out.attention_mask.all()
 
 
 def test_right_padding_and_truncation(embed):
