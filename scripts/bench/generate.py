@@ -4,6 +4,7 @@ Both models hold the *same tensors* (the baseline's parameters alias ours, so me
 same prompts and images. Measured, as the median of ``--repeats`` runs after a warm-up:
 
 * prefill: one forward over the prompt with its image(s) (vision tower, projector, language model);
+  the two models run alternately (ABBA) so that machine drift affects both alike;
 * decode: per-token time of greedy generation with the KV cache, ``(t(n new) - t(1 new)) / (n - 1)``;
 
 at batch 1 and at ``--batch`` (same-length prompts, one image each). Printed as a table with the ratio
@@ -102,16 +103,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, repeats: int, device: str) -> float:
-    fn()
+def _paired_medians(fn_a, fn_b, repeats: int, device: str) -> tuple[float, float]:
+    """Median wall time of two callables, measured in alternating (ABBA) order so drift hits both alike."""
+    fn_a(), fn_b()  # warm-up
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    for i in range(repeats):
+        order = (("a", fn_a), ("b", fn_b)) if i % 2 == 0 else (("b", fn_b), ("a", fn_a))
+        for name, fn in order:
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return statistics.median(times["a"]), statistics.median(times["b"])
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -151,12 +155,13 @@ def run(args: argparse.Namespace) -> list[dict]:
         logit_diff = ((ours - theirs).abs().max() / theirs.abs().max()).item()
         same = torch.equal(palo_gen(args.new_tokens)()[:, ids.shape[1]:], hf_gen(args.new_tokens)()[:, hf_ids.shape[1]:])
         row = {"batch": batch, "same_tokens": same, "logit_rel_diff": logit_diff}
-        for name, pre, g1, gn in (("palo", palo_prefill, palo_gen(1), palo_gen(args.new_tokens)),
-                                  ("hf_llava", hf_prefill, hf_gen(1), hf_gen(args.new_tokens))):
-            row[f"{name}_prefill_ms"] = 1000 * _median_time(pre, args.repeats, args.device)
-            t1 = _median_time(g1, args.repeats, args.device)
-            tn = _median_time(gn, args.repeats, args.device)
-            row[f"{name}_decode_ms_per_token"] = 1000 * (tn - t1) / (args.new_tokens - 1)
+        row["palo_prefill_ms"], row["hf_llava_prefill_ms"] = (
+            1000 * t for t in _paired_medians(palo_prefill, hf_prefill, args.repeats, args.device)
+        )
+        p1, h1 = _paired_medians(palo_gen(1), hf_gen(1), args.repeats, args.device)
+        pn, hn = _paired_medians(palo_gen(args.new_tokens), hf_gen(args.new_tokens), args.repeats, args.device)
+        row["palo_decode_ms_per_token"] = 1000 * (pn - p1) / (args.new_tokens - 1)
+        row["hf_llava_decode_ms_per_token"] = 1000 * (hn - h1) / (args.new_tokens - 1)
         row["prefill_ratio"] = row["hf_llava_prefill_ms"] / row["palo_prefill_ms"]
         row["decode_ratio"] = row["hf_llava_decode_ms_per_token"] / row["palo_decode_ms_per_token"]
         results.append(row)
