@@ -31,6 +31,8 @@ from palo.constants import DEFAULT_IMAGE_TOKEN
 
 # A text turn, a demo image turn (text, image, process mode), or None for "generate here".
 Message = Union[str, tuple[str, Image.Image, str], None]
+# A piece of the rendered prompt and whether the model is trained to produce it (see get_prompt_segments).
+Segment = tuple[str, bool]
 
 # Values of the demo's (hidden) "Preprocess for non-square image" radio.
 IMAGE_PROCESS_MODES = ("Crop", "Resize", "Pad", "Default")
@@ -106,7 +108,29 @@ class Conversation:
         tuple message contributes its text unchanged.
 
         Returns:
-            The prompt. If the last message is None it ends with an open assistant turn.
+            The prompt: the concatenation of :meth:`get_prompt_segments`. If the last message is None it
+            ends with an open assistant turn.
+
+        Raises:
+            ValueError: For LLAMA_2 when the first message is missing or not from the user.
+        """
+        return "".join(text for text, _ in self.get_prompt_segments())
+
+    def get_prompt_segments(self) -> list[Segment]:
+        """Renders the prompt as consecutive ``(text, supervised)`` pieces.
+
+        This is the one rendering of the conversation: :meth:`get_prompt` joins these texts, and training
+        derives its label mask from the flags. A piece is supervised when it is what the model must
+        produce: an assistant answer together with the end separator that follows it, exactly as rendered
+        (TWO: ``answer</s>``; LLAMA_2: ``answer </s>``; SINGLE: ``answer###``; MPT: ``answer<|im_end|>``;
+        PLAIN: ``caption\\n``). The system prompt, user turns, role tags, the space after a role tag and
+        any image placeholder are not. An open (None or empty) assistant turn has no supervised piece.
+
+        Turn ``i`` counts as the assistant's when ``i`` is odd: turns alternate, user first, the same rule
+        the TWO separators follow.
+
+        Returns:
+            ``[(text, supervised), ...]`` with no empty texts and no two neighbours sharing a flag.
 
         Raises:
             ValueError: For LLAMA_2 when the first message is missing or not from the user.
@@ -237,47 +261,82 @@ def _message_text(message: Message) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# One renderer per separator style. Each takes (role, text-or-None) pairs, already reduced to text.
-# An empty text renders like None, as in the original code (which tested truthiness).
+# One renderer per separator style. Each takes (role, text-or-None) pairs, already reduced to text, and
+# returns (text, supervised) segments; get_prompt() is their concatenation, so the prompt and the label
+# mask cannot drift apart. An empty text renders like None, as in the original code (which tested
+# truthiness).
 # ----------------------------------------------------------------------------------------------------
 
 
-def _render_single(conv: Conversation, messages: list[tuple[str, str | None]]) -> str:
-    out = conv.system + conv.sep
-    for role, text in messages:
-        out += f"{role}: {text}{conv.sep}" if text else f"{role}:"
-    return out
+def _push(segments: list[Segment], text: str, supervised: bool) -> None:
+    """Appends ``text``, merging it into the last segment when the flags agree; empty text adds nothing."""
+    if not text:
+        return
+    if segments and segments[-1][1] == supervised:
+        segments[-1] = (segments[-1][0] + text, supervised)
+    else:
+        segments.append((text, supervised))
 
 
-def _render_two(conv: Conversation, messages: list[tuple[str, str | None]]) -> str:
-    seps = (conv.sep, conv.sep2)
-    out = conv.system + conv.sep
+def _is_answer(index: int) -> bool:
+    # Turns alternate user/assistant starting with the user.
+    return index % 2 == 1
+
+
+def _render_single(conv: Conversation, messages: list[tuple[str, str | None]]) -> list[Segment]:
+    segments: list[Segment] = []
+    _push(segments, conv.system + conv.sep, False)
     for i, (role, text) in enumerate(messages):
-        out += f"{role}: {text}{seps[i % 2]}" if text else f"{role}:"
-    return out
+        if not text:
+            _push(segments, f"{role}:", False)
+            continue
+        # At inference the prompt ends at "role:", so the model itself generates the space before its answer:
+        # for answers the space is supervised (it is often its own "▁" token, e.g. before CJK or Devanagari).
+        _push(segments, f"{role}:", False)
+        _push(segments, " " + text + conv.sep, _is_answer(i))
+    return segments
 
 
-def _render_mpt(conv: Conversation, messages: list[tuple[str, str | None]]) -> str:
+def _render_two(conv: Conversation, messages: list[tuple[str, str | None]]) -> list[Segment]:
+    seps = (conv.sep, conv.sep2)
+    segments: list[Segment] = []
+    _push(segments, conv.system + conv.sep, False)
+    for i, (role, text) in enumerate(messages):
+        if not text:
+            _push(segments, f"{role}:", False)
+            continue
+        # At inference the prompt ends at "ASSISTANT:", so the model itself generates the space before its
+        # answer: it is supervised (often its own "▁" token, e.g. before CJK or Devanagari text).
+        _push(segments, f"{role}:", False)
+        _push(segments, " " + text + seps[i % 2], _is_answer(i))
+    return segments
+
+
+def _render_mpt(conv: Conversation, messages: list[tuple[str, str | None]]) -> list[Segment]:
     # ChatML roles already carry "<|im_start|>role\n", so no ": " between role and text.
-    out = conv.system + conv.sep
-    for role, text in messages:
-        out += f"{role}{text}{conv.sep}" if text else role
-    return out
+    segments: list[Segment] = []
+    _push(segments, conv.system + conv.sep, False)
+    for i, (role, text) in enumerate(messages):
+        _push(segments, role, False)
+        if text:
+            _push(segments, text + conv.sep, _is_answer(i))
+    return segments
 
 
-def _render_plain(conv: Conversation, messages: list[tuple[str, str | None]]) -> str:
+def _render_plain(conv: Conversation, messages: list[tuple[str, str | None]]) -> list[Segment]:
     # The plain template has no sep2; the original would fail concatenating None after an answer.
     # Ending answers with sep ("\n") matches what stage-1 training sees (caption + "\n").
     seps = (conv.sep, conv.sep2 if conv.sep2 is not None else conv.sep)
-    out = conv.system
+    segments: list[Segment] = []
+    _push(segments, conv.system, False)
     for i, (_, text) in enumerate(messages):
         if text:
-            out += text + seps[i % 2]
-    return out
+            _push(segments, text + seps[i % 2], _is_answer(i))
+    return segments
 
 
-def _render_llama_2(conv: Conversation, messages: list[tuple[str, str | None]]) -> str:
-    out = ""
+def _render_llama_2(conv: Conversation, messages: list[tuple[str, str | None]]) -> list[Segment]:
+    segments: list[Segment] = []
     for i, (role, text) in enumerate(messages):
         if i == 0:
             if not text:
@@ -290,13 +349,27 @@ def _render_llama_2(conv: Conversation, messages: list[tuple[str, str | None]]) 
                 text = f"<<SYS>>\n{conv.system}\n<</SYS>>\n\n{text}"
         if not text:
             continue  # An open assistant turn: the prompt already ends with "[/INST]".
-        if i % 2 == 0:
-            out += f"{conv.sep}[INST] {text} [/INST]"
+        if _is_answer(i):
+            # The prompt ends at "[/INST]": the space before the answer is the model's to generate.
+            _push(segments, f" {text} {conv.sep2}", True)
         else:
-            out += f" {text} {conv.sep2}"
+            _push(segments, f"{conv.sep}[INST] {text} [/INST]", False)
     # The original strips the leading "<s>" with a character-set strip (BOS is added by the tokenizer).
     # It is exact because what follows is always "[INST]", which holds none of "<", "s", ">".
-    return out.lstrip(conv.sep)
+    return _lstrip_segments(segments, conv.sep)
+
+
+def _lstrip_segments(segments: list[Segment], chars: str) -> list[Segment]:
+    """``str.lstrip(chars)`` applied to the concatenation of ``segments``, keeping the flags."""
+    out = list(segments)
+    while out:
+        text, supervised = out[0]
+        stripped = text.lstrip(chars)
+        if stripped:
+            out[0] = (stripped, supervised)
+            break
+        out.pop(0)  # Wholly stripped: the strip goes on into the next segment.
+    return out
 
 
 _RENDERERS = {

@@ -1,0 +1,418 @@
+"""Supervised fine-tuning examples whose labels are right by construction.
+
+The original PALO/LLaVA code renders a conversation, tokenizes it, and then *re-derives* which tokens are
+answers by splitting the prompt on separators and counting tokens of the pieces (``round_len``,
+``instruction_len - 2``, format reference §3.7). That count is only right while a tokenizer behaves exactly
+as assumed (legacy SentencePiece, the answer's first token swallowing the space after ``ASSISTANT:``...); when
+it is not, answers are silently mis-masked or the whole sample is dropped with a "tokenization mismatch".
+
+Here the mask comes from the renderer itself. :meth:`palo.conversation.Conversation.get_prompt_segments`
+marks which characters of the prompt are supervised (each answer and its end separator), the prompt is
+tokenized with character offsets (:func:`encode_with_offsets`, ids identical to
+:func:`palo.mm_utils.tokenizer_image_token`), and a token is learned exactly when its characters overlap a
+supervised piece. Nothing is counted twice, so nothing can drift.
+
+A sample is the ``conversations`` list of the PALO/LLaVA JSON format::
+
+    [{"from": "human", "value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "A man ..."}, ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from itertools import accumulate
+from typing import Any
+
+from palo.constants import (
+    DEFAULT_IM_END_TOKEN,
+    DEFAULT_IM_START_TOKEN,
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+)
+from palo.conversation import Conversation, Segment, SeparatorStyle, conv_templates
+from palo.model.tokenizer import PaloLlamaTokenizer
+
+# The JSON speaker names, in the order the templates' roles are listed (user, assistant).
+SPEAKERS = ("human", "gpt")
+# The mmtag convention wraps the placeholder (format reference §3.1).
+MMTAG_IMAGE = "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>"
+# With mm_use_im_start_end the image features are bracketed by two learned tokens.
+IM_START_END_IMAGE = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+
+# (token id, char start, char end): the token covers text[start:end] of the encoded string.
+TokenSpan = tuple[int, int, int]
+
+
+class BadSampleError(ValueError):
+    """A training sample that cannot become a supervised example (its message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedExample:
+    """One tokenized training sample.
+
+    Attributes:
+        input_ids: ``[T]`` ids as :func:`palo.mm_utils.tokenizer_image_token` gives them for ``prompt``:
+            one leading BOS, ``IMAGE_TOKEN_INDEX`` (-200) where the image goes, no padding, no truncation.
+        labels: ``[T]``, the id where the model is trained to produce that token, else ``IGNORE_INDEX``
+            (-100). Not shifted: the model shifts labels itself.
+        prompt: The rendered prompt the ids encode.
+        segments: ``prompt`` as ``(text, supervised)`` pieces, the source of the labels.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt: str
+    segments: tuple[Segment, ...] = ()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image placeholder normalisation
+# ----------------------------------------------------------------------------------------------------
+
+
+def normalize_image_turns(
+    turns: Sequence[Mapping[str, Any]], version: str, mm_use_im_start_end: bool
+) -> list[dict[str, Any]]:
+    """The original ``preprocess_multimodal`` (format reference §3.6), without mutating its input.
+
+    In every turn whose value contains ``<image>``: all ``<image>`` are removed, the text is stripped,
+    ``<image>\\n`` is put in front and the result stripped again, so the placeholder always leads its turn.
+    With a ``version`` containing ``"mmtag"`` it is then wrapped as ``<Image><image></Image>``. With
+    ``mm_use_im_start_end`` every ``<image>`` becomes ``<im_start><image><im_end>``.
+
+    Args:
+        turns: ``[{"from": ..., "value": str}, ...]``.
+        version: The template's ``version`` (e.g. ``"v1"``, ``"v1_mmtag"``).
+        mm_use_im_start_end: Whether the model brackets image features with start/end tokens.
+
+    Returns:
+        New turn dicts (other keys copied), values normalised.
+    """
+    out = []
+    for turn in turns:
+        value = turn["value"]
+        if DEFAULT_IMAGE_TOKEN in value:
+            value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
+            if "mmtag" in version:
+                value = value.replace(DEFAULT_IMAGE_TOKEN, MMTAG_IMAGE)
+        if mm_use_im_start_end:
+            value = value.replace(DEFAULT_IMAGE_TOKEN, IM_START_END_IMAGE)
+        out.append({**turn, "value": value})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenization with character offsets
+# ----------------------------------------------------------------------------------------------------
+
+
+def encode_with_offsets(text: str, tokenizer: Any) -> list[TokenSpan]:
+    """Tokenizes like :func:`palo.mm_utils.tokenizer_image_token`, also giving each token's characters.
+
+    The ids are exactly ``tokenizer_image_token(text, tokenizer)``: the text is split on ``<image>``, each
+    chunk tokenized on its own, one BOS kept, one ``IMAGE_TOKEN_INDEX`` between chunks.
+
+    Offsets are character offsets into ``text``. A sentinel and a special token written in the text cover
+    their literal text (``<image>``, ``</s>``); tokens the tokenizer adds (BOS) cover nothing
+    (``start == end``). For :class:`PaloLlamaTokenizer`, the pieces of one byte-fallback character all
+    cover that character, and SentencePiece's dummy-prefix ``▁`` covers the text it is prefixed to.
+
+    Args:
+        text: The prompt.
+        tokenizer: A :class:`PaloLlamaTokenizer` or a fast (tokenizers-backed) tokenizer.
+
+    Returns:
+        ``[(id, start, end), ...]``, one per id.
+
+    Raises:
+        TypeError: For a slow tokenizer other than :class:`PaloLlamaTokenizer` (no reliable offsets).
+    """
+    chunks = text.split(DEFAULT_IMAGE_TOKEN)
+    starts = [0, *accumulate(len(c) + len(DEFAULT_IMAGE_TOKEN) for c in chunks[:-1])]
+    encoded = [_shift(_encode_chunk(chunk, tokenizer), start) for chunk, start in zip(chunks, starts)]
+    # The same BOS rule as tokenizer_image_token: keep the first chunk's BOS once, drop each chunk's first id.
+    out: list[TokenSpan] = []
+    skip = 0
+    if encoded[0] and encoded[0][0][0] == tokenizer.bos_token_id:
+        skip = 1
+        out.append(encoded[0][0])
+    for k, chunk in enumerate(encoded):
+        if k > 0:
+            out.append((IMAGE_TOKEN_INDEX, starts[k] - len(DEFAULT_IMAGE_TOKEN), starts[k]))
+        out.extend(chunk[skip:])
+    return out
+
+
+def _shift(tokens: list[TokenSpan], by: int) -> list[TokenSpan]:
+    return [(token_id, start + by, end + by) for token_id, start, end in tokens]
+
+
+def _encode_chunk(text: str, tokenizer: Any) -> list[TokenSpan]:
+    """``tokenizer(text).input_ids`` with offsets into ``text``."""
+    if isinstance(tokenizer, PaloLlamaTokenizer):
+        return _encode_chunk_sentencepiece(text, tokenizer)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        return [(i, s, e) for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+    raise TypeError(
+        f"encode_with_offsets needs PaloLlamaTokenizer or a fast tokenizer, got {type(tokenizer).__name__}"
+    )
+
+
+def _encode_chunk_sentencepiece(text: str, tokenizer: PaloLlamaTokenizer) -> list[TokenSpan]:
+    """Mirrors ``PreTrainedTokenizer.tokenize`` + ``build_inputs_with_special_tokens`` for PaloLlamaTokenizer.
+
+    Text is split on added/special tokens (the tokenizer's trie); each text segment is encoded by
+    SentencePiece on its own (so it gets the dummy prefix again, the transformers-4.31 behaviour).
+    """
+    tokens: list[TokenSpan] = []
+    for start, end, is_added in _split_added_tokens(text, tokenizer):
+        if is_added:
+            tokens.append((tokenizer.convert_tokens_to_ids(text[start:end]), start, end))
+            continue
+        pieces = _sentencepiece_pieces(tokenizer.sp_model, text[start:end])
+        ids = tokenizer.convert_tokens_to_ids([p for p, _, _ in pieces])
+        tokens.extend(_shift([(i, s, e) for i, (_, s, e) in zip(ids, pieces)], start))
+    if tokenizer.add_bos_token:
+        tokens.insert(0, (tokenizer.bos_token_id, 0, 0))
+    if tokenizer.add_eos_token:
+        tokens.append((tokenizer.eos_token_id, len(text), len(text)))
+    return tokens
+
+
+def _split_added_tokens(text: str, tokenizer: Any) -> list[tuple[int, int, bool]]:
+    """Where ``PreTrainedTokenizer.tokenize`` splits ``text`` on added tokens, as char spans.
+
+    Returns:
+        ``[(start, end, is_added_token), ...]`` in order; empty text segments are left out, as tokenize does.
+    """
+    if tokenizer.split_special_tokens:
+        return [(0, len(text), False)] if text else []
+    parts = tokenizer.tokens_trie.split(text)
+    bounds = [0, *accumulate(len(p) for p in parts)]
+    spans = [[bounds[k], bounds[k + 1]] for k in range(len(parts))]
+    added = tokenizer._added_tokens_encoder
+    for k, part in enumerate(parts):
+        if part not in added:
+            continue
+        token = tokenizer._added_tokens_decoder.get(added[part])
+        if getattr(token, "single_word", False):
+            raise NotImplementedError(f"added token {part!r} has single_word=True, which offsets do not support")
+        # lstrip/rstrip: the neighbouring text loses its whitespace on that side, as in tokenize().
+        if getattr(token, "rstrip", False) and k + 1 < len(spans):
+            nxt = text[spans[k + 1][0]:spans[k + 1][1]]
+            spans[k + 1][0] += len(nxt) - len(nxt.lstrip())
+        if getattr(token, "lstrip", False) and k > 0:
+            prev = text[spans[k - 1][0]:spans[k - 1][1]]
+            spans[k - 1][1] -= len(prev) - len(prev.rstrip())
+    specials = set(tokenizer.all_special_tokens)
+    out = []
+    for start, end in spans:
+        piece = text[start:end]
+        if piece:
+            out.append((start, end, piece in added or piece in specials))
+    return out
+
+
+def _sentencepiece_pieces(sp_model: Any, text: str) -> list[tuple[str, int, int]]:
+    """SentencePiece pieces of ``text`` with character offsets.
+
+    SentencePiece reports byte offsets into the UTF-8 input. Some pieces cover no bytes: the dummy-prefix
+    ``▁`` and all but the last byte-fallback piece of a character (``<0xE4><0xBD><0xA0>`` = 你, only
+    ``<0xA0>`` spans it). Such a piece gets the span of the next piece that covers something, so that a
+    character's bytes are learned together and the dummy prefix goes with the word it starts.
+
+    Returns:
+        ``[(piece, char_start, char_end), ...]``, the pieces ``sp_model.encode(text, out_type=str)`` gives.
+    """
+    char_at = _byte_to_char_index(text)
+    spans = [(p.piece, char_at[p.begin], char_at[p.end]) for p in _encode_proto(sp_model, text)]
+    out: list[tuple[str, int, int]] = []
+    cover: tuple[int, int] | None = None
+    for piece, start, end in reversed(spans):
+        if end > start:
+            cover = (start, end)
+        elif cover is not None:
+            start, end = cover
+        out.append((piece, start, end))
+    return out[::-1]
+
+
+def _encode_proto(sp_model: Any, text: str) -> Any:
+    # sentencepiece >= 0.2.1 renamed the piece-with-offsets output from "immutable_proto" to "proto".
+    try:
+        return sp_model.encode(text, out_type="proto").pieces
+    except (ValueError, TypeError, RuntimeError):
+        return sp_model.encode(text, out_type="immutable_proto").pieces
+
+
+def _byte_to_char_index(text: str) -> dict[int, int]:
+    """Maps each UTF-8 byte offset that starts (or ends) a character of ``text`` to the character offset."""
+    lengths = [len(ch.encode("utf-8")) for ch in text]
+    byte_offsets = [0, *accumulate(lengths)]
+    return {b: c for c, b in enumerate(byte_offsets)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Samples -> supervised examples
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_supervised_example(
+    turns: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    template_key: str,
+    has_image: bool,
+    mm_use_im_start_end: bool = False,
+) -> SupervisedExample:
+    """Renders, tokenizes and labels one training conversation.
+
+    Turns are checked as the original ``preprocess_v1`` does (a leading ``gpt`` turn is dropped, then the
+    speakers must alternate ``human``/``gpt``) and more strictly: the conversation must end with a ``gpt``
+    answer, no value may be empty, and an image sample needs its ``<image>`` placeholder in exactly one
+    human turn while a text-only sample may have none. Image samples are normalised with
+    :func:`normalize_image_turns`.
+
+    With the ``plain`` template (stage-1 pre-training, §3.7 PLAIN) the sample must be one exchange whose
+    human turn holds ``<image>``; the prompt is ``<image>`` + caption + ``\\n`` and only the caption and
+    newline are learned. Every other template is filled with the turns (its system prompt kept, its
+    pre-filled example messages dropped as the original does) and its rendered answers plus end
+    separators are learned.
+
+    Args:
+        turns: ``[{"from": "human" | "gpt", "value": str}, ...]``.
+        tokenizer: The LLM's tokenizer (see :func:`encode_with_offsets`).
+        template_key: A key of :data:`palo.conversation.conv_templates` (PALO trains with ``"v1"``).
+        has_image: Whether the sample has an image.
+        mm_use_im_start_end: Bracket the placeholder with ``<im_start>``/``<im_end>``.
+
+    Returns:
+        The example; ``labels[k]`` is ``input_ids[k]`` for tokens that overlap a supervised piece, else
+        ``IGNORE_INDEX``. The BOS and the image sentinel are never learned.
+
+    Raises:
+        ValueError: For an unknown ``template_key``.
+        BadSampleError: For a malformed conversation (the message names the problem).
+    """
+    template = _template(template_key)
+    if template.sep_style is SeparatorStyle.PLAIN:
+        # The original replaces the whole first turn by a bare "<image>", even with mm_use_im_start_end
+        # (whose brackets preprocess_multimodal had just added), so that flag changes nothing here.
+        segments = _plain_segments(turns, has_image)
+    else:
+        turns = _validate_turns(turns)
+        _check_placeholders(turns, has_image)
+        if has_image:
+            turns = normalize_image_turns(turns, template.version, mm_use_im_start_end)
+        segments = _template_segments(template, turns)
+    prompt = "".join(text for text, _ in segments)
+    tokens = encode_with_offsets(prompt, tokenizer)
+    labels = _labels(tokens, segments, tokenizer.bos_token_id)
+    return SupervisedExample([i for i, _, _ in tokens], labels, prompt, tuple(segments))
+
+
+def supervised_text(example: SupervisedExample, tokenizer: Any) -> str:
+    """The learned tokens decoded together (special tokens kept), for reports and debugging."""
+    ids = [i for i, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
+    return tokenizer.decode(ids)
+
+
+def _template(key: str) -> Conversation:
+    if key not in conv_templates:
+        raise ValueError(f"Unknown template {key!r}; expected one of {sorted(conv_templates)}")
+    return conv_templates[key]
+
+
+def _validate_turns(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Checks speakers and values; returns the turns without a leading ``gpt`` turn.
+
+    Turn numbers in messages are positions in the sample as given.
+    """
+    if not turns:
+        raise BadSampleError("empty conversation: no turns")
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
+            raise BadSampleError(f"turn {k} is not a {{'from', 'value'}} object: {turn!r}")
+        if turn["from"] not in SPEAKERS:
+            raise BadSampleError(f"turn {k}: unknown speaker 'from'={turn['from']!r}; expected 'human' or 'gpt'")
+    # The original silently drops one leading non-human turn (e.g. a greeting left over from ShareGPT).
+    first = 0 if turns[0]["from"] == SPEAKERS[0] else 1
+    kept = list(turns[first:])
+    if not kept:
+        raise BadSampleError("empty conversation: only a gpt turn, which is dropped")
+    for k, turn in enumerate(kept):
+        expected = SPEAKERS[k % 2]
+        if turn["from"] != expected:
+            raise BadSampleError(
+                f"turn {k + first}: expected {expected!r}, got {turn['from']!r}; "
+                "speakers must alternate, starting with 'human'"
+            )
+        if not isinstance(turn["value"], str) or not turn["value"].strip():
+            raise BadSampleError(f"turn {k + first} ({turn['from']}): empty value {turn['value']!r}")
+    if kept[-1]["from"] != SPEAKERS[1]:
+        raise BadSampleError(f"the conversation ends with a human turn (turn {len(turns) - 1}); nothing to learn")
+    return kept
+
+
+def _check_placeholders(turns: Sequence[Mapping[str, Any]], has_image: bool) -> None:
+    """One ``<image>`` turn (a human one) for an image sample, none for a text-only one.
+
+    The splice (§3.9) needs one placeholder per image: a text-only ``<image>`` would become a sentinel with no
+    features, and an image without a placeholder would be silently dropped.
+    """
+    where = [k for k, turn in enumerate(turns) if DEFAULT_IMAGE_TOKEN in turn["value"]]
+    if not has_image and where:
+        raise BadSampleError(f"a text-only sample has an {DEFAULT_IMAGE_TOKEN} placeholder (in turn {where[0]})")
+    if has_image and (len(where) != 1 or turns[where[0]]["from"] != SPEAKERS[0]):
+        raise BadSampleError(
+            f"an image sample needs {DEFAULT_IMAGE_TOKEN} in exactly one human turn; found it in turns {where}"
+        )
+
+
+def _plain_segments(turns: Sequence[Mapping[str, Any]], has_image: bool) -> list[Segment]:
+    """Stage-1 prompt: ``<image>`` + caption + ``\\n``, the caption and newline learned."""
+    if len(turns) != 2:
+        raise BadSampleError(f"a plain (stage-1) sample must have exactly 2 turns (image, caption), got {len(turns)}")
+    turns = _validate_turns(turns)
+    if not has_image or DEFAULT_IMAGE_TOKEN not in turns[0]["value"]:
+        raise BadSampleError(f"a plain (stage-1) sample needs an image and {DEFAULT_IMAGE_TOKEN} in its first turn")
+    _check_placeholders(turns, has_image)
+    # The first turn becomes a bare "<image>"; the answer ends with the plain template's sep.
+    return [(DEFAULT_IMAGE_TOKEN, False), (turns[1]["value"] + conv_templates["plain"].sep, True)]
+
+
+def _template_segments(template: Conversation, turns: Sequence[Mapping[str, Any]]) -> list[Segment]:
+    conv = template.copy()
+    # The original starts from an empty message list (v0's pre-filled example is not part of the sample).
+    conv.messages = []
+    conv.offset = 0
+    for k, turn in enumerate(turns):
+        conv.append_message(conv.roles[k % 2], turn["value"])
+    return conv.get_prompt_segments()
+
+
+def _labels(tokens: Sequence[TokenSpan], segments: Sequence[Segment], bos_token_id: int | None) -> list[int]:
+    """``IGNORE_INDEX`` except for tokens whose characters overlap a supervised segment."""
+    # supervised_before[c] = number of supervised characters in prompt[:c], so overlap is one subtraction.
+    supervised_before = [0]
+    for text, supervised in segments:
+        base = supervised_before[-1]
+        supervised_before.extend(base + (k + 1 if supervised else 0) for k in range(len(text)))
+    labels = []
+    for position, (token_id, start, end) in enumerate(tokens):
+        learned = supervised_before[end] - supervised_before[start] > 0
+        never = token_id == IMAGE_TOKEN_INDEX or (position == 0 and token_id == bos_token_id)
+        labels.append(token_id if learned and not never else IGNORE_INDEX)
+    return labels
+
+
+def check_turns(turns: Sequence[Mapping[str, Any]], has_image: bool) -> None:
+    """The structural checks of :func:`build_supervised_example`, without tokenizing (for data validation).
+
+    Raises:
+        BadSampleError: Naming the problem.
+    """
+    _check_placeholders(_validate_turns(turns), has_image)
