@@ -1,0 +1,168 @@
+"""``palo-data``: look at and check training data before spending GPU hours on it.
+
+* ``palo-data inspect --data_path X --model_name_or_path Y --version v1 [--index N] [--json]``: the rendered prompt
+  of each sample and exactly which tokens are supervised (with ``--json``: one object per sample).
+* ``palo-data validate --data_path X --image_folder D``: per-language counts, missing or corrupt images, malformed
+  turns; exits non-zero when anything is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tqdm import tqdm
+
+from palo.constants import IGNORE_INDEX
+from palo.data.json_index import JsonArrayIndex
+from palo.data.languages import sample_language
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from palo.model.builder import resolve_checkpoint_dir
+    from palo.model.tokenizer import load_tokenizer
+    from palo.train.preprocess import BadSampleError, build_supervised_example, supervised_text
+    from palo.train.train import template_for
+
+    tokenizer = load_tokenizer(resolve_checkpoint_dir(args.model_name_or_path))
+    if args.version != "v0" and tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    index = JsonArrayIndex.build(args.data_path)
+    positions = [args.index] if args.index is not None else range(len(index))
+    if args.index is not None and not 0 <= args.index < len(index):
+        print(f"error: --index {args.index} is out of range (the file has {len(index)} samples)", file=sys.stderr)
+        return 2
+    template = template_for(args.version)
+    problems = 0
+    for i in positions:
+        sample = index.read(i)
+        sample_id = sample.get("id") if isinstance(sample, dict) else None
+        try:
+            if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+                raise BadSampleError("no 'conversations' list")
+            example = build_supervised_example(
+                sample["conversations"], tokenizer, template, "image" in sample, args.mm_use_im_start_end
+            )
+        except BadSampleError as exc:
+            problems += 1
+            record = {"index": i, "id": sample_id, "error": str(exc)}
+            print(json.dumps(record, ensure_ascii=False) if args.json else f"[{i}] id={sample_id!r}: ERROR {exc}")
+            continue
+        supervised = [k for k, label in enumerate(example.labels) if label != IGNORE_INDEX]
+        record = {
+            "index": i,
+            "id": sample_id,
+            "language": sample_language(sample),
+            "prompt": example.prompt,
+            "supervised_text": supervised_text(example, tokenizer),
+            "supervised_token_count": len(supervised),
+            "token_count": len(example.input_ids),
+            "supervised_segments": [text for text, flag in example.segments if flag],
+        }
+        if args.json:
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            # Supervised text shown between ⟦ ⟧ inside the prompt.
+            shown = "".join(f"⟦{text}⟧" if flag else text for text, flag in example.segments)
+            print(f"[{i}] id={sample_id!r} language={record['language']} tokens={record['token_count']} "
+                  f"supervised={record['supervised_token_count']}\n{shown}\n")
+    return 1 if problems else 0
+
+
+def _check_image(path: str) -> str | None:
+    from palo.mm_utils import ImageLoadError, load_image
+
+    try:
+        load_image(path)
+    except ImageLoadError as exc:
+        return str(exc)
+    return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from palo.train.preprocess import BadSampleError, check_turns
+
+    index = JsonArrayIndex.build(args.data_path)
+    languages: collections.Counter[str] = collections.Counter()
+    problems: list[dict[str, Any]] = []
+    images: list[tuple[int, Any, str]] = []
+    corrupt = text_only = 0
+    for i in tqdm(range(len(index)), desc="samples", unit="sample", disable=args.quiet):
+        sample = index.read(i)
+        sample_id = sample.get("id") if isinstance(sample, dict) else None
+        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            problems.append({"index": i, "id": sample_id, "problem": "no 'conversations' list"})
+            continue
+        if sample.get("corrupt"):
+            corrupt += 1
+            continue
+        languages[sample_language(sample)] += 1
+        try:
+            check_turns(sample["conversations"], "image" in sample)
+        except BadSampleError as exc:
+            problems.append({"index": i, "id": sample_id, "problem": str(exc)})
+        if "image" in sample:
+            images.append((i, sample_id, os.path.join(args.image_folder or "", str(sample["image"]))))
+        else:
+            text_only += 1
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        results = pool.map(_check_image, [path for _, _, path in images])
+        for (i, sample_id, _), error in tqdm(zip(images, results), total=len(images), desc="images", unit="image", disable=args.quiet):
+            if error:
+                problems.append({"index": i, "id": sample_id, "problem": error})
+    report = {
+        "samples": len(index),
+        "corrupt_filtered": corrupt,
+        "image_samples": len(images),
+        "text_only_samples": text_only,
+        "languages": dict(languages.most_common()),
+        "problems": len(problems),
+    }
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    for problem in problems[: args.max_problems]:
+        print(json.dumps(problem, ensure_ascii=False), file=sys.stderr)
+    if len(problems) > args.max_problems:
+        print(f"... and {len(problems) - args.max_problems} more problems", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palo-data", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="rendered prompts and supervised tokens")
+    inspect.add_argument("--data_path", required=True)
+    inspect.add_argument("--model_name_or_path", required=True, help="where the tokenizer is")
+    inspect.add_argument("--version", default="v1")
+    inspect.add_argument("--index", type=int, default=None)
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--mm_use_im_start_end", action="store_true")
+    inspect.set_defaults(func=_inspect)
+    validate = sub.add_parser("validate", help="counts per language, bad images, malformed turns")
+    validate.add_argument("--data_path", required=True)
+    validate.add_argument("--image_folder", default="")
+    validate.add_argument("--workers", type=int, default=8)
+    validate.add_argument("--max_problems", type=int, default=50)
+    validate.add_argument("--quiet", action="store_true", help="no progress bars")
+    validate.set_defaults(func=_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not os.path.isfile(args.data_path):
+        print(f"error: --data_path {args.data_path}: no such file", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as exc:  # e.g. a file that is not one JSON array
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
