@@ -7,6 +7,10 @@ folders whose names contain neither "palo" nor "lora": how a checkpoint loads mu
 from __future__ import annotations
 
 import os
+
+# Nothing is downloaded in tests: hub ids resolve through local caches the tests build, and a miss fails at once
+# instead of waiting on network time-outs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dataclasses import dataclass
 
 import pytest

@@ -15,10 +15,12 @@ returns the prompt ids followed by the new ids (PALO's convention: callers slice
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import CLIPVisionConfig, LlamaForCausalLM, LlamaModel, StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from palo.constants import IMAGE_TOKEN_INDEX
@@ -40,6 +42,13 @@ def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTo
         vision_config = resolve_vision_config(spec.vision_tower)
     features = VisionFeatureSpec(select_layer=spec.select_layer, select_feature=spec.select_feature)
     return CLIPVisionTower(spec.vision_tower, vision_config, features)
+
+
+@dataclass
+class PaloCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output plus ``spliced_labels`` ``[B, L]``: the labels aligned with ``logits``."""
+
+    spliced_labels: torch.LongTensor | None = None
 
 
 class PaloModel(LlamaModel):
@@ -220,7 +229,14 @@ class PaloForCausalLM(LlamaForCausalLM):
             attention_mask = spliced.attention_mask if spliced.padded else None
             position_ids = spliced.position_ids
             labels = spliced.labels
-        return super().forward(
+        elif inputs_embeds is None and self.training and self.projector is not None and torch.is_grad_enabled():
+            # A text-only batch: every rank must still produce a (zero) gradient for every projector parameter,
+            # or distributed gradient reduction stalls. Run the projector on one blank image, weighted by zero,
+            # instead of the original's blank image through CLIP for every text-only sample.
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            inputs_embeds = inputs_embeds + 0.0 * self._projector_probe().sum()
+            input_ids = None
+        outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -228,6 +244,15 @@ class PaloForCausalLM(LlamaForCausalLM):
             labels=labels,
             **kwargs,
         )
+        if labels is not None:
+            # The labels aligned with ``logits`` (image rows included), for per-sample statistics in training.
+            return PaloCausalLMOutput(**dict(outputs.items()), spliced_labels=labels)
+        return outputs
+
+    def _projector_probe(self) -> torch.Tensor:
+        tower = self.vision_tower
+        blank = self.lm_head.weight.new_zeros(1, tower.num_tokens, tower.hidden_size)
+        return self.projector(blank)
 
     @torch.no_grad()
     def generate(

@@ -131,6 +131,33 @@ def build_clip_image_processor(image_size: int) -> Any:
     )
 
 
+def _local_folder(source: str) -> str:
+    """A local folder for a CLIP id or path (hub ids through the local cache, or a download when online)."""
+    if os.path.isdir(source):
+        return source
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        repo_id=source, allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"]
+    )
+
+
+def _read_weight_files(folder: str) -> dict[str, torch.Tensor]:
+    """All tensors of a transformers checkpoint folder (safetensors preferred, sharded or not)."""
+    from safetensors.torch import load_file
+
+    names = sorted(os.listdir(folder))
+    safetensors = [n for n in names if n.endswith(".safetensors")]
+    bins = [n for n in names if n.startswith("pytorch_model") and n.endswith(".bin")]
+    if not safetensors and not bins:
+        raise OSError(f"no model weights (*.safetensors or pytorch_model*.bin) in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for name in safetensors or bins:
+        path = os.path.join(folder, name)
+        state.update(load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True))
+    return state
+
+
 class _VisionModelHolder(nn.Module):
     """Keeps the original key layout ``vision_tower.vision_model.*`` whatever transformers' own nesting is."""
 
@@ -182,22 +209,37 @@ class CLIPVisionTower(nn.Module):
     def load_weights_from(self, source: str) -> None:
         """Copy CLIP weights from a local folder or cached hub id ``source`` into this tower.
 
+        The weight files are read directly (not through ``from_pretrained``), so this also works inside a
+        DeepSpeed ZeRO-3 run, where ``from_pretrained`` would hand back partitioned, empty parameters. Keys of
+        full CLIP checkpoints (``vision_model.*`` next to ``text_model.*``) and of vision-only ones, with or
+        without the ``vision_model.`` prefix, are accepted.
+
         Raises:
             VisionTowerError: If the weights cannot be found or do not fit this architecture.
         """
         try:
-            clip = CLIPVisionModel.from_pretrained(source, dtype=torch.float32)
+            folder = _local_folder(source)
+            state = _read_weight_files(folder)
         except (OSError, ValueError) as exc:
             raise VisionTowerError(
                 f"The checkpoint does not carry the vision tower's weights and {source!r} cannot be loaded"
                 f"{_hf_offline_hint()}: {exc}. Pass a local CLIP folder with --vision-tower."
             ) from exc
-        state = getattr(clip, "vision_model", clip).state_dict()
         target = self.vision_tower.vision_model
-        missing, unexpected = target.load_state_dict(state, strict=False)
+        wanted = set(target.state_dict())
+        tower_state = {}
+        for key, value in state.items():
+            key = key[len("vision_model."):] if key.startswith("vision_model.") else key
+            if key in wanted:
+                tower_state[key] = value
+        missing = sorted(wanted - set(tower_state) - {k for k in wanted if k.endswith("position_ids")})
         if missing:
             raise VisionTowerError(f"{source!r} lacks vision-tower weights: {missing[:5]}")
         param = next(target.parameters())
+        try:
+            target.load_state_dict(tower_state, strict=False)
+        except RuntimeError as exc:
+            raise VisionTowerError(f"{source!r} does not fit the vision tower's architecture: {exc}") from exc
         target.to(device=param.device, dtype=param.dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""Training arguments: every flag of the original ``palo/train/train.py``, plus a few of this project's.
+
+Parsed with ``transformers.HfArgumentParser`` (``--field_name value``, booleans as ``True``/``False``), so the
+original shell scripts' command lines work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """What to build: the base LLM, the vision tower, the projector and what is trained."""
+
+    model_name_or_path: str = field(default="lmsys/vicuna-7b-v1.5", metadata={"help": "base LLM (hub id or folder)"})
+    version: str = field(default="v1", metadata={"help": "conversation template key (PALO: v1)"})
+    freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP id or folder; None = text-only LLaMA"})
+    mm_vision_select_layer: int = field(default=-1)
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
+    mm_projector_type: str = field(default="mlp2x_gelu")
+    mm_use_im_start_end: bool = field(default=False)
+    mm_use_im_patch_token: bool = field(default=True)
+    mm_vision_select_feature: str = field(default="patch")
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "accepted for LLaVA scripts; only flat"})
+    vision_tower_type: str = field(default="clip", metadata={"help": "accepted for MobileVLM scripts; only clip"})
+
+
+@dataclass
+class DataArguments:
+    """Where the data is and how samples become tensors."""
+
+    data_path: str | None = field(default=None, metadata={"help": "training JSON (one array of samples)"})
+    lazy_preprocess: bool = field(default=False, metadata={"help": "accepted for compatibility: always lazy"})
+    is_multimodal: bool = field(default=False, metadata={"help": "set automatically with a vision tower"})
+    image_folder: str | None = field(default=None)
+    image_aspect_ratio: str = field(default="square", metadata={"help": "pad or square"})
+    skip_bad_samples: bool = field(
+        default=False,
+        metadata={"help": "skip (and count) samples with a missing/corrupt image or malformed turns instead of stopping"},
+    )
+    over_length: str = field(
+        default="truncate",
+        metadata={"help": "samples longer than model_max_length (after images): 'truncate' or 'skip'"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.over_length not in ("truncate", "skip"):
+            raise ValueError(f"--over_length must be 'truncate' or 'skip', not {self.over_length!r}")
+        if self.image_aspect_ratio not in ("pad", "square"):
+            raise ValueError(f"--image_aspect_ratio must be 'pad' or 'square', not {self.image_aspect_ratio!r}")
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' TrainingArguments plus PALO's fields (§4.3 of the format notes)."""
+
+    cache_dir: str | None = field(default=None)
+    optim: str = field(default="adamw_torch")
+    remove_unused_columns: bool = field(default=False)
+    freeze_mm_mlp_adapter: bool = field(default=False)
+    mpt_attn_impl: str | None = field(default="triton", metadata={"help": "accepted for compatibility; unused"})
+    model_max_length: int = field(default=512, metadata={"help": "maximum sequence length (images included)"})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA: double quantisation"})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA: fp4 or nf4"})
+    bits: int = field(default=16, metadata={"help": "16, or 8 / 4 to load the LLM quantised (CUDA)"})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_weight_path: str = ""
+    lora_bias: str = "none"
+    mm_projector_lr: float | None = None
+    group_by_modality_length: bool = field(default=False)
+    evaluation_strategy: str | None = field(
+        default=None, metadata={"help": "old name of eval_strategy, accepted for the original scripts"}
+    )
+    warmup_ratio: float | None = field(
+        default=None, metadata={"help": "old form of a fractional --warmup_steps, accepted for the original scripts"}
+    )
+
+    def __post_init__(self) -> None:
+        # Flags transformers 5 renamed; the original scripts still pass the old names.
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if self.warmup_ratio is not None:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        if self.tf32 and not torch.cuda.is_available():
+            # The original scripts pass --tf32 True; it only means something on Ampere+ GPUs.
+            warnings.warn("--tf32 ignored: no CUDA device", stacklevel=2)
+            self.tf32 = None
+        if self.bits not in (4, 8, 16):
+            raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
+        if self.lora_bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+        super().__post_init__()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the command line into the three argument groups.
+
+    Raises:
+        SystemExit: On unknown flags (argparse's behaviour).
+    """
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args

@@ -1,0 +1,263 @@
+"""The training data path: PALO/LLaVA JSON -> supervised examples -> padded batches.
+
+One clear path: :class:`LazySupervisedDataset` reads one sample by byte offset (:mod:`palo.data.json_index`, so
+the 13 GB PALO file is never held in memory and dataloader workers share nothing but numpy arrays), builds ids and
+labels from the rendered template (:mod:`palo.train.preprocess`), loads and preprocesses its image, and
+:class:`DataCollator` pads a batch. Per-sample metadata for filtering and length grouping (``corrupt`` flags,
+modality lengths, languages) comes from one pass over the file, cached next to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LANGUAGES
+from palo.data.json_index import JsonArrayIndex
+from palo.data.languages import sample_language
+from palo.mm_utils import ImageLoadError, expand2square, load_image, pad_color
+from palo.train.preprocess import BadSampleError, build_supervised_example
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_NAMES = (*LANGUAGES, "other")
+_META_VERSION = 1
+
+
+@dataclass
+class SampleMeta:
+    """Per-sample facts from one pass over the data, in file order.
+
+    Attributes:
+        corrupt: ``corrupt: true`` (dropped from training, as in the original).
+        has_image: The sample names an image.
+        words: Whitespace word count over all turns (the original's length for grouping).
+        language: Index into :data:`LANGUAGE_NAMES`, detected from the text's script.
+    """
+
+    corrupt: np.ndarray
+    has_image: np.ndarray
+    words: np.ndarray
+    language: np.ndarray
+
+
+def _meta_of(sample: Any) -> tuple[bool, bool, int, int]:
+    if not isinstance(sample, dict):
+        return False, False, 0, LANGUAGE_NAMES.index("other")
+    turns = sample.get("conversations") or []
+    words = sum(len(str(t.get("value", "")).split()) for t in turns if isinstance(t, dict))
+    return (
+        bool(sample.get("corrupt", False)),
+        "image" in sample,
+        words,
+        LANGUAGE_NAMES.index(sample_language(sample)),
+    )
+
+
+def _meta_range(args: tuple[JsonArrayIndex, int, int]) -> list[tuple[bool, bool, int, int]]:
+    index, start, stop = args
+    return [_meta_of(index.read(i)) for i in range(start, stop)]
+
+
+def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) -> SampleMeta:
+    """Metadata of every sample, computed in parallel once and cached as ``<path>.meta.npz``."""
+    stat = os.stat(path)
+    cache = path + ".meta.npz"
+    key = np.array([_META_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    if os.path.isfile(cache):
+        try:
+            with np.load(cache) as data:
+                if np.array_equal(data["key"], key):
+                    return SampleMeta(data["corrupt"], data["has_image"], data["words"], data["language"])
+        except (OSError, ValueError, KeyError):
+            pass
+    n = len(index)
+    workers = workers or min(8, os.cpu_count() or 1)
+    step = max(1, -(-n // (workers * 4)))
+    ranges = [(index, s, min(n, s + step)) for s in range(0, n, step)]
+    if workers > 1 and n > 2000:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_meta_range, ranges)
+    else:
+        parts = [_meta_range(r) for r in ranges]
+    rows = [row for part in parts for row in part]
+    meta = SampleMeta(
+        corrupt=np.array([r[0] for r in rows], dtype=bool),
+        has_image=np.array([r[1] for r in rows], dtype=bool),
+        words=np.array([r[2] for r in rows], dtype=np.int64),
+        language=np.array([r[3] for r in rows], dtype=np.int8),
+    )
+    try:  # best effort: a read-only data folder just means no cache
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words, language=meta.language)
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return meta
+
+
+class LazySupervisedDataset(Dataset):
+    """PALO/LLaVA training samples, read lazily by byte offset.
+
+    Args:
+        data_path: The training JSON (one array).
+        tokenizer: The LLM tokenizer.
+        template: Conversation template key (``--version``; ``v0``/``v0.5`` mean ``v0``).
+        image_folder: Folder image paths are relative to.
+        image_processor: CLIP processor (None for a text-only run).
+        image_aspect_ratio: ``pad`` or ``square``.
+        mm_use_im_start_end: Wrap ``<image>`` in start/end tokens.
+        model_max_length: Maximum positions per sample, image rows included.
+        image_tokens: LLM positions one image takes (576, 144 with LDP).
+        over_length: ``truncate`` or ``skip`` samples longer than ``model_max_length``.
+        skip_bad_samples: Skip and count bad samples instead of raising.
+    """
+
+    def __init__(
+        self,
+        data_path: str,
+        tokenizer: Any,
+        template: str,
+        image_folder: str | None = None,
+        image_processor: Any = None,
+        image_aspect_ratio: str = "square",
+        mm_use_im_start_end: bool = False,
+        model_max_length: int = 2048,
+        image_tokens: int = 576,
+        over_length: str = "truncate",
+        skip_bad_samples: bool = False,
+    ) -> None:
+        if not os.path.isfile(data_path):
+            raise FileNotFoundError(f"--data_path {data_path}: no such file")
+        self.index = JsonArrayIndex.build(data_path)
+        self.meta = scan_metadata(self.index, data_path)
+        self.keep = np.nonzero(~self.meta.corrupt)[0]
+        filtered = int(self.meta.corrupt.sum())
+        logger.warning("Filtered %d conversations (corrupt: true); %d remain.", filtered, len(self.keep))
+        self.num_filtered = filtered
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_folder = image_folder or ""
+        self.image_processor = image_processor
+        self.image_aspect_ratio = image_aspect_ratio
+        self.mm_use_im_start_end = mm_use_im_start_end
+        self.model_max_length = model_max_length
+        self.image_tokens = image_tokens
+        self.over_length = over_length
+        self.skip_bad_samples = skip_bad_samples
+        # Shared across forked dataloader workers, so the count is global.
+        self.bad_samples = mp.get_context("fork").Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Word count per sample, plus 128 for image samples (the original's ``lengths``)."""
+        m = self.meta
+        return (m.words[self.keep] + 128 * m.has_image[self.keep]).tolist()
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """Word count per sample, negative for text-only samples (for ``group_by_modality_length``)."""
+        m = self.meta
+        words = m.words[self.keep]
+        return np.where(m.has_image[self.keep], words, -words).tolist()
+
+    def _load_image(self, sample: dict) -> torch.Tensor:
+        path = os.path.join(self.image_folder, str(sample["image"]))
+        image = load_image(path)
+        if self.image_aspect_ratio == "pad":
+            image = expand2square(image, pad_color(self.image_processor))
+        return self.image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+    def build(self, sample: dict) -> dict[str, Any]:
+        """One sample as tensors (raises :class:`BadSampleError` or ``ImageLoadError`` on bad data)."""
+        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            raise BadSampleError("no 'conversations' list")
+        has_image = "image" in sample
+        if has_image and self.image_processor is None:
+            raise BadSampleError("has an image but the run has no --vision_tower")
+        example = build_supervised_example(
+            sample["conversations"], self.tokenizer, self.template, has_image, self.mm_use_im_start_end
+        )
+        input_ids = torch.tensor(example.input_ids, dtype=torch.long)
+        labels = torch.tensor(example.labels, dtype=torch.long)
+        num_images = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+        if has_image and num_images != 1:
+            raise BadSampleError(f"an image sample needs exactly one <image> placeholder, found {num_images}")
+        length = len(input_ids) + num_images * (self.image_tokens - 1)
+        if length > self.model_max_length:
+            if self.over_length == "skip":
+                raise BadSampleError(f"{length} positions is over --model_max_length {self.model_max_length}")
+            # Truncation happens after splicing (in the model); what must not happen is silently losing every
+            # supervised token, which would train on nothing.
+            image_pos = int((input_ids == IMAGE_TOKEN_INDEX).nonzero()[0]) if num_images else len(input_ids)
+            supervised = (labels != IGNORE_INDEX).nonzero()
+            first = int(supervised[0]) if len(supervised) else len(labels)
+            first_spliced = first + (self.image_tokens - 1 if num_images and image_pos < first else 0)
+            if first_spliced >= self.model_max_length:
+                raise BadSampleError(
+                    f"after truncation to --model_max_length {self.model_max_length} no answer token is left"
+                )
+        item: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
+        if has_image:
+            item["image"] = self._load_image(sample)
+        return item
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for attempt in range(len(self.keep)):
+            position = int(self.keep[(i + attempt) % len(self.keep)])
+            sample = self.index.read(position)
+            try:
+                item = self.build(sample)
+            except (BadSampleError, ImageLoadError) as exc:
+                sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
+                message = f"bad training sample id={sample_id!r} (entry {position} of the data file): {exc}"
+                if not self.skip_bad_samples:
+                    raise BadSampleError(message + " (pass --skip_bad_samples True to skip and count such samples)") from exc
+                with self.bad_samples.get_lock():
+                    self.bad_samples.value += 1
+                logger.warning("skipped %s", message)
+                continue
+            item["language"] = int(self.meta.language[position])
+            return item
+        raise BadSampleError("every sample of the data file is bad")
+
+
+@dataclass
+class DataCollator:
+    """Pads ids (pad id) and labels (IGNORE_INDEX) on the right; stacks the images of image samples.
+
+    Text-only samples carry no dummy image: the model connects its projector to the graph itself when a batch has
+    no image, so CLIP never runs on blank pictures.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(x["input_ids"]) for x in items)
+        batch = len(items)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            attention_mask[row, :n] = 1
+        out: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        images = [x["image"] for x in items if "image" in x]
+        if images:
+            out["images"] = torch.stack(images)
+        out["languages"] = torch.tensor([x.get("language", len(LANGUAGE_NAMES) - 1) for x in items], dtype=torch.long)
+        return out

@@ -1,0 +1,242 @@
+"""Building the model and tokenizer for a training run, freezing made explicit.
+
+The order follows the original (§4.7 of the format notes) where it matters for the saved files: LoRA wraps the
+language model *before* the vision modules are attached, so adapter targets never include CLIP's or the
+projector's layers; then the tower and projector are attached and the config records every ``mm_*`` key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from palo.model.builder import resolve_checkpoint_dir
+from palo.model.config import MultimodalSpec, PaloConfig
+from palo.model.palo_llama import PaloForCausalLM, build_vision_tower
+from palo.model.projectors import build_projector
+from palo.model.tokenizer import load_tokenizer
+from palo.model.vision_tower import load_image_processor
+from palo.train.arguments import DataArguments, ModelArguments, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MULTIMODAL_MODULES = ("mm_projector", "vision_tower", "vision_resampler")
+
+
+@dataclass
+class TrainingSetup:
+    """What ``train()`` works with."""
+
+    model: nn.Module  # PaloForCausalLM, a PEFT wrapper around it, or a plain LLaMA
+    tokenizer: Any
+    image_processor: Any
+    image_tokens: int
+
+
+def compute_dtype(args: TrainingArguments) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def unwrap(model: nn.Module) -> PreTrainedModel:
+    """The PALO/LLaMA model inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _quantization_kwargs(args: TrainingArguments) -> dict[str, Any]:
+    if args.bits == 16:
+        return {}
+    if not torch.cuda.is_available():
+        raise ValueError(f"--bits {args.bits} (QLoRA) needs a CUDA device and bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=args.bits == 4,
+            load_in_8bit=args.bits == 8,
+            llm_int8_skip_modules=list(MULTIMODAL_MODULES),
+            llm_int8_threshold=6.0,
+            llm_int8_has_fp16_weight=False,
+            bnb_4bit_compute_dtype=compute_dtype(args),
+            bnb_4bit_use_double_quant=args.double_quant,
+            bnb_4bit_quant_type=args.quant_type,
+        )
+    }
+
+
+def load_tokenizer_for_training(model_args: ModelArguments, args: TrainingArguments) -> Any:
+    """Right-padded tokenizer with ``model_max_length``; pad = unk except for ``v0`` (a new ``[PAD]``)."""
+    tokenizer = load_tokenizer(
+        resolve_checkpoint_dir(model_args.model_name_or_path), model_max_length=args.model_max_length, padding_side="right"
+    )
+    if model_args.version == "v0":
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    elif tokenizer.unk_token is not None:
+        tokenizer.pad_token = tokenizer.unk_token
+    return tokenizer
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of an embedding matrix, also when ZeRO-3 has partitioned it (its local shape is then empty)."""
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
+def _resize_with_mean_rows(model: PreTrainedModel, size: int) -> None:
+    """Grow the embeddings to ``size`` rows; new rows start at the mean of the old ones (as the original)."""
+    old = _rows(model.get_input_embeddings().weight)
+    if size == old:
+        return
+    model.resize_token_embeddings(size, mean_resizing=False)
+    if size <= old:
+        return
+    weights = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    gathered = contextlib.nullcontext()
+    if any(hasattr(w, "ds_shape") for w in weights):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    with gathered, torch.no_grad():
+        for weight in weights:
+            weight[old:] = weight[:old].mean(dim=0, keepdim=True)
+
+
+def load_language_model(model_args: ModelArguments, args: TrainingArguments) -> PreTrainedModel:
+    """The base LLM as ``PaloForCausalLM`` (multimodal runs) or ``AutoModelForCausalLM`` (text-only)."""
+    path = resolve_checkpoint_dir(model_args.model_name_or_path)
+    kwargs: dict[str, Any] = dict(dtype=compute_dtype(args) if args.bits != 16 else None, **_quantization_kwargs(args))
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if model_args.vision_tower is None:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        if not isinstance(config, PaloConfig):
+            values = config.to_dict()
+            values.pop("model_type", None)
+            config = PaloConfig(**values)
+        model = PaloForCausalLM.from_pretrained(path, config=config, **kwargs)
+    model.config.use_cache = False
+    return model
+
+
+def apply_lora(model: PreTrainedModel, args: TrainingArguments) -> nn.Module:
+    """Wrap the language model's linear layers with LoRA adapters (never CLIP's or the projector's)."""
+    from peft import LoraConfig, get_peft_model
+
+    if args.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.bf16 or args.fp16:
+        model.to(compute_dtype(args))
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        target_modules=LORA_TARGETS,
+        # Only matters when the base is already multimodal: CLIP also has q_proj/k_proj/v_proj.
+        exclude_modules=r".*(mm_projector|vision_tower|vision_resampler).*",
+        lora_dropout=args.lora_dropout,
+        bias=args.lora_bias,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def attach_vision_modules(model: PaloForCausalLM, model_args: ModelArguments, args: TrainingArguments) -> Any:
+    """Record the mm_* config keys, build the CLIP tower (weights from ``--vision_tower``) and the projector.
+
+    Returns:
+        The CLIP image processor.
+    """
+    config = model.config
+    config.mm_vision_tower = model_args.vision_tower
+    config.mm_vision_select_layer = model_args.mm_vision_select_layer
+    config.mm_vision_select_feature = model_args.mm_vision_select_feature
+    config.mm_projector_type = model_args.mm_projector_type
+    config.use_mm_proj = True
+    spec = MultimodalSpec.from_config(config)
+    inner = model.get_model()
+    if getattr(inner, "vision_tower", None) is None:
+        tower = build_vision_tower(config, spec)
+        tower.load_weights_from(model_args.vision_tower)
+        inner.vision_tower = tower
+    tower = inner.vision_tower
+    tower.requires_grad_(False)
+    # The tower is frozen; keep it in the compute dtype (the original casts it to bf16/fp16 too).
+    tower.to(device=model.lm_head.weight.device, dtype=compute_dtype(args))
+    config.mm_hidden_size = tower.hidden_size
+    config.mm_vision_config = tower.config.to_dict()  # lets this checkpoint load with no CLIP download
+    if getattr(inner, "mm_projector", None) is None:
+        inner.mm_projector = build_projector(spec.projector_type, tower.hidden_size, config.hidden_size).to(
+            device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype
+        )
+    inner.mm_projector.requires_grad_(True)
+    if model_args.pretrain_mm_mlp_adapter:
+        state = torch.load(model_args.pretrain_mm_mlp_adapter, map_location="cpu", weights_only=True)
+        projector_state = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+        if not projector_state:
+            raise ValueError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter} holds no mm_projector weights")
+        inner.mm_projector.load_state_dict(projector_state, strict=True)
+    return load_image_processor(model_args.vision_tower, tower.config.image_size)
+
+
+def setup_training(model_args: ModelArguments, data_args: DataArguments, args: TrainingArguments) -> TrainingSetup:
+    """Build tokenizer and model and set what trains, per the flags."""
+    tokenizer = load_tokenizer_for_training(model_args, args)
+    model = load_language_model(model_args, args)
+    if model_args.freeze_backbone:
+        model.get_decoder().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()
+    if args.lora_enable:
+        model = apply_lora(model, args)
+
+    base = unwrap(model)
+    image_processor = None
+    image_tokens = 0
+    if model_args.vision_tower is not None:
+        image_processor = attach_vision_modules(base, model_args, args)
+        data_args.is_multimodal = True
+        config = base.config
+        config.image_aspect_ratio = data_args.image_aspect_ratio
+        config.tokenizer_padding_side = tokenizer.padding_side
+        config.tokenizer_model_max_length = tokenizer.model_max_length
+        config.tune_mm_mlp_adapter = model_args.tune_mm_mlp_adapter
+        config.freeze_mm_mlp_adapter = args.freeze_mm_mlp_adapter
+        config.mm_use_im_start_end = model_args.mm_use_im_start_end
+        config.mm_projector_lr = args.mm_projector_lr
+        config.mm_use_im_patch_token = model_args.mm_use_im_patch_token
+        if model_args.tune_mm_mlp_adapter:
+            model.requires_grad_(False)
+            base.get_model().mm_projector.requires_grad_(True)
+        if args.freeze_mm_mlp_adapter:
+            base.get_model().mm_projector.requires_grad_(False)
+        _add_vision_tokens(base, tokenizer, model_args)
+        image_tokens = base.image_token_count
+    elif model_args.version == "v0" and len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
+        _resize_with_mean_rows(base, len(tokenizer))
+    return TrainingSetup(model=model, tokenizer=tokenizer, image_processor=image_processor, image_tokens=image_tokens)
+
+
+def _add_vision_tokens(model: PaloForCausalLM, tokenizer: Any, model_args: ModelArguments) -> None:
+    """The original ``initialize_vision_tokenizer``: optional <im_patch>, <im_start>/<im_end> rows."""
+    new_tokens = []
+    if model_args.mm_use_im_patch_token:
+        new_tokens.append(DEFAULT_IMAGE_PATCH_TOKEN)
+    if model_args.mm_use_im_start_end:
+        new_tokens += [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN]
+    if new_tokens:
+        tokenizer.add_tokens(new_tokens, special_tokens=True)
+    _resize_with_mean_rows(model, len(tokenizer))
+    if model_args.mm_use_im_start_end and model_args.tune_mm_mlp_adapter:
+        # Stage 1 with start/end tokens learns their input rows; the output rows stay frozen.
+        model.get_input_embeddings().requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(False)

@@ -1,0 +1,93 @@
+"""``python palo/train/train.py`` / ``deepspeed palo/train/train_mem.py``: PALO fine-tuning.
+
+Takes every flag of the original script (see :mod:`palo.train.arguments`). Runs on transformers' Trainer, with
+DeepSpeed through ``--deepspeed scripts/zeroN.json``, multi-GPU and multi-node through the ``deepspeed`` launcher
+or ``torchrun``, and on CPU with ``--use_cpu True`` (gloo). Resumes from the latest ``checkpoint-*`` in
+``--output_dir`` when there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a script (the original commands): make ``palo`` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
+import transformers  # noqa: E402
+
+from palo.train.arguments import parse_args  # noqa: E402
+from palo.train.dataset import DataCollator, LazySupervisedDataset  # noqa: E402
+from palo.train.model_setup import setup_training, unwrap  # noqa: E402
+from palo.train.trainer import PaloTrainer  # noqa: E402
+
+logger = logging.getLogger("palo.train")
+
+
+def template_for(version: str) -> str:
+    """The conversation template of ``--version`` (``v0.5`` is ``v0`` with pad = unk; unknown -> ``vicuna_v1``)."""
+    from palo.conversation import conv_templates
+
+    if version in ("v0", "v0.5"):
+        return "v0"
+    if version not in conv_templates:
+        logger.warning("--version %s is not a template; using vicuna_v1 as the original did", version)
+        return "vicuna_v1"
+    return version
+
+
+def train(argv: list[str] | None = None) -> PaloTrainer:
+    """Run one training job; returns the trainer (for tests and notebooks)."""
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    transformers.set_seed(training_args.seed)
+    if training_args.deepspeed and training_args.world_size > 1:
+        # ZeRO-3 builds the model inside deepspeed.zero.Init, which needs DeepSpeed's view of the process group
+        # before the Trainer exists; on GPUs transformers sets it up, on CPU (gloo) nobody else does.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
+    setup = setup_training(model_args, data_args, training_args)
+    if data_args.data_path is None:
+        raise SystemExit("--data_path is required")
+    dataset = LazySupervisedDataset(
+        data_args.data_path,
+        setup.tokenizer,
+        template_for(model_args.version),
+        image_folder=data_args.image_folder,
+        image_processor=setup.image_processor,
+        image_aspect_ratio=data_args.image_aspect_ratio,
+        mm_use_im_start_end=model_args.mm_use_im_start_end,
+        model_max_length=training_args.model_max_length,
+        image_tokens=setup.image_tokens,
+        over_length=data_args.over_length,
+        skip_bad_samples=data_args.skip_bad_samples,
+    )
+    trainer = PaloTrainer(
+        model=setup.model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollator(pad_token_id=setup.tokenizer.pad_token_id),
+        processing_class=setup.tokenizer,
+        image_processor=setup.image_processor,
+        stage1=model_args.tune_mm_mlp_adapter,
+    )
+    resume = any(pathlib.Path(training_args.output_dir).glob("checkpoint-*"))
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_state()
+    unwrap(setup.model).config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    if dataset.bad_samples.value:
+        logger.warning("Skipped %d bad samples (--skip_bad_samples)", dataset.bad_samples.value)
+    return trainer
+
+
+def main() -> None:
+    train()
+
+
+if __name__ == "__main__":
+    main()
