@@ -1,0 +1,248 @@
+"""Judge model answers against references with an OpenAI-compatible LLM (``python -m palo.eval.eval_gpt_review_bench``).
+
+The CLI of the original (formats reference §6): ``-q`` questions, ``-c`` context, ``-a`` reference answers then model
+answers, ``-r/--rule`` an original ``rule.json`` (default: this project's rubric, ``palo.eval.judge.DEFAULT_RULES``),
+``-o`` reviews, ``--max-tokens``. Added: ``--judge-model`` (written into every review), ``--judge-base-url`` (or
+``OPENAI_BASE_URL``) for any compatible server, ``--parallel``, bounded retries, an SQLite reply cache.
+
+Answers are paired with questions by ``question_id`` (the original zipped the three files by line). A question
+whose reference or model answer or context is missing, a request that still fails after its retries, and a
+reply without two scores are all written as *failed* reviews (``"tuple": [-1, -1], "failed": true, "reason"``)
+that the summary counts but never averages.
+
+Resumable: questions with a successful review in ``-o`` are skipped; failed ones are tried again. New reviews are
+appended one flushed line at a time while the run goes; at the end the file is rewritten in question order with
+one review per question.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Any
+
+from palo.eval.jsonl import JsonlAppender, JsonlError, Record, iter_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
+from palo.eval.judge import (
+    DEFAULT_JUDGE_MODEL,
+    JudgeClient,
+    Judgment,
+    ReplyCache,
+    RuleError,
+    build_user_content,
+    load_rules,
+    rule_for,
+)
+
+FAILED_TUPLE = [-1, -1]
+
+
+@dataclass
+class Item:
+    """One question to judge, with everything its request needs (or why it cannot be judged)."""
+
+    question: Record
+    category: str
+    answer1_id: Any
+    answer2_id: Any
+    content: str | None  # the judge's user message; None when a piece is missing
+    problem: str | None = None
+
+
+def is_success(review: dict[str, Any]) -> bool:
+    """A review that counts: not marked failed and with a real score pair (original files mark failures [-1, -1])."""
+    scores = review.get("tuple", review.get("score"))
+    if review.get("failed") or not isinstance(scores, (list, tuple)) or len(scores) != 2:
+        return False
+    return all(isinstance(s, (int, float)) and s >= 0 for s in scores)
+
+
+def latest_reviews(path: str) -> dict[str, dict[str, Any]]:
+    """The last review per question_id in a reviews file (a resumed run appends after older failed ones)."""
+    if not os.path.isfile(path):
+        return {}
+    repair_tail(path)
+    out: dict[str, dict[str, Any]] = {}
+    for record in iter_jsonl(path, skip_bad=True, required=("question_id",)):
+        out[str(record.data["question_id"])] = record.data
+    return out
+
+
+def _context_text(record: Record) -> str:
+    caption = record.data.get("caption", "")
+    return "\n".join(str(c) for c in caption) if isinstance(caption, list) else str(caption)
+
+
+def build_items(questions: list[Record], contexts: dict[str, Record], answers1: dict[str, Record],
+                answers2: dict[str, Record], rules: dict[str, dict[str, str]], files: dict[str, str]) -> list[Item]:
+    """Join the four inputs by question_id (answers) and image (context).
+
+    Raises:
+        RuleError: If a question's category has no rule (the message names the question line).
+    """
+    items = []
+    for q in questions:
+        qid = str(q.data["question_id"])
+        category = str(q.data.get("category", ""))
+        try:
+            rule = rule_for(rules, category)
+        except RuleError as exc:
+            raise RuleError(f"{q.where}: {exc.args[0]}") from None
+        a1, a2 = answers1.get(qid), answers2.get(qid)
+        ctx = contexts.get(str(q.data.get("image")))
+        problem = None
+        if a1 is None:
+            problem = f"no reference answer for question_id {qid} in {files['a1']}"
+        elif a2 is None:
+            problem = f"no model answer for question_id {qid} in {files['a2']}"
+        elif ctx is None:
+            problem = f"no context for image {q.data.get('image')!r} in {files['context']}"
+        content = None
+        if problem is None:
+            content = build_user_content(_context_text(ctx), str(q.data["text"]), str(a1.data.get("text", "")),
+                                         str(a2.data.get("text", "")), rule)
+        items.append(Item(
+            question=q,
+            category=category,
+            answer1_id=a1.data.get("answer_id", a1.data["question_id"]) if a1 else None,
+            answer2_id=a2.data.get("answer_id", a2.data["question_id"]) if a2 else None,
+            content=content,
+            problem=problem,
+        ))
+    return items
+
+
+def review_record(item: Item, judgment: Judgment, judge_model: str) -> dict[str, Any]:
+    """A review line (§5.3) plus ``judge_model``, ``failed`` and, for failures, ``reason``."""
+    record = {
+        "id": 0,  # renumbered when the file is compacted
+        "question_id": item.question.data["question_id"],
+        "answer1_id": item.answer1_id,
+        "answer2_id": item.answer2_id,
+        "category": f"llava_bench_{item.category}",
+        "content": judgment.content,
+        "tuple": list(judgment.scores) if judgment.scores else FAILED_TUPLE,
+        "judge_model": judge_model,
+        "failed": judgment.failed,
+    }
+    if judgment.failed:
+        record["reason"] = judgment.reason
+    return record
+
+
+def compact(path: str, questions: list[Record]) -> list[dict[str, Any]]:
+    """Rewrite the reviews file: one review per question (the latest), in question order, ids 1..n."""
+    latest = latest_reviews(path)
+    ordered = []
+    for q in questions:
+        review = latest.pop(str(q.data["question_id"]), None)
+        if review is not None:
+            ordered.append(review)
+    ordered.extend(latest.values())  # reviews of questions no longer in the file: keep, do not lose data
+    for number, review in enumerate(ordered, start=1):
+        review["id"] = number
+    write_jsonl_atomic(path, ordered)
+    return ordered
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LLM-judged review of model answers (LLaVA-Bench protocol).")
+    parser.add_argument("-q", "--question", required=True, help="questions jsonl")
+    parser.add_argument("-c", "--context", required=True, help="context jsonl (image -> caption)")
+    parser.add_argument("-a", "--answer-list", nargs=2, required=True, metavar=("REFERENCE", "MODEL"),
+                        help="reference answers (Assistant 1), then the model's answers (Assistant 2)")
+    parser.add_argument("-r", "--rule", default=None, help="an original rule.json (default: the built-in rubric)")
+    parser.add_argument("-o", "--output", required=True, help="reviews jsonl (appended, resumable)")
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--judge-model", default=os.environ.get("PALO_JUDGE_MODEL") or DEFAULT_JUDGE_MODEL)
+    parser.add_argument("--judge-base-url", default=os.environ.get("OPENAI_BASE_URL"),
+                        help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else OpenAI)")
+    parser.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--parallel", type=int, default=1, help="concurrent judge requests")
+    parser.add_argument("--max-retries", type=int, default=5, help="retries on 429 / 5xx / time-outs")
+    parser.add_argument("--retry-base-delay", type=float, default=1.0, help="seconds; doubles on every retry")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    parser.add_argument("--cache", default=None, help="SQLite reply cache (default: judge_cache.sqlite next to -o)")
+    parser.add_argument("--no-cache", action="store_true")
+    parser.add_argument("--skip-bad", action="store_true", help="skip and report malformed input lines")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    files = {"a1": args.answer_list[0], "a2": args.answer_list[1], "context": args.context}
+    try:
+        rules = load_rules(args.rule)
+        questions = read_jsonl(args.question, args.skip_bad, required=("question_id", "text", "category"))
+        contexts = {str(r.data["image"]): r for r in read_jsonl(args.context, args.skip_bad, required=("image",))}
+        answers1, answers2 = (
+            {str(r.data["question_id"]): r for r in read_jsonl(files[k], args.skip_bad, required=("question_id",))}
+            for k in ("a1", "a2")
+        )
+        items = build_items(questions, contexts, answers1, answers2, rules, files)
+    except (JsonlError, RuleError, OSError, ValueError) as exc:
+        message = exc.args[0] if isinstance(exc, RuleError) else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    previous = latest_reviews(args.output)
+    pending = [it for it in items if not is_success(previous.get(str(it.question.data["question_id"]), {}))]
+    if len(pending) < len(items):
+        print(f"[resume] {len(items) - len(pending)} of {len(items)} questions already reviewed in {args.output}",
+              file=sys.stderr)
+
+    cache_path = None if args.no_cache else (args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output)),
+                                                                       "judge_cache.sqlite"))
+    if cache_path:
+        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+    cache = ReplyCache(cache_path)
+    client = JudgeClient(
+        model=args.judge_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        base_url=args.judge_base_url or None, max_tokens=args.max_tokens, temperature=args.temperature,
+        max_retries=args.max_retries, backoff=args.retry_base_delay, timeout=args.timeout, cache=cache,
+    )
+
+    lock = threading.Lock()
+    failures: list[tuple[Any, str]] = []
+    stats = {"judged": 0, "cached": 0, "calls": 0}
+
+    def run(item: Item) -> tuple[Item, Judgment]:
+        if item.problem is not None:
+            return item, Judgment("", None, failed=True, reason=item.problem)
+        return item, client.judge(item.content)
+
+    with JsonlAppender(args.output) as out, ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        futures = [pool.submit(run, it) for it in pending]
+        for future in as_completed(futures):
+            item, judgment = future.result()
+            with lock:
+                out.write(review_record(item, judgment, args.judge_model))
+                stats["judged"] += 1
+                stats["cached"] += judgment.cached
+                stats["calls"] += judgment.calls
+                if judgment.failed:
+                    failures.append((item.question.data["question_id"], judgment.reason or "failed"))
+    cache.close()
+    reviews = compact(args.output, questions)
+
+    ok = sum(1 for r in reviews if is_success(r))
+    print(f"reviewed {stats['judged']} question(s) with {args.judge_model} ({stats['cached']} from cache, "
+          f"{stats['calls']} request(s)); {ok} of {len(reviews)} reviews usable, {len(reviews) - ok} failed",
+          file=sys.stderr)
+    for qid, reason in failures:
+        print(f"[failed] question_id {qid}: {reason}", file=sys.stderr)
+    # Failures are data (the summary reports them), not an error; but a run where nothing could be judged usually
+    # means a wrong key, model or URL, and the caller should hear about it.
+    if reviews and ok == 0:
+        print("error: no question could be judged (check the API key, --judge-model and --judge-base-url)",
+              file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

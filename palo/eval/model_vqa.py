@@ -1,0 +1,384 @@
+"""Answer LLaVA-Bench-style questions with a PALO checkpoint (``python -m palo.eval.model_vqa``).
+
+The flags are those of PALO's ``model_vqa.py`` (formats reference §5.4), plus:
+
+* ``--batch-size``: batched generation with left padding; greedy output is the same as one question at a time.
+* ``--max-new-tokens`` (1024, the original's fixed value) and ``--device``.
+* ``--image-preprocess``: ``pad`` (default) pads to a square as PALO was trained; ``crop`` reproduces the original
+  script, which let the CLIP processor centre-crop and so cut the sides off non-square images.
+* ``--skip-bad``: skip (and report) questions with a malformed line or a missing / unreadable image instead of
+  stopping with an error that names the file and line.
+
+Runs are resumable: question_ids already in ``--answers-file`` are skipped and new answers are appended, one
+flushed line each, so a killed run loses nothing it wrote and never writes an answer twice. Every output line is
+an answer record (§5.3): ``question_id, prompt, text, answer_id, model_id, metadata``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import shortuuid
+import torch
+from tqdm import tqdm
+
+from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+from palo.conversation import conv_templates, stop_string
+from palo.eval.jsonl import JsonlAppender, JsonlError, iter_jsonl, repair_tail
+from palo.mm_utils import (
+    ImageLoadError,
+    KeywordsStoppingCriteria,
+    expand2square,
+    get_model_name_from_path,
+    load_image,
+    pad_color,
+    tokenizer_image_token,
+)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One bench question and where it was read (``file:line``) for error messages."""
+
+    question_id: Any
+    text: str
+    image: str | None
+    where: str
+
+
+def load_questions(path: str, skip_bad: bool = False) -> list[Question]:
+    """Read a question file (§5.3: ``question_id``, ``text``, optional ``image``).
+
+    Raises:
+        JsonlError: On a malformed line or a duplicate question_id (unless ``skip_bad``, which reports and skips).
+    """
+    questions: list[Question] = []
+    seen: dict[str, str] = {}
+    for record in iter_jsonl(path, skip_bad=skip_bad, required=("question_id", "text")):
+        qid = record.data["question_id"]
+        if str(qid) in seen:
+            message = f"{record.where}: duplicate question_id {qid!r} (first at {seen[str(qid)]})"
+            if not skip_bad:
+                raise JsonlError(message)
+            print(f"[skip] {message}", file=sys.stderr)
+            continue
+        seen[str(qid)] = record.where
+        image = record.data.get("image")
+        questions.append(Question(qid, str(record.data["text"]), str(image) if image else None, record.where))
+    return questions
+
+
+def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
+    """The ``chunk_idx``-th of ``num_chunks`` consecutive slices of size ceil(n / num_chunks), as the original."""
+    if not 0 <= chunk_idx < num_chunks:
+        raise ValueError(f"--chunk-idx {chunk_idx} is outside 0..{num_chunks - 1}")
+    size = math.ceil(len(items) / num_chunks)
+    return items[chunk_idx * size:(chunk_idx + 1) * size]
+
+
+def answered_ids(answers_file: str) -> set[str]:
+    """question_ids (as strings, so ``1`` and ``"1"`` agree) already in an answers file; a torn tail is cut first."""
+    if not os.path.isfile(answers_file):
+        return set()
+    repair_tail(answers_file)
+    return {str(r.data["question_id"]) for r in iter_jsonl(answers_file, skip_bad=True, required=("question_id",))}
+
+
+def build_prompt(question: str, conv_mode: str, with_image: bool, use_im_start_end: bool) -> str:
+    """The model prompt: ``<image>\\n`` + question in the template, with an open assistant turn (§5.4)."""
+    text = question
+    if with_image:
+        token = DEFAULT_IMAGE_TOKEN
+        if use_im_start_end:
+            token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+        text = token + "\n" + question
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def preprocess_image(path: str, image_processor: Any, mode: str) -> torch.Tensor:
+    """Pixel values ``[3, H, W]`` for one image file.
+
+    Args:
+        path: The image file.
+        image_processor: The CLIP processor.
+        mode: ``pad`` (square with the CLIP-mean colour, as in training) or ``crop`` (processor only: shortest side
+            resized, then centre-cropped, as the original benchmark script).
+
+    Raises:
+        ImageLoadError: If the file is missing or unreadable.
+    """
+    image = load_image(path)
+    if mode == "pad":
+        image = expand2square(image, pad_color(image_processor))
+    return image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id tensors into ``[B, T]`` ids and attention mask, padded on the left for generation."""
+    width = max(r.shape[0] for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return ids, mask
+
+
+def clean_answer(text: str, stop: str | None) -> str:
+    """Strip, drop a trailing stop string, strip again (the original's clean-up)."""
+    text = text.strip()
+    if stop and text.endswith(stop):
+        text = text[: -len(stop)].strip()
+    return text
+
+
+class Answerer:
+    """Generates answers for batches of prompts with one loaded model.
+
+    Args:
+        tokenizer: The checkpoint's tokenizer.
+        model: A PALO model.
+        image_processor: Its CLIP processor.
+        conv_mode: A key of ``conv_templates``.
+        generation: ``generate`` keyword arguments (sampling, beams, max_new_tokens).
+        image_preprocess: ``pad`` or ``crop``.
+    """
+
+    def __init__(self, tokenizer: Any, model: Any, image_processor: Any, conv_mode: str, generation: dict[str, Any],
+                 image_preprocess: str = "pad") -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.image_processor = image_processor
+        self.conv_mode = conv_mode
+        self.generation = generation
+        self.image_preprocess = image_preprocess
+        self.stop = stop_string(conv_templates[conv_mode])
+        self.use_im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.unk_token_id or 0)
+
+    def answer(self, questions: list[Question], image_folder: str) -> list[str]:
+        """Answers for a batch, in order.
+
+        Raises:
+            ImageLoadError: If an image is missing or unreadable (the message names the question line).
+        """
+        rows, pixels = [], []
+        for q in questions:
+            with_image = q.image is not None
+            if with_image:
+                path = os.path.join(image_folder, q.image)
+                try:
+                    pixels.append(preprocess_image(path, self.image_processor, self.image_preprocess))
+                except ImageLoadError as exc:
+                    raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
+            prompt = build_prompt(q.text, self.conv_mode, with_image, self.use_im_start_end)
+            rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
+        ids, mask = left_pad(rows, self.pad_id)
+        device = self.model.device
+        ids, mask = ids.to(device), mask.to(device)
+        images = torch.stack(pixels).to(device, dtype=self.model.dtype) if pixels else None
+        # Each row stops on its own (per-row flags), so batching does not change any row's text.
+        criteria = [KeywordsStoppingCriteria([self.stop], self.tokenizer, ids)] if self.stop else None
+        with torch.inference_mode():
+            out = self.model.generate(
+                ids, images=images, attention_mask=mask, stopping_criteria=criteria,
+                pad_token_id=self.pad_id, use_cache=True, **self.generation,
+            )
+        new = out[:, ids.shape[1]:]
+        return [clean_answer(self.tokenizer.decode(row, skip_special_tokens=True), self.stop) for row in new]
+
+
+def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int) -> dict[str, Any]:
+    """``generate`` arguments of the original: sampling only when temperature > 0."""
+    sample = temperature > 0
+    return dict(
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_p=top_p if sample else None,
+        top_k=None,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def check_images(questions: list[Question], image_folder: str, skip_bad: bool) -> list[Question]:
+    """Fail (or skip and report) before loading the model if an image file is missing, not an hour into the run.
+
+    Raises:
+        ImageLoadError: On the first missing image, naming the question file and line (unless ``skip_bad``).
+    """
+    kept = []
+    for q in questions:
+        if q.image is not None and not os.path.isfile(os.path.join(image_folder, q.image)):
+            message = f"{q.where}: question {q.question_id!r}: no such image {os.path.join(image_folder, q.image)}"
+            if not skip_bad:
+                raise ImageLoadError(message)
+            print(f"[skip] {message}", file=sys.stderr)
+            continue
+        kept.append(q)
+    return kept
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--image-folder", type=str, default="")
+    parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
+    parser.add_argument("--answers-file", type=str, default="answer.jsonl")
+    parser.add_argument("--conv-mode", type=str, default="llava_v1", choices=sorted(conv_templates),
+                        help="prompt template (PALO checkpoints: vicuna_v1)")
+    parser.add_argument("--num-chunks", type=int, default=1)
+    parser.add_argument("--chunk-idx", type=int, default=0)
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=1, help="questions generated together (left padding)")
+    parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
+    parser.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad",
+                        help="pad: square padding as in training; crop: the original script's centre crop")
+    parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip and report malformed lines and missing/unreadable images instead of stopping")
+    return parser
+
+
+class ModelLoadError(RuntimeError):
+    """The checkpoint could not be loaded (the message says why)."""
+
+
+def load_answerer(model_path: str, model_base: str | None, conv_mode: str, generation: dict[str, Any],
+                  image_preprocess: str = "pad", device: str | None = None,
+                  vision_tower: str | None = None) -> tuple[Answerer, str]:
+    """Load a checkpoint and wrap it in an :class:`Answerer`.
+
+    Returns:
+        The answerer and the model id written into answers (the checkpoint's folder name).
+
+    Raises:
+        ModelLoadError: If the checkpoint cannot be loaded or takes no images.
+    """
+    from palo.model.builder import CheckpointError, load_pretrained_model
+    from palo.model.vision_tower import VisionTowerError
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_path = os.path.expanduser(model_path)
+    model_name = get_model_name_from_path(model_path)
+    try:
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            model_path, model_base, model_name, device=device, vision_tower=vision_tower
+        )
+    except (CheckpointError, VisionTowerError, OSError) as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return Answerer(tokenizer, model, image_processor, conv_mode, generation, image_preprocess), model_name
+
+
+def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file: str, image_folder: str,
+                answers_file: str, batch_size: int = 1, num_chunks: int = 1, chunk_idx: int = 0,
+                skip_bad: bool = False) -> int:
+    """Answer the pending questions of one question file, appending to ``answers_file``.
+
+    Args:
+        get_answerer: Returns the answerer and model id; called only when something is left to answer, so a
+            finished run costs no model load (callers answering several files pass a cached loader).
+        question_file: Questions jsonl.
+        image_folder: Folder the ``image`` fields are relative to.
+        answers_file: Output; question_ids already in it are skipped.
+        batch_size: Questions generated together.
+        num_chunks: Split the questions into this many slices ...
+        chunk_idx: ... and answer this one.
+        skip_bad: Skip and report bad lines and images instead of stopping.
+
+    Returns:
+        0 on success, 2 on bad input (reported on stderr).
+
+    Raises:
+        ModelLoadError: From ``get_answerer``.
+    """
+    if batch_size < 1:
+        print("error: --batch-size must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        questions = get_chunk(load_questions(question_file, skip_bad), num_chunks, chunk_idx)
+        done = answered_ids(answers_file)
+        todo = [q for q in questions if str(q.question_id) not in done]
+        pending = check_images(todo, image_folder, skip_bad)
+    except (JsonlError, ImageLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if len(todo) < len(questions):
+        print(f"[resume] {len(questions) - len(todo)} of {len(questions)} questions already answered in "
+              f"{answers_file}", file=sys.stderr)
+    if not pending:
+        print(f"nothing to do: all {len(questions)} questions are answered in {answers_file}", file=sys.stderr)
+        return 0
+
+    answerer, model_name = get_answerer()
+    if answerer.image_processor is None and any(q.image for q in pending):
+        print("error: this checkpoint takes text only but the questions have images", file=sys.stderr)
+        return 2
+    skipped = 0
+    with JsonlAppender(answers_file) as out, tqdm(total=len(pending), desc="answering", file=sys.stderr) as bar:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start:start + batch_size]
+            try:
+                texts: list[str | None] = list(answerer.answer(batch, image_folder))
+            except ImageLoadError as exc:
+                if not skip_bad:
+                    print(f"error: {exc}", file=sys.stderr)
+                    return 2
+                # One bad image must not cost the whole batch: redo it question by question.
+                texts = []
+                for q in batch:
+                    try:
+                        texts.extend(answerer.answer([q], image_folder))
+                    except ImageLoadError as one:
+                        print(f"[skip] {one}", file=sys.stderr)
+                        texts.append(None)
+            for q, text in zip(batch, texts):
+                if text is None:
+                    skipped += 1
+                    continue
+                out.write({
+                    "question_id": q.question_id,
+                    "prompt": q.text,
+                    "text": text,
+                    "answer_id": shortuuid.uuid(),
+                    "model_id": model_name,
+                    "metadata": {},
+                })
+            bar.update(len(batch))
+    if skipped:
+        print(f"[skip] {skipped} question(s) skipped for unreadable images", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    generation = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+
+    def loader() -> tuple[Answerer, str]:
+        return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
+                             args.device, args.vision_tower)
+
+    try:
+        return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,
+                           args.num_chunks, args.chunk_idx, args.skip_bad)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The whole LLaVA-Bench run in one process (``python -m palo.eval.run_bench``), behind the two shell scripts.
+
+For every language: answer (:mod:`palo.eval.model_vqa`), judge (:mod:`palo.eval.eval_gpt_review_bench`),
+summarise (:mod:`palo.eval.summarize_gpt_review`); then, for a multi-language run, the table and chart of
+:mod:`palo.eval.report`. One process instead of the original's three per language means the checkpoint is loaded
+once for all languages (and not at all when every answer already exists), and Python start-up is paid once.
+
+Two ways to name the work:
+
+* ``--bench ROOT --name NAME``: every language present under ROOT, in either layout (:mod:`palo.eval.bench`);
+  outputs ``<output-dir>/<NAME>_<Language>.jsonl``, ``reviews/<NAME>_<Language>.jsonl``, ``<NAME>_summary.*``;
+* ``--images/--questions/--answers/--context --output-file F``: one set of files (``llavabench.sh``).
+
+Every step resumes, so rerunning the same command after an interruption only does what is left. A language that
+fails (bad input, judge unreachable) is reported and the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from palo.eval import eval_gpt_review_bench, model_vqa, report, summarize_gpt_review
+from palo.eval.bench import BenchLayoutError, available_languages, display_name, resolve_language
+from palo.eval.judge import DEFAULT_JUDGE_MODEL
+
+
+@dataclass(frozen=True)
+class Task:
+    """One language's inputs and outputs."""
+
+    label: str
+    questions: str
+    answers: str
+    context: str
+    images: str
+    answers_out: str
+    reviews_out: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--model-base", default=None)
+    parser.add_argument("--output-dir", default="evaluation")
+    group = parser.add_argument_group("all languages")
+    group.add_argument("--bench", default=None, help="the multilingual bench folder")
+    group.add_argument("--name", default=None, help="output name (files <NAME>_<Language>.jsonl)")
+    group.add_argument("--languages", nargs="*", default=None, help="default: every PALO language present")
+    group = parser.add_argument_group("one set of files (llavabench.sh)")
+    group.add_argument("--images", default=None)
+    group.add_argument("--questions", default=None)
+    group.add_argument("--answers", default=None, help="reference answers")
+    group.add_argument("--context", default=None)
+    group.add_argument("--output-file", default=None)
+    group = parser.add_argument_group("answering")
+    group.add_argument("--conv-mode", default="vicuna_v1")
+    group.add_argument("--temperature", type=float, default=0.0)
+    group.add_argument("--batch-size", type=int, default=1)
+    group.add_argument("--max-new-tokens", type=int, default=1024)
+    group.add_argument("--device", default=None)
+    group.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad")
+    group.add_argument("--vision-tower", default=None)
+    group = parser.add_argument_group("judging")
+    group.add_argument("--judge-model", default=os.environ.get("PALO_JUDGE_MODEL") or DEFAULT_JUDGE_MODEL)
+    group.add_argument("--judge-base-url", default=None, help="default: $OPENAI_BASE_URL, else OpenAI")
+    group.add_argument("--rule", default=None)
+    group.add_argument("--parallel", type=int, default=4)
+    group.add_argument("--max-retries", type=int, default=5)
+    group.add_argument("--retry-base-delay", type=float, default=1.0)
+    group.add_argument("--max-tokens", type=int, default=1024)
+    group.add_argument("--cache", default=None, help="default: <output-dir>/reviews/judge_cache.sqlite")
+    return parser
+
+
+def make_tasks(args: argparse.Namespace) -> tuple[list[Task], list[str]]:
+    """The tasks to run, and the languages whose files could not be found (reported on stderr)."""
+    out = args.output_dir
+    if args.bench is None:
+        missing = [f for f in ("images", "questions", "answers", "context", "output_file") if getattr(args, f) is None]
+        if missing:
+            flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+            raise SystemExit(f"error: pass --bench and --name, or all of the one-language flags (missing {flags})")
+        name = args.output_file[:-len(".jsonl")] if args.output_file.endswith(".jsonl") else args.output_file
+        return [Task(name, args.questions, args.answers, args.context, args.images,
+                     os.path.join(out, f"{name}.jsonl"), os.path.join(out, "reviews", f"{name}.jsonl"))], []
+    if args.name is None:
+        raise SystemExit("error: --bench needs --name")
+    if not os.path.isdir(args.bench):
+        raise SystemExit(f"error: bench folder {args.bench} not found (set MULTILINGUAL_LLAVA_BENCH_PATH)")
+    languages = args.languages or available_languages(args.bench)
+    if not languages:
+        raise SystemExit(f"error: no language folders in {args.bench}")
+    tasks, broken = [], []
+    for language in languages:
+        try:
+            files = resolve_language(args.bench, language)
+        except BenchLayoutError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            broken.append(language)
+            continue
+        stem = f"{args.name}_{display_name(language)}"
+        tasks.append(Task(language, files.questions, files.answers, files.context, files.images,
+                          os.path.join(out, f"{stem}.jsonl"), os.path.join(out, "reviews", f"{stem}.jsonl")))
+    return tasks, broken
+
+
+def judge_argv(args: argparse.Namespace, task: Task) -> list[str]:
+    argv = ["-q", task.questions, "-c", task.context, "-a", task.answers, task.answers_out, "-o", task.reviews_out,
+            "--judge-model", args.judge_model, "--parallel", str(args.parallel), "--max-retries", str(args.max_retries),
+            "--retry-base-delay", str(args.retry_base_delay), "--max-tokens", str(args.max_tokens),
+            "--cache", args.cache or os.path.join(args.output_dir, "reviews", "judge_cache.sqlite")]
+    if args.judge_base_url:
+        argv += ["--judge-base-url", args.judge_base_url]
+    if args.rule:
+        argv += ["--rule", args.rule]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    tasks, failed = make_tasks(args)
+    os.makedirs(os.path.join(args.output_dir, "reviews"), exist_ok=True)
+
+    generation = model_vqa.generation_kwargs(args.temperature, None, 1, args.max_new_tokens)
+    loaded: list[tuple[model_vqa.Answerer, str]] = []
+
+    def loader() -> tuple[model_vqa.Answerer, str]:
+        # Loaded on first need and shared by every language.
+        if not loaded:
+            loaded.append(model_vqa.load_answerer(args.model_path, args.model_base, args.conv_mode, generation,
+                                                  args.image_preprocess, args.device, args.vision_tower))
+        return loaded[0]
+
+    answered = []
+    for task in tasks:
+        print(f"=== {task.label}: answering ===", file=sys.stderr)
+        try:
+            rc = model_vqa.answer_file(loader, task.questions, task.images, task.answers_out, args.batch_size)
+        except model_vqa.ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if rc == 0:
+            answered.append(task)
+        else:
+            failed.append(task.label)
+    del loaded[:]  # free the model before judging
+
+    for task in answered:
+        print(f"=== {task.label}: judging ===", file=sys.stderr)
+        rc = eval_gpt_review_bench.main(judge_argv(args, task))
+        if rc not in (0, 3):  # 3: nothing judged; still summarised (all failed) so the table shows it
+            failed.append(task.label)
+            continue
+        if rc == 3:
+            failed.append(task.label)
+        print(f"=== {task.label} ===")
+        summarize_gpt_review.main(["-f", task.reviews_out])
+
+    if args.bench is not None:
+        # Every requested language, so those that could not run are listed as not evaluated.
+        languages = args.languages or available_languages(args.bench)
+        if tasks:
+            report.main(["--reviews-dir", os.path.join(args.output_dir, "reviews"), "--name", args.name,
+                         "--languages", *languages, "--out", os.path.join(args.output_dir, f"{args.name}_summary")])
+    if failed:
+        print(f"warning: incomplete: {', '.join(failed)} (rerun the same command to resume)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

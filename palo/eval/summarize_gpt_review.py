@@ -1,0 +1,176 @@
+"""Summarise judge reviews into relative scores (``python -m palo.eval.summarize_gpt_review``).
+
+Flags as in the original (formats reference §5.5): ``-d/--dir``, ``-v/--version``, ``-s/--select``, ``-f/--files``,
+``-i/--ignore``. For every file and every key in sorted order (``all``, ``llava_bench_complex``, ``llava_bench_conv``,
+``llava_bench_detail``) it prints ``<key> <relative> <reference x10> <model x10>`` as the original did, followed by
+how many reviews were used and how many failed.
+
+The relative score is PALO's headline number: mean(model) / mean(reference) x 100, a ratio of means. As in the
+original, both means are rounded to 3 decimals before the ratio, so numbers match published ones. Unlike the
+original, failed judgments (``"failed": true``, or a ``[-1, -1]`` tuple in old files) are left out of the means
+and counted instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from palo.eval.jsonl import JsonlError, iter_jsonl
+
+CATEGORIES = ("conv", "detail", "complex")
+
+
+@dataclass(frozen=True)
+class CategoryScore:
+    """Scores of one category (or ``all``).
+
+    Attributes:
+        relative: round(model_mean / reference_mean * 100, 1), None when nothing was judged.
+        reference: The reference (Assistant 1) mean x 10, rounded to 1 decimal.
+        model: The model (Assistant 2) mean x 10, rounded to 1 decimal.
+        judged: Reviews used.
+        failed: Failed reviews left out.
+    """
+
+    relative: float | None
+    reference: float | None
+    model: float | None
+    judged: int
+    failed: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scores(review: dict[str, Any]) -> list[float] | None:
+    """The (reference, model) pair of a usable review, else None."""
+    pair = review.get("tuple", review.get("score"))
+    if review.get("failed") or not isinstance(pair, (list, tuple)) or len(pair) != 2:
+        return None
+    if not all(isinstance(s, (int, float)) and s >= 0 for s in pair):
+        return None
+    return [float(pair[0]), float(pair[1])]
+
+
+def score_of(pairs: list[list[float]], failed: int) -> CategoryScore:
+    """Means and the relative score of (reference, model) pairs, rounded as the original."""
+    if not pairs:
+        return CategoryScore(None, None, None, 0, failed)
+    reference = round(sum(p[0] for p in pairs) / len(pairs), 3)
+    model = round(sum(p[1] for p in pairs) / len(pairs), 3)
+    relative = round(model / reference * 100, 1) if reference > 0 else None
+    return CategoryScore(relative, round(reference * 10, 1), round(model * 10, 1), len(pairs), failed)
+
+
+def summarize(reviews: list[dict[str, Any]], ignore: set[str] | None = None) -> dict[str, CategoryScore]:
+    """Per-category and overall scores of a list of reviews.
+
+    Args:
+        reviews: Review records; the last one per question_id counts (a resumed run may append a retry).
+        ignore: question_ids (as strings) to leave out.
+
+    Returns:
+        ``{"all": ..., "llava_bench_conv": ..., ...}``: the categories present, each with failed ones counted.
+    """
+    ignore = ignore or set()
+    latest: dict[str, dict[str, Any]] = {}
+    for index, review in enumerate(reviews):
+        qid = str(review.get("question_id", f"#{index}"))
+        if qid not in ignore:
+            latest[qid] = review
+    pairs: dict[str, list[list[float]]] = {"all": []}
+    failed: dict[str, int] = {"all": 0}
+    for review in latest.values():
+        keys = ["all"] + ([review["category"]] if review.get("category") else [])
+        scores = _scores(review)
+        for key in keys:
+            pairs.setdefault(key, [])
+            failed.setdefault(key, 0)
+            if scores is None:
+                failed[key] += 1
+            else:
+                pairs[key].append(scores)
+    return {key: score_of(pairs[key], failed[key]) for key in sorted(pairs)}
+
+
+def short_key(key: str) -> str:
+    """``llava_bench_conv`` -> ``conv``."""
+    return key[len("llava_bench_"):] if key.startswith("llava_bench_") else key
+
+
+def load_reviews(path: str) -> list[dict[str, Any]]:
+    """The review records of a file; malformed lines are reported and skipped (a summary should still print)."""
+    return [r.data for r in iter_jsonl(path, skip_bad=True)]
+
+
+def summarize_file(path: str, ignore: set[str] | None = None) -> dict[str, CategoryScore]:
+    return summarize(load_reviews(path), ignore)
+
+
+def format_line(key: str, score: CategoryScore) -> str:
+    """``<key> <relative> <ref x10> <model x10> (judged n, failed f)``; ``n/a`` where nothing was judged."""
+    def show(x: float | None) -> str:
+        return "n/a" if x is None else f"{x}"
+
+    return f"{key} {show(score.relative)} {show(score.reference)} {show(score.model)} " \
+           f"(judged {score.judged}, failed {score.failed})"
+
+
+def find_files(directory: str, version: str | None, select: list[str] | None) -> list[tuple[str, str]]:
+    """(label, path) of the review files of a directory, chosen by the original's naming rules."""
+    take_all = "review" in os.path.basename(os.path.normpath(directory))
+    found = []
+    for name in sorted(os.listdir(directory)):
+        if not name.endswith(".jsonl"):
+            continue
+        if not (take_all or name.startswith(("gpt4_text", "reviews_", "review_"))):
+            continue
+        file_version = "0613" if "0613" in name else "0314"
+        if version and file_version != version:
+            continue
+        if select and not all(s in name for s in select):
+            continue
+        label = name.replace("gpt4_text_", "").replace(".jsonl", "")
+        found.append((label, os.path.join(directory, name)))
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Relative scores from judge reviews.")
+    parser.add_argument("-d", "--dir", default=None)
+    parser.add_argument("-v", "--version", default=None)
+    parser.add_argument("-s", "--select", nargs="*", default=None)
+    parser.add_argument("-f", "--files", nargs="*", default=[])
+    parser.add_argument("-i", "--ignore", nargs="*", default=[], help="question ids to leave out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.dir:
+        targets = find_files(args.dir, args.version, args.select)
+    else:
+        targets = [(os.path.basename(f).replace("gpt4_text_", "").replace(".jsonl", ""), f) for f in args.files]
+    if not targets:
+        print("error: no review files (pass -f FILE ... or -d DIR)", file=sys.stderr)
+        return 2
+    ignore = {str(int(x)) if str(x).lstrip("-").isdigit() else str(x) for x in args.ignore}
+    for label, path in targets:
+        try:
+            scores = summarize_file(path, ignore)
+        except JsonlError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(label)
+        for key, score in scores.items():
+            print(format_line(key, score))
+        print("=" * 33)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The judge step against a local OpenAI-compatible server: real sockets, the real ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+
+import pytest
+
+from palo.eval import eval_gpt_review_bench as review
+from palo.eval.judge import DEFAULT_RULES, ScoreParseError, build_user_content, parse_scores
+
+@pytest.mark.parametrize("reply, expected", [
+    ("8 9", (8, 9)),
+    ("8 9\nAssistant 1 is more detailed.", (8, 9)),
+    ("8, 9", (8, 9)),
+    ("8,9", (8, 9)),
+    ("8.5 7", (8.5, 7)),
+    ("Scores: 8/10 and 9/10", (8, 9)),
+    ("8 out of 10, 9 out of 10", (8, 9)),
+    ("Assistant 1: 8\nAssistant 2: 9\nBoth are good.", (8, 9)),
+    ("Assistant 1: 8/10, Assistant 2: 9/10", (8, 9)),
+    ("**7** **10**", (7, 10)),
+    ("[6, 4]", (6, 4)),
+    ("Here are my scores:\n3 5", (3, 5)),
+    ("Assistant 1 receives a score of 6, while Assistant 2 gets 4.", (6, 4)),
+])
+def test_score_formats(reply, expected):
+    assert parse_scores(reply) == expected
+
+
+@pytest.mark.parametrize("reply", ["", "I cannot judge these answers.", "8", "8 9 10", "11 9", "Assistant 1: 8 only"])
+def test_unparseable_replies_raise(reply):
+    with pytest.raises(ScoreParseError):
+        parse_scores(reply)
+
+
+def test_request_layout_is_the_original_protocol():
+    rule = {"role": "Assistant", "prompt": "RULE"}
+    content = build_user_content("ctx", "q?", "a1", "a2", rule)
+    assert content == ("[Context]\nctx\n\n[Question]\nq?\n\n[Assistant 1]\na1\n\n[End of Assistant 1]\n\n"
+                       "[Assistant 2]\na2\n\n[End of Assistant 2]\n\n[System]\nRULE\n\n")
+    assert set(DEFAULT_RULES) == {"llava_bench_conv", "llava_bench_detail", "llava_bench_complex"}
+
+
+def _write(path, rows) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """Four questions; the model's answers are in reverse order (pairing must use question_id)."""
+    questions = [
+        {"question_id": 10, "image": "a.jpg", "text": "Q-conv", "category": "conv"},
+        {"question_id": 11, "image": "b.jpg", "text": "Q-detail", "category": "detail"},
+        {"question_id": 12, "image": "a.jpg", "text": "Q-complex", "category": "complex"},
+        {"question_id": 13, "image": "b.jpg", "text": "Q-conv2", "category": "conv"},
+    ]
+    return {
+        "q": _write(tmp_path / "q.jsonl", questions),
+        "c": _write(tmp_path / "c.jsonl", [{"image": "a.jpg", "caption": "A cat."},
+                                            {"image": "b.jpg", "caption": ["A dog.", "On grass."]}]),
+        "a1": _write(tmp_path / "ref.jsonl", [{"question_id": q["question_id"], "text": f"ref {q['question_id']}",
+                                               "answer_id": f"r{q['question_id']}"} for q in questions]),
+        "a2": _write(tmp_path / "model.jsonl", [{"question_id": q["question_id"], "text": f"model {q['question_id']}",
+                                                 "answer_id": f"m{q['question_id']}"} for q in reversed(questions)]),
+        "o": str(tmp_path / "reviews" / "reviews.jsonl"),
+    }
+
+
+def _args(inputs, server, *extra: str) -> list[str]:
+    return ["-q", inputs["q"], "-c", inputs["c"], "-a", inputs["a1"], inputs["a2"], "-o", inputs["o"],
+            "--judge-base-url", server.base_url, "--api-key", "sk-local", "--judge-model", "judge-x",
+            "--max-retries", "2", "--retry-base-delay", "0.01", *extra]
+
+
+def _reviews(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_formats_retry_failure_resume_and_cache(inputs, judge_server, tmp_path, capsys):
+    judge_server.script("Q-conv", (200, "8, 9\nAssistant 2 is better."))
+    judge_server.script("Q-detail", (429, "slow down"), (200, "Scores: 8/10 and 9/10"))
+    judge_server.script("Q-complex", (500, "the judge is down"))
+    judge_server.script("Q-conv2", (200, "Assistant 1: 6\nAssistant 2: 4"))
+    cache = str(tmp_path / "cache.sqlite")
+
+    assert review.main(_args(inputs, judge_server, "--parallel", "3", "--cache", cache)) == 0
+    err = capsys.readouterr().err
+    reviews = _reviews(inputs["o"])
+    assert [r["question_id"] for r in reviews] == [10, 11, 12, 13] and [r["id"] for r in reviews] == [1, 2, 3, 4]
+    assert [r["tuple"] for r in reviews] == [[8, 9], [8, 9], [-1, -1], [6, 4]]
+    assert [r["failed"] for r in reviews] == [False, False, True, False]
+    assert "HTTP 500" in reviews[2]["reason"] and "3 attempt(s)" in reviews[2]["reason"]
+    assert "[failed] question_id 12" in err
+    assert [r["category"] for r in reviews] == ["llava_bench_conv", "llava_bench_detail", "llava_bench_complex",
+                                                "llava_bench_conv"]
+    assert all(r["judge_model"] == "judge-x" for r in reviews) and set(judge_server.models) == {"judge-x"}
+    # Paired by question_id although the model's file is in reverse order.
+    assert [(r["answer1_id"], r["answer2_id"]) for r in reviews] == [(f"r{i}", f"m{i}") for i in range(10, 14)]
+    sent = {c.split("[Question]\n")[1].split("\n")[0]: c for c in judge_server.contents}
+    assert "[Assistant 2]\nmodel 11\n" in sent["Q-detail"] and "[Context]\nA dog.\nOn grass.\n" in sent["Q-detail"]
+    # The 429 was retried once; the 500 got the first try plus 2 retries, then was given up.
+    assert judge_server.count() == {"Q-conv": 1, "Q-detail": 2, "Q-complex": 3, "Q-conv2": 1}
+
+    # Rerun after the judge recovered: only the failed question is asked again.
+    judge_server.script("Q-complex", (200, "7 7"))
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--cache", cache)) == 0
+    assert judge_server.count() == {"Q-complex": 1}
+    reviews = _reviews(inputs["o"])
+    assert [r["tuple"] for r in reviews] == [[8, 9], [8, 9], [7, 7], [6, 4]] and not any(r["failed"] for r in reviews)
+
+    # The same requests from scratch: every reply comes from the cache, no call is made.
+    os.remove(inputs["o"])
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--cache", cache)) == 0
+    assert judge_server.count() == {} and len(_reviews(inputs["o"])) == 4
+    assert "4 from cache" in capsys.readouterr().err
+    # A different judge model is a different request: not served from the cache.
+    os.remove(inputs["o"])
+    assert review.main(_args(inputs, judge_server, "--cache", cache, "--judge-model", "judge-y")) == 0
+    assert sum(judge_server.count().values()) == 4
+
+
+def test_timeout_is_retried(inputs, judge_server):
+    judge_server.script("Q-conv", (0, "1.0"), (200, "9 9"))
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--timeout", "0.3")) == 0
+    assert judge_server.count("Q-conv") == 2
+    assert _reviews(inputs["o"])[0]["tuple"] == [9, 9]
+
+
+def test_unparseable_reply_and_missing_answer_are_failed_not_scored(inputs, judge_server, tmp_path, capsys):
+    judge_server.script("Q-detail", (200, "Both answers are reasonable."))
+    rows = [json.loads(line) for line in open(inputs["a1"], encoding="utf-8")]
+    _write(tmp_path / "ref.jsonl", [r for r in rows if r["question_id"] != 13])
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    reviews = {r["question_id"]: r for r in _reviews(inputs["o"])}
+    assert reviews[11]["failed"] and reviews[11]["tuple"] == [-1, -1]
+    assert "unparseable" in reviews[11]["reason"] and reviews[11]["content"] == "Both answers are reasonable."
+    assert reviews[13]["failed"] and "no reference answer for question_id 13" in reviews[13]["reason"]
+    assert judge_server.count("Q-conv2") == 0  # nothing to judge: no call
+    assert not reviews[10]["failed"] and not reviews[12]["failed"]
+
+
+def test_everything_failing_exits_3(inputs, judge_server, capsys):
+    judge_server.default = (401, "bad key")
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 3
+    assert "no question could be judged" in capsys.readouterr().err
+    assert sum(judge_server.count().values()) == 4  # a 401 is not retried
+
+
+def test_original_rule_file_and_missing_rule(inputs, judge_server, tmp_path, capsys):
+    rules = {f"llava_bench_{c}": {"role": "Assistant", "prompt": f"RULE-{c}"} for c in ("conv", "detail", "complex")}
+    rule_file = tmp_path / "rule.json"
+    rule_file.write_text(json.dumps(rules), encoding="utf-8")
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--rule", str(rule_file))) == 0
+    assert all(c.endswith("[System]\nRULE-" + c.split("[System]\nRULE-")[1]) for c in judge_server.contents)
+    assert any(c.endswith("[System]\nRULE-detail\n\n") for c in judge_server.contents)
+
+    del rules["llava_bench_complex"]
+    rule_file.write_text(json.dumps(rules), encoding="utf-8")
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--rule", str(rule_file))) == 2
+    assert f"{inputs['q']}:3: no rule 'llava_bench_complex'" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_without_redoing_finished_items(inputs, judge_server):
+    # A forked child runs the CLI and is SIGKILLed while its third request hangs (fork, not a fresh interpreter,
+    # only to skip the seconds of import time).
+    judge_server.gate_question = "Q-complex"
+    child = multiprocessing.get_context("fork").Process(
+        target=review.main, args=(_args(inputs, judge_server, "--no-cache", "--parallel", "1"),), daemon=True
+    )
+    child.start()
+    try:
+        assert judge_server.reached.wait(timeout=60)
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(timeout=30)
+    finally:
+        if child.is_alive():
+            child.kill()
+    judge_server.gate_question = None
+    judge_server.release.set()
+    assert child.exitcode == -signal.SIGKILL
+    done = _reviews(inputs["o"])
+    assert [r["question_id"] for r in done] == [10, 11]  # what finished before the kill is on disk
+
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert judge_server.count() == {"Q-conv": 1, "Q-detail": 1, "Q-complex": 2, "Q-conv2": 1}
+    final = _reviews(inputs["o"])
+    assert [r["question_id"] for r in final] == [10, 11, 12, 13] and not any(r["failed"] for r in final)

@@ -1,0 +1,153 @@
+"""``palo.eval.model_vqa`` on the tiny checkpoint: record format, batching, resume, preprocessing, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from palo.eval import model_vqa
+from palo.mm_utils import expand2square, pad_color
+from palo.model.vision_tower import build_clip_image_processor
+
+ANSWER_KEYS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+
+
+def _read(path: str) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _run(world, bench: str, questions: str, answers: str, *extra: str) -> int:
+    return model_vqa.main([
+        "--model-path", world.full_dir, "--image-folder", os.path.join(bench, "images"),
+        "--question-file", questions, "--answers-file", answers, "--conv-mode", "vicuna_v1",
+        "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu", *extra,
+    ])
+
+
+@pytest.fixture
+def questions(bench, tmp_path) -> str:
+    """English and Arabic questions in one file (two scripts, all three image shapes), distinct ids."""
+    rows = []
+    for language, sub, name in (("english", "", "questions.jsonl"), ("arabic", "corrected", "question.jsonl")):
+        with open(os.path.join(bench, language, sub, name), encoding="utf-8") as f:
+            for line in f:
+                row = json.loads(line)
+                row["question_id"] = f"{language}-{row['question_id']}"
+                rows.append(row)
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_batched_equals_one_by_one_and_resume_after_losing_the_tail(world, bench, questions, tmp_path, capsys):
+    single, batched = str(tmp_path / "single.jsonl"), str(tmp_path / "batched.jsonl")
+    assert _run(world, bench, questions, single, "--batch-size", "1") == 0
+    assert _run(world, bench, questions, batched, "--batch-size", "3") == 0
+    one, many = _read(single), _read(batched)
+    assert len(one) == len(many) == 8
+    assert [r["question_id"] for r in one] == [r["question_id"] for r in many]  # question order kept
+    assert [r["text"] for r in one] == [r["text"] for r in many]
+    assert any(r["text"] for r in one)  # the random tiny model does say something
+    for record in many:
+        assert set(record) == ANSWER_KEYS
+        assert record["model_id"] == os.path.basename(world.full_dir) and record["metadata"] == {}
+    assert many[4]["prompt"] == "ما لون الدائرة؟"  # the question as given, no image token
+
+    # A killed run: the last three answers are gone and the last kept line is torn mid-write.
+    with open(batched, encoding="utf-8") as f:
+        lines = f.readlines()
+    with open(batched, "w", encoding="utf-8") as f:
+        f.writelines(lines[:5])
+        f.write(lines[5][: len(lines[5]) // 2])
+    capsys.readouterr()
+    assert _run(world, bench, questions, batched, "--batch-size", "3") == 0
+    assert "5 of 8 questions already answered" in capsys.readouterr().err
+    resumed = _read(batched)
+    assert [r["question_id"] for r in resumed] == [r["question_id"] for r in one]
+    assert [r["answer_id"] for r in resumed[:5]] == [r["answer_id"] for r in many[:5]]  # not redone
+    assert [r["text"] for r in resumed] == [r["text"] for r in one]
+
+    # Complete: a rerun loads no model and writes nothing.
+    assert _run(world, bench, questions, batched, "--batch-size", "3") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert _read(batched) == resumed
+
+
+def test_chunks_split_the_questions(world, bench, questions, tmp_path):
+    out = str(tmp_path / "chunk.jsonl")
+    assert _run(world, bench, questions, out, "--num-chunks", "3", "--chunk-idx", "2") == 0
+    # ceil(8 / 3) = 3 per chunk: the third chunk holds questions 7 and 8.
+    assert [r["question_id"] for r in _read(out)] == ["arabic-2", "arabic-3"]
+    assert model_vqa.get_chunk(list(range(8)), 3, 0) == [0, 1, 2]
+    with pytest.raises(ValueError, match="chunk-idx 3"):
+        model_vqa.get_chunk(list(range(8)), 3, 3)
+
+
+def test_pad_is_default_and_crop_reproduces_the_original(bench):
+    processor = build_clip_image_processor(56)
+    wide = os.path.join(bench, "images", "001.png")
+    image = Image.open(wide).convert("RGB")
+    padded = model_vqa.preprocess_image(wide, processor, "pad")
+    cropped = model_vqa.preprocess_image(wide, processor, "crop")
+    expected_pad = processor.preprocess(expand2square(image, pad_color(processor)), return_tensors="pt")["pixel_values"][0]
+    expected_crop = processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(padded, expected_pad) and torch.equal(cropped, expected_crop)
+    assert not torch.equal(padded, cropped)  # a non-square image: the crop cuts the sides off
+    assert model_vqa.build_parser().parse_args([]).image_preprocess == "pad"
+    assert model_vqa.build_parser().parse_args([]).max_new_tokens == 1024
+
+
+def test_missing_image_and_malformed_line_name_file_and_line(world, bench, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(os.path.join(bench, "images"), images)
+    os.remove(images / "002.png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        '{"question_id": 1, "image": "001.png", "text": "What colour?", "category": "conv"}\n'
+        '{"question_id": 2, "image": "002.png", "text": "Describe.", "category": "detail"}\n'
+        '{"question_id": 3, "image": "003.png", "text": "Why?" "category": "complex"}\n'
+        '{"question_id": 4, "image": "003.png", "text": "Shape?", "category": "conv"}\n',
+        encoding="utf-8",
+    )
+    out = str(tmp_path / "a.jsonl")
+    args = ["--model-path", world.full_dir, "--image-folder", str(images), "--question-file", str(questions),
+            "--answers-file", out, "--temperature", "0", "--max-new-tokens", "3", "--device", "cpu",
+            "--conv-mode", "vicuna_v1"]
+
+    assert model_vqa.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{questions}:3: not valid JSON" in err and not os.path.exists(out)
+
+    questions.write_text(questions.read_text(encoding="utf-8").replace('"Why?" "', '"Why?", "'), encoding="utf-8")
+    assert model_vqa.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{questions}:2: question 2: no such image" in err and "002.png" in err
+
+    # Skip-and-report: the run goes on and says what it skipped.
+    assert model_vqa.main(args + ["--skip-bad", "--batch-size", "4"]) == 0
+    assert "[skip]" in capsys.readouterr().err
+    assert [r["question_id"] for r in _read(out)] == [1, 3, 4]
+
+
+def test_unreadable_image_is_reported_per_question(world, bench, tmp_path, capsys):
+    images = tmp_path / "images"
+    shutil.copytree(os.path.join(bench, "images"), images)
+    (images / "003.png").write_bytes(b"not a png")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        '{"question_id": 1, "image": "001.png", "text": "What colour?"}\n'
+        '{"question_id": 2, "image": "003.png", "text": "Shape?"}\n', encoding="utf-8")
+    out = str(tmp_path / "a.jsonl")
+    args = ["--model-path", world.full_dir, "--image-folder", str(images), "--question-file", str(questions),
+            "--answers-file", out, "--temperature", "0", "--max-new-tokens", "3", "--device", "cpu",
+            "--batch-size", "2"]
+    assert model_vqa.main(args) == 2
+    assert f"{questions}:2: question 2:" in capsys.readouterr().err
+    assert model_vqa.main(args + ["--skip-bad"]) == 0
+    assert [r["question_id"] for r in _read(out)] == [1]

@@ -1,0 +1,112 @@
+"""Summary and cross-language table from fixed reviews, checked against numbers computed by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from palo.eval import report, summarize_gpt_review as summary
+
+# question_id, category, (reference, model) or None for a failed judgment.
+REVIEWS = [
+    (1, "conv", (8, 9)),
+    (2, "conv", (6, 4)),
+    (3, "conv", None),  # an original-format failure: [-1, -1] without a "failed" key
+    (4, "detail", (10, 7)),
+    (5, "detail", None),  # a new-format failure
+    (6, "complex", (7, 7)),
+    (7, "complex", (9, 5)),
+]
+
+
+def _review(qid: int, category: str, scores, new_format: bool = True) -> dict:
+    record = {"id": qid, "question_id": qid, "category": f"llava_bench_{category}", "content": "",
+              "tuple": list(scores) if scores else [-1, -1]}
+    if scores is None and new_format:
+        record.update(failed=True, reason="request failed after 6 attempt(s): InternalServerError (HTTP 500)")
+    return record
+
+
+def _write(path, records) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def reviews() -> list[dict]:
+    return [_review(q, c, s, new_format=(q != 3)) for q, c, s in REVIEWS]
+
+
+def test_scores_by_hand(reviews):
+    result = summary.summarize(reviews)
+    assert list(result) == ["all", "llava_bench_complex", "llava_bench_conv", "llava_bench_detail"]
+    S = summary.CategoryScore
+    # conv: reference (8+6)/2 = 7, model (9+4)/2 = 6.5 -> 6.5/7 = 92.9 %; the [-1, -1] is counted, not averaged.
+    assert result["llava_bench_conv"] == S(relative=92.9, reference=70.0, model=65.0, judged=2, failed=1)
+    assert result["llava_bench_detail"] == S(relative=70.0, reference=100.0, model=70.0, judged=1, failed=1)
+    assert result["llava_bench_complex"] == S(relative=75.0, reference=80.0, model=60.0, judged=2, failed=0)
+    # all: reference 40/5 = 8, model 32/5 = 6.4 -> a ratio of means, 80 % (the mean of ratios would be 83.7 %).
+    assert result["all"] == S(relative=80.0, reference=80.0, model=64.0, judged=5, failed=2)
+
+
+def test_retry_replaces_failure_and_ignore_drops_questions(reviews):
+    retried = reviews + [_review(5, "detail", (4, 6))]  # a resumed run appended a successful retry of question 5
+    result = summary.summarize(retried)
+    assert result["llava_bench_detail"] == summary.CategoryScore(92.9, 70.0, 65.0, 2, 0)  # 6.5 / 7
+    assert "llava_bench_detail" not in summary.summarize(reviews, ignore={"4", "5"})
+    assert summary.score_of([], failed=3) == summary.CategoryScore(None, None, None, 0, 3)
+
+
+def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
+    path = _write(tmp_path / "reviews" / "gpt4_text_model_English.jsonl", reviews)
+    assert summary.main(["-f", path]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "model_English",
+        "all 80.0 80.0 64.0 (judged 5, failed 2)",
+        "llava_bench_complex 75.0 80.0 60.0 (judged 2, failed 0)",
+        "llava_bench_conv 92.9 70.0 65.0 (judged 2, failed 1)",
+        "llava_bench_detail 70.0 100.0 70.0 (judged 1, failed 1)",
+        "=" * 33,
+    ]
+    assert summary.main(["-d", str(tmp_path / "reviews"), "-i", "1", "2", "3"]) == 0
+    out = capsys.readouterr().out
+    # Without questions 1-3 no conv question is left; all = (10+7+9)/3 vs (7+7+5)/3 -> 6.333 / 8.667 = 73.1 %.
+    assert "llava_bench_conv" not in out and "all 73.1 86.7 63.3 (judged 3, failed 1)" in out
+
+
+def test_table_across_languages(tmp_path, reviews):
+    folder = tmp_path / "evaluation" / "reviews"
+    _write(folder / "run_English.jsonl", reviews)  # all 80.0 (see above)
+    _write(folder / "run_Chinese.jsonl", [_review(1, "conv", (5, 5)), _review(2, "detail", (8, 6)),
+                                          _review(3, "complex", (10, 9))])  # 100, 75, 90; all 20/23 = 87.0
+    _write(folder / "run_Urdu.jsonl", [_review(1, "conv", (8, 4)), _review(2, "detail", None),
+                                       _review(3, "complex", (6, 6))])  # 50, n/a, 100; all 10/14 = 71.4
+    table = report.build_table(str(folder), "run")
+    assert list(table["languages"]) == ["english", "chinese", "urdu"]
+    assert table["missing"] == ["french", "spanish", "russian", "japanese", "arabic", "hindi", "bengali"]
+    high, low, overall = (table["averages"][k] for k in ("High-resource avg", "Low-resource avg", "Overall avg"))
+    assert high["languages"] == ["english", "chinese"] and low["languages"] == ["urdu"]
+    assert (high["conv"], high["detail"], high["complex"], high["all"]) == (96.5, 72.5, 82.5, 83.5)
+    assert (low["conv"], low["detail"], low["complex"], low["all"]) == (50.0, None, 100.0, 71.4)
+    assert overall["all"] == round((80.0 + 87.0 + 71.4) / 3, 1) and overall["failed"] == 3
+
+    paths = report.write_report(table, str(tmp_path / "evaluation" / "run_summary"))
+    md = open(paths["md"], encoding="utf-8").read()
+    assert "| English | 92.9 | 70.0 | 75.0 | 80.0 | 2 |" in md
+    assert "| Urdu | 50.0 | n/a | 100.0 | 71.4 | 1 |" in md
+    assert "| High-resource avg | 96.5 | 72.5 | 82.5 | 83.5 | 2 |" in md
+    rows = list(csv.DictReader(open(paths["csv"], encoding="utf-8")))
+    assert [r["language"] for r in rows] == ["English", "Chinese", "Urdu", "High-resource avg", "Low-resource avg",
+                                             "Overall avg"]
+    assert rows[1] == {"language": "Chinese", "conv": "100.0", "detail": "75.0", "complex": "90.0", "all": "87.0",
+                       "failed": "0", "judged": "3"}
+    assert json.load(open(paths["json"], encoding="utf-8"))["languages"]["urdu"]["detail_failed"] == 1
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
