@@ -1,0 +1,463 @@
+"""The controller: keeps the registry of model workers and routes requests to them.
+
+Run ``python -m palo.serve.controller`` or ``python palo/serve/controller.py --host 0.0.0.0 --port 10000``.
+Endpoints (POST, JSON), as in the original PALO/LLaVA controller:
+
+* ``/register_worker``, ``/receive_heart_beat``, ``/refresh_all_workers``: the worker registry. Workers that send no
+  heartbeat for ``--heart-beat-expiration`` seconds (30) are dropped, and never chosen once expired.
+* ``/list_models``, ``/get_worker_address``: dispatch by ``lottery`` or ``shortest_queue`` (default).
+* ``/worker_generate_stream``: proxies a request to a worker of its ``model`` and re-emits the NUL-delimited stream.
+  Unlike the original, a missing worker gives exactly one error chunk (code 2), and a worker that cannot be reached
+  is dropped and the request retried on another worker of the model before reporting code 3.
+* ``/worker_get_status``: the aggregate status, so a controller can register with a parent controller.
+
+It also serves the OpenAI-compatible API of :mod:`palo.serve.openai_api` (``/v1/models``, ``/v1/chat/completions``),
+optionally behind ``--api-key``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout, not files next to this one
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from palo.constants import CONTROLLER_HEART_BEAT_EXPIRATION
+from palo.serve.protocol import (
+    INVALID_REQUEST,
+    MODEL_NOT_FOUND,
+    NO_WORKER,
+    WORKER_ERROR,
+    WORKER_UNREACHABLE,
+    aiter_chunks,
+    error_chunk,
+)
+from palo.serve.utils import build_logger
+
+STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
+CONNECT_TIMEOUT_S = 5.0  # connecting to a worker for a generation request (the original's value)
+DISPATCH_METHODS = ("lottery", "shortest_queue")
+STREAM_MEDIA_TYPE = "application/octet-stream"
+
+
+@dataclasses.dataclass
+class WorkerInfo:
+    """What the controller knows about one worker."""
+
+    model_names: list[str]
+    speed: int
+    queue_length: int
+    check_heart_beat: bool
+    last_heart_beat: float
+    conv_mode: str | None = None
+
+
+class Controller:
+    """The worker registry and dispatch (no HTTP here; see :func:`create_app`).
+
+    Args:
+        dispatch_method: ``lottery`` or ``shortest_queue``.
+        heart_beat_expiration: Seconds without a heartbeat after which a worker is dropped.
+        clock: Time source (tests pass a fake one).
+        status_fetcher: ``worker_name -> status dict or None``; the default polls ``/worker_get_status``.
+        logger: Where to log.
+    """
+
+    def __init__(
+        self,
+        dispatch_method: str = "shortest_queue",
+        heart_beat_expiration: float = CONTROLLER_HEART_BEAT_EXPIRATION,
+        clock: Callable[[], float] = time.monotonic,
+        status_fetcher: Callable[[str], dict | None] | None = None,
+        logger: Any = None,
+    ) -> None:
+        if dispatch_method not in DISPATCH_METHODS:
+            raise ValueError(f"dispatch method must be one of {DISPATCH_METHODS}, got {dispatch_method!r}")
+        self.dispatch_method = dispatch_method
+        self.heart_beat_expiration = heart_beat_expiration
+        self.clock = clock
+        self.status_fetcher = status_fetcher or self._fetch_status
+        self.logger = logger or logging.getLogger(__name__)
+        self.worker_info: dict[str, WorkerInfo] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # -- registry ------------------------------------------------------------------------------------------------
+    def _fetch_status(self, worker_name: str) -> dict | None:
+        try:
+            response = httpx.post(worker_name + "/worker_get_status", timeout=STATUS_TIMEOUT_S)
+            response.raise_for_status()
+            return response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            self.logger.warning("status of %s unavailable: %s", worker_name, exc)
+            return None
+
+    def register_worker(self, worker_name: str, check_heart_beat: bool, worker_status: dict | None) -> bool:
+        """Add or update a worker; with no status given, poll the worker for it.
+
+        Returns:
+            Whether the worker was registered (False when its status could not be obtained or is malformed).
+        """
+        if not isinstance(worker_name, str) or not worker_name:
+            return False
+        worker_name = worker_name.rstrip("/")
+        if worker_status is None:
+            worker_status = self.status_fetcher(worker_name)
+        try:
+            info = WorkerInfo(
+                model_names=[str(m) for m in worker_status["model_names"]],
+                speed=int(worker_status["speed"]),
+                queue_length=int(worker_status["queue_length"]),
+                check_heart_beat=bool(check_heart_beat),
+                last_heart_beat=self.clock(),
+                conv_mode=worker_status.get("conv_mode"),
+            )
+        except (TypeError, KeyError, ValueError, AttributeError):
+            self.logger.warning("not registering %s: bad status %r", worker_name, worker_status)
+            return False
+        with self._lock:
+            known = worker_name in self.worker_info
+            self.worker_info[worker_name] = info
+        self.logger.info("%s worker %s serving %s", "updated" if known else "registered", worker_name, info.model_names)
+        return True
+
+    def remove_worker(self, worker_name: str) -> None:
+        with self._lock:
+            if self.worker_info.pop(worker_name, None) is not None:
+                self.logger.info("removed worker %s", worker_name)
+
+    def refresh_all_workers(self) -> None:
+        """Re-register every known worker by polling it; drop the ones that do not answer."""
+        with self._lock:
+            known = list(self.worker_info.items())
+        for name, info in known:
+            if not self.register_worker(name, info.check_heart_beat, None):
+                self.remove_worker(name)
+
+    def receive_heart_beat(self, worker_name: str, queue_length: int) -> bool:
+        """Record a heartbeat; False tells the worker to register again."""
+        with self._lock:
+            info = self.worker_info.get(str(worker_name).rstrip("/"))
+            if info is None:
+                return False
+            info.queue_length = int(queue_length)
+            info.last_heart_beat = self.clock()
+            return True
+
+    def _alive(self, info: WorkerInfo, now: float) -> bool:
+        return not info.check_heart_beat or now - info.last_heart_beat <= self.heart_beat_expiration
+
+    def remove_stale_workers(self) -> list[str]:
+        """Drop workers whose last heartbeat is older than the expiration; returns their names."""
+        now = self.clock()
+        with self._lock:
+            stale = [name for name, info in self.worker_info.items() if not self._alive(info, now)]
+            for name in stale:
+                del self.worker_info[name]
+        for name in stale:
+            self.logger.info("worker %s expired (no heartbeat for %.1f s)", name, self.heart_beat_expiration)
+        return stale
+
+    def _sweep_loop(self) -> None:
+        interval = max(0.05, min(self.heart_beat_expiration / 2, CONTROLLER_HEART_BEAT_EXPIRATION))
+        while not self._stop.wait(interval):
+            self.remove_stale_workers()
+
+    def start(self) -> None:
+        threading.Thread(target=self._sweep_loop, name="expire-workers", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- queries -------------------------------------------------------------------------------------------------
+    def _live_workers(self, model_name: str | None = None) -> list[tuple[str, WorkerInfo]]:
+        now = self.clock()
+        with self._lock:
+            return [
+                (name, info)
+                for name, info in self.worker_info.items()
+                if self._alive(info, now) and (model_name is None or model_name in info.model_names)
+            ]
+
+    def list_models(self) -> list[str]:
+        return sorted({m for _, info in self._live_workers() for m in info.model_names})
+
+    def conv_mode(self, model_name: str) -> str | None:
+        """The conversation template reported by a worker of the model (None if unknown)."""
+        return next((info.conv_mode for _, info in self._live_workers(model_name) if info.conv_mode), None)
+
+    def get_worker_address(self, model_name: str, exclude: set[str] | frozenset = frozenset()) -> str:
+        """Choose a live worker for a model; ``""`` when there is none.
+
+        ``lottery`` draws with probability proportional to speed. ``shortest_queue`` takes the smallest
+        ``queue_length / speed`` and counts the request against that worker until its next heartbeat.
+        """
+        candidates = [(n, i) for n, i in self._live_workers(model_name) if n not in exclude]
+        if not candidates:
+            return ""
+        if self.dispatch_method == "lottery":
+            speeds = [max(0, info.speed) for _, info in candidates]
+            if sum(speeds) < 1e-4:
+                return ""
+            return random.choices([n for n, _ in candidates], weights=speeds)[0]
+        name, info = min(candidates, key=lambda item: item[1].queue_length / max(item[1].speed, 1e-4))
+        with self._lock:
+            info.queue_length += 1
+        return name
+
+    def worker_status(self) -> dict[str, Any]:
+        """The aggregate status (a controller can act as a worker of a parent controller)."""
+        workers = self._live_workers()
+        return {
+            "model_names": sorted({m for _, info in workers for m in info.model_names}),
+            "speed": sum(info.speed for _, info in workers),
+            "queue_length": sum(info.queue_length for _, info in workers),
+        }
+
+
+class WorkerStream:
+    """An open streaming request to a worker: its HTTP status and its chunk objects."""
+
+    def __init__(self, worker: str, response: httpx.Response) -> None:
+        self.worker = worker
+        self.response = response
+        self.status_code = response.status_code
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        return aiter_chunks(self.response.aiter_bytes())
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker serves the model."""
+
+
+class WorkerUnreachableError(RuntimeError):
+    """Every worker tried failed to answer."""
+
+
+class Router:
+    """Opens generation streams on workers chosen by the controller, retrying when a worker is down.
+
+    Args:
+        controller: The registry.
+        client: The shared async HTTP client.
+        read_timeout: Seconds to wait for each piece of a worker's answer.
+    """
+
+    def __init__(self, controller: Controller, client: httpx.AsyncClient, read_timeout: float) -> None:
+        self.controller = controller
+        self.client = client
+        self.timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)
+
+    async def open(self, model: str, body: bytes) -> WorkerStream:
+        """Send ``body`` to a worker of ``model`` and return once its response headers arrived.
+
+        Raises:
+            NoWorkerError: If no live worker serves the model.
+            WorkerUnreachableError: If the chosen workers all failed to answer.
+        """
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        while True:
+            address = self.controller.get_worker_address(model, exclude=tried)
+            if not address:
+                if last_error is not None:
+                    raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
+                raise NoWorkerError(model)
+            tried.add(address)
+            request = self.client.build_request(
+                "POST", address + "/worker_generate_stream", content=body,
+                headers={"Content-Type": "application/json"}, timeout=self.timeout,
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # The request never reached the worker: it is gone. Forget it and try another one.
+                self.controller.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
+                self.controller.remove_worker(address)
+                last_error = exc
+                continue
+            except httpx.HTTPError as exc:
+                raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
+            return WorkerStream(address, response)
+
+
+def _no_worker_message(controller: Controller, model: Any) -> str:
+    return f"no live worker serves model {model!r}; available models: {controller.list_models()}"
+
+
+def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str | None = None) -> FastAPI:
+    """The controller's FastAPI application (original endpoints plus the OpenAI-compatible API).
+
+    Args:
+        controller: The registry.
+        read_timeout: Seconds to wait for each piece of a worker's stream.
+        api_key: If set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+    """
+    from palo.serve.openai_api import create_openai_router
+
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
+            state["router"] = Router(controller, client, read_timeout)
+            controller.start()
+            try:
+                yield
+            finally:
+                controller.stop()
+
+    app = FastAPI(title="PALO controller", lifespan=lifespan)
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body() or b"null")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadJson(str(exc)) from None
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:  # keeps serving after any bug
+        controller.logger.exception("error handling %s", request.url.path)
+        return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.exception_handler(_BadJson)
+    async def _bad_json(request: Request, exc: _BadJson) -> JSONResponse:
+        return JSONResponse({"error": f"invalid JSON body: {exc}"}, status_code=400)
+
+    @app.post("/register_worker")
+    async def register_worker(request: Request) -> Response:
+        data = await json_body(request)
+        if not isinstance(data, dict) or not isinstance(data.get("worker_name"), str):
+            return JSONResponse({"error": "expected {'worker_name': URL, 'check_heart_beat': bool, 'worker_status'}"},
+                                status_code=400)
+        from starlette.concurrency import run_in_threadpool
+
+        await run_in_threadpool(controller.register_worker, data["worker_name"], data.get("check_heart_beat", False),
+                                data.get("worker_status"))
+        return JSONResponse(None)
+
+    @app.post("/refresh_all_workers")
+    async def refresh_all_workers() -> Response:
+        from starlette.concurrency import run_in_threadpool
+
+        await run_in_threadpool(controller.refresh_all_workers)
+        return JSONResponse(None)
+
+    @app.post("/list_models")
+    async def list_models() -> Response:
+        return JSONResponse({"models": controller.list_models()})
+
+    @app.post("/get_worker_address")
+    async def get_worker_address(request: Request) -> Response:
+        data = await json_body(request)
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, str):
+            return JSONResponse({"error": "expected {'model': name}"}, status_code=400)
+        return JSONResponse({"address": controller.get_worker_address(model)})
+
+    @app.post("/receive_heart_beat")
+    async def receive_heart_beat(request: Request) -> Response:
+        data = await json_body(request)
+        if not isinstance(data, dict) or not isinstance(data.get("worker_name"), str):
+            return JSONResponse({"error": "expected {'worker_name': URL, 'queue_length': int}"}, status_code=400)
+        try:
+            exist = controller.receive_heart_beat(data["worker_name"], int(data.get("queue_length", 0)))
+        except (TypeError, ValueError):
+            return JSONResponse({"error": "'queue_length' must be an integer"}, status_code=400)
+        return JSONResponse({"exist": exist})
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> Response:
+        return JSONResponse(controller.worker_status())
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> Response:
+        body = await request.body()
+        try:
+            params = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Response(error_chunk(f"invalid JSON body: {exc}", WORKER_ERROR, INVALID_REQUEST), 400,
+                            media_type=STREAM_MEDIA_TYPE)
+        model = params.get("model") if isinstance(params, dict) else None
+        if not isinstance(model, str):
+            return Response(error_chunk("'model' is required and must be a string", NO_WORKER, INVALID_REQUEST), 400,
+                            media_type=STREAM_MEDIA_TYPE)
+        try:
+            stream = await state["router"].open(model, body)
+        except NoWorkerError:
+            return Response(error_chunk(_no_worker_message(controller, model), NO_WORKER, MODEL_NOT_FOUND), 404,
+                            media_type=STREAM_MEDIA_TYPE)
+        except WorkerUnreachableError as exc:
+            return Response(error_chunk(str(exc), WORKER_UNREACHABLE), 503, media_type=STREAM_MEDIA_TYPE)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                async for obj in stream.chunks():  # re-encoded whole, so a cut stream never yields half a chunk
+                    yield json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\0"
+            except (httpx.HTTPError, ValueError) as exc:
+                controller.logger.warning("stream from %s failed: %s", stream.worker, exc)
+                yield error_chunk(f"worker {stream.worker} failed: {exc}", WORKER_UNREACHABLE)
+            finally:
+                await stream.aclose()
+
+        return StreamingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE)
+
+    app.include_router(create_openai_router(controller, lambda: state["router"], api_key))
+    return app
+
+
+class _BadJson(ValueError):
+    """The request body is not JSON."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="PALO controller (original protocol + OpenAI-compatible API)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=21001)
+    parser.add_argument("--dispatch-method", type=str, choices=DISPATCH_METHODS, default="shortest_queue")
+    parser.add_argument("--heart-beat-expiration", type=float, default=CONTROLLER_HEART_BEAT_EXPIRATION,
+                        help="seconds without a heartbeat before a worker is dropped")
+    parser.add_argument("--read-timeout", type=float, default=120.0,
+                        help="seconds to wait for each piece of a worker's stream")
+    parser.add_argument("--api-key", type=str, default=os.environ.get("PALO_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALO_API_KEY, else open)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    logger = build_logger("controller", "controller.log")
+    logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})
+    controller = Controller(args.dispatch_method, args.heart_beat_expiration, logger=logger)
+    app = create_app(controller, read_timeout=args.read_timeout, api_key=args.api_key)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module, so its classes are the ones other modules import.
+    from palo.serve.controller import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,378 @@
+"""The PALO web demo (Gradio 6): chat about an image in any of the ten languages, answers streamed from a worker.
+
+Run ``python palo/serve/gradio_web_server.py --controller http://localhost:10000 --model-list-mode reload``
+(``--controller`` abbreviates ``--controller-url``) or ``python -m palo.serve.gradio_web_server``.
+
+The flows are the original demo's (``../shared/reference/palo-formats.md`` §7.8): the model list comes from the
+controller (``once`` at start, with ``?model=`` preselection, or ``reload`` on every page load); a question with an
+image starts a fresh ``vicuna_v1`` conversation; the prompt goes to the worker chosen by the controller and the
+answer streams in with a ``▌`` cursor; errors are shown in the chat; chats and votes are appended as JSON lines to
+``<log dir>/YYYY-MM-DD-conv.json`` and images saved under ``<log dir>/serve_images/``. Messages in Arabic-script
+languages (Arabic, Urdu) are shown right-to-left, together with the answer to them.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout, not files next to this one
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+
+from palo.conversation import Conversation, SeparatorStyle, conv_templates
+from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
+from palo.serve.utils import build_logger, log_dir
+
+CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
+CURSOR = "▌"
+MAX_TEXT_CHARS, MAX_TEXT_CHARS_WITH_IMAGE = 1536, 1200
+MAX_NEW_TOKENS_CAP = 1536
+WORKER_TIMEOUT_S = 10.0  # between two pieces of the worker's stream (the original's value)
+PRIORITY = {"vicuna-13b": "aaaaaaa", "koala-13b": "aaaaaab"}
+_RTL_CHARS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")  # Hebrew, Arabic (Urdu, Persian...) blocks
+_STRONG_CHARS = re.compile(r"[^\W\d_]")
+
+CSS = """
+#chatbot .rtl, .rtl { direction: rtl; text-align: right; unicode-bidi: plaintext; }
+#chatbot .message, #chatbot .prose, #question textarea { unicode-bidi: plaintext; text-align: start; }
+footer { display: none !important; }
+"""
+TITLE_MD = "# 🌍 PALO: A Polyglot Large Multimodal Model for 5B People"
+TOS_MD = ("**Terms of use.** A research preview for non-commercial use only. It may produce offensive or wrong "
+          "content and must not be used for illegal, harmful, violent, racist or sexual purposes. Chats are logged.")
+
+
+def is_rtl(text: str) -> bool:
+    """Whether text reads right to left: its first letter is in a right-to-left script (Arabic, Urdu, ...)."""
+    match = _STRONG_CHARS.search(re.sub(r"<[^>]*>", "", text))
+    return bool(match and _RTL_CHARS.match(match.group(0)))
+
+
+def chatbot_messages(state: Conversation) -> list[dict[str, str]]:
+    """The conversation in Gradio's messages format; an exchange asked in an RTL language is shown RTL."""
+    messages = state.to_gradio_chatbot()
+    rtl = False
+    for message in messages:
+        if message["role"] == "user":
+            rtl = is_rtl(message["content"])
+        if rtl:
+            message["content"] = f'<div dir="rtl" class="rtl">\n\n{message["content"]}\n\n</div>'
+    return messages
+
+
+def sort_models(models: list[str]) -> list[str]:
+    return sorted(models, key=lambda m: PRIORITY.get(m, m))
+
+
+class WebServer:
+    """The demo's logic, independent of the Gradio layout (so it can be tested without a browser).
+
+    Args:
+        controller_url: The controller's base URL.
+        moderate: Check inputs with the OpenAI moderation endpoint (needs ``OPENAI_API_KEY``).
+        logger: Where to log.
+    """
+
+    def __init__(self, controller_url: str, moderate: bool = False, logger: Any = None) -> None:
+        self.controller_url = controller_url.rstrip("/")
+        self.moderate = moderate
+        self.logger = logger or logging.getLogger(__name__)
+
+    # -- controller ----------------------------------------------------------------------------------------------
+    def get_model_list(self) -> list[str]:
+        """Refresh the workers and list their models (empty when the controller cannot be reached)."""
+        try:
+            httpx.post(self.controller_url + "/refresh_all_workers", timeout=30).raise_for_status()
+            models = httpx.post(self.controller_url + "/list_models", timeout=10).json()["models"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            self.logger.error("cannot list models from %s: %s", self.controller_url, exc)
+            return []
+        return sort_models(models)
+
+    def worker_address(self, model: str) -> str:
+        try:
+            return httpx.post(self.controller_url + "/get_worker_address", json={"model": model},
+                              timeout=10).json().get("address", "")
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            self.logger.error("controller unreachable: %s", exc)
+            return ""
+
+    # -- logging -------------------------------------------------------------------------------------------------
+    def _conv_log(self) -> str:
+        t = datetime.datetime.now()
+        return os.path.join(log_dir(), f"{t.year}-{t.month:02d}-{t.day:02d}-conv.json")
+
+    def _append_log(self, record: dict[str, Any]) -> None:
+        try:
+            os.makedirs(log_dir(), exist_ok=True)
+            with open(self._conv_log(), "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        except OSError as exc:
+            self.logger.error("cannot write the conversation log: %s", exc)
+
+    def _save_images(self, images: list[Any]) -> list[str]:
+        hashes = []
+        day = datetime.datetime.now().strftime("%Y-%m-%d")
+        for image in images:
+            digest = hashlib.md5(image.tobytes()).hexdigest()
+            hashes.append(digest)
+            path = os.path.join(log_dir(), "serve_images", day, f"{digest}.jpg")
+            if not os.path.isfile(path):
+                try:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    image.convert("RGB").save(path)
+                except OSError as exc:
+                    self.logger.error("cannot save an image: %s", exc)
+        return hashes
+
+    def vote(self, state: Conversation, kind: str, model: str, ip: str | None) -> None:
+        """Log an upvote, downvote or flag."""
+        self._append_log({"tstamp": round(time.time(), 4), "type": kind, "model": model, "state": state.dict(), "ip": ip})
+
+    # -- moderation ----------------------------------------------------------------------------------------------
+    def _flagged(self, text: str) -> bool:
+        try:
+            import openai
+
+            return bool(openai.OpenAI(max_retries=1).moderations.create(input=text).results[0].flagged)
+        except Exception as exc:  # noqa: BLE001 - moderation is best effort; never block the chat on it
+            self.logger.warning("moderation unavailable: %s", exc)
+            return False
+
+    # -- chat flows ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def new_state() -> Conversation:
+        return conv_templates[CONV_MODE].copy()
+
+    def add_text(self, state: Conversation | None, text: str, image: Any, image_process_mode: str = "Default") -> Conversation:
+        """Append the user's message (and an empty answer slot) to the conversation.
+
+        Returns:
+            The new state; ``skip_next`` is set when nothing should be generated (empty input, moderated input).
+        """
+        state = state or self.new_state()
+        text = (text or "").strip()
+        if not text and image is None:
+            state.skip_next = True
+            return state
+        if self.moderate and self._flagged(text):
+            state.skip_next = True
+            state.messages.append([state.roles[0], text])
+            state.messages.append([state.roles[1], MODERATION_MSG])
+            return state
+        text = text[: MAX_TEXT_CHARS_WITH_IMAGE if image is not None else MAX_TEXT_CHARS]
+        if image is not None:
+            if "<image>" not in text:
+                text = text + "\n<image>"
+            if state.get_images(return_pil=True):  # one image per conversation: a new image starts a new one
+                state = self.new_state()
+            message: Any = (text, image, image_process_mode)
+        else:
+            message = text
+        state.append_message(state.roles[0], message)
+        state.append_message(state.roles[1], None)
+        state.skip_next = False
+        return state
+
+    def regenerate(self, state: Conversation, image_process_mode: str = "Default") -> Conversation:
+        """Clear the last answer (re-applying the current image mode to the last image) to generate it again."""
+        if len(state.messages) < state.offset + 2:
+            state.skip_next = True
+            return state
+        state.messages[-1][-1] = None
+        previous = state.messages[-2][1]
+        if isinstance(previous, tuple):
+            state.messages[-2][1] = previous[:2] + (image_process_mode,)
+        state.skip_next = False
+        return state
+
+    def http_bot(self, state: Conversation, model: str, temperature: float, top_p: float, max_new_tokens: int,
+                 ip: str | None = None) -> Iterator[Conversation]:
+        """Generate the answer to the last message, yielding the state after each streamed piece."""
+        if state.skip_next:
+            yield state
+            return
+        start = time.time()
+        if len(state.messages) == state.offset + 2:  # first round: rebuild the state from the PALO template
+            fresh = self.new_state()
+            fresh.append_message(fresh.roles[0], state.messages[-2][1])
+            fresh.append_message(fresh.roles[1], None)
+            state = fresh
+        address = self.worker_address(model) if model else ""
+        if not address:
+            reason = f"no worker serves model {model!r}" if model else "no model is selected"
+            state.messages[-1][-1] = f"{SERVER_ERROR_MSG} ({reason})"
+            yield state
+            return
+        prompt = state.get_prompt()
+        images = state.get_images(return_pil=True)
+        image_hashes = self._save_images(images)
+        stop = state.sep if state.sep_style in (SeparatorStyle.SINGLE, SeparatorStyle.MPT) else state.sep2
+        payload = {
+            "model": model, "prompt": prompt, "temperature": float(temperature), "top_p": float(top_p),
+            "max_new_tokens": min(int(max_new_tokens), MAX_NEW_TOKENS_CAP), "stop": stop,
+            "images": state.get_images(),
+        }
+        self.logger.info("==== request ====\n%s", {**payload, "images": f"{len(images)} image(s)"})
+        state.messages[-1][-1] = CURSOR
+        yield state
+        try:
+            with httpx.stream("POST", address + "/worker_generate_stream", json=payload,
+                              headers={"User-Agent": "PALO Client"}, timeout=WORKER_TIMEOUT_S) as response:
+                for chunk in iter_chunks(response.iter_bytes()):
+                    if chunk.get("error_code", 0) == 0:
+                        state.messages[-1][-1] = str(chunk.get("text", ""))[len(prompt):].strip() + CURSOR
+                        yield state
+                    else:
+                        state.messages[-1][-1] = f"{chunk.get('text')} (error_code: {chunk.get('error_code')})"
+                        yield state
+                        return
+        except (httpx.HTTPError, ValueError) as exc:
+            self.logger.error("worker %s failed: %s", address, exc)
+            state.messages[-1][-1] = f"{SERVER_ERROR_MSG} (error_code: 4)"
+            yield state
+            return
+        answer = state.messages[-1][-1]
+        state.messages[-1][-1] = answer[: -len(CURSOR)] if answer.endswith(CURSOR) else answer
+        yield state
+        self._append_log({"tstamp": round(time.time(), 4), "type": "chat", "model": model, "start": round(start, 4),
+                          "finish": round(time.time(), 4), "state": state.dict(), "images": image_hashes, "ip": ip})
+
+
+def build_demo(server: WebServer, models: list[str], model_list_mode: str = "once", embed: bool = False):
+    """Lay out the Gradio 6 app around :class:`WebServer`."""
+    import gradio as gr  # (no ``from __future__ import annotations`` here: Gradio reads ``gr.Request`` hints)
+
+    from palo.conversation import IMAGE_PROCESS_MODES
+    from palo.serve.examples import example_rows
+
+    def ip_of(request: gr.Request | None) -> str | None:
+        return getattr(getattr(request, "client", None), "host", None)
+
+    with gr.Blocks(title="PALO") as demo:
+        state = gr.State()
+        if not embed:
+            gr.Markdown(TITLE_MD)
+        with gr.Row():
+            with gr.Column(scale=3):
+                model_selector = gr.Dropdown(choices=models, value=models[0] if models else None, interactive=True,
+                                             show_label=False, container=False, elem_id="model_selector")
+                imagebox = gr.Image(type="pil", label="Image", elem_id="imagebox")
+                image_process_mode = gr.Radio(list(IMAGE_PROCESS_MODES), value="Default",
+                                              label="Preprocess for non-square image", visible=False)
+                with gr.Accordion("Parameters", open=False):
+                    temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, interactive=True, label="Temperature")
+                    top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, interactive=True, label="Top P")
+                    max_output_tokens = gr.Slider(0, 1024, value=512, step=64, interactive=True,
+                                                  label="Max output tokens")
+            with gr.Column(scale=8):
+                chatbot = gr.Chatbot(elem_id="chatbot", label="PALO Chatbot", height=550)
+                with gr.Row():
+                    textbox = gr.Textbox(show_label=False, placeholder="Enter text and press ENTER — any of the 10 "
+                                         "languages / اكتب سؤالك / اپنا سوال لکھیں", container=False, scale=8,
+                                         elem_id="question", rtl=False)
+                    submit_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                with gr.Row():
+                    upvote_btn = gr.Button("👍 Upvote", interactive=False)
+                    downvote_btn = gr.Button("👎 Downvote", interactive=False)
+                    flag_btn = gr.Button("⚠️ Flag", interactive=False)
+                    regenerate_btn = gr.Button("🔄 Regenerate", interactive=False, elem_id="regenerate")
+                    clear_btn = gr.Button("🗑️ Clear", interactive=False, elem_id="clear")
+        gr.Examples(examples=example_rows(), inputs=[imagebox, textbox], label="Examples (Hindi, Arabic, Urdu, Spanish, "
+                    "Chinese, Bengali, Russian, English)")
+        if not embed:
+            gr.Markdown(TOS_MD)
+
+        vote_buttons = [upvote_btn, downvote_btn, flag_btn]
+        all_buttons = vote_buttons + [regenerate_btn, clear_btn]
+
+        def buttons(enabled: bool) -> list[Any]:
+            return [gr.update(interactive=enabled) for _ in all_buttons]
+
+        def on_add(s, text, image, mode):
+            s = server.add_text(s, text, image, mode)
+            return [s, chatbot_messages(s), "", None] + buttons(not s.skip_next)
+
+        def on_bot(s, model, temp, p, max_tokens, request: gr.Request):
+            for s in server.http_bot(s, model, temp, p, max_tokens, ip_of(request)):
+                yield [s, chatbot_messages(s)] + buttons(False)
+            yield [s, chatbot_messages(s)] + buttons(True)
+
+        def on_regenerate(s, mode):
+            s = server.regenerate(s or server.new_state(), mode)
+            return [s, chatbot_messages(s), "", None] + buttons(False)
+
+        def on_clear():
+            s = server.new_state()
+            return [s, [], "", None] + buttons(False)
+
+        def make_vote(kind: str):
+            def on_vote(s, model, request: gr.Request):
+                if s is not None:
+                    server.vote(s, kind, model, ip_of(request))
+                return ["", gr.update(interactive=False), gr.update(interactive=False), gr.update(interactive=False)]
+
+            return on_vote
+
+        bot_inputs = [state, model_selector, temperature, top_p, max_output_tokens]
+        bot_outputs = [state, chatbot] + all_buttons
+        add_outputs = [state, chatbot, textbox, imagebox] + all_buttons
+        for trigger in (textbox.submit, submit_btn.click):
+            trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs, queue=False).then(
+                on_bot, bot_inputs, bot_outputs)
+        regenerate_btn.click(on_regenerate, [state, image_process_mode], add_outputs, queue=False).then(
+            on_bot, bot_inputs, bot_outputs)
+        clear_btn.click(on_clear, None, add_outputs, queue=False)
+        for button, kind in zip(vote_buttons, ("upvote", "downvote", "flag")):
+            button.click(make_vote(kind), [state, model_selector], [textbox] + vote_buttons, queue=False)
+
+        def on_load(request: gr.Request):
+            choices = server.get_model_list() if model_list_mode == "reload" else models
+            wanted = dict(request.query_params).get("model") if request is not None else None
+            value = wanted if wanted in choices else (choices[0] if choices else None)
+            return server.new_state(), gr.update(choices=choices, value=value, visible=True)
+
+        demo.load(on_load, None, [state, model_selector], queue=False)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="PALO web demo (Gradio)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--controller-url", type=str, default="http://localhost:21001")
+    parser.add_argument("--concurrency-count", type=int, default=10)
+    parser.add_argument("--model-list-mode", type=str, default="once", choices=["once", "reload"])
+    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--moderate", action="store_true")
+    parser.add_argument("--embed", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logger = build_logger("gradio_web_server", "gradio_web_server.log")
+    logger.info("args: %s", args)
+    server = WebServer(args.controller_url, moderate=args.moderate, logger=logger)
+    models = server.get_model_list()
+    demo = build_demo(server, models, args.model_list_mode, args.embed)
+    demo.queue(default_concurrency_limit=args.concurrency_count, api_open=False)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True)
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module, so its classes are the ones other modules import.
+    from palo.serve.gradio_web_server import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,344 @@
+"""A model worker: serves one checkpoint over the original PALO/LLaVA worker protocol.
+
+Run ``python -m palo.serve.model_worker`` or ``python palo/serve/model_worker.py`` with the original flags, e.g.::
+
+    python palo/serve/model_worker.py --host 0.0.0.0 --controller http://localhost:10000 --port 40000 \\
+        --worker http://localhost:40000 --model-path MBZUAI/PALO-13B
+
+(``--controller``/``--worker`` are argparse abbreviations of ``--controller-address``/``--worker-address``, as in
+the PALO README.) Endpoints (POST, JSON):
+
+* ``/worker_generate_stream``: generation parameters in, NUL-delimited cumulative JSON chunks out
+  (:mod:`palo.serve.protocol`). Malformed requests get HTTP 400 whose body is one error chunk.
+* ``/worker_get_status``: ``{"model_names", "speed", "queue_length", "conv_mode"}`` (``conv_mode`` is an addition:
+  the template the checkpoint was trained with, used by the controller's OpenAI-compatible API).
+* ``/model_details``: ``{"context_length"}`` (as LLaVA's worker).
+
+The worker registers with the controller and sends a heartbeat every ``--heart-beat-interval`` seconds (15), and
+re-registers when the controller has forgotten it. Requests that arrive together are generated as one batch by
+:class:`palo.serve.engine.GenerationEngine`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout, not files next to this one
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import asyncio
+import logging
+import json
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.serve.engine import GenerationEngine, PromptTooLong, RequestError, StreamEvent
+from palo.serve.protocol import (
+    CONTEXT_LENGTH_EXCEEDED,
+    INVALID_REQUEST,
+    OK,
+    PROMPT_TOO_LONG_MSG,
+    WORKER_ERROR,
+    encode_chunk,
+    error_chunk,
+)
+from palo.serve.utils import build_logger
+
+CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
+RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
+STREAM_MEDIA_TYPE = "application/octet-stream"
+
+
+class ModelWorker:
+    """Registration, heartbeats, the concurrency limit and request handling around one :class:`GenerationEngine`.
+
+    Args:
+        engine: The generation engine of the loaded model.
+        model_name: The name the worker registers under.
+        controller_addr: The controller's base URL.
+        worker_addr: This worker's base URL as the controller should reach it.
+        limit_model_concurrency: Requests generating at once; more wait in a queue.
+        conv_mode: The conversation template of the checkpoint (reported in the status).
+        heart_beat_interval: Seconds between heartbeats.
+        no_register: Do not register with a controller.
+        logger: Where to log.
+    """
+
+    def __init__(
+        self,
+        engine: GenerationEngine,
+        model_name: str,
+        controller_addr: str,
+        worker_addr: str,
+        limit_model_concurrency: int = 5,
+        conv_mode: str = "vicuna_v1",
+        heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
+        no_register: bool = False,
+        logger: Any = None,
+    ) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.controller_addr = controller_addr.rstrip("/")
+        self.worker_addr = worker_addr.rstrip("/")
+        self.limit_model_concurrency = limit_model_concurrency
+        self.conv_mode = conv_mode
+        self.heart_beat_interval = heart_beat_interval
+        self.no_register = no_register
+        self.logger = logger or logging.getLogger(__name__)
+        self.running = 0
+        self.waiting = 0
+        self.served = 0
+        self._semaphore: asyncio.Semaphore | None = None
+        self._stop = threading.Event()
+
+    # -- controller side -----------------------------------------------------------------------------------------
+    def get_queue_length(self) -> int:
+        """Requests generating plus requests waiting for a slot (0 before the first request)."""
+        return self.running + self.waiting
+
+    def get_status(self) -> dict[str, Any]:
+        return {
+            "model_names": [self.model_name],
+            "speed": 1,
+            "queue_length": self.get_queue_length(),
+            "conv_mode": self.conv_mode,
+        }
+
+    def register_to_controller(self) -> bool:
+        """Register with the controller; returns whether it accepted."""
+        data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
+        try:
+            response = httpx.post(self.controller_addr + "/register_worker", json=data, timeout=CONTROLLER_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
+            return False
+        if response.status_code != 200:
+            self.logger.warning("registration refused: HTTP %s %s", response.status_code, response.text[:200])
+            return False
+        self.logger.info("registered with %s as %s", self.controller_addr, self.worker_addr)
+        return True
+
+    def send_heart_beat(self) -> None:
+        """One heartbeat; retries every 5 s while the controller is unreachable; re-registers if it forgot us."""
+        if self.no_register:
+            return
+        while not self._stop.is_set():
+            try:
+                response = httpx.post(
+                    self.controller_addr + "/receive_heart_beat",
+                    json={"worker_name": self.worker_addr, "queue_length": self.get_queue_length()},
+                    timeout=CONTROLLER_TIMEOUT_S,
+                )
+                exist = bool(response.json().get("exist"))
+                break
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                self.logger.warning("heartbeat to %s failed: %s", self.controller_addr, exc)
+                self._stop.wait(RETRY_INTERVAL_S)
+        else:
+            return
+        if not exist:
+            self.register_to_controller()
+
+    def _wait_until_listening(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                httpx.post(self.worker_addr + "/worker_get_status", timeout=1.0)
+                return
+            except httpx.HTTPError:
+                self._stop.wait(0.05)
+
+    def _heart_beat_loop(self) -> None:
+        # Register once this server answers, so the controller never sends work to a port that is not open yet.
+        self._wait_until_listening()
+        if not self.register_to_controller():
+            self.logger.warning("will retry registering with each heartbeat")
+        while not self._stop.wait(self.heart_beat_interval):
+            self.send_heart_beat()
+
+    def start(self) -> None:
+        """Start the engine and (unless ``no_register``) the registration/heartbeat thread."""
+        self.engine.start()
+        if not self.no_register:
+            threading.Thread(target=self._heart_beat_loop, name="heart-beat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.close()
+
+    def _heart_beat_soon(self) -> None:
+        if not self.no_register:
+            threading.Thread(target=self.send_heart_beat, daemon=True).start()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
+        return self._semaphore
+
+    async def generate_stream(self, request: Request) -> Response:
+        """Handle ``/worker_generate_stream``."""
+        try:
+            params = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Response(error_chunk(f"invalid JSON body: {exc}", WORKER_ERROR, INVALID_REQUEST), 400,
+                            media_type=STREAM_MEDIA_TYPE)
+        try:
+            prepared = await asyncio.to_thread(self.engine.prepare, params)
+        except RequestError as exc:
+            self.logger.info("rejected request: %s", exc)
+            return Response(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST), 400, media_type=STREAM_MEDIA_TYPE)
+        except PromptTooLong as exc:
+            # The original protocol: error code 0, the prompt followed by the message.
+            self.logger.info("prompt too long: %s", exc)
+            chunk = encode_chunk(params["prompt"] + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
+                                 detail=str(exc), finish_reason="length")
+            return Response(chunk, 200, media_type=STREAM_MEDIA_TYPE)
+        self.served += 1
+        self.logger.info("request %d: %d prompt tokens, %d images, max_new_tokens=%d", self.served,
+                         prepared.prompt_tokens, 0 if prepared.images is None else len(prepared.images),
+                         prepared.max_new_tokens)
+        return StreamingResponse(self._stream(prepared), media_type=STREAM_MEDIA_TYPE)
+
+    async def _stream(self, prepared: Any):
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        job = None
+        self.waiting += 1
+        acquired = False
+        try:
+            await self.semaphore.acquire()
+            acquired = True
+            self.waiting -= 1
+            self.running += 1
+            self._heart_beat_soon()
+            job = self.engine.submit(prepared, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+            while True:
+                event = await queue.get()
+                if event.error is not None:
+                    self.logger.error("generation failed: %s", event.error)
+                    yield error_chunk(event.error, WORKER_ERROR)
+                    return
+                usage = None
+                if event.finish_reason:
+                    usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens}
+                yield encode_chunk(prepared.prompt + event.text, OK, finish_reason=event.finish_reason, usage=usage)
+                if event.finish_reason:
+                    return
+        finally:
+            if job is not None:
+                job.cancel()  # a no-op when it finished; stops generating for a client that went away
+            if acquired:
+                self.running -= 1
+                self.semaphore.release()
+            else:
+                self.waiting -= 1
+            self._heart_beat_soon()
+
+
+def create_app(worker: ModelWorker) -> FastAPI:
+    """The worker's FastAPI application."""
+    app = FastAPI(title="PALO model worker")
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> Response:
+        return await worker.generate_stream(request)
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> JSONResponse:
+        return JSONResponse(worker.get_status())
+
+    @app.post("/model_details")
+    async def model_details() -> JSONResponse:
+        return JSONResponse({"context_length": worker.engine.max_context})
+
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="PALO model worker (original protocol)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", type=str, default="http://localhost:21002")
+    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--model-name", type=str, default=None, help="default: derived from --model-path")
+    parser.add_argument("--device", type=str, default="cuda", help="cuda, cuda:N, cpu, mps (cuda falls back to cpu)")
+    parser.add_argument("--multi-modal", action="store_true", help="deprecated: multimodality is read from the config")
+    parser.add_argument("--limit-model-concurrency", type=int, default=5)
+    parser.add_argument("--stream-interval", type=int, default=1, help="accepted for compatibility; unused")
+    parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--load-8bit", action="store_true")
+    parser.add_argument("--load-4bit", action="store_true")
+    parser.add_argument("--use-flash-attn", action="store_true")
+    parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests generated together (1: no batching)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect requests for one batch")
+    parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL, help="seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    import uvicorn
+
+    from palo.conversation import conv_mode_for_checkpoint
+    from palo.mm_utils import get_model_name_from_path
+    from palo.model.builder import load_pretrained_model
+
+    worker_id = uuid.uuid4().hex[:6]
+    logger = build_logger("model_worker", f"model_worker_{worker_id}.log")
+    logger.info("args: %s", args)
+    if args.multi_modal:
+        logger.warning("--multi-modal is deprecated and ignored: multimodality is read from the checkpoint's config")
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("no CUDA device: running on cpu")
+        device = "cpu"
+    model_name = args.model_name or get_model_name_from_path(args.model_path)
+    logger.info("loading %s on worker %s", model_name, worker_id)
+    tokenizer, model, image_processor, context_len = load_pretrained_model(
+        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
+        vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn,
+    )
+    engine = GenerationEngine(
+        tokenizer, model, image_processor, context_len,
+        max_batch_size=min(args.max_batch_size, max(1, args.limit_model_concurrency)),
+        batch_wait_ms=args.batch_wait_ms,
+        logger=logger,
+    )
+    logger.info("multimodal: %s, %d positions per image, context %d", engine.is_multimodal,
+                engine.image_token_count, engine.max_context)
+    worker = ModelWorker(
+        engine, model_name, args.controller_address, args.worker_address,
+        limit_model_concurrency=args.limit_model_concurrency,
+        conv_mode=conv_mode_for_checkpoint(model.config, model_name),
+        heart_beat_interval=args.heart_beat_interval,
+        no_register=args.no_register,
+        logger=logger,
+    )
+    worker.start()
+    try:
+        uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    finally:
+        worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the package's copy of this module, so its classes are the ones other modules import.
+    from palo.serve.model_worker import main as _main
+
+    sys.exit(_main())

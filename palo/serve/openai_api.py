@@ -1,0 +1,355 @@
+"""An OpenAI-compatible chat API on the controller, routed to model workers over the original protocol.
+
+* ``GET /v1/models``: the models of the live workers.
+* ``POST /v1/chat/completions``: ``messages`` (``system``/``user``/``assistant``; a user message's ``content`` may
+  be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
+  events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
+  ``stop`` (a string or up to 4), ``stream_options.include_usage``.
+
+The messages are rendered with the conversation template the worker reports for its checkpoint (``vicuna_v1`` for
+PALO; each image becomes an ``<image>`` line at the front of its message, as PALO was trained), and sent to a worker
+as one ``/worker_generate_stream`` request whose ``stop`` is the template's stop string. Extra ``stop`` strings are
+applied here, and the worker's stream is closed as soon as one appears. Errors use OpenAI's shape
+``{"error": {"message", "type", "param", "code"}}`` with HTTP 400 (bad request), 401 (API key), 404 (unknown model),
+502/503 (worker failures).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from palo.constants import DEFAULT_IMAGE_TOKEN
+from palo.conversation import SeparatorStyle, conv_templates, stop_string
+from palo.serve.protocol import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, OK, visible_text
+
+DEFAULT_CONV_MODE = "vicuna_v1"
+DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
+MAX_STOP_STRINGS = 4
+
+
+class APIError(Exception):
+    """An error returned in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request, rendered for the worker protocol."""
+
+    model: str
+    prompt: str
+    images: list[str]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    template_stop: str | None
+    stops: list[str]
+    stream: bool
+    include_usage: bool
+
+    def worker_params(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "prompt": self.prompt,
+            "images": self.images,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_tokens,
+            "stop": self.template_stop,
+        }
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise APIError(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}", param=key)
+    return float(value)
+
+
+def _image_data(part: dict) -> str:
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str):
+        raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}", param="messages")
+    header, sep, data = url.partition(",")
+    if not url.startswith("data:") or not sep or not header.endswith(";base64"):
+        raise APIError(400, "image URLs must be base64 data URLs (data:image/png;base64,...); remote images are not "
+                            "fetched", param="messages")
+    return data
+
+
+def _content(message: dict, index: int, images_allowed: bool) -> tuple[str, list[str]]:
+    """The text of a message and its images (base64), images first as ``<image>`` lines."""
+    content = message.get("content")
+    if content is None:
+        return "", []
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise APIError(400, f"messages[{index}].content must be a string or a list of parts", param="messages")
+    texts: list[str] = []
+    images: list[str] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            if not images_allowed:
+                raise APIError(400, f"messages[{index}]: only user messages can hold images", param="messages")
+            images.append(_image_data(part))
+        else:
+            raise APIError(400, f"messages[{index}]: unsupported content part {str(part)[:80]}", param="messages")
+    text = "\n".join(texts)
+    return (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + text, images
+
+
+def render_messages(messages: Any, conv_mode: str) -> tuple[str, list[str], str | None]:
+    """Render OpenAI chat messages with a conversation template.
+
+    Args:
+        messages: The request's ``messages``.
+        conv_mode: A key of :data:`palo.conversation.conv_templates`.
+
+    Returns:
+        ``(prompt, images as base64 strings in prompt order, the template's stop string)``.
+
+    Raises:
+        APIError: If the messages are malformed or do not alternate user/assistant ending with a user message.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    conv = conv_templates.get(conv_mode, conv_templates[DEFAULT_CONV_MODE]).copy()
+    images: list[str] = []
+    expected = "user"
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise APIError(400, f"messages[{index}] must be an object", param="messages")
+        role = message.get("role")
+        if role in ("system", "developer"):
+            if index != 0:
+                raise APIError(400, "a system message may only come first", param="messages")
+            text, _ = _content(message, index, images_allowed=False)
+            prefix = "<|im_start|>system\n" if conv.sep_style is SeparatorStyle.MPT else ""
+            conv.system = prefix + text
+            continue
+        if role not in ("user", "assistant"):
+            raise APIError(400, f"messages[{index}]: unsupported role {role!r}", param="messages")
+        if role != expected:
+            raise APIError(400, f"messages[{index}]: expected a {expected} message (user and assistant messages must "
+                                "alternate, starting with the user)", param="messages")
+        text, message_images = _content(message, index, images_allowed=role == "user")
+        images.extend(message_images)
+        conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], text)
+        expected = "assistant" if role == "user" else "user"
+    if expected != "assistant":
+        raise APIError(400, "the last message must be a user message", param="messages")
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt(), images, stop_string(conv)
+
+
+def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) -> ChatRequest:
+    """Validate a ``/v1/chat/completions`` body.
+
+    Args:
+        body: The decoded JSON body.
+        conv_mode_for: ``model -> conversation template`` (None: the PALO default).
+
+    Raises:
+        APIError: For malformed requests.
+    """
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required", param="model")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE)
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise APIError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} strings", param="stop")
+    options = body.get("stream_options") or {}
+    return ChatRequest(
+        model=model,
+        prompt=prompt,
+        images=images,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
+        max_tokens=max_tokens,
+        template_stop=template_stop,
+        stops=[s for s in stops if s],
+        stream=bool(body.get("stream", False)),
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+    )
+
+
+async def _generated(stream: Any, prompt: str) -> AsyncIterator[tuple[str, str | None, dict | None]]:
+    """The worker's chunks as ``(generated text so far, finish_reason, usage)``; errors become :class:`APIError`."""
+    async for obj in stream.chunks():
+        error_type = obj.get("error_type")
+        if error_type == CONTEXT_LENGTH_EXCEEDED:
+            raise APIError(400, f"the prompt is too long: {obj.get('detail', '')}".strip(), code="context_length_exceeded",
+                           param="messages")
+        if obj.get("error_code", OK) != OK:
+            if error_type == INVALID_REQUEST:
+                raise APIError(400, str(obj.get("text")))
+            raise APIError(502, f"the model worker failed: {obj.get('text')}", type_="server_error")
+        text = str(obj.get("text", ""))
+        yield (text[len(prompt):] if text.startswith(prompt) else text), obj.get("finish_reason"), obj.get("usage")
+
+
+def _usage(usage: dict | None) -> dict[str, int]:
+    prompt = int((usage or {}).get("prompt_tokens", 0))
+    completion = int((usage or {}).get("completion_tokens", 0))
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_openai_router(controller: Any, get_router: Callable[[], Any], api_key: str | None = None) -> APIRouter:
+    """The ``/v1`` routes.
+
+    Args:
+        controller: The :class:`palo.serve.controller.Controller` (models, templates).
+        get_router: Returns the controller's :class:`palo.serve.controller.Router` (created at startup).
+        api_key: If set, requests must send ``Authorization: Bearer <api_key>``.
+    """
+    from palo.serve.controller import NoWorkerError, WorkerUnreachableError
+
+    router = APIRouter(prefix="/v1")
+
+    def check_auth(request: Request) -> None:
+        if not api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type_="authentication_error", code="invalid_api_key")
+
+    @router.get("/models")
+    async def list_models(request: Request) -> Response:
+        try:
+            check_auth(request)
+        except APIError as exc:
+            return exc.response()
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "palo"} for m in controller.list_models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    @router.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        try:
+            check_auth(request)
+            try:
+                body = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise APIError(400, f"invalid JSON body: {exc}") from None
+            chat = parse_chat_request(body, controller.conv_mode)
+            try:
+                stream = await get_router().open(chat.model, json.dumps(chat.worker_params()).encode("utf-8"))
+            except NoWorkerError:
+                raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
+                                    f"{controller.list_models()}", param="model", code="model_not_found") from None
+            except WorkerUnreachableError as exc:
+                raise APIError(503, str(exc), type_="server_error") from None
+        except APIError as exc:
+            return exc.response()
+
+        pieces = _generated(stream, chat.prompt)
+        try:
+            first = await anext(pieces, None)
+        except APIError as exc:
+            await stream.aclose()
+            return exc.response()
+        except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
+            await stream.aclose()
+            return APIError(502, f"the model worker failed: {exc}", type_="server_error").response()
+
+        completion_id = "chatcmpl-" + uuid.uuid4().hex
+        created = int(time.time())
+
+        async def results() -> AsyncIterator[tuple[str, str | None, dict | None]]:
+            """(text to show, finish_reason, usage); ends early at a user stop string."""
+            shown = ""
+            try:
+                item = first
+                while item is not None:
+                    text, finish, usage = item
+                    shown, stopped = visible_text(text, chat.stops, final=finish is not None)
+                    if stopped or finish is not None:
+                        yield shown, "stop" if stopped else finish, usage
+                        return
+                    yield shown, None, usage
+                    item = await anext(pieces, None)
+                yield shown, "stop", None  # the worker ended without a final chunk
+            finally:
+                await stream.aclose()  # also stops the worker generating after a user stop string
+
+        if not chat.stream:
+            text, finish, usage = "", "stop", None
+            try:
+                async for text, finish, usage in results():
+                    pass
+            except APIError as exc:
+                return exc.response()
+            return JSONResponse({
+                "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish or "stop"}],
+                "usage": _usage(usage),
+            })
+
+        def sse(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
+            chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                     "model": chat.model}
+            chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+            if usage is not None:
+                chunk["usage"] = usage
+            return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+        async def events() -> AsyncIterator[bytes]:
+            yield sse({"role": "assistant", "content": ""})
+            sent = ""
+            final_usage = None
+            try:
+                async for text, finish, usage in results():
+                    if text.startswith(sent) and len(text) > len(sent):
+                        yield sse({"content": text[len(sent):]})
+                        sent = text
+                    if finish is not None:
+                        final_usage = usage
+                        yield sse({}, finish)
+                        break
+            except APIError as exc:
+                yield b"data: " + json.dumps(exc.body, ensure_ascii=False).encode("utf-8") + b"\n\n"
+                return
+            if chat.include_usage:
+                yield sse(None, usage=_usage(final_usage))
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return router

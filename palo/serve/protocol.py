@@ -1,0 +1,128 @@
+"""The original PALO/LLaVA serving wire format, shared by the controller, the model worker and their clients.
+
+A streaming response is a sequence of UTF-8 JSON objects, each followed by one NUL byte. Each object holds
+``text`` (cumulative, *including the prompt*) and ``error_code``:
+
+====  ==========================================================================
+code  meaning
+====  ==========================================================================
+0     OK (also used for the original "prompt too long" message)
+1     the worker failed, or rejected the request (bad image, wrong image count...)
+2     the controller found no worker for the model
+3     the controller could not reach the worker, or the worker timed out
+====  ==========================================================================
+
+This implementation may add keys that original clients ignore: ``finish_reason`` and ``usage`` on a worker's last
+chunk, and ``error_type`` on errors (used by the OpenAI-compatible API to pick an HTTP status).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+# Texts of the original demo; kept verbatim because clients display them (and some match on them).
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
+MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
+PROMPT_TOO_LONG_MSG = "Exceeds max token length. Please start a new conversation, thanks."
+
+OK = 0
+WORKER_ERROR = 1
+NO_WORKER = 2
+WORKER_UNREACHABLE = 3
+
+# Values of the extra ``error_type`` key.
+INVALID_REQUEST = "invalid_request"
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+SERVER_ERROR = "server_error"
+MODEL_NOT_FOUND = "model_not_found"
+
+
+def encode_chunk(text: str, error_code: int = OK, **extra: Any) -> bytes:
+    """One stream chunk: the JSON object followed by the NUL delimiter.
+
+    Args:
+        text: The cumulative text (prompt included) or an error message.
+        error_code: See the module table.
+        **extra: Additional keys (``finish_reason``, ``usage``, ``error_type``); None values are left out.
+
+    Returns:
+        The bytes to write.
+    """
+    body = {"text": text, "error_code": error_code}
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\0"
+
+
+def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR) -> bytes:
+    """An error chunk whose text starts with the original message (for codes 1-3) and then says what happened."""
+    text = reason if error_type == INVALID_REQUEST else f"{SERVER_ERROR_MSG} ({reason})"
+    return encode_chunk(text, error_code, error_type=error_type)
+
+
+class ChunkDecoder:
+    """Incremental splitter of a NUL-delimited byte stream into JSON objects (empty pieces are ignored)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add bytes; return the complete objects they finish."""
+        self._buffer += data
+        *complete, self._buffer = self._buffer.split(b"\0")
+        return [json.loads(piece.decode("utf-8")) for piece in complete if piece.strip()]
+
+    def close(self) -> list[dict[str, Any]]:
+        """Objects left in the buffer when the stream ended without a final delimiter."""
+        rest, self._buffer = self._buffer, b""
+        return [json.loads(rest.decode("utf-8"))] if rest.strip() else []
+
+
+def iter_chunks(byte_chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """Decode a synchronous byte stream (e.g. ``httpx.Response.iter_bytes()``) into chunk objects."""
+    decoder = ChunkDecoder()
+    for data in byte_chunks:
+        yield from decoder.feed(data)
+    yield from decoder.close()
+
+
+async def aiter_chunks(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """Decode an asynchronous byte stream into chunk objects."""
+    decoder = ChunkDecoder()
+    async for data in byte_chunks:
+        for obj in decoder.feed(data):
+            yield obj
+    for obj in decoder.close():
+        yield obj
+
+
+def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
+    """The part of a growing text that can be shown without ever having to take it back.
+
+    Cuts at the first complete stop string. While the text is still growing it also holds back a trailing partial
+    stop string (``"#"`` might become ``"###"``) and trailing U+FFFD characters (half of a multi-byte character whose
+    remaining byte tokens have not been generated yet), so the shown texts only ever extend each other.
+
+    Args:
+        text: The text generated so far.
+        stops: Stop strings (empty ones are ignored).
+        final: Whether generation has ended (nothing more is held back).
+
+    Returns:
+        ``(text to show, whether a stop string was found)``.
+    """
+    stops = [s for s in stops if s]
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    if final:
+        return text, False
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    shown = text[: len(text) - hold]
+    return shown.rstrip("\ufffd"), False

@@ -1,0 +1,44 @@
+"""Small helpers shared by the serving processes: log files and HTTP client settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from palo.constants import LOGDIR
+
+
+def log_dir() -> str:
+    """Where the services write logs: ``$PALO_LOGDIR``, else the original's ``LOGDIR`` (the working directory)."""
+    return os.environ.get("PALO_LOGDIR", LOGDIR)
+
+
+def build_logger(name: str, filename: str) -> logging.Logger:
+    """A logger that writes to stderr and to ``<log dir>/<filename>``, like the original services.
+
+    Args:
+        name: The logger name.
+        filename: The log file name (e.g. ``controller.log``).
+
+    Returns:
+        The configured logger (configured once per name).
+    """
+    logger = logging.getLogger(name)
+    if logger.handlers:
+        return logger
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    logger.addHandler(stream)
+    directory = log_dir()
+    try:
+        os.makedirs(directory, exist_ok=True)
+        file_handler = logging.FileHandler(os.path.join(directory, filename), encoding="utf-8")
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+    except OSError as exc:  # a read-only working directory must not stop the service
+        logger.warning("not writing %s: %s", filename, exc)
+    return logger

@@ -1,0 +1,122 @@
+"""The generation engine in-process: batching gives each request exactly what it gets alone; requests are checked."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from serve_helpers import image_b64, make_image, vicuna_prompt
+
+from palo.model.builder import load_pretrained_model
+from palo.serve.engine import GenerationEngine, PromptTooLong, RequestError
+
+QUESTIONS = ["What is this?", "ما هذا؟", "这是什么？", "Describe the picture in detail.", "یہ کیا ہے؟", "Что это?"]
+COLORS = ["red", "green", "black", "orange", "purple", "yellow"]
+
+
+@pytest.fixture(scope="module")
+def loaded(world):
+    return load_pretrained_model(world.full_dir, device="cpu")
+
+
+def _engine(loaded, **kwargs) -> GenerationEngine:
+    tokenizer, model, image_processor, context_len = loaded
+    return GenerationEngine(tokenizer, model, image_processor, context_len, **kwargs)
+
+
+def _params(i: int, **extra) -> dict:
+    with_image = i != 3  # one text-only request in the mix
+    params = {
+        "prompt": vicuna_prompt(QUESTIONS[i % len(QUESTIONS)], image=with_image),
+        "images": [image_b64(make_image(COLORS[i % len(COLORS)], size=(60 + 10 * i, 50)))] if with_image else [],
+        "temperature": 0, "max_new_tokens": 6 + 3 * i, "stop": "</s>",
+    }
+    params.update(extra)
+    return params
+
+
+def test_batched_greedy_equals_one_at_a_time(loaded):
+    batched = _engine(loaded, max_batch_size=8, batch_wait_ms=50)
+    single = _engine(loaded, max_batch_size=1)
+    try:
+        out_b = batched.generate([batched.prepare(_params(i)) for i in range(6)])
+        out_s = single.generate([single.prepare(_params(i)) for i in range(6)])
+    finally:
+        batched.close()
+        single.close()
+    assert list(batched.batch_sizes) == [6] and list(single.batch_sizes) == [1] * 6
+    assert [(o.text, o.finish_reason, o.completion_tokens) for o in out_b] == [
+        (o.text, o.finish_reason, o.completion_tokens) for o in out_s
+    ]
+    assert all(o.finish_reason in ("stop", "length") and o.error is None for o in out_b)
+
+
+def test_each_row_stops_at_its_own_stop_string(loaded):
+    engine = _engine(loaded, max_batch_size=8, batch_wait_ms=50)
+    try:
+        free = engine.generate([engine.prepare(_params(0, max_new_tokens=20))])[0]
+        assert len(free.text) > 4, free.text
+        stop = free.text[len(free.text) // 2:][:2]
+        cut = free.text[: free.text.find(stop)]
+        out = engine.generate([engine.prepare(_params(0, max_new_tokens=20, stop=stop)),
+                               engine.prepare(_params(0, max_new_tokens=20))])
+    finally:
+        engine.close()
+    assert (out[0].text, out[0].finish_reason) == (cut, "stop")
+    assert out[1].text == free.text  # its neighbour in the batch is unaffected
+
+
+def test_streaming_events_extend_each_other(loaded):
+    engine = _engine(loaded).start()
+    events = []
+    import threading
+
+    done = threading.Event()
+
+    def sink(event):
+        events.append(event)
+        if event.finish_reason or event.error:
+            done.set()
+
+    engine.submit(engine.prepare(_params(1, max_new_tokens=16)), sink)
+    assert done.wait(60)
+    engine.close()
+    texts = [e.text for e in events]
+    assert len(texts) > 1 and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert events[-1].finish_reason and not any(e.finish_reason for e in events[:-1])
+
+
+def test_budget_uses_the_projector_token_count(world):
+    tokenizer, model, image_processor, context_len = load_pretrained_model(world.ldp_dir, device="cpu")
+    engine = GenerationEngine(tokenizer, model, image_processor, context_len)
+    assert engine.is_multimodal and engine.image_token_count == model.image_token_count == 4  # LDP: 16 patches / 4
+    prepared = engine.prepare(_params(0))
+    assert prepared.prompt_tokens == len(prepared.input_ids) - 1 + 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"images": ["%%%"]}, "base64"),
+        ({"images": [base64.b64encode(b"not an image").decode()]}, "not a readable image"),
+        ({"images": [image_b64(), image_b64()]}, "2 image(s) for 1"),
+        ({"prompt": None}, "prompt"),
+        ({"images": "abc"}, "images"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"stop": 3}, "stop"),
+    ],
+)
+def test_bad_requests_are_rejected(loaded, change, message):
+    engine = _engine(loaded)
+    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        engine.prepare(dict(_params(0), **change))
+
+
+def test_overlong_prompt(loaded):
+    engine = _engine(loaded)
+    with pytest.raises(PromptTooLong, match="context"):
+        engine.prepare(_params(0, prompt=vicuna_prompt("word " * 600)))
+    # The budget is capped by what the context has left.
+    prepared = engine.prepare(_params(0, max_new_tokens=1000))
+    assert prepared.max_new_tokens == engine.max_context - prepared.prompt_tokens

@@ -1,0 +1,85 @@
+"""The web demo: its chat flow against the live cluster, and the page served by a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import httpx
+import pytest
+from serve_helpers import REPO, Service, free_port, make_image, wait_until
+
+from palo.serve.gradio_web_server import CURSOR, WebServer, chatbot_messages, is_rtl
+from palo.serve.protocol import SERVER_ERROR_MSG
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def logdir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    return tmp_path
+
+
+def test_arabic_question_streams_an_answer_shown_right_to_left(cluster, logdir):
+    server = WebServer(cluster.url)
+    assert "ckpt" in server.get_model_list()
+    state = server.add_text(None, "ما الذي في هذه الصورة؟", make_image(), "Default")
+    yielded = [(s, s.messages[-1][-1]) for s in server.http_bot(state, "ckpt", 0.0, 0.7, 24)]
+    state, states = yielded[-1][0], [text for _, text in yielded]
+    streamed = [m for m in states if m and m.endswith(CURSOR)]
+    assert len(streamed) > 1 and not states[-1].endswith(CURSOR) and states[-1]
+    shown = chatbot_messages(state)
+    assert [m["role"] for m in shown] == ["user", "assistant"]
+    assert all('dir="rtl"' in m["content"] for m in shown)  # question and answer
+    assert "data:image/png;base64," in shown[0]["content"]
+    records = [json.loads(line) for line in open(next(logdir.glob("*-conv.json")), encoding="utf-8")]
+    assert records[-1]["type"] == "chat" and records[-1]["model"] == "ckpt" and len(records[-1]["images"]) == 1
+    assert list(logdir.glob("serve_images/*/*.jpg"))
+
+    # A follow-up in English is shown left-to-right; regenerate gives the same greedy answer.
+    state = server.add_text(state, "And in English?", None)
+    *_, state = server.http_bot(state, "ckpt", 0.0, 0.7, 8)
+    assert 'dir="rtl"' not in chatbot_messages(state)[-1]["content"]
+    answer = state.messages[-1][-1]
+    *_, state = server.http_bot(server.regenerate(state), "ckpt", 0.0, 0.7, 8)
+    assert state.messages[-1][-1] == answer
+    server.vote(state, "upvote", "ckpt", "127.0.0.1")
+    assert json.loads(open(next(logdir.glob("*-conv.json")), encoding="utf-8").readlines()[-1])["type"] == "upvote"
+
+
+def test_errors_are_shown_in_the_chat(cluster, logdir):
+    server = WebServer(cluster.url)
+    state = server.add_text(None, "hello", make_image())
+    *_, state = server.http_bot(state, "no-such-model", 0.2, 0.7, 8)
+    assert state.messages[-1][-1].startswith(SERVER_ERROR_MSG) and "no-such-model" in state.messages[-1][-1]
+    long_state = server.add_text(None, "word " * 300, None)  # 1500 characters: kept, but too long for the tiny model
+    *_, long_state = server.http_bot(long_state, "ckpt", 0.2, 0.7, 8)
+    assert "Exceeds max token length" in long_state.messages[-1][-1]
+    assert server.add_text(None, "  ", None).skip_next
+    assert WebServer("http://127.0.0.1:9").get_model_list() == []
+
+
+def test_rtl_detection():
+    assert is_rtl("ما هذا؟") and is_rtl("یہ کیا ہے؟") and is_rtl('<img src="x"/> ما هذا')
+    assert not is_rtl("What is this? ما") and not is_rtl("这是什么") and not is_rtl("")
+
+
+def test_the_page_is_served(cluster, tmp_path):
+    pytest.importorskip("gradio")
+    port = free_port()
+    env = dict(os.environ, PALO_LOGDIR=str(tmp_path), GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    web = Service("web", [sys.executable, "palo/serve/gradio_web_server.py", "--controller", cluster.url,
+                          "--model-list-mode", "reload", "--port", str(port)],
+                  str(tmp_path / "web.out"), env, url=f"http://127.0.0.1:{port}").start()
+    try:
+        wait_until(lambda: httpx.get(web.url + "/", timeout=2).status_code == 200, 120, "the web server")
+        config = httpx.get(web.url + "/config", timeout=10).json()
+        props = {c.get("props", {}).get("elem_id"): c for c in config["components"]}
+        assert {"chatbot", "imagebox", "question", "send", "regenerate", "clear", "model_selector"} <= set(props)
+        assert "ckpt" in json.dumps(props["model_selector"]["props"]["choices"])
+        assert "Expected" not in web.log()  # no Gradio argument warnings
+    finally:
+        web.kill()
+    assert os.path.isfile(os.path.join(REPO, "images", "fruits.png"))

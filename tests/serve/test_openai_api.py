@@ -1,0 +1,73 @@
+"""The OpenAI-compatible API on the controller, driven by the official ``openai`` client."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from serve_helpers import API_KEY, image_b64, make_image
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def client(cluster, key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def image_message(text: str, color: str = "red") -> list[dict]:
+    url = "data:image/png;base64," + image_b64(make_image(color))
+    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+
+
+def test_models_and_streamed_chat_with_an_image(cluster):
+    c = client(cluster)
+    assert "ckpt" in {m.id for m in c.models.list()}
+    stream = c.chat.completions.create(model="ckpt", messages=image_message("ما هذا؟"), stream=True, temperature=0,
+                                       max_tokens=12, stream_options={"include_usage": True})
+    deltas, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            deltas.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    streamed = "".join(deltas)
+    assert sum(1 for d in deltas if d) > 1 and finish in ("stop", "length")
+    assert usage.completion_tokens >= 1 and usage.prompt_tokens > 16  # the image alone takes 16 positions
+    # The same request without streaming gives the same greedy answer.
+    full = c.chat.completions.create(model="ckpt", messages=image_message("ما هذا؟"), temperature=0, max_tokens=12)
+    assert full.choices[0].message.content == streamed and full.choices[0].finish_reason == finish
+
+
+def test_a_stop_string_ends_the_answer(cluster):
+    c = client(cluster)
+    messages = [{"role": "system", "content": "Answer briefly."}] + image_message("Describe it.", "green")
+    free = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16).choices[0].message.content
+    assert len(free) > 4
+    stop = free[len(free) // 2:][:2]
+    cut = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16, stop=[stop])
+    assert cut.choices[0].message.content == free[: free.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_errors(cluster):
+    with pytest.raises(openai.AuthenticationError):
+        client(cluster, key="wrong").models.list()
+    assert httpx.get(cluster.url + "/v1/models").status_code == 401
+    c = client(cluster)
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        c.chat.completions.create(model="no-such-model", messages=image_message("hi"))
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+    with pytest.raises(openai.BadRequestError, match="data URLs"):
+        c.chat.completions.create(model="ckpt", messages=remote)
+    broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    with pytest.raises(openai.BadRequestError, match="not a readable image"):
+        c.chat.completions.create(model="ckpt", messages=broken)
+    with pytest.raises(openai.BadRequestError, match="too long"):
+        c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "word " * 700}])
+    with pytest.raises(openai.BadRequestError, match="alternate"):
+        c.chat.completions.create(model="ckpt", messages=[{"role": "assistant", "content": "hi"}])
+    bad_json = httpx.post(cluster.url + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert bad_json.status_code == 400 and "invalid JSON" in bad_json.json()["error"]["message"]
+    # ...and the next good request succeeds.
+    ok = c.chat.completions.create(model="ckpt", messages=image_message("What is this?"), temperature=0, max_tokens=4)
+    assert ok.choices[0].finish_reason in ("stop", "length")

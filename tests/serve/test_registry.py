@@ -1,0 +1,87 @@
+"""Controller registry and dispatch, and the wire-format helpers, without processes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from palo.serve.controller import Controller
+from palo.serve.protocol import ChunkDecoder, encode_chunk, error_chunk, visible_text
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def status(*models: str, speed: int = 1, queue: int = 0) -> dict:
+    return {"model_names": list(models), "speed": speed, "queue_length": queue}
+
+
+def test_shortest_queue_counts_dispatched_requests():
+    c = Controller("shortest_queue", clock=Clock())
+    c.register_worker("http://a", True, status("m", queue=0))
+    c.register_worker("http://b", True, status("m", queue=1))
+    picks = [c.get_worker_address("m") for _ in range(4)]
+    assert picks == ["http://a", "http://a", "http://b", "http://a"]
+    assert c.get_worker_address("other") == ""
+    assert c.receive_heart_beat("http://b", 0) and not c.receive_heart_beat("http://zzz", 0)
+
+
+def test_lottery_follows_speed():
+    c = Controller("lottery", clock=Clock())
+    c.register_worker("http://fast", True, status("m", speed=9))
+    c.register_worker("http://slow", True, status("m", speed=1))
+    picks = [c.get_worker_address("m") for _ in range(400)]
+    assert 300 < picks.count("http://fast") < 400
+    zero = Controller("lottery", clock=Clock())
+    zero.register_worker("http://z", True, status("m", speed=0))
+    assert zero.get_worker_address("m") == ""
+
+
+def test_expiry_and_refresh():
+    clock = Clock()
+    statuses = {"http://a": status("m"), "http://b": None}
+    c = Controller(heart_beat_expiration=30, clock=clock, status_fetcher=statuses.get)
+    c.register_worker("http://a", True, None)  # polled
+    c.register_worker("http://b", True, status("m"))
+    c.register_worker("http://manual", False, status("m"))  # no heartbeat check: never expires
+    assert c.worker_status() == {"model_names": ["m"], "speed": 3, "queue_length": 0}
+    clock.now += 20
+    c.receive_heart_beat("http://a", 2)
+    clock.now += 15
+    # b is stale: never chosen, and swept away.
+    assert "http://b" not in {c.get_worker_address("m") for _ in range(10)}
+    assert c.remove_stale_workers() == ["http://b"]
+    c.refresh_all_workers()  # a answers, manual does not (its fetch gives None) -> dropped
+    assert set(c.worker_info) == {"http://a"}
+    assert not c.register_worker("http://bad", True, {"model_names": "x"})
+    with pytest.raises(ValueError):
+        Controller("round_robin")
+
+
+def test_chunks_round_trip_and_split_anywhere():
+    data = encode_chunk("prompt ما", 0) + error_chunk("bad image", 1, "invalid_request") + encode_chunk("x", 0, usage=None)
+    for cut in range(len(data)):
+        decoder = ChunkDecoder()
+        objs = decoder.feed(data[:cut]) + decoder.feed(data[cut:]) + decoder.close()
+        assert [o["text"] for o in objs] == ["prompt ما", "bad image", "x"]
+    assert json.loads(encode_chunk("t", 0, finish_reason="stop")[:-1]) == {"text": "t", "error_code": 0, "finish_reason": "stop"}
+
+
+@pytest.mark.parametrize(
+    ("text", "final", "expected"),
+    [
+        ("hello ###", False, ("hello ", True)),
+        ("hello #", False, ("hello ", False)),  # might become the stop string: held back
+        ("hello #", True, ("hello #", False)),
+        ("abc\ufffd", False, ("abc", False)),  # half a character
+        ("a###b###", True, ("a", True)),
+    ],
+)
+def test_visible_text(text, final, expected):
+    assert visible_text(text, ["###"], final) == expected
