@@ -59,7 +59,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "id": sample_id,
             "language": sample_language(sample),
             "prompt": example.prompt,
-            "supervised_text": supervised_text(example, tokenizer),
+            "supervised_text": supervised_text(example, tokenizer).strip(),
             "supervised_token_count": len(supervised),
             "token_count": len(example.input_ids),
             "supervised_segments": [text for text, flag in example.segments if flag],

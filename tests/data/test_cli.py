@@ -1,0 +1,75 @@
+"""palo-data inspect / validate on a small multilingual set with planted problems."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from palo.testing import tiny_data
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "palo.data.cli", *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return tiny_data.write_dataset(str(tmp_path_factory.mktemp("cli")), num_samples=12)
+
+
+def test_inspect_json_reports_supervised_text(world, data):
+    result = _run("inspect", "--data_path", data, "--model_name_or_path", world.tokenizer_dir, "--version", "v1", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(records) == 12
+    samples = json.load(open(data))
+    for record, sample in zip(records, samples):
+        answers = [t["value"] for t in sample["conversations"] if t["from"] == "gpt"]
+        assert record["supervised_segments"] == [" " + a + "</s>" for a in answers]
+        # The decoded supervised tokens are the answers with their end separators (decoding may move spaces).
+        assert record["supervised_text"].replace(" ", "") == "".join(a + "</s>" for a in answers).replace(" ", "")
+        assert record["supervised_token_count"] > len(answers)
+        assert record["prompt"].startswith("A chat between a curious user")
+    assert {r["language"] for r in records} >= {"english", "arabic", "chinese", "hindi", "russian"}
+
+
+def test_inspect_one_sample_human_readable(world, data):
+    result = _run("inspect", "--data_path", data, "--model_name_or_path", world.tokenizer_dir, "--index", "1")
+    assert result.returncode == 0, result.stderr
+    assert "⟦ الشكل" in result.stdout and "</s>⟧" in result.stdout
+    result = _run("inspect", "--data_path", data, "--model_name_or_path", world.tokenizer_dir, "--index", "99")
+    assert result.returncode == 2 and "out of range" in result.stderr
+
+
+def test_validate_clean_and_broken(data, tmp_path):
+    folder = os.path.join(os.path.dirname(data), "images")
+    result = _run("validate", "--data_path", data, "--image_folder", folder, "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["problems"] == 0 and report["samples"] == 12 and report["languages"]["english"] >= 1
+
+    samples = json.load(open(data))
+    samples += [
+        {"id": "gone", "image": "nope.png", "conversations": samples[0]["conversations"]},
+        {"id": "roles", "conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]},
+        {"id": "flagged", "corrupt": True, "conversations": []},
+    ]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(samples, ensure_ascii=False))
+    result = _run("validate", "--data_path", str(broken), "--image_folder", folder, "--quiet")
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["problems"] == 2 and report["corrupt_filtered"] == 1
+    assert "'gone'" in result.stderr.replace('"', "'") and "no such image file" in result.stderr
+    assert "roles" in result.stderr
+
+    (tmp_path / "not_json.json").write_text("{not an array")
+    result = _run("validate", "--data_path", str(tmp_path / "not_json.json"))
+    assert result.returncode == 2 and "error" in result.stderr
+    result = _run("validate", "--data_path", str(tmp_path / "missing.json"))
+    assert result.returncode == 2 and "no such file" in result.stderr
