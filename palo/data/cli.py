@@ -4,6 +4,12 @@
   of each sample and exactly which tokens are supervised (with ``--json``: one object per sample).
 * ``palo-data validate --data_path X --image_folder D``: per-language counts, missing or corrupt images, malformed
   turns; exits non-zero when anything is wrong.
+* ``palo-data translate --data_path X --languages ar,zh,fr --output_dir D --base-url URL --model M``: translate with
+  any OpenAI-compatible chat model, checked, cached and resumable (:mod:`palo.data.translate`).
+* ``palo-data apply-review --data_path D/arabic.json --review D/arabic.review.jsonl``: merge a person's corrections
+  of rejected translations back (:mod:`palo.data.review`).
+* ``palo-data merge --data_path english.json --translated D/*.json --output X --seed 0``: one shuffled training
+  JSON in all languages (:mod:`palo.data.merge`).
 """
 
 from __future__ import annotations
@@ -149,7 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--max_problems", type=int, default=50)
     validate.add_argument("--quiet", action="store_true", help="no progress bars")
     validate.set_defaults(func=_validate)
+    _add_translation_commands(sub)
     return parser
+
+
+def _add_translation_commands(sub: argparse._SubParsersAction) -> None:
+    # Imported lazily inside the handlers' modules: the translation tools need openai, inspect/validate do not.
+    from palo.data import merge, review, translate
+
+    parser = sub.add_parser("translate", help="translate conversations with an OpenAI-compatible chat model")
+    translate.add_arguments(parser)
+    parser.set_defaults(func=translate.main_translate)
+    parser = sub.add_parser("apply-review", help="merge corrected translations from a review file")
+    review.add_arguments(parser)
+    parser.set_defaults(func=review.main_apply_review)
+    parser = sub.add_parser("merge", help="English + translated sets -> one shuffled training JSON")
+    merge.add_arguments(parser)
+    parser.set_defaults(func=merge.main_merge)
 
 
 def main(argv: list[str] | None = None) -> int:

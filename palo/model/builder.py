@@ -41,6 +41,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# Modules kept in half precision under 4/8-bit loading. transformers 5 matches these from the start of a module's
+# full name (or as its suffix), older versions as substrings: the prefixed and bare forms cover both.
+QUANTIZATION_SKIP = ["model.mm_projector", "model.vision_tower", "lm_head", "mm_projector", "vision_tower"]
 
 
 class CheckpointError(ValueError):
@@ -194,14 +197,14 @@ def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[
     from transformers import BitsAndBytesConfig
 
     if load_8bit:
-        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["mm_projector", "vision_tower", "lm_head"])}
+        return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANTIZATION_SKIP)}
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_compute_dtype=torch.float16,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=["mm_projector", "vision_tower", "lm_head"],
+            llm_int8_skip_modules=QUANTIZATION_SKIP,
         )
     }
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-from palo.model.builder import resolve_checkpoint_dir
+from palo.model.builder import QUANTIZATION_SKIP, resolve_checkpoint_dir
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM, build_vision_tower
 from palo.model.projectors import build_projector
@@ -62,7 +62,7 @@ def _quantization_kwargs(args: TrainingArguments) -> dict[str, Any]:
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=args.bits == 4,
             load_in_8bit=args.bits == 8,
-            llm_int8_skip_modules=list(MULTIMODAL_MODULES),
+            llm_int8_skip_modules=QUANTIZATION_SKIP,
             llm_int8_threshold=6.0,
             llm_int8_has_fp16_weight=False,
             bnb_4bit_compute_dtype=compute_dtype(args),

@@ -281,3 +281,16 @@ def test_incomplete_full_checkpoint(world, tmp_path):
     with pytest.raises(CheckpointError, match="incomplete.*lm_head"):
         load_pretrained_model(str(folder), device="cpu")
     assert os.path.isdir(folder)
+
+
+def test_quantization_keeps_tower_projector_and_head_in_half_precision(world):
+    """The skip list as transformers itself applies it (runs on CPU; the CUDA test quantizes for real)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from palo.model.builder import QUANTIZATION_SKIP
+
+    model = world.model
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    converted = {n for n in names if should_convert_module(n, QUANTIZATION_SKIP)}
+    assert "model.layers.0.self_attn.q_proj" in converted and "model.layers.1.mlp.down_proj" in converted
+    assert not any(n.startswith(("model.vision_tower", "model.mm_projector")) or n == "lm_head" for n in converted)

@@ -33,3 +33,18 @@ def test_ldp_checkpoint_on_cuda(world):
     pixels = torch.randn(1, 3, 56, 56, device="cuda", dtype=torch.float16)
     out = model.generate(ids, images=pixels, max_new_tokens=4, do_sample=False)
     assert out.shape[0] == 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_load_and_generate_on_cuda(world, bits):
+    pytest.importorskip("bitsandbytes", reason="4/8-bit loading needs bitsandbytes")
+    tokenizer, model, _, _ = load_pretrained_model(
+        world.full_dir, device="cuda", load_4bit=bits == 4, load_8bit=bits == 8
+    )
+    quantized = [n for n, m in model.named_modules() if "Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__]
+    assert any(".layers.0.self_attn.q_proj" in n for n in quantized)
+    assert not any("mm_projector" in n or "vision_tower" in n for n in quantized)  # kept in half precision
+    ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")[None].cuda()
+    pixels = torch.randn(1, 3, 56, 56, device="cuda", dtype=torch.float16)
+    out = model.generate(ids, images=pixels, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)

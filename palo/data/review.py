@@ -1,0 +1,126 @@
+"""``palo-data apply-review``: merge a person's corrections of rejected translations back into a translated set.
+
+``palo-data translate`` writes one JSONL line per rejected turn to ``<language>.review.jsonl``::
+
+    {"language": "arabic", "index": 12, "id": "000000033471", "turn": 1, "from": "gpt",
+     "source": "<English turn>", "translation": "<the rejected attempt>", "problems": ["..."], "corrected": null}
+
+The reviewer writes the right translation into ``corrected`` (leaving it null keeps the turn rejected). A
+correction replaces turn ``turn`` of ``<language>_conversation`` in sample ``index``; ``<image>`` is put back at the
+front of the turn when the English turn had one and the correction left it out. A sample whose every rejected turn
+is corrected gets ``corrupt: false``. When the translate run's ``<language>.progress.jsonl`` sits next to the data
+file, the corrected samples are appended to it too, so a later ``palo-data translate`` rerun keeps the corrections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Any
+
+from palo.constants import DEFAULT_IMAGE_TOKEN
+from palo.data.translate import (
+    atomic_write_json,
+    conversation_key,
+    join_image,
+    read_jsonl,
+    source_hash,
+    split_image,
+)
+
+
+def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Apply review entries to ``samples`` in place.
+
+    Args:
+        samples: The translated set (``<language>_conversation`` and ``corrupt`` in each sample).
+        entries: Review lines; those with a null or empty ``corrected`` are skipped.
+
+    Returns:
+        A report: corrected turns, samples cleared, samples still corrupt, entries skipped and why.
+
+    Raises:
+        ValueError: When an entry points at a sample or turn that does not exist or whose English differs.
+    """
+    by_sample: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for entry in entries:
+        by_sample[int(entry["index"])].append(entry)
+    corrected = cleared = pending = 0
+    touched = []
+    for index, group in sorted(by_sample.items()):
+        if not 0 <= index < len(samples):
+            raise ValueError(f"review entry for sample {index}, but the set has {len(samples)} samples")
+        sample = samples[index]
+        key = conversation_key(group[0]["language"])
+        turns = sample.get(key)
+        if not isinstance(turns, list):
+            raise ValueError(f"sample {index} has no '{key}'")
+        open_turns = 0
+        for entry in group:
+            k = int(entry["turn"])
+            english = sample["conversations"][k]["value"] if k < len(sample.get("conversations", [])) else None
+            if english != entry.get("source"):
+                raise ValueError(f"sample {index} turn {k}: the English in the review entry differs from the set "
+                                 "(was the review file made from another input?)")
+            text = entry.get("corrected")
+            if not isinstance(text, str) or not text.strip():
+                open_turns += 1
+                continue
+            _, images = split_image(english)
+            if images and DEFAULT_IMAGE_TOKEN not in text:
+                text = join_image(text.strip(), images)
+            elif images:
+                text = join_image(split_image(text)[0], images)  # normalise: placeholders at the front
+            turns[k] = {**turns[k], "value": text}
+            corrected += 1
+        if open_turns:
+            pending += 1
+        else:
+            sample["corrupt"] = False
+            cleared += 1
+        touched.append(index)
+    return {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending,
+            "touched": touched}
+
+
+def main_apply_review(args: argparse.Namespace) -> int:
+    """Entry point of ``palo-data apply-review``."""
+    with open(args.data_path, encoding="utf-8") as f:
+        samples = json.load(f)
+    entries = read_jsonl(args.review)
+    try:
+        report = apply_corrections(samples, entries)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        print(f"error: {args.review}: {exc}", file=sys.stderr)
+        return 2
+    output = args.output or args.data_path
+    atomic_write_json(output, samples)
+    # Keep the translate run's resume log in step, so a rerun rebuilds the set with the corrections in it.
+    progress = args.progress
+    if progress is None and args.data_path.endswith(".json"):
+        candidate = args.data_path[: -len(".json")] + ".progress.jsonl"
+        progress = candidate if os.path.exists(candidate) else None
+    if progress and report["touched"]:
+        old = {int(r["index"]): r for r in read_jsonl(progress)}
+        with open(progress, "a", encoding="utf-8") as f:
+            for index in report["touched"]:
+                review = [e for e in entries if int(e["index"]) == index and not (e.get("corrected") or "").strip()]
+                record = {"index": index, "hash": old.get(index, {}).get("hash", source_hash(samples[index])),
+                          "sample": samples[index], "review": review}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    del report["touched"]
+    report["output"] = output
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data_path", "--data-path", dest="data_path", required=True,
+                        help="the translated set, e.g. out/arabic.json")
+    parser.add_argument("--review", required=True, help="the review JSONL with 'corrected' filled in")
+    parser.add_argument("--output", default=None, help="where to write (default: overwrite --data_path atomically)")
+    parser.add_argument("--progress", default=None,
+                        help="the translate resume log to update (default: <data_path stem>.progress.jsonl if any)")

@@ -1,0 +1,71 @@
+"""``palo-data merge``: counts, the training layout of translated samples, and a seed-deterministic shuffle."""
+
+from __future__ import annotations
+
+import json
+
+from palo.data.cli import main
+
+
+def _english(n: int) -> list[dict]:
+    return [{"id": f"en{i}", "image": f"{i}.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": f"Thing {i}."}]}
+        for i in range(n)]
+
+
+def _translated(language: str, text: str, n: int, corrupt: set[int]) -> list[dict]:
+    out = []
+    for sample in _english(n):
+        sample = dict(sample, id=sample["id"].replace("en", language[:2]))
+        sample[f"{language}_conversation"] = [{"from": "human", "value": f"<image>\n{text}"},
+                                              {"from": "gpt", "value": text}]
+        sample["corrupt"] = int(sample["id"][2:]) in corrupt
+        out.append(sample)
+    return out
+
+
+def _write(path, data) -> str:
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return str(path)
+
+
+def _merge(tmp_path, name: str, seed: int, *extra: str) -> list[dict]:
+    english = _write(tmp_path / "en.json", _english(5))
+    arabic = _write(tmp_path / "ar.json", _translated("arabic", "ما هذا؟", 4, corrupt={1}))
+    chinese = _write(tmp_path / "zh.json", _translated("chinese", "这是什么？", 3, corrupt=set()))
+    out = tmp_path / name
+    assert main(["merge", "--data_path", english, "--translated", arabic, chinese, "--output", str(out),
+                 "--seed", str(seed), *extra]) == 0
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_merge_counts_and_layout(tmp_path, capsys):
+    merged = _merge(tmp_path, "m.json", 0, "--image_prefix", "coco/train2017")
+    printed = capsys.readouterr().out
+    assert "english" in printed and "arabic" in printed and "1 corrupt dropped" in printed
+    languages = [s.get("language", "english") for s in merged]
+    assert (languages.count("english"), languages.count("arabic"), languages.count("chinese")) == (5, 3, 3)
+    arabic = [s for s in merged if s.get("language") == "arabic"]
+    for sample in arabic:
+        assert sample["conversations"][1]["value"] == "ما هذا؟"
+        assert sample["english_conversations"][0]["value"] == "<image>\nWhat is this?"
+        assert "arabic_conversation" not in sample and sample["corrupt"] is False
+        assert sample["image"].startswith("coco/train2017/")
+    assert "ar1" not in {s["id"] for s in merged}
+    english = [s for s in merged if "language" not in s]
+    assert all(s["image"] == f"{s['id'][2:]}.jpg" for s in english)  # the English set is taken as it is
+
+
+def test_merge_shuffle_is_deterministic(tmp_path):
+    a = _merge(tmp_path, "a.json", 7)
+    b = _merge(tmp_path, "b.json", 7)
+    c = _merge(tmp_path, "c.json", 8)
+    assert a == b
+    assert [s["id"] for s in a] != [s["id"] for s in c]
+    assert sorted(s["id"] for s in a) == sorted(s["id"] for s in c)
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_merge_keep_corrupt(tmp_path):
+    merged = _merge(tmp_path, "k.json", 0, "--keep_corrupt")
+    assert sum(1 for s in merged if s.get("corrupt")) == 1

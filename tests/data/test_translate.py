@@ -1,0 +1,420 @@
+"""``palo-data translate`` / ``apply-review`` against a local OpenAI-compatible server over real HTTP.
+
+The server "translates" word by word into a fixed word list of the target language (read from the system
+message), copying the ``[[n]]`` placeholders it receives, and misbehaves on cue: a marker word in the English text
+makes it answer 500 once, 429 once (with Retry-After), echo the English, echo it once, mangle placeholders, or wrap
+the reply in angle brackets once. Every request is recorded, so tests count calls per (language, text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from palo.data.cli import main
+from palo.data.languages import detect_language
+from palo.data.translate import (
+    check_translation,
+    clean_reply,
+    mask,
+    resolve_language,
+    restore,
+    split_image,
+)
+
+# Word lists that detect_language recognises (Arabic with Arabic-only letters, French with its stopwords).
+WORDS = {
+    "arabic": ["القطة", "كبيرة", "في", "الصورة", "يوجد", "طاولة", "جميلة", "على"],
+    "chinese": ["图片", "中", "有", "一只", "猫", "桌子", "上面", "红色"],
+    "french": ["le", "chat", "est", "sur", "la", "table", "très", "grande", "dans", "l'image"],
+}
+_LANGUAGE = re.compile(r"from English into (\w+)\.")
+_TOKEN = re.compile(r"\[\[\d+\]\]|[^\W\d_]+")
+
+
+def fake_translate(text: str, language: str, keep_placeholders: bool = True) -> str:
+    words = WORDS[language]
+    out = []
+    for token in _TOKEN.findall(text):
+        if token.startswith("[["):
+            if keep_placeholders:
+                out.append(token)
+        else:
+            out.append(words[len(token) % len(words)])
+    sep = "" if language == "chinese" else " "
+    return sep.join(out) + ("。" if language == "chinese" else ".")
+
+
+class FakeTranslator:
+    """The server; ``base_url`` is ``http://127.0.0.1:<port>/v1``. ``stall_after`` answers, later requests hang."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int, str]] = []  # (language, user text, status, system message)
+        self.attempts: Counter = Counter()
+        self.stall_after: int | None = None
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def answered(self, status: int = 200) -> Counter:
+        with self.lock:
+            return Counter((lang, text) for lang, text, s, _ in self.calls if s == status)
+
+    def respond(self, body: dict) -> tuple[int, str, dict]:
+        system = next(m["content"] for m in body["messages"] if m["role"] == "system")
+        text = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        language = _LANGUAGE.search(system).group(1).lower()
+        with self.lock:
+            answered = sum(1 for c in self.calls if c[2] == 200)
+            stall = self.stall_after is not None and answered >= self.stall_after
+        if stall:
+            self.stalled.set()
+            self.release.wait(30)
+            return 503, "stalled", {}  # too late: the client is dead; never counted as an answer
+        with self.lock:
+            self.attempts[(language, text)] += 1
+            n = self.attempts[(language, text)]
+        good = fake_translate(text, language)
+        if "fivehundred" in text and n == 1:
+            status, reply, headers = 500, "boom", {}
+        elif "ratelimit" in text and n == 1:
+            status, reply, headers = 429, "slow down", {"Retry-After": "0.4"}
+        elif "echoenglish" in text or ("echoonce" in text and n == 1):
+            status, reply, headers = 200, text, {}
+        elif "mangle" in text:
+            status, reply, headers = 200, fake_translate(text, language, keep_placeholders=False), {}
+        elif "brackets" in text and n == 1:
+            status, reply, headers = 200, f"<{good}>", {}
+        else:
+            status, reply, headers = 200, good, {}
+        with self.lock:
+            self.calls.append((language, text, status, system))
+        return status, reply, headers
+
+    def start(self) -> FakeTranslator:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client was killed mid-request: expected in the resume test
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                status, reply, headers = fake.respond(body)
+                if status == 200:
+                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": reply}}],
+                               "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+                else:
+                    payload = {"error": {"message": reply, "type": "server_error", "code": status}}
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def server():
+    fake = FakeTranslator().start()
+    yield fake
+    fake.stop()
+
+
+def _sample(i: int, question: str, answer: str, image: bool = True) -> dict:
+    sample = {"id": f"{i:012d}", "conversations": [
+        {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    if image:
+        sample["image"] = f"{i:012d}.jpg"
+    return sample
+
+
+SAMPLES = [
+    _sample(0, "What is on the table?\n<image>", "A cat sits on the table at [0.12, 0.40, 0.55, 0.89] with 3 toys."),
+    _sample(1, "<image>\nfivehundred how many cats are there?", "There are 2 cats, one is sleeping."),
+    _sample(2, "<image>\nratelimit what colour is the car?", "The car is red and costs 1,200 dollars."),
+    _sample(3, "<image>\nDescribe the picture.", "echoenglish the picture shows a big dog near a tree."),
+    _sample(4, "<image>\nWhat is written in the code?", "mangle it prints `x = 5` and then 7 lines."),
+    _sample(5, "<image>\nechoonce what is the man holding now?", "He holds an umbrella in his hand."),
+    _sample(6, "brackets tell me a story about cats please", "Once upon a time a cat lived in a house.", image=False),
+    _sample(7, "What is on the table?\n<image>", "A lamp stands on the table near the window."),
+]
+
+
+def _write(path, data) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False)
+    return str(path)
+
+
+def _translate_args(data: str, out: str, server: FakeTranslator, languages: str = "ar,zh,fr", *extra: str):
+    return ["translate", "--data_path", data, "--languages", languages, "--output_dir", out, "--base-url",
+            server.base_url, "--model", "fake-mt", "--api-key", "k", "--parallel", "4", "--backoff", "0.01",
+            "--quiet", *extra]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Units
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_resolve_language():
+    assert resolve_language("ar") == "arabic"
+    assert resolve_language("zh-CN") == "chinese"
+    assert resolve_language("Japanese") == "japanese"
+    with pytest.raises(ValueError):
+        resolve_language("en")
+    with pytest.raises(ValueError):
+        resolve_language("de")
+
+
+def test_mask_restore_roundtrip_and_native_digits():
+    text = "Box [0.12, 0.40, 0.55, 0.89] has 3 cats, 1,200 dogs at 10:30, `x = 5` and COCO2017.\n```py\nprint(1)\n```"
+    masked = mask(text)
+    assert masked.spans == ["[0.12, 0.40, 0.55, 0.89]", "3", "1,200", "10:30", "`x = 5`", "```py\nprint(1)\n```"]
+    assert "COCO2017" in masked.text and not re.search(r"\d(?!\d*\]\])", masked.text.replace("COCO2017", ""))
+    assert restore(masked.text, masked.spans) == text
+    # A model writing Arabic-Indic digits or full-width brackets in a placeholder still restores.
+    assert restore("العدد [[٢]] و ［［1］］", masked.spans) == "العدد 3 و [0.12, 0.40, 0.55, 0.89]"
+
+
+def test_split_image():
+    assert split_image("What is it?\n<image>") == ("What is it?", 1)
+    assert split_image("<image>\nWhat is it?") == ("What is it?", 1)
+    assert split_image("no image") == ("no image", 0)
+
+
+@pytest.mark.parametrize("translation, language, expected", [
+    ("القطة كبيرة في الصورة [[1]].", "arabic", None),
+    ("The cat is big in the picture [[1]].", "arabic", "script"),
+    ("The cat is big in the picture [[1]].", "french", "English"),
+    ("le chat est très grand dans l'image.", "french", "placeholders missing"),
+    ("<القطة كبيرة في الصورة [[1]]>", "arabic", "angle bracket"),
+    ("Here is the translation: القطة كبيرة في الصورة [[1]] والطاولة", "arabic", "echoes instructions"),
+    ("猫很大[[1]]。", "chinese", None),
+    ("猫はとても大きいです[[1]]。", "chinese", "chinese script"),  # kana is not Chinese
+    ("القطة [[1]] [[1]] كبيرة في الصورة", "arabic", "repeated"),
+    ("قط [[1]]", "arabic", "length ratio"),
+])
+def test_check_translation(translation, language, expected):
+    source = "The cat is big in the picture [[1]] and very nice."
+    problems = check_translation(source, translation, language, 1)
+    if expected is None:
+        assert problems == []
+    else:
+        assert any(expected in p for p in problems), problems
+
+
+def test_clean_reply_strips_wrapping_only_when_source_had_none():
+    assert clean_reply('"Le chat."', "The cat.") == "Le chat."
+    assert clean_reply('"Le chat."', '"The cat."') == '"Le chat."'
+    assert clean_reply("```\nLe chat.\n```", "The cat.") == "Le chat."
+
+
+# --------------------------------------------------------------------------------------------------------------
+# End to end over HTTP
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_translate_end_to_end(tmp_path, server, capsys):
+    data = _write(tmp_path / "in.json", SAMPLES)
+    out = str(tmp_path / "out")
+    assert main(_translate_args(data, out, server)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"]["tokens"] > 0 and report["requests"]["retries"] >= 6  # 500 + 429, x3 languages
+
+    for language in ("arabic", "chinese", "french"):
+        with open(os.path.join(out, f"{language}.json"), encoding="utf-8") as f:
+            result = json.load(f)
+        assert [s["id"] for s in result] == [s["id"] for s in SAMPLES]  # input order, nothing lost
+        key = f"{language}_conversation"
+        for source, sample in zip(SAMPLES, result):
+            # Every field kept, English conversations untouched, translated turns alongside.
+            assert {k: sample[k] for k in source} == source
+            assert [t["from"] for t in sample[key]] == [t["from"] for t in source["conversations"]]
+            human = sample[key][0]["value"]
+            if "image" in source:
+                assert human.startswith("<image>\n") and human.count("<image>") == 1
+            if not sample["corrupt"]:
+                for turn in sample[key]:
+                    assert detect_language(turn["value"]) == language
+        by_id = {s["id"]: s for s in result}
+        assert [s["corrupt"] for s in result] == [False, False, False, True, True, False, False, False]
+        gpt0 = by_id["000000000000"][key][1]["value"]
+        assert "[0.12, 0.40, 0.55, 0.89]" in gpt0 and "3" in gpt0
+        assert "1,200" in by_id["000000000002"][key][1]["value"]
+
+        review = [json.loads(line) for line in open(os.path.join(out, f"{language}.review.jsonl"), encoding="utf-8")]
+        assert [(r["id"], r["turn"]) for r in review] == [("000000000003", 1), ("000000000004", 1)]
+        assert all(r["corrected"] is None and r["language"] == language for r in review)
+        assert any("unchanged" in p or "English" in p for p in review[0]["problems"])
+        assert any("placeholders missing" in p for p in review[1]["problems"])
+
+    calls = [(lang, text, status) for lang, text, status, _ in server.calls]
+    for language in ("arabic", "chinese", "french"):
+        per_text = Counter(text for lang, text, _ in calls if lang == language)
+        # Retried after 500 / 429; a rejected reply asked once more (stricter), then flagged; never a third time.
+        assert per_text["fivehundred how many cats are there?"] == 2
+        assert per_text["ratelimit what colour is the car?"] == 2
+        assert per_text["echoenglish the picture shows a big dog near a tree."] == 2
+        assert per_text["echoonce what is the man holding now?"] == 2
+        assert per_text["brackets tell me a story about cats please"] == 2
+        # The question shared by samples 0 and 7 went out once.
+        assert per_text["What is on the table?"] == 1
+    # The stricter retry tells the model what was wrong.
+    strict = [system for lang, text, status, system in server.calls if text.startswith("echoonce")]
+    assert "rejected" not in strict[0] and "rejected" in strict[1]
+
+
+def test_retry_after_is_honoured(tmp_path, server):
+    data = _write(tmp_path / "in.json", [SAMPLES[2]])
+    start = time.monotonic()
+    assert main(_translate_args(data, str(tmp_path / "out"), server, "ar")) == 0
+    assert time.monotonic() - start >= 0.4
+
+
+def test_second_run_is_served_from_the_cache(tmp_path, server, capsys):
+    data = _write(tmp_path / "in.json", SAMPLES)
+    cache = str(tmp_path / "shared.sqlite")
+    assert main(_translate_args(data, str(tmp_path / "a"), server, "ar,fr", "--cache", cache)) == 0
+    first = len(server.calls)
+    capsys.readouterr()
+    # A fresh output folder (nothing to resume from): everything comes from the cache, rejections included.
+    assert main(_translate_args(data, str(tmp_path / "b"), server, "ar,fr", "--cache", cache)) == 0
+    assert len(server.calls) == first
+    report = json.loads(capsys.readouterr().out)
+    assert report["languages"]["arabic"]["corrupt"] == 2
+    for language in ("arabic", "french"):
+        with open(tmp_path / "a" / f"{language}.json", encoding="utf-8") as fa, \
+                open(tmp_path / "b" / f"{language}.json", encoding="utf-8") as fb:
+            assert json.load(fa) == json.load(fb)
+
+
+def test_apply_review_merges_corrections(tmp_path, server, capsys):
+    data = _write(tmp_path / "in.json", SAMPLES)
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    review_path = out / "arabic.review.jsonl"
+    entries = [json.loads(line) for line in open(review_path, encoding="utf-8")]
+    entries[0]["corrected"] = "تظهر الصورة كلبا كبيرا بالقرب من شجرة."
+    # entries[1] left uncorrected: that sample must stay corrupt.
+    with open(review_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+    assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 0
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert result[3]["corrupt"] is False
+    assert result[3]["arabic_conversation"][1]["value"] == "تظهر الصورة كلبا كبيرا بالقرب من شجرة."
+    assert result[4]["corrupt"] is True
+    # A translate rerun rebuilds the set from the progress log: the correction survives, no request is made.
+    calls = len(server.calls)
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    assert len(server.calls) == calls
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        assert json.load(f) == result
+
+
+def test_apply_review_puts_image_back_in_front(tmp_path, server):
+    data = _write(tmp_path / "in.json", [_sample(0, "echoenglish what is this thing here?\n<image>", "It is a cat.")])
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    entries = [json.loads(line) for line in open(out / "arabic.review.jsonl", encoding="utf-8")]
+    assert entries[0]["turn"] == 0 and entries[0]["translation"].startswith("<image>\n")
+    entries[0]["corrected"] = "ما هذا الشيء هنا؟"
+    _write(out / "fixed.jsonl", [])
+    with open(out / "fixed.jsonl", "w", encoding="utf-8") as f:
+        f.write(json.dumps(entries[0], ensure_ascii=False) + "\n")
+    assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(out / "fixed.jsonl"),
+                 "--output", str(out / "fixed.json")]) == 0
+    with open(out / "fixed.json", encoding="utf-8") as f:
+        sample = json.load(f)[0]
+    assert sample["corrupt"] is False
+    assert sample["arabic_conversation"][0]["value"] == "<image>\nما هذا الشيء هنا؟"
+
+
+def test_unfinished_samples_exit_1_and_resume(tmp_path, server):
+    """A server that keeps failing leaves samples unfinished (not flagged); the rerun finishes them."""
+    data = _write(tmp_path / "in.json", SAMPLES[:3])
+    out = str(tmp_path / "out")
+    server.stall_after = None
+    # fivehundred fails once; with --max_retries 0 the first run cannot get past it.
+    assert main(_translate_args(data, out, server, "ar", "--max_retries", "0")) == 1
+    assert not os.path.exists(os.path.join(out, "arabic.json"))  # no partial final output
+    assert main(_translate_args(data, out, server, "ar", "--max_retries", "0")) == 0
+    with open(os.path.join(out, "arabic.json"), encoding="utf-8") as f:
+        assert [s["corrupt"] for s in json.load(f)] == [False, False, False]
+
+
+def test_resume_after_kill(tmp_path, server):
+    """SIGKILL mid-run, rerun: every sample once, in order; no source string answered twice."""
+    questions = ["What is on the table?", "Describe the picture.", "What colour is the sky?"]
+    things = "cat dog bird fish frog horse cow goat duck lion bear wolf fox owl bee ant".split()
+    samples = [_sample(i, f"<image>\n{questions[i % 3]}", f"The image shows a {thing} sitting on a mat.")
+               for i, thing in enumerate(things)]
+    data = _write(tmp_path / "in.json", samples)
+    out = tmp_path / "out"
+    server.stall_after = 9  # answer 9 requests, then hang every later one until the client is dead
+    cmd = [sys.executable, "-m", "palo.data.cli", *_translate_args(data, str(out), server, "ar"), "--parallel", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert server.stalled.wait(60), proc.stderr.read().decode() if proc.poll() is not None else "no stall"
+        time.sleep(0.3)  # let the client record what it already got
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    progress = out / "arabic.progress.jsonl"
+    done_before = len(progress.read_text(encoding="utf-8").splitlines())
+    assert 0 < done_before < len(samples)
+    assert not (out / "arabic.json").exists()
+    server.stall_after = None
+    server.release.set()
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert [s["id"] for s in result] == [s["id"] for s in samples]
+    assert len(progress.read_text(encoding="utf-8").splitlines()) == len(samples)  # nothing written twice
+    answered = server.answered()
+    distinct = {("arabic", t) for t in questions} | {("arabic", s["conversations"][1]["value"]) for s in samples}
+    assert set(answered) == distinct
+    assert max(answered.values()) == 1, [k for k, v in answered.items() if v > 1]
