@@ -254,3 +254,42 @@ def test_ddp_with_torchrun(world, data, tmp_path):
     assert len(_losses(out)) == 3
     tokenizer, model, _, _ = load_pretrained_model(out, device="cpu")
     assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
+
+
+def test_tensorboard_logs_and_freeze_flags(world, data, tmp_path):
+    out = str(tmp_path / "tb")
+    trainer = train(_flags(world, data, out, "--max_steps", "2", "--report_to", "tensorboard", "--freeze_backbone", "True",
+                           "--freeze_mm_mlp_adapter", "True", "--mm_use_im_patch_token", "False"))
+    events = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f.startswith("events.out.tfevents")]
+    assert events, "no TensorBoard event file written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folder = os.path.dirname(events[0])
+    accumulator = EventAccumulator(folder)
+    accumulator.Reload()
+    tags = accumulator.Tags()["scalars"]
+    assert "train/loss" in tags and any(t.startswith("train/loss_") for t in tags) and "train/tokens_per_second" in tags
+    # Backbone and projector frozen: only the lm_head trains.
+    model = trainer.model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lm_head.weight"}
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(world.base_dir)
+    torch.testing.assert_close(model.get_model().layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
+
+
+def test_over_length_samples_truncate_or_skip_by_choice(world, data, tmp_path):
+    long = {"id": "long", "conversations": [{"from": "human", "value": "word " * 400}, {"from": "gpt", "value": "Yes."}]}
+    samples = json.load(open(data))[:4] + [long]
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(samples, ensure_ascii=False))
+    images = os.path.join(os.path.dirname(data), "images")
+    flags = lambda out, *x: _flags(world, str(path), str(tmp_path / out), "--image_folder", images,  # noqa: E731
+                                   "--num_train_epochs", "1", "--per_device_train_batch_size", "5", *x)
+    # Truncating it would cut away its only answer: that is an error naming the sample, not a silent all-masked row.
+    with pytest.raises(BadSampleError, match="id='long'.*no answer token is left"):
+        train(flags("a"))
+    trainer = train(flags("b", "--over_length", "skip", "--skip_bad_samples", "True"))
+    assert trainer.train_dataset.bad_samples.value == 1
