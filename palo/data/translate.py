@@ -14,7 +14,8 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
 * **Resumable, nothing twice.** Every finished sample is appended (and flushed) to ``<language>.progress.jsonl``; a
   rerun skips what is there. Every translation (with its verdict) also goes to an SQLite cache keyed by
   (model, language, exact source text) the moment it arrives, shared across runs, so a rerun after a kill sends no
-  string that was already translated; identical strings in flight at once are sent once. Final files are written to a temp file and ``os.replace``-d.
+  string that was already translated; identical strings in flight at once are sent once. Final files are written
+  to a temp file and ``os.replace``-d.
 * **Bounded concurrency** (``--parallel`` threads, one request in flight each) with exponential backoff on 429,
   408/409, 5xx, time-outs and dropped connections, honouring ``Retry-After``. A sample whose requests still fail is
   left unfinished (not flagged): the run exits 1 and a rerun picks it up.

@@ -418,3 +418,26 @@ def test_resume_after_kill(tmp_path, server):
     distinct = {("arabic", t) for t in questions} | {("arabic", s["conversations"][1]["value"]) for s in samples}
     assert set(answered) == distinct
     assert max(answered.values()) == 1, [k for k, v in answered.items() if v > 1]
+
+
+# Real translations of the same masked turn: the check must accept each (no false rejections in any language).
+GOOD = {
+    "chinese": "图片中有[[1]]只猫坐在桌子上，旁边有一盏红色的灯。",
+    "japanese": "画像には[[1]]匹の猫がテーブルの上に座っていて、隣に赤いランプがあります。",
+    "french": "L'image montre [[1]] chats assis sur la table, à côté d'une lampe rouge.",
+    "spanish": "La imagen muestra [[1]] gatos sentados en la mesa, junto a una lámpara roja.",
+    "russian": "На изображении [[1]] кошки сидят на столе рядом с красной лампой.",
+    "arabic": "تُظهر الصورة [[1]] قطط تجلس على الطاولة بجانب مصباح أحمر.",
+    "hindi": "तस्वीर में [[1]] बिल्लियाँ मेज़ पर बैठी हैं, पास में एक लाल लैंप है।",
+    "bengali": "ছবিতে [[1]]টি বিড়াল টেবিলের উপর বসে আছে, পাশে একটি লাল বাতি।",
+    "urdu": "تصویر میں [[1]] بلیاں میز پر بیٹھی ہیں، ساتھ میں ایک سرخ لیمپ ہے۔",
+}
+
+
+@pytest.mark.parametrize("language", sorted(GOOD))
+def test_check_accepts_real_translations(language):
+    source = "The image shows [[1]] cats sitting on the table, next to a red lamp."
+    assert check_translation(source, GOOD[language], language, 1) == []
+    # ... and rejects the same text for a language of another script.
+    other = "russian" if language != "russian" else "hindi"
+    assert check_translation(source, GOOD[language], other, 1) != []
