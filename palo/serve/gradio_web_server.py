@@ -301,7 +301,10 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
 
         def on_add(s, text, image, mode):
             s = server.add_text(s, text, image, mode)
-            return [s, chatbot_messages(s), "", None] + buttons(not s.skip_next)
+            if s.skip_next:  # nothing to answer: leave the buttons as they are
+                return [s, chatbot_messages(s), "", None] + [gr.update() for _ in all_buttons]
+            # Disabled until the answer is complete, so nobody regenerates or votes on a half-written answer.
+            return [s, chatbot_messages(s), "", None] + buttons(False)
 
         def on_bot(s, model, temp, p, max_tokens, request: gr.Request):
             for s in server.http_bot(s, model, temp, p, max_tokens, ip_of(request)):

@@ -83,6 +83,16 @@ def web(cluster, tmp_path) -> Iterator[Service]:
         service.kill()
 
 
+def _set_number(page, label: str, value: float) -> None:
+    """Type a value into a Gradio slider's number box, as a user would."""
+    box = page.get_by_label(f"number input for {label}")
+    box.fill(str(value))
+    box.press("Enter")
+    # The range slider follows only once the component's value (what is sent to the server) has changed.
+    page.wait_for_function("([range, v]) => Number(range.value) === v",
+                           arg=[page.get_by_label(f"range slider for {label}").element_handle(), value])
+
+
 def _save_screenshot(page, tmp_path, name: str) -> str:
     path = tmp_path / name
     page.screenshot(path=str(path), full_page=True)
@@ -92,6 +102,7 @@ def _save_screenshot(page, tmp_path, name: str) -> str:
 
 def test_arabic_answer_is_streamed_and_shown_right_to_left(web, tmp_path):
     sync_playwright = _sync_playwright()
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     picture = tmp_path / "shapes.png"
     make_image("red", (192, 128)).save(picture)
 
@@ -110,6 +121,10 @@ def test_arabic_answer_is_streamed_and_shown_right_to_left(web, tmp_path):
 
                 page.locator("#imagebox input[type=file]").set_input_files(str(picture))
                 page.locator("#imagebox img").first.wait_for(state="visible")
+                # Greedy decoding and a short answer: the same answer on every run (sampling can end it at once).
+                page.get_by_text("Parameters").first.click()
+                _set_number(page, "Temperature", 0)
+                _set_number(page, "Max output tokens", 64)
                 page.locator("#question textarea").fill(QUESTION)
                 page.evaluate(WATCH_FOR_CURSOR)
                 page.locator("#send").click()
@@ -117,7 +132,11 @@ def test_arabic_answer_is_streamed_and_shown_right_to_left(web, tmp_path):
                 # The question appears at once; the answer streams in behind a cursor until it is complete.
                 chat = page.locator("#chatbot")
                 chat.get_by_text(QUESTION).first.wait_for(state="visible")
-                page.wait_for_function(ANSWER_DONE)
+                try:
+                    page.wait_for_function(ANSWER_DONE)
+                except PlaywrightTimeout:
+                    pytest.fail(f"no complete answer within {PAGE_TIMEOUT_MS} ms; the chat shows:\n{chat.inner_text()}"
+                                f"\nweb server log:\n{web.log()[-3000:]}")
                 assert page.evaluate("() => window.__paloSawCursor"), "the answer was never shown while streaming"
 
                 rtl_blocks = chat.locator("[dir=rtl]")
