@@ -100,6 +100,14 @@ def pad_color(image_processor: Any) -> tuple[int, ...]:
     return tuple(int(x * 255) for x in image_processor.image_mean)
 
 
+def preprocess_image(image: Image.Image, image_processor: Any, image_aspect_ratio: str | None) -> torch.Tensor:
+    """Pixel values ``[3, H, W]`` of one image: ``pad`` squares it first (as PALO trained), anything else lets the
+    CLIP processor resize the short side and centre-crop."""
+    if image_aspect_ratio == "pad":
+        image = expand2square(image, pad_color(image_processor))
+    return image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
 def process_images(images: Sequence[Image.Image], image_processor: Any, model_cfg: Any) -> torch.Tensor | list:
     """Turn PIL images into CLIP pixel values following the model's ``image_aspect_ratio``.
 
@@ -113,14 +121,26 @@ def process_images(images: Sequence[Image.Image], image_processor: Any, model_cf
         A tensor ``[N, 3, H, W]`` when all images share a shape (always, for CLIP), else a list of ``[3, H, W]``.
     """
     aspect = getattr(model_cfg, "image_aspect_ratio", None)
-    new_images = []
-    for image in images:
-        if aspect == "pad":
-            image = expand2square(image, pad_color(image_processor))
-        new_images.append(image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0])
+    new_images = [preprocess_image(image, image_processor, aspect) for image in images]
     if new_images and all(x.shape == new_images[0].shape for x in new_images):
         return torch.stack(new_images, dim=0)
     return new_images
+
+
+def left_pad(rows: Sequence[torch.Tensor | list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts (1-D ids) into ``[B, T]`` ids and attention mask, padded on the left for generation.
+
+    Every prompt then ends at the last column, where generation continues; the model ignores masked positions, so
+    a row gives the same tokens as generating it alone.
+    """
+    rows = [torch.as_tensor(r, dtype=torch.long) for r in rows]
+    width = max(r.shape[0] for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - row.shape[0]:] = row
+        mask[i, width - row.shape[0]:] = 1
+    return ids, mask
 
 
 def tokenizer_image_token(

@@ -34,12 +34,12 @@ from palo.eval.jsonl import JsonlAppender, JsonlError, iter_jsonl, repair_tail
 from palo.mm_utils import (
     ImageLoadError,
     KeywordsStoppingCriteria,
-    expand2square,
     get_model_name_from_path,
+    left_pad,
     load_image,
-    pad_color,
     tokenizer_image_token,
 )
+from palo.mm_utils import preprocess_image as mm_preprocess_image
 
 
 @dataclass(frozen=True)
@@ -116,21 +116,7 @@ def preprocess_image(path: str, image_processor: Any, mode: str) -> torch.Tensor
     Raises:
         ImageLoadError: If the file is missing or unreadable.
     """
-    image = load_image(path)
-    if mode == "pad":
-        image = expand2square(image, pad_color(image_processor))
-    return image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
-
-
-def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D id tensors into ``[B, T]`` ids and attention mask, padded on the left for generation."""
-    width = max(r.shape[0] for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - row.shape[0]:] = row
-        mask[i, width - row.shape[0]:] = 1
-    return ids, mask
+    return mm_preprocess_image(load_image(path), image_processor, mode)
 
 
 def clean_answer(text: str, stop: str | None) -> str:

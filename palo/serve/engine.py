@@ -26,7 +26,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
+from palo.mm_utils import ImageLoadError, left_pad, load_image_from_base64, process_images, tokenizer_image_token
 from palo.serve.protocol import visible_text
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -387,13 +387,8 @@ class GenerationEngine:
         self.batch_sizes.append(len(batch))
         if self.logger is not None:
             self.logger.info("generating a batch of %d request(s)", len(batch))
-        width = max(len(job.request.input_ids) for job in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, job in enumerate(batch):  # left padding: every prompt ends at the last column
-            ids = job.request.input_ids
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        input_ids, attention_mask = left_pad([job.request.input_ids for job in batch], self.pad_id)
+        width = input_ids.shape[1]
         images = [job.request.images for job in batch if job.request.images is not None]
         sampling = batch[0].request.sampling
         tracker = _BatchTracker(batch, width, self.tokenizer, self.eos_ids)

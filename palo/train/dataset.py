@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LANGUAGES
 from palo.data.json_index import JsonArrayIndex
 from palo.data.languages import sample_language
-from palo.mm_utils import ImageLoadError, expand2square, load_image, pad_color
+from palo.mm_utils import ImageLoadError, load_image, preprocess_image
 from palo.train.preprocess import BadSampleError, build_supervised_example
 
 logger = logging.getLogger(__name__)
@@ -175,10 +175,7 @@ class LazySupervisedDataset(Dataset):
 
     def _load_image(self, sample: dict) -> torch.Tensor:
         path = os.path.join(self.image_folder, str(sample["image"]))
-        image = load_image(path)
-        if self.image_aspect_ratio == "pad":
-            image = expand2square(image, pad_color(self.image_processor))
-        return self.image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+        return preprocess_image(load_image(path), self.image_processor, self.image_aspect_ratio)
 
     def build(self, sample: dict) -> dict[str, Any]:
         """One sample as tensors (raises :class:`BadSampleError` or ``ImageLoadError`` on bad data)."""

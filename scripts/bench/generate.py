@@ -29,12 +29,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.model.config import PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
 from palo.model.vision_tower import VISION_PRESETS
+from palo.testing.hf_llava import llava_config, to_llava_state_dict
 
 
 @dataclass(frozen=True)
@@ -73,24 +74,10 @@ def build_models(shape: Shape, device: str, dtype: torch.dtype) -> tuple[PaloFor
             palo = PaloForCausalLM(config)
             for p in palo.parameters():  # scaled init keeps activations finite at depth
                 torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else None
-            image_token = shape.vocab - 1
-            llava_config = LlavaConfig(vision_config=vision.to_dict(), text_config=LlamaConfig(**llama).to_dict(),
-                                       image_token_index=image_token, projector_hidden_act="gelu",
-                                       vision_feature_layer=-2, vision_feature_select_strategy="default")
-            llava = LlavaForConditionalGeneration(llava_config)
+            llava = LlavaForConditionalGeneration(llava_config(LlamaConfig(**llama), vision, shape.vocab - 1))
     finally:
         torch.set_default_dtype(default_dtype)
-    mapped = {}
-    for key, value in palo.state_dict().items():
-        if key.startswith("model.vision_tower.vision_tower.vision_model."):
-            mapped["model.vision_tower." + key.split("vision_model.", 1)[1]] = value
-        elif key.startswith("model.mm_projector."):
-            index, rest = key[len("model.mm_projector."):].split(".", 1)
-            mapped[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{rest}"] = value
-        elif key.startswith("model."):
-            mapped["model.language_model." + key[len("model."):]] = value
-        else:
-            mapped[key] = value
+    mapped = to_llava_state_dict(palo.state_dict())
     # assign=True makes the baseline's parameters the very same tensors (its own random ones are freed).
     result = llava.load_state_dict(mapped, strict=False, assign=True)
     if result.unexpected_keys or [k for k in result.missing_keys if "position_ids" not in k]:

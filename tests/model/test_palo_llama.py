@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaForConditionalGeneration
 
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.conversation import conv_templates
-from palo.mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
+from palo.mm_utils import KeywordsStoppingCriteria, left_pad, tokenizer_image_token
 from palo.model.multimodal import ImagePlaceholderMismatch
 from palo.model.tokenizer import load_tokenizer
+from palo.testing.hf_llava import llava_config, to_llava_state_dict
 
 
 def _prompt(question: str, images: int = 1) -> str:
@@ -23,29 +24,9 @@ def _prompt(question: str, images: int = 1) -> str:
 def to_hf_llava(model, image_token_id: int) -> LlavaForConditionalGeneration:
     """transformers' own Llava holding exactly the weights of a PALO mlp2x_gelu model."""
     tower = model.get_vision_tower()
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**tower.config.to_dict()).to_dict(),
-        text_config=LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("mm_")}).to_dict(),
-        image_token_index=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        multimodal_projector_bias=True,
-    )
-    hf = LlavaForConditionalGeneration(config).eval()
-    ours = model.state_dict()
-    mapped = {}
-    for key, value in ours.items():
-        if key.startswith("model.vision_tower.vision_tower.vision_model."):
-            mapped["model.vision_tower." + key[len("model.vision_tower.vision_tower.vision_model."):]] = value
-        elif key.startswith("model.mm_projector."):
-            index, rest = key[len("model.mm_projector."):].split(".", 1)
-            mapped[f"model.multi_modal_projector.linear_{1 if index == '0' else 2}.{rest}"] = value
-        elif key.startswith("model."):
-            mapped["model.language_model." + key[len("model."):]] = value
-        else:
-            mapped[key] = value
-    result = hf.load_state_dict(mapped, strict=False)
+    text = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("mm_")})
+    hf = LlavaForConditionalGeneration(llava_config(text, CLIPVisionConfig(**tower.config.to_dict()), image_token_id)).eval()
+    result = hf.load_state_dict(to_llava_state_dict(model.state_dict()), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     assert not [k for k in result.missing_keys if "position_ids" not in k], result.missing_keys
     return hf
@@ -86,16 +67,6 @@ def test_greedy_with_cache_equals_argmax_of_full_recomputation(world):
         assert logits[0, -1].argmax().item() == new[step].item(), f"step {step}"
 
 
-def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(r.shape[0] for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, width - row.shape[0]:] = row
-        mask[i, width - row.shape[0]:] = 1
-    return ids, mask
-
-
 def test_batched_generation_equals_one_by_one(world):
     tokenizer = load_tokenizer(world.tokenizer_dir)
     model = world.model
@@ -112,7 +83,7 @@ def test_batched_generation_equals_one_by_one(world):
         out = model.generate(ids, images=px if n else None, max_new_tokens=10, do_sample=False, pad_token_id=0)
         singles.append(out[0, ids.shape[1]:])
     rows = [tokenizer_image_token(p, tokenizer, return_tensors="pt") for p, _ in cases]
-    ids, mask = _left_pad(rows, pad_id=0)
+    ids, mask = left_pad(rows, pad_id=0)
     out = model.generate(ids, images=torch.cat(pixels), attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     for i, single in enumerate(singles):
         batched = out[i, ids.shape[1]:]
