@@ -189,6 +189,18 @@ def _load_vision_tower_weights(tower: Any, carried: bool, forced: bool) -> None:
     logger.info("Using the vision tower weights stored in the checkpoint (%s is not available locally)", tower.name)
 
 
+@contextlib.contextmanager
+def _transformers_log_level(level: int) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[str, Any]:
     if not (load_8bit or load_4bit):
         return {}
@@ -297,9 +309,12 @@ def load_pretrained_model(
 
     config = _as_palo_config(config)
     tower_prefix = "model.vision_tower."
-    model, info = PaloForCausalLM.from_pretrained(
-        base_dir or model_dir, config=config, output_loading_info=True, **load_kwargs
-    )
+    # transformers prints a "MISSING" table for the tower and projector of LoRA/stage-1 bases (and for full
+    # checkpoints without the tower); those are expected and filled below, and anything else raises, so quiet it.
+    with _transformers_log_level(logging.ERROR):
+        model, info = PaloForCausalLM.from_pretrained(
+            base_dir or model_dir, config=config, output_loading_info=True, **load_kwargs
+        )
     if kind is CheckpointKind.FULL:
         missing = _check_loading_info(info, (tower_prefix,), model_path)
     else:

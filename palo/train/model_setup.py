@@ -137,12 +137,14 @@ def apply_lora(model: PreTrainedModel, args: TrainingArguments) -> nn.Module:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
     elif args.bf16 or args.fp16:
         model.to(compute_dtype(args))
+    # Only when the base is already multimodal does anything need excluding (CLIP also has q_proj/k_proj/v_proj);
+    # otherwise the adapter config stays exactly the original's.
+    multimodal = any(name.startswith(MULTIMODAL_MODULES) for name, _ in model.get_decoder().named_children())
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         target_modules=LORA_TARGETS,
-        # Only matters when the base is already multimodal: CLIP also has q_proj/k_proj/v_proj.
-        exclude_modules=r".*(mm_projector|vision_tower|vision_resampler).*",
+        exclude_modules=r".*(mm_projector|vision_tower|vision_resampler).*" if multimodal else None,
         lora_dropout=args.lora_dropout,
         bias=args.lora_bias,
         task_type="CAUSAL_LM",
