@@ -1,0 +1,249 @@
+"""The quickstart pipeline: data -> small PALO -> stage 1 -> stage 2 -> evaluation -> (serving).
+
+Every stage writes under one work folder and is skipped when its output is already there, so a rerun of
+``palo quickstart`` goes straight to evaluation / serving. Training runs the real entry point,
+:func:`palo.train.train.train`, with the flags the original scripts pass (on CPU: ``--use_cpu True``); evaluation
+runs the real :mod:`palo.eval.model_vqa` answerer at temperature 0 and scores with :mod:`palo.quickstart.judge`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+
+from palo.testing.tiny import TinyShapes
+
+
+@dataclass(frozen=True)
+class QuickstartConfig:
+    """Sizes and schedule of one quickstart run.
+
+    ``steps`` is the number of stage-2 optimiser steps; stage 1 (projector only, LLM frozen) gets
+    ``stage1_steps``. The LLM starts from random weights, so stage 2 trains everything but the (frozen, random)
+    CLIP tower: it must learn both the 10 languages' answer words and the grounding.
+    """
+
+    train_images: int = 8000
+    eval_images: int = 20
+    image_size: int = 84  # 6 x 6 patches of 14 px; a 3 x 3 shape grid puts each cell on 2 x 2 patches
+    steps: int = 500
+    stage1_steps: int = 30
+    batch_size: int = 16
+    stage1_lr: float = 2e-3
+    stage2_lr: float = 3e-3
+    vocab_size: int = 1200
+    shapes: TinyShapes = TinyShapes(
+        hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4, max_position_embeddings=512,
+        vision_hidden=96, vision_layers=2, vision_heads=4, image_size=84, patch_size=14,
+    )
+    eval_batch_size: int = 32
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "QuickstartConfig":
+        """The CI preset: a handful of steps on a few images (the pipeline, not the accuracy, is under test)."""
+        return cls(train_images=40, eval_images=2, steps=4, stage1_steps=2, batch_size=4, vocab_size=1000,
+                   shapes=replace(cls.shapes, hidden_size=64, intermediate_size=128, num_layers=2, vision_hidden=32))
+
+
+@dataclass(frozen=True)
+class Paths:
+    workdir: str
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.workdir, "data")
+
+    @property
+    def tokenizer(self) -> str:
+        return os.path.join(self.workdir, "models", "tokenizer")
+
+    @property
+    def clip(self) -> str:
+        return os.path.join(self.workdir, "models", "clip")
+
+    @property
+    def llama(self) -> str:
+        return os.path.join(self.workdir, "models", "llama")
+
+    @property
+    def stage1(self) -> str:
+        return os.path.join(self.workdir, "checkpoints", "stage1-projector")
+
+    @property
+    def stage2(self) -> str:
+        return os.path.join(self.workdir, "checkpoints", "palo-quickstart")
+
+    @property
+    def answers(self) -> str:
+        return os.path.join(self.workdir, "eval", "answers")
+
+    @property
+    def report(self) -> str:
+        return os.path.join(self.workdir, "eval", "quickstart_summary")
+
+
+def banner(text: str) -> None:
+    line = "=" * max(60, len(text) + 4)
+    print(f"\n{line}\n  {text}\n{line}", flush=True)
+
+
+def build_data(paths: Paths, config: QuickstartConfig):
+    """Draw the task (train JSONs + bench); skipped when present."""
+    from palo.quickstart import data
+
+    if os.path.isfile(os.path.join(paths.data, "stage2.json")) and os.path.isdir(os.path.join(paths.data, "bench")):
+        print(f"[skip] data already in {paths.data}")
+        return data.TaskPaths(paths.data, os.path.join(paths.data, "images"), os.path.join(paths.data, "stage1.json"),
+                              os.path.join(paths.data, "stage2.json"), os.path.join(paths.data, "bench"))
+    task = data.write_task(paths.data, config.train_images, config.eval_images, config.image_size, config.seed)
+    print(f"{config.train_images} training images, {config.eval_images} held-out images x 3 questions x 10 languages"
+          f" -> {paths.data}")
+    return task
+
+
+def build_models(paths: Paths, config: QuickstartConfig) -> None:
+    """Tokenizer trained on the task's text, random CLIP tower and random LLaMA, saved in hub-style folders."""
+    from palo.quickstart import data
+    from palo.testing import tiny
+
+    if os.path.isfile(os.path.join(paths.llama, "config.json")):
+        print(f"[skip] models already in {os.path.dirname(paths.llama)}")
+        return
+    tokenizer = tiny.train_sentencepiece(paths.tokenizer, config.vocab_size, extra_text=data.all_text() * 4)
+    print(f"tokenizer: SentencePiece BPE, {len(tokenizer)} pieces -> {paths.tokenizer}")
+    tiny.save_tiny_clip(paths.clip, config.shapes, seed=config.seed)
+    s = config.shapes
+    print(f"vision tower: CLIP-shaped, {s.image_size}px / patch {s.patch_size}, hidden {s.vision_hidden}, "
+          f"{s.vision_layers} layers -> {paths.clip}")
+    tiny.save_tiny_llama(paths.llama, paths.tokenizer, config.shapes, seed=config.seed)
+    print(f"language model: LLaMA, hidden {s.hidden_size}, {s.num_layers} layers -> {paths.llama}")
+
+
+def _common_flags(paths: Paths, config: QuickstartConfig, data_path: str, image_folder: str, out: str) -> list[str]:
+    return [
+        "--model_name_or_path", paths.llama,
+        "--data_path", data_path,
+        "--image_folder", image_folder,
+        "--vision_tower", paths.clip,
+        "--mm_projector_type", "mlp2x_gelu",
+        "--mm_vision_select_layer", "-2",
+        "--mm_use_im_start_end", "False",
+        "--mm_use_im_patch_token", "False",
+        "--image_aspect_ratio", "pad",
+        "--group_by_modality_length", "True",
+        "--bf16", "False",
+        "--output_dir", out,
+        "--num_train_epochs", "1",
+        "--per_device_train_batch_size", str(config.batch_size),
+        "--gradient_accumulation_steps", "1",
+        "--save_strategy", "no",
+        "--weight_decay", "0.",
+        "--warmup_ratio", "0.03",
+        "--lr_scheduler_type", "cosine",
+        "--logging_steps", "10",
+        "--model_max_length", "256",
+        "--dataloader_num_workers", "0",
+        "--lazy_preprocess", "True",
+        "--report_to", "none",
+        "--use_cpu", "True",
+        "--seed", str(config.seed),
+    ]
+
+
+def stage1_flags(paths: Paths, config: QuickstartConfig, task) -> list[str]:
+    """The flags of ``scripts/train/pretrain_projector.sh`` (stage 1: projector only, ``plain`` template)."""
+    return _common_flags(paths, config, task.stage1_json, task.images, paths.stage1) + [
+        "--version", "plain",
+        "--tune_mm_mlp_adapter", "True",
+        "--learning_rate", str(config.stage1_lr),
+        "--max_steps", str(config.stage1_steps),
+    ]
+
+
+def stage2_flags(paths: Paths, config: QuickstartConfig, task) -> list[str]:
+    """The flags of ``scripts/train/finetune_palo.sh`` (stage 2: full fine-tune from the stage-1 projector)."""
+    return _common_flags(paths, config, task.stage2_json, task.images, paths.stage2) + [
+        "--version", "v1",
+        "--pretrain_mm_mlp_adapter", os.path.join(paths.stage1, "mm_projector.bin"),
+        "--learning_rate", str(config.stage2_lr),
+        "--max_steps", str(config.steps),
+    ]
+
+
+def run_training(flags: list[str], out: str, done_file: str) -> None:
+    from palo.train.train import train
+
+    if os.path.isfile(os.path.join(out, done_file)):
+        print(f"[skip] already trained: {out}")
+        return
+    print("python palo/train/train.py " + " ".join(flags), flush=True)
+    train(flags)
+
+
+def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
+    """Answer every language's questions with ``model_vqa`` (greedy) and score them; returns the table."""
+    from palo.eval import model_vqa
+    from palo.eval.bench import LANGUAGES, display_name, resolve_language
+    from palo.quickstart import judge
+
+    cache: dict = {}
+
+    def loader():
+        if "answerer" not in cache:
+            cache["answerer"] = model_vqa.load_answerer(
+                paths.stage2, None, "vicuna_v1", model_vqa.generation_kwargs(0.0, None, 1, 16), device="cpu")
+        return cache["answerer"]
+
+    os.makedirs(paths.answers, exist_ok=True)
+    for language in LANGUAGES:
+        files = resolve_language(task.bench, language)
+        print(f"{display_name(language)}:", flush=True)
+        rc = model_vqa.answer_file(loader, files.questions, files.images, judge.answers_path(paths.answers, language),
+                                   batch_size=config.eval_batch_size)
+        if rc != 0:
+            raise RuntimeError(f"model_vqa failed for {language} (exit status {rc})")
+    return judge.build_table(task.bench, paths.answers, os.path.basename(paths.stage2))
+
+
+@dataclass
+class Result:
+    checkpoint: str
+    table: dict
+    report: dict[str, str]
+    seconds: dict[str, float]
+
+
+def run(workdir: str, config: QuickstartConfig) -> Result:
+    """Every stage but serving; returns where things are and the timings."""
+    from palo.quickstart import judge
+
+    paths = Paths(os.path.abspath(workdir))
+    os.makedirs(paths.workdir, exist_ok=True)
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn, *args):
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds[name] = time.perf_counter() - start
+        return out
+
+    banner("1/5  Drawing the synthetic multilingual shapes task")
+    task = timed("data", build_data, paths, config)
+    banner("2/5  Building a small PALO locally (tokenizer, CLIP tower, LLaMA)")
+    timed("models", build_models, paths, config)
+    banner(f"3/5  Stage 1: projector pre-training ({config.stage1_steps} steps, palo/train/train.py)")
+    timed("stage1", run_training, stage1_flags(paths, config, task), paths.stage1, "mm_projector.bin")
+    banner(f"4/5  Stage 2: instruction fine-tuning ({config.steps} steps, palo/train/train.py)")
+    timed("stage2", run_training, stage2_flags(paths, config, task), paths.stage2, "config.json")
+    banner("5/5  Evaluating every language (model_vqa, temperature 0, exact-match judge)")
+    table = timed("eval", evaluate, paths, config, task)
+    report = judge.write_report(table, paths.report)
+    print()
+    print(judge.to_markdown(table))
+    print("written: " + ", ".join(report.values()))
+    print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f", total {sum(seconds.values()):.0f}")
+    sys.stdout.flush()
+    return Result(paths.stage2, table, report, seconds)
