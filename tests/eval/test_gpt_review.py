@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import time
 
 import pytest
 
@@ -80,6 +81,14 @@ def _args(inputs, server, *extra: str) -> list[str]:
 def _reviews(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+def _complete_lines(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().count("\n")
+    except FileNotFoundError:
+        return 0
 
 
 def test_formats_retry_failure_resume_and_cache(inputs, judge_server, tmp_path, capsys):
@@ -178,6 +187,11 @@ def test_killed_run_resumes_without_redoing_finished_items(inputs, judge_server)
     child.start()
     try:
         assert judge_server.reached.wait(timeout=60)
+        # The third request is in flight; the second review is written by the main thread as its future completes,
+        # which can trail the worker thread's next request by a moment: wait for it, then kill.
+        deadline = time.time() + 30
+        while _complete_lines(inputs["o"]) < 2 and time.time() < deadline:
+            time.sleep(0.02)
         os.kill(child.pid, signal.SIGKILL)
         child.join(timeout=30)
     finally:
