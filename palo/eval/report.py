@@ -96,15 +96,23 @@ def _table_rows(table: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return rows + list(table["averages"].items())
 
 
-def to_markdown(table: dict[str, Any]) -> str:
+def to_markdown(
+    table: dict[str, Any],
+    columns: tuple[str, ...] = COLUMNS,
+    caption: str = "Relative score (model / reference x 100) of {name}; failed judgments are excluded and counted.",
+) -> str:
+    """The per-language table in markdown (rows: languages then averages; columns: ``columns`` and failed).
+
+    Also used by ``palo quickstart`` with its own columns and caption, so both report in one layout.
+    """
     lines = [
-        f"Relative score (model / reference x 100) of {table['name']}; failed judgments are excluded and counted.",
+        caption.format(name=table["name"]),
         "",
-        "| language | " + " | ".join(COLUMNS) + " | failed |",
-        "|---|" + "---:|" * (len(COLUMNS) + 1),
+        "| language | " + " | ".join(columns) + " | failed |",
+        "|---|" + "---:|" * (len(columns) + 1),
     ]
     for label, row in _table_rows(table):
-        lines.append(f"| {label} | " + " | ".join(_cell(row[c]) for c in COLUMNS) + f" | {row['failed']} |")
+        lines.append(f"| {label} | " + " | ".join(_cell(row[c]) for c in columns) + f" | {row['failed']} |")
     if table["missing"]:
         lines += ["", "Not evaluated: " + ", ".join(display_name(m) for m in table["missing"])]
     return "\n".join(lines) + "\n"
@@ -120,8 +128,15 @@ def to_csv(table: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def plot(table: dict[str, Any], path: str) -> None:
-    """A grouped bar chart: one group per language / average, one bar per column."""
+def plot(
+    table: dict[str, Any],
+    path: str,
+    columns: tuple[str, ...] = COLUMNS,
+    ylabel: str = "relative score (%)",
+    title: str = "Multilingual LLaVA-Bench (In-the-Wild): {name}",
+    target: float | None = None,
+) -> None:
+    """A grouped bar chart: one group per language / average, one bar per column (optionally a target line)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: no display on eval machines
@@ -129,16 +144,19 @@ def plot(table: dict[str, Any], path: str) -> None:
 
     rows = _table_rows(table)
     labels = [label.replace(" avg", "\navg") for label, _ in rows]
-    width = 0.8 / len(COLUMNS)
+    width = 0.8 / len(columns)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
-    for i, column in enumerate(COLUMNS):
-        xs = [j + (i - (len(COLUMNS) - 1) / 2) * width for j in range(len(rows))]
+    for i, column in enumerate(columns):
+        xs = [j + (i - (len(columns) - 1) / 2) * width for j in range(len(rows))]
         ax.bar(xs, [row[column] or 0.0 for _, row in rows], width, label=column)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(labels, fontsize=8)
-    ax.set_ylabel("relative score (%)")
-    ax.set_title(f"Multilingual LLaVA-Bench (In-the-Wild): {table['name']}")
-    ax.legend(ncol=len(COLUMNS), fontsize=8)
+    if target is not None:
+        ax.set_ylim(0, 105)
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title.format(name=table["name"]))
+    ax.legend(ncol=len(columns), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -16,6 +16,7 @@ from typing import Any
 
 from palo.eval.bench import LANGUAGES, display_name, resolve_language
 from palo.eval.jsonl import iter_jsonl
+from palo.eval import report
 from palo.eval.report import AVERAGES
 from palo.quickstart.data import KINDS
 
@@ -101,50 +102,18 @@ def answers_path(answers_dir: str, language: str) -> str:
     return os.path.join(answers_dir, f"{display_name(language)}.jsonl")
 
 
-def _rows(table: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [(display_name(lang), row) for lang, row in table["languages"].items()] + list(table["averages"].items())
+CAPTION = "Exact-match accuracy (%) of {name} on held-out images; unanswered questions are counted as failed."
 
 
 def to_markdown(table: dict[str, Any]) -> str:
-    """The table in :mod:`palo.eval.report`'s markdown layout."""
-    cell = lambda v: "n/a" if v is None else f"{v:.1f}"  # noqa: E731
-    lines = [
-        f"Exact-match accuracy (%) of {table['name']} on held-out images; unanswered questions are counted as failed.",
-        "",
-        "| language | " + " | ".join(COLUMNS) + " | failed |",
-        "|---|" + "---:|" * (len(COLUMNS) + 1),
-    ]
-    for label, row in _rows(table):
-        lines.append(f"| {label} | " + " | ".join(cell(row[c]) for c in COLUMNS) + f" | {row['failed']} |")
-    if table["missing"]:
-        lines += ["", "Not evaluated: " + ", ".join(display_name(m) for m in table["missing"])]
-    return "\n".join(lines) + "\n"
+    """The table in :mod:`palo.eval.report`'s markdown layout, with this task's columns."""
+    return report.to_markdown(table, COLUMNS, CAPTION)
 
 
 def plot(table: dict[str, Any], path: str) -> None:
-    """A grouped bar chart: one group per language / average, one bar per column."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless
-    import matplotlib.pyplot as plt
-
-    rows = _rows(table)
-    width = 0.8 / len(COLUMNS)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) + 2), 4.5))
-    for i, column in enumerate(COLUMNS):
-        xs = [j + (i - (len(COLUMNS) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, [row[column] or 0.0 for _, row in rows], width, label=column)
-    ax.set_xticks(range(len(rows)))
-    ax.set_xticklabels([label.replace(" avg", "\navg") for label, _ in rows], fontsize=8)
-    ax.set_ylim(0, 105)
-    ax.axhline(90, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_ylabel("exact-match accuracy (%)")
-    ax.set_title(f"Quickstart shapes task, held-out images: {table['name']}")
-    ax.legend(ncol=len(COLUMNS), fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Per-language bars of each question kind, with the 90 % target line."""
+    report.plot(table, path, COLUMNS, ylabel="exact-match accuracy (%)",
+                title="Quickstart shapes task, held-out images: {name}", target=90)
 
 
 def write_report(table: dict[str, Any], prefix: str) -> dict[str, str]:
