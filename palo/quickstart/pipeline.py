@@ -28,7 +28,7 @@ class QuickstartConfig:
     train_images: int = 8000
     eval_images: int = 20
     image_size: int = 84  # 6 x 6 patches of 14 px; a 3 x 3 shape grid puts each cell on 2 x 2 patches
-    steps: int = 500
+    steps: int = 1500  # 500 left colour at chance; 1500 (about 6 min on 2 cores) reached 79 % on colour
     stage1_steps: int = 30
     batch_size: int = 16
     stage1_lr: float = 2e-3
