@@ -1,11 +1,13 @@
 """``palo quickstart``: train, evaluate and serve a small PALO on one machine, offline, in minutes.
 
-    palo quickstart [--workdir runs/quickstart] [--no-serve] [--steps N] [--preset default|tiny]
+    palo quickstart [--workdir runs/quickstart] [--no-serve | --check-served] [--steps N] [--preset default|tiny]
 
 Draws a synthetic multilingual shapes task, builds a small PALO locally (tokenizer, CLIP-shaped tower, LLaMA),
 trains it with the real ``palo/train/train.py`` entry (stage 1, then stage 2, on CPU), evaluates all 10 languages
 with the real ``model_vqa`` and an exact-match judge (table + plot), then serves the model (controller, worker,
-web UI on 127.0.0.1) until Ctrl-C. Finished stages are skipped on a rerun.
+web UI on 127.0.0.1) until Ctrl-C. Finished stages are skipped on a rerun. ``--check-served`` instead starts the
+services, asks the served model every held-out question in every language through its OpenAI-compatible API,
+prints the same table for the served answers, and stops.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palo quickstart", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/quickstart", help="where data, models and results go")
-    parser.add_argument("--no-serve", action="store_true", help="stop after the evaluation table")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--no-serve", action="store_true", help="stop after the evaluation table")
+    mode.add_argument("--check-served", action="store_true",
+                      help="serve, put every held-out question to the served model (OpenAI API), table, stop")
     parser.add_argument("--steps", type=int, default=None, help="stage-2 training steps (default: the preset's)")
     parser.add_argument("--preset", choices=("default", "tiny"), default="default",
                         help="tiny: a few steps on tiny sizes (seconds; checks the pipeline, not the accuracy)")
@@ -48,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.workdir, config)
     if args.no_serve:
         return 0
+    if args.check_served:
+        from palo.quickstart.serve import check_served
+
+        return check_served(result.checkpoint, args.workdir)
     from palo.quickstart.serve import serve_forever
 
     return serve_forever(result.checkpoint, os.path.join(args.workdir, "logs"), args.port)

@@ -149,3 +149,79 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
+
+
+def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel: int = 8) -> None:
+    """Put every held-out bench question, in every language, to the served model through its OpenAI API.
+
+    Greedy (temperature 0), one image per question as a base64 data URL; concurrent requests exercise the
+    worker's batching. Each language's answers go to ``<answers_dir>/<Language>.jsonl`` in ``model_vqa``'s
+    format, written atomically, so :func:`palo.quickstart.judge.build_table` scores them like the offline run.
+
+    Args:
+        api_base: The controller's OpenAI-compatible base URL (``http://host:port/v1``).
+        model: The served model name.
+        bench: The bench root (``<root>/<language>/question.jsonl``, ``<root>/images``).
+        answers_dir: Output folder.
+        parallel: Requests in flight at once.
+    """
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+    from tqdm.auto import tqdm
+
+    from palo.eval.bench import LANGUAGES, resolve_language
+    from palo.eval.jsonl import iter_jsonl
+    from palo.quickstart.judge import answers_path
+
+    client = OpenAI(base_url=api_base, api_key="unused", max_retries=2, timeout=120)
+    images: dict[str, str] = {}
+
+    def data_url(path: str) -> str:
+        if path not in images:
+            with open(path, "rb") as f:
+                images[path] = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
+        return images[path]
+
+    def ask(question: dict, image_folder: str) -> dict:
+        content = [{"type": "image_url", "image_url": {"url": data_url(os.path.join(image_folder, question["image"]))}},
+                   {"type": "text", "text": question["text"]}]
+        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                               temperature=0.0, max_tokens=16)
+        return {"question_id": question["question_id"], "prompt": question["text"],
+                "text": reply.choices[0].message.content.strip(), "model_id": model, "metadata": {"served": True}}
+
+    os.makedirs(answers_dir, exist_ok=True)
+    with ThreadPoolExecutor(parallel) as pool:
+        for language in LANGUAGES:
+            files = resolve_language(bench, language)
+            questions = [r.data for r in iter_jsonl(files.questions, required=("question_id", "image", "text"))]
+            rows = list(tqdm(pool.map(lambda q: ask(q, files.images), questions), total=len(questions),
+                             desc=f"asking ({language})"))
+            path = answers_path(answers_dir, language)
+            with open(path + ".tmp", "w", encoding="utf-8") as f:
+                for row in rows:
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(path + ".tmp", path)
+
+
+def check_served(checkpoint: str, workdir: str) -> int:
+    """Start the services, score the served model on the held-out bench, write ``eval/served_summary.*``, stop."""
+    from palo.quickstart import judge
+    from palo.quickstart.pipeline import banner
+
+    banner("Checking the served model (controller, worker, web UI; every held-out question via the OpenAI API)")
+    services = start(checkpoint, os.path.join(workdir, "logs"))
+    try:
+        answers = os.path.join(workdir, "eval", "served_answers")
+        ask_served(services.controller_url + "/v1", services.model_name, os.path.join(workdir, "data", "bench"),
+                   answers)
+    finally:
+        services.stop()
+    table = judge.build_table(os.path.join(workdir, "data", "bench"), answers, f"{services.model_name} (served)")
+    report = judge.write_report(table, os.path.join(workdir, "eval", "served_summary"))
+    print()
+    print(judge.to_markdown(table))
+    print("written: " + ", ".join(report.values()), flush=True)
+    return 0
