@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -205,10 +206,11 @@ def test_bad_samples_stop_with_their_id_or_are_skipped_and_counted(world, data, 
     assert trainer.train_dataset.bad_samples.value == 1
 
 
-def _script(world, data: str, script: str, out: str, zero: str, *extra: str) -> subprocess.CompletedProcess:
-    """Run an original launch script with torchrun (2 CPU processes, gloo) instead of the deepspeed launcher."""
+def _script_command(world, data: str, script: str, out: str, zero: str, *extra: str,
+                    launcher: str = "--nproc_per_node 2") -> tuple[list[str], dict]:
+    """An original launch script run by torchrun (CPU processes, gloo) instead of the deepspeed launcher."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, LAUNCHER=f"{torchrun} --nproc_per_node 2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, LAUNCHER=f"{torchrun} {launcher}", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     projector = os.path.join(world.projector_dir, "mm_projector.bin")
     args = ["bash", os.path.join(ROOT, "scripts", "train", script), world.base_dir, data, projector, "mlp2x_gelu", out,
@@ -218,6 +220,11 @@ def _script(world, data: str, script: str, out: str, zero: str, *extra: str) -> 
             "--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--per_device_train_batch_size", "2",
             "--max_steps", "3", "--save_steps", "2", "--dataloader_num_workers", "0",
             "--gradient_checkpointing", "False", "--model_max_length", "256", *extra]
+    return args, env
+
+
+def _script(world, data: str, script: str, out: str, zero: str, *extra: str) -> subprocess.CompletedProcess:
+    args, env = _script_command(world, data, script, out, zero, *extra)
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -237,6 +244,34 @@ def test_deepspeed_through_the_original_scripts(world, data, tmp_path, script, z
         tokenizer, model, _, _ = load_pretrained_model(folder, world.base_dir if "lora" in script else None, device="cpu")
         logits = _logits(model, tokenizer, torch.randn(1, 3, 56, 56))
         assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_two_nodes_through_the_original_script(world, data, tmp_path):
+    """Multi-node: two torchrun "nodes" of one CPU process each (node ranks 0 and 1, LOCAL_RANK 0 on both) run
+    finetune_palo.sh with ZeRO-2 into one shared output folder, as nodes on a shared filesystem do. Only global
+    rank 0 may write the model; both nodes' shards must land in the checkpoint."""
+    out = str(tmp_path / "results" / "PALO-2node")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        launcher = (f"--nnodes 2 --nproc_per_node 1 --node_rank {node} --master_addr 127.0.0.1 "
+                    f"--master_port {port}")
+        args, env = _script_command(world, data, "finetune_palo.sh", out, "2", launcher=launcher)
+        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    losses = _losses(out)
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    shards = sorted(f for _, _, files in os.walk(os.path.join(out, "checkpoint-3")) for f in files
+                    if f.endswith("optim_states.pt"))
+    assert len(shards) == 2, shards  # one ZeRO-2 optimizer shard per global rank, from both nodes
+    tokenizer, model, _, _ = load_pretrained_model(out, None, device="cpu")
+    assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
 
 
 @pytest.mark.slow
