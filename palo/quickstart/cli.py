@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --steps must be at least 1", file=sys.stderr)
             return 2
         config = replace(config, steps=args.steps, stage1_steps=max(1, min(config.stage1_steps, args.steps // 4)))
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+        probe = os.path.join(args.workdir, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as error:
+        print(f"error: --workdir {args.workdir!r} is not a writable folder ({error.strerror or error})", file=sys.stderr)
+        return 2
     result = run(args.workdir, config)
     if args.no_serve:
         return 0

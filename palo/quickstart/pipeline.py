@@ -9,8 +9,11 @@ runs the real :mod:`palo.eval.model_vqa` answerer at temperature 0 and scores wi
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from palo.quickstart.vision import TowerPretraining
@@ -95,15 +98,33 @@ def banner(text: str) -> None:
     print(f"\n{line}\n  {text}\n{line}", flush=True)
 
 
+@contextmanager
+def staged_folder(final: str) -> Iterator[str]:
+    """Yield a fresh staging folder next to ``final``; on success it replaces ``final`` in one rename.
+
+    A crash leaves ``final`` absent (or as it was), never half written, so "the folder exists" can mark a finished
+    stage. A staging folder left by a crash is cleared on the next attempt.
+    """
+    staging = final.rstrip(os.sep) + ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    yield staging
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.replace(staging, final)
+
+
 def build_data(paths: Paths, config: QuickstartConfig):
     """Draw the task (train JSONs + bench); skipped when present."""
     from palo.quickstart import data
 
-    if os.path.isfile(os.path.join(paths.data, "stage2.json")) and os.path.isdir(os.path.join(paths.data, "bench")):
+    task = data.TaskPaths(paths.data, os.path.join(paths.data, "images"), os.path.join(paths.data, "stage1.json"),
+                          os.path.join(paths.data, "stage2.json"), os.path.join(paths.data, "bench"))
+    if os.path.isdir(paths.data):
         print(f"[skip] data already in {paths.data}")
-        return data.TaskPaths(paths.data, os.path.join(paths.data, "images"), os.path.join(paths.data, "stage1.json"),
-                              os.path.join(paths.data, "stage2.json"), os.path.join(paths.data, "bench"))
-    task = data.write_task(paths.data, config.train_images, config.eval_images, config.image_size, config.seed)
+        return task
+    with staged_folder(paths.data) as staging:
+        data.write_task(staging, config.train_images, config.eval_images, config.image_size, config.seed)
     print(f"{config.train_images} training images, {config.eval_images} held-out images x 3 questions x 10 languages"
           f" -> {paths.data}")
     return task
@@ -129,17 +150,20 @@ def build_models(paths: Paths, config: QuickstartConfig) -> None:
     from palo.testing import tiny
 
     s = config.shapes
-    if os.path.isfile(os.path.join(paths.llama, "config.json")):
+    if os.path.isdir(paths.llama):
         print(f"[skip] tokenizer and language model already in {os.path.dirname(paths.llama)}")
     else:
-        tokenizer = tiny.train_sentencepiece(paths.tokenizer, config.vocab_size, extra_text=tokenizer_text())
+        with staged_folder(paths.tokenizer) as staging:
+            tokenizer = tiny.train_sentencepiece(staging, config.vocab_size, extra_text=tokenizer_text())
         print(f"tokenizer: SentencePiece BPE, {len(tokenizer)} pieces -> {paths.tokenizer}")
-        tiny.save_tiny_llama(paths.llama, paths.tokenizer, config.shapes, seed=config.seed)
+        with staged_folder(paths.llama) as staging:
+            tiny.save_tiny_llama(staging, paths.tokenizer, config.shapes, seed=config.seed)
         print(f"language model: LLaMA, hidden {s.hidden_size}, {s.num_layers} layers -> {paths.llama}")
-    if os.path.isfile(os.path.join(paths.clip, "config.json")):
+    if os.path.isdir(paths.clip):
         print(f"[skip] vision tower already in {paths.clip}")
     else:
-        tiny.save_tiny_clip(paths.clip, config.shapes, seed=config.seed)
+        with staged_folder(paths.clip) as staging:
+            tiny.save_tiny_clip(staging, config.shapes, seed=config.seed)
         print(f"vision tower: CLIP-shaped, {s.image_size}px / patch {s.patch_size}, hidden {s.vision_hidden}, "
               f"{s.vision_layers} layers -> {paths.clip}")
 
@@ -210,14 +234,24 @@ def stage2_flags(paths: Paths, config: QuickstartConfig, task) -> list[str]:
     ]
 
 
-def run_training(flags: list[str], out: str, done_file: str) -> None:
+TRAINED = "quickstart-trained.json"  # written after train() returns: the stage's output is complete
+
+
+def run_training(flags: list[str], out: str) -> None:
+    """Run ``palo/train/train.py`` with ``flags`` unless ``out`` holds a finished run of this pipeline."""
+    import json
+
     from palo.train.train import train
 
-    if os.path.isfile(os.path.join(out, done_file)):
+    marker = os.path.join(out, TRAINED)
+    if os.path.isfile(marker):
         print(f"[skip] already trained: {out}")
         return
     print("python palo/train/train.py " + " ".join(flags), flush=True)
-    train(flags)
+    trainer = train(flags)
+    with open(marker + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"flags": flags, "global_step": trainer.state.global_step}, f, indent=1)
+    os.replace(marker + ".tmp", marker)
 
 
 def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
@@ -274,9 +308,9 @@ def run(workdir: str, config: QuickstartConfig) -> Result:
     banner(f"3/6  Pre-training the vision tower ({config.tower.steps} steps, training images only)")
     timed("vision", pretrain_vision, paths, config, task)
     banner(f"4/6  Stage 1: projector pre-training ({config.stage1_steps} steps, palo/train/train.py)")
-    timed("stage1", run_training, stage1_flags(paths, config, task), paths.stage1, "mm_projector.bin")
+    timed("stage1", run_training, stage1_flags(paths, config, task), paths.stage1)
     banner(f"5/6  Stage 2: instruction fine-tuning ({config.steps} steps, palo/train/train.py)")
-    timed("stage2", run_training, stage2_flags(paths, config, task), paths.stage2, "config.json")
+    timed("stage2", run_training, stage2_flags(paths, config, task), paths.stage2)
     banner("6/6  Evaluating every language (model_vqa, temperature 0, exact-match judge)")
     table = timed("eval", evaluate, paths, config, task)
     report = judge.write_report(table, paths.report)

@@ -138,7 +138,9 @@ def pretrain_tower(clip_dir: str, image_folder: str, specs: list[data.ImageSpec]
         and after.
     """
     from tqdm.auto import tqdm
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPVisionModel
+
+    from palo.model.vision_tower import load_image_processor
 
     old = clip_dir.rstrip(os.sep) + ".random"
     if not os.path.isdir(clip_dir) and os.path.isdir(old):  # a crash between the two renames below
@@ -147,7 +149,8 @@ def pretrain_tower(clip_dir: str, image_folder: str, specs: list[data.ImageSpec]
         raise ValueError(f"tower pre-training needs at least 10 images, got {len(specs)}")
     specs = specs[: schedule.max_images]
     held = max(1, len(specs) // 10)
-    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    tower_config = json.load(open(os.path.join(clip_dir, "config.json"), encoding="utf-8"))
+    processor = load_image_processor(clip_dir, tower_config["image_size"])  # the processor training uses
     pixels = _load_pixels(processor, image_folder, specs)
     targets = torch.tensor([labels(s) for s in specs])
     train_x, train_y, held_x, held_y = pixels[:-held], targets[:-held], pixels[-held:], targets[-held:]

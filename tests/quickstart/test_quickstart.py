@@ -49,8 +49,12 @@ def test_rerun_skips_finished_stages(workdir, capsys):
     assert out.count("[skip]") >= 5 and "vision tower already pre-trained" in out and "| Overall avg |" in out
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path, capsys):
     assert cli.main(["serve"]) == 2
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert cli.main(["quickstart", "--workdir", str(a_file), "--no-serve"]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["quickstart", "--no-serve", "--check-served"])
     assert exit_info.value.code == 2
@@ -83,3 +87,18 @@ def test_check_served_asks_every_question_through_the_openai_api(workdir, capsys
 def _rows(workdir: str, folder: str, language: str) -> list[dict]:
     path = os.path.join(workdir, "eval", folder, f"{display_name(language)}.jsonl")
     return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_staged_folder_never_leaves_a_half_written_stage(tmp_path):
+    from palo.quickstart.pipeline import staged_folder
+
+    final = str(tmp_path / "data")
+    with pytest.raises(RuntimeError):
+        with staged_folder(final) as staging:
+            open(os.path.join(staging, "stage1.json"), "w").close()
+            raise RuntimeError("killed while drawing")
+    assert not os.path.exists(final)  # so the next run does not mistake it for finished data
+    with staged_folder(final) as staging:
+        assert os.listdir(staging) == []  # the crashed attempt's files are gone
+        open(os.path.join(staging, "stage2.json"), "w").close()
+    assert os.listdir(final) == ["stage2.json"] and not os.path.exists(final + ".partial")
