@@ -125,9 +125,10 @@ def serve_forever(checkpoint: str, logs: str, web_port: int = 7860) -> int:
     if web_port and not _port_free(web_port):
         web_port = 0
     services = start(checkpoint, logs, web_port)
+    example = os.path.join(os.path.dirname(os.path.abspath(logs)), "data", "bench", "images", "eval-00000.png")
     print(f"\nModel {services.model_name} is served.\n  Web UI:     {services.web_url}\n"
           f"  OpenAI API: {services.controller_url}/v1 (model {services.model_name!r})\n"
-          f"  Logs:       {os.path.abspath(logs)}\nAsk it about a held-out image, e.g. data/bench/images/eval-00000.png:"
+          f"  Logs:       {os.path.abspath(logs)}\nAsk it about a held-out image, e.g. {example}:"
           f" 'What colour are the shapes?', 'Combien de formes y a-t-il ?', 'ما هذا الشكل؟'.\nPress Ctrl-C to stop.",
           flush=True)
     try:
