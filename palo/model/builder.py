@@ -201,11 +201,21 @@ def _transformers_log_level(level: int) -> Iterator[None]:
         hf_logging.set_verbosity(previous)
 
 
+def require_bitsandbytes(what: str) -> None:
+    """Fail with the install command when bitsandbytes (the ``train`` extra) is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{what} needs bitsandbytes: pip install 'bitsandbytes>=0.50' (or pip install -e '.[train]')")
+
+
 def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[str, Any]:
+    """bitsandbytes settings of the original builder; 4-bit computes in float16 on CUDA, float32 elsewhere."""
     if not (load_8bit or load_4bit):
         return {}
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        raise ValueError("--load-8bit/--load-4bit need a CUDA device and bitsandbytes; on CPU load in float32")
+    if load_8bit and load_4bit:
+        raise ValueError("choose one of --load-8bit and --load-4bit")
+    require_bitsandbytes("--load-8bit/--load-4bit")
     from transformers import BitsAndBytesConfig
 
     if load_8bit:
@@ -213,7 +223,7 @@ def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=torch.float16,
+            bnb_4bit_compute_dtype=torch.float16 if str(device).startswith("cuda") else torch.float32,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
             llm_int8_skip_modules=QUANTIZATION_SKIP,
@@ -257,8 +267,8 @@ def load_pretrained_model(
         model_path: A checkpoint folder or hub id (resolved through the local Hugging Face cache).
         model_base: The base LLM for LoRA and stage-1 folders.
         model_name: Kept for compatibility with the original signature; it no longer changes behaviour.
-        load_8bit: Quantise the language model to 8 bits (CUDA, bitsandbytes).
-        load_4bit: Quantise to 4-bit NF4 (CUDA, bitsandbytes).
+        load_8bit: Quantise the language model to 8 bits (bitsandbytes; CUDA, or CPU from bitsandbytes 0.50).
+        load_4bit: Quantise it to 4-bit NF4 (same); CLIP, the projector and ``lm_head`` stay unquantised.
         device_map: transformers ``device_map`` on CUDA; on other devices everything goes to ``device``.
         device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``.
         vision_tower: Override ``mm_vision_tower`` (e.g. a local CLIP folder for offline use).
@@ -294,6 +304,10 @@ def load_pretrained_model(
         load_kwargs["attn_implementation"] = "flash_attention_2"
 
     config = AutoConfig.from_pretrained(model_dir)
+    if kind is not CheckpointKind.FULL and getattr(config, "quantization_config", None) is not None:
+        # A QLoRA run's config records how its base was quantised during training; the base's weights on disk are
+        # not quantised, and whether to quantise them now is the caller's choice (load_4bit / load_8bit).
+        delattr(config, "quantization_config")
     if vision_tower:
         config.mm_vision_tower = vision_tower
     spec = MultimodalSpec.from_config(config)

@@ -72,7 +72,7 @@ class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "maximum sequence length (images included)"})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA: double quantisation"})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA: fp4 or nf4"})
-    bits: int = field(default=16, metadata={"help": "16, or 8 / 4 to load the LLM quantised (CUDA)"})
+    bits: int = field(default=16, metadata={"help": "16, or 8 / 4 to load the LLM quantised (QLoRA; bitsandbytes)"})
     lora_enable: bool = False
     lora_r: int = 64
     lora_alpha: int = 16

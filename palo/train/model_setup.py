@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
-from palo.model.builder import QUANTIZATION_SKIP, resolve_checkpoint_dir
+from palo.model.builder import QUANTIZATION_SKIP, require_bitsandbytes, resolve_checkpoint_dir
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM, build_vision_tower
 from palo.model.projectors import build_projector
@@ -54,8 +54,7 @@ def unwrap(model: nn.Module) -> PreTrainedModel:
 def _quantization_kwargs(args: TrainingArguments) -> dict[str, Any]:
     if args.bits == 16:
         return {}
-    if not torch.cuda.is_available():
-        raise ValueError(f"--bits {args.bits} (QLoRA) needs a CUDA device and bitsandbytes")
+    require_bitsandbytes(f"--bits {args.bits} (QLoRA)")
     from transformers import BitsAndBytesConfig
 
     return {
@@ -68,7 +67,9 @@ def _quantization_kwargs(args: TrainingArguments) -> dict[str, Any]:
             bnb_4bit_compute_dtype=compute_dtype(args),
             bnb_4bit_use_double_quant=args.double_quant,
             bnb_4bit_quant_type=args.quant_type,
-        )
+        ),
+        # As the original: the quantised weights are placed on this rank's device when they are loaded.
+        "device_map": {"": args.device},
     }
 
 

@@ -265,9 +265,34 @@ def test_projector_file_of_the_wrong_shape(world, tmp_path):
         load_pretrained_model(str(folder), world.base_dir, device="cpu")
 
 
-def test_quantization_on_cpu_is_refused(world):
-    with pytest.raises(ValueError, match="CUDA"):
+@pytest.mark.parametrize("flag,layer,tolerance", [("load_4bit", "Linear4bit", 0.3), ("load_8bit", "Linear8bitLt", 0.05)])
+def test_quantised_loading_quantises_only_the_language_model(world, flag, layer, tolerance):
+    """bitsandbytes >= 0.50 quantises on CPU as on CUDA: the same module selection, the same code path."""
+    from palo.mm_utils import tokenizer_image_token
+
+    tokenizer, full, _, _ = load_pretrained_model(world.full_dir, device="cpu")
+    _, model, _, _ = load_pretrained_model(world.full_dir, device="cpu", **{flag: True})
+    llm_layers = {type(m).__name__ for n, m in model.named_modules() if n.startswith("model.layers.") and "proj" in n}
+    assert llm_layers == {layer}
+    kept = [model.lm_head, *model.get_model().mm_projector.modules(), *model.get_vision_tower().modules()]
+    assert not any(type(m).__name__ == layer for m in kept)
+    ids = tokenizer_image_token("USER: <image>\nWhat is this? ASSISTANT:", tokenizer, return_tensors="pt")[None]
+    image = torch.randn(1, 3, 56, 56)
+    reference, quantised = full(ids, images=image).logits, model(ids, images=image).logits.float()
+    # Close to the float32 model (NF4 on hidden 64 is coarse, int8 much finer), not a broken model (error ~1).
+    assert ((quantised - reference).norm() / reference.norm()).item() < tolerance
+    assert model.generate(ids, images=image, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
+
+
+def test_quantised_loading_without_bitsandbytes_says_how_to_install(world, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install 'bitsandbytes"):
         load_pretrained_model(world.full_dir, device="cpu", load_4bit=True)
+    with pytest.raises(ValueError, match="one of"):
+        load_pretrained_model(world.full_dir, device="cpu", load_4bit=True, load_8bit=True)
 
 
 def test_incomplete_full_checkpoint(world, tmp_path):

@@ -328,3 +328,36 @@ def test_over_length_samples_truncate_or_skip_by_choice(world, data, tmp_path):
         train(flags("a"))
     trainer = train(flags("b", "--over_length", "skip", "--skip_bad_samples", "True"))
     assert trainer.train_dataset.bad_samples.value == 1
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_on_a_quantised_base_trains_saves_and_loads(world, data, tmp_path, bits):
+    """``--bits 4/8`` (QLoRA) through the real entry point; bitsandbytes >= 0.50 runs it on CPU too."""
+    import bitsandbytes as bnb
+
+    out = str(tmp_path / f"qlora{bits}")
+    trainer = train(_flags(world, data, out, "--bits", str(bits), "--lora_enable", "True", "--lora_r", "8",
+                           "--lora_alpha", "16", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "4"))
+    quantised = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    base = trainer.model.get_base_model()
+    assert isinstance(base.model.layers[0].self_attn.q_proj.base_layer, quantised)
+    # CLIP, the projector and the head stay in full precision (QUANTIZATION_SKIP as transformers applies it).
+    assert type(base.model.mm_projector[0]) is torch.nn.Linear and type(base.lm_head) is torch.nn.Linear
+    assert not any(isinstance(m, quantised) for m in base.model.vision_tower.modules())
+    trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "mm_projector" in n for n in trained)
+    losses = _losses(out)
+    assert len(losses) == 4 and all(0 < x < 20 for x in losses)
+
+    projector = {k: v.clone() for k, v in base.model.mm_projector.state_dict().items()}
+    for folder in (out, os.path.join(out, "checkpoint-4")):
+        assert {"adapter_config.json", "adapter_model.bin", "non_lora_trainables.bin"} <= set(os.listdir(folder))
+        tokenizer, model, _, _ = load_pretrained_model(folder, world.base_dir, device="cpu")
+        for key, value in model.get_model().mm_projector.state_dict().items():
+            torch.testing.assert_close(value, projector[key].float())
+        assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
+    # The run's config records the training-time quantisation; loading quantised again is the caller's choice.
+    assert "quantization_config" in json.load(open(os.path.join(out, "config.json")))
+    _, model, _, _ = load_pretrained_model(out, world.base_dir, device="cpu", **{f"load_{bits}bit": True})
+    assert isinstance(model.get_model().layers[0].self_attn.q_proj, quantised)
+    assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
