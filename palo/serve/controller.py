@@ -97,6 +97,7 @@ class Controller:
         self.worker_info: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._turn = 0  # rotates among equally loaded workers
 
     # -- registry ------------------------------------------------------------------------------------------------
     def _fetch_status(self, worker_name: str) -> dict | None:
@@ -206,7 +207,9 @@ class Controller:
         """Choose a live worker for a model; ``""`` when there is none.
 
         ``lottery`` draws with probability proportional to speed. ``shortest_queue`` takes the smallest
-        ``queue_length / speed`` and counts the request against that worker until its next heartbeat.
+        ``queue_length / speed`` and counts the request against that worker until its next heartbeat; workers tied
+        for the smallest take turns (the original always took the first, so while heartbeats kept resetting idle
+        workers to 0, one-at-a-time requests all went to the same worker).
         """
         candidates = [(n, i) for n, i in self._live_workers(model_name) if n not in exclude]
         if not candidates:
@@ -216,8 +219,12 @@ class Controller:
             if sum(speeds) < 1e-4:
                 return ""
             return random.choices([n for n, _ in candidates], weights=speeds)[0]
-        name, info = min(candidates, key=lambda item: item[1].queue_length / max(item[1].speed, 1e-4))
+        load = {name: info.queue_length / max(info.speed, 1e-4) for name, info in candidates}
+        lightest = min(load.values())
+        tied = sorted((n, i) for n, i in candidates if load[n] == lightest)
         with self._lock:
+            name, info = tied[self._turn % len(tied)]
+            self._turn += 1
             info.queue_length += 1
         return name
 

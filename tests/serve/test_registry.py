@@ -27,9 +27,22 @@ def test_shortest_queue_counts_dispatched_requests():
     c.register_worker("http://a", True, status("m", queue=0))
     c.register_worker("http://b", True, status("m", queue=1))
     picks = [c.get_worker_address("m") for _ in range(4)]
-    assert picks == ["http://a", "http://a", "http://b", "http://a"]
+    # a (0 < 1), then a and b tied at 1 take turns, then b is ahead (2 > 1), then tied again.
+    assert picks == ["http://a", "http://b", "http://a", "http://b"]
     assert c.get_worker_address("other") == ""
     assert c.receive_heart_beat("http://b", 0) and not c.receive_heart_beat("http://zzz", 0)
+
+
+def test_idle_workers_take_turns_when_heartbeats_reset_their_queues():
+    # One request at a time, each answered before the next heartbeat: both queues read 0 every time.
+    c = Controller("shortest_queue", clock=Clock())
+    c.register_worker("http://a", True, status("m"))
+    c.register_worker("http://b", True, status("m"))
+    picks = []
+    for _ in range(6):
+        picks.append(c.get_worker_address("m"))
+        assert c.receive_heart_beat("http://a", 0) and c.receive_heart_beat("http://b", 0)
+    assert picks.count("http://a") == picks.count("http://b") == 3
 
 
 def test_lottery_follows_speed():

@@ -83,14 +83,27 @@ def web(cluster, tmp_path) -> Iterator[Service]:
         service.kill()
 
 
-def _set_number(page, label: str, value: float) -> None:
-    """Type a value into a Gradio slider's number box, as a user would."""
+def _set_number(page, label: str, value: float, attempts: int = 5) -> None:
+    """Type a value into a Gradio slider's number box, as a user would, until the slider takes it.
+
+    Right after the Parameters accordion opens, Gradio may still be mounting the slider and re-render the box with
+    its initial value, dropping what was typed (seen on a loaded machine): like a user, type it again.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.get_by_label(f"number input for {label}")
-    box.fill(str(value))
-    box.press("Enter")
-    # The range slider follows only once the component's value (what is sent to the server) has changed.
-    page.wait_for_function("([range, v]) => Number(range.value) === v",
-                           arg=[page.get_by_label(f"range slider for {label}").element_handle(), value])
+    slider = page.get_by_label(f"range slider for {label}")
+    for attempt in range(attempts):
+        box.fill(str(value))
+        box.press("Enter")
+        # The range slider follows only once the component's value (what is sent to the server) has changed.
+        try:
+            page.wait_for_function("([range, v]) => Number(range.value) === v", arg=[slider.element_handle(), value],
+                                   timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == attempts - 1:
+                raise
 
 
 def _save_screenshot(page, tmp_path, name: str) -> str:
