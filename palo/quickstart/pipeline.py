@@ -145,7 +145,7 @@ def build_models(paths: Paths, config: QuickstartConfig) -> None:
     """Tokenizer trained on the task's text, random CLIP tower and random LLaMA, saved in hub-style folders.
 
     Each part is skipped when present; the LLaMA is written after (and rebuilt with) its tokenizer, whose size it
-    takes. The tower is left alone once it exists, as :func:`pretrain_vision` trains it in place.
+    takes. The tower is left alone once it exists, as :func:`pretrain_vision` replaces it with the trained one.
     """
     from palo.testing import tiny
 
@@ -177,7 +177,8 @@ def pretrain_vision(paths: Paths, config: QuickstartConfig, task) -> None:
         print(f"[skip] vision tower already pre-trained: {marker}")
         return
     specs = data.load_specs(os.path.join(task.root, "specs.json"))
-    summary = vision.pretrain_tower(paths.clip, task.images, specs, config.tower)
+    with staged_folder(paths.clip) as staging:
+        summary = vision.pretrain_tower(paths.clip, staging, task.images, specs, config.tower)
     before, after = summary["held_out_accuracy_before"], summary["held_out_accuracy_after"]
     print(f"probe accuracy on {summary['held_out_images']} held-out training images, before -> after: "
           + ", ".join(f"{k} {100 * before[k]:.0f}% -> {100 * after[k]:.0f}%" for k in vision.ATTRIBUTES))
