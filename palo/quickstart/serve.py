@@ -152,12 +152,13 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel: int = 8) -> None:
+def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel: int = 8) -> int:
     """Put every held-out bench question, in every language, to the served model through its OpenAI API.
 
     Greedy (temperature 0), one image per question as a base64 data URL; concurrent requests exercise the
     worker's batching. Each language's answers go to ``<answers_dir>/<Language>.jsonl`` in ``model_vqa``'s
-    format, written atomically, so :func:`palo.quickstart.judge.build_table` scores them like the offline run.
+    format, written atomically, so :func:`palo.quickstart.judge.build_table` scores them like the offline run. A
+    request the API refuses or fails is reported and left out, so the judge counts it as failed, never as right.
 
     Args:
         api_base: The controller's OpenAI-compatible base URL (``http://host:port/v1``).
@@ -165,11 +166,14 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
         bench: The bench root (``<root>/<language>/question.jsonl``, ``<root>/images``).
         answers_dir: Output folder.
         parallel: Requests in flight at once.
+
+    Returns:
+        The number of questions without an answer.
     """
     import base64
     from concurrent.futures import ThreadPoolExecutor
 
-    from openai import OpenAI
+    from openai import OpenAI, OpenAIError
     from tqdm.auto import tqdm
 
     from palo.eval.bench import LANGUAGES, resolve_language
@@ -185,26 +189,34 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
                 images[path] = "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
         return images[path]
 
-    def ask(question: dict, image_folder: str) -> dict:
+    def ask(question: dict, image_folder: str) -> dict | None:
         content = [{"type": "image_url", "image_url": {"url": data_url(os.path.join(image_folder, question["image"]))}},
                    {"type": "text", "text": question["text"]}]
-        reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                               temperature=0.0, max_tokens=16)
+        try:
+            reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                                   temperature=0.0, max_tokens=16)
+        except OpenAIError as error:
+            print(f"question {question['question_id']}: no answer ({error})", file=sys.stderr, flush=True)
+            return None
         return {"question_id": question["question_id"], "prompt": question["text"],
                 "text": reply.choices[0].message.content.strip(), "model_id": model, "metadata": {"served": True}}
 
     os.makedirs(answers_dir, exist_ok=True)
+    unanswered = 0
     with ThreadPoolExecutor(parallel) as pool:
         for language in LANGUAGES:
             files = resolve_language(bench, language)
             questions = [r.data for r in iter_jsonl(files.questions, required=("question_id", "image", "text"))]
             rows = list(tqdm(pool.map(lambda q: ask(q, files.images), questions), total=len(questions),
                              desc=f"asking ({language})"))
+            unanswered += rows.count(None)
             path = answers_path(answers_dir, language)
             with open(path + ".tmp", "w", encoding="utf-8") as f:
                 for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    if row is not None:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
             os.replace(path + ".tmp", path)
+    return unanswered
 
 
 def check_served(checkpoint: str, workdir: str) -> int:
@@ -216,8 +228,8 @@ def check_served(checkpoint: str, workdir: str) -> int:
     services = start(checkpoint, os.path.join(workdir, "logs"))
     try:
         answers = os.path.join(workdir, "eval", "served_answers")
-        ask_served(services.controller_url + "/v1", services.model_name, os.path.join(workdir, "data", "bench"),
-                   answers)
+        unanswered = ask_served(services.controller_url + "/v1", services.model_name,
+                                os.path.join(workdir, "data", "bench"), answers)
     finally:
         services.stop()
     table = judge.build_table(os.path.join(workdir, "data", "bench"), answers, f"{services.model_name} (served)")
@@ -225,4 +237,4 @@ def check_served(checkpoint: str, workdir: str) -> int:
     print()
     print(judge.to_markdown(table))
     print("written: " + ", ".join(report.values()), flush=True)
-    return 0
+    return 1 if unanswered else 0

@@ -102,3 +102,37 @@ def test_staged_folder_never_leaves_a_half_written_stage(tmp_path):
         assert os.listdir(staging) == []  # the crashed attempt's files are gone
         open(os.path.join(staging, "stage2.json"), "w").close()
     assert os.listdir(final) == ["stage2.json"] and not os.path.exists(final + ".partial")
+
+
+def test_refused_requests_are_counted_as_failed_not_lost(tmp_path, capsys):
+    """An API that answers every request with an error: every question is reported and scored as failed."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from palo.quickstart import data, judge
+    from palo.quickstart.serve import ask_served
+
+    class Refuse(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"error": {"message": "model not found", "type": "invalid_request_error"}}).encode()
+            self.send_response(404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        bench = data.write_bench(str(tmp_path / "bench"), 1, 84, seed=0)
+        answers = str(tmp_path / "answers")
+        assert ask_served(f"http://127.0.0.1:{server.server_port}/v1", "m", bench, answers) == 30
+    finally:
+        server.shutdown()
+    assert capsys.readouterr().err.count("no answer") == 30
+    table = judge.build_table(bench, answers, "m")
+    assert all(row["failed"] == 3 and row["all"] is None for row in table["languages"].values())
