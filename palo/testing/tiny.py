@@ -248,10 +248,15 @@ def write_lora_checkpoint(
     r: int = 8,
     alpha: int = 16,
     seed: int = 0,
+    adapter_format: str = "bin",
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """A LoRA fine-tune output as PALO's trainer writes it (PEFT 0.4 layout, ``non_lora_trainables.bin``).
 
     The adapter's B matrices are random (not PEFT's zero init) so that merging visibly changes the logits.
+
+    Args:
+        adapter_format: ``bin`` (``adapter_model.bin``, what PEFT 0.4 wrote) or ``safetensors``
+            (``adapter_model.safetensors``, what newer PEFT writes); the same tensors and key names either way.
 
     Returns:
         The folder and the adapter state dict written (keys without the adapter name).
@@ -271,7 +276,10 @@ def write_lora_checkpoint(
             with torch.no_grad():
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
             adapter[name.replace(".default", "")] = param.detach().clone()
-    torch.save(adapter, os.path.join(out_dir, "adapter_model.bin"))
+    if adapter_format not in ("bin", "safetensors"):
+        raise ValueError(f"adapter_format must be 'bin' or 'safetensors', got {adapter_format!r}")
+    adapter_file = "adapter_model.bin" if adapter_format == "bin" else "adapter_model.safetensors"
+    _save_tensors({k: v.contiguous() for k, v in adapter.items()}, os.path.join(out_dir, adapter_file), adapter_format)
     adapter_config = {
         "base_model_name_or_path": base_dir,
         "bias": "none",
