@@ -100,3 +100,27 @@ def image_b64(image: Image.Image | None = None, fmt: str = "PNG") -> str:
 
 def vicuna_prompt(question: str, image: bool = True) -> str:
     return f"{SYSTEM} USER: {'<image>' + chr(10) if image else ''}{question} ASSISTANT:"
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the TCP sockets listening on ``port`` (from Linux's /proc/net/tcp and tcp6).
+
+    ``{"127.0.0.1"}`` means loopback only; ``0.0.0.0`` or ``::`` would accept connections from other machines.
+    """
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                address, hex_port = fields[1].split(":")
+                if fields[3] != "0A" or int(hex_port, 16) != port:  # 0A: LISTEN
+                    continue
+                # The kernel prints the address as native-endian 32-bit words: reverse each word's bytes.
+                raw = b"".join(bytes.fromhex(address[i:i + 8])[::-1] for i in range(0, width, 8))
+                found.add(str(ipaddress.ip_address(raw)))
+    return found

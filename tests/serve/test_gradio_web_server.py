@@ -8,7 +8,7 @@ import sys
 
 import httpx
 import pytest
-from serve_helpers import REPO, Service, free_port, make_image, wait_until
+from serve_helpers import REPO, Service, free_port, listening_addresses, make_image, wait_until
 
 from palo.serve.gradio_web_server import CURSOR, WebServer, chatbot_messages, is_rtl
 from palo.serve.protocol import SERVER_ERROR_MSG
@@ -75,6 +75,8 @@ def test_the_page_is_served(cluster, tmp_path):
                   str(tmp_path / "web.out"), env, url=f"http://127.0.0.1:{port}").start()
     try:
         wait_until(lambda: httpx.get(web.url + "/", timeout=2).status_code == 200, 120, "the web server")
+        if os.path.exists("/proc/net/tcp"):  # started without --host: loopback only
+            assert listening_addresses(port) == {"127.0.0.1"}
         config = httpx.get(web.url + "/config", timeout=10).json()
         props = {c.get("props", {}).get("elem_id"): c for c in config["components"]}
         assert {"chatbot", "imagebox", "question", "send", "regenerate", "clear", "model_selector"} <= set(props)
