@@ -22,6 +22,8 @@ import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
+from palo.engine.detokenizer import visible_text  # noqa: F401 - the stop-string rule lives with the engine
+
 # Texts of the original demo; kept verbatim because clients display them (and some match on them).
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
 MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
@@ -95,34 +97,3 @@ async def aiter_chunks(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[
             yield obj
     for obj in decoder.close():
         yield obj
-
-
-def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
-    """The part of a growing text that can be shown without ever having to take it back.
-
-    Cuts at the first complete stop string. While the text is still growing it also holds back a trailing partial
-    stop string (``"#"`` might become ``"###"``) and trailing U+FFFD characters (half of a multi-byte character whose
-    remaining byte tokens have not been generated yet), so the shown texts only ever extend each other.
-
-    Args:
-        text: The text generated so far.
-        stops: Stop strings (empty ones are ignored).
-        final: Whether generation has ended (nothing more is held back).
-
-    Returns:
-        ``(text to show, whether a stop string was found)``.
-    """
-    stops = [s for s in stops if s]
-    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    if cut >= 0:
-        return text[:cut], True
-    if final:
-        return text, False
-    hold = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:k]):
-                hold = k
-                break
-    shown = text[: len(text) - hold]
-    return shown.rstrip("\ufffd"), False

@@ -1,0 +1,115 @@
+"""Paged KV blocks: a free list, reference counts and hash-based sharing of prompt prefixes.
+
+Block 0 is never handed out: padded rows of a batch (CUDA-graph batch sizes) write their K/V there.
+
+A block that held a full prompt block keeps its hash after its sequences finish. It stays in the free list (least
+recently freed first), so a later prompt with the same prefix takes it back instead of recomputing it, until the
+block is handed out for something else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+from palo.engine.sequence import Sequence
+
+SCRATCH_BLOCK = 0
+
+
+class BlockManager:
+    """Hands out KV blocks to sequences.
+
+    Args:
+        num_blocks: Blocks in the cache (block 0 included).
+        block_size: Positions per block.
+        enable_prefix_cache: Share full prompt blocks by content.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_cache: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_cache = enable_prefix_cache
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.hits = 0  # prompt positions served from the cache, for statistics
+        self.queries = 0
+
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def blocks_for(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    # -- admission -----------------------------------------------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks matching the start of ``seq``'s prompt; the last prompt position is always recomputed
+        (its logits give the first answer token)."""
+        if not self.enable_prefix_cache:
+            return []
+        usable = (seq.prompt_len - 1) // self.block_size
+        found: list[int] = []
+        for key in seq.block_keys(self.block_size)[:usable]:
+            block = self.hash_to_block.get(key)
+            if block is None:
+                break
+            found.append(block)
+        return found
+
+    def can_allocate(self, seq: Sequence, positions: int) -> bool:
+        """Whether ``positions`` positions of KV can be reserved for ``seq`` now."""
+        cached = self._cached_prefix(seq)
+        revived = sum(1 for b in cached if self.ref_count[b] == 0)  # cached blocks sitting in the free list
+        return self.blocks_for(positions) - len(cached) <= self.num_free - revived
+
+    def allocate(self, seq: Sequence, positions: int) -> None:
+        """Reserve KV for ``positions`` positions of ``seq``, reusing cached prompt blocks.
+
+        Sets ``seq.block_table``, ``seq.num_computed`` and ``seq.num_cached``. Call :meth:`can_allocate` first.
+        """
+        cached = self._cached_prefix(seq)
+        for block in cached:
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+        table = list(cached)
+        for _ in range(self.blocks_for(positions) - len(cached)):
+            block, _ = self.free.popitem(last=False)
+            if self.block_hash[block] is not None:  # evict its old content from the cache index
+                if self.hash_to_block.get(self.block_hash[block]) == block:
+                    del self.hash_to_block[self.block_hash[block]]
+                self.block_hash[block] = None
+            self.ref_count[block] = 1
+            table.append(block)
+        seq.block_table = table
+        seq.num_cached = seq.num_computed = len(cached) * self.block_size
+        self.hits += seq.num_cached
+        self.queries += seq.prompt_len
+
+    def register_prefix(self, seq: Sequence) -> None:
+        """Index ``seq``'s full prompt blocks computed so far, so later prompts can share them."""
+        if not self.enable_prefix_cache:
+            return
+        keys = seq.block_keys(self.block_size)
+        for b, key in enumerate(keys[: seq.num_computed // self.block_size]):
+            block = seq.block_table[b]
+            if self.block_hash[block] is None and key not in self.hash_to_block:
+                self.block_hash[block] = key
+                self.hash_to_block[key] = block
+
+    def release(self, seq: Sequence) -> None:
+        """Give back ``seq``'s blocks (cached prompt blocks stay findable until they are handed out again)."""
+        for block in reversed(seq.block_table):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+                if self.block_hash[block] is None:  # nothing worth keeping: hand it out first
+                    self.free.move_to_end(block, last=False)
+        seq.block_table = []

@@ -1,0 +1,110 @@
+"""CUDA graphs of the decode step, captured at start-up for a ladder of batch sizes and context widths.
+
+At batch 1 a 7B decode step is hundreds of small kernels, and launching them from Python costs more than the GPU
+needs to run them. A graph replays the whole step with one launch. Graphs need fixed shapes, so each is captured
+for a batch size (padded rows write to the scratch block) and a width in KV blocks (each row reads that many blocks,
+masked to its own length); a step uses the smallest captured pair that holds it, and runs eagerly otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+
+from palo.engine.sequence import Sequence
+
+logger = logging.getLogger("palo.engine")
+
+
+def batch_ladder(max_num_seqs: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, 8, then every 8 up to ``max_num_seqs``."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 8))
+    return sorted(set(sizes + [max_num_seqs]))
+
+
+def width_ladder(max_blocks: int, smallest: int = 8) -> list[int]:
+    """Captured widths in blocks: powers of two from ``smallest`` up to ``max_blocks`` (included)."""
+    widths = []
+    width = min(smallest, max_blocks)
+    while width < max_blocks:
+        widths.append(width)
+        width *= 2
+    return widths + [max_blocks]
+
+
+class DecodeGraphs:
+    """Captured decode steps of one :class:`~palo.engine.model_runner.ModelRunner`.
+
+    Use :meth:`capture`; then :meth:`can_run` / :meth:`run` replace the eager decode.
+    """
+
+    def __init__(self, runner, batches: list[int], widths: list[int]) -> None:
+        self.runner = runner
+        self.batches = batches
+        self.widths = widths
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self.pool = None
+
+    @classmethod
+    def capture(cls, runner, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
+        """Capture every (batch, width) pair; returns None (eager decoding) if capturing fails."""
+        max_blocks = math.ceil(max_model_len / runner.block_size)
+        graphs = cls(runner, batch_ladder(max_num_seqs), width_ladder(max_blocks))
+        start = time.perf_counter()
+        try:
+            graphs._capture_all()
+        except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured still runs eagerly
+            logger.warning("CUDA graph capture failed (%s: %s); decoding runs eagerly", type(exc).__name__, exc)
+            torch.cuda.synchronize()
+            return None
+        logger.info("captured %d decode CUDA graphs (batches %s, widths %s blocks) in %.1f s", len(graphs.graphs),
+                    graphs.batches, graphs.widths, time.perf_counter() - start)
+        return graphs
+
+    def _capture_all(self) -> None:
+        runner = self.runner
+        device = runner.device
+        stream = torch.cuda.Stream(device)
+        # Largest first, so the shared memory pool is sized once by the biggest graph.
+        for batch in reversed(self.batches):
+            for width in reversed(self.widths):
+                inputs = (
+                    torch.zeros(batch, dtype=torch.long, device=device),  # ids
+                    torch.zeros(batch, dtype=torch.long, device=device),  # positions
+                    torch.zeros(batch, dtype=torch.long, device=device),  # slots: the scratch block
+                    torch.zeros(batch, width, dtype=torch.long, device=device),  # block tables
+                    torch.ones(batch, dtype=torch.long, device=device),  # lengths
+                )
+                stream.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(stream), torch.no_grad():
+                    runner.decode_forward(*inputs)  # warm-up outside the graph (lazy inits, autotuning)
+                torch.cuda.current_stream(device).wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+                    output = runner.decode_forward(*inputs)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[(batch, width)] = (graph, inputs, output)
+        torch.cuda.synchronize(device)
+
+    def _pick(self, seqs: list[Sequence]) -> tuple[int, int] | None:
+        batch = next((b for b in self.batches if b >= len(seqs)), None)
+        need = max(self.runner.live_blocks(s) for s in seqs)
+        width = next((w for w in self.widths if w >= need), None)
+        return None if batch is None or width is None else (batch, width)
+
+    def can_run(self, seqs: list[Sequence]) -> bool:
+        return self._pick(seqs) is not None
+
+    def run(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Replay the graph for ``seqs``; returns ``[len(seqs), V]`` logits (valid until the next replay)."""
+        batch, width = self._pick(seqs)
+        graph, inputs, output = self.graphs[(batch, width)]
+        for static, value in zip(inputs, self.runner.decode_inputs(seqs, batch, width)):
+            static.copy_(value, non_blocking=True)
+        graph.replay()
+        return output[: len(seqs)]

@@ -1,0 +1,87 @@
+"""Incremental detokenization: each new token costs the decoding of a short window, not of the whole answer.
+
+SentencePiece text depends on neighbouring pieces (a word-initial "▁" becomes a space only after other text; byte
+pieces of one character only make sense together), so each step decodes two overlapping windows of the last few
+tokens and emits what the longer one adds, and only once it no longer ends in a half character (U+FFFD). Chunks of
+Bengali, Hindi or Chinese text are therefore always whole characters, and they concatenate to the decoding of the
+whole answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into a growing text.
+
+    Args:
+        tokenizer: A transformers tokenizer.
+        skip_special_tokens: As in ``tokenizer.decode``.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # window start: enough context for the pieces after it to decode as in the full text
+        self._read = 0  # tokens already turned into text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text it completes (possibly empty)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self._prefix:self._read])
+        after = self._decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT) and after.startswith(before):
+            delta = after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """At the end: what the whole answer's decoding has beyond the text emitted so far (a trailing half
+        character, held back while more tokens could complete it)."""
+        full = self._decode(self.ids)
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self._prefix = self._read = len(self.ids)
+        self.text += delta
+        return delta
+
+
+def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
+    """The part of a growing text that can be shown without ever having to take it back.
+
+    Cuts at the first complete stop string. While the text is still growing it also holds back a trailing partial
+    stop string (``"#"`` might become ``"###"``) and trailing U+FFFD characters (half of a multi-byte character whose
+    remaining byte tokens have not been generated yet), so the shown texts only ever extend each other.
+
+    Args:
+        text: The text generated so far.
+        stops: Stop strings (empty ones are ignored).
+        final: Whether generation has ended (nothing more is held back).
+
+    Returns:
+        ``(text to show, whether a stop string was found)``.
+    """
+    stops = [s for s in stops if s]
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], True
+    if final:
+        return text, False
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    shown = text[: len(text) - hold]
+    return shown.rstrip("\ufffd"), False

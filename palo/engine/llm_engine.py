@@ -1,0 +1,350 @@
+"""The engine loop: continuous batching over a paged KV cache, with streaming outputs.
+
+One thread owns the model. Each iteration of :meth:`LLMEngine.step`:
+
+1. takes in new requests and cancellations (from any thread);
+2. admits waiting requests while there are places and KV blocks (prefix-cache hits cost no new blocks);
+3. prefills up to ``max_prefill_tokens`` prompt positions (a long prompt in chunks), running the vision tower only
+   for images whose rows are not already cached; a sequence whose prompt is complete samples its first token;
+4. decodes one token for every sequence past its prompt, each with its own sampling settings;
+5. reports each changed request through its callback and frees the KV of every finished one at once.
+
+So a request joins the running batch between two decode steps and leaves it as soon as it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Sequence as Seq
+from typing import Any
+
+import torch
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.engine.block_manager import BlockManager
+from palo.engine.config import EngineConfig, plan_num_blocks
+from palo.engine.detokenizer import IncrementalDetokenizer, visible_text
+from palo.engine.errors import EngineClosed, QueueFull, RequestTooLarge
+from palo.engine.model_runner import ModelRunner, cache_shape
+from palo.engine.sampling import sample
+from palo.engine.scheduler import Scheduler
+from palo.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
+from palo.model.multimodal import ImagePlaceholderMismatch
+
+logger = logging.getLogger("palo.engine")
+
+DEFAULT_MAX_MODEL_LEN = 2048
+RATE_WINDOW_S = 10.0  # tokens/s is measured over this window
+
+
+class LLMEngine:
+    """Continuous-batching generation for one loaded model.
+
+    Args:
+        model: A loaded PALO (or plain LLaMA-family) causal LM.
+        tokenizer: Its tokenizer.
+        config: Engine settings.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        model_len = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        self.max_model_len = min(config.max_model_len or model_len, model_len)
+        device = model.get_input_embeddings().weight.device
+        shape = cache_shape(model)
+        activation = config.max_prefill_tokens * model.config.hidden_size * 4 * 16  # a prefill's largest temporaries
+        num_blocks = plan_num_blocks(config, shape, self.max_model_len, device, activation)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)
+        self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
+        self.tokens_per_image = int(getattr(model, "image_token_count", 0) or 0)
+        self.eos_ids = self._eos_ids()
+        self._inbox: list[Sequence] = []
+        self._aborts: list[Sequence] = []
+        self._by_id: dict[str, Sequence] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._generated: deque[tuple[float, int]] = deque()
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # sequences per decode step, for statistics and tests
+        self.steps = 0
+        if device.type == "cuda" and config.cuda_graphs:
+            from palo.engine.cuda_graphs import DecodeGraphs
+
+            self.runner.graphs = DecodeGraphs.capture(self.runner, config.max_num_seqs, self.max_model_len)
+        logger.info(
+            "KV cache: %d blocks of %d positions (%.2f GiB, %s) = %d positions; up to %d sequences of %d positions",
+            num_blocks - 1, config.block_size, self.runner.cache_bytes / (1 << 30), shape.dtype,
+            (num_blocks - 1) * config.block_size, config.max_num_seqs, self.max_model_len,
+        )
+
+    def _eos_ids(self) -> set[int]:
+        ids = {getattr(self.tokenizer, "eos_token_id", None)}
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        return {i for i in ids if i is not None}
+
+    # -- requests (any thread) ------------------------------------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> Sequence:
+        """Queue a request; its outputs go to ``request.on_output`` from the engine thread.
+
+        Raises:
+            ImagePlaceholderMismatch: When the images do not match the prompt's placeholders.
+            RequestTooLarge: When the prompt leaves no room for an answer, or the request needs more KV than the
+                whole cache holds.
+            QueueFull: When ``max_waiting`` requests already wait.
+            EngineClosed: After :meth:`close`.
+        """
+        count = 0 if request.images is None else int(request.images.shape[0])
+        placeholders = sum(1 for token in request.input_ids if token == IMAGE_TOKEN_INDEX)
+        if placeholders != count:
+            raise ImagePlaceholderMismatch(
+                f"Image features and image tokens do not match: {count} image(s) for {placeholders} <image> "
+                "placeholder(s). Give exactly one image per <image> in the prompt."
+            )
+        if count and self.tokens_per_image == 0:
+            raise ImagePlaceholderMismatch("this model takes text only (its config has no vision tower)")
+        seq = Sequence(request, self.tokens_per_image)
+        if seq.prompt_len >= self.max_model_len:
+            raise RequestTooLarge(
+                f"the prompt takes {seq.prompt_len} of the model's {self.max_model_len} positions; no room is left "
+                "for an answer"
+            )
+        need = self.blocks.blocks_for(seq.max_positions(self.max_model_len))
+        if need > self.blocks.usable_blocks:
+            raise RequestTooLarge(
+                f"the request needs {need} KV blocks but the cache holds {self.blocks.usable_blocks}: lower its "
+                "max_tokens or enlarge the cache (--kv-cache-gb)"
+            )
+        if request.sampling.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
+                raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
+            self._inbox.append(seq)
+            self._by_id[seq.request_id] = seq
+            self._cond.notify_all()
+        return seq
+
+    def abort(self, seq_or_id: Sequence | str) -> None:
+        """Cancel a request: it leaves the batch at the next step and its KV is freed then."""
+        with self._cond:
+            seq = self._by_id.get(seq_or_id) if isinstance(seq_or_id, str) else seq_or_id
+            if seq is not None and seq.status != Status.FINISHED:
+                seq.cancelled = True
+                self._aborts.append(seq)
+                self._cond.notify_all()
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._inbox or self._aborts) or self.scheduler.has_work()
+
+    def step(self) -> None:
+        """One iteration: take in requests, admit, prefill a chunk, decode one token for the running batch."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for seq in inbox:
+            self.scheduler.add(seq)
+        for seq in aborts:
+            if seq.status != Status.FINISHED:
+                self._finish(seq, "abort")
+        self.scheduler.admit()
+        self.steps += 1
+
+        chunks = self.scheduler.prefill_chunks()
+        if chunks:
+            seqs = [c.seq for c in chunks]
+            try:
+                for c in chunks:
+                    if c.seq.image_features is None and c.seq.images_needed_from(c.start):
+                        self.runner.encode_images(c.seq)
+                logits = self.runner.prefill(chunks)
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
+                self._fail(seqs, exc)
+            else:
+                completed = []
+                for c in chunks:
+                    c.seq.num_computed = c.end
+                    self.blocks.register_prefix(c.seq)
+                    if c.completes_prompt:
+                        completed.append(c.seq)
+                if completed:
+                    tokens = sample(logits, [s.sampling for s in completed], [s.generator for s in completed])
+                    for seq, token in zip(completed, tokens.tolist()):
+                        seq.image_features = None
+                        self.scheduler.start_decoding(seq)
+                        seq.first_token_at = time.monotonic()
+                        self._append(seq, token)
+
+        running = [s for s in self.scheduler.decoding if len(s.output_ids) > 0 and s.num_computed < s.num_tokens]
+        if running:
+            self.batch_sizes.append(len(running))
+            try:
+                logits = self.runner.decode(running)
+            except Exception as exc:  # noqa: BLE001
+                self._fail(running, exc)
+            else:
+                tokens = sample(logits, [s.sampling for s in running], [s.generator for s in running])
+                for seq, token in zip(running, tokens.tolist()):
+                    seq.num_computed = seq.num_tokens
+                    self._append(seq, token)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        """Record a sampled token: finish the sequence or stream what it adds."""
+        now = time.monotonic()
+        self._generated.append((now, 1))
+        if seq.cancelled:
+            return self._finish(seq, "abort")
+        if token in self.eos_ids and not seq.sampling.ignore_eos:
+            return self._finish(seq, "stop")
+        seq.output_ids.append(token)
+        seq.detokenizer.push(token)
+        shown, stopped = visible_text(seq.detokenizer.text, seq.sampling.stop, final=False)
+        if stopped:
+            return self._finish(seq, "stop")
+        if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length")
+        if shown != seq.text:
+            delta, seq.text = shown[len(seq.text):], shown
+            self._emit(seq, RequestOutput(seq.request_id, shown, delta, list(seq.output_ids)))
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        self.scheduler.finish(seq)
+        with self._cond:
+            self._by_id.pop(seq.request_id, None)
+        seq.finish_reason, seq.error = reason, error
+        if seq.detokenizer is not None:
+            seq.detokenizer.flush()
+            shown, _ = visible_text(seq.detokenizer.text, seq.sampling.stop, final=True)
+        else:
+            shown = seq.text
+        delta = shown[len(seq.text):] if shown.startswith(seq.text) else shown
+        seq.text = shown
+        self._emit(seq, RequestOutput(seq.request_id, shown, delta, list(seq.output_ids), finished=True,
+                                      finish_reason=reason, error=error))
+
+    def _fail(self, seqs: Seq[Sequence], exc: Exception) -> None:
+        logger.error("generation failed for %d request(s):\n%s", len(seqs), traceback.format_exc())
+        message = f"{type(exc).__name__}: {exc}"
+        for seq in seqs:
+            if seq.status != Status.FINISHED:
+                self._finish(seq, "error", message)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _emit(self, seq: Sequence, output: RequestOutput) -> None:
+        output.prompt_positions = seq.prompt_len
+        output.cached_positions = seq.num_cached
+        if seq.first_token_at is not None:
+            output.first_token_s = seq.first_token_at - seq.arrival
+        callback = seq.request.on_output
+        if callback is None:
+            return
+        try:
+            callback(output)
+        except Exception:  # noqa: BLE001 - the client went away: stop generating for it
+            if not output.finished:
+                seq.cancelled = True
+                self.abort(seq)
+
+    # -- background thread ----------------------------------------------------------------------------------------
+    def start(self) -> LLMEngine:
+        """Run :meth:`step` in a background thread whenever there is work (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="palo-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (self._inbox or self._aborts or self.scheduler.has_work()):
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug in one step must not kill the worker
+                logger.error("engine step failed:\n%s", traceback.format_exc())
+                running = list(self.scheduler.prefilling) + list(self.scheduler.decoding)
+                self._fail(running, RuntimeError("engine step failed"))
+        for seq in list(self.scheduler.waiting) + self.scheduler.prefilling + self.scheduler.decoding + self._inbox:
+            if seq.status != Status.FINISHED:
+                self._finish(seq, "error", "the engine was shut down")
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the background thread; unfinished requests end with an error."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def run_until_done(self, max_steps: int = 1_000_000) -> None:
+        """Step in this thread until every queued request has finished (tests, scripts; no background thread)."""
+        for _ in range(max_steps):
+            if not self.has_work():
+                return
+            self.step()
+        raise RuntimeError(f"requests still running after {max_steps} steps")
+
+    def generate(self, requests: Seq[EngineRequest], timeout: float = 600.0) -> list[RequestOutput]:
+        """Submit requests and wait for their final outputs (in order).
+
+        Uses the background thread when it runs, else steps in this thread.
+        """
+        finals: list[RequestOutput | None] = [None] * len(requests)
+        done = [threading.Event() for _ in requests]
+
+        def collect(i: int, inner):
+            def callback(output: RequestOutput) -> None:
+                if inner is not None:
+                    inner(output)
+                if output.finished:
+                    finals[i] = output
+                    done[i].set()
+            return callback
+
+        for i, request in enumerate(requests):
+            request.on_output = collect(i, request.on_output)
+            self.add_request(request)
+        if self._thread is None:
+            self.run_until_done()
+        deadline = time.monotonic() + timeout
+        for event in done:
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"generation did not finish within {timeout} s")
+        return [f for f in finals if f is not None]
+
+    # -- statistics -----------------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Queue, running sequences, KV use, prefix-cache hits and recent throughput."""
+        now = time.monotonic()
+        while self._generated and self._generated[0][0] < now - RATE_WINDOW_S:
+            self._generated.popleft()
+        generated = sum(n for _, n in list(self._generated))
+        usable = self.blocks.usable_blocks
+        with self._cond:
+            waiting = len(self.scheduler.waiting) + len(self._inbox)
+        return {
+            "waiting": waiting,
+            "running": self.scheduler.num_running,
+            "kv_blocks_total": usable,
+            "kv_blocks_used": sum(1 for b in range(1, self.blocks.num_blocks) if self.blocks.ref_count[b] > 0),
+            "kv_cache_gb": round(self.runner.cache_bytes / (1 << 30), 4),
+            "block_size": self.config.block_size,
+            "max_num_seqs": self.config.max_num_seqs,
+            "prefix_cache_hit_rate": round(self.blocks.hits / self.blocks.queries, 4) if self.blocks.queries else 0.0,
+            "tokens_per_s": round(generated / RATE_WINDOW_S, 2),
+        }

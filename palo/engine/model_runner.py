@@ -1,0 +1,254 @@
+"""Runs the loaded model's own modules over the paged KV cache: chunked prefill and batched decode.
+
+The decoder is the checkpoint's LLaMA (``model.model``): embeddings, the decoder layers' projections, norms and MLPs
+and the rotary embedding are called as they are (so LoRA-merged or bitsandbytes-quantised linears work unchanged);
+only attention is done here, against K/V kept in one preallocated cache::
+
+    kv[layer, 0 or 1, slot, kv_head, head_dim]      slot = block_table[p // block_size] * block_size + p % block_size
+
+A step takes a *packed* list of positions from several sequences. Everything but attention runs on the packed
+``[N, D]`` rows at once; attention reads each sequence's own cached positions only:
+
+* prefill chunks: one SDPA call per chunk over the sequence's cached prefix plus the chunk (causal);
+* decode: one SDPA call for the batch, each row reading its live length of the cache (masked to it).
+
+On CUDA the decode step can be replayed from CUDA graphs (:mod:`palo.engine.cuda_graphs`); on CPU it runs eagerly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.engine.config import CacheShape
+from palo.engine.sequence import Sequence
+
+
+@dataclass
+class PrefillChunk:
+    """Prompt positions ``[start, end)`` of one sequence, computed in this step."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.end == self.seq.prompt_len
+
+
+def cache_shape(model: torch.nn.Module) -> CacheShape:
+    """Per-position KV cost of ``model``'s language model."""
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return CacheShape(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        dtype=model.get_input_embeddings().weight.dtype,
+    )
+
+
+class ModelRunner:
+    """Owns the KV cache and computes logits for prefill chunks and decode batches.
+
+    Args:
+        model: A loaded PALO (or plain LLaMA-family) causal LM in eval mode.
+        num_blocks: KV blocks to allocate.
+        block_size: Positions per block.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+        self.model = model
+        self.decoder = model.model
+        self.shape = cache_shape(model)
+        self.device = model.get_input_embeddings().weight.device
+        self.dtype = self.shape.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.num_heads = model.config.num_attention_heads
+        self.kv_groups = self.num_heads // self.shape.num_kv_heads
+        self.kv = torch.zeros(
+            self.shape.num_layers, 2, num_blocks * block_size, self.shape.num_kv_heads, self.shape.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        self.graphs = None  # palo.engine.cuda_graphs.DecodeGraphs when captured
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    # -- indices --------------------------------------------------------------------------------------------------
+    def slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """Cache slots of positions ``[start, end)`` of ``seq``."""
+        size, table = self.block_size, seq.block_table
+        return [table[p // size] * size + p % size for p in range(start, end)]
+
+    def live_blocks(self, seq: Sequence) -> int:
+        """Blocks holding ``seq``'s positions so far (its table also holds the blocks reserved for its answer)."""
+        return -(-seq.num_tokens // self.block_size)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device, non_blocking=True)
+
+    # -- images ---------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, seq: Sequence) -> None:
+        """Vision tower and projector for ``seq``'s images (kept on the sequence until its prompt is computed)."""
+        seq.image_features = self.model.encode_images(seq.request.images.to(self.device)).to(self.dtype)
+
+    def _prompt_embeds(self, chunk: PrefillChunk) -> torch.Tensor:
+        """``[n, D]`` input rows of a prefill chunk: token embeddings, with image features on image rows."""
+        seq = chunk.seq
+        ids = seq.prompt_ids[chunk.start:chunk.end]
+        embeds = self.decoder.embed_tokens(self._tensor([max(t, 0) for t in ids]))
+        rows = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+        if rows:
+            if seq.image_features is None:
+                raise RuntimeError(f"request {seq.request_id}: image rows to prefill but its images were not encoded")
+            sources = []
+            for j in rows:
+                p = chunk.start + j
+                i = max(k for k, s in enumerate(seq.image_starts) if s <= p)
+                sources.append(i * seq.tokens_per_image + p - seq.image_starts[i])
+            flat = seq.image_features.reshape(-1, seq.image_features.shape[-1])
+            embeds[self._tensor(rows)] = flat[self._tensor(sources)]
+        return embeds
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Compute the chunks' K/V into the cache.
+
+        Returns:
+            ``[m, V]`` float32 logits at the last position of each chunk that completes its prompt, in order.
+        """
+        embeds = torch.cat([self._prompt_embeds(c) for c in chunks])
+        positions = self._tensor([p for c in chunks for p in range(c.start, c.end)])
+        slots = self._tensor([s for c in chunks for s in self.slots(c.seq, c.start, c.end)])
+        spans = []
+        offset = 0
+        for c in chunks:
+            n = c.end - c.start
+            context = self._tensor(self.slots(c.seq, 0, c.end)) if c.start > 0 else None
+            spans.append((offset, n, c.start, context))
+            offset += n
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            outs = []
+            for off, n, start, context in spans:
+                qi = q[off:off + n].transpose(0, 1)[None]  # (1, H, n, Dh)
+                if context is None:  # the chunk is the sequence's start: plain causal attention over itself
+                    ki = k[off:off + n].transpose(0, 1)[None]
+                    vi = v[off:off + n].transpose(0, 1)[None]
+                    out = self._sdpa(qi, ki, vi, None, scale, causal=n > 1)
+                else:  # cached prefix + this chunk, causal with the chunk's offset
+                    ki = self.kv[layer, 0][context].transpose(0, 1)[None]  # (1, Hkv, start + n, Dh)
+                    vi = self.kv[layer, 1][context].transpose(0, 1)[None]
+                    keys = torch.arange(start + n, device=self.device)
+                    queries = torch.arange(start, start + n, device=self.device)
+                    mask = keys[None, :] <= queries[:, None]  # (n, start + n)
+                    out = self._sdpa(qi, ki, vi, mask, scale)
+                outs.append(out[0].transpose(0, 1).reshape(n, -1))
+            return torch.cat(outs)
+
+        hidden = self._layers(embeds, positions, slots, attend)
+        last = [off + n - 1 for (off, n, _, _), c in zip(spans, chunks) if c.completes_prompt]
+        if not last:
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
+        return self._logits(hidden[self._tensor(last)])
+
+    @torch.no_grad()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """One new position for each sequence (its last token), attending to all its cached positions.
+
+        Returns:
+            ``[B, V]`` float32 logits.
+        """
+        if self.graphs is not None and self.graphs.can_run(seqs):
+            return self.graphs.run(seqs)
+        inputs = self.decode_inputs(seqs)
+        return self.decode_forward(*inputs)
+
+    def decode_inputs(self, seqs: list[Sequence], batch: int | None = None, width: int | None = None):
+        """Host-side index tensors of a decode step, padded to ``batch`` rows and ``width`` blocks per row.
+
+        Returns:
+            ``(ids [B], positions [B], slots [B], block_tables [B, W], lengths [B])``; padding rows write to the
+            scratch block and read one position of it.
+        """
+        batch = batch or len(seqs)
+        width = width or max(self.live_blocks(s) for s in seqs)
+        pad = batch - len(seqs)
+        ids = [s.last_token for s in seqs] + [0] * pad
+        positions = [s.num_tokens - 1 for s in seqs] + [0] * pad
+        slots = [self.slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs] + [0] * pad
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs] + [[0] * width] * pad
+        lengths = [s.num_tokens for s in seqs] + [1] * pad
+        return (self._tensor(ids), self._tensor(positions), self._tensor(slots),
+                torch.tensor(tables, dtype=torch.long).to(self.device, non_blocking=True), self._tensor(lengths))
+
+    def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The decode step on device tensors only (no host reads: the part CUDA graphs capture).
+
+        Args:
+            ids: ``[B]`` last token of each row.
+            positions: ``[B]`` its position.
+            slots: ``[B]`` the cache slot its K/V go to.
+            block_tables: ``[B, W]`` each row's blocks (padded with the scratch block).
+            lengths: ``[B]`` positions to attend to (the new one included).
+
+        Returns:
+            ``[B, V]`` float32 logits.
+        """
+        batch, width = block_tables.shape
+        span = width * self.block_size
+        gather = (block_tables[:, :, None] * self.block_size
+                  + torch.arange(self.block_size, device=self.device)).reshape(batch, span)  # (B, L)
+        mask = (torch.arange(span, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,L)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+            keys = self.kv[layer, 0][gather].transpose(1, 2)  # (B, Hkv, L, Dh)
+            values = self.kv[layer, 1][gather].transpose(1, 2)
+            out = self._sdpa(q[:, :, None, :], keys, values, mask, scale)  # (B, H, 1, Dh)
+            return out.reshape(batch, -1)
+
+        hidden = self._layers(self.decoder.embed_tokens(ids), positions, slots, attend)
+        return self._logits(hidden)
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+              causal: bool = False) -> torch.Tensor:
+        if self.kv_groups > 1:
+            k = k.repeat_interleave(self.kv_groups, dim=1)
+            v = v.repeat_interleave(self.kv_groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers over packed rows ``hidden`` ``[N, D]``; ``attend`` does each layer's attention."""
+        cos, sin = self.decoder.rotary_emb(hidden, positions[None])  # (1, N, Dh)
+        cos, sin = cos[0], sin[0]
+        heads, kv_heads, head_dim = self.num_heads, self.shape.num_kv_heads, self.shape.head_dim
+        n = hidden.shape[0]
+        for index, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(n, heads, head_dim)
+            k = attn.k_proj(x).view(n, kv_heads, head_dim)
+            v = attn.v_proj(x).view(n, kv_heads, head_dim)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+            self.kv[index, 0].index_copy_(0, slots, k.to(self.dtype))
+            self.kv[index, 1].index_copy_(0, slots, v.to(self.dtype))
+            out = attend(index, q, k, v, attn.scaling)
+            hidden = hidden + attn.o_proj(out)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.decoder.norm(hidden)).float()

@@ -1,0 +1,171 @@
+"""A request as the engine sees it: its spliced prompt, its place in the KV cache and its answer so far."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.engine.sampling import SamplingParams
+
+
+@dataclass
+class RequestOutput:
+    """What the engine reports about a request after a step that changed it.
+
+    Attributes:
+        request_id: The request.
+        text: The answer so far, cut at a stop string; it only ever grows.
+        delta: What ``text`` gained since the last output.
+        token_ids: The answer's token ids so far (end-of-sequence excluded).
+        finished: Whether this is the last output.
+        finish_reason: ``"stop"`` (end-of-sequence or stop string), ``"length"`` (token budget or model length),
+            ``"abort"`` (cancelled) or ``"error"``.
+        error: The error message when ``finish_reason == "error"``.
+        prompt_positions: Context positions of the prompt (image rows included).
+        cached_positions: Prompt positions whose KV came from the prefix cache.
+        first_token_s: Seconds from submission to the first token (None before it).
+    """
+
+    request_id: str
+    text: str
+    delta: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_positions: int = 0
+    cached_positions: int = 0
+    first_token_s: float | None = None
+
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class EngineRequest:
+    """One generation request.
+
+    Attributes:
+        input_ids: Prompt ids with ``IMAGE_TOKEN_INDEX`` (-200) where each image goes.
+        images: Pixel values ``[k, 3, H, W]`` for the k placeholders, or None.
+        sampling: How to choose tokens.
+        on_output: Called from the engine thread with each :class:`RequestOutput`; if it raises, the request is
+            cancelled (its client went away).
+        request_id: Unique id; generated when empty.
+    """
+
+    input_ids: list[int]
+    images: torch.Tensor | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    on_output: OutputCallback | None = None
+    request_id: str = ""
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+def image_digest(pixels: torch.Tensor) -> str:
+    """A content hash of one image's pixel values (the prefix cache's key for its rows)."""
+    data = pixels.detach().to("cpu").contiguous().flatten().view(torch.uint8)
+    return f"{hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()}:{pixels.dtype}:{tuple(pixels.shape)}"
+
+
+class Sequence:
+    """The engine's state of one request.
+
+    The prompt is kept *spliced*: position ``p`` is either a text token id or row ``r`` of image ``i``. Both the
+    model runner (what to embed at each position) and the prefix cache (what identifies a block) read it from here.
+
+    Args:
+        request: The request.
+        tokens_per_image: Positions one image occupies.
+    """
+
+    def __init__(self, request: EngineRequest, tokens_per_image: int) -> None:
+        self.request = request
+        self.seq_id = next(_ids)
+        self.request_id = request.request_id or f"req-{self.seq_id}"
+        self.sampling = request.sampling
+        self.arrival = time.monotonic()
+        self.first_token_at: float | None = None
+        self.status = Status.WAITING
+        self.tokens_per_image = tokens_per_image
+        # Spliced prompt: text ids, with IMAGE_TOKEN_INDEX on every image row; image i starts at image_starts[i].
+        self.prompt_ids: list[int] = []
+        self.image_starts: list[int] = []
+        for token in request.input_ids:
+            if token == IMAGE_TOKEN_INDEX:
+                self.image_starts.append(len(self.prompt_ids))
+                self.prompt_ids.extend([IMAGE_TOKEN_INDEX] * tokens_per_image)
+            else:
+                self.prompt_ids.append(int(token))
+        self.num_images = len(self.image_starts)
+        self.image_digests = [image_digest(request.images[i]) for i in range(self.num_images)] if self.num_images else []
+        self.output_ids: list[int] = []
+        self.block_table: list[int] = []
+        self.num_computed = 0  # positions whose K/V are in the cache
+        self.num_cached = 0  # of which came from the prefix cache
+        self.image_features: torch.Tensor | None = None  # [k, n, D] while the prompt is being prefilled
+        self.generator: torch.Generator | None = None
+        self.cancelled = False
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        # Streaming state, owned by the engine (see palo.engine.detokenizer).
+        self.detokenizer: Any = None
+        self.text = ""
+        self._block_keys: tuple[int, list[int]] | None = None
+
+    # -- sizes ----------------------------------------------------------------------------------------------------
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions so far: prompt plus answer."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def max_positions(self, max_model_len: int) -> int:
+        """Positions this sequence can ever need: the KV reserved for it on admission."""
+        return min(self.prompt_len + self.sampling.max_tokens, max_model_len)
+
+    # -- prefix-cache keys ---------------------------------------------------------------------------------------
+    def block_keys(self, block_size: int) -> list[int]:
+        """A chained hash for each *full* prompt block: equal hashes mean equal prompts up to the block's end."""
+        if self._block_keys is not None and self._block_keys[0] == block_size:
+            return self._block_keys[1]
+        keys: list[int] = []
+        parent = 0
+        image_at = {}
+        for i, start in enumerate(self.image_starts):
+            for r in range(self.tokens_per_image):
+                image_at[start + r] = (self.image_digests[i], r)
+        for b in range(self.prompt_len // block_size):
+            span = range(b * block_size, (b + 1) * block_size)
+            parent = hash((parent, tuple(image_at.get(p, self.prompt_ids[p]) for p in span)))
+            keys.append(parent)
+        self._block_keys = (block_size, keys)
+        return keys
+
+    def images_needed_from(self, start: int) -> bool:
+        """Whether any image row lies at or after prompt position ``start`` (the tower must run)."""
+        return any(s + self.tokens_per_image > start for s in self.image_starts)

@@ -1,0 +1,259 @@
+"""The engine end to end on the tiny checkpoint (CPU, float32): same tokens as ``model.generate``, every time."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+from engine_helpers import COLORS, QUESTIONS, pixels, prompt_ids, reference_tokens
+
+from palo.engine import EngineConfig, EngineRequest, LLMEngine, QueueFull, RequestTooLarge, SamplingParams
+from palo.model.multimodal import ImagePlaceholderMismatch
+
+
+def _mixed_requests(tokenizer, model, processor, count: int, seed: int = 0):
+    """``count`` requests of mixed languages, 0/1/2 images of varied sizes, and answer lengths of 8 to 48 tokens."""
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        num_images = i % 3
+        colors = [rng.choice(COLORS) for _ in range(num_images)]
+        sizes = [(rng.randint(40, 90), rng.randint(30, 80)) for _ in range(num_images)]
+        ids = prompt_ids(tokenizer, QUESTIONS[i % len(QUESTIONS)], num_images)
+        requests.append((ids, pixels(processor, model, colors, sizes), rng.randint(8, 48)))
+    return requests
+
+
+def test_staggered_mixed_requests_give_exactly_the_tokens_of_generate(loaded):
+    """32 requests arrive at staggered times while others run; each gets what ``model.generate`` gives it alone."""
+    tokenizer, model, processor = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=8, max_prefill_tokens=48))
+    requests = _mixed_requests(tokenizer, model, processor, 32)
+    expected = [reference_tokens(model, tokenizer, ids, images, n, engine.eos_ids) for ids, images, n in requests]
+    finals: dict[int, object] = {}
+    done = threading.Event()
+
+    def on_output(i):
+        def callback(output):
+            if output.finished:
+                finals[i] = output
+                if len(finals) == len(requests):
+                    done.set()
+        return callback
+
+    engine.start()
+    try:
+        for i, (ids, images, n) in enumerate(requests):
+            engine.add_request(EngineRequest(ids, images, SamplingParams(max_tokens=n), on_output(i)))
+            time.sleep(0.002 * (i % 5))  # some join a running batch, some arrive together
+        assert done.wait(300), f"{len(finals)} of {len(requests)} finished"
+    finally:
+        engine.close()
+    for i, tokens in enumerate(expected):
+        assert finals[i].token_ids == tokens, f"request {i}"
+        assert finals[i].finish_reason == ("length" if len(tokens) == requests[i][2] else "stop")
+        assert finals[i].text == tokenizer.decode(tokens, skip_special_tokens=True)
+    # Continuous batching really happened: steps decoded several sequences, and more than the first arrivals.
+    assert max(engine.batch_sizes) > 1 and len(set(engine.batch_sizes)) > 2
+    assert engine.stats()["kv_blocks_used"] == 0  # every finished sequence gave its blocks back
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_flowing(loaded):
+    tokenizer, model, processor = loaded
+    ids = prompt_ids(tokenizer, QUESTIONS[8], 2)
+    images = pixels(processor, model, ["red", "green"])
+    expected = reference_tokens(model, tokenizer, ids, images, 12, set())
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4, max_prefill_tokens=7,
+                                                      enable_prefix_cache=False))
+    short = prompt_ids(tokenizer, "Hi", 0)
+    first = engine.add_request(EngineRequest(short, None, SamplingParams(max_tokens=80, ignore_eos=True)))
+    while not first.output_ids:  # its own prompt goes in chunks of 7 too
+        engine.step()
+    long = engine.add_request(EngineRequest(ids, images, SamplingParams(max_tokens=12, ignore_eos=True)))
+    chunks_needed = -(-long.prompt_len // 7)
+    tokens_before = len(first.output_ids)
+    for _ in range(chunks_needed - 1):
+        engine.step()
+    # While the long prompt was prefilled chunk by chunk, the running stream got a token every step.
+    assert long.num_computed < long.prompt_len and len(long.output_ids) == 0
+    assert len(first.output_ids) == tokens_before + chunks_needed - 1
+    engine.run_until_done()
+    assert long.output_ids == expected
+
+
+def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(loaded):
+    tokenizer, model, processor = loaded
+    ids = prompt_ids(tokenizer, QUESTIONS[1], 1)
+    image = pixels(processor, model, ["purple"])
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+
+    def run(extra: int, p=params):
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=8))
+        others = [EngineRequest(prompt_ids(tokenizer, QUESTIONS[k], 0), None,
+                                SamplingParams(max_tokens=30, temperature=1.0, seed=k)) for k in range(extra)]
+        outputs = engine.generate(others[: extra // 2] + [EngineRequest(ids, image, p)] + others[extra // 2:])
+        return outputs[extra // 2].token_ids
+
+    alone = run(0)
+    assert run(5) == alone
+    assert run(2, SamplingParams(**{**params.__dict__, "seed": 99})) != alone
+    greedy = run(0, SamplingParams(max_tokens=24, ignore_eos=True))
+    assert alone != greedy  # it really sampled
+
+
+def test_a_cancelled_request_frees_its_cache_at_once(loaded):
+    tokenizer, model, processor = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4, enable_prefix_cache=False))
+    outputs = []
+    seq = engine.add_request(EngineRequest(prompt_ids(tokenizer, QUESTIONS[0], 1), pixels(processor, model, ["red"]),
+                                           SamplingParams(max_tokens=200, ignore_eos=True), outputs.append))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats()["kv_blocks_used"] == len(seq.block_table) > 0
+    engine.abort(seq.request_id)
+    engine.step()
+    assert engine.stats()["kv_blocks_used"] == 0 and engine.blocks.num_free == engine.blocks.usable_blocks
+    assert outputs[-1].finished and outputs[-1].finish_reason == "abort"
+    assert not engine.has_work()
+
+
+def test_a_client_that_went_away_is_cancelled(loaded):
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=4))
+    calls = []
+
+    def gone(output):
+        calls.append(output)
+        raise ConnectionError("client disconnected")
+
+    engine.add_request(EngineRequest(prompt_ids(tokenizer, "Hi", 0), None,
+                                     SamplingParams(max_tokens=100, ignore_eos=True), gone))
+    engine.run_until_done(max_steps=20)
+    assert engine.stats()["kv_blocks_used"] == 0
+    assert calls[-1].finish_reason == "abort" and len(calls[-1].token_ids) < 10
+
+
+def test_cache_exhaustion_makes_requests_wait_not_fail(loaded):
+    tokenizer, model, processor = loaded
+    # 2 sequences' worth of blocks: 8 requests must take turns.
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=8, num_blocks=1 + 2 * 12,
+                                                      enable_prefix_cache=False))
+    requests = _mixed_requests(tokenizer, model, processor, 8, seed=3)
+    expected = [reference_tokens(model, tokenizer, ids, images, n, engine.eos_ids) for ids, images, n in requests]
+    seen_running = []
+    original = engine.step
+
+    def step():
+        original()
+        seen_running.append(engine.scheduler.num_running)
+
+    engine.step = step
+    outputs = engine.generate([EngineRequest(ids, images, SamplingParams(max_tokens=n)) for ids, images, n in requests])
+    assert [o.token_ids for o in outputs] == expected
+    assert all(o.error is None for o in outputs)
+    assert max(seen_running) <= 2 < len(requests)
+
+
+def test_prefix_cache_hit_skips_the_tower_and_gives_identical_tokens(loaded, monkeypatch):
+    tokenizer, model, processor = loaded
+    image = pixels(processor, model, ["orange"])
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4))
+    calls = []
+    encode = engine.runner.encode_images
+    monkeypatch.setattr(engine.runner, "encode_images", lambda seq: (calls.append(seq.request_id), encode(seq)))
+    # One image asked in several languages: the system prompt and the image rows are shared.
+    first_ids = prompt_ids(tokenizer, QUESTIONS[0], 1)
+    first = engine.generate([EngineRequest(first_ids, image, SamplingParams(max_tokens=16))])[0]
+    assert first.cached_positions == 0 and len(calls) == 1
+    for question in QUESTIONS[1:4]:
+        ids = prompt_ids(tokenizer, question, 1)
+        out = engine.generate([EngineRequest(ids, image, SamplingParams(max_tokens=16))])[0]
+        image_end = ids.index(-200) + model.image_token_count
+        assert out.cached_positions >= image_end - engine.config.block_size, out.cached_positions
+        assert out.token_ids == reference_tokens(model, tokenizer, ids, image, 16, engine.eos_ids)
+    assert len(calls) == 1  # the vision tower ran once, for the first request
+    # The same prompt again: everything but the last block is reused; identical answer.
+    again = engine.generate([EngineRequest(first_ids, image, SamplingParams(max_tokens=16))])[0]
+    assert again.cached_positions > 0.8 * again.prompt_positions and again.token_ids == first.token_ids
+    # A different image with the same text does not hit the image rows.
+    other = engine.generate([EngineRequest(first_ids, pixels(processor, model, ["black"]),
+                                           SamplingParams(max_tokens=16))])[0]
+    assert other.cached_positions < first_ids.index(-200) + engine.config.block_size
+
+
+def test_streamed_chunks_concatenate_to_the_final_text(loaded):
+    tokenizer, model, processor = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    streams: dict[int, list] = {0: [], 1: [], 2: []}
+    requests = [EngineRequest(prompt_ids(tokenizer, QUESTIONS[k], 1), pixels(processor, model, [COLORS[i]]),
+                              SamplingParams(max_tokens=40, ignore_eos=True), streams[i].append)
+                for i, k in enumerate((1, 8, 5))]  # Chinese, Bengali, Japanese questions
+    engine.generate(requests)
+    for outputs in streams.values():
+        final = outputs[-1]
+        assert final.finished and "".join(o.delta for o in outputs) == final.text
+        assert final.text == tokenizer.decode(final.token_ids, skip_special_tokens=True)
+        for earlier, later in zip(outputs, outputs[1:]):
+            assert later.text.startswith(earlier.text)  # cumulative texts only ever grow
+        assert len(outputs) > 5  # streamed, not one final event
+
+
+def test_stop_strings_and_the_model_length_end_answers(loaded):
+    tokenizer, model, _ = loaded
+    ids = prompt_ids(tokenizer, QUESTIONS[2], 0)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
+    free = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=30, ignore_eos=True))])[0]
+    stop = free.text[len(free.text) // 2:][:2]
+    cut = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=30, stop=(stop,), ignore_eos=True))])[0]
+    assert cut.finish_reason == "stop" and cut.text == free.text[: free.text.find(stop)]
+    short = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8, max_model_len=len(ids) + 5))
+    out = short.generate([EngineRequest(ids, None, SamplingParams(max_tokens=30, ignore_eos=True))])[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+
+
+def test_bad_requests_are_refused_with_clear_errors(loaded):
+    tokenizer, model, processor = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8, num_blocks=20, max_waiting=2))
+    ids = prompt_ids(tokenizer, QUESTIONS[0], 2)
+    with pytest.raises(ImagePlaceholderMismatch, match="1 image.*2 <image>"):
+        engine.add_request(EngineRequest(ids, pixels(processor, model, ["red"])))
+    with pytest.raises(RequestTooLarge, match="no room"):
+        engine.add_request(EngineRequest([1] * model.config.max_position_embeddings))
+    with pytest.raises(RequestTooLarge, match="KV blocks"):
+        engine.add_request(EngineRequest(prompt_ids(tokenizer, "Hi", 0), None, SamplingParams(max_tokens=400)))
+    for _ in range(2):
+        engine.add_request(EngineRequest(prompt_ids(tokenizer, "Hi", 0), None, SamplingParams(max_tokens=4)))
+    with pytest.raises(QueueFull):
+        engine.add_request(EngineRequest(prompt_ids(tokenizer, "Hi", 0), None, SamplingParams(max_tokens=4)))
+    engine.run_until_done()  # the accepted ones still finish
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_engine_goes_on(loaded, monkeypatch):
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
+    original = engine.runner.prefill
+    monkeypatch.setattr(engine.runner, "prefill", lambda chunks: (_ for _ in ()).throw(RuntimeError("boom")))
+    failed = engine.generate([EngineRequest(prompt_ids(tokenizer, "Hi", 0), None, SamplingParams(max_tokens=4))])[0]
+    assert failed.finish_reason == "error" and "boom" in failed.error
+    assert engine.stats()["kv_blocks_used"] == 0
+    monkeypatch.setattr(engine.runner, "prefill", original)
+    ok = engine.generate([EngineRequest(prompt_ids(tokenizer, "Hi", 0), None, SamplingParams(max_tokens=4))])[0]
+    assert ok.error is None and len(ok.token_ids) > 0
+
+
+def test_text_only_llm_runs_too(world):
+    from transformers import LlamaForCausalLM
+
+    from palo.model.tokenizer import PaloLlamaTokenizer
+
+    tokenizer = PaloLlamaTokenizer.from_pretrained(world.base_dir)
+    model = LlamaForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32).eval()
+    ids = tokenizer("USER: Bonjour ! ASSISTANT:").input_ids
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
+    out = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=10))])[0]
+    assert out.token_ids == reference_tokens(model, tokenizer, ids, None, 10, engine.eos_ids)
