@@ -1,0 +1,76 @@
+"""Paged blocks: reservation, release, and prefix sharing by content."""
+
+from __future__ import annotations
+
+import torch
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.engine.block_manager import BlockManager
+from palo.engine.sampling import SamplingParams
+from palo.engine.sequence import EngineRequest, Sequence
+
+
+def _seq(ids, images=None, n=4):
+    return Sequence(EngineRequest(ids, images, SamplingParams(max_tokens=4)), tokens_per_image=n)
+
+
+def test_blocks_are_reserved_released_and_never_include_the_scratch_block():
+    blocks = BlockManager(num_blocks=6, block_size=4, enable_prefix_cache=False)
+    a, b = _seq(list(range(1, 10))), _seq(list(range(1, 10)))
+    assert blocks.can_allocate(a, 12)
+    blocks.allocate(a, 12)
+    assert len(a.block_table) == 3 and 0 not in a.block_table and blocks.num_free == 2
+    assert not blocks.can_allocate(b, 12)
+    blocks.release(a)
+    assert blocks.num_free == 5 and blocks.can_allocate(b, 12)
+
+
+def test_a_shared_prefix_reuses_blocks_and_the_last_position_is_always_recomputed():
+    blocks = BlockManager(num_blocks=20, block_size=4)
+    first = _seq(list(range(1, 13)))  # 3 full blocks
+    blocks.allocate(first, 14)
+    first.num_computed = 12
+    blocks.register_prefix(first)
+    same = _seq(list(range(1, 13)))
+    blocks.allocate(same, 14)
+    assert same.num_cached == 8  # 2 of 3 blocks: the last prompt position must run to give logits
+    assert same.block_table[:2] == first.block_table[:2] and blocks.ref_count[first.block_table[0]] == 2
+    longer = _seq(list(range(1, 13)) + [50, 51, 52, 53, 54])
+    blocks.allocate(longer, 20)
+    assert longer.num_cached == 12
+    diverging = _seq([1, 2, 3, 4, 9, 9, 9, 9, 9])
+    blocks.allocate(diverging, 10)
+    assert diverging.num_cached == 4
+
+
+def test_freed_cached_blocks_are_found_again_until_handed_out():
+    blocks = BlockManager(num_blocks=5, block_size=2)
+    seq = _seq([5, 6, 7, 8, 9])
+    blocks.allocate(seq, 6)
+    seq.num_computed = 5
+    blocks.register_prefix(seq)
+    blocks.release(seq)
+    again = _seq([5, 6, 7, 8, 9])
+    assert blocks.can_allocate(again, 6)
+    blocks.allocate(again, 6)
+    assert again.num_cached == 4
+    blocks.release(again)
+    other = _seq([1, 1, 1, 1, 1, 1, 1])  # needs every block: the cached ones are evicted
+    blocks.allocate(other, 8)
+    assert not blocks.hash_to_block and other.num_cached == 0
+
+
+def test_image_rows_are_keyed_by_the_image_content():
+    blocks = BlockManager(num_blocks=30, block_size=4)
+    red, blue = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
+    ids = [1, 2, 3, 4, IMAGE_TOKEN_INDEX, 7, 8]  # image rows at 4..11
+    first = _seq(ids, red, n=8)
+    blocks.allocate(first, first.prompt_len + 2)
+    first.num_computed = first.prompt_len
+    blocks.register_prefix(first)
+    same = _seq(ids, red.clone(), n=8)
+    blocks.allocate(same, same.prompt_len + 2)
+    assert same.num_cached == 12
+    other = _seq(ids, blue, n=8)
+    blocks.allocate(other, other.prompt_len + 2)
+    assert other.num_cached == 4  # only the text before the image

@@ -1,0 +1,61 @@
+"""Incremental detokenization on the tiny multilingual SentencePiece model (byte fallback included)."""
+
+from __future__ import annotations
+
+import pytest
+
+from palo.engine.detokenizer import IncrementalDetokenizer
+from palo.model.tokenizer import PaloLlamaTokenizer
+
+TEXTS = {
+    # In the tokenizer's corpus, and characters it has never seen (they become UTF-8 byte pieces).
+    "bengali": "এই ছবিতে কী দেখানো হয়েছে? ঝড়ের পরে আকাশ পরিষ্কার।",
+    "chinese": "这张图片里有什么？鳄鱼在河边晒太阳。",
+    "hindi": "इस चित्र में क्या दिखाया गया है? ॐ",
+    "mixed": "A red circle, 红色的圆形 and লাল বৃত্ত, 🦜 ✓.",
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return PaloLlamaTokenizer.from_pretrained(world.tokenizer_dir)
+
+
+@pytest.mark.parametrize("language", sorted(TEXTS))
+def test_chunks_are_whole_characters_and_concatenate_to_the_decoding(tokenizer, language):
+    ids = tokenizer(TEXTS[language], add_special_tokens=False).input_ids
+    byte_pieces = [t for t in ids if tokenizer.convert_ids_to_tokens(t).startswith("<0x")]
+    assert byte_pieces, "the text should exercise byte-fallback pieces"
+    detok = IncrementalDetokenizer(tokenizer)
+    chunks = [detok.push(t) for t in ids]
+    chunks.append(detok.flush())
+    for chunk in chunks:
+        assert "\ufffd" not in chunk
+        chunk.encode("utf-8")  # valid text
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True) == detok.text
+    assert sum(1 for c in chunks if c) > 3  # streamed piece by piece
+
+
+def test_each_step_decodes_a_short_window_not_the_whole_answer(tokenizer):
+    ids = tokenizer(TEXTS["chinese"] * 8, add_special_tokens=False).input_ids
+    lengths = []
+
+    class Counting:
+        def decode(self, window, skip_special_tokens=True):
+            lengths.append(len(window))
+            return tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+
+    detok = IncrementalDetokenizer(Counting())
+    for t in ids:
+        detok.push(t)
+    assert detok.text == tokenizer.decode(ids)
+    assert max(lengths) < 12 < len(ids)
+
+
+def test_a_half_character_at_the_end_is_flushed_as_the_full_decoding_has_it(tokenizer):
+    ids = tokenizer("鳄", add_special_tokens=False).input_ids
+    detok = IncrementalDetokenizer(tokenizer)
+    shown = "".join(detok.push(t) for t in ids[:-1])
+    assert shown.strip() == ""  # held back: the character is not complete yet
+    rest = detok.flush()
+    assert shown + rest == tokenizer.decode(ids[:-1])
