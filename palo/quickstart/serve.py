@@ -79,7 +79,7 @@ def start(checkpoint: str, logs: str, web_port: int = 0, timeout: float = 180.0)
         RuntimeError: If a service exits early; TimeoutError if one is not ready in ``timeout`` seconds.
     """
     os.makedirs(logs, exist_ok=True)
-    env = dict(os.environ, LOGDIR=os.path.abspath(logs), HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
+    env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
                no_proxy="127.0.0.1,localhost")
     c_port, w_port = free_port(), free_port()
     web_port = web_port or free_port()

@@ -6,12 +6,15 @@ import logging
 import os
 import sys
 
-from palo.constants import LOGDIR
+# The original wrote its logs into the working directory (``LOGDIR = "."``), i.e. into a checkout when started from
+# one; here they go to this folder under it (ignored by git) unless $PALO_LOGDIR names another.
+DEFAULT_LOG_DIR = "logs"
 
 
 def log_dir() -> str:
-    """Where the services write logs: ``$PALO_LOGDIR``, else the original's ``LOGDIR`` (the working directory)."""
-    return os.environ.get("PALO_LOGDIR", LOGDIR)
+    """Where the services write logs (``controller.log``, ``model_worker_<id>.log``, the web UI's conversation log
+    and images): ``$PALO_LOGDIR``, else ``logs/`` under the working directory."""
+    return os.environ.get("PALO_LOGDIR") or DEFAULT_LOG_DIR
 
 
 def build_logger(name: str, filename: str) -> logging.Logger:

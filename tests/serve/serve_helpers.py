@@ -52,10 +52,11 @@ class Service:
     env: dict
     url: str = ""
     proc: subprocess.Popen | None = None
+    cwd: str = REPO
 
     def start(self) -> Service:
         log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd,
                                      start_new_session=True)
         log.close()
         return self

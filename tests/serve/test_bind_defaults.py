@@ -1,4 +1,4 @@
-"""Services accept connections from this machine only unless ``--host`` says otherwise.
+"""Services accept connections from this machine only unless ``--host`` says otherwise; logs go to a log folder.
 
 The original demo commands pass ``--host 0.0.0.0``; started without it, the controller (which also serves the
 OpenAI-compatible API), the model worker and the web UI listen on 127.0.0.1 alone. Checked on the parsers and on
@@ -41,14 +41,18 @@ def test_every_service_parser_defaults_to_loopback(module):
 
 
 def test_controller_and_worker_started_without_host_listen_on_loopback_only(world, tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PALO_LOGDIR=str(tmp_path), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    """... and, started without $PALO_LOGDIR, write their logs into logs/ under the working directory, not into it."""
+    env = {k: v for k, v in os.environ.items() if k != "PALO_LOGDIR"}
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    workdir = tmp_path / "checkout"
+    workdir.mkdir()
     cport, wport = free_port(), free_port()
     services = [
         Service("controller", [sys.executable, "-m", "palo.serve.controller", "--port", str(cport)],
-                str(tmp_path / "controller.out"), env, url=f"http://127.0.0.1:{cport}"),
+                str(tmp_path / "controller.out"), env, url=f"http://127.0.0.1:{cport}", cwd=str(workdir)),
         Service("worker", [sys.executable, "-m", "palo.serve.model_worker", "--port", str(wport), "--no-register",
                            "--model-path", world.full_dir, "--device", "cpu"],
-                str(tmp_path / "worker.out"), env, url=f"http://127.0.0.1:{wport}"),
+                str(tmp_path / "worker.out"), env, url=f"http://127.0.0.1:{wport}", cwd=str(workdir)),
     ]
     try:
         for service in services:
@@ -66,6 +70,9 @@ def test_controller_and_worker_started_without_host_listen_on_loopback_only(worl
         # The OpenAI-compatible API is served by the controller, on that same loopback socket.
         assert httpx.get(services[0].url + "/v1/models", timeout=10).status_code == 200
         assert httpx.post(services[1].url + "/worker_get_status", timeout=10).json()["model_names"]
+        assert os.listdir(workdir) == ["logs"]
+        logs = os.listdir(workdir / "logs")
+        assert "controller.log" in logs and any(n.startswith("model_worker_") and n.endswith(".log") for n in logs)
     finally:
         for service in services:
             service.kill()

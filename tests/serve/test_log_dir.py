@@ -1,0 +1,78 @@
+"""Where the services' logs go: ``$PALO_LOGDIR``, else ``logs/`` under the working directory (ignored by git).
+
+The services started without ``$PALO_LOGDIR`` are checked in ``test_bind_defaults.py``; the quickstart passes its
+own log folder to the services it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+import pytest
+
+from palo.serve.utils import build_logger, log_dir
+from serve_helpers import REPO
+
+
+def _write_one(name: str) -> None:
+    logger = build_logger(name, f"{name}.log")
+    try:
+        logger.info("hello")
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logging.getLogger(name).handlers.clear()
+
+
+def test_default_is_a_logs_folder_under_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("PALO_LOGDIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert log_dir() == "logs"
+    _write_one("palo-test-default")
+    assert os.listdir(tmp_path) == ["logs"] and os.listdir(tmp_path / "logs") == ["palo-test-default.log"]
+    assert "hello" in (tmp_path / "logs" / "palo-test-default.log").read_text()
+
+
+def test_palo_logdir_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path / "elsewhere"))
+    monkeypatch.chdir(tmp_path)
+    _write_one("palo-test-env")
+    assert os.listdir(tmp_path) == ["elsewhere"] and "hello" in (tmp_path / "elsewhere" / "palo-test-env.log").read_text()
+
+
+def test_the_default_log_folder_is_ignored_by_git():
+    result = subprocess.run(["git", "check-ignore", "-q", "logs/controller.log", "logs/model_worker_ab12cd.log"],
+                            cwd=REPO, capture_output=True)
+    if result.returncode == 128:  # not a git checkout (an sdist)
+        return
+    assert result.returncode == 0
+
+
+def test_quickstart_services_get_the_quickstart_log_folder(tmp_path, monkeypatch):
+    """``palo quickstart`` starts the services with PALO_LOGDIR (the variable they read) set to its logs folder."""
+    from palo.quickstart import serve
+
+    started = []
+
+    class Exited:
+        returncode = 1
+
+        def __init__(self, args, **kwargs):
+            started.append(kwargs)
+
+        def poll(self):
+            return 1
+
+        def wait(self, timeout=None):
+            return 1
+
+    monkeypatch.delenv("PALO_LOGDIR", raising=False)
+    monkeypatch.delenv("LOGDIR", raising=False)
+    monkeypatch.setattr(serve.subprocess, "Popen", Exited)
+    logs = tmp_path / "workdir" / "logs"
+    with pytest.raises(RuntimeError, match="exited"):
+        serve.start(str(tmp_path / "checkpoint"), str(logs), timeout=5)
+    assert started, "no service was started"
+    assert all(kw["env"]["PALO_LOGDIR"] == str(logs) for kw in started)
