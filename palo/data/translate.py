@@ -8,7 +8,10 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
   Code blocks, inline code, bracketed coordinates (``[0.12, 0.40, 0.55, 0.89]``) and numbers are replaced by
   placeholders ``[[1]]``, ``[[2]]`` ... that the model must copy; they are restored afterwards and checked.
 * **Quality check on every translation** (:func:`check_translation`): target script, not left in English, a
-  plausible length, placeholders intact, no echoed instructions, no new angle brackets. A failing translation is
+  plausible length, placeholders intact, no echoed instructions, no new angle brackets. A preamble a chat model
+  puts before the translation ("Translation:", "Here is the translation:", "Voici la traduction :", "الترجمة:",
+  "翻译：" ...) is recognised by its place, the start of the reply, and removed (:func:`strip_preamble`), unless the
+  source itself starts with such a label; whether the source mentions translation elsewhere does not matter. A failing translation is
   asked for once more with a stricter instruction that names the problems; if it fails again the sample is kept
   with ``corrupt: true`` and its bad turns go to a review file a person can correct (``palo-data apply-review``).
 * **Resumable, nothing twice.** Every finished sample is appended (and flushed) to ``<language>.progress.jsonl``; a
@@ -54,10 +57,12 @@ __all__ = [
     "TranslationCache",
     "Translator",
     "check_translation",
+    "clean_reply",
     "mask",
     "resolve_language",
     "restore",
     "split_image",
+    "strip_preamble",
     "atomic_write_json",
     "run",
 ]
@@ -239,6 +244,9 @@ _ECHO_RE = re.compile(
     re.IGNORECASE,
 )
 _WORD_RE = re.compile(r"[^\W\d_]+")
+# Arabic-script letters only Urdu (of PALO's languages) writes: retroflex ٹ ڈ ڑ, noon ghunna ں, yeh barree ے ۓ,
+# heh goal ہ ۂ, teh marbuta goal ۃ; and the Urdu full stop ۔.
+_URDU_ONLY_RE = re.compile("[\u0679\u0688\u0691\u06ba\u06d2\u06d3\u06c1\u06c2\u06c3\u06d4]")
 
 
 def _letters(text: str) -> int:
@@ -261,6 +269,9 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
     if not translation.strip():
         return ["empty translation"]
     problems = placeholder_problems(translation, n_placeholders)
+    preamble = _PREAMBLE_RE.match(translation)
+    if preamble and not _PREAMBLE_RE.match(source):
+        problems.append(f"begins with a preamble ({preamble.group(0).strip()!r}), not with the translation")
     bare = _PLACEHOLDER_RE.sub(" ", translation)
     bare_source = _PLACEHOLDER_RE.sub(" ", source)
     letters, source_letters = _letters(bare), _letters(bare_source)
@@ -281,6 +292,10 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
             # language in the right script. Short Arabic-script texts can lack the telling letters, hence >= 12.
             if detected in LANGUAGES and detected != language and not (language == "arabic" and letters < 30):
                 problems.append(f"looks like {detected}, not {language}")
+        if language == "arabic" and _URDU_ONLY_RE.search(bare) and not any("looks like" in p for p in problems):
+            # However short: below 30 letters an Urdu-leaning letter count is not trusted (Persian-typed or
+            # transliterated Arabic has ی ک گ چ پ too), but these letters never occur in Arabic.
+            problems.append("looks like urdu, not arabic (letters only Urdu writes)")
     if words >= 3 and bare.strip().lower() == bare_source.strip().lower():
         problems.append("left unchanged (still English)")
     elif len(bare_source.strip()) >= 40 and bare_source.strip().lower() in bare.lower():
@@ -301,12 +316,54 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
     return problems
 
 
+# A chat model's announcement of its translation, in English or in the target language. Only ever looked for at the
+# start of a reply (see strip_preamble): "Translation", "Here is the Arabic translation of the text", "Voici la
+# traduction", "Aquí tienes la traducción al español", "Вот перевод", "以下是翻译", "日本語訳", "إليك الترجمة إلى
+# العربية", "हिंदी अनुवाद", "বাংলা অনুবাদ", "اردو ترجمہ" ... followed by a colon, or alone on the first line.
+_PREAMBLE_LABEL = (
+    r"(?:(?:here(?:'s|’s| is| are)|below is|this is)\s+)?(?:(?:the|your|a|an|my)\s+)?(?:[a-z]+\s+)?"
+    r"(?:translation|translated\s+(?:text|version|turn|message)|translate)(?:\s+(?:in|into|to)\s+[a-z]+)?"
+    r"(?:\s+of\s+(?:the|your|this)\s+(?:text|message|turn|sentence|phrase|passage|conversation))?"
+    r"(?:\s+(?:in|into|to)\s+[a-z]+)?(?:\s+is)?"
+    r"|(?:voici\s+)?(?:la\s+|une\s+)?traduction(?:\s+(?:en|vers\s+le)\s+\w+)?"
+    r"|(?:aqu[ií]\s+(?:est[aá]|tienes|va)\s+)?(?:la\s+)?traducci[oó]n(?:\s+al\s+\w+)?"
+    r"|(?:вот\s+)?перевод(?:\s+на\s+\w+(?:\s+\w+)?)?"
+    r"|(?:以下是|这是|這是)?(?:中文|简体中文)?(?:的)?(?:翻译|翻譯|译文|譯文)(?:如下)?"
+    r"|(?:以下は|これは)?(?:日本語)?(?:の)?(?:翻訳|訳)(?:です)?"
+    r"|(?:إليك|إليكم|ها\s+هي|هذه\s+هي|هذه)?\s*(?:ال)?ترجمة(?:\s+(?:إلى|الى|باللغة)\s+\S+)?"
+    r"|(?:यहाँ|यहां|यह)?\s*(?:हिंदी|हिन्दी|का)?\s*अनुवाद(?:\s+(?:है|हैं))?"
+    r"|(?:এখানে|এই)?\s*(?:বাংলা)?\s*অনুবাদ(?:\s+(?:দেওয়া\s+হলো|হলো|হল))?"
+    r"|(?:یہ|یہاں)?\s*(?:اردو)?\s*(?:میں)?\s*ترجمہ(?:\s+(?:ہے|یہ\s+ہے))?"
+)
+_COURTESY = (r"(?:(?:sure|certainly|of\s+course|okay|ok|absolutely|bien\s+s[uû]r|claro|por\s+supuesto|конечно|"
+             r"好的|当然|もちろん|بالتأكيد|بالطبع|ज़रूर|জরুর|অবশ্যই|ضرور)[\s!,.،。！]*)?")
+_PREAMBLE_RE = re.compile(
+    r"^\s*" + _COURTESY + r"(?:" + _PREAMBLE_LABEL + r")(?:\s*[(（][^)）\n]{1,40}[)）])?"
+    r"\s*(?:[:：]\s*|[.。]?[ \t]*\n\s*)(?=\S)",
+    re.IGNORECASE,
+)
+
+
+def strip_preamble(reply: str, source: str) -> str:
+    """``reply`` without a preamble ("Translation: ...", "Here is the translation:\\n...") at its start.
+
+    Decided by position only: the preamble must open the reply, and it is kept when the source opens with such a
+    label itself (then it is the translation of that label). Words the source uses elsewhere change nothing, so
+    "Translation: ..." is removed from the reply to "Can you give a translation of the sign?".
+    """
+    match = _PREAMBLE_RE.match(reply)
+    if match is None or _PREAMBLE_RE.match(source):
+        return reply
+    return reply[match.end():]
+
+
 _WRAPPERS = [('"', '"'), ("“", "”"), ("'", "'"), ("«", "»"), ("「", "」")]
 
 
 def clean_reply(reply: str, source: str) -> str:
-    """Strip wrapping a chat model adds around a whole reply (quotes, a code fence) when the source had none."""
-    text = reply.strip()
+    """Strip what a chat model adds around a whole reply when the source had none: a preamble at its start
+    (:func:`strip_preamble`), then quotes or a code fence around the rest."""
+    text = strip_preamble(reply.strip(), source).strip()
     if text.startswith("```") and text.endswith("```") and not source.lstrip().startswith("```") and len(text) > 6:
         text = re.sub(r"^```[\w-]*\n?|\n?```$", "", text).strip()
     for left, right in _WRAPPERS:

@@ -3,7 +3,7 @@
 The server "translates" word by word into a fixed word list of the target language (read from the system
 message), copying the ``[[n]]`` placeholders it receives, and misbehaves on cue: a marker word in the English text
 makes it answer 500 once, 429 once (with Retry-After), echo the English, echo it once, mangle placeholders, or wrap
-the reply in angle brackets once. Every request is recorded, so tests count calls per (language, text).
+the reply in angle brackets once, or put a preamble ("Translation: ...") before it. Every request is recorded, so tests count calls per (language, text).
 """
 
 from __future__ import annotations
@@ -37,6 +37,12 @@ WORDS = {
     "arabic": ["القطة", "كبيرة", "في", "الصورة", "يوجد", "طاولة", "جميلة", "على"],
     "chinese": ["图片", "中", "有", "一只", "猫", "桌子", "上面", "红色"],
     "french": ["le", "chat", "est", "sur", "la", "table", "très", "grande", "dans", "l'image"],
+}
+# What the server puts before the translation when the text holds the word "preamble", per target language.
+PREAMBLES = {
+    "arabic": "Translation: {}",
+    "chinese": "以下是翻译：\n{}",
+    "french": "Sure! Here is the French translation of the text:\n\n{}",
 }
 _LANGUAGE = re.compile(r"from English into (\w+)\.")
 _TOKEN = re.compile(r"\[\[\d+\]\]|[^\W\d_]+")
@@ -100,6 +106,8 @@ class FakeTranslator:
             status, reply, headers = 200, fake_translate(text, language, keep_placeholders=False), {}
         elif "brackets" in text and n == 1:
             status, reply, headers = 200, f"<{good}>", {}
+        elif "preamble" in text:
+            status, reply, headers = 200, PREAMBLES[language].format(good), {}
         else:
             status, reply, headers = 200, good, {}
         with self.lock:
@@ -248,6 +256,62 @@ def test_clean_reply_strips_wrapping_only_when_source_had_none():
     assert clean_reply("```\nLe chat.\n```", "The cat.") == "Le chat."
 
 
+SOURCE_WITH_THE_WORD = "Can you give a translation of the sign?"
+
+
+@pytest.mark.parametrize("reply", [
+    "Translation: هل يمكنك إعطاء ترجمة للافتة؟",
+    "Here is the translation:\n\nهل يمكنك إعطاء ترجمة للافتة؟",
+    "Sure! Here's the Arabic translation of the text: هل يمكنك إعطاء ترجمة للافتة؟",
+    "Translation (Arabic): هل يمكنك إعطاء ترجمة للافتة؟",
+    "الترجمة: هل يمكنك إعطاء ترجمة للافتة؟",
+    "إليك الترجمة إلى العربية:\nهل يمكنك إعطاء ترجمة للافتة؟",
+    'Translation: "هل يمكنك إعطاء ترجمة للافتة؟"',
+])
+def test_a_preamble_at_the_start_is_removed_though_the_source_says_translation(reply):
+    assert clean_reply(reply, SOURCE_WITH_THE_WORD) == "هل يمكنك إعطاء ترجمة للافتة؟"
+    # Uncleaned, the same reply is rejected for its start, whatever words the source contains.
+    problems = check_translation(SOURCE_WITH_THE_WORD, reply, "arabic")
+    assert any(p.startswith("begins with a preamble") for p in problems), problems
+    assert check_translation(SOURCE_WITH_THE_WORD, clean_reply(reply, SOURCE_WITH_THE_WORD), "arabic") == []
+
+
+@pytest.mark.parametrize("reply,language,clean", [
+    ("Voici la traduction : Pouvez-vous traduire le panneau ?", "french", "Pouvez-vous traduire le panneau ?"),
+    ("Traducción: ¿Puedes dar una traducción del letrero?", "spanish", "¿Puedes dar una traducción del letrero?"),
+    ("Перевод: Можете ли вы перевести табличку?", "russian", "Можете ли вы перевести табличку?"),
+    ("翻译：你能翻译一下这个标志吗？", "chinese", "你能翻译一下这个标志吗？"),
+    ("以下は翻訳です：標識を翻訳してもらえますか？", "japanese", "標識を翻訳してもらえますか？"),
+    ("अनुवाद: क्या आप इस संकेत का अनुवाद दे सकते हैं?", "hindi", "क्या आप इस संकेत का अनुवाद दे सकते हैं?"),
+    ("অনুবাদ: আপনি কি চিহ্নটির অনুবাদ দিতে পারেন?", "bengali", "আপনি কি চিহ্নটির অনুবাদ দিতে পারেন?"),
+    ("ترجمہ: کیا آپ اس نشان کا ترجمہ دے سکتے ہیں؟", "urdu", "کیا آپ اس نشان کا ترجمہ دے سکتے ہیں؟"),
+])
+def test_preambles_in_the_target_language_are_removed(reply, language, clean):
+    assert clean_reply(reply, SOURCE_WITH_THE_WORD) == clean
+    assert any(p.startswith("begins with a preamble") for p in check_translation(SOURCE_WITH_THE_WORD, reply, language))
+
+
+@pytest.mark.parametrize("source,reply", [
+    # The source opens with that label itself: the reply's label is its translation, not a preamble.
+    ("Translation: the sign says stop.", "Traduction : le panneau dit stop."),
+    ("Translation: the sign says stop.", "الترجمة: اللافتة تقول توقف."),
+    # Translation words later in the reply, or a label that is not about translating, are content.
+    (SOURCE_WITH_THE_WORD, "Pouvez-vous donner une traduction du panneau ?"),
+    ("Question: what does the translation say?", "Question : que dit la traduction ?"),
+    ("The translation of the menu: soup and bread.", "La traduction du menu : soupe et pain."),
+])
+def test_text_that_only_looks_like_a_preamble_is_kept(source, reply):
+    assert clean_reply(reply, source) == reply
+    assert not any(p.startswith("begins with a preamble") for p in check_translation(source, reply, "french"))
+
+
+def test_short_urdu_reply_to_an_arabic_request_is_rejected_by_its_urdu_only_letters():
+    # 7 letters: far below the 30 from which the letter count alone decides, but ے and ہ never occur in Arabic.
+    assert any("urdu" in p for p in check_translation("What animal is it?", "یہ بلی ہے", "arabic"))
+    assert check_translation("What animal is it?", "إنها قطة", "arabic") == []
+    assert check_translation("What animal is it?", "یہ بلی ہے", "urdu") == []
+
+
 # --------------------------------------------------------------------------------------------------------------
 # End to end over HTTP
 # --------------------------------------------------------------------------------------------------------------
@@ -301,6 +365,28 @@ def test_translate_end_to_end(tmp_path, server, capsys):
     # The stricter retry tells the model what was wrong.
     strict = [system for lang, text, status, system in server.calls if text.startswith("echoonce")]
     assert "rejected" not in strict[0] and "rejected" in strict[1]
+
+
+def test_preambles_never_reach_the_data(tmp_path, server):
+    """A server that announces every translation ("Translation: ...", "以下是翻译：", "Sure! Here is ..."), for turns
+    that themselves talk about translation: the preamble is removed at once (no second request), never kept."""
+    samples = [
+        _sample(0, "<image>\npreamble can you give a translation of the sign?", "preamble the translation says stop."),
+        _sample(1, "<image>\nHere is the translation request preamble: what is on the table?",
+                "preamble a cat sits on the table."),
+    ]
+    out = str(tmp_path / "out")
+    assert main(_translate_args(_write(tmp_path / "in.json", samples), out, server)) == 0
+    for language in ("arabic", "chinese", "french"):
+        result = json.load(open(os.path.join(out, f"{language}.json"), encoding="utf-8"))
+        for source, sample in zip(samples, result):
+            assert sample["corrupt"] is False
+            for english, turn in zip(source["conversations"], sample[f"{language}_conversation"]):
+                text, images = split_image(english["value"])
+                assert turn["value"] == "<image>\n" * images + fake_translate(text, language)
+    per_text = Counter((lang, text) for lang, text, _, _ in server.calls)
+    assert set(per_text.values()) == {1}  # accepted on the first reply: stripped, not retried
+    assert not os.path.getsize(os.path.join(out, "arabic.review.jsonl"))
 
 
 def test_retry_after_is_honoured(tmp_path, server):
