@@ -27,12 +27,13 @@ def batch_ladder(max_num_seqs: int) -> list[int]:
 
 
 def width_ladder(max_blocks: int, smallest: int = 8) -> list[int]:
-    """Captured widths in blocks: powers of two from ``smallest`` up to ``max_blocks`` (included)."""
+    """Captured widths in blocks: ``smallest``, then steps of about 1.5x up to ``max_blocks`` (included), so a
+    step reads at most half again the blocks its longest row needs."""
     widths = []
     width = min(smallest, max_blocks)
     while width < max_blocks:
         widths.append(width)
-        width *= 2
+        width = max(width + 1, width * 3 // 2)
     return widths + [max_blocks]
 
 

@@ -46,7 +46,7 @@ class LLMEngine:
 
     Args:
         model: A loaded PALO (or plain LLaMA-family) causal LM.
-        tokenizer: Its tokenizer.
+        tokenizer: Its tokenizer (None: outputs carry token ids only, no text).
         config: Engine settings.
     """
 
@@ -124,7 +124,10 @@ class LLMEngine:
             )
         if request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
-        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        if self.tokenizer is not None:  # without one (benchmarks) the engine reports token ids only
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+        elif request.sampling.stop:
+            raise ValueError("stop strings need a tokenizer")
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
@@ -166,9 +169,9 @@ class LLMEngine:
         if chunks:
             seqs = [c.seq for c in chunks]
             try:
-                for c in chunks:
-                    if c.seq.image_features is None and c.seq.images_needed_from(c.start):
-                        self.runner.encode_images(c.seq)
+                encode = [c.seq for c in chunks if c.seq.image_features is None and c.seq.images_needed_from(c.start)]
+                if encode:
+                    self.runner.encode_images(encode)
                 logits = self.runner.prefill(chunks)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
                 self._fail(seqs, exc)
@@ -209,13 +212,15 @@ class LLMEngine:
         if token in self.eos_ids and not seq.sampling.ignore_eos:
             return self._finish(seq, "stop")
         seq.output_ids.append(token)
-        seq.detokenizer.push(token)
-        shown, stopped = visible_text(seq.detokenizer.text, seq.sampling.stop, final=False)
+        shown, stopped = "", False
+        if seq.detokenizer is not None:
+            seq.detokenizer.push(token)
+            shown, stopped = visible_text(seq.detokenizer.text, seq.sampling.stop, final=False)
         if stopped:
             return self._finish(seq, "stop")
         if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
             return self._finish(seq, "length")
-        if shown != seq.text:
+        if shown != seq.text or seq.detokenizer is None:
             delta, seq.text = shown[len(seq.text):], shown
             self._emit(seq, RequestOutput(seq.request_id, shown, delta, list(seq.output_ids)))
 
@@ -347,4 +352,5 @@ class LLMEngine:
             "max_num_seqs": self.config.max_num_seqs,
             "prefix_cache_hit_rate": round(self.blocks.hits / self.blocks.queries, 4) if self.blocks.queries else 0.0,
             "tokens_per_s": round(generated / RATE_WINDOW_S, 2),
+            "decode_batch_max": max(self.batch_sizes, default=0),  # largest decode batch of the recent steps
         }

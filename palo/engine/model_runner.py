@@ -98,9 +98,13 @@ class ModelRunner:
 
     # -- images ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_images(self, seq: Sequence) -> None:
-        """Vision tower and projector for ``seq``'s images (kept on the sequence until its prompt is computed)."""
-        seq.image_features = self.model.encode_images(seq.request.images.to(self.device)).to(self.dtype)
+    def encode_images(self, seqs: list[Sequence]) -> None:
+        """Vision tower and projector for the images of ``seqs``, in one batch; each sequence keeps its features
+        ``[k, n, D]`` until its prompt is computed."""
+        pixels = torch.cat([s.request.images for s in seqs]).to(self.device)
+        features = self.model.encode_images(pixels).to(self.dtype)
+        for seq, part in zip(seqs, features.split([s.num_images for s in seqs])):
+            seq.image_features = part
 
     def _prompt_embeds(self, chunk: PrefillChunk) -> torch.Tensor:
         """``[n, D]`` input rows of a prefill chunk: token embeddings, with image features on image rows."""

@@ -10,13 +10,16 @@ the PALO README.) Endpoints (POST, JSON):
 
 * ``/worker_generate_stream``: generation parameters in, NUL-delimited cumulative JSON chunks out
   (:mod:`palo.serve.protocol`). Malformed requests get HTTP 400 whose body is one error chunk.
-* ``/worker_get_status``: ``{"model_names", "speed", "queue_length", "conv_mode"}`` (``conv_mode`` is an addition:
-  the template the checkpoint was trained with, used by the controller's OpenAI-compatible API).
+* ``/worker_get_status``: ``{"model_names", "speed", "queue_length", "conv_mode", "engine"}`` (``conv_mode`` is an
+  addition: the template the checkpoint was trained with, used by the controller's OpenAI-compatible API;
+  ``engine`` another: waiting and running sequences, KV cache use and recent tokens/s).
+  When ``--max-queue`` requests already wait, a new one gets HTTP 503 with ``Retry-After`` instead of queueing.
 * ``/model_details``: ``{"context_length"}`` (as LLaVA's worker).
 
 The worker registers with the controller and sends a heartbeat every ``--heart-beat-interval`` seconds (15), and
-re-registers when the controller has forgotten it. Requests that arrive together are generated as one batch by
-:class:`palo.serve.engine.GenerationEngine`.
+re-registers when the controller has forgotten it. Requests are batched continuously by :mod:`palo.engine` (a
+request joins the running batch between decode steps); ``--engine static`` serves with the previous static batches
+through ``model.generate`` instead.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.engine.errors import QueueFull
 from palo.serve.engine import GenerationEngine, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -53,6 +57,7 @@ from palo.serve.protocol import (
 )
 from palo.serve.utils import build_logger
 
+RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
 STREAM_MEDIA_TYPE = "application/octet-stream"
@@ -66,7 +71,8 @@ class ModelWorker:
         model_name: The name the worker registers under.
         controller_addr: The controller's base URL.
         worker_addr: This worker's base URL as the controller should reach it.
-        limit_model_concurrency: Requests generating at once; more wait in a queue.
+        limit_model_concurrency: Requests in the engine at once; more wait in the worker's queue.
+        max_queue: Requests that may wait in the worker's queue; more get HTTP 503 with ``Retry-After``.
         conv_mode: The conversation template of the checkpoint (reported in the status).
         heart_beat_interval: Seconds between heartbeats.
         no_register: Do not register with a controller.
@@ -80,6 +86,7 @@ class ModelWorker:
         controller_addr: str,
         worker_addr: str,
         limit_model_concurrency: int = 5,
+        max_queue: int = 256,
         conv_mode: str = "vicuna_v1",
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
         no_register: bool = False,
@@ -90,6 +97,8 @@ class ModelWorker:
         self.controller_addr = controller_addr.rstrip("/")
         self.worker_addr = worker_addr.rstrip("/")
         self.limit_model_concurrency = limit_model_concurrency
+        self.max_queue = max_queue
+        self.rejected = 0
         self.conv_mode = conv_mode
         self.heart_beat_interval = heart_beat_interval
         self.no_register = no_register
@@ -111,6 +120,8 @@ class ModelWorker:
             "speed": 1,
             "queue_length": self.get_queue_length(),
             "conv_mode": self.conv_mode,
+            "engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,
+                       "rejected": self.rejected, "max_queue": self.max_queue},
         }
 
     def register_to_controller(self) -> bool:
@@ -204,6 +215,12 @@ class ModelWorker:
             chunk = encode_chunk(params["prompt"] + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
                                  detail=str(exc), finish_reason="length")
             return Response(chunk, 200, media_type=STREAM_MEDIA_TYPE)
+        if self.waiting >= self.max_queue:
+            self.rejected += 1
+            self.logger.warning("queue full (%d waiting): answering 503", self.waiting)
+            return Response(error_chunk(f"the worker is busy: {self.waiting} requests are already waiting; retry "
+                                        f"in {RETRY_AFTER_S} s", WORKER_ERROR), 503,
+                            media_type=STREAM_MEDIA_TYPE, headers={"Retry-After": str(RETRY_AFTER_S)})
         self.served += 1
         self.logger.info("request %d: %d prompt tokens, %d images, max_new_tokens=%d", self.served,
                          prepared.prompt_tokens, 0 if prepared.images is None else len(prepared.images),
@@ -222,7 +239,11 @@ class ModelWorker:
             self.waiting -= 1
             self.running += 1
             self._heart_beat_soon()
-            job = self.engine.submit(prepared, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+            try:
+                job = self.engine.submit(prepared, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+            except QueueFull as exc:  # only when --max-num-seqs and the engine queue are smaller than the limit
+                yield error_chunk(f"the worker is busy: {exc}", WORKER_ERROR)
+                return
             while True:
                 event = await queue.get()
                 if event.error is not None:
@@ -283,8 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--use-flash-attn", action="store_true")
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="most requests generated together (1: no batching)")
-    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long to collect requests for one batch")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="requests that may wait for a place; beyond it HTTP 503 with Retry-After")
+    engine = parser.add_argument_group("generation engine")
+    engine.add_argument("--engine", choices=["paged", "static"], default="paged",
+                        help="paged: continuous batching over a paged KV cache (default); static: the previous "
+                             "static batches through model.generate")
+    engine.add_argument("--max-num-seqs", "--max-batch-size", dest="max_batch_size", type=int, default=32,
+                        help="most sequences decoded together (also capped by --limit-model-concurrency)")
+    engine.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="KV cache size in GiB (default: --gpu-memory-utilization on CUDA; on CPU room for "
+                             "--max-num-seqs full-length sequences)")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of the GPU's memory for weights, KV cache and activations together")
+    engine.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
+    engine.add_argument("--max-prefill-tokens", type=int, default=2048,
+                        help="prompt positions prefilled per step; longer prompts go in chunks")
+    engine.add_argument("--block-size", type=int, default=16, help="positions per KV block")
+    engine.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of repeated prompt prefixes")
+    engine.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    engine.add_argument("--batch-wait-ms", type=float, default=10.0,
+                        help="--engine static only: how long to collect requests for one batch")
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL, help="seconds")
     return parser
 
@@ -313,17 +353,28 @@ def main(argv: list[str] | None = None) -> int:
         args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
         vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn,
     )
-    engine = GenerationEngine(
-        tokenizer, model, image_processor, context_len,
-        max_batch_size=min(args.max_batch_size, max(1, args.limit_model_concurrency)),
-        batch_wait_ms=args.batch_wait_ms,
-        logger=logger,
-    )
-    logger.info("multimodal: %s, %d positions per image, context %d", engine.is_multimodal,
-                engine.image_token_count, engine.max_context)
+    max_num_seqs = min(args.max_batch_size, max(1, args.limit_model_concurrency))
+    if args.engine == "static":
+        from palo.serve.static_engine import StaticBatchEngine
+
+        engine = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=max_num_seqs,
+                                   batch_wait_ms=args.batch_wait_ms, logger=logger)
+    else:
+        from palo.engine import EngineConfig
+
+        config = EngineConfig(
+            max_num_seqs=max_num_seqs, max_model_len=args.max_model_len, block_size=args.block_size,
+            kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+            max_prefill_tokens=args.max_prefill_tokens, enable_prefix_cache=not args.no_prefix_cache,
+            cuda_graphs=not args.no_cuda_graphs, max_waiting=max(1, args.limit_model_concurrency),
+        )
+        engine = GenerationEngine(tokenizer, model, image_processor, context_len, logger=logger, engine_config=config)
+    logger.info("multimodal: %s, %d positions per image, context %d; engine %s", engine.is_multimodal,
+                engine.image_token_count, engine.max_context, engine.stats())
     worker = ModelWorker(
         engine, model_name, args.controller_address, args.worker_address,
         limit_model_concurrency=args.limit_model_concurrency,
+        max_queue=args.max_queue,
         conv_mode=conv_mode_for_checkpoint(model.config, model_name),
         heart_beat_interval=args.heart_beat_interval,
         no_register=args.no_register,

@@ -163,7 +163,8 @@ def test_prefix_cache_hit_skips_the_tower_and_gives_identical_tokens(loaded, mon
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4))
     calls = []
     encode = engine.runner.encode_images
-    monkeypatch.setattr(engine.runner, "encode_images", lambda seq: (calls.append(seq.request_id), encode(seq)))
+    monkeypatch.setattr(engine.runner, "encode_images",
+                        lambda seqs: (calls.extend(s.request_id for s in seqs), encode(seqs)))
     # One image asked in several languages: the system prompt and the image rows are shared.
     first_ids = prompt_ids(tokenizer, QUESTIONS[0], 1)
     first = engine.generate([EngineRequest(first_ids, image, SamplingParams(max_tokens=16))])[0]

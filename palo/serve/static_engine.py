@@ -1,0 +1,294 @@
+"""The previous worker engine, kept as a baseline and a fallback: static batches through ``model.generate``.
+
+``palo-worker --engine static`` serves with it (for a model the paged engine cannot run, and for the serving
+benchmark's same-run baseline). A single background thread waits for a request, keeps collecting for
+``batch_wait_ms`` (or until ``max_batch_size`` requests wait), left-pads the prompts of the requests that share
+sampling settings, and runs **one** ``model.generate`` for all of them: a request that arrives meanwhile waits for
+the whole batch, and a batch runs until its longest row ends. Request validation is shared with
+:class:`palo.serve.engine.GenerationEngine`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from palo.engine.detokenizer import visible_text
+from palo.mm_utils import left_pad
+from palo.serve.engine import DEFAULT_CONTEXT, GenerationEngine, PreparedRequest, Sink, StreamEvent
+
+
+@dataclass
+class Job:
+    """A submitted request and its streaming state (owned by the engine thread once queued)."""
+
+    request: PreparedRequest
+    sink: Sink
+    ids: list[int] = field(default_factory=list)
+    shown: str = ""
+    finished: bool = False
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """The client went away: stop generating for this request at the next step."""
+        self.cancelled = True
+
+    def emit(self, event: StreamEvent) -> None:
+        try:
+            self.sink(event)
+        except Exception:  # noqa: BLE001 - a closed event loop (client gone, shutdown) must not stop the batch
+            self.cancelled = True
+
+
+class StaticBatchEngine(GenerationEngine):
+    """Validates, batches and streams generation requests for one loaded model.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        model: A loaded :class:`~palo.model.palo_llama.PaloForCausalLM` (or a plain causal LM).
+        image_processor: The CLIP processor, or None for a text-only model.
+        context_len: Context size when the config has no ``max_position_embeddings``.
+        max_batch_size: Most requests generated together.
+        batch_wait_ms: How long to keep collecting requests after the first one arrives.
+        logger: Optional logger; each batch is logged at INFO.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        model: Any,
+        image_processor: Any,
+        context_len: int = DEFAULT_CONTEXT,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 10.0,
+        logger: Any = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.tokenizer = tokenizer
+        self.model = model
+        self.image_processor = image_processor
+        self.max_context = int(getattr(model.config, "max_position_embeddings", None) or context_len or DEFAULT_CONTEXT)
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.logger = logger
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = {tokenizer.eos_token_id}
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos.update(configured if isinstance(configured, (list, tuple)) else [configured])
+        self.eos_ids = {i for i in eos if i is not None}
+        self._batch_sizes: deque[int] = deque(maxlen=1000)
+        self._pending: list[Job] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def batch_sizes(self):
+        """Requests in each recent ``model.generate`` batch."""
+        return self._batch_sizes
+
+    def stats(self) -> dict[str, Any]:
+        return {"waiting": self.queue_size(), "engine": "static"}
+
+    # -- queue ---------------------------------------------------------------------------------------------------
+    def start(self) -> GenerationEngine:
+        """Start the batching thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="palo-generation", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the batching thread after the current batch and wait for it."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def submit(self, request: PreparedRequest, sink: Sink) -> Job:
+        """Queue one request; its events go to ``sink`` from the engine thread."""
+        return self.submit_many([request], [sink])[0]
+
+    def submit_many(self, requests: Sequence[PreparedRequest], sinks: Sequence[Sink]) -> list[Job]:
+        """Queue several requests at once (they can share a batch)."""
+        jobs = [Job(request, sink) for request, sink in zip(requests, sinks)]
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the generation engine is closed")
+            self._pending.extend(jobs)
+            self._cond.notify_all()
+        return jobs
+
+    def queue_size(self) -> int:
+        """Requests waiting for a batch."""
+        with self._cond:
+            return len(self._pending)
+
+    def generate(self, requests: Sequence[PreparedRequest], timeout: float = 300.0) -> list[StreamEvent]:
+        """Submit requests together and wait for their last events (for scripts, tests and benchmarks).
+
+        Returns:
+            The final event of each request, in order.
+        """
+        done = [threading.Event() for _ in requests]
+        last: list[StreamEvent | None] = [None] * len(requests)
+
+        def make_sink(i: int) -> Sink:
+            def sink(event: StreamEvent) -> None:
+                last[i] = event
+                if event.finish_reason or event.error:
+                    done[i].set()
+
+            return sink
+
+        self.start()
+        self.submit_many(requests, [make_sink(i) for i in range(len(requests))])
+        deadline = time.monotonic() + timeout
+        for event in done:
+            if not event.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"generation did not finish within {timeout} s")
+        return [e for e in last if e is not None]
+
+    # -- batching loop -------------------------------------------------------------------------------------------
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(self._pending) < self.max_batch_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            key = _sampling_key(self._pending[0].request)
+            batch = [job for job in self._pending if _sampling_key(job.request) == key][: self.max_batch_size]
+            chosen = set(map(id, batch))
+            self._pending = [job for job in self._pending if id(job) not in chosen]
+        return [job for job in batch if not job.cancelled]
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        self._batch_sizes.append(len(batch))
+        if self.logger is not None:
+            self.logger.info("generating a batch of %d request(s)", len(batch))
+        input_ids, attention_mask = left_pad([job.request.input_ids for job in batch], self.pad_id)
+        width = input_ids.shape[1]
+        images = [job.request.images for job in batch if job.request.images is not None]
+        sampling = batch[0].request.sampling
+        tracker = _BatchTracker(batch, width, self.tokenizer, self.eos_ids)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=max(job.request.max_new_tokens for job in batch),
+            stopping_criteria=StoppingCriteriaList([tracker]),
+            pad_token_id=self.pad_id,
+            eos_token_id=sorted(self.eos_ids) or None,
+            use_cache=True,
+        )
+        if not sampling.greedy:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        device = self.model.device
+        try:
+            self.model.generate(
+                input_ids.to(device),
+                images=torch.cat(images) if images else None,
+                attention_mask=attention_mask.to(device),
+                **kwargs,
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure ends this batch's requests with an error, not the worker
+            message = f"{type(exc).__name__}: {exc}"
+            for job in batch:
+                if not job.finished:
+                    job.finished = True
+                    job.emit(StreamEvent(text=None, error=message))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return
+        for job in batch:  # rows still open when generation ended (e.g. the shared length limit)
+            tracker.finish(job, "length" if len(job.ids) >= job.request.max_new_tokens else "stop")
+
+
+def _sampling_key(request: PreparedRequest) -> tuple:
+    """Requests share a ``model.generate`` batch only when they sample alike."""
+    sampling = request.sampling
+    return (False,) if sampling.greedy else (True, sampling.temperature, sampling.top_p)
+
+
+class _BatchTracker(StoppingCriteria):
+    """Per-row streaming and stopping for one batch (transformers calls it after every decoding step).
+
+    Args:
+        jobs: The batch's jobs, one per row.
+        prompt_width: Columns of the (left-padded) prompt; later columns are new tokens.
+        tokenizer: For decoding.
+        eos_ids: End-of-sequence ids.
+    """
+
+    def __init__(self, jobs: list[Job], prompt_width: int, tokenizer: Any, eos_ids: set[int]) -> None:
+        self.jobs = jobs
+        self.prompt_width = prompt_width
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.seen = 0  # new columns already processed
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs: Any) -> torch.BoolTensor:
+        """Consume the newest columns of ``input_ids`` ``[B, prompt_width + n]``; return ``[B]`` finished flags."""
+        columns = input_ids[:, self.prompt_width + self.seen:].tolist()  # the one host sync per step
+        self.seen += len(columns[0]) if columns else 0
+        for job, new_ids in zip(self.jobs, columns):
+            if not job.finished:
+                self._advance(job, new_ids)
+        return torch.tensor([job.finished for job in self.jobs], dtype=torch.bool, device=input_ids.device)
+
+    def _advance(self, job: Job, new_ids: list[int]) -> None:
+        if job.cancelled:
+            job.finished = True
+            return
+        eos_hit = False
+        for token in new_ids:
+            if token in self.eos_ids:
+                eos_hit = True
+                break
+            job.ids.append(token)
+        stops = [job.request.stop] if job.request.stop else []
+        text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+        shown, stopped = visible_text(text, stops, final=False)
+        if eos_hit or stopped:
+            self.finish(job, "stop", text)
+        elif len(job.ids) >= job.request.max_new_tokens:
+            self.finish(job, "length", text)
+        elif shown != job.shown:
+            job.shown = shown
+            job.emit(StreamEvent(text=shown, completion_tokens=len(job.ids)))
+
+    def finish(self, job: Job, reason: str, text: str | None = None) -> None:
+        """Send a job's last event (its full text, cut at the stop string) and mark it finished."""
+        if job.finished:
+            return
+        job.finished = True
+        if job.cancelled:
+            return
+        if text is None:
+            text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+        stops = [job.request.stop] if job.request.stop else []
+        shown, _ = visible_text(text, stops, final=True)
+        job.shown = shown
+        job.emit(StreamEvent(text=shown, finish_reason=reason, completion_tokens=len(job.ids)))

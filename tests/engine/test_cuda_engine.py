@@ -1,0 +1,40 @@
+"""The engine on CUDA: decode replayed from CUDA graphs gives the eager engine's tokens. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import QUESTIONS, pixels, prompt_ids
+
+from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
+from palo.model.builder import load_pretrained_model
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_decode(world, dtype):
+    tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device="cuda", dtype=dtype)
+    requests = lambda: [EngineRequest(prompt_ids(tokenizer, QUESTIONS[i], i % 2),  # noqa: E731
+                                      pixels(processor, model, ["red"]).to("cuda", dtype) if i % 2 else None,
+                                      SamplingParams(max_tokens=12 + i, ignore_eos=True)) for i in range(5)]
+    eager = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=8, cuda_graphs=False, kv_cache_gb=0.05))
+    graphed = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=8, kv_cache_gb=0.05))
+    assert graphed.runner.graphs is not None and eager.runner.graphs is None
+    replays = []
+    run = graphed.runner.graphs.run
+    graphed.runner.graphs.run = lambda seqs: (replays.append(len(seqs)), run(seqs))[1]
+    out_e = [o.token_ids for o in eager.generate(requests())]
+    out_g = [o.token_ids for o in graphed.generate(requests())]
+    assert replays and out_g == out_e
+
+
+def test_cuda_float32_engine_equals_generate(world):
+    tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device="cuda", dtype=torch.float32)
+    ids = prompt_ids(tokenizer, QUESTIONS[8], 1)
+    image = pixels(processor, model, ["green"]).to("cuda")
+    expected = model.generate(torch.tensor([ids], device="cuda"), images=image, max_new_tokens=16, min_new_tokens=16,
+                              do_sample=False)[0, len(ids):].tolist()
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8, kv_cache_gb=0.05))
+    out = engine.generate([EngineRequest(ids, image, SamplingParams(max_tokens=16, ignore_eos=True))])[0]
+    assert out.token_ids == expected
