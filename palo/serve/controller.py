@@ -260,6 +260,16 @@ class NoWorkerError(RuntimeError):
 class WorkerUnreachableError(RuntimeError):
     """Every worker tried failed to answer."""
 
+    retry_after: str | None = None
+
+
+class WorkersBusyError(WorkerUnreachableError):
+    """Every worker of the model answered 503 (its queue is full); ``retry_after`` is the smallest wait they asked."""
+
+    def __init__(self, message: str, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class Router:
     """Opens generation streams on workers chosen by the controller, retrying when a worker is down.
@@ -284,9 +294,14 @@ class Router:
         """
         tried: set[str] = set()
         last_error: Exception | None = None
+        busy: list[str] = []  # Retry-After values of workers whose queue was full
         while True:
             address = self.controller.get_worker_address(model, exclude=tried)
             if not address:
+                if busy and last_error is None:
+                    waits = [b for b in busy if b.isdigit()]
+                    raise WorkersBusyError(f"every worker of {model!r} is busy; retry later",
+                                           min(waits, key=int) if waits else "1")
                 if last_error is not None:
                     raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
                 raise NoWorkerError(model)
@@ -305,6 +320,10 @@ class Router:
                 continue
             except httpx.HTTPError as exc:
                 raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
+            if response.status_code == 503:  # its queue is full: another worker may have room
+                busy.append(response.headers.get("Retry-After", "1"))
+                await response.aclose()
+                continue
             return WorkerStream(address, response)
 
 
@@ -415,7 +434,9 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
             return Response(error_chunk(_no_worker_message(controller, model), NO_WORKER, MODEL_NOT_FOUND), 404,
                             media_type=STREAM_MEDIA_TYPE)
         except WorkerUnreachableError as exc:
-            return Response(error_chunk(str(exc), WORKER_UNREACHABLE), 503, media_type=STREAM_MEDIA_TYPE)
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+            return Response(error_chunk(str(exc), WORKER_UNREACHABLE), 503, media_type=STREAM_MEDIA_TYPE,
+                            headers=headers)
 
         async def relay() -> AsyncIterator[bytes]:
             try:

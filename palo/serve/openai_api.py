@@ -40,13 +40,14 @@ class APIError(Exception):
     """An error returned in OpenAI's JSON shape."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
+        return JSONResponse(self.body, status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -274,7 +275,8 @@ def create_openai_router(controller: Any, get_router: Callable[[], Any], api_key
                 raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
                                     f"{controller.list_models()}", param="model", code="model_not_found") from None
             except WorkerUnreachableError as exc:
-                raise APIError(503, str(exc), type_="server_error") from None
+                headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+                raise APIError(503, str(exc), type_="server_error", headers=headers) from None
         except APIError as exc:
             return exc.response()
 
