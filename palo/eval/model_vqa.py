@@ -137,10 +137,12 @@ class Answerer:
         conv_mode: A key of ``conv_templates``.
         generation: ``generate`` keyword arguments (sampling, beams, max_new_tokens).
         image_preprocess: ``pad`` or ``crop``.
+        engine: ``paged`` (the continuous-batching engine, :mod:`palo.engine`) or ``hf`` (``model.generate``);
+            beam search always runs through ``model.generate``.
     """
 
     def __init__(self, tokenizer: Any, model: Any, image_processor: Any, conv_mode: str, generation: dict[str, Any],
-                 image_preprocess: str = "pad") -> None:
+                 image_preprocess: str = "pad", engine: str = "paged") -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.image_processor = image_processor
@@ -151,6 +153,13 @@ class Answerer:
         self.use_im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.unk_token_id or 0)
+        if engine not in ("paged", "hf"):
+            raise ValueError(f"engine must be 'paged' or 'hf', not {engine!r}")
+        self.engine = None
+        if engine == "paged" and generation.get("num_beams", 1) == 1:
+            from palo.engine import LLMEngine
+
+            self.engine = LLMEngine(model, tokenizer)
 
     def answer(self, questions: list[Question], image_folder: str) -> list[str]:
         """Answers for a batch, in order.
@@ -169,6 +178,8 @@ class Answerer:
                     raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
             prompt = build_prompt(q.text, self.conv_mode, with_image, self.use_im_start_end)
             rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
+        if self.engine is not None:
+            return self._answer_with_engine(rows, [q.image is not None for q in questions], pixels)
         ids, mask = left_pad(rows, self.pad_id)
         device = self.model.device
         ids, mask = ids.to(device), mask.to(device)
@@ -182,6 +193,28 @@ class Answerer:
             )
         new = out[:, ids.shape[1]:]
         return [clean_answer(self.tokenizer.decode(row, skip_special_tokens=True), self.stop) for row in new]
+
+
+    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[bool], pixels: list[torch.Tensor]) -> list[str]:
+        from palo.engine import EngineRequest, SamplingParams
+
+        generation = self.generation
+        sampling = SamplingParams(
+            max_tokens=generation["max_new_tokens"],
+            temperature=(generation.get("temperature") or 0.0) if generation.get("do_sample") else 0.0,
+            top_p=generation.get("top_p") or 1.0,
+            stop=(self.stop,) if self.stop else (),
+        )
+        images = iter(pixels)
+        requests = [
+            EngineRequest(row.tolist(), next(images)[None] if image else None, sampling)
+            for row, image in zip(rows, with_image)
+        ]
+        outputs = self.engine.generate(requests)
+        for output in outputs:
+            if output.error:
+                raise RuntimeError(f"generation failed: {output.error}")
+        return [clean_answer(output.text, self.stop) for output in outputs]
 
 
 def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int) -> dict[str, Any]:
@@ -235,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad",
                         help="pad: square padding as in training; crop: the original script's centre crop")
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
+    parser.add_argument("--engine", choices=("paged", "hf"), default="paged",
+                        help="paged: continuous batching over a paged KV cache (default); hf: model.generate "
+                             "(beam search always uses it)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip and report malformed lines and missing/unreadable images instead of stopping")
     return parser
@@ -246,7 +282,7 @@ class ModelLoadError(RuntimeError):
 
 def load_answerer(model_path: str, model_base: str | None, conv_mode: str, generation: dict[str, Any],
                   image_preprocess: str = "pad", device: str | None = None,
-                  vision_tower: str | None = None) -> tuple[Answerer, str]:
+                  vision_tower: str | None = None, engine: str = "paged") -> tuple[Answerer, str]:
     """Load a checkpoint and wrap it in an :class:`Answerer`.
 
     Returns:
@@ -267,7 +303,7 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str, gener
         )
     except (CheckpointError, VisionTowerError, OSError) as exc:
         raise ModelLoadError(str(exc)) from exc
-    return Answerer(tokenizer, model, image_processor, conv_mode, generation, image_preprocess), model_name
+    return Answerer(tokenizer, model, image_processor, conv_mode, generation, image_preprocess, engine), model_name
 
 
 def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file: str, image_folder: str,
@@ -356,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def loader() -> tuple[Answerer, str]:
         return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
-                             args.device, args.vision_tower)
+                             args.device, args.vision_tower, args.engine)
 
     try:
         return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,

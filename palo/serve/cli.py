@@ -2,6 +2,8 @@
 
 The flags are those of LLaVA's ``cli.py``; ``--conv-mode`` defaults to the template the checkpoint was trained
 with (from its config, not its name). Type in any of the 10 languages; an empty line or EOF ends the chat.
+Answers come from :mod:`palo.engine`, whose prefix cache keeps the image and the earlier turns: each turn computes
+only what is new.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import argparse
 import sys
 
 import torch
-from transformers import TextStreamer
 
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from palo.mm_utils import ImageLoadError, KeywordsStoppingCriteria, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from palo.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
     from palo.model.builder import CheckpointError, load_pretrained_model
     from palo.model.vision_tower import VisionTowerError
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     image_tokens = 0
     if image is not None:
         images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
-        image_tokens = model.encode_images(images)[0].shape[0]
+        image_tokens = model.image_token_count
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len))
     use_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
 
     while True:
@@ -89,28 +92,22 @@ def main(argv: list[str] | None = None) -> int:
         conv.append_message(roles[0], inp)
         conv.append_message(roles[1], None)
         prompt = conv.get_prompt()
-        input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
-        budget = context_len - input_ids.shape[1] - image_tokens
+        input_ids = tokenizer_image_token(prompt, tokenizer)
+        budget = context_len - (len(input_ids) - (1 if images is not None else 0)) - image_tokens
         if budget <= 0:
             print(f"\n[the conversation is {context_len - budget} tokens, over the model's {context_len}; start a new one]")
             return 1
         stop = stop_string(conv)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        output_ids = model.generate(
-            input_ids,
-            images=images,
-            do_sample=args.temperature > 0,
-            temperature=args.temperature if args.temperature > 0 else None,
-            top_p=None,
-            top_k=None,
-            max_new_tokens=min(args.max_new_tokens, budget),
-            streamer=streamer,
-            stopping_criteria=[KeywordsStoppingCriteria([stop], tokenizer, input_ids)] if stop else None,
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id,
-        )
-        outputs = tokenizer.decode(output_ids[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
-        if stop and outputs.endswith(stop):
-            outputs = outputs[: -len(stop)].strip()
+        sampling = SamplingParams(max_tokens=min(args.max_new_tokens, budget), temperature=max(args.temperature, 0.0),
+                                  stop=(stop,) if stop else ())
+        request = EngineRequest(input_ids, images, sampling,
+                                on_output=lambda output: print(output.delta, end="", flush=True))
+        result = engine.generate([request])[0]
+        print()
+        if result.error:
+            print(f"[generation failed: {result.error}]", file=sys.stderr)
+            return 1
+        outputs = result.text.strip()
         conv.messages[-1][-1] = outputs
         if args.debug:
             print("\n", {"prompt": prompt, "outputs": outputs}, "\n")
