@@ -1,4 +1,14 @@
-"""Benchmark: PALO generation against transformers' LlavaForConditionalGeneration with the same weights.
+"""Benchmark: the generation engine against ``model.generate``, and PALO against transformers' Llava.
+
+``--baseline generate`` (default): :mod:`palo.engine` against PALO's ``model.generate`` (transformers' generation
+loop with static batches) on the same model, for batches of 1, 8 and 32 requests (one image + ``--prompt-len`` text
+tokens each, ``--new-tokens`` greedy tokens each, end-of-sequence ignored). Measured: time to first token (a request
+submitted with all others; ``generate`` gives every row its first token at once) and decode tokens/s over all rows
+after the first token. Equal work is checked: in float32 both give every row the same tokens. Each side runs
+``--repeats`` times after a warm-up; medians are printed with the ratio engine / generate for throughput and
+generate / engine for time to first token (above 1: the engine is better).
+
+``--baseline llava``: PALO against transformers' LlavaForConditionalGeneration with the same weights:
 
 Both models hold the *same tensors* (the baseline's parameters alias ours, so memory is not doubled) and see the
 same prompts and images. Measured, as the median of ``--repeats`` runs after a warm-up:
@@ -14,7 +24,9 @@ two graphs can flip near-ties of random weights, so only the logit difference is
 
 Examples::
 
-    python scripts/bench/generate.py                      # tiny shapes, CPU
+    python scripts/bench/generate.py                      # engine vs generate, tiny shapes, CPU
+    python scripts/bench/generate.py --shape 7b --device cuda --dtype bfloat16 --batches 1 8 32
+    python scripts/bench/generate.py --baseline llava     # PALO vs HF Llava, tiny shapes, CPU
     python scripts/bench/generate.py --shape mobile       # MobileLLaMA-1.4B-sized LLM + CLIP-L/336 (fp32, ~12 GB)
     python scripts/bench/generate.py --shape 7b --device cuda --dtype bfloat16   # PALO-7B shapes, random weights
 """
@@ -155,12 +167,85 @@ def run(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def run_engine(args: argparse.Namespace) -> list[dict]:
+    """The engine against ``model.generate`` on the same model and requests (see the module docstring)."""
+    from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
+
+    dtype = getattr(torch, args.dtype)
+    shape = SHAPES[args.shape]
+    palo, _ = build_models(shape, args.device, dtype)
+    vision = CLIPVisionConfig(**shape.vision)
+    positions = args.prompt_len + 1 + palo.image_token_count + args.new_tokens
+    results = []
+    for batch in args.batches:
+        gen = torch.Generator().manual_seed(batch)
+        text = torch.randint(3, shape.vocab - 2, (batch, args.prompt_len), generator=gen)
+        ids = torch.cat([text[:, :5], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 5:]], dim=1)
+        pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=gen).to(args.device, dtype)
+        config = EngineConfig(max_num_seqs=max(batch, 1), max_model_len=positions + 16, enable_prefix_cache=False,
+                              max_prefill_tokens=max(2048, positions), cuda_graphs=not args.no_cuda_graphs)
+        engine = LLMEngine(palo, None, config)
+        device_ids = ids.to(args.device)
+
+        def baseline(n: int) -> torch.Tensor:
+            with torch.no_grad():
+                return palo.generate(device_ids, images=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                     pad_token_id=0)[:, ids.shape[1]:]
+
+        def with_engine() -> tuple[list[list[int]], float, float]:
+            seqs = [engine.add_request(EngineRequest(ids[i].tolist(), pixels[i:i + 1],
+                                                     SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)))
+                    for i in range(batch)]
+            start = time.monotonic()
+            engine.run_until_done()
+            _sync(args.device)
+            end = time.monotonic()
+            firsts = [s.first_token_at for s in seqs]
+            ttft = statistics.median(f - start for f in firsts)
+            decode_tps = batch * (args.new_tokens - 1) / (end - max(firsts))
+            return [s.output_ids for s in seqs], ttft, decode_tps
+
+        def timed(fn):
+            start = time.perf_counter()
+            out = fn()
+            _sync(args.device)
+            return out, time.perf_counter() - start
+
+        expected = baseline(args.new_tokens).tolist()
+        tokens, _, _ = with_engine()  # warm-up, and the equal-work check
+        same = tokens == expected
+        base_first, base_total, eng_ttft, eng_tps = [], [], [], []
+        for _ in range(args.repeats):
+            base_first.append(timed(lambda: baseline(1))[1])
+            base_total.append(timed(lambda: baseline(args.new_tokens))[1])
+            _, t, tps = with_engine()
+            eng_ttft.append(t)
+            eng_tps.append(tps)
+        t1, tn = statistics.median(base_first), statistics.median(base_total)
+        row = {
+            "batch": batch, "same_tokens": same,
+            "generate_ttft_ms": 1000 * t1, "engine_ttft_ms": 1000 * statistics.median(eng_ttft),
+            "generate_decode_tokens_per_s": batch * (args.new_tokens - 1) / (tn - t1),
+            "engine_decode_tokens_per_s": statistics.median(eng_tps),
+        }
+        row["ttft_ratio"] = row["generate_ttft_ms"] / row["engine_ttft_ms"]
+        row["decode_ratio"] = row["engine_decode_tokens_per_s"] / row["generate_decode_tokens_per_s"]
+        results.append(row)
+        del engine
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--baseline", choices=["generate", "llava"], default="generate")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="(--baseline generate)")
+    parser.add_argument("--no-cuda-graphs", action="store_true", help="(--baseline generate) decode eagerly")
+    parser.add_argument("--batch", type=int, default=4, help="(--baseline llava)")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -170,6 +255,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(torch.get_num_threads())
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# generate benchmark: shape={args.shape} dtype={args.dtype} device={device_name} torch={torch.__version__}")
+    if args.baseline == "generate":
+        results = run_engine(args)
+        print(f"{'batch':>5} {'metric':<22} {'engine':>10} {'generate':>10} {'ratio':>8}  same tokens")
+        for row in results:
+            print(f"{row['batch']:>5} {'time to first token ms':<22} {row['engine_ttft_ms']:>10.2f} "
+                  f"{row['generate_ttft_ms']:>10.2f} {row['ttft_ratio']:>8.2f}  {row['same_tokens']}")
+            print(f"{row['batch']:>5} {'decode tokens/s':<22} {row['engine_decode_tokens_per_s']:>10.1f} "
+                  f"{row['generate_decode_tokens_per_s']:>10.1f} {row['decode_ratio']:>8.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "device": device_name, "results": results}, f, indent=2)
+        return 0
     results = run(args)
     print(f"{'batch':>5} {'metric':<22} {'palo':>10} {'hf_llava':>10} {'hf/palo':>8}  same tokens / logit rel. diff")
     for row in results:
