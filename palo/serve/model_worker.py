@@ -215,7 +215,7 @@ class ModelWorker:
             chunk = encode_chunk(params["prompt"] + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
                                  detail=str(exc), finish_reason="length")
             return Response(chunk, 200, media_type=STREAM_MEDIA_TYPE)
-        if self.waiting >= self.max_queue:
+        if self.running + self.waiting >= self.limit_model_concurrency + self.max_queue:  # it would have to wait
             self.rejected += 1
             self.logger.warning("queue full (%d waiting): answering 503", self.waiting)
             return Response(error_chunk(f"the worker is busy: {self.waiting} requests are already waiting; retry "

@@ -18,9 +18,20 @@ from palo.serve.model_worker import ModelWorker, create_app
 from palo.serve.protocol import ChunkDecoder
 
 
-@pytest.fixture()
-def gated_worker(world):
-    """A worker (1 request in the engine at once, 2 may wait) whose engine steps only once the gate opens."""
+def _serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture(params=[2])
+def gated_worker(world, request):
+    """A worker (1 request in the engine at once, ``param`` may wait) whose engine steps only once the gate opens."""
     tokenizer, model, processor, context_len = load_pretrained_model(world.full_dir, device="cpu")
     engine = GenerationEngine(tokenizer, model, processor, context_len,
                               engine_config=EngineConfig(max_num_seqs=1, block_size=8))
@@ -33,16 +44,9 @@ def gated_worker(world):
 
     engine.engine.step = gated_step
     worker = ModelWorker(engine, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1,
-                         max_queue=2, no_register=True)
+                         max_queue=request.param, no_register=True)
     worker.start()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
+    url, server, thread = _serve(create_app(worker))
     try:
         yield url, gate
     finally:
@@ -100,3 +104,35 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_wor
     assert len(answers) == 3 and len(texts) == 1  # the same greedy answer for the same request, every time
     after = _status(url)
     assert after["engine"]["rejected"] == 1 and after["queue_length"] == 0 and after["engine"]["kv_blocks_used"] == 0
+
+
+@pytest.mark.parametrize("gated_worker", [0], indirect=True)
+def test_the_controller_passes_a_busy_workers_503_on_with_retry_after(gated_worker):
+    from palo.serve.controller import Controller
+    from palo.serve.controller import create_app as controller_app
+
+    worker_url, gate = gated_worker
+    controller = Controller()
+    url, server, thread = _serve(controller_app(controller))
+    try:
+        assert httpx.post(url + "/register_worker", json={"worker_name": worker_url, "check_heart_beat": False},
+                          timeout=10).status_code == 200
+        body = {"model": "ckpt", "prompt": vicuna_prompt("Что это?", image=False), "temperature": 0,
+                "max_new_tokens": 4}
+        first = threading.Thread(target=lambda: httpx.post(url + "/worker_generate_stream", json=body, timeout=60))
+        first.start()
+        _wait(lambda: _status(worker_url)["engine"]["worker_running"] == 1, "the first request in the engine")
+        busy = httpx.post(url + "/worker_generate_stream", json=body, timeout=10)
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+        chat = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+            "model": "ckpt", "messages": [{"role": "user", "content": "Что это?"}], "max_tokens": 4})
+        assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
+        assert "busy" in chat.json()["error"]["message"]
+        gate.set()
+        first.join(60)
+        ok = httpx.post(url + "/worker_generate_stream", json=body, timeout=60)
+        assert ok.status_code == 200  # once the worker has room again, it serves
+    finally:
+        gate.set()
+        server.should_exit = True
+        thread.join(10)
