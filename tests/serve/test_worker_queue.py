@@ -48,7 +48,7 @@ def gated_worker(world, request):
     worker.start()
     url, server, thread = _serve(create_app(worker))
     try:
-        yield url, gate
+        yield url, gate, worker
     finally:
         gate.set()
         server.should_exit = True
@@ -68,7 +68,7 @@ def _wait(predicate, what: str) -> None:
 
 
 def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_worker):
-    url, gate = gated_worker
+    url, gate, _ = gated_worker
     params = {"prompt": vicuna_prompt("ما هذا؟"), "images": [image_b64(make_image("green"))], "temperature": 0,
               "max_new_tokens": 12}
     answers: dict[int, list] = {}
@@ -111,7 +111,7 @@ def test_the_controller_passes_a_busy_workers_503_on_with_retry_after(gated_work
     from palo.serve.controller import Controller
     from palo.serve.controller import create_app as controller_app
 
-    worker_url, gate = gated_worker
+    worker_url, gate, _ = gated_worker
     controller = Controller()
     url, server, thread = _serve(controller_app(controller))
     try:
@@ -136,3 +136,23 @@ def test_the_controller_passes_a_busy_workers_503_on_with_retry_after(gated_work
         gate.set()
         server.should_exit = True
         thread.join(10)
+
+
+def test_a_client_that_disconnects_is_dropped_and_its_cache_freed(gated_worker):
+    url, gate, worker = gated_worker
+    engine = worker.engine.engine
+    finished = []
+    finish = engine._finish
+    engine._finish = lambda seq, reason, error=None: (finished.append((reason, len(seq.output_ids))),
+                                                      finish(seq, reason, error))
+    gate.set()
+    params = {"prompt": vicuna_prompt("এটা কি?"), "images": [image_b64(make_image("red"))], "temperature": 0,
+              "max_new_tokens": 400}
+    with httpx.stream("POST", url + "/worker_generate_stream", json=params, timeout=60) as response:
+        for _ in response.iter_bytes():
+            break  # the first chunk arrived: the request is generating; now hang up
+    _wait(lambda: finished, "the engine dropping the request")
+    reason, generated = finished[0]
+    assert reason == "abort" and generated < 300, generated
+    _wait(lambda: _status(url)["engine"]["kv_blocks_used"] == 0 and _status(url)["queue_length"] == 0,
+          "the cache and the queue emptied")
