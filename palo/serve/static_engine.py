@@ -133,31 +133,6 @@ class StaticBatchEngine(GenerationEngine):
         with self._cond:
             return len(self._pending)
 
-    def generate(self, requests: Sequence[PreparedRequest], timeout: float = 300.0) -> list[StreamEvent]:
-        """Submit requests together and wait for their last events (for scripts, tests and benchmarks).
-
-        Returns:
-            The final event of each request, in order.
-        """
-        done = [threading.Event() for _ in requests]
-        last: list[StreamEvent | None] = [None] * len(requests)
-
-        def make_sink(i: int) -> Sink:
-            def sink(event: StreamEvent) -> None:
-                last[i] = event
-                if event.finish_reason or event.error:
-                    done[i].set()
-
-            return sink
-
-        self.start()
-        self.submit_many(requests, [make_sink(i) for i in range(len(requests))])
-        deadline = time.monotonic() + timeout
-        for event in done:
-            if not event.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"generation did not finish within {timeout} s")
-        return [e for e in last if e is not None]
-
     # -- batching loop -------------------------------------------------------------------------------------------
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
