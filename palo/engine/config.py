@@ -35,6 +35,8 @@ class EngineConfig:
         enable_prefix_cache: Reuse the KV of prompt blocks (image and text) seen before.
         cuda_graphs: Capture the decode step as CUDA graphs at start-up (CUDA only; CPU always runs eagerly).
         max_waiting: Requests that may wait for a place; beyond it :class:`~palo.engine.errors.QueueFull`.
+        attention: Decode attention: ``triton`` (paged kernel reading the cache in place), ``sdpa`` (gather, then
+            PyTorch SDPA) or ``auto`` (Triton on CUDA when installed, else SDPA).
     """
 
     max_num_seqs: int = 32
@@ -47,6 +49,7 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     cuda_graphs: bool = True
     max_waiting: int = 1024
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "block_size", "max_prefill_tokens", "max_waiting"):
@@ -56,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"num_blocks must be at least 2 (one is the engine's scratch block), got {self.num_blocks}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
+        if self.attention not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton', not {self.attention!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 

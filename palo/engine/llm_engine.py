@@ -60,7 +60,7 @@ class LLMEngine:
         shape = cache_shape(model)
         activation = config.max_prefill_tokens * model.config.hidden_size * 4 * 16  # a prefill's largest temporaries
         num_blocks = plan_num_blocks(config, shape, self.max_model_len, device, activation)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
         self.tokens_per_image = int(getattr(model, "image_token_count", 0) or 0)
@@ -79,9 +79,11 @@ class LLMEngine:
 
             self.runner.graphs = DecodeGraphs.capture(self.runner, config.max_num_seqs, self.max_model_len)
         logger.info(
-            "KV cache: %d blocks of %d positions (%.2f GiB, %s) = %d positions; up to %d sequences of %d positions",
+            "KV cache: %d blocks of %d positions (%.2f GiB, %s) = %d positions; up to %d sequences of %d positions; "
+            "decode attention: %s",
             num_blocks - 1, config.block_size, self.runner.cache_bytes / (1 << 30), shape.dtype,
             (num_blocks - 1) * config.block_size, config.max_num_seqs, self.max_model_len,
+            "triton (paged)" if self.runner.paged_attention else "sdpa (gathered)",
         )
 
     def _eos_ids(self) -> set[int]:
@@ -351,6 +353,7 @@ class LLMEngine:
             "block_size": self.config.block_size,
             "max_num_seqs": self.config.max_num_seqs,
             "prefix_cache_hit_rate": round(self.blocks.hits / self.blocks.queries, 4) if self.blocks.queries else 0.0,
+            "decode_attention": "triton" if self.runner.paged_attention else "sdpa",
             "tokens_per_s": round(generated / RATE_WINDOW_S, 2),
             "decode_batch_max": max(self.batch_sizes, default=0),  # largest decode batch of the recent steps
         }

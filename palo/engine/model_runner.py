@@ -10,7 +10,9 @@ A step takes a *packed* list of positions from several sequences. Everything but
 ``[N, D]`` rows at once; attention reads each sequence's own cached positions only:
 
 * prefill chunks: one SDPA call per chunk over the sequence's cached prefix plus the chunk (causal);
-* decode: one SDPA call for the batch, each row reading its live length of the cache (masked to it).
+* decode: on CUDA a Triton kernel (:mod:`palo.engine.triton_attention`) reads each row's blocks in place up to its
+  own length; elsewhere (or with ``attention="sdpa"``) the rows' blocks are gathered into one padded batch for a
+  single SDPA call, masked to each row's length.
 
 On CUDA the decode step can be replayed from CUDA graphs (:mod:`palo.engine.cuda_graphs`); on CPU it runs eagerly.
 """
@@ -63,7 +65,7 @@ class ModelRunner:
         block_size: Positions per block.
     """
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention: str = "auto") -> None:
         self.model = model
         self.decoder = model.model
         self.shape = cache_shape(model)
@@ -78,6 +80,21 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.graphs = None  # palo.engine.cuda_graphs.DecodeGraphs when captured
+        self.paged_attention = self._paged_attention(attention)
+
+    def _paged_attention(self, attention: str):
+        """The decode-attention kernel that reads the paged cache in place, or None for gather + SDPA."""
+        if attention not in ("auto", "sdpa", "triton"):
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'triton', not {attention!r}")
+        if attention == "sdpa" or (attention == "auto" and self.device.type != "cuda"):
+            return None
+        try:
+            from palo.engine.triton_attention import paged_decode_attention
+        except ImportError as exc:
+            if attention == "triton":
+                raise ValueError(f"attention='triton' needs the triton package: {exc}") from None
+            return None
+        return paged_decode_attention
 
     @property
     def cache_bytes(self) -> int:
@@ -212,16 +229,23 @@ class ModelRunner:
             ``[B, V]`` float32 logits.
         """
         batch, width = block_tables.shape
-        span = width * self.block_size
-        gather = (block_tables[:, :, None] * self.block_size
-                  + torch.arange(self.block_size, device=self.device)).reshape(batch, span)  # (B, L)
-        mask = (torch.arange(span, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,L)
+        kernel = self.paged_attention
+        if kernel is not None:  # reads each row's blocks in place, up to its length
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-            keys = self.kv[layer, 0][gather].transpose(1, 2)  # (B, Hkv, L, Dh)
-            values = self.kv[layer, 1][gather].transpose(1, 2)
-            out = self._sdpa(q[:, :, None, :], keys, values, mask, scale)  # (B, H, 1, Dh)
-            return out.reshape(batch, -1)
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                out = kernel(q, self.kv[layer, 0], self.kv[layer, 1], block_tables, lengths, self.block_size, scale)
+                return out.reshape(batch, -1)
+        else:  # gathers the rows' blocks into one padded batch for SDPA, masked to each row's length
+            span = width * self.block_size
+            gather = (block_tables[:, :, None] * self.block_size
+                      + torch.arange(self.block_size, device=self.device)).reshape(batch, span)  # (B, L)
+            mask = (torch.arange(span, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]  # (B,1,1,L)
+
+            def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+                keys = self.kv[layer, 0][gather].transpose(1, 2)  # (B, Hkv, L, Dh)
+                values = self.kv[layer, 1][gather].transpose(1, 2)
+                out = self._sdpa(q[:, :, None, :], keys, values, mask, scale)  # (B, H, 1, Dh)
+                return out.reshape(batch, -1)
 
         hidden = self._layers(self.decoder.embed_tokens(ids), positions, slots, attend)
         return self._logits(hidden)
