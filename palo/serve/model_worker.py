@@ -323,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     engine.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of repeated prompt prefixes")
     engine.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
+    engine.add_argument("--attention", choices=["auto", "sdpa", "triton"], default="auto",
+                        help="decode attention: triton reads the paged cache in place (auto: on CUDA when installed)")
     engine.add_argument("--batch-wait-ms", type=float, default=10.0,
                         help="--engine static only: how long to collect requests for one batch")
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL, help="seconds")
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
             max_prefill_tokens=args.max_prefill_tokens, enable_prefix_cache=not args.no_prefix_cache,
             cuda_graphs=not args.no_cuda_graphs, max_waiting=max(1, args.limit_model_concurrency),
+            attention=args.attention,
         )
         engine = GenerationEngine(tokenizer, model, image_processor, context_len, logger=logger, engine_config=config)
     logger.info("multimodal: %s, %d positions per image, context %d; engine %s", engine.is_multimodal,
