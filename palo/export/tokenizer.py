@@ -1,0 +1,120 @@
+"""A ``tokenizer.json`` that encodes exactly like PALO's (transformers 4.31 slow, legacy) LLaMA tokenizer.
+
+PALO tokenized with the slow SentencePiece ``LlamaTokenizer`` of transformers 4.31 (see
+:mod:`palo.model.tokenizer`): every segment between special tokens gets SentencePiece's dummy ``▁`` prefix, and a
+leading space is kept (``" x"`` is ``▁▁x``). transformers 5's ``LlamaTokenizer`` class rebuilds its own
+normalizer from its arguments and does neither, so the export writes a complete ``tokenizer.json`` (the
+tokenizers pipeline built from the SentencePiece model in legacy mode, BOS added by the post-processor) and names
+the class ``PreTrainedTokenizerFast``, which every transformers version, vLLM and SGLang load verbatim.
+
+``<image>`` is appended as a special token after the tokenizer's own vocabulary (and after tokens the loader
+added, such as ``<im_patch>``), so it splits the text exactly where :func:`palo.mm_utils.tokenizer_image_token`
+splits it: the text after it is encoded as if it began a sequence, dummy prefix included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer, processors
+
+__all__ = ["build_fast_tokenizer", "write_tokenizer"]
+
+
+def _sentencepiece_tokenizer(vocab_file: str) -> Tokenizer:
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    with open(vocab_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    if proto.trainer_spec.model_type != 2:
+        raise ValueError(f"{vocab_file}: only SentencePiece BPE (LLaMA) tokenizers are exported, got model_type "
+                         f"{proto.trainer_spec.model_type}")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
+    if tokenizer is None:
+        raise ValueError(f"{vocab_file}: could not convert the SentencePiece model")
+    return tokenizer
+
+
+def build_fast_tokenizer(tokenizer: Any, image_token: str) -> tuple[Tokenizer, int]:
+    """The tokenizers pipeline equivalent to ``tokenizer``, with ``image_token`` appended.
+
+    Args:
+        tokenizer: The loaded PALO tokenizer (:class:`palo.model.tokenizer.PaloLlamaTokenizer`, possibly with
+            tokens the loader added), or any tokenizers-backed tokenizer.
+        image_token: The placeholder to append (``<image>``).
+
+    Returns:
+        The pipeline and the id of ``image_token``.
+
+    Raises:
+        ValueError: If the tokenizer already holds ``image_token`` as ordinary text or cannot be converted.
+    """
+    vocab_file = getattr(tokenizer, "vocab_file", None)
+    if vocab_file and os.path.isfile(vocab_file) and hasattr(tokenizer, "sp_model"):
+        fast = _sentencepiece_tokenizer(vocab_file)
+        base_size = fast.get_vocab_size(with_added_tokens=False)
+        specials = [tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token]
+        fast.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials if t])
+        # Tokens the loader added (<im_patch>, <im_start>, <im_end>) keep their ids.
+        for token_id in sorted(tokenizer.added_tokens_decoder):
+            if token_id < base_size:
+                continue
+            token = tokenizer.added_tokens_decoder[token_id]
+            fast.add_special_tokens([AddedToken(token.content, normalized=False, special=True)])
+            if fast.token_to_id(token.content) != token_id:
+                raise ValueError(f"added token {token.content!r} would move from id {token_id}")
+        bos = tokenizer.bos_token
+        if getattr(tokenizer, "add_bos_token", True) and bos:
+            bos_id = fast.token_to_id(bos)
+            fast.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+            )
+    elif hasattr(tokenizer, "backend_tokenizer"):
+        fast = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    else:
+        raise ValueError(f"cannot export a {type(tokenizer).__name__}: neither SentencePiece nor tokenizers-backed")
+    if fast.token_to_id(image_token) is not None:
+        raise ValueError(f"the tokenizer already has {image_token!r} (id {fast.token_to_id(image_token)})")
+    expected = fast.get_vocab_size(with_added_tokens=True)
+    fast.add_special_tokens([AddedToken(image_token, normalized=False, special=True)])
+    image_id = fast.token_to_id(image_token)
+    if image_id != expected or image_id != len(tokenizer):
+        raise ValueError(f"{image_token!r} got id {image_id}, expected {len(tokenizer)} (right after the vocabulary)")
+    return fast, image_id
+
+
+def write_tokenizer(tokenizer: Any, out_dir: str, image_token: str, chat_template: str | None = None) -> int:
+    """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json``.
+
+    Returns:
+        The id of ``image_token``.
+    """
+    fast, image_id = build_fast_tokenizer(tokenizer, image_token)
+    fast.save(os.path.join(out_dir, "tokenizer.json"))
+    pad = tokenizer.pad_token or tokenizer.unk_token
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "unk_token": tokenizer.unk_token,
+        "pad_token": pad,  # PALO pads with <unk> (id 0)
+        "image_token": image_token,
+        "extra_special_tokens": {"image_token": image_token},
+        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", True)),
+        "add_eos_token": bool(getattr(tokenizer, "add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(min(getattr(tokenizer, "model_max_length", 2048), 10**9)),
+        "padding_side": "left",  # generation pads on the left
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
+    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    with open(os.path.join(out_dir, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+        json.dump(specials, f, indent=2, ensure_ascii=False)
+    return image_id

@@ -1,0 +1,278 @@
+"""``palo export --to hf-llava``: transformers alone (LlavaForConditionalGeneration + AutoProcessor) reproduces PALO.
+
+Every loadable checkpoint format of the tiny world is exported in float32 and loaded back with transformers only.
+The references are this project's own loader and model (which other tests hold to the original formats and to
+transformers' Llava with hand-mapped weights): logits within 1e-5, identical greedy tokens, identical prompt ids
+(processor + chat template vs ``tokenizer_image_token`` on the conversation template) and identical pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.conversation import conv_templates
+from palo.export import ExportError, export_hf_llava
+from palo.export.chat_template import ChatTemplateError, chat_template_for
+from palo.mm_utils import process_images, tokenizer_image_token
+from palo.model.builder import load_pretrained_model
+from palo.quickstart.cli import main as palo_main
+from palo.testing import tiny
+
+QUESTIONS = {
+    "english": "What is in this picture? Describe it.",
+    "chinese": "这张图片里有什么？",
+    "arabic": "ما الذي يظهر في هذه الصورة؟",
+    "hindi": "इस चित्र में क्या है?",
+    "bengali": "এই ছবিতে কী আছে?",
+    "urdu": "اس تصویر میں کیا ہے؟",
+    "japanese": "この画像には何がありますか？",
+    "russian": "Что на изображении?",
+    "spanish": "¿Qué hay en la imagen?",
+    "french": "Qu'y a-t-il sur l'image ?",
+}
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    image = Image.new("RGB", (width, height), tuple(int(x) for x in torch.randint(0, 255, (3,), generator=g)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = (int(v) for v in torch.randint(0, min(width, height) // 2, (2,), generator=g))
+        draw.ellipse([x0, y0, x0 + width // 3, y0 + height // 3],
+                     fill=tuple(int(x) for x in torch.randint(0, 255, (3,), generator=g)))
+    return image
+
+
+def _palo_prompt(turns: list[str | None], images: int, conv_mode: str = "vicuna_v1", system: str | None = None) -> str:
+    conv = conv_templates[conv_mode].copy()
+    if system is not None:
+        conv.system = system
+    for i, text in enumerate(turns):
+        if i == 0 and text is not None:
+            text = "<image>\n" * images + text
+        conv.append_message(conv.roles[i % 2], text)
+    return conv.get_prompt()
+
+
+def _messages(turns: list[str | None], images: int, system: str | None = None) -> list[dict]:
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    for i, text in enumerate(turns):
+        if text is None:
+            break
+        if i == 0:
+            content = [{"type": "image"}] * images + [{"type": "text", "text": text}]
+        else:
+            content = [{"type": "text", "text": text}]
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": content})
+    return messages
+
+
+def _expand(ids: list[int], image_token_id: int, n: int) -> list[int]:
+    out: list[int] = []
+    for token in ids:
+        out.extend([image_token_id] * n if token == IMAGE_TOKEN_INDEX else [token])
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(world, tmp_path_factory):
+    """Each loadable format exported in float32, with the PALO model it must reproduce."""
+    out = tmp_path_factory.mktemp("exports")
+    cases = {
+        "full_safetensors": (world.full_dir, None),
+        "full_bin_sharded": (world.full_bin_dir, None),
+        "lora_plus_base": (world.lora_dir, world.base_dir),
+        "stage1_plus_base": (world.projector_dir, world.base_dir),
+    }
+    result = {}
+    for name, (path, base) in cases.items():
+        folder = str(out / name)
+        # A small shard limit so every export is sharded like the released 7B/13B checkpoints.
+        export = export_hf_llava(path, folder, base, dtype="float32", max_shard_size="150KB")
+        tokenizer, model, processor, _ = load_pretrained_model(path, base, device="cpu", dtype=torch.float32)
+        result[name] = (export, tokenizer, model, processor)
+    return result
+
+
+FORMATS = ["full_safetensors", "full_bin_sharded", "lora_plus_base", "stage1_plus_base"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_transformers_alone_gives_palo_logits_and_greedy_tokens(exports, fmt):
+    export, tokenizer, palo, palo_processor = exports[fmt]
+    hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(export.output_dir)
+    vocab = palo.get_input_embeddings().weight.shape[0]
+    cases = [("english", (80, 48)), ("chinese", (40, 90)), ("arabic", (56, 56)), ("hindi", (120, 60))]
+    for i, (language, size) in enumerate(cases):
+        image = _image(*size, seed=i)
+        turns = [QUESTIONS[language], None]
+        text = processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True)
+        inputs = processor(images=[image], text=text, return_tensors="pt")
+        ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
+        pixels = process_images([image], palo_processor, palo.config)
+        assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id, export.num_image_tokens)
+        torch.testing.assert_close(inputs["pixel_values"], pixels, rtol=0, atol=0)
+        with torch.no_grad():
+            ours = palo(input_ids=ids, images=pixels).logits
+            theirs = hf(**inputs).logits
+            # The image rows themselves, tighter than the logits: a random tiny LLM damps small projector
+            # differences (tanh-GELU for exact GELU stays within 1e-5 on the logits, not here).
+            features = torch.stack(hf.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
+            torch.testing.assert_close(features, palo.encode_images(pixels), rtol=1e-6, atol=1e-7)
+        assert theirs.shape[:2] == ours.shape[:2] and theirs.shape[-1] == vocab + 1
+        torch.testing.assert_close(theirs[..., :vocab], ours, rtol=1e-5, atol=1e-5)
+        assert (theirs[..., vocab] == 0).all()  # the <image> row of lm_head is zero
+        with torch.no_grad():
+            ours_gen = palo.generate(ids, images=pixels, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:]
+            theirs_gen = hf.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert ours_gen.tolist() == theirs_gen.tolist(), language
+
+
+def test_lora_export_differs_from_base_projector_export(exports):
+    """The LoRA export really carries the merged adapter (else the format comparison above proves little)."""
+    lora = LlavaForConditionalGeneration.from_pretrained(exports["lora_plus_base"][0].output_dir)
+    stage1 = LlavaForConditionalGeneration.from_pretrained(exports["stage1_plus_base"][0].output_dir)
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(lora.state_dict()[q], stage1.state_dict()[q])
+
+
+@pytest.mark.parametrize("language", sorted(QUESTIONS))
+def test_processor_and_chat_template_give_tokenizer_image_token_ids(exports, language):
+    export, tokenizer, _, _ = exports["full_safetensors"]
+    processor = AutoProcessor.from_pretrained(export.output_dir)
+    other = QUESTIONS["english" if language != "english" else "french"]
+    conversations = [
+        ([QUESTIONS[language], None], 1, None),
+        ([QUESTIONS[language], "  " + other + " ", other + "\n" + QUESTIONS[language], None], 1, None),
+        ([QUESTIONS[language], None], 2, "Réponds brièvement. 简短回答。"),
+        ([QUESTIONS[language], None], 0, None),
+    ]
+    for turns, n_images, system in conversations:
+        text = processor.apply_chat_template(_messages(turns, n_images, system), add_generation_prompt=True)
+        assert text == _palo_prompt(turns, n_images, system=system)
+        images = [_image(70, 50, seed=s) for s in range(n_images)] or None
+        ids = processor(images=images, text=text, return_tensors="pt")["input_ids"][0].tolist()
+        expected = tokenizer_image_token(_palo_prompt(turns, n_images, system=system), tokenizer)
+        assert ids == _expand(expected, export.image_token_id, export.num_image_tokens)
+
+
+def test_exported_tokenizer_matches_palo_on_plain_text(exports, world):
+    from palo.testing.corpus import all_text
+
+    export, tokenizer, _, _ = exports["full_safetensors"]
+    fast = AutoTokenizer.from_pretrained(export.output_dir)
+    texts = all_text() + [" leading space", "  two", "a</s>USER: b", "\n\nnewlines", "tab\tx", "emoji 🙂 ok"]
+    for text in texts:
+        assert fast(text).input_ids == tokenizer(text).input_ids, text
+        assert fast.decode(fast(text).input_ids, skip_special_tokens=True) == tokenizer.decode(
+            tokenizer(text).input_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("conv_mode", ["vicuna_v1", "llava_v1", "llava_v0", "mpt", "chatml_direct", "llama_2",
+                                       "llava_llama_2", "mistral_instruct"])
+def test_chat_template_renders_get_prompt(exports, conv_mode):
+    fast = AutoTokenizer.from_pretrained(exports["full_safetensors"][0].output_dir)
+    template = chat_template_for(conv_mode)
+    for turns, n_images, system in [
+        (["Q1 " + QUESTIONS["hindi"], None], 1, None),
+        (["Q1", "A1 " + QUESTIONS["urdu"], "Q2", None], 2, None),
+        (["Q1", "A1", "Q2", "A2"], 0, "custom system"),
+    ]:
+        open_turn = turns[-1] is None
+        rendered = fast.apply_chat_template(_messages(turns, n_images, system), chat_template=template,
+                                            tokenize=False, add_generation_prompt=open_turn)
+        assert rendered == _palo_prompt(turns, n_images, conv_mode, system), conv_mode
+
+
+@pytest.mark.parametrize("conv_mode", ["plain", "v0", "v1_mmtag", "no_such_template"])
+def test_chat_template_refuses_what_it_cannot_render(conv_mode):
+    with pytest.raises(ChatTemplateError):
+        chat_template_for(conv_mode)
+
+
+def test_folder_layout(exports):
+    export = exports["full_bin_sharded"][0]
+    files = set(os.listdir(export.output_dir))
+    assert {"config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+            "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"} <= files
+    assert len(export.weight_files) > 1 and set(export.weight_files) <= files
+    with open(os.path.join(export.output_dir, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    assert set(weight_map.values()) == set(export.weight_files)
+    # The published llava-hf key names, which transformers 4.x, vLLM and SGLang read.
+    prefixes = {key.split(".")[0] for key in weight_map}
+    assert prefixes == {"language_model", "vision_tower", "multi_modal_projector"}
+    with open(os.path.join(export.output_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["LlavaForConditionalGeneration"] and "auto_map" not in config
+    assert config["vision_feature_layer"] == -2 and config["vision_feature_select_strategy"] == "default"
+    with open(os.path.join(export.output_dir, "preprocessor_config.json")) as f:
+        assert json.load(f)["do_pad"] is True  # the tiny world trains with image_aspect_ratio "pad"
+
+
+def test_linear_projector_exports_exactly(world, tmp_path):
+    """``linear`` has no second layer: exported as linear_1 + identity activation + identity linear_2."""
+    from palo.model.tokenizer import load_tokenizer
+
+    palo_tok = load_tokenizer(world.tokenizer_dir)
+    config = tiny.palo_config_dict(tiny.tiny_llama_config(len(palo_tok)), world.clip_dir, projector_type="linear",
+                                   image_aspect_ratio="square")
+    model = tiny.build_palo_model(config, world.clip_dir, seed=5)
+    ckpt = tiny.write_full_checkpoint(str(tmp_path / "linear_ckpt"), model, config, world.tokenizer_dir)
+    export = export_hf_llava(ckpt, str(tmp_path / "linear_hf"), dtype="float32")
+    hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir).eval()
+    processor = AutoProcessor.from_pretrained(export.output_dir)
+    tokenizer, palo, palo_processor, _ = load_pretrained_model(ckpt, device="cpu", dtype=torch.float32)
+    image = _image(90, 40, seed=3)
+    turns = [QUESTIONS["japanese"], None]
+    inputs = processor(images=[image], text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
+                       return_tensors="pt")
+    ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
+    pixels = process_images([image], palo_processor, palo.config)  # "square": resize + centre crop, no pad
+    torch.testing.assert_close(inputs["pixel_values"], pixels, rtol=0, atol=0)
+    with torch.no_grad():
+        ours = palo(input_ids=ids, images=pixels).logits
+        theirs = hf(**inputs).logits[..., : ours.shape[-1]]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_ldpnet_is_refused_clearly_before_anything_is_written(world, tmp_path):
+    out = tmp_path / "ldp_hf"
+    with pytest.raises(ExportError, match="ldpnet.*no transformers Llava equivalent"):
+        export_hf_llava(world.ldp_dir, str(out))
+    assert not out.exists()
+
+
+def test_deep_mlp_projector_is_refused(world, tmp_path):
+    from palo.model.tokenizer import load_tokenizer
+
+    config = tiny.palo_config_dict(tiny.tiny_llama_config(len(load_tokenizer(world.tokenizer_dir))), world.clip_dir,
+                                   projector_type="mlp3x_gelu")
+    model = tiny.build_palo_model(config, world.clip_dir)
+    ckpt = tiny.write_full_checkpoint(str(tmp_path / "mlp3"), model, config, world.tokenizer_dir)
+    with pytest.raises(ExportError, match="exactly two"):
+        export_hf_llava(ckpt, str(tmp_path / "mlp3_hf"))
+
+
+def test_cli_verb(world, tmp_path, capsys):
+    out = tmp_path / "cli_out"
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.full_dir, "--output", str(out),
+                      "--dtype", "float32"]) == 0
+    assert "wrote" in capsys.readouterr().out and (out / "config.json").is_file()
+    # A non-empty output folder, an ldpnet checkpoint and a LoRA folder without its base: clear errors, exit 2.
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.full_dir, "--output", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.ldp_dir, "--output", str(tmp_path / "x")]) == 2
+    assert "ldpnet" in capsys.readouterr().err
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.lora_dir, "--output", str(tmp_path / "y")]) == 2
+    assert "--model-base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        palo_main(["export", "--to", "onnx", "--model-path", world.full_dir, "--output", str(tmp_path / "z")])
