@@ -308,7 +308,7 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str, gener
 
 def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file: str, image_folder: str,
                 answers_file: str, batch_size: int = 1, num_chunks: int = 1, chunk_idx: int = 0,
-                skip_bad: bool = False) -> int:
+                skip_bad: bool = False, done_files: tuple[str, ...] = ()) -> int:
     """Answer the pending questions of one question file, appending to ``answers_file``.
 
     Args:
@@ -321,6 +321,7 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
         num_chunks: Split the questions into this many slices ...
         chunk_idx: ... and answer this one.
         skip_bad: Skip and report bad lines and images instead of stopping.
+        done_files: Other answers files whose questions count as answered (a shard skips what the merged file has).
 
     Returns:
         0 on success, 2 on bad input (reported on stderr).
@@ -333,7 +334,7 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
         return 2
     try:
         questions = get_chunk(load_questions(question_file, skip_bad), num_chunks, chunk_idx)
-        done = answered_ids(answers_file)
+        done = answered_ids(answers_file).union(*(answered_ids(f) for f in done_files))
         todo = [q for q in questions if str(q.question_id) not in done]
         pending = check_images(todo, image_folder, skip_bad)
     except (JsonlError, ImageLoadError, ValueError) as exc:

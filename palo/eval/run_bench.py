@@ -13,6 +13,9 @@ Two ways to name the work:
 
 Every step resumes, so rerunning the same command after an interruption only does what is left. A language that
 fails (bad input, judge unreachable) is reported and the others go on.
+
+``--gpus 0,1,2`` (or ``auto``: every visible GPU) answers with one process per GPU, each a slice of every language
+(:mod:`palo.eval.shards`), merges the slices in question order, then judges once in this process.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from palo.eval import eval_gpt_review_bench, model_vqa, report, summarize_gpt_review
+from palo.eval import eval_gpt_review_bench, model_vqa, report, shards, summarize_gpt_review
 from palo.eval.bench import BenchLayoutError, available_languages, display_name, resolve_language
+from palo.eval.jsonl import JsonlError
 from palo.eval.judge import DEFAULT_JUDGE_MODEL
 
 
@@ -63,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--device", default=None)
     group.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad")
     group.add_argument("--vision-tower", default=None)
+    group.add_argument("--gpus", default=None,
+                       help="one answering process per GPU: a list (0,1,2) or auto (CUDA_VISIBLE_DEVICES, else every "
+                            "GPU torch sees); fewer than two: one process")
+    group.add_argument("--num-chunks", type=int, default=1, help=argparse.SUPPRESS)  # a shard process (set by --gpus)
+    group.add_argument("--chunk-idx", type=int, default=0, help=argparse.SUPPRESS)
     group = parser.add_argument_group("judging")
     group.add_argument("--judge-model", default=os.environ.get("PALO_JUDGE_MODEL") or DEFAULT_JUDGE_MODEL)
     group.add_argument("--judge-base-url", default=None, help="default: $OPENAI_BASE_URL, else OpenAI")
@@ -119,23 +129,102 @@ def judge_argv(args: argparse.Namespace, task: Task) -> list[str]:
     return argv
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tasks, failed = make_tasks(args)
-    os.makedirs(os.path.join(args.output_dir, "reviews"), exist_ok=True)
-
+def make_loader(args: argparse.Namespace) -> tuple[Callable[[], tuple[model_vqa.Answerer, str]], list]:
+    """A loader that loads the checkpoint on first need and then shares it (every language), and its cache."""
     generation = model_vqa.generation_kwargs(args.temperature, None, 1, args.max_new_tokens)
     loaded: list[tuple[model_vqa.Answerer, str]] = []
 
     def loader() -> tuple[model_vqa.Answerer, str]:
-        # Loaded on first need and shared by every language.
         if not loaded:
             loaded.append(model_vqa.load_answerer(args.model_path, args.model_base, args.conv_mode, generation,
                                                   args.image_preprocess, args.device, args.vision_tower))
         return loaded[0]
 
-    answered = []
+    return loader, loaded
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            out.append(arg)
+    return out
+
+
+def answer_sharded(argv: list[str], args: argparse.Namespace, tasks: list[Task], gpus: list[str]) -> list[str]:
+    """Answer every task with one process per GPU, then merge each task's shards.
+
+    Returns:
+        The labels of tasks left incomplete (a shard failed or questions are still unanswered).
+    """
+    import subprocess
+
+    n = len(gpus)
+    child_device = "cuda" if (args.device or "cuda").startswith("cuda") else args.device
+    procs = []
+    for k, gpu in enumerate(gpus):
+        child_argv = [sys.executable, "-m", "palo.eval.run_bench", *_without_gpus(argv),
+                      "--num-chunks", str(n), "--chunk-idx", str(k), "--device", child_device]
+        procs.append(subprocess.Popen(child_argv, env=dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)))
+    codes = [p.wait() for p in procs]
+    for k, code in enumerate(codes):
+        if code != 0:
+            print(f"error: shard {k}/{n} (GPU {gpus[k]}) exited with {code}", file=sys.stderr)
+    incomplete = []
     for task in tasks:
+        files = [shards.shard_path(task.answers_out, k, n) for k in range(n)]
+        try:
+            result = shards.merge_answers(task.questions, files, task.answers_out)
+        except JsonlError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            incomplete.append(task.label)
+            continue
+        print(f"[merge] {task.answers_out}: {result.answered} answers from {n} shards", file=sys.stderr)
+        if result.missing:
+            incomplete.append(task.label)
+    return incomplete
+
+
+def answer_chunk(args: argparse.Namespace, tasks: list[Task]) -> int:
+    """A shard process: this chunk of every task into its shard file; questions in the merged file count as done."""
+    print(f"[shard {args.chunk_idx}/{args.num_chunks}] answering with "
+          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}", file=sys.stderr, flush=True)
+    loader, _ = make_loader(args)
+    worst = 0
+    for task in tasks:
+        out = shards.shard_path(task.answers_out, args.chunk_idx, args.num_chunks)
+        try:
+            rc = model_vqa.answer_file(loader, task.questions, task.images, out, args.batch_size, args.num_chunks,
+                                       args.chunk_idx, done_files=(task.answers_out,))
+        except model_vqa.ModelLoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        worst = max(worst, rc)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    tasks, failed = make_tasks(args)
+    os.makedirs(os.path.join(args.output_dir, "reviews"), exist_ok=True)
+    if args.num_chunks > 1:
+        return answer_chunk(args, tasks)
+    try:
+        gpus = shards.resolve_gpus(args.gpus, args.device)
+    except ValueError as exc:
+        raise SystemExit(f"error: --gpus: {exc}") from exc
+    loader, loaded = make_loader(args)
+    answered = []
+    if len(gpus) > 1:
+        incomplete = answer_sharded(argv, args, tasks, gpus)
+        failed += incomplete
+        answered = [task for task in tasks if task.label not in incomplete]
+    for task in tasks if len(gpus) < 2 else []:
         print(f"=== {task.label}: answering ===", file=sys.stderr)
         try:
             rc = model_vqa.answer_file(loader, task.questions, task.images, task.answers_out, args.batch_size)

@@ -14,6 +14,7 @@ PALO_RUN_ARGS=(
     --parallel "${PALO_JUDGE_PARALLEL:-4}"
     --max-retries "${PALO_JUDGE_MAX_RETRIES:-5}"
     --retry-base-delay "${PALO_JUDGE_RETRY_DELAY:-1}"
+    --gpus "${PALO_EVAL_GPUS:-auto}"
 )
 [ -n "${PALO_MODEL_BASE:-}" ] && PALO_RUN_ARGS+=(--model-base "$PALO_MODEL_BASE")
 [ -n "${PALO_EVAL_DEVICE:-}" ] && PALO_RUN_ARGS+=(--device "$PALO_EVAL_DEVICE")

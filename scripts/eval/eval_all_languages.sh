@@ -12,7 +12,8 @@
 #   reviews/<NAME>_<Language>.jsonl  judge reviews
 #   <NAME>_summary.{md,csv,json,png} the table across languages and its bar chart
 # PALO_LANGUAGES="english arabic" limits the languages (default: every PALO language in the bench folder).
-# The model is loaded once for all languages. Rerunning the same command resumes where it stopped.
+# The model is loaded once for all languages (once per GPU with several GPUs: each answers a slice of every
+# language, see PALO_EVAL_GPUS). Rerunning the same command resumes where it stopped, shard by shard.
 # Generation and judge settings: the environment variables listed in scripts/eval/llavabench.sh.
 set -euo pipefail
 

@@ -15,6 +15,9 @@
 #   PYTHON                     interpreter (default: python, else python3)
 #   PALO_MODEL_BASE            --model-base for LoRA / stage-1 folders
 #   PALO_EVAL_DEVICE           cuda, cuda:N, cpu (default: cuda when available)
+#   PALO_EVAL_GPUS             GPUs to answer on, one shard process each, e.g. 0,1,2,3 (default: every visible
+#                              GPU: CUDA_VISIBLE_DEVICES, else all; none when PALO_EVAL_DEVICE picks one device);
+#                              the shards are merged in question order, then judged once
 #   PALO_EVAL_BATCH_SIZE       questions generated together (default 1)
 #   PALO_EVAL_MAX_NEW_TOKENS   answer length limit (default 1024, as the original)
 #   PALO_EVAL_IMAGE_PREPROCESS pad (default, as in training) or crop (the original script)

@@ -1,0 +1,166 @@
+"""Sharded answering: one process per GPU, each answering a deterministic slice of the questions, merged in order.
+
+The split is LLaVA's: ``--num-chunks N --chunk-idx K`` takes the K-th of N consecutive slices of ceil(n / N)
+questions (:func:`palo.eval.model_vqa.get_chunk`), so the shards are disjoint, cover the file, and the same N always
+gives the same slices. Each shard process appends to its own file (``<output-dir>/shards/<stem>.<K>-of-<N>.jsonl``),
+resumable like every answers file; the merge then writes the final answers file in question-file order, through a
+temporary file and ``os.replace``, and removes the shard files it took in. Questions already in the final file count
+as answered for every shard, so a run can be resumed with another number of GPUs.
+
+Which GPUs (:func:`resolve_gpus`): an explicit list (``PALO_EVAL_GPUS=0,1,2`` in the eval scripts), else ``auto``:
+the ids in ``CUDA_VISIBLE_DEVICES``, else every device torch sees; ``auto`` finds none when CUDA is not available
+or a single device was chosen with ``--device``. Each shard process gets one id as its ``CUDA_VISIBLE_DEVICES``.
+
+``python -m palo.eval.shards merge --question-file Q --answers-file OUT SHARD...`` merges shards made by hand with
+``model_vqa --num-chunks/--chunk-idx`` (LLaVA's scripts concatenated them with ``cat``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from palo.eval.jsonl import JsonlError, iter_jsonl, repair_tail, write_jsonl_atomic
+
+
+def parse_gpu_list(spec: str) -> list[str]:
+    """``"0,1 2"`` -> ``["0", "1", "2"]`` (commas or spaces; ids are kept as text: they may be GPU UUIDs).
+
+    Raises:
+        ValueError: If an id repeats (two shards on one GPU is never what was meant).
+    """
+    ids = [part for part in spec.replace(",", " ").split() if part]
+    repeated = sorted({i for i in ids if ids.count(i) > 1})
+    if repeated:
+        raise ValueError(f"GPU id(s) listed twice: {', '.join(repeated)}")
+    return ids
+
+
+def resolve_gpus(spec: str | None, device: str | None, env: Mapping[str, str] | None = None) -> list[str]:
+    """The GPU ids to run one shard on each (fewer than two: no sharding).
+
+    Args:
+        spec: None (no sharding), ``auto``, or an explicit list (see :func:`parse_gpu_list`).
+        device: The ``--device`` given, if any; with ``auto``, a chosen device (``cpu``, ``cuda:1``) means one process.
+        env: The environment (default ``os.environ``).
+
+    Raises:
+        ValueError: On a malformed explicit list.
+    """
+    if spec is None or not spec.strip():
+        return []
+    if spec.strip() != "auto":
+        return parse_gpu_list(spec)
+    env = os.environ if env is None else env
+    if device not in (None, "", "cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return parse_gpu_list(visible)
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def shard_path(answers_file: str, chunk_idx: int, num_chunks: int) -> str:
+    """``out/NAME.jsonl`` -> ``out/shards/NAME.<K>-of-<N>.jsonl``."""
+    folder, name = os.path.split(answers_file)
+    stem = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
+    return os.path.join(folder, "shards", f"{stem}.{chunk_idx}-of-{num_chunks}.jsonl")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge wrote: answers in the final file, and questions still without one."""
+
+    answered: int
+    missing: int
+
+
+def question_order(question_file: str) -> list[str]:
+    """question_ids (as strings) in file order; bad lines are skipped here (answering reports them)."""
+    return [str(r.data["question_id"]) for r in iter_jsonl(question_file, skip_bad=True, required=("question_id",))]
+
+
+def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
+                  remove_shards: bool = True) -> MergeResult:
+    """Merge shard answer files into ``answers_file`` in question-file order.
+
+    Answers already in ``answers_file`` are kept and win over a shard's answer to the same question; within the
+    shards the first answer wins. The result is written atomically; then (``remove_shards``) the shard files are
+    deleted, their answers being in the final file.
+
+    Args:
+        question_file: Gives the order.
+        shard_files: Shard outputs; missing ones are skipped (a shard with nothing left to do writes nothing).
+        answers_file: The final answers file (read if present, then replaced).
+        remove_shards: Delete the shard files after the merge.
+
+    Returns:
+        Counts of answered and still unanswered questions.
+
+    Raises:
+        JsonlError: If a shard holds a malformed line or an answer to a question the file does not have (a shard
+            from another run), or the question file is missing.
+    """
+    order = question_order(question_file)
+    known = set(order)
+    answers: dict[str, dict] = {}
+    for path in [answers_file, *shard_files]:
+        if not os.path.isfile(path):
+            continue
+        repair_tail(path)  # a shard process killed mid-write
+        for record in iter_jsonl(path, required=("question_id",)):
+            qid = str(record.data["question_id"])
+            if qid not in known:
+                raise JsonlError(f"{record.where}: question_id {record.data['question_id']!r} is not in {question_file}")
+            answers.setdefault(qid, record.data)
+    merged = [answers[qid] for qid in order if qid in answers]
+    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
+    write_jsonl_atomic(answers_file, merged)
+    if remove_shards:
+        for path in shard_files:
+            if os.path.isfile(path):
+                os.remove(path)
+        folder = os.path.dirname(shard_files[0]) if shard_files else None
+        if folder and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+    return MergeResult(answered=len(merged), missing=len(order) - len(merged))
+
+
+def _merge_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m palo.eval.shards merge",
+                                     description="Merge model_vqa chunk outputs in question order.")
+    parser.add_argument("--question-file", required=True)
+    parser.add_argument("--answers-file", required=True, help="the merged output (kept answers win)")
+    parser.add_argument("--keep", action="store_true", help="keep the shard files")
+    parser.add_argument("shards", nargs="+")
+    args = parser.parse_args(argv)
+    absent = [s for s in args.shards if not os.path.isfile(s)]
+    if absent:
+        print(f"error: no such shard file: {', '.join(absent)}", file=sys.stderr)
+        return 2
+    try:
+        result = merge_answers(args.question_file, args.shards, args.answers_file, remove_shards=not args.keep)
+    except JsonlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.answers_file}: {result.answered} answers, {result.missing} question(s) unanswered", file=sys.stderr)
+    return 1 if result.missing else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "merge":
+        print("usage: python -m palo.eval.shards merge --question-file Q --answers-file OUT SHARD...", file=sys.stderr)
+        return 2
+    return _merge_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Sharded answering: model_vqa chunks merged equal the unsharded file; the eval script on a fake GPU list."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from palo.eval import model_vqa, run_bench, shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "scripts", "eval", "eval_all_languages.sh")
+SAME = ("question_id", "prompt", "text", "model_id")  # answer_id is a fresh uuid per answer
+
+
+def _read(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _key(records: list[dict]) -> list[tuple]:
+    return [tuple(r[k] for k in SAME) for r in records]
+
+
+@pytest.fixture
+def questions(bench, tmp_path) -> str:
+    """The English and Arabic questions in one file, 8 distinct ids."""
+    rows = []
+    for language, sub, name in (("english", "", "questions.jsonl"), ("arabic", "corrected", "question.jsonl")):
+        for row in _read(os.path.join(bench, language, sub, name)):
+            row["question_id"] = f"{language}-{row['question_id']}"
+            rows.append(row)
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _vqa(world, bench, questions, answers, *extra) -> int:
+    return model_vqa.main([
+        "--model-path", world.full_dir, "--image-folder", os.path.join(bench, "images"),
+        "--question-file", questions, "--answers-file", str(answers), "--conv-mode", "vicuna_v1",
+        "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu", "--batch-size", "2", *extra,
+    ])
+
+
+def test_three_chunks_merged_equal_the_unsharded_answers(world, bench, questions, tmp_path, capsys):
+    whole = tmp_path / "whole.jsonl"
+    assert _vqa(world, bench, questions, whole) == 0
+    parts = [tmp_path / f"part{k}.jsonl" for k in range(3)]
+    for k, part in enumerate(parts):
+        assert _vqa(world, bench, questions, part, "--num-chunks", "3", "--chunk-idx", str(k)) == 0
+    order = [json.loads(line)["question_id"] for line in open(questions, encoding="utf-8")]
+    # LLaVA's split: consecutive slices of ceil(8 / 3) = 3 questions, so 3, 3, 2, disjoint and covering.
+    assert [[r["question_id"] for r in _read(p)] for p in parts] == [order[0:3], order[3:6], order[6:8]]
+
+    merged = tmp_path / "merged.jsonl"
+    # Given out of order: the merge orders by the question file, not by the order of the shards.
+    assert shards.main(["merge", "--question-file", questions, "--answers-file", str(merged),
+                        str(parts[2]), str(parts[0]), str(parts[1])]) == 0
+    assert _key(_read(merged)) == _key(_read(whole))
+    assert any(r["text"] for r in _read(whole))
+    assert not any(p.exists() for p in parts)  # taken into the merged file
+
+    # Bad input is refused with the file and line named, and the merged file is left as it was.
+    before = merged.read_text(encoding="utf-8")
+    stray = tmp_path / "stray.jsonl"
+    stray.write_text(json.dumps({"question_id": "elsewhere-7", "text": "x"}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    assert shards.main(["merge", "--question-file", questions, "--answers-file", str(merged), str(stray)]) == 2
+    assert f"{stray}:1: question_id 'elsewhere-7' is not in {questions}" in capsys.readouterr().err
+    assert merged.read_text(encoding="utf-8") == before and stray.exists()
+    assert shards.main(["merge", "--question-file", questions, "--answers-file", str(merged),
+                        str(tmp_path / "absent.jsonl")]) == 2
+    # An incomplete merge says how many are missing and exits 1.
+    partial = tmp_path / "partial.jsonl"
+    only = tmp_path / "only.jsonl"
+    only.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _read(whole)[:5]), encoding="utf-8")
+    assert shards.main(["merge", "--question-file", questions, "--answers-file", str(partial), str(only)]) == 1
+    assert "5 answers, 3 question(s) unanswered" in capsys.readouterr().err
+
+
+def test_gpu_lists():
+    assert shards.parse_gpu_list("0,1 2") == ["0", "1", "2"]
+    assert shards.parse_gpu_list("GPU-a1,GPU-b2") == ["GPU-a1", "GPU-b2"]
+    with pytest.raises(ValueError, match="listed twice: 1"):
+        shards.parse_gpu_list("0,1,1")
+    assert shards.resolve_gpus(None, None) == []
+    assert shards.resolve_gpus("3,5", "cpu") == ["3", "5"]  # an explicit list is obeyed
+    # auto: a chosen device means one process; on this CPU machine auto finds no GPU at all.
+    assert shards.resolve_gpus("auto", "cuda:1", {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+    assert shards.resolve_gpus("auto", "cpu", {"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+    assert shards.shard_path("/o/tiny_English.jsonl", 2, 4) == "/o/shards/tiny_English.2-of-4.jsonl"
+
+
+def _script(world, bench, out, server, gpus: str) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ, PYTHON=sys.executable, MULTILINGUAL_LLAVA_BENCH_PATH=bench, PALO_EVAL_OUTPUT_DIR=str(out),
+        OPENAI_BASE_URL=server.base_url, PALO_JUDGE_MODEL="local-judge", PALO_JUDGE_RETRY_DELAY="0.01",
+        PALO_EVAL_DEVICE="cpu", PALO_EVAL_MAX_NEW_TOKENS="4", PALO_EVAL_BATCH_SIZE="2", HF_HUB_OFFLINE="1",
+        NO_PROXY="127.0.0.1,localhost", PALO_EVAL_GPUS=gpus,
+    )
+    return subprocess.run(["bash", SCRIPT, world.full_dir, "tiny", "sk-local"], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.slow  # three shard processes, twice (~25 s on 2 cores)
+def test_script_answers_one_shard_per_gpu_merges_judges_once_and_resumes(world, bench, judge_server, tmp_path):
+    reference = tmp_path / "reference"
+    assert run_bench.main([
+        "--model-path", world.full_dir, "--bench", bench, "--name", "tiny", "--output-dir", str(reference),
+        "--device", "cpu", "--max-new-tokens", "4", "--batch-size", "2", "--judge-base-url", judge_server.base_url,
+    ]) == 0
+    judge_server.reset_calls()
+
+    out = tmp_path / "sharded"
+    result = _script(world, bench, out, judge_server, "0,1,2")  # a fake GPU list: on CPU the model ignores it
+    assert result.returncode == 0, result.stderr[-3000:]
+    for k in range(3):  # each shard process ran with its own GPU
+        assert f"[shard {k}/3] answering with CUDA_VISIBLE_DEVICES={k}" in result.stderr
+    languages = ("English", "Chinese", "Arabic")
+    for lang in languages:
+        assert _key(_read(out / f"tiny_{lang}.jsonl")) == _key(_read(reference / f"tiny_{lang}.jsonl")), lang
+    assert not (out / "shards").exists()
+    counts = judge_server.count()
+    assert sum(counts.values()) == 11 and set(counts.values()) == {1}  # 4 + 4 + 3 questions, each judged once
+    assert (out / "tiny_summary.md").read_text(encoding="utf-8") == \
+        (reference / "tiny_summary.md").read_text(encoding="utf-8")
+
+    # Resume per shard: English lost its last two answers; Chinese was never merged, and a killed run left
+    # shard 0's answer to question 0 (marked, so we can see it is kept, not redone).
+    english = _read(out / "tiny_English.jsonl")
+    (out / "tiny_English.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in english[:2]),
+                                            encoding="utf-8")
+    chinese = _read(out / "tiny_Chinese.jsonl")
+    arabic = _read(out / "tiny_Arabic.jsonl")
+    os.remove(out / "tiny_Chinese.jsonl")
+    os.makedirs(out / "shards")
+    kept = dict(chinese[0], answer_id="kept-by-shard-0")
+    (out / "shards" / "tiny_Chinese.0-of-3.jsonl").write_text(json.dumps(kept, ensure_ascii=False) + "\n",
+                                                            encoding="utf-8")
+    result = _script(world, bench, out, judge_server, "0 1 2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed_en, resumed_zh = _read(out / "tiny_English.jsonl"), _read(out / "tiny_Chinese.jsonl")
+    assert _key(resumed_en) == _key(english) and _key(resumed_zh) == _key(chinese)
+    assert [r["answer_id"] for r in resumed_en[:2]] == [r["answer_id"] for r in english[:2]]
+    assert resumed_en[2]["answer_id"] != english[2]["answer_id"]  # really answered again
+    assert resumed_zh[0]["answer_id"] == "kept-by-shard-0"
+    assert _read(out / "tiny_Arabic.jsonl") == arabic  # complete: not touched
