@@ -38,3 +38,17 @@ def test_cuda_float32_engine_equals_generate(world):
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8, kv_cache_gb=0.05))
     out = engine.generate([EngineRequest(ids, image, SamplingParams(max_tokens=16, ignore_eos=True))])[0]
     assert out.token_ids == expected
+
+
+def test_triton_decode_kernel_equals_gathered_sdpa_on_cuda(world):
+    pytest.importorskip("triton")
+    tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device="cuda", dtype=torch.float32)
+    requests = lambda: [EngineRequest(prompt_ids(tokenizer, QUESTIONS[i], 1), pixels(processor, model, ["blue"]).cuda(),  # noqa: E731
+                                      SamplingParams(max_tokens=20, ignore_eos=True)) for i in range(4)]
+    outputs = {}
+    for attention in ("sdpa", "triton"):
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8, kv_cache_gb=0.05,
+                                                          attention=attention, cuda_graphs=False))
+        assert engine.stats()["decode_attention"] == attention
+        outputs[attention] = [o.token_ids for o in engine.generate(requests())]
+    assert outputs["triton"] == outputs["sdpa"]
