@@ -297,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", type=str, default=None, help="default: derived from --model-path")
     parser.add_argument("--device", type=str, default="cuda", help="cuda, cuda:N, cpu, mps (cuda falls back to cpu)")
     parser.add_argument("--multi-modal", action="store_true", help="deprecated: multimodality is read from the config")
-    parser.add_argument("--limit-model-concurrency", type=int, default=5)
+    parser.add_argument("--limit-model-concurrency", type=int, default=32,
+                        help="requests in the engine at once (the original's default was 5, when each batch ran "
+                             "to its longest row; continuous batching makes room for more)")
     parser.add_argument("--stream-interval", type=int, default=1, help="accepted for compatibility; unused")
     parser.add_argument("--no-register", action="store_true")
     parser.add_argument("--load-8bit", action="store_true")
