@@ -10,6 +10,8 @@
   of rejected translations back (:mod:`palo.data.review`).
 * ``palo-data merge --data_path english.json --translated D/*.json --output X --seed 0``: one shuffled training
   JSON in all languages (:mod:`palo.data.merge`).
+* ``palo-data stats --data_path X --model_name_or_path T [--questions Q.jsonl|BENCH] [--out P]``: samples, turns,
+  images, tokens per word and per character and the byte-fallback share, per language (:mod:`palo.data.stats`).
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--max_problems", type=int, default=50)
     validate.add_argument("--quiet", action="store_true", help="no progress bars")
     validate.set_defaults(func=_validate)
+    from palo.data import stats
+
+    parser_stats = sub.add_parser("stats", help="token cost per language: tokens per word/character, byte fallback")
+    stats.add_arguments(parser_stats)
+    parser_stats.set_defaults(func=stats.main_stats)
     _add_translation_commands(sub)
     return parser
 
