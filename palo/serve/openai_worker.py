@@ -1,0 +1,436 @@
+"""A model worker backed by an OpenAI-compatible server (vLLM, SGLang, or this project's own API).
+
+In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller and heartbeats like
+:mod:`palo.serve.model_worker`, but holds no model. Each ``/worker_generate_stream`` request of the original
+protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
+``max_new_tokens``, ``stop``) becomes one streaming ``POST {api_base}/chat/completions``, and the deltas are sent
+back as the original cumulative, NUL-delimited chunks. The controller, web UI and OpenAI API therefore mix native
+and engine-backed workers freely.
+
+The prompt is turned back into chat messages with the conversation template (``--conv-mode``, ``vicuna_v1`` for
+PALO) and the messages are rendered again to check that the backend, which renders them with the exported chat
+template (:mod:`palo.export.chat_template`, the same rules), sees exactly the prompt received; a prompt that does
+not survive the round trip is refused with a clear error rather than silently changed. Images become
+``data:image/...;base64,`` parts at the front of their user message, where PALO places them.
+
+Backend health decides liveness: before every heartbeat the worker asks ``GET {api_base}/models``. While the
+backend does not answer, the worker stops heartbeating (so the controller expires it and stops routing to it),
+answers requests with an error chunk naming the backend, and registers again once the backend is back.
+
+    python palo/serve/openai_worker.py --controller http://localhost:10000 --port 40001 \\
+        --worker http://localhost:40001 --api-base http://localhost:8000/v1 --model-name PALO-13B
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from palo.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
+from palo.conversation import SeparatorStyle, conv_templates
+from palo.serve.protocol import INVALID_REQUEST, OK, WORKER_ERROR, encode_chunk, error_chunk
+from palo.serve.utils import build_logger
+
+CONTROLLER_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 5.0
+MAX_NEW_TOKENS_CAP = 1024  # the original worker's cap
+STREAM_MEDIA_TYPE = "application/octet-stream"
+
+
+class PromptFormatError(ValueError):
+    """A worker-protocol prompt that cannot be expressed as chat messages for the backend."""
+
+
+def _data_url(image_b64: str) -> str:
+    if image_b64.startswith("data:"):
+        return image_b64
+    mime = "image/jpeg" if image_b64.startswith("/9j/") else "image/png"
+    return f"data:{mime};base64,{image_b64}"
+
+
+def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[dict[str, Any]]:
+    """Split a rendered ``TWO``-style prompt (``vicuna_v1``, ``llava_v1``) back into OpenAI chat messages.
+
+    Args:
+        prompt: The worker-protocol prompt, ending with an open assistant turn (``... ASSISTANT:``).
+        images: The request's base64 images, in placeholder order.
+        conv_mode: The template the prompt was rendered with.
+
+    Returns:
+        The messages: a ``system`` message only when the prompt's differs from the template's, then alternating
+        user/assistant messages; user messages with images have list content (images first).
+
+    Raises:
+        PromptFormatError: If the prompt is not in that template's format, the image count differs from the
+            placeholders, or rendering the messages again would not give back exactly ``prompt``.
+    """
+    from palo.serve.openai_api import APIError, render_messages
+
+    conv = conv_templates[conv_mode]
+    user, assistant = conv.roles
+    if prompt.count(DEFAULT_IMAGE_TOKEN) != len(images):
+        raise PromptFormatError(
+            f"the prompt has {prompt.count(DEFAULT_IMAGE_TOKEN)} {DEFAULT_IMAGE_TOKEN} placeholders but "
+            f"{len(images)} images were sent")
+    head = f"{conv.sep}{user}:"
+    start = prompt.find(head)
+    end = f"{assistant}:"
+    if start < 0 or not prompt.endswith(end):
+        raise PromptFormatError(f"the prompt is not a {conv_mode} prompt ending with an open '{end}' turn")
+    system = prompt[:start]
+    messages: list[dict[str, Any]] = []
+    if system != conv.system:
+        messages.append({"role": "system", "content": system})
+    pending = list(images)
+    rounds = prompt[start + len(conv.sep):].split(conv.sep2)
+    for index, round_text in enumerate(rounds):
+        question, found, answer = round_text.partition(f"{conv.sep}{assistant}:")
+        if not question.startswith(f"{user}:") or not found:
+            raise PromptFormatError(f"round {index + 1} of the prompt is not '{user}: ...{conv.sep}{assistant}: ...'")
+        question = question[len(user) + 1:]
+        question = question[1:] if question.startswith(" ") else question
+        count = question.count(DEFAULT_IMAGE_TOKEN)
+        bare = question
+        while bare.startswith(DEFAULT_IMAGE_TOKEN + "\n"):
+            bare = bare[len(DEFAULT_IMAGE_TOKEN) + 1:]
+        if DEFAULT_IMAGE_TOKEN in bare:
+            raise PromptFormatError(f"an {DEFAULT_IMAGE_TOKEN} placeholder is not at the front of its message; PALO "
+                                    "places images there (the chat template cannot put it elsewhere)")
+        if count:
+            content: Any = [{"type": "image_url", "image_url": {"url": _data_url(b64)}} for b64 in pending[:count]]
+            content.append({"type": "text", "text": bare})
+            del pending[:count]
+        else:
+            content = question
+        messages.append({"role": "user", "content": content})
+        last = index == len(rounds) - 1
+        if last:
+            if answer != "":
+                raise PromptFormatError(f"the prompt must end with an open '{end}' turn")
+        else:
+            messages.append({"role": "assistant", "content": answer[1:] if answer.startswith(" ") else answer})
+    try:
+        rendered, _, _ = render_messages(messages, conv_mode)
+    except APIError as exc:
+        raise PromptFormatError(str(exc)) from exc
+    if rendered != prompt:
+        raise PromptFormatError(f"the prompt does not round-trip through the {conv_mode} chat template, so the backend "
+                                "would see a different prompt")
+    return messages
+
+
+class OpenAIWorker:
+    """Registration, heartbeats (gated on backend health) and request translation for one backend model.
+
+    Args:
+        api_base: The backend's OpenAI base URL (``http://host:port/v1``).
+        api_key: Sent as ``Authorization: Bearer``; None sends none.
+        model_name: The model name at the backend, and the name registered with the controller.
+        controller_addr: The controller's base URL.
+        worker_addr: This worker's base URL as the controller should reach it.
+        conv_mode: The conversation template of the prompts (``TWO`` style).
+        limit_model_concurrency: Requests forwarded at once (the backend batches them).
+        heart_beat_interval: Seconds between heartbeats (and backend health checks).
+        request_timeout: Seconds the backend may stay silent during one request.
+        context_length: Reported by ``/model_details``.
+        no_register: Do not register with a controller.
+    """
+
+    def __init__(self, api_base: str, api_key: str | None, model_name: str, controller_addr: str, worker_addr: str,
+                 conv_mode: str = "vicuna_v1", limit_model_concurrency: int = 32,
+                 heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL, request_timeout: float = 120.0,
+                 context_length: int = 2048, no_register: bool = False, logger: Any = None) -> None:
+        if conv_mode not in conv_templates or conv_templates[conv_mode].sep_style is not SeparatorStyle.TWO:
+            raise ValueError(f"--conv-mode {conv_mode!r}: the OpenAI-backed worker handles TWO-style templates "
+                             "(vicuna_v1, llava_v1), which PALO uses")
+        self.api_base = api_base.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model_name = model_name
+        self.controller_addr = controller_addr.rstrip("/")
+        self.worker_addr = worker_addr.rstrip("/")
+        self.conv_mode = conv_mode
+        self.limit_model_concurrency = limit_model_concurrency
+        self.heart_beat_interval = heart_beat_interval
+        self.request_timeout = request_timeout
+        self.context_length = context_length
+        self.no_register = no_register
+        self.logger = logger or logging.getLogger(__name__)
+        self.running = 0
+        self.waiting = 0
+        self.backend_ok = False
+        self._semaphore: asyncio.Semaphore | None = None
+        self._stop = threading.Event()
+
+    # -- controller side -----------------------------------------------------------------------------------------
+    def get_status(self) -> dict[str, Any]:
+        return {"model_names": [self.model_name], "speed": 1, "queue_length": self.running + self.waiting,
+                "conv_mode": self.conv_mode, "backend": {"api_base": self.api_base, "reachable": self.backend_ok}}
+
+    def check_backend(self) -> bool:
+        """Whether the backend answers ``GET /models`` and serves ``model_name``."""
+        try:
+            response = httpx.get(self.api_base + "/models", headers=self.headers, timeout=HEALTH_TIMEOUT_S)
+            response.raise_for_status()
+            names = [m.get("id") for m in response.json().get("data", [])]
+            ok = self.model_name in names
+            if not ok:
+                self.logger.warning("backend %s serves %s, not %s", self.api_base, names, self.model_name)
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            self.logger.warning("backend %s is not answering: %s", self.api_base, exc)
+            ok = False
+        if ok != self.backend_ok:
+            self.logger.info("backend %s %s", self.api_base, "is up" if ok else "is down: no more heartbeats")
+        self.backend_ok = ok
+        return ok
+
+    def register_to_controller(self) -> bool:
+        data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
+        try:
+            response = httpx.post(self.controller_addr + "/register_worker", json=data, timeout=CONTROLLER_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
+            return False
+        if response.status_code != 200:
+            self.logger.warning("registration refused: HTTP %s", response.status_code)
+            return False
+        self.logger.info("registered with %s as %s", self.controller_addr, self.worker_addr)
+        return True
+
+    def send_heart_beat(self) -> None:
+        """One heartbeat if the backend is healthy (re-registering when the controller forgot this worker)."""
+        if self.no_register or not self.check_backend():
+            return
+        try:
+            response = httpx.post(self.controller_addr + "/receive_heart_beat",
+                                  json={"worker_name": self.worker_addr, "queue_length": self.running + self.waiting},
+                                  timeout=CONTROLLER_TIMEOUT_S)
+            exist = bool(response.json().get("exist"))
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            self.logger.warning("heartbeat to %s failed: %s", self.controller_addr, exc)
+            return
+        if not exist:
+            self.register_to_controller()
+
+    def _heart_beat_loop(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not self._stop.is_set():  # register once this server answers
+            try:
+                httpx.post(self.worker_addr + "/worker_get_status", timeout=1.0)
+                break
+            except httpx.HTTPError:
+                self._stop.wait(0.05)
+        if self.check_backend():
+            self.register_to_controller()
+        while not self._stop.wait(self.heart_beat_interval):
+            self.send_heart_beat()
+
+    def start(self) -> None:
+        if not self.no_register:
+            threading.Thread(target=self._heart_beat_loop, name="heart-beat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
+        return self._semaphore
+
+    def backend_request(self, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """``(prompt, /chat/completions body)`` for worker-protocol ``params``.
+
+        Raises:
+            PromptFormatError: For a malformed request or a prompt that cannot be sent faithfully.
+        """
+        prompt = params.get("prompt")
+        if not isinstance(prompt, str):
+            raise PromptFormatError("'prompt' (a string) is required")
+        images = params.get("images") or []
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise PromptFormatError("'images' must be a list of base64 strings")
+        try:
+            temperature = float(params.get("temperature", 1.0))
+            top_p = float(params.get("top_p", 1.0))
+            max_new_tokens = min(int(params.get("max_new_tokens", 256)), MAX_NEW_TOKENS_CAP)
+        except (TypeError, ValueError) as exc:
+            raise PromptFormatError(f"bad generation parameter: {exc}") from exc
+        if max_new_tokens < 1:
+            raise PromptFormatError("'max_new_tokens' must be positive")
+        body: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": prompt_to_messages(prompt, images, self.conv_mode),
+            # The original samples only above 0.001; below that it decodes greedily.
+            "temperature": temperature if temperature > 0.001 else 0.0,
+            "top_p": min(max(top_p, 1e-6), 1.0),
+            "max_tokens": max_new_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        stop = params.get("stop")
+        if isinstance(stop, str) and stop:
+            body["stop"] = [stop]
+        return prompt, body
+
+    async def generate_stream(self, request: Request) -> Response:
+        try:
+            params = json.loads(await request.body())
+            prompt, body = self.backend_request(params)
+        except (ValueError, UnicodeDecodeError) as exc:  # PromptFormatError is a ValueError
+            self.logger.info("rejected request: %s", exc)
+            return Response(error_chunk(f"invalid request: {exc}", WORKER_ERROR, INVALID_REQUEST), 400,
+                            media_type=STREAM_MEDIA_TYPE)
+        return StreamingResponse(self._stream(prompt, body), media_type=STREAM_MEDIA_TYPE)
+
+    async def _stream(self, prompt: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        self.waiting += 1
+        acquired = False
+        try:
+            await self.semaphore.acquire()
+            acquired = True
+            self.waiting -= 1
+            self.running += 1
+            async for chunk in self._relay(prompt, body):
+                yield chunk
+        finally:
+            if acquired:
+                self.running -= 1
+                self.semaphore.release()
+            else:
+                self.waiting -= 1
+
+    async def _relay(self, prompt: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+        text = ""
+        finish: str | None = None
+        usage: dict | None = None
+        stops = body.get("stop") or []
+        timeout = httpx.Timeout(self.request_timeout, connect=HEALTH_TIMEOUT_S)
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                async with client.stream("POST", self.api_base + "/chat/completions", json=body,
+                                         headers=self.headers) as response:
+                    if response.status_code != 200:
+                        detail = (await response.aread()).decode("utf-8", "replace")[:500]
+                        yield error_chunk(f"the backend {self.api_base} answered HTTP {response.status_code}: {detail}",
+                                          WORKER_ERROR)
+                        return
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        data = line[len("data:"):].strip()
+                        if data == "[DONE]":
+                            break
+                        event = json.loads(data)
+                        if "error" in event:
+                            yield error_chunk(f"the backend {self.api_base} failed: {event['error']}", WORKER_ERROR)
+                            return
+                        usage = event.get("usage") or usage
+                        for choice in event.get("choices") or []:
+                            delta = (choice.get("delta") or {}).get("content") or ""
+                            finish = choice.get("finish_reason") or finish
+                            if delta:
+                                text += delta
+                                yield encode_chunk(prompt + _trim_stop(text, stops), OK)
+        except (httpx.HTTPError, ValueError) as exc:
+            self.logger.error("backend %s failed: %r", self.api_base, exc)
+            yield error_chunk(f"the backend {self.api_base} is unreachable or broke off the stream "
+                              f"({type(exc).__name__}: {exc})", WORKER_ERROR)
+            return
+        if finish is None:
+            yield error_chunk(f"the backend {self.api_base} ended the stream without finishing", WORKER_ERROR)
+            return
+        yield encode_chunk(prompt + _trim_stop(text, stops), OK, finish_reason=finish,
+                           usage={"prompt_tokens": int((usage or {}).get("prompt_tokens", 0)),
+                                  "completion_tokens": int((usage or {}).get("completion_tokens", 0))})
+
+
+def _trim_stop(text: str, stops: list[str]) -> str:
+    """The original protocol never sends the stop string: cut at its first occurrence."""
+    for stop in stops:
+        index = text.find(stop)
+        if index >= 0:
+            text = text[:index]
+    return text
+
+
+def create_app(worker: OpenAIWorker) -> FastAPI:
+    app = FastAPI(title="PALO OpenAI-backed worker")
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> Response:
+        return await worker.generate_stream(request)
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> JSONResponse:
+        return JSONResponse(worker.get_status())
+
+    @app.post("/model_details")
+    async def model_details() -> JSONResponse:
+        return JSONResponse({"context_length": worker.context_length})
+
+    return app
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="PALO worker backed by an OpenAI-compatible server (vLLM, SGLang)")
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", type=str, default="http://localhost:21002")
+    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    parser.add_argument("--api-base", type=str, required=True, help="the backend's OpenAI base URL, e.g. http://host:8000/v1")
+    parser.add_argument("--api-key", type=str, default=os.environ.get("OPENAI_API_KEY"),
+                        help="backend API key (default: $OPENAI_API_KEY)")
+    parser.add_argument("--model-name", type=str, required=True,
+                        help="the model's name at the backend (vLLM --served-model-name), also registered with the controller")
+    parser.add_argument("--conv-mode", type=str, default="vicuna_v1", help="template of the prompts (PALO: vicuna_v1)")
+    parser.add_argument("--limit-model-concurrency", type=int, default=32, help="requests forwarded at once")
+    parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds the backend may stay silent")
+    parser.add_argument("--context-length", type=int, default=2048, help="reported by /model_details")
+    parser.add_argument("--no-register", action="store_true")
+    parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL, help="seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import uvicorn
+
+    logger = build_logger("openai_worker", f"openai_worker_{uuid.uuid4().hex[:6]}.log")
+    logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})
+    try:
+        worker = OpenAIWorker(args.api_base, args.api_key, args.model_name, args.controller_address,
+                              args.worker_address, conv_mode=args.conv_mode,
+                              limit_model_concurrency=args.limit_model_concurrency,
+                              heart_beat_interval=args.heart_beat_interval, request_timeout=args.request_timeout,
+                              context_length=args.context_length, no_register=args.no_register, logger=logger)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    worker.start()
+    try:
+        uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    finally:
+        worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
