@@ -1,0 +1,46 @@
+"""Register a worker with a controller by hand, as the original ``palo/serve/register_worker.py``.
+
+    python palo/serve/register_worker.py --controller-address http://localhost:21001 \\
+        --worker-name http://localhost:21002 [--check-heart-beat]
+
+It posts ``{"worker_name", "check_heart_beat", "worker_status": null}`` to ``/register_worker``; the controller then
+asks the worker for its status itself. Without ``--check-heart-beat`` the controller never expires the worker (for
+one that does not heartbeat, e.g. behind another controller). Exits 1 when the controller does not accept it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import httpx
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    parser.add_argument("--worker-name", type=str, required=True, help="the worker's base URL")
+    parser.add_argument("--check-heart-beat", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    url = args.controller_address.rstrip("/") + "/register_worker"
+    data = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat, "worker_status": None}
+    try:
+        response = httpx.post(url, json=data, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the controller at {args.controller_address}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"error: the controller refused {args.worker_name}: HTTP {response.status_code} {response.text[:300]}",
+              file=sys.stderr)
+        return 1
+    models = httpx.post(args.controller_address.rstrip("/") + "/list_models", timeout=10).json().get("models", [])
+    print(f"registered {args.worker_name}; the controller now serves {sorted(models)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
