@@ -42,20 +42,27 @@ def _open_image(source: Any, name: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path_or_url: str) -> Image.Image:
-    """Open a local image file as RGB.
+def load_image(path_or_url: str, allow_remote: bool = False, policy: Any = None) -> Image.Image:
+    """Open a local image file, or an http(s) URL when ``allow_remote``, as RGB.
 
     Args:
-        path_or_url: A local path. (Remote URLs are rejected: nothing is fetched at run time.)
+        path_or_url: A local path, or an ``http(s)://`` URL.
+        allow_remote: Fetch URLs (``--allow-remote-images``); without it they are refused.
+        policy: A :class:`palo.remote_images.RemoteImagePolicy` (size and time limits, allowed networks).
 
     Returns:
         The image in RGB mode.
 
     Raises:
-        ImageLoadError: If the file is missing, not an image, corrupt or too large.
+        ImageLoadError: If the file is missing, not an image, corrupt or too large, or a URL is refused.
     """
-    if path_or_url.startswith(("http://", "https://")):
-        raise ImageLoadError(f"{path_or_url}: remote images are not fetched; download it and pass a local path")
+    from palo.remote_images import RemoteImagePolicy, fetch_image_bytes, is_remote
+
+    if is_remote(path_or_url):
+        if not allow_remote:
+            raise ImageLoadError(f"{path_or_url}: remote images are not fetched without --allow-remote-images; "
+                                 "or download it and pass a local path")
+        return _open_image(io.BytesIO(fetch_image_bytes(path_or_url, policy or RemoteImagePolicy())), path_or_url)
     if not os.path.isfile(path_or_url):
         raise ImageLoadError(f"{path_or_url}: no such image file")
     with open(path_or_url, "rb") as f:

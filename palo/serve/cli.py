@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
     parser.add_argument("--debug", action="store_true")
+    from palo.remote_images import add_remote_image_args
+
+    add_remote_image_args(parser)  # --image-file may be an http(s) URL with --allow-remote-images
     return parser
 
 
@@ -44,8 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     image = None
     if args.image_file:
         try:
-            image = load_image(args.image_file)
-        except ImageLoadError as exc:
+            from palo.remote_images import policy_from_args
+
+            image = load_image(args.image_file, allow_remote=args.allow_remote_images, policy=policy_from_args(args))
+        except (ImageLoadError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     model_name = get_model_name_from_path(args.model_path)

@@ -1,0 +1,125 @@
+"""One-shot inference, as LLaVA's ``llava/eval/run_llava.py``: one query about one or more images, answer printed.
+
+    python palo/eval/run_llava.py --model-path MBZUAI/PALO-7B --image-file a.jpg,b.jpg --query "Compare them"
+
+``--image-file`` takes several images joined by ``--sep`` (default ``,``); http(s) URLs are fetched only with
+``--allow-remote-images`` (see :mod:`palo.remote_images`). The query is put in the checkpoint's conversation
+template (``--conv-mode``, default the checkpoint's: ``vicuna_v1`` for PALO) with one ``<image>`` per image at its
+front, or where the query writes ``<image-placeholder>`` (LLaVA's ``IMAGE_PLACEHOLDER``). Sampling follows
+``--temperature`` (0 decodes greedily), ``--top_p`` and ``--num_beams``; ``--max_new_tokens`` caps the answer.
+
+:func:`eval_model` takes the parsed arguments and returns (and prints) the answer, so notebooks can call it as
+LLaVA users did with ``eval_model(args)``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+from typing import Any
+
+from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
+from palo.remote_images import add_remote_image_args, policy_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
+    parser.add_argument("--model-base", type=str, default=None)
+    parser.add_argument("--image-file", type=str, required=True, help="image paths/URLs joined by --sep")
+    parser.add_argument("--query", type=str, required=True)
+    parser.add_argument("--conv-mode", type=str, default=None, help="default: the checkpoint's template")
+    parser.add_argument("--sep", type=str, default=",")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top_p", type=float, default=None)
+    parser.add_argument("--num_beams", type=int, default=1)
+    parser.add_argument("--max_new_tokens", type=int, default=512)
+    parser.add_argument("--device", type=str, default="cuda", help="cuda, cuda:N, cpu (cuda falls back to cpu)")
+    parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
+    add_remote_image_args(parser)
+    return parser
+
+
+def _query_with_images(query: str, num_images: int, use_im_start_end: bool) -> str:
+    token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if use_im_start_end else DEFAULT_IMAGE_TOKEN
+    if IMAGE_PLACEHOLDER in query:
+        if query.count(IMAGE_PLACEHOLDER) != num_images:
+            raise ValueError(f"the query has {query.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} but {num_images} "
+                             "images were given")
+        return query.replace(IMAGE_PLACEHOLDER, token)
+    return (token + "\n") * num_images + query
+
+
+def eval_model(args: Any) -> str:
+    """Load the model, answer ``args.query`` about the images of ``args.image_file``, print and return the answer.
+
+    Raises:
+        palo.mm_utils.ImageLoadError: If an image cannot be read or a URL is refused.
+        palo.model.builder.CheckpointError: If the checkpoint does not load.
+        ValueError: If the query's placeholders and the images disagree, or the checkpoint takes text only.
+    """
+    import torch
+
+    from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
+    from palo.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
+    from palo.model.builder import load_pretrained_model
+
+    files = [f for f in args.image_file.split(args.sep) if f]
+    if not files:
+        raise ValueError("--image-file names no image")
+    policy = policy_from_args(args)
+    images = [load_image(f, allow_remote=getattr(args, "allow_remote_images", False), policy=policy) for f in files]
+    device = getattr(args, "device", "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        device = "cpu"
+    model_name = get_model_name_from_path(args.model_path)
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        args.model_path, args.model_base, model_name, device=device, vision_tower=getattr(args, "vision_tower", None))
+    if image_processor is None:
+        raise ValueError(f"{args.model_path} takes text only; it cannot answer about images")
+    conv_mode = args.conv_mode or conv_mode_for_checkpoint(model.config, model_name)
+    if conv_mode not in conv_templates:
+        raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
+    conv = conv_templates[conv_mode].copy()
+    query = _query_with_images(args.query, len(images), bool(getattr(model.config, "mm_use_im_start_end", False)))
+    conv.append_message(conv.roles[0], query)
+    conv.append_message(conv.roles[1], None)
+    prompt = conv.get_prompt()
+    input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
+    pixels = process_images(images, image_processor, model.config)
+    pixels = pixels.to(model.device, dtype=next(model.parameters()).dtype) if isinstance(pixels, torch.Tensor) else pixels
+    sample = args.temperature > 0
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids, images=pixels, do_sample=sample, temperature=args.temperature if sample else None,
+            top_p=args.top_p if sample else None, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+            use_cache=True,
+        )
+    answer = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
+    stop = stop_string(conv)
+    if stop and answer.endswith(stop):
+        answer = answer[: -len(stop)].strip()
+    print(answer)
+    return answer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from palo.mm_utils import ImageLoadError
+    from palo.model.builder import CheckpointError
+
+    try:
+        eval_model(args)
+    except (ImageLoadError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
