@@ -9,12 +9,18 @@ The work is split in two so that a GPU never waits on the host:
 1. :func:`plan_splice` reads ``input_ids`` and the attention mask on the host (the only device-to-host copy, made
    before the vision tower is launched) and decides where every text token and image row goes;
 2. :func:`apply_splice` builds the batch with two indexed copies on the device, with no further synchronisation.
+
+Packed batches (training with ``--packing``) hold several samples per row. They go through the same two steps: given
+the rows' ``position_ids`` (0 where each sample starts), the plan restarts the spliced positions at the same samples,
+an image's rows belonging to the sample of its placeholder, and numbers each row's padding tail from 0 as a sample
+of its own. The positions alone then say which positions may attend to which, which is how transformers builds a
+document mask (or flash-attn's varlen boundaries) when it is given no attention mask.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -37,6 +43,8 @@ class SplicedInputs:
         labels: ``[B, L]`` with ``IGNORE_INDEX`` on image rows and padding, or None.
         padded: Whether any position is padding. When not, the language model can be given no mask at all, which
             keeps it on its fast causal path (a mask of ones makes it check the mask on the device first).
+        packed: Rows hold several samples (and padding numbered as a sample of its own): the language model must be
+            given ``position_ids`` and no attention mask, so that it masks by sample.
     """
 
     inputs_embeds: torch.Tensor
@@ -44,6 +52,7 @@ class SplicedInputs:
     position_ids: torch.Tensor
     labels: torch.Tensor | None
     padded: bool = True
+    packed: bool = False
 
 
 @dataclass
@@ -59,6 +68,8 @@ class SplicePlan:
         image_dst: Flat output indices of those image rows.
         real_dst: Flat output indices of every real (non-padding) position.
         positions: Position id of each entry of ``real_dst``.
+        pad_dst: Packed plans only: flat output indices of the padding.
+        pad_positions: Packed plans only: position id of each entry of ``pad_dst`` (each row's tail counts from 0).
         dummy_images: Images given to text-only rows (training batches), used only to keep them in the graph.
         num_images: N.
         tokens_per_image: n.
@@ -75,6 +86,9 @@ class SplicePlan:
     dummy_images: list[int]
     num_images: int
     tokens_per_image: int
+    pad_dst: list[int] = field(default_factory=list)
+    pad_positions: list[int] = field(default_factory=list)
+    packed: bool = False
 
 
 def count_placeholders(input_ids: torch.Tensor) -> list[int]:
@@ -89,6 +103,7 @@ def plan_splice(
     attention_mask: torch.Tensor | None = None,
     padding_side: str = "right",
     max_length: int | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> SplicePlan:
     """Decide the layout of the spliced batch.
 
@@ -104,6 +119,9 @@ def plan_splice(
         padding_side: Where to pad the spliced sequences (``left`` for generation).
         max_length: Truncate each spliced sequence to this many positions (the original's
             ``tokenizer_model_max_length``); None keeps everything.
+        position_ids: ``[B, T]`` for a packed batch: 0 at the first token of each sample, counting up within it.
+            The spliced positions then restart at the same samples and the padding is numbered as a sample of its
+            own (see the module docstring). Right padding only. None: one sample per row.
 
     Returns:
         The plan.
@@ -113,11 +131,17 @@ def plan_splice(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+    packed = position_ids is not None
+    if packed and padding_side != "right":
+        raise ValueError("packed batches are padded on the right")
     ids = input_ids.detach().to("cpu")
     mask = attention_mask.detach().to("cpu").bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
     batch_size, width = ids.shape
     rows = [ids[b][mask[b]].tolist() for b in range(batch_size)]
     kept = [mask[b].nonzero(as_tuple=True)[0].tolist() for b in range(batch_size)]
+    if packed:
+        starts = position_ids.detach().to("cpu") == 0
+        row_starts = [starts[b][mask[b]].tolist() for b in range(batch_size)]
     per_row = [row.count(IMAGE_TOKEN_INDEX) for row in rows]
     num_placeholders = sum(per_row)
     text_only_rows = [b for b, n in enumerate(per_row) if n == 0]
@@ -135,12 +159,16 @@ def plan_splice(
     layouts: list[tuple[list[int], list[int]]] = []  # (text (src, local pos) pairs, image (src, local pos) pairs)
     lengths: list[int] = []
     dummy_images: list[int] = []
+    sample_starts: list[list[int]] = []  # per row: the spliced index where each sample starts (packed plans)
     next_image = 0
     for b in range(batch_size):
         text: list[tuple[int, int]] = []
         image: list[tuple[int, int]] = []
         pos = 0
-        for token, t in zip(rows[b], kept[b]):
+        row_sample_starts = [0]
+        for k, (token, t) in enumerate(zip(rows[b], kept[b])):
+            if packed and k > 0 and row_starts[b][k]:
+                row_sample_starts.append(pos)
             if token == IMAGE_TOKEN_INDEX:
                 base = next_image * tokens_per_image
                 image.extend((base + r, pos + r) for r in range(tokens_per_image))
@@ -158,9 +186,11 @@ def plan_splice(
             pos = max_length
         layouts.append((text, image))
         lengths.append(pos)
+        sample_starts.append(row_sample_starts)
 
     length = max(lengths) if lengths else 0
-    plan = SplicePlan(batch_size, length, [], [], [], [], [], [], dummy_images, num_images, tokens_per_image)
+    plan = SplicePlan(batch_size, length, [], [], [], [], [], [], dummy_images, num_images, tokens_per_image,
+                      packed=packed)
     for b, ((text, image), n) in enumerate(zip(layouts, lengths)):
         offset = b * length + (length - n if padding_side == "left" else 0)
         plan.text_src += [src for src, _ in text]
@@ -168,7 +198,14 @@ def plan_splice(
         plan.image_src += [src for src, _ in image]
         plan.image_dst += [offset + p for _, p in image]
         plan.real_dst += range(offset, offset + n)
-        plan.positions += range(n)
+        if packed:
+            bounds = [s for s in sample_starts[b] if s < n] + [n]
+            for start, stop in zip(bounds, bounds[1:]):
+                plan.positions += range(stop - start)
+            plan.pad_dst += range(offset + n, offset + length)
+            plan.pad_positions += range(length - n)
+        else:
+            plan.positions += range(n)
     return plan
 
 
@@ -223,6 +260,8 @@ def apply_splice(
     attention_mask[real] = 1
     position_ids = torch.zeros(batch_size * length, dtype=torch.long, device=device)
     position_ids[real] = index(plan.positions)
+    if plan.pad_dst:
+        position_ids[index(plan.pad_dst)] = index(plan.pad_positions)
     spliced_labels = None
     if labels is not None:
         spliced_labels = torch.full((batch_size * length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
@@ -234,6 +273,7 @@ def apply_splice(
         position_ids=position_ids.view(batch_size, length),
         labels=spliced_labels,
         padded=len(plan.real_dst) != batch_size * length,
+        packed=plan.packed,
     )
 
 
@@ -245,6 +285,7 @@ def splice_image_features(
     labels: torch.Tensor | None = None,
     padding_side: str = "right",
     max_length: int | None = None,
+    packed_position_ids: torch.Tensor | None = None,
 ) -> SplicedInputs:
     """Plan and apply in one call (see :func:`plan_splice` and :func:`apply_splice`).
 
@@ -256,11 +297,13 @@ def splice_image_features(
         labels: ``[B, T]`` or None.
         padding_side: ``left`` or ``right``.
         max_length: Truncation length of each spliced sequence, or None.
+        packed_position_ids: ``[B, T]``, 0 where each sample of a packed row starts (``position_ids`` of
+            :func:`plan_splice`); None for one sample per row.
 
     Returns:
         The spliced batch.
     """
     num_images = len(image_features)
     tokens = image_features[0].shape[0] if num_images else 0
-    plan = plan_splice(input_ids, num_images, tokens, attention_mask, padding_side, max_length)
+    plan = plan_splice(input_ids, num_images, tokens, attention_mask, padding_side, max_length, packed_position_ids)
     return apply_splice(plan, input_ids, image_features, embed_tokens, labels)

@@ -46,9 +46,18 @@ def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTo
 
 @dataclass
 class PaloCausalLMOutput(CausalLMOutputWithPast):
-    """transformers' causal-LM output plus ``spliced_labels`` ``[B, L]``: the labels aligned with ``logits``."""
+    """transformers' causal-LM output plus what training statistics need, aligned with ``logits`` ``[B, L]``.
+
+    Attributes:
+        spliced_labels: The labels after the image splice (image rows and padding ``IGNORE_INDEX``).
+        spliced_attention_mask: 1 on real positions, 0 on padding.
+        spliced_position_ids: Packed batches only: positions restarting at 0 where each sample (and the padding)
+            starts, which tells the samples of a row apart.
+    """
 
     spliced_labels: torch.LongTensor | None = None
+    spliced_attention_mask: torch.LongTensor | None = None
+    spliced_position_ids: torch.LongTensor | None = None
 
 
 class PaloModel(LlamaModel):
@@ -166,11 +175,13 @@ class PaloForCausalLM(LlamaForCausalLM):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         padding_side: str | None = None,
+        packed_position_ids: torch.Tensor | None = None,
     ) -> SplicedInputs:
         """Encode ``images`` and splice them into ``input_ids`` (see :mod:`palo.model.multimodal`).
 
         The layout is planned from ``input_ids`` before the vision tower is launched, so a mismatch fails before any
-        compute and the device never waits on the host afterwards.
+        compute and the device never waits on the host afterwards. ``packed_position_ids`` (``[B, T]``, 0 where each
+        sample of a packed row starts) makes the spliced positions restart per sample.
         """
         config = self.config
         if images is None:
@@ -187,6 +198,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             attention_mask,
             padding_side=padding_side or getattr(config, "tokenizer_padding_side", None) or "right",
             max_length=getattr(config, "tokenizer_model_max_length", None),
+            position_ids=packed_position_ids,
         )
         features = self.encode_images(images) if num_images else []
         return apply_splice(plan, input_ids, features, self.get_input_embeddings(), labels)
@@ -201,6 +213,7 @@ class PaloForCausalLM(LlamaForCausalLM):
         labels: torch.LongTensor | None = None,
         images: Any = None,
         image_sizes: Any = None,
+        packed: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Causal-LM forward; with ``images``, the ``-200`` sentinels in ``input_ids`` are replaced by image features.
@@ -213,6 +226,10 @@ class PaloForCausalLM(LlamaForCausalLM):
             labels: ``[B, T]``; image rows get ``IGNORE_INDEX``.
             images: Pixel values for the sentinels, in order.
             image_sizes: Accepted for LLaVA-1.6 callers; unused.
+            packed: The rows hold several samples each (the packing collator's batches); ``position_ids`` is 0 where
+                each starts. Positions restart per sample through the splice, and attention never crosses samples:
+                the language model gets no attention mask, so transformers masks by the restarting positions
+                (a document mask for sdpa/eager/flex; flash-attn's varlen kernel on one flattened row).
             **kwargs: Passed to the LLaMA forward (cache, ``use_cache``, ``logits_to_keep`` ...).
 
         Returns:
@@ -222,20 +239,42 @@ class PaloForCausalLM(LlamaForCausalLM):
             # (Decoding steps feed one generated id: no check, no host sync on the hot path.)
             if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
                 raise ValueError("input_ids contain <image> sentinels (-200) but no images were given")
-        if inputs_embeds is None and images is not None:
-            spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, labels)
+        if packed and (inputs_embeds is not None or position_ids is None):
+            raise ValueError("a packed batch needs input_ids and the position_ids that mark where its samples start")
+        text_only = inputs_embeds is None and images is None
+        real_mask = attention_mask
+        packed_positions = None
+        if inputs_embeds is None and (images is not None or packed):
+            spliced = self.prepare_multimodal_inputs(
+                input_ids, images, attention_mask, labels, packed_position_ids=position_ids if packed else None
+            )
             input_ids = None
             inputs_embeds = spliced.inputs_embeds
-            attention_mask = spliced.attention_mask if spliced.padded else None
+            real_mask = spliced.attention_mask
+            attention_mask = spliced.attention_mask if spliced.padded and not spliced.packed else None
             position_ids = spliced.position_ids
+            packed_positions = position_ids if spliced.packed else None
             labels = spliced.labels
-        elif inputs_embeds is None and self.training and self.projector is not None and torch.is_grad_enabled():
+        if text_only and self.training and self.projector is not None and torch.is_grad_enabled():
             # A text-only batch: every rank must still produce a (zero) gradient for every projector parameter,
             # or distributed gradient reduction stalls. Run the projector on one blank image, weighted by zero,
             # instead of the original's blank image through CLIP for every text-only sample.
-            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if inputs_embeds is None:
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+                input_ids = None
             inputs_embeds = inputs_embeds + 0.0 * self._projector_probe().sum()
-            input_ids = None
+        if packed_positions is not None:
+            # transformers derives the per-sample mask from the positions only when no cache is built.
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError("a packed batch cannot extend a KV cache")
+            kwargs["use_cache"] = False
+        rows = None
+        if packed_positions is not None and self.config._attn_implementation == "flash_attention_2":
+            # flash-attn finds the samples (varlen) from restarting positions only in a single row: flatten the rows,
+            # whose first positions are each a sample's (or the padding's) start, so nothing crosses a row either.
+            rows = inputs_embeds.shape[:2]
+            inputs_embeds, position_ids = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]), position_ids.reshape(1, -1)
+            labels = labels.reshape(1, -1) if labels is not None else None
         outputs = super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -244,9 +283,20 @@ class PaloForCausalLM(LlamaForCausalLM):
             labels=labels,
             **kwargs,
         )
+        if rows is not None:
+            if outputs.logits is not None:
+                outputs.logits = outputs.logits.view(*rows, -1)
+            labels = labels.view(rows) if labels is not None else None
         if labels is not None:
-            # The labels aligned with ``logits`` (image rows included), for per-sample statistics in training.
-            return PaloCausalLMOutput(**dict(outputs.items()), spliced_labels=labels)
+            # What per-sample statistics in training need, aligned with ``logits`` (image rows included).
+            if real_mask is None:
+                real_mask = torch.ones(labels.shape, dtype=torch.long, device=labels.device)
+            return PaloCausalLMOutput(
+                **dict(outputs.items()),
+                spliced_labels=labels,
+                spliced_attention_mask=real_mask,
+                spliced_position_ids=packed_positions,
+            )
         return outputs
 
     def _projector_probe(self) -> torch.Tensor:

@@ -52,6 +52,10 @@ class DataArguments:
         default="truncate",
         metadata={"help": "samples longer than model_max_length (after images): 'truncate' or 'skip'"},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "pack a batch's samples into rows of model_max_length (attention stays within samples)"},
+    )
 
     def __post_init__(self) -> None:
         if self.over_length not in ("truncate", "skip"):

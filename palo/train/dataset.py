@@ -5,6 +5,12 @@ the 13 GB PALO file is never held in memory and dataloader workers share nothing
 labels from the rendered template (:mod:`palo.train.preprocess`), loads and preprocesses its image, and
 :class:`DataCollator` pads a batch. Per-sample metadata for filtering and length grouping (``corrupt`` flags,
 modality lengths, languages) comes from one pass over the file, cached next to it.
+
+With ``--packing True`` :class:`PackedDataCollator` replaces :class:`DataCollator`: the same samples per step, but
+several share a row up to ``--model_max_length`` positions (images counted at their spliced size), with
+``position_ids`` restarting at each sample, so the model keeps attention within samples (see
+:mod:`palo.model.multimodal`). The sampler, the number of samples per optimizer step and the loss (a mean over the
+batch's answer tokens) are those of the padded recipe; only the padding goes.
 """
 
 from __future__ import annotations
@@ -257,4 +263,98 @@ class DataCollator:
         if images:
             out["images"] = torch.stack(images)
         out["languages"] = torch.tensor([x.get("language", len(LANGUAGE_NAMES) - 1) for x in items], dtype=torch.long)
+        return out
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Group sample indices into as few rows of at most ``capacity`` positions as possible, balanced in length.
+
+    The batch is as wide as its longest row, so the rows should be few *and* even: with ``R`` the fewest rows the
+    total length allows, samples go longest first to the shortest row (LPT); if one does not fit, ``R`` grows by one.
+    A sample of ``capacity`` positions or more gets a row of its own (the model truncates it there, as without
+    packing).
+
+    Args:
+        lengths: Spliced length of each sample (image rows counted).
+        capacity: Positions per row (``--model_max_length``).
+
+    Returns:
+        Rows of indices into ``lengths``, each in decreasing length; deterministic for the same lengths.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep the sampler's order
+    alone = [[i] for i in order if lengths[i] >= capacity]
+    rest = [i for i in order if lengths[i] < capacity]
+    count = -(-sum(lengths[i] for i in rest) // capacity)
+    while rest:
+        rows: list[list[int]] = [[] for _ in range(count)]
+        loads = [0] * count
+        for i in rest:
+            r = loads.index(min(loads))
+            if loads[r] + lengths[i] > capacity:
+                break
+            rows[r].append(i)
+            loads[r] += lengths[i]
+        else:
+            return alone + rows
+        count += 1
+    return alone
+
+
+@dataclass
+class PackedDataCollator:
+    """Packs a batch's samples into as few rows as fit ``max_length`` spliced positions each.
+
+    Each row is its samples' ids back to back, then padding; ``position_ids`` count from 0 in each sample (0 on
+    padding) and mark where samples start; ``packed`` tells the model so. Each sample's first label is
+    ``IGNORE_INDEX`` (it always is for PALO's templates: a BOS token), so no sample is trained to follow the one
+    before it. Images are stacked in the order their placeholders appear in the packed rows; ``languages`` holds
+    one entry per sample in the same row-major order.
+
+    Args:
+        pad_token_id: Id on padding positions.
+        max_length: Positions per row (``--model_max_length``).
+        image_tokens: Positions one image takes in the model (576 for CLIP-L/336, 144 with LDP; 0 for text-only).
+    """
+
+    pad_token_id: int
+    max_length: int
+    image_tokens: int
+
+    def spliced_length(self, item: dict[str, Any]) -> int:
+        images = int((item["input_ids"] == IMAGE_TOKEN_INDEX).sum())
+        return len(item["input_ids"]) + images * (self.image_tokens - 1)
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = pack_rows([self.spliced_length(x) for x in items], self.max_length)
+        width = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        images: list[torch.Tensor] = []
+        languages: list[int] = []
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                item = items[i]
+                n = len(item["input_ids"])
+                input_ids[r, start:start + n] = item["input_ids"]
+                labels[r, start:start + n] = item["labels"]
+                labels[r, start] = IGNORE_INDEX
+                attention_mask[r, start:start + n] = 1
+                position_ids[r, start:start + n] = torch.arange(n)
+                if "image" in item:
+                    images.append(item["image"])
+                languages.append(item.get("language", len(LANGUAGE_NAMES) - 1))
+                start += n
+        out: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "packed": True,
+        }
+        if images:
+            out["images"] = torch.stack(images)
+        out["languages"] = torch.tensor(languages, dtype=torch.long)
         return out

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script (the original commands): make `
 import transformers  # noqa: E402
 
 from palo.train.arguments import parse_args  # noqa: E402
-from palo.train.dataset import DataCollator, LazySupervisedDataset  # noqa: E402
+from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.trainer import PaloTrainer  # noqa: E402
 
@@ -66,11 +66,17 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         over_length=data_args.over_length,
         skip_bad_samples=data_args.skip_bad_samples,
     )
+    if data_args.packing:
+        if model_args.vision_tower is None:
+            raise SystemExit("--packing True needs PALO's multimodal model (--vision_tower); text-only runs pad")
+        collator = PackedDataCollator(setup.tokenizer.pad_token_id, training_args.model_max_length, setup.image_tokens)
+    else:
+        collator = DataCollator(pad_token_id=setup.tokenizer.pad_token_id)
     trainer = PaloTrainer(
         model=setup.model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollator(pad_token_id=setup.tokenizer.pad_token_id),
+        data_collator=collator,
         processing_class=setup.tokenizer,
         image_processor=setup.image_processor,
         stage1=model_args.tune_mm_mlp_adapter,

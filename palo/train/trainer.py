@@ -26,6 +26,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from palo.constants import IGNORE_INDEX
 from palo.train.dataset import LANGUAGE_NAMES
+from palo.train.flops import FlopCounter, peak_flops
 from palo.train.model_setup import unwrap
 from palo.train.optim import parameter_groups
 from palo.train.sampler import LengthGroupedSampler
@@ -57,6 +58,9 @@ class PaloTrainer(Trainer):
         self._language_tokens = torch.zeros(len(LANGUAGE_NAMES), dtype=torch.float64)
         self._tokens_seen = 0
         self._tokens_clock: float | None = None  # started by the first step, not by setup
+        # Throughput since the last log: real (non-padding) positions through the LLM, all positions, model FLOPs.
+        self._throughput = torch.zeros(3, dtype=torch.float64)
+        self._flops: FlopCounter | None = None
 
     # -- data order and optimizer ----------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
@@ -86,22 +90,49 @@ class PaloTrainer(Trainer):
         if self._tokens_clock is None:
             self._tokens_clock = time.perf_counter()
         self._tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else 0
+        num_images = len(inputs["images"]) if inputs.get("images") is not None else 0
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        if languages is not None and "spliced_labels" in outputs:
-            self._track_language_loss(outputs["logits"], outputs["spliced_labels"], languages)
+        if "spliced_labels" in outputs:
+            samples = self._sample_of_position(outputs["spliced_attention_mask"], outputs.get("spliced_position_ids"))
+            if model.training:
+                self._track_throughput(model, outputs["spliced_attention_mask"], samples, num_images)
+            if languages is not None and outputs.get("logits") is not None:
+                self._track_language_loss(outputs["logits"], outputs["spliced_labels"], languages, samples)
         return (loss, outputs) if return_outputs else loss
 
+    @staticmethod
+    def _sample_of_position(mask: torch.Tensor, packed_positions: torch.Tensor | None) -> torch.Tensor:
+        """``[B, L]``: the batch-wide index of the sample each position belongs to (padding: its row's last one).
+
+        One sample per row, or in packed batches, one per position 0 on a real position, in row-major order (the
+        order of the packing collator's ``languages``).
+        """
+        if packed_positions is None:
+            return torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand(mask.shape)
+        starts = (packed_positions == 0) & (mask != 0)
+        return starts.reshape(-1).cumsum(0).view(mask.shape) - 1
+
     @torch.no_grad()
-    def _track_language_loss(self, logits: torch.Tensor, labels: torch.Tensor, languages: torch.Tensor) -> None:
-        for row in range(logits.shape[0]):
-            target = labels[row, 1:]
-            mask = target != IGNORE_INDEX
-            if not mask.any():
-                continue
-            row_loss = nn.functional.cross_entropy(logits[row, :-1][mask].float(), target[mask], reduction="sum")
-            language = int(languages[row])
-            self._language_loss[language] += float(row_loss)
-            self._language_tokens[language] += float(mask.sum())
+    def _track_language_loss(self, logits: torch.Tensor, labels: torch.Tensor, languages: torch.Tensor,
+                             samples: torch.Tensor) -> None:
+        target = labels[:, 1:]
+        mask = target != IGNORE_INDEX
+        if not mask.any():
+            return
+        token_loss = nn.functional.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="none")
+        token_language = languages.to(samples.device)[samples[:, 1:][mask]].cpu()
+        self._language_loss.index_add_(0, token_language, token_loss.detach().double().cpu())
+        self._language_tokens.index_add_(0, token_language, torch.ones_like(token_language, dtype=torch.float64))
+
+    @torch.no_grad()
+    def _track_throughput(self, model: nn.Module, mask: torch.Tensor, samples: torch.Tensor, num_images: int) -> None:
+        if self._flops is None:
+            self._flops = FlopCounter.of(self.accelerator.unwrap_model(model, keep_torch_compile=False))
+        real = mask != 0
+        lengths = torch.bincount(samples[real].reshape(-1)).cpu()
+        tokens = int(real.sum())
+        self._throughput += torch.tensor([tokens, mask.numel(), self._flops.step(tokens, lengths, num_images)],
+                                         dtype=torch.float64)
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:
@@ -119,7 +150,33 @@ class PaloTrainer(Trainer):
             elapsed = now - (self._tokens_clock or now)
             logs["tokens_per_second"] = round(self._tokens_seen * self.args.world_size / max(elapsed, 1e-9), 1)
             self._tokens_seen, self._tokens_clock = 0, now
+            logs.update(self._throughput_logs(elapsed))
         super().log(logs, *args, **kwargs)
+
+    def _throughput_logs(self, elapsed: float) -> dict[str, float]:
+        """Real tokens/s, padding fraction, MFU and peak memory since the last log, summed over ranks."""
+        totals = self._throughput.clone()
+        self._throughput.zero_()
+        if dist.is_available() and dist.is_initialized():
+            totals = totals.to(self.args.device)
+            dist.all_reduce(totals)
+            totals = totals.cpu()
+        real, positions, flops = (float(x) for x in totals)
+        if positions == 0:
+            return {}
+        elapsed = max(elapsed, 1e-9)
+        logs = {"real_tokens_per_second": round(real / elapsed, 1), "padding_fraction": round(1 - real / positions, 4)}
+        peak = peak_flops(self.args.device)
+        if peak is not None:
+            logs["mfu"] = round(flops / elapsed / (peak * self.args.world_size), 4)
+        logs["model_tflops_per_second"] = round(flops / elapsed / 1e12, 4)
+        if self.args.device.type == "cuda":
+            logs["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.args.device) / 2**30, 3)
+        else:
+            import resource
+
+            logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+        return logs
 
     # -- saving ----------------------------------------------------------------------------------------------------
     def _get_output_dir(self, trial: Any) -> str:

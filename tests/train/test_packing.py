@@ -1,0 +1,135 @@
+"""``--packing True`` through the real entry point: the same training as padded batches, with less padding.
+
+The packed run takes the same samples per optimizer step as the padded one and its loss is the same mean over the
+same answer tokens, so its losses must equal the padded run's (up to float rounding), per language too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from palo.mm_utils import tokenizer_image_token
+from palo.model.builder import load_pretrained_model
+from palo.testing import tiny_data
+from palo.train.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return tiny_data.write_dataset(str(tmp_path_factory.mktemp("data")), num_samples=24)
+
+
+def _flags(world, data: str, out: str, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", world.base_dir, "--version", "v1", "--data_path", data,
+        "--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
+        "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--mm_use_im_start_end", "False",
+        "--mm_use_im_patch_token", "False", "--image_aspect_ratio", "pad", "--output_dir", out,
+        "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--learning_rate", "2e-3",
+        "--weight_decay", "0.", "--lr_scheduler_type", "constant", "--logging_steps", "1", "--model_max_length", "256",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True", "--seed", "7",
+        "--dataloader_num_workers", "0", *extra,
+    ]
+
+
+def _history(trainer_or_dir) -> list[dict]:
+    if isinstance(trainer_or_dir, str):
+        with open(os.path.join(trainer_or_dir, "trainer_state.json")) as f:
+            history = json.load(f)["log_history"]
+    else:
+        history = trainer_or_dir.state.log_history
+    return [entry for entry in history if "loss" in entry]
+
+
+def _losses(trainer_or_dir) -> list[float]:
+    return [entry["loss"] for entry in _history(trainer_or_dir)]
+
+
+def test_packed_run_has_the_padded_runs_losses_with_less_padding(world, data, tmp_path):
+    flags = lambda out, *x: _flags(world, data, str(tmp_path / out), "--group_by_modality_length", "True",  # noqa: E731
+                                   "--max_steps", "3", *x)
+    padded = _history(train(flags("padded")))
+    packed = _history(train(flags("packed", "--packing", "True")))
+    assert len(padded) == len(packed) == 3
+    assert [e["loss"] for e in packed] == pytest.approx([e["loss"] for e in padded], rel=1e-5, abs=1e-5)
+    for ours, theirs in zip(packed, padded):
+        languages = {k for k in theirs if k.startswith("loss_")}
+        assert languages and languages == {k for k in ours if k.startswith("loss_")}
+        for key in languages:  # logged rounded to 4 decimals
+            assert ours[key] == pytest.approx(theirs[key], abs=2e-4), key
+        for key in ("real_tokens_per_second", "padding_fraction", "model_tflops_per_second", "peak_memory_gb"):
+            assert key in ours and key in theirs
+        assert ours["padding_fraction"] < theirs["padding_fraction"]
+        assert ours["padding_fraction"] < 0.25
+
+
+def _run(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "palo", "train", "train_mem.py"), *args]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_packed_run_resumes_with_identical_losses(world, data, tmp_path):
+    flags = lambda out: _flags(world, data, out, "--num_train_epochs", "4", "--save_strategy", "steps",  # noqa: E731
+                               "--save_steps", "4", "--save_total_limit", "2", "--lora_enable", "True",
+                               "--lora_r", "8", "--lora_alpha", "16", "--group_by_modality_length", "True",
+                               "--per_device_train_batch_size", "4", "--packing", "True")
+    reference = str(tmp_path / "reference")
+    proc = _run(flags(reference))
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+
+    interrupted = str(tmp_path / "interrupted")
+    proc = _run(flags(interrupted))
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(interrupted, "checkpoint-8")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.isdir(os.path.join(interrupted, "checkpoint-24"))  # it really stopped mid-way
+    proc = _run(flags(interrupted))
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, output[-3000:]
+    ours, theirs = _losses(interrupted), _losses(reference)
+    assert len(ours) == len(theirs) == 24
+    assert ours == pytest.approx(theirs, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_zero2_with_packing_on_two_cpu_ranks_trains_and_saves_loadable_checkpoints(world, data, tmp_path):
+    """The original finetune script under torchrun (2 CPU processes, gloo) with ZeRO-2 and --packing True."""
+    out = str(tmp_path / "results" / "PALO-packed")
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, LAUNCHER=f"{torchrun} --nproc_per_node 2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    projector = os.path.join(world.projector_dir, "mm_projector.bin")
+    args = ["bash", os.path.join(ROOT, "scripts", "train", "finetune_palo.sh"), world.base_dir, data, projector,
+            "mlp2x_gelu", out, "2", "1e-3",
+            "--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
+            "--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--per_device_train_batch_size", "4",
+            "--max_steps", "3", "--save_steps", "2", "--dataloader_num_workers", "0",
+            "--gradient_checkpointing", "False", "--model_max_length", "256", "--packing", "True"]
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    history = _history(out)
+    assert len(history) == 3 and all(0 < e["loss"] < 20 for e in history)
+    assert all(e["padding_fraction"] < 0.25 for e in history)
+    shards = sorted(f for _, _, files in os.walk(os.path.join(out, "checkpoint-3")) for f in files
+                    if f.endswith("optim_states.pt"))
+    assert len(shards) == 2, shards  # one ZeRO-2 optimizer shard per rank
+    for folder in (out, os.path.join(out, "checkpoint-3")):
+        tokenizer, model, _, _ = load_pretrained_model(folder, device="cpu")
+        ids = tokenizer_image_token("USER: <image>\nما لون الشكل؟ ASSISTANT:", tokenizer, return_tensors="pt")[None]
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=ids, images=torch.randn(1, 3, 56, 56)).logits).all()
