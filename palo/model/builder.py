@@ -27,6 +27,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
+from palo.model.attention import check_attn_implementation
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
 from palo.model.tokenizer import load_tokenizer
@@ -259,6 +260,7 @@ def load_pretrained_model(
     vision_tower: str | None = None,
     dtype: torch.dtype | None = None,
     use_flash_attn: bool = False,
+    attn_implementation: str | None = None,
     **kwargs: Any,
 ) -> tuple[Any, PreTrainedModel, Any, int]:
     """Load a PALO / LLaVA-1.5 checkpoint (or a plain LLM) for inference.
@@ -273,7 +275,10 @@ def load_pretrained_model(
         device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``.
         vision_tower: Override ``mm_vision_tower`` (e.g. a local CLIP folder for offline use).
         dtype: Weights dtype; default float32 on CPU, float16 on CUDA.
-        use_flash_attn: Use FlashAttention-2 (CUDA, flash-attn installed).
+        use_flash_attn: Use FlashAttention-2 (CUDA, flash-attn installed); the same as
+            ``attn_implementation="flash_attention_2"``.
+        attn_implementation: The language model's attention kernel: ``sdpa`` (default), ``flash_attention_2``,
+            ``flex_attention`` or ``eager`` (:mod:`palo.model.attention`).
         **kwargs: Extra ``from_pretrained`` arguments.
 
     Returns:
@@ -282,6 +287,7 @@ def load_pretrained_model(
     Raises:
         CheckpointError: If the folder is not a checkpoint or lacks what its kind needs.
         palo.model.vision_tower.VisionTowerError: If the vision tower cannot be found.
+        palo.model.attention.AttentionUnavailableError: If the chosen attention kernel is not installed.
     """
     del model_name  # compatibility only: the files decide, not the name
     model_dir = resolve_checkpoint_dir(model_path)
@@ -301,7 +307,11 @@ def load_pretrained_model(
     load_kwargs: dict[str, Any] = dict(dtype=dtype, device_map=device_map, **kwargs)
     load_kwargs.update(_quantization_kwargs(load_8bit, load_4bit, device))
     if use_flash_attn:
-        load_kwargs["attn_implementation"] = "flash_attention_2"
+        if attn_implementation not in (None, "flash_attention_2"):
+            raise ValueError(f"use_flash_attn contradicts attn_implementation={attn_implementation!r}")
+        attn_implementation = "flash_attention_2"
+    if attn_implementation is not None:
+        load_kwargs["attn_implementation"] = check_attn_implementation(attn_implementation)
 
     config = AutoConfig.from_pretrained(model_dir)
     if kind is not CheckpointKind.FULL and getattr(config, "quantization_config", None) is not None:

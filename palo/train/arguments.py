@@ -33,6 +33,15 @@ class ModelArguments:
     mm_vision_select_feature: str = field(default="patch")
     mm_patch_merge_type: str = field(default="flat", metadata={"help": "accepted for LLaVA scripts; only flat"})
     vision_tower_type: str = field(default="clip", metadata={"help": "accepted for MobileVLM scripts; only clip"})
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "attention kernel of the LLM: sdpa, flash_attention_2, flex_attention or eager"},
+    )
+
+    def __post_init__(self) -> None:
+        from palo.model.attention import check_attn_implementation
+
+        check_attn_implementation(self.attn_implementation)
 
 
 @dataclass

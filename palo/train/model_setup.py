@@ -115,6 +115,7 @@ def load_language_model(model_args: ModelArguments, args: TrainingArguments) -> 
     path = resolve_checkpoint_dir(model_args.model_name_or_path)
     kwargs: dict[str, Any] = dict(dtype=compute_dtype(args) if args.bits != 16 else None, **_quantization_kwargs(args))
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.vision_tower is None:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     else:
