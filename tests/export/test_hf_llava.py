@@ -276,3 +276,45 @@ def test_cli_verb(world, tmp_path, capsys):
     assert "--model-base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         palo_main(["export", "--to", "onnx", "--model-path", world.full_dir, "--output", str(tmp_path / "z")])
+
+
+def test_config_without_im_patch_key_keeps_the_loaders_extra_token(world, tmp_path):
+    """Original configs may lack ``mm_use_im_patch_token``: the loader then adds ``<im_patch>`` (one more row), so
+    ``<image>`` comes after it and every id and logit still matches."""
+    from palo.model.tokenizer import load_tokenizer
+
+    base_vocab = len(load_tokenizer(world.tokenizer_dir))
+    config = {k: v for k, v in world.config.items() if k != "mm_use_im_patch_token"}
+    model = tiny.build_palo_model(config, world.clip_dir, seed=7)
+    model.resize_token_embeddings(base_vocab + 1)
+    ckpt = tiny.write_full_checkpoint(str(tmp_path / "patch_ckpt"), model, dict(config, vocab_size=base_vocab + 1),
+                                      world.tokenizer_dir)
+    export = export_hf_llava(ckpt, str(tmp_path / "patch_hf"), dtype="float32")
+    assert export.image_token_id == base_vocab + 1
+    fast = AutoTokenizer.from_pretrained(export.output_dir)
+    assert fast.convert_tokens_to_ids("<im_patch>") == base_vocab
+    tokenizer, palo, palo_processor, _ = load_pretrained_model(ckpt, device="cpu", dtype=torch.float32)
+    hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir).eval()
+    processor = AutoProcessor.from_pretrained(export.output_dir)
+    image = _image(64, 64, seed=9)
+    turns = [QUESTIONS["bengali"], None]
+    inputs = processor(images=[image], text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
+                       return_tensors="pt")
+    ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
+    assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id, export.num_image_tokens)
+    with torch.no_grad():
+        ours = palo(input_ids=ids, images=process_images([image], palo_processor, palo.config)).logits
+        theirs = hf(**inputs).logits[..., : ours.shape[-1]]
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_default_dtype_is_the_checkpoints_or_float16(world, tmp_path):
+    from safetensors import safe_open
+
+    export = export_hf_llava(world.full_dir, str(tmp_path / "fp16"))  # the tiny config records no torch_dtype
+    with safe_open(os.path.join(export.output_dir, export.weight_files[0]), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    with open(os.path.join(export.output_dir, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "float16"
+    hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir)
+    assert hf.dtype == torch.float16
