@@ -167,19 +167,25 @@ class Answerer:
         Raises:
             ImageLoadError: If an image is missing or unreadable (the message names the question line).
         """
-        rows, pixels = [], []
+        images = []
         for q in questions:
-            with_image = q.image is not None
-            if with_image:
-                path = os.path.join(image_folder, q.image)
-                try:
-                    pixels.append(preprocess_image(path, self.image_processor, self.image_preprocess))
-                except ImageLoadError as exc:
-                    raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
-            prompt = build_prompt(q.text, self.conv_mode, with_image, self.use_im_start_end)
+            try:
+                images.append(load_image(os.path.join(image_folder, q.image)) if q.image is not None else None)
+            except ImageLoadError as exc:
+                raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
+        return self.answer_images([q.text for q in questions], images)
+
+    def answer_images(self, texts: list[str], images: list[Any]) -> list[str]:
+        """Answers for questions given as text and an RGB PIL image (or None), in order (lmms-eval's path)."""
+        rows, pixels = [], []
+        for text, image in zip(texts, images, strict=True):
+            if image is not None:
+                pixels.append(mm_preprocess_image(image, self.image_processor, self.image_preprocess))
+            prompt = build_prompt(text, self.conv_mode, image is not None, self.use_im_start_end)
             rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
+        with_image = [image is not None for image in images]
         if self.engine is not None:
-            return self._answer_with_engine(rows, [q.image is not None for q in questions], pixels)
+            return self._answer_with_engine(rows, with_image, pixels)
         ids, mask = left_pad(rows, self.pad_id)
         device = self.model.device
         ids, mask = ids.to(device), mask.to(device)

@@ -1,0 +1,118 @@
+"""``--model palo_api``: a running PALO server, through its OpenAI-compatible chat API (``palo.serve.openai_api``)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from palo.eval.lmms.requests import Prompt, cut_at_stops, to_prompts
+
+MAX_STOP_STRINGS = 4  # the API's limit; further stop strings are applied here
+
+
+class PaloAPI(lmms):
+    """``--model palo_api --model_args base_url=http://HOST:21001/v1,model=NAME[,num_concurrent=8,api_key=...]``.
+
+    Each question is one ``/chat/completions`` request: the image as a PNG ``data:`` URL (lossless, so the server
+    sees the pixels the file has) and the task's text; greedy unless the task samples. The server renders the
+    checkpoint's own template, so the answers are those of ``--model palo`` on the same checkpoint.
+
+    Args:
+        base_url: The API root (the controller's ``/v1``).
+        model: The served model name (``GET /v1/models`` lists them).
+        api_key: The controller's ``--api-key`` (default: ``$PALO_API_KEY``, else none).
+        num_concurrent: Requests in flight at once (the server batches them).
+        timeout: Seconds per request.
+        max_retries: Retries of a request the server refused as busy (503) or that failed to connect.
+        max_new_tokens: Used when a task does not set it.
+
+    Raises:
+        ValueError: On unknown arguments.
+        RuntimeError: If the server cannot be reached or does not serve ``model``.
+    """
+
+    def __init__(self, base_url: str = "http://127.0.0.1:21001/v1", model: str = "palo", api_key: str | None = None,
+                 num_concurrent: Any = 8, timeout: Any = 600, max_retries: Any = 3, max_new_tokens: Any = 1024,
+                 batch_size: Any = None, device: Any = None, **unknown: Any) -> None:
+        super().__init__()
+        # batch_size / device come from lmms-eval's own flags and mean nothing for a remote model.
+        if unknown:
+            raise ValueError(f"palo_api: unknown model_args {', '.join(sorted(unknown))}")
+        self.base_url = str(base_url).rstrip("/")
+        self.model = str(model)
+        self.num_concurrent = int(num_concurrent)
+        self.max_retries = int(max_retries)
+        self.default_max_new_tokens = int(max_new_tokens)
+        key = api_key if api_key is not None else os.environ.get("PALO_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.client = httpx.Client(base_url=self.base_url, headers=headers, timeout=float(timeout), trust_env=False)
+        try:
+            response = self.client.get("/models")
+        except httpx.HTTPError as exc:
+            raise RuntimeError(f"palo_api: cannot reach {self.base_url} ({exc})") from exc
+        if response.status_code != 200:
+            raise RuntimeError(f"palo_api: GET {self.base_url}/models answered {response.status_code}: "
+                               f"{response.text[:300]}")
+        served = [m["id"] for m in response.json().get("data", [])]
+        if self.model not in served:
+            raise RuntimeError(f"palo_api: {self.base_url} does not serve {self.model!r} (served: {served})")
+
+    def _body(self, prompt: Prompt) -> dict[str, Any]:
+        content: list[dict[str, Any]] = []
+        if prompt.image is not None:
+            buffer = io.BytesIO()
+            prompt.image.save(buffer, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        content.append({"type": "text", "text": prompt.text})
+        g = prompt.generation
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
+                "temperature": g.temperature, "max_tokens": g.max_new_tokens}
+        if g.top_p is not None:
+            body["top_p"] = g.top_p
+        if g.until:
+            body["stop"] = list(g.until[:MAX_STOP_STRINGS])
+        return body
+
+    def _ask(self, prompt: Prompt) -> str:
+        body = self._body(prompt)
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self.client.post("/chat/completions", json=body)
+            except httpx.TransportError as exc:
+                if attempt == self.max_retries:
+                    raise RuntimeError(f"palo_api: {prompt.where}: request failed ({exc})") from exc
+                time.sleep(min(2 ** attempt, 30))
+                continue
+            if response.status_code == 503 and attempt < self.max_retries:  # busy: wait as the server asks
+                time.sleep(float(response.headers.get("Retry-After", 1)))
+                continue
+            if response.status_code != 200:
+                raise RuntimeError(f"palo_api: {prompt.where}: {response.status_code} {response.text[:300]}")
+            text = response.json()["choices"][0]["message"]["content"] or ""
+            return cut_at_stops(text, prompt.generation.until)
+        raise AssertionError("unreachable")
+
+    def generate_until(self, requests: list[Any]) -> list[str]:
+        prompts = to_prompts(requests, self.task_dict, self.default_max_new_tokens)
+        with ThreadPoolExecutor(max_workers=max(1, self.num_concurrent)) as pool, \
+                tqdm(total=len(prompts), desc="palo_api answering", disable=self.rank != 0) as bar:
+            answers = []
+            for answer in pool.map(self._ask, prompts):  # map keeps the request order
+                answers.append(answer)
+                bar.update(1)
+        return answers
+
+    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
+        raise NotImplementedError("palo_api: log-likelihood tasks are not supported; use generation tasks")
+
+    def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
+        raise NotImplementedError("palo_api: multi-round generation is not supported")

@@ -1,0 +1,79 @@
+"""lmms-eval ``generate_until`` requests as (question text, image, generation settings), shared by both models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One request's generation settings, from the task's ``generation_kwargs``."""
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float | None
+    num_beams: int
+    until: tuple[str, ...]
+
+    def key(self) -> str:
+        return json.dumps([self.max_new_tokens, self.temperature, self.top_p, self.num_beams, self.until])
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the model is asked: the task's text and at most one RGB image."""
+
+    text: str
+    image: Any  # PIL.Image.Image or None
+    generation: Generation
+    where: str  # task/split/doc_id, for messages
+
+
+def parse_generation(gen_kwargs: dict[str, Any], default_max_new_tokens: int) -> Generation:
+    """The settings of a task's ``generation_kwargs`` (``until`` a string or list; greedy unless ``do_sample``).
+
+    Raises:
+        ValueError: If ``until`` is neither a string nor a list of strings.
+    """
+    until = gen_kwargs.get("until") or ()
+    if isinstance(until, str):
+        until = (until,)
+    if not all(isinstance(u, str) for u in until):
+        raise ValueError(f"generation_kwargs 'until' must be a string or a list of strings, not {until!r}")
+    sample = bool(gen_kwargs.get("do_sample")) and float(gen_kwargs.get("temperature") or 0) > 0
+    return Generation(
+        max_new_tokens=int(gen_kwargs.get("max_new_tokens") or default_max_new_tokens),
+        temperature=float(gen_kwargs.get("temperature") or 0) if sample else 0.0,
+        top_p=gen_kwargs.get("top_p") if sample else None,
+        num_beams=int(gen_kwargs.get("num_beams") or 1),
+        until=tuple(u for u in until if u),
+    )
+
+
+def to_prompts(requests: list[Any], task_dict: dict, default_max_new_tokens: int) -> list[Prompt]:
+    """Unpack ``Instance.args`` = (context, generation_kwargs, doc_to_visual, doc_id, task, split).
+
+    Raises:
+        ValueError: If a document has more than one image (PALO, like LLaVA-1.5, takes one image per question).
+    """
+    prompts = []
+    for request in requests:
+        context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
+        where = f"{task}/{split}/{doc_id}"
+        visuals = doc_to_visual(task_dict[task][split][doc_id]) if doc_to_visual is not None else []
+        visuals = [v for v in (visuals or []) if v is not None]
+        if len(visuals) > 1:
+            raise ValueError(f"{where}: {len(visuals)} images; PALO answers with one image per question")
+        image = visuals[0].convert("RGB") if visuals else None
+        prompts.append(Prompt(str(context), image, parse_generation(dict(gen_kwargs or {}), default_max_new_tokens),
+                              where))
+    return prompts
+
+
+def cut_at_stops(text: str, until: tuple[str, ...]) -> str:
+    """The text before the first of the task's stop strings, stripped (as lmms-eval's own LLaVA model does)."""
+    for stop in until:
+        text = text.split(stop)[0]
+    return text.strip()
