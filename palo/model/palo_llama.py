@@ -275,7 +275,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             rows = inputs_embeds.shape[:2]
             inputs_embeds, position_ids = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]), position_ids.reshape(1, -1)
             labels = labels.reshape(1, -1) if labels is not None else None
-        outputs = super().forward(
+        outputs = self.causal_lm_forward(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -298,6 +298,11 @@ class PaloForCausalLM(LlamaForCausalLM):
                 spliced_position_ids=packed_positions,
             )
         return outputs
+
+    def causal_lm_forward(self, **kwargs: Any) -> Any:
+        """The language model and its head on the spliced inputs (LLaMA's forward; Liger's fused one when applied,
+        see :mod:`palo.model.kernels`)."""
+        return super().forward(**kwargs)
 
     def _projector_probe(self) -> torch.Tensor:
         tower = self.vision_tower

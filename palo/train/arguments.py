@@ -117,6 +117,17 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
+        # PALO applies Liger itself (palo.model.kernels); transformers' Trainer must not try its own.
+        self.palo_liger_kernel = False
+        if self.use_liger_kernel:
+            from palo.model.kernels import liger_available
+
+            usable, why = liger_available()
+            if usable:
+                self.palo_liger_kernel = True
+            else:
+                warnings.warn(f"--use_liger_kernel ignored: {why}; training runs with PyTorch's kernels", stacklevel=2)
+            self.use_liger_kernel = False
         super().__post_init__()
 
 

@@ -200,6 +200,10 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, args: T
         model.get_decoder().requires_grad_(False)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()
+    if args.palo_liger_kernel:
+        from palo.model.kernels import apply_liger_kernels
+
+        apply_liger_kernels(model)
     if args.lora_enable:
         model = apply_lora(model, args)
 
