@@ -9,6 +9,20 @@ agree), and the ratio baseline / PALO (above 1 means PALO is faster or leaner).
 
     python scripts/bench/train_step.py                                  # tiny shapes, CPU
     python scripts/bench/train_step.py --shape 7b --lora --device cuda --dtype bfloat16 --batch 4
+
+``--workload llava665k``: packing against padded batches on the same data in the same run. Samples follow a
+LLaVA-665K-like mix (:func:`llava665k_lengths`: many short single-turn image questions, some long multi-turn image
+conversations, ShareGPT-like text-only ones), each image 576 positions (CLIP-L/336: 24 x 24 patches; with
+``--shape cpu``, a CLIP of that resolution but one narrow layer). Batches come from the project's modality-grouped
+sampler (the original recipe), are collated by :class:`~palo.train.dataset.DataCollator` (padded) or
+:class:`~palo.train.dataset.PackedDataCollator` (``--model-max-length`` rows), and both sides run the same batches
+through full optimizer steps, alternating step by step in one process (ABBA, so that machine drift hits both
+alike; peak memory and the first loss come from one process per side). Printed: real (non-padding) tokens/s,
+padding fraction, model TFLOP/s and MFU (:mod:`palo.train.flops`; on CPU against the measured fp32 matmul rate of
+this machine), peak memory, and the first loss of each (equal work: they must agree).
+
+    python scripts/bench/train_step.py --workload llava665k --shape cpu            # the CPU figure
+    python scripts/bench/train_step.py --workload llava665k --shape mobile --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -16,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import pathlib
 import resource
 import statistics
@@ -27,11 +42,15 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-from generate import SHAPES, build_models  # noqa: E402
+from generate import SHAPES, Shape, build_models  # noqa: E402
 
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 
 LLM_LINEARS = r"(q|k|v|o|gate|up|down)_proj"
+CPU_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=336,
+                  patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+# A narrow LLM with CLIP-L/336's 576 image positions per image: small enough for a 2-core CPU.
+SHAPES = {**SHAPES, "cpu": Shape(256, 2, 4, 688, 8000, CPU_VISION)}
 
 
 def _lora(model: torch.nn.Module, prefix: str) -> torch.nn.Module:
@@ -106,6 +125,198 @@ def _measure(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     queue.put({"side": side, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gib": peak, "first_loss": first_loss})
 
 
+def llava665k_lengths(count: int, seed: int = 0) -> list[tuple[int, bool]]:
+    """(text tokens, has image) per sample, in the proportions of LLaVA-665K's sources.
+
+    About 60 % short VQA-style single-turn image samples (30-120 text tokens), 25 % multi-turn image conversations
+    (LLaVA-Instruct, GQA/VQAv2 grouped questions: 150-900), 10 % long ShareGPT text-only ones (300-1500), 5 % short
+    text-only ones (20-200); lengths uniform within each band.
+    """
+    import random
+
+    rng = random.Random(seed)
+    bands = [(0.60, 30, 120, True), (0.25, 150, 900, True), (0.10, 300, 1500, False), (0.05, 20, 200, False)]
+    out = []
+    for _ in range(count):
+        x, acc = rng.random(), 0.0
+        for share, low, high, image in bands:
+            acc += share
+            if x < acc:
+                break
+        out.append((rng.randint(low, high), image))
+    return out
+
+
+def _mix_batches(args: argparse.Namespace, vocab: int, image_size: int) -> list[list[dict]]:
+    from palo.train.sampler import LengthGroupedSampler
+
+    samples = llava665k_lengths(args.batch * (args.repeats + 1), seed=0)
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for length, image in samples:
+        text = torch.randint(3, vocab - 2, (length,), generator=gen)
+        prompt = max(4, length // 4)
+        ids = torch.cat([text[:1], torch.tensor([IMAGE_TOKEN_INDEX]), text[1:]]) if image else text
+        labels = ids.clone()
+        labels[: prompt + int(image)] = IGNORE_INDEX
+        item = {"input_ids": ids, "labels": labels, "language": 0}
+        if image:
+            item["image"] = torch.randn(3, image_size, image_size, generator=gen)
+        items.append(item)
+    lengths = [(n if image else -n) for n, image in samples]
+    order = list(LengthGroupedSampler(args.batch, 1, lengths, group_by_modality=True, seed=0))
+    return [[items[i] for i in order[k: k + args.batch]] for k in range(0, len(order), args.batch)]
+
+
+def _mix_model(args: argparse.Namespace):
+    dtype = getattr(torch, args.dtype)
+    shape = SHAPES[args.shape]
+    model, llava = build_models(shape, args.device, dtype)
+    del llava
+    model.config.use_cache = False
+    model.config.tokenizer_model_max_length = args.model_max_length
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
+    if args.lora:
+        model = _lora(model, "model")
+        model.get_base_model().model.mm_projector.requires_grad_(True)
+    base = model.get_base_model() if args.lora else model
+    base.model.vision_tower.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
+    return model, base, optimizer
+
+
+def _mix_step(model, optimizer, flops, batch: dict, args: argparse.Namespace) -> tuple[float, int, int, float]:
+    """One optimizer step; returns (loss, real positions, all positions, model FLOPs)."""
+    inputs = {k: (v.to(args.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "languages"}
+    if "images" in inputs:
+        inputs["images"] = inputs["images"].to(getattr(torch, args.dtype))
+    out = model(**inputs)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mask = out.spliced_attention_mask
+    positions = out.get("spliced_position_ids")
+    if positions is None:
+        samples = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand(mask.shape)
+    else:
+        samples = ((positions == 0) & (mask != 0)).reshape(-1).cumsum(0).view(mask.shape) - 1
+    real = int(mask.sum())
+    lengths = torch.bincount(samples[mask != 0]).cpu()
+    images = len(inputs["images"]) if "images" in inputs else 0
+    return out.loss.item(), real, mask.numel(), flops.step(real, lengths, images)
+
+
+def _collated(side: str, base, args: argparse.Namespace) -> list[dict]:
+    from palo.train.dataset import DataCollator, PackedDataCollator
+
+    shape = SHAPES[args.shape]
+    if side == "packed":
+        collate = PackedDataCollator(0, args.model_max_length, base.image_token_count)
+    else:
+        collate = DataCollator(pad_token_id=0)
+    return [collate(b) for b in _mix_batches(args, shape.vocab, shape.vision["image_size"])]
+
+
+def _sync(args: argparse.Namespace) -> None:
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _memory_mix(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
+    """Peak memory and first loss of one side, in a process of its own (first batch, then the largest)."""
+    from palo.train.flops import FlopCounter
+
+    model, base, optimizer = _mix_model(args)
+    flops = FlopCounter.of(model)
+    batches = _collated(side, base, args)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    first_loss = _mix_step(model, optimizer, flops, batches[0], args)[0]
+    _mix_step(model, optimizer, flops, max(batches[1:], key=lambda b: b["input_ids"].numel()), args)
+    _sync(args)
+    if args.device.startswith("cuda"):
+        peak_mem = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put({"side": side, "peak_gib": peak_mem, "first_loss": first_loss})
+
+
+def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
+    """Both sides in one process, step by step in alternating order (ABBA), so machine drift hits both alike."""
+    from palo.train.flops import FlopCounter
+
+    model, base, optimizer = _mix_model(args)
+    flops = FlopCounter.of(model)
+    batches = {side: _collated(side, base, args) for side in ("padded", "packed")}
+    for side in batches:  # warm-up
+        _mix_step(model, optimizer, flops, batches[side][0], args)
+    totals = {side: [0.0, 0, 0, 0.0] for side in batches}  # seconds, real, positions, FLOPs
+    for k in range(1, len(batches["padded"])):
+        for side in (("padded", "packed") if k % 2 else ("packed", "padded")):
+            _sync(args)
+            start = time.perf_counter()
+            _, real, positions, model_flops = _mix_step(model, optimizer, flops, batches[side][k], args)
+            _sync(args)
+            t = totals[side]
+            t[0] += time.perf_counter() - start
+            t[1], t[2], t[3] = t[1] + real, t[2] + positions, t[3] + model_flops
+    results = {}
+    for side, (elapsed, real, positions, model_flops) in totals.items():
+        results[side] = {"real_tokens_per_s": real / elapsed, "padding_fraction": 1 - real / positions,
+                         "model_tflops_per_s": model_flops / elapsed / 1e12, "mfu": model_flops / elapsed / args.peak_flops,
+                         "steps": len(batches[side]) - 1, "seconds": elapsed, "real_tokens": real, "positions": positions}
+    queue.put(results)
+
+
+def _cpu_matmul_flops() -> float:
+    """FLOP/s of a large fp32 matmul on this CPU: the "peak" CPU MFU is measured against (no datasheet figure)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start, n = time.perf_counter(), 5
+    for _ in range(n):
+        a @ b
+    return n * 2 * 2048**3 / (time.perf_counter() - start)
+
+
+def main_mix(args: argparse.Namespace) -> int:
+    from palo.train.flops import peak_flops
+
+    # One peak for both sides (measured once, before either runs, on CPU).
+    args.peak_flops = peak_flops(torch.device(args.device)) or _cpu_matmul_flops()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_time_mix, args=(args, queue))
+    proc.start()
+    results = queue.get()
+    proc.join()
+    for side in ("padded", "packed"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_memory_mix, args=(side, args, queue))
+        proc.start()
+        results[side].update(queue.get())
+        proc.join()
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    mode = "LoRA r128" if args.lora else "full"
+    print(f"# llava665k mix: shape={args.shape} {mode} dtype={args.dtype} batch={args.batch} "
+          f"model_max_length={args.model_max_length} steps={results['packed']['steps']} device={device} "
+          f"peak={args.peak_flops / 1e12:.3f} TFLOP/s")
+    a, b = results["padded"], results["packed"]
+    print(f"{'metric':<18} {'padded':>10} {'packed':>10} {'packed/padded':>14}")
+    for key, fmt in (("real_tokens_per_s", ".1f"), ("padding_fraction", ".4f"), ("model_tflops_per_s", ".5f"),
+                     ("mfu", ".4f"), ("peak_gib", ".2f"), ("first_loss", ".4f")):
+        ratio = b[key] / a[key] if a[key] else float("nan")
+        print(f"{key:<18} {a[key]:>10{fmt}} {b[key]:>10{fmt}} {ratio:>14.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device, "results": results}, f, indent=2)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -117,7 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora", action="store_true", help="LoRA on the LLM (PALO-7B recipe) instead of full fine-tuning")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--workload", choices=["fixed", "llava665k"], default="fixed",
+                        help="fixed: PALO vs HF Llava on equal prompts; llava665k: packing vs padding on a mix")
+    parser.add_argument("--model-max-length", type=int, default=2048)
+    parser.add_argument("--attn-implementation", default=None)
     args = parser.parse_args(argv)
+    if args.workload == "llava665k":
+        return main_mix(args)
     ctx = mp.get_context("spawn")
     results = {}
     for side in ("palo", "hf_llava"):
