@@ -13,7 +13,7 @@ agree), and the ratio baseline / PALO (above 1 means PALO is faster or leaner).
 ``--workload llava665k``: packing against padded batches on the same data in the same run. Samples follow a
 LLaVA-665K-like mix (:func:`llava665k_lengths`: many short single-turn image questions, some long multi-turn image
 conversations, ShareGPT-like text-only ones), each image 576 positions (CLIP-L/336: 24 x 24 patches; with
-``--shape cpu``, a CLIP of that resolution but one narrow layer). Batches come from the project's modality-grouped
+``--shape cpu``, a CLIP of that resolution with two narrow layers, one of which runs). Batches come from the project's modality-grouped
 sampler (the original recipe), are collated by :class:`~palo.train.dataset.DataCollator` (padded) or
 :class:`~palo.train.dataset.PackedDataCollator` (``--model-max-length`` rows), and both sides run the same batches
 through full optimizer steps, alternating step by step in one process (ABBA, so that machine drift hits both
