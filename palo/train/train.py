@@ -8,6 +8,7 @@ or ``torchrun``, and on CPU with ``--use_cpu True`` (gloo). Resumes from the lat
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pathlib
@@ -91,8 +92,44 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
     return trainer
 
 
+def finish_distributed() -> None:
+    """End a distributed run cleanly: wait for every rank, then destroy the process groups, while Python is alive.
+
+    Call it once per process after its last collective (``main`` does, after :func:`train` has saved).
+
+    Without it a run could end red after saving: a gloo worker thread drops its reference to a finished collective
+    just after waking the rank that waits for it; when that rank has meanwhile returned and the interpreter is
+    finalizing, freeing a tensor that still has a Python object needs the GIL, the thread is made to exit inside a
+    destructor, and the rank aborts with ``terminate called without an active exception`` (exit -6); torchrun then
+    kills the other ranks. A barrier on every gloo group (in creation order, the same on every rank) lets each
+    group's last collectives finish, and be released, before the teardown; ``destroy_process_group`` (DeepSpeed's
+    when it set the groups up: it also drops its cached references) then shuts the groups down while the
+    interpreter can still run their cleanup. The world barrier also keeps a rank from tearing down while another
+    is still saving.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    from torch.distributed.distributed_c10d import _world
+
+    dist.barrier()
+    for group in sorted(_world.pg_names, key=lambda g: _world.pg_names[g]):
+        if group is not dist.GroupMember.WORLD and dist.get_backend(group) == "gloo":
+            dist.barrier(group=group)
+    if "deepspeed.comm" in sys.modules:
+        from deepspeed import comm as ds_comm
+
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # groups nothing references any more are destroyed (their threads joined) now, not at exit
+
+
 def main() -> None:
     train()
+    finish_distributed()
 
 
 if __name__ == "__main__":
