@@ -18,6 +18,7 @@ if __package__ in (None, ""):  # run as a script (the original commands): make `
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import transformers  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
@@ -82,8 +83,11 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         image_processor=setup.image_processor,
         stage1=model_args.tune_mm_mlp_adapter,
     )
-    resume = any(pathlib.Path(training_args.output_dir).glob("checkpoint-*"))
-    trainer.train(resume_from_checkpoint=True if resume else None)
+    # The latest complete checkpoint-N (a save cut short stays in <output_dir>/.staging, which is never picked).
+    checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if checkpoint is not None:
+        logger.info("Resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()
     unwrap(setup.model).config.use_cache = True
     trainer.save_model(training_args.output_dir)

@@ -9,18 +9,96 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import torch
 
+from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import load_pretrained_model
 from palo.testing import tiny_data
 from palo.train.preprocess import BadSampleError
 from palo.train.train import train
+from palo.train.trainer import PaloTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+INSTRUMENTED = os.path.join(ROOT, "tests", "train", "instrumented_train.py")
+# Every training subprocess is bounded; a typical one takes 10-60 s on 2 cores (the first DeepSpeed run on a
+# machine also compiles DeepSpeed's CPU communication op, ~45 s).
+SUBPROCESS_TIMEOUT = 300
+
+# Distributed runs against one process with the same global batch (2 ranks x 2 samples vs 1 x 4, same seed):
+# measured differences are <= 1e-6 in the loss and <= 6e-8 in any saved weight (float32 summation order) for
+# DDP, ZeRO-2 and ZeRO-3. Averaging the loss per rank instead of per token (a real bug) moves the losses by
+# 2.5e-4-3.7e-4, and the runs move every trained weight by ~1e-3 (lr 1e-3) or ~3e-5 (projector at 2e-5).
+LOSS_ATOL = 2e-5
+WEIGHT_ATOL = 1e-6
+MOVED = 1e-5  # a trained tensor must have moved this far from where it started (10x WEIGHT_ATOL)
+
+_PROCESSES: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """Whatever a test started (torchrun, its ranks, the deepspeed launcher) is gone when the test ends, even
+    when it failed or timed out: each command runs in its own session, killed as a whole."""
+    yield
+    while _PROCESSES:
+        proc = _PROCESSES.pop()
+        _kill(proc)  # the whole session: also ranks whose launcher already ended
+        proc.log.close()
+
+
+def _spawn(command: list[str], env: dict) -> subprocess.Popen:
+    # Output goes to a file, not a pipe: a run that is only polled (and killed) must never block on a full pipe.
+    log = tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc.log = log
+    _PROCESSES.append(proc)
+    return proc
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def _finish(proc: subprocess.Popen, timeout: float = SUBPROCESS_TIMEOUT) -> str:
+    """Wait for ``proc`` (killing its whole session after ``timeout``); returns its output, asserts exit 0."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        pytest.fail(f"training subprocess still running after {timeout} s:\n{_output(proc)[-3000:]}")
+    output = _output(proc)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = SUBPROCESS_TIMEOUT) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {what}:\n{_output(proc)[-3000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"no {what} after {timeout} s")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +164,80 @@ def test_full_finetune_lowers_loss_and_saves_loadable_checkpoint(world, data, tm
         torch.testing.assert_close(model(input_ids=ids, images=pixels).logits, trained(input_ids=ids, images=pixels).logits)
 
 
-def test_first_steps_match_golden_values(world, data, tmp_path):
+def test_change_detector_first_losses_equal_recorded_values(world, data, tmp_path):
+    """A change detector, not a correctness check: the values were recorded from an earlier run of this very
+    test, so a failure means training's numbers changed (data order, preprocessing, model, optimizer...). Decide
+    whether the change is intended and, if so, record the new values. Correctness of the loss itself is
+    ``test_first_step_loss_equals_cross_entropy_by_hand``."""
     trainer = train(_flags(world, data, str(tmp_path / "golden"), "--max_steps", "3"))
     losses = _losses(trainer)
-    golden = GOLDEN_FIRST_LOSSES
-    assert losses == pytest.approx(golden, abs=2e-3), losses
+    assert losses == pytest.approx(RECORDED_FIRST_LOSSES, abs=2e-3), losses
 
 
-# Recorded from this test's own first run at seed 7 (CPU, float32); a change here means training changed.
-GOLDEN_FIRST_LOSSES = [6.902401924133301, 6.906423568725586, 6.709099292755127]
+# Recorded from the change detector's own run at seed 7 (CPU, float32).
+RECORDED_FIRST_LOSSES = [6.902401924133301, 6.906423568725586, 6.709099292755127]
+
+
+def _record_first_step(monkeypatch) -> dict:
+    """Hook PaloTrainer.compute_loss: at the first training step, before the trainer computes anything, keep a
+    copy of the batch, the starting values of the trainable parameters, and the model's logits on that batch."""
+    record: dict = {}
+    original = PaloTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not record:
+            record["inputs"] = {k: v.clone() for k, v in inputs.items()}
+            record["start"] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            with torch.no_grad():
+                record["logits"] = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                         images=inputs.get("images")).logits.float()
+        return original(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(PaloTrainer, "compute_loss", compute_loss)
+    return record
+
+
+def test_first_step_loss_equals_cross_entropy_by_hand(world, data, tmp_path, monkeypatch):
+    """The loss the trainer logs for step 1 is the token-mean cross-entropy of the model's logits on the first
+    batch, with every position that is not an answer token (prompt, image, padding) excluded."""
+    first = _record_first_step(monkeypatch)
+    trainer = train(_flags(world, data, str(tmp_path / "ce"), "--max_steps", "1"))
+    batch, logits = first["inputs"], first["logits"]
+    assert "images" in batch  # the first batch has image samples, so the splice is part of what is checked
+
+    tokenizer = trainer.processing_class
+    answers = {t["value"] for sample in json.load(open(data)) for t in sample["conversations"] if t["from"] == "gpt"}
+    clip = json.load(open(os.path.join(world.clip_dir, "config.json")))
+    image_positions = (clip["image_size"] // clip["patch_size"]) ** 2  # patch features; CLS dropped ("patch")
+    rows = []
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids, labels = ids[mask.bool()], labels[mask.bool()]
+        supervised = labels != IGNORE_INDEX
+        # Targets are the conversation's own tokens, and exactly the answers (with the turn-ending </s>) are targets.
+        assert torch.equal(labels[supervised], ids[supervised])
+        spans, current = [], []
+        for token, target in zip(ids.tolist(), supervised.tolist()):
+            if target:
+                current.append(token)
+            elif current:
+                spans.append(current)
+                current = []
+        spans += [current] if current else []
+        assert spans, "a sample without answer tokens"
+        for span in spans:
+            assert span[-1] == tokenizer.eos_token_id
+            assert tokenizer.decode(span[:-1]).strip() in answers
+        row = []
+        for token, target in zip(ids.tolist(), labels.tolist()):
+            row += [IGNORE_INDEX] * image_positions if token == IMAGE_TOKEN_INDEX else [target]
+        rows.append(row)
+    width = max(len(row) for row in rows)
+    assert logits.shape[:2] == (len(rows), width)  # one row per sample, the image spliced in, right-padded
+    targets = torch.tensor([row + [IGNORE_INDEX] * (width - len(row)) for row in rows])
+    # Position t predicts token t + 1.
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                targets[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert _losses(trainer)[0] == pytest.approx(float(by_hand), abs=1e-5)
 
 
 def _logits(model, tokenizer, pixels):
@@ -152,35 +295,77 @@ def test_stage1_then_stage2(world, data, tmp_path):
     torch.testing.assert_close(trainer.model.get_model().embed_tokens.weight, base_llm.get_input_embeddings().weight)
 
 
-def _run_train_subprocess(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None):
+def _run_train_subprocess(args: list[str], env_extra: dict | None = None,
+                          launcher: list[str] | None = None) -> subprocess.Popen:
+    """train_mem.py in a subprocess; through tests/train/instrumented_train.py when env_extra sets a probe."""
     env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    command = (launcher or [sys.executable]) + [os.path.join(ROOT, "palo", "train", "train_mem.py"), *args]
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    probes = [INSTRUMENTED] if any(k.startswith("PALO_TEST_") for k in env_extra or {}) else []
+    command = (launcher or [sys.executable]) + probes + [os.path.join(ROOT, "palo", "train", "train_mem.py"), *args]
+    return _spawn(command, env)
 
 
-def test_killed_run_resumes_with_identical_losses(world, data, tmp_path):
-    flags = lambda out: _flags(world, data, out, "--num_train_epochs", "3", "--save_strategy", "steps",  # noqa: E731
-                               "--save_steps", "4", "--save_total_limit", "2", "--lora_enable", "True",
-                               "--lora_r", "8", "--lora_alpha", "16", "--group_by_modality_length", "True")
-    reference = str(tmp_path / "reference")
-    proc = _run_train_subprocess(flags(reference))
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output[-3000:]
+def _resume_flags(world, data: str, out: str) -> list[str]:
+    # 24 samples, batch 4: 6 steps an epoch, 18 in all; checkpoints at 4, 8, 12, 16 and the last step, two kept.
+    return _flags(world, data, out, "--num_train_epochs", "3", "--save_strategy", "steps", "--save_steps", "4",
+                  "--save_total_limit", "2", "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16",
+                  "--group_by_modality_length", "True")
 
-    interrupted = str(tmp_path / "interrupted")
-    proc = _run_train_subprocess(flags(interrupted))
-    deadline = time.time() + 300
-    while not os.path.isdir(os.path.join(interrupted, "checkpoint-8")) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.isdir(os.path.join(interrupted, "checkpoint-18"))  # it really stopped mid-way
-    proc = _run_train_subprocess(flags(interrupted))
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output[-3000:]
-    ours, theirs = _losses(interrupted), _losses(reference)
-    assert len(ours) == len(theirs) == 18
-    assert ours == pytest.approx(theirs, abs=1e-4)
+
+@pytest.fixture(scope="module")
+def uninterrupted_losses(world, data, tmp_path_factory) -> list[float]:
+    out = str(tmp_path_factory.mktemp("resume") / "reference")
+    _finish(_run_train_subprocess(_resume_flags(world, data, out)))
+    losses = _losses(out)
+    assert len(losses) == 18
+    return losses
+
+
+def _steps_run(log: str) -> list[int]:
+    """The global step each optimizer step of one process started from (the instrumented entry point's log)."""
+    with open(log) as f:
+        return [int(line) for line in f]
+
+
+def _checkpoints(folder: str) -> list[str]:
+    return sorted((f for f in os.listdir(folder) if f.startswith("checkpoint-")), key=lambda f: int(f.split("-")[1]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kill", ["after_checkpoint_8", "while_saving_checkpoint_12"])
+def test_killed_run_resumes_with_identical_losses(world, data, tmp_path, uninterrupted_losses, kill):
+    """SIGKILL a LoRA run either right after checkpoint-8 is complete or half-way through writing checkpoint-12
+    (stopped there by the instrumented entry point); a rerun of the same command resumes from checkpoint-8 (the
+    half-written folder in .staging is never picked), runs only steps 9-18, and logs the same 18 losses as a run
+    that was never interrupted."""
+    out = str(tmp_path / "interrupted")
+    marker = str(tmp_path / "stalled-in")
+    probes = {"PALO_TEST_STEP_LOG": str(tmp_path / "steps-first.log")}
+    if kill == "while_saving_checkpoint_12":
+        probes.update(PALO_TEST_STALL_AT_SAVE="12", PALO_TEST_STALL_MARKER=marker)
+    proc = _run_train_subprocess(_resume_flags(world, data, out), probes)
+    if kill == "after_checkpoint_8":
+        _wait_for(lambda: os.path.isdir(os.path.join(out, "checkpoint-8")), "checkpoint-8", proc)
+    else:
+        _wait_for(lambda: os.path.isfile(marker), "save of checkpoint-12", proc)
+    _kill(proc)
+    # At the kill: checkpoint-8 was complete and nothing later was.
+    assert _checkpoints(out) == ["checkpoint-4", "checkpoint-8"]
+    assert max(_steps_run(probes["PALO_TEST_STEP_LOG"])) < 17  # it really stopped mid-way
+    if kill == "while_saving_checkpoint_12":
+        half_written = open(marker).read()
+        assert half_written == os.path.join(out, ".staging", "checkpoint-12")
+        files = set(os.listdir(half_written))
+        assert {"adapter_model.bin", "optimizer.pt"} <= files and "trainer_state.json" not in files, files
+        assert _steps_run(probes["PALO_TEST_STEP_LOG"]) == list(range(12))
+
+    resumed_log = str(tmp_path / "steps-resumed.log")
+    output = _finish(_run_train_subprocess(_resume_flags(world, data, out), {"PALO_TEST_STEP_LOG": resumed_log}))
+    assert f"Resuming from {os.path.join(out, 'checkpoint-8')}" in output
+    assert _steps_run(resumed_log) == list(range(8, 18))  # only the remaining steps, from global step 8 on
+    assert _losses(out) == pytest.approx(uninterrupted_losses, abs=1e-4)
+    assert _checkpoints(out) == ["checkpoint-16", "checkpoint-18"]
+    assert not os.path.exists(os.path.join(out, ".staging"))  # the resumed run's own saves cleared it
 
 
 @pytest.mark.parametrize("sample,message", [
@@ -206,65 +391,211 @@ def test_bad_samples_stop_with_their_id_or_are_skipped_and_counted(world, data, 
     assert trainer.train_dataset.bad_samples.value == 1
 
 
-def _script_command(world, data: str, script: str, out: str, zero: str, *extra: str,
-                    launcher: str = "--nproc_per_node 2") -> tuple[list[str], dict]:
-    """An original launch script run by torchrun (CPU processes, gloo) instead of the deepspeed launcher."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, LAUNCHER=f"{torchrun} {launcher}", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+def test_corrupt_samples_are_filtered_before_training(world, data, tmp_path):
+    """Samples flagged ``"corrupt": true`` (translations that failed review) never reach training: two of them,
+    each of which would stop the run if it were read (a missing image, a broken conversation), sit among the good
+    ones; the run trains one full epoch over exactly the good samples. Unflagged, the same file stops the run."""
+    samples = json.load(open(data))
+    poisoned = [
+        {"id": "corrupt-missing-image", "corrupt": True, "image": "no-such-file.png",
+         "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]},
+        {"id": "corrupt-roles", "corrupt": True,
+         "conversations": [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hi"}]},
+    ]
+    mixed = samples[:1] + poisoned[:1] + samples[1:13] + poisoned[1:] + samples[13:]
+    path = tmp_path / "flagged.json"
+    path.write_text(json.dumps(mixed, ensure_ascii=False))
+    images = os.path.join(os.path.dirname(data), "images")
+    flags = lambda path, out: _flags(world, str(path), str(tmp_path / out), "--image_folder", images)  # noqa: E731
+
+    trainer = train(flags(path, "flagged"))  # no --skip_bad_samples: reading a poisoned sample would raise
+    dataset = trainer.train_dataset
+    assert dataset.num_filtered == 2 and len(dataset) == len(samples)
+    assert sorted(dataset.index.read(int(i))["id"] for i in dataset.keep) == sorted(s["id"] for s in samples)
+    assert trainer.state.global_step == len(samples) // 4  # one epoch of batches of 4 over the good samples only
+    assert dataset.bad_samples.value == 0
+
+    unflagged = tmp_path / "unflagged.json"
+    unflagged.write_text(json.dumps([{k: v for k, v in s.items() if k != "corrupt"} for s in mixed], ensure_ascii=False))
+    with pytest.raises(BadSampleError, match="id='corrupt-"):
+        train(flags(unflagged, "unflagged"))
+
+
+def _launch_env(launcher: str | None) -> dict:
+    """Environment for an original launch script.
+
+    ``None``: torchrun, 2 CPU processes (gloo) on a free port. ``"deepspeed"``: LAUNCHER unset, so the script's own
+    default, the ``deepspeed`` launcher; on a machine without GPUs DeepSpeed's CPU accelerator counts ``LOCAL_SIZE``
+    devices (else one per NUMA node), so LOCAL_SIZE=2 gives 2 ranks (on DeepSpeed's default port 29500). Any other
+    string: torchrun with those arguments.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("LAUNCHER", None)
+    if launcher == "deepspeed":
+        env["LOCAL_SIZE"] = "2"
+    else:
+        torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+        env["LAUNCHER"] = f"{torchrun} {launcher or f'--nproc_per_node 2 --master_port {_free_port()}'}"
+    return env
+
+
+def _cpu_flags(world, data: str) -> list[str]:
+    # CPU test settings on top of the script's own flags (the last occurrence of a flag wins).
+    return ["--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
+            "--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--per_device_train_batch_size", "2",
+            "--dataloader_num_workers", "0", "--gradient_checkpointing", "False", "--model_max_length", "256"]
+
+
+def _script_command(world, data: str, script: str, out: str, zero: str, *extra: str,
+                    launcher: str | None = None) -> tuple[list[str], dict]:
+    """A fine-tuning script (finetune_palo.sh / finetune_lora_palo.sh) for 3 steps of 2 ranks x 2 samples."""
     projector = os.path.join(world.projector_dir, "mm_projector.bin")
     args = ["bash", os.path.join(ROOT, "scripts", "train", script), world.base_dir, data, projector, "mlp2x_gelu", out,
-            zero, "1e-3",
-            # CPU test settings on top of the script's own flags (the last occurrence of a flag wins).
-            "--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
-            "--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--per_device_train_batch_size", "2",
-            "--max_steps", "3", "--save_steps", "2", "--dataloader_num_workers", "0",
-            "--gradient_checkpointing", "False", "--model_max_length", "256", *extra]
-    return args, env
+            zero, "1e-3", *_cpu_flags(world, data), "--max_steps", "3", "--save_steps", "2", *extra]
+    return args, _launch_env(launcher)
 
 
-def _script(world, data: str, script: str, out: str, zero: str, *extra: str) -> subprocess.CompletedProcess:
-    args, env = _script_command(world, data, script, out, zero, *extra)
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def _script_argv(args: list[str], tmp_path) -> list[str]:
+    """The exact arguments a launch script hands to train_mem.py (the script run with a launcher that only
+    records them)."""
+    record = str(tmp_path / "argv.json")
+    env = dict(_launch_env(None), LAUNCHER=f"{sys.executable} {INSTRUMENTED}", PALO_TEST_DUMP_ARGV=record)
+    _finish(_spawn(args, env), timeout=60)
+    with open(record) as f:
+        return json.load(f)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("script,zero,extra", [
-    ("finetune_palo.sh", "2", ()),
-    ("finetune_lora_palo.sh", "3", ("--lora_r", "8", "--lora_alpha", "16")),
-])
-def test_deepspeed_through_the_original_scripts(world, data, tmp_path, script, zero, extra):
-    out = str(tmp_path / "results" / "PALO")
-    result = _script(world, data, script, out, zero, *extra)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+def _one_process_reference(argv: list[str], out: str, monkeypatch) -> tuple[PaloTrainer, dict]:
+    """The same job in this process with the same global batch (1 x 4 samples instead of 2 ranks x 2) and no
+    DeepSpeed; returns the trainer and the trainable parameters' starting values."""
+    argv = list(argv)
+    if "--deepspeed" in argv:
+        i = argv.index("--deepspeed")
+        del argv[i:i + 2]
+    first = _record_first_step(monkeypatch)
+    trainer = train(argv + ["--per_device_train_batch_size", "4", "--output_dir", out, "--save_strategy", "no"])
+    return trainer, first["start"]
+
+
+def _peft_free(state: dict) -> dict:
+    """PEFT's in-memory names (``lora_A.default.weight``) as saved (``lora_A.weight``)."""
+    return {k.replace(".default.", "."): v for k, v in state.items()}
+
+
+def _assert_two_ranks_match_one_process(out: str, reference: PaloTrainer, num_samples: int = 24,
+                                        per_device: int = 2) -> None:
+    """The run had 2 ranks, each on its own share of every global batch, and logged the one-process losses."""
+    with open(os.path.join(out, "trainer_state.json")) as f:
+        state = json.load(f)
+    steps = state["global_step"]
+    # An epoch is num_samples / (per_device x ranks) steps: the epoch reached says how many ranks shared the data.
+    assert state["epoch"] * num_samples / (steps * per_device) == pytest.approx(2)
+    last = os.path.join(out, f"checkpoint-{steps}")
+    assert sorted(f for f in os.listdir(last) if f.startswith("rng_state")) == ["rng_state_0.pth", "rng_state_1.pth"]
     losses = _losses(out)
-    assert len(losses) == 3 and all(0 < x < 20 for x in losses)  # finite: no NaN from a partitioned resize
-    assert os.path.isdir(os.path.join(out, "checkpoint-3"))
-    for folder in (out, os.path.join(out, "checkpoint-3")):
-        tokenizer, model, _, _ = load_pretrained_model(folder, world.base_dir if "lora" in script else None, device="cpu")
-        logits = _logits(model, tokenizer, torch.randn(1, 3, 56, 56))
-        assert torch.isfinite(logits).all()
+    assert len(losses) == steps and losses == pytest.approx(_losses(reference), abs=LOSS_ATOL), (losses, _losses(reference))
+
+
+def _assert_trained_weights(saved: dict, reference: PaloTrainer, start: dict) -> None:
+    """The saved tensors are the one-process run's trained ones, and every trainable tensor moved from its start."""
+    expected = _peft_free(reference.model.state_dict())
+    start = _peft_free(start)
+    assert saved and set(saved) <= set(expected), sorted(set(saved) - set(expected))[:5]
+    assert set(start) <= set(saved), sorted(set(start) - set(saved))[:5]
+    for name, value in saved.items():
+        torch.testing.assert_close(value.float(), expected[name].float(), rtol=0, atol=WEIGHT_ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    unmoved = [n for n, v in start.items() if (saved[n].float() - v.float()).abs().max() <= MOVED]
+    assert not unmoved, unmoved
+
+
+def _zero_ranks(checkpoint: str) -> set[int]:
+    """The ranks that wrote DeepSpeed ZeRO shards into a checkpoint."""
+    return {int(f.split("zero_pp_rank_")[1].split("_")[0]) for _, _, files in os.walk(checkpoint) for f in files
+            if "zero_pp_rank_" in f}
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("script,zero,extra,launcher", [
+    pytest.param("finetune_palo.sh", "2", (), "deepspeed", id="zero2-full-deepspeed_launcher"),
+    # LoRA dropout off: each rank draws its own dropout masks, so no single process could draw the same ones.
+    pytest.param("finetune_lora_palo.sh", "3", ("--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0"), None,
+                 id="zero3-lora-torchrun"),
+])
+def test_deepspeed_through_the_original_scripts(world, data, tmp_path, monkeypatch, script, zero, extra, launcher):
+    """The original fine-tuning scripts with ZeRO on 2 CPU ranks: ZeRO-2 full fine-tuning through the scripts'
+    default launcher (deepspeed), ZeRO-3 LoRA through torchrun. Both ranks train, the losses and saved weights are
+    those of one process with the same global batch, and the saved folders load."""
+    out = str(tmp_path / "results" / "PALO")
+    args, env = _script_command(world, data, script, out, zero, *extra, launcher=launcher)
+    _finish(_spawn(args, env))
+    reference, start = _one_process_reference(_script_argv(args, tmp_path), str(tmp_path / "one"), monkeypatch)
+    _assert_two_ranks_match_one_process(out, reference)
+    assert _checkpoints(out) == ["checkpoint-3"]
+    assert _zero_ranks(os.path.join(out, "checkpoint-3")) == {0, 1}
+    lora = "lora" in script
+    for folder in (out, os.path.join(out, "checkpoint-3")):
+        if lora:
+            saved = {**torch.load(os.path.join(folder, "adapter_model.bin")),
+                     **torch.load(os.path.join(folder, "non_lora_trainables.bin"))}
+        else:
+            saved = load_pretrained_model(folder, device="cpu")[1].state_dict()
+        _assert_trained_weights(saved, reference, start)
+    tokenizer, model, _, _ = load_pretrained_model(out, world.base_dir if lora else None, device="cpu")
+    assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_pretrain_projector_script(world, tmp_path, monkeypatch):
+    """scripts/train/pretrain_projector.sh (stage 1) on image-caption pairs, 2 CPU ranks under torchrun with
+    ZeRO-2: writes mm_projector.bin (only the projector, the trained one) and nothing of the language model."""
+    captions = tiny_data.write_dataset(str(tmp_path / "captions"), num_samples=12, multi_turn_every=0,
+                                       text_only_every=0)
+    out = str(tmp_path / "stage1")
+    args = ["bash", os.path.join(ROOT, "scripts", "train", "pretrain_projector.sh"), world.base_dir, captions,
+            os.path.join(os.path.dirname(captions), "images"), "mlp2x_gelu", out, "2", "1e-3",
+            *_cpu_flags(world, captions), "--save_steps", "2"]
+    _finish(_spawn(args, _launch_env(None)))
+    reference, start = _one_process_reference(_script_argv(args, tmp_path), str(tmp_path / "one"), monkeypatch)
+    _assert_two_ranks_match_one_process(out, reference, num_samples=12)  # 1 epoch: 3 steps of 2 x 2
+    assert _checkpoints(out) == ["checkpoint-3"]
+    assert not any(f.endswith((".safetensors", ".bin")) and f != "mm_projector.bin" for f in os.listdir(out))
+    config = json.load(open(os.path.join(out, "config.json")))
+    hidden, vision = config["hidden_size"], config["mm_hidden_size"]
+    for folder in (out, os.path.join(out, "checkpoint-3")):
+        projector = torch.load(os.path.join(folder, "mm_projector.bin"))
+        assert {k: tuple(v.shape) for k, v in projector.items()} == {
+            "model.mm_projector.0.weight": (hidden, vision), "model.mm_projector.0.bias": (hidden,),
+            "model.mm_projector.2.weight": (hidden, hidden), "model.mm_projector.2.bias": (hidden,)}
+        assert set(start) == set(projector)  # stage 1 trains the projector and nothing else
+        _assert_trained_weights(projector, reference, start)
+    # The fine-tuning scripts take it as --pretrain_mm_mlp_adapter.
+    stage2 = train(_flags(world, tiny_data.write_dataset(str(tmp_path / "chat"), num_samples=4), str(tmp_path / "stage2"),
+                          "--pretrain_mm_mlp_adapter", os.path.join(out, "mm_projector.bin"), "--max_steps", "1",
+                          "--learning_rate", "0"))
+    for key, value in stage2.model.get_model().mm_projector.state_dict().items():
+        torch.testing.assert_close(value, projector[f"model.mm_projector.{key}"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_two_nodes_through_the_original_script(world, data, tmp_path):
     """Multi-node: two torchrun "nodes" of one CPU process each (node ranks 0 and 1, LOCAL_RANK 0 on both) run
     finetune_palo.sh with ZeRO-2 into one shared output folder, as nodes on a shared filesystem do. Only global
     rank 0 may write the model; both nodes' shards must land in the checkpoint."""
     out = str(tmp_path / "results" / "PALO-2node")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     procs = []
     for node in (0, 1):
         launcher = (f"--nnodes 2 --nproc_per_node 1 --node_rank {node} --master_addr 127.0.0.1 "
                     f"--master_port {port}")
         args, env = _script_command(world, data, "finetune_palo.sh", out, "2", launcher=launcher)
-        procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-4000:]
+        procs.append(_spawn(args, env))
+    for proc in procs:
+        _finish(proc)
     losses = _losses(out)
     assert len(losses) == 3 and all(0 < x < 20 for x in losses)
     shards = sorted(f for _, _, files in os.walk(os.path.join(out, "checkpoint-3")) for f in files
@@ -275,18 +606,20 @@ def test_two_nodes_through_the_original_script(world, data, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_with_torchrun(world, data, tmp_path):
-    """Plain DDP (no DeepSpeed) through torchrun on CPU, 2 processes: trains, checkpoints, loads."""
+@pytest.mark.timeout(600)
+def test_ddp_with_torchrun(world, data, tmp_path, monkeypatch):
+    """Plain DDP (no DeepSpeed) through torchrun on CPU, 2 processes: both ranks train, the losses and saved
+    weights are those of one process with the same global batch, and the folder loads."""
     out = str(tmp_path / "ddp")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    proc = _run_train_subprocess(
-        _flags(world, data, out, "--per_device_train_batch_size", "2", "--max_steps", "3", "--save_strategy", "steps",
-               "--save_steps", "3", "--learning_rate", "1e-3"),
-        launcher=[torchrun, "--nproc_per_node", "2"],
-    )
-    output = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, output[-3000:]
-    assert len(_losses(out)) == 3
+    flags = _flags(world, data, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
+                   "--learning_rate", "1e-3")
+    _finish(_run_train_subprocess(flags + ["--per_device_train_batch_size", "2"],
+                                  launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port())]))
+    reference, start = _one_process_reference(flags, str(tmp_path / "one"), monkeypatch)
+    _assert_two_ranks_match_one_process(out, reference)
+    for folder in (out, os.path.join(out, "checkpoint-3")):
+        _assert_trained_weights(load_pretrained_model(folder, device="cpu")[1].state_dict(), reference, start)
     tokenizer, model, _, _ = load_pretrained_model(out, device="cpu")
     assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
 
