@@ -73,11 +73,27 @@ def _packed(model, items, max_length=256):
     return batch, out, samples
 
 
-# FlexAttention compiles a kernel per new shape, which on CPU takes ~10 s each. (flash_attention_2 needs CUDA and
-# half precision, where 1e-5 does not hold; its packed path is the flattened row transformers' own varlen tests use.)
+# FlexAttention compiles a kernel per new shape, which on CPU takes ~4-10 s each; so each sample's lone run (the
+# reference: one sample, nothing to separate) is computed once with SDPA and shared by every kernel's packed run.
+# (flash_attention_2 needs CUDA and half precision, where 1e-5 does not hold; its packed path is the flattened row
+# transformers' own varlen tests use.)
+@pytest.fixture(scope="module")
+def alone_losses(loaded, items):
+    """Per-token losses of each sample run alone (SDPA), by dataset index."""
+    _, model, _ = loaded
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        losses = []
+        for item in items:
+            logits, labels = _alone(model, item)
+            losses.append(_token_losses(logits, labels, torch.zeros_like(labels), 1)[0])
+    assert all(len(x) > 0 for x in losses)
+    return losses
+
+
 @pytest.mark.parametrize("implementation", ["sdpa", "eager", pytest.param("flex_attention", marks=pytest.mark.slow)])
 @torch.no_grad()
-def test_packed_per_token_loss_equals_each_sample_run_alone(loaded, items, implementation):
+def test_packed_per_token_loss_equals_each_sample_run_alone(loaded, items, alone_losses, implementation):
     _, model, _ = loaded
     model.set_attn_implementation(implementation)
     try:
@@ -85,15 +101,11 @@ def test_packed_per_token_loss_equals_each_sample_run_alone(loaded, items, imple
         assert batch["input_ids"].shape[0] < len(items)  # really packed: several samples share rows
         packed = _token_losses(out.logits, out.spliced_labels, samples, len(items))
         order = [i for row in _ROWS for i in row]
-        all_alone = []
+        assert sorted(order) == list(range(len(items)))
         for k, i in enumerate(order):
-            logits, labels = _alone(model, items[i])
-            alone = _token_losses(logits, labels, torch.zeros_like(labels), 1)[0]
-            assert len(alone) > 0
-            torch.testing.assert_close(packed[k], alone, rtol=0, atol=1e-5)
-            all_alone.append(alone)
+            torch.testing.assert_close(packed[k], alone_losses[i], rtol=0, atol=1e-5)
         # The batch loss is the mean over every answer token of every sample, as without packing.
-        torch.testing.assert_close(out.loss, torch.cat(all_alone).mean(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(out.loss, torch.cat([alone_losses[i] for i in order]).mean(), rtol=0, atol=1e-5)
     finally:
         model.set_attn_implementation("sdpa")
 
