@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
-from palo.eval.jsonl import JsonlAppender, JsonlError, Record, iter_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
 from palo.eval.judge import (
     DEFAULT_JUDGE_MODEL,
     JudgeClient,
@@ -36,6 +35,7 @@ from palo.eval.judge import (
     load_rules,
     rule_for,
 )
+from palo.jsonl import JsonlAppender, JsonlError, Record, iter_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
 
 FAILED_TUPLE = [-1, -1]
 

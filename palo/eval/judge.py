@@ -1,4 +1,4 @@
-"""The LLM judge: rubric, request layout, score parsing, and a retrying, cached OpenAI-compatible client.
+"""The LLM judge: rubric, request layout, score parsing, and the judge call through the shared chat client.
 
 The protocol is the LLaVA-Bench one (formats reference §6): the judge sees a text description of the image, the
 question, the reference answer as "Assistant 1" and the evaluated model as "Assistant 2", and replies with two
@@ -10,20 +10,35 @@ Differences from the original, each on purpose:
   line ...), where the original split the first line on single spaces and so rejected "8, 9";
 * a request that still fails after bounded retries, or a reply that cannot be parsed, is a *failed* judgment that
   carries its reason; it is never turned into a score (the original wrote [-1, -1] and averaged it);
-* retries are bounded with exponential backoff (the original retried forever every 0.5 s);
-* replies are cached in SQLite by (judge model, request), so a rerun costs no API calls for what was judged.
+* retries are bounded with exponential backoff and honour ``Retry-After`` (the original retried forever every
+  0.5 s): the policy of :mod:`palo.openai_client`, shared with the translator;
+* replies are cached in SQLite by (judge model, request), so a rerun costs no API calls for what was judged; only
+  replies that parse are cached.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import re
-import sqlite3
-import threading
-import time
 from dataclasses import dataclass
+
+from palo.openai_client import DEFAULT_MAX_BACKOFF, ChatClient, ReplyCache, RequestFailed, request_key
+
+__all__ = [
+    "DEFAULT_JUDGE_MODEL",
+    "DEFAULT_RULES",
+    "JudgeClient",
+    "Judgment",
+    "ReplyCache",
+    "RuleError",
+    "ScoreParseError",
+    "build_messages",
+    "build_user_content",
+    "load_rules",
+    "parse_scores",
+    "request_key",
+    "rule_for",
+]
 
 # The judge's system message of the original protocol (a protocol string, kept so --rule reproduces it exactly).
 SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -170,59 +185,6 @@ def parse_scores(reply: str) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def request_key(model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
-    """A stable key for one judge request: anything that could change the reply is in it."""
-    blob = json.dumps({"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens},
-                      sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-class ReplyCache:
-    """Judge replies in an SQLite file, keyed by :func:`request_key`; safe across threads and processes.
-
-    Only replies that parsed are stored: a rerun asks again for anything that failed.
-
-    Args:
-        path: The SQLite file (created), or None for no caching.
-    """
-
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = None
-        if path:
-            # One connection shared by the worker threads under a lock; the timeout lets several processes (one
-            # per language) share a file.
-            self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
-            with self._lock, self._db:
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, model TEXT, content TEXT, created REAL)"
-                )
-
-    def get(self, key: str) -> str | None:
-        if self._db is None:
-            return None
-        with self._lock:
-            row = self._db.execute("SELECT content FROM replies WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
-
-    def put(self, key: str, model: str, content: str) -> None:
-        if self._db is None:
-            return
-        with self._lock, self._db:
-            self._db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, model, content, time.time()))
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Client
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -248,35 +210,16 @@ class Judgment:
     cached: bool = False
 
 
-def _retryable(exc: Exception) -> bool:
-    """429, 408/409, 5xx, time-outs and dropped connections are worth retrying; other 4xx are not."""
-    import openai
-
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
-        return True
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
-    return False
-
-
-def _retry_after(exc: Exception) -> float | None:
-    """The server's Retry-After (seconds), when it sent one."""
-    response = getattr(exc, "response", None)
-    value = getattr(response, "headers", {}).get("retry-after") if response is not None else None
+def _parses(reply: str) -> bool:
     try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _describe(exc: Exception) -> str:
-    status = getattr(exc, "status_code", None)
-    name = type(exc).__name__
-    return f"{name} (HTTP {status})" if status else name
+        parse_scores(reply)
+    except ScoreParseError:
+        return False
+    return True
 
 
 class JudgeClient:
-    """Calls an OpenAI-compatible chat endpoint with bounded retries and a reply cache.
+    """Scores judge requests through :class:`palo.openai_client.ChatClient` (bounded retries, reply cache).
 
     Args:
         model: The judge model id (written into every review).
@@ -285,64 +228,30 @@ class JudgeClient:
         max_tokens: Reply length limit.
         temperature: Sampling temperature (0.2 in the original).
         max_retries: Retries after the first attempt on retryable errors.
-        backoff: Base delay in seconds; attempt k waits ``backoff * 2**k`` (plus jitter, capped at 60 s).
+        backoff: Base delay in seconds; retry k waits ``backoff * 2**k`` (plus jitter), at least Retry-After, at
+            most ``max_backoff``.
         timeout: Seconds per HTTP request.
         cache: A :class:`ReplyCache` (or None).
+        max_backoff: Cap on one wait, in seconds.
     """
 
     def __init__(self, model: str = DEFAULT_JUDGE_MODEL, api_key: str | None = None, base_url: str | None = None,
                  max_tokens: int = 1024, temperature: float = DEFAULT_TEMPERATURE, max_retries: int = 5,
-                 backoff: float = 1.0, timeout: float = 120.0, cache: ReplyCache | None = None) -> None:
-        import openai
-
+                 backoff: float = 1.0, timeout: float = 120.0, cache: ReplyCache | None = None,
+                 max_backoff: float = DEFAULT_MAX_BACKOFF) -> None:
         self.model = model
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.cache = cache or ReplyCache(None)
-        # The SDK's own retries are off: ours are bounded, logged, counted and honour the backoff setting.
-        self._client = openai.OpenAI(api_key=api_key or "EMPTY", base_url=base_url, max_retries=0, timeout=timeout)
-
-    def _sleep(self, attempt: int, exc: Exception) -> None:
-        delay = self.backoff * (2 ** attempt) * (1 + 0.1 * random.random())
-        hinted = _retry_after(exc)
-        if hinted is not None:
-            delay = max(delay, hinted)
-        time.sleep(min(delay, 60.0))
+        self.chat = ChatClient(model, api_key=api_key, base_url=base_url, temperature=temperature,
+                               max_tokens=max_tokens, max_retries=max_retries, backoff=backoff,
+                               max_backoff=max_backoff, timeout=timeout, cache=cache)
 
     def judge(self, user_content: str) -> Judgment:
         """Score one request; never raises for API or parse problems (they become a failed :class:`Judgment`)."""
-        import openai
-
-        messages = build_messages(user_content)
-        key = request_key(self.model, messages, self.temperature, self.max_tokens)
-        cached = self.cache.get(key)
-        if cached is not None:
-            try:
-                return Judgment(cached, parse_scores(cached), failed=False, cached=True)
-            except ScoreParseError:
-                pass  # a cache written by another parser version: ask again
-        calls = 0
-        last_error = "no attempt"
-        for attempt in range(self.max_retries + 1):
-            calls += 1
-            try:
-                response = self._client.chat.completions.create(
-                    model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens,
-                )
-            except openai.OpenAIError as exc:
-                last_error = f"{_describe(exc)}: {str(exc)[:200]}"
-                if _retryable(exc) and attempt < self.max_retries:
-                    self._sleep(attempt, exc)
-                    continue
-                attempts = f"after {calls} attempt(s)"
-                return Judgment("", None, failed=True, reason=f"request failed {attempts}: {last_error}", calls=calls)
-            content = (response.choices[0].message.content or "") if response.choices else ""
-            try:
-                scores = parse_scores(content)
-            except ScoreParseError as exc:
-                return Judgment(content, None, failed=True, reason=f"unparseable reply: {exc}", calls=calls)
-            self.cache.put(key, self.model, content)
-            return Judgment(content, scores, failed=False, calls=calls)
-        return Judgment("", None, failed=True, reason=f"request failed: {last_error}", calls=calls)
+        try:
+            reply = self.chat.complete(build_messages(user_content), accept=_parses)
+        except RequestFailed as exc:
+            return Judgment("", None, failed=True, reason=f"request failed {exc}", calls=exc.attempts)
+        try:
+            scores = parse_scores(reply.content)
+        except ScoreParseError as exc:
+            return Judgment(reply.content, None, failed=True, reason=f"unparseable reply: {exc}", calls=reply.calls)
+        return Judgment(reply.content, scores, failed=False, calls=reply.calls, cached=reply.cached)

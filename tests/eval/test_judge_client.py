@@ -1,0 +1,55 @@
+"""``JudgeClient`` on the shared chat client: a failed call is a failed judgment, never a score."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+from chat_server import ChatServer, reply  # tests/ is on sys.path (rootdir conftest, no packages)
+from palo.eval.judge import JudgeClient, ReplyCache
+
+CONTENT = "[Context]\nc\n\n[Question]\nq\n\n..."
+
+
+def _judge(server: ChatServer, waits: list[float], **kwargs) -> JudgeClient:
+    client = JudgeClient("judge-x", api_key="k", base_url=server.base_url, max_retries=2, backoff=0.01, **kwargs)
+    client.chat.sleep = waits.append
+    return client
+
+
+def test_retries_exhausted_give_a_failed_judgment_without_scores():
+    with ChatServer((500, "the judge is down", {})) as server:
+        judgment = _judge(server, []).judge(CONTENT)
+    assert judgment.failed and judgment.scores is None and judgment.content == ""
+    assert judgment.calls == 3 and server.calls == 3
+    assert judgment.reason.startswith("request failed after 3 attempt(s): ") and "HTTP 500" in judgment.reason
+
+
+def test_the_judge_waits_for_an_http_date_retry_after():
+    waits: list[float] = []
+    when = email.utils.formatdate(time.time() + 20, usegmt=True)
+    with ChatServer((429, "slow down", {"Retry-After": when}), reply("8 9\nFine.")) as server:
+        judgment = _judge(server, waits).judge(CONTENT)
+    assert judgment.scores == (8, 9) and not judgment.failed and judgment.calls == 2
+    assert len(waits) == 1 and 18 <= waits[0] <= 21, waits
+
+
+def test_a_malformed_body_is_retried_not_a_crash():
+    with ChatServer((200, {"id": "x", "choices": None}, {}), reply("6 4")) as server:
+        judgment = _judge(server, []).judge(CONTENT)
+    assert judgment.scores == (6, 4) and judgment.calls == 2
+
+
+def test_only_parsed_replies_are_cached(tmp_path):
+    path = str(tmp_path / "judge_cache.sqlite")
+    with ChatServer(reply("I cannot judge this."), reply("7 8")) as server:
+        unparsed = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+        assert unparsed.failed and unparsed.scores is None and "unparseable" in unparsed.reason
+        scored = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+        again = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+    assert scored.scores == (7, 8) and not scored.cached
+    assert again.scores == (7, 8) and again.cached and again.calls == 0
+    assert server.calls == 2
+    # The judge's request: the original system message, temperature 0.2 and max_tokens 1024 as before.
+    assert server.requests[0]["temperature"] == 0.2 and server.requests[0]["max_tokens"] == 1024
+    assert server.requests[0]["messages"][1] == {"role": "user", "content": CONTENT}

@@ -1,0 +1,149 @@
+"""The shared OpenAI-compatible client against a local server over real HTTP: retries, Retry-After, cache, failures."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from chat_server import ChatServer, reply  # tests/ is on sys.path (rootdir conftest, no packages)
+from palo.openai_client import ChatClient, ReplyCache, RequestFailed, retry_after_seconds, retry_delay
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def _client(server: ChatServer, waits: list[float], **kwargs) -> ChatClient:
+    options = {"max_retries": 2, "backoff": 0.01, "max_backoff": 60.0, "timeout": 10.0, **kwargs}
+    return ChatClient("m", api_key="k", base_url=server.base_url, sleep=waits.append, **options)
+
+
+def test_retry_after_in_seconds_is_waited():
+    waits: list[float] = []
+    with ChatServer((429, "slow down", {"Retry-After": "7"}), reply("hi")) as server:
+        completion = _client(server, waits).complete(MESSAGES)
+    assert (completion.content, completion.calls, completion.cached) == ("hi", 2, False)
+    assert waits == [7.0]  # the hint, not the 0.01 s backoff
+    assert server.calls == 2
+
+
+def test_retry_after_as_an_http_date_is_waited():
+    waits: list[float] = []
+    when = email.utils.formatdate(time.time() + 30, usegmt=True)  # "Wed, 21 Oct 2015 07:28:00 GMT"
+    with ChatServer((503, "busy", {"Retry-After": when}), reply("hi")) as server:
+        assert _client(server, waits).complete(MESSAGES).content == "hi"
+    assert len(waits) == 1 and 28 <= waits[0] <= 31, waits  # HTTP dates have whole seconds
+
+
+def test_retry_after_is_capped_and_milliseconds_are_read():
+    waits: list[float] = []
+    with ChatServer((429, "later", {"Retry-After": "3600"}), (429, "later", {"retry-after-ms": "1500"}),
+                    reply("hi")) as server:
+        assert _client(server, waits, max_backoff=5.0).complete(MESSAGES).content == "hi"
+    assert waits == [5.0, 1.5]
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({"retry-after": "2.5"}, 2.5),
+    ({"retry-after": "-3"}, 0.0),
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # in the past: no extra wait
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:10 GMT"}, 10.0),
+    ({"retry-after": "Wed, 21 Oct 2015 07:28:10 -0000"}, 10.0),  # naive after parsing, still GMT
+    ({"retry-after": "soon"}, None),
+    ({"retry-after": "nan"}, None),
+    ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+    ({"retry-after-ms": "junk", "retry-after": "9"}, 9.0),
+    ({}, None),
+    (None, None),
+])
+def test_retry_after_parsing(headers, expected):
+    now = email.utils.parsedate_to_datetime("Wed, 21 Oct 2015 07:28:00 GMT").timestamp()
+    assert retry_after_seconds(headers, now=now) == expected
+
+
+def test_backoff_doubles_with_bounded_jitter_and_cap():
+    for attempt in range(4):
+        delay = retry_delay(attempt, 1.0, 60.0)
+        assert 2 ** attempt <= delay <= 1.25 * 2 ** attempt
+    assert retry_delay(10, 1.0, 60.0) == 60.0
+    assert retry_delay(0, 1.0, 60.0, hint=0.0) >= 1.0  # a zero hint does not shorten the backoff
+
+
+def test_retries_exhausted_raise_a_failure_record():
+    waits: list[float] = []
+    with ChatServer((503, "down", {})) as server:
+        client = _client(server, waits)
+        with pytest.raises(RequestFailed) as info:
+            client.complete(MESSAGES)
+    assert info.value.attempts == 3 and server.calls == 3 and len(waits) == 2
+    assert "after 3 attempt(s)" in str(info.value) and "HTTP 503" in info.value.last_error
+    assert client.stats["requests"] == 3 and client.stats["retries"] == 2 and client.stats["failed_requests"] == 1
+
+
+def test_client_errors_are_not_retried():
+    waits: list[float] = []
+    with ChatServer((401, "bad key", {})) as server:
+        with pytest.raises(RequestFailed) as info:
+            _client(server, waits).complete(MESSAGES)
+    assert info.value.attempts == 1 and server.calls == 1 and waits == []
+    assert "HTTP 401" in str(info.value)
+
+
+@pytest.mark.parametrize("body", [{"id": "x", "object": "chat.completion", "choices": []},
+                                  {"id": "x", "choices": [{"index": 0, "message": {"role": "assistant"}}]}])
+def test_a_malformed_200_body_is_retried(body):
+    waits: list[float] = []
+    with ChatServer((200, body, {}), reply("hi")) as server:
+        completion = _client(server, waits).complete(MESSAGES)
+    assert completion.content == "hi" and completion.calls == 2 and len(waits) == 1
+
+
+def test_cache_hit_avoids_a_call(tmp_path):
+    path = str(tmp_path / "cache" / "replies.sqlite")
+    with ChatServer(reply("8 9")) as server:
+        first = _client(server, [], cache=ReplyCache(path)).complete(MESSAGES)
+        # A new client on the same file (a rerun): no HTTP call at all.
+        cache = ReplyCache(path)
+        client = _client(server, [], cache=cache)
+        second = client.complete(MESSAGES)
+        assert server.calls == 1
+        assert (second.content, second.cached, second.calls) == ("8 9", True, 0)
+        assert first.cached is False and client.stats["cache_hits"] == 1 and client.stats["requests"] == 0
+        # Anything that could change the reply is part of the key: other messages are asked for.
+        client.complete([{"role": "user", "content": "other"}])
+        assert server.calls == 2
+        cache.close()
+
+
+def test_rejected_replies_are_not_cached_and_stale_entries_are_asked_again(tmp_path):
+    path = str(tmp_path / "replies.sqlite")
+    with ChatServer(reply("no scores here"), reply("7 7")) as server:
+        client = _client(server, [], cache=ReplyCache(path))
+        accept = lambda text: text[0].isdigit()  # noqa: E731 - a one-line check
+        assert client.complete(MESSAGES, accept=accept).content == "no scores here"  # returned, not cached
+        assert client.complete(MESSAGES, accept=accept).content == "7 7"
+        assert client.complete(MESSAGES, accept=accept).cached
+        assert server.calls == 2
+        # A cached reply the caller's check no longer takes is asked for again.
+        strict = _client(server, [], cache=ReplyCache(path))
+        strict.complete(MESSAGES, accept=lambda text: text == "something else")
+        assert server.calls == 3
+
+
+def test_the_shared_modules_import_neither_torch_nor_openai():
+    """Both are loaded from their files, outside the ``palo`` package, so only their own imports count."""
+    code = (
+        "import importlib.util, sys\n"
+        "for name in ('openai_client', 'jsonl'):\n"
+        "    spec = importlib.util.spec_from_file_location('iso_' + name, f'palo/{name}.py')\n"
+        "    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)\n"
+        "    spec.loader.exec_module(module)\n"
+        "heavy = sorted(m for m in ('torch', 'openai', 'transformers', 'palo') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
