@@ -17,7 +17,6 @@ A config with ``mm_vision_tower`` is multimodal (PALO); without it the folder is
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import os
 from collections.abc import Iterator
@@ -28,6 +27,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from palo.model.attention import check_attn_implementation
+# Callers also import CheckpointError, CheckpointKind and detect_checkpoint_kind from this module.
+from palo.model.checkpoint_files import (
+    NON_LORA_FILE,
+    PROJECTOR_FILE,
+    CheckpointError,
+    CheckpointKind,
+    detect_checkpoint_kind,
+    load_into_projector,
+    load_non_lora,
+    load_projector,
+)
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
 from palo.model.tokenizer import load_tokenizer
@@ -35,26 +45,9 @@ from palo.model.vision_tower import VisionTowerError, load_image_processor
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 # Modules kept in half precision under 4/8-bit loading. transformers 5 matches these from the start of a module's
 # full name (or as its suffix), older versions as substrings: the prefixed and bare forms cover both.
 QUANTIZATION_SKIP = ["model.mm_projector", "model.vision_tower", "lm_head", "mm_projector", "vision_tower"]
-
-
-class CheckpointError(ValueError):
-    """A folder is not a loadable checkpoint, or lacks what its kind needs."""
-
-
-class CheckpointKind(enum.Enum):
-    FULL = "full"
-    LORA = "lora"
-    PROJECTOR = "projector"
 
 
 def resolve_checkpoint_dir(path: str) -> str:
@@ -75,62 +68,6 @@ def resolve_checkpoint_dir(path: str) -> str:
         offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise CheckpointError(
             f"{path!r} is not a local folder and could not be found as a Hugging Face repo{offline}: {exc}"
-        ) from exc
-
-
-def detect_checkpoint_kind(model_dir: str) -> CheckpointKind:
-    """Classify a checkpoint folder by the files it holds.
-
-    Raises:
-        CheckpointError: If the folder holds no checkpoint.
-    """
-    files = set(os.listdir(model_dir))
-    if files & set(ADAPTER_FILES):
-        if "adapter_config.json" not in files:
-            raise CheckpointError(f"{model_dir!r} has LoRA weights but no adapter_config.json")
-        return CheckpointKind.LORA
-    if "config.json" not in files:
-        raise CheckpointError(
-            f"{model_dir!r} is not a checkpoint: it has no config.json (files: {sorted(files)[:10]}). Expected a "
-            "full model (config.json + model.safetensors or pytorch_model*.bin), a LoRA output "
-            "(adapter_config.json + adapter_model.*) or a stage-1 output (config.json + mm_projector.bin)."
-        )
-    has_weights = bool(files & set(WEIGHT_FILES)) or any(
-        f.startswith(("model-", "pytorch_model-")) and f.endswith((".safetensors", ".bin")) for f in files
-    )
-    if has_weights:
-        return CheckpointKind.FULL
-    if "mm_projector.bin" in files:
-        return CheckpointKind.PROJECTOR
-    raise CheckpointError(
-        f"{model_dir!r} has a config.json but no weights: expected model.safetensors, pytorch_model*.bin, "
-        "adapter_model.* (LoRA) or mm_projector.bin (stage 1)."
-    )
-
-
-def _load_bin(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _normalize_non_lora_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``base_model.model.model.mm_projector.x`` -> ``model.mm_projector.x`` (both historical forms accepted)."""
-    state = {(k[len("base_model."):] if k.startswith("base_model.") else k): v for k, v in state.items()}
-    if any(k.startswith("model.model.") for k in state):
-        state = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state.items()}
-    return state
-
-
-def _load_projector_state(model: PaloForCausalLM, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load every ``*mm_projector.*`` tensor of ``state`` into the projector, strictly."""
-    prefix = "mm_projector."
-    projector_state = {k.split(prefix, 1)[1]: v for k, v in state.items() if prefix in k}
-    if not projector_state:
-        raise CheckpointError(f"{source} holds no mm_projector weights (keys: {list(state)[:5]})")
-    try:
-        model.projector.load_state_dict(projector_state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"{source} does not fit the projector '{model.spec.projector_type}' of this config: {exc}"
         ) from exc
 
 
@@ -297,7 +234,7 @@ def load_pretrained_model(
         logger.warning("%s is a full checkpoint; ignoring --model-base %s", model_path, model_base)
         base_dir = None
     if kind is not CheckpointKind.FULL and base_dir is None:
-        what = "a LoRA adapter" if kind is CheckpointKind.LORA else "a stage-1 projector (mm_projector.bin)"
+        what = "a LoRA adapter" if kind is CheckpointKind.LORA else f"a stage-1 projector ({PROJECTOR_FILE})"
         raise CheckpointError(f"{model_path!r} holds {what}; pass the base LLM with --model-base (model_base=)")
 
     if dtype is None:
@@ -325,7 +262,7 @@ def load_pretrained_model(
 
     if not spec.is_multimodal:
         if kind is CheckpointKind.PROJECTOR:
-            raise CheckpointError(f"{model_path!r} has mm_projector.bin but its config names no mm_vision_tower")
+            raise CheckpointError(f"{model_path!r} has {PROJECTOR_FILE} but its config names no mm_vision_tower")
         model = AutoModelForCausalLM.from_pretrained(base_dir or model_dir, **load_kwargs)
         if kind is CheckpointKind.LORA:
             model = _merge_lora(model, model_dir)
@@ -343,20 +280,16 @@ def load_pretrained_model(
         missing = _check_loading_info(info, (tower_prefix,), model_path)
     else:
         missing = _check_loading_info(info, (tower_prefix, "model.mm_projector."), model_base or "")
+        projector = f"the projector '{model.spec.projector_type}' of this config"
         if kind is CheckpointKind.LORA:
-            non_lora = os.path.join(model_dir, "non_lora_trainables.bin")
-            if os.path.isfile(non_lora):
-                state = _normalize_non_lora_keys(_load_bin(non_lora))
-                _load_projector_state(model, state, non_lora)
-            else:
-                raise CheckpointError(f"{model_path!r} is a PALO LoRA folder without non_lora_trainables.bin")
+            state = load_non_lora(model_dir, wrapped=False)
+            load_into_projector(model.projector, state, os.path.join(model_path, NON_LORA_FILE), projector)
             model = _merge_lora(model, model_dir)
         else:
-            projector_file = os.path.join(model_dir, "mm_projector.bin")
             # The original rounds stage-1 projector weights through float16 in this branch; released projectors are
             # bf16/fp16 already (so this is exact for them), and doing the same keeps logits identical for others.
-            state = {k: v.to(torch.float16) for k, v in _load_bin(projector_file).items()}
-            _load_projector_state(model, state, projector_file)
+            state = load_projector(model_dir, dtype=torch.float16)
+            load_into_projector(model.projector, state, os.path.join(model_path, PROJECTOR_FILE), projector)
 
     _load_vision_tower_weights(
         model.get_vision_tower(),

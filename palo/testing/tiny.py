@@ -2,8 +2,10 @@
 
 Nothing here downloads anything: the tokenizer is a SentencePiece model trained on :mod:`palo.testing.corpus`,
 the CLIP tower and LLaMA have random weights. The checkpoint writers produce the exact file layouts the original
-PALO training code writes (see the module docs of :mod:`palo.model.builder`), with state dicts written directly,
-so loading them exercises the real compatibility path rather than a round trip through this project's own saver.
+PALO training code writes (see the module docs of :mod:`palo.model.builder`). Full checkpoints and adapters are
+written directly; ``mm_projector.bin`` and ``non_lora_trainables.bin`` go through
+:mod:`palo.model.checkpoint_files`, the one place that knows their layout, whose tests pin those layouts to the
+original key names.
 Used by the test suite, the benchmarks and the built-in demo.
 """
 
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from palo.model import checkpoint_files
 from palo.model.config import PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
 from palo.model.tokenizer import PaloLlamaTokenizer
@@ -233,9 +236,7 @@ def _copy_tokenizer(src: str, dst: str) -> None:
 
 def write_projector_checkpoint(out_dir: str, model: PaloForCausalLM, config_dict: dict) -> str:
     """A stage-1 output: config.json + ``mm_projector.bin`` with full-model key names."""
-    os.makedirs(out_dir, exist_ok=True)
-    state = {f"model.mm_projector.{k}": v.detach().clone() for k, v in model.projector.state_dict().items()}
-    torch.save(state, os.path.join(out_dir, "mm_projector.bin"))
+    checkpoint_files.save_projector(out_dir, model.state_dict())
     _write_config(out_dir, dict(config_dict, tune_mm_mlp_adapter=True))
     return out_dir
 
@@ -296,10 +297,8 @@ def write_lora_checkpoint(
     }
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(adapter_config, f, indent=2)
-    non_lora = {
-        f"base_model.model.model.mm_projector.{k}": v.detach().clone() for k, v in model.projector.state_dict().items()
-    }
-    torch.save(non_lora, os.path.join(out_dir, "non_lora_trainables.bin"))
+    # The original's LoRA run trains only the projector besides the adapter.
+    checkpoint_files.save_non_lora(out_dir, checkpoint_files.projector_state(model.state_dict()))
     _write_config(out_dir, dict(config_dict, mm_projector_lr=2e-5))
     return out_dir, adapter
 

@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from palo.model.builder import QUANTIZATION_SKIP, require_bitsandbytes, resolve_checkpoint_dir
+from palo.model.checkpoint_files import load_into_projector, load_projector
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM, build_vision_tower
 from palo.model.projectors import build_projector
@@ -184,11 +185,13 @@ def attach_vision_modules(model: PaloForCausalLM, model_args: ModelArguments, ar
         )
     inner.mm_projector.requires_grad_(True)
     if model_args.pretrain_mm_mlp_adapter:
-        state = torch.load(model_args.pretrain_mm_mlp_adapter, map_location="cpu", weights_only=True)
-        projector_state = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
-        if not projector_state:
-            raise ValueError(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter} holds no mm_projector weights")
-        inner.mm_projector.load_state_dict(projector_state, strict=True)
+        source = f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter}"
+        load_into_projector(
+            inner.mm_projector,
+            load_projector(model_args.pretrain_mm_mlp_adapter),
+            source,
+            f"the projector '{spec.projector_type}' of --mm_projector_type",
+        )
     return load_image_processor(model_args.vision_tower, tower.config.image_size)
 
 

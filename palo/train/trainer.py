@@ -7,7 +7,8 @@ Checkpoint files per mode (the original layouts, written at the end *and* in eve
 * full: the usual transformers weights + ``config.json`` + tokenizer + ``preprocessor_config.json``.
 
 Every ``checkpoint-N`` is written under ``<output_dir>/.staging`` and renamed into place when complete, so the
-latest ``checkpoint-*`` that a resumed run picks is never a half-written one.
+latest ``checkpoint-*`` that a resumed run picks is never a half-written one. The stage-1 and LoRA files are
+written and read by :mod:`palo.model.checkpoint_files`; resuming checks their keys against the model being trained.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import Trainer
 from transformers.trainer_utils import rotate_checkpoints
 
 from palo.constants import IGNORE_INDEX
+from palo.model import checkpoint_files
 from palo.train.dataset import LANGUAGE_NAMES
 from palo.train.flops import FlopCounter, peak_flops
 from palo.train.model_setup import unwrap
@@ -221,35 +223,19 @@ class PaloTrainer(Trainer):
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
         base.config.save_pretrained(output_dir)
         if self.stage1:
-            projector = {_strip_peft(k): v for k, v in state.items() if "mm_projector" in k or "vision_resampler" in k}
-            torch.save(projector, os.path.join(output_dir, "mm_projector.bin"))
+            checkpoint_files.save_projector(output_dir, state)
             return
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         # PEFT keeps the LoRA tensors (and biases per --lora_bias) and drops the adapter name from the keys;
         # .bin as in the original layout.
         model.save_pretrained(output_dir, state_dict=state, safe_serialization=False)
-        non_lora = {k: v for k, v in state.items() if "lora_" not in k and k in trainable}
-        torch.save(non_lora, os.path.join(output_dir, "non_lora_trainables.bin"))
+        checkpoint_files.save_non_lora(output_dir, checkpoint_files.non_lora_state(state, trainable))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = model if model is not None else self.model
         if self.is_deepspeed_enabled or not (self.stage1 or _is_peft(model)):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        base = unwrap(model)
         if self.stage1:
-            state = torch.load(os.path.join(resume_from_checkpoint, "mm_projector.bin"), map_location="cpu", weights_only=True)
-            base.get_model().mm_projector.load_state_dict({k.split("mm_projector.", 1)[1]: v for k, v in state.items()})
-            return
-        from peft import set_peft_model_state_dict
-
-        adapter = torch.load(os.path.join(resume_from_checkpoint, "adapter_model.bin"), map_location="cpu", weights_only=True)
-        set_peft_model_state_dict(model, adapter)
-        non_lora = torch.load(os.path.join(resume_from_checkpoint, "non_lora_trainables.bin"), map_location="cpu", weights_only=True)
-        result = model.load_state_dict(non_lora, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"{resume_from_checkpoint}: unexpected keys {result.unexpected_keys[:5]}")
-
-
-def _strip_peft(key: str) -> str:
-    """``base_model.model.model.mm_projector.0.weight`` -> ``model.mm_projector.0.weight``."""
-    return key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+            checkpoint_files.restore_projector(unwrap(model), resume_from_checkpoint)
+        else:
+            checkpoint_files.restore_lora(model, resume_from_checkpoint)
