@@ -16,7 +16,8 @@ import sys
 from collections import Counter
 from typing import Any
 
-from palo.data.translate import TARGET_LANGUAGES, atomic_write_json, conversation_key
+from palo.data.translate import TARGET_LANGUAGES, conversation_key
+from palo.jsonl import atomic_write_json
 
 
 def translated_language(samples: list[dict[str, Any]]) -> str | None:

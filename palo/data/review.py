@@ -22,14 +22,8 @@ from collections import defaultdict
 from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
-from palo.data.translate import (
-    atomic_write_json,
-    conversation_key,
-    join_image,
-    read_jsonl,
-    source_hash,
-    split_image,
-)
+from palo.data.translate import conversation_key, join_image, source_hash, split_image
+from palo.jsonl import JsonlAppender, atomic_write_json, read_jsonl, read_log
 
 
 def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,7 +84,8 @@ def main_apply_review(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data apply-review``."""
     with open(args.data_path, encoding="utf-8") as f:
         samples = json.load(f)
-    entries = read_jsonl(args.review)
+    # Strict: a person edited this file, and a typo must name its line rather than silently drop what follows it.
+    entries = [record.data for record in read_jsonl(args.review)]
     try:
         report = apply_corrections(samples, entries)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -104,13 +99,14 @@ def main_apply_review(args: argparse.Namespace) -> int:
         candidate = args.data_path[: -len(".json")] + ".progress.jsonl"
         progress = candidate if os.path.exists(candidate) else None
     if progress and report["touched"]:
-        old = {int(r["index"]): r for r in read_jsonl(progress)}
-        with open(progress, "a", encoding="utf-8") as f:
+        old = {int(r["index"]): r for r in read_log(progress) if isinstance(r, dict) and "index" in r}
+        # The appender first cuts a torn last line (a killed translate run), so the corrections start a line of
+        # their own instead of being glued to the torn one, where a resume would cut them off.
+        with JsonlAppender(progress) as log:
             for index in report["touched"]:
                 review = [e for e in entries if int(e["index"]) == index and not (e.get("corrected") or "").strip()]
-                record = {"index": index, "hash": old.get(index, {}).get("hash", source_hash(samples[index])),
-                          "sample": samples[index], "review": review}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                log.write({"index": index, "hash": old.get(index, {}).get("hash", source_hash(samples[index])),
+                           "sample": samples[index], "review": review})
     del report["touched"]
     report["output"] = output
     print(json.dumps(report, ensure_ascii=False, indent=2))

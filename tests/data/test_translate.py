@@ -438,6 +438,45 @@ def test_apply_review_merges_corrections(tmp_path, server, capsys):
         assert json.load(f) == result
 
 
+def test_apply_review_after_a_killed_run_keeps_corrections_past_a_torn_log_line(tmp_path, server, capsys):
+    """A translate run killed mid-write leaves a torn last line in the progress log; the corrections appended by
+    apply-review must start a line of their own, or the next resume cuts them off with the torn line."""
+    data = _write(tmp_path / "in.json", SAMPLES)
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    with open(out / "arabic.progress.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"index": 3, "hash": "torn')
+    review_path = out / "arabic.review.jsonl"
+    entries = [json.loads(line) for line in open(review_path, encoding="utf-8")]
+    entries[0]["corrected"] = "تظهر الصورة كلبا كبيرا بالقرب من شجرة."
+    with open(review_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+    assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 0
+    calls = len(server.calls)
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    assert len(server.calls) == calls
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert result[3]["corrupt"] is False
+    assert result[3]["arabic_conversation"][1]["value"] == "تظهر الصورة كلبا كبيرا بالقرب من شجرة."
+
+
+def test_apply_review_names_a_malformed_review_line(tmp_path, server, capsys):
+    data = _write(tmp_path / "in.json", SAMPLES)
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    review_path = out / "arabic.review.jsonl"
+    lines = open(review_path, encoding="utf-8").read().splitlines()
+    lines[0] = lines[0][:-1] + ","  # a reviewer's typo on line 1: the corrections after it must not vanish quietly
+    review_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    before = (out / "arabic.json").read_bytes()
+    capsys.readouterr()
+    assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 2
+    assert f"{review_path}:1: not valid JSON" in capsys.readouterr().err
+    assert (out / "arabic.json").read_bytes() == before
+
+
 def test_apply_review_puts_image_back_in_front(tmp_path, server):
     data = _write(tmp_path / "in.json", [_sample(0, "echoenglish what is this thing here?\n<image>", "It is a cat.")])
     out = tmp_path / "out"

@@ -1,0 +1,102 @@
+"""The quality check every translation passes before it is accepted (:func:`check_translation`)."""
+
+from __future__ import annotations
+
+import re
+
+from palo.constants import LANGUAGES
+from palo.data.languages import _LETTER_RE, _SCRIPT_RE, detect_language
+from palo.data.translate.cleaning import _PREAMBLE_RE
+from palo.data.translate.spans import _PLACEHOLDER_RE, placeholder_problems
+
+# Scripts (in palo.data.languages' names) whose letters count as "written in the target script".
+_TARGET_SCRIPTS = {
+    "chinese": ("han",), "japanese": ("kana", "han"), "russian": ("cyrillic",), "arabic": ("arabic",),
+    "urdu": ("arabic",), "hindi": ("devanagari",), "bengali": ("bengali",), "french": ("latin",),
+    "spanish": ("latin",),
+}
+_CJK = ("chinese", "japanese")
+# Letters in the target script / all letters. Below this the text is mostly in another script; names and brands in
+# Latin letters ("iPhone", "Starbucks") keep real translations well above it.
+MIN_SCRIPT_RATIO = 0.6
+# len(translation) / len(source), checked for sources of at least 40 characters (short strings vary too much).
+# CJK packs a word into one or two characters; everything else runs about 0.8-1.4x English.
+LENGTH_RATIO = {"chinese": (0.12, 1.5), "japanese": (0.15, 1.8)}
+DEFAULT_LENGTH_RATIO = (0.35, 3.0)
+# Phrases of a chat model talking about the task instead of doing it.
+_ECHO_RE = re.compile(
+    r"\btranslat(?:e|ed|ion|ing)\b|\bhere is\b|\bhere's\b|\bas an ai\b|\bi cannot\b|\bi can't\b|\bi'm sorry\b"
+    r"|\boutput only\b|\bplaceholder|\[\[n\]\]|\benglish\b",
+    re.IGNORECASE,
+)
+_WORD_RE = re.compile(r"[^\W\d_]+")
+# Arabic-script letters only Urdu (of PALO's languages) writes: retroflex ٹ ڈ ڑ, noon ghunna ں, yeh barree ے ۓ,
+# heh goal ہ ۂ, teh marbuta goal ۃ; and the Urdu full stop ۔.
+_URDU_ONLY_RE = re.compile("[\u0679\u0688\u0691\u06ba\u06d2\u06d3\u06c1\u06c2\u06c3\u06d4]")
+
+
+def _letters(text: str) -> int:
+    return len(_LETTER_RE.findall(text))
+
+
+def check_translation(source: str, translation: str, language: str, n_placeholders: int = 0) -> list[str]:
+    """Problems with one translated (still masked) text; an empty list means it is accepted.
+
+    Args:
+        source: The masked English text that was sent.
+        translation: The model's reply, cleaned but not yet restored.
+        language: The target language (a PALO language name).
+        n_placeholders: How many placeholders ``source`` holds.
+
+    Returns:
+        Human-readable problems, each naming what failed (they are shown to the model on the stricter retry and
+        to the reviewer).
+    """
+    if not translation.strip():
+        return ["empty translation"]
+    problems = placeholder_problems(translation, n_placeholders)
+    preamble = _PREAMBLE_RE.match(translation)
+    if preamble and not _PREAMBLE_RE.match(source):
+        problems.append(f"begins with a preamble ({preamble.group(0).strip()!r}), not with the translation")
+    bare = _PLACEHOLDER_RE.sub(" ", translation)
+    bare_source = _PLACEHOLDER_RE.sub(" ", source)
+    letters, source_letters = _letters(bare), _letters(bare_source)
+    words = len(_WORD_RE.findall(bare_source))
+    if source_letters and letters == 0:
+        problems.append("no words in the translation")
+    elif letters:
+        in_script = sum(len(_SCRIPT_RE[script].findall(bare)) for script in _TARGET_SCRIPTS[language])
+        if in_script / letters < MIN_SCRIPT_RATIO:
+            problems.append(f"not written in {language} script ({in_script}/{letters} letters are)")
+        elif language in ("french", "spanish"):
+            # Latin script passes the script test even when nothing was translated, so look at the words.
+            if words >= 4 and detect_language(bare) == "english":
+                problems.append("still English")
+        elif letters >= 12 or language in _CJK:
+            detected = detect_language(bare)
+            # Kana in a "Chinese" reply, or Urdu-only letters in an "Arabic" one (and vice versa) mean the wrong
+            # language in the right script. Short Arabic-script texts can lack the telling letters, hence >= 12.
+            if detected in LANGUAGES and detected != language and not (language == "arabic" and letters < 30):
+                problems.append(f"looks like {detected}, not {language}")
+        if language == "arabic" and _URDU_ONLY_RE.search(bare) and not any("looks like" in p for p in problems):
+            # However short: below 30 letters an Urdu-leaning letter count is not trusted (Persian-typed or
+            # transliterated Arabic has ی ک گ چ پ too), but these letters never occur in Arabic.
+            problems.append("looks like urdu, not arabic (letters only Urdu writes)")
+    if words >= 3 and bare.strip().lower() == bare_source.strip().lower():
+        problems.append("left unchanged (still English)")
+    elif len(bare_source.strip()) >= 40 and bare_source.strip().lower() in bare.lower():
+        problems.append("echoes the English source")
+    if len(source) >= 40:
+        low, high = LENGTH_RATIO.get(language, DEFAULT_LENGTH_RATIO)
+        ratio = len(translation) / len(source)
+        if not low <= ratio <= high:
+            problems.append(f"implausible length ratio {ratio:.2f} (expected {low}-{high})")
+    echoed = {m.group(0).lower() for m in _ECHO_RE.finditer(bare)} - {
+        m.group(0).lower() for m in _ECHO_RE.finditer(bare_source)}
+    if echoed:
+        problems.append(f"echoes instructions ({', '.join(sorted(echoed))})")
+    for bracket in "<>":
+        if translation.count(bracket) > source.count(bracket):
+            problems.append(f"angle bracket '{bracket}' not in the source")
+            break
+    return problems

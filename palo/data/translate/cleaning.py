@@ -1,0 +1,63 @@
+"""What a chat model adds around a translation: a preamble at the start, quotes or a code fence around it all."""
+
+from __future__ import annotations
+
+import re
+
+# A chat model's announcement of its translation, in English or in the target language. Only ever looked for at the
+# start of a reply (see strip_preamble): "Translation", "Here is the Arabic translation of the text", "Voici la
+# traduction", "Aquí tienes la traducción al español", "Вот перевод", "以下是翻译", "日本語訳", "إليك الترجمة إلى
+# العربية", "हिंदी अनुवाद", "বাংলা অনুবাদ", "اردو ترجمہ" ... followed by a colon, or alone on the first line.
+_PREAMBLE_LABEL = (
+    r"(?:(?:here(?:'s|’s| is| are)|below is|this is)\s+)?(?:(?:the|your|a|an|my)\s+)?(?:[a-z]+\s+)?"
+    r"(?:translation|translated\s+(?:text|version|turn|message)|translate)(?:\s+(?:in|into|to)\s+[a-z]+)?"
+    r"(?:\s+of\s+(?:the|your|this)\s+(?:text|message|turn|sentence|phrase|passage|conversation))?"
+    r"(?:\s+(?:in|into|to)\s+[a-z]+)?(?:\s+is)?"
+    r"|(?:voici\s+)?(?:la\s+|une\s+)?traduction(?:\s+(?:en|vers\s+le)\s+\w+)?"
+    r"|(?:aqu[ií]\s+(?:est[aá]|tienes|va)\s+)?(?:la\s+)?traducci[oó]n(?:\s+al\s+\w+)?"
+    r"|(?:вот\s+)?перевод(?:\s+на\s+\w+(?:\s+\w+)?)?"
+    r"|(?:以下是|这是|這是)?(?:中文|简体中文)?(?:的)?(?:翻译|翻譯|译文|譯文)(?:如下)?"
+    r"|(?:以下は|これは)?(?:日本語)?(?:の)?(?:翻訳|訳)(?:です)?"
+    r"|(?:إليك|إليكم|ها\s+هي|هذه\s+هي|هذه)?\s*(?:ال)?ترجمة(?:\s+(?:إلى|الى|باللغة)\s+\S+)?"
+    r"|(?:यहाँ|यहां|यह)?\s*(?:हिंदी|हिन्दी|का)?\s*अनुवाद(?:\s+(?:है|हैं))?"
+    r"|(?:এখানে|এই)?\s*(?:বাংলা)?\s*অনুবাদ(?:\s+(?:দেওয়া\s+হলো|হলো|হল))?"
+    r"|(?:یہ|یہاں)?\s*(?:اردو)?\s*(?:میں)?\s*ترجمہ(?:\s+(?:ہے|یہ\s+ہے))?"
+)
+_COURTESY = (r"(?:(?:sure|certainly|of\s+course|okay|ok|absolutely|bien\s+s[uû]r|claro|por\s+supuesto|конечно|"
+             r"好的|当然|もちろん|بالتأكيد|بالطبع|ज़रूर|জরুর|অবশ্যই|ضرور)[\s!,.،。！]*)?")
+_PREAMBLE_RE = re.compile(
+    r"^\s*" + _COURTESY + r"(?:" + _PREAMBLE_LABEL + r")(?:\s*[(（][^)）\n]{1,40}[)）])?"
+    r"\s*(?:[:：]\s*|[.。]?[ \t]*\n\s*)(?=\S)",
+    re.IGNORECASE,
+)
+
+
+def strip_preamble(reply: str, source: str) -> str:
+    """``reply`` without a preamble ("Translation: ...", "Here is the translation:\\n...") at its start.
+
+    Decided by position only: the preamble must open the reply, and it is kept when the source opens with such a
+    label itself (then it is the translation of that label). Words the source uses elsewhere change nothing, so
+    "Translation: ..." is removed from the reply to "Can you give a translation of the sign?".
+    """
+    match = _PREAMBLE_RE.match(reply)
+    if match is None or _PREAMBLE_RE.match(source):
+        return reply
+    return reply[match.end():]
+
+
+_WRAPPERS = [('"', '"'), ("“", "”"), ("'", "'"), ("«", "»"), ("「", "」")]
+
+
+def clean_reply(reply: str, source: str) -> str:
+    """Strip what a chat model adds around a whole reply when the source had none: a preamble at its start
+    (:func:`strip_preamble`), then quotes or a code fence around the rest."""
+    text = strip_preamble(reply.strip(), source).strip()
+    if text.startswith("```") and text.endswith("```") and not source.lstrip().startswith("```") and len(text) > 6:
+        text = re.sub(r"^```[\w-]*\n?|\n?```$", "", text).strip()
+    for left, right in _WRAPPERS:
+        inner = text[len(left):-len(right)]
+        if (len(text) >= 2 and text.startswith(left) and text.endswith(right) and left not in inner
+                and right not in inner and not source.strip().startswith(left)):
+            text = text[len(left):-len(right)].strip()
+            break
+    return text

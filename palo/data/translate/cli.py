@@ -1,0 +1,76 @@
+"""The ``palo-data translate`` flags and entry point (wired into ``palo-data`` by :mod:`palo.data.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from palo.data.translate.cache import TranslationCache
+from palo.data.translate.prompts import resolve_language
+from palo.data.translate.runner import run
+from palo.data.translate.translator import Translator
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``palo-data translate`` flags (dash and underscore spellings both work)."""
+    parser.add_argument("--data_path", "--data-path", "--input", dest="data_path", required=True,
+                        help="LLaVA-Instruct-format JSON array")
+    parser.add_argument("--languages", "--language", dest="languages", required=True,
+                        help="comma-separated ISO codes or names of the 9 target languages, e.g. ar,zh,fr")
+    parser.add_argument("--output_dir", "--output-dir", dest="output_dir", required=True)
+    parser.add_argument("--model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"))
+    parser.add_argument("--base_url", "--base-url", dest="base_url", default=None,
+                        help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL, else api.openai.com)")
+    parser.add_argument("--api_key", "--api-key", dest="api_key", default=None, help="default: $OPENAI_API_KEY")
+    parser.add_argument("--parallel", type=int, default=8, help="requests in flight at most")
+    parser.add_argument("--cache", default=None,
+                        help="SQLite translation cache (default: <output_dir>/translation_cache.sqlite)")
+    parser.add_argument("--max_retries", "--max-retries", dest="max_retries", type=int, default=6)
+    parser.add_argument("--backoff", type=float, default=1.0, help="base retry delay in seconds (doubles)")
+    parser.add_argument("--max_backoff", "--max-backoff", dest="max_backoff", type=float, default=60.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max_tokens", "--max-tokens", dest="max_tokens", type=int, default=None)
+    parser.add_argument("--retry_rejected", "--retry-rejected", dest="retry_rejected", action="store_true",
+                        help="ask again for texts whose cached translation was rejected")
+    parser.add_argument("--limit", type=int, default=None, help="translate only the first N samples")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def main_translate(args: argparse.Namespace) -> int:
+    """Entry point of ``palo-data translate``; exits 1 when samples are left unfinished (rerun to resume)."""
+    try:
+        languages = list(dict.fromkeys(resolve_language(x) for x in args.languages.split(",") if x.strip()))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not languages:
+        print("error: --languages is empty", file=sys.stderr)
+        return 2
+    with open(args.data_path, encoding="utf-8") as f:
+        samples = json.load(f)
+    if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
+        print(f"error: {args.data_path}: expected a JSON array of samples", file=sys.stderr)
+        return 2
+    if args.limit is not None:
+        samples = samples[: args.limit]
+    cache = TranslationCache(args.cache or os.path.join(args.output_dir, "translation_cache.sqlite"))
+    translator = Translator(
+        args.model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"), cache=cache, max_retries=args.max_retries,
+        backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout, temperature=args.temperature,
+        max_tokens=args.max_tokens, retry_rejected=args.retry_rejected,
+    )
+    try:
+        report = run(samples, languages, translator, args.output_dir, args.parallel, progress_bar=not args.quiet)
+    finally:
+        cache.close()
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    unfinished = sum(r["unfinished"] for r in report["languages"].values())
+    if unfinished:
+        print(f"{unfinished} sample(s) unfinished because requests kept failing; rerun the same command to resume",
+              file=sys.stderr)
+        return 1
+    return 0

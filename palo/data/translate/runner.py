@@ -1,0 +1,98 @@
+"""The run: every (language, sample) not yet in the resume log, translated by a pool of worker threads."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from palo.data.translate.files import load_progress, output_paths, write_outputs
+from palo.data.translate.samples import source_hash, translate_sample
+from palo.data.translate.translator import RequestFailed, Translator
+from palo.jsonl import JsonlAppender
+
+
+def run(samples: list[dict[str, Any]], languages: list[str], translator: Translator, output_dir: str,
+        parallel: int = 8, progress_bar: bool = True) -> dict[str, Any]:
+    """Translate ``samples`` into each language, resuming from what ``output_dir`` already holds.
+
+    Args:
+        samples: The LLaVA-Instruct samples.
+        languages: Target languages (resolved names).
+        translator: The shared translator.
+        output_dir: Where the per-language files go.
+        parallel: Worker threads, i.e. requests in flight at most.
+        progress_bar: Show a tqdm bar (ETA and tokens).
+
+    Returns:
+        A report: per language the sample, corrupt and unfinished counts, plus the translator's request counters.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(output_dir, exist_ok=True)
+    paths = {language: output_paths(output_dir, language) for language in languages}
+    progress: dict[str, dict[int, dict[str, Any]]] = {}
+    todo: list[tuple[str, int]] = []
+    hashes = {i: source_hash(s) for i, s in enumerate(samples)}
+    for language in languages:
+        done = load_progress(paths[language]["progress"])
+        # Keep only records that match the current input (same position, same English turns).
+        progress[language] = {i: r for i, r in done.items() if i < len(samples) and r.get("hash") == hashes[i]}
+        todo += [(language, i) for i in range(len(samples)) if i not in progress[language]]
+    logs = {language: JsonlAppender(paths[language]["progress"]) for language in languages}
+    failures: dict[str, list[dict[str, Any]]] = {language: [] for language in languages}
+    lock = threading.Lock()
+    corrupt = [0]  # corrupt samples finished in this run, for the bar
+    work = iter(todo)
+    bar = tqdm(total=len(todo), desc="translating", unit="sample", disable=not progress_bar, dynamic_ncols=True)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                item = next(work, None)
+            if item is None:
+                return
+            language, i = item
+            try:
+                sample, review = translate_sample(samples[i], language, translator, i)
+            except RequestFailed as exc:
+                with lock:
+                    failures[language].append({"index": i, "id": samples[i].get("id"), "error": str(exc)})
+                    bar.update(1)
+                continue
+            record = {"index": i, "hash": hashes[i], "sample": sample, "review": review}
+            with lock:
+                # One unbuffered write per sample: after a kill the log holds whole samples (a torn last line is
+                # cut off on resume) and nothing waits in a Python buffer.
+                logs[language].write(record)
+                progress[language][i] = record
+                bar.update(1)
+                corrupt[0] += bool(review)
+                bar.set_postfix(tokens=translator.stats["tokens"], corrupt=corrupt[0], refresh=False)
+
+    try:
+        threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, parallel))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        bar.close()
+        for f in logs.values():
+            f.close()
+    report: dict[str, Any] = {"languages": {}, "requests": dict(translator.stats)}
+    for language in languages:
+        done = progress[language]
+        complete = len(done) == len(samples)
+        if complete:
+            write_outputs(paths[language], done)
+        report["languages"][language] = {
+            "samples": len(samples),
+            "finished": len(done),
+            "corrupt": sum(1 for r in done.values() if r["sample"].get("corrupt")),
+            "unfinished": len(samples) - len(done),
+            "output": paths[language]["json"] if complete else None,
+            "review": paths[language]["review"] if complete else None,
+            "errors": failures[language][:5],
+        }
+    return report

@@ -1,0 +1,141 @@
+"""The translator: one text through mask -> chat model -> clean -> check (-> stricter retry) -> restore, cached.
+
+Requests go through :class:`palo.openai_client.ChatClient` (bounded retries, ``Retry-After``, failures as
+:class:`RequestFailed`), the same client the LLM judge uses. Caching is per (model, language, source text) in
+:class:`~palo.data.translate.cache.TranslationCache` rather than per request, because a translation's outcome
+(accepted or rejected with its problems) spans up to two requests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import Counter
+from concurrent.futures import Future
+
+from palo.data.translate.cache import TranslationCache
+from palo.data.translate.check import check_translation
+from palo.data.translate.cleaning import clean_reply
+from palo.data.translate.prompts import system_prompt
+from palo.data.translate.spans import Masked, mask, restore
+from palo.openai_client import DEFAULT_MAX_BACKOFF, ChatClient, RequestFailed
+
+__all__ = ["RequestFailed", "TextResult", "Translator"]
+
+
+@dataclasses.dataclass
+class TextResult:
+    """The outcome of translating one text.
+
+    Attributes:
+        translation: The restored translation (for a rejected one: the last attempt, restored where possible).
+        problems: Why it was rejected; empty when accepted.
+        cached: Whether it came from the cache (or from an identical text earlier in this run).
+    """
+
+    translation: str
+    problems: list[str]
+    cached: bool = False
+
+
+class Translator:
+    """Translates texts through an OpenAI-compatible chat endpoint: masking, checking, retries, cache.
+
+    Thread-safe: one instance is shared by the worker threads. Identical texts in flight at the same time are
+    translated once (the other threads wait for that result), so "nothing sent twice" holds within a run too.
+
+    Args:
+        model: The model id sent with each request (and part of the cache key).
+        api_key: The API key (local servers accept any).
+        base_url: The endpoint, e.g. ``http://127.0.0.1:8000/v1``.
+        cache: Accepted translations; may be shared with other runs.
+        max_retries: Retries after the first attempt for retryable errors.
+        backoff: Base delay in seconds; retry k waits ``backoff * 2**k`` (+ jitter), at least Retry-After, at most
+            ``max_backoff``.
+        max_backoff: Cap on one wait, in seconds.
+        timeout: Seconds per HTTP request.
+        temperature: Sampling temperature (low: translations should be faithful, not creative).
+        max_tokens: Reply length limit, or None for the server's.
+        retry_rejected: Ask again for texts whose cached translation was rejected (once per run).
+    """
+
+    def __init__(self, model: str, api_key: str | None = None, base_url: str | None = None,
+                 cache: TranslationCache | None = None, max_retries: int = 6, backoff: float = 1.0,
+                 max_backoff: float = DEFAULT_MAX_BACKOFF, timeout: float = 120.0, temperature: float = 0.0,
+                 max_tokens: int | None = None, retry_rejected: bool = False) -> None:
+        self.model = model
+        self.cache = cache or TranslationCache(None)
+        self.retry_rejected = retry_rejected
+        # No request-level cache: the translation cache above answers before any request is built.
+        self.chat = ChatClient(model, api_key=api_key, base_url=base_url, temperature=temperature,
+                               max_tokens=max_tokens, max_retries=max_retries, backoff=backoff,
+                               max_backoff=max_backoff, timeout=timeout)
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], Future] = {}
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Request counters (the client's ``requests``, ``retries``, ``tokens`` ... and ``cache_hits``,
+        ``strict_retries``, ``rejected``), reported at the end of a run."""
+        return self.chat.stats
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.chat.count(key, n)
+
+    def _attempt(self, masked: Masked, language: str, problems: list[str] | None) -> tuple[str, list[str]]:
+        messages = [{"role": "system", "content": system_prompt(language, problems)},
+                    {"role": "user", "content": masked.text}]
+        completion = self.chat.complete(messages)
+        content, finish = completion.content, completion.finish_reason
+        reply = clean_reply(content, masked.text)
+        found = check_translation(masked.text, reply, language, len(masked.spans))
+        if finish == "length":
+            found.insert(0, "reply cut off (max tokens)")
+        return reply, found
+
+    def _translate_uncached(self, text: str, language: str) -> TextResult:
+        masked = mask(text)
+        reply, problems = self._attempt(masked, language, None)
+        if problems:
+            self._count("strict_retries")
+            reply, problems = self._attempt(masked, language, problems)
+        translation = restore(reply, masked.spans)
+        self.cache.put(self.model, language, text, translation, problems)
+        if problems:
+            self._count("rejected")
+        return TextResult(translation, problems)
+
+    def translate(self, text: str, language: str) -> TextResult:
+        """Translate one text (no ``<image>`` in it) into ``language``.
+
+        Raises:
+            RequestFailed: When the endpoint kept failing; nothing is cached then.
+        """
+        if not text.strip():
+            return TextResult(text, [], cached=True)
+        cached = self.cache.get(self.model, language, text)
+        if cached is not None and not (cached[1] and self.retry_rejected):
+            self._count("cache_hits")
+            return TextResult(cached[0], cached[1], cached=True)
+        key = (language, text)
+        with self._lock:
+            future = self._inflight.get(key)
+            owner = future is None
+            if owner:
+                future = self._inflight[key] = Future()
+        if not owner:
+            result = future.result()  # re-raises the owner's RequestFailed
+            self._count("cache_hits")
+            return dataclasses.replace(result, cached=True)
+        try:
+            result = self._translate_uncached(text, language)
+        except BaseException as exc:
+            with self._lock:
+                del self._inflight[key]  # a later sample may try again
+            future.set_exception(exc)
+            raise
+        future.set_result(result)
+        with self._lock:  # the cache answers from now on (with retry_rejected, the memo keeps a rejection once)
+            if not (result.problems and self.retry_rejected):
+                del self._inflight[key]
+        return result

@@ -1,0 +1,58 @@
+"""``palo.jsonl``: atomic whole-file writes, the lenient log reader, and the old ``palo.eval.jsonl`` path."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import palo.eval.jsonl as old_path
+import palo.jsonl as jsonl
+
+
+def test_atomic_writes_create_the_folder_and_write_utf8_lines(tmp_path):
+    path = tmp_path / "new" / "reviews.jsonl"
+    jsonl.write_jsonl_atomic(str(path), iter([{"a": "ٱ"}, {"b": 2}]))
+    assert path.read_bytes() == '{"a": "ٱ"}\n{"b": 2}\n'.encode("utf-8")
+    jsonl.atomic_write_json(str(tmp_path / "set.json"), [{"x": 1}, {"y": "中"}])
+    text = (tmp_path / "set.json").read_text(encoding="utf-8")
+    assert text == '[\n{"x": 1},\n{"y": "中"}\n]\n' and json.loads(text) == [{"x": 1}, {"y": "中"}]
+    jsonl.atomic_write_json(str(tmp_path / "empty.json"), [])
+    assert json.loads((tmp_path / "empty.json").read_text(encoding="utf-8")) == []
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    jsonl.write_jsonl_atomic(str(path), [{"old": True}])
+
+    def records():
+        yield {"new": True}
+        raise RuntimeError("killed half way")
+
+    with pytest.raises(RuntimeError):
+        jsonl.write_jsonl_atomic(str(path), records())
+    assert path.read_text(encoding="utf-8") == '{"old": true}\n'
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_read_log_stops_at_a_torn_line_and_repair_cuts_it(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"index": 2, "sam')
+    assert jsonl.read_log(str(path)) == [{"index": 0}, {"index": 1}]
+    assert path.read_bytes().endswith(b'"sam')  # reading alone changes nothing
+    assert jsonl.read_log(str(path), repair=True) == [{"index": 0}, {"index": 1}]
+    assert path.read_bytes() == b'{"index": 0}\n{"index": 1}\n'
+    assert jsonl.read_log(str(tmp_path / "missing.jsonl")) == []
+
+
+def test_strict_reading_names_file_and_line(tmp_path):
+    path = tmp_path / "review.jsonl"
+    path.write_text('{"a": 1}\n\n{"a": 2,}\n', encoding="utf-8")
+    with pytest.raises(jsonl.JsonlError, match=r"review\.jsonl:3: not valid JSON"):
+        jsonl.read_jsonl(str(path))
+
+
+def test_the_old_import_path_is_the_same_module_content():
+    for name in old_path.__all__:
+        assert getattr(old_path, name) is getattr(jsonl, name)
