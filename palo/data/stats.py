@@ -143,7 +143,7 @@ def question_stats(paths: list[str], counter: TokenCounter) -> dict[str, Languag
         palo.eval.jsonl.JsonlError: On a malformed line (file and line named).
         FileNotFoundError: If a path is neither a file nor a bench folder.
     """
-    from palo.eval.jsonl import iter_jsonl
+    from palo.jsonl import iter_jsonl
 
     table: dict[str, LanguageStats] = {}
     for path in paths:
@@ -235,7 +235,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main_stats(args: argparse.Namespace) -> int:
     from palo.data.json_index import JsonArrayIndex
-    from palo.eval.jsonl import JsonlError
+    from palo.jsonl import JsonlError
     from palo.model.builder import CheckpointError, resolve_checkpoint_dir
     from palo.model.tokenizer import load_tokenizer
 
