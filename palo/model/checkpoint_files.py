@@ -8,7 +8,9 @@ are written in one place and read in one place:
 file                            content (a ``torch.save`` pickle of a flat ``{name: tensor}`` dict)
 ==============================  ===============================================================================
 ``mm_projector.bin``            stage 1: every tensor whose name contains ``mm_projector`` (or
-                                ``vision_resampler``), with the bare model's names: ``model.mm_projector.0.weight``
+                                ``vision_resampler``), with the bare model's names: ``model.mm_projector.0.weight``;
+                                with ``mm_use_im_start_end`` also ``model.embed_tokens.weight`` (the trained rows
+                                of ``<im_start>``/``<im_end>``)
 ``non_lora_trainables.bin``     LoRA: every trainable tensor without ``lora_`` in its name, with the PEFT
                                 wrapper's names: ``base_model.model.model.mm_projector.0.weight``
 ``adapter_model.{bin,safetensors}``  LoRA: PEFT's adapter tensors, adapter name removed (written by PEFT)
@@ -45,6 +47,8 @@ WEIGHT_FILES = (
 PEFT_PREFIX = "base_model.model."
 # Names containing one of these belong in mm_projector.bin (the original's stage-1 save also matches the resampler).
 PROJECTOR_KEYS = ("mm_projector", "vision_resampler")
+# ... and, when <im_start>/<im_end> are trained in stage 1, the input embeddings (LLaMA, GPT-NeoX names).
+EMBEDDING_KEYS = ("embed_tokens", "embed_in")
 
 
 class CheckpointError(ValueError):
@@ -176,18 +180,26 @@ def _file_in(path: str, name: str) -> str:
     return os.path.join(path, name) if os.path.isdir(path) else path
 
 
-def projector_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors of a model state dict (bare or PEFT-wrapped) that make ``mm_projector.bin``, bare names."""
-    return peft_keys({k: v for k, v in state.items() if any(p in k for p in PROJECTOR_KEYS)}, wrapped=False)
+def projector_state(state: Mapping[str, torch.Tensor], embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a model state dict (bare or PEFT-wrapped) that make ``mm_projector.bin``, bare names.
+
+    Args:
+        state: A model state dict.
+        embeddings: Also the input embeddings (``mm_use_im_start_end``, as the original).
+    """
+    keys = PROJECTOR_KEYS + (EMBEDDING_KEYS if embeddings else ())
+    return peft_keys({k: v for k, v in state.items() if any(p in k for p in keys)}, wrapped=False)
 
 
-def save_projector(folder: str, state: Mapping[str, torch.Tensor]) -> str:
+def save_projector(folder: str, state: Mapping[str, torch.Tensor], embeddings: bool = False) -> str:
     """Write ``folder/mm_projector.bin`` from a model state dict, as the original stage 1 does.
 
     Args:
         folder: The output folder (created if needed).
         state: The model's state dict, bare or PEFT-wrapped; only the projector's tensors are written, with the
             bare model's names (``model.mm_projector.0.weight``) in their own dtype.
+        embeddings: Also write the input embeddings (``model.embed_tokens.weight``): the original does so when
+            ``mm_use_im_start_end`` is on, since stage 1 then trains the ``<im_start>``/``<im_end>`` rows.
 
     Returns:
         The path written.
@@ -195,8 +207,8 @@ def save_projector(folder: str, state: Mapping[str, torch.Tensor]) -> str:
     Raises:
         CheckpointError: If ``state`` holds no projector tensors.
     """
-    projector = projector_state(state)
-    if not projector:
+    projector = projector_state(state, embeddings)
+    if not any(p in k for k in projector for p in PROJECTOR_KEYS):
         raise CheckpointError(f"no mm_projector weights to write to {folder} (keys: {list(state)[:5]})")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, PROJECTOR_FILE)
@@ -262,6 +274,31 @@ def load_into_projector(projector: nn.Module, state: Mapping[str, torch.Tensor],
             f"{source} does not fit {what}: {str(exc).strip().rstrip('.')}. Use a projector file trained with the "
             "same mm_projector_type and model sizes"
         ) from exc
+
+
+def new_token_rows(state: Mapping[str, torch.Tensor], num_new: int, rows: int, source: str) -> torch.Tensor:
+    """The stage-1 rows of ``<im_start>``/``<im_end>`` in an ``mm_projector.bin``, by the original's rule.
+
+    The file's ``model.embed_tokens.weight`` gives its last ``num_new`` rows when it has the model's ``rows`` rows,
+    or all of them when it has exactly ``num_new`` rows.
+
+    Raises:
+        CheckpointError: If the file has no embeddings or they fit neither way.
+    """
+    weight = state.get("model.embed_tokens.weight")
+    if weight is None:
+        raise CheckpointError(
+            f"{source} holds no model.embed_tokens.weight, which --mm_use_im_start_end True needs: use a stage-1 "
+            "projector trained with --mm_use_im_start_end True, or fine-tune with --mm_use_im_start_end False"
+        )
+    if weight.shape[0] == rows:
+        return weight[-num_new:]
+    if weight.shape[0] == num_new:
+        return weight
+    raise CheckpointError(
+        f"{source}: model.embed_tokens.weight has {weight.shape[0]} rows, expected {rows} (this tokenizer) or "
+        f"{num_new} (the new tokens); use a stage-1 projector trained with the same tokenizer"
+    )
 
 
 def non_lora_state(state: Mapping[str, torch.Tensor], trainable: Collection[str]) -> dict[str, torch.Tensor]:
@@ -332,6 +369,8 @@ _RESUME_HINT = (
 def restore_projector(model: nn.Module, folder: str) -> None:
     """Resume stage 1: load ``folder/mm_projector.bin`` into ``model``'s projector, every key checked.
 
+    With ``mm_use_im_start_end`` in the model's config, the file's input embeddings are restored too.
+
     Args:
         model: The bare PALO model (not a PEFT wrapper).
         folder: A ``checkpoint-N`` folder.
@@ -341,8 +380,13 @@ def restore_projector(model: nn.Module, folder: str) -> None:
     """
     file = os.path.join(folder, PROJECTOR_FILE)
     state = load_projector(file)
-    check_keys(projector_state(model.state_dict()), state, file, _RESUME_HINT)
+    embeddings = bool(getattr(model.config, "mm_use_im_start_end", False))
+    check_keys(projector_state(model.state_dict(), embeddings), state, file, _RESUME_HINT)
     model.get_model().mm_projector.load_state_dict(projector_weights(state, file), strict=True)
+    if embeddings:
+        weight = model.get_input_embeddings().weight
+        with torch.no_grad():
+            weight.copy_(next(v for k, v in state.items() if any(e in k for e in EMBEDDING_KEYS)))
 
 
 def restore_lora(model: nn.Module, folder: str) -> None:

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from palo.model.builder import QUANTIZATION_SKIP, require_bitsandbytes, resolve_checkpoint_dir
-from palo.model.checkpoint_files import load_into_projector, load_projector
+from palo.model.checkpoint_files import load_into_projector, load_projector, new_token_rows
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM, build_vision_tower
 from palo.model.projectors import build_projector
@@ -92,6 +92,15 @@ def _rows(weight: torch.Tensor) -> int:
     return getattr(weight, "ds_shape", weight.shape)[0]
 
 
+def _gathered(weights: list[torch.Tensor]) -> Any:
+    """A context in which ZeRO-3-partitioned ``weights`` are whole (and changes on rank 0 are kept)."""
+    if any(hasattr(w, "ds_shape") for w in weights):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
+    return contextlib.nullcontext()
+
+
 def _resize_with_mean_rows(model: PreTrainedModel, size: int) -> None:
     """Grow the embeddings to ``size`` rows; new rows start at the mean of the old ones (as the original)."""
     old = _rows(model.get_input_embeddings().weight)
@@ -101,12 +110,7 @@ def _resize_with_mean_rows(model: PreTrainedModel, size: int) -> None:
     if size <= old:
         return
     weights = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
-    gathered = contextlib.nullcontext()
-    if any(hasattr(w, "ds_shape") for w in weights):
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(weights, modifier_rank=0)
-    with gathered, torch.no_grad():
+    with _gathered(weights), torch.no_grad():
         for weight in weights:
             weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
@@ -251,3 +255,12 @@ def _add_vision_tokens(model: PaloForCausalLM, tokenizer: Any, model_args: Model
         # Stage 1 with start/end tokens learns their input rows; the output rows stay frozen.
         model.get_input_embeddings().requires_grad_(True)
         model.get_output_embeddings().requires_grad_(False)
+    if model_args.mm_use_im_start_end and model_args.pretrain_mm_mlp_adapter:
+        # Those learnt rows travel in the stage-1 mm_projector.bin (model.embed_tokens.weight), as in the original.
+        weight = model.get_input_embeddings().weight
+        rows = new_token_rows(
+            load_projector(model_args.pretrain_mm_mlp_adapter), 2, _rows(weight),
+            f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter}",
+        )
+        with _gathered([weight]), torch.no_grad():
+            weight[-2:] = rows.to(dtype=weight.dtype, device=weight.device)

@@ -223,7 +223,8 @@ class PaloTrainer(Trainer):
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
         base.config.save_pretrained(output_dir)
         if self.stage1:
-            checkpoint_files.save_projector(output_dir, state)
+            embeddings = bool(getattr(base.config, "mm_use_im_start_end", False))
+            checkpoint_files.save_projector(output_dir, state, embeddings=embeddings)
             return
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         # PEFT keeps the LoRA tensors (and biases per --lora_bias) and drops the adapter name from the keys;

@@ -243,3 +243,51 @@ def test_trainer_stage1_save_and_resume(world, tmp_path):
     with pytest.raises(cf.CheckpointError, match=r"mm_projector.bin does not match this model: \d+ missing "
                                                  r"\['model.mm_projector.model"):
         _trainer(other, str(tmp_path), stage1=True)._load_from_checkpoint(folder)
+
+
+# -- <im_start>/<im_end> rows (mm_use_im_start_end) --------------------------------------------------------------
+def test_with_start_end_tokens_the_projector_file_also_holds_the_input_embeddings(world, tmp_path):
+    state = world.model.state_dict()
+    raw = _raw(cf.save_projector(str(tmp_path), state, embeddings=True))
+    assert sorted(raw) == sorted(PROJECTOR_KEYS + ["model.embed_tokens.weight"])
+    assert torch.equal(raw["model.embed_tokens.weight"], state["model.embed_tokens.weight"])
+
+
+def test_new_token_rows_follow_the_original_rule():
+    full = torch.arange(12.0).view(6, 2)
+    assert torch.equal(cf.new_token_rows({"model.embed_tokens.weight": full}, 2, 6, "f"), full[-2:])
+    assert torch.equal(cf.new_token_rows({"model.embed_tokens.weight": full[:2]}, 2, 6, "f"), full[:2])
+    with pytest.raises(cf.CheckpointError, match="has 6 rows, expected 7 .* or 2"):
+        cf.new_token_rows({"model.embed_tokens.weight": full}, 2, 7, "f")
+    with pytest.raises(cf.CheckpointError, match="no model.embed_tokens.weight.*--mm_use_im_start_end"):
+        cf.new_token_rows({"model.mm_projector.0.weight": full}, 2, 6, "f")
+
+
+def test_trainer_stage1_with_start_end_tokens_saves_and_resumes_the_embeddings(world, tmp_path):
+    saved_model = tiny.build_palo_model(world.config, world.clip_dir, seed=6)
+    saved_model.config.mm_use_im_start_end = True
+    folder = str(tmp_path / "checkpoint-1")
+    _trainer(saved_model, str(tmp_path), stage1=True)._save(folder)
+    assert sorted(_raw(os.path.join(folder, "mm_projector.bin"))) == sorted(PROJECTOR_KEYS + ["model.embed_tokens.weight"])
+
+    resumed = tiny.build_palo_model(world.config, world.clip_dir, seed=7)
+    resumed.config.mm_use_im_start_end = True
+    _trainer(resumed, str(tmp_path), stage1=True)._load_from_checkpoint(folder)
+    assert torch.equal(resumed.get_input_embeddings().weight, saved_model.get_input_embeddings().weight)
+    assert torch.equal(resumed.projector.state_dict()["0.weight"], saved_model.projector.state_dict()["0.weight"])
+
+
+def test_fine_tuning_from_a_stage1_file_takes_its_start_end_rows(world, tmp_path):
+    from palo.model.tokenizer import load_tokenizer
+    from palo.train.arguments import ModelArguments
+    from palo.train.model_setup import _add_vision_tokens
+
+    stage1 = tiny.build_palo_model(world.config, world.clip_dir, seed=8)
+    rows = stage1.get_input_embeddings().weight.shape[0]
+    tokens = torch.randn(rows + 3, stage1.config.hidden_size)  # + <im_patch>, <im_start>, <im_end>
+    cf.save_projector(str(tmp_path), {**stage1.state_dict(), "model.embed_tokens.weight": tokens}, embeddings=True)
+    model = tiny.build_palo_model(world.config, world.clip_dir, seed=9)
+    args = ModelArguments(mm_use_im_start_end=True, pretrain_mm_mlp_adapter=str(tmp_path / "mm_projector.bin"))
+    _add_vision_tokens(model, load_tokenizer(world.tokenizer_dir), args)
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == rows + 3 and torch.equal(weight[-2:], tokens[-2:])

@@ -295,6 +295,28 @@ def test_stage1_then_stage2(world, data, tmp_path):
     torch.testing.assert_close(trainer.model.get_model().embed_tokens.weight, base_llm.get_input_embeddings().weight)
 
 
+def test_stage1_with_start_end_tokens_hands_their_rows_to_stage2(world, data, tmp_path):
+    """As the original: stage 1 trains the <im_start>/<im_end> input rows and saves them in mm_projector.bin
+    (``model.embed_tokens.weight``); stage 2 starts from them."""
+    stage1 = str(tmp_path / "stage1")
+    # v1 conversations: the "plain" template replaces the first turn by a bare <image>, with no start/end tokens.
+    trainer = train(_flags(world, data, stage1, "--tune_mm_mlp_adapter", "True",
+                           "--mm_use_im_start_end", "True", "--max_steps", "3", "--learning_rate", "0.05"))
+    projector = torch.load(os.path.join(stage1, "mm_projector.bin"))
+    assert sorted(projector) == ["model.embed_tokens.weight", "model.mm_projector.0.bias", "model.mm_projector.0.weight",
+                                 "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    trained = trainer.model.get_input_embeddings().weight.detach().cpu()
+    torch.testing.assert_close(projector["model.embed_tokens.weight"], trained)
+    # The rows learnt something: they are no longer the mean of the base's rows they started from.
+    _, base_llm, _, _ = load_pretrained_model(world.base_dir, device="cpu")
+    start = base_llm.get_input_embeddings().weight.detach().mean(dim=0)
+    assert (trained[-2:] - start).abs().max() > 1e-3
+    stage2 = str(tmp_path / "stage2")
+    trainer = train(_flags(world, data, stage2, "--pretrain_mm_mlp_adapter", os.path.join(stage1, "mm_projector.bin"),
+                           "--mm_use_im_start_end", "True", "--max_steps", "1", "--learning_rate", "0"))
+    torch.testing.assert_close(trainer.model.get_input_embeddings().weight[-2:].detach().cpu(), trained[-2:])
+
+
 def _run_train_subprocess(args: list[str], env_extra: dict | None = None,
                           launcher: list[str] | None = None) -> subprocess.Popen:
     """train_mem.py in a subprocess; through tests/train/instrumented_train.py when env_extra sets a probe."""
