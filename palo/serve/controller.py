@@ -37,23 +37,24 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from palo.constants import CONTROLLER_HEART_BEAT_EXPIRATION
+from palo.serve.openai_api import create_openai_router
 from palo.serve.protocol import (
     INVALID_REQUEST,
     MODEL_NOT_FOUND,
     NO_WORKER,
+    STREAM_MEDIA_TYPE,
     WORKER_ERROR,
     WORKER_UNREACHABLE,
-    aiter_chunks,
     error_chunk,
 )
+from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.utils import build_logger
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
-CONNECT_TIMEOUT_S = 5.0  # connecting to a worker for a generation request (the original's value)
 DISPATCH_METHODS = ("lottery", "shortest_queue")
-STREAM_MEDIA_TYPE = "application/octet-stream"
 
 
 @dataclasses.dataclass
@@ -238,95 +239,6 @@ class Controller:
         }
 
 
-class WorkerStream:
-    """An open streaming request to a worker: its HTTP status and its chunk objects."""
-
-    def __init__(self, worker: str, response: httpx.Response) -> None:
-        self.worker = worker
-        self.response = response
-        self.status_code = response.status_code
-
-    def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        return aiter_chunks(self.response.aiter_bytes())
-
-    async def aclose(self) -> None:
-        await self.response.aclose()
-
-
-class NoWorkerError(RuntimeError):
-    """No live worker serves the model."""
-
-
-class WorkerUnreachableError(RuntimeError):
-    """Every worker tried failed to answer."""
-
-    retry_after: str | None = None
-
-
-class WorkersBusyError(WorkerUnreachableError):
-    """Every worker of the model answered 503 (its queue is full); ``retry_after`` is the smallest wait they asked."""
-
-    def __init__(self, message: str, retry_after: str | None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class Router:
-    """Opens generation streams on workers chosen by the controller, retrying when a worker is down.
-
-    Args:
-        controller: The registry.
-        client: The shared async HTTP client.
-        read_timeout: Seconds to wait for each piece of a worker's answer.
-    """
-
-    def __init__(self, controller: Controller, client: httpx.AsyncClient, read_timeout: float) -> None:
-        self.controller = controller
-        self.client = client
-        self.timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)
-
-    async def open(self, model: str, body: bytes) -> WorkerStream:
-        """Send ``body`` to a worker of ``model`` and return once its response headers arrived.
-
-        Raises:
-            NoWorkerError: If no live worker serves the model.
-            WorkerUnreachableError: If the chosen workers all failed to answer.
-        """
-        tried: set[str] = set()
-        last_error: Exception | None = None
-        busy: list[str] = []  # Retry-After values of workers whose queue was full
-        while True:
-            address = self.controller.get_worker_address(model, exclude=tried)
-            if not address:
-                if busy and last_error is None:
-                    waits = [b for b in busy if b.isdigit()]
-                    raise WorkersBusyError(f"every worker of {model!r} is busy; retry later",
-                                           min(waits, key=int) if waits else "1")
-                if last_error is not None:
-                    raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
-                raise NoWorkerError(model)
-            tried.add(address)
-            request = self.client.build_request(
-                "POST", address + "/worker_generate_stream", content=body,
-                headers={"Content-Type": "application/json"}, timeout=self.timeout,
-            )
-            try:
-                response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # The request never reached the worker: it is gone. Forget it and try another one.
-                self.controller.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
-                self.controller.remove_worker(address)
-                last_error = exc
-                continue
-            except httpx.HTTPError as exc:
-                raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
-            if response.status_code == 503:  # its queue is full: another worker may have room
-                busy.append(response.headers.get("Retry-After", "1"))
-                await response.aclose()
-                continue
-            return WorkerStream(address, response)
-
-
 def _no_worker_message(controller: Controller, model: Any) -> str:
     return f"no live worker serves model {model!r}; available models: {controller.list_models()}"
 
@@ -339,19 +251,16 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         read_timeout: Seconds to wait for each piece of a worker's stream.
         api_key: If set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
     """
-    from palo.serve.openai_api import create_openai_router
-
-    state: dict[str, Any] = {}
+    router = Router(controller, read_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64)) as client:
-            state["router"] = Router(controller, client, read_timeout)
-            controller.start()
-            try:
-                yield
-            finally:
-                controller.stop()
+        controller.start()
+        try:
+            yield
+        finally:
+            controller.stop()
+            await router.aclose()
 
     app = FastAPI(title="PALO controller", lifespan=lifespan)
 
@@ -376,16 +285,12 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         if not isinstance(data, dict) or not isinstance(data.get("worker_name"), str):
             return JSONResponse({"error": "expected {'worker_name': URL, 'check_heart_beat': bool, 'worker_status'}"},
                                 status_code=400)
-        from starlette.concurrency import run_in_threadpool
-
         await run_in_threadpool(controller.register_worker, data["worker_name"], data.get("check_heart_beat", False),
                                 data.get("worker_status"))
         return JSONResponse(None)
 
     @app.post("/refresh_all_workers")
     async def refresh_all_workers() -> Response:
-        from starlette.concurrency import run_in_threadpool
-
         await run_in_threadpool(controller.refresh_all_workers)
         return JSONResponse(None)
 
@@ -429,7 +334,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
             return Response(error_chunk("'model' is required and must be a string", NO_WORKER, INVALID_REQUEST), 400,
                             media_type=STREAM_MEDIA_TYPE)
         try:
-            stream = await state["router"].open(model, body)
+            stream = await router.open(model, body)
         except NoWorkerError:
             return Response(error_chunk(_no_worker_message(controller, model), NO_WORKER, MODEL_NOT_FOUND), 404,
                             media_type=STREAM_MEDIA_TYPE)
@@ -450,7 +355,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
         return StreamingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE)
 
-    app.include_router(create_openai_router(controller, lambda: state["router"], api_key))
+    app.include_router(create_openai_router(controller, router, api_key))
     return app
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +31,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
 from palo.serve.protocol import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, OK, visible_text
+from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStream, WorkerUnreachableError
 
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
@@ -209,19 +211,40 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     )
 
 
-async def _generated(stream: Any, prompt: str) -> AsyncIterator[tuple[str, str | None, dict | None]]:
-    """The worker's chunks as ``(generated text so far, finish_reason, usage)``; errors become :class:`APIError`."""
-    async for obj in stream.chunks():
-        error_type = obj.get("error_type")
-        if error_type == CONTEXT_LENGTH_EXCEEDED:
-            raise APIError(400, f"the prompt is too long: {obj.get('detail', '')}".strip(), code="context_length_exceeded",
-                           param="messages")
-        if obj.get("error_code", OK) != OK:
-            if error_type == INVALID_REQUEST:
-                raise APIError(400, str(obj.get("text")))
-            raise APIError(502, f"the model worker failed: {obj.get('text')}", type_="server_error")
-        text = str(obj.get("text", ""))
-        yield (text[len(prompt):] if text.startswith(prompt) else text), obj.get("finish_reason"), obj.get("usage")
+async def _answers(stream: WorkerStream, chat: ChatRequest,
+                   logger: logging.Logger) -> AsyncIterator[tuple[str, str | None, dict | None]]:
+    """The answer so far as ``(text to show, finish_reason, usage)``, ending early at a user stop string.
+
+    The worker's error chunks and a broken stream become :class:`APIError`. The worker stream is closed when this
+    ends, however it ends; closing it early (at a user stop string) also stops the worker generating.
+    """
+    shown = ""
+    try:
+        async for obj in stream.chunks():
+            error_type = obj.get("error_type")
+            if error_type == CONTEXT_LENGTH_EXCEEDED:
+                raise APIError(400, f"the prompt is too long: {obj.get('detail', '')}".strip(),
+                               code="context_length_exceeded", param="messages")
+            if obj.get("error_code", OK) != OK:
+                if error_type == INVALID_REQUEST:
+                    raise APIError(400, str(obj.get("text")))
+                raise APIError(502, f"the model worker failed: {obj.get('text')}", type_="server_error")
+            text = str(obj.get("text", ""))
+            text = text[len(chat.prompt):] if text.startswith(chat.prompt) else text
+            finish, usage = obj.get("finish_reason"), obj.get("usage")
+            shown, stopped = visible_text(text, chat.stops, final=finish is not None)
+            if stopped or finish is not None:
+                yield shown, "stop" if stopped else finish, usage
+                return
+            yield shown, None, usage
+        yield shown, "stop", None  # the worker ended without a final chunk
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
+        logger.exception("stream from worker %s failed", stream.worker)
+        raise APIError(502, f"the model worker failed: {exc}", type_="server_error") from None
+    finally:
+        await stream.aclose()
 
 
 def _usage(usage: dict | None) -> dict[str, int]:
@@ -230,128 +253,144 @@ def _usage(usage: dict | None) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def create_openai_router(controller: Any, get_router: Callable[[], Any], api_key: str | None = None) -> APIRouter:
-    """The ``/v1`` routes.
+def check_api_key(authorization: str, api_key: str | None) -> None:
+    """Accept ``Authorization: Bearer <api_key>`` (anything when no key is configured).
+
+    Raises:
+        APIError: 401 for a missing or wrong key.
+    """
+    if not api_key:
+        return
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                       type_="authentication_error", code="invalid_api_key")
+
+
+def list_models(registry: WorkerRegistry, authorization: str, api_key: str | None) -> Response:
+    """The ``GET /v1/models`` answer."""
+    try:
+        check_api_key(authorization, api_key)
+    except APIError as exc:
+        return exc.response()
+    created = int(time.time())
+    data = [{"id": m, "object": "model", "created": created, "owned_by": "palo"} for m in registry.list_models()]
+    return JSONResponse({"object": "list", "data": data})
+
+
+async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router) -> WorkerStream:
+    """Send a chat request to a worker of its model.
+
+    Raises:
+        APIError: 404 when no live worker serves the model, 503 (with ``Retry-After`` when the workers are busy)
+            when none answers.
+    """
+    try:
+        return await router.open(chat.model, json.dumps(chat.worker_params()).encode("utf-8"))
+    except NoWorkerError:
+        raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
+                            f"{registry.list_models()}", param="model", code="model_not_found") from None
+    except WorkerUnreachableError as exc:
+        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+        raise APIError(503, str(exc), type_="server_error", headers=headers) from None
+
+
+def _chunk_event(completion_id: str, created: int, model: str, delta: dict | None, finish: str | None = None,
+                 usage: dict | None = None) -> bytes:
+    """One server-sent event of a streamed completion (``delta`` None: the usage-only chunk)."""
+    chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+    chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    if usage is not None:
+        chunk["usage"] = usage
+    return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+async def _sse_events(answers: AsyncIterator[tuple[str, str | None, dict | None]], first: tuple, chat: ChatRequest,
+                      completion_id: str, created: int) -> AsyncIterator[bytes]:
+    """The streamed completion: a role chunk, content deltas, the finish chunk, optional usage, ``[DONE]``.
+
+    An error after the first piece can no longer change the HTTP status; it is sent as an ``{"error": ...}`` event.
+    """
+    yield _chunk_event(completion_id, created, chat.model, {"role": "assistant", "content": ""})
+    sent = ""
+    final_usage = None
+    item: tuple | None = first
+    try:
+        while item is not None:
+            text, finish, usage = item
+            if text.startswith(sent) and len(text) > len(sent):
+                yield _chunk_event(completion_id, created, chat.model, {"content": text[len(sent):]})
+                sent = text
+            if finish is not None:
+                final_usage = usage
+                yield _chunk_event(completion_id, created, chat.model, {}, finish)
+                break
+            item = await anext(answers, None)
+    except APIError as exc:
+        yield b"data: " + json.dumps(exc.body, ensure_ascii=False).encode("utf-8") + b"\n\n"
+        return
+    finally:
+        await answers.aclose()
+    if chat.include_usage:
+        yield _chunk_event(completion_id, created, chat.model, None, usage=_usage(final_usage))
+    yield b"data: [DONE]\n\n"
+
+
+async def chat_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
+                          api_key: str | None) -> Response:
+    """The ``POST /v1/chat/completions`` answer: a JSON completion, or server-sent events when ``stream`` is set.
+
+    Errors before the first piece of the answer get their HTTP status (:class:`APIError`); the worker is asked
+    only once the request is valid.
+    """
+    try:
+        check_api_key(authorization, api_key)
+        try:
+            decoded = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"invalid JSON body: {exc}") from None
+        chat = parse_chat_request(decoded, registry.conv_mode)
+        stream = await open_chat(chat, registry, router)
+        answers = _answers(stream, chat, registry.logger)
+        first = await anext(answers)  # never empty: it ends with a finish_reason
+    except APIError as exc:
+        return exc.response()
+
+    completion_id = "chatcmpl-" + uuid.uuid4().hex
+    created = int(time.time())
+    if chat.stream:
+        return StreamingResponse(_sse_events(answers, first, chat, completion_id, created),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    text, finish, usage = first
+    try:
+        async for text, finish, usage in answers:
+            pass
+    except APIError as exc:
+        return exc.response()
+    return JSONResponse({
+        "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish or "stop"}],
+        "usage": _usage(usage),
+    })
+
+
+def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str | None = None) -> APIRouter:
+    """The ``/v1`` routes: thin adapters from HTTP to :func:`list_models` and :func:`chat_completion`.
 
     Args:
-        controller: The :class:`palo.serve.controller.Controller` (models, templates).
-        get_router: Returns the controller's :class:`palo.serve.controller.Router` (created at startup).
+        registry: The controller's worker registry (models, templates).
+        router: Opens streams on the workers.
         api_key: If set, requests must send ``Authorization: Bearer <api_key>``.
     """
-    from palo.serve.controller import NoWorkerError, WorkerUnreachableError
+    routes = APIRouter(prefix="/v1")
 
-    router = APIRouter(prefix="/v1")
+    @routes.get("/models")
+    async def models(request: Request) -> Response:
+        return list_models(registry, request.headers.get("authorization", ""), api_key)
 
-    def check_auth(request: Request) -> None:
-        if not api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                           type_="authentication_error", code="invalid_api_key")
+    @routes.post("/chat/completions")
+    async def completions(request: Request) -> Response:
+        return await chat_completion(await request.body(), request.headers.get("authorization", ""), registry,
+                                     router, api_key)
 
-    @router.get("/models")
-    async def list_models(request: Request) -> Response:
-        try:
-            check_auth(request)
-        except APIError as exc:
-            return exc.response()
-        created = int(time.time())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "palo"} for m in controller.list_models()]
-        return JSONResponse({"object": "list", "data": data})
-
-    @router.post("/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        try:
-            check_auth(request)
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise APIError(400, f"invalid JSON body: {exc}") from None
-            chat = parse_chat_request(body, controller.conv_mode)
-            try:
-                stream = await get_router().open(chat.model, json.dumps(chat.worker_params()).encode("utf-8"))
-            except NoWorkerError:
-                raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
-                                    f"{controller.list_models()}", param="model", code="model_not_found") from None
-            except WorkerUnreachableError as exc:
-                headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-                raise APIError(503, str(exc), type_="server_error", headers=headers) from None
-        except APIError as exc:
-            return exc.response()
-
-        pieces = _generated(stream, chat.prompt)
-        try:
-            first = await anext(pieces, None)
-        except APIError as exc:
-            await stream.aclose()
-            return exc.response()
-        except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
-            await stream.aclose()
-            return APIError(502, f"the model worker failed: {exc}", type_="server_error").response()
-
-        completion_id = "chatcmpl-" + uuid.uuid4().hex
-        created = int(time.time())
-
-        async def results() -> AsyncIterator[tuple[str, str | None, dict | None]]:
-            """(text to show, finish_reason, usage); ends early at a user stop string."""
-            shown = ""
-            try:
-                item = first
-                while item is not None:
-                    text, finish, usage = item
-                    shown, stopped = visible_text(text, chat.stops, final=finish is not None)
-                    if stopped or finish is not None:
-                        yield shown, "stop" if stopped else finish, usage
-                        return
-                    yield shown, None, usage
-                    item = await anext(pieces, None)
-                yield shown, "stop", None  # the worker ended without a final chunk
-            finally:
-                await stream.aclose()  # also stops the worker generating after a user stop string
-
-        if not chat.stream:
-            text, finish, usage = "", "stop", None
-            try:
-                async for text, finish, usage in results():
-                    pass
-            except APIError as exc:
-                return exc.response()
-            return JSONResponse({
-                "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": finish or "stop"}],
-                "usage": _usage(usage),
-            })
-
-        def sse(delta: dict | None, finish: str | None = None, usage: dict | None = None) -> bytes:
-            chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                     "model": chat.model}
-            chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
-            if usage is not None:
-                chunk["usage"] = usage
-            return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
-
-        async def events() -> AsyncIterator[bytes]:
-            yield sse({"role": "assistant", "content": ""})
-            sent = ""
-            final_usage = None
-            try:
-                async for text, finish, usage in results():
-                    if text.startswith(sent) and len(text) > len(sent):
-                        yield sse({"content": text[len(sent):]})
-                        sent = text
-                    if finish is not None:
-                        final_usage = usage
-                        yield sse({}, finish)
-                        break
-            except APIError as exc:
-                yield b"data: " + json.dumps(exc.body, ensure_ascii=False).encode("utf-8") + b"\n\n"
-                return
-            if chat.include_usage:
-                yield sse(None, usage=_usage(final_usage))
-            yield b"data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    return router
+    return routes

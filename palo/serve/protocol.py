@@ -29,6 +29,9 @@ SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR RE
 MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
 PROMPT_TOO_LONG_MSG = "Exceeds max token length. Please start a new conversation, thanks."
 
+# The Content-Type of the NUL-delimited streams (and of single error chunks answered at once).
+STREAM_MEDIA_TYPE = "application/octet-stream"
+
 OK = 0
 WORKER_ERROR = 1
 NO_WORKER = 2

@@ -1,0 +1,144 @@
+"""Routing a generation request to a live worker, and the errors it ends with.
+
+Used by the controller's original ``/worker_generate_stream`` endpoint and by its OpenAI-compatible API
+(:mod:`palo.serve.openai_api`). It lives apart from both so that neither imports the other: routing needs only a
+:class:`WorkerRegistry` (what :class:`palo.serve.controller.Controller` provides), not the controller module.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import httpx
+
+from palo.serve.protocol import aiter_chunks
+
+CONNECT_TIMEOUT_S = 5.0  # connecting to a worker for a generation request (the original's value)
+
+
+class WorkerRegistry(Protocol):
+    """What routing and the OpenAI API need from the controller's worker registry."""
+
+    logger: logging.Logger
+
+    def get_worker_address(self, model_name: str, exclude: set[str] | frozenset = frozenset()) -> str:
+        """A live worker of the model not in ``exclude``; ``""`` when there is none."""
+        ...
+
+    def remove_worker(self, worker_name: str) -> None:
+        """Forget a worker (it could not be reached)."""
+        ...
+
+    def list_models(self) -> list[str]:
+        """The models of the live workers."""
+        ...
+
+    def conv_mode(self, model_name: str) -> str | None:
+        """The conversation template a worker of the model reported (None if unknown)."""
+        ...
+
+
+class NoWorkerError(RuntimeError):
+    """No live worker serves the model."""
+
+
+class WorkerUnreachableError(RuntimeError):
+    """Every worker tried failed to answer."""
+
+    retry_after: str | None = None
+
+
+class WorkersBusyError(WorkerUnreachableError):
+    """Every worker of the model answered 503 (its queue is full); ``retry_after`` is the smallest wait they asked."""
+
+    def __init__(self, message: str, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class WorkerStream:
+    """An open streaming request to a worker: its HTTP status and its chunk objects."""
+
+    def __init__(self, worker: str, response: httpx.Response) -> None:
+        self.worker = worker
+        self.response = response
+        self.status_code = response.status_code
+
+    def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        return aiter_chunks(self.response.aiter_bytes())
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+class Router:
+    """Opens generation streams on workers chosen by the registry, retrying when a worker is down.
+
+    The HTTP client is created on first use, inside the server's event loop, and closed by :meth:`aclose` (the
+    application's shutdown), so the router itself can be built together with the application.
+
+    Args:
+        registry: The worker registry.
+        read_timeout: Seconds to wait for each piece of a worker's answer.
+    """
+
+    def __init__(self, registry: WorkerRegistry, read_timeout: float) -> None:
+        self.registry = registry
+        self.timeout = httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT_S)
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (a new one is made if the router is used again)."""
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def open(self, model: str, body: bytes) -> WorkerStream:
+        """Send ``body`` to a worker of ``model`` and return once its response headers arrived.
+
+        Raises:
+            NoWorkerError: If no live worker serves the model.
+            WorkersBusyError: If every worker of the model answered that its queue is full.
+            WorkerUnreachableError: If the chosen workers all failed to answer.
+        """
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        busy: list[str] = []  # Retry-After values of workers whose queue was full
+        while True:
+            address = self.registry.get_worker_address(model, exclude=tried)
+            if not address:
+                if busy and last_error is None:
+                    waits = [b for b in busy if b.isdigit()]
+                    raise WorkersBusyError(f"every worker of {model!r} is busy; retry later",
+                                           min(waits, key=int) if waits else "1")
+                if last_error is not None:
+                    raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
+                raise NoWorkerError(model)
+            tried.add(address)
+            request = self.client.build_request(
+                "POST", address + "/worker_generate_stream", content=body,
+                headers={"Content-Type": "application/json"}, timeout=self.timeout,
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # The request never reached the worker: it is gone. Forget it and try another one.
+                self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
+                self.registry.remove_worker(address)
+                last_error = exc
+                continue
+            except httpx.HTTPError as exc:
+                raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
+            if response.status_code == 503:  # its queue is full: another worker may have room
+                busy.append(response.headers.get("Retry-After", "1"))
+                await response.aclose()
+                continue
+            return WorkerStream(address, response)

@@ -1,0 +1,142 @@
+"""The OpenAI-compatible API's request handling as plain functions, with a fake registry and router (no processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+
+from palo.serve.openai_api import chat_completion, list_models
+from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
+from palo.serve.routing import NoWorkerError, WorkersBusyError
+
+
+
+class FakeRegistry:
+    logger = logging.getLogger("test_openai_routes")
+
+    def list_models(self) -> list[str]:
+        return ["ckpt"]
+
+    def conv_mode(self, model_name: str) -> str | None:
+        return "vicuna_v1"
+
+    def get_worker_address(self, model_name, exclude=frozenset()) -> str:  # pragma: no cover - the router is fake
+        return ""
+
+    def remove_worker(self, worker_name: str) -> None:  # pragma: no cover
+        pass
+
+
+class FakeStream:
+    """A worker's stream: its protocol chunks ``pieces``, then ``fail`` raised if given; records what was read."""
+
+    worker = "http://worker"
+    status_code = 200
+
+    def __init__(self, pieces: list[dict] | None = None, fail: Exception | None = None) -> None:
+        self.pieces = pieces or []
+        self.fail = fail
+        self.sent = 0
+        self.closed = False
+
+    async def chunks(self):
+        for piece in self.pieces:
+            self.sent += 1
+            yield piece
+        if self.fail is not None:
+            raise self.fail
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class FakeRouter:
+    def __init__(self, outcome) -> None:
+        self.outcome = outcome
+        self.bodies: list[dict] = []
+
+    async def open(self, model: str, body: bytes):
+        self.bodies.append(json.loads(body))
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+def _ask(router, stream: bool = False, stop: list[str] | None = None):
+    body = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 8}
+    if stop:
+        body["stop"] = stop
+
+    async def run():
+        response = await chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
+        if stream and response.status_code == 200:
+            events = [e async for e in response.body_iterator]
+            answer = b"".join(events).decode()
+        else:
+            answer = json.loads(response.body)
+        # Checked before the event loop ends: its shutdown would close a forgotten stream too late to tell.
+        router.closed_in_time = getattr(router.outcome, "closed", None)
+        return response.status_code, answer
+
+    return asyncio.run(run())
+
+
+def test_openai_api_does_not_import_the_controller():
+    code = "import sys, palo.serve.openai_api; assert 'palo.serve.controller' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_models_need_the_key_when_one_is_set():
+    assert list_models(FakeRegistry(), "Bearer wrong", "secret").status_code == 401
+    ok = list_models(FakeRegistry(), "Bearer secret", "secret")
+    assert ok.status_code == 200 and [m["id"] for m in json.loads(ok.body)["data"]] == ["ckpt"]
+
+
+def test_routing_errors_become_openai_errors():
+    status, body = _ask(FakeRouter(NoWorkerError("ckpt")))
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    busy = FakeRouter(WorkersBusyError("every worker is busy", "3"))
+    response = asyncio.run(chat_completion(
+        json.dumps({"model": "ckpt", "messages": [{"role": "user", "content": "hi"}]}).encode(), "", FakeRegistry(),
+        busy, None))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "3"
+
+
+def test_a_complete_answer_and_a_user_stop_string_that_closes_the_worker_stream():
+    router = FakeRouter(None)
+    router.outcome = stream = FakeStream()
+    # The prompt is only known once rendered; fill the fake stream lazily.
+    original_open = router.open
+
+    async def open_with_answer(model, body):
+        prompt = json.loads(body)["prompt"]
+        stream.pieces = [{"text": prompt + t, "error_code": 0} for t in ("Hel", "Hello wo", "Hello world!")]
+        stream.pieces[-1].update(finish_reason="stop", usage={"prompt_tokens": 5, "completion_tokens": 3})
+        return await original_open(model, body)
+
+    router.open = open_with_answer
+    status, body = _ask(router)
+    assert status == 200 and body["choices"][0]["message"]["content"] == "Hello world!"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8} and router.closed_in_time
+
+    stream.closed, stream.sent = False, 0
+    status, events = _ask(router, stream=True, stop=[" wo"])
+    assert status == 200 and router.closed_in_time and stream.sent == 2  # the third chunk was never read
+    deltas = [json.loads(line[6:]) for line in events.split("\n\n") if line.startswith("data: {")]
+    assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas) == "Hello"
+    assert deltas[-1]["choices"][0]["finish_reason"] == "stop" and events.endswith("data: [DONE]\n\n")
+
+
+def test_worker_failures_are_502_and_a_broken_stream_is_logged(caplog):
+    failed = FakeStream([{"text": f"{SERVER_ERROR_MSG} (RuntimeError: boom)", "error_code": WORKER_ERROR}])
+    status, body = _ask(FakeRouter(failed))
+    assert status == 502 and "boom" in body["error"]["message"] and failed.closed
+
+    broken = FakeStream(fail=ConnectionResetError("worker went away"))
+    with caplog.at_level(logging.ERROR, logger="test_openai_routes"):
+        status, body = _ask(FakeRouter(broken))
+    assert status == 502 and "worker went away" in body["error"]["message"] and broken.closed
+    assert any(r.exc_info for r in caplog.records) and "Traceback" in caplog.text
