@@ -9,9 +9,11 @@ answers are the tokens ``model.generate`` gives the request alone.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,6 +23,7 @@ import torch
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestOutput, SamplingParams
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
+from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
 MAX_NEW_TOKENS_CAP = 1024
@@ -29,6 +32,8 @@ DEFAULT_CONTEXT = 2048
 MAX_IMAGES_PER_REQUEST = 16
 # Longer prompts cannot fit any LLaMA context anyway; refuse them before spending time tokenising them.
 MAX_PROMPT_CHARS = 1_000_000
+# The logger palo.engine writes its failures to (with their tracebacks).
+ENGINE_LOGGER = "palo.engine"
 
 
 class RequestError(ValueError):
@@ -124,19 +129,20 @@ def _parse_int(params: dict[str, Any], key: str, default: int) -> int:
         raise RequestError(f"'{key}' must be an integer, got {value!r}") from None
 
 
-class GenerationEngine:
-    """Validates requests and streams their answers from one :class:`~palo.engine.LLMEngine`.
+class EngineBackend(ABC):
+    """What a model worker generates with: the request checks every engine shares, and the queue each implements.
+
+    The worker calls :meth:`prepare` (any thread), then :meth:`submit` with a sink for the request's
+    :class:`StreamEvent` s, and :meth:`stats` for its status. :class:`GenerationEngine` (continuous batching, the
+    default) and :class:`palo.serve.static_engine.StaticBatchEngine` (``--engine static``) implement the queue.
 
     Args:
         tokenizer: The model's tokenizer.
         model: A loaded :class:`~palo.model.palo_llama.PaloForCausalLM` (or a plain causal LM).
         image_processor: The CLIP processor, or None for a text-only model.
         context_len: Context size when the config has no ``max_position_embeddings``.
-        max_batch_size: Most sequences decoded together (the engine's ``max_num_seqs``) unless ``engine_config``
-            says otherwise.
-        batch_wait_ms: Accepted for compatibility; continuous batching needs no collection window.
-        logger: Optional logger.
-        engine_config: Engine settings (KV cache size, prefill chunk, prefix cache, CUDA graphs).
+        max_batch_size: Most sequences generated together.
+        logger: Where to log (default: the implementation's module logger).
     """
 
     def __init__(
@@ -146,9 +152,7 @@ class GenerationEngine:
         image_processor: Any,
         context_len: int = DEFAULT_CONTEXT,
         max_batch_size: int = 8,
-        batch_wait_ms: float = 10.0,
-        logger: Any = None,
-        engine_config: EngineConfig | None = None,
+        logger: logging.Logger | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -156,19 +160,8 @@ class GenerationEngine:
         self.model = model
         self.image_processor = image_processor
         self.max_context = int(getattr(model.config, "max_position_embeddings", None) or context_len or DEFAULT_CONTEXT)
-        self.logger = logger
-        config = engine_config or EngineConfig(max_num_seqs=max_batch_size)
-        if config.max_model_len is None or config.max_model_len > self.max_context:
-            config = replace(config, max_model_len=self.max_context)
-        self.engine = LLMEngine(model, tokenizer, config)
-        self.max_context = self.engine.max_model_len
-        self.max_batch_size = config.max_num_seqs
-        self.eos_ids = self.engine.eos_ids
-
-    @property
-    def batch_sizes(self):
-        """Sequences in each recent decode step."""
-        return self.engine.batch_sizes
+        self.max_batch_size = max_batch_size
+        self.logger = logger or logging.getLogger(type(self).__module__)
 
     # -- facts about the model -----------------------------------------------------------------------------------
     @property
@@ -275,39 +268,39 @@ class GenerationEngine:
             prompt_tokens=prompt_tokens,
         )
 
-        # -- queue ---------------------------------------------------------------------------------------------------
-    def start(self) -> GenerationEngine:
-        """Start the engine thread (idempotent)."""
-        self.engine.start()
-        return self
+    # -- queue (each engine's own) ---------------------------------------------------------------------------------
+    @abstractmethod
+    def start(self) -> EngineBackend:
+        """Start generating in the background (idempotent); returns the engine."""
 
+    @abstractmethod
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; unfinished requests end with an error."""
-        self.engine.close(timeout)
+        """Stop the background thread; unfinished requests end with an error event or silently."""
 
-    def submit(self, request: PreparedRequest, sink: Sink) -> Job:
+    @abstractmethod
+    def submit(self, request: PreparedRequest, sink: Sink) -> Any:
         """Queue one request; its events go to ``sink`` from the engine thread.
 
-        Raises:
-            palo.engine.QueueFull: When the engine's waiting queue is full.
+        Returns:
+            A handle whose ``cancel()`` stops generating for the request (its client went away).
         """
-        job = Job(self.engine, request, sink)
-        job.seq = self.engine.add_request(EngineRequest(
-            request.input_ids, request.images, request.sampling, on_output=lambda output: sink(_event(output)),
-        ))
-        return job
 
-    def submit_many(self, requests: Sequence[PreparedRequest], sinks: Sequence[Sink]) -> list[Job]:
+    @abstractmethod
+    def queue_size(self) -> int:
+        """Requests waiting to be generated."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """Counters for the worker's status (at least ``waiting``)."""
+
+    @property
+    @abstractmethod
+    def batch_sizes(self) -> Sequence[int]:
+        """Requests generated together in each recent step or batch."""
+
+    def submit_many(self, requests: Sequence[PreparedRequest], sinks: Sequence[Sink]) -> list[Any]:
         """Queue several requests."""
         return [self.submit(request, sink) for request, sink in zip(requests, sinks)]
-
-    def queue_size(self) -> int:
-        """Requests waiting for a place in the running batch."""
-        return self.engine.stats()["waiting"]
-
-    def stats(self) -> dict[str, Any]:
-        """The engine's queue, running sequences, KV use and tokens/s."""
-        return self.engine.stats()
 
     def generate(self, requests: Sequence[PreparedRequest], timeout: float = 300.0) -> list[StreamEvent]:
         """Submit requests together and wait for their last events (for scripts, tests and benchmarks).
@@ -333,6 +326,76 @@ class GenerationEngine:
             if not event.wait(max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"generation did not finish within {timeout} s")
         return [e for e in last if e is not None]
+
+
+class GenerationEngine(EngineBackend):
+    """Streams answers from one :class:`~palo.engine.LLMEngine` (continuous batching over a paged KV cache).
+
+    Args:
+        tokenizer, model, image_processor, context_len: As for :class:`EngineBackend`.
+        max_batch_size: Most sequences decoded together (the engine's ``max_num_seqs``) unless ``engine_config``
+            says otherwise.
+        batch_wait_ms: Accepted for compatibility; continuous batching needs no collection window.
+        logger: Optional logger; the engine's own records (a failed step's traceback) are sent to its handlers too.
+        engine_config: Engine settings (KV cache size, prefill chunk, prefix cache, CUDA graphs).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        model: Any,
+        image_processor: Any,
+        context_len: int = DEFAULT_CONTEXT,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 10.0,
+        logger: logging.Logger | None = None,
+        engine_config: EngineConfig | None = None,
+    ) -> None:
+        super().__init__(tokenizer, model, image_processor, context_len, max_batch_size, logger)
+        if logger is not None:
+            # LLMEngine logs a failed step with its traceback under its own name; the worker's log must have it.
+            route_logs(ENGINE_LOGGER, logger)
+        config = engine_config or EngineConfig(max_num_seqs=max_batch_size)
+        if config.max_model_len is None or config.max_model_len > self.max_context:
+            config = replace(config, max_model_len=self.max_context)
+        self.engine = LLMEngine(model, tokenizer, config)
+        self.max_context = self.engine.max_model_len
+        self.max_batch_size = config.max_num_seqs
+        self.eos_ids = self.engine.eos_ids
+
+    @property
+    def batch_sizes(self) -> Sequence[int]:
+        """Sequences in each recent decode step."""
+        return self.engine.batch_sizes
+
+    def start(self) -> GenerationEngine:
+        """Start the engine thread (idempotent)."""
+        self.engine.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the engine thread; unfinished requests end with an error."""
+        self.engine.close(timeout)
+
+    def submit(self, request: PreparedRequest, sink: Sink) -> Job:
+        """Queue one request; its events go to ``sink`` from the engine thread.
+
+        Raises:
+            palo.engine.QueueFull: When the engine's waiting queue is full.
+        """
+        job = Job(self.engine, request, sink)
+        job.seq = self.engine.add_request(EngineRequest(
+            request.input_ids, request.images, request.sampling, on_output=lambda output: sink(_event(output)),
+        ))
+        return job
+
+    def queue_size(self) -> int:
+        """Requests waiting for a place in the running batch."""
+        return self.engine.stats()["waiting"]
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's queue, running sequences, KV use and tokens/s."""
+        return self.engine.stats()
 
 
 def _event(output: RequestOutput) -> StreamEvent:

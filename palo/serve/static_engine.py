@@ -4,8 +4,8 @@
 benchmark's same-run baseline). A single background thread waits for a request, keeps collecting for
 ``batch_wait_ms`` (or until ``max_batch_size`` requests wait), left-pads the prompts of the requests that share
 sampling settings, and runs **one** ``model.generate`` for all of them: a request that arrives meanwhile waits for
-the whole batch, and a batch runs until its longest row ends. Request validation is shared with
-:class:`palo.serve.engine.GenerationEngine`.
+the whole batch, and a batch runs until its longest row ends. Request validation is
+:class:`palo.serve.engine.EngineBackend`'s, as for the default engine.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from palo.engine.detokenizer import visible_text
 from palo.mm_utils import left_pad
-from palo.serve.engine import DEFAULT_CONTEXT, GenerationEngine, PreparedRequest, Sink, StreamEvent
+from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, Sink, StreamEvent
 
 
 @dataclass
@@ -47,17 +47,14 @@ class Job:
             self.cancelled = True
 
 
-class StaticBatchEngine(GenerationEngine):
-    """Validates, batches and streams generation requests for one loaded model.
+class StaticBatchEngine(EngineBackend):
+    """Batches and streams generation requests for one loaded model, one ``model.generate`` per batch.
 
     Args:
-        tokenizer: The model's tokenizer.
-        model: A loaded :class:`~palo.model.palo_llama.PaloForCausalLM` (or a plain causal LM).
-        image_processor: The CLIP processor, or None for a text-only model.
-        context_len: Context size when the config has no ``max_position_embeddings``.
+        tokenizer, model, image_processor, context_len: As for :class:`~palo.serve.engine.EngineBackend`.
         max_batch_size: Most requests generated together.
         batch_wait_ms: How long to keep collecting requests after the first one arrives.
-        logger: Optional logger; each batch is logged at INFO.
+        logger: Optional logger; each batch is logged at INFO, a failed batch at ERROR with its traceback.
     """
 
     def __init__(
@@ -70,15 +67,8 @@ class StaticBatchEngine(GenerationEngine):
         batch_wait_ms: float = 10.0,
         logger: Any = None,
     ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        self.tokenizer = tokenizer
-        self.model = model
-        self.image_processor = image_processor
-        self.max_context = int(getattr(model.config, "max_position_embeddings", None) or context_len or DEFAULT_CONTEXT)
-        self.max_batch_size = max_batch_size
+        super().__init__(tokenizer, model, image_processor, context_len, max_batch_size, logger)
         self.batch_wait_s = batch_wait_ms / 1000.0
-        self.logger = logger
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = {tokenizer.eos_token_id}
         configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -99,7 +89,7 @@ class StaticBatchEngine(GenerationEngine):
         return {"waiting": self.queue_size(), "engine": "static"}
 
     # -- queue ---------------------------------------------------------------------------------------------------
-    def start(self) -> GenerationEngine:
+    def start(self) -> StaticBatchEngine:
         """Start the batching thread (idempotent)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="palo-generation", daemon=True)
@@ -162,8 +152,7 @@ class StaticBatchEngine(GenerationEngine):
 
     def _run(self, batch: list[Job]) -> None:
         self._batch_sizes.append(len(batch))
-        if self.logger is not None:
-            self.logger.info("generating a batch of %d request(s)", len(batch))
+        self.logger.info("generating a batch of %d request(s)", len(batch))
         input_ids, attention_mask = left_pad([job.request.input_ids for job in batch], self.pad_id)
         width = input_ids.shape[1]
         images = [job.request.images for job in batch if job.request.images is not None]
@@ -189,6 +178,8 @@ class StaticBatchEngine(GenerationEngine):
                 **kwargs,
             )
         except Exception as exc:  # noqa: BLE001 - any failure ends this batch's requests with an error, not the worker
+            # The requests get one line each; the traceback is kept here, once per batch.
+            self.logger.exception("generating a batch of %d request(s) failed", len(batch))
             message = f"{type(exc).__name__}: {exc}"
             for job in batch:
                 if not job.finished:

@@ -45,3 +45,20 @@ def build_logger(name: str, filename: str) -> logging.Logger:
     except OSError as exc:  # a read-only working directory must not stop the service
         logger.warning("not writing %s: %s", filename, exc)
     return logger
+
+
+def route_logs(source: str, target: logging.Logger) -> None:
+    """Send the records of logger ``source`` also to the handlers of ``target`` (idempotent).
+
+    The serving processes log through their own non-propagating logger (its file and stderr); libraries they run
+    log under their own names (``palo.engine`` logs a failed step's traceback there), whose records would otherwise
+    reach only stderr through Python's last-resort handler, never the service's log file.
+
+    Args:
+        source: The name of the logger to route (e.g. ``"palo.engine"``).
+        target: The service's logger; its handlers are added to ``source``.
+    """
+    logger = logging.getLogger(source)
+    for handler in target.handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
