@@ -32,20 +32,13 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 
 import argparse
 import asyncio
-import logging
-import json
-import threading
-import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
-
-import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
 from palo.engine.errors import QueueFull
-from palo.serve.engine import GenerationEngine, PromptTooLong, RequestError, StreamEvent
+from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
@@ -56,15 +49,19 @@ from palo.serve.protocol import (
     error_chunk,
 )
 from palo.serve.utils import build_logger
+from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
+
+__all__ = ["ModelWorker", "build_parser", "create_app", "main"]
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
-CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
-RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
-STREAM_MEDIA_TYPE = "application/octet-stream"
 
 
-class ModelWorker:
-    """Registration, heartbeats, the concurrency limit and request handling around one :class:`GenerationEngine`.
+class ModelWorker(BaseWorker):
+    """A worker that generates with one loaded model through an :class:`~palo.serve.engine.EngineBackend`.
+
+    Registration, heartbeats and the concurrency limit are :class:`~palo.serve.worker_base.BaseWorker`'s; this
+    class adds request preparation by the engine, the bounded wait queue (HTTP 503 beyond ``max_queue``) and the
+    translation of engine events into protocol chunks.
 
     Args:
         engine: The generation engine of the loaded model.
@@ -79,9 +76,11 @@ class ModelWorker:
         logger: Where to log.
     """
 
+    title = "PALO model worker"
+
     def __init__(
         self,
-        engine: GenerationEngine,
+        engine: EngineBackend,
         model_name: str,
         controller_addr: str,
         worker_addr: str,
@@ -92,153 +91,60 @@ class ModelWorker:
         no_register: bool = False,
         logger: Any = None,
     ) -> None:
+        super().__init__(model_name, controller_addr, worker_addr, conv_mode=conv_mode,
+                         limit_model_concurrency=limit_model_concurrency, heart_beat_interval=heart_beat_interval,
+                         no_register=no_register, logger=logger)
         self.engine = engine
-        self.model_name = model_name
-        self.controller_addr = controller_addr.rstrip("/")
-        self.worker_addr = worker_addr.rstrip("/")
-        self.limit_model_concurrency = limit_model_concurrency
         self.max_queue = max_queue
         self.rejected = 0
-        self.conv_mode = conv_mode
-        self.heart_beat_interval = heart_beat_interval
-        self.no_register = no_register
-        self.logger = logger or logging.getLogger(__name__)
-        self.running = 0
-        self.waiting = 0
         self.served = 0
-        self._semaphore: asyncio.Semaphore | None = None
-        self._stop = threading.Event()
 
-    # -- controller side -----------------------------------------------------------------------------------------
-    def get_queue_length(self) -> int:
-        """Requests generating plus requests waiting for a slot (0 before the first request)."""
-        return self.running + self.waiting
+    def status_details(self) -> dict[str, Any]:
+        return {"engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,
+                           "rejected": self.rejected, "max_queue": self.max_queue}}
 
-    def get_status(self) -> dict[str, Any]:
-        return {
-            "model_names": [self.model_name],
-            "speed": 1,
-            "queue_length": self.get_queue_length(),
-            "conv_mode": self.conv_mode,
-            "engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,
-                       "rejected": self.rejected, "max_queue": self.max_queue},
-        }
-
-    def register_to_controller(self) -> bool:
-        """Register with the controller; returns whether it accepted."""
-        data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
-        try:
-            response = httpx.post(self.controller_addr + "/register_worker", json=data, timeout=CONTROLLER_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
-            return False
-        if response.status_code != 200:
-            self.logger.warning("registration refused: HTTP %s %s", response.status_code, response.text[:200])
-            return False
-        self.logger.info("registered with %s as %s", self.controller_addr, self.worker_addr)
-        return True
-
-    def send_heart_beat(self) -> None:
-        """One heartbeat; retries every 5 s while the controller is unreachable; re-registers if it forgot us."""
-        if self.no_register:
-            return
-        while not self._stop.is_set():
-            try:
-                response = httpx.post(
-                    self.controller_addr + "/receive_heart_beat",
-                    json={"worker_name": self.worker_addr, "queue_length": self.get_queue_length()},
-                    timeout=CONTROLLER_TIMEOUT_S,
-                )
-                exist = bool(response.json().get("exist"))
-                break
-            except (httpx.HTTPError, ValueError, AttributeError) as exc:
-                self.logger.warning("heartbeat to %s failed: %s", self.controller_addr, exc)
-                self._stop.wait(RETRY_INTERVAL_S)
-        else:
-            return
-        if not exist:
-            self.register_to_controller()
-
-    def _wait_until_listening(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._stop.is_set():
-            try:
-                httpx.post(self.worker_addr + "/worker_get_status", timeout=1.0)
-                return
-            except httpx.HTTPError:
-                self._stop.wait(0.05)
-
-    def _heart_beat_loop(self) -> None:
-        # Register once this server answers, so the controller never sends work to a port that is not open yet.
-        self._wait_until_listening()
-        if not self.register_to_controller():
-            self.logger.warning("will retry registering with each heartbeat")
-        while not self._stop.wait(self.heart_beat_interval):
-            self.send_heart_beat()
+    def model_details(self) -> dict[str, Any]:
+        return {"context_length": self.engine.max_context}
 
     def start(self) -> None:
         """Start the engine and (unless ``no_register``) the registration/heartbeat thread."""
         self.engine.start()
-        if not self.no_register:
-            threading.Thread(target=self._heart_beat_loop, name="heart-beat", daemon=True).start()
+        super().start()
 
     def stop(self) -> None:
-        self._stop.set()
+        super().stop()
         self.engine.close()
 
-    def _heart_beat_soon(self) -> None:
-        if not self.no_register:
-            threading.Thread(target=self.send_heart_beat, daemon=True).start()
-
     # -- requests ------------------------------------------------------------------------------------------------
-    @property
-    def semaphore(self) -> asyncio.Semaphore:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
-        return self._semaphore
-
-    async def generate_stream(self, request: Request) -> Response:
-        """Handle ``/worker_generate_stream``."""
-        try:
-            params = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            return Response(error_chunk(f"invalid JSON body: {exc}", WORKER_ERROR, INVALID_REQUEST), 400,
-                            media_type=STREAM_MEDIA_TYPE)
+    async def prepare(self, params: Any) -> PreparedRequest:
+        """Validate and tokenise a request (in a thread: images are decoded), or reject it."""
         try:
             prepared = await asyncio.to_thread(self.engine.prepare, params)
         except RequestError as exc:
             self.logger.info("rejected request: %s", exc)
-            return Response(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST), 400, media_type=STREAM_MEDIA_TYPE)
+            raise Rejected(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST)) from None
         except PromptTooLong as exc:
             # The original protocol: error code 0, the prompt followed by the message.
             self.logger.info("prompt too long: %s", exc)
-            chunk = encode_chunk(params["prompt"] + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
-                                 detail=str(exc), finish_reason="length")
-            return Response(chunk, 200, media_type=STREAM_MEDIA_TYPE)
+            raise Rejected(encode_chunk(params["prompt"] + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
+                                        detail=str(exc), finish_reason="length"), 200) from None
         if self.running + self.waiting >= self.limit_model_concurrency + self.max_queue:  # it would have to wait
             self.rejected += 1
             self.logger.warning("queue full (%d waiting): answering 503", self.waiting)
-            return Response(error_chunk(f"the worker is busy: {self.waiting} requests are already waiting; retry "
-                                        f"in {RETRY_AFTER_S} s", WORKER_ERROR), 503,
-                            media_type=STREAM_MEDIA_TYPE, headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise Rejected(error_chunk(f"the worker is busy: {self.waiting} requests are already waiting; retry in "
+                                       f"{RETRY_AFTER_S} s", WORKER_ERROR), 503, {"Retry-After": str(RETRY_AFTER_S)})
         self.served += 1
         self.logger.info("request %d: %d prompt tokens, %d images, max_new_tokens=%d", self.served,
                          prepared.prompt_tokens, 0 if prepared.images is None else len(prepared.images),
                          prepared.max_new_tokens)
-        return StreamingResponse(self._stream(prepared), media_type=STREAM_MEDIA_TYPE)
+        return prepared
 
-    async def _stream(self, prepared: Any):
+    async def generate(self, prepared: PreparedRequest) -> AsyncIterator[bytes]:
+        """Submit to the engine and relay its events as cumulative chunks (the prompt included)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         job = None
-        self.waiting += 1
-        acquired = False
         try:
-            await self.semaphore.acquire()
-            acquired = True
-            self.waiting -= 1
-            self.running += 1
-            self._heart_beat_soon()
             try:
                 job = self.engine.submit(prepared, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
             except QueueFull as exc:  # only when --max-num-seqs and the engine queue are smaller than the limit
@@ -247,7 +153,8 @@ class ModelWorker:
             while True:
                 event = await queue.get()
                 if event.error is not None:
-                    self.logger.error("generation failed: %s", event.error)
+                    # The engine logged the traceback where it caught the exception; this names the request.
+                    self.logger.error("request failed in the engine: %s", event.error)
                     yield error_chunk(event.error, WORKER_ERROR)
                     return
                 usage = None
@@ -259,39 +166,11 @@ class ModelWorker:
         finally:
             if job is not None:
                 job.cancel()  # a no-op when it finished; stops generating for a client that went away
-            if acquired:
-                self.running -= 1
-                self.semaphore.release()
-            else:
-                self.waiting -= 1
-            self._heart_beat_soon()
-
-
-def create_app(worker: ModelWorker) -> FastAPI:
-    """The worker's FastAPI application."""
-    app = FastAPI(title="PALO model worker")
-
-    @app.post("/worker_generate_stream")
-    async def worker_generate_stream(request: Request) -> Response:
-        return await worker.generate_stream(request)
-
-    @app.post("/worker_get_status")
-    async def worker_get_status() -> JSONResponse:
-        return JSONResponse(worker.get_status())
-
-    @app.post("/model_details")
-    async def model_details() -> JSONResponse:
-        return JSONResponse({"context_length": worker.engine.max_context})
-
-    return app
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="PALO model worker (original protocol)")
-    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
-    parser.add_argument("--port", type=int, default=21002)
-    parser.add_argument("--worker-address", type=str, default="http://localhost:21002")
-    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    add_address_arguments(parser)
     parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--model-name", type=str, default=None, help="default: derived from --model-path")
@@ -336,7 +215,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch
-    import uvicorn
 
     from palo.conversation import conv_mode_for_checkpoint
     from palo.mm_utils import get_model_name_from_path
@@ -385,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         no_register=args.no_register,
         logger=logger,
     )
-    worker.start()
-    try:
-        uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
-    finally:
-        worker.stop()
+    serve(worker, args.host, args.port)
     return 0
 
 

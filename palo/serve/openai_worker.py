@@ -30,28 +30,24 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
-import asyncio
 import json
-import logging
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
+from palo.serve.openai_api import APIError, render_messages
 from palo.serve.protocol import INVALID_REQUEST, OK, WORKER_ERROR, encode_chunk, error_chunk
 from palo.serve.utils import build_logger
+from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
-CONTROLLER_TIMEOUT_S = 5.0
+__all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "main", "prompt_to_messages"]
+
 HEALTH_TIMEOUT_S = 5.0
 MAX_NEW_TOKENS_CAP = 1024  # the original worker's cap
-STREAM_MEDIA_TYPE = "application/octet-stream"
 
 
 class PromptFormatError(ValueError):
@@ -81,8 +77,6 @@ def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[d
         PromptFormatError: If the prompt is not in that template's format, the image count differs from the
             placeholders, or rendering the messages again would not give back exactly ``prompt``.
     """
-    from palo.serve.openai_api import APIError, render_messages
-
     conv = conv_templates[conv_mode]
     user, assistant = conv.roles
     if prompt.count(DEFAULT_IMAGE_TOKEN) != len(images):
@@ -136,8 +130,11 @@ def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[d
     return messages
 
 
-class OpenAIWorker:
-    """Registration, heartbeats (gated on backend health) and request translation for one backend model.
+class OpenAIWorker(BaseWorker):
+    """A worker that forwards each request to one backend model; heartbeats only while the backend is healthy.
+
+    Registration, heartbeats and the concurrency limit are :class:`~palo.serve.worker_base.BaseWorker`'s; this
+    class adds the backend health check and the translation of requests and streams.
 
     Args:
         api_base: The backend's OpenAI base URL (``http://host:port/v1``).
@@ -151,7 +148,10 @@ class OpenAIWorker:
         request_timeout: Seconds the backend may stay silent during one request.
         context_length: Reported by ``/model_details``.
         no_register: Do not register with a controller.
+        logger: Where to log.
     """
+
+    title = "PALO OpenAI-backed worker"
 
     def __init__(self, api_base: str, api_key: str | None, model_name: str, controller_addr: str, worker_addr: str,
                  conv_mode: str = "vicuna_v1", limit_model_concurrency: int = 32,
@@ -160,30 +160,22 @@ class OpenAIWorker:
         if conv_mode not in conv_templates or conv_templates[conv_mode].sep_style is not SeparatorStyle.TWO:
             raise ValueError(f"--conv-mode {conv_mode!r}: the OpenAI-backed worker handles TWO-style templates "
                              "(vicuna_v1, llava_v1), which PALO uses")
+        super().__init__(model_name, controller_addr, worker_addr, conv_mode=conv_mode,
+                         limit_model_concurrency=limit_model_concurrency, heart_beat_interval=heart_beat_interval,
+                         no_register=no_register, logger=logger)
         self.api_base = api_base.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.model_name = model_name
-        self.controller_addr = controller_addr.rstrip("/")
-        self.worker_addr = worker_addr.rstrip("/")
-        self.conv_mode = conv_mode
-        self.limit_model_concurrency = limit_model_concurrency
-        self.heart_beat_interval = heart_beat_interval
         self.request_timeout = request_timeout
         self.context_length = context_length
-        self.no_register = no_register
-        self.logger = logger or logging.getLogger(__name__)
-        self.running = 0
-        self.waiting = 0
-        self.backend_ok = False
-        self._semaphore: asyncio.Semaphore | None = None
-        self._stop = threading.Event()
+        self.healthy = False  # until the first check: no heartbeat for a backend never seen
 
-    # -- controller side -----------------------------------------------------------------------------------------
-    def get_status(self) -> dict[str, Any]:
-        return {"model_names": [self.model_name], "speed": 1, "queue_length": self.running + self.waiting,
-                "conv_mode": self.conv_mode, "backend": {"api_base": self.api_base, "reachable": self.backend_ok}}
+    def status_details(self) -> dict[str, Any]:
+        return {"backend": {"api_base": self.api_base, "reachable": self.healthy}}
 
-    def check_backend(self) -> bool:
+    def model_details(self) -> dict[str, Any]:
+        return {"context_length": self.context_length}
+
+    def check_health(self) -> bool:
         """Whether the backend answers ``GET /models`` and serves ``model_name``."""
         try:
             response = httpx.get(self.api_base + "/models", headers=self.headers, timeout=HEALTH_TIMEOUT_S)
@@ -195,72 +187,19 @@ class OpenAIWorker:
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             self.logger.warning("backend %s is not answering: %s", self.api_base, exc)
             ok = False
-        if ok != self.backend_ok:
+        if ok != self.healthy:
             self.logger.info("backend %s %s", self.api_base, "is up" if ok else "is down: no more heartbeats")
-        self.backend_ok = ok
         return ok
 
-    def register_to_controller(self) -> bool:
-        data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
-        try:
-            response = httpx.post(self.controller_addr + "/register_worker", json=data, timeout=CONTROLLER_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
-            return False
-        if response.status_code != 200:
-            self.logger.warning("registration refused: HTTP %s", response.status_code)
-            return False
-        self.logger.info("registered with %s as %s", self.controller_addr, self.worker_addr)
-        return True
-
-    def send_heart_beat(self) -> None:
-        """One heartbeat if the backend is healthy (re-registering when the controller forgot this worker)."""
-        if self.no_register or not self.check_backend():
-            return
-        try:
-            response = httpx.post(self.controller_addr + "/receive_heart_beat",
-                                  json={"worker_name": self.worker_addr, "queue_length": self.running + self.waiting},
-                                  timeout=CONTROLLER_TIMEOUT_S)
-            exist = bool(response.json().get("exist"))
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
-            self.logger.warning("heartbeat to %s failed: %s", self.controller_addr, exc)
-            return
-        if not exist:
-            self.register_to_controller()
-
-    def _heart_beat_loop(self) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not self._stop.is_set():  # register once this server answers
-            try:
-                httpx.post(self.worker_addr + "/worker_get_status", timeout=1.0)
-                break
-            except httpx.HTTPError:
-                self._stop.wait(0.05)
-        if self.check_backend():
-            self.register_to_controller()
-        while not self._stop.wait(self.heart_beat_interval):
-            self.send_heart_beat()
-
-    def start(self) -> None:
-        if not self.no_register:
-            threading.Thread(target=self._heart_beat_loop, name="heart-beat", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
     # -- requests ------------------------------------------------------------------------------------------------
-    @property
-    def semaphore(self) -> asyncio.Semaphore:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
-        return self._semaphore
-
     def backend_request(self, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """``(prompt, /chat/completions body)`` for worker-protocol ``params``.
 
         Raises:
             PromptFormatError: For a malformed request or a prompt that cannot be sent faithfully.
         """
+        if not isinstance(params, dict):
+            raise PromptFormatError("the request body must be a JSON object")
         prompt = params.get("prompt")
         if not isinstance(prompt, str):
             raise PromptFormatError("'prompt' (a string) is required")
@@ -290,32 +229,16 @@ class OpenAIWorker:
             body["stop"] = [stop]
         return prompt, body
 
-    async def generate_stream(self, request: Request) -> Response:
+    async def prepare(self, params: Any) -> tuple[str, dict[str, Any]]:
+        """``(prompt, backend request body)``, or a rejection for a request that cannot be forwarded faithfully."""
         try:
-            params = json.loads(await request.body())
-            prompt, body = self.backend_request(params)
-        except (ValueError, UnicodeDecodeError) as exc:  # PromptFormatError is a ValueError
+            return self.backend_request(params)
+        except PromptFormatError as exc:
             self.logger.info("rejected request: %s", exc)
-            return Response(error_chunk(f"invalid request: {exc}", WORKER_ERROR, INVALID_REQUEST), 400,
-                            media_type=STREAM_MEDIA_TYPE)
-        return StreamingResponse(self._stream(prompt, body), media_type=STREAM_MEDIA_TYPE)
+            raise Rejected(error_chunk(f"invalid request: {exc}", WORKER_ERROR, INVALID_REQUEST)) from None
 
-    async def _stream(self, prompt: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
-        self.waiting += 1
-        acquired = False
-        try:
-            await self.semaphore.acquire()
-            acquired = True
-            self.waiting -= 1
-            self.running += 1
-            async for chunk in self._relay(prompt, body):
-                yield chunk
-        finally:
-            if acquired:
-                self.running -= 1
-                self.semaphore.release()
-            else:
-                self.waiting -= 1
+    def generate(self, prepared: tuple[str, dict[str, Any]]) -> AsyncIterator[bytes]:
+        return self._relay(*prepared)
 
     async def _relay(self, prompt: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         text = ""
@@ -351,6 +274,8 @@ class OpenAIWorker:
                                 yield encode_chunk(prompt + _trim_stop(text, stops), OK)
         except (httpx.HTTPError, ValueError) as exc:
             self.logger.error("backend %s failed: %r", self.api_base, exc)
+            if isinstance(exc, httpx.TransportError):
+                self.healthy = False  # no heartbeat around requests until a periodic check finds it back
             yield error_chunk(f"the backend {self.api_base} is unreachable or broke off the stream "
                               f"({type(exc).__name__}: {exc})", WORKER_ERROR)
             return
@@ -371,30 +296,9 @@ def _trim_stop(text: str, stops: list[str]) -> str:
     return text
 
 
-def create_app(worker: OpenAIWorker) -> FastAPI:
-    app = FastAPI(title="PALO OpenAI-backed worker")
-
-    @app.post("/worker_generate_stream")
-    async def worker_generate_stream(request: Request) -> Response:
-        return await worker.generate_stream(request)
-
-    @app.post("/worker_get_status")
-    async def worker_get_status() -> JSONResponse:
-        return JSONResponse(worker.get_status())
-
-    @app.post("/model_details")
-    async def model_details() -> JSONResponse:
-        return JSONResponse({"context_length": worker.context_length})
-
-    return app
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="PALO worker backed by an OpenAI-compatible server (vLLM, SGLang)")
-    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
-    parser.add_argument("--port", type=int, default=21002)
-    parser.add_argument("--worker-address", type=str, default="http://localhost:21002")
-    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    add_address_arguments(parser)
     parser.add_argument("--api-base", type=str, required=True, help="the backend's OpenAI base URL, e.g. http://host:8000/v1")
     parser.add_argument("--api-key", type=str, default=os.environ.get("OPENAI_API_KEY"),
                         help="backend API key (default: $OPENAI_API_KEY)")
@@ -411,7 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import uvicorn
 
     logger = build_logger("openai_worker", f"openai_worker_{uuid.uuid4().hex[:6]}.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})
@@ -424,11 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    worker.start()
-    try:
-        uvicorn.run(create_app(worker), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
-    finally:
-        worker.stop()
+    serve(worker, args.host, args.port)
     return 0
 
 

@@ -1,0 +1,302 @@
+"""What every worker does, whatever produces its answers: the controller link and the request flow around it.
+
+A worker registers with the controller once its own server answers, heartbeats every ``heart_beat_interval``
+seconds (re-registering when the controller has forgotten it), and serves the original worker endpoints
+(``/worker_generate_stream``, ``/worker_get_status``, ``/model_details``). Requests run under a concurrency limit
+(an asyncio semaphore); the ones waiting for it count in the queue length the worker reports, and a heartbeat goes
+out when a request starts and when it ends, as in the original worker.
+
+Subclasses say only how they answer: :meth:`BaseWorker.prepare` checks a request (raising :class:`Rejected` to
+answer at once) and :meth:`BaseWorker.generate` streams its chunks. Any other exception in either is logged with its
+traceback and answered with the original protocol's error chunk (error code 1), so a failure never cuts a stream
+short without a word and never goes unrecorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, error_chunk
+
+CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
+RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
+LISTEN_TIMEOUT_S = 60.0  # how long to wait for this worker's own server before registering anyway
+
+
+class Rejected(Exception):
+    """A request answered at once, without generating (malformed, prompt too long, queue full).
+
+    Args:
+        chunk: The response body: one protocol chunk.
+        status: The HTTP status.
+        headers: Extra response headers (``Retry-After``).
+    """
+
+    def __init__(self, chunk: bytes, status: int = 400, headers: dict[str, str] | None = None) -> None:
+        super().__init__(chunk.decode("utf-8", "replace"))
+        self.chunk = chunk
+        self.status = status
+        self.headers = headers
+
+    def response(self) -> Response:
+        return Response(self.chunk, self.status, media_type=STREAM_MEDIA_TYPE, headers=self.headers)
+
+
+class BaseWorker(ABC):
+    """Registration, heartbeats, the concurrency limit and the request flow of one worker.
+
+    Args:
+        model_name: The name the worker registers under.
+        controller_addr: The controller's base URL.
+        worker_addr: This worker's base URL as the controller should reach it.
+        conv_mode: The conversation template of the model (reported in the status).
+        limit_model_concurrency: Requests generating at once; more wait in the worker's queue.
+        heart_beat_interval: Seconds between heartbeats.
+        no_register: Do not register with a controller (and send no heartbeats).
+        logger: Where to log (default: the subclass's module logger).
+    """
+
+    title = "PALO worker"
+
+    def __init__(
+        self,
+        model_name: str,
+        controller_addr: str,
+        worker_addr: str,
+        conv_mode: str = "vicuna_v1",
+        limit_model_concurrency: int = 5,
+        heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
+        no_register: bool = False,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.controller_addr = controller_addr.rstrip("/")
+        self.worker_addr = worker_addr.rstrip("/")
+        self.conv_mode = conv_mode
+        self.limit_model_concurrency = limit_model_concurrency
+        self.heart_beat_interval = heart_beat_interval
+        self.no_register = no_register
+        self.logger = logger or logging.getLogger(type(self).__module__)
+        self.running = 0
+        self.waiting = 0
+        self.healthy = True  # the last check_health(); an unhealthy worker sends no heartbeats
+        self._semaphore: asyncio.Semaphore | None = None
+        self._stop = threading.Event()
+
+    # -- what subclasses provide ---------------------------------------------------------------------------------
+    @abstractmethod
+    async def prepare(self, params: Any) -> Any:
+        """Check a decoded ``/worker_generate_stream`` body and turn it into what :meth:`generate` takes.
+
+        Raises:
+            Rejected: To answer at once (bad request, prompt too long, queue full).
+        """
+
+    @abstractmethod
+    def generate(self, prepared: Any) -> AsyncIterator[bytes]:
+        """Stream the protocol chunks of one prepared request (called once it holds a concurrency slot)."""
+
+    @abstractmethod
+    def model_details(self) -> dict[str, Any]:
+        """The ``/model_details`` answer (``{"context_length": n}``)."""
+
+    def status_details(self) -> dict[str, Any]:
+        """Keys added to the status after the original ones (e.g. the engine's counters)."""
+        return {}
+
+    def check_health(self) -> bool:
+        """Whether the worker can serve; checked before each periodic heartbeat (an unhealthy one sends none, so
+        the controller expires it)."""
+        return True
+
+    # -- controller side -----------------------------------------------------------------------------------------
+    def get_queue_length(self) -> int:
+        """Requests generating plus requests waiting for a slot (0 before the first request)."""
+        return self.running + self.waiting
+
+    def get_status(self) -> dict[str, Any]:
+        return {
+            "model_names": [self.model_name],
+            "speed": 1,
+            "queue_length": self.get_queue_length(),
+            "conv_mode": self.conv_mode,
+            **self.status_details(),
+        }
+
+    def register_to_controller(self) -> bool:
+        """Register with the controller; returns whether it accepted."""
+        data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
+        try:
+            response = httpx.post(self.controller_addr + "/register_worker", json=data, timeout=CONTROLLER_TIMEOUT_S)
+        except httpx.HTTPError as exc:
+            self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
+            return False
+        if response.status_code != 200:
+            self.logger.warning("registration refused: HTTP %s %s", response.status_code, response.text[:200])
+            return False
+        self.logger.info("registered with %s as %s", self.controller_addr, self.worker_addr)
+        return True
+
+    def _update_health(self) -> bool:
+        self.healthy = bool(self.check_health())
+        return self.healthy
+
+    def send_heart_beat(self, probe: bool = True) -> None:
+        """One heartbeat; retries every 5 s while the controller is unreachable; re-registers if it forgot us.
+
+        Args:
+            probe: Check the worker's health first; otherwise trust the last check (the heartbeats sent around
+                each request must not probe a backend twice per request, nor revive a worker found unhealthy).
+        """
+        if self.no_register or not (self._update_health() if probe else self.healthy):
+            return
+        while not self._stop.is_set():
+            try:
+                response = httpx.post(
+                    self.controller_addr + "/receive_heart_beat",
+                    json={"worker_name": self.worker_addr, "queue_length": self.get_queue_length()},
+                    timeout=CONTROLLER_TIMEOUT_S,
+                )
+                exist = bool(response.json().get("exist"))
+                break
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                self.logger.warning("heartbeat to %s failed: %s", self.controller_addr, exc)
+                self._stop.wait(RETRY_INTERVAL_S)
+        else:
+            return
+        if not exist:
+            self.register_to_controller()
+
+    def _wait_until_listening(self, timeout: float = LISTEN_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self._stop.is_set():
+            try:
+                httpx.post(self.worker_addr + "/worker_get_status", timeout=1.0)
+                return
+            except httpx.HTTPError:
+                self._stop.wait(0.05)
+
+    def _heart_beat_loop(self) -> None:
+        # Register once this server answers, so the controller never sends work to a port that is not open yet.
+        self._wait_until_listening()
+        if not self._update_health():
+            self.logger.warning("not healthy yet: registering once a heartbeat finds it healthy")
+        elif not self.register_to_controller():
+            self.logger.warning("will retry registering with each heartbeat")
+        while not self._stop.wait(self.heart_beat_interval):
+            self.send_heart_beat()
+
+    def start(self) -> None:
+        """Start the registration/heartbeat thread (unless ``no_register``)."""
+        if not self.no_register:
+            threading.Thread(target=self._heart_beat_loop, name="heart-beat", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def heart_beat_soon(self) -> None:
+        """Report the queue length now, in the background (when a request starts and ends)."""
+        if not self.no_register:
+            threading.Thread(target=self.send_heart_beat, kwargs={"probe": False}, daemon=True).start()
+
+    # -- requests ------------------------------------------------------------------------------------------------
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        # Made on first use, inside the server's event loop.
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
+        return self._semaphore
+
+    async def generate_stream(self, request: Request) -> Response:
+        """Handle ``/worker_generate_stream``."""
+        try:
+            params = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return Rejected(error_chunk(f"invalid JSON body: {exc}", WORKER_ERROR, INVALID_REQUEST)).response()
+        try:
+            prepared = await self.prepare(params)
+        except Rejected as exc:
+            return exc.response()
+        except Exception as exc:  # noqa: BLE001 - a bug or a device error answers this request, not the worker
+            self.logger.exception("preparing a request failed")
+            # The original answered every failure with status 200 and an error chunk (its checks ran in the stream).
+            return Response(error_chunk(f"{type(exc).__name__}: {exc}", WORKER_ERROR), 200,
+                            media_type=STREAM_MEDIA_TYPE)
+        return StreamingResponse(self._stream(prepared), media_type=STREAM_MEDIA_TYPE)
+
+    async def _stream(self, prepared: Any) -> AsyncIterator[bytes]:
+        self.waiting += 1
+        acquired = False
+        try:
+            await self.semaphore.acquire()
+            acquired = True
+            self.waiting -= 1
+            self.running += 1
+            self.heart_beat_soon()
+            # aclosing: a client that goes away closes the subclass's stream now (freeing what it holds), not
+            # whenever the garbage collector finalizes it.
+            async with aclosing(self.generate(prepared)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except Exception as exc:  # noqa: BLE001 - the client gets the protocol's error chunk, the log the traceback
+            self.logger.exception("generation failed")
+            yield error_chunk(f"{type(exc).__name__}: {exc}", WORKER_ERROR)
+        finally:
+            if acquired:
+                self.running -= 1
+                self.semaphore.release()
+            else:
+                self.waiting -= 1
+            self.heart_beat_soon()
+
+
+def create_app(worker: BaseWorker) -> FastAPI:
+    """The worker's FastAPI application: the original worker endpoints."""
+    app = FastAPI(title=worker.title)
+
+    @app.post("/worker_generate_stream")
+    async def worker_generate_stream(request: Request) -> Response:
+        return await worker.generate_stream(request)
+
+    @app.post("/worker_get_status")
+    async def worker_get_status() -> JSONResponse:
+        return JSONResponse(worker.get_status())
+
+    @app.post("/model_details")
+    async def model_details() -> JSONResponse:
+        return JSONResponse(worker.model_details())
+
+    return app
+
+
+def add_address_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every worker takes to find its controller and be found (the original's names and defaults)."""
+    parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    parser.add_argument("--port", type=int, default=21002)
+    parser.add_argument("--worker-address", type=str, default="http://localhost:21002")
+    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+
+
+def serve(worker: BaseWorker, host: str, port: int) -> None:
+    """Start the worker's background work, serve its endpoints until interrupted, then stop it."""
+    import uvicorn
+
+    worker.start()
+    try:
+        uvicorn.run(create_app(worker), host=host, port=port, log_level="warning", timeout_keep_alive=5)
+    finally:
+        worker.stop()
