@@ -96,6 +96,30 @@ def count_placeholders(input_ids: torch.Tensor) -> list[int]:
     return (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1).tolist()
 
 
+def spliced_length(input_ids: torch.Tensor | Sequence[int], tokens_per_image: int) -> int:
+    """Positions one prompt takes once its images are spliced in: each sentinel becomes ``tokens_per_image`` rows.
+
+    That is ``len(input_ids) + images * (tokens_per_image - 1)``: the sentinel itself is replaced, not kept. Every
+    length check before generation or training (context budgets, truncation, packing) uses this, so none can count
+    the sentinel as well as the image rows.
+
+    Args:
+        input_ids: One prompt's ids (a list or a 1-D tensor) with ``IMAGE_TOKEN_INDEX`` where each image goes.
+        tokens_per_image: Rows one image takes (``MultimodalSpec.tokens_per_image``; 0 for text-only models,
+            whose prompts have no sentinel).
+
+    Returns:
+        The spliced length, as :func:`plan_splice` lays the prompt out (before any ``max_length`` truncation).
+    """
+    if isinstance(input_ids, torch.Tensor):
+        images = int((input_ids == IMAGE_TOKEN_INDEX).sum())
+        length = int(input_ids.numel())
+    else:
+        images = sum(1 for token in input_ids if token == IMAGE_TOKEN_INDEX)
+        length = len(input_ids)
+    return length + images * (tokens_per_image - 1)
+
+
 def plan_splice(
     input_ids: torch.Tensor,
     num_images: int,

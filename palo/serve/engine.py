@@ -20,9 +20,11 @@ from typing import Any
 
 import torch
 
-from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestOutput, SamplingParams
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
+from palo.model.config import MultimodalSpec
+from palo.model.multimodal import spliced_length
 from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -231,13 +233,11 @@ class EngineBackend(ABC):
             raise RequestError(f"{len(images)} images is over the limit of {MAX_IMAGES_PER_REQUEST} per request")
 
         if self.is_multimodal:
-            text = prompt
-            if getattr(self.model.config, "mm_use_im_start_end", False):
-                text = text.replace(DEFAULT_IMAGE_TOKEN, DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN)
+            text = MultimodalSpec.from_config(self.model.config).expand_image_placeholders(prompt)
             input_ids = tokenizer_image_token(text, self.tokenizer, IMAGE_TOKEN_INDEX)
         else:
             input_ids = self.tokenizer(prompt).input_ids
-        prompt_tokens = len(input_ids) - len(images) + len(images) * self.image_token_count
+        prompt_tokens = spliced_length(input_ids, self.image_token_count)
         max_new_tokens = min(max_new_tokens, self.max_context - prompt_tokens)
         if max_new_tokens < 1:
             raise PromptTooLong(
