@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from palo.model.config import MultimodalSpec
 
 # Decompression-bomb guard: refuse images with more pixels than this (about 8k x 8k). CLIP sees 336x336 anyway.
 MAX_IMAGE_PIXELS = 64_000_000
@@ -127,7 +128,7 @@ def process_images(images: Sequence[Image.Image], image_processor: Any, model_cf
     Returns:
         A tensor ``[N, 3, H, W]`` when all images share a shape (always, for CLIP), else a list of ``[3, H, W]``.
     """
-    aspect = getattr(model_cfg, "image_aspect_ratio", None)
+    aspect = MultimodalSpec.from_config(model_cfg).image_aspect_ratio
     new_images = [preprocess_image(image, image_processor, aspect) for image in images]
     if new_images and all(x.shape == new_images[0].shape for x in new_images):
         return torch.stack(new_images, dim=0)

@@ -9,6 +9,11 @@ The flags are those of PALO's ``model_vqa.py`` (formats reference §5.4), plus:
 * ``--skip-bad``: skip (and report) questions with a malformed line or a missing / unreadable image instead of
   stopping with an error that names the file and line.
 
+``--conv-mode`` defaults to the template the checkpoint was trained with, decided by its config
+(:func:`palo.conversation.conv_mode_for_checkpoint`: ``vicuna_v1`` for PALO, as ``llavabench.sh`` passes it), the
+same default as ``run_bench`` and the chat CLI; LLaVA-1.5 checkpoints still get the original script's ``llava_v1``.
+A template passed explicitly is used as given.
+
 Runs are resumable: question_ids already in ``--answers-file`` are skipped and new answers are appended, one
 flushed line each, so a killed run loses nothing it wrote and never writes an answer twice. Every output line is
 an answer record (§5.3): ``question_id, prompt, text, answer_id, model_id, metadata``.
@@ -28,8 +33,7 @@ import shortuuid
 import torch
 from tqdm import tqdm
 
-from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-from palo.conversation import conv_templates, stop_string
+from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.eval.jsonl import JsonlAppender, JsonlError, iter_jsonl, repair_tail
 from palo.mm_utils import (
     ImageLoadError,
@@ -40,6 +44,7 @@ from palo.mm_utils import (
     tokenizer_image_token,
 )
 from palo.mm_utils import preprocess_image as mm_preprocess_image
+from palo.model.config import MultimodalSpec, image_placeholder
 
 
 @dataclass(frozen=True)
@@ -91,13 +96,12 @@ def answered_ids(answers_file: str) -> set[str]:
 
 
 def build_prompt(question: str, conv_mode: str, with_image: bool, use_im_start_end: bool) -> str:
-    """The model prompt: ``<image>\\n`` + question in the template, with an open assistant turn (§5.4)."""
-    text = question
-    if with_image:
-        token = DEFAULT_IMAGE_TOKEN
-        if use_im_start_end:
-            token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        text = token + "\n" + question
+    """The model prompt: ``<image>\\n`` + question in the template, with an open assistant turn (§5.4).
+
+    The placeholder is :func:`palo.model.config.image_placeholder` (``<im_start><image><im_end>`` with
+    ``use_im_start_end``).
+    """
+    text = image_placeholder(use_im_start_end) + "\n" + question if with_image else question
     conv = conv_templates[conv_mode].copy()
     conv.append_message(conv.roles[0], text)
     conv.append_message(conv.roles[1], None)
@@ -150,7 +154,7 @@ class Answerer:
         self.generation = generation
         self.image_preprocess = image_preprocess
         self.stop = stop_string(conv_templates[conv_mode])
-        self.use_im_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
+        self.use_im_start_end = MultimodalSpec.from_config(model.config).use_im_start_end
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.unk_token_id or 0)
         if engine not in ("paged", "hf"):
@@ -261,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-folder", type=str, default="")
     parser.add_argument("--question-file", type=str, default="tables/question.jsonl")
     parser.add_argument("--answers-file", type=str, default="answer.jsonl")
-    parser.add_argument("--conv-mode", type=str, default="llava_v1", choices=sorted(conv_templates),
-                        help="prompt template (PALO checkpoints: vicuna_v1)")
+    parser.add_argument("--conv-mode", type=str, default=None, choices=sorted(conv_templates),
+                        help="prompt template (default: the checkpoint's, from its config: vicuna_v1 for PALO)")
     parser.add_argument("--num-chunks", type=int, default=1)
     parser.add_argument("--chunk-idx", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.2)
@@ -286,10 +290,21 @@ class ModelLoadError(RuntimeError):
     """The checkpoint could not be loaded (the message says why)."""
 
 
-def load_answerer(model_path: str, model_base: str | None, conv_mode: str, generation: dict[str, Any],
+def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None, generation: dict[str, Any],
                   image_preprocess: str = "pad", device: str | None = None,
                   vision_tower: str | None = None, engine: str = "paged") -> tuple[Answerer, str]:
     """Load a checkpoint and wrap it in an :class:`Answerer`.
+
+    Args:
+        model_path: The checkpoint folder.
+        model_base: The base LLM of a LoRA or projector-only checkpoint, or None.
+        conv_mode: A key of ``conv_templates``, used as given; None: the checkpoint's own template
+            (:func:`palo.conversation.conv_mode_for_checkpoint`, ``vicuna_v1`` for PALO).
+        generation: ``generate`` keyword arguments (:func:`generation_kwargs`).
+        image_preprocess: ``pad`` or ``crop``.
+        device: Where to load the model (default: cuda when available).
+        vision_tower: A local CLIP folder replacing ``mm_vision_tower``, or None.
+        engine: ``paged`` or ``hf`` (see :class:`Answerer`).
 
     Returns:
         The answerer and the model id written into answers (the checkpoint's folder name).
@@ -309,6 +324,7 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str, gener
         )
     except (CheckpointError, VisionTowerError, OSError) as exc:
         raise ModelLoadError(str(exc)) from exc
+    conv_mode = conv_mode or conv_mode_for_checkpoint(model.config, model_name)
     return Answerer(tokenizer, model, image_processor, conv_mode, generation, image_preprocess, engine), model_name
 
 

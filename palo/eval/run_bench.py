@@ -16,6 +16,9 @@ fails (bad input, judge unreachable) is reported and the others go on.
 
 ``--gpus 0,1,2`` (or ``auto``: every visible GPU) answers with one process per GPU, each a slice of every language
 (:mod:`palo.eval.shards`), merges the slices in question order, then judges once in this process.
+
+``--conv-mode`` defaults, as in ``model_vqa`` and the chat CLI, to the template the checkpoint's config says it was
+trained with (``vicuna_v1`` for PALO, the template ``llavabench.sh`` passes); one given explicitly is used as is.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from palo.conversation import conv_templates
 from palo.eval import eval_gpt_review_bench, model_vqa, report, shards, summarize_gpt_review
 from palo.eval.bench import BenchLayoutError, available_languages, display_name, resolve_language
 from palo.eval.jsonl import JsonlError
@@ -61,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--context", default=None)
     group.add_argument("--output-file", default=None)
     group = parser.add_argument_group("answering")
-    group.add_argument("--conv-mode", default="vicuna_v1")
+    group.add_argument("--conv-mode", default=None, choices=sorted(conv_templates),
+                       help="prompt template (default: the checkpoint's, from its config: vicuna_v1 for PALO)")
     group.add_argument("--temperature", type=float, default=0.0)
     group.add_argument("--batch-size", type=int, default=1)
     group.add_argument("--max-new-tokens", type=int, default=1024)

@@ -26,7 +26,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.model.config import LlavaLlamaConfig, MultimodalSpec, PaloConfig
 from palo.model.multimodal import SplicedInputs, apply_splice, plan_splice
-from palo.model.projectors import build_projector, projector_num_tokens
+from palo.model.projectors import build_projector
 from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec, resolve_vision_config
 
 def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTower:
@@ -148,10 +148,14 @@ class PaloForCausalLM(LlamaForCausalLM):
     # -- images --------------------------------------------------------------------------------------------------
     @property
     def image_token_count(self) -> int:
-        """LLM positions one image occupies: 576 for CLIP-L/336 with an MLP projector, 144 with LDP."""
+        """LLM positions one image occupies: 576 for CLIP-L/336 with an MLP projector, 144 with LDP.
+
+        Computed from the tower's architecture and the projector type (:meth:`MultimodalSpec.tokens_per_image`);
+        nothing is run.
+        """
         if self.vision_tower is None:
             return 0
-        return projector_num_tokens(self.spec.projector_type, self.vision_tower.num_tokens)
+        return self.spec.tokens_per_image(self.vision_tower.config)
 
     def encode_images(self, images: Any) -> torch.Tensor:
         """Vision tower then projector.
@@ -183,7 +187,7 @@ class PaloForCausalLM(LlamaForCausalLM):
         compute and the device never waits on the host afterwards. ``packed_position_ids`` (``[B, T]``, 0 where each
         sample of a packed row starts) makes the spliced positions restart per sample.
         """
-        config = self.config
+        spec = self.spec
         if images is None:
             num_images = 0
         elif isinstance(images, torch.Tensor) and images.dim() in (4, 5):
@@ -196,8 +200,8 @@ class PaloForCausalLM(LlamaForCausalLM):
             num_images,
             self.image_token_count,
             attention_mask,
-            padding_side=padding_side or getattr(config, "tokenizer_padding_side", None) or "right",
-            max_length=getattr(config, "tokenizer_model_max_length", None),
+            padding_side=padding_side or spec.padding_side,
+            max_length=spec.max_length,
             position_ids=packed_position_ids,
         )
         features = self.encode_images(images) if num_images else []

@@ -14,8 +14,9 @@ import sys
 import torch
 
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
-from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
 from palo.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from palo.model.config import MultimodalSpec
+from palo.model.multimodal import spliced_length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     conv = conv_templates[conv_mode].copy()
     roles = conv.roles
     images = None
-    image_tokens = 0
     if image is not None:
         images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
-        image_tokens = model.image_token_count
+    # Positions per image from the tower's and projector's config (MultimodalSpec.tokens_per_image): the tower runs
+    # only when the engine encodes the image.
+    tokens_per_image = model.image_token_count
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len))
-    use_start_end = bool(getattr(model.config, "mm_use_im_start_end", False))
+    placeholder = MultimodalSpec.from_config(model.config).image_placeholder
 
     while True:
         try:
@@ -92,15 +94,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"{roles[1]}: ", end="", flush=True)
         if image is not None and len(conv.messages) == conv.offset:  # the image rides on the first user turn
-            token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if use_start_end else DEFAULT_IMAGE_TOKEN
-            inp = token + "\n" + inp
+            inp = placeholder + "\n" + inp
         conv.append_message(roles[0], inp)
         conv.append_message(roles[1], None)
         prompt = conv.get_prompt()
         input_ids = tokenizer_image_token(prompt, tokenizer)
-        budget = context_len - (len(input_ids) - (1 if images is not None else 0)) - image_tokens
+        prompt_tokens = spliced_length(input_ids, tokens_per_image)
+        budget = context_len - prompt_tokens
         if budget <= 0:
-            print(f"\n[the conversation is {context_len - budget} tokens, over the model's {context_len}; start a new one]")
+            print(f"\n[the conversation is {prompt_tokens} tokens, over the model's {context_len}; start a new one]")
             return 1
         stop = stop_string(conv)
         sampling = SamplingParams(max_tokens=min(args.max_new_tokens, budget), temperature=max(args.temperature, 0.0),

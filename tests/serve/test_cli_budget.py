@@ -1,0 +1,71 @@
+"""The chat CLI's context budget: an image takes ``image_token_count`` positions, its sentinel none of its own.
+
+``palo.serve.cli.main`` runs in this process with the real loader, whose reported context length is shrunk so that
+the first turn fits exactly (or by one token): any miscount of the spliced prompt turns one case into the other.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from palo.conversation import conv_templates
+from palo.mm_utils import tokenizer_image_token
+from palo.model import builder
+from palo.serve import cli
+
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture
+def image_file(tmp_path) -> str:
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), "red").save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def first_turn_positions(world) -> int:
+    """Context positions of the CLI's first prompt, counted by hand: text ids without the sentinel, plus the image."""
+    tokenizer, model, _, _ = builder.load_pretrained_model(world.full_dir, device="cpu")
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + QUESTION)
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer)
+    return len(ids) - 1 + model.image_token_count
+
+
+def _chat(world, image_file, monkeypatch, capsys, context_len: int) -> tuple[int, str, list]:
+    """Run one CLI turn with the loader reporting ``context_len``; (exit status, stdout, tower calls)."""
+    real = builder.load_pretrained_model
+    tower_calls: list = []
+
+    def shrunk(*args, **kwargs):
+        tokenizer, model, processor, _ = real(*args, **kwargs)
+        model.get_vision_tower().register_forward_hook(lambda *a: tower_calls.append(1))
+        return tokenizer, model, processor, context_len
+
+    monkeypatch.setattr(builder, "load_pretrained_model", shrunk)
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION + "\n\n"))
+    capsys.readouterr()
+    rc = cli.main(["--model-path", world.full_dir, "--image-file", image_file, "--device", "cpu",
+                   "--temperature", "0", "--max-new-tokens", "5"])
+    return rc, capsys.readouterr().out, tower_calls
+
+
+def test_a_prompt_that_fills_the_context_is_refused_with_its_true_length(world, image_file, monkeypatch, capsys,
+                                                                         first_turn_positions):
+    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, first_turn_positions)
+    assert rc == 1
+    assert f"[the conversation is {first_turn_positions} tokens, over the model's {first_turn_positions};" in out
+    # The image's size came from the config: the tower never ran for a turn that was refused.
+    assert tower_calls == []
+
+
+def test_one_free_position_gives_a_one_token_answer(world, image_file, monkeypatch, capsys, first_turn_positions):
+    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, first_turn_positions + 1)
+    assert rc == 0, out
+    assert "the conversation is" not in out and out.rstrip().endswith("exit...")
+    assert len(tower_calls) == 1  # the engine encoded the image once, to answer
