@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import transformers
 
+from palo.model.config import DEFAULT_VISION_SELECT_LAYER
+
 logger = logging.getLogger(__name__)
 
 
@@ -25,7 +27,12 @@ class ModelArguments:
     freeze_backbone: bool = field(default=False, metadata={"help": "freeze the language model"})
     tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP id or folder; None = text-only LLaMA"})
-    mm_vision_select_layer: int = field(default=-1)
+    # PALO's layer (config.DEFAULT_VISION_SELECT_LAYER, -2), which loading also assumes, rather than the original
+    # flag's -1: every PALO/LLaVA-1.5 script passes -2, so a run that omits the flag trains what the checkpoints use.
+    mm_vision_select_layer: int = field(
+        default=DEFAULT_VISION_SELECT_LAYER,
+        metadata={"help": "CLIP hidden state fed to the projector (-2: the penultimate layer, as PALO)"},
+    )
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "stage-1 mm_projector.bin"})
     mm_projector_type: str = field(default="mlp2x_gelu")
     mm_use_im_start_end: bool = field(default=False)

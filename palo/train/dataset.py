@@ -30,6 +30,7 @@ from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LANGUAGES
 from palo.data.json_index import JsonArrayIndex
 from palo.data.languages import sample_language
 from palo.mm_utils import ImageLoadError, load_image, preprocess_image
+from palo.model.multimodal import spliced_length
 from palo.train.preprocess import BadSampleError, build_supervised_example
 
 logger = logging.getLogger(__name__)
@@ -198,16 +199,16 @@ class LazySupervisedDataset(Dataset):
         num_images = int((input_ids == IMAGE_TOKEN_INDEX).sum())
         if has_image and num_images != 1:
             raise BadSampleError(f"an image sample needs exactly one <image> placeholder, found {num_images}")
-        length = len(input_ids) + num_images * (self.image_tokens - 1)
+        length = spliced_length(input_ids, self.image_tokens)
         if length > self.model_max_length:
             if self.over_length == "skip":
                 raise BadSampleError(f"{length} positions is over --model_max_length {self.model_max_length}")
             # Truncation happens after splicing (in the model); what must not happen is silently losing every
             # supervised token, which would train on nothing.
-            image_pos = int((input_ids == IMAGE_TOKEN_INDEX).nonzero()[0]) if num_images else len(input_ids)
             supervised = (labels != IGNORE_INDEX).nonzero()
             first = int(supervised[0]) if len(supervised) else len(labels)
-            first_spliced = first + (self.image_tokens - 1 if num_images and image_pos < first else 0)
+            # The first answer token lands after everything before it, spliced.
+            first_spliced = spliced_length(input_ids[:first], self.image_tokens)
             if first_spliced >= self.model_max_length:
                 raise BadSampleError(
                     f"after truncation to --model_max_length {self.model_max_length} no answer token is left"
@@ -321,8 +322,8 @@ class PackedDataCollator:
     image_tokens: int
 
     def spliced_length(self, item: dict[str, Any]) -> int:
-        images = int((item["input_ids"] == IMAGE_TOKEN_INDEX).sum())
-        return len(item["input_ids"]) + images * (self.image_tokens - 1)
+        """Positions ``item`` takes in a row (:func:`palo.model.multimodal.spliced_length`)."""
+        return spliced_length(item["input_ids"], self.image_tokens)
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         rows = pack_rows([self.spliced_length(x) for x in items], self.max_length)

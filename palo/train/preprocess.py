@@ -24,22 +24,15 @@ from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from typing import Any
 
-from palo.constants import (
-    DEFAULT_IM_END_TOKEN,
-    DEFAULT_IM_START_TOKEN,
-    DEFAULT_IMAGE_TOKEN,
-    IGNORE_INDEX,
-    IMAGE_TOKEN_INDEX,
-)
+from palo.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.conversation import Conversation, Segment, SeparatorStyle, conv_templates
+from palo.model.config import expand_image_placeholders
 from palo.model.tokenizer import PaloLlamaTokenizer
 
 # The JSON speaker names, in the order the templates' roles are listed (user, assistant).
 SPEAKERS = ("human", "gpt")
 # The mmtag convention wraps the placeholder (format reference §3.1).
 MMTAG_IMAGE = "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>"
-# With mm_use_im_start_end the image features are bracketed by two learned tokens.
-IM_START_END_IMAGE = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
 
 # (token id, char start, char end): the token covers text[start:end] of the encoded string.
 TokenSpan = tuple[int, int, int]
@@ -81,7 +74,8 @@ def normalize_image_turns(
     In every turn whose value contains ``<image>``: all ``<image>`` are removed, the text is stripped,
     ``<image>\\n`` is put in front and the result stripped again, so the placeholder always leads its turn.
     With a ``version`` containing ``"mmtag"`` it is then wrapped as ``<Image><image></Image>``. With
-    ``mm_use_im_start_end`` every ``<image>`` becomes ``<im_start><image><im_end>``.
+    ``mm_use_im_start_end`` every ``<image>`` becomes ``<im_start><image><im_end>``
+    (:func:`palo.model.config.expand_image_placeholders`, the rule inference prompts follow too).
 
     Args:
         turns: ``[{"from": ..., "value": str}, ...]``.
@@ -98,8 +92,7 @@ def normalize_image_turns(
             value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
             if "mmtag" in version:
                 value = value.replace(DEFAULT_IMAGE_TOKEN, MMTAG_IMAGE)
-        if mm_use_im_start_end:
-            value = value.replace(DEFAULT_IMAGE_TOKEN, IM_START_END_IMAGE)
+        value = expand_image_placeholders(value, mm_use_im_start_end)
         out.append({**turn, "value": value})
     return out
 

@@ -87,3 +87,18 @@ def test_mismatch_is_loud(embed):
         splice_image_features(ids, [feats(0)] * 2, embed, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(ValueError, match="padding_side"):
         splice_image_features(ids, [feats(0)] * 2, embed, padding_side="middle")
+
+
+@pytest.mark.parametrize("tokens_per_image", [0, 1, 3, 7])
+def test_spliced_length_is_the_length_plan_splice_lays_out(tokens_per_image):
+    from palo.model.multimodal import plan_splice, spliced_length
+
+    rows = [[1, 5, 6], [1, IMG, 5, 6], [1, 5, IMG, 6, IMG], [IMG]]
+    for row in rows:
+        images = row.count(IMG)
+        if images and not tokens_per_image:
+            continue  # a text-only model's prompts carry no sentinel
+        planned = plan_splice(torch.tensor([row]), images, tokens_per_image).length
+        # The sentinel is replaced by the image rows, never counted as a position of its own.
+        assert spliced_length(row, tokens_per_image) == planned == len(row) + images * (tokens_per_image - 1)
+        assert spliced_length(torch.tensor(row), tokens_per_image) == planned
