@@ -209,3 +209,104 @@ def test_server_model_refuses_a_model_the_server_does_not_serve(server):
         PaloAPI(base_url=server, model="tiny", api_key="wrong")
     with pytest.raises(ValueError, match="unknown model_args colour"):
         PaloAPI(base_url=server, model="tiny", api_key="lmms-key", colour="red")
+
+
+MC_TASK = "palo_tiny_mc"
+MC_DOCS = [  # (image name or None, question, options)
+    ("wide.png", "What colour is the circle?", ["red", "blue", "green"]),
+    ("tall.png", "ما لون المربع؟", ["أزرق", "أحمر"]),
+    (None, "Name a colour.", ["yellow", "purple", "white", "black"]),
+]
+
+
+def _direct_scores(world, images: str) -> list[list[tuple[float, bool]]]:
+    """Each option's (mean loss, is_greedy) computed here with the scoring function and model_vqa's prompt."""
+    from palo.eval.lmms.scoring import score_continuation
+    from palo.mm_utils import preprocess_image, tokenizer_image_token
+    from palo.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device="cpu")
+    out = []
+    for image, question, options in MC_DOCS:
+        prompt = model_vqa.build_prompt(question, "vicuna_v1", image is not None, False)
+        pixels = None
+        if image:
+            pixels = preprocess_image(Image.open(os.path.join(images, image)).convert("RGB"), processor, "pad")[None]
+        context = tokenizer_image_token(prompt, tokenizer)
+        scores = []
+        for option in options:
+            s = score_continuation(model.eval(), context, tokenizer_image_token(prompt + " " + option, tokenizer),
+                                   pixels)
+            scores.append((s.mean_nll, s.is_greedy))
+        out.append(scores)
+    return out
+
+
+@pytest.mark.slow  # one lmms-eval process (~20 s)
+def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
+    """A multiple_choice task (one loglikelihood request per option): lmms-eval receives the per-token losses this
+    project computes, and its accuracy is the share of documents whose gold option has the lowest loss."""
+    images = str(task["root"] / "images")
+    expected = _direct_scores(world, images)
+    best = [min(range(len(s)), key=lambda i: s[i][0]) for s in expected]
+    gold = [best[0], (best[1] + 1) % 2, best[2]]  # two right, one wrong: accuracy 2/3
+    task_dir = tmp_path / "mc"
+    task_dir.mkdir()
+    docs = task_dir / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": i, "image": os.path.join(images, img) if img else "", "question": q,
+                                        "options": options, "gold": gold[i]}, ensure_ascii=False) + "\n"
+                            for i, (img, q, options) in enumerate(MC_DOCS)), encoding="utf-8")
+    (task_dir / f"{MC_TASK}.yaml").write_text(textwrap.dedent(f"""\
+        task: {MC_TASK}
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {docs}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_visual: !function utils.doc_to_visual
+        doc_to_text: !function utils.doc_to_text
+        doc_to_choice: !function utils.doc_to_choice
+        doc_to_target: gold
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        metadata:
+          - version: 0.0
+        """), encoding="utf-8")
+    (task_dir / "utils.py").write_text(textwrap.dedent("""\
+        from PIL import Image
+
+
+        def doc_to_visual(doc):
+            return [Image.open(doc["image"]).convert("RGB")] if doc["image"] else []
+
+
+        def doc_to_text(doc):
+            return doc["question"]
+
+
+        def doc_to_choice(doc):
+            return doc["options"]
+        """), encoding="utf-8")
+    out = str(tmp_path / "out")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=os.path.join(out, "hf"),
+               TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "palo", "--model_args",
+                             f"pretrained={world.full_dir},device=cpu", "--tasks", MC_TASK, "--include_path",
+                             str(task_dir), "--output_path", out, "--log_samples"],
+                            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    results = glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True)
+    assert result.returncode == 0 and len(results) == 1, (result.stdout[-3000:], result.stderr[-5000:])
+    metrics = json.load(open(results[0], encoding="utf-8"))["results"][MC_TASK]
+    acc = next(v for k, v in metrics.items() if k.startswith("acc") and "stderr" not in k and "norm" not in k)
+    assert acc == pytest.approx(2 / 3)
+    [samples_file] = glob.glob(os.path.join(out, "**", f"*samples_{MC_TASK}.jsonl"), recursive=True)
+    got = {}
+    for line in open(samples_file, encoding="utf-8"):
+        sample = json.loads(line)
+        got[sample["doc_id"]] = sample["filtered_resps"]  # one [loss, is_greedy] per option, logged as strings
+    for doc_id, scores in enumerate(expected):
+        assert [float(r[0]) for r in got[doc_id]] == [pytest.approx(loss, abs=1e-4) for loss, _ in scores]
+        assert [str(r[1]) for r in got[doc_id]] == [str(g) for _, g in scores]

@@ -112,7 +112,9 @@ class PaloAPI(lmms):
         return answers
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        raise NotImplementedError("palo_api: log-likelihood tasks are not supported; use generation tasks")
+        raise NotImplementedError("palo_api: log-likelihood tasks need the model's token probabilities for a given "
+                                  "answer, which a chat API does not return; run them with --model palo "
+                                  "(in process), or use generation tasks")
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("palo_api: multi-round generation is not supported")

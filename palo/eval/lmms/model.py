@@ -9,7 +9,27 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from palo.eval import model_vqa
-from palo.eval.lmms.requests import cut_at_stops, to_prompts
+from palo.eval.lmms.requests import cut_at_stops, to_prompts, to_scorings
+from palo.eval.lmms.scoring import score_continuation
+from palo.mm_utils import preprocess_image, tokenizer_image_token
+
+
+def _loglikelihood_response(loss: float, is_greedy: bool) -> Any:
+    """One ``loglikelihood`` answer in the form the installed lmms-eval passes on to ``process_results`` intact.
+
+    lmms-eval 0.7.3 runs every model output through ``unwrap_generation_output``, which turns anything that is
+    not a string, a ``(str, meta)`` pair or a ``GenerationResult`` into ``str(output)``: a plain
+    ``(float, bool)`` tuple would reach the multiple-choice scorer as the text ``"(-1.2, True)"``. A
+    ``GenerationResult`` is unwrapped to its ``text`` field unchanged, so the pair travels inside one.
+    """
+    pair = (float(loss), bool(is_greedy))
+    try:
+        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+    except ImportError:  # versions before the wrapper pass the tuple through as it is
+        return pair
+    if unwrap_generation_output(pair)[0] == pair:
+        return pair
+    return GenerationResult(text=pair)  # type: ignore[arg-type]  # see the docstring
 
 
 def _int(value: Any, name: str) -> int:
@@ -25,7 +45,7 @@ class PaloLMM(lmms):
     Args:
         pretrained: The checkpoint folder (or hub id in the local cache).
         model_base: For LoRA / projector-only folders, as ``model_vqa --model-base``.
-        conv_mode: The prompt template (PALO: ``vicuna_v1``).
+        conv_mode: The prompt template; by default the checkpoint's own (``vicuna_v1`` for PALO), as ``model_vqa``.
         device: ``cuda``, ``cuda:N`` or ``cpu`` (default: cuda when available).
         batch_size: Questions generated together.
         image_preprocess: ``pad`` (as PALO was trained) or ``crop``.
@@ -38,7 +58,7 @@ class PaloLMM(lmms):
         palo.eval.model_vqa.ModelLoadError: If the checkpoint cannot be loaded.
     """
 
-    def __init__(self, pretrained: str, model_base: str | None = None, conv_mode: str = "vicuna_v1",
+    def __init__(self, pretrained: str, model_base: str | None = None, conv_mode: str | None = None,
                  device: str | None = None, batch_size: Any = 1, image_preprocess: str = "pad",
                  engine: str = "paged", vision_tower: str | None = None, max_new_tokens: Any = 1024,
                  **unknown: Any) -> None:
@@ -77,9 +97,35 @@ class PaloLMM(lmms):
                     bar.update(len(batch))
         return [a if a is not None else "" for a in answers]
 
-    def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
-        task = requests[0].args[4] if requests and len(requests[0].args) > 4 else "?"
-        raise NotImplementedError(f"palo: log-likelihood tasks are not supported ({task}); use generation tasks")
+    def loglikelihood(self, requests: list[Any]) -> list[Any]:
+        """``(loss, is_greedy)`` of each request's continuation after its context.
+
+        The context is the prompt ``generate_until`` would send (template, open assistant turn, ``<image>`` first);
+        the continuation follows it as the assistant's answer. One forward pass per request.
+
+        The first value is the mean negative log-likelihood per continuation token (the causal-LM loss), not the
+        log-likelihood the method's name suggests: lmms-eval's multiple-choice scorer picks the option with the
+        *smallest* value (``argmin``), as its own models return their loss. Returning a true log-likelihood would
+        make it choose the least likely option.
+        """
+        a = self.answerer
+        scorings = to_scorings(requests, self.task_dict)
+        results = []
+        for s in tqdm(scorings, desc="palo scoring", disable=self.rank != 0):
+            if s.image is not None and a.image_processor is None:
+                raise ValueError(f"{s.where}: this checkpoint takes text only but the task has images")
+            prompt = model_vqa.build_prompt(s.context, a.conv_mode, s.image is not None, a.use_im_start_end)
+            context_ids = tokenizer_image_token(prompt, a.tokenizer)
+            full_ids = tokenizer_image_token(prompt + s.continuation, a.tokenizer)
+            images = None
+            if s.image is not None:
+                images = preprocess_image(s.image, a.image_processor, a.image_preprocess)[None]
+            try:
+                score = score_continuation(a.model, context_ids, full_ids, images)
+            except ValueError as exc:
+                raise ValueError(f"{s.where}: {exc}") from None
+            results.append(_loglikelihood_response(score.mean_nll, score.is_greedy))
+        return results
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
         raise NotImplementedError("palo: multi-round generation is not supported")

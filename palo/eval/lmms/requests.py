@@ -1,4 +1,5 @@
-"""lmms-eval ``generate_until`` requests as (question text, image, generation settings), shared by both models."""
+"""lmms-eval requests unpacked, shared by both models: ``generate_until`` as (question text, image, generation
+settings), ``loglikelihood`` as (context, continuation, image)."""
 
 from __future__ import annotations
 
@@ -52,24 +53,67 @@ def parse_generation(gen_kwargs: dict[str, Any], default_max_new_tokens: int) ->
     )
 
 
+def _image(doc_to_visual: Any, doc: Any, where: str) -> Any:
+    """The document's one RGB image, or None.
+
+    Raises:
+        ValueError: If a document has more than one image (PALO, like LLaVA-1.5, takes one image per question).
+    """
+    visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+    visuals = [v for v in (visuals or []) if v is not None]
+    if len(visuals) > 1:
+        raise ValueError(f"{where}: {len(visuals)} images; PALO answers with one image per question")
+    return visuals[0].convert("RGB") if visuals else None
+
+
 def to_prompts(requests: list[Any], task_dict: dict, default_max_new_tokens: int) -> list[Prompt]:
     """Unpack ``Instance.args`` = (context, generation_kwargs, doc_to_visual, doc_id, task, split).
 
     Raises:
-        ValueError: If a document has more than one image (PALO, like LLaVA-1.5, takes one image per question).
+        ValueError: If a document has more than one image.
     """
     prompts = []
     for request in requests:
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         where = f"{task}/{split}/{doc_id}"
-        visuals = doc_to_visual(task_dict[task][split][doc_id]) if doc_to_visual is not None else []
-        visuals = [v for v in (visuals or []) if v is not None]
-        if len(visuals) > 1:
-            raise ValueError(f"{where}: {len(visuals)} images; PALO answers with one image per question")
-        image = visuals[0].convert("RGB") if visuals else None
+        image = _image(doc_to_visual, task_dict[task][split][doc_id], where)
         prompts.append(Prompt(str(context), image, parse_generation(dict(gen_kwargs or {}), default_max_new_tokens),
                               where))
     return prompts
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """One ``loglikelihood`` request: how likely is ``continuation`` as the answer to ``context``."""
+
+    context: str
+    continuation: str  # with the task's target delimiter (a leading space by default)
+    image: Any  # PIL.Image.Image or None
+    where: str
+
+
+def to_scorings(requests: list[Any], task_dict: dict) -> list[Scoring]:
+    """Unpack ``Instance.args`` = (context, continuation or doc_to_target, doc_to_visual, doc_id, task, split).
+
+    ``multiple_choice`` tasks send one request per option with the option as a string; ``loglikelihood`` tasks
+    send ``doc_to_target``, a callable of the document.
+
+    Raises:
+        ValueError: If a document has more than one image, or the continuation is not text.
+    """
+    scorings = []
+    for request in requests:
+        context, target, doc_to_visual, doc_id, task, split = request.args
+        where = f"{task}/{split}/{doc_id}"
+        doc = task_dict[task][split][doc_id]
+        continuation = target if isinstance(target, str) else target(doc)
+        if isinstance(continuation, list) and len(continuation) == 1:
+            continuation = continuation[0]
+        if not isinstance(continuation, str):
+            raise ValueError(f"{where}: the continuation to score must be text, not {type(continuation).__name__}")
+        context = context[0] if isinstance(context, list) else context
+        scorings.append(Scoring(str(context), continuation, _image(doc_to_visual, doc, where), where))
+    return scorings
 
 
 def cut_at_stops(text: str, until: tuple[str, ...]) -> str:
