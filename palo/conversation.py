@@ -464,9 +464,8 @@ def encode_image_base64(image: Image.Image) -> str:
 def stop_string(conv: Conversation) -> str | None:
     """The string that ends a model answer for this template.
 
-    TWO-style templates end answers with ``sep2`` (``</s>``); every other style uses ``sep``. This is
-    the rule of PALO's ``model_vqa``. (The original web demo instead sends ``sep`` only for SINGLE and
-    MPT and ``sep2`` otherwise, which differs for LLAMA_2 and PLAIN.)
+    TWO-style templates end answers with ``sep2`` (``</s>``); every other style uses ``sep``
+    (docs/formats.md §3.5; the web demo's older rule: docs/compat.md#serving).
 
     Args:
         conv: A conversation or template.

@@ -239,8 +239,8 @@ class KeywordsStoppingCriteria(StoppingCriteria):
             input_ids: ``[B, T + n]``, the prompt followed by the ``n`` tokens generated so far.
 
         Returns:
-            ``[B]`` booleans. Unlike the original (one flag for the whole batch), each row stops on its own, so batched
-            generation gives the same text as one-by-one.
+            ``[B]`` booleans, one per row: each row stops on its own, so batched generation gives the same text as
+            one-by-one (docs/compat.md#serving).
         """
         num_new = input_ids.shape[1] - self.start_len
         flags = [self._row_matches(row, num_new) for row in input_ids]

@@ -1,5 +1,5 @@
 """Tests for palo.conversation: template texts and prompt rendering against strings written out by hand
-from the format reference (§3.3-3.5), plus the web-demo helpers (images, chat display, logging state)."""
+from docs/formats.md (§3.3-3.5), plus the web-demo helpers (images, chat display, logging state)."""
 
 import base64
 import json
@@ -17,7 +17,7 @@ from palo.conversation import (
     stop_string,
 )
 
-# System prompts typed out from the reference, independently of the module's constants.
+# System prompts typed out from docs/formats.md §3.3, independently of the module's constants.
 SYS_V0 = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
     "detailed, and polite answers to the human's questions."

@@ -1,6 +1,6 @@
-"""Tests for palo.mm_utils: the ``<image>`` tokenisation rule (palo-formats.md §3.2), the ``pad`` / ``square`` image
-preprocessing (§2.2, checked against a pipeline written here with PIL and numpy), image loading errors, checkpoint
-display names and the keyword stopping criterion (§3.8)."""
+"""Tests for palo.mm_utils: the ``<image>`` tokenisation rule (docs/formats.md §3.2), the ``pad`` / ``square`` image
+preprocessing (docs/formats.md §2.2, checked against a pipeline written here with PIL and numpy), image loading errors, checkpoint
+display names and the keyword stopping criterion (docs/formats.md §3.8)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from palo.model.tokenizer import load_tokenizer
 from palo.model.vision_tower import build_clip_image_processor
 
 BOS, EOS, IMG = 1, 2, -200
-PAD_RGB = (122, 116, 104)  # CLIP mean x 255, truncated (§2.2)
-# CLIP's statistics, typed out from §2.1.
+PAD_RGB = (122, 116, 104)  # CLIP mean x 255, truncated (docs/formats.md §2.2)
+# CLIP's statistics, typed out from docs/formats.md §2.1.
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])
 CROP = 56

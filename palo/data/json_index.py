@@ -1,9 +1,8 @@
-"""A byte-offset index over a training JSON file that holds one top-level array (palo-formats.md §5.1).
+"""A byte-offset index over a training JSON file that holds one top-level array (docs/formats.md §5.1).
 
-The original loaders ``json.load`` the whole 13 GB PALO file: minutes before the first step, tens of GB of Python
-objects per process, and every DataLoader worker that touches them copies the pages (reference counts live inside
-the objects). This module scans the file once, keeps only two ``int64`` numpy arrays (where each element starts and
-how many bytes it has), caches them next to the file, and decodes one element at a time on demand.
+The file is never loaded whole (why: docs/compat.md#training). This module scans it once, keeps only two ``int64``
+numpy arrays (where each element starts and how many bytes it has), caches them next to the file, and decodes one
+element at a time on demand.
 
 The scan is vectorised. A chunk of bytes becomes a numpy array; numpy finds the quotes, backslashes and brackets;
 backslash runs decide which quotes are escaped; the parity of the number of real quotes before a bracket says

@@ -130,7 +130,7 @@ def detect_language(text: str) -> str:
 
 
 def sample_language(sample: dict[str, Any]) -> str:
-    """The PALO language of a training sample (palo-formats.md §5.1), from all its conversation turns together.
+    """The PALO language of a training sample (docs/formats.md §5.1), from all its conversation turns together.
 
     Args:
         sample: A dict with ``conversations``, a list of ``{"from": ..., "value": ...}`` turns.

@@ -1,4 +1,4 @@
-"""``palo-data merge``: the English set and the translated sets into one training JSON (formats reference §8).
+"""``palo-data merge``: the English set and the translated sets into one training JSON (docs/formats.md §8).
 
 Each translated sample becomes a training sample whose ``conversations`` are the translated turns, with the English
 kept under ``english_conversations`` and the language under ``language``; the ``<language>_conversation`` copy is

@@ -96,7 +96,7 @@ def _image_count(image: Any) -> int:
 
 
 def training_stats(samples: Iterable[Any], counter: TokenCounter) -> tuple[dict[str, LanguageStats], int]:
-    """Per-language statistics of training samples (formats reference §5.1).
+    """Per-language statistics of training samples (docs/formats.md §5.1).
 
     Returns:
         The statistics by language, and the number of malformed samples (no ``conversations`` list) skipped.

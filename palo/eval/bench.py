@@ -1,13 +1,13 @@
 """The multilingual LLaVA-Bench (In-the-Wild) on disk: languages and the two folder layouts.
 
-Two layouts exist for the same data (see the formats reference, §5.2):
+Two layouts exist for the same data (see docs/formats.md §5.2):
 
 * the README / Hugging Face layout: ``<root>/<language>/{question.jsonl, answers.jsonl, context.jsonl}``;
 * the original eval script's layout: ``<root>/<language>/corrected/{...}`` (human-corrected translations) and the
   original LLaVA-Bench names ``english/questions.jsonl`` and ``english/answers_gpt4.jsonl``.
 
 :func:`resolve_language` accepts both, file by file, preferring ``corrected/`` when it holds the file. Images are
-always ``<root>/images`` (the original script had a stray ``p`` in that path).
+always ``<root>/images`` (docs/compat.md#evaluation).
 """
 
 from __future__ import annotations

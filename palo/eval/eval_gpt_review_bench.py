@@ -1,14 +1,14 @@
 """Judge model answers against references with an OpenAI-compatible LLM (``python -m palo.eval.eval_gpt_review_bench``).
 
-The CLI of the original (formats reference §6): ``-q`` questions, ``-c`` context, ``-a`` reference answers then model
+The CLI of the original (docs/formats.md §6): ``-q`` questions, ``-c`` context, ``-a`` reference answers then model
 answers, ``-r/--rule`` an original ``rule.json`` (default: this project's rubric, ``palo.eval.judge.DEFAULT_RULES``),
 ``-o`` reviews, ``--max-tokens``. Added: ``--judge-model`` (written into every review), ``--judge-base-url`` (or
 ``OPENAI_BASE_URL``) for any compatible server, ``--parallel``, bounded retries, an SQLite reply cache.
 
-Answers are paired with questions by ``question_id`` (the original zipped the three files by line). A question
-whose reference or model answer or context is missing, a request that still fails after its retries, and a
-reply without two scores are all written as *failed* reviews (``"tuple": [-1, -1], "failed": true, "reason"``)
-that the summary counts but never averages.
+Answers are paired with questions by ``question_id`` (docs/compat.md#evaluation). A question whose reference or
+model answer or context is missing, a request that still fails after its retries, and a reply without two scores
+are all written as *failed* reviews (``"tuple": [-1, -1], "failed": true, "reason"``) that the summary counts but
+never averages.
 
 Resumable: questions with a successful review in ``-o`` are skipped; failed ones are tried again. New reviews are
 appended one flushed line at a time while the run goes; at the end the file is rewritten in question order with
@@ -116,7 +116,7 @@ def build_items(questions: list[Record], contexts: dict[str, Record], answers1: 
 
 
 def review_record(item: Item, judgment: Judgment, judge_model: str) -> dict[str, Any]:
-    """A review line (§5.3) plus ``judge_model``, ``failed`` and, for failures, ``reason``."""
+    """A review line (docs/formats.md §5.3) plus ``judge_model``, ``failed`` and, for failures, ``reason``."""
     record = {
         "id": 0,  # renumbered when the file is compacted
         "question_id": item.question.data["question_id"],

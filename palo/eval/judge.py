@@ -1,19 +1,12 @@
 """The LLM judge: rubric, request layout, score parsing, and the judge call through the shared chat client.
 
-The protocol is the LLaVA-Bench one (formats reference §6): the judge sees a text description of the image, the
+The protocol is the LLaVA-Bench one (docs/formats.md §6): the judge sees a text description of the image, the
 question, the reference answer as "Assistant 1" and the evaluated model as "Assistant 2", and replies with two
 1-10 scores on its first line followed by an explanation.
 
-Differences from the original, each on purpose:
-
-* the score parser accepts the formats judges really produce ("8, 9", "Scores: 8/10 and 9/10", one assistant per
-  line ...), where the original split the first line on single spaces and so rejected "8, 9";
-* a request that still fails after bounded retries, or a reply that cannot be parsed, is a *failed* judgment that
-  carries its reason; it is never turned into a score (the original wrote [-1, -1] and averaged it);
-* retries are bounded with exponential backoff and honour ``Retry-After`` (the original retried forever every
-  0.5 s): the policy of :mod:`palo.openai_client`, shared with the translator;
-* replies are cached in SQLite by (judge model, request), so a rerun costs no API calls for what was judged; only
-  replies that parse are cached.
+What this judge does beyond the original protocol (a tolerant score parser, failed judgments that are never scores,
+bounded retries through :mod:`palo.openai_client`, an SQLite reply cache of parsed replies), and why:
+docs/compat.md#evaluation.
 """
 
 from __future__ import annotations
@@ -46,8 +39,8 @@ SYSTEM_PROMPT = "You are a helpful and precise assistant for checking the qualit
 DEFAULT_JUDGE_MODEL = "gpt-4o"
 DEFAULT_TEMPERATURE = 0.2  # the original's judge temperature
 
-# Our rubric, written for this project, following the §6 protocol: two assistants, one 1-10 score each, the two
-# scores alone on the first line, then a justification that does not depend on the order of the answers.
+# Our rubric, written for this project, following the protocol of docs/formats.md §6: two assistants, one 1-10 score
+# each, the two scores alone on the first line, then a justification that does not depend on the order of the answers.
 _RUBRIC = (
     "We want your opinion on how well two AI assistants answered the user question shown above. Both were shown "
     "an image that you cannot see; the [Context] gives a faithful written description of it, so treat it as "
@@ -98,7 +91,7 @@ def rule_for(rules: dict[str, dict[str, str]], category: str) -> dict[str, str]:
 
 
 def build_user_content(context: str, question: str, answer1: str, answer2: str, rule: dict[str, str]) -> str:
-    """The judge's user message in the original layout (§6), byte for byte."""
+    """The judge's user message in the original layout (docs/formats.md §6), byte for byte."""
     role = rule.get("role", "Assistant")
     return (
         f"[Context]\n{context}\n\n"

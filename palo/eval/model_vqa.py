@@ -1,11 +1,11 @@
 """Answer LLaVA-Bench-style questions with a PALO checkpoint (``python -m palo.eval.model_vqa``).
 
-The flags are those of PALO's ``model_vqa.py`` (formats reference §5.4), plus:
+The flags are those of PALO's ``model_vqa.py`` (docs/formats.md §5.4), plus:
 
 * ``--batch-size``: batched generation with left padding; greedy output is the same as one question at a time.
 * ``--max-new-tokens`` (1024, the original's fixed value) and ``--device``.
-* ``--image-preprocess``: ``pad`` (default) pads to a square as PALO was trained; ``crop`` reproduces the original
-  script, which let the CLIP processor centre-crop and so cut the sides off non-square images.
+* ``--image-preprocess``: ``pad`` (default) pads to a square as PALO was trained; ``crop`` lets the CLIP processor
+  centre-crop, as the original script did (docs/compat.md#evaluation).
 * ``--skip-bad``: skip (and report) questions with a malformed line or a missing / unreadable image instead of
   stopping with an error that names the file and line.
 
@@ -16,7 +16,7 @@ A template passed explicitly is used as given.
 
 Runs are resumable: question_ids already in ``--answers-file`` are skipped and new answers are appended, one
 flushed line each, so a killed run loses nothing it wrote and never writes an answer twice. Every output line is
-an answer record (§5.3): ``question_id, prompt, text, answer_id, model_id, metadata``.
+an answer record (docs/formats.md §5.3): ``question_id, prompt, text, answer_id, model_id, metadata``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class Question:
 
 
 def load_questions(path: str, skip_bad: bool = False) -> list[Question]:
-    """Read a question file (§5.3: ``question_id``, ``text``, optional ``image``).
+    """Read a question file (docs/formats.md §5.3: ``question_id``, ``text``, optional ``image``).
 
     Raises:
         JsonlError: On a malformed line or a duplicate question_id (unless ``skip_bad``, which reports and skips).
@@ -96,7 +96,7 @@ def answered_ids(answers_file: str) -> set[str]:
 
 
 def build_prompt(question: str, conv_mode: str, with_image: bool, use_im_start_end: bool) -> str:
-    """The model prompt: ``<image>\\n`` + question in the template, with an open assistant turn (§5.4).
+    """The model prompt: ``<image>\\n`` + question in the template, with an open assistant turn (docs/formats.md §5.4).
 
     The placeholder is :func:`palo.model.config.image_placeholder` (``<im_start><image><im_end>`` with
     ``use_im_start_end``).

@@ -2,8 +2,8 @@
 
 For every language: answer (:mod:`palo.eval.model_vqa`), judge (:mod:`palo.eval.eval_gpt_review_bench`),
 summarise (:mod:`palo.eval.summarize_gpt_review`); then, for a multi-language run, the table and chart of
-:mod:`palo.eval.report`. One process instead of the original's three per language means the checkpoint is loaded
-once for all languages (and not at all when every answer already exists), and Python start-up is paid once.
+:mod:`palo.eval.report`. The checkpoint is loaded once for all languages, and not at all when every answer already
+exists (docs/compat.md#evaluation).
 
 Two ways to name the work:
 

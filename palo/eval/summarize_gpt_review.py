@@ -1,14 +1,13 @@
 """Summarise judge reviews into relative scores (``python -m palo.eval.summarize_gpt_review``).
 
-Flags as in the original (formats reference §5.5): ``-d/--dir``, ``-v/--version``, ``-s/--select``, ``-f/--files``,
+Flags as in the original (docs/formats.md §5.5): ``-d/--dir``, ``-v/--version``, ``-s/--select``, ``-f/--files``,
 ``-i/--ignore``. For every file and every key in sorted order (``all``, ``llava_bench_complex``, ``llava_bench_conv``,
 ``llava_bench_detail``) it prints ``<key> <relative> <reference x10> <model x10>`` as the original did, followed by
 how many reviews were used and how many failed.
 
-The relative score is PALO's headline number: mean(model) / mean(reference) x 100, a ratio of means. As in the
-original, both means are rounded to 3 decimals before the ratio, so numbers match published ones. Unlike the
-original, failed judgments (``"failed": true``, or a ``[-1, -1]`` tuple in old files) are left out of the means
-and counted instead.
+The relative score is PALO's headline number: mean(model) / mean(reference) x 100, a ratio of means, with both
+means rounded to 3 decimals first (docs/formats.md §5.5). Failed judgments (``"failed": true``, or a ``[-1, -1]``
+tuple in old files) are left out of the means and counted (docs/compat.md#evaluation).
 """
 
 from __future__ import annotations

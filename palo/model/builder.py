@@ -1,7 +1,6 @@
 """``load_pretrained_model``: load any released or trained PALO / LLaVA-1.5 checkpoint.
 
-What a folder holds decides how it loads, never its name (the original required ``palo`` and ``lora`` in folder
-names, so the README's own ``results/PALO-7B`` LoRA output could not be merged):
+What a folder holds decides how it loads, never its name (docs/formats.md §1.7; why: docs/compat.md#loading):
 
 =====================  ==================================================  =====================================
 kind                   files                                               needs
@@ -111,11 +110,10 @@ def _available_locally(name: str) -> bool:
 
 
 def _load_vision_tower_weights(tower: Any, carried: bool, forced: bool) -> None:
-    """Give the tower its weights, from ``mm_vision_tower`` as the original did whenever that is possible.
+    """Give the tower its weights: from ``mm_vision_tower`` when it was forced (``--vision-tower``), is not carried,
+    or is available locally; otherwise (offline, not cached) the checkpoint's own copy, with no network.
 
-    Full checkpoints also carry the tower, but as training cast it (fp16/bf16), while the original always re-read
-    the tower from ``mm_vision_tower``. So: ``mm_vision_tower`` when it was forced (``--vision-tower``), is not
-    carried, or is available locally; otherwise (offline, not cached) the checkpoint's own copy, with no network.
+    Why this order: docs/compat.md#loading.
     """
     if forced or not carried or _available_locally(tower.name):
         try:

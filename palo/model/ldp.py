@@ -4,11 +4,9 @@ The projector used by MobilePALO (``mm_projector_type = "ldpnet"``). It maps CLI
 width with an MLP, lays the tokens out on their square grid and runs two MobileNetV3 inverted-residual blocks;
 the second one has stride 2, so 24x24 = 576 patch tokens become 12x12 = 144 LLM positions.
 
-The original builds this from timm's ``LayerNormAct2d`` and torchvision's ``InvertedResidual`` /
-``SqueezeExcitation``. Neither library is needed here: the modules below are written from the documented
-semantics, and their attribute names are chosen so that the state dict reproduces the original key names
-exactly (``model.mlp.1.weight``, ``model.mb_block.1.block.0.0.weight``, ...). That is what lets MobileVLM-1.x
-and MobilePALO projector weights load without any key remapping.
+Written in plain torch (no timm / torchvision; see docs/compat.md#loading), with attribute names chosen so that the
+state dict has the checkpoint key names of docs/formats.md §1.4 (``model.mlp.1.weight``,
+``model.mb_block.1.block.0.0.weight``, ...): MobileVLM-1.x and MobilePALO projector weights load without remapping.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ MobileVLM checkpoints, so projector weights load without remapping:
 All types live in one table, :data:`_REGISTRY`; both :func:`build_projector` and :func:`projector_num_tokens`
 resolve names through it, so the module built and the token count reported cannot disagree.
 
-Names are matched exactly. The original PALO builder accepted any name starting with ``ldpnet``, so
-``ldpnetv2`` (a different MobileVLM projector with other weights) silently built v1; here it is an error.
+Names are matched exactly: ``ldpnetv2`` or any other unknown name is an error (see docs/compat.md#loading).
 """
 
 from __future__ import annotations

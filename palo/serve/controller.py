@@ -7,8 +7,8 @@ Endpoints (POST, JSON), as in the original PALO/LLaVA controller:
   heartbeat for ``--heart-beat-expiration`` seconds (30) are dropped, and never chosen once expired.
 * ``/list_models``, ``/get_worker_address``: dispatch by ``lottery`` or ``shortest_queue`` (default).
 * ``/worker_generate_stream``: proxies a request to a worker of its ``model`` and re-emits the NUL-delimited stream.
-  Unlike the original, a missing worker gives exactly one error chunk (code 2), and a worker that cannot be reached
-  is dropped and the request retried on another worker of the model before reporting code 3.
+  A missing worker gives exactly one error chunk (code 2); a worker that cannot be reached is dropped and the
+  request retried on another worker of the model before code 3 is reported (docs/compat.md#serving).
 * ``/worker_get_status``: the aggregate status, so a controller can register with a parent controller.
 
 It also serves the OpenAI-compatible API of :mod:`palo.serve.openai_api` (``/v1/models``, ``/v1/chat/completions``),
@@ -209,8 +209,7 @@ class Controller:
 
         ``lottery`` draws with probability proportional to speed. ``shortest_queue`` takes the smallest
         ``queue_length / speed`` and counts the request against that worker until its next heartbeat; workers tied
-        for the smallest take turns (the original always took the first, so while heartbeats kept resetting idle
-        workers to 0, one-at-a-time requests all went to the same worker).
+        for the smallest take turns (docs/compat.md#serving).
         """
         candidates = [(n, i) for n, i in self._live_workers(model_name) if n not in exclude]
         if not candidates:

@@ -3,7 +3,7 @@
 Run ``python palo/serve/gradio_web_server.py --controller http://localhost:10000 --model-list-mode reload``
 (``--controller`` abbreviates ``--controller-url``) or ``python -m palo.serve.gradio_web_server``.
 
-The flows are the original demo's (``../shared/reference/palo-formats.md`` §7.8): the model list comes from the
+The flows are the original demo's (``docs/formats.md`` §7.8): the model list comes from the
 controller (``once`` at start, with ``?model=`` preselection, or ``reload`` on every page load); a question with an
 image starts a fresh ``vicuna_v1`` conversation; the prompt goes to the worker chosen by the controller and the
 answer streams in with a ``▌`` cursor; errors are shown in the chat; chats and votes are appended as JSON lines to

@@ -4,10 +4,9 @@
         [--worker-address URL] [--max-new-tokens 32] [--message "Tell me a story ..."]
 
 Without ``--worker-address`` it asks the controller (refresh, list models, get the worker's address), then streams
-``/worker_generate_stream`` at temperature 0.7 and prints the prompt and the growing answer. One difference from
-the original: it stops at the template's stop string (``</s>`` for ``vicuna_v1``), where the original passed
-``sep``, a single space for the ``v1`` templates, which ends the answer at its first word. Exits 1 when no worker
-serves the model or the worker answers with an error.
+``/worker_generate_stream`` at temperature 0.7 and prints the prompt and the growing answer, stopping at the
+template's stop string (``</s>`` for ``vicuna_v1``; docs/compat.md#serving). Exits 1 when no worker serves the
+model or the worker answers with an error.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    """transformers' TrainingArguments plus PALO's fields (§4.3 of the format notes)."""
+    """transformers' TrainingArguments plus PALO's fields (docs/formats.md §4.3)."""
 
     cache_dir: str | None = field(default=None)
     optim: str = field(default="adamw_torch")

@@ -1,6 +1,6 @@
 """Building the model and tokenizer for a training run, freezing made explicit.
 
-The order follows the original (§4.7 of the format notes) where it matters for the saved files: LoRA wraps the
+The order follows the original (docs/formats.md §4.7) where it matters for the saved files: LoRA wraps the
 language model *before* the vision modules are attached, so adapter targets never include CLIP's or the
 projector's layers; then the tower and projector are attached and the config records every ``mm_*`` key.
 """

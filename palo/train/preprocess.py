@@ -1,12 +1,7 @@
 """Supervised fine-tuning examples whose labels are right by construction.
 
-The original PALO/LLaVA code renders a conversation, tokenizes it, and then *re-derives* which tokens are
-answers by splitting the prompt on separators and counting tokens of the pieces (``round_len``,
-``instruction_len - 2``, format reference §3.7). That count is only right while a tokenizer behaves exactly
-as assumed (legacy SentencePiece, the answer's first token swallowing the space after ``ASSISTANT:``...); when
-it is not, answers are silently mis-masked or the whole sample is dropped with a "tokenization mismatch".
-
-Here the mask comes from the renderer itself. :meth:`palo.conversation.Conversation.get_prompt_segments`
+The mask comes from the renderer itself, not from counting tokens of separator-split pieces as the original did
+(docs/formats.md §3.7; why: docs/compat.md#training). :meth:`palo.conversation.Conversation.get_prompt_segments`
 marks which characters of the prompt are supervised (each answer and its end separator), the prompt is
 tokenized with character offsets (:func:`encode_with_offsets`, ids identical to
 :func:`palo.mm_utils.tokenizer_image_token`), and a token is learned exactly when its characters overlap a
@@ -31,7 +26,7 @@ from palo.model.tokenizer import PaloLlamaTokenizer
 
 # The JSON speaker names, in the order the templates' roles are listed (user, assistant).
 SPEAKERS = ("human", "gpt")
-# The mmtag convention wraps the placeholder (format reference §3.1).
+# The mmtag convention wraps the placeholder (docs/formats.md §3.1).
 MMTAG_IMAGE = "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>"
 
 # (token id, char start, char end): the token covers text[start:end] of the encoded string.
@@ -69,7 +64,7 @@ class SupervisedExample:
 def normalize_image_turns(
     turns: Sequence[Mapping[str, Any]], version: str, mm_use_im_start_end: bool
 ) -> list[dict[str, Any]]:
-    """The original ``preprocess_multimodal`` (format reference §3.6), without mutating its input.
+    """The original ``preprocess_multimodal`` (docs/formats.md §3.6), without mutating its input.
 
     In every turn whose value contains ``<image>``: all ``<image>`` are removed, the text is stripped,
     ``<image>\\n`` is put in front and the result stripped again, so the placeholder always leads its turn.
@@ -263,13 +258,12 @@ def build_supervised_example(
 ) -> SupervisedExample:
     """Renders, tokenizes and labels one training conversation.
 
-    Turns are checked as the original ``preprocess_v1`` does (a leading ``gpt`` turn is dropped, then the
-    speakers must alternate ``human``/``gpt``) and more strictly: the conversation must end with a ``gpt``
-    answer, no value may be empty, and an image sample needs its ``<image>`` placeholder in exactly one
-    human turn while a text-only sample may have none. Image samples are normalised with
-    :func:`normalize_image_turns`.
+    Turns are checked: a leading ``gpt`` turn is dropped, then the speakers must alternate ``human``/``gpt``, the
+    conversation must end with a ``gpt`` answer, no value may be empty, and an image sample needs its ``<image>``
+    placeholder in exactly one human turn while a text-only sample has none (docs/compat.md#training). Image
+    samples are normalised with :func:`normalize_image_turns`.
 
-    With the ``plain`` template (stage-1 pre-training, §3.7 PLAIN) the sample must be one exchange whose
+    With the ``plain`` template (stage-1 pre-training, docs/formats.md §3.7 PLAIN) the sample must be one exchange whose
     human turn holds ``<image>``; the prompt is ``<image>`` + caption + ``\\n`` and only the caption and
     newline are learned. Every other template is filled with the turns (its system prompt kept, its
     pre-filled example messages dropped as the original does) and its rendered answers plus end
@@ -353,7 +347,7 @@ def _validate_turns(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
 def _check_placeholders(turns: Sequence[Mapping[str, Any]], has_image: bool) -> None:
     """One ``<image>`` turn (a human one) for an image sample, none for a text-only one.
 
-    The splice (§3.9) needs one placeholder per image: a text-only ``<image>`` would become a sentinel with no
+    The splice (docs/formats.md §3.9) needs one placeholder per image: a text-only ``<image>`` would become a sentinel with no
     features, and an image without a placeholder would be silently dropped.
     """
     where = [k for k, turn in enumerate(turns) if DEFAULT_IMAGE_TOKEN in turn["value"]]

@@ -12,10 +12,8 @@ therefore orders a dataset so that:
 Lengths follow the dataset's ``modality_lengths`` convention: positive for samples with an image, negative for
 text-only ones, never zero.
 
-The algorithm (and the order in which it draws random numbers) is the original LLaVA one, so with the same torch
-seed it yields the same order. One deliberate difference: the ``generator`` is used for every random draw,
-whereas the original passed ``None`` to the per-modality permutations (silently using the global RNG). With
-``generator=None`` both behave identically.
+The algorithm and the order of its random draws are LLaVA's, so the same torch seed gives the same order; the
+``generator``, when given, is used for every draw (docs/compat.md#training).
 
 Typical use from a Trainer, where ``world_size`` counts every micro-batch that makes up one optimizer step::
 

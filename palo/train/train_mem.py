@@ -1,8 +1,7 @@
 """Entry point of the original scripts (``deepspeed palo/train/train_mem.py ...``).
 
-The original patched LLaMA attention with FlashAttention here. transformers now selects the attention kernel itself
-(PyTorch SDPA by default, which uses flash kernels on recent GPUs), so this is the same job as ``train.py``; pass
-``--attn_implementation flash_attention_2`` to run the flash-attn package's kernels as the original did.
+The same job as ``train.py``; the attention kernel is chosen with ``--attn_implementation`` (``flash_attention_2``
+for the flash-attn package). See docs/compat.md#training.
 """
 
 from __future__ import annotations

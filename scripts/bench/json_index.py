@@ -1,6 +1,6 @@
 """Benchmark: indexing a PALO training JSON with :class:`palo.data.json_index.JsonArrayIndex` against ``json.load``.
 
-Generates (or takes) a file of LLaVA-style samples in the ten PALO languages (palo-formats.md §5.1), then measures,
+Generates (or takes) a file of LLaVA-style samples in the ten PALO languages (docs/formats.md §5.1), then measures,
 each in a fresh child process so that the peak RSS (``resource.getrusage``) belongs to one method only:
 
 * ``index``: the scan with one thread and with the default thread count (no cache), random ``read(i)`` calls, and,

@@ -1,6 +1,6 @@
 """``palo.model.checkpoint_files``: the stage-1 and LoRA side files, their key names, and resuming from them.
 
-The expected key names are written out literally (the original's layouts, format notes §1.6), never derived from
+The expected key names are written out literally (the original's layouts, docs/formats.md §1.6), never derived from
 the module under test, so a change of layout fails here even though every writer and reader shares the module.
 """
 

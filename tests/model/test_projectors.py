@@ -14,7 +14,7 @@ from palo.model.projectors import SUPPORTED_PROJECTORS, build_projector, project
 
 
 def _ldp_expected_shapes(inc: int, ouc: int) -> dict[str, list[int]]:
-    """The key -> shape table of palo-formats.md §1.4, in order."""
+    """The key -> shape table of docs/formats.md §1.4, in order."""
     sq = make_divisible(ouc // 4, 8)
     shapes = {
         "model.mlp.1.weight": [ouc, inc],

@@ -1,6 +1,6 @@
 """Tests for palo.model.tokenizer: the LLaMA SentencePiece tokenizer with transformers-4.31 ("legacy") semantics.
 
-Expected ids come from the raw ``sentencepiece`` library, following palo-formats.md §3.7 item 6: BOS, then every text
+Expected ids come from the raw ``sentencepiece`` library, following docs/formats.md §3.7 item 6: BOS, then every text
 segment between the special tokens ``<s>``, ``</s>``, ``<unk>`` encoded by SentencePiece on its own (dummy prefix
 included), and each special token as its own id.
 """

@@ -2,7 +2,7 @@
 
 Every template key is run on three-round conversations in several scripts (byte-fallback emoji included), with
 the image placeholder at the start, middle and end of the first human turn. Expected prompts and supervised texts
-are written out by hand per style; the original PALO counting rule (§3.7 v1) is re-implemented here as an
+are written out by hand per style; the original PALO counting rule (docs/formats.md §3.7 v1) is re-implemented here as an
 independent oracle.
 """
 
@@ -26,7 +26,7 @@ from palo.train.preprocess import (
 KEYS = ["plain", "v0", "v1", "vicuna_v1", "llava_v1", "v1_mmtag", "llama_2", "llava_llama_2", "mpt"]
 TWO_KEYS = ["v1", "vicuna_v1", "llava_v1", "v1_mmtag"]
 
-# What ends each learned answer, typed from the format reference (§3.4, §3.7), per template key.
+# What ends each learned answer, typed from docs/formats.md (§3.4, §3.7), per template key.
 ANSWER_END = {
     "plain": "\n",
     "v0": "###",
@@ -175,7 +175,7 @@ def _ranges(prompt: str, texts: list[str]) -> list[tuple[int, int]]:
 
 
 def original_v1_labels(prompt: str, tok, conv_key: str) -> list[int]:
-    """PALO's ``preprocess_v1`` masking (§3.7), image path: counts tokens of the text split on separators."""
+    """PALO's ``preprocess_v1`` masking (docs/formats.md §3.7), image path: counts tokens of the text split on separators."""
     conv = conv_templates[conv_key]
     ids = tokenizer_image_token(prompt, tok)
     labels = list(ids)

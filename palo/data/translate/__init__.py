@@ -1,10 +1,10 @@
 """``palo-data translate``: translate LLaVA-Instruct conversations into PALO's languages with any chat model.
 
 PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat model and filtering the results
-(formats reference §8). This module is that pipeline, made safe to run on 150K samples x 9 languages:
+(docs/formats.md §8). This module is that pipeline, made safe to run on 150K samples x 9 languages:
 
 * **Protected spans.** ``<image>`` is taken out of a turn before translation and put back at the *front* of the turn
-  (``<image>\\n``), where training expects it (the original re-inserted it at random before or after the text).
+  (``<image>\\n``), where training expects it (docs/compat.md#data).
   Code blocks, inline code, bracketed coordinates (``[0.12, 0.40, 0.55, 0.89]``) and numbers are replaced by
   placeholders ``[[1]]``, ``[[2]]`` ... that the model must copy; they are restored afterwards and checked.
 * **Quality check on every translation** (:func:`check_translation`): target script, not left in English, a

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 
 def conversation_key(language: str) -> str:
-    """The per-language key of the original tools (§8), e.g. ``arabic_conversation``."""
+    """The per-language key of the original tools (docs/formats.md §8), e.g. ``arabic_conversation``."""
     return f"{language}_conversation"
 
 

@@ -52,7 +52,10 @@ def split_image(value: str) -> tuple[str, int]:
 
 
 def join_image(text: str, count: int) -> str:
-    """Put ``count`` placeholders back at the front of the turn, where training moves them anyway (§3.6)."""
+    """Put ``count`` placeholders back at the front of the turn, where training moves them anyway.
+
+    See docs/formats.md §3.6.
+    """
     return (DEFAULT_IMAGE_TOKEN + "\n") * count + text if text else "\n".join([DEFAULT_IMAGE_TOKEN] * count)
 
 
