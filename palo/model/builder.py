@@ -36,6 +36,7 @@ from palo.model.checkpoint_files import (
     load_into_projector,
     load_non_lora,
     load_projector,
+    new_token_rows,
 )
 from palo.model.config import MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
@@ -302,8 +303,17 @@ def load_pretrained_model(
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
     if spec.use_im_start_end:
         tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
-    if len(tokenizer) != model.get_input_embeddings().weight.shape[0]:
+    base_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != base_rows:
         model.resize_token_embeddings(len(tokenizer))
+    if kind is CheckpointKind.PROJECTOR and spec.use_im_start_end and len(tokenizer) > base_rows:
+        # Stage 1 with <im_start>/<im_end> trained those rows and saved them in mm_projector.bin; without them the
+        # new tokens would keep resize_token_embeddings' initialisation.
+        num_new = len(tokenizer) - base_rows
+        rows = new_token_rows(state, num_new, len(tokenizer), os.path.join(model_path, PROJECTOR_FILE))
+        weight = model.get_input_embeddings().weight
+        with torch.no_grad():
+            weight[-num_new:] = rows.to(weight.device, weight.dtype)
     model.eval()
     context_len = getattr(model.config, "max_sequence_length", 2048)
     return tokenizer, model, tower.image_processor, context_len

@@ -32,6 +32,8 @@ from collections.abc import Collection, Iterable, Mapping
 import torch
 from torch import nn
 
+from palo.model.config import MultimodalSpec
+
 PROJECTOR_FILE = "mm_projector.bin"
 NON_LORA_FILE = "non_lora_trainables.bin"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -380,7 +382,7 @@ def restore_projector(model: nn.Module, folder: str) -> None:
     """
     file = os.path.join(folder, PROJECTOR_FILE)
     state = load_projector(file)
-    embeddings = bool(getattr(model.config, "mm_use_im_start_end", False))
+    embeddings = MultimodalSpec.from_config(model.config).use_im_start_end
     check_keys(projector_state(model.state_dict(), embeddings), state, file, _RESUME_HINT)
     model.get_model().mm_projector.load_state_dict(projector_weights(state, file), strict=True)
     if embeddings:

@@ -27,6 +27,7 @@ from transformers.trainer_utils import rotate_checkpoints
 
 from palo.constants import IGNORE_INDEX
 from palo.model import checkpoint_files
+from palo.model.config import MultimodalSpec
 from palo.train.dataset import LANGUAGE_NAMES
 from palo.train.flops import FlopCounter, peak_flops
 from palo.train.model_setup import unwrap
@@ -223,7 +224,7 @@ class PaloTrainer(Trainer):
         state = {k: v.detach().cpu() for k, v in state_dict.items()}
         base.config.save_pretrained(output_dir)
         if self.stage1:
-            embeddings = bool(getattr(base.config, "mm_use_im_start_end", False))
+            embeddings = MultimodalSpec.from_config(base.config).use_im_start_end
             checkpoint_files.save_projector(output_dir, state, embeddings=embeddings)
             return
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}

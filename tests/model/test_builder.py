@@ -319,3 +319,27 @@ def test_quantization_keeps_tower_projector_and_head_in_half_precision(world):
     converted = {n for n in names if should_convert_module(n, QUANTIZATION_SKIP)}
     assert "model.layers.0.self_attn.q_proj" in converted and "model.layers.1.mlp.down_proj" in converted
     assert not any(n.startswith(("model.vision_tower", "model.mm_projector")) or n == "lm_head" for n in converted)
+
+
+def test_stage1_projector_with_start_end_tokens_loads_its_trained_rows(world, tmp_path):
+    """A stage-1 folder trained with --mm_use_im_start_end True carries the <im_start>/<im_end> rows in
+    mm_projector.bin; loading it with its base puts them into the resized embeddings (not their fresh init)."""
+    from palo.model import checkpoint_files as cf
+
+    folder = tmp_path / "stage1"
+    shutil.copytree(world.projector_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["mm_use_im_start_end"] = True
+    (folder / "config.json").write_text(json.dumps(config))
+    state = torch.load(folder / "mm_projector.bin", weights_only=True)
+    base_rows = world.model.get_input_embeddings().weight.shape[0]
+    added = 2 + int(bool(config.get("mm_use_im_patch_token", True)))  # <im_start>, <im_end> (+ <im_patch>)
+    trained = torch.randn(base_rows + added, world.model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    cf.save_projector(str(folder), {**state, "model.embed_tokens.weight": trained}, embeddings=True)
+
+    tokenizer, model, _, _ = load_pretrained_model(str(folder), world.base_dir, device="cpu")
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tokenizer) == base_rows + added
+    # Through float16 like the rest of the stage-1 file (the original's rounding, tested above for the projector).
+    torch.testing.assert_close(weight[-added:], trained[-added:].half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(weight[:base_rows], world.model.get_input_embeddings().weight)
