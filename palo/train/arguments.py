@@ -93,6 +93,10 @@ class TrainingArguments(transformers.TrainingArguments):
     double_quant: bool = field(default=True, metadata={"help": "QLoRA: double quantisation"})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA: fp4 or nf4"})
     bits: int = field(default=16, metadata={"help": "16, or 8 / 4 to load the LLM quantised (QLoRA; bitsandbytes)"})
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "torch.compile each decoder layer (dynamic shapes; exact; the first steps pay the compile)"},
+    )
     lora_enable: bool = False
     lora_r: int = 64
     lora_alpha: int = 16

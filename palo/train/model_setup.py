@@ -238,7 +238,27 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, args: T
         image_tokens = base.image_token_count
     elif model_args.version == "v0" and len(tokenizer) != base.get_input_embeddings().weight.shape[0]:
         _resize_with_mean_rows(base, len(tokenizer))
+    if args.compile_layers:
+        compile_decoder_layers(base)
     return TrainingSetup(model=model, tokenizer=tokenizer, image_processor=image_processor, image_tokens=image_tokens)
+
+
+def compile_decoder_layers(model: PreTrainedModel) -> int:
+    """``torch.compile`` every decoder layer of the language model in place (``--compile_layers True``).
+
+    Per layer rather than the whole model: the image splice, the loss and DeepSpeed's hooks stay eager (they change
+    shape or break graphs every step), while the layers, where the FLOPs are, are identical modules with identical
+    shapes, so one compiled graph serves them all. ``dynamic=True`` because sequence lengths change every batch
+    (padding to the longest sample, or packed rows). Called after LoRA is applied, so the adapters are compiled with
+    their layer. Exact up to floating-point reassociation of fused kernels.
+
+    Returns:
+        How many layers were compiled.
+    """
+    layers = model.get_decoder().layers
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 def _add_vision_tokens(model: PaloForCausalLM, tokenizer: Any, model_args: ModelArguments) -> None:

@@ -20,6 +20,7 @@ from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import load_pretrained_model
 from palo.testing import tiny_data
 from palo.train.preprocess import BadSampleError
+from palo.train.model_setup import unwrap
 from palo.train.train import train
 from palo.train.trainer import PaloTrainer
 
@@ -716,3 +717,22 @@ def test_qlora_on_a_quantised_base_trains_saves_and_loads(world, data, tmp_path,
     _, model, _, _ = load_pretrained_model(out, world.base_dir, device="cpu", **{f"load_{bits}bit": True})
     assert isinstance(model.get_model().layers[0].self_attn.q_proj, quantised)
     assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
+
+
+@pytest.mark.slow  # inductor compiles the decoder layer once (~30 s on 2 CPU cores)
+def test_compiled_layers_train_like_eager_and_save_the_same_files(world, data, tmp_path):
+    """--compile_layers True: the same losses as eager (LoRA + gradient checkpointing, the PALO-7B recipe), the
+    same checkpoint files and keys, and a checkpoint that loads."""
+    flags = ("--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--gradient_checkpointing", "True",
+             "--max_steps", "3")
+    eager = train(_flags(world, data, str(tmp_path / "eager"), *flags))
+    out = str(tmp_path / "compiled")
+    compiled = train(_flags(world, data, out, *flags, "--compile_layers", "True"))
+    layers = unwrap(compiled.model).get_decoder().layers
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    assert _losses(compiled) == pytest.approx(_losses(eager), abs=1e-5)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(str(tmp_path / "eager")))
+    assert sorted(torch.load(os.path.join(out, "adapter_model.bin"))) == sorted(
+        torch.load(os.path.join(str(tmp_path / "eager"), "adapter_model.bin")))
+    tokenizer, loaded, _, _ = load_pretrained_model(out, world.base_dir, device="cpu")
+    assert loaded.config.model_type == "palo"
