@@ -3,7 +3,7 @@
 Every stage writes under one work folder and is skipped when its output is already there, so a rerun of
 ``palo quickstart`` goes straight to evaluation / serving. Training runs the real entry point,
 :func:`palo.train.train.train`, with the flags the original scripts pass (on CPU: ``--use_cpu True``); evaluation
-runs the real :mod:`palo.eval.model_vqa` answerer at temperature 0 and scores with :mod:`palo.quickstart.judge`.
+runs the real :mod:`palo.eval.model_vqa` answerer at temperature 0 and scores with :mod:`palo.quickstart.exact_match`.
 """
 
 from __future__ import annotations
@@ -116,15 +116,16 @@ def staged_folder(final: str) -> Iterator[str]:
 
 def build_data(paths: Paths, config: QuickstartConfig):
     """Draw the task (train JSONs + bench); skipped when present."""
-    from palo.quickstart import data
+    from palo.quickstart import shapes_task
 
-    task = data.TaskPaths(paths.data, os.path.join(paths.data, "images"), os.path.join(paths.data, "stage1.json"),
-                          os.path.join(paths.data, "stage2.json"), os.path.join(paths.data, "bench"))
+    task = shapes_task.TaskPaths(paths.data, os.path.join(paths.data, "images"),
+                                 os.path.join(paths.data, "stage1.json"), os.path.join(paths.data, "stage2.json"),
+                                 os.path.join(paths.data, "bench"))
     if os.path.isdir(paths.data):
         print(f"[skip] data already in {paths.data}")
         return task
     with staged_folder(paths.data) as staging:
-        data.write_task(staging, config.train_images, config.eval_images, config.image_size, config.seed)
+        shapes_task.write_task(staging, config.train_images, config.eval_images, config.image_size, config.seed)
     print(f"{config.train_images} training images, {config.eval_images} held-out images x 3 questions x 10 languages"
           f" -> {paths.data}")
     return task
@@ -135,10 +136,10 @@ def tokenizer_text() -> list[str]:
     prompt's system message and roles, which real LLaMA vocabularies cover with whole-word pieces (without them the
     system message alone is 80 pieces, two thirds of a training sample)."""
     from palo.conversation import conv_templates
-    from palo.quickstart import data
+    from palo.quickstart import shapes_task
 
     template = conv_templates["vicuna_v1"]
-    return data.all_text() * 4 + [template.system, " ".join(f"{role}:" for role in template.roles)] * 40
+    return shapes_task.all_text() * 4 + [template.system, " ".join(f"{role}:" for role in template.roles)] * 40
 
 
 def build_models(paths: Paths, config: QuickstartConfig) -> None:
@@ -170,13 +171,13 @@ def build_models(paths: Paths, config: QuickstartConfig) -> None:
 
 def pretrain_vision(paths: Paths, config: QuickstartConfig, task) -> None:
     """Train the random tower on the training images' attributes (see :mod:`palo.quickstart.vision`)."""
-    from palo.quickstart import data, vision
+    from palo.quickstart import shapes_task, vision
 
     marker = os.path.join(paths.clip, vision.DONE_FILE)
     if os.path.isfile(marker):
         print(f"[skip] vision tower already pre-trained: {marker}")
         return
-    specs = data.load_specs(os.path.join(task.root, "specs.json"))
+    specs = shapes_task.load_specs(os.path.join(task.root, "specs.json"))
     with staged_folder(paths.clip) as staging:
         summary = vision.pretrain_tower(paths.clip, staging, task.images, specs, config.tower)
     before, after = summary["held_out_accuracy_before"], summary["held_out_accuracy_after"]
@@ -259,7 +260,7 @@ def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
     """Answer every language's questions with ``model_vqa`` (greedy) and score them; returns the table."""
     from palo.eval import model_vqa
     from palo.eval.bench import LANGUAGES, display_name, resolve_language
-    from palo.quickstart import judge
+    from palo.quickstart import exact_match
 
     cache: dict = {}
 
@@ -273,11 +274,11 @@ def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
     for language in LANGUAGES:
         files = resolve_language(task.bench, language)
         print(f"{display_name(language)}:", flush=True)
-        rc = model_vqa.answer_file(loader, files.questions, files.images, judge.answers_path(paths.answers, language),
-                                   batch_size=config.eval_batch_size)
+        rc = model_vqa.answer_file(loader, files.questions, files.images,
+                                   exact_match.answers_path(paths.answers, language), batch_size=config.eval_batch_size)
         if rc != 0:
             raise RuntimeError(f"model_vqa failed for {language} (exit status {rc})")
-    return judge.build_table(task.bench, paths.answers, os.path.basename(paths.stage2))
+    return exact_match.build_table(task.bench, paths.answers, os.path.basename(paths.stage2))
 
 
 @dataclass
@@ -290,7 +291,7 @@ class Result:
 
 def run(workdir: str, config: QuickstartConfig) -> Result:
     """Every stage but serving; returns where things are and the timings."""
-    from palo.quickstart import judge
+    from palo.quickstart import exact_match
 
     paths = Paths(os.path.abspath(workdir))
     os.makedirs(paths.workdir, exist_ok=True)
@@ -314,9 +315,9 @@ def run(workdir: str, config: QuickstartConfig) -> Result:
     timed("stage2", run_training, stage2_flags(paths, config, task), paths.stage2)
     banner("6/6  Evaluating every language (model_vqa, temperature 0, exact-match judge)")
     table = timed("eval", evaluate, paths, config, task)
-    report = judge.write_report(table, paths.report)
+    report = exact_match.write_report(table, paths.report)
     print()
-    print(judge.to_markdown(table))
+    print(exact_match.to_markdown(table))
     print("written: " + ", ".join(report.values()))
     print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + f", total {sum(seconds.values()):.0f}")
     sys.stdout.flush()

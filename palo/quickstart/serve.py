@@ -157,7 +157,7 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
 
     Greedy (temperature 0), one image per question as a base64 data URL; concurrent requests exercise the
     worker's batching. Each language's answers go to ``<answers_dir>/<Language>.jsonl`` in ``model_vqa``'s
-    format, written atomically, so :func:`palo.quickstart.judge.build_table` scores them like the offline run. A
+    format, written atomically, so :func:`palo.quickstart.exact_match.build_table` scores them like the offline run. A
     request the API refuses or fails is reported and left out, so the judge counts it as failed, never as right.
 
     Args:
@@ -178,7 +178,7 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
 
     from palo.eval.bench import LANGUAGES, resolve_language
     from palo.eval.jsonl import iter_jsonl
-    from palo.quickstart.judge import answers_path
+    from palo.quickstart.exact_match import answers_path
 
     client = OpenAI(base_url=api_base, api_key="unused", max_retries=2, timeout=120)
     images: dict[str, str] = {}
@@ -221,7 +221,7 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
 
 def check_served(checkpoint: str, workdir: str) -> int:
     """Start the services, score the served model on the held-out bench, write ``eval/served_summary.*``, stop."""
-    from palo.quickstart import judge
+    from palo.quickstart import exact_match
     from palo.quickstart.pipeline import banner
 
     banner("Checking the served model (controller, worker, web UI; every held-out question via the OpenAI API)")
@@ -232,9 +232,9 @@ def check_served(checkpoint: str, workdir: str) -> int:
                                 os.path.join(workdir, "data", "bench"), answers)
     finally:
         services.stop()
-    table = judge.build_table(os.path.join(workdir, "data", "bench"), answers, f"{services.model_name} (served)")
-    report = judge.write_report(table, os.path.join(workdir, "eval", "served_summary"))
+    table = exact_match.build_table(os.path.join(workdir, "data", "bench"), answers, f"{services.model_name} (served)")
+    report = exact_match.write_report(table, os.path.join(workdir, "eval", "served_summary"))
     print()
-    print(judge.to_markdown(table))
+    print(exact_match.to_markdown(table))
     print("written: " + ", ".join(report.values()), flush=True)
     return 1 if unanswered else 0

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from palo.quickstart import data
+from palo.quickstart import shapes_task
 
 ATTRIBUTES = ("colour", "shape", "count")
 DONE_FILE = "pretraining.json"  # the summary, saved with the trained tower
@@ -54,9 +54,10 @@ class TowerPretraining:
     seed: int = 0
 
 
-def labels(spec: data.ImageSpec) -> list[int]:
+def labels(spec: shapes_task.ImageSpec) -> list[int]:
     """Class indices of an image's colour, shape and count (in :data:`ATTRIBUTES` order)."""
-    return [list(data.COLOURS).index(spec.colour), data.SHAPES.index(spec.shape), data.COUNTS.index(spec.count)]
+    return [list(shapes_task.COLOURS).index(spec.colour), shapes_task.SHAPES.index(spec.shape),
+            shapes_task.COUNTS.index(spec.count)]
 
 
 class AttributeProbe(nn.Module):
@@ -70,7 +71,8 @@ class AttributeProbe(nn.Module):
         super().__init__()
         self.token_mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
         self.heads = nn.ModuleList(
-            [nn.Linear(hidden, len(data.COLOURS)), nn.Linear(hidden, len(data.SHAPES)), nn.Linear(hidden, len(data.COUNTS))]
+            [nn.Linear(hidden, len(shapes_task.COLOURS)), nn.Linear(hidden, len(shapes_task.SHAPES)),
+             nn.Linear(hidden, len(shapes_task.COUNTS))]
         )
 
     def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
@@ -92,7 +94,7 @@ def probe_loss(logits: list[torch.Tensor], targets: torch.Tensor) -> torch.Tenso
     )
 
 
-def _load_pixels(processor, folder: str, specs: list[data.ImageSpec], chunk: int = 256) -> torch.Tensor:
+def _load_pixels(processor, folder: str, specs: list[shapes_task.ImageSpec], chunk: int = 256) -> torch.Tensor:
     """Every image through the tower's own processor, as training and inference will see it."""
     out = []
     for start in range(0, len(specs), chunk):
@@ -115,7 +117,7 @@ def probe_accuracy(tower: nn.Module, probe: AttributeProbe, pixels: torch.Tensor
     return {name: float(correct[k]) / len(pixels) for k, name in enumerate(ATTRIBUTES)}
 
 
-def pretrain_tower(clip_dir: str, out_dir: str, image_folder: str, specs: list[data.ImageSpec],
+def pretrain_tower(clip_dir: str, out_dir: str, image_folder: str, specs: list[shapes_task.ImageSpec],
                    schedule: TowerPretraining = TowerPretraining(), progress: bool = True) -> dict:
     """Train the tower in ``clip_dir`` on the attributes of ``specs``' images and save it to ``out_dir``.
 

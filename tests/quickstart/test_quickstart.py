@@ -11,7 +11,7 @@ from palo.conversation import conv_templates
 from palo.eval.bench import LANGUAGES, display_name
 from palo.model.builder import load_pretrained_model
 from palo.quickstart import cli
-from palo.quickstart.judge import COLUMNS
+from palo.quickstart.exact_match import COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_refused_requests_are_counted_as_failed_not_lost(tmp_path, capsys):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from palo.quickstart import data, judge
+    from palo.quickstart import exact_match, shapes_task
     from palo.quickstart.serve import ask_served
 
     class Refuse(BaseHTTPRequestHandler):
@@ -152,11 +152,11 @@ def test_refused_requests_are_counted_as_failed_not_lost(tmp_path, capsys):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        bench = data.write_bench(str(tmp_path / "bench"), 1, 84, seed=0)
+        bench = shapes_task.write_bench(str(tmp_path / "bench"), 1, 84, seed=0)
         answers = str(tmp_path / "answers")
         assert ask_served(f"http://127.0.0.1:{server.server_port}/v1", "m", bench, answers) == 30
     finally:
         server.shutdown()
     assert capsys.readouterr().err.count("no answer") == 30
-    table = judge.build_table(bench, answers, "m")
+    table = exact_match.build_table(bench, answers, "m")
     assert all(row["failed"] == 3 and row["all"] is None for row in table["languages"].values())

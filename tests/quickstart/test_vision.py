@@ -12,25 +12,25 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec
-from palo.quickstart import data, vision
+from palo.quickstart import shapes_task, vision
 from palo.testing.tiny import TinyShapes, save_tiny_clip
 
 SHAPES = replace(TinyShapes(), vision_hidden=32, vision_layers=2, image_size=84, patch_size=14)
 
 
-def _draw(folder: str, count: int, seed: int = 0) -> list[data.ImageSpec]:
+def _draw(folder: str, count: int, seed: int = 0) -> list[shapes_task.ImageSpec]:
     os.makedirs(folder, exist_ok=True)
     rng = random.Random(seed)
-    specs = [data.sample_spec(rng, f"img-{i}.png", 84) for i in range(count)]
+    specs = [shapes_task.sample_spec(rng, f"img-{i}.png", 84) for i in range(count)]
     for spec in specs:
-        data.draw(spec).save(os.path.join(folder, spec.name))
+        shapes_task.draw(spec).save(os.path.join(folder, spec.name))
     return specs
 
 
 def test_labels_follow_the_drawing_parameters():
-    spec = data.ImageSpec("x.png", 84, "yellow", "triangle", ((1, 1, 10, 10), (30, 30, 40, 40)))
+    spec = shapes_task.ImageSpec("x.png", 84, "yellow", "triangle", ((1, 1, 10, 10), (30, 30, 40, 40)))
     assert vision.labels(spec) == [3, 2, 1]
-    assert [list(data.COLOURS)[0], data.SHAPES[0], data.COUNTS[0]] == ["red", "circle", 1]
+    assert [list(shapes_task.COLOURS)[0], shapes_task.SHAPES[0], shapes_task.COUNTS[0]] == ["red", "circle", 1]
 
 
 def test_probe_reads_every_token_on_its_own():

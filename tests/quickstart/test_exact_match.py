@@ -13,10 +13,10 @@ import os
 
 import pytest
 
-from palo.quickstart import data
-from palo.quickstart.judge import answers_path, build_table, is_correct, score_language
+from palo.quickstart import shapes_task
+from palo.quickstart.exact_match import answers_path, build_table, is_correct, score_language
 
-# (model answer, reference, right?) -- references are the task's own answers (data.answer's format).
+# (model answer, reference, right?) -- references are the task's own answers (shapes_task.answer's format).
 CASES = [
     # English / Latin
     ("Red.", "Red.", True),
@@ -80,14 +80,14 @@ def _references(bench: str, language: str) -> dict[int, str]:
 
 def _wrong(reference: str, language: str, kind: str) -> str:
     """Another word of the same kind in the same language: a plausible but wrong answer."""
-    words = list(data.VOCAB[language][kind].values())
-    right = next(w for w in words if data._finish(language, w) == reference)
-    return data._finish(language, next(w for w in words if w != right))
+    words = list(shapes_task.VOCAB[language][kind].values())
+    right = next(w for w in words if shapes_task._finish(language, w) == reference)
+    return shapes_task._finish(language, next(w for w in words if w != right))
 
 
 def test_table_counts_right_wrong_and_unanswered_by_hand(tmp_path):
     # Two held-out images: questions 0-2 ask colour/shape/count of image 0, questions 3-5 of image 1.
-    bench = data.write_bench(str(tmp_path / "bench"), 2, 84, seed=5)
+    bench = shapes_task.write_bench(str(tmp_path / "bench"), 2, 84, seed=5)
     answers = str(tmp_path / "answers")
     english, arabic, chinese = _references(bench, "english"), _references(bench, "arabic"), _references(bench, "chinese")
     # English: colour 2/2 (one in another case, no stop), shape 1/2, count 0/1 and one unanswered.
@@ -124,7 +124,7 @@ def test_table_counts_right_wrong_and_unanswered_by_hand(tmp_path):
 
 def test_an_answers_file_for_another_language_scores_zero(tmp_path):
     """Right answers in the wrong language are wrong: French answers scored against the Spanish references."""
-    bench = data.write_bench(str(tmp_path / "bench"), 2, 84, seed=5)
+    bench = shapes_task.write_bench(str(tmp_path / "bench"), 2, 84, seed=5)
     answers = str(tmp_path / "answers")
     _write_answers(answers, "spanish", _references(bench, "french"))
     row = score_language(bench, "spanish", answers_path(answers, "spanish"))

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from palo.eval.bench import LANGUAGES, resolve_language
-from palo.quickstart import data
-from palo.quickstart.judge import is_correct, normalise
+from palo.quickstart import shapes_task
+from palo.quickstart.exact_match import is_correct, normalise
 
 
 def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
@@ -38,11 +38,11 @@ def _components(mask: np.ndarray) -> list[list[tuple[int, int]]]:
 def read_pixels(path: str) -> tuple[str, str, int]:
     """(colour, shape, count) measured from an image file alone."""
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    foreground = (pixels != np.array(data.BACKGROUND)).any(-1)
+    foreground = (pixels != np.array(shapes_task.BACKGROUND)).any(-1)
     values = {tuple(v) for v in pixels[foreground]}
     assert len(values) == 1, f"{path}: shapes must be one flat colour, got {len(values)}"
     (value,) = values
-    colour = min(data.COLOURS, key=lambda c: sum(abs(a - b) for a, b in zip(data.COLOURS[c], value)))
+    colour = min(shapes_task.COLOURS, key=lambda c: sum(abs(a - b) for a, b in zip(shapes_task.COLOURS[c], value)))
     blobs = _components(foreground)
     shapes = set()
     for blob in blobs:
@@ -56,20 +56,21 @@ def read_pixels(path: str) -> tuple[str, str, int]:
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
-    return data.write_task(str(tmp_path_factory.mktemp("qs")), train_images=60, eval_images=30, seed=3)
+    return shapes_task.write_task(str(tmp_path_factory.mktemp("qs")), train_images=60, eval_images=30, seed=3)
 
 
 def test_every_vocabulary_has_all_languages_and_distinct_answers():
-    assert tuple(data.VOCAB) == LANGUAGES
-    for language, words in data.VOCAB.items():
+    assert tuple(shapes_task.VOCAB) == LANGUAGES
+    for language, words in shapes_task.VOCAB.items():
         assert len(words["questions"]) == 3 and len(set(words["questions"])) == 3
-        for kind, values in (("colour", data.COLOURS), ("shape", data.SHAPES), ("count", data.COUNTS)):
-            answers = {normalise(data._finish(language, words[kind][v])) for v in values}
+        kinds = (("colour", shapes_task.COLOURS), ("shape", shapes_task.SHAPES), ("count", shapes_task.COUNTS))
+        for kind, values in kinds:
+            answers = {normalise(shapes_task._finish(language, words[kind][v])) for v in values}
             assert len(answers) == len(values), (language, kind)  # the judge can tell every answer apart
 
 
 def test_training_answers_match_pixels_and_parameters(task):
-    specs = {s.name: s for s in data.load_specs(os.path.join(task.root, "specs.json"))}
+    specs = {s.name: s for s in shapes_task.load_specs(os.path.join(task.root, "specs.json"))}
     samples = json.load(open(task.stage2_json, encoding="utf-8"))
     assert len(samples) == 60 and {s["image"] for s in samples} == set(specs)
     for sample in samples:
@@ -78,17 +79,19 @@ def test_training_answers_match_pixels_and_parameters(task):
         assert measured == (spec.colour, spec.shape, spec.count), spec
         turns = sample["conversations"]
         assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
-        language = next(lang for lang, w in data.VOCAB.items() if turns[0]["value"].split("\n", 1)[1] in w["questions"])
+        first = turns[0]["value"].split("\n", 1)[1]
+        language = next(lang for lang, w in shapes_task.VOCAB.items() if first in w["questions"])
         values = {"colour": measured[0], "shape": measured[1], "count": measured[2]}
         for human, gpt in zip(turns[::2], turns[1::2]):
-            kind = data.KINDS[data.VOCAB[language]["questions"].index(human["value"].replace("<image>\n", ""))]
-            word = data.VOCAB[language][kind][values[kind]]
+            asked = human["value"].replace("<image>\n", "")
+            kind = shapes_task.KINDS[shapes_task.VOCAB[language]["questions"].index(asked)]
+            word = shapes_task.VOCAB[language][kind][values[kind]]
             assert normalise(gpt["value"]) == normalise(word)
 
 
 def test_bench_layout_and_references_match_pixels(task):
-    specs = {s.name: s for s in data.load_specs(os.path.join(task.bench, "specs.json"))}
-    train_specs = data.load_specs(os.path.join(task.root, "specs.json"))
+    specs = {s.name: s for s in shapes_task.load_specs(os.path.join(task.bench, "specs.json"))}
+    train_specs = shapes_task.load_specs(os.path.join(task.root, "specs.json"))
     assert not {s.name for s in train_specs} & set(specs)  # held out: other files, drawn from another seed
     measured = {name: read_pixels(os.path.join(task.bench, "images", name)) for name in specs}
     for language in LANGUAGES:
@@ -99,8 +102,9 @@ def test_bench_layout_and_references_match_pixels(task):
         for q in questions:
             colour, shape, count = measured[q["image"]]
             value = {"colour": colour, "shape": shape, "count": count}[q["category"]]
-            assert q["text"] == data.question(q["category"], language)
-            assert answers[q["question_id"]]["text"] == data._finish(language, data.VOCAB[language][q["category"]][value])
+            assert q["text"] == shapes_task.question(q["category"], language)
+            word = shapes_task.VOCAB[language][q["category"]][value]
+            assert answers[q["question_id"]]["text"] == shapes_task._finish(language, word)
 
 
 def test_judge_normalises_case_space_and_punctuation():

@@ -18,7 +18,7 @@ from palo.eval.bench import LANGUAGES, display_name, resolve_language
 from palo.eval.jsonl import iter_jsonl
 from palo.eval import report
 from palo.eval.report import AVERAGES
-from palo.quickstart.data import KINDS
+from palo.quickstart.shapes_task import KINDS
 
 COLUMNS = KINDS + ("all",)
 
