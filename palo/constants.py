@@ -16,17 +16,3 @@ IMAGE_PLACEHOLDER = "<image-placeholder>"
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 LOGDIR = "."
-
-# The ten PALO languages, in the order the paper and the evaluation scripts list them.
-LANGUAGES = (
-    "english",
-    "chinese",
-    "french",
-    "spanish",
-    "russian",
-    "japanese",
-    "arabic",
-    "hindi",
-    "bengali",
-    "urdu",
-)

@@ -1,10 +1,11 @@
-"""Which of PALO's ten languages a text (or a training sample) is written in, from its Unicode scripts.
+"""PALO's ten languages (:data:`LANGUAGES`, the one list every module uses), and which of them a text (or a training
+sample) is written in, from its Unicode scripts.
 
-Cheap and deterministic, for statistics and per-language sampling of the training mix, not a general language
-identifier. The script carrying most letters decides: Kana (with or without Han) is Japanese, Han alone Chinese,
-Cyrillic Russian, Devanagari Hindi, Bengali Bengali. Arabic script is Urdu when letters only Urdu uses outnumber
-letters only Arabic uses, else Arabic. Latin script is English, Spanish or French, told apart by diacritics and short
-stopword lists. Any other script (Hangul, Thai, Greek, Hebrew, ...) or no letters at all gives ``"other"``.
+Detection is cheap and deterministic, for statistics and per-language sampling of the training mix, not a general
+language identifier. The script carrying most letters decides: Kana (with or without Han) is Japanese, Han alone
+Chinese, Cyrillic Russian, Devanagari Hindi, Bengali Bengali. Arabic script is Urdu when letters only Urdu uses
+outnumber letters only Arabic uses, else Arabic. Latin script is English, Spanish or French, told apart by diacritics
+and short stopword lists. Any other script (Hangul, Thai, Greek, Hebrew, ...) or no letters at all gives ``"other"``.
 
 Letters are counted with a few compiled regular expressions (C speed) rather than a Python loop over characters.
 """
@@ -16,7 +17,13 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 
-__all__ = ["OTHER", "detect_language", "sample_language"]
+__all__ = ["HIGH_RESOURCE", "LANGUAGES", "LOW_RESOURCE", "OTHER", "detect_language", "sample_language"]
+
+# PALO's 10 languages in the paper's column order (also the evaluation scripts' order): the six high-resource ones,
+# then the four low-resource ones. The lower-case names are folder names, JSON keys and file-name suffixes.
+HIGH_RESOURCE = ("english", "chinese", "french", "spanish", "russian", "japanese")
+LOW_RESOURCE = ("arabic", "hindi", "bengali", "urdu")
+LANGUAGES = HIGH_RESOURCE + LOW_RESOURCE
 
 OTHER = "other"
 
@@ -108,7 +115,7 @@ def detect_language(text: str) -> str:
         text: Any text, e.g. one turn of a conversation.
 
     Returns:
-        One of ``palo.constants.LANGUAGES`` ("english", "chinese", "french", "spanish", "russian", "japanese",
+        One of :data:`LANGUAGES` ("english", "chinese", "french", "spanish", "russian", "japanese",
         "arabic", "hindi", "bengali", "urdu"), or ``"other"`` for other scripts and for text without letters.
     """
     text = text.replace(DEFAULT_IMAGE_TOKEN, " ")

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
-from palo.data.languages import detect_language, sample_language
+from palo.data.languages import LANGUAGES, detect_language, sample_language
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece byte fallback (LLaMA: ids 3..258)
 
@@ -124,14 +124,14 @@ def _question_files(path: str) -> Iterator[tuple[str | None, str]]:
     if os.path.isfile(path):
         yield None, path
         return
-    from palo.eval.bench import BenchLayoutError, available_languages, resolve_language
+    from palo.eval.bench import BenchLayoutError, available_languages, language_files
 
     languages = available_languages(path)
     if not languages:
         raise FileNotFoundError(f"{path}: neither a question file nor a bench folder with language folders")
     for language in languages:
         try:
-            yield language, resolve_language(path, language).questions
+            yield language, language_files(path, language).questions
         except BenchLayoutError as exc:
             print(f"[skip] {exc}", file=sys.stderr)
 
@@ -161,8 +161,6 @@ def question_stats(paths: list[str], counter: TokenCounter) -> dict[str, Languag
 
 
 def _ordered(table: dict[str, LanguageStats]) -> list[str]:
-    from palo.constants import LANGUAGES
-
     return [lang for lang in LANGUAGES if lang in table] + sorted(set(table) - set(LANGUAGES))
 
 

@@ -6,7 +6,7 @@ Two layouts exist for the same data (see docs/formats.md §5.2):
 * the original eval script's layout: ``<root>/<language>/corrected/{...}`` (human-corrected translations) and the
   original LLaVA-Bench names ``english/questions.jsonl`` and ``english/answers_gpt4.jsonl``.
 
-:func:`resolve_language` accepts both, file by file, preferring ``corrected/`` when it holds the file. Images are
+:func:`language_files` accepts both, file by file, preferring ``corrected/`` when it holds the file. Images are
 always ``<root>/images`` (docs/compat.md#evaluation).
 """
 
@@ -15,10 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-# PALO's 10 languages in the paper's column order: the six high-resource ones, then the four low-resource ones.
-HIGH_RESOURCE = ("english", "chinese", "french", "spanish", "russian", "japanese")
-LOW_RESOURCE = ("arabic", "hindi", "bengali", "urdu")
-LANGUAGES = HIGH_RESOURCE + LOW_RESOURCE
+from palo.data.languages import LANGUAGES
 
 QUESTION_NAMES = ("question.jsonl", "questions.jsonl")
 ANSWER_NAMES = ("answers.jsonl", "answers_gpt4.jsonl")
@@ -54,7 +51,7 @@ def _find(folders: list[str], names: tuple[str, ...]) -> str | None:
     return None
 
 
-def resolve_language(root: str, language: str) -> LanguageFiles:
+def language_files(root: str, language: str) -> LanguageFiles:
     """Find one language's files in either layout.
 
     Args:

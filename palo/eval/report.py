@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any
 
-from palo.eval.bench import HIGH_RESOURCE, LANGUAGES, LOW_RESOURCE, display_name
+from palo.data.languages import HIGH_RESOURCE, LANGUAGES, LOW_RESOURCE
+from palo.eval.bench import display_name
 from palo.eval.summarize_gpt_review import CATEGORIES, CategoryScore, summarize_file
 
 COLUMNS = CATEGORIES + ("all",)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from palo.conversation import conv_templates
 from palo.eval import eval_gpt_review_bench, model_vqa, report, shards, summarize_gpt_review
-from palo.eval.bench import BenchLayoutError, available_languages, display_name, resolve_language
+from palo.eval.bench import BenchLayoutError, available_languages, display_name, language_files
 from palo.eval.jsonl import JsonlError
 from palo.eval.judge import DEFAULT_JUDGE_MODEL
 
@@ -111,7 +111,7 @@ def make_tasks(args: argparse.Namespace) -> tuple[list[Task], list[str]]:
     tasks, broken = [], []
     for language in languages:
         try:
-            files = resolve_language(args.bench, language)
+            files = language_files(args.bench, language)
         except BenchLayoutError as exc:
             print(f"error: {exc}", file=sys.stderr)
             broken.append(language)

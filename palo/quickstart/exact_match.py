@@ -14,7 +14,8 @@ import os
 import unicodedata
 from typing import Any
 
-from palo.eval.bench import LANGUAGES, display_name, resolve_language
+from palo.data.languages import LANGUAGES
+from palo.eval.bench import display_name, language_files
 from palo.eval.jsonl import iter_jsonl
 from palo.eval import report
 from palo.eval.report import AVERAGES
@@ -44,7 +45,7 @@ def score_language(bench: str, language: str, answers_file: str) -> dict[str, An
     Returns:
         ``{kind: percent or None, f"{kind}_n": questions, "failed": unanswered, "mistakes": [...]}`` for each column.
     """
-    files = resolve_language(bench, language)
+    files = language_files(bench, language)
     questions = _by_id(files.questions)
     references = _by_id(files.answers)
     answers = _by_id(answers_file)

@@ -259,7 +259,8 @@ def run_training(flags: list[str], out: str) -> None:
 def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
     """Answer every language's questions with ``model_vqa`` (greedy) and score them; returns the table."""
     from palo.eval import model_vqa
-    from palo.eval.bench import LANGUAGES, display_name, resolve_language
+    from palo.data.languages import LANGUAGES
+    from palo.eval.bench import display_name, language_files
     from palo.quickstart import exact_match
 
     cache: dict = {}
@@ -272,7 +273,7 @@ def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
 
     os.makedirs(paths.answers, exist_ok=True)
     for language in LANGUAGES:
-        files = resolve_language(task.bench, language)
+        files = language_files(task.bench, language)
         print(f"{display_name(language)}:", flush=True)
         rc = model_vqa.answer_file(loader, files.questions, files.images,
                                    exact_match.answers_path(paths.answers, language), batch_size=config.eval_batch_size)

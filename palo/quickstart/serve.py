@@ -176,7 +176,8 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
     from openai import OpenAI, OpenAIError
     from tqdm.auto import tqdm
 
-    from palo.eval.bench import LANGUAGES, resolve_language
+    from palo.data.languages import LANGUAGES
+    from palo.eval.bench import language_files
     from palo.eval.jsonl import iter_jsonl
     from palo.quickstart.exact_match import answers_path
 
@@ -205,7 +206,7 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
     unanswered = 0
     with ThreadPoolExecutor(parallel) as pool:
         for language in LANGUAGES:
-            files = resolve_language(bench, language)
+            files = language_files(bench, language)
             questions = [r.data for r in iter_jsonl(files.questions, required=("question_id", "image", "text"))]
             rows = list(tqdm(pool.map(lambda q: ask(q, files.images), questions), total=len(questions),
                              desc=f"asking ({language})"))

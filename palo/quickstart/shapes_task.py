@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
 
-from palo.eval.bench import LANGUAGES
+from palo.data.languages import LANGUAGES
 
 BACKGROUND = (245, 245, 240)
 COLOURS: dict[str, tuple[int, int, int]] = {

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX, LANGUAGES
+from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.data.json_index import JsonArrayIndex
-from palo.data.languages import sample_language
+from palo.data.languages import LANGUAGES, sample_language
 from palo.mm_utils import ImageLoadError, load_image, preprocess_image
 from palo.model.multimodal import spliced_length
 from palo.train.preprocess import BadSampleError, build_supervised_example

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from palo.constants import LANGUAGES
-from palo.data.languages import OTHER, detect_language, sample_language
+from palo.data.languages import LANGUAGES, OTHER, detect_language, sample_language
 from palo.testing.corpus import SAMPLES
 
 SENTENCES = {

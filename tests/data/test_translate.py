@@ -27,7 +27,7 @@ from palo.data.translate import (
     check_translation,
     clean_reply,
     mask,
-    resolve_language,
+    parse_target_language,
     restore,
     split_image,
 )
@@ -203,14 +203,14 @@ def _translate_args(data: str, out: str, server: FakeTranslator, languages: str 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_resolve_language():
-    assert resolve_language("ar") == "arabic"
-    assert resolve_language("zh-CN") == "chinese"
-    assert resolve_language("Japanese") == "japanese"
+def test_parse_target_language():
+    assert parse_target_language("ar") == "arabic"
+    assert parse_target_language("zh-CN") == "chinese"
+    assert parse_target_language("Japanese") == "japanese"
     with pytest.raises(ValueError):
-        resolve_language("en")
+        parse_target_language("en")
     with pytest.raises(ValueError):
-        resolve_language("de")
+        parse_target_language("de")
 
 
 def test_mask_restore_roundtrip_and_native_digits():

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from palo.conversation import conv_templates
-from palo.eval.bench import LANGUAGES, display_name
+from palo.data.languages import LANGUAGES
+from palo.eval.bench import display_name
 from palo.model.builder import load_pretrained_model
 from palo.quickstart import cli
 from palo.quickstart.exact_match import COLUMNS
@@ -87,7 +88,7 @@ def test_check_served_asks_every_question_through_the_openai_api(workdir, capsys
 
 def _assert_only_near_ties(workdir: str, differing: list[tuple[str, int, str, str]]) -> None:
     from palo.eval import model_vqa
-    from palo.eval.bench import resolve_language
+    from palo.eval.bench import language_files
     from palo.mm_utils import tokenizer_image_token
     from palo.testing.greedy import divergence_is_a_near_tie, greedy_trace
 
@@ -95,7 +96,7 @@ def _assert_only_near_ties(workdir: str, differing: list[tuple[str, int, str, st
                                                            device="cpu")
     bench = os.path.join(workdir, "data", "bench")
     for language, qid, offline, served in differing:
-        files = resolve_language(bench, language)
+        files = language_files(bench, language)
         question = next(q for q in map(json.loads, open(files.questions, encoding="utf-8")) if q["question_id"] == qid)
         prompt = model_vqa.build_prompt(question["text"], "vicuna_v1", True, False)
         ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None]

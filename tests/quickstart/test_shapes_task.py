@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palo.eval.bench import LANGUAGES, resolve_language
+from palo.data.languages import LANGUAGES
+from palo.eval.bench import language_files
 from palo.quickstart import shapes_task
 from palo.quickstart.exact_match import is_correct, normalise
 
@@ -95,7 +96,7 @@ def test_bench_layout_and_references_match_pixels(task):
     assert not {s.name for s in train_specs} & set(specs)  # held out: other files, drawn from another seed
     measured = {name: read_pixels(os.path.join(task.bench, "images", name)) for name in specs}
     for language in LANGUAGES:
-        files = resolve_language(task.bench, language)
+        files = language_files(task.bench, language)
         questions = [json.loads(line) for line in open(files.questions, encoding="utf-8")]
         answers = {a["question_id"]: a for a in map(json.loads, open(files.answers, encoding="utf-8"))}
         assert len(questions) == 3 * len(specs) and set(answers) == {q["question_id"] for q in questions}

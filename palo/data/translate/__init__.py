@@ -49,7 +49,13 @@ from palo.data.translate.check import check_translation
 from palo.data.translate.cleaning import clean_reply, strip_preamble
 from palo.data.translate.cli import add_arguments, main_translate
 from palo.data.translate.files import load_progress, output_paths, write_outputs
-from palo.data.translate.prompts import INSTRUCTIONS, ISO_CODES, TARGET_LANGUAGES, resolve_language, system_prompt
+from palo.data.translate.prompts import (
+    INSTRUCTIONS,
+    ISO_CODES,
+    TARGET_LANGUAGES,
+    parse_target_language,
+    system_prompt,
+)
 from palo.data.translate.runner import run
 from palo.data.translate.samples import conversation_key, source_hash, translate_sample
 from palo.data.translate.spans import Masked, join_image, mask, placeholder_problems, restore, split_image
@@ -76,8 +82,8 @@ __all__ = [
     "main_translate",
     "mask",
     "output_paths",
+    "parse_target_language",
     "placeholder_problems",
-    "resolve_language",
     "restore",
     "run",
     "source_hash",

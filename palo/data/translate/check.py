@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 
-from palo.constants import LANGUAGES
-from palo.data.languages import _LETTER_RE, _SCRIPT_RE, detect_language
+from palo.data.languages import _LETTER_RE, _SCRIPT_RE, LANGUAGES, detect_language
 from palo.data.translate.cleaning import _PREAMBLE_RE
 from palo.data.translate.spans import _PLACEHOLDER_RE, placeholder_problems
 

@@ -8,7 +8,7 @@ import os
 import sys
 
 from palo.data.translate.cache import TranslationCache
-from palo.data.translate.prompts import resolve_language
+from palo.data.translate.prompts import parse_target_language
 from palo.data.translate.runner import run
 from palo.data.translate.translator import Translator
 
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main_translate(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data translate``; exits 1 when samples are left unfinished (rerun to resume)."""
     try:
-        languages = list(dict.fromkeys(resolve_language(x) for x in args.languages.split(",") if x.strip()))
+        languages = list(dict.fromkeys(parse_target_language(x) for x in args.languages.split(",") if x.strip()))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from palo.constants import LANGUAGES
+from palo.data.languages import LANGUAGES
 
 TARGET_LANGUAGES = tuple(language for language in LANGUAGES if language != "english")
 ISO_CODES = {
@@ -45,7 +45,7 @@ _STRICT = (
 )
 
 
-def resolve_language(name: str) -> str:
+def parse_target_language(name: str) -> str:
     """A PALO target language from an ISO code or an English name ("ar", "Arabic", "zh-CN" ...).
 
     Raises:
