@@ -386,25 +386,25 @@ _RENDERERS = {
 # ----------------------------------------------------------------------------------------------------
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, int, int] = PAD_BACKGROUND) -> Image.Image:
-    """Pads an image to a square, centring it on a solid background.
+def expand2square(pil_img: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
+    """Pad an image to a square, centred, with ``background_color``.
 
-    Args:
-        image: Any PIL image; it is converted to RGB so the RGB background colour applies.
-        background: Fill colour of the padded band.
+    A wide image is pasted at ``(0, (W - H) // 2)`` on a W x W canvas, a tall one at ``((H - W) // 2, 0)``; the canvas
+    keeps the image's mode. This is the ``pad`` rule PALO trained with, and the demo's "Pad" choice.
 
-    Returns:
-        A square RGB image whose side is the input's longer side.
+    The one implementation: :mod:`palo.mm_utils` re-exports it under the same, original LLaVA name (this module
+    stays free of torch and transformers, so the web demo can use it too).
     """
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    width, height = image.size
+    width, height = pil_img.size
     if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new("RGB", (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
 
 
 def process_image(image: Image.Image, mode: str) -> Image.Image:
@@ -422,7 +422,7 @@ def process_image(image: Image.Image, mode: str) -> Image.Image:
         ValueError: For an unknown mode.
     """
     if mode == "Pad":
-        return expand_to_square(image)
+        return expand2square(image if image.mode == "RGB" else image.convert("RGB"), PAD_BACKGROUND)
     if mode == "Resize":
         return image.resize(RESIZE_SIZE)
     if mode in ("Crop", "Default"):

@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from palo.conversation import expand2square  # the one implementation; re-exported under LLaVA's name
 from palo.model.config import MultimodalSpec
 
 # Decompression-bomb guard: refuse images with more pixels than this (about 8k x 8k). CLIP sees 336x336 anyway.
@@ -83,24 +84,6 @@ def load_image_from_base64(data: str) -> Image.Image:
     except (ValueError, TypeError) as exc:
         raise ImageLoadError(f"image is not valid base64 ({exc})") from exc
     return _open_image(io.BytesIO(raw), "base64 image")
-
-
-def expand2square(pil_img: Image.Image, background_color: tuple[int, ...]) -> Image.Image:
-    """Pad an image to a square, centred, with ``background_color``.
-
-    A wide image is pasted at ``(0, (W - H) // 2)`` on a W x W canvas, a tall one at ``((H - W) // 2, 0)``; the canvas
-    keeps the image's mode. This is the ``pad`` rule PALO trained with.
-    """
-    width, height = pil_img.size
-    if width == height:
-        return pil_img
-    if width > height:
-        result = Image.new(pil_img.mode, (width, width), background_color)
-        result.paste(pil_img, (0, (width - height) // 2))
-        return result
-    result = Image.new(pil_img.mode, (height, height), background_color)
-    result.paste(pil_img, ((height - width) // 2, 0))
-    return result
 
 
 def pad_color(image_processor: Any) -> tuple[int, ...]:
