@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 import argparse
 from typing import Any
 
-from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN, IMAGE_PLACEHOLDER
+from palo.constants import IMAGE_PLACEHOLDER
 from palo.remote_images import add_remote_image_args, policy_from_args
 
 
@@ -45,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _query_with_images(query: str, num_images: int, use_im_start_end: bool) -> str:
-    token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN if use_im_start_end else DEFAULT_IMAGE_TOKEN
+def _query_with_images(query: str, num_images: int, token: str) -> str:
+    """``query`` with one image ``token`` (``MultimodalSpec.image_placeholder``) per image.
+
+    The tokens go where the query writes ``<image-placeholder>``, else one per line at its front.
+    """
     if IMAGE_PLACEHOLDER in query:
         if query.count(IMAGE_PLACEHOLDER) != num_images:
             raise ValueError(f"the query has {query.count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} but {num_images} "
@@ -68,6 +71,7 @@ def eval_model(args: Any) -> str:
     from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
     from palo.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
     from palo.model.builder import load_pretrained_model
+    from palo.model.config import MultimodalSpec
 
     files = [f for f in args.image_file.split(args.sep) if f]
     if not files:
@@ -86,7 +90,7 @@ def eval_model(args: Any) -> str:
     if conv_mode not in conv_templates:
         raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
     conv = conv_templates[conv_mode].copy()
-    query = _query_with_images(args.query, len(images), bool(getattr(model.config, "mm_use_im_start_end", False)))
+    query = _query_with_images(args.query, len(images), MultimodalSpec.from_config(model.config).image_placeholder)
     conv.append_message(conv.roles[0], query)
     conv.append_message(conv.roles[1], None)
     prompt = conv.get_prompt()
