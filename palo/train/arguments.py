@@ -93,6 +93,11 @@ class TrainingArguments(transformers.TrainingArguments):
     double_quant: bool = field(default=True, metadata={"help": "QLoRA: double quantisation"})
     quant_type: str = field(default="nf4", metadata={"help": "QLoRA: fp4 or nf4"})
     bits: int = field(default=16, metadata={"help": "16, or 8 / 4 to load the LLM quantised (QLoRA; bitsandbytes)"})
+    packing_rows: int = field(
+        default=0,
+        metadata={"help": "with --packing True: steps of this many nearly full rows of model_max_length, planned over "
+                          "the whole dataset (samples per step vary); 0: pack each batch's samples"},
+    )
     compile_layers: bool = field(
         default=False,
         metadata={"help": "torch.compile each decoder layer (dynamic shapes; exact; the first steps pay the compile)"},
@@ -126,6 +131,8 @@ class TrainingArguments(transformers.TrainingArguments):
             self.tf32 = None
         if self.bits not in (4, 8, 16):
             raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
+        if self.packing_rows < 0:
+            raise ValueError(f"--packing_rows must be 0 (off) or a number of rows, not {self.packing_rows}")
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
         # PALO applies Liger itself (palo.model.kernels); transformers' Trainer must not try its own.

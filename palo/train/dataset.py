@@ -15,6 +15,8 @@ batch's answer tokens) are those of the padded recipe; only the padding goes.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import multiprocessing as mp
 import os
@@ -112,6 +114,16 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
     return meta
 
 
+_LENGTHS_VERSION = 1
+_LENGTHS_OF: LazySupervisedDataset | None = None  # the dataset forked length workers measure
+
+
+def _length_range(bounds: tuple[int, int]) -> list[int]:
+    dataset = _LENGTHS_OF
+    assert dataset is not None
+    return [dataset._length_of(dataset.index.read(i)) for i in range(*bounds)]
+
+
 class LazySupervisedDataset(Dataset):
     """PALO/LLaVA training samples, read lazily by byte offset.
 
@@ -163,6 +175,8 @@ class LazySupervisedDataset(Dataset):
         self.skip_bad_samples = skip_bad_samples
         # Shared across forked dataloader workers, so the count is global.
         self.bad_samples = mp.get_context("fork").Value("i", 0)
+        self.data_path = data_path
+        self._token_lengths: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.keep)
@@ -184,8 +198,70 @@ class LazySupervisedDataset(Dataset):
         path = os.path.join(self.image_folder, str(sample["image"]))
         return preprocess_image(load_image(path), self.image_processor, self.image_aspect_ratio)
 
-    def build(self, sample: dict) -> dict[str, Any]:
-        """One sample as tensors (raises :class:`BadSampleError` or ``ImageLoadError`` on bad data)."""
+    def token_lengths(self) -> np.ndarray:
+        """Positions each sample takes in the model (images spliced in, capped at ``model_max_length``).
+
+        Exact, unlike :attr:`lengths` (word counts): every sample is tokenized once, without loading its image, and
+        the result cached next to the data file (``<path>.lengths-<key>.npy``, keyed by the file, the tokenizer and
+        every setting that changes a length). A sample that cannot be built counts 1 position: at training time
+        it is skipped (``--skip_bad_samples``) or stops the run.
+
+        Returns:
+            ``[len(self)]`` int64, in dataset order.
+        """
+        if self._token_lengths is not None:
+            return self._token_lengths
+        stat = os.stat(self.data_path)
+        fingerprint = hashlib.sha256(repr((
+            _LENGTHS_VERSION, stat.st_size, stat.st_mtime_ns, type(self.tokenizer).__name__,
+            sorted(self.tokenizer.get_vocab().items()), self.template, self.mm_use_im_start_end, self.image_tokens,
+            self.model_max_length, self.image_processor is not None,
+        )).encode()).hexdigest()[:16]
+        cache = f"{self.data_path}.lengths-{fingerprint}.npy"
+        lengths = None
+        if os.path.isfile(cache):
+            with contextlib.suppress(OSError, ValueError):
+                lengths = np.load(cache)
+        if lengths is None or lengths.shape != (len(self.meta.corrupt),):
+            lengths = self._compute_lengths()
+            try:  # best effort, as the metadata cache
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(cache)), suffix=".npy")
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, lengths)
+                os.replace(tmp, cache)
+            except OSError:
+                pass
+        self._token_lengths = lengths[self.keep].astype(np.int64)
+        return self._token_lengths
+
+    def _compute_lengths(self) -> np.ndarray:
+        """Spliced length of every entry of the file (``corrupt`` ones included, so the cache is per file)."""
+        global _LENGTHS_OF
+        n = len(self.meta.corrupt)
+        workers = min(8, os.cpu_count() or 1)
+        step = max(1, -(-n // (workers * 4)))
+        ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
+        logger.info("Tokenizing %d samples once to measure their lengths (for --packing_rows)", n)
+        _LENGTHS_OF = self
+        try:
+            if workers > 1 and n > 2000:
+                with mp.get_context("fork").Pool(workers) as pool:
+                    parts = pool.map(_length_range, ranges)
+            else:
+                parts = [_length_range(r) for r in ranges]
+        finally:
+            _LENGTHS_OF = None
+        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+
+    def _length_of(self, sample: Any) -> int:
+        try:
+            input_ids, _ = self.tokenize(sample)
+        except BadSampleError:
+            return 1
+        return min(spliced_length(input_ids, self.image_tokens), self.model_max_length)
+
+    def tokenize(self, sample: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` of one sample, checked (raises :class:`BadSampleError`); no image is read."""
         if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
             raise BadSampleError("no 'conversations' list")
         has_image = "image" in sample
@@ -213,8 +289,13 @@ class LazySupervisedDataset(Dataset):
                 raise BadSampleError(
                     f"after truncation to --model_max_length {self.model_max_length} no answer token is left"
                 )
+        return input_ids, labels
+
+    def build(self, sample: dict) -> dict[str, Any]:
+        """One sample as tensors (raises :class:`BadSampleError` or ``ImageLoadError`` on bad data)."""
+        input_ids, labels = self.tokenize(sample)
         item: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
-        if has_image:
+        if "image" in sample:
             item["image"] = self._load_image(sample)
         return item
 
@@ -325,8 +406,26 @@ class PackedDataCollator:
         """Positions ``item`` takes in a row (:func:`palo.model.multimodal.spliced_length`)."""
         return spliced_length(item["input_ids"], self.image_tokens)
 
+    def planned_rows(self, items: list[dict[str, Any]], lengths: list[int]) -> list[list[int]] | None:
+        """The rows the sampler planned (``--packing_rows``: each item's ``pack_row``), if they still fit.
+
+        None when the items carry no plan, or when a row of several samples overflows ``max_length`` (a bad sample
+        replaced by the next one at load time has another length): then the batch is packed here instead.
+        """
+        tags = [item.get("pack_row") for item in items]
+        if any(tag is None for tag in tags):
+            return None
+        rows: dict[int, list[int]] = {}
+        for i, tag in enumerate(tags):
+            rows.setdefault(int(tag), []).append(i)
+        planned = list(rows.values())
+        if any(len(row) > 1 and sum(lengths[i] for i in row) > self.max_length for row in planned):
+            return None
+        return planned
+
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = pack_rows([self.spliced_length(x) for x in items], self.max_length)
+        lengths = [self.spliced_length(x) for x in items]
+        rows = self.planned_rows(items, lengths) or pack_rows(lengths, self.max_length)
         width = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -359,3 +458,23 @@ class PackedDataCollator:
             out["images"] = torch.stack(images)
         out["languages"] = torch.tensor(languages, dtype=torch.long)
         return out
+
+
+class RowTaggedDataset(Dataset):
+    """A dataset read by ``(index, row)`` keys: the item comes back with ``pack_row = row``.
+
+    The ``--packing_rows`` batch sampler (:class:`palo.train.sampler.PackedStepSampler`) plans which samples share
+    a row; this carries the plan through the DataLoader (and its worker processes) to :class:`PackedDataCollator`.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, row = key
+        item = dict(self.dataset[index])
+        item["pack_row"] = row
+        return item

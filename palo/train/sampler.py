@@ -27,6 +27,7 @@ Typical use from a Trainer, where ``world_size`` counts every micro-batch that m
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -34,6 +35,8 @@ from torch.utils.data import Sampler
 
 __all__ = [
     "LengthGroupedSampler",
+    "PackedStepSampler",
+    "plan_rows",
     "length_grouped_indices",
     "modality_length_grouped_indices",
     "split_to_even_chunks",
@@ -230,3 +233,132 @@ class LengthGroupedSampler(Sampler[int]):
         if self.seed is not None:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(order(self.lengths, self.batch_size, self.world_size, generator))
+
+
+def plan_rows(lengths: Sequence[int], capacity: int, order: Sequence[int], window: int = 4096) -> list[list[int]]:
+    """Fill rows of ``capacity`` positions with samples, nearly full: best-fit decreasing within windows.
+
+    ``order`` (a permutation of the sample indices) is cut into windows of ``window`` samples; in each, samples go
+    longest first into the row whose free space fits them most tightly, or open a new row. Across a window of
+    thousands of conversations only its last few rows stay partly empty, so padding is a small fraction of the
+    positions. A sample of ``capacity`` positions or more has a row of its own.
+
+    Args:
+        lengths: Positions of each sample (images spliced in).
+        capacity: Positions per row (``--model_max_length``).
+        order: The order samples are taken in (the randomness of the plan).
+        window: Samples packed together; larger packs tighter and costs ``O(window log window)`` each.
+
+    Returns:
+        Rows of sample indices; every index of ``order`` in exactly one row.
+    """
+    rows: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: -lengths[i])  # stable: ties keep ``order``
+        free: list[tuple[int, int]] = []  # (free positions, row) of this window's open rows, sorted
+        for i in chunk:
+            need = max(int(lengths[i]), 1)
+            if need >= capacity:
+                rows.append([i])
+                continue
+            k = bisect.bisect_left(free, (need, -1))
+            if k == len(free):
+                rows.append([i])
+                bisect.insort(free, (capacity - need, len(rows) - 1))
+            else:
+                space, row = free.pop(k)
+                rows[row].append(i)
+                if space - need > 0:
+                    bisect.insort(free, (space - need, row))
+    return rows
+
+
+# Steps whose rows are sorted by length together (see PackedStepSampler.steps).
+STEP_WINDOW = 32
+
+
+class PackedStepSampler:
+    """A batch sampler for ``--packing True --packing_rows R``: each step is ``R`` nearly full rows.
+
+    Without it, a packed step holds ``per_device_train_batch_size`` samples, whatever rows they fill; here the
+    whole dataset is planned into rows of ``capacity`` positions once (:func:`plan_rows`, seeded), and every epoch
+    deals the rows, in a fresh seeded order, into steps of ``R`` rows of similar length: the number of samples per
+    step varies, the positions per step hardly do, and padding is what separates a step's rows from its longest
+    one. Every sample is seen once per epoch.
+
+    It yields the same global list of steps on every rank; accelerate deals them to the ranks (and pads the last
+    round with the first steps, as for any batch sampler). Each step is a list of ``(sample index, row)`` keys for
+    :class:`palo.train.dataset.RowTaggedDataset`, so the collator keeps the planned rows.
+
+    Args:
+        lengths: Spliced length of each sample (``LazySupervisedDataset.token_lengths``).
+        capacity: Positions per row (``--model_max_length``).
+        rows_per_step: Rows per step and device (``--packing_rows``).
+        seed: The plan and each epoch's order come from ``seed`` (and the epoch) only, so a resumed run sees the
+            steps the uninterrupted run saw.
+        window: See :func:`plan_rows`.
+
+    Raises:
+        ValueError: If ``rows_per_step`` or ``capacity`` is below 1, or there are no samples.
+    """
+
+    def __init__(self, lengths: Sequence[int], capacity: int, rows_per_step: int, seed: int = 0,
+                 window: int = 4096) -> None:
+        if rows_per_step < 1 or capacity < 1:
+            raise ValueError(f"rows_per_step and capacity must be at least 1, got {rows_per_step} and {capacity}")
+        if len(lengths) == 0:
+            raise ValueError("no samples to pack")
+        self.capacity = capacity
+        self.rows_per_step = rows_per_step
+        self.seed = seed
+        self.epoch = 0
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        self.rows = plan_rows(lengths, capacity, order, window)
+        self.lengths = [int(n) for n in lengths]
+        self.row_lengths = [sum(min(self.lengths[i], capacity) for i in row) for row in self.rows]
+
+    @property
+    def sampler(self) -> PackedStepSampler:
+        """Itself: accelerate forwards ``set_epoch`` to ``batch_sampler.sampler`` through its wrappers."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order :meth:`__iter__` yields (called by the Trainer and by :class:`EpochCallback`)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.rows_per_step)
+
+    def steps(self, epoch: int) -> list[list[tuple[int, int]]]:
+        """Epoch ``epoch``'s steps: the planned rows in a seeded order, ``rows_per_step`` at a time.
+
+        A batch is as wide as its longest row, so rows of similar length go together: the rows are shuffled, taken
+        ``STEP_WINDOW`` steps' worth at a time, sorted by length within that window and cut into steps; then the
+        steps are shuffled. Which rows share a step changes every epoch; the width a step pads to hardly exceeds
+        its rows.
+        """
+        generator = torch.Generator().manual_seed(self.seed + 1 + epoch)
+        order = torch.randperm(len(self.rows), generator=generator).tolist()
+        window = self.rows_per_step * STEP_WINDOW
+        grouped: list[list[int]] = []
+        for start in range(0, len(order), window):
+            chunk = sorted(order[start:start + window], key=lambda r: -self.row_lengths[r])
+            grouped.extend(chunk[k:k + self.rows_per_step] for k in range(0, len(chunk), self.rows_per_step))
+        steps = []
+        for s in torch.randperm(len(grouped), generator=generator).tolist():
+            steps.append([(i, k) for k, r in enumerate(grouped[s]) for i in self.rows[r]])
+        return steps
+
+    def padding_fraction(self) -> float:
+        """Padding among all positions of the batches (each ``rows_per_step`` x its longest row), over one epoch."""
+        real = padded = 0
+        for step in self.steps(self.epoch):
+            loads: dict[int, int] = {}
+            for i, k in step:
+                loads[k] = loads.get(k, 0) + min(self.lengths[i], self.capacity)
+            real += sum(loads.values())
+            padded += len(loads) * max(loads.values())
+        return 1 - real / padded
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.steps(self.epoch))

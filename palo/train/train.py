@@ -73,6 +73,8 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
             raise SystemExit("--packing True needs PALO's multimodal model (--vision_tower); text-only runs pad")
         collator = PackedDataCollator(setup.tokenizer.pad_token_id, training_args.model_max_length, setup.image_tokens)
     else:
+        if training_args.packing_rows:
+            raise SystemExit("--packing_rows needs --packing True")
         collator = DataCollator(pad_token_id=setup.tokenizer.pad_token_id)
     trainer = PaloTrainer(
         model=setup.model,

@@ -22,21 +22,38 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import Trainer
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from palo.constants import IGNORE_INDEX
 from palo.model import checkpoint_files
 from palo.model.config import MultimodalSpec
-from palo.train.dataset import LANGUAGE_NAMES
+from palo.train.dataset import LANGUAGE_NAMES, RowTaggedDataset
 from palo.train.flops import FlopCounter, peak_flops
 from palo.train.model_setup import unwrap
 from palo.train.optim import parameter_groups
-from palo.train.sampler import LengthGroupedSampler
+from palo.train.sampler import LengthGroupedSampler, PackedStepSampler
 
 logger = logging.getLogger(__name__)
 
 STAGING = ".staging"
+
+
+class _PackedStepEpoch(TrainerCallback):
+    """Tells the ``--packing_rows`` sampler which epoch starts, on every path.
+
+    accelerate forwards ``set_epoch`` through most of its dataloader wrappers but not through the one a resumed
+    multi-process run iterates (its skipping sampler around its sharding one), so the epoch is also taken from the
+    Trainer's state here: ``int(state.epoch)`` is the epoch the loop is about to run, on a fresh or a resumed run.
+    """
+
+    def __init__(self, trainer: PaloTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.trainer.packed_sampler is not None:
+            self.trainer.packed_sampler.set_epoch(int(state.epoch or 0))
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -64,8 +81,37 @@ class PaloTrainer(Trainer):
         # Throughput since the last log: real (non-padding) positions through the LLM, all positions, model FLOPs.
         self._throughput = torch.zeros(3, dtype=torch.float64)
         self._flops: FlopCounter | None = None
+        self.packed_sampler: PackedStepSampler | None = None  # set by get_train_dataloader with --packing_rows
+        self.add_callback(_PackedStepEpoch(self))
 
     # -- data order and optimizer ----------------------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        """With ``--packing_rows R``, steps of ``R`` planned rows (:class:`PackedStepSampler`); else the Trainer's."""
+        if not self.args.packing_rows:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        sampler = PackedStepSampler(
+            dataset.token_lengths(),
+            capacity=self.args.model_max_length,
+            rows_per_step=self.args.packing_rows,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+        self.packed_sampler = sampler
+        logger.info("--packing_rows %d: %d samples in %d rows of %d positions, %d steps per epoch, padding %.2f%%",
+                    sampler.rows_per_step, len(dataset), len(sampler.rows), sampler.capacity, len(sampler),
+                    100 * sampler.padding_fraction())
+        loader = DataLoader(
+            RowTaggedDataset(dataset),
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+        )
+        # accelerate deals the global steps to the ranks (a batch sampler without batch_size: steps of any size).
+        return self.accelerator.prepare(loader)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.group_by_modality_length:

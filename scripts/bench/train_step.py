@@ -19,7 +19,10 @@ sampler (the original recipe), are collated by :class:`~palo.train.dataset.DataC
 through full optimizer steps, alternating step by step in one process (ABBA, so that machine drift hits both
 alike; peak memory and the first loss come from one process per side). Printed: real (non-padding) tokens/s,
 padding fraction, model TFLOP/s and MFU (:mod:`palo.train.flops`; on CPU against the measured fp32 matmul rate of
-this machine), peak memory, and the first loss of each (equal work: they must agree).
+this machine), peak memory, and the first loss of each (equal work: they must agree). ``--packing-rows R`` adds
+a third side, ``rows``: the same samples planned into steps of ``R`` nearly full rows
+(:class:`~palo.train.sampler.PackedStepSampler`, ``--packing_rows`` in training); its steps hold other samples, so
+its first loss is not comparable, but over the run every side trains on the same tokens.
 
     python scripts/bench/train_step.py --workload llava665k --shape cpu            # the CPU figure
     python scripts/bench/train_step.py --workload llava665k --shape mobile --device cuda --dtype bfloat16
@@ -212,14 +215,23 @@ def _mix_step(model, optimizer, flops, batch: dict, args: argparse.Namespace) ->
 
 
 def _collated(side: str, base, args: argparse.Namespace) -> list[dict]:
+    from palo.model.multimodal import spliced_length
     from palo.train.dataset import DataCollator, PackedDataCollator
+    from palo.train.sampler import PackedStepSampler
 
     shape = SHAPES[args.shape]
-    if side == "packed":
-        collate = PackedDataCollator(0, args.model_max_length, base.image_token_count)
-    else:
+    batches = _mix_batches(args, shape.vocab, shape.vision["image_size"])
+    if side == "padded":
         collate = DataCollator(pad_token_id=0)
-    return [collate(b) for b in _mix_batches(args, shape.vocab, shape.vision["image_size"])]
+        return [collate(b) for b in batches]
+    collate = PackedDataCollator(0, args.model_max_length, base.image_token_count)
+    if side == "packed":
+        return [collate(b) for b in batches]
+    # "rows": the same samples planned into steps of --packing-rows nearly full rows (--packing_rows).
+    items = [item for batch in batches for item in batch]
+    lengths = [min(spliced_length(x["input_ids"], base.image_token_count), args.model_max_length) for x in items]
+    sampler = PackedStepSampler(lengths, args.model_max_length, args.packing_rows, seed=0)
+    return [collate([{**items[i], "pack_row": row} for i, row in step]) for step in sampler]
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -252,12 +264,15 @@ def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
 
     model, base, optimizer = _mix_model(args)
     flops = FlopCounter.of(model)
-    batches = {side: _collated(side, base, args) for side in ("padded", "packed")}
+    batches = {side: _collated(side, base, args) for side in _sides(args)}
     for side in batches:  # warm-up
         _mix_step(model, optimizer, flops, batches[side][0], args)
     totals = {side: [0.0, 0, 0, 0.0] for side in batches}  # seconds, real, positions, FLOPs
-    for k in range(1, len(batches["padded"])):
-        for side in (("padded", "packed") if k % 2 else ("packed", "padded")):
+    sides = list(batches)
+    for k in range(1, max(len(b) for b in batches.values())):
+        for side in (sides if k % 2 else sides[::-1]):
+            if k >= len(batches[side]):
+                continue
             _sync(args)
             start = time.perf_counter()
             _, real, positions, model_flops = _mix_step(model, optimizer, flops, batches[side][k], args)
@@ -271,6 +286,10 @@ def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
                          "model_tflops_per_s": model_flops / elapsed / 1e12, "mfu": model_flops / elapsed / args.peak_flops,
                          "steps": len(batches[side]) - 1, "seconds": elapsed, "real_tokens": real, "positions": positions}
     queue.put(results)
+
+
+def _sides(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("padded", "packed", "rows") if args.packing_rows else ("padded", "packed")
 
 
 def _cpu_matmul_flops() -> float:
@@ -294,7 +313,7 @@ def main_mix(args: argparse.Namespace) -> int:
     proc.start()
     results = queue.get()
     proc.join()
-    for side in ("padded", "packed"):
+    for side in _sides(args):
         queue = ctx.Queue()
         proc = ctx.Process(target=_memory_mix, args=(side, args, queue))
         proc.start()
@@ -305,12 +324,15 @@ def main_mix(args: argparse.Namespace) -> int:
     print(f"# llava665k mix: shape={args.shape} {mode} dtype={args.dtype} batch={args.batch} "
           f"model_max_length={args.model_max_length} steps={results['packed']['steps']} device={device} "
           f"peak={args.peak_flops / 1e12:.3f} TFLOP/s")
-    a, b = results["padded"], results["packed"]
-    print(f"{'metric':<18} {'padded':>10} {'packed':>10} {'packed/padded':>14}")
+    sides = _sides(args)
+    print(f"{'metric':<18} " + " ".join(f"{s:>10}" for s in sides) + " "
+          + " ".join(f"{s + '/padded':>14}" for s in sides[1:]))
+    # The rows side takes other samples per step: its first loss is not comparable (the other two must agree).
     for key, fmt in (("real_tokens_per_s", ".1f"), ("padding_fraction", ".4f"), ("model_tflops_per_s", ".5f"),
-                     ("mfu", ".4f"), ("peak_gib", ".2f"), ("first_loss", ".4f")):
-        ratio = b[key] / a[key] if a[key] else float("nan")
-        print(f"{key:<18} {a[key]:>10{fmt}} {b[key]:>10{fmt}} {ratio:>14.2f}")
+                     ("mfu", ".4f"), ("peak_gib", ".2f"), ("first_loss", ".4f"), ("steps", "d")):
+        values = [results[s][key] for s in sides]
+        ratios = [v / values[0] if values[0] else float("nan") for v in values[1:]]
+        print(f"{key:<18} " + " ".join(f"{v:>10{fmt}}" for v in values) + " " + " ".join(f"{r:>14.2f}" for r in ratios))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "device": device, "results": results}, f, indent=2)
@@ -332,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fixed: PALO vs HF Llava on equal prompts; llava665k: packing vs padding on a mix")
     parser.add_argument("--model-max-length", type=int, default=2048)
     parser.add_argument("--attn-implementation", default=None)
+    parser.add_argument("--packing-rows", type=int, default=0,
+                        help="llava665k: also a third side, the same samples in steps of this many planned rows")
     args = parser.parse_args(argv)
     if args.workload == "llava665k":
         return main_mix(args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,3 +134,75 @@ def test_zero2_with_packing_on_two_cpu_ranks_trains_and_saves_loadable_checkpoin
         ids = tokenizer_image_token("USER: <image>\nما لون الشكل؟ ASSISTANT:", tokenizer, return_tensors="pt")[None]
         with torch.no_grad():
             assert torch.isfinite(model(input_ids=ids, images=torch.randn(1, 3, 56, 56)).logits).all()
+
+
+# -- --packing_rows: steps of nearly full rows planned over the dataset ---------------------------------------------
+def _dataset(world, data: str, max_length: int = 256):
+    from palo.model.tokenizer import load_tokenizer
+    from palo.model.vision_tower import load_image_processor
+    from palo.train.dataset import LazySupervisedDataset
+
+    processor = load_image_processor(world.clip_dir, 56)
+    return LazySupervisedDataset(data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
+                                 image_folder=os.path.join(os.path.dirname(data), "images"), image_processor=processor,
+                                 image_aspect_ratio="pad", model_max_length=max_length,
+                                 image_tokens=world.model.image_token_count)
+
+
+def test_token_lengths_are_the_items_spliced_lengths_and_are_cached(world, data, monkeypatch):
+    from palo.model.multimodal import spliced_length
+    from palo.train.dataset import LazySupervisedDataset
+
+    dataset = _dataset(world, data, max_length=100)
+    lengths = dataset.token_lengths()
+    expected = [min(spliced_length(dataset[i]["input_ids"], dataset.image_tokens), 100) for i in range(len(dataset))]
+    assert lengths.tolist() == expected and max(expected) == 100  # some are cut at model_max_length
+    monkeypatch.setattr(LazySupervisedDataset, "_compute_lengths", lambda self: pytest.fail("not read from cache"))
+    assert _dataset(world, data, max_length=100).token_lengths().tolist() == expected
+    monkeypatch.undo()
+    assert _dataset(world, data, max_length=256).token_lengths().tolist() != expected  # other settings, other key
+
+
+def test_collator_keeps_the_planned_rows_unless_one_overflows(world, data):
+    from palo.train.dataset import PackedDataCollator
+
+    dataset = _dataset(world, data)
+    items = [dict(dataset[i]) for i in range(4)]
+    lengths = [len(x["input_ids"]) - 1 + dataset.image_tokens * ("image" in x) for x in items]
+    collator = PackedDataCollator(pad_token_id=0, max_length=sum(lengths), image_tokens=dataset.image_tokens)
+    for item, row in zip(items, [1, 0, 1, 0]):
+        item["pack_row"] = row
+    batch = collator(items)
+    assert batch["input_ids"].shape[0] == 2  # the plan: samples 0+2 and 1+3, although all four fit one row
+    starts = (batch["position_ids"] == 0) & (batch["attention_mask"] == 1)
+    assert starts.sum(dim=1).tolist() == [2, 2]
+    collator.max_length = max(lengths[0] + lengths[2], lengths[1] + lengths[3]) - 1  # the plan no longer fits
+    assert collator.planned_rows(items, [collator.spliced_length(x) for x in items]) is None
+    assert collator(items)["input_ids"].shape[0] >= 2
+
+
+@pytest.mark.slow
+def test_packing_rows_run_trains_every_sample_each_epoch_and_resumes_identically(world, data, tmp_path):
+    """Two epochs of steps of 2 planned rows; a run resumed from a checkpoint in the second epoch logs the losses
+    of the uninterrupted run (the epoch's order comes from the seed and the epoch, also after a resume)."""
+    flags = lambda out: _flags(world, data, str(tmp_path / out), "--packing", "True", "--packing_rows", "2",  # noqa: E731
+                               "--num_train_epochs", "2", "--save_strategy", "steps", "--save_steps", "3",
+                               "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16")
+    reference = train(flags("reference"))
+    sampler = reference.packed_sampler
+    steps = len(sampler)
+    assert steps >= 4 and reference.state.global_step == 2 * steps
+    for epoch in range(2):
+        assert sorted(i for step in sampler.steps(epoch) for i, _ in step) == list(range(24))
+    history = _history(reference)
+    assert all(len({k for k in e if k.startswith("loss_")}) >= 1 for e in history)
+    assert sum(e["padding_fraction"] for e in history) / len(history) < 0.25
+    checkpoint = 3 * ((steps + 1) // 3 + 1)  # a checkpoint inside the second epoch
+    assert steps < checkpoint < 2 * steps, (steps, checkpoint)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "reference" / f"checkpoint-{checkpoint}", resumed / f"checkpoint-{checkpoint}")
+    again = train(flags("resumed"))
+    assert again.state.global_step == 2 * steps
+    assert not (resumed / "checkpoint-3").exists()  # it resumed rather than started over
+    assert _losses(again) == pytest.approx(_losses(reference), abs=1e-4)
