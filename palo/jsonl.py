@@ -90,28 +90,6 @@ def read_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
     return list(iter_jsonl(path, skip_bad=skip_bad, required=required))
 
 
-def index_by(records: list[Record], key: str, kind: str) -> dict[Any, Record]:
-    """Map ``record.data[key]`` to the record; a duplicate key is an error naming both lines.
-
-    Args:
-        records: Parsed lines.
-        key: The join key (``question_id`` or ``image``).
-        kind: What the file holds, for messages ("reference answers").
-
-    Raises:
-        JsonlError: On a duplicate key.
-    """
-    out: dict[Any, Record] = {}
-    for record in records:
-        value = record.data.get(key)
-        if value in out:
-            raise JsonlError(
-                f"{record.where}: duplicate {key} {value!r} in {kind} (first at line {out[value].line})"
-            )
-        out[value] = record
-    return out
-
-
 def repair_tail(path: str) -> int:
     """Cut a torn last line (no trailing newline and not valid JSON) left by a killed writer.
 

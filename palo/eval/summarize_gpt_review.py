@@ -96,11 +96,6 @@ def summarize(reviews: list[dict[str, Any]], ignore: set[str] | None = None) -> 
     return {key: score_of(pairs[key], failed[key]) for key in sorted(pairs)}
 
 
-def short_key(key: str) -> str:
-    """``llava_bench_conv`` -> ``conv``."""
-    return key[len("llava_bench_"):] if key.startswith("llava_bench_") else key
-
-
 def load_reviews(path: str) -> list[dict[str, Any]]:
     """The review records of a file; malformed lines are reported and skipped (a summary should still print)."""
     return [r.data for r in iter_jsonl(path, skip_bad=True)]

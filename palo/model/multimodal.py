@@ -91,11 +91,6 @@ class SplicePlan:
     packed: bool = False
 
 
-def count_placeholders(input_ids: torch.Tensor) -> list[int]:
-    """Number of image sentinels in each row of ``input_ids`` ``[B, T]``."""
-    return (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1).tolist()
-
-
 def spliced_length(input_ids: torch.Tensor | Sequence[int], tokens_per_image: int) -> int:
     """Positions one prompt takes once its images are spliced in: each sentinel becomes ``tokens_per_image`` rows.
 

@@ -22,8 +22,6 @@ from typing import Any
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-SPIECE_UNDERLINE = "▁"
-
 # tokenizer_class values (as written in tokenizer_config.json) that mean "LLaMA SentencePiece tokenizer".
 _LLAMA_TOKENIZER_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "PaloLlamaTokenizer", None}
 

@@ -38,7 +38,6 @@ CURSOR = "▌"
 MAX_TEXT_CHARS, MAX_TEXT_CHARS_WITH_IMAGE = 1536, 1200
 MAX_NEW_TOKENS_CAP = 1536
 WORKER_TIMEOUT_S = 10.0  # between two pieces of the worker's stream (the original's value)
-PRIORITY = {"vicuna-13b": "aaaaaaa", "koala-13b": "aaaaaab"}
 _RTL_CHARS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")  # Hebrew, Arabic (Urdu, Persian...) blocks
 _STRONG_CHARS = re.compile(r"[^\W\d_]")
 
@@ -70,10 +69,6 @@ def chatbot_messages(state: Conversation) -> list[dict[str, str]]:
     return messages
 
 
-def sort_models(models: list[str]) -> list[str]:
-    return sorted(models, key=lambda m: PRIORITY.get(m, m))
-
-
 class WebServer:
     """The demo's logic, independent of the Gradio layout (so it can be tested without a browser).
 
@@ -97,7 +92,7 @@ class WebServer:
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             self.logger.error("cannot list models from %s: %s", self.controller_url, exc)
             return []
-        return sort_models(models)
+        return sorted(models)
 
     def worker_address(self, model: str) -> str:
         try:
