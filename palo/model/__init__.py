@@ -1,7 +1,7 @@
 """The PALO model: vision tower, projectors, the multimodal causal LM and its loader.
 
 Importing this package registers ``model_type`` ``palo`` and ``llava_llama`` with transformers' Auto classes, so
-``AutoModelForCausalLM.from_pretrained`` loads PALO and LLaVA-1.5 checkpoints after ``import palo``.
+``AutoModelForCausalLM.from_pretrained`` loads PALO and LLaVA-1.5 checkpoints after ``import palo.model``.
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-import palo  # noqa: F401 - registers the Auto classes
+import palo.model  # noqa: F401 - registers the Auto classes
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import CheckpointError, load_pretrained_model
 from palo.model.palo_llama import PaloForCausalLM

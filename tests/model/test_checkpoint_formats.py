@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-import palo  # noqa: F401 - registers the Auto classes
+import palo.model  # noqa: F401 - registers the Auto classes
 from palo.conversation import conv_mode_for_checkpoint, conv_templates
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import CheckpointKind, detect_checkpoint_kind, load_pretrained_model
@@ -124,7 +124,7 @@ def test_llava_llama_checkpoint_loads_and_generates(world, tmp_path, pixels):
     out = model.generate(ids, images=pixels, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     expected = world.model.generate(ids, images=pixels, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 6) and torch.equal(out, expected)
-    # transformers' Auto classes know the model_type too (after `import palo`).
+    # transformers' Auto classes know the model_type too (after `import palo.model`).
     from transformers import AutoModelForCausalLM
 
     auto = AutoModelForCausalLM.from_pretrained(folder)
