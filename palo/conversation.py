@@ -23,14 +23,14 @@ import base64
 import dataclasses
 import enum
 from io import BytesIO
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 
 # A text turn, a demo image turn (text, image, process mode), or None for "generate here".
-Message = Union[str, tuple[str, Image.Image, str], None]
+Message = str | tuple[str, Image.Image, str] | None
 # A piece of the rendered prompt and whether the model is trained to produce it (see get_prompt_segments).
 Segment = tuple[str, bool]
 

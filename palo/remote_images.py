@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+from palo.mm_utils import ImageLoadError
+
 MAX_REDIRECTS = 3
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # far above any photo CLIP needs (it sees 336x336)
 DEFAULT_TIMEOUT_S = 10.0
@@ -31,8 +33,6 @@ DEFAULT_TIMEOUT_S = 10.0
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-
-from palo.mm_utils import ImageLoadError
 
 
 class RemoteImageError(ImageLoadError):

@@ -17,8 +17,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from palo.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
 from palo.mm_utils import get_model_name_from_path  # noqa: E402
+from palo.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
 
 
 def merge_lora(model_path: str, model_base: str, save_model_path: str, dtype: torch.dtype = torch.float16) -> None:

@@ -26,11 +26,11 @@ class TinyWorld:
     clip_dir: str
     base_dir: str
     config: dict
-    model: "object"  # the reference PaloForCausalLM (mlp2x_gelu) whose weights the checkpoints hold
+    model: object  # the reference PaloForCausalLM (mlp2x_gelu) whose weights the checkpoints hold
     full_dir: str
     full_bin_dir: str
     ldp_config: dict
-    ldp_model: "object"
+    ldp_model: object
     ldp_dir: str
     projector_dir: str
     lora_dir: str

@@ -14,7 +14,7 @@ import palo.jsonl as jsonl
 def test_atomic_writes_create_the_folder_and_write_utf8_lines(tmp_path):
     path = tmp_path / "new" / "reviews.jsonl"
     jsonl.write_jsonl_atomic(str(path), iter([{"a": "ٱ"}, {"b": 2}]))
-    assert path.read_bytes() == '{"a": "ٱ"}\n{"b": 2}\n'.encode("utf-8")
+    assert path.read_bytes() == '{"a": "ٱ"}\n{"b": 2}\n'.encode()
     jsonl.atomic_write_json(str(tmp_path / "set.json"), [{"x": 1}, {"y": "中"}])
     text = (tmp_path / "set.json").read_text(encoding="utf-8")
     assert text == '[\n{"x": 1},\n{"y": "中"}\n]\n' and json.loads(text) == [{"x": 1}, {"y": "中"}]

@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
-
 from chat_server import ChatServer, reply  # tests/ is on sys.path (rootdir conftest, no packages)
+
 from palo.openai_client import ChatClient, ReplyCache, RequestFailed, retry_after_seconds, retry_delay
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -11,13 +11,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _readme_tests_line() -> list[str]:
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     block = re.search(r"```bash\n(.*?)```", readme, re.DOTALL).group(1).splitlines()
-    line = block[block.index(next(l for l in block if l.startswith("# Tests:"))) + 1]
+    line = block[block.index(next(b for b in block if b.startswith("# Tests:"))) + 1]
     return [part.strip() for part in line.split("&&")]
 
 
 def _ci_line_after(marker: str) -> str:
     lines = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
-    return lines[next(i for i, l in enumerate(lines) if l.startswith(marker)) + 1].strip()
+    return lines[next(i for i, line in enumerate(lines) if line.startswith(marker)) + 1].strip()
 
 
 def test_ci_runs_the_readme_test_command():

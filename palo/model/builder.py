@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from palo.model.attention import check_attn_implementation
+
 # Callers also import CheckpointError, CheckpointKind and detect_checkpoint_kind from this module.
 from palo.model.checkpoint_files import (
     NON_LORA_FILE,

@@ -29,6 +29,7 @@ from palo.model.multimodal import SplicedInputs, apply_splice, plan_splice
 from palo.model.projectors import build_projector
 from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec, resolve_vision_config
 
+
 def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTower:
     """Build the (randomly initialised) CLIP tower described by ``config``.
 

@@ -15,9 +15,9 @@ import unicodedata
 from typing import Any
 
 from palo.data.languages import LANGUAGES
+from palo.eval import report
 from palo.eval.bench import display_name, language_files
 from palo.eval.jsonl import iter_jsonl
-from palo.eval import report
 from palo.eval.report import AVERAGES
 from palo.quickstart.shapes_task import KINDS
 

@@ -49,7 +49,7 @@ class QuickstartConfig:
     seed: int = 0
 
     @classmethod
-    def tiny(cls) -> "QuickstartConfig":
+    def tiny(cls) -> QuickstartConfig:
         """The CI preset: a handful of steps on a few images (the pipeline, not the accuracy, is under test)."""
         return cls(train_images=40, eval_images=2, steps=4, stage1_steps=2, batch_size=4, vocab_size=1000,
                    tower=TowerPretraining(steps=3, batch_size=8),
@@ -258,8 +258,8 @@ def run_training(flags: list[str], out: str) -> None:
 
 def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
     """Answer every language's questions with ``model_vqa`` (greedy) and score them; returns the table."""
-    from palo.eval import model_vqa
     from palo.data.languages import LANGUAGES
+    from palo.eval import model_vqa
     from palo.eval.bench import display_name, language_files
     from palo.quickstart import exact_match
 

@@ -208,7 +208,7 @@ def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel
         for language in LANGUAGES:
             files = language_files(bench, language)
             questions = [r.data for r in iter_jsonl(files.questions, required=("question_id", "image", "text"))]
-            rows = list(tqdm(pool.map(lambda q: ask(q, files.images), questions), total=len(questions),
+            rows = list(tqdm(pool.map(lambda q, images=files.images: ask(q, images), questions), total=len(questions),
                              desc=f"asking ({language})"))
             unanswered += rows.count(None)
             path = answers_path(answers_dir, language)

@@ -302,9 +302,10 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             return [s, chatbot_messages(s), "", None] + buttons(False)
 
         def on_bot(s, model, temp, p, max_tokens, request: gr.Request):
-            for s in server.http_bot(s, model, temp, p, max_tokens, ip_of(request)):
-                yield [s, chatbot_messages(s)] + buttons(False)
-            yield [s, chatbot_messages(s)] + buttons(True)
+            state = s
+            for state in server.http_bot(s, model, temp, p, max_tokens, ip_of(request)):
+                yield [state, chatbot_messages(state)] + buttons(False)
+            yield [state, chatbot_messages(state)] + buttons(True)
 
         def on_regenerate(s, mode):
             s = server.regenerate(s or server.new_state(), mode)

@@ -363,7 +363,7 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     text, finish, usage = first
     try:
-        async for text, finish, usage in answers:
+        async for text, finish, usage in answers:  # noqa: B007 - the last chunk's values are the answer
             pass
     except APIError as exc:
         return exc.response()

@@ -19,7 +19,7 @@ chunk, and ``error_type`` on errors (used by the OpenAI-compatible API to pick a
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from palo.engine.detokenizer import visible_text  # noqa: F401 - the stop-string rule lives with the engine

@@ -192,7 +192,7 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
                 return palo.generate(device_ids, images=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                      pad_token_id=0)[:, ids.shape[1]:]
 
-        def with_engine() -> tuple[list[list[int]], float, float]:
+        def with_engine(engine: LLMEngine) -> tuple[list[list[int]], float, float]:
             seqs = [engine.add_request(EngineRequest(ids[i].tolist(), pixels[i:i + 1],
                                                      SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)))
                     for i in range(batch)]
@@ -212,13 +212,13 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
             return out, time.perf_counter() - start
 
         expected = baseline(args.new_tokens).tolist()
-        tokens, _, _ = with_engine()  # warm-up, and the equal-work check
+        tokens, _, _ = with_engine(engine)  # warm-up, and the equal-work check
         same = tokens == expected
         base_first, base_total, eng_ttft, eng_tps = [], [], [], []
         for _ in range(args.repeats):
             base_first.append(timed(lambda: baseline(1))[1])
             base_total.append(timed(lambda: baseline(args.new_tokens))[1])
-            _, t, tps = with_engine()
+            _, t, tps = with_engine(engine)
             eng_ttft.append(t)
             eng_tps.append(tps)
         t1, tn = statistics.median(base_first), statistics.median(base_total)

@@ -142,10 +142,12 @@ def llava665k_lengths(count: int, seed: int = 0) -> list[tuple[int, bool]]:
     out = []
     for _ in range(count):
         x, acc = rng.random(), 0.0
-        for share, low, high, image in bands:
-            acc += share
+        band = bands[-1]
+        for band in bands:
+            acc += band[0]
             if x < acc:
                 break
+        _, low, high, image = band
         out.append((rng.randint(low, high), image))
     return out
 

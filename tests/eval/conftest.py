@@ -12,9 +12,8 @@ import json
 import os
 
 import pytest
-from PIL import Image, ImageDraw
-
 from fake_judge import FakeJudge  # tests/eval is on sys.path (rootdir-relative test layout, no packages)
+from PIL import Image, ImageDraw
 
 # (question_id, image, category, text, reference answer) per language; ids are shared across languages, as in
 # the real bench.

@@ -13,6 +13,7 @@ import pytest
 from palo.eval import eval_gpt_review_bench as review
 from palo.eval.judge import DEFAULT_RULES, ScoreParseError, build_user_content, parse_scores
 
+
 @pytest.mark.parametrize("reply, expected", [
     ("8 9", (8, 9)),
     ("8 9\nAssistant 1 is more detailed.", (8, 9)),

@@ -6,6 +6,7 @@ import email.utils
 import time
 
 from chat_server import ChatServer, reply  # tests/ is on sys.path (rootdir conftest, no packages)
+
 from palo.eval.judge import JudgeClient, ReplyCache
 
 CONTENT = "[Context]\nc\n\n[Question]\nq\n\n..."

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from palo.eval import report, summarize_gpt_review as summary
+from palo.eval import report
+from palo.eval import summarize_gpt_review as summary
 
 # question_id, category, (reference, model) or None for a failed judgment.
 REVIEWS = [

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from palo.constants import IGNORE_INDEX
+from palo.constants import IMAGE_TOKEN_INDEX as IMG
 from palo.model.multimodal import ImagePlaceholderMismatch, splice_image_features
 
 D = 4

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX as IMG
+from palo.constants import IGNORE_INDEX
+from palo.constants import IMAGE_TOKEN_INDEX as IMG
 from palo.model.builder import load_pretrained_model
 from palo.model.multimodal import splice_image_features
 from palo.testing import tiny_data

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-from serve_helpers import API_KEY, HEART_BEAT_EXPIRATION, HEART_BEAT_INTERVAL, START_TIMEOUT, Service, free_port, wait_until
+from serve_helpers import (
+    API_KEY,
+    HEART_BEAT_EXPIRATION,
+    HEART_BEAT_INTERVAL,
+    START_TIMEOUT,
+    Service,
+    free_port,
+    wait_until,
+)
 
 
 @dataclass

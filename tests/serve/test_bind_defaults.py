@@ -12,9 +12,9 @@ import sys
 
 import httpx
 import pytest
+from serve_helpers import START_TIMEOUT, Service, free_port, listening_addresses, wait_until
 
 from palo.serve import controller, gradio_web_server, model_worker
-from serve_helpers import START_TIMEOUT, Service, free_port, listening_addresses, wait_until
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
 

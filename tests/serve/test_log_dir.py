@@ -11,9 +11,9 @@ import os
 import subprocess
 
 import pytest
+from serve_helpers import REPO
 
 from palo.serve.utils import build_logger, log_dir
-from serve_helpers import REPO
 
 
 def _write_one(name: str) -> None:

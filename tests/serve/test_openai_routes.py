@@ -13,7 +13,6 @@ from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
 from palo.serve.routing import NoWorkerError, WorkersBusyError
 
 
-
 class FakeRegistry:
     logger = logging.getLogger("test_openai_routes")
 

@@ -14,8 +14,17 @@ import sys
 
 import httpx
 import pytest
-from serve_helpers import (HEART_BEAT_EXPIRATION, HEART_BEAT_INTERVAL, START_TIMEOUT, SYSTEM, Service, free_port,
-                           image_b64, make_image, wait_until)
+from serve_helpers import (
+    HEART_BEAT_EXPIRATION,
+    HEART_BEAT_INTERVAL,
+    START_TIMEOUT,
+    SYSTEM,
+    Service,
+    free_port,
+    image_b64,
+    make_image,
+    wait_until,
+)
 
 from palo.conversation import conv_templates
 from palo.serve.openai_worker import PromptFormatError, prompt_to_messages

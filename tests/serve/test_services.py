@@ -11,9 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
+from serve_helpers import HEART_BEAT_EXPIRATION, image_b64, make_image, vicuna_prompt, wait_until
 
 from palo.serve.protocol import PROMPT_TOO_LONG_MSG, SERVER_ERROR_MSG, iter_chunks
-from serve_helpers import HEART_BEAT_EXPIRATION, image_b64, make_image, vicuna_prompt, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -22,12 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
+from serve_helpers import image_b64, make_image, vicuna_prompt
 
 from palo.mm_utils import process_images, tokenizer_image_token
 from palo.model.builder import load_pretrained_model
 from palo.serve.protocol import iter_chunks
 from palo.testing.greedy import divergence_is_a_near_tie, greedy_trace
-from serve_helpers import image_b64, make_image, vicuna_prompt
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -151,7 +151,7 @@ def test_supervised_tokens_decode_to_the_answers_and_stay_out_of_user_text(tok, 
         assert not inside, f"learned token {token_id} {prompt[start:end]!r} lies inside non-answer text {inside}"
     # Role tags included: every learned token overlaps an answer (with its end)...
     answer_ranges = _ranges(prompt, [ANSWER_START[key] + x + ANSWER_END[key] for x in answers])
-    for token_id, start, end in learned:
+    for _, start, end in learned:
         assert any(start < b and a < end for a, b in answer_ranges), prompt[start:end]
     # ...and every token wholly inside one is learned.
     tokens = encode_with_offsets(prompt, tok)

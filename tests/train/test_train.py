@@ -19,8 +19,8 @@ from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import load_pretrained_model
 from palo.testing import tiny_data
-from palo.train.preprocess import BadSampleError
 from palo.train.model_setup import unwrap
+from palo.train.preprocess import BadSampleError
 from palo.train.train import train
 from palo.train.trainer import PaloTrainer
 

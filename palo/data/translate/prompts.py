@@ -55,7 +55,7 @@ def parse_target_language(name: str) -> str:
     language = ISO_CODES.get(key, key)
     if language not in TARGET_LANGUAGES:
         raise ValueError(f"unknown target language {name!r}; choose from "
-                         f"{', '.join(f'{c} ({l})' for c, l in ISO_CODES.items() if '-' not in c)}")
+                         f"{', '.join(f'{c} ({lang})' for c, lang in ISO_CODES.items() if '-' not in c)}")
     return language
 
 

@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from palo.data.translate.spans import join_image, split_image
 
-
 if TYPE_CHECKING:
     from palo.data.translate.translator import Translator
 
