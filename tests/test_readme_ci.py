@@ -27,6 +27,11 @@ def test_ci_runs_the_readme_test_command():
     assert "--durations=15" in parts[-1]  # the slowest tests are listed at the end of every run
 
 
+def test_ci_lints_like_the_readme_test_command():
+    assert "ruff check ." in _readme_tests_line()
+    assert _ci_line_after("# --- lint") == "ruff check ."
+
+
 def test_ci_installs_with_the_readme_install_command():
     readme_installs = [p for p in _readme_tests_line() if p.startswith("pip install")]
     ci = [p.strip().replace(" -q", "") for p in _ci_line_after("# --- README install command").split("&&")]
