@@ -95,13 +95,14 @@ def answered_ids(answers_file: str) -> set[str]:
     return {str(r.data["question_id"]) for r in iter_jsonl(answers_file, skip_bad=True, required=("question_id",))}
 
 
-def build_prompt(question: str, conv_mode: str, with_image: bool, use_im_start_end: bool) -> str:
+def build_prompt(question: str, conv_mode: str, with_image: bool | int, use_im_start_end: bool) -> str:
     """The model prompt: ``<image>\\n`` + question in the template, with an open assistant turn (docs/formats.md §5.4).
 
     The placeholder is :func:`palo.model.config.image_placeholder` (``<im_start><image><im_end>`` with
-    ``use_im_start_end``).
+    ``use_im_start_end``). ``with_image`` may also be a count: several images each get a ``<image>\\n`` line, in
+    order, before the question (the layout of the OpenAI-compatible API's image parts).
     """
-    text = image_placeholder(use_im_start_end) + "\n" + question if with_image else question
+    text = (image_placeholder(use_im_start_end) + "\n") * int(with_image) + question
     conv = conv_templates[conv_mode].copy()
     conv.append_message(conv.roles[0], text)
     conv.append_message(conv.roles[1], None)
@@ -180,14 +181,15 @@ class Answerer:
         return self.answer_images([q.text for q in questions], images)
 
     def answer_images(self, texts: list[str], images: list[Any]) -> list[str]:
-        """Answers for questions given as text and an RGB PIL image (or None), in order (lmms-eval's path)."""
-        rows, pixels = [], []
+        """Answers for questions given as text and an RGB PIL image, a list of them, or None, in order (lmms-eval's
+        path)."""
+        rows, pixels, with_image = [], [], []
         for text, image in zip(texts, images, strict=True):
-            if image is not None:
-                pixels.append(mm_preprocess_image(image, self.image_processor, self.image_preprocess))
-            prompt = build_prompt(text, self.conv_mode, image is not None, self.use_im_start_end)
+            own = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+            pixels.extend(mm_preprocess_image(i, self.image_processor, self.image_preprocess) for i in own)
+            prompt = build_prompt(text, self.conv_mode, len(own), self.use_im_start_end)
             rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
-        with_image = [image is not None for image in images]
+            with_image.append(len(own))
         if self.engine is not None:
             return self._answer_with_engine(rows, with_image, pixels)
         ids, mask = left_pad(rows, self.pad_id)
@@ -215,11 +217,11 @@ class Answerer:
             top_p=generation.get("top_p") or 1.0,
             stop=(self.stop,) if self.stop else (),
         )
-        images = iter(pixels)
-        requests = [
-            EngineRequest(row.tolist(), next(images)[None] if image else None, sampling)
-            for row, image in zip(rows, with_image)
-        ]
+        requests, start = [], 0
+        for row, count in zip(rows, with_image):  # count: images of this row, in order in ``pixels``
+            requests.append(EngineRequest(row.tolist(), torch.stack(pixels[start:start + count]) if count else None,
+                                          sampling))
+            start += count
         outputs = self.engine.generate(requests)
         for output in outputs:
             if output.error:

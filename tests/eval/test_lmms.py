@@ -19,6 +19,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from palo.eval import model_vqa
@@ -212,10 +213,11 @@ def test_server_model_refuses_a_model_the_server_does_not_serve(server):
 
 
 MC_TASK = "palo_tiny_mc"
-MC_DOCS = [  # (image name or None, question, options)
-    ("wide.png", "What colour is the circle?", ["red", "blue", "green"]),
-    ("tall.png", "ما لون المربع؟", ["أزرق", "أحمر"]),
-    (None, "Name a colour.", ["yellow", "purple", "white", "black"]),
+MC_DOCS = [  # (image names, question, options)
+    (["wide.png"], "What colour is the circle?", ["red", "blue", "green"]),
+    (["tall.png"], "ما لون المربع؟", ["أزرق", "أحمر"]),
+    ([], "Name a colour.", ["yellow", "purple", "white", "black"]),
+    (["wide.png", "tall.png"], "Which picture is wider?", ["the first", "the second"]),
 ]
 
 
@@ -227,11 +229,12 @@ def _direct_scores(world, images: str) -> list[list[tuple[float, bool]]]:
 
     tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device="cpu")
     out = []
-    for image, question, options in MC_DOCS:
-        prompt = model_vqa.build_prompt(question, "vicuna_v1", image is not None, False)
+    for names, question, options in MC_DOCS:
+        prompt = model_vqa.build_prompt(question, "vicuna_v1", len(names), False)
         pixels = None
-        if image:
-            pixels = preprocess_image(Image.open(os.path.join(images, image)).convert("RGB"), processor, "pad")[None]
+        if names:
+            pixels = torch.stack([preprocess_image(Image.open(os.path.join(images, n)).convert("RGB"), processor, "pad")
+                                  for n in names])
         context = tokenizer_image_token(prompt, tokenizer)
         scores = []
         for option in options:
@@ -249,13 +252,13 @@ def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
     images = str(task["root"] / "images")
     expected = _direct_scores(world, images)
     best = [min(range(len(s)), key=lambda i: s[i][0]) for s in expected]
-    gold = [best[0], (best[1] + 1) % 2, best[2]]  # two right, one wrong: accuracy 2/3
+    gold = [best[0], (best[1] + 1) % 2, best[2], best[3]]  # three right, one wrong: accuracy 3/4
     task_dir = tmp_path / "mc"
     task_dir.mkdir()
     docs = task_dir / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"id": i, "image": os.path.join(images, img) if img else "", "question": q,
+    docs.write_text("".join(json.dumps({"id": i, "images": [os.path.join(images, n) for n in names], "question": q,
                                         "options": options, "gold": gold[i]}, ensure_ascii=False) + "\n"
-                            for i, (img, q, options) in enumerate(MC_DOCS)), encoding="utf-8")
+                            for i, (names, q, options) in enumerate(MC_DOCS)), encoding="utf-8")
     (task_dir / f"{MC_TASK}.yaml").write_text(textwrap.dedent(f"""\
         task: {MC_TASK}
         dataset_path: json
@@ -280,7 +283,7 @@ def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
 
 
         def doc_to_visual(doc):
-            return [Image.open(doc["image"]).convert("RGB")] if doc["image"] else []
+            return [Image.open(path).convert("RGB") for path in doc["images"]]
 
 
         def doc_to_text(doc):
@@ -301,7 +304,7 @@ def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
     assert result.returncode == 0 and len(results) == 1, (result.stdout[-3000:], result.stderr[-5000:])
     metrics = json.load(open(results[0], encoding="utf-8"))["results"][MC_TASK]
     acc = next(v for k, v in metrics.items() if k.startswith("acc") and "stderr" not in k and "norm" not in k)
-    assert acc == pytest.approx(2 / 3)
+    assert acc == pytest.approx(3 / 4)
     [samples_file] = glob.glob(os.path.join(out, "**", f"*samples_{MC_TASK}.jsonl"), recursive=True)
     got = {}
     for line in open(samples_file, encoding="utf-8"):

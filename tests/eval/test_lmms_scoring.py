@@ -98,8 +98,11 @@ def test_scoring_requests_unpack_options_and_targets():
                        _Request("colour?", lambda doc: doc["a"], None, 0, "t", "test")], docs)
     assert [(s.context, s.continuation, s.where) for s in got] == [("colour?", " red", "t/test/0"),
                                                                   ("colour?", "red", "t/test/0")]
-    assert got[0].image.mode == "RGB" and got[1].image is None
+    assert [i.mode for i in got[0].images] == ["RGB"] and got[1].images == ()
     with pytest.raises(ValueError, match="t/test/1: the continuation to score must be text"):
         to_scorings([_Request("two", lambda doc: doc["a"], None, 1, "t", "test")], docs)
-    with pytest.raises(ValueError, match="2 images"):
-        to_scorings([_Request("colour?", " red", lambda doc: [image, image], 0, "t", "test")], docs)
+    [two] = to_scorings([_Request("colour?", " red", lambda doc: [image, Image.new("RGB", (2, 2))], 0, "t", "test")],
+                        docs)
+    assert [i.size for i in two.images] == [(4, 4), (2, 2)]  # several images, in the task's order
+    with pytest.raises(ValueError, match="t/test/0: a visual of type str; PALO takes images only"):
+        to_scorings([_Request("colour?", " red", lambda doc: ["clip.mp4"], 0, "t", "test")], docs)

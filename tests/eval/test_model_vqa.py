@@ -151,3 +151,27 @@ def test_unreadable_image_is_reported_per_question(world, bench, tmp_path, capsy
     assert f"{questions}:2: question 2:" in capsys.readouterr().err
     assert model_vqa.main(args + ["--skip-bad"]) == 0
     assert [r["question_id"] for r in _read(out)] == [1]
+
+
+@pytest.mark.parametrize("engine", ["paged", "hf"])
+def test_answer_images_takes_several_images_per_question(world, engine):
+    """A question with two images (lmms-eval's multi-image tasks): one ``<image>`` line per image, in order, and the
+    answer model.generate gives for that prompt; the other rows of the batch (one image, none) are unaffected."""
+    from palo.mm_utils import preprocess_image, tokenizer_image_token
+
+    answerer, _ = model_vqa.load_answerer(world.full_dir, None, None, model_vqa.generation_kwargs(0.0, None, 1, 6),
+                                          device="cpu", engine=engine)
+    wide, tall = Image.new("RGB", (40, 20), (200, 30, 30)), Image.new("RGB", (20, 40), (30, 30, 200))
+    texts = ["Compare the two pictures.", "¿Qué color?", "Say hello."]
+    got = answerer.answer_images(texts, [[wide, tall], tall, None])
+    prompt = model_vqa.build_prompt(texts[0], "vicuna_v1", 2, False)
+    assert "USER: <image>\n<image>\nCompare" in prompt
+    ids = tokenizer_image_token(prompt, answerer.tokenizer, return_tensors="pt")[None]
+    pixels = torch.stack([preprocess_image(i, answerer.image_processor, "pad") for i in (wide, tall)])
+    with torch.no_grad():
+        out = answerer.model.generate(ids, images=pixels, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=answerer.pad_id)
+    expected = model_vqa.clean_answer(answerer.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True),
+                                      answerer.stop)
+    assert got[0] == expected
+    assert got[1:] == answerer.answer_images(texts[1:], [tall, None])

@@ -21,7 +21,7 @@ MAX_STOP_STRINGS = 4  # the API's limit; further stop strings are applied here
 class PaloAPI(lmms):
     """``--model palo_api --model_args base_url=http://HOST:21001/v1,model=NAME[,num_concurrent=8,api_key=...]``.
 
-    Each question is one ``/chat/completions`` request: the image as a PNG ``data:`` URL (lossless, so the server
+    Each question is one ``/chat/completions`` request: each image as a PNG ``data:`` URL (lossless, so the server
     sees the pixels the file has) and the task's text; greedy unless the task samples. The server renders the
     checkpoint's own template, so the answers are those of ``--model palo`` on the same checkpoint.
 
@@ -67,9 +67,9 @@ class PaloAPI(lmms):
 
     def _body(self, prompt: Prompt) -> dict[str, Any]:
         content: list[dict[str, Any]] = []
-        if prompt.image is not None:
+        for image in prompt.images:
             buffer = io.BytesIO()
-            prompt.image.save(buffer, format="PNG")
+            image.save(buffer, format="PNG")
             url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
             content.append({"type": "image_url", "image_url": {"url": url}})
         content.append({"type": "text", "text": prompt.text})

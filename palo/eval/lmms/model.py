@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
@@ -75,7 +76,7 @@ class PaloLMM(lmms):
 
     def generate_until(self, requests: list[Any]) -> list[str]:
         prompts = to_prompts(requests, self.task_dict, self.default_max_new_tokens)
-        if self.answerer.image_processor is None and any(p.image is not None for p in prompts):
+        if self.answerer.image_processor is None and any(p.images for p in prompts):
             raise ValueError("palo: this checkpoint takes text only but the task has images")
         groups: dict[str, list[int]] = defaultdict(list)  # one generation setting per batch
         for i, prompt in enumerate(prompts):
@@ -91,7 +92,7 @@ class PaloLMM(lmms):
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start:start + self.batch_size]
                     texts = self.answerer.answer_images([prompts[i].text for i in batch],
-                                                        [prompts[i].image for i in batch])
+                                                        [list(prompts[i].images) for i in batch])
                     for i, text in zip(batch, texts):
                         answers[i] = cut_at_stops(text, g.until)
                     bar.update(len(batch))
@@ -100,8 +101,8 @@ class PaloLMM(lmms):
     def loglikelihood(self, requests: list[Any]) -> list[Any]:
         """``(loss, is_greedy)`` of each request's continuation after its context.
 
-        The context is the prompt ``generate_until`` would send (template, open assistant turn, ``<image>`` first);
-        the continuation follows it as the assistant's answer. One forward pass per request.
+        The context is the prompt ``generate_until`` would send (template, open assistant turn, one ``<image>`` line
+        per image first); the continuation follows it as the assistant's answer. One forward pass per request.
 
         The first value is the mean negative log-likelihood per continuation token (the causal-LM loss), not the
         log-likelihood the method's name suggests: lmms-eval's multiple-choice scorer picks the option with the
@@ -112,14 +113,14 @@ class PaloLMM(lmms):
         scorings = to_scorings(requests, self.task_dict)
         results = []
         for s in tqdm(scorings, desc="palo scoring", disable=self.rank != 0):
-            if s.image is not None and a.image_processor is None:
+            if s.images and a.image_processor is None:
                 raise ValueError(f"{s.where}: this checkpoint takes text only but the task has images")
-            prompt = model_vqa.build_prompt(s.context, a.conv_mode, s.image is not None, a.use_im_start_end)
+            prompt = model_vqa.build_prompt(s.context, a.conv_mode, len(s.images), a.use_im_start_end)
             context_ids = tokenizer_image_token(prompt, a.tokenizer)
             full_ids = tokenizer_image_token(prompt + s.continuation, a.tokenizer)
             images = None
-            if s.image is not None:
-                images = preprocess_image(s.image, a.image_processor, a.image_preprocess)[None]
+            if s.images:
+                images = torch.stack([preprocess_image(i, a.image_processor, a.image_preprocess) for i in s.images])
             try:
                 score = score_continuation(a.model, context_ids, full_ids, images)
             except ValueError as exc:

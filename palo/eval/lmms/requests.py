@@ -1,5 +1,5 @@
-"""lmms-eval requests unpacked, shared by both models: ``generate_until`` as (question text, image, generation
-settings), ``loglikelihood`` as (context, continuation, image)."""
+"""lmms-eval requests unpacked, shared by both models: ``generate_until`` as (question text, images, generation
+settings), ``loglikelihood`` as (context, continuation, images)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ class Generation:
 
 @dataclass(frozen=True)
 class Prompt:
-    """What the model is asked: the task's text and at most one RGB image."""
+    """What the model is asked: the task's text and its RGB images (none, one, or several, in the task's order)."""
 
     text: str
-    image: Any  # PIL.Image.Image or None
+    images: tuple[Any, ...]  # PIL.Image.Image
     generation: Generation
     where: str  # task/split/doc_id, for messages
 
@@ -53,31 +53,33 @@ def parse_generation(gen_kwargs: dict[str, Any], default_max_new_tokens: int) ->
     )
 
 
-def _image(doc_to_visual: Any, doc: Any, where: str) -> Any:
-    """The document's one RGB image, or None.
+def _images(doc_to_visual: Any, doc: Any, where: str) -> tuple[Any, ...]:
+    """The document's images as RGB, in order (PALO trained on one per question; several go in one prompt, each
+    with its own placeholder, as the OpenAI-compatible API lays them out).
 
     Raises:
-        ValueError: If a document has more than one image (PALO, like LLaVA-1.5, takes one image per question).
+        ValueError: If a visual is not an image (lmms-eval's video or audio tasks).
     """
     visuals = doc_to_visual(doc) if doc_to_visual is not None else []
     visuals = [v for v in (visuals or []) if v is not None]
-    if len(visuals) > 1:
-        raise ValueError(f"{where}: {len(visuals)} images; PALO answers with one image per question")
-    return visuals[0].convert("RGB") if visuals else None
+    for v in visuals:
+        if not hasattr(v, "convert"):
+            raise ValueError(f"{where}: a visual of type {type(v).__name__}; PALO takes images only")
+    return tuple(v.convert("RGB") for v in visuals)
 
 
 def to_prompts(requests: list[Any], task_dict: dict, default_max_new_tokens: int) -> list[Prompt]:
     """Unpack ``Instance.args`` = (context, generation_kwargs, doc_to_visual, doc_id, task, split).
 
     Raises:
-        ValueError: If a document has more than one image.
+        ValueError: If a visual is not an image.
     """
     prompts = []
     for request in requests:
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         where = f"{task}/{split}/{doc_id}"
-        image = _image(doc_to_visual, task_dict[task][split][doc_id], where)
-        prompts.append(Prompt(str(context), image, parse_generation(dict(gen_kwargs or {}), default_max_new_tokens),
+        images = _images(doc_to_visual, task_dict[task][split][doc_id], where)
+        prompts.append(Prompt(str(context), images, parse_generation(dict(gen_kwargs or {}), default_max_new_tokens),
                               where))
     return prompts
 
@@ -88,7 +90,7 @@ class Scoring:
 
     context: str
     continuation: str  # with the task's target delimiter (a leading space by default)
-    image: Any  # PIL.Image.Image or None
+    images: tuple[Any, ...]  # PIL.Image.Image
     where: str
 
 
@@ -99,7 +101,7 @@ def to_scorings(requests: list[Any], task_dict: dict) -> list[Scoring]:
     send ``doc_to_target``, a callable of the document.
 
     Raises:
-        ValueError: If a document has more than one image, or the continuation is not text.
+        ValueError: If a visual is not an image, or the continuation is not text.
     """
     scorings = []
     for request in requests:
@@ -112,7 +114,7 @@ def to_scorings(requests: list[Any], task_dict: dict) -> list[Scoring]:
         if not isinstance(continuation, str):
             raise ValueError(f"{where}: the continuation to score must be text, not {type(continuation).__name__}")
         context = context[0] if isinstance(context, list) else context
-        scorings.append(Scoring(str(context), continuation, _image(doc_to_visual, doc, where), where))
+        scorings.append(Scoring(str(context), continuation, _images(doc_to_visual, doc, where), where))
     return scorings
 
 
