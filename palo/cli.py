@@ -36,7 +36,8 @@ class Command:
 
 EVAL = {
     "vqa": Command("palo.eval.model_vqa", "answer benchmark questions with a checkpoint (model_vqa)"),
-    "review": Command("palo.eval.eval_gpt_review_bench", "judge answers against references with an OpenAI-compatible LLM"),
+    "review": Command("palo.eval.eval_gpt_review_bench",
+                      "judge answers against references with an OpenAI-compatible LLM"),
     "summary": Command("palo.eval.summarize_gpt_review", "relative scores from judge reviews"),
     "report": Command("palo.eval.report", "one results table across languages (markdown, CSV, JSON, chart)"),
     "bench": Command("palo.eval.run_bench", "the whole multilingual LLaVA-Bench run: answer, judge, summarise"),
@@ -47,7 +48,8 @@ EVAL = {
 SERVE = {
     "controller": Command("palo.serve.controller", "the controller: worker registry, routing, OpenAI-compatible API"),
     "worker": Command("palo.serve.model_worker", "a model worker serving one checkpoint (original protocol)"),
-    "openai-worker": Command("palo.serve.openai_worker", "a worker in front of an OpenAI-compatible server (vLLM, SGLang)"),
+    "openai-worker": Command("palo.serve.openai_worker",
+                             "a worker in front of an OpenAI-compatible server (vLLM, SGLang)"),
     "web": Command("palo.serve.gradio_web_server", "the Gradio web demo"),
     "register-worker": Command("palo.serve.register_worker", "register a worker with a controller by hand"),
     "test-message": Command("palo.serve.test_message", "send one message to a model through a worker (smoke test)"),
@@ -64,7 +66,8 @@ COMMANDS: dict[str, Command | None] = {
     "quickstart": Command("palo.quickstart.cli", "train, evaluate and serve a small PALO offline (the default verb)"),
     "chat": Command("palo.serve.cli", "chat about an image in the terminal, streamed"),
     "data": Command("palo.data.cli", "training data tools: inspect, validate, stats, translate, apply-review, merge"),
-    "train": Command("palo.train.train", "fine-tune (the flags of the original train.py; torchrun/deepspeed for many GPUs)"),
+    "train": Command("palo.train.train",
+                     "fine-tune (the flags of the original train.py; torchrun/deepspeed for many GPUs)"),
     "eval": None,  # a group, see GROUPS
     "serve": None,
     "export": Command("palo.export.cli", "export a checkpoint to transformers' Llava layout (--to hf-llava)"),
@@ -85,7 +88,8 @@ def _listing(entries: dict[str, str]) -> str:
 
 def usage() -> str:
     """The text of ``palo --help``."""
-    entries = {name: command.help if command else f"{GROUP_TITLE[name]}: {', '.join(GROUPS[name])}" for name, command in COMMANDS.items()}
+    entries = {name: command.help if command else f"{GROUP_TITLE[name]}: {', '.join(GROUPS[name])}"
+               for name, command in COMMANDS.items()}
     return (
         "usage: palo <command> [args...]\n"
         "       palo [quickstart options]      (no command: the quickstart, as `palo` has always run)\n\n"

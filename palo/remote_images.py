@@ -139,7 +139,8 @@ def fetch_image_bytes(url: str, policy: RemoteImagePolicy = RemoteImagePolicy())
                         raise RemoteImageError(f"{url}: HTTP {response.status_code}")
                     length = response.headers.get("content-length")
                     if length is not None and length.isdigit() and int(length) > policy.max_bytes:
-                        raise RemoteImageError(f"{url}: {int(length):,} bytes is over the limit of {policy.max_bytes:,}")
+                        raise RemoteImageError(f"{url}: {int(length):,} bytes is over the limit of "
+                                               f"{policy.max_bytes:,}")
                     body = bytearray()
                     for chunk in response.iter_bytes():
                         body.extend(chunk)

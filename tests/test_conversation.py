@@ -122,10 +122,13 @@ def test_template_keys_are_exactly_the_original_ones():
         ("v0_mmtag", SYS_MMTAG, ("Human", "Assistant"), SeparatorStyle.SINGLE, "###", None, "v0_mmtag", 0),
         ("llava_v1", SYS_V0, ("USER", "ASSISTANT"), SeparatorStyle.TWO, " ", "</s>", "v1", 0),
         ("v1_mmtag", SYS_MMTAG, ("USER", "ASSISTANT"), SeparatorStyle.TWO, " ", "</s>", "v1_mmtag", 0),
-        ("llava_llama_2", SYS_LLAVA_LLAMA_2, ("USER", "ASSISTANT"), SeparatorStyle.LLAMA_2, "<s>", "</s>", "llama_v2", 0),
-        ("mpt", SYS_MPT, ("<|im_start|>user\n", "<|im_start|>assistant\n"), SeparatorStyle.MPT, "<|im_end|>", None, "mpt", 0),
+        ("llava_llama_2", SYS_LLAVA_LLAMA_2, ("USER", "ASSISTANT"), SeparatorStyle.LLAMA_2,
+         "<s>", "</s>", "llama_v2", 0),
+        ("mpt", SYS_MPT, ("<|im_start|>user\n", "<|im_start|>assistant\n"), SeparatorStyle.MPT,
+         "<|im_end|>", None, "mpt", 0),
         ("mistral_instruct", "", ("USER", "ASSISTANT"), SeparatorStyle.LLAMA_2, "", "</s>", "llama_v2", 0),
-        ("chatml_direct", SYS_CHATML, ("<|im_start|>user\n", "<|im_start|>assistant\n"), SeparatorStyle.MPT, "<|im_end|>", None, "mpt", 0),
+        ("chatml_direct", SYS_CHATML, ("<|im_start|>user\n", "<|im_start|>assistant\n"), SeparatorStyle.MPT,
+         "<|im_end|>", None, "mpt", 0),
     ],
 )
 def test_template_fields(key, system, roles, style, sep, sep2, version, offset):
@@ -210,7 +213,8 @@ def test_fully_answered_chinese_rounds_end_with_sep2():
 def test_open_first_turn():
     assert render("vicuna_v1", [Q1, None]) == SYS_V1 + " USER: " + Q1 + " ASSISTANT:"
     assert render("llava_v0", [Q1, None]) == SYS_V0 + "###Human: " + Q1 + "###Assistant:"
-    assert render("mpt", [Q1, None]) == SYS_MPT + "<|im_end|><|im_start|>user\n" + Q1 + "<|im_end|><|im_start|>assistant\n"
+    assert (render("mpt", [Q1, None])
+            == SYS_MPT + "<|im_end|><|im_start|>user\n" + Q1 + "<|im_end|><|im_start|>assistant\n")
     assert render("plain", [Q1, None]) == Q1 + "\n"
 
 
@@ -412,7 +416,8 @@ def test_get_images_only_user_tuples_and_bad_mode():
 
 @pytest.mark.parametrize(
     "key, stop",
-    [("vicuna_v1", "</s>"), ("llava_v1", "</s>"), ("llava_v0", "###"), ("mpt", "<|im_end|>"), ("llama_2", "<s>"), ("plain", "\n")],
+    [("vicuna_v1", "</s>"), ("llava_v1", "</s>"), ("llava_v0", "###"), ("mpt", "<|im_end|>"), ("llama_2", "<s>"),
+     ("plain", "\n")],
 )
 def test_stop_string(key, stop):
     assert stop_string(conv_templates[key]) == stop
@@ -439,7 +444,8 @@ def test_infer_conv_mode(name, mode):
 
 
 def test_conversation_constructor_accepts_tuples():
-    conv = Conversation(system="s", roles=["A", "B"], messages=(("A", "x"),), offset=0, sep_style=SeparatorStyle.TWO, sep=" ", sep2="</s>")
+    conv = Conversation(system="s", roles=["A", "B"], messages=(("A", "x"),), offset=0, sep_style=SeparatorStyle.TWO,
+                        sep=" ", sep2="</s>")
     conv.messages[0][1] = "y"
     assert conv.roles == ("A", "B")
     assert conv.get_prompt() == "s A: y "

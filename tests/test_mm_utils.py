@@ -1,6 +1,6 @@
 """Tests for palo.mm_utils: the ``<image>`` tokenisation rule (docs/formats.md §3.2), the ``pad`` / ``square`` image
-preprocessing (docs/formats.md §2.2, checked against a pipeline written here with PIL and numpy), image loading errors, checkpoint
-display names and the keyword stopping criterion (docs/formats.md §3.8)."""
+preprocessing (docs/formats.md §2.2, checked against a pipeline written here with PIL and numpy), image loading
+errors, checkpoint display names and the keyword stopping criterion (docs/formats.md §3.8)."""
 
 from __future__ import annotations
 

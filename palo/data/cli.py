@@ -120,7 +120,8 @@ def _validate(args: argparse.Namespace) -> int:
             text_only += 1
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         results = pool.map(_check_image, [path for _, _, path in images])
-        for (i, sample_id, _), error in tqdm(zip(images, results), total=len(images), desc="images", unit="image", disable=args.quiet):
+        for (i, sample_id, _), error in tqdm(zip(images, results), total=len(images), desc="images", unit="image",
+                                             disable=args.quiet):
             if error:
                 problems.append({"index": i, "id": sample_id, "problem": error})
     report = {

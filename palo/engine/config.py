@@ -56,7 +56,8 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.num_blocks is not None and self.num_blocks < 2:
-            raise ValueError(f"num_blocks must be at least 2 (one is the engine's scratch block), got {self.num_blocks}")
+            raise ValueError(f"num_blocks must be at least 2 (one is the engine's scratch block), "
+                             f"got {self.num_blocks}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
         if self.attention not in ("auto", "sdpa", "triton"):

@@ -209,7 +209,8 @@ class ModelRunner:
         ids = [s.last_token for s in seqs] + [0] * pad
         positions = [s.num_tokens - 1 for s in seqs] + [0] * pad
         slots = [self.slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs] + [0] * pad
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs] + [[0] * width] * pad
+        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
+                  for s in seqs] + [[0] * width] * pad
         lengths = [s.num_tokens for s in seqs] + [1] * pad
         return (self._tensor(ids), self._tensor(positions), self._tensor(slots),
                 torch.tensor(tables, dtype=torch.long).to(self.device, non_blocking=True), self._tensor(lengths))

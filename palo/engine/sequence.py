@@ -115,7 +115,8 @@ class Sequence:
             else:
                 self.prompt_ids.append(int(token))
         self.num_images = len(self.image_starts)
-        self.image_digests = [image_digest(request.images[i]) for i in range(self.num_images)] if self.num_images else []
+        self.image_digests = [image_digest(request.images[i])
+                              for i in range(self.num_images)] if self.num_images else []
         self.output_ids: list[int] = []
         self.block_table: list[int] = []
         self.num_computed = 0  # positions whose K/V are in the cache

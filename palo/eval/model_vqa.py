@@ -207,7 +207,8 @@ class Answerer:
         return [clean_answer(self.tokenizer.decode(row, skip_special_tokens=True), self.stop) for row in new]
 
 
-    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[bool], pixels: list[torch.Tensor]) -> list[str]:
+    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[bool],
+                            pixels: list[torch.Tensor]) -> list[str]:
         from palo.engine import EngineRequest, SamplingParams
 
         generation = self.generation

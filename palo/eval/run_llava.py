@@ -96,7 +96,8 @@ def eval_model(args: Any) -> str:
     prompt = conv.get_prompt()
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
     pixels = process_images(images, image_processor, model.config)
-    pixels = pixels.to(model.device, dtype=next(model.parameters()).dtype) if isinstance(pixels, torch.Tensor) else pixels
+    pixels = (pixels.to(model.device, dtype=next(model.parameters()).dtype) if isinstance(pixels, torch.Tensor)
+              else pixels)
     sample = args.temperature > 0
     with torch.inference_mode():
         output = model.generate(

@@ -118,7 +118,8 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
         for record in iter_jsonl(path, required=("question_id",)):
             qid = str(record.data["question_id"])
             if qid not in known:
-                raise JsonlError(f"{record.where}: question_id {record.data['question_id']!r} is not in {question_file}")
+                raise JsonlError(f"{record.where}: question_id {record.data['question_id']!r} "
+                                 f"is not in {question_file}")
             answers.setdefault(qid, record.data)
     merged = [answers[qid] for qid in order if qid in answers]
     os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)

@@ -164,7 +164,8 @@ def _llava_state(model: Any, image_rows: int) -> tuple[dict[str, torch.Tensor], 
             out["vision_tower." + key[len(_TOWER):]] = value
         elif key in ("model.embed_tokens.weight", "lm_head.weight"):
             extra = torch.zeros(image_rows, value.shape[1], dtype=value.dtype)
-            name = "language_model.model.embed_tokens.weight" if key.startswith("model.") else "language_model.lm_head.weight"
+            name = ("language_model.model.embed_tokens.weight" if key.startswith("model.")
+                    else "language_model.lm_head.weight")
             out[name] = torch.cat([value, extra], dim=0)
         elif key.startswith("model."):
             if key.endswith("rotary_emb.inv_freq"):
@@ -188,7 +189,8 @@ def _save_sharded(state: dict[str, torch.Tensor], out_dir: str, max_shard_size: 
             shards.append({})
             size = 0
         # Tensors sharing storage (tied weights) must be separate copies in safetensors.
-        shards[-1][key] = tensor.clone() if any(tensor.data_ptr() == t.data_ptr() for t in shards[-1].values()) else tensor
+        shards[-1][key] = (tensor.clone() if any(tensor.data_ptr() == t.data_ptr() for t in shards[-1].values())
+                           else tensor)
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:

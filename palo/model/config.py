@@ -96,7 +96,8 @@ class MultimodalSpec:
         return image_placeholder(self.use_im_start_end)
 
     def expand_image_placeholders(self, text: str) -> str:
-        """``text`` with every ``<image>`` written as this checkpoint expects (see :func:`expand_image_placeholders`)."""
+        """``text`` with every ``<image>`` written as this checkpoint expects
+        (see :func:`expand_image_placeholders`)."""
         return expand_image_placeholders(text, self.use_im_start_end)
 
     def tokens_per_image(self, vision_config: Any) -> int:

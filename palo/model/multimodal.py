@@ -154,7 +154,8 @@ def plan_splice(
     if packed and padding_side != "right":
         raise ValueError("packed batches are padded on the right")
     ids = input_ids.detach().to("cpu")
-    mask = attention_mask.detach().to("cpu").bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+    mask = (attention_mask.detach().to("cpu").bool() if attention_mask is not None
+            else torch.ones_like(ids, dtype=torch.bool))
     batch_size, width = ids.shape
     rows = [ids[b][mask[b]].tolist() for b in range(batch_size)]
     kept = [mask[b].nonzero(as_tuple=True)[0].tolist() for b in range(batch_size)]
@@ -251,7 +252,8 @@ def apply_splice(
     text_embeds = embed_tokens(input_ids.clamp(min=0))
     device, dtype, hidden = text_embeds.device, text_embeds.dtype, text_embeds.shape[-1]
     if not isinstance(image_features, torch.Tensor):
-        image_features = torch.stack(list(image_features)) if len(image_features) else text_embeds.new_zeros(0, plan.tokens_per_image, hidden)
+        image_features = (torch.stack(list(image_features)) if len(image_features)
+                          else text_embeds.new_zeros(0, plan.tokens_per_image, hidden))
     if image_features.shape[0] != plan.num_images or image_features.shape[1:] != (plan.tokens_per_image, hidden):
         raise ValueError(
             f"image features must be [{plan.num_images}, {plan.tokens_per_image}, {hidden}], "
@@ -284,7 +286,9 @@ def apply_splice(
     spliced_labels = None
     if labels is not None:
         spliced_labels = torch.full((batch_size * length,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
-        spliced_labels[index(plan.text_dst).to(labels.device)] = labels.reshape(-1)[index(plan.text_src).to(labels.device)]
+        spliced_labels[index(plan.text_dst).to(labels.device)] = (
+            labels.reshape(-1)[index(plan.text_src).to(labels.device)]
+        )
         spliced_labels = spliced_labels.view(batch_size, length)
     return SplicedInputs(
         inputs_embeds=inputs_embeds,

@@ -168,8 +168,10 @@ class PaloForCausalLM(LlamaForCausalLM):
             ``[N, n, hidden_size]``: n = :attr:`image_token_count` rows per image.
         """
         if self.vision_tower is None:
-            raise ValueError("This checkpoint has no vision tower (no mm_vision_tower in config.json): it takes text only")
-        pixels = images if isinstance(images, torch.Tensor) and images.dim() == 4 else torch.stack(_flatten_images(images))
+            raise ValueError("This checkpoint has no vision tower (no mm_vision_tower in config.json): "
+                             "it takes text only")
+        pixels = (images if isinstance(images, torch.Tensor) and images.dim() == 4
+                  else torch.stack(_flatten_images(images)))
         features = self.vision_tower(pixels)
         return self.projector(features.to(self.lm_head.weight.dtype))
 
@@ -278,7 +280,8 @@ class PaloForCausalLM(LlamaForCausalLM):
             # flash-attn finds the samples (varlen) from restarting positions only in a single row: flatten the rows,
             # whose first positions are each a sample's (or the padding's) start, so nothing crosses a row either.
             rows = inputs_embeds.shape[:2]
-            inputs_embeds, position_ids = inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]), position_ids.reshape(1, -1)
+            inputs_embeds, position_ids = (inputs_embeds.reshape(1, -1, inputs_embeds.shape[-1]),
+                                           position_ids.reshape(1, -1))
             labels = labels.reshape(1, -1) if labels is not None else None
         outputs = self.causal_lm_forward(
             input_ids=input_ids,

@@ -159,7 +159,8 @@ def load_tokenizer(path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
         FileNotFoundError: If the folder holds no tokenizer files.
     """
     kwargs.pop("use_fast", None)  # accepted for compatibility with the original calls; the choice is made here
-    if os.path.isfile(os.path.join(path, "tokenizer.model")) and _tokenizer_class_name(path) in _LLAMA_TOKENIZER_CLASSES:
+    if (os.path.isfile(os.path.join(path, "tokenizer.model"))
+            and _tokenizer_class_name(path) in _LLAMA_TOKENIZER_CLASSES):
         return PaloLlamaTokenizer.from_pretrained(path, **kwargs)
     has_files = any(
         os.path.isfile(os.path.join(path, name))

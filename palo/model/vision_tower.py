@@ -154,7 +154,8 @@ def _read_weight_files(folder: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name in safetensors or bins:
         path = os.path.join(folder, name)
-        state.update(load_file(path) if name.endswith(".safetensors") else torch.load(path, map_location="cpu", weights_only=True))
+        state.update(load_file(path) if name.endswith(".safetensors")
+                     else torch.load(path, map_location="cpu", weights_only=True))
     return state
 
 

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["quickstart"]:  # `palo quickstart ...` through the `palo` console script
         argv = argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"error: unknown command {argv[0]!r}; try `palo quickstart --help` or `palo export --help`", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; try `palo quickstart --help` or `palo export --help`",
+              file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
     from palo.quickstart.pipeline import QuickstartConfig, run
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         open(probe, "w").close()
         os.remove(probe)
     except OSError as error:
-        print(f"error: --workdir {args.workdir!r} is not a writable folder ({error.strerror or error})", file=sys.stderr)
+        print(f"error: --workdir {args.workdir!r} is not a writable folder ({error.strerror or error})",
+              file=sys.stderr)
         return 2
     result = run(args.workdir, config)
     if args.no_serve:

@@ -36,7 +36,8 @@ def is_correct(answer: str, reference: str) -> bool:
 
 
 def _by_id(path: str) -> dict[str, dict]:
-    return {str(r.data["question_id"]): r.data for r in iter_jsonl(path, required=("question_id",))} if os.path.isfile(path) else {}
+    return ({str(r.data["question_id"]): r.data for r in iter_jsonl(path, required=("question_id",))}
+            if os.path.isfile(path) else {})
 
 
 def score_language(bench: str, language: str, answers_file: str) -> dict[str, Any]:

@@ -58,7 +58,8 @@ VOCAB: dict[str, dict] = {
         "stop": "。",
     },
     "french": {
-        "questions": ("De quelle couleur sont les formes ?", "Quelle forme est montrée ?", "Combien de formes y a-t-il ?"),
+        "questions": ("De quelle couleur sont les formes ?", "Quelle forme est montrée ?",
+                      "Combien de formes y a-t-il ?"),
         "colour": {"red": "rouge", "green": "vert", "blue": "bleu", "yellow": "jaune"},
         "shape": {"circle": "cercle", "square": "carré", "triangle": "triangle"},
         "count": {1: "un", 2: "deux", 3: "trois"},

@@ -132,7 +132,8 @@ class WebServer:
 
     def vote(self, state: Conversation, kind: str, model: str, ip: str | None) -> None:
         """Log an upvote, downvote or flag."""
-        self._append_log({"tstamp": round(time.time(), 4), "type": kind, "model": model, "state": state.dict(), "ip": ip})
+        self._append_log({"tstamp": round(time.time(), 4), "type": kind, "model": model, "state": state.dict(),
+                          "ip": ip})
 
     # -- moderation ----------------------------------------------------------------------------------------------
     def _flagged(self, text: str) -> bool:
@@ -149,7 +150,8 @@ class WebServer:
     def new_state() -> Conversation:
         return conv_templates[CONV_MODE].copy()
 
-    def add_text(self, state: Conversation | None, text: str, image: Any, image_process_mode: str = "Default") -> Conversation:
+    def add_text(self, state: Conversation | None, text: str, image: Any,
+                 image_process_mode: str = "Default") -> Conversation:
         """Append the user's message (and an empty answer slot) to the conversation.
 
         Returns:
@@ -283,8 +285,8 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                     flag_btn = gr.Button("⚠️ Flag", interactive=False)
                     regenerate_btn = gr.Button("🔄 Regenerate", interactive=False, elem_id="regenerate")
                     clear_btn = gr.Button("🗑️ Clear", interactive=False, elem_id="clear")
-        gr.Examples(examples=example_rows(), inputs=[imagebox, textbox], label="Examples (Hindi, Arabic, Urdu, Spanish, "
-                    "Chinese, Bengali, Russian, English)")
+        gr.Examples(examples=example_rows(), inputs=[imagebox, textbox],
+                    label="Examples (Hindi, Arabic, Urdu, Spanish, Chinese, Bengali, Russian, English)")
         if not embed:
             gr.Markdown(TOS_MD)
 

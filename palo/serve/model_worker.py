@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--max-prefill-tokens", type=int, default=2048,
                         help="prompt positions prefilled per step; longer prompts go in chunks")
     engine.add_argument("--block-size", type=int, default=16, help="positions per KV block")
-    engine.add_argument("--no-prefix-cache", action="store_true", help="do not reuse the KV of repeated prompt prefixes")
+    engine.add_argument("--no-prefix-cache", action="store_true",
+                        help="do not reuse the KV of repeated prompt prefixes")
     engine.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     engine.add_argument("--attention", choices=["auto", "sdpa", "triton"], default="auto",
                         help="decode attention: triton reads the paged cache in place (auto: on CUDA when installed)")

@@ -92,7 +92,8 @@ def _image_data(part: dict) -> str:
     image_url = part.get("image_url")
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
-        raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}", param="messages")
+        raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}",
+                       param="messages")
     header, sep, data = url.partition(",")
     if not url.startswith("data:") or not sep or not header.endswith(";base64"):
         raise APIError(400, "image URLs must be base64 data URLs (data:image/png;base64,...); remote images are not "

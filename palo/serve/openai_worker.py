@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", type=str, default=os.environ.get("OPENAI_API_KEY"),
                         help="backend API key (default: $OPENAI_API_KEY)")
     parser.add_argument("--model-name", type=str, required=True,
-                        help="the model's name at the backend (vLLM --served-model-name), also registered with the controller")
+                        help="the model's name at the backend (vLLM --served-model-name), "
+                             "also registered with the controller")
     parser.add_argument("--conv-mode", type=str, default="vicuna_v1", help="template of the prompts (PALO: vicuna_v1)")
     parser.add_argument("--limit-model-concurrency", type=int, default=32, help="requests forwarded at once")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="seconds the backend may stay silent")

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     url = args.controller_address.rstrip("/") + "/register_worker"
-    data = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat, "worker_status": None}
+    data = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat,
+            "worker_status": None}
     try:
         response = httpx.post(url, json=data, timeout=10)
     except httpx.HTTPError as exc:

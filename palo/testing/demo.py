@@ -13,7 +13,8 @@ import sys
 
 from palo.testing import tiny
 
-QUESTIONS = ["What is shown in this image?", "ما الذي يظهر في هذه الصورة؟", "这张图片里有什么？", "इस चित्र में क्या दिखाया गया है?"]
+QUESTIONS = ["What is shown in this image?", "ما الذي يظهر في هذه الصورة؟", "这张图片里有什么？",
+             "इस चित्र में क्या दिखाया गया है?"]
 
 
 def build_demo_checkpoint(workdir: str) -> str:
@@ -32,7 +33,8 @@ def build_demo_checkpoint(workdir: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--image-file", default=os.path.join(os.path.dirname(__file__), "..", "..", "images", "shapes.png"))
+    parser.add_argument("--image-file",
+                        default=os.path.join(os.path.dirname(__file__), "..", "..", "images", "shapes.png"))
     args = parser.parse_args(argv)
     checkpoint = build_demo_checkpoint(args.workdir)
     print(f"Built a tiny PALO checkpoint (random weights) in {checkpoint}; chatting in 4 languages:")

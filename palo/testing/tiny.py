@@ -46,7 +46,8 @@ class TinyShapes:
     patch_size: int = 14  # 4 x 4 = 16 patches, a square grid as LDP needs
 
 
-def train_sentencepiece(out_dir: str, vocab_size: int = 1000, extra_text: list[str] | None = None) -> PaloLlamaTokenizer:
+def train_sentencepiece(out_dir: str, vocab_size: int = 1000,
+                        extra_text: list[str] | None = None) -> PaloLlamaTokenizer:
     """Train a LLaMA-style multilingual SentencePiece BPE model and save it as a tokenizer folder.
 
     LLaMA conventions: ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2, dummy prefix, byte fallback (any character round-trips),
@@ -268,7 +269,8 @@ def write_lora_checkpoint(
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     llm = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_model = get_peft_model(
-        llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM", target_modules=targets)
+        llm, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                        target_modules=targets)
     )
     generator = torch.Generator().manual_seed(seed)
     adapter: dict[str, torch.Tensor] = {}

@@ -36,7 +36,8 @@ def draw_shape(colour: str, size: int = 64, seed: int = 0) -> Image.Image:
     return image
 
 
-def write_dataset(root: str, num_samples: int = 24, seed: int = 0, multi_turn_every: int = 5, text_only_every: int = 6) -> str:
+def write_dataset(root: str, num_samples: int = 24, seed: int = 0, multi_turn_every: int = 5,
+                  text_only_every: int = 6) -> str:
     """Write ``root/images/*.png`` and ``root/train.json``; returns the JSON path."""
     rng = random.Random(seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
@@ -45,7 +46,8 @@ def write_dataset(root: str, num_samples: int = 24, seed: int = 0, multi_turn_ev
     for i in range(num_samples):
         if text_only_every and i % text_only_every == text_only_every - 1:
             q, a = TEXT_ONLY[i % len(TEXT_ONLY)]
-            samples.append({"id": f"text-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+            samples.append({"id": f"text-{i}", "conversations": [{"from": "human", "value": q},
+                                                                 {"from": "gpt", "value": a}]})
             continue
         colour = rng.choice(list(COLOURS))
         language = languages[i % len(languages)]

@@ -62,7 +62,8 @@ class DataArguments:
     image_aspect_ratio: str = field(default="square", metadata={"help": "pad or square"})
     skip_bad_samples: bool = field(
         default=False,
-        metadata={"help": "skip (and count) samples with a missing/corrupt image or malformed turns instead of stopping"},
+        metadata={"help": "skip (and count) samples with a missing/corrupt image or malformed turns "
+                          "instead of stopping"},
     )
     over_length: str = field(
         default="truncate",

@@ -107,7 +107,8 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
     try:  # best effort: a read-only data folder just means no cache
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words, language=meta.language)
+            np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words,
+                     language=meta.language)
         os.replace(tmp, cache)
     except OSError:
         pass
@@ -309,7 +310,8 @@ class LazySupervisedDataset(Dataset):
                 sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
                 message = f"bad training sample id={sample_id!r} (entry {position} of the data file): {exc}"
                 if not self.skip_bad_samples:
-                    raise BadSampleError(message + " (pass --skip_bad_samples True to skip and count such samples)") from exc
+                    raise BadSampleError(message + " (pass --skip_bad_samples True to skip and count "
+                                                   "such samples)") from exc
                 with self.bad_samples.get_lock():
                     self.bad_samples.value += 1
                 logger.warning("skipped %s", message)

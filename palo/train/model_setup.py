@@ -77,7 +77,8 @@ def _quantization_kwargs(args: TrainingArguments) -> dict[str, Any]:
 def load_tokenizer_for_training(model_args: ModelArguments, args: TrainingArguments) -> Any:
     """Right-padded tokenizer with ``model_max_length``; pad = unk except for ``v0`` (a new ``[PAD]``)."""
     tokenizer = load_tokenizer(
-        resolve_checkpoint_dir(model_args.model_name_or_path), model_max_length=args.model_max_length, padding_side="right"
+        resolve_checkpoint_dir(model_args.model_name_or_path), model_max_length=args.model_max_length,
+        padding_side="right"
     )
     if model_args.version == "v0":
         if tokenizer.pad_token is None:

@@ -347,8 +347,8 @@ def _validate_turns(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
 def _check_placeholders(turns: Sequence[Mapping[str, Any]], has_image: bool) -> None:
     """One ``<image>`` turn (a human one) for an image sample, none for a text-only one.
 
-    The splice (docs/formats.md §3.9) needs one placeholder per image: a text-only ``<image>`` would become a sentinel with no
-    features, and an image without a placeholder would be silently dropped.
+    The splice (docs/formats.md §3.9) needs one placeholder per image: a text-only ``<image>`` would become a
+    sentinel with no features, and an image without a placeholder would be silently dropped.
     """
     where = [k for k, turn in enumerate(turns) if DEFAULT_IMAGE_TOKEN in turn["value"]]
     if not has_image and where:

@@ -134,7 +134,8 @@ class PaloTrainer(Trainer):
         return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
     # -- loss and logs ---------------------------------------------------------------------------------------------
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any) -> Any:
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     **kwargs: Any) -> Any:
         languages = inputs.pop("languages", None)
         if self._tokens_clock is None:
             self._tokens_clock = time.perf_counter()
@@ -224,7 +225,8 @@ class PaloTrainer(Trainer):
         else:
             import resource
 
-            logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # KiB on Linux
+            # ru_maxrss is in KiB on Linux
+            logs["peak_memory_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
         return logs
 
     # -- saving ----------------------------------------------------------------------------------------------------

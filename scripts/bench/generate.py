@@ -69,7 +69,8 @@ SHAPES = {
 }
 
 
-def build_models(shape: Shape, device: str, dtype: torch.dtype) -> tuple[PaloForCausalLM, LlavaForConditionalGeneration]:
+def build_models(shape: Shape, device: str,
+                 dtype: torch.dtype) -> tuple[PaloForCausalLM, LlavaForConditionalGeneration]:
     """Random PALO model (mlp2x_gelu) and an HF Llava whose parameters are the same tensors."""
     llama = dict(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                  num_hidden_layers=shape.layers, num_attention_heads=shape.heads, max_position_embeddings=4096,
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 llava(input_ids=hf_ids, pixel_values=pixels, logits_to_keep=1)
 
         def palo_gen(n):
-            return lambda: palo.generate(ids, images=pixels, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return lambda: palo.generate(ids, images=pixels, max_new_tokens=n, min_new_tokens=n,
+                                         do_sample=False, pad_token_id=0)
 
         def hf_gen(n):
             return lambda: llava.generate(input_ids=hf_ids, pixel_values=pixels, max_new_tokens=n, min_new_tokens=n,
@@ -152,7 +154,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             ours = palo(input_ids=ids, images=pixels, logits_to_keep=1).logits.float()
             theirs = llava(input_ids=hf_ids, pixel_values=pixels, logits_to_keep=1).logits.float()
         logit_diff = ((ours - theirs).abs().max() / theirs.abs().max()).item()
-        same = torch.equal(palo_gen(args.new_tokens)()[:, ids.shape[1]:], hf_gen(args.new_tokens)()[:, hf_ids.shape[1]:])
+        same = torch.equal(palo_gen(args.new_tokens)()[:, ids.shape[1]:],
+                           hf_gen(args.new_tokens)()[:, hf_ids.shape[1]:])
         row = {"batch": batch, "same_tokens": same, "logit_rel_diff": logit_diff}
         row["palo_prefill_ms"], row["hf_llava_prefill_ms"] = (
             1000 * t for t in _paired_medians(palo_prefill, hf_prefill, args.repeats, args.device)
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cpu":
         torch.set_num_threads(torch.get_num_threads())
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    device_name = (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
+                   else f"CPU ({torch.get_num_threads()} threads)")
     print(f"# generate benchmark: shape={args.shape} dtype={args.dtype} device={device_name} torch={torch.__version__}")
     if args.baseline == "generate":
         results = run_engine(args)
@@ -270,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run(args)
     print(f"{'batch':>5} {'metric':<22} {'palo':>10} {'hf_llava':>10} {'hf/palo':>8}  same tokens / logit rel. diff")
     for row in results:
-        print(f"{row['batch']:>5} {'prefill ms':<22} {row['palo_prefill_ms']:>10.2f} {row['hf_llava_prefill_ms']:>10.2f} "
-              f"{row['prefill_ratio']:>8.2f}  {row['same_tokens']} / {row['logit_rel_diff']:.1e}")
+        print(f"{row['batch']:>5} {'prefill ms':<22} {row['palo_prefill_ms']:>10.2f} "
+              f"{row['hf_llava_prefill_ms']:>10.2f} {row['prefill_ratio']:>8.2f}  {row['same_tokens']} / "
+              f"{row['logit_rel_diff']:.1e}")
         print(f"{row['batch']:>5} {'decode ms/token':<22} {row['palo_decode_ms_per_token']:>10.2f} "
               f"{row['hf_llava_decode_ms_per_token']:>10.2f} {row['decode_ratio']:>8.2f}")
     if args.json:

@@ -171,7 +171,8 @@ def main() -> int:
     parser.add_argument("--min-tokens", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--concurrency", type=int, default=32, help="the worker's --limit-model-concurrency")
-    parser.add_argument("--static-batch", type=int, default=8, help="the static engine's --max-batch-size (its default)")
+    parser.add_argument("--static-batch", type=int, default=8,
+                        help="the static engine's --max-batch-size (its default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start-timeout", type=float, default=600.0)
     args = parser.parse_args()

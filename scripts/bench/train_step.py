@@ -13,8 +13,8 @@ agree), and the ratio baseline / PALO (above 1 means PALO is faster or leaner).
 ``--workload llava665k``: packing against padded batches on the same data in the same run. Samples follow a
 LLaVA-665K-like mix (:func:`llava665k_lengths`: many short single-turn image questions, some long multi-turn image
 conversations, ShareGPT-like text-only ones), each image 576 positions (CLIP-L/336: 24 x 24 patches; with
-``--shape cpu``, a CLIP of that resolution with two narrow layers, one of which runs). Batches come from the project's modality-grouped
-sampler (the original recipe), are collated by :class:`~palo.train.dataset.DataCollator` (padded) or
+``--shape cpu``, a CLIP of that resolution with two narrow layers, one of which runs). Batches come from the project's
+modality-grouped sampler (the original recipe), are collated by :class:`~palo.train.dataset.DataCollator` (padded) or
 :class:`~palo.train.dataset.PackedDataCollator` (``--model-max-length`` rows), and both sides run the same batches
 through full optimizer steps, alternating step by step in one process (ABBA, so that machine drift hits both
 alike; peak memory and the first loss come from one process per side). Printed: real (non-padding) tokens/s,
@@ -125,7 +125,8 @@ def _measure(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process-wide
     step_s = statistics.median(times)
-    queue.put({"side": side, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gib": peak, "first_loss": first_loss})
+    queue.put({"side": side, "step_s": step_s, "tokens_per_s": tokens / step_s, "peak_gib": peak,
+               "first_loss": first_loss})
 
 
 def llava665k_lengths(count: int, seed: int = 0) -> list[tuple[int, bool]]:
@@ -197,7 +198,8 @@ def _mix_model(args: argparse.Namespace):
 
 def _mix_step(model, optimizer, flops, batch: dict, args: argparse.Namespace) -> tuple[float, int, int, float]:
     """One optimizer step; returns (loss, real positions, all positions, model FLOPs)."""
-    inputs = {k: (v.to(args.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "languages"}
+    inputs = {k: (v.to(args.device) if isinstance(v, torch.Tensor) else v)
+              for k, v in batch.items() if k != "languages"}
     if "images" in inputs:
         inputs["images"] = inputs["images"].to(getattr(torch, args.dtype))
     out = model(**inputs)
@@ -285,8 +287,9 @@ def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
     results = {}
     for side, (elapsed, real, positions, model_flops) in totals.items():
         results[side] = {"real_tokens_per_s": real / elapsed, "padding_fraction": 1 - real / positions,
-                         "model_tflops_per_s": model_flops / elapsed / 1e12, "mfu": model_flops / elapsed / args.peak_flops,
-                         "steps": len(batches[side]) - 1, "seconds": elapsed, "real_tokens": real, "positions": positions}
+                         "model_tflops_per_s": model_flops / elapsed / 1e12,
+                         "mfu": model_flops / elapsed / args.peak_flops, "steps": len(batches[side]) - 1,
+                         "seconds": elapsed, "real_tokens": real, "positions": positions}
     queue.put(results)
 
 
@@ -349,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--lora", action="store_true", help="LoRA on the LLM (PALO-7B recipe) instead of full fine-tuning")
+    parser.add_argument("--lora", action="store_true",
+                        help="LoRA on the LLM (PALO-7B recipe) instead of full fine-tuning")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--workload", choices=["fixed", "llava665k"], default="fixed",
@@ -375,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     p, h = results["palo"], results["hf_llava"]
     print(f"{'metric':<16} {'palo':>10} {'hf_llava':>10} {'hf/palo':>8}")
     print(f"{'step s':<16} {p['step_s']:>10.4f} {h['step_s']:>10.4f} {h['step_s'] / p['step_s']:>8.2f}")
-    print(f"{'tokens/s':<16} {p['tokens_per_s']:>10.1f} {h['tokens_per_s']:>10.1f} {p['tokens_per_s'] / h['tokens_per_s']:>8.2f}")
+    print(f"{'tokens/s':<16} {p['tokens_per_s']:>10.1f} {h['tokens_per_s']:>10.1f} "
+          f"{p['tokens_per_s'] / h['tokens_per_s']:>8.2f}")
     print(f"{'peak GiB':<16} {p['peak_gib']:>10.2f} {h['peak_gib']:>10.2f} {h['peak_gib'] / p['peak_gib']:>8.2f}")
     print(f"{'first loss':<16} {p['first_loss']:>10.4f} {h['first_loss']:>10.4f}")
     if args.json:

@@ -14,7 +14,8 @@ from palo.testing import tiny_data
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "palo.data.cli", *args], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "palo.data.cli", *args], capture_output=True, text=True, timeout=300,
+                          env=env)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +24,8 @@ def data(tmp_path_factory) -> str:
 
 
 def test_inspect_json_reports_supervised_text(world, data):
-    result = _run("inspect", "--data_path", data, "--model_name_or_path", world.tokenizer_dir, "--version", "v1", "--json")
+    result = _run("inspect", "--data_path", data, "--model_name_or_path", world.tokenizer_dir, "--version", "v1",
+                  "--json")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(records) == 12

@@ -104,7 +104,8 @@ def test_stats_table_json_and_plot(world, tmp_path, capsys):
     assert md in printed + "\n"
     e = train["english"]
     assert (f"| english | 2 | 6 | 1 | 1 | {e['words']} | {e['characters']} | {e['tokens']} | "
-            f"{e['tokens'] / e['words']:.2f} | {e['tokens'] / e['characters']:.2f} | {100 * e['byte_tokens'] / e['tokens']:.1f} % |") in md
+            f"{e['tokens'] / e['words']:.2f} | {e['tokens'] / e['characters']:.2f} | "
+            f"{100 * e['byte_tokens'] / e['tokens']:.1f} % |") in md
     assert "### evaluation questions" in md and "1 malformed sample(s) skipped" in md
     png = (out.parent / "stats.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -113,7 +114,8 @@ def test_stats_table_json_and_plot(world, tmp_path, capsys):
 
 def _bench(root) -> str:
     """A bench folder in the README layout: 2 English and 3 Urdu questions (Urdu text but an English-looking id)."""
-    for language, texts in (("english", ["What is this?", "Describe it."]), ("urdu", ["یہ کیا ہے؟", "اسے بیان کریں۔", "ok"])):
+    for language, texts in (("english", ["What is this?", "Describe it."]),
+                            ("urdu", ["یہ کیا ہے؟", "اسے بیان کریں۔", "ok"])):
         folder = root / language
         folder.mkdir(parents=True)
         for name in ("question.jsonl", "answers.jsonl"):

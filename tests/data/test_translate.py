@@ -3,7 +3,8 @@
 The server "translates" word by word into a fixed word list of the target language (read from the system
 message), copying the ``[[n]]`` placeholders it receives, and misbehaves on cue: a marker word in the English text
 makes it answer 500 once, 429 once (with Retry-After), echo the English, echo it once, mangle placeholders, or wrap
-the reply in angle brackets once, or put a preamble ("Translation: ...") before it. Every request is recorded, so tests count calls per (language, text).
+the reply in angle brackets once, or put a preamble ("Translation: ...") before it. Every request is recorded, so
+tests count calls per (language, text).
 """
 
 from __future__ import annotations

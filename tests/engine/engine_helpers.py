@@ -11,7 +11,8 @@ from palo.mm_utils import process_images, tokenizer_image_token
 QUESTIONS = [
     "What is shown in this image?", "这张图片里有什么？", "Qu'est-ce qui est montré dans cette image ?",
     "¿Qué se muestra en esta imagen?", "Что изображено на этой картинке?", "この画像には何が写っていますか？",
-    "ما الذي يظهر في هذه الصورة؟", "इस चित्र में क्या दिखाया गया है?", "এই ছবিতে কী দেখানো হয়েছে?", "اس تصویر میں کیا دکھایا گیا ہے؟",
+    "ما الذي يظهر في هذه الصورة؟", "इस चित्र में क्या दिखाया गया है?", "এই ছবিতে কী দেখানো হয়েছে?",
+    "اس تصویر میں کیا دکھایا گیا ہے؟",
 ]
 COLORS = ["red", "green", "black", "orange", "purple", "yellow", "blue", "pink"]
 

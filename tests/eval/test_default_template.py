@@ -18,7 +18,8 @@ def test_no_script_hardcodes_a_default_template():
     assert cli.build_parser().parse_args([]).conv_mode is None
 
 
-@pytest.mark.parametrize("explicit,expected", [(None, "vicuna_v1"), ("llava_v1", "llava_v1"), ("vicuna_v1", "vicuna_v1")])
+@pytest.mark.parametrize("explicit,expected",
+                         [(None, "vicuna_v1"), ("llava_v1", "llava_v1"), ("vicuna_v1", "vicuna_v1")])
 def test_load_answerer_uses_the_checkpoint_template_unless_told(world, explicit, expected):
     answerer, _ = model_vqa.load_answerer(world.full_dir, None, explicit, model_vqa.generation_kwargs(0.0, None, 1, 4),
                                           device="cpu", engine="hf")
@@ -43,4 +44,5 @@ def test_build_prompt_brackets_the_image_for_im_start_end_checkpoints():
     wrapped = model_vqa.build_prompt("Q?", "vicuna_v1", True, True)
     assert "USER: <image>\nQ?" in plain
     assert wrapped == plain.replace("<image>", "<im_start><image><im_end>")
-    assert model_vqa.build_prompt("Q?", "vicuna_v1", False, True) == model_vqa.build_prompt("Q?", "vicuna_v1", False, False)
+    assert (model_vqa.build_prompt("Q?", "vicuna_v1", False, True)
+            == model_vqa.build_prompt("Q?", "vicuna_v1", False, False))

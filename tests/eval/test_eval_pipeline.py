@@ -164,8 +164,9 @@ def test_one_language_mode_of_llavabench(world, bench, judge_server, tmp_path, c
     out = tmp_path / "evaluation"
     rc = run_bench.main([
         "--model-path", world.full_dir, "--images", os.path.join(bench, "images"),
-        "--questions", os.path.join(english, "questions.jsonl"), "--answers", os.path.join(english, "answers_gpt4.jsonl"),
-        "--context", os.path.join(english, "context.jsonl"), "--output-dir", str(out), "--output-file", "m_English.jsonl",
+        "--questions", os.path.join(english, "questions.jsonl"),
+        "--answers", os.path.join(english, "answers_gpt4.jsonl"), "--context", os.path.join(english, "context.jsonl"),
+        "--output-dir", str(out), "--output-file", "m_English.jsonl",
         "--device", "cpu", "--max-new-tokens", "3", "--judge-base-url", judge_server.base_url, "--batch-size", "4",
     ])
     assert rc == 0

@@ -95,7 +95,8 @@ def test_pad_is_default_and_crop_reproduces_the_original(bench):
     image = Image.open(wide).convert("RGB")
     padded = model_vqa.preprocess_image(wide, processor, "pad")
     cropped = model_vqa.preprocess_image(wide, processor, "crop")
-    expected_pad = processor.preprocess(expand2square(image, pad_color(processor)), return_tensors="pt")["pixel_values"][0]
+    expected_pad = processor.preprocess(expand2square(image, pad_color(processor)),
+                                        return_tensors="pt")["pixel_values"][0]
     expected_crop = processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
     assert torch.equal(padded, expected_pad) and torch.equal(cropped, expected_crop)
     assert not torch.equal(padded, cropped)  # a non-square image: the crop cuts the sides off

@@ -118,7 +118,8 @@ def test_transformers_alone_gives_palo_logits_and_greedy_tokens(exports, fmt):
         inputs = processor(images=[image], text=text, return_tensors="pt")
         ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
         pixels = process_images([image], palo_processor, palo.config)
-        assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id, export.num_image_tokens)
+        assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id,
+                                                          export.num_image_tokens)
         torch.testing.assert_close(inputs["pixel_values"], pixels, rtol=0, atol=0)
         with torch.no_grad():
             ours = palo(input_ids=ids, images=pixels).logits
@@ -233,7 +234,8 @@ def test_linear_projector_exports_exactly(world, tmp_path):
     tokenizer, palo, palo_processor, _ = load_pretrained_model(ckpt, device="cpu", dtype=torch.float32)
     image = _image(90, 40, seed=3)
     turns = [QUESTIONS["japanese"], None]
-    inputs = processor(images=[image], text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
+    inputs = processor(images=[image],
+                       text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
                        return_tensors="pt")
     ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
     pixels = process_images([image], palo_processor, palo.config)  # "square": resize + centre crop, no pad
@@ -270,9 +272,11 @@ def test_cli_verb(world, tmp_path, capsys):
     # A non-empty output folder, an ldpnet checkpoint and a LoRA folder without its base: clear errors, exit 2.
     assert palo_main(["export", "--to", "hf-llava", "--model-path", world.full_dir, "--output", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
-    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.ldp_dir, "--output", str(tmp_path / "x")]) == 2
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.ldp_dir,
+                      "--output", str(tmp_path / "x")]) == 2
     assert "ldpnet" in capsys.readouterr().err
-    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.lora_dir, "--output", str(tmp_path / "y")]) == 2
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.lora_dir,
+                      "--output", str(tmp_path / "y")]) == 2
     assert "--model-base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         palo_main(["export", "--to", "onnx", "--model-path", world.full_dir, "--output", str(tmp_path / "z")])
@@ -298,7 +302,8 @@ def test_config_without_im_patch_key_keeps_the_loaders_extra_token(world, tmp_pa
     processor = AutoProcessor.from_pretrained(export.output_dir)
     image = _image(64, 64, seed=9)
     turns = [QUESTIONS["bengali"], None]
-    inputs = processor(images=[image], text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
+    inputs = processor(images=[image],
+                       text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
                        return_tensors="pt")
     ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
     assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id, export.num_image_tokens)

@@ -71,7 +71,8 @@ def test_ldp_checkpoint_uses_144_style_token_reduction(world, pixels):
 def test_projector_checkpoint_with_base(world, pixels):
     tokenizer, model, _, _ = load_pretrained_model(world.projector_dir, world.base_dir, "stage1_out", device="cpu")
     # Equal up to the original's float16 rounding of the projector weights (tested exactly below).
-    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_lora_checkpoint_with_base_equals_manual_merge(world, pixels):
@@ -134,7 +135,8 @@ def test_hub_ids_through_local_cache_offline(world, tmp_path, monkeypatch, pixel
     assert snapshot_download("test-org/tiny-base").startswith(str(hf_home))
     tokenizer, model, processor, _ = load_pretrained_model("test-org/tiny-stage1", "test-org/tiny-base", device="cpu")
     assert processor.crop_size["height"] == 56
-    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_tower_weights_in_checkpoint_need_no_tower_source(world, tmp_path, pixels):
@@ -171,7 +173,8 @@ def test_tower_weights_come_from_mm_vision_tower_when_available(world, tmp_path,
     (folder / "config.json").write_text(json.dumps(config))
     _, offline_model, _, _ = load_pretrained_model(str(folder), device="cpu")
     stored = offline_model.get_vision_tower().vision_tower.vision_model.embeddings.patch_embedding.weight
-    torch.testing.assert_close(stored, state["model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"])
+    torch.testing.assert_close(stored,
+                               state["model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight"])
 
 
 def test_stage1_projector_is_rounded_through_float16_as_the_original(world, pixels):
@@ -189,8 +192,10 @@ def test_vision_tower_override(world, tmp_path, pixels):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(VisionTowerError, match="--vision-tower"):
         load_pretrained_model(str(folder), world.base_dir, device="cpu")
-    tokenizer, model, _, _ = load_pretrained_model(str(folder), world.base_dir, device="cpu", vision_tower=world.clip_dir)
-    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels), rtol=1e-3, atol=1e-3)
+    tokenizer, model, _, _ = load_pretrained_model(str(folder), world.base_dir, device="cpu",
+                                                   vision_tower=world.clip_dir)
+    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels),
+                               rtol=1e-3, atol=1e-3)
 
 
 def test_auto_model_for_causal_lm_after_import(world, pixels):
@@ -265,7 +270,8 @@ def test_projector_file_of_the_wrong_shape(world, tmp_path):
         load_pretrained_model(str(folder), world.base_dir, device="cpu")
 
 
-@pytest.mark.parametrize("flag,layer,tolerance", [("load_4bit", "Linear4bit", 0.3), ("load_8bit", "Linear8bitLt", 0.05)])
+@pytest.mark.parametrize("flag,layer,tolerance",
+                         [("load_4bit", "Linear4bit", 0.3), ("load_8bit", "Linear8bitLt", 0.05)])
 def test_quantised_loading_quantises_only_the_language_model(world, flag, layer, tolerance):
     """bitsandbytes >= 0.50 quantises on CPU as on CUDA: the same module selection, the same code path."""
     from palo.mm_utils import tokenizer_image_token
@@ -288,7 +294,8 @@ def test_quantised_loading_without_bitsandbytes_says_how_to_install(world, monke
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ValueError, match="pip install 'bitsandbytes"):
         load_pretrained_model(world.full_dir, device="cpu", load_4bit=True)
     with pytest.raises(ValueError, match="one of"):

@@ -268,7 +268,8 @@ def test_trainer_stage1_with_start_end_tokens_saves_and_resumes_the_embeddings(w
     saved_model.config.mm_use_im_start_end = True
     folder = str(tmp_path / "checkpoint-1")
     _trainer(saved_model, str(tmp_path), stage1=True)._save(folder)
-    assert sorted(_raw(os.path.join(folder, "mm_projector.bin"))) == sorted(PROJECTOR_KEYS + ["model.embed_tokens.weight"])
+    assert (sorted(_raw(os.path.join(folder, "mm_projector.bin")))
+            == sorted(PROJECTOR_KEYS + ["model.embed_tokens.weight"]))
 
     resumed = tiny.build_palo_model(world.config, world.clip_dir, seed=7)
     resumed.config.mm_use_im_start_end = True

@@ -39,7 +39,8 @@ def test_a_released_config_reads_as_before(world):
     assert (spec.max_length, spec.padding_side) == (2048, "right")
     # Absent keys keep the original's load-time defaults.
     bare = MultimodalSpec.from_config(SimpleNamespace(mm_vision_tower="clip", mm_vision_select_layer=-2))
-    assert (bare.image_aspect_ratio, bare.max_length, bare.padding_side, bare.use_im_start_end) == (None, None, "right", False)
+    assert ((bare.image_aspect_ratio, bare.max_length, bare.padding_side, bare.use_im_start_end)
+            == (None, None, "right", False))
     assert bare.use_im_patch_token is True
 
 
@@ -55,8 +56,9 @@ def test_select_layer_is_read_from_the_config_and_training_defaults_to_the_same(
 
 def _model(projector_type: str, image_size: int, patch_size: int, select_feature: str = "patch") -> PaloForCausalLM:
     shapes = tiny.TinyShapes(image_size=image_size, patch_size=patch_size)
-    config = tiny.palo_config_dict(tiny.tiny_llama_config(100, shapes), "unresolvable/clip", projector_type=projector_type,
-                                   mm_vision_select_feature=select_feature, mm_vision_config=tiny.tiny_clip_config(shapes).to_dict())
+    config = tiny.palo_config_dict(tiny.tiny_llama_config(100, shapes), "unresolvable/clip",
+                                   projector_type=projector_type, mm_vision_select_feature=select_feature,
+                                   mm_vision_config=tiny.tiny_clip_config(shapes).to_dict())
     torch.manual_seed(0)
     return PaloForCausalLM(PaloConfig(**{k: v for k, v in config.items() if k != "model_type"})).eval()
 

@@ -41,7 +41,8 @@ def test_quantized_load_and_generate_on_cuda(world, bits):
     tokenizer, model, _, _ = load_pretrained_model(
         world.full_dir, device="cuda", load_4bit=bits == 4, load_8bit=bits == 8
     )
-    quantized = [n for n, m in model.named_modules() if "Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__]
+    quantized = [n for n, m in model.named_modules()
+                 if "Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__]
     assert any(".layers.0.self_attn.q_proj" in n for n in quantized)
     assert not any("mm_projector" in n or "vision_tower" in n for n in quantized)  # kept in half precision
     ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")[None].cuda()

@@ -25,7 +25,8 @@ def to_hf_llava(model, image_token_id: int) -> LlavaForConditionalGeneration:
     """transformers' own Llava holding exactly the weights of a PALO mlp2x_gelu model."""
     tower = model.get_vision_tower()
     text = LlamaConfig(**{k: v for k, v in model.config.to_dict().items() if not k.startswith("mm_")})
-    hf = LlavaForConditionalGeneration(llava_config(text, CLIPVisionConfig(**tower.config.to_dict()), image_token_id)).eval()
+    hf = LlavaForConditionalGeneration(llava_config(text, CLIPVisionConfig(**tower.config.to_dict()),
+                                                    image_token_id)).eval()
     result = hf.load_state_dict(to_llava_state_dict(model.state_dict()), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys
     assert not [k for k in result.missing_keys if "position_ids" not in k], result.missing_keys
@@ -84,7 +85,8 @@ def test_batched_generation_equals_one_by_one(world):
         singles.append(out[0, ids.shape[1]:])
     rows = [tokenizer_image_token(p, tokenizer, return_tensors="pt") for p, _ in cases]
     ids, mask = left_pad(rows, pad_id=0)
-    out = model.generate(ids, images=torch.cat(pixels), attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, images=torch.cat(pixels), attention_mask=mask, max_new_tokens=10, do_sample=False,
+                         pad_token_id=0)
     for i, single in enumerate(singles):
         batched = out[i, ids.shape[1]:]
         # A row that stopped at EOS is padded afterwards in the batch.

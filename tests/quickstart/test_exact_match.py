@@ -89,7 +89,8 @@ def test_table_counts_right_wrong_and_unanswered_by_hand(tmp_path):
     # Two held-out images: questions 0-2 ask colour/shape/count of image 0, questions 3-5 of image 1.
     bench = shapes_task.write_bench(str(tmp_path / "bench"), 2, 84, seed=5)
     answers = str(tmp_path / "answers")
-    english, arabic, chinese = _references(bench, "english"), _references(bench, "arabic"), _references(bench, "chinese")
+    english, arabic, chinese = (_references(bench, "english"), _references(bench, "arabic"),
+                                _references(bench, "chinese"))
     # English: colour 2/2 (one in another case, no stop), shape 1/2, count 0/1 and one unanswered.
     _write_answers(answers, "english", {
         0: english[0].upper().rstrip("."), 3: english[3],

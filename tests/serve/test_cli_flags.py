@@ -63,7 +63,8 @@ def test_quantised_chat(world, image_file, monkeypatch, capsys, loads, flag, lay
     assert rc == 0, err
     assert len(answers) == 2 and all(answers)
     model = loads[-1]
-    kinds = {type(m).__name__ for n, m in model.named_modules() if n.startswith("model.layers.") and n.endswith("_proj")}
+    kinds = {type(m).__name__ for n, m in model.named_modules()
+             if n.startswith("model.layers.") and n.endswith("_proj")}
     assert kinds == {layer}  # the language model really is quantised
     assert type(model.lm_head).__name__ == "Linear"  # and the head, projector and tower are not
 

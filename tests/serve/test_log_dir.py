@@ -39,7 +39,8 @@ def test_palo_logdir_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("PALO_LOGDIR", str(tmp_path / "elsewhere"))
     monkeypatch.chdir(tmp_path)
     _write_one("palo-test-env")
-    assert os.listdir(tmp_path) == ["elsewhere"] and "hello" in (tmp_path / "elsewhere" / "palo-test-env.log").read_text()
+    assert (os.listdir(tmp_path) == ["elsewhere"]
+            and "hello" in (tmp_path / "elsewhere" / "palo-test-env.log").read_text())
 
 
 def test_the_default_log_folder_is_ignored_by_git():

@@ -16,7 +16,8 @@ def client(cluster, key: str = API_KEY) -> openai.OpenAI:
 
 def image_message(text: str, color: str = "red") -> list[dict]:
     url = "data:image/png;base64," + image_b64(make_image(color))
-    return [{"role": "user", "content": [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]}]
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]
 
 
 def test_models_and_streamed_chat_with_an_image(cluster):
@@ -42,7 +43,8 @@ def test_models_and_streamed_chat_with_an_image(cluster):
 def test_a_stop_string_ends_the_answer(cluster):
     c = client(cluster)
     messages = [{"role": "system", "content": "Answer briefly."}] + image_message("Describe it.", "green")
-    free = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16).choices[0].message.content
+    free = c.chat.completions.create(model="ckpt", messages=messages, temperature=0,
+                                     max_tokens=16).choices[0].message.content
     assert len(free) > 4
     stop = free[len(free) // 2:][:2]
     cut = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16, stop=[stop])
@@ -66,7 +68,8 @@ def test_errors(cluster):
         c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "word " * 700}])
     with pytest.raises(openai.BadRequestError, match="alternate"):
         c.chat.completions.create(model="ckpt", messages=[{"role": "assistant", "content": "hi"}])
-    bad_json = httpx.post(cluster.url + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {API_KEY}"})
+    bad_json = httpx.post(cluster.url + "/v1/chat/completions", content=b"{",
+                          headers={"Authorization": f"Bearer {API_KEY}"})
     assert bad_json.status_code == 400 and "invalid JSON" in bad_json.json()["error"]["message"]
     # ...and the next good request succeeds.
     ok = c.chat.completions.create(model="ckpt", messages=image_message("What is this?"), temperature=0, max_tokens=4)

@@ -131,7 +131,8 @@ def test_streams_through_the_controller_like_the_backend_worker(stack):
 
 def test_streams_through_the_front_openai_api(stack):
     body = {"model": MODEL, "temperature": 0, "max_tokens": 10, "stream": True, "messages": [
-        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + image_b64()}},
+        {"role": "user", "content": [{"type": "image_url",
+                                      "image_url": {"url": "data:image/png;base64," + image_b64()}},
                                      {"type": "text", "text": "Что на изображении?"}]}]}
     deltas = []
     with httpx.stream("POST", stack["front"].url + "/v1/chat/completions", json=body, timeout=60) as response:

@@ -78,12 +78,14 @@ def test_expiry_and_refresh():
 
 
 def test_chunks_round_trip_and_split_anywhere():
-    data = encode_chunk("prompt ما", 0) + error_chunk("bad image", 1, "invalid_request") + encode_chunk("x", 0, usage=None)
+    data = (encode_chunk("prompt ما", 0) + error_chunk("bad image", 1, "invalid_request")
+            + encode_chunk("x", 0, usage=None))
     for cut in range(len(data)):
         decoder = ChunkDecoder()
         objs = decoder.feed(data[:cut]) + decoder.feed(data[cut:]) + decoder.close()
         assert [o["text"] for o in objs] == ["prompt ما", "bad image", "x"]
-    assert json.loads(encode_chunk("t", 0, finish_reason="stop")[:-1]) == {"text": "t", "error_code": 0, "finish_reason": "stop"}
+    assert (json.loads(encode_chunk("t", 0, finish_reason="stop")[:-1])
+            == {"text": "t", "error_code": 0, "finish_reason": "stop"})
 
 
 @pytest.mark.parametrize(

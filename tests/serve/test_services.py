@@ -73,7 +73,8 @@ def _bomb() -> str:
 
 BAD_REQUESTS = {
     "invalid base64": ({"images": ["%%% not base64 %%%"]}, "base64"),
-    "not an image": ({"images": [base64.b64encode(b"GIF89a but not really an image").decode()]}, "not a readable image"),
+    "not an image": ({"images": [base64.b64encode(b"GIF89a but not really an image").decode()]},
+                     "not a readable image"),
     "decompression bomb": ({"images": [_bomb()]}, "over the limit"),
     "too many images": ({"images": [image_b64(), image_b64()]}, "2 image(s) for 1 <image>"),
     "no image": ({"images": []}, "0 image(s) for 1 <image>"),
@@ -108,7 +109,8 @@ def test_invalid_json_unknown_model_and_overlong_prompt(cluster):
     body = dict(good_request("ckpt"), prompt=vicuna_prompt("word " * 700))
     code, chunks = stream(cluster.url, body)
     assert code == 200 and len(chunks) == 1
-    assert chunks[0]["text"] == body["prompt"] + PROMPT_TOO_LONG_MSG and chunks[0]["error_type"] == "context_length_exceeded"
+    assert (chunks[0]["text"] == body["prompt"] + PROMPT_TOO_LONG_MSG
+            and chunks[0]["error_type"] == "context_length_exceeded")
     good = good_request("ckpt", max_new_tokens=4)
     assert_good_stream(*stream(cluster.url, good), good["prompt"])
     # Malformed registry calls are refused, not crashed on.

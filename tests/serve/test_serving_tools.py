@@ -1,4 +1,5 @@
-"""The original serving tools: ``register_worker.py`` and ``test_message.py`` with their flags, against real services."""
+"""The original serving tools: ``register_worker.py`` and ``test_message.py`` with their flags, against real
+services."""
 
 from __future__ import annotations
 

@@ -99,7 +99,8 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_wor
         thread.join(60)
     texts = set()
     for status_code, chunks in answers.values():
-        assert status_code == 200 and chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] in ("stop", "length")
+        assert (status_code == 200 and chunks[-1]["error_code"] == 0
+                and chunks[-1]["finish_reason"] in ("stop", "length"))
         texts.add(chunks[-1]["text"])
     assert len(answers) == 3 and len(texts) == 1  # the same greedy answer for the same request, every time
     after = _status(url)

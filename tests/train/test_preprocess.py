@@ -2,8 +2,8 @@
 
 Every template key is run on three-round conversations in several scripts (byte-fallback emoji included), with
 the image placeholder at the start, middle and end of the first human turn. Expected prompts and supervised texts
-are written out by hand per style; the original PALO counting rule (docs/formats.md §3.7 v1) is re-implemented here as an
-independent oracle.
+are written out by hand per style; the original PALO counting rule (docs/formats.md §3.7 v1) is re-implemented here
+as an independent oracle.
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def _ranges(prompt: str, texts: list[str]) -> list[tuple[int, int]]:
 
 
 def original_v1_labels(prompt: str, tok, conv_key: str) -> list[int]:
-    """PALO's ``preprocess_v1`` masking (docs/formats.md §3.7), image path: counts tokens of the text split on separators."""
+    """PALO's ``preprocess_v1`` masking (docs/formats.md §3.7), image path: counts tokens of the text split on
+    separators."""
     conv = conv_templates[conv_key]
     ids = tokenizer_image_token(prompt, tok)
     labels = list(ids)

@@ -148,7 +148,8 @@ def _losses(trainer_or_dir) -> list[float]:
 
 def test_full_finetune_lowers_loss_and_saves_loadable_checkpoint(world, data, tmp_path):
     out = str(tmp_path / "run")
-    trainer = train(_flags(world, data, out, "--num_train_epochs", "10", "--learning_rate", "4e-3", "--group_by_modality_length", "True"))
+    trainer = train(_flags(world, data, out, "--num_train_epochs", "10", "--learning_rate", "4e-3",
+                           "--group_by_modality_length", "True"))
     losses = _losses(trainer)
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses
@@ -162,7 +163,8 @@ def test_full_finetune_lowers_loss_and_saves_loadable_checkpoint(world, data, tm
     pixels = torch.randn(1, 3, 56, 56)
     trained.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, images=pixels).logits, trained(input_ids=ids, images=pixels).logits)
+        torch.testing.assert_close(model(input_ids=ids, images=pixels).logits,
+                                   trained(input_ids=ids, images=pixels).logits)
 
 
 def test_change_detector_first_losses_equal_recorded_values(world, data, tmp_path):
@@ -267,8 +269,9 @@ def test_lora_train_save_load_and_merge(world, data, tmp_path):
     torch.testing.assert_close(_logits(loaded, tokenizer, pixels), expected, rtol=1e-4, atol=1e-4)
 
     merged = str(tmp_path / "merged")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_lora_weights.py"), "--model-path", out,
-                             "--model-base", world.base_dir, "--save-model-path", merged, "--dtype", "float32"],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_lora_weights.py"),
+                             "--model-path", out, "--model-base", world.base_dir, "--save-model-path", merged,
+                             "--dtype", "float32"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     tokenizer, merged_model, _, _ = load_pretrained_model(merged, device="cpu")
@@ -277,7 +280,8 @@ def test_lora_train_save_load_and_merge(world, data, tmp_path):
 
 def test_stage1_then_stage2(world, data, tmp_path):
     stage1 = str(tmp_path / "stage1")
-    captions = tiny_data.write_dataset(str(tmp_path / "captions"), num_samples=12, multi_turn_every=0, text_only_every=0)
+    captions = tiny_data.write_dataset(str(tmp_path / "captions"), num_samples=12, multi_turn_every=0,
+                                       text_only_every=0)
     train(_flags(world, captions, stage1, "--version", "plain", "--tune_mm_mlp_adapter", "True", "--max_steps", "3",
                  "--save_strategy", "steps", "--save_steps", "2"))
     assert set(os.listdir(os.path.join(stage1, "checkpoint-2"))) >= {"mm_projector.bin", "config.json"}
@@ -304,8 +308,9 @@ def test_stage1_with_start_end_tokens_hands_their_rows_to_stage2(world, data, tm
     trainer = train(_flags(world, data, stage1, "--tune_mm_mlp_adapter", "True",
                            "--mm_use_im_start_end", "True", "--max_steps", "3", "--learning_rate", "0.05"))
     projector = torch.load(os.path.join(stage1, "mm_projector.bin"))
-    assert sorted(projector) == ["model.embed_tokens.weight", "model.mm_projector.0.bias", "model.mm_projector.0.weight",
-                                 "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+    assert sorted(projector) == ["model.embed_tokens.weight", "model.mm_projector.0.bias",
+                                 "model.mm_projector.0.weight", "model.mm_projector.2.bias",
+                                 "model.mm_projector.2.weight"]
     trained = trainer.model.get_input_embeddings().weight.detach().cpu()
     torch.testing.assert_close(projector["model.embed_tokens.weight"], trained)
     # The rows learnt something: they are no longer the mean of the base's rows they started from.
@@ -408,7 +413,8 @@ def test_bad_samples_stop_with_their_id_or_are_skipped_and_counted(world, data, 
     path = folder / "train.json"
     path.write_text(json.dumps(samples, ensure_ascii=False))
     with pytest.raises(BadSampleError, match=f"id={sample['id']!r}.*{message}"):
-        train(_flags(world, str(path), str(tmp_path / "out1"), "--num_train_epochs", "1", "--per_device_train_batch_size", "3"))
+        train(_flags(world, str(path), str(tmp_path / "out1"), "--num_train_epochs", "1",
+                     "--per_device_train_batch_size", "3"))
     trainer = train(_flags(world, str(path), str(tmp_path / "out2"), "--num_train_epochs", "1",
                            "--per_device_train_batch_size", "3", "--skip_bad_samples", "True"))
     assert trainer.train_dataset.bad_samples.value == 1
@@ -439,7 +445,8 @@ def test_corrupt_samples_are_filtered_before_training(world, data, tmp_path):
     assert dataset.bad_samples.value == 0
 
     unflagged = tmp_path / "unflagged.json"
-    unflagged.write_text(json.dumps([{k: v for k, v in s.items() if k != "corrupt"} for s in mixed], ensure_ascii=False))
+    unflagged.write_text(json.dumps([{k: v for k, v in s.items() if k != "corrupt"} for s in mixed],
+                                    ensure_ascii=False))
     with pytest.raises(BadSampleError, match="id='corrupt-"):
         train(flags(unflagged, "unflagged"))
 
@@ -517,7 +524,8 @@ def _assert_two_ranks_match_one_process(out: str, reference: PaloTrainer, num_sa
     last = os.path.join(out, f"checkpoint-{steps}")
     assert sorted(f for f in os.listdir(last) if f.startswith("rng_state")) == ["rng_state_0.pth", "rng_state_1.pth"]
     losses = _losses(out)
-    assert len(losses) == steps and losses == pytest.approx(_losses(reference), abs=LOSS_ATOL), (losses, _losses(reference))
+    assert (len(losses) == steps
+            and losses == pytest.approx(_losses(reference), abs=LOSS_ATOL)), (losses, _losses(reference))
 
 
 def _assert_trained_weights(saved: dict, reference: PaloTrainer, start: dict) -> None:
@@ -596,7 +604,8 @@ def test_pretrain_projector_script(world, tmp_path, monkeypatch):
         assert set(start) == set(projector)  # stage 1 trains the projector and nothing else
         _assert_trained_weights(projector, reference, start)
     # The fine-tuning scripts take it as --pretrain_mm_mlp_adapter.
-    stage2 = train(_flags(world, tiny_data.write_dataset(str(tmp_path / "chat"), num_samples=4), str(tmp_path / "stage2"),
+    stage2 = train(_flags(world, tiny_data.write_dataset(str(tmp_path / "chat"), num_samples=4),
+                          str(tmp_path / "stage2"),
                           "--pretrain_mm_mlp_adapter", os.path.join(out, "mm_projector.bin"), "--max_steps", "1",
                           "--learning_rate", "0"))
     for key, value in stage2.model.get_model().mm_projector.state_dict().items():
@@ -649,8 +658,9 @@ def test_ddp_with_torchrun(world, data, tmp_path, monkeypatch):
 
 def test_tensorboard_logs_and_freeze_flags(world, data, tmp_path):
     out = str(tmp_path / "tb")
-    trainer = train(_flags(world, data, out, "--max_steps", "2", "--report_to", "tensorboard", "--freeze_backbone", "True",
-                           "--freeze_mm_mlp_adapter", "True", "--mm_use_im_patch_token", "False"))
+    trainer = train(_flags(world, data, out, "--max_steps", "2", "--report_to", "tensorboard",
+                           "--freeze_backbone", "True", "--freeze_mm_mlp_adapter", "True",
+                           "--mm_use_im_patch_token", "False"))
     events = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f.startswith("events.out.tfevents")]
     assert events, "no TensorBoard event file written"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -667,12 +677,14 @@ def test_tensorboard_logs_and_freeze_flags(world, data, tmp_path):
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(world.base_dir)
-    torch.testing.assert_close(model.get_model().layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(model.get_model().layers[0].self_attn.q_proj.weight,
+                               base.model.layers[0].self_attn.q_proj.weight)
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)
 
 
 def test_over_length_samples_truncate_or_skip_by_choice(world, data, tmp_path):
-    long = {"id": "long", "conversations": [{"from": "human", "value": "word " * 400}, {"from": "gpt", "value": "Yes."}]}
+    long = {"id": "long", "conversations": [{"from": "human", "value": "word " * 400},
+                                            {"from": "gpt", "value": "Yes."}]}
     samples = json.load(open(data))[:4] + [long]
     path = tmp_path / "long.json"
     path.write_text(json.dumps(samples, ensure_ascii=False))

@@ -11,9 +11,10 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
   plausible length, placeholders intact, no echoed instructions, no new angle brackets. A preamble a chat model
   puts before the translation ("Translation:", "Here is the translation:", "Voici la traduction :", "الترجمة:",
   "翻译：" ...) is recognised by its place, the start of the reply, and removed (:func:`strip_preamble`), unless the
-  source itself starts with such a label; whether the source mentions translation elsewhere does not matter. A failing translation is
-  asked for once more with a stricter instruction that names the problems; if it fails again the sample is kept
-  with ``corrupt: true`` and its bad turns go to a review file a person can correct (``palo-data apply-review``).
+  source itself starts with such a label; whether the source mentions translation elsewhere does not matter. A failing
+  translation is asked for once more with a stricter instruction that names the problems; if it fails again the sample
+  is kept with ``corrupt: true`` and its bad turns go to a review file a person can correct
+  (``palo-data apply-review``).
 * **Resumable, nothing twice.** Every finished sample is appended (and flushed) to ``<language>.progress.jsonl``; a
   rerun skips what is there. Every translation (with its verdict) also goes to an SQLite cache keyed by
   (model, language, exact source text) the moment it arrives, shared across runs, so a rerun after a kill sends no
