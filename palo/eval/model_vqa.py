@@ -207,7 +207,7 @@ class Answerer:
         return [clean_answer(self.tokenizer.decode(row, skip_special_tokens=True), self.stop) for row in new]
 
 
-    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[bool],
+    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[int],
                             pixels: list[torch.Tensor]) -> list[str]:
         from palo.engine import EngineRequest, SamplingParams
 
