@@ -35,18 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["export"]:  # `palo export --to hf-llava ...`
-        from palo.export.cli import main as export_main
-
-        return export_main(argv[1:])
-    if argv[:1] == ["quickstart"]:  # `palo quickstart ...` through the `palo` console script
-        argv = argv[1:]
-    elif argv and not argv[0].startswith("-"):
-        print(f"error: unknown command {argv[0]!r}; try `palo quickstart --help` or `palo export --help`",
-              file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(argv)
+    # The verbs (`palo quickstart`, `palo export`, ...) are palo.cli's; this parses the quickstart's own options.
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from palo.quickstart.pipeline import QuickstartConfig, run
 
     config = QuickstartConfig.tiny() if args.preset == "tiny" else QuickstartConfig()

@@ -16,13 +16,13 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+from palo.cli import main as palo_main
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.conversation import conv_templates
 from palo.export import ExportError, export_hf_llava
 from palo.export.chat_template import ChatTemplateError, chat_template_for
 from palo.mm_utils import process_images, tokenizer_image_token
 from palo.model.builder import load_pretrained_model
-from palo.quickstart.cli import main as palo_main
 from palo.testing import tiny
 
 QUESTIONS = {

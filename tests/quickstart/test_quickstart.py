@@ -7,11 +7,11 @@ import os
 
 import pytest
 
+from palo import cli
 from palo.conversation import conv_templates
 from palo.data.languages import LANGUAGES
 from palo.eval.bench import display_name
 from palo.model.builder import load_pretrained_model
-from palo.quickstart import cli
 from palo.quickstart.exact_match import COLUMNS
 
 
@@ -51,7 +51,7 @@ def test_rerun_skips_finished_stages(workdir, capsys):
 
 
 def test_bad_arguments(tmp_path, capsys):
-    assert cli.main(["serve"]) == 2
+    assert cli.main(["serv"]) == 2 and "unknown command 'serv'" in capsys.readouterr().err
     a_file = tmp_path / "a-file"
     a_file.write_text("")
     assert cli.main(["quickstart", "--workdir", str(a_file), "--no-serve"]) == 2
