@@ -125,25 +125,32 @@ def task(world, tmp_path_factory) -> dict:
     return {"dir": str(task_dir), "expected": expected, "root": root}
 
 
-def _lmms_eval(task: dict, out: str, model: str, model_args: str, *extra: str) -> dict:
-    """Run the lmms-eval CLI; return the task's metrics and the responses by doc id."""
+def _run_lmms(task_name: str, include_dir: str, out: str, model: str, model_args: str,
+              *extra: str) -> tuple[dict, dict]:
+    """Run the lmms-eval CLI on a local task; return its metrics and each document's ``filtered_resps``."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=os.path.join(out, "hf"),
                NO_PROXY="127.0.0.1,localhost", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args,
-                             "--tasks", TASK, "--include_path", task["dir"], "--output_path", out, "--log_samples",
-                             *extra], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+                             "--tasks", task_name, "--include_path", include_dir, "--output_path", out,
+                             "--log_samples", *extra], capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
     # lmms-eval exits 0 even when the evaluation failed: no results file is the failure.
     results = glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True)
     assert result.returncode == 0 and len(results) == 1, (result.stdout[-3000:], result.stderr[-5000:])
-    results_file = results[0]
-    metrics = json.load(open(results_file, encoding="utf-8"))["results"][TASK]
-    [samples_file] = glob.glob(os.path.join(out, "**", f"*samples_{TASK}.jsonl"), recursive=True)
+    metrics = json.load(open(results[0], encoding="utf-8"))["results"][task_name]
+    [samples_file] = glob.glob(os.path.join(out, "**", f"*samples_{task_name}.jsonl"), recursive=True)
     responses = {}
     for line in open(samples_file, encoding="utf-8"):
         sample = json.loads(line)
-        response = sample["filtered_resps"]  # a string in 0.7.3, a one-element list in older versions
-        responses[sample["doc_id"]] = response if isinstance(response, str) else response[0]
-    return {"metrics": metrics, "responses": [responses[i] for i in range(len(QUESTIONS))]}
+        responses[sample["doc_id"]] = sample["filtered_resps"]
+    return metrics, responses
+
+
+def _lmms_eval(task: dict, out: str, model: str, model_args: str, *extra: str) -> dict:
+    """The generation task through lmms-eval: its metrics and the answers in document order."""
+    metrics, responses = _run_lmms(TASK, task["dir"], out, model, model_args, *extra)
+    # A string in 0.7.3, a one-element list in older versions.
+    answers = [r if isinstance(r, str) else r[0] for r in (responses[i] for i in range(len(QUESTIONS)))]
+    return {"metrics": metrics, "responses": answers}
 
 
 def _exact_match(metrics: dict) -> float:
@@ -293,23 +300,11 @@ def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
         def doc_to_choice(doc):
             return doc["options"]
         """), encoding="utf-8")
-    out = str(tmp_path / "out")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=os.path.join(out, "hf"),
-               TOKENIZERS_PARALLELISM="false")
-    result = subprocess.run([sys.executable, "-m", "lmms_eval", "--model", "palo", "--model_args",
-                             f"pretrained={world.full_dir},device=cpu", "--tasks", MC_TASK, "--include_path",
-                             str(task_dir), "--output_path", out, "--log_samples"],
-                            capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
-    results = glob.glob(os.path.join(out, "**", "*_results.json"), recursive=True)
-    assert result.returncode == 0 and len(results) == 1, (result.stdout[-3000:], result.stderr[-5000:])
-    metrics = json.load(open(results[0], encoding="utf-8"))["results"][MC_TASK]
+    metrics, got = _run_lmms(MC_TASK, str(task_dir), str(tmp_path / "out"), "palo",
+                             f"pretrained={world.full_dir},device=cpu")
     acc = next(v for k, v in metrics.items() if k.startswith("acc") and "stderr" not in k and "norm" not in k)
     assert acc == pytest.approx(3 / 4)
-    [samples_file] = glob.glob(os.path.join(out, "**", f"*samples_{MC_TASK}.jsonl"), recursive=True)
-    got = {}
-    for line in open(samples_file, encoding="utf-8"):
-        sample = json.loads(line)
-        got[sample["doc_id"]] = sample["filtered_resps"]  # one [loss, is_greedy] per option, logged as strings
+    # got: one [loss, is_greedy] per option and document, logged as strings
     for doc_id, scores in enumerate(expected):
         assert [float(r[0]) for r in got[doc_id]] == [pytest.approx(loss, abs=1e-4) for loss, _ in scores]
         assert [str(r[1]) for r in got[doc_id]] == [str(g) for _, g in scores]
