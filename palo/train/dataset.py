@@ -76,6 +76,23 @@ def _meta_range(args: tuple[JsonArrayIndex, int, int]) -> list[tuple[bool, bool,
     return [_meta_of(index.read(i)) for i in range(start, stop)]
 
 
+def _map_ranges(func: Any, n: int, *prefix: Any, workers: int | None = None) -> list[Any]:
+    """``func((*prefix, start, stop))`` over ranges covering ``0..n``, concatenated in order.
+
+    One pass over a data file: in forked processes for large files (the file's pages are shared, nothing is pickled
+    but the results), in this process for small ones.
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    step = max(1, -(-n // (workers * 4)))
+    ranges = [(*prefix, s, min(n, s + step)) for s in range(0, n, step)]
+    if workers > 1 and n > 2000:
+        with mp.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(func, ranges)
+    else:
+        parts = [func(r) for r in ranges]
+    return [x for part in parts for x in part]
+
+
 def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) -> SampleMeta:
     """Metadata of every sample, computed in parallel once and cached as ``<path>.meta.npz``."""
     stat = os.stat(path)
@@ -88,16 +105,7 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
                     return SampleMeta(data["corrupt"], data["has_image"], data["words"], data["language"])
         except (OSError, ValueError, KeyError):
             pass
-    n = len(index)
-    workers = workers or min(8, os.cpu_count() or 1)
-    step = max(1, -(-n // (workers * 4)))
-    ranges = [(index, s, min(n, s + step)) for s in range(0, n, step)]
-    if workers > 1 and n > 2000:
-        with mp.get_context("fork").Pool(workers) as pool:
-            parts = pool.map(_meta_range, ranges)
-    else:
-        parts = [_meta_range(r) for r in ranges]
-    rows = [row for part in parts for row in part]
+    rows = _map_ranges(_meta_range, len(index), index, workers=workers)
     meta = SampleMeta(
         corrupt=np.array([r[0] for r in rows], dtype=bool),
         has_image=np.array([r[1] for r in rows], dtype=bool),
@@ -239,20 +247,12 @@ class LazySupervisedDataset(Dataset):
         """Spliced length of every entry of the file (``corrupt`` ones included, so the cache is per file)."""
         global _LENGTHS_OF
         n = len(self.meta.corrupt)
-        workers = min(8, os.cpu_count() or 1)
-        step = max(1, -(-n // (workers * 4)))
-        ranges = [(s, min(n, s + step)) for s in range(0, n, step)]
         logger.info("Tokenizing %d samples once to measure their lengths (for --packing_rows)", n)
-        _LENGTHS_OF = self
+        _LENGTHS_OF = self  # read by the forked workers: the tokenizer is not pickled
         try:
-            if workers > 1 and n > 2000:
-                with mp.get_context("fork").Pool(workers) as pool:
-                    parts = pool.map(_length_range, ranges)
-            else:
-                parts = [_length_range(r) for r in ranges]
+            return np.asarray(_map_ranges(_length_range, n), dtype=np.int64)
         finally:
             _LENGTHS_OF = None
-        return np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
 
     def _length_of(self, sample: Any) -> int:
         try:
