@@ -112,6 +112,9 @@ class PaloLMM(lmms):
         a = self.answerer
         scorings = to_scorings(requests, self.task_dict)
         results = []
+        # The last document's pixels: its options come one after another and share them (one entry, so a large
+        # benchmark does not keep every image in memory).
+        last: tuple[str, torch.Tensor] | None = None
         for s in tqdm(scorings, desc="palo scoring", disable=self.rank != 0):
             if s.images and a.image_processor is None:
                 raise ValueError(f"{s.where}: this checkpoint takes text only but the task has images")
@@ -120,7 +123,10 @@ class PaloLMM(lmms):
             full_ids = tokenizer_image_token(prompt + s.continuation, a.tokenizer)
             images = None
             if s.images:
-                images = torch.stack([preprocess_image(i, a.image_processor, a.image_preprocess) for i in s.images])
+                if last is None or last[0] != s.where:
+                    last = (s.where, torch.stack([preprocess_image(i, a.image_processor, a.image_preprocess)
+                                                  for i in s.images]))
+                images = last[1]
             try:
                 score = score_continuation(a.model, context_ids, full_ids, images)
             except ValueError as exc:
