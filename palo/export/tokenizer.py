@@ -16,15 +16,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 __all__ = ["build_fast_tokenizer", "write_tokenizer"]
 
 
+# SentencePiece piece types (sentencepiece_model.proto): only NORMAL pieces take part in BPE merges; USER_DEFINED
+# pieces are always emitted whole.
+_NORMAL, _USER_DEFINED = 1, 4
+
+
 def _sentencepiece_tokenizer(vocab_file: str) -> Tokenizer:
-    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+    """The tokenizers pipeline that encodes like ``SentencePieceProcessor.encode`` on ``vocab_file`` (BPE models).
+
+    Built here from the model's own settings rather than by transformers' converter helpers, whose behaviour
+    changed between transformers 5 releases (5.17's ignores the normalizer settings and the merges). SentencePiece
+    BPE repeatedly merges the adjacent pair whose merged piece has the highest score; as a tokenizers BPE that is the
+    merge list of every split of a normal piece into two normal pieces, ranked by the merged piece's score. The
+    normalizer follows SentencePiece's order (precompiled map, extra-whitespace removal, whitespace escaping) and
+    then adds the dummy ``▁`` prefix to every segment between special tokens, as the legacy slow tokenizer did.
+    """
+    from transformers.convert_slow_tokenizer import import_protobuf
 
     proto = import_protobuf().ModelProto()
     with open(vocab_file, "rb") as f:
@@ -33,9 +48,36 @@ def _sentencepiece_tokenizer(vocab_file: str) -> Tokenizer:
         raise ValueError(f"{vocab_file}: only SentencePiece BPE (LLaMA) tokenizers are exported, got model_type "
                          f"{proto.trainer_spec.model_type}")
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    tokenizer = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
-    if tokenizer is None:
-        raise ValueError(f"{vocab_file}: could not convert the SentencePiece model")
+    normal = {piece.piece: (piece.score, i) for i, piece in enumerate(proto.pieces) if piece.type == _NORMAL}
+    ranked = sorted((-score, i, text[:k], text[k:]) for text, (score, i) in normal.items()
+                    for k in range(1, len(text)) if text[:k] in normal and text[k:] in normal)
+    user_defined = [piece.piece for piece in proto.pieces if piece.type == _USER_DEFINED]
+    trainer = proto.trainer_spec
+    # ignore_merges: a user-defined piece, isolated below, is looked up whole (no merge can build it).
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for _, _, left, right in ranked],
+                                     unk_token=trainer.unk_piece, fuse_unk=True, byte_fallback=trainer.byte_fallback,
+                                     ignore_merges=bool(user_defined)))
+    spec = proto.normalizer_spec
+    steps: list[Any] = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:  # spaces only: SentencePiece leaves newlines alone
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁" if spec.escape_whitespaces else " "))
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    if user_defined:
+        pattern = "|".join(re.escape(piece) for piece in sorted(user_defined, key=len, reverse=True))
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    steps = [decoders.Replace("▁", " ")]
+    if trainer.byte_fallback:
+        steps.append(decoders.ByteFallback())
+    steps.append(decoders.Fuse())
+    if spec.add_dummy_prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tokenizer.decoder = decoders.Sequence(steps)
     return tokenizer
 
 
