@@ -256,6 +256,11 @@ def compile_decoder_layers(model: PreTrainedModel) -> int:
     Returns:
         How many layers were compiled.
     """
+    import torch._inductor.config as inductor_config
+
+    # Dropout (LoRA's) must draw the masks eager draws: with gradient checkpointing the backward recomputes each
+    # layer after restoring the RNG state, and Inductor's own RNG (torch 2.11) ignores that restore.
+    inductor_config.fallback_random = True
     layers = model.get_decoder().layers
     for layer in layers:
         layer.compile(dynamic=True)

@@ -742,6 +742,10 @@ def test_compiled_layers_train_like_eager_and_save_the_same_files(world, data, t
     compiled = train(_flags(world, data, out, *flags, "--compile_layers", "True"))
     layers = unwrap(compiled.model).get_decoder().layers
     assert all(layer._compiled_call_impl is not None for layer in layers)
+    # Gradients too: with LoRA dropout and checkpointing, a recompute that drew other dropout masks than the forward
+    # (Inductor's own RNG on torch 2.11) leaves the losses of the first steps equal and the gradients 0.4 % off.
+    norms = [[entry["grad_norm"] for entry in t.state.log_history if "grad_norm" in entry] for t in (compiled, eager)]
+    assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-4)
     assert _losses(compiled) == pytest.approx(_losses(eager), abs=1e-5)
     assert sorted(os.listdir(out)) == sorted(os.listdir(str(tmp_path / "eager")))
     assert sorted(torch.load(os.path.join(out, "adapter_model.bin"))) == sorted(
