@@ -6,30 +6,18 @@ here it is checked against SDPA over gathered blocks, and end to end against ``m
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                                reason="needs the triton package (pip install triton; it runs on CPU interpreted)")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from palo.testing.triton_interpreter import ROOT, interpreter_unusable, run_interpreted
 
-
-def _interpreted(code: str, timeout: float = 300) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+_why_not = interpreter_unusable()
+pytestmark = pytest.mark.skipif(_why_not is not None, reason=_why_not or "")
 
 
 def test_kernel_equals_sdpa_over_gathered_blocks_with_gqa_and_ragged_lengths():
-    out = _interpreted("""
+    out = run_interpreted("""
         import torch
         from palo.engine.triton_attention import paged_decode_attention
         torch.manual_seed(0)
@@ -59,7 +47,7 @@ def test_kernel_equals_sdpa_over_gathered_blocks_with_gqa_and_ragged_lengths():
 
 
 def test_the_engine_with_the_kernel_gives_the_tokens_of_generate(world):
-    out = _interpreted(f"""
+    out = run_interpreted(f"""
         import os, sys, torch
         os.environ["HF_HUB_OFFLINE"] = "1"
         sys.path.insert(0, {os.path.join(ROOT, "tests", "engine")!r})

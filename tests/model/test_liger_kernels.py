@@ -4,13 +4,13 @@ cross-entropy kernels, run on the CPU by Triton's interpreter, give PyTorch's lo
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import types
 
 import pytest
 import torch
 
+from palo.testing.triton_interpreter import interpreter_unusable, run_interpreted
 from palo.train.arguments import parse_args
 
 COMMON = ["--output_dir", "/tmp/unused", "--use_cpu", "True", "--report_to", "none"]
@@ -72,23 +72,7 @@ def test_applied_kernels_keep_the_image_splice(world, monkeypatch):
     torch.testing.assert_close(got, expected)
 
 
-def _interpreted(code: str, tmp_path) -> str:
-    """Run ``code`` with Triton's CPU interpreter (TRITON_INTERPRET=1), which must be set before triton loads."""
-    import os
-    import subprocess
-    import textwrap
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                            timeout=300, cwd=str(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("triton", "liger_kernel")),
-                    reason="needs triton and liger-kernel (the dev extra installs both; they run on CPU interpreted)")
+@pytest.mark.skipif(interpreter_unusable("liger_kernel") is not None, reason=interpreter_unusable("liger_kernel") or "")
 def test_real_liger_rope_and_fused_cross_entropy_keep_losses_and_gradients(tmp_path):
     """Liger's own RoPE and fused linear cross-entropy kernels, run by Triton's interpreter, inside PALO's forward.
 
@@ -97,7 +81,7 @@ def test_real_liger_rope_and_fused_cross_entropy_keep_losses_and_gradients(tmp_p
     interpreter cannot run Liger's RMSNorm and SwiGLU kernels (their scalar arguments), so those two modules keep
     PyTorch's here; on CUDA all four are Liger's.
     """
-    out = _interpreted("""
+    out = run_interpreted("""
         import torch
         import liger_kernel.transformers.monkey_patch as monkey_patch
         from transformers.models.llama import modeling_llama
@@ -143,5 +127,5 @@ def test_real_liger_rope_and_fused_cross_entropy_keep_losses_and_gradients(tmp_p
                 torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
             print("equal", float(loss), float(fused_loss))
         assert model(**packed).logits is None  # the fused head never built the [tokens x vocabulary] logits
-    """, tmp_path)
+    """, cwd=str(tmp_path))
     assert out.count("equal") == 2
