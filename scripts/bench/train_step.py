@@ -24,8 +24,16 @@ a third side, ``rows``: the same samples planned into steps of ``R`` nearly full
 (:class:`~palo.train.sampler.PackedStepSampler`, ``--packing_rows`` in training); its steps hold other samples, so
 its first loss is not comparable, but over the run every side trains on the same tokens.
 
+This project's training options apply to PALO's sides: ``--liger`` (Liger's fused kernels, ``--use_liger_kernel``;
+CUDA with the liger-kernel package only) and ``--compile-layers`` (``--compile_layers``). ``--llava-baseline`` adds
+the issue's baseline, transformers' LlavaForConditionalGeneration with padded batches and its stock kernels, on the
+same weights and batches in a process of its own (Liger patches transformers' LLaMA functions process-wide, so the
+baseline cannot share PALO's process); its steps run one after another rather than interleaved with PALO's, which
+is fine on a GPU and only indicative on a busy CPU. Its first loss must equal the padded side's without ``--liger``.
+
     python scripts/bench/train_step.py --workload llava665k --shape cpu            # the CPU figure
-    python scripts/bench/train_step.py --workload llava665k --shape mobile --device cuda --dtype bfloat16
+    python scripts/bench/train_step.py --workload llava665k --shape mobile --device cuda --dtype bfloat16 \
+        --packing-rows 6 --liger --llava-baseline                                   # the issue's GPU comparison
 """
 
 from __future__ import annotations
@@ -174,26 +182,114 @@ def _mix_batches(args: argparse.Namespace, vocab: int, image_size: int) -> list[
     return [[items[i] for i in order[k: k + args.batch]] for k in range(0, len(order), args.batch)]
 
 
-def _mix_model(args: argparse.Namespace):
+def _mix_model(args: argparse.Namespace, side: str = "palo"):
+    """The model one side trains: PALO (with this project's options) or, for ``side="llava"``, transformers' Llava
+    holding the same weights with its stock kernels. Returns (model, PALO model under any adapter, optimizer)."""
     dtype = getattr(torch, args.dtype)
     shape = SHAPES[args.shape]
     model, llava = build_models(shape, args.device, dtype)
-    del llava
+    base_palo = model
+    if side == "llava":
+        model, prefix, projector = llava, r"model\.language_model", llava.model.multi_modal_projector
+    else:
+        del llava
+        prefix, projector = "model", model.model.mm_projector
+        model.config.tokenizer_model_max_length = args.model_max_length
+        if args.liger:
+            from palo.model.kernels import apply_liger_kernels
+
+            apply_liger_kernels(model)  # before LoRA, as training does
     model.config.use_cache = False
-    model.config.tokenizer_model_max_length = args.model_max_length
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)
     if args.lora:
-        model = _lora(model, "model")
-        model.get_base_model().model.mm_projector.requires_grad_(True)
-    base = model.get_base_model() if args.lora else model
-    base.model.vision_tower.requires_grad_(False)
+        model = _lora(model, prefix)
+        projector.requires_grad_(True)
+    base_palo.model.vision_tower.requires_grad_(False)  # the Llava's tower holds the same tensors
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if args.compile_layers and side != "llava":
+        from palo.train.model_setup import compile_decoder_layers
+
+        compile_decoder_layers(model)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.0)
-    return model, base, optimizer
+    return model, base_palo, optimizer
+
+
+def _llava_batch(batch: list[dict], image_token: int, n_img: int) -> dict:
+    """A padded batch for transformers' Llava: each image sentinel becomes ``n_img`` image-token positions (what
+    PALO's splice makes of it), labels ignored there and on padding, right padding with id 0."""
+    rows, labels, pixels = [], [], []
+    for item in batch:
+        ids, lab = [], []
+        for token, label in zip(item["input_ids"].tolist(), item["labels"].tolist()):
+            if token == IMAGE_TOKEN_INDEX:
+                ids += [image_token] * n_img
+                lab += [IGNORE_INDEX] * n_img
+            else:
+                ids.append(token)
+                lab.append(label)
+        rows.append(ids)
+        labels.append(lab)
+        if "image" in item:
+            pixels.append(item["image"])
+    width = max(len(r) for r in rows)
+    out = {
+        "input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([r + [IGNORE_INDEX] * (width - len(r)) for r in labels]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+    }
+    if pixels:
+        out["pixel_values"] = torch.stack(pixels)
+    return out
+
+
+def _llava_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
+    """transformers' Llava on the padded batches, in a process of its own: time, padding, peak memory, first loss."""
+    from palo.train.flops import FlopCounter
+
+    shape = SHAPES[args.shape]
+    model, base, optimizer = _mix_model(args, side="llava")
+    flops = FlopCounter.of(base)  # the same architecture and shapes: PALO's count applies
+    n_img = base.image_token_count
+    batches = [_llava_batch(b, shape.vocab - 1, n_img) for b in _mix_batches(args, shape.vocab,
+                                                                              shape.vision["image_size"])]
+    dtype = getattr(torch, args.dtype)
+
+    def step(batch: dict) -> tuple[float, int, int, float]:
+        inputs = {k: v.to(args.device) for k, v in batch.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mask = batch["attention_mask"]
+        real = int(mask.sum())
+        images = len(batch["pixel_values"]) if "pixel_values" in batch else 0
+        return loss.item(), real, mask.numel(), flops.step(real, mask.sum(1), images)
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    first_loss = step(batches[0])[0]  # warm-up
+    elapsed, real, positions, model_flops = 0.0, 0, 0, 0.0
+    for batch in batches[1:]:
+        _sync(args)
+        start = time.perf_counter()
+        _, r, p, f = step(batch)
+        _sync(args)
+        elapsed += time.perf_counter() - start
+        real, positions, model_flops = real + r, positions + p, model_flops + f
+    if args.device.startswith("cuda"):
+        peak_mem = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put({"real_tokens_per_s": real / elapsed, "padding_fraction": 1 - real / positions,
+               "model_tflops_per_s": model_flops / elapsed / 1e12, "mfu": model_flops / elapsed / args.peak_flops,
+               "steps": len(batches) - 1, "seconds": elapsed, "real_tokens": real, "positions": positions,
+               "peak_gib": peak_mem, "first_loss": first_loss})
 
 
 def _mix_step(model, optimizer, flops, batch: dict, args: argparse.Namespace) -> tuple[float, int, int, float]:
@@ -294,6 +390,7 @@ def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
 
 
 def _sides(args: argparse.Namespace) -> tuple[str, ...]:
+    """PALO's sides (timed interleaved in one process)."""
     return ("padded", "packed", "rows") if args.packing_rows else ("padded", "packed")
 
 
@@ -324,14 +421,22 @@ def main_mix(args: argparse.Namespace) -> int:
         proc.start()
         results[side].update(queue.get())
         proc.join()
+    if args.llava_baseline:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_llava_mix, args=(args, queue))
+        proc.start()
+        results["llava"] = queue.get()
+        proc.join()
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     mode = "LoRA r128" if args.lora else "full"
+    options = " ".join(name for name, on in (("liger", args.liger), ("compile-layers", args.compile_layers)) if on)
     print(f"# llava665k mix: shape={args.shape} {mode} dtype={args.dtype} batch={args.batch} "
           f"model_max_length={args.model_max_length} steps={results['packed']['steps']} device={device} "
-          f"peak={args.peak_flops / 1e12:.3f} TFLOP/s")
-    sides = _sides(args)
+          f"peak={args.peak_flops / 1e12:.3f} TFLOP/s palo options: {options or 'none'}")
+    # Ratios are against the first column: PALO padded, or transformers' Llava padded with --llava-baseline.
+    sides = (("llava",) if args.llava_baseline else ()) + _sides(args)
     print(f"{'metric':<18} " + " ".join(f"{s:>10}" for s in sides) + " "
-          + " ".join(f"{s + '/padded':>14}" for s in sides[1:]))
+          + " ".join(f"{s + '/' + sides[0]:>14}" for s in sides[1:]))
     # The rows side takes other samples per step: its first loss is not comparable (the other two must agree).
     for key, fmt in (("real_tokens_per_s", ".1f"), ("padding_fraction", ".4f"), ("model_tflops_per_s", ".5f"),
                      ("mfu", ".4f"), ("peak_gib", ".2f"), ("first_loss", ".4f"), ("steps", "d")):
@@ -362,7 +467,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn-implementation", default=None)
     parser.add_argument("--packing-rows", type=int, default=0,
                         help="llava665k: also a third side, the same samples in steps of this many planned rows")
+    parser.add_argument("--liger", action="store_true",
+                        help="llava665k: PALO's sides use Liger's fused kernels (CUDA and liger-kernel needed)")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="llava665k: PALO's sides torch.compile each decoder layer (--compile_layers)")
+    parser.add_argument("--llava-baseline", action="store_true",
+                        help="llava665k: also transformers' Llava on the padded batches (the issue's baseline)")
     args = parser.parse_args(argv)
+    if args.liger:
+        from palo.model.kernels import liger_available
+
+        usable, why = liger_available() if args.device.startswith("cuda") else (False, "--device is not cuda")
+        if not usable:
+            parser.error(f"--liger cannot run here: {why}")
     if args.workload == "llava665k":
         return main_mix(args)
     ctx = mp.get_context("spawn")

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every open GPU target in one run that fits a short lent session (at most ~9 minutes, one command), most important
+# first, each step cut to what is left of the deadline so a slow step cannot starve the ones after it of a clean stop:
+#   1. engine vs model.generate at PALO-7B shapes, batches 1 and 32   (issue 11: >= 200 tok/s, TTFT <= 30 ms, >= 4,000)
+#   2. training mix at MobilePALO shapes: padded / packed / rows with Liger, and transformers' Llava padded
+#                                                                      (issue 12: >= 50 % MFU, padding < 2 %, memory)
+#   3. engine vs model.generate at MobilePALO shapes, batch 1         (issue 11: >= 600 tok/s)
+#   4. training mix at PALO-7B shapes, LoRA r128 + gradient checkpointing (issue 12: >= 9,000 real tokens/s)
+#   5. the GPU-marked tests of the engine and model (CUDA graphs, Triton decode kernel, half precision)
+# Liger is not on the lent machine's image: before the run, `pip download liger-kernel==0.8.5 --no-deps -d .whl` here
+# and pass `carry: [".whl"]`; without it step 2 and 4 run without --liger and say so. Results: $OUT (or ./gpu-check).
+set -u
+OUT=${OUT:-./gpu-check}; mkdir -p "$OUT"
+DEADLINE=$(( $(date +%s) + ${GPU_SESSION_SECONDS:-540} ))
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+LIGER=""
+if python3 -c "from palo.model.kernels import liger_available as a; import sys; sys.exit(0 if a()[0] else 1)"; then
+  LIGER="--liger"
+else
+  echo "liger-kernel not importable: training mixes run without --liger" | tee -a "$OUT/gpu.txt"
+fi
+
+# step NAME SECONDS COMMAND...: run COMMAND for at most SECONDS, and never past the deadline.
+step() {
+  local name=$1 want=$2; shift 2
+  local left=$(( DEADLINE - $(date +%s) ))
+  local limit=$(( want < left ? want : left ))
+  if (( left < 20 )); then echo "## $name: skipped, ${left}s left" | tee -a "$OUT/summary.txt"; return; fi
+  local start=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | grep -v Warning | tee "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "## $name: rc $rc in $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+}
+
+step engine_7b 150 python3 scripts/bench/generate.py --shape 7b --device cuda --dtype bfloat16 --batches 1 32 \
+  --prompt-len 64 --new-tokens 64 --repeats 3 --json "$OUT/engine_7b.json"
+step train_mix_mobile 170 python3 scripts/bench/train_step.py --workload llava665k --shape mobile --device cuda \
+  --dtype bfloat16 --batch 16 --repeats 3 --packing-rows 6 $LIGER --llava-baseline --json "$OUT/train_mix_mobile.json"
+step engine_mobile 60 python3 scripts/bench/generate.py --shape mobile --device cuda --dtype bfloat16 --batches 1 \
+  --prompt-len 64 --new-tokens 64 --repeats 3 --json "$OUT/engine_mobile.json"
+step train_mix_7b_lora 120 python3 scripts/bench/train_step.py --workload llava665k --shape 7b --lora \
+  --gradient-checkpointing --device cuda --dtype bfloat16 --batch 8 --repeats 2 --packing-rows 3 $LIGER \
+  --json "$OUT/train_mix_7b_lora.json"
+step pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/model
+cat "$OUT/summary.txt"
