@@ -54,11 +54,14 @@ class PaloCausalLMOutput(CausalLMOutputWithPast):
         spliced_attention_mask: 1 on real positions, 0 on padding.
         spliced_position_ids: Packed batches only: positions restarting at 0 where each sample (and the padding)
             starts, which tells the samples of a row apart.
+        token_losses: ``[B, L - 1]`` with Liger's fused head in training (:mod:`palo.model.kernels`), which
+            returns no logits: the loss of predicting each next token, 0 where its label is ignored.
     """
 
     spliced_labels: torch.LongTensor | None = None
     spliced_attention_mask: torch.LongTensor | None = None
     spliced_position_ids: torch.LongTensor | None = None
+    token_losses: torch.FloatTensor | None = None
 
 
 class PaloModel(LlamaModel):
@@ -294,6 +297,10 @@ class PaloForCausalLM(LlamaForCausalLM):
         if rows is not None:
             if outputs.logits is not None:
                 outputs.logits = outputs.logits.view(*rows, -1)
+            if outputs.get("token_losses") is not None:
+                # Flattened, each row's last position predicted the next row's first, whose label is ignored (0).
+                flat = outputs.token_losses.reshape(-1)
+                outputs.token_losses = torch.cat([flat, flat.new_zeros(1)]).view(rows)[:, :-1]
             labels = labels.view(rows) if labels is not None else None
         if labels is not None:
             # What per-sample statistics in training need, aligned with ``logits`` (image rows included).

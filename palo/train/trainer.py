@@ -146,8 +146,8 @@ class PaloTrainer(Trainer):
             samples = self._sample_of_position(outputs["spliced_attention_mask"], outputs.get("spliced_position_ids"))
             if model.training:
                 self._track_throughput(model, outputs["spliced_attention_mask"], samples, num_images)
-            if languages is not None and outputs.get("logits") is not None:
-                self._track_language_loss(outputs["logits"], outputs["spliced_labels"], languages, samples)
+            if languages is not None:
+                self._track_language_loss(outputs, languages, samples)
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
@@ -163,13 +163,20 @@ class PaloTrainer(Trainer):
         return starts.reshape(-1).cumsum(0).view(mask.shape) - 1
 
     @torch.no_grad()
-    def _track_language_loss(self, logits: torch.Tensor, labels: torch.Tensor, languages: torch.Tensor,
-                             samples: torch.Tensor) -> None:
-        target = labels[:, 1:]
+    def _track_language_loss(self, outputs: Any, languages: torch.Tensor, samples: torch.Tensor) -> None:
+        """Add each labelled token's loss to its sample's language: from the logits, or from the per-token losses
+        of Liger's fused head, which returns no logits."""
+        target = outputs["spliced_labels"][:, 1:]
         mask = target != IGNORE_INDEX
         if not mask.any():
             return
-        token_loss = nn.functional.cross_entropy(logits[:, :-1][mask].float(), target[mask], reduction="none")
+        if outputs.get("token_losses") is not None:
+            token_loss = outputs["token_losses"][mask].float()
+        elif outputs.get("logits") is not None:
+            token_loss = nn.functional.cross_entropy(outputs["logits"][:, :-1][mask].float(), target[mask],
+                                                     reduction="none")
+        else:
+            return
         token_language = languages.to(samples.device)[samples[:, 1:][mask]].cpu()
         self._language_loss.index_add_(0, token_language, token_loss.detach().double().cpu())
         self._language_tokens.index_add_(0, token_language, torch.ones_like(token_language, dtype=torch.float64))
