@@ -10,6 +10,9 @@ with two probes switched on by environment variables:
   it was writing into the marker file and sleeps, so a test can kill it during a save deterministically.
 * ``PALO_TEST_DUMP_ARGV=<file>``: write the entry point's arguments (JSON) and exit without training, so a test
   can rerun exactly what a launch script passes, in one process.
+* ``PALO_TEST_INTERPRETED_LIGER=1`` (with ``TRITON_INTERPRET=1``): ``--use_liger_kernel`` runs Liger's real RoPE and
+  fused linear cross-entropy kernels on the CPU through Triton's interpreter. Its RMSNorm and SwiGLU kernels cannot
+  run interpreted, so those modules stay PyTorch's, and the CUDA check is skipped.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ def _stalling_save_rng_state(self, output_dir, *args, **kwargs):
     return _save_rng_state(self, output_dir, *args, **kwargs)
 
 
+if os.environ.get("PALO_TEST_INTERPRETED_LIGER"):
+    import liger_kernel.transformers.monkey_patch as monkey_patch
+
+    import palo.model.kernels as kernels
+
+    monkey_patch._patch_rms_norm_module = lambda *args, **kwargs: None
+    monkey_patch._patch_swiglu_module = lambda *args, **kwargs: None
+    kernels.liger_available = lambda: (True, "")
 if os.environ.get("PALO_TEST_STEP_LOG"):
     transformers.Trainer.training_step = _logged_training_step
 if os.environ.get("PALO_TEST_STALL_AT_SAVE"):
