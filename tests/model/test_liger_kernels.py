@@ -4,6 +4,9 @@ cross-entropy kernels, run on the CPU by Triton's interpreter, give PyTorch's lo
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
 import sys
 import types
 
@@ -11,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from palo.testing.triton_interpreter import interpreter_unusable, run_interpreted
+from palo.testing.triton_interpreter import ROOT, interpreter_unusable, run_interpreted
 from palo.train.arguments import parse_args
 
+CHECK = os.path.join(ROOT, "tests", "model", "liger_check.py")
 COMMON = ["--output_dir", "/tmp/unused", "--use_cpu", "True", "--report_to", "none"]
 
 
@@ -96,57 +100,24 @@ def test_real_liger_rope_and_fused_cross_entropy_keep_losses_and_gradients(tmp_p
     interpreter cannot run Liger's RMSNorm and SwiGLU kernels (their scalar arguments), so those two modules keep
     PyTorch's here; on CUDA all four are Liger's.
     """
-    out = run_interpreted("""
-        import torch
+    out = run_interpreted(f"""
+        import runpy, sys
         import liger_kernel.transformers.monkey_patch as monkey_patch
-        from transformers.models.llama import modeling_llama
-        from palo.constants import IGNORE_INDEX
-        from palo.model.kernels import apply_liger_kernels
-        from palo.testing import tiny
-
         monkey_patch._patch_rms_norm_module = lambda *a, **k: None
         monkey_patch._patch_swiglu_module = lambda *a, **k: None
-        config = tiny.palo_config_dict(tiny.tiny_llama_config(300), tiny.save_tiny_clip("clip"))
-        model = tiny.build_palo_model(config, "clip", seed=1).train()
-        torch.manual_seed(0)
-        pixels = torch.randn(1, 3, 56, 56)
-        ids = torch.tensor([[1, 5, -200, 9, 30, 44, 12, 7], [1, 8, 9, 10, 11, 12, 13, 0]])
-        labels = ids.clone()
-        labels[:, :3] = IGNORE_INDEX
-        labels[1, -1] = IGNORE_INDEX
-        padded = dict(input_ids=ids, labels=labels, attention_mask=(labels != IGNORE_INDEX) | (ids != 0),
-                      images=pixels, num_items_in_batch=torch.tensor(16))  # 9 targets here: as in accumulation
-        packed_ids = torch.tensor([[1, 5, -200, 9, 30, 44, 12, 7, 1, 8, 9, 10, 11, 12, 13]])
-        packed_labels = packed_ids.clone()
-        packed_labels[0, :3] = IGNORE_INDEX
-        packed_labels[0, 8:11] = IGNORE_INDEX
-        packed = dict(input_ids=packed_ids, labels=packed_labels, images=pixels, packed=True,
-                      attention_mask=torch.ones_like(packed_ids),
-                      position_ids=torch.tensor([list(range(8)) + list(range(7))]))
-
-        def run(batch):
-            model.zero_grad()
-            out = model(**batch)
-            out.loss.backward()
-            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            if out.logits is None:  # the fused head never built the [tokens x vocabulary] logits
-                return out.loss.detach(), grads, out.token_losses.detach()
-            target = out.spliced_labels[:, 1:]
-            per_token = torch.nn.functional.cross_entropy(out.logits[:, :-1].detach().transpose(1, 2), target,
-                                                          reduction="none")
-            return out.loss.detach(), grads, per_token
-
-        reference = [run(padded), run(packed)]
-        rope = modeling_llama.apply_rotary_pos_emb
-        apply_liger_kernels(model)
-        assert modeling_llama.apply_rotary_pos_emb is not rope  # Liger's RoPE kernel is the one running now
-        for batch, (loss, grads, per_token) in zip((padded, packed), reference):
-            fused_loss, fused_grads, token_losses = run(batch)
-            torch.testing.assert_close(fused_loss, loss, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(token_losses, per_token, rtol=1e-5, atol=1e-6)  # for loss_<language>
-            assert fused_grads.keys() == grads.keys() and len(grads) > 20
-            for name in grads:
-                torch.testing.assert_close(fused_grads[name], grads[name], rtol=1e-4, atol=1e-6)
-            print("equal", float(loss), float(fused_loss))
+        sys.argv = ["liger_check.py", "cpu", "1e-5", "1e-6"]
+        runpy.run_path({CHECK!r}, run_name="__main__")
     """, cwd=str(tmp_path))
     assert out.count("equal") == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="needs a CUDA device and liger-kernel")
+def test_all_four_liger_kernels_on_cuda_keep_losses_and_gradients(tmp_path):
+    """The same check with every kernel Liger's (RMSNorm and SwiGLU too), compiled for the GPU, float32."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, CHECK, "cuda", "1e-4", "1e-5"], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("equal") == 2
