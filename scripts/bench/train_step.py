@@ -253,56 +253,52 @@ def _llava_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
     shape = SHAPES[args.shape]
     model, base, optimizer = _mix_model(args, side="llava")
     flops = FlopCounter.of(base)  # the same architecture and shapes: PALO's count applies
-    n_img = base.image_token_count
-    batches = [_llava_batch(b, shape.vocab - 1, n_img) for b in _mix_batches(args, shape.vocab,
-                                                                              shape.vision["image_size"])]
-    dtype = getattr(torch, args.dtype)
-
-    def step(batch: dict) -> tuple[float, int, int, float]:
-        inputs = {k: v.to(args.device) for k, v in batch.items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mask = batch["attention_mask"]
-        real = int(mask.sum())
-        images = len(batch["pixel_values"]) if "pixel_values" in batch else 0
-        return loss.item(), real, mask.numel(), flops.step(real, mask.sum(1), images)
-
+    batches = [_llava_batch(b, shape.vocab - 1, base.image_token_count)
+               for b in _mix_batches(args, shape.vocab, shape.vision["image_size"])]
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    first_loss = step(batches[0])[0]  # warm-up
+    first_loss = _mix_step(model, optimizer, flops, batches[0], args)[0]  # warm-up
     elapsed, real, positions, model_flops = 0.0, 0, 0, 0.0
     for batch in batches[1:]:
         _sync(args)
         start = time.perf_counter()
-        _, r, p, f = step(batch)
+        _, r, p, f = _mix_step(model, optimizer, flops, batch, args)
         _sync(args)
         elapsed += time.perf_counter() - start
         real, positions, model_flops = real + r, positions + p, model_flops + f
+    queue.put({**_rates(elapsed, real, positions, model_flops, len(batches) - 1, args),
+               "peak_gib": _peak_gib(args), "first_loss": first_loss})
+
+
+def _rates(elapsed: float, real: int, positions: int, model_flops: float, steps: int,
+           args: argparse.Namespace) -> dict:
+    """A side's throughput figures from its timed steps."""
+    return {"real_tokens_per_s": real / elapsed, "padding_fraction": 1 - real / positions,
+            "model_tflops_per_s": model_flops / elapsed / 1e12, "mfu": model_flops / elapsed / args.peak_flops,
+            "steps": steps, "seconds": elapsed, "real_tokens": real, "positions": positions}
+
+
+def _peak_gib(args: argparse.Namespace) -> float:
+    """Peak memory of this process: allocated on the GPU, or resident on the CPU."""
     if args.device.startswith("cuda"):
-        peak_mem = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    queue.put({"real_tokens_per_s": real / elapsed, "padding_fraction": 1 - real / positions,
-               "model_tflops_per_s": model_flops / elapsed / 1e12, "mfu": model_flops / elapsed / args.peak_flops,
-               "steps": len(batches) - 1, "seconds": elapsed, "real_tokens": real, "positions": positions,
-               "peak_gib": peak_mem, "first_loss": first_loss})
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
 def _mix_step(model, optimizer, flops, batch: dict, args: argparse.Namespace) -> tuple[float, int, int, float]:
-    """One optimizer step; returns (loss, real positions, all positions, model FLOPs)."""
+    """One optimizer step of PALO or of transformers' Llava (``pixel_values``, image rows already in the ids);
+    returns (loss, real positions, all positions, model FLOPs)."""
     inputs = {k: (v.to(args.device) if isinstance(v, torch.Tensor) else v)
               for k, v in batch.items() if k != "languages"}
-    if "images" in inputs:
-        inputs["images"] = inputs["images"].to(getattr(torch, args.dtype))
+    image_key = "images" if "images" in inputs else "pixel_values" if "pixel_values" in inputs else None
+    if image_key:
+        inputs[image_key] = inputs[image_key].to(getattr(torch, args.dtype))
     out = model(**inputs)
     out.loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    mask = out.spliced_attention_mask
+    mask = out.get("spliced_attention_mask")
+    mask = inputs["attention_mask"] if mask is None else mask  # the Llava's positions are its inputs'
     positions = out.get("spliced_position_ids")
     if positions is None:
         samples = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand(mask.shape)
@@ -310,7 +306,7 @@ def _mix_step(model, optimizer, flops, batch: dict, args: argparse.Namespace) ->
         samples = ((positions == 0) & (mask != 0)).reshape(-1).cumsum(0).view(mask.shape) - 1
     real = int(mask.sum())
     lengths = torch.bincount(samples[mask != 0]).cpu()
-    images = len(inputs["images"]) if "images" in inputs else 0
+    images = len(inputs[image_key]) if image_key else 0
     return out.loss.item(), real, mask.numel(), flops.step(real, lengths, images)
 
 
@@ -351,11 +347,7 @@ def _memory_mix(side: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     first_loss = _mix_step(model, optimizer, flops, batches[0], args)[0]
     _mix_step(model, optimizer, flops, max(batches[1:], key=lambda b: b["input_ids"].numel()), args)
     _sync(args)
-    if args.device.startswith("cuda"):
-        peak_mem = torch.cuda.max_memory_allocated() / 2**30
-    else:
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    queue.put({"side": side, "peak_gib": peak_mem, "first_loss": first_loss})
+    queue.put({"side": side, "peak_gib": _peak_gib(args), "first_loss": first_loss})
 
 
 def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
@@ -382,10 +374,7 @@ def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
             t[1], t[2], t[3] = t[1] + real, t[2] + positions, t[3] + model_flops
     results = {}
     for side, (elapsed, real, positions, model_flops) in totals.items():
-        results[side] = {"real_tokens_per_s": real / elapsed, "padding_fraction": 1 - real / positions,
-                         "model_tflops_per_s": model_flops / elapsed / 1e12,
-                         "mfu": model_flops / elapsed / args.peak_flops, "steps": len(batches[side]) - 1,
-                         "seconds": elapsed, "real_tokens": real, "positions": positions}
+        results[side] = _rates(elapsed, real, positions, model_flops, len(batches[side]) - 1, args)
     queue.put(results)
 
 
