@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 
-__all__ = ["interpreter_unusable", "run_interpreted"]
+__all__ = ["interpretable_liger", "interpreter_unusable", "run_interpreted"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MIN_TRITON = (3, 7)
@@ -47,3 +47,15 @@ def run_interpreted(code: str, cwd: str | None = None, timeout: float = 300) -> 
                             timeout=timeout, cwd=cwd or ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def interpretable_liger() -> None:
+    """Make ``apply_liger_kernel_to_llama`` leave RMSNorm and SwiGLU modules PyTorch's, in this process.
+
+    The interpreter cannot run those two Liger kernels (they take scalar kernel arguments); its RoPE and fused
+    linear cross-entropy kernels stay Liger's. For interpreted tests only: on CUDA all four run.
+    """
+    import liger_kernel.transformers.monkey_patch as monkey_patch
+
+    monkey_patch._patch_rms_norm_module = lambda *args, **kwargs: None
+    monkey_patch._patch_swiglu_module = lambda *args, **kwargs: None

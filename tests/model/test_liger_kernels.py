@@ -96,15 +96,13 @@ def test_real_liger_rope_and_fused_cross_entropy_keep_losses_and_gradients(tmp_p
 
     A padded batch (one image) and a packed batch (positions restarting per sample), with ``num_items_in_batch`` as
     the Trainer passes it under gradient accumulation: the loss, the per-token losses (what ``loss_<language>`` is
-    computed from) and every gradient equal PyTorch's kernels'. The
-    interpreter cannot run Liger's RMSNorm and SwiGLU kernels (their scalar arguments), so those two modules keep
-    PyTorch's here; on CUDA all four are Liger's.
+    computed from) and every gradient equal PyTorch's kernels'. The interpreter cannot run Liger's RMSNorm and
+    SwiGLU kernels (their scalar arguments), so those two modules keep PyTorch's here; on CUDA all four are Liger's.
     """
     out = run_interpreted(f"""
         import runpy, sys
-        import liger_kernel.transformers.monkey_patch as monkey_patch
-        monkey_patch._patch_rms_norm_module = lambda *a, **k: None
-        monkey_patch._patch_swiglu_module = lambda *a, **k: None
+        from palo.testing.triton_interpreter import interpretable_liger
+        interpretable_liger()
         sys.argv = ["liger_check.py", "cpu", "1e-5", "1e-6"]
         runpy.run_path({CHECK!r}, run_name="__main__")
     """, cwd=str(tmp_path))

@@ -46,12 +46,10 @@ def _stalling_save_rng_state(self, output_dir, *args, **kwargs):
 
 
 if os.environ.get("PALO_TEST_INTERPRETED_LIGER"):
-    import liger_kernel.transformers.monkey_patch as monkey_patch
-
     import palo.model.kernels as kernels
+    from palo.testing.triton_interpreter import interpretable_liger
 
-    monkey_patch._patch_rms_norm_module = lambda *args, **kwargs: None
-    monkey_patch._patch_swiglu_module = lambda *args, **kwargs: None
+    interpretable_liger()
     kernels.liger_available = lambda: (True, "")
 if os.environ.get("PALO_TEST_STEP_LOG"):
     transformers.Trainer.training_step = _logged_training_step

@@ -15,9 +15,8 @@ import sys
 import pytest
 
 from palo.testing import tiny_data
-from palo.testing.triton_interpreter import interpreter_unusable
+from palo.testing.triton_interpreter import ROOT, interpreter_unusable
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _why_not = interpreter_unusable("liger_kernel", "deepspeed")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why_not is not None, reason=_why_not or "")]
 
