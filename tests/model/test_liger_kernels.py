@@ -8,7 +8,6 @@ import importlib.util
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -40,31 +39,10 @@ def test_missing_package_warns(monkeypatch):
     assert not usable and "pip install liger-kernel" in why
 
 
-def test_applied_kernels_keep_the_image_splice_and_the_per_token_losses(world, monkeypatch):
+def test_applied_kernels_keep_the_image_splice_and_the_per_token_losses(world, liger_stand_in):
     """With a stand-in liger package (plain PyTorch behind Liger's names): the module swaps are requested for this
     model only, evaluation keeps LLaMA's logits, and in training the fused head receives the *spliced* hidden states
     and returns the loss and per-token losses of PyTorch's cross-entropy, with no logits."""
-    calls: dict = {}
-    seen: dict = {}
-
-    def apply_liger_kernel_to_llama(**kwargs):
-        calls.update(kwargs)
-
-    class LigerFusedLinearCrossEntropyLoss:
-        def __init__(self, ignore_index, reduction):
-            self.ignore_index, self.reduction = ignore_index, reduction
-
-        def __call__(self, weight, hidden, target, bias=None):
-            seen["hidden"] = hidden
-            return nn.functional.cross_entropy(nn.functional.linear(hidden, weight, bias), target,
-                                               ignore_index=self.ignore_index, reduction=self.reduction)
-
-    package = types.ModuleType("liger_kernel")
-    transformers_module = types.ModuleType("liger_kernel.transformers")
-    transformers_module.apply_liger_kernel_to_llama = apply_liger_kernel_to_llama
-    transformers_module.LigerFusedLinearCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss
-    monkeypatch.setitem(sys.modules, "liger_kernel", package)
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", transformers_module)
     from palo.model.kernels import apply_liger_kernels
     from palo.testing import tiny
 
@@ -79,10 +57,11 @@ def test_applied_kernels_keep_the_image_splice_and_the_per_token_losses(world, m
         evaluated = model(input_ids=ids, images=pixels, attention_mask=mask, labels=labels)
         model.train()
         trained = model(input_ids=ids, images=pixels, attention_mask=mask, labels=labels, num_items_in_batch=16)
+    calls = liger_stand_in["apply"]
     assert calls["model"] is model and calls["fused_linear_cross_entropy"] is False
     torch.testing.assert_close(evaluated.logits, expected.logits)
-    assert trained.logits is None and "hidden" in seen
-    assert seen["hidden"].shape == (2 * (5 + model.image_token_count - 1), model.config.hidden_size)
+    assert trained.logits is None and "hidden" in liger_stand_in
+    assert liger_stand_in["hidden"].shape == (2 * (5 + model.image_token_count - 1), model.config.hidden_size)
     target = expected.spliced_labels[:, 1:]
     per_token = nn.functional.cross_entropy(expected.logits[:, :-1].transpose(1, 2), target, reduction="none")
     torch.testing.assert_close(trained.token_losses, per_token)

@@ -76,8 +76,8 @@ def _packed(model, items, max_length=256):
 
 # FlexAttention compiles a kernel per new shape, which on CPU takes ~4-10 s each; so each sample's lone run (the
 # reference: one sample, nothing to separate) is computed once with SDPA and shared by every kernel's packed run.
-# (flash_attention_2 needs CUDA and half precision, where 1e-5 does not hold; its packed path is the flattened row
-# transformers' own varlen tests use.)
+# (flash_attention_2 needs CUDA and half precision, where 1e-5 does not hold; the flattening of packed rows around
+# its varlen kernel is tested below with an exact PyTorch stand-in for the kernel.)
 @pytest.fixture(scope="module")
 def alone_losses(loaded, items):
     """Per-token losses of each sample run alone (SDPA), by dataset index."""
@@ -188,3 +188,72 @@ def test_packing_rows_respect_the_length_and_keep_over_long_samples_alone():
         assert sum(lengths[i] for i in row) <= 256 or len(row) == 1
     assert [4] in rows  # 300 > 256: alone, truncated by the model as without packing
     assert len(rows) == 4  # 300 | 250 | 100 + 90 + 60 | 30 + 10: the fewest rows these lengths allow
+
+
+def _varlen_stand_in(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_ids=None,
+                     **kwargs):
+    """flash-attn's varlen kernel as transformers drives it, in PyTorch: one row ``[1, H, N, d]``, each sample found
+    where ``position_ids`` restart at 0 and attended causally on its own (exact SDPA per sample)."""
+    assert query.shape[0] == 1 and attention_mask is None and position_ids is not None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    parts = [nn.functional.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b],
+                                                        is_causal=True, scale=scaling)
+             for a, b in zip(starts, starts[1:])]
+    return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture
+def flash_stand_in(monkeypatch):
+    """Registers :func:`_varlen_stand_in` as ``flash_attention_2`` (flash-attn needs CUDA) and returns a function that
+    puts a model on it without the installation check; what the model does *around* the kernel (flattening the packed
+    rows into one, unflattening logits and per-token losses) is the code under test."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", _varlen_stand_in)
+
+    def use(model, implementation):
+        model.config._attn_implementation = implementation
+
+    return use
+
+
+@torch.no_grad()
+def test_flash_path_flattens_packed_rows_and_restores_logits(loaded, items, flash_stand_in):
+    _, model, _ = loaded
+    try:
+        batch, reference, _ = _packed(model, items)
+        assert batch["input_ids"].shape[0] >= 2  # several rows: the flattening joins them
+        flash_stand_in(model, "flash_attention_2")
+        _, flat, _ = _packed(model, items)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert flat.logits.shape == reference.logits.shape
+    torch.testing.assert_close(flat.logits, reference.logits, rtol=0, atol=1e-5)
+    assert torch.equal(flat.spliced_labels, reference.spliced_labels)
+    torch.testing.assert_close(flat.loss, reference.loss, rtol=0, atol=1e-6)
+
+
+def test_flash_path_with_the_fused_head_restores_each_rows_token_losses(world, items, flash_stand_in,
+                                                                          liger_stand_in):
+    """With Liger's fused head the flattened row yields one run of per-token losses, which must be cut back into the
+    rows: each row's losses in place, and nothing learnt from a row's last position predicting the next row's first."""
+    from palo.model.kernels import apply_liger_kernels
+    from palo.testing import tiny
+
+    model = tiny.build_palo_model(world.config, world.clip_dir, seed=1)
+    apply_liger_kernels(model)
+    model.train()  # the fused head only runs in training (the tiny configs have no dropout)
+    with torch.no_grad():
+        batch, reference, _ = _packed(model, items)
+        flash_stand_in(model, "flash_attention_2")
+        _, flat, _ = _packed(model, items)
+    rows, length = batch["input_ids"].shape[0], reference.spliced_labels.shape[1]
+    assert rows >= 2 and reference.logits is None and flat.logits is None
+    assert liger_stand_in["hidden"].shape[0] == rows * length - 1  # the head saw one flattened row
+    assert flat.token_losses.shape == reference.token_losses.shape == (rows, length - 1)
+    torch.testing.assert_close(flat.token_losses, reference.token_losses, rtol=0, atol=1e-5)
+    learnt = reference.spliced_labels[:, 1:] != IGNORE_INDEX
+    assert flat.token_losses[~learnt].eq(0).all() and flat.token_losses[learnt].gt(0).all()
+    torch.testing.assert_close(flat.loss, reference.loss, rtol=0, atol=1e-6)
