@@ -132,11 +132,7 @@ class ModelRunner:
         if rows:
             if seq.image_features is None:
                 raise RuntimeError(f"request {seq.request_id}: image rows to prefill but its images were not encoded")
-            sources = []
-            for j in rows:
-                p = chunk.start + j
-                i = max(k for k, s in enumerate(seq.image_starts) if s <= p)
-                sources.append(i * seq.tokens_per_image + p - seq.image_starts[i])
+            sources = [seq.image_rows[chunk.start + j] for j in rows]
             flat = seq.image_features.reshape(-1, seq.image_features.shape[-1])
             embeds[self._tensor(rows)] = flat[self._tensor(sources)]
         return embeds

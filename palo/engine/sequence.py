@@ -14,6 +14,7 @@ import torch
 
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.engine.sampling import SamplingParams
+from palo.model.multimodal import plan_splice
 
 
 @dataclass
@@ -105,15 +106,18 @@ class Sequence:
         self.first_token_at: float | None = None
         self.status = Status.WAITING
         self.tokens_per_image = tokens_per_image
-        # Spliced prompt: text ids, with IMAGE_TOKEN_INDEX on every image row; image i starts at image_starts[i].
-        self.prompt_ids: list[int] = []
-        self.image_starts: list[int] = []
-        for token in request.input_ids:
-            if token == IMAGE_TOKEN_INDEX:
-                self.image_starts.append(len(self.prompt_ids))
-                self.prompt_ids.extend([IMAGE_TOKEN_INDEX] * tokens_per_image)
-            else:
-                self.prompt_ids.append(int(token))
+        # The prompt spliced as the model's one contract lays it out (palo.model.multimodal): text ids in place and
+        # IMAGE_TOKEN_INDEX on every image row; image_rows maps each image position to its row of the stacked
+        # features [k * n, D], and image i starts at image_starts[i].
+        input_ids = torch.as_tensor(list(request.input_ids), dtype=torch.long).reshape(1, -1)
+        count = 0 if request.images is None else int(request.images.shape[0])
+        plan = plan_splice(input_ids, count, tokens_per_image)
+        self.prompt_ids: list[int] = [IMAGE_TOKEN_INDEX] * plan.length
+        tokens = input_ids[0].tolist()
+        for src, dst in zip(plan.text_src, plan.text_dst):
+            self.prompt_ids[dst] = tokens[src]
+        self.image_rows: dict[int, int] = dict(zip(plan.image_dst, plan.image_src))
+        self.image_starts: list[int] = plan.image_dst[::tokens_per_image] if tokens_per_image else []
         self.num_images = len(self.image_starts)
         self.image_digests = [image_digest(request.images[i])
                               for i in range(self.num_images)] if self.num_images else []
@@ -156,10 +160,8 @@ class Sequence:
             return self._block_keys[1]
         keys: list[int] = []
         parent = 0
-        image_at = {}
-        for i, start in enumerate(self.image_starts):
-            for r in range(self.tokens_per_image):
-                image_at[start + r] = (self.image_digests[i], r)
+        image_at = {p: (self.image_digests[row // self.tokens_per_image], row % self.tokens_per_image)
+                    for p, row in self.image_rows.items()}
         for b in range(self.prompt_len // block_size):
             span = range(b * block_size, (b + 1) * block_size)
             parent = hash((parent, tuple(image_at.get(p, self.prompt_ids[p]) for p in span)))
