@@ -4,7 +4,10 @@ A worker registers with the controller once its own server answers, heartbeats e
 seconds (re-registering when the controller has forgotten it), and serves the original worker endpoints
 (``/worker_generate_stream``, ``/worker_get_status``, ``/model_details``). Requests run under a concurrency limit
 (an asyncio semaphore); the ones waiting for it count in the queue length the worker reports, and a heartbeat goes
-out when a request starts and when it ends, as in the original worker.
+out when a request starts and when it ends, as in the original worker. Those are coalesced (a burst of requests sends
+one heartbeat with the latest queue length, not one per event) and all controller traffic goes through one kept-alive
+HTTP client: a new client per heartbeat costs tens of milliseconds of CPU (its TLS context), which under load took a
+large share of a small machine from generation.
 
 Subclasses say only how they answer: :meth:`BaseWorker.prepare` checks a request (raising :class:`Rejected` to
 answer at once) and :meth:`BaseWorker.generate` streams its chunks. Any other exception in either is logged with its
@@ -96,6 +99,9 @@ class BaseWorker(ABC):
         self.healthy = True  # the last check_health(); an unhealthy worker sends no heartbeats
         self._semaphore: asyncio.Semaphore | None = None
         self._stop = threading.Event()
+        self._beat_soon = threading.Event()  # set by heart_beat_soon, consumed by the heartbeat thread
+        self._http: httpx.Client | None = None
+        self._http_lock = threading.Lock()
 
     # -- what subclasses provide ---------------------------------------------------------------------------------
     @abstractmethod
@@ -137,11 +143,18 @@ class BaseWorker(ABC):
             **self.status_details(),
         }
 
+    def http(self) -> httpx.Client:
+        """The one HTTP client for the controller and this worker's own probes (thread-safe, kept alive)."""
+        with self._http_lock:
+            if self._http is None:
+                self._http = httpx.Client(timeout=CONTROLLER_TIMEOUT_S)
+            return self._http
+
     def register_to_controller(self) -> bool:
         """Register with the controller; returns whether it accepted."""
         data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
         try:
-            response = httpx.post(self.controller_addr + "/register_worker", json=data, timeout=CONTROLLER_TIMEOUT_S)
+            response = self.http().post(self.controller_addr + "/register_worker", json=data)
         except httpx.HTTPError as exc:
             self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
             return False
@@ -166,10 +179,9 @@ class BaseWorker(ABC):
             return
         while not self._stop.is_set():
             try:
-                response = httpx.post(
+                response = self.http().post(
                     self.controller_addr + "/receive_heart_beat",
                     json={"worker_name": self.worker_addr, "queue_length": self.get_queue_length()},
-                    timeout=CONTROLLER_TIMEOUT_S,
                 )
                 exist = bool(response.json().get("exist"))
                 break
@@ -185,20 +197,40 @@ class BaseWorker(ABC):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self._stop.is_set():
             try:
-                httpx.post(self.worker_addr + "/worker_get_status", timeout=1.0)
+                self.http().post(self.worker_addr + "/worker_get_status", timeout=1.0)
                 return
             except httpx.HTTPError:
                 self._stop.wait(0.05)
 
     def _heart_beat_loop(self) -> None:
+        try:
+            self._heart_beat_until_stopped()
+        finally:
+            with self._http_lock:
+                if self._http is not None:
+                    self._http.close()
+                    self._http = None
+
+    def _heart_beat_until_stopped(self) -> None:
         # Register once this server answers, so the controller never sends work to a port that is not open yet.
         self._wait_until_listening()
         if not self._update_health():
             self.logger.warning("not healthy yet: registering once a heartbeat finds it healthy")
         elif not self.register_to_controller():
             self.logger.warning("will retry registering with each heartbeat")
-        while not self._stop.wait(self.heart_beat_interval):
-            self.send_heart_beat()
+        next_probe = time.monotonic() + self.heart_beat_interval
+        while not self._stop.is_set():
+            # Periodic heartbeats check health first; the ones asked for around requests report the queue length
+            # at once, however many were asked for while one was being sent.
+            soon = self._beat_soon.wait(max(0.0, next_probe - time.monotonic()))
+            if self._stop.is_set():
+                break
+            self._beat_soon.clear()
+            due = time.monotonic() >= next_probe
+            if due:
+                next_probe = time.monotonic() + self.heart_beat_interval
+            if soon or due:
+                self.send_heart_beat(probe=due)
 
     def start(self) -> None:
         """Start the registration/heartbeat thread (unless ``no_register``)."""
@@ -206,12 +238,14 @@ class BaseWorker(ABC):
             threading.Thread(target=self._heart_beat_loop, name="heart-beat", daemon=True).start()
 
     def stop(self) -> None:
+        """Stop heartbeating (the heartbeat thread then closes the HTTP client it was using)."""
         self._stop.set()
+        self._beat_soon.set()
 
     def heart_beat_soon(self) -> None:
-        """Report the queue length now, in the background (when a request starts and ends)."""
+        """Report the queue length now, from the heartbeat thread (when a request starts and ends)."""
         if not self.no_register:
-            threading.Thread(target=self.send_heart_beat, kwargs={"probe": False}, daemon=True).start()
+            self._beat_soon.set()
 
     # -- requests ------------------------------------------------------------------------------------------------
     @property

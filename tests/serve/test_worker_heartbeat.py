@@ -1,0 +1,139 @@
+"""A worker's link to the controller: registration, heartbeats around requests (latest queue length, coalesced),
+periodic heartbeats that check health, and one kept-alive HTTP client for all of it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from serve_helpers import free_port, wait_until
+
+import palo.serve.worker_base as worker_base
+from palo.serve.worker_base import BaseWorker, create_app
+
+
+class GatedWorker(BaseWorker):
+    """Answers one chunk per request once ``gate`` opens."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.ok = True
+
+    async def prepare(self, params):
+        return params
+
+    async def generate(self, prepared):
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        yield b'{"text": "done", "error_code": 0}\0'
+
+    def model_details(self):
+        return {"context_length": 64}
+
+    def check_health(self) -> bool:
+        return self.ok
+
+
+def _serve(app: FastAPI) -> tuple[str, uvicorn.Server, threading.Thread]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "a test server")
+    return f"http://127.0.0.1:{port}", server, thread
+
+
+@pytest.fixture
+def link(monkeypatch):
+    """A recording controller and a factory of gated workers registered with it; counts HTTP clients made."""
+    beats: list[int] = []
+    registrations: list[dict] = []
+    controller = FastAPI()
+
+    @controller.post("/register_worker")
+    async def register(request: Request):
+        registrations.append(await request.json())
+        return {}
+
+    @controller.post("/receive_heart_beat")
+    async def heart_beat(request: Request):
+        beats.append((await request.json())["queue_length"])
+        return {"exist": True}
+
+    clients = []
+
+    class CountedClient(httpx.Client):
+        def __init__(self, *args, **kwargs):
+            clients.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(worker_base.httpx, "Client", CountedClient)
+    curl, cserver, cthread = _serve(controller)
+    started = []
+
+    def make(interval: float, concurrency: int = 2) -> tuple[GatedWorker, str]:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        worker = GatedWorker("gated", curl, url, limit_model_concurrency=concurrency, heart_beat_interval=interval)
+        server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        worker.start()
+        started.append((worker, server, thread))
+        wait_until(lambda: registrations, 30, "the worker's registration")
+        return worker, url
+
+    yield make, beats, registrations, clients
+    for worker, server, thread in started:
+        worker.gate.set()
+        worker.stop()
+        server.should_exit = True
+        thread.join(10)
+    cserver.should_exit = True
+    cthread.join(10)
+
+
+def test_requests_send_their_queue_length_through_one_kept_alive_client(link):
+    make, beats, registrations, clients = link
+    worker, url = make(interval=1000.0, concurrency=10)  # no periodic heartbeat here: every beat is a request's
+    assert len(registrations) == 1 and registrations[0]["worker_name"] == url
+    done = []
+
+    def ask() -> None:
+        with httpx.stream("POST", url + "/worker_generate_stream", json={}, timeout=60) as response:
+            done.append(response.read())
+
+    threads = [threading.Thread(target=ask) for _ in range(10)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: 10 in beats, 30, "a heartbeat with all 10 requests running")
+    worker.gate.set()
+    for thread in threads:
+        thread.join(30)
+    assert len(done) == 10
+    wait_until(lambda: beats and beats[-1] == 0 and worker.get_queue_length() == 0, 30, "the final heartbeat")
+    time.sleep(0.3)
+    assert beats[-1] == 0  # the controller's last word is the idle queue
+    assert 2 <= len(beats) <= 20  # one per start and end at the most, coalesced when they come together
+    assert len(clients) == 1  # registration, probes and every heartbeat shared one client
+
+
+def test_periodic_heartbeats_check_health_and_an_unhealthy_worker_goes_quiet(link):
+    make, beats, _, clients = link
+    worker, _ = make(interval=0.2)
+    wait_until(lambda: len(beats) >= 3, 30, "periodic heartbeats")
+    worker.ok = False
+    time.sleep(0.5)  # the next periodic heartbeat finds it unhealthy and sends nothing
+    count = len(beats)
+    worker.heart_beat_soon()  # nor does a request's heartbeat revive it
+    time.sleep(0.6)
+    assert len(beats) == count
+    worker.ok = True
+    wait_until(lambda: len(beats) > count, 30, "heartbeats once healthy again")
+    assert len(clients) == 1
