@@ -4,10 +4,10 @@ A worker registers with the controller once its own server answers, heartbeats e
 seconds (re-registering when the controller has forgotten it), and serves the original worker endpoints
 (``/worker_generate_stream``, ``/worker_get_status``, ``/model_details``). Requests run under a concurrency limit
 (an asyncio semaphore); the ones waiting for it count in the queue length the worker reports, and a heartbeat goes
-out when a request starts and when it ends, as in the original worker. Those are coalesced (a burst of requests sends
-one heartbeat with the latest queue length, not one per event) and all controller traffic goes through one kept-alive
-HTTP client: a new client per heartbeat costs tens of milliseconds of CPU (its TLS context), which under load took a
-large share of a small machine from generation.
+out when a request starts and when it ends, as in the original worker. Those are coalesced: however many requests
+start or end together, one heartbeat reports the queue length as it is then, at most every ``SOON_BEAT_GAP_S``. All
+controller traffic goes through one kept-alive HTTP client: a new client per heartbeat costs tens of milliseconds of
+CPU (its TLS context), which under load took a large share of a small machine from generation.
 
 Subclasses say only how they answer: :meth:`BaseWorker.prepare` checks a request (raising :class:`Rejected` to
 answer at once) and :meth:`BaseWorker.generate` streams its chunks. Any other exception in either is logged with its
@@ -38,6 +38,9 @@ from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
 LISTEN_TIMEOUT_S = 60.0  # how long to wait for this worker's own server before registering anyway
+# Request heartbeats are at most this often: the ones asked for in between are folded into the next, which reports
+# the queue length as it is then. Under load that keeps the heartbeat thread from taking the GIL from generation.
+SOON_BEAT_GAP_S = 0.05
 
 
 class Rejected(Exception):
@@ -231,6 +234,8 @@ class BaseWorker(ABC):
                 next_probe = time.monotonic() + self.heart_beat_interval
             if soon or due:
                 self.send_heart_beat(probe=due)
+            if soon and not due:
+                self._stop.wait(SOON_BEAT_GAP_S)
 
     def start(self) -> None:
         """Start the registration/heartbeat thread (unless ``no_register``)."""
