@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -168,6 +169,7 @@ class OpenAIWorker(BaseWorker):
         self.request_timeout = request_timeout
         self.context_length = context_length
         self.healthy = False  # until the first check: no heartbeat for a backend never seen
+        self._backend: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 
     def status_details(self) -> dict[str, Any]:
         return {"backend": {"api_base": self.api_base, "reachable": self.healthy}}
@@ -178,7 +180,7 @@ class OpenAIWorker(BaseWorker):
     def check_health(self) -> bool:
         """Whether the backend answers ``GET /models`` and serves ``model_name``."""
         try:
-            response = httpx.get(self.api_base + "/models", headers=self.headers, timeout=HEALTH_TIMEOUT_S)
+            response = self.http().get(self.api_base + "/models", headers=self.headers, timeout=HEALTH_TIMEOUT_S)
             response.raise_for_status()
             names = [m.get("id") for m in response.json().get("data", [])]
             ok = self.model_name in names
@@ -240,38 +242,51 @@ class OpenAIWorker(BaseWorker):
     def generate(self, prepared: tuple[str, dict[str, Any]]) -> AsyncIterator[bytes]:
         return self._relay(*prepared)
 
+    def backend_client(self) -> httpx.AsyncClient:
+        """The kept-alive client for the backend, so that requests reuse its connections instead of opening one (and
+        a TLS session) each. Made in the server's event loop, which an async client is bound to."""
+        loop = asyncio.get_running_loop()
+        if self._backend is None or self._backend[0] is not loop:
+            timeout = httpx.Timeout(self.request_timeout, connect=HEALTH_TIMEOUT_S)
+            # Idle connections are dropped before uvicorn's 5 s keep-alive would close them under a request.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=4.0)
+            self._backend = (loop, httpx.AsyncClient(timeout=timeout, limits=limits))
+        return self._backend[1]
+
     async def _relay(self, prompt: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         text = ""
         finish: str | None = None
         usage: dict | None = None
         stops = body.get("stop") or []
-        timeout = httpx.Timeout(self.request_timeout, connect=HEALTH_TIMEOUT_S)
         try:
-            async with httpx.AsyncClient(timeout=timeout) as client:
-                async with client.stream("POST", self.api_base + "/chat/completions", json=body,
-                                         headers=self.headers) as response:
-                    if response.status_code != 200:
-                        detail = (await response.aread()).decode("utf-8", "replace")[:500]
-                        yield error_chunk(f"the backend {self.api_base} answered HTTP {response.status_code}: {detail}",
-                                          WORKER_ERROR)
+            async with self.backend_client().stream("POST", self.api_base + "/chat/completions", json=body,
+                                                    headers=self.headers) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode("utf-8", "replace")[:500]
+                    yield error_chunk(f"the backend {self.api_base} answered HTTP {response.status_code}: {detail}",
+                                      WORKER_ERROR)
+                    return
+                done = False
+                async for line in response.aiter_lines():
+                    # After [DONE], read on to the body's end without using it: a response left unread closes
+                    # its connection instead of returning it to the pool for the next request.
+                    if done or not line.startswith("data:"):
+                        continue
+                    data = line[len("data:"):].strip()
+                    if data == "[DONE]":
+                        done = True
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        yield error_chunk(f"the backend {self.api_base} failed: {event['error']}", WORKER_ERROR)
                         return
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data:"):
-                            continue
-                        data = line[len("data:"):].strip()
-                        if data == "[DONE]":
-                            break
-                        event = json.loads(data)
-                        if "error" in event:
-                            yield error_chunk(f"the backend {self.api_base} failed: {event['error']}", WORKER_ERROR)
-                            return
-                        usage = event.get("usage") or usage
-                        for choice in event.get("choices") or []:
-                            delta = (choice.get("delta") or {}).get("content") or ""
-                            finish = choice.get("finish_reason") or finish
-                            if delta:
-                                text += delta
-                                yield encode_chunk(prompt + _trim_stop(text, stops), OK)
+                    usage = event.get("usage") or usage
+                    for choice in event.get("choices") or []:
+                        delta = (choice.get("delta") or {}).get("content") or ""
+                        finish = choice.get("finish_reason") or finish
+                        if delta:
+                            text += delta
+                            yield encode_chunk(prompt + _trim_stop(text, stops), OK)
         except (httpx.HTTPError, ValueError) as exc:
             self.logger.error("backend %s failed: %r", self.api_base, exc)
             if isinstance(exc, httpx.TransportError):
