@@ -220,8 +220,11 @@ async def _answers(stream: WorkerStream, chat: ChatRequest,
     ends, however it ends; closing it early (at a user stop string) also stops the worker generating.
     """
     shown = ""
+    final: tuple[str, str, dict | None] | None = None
     try:
         async for obj in stream.chunks():
+            if final is not None:
+                continue  # read to the body's end, so that the connection goes back to the pool for the next request
             error_type = obj.get("error_type")
             if error_type == CONTEXT_LENGTH_EXCEEDED:
                 raise APIError(400, f"the prompt is too long: {obj.get('detail', '')}".strip(),
@@ -234,11 +237,14 @@ async def _answers(stream: WorkerStream, chat: ChatRequest,
             text = text[len(chat.prompt):] if text.startswith(chat.prompt) else text
             finish, usage = obj.get("finish_reason"), obj.get("usage")
             shown, stopped = visible_text(text, chat.stops, final=finish is not None)
-            if stopped or finish is not None:
-                yield shown, "stop" if stopped else finish, usage
+            if stopped:  # closing the stream now stops the worker generating
+                yield shown, "stop", usage
                 return
+            if finish is not None:
+                final = shown, finish, usage
+                continue
             yield shown, None, usage
-        yield shown, "stop", None  # the worker ended without a final chunk
+        yield final or (shown, "stop", None)  # no final chunk: the worker ended without one
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash

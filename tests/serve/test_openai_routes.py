@@ -40,11 +40,13 @@ class FakeStream:
         self.fail = fail
         self.sent = 0
         self.closed = False
+        self.read_to_end = False  # the body's end was read (over HTTP: the connection can be reused)
 
     async def chunks(self):
         for piece in self.pieces:
             self.sent += 1
             yield piece
+        self.read_to_end = self.fail is None
         if self.fail is not None:
             raise self.fail
 
@@ -121,9 +123,17 @@ def test_a_complete_answer_and_a_user_stop_string_that_closes_the_worker_stream(
     assert status == 200 and body["choices"][0]["message"]["content"] == "Hello world!"
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8} and router.closed_in_time
 
-    stream.closed, stream.sent = False, 0
+    assert stream.read_to_end  # a finished answer's stream is read to its end: its connection goes back to the pool
+
+    stream.closed, stream.sent, stream.read_to_end = False, 0, False
+    status, events = _ask(router, stream=True)
+    assert status == 200 and router.closed_in_time and stream.read_to_end
+    assert events.endswith("data: [DONE]\n\n") and '"finish_reason": "stop"' in events
+
+    stream.closed, stream.sent, stream.read_to_end = False, 0, False
     status, events = _ask(router, stream=True, stop=[" wo"])
     assert status == 200 and router.closed_in_time and stream.sent == 2  # the third chunk was never read
+    assert not stream.read_to_end
     deltas = [json.loads(line[6:]) for line in events.split("\n\n") if line.startswith("data: {")]
     assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas) == "Hello"
     assert deltas[-1]["choices"][0]["finish_reason"] == "stop" and events.endswith("data: [DONE]\n\n")
