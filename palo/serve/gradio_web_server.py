@@ -82,13 +82,16 @@ class WebServer:
         self.controller_url = controller_url.rstrip("/")
         self.moderate = moderate
         self.logger = logger or logging.getLogger(__name__)
+        # One kept-alive client for the controller and the workers (thread-safe; Gradio runs handlers in threads):
+        # a client per call would pay a new TLS context and connection for each message.
+        self.http = httpx.Client(headers={"User-Agent": "PALO Client"})
 
     # -- controller ----------------------------------------------------------------------------------------------
     def get_model_list(self) -> list[str]:
         """Refresh the workers and list their models (empty when the controller cannot be reached)."""
         try:
-            httpx.post(self.controller_url + "/refresh_all_workers", timeout=30).raise_for_status()
-            models = httpx.post(self.controller_url + "/list_models", timeout=10).json()["models"]
+            self.http.post(self.controller_url + "/refresh_all_workers", timeout=30).raise_for_status()
+            models = self.http.post(self.controller_url + "/list_models", timeout=10).json()["models"]
         except (httpx.HTTPError, ValueError, KeyError) as exc:
             self.logger.error("cannot list models from %s: %s", self.controller_url, exc)
             return []
@@ -96,8 +99,8 @@ class WebServer:
 
     def worker_address(self, model: str) -> str:
         try:
-            return httpx.post(self.controller_url + "/get_worker_address", json={"model": model},
-                              timeout=10).json().get("address", "")
+            return self.http.post(self.controller_url + "/get_worker_address", json={"model": model},
+                                  timeout=10).json().get("address", "")
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             self.logger.error("controller unreachable: %s", exc)
             return ""
@@ -224,8 +227,8 @@ class WebServer:
         state.messages[-1][-1] = CURSOR
         yield state
         try:
-            with httpx.stream("POST", address + "/worker_generate_stream", json=payload,
-                              headers={"User-Agent": "PALO Client"}, timeout=WORKER_TIMEOUT_S) as response:
+            with self.http.stream("POST", address + "/worker_generate_stream", json=payload,
+                                  timeout=WORKER_TIMEOUT_S) as response:
                 for chunk in iter_chunks(response.iter_bytes()):
                     if chunk.get("error_code", 0) == 0:
                         state.messages[-1][-1] = str(chunk.get("text", ""))[len(prompt):].strip() + CURSOR
