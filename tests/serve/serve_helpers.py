@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
+import uvicorn
 from PIL import Image, ImageDraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,6 +43,26 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interva
             pass
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def served(app, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI application on ``port`` (default: a free one) of 127.0.0.1, in a thread of this process, for
+    the ``with`` block.
+
+    Yields:
+        Its base URL.
+    """
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, "a test server")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 @dataclass

@@ -4,14 +4,14 @@ periodic heartbeats that check health, and one kept-alive HTTP client for all of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
-from serve_helpers import free_port, wait_until
+from serve_helpers import free_port, served, wait_until
 
 import palo.serve.worker_base as worker_base
 from palo.serve.worker_base import BaseWorker, create_app
@@ -40,15 +40,6 @@ class GatedWorker(BaseWorker):
         return self.ok
 
 
-def _serve(app: FastAPI) -> tuple[str, uvicorn.Server, threading.Thread]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "a test server")
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 @pytest.fixture
 def link(monkeypatch):
     """A recording controller and a factory of gated workers registered with it; counts HTTP clients made."""
@@ -74,29 +65,21 @@ def link(monkeypatch):
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(worker_base.httpx, "Client", CountedClient)
-    curl, cserver, cthread = _serve(controller)
-    started = []
+    with contextlib.ExitStack() as stack:
+        curl = stack.enter_context(served(controller))
 
-    def make(interval: float, concurrency: int = 2) -> tuple[GatedWorker, str]:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        worker = GatedWorker("gated", curl, url, limit_model_concurrency=concurrency, heart_beat_interval=interval)
-        server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        worker.start()
-        started.append((worker, server, thread))
-        wait_until(lambda: registrations, 30, "the worker's registration")
-        return worker, url
+        def make(interval: float, concurrency: int = 2) -> tuple[GatedWorker, str]:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            worker = GatedWorker("gated", curl, url, limit_model_concurrency=concurrency, heart_beat_interval=interval)
+            stack.callback(worker.stop)
+            stack.callback(worker.gate.set)  # runs first: no request left waiting on the gate
+            stack.enter_context(served(create_app(worker), port))
+            worker.start()
+            wait_until(lambda: registrations, 30, "the worker's registration")
+            return worker, url
 
-    yield make, beats, registrations, clients
-    for worker, server, thread in started:
-        worker.gate.set()
-        worker.stop()
-        server.should_exit = True
-        thread.join(10)
-    cserver.should_exit = True
-    cthread.join(10)
+        yield make, beats, registrations, clients
 
 
 def test_requests_send_their_queue_length_through_one_kept_alive_client(link):

@@ -8,25 +8,13 @@ import time
 
 import httpx
 import pytest
-import uvicorn
-from serve_helpers import free_port, image_b64, make_image, vicuna_prompt
+from serve_helpers import image_b64, make_image, served, vicuna_prompt
 
 from palo.engine import EngineConfig
 from palo.model.builder import load_pretrained_model
 from palo.serve.engine import GenerationEngine
 from palo.serve.model_worker import ModelWorker, create_app
 from palo.serve.protocol import ChunkDecoder
-
-
-def _serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", server, thread
 
 
 @pytest.fixture(params=[2])
@@ -46,13 +34,13 @@ def gated_worker(world, request):
     worker = ModelWorker(engine, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1,
                          max_queue=request.param, no_register=True)
     worker.start()
-    url, server, thread = _serve(create_app(worker))
     try:
-        yield url, gate, worker
+        with served(create_app(worker)) as url:
+            try:
+                yield url, gate, worker
+            finally:
+                gate.set()
     finally:
-        gate.set()
-        server.should_exit = True
-        thread.join(10)
         worker.stop()
 
 
@@ -114,29 +102,27 @@ def test_the_controller_passes_a_busy_workers_503_on_with_retry_after(gated_work
 
     worker_url, gate, _ = gated_worker
     controller = Controller()
-    url, server, thread = _serve(controller_app(controller))
     try:
-        assert httpx.post(url + "/register_worker", json={"worker_name": worker_url, "check_heart_beat": False},
-                          timeout=10).status_code == 200
-        body = {"model": "ckpt", "prompt": vicuna_prompt("Что это?", image=False), "temperature": 0,
-                "max_new_tokens": 4}
-        first = threading.Thread(target=lambda: httpx.post(url + "/worker_generate_stream", json=body, timeout=60))
-        first.start()
-        _wait(lambda: _status(worker_url)["engine"]["worker_running"] == 1, "the first request in the engine")
-        busy = httpx.post(url + "/worker_generate_stream", json=body, timeout=10)
-        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
-        chat = httpx.post(url + "/v1/chat/completions", timeout=10, json={
-            "model": "ckpt", "messages": [{"role": "user", "content": "Что это?"}], "max_tokens": 4})
-        assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
-        assert "busy" in chat.json()["error"]["message"]
-        gate.set()
-        first.join(60)
-        ok = httpx.post(url + "/worker_generate_stream", json=body, timeout=60)
-        assert ok.status_code == 200  # once the worker has room again, it serves
+        with served(controller_app(controller)) as url:
+            assert httpx.post(url + "/register_worker", json={"worker_name": worker_url, "check_heart_beat": False},
+                              timeout=10).status_code == 200
+            body = {"model": "ckpt", "prompt": vicuna_prompt("Что это?", image=False), "temperature": 0,
+                    "max_new_tokens": 4}
+            first = threading.Thread(target=lambda: httpx.post(url + "/worker_generate_stream", json=body, timeout=60))
+            first.start()
+            _wait(lambda: _status(worker_url)["engine"]["worker_running"] == 1, "the first request in the engine")
+            busy = httpx.post(url + "/worker_generate_stream", json=body, timeout=10)
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+            chat = httpx.post(url + "/v1/chat/completions", timeout=10, json={
+                "model": "ckpt", "messages": [{"role": "user", "content": "Что это?"}], "max_tokens": 4})
+            assert chat.status_code == 503 and chat.headers["Retry-After"] == "1"
+            assert "busy" in chat.json()["error"]["message"]
+            gate.set()
+            first.join(60)
+            ok = httpx.post(url + "/worker_generate_stream", json=body, timeout=60)
+            assert ok.status_code == 200  # once the worker has room again, it serves
     finally:
         gate.set()
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_a_client_that_disconnects_is_dropped_and_its_cache_freed(gated_worker):
