@@ -47,6 +47,7 @@ class DecodeGraphs:
         self.runner = runner
         self.batches = batches
         self.widths = widths
+        # (batch, width) -> (graph, its static inputs, its output buffer)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self.pool = None
 
@@ -57,40 +58,51 @@ class DecodeGraphs:
         graphs = cls(runner, batch_ladder(max_num_seqs), width_ladder(max_blocks))
         start = time.perf_counter()
         try:
-            graphs._capture_all()
+            # Largest first, so the shared memory pool is sized once by the biggest graph.
+            for batch in reversed(graphs.batches):
+                for width in reversed(graphs.widths):
+                    inputs = graphs._static_inputs(batch, width)
+                    graph, output = graphs._record(inputs)
+                    graphs.graphs[(batch, width)] = (graph, inputs, output)
+            graphs._synchronize()
         except Exception as exc:  # noqa: BLE001 - a model whose step cannot be captured still runs eagerly
             logger.warning("CUDA graph capture failed (%s: %s); decoding runs eagerly", type(exc).__name__, exc)
-            torch.cuda.synchronize()
+            graphs._synchronize()
             return None
         logger.info("captured %d decode CUDA graphs (batches %s, widths %s blocks) in %.1f s", len(graphs.graphs),
                     graphs.batches, graphs.widths, time.perf_counter() - start)
         return graphs
 
-    def _capture_all(self) -> None:
+    def _static_inputs(self, batch: int, width: int) -> tuple[torch.Tensor, ...]:
+        """The buffers a graph reads its step from, as :meth:`ModelRunner.decode_inputs` lays them out; until the
+        first replay every row is padding (the scratch block, one position)."""
+        device = self.runner.device
+        return (
+            torch.zeros(batch, dtype=torch.long, device=device),  # ids
+            torch.zeros(batch, dtype=torch.long, device=device),  # positions
+            torch.zeros(batch, dtype=torch.long, device=device),  # slots: the scratch block
+            torch.zeros(batch, width, dtype=torch.long, device=device),  # block tables
+            torch.ones(batch, dtype=torch.long, device=device),  # lengths
+        )
+
+    def _record(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture one decode step over the static ``inputs``: ``(graph, output buffer)``."""
         runner = self.runner
         device = runner.device
         stream = torch.cuda.Stream(device)
-        # Largest first, so the shared memory pool is sized once by the biggest graph.
-        for batch in reversed(self.batches):
-            for width in reversed(self.widths):
-                inputs = (
-                    torch.zeros(batch, dtype=torch.long, device=device),  # ids
-                    torch.zeros(batch, dtype=torch.long, device=device),  # positions
-                    torch.zeros(batch, dtype=torch.long, device=device),  # slots: the scratch block
-                    torch.zeros(batch, width, dtype=torch.long, device=device),  # block tables
-                    torch.ones(batch, dtype=torch.long, device=device),  # lengths
-                )
-                stream.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(stream), torch.no_grad():
-                    runner.decode_forward(*inputs)  # warm-up outside the graph (lazy inits, autotuning)
-                torch.cuda.current_stream(device).wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-                    output = runner.decode_forward(*inputs)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[(batch, width)] = (graph, inputs, output)
-        torch.cuda.synchronize(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.no_grad():
+            runner.decode_forward(*inputs)  # warm-up outside the graph (lazy inits, autotuning)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
+            output = runner.decode_forward(*inputs)
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, output
+
+    def _synchronize(self) -> None:
+        torch.cuda.synchronize(self.runner.device)
 
     def _pick(self, seqs: list[Sequence]) -> tuple[int, int] | None:
         batch = next((b for b in self.batches if b >= len(seqs)), None)
