@@ -50,6 +50,7 @@ class DecodeGraphs:
         # (batch, width) -> (graph, its static inputs, its output buffer)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
         self.pool = None
+        self._stream = None
 
     @classmethod
     def capture(cls, runner, max_num_seqs: int, max_model_len: int) -> DecodeGraphs | None:
@@ -89,7 +90,9 @@ class DecodeGraphs:
         """Capture one decode step over the static ``inputs``: ``(graph, output buffer)``."""
         runner = self.runner
         device = runner.device
-        stream = torch.cuda.Stream(device)
+        if self._stream is None:  # one side stream for every capture
+            self._stream = torch.cuda.Stream(device)
+        stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.no_grad():
             runner.decode_forward(*inputs)  # warm-up outside the graph (lazy inits, autotuning)
