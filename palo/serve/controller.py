@@ -48,6 +48,7 @@ from palo.serve.protocol import (
     STREAM_MEDIA_TYPE,
     WORKER_ERROR,
     WORKER_UNREACHABLE,
+    decode_json_body,
     error_chunk,
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
@@ -265,8 +266,8 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
     async def json_body(request: Request) -> Any:
         try:
-            return json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError) as exc:
+            return decode_json_body(await request.body() or b"null")
+        except ValueError as exc:
             raise _BadJson(str(exc)) from None
 
     @app.exception_handler(Exception)
@@ -276,7 +277,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
     @app.exception_handler(_BadJson)
     async def _bad_json(request: Request, exc: _BadJson) -> JSONResponse:
-        return JSONResponse({"error": f"invalid JSON body: {exc}"}, status_code=400)
+        return JSONResponse({"error": str(exc)}, status_code=400)
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Response:
@@ -324,10 +325,9 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
     async def worker_generate_stream(request: Request) -> Response:
         body = await request.body()
         try:
-            params = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            return Response(error_chunk(f"invalid JSON body: {exc}", WORKER_ERROR, INVALID_REQUEST), 400,
-                            media_type=STREAM_MEDIA_TYPE)
+            params = decode_json_body(body)
+        except ValueError as exc:
+            return Response(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST), 400, media_type=STREAM_MEDIA_TYPE)
         model = params.get("model") if isinstance(params, dict) else None
         if not isinstance(model, str):
             return Response(error_chunk("'model' is required and must be a string", NO_WORKER, INVALID_REQUEST), 400,

@@ -4,7 +4,7 @@
 * ``POST /v1/chat/completions``: ``messages`` (``system``/``user``/``assistant``; a user message's ``content`` may
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
-  ``stop`` (a string or up to 4), ``stream_options.include_usage``.
+  ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``stream_options.include_usage``.
 
 The messages are rendered with the conversation template the worker reports for its checkpoint (``vicuna_v1`` for
 PALO; each image becomes an ``<image>`` line at the front of its message, as PALO was trained), and sent to a worker
@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
-from palo.serve.protocol import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, OK, visible_text
+from palo.serve.protocol import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, OK, decode_json_body, visible_text
 from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStream, WorkerUnreachableError
 
 DEFAULT_CONV_MODE = "vicuna_v1"
@@ -66,9 +66,10 @@ class ChatRequest:
     stops: list[str]
     stream: bool
     include_usage: bool
+    seed: int | None = None
 
     def worker_params(self) -> dict[str, Any]:
-        return {
+        params = {
             "model": self.model,
             "prompt": self.prompt,
             "images": self.images,
@@ -77,6 +78,9 @@ class ChatRequest:
             "max_new_tokens": self.max_tokens,
             "stop": self.template_stop,
         }
+        if self.seed is not None:  # this project's workers sample reproducibly from it
+            params["seed"] = self.seed
+        return params
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -184,7 +188,7 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise APIError(400, "'model' is required", param="model")
+        raise APIError(400, "'model' is required and must be a non-empty string", param="model")
     if body.get("n", 1) != 1:
         raise APIError(400, "only n=1 is supported", param="n")
     prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE)
@@ -198,6 +202,11 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} strings", param="stop")
     options = body.get("stream_options") or {}
+    if not isinstance(body.get("stream", False), bool):
+        raise APIError(400, f"'stream' must be true or false, got {body['stream']!r}", param="stream")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
     return ChatRequest(
         model=model,
         prompt=prompt,
@@ -207,8 +216,9 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         max_tokens=max_tokens,
         template_stop=template_stop,
         stops=[s for s in stops if s],
-        stream=bool(body.get("stream", False)),
+        stream=body.get("stream", False),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        seed=seed,
     )
 
 
@@ -353,9 +363,9 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
     try:
         check_api_key(authorization, api_key)
         try:
-            decoded = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"invalid JSON body: {exc}") from None
+            decoded = decode_json_body(body)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
         chat = parse_chat_request(decoded, registry.conv_mode)
         stream = await open_chat(chat, registry, router)
         answers = _answers(stream, chat, registry.logger)

@@ -19,6 +19,7 @@ chunk, and ``error_type`` on errors (used by the OpenAI-compatible API to pick a
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
@@ -58,6 +59,32 @@ def encode_chunk(text: str, error_code: int = OK, **extra: Any) -> bytes:
     body = {"text": text, "error_code": error_code}
     body.update({k: v for k, v in extra.items() if v is not None})
     return json.dumps(body, ensure_ascii=False).encode("utf-8") + b"\0"
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def decode_json_body(body: bytes) -> Any:
+    """A request body parsed as JSON, for every endpoint that takes one.
+
+    Raises:
+        ValueError: Saying why, for a body that is not JSON (``invalid JSON body: ...``), is nested too deeply for the
+            parser, or holds a lone surrogate escape (``"\\ud800"``): valid JSON syntax, but text no UTF-8 encoder
+            downstream (tokenizer, log, response) can handle.
+    """
+    try:
+        value = json.loads(body)
+    except RecursionError:
+        raise ValueError("invalid JSON body: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"invalid JSON body: {exc}") from None
+    if _SURROGATE_ESCAPE.search(body):  # escaped surrogate pairs (emoji) are fine; only lone halves are refused
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("invalid JSON body: a string holds a lone surrogate escape (\\ud800-\\udfff), which "
+                             "is not Unicode text") from None
+    return value
 
 
 def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR) -> bytes:

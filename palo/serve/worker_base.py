@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
-from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, error_chunk
+from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
@@ -263,9 +262,9 @@ class BaseWorker(ABC):
     async def generate_stream(self, request: Request) -> Response:
         """Handle ``/worker_generate_stream``."""
         try:
-            params = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError) as exc:
-            return Rejected(error_chunk(f"invalid JSON body: {exc}", WORKER_ERROR, INVALID_REQUEST)).response()
+            params = decode_json_body(await request.body())
+        except ValueError as exc:
+            return Rejected(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST)).response()
         try:
             prepared = await self.prepare(params)
         except Rejected as exc:

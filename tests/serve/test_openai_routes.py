@@ -149,3 +149,41 @@ def test_worker_failures_are_502_and_a_broken_stream_is_logged(caplog):
         status, body = _ask(FakeRouter(broken))
     assert status == 502 and "worker went away" in body["error"]["message"] and broken.closed
     assert any(r.exc_info for r in caplog.records) and "Traceback" in caplog.text
+
+
+def test_bodies_that_json_accepts_but_nothing_downstream_can_use_are_400():
+    from palo.serve.protocol import decode_json_body
+
+    assert decode_json_body(b'{"t": "\\ud83d\\ude00 \\u00e9"}') == {"t": "\U0001F600 é"}  # escaped pair
+    for body, why in ((b"[" * 100_000, "nested too deeply"), (b'{"t": "a\\udc00"}', "lone surrogate"),
+                      (b'{"t": ', "Expecting value"), ("\u00e9".encode("latin-1"), "invalid JSON")):
+        try:
+            decode_json_body(body)
+        except ValueError as exc:
+            assert str(exc).startswith("invalid JSON body") and why in str(exc), exc
+        else:
+            raise AssertionError(f"accepted {body[:20]!r}")
+    router = FakeRouter(FakeStream())
+    response = asyncio.run(chat_completion(b'{"model": "ckpt", "messages": [{"role": "user", "content": "\\ud800"}]}',
+                                           "", FakeRegistry(), router, None))
+    assert response.status_code == 400 and "lone surrogate" in json.loads(response.body)["error"]["message"]
+    assert router.bodies == []  # nothing reached a worker
+
+
+def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
+    base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for change, param in (({"stream": "yes"}, "stream"), ({"seed": "7"}, "seed"), ({"seed": 1.5}, "seed"),
+                          ({"model": 5}, "model")):
+        router = FakeRouter(FakeStream())
+        response = asyncio.run(chat_completion(json.dumps({**base, **change}).encode(), "", FakeRegistry(), router,
+                                               None))
+        assert response.status_code == 400 and json.loads(response.body)["error"]["param"] == param
+        assert router.bodies == []
+    stream = FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}])
+    router = FakeRouter(stream)
+    asyncio.run(chat_completion(json.dumps({**base, "seed": 7, "temperature": 0.9}).encode(), "", FakeRegistry(),
+                                router, None))
+    assert router.bodies[0]["seed"] == 7
+    router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
+    asyncio.run(chat_completion(json.dumps(base).encode(), "", FakeRegistry(), router, None))
+    assert "seed" not in router.bodies[0]

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import HEART_BEAT_EXPIRATION, image_b64, make_image, vicuna_prompt, wait_until
+from serve_helpers import API_KEY, HEART_BEAT_EXPIRATION, image_b64, make_image, vicuna_prompt, wait_until
 
 from palo.serve.protocol import PROMPT_TOO_LONG_MSG, SERVER_ERROR_MSG, iter_chunks
 
@@ -97,9 +97,18 @@ def test_bad_input_gets_a_clear_error_and_the_worker_keeps_serving(cluster, name
 
 
 def test_invalid_json_unknown_model_and_overlong_prompt(cluster):
+    nested = b'{"model": "ckpt", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past the parser's recursion
+    surrogate = b'{"model": "ckpt", "prompt": "USER: \\ud800 ASSISTANT:"}'  # valid JSON, not Unicode text
     for url in (cluster.url, cluster.main.url):
-        code, chunks = stream(url, b'{"model": "ckpt", "prompt": ')
-        assert code == 400 and chunks[0]["error_code"] != 0 and "invalid JSON" in chunks[0]["text"]
+        for body, why in ((b'{"model": "ckpt", "prompt": ', "Expecting value"), (nested, "nested too deeply"),
+                          (surrogate, "lone surrogate")):
+            code, chunks = stream(url, body)
+            assert code == 400 and chunks[0]["error_code"] != 0 and "invalid JSON" in chunks[0]["text"], chunks
+            assert why in chunks[0]["text"]
+    for path in ("/v1/chat/completions", "/register_worker"):
+        response = httpx.post(cluster.url + path, content=nested, headers={"Authorization": f"Bearer {API_KEY}"},
+                              timeout=10)
+        assert response.status_code == 400 and "nested too deeply" in response.text
     # Unknown model: exactly one error chunk (the original sent a code-2 chunk and then a code-3 one).
     code, chunks = stream(cluster.url, good_request("no-such-model"))
     assert code == 404 and len(chunks) == 1
