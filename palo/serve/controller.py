@@ -63,11 +63,33 @@ class WorkerInfo:
     """What the controller knows about one worker."""
 
     model_names: list[str]
-    speed: int
+    speed: float
     queue_length: int
     check_heart_beat: bool
     last_heart_beat: float
     conv_mode: str | None = None
+
+
+def parse_worker_status(status: Any) -> dict[str, Any]:
+    """The parts of a worker's ``/worker_get_status`` answer the registry keeps, checked.
+
+    Raises:
+        ValueError: Saying what is wrong, for a status that is not a JSON object with ``model_names`` (a non-empty
+            list of model names), ``speed`` (a number >= 0) and ``queue_length`` (an integer >= 0).
+    """
+    if not isinstance(status, dict):
+        raise ValueError(f"the worker status must be a JSON object, got {status!r:.80}")
+    names = status.get("model_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"'model_names' must be a non-empty list of model names, got {names!r:.80}")
+    speed, queue = status.get("speed"), status.get("queue_length")
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < float("inf"):
+        raise ValueError(f"'speed' must be a number >= 0, got {speed!r:.40}")
+    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
+        raise ValueError(f"'queue_length' must be an integer >= 0, got {queue!r:.40}")
+    conv_mode = status.get("conv_mode")
+    return {"model_names": names, "speed": speed, "queue_length": queue,
+            "conv_mode": conv_mode if isinstance(conv_mode, str) else None}
 
 
 class Controller:
@@ -123,16 +145,10 @@ class Controller:
         if worker_status is None:
             worker_status = self.status_fetcher(worker_name)
         try:
-            info = WorkerInfo(
-                model_names=[str(m) for m in worker_status["model_names"]],
-                speed=int(worker_status["speed"]),
-                queue_length=int(worker_status["queue_length"]),
-                check_heart_beat=bool(check_heart_beat),
-                last_heart_beat=self.clock(),
-                conv_mode=worker_status.get("conv_mode"),
-            )
-        except (TypeError, KeyError, ValueError, AttributeError):
-            self.logger.warning("not registering %s: bad status %r", worker_name, worker_status)
+            info = WorkerInfo(**parse_worker_status(worker_status), check_heart_beat=bool(check_heart_beat),
+                              last_heart_beat=self.clock())
+        except ValueError as exc:
+            self.logger.warning("not registering %s: %s", worker_name, exc)
             return False
         with self._lock:
             known = worker_name in self.worker_info
@@ -282,11 +298,20 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Response:
         data = await json_body(request)
-        if not isinstance(data, dict) or not isinstance(data.get("worker_name"), str):
+        if (not isinstance(data, dict) or not isinstance(data.get("worker_name"), str) or not data["worker_name"]
+                or not isinstance(data.get("check_heart_beat", False), bool)):
             return JSONResponse({"error": "expected {'worker_name': URL, 'check_heart_beat': bool, 'worker_status'}"},
                                 status_code=400)
-        await run_in_threadpool(controller.register_worker, data["worker_name"], data.get("check_heart_beat", False),
-                                data.get("worker_status"))
+        status = data.get("worker_status")
+        if status is not None:
+            try:
+                parse_worker_status(status)
+            except ValueError as exc:
+                return JSONResponse({"error": f"not registered: {exc}"}, status_code=400)
+        if not await run_in_threadpool(controller.register_worker, data["worker_name"],
+                                       data.get("check_heart_beat", False), status):
+            return JSONResponse({"error": f"not registered: no valid status from {data['worker_name']}"},
+                                status_code=400)
         return JSONResponse(None)
 
     @app.post("/refresh_all_workers")

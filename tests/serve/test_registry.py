@@ -100,3 +100,45 @@ def test_chunks_round_trip_and_split_anywhere():
 )
 def test_visible_text(text, final, expected):
     assert visible_text(text, ["###"], final) == expected
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("busy", "JSON object"),
+    ({"model_names": "m", "speed": 1, "queue_length": 0}, "model_names"),
+    ({"model_names": ["m", 5], "speed": 1, "queue_length": 0}, "model_names"),
+    ({"model_names": [], "speed": 1, "queue_length": 0}, "model_names"),
+    ({"model_names": ["m"], "speed": "fast", "queue_length": 0}, "speed"),
+    ({"model_names": ["m"], "speed": -1, "queue_length": 0}, "speed"),
+    ({"model_names": ["m"], "speed": 1, "queue_length": "long"}, "queue_length"),
+    ({"model_names": ["m"], "speed": 1, "queue_length": 2.5}, "queue_length"),
+])
+def test_a_malformed_worker_status_registers_nothing_and_says_why(bad, why):
+    from palo.serve.controller import parse_worker_status
+
+    with pytest.raises(ValueError, match=why):
+        parse_worker_status(bad)
+    c = Controller()
+    assert not c.register_worker("http://w", True, bad)
+    assert c.list_models() == []
+    assert c.register_worker("http://w", True, status("m", speed=2.5)) and c.list_models() == ["m"]
+
+
+def test_the_register_endpoint_answers_400_with_the_reason():
+    from fastapi.testclient import TestClient
+
+    from palo.serve.controller import create_app
+
+    controller = Controller(status_fetcher=lambda name: None)  # a worker that cannot be reached
+    with TestClient(create_app(controller)) as client:
+        bad = {"worker_name": "http://w", "check_heart_beat": True,
+               "worker_status": {"model_names": [5], "speed": 1, "queue_length": 0}}
+        response = client.post("/register_worker", json=bad)
+        assert response.status_code == 400 and "model_names" in response.json()["error"]
+        response = client.post("/register_worker", json={"worker_name": "http://w", "check_heart_beat": "maybe"})
+        assert response.status_code == 400
+        response = client.post("/register_worker", json={"worker_name": "http://w", "check_heart_beat": True})
+        assert response.status_code == 400 and "no valid status" in response.json()["error"]
+        assert client.post("/list_models").json() == {"models": []}
+        good = {"worker_name": "http://w", "check_heart_beat": True, "worker_status": status("m")}
+        assert client.post("/register_worker", json=good).status_code == 200
+        assert client.post("/list_models").json() == {"models": ["m"]}
