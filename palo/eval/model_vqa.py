@@ -66,16 +66,22 @@ def load_questions(path: str, skip_bad: bool = False) -> list[Question]:
     questions: list[Question] = []
     seen: dict[str, str] = {}
     for record in iter_jsonl(path, skip_bad=skip_bad, required=("question_id", "text")):
-        qid = record.data["question_id"]
+        qid, text, image = record.data["question_id"], record.data["text"], record.data.get("image")
         if str(qid) in seen:
-            message = f"{record.where}: duplicate question_id {qid!r} (first at {seen[str(qid)]})"
+            problem = f"duplicate question_id {qid!r} (first at {seen[str(qid)]})"
+        elif not isinstance(text, str):
+            problem = f"question {qid!r}: 'text' must be a string, got {text!r:.60}"
+        elif image is not None and not isinstance(image, str):
+            problem = f"question {qid!r}: 'image' must be a file name, got {image!r:.60}"
+        else:
+            problem = None
+        if problem is not None:
             if not skip_bad:
-                raise JsonlError(message)
-            print(f"[skip] {message}", file=sys.stderr)
+                raise JsonlError(f"{record.where}: {problem}")
+            print(f"[skip] {record.where}: {problem}", file=sys.stderr)
             continue
         seen[str(qid)] = record.where
-        image = record.data.get("image")
-        questions.append(Question(qid, str(record.data["text"]), str(image) if image else None, record.where))
+        questions.append(Question(qid, text, image or None, record.where))
     return questions
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from palo.eval import model_vqa
+from palo.jsonl import JsonlError
 from palo.mm_utils import expand2square, pad_color
 from palo.model.vision_tower import build_clip_image_processor
 
@@ -134,6 +135,24 @@ def test_missing_image_and_malformed_line_name_file_and_line(world, bench, tmp_p
     assert model_vqa.main(args + ["--skip-bad", "--batch-size", "4"]) == 0
     assert "[skip]" in capsys.readouterr().err
     assert [r["question_id"] for r in _read(out)] == [1, 3, 4]
+
+
+def test_questions_with_non_string_text_or_image_are_refused_or_skipped(tmp_path, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        '{"question_id": 1, "image": "001.png", "text": "What colour?"}\n'
+        '{"question_id": 2, "image": "001.png", "text": 7}\n'
+        '{"question_id": 3, "image": ["001.png"], "text": "Describe."}\n'
+        '{"question_id": 1, "text": "Again?"}\n'
+        '{"question_id": 5, "text": "No image."}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(JsonlError, match=":2: question 2: 'text' must be a string"):
+        model_vqa.load_questions(str(questions))
+    kept = model_vqa.load_questions(str(questions), skip_bad=True)
+    assert [(q.question_id, q.text, q.image) for q in kept] == [(1, "What colour?", "001.png"), (5, "No image.", None)]
+    err = capsys.readouterr().err
+    assert ":3: question 3: 'image' must be a file name" in err and ":4: duplicate question_id 1" in err
 
 
 def test_unreadable_image_is_reported_per_question(world, bench, tmp_path, capsys):
