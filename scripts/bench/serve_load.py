@@ -4,9 +4,9 @@ Starts a controller and one model worker on the same checkpoint twice, once with
 worker: static batches through ``model.generate``) and once with the default paged engine (continuous batching),
 and sends each the same load: ``--requests`` streaming chat completions arriving as a Poisson process at
 ``--rate`` per second, mixed languages, one image each, answer budgets drawn from ``--min-tokens`` to
-``--max-tokens``, greedy. Measured per run: requests/s (requests / time from first arrival to last answer), time to
-first token p50/p99, inter-token latency p50/p99 (between streamed chunks), failures. Equal work is checked: every
-greedy answer must be the same in both runs.
+``--max-tokens``, greedy. Measured per run: requests/s (requests / time from first arrival to last answer), answer
+tokens/s (the API's usage counts over the same time), time to first token p50/p99, inter-token latency p50/p99
+(between streamed chunks), failures. Equal work is checked: every greedy answer must be the same in both runs.
 
 Requests/s measures a server only when requests arrive faster than it completes them; below that both servers
 finish requests as they arrive and the ratio is 1 whatever they are. So each ``--rate`` given is run in turn: the
@@ -73,9 +73,10 @@ async def one(client: httpx.AsyncClient, url: str, model: str, item: dict, start
     await asyncio.sleep(max(0.0, start + item["at"] - time.perf_counter()))
     sent = time.perf_counter()
     body = {"model": model, "messages": item["messages"], "max_tokens": item["max_tokens"], "temperature": 0,
-            "stream": True}
+            "stream": True, "stream_options": {"include_usage": True}}
     stamps: list[float] = []
     text = ""
+    tokens = 0
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
@@ -86,6 +87,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, item: dict, start
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     return {"error": str(chunk["error"]), "sent": sent}
+                tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
                 delta = chunk["choices"][0]["delta"].get("content") if chunk.get("choices") else None
                 if delta:
                     stamps.append(time.perf_counter())
@@ -93,8 +95,8 @@ async def one(client: httpx.AsyncClient, url: str, model: str, item: dict, start
     except httpx.HTTPError as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "sent": sent}
     end = time.perf_counter()
-    return {"text": text, "sent": sent, "end": end, "ttft": (stamps[0] - sent) if stamps else end - sent,
-            "itl": [b - a for a, b in zip(stamps, stamps[1:])]}
+    return {"text": text, "tokens": tokens, "sent": sent, "end": end,
+            "ttft": (stamps[0] - sent) if stamps else end - sent, "itl": [b - a for a, b in zip(stamps, stamps[1:])]}
 
 
 def start_services(args: argparse.Namespace, model_path: str, engine: str, logdir: str):
@@ -161,6 +163,7 @@ def run(args: argparse.Namespace, model_path: str, engine: str, items: list[dict
     ttft = [r["ttft"] for r in ok]
     return {
         "engine": engine, "seconds": elapsed, "requests_per_s": len(ok) / elapsed, "failures": len(results) - len(ok),
+        "tokens_per_s": sum(r["tokens"] for r in ok) / elapsed,
         "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
         "itl_p50": percentile(itl, 0.5), "itl_p99": percentile(itl, 0.99),
         "texts": [r.get("text") for r in results], "errors": [r["error"] for r in results if "error" in r][:3],
@@ -199,10 +202,12 @@ def compare(args: argparse.Namespace, model_path: str) -> bool:
     same = sum(a == b and a is not None for a, b in zip(static["texts"], paged["texts"]))
     print(f"{args.requests} requests, Poisson {args.rate}/s, {args.min_tokens}-{args.max_tokens} new tokens, "
           f"1 image each, device {args.device}")
-    print(f"{'engine':<8} {'req/s':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} {'fail':>5}")
+    print(f"{'engine':<8} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8} "
+          f"{'fail':>5}")
     for r in (static, paged):
-        print(f"{r['engine']:<8} {r['requests_per_s']:7.2f} {r['ttft_p50'] * 1e3:7.0f}ms {r['ttft_p99'] * 1e3:7.0f}ms "
-              f"{r['itl_p50'] * 1e3:6.1f}ms {r['itl_p99'] * 1e3:6.1f}ms {r['failures']:5d}")
+        print(f"{r['engine']:<8} {r['requests_per_s']:7.2f} {r['tokens_per_s']:8.0f} {r['ttft_p50'] * 1e3:7.0f}ms "
+              f"{r['ttft_p99'] * 1e3:7.0f}ms {r['itl_p50'] * 1e3:6.1f}ms {r['itl_p99'] * 1e3:6.1f}ms "
+              f"{r['failures']:5d}")
         for error in r["errors"]:
             print(f"  {r['engine']} error: {error}")
     print(f"paged / static: requests/s {paged['requests_per_s'] / static['requests_per_s']:.2f}x, "
