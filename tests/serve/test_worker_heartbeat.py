@@ -112,7 +112,7 @@ def test_periodic_heartbeats_check_health_and_an_unhealthy_worker_goes_quiet(lin
     worker, _ = make(interval=0.2)
     wait_until(lambda: len(beats) >= 3, 30, "periodic heartbeats")
     worker.ok = False
-    time.sleep(0.5)  # the next periodic heartbeat finds it unhealthy and sends nothing
+    time.sleep(1.0)  # the next periodic heartbeat finds it unhealthy and sends nothing (one in flight lands)
     count = len(beats)
     worker.heart_beat_soon()  # nor does a request's heartbeat revive it
     time.sleep(0.6)
