@@ -139,22 +139,28 @@ class Controller:
         Returns:
             Whether the worker was registered (False when its status could not be obtained or is malformed).
         """
+        return self.register(worker_name, check_heart_beat, worker_status) is None
+
+    def register(self, worker_name: str, check_heart_beat: bool, worker_status: dict | None) -> str | None:
+        """:meth:`register_worker`, returning why a worker was refused (None when it was registered)."""
         if not isinstance(worker_name, str) or not worker_name:
-            return False
+            return "'worker_name' must be the worker's URL"
         worker_name = worker_name.rstrip("/")
         if worker_status is None:
             worker_status = self.status_fetcher(worker_name)
+            if worker_status is None:
+                return f"no status from {worker_name} (POST /worker_get_status failed)"
         try:
             info = WorkerInfo(**parse_worker_status(worker_status), check_heart_beat=bool(check_heart_beat),
                               last_heart_beat=self.clock())
         except ValueError as exc:
             self.logger.warning("not registering %s: %s", worker_name, exc)
-            return False
+            return str(exc)
         with self._lock:
             known = worker_name in self.worker_info
             self.worker_info[worker_name] = info
         self.logger.info("%s worker %s serving %s", "updated" if known else "registered", worker_name, info.model_names)
-        return True
+        return None
 
     def remove_worker(self, worker_name: str) -> None:
         with self._lock:
@@ -302,16 +308,10 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
                 or not isinstance(data.get("check_heart_beat", False), bool)):
             return JSONResponse({"error": "expected {'worker_name': URL, 'check_heart_beat': bool, 'worker_status'}"},
                                 status_code=400)
-        status = data.get("worker_status")
-        if status is not None:
-            try:
-                parse_worker_status(status)
-            except ValueError as exc:
-                return JSONResponse({"error": f"not registered: {exc}"}, status_code=400)
-        if not await run_in_threadpool(controller.register_worker, data["worker_name"],
-                                       data.get("check_heart_beat", False), status):
-            return JSONResponse({"error": f"not registered: no valid status from {data['worker_name']}"},
-                                status_code=400)
+        refused = await run_in_threadpool(controller.register, data["worker_name"],
+                                          data.get("check_heart_beat", False), data.get("worker_status"))
+        if refused is not None:
+            return JSONResponse({"error": f"not registered: {refused}"}, status_code=400)
         return JSONResponse(None)
 
     @app.post("/refresh_all_workers")
