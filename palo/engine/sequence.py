@@ -109,11 +109,10 @@ class Sequence:
         # The prompt spliced as the model's one contract lays it out (palo.model.multimodal): text ids in place and
         # IMAGE_TOKEN_INDEX on every image row; image_rows maps each image position to its row of the stacked
         # features [k * n, D], and image i starts at image_starts[i].
-        input_ids = torch.as_tensor(list(request.input_ids), dtype=torch.long).reshape(1, -1)
+        tokens = [int(t) for t in request.input_ids]
         count = 0 if request.images is None else int(request.images.shape[0])
-        plan = plan_splice(input_ids, count, tokens_per_image)
+        plan = plan_splice(torch.tensor([tokens], dtype=torch.long), count, tokens_per_image)
         self.prompt_ids: list[int] = [IMAGE_TOKEN_INDEX] * plan.length
-        tokens = input_ids[0].tolist()
         for src, dst in zip(plan.text_src, plan.text_dst):
             self.prompt_ids[dst] = tokens[src]
         self.image_rows: dict[int, int] = dict(zip(plan.image_dst, plan.image_src))
