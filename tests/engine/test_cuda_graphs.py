@@ -37,8 +37,10 @@ class _EagerReplay:
 class EagerGraphs(DecodeGraphs):
     """:class:`DecodeGraphs` with its CUDA capture replaced by :class:`_EagerReplay`; records each step's fit."""
 
-    picks: list[tuple[int, int, int, int]]  # (rows, blocks needed, captured batch, captured width)
-    diffs: list[float]  # largest logit difference of each replay from the unpadded eager step
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.picks: list[tuple[int, int, int, int]] = []  # (rows, blocks needed, captured batch, captured width)
+        self.diffs: list[float] = []  # largest logit difference of each replay from the unpadded eager step
 
     def _record(self, inputs):
         output = self.runner.decode_forward(*inputs).clone()
@@ -49,11 +51,11 @@ class EagerGraphs(DecodeGraphs):
 
     def run(self, seqs):
         need = max(self.runner.live_blocks(s) for s in seqs)
-        self.__dict__.setdefault("picks", []).append((len(seqs), need, *self._pick(seqs)))
+        self.picks.append((len(seqs), need, *self._pick(seqs)))
         # The unpadded eager step on the same state (it writes the same K/V the replay writes).
         expected = self.runner.decode_forward(*self.runner.decode_inputs(seqs))
         logits = super().run(seqs)
-        self.__dict__.setdefault("diffs", []).append(float((logits - expected).abs().max()))
+        self.diffs.append(float((logits - expected).abs().max()))
         return logits
 
 
