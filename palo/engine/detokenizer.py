@@ -26,6 +26,9 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # PALO's SentencePiece tokenizer decodes short windows several times faster through its own decoder.
+        streaming = getattr(tokenizer, "streaming_decoder", None) if skip_special_tokens else None
+        self._decode_window = streaming() if streaming is not None else self._decode
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0  # window start: enough context for the pieces after it to decode as in the full text
@@ -37,8 +40,8 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; returns the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
+        before = self._decode_window(self.ids[self._prefix:self._read])
+        after = self._decode_window(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT) and after.startswith(before):
             delta = after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)

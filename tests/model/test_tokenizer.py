@@ -190,3 +190,25 @@ def test_folder_without_tokenizer_files_raises(tmp_path):
     message = str(info.value)
     assert str(tmp_path) in message
     assert "tokenizer.model" in message and "--model-base" in message
+
+
+def test_streaming_decoder_gives_the_decoding_of_every_window(world):
+    """Random windows of plain, byte-fallback, special and added ids decode as ``decode(skip_special_tokens=True)``
+    does, with the image tokens that mm_use_im_start_end checkpoints add (special or not) and unk as pad."""
+    import random
+
+    tok = load_tokenizer(world.tokenizer_dir)
+    tok.pad_token = tok.unk_token
+    tok.add_tokens(["<im_patch>"], special_tokens=True)
+    tok.add_tokens(["<im_start>", "<im_end>"])
+    decode = tok.streaming_decoder()
+    rng = random.Random(0)
+    size = len(tok)
+    pieces = tok.sp_model.get_piece_size()
+    assert size == pieces + 3
+    byte_ids = [i for i in range(pieces) if tok.convert_ids_to_tokens(i).startswith("<0x")]
+    pools = [range(size), byte_ids, [0, 1, 2, pieces, pieces + 1, pieces + 2]]
+    windows = [[rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 10))] for _ in range(4000)]
+    windows += [tok(text, add_special_tokens=False).input_ids for text in PROMPTS]
+    for ids in windows:
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True), ids

@@ -1,0 +1,98 @@
+"""Benchmark: streaming detokenization through the tokenizer's generic ``decode`` against its streaming decoder.
+
+The engine turns every generated token of every stream into text with :class:`palo.engine.detokenizer.
+IncrementalDetokenizer`, which decodes two short windows per token. This measures, on the same answers and the same
+tokenizer, the cost per token of those windows decoded by ``tokenizer.decode(..., skip_special_tokens=True)`` (the
+baseline) and by ``PaloLlamaTokenizer.streaming_decoder()``, and checks that both stream the very same chunks. The
+answers are the multilingual sample texts of :mod:`palo.testing.corpus` (all 10 languages), each pushed token by
+token. Printed: microseconds per token for both, the ratio baseline / streaming (above 1: the streaming decoder is
+faster) and what one decode step of 32 streams spends on detokenization with each.
+
+    python scripts/bench/detokenize.py                        # a SentencePiece model trained on the corpus here
+    python scripts/bench/detokenize.py --tokenizer /path/to/PALO-7B   # a checkpoint's own tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from palo.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
+from palo.model.tokenizer import load_tokenizer  # noqa: E402
+from palo.testing.corpus import SAMPLES  # noqa: E402
+
+
+class GenericDecode:
+    """The tokenizer seen through ``decode`` only (what the detokenizer did before the streaming decoder)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def stream(tokenizer, answers: list[list[int]]) -> tuple[list[list[str]], float]:
+    """Push every answer token by token; returns the chunks and the seconds per token."""
+    chunks = []
+    start = time.perf_counter()
+    for ids in answers:
+        detok = IncrementalDetokenizer(tokenizer)
+        chunks.append([detok.push(t) for t in ids] + [detok.flush()])
+    return chunks, (time.perf_counter() - start) / sum(len(ids) for ids in answers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: train one on the corpus)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tokenizer is None:
+            from palo.testing.tiny import train_sentencepiece
+
+            train_sentencepiece(tmp)
+        tokenizer = load_tokenizer(args.tokenizer or tmp)
+    if not hasattr(tokenizer, "streaming_decoder"):
+        sys.exit(f"{type(tokenizer).__name__} has no streaming decoder: nothing to compare")
+    answers = [tokenizer(text, add_special_tokens=False).input_ids for texts in SAMPLES.values() for text in texts]
+    baseline = GenericDecode(tokenizer)
+    stream(baseline, answers), stream(tokenizer, answers)  # warm-up
+    times = {"generic": [], "streaming": []}
+    for i in range(args.repeats):  # alternating, so drift hits both alike
+        for name, tok in ((("generic", baseline), ("streaming", tokenizer)) if i % 2 == 0
+                          else (("streaming", tokenizer), ("generic", baseline))):
+            chunks, seconds = stream(tok, answers)
+            times[name].append(seconds)
+            if name == "generic":
+                expected = chunks
+            else:
+                got = chunks
+    if got != expected:
+        sys.exit("the streaming decoder streamed other chunks than the generic decode")
+    generic, streaming = (statistics.median(times[k]) * 1e6 for k in ("generic", "streaming"))
+    row = {"tokenizer": type(tokenizer).__name__, "answers": len(answers), "tokens": sum(map(len, answers)),
+           "generic_us_per_token": generic, "streaming_us_per_token": streaming, "ratio": generic / streaming,
+           "generic_ms_per_step_32_streams": 32 * generic / 1000, "streaming_ms_per_step_32_streams":
+           32 * streaming / 1000, "same_chunks": True}
+    print(f"{row['tokens']} tokens of {row['answers']} answers in 10 languages, {row['tokenizer']}")
+    print(f"generic decode:    {generic:6.2f} us/token ({row['generic_ms_per_step_32_streams']:.2f} ms per step "
+          "of 32 streams)")
+    print(f"streaming decoder: {streaming:6.2f} us/token ({row['streaming_ms_per_step_32_streams']:.2f} ms per step "
+          "of 32 streams)")
+    print(f"ratio generic / streaming: {row['ratio']:.2f}x; identical chunks: yes")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
