@@ -35,3 +35,15 @@ def test_llava_baseline_batches_train_on_what_palo_trains_on():
     (palo_loss, *palo_counts), (llava_loss, *llava_counts) = results["palo"], results["llava"]
     assert llava_loss == pytest.approx(palo_loss, rel=1e-5)
     assert llava_counts == pytest.approx(palo_counts)  # real positions, all positions, FLOPs
+
+
+@pytest.mark.timeout(120)  # without the fix the benchmark waits for ever
+def test_a_measuring_process_that_dies_ends_the_benchmark_with_its_reason(capfd):
+    """Each side measures in a spawned process; one that fails (here: too little data for a timed step after the
+    warm-up) must end the run at once, not leave the benchmark waiting for its result."""
+    args = argparse.Namespace(shape="tiny", device="cpu", dtype="float32", batch=1, repeats=0, lora=False,
+                              gradient_checkpointing=False, model_max_length=1024, attn_implementation=None,
+                              liger=False, compile_layers=False, packing_rows=0, peak_flops=1e12)
+    with pytest.raises(SystemExit, match=r"_time_mix failed \(exit code 1\)"):
+        train_step._in_process(train_step._time_mix, args)
+    assert "raise --repeats or --batch" in capfd.readouterr().err  # the child's reason, on stderr

@@ -47,6 +47,7 @@ import resource
 import statistics
 import sys
 import time
+from queue import Empty
 
 import torch
 
@@ -357,6 +358,10 @@ def _time_mix(args: argparse.Namespace, queue: mp.Queue) -> None:
     model, base, optimizer = _mix_model(args)
     flops = FlopCounter.of(model)
     batches = {side: _collated(side, base, args) for side in _sides(args)}
+    for side, steps in batches.items():
+        if len(steps) < 2:
+            raise ValueError(f"the {side} side has {len(steps)} step(s) of data, and the first is the warm-up: "
+                             "raise --repeats or --batch")
     for side in batches:  # warm-up
         _mix_step(model, optimizer, flops, batches[side][0], args)
     totals = {side: [0.0, 0, 0, 0.0] for side in batches}  # seconds, real, positions, FLOPs
@@ -393,29 +398,38 @@ def _cpu_matmul_flops() -> float:
     return n * 2 * 2048**3 / (time.perf_counter() - start)
 
 
+def _in_process(target, *args) -> dict:
+    """Run ``target(*args, queue)`` in a fresh (spawned) process and return what it puts on the queue.
+
+    Each side measures in a process of its own so its peak memory is its own. A process that dies without a result
+    (an exception, out of memory) ends the benchmark at once with its exit code, instead of waiting on the queue
+    for ever; its traceback is already on stderr.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except Empty:
+            if not proc.is_alive() and queue.empty():
+                sys.exit(f"{target.__name__} failed (exit code {proc.exitcode}); see its traceback above")
+    proc.join()
+    return result
+
+
 def main_mix(args: argparse.Namespace) -> int:
     from palo.train.flops import peak_flops
 
     # One peak for both sides (measured once, before either runs, on CPU).
     args.peak_flops = peak_flops(torch.device(args.device)) or _cpu_matmul_flops()
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_time_mix, args=(args, queue))
-    proc.start()
-    results = queue.get()
-    proc.join()
+    results = _in_process(_time_mix, args)
     for side in _sides(args):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_memory_mix, args=(side, args, queue))
-        proc.start()
-        results[side].update(queue.get())
-        proc.join()
+        results[side].update(_in_process(_memory_mix, side, args))
     if args.llava_baseline:
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_llava_mix, args=(args, queue))
-        proc.start()
-        results["llava"] = queue.get()
-        proc.join()
+        results["llava"] = _in_process(_llava_mix, args)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     mode = "LoRA r128" if args.lora else "full"
     options = " ".join(name for name, on in (("liger", args.liger), ("compile-layers", args.compile_layers)) if on)
@@ -471,14 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--liger cannot run here: {why}")
     if args.workload == "llava665k":
         return main_mix(args)
-    ctx = mp.get_context("spawn")
-    results = {}
-    for side in ("palo", "hf_llava"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(side, args, queue))
-        proc.start()
-        results[side] = queue.get()
-        proc.join()
+    results = {side: _in_process(_measure, side, args) for side in ("palo", "hf_llava")}
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     mode = "LoRA r128" if args.lora else "full"
     print(f"# train-step benchmark: shape={args.shape} {mode} dtype={args.dtype} batch={args.batch} device={device}")
