@@ -19,6 +19,15 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+# What the steps import beyond torch/transformers/triton (the 2026-11 image had all but liger-kernel): a missing one
+# fails its step, and this line says why. Carry its wheel in .whl (pip download --no-deps) if the image lacks it.
+python3 -c "
+import importlib.util as u
+def has(m):
+    try: return u.find_spec(m) is not None
+    except ImportError: return False
+print('modules:', ' '.join(m + ('' if has(m) else '=MISSING') for m in
+      ('PIL', 'peft', 'accelerate', 'sentencepiece', 'google.protobuf', 'pytest', 'liger_kernel')))" | tee -a "$OUT/gpu.txt"
 LIGER=""
 if python3 -c "from palo.model.kernels import liger_available as a; import sys; sys.exit(0 if a()[0] else 1)"; then
   LIGER="--liger"
