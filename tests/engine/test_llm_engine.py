@@ -84,6 +84,47 @@ def test_chunked_prefill_gives_the_same_tokens_and_keeps_streams_flowing(loaded)
     assert long.output_ids == expected
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_settings_and_arrivals_give_the_tokens_of_generate(loaded, seed):
+    """The features together, as a random mix: block sizes down to 1, prefill chunks of a few positions, caches too
+    small for everyone, prefix hits on shared images and on a follow-up turn, requests cancelled mid-answer; every
+    answer that was not cancelled is what ``model.generate`` gives alone, and every block comes back."""
+    tokenizer, model, processor = loaded
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 4, 16])
+    config = EngineConfig(max_num_seqs=rng.choice([1, 3, 8]), block_size=block_size,
+                          max_prefill_tokens=rng.choice([3, 7, 48]), enable_prefix_cache=seed % 3 != 2,
+                          num_blocks=1 + 3 * -(-110 // block_size))  # about three sequences' worth
+    engine = LLMEngine(model, tokenizer, config)
+    images = {c: pixels(processor, model, [c]) for c in COLORS[:3]}
+    requests = []
+    for _ in range(10):
+        colors = [rng.choice(COLORS[:3]) for _ in range(rng.choice([0, 1, 1, 2]))]
+        ids = prompt_ids(tokenizer, rng.choice(QUESTIONS[:3]), len(colors))
+        if colors and rng.random() < 0.3:  # a follow-up turn: the first turn's prompt is its prefix
+            ids = ids + tokenizer("A red circle.</s>USER: " + QUESTIONS[8] + " ASSISTANT:",
+                                  add_special_tokens=False).input_ids
+        pixels_ = torch.cat([images[c] for c in colors]) if colors else None
+        cancel = rng.randint(1, 20) if rng.random() < 0.2 else None
+        requests.append((rng.randint(0, 20), ids, pixels_, rng.randint(1, 30), cancel))
+    seqs = {}
+    for step in range(2000):
+        for i, (arrive, ids, pixels_, n, cancel) in enumerate(requests):
+            if arrive == step:
+                seqs[i] = engine.add_request(EngineRequest(ids, pixels_, SamplingParams(max_tokens=n)))
+            elif cancel is not None and arrive + cancel == step:
+                engine.abort(seqs[i])
+        if step > 20 and not engine.has_work():
+            break
+        engine.step()
+    assert len(seqs) == len(requests) and not engine.has_work()
+    assert any(seq.num_cached for seq in seqs.values()) == config.enable_prefix_cache
+    for i, (_, ids, pixels_, n, _) in enumerate(requests):
+        if seqs[i].finish_reason != "abort":
+            assert seqs[i].output_ids == reference_tokens(model, tokenizer, ids, pixels_, n, engine.eos_ids), i
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(loaded):
     tokenizer, model, processor = loaded
     ids = prompt_ids(tokenizer, QUESTIONS[1], 1)
