@@ -104,31 +104,22 @@ class Job:
             self._engine.abort(self.seq)
 
 
-def _parse_float(params: dict[str, Any], key: str, default: float) -> float:
+def _parse_number(params: dict[str, Any], key: str, default: float, integer: bool = False) -> float:
+    """``params[key]`` as a finite number (JSON numbers or numeric strings, as the original worker took them);
+    ``integer`` truncates it, as ``int(float(x))`` did there."""
     value = params.get(key, default)
     if value is None:
         return default
+    kind = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise RequestError(f"'{key}' must be a number, got {value!r}")
+        raise RequestError(f"'{key}' must be {kind}, got {value!r}")
     try:
         number = float(value)
     except ValueError:
-        raise RequestError(f"'{key}' must be a number, got {value!r}") from None
+        raise RequestError(f"'{key}' must be {kind}, got {value!r}") from None
     if not math.isfinite(number):
         raise RequestError(f"'{key}' must be finite, got {value!r}")
-    return number
-
-
-def _parse_int(params: dict[str, Any], key: str, default: int) -> int:
-    value = params.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise RequestError(f"'{key}' must be an integer, got {value!r}")
-    try:
-        return int(float(value))
-    except (ValueError, OverflowError):
-        raise RequestError(f"'{key}' must be an integer, got {value!r}") from None
+    return int(number) if integer else number
 
 
 class EngineBackend(ABC):
@@ -204,15 +195,15 @@ class EngineBackend(ABC):
         stop = params.get("stop")
         if stop is not None and not isinstance(stop, str):
             raise RequestError(f"'stop' must be a string, got {stop!r}")
-        temperature = _parse_float(params, "temperature", 1.0)
-        top_p = _parse_float(params, "top_p", 1.0)
-        top_k = _parse_int(params, "top_k", 0)
+        temperature = _parse_number(params, "temperature", 1.0)
+        top_p = _parse_number(params, "top_p", 1.0)
+        top_k = _parse_number(params, "top_k", 0, integer=True)
         seed = params.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise RequestError(f"'seed' must be an integer, got {seed!r}")
         if top_k < 0:
             raise RequestError(f"'top_k' must be >= 0, got {top_k}")
-        max_new_tokens = _parse_int(params, "max_new_tokens", 256)
+        max_new_tokens = _parse_number(params, "max_new_tokens", 256, integer=True)
         if temperature < 0:
             raise RequestError(f"'temperature' must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:

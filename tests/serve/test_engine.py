@@ -106,6 +106,12 @@ def test_budget_uses_the_projector_token_count(world):
         ({"top_p": 0}, "top_p"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"stop": 3}, "stop"),
+        ({"temperature": "hot"}, "'temperature' must be a number, got 'hot'"),
+        ({"temperature": True}, "'temperature' must be a number"),
+        ({"top_p": float("nan")}, "'top_p' must be finite"),
+        ({"top_k": [5]}, "'top_k' must be an integer"),
+        ({"max_new_tokens": "many"}, "'max_new_tokens' must be an integer, got 'many'"),
+        ({"max_new_tokens": "Infinity"}, "'max_new_tokens' must be finite"),
     ],
 )
 def test_bad_requests_are_rejected(loaded, change, message):
