@@ -19,7 +19,7 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-# What the steps import beyond torch/transformers/triton (the 2026-11 image had all but liger-kernel): a missing one
+# What the steps import beyond torch/transformers/triton (the 2026-11 image lacked liger-kernel): a missing one
 # fails its step, and this line says why. Carry its wheel in .whl (pip download --no-deps) if the image lacks it.
 python3 -c "
 import importlib.util as u
