@@ -50,6 +50,27 @@ def stream(tokenizer, answers: list[list[int]]) -> tuple[list[list[str]], float]
     return chunks, (time.perf_counter() - start) / sum(len(ids) for ids in answers)
 
 
+def engine_step_ms(tokenizer, model, prompts: list[list[int]]) -> tuple[float, list[str]]:
+    """Milliseconds per engine step while ``prompts`` stream 128 tokens each, and the texts they streamed."""
+    import torch
+
+    from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=len(prompts), max_model_len=512,
+                                                      enable_prefix_cache=False))
+    texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    params = SamplingParams(max_tokens=128, ignore_eos=True, stop=("###",))
+    for i, ids in enumerate(prompts):
+        engine.add_request(EngineRequest(ids, None, params, lambda out, i=i: texts[i].append(out.delta)))
+    with torch.no_grad():
+        engine.step()  # prefill
+        start, steps = time.perf_counter(), 0
+        while engine.has_work():
+            engine.step()
+            steps += 1
+    return 1000 * (time.perf_counter() - start) / steps, ["".join(t) for t in texts.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: train one on the corpus)")
@@ -90,6 +111,30 @@ def main() -> None:
     print(f"streaming decoder: {streaming:6.2f} us/token ({row['streaming_ms_per_step_32_streams']:.2f} ms per step "
           "of 32 streams)")
     print(f"ratio generic / streaming: {row['ratio']:.2f}x; identical chunks: yes")
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=512))
+    prompts = [answers[i % len(answers)][:24] for i in range(32)]
+    engine_step_ms(baseline, model.eval(), prompts)  # warm-up
+    steps, streamed = {"generic": [], "streaming": []}, []
+    for i in range(3):
+        for name, tok in ((("generic", baseline), ("streaming", tokenizer)) if i % 2 == 0
+                          else (("streaming", tokenizer), ("generic", baseline))):
+            ms, texts = engine_step_ms(tok, model, prompts)
+            steps[name].append(ms)
+            streamed.append(texts)
+    if not all(streamed[0]) or any(texts != streamed[0] for texts in streamed):
+        sys.exit("the engine streamed empty texts, or other texts with the streaming decoder than with the generic "
+                 "decode")
+    row["engine_step_ms_generic"], row["engine_step_ms_streaming"] = (statistics.median(steps[k])
+                                                                      for k in ("generic", "streaming"))
+    print(f"engine step, 32 streams, one-layer model: {row['engine_step_ms_generic']:.2f} ms with the generic decode, "
+          f"{row['engine_step_ms_streaming']:.2f} ms with the streaming decoder "
+          f"({row['engine_step_ms_generic'] / row['engine_step_ms_streaming']:.2f}x); same texts: yes")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(row, indent=2))
 
