@@ -22,9 +22,13 @@ import sys
 import tempfile
 import time
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams  # noqa: E402
 from palo.engine.detokenizer import IncrementalDetokenizer  # noqa: E402
 from palo.model.tokenizer import load_tokenizer  # noqa: E402
 from palo.testing.corpus import SAMPLES  # noqa: E402
@@ -40,22 +44,31 @@ class GenericDecode:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
-def stream(tokenizer, answers: list[list[int]]) -> tuple[list[list[str]], float]:
-    """Push every answer token by token; returns the chunks and the seconds per token."""
+def alternating(repeats: int, sides: dict, measure) -> tuple[dict[str, float], list]:
+    """Median of ``measure(side) -> (figure, output)`` for each side over ``repeats`` rounds in alternating order
+    (so machine drift hits both alike), and every output, for the equal-work check."""
+    figures: dict[str, list[float]] = {name: [] for name in sides}
+    outputs = []
+    for i in range(repeats):
+        for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            figure, output = measure(sides[name])
+            figures[name].append(figure)
+            outputs.append(output)
+    return {name: statistics.median(values) for name, values in figures.items()}, outputs
+
+
+def stream(tokenizer, answers: list[list[int]]) -> tuple[float, list[list[str]]]:
+    """Push every answer token by token; returns the seconds per token and the chunks."""
     chunks = []
     start = time.perf_counter()
     for ids in answers:
         detok = IncrementalDetokenizer(tokenizer)
         chunks.append([detok.push(t) for t in ids] + [detok.flush()])
-    return chunks, (time.perf_counter() - start) / sum(len(ids) for ids in answers)
+    return (time.perf_counter() - start) / sum(len(ids) for ids in answers), chunks
 
 
 def engine_step_ms(tokenizer, model, prompts: list[list[int]]) -> tuple[float, list[str]]:
     """Milliseconds per engine step while ``prompts`` stream 128 tokens each, and the texts they streamed."""
-    import torch
-
-    from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
-
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=len(prompts), max_model_len=512,
                                                       enable_prefix_cache=False))
     texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
@@ -87,20 +100,12 @@ def main() -> None:
         sys.exit(f"{type(tokenizer).__name__} has no streaming decoder: nothing to compare")
     answers = [tokenizer(text, add_special_tokens=False).input_ids for texts in SAMPLES.values() for text in texts]
     baseline = GenericDecode(tokenizer)
+    sides = {"generic": baseline, "streaming": tokenizer}
     stream(baseline, answers), stream(tokenizer, answers)  # warm-up
-    times = {"generic": [], "streaming": []}
-    for i in range(args.repeats):  # alternating, so drift hits both alike
-        for name, tok in ((("generic", baseline), ("streaming", tokenizer)) if i % 2 == 0
-                          else (("streaming", tokenizer), ("generic", baseline))):
-            chunks, seconds = stream(tok, answers)
-            times[name].append(seconds)
-            if name == "generic":
-                expected = chunks
-            else:
-                got = chunks
-    if got != expected:
+    seconds, chunks = alternating(args.repeats, sides, lambda tok: stream(tok, answers))
+    if any(c != chunks[0] for c in chunks):
         sys.exit("the streaming decoder streamed other chunks than the generic decode")
-    generic, streaming = (statistics.median(times[k]) * 1e6 for k in ("generic", "streaming"))
+    generic, streaming = seconds["generic"] * 1e6, seconds["streaming"] * 1e6
     row = {"tokenizer": type(tokenizer).__name__, "answers": len(answers), "tokens": sum(map(len, answers)),
            "generic_us_per_token": generic, "streaming_us_per_token": streaming, "ratio": generic / streaming,
            "generic_ms_per_step_32_streams": 32 * generic / 1000, "streaming_ms_per_step_32_streams":
@@ -112,26 +117,16 @@ def main() -> None:
           "of 32 streams)")
     print(f"ratio generic / streaming: {row['ratio']:.2f}x; identical chunks: yes")
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=512))
     prompts = [answers[i % len(answers)][:24] for i in range(32)]
     engine_step_ms(baseline, model.eval(), prompts)  # warm-up
-    steps, streamed = {"generic": [], "streaming": []}, []
-    for i in range(3):
-        for name, tok in ((("generic", baseline), ("streaming", tokenizer)) if i % 2 == 0
-                          else (("streaming", tokenizer), ("generic", baseline))):
-            ms, texts = engine_step_ms(tok, model, prompts)
-            steps[name].append(ms)
-            streamed.append(texts)
+    steps, streamed = alternating(3, sides, lambda tok: engine_step_ms(tok, model, prompts))
     if not all(streamed[0]) or any(texts != streamed[0] for texts in streamed):
         sys.exit("the engine streamed empty texts, or other texts with the streaming decoder than with the generic "
                  "decode")
-    row["engine_step_ms_generic"], row["engine_step_ms_streaming"] = (statistics.median(steps[k])
-                                                                      for k in ("generic", "streaming"))
+    row["engine_step_ms_generic"], row["engine_step_ms_streaming"] = steps["generic"], steps["streaming"]
     print(f"engine step, 32 streams, one-layer model: {row['engine_step_ms_generic']:.2f} ms with the generic decode, "
           f"{row['engine_step_ms_streaming']:.2f} ms with the streaming decoder "
           f"({row['engine_step_ms_generic'] / row['engine_step_ms_streaming']:.2f}x); same texts: yes")
