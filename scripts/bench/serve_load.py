@@ -215,5 +215,6 @@ def compare(args: argparse.Namespace, model_path: str) -> bool:
           f"same greedy answers: {same}/{args.requests}", flush=True)
     return same == args.requests and not static["failures"] and not paged["failures"]
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 
@@ -195,8 +196,6 @@ def test_folder_without_tokenizer_files_raises(tmp_path):
 def test_streaming_decoder_gives_the_decoding_of_every_window(world):
     """Random windows of plain, byte-fallback, special and added ids decode as ``decode(skip_special_tokens=True)``
     does, with the image tokens that mm_use_im_start_end checkpoints add (special or not) and unk as pad."""
-    import random
-
     tok = load_tokenizer(world.tokenizer_dir)
     tok.pad_token = tok.unk_token
     tok.add_tokens(["<im_patch>"], special_tokens=True)
