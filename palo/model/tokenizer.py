@@ -128,8 +128,9 @@ class PaloLlamaTokenizer(SentencePieceBackend):
         The generic decode rebuilds the special-token sets and the piece strings on every call, about 10 us for a
         window of three tokens, and a streaming server decodes two windows for every token of every answer. This
         decoder takes the special ids once and hands the remaining ids straight to SentencePiece, which gives the
-        same text; a window holding an id SentencePiece does not know (a token added after training) takes the
-        generic path, as does every window of a tokenizer that cleans up spaces. Take a new decoder after changing
+        same text; a window holding an id SentencePiece does not know (a token added after training) or one
+        registered as an added token (whose text the generic path takes from the registry) takes the generic path,
+        as does every window of a tokenizer that cleans up spaces. Take a new decoder after changing
         the tokenizer's special or added tokens.
         """
         if self.clean_up_tokenization_spaces:

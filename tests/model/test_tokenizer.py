@@ -200,13 +200,14 @@ def test_streaming_decoder_gives_the_decoding_of_every_window(world):
     tok.pad_token = tok.unk_token
     tok.add_tokens(["<im_patch>"], special_tokens=True)
     tok.add_tokens(["<im_start>", "<im_end>"])
+    tok.add_tokens([tok.convert_ids_to_tokens(300)])  # a piece registered again as an added token keeps its id
     decode = tok.streaming_decoder()
     rng = random.Random(0)
     size = len(tok)
     pieces = tok.sp_model.get_piece_size()
     assert size == pieces + 3
     byte_ids = [i for i in range(pieces) if tok.convert_ids_to_tokens(i).startswith("<0x")]
-    pools = [range(size), byte_ids, [0, 1, 2, pieces, pieces + 1, pieces + 2]]
+    pools = [range(size), byte_ids, [0, 1, 2, 300, pieces, pieces + 1, pieces + 2]]
     windows = [[rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 10))] for _ in range(4000)]
     windows += [tok(text, add_special_tokens=False).input_ids for text in PROMPTS]
     for ids in windows:
