@@ -1,10 +1,13 @@
 """Incremental detokenization: each new token costs the decoding of a short window, not of the whole answer.
 
 SentencePiece text depends on neighbouring pieces (a word-initial "▁" becomes a space only after other text; byte
-pieces of one character only make sense together), so each step decodes two overlapping windows of the last few
-tokens and emits what the longer one adds, and only once it no longer ends in a half character (U+FFFD). Chunks of
-Bengali, Hindi or Chinese text are therefore always whole characters, and they concatenate to the decoding of the
-whole answer.
+pieces of one character only make sense together), so each step decodes a window of the last few tokens with and
+without the new one and emits what the new one adds, and only once the text no longer ends in a half character
+(U+FFFD). Chunks of Bengali, Hindi or Chinese text are therefore always whole characters, and they concatenate to the
+decoding of the whole answer.
+
+The window keeps its start for up to ``WINDOW`` tokens, so the text without the new token is the text the previous
+step decoded with it: most steps decode once, not twice.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+# Tokens a window grows to before its start moves up: longer windows cost more per decode, shorter ones more decodes.
+WINDOW = 6
 
 
 class IncrementalDetokenizer:
@@ -33,6 +38,7 @@ class IncrementalDetokenizer:
         self.text = ""
         self._prefix = 0  # window start: enough context for the pieces after it to decode as in the full text
         self._read = 0  # tokens already turned into text
+        self._before: str | None = None  # the decoding of ids[_prefix:_read], when known
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -40,13 +46,19 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; returns the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        before = self._decode_window(self.ids[self._prefix:self._read])
+        before = self._before
+        if before is None:
+            before = self._decode_window(self.ids[self._prefix:self._read])
         after = self._decode_window(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT) and after.startswith(before):
             delta = after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+            if len(self.ids) - self._prefix < WINDOW:  # same start: the next step's text before its token is `after`
+                self._read, self._before = len(self.ids), after
+            else:  # the window starts at the tokens just emitted (context for the next one)
+                self._prefix, self._read, self._before = self._read, len(self.ids), None
             self.text += delta
             return delta
+        self._before = before  # nothing emitted: the window without the new token is unchanged
         return ""
 
     def flush(self) -> str:
@@ -55,6 +67,7 @@ class IncrementalDetokenizer:
         full = self._decode(self.ids)
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self._prefix = self._read = len(self.ids)
+        self._before = None
         self.text += delta
         return delta
 

@@ -126,7 +126,7 @@ class PaloLlamaTokenizer(SentencePieceBackend):
         """``decode(ids, skip_special_tokens=True)`` for the short windows of streaming detokenization, cheaper.
 
         The generic decode rebuilds the special-token sets and the piece strings on every call, about 10 us for a
-        window of three tokens, and a streaming server decodes two windows for every token of every answer. This
+        window of three tokens, and a streaming server decodes a window for every token of every answer. This
         decoder takes the special ids once and hands the remaining ids straight to SentencePiece, which gives the
         same text; a window holding an id SentencePiece does not know (a token added after training) or one
         registered as an added token (whose text the generic path takes from the registry) takes the generic path,

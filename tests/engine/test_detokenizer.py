@@ -59,3 +59,46 @@ def test_a_half_character_at_the_end_is_flushed_as_the_full_decoding_has_it(toke
     assert shown.strip() == ""  # held back: the character is not complete yet
     rest = detok.flush()
     assert shown + rest == tokenizer.decode(ids[:-1])
+
+
+def test_most_steps_decode_once(tokenizer):
+    ids = tokenizer(" ".join(TEXTS.values()) * 4, add_special_tokens=False).input_ids
+    calls = []
+
+    class Counting:
+        def decode(self, window, skip_special_tokens=True):
+            calls.append(len(window))
+            return tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+
+    detok = IncrementalDetokenizer(Counting())
+    for t in ids:
+        detok.push(t)
+    assert detok.text + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(calls) < 1.4 * len(ids)  # two fresh windows per token would be 2x
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_ids_stream_to_the_decoding_of_the_whole_answer(tokenizer, seed):
+    """Any mix of word pieces, byte pieces (valid UTF-8 or not) and special ids: the chunks add up to the answer."""
+    import random
+
+    rng = random.Random(seed)
+    vocab = tokenizer.sp_model.get_piece_size()
+    byte_ids = [i for i in range(vocab) if tokenizer.sp_model.is_byte(i)]
+    utf8 = tokenizer("ঝড় 鳄 ॐ 🦜", add_special_tokens=False).input_ids
+    for _ in range(60):
+        ids = []
+        while len(ids) < rng.randint(1, 40):
+            kind = rng.random()
+            if kind < 0.5:
+                ids.append(rng.randrange(vocab))
+            elif kind < 0.75:
+                ids.extend(rng.choices(byte_ids, k=rng.randint(1, 4)))
+            elif kind < 0.9:
+                start = rng.randrange(len(utf8))
+                ids.extend(utf8[start:start + rng.randint(1, 6)])
+            else:
+                ids.append(rng.choice([tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]))
+        detok = IncrementalDetokenizer(tokenizer)
+        chunks = [detok.push(t) for t in ids] + [detok.flush()]
+        assert "".join(chunks) == detok.text == tokenizer.decode(ids, skip_special_tokens=True), ids
