@@ -60,7 +60,7 @@ class LLMEngine:
         shape = cache_shape(model)
         activation = config.max_prefill_tokens * model.config.hidden_size * 4 * 16  # a prefill's largest temporaries
         num_blocks = plan_num_blocks(config, shape, self.max_model_len, device, activation)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention, self.max_model_len)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
         self.tokens_per_image = int(getattr(model, "image_token_count", 0) or 0)

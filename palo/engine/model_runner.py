@@ -63,9 +63,12 @@ class ModelRunner:
         model: A loaded PALO (or plain LLaMA-family) causal LM in eval mode.
         num_blocks: KV blocks to allocate.
         block_size: Positions per block.
+        attention: Decode attention: ``"auto"``, ``"sdpa"`` or ``"triton"``.
+        max_model_len: Longest sequence (default: the model's ``max_position_embeddings``).
     """
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention: str = "auto") -> None:
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention: str = "auto",
+                 max_model_len: int | None = None) -> None:
         self.model = model
         self.decoder = model.model
         self.shape = cache_shape(model)
@@ -73,6 +76,9 @@ class ModelRunner:
         self.dtype = self.shape.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        max_model_len = max_model_len or model.config.max_position_embeddings
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self._padding_row = torch.zeros(self.max_blocks_per_seq, dtype=torch.long)
         self.num_heads = model.config.num_attention_heads
         self.kv_groups = self.num_heads // self.shape.num_kv_heads
         self.kv = torch.zeros(
@@ -202,14 +208,31 @@ class ModelRunner:
         batch = batch or len(seqs)
         width = width or max(self.live_blocks(s) for s in seqs)
         pad = batch - len(seqs)
-        ids = [s.last_token for s in seqs] + [0] * pad
-        positions = [s.num_tokens - 1 for s in seqs] + [0] * pad
-        slots = [self.slots(s, s.num_tokens - 1, s.num_tokens)[0] for s in seqs] + [0] * pad
-        tables = [s.block_table[:width] + [0] * (width - len(s.block_table[:width]))
-                  for s in seqs] + [[0] * width] * pad
-        lengths = [s.num_tokens for s in seqs] + [1] * pad
-        return (self._tensor(ids), self._tensor(positions), self._tensor(slots),
-                torch.tensor(tables, dtype=torch.long).to(self.device, non_blocking=True), self._tensor(lengths))
+        size = self.block_size
+        ids, positions, slots, lengths = [], [], [], []
+        for s in seqs:
+            n = s.num_tokens
+            ids.append(s.last_token)
+            positions.append(n - 1)
+            slots.append(s.block_table[(n - 1) // size] * size + (n - 1) % size)
+            lengths.append(n)
+        # One host tensor and one copy for the four vectors; block tables from rows kept per sequence (a step has
+        # batch x width of them, too many to convert from Python ints every step).
+        vectors = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [0] * pad, lengths + [1] * pad],
+                               dtype=torch.long).to(self.device, non_blocking=True)
+        rows = [self._table_row(s) for s in seqs] + [self._padding_row] * pad
+        tables = torch.stack(rows)[:, :width].to(self.device, non_blocking=True)
+        return vectors[0], vectors[1], vectors[2], tables, vectors[3]
+
+    def _table_row(self, seq: Sequence) -> torch.Tensor:
+        """``[max_blocks_per_seq]`` the blocks of ``seq``, padded with the scratch block; built once per block table
+        (a sequence's blocks are all reserved on admission). Blocks past its live length are never read."""
+        cached = seq.block_table_row
+        if cached is None or cached[0] is not seq.block_table or len(cached[0]) != cached[2]:
+            row = torch.zeros(self.max_blocks_per_seq, dtype=torch.long)
+            row[: len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+            seq.block_table_row = cached = (seq.block_table, row, len(seq.block_table))
+        return cached[1]
 
     def decode_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        block_tables: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

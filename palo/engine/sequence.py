@@ -122,6 +122,7 @@ class Sequence:
                               for i in range(self.num_images)] if self.num_images else []
         self.output_ids: list[int] = []
         self.block_table: list[int] = []
+        self.block_table_row: tuple[list[int], torch.Tensor, int] | None = None  # the runner's tensor of it
         self.num_computed = 0  # positions whose K/V are in the cache
         self.num_cached = 0  # of which came from the prefix cache
         self.image_features: torch.Tensor | None = None  # [k, n, D] while the prompt is being prefilled
