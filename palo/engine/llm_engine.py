@@ -224,7 +224,7 @@ class LLMEngine:
             return self._finish(seq, "length")
         if shown != seq.text or seq.detokenizer is None:
             delta, seq.text = shown[len(seq.text):], shown
-            self._emit(seq, RequestOutput(seq.request_id, shown, delta, list(seq.output_ids)))
+            self._emit(seq, RequestOutput(seq.request_id, shown, delta, seq.output_ids, len(seq.output_ids)))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
@@ -238,8 +238,8 @@ class LLMEngine:
             shown = seq.text
         delta = shown[len(seq.text):] if shown.startswith(seq.text) else shown
         seq.text = shown
-        self._emit(seq, RequestOutput(seq.request_id, shown, delta, list(seq.output_ids), finished=True,
-                                      finish_reason=reason, error=error))
+        self._emit(seq, RequestOutput(seq.request_id, shown, delta, seq.output_ids, len(seq.output_ids),
+                                      finished=True, finish_reason=reason, error=error))
 
     def _fail(self, seqs: Seq[Sequence], exc: Exception) -> None:
         logger.error("generation failed for %d request(s):\n%s", len(seqs), traceback.format_exc())

@@ -25,7 +25,9 @@ class RequestOutput:
         request_id: The request.
         text: The answer so far, cut at a stop string; it only ever grows.
         delta: What ``text`` gained since the last output.
-        token_ids: The answer's token ids so far (end-of-sequence excluded).
+        answer_ids: The sequence's growing list of answer ids (end-of-sequence excluded); read it through
+            :attr:`token_ids`.
+        num_tokens: How many of them this output covers.
         finished: Whether this is the last output.
         finish_reason: ``"stop"`` (end-of-sequence or stop string), ``"length"`` (token budget or model length),
             ``"abort"`` (cancelled) or ``"error"``.
@@ -38,13 +40,20 @@ class RequestOutput:
     request_id: str
     text: str
     delta: str
-    token_ids: list[int]
+    answer_ids: list[int] = field(repr=False, compare=False)
+    num_tokens: int
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
     prompt_positions: int = 0
     cached_positions: int = 0
     first_token_s: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The answer's token ids up to this output. Copied when read, not per output: copying the whole answer
+        for every streamed token would cost time quadratic in its length (answers only ever grow)."""
+        return self.answer_ids[: self.num_tokens]
 
 
 OutputCallback = Callable[[RequestOutput], None]

@@ -396,4 +396,4 @@ def _event(output: RequestOutput) -> StreamEvent:
     reason = output.finish_reason if output.finish_reason in ("stop", "length") else None
     if output.finished and reason is None:  # aborted: the client is gone; tell it nothing new
         reason = "stop"
-    return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=len(output.token_ids))
+    return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=output.num_tokens)

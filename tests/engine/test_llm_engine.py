@@ -177,6 +177,22 @@ def test_a_client_that_went_away_is_cancelled(loaded):
     assert calls[-1].finish_reason == "abort" and len(calls[-1].token_ids) < 10
 
 
+def test_each_streamed_output_keeps_the_tokens_it_was_sent_with(loaded):
+    """Outputs kept by a client still show the answer as it was when each was sent, not as it grew later."""
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=4))
+    outputs = []
+    engine.add_request(EngineRequest(prompt_ids(tokenizer, "Describe the image.", 0), None,
+                                     SamplingParams(max_tokens=12, ignore_eos=True), outputs.append))
+    engine.run_until_done(max_steps=50)
+    final = outputs[-1]
+    assert final.finished and len(final.token_ids) == final.num_tokens == 12
+    assert [o.num_tokens for o in outputs] == sorted({o.num_tokens for o in outputs}) and len(outputs) > 3
+    for output in outputs:
+        assert output.token_ids == final.token_ids[: output.num_tokens]
+        assert output.text == tokenizer.decode(output.token_ids, skip_special_tokens=True)[: len(output.text)]
+
+
 def test_cache_exhaustion_makes_requests_wait_not_fail(loaded):
     tokenizer, model, processor = loaded
     # 2 sequences' worth of blocks: 8 requests must take turns.
