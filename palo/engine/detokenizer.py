@@ -26,11 +26,14 @@ class IncrementalDetokenizer:
     Args:
         tokenizer: A transformers tokenizer.
         skip_special_tokens: As in ``tokenizer.decode``.
+        stops: Stop strings, for :meth:`visible`.
     """
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, stops: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.stops = tuple(s for s in stops if s)
+        self._searched = 0  # no stop string starts before this point of `text` minus a stop string's length
         # PALO's SentencePiece tokenizer decodes short windows several times faster through its own decoder.
         streaming = getattr(tokenizer, "streaming_decoder", None) if skip_special_tokens else None
         self._decode_window = streaming() if streaming is not None else self._decode
@@ -72,6 +75,21 @@ class IncrementalDetokenizer:
         return delta
 
 
+    def visible(self, final: bool = False) -> tuple[str, bool]:
+        """:func:`visible_text` of the text so far with this detokenizer's stop strings, looking for them only
+        where the text added since the last call could complete one (so an answer's stop search stays linear)."""
+        text = self.text
+        cut = -1
+        for stop in self.stops:
+            found = text.find(stop, max(0, self._searched - len(stop) + 1))
+            if found >= 0 and (cut < 0 or found < cut):
+                cut = found
+        if cut >= 0:
+            return text[:cut], True
+        self._searched = len(text)
+        return _held_back(text, self.stops, final), False
+
+
 def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
     """The part of a growing text that can be shown without ever having to take it back.
 
@@ -91,8 +109,14 @@ def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, boo
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
         return text[:cut], True
+    return _held_back(text, stops, final), False
+
+
+def _held_back(text: str, stops: Sequence[str], final: bool) -> str:
+    """``text`` (holding no complete stop string) less what may still change: a trailing partial stop string and
+    trailing half characters, unless generation has ended."""
     if final:
-        return text, False
+        return text
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), hold, -1):
@@ -100,4 +124,4 @@ def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, boo
                 hold = k
                 break
     shown = text[: len(text) - hold]
-    return shown.rstrip("\ufffd"), False
+    return shown.rstrip(REPLACEMENT)

@@ -27,7 +27,7 @@ import torch
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.engine.block_manager import BlockManager
 from palo.engine.config import EngineConfig, plan_num_blocks
-from palo.engine.detokenizer import IncrementalDetokenizer, visible_text
+from palo.engine.detokenizer import IncrementalDetokenizer
 from palo.engine.errors import EngineClosed, QueueFull, RequestTooLarge
 from palo.engine.model_runner import ModelRunner, cache_shape
 from palo.engine.sampling import sample
@@ -127,7 +127,7 @@ class LLMEngine:
         if request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
         if self.tokenizer is not None:  # without one (benchmarks) the engine reports token ids only
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, stops=request.sampling.stop)
         elif request.sampling.stop:
             raise ValueError("stop strings need a tokenizer")
         with self._cond:
@@ -217,7 +217,7 @@ class LLMEngine:
         shown, stopped = "", False
         if seq.detokenizer is not None:
             seq.detokenizer.push(token)
-            shown, stopped = visible_text(seq.detokenizer.text, seq.sampling.stop, final=False)
+            shown, stopped = seq.detokenizer.visible()
         if stopped:
             return self._finish(seq, "stop")
         if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -233,7 +233,7 @@ class LLMEngine:
         seq.finish_reason, seq.error = reason, error
         if seq.detokenizer is not None:
             seq.detokenizer.flush()
-            shown, _ = visible_text(seq.detokenizer.text, seq.sampling.stop, final=True)
+            shown, _ = seq.detokenizer.visible(final=True)
         else:
             shown = seq.text
         delta = shown[len(seq.text):] if shown.startswith(seq.text) else shown

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from palo.engine.detokenizer import IncrementalDetokenizer
+from palo.engine.detokenizer import IncrementalDetokenizer, visible_text
 from palo.model.tokenizer import PaloLlamaTokenizer
 
 TEXTS = {
@@ -102,3 +102,22 @@ def test_random_ids_stream_to_the_decoding_of_the_whole_answer(tokenizer, seed):
         detok = IncrementalDetokenizer(tokenizer)
         chunks = [detok.push(t) for t in ids] + [detok.flush()]
         assert "".join(chunks) == detok.text == tokenizer.decode(ids, skip_special_tokens=True), ids
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_visible_text_found_incrementally_is_the_rule_applied_to_the_whole_text(seed):
+    """Searching only the new end of the text cuts, holds back and stops exactly where the whole-text rule does."""
+    import random
+
+    rng = random.Random(seed)
+    alphabet = ["#", "##", "a", " ", "\n", "</s>", "<", "/s", ">", "USER", ":", "\ufffd", "ঝ", "鳄"]
+    for _ in range(200):
+        stops = rng.choice([(), ("###",), ("</s>",), ("###", "USER:"), ("\n\n", "#"), ("ab", "b#")])
+        detok = IncrementalDetokenizer(tokenizer=None, stops=stops)
+        for _ in range(rng.randint(1, 30)):
+            detok.text += "".join(rng.choices(alphabet, k=rng.randint(0, 3)))
+            final = rng.random() < 0.1
+            got = detok.visible(final)
+            assert got == visible_text(detok.text, stops, final), (stops, detok.text)
+            if got[1]:
+                break
