@@ -36,20 +36,26 @@ def test_chunks_are_whole_characters_and_concatenate_to_the_decoding(tokenizer, 
     assert sum(1 for c in chunks if c) > 3  # streamed piece by piece
 
 
+class Counting:
+    """A tokenizer seen through ``decode`` only, recording the length of every window it decodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.windows: list[int] = []
+
+    def decode(self, window, skip_special_tokens=True):
+        self.windows.append(len(window))
+        return self.tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
+
+
 def test_each_step_decodes_a_short_window_not_the_whole_answer(tokenizer):
     ids = tokenizer(TEXTS["chinese"] * 8, add_special_tokens=False).input_ids
-    lengths = []
-
-    class Counting:
-        def decode(self, window, skip_special_tokens=True):
-            lengths.append(len(window))
-            return tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
-
-    detok = IncrementalDetokenizer(Counting())
+    counting = Counting(tokenizer)
+    detok = IncrementalDetokenizer(counting)
     for t in ids:
         detok.push(t)
     assert detok.text == tokenizer.decode(ids)
-    assert max(lengths) < 12 < len(ids)
+    assert max(counting.windows) < 12 < len(ids)
 
 
 def test_a_half_character_at_the_end_is_flushed_as_the_full_decoding_has_it(tokenizer):
@@ -63,18 +69,12 @@ def test_a_half_character_at_the_end_is_flushed_as_the_full_decoding_has_it(toke
 
 def test_most_steps_decode_once(tokenizer):
     ids = tokenizer(" ".join(TEXTS.values()) * 4, add_special_tokens=False).input_ids
-    calls = []
-
-    class Counting:
-        def decode(self, window, skip_special_tokens=True):
-            calls.append(len(window))
-            return tokenizer.decode(window, skip_special_tokens=skip_special_tokens)
-
-    detok = IncrementalDetokenizer(Counting())
+    counting = Counting(tokenizer)
+    detok = IncrementalDetokenizer(counting)
     for t in ids:
         detok.push(t)
     assert detok.text + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
-    assert len(calls) < 1.4 * len(ids)  # two fresh windows per token would be 2x
+    assert len(counting.windows) < 1.4 * len(ids)  # two fresh windows per token would be 2x
 
 
 @pytest.mark.parametrize("seed", range(3))
