@@ -48,7 +48,6 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
 
     if not pathlib.Path(palo.__file__).resolve().is_relative_to(pathlib.Path(tree).resolve()):
         raise SystemExit(f"imported palo from {palo.__file__}, not from {tree}")
-    torch.set_num_threads(1)
     tokenizer = load_tokenizer(tokenizer_dir)
     answers = [tokenizer(t, add_special_tokens=False).input_ids for texts in SAMPLES.values() for t in texts]
     stream_of_ids = torch.tensor([t for ids in answers for t in ids])
@@ -59,8 +58,11 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
                                          max_position_embeddings=tokens + 64)).eval()
     prompts = [answers[i % len(answers)][:24] for i in range(streams)]
 
+    calls = [0]
+
     def stand_in(ids, positions, slots, block_tables, lengths):
         """``[B, V]`` logits whose argmax is a token of the sample texts, chosen by position and last token."""
+        calls[0] += 1
         pick = stream_of_ids[(positions * 7 + ids) % len(stream_of_ids)]
         return torch.nn.functional.one_hot(pick, vocab).float()
 
@@ -75,10 +77,12 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
         with torch.no_grad():
             while any(not t for t in texts):  # prefill (real model), until every stream has its first token
                 engine.step()
-            start, steps = time.perf_counter(), 0
+            start, steps, calls[0] = time.perf_counter(), 0, 0
             while engine.has_work():
                 engine.step()
                 steps += 1
+        if calls[0] != steps:
+            raise SystemExit(f"{calls[0]} of {steps} steps ran the stand-in forward: the runner has changed")
         return 1000 * (time.perf_counter() - start) / steps, ["".join(t) for t in texts]
 
     once()  # warm-up
@@ -115,6 +119,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        import torch
+
+        torch.set_num_threads(1)  # both sides alike, and less noise from the other core
         print(json.dumps(measure(args.child, args.tokenizer, args.streams, args.tokens[0], args.repeats)))
         return
 
