@@ -7,7 +7,8 @@ without the new one and emits what the new one adds, and only once the text no l
 decoding of the whole answer.
 
 The window keeps its start for up to ``WINDOW`` tokens, so the text without the new token is the text the previous
-step decoded with it: most steps decode once, not twice.
+step decoded with it: such steps decode once, not twice. Most steps decode nothing: a word piece that follows
+non-empty text adds its own text (``PaloLlamaTokenizer.streaming_piece_texts``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ class IncrementalDetokenizer:
         # PALO's SentencePiece tokenizer decodes short windows several times faster through its own decoder.
         streaming = getattr(tokenizer, "streaming_decoder", None) if skip_special_tokens else None
         self._decode_window = streaming() if streaming is not None else self._decode
+        # Most tokens are word pieces whose text just follows the text so far: no decode at all for them.
+        pieces = getattr(tokenizer, "streaming_piece_texts", None) if skip_special_tokens else None
+        self._pieces: list[str | None] | None = pieces() if pieces is not None else None
         self.ids: list[int] = []
         self.text = ""
         self._prefix = 0  # window start: enough context for the pieces after it to decode as in the full text
@@ -48,6 +52,15 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the text it completes (possibly empty)."""
+        pieces = self._pieces
+        if pieces is not None and self.text and self._read == len(self.ids) and 0 <= token_id < len(pieces):
+            piece = pieces[token_id]  # nothing held back, so `text` is the decoding of `ids`, and not empty
+            if piece is not None:
+                self.ids.append(token_id)
+                # A later decode starts its window at this token (context for the one after it).
+                self._prefix, self._read, self._before = len(self.ids) - 1, len(self.ids), None
+                self.text += piece
+                return piece
         self.ids.append(token_id)
         before = self._before
         if before is None:

@@ -148,6 +148,48 @@ class PaloLlamaTokenizer(SentencePieceBackend):
 
         return decode
 
+    def streaming_piece_texts(self) -> list[str | None] | None:
+        """What each id adds to a decoded text that is not empty, so streaming can skip the decode for most tokens.
+
+        SentencePiece turns a normal piece that follows some text into the piece itself with "▁" as a space (only
+        a text's first piece loses a leading "▁"; byte pieces before it are flushed as they would be at the end), so
+        ``decode(ids + [i]) == decode(ids) + texts[i]`` whenever ``decode(ids)`` is not empty. Every other id maps
+        to None and needs a decode: special and added tokens, unknown, control, unused and byte-fallback pieces
+        (bytes only make characters together). Returns None, no table at all, where the rule does not hold: a
+        tokenizer that cleans up spaces, or a SentencePiece model with a denormalizer (applied to the whole text).
+        Built once per set of special and added tokens.
+        """
+        if self.clean_up_tokenization_spaces or self._has_denormalizer():
+            return None
+        skip = frozenset(self.all_special_ids)
+        added = frozenset(self.added_tokens_decoder)
+        cached = getattr(self, "_piece_texts", None)
+        if cached is not None and cached[0] == (skip, added):
+            return cached[1]
+        sp = self.sp_model
+        texts: list[str | None] = []
+        for i, piece in enumerate(sp.id_to_piece(list(range(sp.get_piece_size())))):
+            special = i in skip or i in added or sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)
+            text = None if special or sp.is_byte(i) else piece.replace("\u2581", " ")
+            # A piece holding U+FFFD would look like half a character: let the decode path judge it.
+            texts.append(text if text and "\ufffd" not in text else None)
+        self._piece_texts = ((skip, added), texts)
+        return texts
+
+    def _has_denormalizer(self) -> bool:
+        cached = getattr(self, "_denormalizer", None)
+        if cached is None:
+            try:
+                from sentencepiece import sentencepiece_model_pb2
+
+                proto = sentencepiece_model_pb2.ModelProto()
+                proto.ParseFromString(self.sp_model.serialized_model_proto())
+                cached = bool(proto.denormalizer_spec.precompiled_charsmap)
+            except Exception:  # noqa: BLE001 - unreadable (no protobuf): assume the worst, decode every token
+                cached = True
+            self._denormalizer = cached
+        return cached
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> tuple[str, ...]:
         files = super().save_pretrained(save_directory, *args, **kwargs)
         # Name the class the original code knows, so the folder stays loadable by PALO/LLaVA and by AutoTokenizer.

@@ -77,6 +77,40 @@ def test_most_steps_decode_once(tokenizer):
     assert len(counting.windows) < 1.4 * len(ids)  # two fresh windows per token would be 2x
 
 
+class CountingStreaming:
+    """The tokenizer with its streaming decoder and piece texts, counting the windows the decoder decodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.windows = 0
+
+    def streaming_decoder(self):
+        decode = self.tokenizer.streaming_decoder()
+
+        def counted(ids):
+            self.windows += 1
+            return decode(ids)
+        return counted
+
+    def streaming_piece_texts(self):
+        return self.tokenizer.streaming_piece_texts()
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+@pytest.mark.parametrize("language", sorted(TEXTS))
+def test_word_pieces_after_some_text_need_no_decode(tokenizer, language):
+    ids = tokenizer(TEXTS[language] + " " + TEXTS["mixed"], add_special_tokens=False).input_ids
+    counting = CountingStreaming(tokenizer)
+    detok = IncrementalDetokenizer(counting)
+    chunks = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(chunks) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in c for c in chunks)
+    bytes_ = sum(tokenizer.sp_model.is_byte(t) for t in ids)
+    assert counting.windows <= 2 * bytes_ + 0.3 * len(ids)  # only byte runs and what follows them decode
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_ids_stream_to_the_decoding_of_the_whole_answer(tokenizer, seed):
     """Any mix of word pieces, byte pieces (valid UTF-8 or not) and special ids: the chunks add up to the answer."""

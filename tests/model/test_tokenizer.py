@@ -212,3 +212,34 @@ def test_streaming_decoder_gives_the_decoding_of_every_window(world):
     windows += [tok(text, add_special_tokens=False).input_ids for text in PROMPTS]
     for ids in windows:
         assert decode(ids) == tok.decode(ids, skip_special_tokens=True), ids
+
+
+def test_streaming_piece_texts_extend_every_non_empty_decoding(world):
+    """For each id with a piece text, appending it to any window that decodes to some text adds exactly that text
+    (byte runs, specials and added tokens before it included); ids that need a decode have none."""
+    tok = load_tokenizer(world.tokenizer_dir)
+    tok.add_tokens(["<im_patch>"], special_tokens=True)
+    tok.add_tokens(["<im_start>"])
+    tok.add_tokens([tok.convert_ids_to_tokens(300)])  # a piece registered again as an added token
+    texts = tok.streaming_piece_texts()
+    pieces = tok.sp_model.get_piece_size()
+    assert len(texts) == pieces
+    none = {i for i, t in enumerate(texts) if t is None}
+    byte_ids = [i for i in range(pieces) if tok.sp_model.is_byte(i)]
+    assert {0, 1, 2, 300} | set(byte_ids) <= none and len(none) < pieces // 2
+    assert any(t.startswith(" ") for t in texts if t)  # word-initial pieces carry their space
+    rng = random.Random(1)
+    with_text = [i for i in range(pieces) if texts[i] is not None]
+    pools = [range(len(tok)), byte_ids, with_text, [0, 1, 2, 300, pieces, pieces + 1]]
+    checked = 0
+    for _ in range(3000):
+        window = [rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 8))]
+        before = tok.decode(window, skip_special_tokens=True)
+        token = rng.choice(with_text)
+        if before:
+            assert tok.decode(window + [token], skip_special_tokens=True) == before + texts[token], (window, token)
+            checked += 1
+    assert checked > 1500
+    # The table follows the tokenizer's added tokens.
+    tok.add_tokens([tok.convert_ids_to_tokens(400)])
+    assert tok.streaming_piece_texts()[400] is None and texts[400] is not None
