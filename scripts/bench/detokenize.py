@@ -1,13 +1,14 @@
 """Benchmark: streaming detokenization through the tokenizer's generic ``decode`` against its streaming decoder.
 
-The engine turns every generated token of every stream into text with :class:`palo.engine.detokenizer.
-IncrementalDetokenizer`, which decodes short windows (about one per token). This measures, on the same answers and
-the same tokenizer, the cost per token of those windows decoded by ``tokenizer.decode(...,
-skip_special_tokens=True)`` (the baseline) and by ``PaloLlamaTokenizer.streaming_decoder()``, and checks that both
-stream the very same chunks. The answers are the multilingual sample texts of :mod:`palo.testing.corpus` (all 10
-languages), each pushed token by token. Printed: microseconds per token for both, the ratio baseline / streaming
-(above 1: the streaming decoder is faster) and what one decode step of 32 streams spends on detokenization with
-each.
+The engine turns every generated token of every stream into text with
+:class:`palo.engine.detokenizer.IncrementalDetokenizer`, which decodes short windows of the answer's last tokens.
+This measures, on the same answers and the same tokenizer, the cost per token of doing so through
+``tokenizer.decode(..., skip_special_tokens=True)`` alone (the baseline) and through the tokenizer's streaming path
+(``PaloLlamaTokenizer.streaming_decoder()`` for the windows, ``streaming_piece_texts()`` for word pieces that need
+no decode), and checks that both stream the very same chunks. The answers are the multilingual sample texts of
+:mod:`palo.testing.corpus` (all 10 languages), each pushed token by token. Printed: microseconds per token for both,
+the ratio baseline / streaming (above 1: the streaming path is faster) and what one decode step of 32 streams spends
+on detokenization with each.
 
     python scripts/bench/detokenize.py                        # a SentencePiece model trained on the corpus here
     python scripts/bench/detokenize.py --tokenizer /path/to/PALO-7B   # a checkpoint's own tokenizer
