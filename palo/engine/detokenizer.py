@@ -87,7 +87,6 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
-
     def visible(self, final: bool = False) -> tuple[str, bool]:
         """:func:`visible_text` of the text so far with this detokenizer's stop strings, looking for them only
         where the text added since the last call could complete one (so an answer's stop search stays linear)."""
