@@ -19,6 +19,7 @@ from typing import Any
 REPLACEMENT = "\ufffd"
 # Tokens a window grows to before its start moves up: longer windows cost more per decode, shorter ones more decodes.
 WINDOW = 6
+PROBE = 8  # characters of a stop string searched for at once when holding back its possible start
 
 
 class IncrementalDetokenizer:
@@ -129,11 +130,22 @@ def _held_back(text: str, stops: Sequence[str], final: bool) -> str:
     trailing half characters, unless generation has ended."""
     if final:
         return text
-    hold = 0
+    hold = 0  # the longest end of `text` that begins a stop string
+    n = len(text)
     for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+        # An end of PROBE characters or more begins with the stop's first PROBE: one C search finds each candidate,
+        # longest first, so a long stop string costs a scan of the text's last len(stop) characters, not a slice
+        # per length. Shorter ends are at most PROBE - 1 to try.
+        probe = stop[:PROBE]
+        i = text.find(probe, max(0, n - len(stop) + 1))
+        while i >= 0 and n - i > hold:
+            if stop.startswith(text[i:]):
+                hold = n - i
+                break
+            i = text.find(probe, i + 1)
+        for k in range(min(PROBE - 1, n, len(stop) - 1), hold, -1):
             if text.endswith(stop[:k]):
                 hold = k
                 break
-    shown = text[: len(text) - hold]
+    shown = text[: n - hold]
     return shown.rstrip(REPLACEMENT)

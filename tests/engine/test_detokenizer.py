@@ -155,3 +155,21 @@ def test_visible_text_found_incrementally_is_the_rule_applied_to_the_whole_text(
             assert got == visible_text(detok.text, stops, final), (stops, detok.text)
             if got[1]:
                 break
+
+
+def test_held_back_text_is_the_longest_end_that_could_begin_a_stop_string():
+    """Against the definition, on random texts and stop strings over a small alphabet (many partial matches)."""
+    import random
+
+    rng = random.Random(5)
+    for _ in range(3000):
+        text = "".join(rng.choices("ab#", k=rng.randint(0, 30)))
+        stops = ["".join(rng.choices("ab#", k=rng.randint(1, 24))) for _ in range(rng.randint(1, 3))]
+        if rng.random() < 0.5:  # a stop string that the text's end begins, often longer than 8 characters
+            cut = rng.randint(0, len(text))
+            stops[0] = text[cut:] + "".join(rng.choices("ab#", k=rng.randint(1, 6)))
+        if any(stop in text for stop in stops):
+            continue  # the rule holds back only in text that has no complete stop string
+        hold = max((k for stop in stops for k in range(len(stop)) if k <= len(text) and text.endswith(stop[:k])),
+                   default=0)
+        assert visible_text(text, stops, final=False) == (text[: len(text) - hold], False), (text, stops)
