@@ -73,6 +73,9 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._generated: deque[tuple[float, int]] = deque()
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # sequences per decode step, for statistics and tests
+        # Since start: decode steps and the tokens they decoded (their ratio over an interval is its mean batch).
+        self.decode_steps = 0
+        self.decoded_tokens = 0
         self.steps = 0
         if device.type == "cuda" and config.cuda_graphs:
             from palo.engine.cuda_graphs import DecodeGraphs
@@ -195,6 +198,8 @@ class LLMEngine:
         running = [s for s in self.scheduler.decoding if len(s.output_ids) > 0 and s.num_computed < s.num_tokens]
         if running:
             self.batch_sizes.append(len(running))
+            self.decode_steps += 1
+            self.decoded_tokens += len(running)
             try:
                 logits = self.runner.decode(running)
             except Exception as exc:  # noqa: BLE001
@@ -356,4 +361,6 @@ class LLMEngine:
             "decode_attention": "triton" if self.runner.paged_attention else "sdpa",
             "tokens_per_s": round(generated / RATE_WINDOW_S, 2),
             "decode_batch_max": max(self.batch_sizes, default=0),  # largest decode batch of the recent steps
+            "decode_steps": self.decode_steps,  # counters since start: two readings give an interval's mean batch
+            "decoded_tokens": self.decoded_tokens,
         }
