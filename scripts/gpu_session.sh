@@ -9,15 +9,23 @@
 #   5. the GPU-marked tests of the engine and model (CUDA graphs, Triton decode kernel, half precision)
 # Liger is not on the lent machine's image: before the run, `pip download liger-kernel==0.8.5 --no-deps -d .whl` here
 # and pass `carry: [".whl"]`; without it step 2 and 4 run without --liger and say so. Results: $OUT (or ./gpu-check).
+# GPU_SESSION_DRY_RUN=1 runs the same steps with the same flags on this CPU at tiny shapes, so a lent session never
+# finds a broken step (tests/test_gpu_session.py does it).
 set -u
 OUT=${OUT:-./gpu-check}; mkdir -p "$OUT"
+if [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]]; then
+  ON="--device cpu --dtype float32"; BIG=tiny; MOBILE=tiny
+else
+  ON="--device cuda --dtype bfloat16"; BIG=7b; MOBILE=mobile
+fi
 DEADLINE=$(( $(date +%s) + ${GPU_SESSION_SECONDS:-540} ))
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+if [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]]; then echo "dry run on the CPU" > "$OUT/gpu.txt"
+else nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"; fi
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 # What the steps import beyond torch/transformers/triton (the 2026-11 image lacked liger-kernel): a missing one
 # fails its step, and this line says why. Carry its wheel in .whl (pip download --no-deps) if the image lacks it.
@@ -47,14 +55,14 @@ step() {
   echo "## $name: rc $rc in $(( $(date +%s) - start ))s (limit ${limit}s)" | tee -a "$OUT/summary.txt"
 }
 
-step engine_7b 150 python3 scripts/bench/generate.py --shape 7b --device cuda --dtype bfloat16 --batches 1 32 \
+step engine_7b 150 python3 scripts/bench/generate.py --shape $BIG $ON --batches 1 32 \
   --prompt-len 64 --new-tokens 64 --repeats 3 --json "$OUT/engine_7b.json"
-step train_mix_mobile 170 python3 scripts/bench/train_step.py --workload llava665k --shape mobile --device cuda \
-  --dtype bfloat16 --batch 16 --repeats 3 --packing-rows 6 $LIGER --llava-baseline --json "$OUT/train_mix_mobile.json"
-step engine_mobile 60 python3 scripts/bench/generate.py --shape mobile --device cuda --dtype bfloat16 --batches 1 \
+step train_mix_mobile 170 python3 scripts/bench/train_step.py --workload llava665k --shape $MOBILE $ON \
+  --batch 16 --repeats 3 --packing-rows 6 $LIGER --llava-baseline --json "$OUT/train_mix_mobile.json"
+step engine_mobile 60 python3 scripts/bench/generate.py --shape $MOBILE $ON --batches 1 \
   --prompt-len 64 --new-tokens 64 --repeats 3 --json "$OUT/engine_mobile.json"
-step train_mix_7b_lora 120 python3 scripts/bench/train_step.py --workload llava665k --shape 7b --lora \
-  --gradient-checkpointing --device cuda --dtype bfloat16 --batch 8 --repeats 2 --packing-rows 3 $LIGER \
+step train_mix_7b_lora 120 python3 scripts/bench/train_step.py --workload llava665k --shape $BIG --lora \
+  --gradient-checkpointing $ON --batch 8 --repeats 2 --packing-rows 3 $LIGER \
   --json "$OUT/train_mix_7b_lora.json"
 step pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/model
 cat "$OUT/summary.txt"
