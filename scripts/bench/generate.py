@@ -6,7 +6,9 @@ tokens each, ``--new-tokens`` greedy tokens each, end-of-sequence ignored). Meas
 submitted with all others; ``generate`` gives every row its first token at once) and decode tokens/s over all rows
 after the first token. Equal work is checked: in float32 both give every row the same tokens. Each side runs
 ``--repeats`` times after a warm-up; medians are printed with the ratio engine / generate for throughput and
-generate / engine for time to first token (above 1: the engine is better).
+generate / engine for time to first token (above 1: the engine is better). On CUDA it also prints the engine's
+peak memory split into the weights, the KV cache the engine announced, and what goes beyond the two (activations,
+logits, the CUDA graphs' pool).
 
 ``--baseline llava``: PALO against transformers' LlavaForConditionalGeneration with the same weights:
 
@@ -187,6 +189,8 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
         pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=gen).to(args.device, dtype)
         config = EngineConfig(max_num_seqs=max(batch, 1), max_model_len=positions + 16, enable_prefix_cache=False,
                               max_prefill_tokens=max(2048, positions), cuda_graphs=not args.no_cuda_graphs)
+        cuda = args.device.startswith("cuda")
+        before_engine = torch.cuda.memory_allocated() if cuda else 0  # the weights (and this batch's inputs)
         engine = LLMEngine(palo, None, config)
         device_ids = ids.to(args.device)
 
@@ -217,11 +221,15 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
         expected = baseline(args.new_tokens).tolist()
         tokens, _, _ = with_engine(engine)  # warm-up, and the equal-work check
         same = tokens == expected
-        base_first, base_total, eng_ttft, eng_tps = [], [], [], []
+        base_first, base_total, eng_ttft, eng_tps, eng_peak = [], [], [], [], []
         for _ in range(args.repeats):
             base_first.append(timed(lambda: baseline(1))[1])
             base_total.append(timed(lambda: baseline(args.new_tokens))[1])
+            if cuda:  # the engine's own peak: generate's cache is freed by now and not counted
+                torch.cuda.reset_peak_memory_stats()
             _, t, tps = with_engine(engine)
+            if cuda:
+                eng_peak.append(torch.cuda.max_memory_allocated())
             eng_ttft.append(t)
             eng_tps.append(tps)
         t1, tn = statistics.median(base_first), statistics.median(base_total)
@@ -231,6 +239,13 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
             "generate_decode_tokens_per_s": batch * (args.new_tokens - 1) / (tn - t1),
             "engine_decode_tokens_per_s": statistics.median(eng_tps),
         }
+        if cuda:  # issue 11's memory rule: the engine's peak is the weights plus the KV cache it announced
+            gib = 1 << 30
+            row["weights_gib"] = before_engine / gib
+            row["engine_kv_cache_gib"] = engine.runner.cache_bytes / gib
+            row["engine_peak_gib"] = max(eng_peak) / gib
+            row["engine_peak_beyond_weights_and_cache_gib"] = (max(eng_peak) - before_engine
+                                                               - engine.runner.cache_bytes) / gib
         row["ttft_ratio"] = row["generate_ttft_ms"] / row["engine_ttft_ms"]
         row["decode_ratio"] = row["engine_decode_tokens_per_s"] / row["generate_decode_tokens_per_s"]
         results.append(row)
@@ -267,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['generate_ttft_ms']:>10.2f} {row['ttft_ratio']:>8.2f}  {row['same_tokens']}")
             print(f"{row['batch']:>5} {'decode tokens/s':<22} {row['engine_decode_tokens_per_s']:>10.1f} "
                   f"{row['generate_decode_tokens_per_s']:>10.1f} {row['decode_ratio']:>8.2f}")
+            if "engine_peak_gib" in row:
+                print(f"{row['batch']:>5} engine peak GiB {row['engine_peak_gib']:.2f} = weights "
+                      f"{row['weights_gib']:.2f} + announced KV cache {row['engine_kv_cache_gib']:.2f} + "
+                      f"{row['engine_peak_beyond_weights_and_cache_gib']:.2f} beyond")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "device": device_name, "results": results}, f, indent=2)
