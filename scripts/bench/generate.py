@@ -36,7 +36,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -187,8 +189,13 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
         text = torch.randint(3, shape.vocab - 2, (batch, args.prompt_len), generator=gen)
         ids = torch.cat([text[:, :5], torch.full((batch, 1), IMAGE_TOKEN_INDEX), text[:, 5:]], dim=1)
         pixels = torch.randn(batch, 3, vision.image_size, vision.image_size, generator=gen).to(args.device, dtype)
-        config = EngineConfig(max_num_seqs=max(batch, 1), max_model_len=positions + 16, enable_prefix_cache=False,
-                              max_prefill_tokens=max(2048, positions), cuda_graphs=not args.no_cuda_graphs)
+        # A cache sized for this batch (plus the scratch block), not the default share of the device's memory: the
+        # baseline's own cache needs room next to it, and the figures do not depend on the GPU's size.
+        max_model_len = positions + 16
+        blocks = batch * math.ceil(max_model_len / EngineConfig.block_size) + 1
+        config = EngineConfig(max_num_seqs=max(batch, 1), max_model_len=max_model_len, num_blocks=blocks,
+                              enable_prefix_cache=False, max_prefill_tokens=max(2048, positions),
+                              cuda_graphs=not args.no_cuda_graphs)
         cuda = args.device.startswith("cuda")
         before_engine = torch.cuda.memory_allocated() if cuda else 0  # the weights (and this batch's inputs)
         engine = LLMEngine(palo, None, config)
@@ -250,7 +257,8 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
         row["decode_ratio"] = row["engine_decode_tokens_per_s"] / row["generate_decode_tokens_per_s"]
         results.append(row)
         del engine
-        if args.device.startswith("cuda"):
+        gc.collect()  # the runner and its CUDA graphs refer to each other: free this batch's cache now
+        if cuda:
             torch.cuda.empty_cache()
     return results
 
