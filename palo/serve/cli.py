@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     # Positions per image from the tower's and projector's config (MultimodalSpec.tokens_per_image): the tower runs
     # only when the engine encodes the image.
     tokens_per_image = model.image_token_count
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len))
+    # One conversation: a cache for one sequence at the full context (earlier turns' blocks are its prefix-cache
+    # hits), not the default share of a GPU's memory that a server takes.
+    block_size = EngineConfig.block_size
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len, block_size=block_size,
+                                                      num_blocks=-(-context_len // block_size) + 1))
     placeholder = MultimodalSpec.from_config(model.config).image_placeholder
 
     while True:

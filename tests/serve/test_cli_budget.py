@@ -69,3 +69,27 @@ def test_one_free_position_gives_a_one_token_answer(world, image_file, monkeypat
     assert rc == 0, out
     assert "the conversation is" not in out and out.rstrip().endswith("exit...")
     assert len(tower_calls) == 1  # the engine encoded the image once, to answer
+
+
+def test_the_cache_holds_one_conversation_and_serves_every_turn(world, image_file, monkeypatch, capsys):
+    """On a GPU the engine's default cache is a share of the device's memory; the chat CLI holds one conversation,
+    so it asks for one full-context sequence (plus the scratch block) and still answers turn after turn."""
+    from palo import engine as engine_package
+
+    configs = []
+
+    class Recording(engine_package.LLMEngine):
+        def __init__(self, model, tokenizer, config):
+            configs.append(config)
+            super().__init__(model, tokenizer, config)
+
+    monkeypatch.setattr(engine_package, "LLMEngine", Recording)
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is in the image?\nWhat color is it?\nAnd the shape?\n\n"))
+    rc = cli.main(["--model-path", world.full_dir, "--image-file", image_file, "--device", "cpu",
+                   "--temperature", "0", "--max-new-tokens", "6"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.count("ASSISTANT: ") == 3 and out.rstrip().endswith("exit...")
+    (config,) = configs
+    _, _, _, context_len = builder.load_pretrained_model(world.full_dir, device="cpu")
+    assert config.max_num_seqs == 1 and config.max_model_len == context_len
+    assert config.num_blocks == -(-context_len // config.block_size) + 1
