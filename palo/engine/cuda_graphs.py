@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 
 import torch
 
@@ -44,7 +45,9 @@ class DecodeGraphs:
     """
 
     def __init__(self, runner, batches: list[int], widths: list[int]) -> None:
-        self.runner = runner
+        # Weak: the runner holds its graphs, and a cycle would keep the whole KV cache (most of a GPU's memory) alive
+        # after the engine is dropped, until the garbage collector happens to run.
+        self.runner = weakref.proxy(runner)
         self.batches = batches
         self.widths = widths
         # (batch, width) -> (graph, its static inputs, its output buffer)

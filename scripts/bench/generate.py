@@ -257,7 +257,7 @@ def run_engine(args: argparse.Namespace) -> list[dict]:
         row["decode_ratio"] = row["engine_decode_tokens_per_s"] / row["generate_decode_tokens_per_s"]
         results.append(row)
         del engine
-        gc.collect()  # the runner and its CUDA graphs refer to each other: free this batch's cache now
+        gc.collect()  # this batch's cache is gone before the next engine and generate allocate theirs
         if cuda:
             torch.cuda.empty_cache()
     return results

@@ -88,3 +88,22 @@ def test_replays_on_padded_static_buffers_give_the_eager_tokens(loaded):
     assert sum(g.replays for g, _, _ in graphs.graphs.values()) == len(engine.batch_sizes) == len(graphs.picks)
     assert any(batch > rows for rows, _, batch, _ in graphs.picks)  # padding rows (the scratch block)
     assert any(width > need for _, need, _, width in graphs.picks)  # blocks past a row's length, masked
+
+
+def test_dropping_an_engine_with_graphs_frees_its_cache_at_once(loaded):
+    """The runner holds its graphs; were the graphs to hold the runner, the KV cache (most of a GPU) would outlive
+    the engine until the garbage collector ran."""
+    import gc
+    import weakref
+
+    tokenizer, model, _ = loaded
+    config = EngineConfig(max_num_seqs=2, block_size=8, max_prefill_tokens=64)
+    engine = LLMEngine(model, tokenizer, config)
+    engine.runner.graphs = EagerGraphs.capture(engine.runner, config.max_num_seqs, engine.max_model_len)
+    cache = weakref.ref(engine.runner.kv)
+    gc.disable()
+    try:
+        del engine
+        assert cache() is None
+    finally:
+        gc.enable()
