@@ -12,16 +12,16 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = ["engine_7b", "train_mix_mobile", "engine_mobile", "train_mix_7b_lora", "pytest_gpu"]
+STEPS = ["engine_7b", "train_mix_mobile", "engine_mobile", "train_mix_7b_lora", "pytest_gpu", "engine_host"]
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1700)
 def test_dry_run_takes_every_step_and_writes_its_results(tmp_path):
-    env = {**os.environ, "GPU_SESSION_DRY_RUN": "1", "OUT": str(tmp_path),
+    env = {**os.environ, "GPU_SESSION_DRY_RUN": "1", "OUT": str(tmp_path), "GPU_SESSION_SECONDS": "1500",
            # the script calls python3: this interpreter's, wherever the suite was started from
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     run = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=880)
+                         timeout=1650)
     summary = (tmp_path / "summary.txt").read_text()
     ran = dict(re.findall(r"^## (\w+): rc (\d+) in", summary, flags=re.M))
     assert ran == {step: "0" for step in STEPS}, summary + run.stdout[-3000:] + run.stderr[-3000:]
@@ -43,3 +43,7 @@ def test_dry_run_takes_every_step_and_writes_its_results(tmp_path):
             assert r["real_tokens_per_s"] > 0 and r["mfu"] > 0 and r["peak_gib"] > 0, side
             assert 0 <= r["padding_fraction"] < 1, side
         assert results["rows"]["padding_fraction"] < results["padded"]["padding_fraction"]
+
+    host = json.loads((tmp_path / "engine_host.json").read_text())
+    assert [(r["streams"], r["tokens"]) for r in host] == [(32, 128), (32, 1024)]
+    assert all(r["ms_per_step"] > 0 for r in host)

@@ -16,6 +16,8 @@ very same texts.
 
     python scripts/bench/engine_host.py                         # against HEAD (uncommitted changes vs last commit)
     python scripts/bench/engine_host.py --against c804949 --tokens 128 1024
+    python scripts/bench/engine_host.py --against none     # this tree alone (a machine without git history, such
+                                                           # as a lent GPU's copy: that CPU's host time per step)
 """
 
 from __future__ import annotations
@@ -107,9 +109,22 @@ def run_side(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _cpu_name() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "an unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--against", default="HEAD", help="git revision to compare with (default: HEAD)")
+    parser.add_argument("--against", default="HEAD",
+                        help="git revision to compare with (default: HEAD), or 'none' to measure this tree alone")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1024], help="answer length(s) to measure")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of one process per side")
@@ -128,16 +143,23 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from palo.testing.tiny import train_sentencepiece
 
-    revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.against], capture_output=True,
-                              text=True, check=True).stdout.strip()
+    print(f"# engine host time per decode step, {args.streams} streams, on {_cpu_name()} ({os.cpu_count()} cores; "
+          "each measuring process uses one thread)", flush=True)
+
+    alone = args.against == "none"
+    revision = None if alone else subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", args.against], capture_output=True, text=True, check=True,
+    ).stdout.strip()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_dir, baseline_tree = os.path.join(tmp, "tokenizer"), os.path.join(tmp, "baseline")
         train_sentencepiece(tokenizer_dir)  # one tokenizer for both sides
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", baseline_tree, revision],
-                       check=True)
+        if not alone:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", baseline_tree, revision],
+                           check=True)
         try:
-            sides = {f"baseline {revision}": baseline_tree, "this tree": str(REPO)}
+            sides = {"this tree": str(REPO)} if alone else {f"baseline {revision}": baseline_tree,
+                                                             "this tree": str(REPO)}
             for tokens in args.tokens:
                 figures: dict[str, list[float]] = {name: [] for name in sides}
                 digests = set()
@@ -148,6 +170,12 @@ def main() -> None:
                         digests.add(result["texts_sha256"])
                 if len(digests) != 1:
                     raise SystemExit(f"the two sides streamed different texts at {tokens} tokens")
+                if alone:
+                    ours = statistics.median(figures["this tree"])
+                    rows.append({"streams": args.streams, "tokens": tokens, "ms_per_step": ours, "runs": figures})
+                    print(f"{args.streams} streams x {tokens} tokens: {ours:.3f} ms/step (median of "
+                          f"{len(figures['this tree'])} runs)", flush=True)
+                    continue
                 base, ours = (statistics.median(figures[name]) for name in sides)
                 row = {"streams": args.streams, "tokens": tokens, "baseline": revision, "baseline_ms_per_step": base,
                        "ms_per_step": ours, "ratio": base / ours, "same_texts": True, "runs": figures}
@@ -156,7 +184,8 @@ def main() -> None:
                       f"{ours:.3f} ms/step, ratio {base / ours:.2f}x (median of {len(figures['this tree'])} runs "
                       "each); same texts: yes", flush=True)
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", baseline_tree], check=False)
+            if not alone:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", baseline_tree], check=False)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
 
