@@ -333,7 +333,7 @@ class PaloForCausalLM(LlamaForCausalLM):
         attention_mask: torch.Tensor | None = None,
         stopping_criteria: StoppingCriteriaList | Sequence[StoppingCriteria] | None = None,
         **kwargs: Any,
-    ) -> torch.LongTensor:
+    ) -> Any:
         """Generate from prompts that may hold image sentinels.
 
         Args:
@@ -347,7 +347,8 @@ class PaloForCausalLM(LlamaForCausalLM):
 
         Returns:
             ``[B, T + n]``: the prompt ids followed by the generated ids (padded with the pad id where a row stopped
-            early).
+            early). With ``return_dict_in_generate=True``, transformers' output object whose ``sequences`` are
+            those ids (its ``scores`` / ``logits`` cover the ``n`` new tokens, as for a plain decoder).
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None or images is None and not bool((input_ids == IMAGE_TOKEN_INDEX).any()):
@@ -356,13 +357,19 @@ class PaloForCausalLM(LlamaForCausalLM):
             )
         spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, padding_side="left")
         criteria = StoppingCriteriaList([_WithPrompt(c, input_ids) for c in (stopping_criteria or [])])
-        new_ids = super().generate(
+        out = super().generate(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
             stopping_criteria=criteria,
             **kwargs,
         )
-        return torch.cat([input_ids.to(new_ids.device), new_ids], dim=1)
+        # From embeddings, transformers returns only the new ids (as a tensor, or as the output object's sequences).
+        new_ids = out if isinstance(out, torch.Tensor) else out.sequences
+        ids = torch.cat([input_ids.to(new_ids.device), new_ids], dim=1)
+        if isinstance(out, torch.Tensor):
+            return ids
+        out.sequences = ids
+        return out
 
 
 class LlavaLlamaForCausalLM(PaloForCausalLM):

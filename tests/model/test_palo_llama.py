@@ -68,6 +68,20 @@ def test_greedy_with_cache_equals_argmax_of_full_recomputation(world):
         assert logits[0, -1].argmax().item() == new[step].item(), f"step {step}"
 
 
+def test_generate_with_output_dict_returns_prompt_and_new_ids_and_their_scores(world):
+    """``return_dict_in_generate`` (scores for research use) gives the same ids as the plain call, in ``sequences``,
+    and one score row per new token whose argmax is that token."""
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    ids = tokenizer_image_token(_prompt("Что на картинке?"), tokenizer, return_tensors="pt")[None]
+    pixels = torch.randn(1, 3, 56, 56)
+    kwargs = dict(images=pixels, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    plain = world.model.generate(ids, **kwargs)
+    out = world.model.generate(ids, return_dict_in_generate=True, output_scores=True, **kwargs)
+    assert torch.equal(out.sequences, plain)
+    assert len(out.scores) == 5
+    assert [s[0].argmax().item() for s in out.scores] == plain[0, ids.shape[1]:].tolist()
+
+
 def test_batched_generation_equals_one_by_one(world):
     tokenizer = load_tokenizer(world.tokenizer_dir)
     model = world.model
