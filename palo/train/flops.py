@@ -29,8 +29,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name(); the
+# first key found wins, so the PCIe / NVL boards (lower clocks and power) come before their SXM namesakes.
+PEAK_TFLOPS = {"H200 NVL": 835.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H200": 989.0, "H100": 989.0, "A100": 312.0,
+               "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
 def peak_flops(device: torch.device | None = None) -> float | None:
