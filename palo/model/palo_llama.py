@@ -347,8 +347,9 @@ class PaloForCausalLM(LlamaForCausalLM):
 
         Returns:
             ``[B, T + n]``: the prompt ids followed by the generated ids (padded with the pad id where a row stopped
-            early). With ``return_dict_in_generate=True``, transformers' output object whose ``sequences`` are
-            those ids (its ``scores`` / ``logits`` cover the ``n`` new tokens, as for a plain decoder).
+            early); ``[B * r, T + n]`` with ``num_return_sequences=r``, each prompt's answers in consecutive rows.
+            With ``return_dict_in_generate=True``, transformers' output object whose ``sequences`` are those ids
+            (its ``scores`` / ``logits`` cover the ``n`` new tokens, as for a plain decoder).
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None or images is None and not bool((input_ids == IMAGE_TOKEN_INDEX).any()):
@@ -365,7 +366,9 @@ class PaloForCausalLM(LlamaForCausalLM):
         )
         # From embeddings, transformers returns only the new ids (as a tensor, or as the output object's sequences).
         new_ids = out if isinstance(out, torch.Tensor) else out.sequences
-        ids = torch.cat([input_ids.to(new_ids.device), new_ids], dim=1)
+        # num_return_sequences: each prompt's answers are consecutive rows.
+        prompts = input_ids.to(new_ids.device).repeat_interleave(new_ids.shape[0] // input_ids.shape[0], dim=0)
+        ids = torch.cat([prompts, new_ids], dim=1)
         if isinstance(out, torch.Tensor):
             return ids
         out.sequences = ids

@@ -107,6 +107,22 @@ def test_batched_generation_equals_one_by_one(world):
         assert torch.equal(batched[: single.shape[0]], single), f"row {i}"
 
 
+def test_several_answers_per_prompt_follow_their_own_prompt(world):
+    """``num_return_sequences``: each prompt's answers are consecutive rows, each after its own prompt ids, and the
+    first of a beam search's answers is the one a plain beam search gives."""
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    rows = [tokenizer_image_token(_prompt(q), tokenizer, return_tensors="pt") for q in ("图中有什么？", "What is it?")]
+    ids, mask = left_pad(rows, pad_id=0)
+    pixels = torch.randn(2, 3, 56, 56)
+    kwargs = dict(images=pixels, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, num_beams=3, pad_token_id=0)
+    best = world.model.generate(ids, **kwargs)
+    out = world.model.generate(ids, num_return_sequences=3, **kwargs)
+    assert out.shape == (6, ids.shape[1] + 6)
+    for row in range(6):
+        assert torch.equal(out[row, : ids.shape[1]], ids[row // 3]), f"row {row}"
+    assert torch.equal(out[[0, 3]], best)
+
+
 def test_keyword_stopping_criteria_see_prompt_and_new_ids(world):
     tokenizer = load_tokenizer(world.tokenizer_dir)
     model = world.model
