@@ -16,6 +16,7 @@ applied here, and the worker's stream is closed as soon as one appears. Errors u
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -36,6 +37,7 @@ from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStre
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16  # the most answers ("n") one request may ask for
 
 
 class APIError(Exception):
@@ -67,8 +69,11 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     seed: int | None = None
+    n: int = 1
 
-    def worker_params(self) -> dict[str, Any]:
+    def worker_params(self, choice: int = 0) -> dict[str, Any]:
+        """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
+        the answers differ and each is reproducible."""
         params = {
             "model": self.model,
             "prompt": self.prompt,
@@ -79,7 +84,7 @@ class ChatRequest:
             "stop": self.template_stop,
         }
         if self.seed is not None:  # this project's workers sample reproducibly from it
-            params["seed"] = self.seed
+            params["seed"] = self.seed + choice
         return params
 
 
@@ -189,8 +194,11 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required and must be a non-empty string", param="model")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise APIError(400, f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
     prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
@@ -219,6 +227,7 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         stream=body.get("stream", False),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
         seed=seed,
+        n=n,
     )
 
 
@@ -264,9 +273,10 @@ async def _answers(stream: WorkerStream, chat: ChatRequest,
         await stream.aclose()
 
 
-def _usage(usage: dict | None) -> dict[str, int]:
-    prompt = int((usage or {}).get("prompt_tokens", 0))
-    completion = int((usage or {}).get("completion_tokens", 0))
+def _usage(usages: list[dict | None]) -> dict[str, int]:
+    """Usage of a request's answers: its prompt once (every answer has the same), the answers' tokens summed."""
+    prompt = max((int((u or {}).get("prompt_tokens", 0)) for u in usages), default=0)
+    completion = sum(int((u or {}).get("completion_tokens", 0)) for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -295,15 +305,15 @@ def list_models(registry: WorkerRegistry, authorization: str, api_key: str | Non
     return JSONResponse({"object": "list", "data": data})
 
 
-async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router) -> WorkerStream:
-    """Send a chat request to a worker of its model.
+async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router, choice: int = 0) -> WorkerStream:
+    """Send a chat request (its answer ``choice``) to a worker of its model.
 
     Raises:
         APIError: 404 when no live worker serves the model, 503 (with ``Retry-After`` when the workers are busy)
             when none answers.
     """
     try:
-        return await router.open(chat.model, json.dumps(chat.worker_params()).encode("utf-8"))
+        return await router.open(chat.model, json.dumps(chat.worker_params(choice)).encode("utf-8"))
     except NoWorkerError:
         raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
                             f"{registry.list_models()}", param="model", code="model_not_found") from None
@@ -313,44 +323,85 @@ async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router)
 
 
 def _chunk_event(completion_id: str, created: int, model: str, delta: dict | None, finish: str | None = None,
-                 usage: dict | None = None) -> bytes:
+                 usage: dict | None = None, index: int = 0) -> bytes:
     """One server-sent event of a streamed completion (``delta`` None: the usage-only chunk)."""
     chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    chunk["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
     if usage is not None:
         chunk["usage"] = usage
     return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-async def _sse_events(answers: AsyncIterator[tuple[str, str | None, dict | None]], first: tuple, chat: ChatRequest,
-                      completion_id: str, created: int) -> AsyncIterator[bytes]:
-    """The streamed completion: a role chunk, content deltas, the finish chunk, optional usage, ``[DONE]``.
+Answers = AsyncIterator[tuple[str, str | None, dict | None]]
+
+
+async def _sse_events(choices: list[tuple[Answers, tuple]], chat: ChatRequest, completion_id: str,
+                      created: int) -> AsyncIterator[bytes]:
+    """The streamed completion: per answer a role chunk, content deltas and its finish chunk (answers in turn, each
+    chunk carrying its answer's ``index``), then the optional usage and ``[DONE]``.
+
+    Args:
+        choices: Per answer, its pieces and the first piece (already read).
 
     An error after the first piece can no longer change the HTTP status; it is sent as an ``{"error": ...}`` event.
     """
-    yield _chunk_event(completion_id, created, chat.model, {"role": "assistant", "content": ""})
-    sent = ""
-    final_usage = None
-    item: tuple | None = first
+    for index in range(len(choices)):
+        yield _chunk_event(completion_id, created, chat.model, {"role": "assistant", "content": ""}, index=index)
+    sent = [""] * len(choices)
+    usages: list[dict | None] = [None] * len(choices)
+    pending = {index: first for index, (_, first) in enumerate(choices)}
     try:
-        while item is not None:
-            text, finish, usage = item
-            if text.startswith(sent) and len(text) > len(sent):
-                yield _chunk_event(completion_id, created, chat.model, {"content": text[len(sent):]})
-                sent = text
-            if finish is not None:
-                final_usage = usage
-                yield _chunk_event(completion_id, created, chat.model, {}, finish)
-                break
-            item = await anext(answers, None)
+        while pending:
+            for index in list(pending):
+                text, finish, usage = pending.pop(index)
+                if text.startswith(sent[index]) and len(text) > len(sent[index]):
+                    yield _chunk_event(completion_id, created, chat.model, {"content": text[len(sent[index]):]},
+                                       index=index)
+                    sent[index] = text
+                if finish is not None:
+                    usages[index] = usage
+                    yield _chunk_event(completion_id, created, chat.model, {}, finish, index=index)
+                    continue
+                item = await anext(choices[index][0], None)
+                if item is not None:
+                    pending[index] = item
     except APIError as exc:
         yield b"data: " + json.dumps(exc.body, ensure_ascii=False).encode("utf-8") + b"\n\n"
         return
     finally:
-        await answers.aclose()
+        for answers, _ in choices:
+            await answers.aclose()
     if chat.include_usage:
-        yield _chunk_event(completion_id, created, chat.model, None, usage=_usage(final_usage))
+        yield _chunk_event(completion_id, created, chat.model, None, usage=_usage(usages))
     yield b"data: [DONE]\n\n"
+
+
+async def _open_answers(chat: ChatRequest, registry: WorkerRegistry, router: Router) -> list[tuple[Answers, tuple]]:
+    """Open the request's ``n`` answers on workers and read the first piece of each.
+
+    Raises:
+        APIError: When any answer cannot be opened or fails before its first piece (the others are closed).
+    """
+    streams: list[WorkerStream] = []
+    answers: list[Answers] = []
+    try:
+        for choice in range(chat.n):
+            streams.append(await open_chat(chat, registry, router, choice))
+        answers = [_answers(stream, chat, registry.logger) for stream in streams]
+        return [(pieces, await anext(pieces)) for pieces in answers]  # never empty: each ends with a finish_reason
+    except BaseException:
+        for pieces in answers:
+            await pieces.aclose()
+        for stream in streams:  # an answer not started yet has not closed its stream
+            await stream.aclose()
+        raise
+
+
+async def _last_piece(pieces: Answers, first: tuple) -> tuple:
+    item = first
+    async for item in pieces:  # noqa: B007 - the last piece is the answer
+        pass
+    return item
 
 
 async def chat_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
@@ -367,27 +418,26 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         chat = parse_chat_request(decoded, registry.conv_mode)
-        stream = await open_chat(chat, registry, router)
-        answers = _answers(stream, chat, registry.logger)
-        first = await anext(answers)  # never empty: it ends with a finish_reason
+        choices = await _open_answers(chat, registry, router)
     except APIError as exc:
         return exc.response()
 
     completion_id = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
     if chat.stream:
-        return StreamingResponse(_sse_events(answers, first, chat, completion_id, created),
+        return StreamingResponse(_sse_events(choices, chat, completion_id, created),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    text, finish, usage = first
-    try:
-        async for text, finish, usage in answers:  # noqa: B007 - the last chunk's values are the answer
-            pass
-    except APIError as exc:
-        return exc.response()
+    finals = await asyncio.gather(*(_last_piece(pieces, first) for pieces, first in choices), return_exceptions=True)
+    for final in finals:
+        if isinstance(final, APIError):
+            return final.response()
+        if isinstance(final, BaseException):
+            raise final
     return JSONResponse({
         "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish or "stop"}],
-        "usage": _usage(usage),
+        "choices": [{"index": index, "message": {"role": "assistant", "content": text},
+                     "finish_reason": finish or "stop"} for index, (text, finish, _) in enumerate(finals)],
+        "usage": _usage([usage for _, _, usage in finals]),
     })
 
 

@@ -51,6 +51,19 @@ def test_a_stop_string_ends_the_answer(cluster):
     assert cut.choices[0].message.content == free[: free.find(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_several_sampled_answers_reproducible_by_seed(cluster):
+    """``n`` answers in one request, each sampled from its own seed: the same request gives them again, and each
+    equals a single answer asked with its seed (seed + its index)."""
+    c = client(cluster)
+    ask = dict(model="ckpt", messages=image_message("Describe it.", "blue"), temperature=1.0, max_tokens=10)
+    both = c.chat.completions.create(n=2, seed=11, **ask)
+    answers = [choice.message.content for choice in sorted(both.choices, key=lambda choice: choice.index)]
+    assert [choice.index for choice in both.choices] == [0, 1]
+    assert [c.chat.completions.create(n=2, seed=11, **ask).choices[i].message.content for i in (0, 1)] == answers
+    assert [c.chat.completions.create(seed=seed, **ask).choices[0].message.content for seed in (11, 12)] == answers
+    assert both.usage.completion_tokens > 2
+
+
 def test_errors(cluster):
     with pytest.raises(openai.AuthenticationError):
         client(cluster, key="wrong").models.list()

@@ -187,3 +187,81 @@ def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
     router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
     asyncio.run(chat_completion(json.dumps(base).encode(), "", FakeRegistry(), router, None))
     assert "seed" not in router.bodies[0]
+
+
+class ChoiceRouter:
+    """Answers each opened request with its own stream: ``answer(seed)`` split into pieces, then a final chunk."""
+
+    def __init__(self, answer, fail_on: int | None = None) -> None:
+        self.answer = answer
+        self.fail_on = fail_on  # the request (0-based) whose open fails with a busy error
+        self.bodies: list[dict] = []
+        self.streams: list[FakeStream] = []
+
+    async def open(self, model: str, body: bytes):
+        params = json.loads(body)
+        if len(self.bodies) == self.fail_on:
+            raise WorkersBusyError("every worker is busy", "2")
+        self.bodies.append(params)
+        text = self.answer(params.get("seed"))
+        pieces = [{"text": params["prompt"] + text[:k], "error_code": 0} for k in range(1, len(text) + 1)]
+        pieces[-1].update(finish_reason="length", usage={"prompt_tokens": 7, "completion_tokens": len(text)})
+        self.streams.append(FakeStream(pieces))
+        return self.streams[-1]
+
+
+def _ask_n(router, n, stream=False, seed=None, include_usage=False):
+    body = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "n": n, "stream": stream,
+            "temperature": 0.8}
+    if seed is not None:
+        body["seed"] = seed
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+
+    async def run():
+        response = await chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
+        if stream and response.status_code == 200:
+            return 200, b"".join([e async for e in response.body_iterator]).decode()
+        return response.status_code, json.loads(response.body)
+
+    return asyncio.run(run())
+
+
+def test_n_answers_each_from_its_own_seed_in_one_completion():
+    router = ChoiceRouter(lambda seed: f"answer {seed}")
+    status, body = _ask_n(router, 3, seed=40)
+    assert status == 200 and [b["seed"] for b in router.bodies] == [40, 41, 42]
+    assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
+        (0, "answer 40", "length"), (1, "answer 41", "length"), (2, "answer 42", "length")]
+    # The prompt is counted once, the answers' tokens summed.
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 27, "total_tokens": 34}
+    assert all(s.closed and s.read_to_end for s in router.streams)
+
+
+def test_n_answers_stream_interleaved_each_under_its_index():
+    router = ChoiceRouter(lambda seed: {5: "short", 6: "a longer one"}[seed])
+    status, events = _ask_n(router, 2, stream=True, seed=5, include_usage=True)
+    assert status == 200 and events.endswith("data: [DONE]\n\n")
+    chunks = [json.loads(line[6:]) for line in events.split("\n\n") if line.startswith("data: {")]
+    texts, finishes, roles = {}, {}, set()
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        delta, i = choice["delta"], choice["index"]
+        roles |= {i} if delta.get("role") == "assistant" else set()
+        texts[i] = texts.get(i, "") + delta.get("content", "")
+        if choice["finish_reason"]:
+            finishes[i] = choice["finish_reason"]
+    assert roles == {0, 1} and texts == {0: "short", 1: "a longer one"} and finishes == {0: "length", 1: "length"}
+    indexes = [c["choices"][0]["index"] for c in chunks[2:-1]]
+    assert indexes[:4] == [0, 1, 0, 1]  # in turn, not one answer after the other
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5 + 12
+
+
+def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_opened():
+    for n in (0, 17, "2", 1.5, True):
+        router = ChoiceRouter(lambda seed: "x")
+        status, body = _ask_n(router, n)
+        assert status == 400 and body["error"]["param"] == "n" and router.bodies == []
+    router = ChoiceRouter(lambda seed: "x", fail_on=2)
+    status, body = _ask_n(router, 3)
+    assert status == 503 and len(router.streams) == 2 and all(s.closed for s in router.streams)
