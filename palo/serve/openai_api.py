@@ -179,6 +179,24 @@ def render_messages(messages: Any, conv_mode: str) -> tuple[str, list[str], str 
     return conv.get_prompt(), images, stop_string(conv)
 
 
+# Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
+# asks for one gets a 400 naming it, instead of an answer that silently lacks it (no logprobs, no JSON mode ...).
+NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v in (None, 0),
+    "logit_bias": lambda v: not v,
+    "frequency_penalty": lambda v: v in (None, 0),
+    "presence_penalty": lambda v: v in (None, 0),
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or isinstance(v, dict) and v.get("type") == "text",
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None,
+}
+
+
 def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) -> ChatRequest:
     """Validate a ``/v1/chat/completions`` body.
 
@@ -194,6 +212,9 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required and must be a non-empty string", param="model")
+    for key, asks_nothing in NOT_IMPLEMENTED.items():
+        if key in body and not asks_nothing(body[key]):
+            raise APIError(400, f"'{key}' is not supported by this server (got {str(body[key])[:80]})", param=key)
     n = body.get("n", 1)
     if n is None:
         n = 1

@@ -265,3 +265,23 @@ def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_open
     router = ChoiceRouter(lambda seed: "x", fail_on=2)
     status, body = _ask_n(router, 3)
     assert status == 503 and len(router.streams) == 2 and all(s.closed for s in router.streams)
+
+
+def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
+    base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    refused = [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"5": 10}), ("frequency_penalty", 0.5),
+               ("presence_penalty", -1), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+               ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("modalities", ["audio"])]
+    for key, value in refused:
+        router = FakeRouter(FakeStream())
+        response = asyncio.run(chat_completion(json.dumps({**base, key: value}).encode(), "", FakeRegistry(), router,
+                                               None))
+        error = json.loads(response.body)["error"]
+        assert response.status_code == 400 and error["param"] == key and "not supported" in error["message"], key
+        assert router.bodies == []
+    no_ops = {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0.0,
+              "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
+              "user": "someone"}
+    router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
+    response = asyncio.run(chat_completion(json.dumps({**base, **no_ops}).encode(), "", FakeRegistry(), router, None))
+    assert response.status_code == 200 and len(router.bodies) == 1
