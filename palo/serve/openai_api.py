@@ -70,6 +70,7 @@ class ChatRequest:
     include_usage: bool
     seed: int | None = None
     n: int = 1
+    top_k: int = 0  # 0: no limit
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -85,6 +86,8 @@ class ChatRequest:
         }
         if self.seed is not None:  # this project's workers sample reproducibly from it
             params["seed"] = self.seed + choice
+        if self.top_k:
+            params["top_k"] = self.top_k
         return params
 
 
@@ -236,6 +239,12 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
+    # Not OpenAI's, but vLLM's and SGLang's (-1 or 0: no limit), which clients send in the body's extra fields.
+    top_k = body.get("top_k")
+    top_k = 0 if top_k is None or top_k == -1 else top_k
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise APIError(400, f"'top_k' must be a positive integer, or 0 or -1 for no limit, got {top_k!r}",
+                       param="top_k")
     return ChatRequest(
         model=model,
         prompt=prompt,
@@ -249,6 +258,7 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
         seed=seed,
         n=n,
+        top_k=top_k,
     )
 
 

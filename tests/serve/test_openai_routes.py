@@ -285,3 +285,21 @@ def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_ac
     router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
     response = asyncio.run(chat_completion(json.dumps({**base, **no_ops}).encode(), "", FakeRegistry(), router, None))
     assert response.status_code == 200 and len(router.bodies) == 1
+
+
+def test_top_k_as_vllm_takes_it_reaches_the_worker():
+    base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0.7}
+    sent = []
+    for top_k in (5, -1, 0, None):
+        router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
+        body = {**base, "top_k": top_k}
+        assert asyncio.run(chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router,
+                                           None)).status_code == 200
+        sent.append(router.bodies[0].get("top_k"))
+    assert sent == [5, None, None, None]  # no limit: left to the worker's default
+    for top_k in (-2, 1.5, "3", True):
+        router = FakeRouter(FakeStream())
+        response = asyncio.run(chat_completion(json.dumps({**base, "top_k": top_k}).encode(), "", FakeRegistry(),
+                                               router, None))
+        assert response.status_code == 400 and json.loads(response.body)["error"]["param"] == "top_k"
+        assert router.bodies == []
