@@ -81,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_image = model.image_token_count
     # One conversation: a cache for one sequence at the full context (earlier turns' blocks are its prefix-cache
     # hits), not the default share of a GPU's memory that a server takes.
-    block_size = EngineConfig.block_size
-    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len, block_size=block_size,
-                                                      num_blocks=-(-context_len // block_size) + 1))
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len,
+                                                      num_blocks=-(-context_len // EngineConfig.block_size) + 1))
     placeholder = MultimodalSpec.from_config(model.config).image_placeholder
 
     while True:
