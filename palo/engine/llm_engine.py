@@ -188,7 +188,7 @@ class LLMEngine:
                     if c.completes_prompt:
                         completed.append(c.seq)
                 if completed:
-                    tokens = sample(logits, [s.sampling for s in completed], [s.generator for s in completed])
+                    tokens = _sample(logits, completed)
                     for seq, token in zip(completed, tokens.tolist()):
                         seq.image_features = None
                         self.scheduler.start_decoding(seq)
@@ -205,7 +205,7 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001
                 self._fail(running, exc)
             else:
-                tokens = sample(logits, [s.sampling for s in running], [s.generator for s in running])
+                tokens = _sample(logits, running)
                 for seq, token in zip(running, tokens.tolist()):
                     seq.num_computed = seq.num_tokens
                     self._append(seq, token)
@@ -364,3 +364,9 @@ class LLMEngine:
             "decode_steps": self.decode_steps,  # counters since start: two readings give an interval's mean batch
             "decoded_tokens": self.decoded_tokens,
         }
+
+
+def _sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    """One token for each sequence, with its own settings and (for penalties) what it has seen so far."""
+    return sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
+                  [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])

@@ -24,6 +24,12 @@ class SamplingParams:
         stop: Strings that end the answer (not included in it).
         seed: Seeds this request's own random stream, so its tokens do not depend on what it was batched with.
         ignore_eos: Keep going past end-of-sequence (benchmarks).
+        presence_penalty: Subtracted once from the logit of every token the answer already holds (OpenAI's), in
+            [-2, 2]; negative values favour repeating.
+        frequency_penalty: Subtracted from a token's logit once per time the answer holds it (OpenAI's), in [-2, 2].
+        repetition_penalty: Divides the positive logits (multiplies the negative ones) of every token seen in the
+            prompt's text or the answer (the CTRL rule as transformers and vLLM apply it); 1 does nothing, above 1
+            discourages repeating.
     """
 
     max_tokens: int = 256
@@ -33,6 +39,9 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,30 +56,100 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:  # also refuses NaN
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= GREEDY_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the tokens seen so far change this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
+
+
+def _token_counts(rows: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[R, V]`` float: how often each token id occurs in each row (negative ids, image positions, are skipped)."""
+    width = max((len(r) for r in rows), default=0)
+    # Padding and skipped ids count into an extra column that is dropped.
+    ids = torch.full((len(rows), width + 1), vocab, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    ids = ids.masked_fill_((ids < 0) | (ids >= vocab), vocab).to(device)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """The logits after each row's repetition, frequency and presence penalties, on the logits' device.
+
+    The repetition penalty looks at the prompt's text and the answer; frequency and presence at the answer only
+    (OpenAI's rule). Rows that ask for no penalty are returned unchanged.
+
+    Args:
+        logits: ``[B, V]``.
+        params: B settings.
+        prompt_ids: B prompts (ids below 0, the image positions, are ignored).
+        output_ids: B answers so far.
+
+    Returns:
+        ``[B, V]``: ``logits`` itself when no row is penalised, otherwise a float32 copy.
+    """
+    rows = [i for i, p in enumerate(params) if p.penalized]
+    if not rows:
+        return logits
+    device, vocab = logits.device, logits.shape[-1]
+    index = torch.tensor(rows, device=device)
+    sub = logits.index_select(0, index).float()
+    answer = _token_counts([output_ids[i] for i in rows], vocab, device)
+    repetition = [params[i].repetition_penalty for i in rows]
+    if any(r != 1 for r in repetition):
+        seen = (_token_counts([prompt_ids[i] for i in rows], vocab, device) > 0) | (answer > 0)
+        r = torch.tensor(repetition, device=device)[:, None]
+        sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
+    frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device)[:, None]
+    presence = torch.tensor([params[i].presence_penalty for i in rows], device=device)[:, None]
+    sub = sub - answer * frequency - (answer > 0).float() * presence
+    return logits.float().index_copy(0, index, sub)
 
 
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
+    prompt_ids: Sequence[Sequence[int]] | None = None,
+    output_ids: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Choose one token per row, each row with its own settings, on the logits' device.
 
-    Sampling uses the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``), so each row's
-    randomness is one draw from its own generator and no row's choice depends on another's.
+    Penalties come first (:func:`apply_penalties`), then temperature, top-k and top-p. Sampling uses the
+    exponential race (``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``), so each row's randomness is one
+    draw from its own generator and no row's choice depends on another's.
 
     Args:
         logits: ``[B, V]`` (float32 preferred).
         params: B settings.
         generators: B generators on the logits' device (None: the global stream).
+        prompt_ids: B prompts; needed when a row has a repetition penalty.
+        output_ids: B answers so far; needed when a row has a penalty.
 
     Returns:
         ``[B]`` token ids (long, on the logits' device).
     """
+    if any(p.penalized for p in params):
+        if prompt_ids is None or output_ids is None:
+            raise ValueError("penalised rows need the prompts and answers so far")
+        logits = apply_penalties(logits, params, prompt_ids, output_ids)
     greedy_ids = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 from engine_helpers import COLORS, QUESTIONS, pixels, prompt_ids, reference_tokens
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from palo.engine import EngineConfig, EngineRequest, LLMEngine, QueueFull, RequestTooLarge, SamplingParams
 from palo.model.multimodal import ImagePlaceholderMismatch
@@ -143,6 +144,54 @@ def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(loaded):
     assert run(2, SamplingParams(**{**params.__dict__, "seed": 99})) != alone
     greedy = run(0, SamplingParams(max_tokens=24, ignore_eos=True))
     assert alone != greedy  # it really sampled
+
+
+class _Penalties(LogitsProcessor):
+    """The penalty rules written out for one row of ``model.generate``: the reference the engine must match.
+
+    From embeddings (a prompt with images) transformers shows processors the new ids only; from ids, prompt + new.
+    """
+
+    def __init__(self, prompt: list[int], ids_hold_prompt: bool, params: SamplingParams) -> None:
+        self.prompt, self.skip, self.params = prompt, len(prompt) if ids_hold_prompt else 0, params
+
+    def __call__(self, input_ids, scores):
+        answer = input_ids[0, self.skip:].tolist()
+        scores = scores.clone()
+        for token in {t for t in self.prompt if t >= 0} | set(answer):
+            value = scores[0, token]
+            r = self.params.repetition_penalty
+            scores[0, token] = value / r if value > 0 else value * r
+        for token in set(answer):
+            scores[0, token] -= self.params.frequency_penalty * answer.count(token) + self.params.presence_penalty
+        return scores
+
+
+def test_penalised_requests_in_a_mixed_batch_give_the_tokens_of_generate_with_the_rules(loaded):
+    tokenizer, model, processor = loaded
+    settings = [dict(), dict(repetition_penalty=1.8), dict(frequency_penalty=1.5), dict(presence_penalty=2.0),
+                dict(repetition_penalty=1.3, frequency_penalty=0.7, presence_penalty=-0.5)]
+    requests = [(ids, images, n, SamplingParams(max_tokens=n, **settings[i % len(settings)]))
+                for i, (ids, images, n) in enumerate(_mixed_requests(tokenizer, model, processor, 10, seed=3))]
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    outputs = engine.generate([EngineRequest(ids, images, params) for ids, images, _, params in requests])
+
+    def answer(ids, images, n, **kwargs):  # greedy, cut before end-of-sequence as the engine reports it
+        new = model.generate(torch.tensor([ids]), images=images, max_new_tokens=n, do_sample=False,
+                             temperature=None, top_p=None, top_k=None, **kwargs)[0, len(ids):].tolist()
+        return next((new[:k] for k, t in enumerate(new) if t in engine.eos_ids), new)
+
+    changed = 0
+    for i, ((ids, images, n, params), out) in enumerate(zip(requests, outputs)):
+        rules = LogitsProcessorList([_Penalties(ids, images is None, params)])
+        assert out.token_ids == answer(ids, images, n, logits_processor=rules), f"request {i}"
+        changed += out.token_ids != answer(ids, images, n)
+    assert changed >= 5  # the penalties really changed answers (8 of the 10 rows ask for one)
+    # transformers' own repetition penalty, on a text prompt (where it sees the prompt too), agrees.
+    ids = prompt_ids(tokenizer, QUESTIONS[2], 0)
+    out = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=20, repetition_penalty=1.8))])[0]
+    assert out.token_ids == answer(ids, None, 20, repetition_penalty=1.8)
+    assert engine.stats()["kv_blocks_used"] == 0
 
 
 def test_a_cancelled_request_frees_its_cache_at_once(loaded):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import RepetitionPenaltyLogitsProcessor
 
-from palo.engine.sampling import SamplingParams, sample
+from palo.constants import IMAGE_TOKEN_INDEX
+from palo.engine.sampling import SamplingParams, apply_penalties, sample
 
 
 def _gen(seed):
@@ -47,7 +49,55 @@ def test_a_row_draws_the_same_tokens_whatever_it_is_batched_with():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-                                 dict(max_tokens=0), dict(temperature=float("nan"))])
+                                 dict(max_tokens=0), dict(temperature=float("nan")), dict(presence_penalty=2.5),
+                                 dict(frequency_penalty=-2.1), dict(frequency_penalty=float("nan")),
+                                 dict(repetition_penalty=0), dict(repetition_penalty=float("inf"))])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_repetition_penalty_is_transformers_rule_over_the_prompt_text_and_the_answer():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 12)
+    prompts = [[1, 4, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 4, 7], [2]]
+    answers = [[9, 7], []]
+    params = [SamplingParams(repetition_penalty=1.7), SamplingParams(repetition_penalty=0.6)]
+    got = apply_penalties(logits, params, prompts, answers)
+    for i, r in enumerate((1.7, 0.6)):
+        seen = torch.tensor([[t for t in prompts[i] + answers[i] if t >= 0]])
+        expected = RepetitionPenaltyLogitsProcessor(r)(seen, logits[i:i + 1].clone())
+        assert torch.allclose(got[i], expected[0]), i
+
+
+def test_frequency_and_presence_penalties_are_openai_rule_over_the_answer_per_row():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 10)
+    prompts = [[3, 3, 5], [3], [3, 5]]
+    answers = [[5, 5, 5, 8], [5, 8], [5]]
+    params = [SamplingParams(frequency_penalty=0.5, presence_penalty=-0.25), SamplingParams(),
+              SamplingParams(presence_penalty=1.5, repetition_penalty=1.2)]
+    got = apply_penalties(logits, params, prompts, answers)
+    expected = logits.clone()
+    for token in range(10):
+        count = answers[0].count(token)  # the prompt does not count for these two
+        expected[0, token] -= 0.5 * count + (-0.25 if count else 0.0)
+        value = expected[2, token]
+        if token in prompts[2] + answers[2]:
+            value = value / 1.2 if value > 0 else value * 1.2
+        expected[2, token] = value - (1.5 if token in answers[2] else 0.0)
+    assert torch.allclose(got, expected)
+    assert torch.equal(got[1], logits[1])  # a row that asks for nothing is untouched
+
+
+def test_penalties_change_what_greedy_and_sampled_rows_choose():
+    logits = torch.tensor([[0.0, 3.0, 2.5, 1.0]] * 2)
+    params = [SamplingParams(frequency_penalty=1.0), SamplingParams(temperature=0.01 + 1e-9, top_k=1,
+                                                                    presence_penalty=2.0)]
+    # Token 1 leads by 0.5; once the answer holds it, each row's penalty puts token 2 first.
+    assert sample(logits, params, [None, _gen(0)], [[0], [0]], [[1], [1]]).tolist() == [2, 2]
+    assert sample(logits, params, [None, _gen(0)], [[0], [0]], [[], []]).tolist() == [1, 1]
+    unpenalised = [SamplingParams(), SamplingParams()]
+    assert apply_penalties(logits, unpenalised, [[0], [0]], [[1], [1]]) is logits
+    with pytest.raises(ValueError, match="penalised rows"):
+        sample(logits, params, [None, _gen(0)])
