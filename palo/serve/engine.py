@@ -55,7 +55,7 @@ class PreparedRequest:
         input_ids: Prompt ids, with ``IMAGE_TOKEN_INDEX`` where each image goes.
         images: Pixel values ``[k, 3, H, W]`` on the model's device, or None.
         max_new_tokens: The token budget after the context cap.
-        sampling: The engine's sampling settings (token budget, temperature, top-p/k, stop, seed).
+        sampling: The engine's sampling settings (token budget, temperature, top-p/k, stop, seed, penalties).
         stop: Stop string, or None (end-of-sequence only).
         prompt_tokens: Context positions the prompt takes, image positions included.
     """
@@ -172,7 +172,9 @@ class EngineBackend(ABC):
         """Validate a worker request (the original generation parameters) and tokenise it.
 
         Args:
-            params: ``{"prompt", "images", "temperature", "top_p", "max_new_tokens", "stop"}``.
+            params: ``{"prompt", "images", "temperature", "top_p", "max_new_tokens", "stop"}`` (the original
+                protocol), optionally ``"top_k"``, ``"seed"`` and the penalties ``"presence_penalty"``,
+                ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0).
 
         Returns:
             The prepared request.
@@ -210,6 +212,13 @@ class EngineBackend(ABC):
             raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")
         if max_new_tokens < 1:
             raise RequestError(f"'max_new_tokens' must be at least 1, got {max_new_tokens}")
+        penalties = {key: _parse_number(params, key, 0.0) for key in ("presence_penalty", "frequency_penalty")}
+        for key, value in penalties.items():
+            if not -2 <= value <= 2:
+                raise RequestError(f"'{key}' must be in [-2, 2], got {value}")
+        penalties["repetition_penalty"] = _parse_number(params, "repetition_penalty", 1.0)
+        if penalties["repetition_penalty"] <= 0:
+            raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}")
         max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
 
         num_placeholders = prompt.count(DEFAULT_IMAGE_TOKEN)
@@ -254,7 +263,7 @@ class EngineBackend(ABC):
             images=pixels,
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    stop=(stop,) if stop else (), seed=seed),
+                                    stop=(stop,) if stop else (), seed=seed, **penalties),
             stop=stop or None,
             prompt_tokens=prompt_tokens,
         )

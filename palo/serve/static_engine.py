@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from palo.engine.detokenizer import visible_text
+from palo.engine.sampling import apply_penalties
 from palo.mm_utils import left_pad
 from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, Sink, StreamEvent
 
@@ -166,9 +167,12 @@ class StaticBatchEngine(EngineBackend):
             use_cache=True,
         )
         if not sampling.greedy:
-            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k)  # 0: no limit, as for the paged engine
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if any(job.request.sampling.penalized for job in batch):
+            kwargs["logits_processor"] = LogitsProcessorList([_RowPenalties(batch)])
         device = self.model.device
         try:
             self.model.generate(
@@ -193,9 +197,28 @@ class StaticBatchEngine(EngineBackend):
 
 
 def _sampling_key(request: PreparedRequest) -> tuple:
-    """Requests share a ``model.generate`` batch only when they sample alike."""
+    """Requests share a ``model.generate`` batch only when they sample alike (penalties are applied per row)."""
     sampling = request.sampling
-    return (False,) if sampling.greedy else (True, sampling.temperature, sampling.top_p)
+    return (False,) if sampling.greedy else (True, sampling.temperature, sampling.top_p, sampling.top_k)
+
+
+class _RowPenalties(LogitsProcessor):
+    """Each row's presence, frequency and repetition penalties, by the paged engine's rule
+    (:func:`palo.engine.sampling.apply_penalties`), inside one ``model.generate`` batch.
+
+    transformers shows processors prompt + new ids for a text batch but only the new ids for a batch with images
+    (it generates from embeddings), so the new ids are counted by calls, and the prompts come from the requests.
+    """
+
+    def __init__(self, jobs: list[Job]) -> None:
+        self.params = [job.request.sampling for job in jobs]
+        self.prompts = [job.request.input_ids for job in jobs]
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        new = input_ids[:, input_ids.shape[1] - self.calls:].tolist() if self.calls else [[] for _ in self.params]
+        self.calls += 1
+        return apply_penalties(scores, self.params, self.prompts, new).to(scores.dtype)
 
 
 class _BatchTracker(StoppingCriteria):

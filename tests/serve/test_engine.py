@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import pytest
 from serve_helpers import image_b64, make_image, vicuna_prompt
@@ -112,11 +113,14 @@ def test_budget_uses_the_projector_token_count(world):
         ({"top_k": [5]}, "'top_k' must be an integer"),
         ({"max_new_tokens": "many"}, "'max_new_tokens' must be an integer, got 'many'"),
         ({"max_new_tokens": "Infinity"}, "'max_new_tokens' must be finite"),
+        ({"presence_penalty": 2.5}, "'presence_penalty' must be in [-2, 2], got 2.5"),
+        ({"frequency_penalty": "lots"}, "'frequency_penalty' must be a number"),
+        ({"repetition_penalty": 0}, "'repetition_penalty' must be > 0"),
     ],
 )
 def test_bad_requests_are_rejected(loaded, change, message):
     engine = _engine(loaded)
-    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RequestError, match=re.escape(message)):
         engine.prepare(dict(_params(0), **change))
 
 
@@ -144,3 +148,45 @@ def test_the_static_baseline_engine_gives_the_same_answers(loaded):
         paged.close()
     assert list(static.batch_sizes) == [6]
     assert [(o.text, o.finish_reason) for o in out_s] == [(o.text, o.finish_reason) for o in out_p]
+
+
+PENALTIES = [{}, {"repetition_penalty": 1.8}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
+             {"repetition_penalty": 1.3, "frequency_penalty": 0.7, "presence_penalty": -0.5}, {"presence_penalty": 1.0}]
+
+
+@pytest.mark.parametrize("text_only", [False, True])
+def test_both_engines_apply_each_rows_penalties_alike(loaded, text_only):
+    """Penalties reach the sampler of either engine, row by row inside one batch, by one rule; a batch with images
+    (generated from embeddings) and a text batch (from ids) count the prompt alike."""
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    picked = [3] * 6 if text_only else range(6)
+    params = [_params(i, max_new_tokens=16, **PENALTIES[k]) for k, i in enumerate(picked)]
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=8, batch_wait_ms=50)
+    paged = _engine(loaded, max_batch_size=8)
+    try:
+        assert paged.prepare(params[4]).sampling.frequency_penalty == 0.7
+        out_s = static.generate([static.prepare(p) for p in params])
+        out_p = paged.generate([paged.prepare(p) for p in params])
+        plain = paged.generate([paged.prepare({k: v for k, v in p.items() if "penalty" not in k}) for p in params])
+    finally:
+        static.close()
+        paged.close()
+    assert list(static.batch_sizes) == [6]
+    assert [o.text for o in out_s] == [o.text for o in out_p]
+    assert sum(a.text != b.text for a, b in zip(out_p, plain)) >= 3  # the penalties changed answers
+
+
+def test_the_static_engine_honours_top_k(loaded):
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=8, batch_wait_ms=50)
+    try:
+        greedy = static.generate([static.prepare(_params(i, max_new_tokens=16)) for i in range(3)])
+        top1 = static.generate([static.prepare(_params(i, max_new_tokens=16, temperature=1.0, top_k=1))
+                                for i in range(3)])
+    finally:
+        static.close()
+    assert [o.text for o in top1] == [o.text for o in greedy]  # one candidate left: sampling is greedy
