@@ -20,10 +20,11 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -71,6 +72,7 @@ class ChatRequest:
     seed: int | None = None
     n: int = 1
     top_k: int = 0  # 0: no limit
+    penalties: dict[str, float] = field(default_factory=dict)  # only those that ask for something
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -88,6 +90,7 @@ class ChatRequest:
             params["seed"] = self.seed + choice
         if self.top_k:
             params["top_k"] = self.top_k
+        params.update(self.penalties)
         return params
 
 
@@ -182,14 +185,14 @@ def render_messages(messages: Any, conv_mode: str) -> tuple[str, list[str], str 
     return conv.get_prompt(), images, stop_string(conv)
 
 
+PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
 # asks for one gets a 400 naming it, instead of an answer that silently lacks it (no logprobs, no JSON mode ...).
 NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
-    "frequency_penalty": lambda v: v in (None, 0),
-    "presence_penalty": lambda v: v in (None, 0),
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
@@ -245,6 +248,13 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise APIError(400, f"'top_k' must be a positive integer, or 0 or -1 for no limit, got {top_k!r}",
                        param="top_k")
+    # OpenAI's two in [-2, 2], and vLLM's and SGLang's repetition penalty (> 0; transformers' rule over the prompt's
+    # text and the answer). Only those that ask for something are sent, so a worker that lacks them sees no change.
+    penalties = {key: _number(body, key, PENALTY_DEFAULTS[key], low, high)
+                 for key, (low, high) in (("presence_penalty", (-2.0, 2.0)), ("frequency_penalty", (-2.0, 2.0)),
+                                          ("repetition_penalty", (0.0, math.inf)))}
+    if penalties["repetition_penalty"] == 0:
+        raise APIError(400, "'repetition_penalty' must be > 0, got 0", param="repetition_penalty")
     return ChatRequest(
         model=model,
         prompt=prompt,
@@ -259,6 +269,7 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         seed=seed,
         n=n,
         top_k=top_k,
+        penalties={key: value for key, value in penalties.items() if value != PENALTY_DEFAULTS[key]},
     )
 
 

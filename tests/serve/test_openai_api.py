@@ -64,6 +64,17 @@ def test_several_sampled_answers_reproducible_by_seed(cluster):
     assert both.usage.completion_tokens > 2
 
 
+def test_penalties_reach_the_sampler_through_the_official_client(cluster):
+    c = client(cluster)
+    ask = dict(model="ckpt", messages=image_message("Describe it in detail.", "orange"), temperature=0, max_tokens=24)
+    free = c.chat.completions.create(**ask).choices[0].message.content
+    penalised = [c.chat.completions.create(frequency_penalty=2.0, **ask).choices[0].message.content,
+                 c.chat.completions.create(presence_penalty=2.0, **ask).choices[0].message.content,
+                 c.chat.completions.create(extra_body={"repetition_penalty": 2.0}, **ask).choices[0].message.content]
+    assert all(answer != free for answer in penalised)
+    assert c.chat.completions.create(frequency_penalty=2.0, **ask).choices[0].message.content == penalised[0]
+
+
 def test_errors(cluster):
     with pytest.raises(openai.AuthenticationError):
         client(cluster, key="wrong").models.list()

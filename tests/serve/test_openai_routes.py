@@ -269,8 +269,8 @@ def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_open
 
 def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
     base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    refused = [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"5": 10}), ("frequency_penalty", 0.5),
-               ("presence_penalty", -1), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    refused = [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"5": 10}),
+               ("tools", [{"type": "function", "function": {"name": "f"}}]),
                ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("modalities", ["audio"])]
     for key, value in refused:
         router = FakeRouter(FakeStream())
@@ -279,9 +279,8 @@ def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_ac
         error = json.loads(response.body)["error"]
         assert response.status_code == 400 and error["param"] == key and "not supported" in error["message"], key
         assert router.bodies == []
-    no_ops = {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0.0,
-              "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "modalities": ["text"],
-              "user": "someone"}
+    no_ops = {"logprobs": False, "top_logprobs": 0, "logit_bias": {}, "tools": [], "tool_choice": "none",
+              "response_format": {"type": "text"}, "modalities": ["text"], "user": "someone"}
     router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
     response = asyncio.run(chat_completion(json.dumps({**base, **no_ops}).encode(), "", FakeRegistry(), router, None))
     assert response.status_code == 200 and len(router.bodies) == 1
@@ -303,3 +302,26 @@ def test_top_k_as_vllm_takes_it_reaches_the_worker():
                                                router, None))
         assert response.status_code == 400 and json.loads(response.body)["error"]["param"] == "top_k"
         assert router.bodies == []
+
+
+def test_penalties_reach_the_worker_and_out_of_range_ones_are_400():
+    base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+    def ask(extra):
+        router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
+        response = asyncio.run(chat_completion(json.dumps({**base, **extra}).encode(), "", FakeRegistry(), router,
+                                               None))
+        return response, router.bodies
+
+    response, bodies = ask({"presence_penalty": 1.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2})
+    assert response.status_code == 200
+    assert {k: v for k, v in bodies[0].items() if "penalty" in k} == {
+        "presence_penalty": 1.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2}
+    # Values that ask for nothing are not sent: a worker without penalties sees the request it always saw.
+    response, bodies = ask({"presence_penalty": 0, "frequency_penalty": None, "repetition_penalty": 1})
+    assert response.status_code == 200 and not [k for k in bodies[0] if "penalty" in k]
+    for key, value in [("presence_penalty", 2.5), ("frequency_penalty", -3), ("frequency_penalty", "1"),
+                       ("repetition_penalty", 0), ("repetition_penalty", -1), ("presence_penalty", True)]:
+        response, bodies = ask({key: value})
+        assert response.status_code == 400 and json.loads(response.body)["error"]["param"] == key, (key, value)
+        assert bodies == []
