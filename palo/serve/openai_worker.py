@@ -3,7 +3,8 @@
 In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller and heartbeats like
 :mod:`palo.serve.model_worker`, but holds no model. Each ``/worker_generate_stream`` request of the original
 protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
-``max_new_tokens``, ``stop``) becomes one streaming ``POST {api_base}/chat/completions``, and the deltas are sent
+``max_new_tokens``, ``stop``; ``seed``, ``top_k`` and the penalties when set) becomes one streaming
+``POST {api_base}/chat/completions``, and the deltas are sent
 back as the original cumulative, NUL-delimited chunks. The controller, web UI and OpenAI API therefore mix native
 and engine-backed workers freely.
 
@@ -49,6 +50,17 @@ __all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "m
 
 HEALTH_TIMEOUT_S = 5.0
 MAX_NEW_TOKENS_CAP = 1024  # the original worker's cap
+
+
+# Worker-protocol settings beyond the original's, forwarded to the backend: (accepted types, value that asks for
+# nothing).
+FORWARDED: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "seed": (int, None),
+    "top_k": (int, 0),
+    "presence_penalty": ((int, float), 0),
+    "frequency_penalty": ((int, float), 0),
+    "repetition_penalty": ((int, float), 1),
+}
 
 
 class PromptFormatError(ValueError):
@@ -229,6 +241,15 @@ class OpenAIWorker(BaseWorker):
         stop = params.get("stop")
         if isinstance(stop, str) and stop:
             body["stop"] = [stop]
+        # This project's extra settings go along only when they ask for something, so a backend that lacks one sees
+        # the request it always saw; vLLM, SGLang and this project's API take them all (ranges are theirs to check).
+        for key, (kind, default) in FORWARDED.items():
+            value = params.get(key)
+            if value is None or value == default:
+                continue
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            body[key] = value
         return prompt, body
 
     async def prepare(self, params: Any) -> tuple[str, dict[str, Any]]:

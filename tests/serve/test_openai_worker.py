@@ -146,6 +146,23 @@ def test_streams_through_the_front_openai_api(stack):
     assert "".join(deltas) == direct["choices"][0]["message"]["content"] != ""
 
 
+def test_seed_top_k_and_penalties_reach_the_backend(stack):
+    """A seeded, penalised sample through the front equals the backend worker's own: nothing was dropped on the way
+    (without the seed the two would be independent draws; without the penalties, another answer)."""
+    payload = {"model": MODEL, "prompt": _conversation_prompt(), "images": [image_b64(make_image("blue"))],
+               "temperature": 1.0, "max_new_tokens": 16, "stop": "</s>", "seed": 5, "top_k": 8,
+               "frequency_penalty": 1.5, "presence_penalty": -0.5, "repetition_penalty": 1.4}
+    through_front = _stream(stack["front"].url, payload)[-1]
+    direct = [_stream(stack["backend_worker"].url, changed)[-1]["text"] for changed in
+              (payload, dict(payload, seed=6), {k: v for k, v in payload.items() if "penalty" not in k})]
+    assert through_front["error_code"] == 0, through_front
+    assert through_front["text"] == direct[0]
+    assert len(set(direct)) == 3  # seed and penalties each change the answer
+    response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
+                          json=dict(payload, top_k="8"))
+    assert response.status_code == 400 and "'top_k' must be an integer" in response.text
+
+
 def test_a_prompt_it_cannot_forward_gets_a_clear_error(stack):
     response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
                           json={"prompt": "no template here", "images": [], "stop": "</s>"})
