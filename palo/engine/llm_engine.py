@@ -368,5 +368,8 @@ class LLMEngine:
 
 def _sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
     """One token for each sequence, with its own settings and (for penalties) what it has seen so far."""
-    return sample(logits, [s.sampling for s in seqs], [s.generator for s in seqs],
-                  [s.prompt_ids for s in seqs], [s.output_ids for s in seqs])
+    params = [s.sampling for s in seqs]
+    if not any(p.penalized for p in params):
+        return sample(logits, params, [s.generator for s in seqs])
+    return sample(logits, params, [s.generator for s in seqs], [s.prompt_token_set for s in seqs],
+                  [s.output_ids for s in seqs])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 # The original worker's rule: at or below this temperature decoding is greedy.
 GREEDY_TEMPERATURE = 1e-3
@@ -73,22 +74,26 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
-def _token_counts(rows: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+def _token_counts(rows: Sequence[Sequence[int] | torch.Tensor], vocab: int, device: torch.device) -> torch.Tensor:
     """``[R, V]`` float: how often each token id occurs in each row (negative ids, image positions, are skipped)."""
-    width = max((len(r) for r in rows), default=0)
     # Padding and skipped ids count into an extra column that is dropped.
-    ids = torch.full((len(rows), width + 1), vocab, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    ids = pad_sequence([torch.as_tensor(row, dtype=torch.long).reshape(-1) for row in rows], batch_first=True,
+                       padding_value=vocab)
     ids = ids.masked_fill_((ids < 0) | (ids >= vocab), vocab).to(device)
     counts = torch.zeros(len(rows), vocab + 1, device=device)
     return counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))[:, :vocab]
 
 
+def prompt_token_set(prompt_ids: Sequence[int]) -> torch.Tensor:
+    """The distinct text ids of a prompt (``[n]`` long, CPU): all the repetition penalty needs of it, made once per
+    request rather than at every step."""
+    return torch.tensor(sorted({t for t in prompt_ids if t >= 0}), dtype=torch.long)
+
+
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    prompt_ids: Sequence[Sequence[int]],
+    prompt_ids: Sequence[Sequence[int] | torch.Tensor],
     output_ids: Sequence[Sequence[int]],
 ) -> torch.Tensor:
     """The logits after each row's repetition, frequency and presence penalties, on the logits' device.
@@ -99,7 +104,8 @@ def apply_penalties(
     Args:
         logits: ``[B, V]``.
         params: B settings.
-        prompt_ids: B prompts (ids below 0, the image positions, are ignored).
+        prompt_ids: B prompts (ids below 0, the image positions, are ignored), or their
+            :func:`prompt_token_set`.
         output_ids: B answers so far.
 
     Returns:
@@ -127,7 +133,7 @@ def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-    prompt_ids: Sequence[Sequence[int]] | None = None,
+    prompt_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
     output_ids: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Choose one token per row, each row with its own settings, on the logits' device.

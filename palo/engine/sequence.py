@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.engine.sampling import SamplingParams
+from palo.engine.sampling import SamplingParams, prompt_token_set
 from palo.model.multimodal import plan_splice
 
 
@@ -143,6 +143,7 @@ class Sequence:
         self.detokenizer: Any = None
         self.text = ""
         self._block_keys: tuple[int, list[int]] | None = None
+        self._prompt_token_set: torch.Tensor | None = None
 
     # -- sizes ----------------------------------------------------------------------------------------------------
     @property
@@ -157,6 +158,13 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    @property
+    def prompt_token_set(self) -> torch.Tensor:
+        """The prompt's distinct text ids (for the repetition penalty), made on first use."""
+        if self._prompt_token_set is None:
+            self._prompt_token_set = prompt_token_set(self.prompt_ids)
+        return self._prompt_token_set
 
     def max_positions(self, max_model_len: int) -> int:
         """Positions this sequence can ever need: the KV reserved for it on admission."""

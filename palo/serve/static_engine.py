@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from palo.engine.detokenizer import visible_text
-from palo.engine.sampling import apply_penalties
+from palo.engine.sampling import apply_penalties, prompt_token_set
 from palo.mm_utils import left_pad
 from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, Sink, StreamEvent
 
@@ -212,7 +212,7 @@ class _RowPenalties(LogitsProcessor):
 
     def __init__(self, jobs: list[Job]) -> None:
         self.params = [job.request.sampling for job in jobs]
-        self.prompts = [job.request.input_ids for job in jobs]
+        self.prompts = [prompt_token_set(job.request.input_ids) for job in jobs]
         self.calls = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
