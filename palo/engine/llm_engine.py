@@ -30,7 +30,7 @@ from palo.engine.config import EngineConfig, plan_num_blocks
 from palo.engine.detokenizer import IncrementalDetokenizer
 from palo.engine.errors import EngineClosed, QueueFull, RequestTooLarge
 from palo.engine.model_runner import ModelRunner, cache_shape
-from palo.engine.sampling import sample
+from palo.engine.sampling import TokenLogprob, sample, token_logprobs
 from palo.engine.scheduler import Scheduler
 from palo.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
 from palo.model.multimodal import ImagePlaceholderMismatch
@@ -188,12 +188,11 @@ class LLMEngine:
                     if c.completes_prompt:
                         completed.append(c.seq)
                 if completed:
-                    tokens = _sample(logits, completed)
-                    for seq, token in zip(completed, tokens.tolist()):
+                    for seq, token, logprob in zip(completed, *_sample(logits, completed)):
                         seq.image_features = None
                         self.scheduler.start_decoding(seq)
                         seq.first_token_at = time.monotonic()
-                        self._append(seq, token)
+                        self._append(seq, token, logprob)
 
         running = [s for s in self.scheduler.decoding if len(s.output_ids) > 0 and s.num_computed < s.num_tokens]
         if running:
@@ -205,13 +204,12 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001
                 self._fail(running, exc)
             else:
-                tokens = _sample(logits, running)
-                for seq, token in zip(running, tokens.tolist()):
+                for seq, token, logprob in zip(running, *_sample(logits, running)):
                     seq.num_computed = seq.num_tokens
-                    self._append(seq, token)
+                    self._append(seq, token, logprob)
 
-    def _append(self, seq: Sequence, token: int) -> None:
-        """Record a sampled token: finish the sequence or stream what it adds."""
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
+        """Record a sampled token (and its log-probability, when asked): finish the sequence or stream what it adds."""
         now = time.monotonic()
         self._generated.append((now, 1))
         if seq.cancelled:
@@ -219,6 +217,8 @@ class LLMEngine:
         if token in self.eos_ids and not seq.sampling.ignore_eos:
             return self._finish(seq, "stop")
         seq.output_ids.append(token)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
         shown, stopped = "", False
         if seq.detokenizer is not None:
             seq.detokenizer.push(token)
@@ -229,7 +229,8 @@ class LLMEngine:
             return self._finish(seq, "length")
         if shown != seq.text or seq.detokenizer is None:
             delta, seq.text = shown[len(seq.text):], shown
-            self._emit(seq, RequestOutput(seq.request_id, shown, delta, seq.output_ids, len(seq.output_ids)))
+            self._emit(seq, RequestOutput(seq.request_id, shown, delta, seq.output_ids, len(seq.output_ids),
+                                          answer_logprobs=seq.output_logprobs))
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
@@ -244,7 +245,8 @@ class LLMEngine:
         delta = shown[len(seq.text):] if shown.startswith(seq.text) else shown
         seq.text = shown
         self._emit(seq, RequestOutput(seq.request_id, shown, delta, seq.output_ids, len(seq.output_ids),
-                                      finished=True, finish_reason=reason, error=error))
+                                      finished=True, finish_reason=reason, error=error,
+                                      answer_logprobs=seq.output_logprobs))
 
     def _fail(self, seqs: Seq[Sequence], exc: Exception) -> None:
         logger.error("generation failed for %d request(s):\n%s", len(seqs), traceback.format_exc())
@@ -366,10 +368,14 @@ class LLMEngine:
         }
 
 
-def _sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-    """One token for each sequence, with its own settings and (for penalties) what it has seen so far."""
+def _sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token for each sequence, with its own settings and (for penalties) what it has seen so far, and its
+    log-probability for those that ask."""
     params = [s.sampling for s in seqs]
     if not any(p.penalized for p in params):
-        return sample(logits, params, [s.generator for s in seqs])
-    return sample(logits, params, [s.generator for s in seqs], [s.prompt_token_set for s in seqs],
-                  [s.output_ids for s in seqs])
+        tokens = sample(logits, params, [s.generator for s in seqs])
+    else:
+        tokens = sample(logits, params, [s.generator for s in seqs], [s.prompt_token_set for s in seqs],
+                        [s.output_ids for s in seqs])
+    top = [p.logprobs for p in params]
+    return tokens.tolist(), token_logprobs(logits, tokens, top)

@@ -11,6 +11,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 # The original worker's rule: at or below this temperature decoding is greedy.
 GREEDY_TEMPERATURE = 1e-3
+# Most alternatives a request may ask log-probabilities for (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
+
+# A chosen token's log-probability and the ``k`` most likely ``(token id, log-probability)`` of its step.
+TokenLogprob = tuple[float, list[tuple[int, float]]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class SamplingParams:
         repetition_penalty: Divides the positive logits (multiplies the negative ones) of every token seen in the
             prompt's text or the answer (the CTRL rule as transformers and vLLM apply it); 1 does nothing, above 1
             discourages repeating.
+        logprobs: None: none; k (0 to 20): each answer token's log-probability under the model (before penalties
+            and temperature), with the step's k most likely tokens.
     """
 
     max_tokens: int = 256
@@ -43,6 +50,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +71,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if not 0 < self.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -182,3 +192,29 @@ def sample(
         noise[j].exponential_(generator=generators[i])
     choice = (probs / noise).argmax(dim=-1)
     return greedy_ids.index_copy(0, rows, choice)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: Sequence[int | None]) -> list[TokenLogprob | None]:
+    """Each asking row's chosen-token log-probability and its ``top[i]`` most likely alternatives.
+
+    Args:
+        logits: ``[B, V]``, as the model gave them (the distribution reported is the model's own).
+        tokens: ``[B]`` the chosen ids.
+        top: B alternatives counts; None for a row that asks for nothing.
+
+    Returns:
+        B entries, None where the row asks for nothing (one host transfer for all rows).
+    """
+    rows = [i for i, k in enumerate(top) if k is not None]
+    out: list[TokenLogprob | None] = [None] * len(top)
+    if not rows:
+        return out
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)
+    chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0].tolist()
+    k = min(max(top[i] for i in rows), logprobs.shape[-1])
+    best_lp, best_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    best_lp, best_ids = best_lp.tolist(), best_ids.tolist()
+    for j, i in enumerate(rows):
+        out[i] = (chosen[j], list(zip(best_ids[j][: top[i]], best_lp[j][: top[i]])))
+    return out

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.engine.sampling import SamplingParams, prompt_token_set
+from palo.engine.sampling import SamplingParams, TokenLogprob, prompt_token_set
 from palo.model.multimodal import plan_splice
 
 
@@ -35,6 +35,8 @@ class RequestOutput:
         prompt_positions: Context positions of the prompt (image rows included).
         cached_positions: Prompt positions whose KV came from the prefix cache.
         first_token_s: Seconds from submission to the first token (None before it).
+        answer_logprobs: The sequence's growing list of per-token log-probabilities when the request asked for
+            them (empty otherwise); read it through :attr:`logprobs`.
     """
 
     request_id: str
@@ -48,6 +50,12 @@ class RequestOutput:
     prompt_positions: int = 0
     cached_positions: int = 0
     first_token_s: float | None = None
+    answer_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """Per answer token (as :attr:`token_ids`): its log-probability and the step's most likely alternatives."""
+        return self.answer_logprobs[: self.num_tokens]
 
     @property
     def token_ids(self) -> list[int]:
@@ -130,6 +138,7 @@ class Sequence:
         self.image_digests = [image_digest(request.images[i])
                               for i in range(self.num_images)] if self.num_images else []
         self.output_ids: list[int] = []
+        self.output_logprobs: list[TokenLogprob] = []  # one per output id when the request asks for them
         self.block_table: list[int] = []
         self.block_table_row: tuple[list[int], torch.Tensor, int] | None = None  # the runner's tensor of it
         self.num_computed = 0  # positions whose K/V are in the cache

@@ -194,6 +194,37 @@ def test_penalised_requests_in_a_mixed_batch_give_the_tokens_of_generate_with_th
     assert engine.stats()["kv_blocks_used"] == 0
 
 
+def test_logprobs_are_the_models_own_for_each_token_and_only_for_requests_that_ask(loaded):
+    """Per answer token: its log-probability and the step's k most likely, as ``model.generate``'s raw logits give
+    them, for greedy and sampled, penalised or not, rows in one batch."""
+    tokenizer, model, processor = loaded
+    settings = [dict(logprobs=0), dict(logprobs=3), dict(), dict(logprobs=5, temperature=0.8, seed=4),
+                dict(logprobs=2, frequency_penalty=1.0), dict(logprobs=20)]
+    requests = [(ids, images, n, SamplingParams(max_tokens=n, **settings[i % len(settings)]))
+                for i, (ids, images, n) in enumerate(_mixed_requests(tokenizer, model, processor, 6, seed=5))]
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    outputs = engine.generate([EngineRequest(ids, images, params) for ids, images, _, params in requests])
+    for i, ((ids, images, _, params), out) in enumerate(zip(requests, outputs)):
+        if params.logprobs is None:
+            assert out.logprobs == [], f"request {i}"
+            continue
+        assert len(out.logprobs) == len(out.token_ids) > 0
+        # The engine's own tokens fed back: the model's logits at each answer position.
+        forced = torch.tensor([ids + out.token_ids])
+        spliced = model.prepare_multimodal_inputs(forced, images, None)
+        logits = model(inputs_embeds=spliced.inputs_embeds).logits[0, -len(out.token_ids) - 1:-1]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for step, (token, (chosen, top)) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert abs(chosen - expected[step, token].item()) < 1e-4, (i, step)
+            values, indices = expected[step].topk(params.logprobs)
+            assert [t for t, _ in top] == indices.tolist(), (i, step)
+            assert torch.allclose(torch.tensor([lp for _, lp in top]), values, atol=1e-4)
+    greedy = [out for (_, _, _, p), out in zip(requests, outputs) if p.logprobs and p.greedy and not p.penalized]
+    assert all(top[0][0] == token for out in greedy for token, (_, top) in zip(out.token_ids, out.logprobs))
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)
+
+
 def test_a_cancelled_request_frees_its_cache_at_once(loaded):
     tokenizer, model, processor = loaded
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4, enable_prefix_cache=False))
