@@ -13,6 +13,7 @@ non-empty text adds its own text (``PaloLlamaTokenizer.streaming_piece_texts``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -149,3 +150,16 @@ def _held_back(text: str, stops: Sequence[str], final: bool) -> str:
                 break
     shown = text[: n - hold]
     return shown.rstrip(REPLACEMENT)
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes one SentencePiece token stands for on its own: a byte piece (``<0xE0>``) its byte, the word-start
+    marker a space, special tokens their name. Part of a character is a byte or two here, where ``decode`` would
+    give U+FFFD; joined in order, a word-initial token's bytes start with the space that ``decode`` drops at the
+    very start of a text."""
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    match = _BYTE_PIECE.fullmatch(piece)
+    return bytes([int(match.group(1), 16)]) if match else piece.replace("\u2581", " ").encode("utf-8")

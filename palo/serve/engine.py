@@ -22,6 +22,7 @@ import torch
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestOutput, SamplingParams
+from palo.engine.sampling import MAX_LOGPROBS, TokenLogprob
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
@@ -78,12 +79,16 @@ class StreamEvent:
         finish_reason: ``"stop"`` or ``"length"`` on the last event, else None.
         error: An error message; the request is over.
         completion_tokens: Tokens generated so far.
+        logprobs: Per token generated so far, its log-probability and top alternatives, when the request asked.
+        token_ids: The tokens generated so far, along with ``logprobs``.
     """
 
     text: str | None
     finish_reason: str | None = None
     error: str | None = None
     completion_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] | None = None
 
 
 Sink = Callable[[StreamEvent], None]
@@ -174,7 +179,8 @@ class EngineBackend(ABC):
         Args:
             params: ``{"prompt", "images", "temperature", "top_p", "max_new_tokens", "stop"}`` (the original
                 protocol), optionally ``"top_k"``, ``"seed"`` and the penalties ``"presence_penalty"``,
-                ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0).
+                ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0), and
+                ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities).
 
         Returns:
             The prepared request.
@@ -219,6 +225,11 @@ class EngineBackend(ABC):
         penalties["repetition_penalty"] = _parse_number(params, "repetition_penalty", 1.0)
         if penalties["repetition_penalty"] <= 0:
             raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}")
+        logprobs = params.get("logprobs")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise RequestError(f"'logprobs' must be null or an integer from 0 to {MAX_LOGPROBS} (alternatives per "
+                               f"token), got {logprobs!r}")
         max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
 
         num_placeholders = prompt.count(DEFAULT_IMAGE_TOKEN)
@@ -263,7 +274,8 @@ class EngineBackend(ABC):
             images=pixels,
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    stop=(stop,) if stop else (), seed=seed, **penalties),
+                                    stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
+                                    **penalties),
             stop=stop or None,
             prompt_tokens=prompt_tokens,
         )
@@ -385,7 +397,8 @@ class GenerationEngine(EngineBackend):
         """
         job = Job(self.engine, request, sink)
         job.seq = self.engine.add_request(EngineRequest(
-            request.input_ids, request.images, request.sampling, on_output=lambda output: sink(_event(output)),
+            request.input_ids, request.images, request.sampling,
+            on_output=lambda output: sink(_event(output, request.sampling.logprobs is not None)),
         ))
         return job
 
@@ -398,11 +411,13 @@ class GenerationEngine(EngineBackend):
         return self.engine.stats()
 
 
-def _event(output: RequestOutput) -> StreamEvent:
+def _event(output: RequestOutput, with_logprobs: bool = False) -> StreamEvent:
     """The worker's view of an engine output (a cancelled request ends silently)."""
     if output.finish_reason == "error":
         return StreamEvent(text=None, error=output.error)
     reason = output.finish_reason if output.finish_reason in ("stop", "length") else None
     if output.finished and reason is None:  # aborted: the client is gone; tell it nothing new
         reason = "stop"
-    return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=output.num_tokens)
+    return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=output.num_tokens,
+                       logprobs=output.logprobs if with_logprobs else None,
+                       token_ids=output.token_ids if with_logprobs else None)

@@ -37,7 +37,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
+from palo.engine.sampling import TokenLogprob
 from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -150,6 +152,7 @@ class ModelWorker(BaseWorker):
             except QueueFull as exc:  # only when --max-num-seqs and the engine queue are smaller than the limit
                 yield error_chunk(f"the worker is busy: {exc}", WORKER_ERROR)
                 return
+            sent_logprobs = 0
             while True:
                 event = await queue.get()
                 if event.error is not None:
@@ -160,12 +163,35 @@ class ModelWorker(BaseWorker):
                 usage = None
                 if event.finish_reason:
                     usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens}
-                yield encode_chunk(prepared.prompt + event.text, OK, finish_reason=event.finish_reason, usage=usage)
+                logprobs = None
+                if event.logprobs is not None:  # this chunk's new tokens
+                    logprobs = [logprob_entry(self.engine.tokenizer, token, entry) for token, entry in
+                                zip(event.token_ids[sent_logprobs:], event.logprobs[sent_logprobs:])]
+                    sent_logprobs = len(event.logprobs)
+                yield encode_chunk(prepared.prompt + event.text, OK, finish_reason=event.finish_reason, usage=usage,
+                                   logprobs=logprobs)
                 if event.finish_reason:
                     return
         finally:
             if job is not None:
                 job.cancel()  # a no-op when it finished; stops generating for a client that went away
+
+
+# Where a token's probability underflows to 0 its log-probability is reported as this (JSON has no -Infinity).
+LOGPROB_FLOOR = -9999.0
+
+
+def logprob_entry(tokenizer: Any, token_id: int, logprob: TokenLogprob) -> dict[str, Any]:
+    """One answer token's log-probability in the shape of OpenAI's ``logprobs.content`` items: ``token`` (its text;
+    bytes of a partial character as ``\\xNN``), ``bytes``, ``logprob`` and ``top_logprobs``."""
+
+    def item(token: int, value: float) -> dict[str, Any]:
+        raw = token_bytes(tokenizer, token)
+        return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": max(value, LOGPROB_FLOOR),
+                "bytes": list(raw)}
+
+    chosen, top = logprob
+    return {**item(token_id, chosen), "top_logprobs": [item(t, v) for t, v in top]}
 
 
 def build_parser() -> argparse.ArgumentParser:

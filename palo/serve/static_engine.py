@@ -23,7 +23,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from palo.engine.detokenizer import visible_text
 from palo.engine.sampling import apply_penalties, prompt_token_set
 from palo.mm_utils import left_pad
-from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, Sink, StreamEvent
+from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, RequestError, Sink, StreamEvent
 
 
 @dataclass
@@ -88,6 +88,13 @@ class StaticBatchEngine(EngineBackend):
 
     def stats(self) -> dict[str, Any]:
         return {"waiting": self.queue_size(), "engine": "static"}
+
+    def prepare(self, params: dict[str, Any]) -> PreparedRequest:
+        """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
+        prepared = super().prepare(params)
+        if prepared.sampling.logprobs is not None:
+            raise RequestError("'logprobs' needs the paged engine; this worker runs --engine static")
+        return prepared
 
     # -- queue ---------------------------------------------------------------------------------------------------
     def start(self) -> StaticBatchEngine:
