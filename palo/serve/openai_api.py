@@ -73,6 +73,7 @@ class ChatRequest:
     n: int = 1
     top_k: int = 0  # 0: no limit
     penalties: dict[str, float] = field(default_factory=dict)  # only those that ask for something
+    logprobs: int | None = None  # alternatives per token when log-probabilities are asked for
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -91,6 +92,8 @@ class ChatRequest:
         if self.top_k:
             params["top_k"] = self.top_k
         params.update(self.penalties)
+        if self.logprobs is not None:
+            params["logprobs"] = self.logprobs
         return params
 
 
@@ -185,13 +188,12 @@ def render_messages(messages: Any, conv_mode: str) -> tuple[str, list[str], str 
     return conv.get_prompt(), images, stop_string(conv)
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the engine's
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
-# asks for one gets a 400 naming it, instead of an answer that silently lacks it (no logprobs, no JSON mode ...).
+# asks for one gets a 400 naming it, instead of an answer that silently lacks it (no tools, no JSON mode ...).
 NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v in (None, 0),
     "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "functions": lambda v: not v,
@@ -255,6 +257,16 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
                                           ("repetition_penalty", (0.0, math.inf)))}
     if penalties["repetition_penalty"] == 0:
         raise APIError(400, "'repetition_penalty' must be > 0, got 0", param="repetition_penalty")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise APIError(400, f"'logprobs' must be true or false, got {logprobs!r}", param="logprobs")
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
+                                     or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+        raise APIError(400, f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}",
+                       param="top_logprobs")
+    if top_logprobs and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return ChatRequest(
         model=model,
         prompt=prompt,
@@ -270,18 +282,37 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         n=n,
         top_k=top_k,
         penalties={key: value for key, value in penalties.items() if value != PENALTY_DEFAULTS[key]},
+        logprobs=(top_logprobs or 0) if logprobs else None,
     )
 
 
-async def _answers(stream: WorkerStream, chat: ChatRequest,
-                   logger: logging.Logger) -> AsyncIterator[tuple[str, str | None, dict | None]]:
-    """The answer so far as ``(text to show, finish_reason, usage)``, ending early at a user stop string.
+@dataclass
+class Piece:
+    """An answer so far, as read from its worker stream.
 
-    The worker's error chunks and a broken stream become :class:`APIError`. The worker stream is closed when this
-    ends, however it ends; closing it early (at a user stop string) also stops the worker generating.
+    Attributes:
+        text: The text to show (cut at a user stop string).
+        finish: ``finish_reason`` on the last piece, else None.
+        usage: The worker's token counts, on its last chunk.
+        logprobs: Per token so far, OpenAI's ``logprobs.content`` items (when the request asked for them).
+    """
+
+    text: str
+    finish: str | None = None
+    usage: dict | None = None
+    logprobs: list[dict] = field(default_factory=list)
+
+
+async def _answers(stream: WorkerStream, chat: ChatRequest, logger: logging.Logger) -> AsyncIterator[Piece]:
+    """The answer so far, ending early at a user stop string.
+
+    The worker's error chunks and a broken stream become :class:`APIError`, as does a worker that sends no
+    log-probabilities when they were asked for. The worker stream is closed when this ends, however it ends; closing
+    it early (at a user stop string) also stops the worker generating.
     """
     shown = ""
-    final: tuple[str, str, dict | None] | None = None
+    logprobs: list[dict] = []
+    final: Piece | None = None
     try:
         async for obj in stream.chunks():
             if final is not None:
@@ -297,15 +328,23 @@ async def _answers(stream: WorkerStream, chat: ChatRequest,
             text = str(obj.get("text", ""))
             text = text[len(chat.prompt):] if text.startswith(chat.prompt) else text
             finish, usage = obj.get("finish_reason"), obj.get("usage")
+            if chat.logprobs is not None:
+                logprobs = logprobs + list(obj.get("logprobs") or [])  # a new list: pieces already read keep theirs
             shown, stopped = visible_text(text, chat.stops, final=finish is not None)
             if stopped:  # closing the stream now stops the worker generating
-                yield shown, "stop", usage
+                yield Piece(shown, "stop", usage, logprobs)
                 return
             if finish is not None:
-                final = shown, finish, usage
+                tokens = (usage or {}).get("completion_tokens")
+                if chat.logprobs is not None and (len(logprobs) != tokens if tokens is not None else
+                                                  shown and not logprobs):
+                    raise APIError(502, f"the model worker {stream.worker} sent log-probabilities for {len(logprobs)}"
+                                        f" of {tokens or 'its'} tokens (a worker of an earlier version sends none)",
+                                   type_="server_error")
+                final = Piece(shown, finish, usage, logprobs)
                 continue
-            yield shown, None, usage
-        yield final or (shown, "stop", None)  # no final chunk: the worker ended without one
+            yield Piece(shown, None, usage, logprobs)
+        yield final or Piece(shown, "stop", None, logprobs)  # no final chunk: the worker ended without one
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
@@ -365,22 +404,29 @@ async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router,
 
 
 def _chunk_event(completion_id: str, created: int, model: str, delta: dict | None, finish: str | None = None,
-                 usage: dict | None = None, index: int = 0) -> bytes:
+                 usage: dict | None = None, index: int = 0, logprobs: list[dict] | None = None) -> bytes:
     """One server-sent event of a streamed completion (``delta`` None: the usage-only chunk)."""
     chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    chunk["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish}]
+    choice = {"index": index, "delta": delta, "finish_reason": finish}
+    if logprobs is not None:
+        choice["logprobs"] = {"content": logprobs, "refusal": None}
+    chunk["choices"] = [] if delta is None else [choice]
     if usage is not None:
         chunk["usage"] = usage
     return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
 
-Answers = AsyncIterator[tuple[str, str | None, dict | None]]
+Answers = AsyncIterator[Piece]
 
 
-async def _sse_events(choices: list[tuple[Answers, tuple]], chat: ChatRequest, completion_id: str,
+async def _sse_events(choices: list[tuple[Answers, Piece]], chat: ChatRequest, completion_id: str,
                       created: int) -> AsyncIterator[bytes]:
     """The streamed completion: per answer a role chunk, content deltas and its finish chunk (answers in turn, each
     chunk carrying its answer's ``index``), then the optional usage and ``[DONE]``.
+
+    With log-probabilities asked for, each content chunk carries those of the tokens that arrived since the last
+    one; tokens whose text is still held back (half a character, a possible stop string) go with a later chunk,
+    and any left at the end with the finish chunk.
 
     Args:
         choices: Per answer, its pieces and the first piece (already read).
@@ -390,19 +436,29 @@ async def _sse_events(choices: list[tuple[Answers, tuple]], chat: ChatRequest, c
     for index in range(len(choices)):
         yield _chunk_event(completion_id, created, chat.model, {"role": "assistant", "content": ""}, index=index)
     sent = [""] * len(choices)
+    sent_logprobs = [0] * len(choices)
     usages: list[dict | None] = [None] * len(choices)
     pending = {index: first for index, (_, first) in enumerate(choices)}
+
+    def new_logprobs(index: int, piece: Piece) -> list[dict] | None:
+        if chat.logprobs is None:
+            return None
+        new, sent_logprobs[index] = piece.logprobs[sent_logprobs[index]:], len(piece.logprobs)
+        return new
+
     try:
         while pending:
             for index in list(pending):
-                text, finish, usage = pending.pop(index)
-                if text.startswith(sent[index]) and len(text) > len(sent[index]):
-                    yield _chunk_event(completion_id, created, chat.model, {"content": text[len(sent[index]):]},
-                                       index=index)
-                    sent[index] = text
-                if finish is not None:
-                    usages[index] = usage
-                    yield _chunk_event(completion_id, created, chat.model, {}, finish, index=index)
+                piece = pending.pop(index)
+                if piece.text.startswith(sent[index]) and len(piece.text) > len(sent[index]):
+                    yield _chunk_event(completion_id, created, chat.model, {"content": piece.text[len(sent[index]):]},
+                                       index=index, logprobs=new_logprobs(index, piece))
+                    sent[index] = piece.text
+                if piece.finish is not None:
+                    usages[index] = piece.usage
+                    rest = new_logprobs(index, piece)
+                    yield _chunk_event(completion_id, created, chat.model, {}, piece.finish, index=index,
+                                       logprobs=rest or None)
                     continue
                 item = await anext(choices[index][0], None)
                 if item is not None:
@@ -418,7 +474,7 @@ async def _sse_events(choices: list[tuple[Answers, tuple]], chat: ChatRequest, c
     yield b"data: [DONE]\n\n"
 
 
-async def _open_answers(chat: ChatRequest, registry: WorkerRegistry, router: Router) -> list[tuple[Answers, tuple]]:
+async def _open_answers(chat: ChatRequest, registry: WorkerRegistry, router: Router) -> list[tuple[Answers, Piece]]:
     """Open the request's ``n`` answers on workers and read the first piece of each.
 
     Raises:
@@ -439,7 +495,7 @@ async def _open_answers(chat: ChatRequest, registry: WorkerRegistry, router: Rou
         raise
 
 
-async def _last_piece(pieces: Answers, first: tuple) -> tuple:
+async def _last_piece(pieces: Answers, first: Piece) -> Piece:
     item = first
     async for item in pieces:  # noqa: B007 - the last piece is the answer
         pass
@@ -477,9 +533,10 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
             raise final
     return JSONResponse({
         "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
-        "choices": [{"index": index, "message": {"role": "assistant", "content": text},
-                     "finish_reason": finish or "stop"} for index, (text, finish, _) in enumerate(finals)],
-        "usage": _usage([usage for _, _, usage in finals]),
+        "choices": [{"index": index, "message": {"role": "assistant", "content": piece.text},
+                     "logprobs": None if chat.logprobs is None else {"content": piece.logprobs, "refusal": None},
+                     "finish_reason": piece.finish or "stop"} for index, piece in enumerate(finals)],
+        "usage": _usage([piece.usage for piece in finals]),
     })
 
 

@@ -75,6 +75,23 @@ def test_penalties_reach_the_sampler_through_the_official_client(cluster):
     assert c.chat.completions.create(frequency_penalty=2.0, **ask).choices[0].message.content == penalised[0]
 
 
+def test_logprobs_streamed_and_whole_agree_with_the_answer(cluster):
+    c = client(cluster)
+    ask = dict(model="ckpt", messages=image_message("এটা কী?", "purple"), temperature=0, max_tokens=16,
+               logprobs=True, top_logprobs=3)
+    whole = c.chat.completions.create(**ask)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens > 0
+    assert all(len(item.top_logprobs) == 3 and item.top_logprobs[0].logprob == item.logprob for item in content)
+    joined = b"".join(bytes(item.bytes) for item in content).decode("utf-8", "replace")
+    assert joined.strip() == whole.choices[0].message.content.strip()
+    streamed = [item for chunk in c.chat.completions.create(stream=True, **ask) if chunk.choices
+                and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    assert [i.token for i in streamed] == [i.token for i in content]
+    # The second run reuses the first's prompt KV (prefix cache): the same values up to float rounding.
+    assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-4)
+
+
 def test_errors(cluster):
     with pytest.raises(openai.AuthenticationError):
         client(cluster, key="wrong").models.list()

@@ -269,7 +269,7 @@ def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_open
 
 def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
     base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    refused = [("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"5": 10}),
+    refused = [("logit_bias", {"5": 10}),
                ("tools", [{"type": "function", "function": {"name": "f"}}]),
                ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("modalities", ["audio"])]
     for key, value in refused:
@@ -325,3 +325,61 @@ def test_penalties_reach_the_worker_and_out_of_range_ones_are_400():
         response, bodies = ask({key: value})
         assert response.status_code == 400 and json.loads(response.body)["error"]["param"] == key, (key, value)
         assert bodies == []
+
+
+def _lp(token: str) -> dict:
+    raw = token.encode()
+    return {"token": token, "logprob": -0.5, "bytes": list(raw), "top_logprobs": []}
+
+
+def _ask_logprobs(chunks: list[dict], stream: bool, **extra):
+    router = FakeRouter(FakeStream(chunks))
+    body = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 8,
+            **extra}
+
+    async def run():
+        response = await chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
+        if stream and response.status_code == 200:
+            text = b"".join([e async for e in response.body_iterator]).decode()
+            return response.status_code, [json.loads(line[6:]) for line in text.split("\n\n")
+                                          if line.startswith("data: {")]
+        return response.status_code, json.loads(response.body)
+
+    return (*asyncio.run(run()), router.bodies)
+
+
+LOGPROB_CHUNKS = [  # "Hello world" in four tokens; the second's text is held back by the worker for a while
+    {"text": "Hel", "error_code": 0, "logprobs": [_lp("Hel")]},
+    {"text": "Hel", "error_code": 0, "logprobs": [_lp("l")]},
+    {"text": "Hello wo", "error_code": 0, "logprobs": [_lp("o wo")]},
+    {"text": "Hello world", "error_code": 0, "logprobs": [_lp("rld")], "finish_reason": "stop",
+     "usage": {"prompt_tokens": 3, "completion_tokens": 4}},
+]
+
+
+def test_logprobs_go_to_the_worker_and_come_back_with_their_tokens():
+    status, body, sent = _ask_logprobs(LOGPROB_CHUNKS, False, logprobs=True, top_logprobs=2)
+    assert status == 200 and sent[0]["logprobs"] == 2
+    assert [e["token"] for e in body["choices"][0]["logprobs"]["content"]] == ["Hel", "l", "o wo", "rld"]
+    # Streamed: each content chunk carries the tokens that arrived since the last one.
+    status, chunks, _ = _ask_logprobs(LOGPROB_CHUNKS, True, logprobs=True)
+    content = [(c["choices"][0]["delta"].get("content"), [e["token"] for e in c["choices"][0]["logprobs"]["content"]])
+               for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert status == 200 and content == [("Hel", ["Hel"]), ("lo wo", ["l", "o wo"]), ("rld", ["rld"])]
+    # Not asked: not sent to the worker, and null in the answer.
+    status, body, sent = _ask_logprobs(LOGPROB_CHUNKS, False, logprobs=False)
+    assert "logprobs" not in sent[0] and body["choices"][0]["logprobs"] is None
+    assert _ask_logprobs(LOGPROB_CHUNKS, False, logprobs=True)[2][0]["logprobs"] == 0
+
+
+def test_bad_logprobs_requests_and_a_worker_that_sends_none_are_errors():
+    for extra, param in [({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                         ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 1.5},
+                                                                 "top_logprobs")]:
+        status, body, sent = _ask_logprobs(LOGPROB_CHUNKS, False, **extra)
+        assert status == 400 and body["error"]["param"] == param and sent == [], extra
+    without = [{k: v for k, v in chunk.items() if k != "logprobs"} for chunk in LOGPROB_CHUNKS]
+    status, body, _ = _ask_logprobs(without, False, logprobs=True)
+    assert status == 502 and "log-probabilities for 0 of 4 tokens" in body["error"]["message"]
+    no_usage = [{k: v for k, v in chunk.items() if k != "usage"} for chunk in without]  # an original worker
+    assert _ask_logprobs(no_usage, False, logprobs=True)[0] == 502
