@@ -3,9 +3,9 @@
 In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller and heartbeats like
 :mod:`palo.serve.model_worker`, but holds no model. Each ``/worker_generate_stream`` request of the original
 protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
-``max_new_tokens``, ``stop``; ``seed``, ``top_k`` and the penalties when set) becomes one streaming
-``POST {api_base}/chat/completions``, and the deltas are sent
-back as the original cumulative, NUL-delimited chunks. The controller, web UI and OpenAI API therefore mix native
+``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties and ``logprobs`` when set) becomes one
+streaming ``POST {api_base}/chat/completions``, and the deltas are sent back as the original cumulative,
+NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller, web UI and OpenAI API therefore mix native
 and engine-backed workers freely.
 
 The prompt is turned back into chat messages with the conversation template (``--conv-mode``, ``vicuna_v1`` for
@@ -250,6 +250,11 @@ class OpenAIWorker(BaseWorker):
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
             body[key] = value
+        logprobs = params.get("logprobs")
+        if logprobs is not None:  # k alternatives per token, as OpenAI's chat API asks for them
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20:
+                raise PromptFormatError(f"'logprobs' must be null or an integer from 0 to 20, got {logprobs!r}")
+            body.update(logprobs=True, top_logprobs=logprobs)
         return prompt, body
 
     async def prepare(self, params: Any) -> tuple[str, dict[str, Any]]:
@@ -279,6 +284,15 @@ class OpenAIWorker(BaseWorker):
         finish: str | None = None
         usage: dict | None = None
         stops = body.get("stop") or []
+        logprobs: list[dict] = []  # the backend's entries not yet passed on
+
+        def take_logprobs() -> list[dict] | None:
+            """The entries since the last chunk (each chunk carries its new tokens'), when they were asked for."""
+            if not body.get("logprobs"):
+                return None
+            taken = logprobs[:]
+            logprobs.clear()
+            return taken
         try:
             async with self.backend_client().stream("POST", self.api_base + "/chat/completions", json=body,
                                                     headers=self.headers) as response:
@@ -305,9 +319,10 @@ class OpenAIWorker(BaseWorker):
                     for choice in event.get("choices") or []:
                         delta = (choice.get("delta") or {}).get("content") or ""
                         finish = choice.get("finish_reason") or finish
+                        logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
                         if delta:
                             text += delta
-                            yield encode_chunk(prompt + _trim_stop(text, stops), OK)
+                            yield encode_chunk(prompt + _trim_stop(text, stops), OK, logprobs=take_logprobs())
         except (httpx.HTTPError, ValueError) as exc:
             self.logger.error("backend %s failed: %r", self.api_base, exc)
             if isinstance(exc, httpx.TransportError):
@@ -318,7 +333,7 @@ class OpenAIWorker(BaseWorker):
         if finish is None:
             yield error_chunk(f"the backend {self.api_base} ended the stream without finishing", WORKER_ERROR)
             return
-        yield encode_chunk(prompt + _trim_stop(text, stops), OK, finish_reason=finish,
+        yield encode_chunk(prompt + _trim_stop(text, stops), OK, finish_reason=finish, logprobs=take_logprobs(),
                            usage={"prompt_tokens": int((usage or {}).get("prompt_tokens", 0)),
                                   "completion_tokens": int((usage or {}).get("completion_tokens", 0))})
 

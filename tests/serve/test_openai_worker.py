@@ -163,6 +163,19 @@ def test_seed_top_k_and_penalties_reach_the_backend(stack):
     assert response.status_code == 400 and "'top_k' must be an integer" in response.text
 
 
+def test_logprobs_come_back_through_the_backend(stack):
+    payload = {"model": MODEL, "prompt": _conversation_prompt(), "images": [image_b64(make_image("red"))],
+               "temperature": 0, "max_new_tokens": 12, "stop": "</s>", "logprobs": 2}
+    through_front = _stream(stack["front"].url, payload)
+    direct = _stream(stack["backend_worker"].url, payload)
+    entries = [[e for chunk in chunks for e in chunk.get("logprobs", [])] for chunks in (through_front, direct)]
+    assert len(entries[0]) == through_front[-1]["usage"]["completion_tokens"] > 0
+    assert [e["token"] for e in entries[0]] == [e["token"] for e in entries[1]]
+    assert [e["logprob"] for e in entries[0]] == pytest.approx([e["logprob"] for e in entries[1]], abs=1e-4)
+    assert all(len(e["top_logprobs"]) == 2 for e in entries[0])
+    assert not any("logprobs" in chunk for chunk in _stream(stack["front"].url, dict(payload, logprobs=None)))
+
+
 def test_a_prompt_it_cannot_forward_gets_a_clear_error(stack):
     response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
                           json={"prompt": "no template here", "images": [], "stop": "</s>"})
