@@ -11,8 +11,8 @@ Endpoints (POST, JSON), as in the original PALO/LLaVA controller:
   request retried on another worker of the model before code 3 is reported (docs/compat.md#serving).
 * ``/worker_get_status``: the aggregate status, so a controller can register with a parent controller.
 
-It also serves the OpenAI-compatible API of :mod:`palo.serve.openai_api` (``/v1/models``, ``/v1/chat/completions``),
-optionally behind ``--api-key``.
+It also serves the OpenAI-compatible API of :mod:`palo.serve.openai_api` (``/v1/models``, ``/v1/chat/completions``,
+``/v1/completions``), optionally behind ``--api-key``.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
-"""An OpenAI-compatible chat API on the controller, routed to model workers over the original protocol.
+"""An OpenAI-compatible API (chat and text completions) on the controller, routed to model workers over the original
+protocol.
 
 * ``GET /v1/models``: the models of the live workers.
 * ``POST /v1/chat/completions``: ``messages`` (``system``/``user``/``assistant``; a user message's ``content`` may
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
-  ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``stream_options.include_usage``.
+  ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``n``, ``top_k``, the presence, frequency and
+  repetition penalties, ``logprobs`` / ``top_logprobs``, ``stream_options.include_usage``.
+* ``POST /v1/completions``: the legacy text completions: one finished ``prompt`` sent as it is (no template, no
+  images), the same settings, ``logprobs`` as a count of alternatives.
 
-The messages are rendered with the conversation template the worker reports for its checkpoint (``vicuna_v1`` for
+Chat messages are rendered with the conversation template the worker reports for its checkpoint (``vicuna_v1`` for
 PALO; each image becomes an ``<image>`` line at the front of its message, as PALO was trained), and sent to a worker
 as one ``/worker_generate_stream`` request whose ``stop`` is the template's stop string. Extra ``stop`` strings are
 applied here, and the worker's stream is closed as soon as one appears. Errors use OpenAI's shape
@@ -37,6 +41,7 @@ from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStre
 
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for the legacy text completions
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # the most answers ("n") one request may ask for
 
@@ -56,8 +61,8 @@ class APIError(Exception):
 
 
 @dataclass
-class ChatRequest:
-    """A validated chat completion request, rendered for the worker protocol."""
+class GenerationRequest:
+    """A validated chat or text completion request, as a prompt for the worker protocol."""
 
     model: str
     prompt: str
@@ -205,33 +210,29 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) -> ChatRequest:
-    """Validate a ``/v1/chat/completions`` body.
-
-    Args:
-        body: The decoded JSON body.
-        conv_mode_for: ``model -> conversation template`` (None: the PALO default).
-
-    Raises:
-        APIError: For malformed requests.
-    """
+def _model(body: Any, not_implemented: dict[str, Callable[[Any], bool]]) -> str:
+    """The requested model, once the body is an object that asks for nothing this server lacks."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' is required and must be a non-empty string", param="model")
-    for key, asks_nothing in NOT_IMPLEMENTED.items():
+    for key, asks_nothing in not_implemented.items():
         if key in body and not asks_nothing(body[key]):
             raise APIError(400, f"'{key}' is not supported by this server (got {str(body[key])[:80]})", param=key)
+    return model
+
+
+def _generation_fields(body: dict, default_max_tokens: int) -> dict[str, Any]:
+    """The sampling and streaming fields both endpoints take, validated (:class:`GenerationRequest` keywords)."""
     n = body.get("n", 1)
     if n is None:
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
-    prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
-        max_tokens = DEFAULT_MAX_TOKENS
+        max_tokens = default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise APIError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
     stop = body.get("stop")
@@ -257,24 +258,10 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
                                           ("repetition_penalty", (0.0, math.inf)))}
     if penalties["repetition_penalty"] == 0:
         raise APIError(400, "'repetition_penalty' must be > 0, got 0", param="repetition_penalty")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and not isinstance(logprobs, bool):
-        raise APIError(400, f"'logprobs' must be true or false, got {logprobs!r}", param="logprobs")
-    top_logprobs = body.get("top_logprobs")
-    if top_logprobs is not None and (isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int)
-                                     or not 0 <= top_logprobs <= MAX_TOP_LOGPROBS):
-        raise APIError(400, f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top_logprobs!r}",
-                       param="top_logprobs")
-    if top_logprobs and not logprobs:
-        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    return ChatRequest(
-        model=model,
-        prompt=prompt,
-        images=images,
+    return dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
         max_tokens=max_tokens,
-        template_stop=template_stop,
         stops=[s for s in stops if s],
         stream=body.get("stream", False),
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
@@ -282,8 +269,71 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         n=n,
         top_k=top_k,
         penalties={key: value for key, value in penalties.items() if value != PENALTY_DEFAULTS[key]},
-        logprobs=(top_logprobs or 0) if logprobs else None,
     )
+
+
+def _alternatives(body: dict, key: str) -> int | None:
+    """``body[key]`` as a count of log-probability alternatives (0 to 20), or None when absent."""
+    value = body.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= MAX_TOP_LOGPROBS):
+        raise APIError(400, f"'{key}' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {value!r}", param=key)
+    return value
+
+
+def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) -> GenerationRequest:
+    """Validate a ``/v1/chat/completions`` body.
+
+    Args:
+        body: The decoded JSON body.
+        conv_mode_for: ``model -> conversation template`` (None: the PALO default).
+
+    Raises:
+        APIError: For malformed requests.
+    """
+    model = _model(body, NOT_IMPLEMENTED)
+    fields = _generation_fields(body, DEFAULT_MAX_TOKENS)
+    prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise APIError(400, f"'logprobs' must be true or false, got {logprobs!r}", param="logprobs")
+    top_logprobs = _alternatives(body, "top_logprobs")
+    if top_logprobs and not logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return GenerationRequest(model=model, prompt=prompt, images=images, template_stop=template_stop,
+                             logprobs=(top_logprobs or 0) if logprobs else None, **fields)
+
+
+# The legacy text completion's features this server does not implement, with the values that ask for nothing.
+COMPLETION_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: not v,
+    "logit_bias": lambda v: not v,
+}
+
+
+def parse_completion_request(body: Any) -> GenerationRequest:
+    """Validate a ``/v1/completions`` body: a finished ``prompt`` sent to the model as it is (no template, no
+    images: a prompt with ``<image>`` placeholders is refused by the worker), ``logprobs`` as the count of
+    alternatives per token.
+
+    Raises:
+        APIError: For malformed requests.
+    """
+    model = _model(body, COMPLETION_NOT_IMPLEMENTED)
+    fields = _generation_fields(body, DEFAULT_COMPLETION_MAX_TOKENS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise APIError(400, "'prompt' must be one non-empty string (send several prompts as separate requests; "
+                            "token-id prompts are not taken)", param="prompt")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != fields["n"]:
+        raise APIError(400, f"'best_of' is not supported by this server unless it equals n (got {best_of!r})",
+                       param="best_of")
+    return GenerationRequest(model=model, prompt=prompt, images=[], template_stop=None,
+                             logprobs=_alternatives(body, "logprobs"), **fields)
 
 
 @dataclass
@@ -303,7 +353,7 @@ class Piece:
     logprobs: list[dict] = field(default_factory=list)
 
 
-async def _answers(stream: WorkerStream, chat: ChatRequest, logger: logging.Logger) -> AsyncIterator[Piece]:
+async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: logging.Logger) -> AsyncIterator[Piece]:
     """The answer so far, ending early at a user stop string.
 
     The worker's error chunks and a broken stream become :class:`APIError`, as does a worker that sends no
@@ -386,7 +436,7 @@ def list_models(registry: WorkerRegistry, authorization: str, api_key: str | Non
     return JSONResponse({"object": "list", "data": data})
 
 
-async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router, choice: int = 0) -> WorkerStream:
+async def open_chat(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int = 0) -> WorkerStream:
     """Send a chat request (its answer ``choice``) to a worker of its model.
 
     Raises:
@@ -403,26 +453,66 @@ async def open_chat(chat: ChatRequest, registry: WorkerRegistry, router: Router,
         raise APIError(503, str(exc), type_="server_error", headers=headers) from None
 
 
-def _chunk_event(completion_id: str, created: int, model: str, delta: dict | None, finish: str | None = None,
-                 usage: dict | None = None, index: int = 0, logprobs: list[dict] | None = None) -> bytes:
-    """One server-sent event of a streamed completion (``delta`` None: the usage-only chunk)."""
-    chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-    choice = {"index": index, "delta": delta, "finish_reason": finish}
-    if logprobs is not None:
-        choice["logprobs"] = {"content": logprobs, "refusal": None}
-    chunk["choices"] = [] if delta is None else [choice]
-    if usage is not None:
-        chunk["usage"] = usage
-    return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
+class ChatShape:
+    """How a chat completion is written: ``chat.completion`` objects, ``delta`` chunks, ``logprobs.content``."""
+
+    whole_object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
+
+    def opening(self, index: int) -> dict | None:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+
+    def chunk(self, index: int, text: str, finish: str | None, logprobs: list[dict] | None) -> dict:
+        choice: dict[str, Any] = {"index": index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        if logprobs is not None:
+            choice["logprobs"] = {"content": logprobs, "refusal": None}
+        return choice
+
+    def whole(self, index: int, piece: Piece, logprobs: list[dict] | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": piece.text},
+                "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
+                "finish_reason": piece.finish or "stop"}
 
 
+class CompletionShape:
+    """How a legacy text completion is written: ``text_completion`` objects and the legacy ``logprobs`` lists
+    (``tokens``, ``token_logprobs``, ``top_logprobs`` as ``{token: logprob}``, ``text_offset``), continued across
+    an answer's chunks."""
+
+    whole_object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
+
+    def __init__(self) -> None:
+        self._offsets: dict[int, int] = {}  # per answer: characters of the tokens already written
+
+    def _legacy(self, index: int, entries: list[dict] | None) -> dict | None:
+        if entries is None:
+            return None
+        offsets = []
+        for entry in entries:
+            offsets.append(self._offsets.get(index, 0))
+            self._offsets[index] = offsets[-1] + len(entry["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    def opening(self, index: int) -> dict | None:
+        return None
+
+    def chunk(self, index: int, text: str, finish: str | None, logprobs: list[dict] | None) -> dict:
+        return {"index": index, "text": text, "logprobs": self._legacy(index, logprobs), "finish_reason": finish}
+
+    def whole(self, index: int, piece: Piece, logprobs: list[dict] | None) -> dict:
+        return {"index": index, "text": piece.text, "logprobs": self._legacy(index, logprobs),
+                "finish_reason": piece.finish or "stop"}
+
+
+Shape = ChatShape | CompletionShape
 Answers = AsyncIterator[Piece]
 
 
-async def _sse_events(choices: list[tuple[Answers, Piece]], chat: ChatRequest, completion_id: str,
-                      created: int) -> AsyncIterator[bytes]:
-    """The streamed completion: per answer a role chunk, content deltas and its finish chunk (answers in turn, each
-    chunk carrying its answer's ``index``), then the optional usage and ``[DONE]``.
+async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationRequest, shape: Shape,
+                      completion_id: str, created: int) -> AsyncIterator[bytes]:
+    """The streamed completion: per answer its opening chunk (chat: the role), content chunks and its finish
+    chunk (answers in turn, each chunk carrying its answer's ``index``), then the optional usage and ``[DONE]``.
 
     With log-probabilities asked for, each content chunk carries those of the tokens that arrived since the last
     one; tokens whose text is still held back (half a character, a possible stop string) go with a later chunk,
@@ -433,15 +523,25 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], chat: ChatRequest, c
 
     An error after the first piece can no longer change the HTTP status; it is sent as an ``{"error": ...}`` event.
     """
+
+    def event(choice: dict | None, usage: dict | None = None) -> bytes:
+        chunk: dict[str, Any] = {"id": completion_id, "object": shape.chunk_object, "created": created,
+                                 "model": request.model, "choices": [] if choice is None else [choice]}
+        if usage is not None:
+            chunk["usage"] = usage
+        return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
     for index in range(len(choices)):
-        yield _chunk_event(completion_id, created, chat.model, {"role": "assistant", "content": ""}, index=index)
+        opening = shape.opening(index)
+        if opening is not None:
+            yield event(opening)
     sent = [""] * len(choices)
     sent_logprobs = [0] * len(choices)
     usages: list[dict | None] = [None] * len(choices)
     pending = {index: first for index, (_, first) in enumerate(choices)}
 
     def new_logprobs(index: int, piece: Piece) -> list[dict] | None:
-        if chat.logprobs is None:
+        if request.logprobs is None:
             return None
         new, sent_logprobs[index] = piece.logprobs[sent_logprobs[index]:], len(piece.logprobs)
         return new
@@ -451,14 +551,11 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], chat: ChatRequest, c
             for index in list(pending):
                 piece = pending.pop(index)
                 if piece.text.startswith(sent[index]) and len(piece.text) > len(sent[index]):
-                    yield _chunk_event(completion_id, created, chat.model, {"content": piece.text[len(sent[index]):]},
-                                       index=index, logprobs=new_logprobs(index, piece))
+                    yield event(shape.chunk(index, piece.text[len(sent[index]):], None, new_logprobs(index, piece)))
                     sent[index] = piece.text
                 if piece.finish is not None:
                     usages[index] = piece.usage
-                    rest = new_logprobs(index, piece)
-                    yield _chunk_event(completion_id, created, chat.model, {}, piece.finish, index=index,
-                                       logprobs=rest or None)
+                    yield event(shape.chunk(index, "", piece.finish, new_logprobs(index, piece) or None))
                     continue
                 item = await anext(choices[index][0], None)
                 if item is not None:
@@ -469,12 +566,13 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], chat: ChatRequest, c
     finally:
         for answers, _ in choices:
             await answers.aclose()
-    if chat.include_usage:
-        yield _chunk_event(completion_id, created, chat.model, None, usage=_usage(usages))
+    if request.include_usage:
+        yield event(None, usage=_usage(usages))
     yield b"data: [DONE]\n\n"
 
 
-async def _open_answers(chat: ChatRequest, registry: WorkerRegistry, router: Router) -> list[tuple[Answers, Piece]]:
+async def _open_answers(chat: GenerationRequest, registry: WorkerRegistry,
+                        router: Router) -> list[tuple[Answers, Piece]]:
     """Open the request's ``n`` answers on workers and read the first piece of each.
 
     Raises:
@@ -502,9 +600,9 @@ async def _last_piece(pieces: Answers, first: Piece) -> Piece:
     return item
 
 
-async def chat_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                          api_key: str | None) -> Response:
-    """The ``POST /v1/chat/completions`` answer: a JSON completion, or server-sent events when ``stream`` is set.
+async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
+                    api_key: str | None, parse: Callable[[Any], GenerationRequest], shape: Shape) -> Response:
+    """A completion in ``shape``: JSON, or server-sent events when ``stream`` is set.
 
     Errors before the first piece of the answer get their HTTP status (:class:`APIError`); the worker is asked
     only once the request is valid.
@@ -515,15 +613,15 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
             decoded = decode_json_body(body)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        chat = parse_chat_request(decoded, registry.conv_mode)
-        choices = await _open_answers(chat, registry, router)
+        request = parse(decoded)
+        choices = await _open_answers(request, registry, router)
     except APIError as exc:
         return exc.response()
 
-    completion_id = "chatcmpl-" + uuid.uuid4().hex
+    completion_id = shape.id_prefix + uuid.uuid4().hex
     created = int(time.time())
-    if chat.stream:
-        return StreamingResponse(_sse_events(choices, chat, completion_id, created),
+    if request.stream:
+        return StreamingResponse(_sse_events(choices, request, shape, completion_id, created),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     finals = await asyncio.gather(*(_last_piece(pieces, first) for pieces, first in choices), return_exceptions=True)
     for final in finals:
@@ -532,16 +630,30 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
         if isinstance(final, BaseException):
             raise final
     return JSONResponse({
-        "id": completion_id, "object": "chat.completion", "created": created, "model": chat.model,
-        "choices": [{"index": index, "message": {"role": "assistant", "content": piece.text},
-                     "logprobs": None if chat.logprobs is None else {"content": piece.logprobs, "refusal": None},
-                     "finish_reason": piece.finish or "stop"} for index, piece in enumerate(finals)],
+        "id": completion_id, "object": shape.whole_object, "created": created, "model": request.model,
+        "choices": [shape.whole(index, piece, None if request.logprobs is None else piece.logprobs)
+                    for index, piece in enumerate(finals)],
         "usage": _usage([piece.usage for piece in finals]),
     })
 
 
+async def chat_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
+                          api_key: str | None) -> Response:
+    """The ``POST /v1/chat/completions`` answer: a JSON completion, or server-sent events when ``stream`` is set."""
+    return await _complete(body, authorization, registry, router, api_key,
+                           lambda decoded: parse_chat_request(decoded, registry.conv_mode), ChatShape())
+
+
+async def text_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
+                          api_key: str | None) -> Response:
+    """The ``POST /v1/completions`` answer (OpenAI's legacy text completions, as vLLM and SGLang serve them)."""
+    return await _complete(body, authorization, registry, router, api_key, parse_completion_request,
+                           CompletionShape())
+
+
 def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str | None = None) -> APIRouter:
-    """The ``/v1`` routes: thin adapters from HTTP to :func:`list_models` and :func:`chat_completion`.
+    """The ``/v1`` routes: thin adapters from HTTP to :func:`list_models`, :func:`chat_completion` and
+    :func:`text_completion`.
 
     Args:
         registry: The controller's worker registry (models, templates).
@@ -555,8 +667,13 @@ def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str 
         return list_models(registry, request.headers.get("authorization", ""), api_key)
 
     @routes.post("/chat/completions")
-    async def completions(request: Request) -> Response:
+    async def chat_completions(request: Request) -> Response:
         return await chat_completion(await request.body(), request.headers.get("authorization", ""), registry,
+                                     router, api_key)
+
+    @routes.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await text_completion(await request.body(), request.headers.get("authorization", ""), registry,
                                      router, api_key)
 
     return routes

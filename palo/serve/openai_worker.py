@@ -5,8 +5,8 @@ In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller 
 protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
 ``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties and ``logprobs`` when set) becomes one
 streaming ``POST {api_base}/chat/completions``, and the deltas are sent back as the original cumulative,
-NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller, web UI and OpenAI API therefore mix native
-and engine-backed workers freely.
+NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller, web UI and
+OpenAI API therefore mix native and engine-backed workers freely.
 
 The prompt is turned back into chat messages with the conversation template (``--conv-mode``, ``vicuna_v1`` for
 PALO) and the messages are rendered again to check that the backend, which renders them with the exported chat

@@ -92,6 +92,26 @@ def test_logprobs_streamed_and_whole_agree_with_the_answer(cluster):
     assert [i.logprob for i in streamed] == pytest.approx([i.logprob for i in content], abs=1e-4)
 
 
+def test_text_completions_answer_the_rendered_chat_prompt_as_chat_does(cluster):
+    """``/v1/completions`` sends its prompt as it is: given the prompt a chat request renders to, it answers as the
+    chat does, with legacy logprobs that cover every token."""
+    from palo.serve.openai_api import render_messages
+
+    c = client(cluster)
+    messages = [{"role": "user", "content": "Что это такое?"}]
+    chat = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=12)
+    prompt, _, _ = render_messages(messages, "vicuna_v1")
+    text = c.completions.create(model="ckpt", prompt=prompt, temperature=0, max_tokens=12, logprobs=2)
+    assert text.object == "text_completion" and text.choices[0].text == chat.choices[0].message.content != ""
+    assert text.usage == chat.usage
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == text.usage.completion_tokens
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+    streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(
+        model="ckpt", prompt=prompt, temperature=0, max_tokens=12, stream=True) if chunk.choices)
+    assert streamed == text.choices[0].text
+
+
 def test_errors(cluster):
     with pytest.raises(openai.AuthenticationError):
         client(cluster, key="wrong").models.list()

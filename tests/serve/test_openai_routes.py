@@ -8,7 +8,7 @@ import logging
 import subprocess
 import sys
 
-from palo.serve.openai_api import chat_completion, list_models
+from palo.serve.openai_api import chat_completion, list_models, text_completion
 from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
 from palo.serve.routing import NoWorkerError, WorkersBusyError
 
@@ -383,3 +383,48 @@ def test_bad_logprobs_requests_and_a_worker_that_sends_none_are_errors():
     assert status == 502 and "log-probabilities for 0 of 4 tokens" in body["error"]["message"]
     no_usage = [{k: v for k, v in chunk.items() if k != "usage"} for chunk in without]  # an original worker
     assert _ask_logprobs(no_usage, False, logprobs=True)[0] == 502
+
+
+def _complete(chunks: list[dict], stream: bool = False, **extra):
+    router = FakeRouter(FakeStream(chunks))
+    body = {"model": "ckpt", "prompt": "USER: hi ASSISTANT:", "stream": stream, **extra}
+
+    async def run():
+        response = await text_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
+        if stream and response.status_code == 200:
+            text = b"".join([e async for e in response.body_iterator]).decode()
+            return response.status_code, [json.loads(line[6:]) for line in text.split("\n\n")
+                                          if line.startswith("data: {")]
+        return response.status_code, json.loads(response.body)
+
+    return (*asyncio.run(run()), router.bodies)
+
+
+def test_text_completions_send_the_prompt_as_it_is_and_answer_in_the_legacy_shape():
+    status, body, sent = _complete(LOGPROB_CHUNKS, logprobs=1)
+    assert status == 200 and body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert sent[0]["prompt"] == "USER: hi ASSISTANT:" and sent[0]["images"] == [] and sent[0]["stop"] is None
+    assert sent[0]["max_new_tokens"] == 16 and sent[0]["logprobs"] == 1  # OpenAI's legacy default length
+    choice = body["choices"][0]
+    assert choice["text"] == "Hello world" and choice["finish_reason"] == "stop"
+    assert choice["logprobs"] == {"tokens": ["Hel", "l", "o wo", "rld"], "token_logprobs": [-0.5] * 4,
+                                  "top_logprobs": [{}] * 4, "text_offset": [0, 3, 4, 8]}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    # Streamed: text deltas, the legacy lists per chunk with offsets running on across chunks.
+    status, chunks, _ = _complete(LOGPROB_CHUNKS, stream=True, logprobs=1, stream_options={"include_usage": True})
+    texts = [(c["choices"][0]["text"], c["choices"][0]["logprobs"]["text_offset"]) for c in chunks
+             if c["choices"] and c["choices"][0]["text"]]
+    assert status == 200 and texts == [("Hel", [0]), ("lo wo", [3, 4]), ("rld", [8])]
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 and chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    status, body, sent = _complete(LOGPROB_CHUNKS, max_tokens=3)
+    assert sent[0]["max_new_tokens"] == 3 and "logprobs" not in sent[0] and body["choices"][0]["logprobs"] is None
+
+
+def test_text_completion_requests_it_cannot_answer_faithfully_are_400():
+    for extra, param in [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+                         ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, 2, 3]}, "prompt"),
+                         ({"prompt": ""}, "prompt"), ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"),
+                         ({"n": 0}, "n")]:
+        status, body, sent = _complete(LOGPROB_CHUNKS, **extra)
+        assert status == 400 and body["error"]["param"] == param and sent == [], extra
+    assert _complete(LOGPROB_CHUNKS, echo=False, best_of=1, prompt=["one prompt"])[0] == 200
