@@ -73,15 +73,15 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs}")
+        # Whether the tokens seen so far change this request's logits: read for every row at every step, so an
+        # attribute rather than a property.
+        object.__setattr__(self, "penalized",
+                           bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1))
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= GREEDY_TEMPERATURE
 
-    @property
-    def penalized(self) -> bool:
-        """Whether the tokens seen so far change this request's logits."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1)
 
 
 def _token_counts(rows: Sequence[Sequence[int] | torch.Tensor], vocab: int, device: torch.device) -> torch.Tensor:
