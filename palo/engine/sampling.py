@@ -51,6 +51,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    # Whether the tokens seen so far change this request's logits: read for every row at every step, so set once
+    # rather than computed by a property.
+    penalized: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,8 +76,6 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs}")
-        # Whether the tokens seen so far change this request's logits: read for every row at every step, so an
-        # attribute rather than a property.
         object.__setattr__(self, "penalized",
                            bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1))
 

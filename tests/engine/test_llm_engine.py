@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -141,7 +142,7 @@ def test_seeded_sampling_is_reproducible_alone_or_in_a_batch(loaded):
 
     alone = run(0)
     assert run(5) == alone
-    assert run(2, SamplingParams(**{**params.__dict__, "seed": 99})) != alone
+    assert run(2, dataclasses.replace(params, seed=99)) != alone
     greedy = run(0, SamplingParams(max_tokens=24, ignore_eos=True))
     assert alone != greedy  # it really sampled
 
