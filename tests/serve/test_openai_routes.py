@@ -332,20 +332,24 @@ def _lp(token: str) -> dict:
     return {"token": token, "logprob": -0.5, "bytes": list(raw), "top_logprobs": []}
 
 
-def _ask_logprobs(chunks: list[dict], stream: bool, **extra):
+def _call(endpoint, body: dict, chunks: list[dict]):
+    """``(status, JSON answer or the streamed chunks, bodies sent to the worker)`` of one API call."""
     router = FakeRouter(FakeStream(chunks))
-    body = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 8,
-            **extra}
 
     async def run():
-        response = await chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
-        if stream and response.status_code == 200:
+        response = await endpoint(json.dumps(body).encode(), "", FakeRegistry(), router, None)
+        if body.get("stream") and response.status_code == 200:
             text = b"".join([e async for e in response.body_iterator]).decode()
             return response.status_code, [json.loads(line[6:]) for line in text.split("\n\n")
                                           if line.startswith("data: {")]
         return response.status_code, json.loads(response.body)
 
     return (*asyncio.run(run()), router.bodies)
+
+
+def _ask_logprobs(chunks: list[dict], stream: bool, **extra):
+    return _call(chat_completion, {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}],
+                                   "stream": stream, "max_tokens": 8, **extra}, chunks)
 
 
 LOGPROB_CHUNKS = [  # "Hello world" in four tokens; the second's text is held back by the worker for a while
@@ -386,18 +390,8 @@ def test_bad_logprobs_requests_and_a_worker_that_sends_none_are_errors():
 
 
 def _complete(chunks: list[dict], stream: bool = False, **extra):
-    router = FakeRouter(FakeStream(chunks))
-    body = {"model": "ckpt", "prompt": "USER: hi ASSISTANT:", "stream": stream, **extra}
-
-    async def run():
-        response = await text_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
-        if stream and response.status_code == 200:
-            text = b"".join([e async for e in response.body_iterator]).decode()
-            return response.status_code, [json.loads(line[6:]) for line in text.split("\n\n")
-                                          if line.startswith("data: {")]
-        return response.status_code, json.loads(response.body)
-
-    return (*asyncio.run(run()), router.bodies)
+    return _call(text_completion, {"model": "ckpt", "prompt": "USER: hi ASSISTANT:", "stream": stream, **extra},
+                 chunks)
 
 
 def test_text_completions_send_the_prompt_as_it_is_and_answer_in_the_legacy_shape():
