@@ -93,6 +93,47 @@ class BlockManager:
         self.hits += seq.num_cached
         self.queries += seq.prompt_len
 
+    def adopt_cached(self, seq: Sequence) -> int:
+        """Swap cached blocks in for the prompt blocks ``seq`` has not computed yet, as far as they match.
+
+        For a sequence admitted while another one was still computing the same prefix (the answers of one prompt,
+        the questions on one image): once that prefix is cached, this one takes it instead of recomputing it. Its
+        own blocks there were never written and go back to the free list.
+
+        Returns:
+            Prompt positions gained.
+        """
+        if not self.enable_prefix_cache or seq.num_computed % self.block_size:
+            return 0
+        keys = seq.block_keys(self.block_size)
+        usable = (seq.prompt_len - 1) // self.block_size  # the last position is always recomputed
+        first = b = seq.num_computed // self.block_size
+        while b < usable and (block := self.hash_to_block.get(keys[b])) is not None:
+            own = seq.block_table[b]
+            if self.ref_count[block] == 0:
+                del self.free[block]
+            self.ref_count[block] += 1
+            seq.block_table[b] = block
+            self.ref_count[own] -= 1
+            if self.ref_count[own] == 0:
+                self.free[own] = None
+                self.free.move_to_end(own, last=False)  # nothing worth keeping: hand it out first
+            b += 1
+        gained = (b - first) * self.block_size
+        if gained:
+            seq.block_table_row = None  # the runner's copy of the table is stale
+            seq.num_computed += gained
+            seq.num_cached += gained
+            self.hits += gained
+        return gained
+
+    def computes_next(self, seq: Sequence) -> int | None:
+        """The key of the next prompt block ``seq`` would compute that another sequence could share, else None."""
+        if not self.enable_prefix_cache:
+            return None
+        b = seq.num_computed // self.block_size
+        return seq.block_keys(self.block_size)[b] if b < (seq.prompt_len - 1) // self.block_size else None
+
     def register_prefix(self, seq: Sequence) -> None:
         """Index ``seq``'s full prompt blocks computed so far, so later prompts can share them."""
         if not self.enable_prefix_cache:

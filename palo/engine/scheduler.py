@@ -58,12 +58,24 @@ class Scheduler:
         return admitted
 
     def prefill_chunks(self) -> list[PrefillChunk]:
-        """Up to ``max_prefill_tokens`` prompt positions, oldest sequences first; a long prompt goes in pieces."""
+        """Up to ``max_prefill_tokens`` prompt positions, oldest sequences first; a long prompt goes in pieces.
+
+        A sequence whose next prompt block an older one is still computing (the same image and text) waits for it
+        and then takes it from the prefix cache, rather than computing it a second time in parallel.
+        """
         budget = self.config.max_prefill_tokens
         chunks = []
+        pending: set[int] = set()  # prompt blocks the older sequences have yet to compute
+        size = self.blocks.block_size
         for seq in self.prefilling:
+            self.blocks.adopt_cached(seq)
+            key = self.blocks.computes_next(seq)
+            if key is not None and key in pending:
+                continue
+            if self.blocks.enable_prefix_cache:
+                pending.update(seq.block_keys(size)[seq.num_computed // size:])
             if budget <= 0:
-                break
+                continue
             n = min(seq.prompt_len - seq.num_computed, budget)
             chunks.append(PrefillChunk(seq, seq.num_computed, seq.num_computed + n))
             budget -= n

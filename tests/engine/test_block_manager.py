@@ -74,3 +74,25 @@ def test_image_rows_are_keyed_by_the_image_content():
     other = _seq(ids, blue, n=8)
     blocks.allocate(other, other.prompt_len + 2)
     assert other.num_cached == 4  # only the text before the image
+
+
+def test_a_sequence_admitted_beside_its_prefix_adopts_it_once_cached_and_frees_its_own_blocks():
+    blocks = BlockManager(num_blocks=12, block_size=4)
+    first, second = _seq(list(range(1, 14))), _seq(list(range(1, 12)) + [40, 41])  # 11 ids shared
+    blocks.allocate(first, 16)
+    blocks.allocate(second, 16)  # admitted together: nothing cached yet
+    assert second.num_cached == 0 and blocks.num_free == 3
+    assert blocks.computes_next(second) == blocks.computes_next(first) is not None
+    own = list(second.block_table)
+    first.num_computed = 8  # two blocks computed, a chunk's worth
+    blocks.register_prefix(first)
+    assert blocks.adopt_cached(second) == 8 and (second.num_computed, second.num_cached) == (8, 8)
+    assert second.block_table[:2] == first.block_table[:2] and second.block_table[2:] == own[2:]
+    assert blocks.num_free == 5 and all(blocks.ref_count[b] == 0 for b in own[:2])  # its unwritten blocks are back
+    first.num_computed = 13
+    blocks.register_prefix(first)
+    assert blocks.adopt_cached(second) == 0  # block 2 differs (ids 9-12 vs 9-11, 40)
+    assert blocks.computes_next(second) != blocks.computes_next(first)
+    blocks.release(first)
+    blocks.release(second)
+    assert blocks.num_free == blocks.usable_blocks

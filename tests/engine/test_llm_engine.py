@@ -323,6 +323,39 @@ def test_prefix_cache_hit_skips_the_tower_and_gives_identical_tokens(loaded, mon
     assert other.cached_positions < first_ids.index(-200) + engine.config.block_size
 
 
+def test_questions_on_one_image_arriving_together_compute_its_prefix_once(loaded, monkeypatch):
+    """LLaVA-Bench's shape: several questions per image, all submitted at once. The first question of each image
+    computes the system prompt and the image rows; the others wait for them and take them from the cache."""
+    tokenizer, model, processor = loaded
+    requests = [(prompt_ids(tokenizer, QUESTIONS[(3 * i + k) % len(QUESTIONS)], 1), color)
+                for i, color in enumerate(["red", "green", "purple"]) for k in range(3)]
+    images = {color: pixels(processor, model, [color]) for color in ("red", "green", "purple")}
+
+    def run(prefix_cache: bool):
+        # Blocks of 4: the image rows and the newline after them end on a block boundary (position 52), so the
+        # shared blocks hold every image row and the tower has nothing left to do for the later questions.
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16, block_size=4, max_prefill_tokens=64,
+                                                          enable_prefix_cache=prefix_cache))
+        calls, prefilled = [], []
+        encode, prefill = engine.runner.encode_images, engine.runner.prefill
+        monkeypatch.setattr(engine.runner, "encode_images", lambda seqs: (calls.extend(seqs), encode(seqs))[1])
+        monkeypatch.setattr(engine.runner, "prefill",
+                            lambda chunks: (prefilled.extend(c.end - c.start for c in chunks), prefill(chunks))[1])
+        outputs = engine.generate([EngineRequest(ids, images[color], SamplingParams(max_tokens=12))
+                                   for ids, color in requests])
+        return outputs, len(calls), sum(prefilled), engine.eos_ids
+
+    shared, towers, positions, eos_ids = run(True)
+    alone, towers_alone, positions_alone, _ = run(False)
+    for (ids, color), out in zip(requests, shared):
+        assert out.token_ids == reference_tokens(model, tokenizer, ids, images[color], 12, eos_ids)
+    assert [o.token_ids for o in shared] == [o.token_ids for o in alone]
+    assert towers == 3 and towers_alone == 9  # the vision tower ran once per image
+    image_end = requests[0][0].index(-200) + model.image_token_count
+    assert all(o.cached_positions >= image_end for k, o in enumerate(shared) if k % 3)
+    assert positions <= positions_alone - 6 * image_end
+
+
 def test_streamed_chunks_concatenate_to_the_final_text(loaded):
     tokenizer, model, processor = loaded
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
