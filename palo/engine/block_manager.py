@@ -127,12 +127,12 @@ class BlockManager:
             self.hits += gained
         return gained
 
-    def computes_next(self, seq: Sequence) -> int | None:
-        """The key of the next prompt block ``seq`` would compute that another sequence could share, else None."""
+    def shareable_ahead(self, seq: Sequence) -> list[int]:
+        """Keys of the prompt blocks ``seq`` has yet to compute that it could take from the cache instead."""
         if not self.enable_prefix_cache:
-            return None
-        b = seq.num_computed // self.block_size
-        return seq.block_keys(self.block_size)[b] if b < (seq.prompt_len - 1) // self.block_size else None
+            return []
+        usable = (seq.prompt_len - 1) // self.block_size
+        return seq.block_keys(self.block_size)[seq.num_computed // self.block_size:usable]
 
     def register_prefix(self, seq: Sequence) -> None:
         """Index ``seq``'s full prompt blocks computed so far, so later prompts can share them."""

@@ -60,8 +60,10 @@ class Scheduler:
     def prefill_chunks(self) -> list[PrefillChunk]:
         """Up to ``max_prefill_tokens`` prompt positions, oldest sequences first; a long prompt goes in pieces.
 
-        A sequence whose next prompt block an older one is still computing (the same image and text) waits for it
-        and then takes it from the prefix cache, rather than computing it a second time in parallel.
+        A sequence whose prompt goes on with blocks an older one is still computing waits for them and then takes
+        them from the prefix cache, rather than computing them a second time in parallel, when they take it to at
+        least half its prompt (the same image and text); a shorter shared start (a system prompt before another
+        image) is not worth a step of waiting and is computed again.
         """
         budget = self.config.max_prefill_tokens
         chunks = []
@@ -69,11 +71,11 @@ class Scheduler:
         size = self.blocks.block_size
         for seq in self.prefilling:
             self.blocks.adopt_cached(seq)
-            key = self.blocks.computes_next(seq)
-            if key is not None and key in pending:
+            ahead = self.blocks.shareable_ahead(seq)
+            shared = next((i for i, key in enumerate(ahead) if key not in pending), len(ahead))
+            if shared and 2 * (seq.num_computed + shared * size) >= seq.prompt_len:
                 continue
-            if self.blocks.enable_prefix_cache:
-                pending.update(seq.block_keys(size)[seq.num_computed // size:])
+            pending.update(ahead)
             if budget <= 0:
                 continue
             n = min(seq.prompt_len - seq.num_computed, budget)

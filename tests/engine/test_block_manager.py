@@ -82,7 +82,8 @@ def test_a_sequence_admitted_beside_its_prefix_adopts_it_once_cached_and_frees_i
     blocks.allocate(first, 16)
     blocks.allocate(second, 16)  # admitted together: nothing cached yet
     assert second.num_cached == 0 and blocks.num_free == 3
-    assert blocks.computes_next(second) == blocks.computes_next(first) is not None
+    assert blocks.shareable_ahead(second)[:2] == blocks.shareable_ahead(first)[:2]  # 3 full blocks; the last runs
+    assert len(blocks.shareable_ahead(first)) == 3 and len(blocks.shareable_ahead(second)) == 3
     own = list(second.block_table)
     first.num_computed = 8  # two blocks computed, a chunk's worth
     blocks.register_prefix(first)
@@ -92,7 +93,7 @@ def test_a_sequence_admitted_beside_its_prefix_adopts_it_once_cached_and_frees_i
     first.num_computed = 13
     blocks.register_prefix(first)
     assert blocks.adopt_cached(second) == 0  # block 2 differs (ids 9-12 vs 9-11, 40)
-    assert blocks.computes_next(second) != blocks.computes_next(first)
+    assert blocks.shareable_ahead(first) == [] and len(blocks.shareable_ahead(second)) == 1
     blocks.release(first)
     blocks.release(second)
     assert blocks.num_free == blocks.usable_blocks
