@@ -32,7 +32,11 @@ class EngineConfig:
             cache and activations together); the cache gets what the weights and a prefill's activations leave.
         max_prefill_tokens: Most prompt positions prefilled in one step; longer prompts are prefilled in chunks, so
             running streams get a token between chunks.
-        enable_prefix_cache: Reuse the KV of prompt blocks (image and text) seen before.
+        enable_prefix_cache: Reuse the KV of prompt blocks (image and text) seen before, and the projected features
+            of the last ``image_cache_size`` images.
+        image_cache_size: Images whose projected features are kept for reuse (a prompt whose image rows end inside
+            a block it cannot share still needs them); 0 keeps none. On CUDA their memory is set aside before the
+            KV cache is sized.
         cuda_graphs: Capture the decode step as CUDA graphs at start-up (CUDA only; CPU always runs eagerly).
         max_waiting: Requests that may wait for a place; beyond it :class:`~palo.engine.errors.QueueFull`.
         attention: Decode attention: ``triton`` (paged kernel reading the cache in place), ``sdpa`` (gather, then
@@ -47,6 +51,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_prefill_tokens: int = 2048
     enable_prefix_cache: bool = True
+    image_cache_size: int = 32
     cuda_graphs: bool = True
     max_waiting: int = 1024
     attention: str = "auto"
@@ -58,6 +63,8 @@ class EngineConfig:
         if self.num_blocks is not None and self.num_blocks < 2:
             raise ValueError(f"num_blocks must be at least 2 (one is the engine's scratch block), "
                              f"got {self.num_blocks}")
+        if self.image_cache_size < 0:
+            raise ValueError(f"image_cache_size must be >= 0, got {self.image_cache_size}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ValueError(f"kv_cache_gb must be positive, got {self.kv_cache_gb}")
         if self.attention not in ("auto", "sdpa", "triton"):
@@ -76,9 +83,12 @@ class CacheShape:
     dtype: torch.dtype
 
     @property
+    def bytes_per_value(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
     def bytes_per_position(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * itemsize
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.bytes_per_value
 
 
 def plan_num_blocks(config: EngineConfig, shape: CacheShape, max_model_len: int, device: torch.device,

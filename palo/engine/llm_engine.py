@@ -58,12 +58,15 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or model_len, model_len)
         device = model.get_input_embeddings().weight.device
         shape = cache_shape(model)
+        self.tokens_per_image = int(getattr(model, "image_token_count", 0) or 0)
+        images_kept = config.image_cache_size if config.enable_prefix_cache and self.tokens_per_image else 0
         activation = config.max_prefill_tokens * model.config.hidden_size * 4 * 16  # a prefill's largest temporaries
-        num_blocks = plan_num_blocks(config, shape, self.max_model_len, device, activation)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention, self.max_model_len)
+        image_bytes = images_kept * self.tokens_per_image * model.config.hidden_size * shape.bytes_per_value
+        num_blocks = plan_num_blocks(config, shape, self.max_model_len, device, activation + image_bytes)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, config.attention, self.max_model_len,
+                                  image_cache_size=images_kept)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_cache)
         self.scheduler = Scheduler(config, self.blocks, self.max_model_len)
-        self.tokens_per_image = int(getattr(model, "image_token_count", 0) or 0)
         self.eos_ids = self._eos_ids()
         self._inbox: list[Sequence] = []
         self._aborts: list[Sequence] = []
@@ -360,6 +363,7 @@ class LLMEngine:
             "block_size": self.config.block_size,
             "max_num_seqs": self.config.max_num_seqs,
             "prefix_cache_hit_rate": round(self.blocks.hits / self.blocks.queries, 4) if self.blocks.queries else 0.0,
+            "images_encoded": self.runner.images_encoded,  # since start: images run through the vision tower
             "decode_attention": "triton" if self.runner.paged_attention else "sdpa",
             "tokens_per_s": round(generated / RATE_WINDOW_S, 2),
             "decode_batch_max": max(self.batch_sizes, default=0),  # largest decode batch of the recent steps

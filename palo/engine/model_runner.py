@@ -19,6 +19,7 @@ On CUDA the decode step can be replayed from CUDA graphs (:mod:`palo.engine.cuda
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -65,10 +66,11 @@ class ModelRunner:
         block_size: Positions per block.
         attention: Decode attention: ``"auto"``, ``"sdpa"`` or ``"triton"``.
         max_model_len: Longest sequence (default: the model's ``max_position_embeddings``).
+        image_cache_size: Images whose projected features are kept, by content, for later prompts (0: none).
     """
 
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, attention: str = "auto",
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, image_cache_size: int = 0) -> None:
         self.model = model
         self.decoder = model.model
         self.shape = cache_shape(model)
@@ -86,6 +88,9 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.graphs = None  # palo.engine.cuda_graphs.DecodeGraphs when captured
+        self.image_cache_size = image_cache_size
+        self._image_features: OrderedDict[str, torch.Tensor] = OrderedDict()  # digest -> [n, D], least recent first
+        self.images_encoded = 0  # images run through the vision tower, for statistics
         self.paged_attention = self._paged_attention(attention)
 
     def _paged_attention(self, attention: str):
@@ -122,12 +127,28 @@ class ModelRunner:
     # -- images ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_images(self, seqs: list[Sequence]) -> None:
-        """Vision tower and projector for the images of ``seqs``, in one batch; each sequence keeps its features
-        ``[k, n, D]`` until its prompt is computed."""
-        pixels = torch.cat([s.request.images for s in seqs]).to(self.device)
-        features = self.model.encode_images(pixels).to(self.dtype)
-        for seq, part in zip(seqs, features.split([s.num_images for s in seqs])):
-            seq.image_features = part
+        """Vision tower and projector for the images of ``seqs`` not in the image cache, in one batch; each
+        sequence keeps its features ``[k, n, D]`` until its prompt is computed."""
+        missing: dict[str, torch.Tensor] = {}
+        for seq in seqs:
+            for i, digest in enumerate(seq.image_digests):
+                if digest in self._image_features:
+                    self._image_features.move_to_end(digest)
+                elif digest not in missing:
+                    missing[digest] = seq.request.images[i:i + 1]
+        found = dict(self._image_features)
+        if missing:
+            features = self.model.encode_images(torch.cat(list(missing.values())).to(self.device)).to(self.dtype)
+            self.images_encoded += len(missing)
+            found.update(zip(missing, features))
+            if self.image_cache_size:
+                for digest, rows in zip(missing, features):
+                    # A copy: a view would keep the whole batch's features alive for as long as any one is kept.
+                    self._image_features[digest] = rows.clone()
+            while len(self._image_features) > self.image_cache_size:
+                self._image_features.popitem(last=False)
+        for seq in seqs:
+            seq.image_features = torch.stack([found[digest] for digest in seq.image_digests])
 
     def _prompt_embeds(self, chunk: PrefillChunk) -> torch.Tensor:
         """``[n, D]`` input rows of a prefill chunk: token embeddings, with image features on image rows."""

@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.engine.config import EngineConfig
 from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
 from palo.engine.sampling import TokenLogprob
@@ -229,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt positions prefilled per step; longer prompts go in chunks")
     engine.add_argument("--block-size", type=int, default=16, help="positions per KV block")
     engine.add_argument("--no-prefix-cache", action="store_true",
-                        help="do not reuse the KV of repeated prompt prefixes")
+                        help="do not reuse the KV of repeated prompt prefixes, nor the features of repeated images")
+    engine.add_argument("--image-cache-size", type=int, default=32,
+                        help="images whose projected features are kept for later prompts (0: none)")
     engine.add_argument("--no-cuda-graphs", action="store_true", help="decode eagerly on CUDA")
     engine.add_argument("--attention", choices=["auto", "sdpa", "triton"], default="auto",
                         help="decode attention: triton reads the paged cache in place (auto: on CUDA when installed)")
@@ -237,6 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--engine static only: how long to collect requests for one batch")
     parser.add_argument("--heart-beat-interval", type=float, default=WORKER_HEART_BEAT_INTERVAL, help="seconds")
     return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The paged engine's settings from the worker's flags."""
+    return EngineConfig(
+        max_num_seqs=min(args.max_batch_size, max(1, args.limit_model_concurrency)), max_model_len=args.max_model_len,
+        block_size=args.block_size, kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_prefill_tokens=args.max_prefill_tokens, enable_prefix_cache=not args.no_prefix_cache,
+        cuda_graphs=not args.no_cuda_graphs, max_waiting=max(1, args.limit_model_concurrency),
+        attention=args.attention, image_cache_size=args.image_cache_size,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,23 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
         vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn,
     )
-    max_num_seqs = min(args.max_batch_size, max(1, args.limit_model_concurrency))
     if args.engine == "static":
         from palo.serve.static_engine import StaticBatchEngine
 
-        engine = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=max_num_seqs,
+        engine = StaticBatchEngine(tokenizer, model, image_processor, context_len,
+                                   max_batch_size=min(args.max_batch_size, max(1, args.limit_model_concurrency)),
                                    batch_wait_ms=args.batch_wait_ms, logger=logger)
     else:
-        from palo.engine import EngineConfig
-
-        config = EngineConfig(
-            max_num_seqs=max_num_seqs, max_model_len=args.max_model_len, block_size=args.block_size,
-            kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
-            max_prefill_tokens=args.max_prefill_tokens, enable_prefix_cache=not args.no_prefix_cache,
-            cuda_graphs=not args.no_cuda_graphs, max_waiting=max(1, args.limit_model_concurrency),
-            attention=args.attention,
-        )
-        engine = GenerationEngine(tokenizer, model, image_processor, context_len, logger=logger, engine_config=config)
+        engine = GenerationEngine(tokenizer, model, image_processor, context_len, logger=logger,
+                                  engine_config=engine_config(args))
     logger.info("multimodal: %s, %d positions per image, context %d; engine %s", engine.is_multimodal,
                 engine.image_token_count, engine.max_context, engine.stats())
     worker = ModelWorker(

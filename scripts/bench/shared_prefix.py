@@ -83,20 +83,25 @@ def measure(tree: str, model_path: str, images: int, questions: int, max_tokens:
             conv.append_message(conv.roles[1], None)
             requests.append((tokenizer_image_token(conv.get_prompt(), tokenizer), pixels))
 
+    counts = {"positions": 0, "images": 0}
+    tower = model.encode_images
+
+    def counted_tower(pixels):  # the vision tower and projector, whichever way the engine batches them
+        counts["images"] += pixels.shape[0]
+        return tower(pixels)
+
+    model.encode_images = counted_tower
+
     def once() -> tuple[float, int, int, list[list[int]]]:
         engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=len(requests), cuda_graphs=False))
-        counts = {"positions": 0, "images": 0}
-        prefill, encode = engine.runner.prefill, engine.runner.encode_images
+        counts.update(positions=0, images=0)
+        prefill = engine.runner.prefill
 
         def counted_prefill(chunks):
             counts["positions"] += sum(c.end - c.start for c in chunks)
             return prefill(chunks)
 
-        def counted_encode(seqs):
-            counts["images"] += sum(s.num_images for s in seqs)
-            return encode(seqs)
-
-        engine.runner.prefill, engine.runner.encode_images = counted_prefill, counted_encode
+        engine.runner.prefill = counted_prefill
         params = SamplingParams(max_tokens=max_tokens)
         start = time.perf_counter()
         with torch.no_grad():

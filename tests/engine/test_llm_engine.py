@@ -323,27 +323,27 @@ def test_prefix_cache_hit_skips_the_tower_and_gives_identical_tokens(loaded, mon
     assert other.cached_positions < first_ids.index(-200) + engine.config.block_size
 
 
-def test_questions_on_one_image_arriving_together_compute_its_prefix_once(loaded, monkeypatch):
+@pytest.mark.parametrize("block_size", [4, 8])
+def test_questions_on_one_image_arriving_together_compute_its_prefix_once(loaded, monkeypatch, block_size):
     """LLaVA-Bench's shape: several questions per image, all submitted at once. The first question of each image
-    computes the system prompt and the image rows; the others wait for them and take them from the cache."""
+    computes the system prompt and the image rows; the others wait for them and take them from the cache, and the
+    vision tower runs once per image, also when the image's last rows share a block with the question (blocks of 8:
+    position 52 ends the image and its newline) and the followers compute those rows themselves."""
     tokenizer, model, processor = loaded
     requests = [(prompt_ids(tokenizer, QUESTIONS[(3 * i + k) % len(QUESTIONS)], 1), color)
                 for i, color in enumerate(["red", "green", "purple"]) for k in range(3)]
     images = {color: pixels(processor, model, [color]) for color in ("red", "green", "purple")}
 
     def run(prefix_cache: bool):
-        # Blocks of 4: the image rows and the newline after them end on a block boundary (position 52), so the
-        # shared blocks hold every image row and the tower has nothing left to do for the later questions.
-        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16, block_size=4, max_prefill_tokens=64,
-                                                          enable_prefix_cache=prefix_cache))
-        calls, prefilled = [], []
-        encode, prefill = engine.runner.encode_images, engine.runner.prefill
-        monkeypatch.setattr(engine.runner, "encode_images", lambda seqs: (calls.extend(seqs), encode(seqs))[1])
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=16, block_size=block_size,
+                                                          max_prefill_tokens=64, enable_prefix_cache=prefix_cache))
+        prefilled = []
+        prefill = engine.runner.prefill
         monkeypatch.setattr(engine.runner, "prefill",
                             lambda chunks: (prefilled.extend(c.end - c.start for c in chunks), prefill(chunks))[1])
         outputs = engine.generate([EngineRequest(ids, images[color], SamplingParams(max_tokens=12))
                                    for ids, color in requests])
-        return outputs, len(calls), sum(prefilled), engine.eos_ids
+        return outputs, engine.stats()["images_encoded"], sum(prefilled), engine.eos_ids
 
     shared, towers, positions, eos_ids = run(True)
     alone, towers_alone, positions_alone, _ = run(False)
@@ -352,8 +352,28 @@ def test_questions_on_one_image_arriving_together_compute_its_prefix_once(loaded
     assert [o.token_ids for o in shared] == [o.token_ids for o in alone]
     assert towers == 3 and towers_alone == 9  # the vision tower ran once per image
     image_end = requests[0][0].index(-200) + model.image_token_count
-    assert all(o.cached_positions >= image_end for k, o in enumerate(shared) if k % 3)
-    assert positions <= positions_alone - 6 * image_end
+    shared_end = (image_end + 1) // block_size * block_size  # the image and its newline, in whole blocks
+    assert all(o.cached_positions >= shared_end for k, o in enumerate(shared) if k % 3)
+    assert positions <= positions_alone - 6 * shared_end
+
+
+def test_the_image_cache_keeps_the_last_images_features(loaded):
+    tokenizer, model, processor = loaded
+    ids = [prompt_ids(tokenizer, QUESTIONS[k], 1) for k in range(5)]
+    images = [pixels(processor, model, [color]) for color in ("red", "green", "blue")]
+    order = [0, 1, 0, 2, 0]  # the first image is used again, so the least recently used one goes first
+
+    def encoded(size: int) -> tuple[int, list[list[int]]]:
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=64, image_cache_size=size))
+        outputs = [engine.generate([EngineRequest(ids[k], images[i], SamplingParams(max_tokens=6))])[0].token_ids
+                   for k, i in enumerate(order)]
+        return engine.stats()["images_encoded"], outputs
+
+    # Blocks of 64 hold the whole prompt: nothing is shared as KV, only the features can be.
+    assert encoded(3)[0] == 3 and encoded(2)[0] == 3 and encoded(1)[0] == 5 and encoded(0)[0] == 5
+    assert encoded(3)[1] == encoded(0)[1]
+    with pytest.raises(ValueError, match="image_cache_size"):
+        EngineConfig(image_cache_size=-1)
 
 
 def test_streamed_chunks_concatenate_to_the_final_text(loaded):

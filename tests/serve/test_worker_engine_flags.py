@@ -1,0 +1,26 @@
+"""The worker's engine flags reach the engine's settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from palo.serve.model_worker import build_parser, engine_config
+
+
+def test_engine_flags_reach_the_engine_config():
+    args = build_parser().parse_args([
+        "--model-path", "ckpt", "--image-cache-size", "0", "--no-prefix-cache", "--block-size", "8",
+        "--max-num-seqs", "4", "--limit-model-concurrency", "2", "--kv-cache-gb", "1.5", "--attention", "sdpa",
+        "--max-prefill-tokens", "512", "--no-cuda-graphs",
+    ])
+    config = engine_config(args)
+    assert (config.image_cache_size, config.enable_prefix_cache, config.block_size, config.max_num_seqs,
+            config.max_waiting, config.kv_cache_gb, config.attention, config.max_prefill_tokens,
+            config.cuda_graphs) == (0, False, 8, 2, 2, 1.5, "sdpa", 512, False)
+    default = engine_config(build_parser().parse_args(["--model-path", "ckpt"]))
+    assert default.image_cache_size == 32 and default.enable_prefix_cache and default.max_num_seqs == 32
+
+
+def test_a_negative_image_cache_size_is_refused():
+    with pytest.raises(ValueError, match="image_cache_size must be >= 0"):
+        engine_config(build_parser().parse_args(["--model-path", "ckpt", "--image-cache-size", "-1"]))
