@@ -23,33 +23,30 @@ very same texts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from revisions import REPO, add_arguments, checked_out, cpu_name, import_palo_from, measure_in_child, short_revision
 
 
 def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int) -> dict:
     """In this process, with ``palo`` imported from ``tree``: milliseconds per decode step (one figure per repeat)
     and a digest of the streamed texts."""
-    sys.path.insert(0, tree)
+    import_palo_from(tree)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import palo
     from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
     from palo.model.tokenizer import load_tokenizer
     from palo.testing.corpus import SAMPLES
 
-    if not pathlib.Path(palo.__file__).resolve().is_relative_to(pathlib.Path(tree).resolve()):
-        raise SystemExit(f"imported palo from {palo.__file__}, not from {tree}")
     tokenizer = load_tokenizer(tokenizer_dir)
     answers = [tokenizer(t, add_special_tokens=False).input_ids for texts in SAMPLES.values() for t in texts]
     stream_of_ids = torch.tensor([t for ids in answers for t in ids])
@@ -100,37 +97,15 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
 
 def run_side(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int) -> dict:
     """:func:`measure` in a fresh process (each side imports its own ``palo``)."""
-    command = [sys.executable, __file__, "--child", tree, "--tokenizer", tokenizer_dir, "--streams", str(streams),
-               "--tokens", str(tokens), "--repeats", str(repeats)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"measuring {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _cpu_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "an unknown CPU"
+    return measure_in_child(__file__, tree, ["--tokenizer", tokenizer_dir, "--streams", str(streams), "--tokens",
+                                             str(tokens), "--repeats", str(repeats)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--against", default="HEAD",
-                        help="git revision to compare with (default: HEAD), or 'none' to measure this tree alone")
+    add_arguments(parser, "git revision to compare with (default: HEAD), or 'none' to measure this tree alone")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1024], help="answer length(s) to measure")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of one process per side")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per process")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -143,49 +118,42 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from palo.testing.tiny import train_sentencepiece
 
-    print(f"# engine host time per decode step, {args.streams} streams, on {_cpu_name()} ({os.cpu_count()} cores; "
+    print(f"# engine host time per decode step, {args.streams} streams, on {cpu_name()} ({os.cpu_count()} cores; "
           "each measuring process uses one thread)", flush=True)
 
     alone = args.against == "none"
-    revision = None if alone else subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", args.against], capture_output=True, text=True, check=True,
-    ).stdout.strip()
+    revision = None if alone else short_revision(args.against)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_dir, baseline_tree = os.path.join(tmp, "tokenizer"), os.path.join(tmp, "baseline")
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        tokenizer_dir = os.path.join(tmp, "tokenizer")
         train_sentencepiece(tokenizer_dir)  # one tokenizer for both sides
+        sides = {"this tree": str(REPO)}
         if not alone:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", baseline_tree, revision],
-                           check=True)
-        try:
-            sides = {"this tree": str(REPO)} if alone else {f"baseline {revision}": baseline_tree,
-                                                             "this tree": str(REPO)}
-            for tokens in args.tokens:
-                figures: dict[str, list[float]] = {name: [] for name in sides}
-                digests = set()
-                for i in range(args.rounds):
-                    for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
-                        result = run_side(sides[name], tokenizer_dir, args.streams, tokens, args.repeats)
-                        figures[name].extend(result["ms_per_step"])
-                        digests.add(result["texts_sha256"])
-                if len(digests) != 1:
-                    raise SystemExit(f"the two sides streamed different texts at {tokens} tokens")
-                if alone:
-                    ours = statistics.median(figures["this tree"])
-                    rows.append({"streams": args.streams, "tokens": tokens, "ms_per_step": ours, "runs": figures})
-                    print(f"{args.streams} streams x {tokens} tokens: {ours:.3f} ms/step (median of "
-                          f"{len(figures['this tree'])} runs)", flush=True)
-                    continue
-                base, ours = (statistics.median(figures[name]) for name in sides)
-                row = {"streams": args.streams, "tokens": tokens, "baseline": revision, "baseline_ms_per_step": base,
-                       "ms_per_step": ours, "ratio": base / ours, "same_texts": True, "runs": figures}
-                rows.append(row)
-                print(f"{args.streams} streams x {tokens} tokens: baseline {revision} {base:.3f} ms/step, this tree "
-                      f"{ours:.3f} ms/step, ratio {base / ours:.2f}x (median of {len(figures['this tree'])} runs "
-                      "each); same texts: yes", flush=True)
-        finally:
-            if not alone:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", baseline_tree], check=False)
+            baseline = stack.enter_context(checked_out(revision, os.path.join(tmp, "baseline")))
+            sides = {f"baseline {revision}": baseline, **sides}
+        for tokens in args.tokens:
+            figures: dict[str, list[float]] = {name: [] for name in sides}
+            digests = set()
+            for i in range(args.rounds):
+                for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+                    result = run_side(sides[name], tokenizer_dir, args.streams, tokens, args.repeats)
+                    figures[name].extend(result["ms_per_step"])
+                    digests.add(result["texts_sha256"])
+            if len(digests) != 1:
+                raise SystemExit(f"the two sides streamed different texts at {tokens} tokens")
+            if alone:
+                ours = statistics.median(figures["this tree"])
+                rows.append({"streams": args.streams, "tokens": tokens, "ms_per_step": ours, "runs": figures})
+                print(f"{args.streams} streams x {tokens} tokens: {ours:.3f} ms/step (median of "
+                      f"{len(figures['this tree'])} runs)", flush=True)
+                continue
+            base, ours = (statistics.median(figures[name]) for name in sides)
+            row = {"streams": args.streams, "tokens": tokens, "baseline": revision, "baseline_ms_per_step": base,
+                   "ms_per_step": ours, "ratio": base / ours, "same_texts": True, "runs": figures}
+            rows.append(row)
+            print(f"{args.streams} streams x {tokens} tokens: baseline {revision} {base:.3f} ms/step, this tree "
+                  f"{ours:.3f} ms/step, ratio {base / ours:.2f}x (median of {len(figures['this tree'])} runs "
+                  "each); same texts: yes", flush=True)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
 

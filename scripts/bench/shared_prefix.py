@@ -25,12 +25,12 @@ import json
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from revisions import REPO, add_arguments, checked_out, cpu_name, import_palo_from, measure_in_child, short_revision
+
 QUESTIONS = ["Describe this image in detail.", "ما الذي في هذه الصورة؟", "这张图片里有什么？",
              "Qu'y a-t-il sur cette image ?", "¿Qué hay en esta imagen?", "Что на этом изображении?",
              "この画像には何がありますか？", "इस तस्वीर में क्या है?", "এই ছবিতে কী আছে?", "اس تصویر میں کیا ہے؟"]
@@ -58,18 +58,15 @@ def build_checkpoint(root: str, shape: str) -> str:
 
 def measure(tree: str, model_path: str, images: int, questions: int, max_tokens: int, repeats: int) -> dict:
     """In this process, with ``palo`` imported from ``tree``: the burst's figures (wall time per repeat)."""
-    sys.path.insert(0, tree)
+    import_palo_from(tree)
     import torch
     from PIL import Image, ImageDraw
 
-    import palo
     from palo.conversation import conv_templates
     from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
     from palo.mm_utils import process_images, tokenizer_image_token
     from palo.model.builder import load_pretrained_model
 
-    if not pathlib.Path(palo.__file__).resolve().is_relative_to(pathlib.Path(tree).resolve()):
-        raise SystemExit(f"imported palo from {palo.__file__}, not from {tree}")
     tokenizer, model, processor, _ = load_pretrained_model(model_path, device="cpu")
     model.eval()
     requests = []
@@ -125,27 +122,18 @@ def measure(tree: str, model_path: str, images: int, questions: int, max_tokens:
 
 def run_side(tree: str, args: argparse.Namespace, model_path: str) -> dict:
     """:func:`measure` in a fresh process (each side imports its own ``palo``)."""
-    command = [sys.executable, __file__, "--child", tree, "--model", model_path, "--images", str(args.images),
-               "--questions", str(args.questions), "--max-tokens", str(args.max_tokens), "--repeats",
-               str(args.repeats)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"measuring {tree} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return measure_in_child(__file__, tree, ["--model", model_path, "--images", str(args.images), "--questions",
+                                             str(args.questions), "--max-tokens", str(args.max_tokens), "--repeats",
+                                             str(args.repeats)])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--against", default="HEAD", help="git revision to compare with (default: HEAD)")
+    add_arguments(parser, "git revision to compare with (default: HEAD)")
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--questions", type=int, default=3, help="questions per image, each in another language")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of one process per side")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements per process")
-    parser.add_argument("--json", default=None, help="also write the results to this file")
-    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -157,25 +145,17 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(REPO))
-    from scripts.bench.engine_host import _cpu_name
-
-    revision = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.against], capture_output=True,
-                              text=True, check=True).stdout.strip()
+    revision = short_revision(args.against)
     print(f"# {args.images} images x {args.questions} questions submitted at once, {args.shape} checkpoint, on "
-          f"{_cpu_name()} "
-          "(each measuring process uses one thread)", flush=True)
+          f"{cpu_name()} (each measuring process uses one thread)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_path, baseline_tree = build_checkpoint(tmp, args.shape), os.path.join(tmp, "baseline")
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", baseline_tree, revision],
-                       check=True)
-        try:
-            sides = {f"baseline {revision}": baseline_tree, "this tree": str(REPO)}
+        model_path = build_checkpoint(tmp, args.shape)
+        with checked_out(revision, os.path.join(tmp, "baseline")) as baseline:
+            sides = {f"baseline {revision}": baseline, "this tree": str(REPO)}
             results: dict[str, list[dict]] = {name: [] for name in sides}
             for i in range(args.rounds):
                 for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
                     results[name].append(run_side(sides[name], args, model_path))
-        finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", baseline_tree], check=False)
     summary = {}
     for name, runs in results.items():
         summary[name] = {"seconds": statistics.median(s for r in runs for s in r["seconds"]),
