@@ -379,7 +379,9 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
             text = text[len(chat.prompt):] if text.startswith(chat.prompt) else text
             finish, usage = obj.get("finish_reason"), obj.get("usage")
             if chat.logprobs is not None:
-                logprobs = logprobs + list(obj.get("logprobs") or [])  # a new list: pieces already read keep theirs
+                # One growing list per answer: each piece is used before the next chunk is read, and its readers
+                # track how many entries they have passed on.
+                logprobs.extend(obj.get("logprobs") or [])
             shown, stopped = visible_text(text, chat.stops, final=finish is not None)
             if stopped:  # closing the stream now stops the worker generating
                 yield Piece(shown, "stop", usage, logprobs)
@@ -437,7 +439,7 @@ def list_models(registry: WorkerRegistry, authorization: str, api_key: str | Non
 
 
 async def open_chat(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int = 0) -> WorkerStream:
-    """Send a chat request (its answer ``choice``) to a worker of its model.
+    """Send a request (its answer ``choice``) to a worker of its model.
 
     Raises:
         APIError: 404 when no live worker serves the model, 503 (with ``Retry-After`` when the workers are busy)
