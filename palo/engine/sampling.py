@@ -84,7 +84,6 @@ class SamplingParams:
         return self.temperature <= GREEDY_TEMPERATURE
 
 
-
 def _token_counts(rows: Sequence[Sequence[int] | torch.Tensor], vocab: int, device: torch.device) -> torch.Tensor:
     """``[R, V]`` float: how often each token id occurs in each row (negative ids, image positions, are skipped)."""
     # Padding and skipped ids count into an extra column that is dropped.

@@ -41,7 +41,7 @@ import httpx
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
-from palo.serve.openai_api import APIError, render_messages
+from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import INVALID_REQUEST, OK, WORKER_ERROR, encode_chunk, error_chunk
 from palo.serve.utils import build_logger
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
@@ -252,8 +252,9 @@ class OpenAIWorker(BaseWorker):
             body[key] = value
         logprobs = params.get("logprobs")
         if logprobs is not None:  # k alternatives per token, as OpenAI's chat API asks for them
-            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= 20:
-                raise PromptFormatError(f"'logprobs' must be null or an integer from 0 to 20, got {logprobs!r}")
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+                raise PromptFormatError(f"'logprobs' must be null or an integer from 0 to {MAX_TOP_LOGPROBS}, "
+                                        f"got {logprobs!r}")
             body.update(logprobs=True, top_logprobs=logprobs)
         return prompt, body
 
