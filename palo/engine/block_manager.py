@@ -49,10 +49,14 @@ class BlockManager:
         return math.ceil(positions / self.block_size)
 
     # -- admission -----------------------------------------------------------------------------------------------
+    def _reads_cache(self, seq: Sequence) -> bool:
+        """Whether ``seq`` may take prompt blocks from the cache (its own computed blocks are indexed either way)."""
+        return self.enable_prefix_cache and seq.reads_prefix_cache
+
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the start of ``seq``'s prompt; the last prompt position is always recomputed
         (its logits give the first answer token)."""
-        if not self.enable_prefix_cache:
+        if not self._reads_cache(seq):
             return []
         usable = (seq.prompt_len - 1) // self.block_size
         found: list[int] = []
@@ -103,7 +107,7 @@ class BlockManager:
         Returns:
             Prompt positions gained.
         """
-        if not self.enable_prefix_cache or seq.num_computed % self.block_size:
+        if not self._reads_cache(seq) or seq.num_computed % self.block_size:
             return 0
         keys = seq.block_keys(self.block_size)
         usable = (seq.prompt_len - 1) // self.block_size  # the last position is always recomputed
@@ -129,7 +133,7 @@ class BlockManager:
 
     def shareable_ahead(self, seq: Sequence) -> list[int]:
         """Keys of the prompt blocks ``seq`` has yet to compute that it could take from the cache instead."""
-        if not self.enable_prefix_cache:
+        if not self._reads_cache(seq):
             return []
         usable = (seq.prompt_len - 1) // self.block_size
         return seq.block_keys(self.block_size)[seq.num_computed // self.block_size:usable]

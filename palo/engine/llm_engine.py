@@ -119,7 +119,7 @@ class LLMEngine:
         if count and self.tokens_per_image == 0:
             raise ImagePlaceholderMismatch("this model takes text only (its config has no vision tower)")
         seq = Sequence(request, self.tokens_per_image)
-        if seq.prompt_len >= self.max_model_len:
+        if seq.prompt_len + min(request.sampling.max_tokens, 1) > self.max_model_len:
             raise RequestTooLarge(
                 f"the prompt takes {seq.prompt_len} of the model's {self.max_model_len} positions; no room is left "
                 "for an answer"
@@ -180,19 +180,26 @@ class LLMEngine:
                 encode = [c.seq for c in chunks if c.seq.image_features is None and c.seq.images_needed_from(c.start)]
                 if encode:
                     self.runner.encode_images(encode)
-                logits = self.runner.prefill(chunks)
+                logits, scores = self.runner.prefill(chunks)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
                 self._fail(seqs, exc)
             else:
                 completed = []
-                for c in chunks:
+                for i, c in enumerate(chunks):
                     c.seq.num_computed = c.end
                     self.blocks.register_prefix(c.seq)
+                    for j, entry in enumerate(scores.get(i, ())):
+                        if entry is not None:  # row j scores the prompt id after it
+                            c.seq.position_logprobs[c.start + j + 1] = entry
                     if c.completes_prompt:
+                        c.seq.collect_prompt_logprobs()
                         completed.append(c.seq)
                 if completed:
                     for seq, token, logprob in zip(completed, *_sample(logits, completed)):
                         seq.image_features = None
+                        if seq.sampling.max_tokens == 0:  # the prompt's scores were all it asked for
+                            self._finish(seq, "length")
+                            continue
                         self.scheduler.start_decoding(seq)
                         seq.first_token_at = time.monotonic()
                         self._append(seq, token, logprob)
@@ -263,6 +270,7 @@ class LLMEngine:
     def _emit(self, seq: Sequence, output: RequestOutput) -> None:
         output.prompt_positions = seq.prompt_len
         output.cached_positions = seq.num_cached
+        output.prompt_logprobs = seq.prompt_logprobs
         if seq.first_token_at is not None:
             output.first_token_s = seq.first_token_at - seq.arrival
         callback = seq.request.on_output

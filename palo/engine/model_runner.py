@@ -28,7 +28,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.engine.config import CacheShape
+from palo.engine.sampling import TokenLogprob, token_logprobs
 from palo.engine.sequence import Sequence
+
+# Prompt rows whose logits are made at once when a request scores its prompt ([rows, vocab] float32 each time).
+PROMPT_SCORE_ROWS = 256
 
 
 @dataclass
@@ -166,11 +170,14 @@ class ModelRunner:
 
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+    def prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, dict[int, list[TokenLogprob | None]]]:
         """Compute the chunks' K/V into the cache.
 
         Returns:
-            ``[m, V]`` float32 logits at the last position of each chunk that completes its prompt, in order.
+            ``[m, V]`` float32 logits at the last position of each chunk that completes its prompt, in order; and for
+            each chunk (by index) whose sequence asks for prompt log-probabilities, one entry per position ``p`` of
+            the chunk: the log-probability of the prompt id at ``p + 1`` (None past the prompt's end or on an image
+            row).
         """
         embeds = torch.cat([self._prompt_embeds(c) for c in chunks])
         positions = self._tensor([p for c in chunks for p in range(c.start, c.end)])
@@ -202,10 +209,26 @@ class ModelRunner:
             return torch.cat(outs)
 
         hidden = self._layers(embeds, positions, slots, attend)
+        scores = {i: self._score_prompt(c, hidden[off:off + n])
+                  for i, ((off, n, _, _), c) in enumerate(zip(spans, chunks))
+                  if c.seq.sampling.prompt_logprobs is not None}
         last = [off + n - 1 for (off, n, _, _), c in zip(spans, chunks) if c.completes_prompt]
         if not last:
-            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32)
-        return self._logits(hidden[self._tensor(last)])
+            return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), scores
+        return self._logits(hidden[self._tensor(last)]), scores
+
+    def _score_prompt(self, chunk: PrefillChunk, hidden: torch.Tensor) -> list[TokenLogprob | None]:
+        """Per row of a prefill chunk (``hidden`` ``[n, D]``), the log-probability of the prompt's next id; the
+        ``[rows, V]`` logits are made a slice at a time, never for the whole chunk at once."""
+        seq, k = chunk.seq, chunk.seq.sampling.prompt_logprobs
+        targets = [seq.prompt_ids[p + 1] if p + 1 < seq.prompt_len else -1 for p in range(chunk.start, chunk.end)]
+        entries: list[TokenLogprob | None] = []
+        for first in range(0, len(targets), PROMPT_SCORE_ROWS):
+            part = targets[first:first + PROMPT_SCORE_ROWS]
+            logits = self._logits(hidden[first:first + len(part)])
+            entries += token_logprobs(logits, self._tensor([max(t, 0) for t in part]),
+                                      [k if t >= 0 else None for t in part])
+        return entries
 
     @torch.no_grad()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:

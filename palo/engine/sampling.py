@@ -38,6 +38,9 @@ class SamplingParams:
             discourages repeating.
         logprobs: None: none; k (0 to 20): each answer token's log-probability under the model (before penalties
             and temperature), with the step's k most likely tokens.
+        prompt_logprobs: None: none; k (0 to 20): the same for every text token of the prompt after the first (how
+            likely the model finds the given text: scoring, perplexity, multiple-choice evaluation). Such a prompt
+            is computed in full, not taken from the prefix cache. With it ``max_tokens`` may be 0 (score only).
     """
 
     max_tokens: int = 256
@@ -51,6 +54,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     # Whether the tokens seen so far change this request's logits: read for every row at every step, so set once
     # rather than computed by a property.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -60,8 +64,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < (0 if self.prompt_logprobs is not None else 1):
+            raise ValueError(f"max_tokens must be at least 1 (0 only with prompt_logprobs), got {self.max_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -74,8 +78,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {value}")
         if not 0 < self.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be None or 0 to {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be None or 0 to {MAX_LOGPROBS}, got {value}")
         object.__setattr__(self, "penalized",
                            bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1))
 

@@ -37,6 +37,9 @@ class RequestOutput:
         first_token_s: Seconds from submission to the first token (None before it).
         answer_logprobs: The sequence's growing list of per-token log-probabilities when the request asked for
             them (empty otherwise); read it through :attr:`logprobs`.
+        prompt_logprobs: When the request asked for them and its prompt is computed: one entry per id of the
+            request's ``input_ids``, None for the first and for image placeholders, else the id's log-probability
+            after everything before it (images included) and the k most likely ids there.
     """
 
     request_id: str
@@ -51,6 +54,7 @@ class RequestOutput:
     cached_positions: int = 0
     first_token_s: float | None = None
     answer_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False, compare=False)
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def logprobs(self) -> list[TokenLogprob]:
@@ -133,12 +137,21 @@ class Sequence:
         for src, dst in zip(plan.text_src, plan.text_dst):
             self.prompt_ids[dst] = tokens[src]
         self.image_rows: dict[int, int] = dict(zip(plan.image_dst, plan.image_src))
+        # Where each request id landed (None: an image placeholder), to report prompt log-probabilities per id.
+        self.input_positions: list[int | None] = [None] * len(tokens)
+        for src, dst in zip(plan.text_src, plan.text_dst):
+            self.input_positions[src] = dst
         self.image_starts: list[int] = plan.image_dst[::tokens_per_image] if tokens_per_image else []
         self.num_images = len(self.image_starts)
         self.image_digests = [image_digest(request.images[i])
                               for i in range(self.num_images)] if self.num_images else []
         self.output_ids: list[int] = []
         self.output_logprobs: list[TokenLogprob] = []  # one per output id when the request asks for them
+        # Per spliced prompt position when the request asks: the log-probability of its id after the positions
+        # before it (filled chunk by chunk as the prompt is computed).
+        self.position_logprobs: list[TokenLogprob | None] | None = (
+            None if self.sampling.prompt_logprobs is None else [None] * len(self.prompt_ids))
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None  # per request input id, once computed
         self.block_table: list[int] = []
         self.block_table_row: tuple[list[int], torch.Tensor, int] | None = None  # the runner's tensor of it
         self.num_computed = 0  # positions whose K/V are in the cache
@@ -174,6 +187,16 @@ class Sequence:
         if self._prompt_token_set is None:
             self._prompt_token_set = prompt_token_set(self.prompt_ids)
         return self._prompt_token_set
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """Whether its prompt may come from the prefix cache (not when every position's logits are asked for)."""
+        return self.sampling.prompt_logprobs is None
+
+    def collect_prompt_logprobs(self) -> None:
+        """Once the prompt is computed: :attr:`prompt_logprobs` per request input id (see :class:`RequestOutput`)."""
+        if self.position_logprobs is not None:
+            self.prompt_logprobs = [None if p is None else self.position_logprobs[p] for p in self.input_positions]
 
     def max_positions(self, max_model_len: int) -> int:
         """Positions this sequence can ever need: the KV reserved for it on admission."""
