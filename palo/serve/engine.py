@@ -81,6 +81,8 @@ class StreamEvent:
         completion_tokens: Tokens generated so far.
         logprobs: Per token generated so far, its log-probability and top alternatives, when the request asked.
         token_ids: The tokens generated so far, along with ``logprobs``.
+        prompt_logprobs: Per prompt id, when the request asked and its prompt is computed (None for the first id and
+            image placeholders).
     """
 
     text: str | None
@@ -89,6 +91,7 @@ class StreamEvent:
     completion_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 Sink = Callable[[StreamEvent], None]
@@ -125,6 +128,16 @@ def _parse_number(params: dict[str, Any], key: str, default: float, integer: boo
     if not math.isfinite(number):
         raise RequestError(f"'{key}' must be finite, got {value!r}")
     return int(number) if integer else number
+
+
+def _alternatives(params: dict[str, Any], key: str) -> int | None:
+    """``params[key]`` as a count of log-probability alternatives per token (0 to 20), or None when absent."""
+    value = params.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or not 0 <= value <= MAX_LOGPROBS):
+        raise RequestError(f"'{key}' must be null or an integer from 0 to {MAX_LOGPROBS} (alternatives per "
+                           f"token), got {value!r}")
+    return value
 
 
 class EngineBackend(ABC):
@@ -180,7 +193,10 @@ class EngineBackend(ABC):
             params: ``{"prompt", "images", "temperature", "top_p", "max_new_tokens", "stop"}`` (the original
                 protocol), optionally ``"top_k"``, ``"seed"`` and the penalties ``"presence_penalty"``,
                 ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0), and
-                ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities).
+                ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities),
+                ``"prompt_logprobs"`` (the same for the prompt's ids, in the first chunk after the prompt is computed;
+                ``max_new_tokens`` may then be 0 to score the prompt only) and ``"prompt_token_ids"`` instead of
+                ``"prompt"`` (the prompt as token ids, used as they are; no images).
 
         Returns:
             The prepared request.
@@ -192,8 +208,13 @@ class EngineBackend(ABC):
         """
         if not isinstance(params, dict):
             raise RequestError("the request body must be a JSON object")
+        token_ids = self._prompt_token_ids(params.get("prompt_token_ids"))
         prompt = params.get("prompt")
-        if not isinstance(prompt, str):
+        if token_ids is not None:  # the stream's text starts with the prompt: here the text its ids spell
+            if prompt is not None:
+                raise RequestError("send either 'prompt' or 'prompt_token_ids', not both")
+            prompt = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        elif not isinstance(prompt, str):
             raise RequestError("'prompt' is required and must be a string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PromptTooLong(f"the prompt has {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
@@ -216,8 +237,6 @@ class EngineBackend(ABC):
             raise RequestError(f"'temperature' must be >= 0, got {temperature}")
         if not 0 < top_p <= 1:
             raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")
-        if max_new_tokens < 1:
-            raise RequestError(f"'max_new_tokens' must be at least 1, got {max_new_tokens}")
         penalties = {key: _parse_number(params, key, 0.0) for key in ("presence_penalty", "frequency_penalty")}
         for key, value in penalties.items():
             if not -2 <= value <= 2:
@@ -225,14 +244,17 @@ class EngineBackend(ABC):
         penalties["repetition_penalty"] = _parse_number(params, "repetition_penalty", 1.0)
         if penalties["repetition_penalty"] <= 0:
             raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}")
-        logprobs = params.get("logprobs")
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                     or not 0 <= logprobs <= MAX_LOGPROBS):
-            raise RequestError(f"'logprobs' must be null or an integer from 0 to {MAX_LOGPROBS} (alternatives per "
-                               f"token), got {logprobs!r}")
+        logprobs, prompt_logprobs = (_alternatives(params, key) for key in ("logprobs", "prompt_logprobs"))
+        # No answer at all: only to score the prompt.
+        least_tokens = 0 if prompt_logprobs is not None else 1
+        if max_new_tokens < least_tokens:
+            raise RequestError(f"'max_new_tokens' must be at least 1 (0 only with 'prompt_logprobs'), got "
+                               f"{max_new_tokens}")
         max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
 
         num_placeholders = prompt.count(DEFAULT_IMAGE_TOKEN)
+        if images and token_ids is not None:
+            raise RequestError("a 'prompt_token_ids' prompt takes no images; send the prompt as text with <image>")
         if images and not self.is_multimodal:
             raise RequestError("this model takes text only (its config has no vision tower); send no images")
         if self.is_multimodal and len(images) != num_placeholders:
@@ -243,14 +265,16 @@ class EngineBackend(ABC):
         if len(images) > MAX_IMAGES_PER_REQUEST:
             raise RequestError(f"{len(images)} images is over the limit of {MAX_IMAGES_PER_REQUEST} per request")
 
-        if self.is_multimodal:
+        if token_ids is not None:
+            input_ids = token_ids
+        elif self.is_multimodal:
             text = MultimodalSpec.from_config(self.model.config).expand_image_placeholders(prompt)
             input_ids = tokenizer_image_token(text, self.tokenizer, IMAGE_TOKEN_INDEX)
         else:
             input_ids = self.tokenizer(prompt).input_ids
         prompt_tokens = spliced_length(input_ids, self.image_token_count)
         max_new_tokens = min(max_new_tokens, self.max_context - prompt_tokens)
-        if max_new_tokens < 1:
+        if max_new_tokens < least_tokens:
             raise PromptTooLong(
                 f"the prompt takes {prompt_tokens} of the model's {self.max_context} context positions"
                 f" ({len(images)} image(s) x {self.image_token_count}); no room is left for an answer"
@@ -275,10 +299,24 @@ class EngineBackend(ABC):
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
-                                    **penalties),
+                                    prompt_logprobs=prompt_logprobs, **penalties),
             stop=stop or None,
             prompt_tokens=prompt_tokens,
         )
+
+    def _prompt_token_ids(self, value: Any) -> list[int] | None:
+        """A prompt sent as token ids (used as they are: no BOS is added), or None when absent.
+
+        Raises:
+            RequestError: For anything but a non-empty list of the model's token ids.
+        """
+        if value is None:
+            return None
+        vocab = int(self.model.config.vocab_size)
+        if not isinstance(value, list) or not value or len(value) > MAX_PROMPT_CHARS or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in value):
+            raise RequestError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab})")
+        return value
 
     # -- queue (each engine's own) ---------------------------------------------------------------------------------
     @abstractmethod
@@ -420,4 +458,5 @@ def _event(output: RequestOutput, with_logprobs: bool = False) -> StreamEvent:
         reason = "stop"
     return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=output.num_tokens,
                        logprobs=output.logprobs if with_logprobs else None,
-                       token_ids=output.token_ids if with_logprobs else None)
+                       token_ids=output.token_ids if with_logprobs else None,
+                       prompt_logprobs=output.prompt_logprobs)

@@ -36,7 +36,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, WORKER_HEART_BEAT_INTERVAL
 from palo.engine.config import EngineConfig
 from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
@@ -129,7 +129,8 @@ class ModelWorker(BaseWorker):
         except PromptTooLong as exc:
             # The original protocol: error code 0, the prompt followed by the message.
             self.logger.info("prompt too long: %s", exc)
-            raise Rejected(encode_chunk(params["prompt"] + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
+            prompt = str(params.get("prompt") or "")  # none when it came as token ids
+            raise Rejected(encode_chunk(prompt + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
                                         detail=str(exc), finish_reason="length"), 200) from None
         if self.running + self.waiting >= self.limit_model_concurrency + self.max_queue:  # it would have to wait
             self.rejected += 1
@@ -154,6 +155,7 @@ class ModelWorker(BaseWorker):
                 yield error_chunk(f"the worker is busy: {exc}", WORKER_ERROR)
                 return
             sent_logprobs = 0
+            prompt_sent = False
             while True:
                 event = await queue.get()
                 if event.error is not None:
@@ -169,8 +171,13 @@ class ModelWorker(BaseWorker):
                     logprobs = [logprob_entry(self.engine.tokenizer, token, entry) for token, entry in
                                 zip(event.token_ids[sent_logprobs:], event.logprobs[sent_logprobs:])]
                     sent_logprobs = len(event.logprobs)
+                extra: dict[str, Any] = {}
+                if event.prompt_logprobs is not None and not prompt_sent:  # once, when the prompt is computed
+                    extra["prompt_logprobs"] = prompt_logprob_entries(self.engine.tokenizer, prepared.input_ids,
+                                                                      event.prompt_logprobs)
+                    prompt_sent = True
                 yield encode_chunk(prepared.prompt + event.text, OK, finish_reason=event.finish_reason, usage=usage,
-                                   logprobs=logprobs)
+                                   logprobs=logprobs, **extra)
                 if event.finish_reason:
                     return
         finally:
@@ -193,6 +200,21 @@ def logprob_entry(tokenizer: Any, token_id: int, logprob: TokenLogprob) -> dict[
 
     chosen, top = logprob
     return {**item(token_id, chosen), "top_logprobs": [item(t, v) for t, v in top]}
+
+
+def prompt_logprob_entries(tokenizer: Any, input_ids: list[int],
+                           logprobs: list[TokenLogprob | None]) -> list[dict[str, Any]]:
+    """Per prompt id, an entry as :func:`logprob_entry` makes them; the first id and image placeholders (which have
+    no probability) get ``logprob`` and ``top_logprobs`` None."""
+    entries = []
+    for token, entry in zip(input_ids, logprobs):
+        if entry is not None:
+            entries.append(logprob_entry(tokenizer, token, entry))
+            continue
+        raw = DEFAULT_IMAGE_TOKEN.encode() if token == IMAGE_TOKEN_INDEX else token_bytes(tokenizer, token)
+        entries.append({"token": raw.decode("utf-8", "backslashreplace"), "logprob": None, "bytes": list(raw),
+                        "top_logprobs": None})
+    return entries
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -214,6 +214,10 @@ class OpenAIWorker(BaseWorker):
         """
         if not isinstance(params, dict):
             raise PromptFormatError("the request body must be a JSON object")
+        for key in ("prompt_token_ids", "prompt_logprobs"):
+            if params.get(key) is not None:  # a chat API neither takes token ids nor scores a prompt
+                raise PromptFormatError(f"'{key}' is not supported by a worker that forwards to an OpenAI-compatible "
+                                        "backend as chat messages")
         prompt = params.get("prompt")
         if not isinstance(prompt, str):
             raise PromptFormatError("'prompt' (a string) is required")

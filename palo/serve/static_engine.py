@@ -92,8 +92,9 @@ class StaticBatchEngine(EngineBackend):
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
         prepared = super().prepare(params)
-        if prepared.sampling.logprobs is not None:
-            raise RequestError("'logprobs' needs the paged engine; this worker runs --engine static")
+        for key in ("logprobs", "prompt_logprobs"):
+            if getattr(prepared.sampling, key) is not None:
+                raise RequestError(f"'{key}' needs the paged engine; this worker runs --engine static")
         return prepared
 
     # -- queue ---------------------------------------------------------------------------------------------------

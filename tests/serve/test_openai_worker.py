@@ -182,6 +182,12 @@ def test_a_prompt_it_cannot_forward_gets_a_clear_error(stack):
     assert response.status_code == 400
     chunk = json.loads(response.content.rstrip(b"\0"))
     assert chunk["error_code"] == 1 and "vicuna_v1" in chunk["text"]
+    # Token-id prompts and prompt scoring cannot go through a chat API: refused by name, not answered otherwise.
+    for extra in ({"prompt_token_ids": [1, 2, 3]}, {"prompt_logprobs": 1}):
+        response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
+                              json={"prompt": "USER: hi ASSISTANT:", "images": [], "stop": "</s>", **extra})
+        chunk = json.loads(response.content.rstrip(b"\0"))
+        assert response.status_code == 400 and f"'{next(iter(extra))}' is not supported" in chunk["text"]
 
 
 def test_backend_death_gives_a_clear_error_and_the_worker_expires(stack):

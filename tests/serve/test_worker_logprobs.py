@@ -76,3 +76,70 @@ def test_no_logprobs_unless_asked_and_bad_values_or_the_static_engine_are_refuse
         assert status == 400 and "'logprobs' must be null or an integer from 0 to 20" in chunks[-1]["text"], bad
     status, chunks = _ask(_worker(loaded, static=True), _params(logprobs=0))
     assert status == 400 and "--engine static" in chunks[-1]["text"]
+
+
+def test_prompt_logprobs_score_every_prompt_id_once_and_max_new_tokens_0_scores_only(loaded):
+    tokenizer = loaded[0]
+    status, chunks = _ask(_worker(loaded), _params(prompt_logprobs=2, max_new_tokens=0))
+    assert status == 200 and len(chunks) == 1
+    chunk = chunks[0]
+    assert chunk["text"] == _params()["prompt"] and chunk["finish_reason"] == "length"
+    assert chunk["usage"]["completion_tokens"] == 0 and "logprobs" not in chunk
+    engine = _worker(loaded).engine
+    try:
+        prepared = engine.prepare(_params(prompt_logprobs=2, max_new_tokens=0))
+        direct = engine.generate([prepared])[0]
+    finally:
+        engine.close()
+    entries = chunk["prompt_logprobs"]
+    assert len(entries) == len(prepared.input_ids) == len(direct.prompt_logprobs)
+    assert entries[0] == {"token": tokenizer.convert_ids_to_tokens(prepared.input_ids[0]), "logprob": None,
+                          "bytes": list(tokenizer.convert_ids_to_tokens(prepared.input_ids[0]).encode()),
+                          "top_logprobs": None}
+    image = prepared.input_ids.index(-200)
+    assert entries[image]["token"] == "<image>" and entries[image]["logprob"] is None
+    scored = [(e, d) for e, d in zip(entries, direct.prompt_logprobs) if d is not None]
+    assert len(scored) == len(entries) - 2
+    assert [e["logprob"] for e, _ in scored] == pytest.approx([lp for _, (lp, _) in scored], abs=1e-6)
+    assert all(len(e["top_logprobs"]) == 2 for e, _ in scored)
+    # With an answer: the prompt's entries come once, in the first chunk, then the answer streams as usual.
+    status, chunks = _ask(_worker(loaded), _params(prompt_logprobs=0, max_new_tokens=8))
+    assert status == 200 and [i for i, c in enumerate(chunks) if "prompt_logprobs" in c] == [0]
+    assert chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_a_prompt_sent_as_token_ids_is_used_as_it_is(loaded):
+    tokenizer = loaded[0]
+    prompt = vicuna_prompt("¿Qué hay aquí?").replace("<image>\n", "")
+    ids = tokenizer(prompt).input_ids
+    status, by_text = _ask(_worker(loaded), {"prompt": prompt, "temperature": 0, "max_new_tokens": 12})
+    status_ids, by_ids = _ask(_worker(loaded), {"prompt_token_ids": ids, "temperature": 0, "max_new_tokens": 12,
+                                               "prompt_logprobs": 1})
+    assert status == status_ids == 200
+    decoded = tokenizer.decode(ids, skip_special_tokens=True)
+    assert by_ids[-1]["text"] == decoded + by_text[-1]["text"][len(prompt):]  # the same answer
+    assert by_ids[-1]["usage"] == by_text[-1]["usage"]
+    assert len(by_ids[0]["prompt_logprobs"]) == len(ids)  # no BOS added: the ids as sent
+    no_bos = ids[1:]
+    status, chunks = _ask(_worker(loaded), {"prompt_token_ids": no_bos, "max_new_tokens": 0, "prompt_logprobs": 0})
+    assert status == 200 and len(chunks[0]["prompt_logprobs"]) == len(no_bos)
+    assert chunks[0]["prompt_logprobs"][0]["token"] == tokenizer.convert_ids_to_tokens(no_bos[0]).replace("▁", " ")
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"prompt": "x", "prompt_token_ids": [1, 2]}, "not both"),
+    ({"prompt_token_ids": []}, "non-empty list of token ids"),
+    ({"prompt_token_ids": [1, 10**9]}, "non-empty list of token ids"),
+    ({"prompt_token_ids": [1, "2"]}, "non-empty list of token ids"),
+    ({"prompt_token_ids": [1, 2], "images": ["aGk="]}, "takes no images"),
+    ({"prompt": "x", "max_new_tokens": 0}, "0 only with 'prompt_logprobs'"),
+    ({"prompt": "x", "prompt_logprobs": 21}, "'prompt_logprobs' must be null or an integer"),
+])
+def test_bad_scoring_requests_are_refused_by_name(loaded, params, message):
+    status, chunks = _ask(_worker(loaded), params)
+    assert status == 400 and message in chunks[-1]["text"]
+
+
+def test_the_static_engine_refuses_prompt_logprobs(loaded):
+    status, chunks = _ask(_worker(loaded, static=True), _params(prompt_logprobs=0))
+    assert status == 400 and "'prompt_logprobs' needs the paged engine" in chunks[-1]["text"]
