@@ -59,6 +59,7 @@ class PreparedRequest:
         sampling: The engine's sampling settings (token budget, temperature, top-p/k, stop, seed, penalties).
         stop: Stop string, or None (end-of-sequence only).
         prompt_tokens: Context positions the prompt takes, image positions included.
+        prompt_from_ids: Whether the prompt came as token ids (``prompt`` is then their text).
     """
 
     prompt: str
@@ -68,6 +69,7 @@ class PreparedRequest:
     sampling: SamplingParams
     stop: str | None
     prompt_tokens: int
+    prompt_from_ids: bool = False
 
 
 @dataclass
@@ -302,6 +304,7 @@ class EngineBackend(ABC):
                                     prompt_logprobs=prompt_logprobs, **penalties),
             stop=stop or None,
             prompt_tokens=prompt_tokens,
+            prompt_from_ids=token_ids is not None,
         )
 
     def _prompt_token_ids(self, value: Any) -> list[int] | None:

@@ -156,6 +156,7 @@ class ModelWorker(BaseWorker):
                 return
             sent_logprobs = 0
             prompt_sent = False
+            first = True
             while True:
                 event = await queue.get()
                 if event.error is not None:
@@ -171,7 +172,9 @@ class ModelWorker(BaseWorker):
                     logprobs = [logprob_entry(self.engine.tokenizer, token, entry) for token, entry in
                                 zip(event.token_ids[sent_logprobs:], event.logprobs[sent_logprobs:])]
                     sent_logprobs = len(event.logprobs)
-                extra: dict[str, Any] = {}
+                # The text a token-id prompt spells, which the stream's text starts with, once for its client.
+                extra: dict[str, Any] = {"prompt": prepared.prompt} if prepared.prompt_from_ids and first else {}
+                first = False
                 if event.prompt_logprobs is not None and not prompt_sent:  # once, when the prompt is computed
                     extra["prompt_logprobs"] = prompt_logprob_entries(self.engine.tokenizer, prepared.input_ids,
                                                                       event.prompt_logprobs)

@@ -7,8 +7,11 @@ protocol.
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
   ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``n``, ``top_k``, the presence, frequency and
   repetition penalties, ``logprobs`` / ``top_logprobs``, ``stream_options.include_usage``.
-* ``POST /v1/completions``: the legacy text completions: one finished ``prompt`` sent as it is (no template, no
-  images), the same settings, ``logprobs`` as a count of alternatives.
+* ``POST /v1/completions``: the legacy text completions: finished prompts sent as they are (no template, no
+  images): ``prompt`` a string, a list of token ids, or a list of either (one answer, or ``n``, per prompt), the same
+  settings, ``logprobs`` as a count of alternatives, and ``echo`` (the prompt before the answer; with ``logprobs``,
+  the prompt's tokens scored too, the first one ``null``: how evaluation harnesses score a given text; with
+  ``max_tokens`` 0 nothing is generated).
 
 Chat messages are rendered with the conversation template the worker reports for its checkpoint (``vicuna_v1`` for
 PALO; each image becomes an ``<image>`` line at the front of its message, as PALO was trained), and sent to a worker
@@ -44,6 +47,7 @@ DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for the legacy text completions
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # the most answers ("n") one request may ask for
+MAX_COMPLETION_ANSWERS = 128  # the most answers one text completion request may ask for, over all its prompts
 
 
 class APIError(Exception):
@@ -79,13 +83,18 @@ class GenerationRequest:
     top_k: int = 0  # 0: no limit
     penalties: dict[str, float] = field(default_factory=dict)  # only those that ask for something
     logprobs: int | None = None  # alternatives per token when log-probabilities are asked for
+    prompt_token_ids: list[int] | None = None  # the prompt as token ids (then ``prompt`` is empty)
+    echo: bool = False  # the answer's text (and logprobs) start with the prompt's
+    prompt_logprobs: int | None = None  # the worker scores the prompt's tokens (for echo with logprobs)
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
         the answers differ and each is reproducible."""
+        prompt: dict[str, Any] = ({"prompt": self.prompt} if self.prompt_token_ids is None else
+                                  {"prompt_token_ids": self.prompt_token_ids})
         params = {
             "model": self.model,
-            "prompt": self.prompt,
+            **prompt,
             "images": self.images,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -99,6 +108,8 @@ class GenerationRequest:
         params.update(self.penalties)
         if self.logprobs is not None:
             params["logprobs"] = self.logprobs
+        if self.prompt_logprobs is not None:
+            params["prompt_logprobs"] = self.prompt_logprobs
         return params
 
 
@@ -223,7 +234,7 @@ def _model(body: Any, not_implemented: dict[str, Callable[[Any], bool]]) -> str:
     return model
 
 
-def _generation_fields(body: dict, default_max_tokens: int) -> dict[str, Any]:
+def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: int = 1) -> dict[str, Any]:
     """The sampling and streaming fields both endpoints take, validated (:class:`GenerationRequest` keywords)."""
     n = body.get("n", 1)
     if n is None:
@@ -233,8 +244,9 @@ def _generation_fields(body: dict, default_max_tokens: int) -> dict[str, Any]:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is None:
         max_tokens = default_max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise APIError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}", param="max_tokens")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least_max_tokens:
+        floor = "a positive integer" if least_max_tokens else "an integer >= 0"
+        raise APIError(400, f"'max_tokens' must be {floor}, got {max_tokens!r}", param="max_tokens")
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
@@ -306,34 +318,60 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
 
 # The legacy text completion's features this server does not implement, with the values that ask for nothing.
 COMPLETION_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
-    "echo": lambda v: v in (None, False),
     "suffix": lambda v: not v,
     "logit_bias": lambda v: not v,
 }
 
 
-def parse_completion_request(body: Any) -> GenerationRequest:
-    """Validate a ``/v1/completions`` body: a finished ``prompt`` sent to the model as it is (no template, no
-    images: a prompt with ``<image>`` placeholders is refused by the worker), ``logprobs`` as the count of
-    alternatives per token.
+def _is_token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    """``prompt`` as a list of prompts, each a non-empty string or list of token ids (OpenAI's four forms)."""
+    if isinstance(value, str) or _is_token_ids(value):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+        prompts = value
+    else:
+        raise APIError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either",
+                       param="prompt")
+    if any(p == "" for p in prompts):
+        raise APIError(400, "a prompt must not be empty", param="prompt")
+    return prompts
+
+
+def parse_completion_request(body: Any) -> list[GenerationRequest]:
+    """Validate a ``/v1/completions`` body: one request per prompt, each sent to the model as it is (no template, no
+    images: a prompt with ``<image>`` placeholders is refused by the worker; token ids go as they are, no BOS
+    added), ``logprobs`` as the count of alternatives per token, ``echo`` the prompt (and its scored tokens) before
+    the answer.
 
     Raises:
         APIError: For malformed requests.
     """
     model = _model(body, COMPLETION_NOT_IMPLEMENTED)
-    fields = _generation_fields(body, DEFAULT_COMPLETION_MAX_TOKENS)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
-        raise APIError(400, "'prompt' must be one non-empty string (send several prompts as separate requests; "
-                            "token-id prompts are not taken)", param="prompt")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise APIError(400, f"'echo' must be true or false, got {echo!r}", param="echo")
+    fields = _generation_fields(body, DEFAULT_COMPLETION_MAX_TOKENS, least_max_tokens=0 if echo else 1)
+    prompts = _prompts(body.get("prompt"))
+    if len(prompts) * fields["n"] > MAX_COMPLETION_ANSWERS:
+        raise APIError(400, f"{len(prompts)} prompts x n={fields['n']} answers is over the limit of "
+                            f"{MAX_COMPLETION_ANSWERS} per request", param="prompt")
     best_of = body.get("best_of")
     if best_of is not None and best_of != fields["n"]:
         raise APIError(400, f"'best_of' is not supported by this server unless it equals n (got {best_of!r})",
                        param="best_of")
-    return GenerationRequest(model=model, prompt=prompt, images=[], template_stop=None,
-                             logprobs=_alternatives(body, "logprobs"), **fields)
+    logprobs = _alternatives(body, "logprobs")
+    # The worker scores the prompt only for an echo that shows logprobs, or that generates nothing (a worker
+    # generates nothing only for a request that scores its prompt).
+    prompt_logprobs = logprobs if echo and logprobs is not None else 0 if echo and not fields["max_tokens"] else None
+    return [GenerationRequest(model=model, prompt=p if isinstance(p, str) else "", images=[], template_stop=None,
+                              logprobs=logprobs, prompt_token_ids=None if isinstance(p, str) else p,
+                              echo=bool(echo), prompt_logprobs=prompt_logprobs, **fields)
+            for p in prompts]
 
 
 @dataclass
@@ -358,10 +396,13 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
 
     The worker's error chunks and a broken stream become :class:`APIError`, as does a worker that sends no
     log-probabilities when they were asked for. The worker stream is closed when this ends, however it ends; closing
-    it early (at a user stop string) also stops the worker generating.
+    it early (at a user stop string) also stops the worker generating. With ``echo`` the text starts with the
+    prompt's, and the log-probabilities with the prompt's tokens.
     """
     shown = ""
     logprobs: list[dict] = []
+    answer_entries = 0  # of which the answer's
+    prompt = chat.prompt  # what the worker's text starts with (for token ids: their text, in its first chunk)
     final: Piece | None = None
     try:
         async for obj in stream.chunks():
@@ -375,22 +416,34 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
                 if error_type == INVALID_REQUEST:
                     raise APIError(400, str(obj.get("text")))
                 raise APIError(502, f"the model worker failed: {obj.get('text')}", type_="server_error")
+            if isinstance(obj.get("prompt"), str):
+                prompt = obj["prompt"]
             text = str(obj.get("text", ""))
-            text = text[len(chat.prompt):] if text.startswith(chat.prompt) else text
+            text = text[len(prompt):] if text.startswith(prompt) else text
             finish, usage = obj.get("finish_reason"), obj.get("usage")
             if chat.logprobs is not None:
                 # One growing list per answer: each piece is used before the next chunk is read, and its readers
-                # track how many entries they have passed on.
-                logprobs.extend(obj.get("logprobs") or [])
+                # track how many entries they have passed on. An echo's prompt entries come first, in the first
+                # chunk.
+                if chat.echo and "prompt_logprobs" in obj:
+                    logprobs.extend(obj["prompt_logprobs"] or [])
+                new = obj.get("logprobs") or []
+                logprobs.extend(new)
+                answer_entries += len(new)
             shown, stopped = visible_text(text, chat.stops, final=finish is not None)
+            if chat.echo:
+                shown = prompt + shown
             if stopped:  # closing the stream now stops the worker generating
                 yield Piece(shown, "stop", usage, logprobs)
                 return
             if finish is not None:
                 tokens = (usage or {}).get("completion_tokens")
-                if chat.logprobs is not None and (len(logprobs) != tokens if tokens is not None else
-                                                  shown and not logprobs):
-                    raise APIError(502, f"the model worker {stream.worker} sent log-probabilities for {len(logprobs)}"
+                if chat.echo and chat.logprobs is not None and len(logprobs) == answer_entries:
+                    raise APIError(502, f"the model worker {stream.worker} sent no log-probabilities for the prompt "
+                                        "(a worker of an earlier version sends none)", type_="server_error")
+                if chat.logprobs is not None and (answer_entries != tokens if tokens is not None else
+                                                  shown and not answer_entries):
+                    raise APIError(502, f"the model worker {stream.worker} sent log-probabilities for {answer_entries}"
                                         f" of {tokens or 'its'} tokens (a worker of an earlier version sends none)",
                                    type_="server_error")
                 final = Piece(shown, finish, usage, logprobs)
@@ -406,9 +459,11 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
         await stream.aclose()
 
 
-def _usage(usages: list[dict | None]) -> dict[str, int]:
-    """Usage of a request's answers: its prompt once (every answer has the same), the answers' tokens summed."""
-    prompt = max((int((u or {}).get("prompt_tokens", 0)) for u in usages), default=0)
+def _usage(usages: list[dict | None], n: int = 1) -> dict[str, int]:
+    """Usage of a request's answers (``n`` per prompt, prompt by prompt): each prompt once (its answers have the
+    same), the answers' tokens summed."""
+    prompt = sum(max((int((u or {}).get("prompt_tokens", 0)) for u in usages[first:first + n]), default=0)
+                 for first in range(0, len(usages), n))
     completion = sum(int((u or {}).get("completion_tokens", 0)) for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -492,8 +547,11 @@ class CompletionShape:
         for entry in entries:
             offsets.append(self._offsets.get(index, 0))
             self._offsets[index] = offsets[-1] + len(entry["token"])
+        # An echoed prompt's first token (and an image placeholder) has no probability: null, as OpenAI's and vLLM's.
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"]
+                                                                         for t in e["top_logprobs"]}
+                                 for e in entries],
                 "text_offset": offsets}
 
     def opening(self, index: int) -> dict | None:
@@ -569,13 +627,14 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
         for answers, _ in choices:
             await answers.aclose()
     if request.include_usage:
-        yield event(None, usage=_usage(usages))
+        yield event(None, usage=_usage(usages, request.n))
     yield b"data: [DONE]\n\n"
 
 
-async def _open_answers(chat: GenerationRequest, registry: WorkerRegistry,
+async def _open_answers(requests: list[GenerationRequest], registry: WorkerRegistry,
                         router: Router) -> list[tuple[Answers, Piece]]:
-    """Open the request's ``n`` answers on workers and read the first piece of each.
+    """Open each request's ``n`` answers on workers (request by request: answer ``i`` of prompt ``p`` is choice
+    ``p * n + i``, as OpenAI numbers them) and read the first piece of each.
 
     Raises:
         APIError: When any answer cannot be opened or fails before its first piece (the others are closed).
@@ -583,9 +642,11 @@ async def _open_answers(chat: GenerationRequest, registry: WorkerRegistry,
     streams: list[WorkerStream] = []
     answers: list[Answers] = []
     try:
-        for choice in range(chat.n):
-            streams.append(await open_chat(chat, registry, router, choice))
-        answers = [_answers(stream, chat, registry.logger) for stream in streams]
+        for chat in requests:
+            for choice in range(chat.n):
+                streams.append(await open_chat(chat, registry, router, choice))
+        asked = [chat for chat in requests for _ in range(chat.n)]
+        answers = [_answers(stream, chat, registry.logger) for stream, chat in zip(streams, asked)]
         return [(pieces, await anext(pieces)) for pieces in answers]  # never empty: each ends with a finish_reason
     except BaseException:
         for pieces in answers:
@@ -603,7 +664,7 @@ async def _last_piece(pieces: Answers, first: Piece) -> Piece:
 
 
 async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                    api_key: str | None, parse: Callable[[Any], GenerationRequest], shape: Shape) -> Response:
+                    api_key: str | None, parse: Callable[[Any], list[GenerationRequest]], shape: Shape) -> Response:
     """A completion in ``shape``: JSON, or server-sent events when ``stream`` is set.
 
     Errors before the first piece of the answer get their HTTP status (:class:`APIError`); the worker is asked
@@ -615,11 +676,12 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
             decoded = decode_json_body(body)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        request = parse(decoded)
-        choices = await _open_answers(request, registry, router)
+        requests = parse(decoded)
+        choices = await _open_answers(requests, registry, router)
     except APIError as exc:
         return exc.response()
 
+    request = requests[0]  # the settings all of them share (model, stream, n, logprobs)
     completion_id = shape.id_prefix + uuid.uuid4().hex
     created = int(time.time())
     if request.stream:
@@ -635,7 +697,7 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
         "id": completion_id, "object": shape.whole_object, "created": created, "model": request.model,
         "choices": [shape.whole(index, piece, None if request.logprobs is None else piece.logprobs)
                     for index, piece in enumerate(finals)],
-        "usage": _usage([piece.usage for piece in finals]),
+        "usage": _usage([piece.usage for piece in finals], request.n),
     })
 
 
@@ -643,7 +705,7 @@ async def chat_completion(body: bytes, authorization: str, registry: WorkerRegis
                           api_key: str | None) -> Response:
     """The ``POST /v1/chat/completions`` answer: a JSON completion, or server-sent events when ``stream`` is set."""
     return await _complete(body, authorization, registry, router, api_key,
-                           lambda decoded: parse_chat_request(decoded, registry.conv_mode), ChatShape())
+                           lambda decoded: [parse_chat_request(decoded, registry.conv_mode)], ChatShape())
 
 
 async def text_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,

@@ -135,3 +135,53 @@ def test_errors(cluster):
     # ...and the next good request succeeds.
     ok = c.chat.completions.create(model="ckpt", messages=image_message("What is this?"), temperature=0, max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.fixture(scope="module")
+def local(world):
+    from palo.model.builder import load_pretrained_model
+
+    tokenizer, model, _, _ = load_pretrained_model(world.full_dir, device="cpu")
+    return tokenizer, model.eval()
+
+
+def test_scoring_continuations_as_evaluation_harnesses_do(cluster, local):
+    """lm-evaluation-harness's ``local-completions`` log-likelihood request: context + continuation as token ids,
+    several prompts in one request, ``echo`` with ``max_tokens`` 1 and ``logprobs`` 1; it sums
+    ``token_logprobs[len(context):-1]`` and checks each continuation token against ``top_logprobs``. The sums are the
+    model's own log-likelihoods of the continuations."""
+    import torch
+
+    tokenizer, model = local
+    c = client(cluster)
+    context = tokenizer("USER: Qu'est-ce que c'est ? ASSISTANT:").input_ids
+    options = [tokenizer(text, add_special_tokens=False).input_ids for text in (" Une pomme rouge", " 赤いリンゴ")]
+    response = c.completions.create(model="ckpt", prompt=[context + option for option in options], max_tokens=1,
+                                    logprobs=1, echo=True, temperature=0, seed=1234)
+    choices = sorted(response.choices, key=lambda choice: choice.index)
+    assert len(choices) == 2
+    for option, choice in zip(options, choices):
+        ids = context + option
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected = [logprobs[p - 1, ids[p]].item() for p in range(len(context), len(ids))]
+        got = choice.logprobs.token_logprobs[len(context):-1]
+        assert got == pytest.approx(expected, abs=1e-4)
+        assert len(choice.logprobs.tokens) == len(ids) + 1 and choice.logprobs.token_logprobs[0] is None
+        greedy = [logprobs[p - 1].argmax().item() == ids[p] for p in range(len(context), len(ids))]
+        assert [lp == max(top.values()) for lp, top in zip(got, choice.logprobs.top_logprobs[len(context):-1])] == \
+            greedy
+        assert choice.text.startswith(tokenizer.decode(ids, skip_special_tokens=True))
+    assert response.usage.prompt_tokens == sum(len(context) + len(option) for option in options)
+    # A text prompt scored without an answer: its text back, every token but the first scored.
+    prompt = "USER: ¿Qué es esto? ASSISTANT: Una manzana."
+    scored = c.completions.create(model="ckpt", prompt=prompt, max_tokens=0, echo=True, logprobs=0)
+    ids = tokenizer(prompt).input_ids
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert len(scored.choices[0].logprobs.token_logprobs) == len(ids)
+    assert scored.choices[0].logprobs.token_logprobs[0] is None
+    assert None not in scored.choices[0].logprobs.token_logprobs[1:]
+    # The same prompt as its token ids gets the same answer, without the prompt's text in front.
+    question = "USER: Что это? ASSISTANT:"
+    by_text = c.completions.create(model="ckpt", prompt=question, max_tokens=8, temperature=0)
+    by_ids = c.completions.create(model="ckpt", prompt=tokenizer(question).input_ids, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text != "" and by_ids.usage == by_text.usage

@@ -415,10 +415,61 @@ def test_text_completions_send_the_prompt_as_it_is_and_answer_in_the_legacy_shap
 
 
 def test_text_completion_requests_it_cannot_answer_faithfully_are_400():
-    for extra, param in [({"echo": True}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
-                         ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [1, 2, 3]}, "prompt"),
-                         ({"prompt": ""}, "prompt"), ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"),
-                         ({"n": 0}, "n")]:
+    for extra, param in [({"echo": "yes"}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
+                         ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": ["a", ""]}, "prompt"),
+                         ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [[1, 2], []]}, "prompt"),
+                         ({"prompt": [True, 2]}, "prompt"), ({"prompt": ["a"] * 65, "n": 2}, "prompt"),
+                         ({"logprobs": 21}, "logprobs"), ({"logprobs": True}, "logprobs"), ({"n": 0}, "n"),
+                         ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": -1, "echo": True}, "max_tokens")]:
         status, body, sent = _complete(LOGPROB_CHUNKS, **extra)
         assert status == 400 and body["error"]["param"] == param and sent == [], extra
     assert _complete(LOGPROB_CHUNKS, echo=False, best_of=1, prompt=["one prompt"])[0] == 200
+
+
+PROMPT_ENTRIES = [{"token": "<s>", "logprob": None, "bytes": list(b"<s>"), "top_logprobs": None},
+                  {"token": " USER", "logprob": -2.0, "bytes": list(b" USER"), "top_logprobs": [
+                      {"token": " USER", "logprob": -2.0, "bytes": list(b" USER")}]}]
+
+
+def test_several_prompts_and_token_id_prompts_get_their_answers_in_order():
+    status, body, sent = _complete(LOGPROB_CHUNKS, prompt=["first", [1, 2, 3], "third"], n=2)
+    assert status == 200 and [c["index"] for c in body["choices"]] == list(range(6))
+    assert [b.get("prompt") for b in sent] == ["first", "first", None, None, "third", "third"]
+    assert [b.get("prompt_token_ids") for b in sent[2:4]] == [[1, 2, 3]] * 2
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 24, "total_tokens": 33}  # 3 prompts, 6 answers
+    # A token-id prompt's text comes from its worker: the stream's text starts with it and is not the answer.
+    spelled = [dict(LOGPROB_CHUNKS[0], prompt="USER: hi", text="USER: hiHel")] + [
+        dict(c, text="USER: hi" + c["text"]) for c in LOGPROB_CHUNKS[1:]]
+    status, body, _ = _complete(spelled, prompt=[1, 2, 3])
+    assert status == 200 and body["choices"][0]["text"] == "Hello world"
+
+
+def test_echo_puts_the_prompt_and_its_scored_tokens_before_the_answer():
+    echoed = [dict(LOGPROB_CHUNKS[0], prompt_logprobs=PROMPT_ENTRIES)] + LOGPROB_CHUNKS[1:]
+    echoed = [dict(c, text="USER: hi ASSISTANT:" + c["text"]) for c in echoed]
+    status, body, sent = _complete(echoed, echo=True, logprobs=1, max_tokens=1)
+    assert status == 200 and sent[0]["prompt_logprobs"] == 1 and sent[0]["logprobs"] == 1
+    choice = body["choices"][0]
+    assert choice["text"] == "USER: hi ASSISTANT:Hello world"
+    assert choice["logprobs"]["tokens"] == ["<s>", " USER", "Hel", "l", "o wo", "rld"]
+    assert choice["logprobs"]["token_logprobs"] == [None, -2.0, -0.5, -0.5, -0.5, -0.5]
+    assert choice["logprobs"]["top_logprobs"][:3] == [None, {" USER": -2.0}, {}]
+    # Streamed: the prompt comes first, with its entries, and the answer's follow.
+    status, chunks, _ = _complete(echoed, stream=True, echo=True, logprobs=1)
+    pieces = [(c["choices"][0]["text"], c["choices"][0]["logprobs"]["tokens"]) for c in chunks
+              if c["choices"] and c["choices"][0]["text"]]
+    assert pieces[0] == ("USER: hi ASSISTANT:Hel", ["<s>", " USER", "Hel"]) and "".join(p for p, _ in pieces) == (
+        "USER: hi ASSISTANT:Hello world")
+    # Echo without logprobs asks the worker for no scores; max_tokens 0 asks for scores only, as a worker needs.
+    assert "prompt_logprobs" not in _complete(echoed, echo=True)[2][0]
+    score_only = [{"text": "USER: hi ASSISTANT:", "error_code": 0, "prompt_logprobs": PROMPT_ENTRIES,
+                   "finish_reason": "length", "usage": {"prompt_tokens": 2, "completion_tokens": 0}}]
+    status, body, sent = _complete(score_only, echo=True, max_tokens=0)
+    assert status == 200 and sent[0]["max_new_tokens"] == 0 and sent[0]["prompt_logprobs"] == 0
+    assert body["choices"][0]["text"] == "USER: hi ASSISTANT:" and body["choices"][0]["logprobs"] is None
+    status, body, _ = _complete(score_only, echo=True, max_tokens=0, logprobs=0)
+    assert status == 200 and body["choices"][0]["logprobs"]["token_logprobs"] == [None, -2.0]
+    # A worker that sends no prompt entries for an echo with logprobs: an error, not an answer without them.
+    status, body, _ = _complete([dict(c, text="USER: hi ASSISTANT:" + c["text"]) for c in LOGPROB_CHUNKS],
+                                echo=True, logprobs=1)
+    assert status == 502 and "for the prompt" in body["error"]["message"]
