@@ -207,16 +207,20 @@ def logprob_entry(tokenizer: Any, token_id: int, logprob: TokenLogprob) -> dict[
 
 def prompt_logprob_entries(tokenizer: Any, input_ids: list[int],
                            logprobs: list[TokenLogprob | None]) -> list[dict[str, Any]]:
-    """Per prompt id, an entry as :func:`logprob_entry` makes them; the first id and image placeholders (which have
-    no probability) get ``logprob`` and ``top_logprobs`` None."""
+    """Per prompt id, an entry as :func:`logprob_entry` makes them, with the token ``id`` in it and in each of its
+    ``top_logprobs``; the first id and image placeholders (``id`` -200), which have no probability, get ``logprob``
+    and ``top_logprobs`` None."""
     entries = []
     for token, entry in zip(input_ids, logprobs):
         if entry is not None:
-            entries.append(logprob_entry(tokenizer, token, entry))
+            item = logprob_entry(tokenizer, token, entry)
+            for top, (top_id, _) in zip(item["top_logprobs"], entry[1]):
+                top["id"] = top_id
+            entries.append({"id": token, **item})
             continue
         raw = DEFAULT_IMAGE_TOKEN.encode() if token == IMAGE_TOKEN_INDEX else token_bytes(tokenizer, token)
-        entries.append({"token": raw.decode("utf-8", "backslashreplace"), "logprob": None, "bytes": list(raw),
-                        "top_logprobs": None})
+        entries.append({"id": token, "token": raw.decode("utf-8", "backslashreplace"), "logprob": None,
+                        "bytes": list(raw), "top_logprobs": None})
     return entries
 
 

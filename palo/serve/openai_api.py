@@ -160,18 +160,23 @@ def _content(message: dict, index: int, images_allowed: bool) -> tuple[str, list
     return (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + text, images
 
 
-def render_messages(messages: Any, conv_mode: str) -> tuple[str, list[str], str | None]:
+def render_messages(messages: Any, conv_mode: str,
+                    continue_final: bool = False) -> tuple[str, list[str], str | None]:
     """Render OpenAI chat messages with a conversation template.
 
     Args:
         messages: The request's ``messages``.
         conv_mode: A key of :data:`palo.conversation.conv_templates`.
+        continue_final: The last message is the assistant's, left open to be continued (vLLM's
+            ``continue_final_message``): the prompt ends with its content, as the template renders an answer, without
+            the separator that would close it (``... ASSISTANT: <content>`` in the Vicuna template).
 
     Returns:
         ``(prompt, images as base64 strings in prompt order, the template's stop string)``.
 
     Raises:
-        APIError: If the messages are malformed or do not alternate user/assistant ending with a user message.
+        APIError: If the messages are malformed or do not alternate user/assistant ending with a user message (an
+            assistant message with ``continue_final``).
     """
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
@@ -198,6 +203,20 @@ def render_messages(messages: Any, conv_mode: str) -> tuple[str, list[str], str 
         images.extend(message_images)
         conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], text)
         expected = "assistant" if role == "user" else "user"
+    if continue_final:
+        if expected != "user":
+            raise APIError(400, "with 'continue_final_message' the last message must be an assistant message",
+                           param="messages")
+        segments = conv.get_prompt_segments()
+        answer = conv.messages[-1][1]
+        if not answer:  # an empty answer is an open assistant turn
+            conv.messages[-1][1] = None
+            return conv.get_prompt(), images, stop_string(conv)
+        # The last piece is the answer as rendered (after the template's space, if any) and the separator that
+        # closes it: keep it up to the answer's end.
+        last = segments[-1][0]
+        end = last.index(answer) + len(answer)
+        return "".join(text for text, _ in segments[:-1]) + last[:end], images, stop_string(conv)
     if expected != "assistant":
         raise APIError(400, "the last message must be a user message", param="messages")
     conv.append_message(conv.roles[1], None)
@@ -305,7 +324,20 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     """
     model = _model(body, NOT_IMPLEMENTED)
     fields = _generation_fields(body, DEFAULT_MAX_TOKENS)
-    prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE)
+    flags = {}
+    for key, default in (("continue_final_message", False), ("add_generation_prompt", True)):
+        value = body.get(key, default)
+        if not isinstance(value, bool):
+            raise APIError(400, f"'{key}' must be true or false, got {value!r}", param=key)
+        flags[key] = value
+    if flags["continue_final_message"] == flags["add_generation_prompt"]:
+        raise APIError(400, "set 'continue_final_message' true together with 'add_generation_prompt' false (to "
+                            "continue the last assistant message), or neither", param="add_generation_prompt")
+    prompt, images, template_stop = render_messages(body.get("messages"), conv_mode_for(model) or DEFAULT_CONV_MODE,
+                                                    continue_final=flags["continue_final_message"])
+    prompt_logprobs = _alternatives(body, "prompt_logprobs")
+    if prompt_logprobs is not None and fields["stream"]:
+        raise APIError(400, "'prompt_logprobs' is not supported with 'stream'", param="prompt_logprobs")
     logprobs = body.get("logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise APIError(400, f"'logprobs' must be true or false, got {logprobs!r}", param="logprobs")
@@ -313,7 +345,8 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
     if top_logprobs and not logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return GenerationRequest(model=model, prompt=prompt, images=images, template_stop=template_stop,
-                             logprobs=(top_logprobs or 0) if logprobs else None, **fields)
+                             logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=prompt_logprobs,
+                             **fields)
 
 
 # The legacy text completion's features this server does not implement, with the values that ask for nothing.
@@ -383,12 +416,14 @@ class Piece:
         finish: ``finish_reason`` on the last piece, else None.
         usage: The worker's token counts, on its last chunk.
         logprobs: Per token so far, OpenAI's ``logprobs.content`` items (when the request asked for them).
+        prompt_logprobs: The worker's entry for each prompt token (with its ``id``), once it sent them.
     """
 
     text: str
     finish: str | None = None
     usage: dict | None = None
     logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list[dict] | None = None
 
 
 async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: logging.Logger) -> AsyncIterator[Piece]:
@@ -403,6 +438,7 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
     logprobs: list[dict] = []
     answer_entries = 0  # of which the answer's
     prompt = chat.prompt  # what the worker's text starts with (for token ids: their text, in its first chunk)
+    prompt_entries: list[dict] | None = None
     final: Piece | None = None
     try:
         async for obj in stream.chunks():
@@ -421,12 +457,14 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
             text = str(obj.get("text", ""))
             text = text[len(prompt):] if text.startswith(prompt) else text
             finish, usage = obj.get("finish_reason"), obj.get("usage")
+            if "prompt_logprobs" in obj and prompt_entries is None:
+                prompt_entries = list(obj["prompt_logprobs"] or [])
             if chat.logprobs is not None:
                 # One growing list per answer: each piece is used before the next chunk is read, and its readers
                 # track how many entries they have passed on. An echo's prompt entries come first, in the first
                 # chunk.
                 if chat.echo and "prompt_logprobs" in obj:
-                    logprobs.extend(obj["prompt_logprobs"] or [])
+                    logprobs.extend(prompt_entries or [])
                 new = obj.get("logprobs") or []
                 logprobs.extend(new)
                 answer_entries += len(new)
@@ -434,11 +472,11 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
             if chat.echo:
                 shown = prompt + shown
             if stopped:  # closing the stream now stops the worker generating
-                yield Piece(shown, "stop", usage, logprobs)
+                yield Piece(shown, "stop", usage, logprobs, prompt_entries)
                 return
             if finish is not None:
                 tokens = (usage or {}).get("completion_tokens")
-                if chat.echo and chat.logprobs is not None and len(logprobs) == answer_entries:
+                if chat.prompt_logprobs is not None and not prompt_entries:
                     raise APIError(502, f"the model worker {stream.worker} sent no log-probabilities for the prompt "
                                         "(a worker of an earlier version sends none)", type_="server_error")
                 if chat.logprobs is not None and (answer_entries != tokens if tokens is not None else
@@ -446,10 +484,11 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
                     raise APIError(502, f"the model worker {stream.worker} sent log-probabilities for {answer_entries}"
                                         f" of {tokens or 'its'} tokens (a worker of an earlier version sends none)",
                                    type_="server_error")
-                final = Piece(shown, finish, usage, logprobs)
+                final = Piece(shown, finish, usage, logprobs, prompt_entries)
                 continue
-            yield Piece(shown, None, usage, logprobs)
-        yield final or Piece(shown, "stop", None, logprobs)  # no final chunk: the worker ended without one
+            yield Piece(shown, None, usage, logprobs, prompt_entries)
+        # No final chunk: the worker ended without one.
+        yield final or Piece(shown, "stop", None, logprobs, prompt_entries)
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
@@ -529,6 +568,13 @@ class ChatShape:
                 "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None},
                 "finish_reason": piece.finish or "stop"}
 
+    def whole_extras(self, request: GenerationRequest, first: Piece) -> dict:
+        """vLLM's ``prompt_logprobs`` and ``prompt_token_ids`` when the prompt was scored."""
+        if request.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": [_vllm_prompt_logprob(e) for e in first.prompt_logprobs or []],
+                "prompt_token_ids": [e.get("id") for e in first.prompt_logprobs or []]}
+
 
 class CompletionShape:
     """How a legacy text completion is written: ``text_completion`` objects and the legacy ``logprobs`` lists
@@ -563,6 +609,22 @@ class CompletionShape:
     def whole(self, index: int, piece: Piece, logprobs: list[dict] | None) -> dict:
         return {"index": index, "text": piece.text, "logprobs": self._legacy(index, logprobs),
                 "finish_reason": piece.finish or "stop"}
+
+    def whole_extras(self, request: GenerationRequest, first: Piece) -> dict:
+        return {}  # an echo carries the prompt's scores in each choice's logprobs
+
+
+def _vllm_prompt_logprob(entry: dict) -> dict | None:
+    """A prompt token's entry as vLLM's ``prompt_logprobs`` items: ``{token id: {logprob, rank, decoded_token}}``,
+    the prompt's own token first and then the most likely ones (rank 1 ...; the own token's rank is null when it is
+    not among them); None for the first token and an image placeholder."""
+    if entry.get("logprob") is None:
+        return None
+    ranked = {str(top["id"]): {"logprob": top["logprob"], "rank": rank, "decoded_token": top["token"]}
+              for rank, top in enumerate(entry.get("top_logprobs") or [], 1)}
+    own = str(entry["id"])
+    return {own: ranked.pop(own, {"logprob": entry["logprob"], "rank": None, "decoded_token": entry["token"]}),
+            **ranked}
 
 
 Shape = ChatShape | CompletionShape
@@ -698,6 +760,7 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
         "choices": [shape.whole(index, piece, None if request.logprobs is None else piece.logprobs)
                     for index, piece in enumerate(finals)],
         "usage": _usage([piece.usage for piece in finals], request.n),
+        **shape.whole_extras(request, finals[0]),
     })
 
 

@@ -141,8 +141,8 @@ def test_errors(cluster):
 def local(world):
     from palo.model.builder import load_pretrained_model
 
-    tokenizer, model, _, _ = load_pretrained_model(world.full_dir, device="cpu")
-    return tokenizer, model.eval()
+    tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device="cpu")
+    return tokenizer, model.eval(), processor
 
 
 def test_scoring_continuations_as_evaluation_harnesses_do(cluster, local):
@@ -152,7 +152,7 @@ def test_scoring_continuations_as_evaluation_harnesses_do(cluster, local):
     model's own log-likelihoods of the continuations."""
     import torch
 
-    tokenizer, model = local
+    tokenizer, model, _ = local
     c = client(cluster)
     context = tokenizer("USER: Qu'est-ce que c'est ? ASSISTANT:").input_ids
     options = [tokenizer(text, add_special_tokens=False).input_ids for text in (" Une pomme rouge", " 赤いリンゴ")]
@@ -185,3 +185,35 @@ def test_scoring_continuations_as_evaluation_harnesses_do(cluster, local):
     by_text = c.completions.create(model="ckpt", prompt=question, max_tokens=8, temperature=0)
     by_ids = c.completions.create(model="ckpt", prompt=tokenizer(question).input_ids, max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text != "" and by_ids.usage == by_text.usage
+
+
+def test_chat_scores_an_answer_to_an_image_question(cluster, local):
+    """vLLM's chat extras: the assistant's answer continued (``continue_final_message``) and ``prompt_logprobs``
+    with ``prompt_token_ids``: the answer's tokens scored after the image and the question, as one forward pass over
+    the rendered prompt scores them."""
+    import torch
+
+    from palo.mm_utils import process_images, tokenizer_image_token
+    from palo.serve.openai_api import render_messages
+
+    tokenizer, model, processor = local
+    c = client(cluster)
+    messages = image_message("ما لون الدائرة؟", "red") + [{"role": "assistant", "content": "إنها حمراء"}]
+    response = c.chat.completions.create(model="ckpt", messages=messages, max_tokens=1, temperature=0, extra_body={
+        "continue_final_message": True, "add_generation_prompt": False, "prompt_logprobs": 1})
+    extra = response.model_extra
+    prompt, _, _ = render_messages(messages, "vicuna_v1", continue_final=True)
+    ids = tokenizer_image_token(prompt, tokenizer)
+    assert prompt.endswith("ASSISTANT: إنها حمراء") and extra["prompt_token_ids"] == ids
+    pixels = process_images([make_image("red")], processor, model.config)  # as the worker preprocesses it
+    spliced = model.prepare_multimodal_inputs(torch.tensor([ids]), pixels, None)
+    logprobs = torch.log_softmax(model(inputs_embeds=spliced.inputs_embeds).logits[0].float(), dim=-1)
+    scored = extra["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None and scored[ids.index(-200)] is None
+    position = 0
+    for i, token in enumerate(ids):
+        if i and token != -200:
+            entry = scored[i][str(token)]
+            assert entry["logprob"] == pytest.approx(logprobs[position - 1, token].item(), abs=1e-4), i
+            assert (entry["rank"] == 1) == (logprobs[position - 1].argmax().item() == token), i
+        position += model.image_token_count if token == -200 else 1

@@ -473,3 +473,74 @@ def test_echo_puts_the_prompt_and_its_scored_tokens_before_the_answer():
     status, body, _ = _complete([dict(c, text="USER: hi ASSISTANT:" + c["text"]) for c in LOGPROB_CHUNKS],
                                 echo=True, logprobs=1)
     assert status == 502 and "for the prompt" in body["error"]["message"]
+
+
+def test_continuing_the_final_assistant_message_renders_it_open():
+    from palo.conversation import conv_templates
+    from palo.serve.openai_api import render_messages
+
+    messages = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A red"}]
+    for mode in ("vicuna_v1", "llava_llama_2", "mpt"):
+        conv = conv_templates[mode].copy()
+        conv.append_message(conv.roles[0], "What is it?")
+        conv.append_message(conv.roles[1], None)
+        opened = conv.get_prompt()
+        conv.messages[-1][1] = "A red"
+        closed = conv.get_prompt()
+        prompt, _, _ = render_messages(messages, mode, continue_final=True)
+        # The answer as the template renders it, without what would close it.
+        assert closed.startswith(prompt) and prompt.endswith("A red") and prompt.startswith(opened.rstrip()), mode
+        assert len(closed) > len(prompt)
+    vicuna, _, _ = render_messages(messages, "vicuna_v1", continue_final=True)
+    assert vicuna.endswith("ASSISTANT: A red")
+    empty = [messages[0], {"role": "assistant", "content": ""}]
+    assert render_messages(empty, "vicuna_v1", continue_final=True)[0] == render_messages(messages[:1], "vicuna_v1")[0]
+
+
+PROMPT_IDS_ENTRIES = [
+    {"id": 1, "token": "<s>", "logprob": None, "bytes": [60, 115, 62], "top_logprobs": None},
+    {"id": -200, "token": "<image>", "logprob": None, "bytes": list(b"<image>"), "top_logprobs": None},
+    {"id": 7, "token": " A", "logprob": -1.5, "bytes": [32, 65], "top_logprobs": [
+        {"id": 9, "token": " B", "logprob": -0.5, "bytes": [32, 66]}, {"id": 7, "token": " A", "logprob": -1.5,
+                                                                       "bytes": [32, 65]}]},
+    {"id": 8, "token": " C", "logprob": -3.0, "bytes": [32, 67], "top_logprobs": [
+        {"id": 9, "token": " B", "logprob": -0.1, "bytes": [32, 66]}]},
+]
+
+
+def test_chat_prompt_logprobs_come_back_in_vllms_shape():
+    chunks = [dict(LOGPROB_CHUNKS[0], prompt_logprobs=PROMPT_IDS_ENTRIES)] + LOGPROB_CHUNKS[1:]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "A"}]
+    status, body, sent = _call(chat_completion, {"model": "ckpt", "messages": messages, "max_tokens": 1,
+                                                 "prompt_logprobs": 2, "continue_final_message": True,
+                                                 "add_generation_prompt": False}, chunks)
+    assert status == 200 and sent[0]["prompt_logprobs"] == 2 and sent[0]["prompt"].endswith("ASSISTANT: A")
+    assert body["prompt_token_ids"] == [1, -200, 7, 8]
+    assert body["prompt_logprobs"] == [
+        None, None,
+        {"7": {"logprob": -1.5, "rank": 2, "decoded_token": " A"}, "9": {"logprob": -0.5, "rank": 1,
+                                                                          "decoded_token": " B"}},
+        {"8": {"logprob": -3.0, "rank": None, "decoded_token": " C"}, "9": {"logprob": -0.1, "rank": 1,
+                                                                             "decoded_token": " B"}}]
+    assert list(body["prompt_logprobs"][2]) == ["7", "9"]  # the prompt's own token first
+    # Not asked: none of it.
+    status, body, sent = _ask_logprobs(LOGPROB_CHUNKS, False)
+    assert "prompt_logprobs" not in body and "prompt_logprobs" not in sent[0]
+    # A worker that sends none when asked: an error, not an answer without them.
+    status, body, _ = _ask_logprobs(LOGPROB_CHUNKS, False, prompt_logprobs=0)
+    assert status == 502 and "for the prompt" in body["error"]["message"]
+
+
+def test_bad_continuation_and_prompt_scoring_requests_are_400():
+    user = [{"role": "user", "content": "hi"}]
+    both = user + [{"role": "assistant", "content": "A"}]
+    for body, param in [({"messages": both, "continue_final_message": True}, "add_generation_prompt"),
+                        ({"messages": user, "add_generation_prompt": False}, "add_generation_prompt"),
+                        ({"messages": user, "continue_final_message": True, "add_generation_prompt": False},
+                         "messages"),
+                        ({"messages": both}, "messages"),
+                        ({"messages": user, "continue_final_message": "yes"}, "continue_final_message"),
+                        ({"messages": user, "prompt_logprobs": 21}, "prompt_logprobs"),
+                        ({"messages": user, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs")]:
+        status, answer, sent = _call(chat_completion, {"model": "ckpt", "max_tokens": 4, **body}, LOGPROB_CHUNKS)
+        assert status == 400 and answer["error"]["param"] == param and sent == [], body

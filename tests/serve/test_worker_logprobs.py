@@ -93,7 +93,9 @@ def test_prompt_logprobs_score_every_prompt_id_once_and_max_new_tokens_0_scores_
         engine.close()
     entries = chunk["prompt_logprobs"]
     assert len(entries) == len(prepared.input_ids) == len(direct.prompt_logprobs)
-    assert entries[0] == {"token": tokenizer.convert_ids_to_tokens(prepared.input_ids[0]), "logprob": None,
+    assert [e["id"] for e in entries] == prepared.input_ids
+    assert entries[0] == {"id": prepared.input_ids[0], "token": tokenizer.convert_ids_to_tokens(prepared.input_ids[0]),
+                          "logprob": None,
                           "bytes": list(tokenizer.convert_ids_to_tokens(prepared.input_ids[0]).encode()),
                           "top_logprobs": None}
     image = prepared.input_ids.index(-200)
@@ -101,6 +103,7 @@ def test_prompt_logprobs_score_every_prompt_id_once_and_max_new_tokens_0_scores_
     scored = [(e, d) for e, d in zip(entries, direct.prompt_logprobs) if d is not None]
     assert len(scored) == len(entries) - 2
     assert [e["logprob"] for e, _ in scored] == pytest.approx([lp for _, (lp, _) in scored], abs=1e-6)
+    assert all([t["id"] for t in e["top_logprobs"]] == [i for i, _ in d[1]] for e, d in scored)
     assert all(len(e["top_logprobs"]) == 2 for e, _ in scored)
     # With an answer: the prompt's entries come once, in the first chunk, then the answer streams as usual.
     status, chunks = _ask(_worker(loaded), _params(prompt_logprobs=0, max_new_tokens=8))
