@@ -252,12 +252,19 @@ def _direct_scores(world, images: str) -> list[list[tuple[float, bool]]]:
     return out
 
 
-@pytest.mark.slow  # one lmms-eval process (~20 s)
-def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
+@pytest.fixture(scope="module")
+def mc_expected(world, task) -> list[list[tuple[float, bool]]]:
+    return _direct_scores(world, str(task["root"] / "images"))
+
+
+@pytest.mark.slow  # one lmms-eval process (~20 s; with palo_api a controller and a worker as well)
+@pytest.mark.parametrize("through", ["palo", "palo_api"])
+def test_models_score_multiple_choice_options(world, task, mc_expected, tmp_path, through, request):
     """A multiple_choice task (one loglikelihood request per option): lmms-eval receives the per-token losses this
-    project computes, and its accuracy is the share of documents whose gold option has the lowest loss."""
+    project computes, in process or through a running server (the option as the assistant's answer, scored by
+    the server), and its accuracy is the share of documents whose gold option has the lowest loss."""
     images = str(task["root"] / "images")
-    expected = _direct_scores(world, images)
+    expected = mc_expected
     best = [min(range(len(s)), key=lambda i: s[i][0]) for s in expected]
     gold = [best[0], (best[1] + 1) % 2, best[2], best[3]]  # three right, one wrong: accuracy 3/4
     task_dir = tmp_path / "mc"
@@ -300,8 +307,9 @@ def test_in_process_model_scores_multiple_choice_options(world, task, tmp_path):
         def doc_to_choice(doc):
             return doc["options"]
         """), encoding="utf-8")
-    metrics, got = _run_lmms(MC_TASK, str(task_dir), str(tmp_path / "out"), "palo",
-                             f"pretrained={world.full_dir},device=cpu")
+    model_args = (f"pretrained={world.full_dir},device=cpu" if through == "palo" else
+                  f"base_url={request.getfixturevalue('server')},model=tiny,api_key=lmms-key,num_concurrent=4")
+    metrics, got = _run_lmms(MC_TASK, str(task_dir), str(tmp_path / "out"), through, model_args)
     acc = next(v for k, v in metrics.items() if k.startswith("acc") and "stderr" not in k and "norm" not in k)
     assert acc == pytest.approx(3 / 4)
     # got: one [loss, is_greedy] per option and document, logged as strings

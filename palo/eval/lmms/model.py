@@ -10,27 +10,9 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from palo.eval import model_vqa
-from palo.eval.lmms.requests import cut_at_stops, to_prompts, to_scorings
+from palo.eval.lmms.requests import cut_at_stops, loglikelihood_response, to_prompts, to_scorings
 from palo.eval.lmms.scoring import score_continuation
 from palo.mm_utils import preprocess_image, tokenizer_image_token
-
-
-def _loglikelihood_response(loss: float, is_greedy: bool) -> Any:
-    """One ``loglikelihood`` answer in the form the installed lmms-eval passes on to ``process_results`` intact.
-
-    lmms-eval 0.7.3 runs every model output through ``unwrap_generation_output``, which turns anything that is
-    not a string, a ``(str, meta)`` pair or a ``GenerationResult`` into ``str(output)``: a plain
-    ``(float, bool)`` tuple would reach the multiple-choice scorer as the text ``"(-1.2, True)"``. A
-    ``GenerationResult`` is unwrapped to its ``text`` field unchanged, so the pair travels inside one.
-    """
-    pair = (float(loss), bool(is_greedy))
-    try:
-        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
-    except ImportError:  # versions before the wrapper pass the tuple through as it is
-        return pair
-    if unwrap_generation_output(pair)[0] == pair:
-        return pair
-    return GenerationResult(text=pair)  # type: ignore[arg-type]  # see the docstring
 
 
 def _int(value: Any, name: str) -> int:
@@ -131,7 +113,7 @@ class PaloLMM(lmms):
                 score = score_continuation(a.model, context_ids, full_ids, images)
             except ValueError as exc:
                 raise ValueError(f"{s.where}: {exc}") from None
-            results.append(_loglikelihood_response(score.mean_nll, score.is_greedy))
+            results.append(loglikelihood_response(score.mean_nll, score.is_greedy))
         return results
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:

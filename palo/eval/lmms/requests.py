@@ -123,3 +123,21 @@ def cut_at_stops(text: str, until: tuple[str, ...]) -> str:
     for stop in until:
         text = text.split(stop)[0]
     return text.strip()
+
+
+def loglikelihood_response(loss: float, is_greedy: bool) -> Any:
+    """One ``loglikelihood`` answer in the form the installed lmms-eval passes on to ``process_results`` intact.
+
+    lmms-eval 0.7.3 runs every model output through ``unwrap_generation_output``, which turns anything that is
+    not a string, a ``(str, meta)`` pair or a ``GenerationResult`` into ``str(output)``: a plain
+    ``(float, bool)`` tuple would reach the multiple-choice scorer as the text ``"(-1.2, True)"``. A
+    ``GenerationResult`` is unwrapped to its ``text`` field unchanged, so the pair travels inside one.
+    """
+    pair = (float(loss), bool(is_greedy))
+    try:
+        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+    except ImportError:  # versions before the wrapper pass the tuple through as it is
+        return pair
+    if unwrap_generation_output(pair)[0] == pair:
+        return pair
+    return GenerationResult(text=pair)  # type: ignore[arg-type]  # see the docstring
