@@ -11,10 +11,29 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
+import torch
+
+from palo.engine.sampling import TokenLogprob
 from palo.engine.sequence import Sequence
 
 SCRATCH_BLOCK = 0
+
+
+@dataclass
+class BlockScores:
+    """What a prompt that scores itself keeps with a cached block, so a later one can take the block.
+
+    Attributes:
+        k: Alternatives per position (a request asking for more computes the block again).
+        entries: Per position of the block, its id's log-probability entry (None: the first position, an image row).
+        end_hidden: ``[D]`` the hidden row at the block's last position: it predicts the next block's first id.
+    """
+
+    k: int
+    entries: list[TokenLogprob | None]
+    end_hidden: torch.Tensor
 
 
 class BlockManager:
@@ -34,6 +53,7 @@ class BlockManager:
         self.block_hash: list[int | None] = [None] * num_blocks
         self.hash_to_block: dict[int, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
+        self.scores: dict[int, BlockScores] = {}  # by block key, for prompts that score themselves
         self.hits = 0  # prompt positions served from the cache, for statistics
         self.queries = 0
 
@@ -49,20 +69,36 @@ class BlockManager:
         return math.ceil(positions / self.block_size)
 
     # -- admission -----------------------------------------------------------------------------------------------
-    def _reads_cache(self, seq: Sequence) -> bool:
-        """Whether ``seq`` may take prompt blocks from the cache (its own computed blocks are indexed either way)."""
-        return self.enable_prefix_cache and seq.reads_prefix_cache
+    def _can_take(self, seq: Sequence, key: int) -> bool:
+        """Whether ``seq`` may take the cached block ``key``: a prompt that scores itself only one whose scores were
+        kept, with at least as many alternatives."""
+        k = seq.sampling.prompt_logprobs
+        if k is None:
+            return True
+        found = self.scores.get(key)
+        return found is not None and found.k >= k
+
+    def _take_scores(self, seq: Sequence, first: int, end: int) -> None:
+        """Give a prompt that scores itself the kept scores of the blocks ``[first, end)`` it took from the cache."""
+        k = seq.sampling.prompt_logprobs
+        if k is None or end <= first:
+            return
+        keys, size = seq.block_keys(self.block_size), self.block_size
+        for b in range(first, end):
+            for j, entry in enumerate(self.scores[keys[b]].entries):
+                seq.position_logprobs[b * size + j] = None if entry is None else (entry[0], entry[1][:k])
+        seq.block_end_hidden[end * size - 1] = self.scores[keys[end - 1]].end_hidden
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the start of ``seq``'s prompt; the last prompt position is always recomputed
         (its logits give the first answer token)."""
-        if not self._reads_cache(seq):
+        if not self.enable_prefix_cache:
             return []
         usable = (seq.prompt_len - 1) // self.block_size
         found: list[int] = []
         for key in seq.block_keys(self.block_size)[:usable]:
             block = self.hash_to_block.get(key)
-            if block is None:
+            if block is None or not self._can_take(seq, key):
                 break
             found.append(block)
         return found
@@ -89,11 +125,13 @@ class BlockManager:
             if self.block_hash[block] is not None:  # evict its old content from the cache index
                 if self.hash_to_block.get(self.block_hash[block]) == block:
                     del self.hash_to_block[self.block_hash[block]]
+                    self.scores.pop(self.block_hash[block], None)
                 self.block_hash[block] = None
             self.ref_count[block] = 1
             table.append(block)
         seq.block_table = table
         seq.num_cached = seq.num_computed = len(cached) * self.block_size
+        self._take_scores(seq, 0, len(cached))
         self.hits += seq.num_cached
         self.queries += seq.prompt_len
 
@@ -107,12 +145,12 @@ class BlockManager:
         Returns:
             Prompt positions gained.
         """
-        if not self._reads_cache(seq) or seq.num_computed % self.block_size:
+        if not self.enable_prefix_cache or seq.num_computed % self.block_size:
             return 0
         keys = seq.block_keys(self.block_size)
         usable = (seq.prompt_len - 1) // self.block_size  # the last position is always recomputed
         first = b = seq.num_computed // self.block_size
-        while b < usable and (block := self.hash_to_block.get(keys[b])) is not None:
+        while b < usable and (block := self.hash_to_block.get(keys[b])) is not None and self._can_take(seq, keys[b]):
             own = seq.block_table[b]
             if self.ref_count[block] == 0:
                 del self.free[block]
@@ -124,6 +162,7 @@ class BlockManager:
                 self.free.move_to_end(own, last=False)  # nothing worth keeping: hand it out first
             b += 1
         gained = (b - first) * self.block_size
+        self._take_scores(seq, first, b)
         if gained:
             seq.block_table_row = None  # the runner's copy of the table is stale
             seq.num_computed += gained
@@ -133,7 +172,7 @@ class BlockManager:
 
     def shareable_ahead(self, seq: Sequence) -> list[int]:
         """Keys of the prompt blocks ``seq`` has yet to compute that it could take from the cache instead."""
-        if not self._reads_cache(seq):
+        if not self.enable_prefix_cache:
             return []
         usable = (seq.prompt_len - 1) // self.block_size
         return seq.block_keys(self.block_size)[seq.num_computed // self.block_size:usable]
@@ -143,11 +182,16 @@ class BlockManager:
         if not self.enable_prefix_cache:
             return
         keys = seq.block_keys(self.block_size)
-        for b, key in enumerate(keys[: seq.num_computed // self.block_size]):
+        k, size = seq.sampling.prompt_logprobs, self.block_size
+        for b, key in enumerate(keys[: seq.num_computed // size]):
             block = seq.block_table[b]
             if self.block_hash[block] is None and key not in self.hash_to_block:
                 self.block_hash[block] = key
                 self.hash_to_block[key] = block
+            kept = self.scores.get(key)
+            end_hidden = seq.block_end_hidden.get((b + 1) * size - 1)
+            if k is not None and (kept is None or kept.k < k) and end_hidden is not None:
+                self.scores[key] = BlockScores(k, seq.position_logprobs[b * size:(b + 1) * size], end_hidden)
 
     def release(self, seq: Sequence) -> None:
         """Give back ``seq``'s blocks (cached prompt blocks stay findable until they are handed out again)."""

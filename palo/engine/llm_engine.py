@@ -187,12 +187,12 @@ class LLMEngine:
                 completed = []
                 for i, c in enumerate(chunks):
                     c.seq.num_computed = c.end
-                    self.blocks.register_prefix(c.seq)
-                    for j, entry in enumerate(scores.get(i, ())):
-                        if entry is not None:  # row j scores the prompt id after it
-                            c.seq.position_logprobs[c.start + j + 1] = entry
+                    for position, entry in scores.get(i, {}).items():
+                        c.seq.position_logprobs[position] = entry
+                    self.blocks.register_prefix(c.seq)  # with the block's scores, when they are asked for
                     if c.completes_prompt:
                         c.seq.collect_prompt_logprobs()
+                        c.seq.block_end_hidden = {}  # kept with its cached blocks, if anywhere
                         completed.append(c.seq)
                 if completed:
                     for seq, token, logprob in zip(completed, *_sample(logits, completed)):

@@ -170,14 +170,18 @@ class ModelRunner:
 
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, dict[int, list[TokenLogprob | None]]]:
+    def prefill(self, chunks: list[PrefillChunk]) -> tuple[torch.Tensor, dict[int, dict[int, TokenLogprob]]]:
         """Compute the chunks' K/V into the cache.
+
+        For a sequence that asks for prompt log-probabilities, the hidden row at the end of each of its prompt
+        blocks is kept in ``seq.block_end_hidden`` (the prefix cache keeps it with the block's scores, so that a
+        later prompt that takes the block from the cache can score the position after it).
 
         Returns:
             ``[m, V]`` float32 logits at the last position of each chunk that completes its prompt, in order; and for
-            each chunk (by index) whose sequence asks for prompt log-probabilities, one entry per position ``p`` of
-            the chunk: the log-probability of the prompt id at ``p + 1`` (None past the prompt's end or on an image
-            row).
+            each chunk (by index) whose sequence asks for prompt log-probabilities, ``{position: entry}``: the
+            log-probability of each prompt text id the chunk's rows predict (the chunk's own positions after its
+            first, the one after its end, and its first when the row before it came from the cache).
         """
         embeds = torch.cat([self._prompt_embeds(c) for c in chunks])
         positions = self._tensor([p for c in chunks for p in range(c.start, c.end)])
@@ -212,22 +216,34 @@ class ModelRunner:
         scores = {i: self._score_prompt(c, hidden[off:off + n])
                   for i, ((off, n, _, _), c) in enumerate(zip(spans, chunks))
                   if c.seq.sampling.prompt_logprobs is not None}
+        for (off, n, start, _), c in zip(spans, chunks):
+            if c.seq.sampling.prompt_logprobs is not None:
+                for p in range(start, start + n):
+                    if (p + 1) % self.block_size == 0:
+                        c.seq.block_end_hidden[p] = hidden[off + p - start].clone()
         last = [off + n - 1 for (off, n, _, _), c in zip(spans, chunks) if c.completes_prompt]
         if not last:
             return hidden.new_zeros(0, self.model.config.vocab_size, dtype=torch.float32), scores
         return self._logits(hidden[self._tensor(last)]), scores
 
-    def _score_prompt(self, chunk: PrefillChunk, hidden: torch.Tensor) -> list[TokenLogprob | None]:
-        """Per row of a prefill chunk (``hidden`` ``[n, D]``), the log-probability of the prompt's next id; the
-        ``[rows, V]`` logits are made a slice at a time, never for the whole chunk at once."""
+    def _score_prompt(self, chunk: PrefillChunk, hidden: torch.Tensor) -> dict[int, TokenLogprob]:
+        """``{position: entry}`` for the prompt text ids the rows of a prefill chunk (``hidden`` ``[n, D]``) predict,
+        and for the chunk's first id when the row before it came from the prefix cache (its hidden row was kept
+        with the cached block); the ``[rows, V]`` logits are made a slice at a time, never for a whole chunk."""
         seq, k = chunk.seq, chunk.seq.sampling.prompt_logprobs
-        targets = [seq.prompt_ids[p + 1] if p + 1 < seq.prompt_len else -1 for p in range(chunk.start, chunk.end)]
-        entries: list[TokenLogprob | None] = []
-        for first in range(0, len(targets), PROMPT_SCORE_ROWS):
-            part = targets[first:first + PROMPT_SCORE_ROWS]
+        before = seq.block_end_hidden.get(chunk.start - 1)
+        if chunk.start and seq.position_logprobs[chunk.start] is None and before is not None:
+            hidden, first_row = torch.cat([before[None].to(hidden.dtype), hidden]), chunk.start - 1
+        else:
+            first_row = chunk.start
+        rows = [(p + 1, seq.prompt_ids[p + 1]) for p in range(first_row, chunk.end) if p + 1 < seq.prompt_len]
+        entries: dict[int, TokenLogprob] = {}
+        for first in range(0, len(rows), PROMPT_SCORE_ROWS):
+            part = rows[first:first + PROMPT_SCORE_ROWS]
             logits = self._logits(hidden[first:first + len(part)])
-            entries += token_logprobs(logits, self._tensor([max(t, 0) for t in part]),
-                                      [k if t >= 0 else None for t in part])
+            found = token_logprobs(logits, self._tensor([max(t, 0) for _, t in part]),
+                                   [k if t >= 0 else None for _, t in part])
+            entries.update((p, e) for (p, _), e in zip(part, found) if e is not None)
         return entries
 
     @torch.no_grad()

@@ -40,7 +40,8 @@ class SamplingParams:
             and temperature), with the step's k most likely tokens.
         prompt_logprobs: None: none; k (0 to 20): the same for every text token of the prompt after the first (how
             likely the model finds the given text: scoring, perplexity, multiple-choice evaluation). Such a prompt
-            is computed in full, not taken from the prefix cache. With it ``max_tokens`` may be 0 (score only).
+            takes from the prefix cache only blocks an earlier scored prompt computed (their scores are kept with
+            them, for as many alternatives or more). With it ``max_tokens`` may be 0 (score only).
     """
 
     max_tokens: int = 256

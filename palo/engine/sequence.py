@@ -152,6 +152,8 @@ class Sequence:
         self.position_logprobs: list[TokenLogprob | None] | None = (
             None if self.sampling.prompt_logprobs is None else [None] * len(self.prompt_ids))
         self.prompt_logprobs: list[TokenLogprob | None] | None = None  # per request input id, once computed
+        # When scoring the prompt: the hidden row at the last position of each prompt block (see BlockScores).
+        self.block_end_hidden: dict[int, torch.Tensor] = {}
         self.block_table: list[int] = []
         self.block_table_row: tuple[list[int], torch.Tensor, int] | None = None  # the runner's tensor of it
         self.num_computed = 0  # positions whose K/V are in the cache
@@ -187,11 +189,6 @@ class Sequence:
         if self._prompt_token_set is None:
             self._prompt_token_set = prompt_token_set(self.prompt_ids)
         return self._prompt_token_set
-
-    @property
-    def reads_prefix_cache(self) -> bool:
-        """Whether its prompt may come from the prefix cache (not when every position's logits are asked for)."""
-        return self.sampling.prompt_logprobs is None
 
     def collect_prompt_logprobs(self) -> None:
         """Once the prompt is computed: :attr:`prompt_logprobs` per request input id (see :class:`RequestOutput`)."""

@@ -56,10 +56,40 @@ def test_prompt_logprobs_are_the_models_own_for_every_text_id_across_chunks_and_
         _check(out.prompt_logprobs, _reference(model, ids, images), 3 + i % 2, f"prompt {i}")
         assert out.token_ids == same.token_ids, f"prompt {i}"
         assert same.prompt_logprobs is None
-        # The same prompts ran just before: a scored prompt is computed in full, never taken from the cache.
-        assert out.cached_positions == 0, f"prompt {i}"
+    # The same prompts ran just before without scoring: their blocks keep no scores, so the first scored prompt is
+    # computed in full (the later ones may take the system prompt from the scored ones before them).
+    assert scored[0].cached_positions == 0
     again = engine.generate([EngineRequest(ids, images, SamplingParams(max_tokens=1)) for ids, images in prompts])
     assert all(out.cached_positions > 0 for out in again)  # where the cache would have served them
+
+
+def test_scored_prompts_take_the_blocks_and_scores_of_earlier_scored_ones(loaded):
+    """Options of one image question (a multiple-choice document) scored together: all but the first take the
+    shared image and question from the cache, with the scores kept with them, and every value is still the model's
+    own; a prompt asking for more alternatives than were kept computes them again."""
+    tokenizer, model, processor = loaded
+    images = pixels(processor, model, ["red"])
+    question = prompt_ids(tokenizer, QUESTIONS[6], 1)
+    options = [question + tokenizer(text, add_special_tokens=False).input_ids
+               for text in ("A red circle.", "دائرة حمراء", "红色的圆", "Un cercle rouge")]
+    for max_prefill in (16, 512):  # the cached prefix ending inside a chunk and at one
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8,
+                                                          max_prefill_tokens=max_prefill))
+        outs = engine.generate([EngineRequest(ids, images, SamplingParams(max_tokens=0, prompt_logprobs=2))
+                                for ids in options])
+        for ids, out in zip(options, outs):
+            _check(out.prompt_logprobs, _reference(model, ids, images), 2, f"{max_prefill}")
+        shared = len(question) - 1 + model.image_token_count  # positions of the image question
+        assert outs[0].cached_positions == 0
+        assert [out.cached_positions for out in outs[1:]] == [shared // 8 * 8] * 3
+        fewer, = engine.generate([EngineRequest(options[0] + [5], images, SamplingParams(max_tokens=0,
+                                                                                          prompt_logprobs=1))])
+        assert fewer.cached_positions > 0
+        _check(fewer.prompt_logprobs, _reference(model, options[0] + [5], images), 1, "fewer alternatives")
+        more, = engine.generate([EngineRequest(options[0] + [5], images, SamplingParams(max_tokens=0,
+                                                                                         prompt_logprobs=3))])
+        assert more.cached_positions == 0
+        _check(more.prompt_logprobs, _reference(model, options[0] + [5], images), 3, "more alternatives")
 
 
 def test_a_scored_prompt_can_ask_for_no_answer_and_still_fills_the_cache_for_others(loaded):
