@@ -258,7 +258,7 @@ def mc_expected(world, task) -> list[list[tuple[float, bool]]]:
 
 
 @pytest.mark.slow  # one lmms-eval process (~20 s; with palo_api a controller and a worker as well)
-@pytest.mark.parametrize("through", ["palo", "palo_api"])
+@pytest.mark.parametrize("through", ["palo", "palo engine=hf", "palo_api"])
 def test_models_score_multiple_choice_options(world, task, mc_expected, tmp_path, through, request):
     """A multiple_choice task (one loglikelihood request per option): lmms-eval receives the per-token losses this
     project computes, in process or through a running server (the option as the assistant's answer, scored by
@@ -307,9 +307,10 @@ def test_models_score_multiple_choice_options(world, task, mc_expected, tmp_path
         def doc_to_choice(doc):
             return doc["options"]
         """), encoding="utf-8")
-    model_args = (f"pretrained={world.full_dir},device=cpu" if through == "palo" else
+    model, _, engine = through.partition(" ")  # in process: the paged engine scores them together, or one
+    model_args = (f"pretrained={world.full_dir},device=cpu,{engine}".rstrip(",") if model == "palo" else  # by one
                   f"base_url={request.getfixturevalue('server')},model=tiny,api_key=lmms-key,num_concurrent=4")
-    metrics, got = _run_lmms(MC_TASK, str(task_dir), str(tmp_path / "out"), through, model_args)
+    metrics, got = _run_lmms(MC_TASK, str(task_dir), str(tmp_path / "out"), model, model_args)
     acc = next(v for k, v in metrics.items() if k.startswith("acc") and "stderr" not in k and "norm" not in k)
     assert acc == pytest.approx(3 / 4)
     # got: one [loss, is_greedy] per option and document, logged as strings

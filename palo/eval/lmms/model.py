@@ -11,8 +11,11 @@ from tqdm import tqdm
 
 from palo.eval import model_vqa
 from palo.eval.lmms.requests import cut_at_stops, loglikelihood_response, to_prompts, to_scorings
-from palo.eval.lmms.scoring import score_continuation
+from palo.eval.lmms.scoring import continuation_start, score_continuation
 from palo.mm_utils import preprocess_image, tokenizer_image_token
+
+# Log-likelihood requests scored by the engine at once (their images are held until then).
+SCORE_BATCH = 256
 
 
 def _int(value: Any, name: str) -> int:
@@ -84,7 +87,10 @@ class PaloLMM(lmms):
         """``(loss, is_greedy)`` of each request's continuation after its context.
 
         The context is the prompt ``generate_until`` would send (template, open assistant turn, one ``<image>`` line
-        per image first); the continuation follows it as the assistant's answer. One forward pass per request.
+        per image first); the continuation follows it as the assistant's answer. With the paged engine (the
+        default) the requests are scored together, ``SCORE_BATCH`` at a time, by the engine's prompt
+        log-probabilities, and the options of one document compute their shared image and question once; with
+        ``engine=hf``, one forward pass per request. Both give the same values.
 
         The first value is the mean negative log-likelihood per continuation token (the causal-LM loss), not the
         log-likelihood the method's name suggests: lmms-eval's multiple-choice scorer picks the option with the
@@ -94,26 +100,56 @@ class PaloLMM(lmms):
         a = self.answerer
         scorings = to_scorings(requests, self.task_dict)
         results = []
+        pending: list[tuple[int, list[int], torch.Tensor | None, str]] = []  # (start, full ids, pixels, where)
         # The last document's pixels: its options come one after another and share them (one entry, so a large
         # benchmark does not keep every image in memory).
         last: tuple[str, torch.Tensor] | None = None
-        for s in tqdm(scorings, desc="palo scoring", disable=self.rank != 0):
-            if s.images and a.image_processor is None:
-                raise ValueError(f"{s.where}: this checkpoint takes text only but the task has images")
-            prompt = model_vqa.build_prompt(s.context, a.conv_mode, len(s.images), a.use_im_start_end)
-            context_ids = tokenizer_image_token(prompt, a.tokenizer)
-            full_ids = tokenizer_image_token(prompt + s.continuation, a.tokenizer)
-            images = None
-            if s.images:
-                if last is None or last[0] != s.where:
-                    last = (s.where, torch.stack([preprocess_image(i, a.image_processor, a.image_preprocess)
-                                                  for i in s.images]))
-                images = last[1]
-            try:
-                score = score_continuation(a.model, context_ids, full_ids, images)
-            except ValueError as exc:
-                raise ValueError(f"{s.where}: {exc}") from None
-            results.append(loglikelihood_response(score.mean_nll, score.is_greedy))
+        with tqdm(total=len(scorings), desc="palo scoring", disable=self.rank != 0) as bar:
+            for s in scorings:
+                if s.images and a.image_processor is None:
+                    raise ValueError(f"{s.where}: this checkpoint takes text only but the task has images")
+                prompt = model_vqa.build_prompt(s.context, a.conv_mode, len(s.images), a.use_im_start_end)
+                context_ids = tokenizer_image_token(prompt, a.tokenizer)
+                full_ids = tokenizer_image_token(prompt + s.continuation, a.tokenizer)
+                images = None
+                if s.images:
+                    if last is None or last[0] != s.where:
+                        last = (s.where, torch.stack([preprocess_image(i, a.image_processor, a.image_preprocess)
+                                                      for i in s.images]))
+                    images = last[1]
+                try:
+                    if a.engine is None:
+                        score = score_continuation(a.model, context_ids, full_ids, images)
+                        results.append(loglikelihood_response(score.mean_nll, score.is_greedy))
+                        bar.update(1)
+                        continue
+                    pending.append((continuation_start(context_ids, full_ids), full_ids, images, s.where))
+                except ValueError as exc:
+                    raise ValueError(f"{s.where}: {exc}") from None
+                if len(pending) == SCORE_BATCH:
+                    results += self._score_with_engine(pending)
+                    bar.update(len(pending))
+                    pending = []
+            if pending:
+                results += self._score_with_engine(pending)
+                bar.update(len(pending))
+        return results
+
+    def _score_with_engine(self, pending: list[tuple[int, list[int], torch.Tensor | None, str]]) -> list[Any]:
+        """``(loss, is_greedy)`` of each ``(continuation start, full ids, pixels, where)`` from the engine's prompt
+        log-probabilities (the most likely id alongside each, for ``is_greedy``)."""
+        from palo.engine import EngineRequest, SamplingParams
+
+        params = SamplingParams(max_tokens=0, prompt_logprobs=1)
+        outputs = self.answerer.engine.generate([EngineRequest(ids, images, params) for _, ids, images, _ in pending])
+        results = []
+        for (start, ids, _, where), out in zip(pending, outputs):
+            if out.finish_reason == "error" or out.prompt_logprobs is None:
+                raise RuntimeError(f"{where}: scoring failed: {out.error}")
+            entries = out.prompt_logprobs[start:]
+            total = sum(lp for lp, _ in entries)
+            greedy = all(top and top[0][0] == token for token, (_, top) in zip(ids[start:], entries))
+            results.append(loglikelihood_response(-total / len(entries), greedy))
         return results
 
     def generate_until_multi_round(self, requests: list[Any]) -> list[str]:
