@@ -52,6 +52,7 @@ from palo.serve.protocol import (
     error_chunk,
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
+from palo.serve.tokenizer_api import create_tokenizer_router
 from palo.serve.utils import build_logger
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
@@ -380,6 +381,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         return StreamingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE)
 
     app.include_router(create_openai_router(controller, router, api_key))
+    app.include_router(create_tokenizer_router(controller, router, api_key))
     return app
 
 

@@ -51,6 +51,7 @@ from palo.serve.protocol import (
     encode_chunk,
     error_chunk,
 )
+from palo.serve.tokenizer_api import detokenize, tokenize, tokenizer_info
 from palo.serve.utils import build_logger
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
@@ -105,6 +106,15 @@ class ModelWorker(BaseWorker):
     def status_details(self) -> dict[str, Any]:
         return {"engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,
                            "rejected": self.rejected, "max_queue": self.max_queue}}
+
+    def tokenizer_call(self, action: str, params: Any) -> dict[str, Any]:
+        """The checkpoint's tokenizer: ``/worker_tokenize``, ``/worker_detokenize``, ``/worker_tokenizer_info``."""
+        tokenizer = self.engine.tokenizer
+        if action == "tokenize":
+            return tokenize(tokenizer, params, self.engine.max_context)
+        if action == "detokenize":
+            return detokenize(tokenizer, params)
+        return tokenizer_info(tokenizer, self.conv_mode, self.engine.max_context)
 
     def model_details(self) -> dict[str, Any]:
         return {"context_length": self.engine.max_context}

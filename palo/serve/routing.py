@@ -142,3 +142,34 @@ class Router:
                 await response.aclose()
                 continue
             return WorkerStream(address, response)
+
+    async def call(self, model: str, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
+        """POST ``payload`` to ``path`` on a worker of ``model`` and read its whole JSON answer.
+
+        Returns:
+            ``(HTTP status, decoded answer)``.
+
+        Raises:
+            NoWorkerError: If no live worker serves the model.
+            WorkerUnreachableError: If the chosen workers all failed to answer.
+        """
+        tried: set[str] = set()
+        last_error: Exception | None = None
+        while address := self.registry.get_worker_address(model, exclude=tried):
+            tried.add(address)
+            try:
+                response = await self.client.post(address + path, json=payload, timeout=self.timeout)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
+                self.registry.remove_worker(address)
+                last_error = exc
+                continue
+            except httpx.HTTPError as exc:
+                raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
+            try:
+                return response.status_code, response.json()
+            except ValueError:
+                return response.status_code, response.text
+        if last_error is not None:
+            raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
+        raise NoWorkerError(model)

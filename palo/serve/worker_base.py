@@ -118,6 +118,16 @@ class BaseWorker(ABC):
     def generate(self, prepared: Any) -> AsyncIterator[bytes]:
         """Stream the protocol chunks of one prepared request (called once it holds a concurrency slot)."""
 
+    def tokenizer_call(self, action: str, params: Any) -> dict[str, Any]:
+        """The served model's tokenizer (:mod:`palo.serve.tokenizer_api`): ``action`` is ``"tokenize"``,
+        ``"detokenize"`` or ``"info"``.
+
+        Raises:
+            ValueError: For a malformed request.
+            NotImplementedError: When this worker has no tokenizer of its own.
+        """
+        raise NotImplementedError(f"the worker {self.worker_addr} has no tokenizer of its own to serve")
+
     @abstractmethod
     def model_details(self) -> dict[str, Any]:
         """The ``/model_details`` answer (``{"context_length": n}``)."""
@@ -317,6 +327,27 @@ def create_app(worker: BaseWorker) -> FastAPI:
     @app.post("/model_details")
     async def model_details() -> JSONResponse:
         return JSONResponse(worker.model_details())
+
+    async def tokenizer_call(action: str, request: Request | None) -> JSONResponse:
+        try:
+            params = None if request is None else decode_json_body(await request.body())
+            return JSONResponse(await asyncio.to_thread(worker.tokenizer_call, action, params))
+        except ValueError as exc:  # not JSON, or a malformed request
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except NotImplementedError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=501)
+
+    @app.post("/worker_tokenize")
+    async def worker_tokenize(request: Request) -> JSONResponse:
+        return await tokenizer_call("tokenize", request)
+
+    @app.post("/worker_detokenize")
+    async def worker_detokenize(request: Request) -> JSONResponse:
+        return await tokenizer_call("detokenize", request)
+
+    @app.post("/worker_tokenizer_info")
+    async def worker_tokenizer_info() -> JSONResponse:
+        return await tokenizer_call("info", None)
 
     return app
 

@@ -188,6 +188,9 @@ def test_a_prompt_it_cannot_forward_gets_a_clear_error(stack):
                               json={"prompt": "USER: hi ASSISTANT:", "images": [], "stop": "</s>", **extra})
         chunk = json.loads(response.content.rstrip(b"\0"))
         assert response.status_code == 400 and f"'{next(iter(extra))}' is not supported" in chunk["text"]
+    # Nor has it a tokenizer of its own to serve.
+    response = httpx.post(stack["openai_worker"].url + "/worker_tokenize", json={"prompt": "hi"}, timeout=10)
+    assert response.status_code == 501 and "no tokenizer" in response.json()["error"]
 
 
 def test_backend_death_gives_a_clear_error_and_the_worker_expires(stack):

@@ -1,0 +1,61 @@
+"""The served model's tokenizer over HTTP (vLLM's ``/tokenize``, ``/detokenize``, ``/tokenizer_info``)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from serve_helpers import API_KEY
+
+from palo.serve.tokenizer_api import TokenizerRequestError, detokenize, tokenize, tokenizer_info
+
+pytestmark = pytest.mark.timeout(300)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    from palo.model.builder import load_pretrained_model
+
+    return load_pretrained_model(world.full_dir, device="cpu")[0]
+
+
+def test_the_functions_are_the_checkpoints_tokenizer(tokenizer):
+    text = "USER: এটা কী? ASSISTANT: 一只猫。"
+    out = tokenize(tokenizer, {"prompt": text}, 2048)
+    assert out == {"tokens": tokenizer(text).input_ids, "count": len(out["tokens"]), "max_model_len": 2048}
+    assert tokenize(tokenizer, {"prompt": text, "add_special_tokens": False}, 2048)["tokens"] == out["tokens"][1:]
+    assert detokenize(tokenizer, {"tokens": out["tokens"]})["prompt"] == tokenizer.decode(out["tokens"])
+    info = tokenizer_info(tokenizer, "vicuna_v1", 2048)
+    assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<s>", "</s>", 2048)
+    from palo.export.chat_template import chat_template_for
+
+    assert info["chat_template"] == chat_template_for("vicuna_v1")
+    for bad in ({"prompt": 3}, {"prompt": "x", "add_special_tokens": "no"}, {"messages": []}, [1]):
+        with pytest.raises(TokenizerRequestError):
+            tokenize(tokenizer, bad, 2048)
+    for bad in ({"tokens": [1, -1]}, {"tokens": [10**9]}, {"tokens": "1 2"}, {"tokens": [True]}, {}):
+        with pytest.raises(TokenizerRequestError):
+            detokenize(tokenizer, bad)
+
+
+def test_the_controller_answers_from_a_worker_of_the_model(cluster, tokenizer):
+    text = "Qu'est-ce que c'est ? 这是什么？"
+    with httpx.Client(base_url=cluster.url, headers=AUTH, timeout=30) as client:
+        out = client.post("/tokenize", json={"model": "ckpt", "prompt": text, "add_special_tokens": False})
+        assert out.status_code == 200 and out.json()["tokens"] == tokenizer(text, add_special_tokens=False).input_ids
+        assert out.json()["max_model_len"] > 0
+        back = client.post("/detokenize", json={"model": "ckpt", "tokens": out.json()["tokens"]})
+        assert back.status_code == 200 and back.json()["prompt"] == text
+        info = client.get("/tokenizer_info", params={"model": "ckpt"})
+        assert info.status_code == 200 and info.json()["eos_token"] == "</s>" and info.json()["chat_template"]
+        # Two models are served here: one must be named; an unknown one is a 404; bad input a 400 from the worker.
+        unnamed = client.post("/tokenize", json={"prompt": text})
+        assert unnamed.status_code == 400 and "ckpt" in unnamed.json()["error"]["message"]
+        assert client.get("/tokenizer_info").status_code == 400
+        assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+        bad = client.post("/detokenize", json={"model": "ckpt", "tokens": [-5]})
+        assert bad.status_code == 400 and "'tokens' must be" in bad.json()["error"]["message"]
+        assert client.post("/tokenize", content=b"{not json", headers={"Content-Type": "application/json"}
+                           ).status_code == 400
+    # The API key guards them as it guards /v1.
+    assert httpx.post(cluster.url + "/tokenize", json={"model": "ckpt", "prompt": "x"}, timeout=30).status_code == 401
