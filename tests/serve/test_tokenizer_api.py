@@ -6,7 +6,8 @@ import httpx
 import pytest
 from serve_helpers import API_KEY
 
-from palo.serve.tokenizer_api import TokenizerRequestError, detokenize, tokenize, tokenizer_info
+from palo.serve.openai_api import APIError
+from palo.serve.tokenizer_api import TokenizerRequestError, _model_for, detokenize, tokenize, tokenizer_info
 
 pytestmark = pytest.mark.timeout(300)
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -48,10 +49,7 @@ def test_the_controller_answers_from_a_worker_of_the_model(cluster, tokenizer):
         assert back.status_code == 200 and back.json()["prompt"] == text
         info = client.get("/tokenizer_info", params={"model": "ckpt"})
         assert info.status_code == 200 and info.json()["eos_token"] == "</s>" and info.json()["chat_template"]
-        # Two models are served here: one must be named; an unknown one is a 404; bad input a 400 from the worker.
-        unnamed = client.post("/tokenize", json={"prompt": text})
-        assert unnamed.status_code == 400 and "ckpt" in unnamed.json()["error"]["message"]
-        assert client.get("/tokenizer_info").status_code == 400
+        # An unknown model is a 404; bad input a 400 from the worker.
         assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
         bad = client.post("/detokenize", json={"model": "ckpt", "tokens": [-5]})
         assert bad.status_code == 400 and "'tokens' must be" in bad.json()["error"]["message"]
@@ -59,3 +57,22 @@ def test_the_controller_answers_from_a_worker_of_the_model(cluster, tokenizer):
                            ).status_code == 400
     # The API key guards them as it guards /v1.
     assert httpx.post(cluster.url + "/tokenize", json={"model": "ckpt", "prompt": "x"}, timeout=30).status_code == 401
+
+
+class _Registry:
+    def __init__(self, models: list[str]) -> None:
+        self.models = models
+
+    def list_models(self) -> list[str]:
+        return self.models
+
+
+def test_the_model_may_be_left_out_only_while_one_is_served():
+    assert _model_for(_Registry(["ckpt"]), None) == "ckpt"  # vLLM's clients name none
+    assert _model_for(_Registry(["ckpt", "twin"]), "twin") == "twin"
+    with pytest.raises(APIError, match=r"name the 'model' \(served: \['ckpt', 'twin'\]\)"):
+        _model_for(_Registry(["ckpt", "twin"]), None)
+    with pytest.raises(APIError, match="no model is being served"):
+        _model_for(_Registry([]), None)
+    with pytest.raises(APIError, match="non-empty string"):
+        _model_for(_Registry(["ckpt"]), 3)
