@@ -8,7 +8,7 @@ Used by the controller's original ``/worker_generate_stream`` endpoint and by it
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
 import httpx
@@ -127,21 +127,32 @@ class Router:
                 "POST", address + "/worker_generate_stream", content=body,
                 headers={"Content-Type": "application/json"}, timeout=self.timeout,
             )
-            try:
-                response = await self.client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # The request never reached the worker: it is gone. Forget it and try another one.
-                self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
-                self.registry.remove_worker(address)
-                last_error = exc
+            response = await self._reach(address, self.client.send(request, stream=True))
+            if isinstance(response, Exception):
+                last_error = response
                 continue
-            except httpx.HTTPError as exc:
-                raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
             if response.status_code == 503:  # its queue is full: another worker may have room
                 busy.append(response.headers.get("Retry-After", "1"))
                 await response.aclose()
                 continue
             return WorkerStream(address, response)
+
+    async def _reach(self, address: str, send: Awaitable[httpx.Response]) -> httpx.Response | Exception:
+        """Await ``send``, a request to the worker at ``address``: its response, or the connection error once a
+        worker that is gone has been forgotten (the caller tries another one).
+
+        Raises:
+            WorkerUnreachableError: For any other HTTP failure (the request may have reached the worker).
+        """
+        try:
+            return await send
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # The request never reached the worker: it is gone.
+            self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
+            self.registry.remove_worker(address)
+            return exc
+        except httpx.HTTPError as exc:
+            raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
 
     async def call(self, model: str, path: str, payload: dict[str, Any]) -> tuple[int, Any]:
         """POST ``payload`` to ``path`` on a worker of ``model`` and read its whole JSON answer.
@@ -157,15 +168,11 @@ class Router:
         last_error: Exception | None = None
         while address := self.registry.get_worker_address(model, exclude=tried):
             tried.add(address)
-            try:
-                response = await self.client.post(address + path, json=payload, timeout=self.timeout)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
-                self.registry.remove_worker(address)
-                last_error = exc
+            response = await self._reach(
+                address, self.client.post(address + path, json=payload, timeout=self.timeout))
+            if isinstance(response, Exception):
+                last_error = response
                 continue
-            except httpx.HTTPError as exc:
-                raise WorkerUnreachableError(f"worker {address} failed: {exc}") from exc
             try:
                 return response.status_code, response.json()
             except ValueError:
