@@ -26,6 +26,7 @@ from palo.engine.sampling import MAX_LOGPROBS, TokenLogprob
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
+from palo.serve.protocol import is_token_ids
 from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -316,8 +317,7 @@ class EngineBackend(ABC):
         if value is None:
             return None
         vocab = int(self.model.config.vocab_size)
-        if not isinstance(value, list) or not value or len(value) > MAX_PROMPT_CHARS or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in value):
+        if not is_token_ids(value, vocab, max_len=MAX_PROMPT_CHARS):
             raise RequestError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab})")
         return value
 

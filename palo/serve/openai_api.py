@@ -39,7 +39,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
-from palo.serve.protocol import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, OK, decode_json_body, visible_text
+from palo.serve.protocol import (
+    CONTEXT_LENGTH_EXCEEDED,
+    INVALID_REQUEST,
+    OK,
+    decode_json_body,
+    is_token_ids,
+    visible_text,
+)
 from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStream, WorkerUnreachableError
 
 DEFAULT_CONV_MODE = "vicuna_v1"
@@ -356,16 +363,11 @@ COMPLETION_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                           for t in value)
-
-
 def _prompts(value: Any) -> list[str | list[int]]:
     """``prompt`` as a list of prompts, each a non-empty string or list of token ids (OpenAI's four forms)."""
-    if isinstance(value, str) or _is_token_ids(value):
+    if isinstance(value, str) or is_token_ids(value):
         prompts = [value]
-    elif isinstance(value, list) and value and all(isinstance(p, str) or _is_token_ids(p) for p in value):
+    elif isinstance(value, list) and value and all(isinstance(p, str) or is_token_ids(p) for p in value):
         prompts = value
     else:
         raise APIError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either",

@@ -87,6 +87,14 @@ def decode_json_body(body: bytes) -> Any:
     return value
 
 
+def is_token_ids(value: Any, vocab: int | None = None, max_len: int | None = None, empty: bool = False) -> bool:
+    """Whether ``value`` is a list of token ids (JSON integers, not booleans), each in ``[0, vocab)`` when a vocab
+    size is given, at most ``max_len`` of them, and not empty unless ``empty``."""
+    return (isinstance(value, list) and (empty or bool(value)) and (max_len is None or len(value) <= max_len)
+            and all(isinstance(t, int) and not isinstance(t, bool) and (vocab is None or 0 <= t < vocab)
+                    for t in value))
+
+
 def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR) -> bytes:
     """An error chunk whose text starts with the original message (for codes 1-3) and then says what happened."""
     text = reason if error_type == INVALID_REQUEST else f"{SERVER_ERROR_MSG} ({reason})"

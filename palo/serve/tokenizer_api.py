@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from palo.serve.openai_api import APIError, check_api_key
-from palo.serve.protocol import decode_json_body
+from palo.serve.protocol import decode_json_body, is_token_ids
 from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerUnreachableError
 
 # The longest text or token list one request may ask to convert (longer ones fit no LLaMA context anyway).
@@ -68,8 +68,7 @@ def detokenize(tokenizer: Any, params: Any) -> dict[str, Any]:
         raise TokenizerRequestError("the request body must be a JSON object")
     tokens = params.get("tokens")
     vocab = len(tokenizer)
-    if not isinstance(tokens, list) or len(tokens) > MAX_DETOKENIZE_TOKENS or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens):
+    if not is_token_ids(tokens, vocab, max_len=MAX_DETOKENIZE_TOKENS, empty=True):
         raise TokenizerRequestError(f"'tokens' must be a list of at most {MAX_DETOKENIZE_TOKENS} token ids in "
                                     f"[0, {vocab})")
     return {"prompt": tokenizer.decode(tokens)}
