@@ -137,10 +137,13 @@ class Sequence:
         for src, dst in zip(plan.text_src, plan.text_dst):
             self.prompt_ids[dst] = tokens[src]
         self.image_rows: dict[int, int] = dict(zip(plan.image_dst, plan.image_src))
-        # Where each request id landed (None: an image placeholder), to report prompt log-probabilities per id.
-        self.input_positions: list[int | None] = [None] * len(tokens)
-        for src, dst in zip(plan.text_src, plan.text_dst):
-            self.input_positions[src] = dst
+        # When scoring the prompt: where each request id landed (None: an image placeholder), to report its
+        # log-probabilities per id.
+        self.input_positions: list[int | None] = []
+        if self.sampling.prompt_logprobs is not None:
+            self.input_positions = [None] * len(tokens)
+            for src, dst in zip(plan.text_src, plan.text_dst):
+                self.input_positions[src] = dst
         self.image_starts: list[int] = plan.image_dst[::tokens_per_image] if tokens_per_image else []
         self.num_images = len(self.image_starts)
         self.image_digests = [image_digest(request.images[i])
