@@ -108,6 +108,8 @@ class LLMEngine:
                 whole cache holds.
             QueueFull: When ``max_waiting`` requests already wait.
             EngineClosed: After :meth:`close`.
+            ValueError: When ``logit_bias`` names an id outside the vocabulary, or stop strings come without a
+                tokenizer.
         """
         count = 0 if request.images is None else int(request.images.shape[0])
         placeholders = sum(1 for token in request.input_ids if token == IMAGE_TOKEN_INDEX)
@@ -130,6 +132,9 @@ class LLMEngine:
                 f"the request needs {need} KV blocks but the cache holds {self.blocks.usable_blocks}: lower its "
                 "max_tokens or enlarge the cache (--kv-cache-gb)"
             )
+        vocab = int(self.model.config.vocab_size)
+        if any(token >= vocab for token, _ in request.sampling.logit_bias):
+            raise ValueError(f"logit_bias names a token id outside the model's vocabulary [0, {vocab})")
         if request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
         if self.tokenizer is not None:  # without one (benchmarks) the engine reports token ids only

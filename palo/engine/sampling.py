@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +13,8 @@ from torch.nn.utils.rnn import pad_sequence
 GREEDY_TEMPERATURE = 1e-3
 # Most alternatives a request may ask log-probabilities for (OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
+# OpenAI's range for one token's logit bias.
+MAX_LOGIT_BIAS = 100.0
 
 # A chosen token's log-probability and the ``k`` most likely ``(token id, log-probability)`` of its step.
 TokenLogprob = tuple[float, list[tuple[int, float]]]
@@ -42,6 +44,9 @@ class SamplingParams:
             likely the model finds the given text: scoring, perplexity, multiple-choice evaluation). Such a prompt
             takes from the prefix cache only blocks an earlier scored prompt computed (their scores are kept with
             them, for as many alternatives or more). With it ``max_tokens`` may be 0 (score only).
+        logit_bias: ``(token id, bias)`` pairs (a mapping is accepted), each bias in [-100, 100], added to the
+            token's logit after the penalties and before temperature (OpenAI's ``logit_bias``): -100 bans a token,
+            100 all but forces it. Reported log-probabilities stay the model's own.
     """
 
     max_tokens: int = 256
@@ -56,6 +61,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     # Whether the tokens seen so far change this request's logits: read for every row at every step, so set once
     # rather than computed by a property.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -83,6 +89,13 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= MAX_LOGPROBS:
                 raise ValueError(f"{name} must be None or 0 to {MAX_LOGPROBS}, got {value}")
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in pairs)))
+        for token, bias in self.logit_bias:
+            if token < 0 or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {token}: {bias}")
+        if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
+            raise ValueError("logit_bias names a token twice")
         object.__setattr__(self, "penalized",
                            bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1))
 
@@ -146,6 +159,28 @@ def apply_penalties(
     return logits.float().index_copy(0, index, sub)
 
 
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The logits with each row's ``logit_bias`` added, on the logits' device.
+
+    Args:
+        logits: ``[B, V]``.
+        params: B settings; their token ids must be below V.
+
+    Returns:
+        ``[B, V]``: ``logits`` itself when no row has a bias, otherwise a float32 copy (the caller's logits still
+        give the model's own log-probabilities).
+    """
+    entries = [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]
+    if not entries:
+        return logits
+    rows, tokens, biases = zip(*entries)
+    device = logits.device
+    biased = logits.to(torch.float32, copy=True)
+    biased.index_put_((torch.tensor(rows, device=device), torch.tensor(tokens, device=device)),
+                      torch.tensor(biases, device=device), accumulate=True)
+    return biased
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -155,9 +190,9 @@ def sample(
 ) -> torch.Tensor:
     """Choose one token per row, each row with its own settings, on the logits' device.
 
-    Penalties come first (:func:`apply_penalties`), then temperature, top-k and top-p. Sampling uses the
-    exponential race (``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``), so each row's randomness is one
-    draw from its own generator and no row's choice depends on another's.
+    Penalties come first (:func:`apply_penalties`), then each row's logit bias, then temperature, top-k and top-p.
+    Sampling uses the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``), so each row's
+    randomness is one draw from its own generator and no row's choice depends on another's.
 
     Args:
         logits: ``[B, V]`` (float32 preferred).
@@ -173,6 +208,7 @@ def sample(
         if prompt_ids is None or output_ids is None:
             raise ValueError("penalised rows need the prompts and answers so far")
         logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    logits = apply_logit_bias(logits, params)
     greedy_ids = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if not sampled_rows:

@@ -26,7 +26,7 @@ from palo.engine.sampling import MAX_LOGPROBS, TokenLogprob
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
-from palo.serve.protocol import is_token_ids
+from palo.serve.protocol import is_token_ids, parse_logit_bias
 from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -198,8 +198,9 @@ class EngineBackend(ABC):
                 ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0), and
                 ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities),
                 ``"prompt_logprobs"`` (the same for the prompt's ids, in the first chunk after the prompt is computed;
-                ``max_new_tokens`` may then be 0 to score the prompt only) and ``"prompt_token_ids"`` instead of
-                ``"prompt"`` (the prompt as token ids, used as they are; no images).
+                ``max_new_tokens`` may then be 0 to score the prompt only), ``"logit_bias"`` (OpenAI's
+                ``{"token id": bias}``) and ``"prompt_token_ids"`` instead of ``"prompt"`` (the prompt as token ids,
+                used as they are; no images).
 
         Returns:
             The prepared request.
@@ -247,6 +248,10 @@ class EngineBackend(ABC):
         penalties["repetition_penalty"] = _parse_number(params, "repetition_penalty", 1.0)
         if penalties["repetition_penalty"] <= 0:
             raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}")
+        try:
+            logit_bias = parse_logit_bias(params.get("logit_bias"), int(self.model.config.vocab_size))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
         logprobs, prompt_logprobs = (_alternatives(params, key) for key in ("logprobs", "prompt_logprobs"))
         # No answer at all: only to score the prompt.
         least_tokens = 0 if prompt_logprobs is not None else 1
@@ -302,7 +307,7 @@ class EngineBackend(ABC):
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, **penalties),
+                                    prompt_logprobs=prompt_logprobs, logit_bias=logit_bias, **penalties),
             stop=stop or None,
             prompt_tokens=prompt_tokens,
             prompt_from_ids=token_ids is not None,

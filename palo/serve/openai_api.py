@@ -45,6 +45,7 @@ from palo.serve.protocol import (
     OK,
     decode_json_body,
     is_token_ids,
+    parse_logit_bias,
     visible_text,
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStream, WorkerUnreachableError
@@ -93,6 +94,7 @@ class GenerationRequest:
     prompt_token_ids: list[int] | None = None  # the prompt as token ids (then ``prompt`` is empty)
     echo: bool = False  # the answer's text (and logprobs) start with the prompt's
     prompt_logprobs: int | None = None  # the worker scores the prompt's tokens (for echo with logprobs)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -117,6 +119,8 @@ class GenerationRequest:
             params["logprobs"] = self.logprobs
         if self.prompt_logprobs is not None:
             params["prompt_logprobs"] = self.prompt_logprobs
+        if self.logit_bias:  # sent only when it asks for something, like the penalties
+            params["logit_bias"] = {str(token): bias for token, bias in self.logit_bias.items()}
         return params
 
 
@@ -236,7 +240,6 @@ PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetiti
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
 # asks for one gets a 400 naming it, instead of an answer that silently lacks it (no tools, no JSON mode ...).
 NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
-    "logit_bias": lambda v: not v,
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
@@ -296,6 +299,10 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
                                           ("repetition_penalty", (0.0, math.inf)))}
     if penalties["repetition_penalty"] == 0:
         raise APIError(400, "'repetition_penalty' must be > 0, got 0", param="repetition_penalty")
+    try:  # ids are checked against the model's vocabulary by its worker
+        logit_bias = parse_logit_bias(body.get("logit_bias"))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="logit_bias") from None
     return dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
@@ -307,6 +314,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         n=n,
         top_k=top_k,
         penalties={key: value for key, value in penalties.items() if value != PENALTY_DEFAULTS[key]},
+        logit_bias=logit_bias,
     )
 
 
@@ -359,7 +367,6 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
 # The legacy text completion's features this server does not implement, with the values that ask for nothing.
 COMPLETION_NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "suffix": lambda v: not v,
-    "logit_bias": lambda v: not v,
 }
 
 

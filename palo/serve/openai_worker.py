@@ -3,7 +3,7 @@
 In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller and heartbeats like
 :mod:`palo.serve.model_worker`, but holds no model. Each ``/worker_generate_stream`` request of the original
 protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
-``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties and ``logprobs`` when set) becomes one
+``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties, ``logit_bias`` and ``logprobs`` when set) becomes one
 streaming ``POST {api_base}/chat/completions``, and the deltas are sent back as the original cumulative,
 NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller, web UI and
 OpenAI API therefore mix native and engine-backed workers freely.
@@ -42,7 +42,7 @@ import httpx
 from palo.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
-from palo.serve.protocol import INVALID_REQUEST, OK, WORKER_ERROR, encode_chunk, error_chunk
+from palo.serve.protocol import INVALID_REQUEST, OK, WORKER_ERROR, encode_chunk, error_chunk, parse_logit_bias
 from palo.serve.utils import build_logger
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
@@ -254,6 +254,12 @@ class OpenAIWorker(BaseWorker):
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
             body[key] = value
+        try:  # the backend's token ids: forwarded as they are, for its own tokenizer
+            logit_bias = parse_logit_bias(params.get("logit_bias"))
+        except ValueError as exc:
+            raise PromptFormatError(str(exc)) from None
+        if logit_bias:
+            body["logit_bias"] = {str(token): bias for token, bias in logit_bias.items()}
         logprobs = params.get("logprobs")
         if logprobs is not None:  # k alternatives per token, as OpenAI's chat API asks for them
             if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:

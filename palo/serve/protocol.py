@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 from palo.engine.detokenizer import visible_text  # noqa: F401 - the stop-string rule lives with the engine
+from palo.engine.sampling import MAX_LOGIT_BIAS
 
 # Texts of the original demo; kept verbatim because clients display them (and some match on them).
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
@@ -93,6 +94,47 @@ def is_token_ids(value: Any, vocab: int | None = None, max_len: int | None = Non
     return (isinstance(value, list) and (empty or bool(value)) and (max_len is None or len(value) <= max_len)
             and all(isinstance(t, int) and not isinstance(t, bool) and (vocab is None or 0 <= t < vocab)
                     for t in value))
+
+
+_TOKEN_KEY = re.compile(r"[0-9]{1,9}")
+
+
+def parse_logit_bias(value: Any, vocab: int | None = None) -> dict[int, float]:
+    """OpenAI's ``logit_bias`` (``{"token id": bias}``, each bias in [-100, 100]) as ``{id: bias}``.
+
+    JSON object keys are strings; Python callers may use integers. Ids are checked against ``vocab`` when given.
+
+    Args:
+        value: The field as sent (None or ``{}``: no bias).
+        vocab: The model's vocabulary size, when known here.
+
+    Returns:
+        ``{token id: bias}``, without zero biases (they change nothing).
+
+    Raises:
+        ValueError: Saying what is wrong, for anything else.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"'logit_bias' must be an object mapping token ids to numbers, got {str(value)[:80]}")
+    bias: dict[int, float] = {}
+    for key, number in value.items():
+        if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+            token = key
+        elif isinstance(key, str) and _TOKEN_KEY.fullmatch(key):
+            token = int(key)
+        else:
+            raise ValueError(f"'logit_bias' keys must be token ids (non-negative integers), got {str(key)[:40]!r}")
+        if vocab is not None and token >= vocab:
+            raise ValueError(f"'logit_bias' token id {token} is not in the model's vocabulary [0, {vocab})")
+        if (isinstance(number, bool) or not isinstance(number, (int, float))
+                or not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS):  # also refuses NaN
+            raise ValueError(f"'logit_bias' values must be numbers in [-100, 100], got {number!r} for token {token}")
+        if token in bias:
+            raise ValueError(f"'logit_bias' names token {token} twice")
+        bias[token] = float(number)
+    return {token: b for token, b in bias.items() if b}
 
 
 def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR) -> bytes:

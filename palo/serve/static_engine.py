@@ -92,8 +92,8 @@ class StaticBatchEngine(EngineBackend):
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
         prepared = super().prepare(params)
-        for key in ("logprobs", "prompt_logprobs"):
-            if getattr(prepared.sampling, key) is not None:
+        for key in ("logprobs", "prompt_logprobs", "logit_bias"):
+            if getattr(prepared.sampling, key) not in (None, ()):
                 raise RequestError(f"'{key}' needs the paged engine; this worker runs --engine static")
         return prepared
 

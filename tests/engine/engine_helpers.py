@@ -40,10 +40,11 @@ def pixels(processor, model, colors: list[str], sizes: list[tuple[int, int]] | N
 
 
 def reference_tokens(model, tokenizer, ids: list[int], images: torch.Tensor | None, max_new_tokens: int,
-                     eos_ids: set[int]) -> list[int]:
-    """What ``model.generate`` answers alone (greedy), cut before end-of-sequence as the engine reports it."""
+                     eos_ids: set[int], **generate_kwargs) -> list[int]:
+    """What ``model.generate`` answers alone (greedy, with ``generate_kwargs``), cut before end-of-sequence as the
+    engine reports it."""
     out = model.generate(torch.tensor([ids]), images=images, max_new_tokens=max_new_tokens, do_sample=False,
-                         temperature=None, top_p=None, top_k=None)
+                         temperature=None, top_p=None, top_k=None, **generate_kwargs)
     new = out[0, len(ids):].tolist()
     for k, token in enumerate(new):
         if token in eos_ids:

@@ -226,6 +226,35 @@ def test_logprobs_are_the_models_own_for_each_token_and_only_for_requests_that_a
         SamplingParams(logprobs=21)
 
 
+def test_each_rows_logit_bias_gives_the_tokens_of_generate_with_that_bias(loaded):
+    """Banning, nudging and forcing tokens row by row in one batch: each row's tokens are ``model.generate``'s with
+    the same additive bias (its ``sequence_bias`` on single tokens), the other rows' are untouched, and the
+    log-probabilities reported stay the model's own."""
+    tokenizer, model, processor = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    requests = _mixed_requests(tokenizer, model, processor, 6, seed=7)
+    plain = [reference_tokens(model, tokenizer, ids, images, n, engine.eos_ids) for ids, images, n in requests]
+    assert all(plain[1:5]) and 42 not in engine.eos_ids
+    eos = next(iter(engine.eos_ids))
+    biases = [{}, {plain[1][0]: -100}, {plain[2][0]: -1.5, 7: 2.0, 300: 1.0}, {42: 100}, {eos: 100}, {}]
+    outputs = engine.generate([
+        EngineRequest(ids, images, SamplingParams(max_tokens=n, logit_bias=bias, logprobs=3 if i == 1 else None))
+        for i, ((ids, images, n), bias) in enumerate(zip(requests, biases))])
+    for i, ((ids, images, n), bias, out) in enumerate(zip(requests, biases, outputs)):
+        rule = {"sequence_bias": [[[token], float(b)] for token, b in bias.items()]} if bias else {}
+        assert out.token_ids == reference_tokens(model, tokenizer, ids, images, n, engine.eos_ids, **rule), i
+    assert [out.token_ids != tokens for out, tokens in zip(outputs, plain)] == [False, True, True, True, True, False]
+    assert outputs[3].token_ids == [42] * requests[3][2]
+    assert outputs[4].token_ids == [] and outputs[4].finish_reason == "stop"  # pushed to end at once
+    chosen, top = outputs[1].logprobs[0]
+    assert top[0][0] == plain[1][0] != outputs[1].token_ids[0]  # the model's own favourite, banned
+    assert chosen < top[0][1]
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add_request(EngineRequest(requests[0][0], requests[0][1],
+                                         SamplingParams(logit_bias={model.config.vocab_size: 1.0})))
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
 def test_a_cancelled_request_frees_its_cache_at_once(loaded):
     tokenizer, model, processor = loaded
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4, enable_prefix_cache=False))

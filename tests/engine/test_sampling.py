@@ -7,7 +7,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.engine.sampling import SamplingParams, apply_penalties, sample
+from palo.engine.sampling import SamplingParams, apply_logit_bias, apply_penalties, sample
 
 
 def _gen(seed):
@@ -51,7 +51,9 @@ def test_a_row_draws_the_same_tokens_whatever_it_is_batched_with():
 @pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
                                  dict(max_tokens=0), dict(temperature=float("nan")), dict(presence_penalty=2.5),
                                  dict(frequency_penalty=-2.1), dict(frequency_penalty=float("nan")),
-                                 dict(repetition_penalty=0), dict(repetition_penalty=float("inf"))])
+                                 dict(repetition_penalty=0), dict(repetition_penalty=float("inf")),
+                                 dict(logit_bias={-1: 1.0}), dict(logit_bias={3: 100.5}),
+                                 dict(logit_bias={3: float("nan")}), dict(logit_bias=[(3, 1.0), (3, 2.0)])])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -101,3 +103,35 @@ def test_penalties_change_what_greedy_and_sampled_rows_choose():
     assert apply_penalties(logits, unpenalised, [[0], [0]], [[1], [1]]) is logits
     with pytest.raises(ValueError, match="penalised rows"):
         sample(logits, params, [None, _gen(0)])
+
+
+def test_logit_bias_is_added_to_its_own_row_only_and_leaves_the_callers_logits_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10)
+    before = logits.clone()
+    params = [SamplingParams(logit_bias={1: 2.5, 3: -1}), SamplingParams(), SamplingParams(logit_bias=[(1, 0.5)])]
+    expected = before.clone()
+    expected[0, 1] += 2.5
+    expected[0, 3] -= 1
+    expected[2, 1] += 0.5
+    assert torch.equal(apply_logit_bias(logits, params), expected)
+    assert torch.equal(logits, before)  # the caller's logits still give the model's own log-probabilities
+    assert apply_logit_bias(logits, [SamplingParams()] * 3) is logits
+    assert SamplingParams(logit_bias={"4": 1, 2: -3}).logit_bias == ((2, -3.0), (4, 1.0))
+
+
+def test_logit_bias_bans_forces_and_reshapes_what_rows_choose_after_their_penalties():
+    logits = torch.tensor([[0.0, 3.0, 2.5, 1.0]] * 3)
+    params = [SamplingParams(logit_bias={1: -100}), SamplingParams(temperature=1.0, logit_bias={0: 100}),
+              SamplingParams(repetition_penalty=2.0, logit_bias={1: 1.2})]
+    # Row 0: its favourite banned; row 1 samples but the forced token is all its mass; row 2: the penalty halves
+    # token 1 (3.0 -> 1.5, behind token 2's 2.5) and the bias after it puts it back in front (2.7); added before the
+    # penalty it would not ((3.0 + 1.2) / 2 = 2.1).
+    assert sample(logits, params, [None, _gen(0), None], [[0]] * 3, [[], [], [1]]).tolist() == [2, 0, 1]
+    counts = torch.zeros(4)
+    g = _gen(3)
+    row = [SamplingParams(temperature=1.0, logit_bias={3: 2.0, 1: -1.0})]
+    for _ in range(4000):
+        counts[sample(logits[:1], row, [g])[0]] += 1
+    expected = torch.softmax(logits[0] + torch.tensor([0.0, -1.0, 0.0, 2.0]), -1) * 4000
+    assert torch.allclose(counts, expected, atol=4 * expected.sqrt().max().item())

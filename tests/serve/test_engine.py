@@ -116,6 +116,13 @@ def test_budget_uses_the_projector_token_count(world):
         ({"presence_penalty": 2.5}, "'presence_penalty' must be in [-2, 2], got 2.5"),
         ({"frequency_penalty": "lots"}, "'frequency_penalty' must be a number"),
         ({"repetition_penalty": 0}, "'repetition_penalty' must be > 0"),
+        ({"logit_bias": [5]}, "'logit_bias' must be an object"),
+        ({"logit_bias": {"five": 1}}, "'logit_bias' keys must be token ids"),
+        ({"logit_bias": {"-5": 1}}, "'logit_bias' keys must be token ids"),
+        ({"logit_bias": {"5": 100.5}}, "'logit_bias' values must be numbers in [-100, 100], got 100.5"),
+        ({"logit_bias": {"5": "1"}}, "'logit_bias' values must be numbers"),
+        ({"logit_bias": {"5": 1, "05": 2}}, "'logit_bias' names token 5 twice"),
+        ({"logit_bias": {"999999": 1}}, "'logit_bias' token id 999999 is not in the model's vocabulary"),
     ],
 )
 def test_bad_requests_are_rejected(loaded, change, message):
@@ -148,6 +155,28 @@ def test_the_static_baseline_engine_gives_the_same_answers(loaded):
         paged.close()
     assert list(static.batch_sizes) == [6]
     assert [(o.text, o.finish_reason) for o in out_s] == [(o.text, o.finish_reason) for o in out_p]
+
+
+def test_logit_bias_reaches_each_rows_sampler_and_the_static_engine_refuses_it(loaded):
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    forced = tokenizer("hello").input_ids[-1]
+    paged = _engine(loaded, max_batch_size=8)
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len)
+    try:
+        plain = paged.generate([paged.prepare(_params(i)) for i in (0, 1)])
+        biased = paged.generate([paged.prepare(_params(0, logit_bias={str(forced): 100})), paged.prepare(_params(1))])
+        assert paged.prepare(_params(0, logit_bias={"7": 0, "9": -2.5})).sampling.logit_bias == ((9, -2.5),)
+        with pytest.raises(RequestError, match="'logit_bias' needs the paged engine"):
+            static.prepare(_params(0, logit_bias={str(forced): 100}))
+        assert static.prepare(_params(0, logit_bias={})).sampling.logit_bias == ()  # asks for nothing: accepted
+    finally:
+        paged.close()
+        static.close()
+    n = _params(0)["max_new_tokens"]
+    assert biased[0].text == tokenizer.decode([forced] * n, skip_special_tokens=True) != plain[0].text
+    assert biased[1].text == plain[1].text  # its neighbour in the batch asked for nothing
 
 
 PENALTIES = [{}, {"repetition_penalty": 1.8}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},

@@ -75,6 +75,28 @@ def test_penalties_reach_the_sampler_through_the_official_client(cluster):
     assert c.chat.completions.create(frequency_penalty=2.0, **ask).choices[0].message.content == penalised[0]
 
 
+def test_logit_bias_with_ids_from_the_servers_tokenizer_forces_and_bans_words(cluster):
+    """What a client does to steer the answer: ids from ``/tokenize``, then ``logit_bias`` on the chat API."""
+    c = client(cluster)
+
+    def served(path: str, **body):
+        return httpx.post(cluster.url + path, json={"model": "ckpt", **body}, timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}"}).json()
+
+    word = served("/tokenize", prompt="hello", add_special_tokens=False)["tokens"][-1]
+    ask = dict(model="ckpt", messages=image_message("Describe it.", "green"), temperature=0, max_tokens=6)
+    free = c.chat.completions.create(**ask)
+    forced = c.chat.completions.create(logit_bias={str(word): 100}, **ask)
+    spelled = served("/detokenize", tokens=[word] * 6)["prompt"].strip()
+    assert forced.choices[0].message.content == spelled != free.choices[0].message.content
+    first = c.chat.completions.create(**dict(ask, max_tokens=1, logprobs=True, top_logprobs=1))
+    banned = served("/tokenize", prompt=first.choices[0].logprobs.content[0].token, add_special_tokens=False)
+    other = c.chat.completions.create(logit_bias={str(banned["tokens"][-1]): -100}, **dict(ask, max_tokens=1))
+    assert other.choices[0].message.content != first.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="vocabulary"):
+        c.chat.completions.create(logit_bias={"999999": 5}, **ask)
+
+
 def test_logprobs_streamed_and_whole_agree_with_the_answer(cluster):
     c = client(cluster)
     ask = dict(model="ckpt", messages=image_message("এটা কী?", "purple"), temperature=0, max_tokens=16,

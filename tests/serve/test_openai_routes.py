@@ -269,8 +269,7 @@ def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_open
 
 def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
     base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-    refused = [("logit_bias", {"5": 10}),
-               ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    refused = [("tools", [{"type": "function", "function": {"name": "f"}}]),
                ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("modalities", ["audio"])]
     for key, value in refused:
         router = FakeRouter(FakeStream())
@@ -325,6 +324,20 @@ def test_penalties_reach_the_worker_and_out_of_range_ones_are_400():
         response, bodies = ask({key: value})
         assert response.status_code == 400 and json.loads(response.body)["error"]["param"] == key, (key, value)
         assert bodies == []
+
+
+def test_logit_bias_reaches_the_worker_from_both_endpoints_and_malformed_ones_are_400():
+    done = [{"text": "", "error_code": 0, "finish_reason": "stop"}]
+    chat = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    text = {"model": "ckpt", "prompt": ["one", [5, 6]], "max_tokens": 4}
+    for endpoint, base in ((chat_completion, chat), (text_completion, text)):
+        status, _, bodies = _call(endpoint, {**base, "logit_bias": {"12": -100, "7": 0, "30": 2.5}}, done)
+        assert status == 200 and bodies and all(b["logit_bias"] == {"12": -100.0, "30": 2.5} for b in bodies)
+        status, _, bodies = _call(endpoint, {**base, "logit_bias": {"7": 0}}, done)
+        assert status == 200 and all("logit_bias" not in b for b in bodies)  # asks for nothing: not sent
+        for bad in ([12], {"x": 1}, {"12": -101}, {"12": True}, {"1.5": 1}, "12"):
+            status, answer, bodies = _call(endpoint, {**base, "logit_bias": bad}, done)
+            assert status == 400 and answer["error"]["param"] == "logit_bias" and bodies == [], bad
 
 
 def _lp(token: str) -> dict:

@@ -163,6 +163,19 @@ def test_seed_top_k_and_penalties_reach_the_backend(stack):
     assert response.status_code == 400 and "'top_k' must be an integer" in response.text
 
 
+def test_logit_bias_goes_to_the_backend_as_it_is(stack):
+    payload = {"model": MODEL, "prompt": _conversation_prompt(), "images": [image_b64(make_image("green"))],
+               "temperature": 0, "max_new_tokens": 8, "stop": "</s>", "logit_bias": {"40": 100, "41": -3}}
+    through_front = _stream(stack["front"].url, payload)[-1]
+    direct = [_stream(stack["backend_worker"].url, changed)[-1]["text"] for changed in
+              (payload, {k: v for k, v in payload.items() if k != "logit_bias"})]
+    assert through_front["error_code"] == 0, through_front
+    assert through_front["text"] == direct[0] != direct[1]
+    response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
+                          json=dict(payload, logit_bias={"40": 500}))
+    assert response.status_code == 400 and "'logit_bias' values must be numbers in [-100, 100]" in response.text
+
+
 def test_logprobs_come_back_through_the_backend(stack):
     payload = {"model": MODEL, "prompt": _conversation_prompt(), "images": [image_b64(make_image("red"))],
                "temperature": 0, "max_new_tokens": 12, "stop": "</s>", "logprobs": 2}
