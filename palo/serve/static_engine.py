@@ -182,13 +182,19 @@ class StaticBatchEngine(EngineBackend):
         if any(job.request.sampling.penalized for job in batch):
             kwargs["logits_processor"] = LogitsProcessorList([_RowPenalties(batch)])
         device = self.model.device
+        seed = None if sampling.greedy else sampling.seed
         try:
-            self.model.generate(
-                input_ids.to(device),
-                images=torch.cat(images) if images else None,
-                attention_mask=attention_mask.to(device),
-                **kwargs,
-            )
+            # A seed restarts the process's random stream for this batch (one request, see _sampling_key) and puts
+            # it back after, so other requests' draws are no more predictable than without it.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                self.model.generate(
+                    input_ids.to(device),
+                    images=torch.cat(images) if images else None,
+                    attention_mask=attention_mask.to(device),
+                    **kwargs,
+                )
         except Exception as exc:  # noqa: BLE001 - any failure ends this batch's requests with an error, not the worker
             # The requests get one line each; the traceback is kept here, once per batch.
             self.logger.exception("generating a batch of %d request(s) failed", len(batch))
@@ -205,9 +211,13 @@ class StaticBatchEngine(EngineBackend):
 
 
 def _sampling_key(request: PreparedRequest) -> tuple:
-    """Requests share a ``model.generate`` batch only when they sample alike (penalties are applied per row)."""
+    """Requests share a ``model.generate`` batch only when they sample alike (penalties are applied per row). A
+    seeded sampled request is batched alone: its draws come from the one stream its seed starts, which rows in a
+    batch would share."""
     sampling = request.sampling
-    return (False,) if sampling.greedy else (True, sampling.temperature, sampling.top_p, sampling.top_k)
+    if sampling.greedy:
+        return (False,)
+    return (True, sampling.temperature, sampling.top_p, sampling.top_k, None if sampling.seed is None else id(request))
 
 
 class _RowPenalties(LogitsProcessor):

@@ -6,6 +6,7 @@ import base64
 import re
 
 import pytest
+import torch
 from serve_helpers import image_b64, make_image, vicuna_prompt
 
 from palo.model.builder import load_pretrained_model
@@ -155,6 +156,29 @@ def test_the_static_baseline_engine_gives_the_same_answers(loaded):
         paged.close()
     assert list(static.batch_sizes) == [6]
     assert [(o.text, o.finish_reason) for o in out_s] == [(o.text, o.finish_reason) for o in out_p]
+
+
+def test_the_static_engine_samples_a_seeded_request_the_same_whatever_else_is_queued(loaded):
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    ask = _params(0, temperature=1.0, max_new_tokens=16, seed=5)
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len)
+    state = torch.get_rng_state()
+    try:
+        alone = static.generate([static.prepare(ask)])[0].text
+    finally:
+        static.close()  # waits for model.generate to return (the answer is sent from inside it)
+    assert torch.equal(torch.get_rng_state(), state)  # the process's own stream is put back
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=8, batch_wait_ms=50)
+    try:
+        crowd = static.generate([static.prepare(_params(i, temperature=1.0, max_new_tokens=16)) for i in (1, 2)]
+                                + [static.prepare(ask)])
+        other = static.generate([static.prepare(dict(ask, seed=6))])[0].text
+    finally:
+        static.close()
+    assert crowd[2].text == alone != other
+    assert sorted(static.batch_sizes) == [1, 1, 2]  # unseeded rows that sample alike still share a batch
 
 
 def test_logit_bias_reaches_each_rows_sampler_and_the_static_engine_refuses_it(loaded):
