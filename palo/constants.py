@@ -16,3 +16,6 @@ IMAGE_PLACEHOLDER = "<image-placeholder>"
 CONTROLLER_HEART_BEAT_EXPIRATION = 30  # seconds
 WORKER_HEART_BEAT_INTERVAL = 15  # seconds
 LOGDIR = "."
+
+# OpenAI's range for one token's logit bias (-100 bans a token, 100 all but forces it): the engine's and the API's.
+MAX_LOGIT_BIAS = 100.0

@@ -25,6 +25,16 @@ def test_import_palo_and_the_light_modules_import_no_torch():
     )
 
 
+def test_the_controller_and_the_openai_api_import_no_torch():
+    """The controller process routes and validates requests; the model's heavy imports belong to the workers."""
+    _run(
+        "import sys\n"
+        "import palo.serve.controller, palo.serve.openai_api, palo.serve.protocol, palo.serve.tokenizer_api\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'xgrammar') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+
+
 def test_model_classes_resolve_lazily_and_register_the_auto_classes():
     _run(
         "import sys\n"

@@ -3,7 +3,8 @@
 Layout, one job per file: ``config`` (settings, cache sizing), ``sequence`` (a request's state), ``block_manager``
 (paged blocks, prefix sharing), ``scheduler`` (waiting -> prefilling -> decoding), ``model_runner`` (the forward
 passes over the cache), ``cuda_graphs`` (captured decode steps), ``sampling`` (per-request sampling on the device),
-``detokenizer`` (incremental text, stop strings) and ``llm_engine`` (the loop).
+``structured`` (answers held to a JSON schema, a pattern or choices), ``detokenizer`` (incremental text, stop
+strings) and ``llm_engine`` (the loop).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ _EXPORTS = {
     "QueueFull": "palo.engine.errors",
     "RequestTooLarge": "palo.engine.errors",
     "EngineClosed": "palo.engine.errors",
+    "StructuredOutput": "palo.engine.structured",
+    "GrammarError": "palo.engine.structured",
 }
 __all__ = list(_EXPORTS)
 

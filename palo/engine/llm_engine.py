@@ -6,7 +6,7 @@ One thread owns the model. Each iteration of :meth:`LLMEngine.step`:
 2. admits waiting requests while there are places and KV blocks (prefix-cache hits cost no new blocks);
 3. prefills up to ``max_prefill_tokens`` prompt positions (a long prompt in chunks), running the vision tower only
    for images whose rows are not already cached; a sequence whose prompt is complete samples its first token;
-4. decodes one token for every sequence past its prompt, each with its own sampling settings;
+4. decodes one token for every sequence past its prompt, each with its own sampling settings (and grammar);
 5. reports each changed request through its callback and frees the KV of every finished one at once.
 
 So a request joins the running batch between two decode steps and leaves it as soon as it ends.
@@ -33,6 +33,7 @@ from palo.engine.model_runner import ModelRunner, cache_shape
 from palo.engine.sampling import TokenLogprob, sample, token_logprobs
 from palo.engine.scheduler import Scheduler
 from palo.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
+from palo.engine.structured import StructuredOutputs, accept
 from palo.model.multimodal import ImagePlaceholderMismatch
 
 logger = logging.getLogger("palo.engine")
@@ -74,6 +75,7 @@ class LLMEngine:
         self._cond = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._structured: StructuredOutputs | None = None
         self._generated: deque[tuple[float, int]] = deque()
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # sequences per decode step, for statistics and tests
         # Since start: decode steps and the tokens they decoded (their ratio over an interval is its mean batch).
@@ -108,8 +110,9 @@ class LLMEngine:
                 whole cache holds.
             QueueFull: When ``max_waiting`` requests already wait.
             EngineClosed: After :meth:`close`.
-            ValueError: When ``logit_bias`` names an id outside the vocabulary, or stop strings come without a
-                tokenizer.
+            ValueError: When ``logit_bias`` names an id outside the vocabulary, or stop strings or a structured
+                output come without a tokenizer.
+            GrammarError: When the structured output's schema, pattern or choices cannot be compiled.
         """
         count = 0 if request.images is None else int(request.images.shape[0])
         placeholders = sum(1 for token in request.input_ids if token == IMAGE_TOKEN_INDEX)
@@ -135,6 +138,8 @@ class LLMEngine:
         vocab = int(self.model.config.vocab_size)
         if any(token >= vocab for token, _ in request.sampling.logit_bias):
             raise ValueError(f"logit_bias names a token id outside the model's vocabulary [0, {vocab})")
+        if request.sampling.structured is not None:
+            seq.matcher = self.structured_outputs().matcher(request.sampling.structured)
         if request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
         if self.tokenizer is not None:  # without one (benchmarks) the engine reports token ids only
@@ -150,6 +155,19 @@ class LLMEngine:
             self._by_id[seq.request_id] = seq
             self._cond.notify_all()
         return seq
+
+    def structured_outputs(self) -> StructuredOutputs:
+        """The grammar compiler and masker for this model's tokenizer, made on the first structured request.
+
+        Raises:
+            ValueError: Without a tokenizer (a grammar is spelled in text).
+        """
+        with self._cond:
+            if self._structured is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured outputs need a tokenizer")
+                self._structured = StructuredOutputs(self.tokenizer, int(self.model.config.vocab_size), self.eos_ids)
+            return self._structured
 
     def abort(self, seq_or_id: Sequence | str) -> None:
         """Cancel a request: it leaves the batch at the next step and its KV is freed then."""
@@ -200,7 +218,7 @@ class LLMEngine:
                         c.seq.block_end_hidden = {}  # kept with its cached blocks, if anywhere
                         completed.append(c.seq)
                 if completed:
-                    for seq, token, logprob in zip(completed, *_sample(logits, completed)):
+                    for seq, token, logprob in zip(completed, *_sample(logits, completed, self._structured)):
                         seq.image_features = None
                         if seq.sampling.max_tokens == 0:  # the prompt's scores were all it asked for
                             self._finish(seq, "length")
@@ -219,7 +237,7 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001
                 self._fail(running, exc)
             else:
-                for seq, token, logprob in zip(running, *_sample(logits, running)):
+                for seq, token, logprob in zip(running, *_sample(logits, running, self._structured)):
                     seq.num_computed = seq.num_tokens
                     self._append(seq, token, logprob)
 
@@ -385,14 +403,21 @@ class LLMEngine:
         }
 
 
-def _sample(logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token for each sequence, with its own settings and (for penalties) what it has seen so far, and its
-    log-probability for those that ask."""
+def _sample(logits: torch.Tensor, seqs: Seq[Sequence], structured: StructuredOutputs | None = None,
+            ) -> tuple[list[int], list[TokenLogprob | None]]:
+    """One token for each sequence, with its own settings, (for penalties) what it has seen so far and (for a
+    structured answer) what its grammar allows next, and its log-probability for those that ask."""
     params = [s.sampling for s in seqs]
+    matchers = [s.matcher for s in seqs]
+    allowed = logits if structured is None else structured.mask(logits, matchers)
     if not any(p.penalized for p in params):
-        tokens = sample(logits, params, [s.generator for s in seqs])
+        tokens = sample(allowed, params, [s.generator for s in seqs])
     else:
-        tokens = sample(logits, params, [s.generator for s in seqs], [s.prompt_token_set for s in seqs],
+        tokens = sample(allowed, params, [s.generator for s in seqs], [s.prompt_token_set for s in seqs],
                         [s.output_ids for s in seqs])
     top = [p.logprobs for p in params]
-    return tokens.tolist(), token_logprobs(logits, tokens, top)
+    ids = tokens.tolist()
+    for matcher, token in zip(matchers, ids):
+        if matcher is not None:
+            accept(matcher, token)
+    return ids, token_logprobs(logits, tokens, top)

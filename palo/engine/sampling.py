@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from palo.constants import MAX_LOGIT_BIAS
+from palo.engine.structured import StructuredOutput
+
 # The original worker's rule: at or below this temperature decoding is greedy.
 GREEDY_TEMPERATURE = 1e-3
 # Most alternatives a request may ask log-probabilities for (OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
-# OpenAI's range for one token's logit bias.
-MAX_LOGIT_BIAS = 100.0
 
 # A chosen token's log-probability and the ``k`` most likely ``(token id, log-probability)`` of its step.
 TokenLogprob = tuple[float, list[tuple[int, float]]]
@@ -44,6 +45,9 @@ class SamplingParams:
             likely the model finds the given text: scoring, perplexity, multiple-choice evaluation). Such a prompt
             takes from the prefix cache only blocks an earlier scored prompt computed (their scores are kept with
             them, for as many alternatives or more). With it ``max_tokens`` may be 0 (score only).
+        structured: Hold the answer to a JSON schema, a regular expression or a list of choices
+            (:mod:`palo.engine.structured`): tokens that cannot continue it within that shape are masked out, after
+            the penalties and the logit bias.
         logit_bias: ``(token id, bias)`` pairs (a mapping is accepted), each bias in [-100, 100], added to the
             token's logit after the penalties and before temperature (OpenAI's ``logit_bias``): -100 bans a token,
             100 all but forces it. Reported log-probabilities stay the model's own.
@@ -62,6 +66,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    structured: StructuredOutput | None = None
     # Whether the tokens seen so far change this request's logits: read for every row at every step, so set once
     # rather than computed by a property.
     penalized: bool = field(init=False, repr=False, compare=False)
@@ -96,6 +101,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {token}: {bias}")
         if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
             raise ValueError("logit_bias names a token twice")
+        if self.structured is not None and self.ignore_eos:
+            raise ValueError("a structured answer ends where its shape is complete; it cannot ignore end-of-sequence")
         object.__setattr__(self, "penalized",
                            bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1))
 

@@ -163,6 +163,7 @@ class Sequence:
         self.num_cached = 0  # of which came from the prefix cache
         self.image_features: torch.Tensor | None = None  # [k, n, D] while the prompt is being prefilled
         self.generator: torch.Generator | None = None
+        self.matcher: Any = None  # the grammar's state when the answer is held to a shape (palo.engine.structured)
         self.cancelled = False
         self.finish_reason: str | None = None
         self.error: str | None = None

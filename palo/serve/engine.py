@@ -26,7 +26,7 @@ from palo.engine.sampling import MAX_LOGPROBS, TokenLogprob
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
-from palo.serve.protocol import is_token_ids, parse_logit_bias
+from palo.serve.protocol import is_token_ids, parse_logit_bias, parse_structured_output
 from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -199,8 +199,10 @@ class EngineBackend(ABC):
                 ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities),
                 ``"prompt_logprobs"`` (the same for the prompt's ids, in the first chunk after the prompt is computed;
                 ``max_new_tokens`` may then be 0 to score the prompt only), ``"logit_bias"`` (OpenAI's
-                ``{"token id": bias}``) and ``"prompt_token_ids"`` instead of ``"prompt"`` (the prompt as token ids,
-                used as they are; no images).
+                ``{"token id": bias}``), an answer shape (``"response_format"``, ``"guided_json"``,
+                ``"guided_regex"``, ``"guided_choice"`` or ``"structured_outputs"``, see
+                :func:`~palo.serve.protocol.parse_structured_output`) and ``"prompt_token_ids"`` instead of
+                ``"prompt"`` (the prompt as token ids, used as they are; no images).
 
         Returns:
             The prepared request.
@@ -250,6 +252,7 @@ class EngineBackend(ABC):
             raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}")
         try:
             logit_bias = parse_logit_bias(params.get("logit_bias"), int(self.model.config.vocab_size))
+            structured, _ = parse_structured_output(params)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         logprobs, prompt_logprobs = (_alternatives(params, key) for key in ("logprobs", "prompt_logprobs"))
@@ -307,7 +310,8 @@ class EngineBackend(ABC):
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, logit_bias=logit_bias, **penalties),
+                                    prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
+                                    structured=structured, **penalties),
             stop=stop or None,
             prompt_tokens=prompt_tokens,
             prompt_from_ids=token_ids is not None,
@@ -434,6 +438,20 @@ class GenerationEngine(EngineBackend):
     def close(self, timeout: float = 30.0) -> None:
         """Stop the engine thread; unfinished requests end with an error."""
         self.engine.close(timeout)
+
+    def prepare(self, params: dict[str, Any]) -> PreparedRequest:
+        """As :meth:`EngineBackend.prepare`, and an answer shape is compiled here, so a schema or pattern that
+        cannot be used is refused with the request (the engine reuses the compiled grammar)."""
+        prepared = super().prepare(params)
+        if prepared.sampling.structured is not None:
+            try:
+                self.engine.structured_outputs().matcher(prepared.sampling.structured)
+            except ImportError:
+                raise RequestError("structured outputs need the xgrammar package on the worker (pip install "
+                                   "xgrammar)") from None
+            except ValueError as exc:
+                raise RequestError(str(exc)) from None
+        return prepared
 
     def submit(self, request: PreparedRequest, sink: Sink) -> Job:
         """Queue one request; its events go to ``sink`` from the engine thread.

@@ -43,9 +43,11 @@ from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
     OK,
+    STRUCTURED_FIELDS,
     decode_json_body,
     is_token_ids,
     parse_logit_bias,
+    parse_structured_output,
     visible_text,
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStream, WorkerUnreachableError
@@ -95,6 +97,7 @@ class GenerationRequest:
     echo: bool = False  # the answer's text (and logprobs) start with the prompt's
     prompt_logprobs: int | None = None  # the worker scores the prompt's tokens (for echo with logprobs)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
+    shape: dict[str, Any] = field(default_factory=dict)  # the field that asks for a structured answer, as sent
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -121,6 +124,7 @@ class GenerationRequest:
             params["prompt_logprobs"] = self.prompt_logprobs
         if self.logit_bias:  # sent only when it asks for something, like the penalties
             params["logit_bias"] = {str(token): bias for token, bias in self.logit_bias.items()}
+        params.update(self.shape)
         return params
 
 
@@ -238,13 +242,12 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the engine's
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
-# asks for one gets a 400 naming it, instead of an answer that silently lacks it (no tools, no JSON mode ...).
+# asks for one gets a 400 naming it, instead of an answer that silently lacks it (no tools, no audio ...).
 NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or isinstance(v, dict) and v.get("type") == "text",
     "modalities": lambda v: v in (None, ["text"]),
     "audio": lambda v: v is None,
 }
@@ -303,6 +306,11 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         logit_bias = parse_logit_bias(body.get("logit_bias"))
     except ValueError as exc:
         raise APIError(400, str(exc), param="logit_bias") from None
+    try:  # whether a schema or pattern compiles is the worker's to say (it compiles it)
+        _, shape_field = parse_structured_output(body)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=next(k for k in STRUCTURED_FIELDS if body.get(k) is not None)) from None
+    shape_key = None if shape_field is None else shape_field.split(".")[0]
     return dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
@@ -315,6 +323,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         top_k=top_k,
         penalties={key: value for key, value in penalties.items() if value != PENALTY_DEFAULTS[key]},
         logit_bias=logit_bias,
+        shape={} if shape_key is None else {shape_key: body[shape_key]},
     )
 
 

@@ -3,10 +3,10 @@
 In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller and heartbeats like
 :mod:`palo.serve.model_worker`, but holds no model. Each ``/worker_generate_stream`` request of the original
 protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
-``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties, ``logit_bias`` and ``logprobs`` when set) becomes one
-streaming ``POST {api_base}/chat/completions``, and the deltas are sent back as the original cumulative,
-NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller, web UI and
-OpenAI API therefore mix native and engine-backed workers freely.
+``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties, ``logit_bias``, an answer shape and ``logprobs``
+when set) becomes one streaming ``POST {api_base}/chat/completions``, and the deltas are sent back as the original
+cumulative, NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller,
+web UI and OpenAI API therefore mix native and engine-backed workers freely.
 
 The prompt is turned back into chat messages with the conversation template (``--conv-mode``, ``vicuna_v1`` for
 PALO) and the messages are rendered again to check that the backend, which renders them with the exported chat
@@ -42,7 +42,15 @@ import httpx
 from palo.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
-from palo.serve.protocol import INVALID_REQUEST, OK, WORKER_ERROR, encode_chunk, error_chunk, parse_logit_bias
+from palo.serve.protocol import (
+    INVALID_REQUEST,
+    OK,
+    WORKER_ERROR,
+    encode_chunk,
+    error_chunk,
+    parse_logit_bias,
+    parse_structured_output,
+)
 from palo.serve.utils import build_logger
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
@@ -260,6 +268,13 @@ class OpenAIWorker(BaseWorker):
             raise PromptFormatError(str(exc)) from None
         if logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in logit_bias.items()}
+        try:  # an answer shape goes as it was asked for: the backend (vLLM, SGLang, this API) takes each form
+            _, shape_field = parse_structured_output(params)
+        except ValueError as exc:
+            raise PromptFormatError(str(exc)) from None
+        if shape_field is not None:
+            top = shape_field.split(".")[0]
+            body[top] = params[top]
         logprobs = params.get("logprobs")
         if logprobs is not None:  # k alternatives per token, as OpenAI's chat API asks for them
             if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:

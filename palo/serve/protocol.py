@@ -23,8 +23,9 @@ import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
+from palo.constants import MAX_LOGIT_BIAS
 from palo.engine.detokenizer import visible_text  # noqa: F401 - the stop-string rule lives with the engine
-from palo.engine.sampling import MAX_LOGIT_BIAS
+from palo.engine.structured import StructuredOutput  # torch-free, like the detokenizer
 
 # Texts of the original demo; kept verbatim because clients display them (and some match on them).
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
@@ -135,6 +136,77 @@ def parse_logit_bias(value: Any, vocab: int | None = None) -> dict[int, float]:
             raise ValueError(f"'logit_bias' names token {token} twice")
         bias[token] = float(number)
     return {token: b for token, b in bias.items() if b}
+
+
+# The fields that ask for a structured answer: OpenAI's, and vLLM's older and newer extras. At most one per request.
+STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "structured_outputs")
+MAX_STRUCTURE_CHARS = 100_000  # a schema, pattern or choice list, as text
+MAX_CHOICES_LISTED = 256
+
+
+def parse_structured_output(body: dict[str, Any]) -> tuple[StructuredOutput | None, str | None]:
+    """The shape ``body`` asks its answer to take, and the field that asked for it.
+
+    Takes OpenAI's ``response_format`` (``{"type": "text"}``, ``{"type": "json_object"}``, ``{"type": "json_schema",
+    "json_schema": {"name", "schema", "strict"}}``), vLLM's ``guided_json`` (a schema, as an object or text),
+    ``guided_regex`` and ``guided_choice`` (a list of strings), and vLLM's newer ``structured_outputs`` (one of
+    ``json``, ``regex``, ``choice``). Whether a schema or pattern compiles is for the engine to say.
+
+    Returns:
+        ``(None, None)`` when nothing is asked for (absent fields, ``{"type": "text"}``).
+
+    Raises:
+        ValueError: Naming the field, for a malformed one or more than one.
+    """
+    asked = [key for key in STRUCTURED_FIELDS if body.get(key) is not None
+             and not (key == "response_format" and body[key] == {"type": "text"})]
+    if not asked:
+        return None, None
+    if len(asked) > 1:
+        raise ValueError(f"ask for one answer shape, not {' and '.join(repr(k) for k in asked)}")
+    key = asked[0]
+    value = body[key]
+    if key == "response_format":
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "json_object":
+            return StructuredOutput("json_object"), key
+        if kind == "json_schema":
+            spec = value.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ValueError("'response_format' of type json_schema needs 'json_schema': {'name': ..., 'schema': "
+                                 "{...}}")
+            return StructuredOutput("json_schema", _text(json.dumps(schema, ensure_ascii=False), key)), key
+        raise ValueError(f"'response_format' must be {{'type': 'text' | 'json_object' | 'json_schema'}}, got "
+                         f"{str(value)[:80]}")
+    if key == "structured_outputs":
+        if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in ("json", "regex", "choice"):
+            raise ValueError("'structured_outputs' must hold exactly one of 'json', 'regex' or 'choice'")
+        (sub, value), = value.items()
+        key = {"json": "guided_json", "regex": "guided_regex", "choice": "guided_choice"}[sub]
+        asked_as = f"structured_outputs.{sub}"
+    else:
+        asked_as = key
+    if key == "guided_json":
+        if isinstance(value, dict):
+            value = json.dumps(value, ensure_ascii=False)
+        if not isinstance(value, str):
+            raise ValueError(f"'{asked_as}' must be a JSON schema (an object, or its text)")
+        return StructuredOutput("json_schema", _text(value, asked_as)), asked_as
+    if key == "guided_regex":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"'{asked_as}' must be a non-empty regular expression")
+        return StructuredOutput("regex", _text(value, asked_as)), asked_as
+    if (not isinstance(value, list) or not 0 < len(value) <= MAX_CHOICES_LISTED
+            or not all(isinstance(c, str) and c for c in value)):
+        raise ValueError(f"'{asked_as}' must be a list of 1 to {MAX_CHOICES_LISTED} non-empty strings")
+    return StructuredOutput("choice", _text(json.dumps(value, ensure_ascii=False), asked_as)), asked_as
+
+
+def _text(spec: str, key: str) -> str:
+    if len(spec) > MAX_STRUCTURE_CHARS:
+        raise ValueError(f"'{key}' is {len(spec)} characters, over the limit of {MAX_STRUCTURE_CHARS}")
+    return spec
 
 
 def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR) -> bytes:

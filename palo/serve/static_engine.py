@@ -24,6 +24,7 @@ from palo.engine.detokenizer import visible_text
 from palo.engine.sampling import apply_penalties, prompt_token_set
 from palo.mm_utils import left_pad
 from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, RequestError, Sink, StreamEvent
+from palo.serve.protocol import parse_structured_output
 
 
 @dataclass
@@ -92,9 +93,10 @@ class StaticBatchEngine(EngineBackend):
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
         prepared = super().prepare(params)
-        for key in ("logprobs", "prompt_logprobs", "logit_bias"):
+        for key in ("logprobs", "prompt_logprobs", "logit_bias", "structured"):
             if getattr(prepared.sampling, key) not in (None, ()):
-                raise RequestError(f"'{key}' needs the paged engine; this worker runs --engine static")
+                name = parse_structured_output(params)[1] if key == "structured" else key
+                raise RequestError(f"'{name}' needs the paged engine; this worker runs --engine static")
         return prepared
 
     # -- queue ---------------------------------------------------------------------------------------------------

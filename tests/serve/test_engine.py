@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
+import sys
 
 import pytest
 import torch
@@ -124,6 +126,18 @@ def test_budget_uses_the_projector_token_count(world):
         ({"logit_bias": {"5": "1"}}, "'logit_bias' values must be numbers"),
         ({"logit_bias": {"5": 1, "05": 2}}, "'logit_bias' names token 5 twice"),
         ({"logit_bias": {"999999": 1}}, "'logit_bias' token id 999999 is not in the model's vocabulary"),
+        ({"response_format": {"type": "xml"}}, "'response_format' must be {'type': 'text' | 'json_object'"),
+        ({"response_format": {"type": "json_schema"}}, "type json_schema needs 'json_schema'"),
+        ({"guided_choice": []}, "'guided_choice' must be a list of 1 to 256 non-empty strings"),
+        ({"guided_choice": ["a", ""]}, "'guided_choice' must be a list"),
+        ({"guided_regex": 5}, "'guided_regex' must be a non-empty regular expression"),
+        ({"guided_json": 5}, "'guided_json' must be a JSON schema"),
+        ({"structured_outputs": {"json": {}, "regex": "a"}}, "'structured_outputs' must hold exactly one of"),
+        ({"guided_regex": "a", "guided_choice": ["a"]}, "ask for one answer shape, not 'guided_regex' and"),
+        ({"guided_regex": "x" * 100_001}, "'guided_regex' is 100001 characters, over the limit of 100000"),
+        ({"guided_regex": "[0-9"}, "the regex cannot be used: "),
+        ({"guided_json": '{"type": "nope"}'}, "the json schema cannot be used: "),
+        ({"structured_outputs": {"json": "{oops"}}, "the json schema cannot be used: "),
     ],
 )
 def test_bad_requests_are_rejected(loaded, change, message):
@@ -179,6 +193,51 @@ def test_the_static_engine_samples_a_seeded_request_the_same_whatever_else_is_qu
         static.close()
     assert crowd[2].text == alone != other
     assert sorted(static.batch_sizes) == [1, 1, 2]  # unseeded rows that sample alike still share a batch
+
+
+SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+          "additionalProperties": False}
+
+
+def test_every_form_of_an_answer_shape_holds_the_answer_to_it_and_the_static_engine_refuses_them(loaded):
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    paged = _engine(loaded, max_batch_size=8)
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len)
+    forms = [{"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}},
+             {"guided_json": SCHEMA}, {"structured_outputs": {"json": json.dumps(SCHEMA)}},
+             {"guided_regex": "(yes|no), [0-9]{2}"}, {"structured_outputs": {"regex": "[a-c]{3}"}},
+             {"guided_choice": ["rouge", "অন্য", "蓝色"]}, {"structured_outputs": {"choice": ["x", "y"]}},
+             {"response_format": {"type": "json_object"}}, {"response_format": {"type": "text"}}]
+    try:
+        prepared = [paged.prepare(_params(i % 6, max_new_tokens=24, **form)) for i, form in enumerate(forms)]
+        outputs = paged.generate(prepared)
+        for form in forms[:-1]:
+            with pytest.raises(RequestError, match=r"'(response_format|guided_\w+|structured_outputs\.\w+)' needs "
+                                                   "the paged engine"):
+                static.prepare(_params(0, **form))
+        assert static.prepare(_params(0, response_format={"type": "text"})).sampling.structured is None
+    finally:
+        paged.close()
+        static.close()
+    texts = [o.text for o in outputs]
+    assert [json.loads(t) for t in texts[:3]] == [{"ok": json.loads(t)["ok"]} for t in texts[:3]]
+    assert re.fullmatch("(yes|no), [0-9]{2}", texts[3]) and re.fullmatch("[a-c]{3}", texts[4])
+    assert texts[5] in ("rouge", "অন্য", "蓝色") and texts[6] in ("x", "y")
+    assert texts[7].startswith("{") and prepared[8].sampling.structured is None
+    assert all(o.finish_reason == "stop" for o in outputs[:7])
+
+
+def test_without_xgrammar_an_answer_shape_is_refused_with_what_to_install(loaded, monkeypatch):
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # as if not installed
+    engine = _engine(loaded)
+    try:
+        with pytest.raises(RequestError, match=r"need the xgrammar package on the worker \(pip install xgrammar\)"):
+            engine.prepare(_params(0, guided_choice=["a", "b"]))
+        assert engine.generate([engine.prepare(_params(0))])[0].finish_reason in ("stop", "length")  # still serving
+    finally:
+        engine.close()
 
 
 def test_logit_bias_reaches_each_rows_sampler_and_the_static_engine_refuses_it(loaded):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -95,6 +97,27 @@ def test_logit_bias_with_ids_from_the_servers_tokenizer_forces_and_bans_words(cl
     assert other.choices[0].message.content != first.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         c.chat.completions.create(logit_bias={"999999": 5}, **ask)
+
+
+def test_structured_answers_through_the_official_client(cluster):
+    """JSON held to a schema (OpenAI's response_format), one of a list of choices (vLLM's extra), streamed or not;
+    a pattern that does not compile is a 400 that says why."""
+    c = client(cluster)
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                               "sure": {"type": "boolean"}},
+              "required": ["color", "sure"], "additionalProperties": False}
+    ask = dict(model="ckpt", messages=image_message("What colour is it? Answer in JSON.", "red"), max_tokens=32)
+    whole = c.chat.completions.create(
+        response_format={"type": "json_schema", "json_schema": {"name": "colour", "schema": schema}}, **ask)
+    value = json.loads(whole.choices[0].message.content)
+    assert value["color"] in ("red", "green", "blue") and isinstance(value["sure"], bool) and len(value) == 2
+    assert whole.choices[0].finish_reason == "stop"
+    choices = ["أحمر", "红色", "rouge"]
+    stream = c.chat.completions.create(stream=True, temperature=1.0, seed=3, extra_body={"guided_choice": choices},
+                                       **ask)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) in choices
+    with pytest.raises(openai.BadRequestError, match="the regex cannot be used"):
+        c.chat.completions.create(extra_body={"guided_regex": "[0-9"}, **ask)
 
 
 def test_logprobs_streamed_and_whole_agree_with_the_answer(cluster):

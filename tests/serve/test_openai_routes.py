@@ -270,7 +270,7 @@ def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_open
 def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
     base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     refused = [("tools", [{"type": "function", "function": {"name": "f"}}]),
-               ("tool_choice", "auto"), ("response_format", {"type": "json_object"}), ("modalities", ["audio"])]
+               ("tool_choice", "auto"), ("modalities", ["audio"])]
     for key, value in refused:
         router = FakeRouter(FakeStream())
         response = asyncio.run(chat_completion(json.dumps({**base, key: value}).encode(), "", FakeRegistry(), router,
@@ -338,6 +338,26 @@ def test_logit_bias_reaches_the_worker_from_both_endpoints_and_malformed_ones_ar
         for bad in ([12], {"x": 1}, {"12": -101}, {"12": True}, {"1.5": 1}, "12"):
             status, answer, bodies = _call(endpoint, {**base, "logit_bias": bad}, done)
             assert status == 400 and answer["error"]["param"] == "logit_bias" and bodies == [], bad
+
+
+def test_an_answer_shape_reaches_the_worker_as_it_was_asked_and_malformed_ones_are_400():
+    done = [{"text": "", "error_code": 0, "finish_reason": "stop"}]
+    chat = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    text = {"model": "ckpt", "prompt": "hi", "max_tokens": 4}
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    shapes = [{"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}},
+              {"response_format": {"type": "json_object"}}, {"guided_json": schema}, {"guided_regex": "[ab]+"},
+              {"guided_choice": ["ja", "nein"]}, {"structured_outputs": {"choice": ["ja", "nein"]}}]
+    for endpoint, base in ((chat_completion, chat), (text_completion, text)):
+        for shape in shapes:
+            status, _, bodies = _call(endpoint, {**base, **shape}, done)
+            assert status == 200 and {k: v for k, v in bodies[0].items() if k in shape} == shape, shape
+        status, _, bodies = _call(endpoint, {**base, "response_format": {"type": "text"}}, done)
+        assert status == 200 and "response_format" not in bodies[0]  # asks for nothing: not sent
+        for bad in ({"response_format": {"type": "yaml"}}, {"guided_choice": "ja"}, {"guided_regex": ""},
+                    {"guided_json": schema, "guided_regex": "a"}, {"structured_outputs": {"grammar": "x"}}):
+            status, answer, bodies = _call(endpoint, {**base, **bad}, done)
+            assert status == 400 and answer["error"]["param"] == next(iter(bad)) and bodies == [], bad
 
 
 def _lp(token: str) -> dict:

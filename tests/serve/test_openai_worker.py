@@ -176,6 +176,19 @@ def test_logit_bias_goes_to_the_backend_as_it_is(stack):
     assert response.status_code == 400 and "'logit_bias' values must be numbers in [-100, 100]" in response.text
 
 
+def test_an_answer_shape_goes_to_the_backend_as_it_was_asked(stack):
+    choices = ["sí", "非", "maybe so"]
+    payload = {"model": MODEL, "prompt": _conversation_prompt(), "images": [image_b64(make_image("blue"))],
+               "temperature": 0, "max_new_tokens": 12, "stop": "</s>", "structured_outputs": {"choice": choices}}
+    through_front = _stream(stack["front"].url, payload)[-1]
+    direct = _stream(stack["backend_worker"].url, payload)[-1]
+    assert through_front["error_code"] == 0 and through_front["text"] == direct["text"]
+    assert direct["text"].endswith(tuple(choices))  # the cumulative text starts with the prompt
+    response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
+                          json=dict(payload, guided_regex="a"))
+    assert response.status_code == 400 and "ask for one answer shape" in response.text
+
+
 def test_logprobs_come_back_through_the_backend(stack):
     payload = {"model": MODEL, "prompt": _conversation_prompt(), "images": [image_b64(make_image("red"))],
                "temperature": 0, "max_new_tokens": 12, "stop": "</s>", "logprobs": 2}
