@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 # What an answer can be held to (OpenAI's ``json_object`` / ``json_schema``, vLLM's regex and choice).
 Kind = Literal["json_object", "json_schema", "regex", "choice"]
+GRAMMAR_CACHE_BYTES = 256 << 20  # compiled grammars kept for reuse
 _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")  # the "[time] file.cc:123: " before xgrammar's messages
 
 
@@ -66,7 +67,9 @@ class StructuredOutputs:
         self.vocab_size = vocab_size
         info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_ids))
-        self._compiler = xgrammar.GrammarCompiler(info)  # caches each compiled grammar
+        # Compiled grammars are kept for the next request with the same shape, up to a bound: a server that meets
+        # ever new schemas must not grow without limit. max_threads: this worker's compile, not the whole machine.
+        self._compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
     def matcher(self, output: StructuredOutput) -> Any:
         """A fresh matcher (the grammar's state for one answer) for ``output``.

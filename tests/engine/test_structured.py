@@ -105,3 +105,18 @@ def test_a_shape_that_does_not_compile_is_refused_when_submitted(loaded):
     with pytest.raises(ValueError, match="unknown structured output kind"):
         StructuredOutput("xml")
     assert engine.stats()["waiting"] == 0
+
+
+def test_compiled_grammars_are_kept_only_up_to_the_bound(loaded, monkeypatch):
+    """A server that meets ever new schemas keeps a bounded cache of compiled grammars."""
+    from palo.engine import structured
+
+    tokenizer, model, _ = loaded
+    monkeypatch.setattr(structured, "GRAMMAR_CACHE_BYTES", 1 << 20)
+    outputs = structured.StructuredOutputs(tokenizer, model.config.vocab_size, {tokenizer.eos_token_id})
+    for i in range(200):
+        outputs.matcher(StructuredOutput("regex", f"[a-z]{{{i + 1}}}-{i}"))
+    kept = outputs._compiler.get_cache_size_bytes()
+    # The bound, give or take the grammar just added (xgrammar evicts before it inserts); unbounded, these 200 would
+    # keep about 37 MB.
+    assert 0 < kept <= (1 << 20) + (256 << 10)
