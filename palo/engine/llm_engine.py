@@ -30,7 +30,7 @@ from palo.engine.config import EngineConfig, plan_num_blocks
 from palo.engine.detokenizer import IncrementalDetokenizer
 from palo.engine.errors import EngineClosed, QueueFull, RequestTooLarge
 from palo.engine.model_runner import ModelRunner, cache_shape
-from palo.engine.sampling import TokenLogprob, sample, token_logprobs
+from palo.engine.sampling import PenaltyState, TokenLogprob, sample, token_logprobs
 from palo.engine.scheduler import Scheduler
 from palo.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
 from palo.engine.structured import StructuredOutputs, accept
@@ -76,6 +76,7 @@ class LLMEngine:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._structured: StructuredOutputs | None = None
+        self._penalties: PenaltyState | None = None  # made with the first penalised request
         self._generated: deque[tuple[float, int]] = deque()
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # sequences per decode step, for statistics and tests
         # Since start: decode steps and the tokens they decoded (their ratio over an interval is its mean batch).
@@ -140,6 +141,10 @@ class LLMEngine:
             raise ValueError(f"logit_bias names a token id outside the model's vocabulary [0, {vocab})")
         if request.sampling.structured is not None:
             seq.matcher = self.structured_outputs().matcher(request.sampling.structured)
+        if request.sampling.penalized and self._penalties is None:
+            with self._cond:
+                if self._penalties is None:  # [max_num_seqs, vocab] counts: 5 bytes per sequence and vocab entry
+                    self._penalties = PenaltyState(self.config.max_num_seqs, vocab, self.runner.device)
         if request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
         if self.tokenizer is not None:  # without one (benchmarks) the engine reports token ids only
@@ -218,7 +223,7 @@ class LLMEngine:
                         c.seq.block_end_hidden = {}  # kept with its cached blocks, if anywhere
                         completed.append(c.seq)
                 if completed:
-                    for seq, token, logprob in zip(completed, *_sample(logits, completed, self._structured)):
+                    for seq, token, logprob in zip(completed, *self._sample(logits, completed)):
                         seq.image_features = None
                         if seq.sampling.max_tokens == 0:  # the prompt's scores were all it asked for
                             self._finish(seq, "length")
@@ -237,9 +242,32 @@ class LLMEngine:
             except Exception as exc:  # noqa: BLE001
                 self._fail(running, exc)
             else:
-                for seq, token, logprob in zip(running, *_sample(logits, running, self._structured)):
+                for seq, token, logprob in zip(running, *self._sample(logits, running)):
                     seq.num_computed = seq.num_tokens
                     self._append(seq, token, logprob)
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """One token for each sequence, with its own settings, (for penalties) what it has seen so far and (for a
+        structured answer) what its grammar allows next, and its log-probability for those that ask."""
+        params = [s.sampling for s in seqs]
+        matchers = [s.matcher for s in seqs]
+        allowed = logits if self._structured is None else self._structured.mask(logits, matchers)
+        penalised = [i for i, s in enumerate(seqs) if s.sampling.penalized]
+        counts = rows = None
+        if penalised:
+            for i in penalised:
+                if seqs[i].penalty_row is None:
+                    seqs[i].penalty_row = self._penalties.open(seqs[i].prompt_token_set)
+            rows = torch.tensor([seqs[i].penalty_row for i in penalised], device=logits.device)
+            counts = self._penalties.gather(rows)
+        tokens = sample(allowed, params, [s.generator for s in seqs], counts=counts)
+        if rows is not None:  # what they have seen now includes this step's token
+            self._penalties.add(rows, tokens.index_select(0, torch.tensor(penalised, device=logits.device)))
+        ids = tokens.tolist()
+        for matcher, token in zip(matchers, ids):
+            if matcher is not None:
+                accept(matcher, token)
+        return ids, token_logprobs(logits, tokens, [p.logprobs for p in params])
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token (and its log-probability, when asked): finish the sequence or stream what it adds."""
@@ -267,6 +295,9 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self.scheduler.finish(seq)
+        if seq.penalty_row is not None:
+            self._penalties.close(seq.penalty_row)
+            seq.penalty_row = None
         with self._cond:
             self._by_id.pop(seq.request_id, None)
         seq.finish_reason, seq.error = reason, error
@@ -401,23 +432,3 @@ class LLMEngine:
             "decode_steps": self.decode_steps,  # counters since start: two readings give an interval's mean batch
             "decoded_tokens": self.decoded_tokens,
         }
-
-
-def _sample(logits: torch.Tensor, seqs: Seq[Sequence], structured: StructuredOutputs | None = None,
-            ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """One token for each sequence, with its own settings, (for penalties) what it has seen so far and (for a
-    structured answer) what its grammar allows next, and its log-probability for those that ask."""
-    params = [s.sampling for s in seqs]
-    matchers = [s.matcher for s in seqs]
-    allowed = logits if structured is None else structured.mask(logits, matchers)
-    if not any(p.penalized for p in params):
-        tokens = sample(allowed, params, [s.generator for s in seqs])
-    else:
-        tokens = sample(allowed, params, [s.generator for s in seqs], [s.prompt_token_set for s in seqs],
-                        [s.output_ids for s in seqs])
-    top = [p.logprobs for p in params]
-    ids = tokens.tolist()
-    for matcher, token in zip(matchers, ids):
-        if matcher is not None:
-            accept(matcher, token)
-    return ids, token_logprobs(logits, tokens, top)

@@ -130,8 +130,9 @@ def prompt_token_set(prompt_ids: Sequence[int]) -> torch.Tensor:
 def apply_penalties(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
-    prompt_ids: Sequence[Sequence[int] | torch.Tensor],
-    output_ids: Sequence[Sequence[int]],
+    prompt_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
+    output_ids: Sequence[Sequence[int]] | None = None,
+    counts: PenaltyCounts | None = None,
 ) -> torch.Tensor:
     """The logits after each row's repetition, frequency and presence penalties, on the logits' device.
 
@@ -142,8 +143,10 @@ def apply_penalties(
         logits: ``[B, V]``.
         params: B settings.
         prompt_ids: B prompts (ids below 0, the image positions, are ignored), or their
-            :func:`prompt_token_set`.
-        output_ids: B answers so far.
+            :func:`prompt_token_set`; not needed with ``counts``.
+        output_ids: B answers so far; not needed with ``counts``.
+        counts: What the penalised rows (in order) have seen, kept on the device (:class:`PenaltyState`), instead
+            of counting ``prompt_ids`` and ``output_ids`` again.
 
     Returns:
         ``[B, V]``: ``logits`` itself when no row is penalised, otherwise a float32 copy.
@@ -154,16 +157,71 @@ def apply_penalties(
     device, vocab = logits.device, logits.shape[-1]
     index = torch.tensor(rows, device=device)
     sub = logits.index_select(0, index).float()
-    answer = _token_counts([output_ids[i] for i in rows], vocab, device)
     repetition = [params[i].repetition_penalty for i in rows]
+    if counts is not None:
+        prompt_seen, answer = counts
+    else:
+        if prompt_ids is None or output_ids is None:
+            raise ValueError("penalised rows need the prompts and answers so far")
+        answer = _token_counts([output_ids[i] for i in rows], vocab, device)
+        prompt_seen = (_token_counts([prompt_ids[i] for i in rows], vocab, device) > 0
+                       if any(r != 1 for r in repetition) else None)
     if any(r != 1 for r in repetition):
-        seen = (_token_counts([prompt_ids[i] for i in rows], vocab, device) > 0) | (answer > 0)
+        seen = prompt_seen | (answer > 0)
         r = torch.tensor(repetition, device=device)[:, None]
         sub = torch.where(seen, torch.where(sub > 0, sub / r, sub * r), sub)
     frequency = torch.tensor([params[i].frequency_penalty for i in rows], device=device)[:, None]
     presence = torch.tensor([params[i].presence_penalty for i in rows], device=device)[:, None]
     sub = sub - answer * frequency - (answer > 0).float() * presence
     return logits.float().index_copy(0, index, sub)
+
+
+# ``(prompt_seen [R, V] bool, answer_counts [R, V] float)`` of R penalised rows.
+PenaltyCounts = tuple[torch.Tensor, torch.Tensor]
+
+
+class PenaltyState:
+    """What each penalised sequence has seen, kept on the device and updated by one scatter per step.
+
+    Counting a sequence's answer again at every step sends its whole id list to the device and costs more the
+    longer the answer grows; here a sequence takes a row when it starts (its prompt's text ids marked once) and each
+    step adds the chosen tokens, so a step costs the same at token 1,000 as at token 1.
+
+    Args:
+        rows: Sequences held at once (more are made room for when needed).
+        vocab: Width of the logits.
+        device: The logits' device.
+    """
+
+    def __init__(self, rows: int, vocab: int, device: torch.device | str) -> None:
+        self.prompt_seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)
+        self.answer_counts = torch.zeros(rows, vocab, device=device)
+        self._free = list(range(rows - 1, -1, -1))
+
+    def open(self, prompt_set: torch.Tensor) -> int:
+        """A row for a sequence whose prompt holds the text ids ``prompt_set`` (:func:`prompt_token_set`)."""
+        if not self._free:  # more sequences than planned: double the rows
+            rows = self.prompt_seen.shape[0]
+            self.prompt_seen = torch.cat([self.prompt_seen, torch.zeros_like(self.prompt_seen)])
+            self.answer_counts = torch.cat([self.answer_counts, torch.zeros_like(self.answer_counts)])
+            self._free = list(range(2 * rows - 1, rows - 1, -1))
+        row = self._free.pop()
+        self.prompt_seen[row] = False
+        self.answer_counts[row] = 0
+        self.prompt_seen[row, prompt_set.to(self.prompt_seen.device)] = True
+        return row
+
+    def close(self, row: int) -> None:
+        self._free.append(row)
+
+    def gather(self, rows: torch.Tensor) -> PenaltyCounts:
+        """The counts of ``rows`` (``[R]`` long, on the device), in that order."""
+        return self.prompt_seen.index_select(0, rows), self.answer_counts.index_select(0, rows)
+
+    def add(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count each row's chosen token (``[R]`` each, on the device)."""
+        self.answer_counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=self.answer_counts.dtype),
+                                      accumulate=True)
 
 
 def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -194,6 +252,7 @@ def sample(
     generators: Sequence[torch.Generator | None],
     prompt_ids: Sequence[Sequence[int] | torch.Tensor] | None = None,
     output_ids: Sequence[Sequence[int]] | None = None,
+    counts: PenaltyCounts | None = None,
 ) -> torch.Tensor:
     """Choose one token per row, each row with its own settings, on the logits' device.
 
@@ -205,16 +264,14 @@ def sample(
         logits: ``[B, V]`` (float32 preferred).
         params: B settings.
         generators: B generators on the logits' device (None: the global stream).
-        prompt_ids: B prompts; needed when a row has a repetition penalty.
-        output_ids: B answers so far; needed when a row has a penalty.
+        prompt_ids: B prompts; needed when a row has a repetition penalty (unless ``counts`` are given).
+        output_ids: B answers so far; needed when a row has a penalty (unless ``counts`` are given).
+        counts: What the penalised rows have seen, from a :class:`PenaltyState`.
 
     Returns:
         ``[B]`` token ids (long, on the logits' device).
     """
-    if any(p.penalized for p in params):
-        if prompt_ids is None or output_ids is None:
-            raise ValueError("penalised rows need the prompts and answers so far")
-        logits = apply_penalties(logits, params, prompt_ids, output_ids)
+    logits = apply_penalties(logits, params, prompt_ids, output_ids, counts)
     logits = apply_logit_bias(logits, params)
     greedy_ids = logits.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]

@@ -164,6 +164,7 @@ class Sequence:
         self.image_features: torch.Tensor | None = None  # [k, n, D] while the prompt is being prefilled
         self.generator: torch.Generator | None = None
         self.matcher: Any = None  # the grammar's state when the answer is held to a shape (palo.engine.structured)
+        self.penalty_row: int | None = None  # its row of the engine's PenaltyState while it decodes, when penalised
         self.cancelled = False
         self.finish_reason: str | None = None
         self.error: str | None = None

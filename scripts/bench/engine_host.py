@@ -36,7 +36,8 @@ import time
 from revisions import REPO, add_arguments, checked_out, cpu_name, import_palo_from, measure_in_child, short_revision
 
 
-def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int) -> dict:
+def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int,
+            repetition_penalty: float = 1.0) -> dict:
     """In this process, with ``palo`` imported from ``tree``: milliseconds per decode step (one figure per repeat)
     and a digest of the streamed texts."""
     import_palo_from(tree)
@@ -70,7 +71,8 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
                                                           enable_prefix_cache=False, cuda_graphs=False))
         engine.runner.decode_forward = stand_in
         texts: list[list[str]] = [[] for _ in prompts]
-        params = SamplingParams(max_tokens=tokens, ignore_eos=True, stop=("###",))
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True, stop=("###",),
+                                **({"repetition_penalty": repetition_penalty} if repetition_penalty != 1 else {}))
         for i, ids in enumerate(prompts):
             engine.add_request(EngineRequest(ids, None, params, lambda out, i=i: texts[i].append(out.delta)))
         with torch.no_grad():
@@ -95,10 +97,12 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
     return {"ms_per_step": figures, "texts_sha256": digests.pop(), "chars": sum(map(len, texts))}
 
 
-def run_side(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int) -> dict:
+def run_side(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int,
+             repetition_penalty: float = 1.0) -> dict:
     """:func:`measure` in a fresh process (each side imports its own ``palo``)."""
     return measure_in_child(__file__, tree, ["--tokenizer", tokenizer_dir, "--streams", str(streams), "--tokens",
-                                             str(tokens), "--repeats", str(repeats)])
+                                             str(tokens), "--repeats", str(repeats), "--repetition-penalty",
+                                             str(repetition_penalty)])
 
 
 def main() -> None:
@@ -106,20 +110,25 @@ def main() -> None:
     add_arguments(parser, "git revision to compare with (default: HEAD), or 'none' to measure this tree alone")
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 1024], help="answer length(s) to measure")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="every stream asks for this penalty (the stand-in's one-hot logits keep their argmax "
+                             "under it, so the texts stay the same): the host cost of penalised sampling")
     parser.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(1)  # both sides alike, and less noise from the other core
-        print(json.dumps(measure(args.child, args.tokenizer, args.streams, args.tokens[0], args.repeats)))
+        print(json.dumps(measure(args.child, args.tokenizer, args.streams, args.tokens[0], args.repeats,
+                                 args.repetition_penalty)))
         return
 
     sys.path.insert(0, str(REPO))
     from palo.testing.tiny import train_sentencepiece
 
-    print(f"# engine host time per decode step, {args.streams} streams, on {cpu_name()} ({os.cpu_count()} cores; "
-          "each measuring process uses one thread)", flush=True)
+    penalty = f", repetition penalty {args.repetition_penalty}" if args.repetition_penalty != 1 else ""
+    print(f"# engine host time per decode step, {args.streams} streams{penalty}, on {cpu_name()} ({os.cpu_count()} "
+          "cores; each measuring process uses one thread)", flush=True)
 
     alone = args.against == "none"
     revision = None if alone else short_revision(args.against)
@@ -136,7 +145,8 @@ def main() -> None:
             digests = set()
             for i in range(args.rounds):
                 for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
-                    result = run_side(sides[name], tokenizer_dir, args.streams, tokens, args.repeats)
+                    result = run_side(sides[name], tokenizer_dir, args.streams, tokens, args.repeats,
+                                      args.repetition_penalty)
                     figures[name].extend(result["ms_per_step"])
                     digests.add(result["texts_sha256"])
             if len(digests) != 1:

@@ -193,6 +193,7 @@ def test_penalised_requests_in_a_mixed_batch_give_the_tokens_of_generate_with_th
     out = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=20, repetition_penalty=1.8))])[0]
     assert out.token_ids == answer(ids, None, 20, repetition_penalty=1.8)
     assert engine.stats()["kv_blocks_used"] == 0
+    assert len(engine._penalties._free) == 4  # every finished request gave its row of counts back
 
 
 def test_logprobs_are_the_models_own_for_each_token_and_only_for_requests_that_ask(loaded):

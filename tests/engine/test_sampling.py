@@ -7,7 +7,14 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.engine.sampling import SamplingParams, apply_logit_bias, apply_penalties, sample
+from palo.engine.sampling import (
+    PenaltyState,
+    SamplingParams,
+    apply_logit_bias,
+    apply_penalties,
+    prompt_token_set,
+    sample,
+)
 
 
 def _gen(seed):
@@ -135,3 +142,31 @@ def test_logit_bias_bans_forces_and_reshapes_what_rows_choose_after_their_penalt
         counts[sample(logits[:1], row, [g])[0]] += 1
     expected = torch.softmax(logits[0] + torch.tensor([0.0, -1.0, 0.0, 2.0]), -1) * 4000
     assert torch.allclose(counts, expected, atol=4 * expected.sqrt().max().item())
+
+
+def test_the_penalty_state_counts_what_the_lists_count_and_gives_the_same_logits():
+    """Rows opened, fed a token a step, closed and reused (and grown past their number) hold what counting the
+    prompts and answers again gives; penalties applied from them equal penalties applied from the lists."""
+    torch.manual_seed(0)
+    vocab = 12
+    state = PenaltyState(2, vocab, "cpu")
+    prompts = [[3, 3, IMAGE_TOKEN_INDEX, 5], [7], [1, 2, 11]]
+    answers: list[list[int]] = [[], [], []]
+    rows = [state.open(prompt_token_set(p)) for p in prompts]  # the third grows the state
+    assert sorted(rows) == [0, 1, 2]
+    params = [SamplingParams(repetition_penalty=1.5), SamplingParams(frequency_penalty=0.7, presence_penalty=0.2),
+              SamplingParams(repetition_penalty=0.8, frequency_penalty=-0.4)]
+    for step in range(6):
+        tokens = torch.randint(0, vocab, (3,))
+        logits = torch.randn(3, vocab)
+        index = torch.tensor(rows)
+        from_state = apply_penalties(logits, params, counts=state.gather(index))
+        assert torch.equal(from_state, apply_penalties(logits, params, prompts, answers)), step
+        state.add(index, tokens)
+        for answer, token in zip(answers, tokens.tolist()):
+            answer.append(token)
+    state.close(rows[1])
+    again = state.open(prompt_token_set([4]))  # a reused row starts from nothing
+    assert again == rows[1]
+    seen, counts = state.gather(torch.tensor([again]))
+    assert seen[0].nonzero().flatten().tolist() == [4] and not counts.any()
