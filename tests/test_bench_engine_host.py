@@ -15,3 +15,11 @@ def test_measure_streams_the_same_texts_every_run(world):
     result = engine_host.measure(ROOT, world.tokenizer_dir, streams=3, tokens=12, repeats=2)
     assert len(result["ms_per_step"]) == 2 and all(ms > 0 for ms in result["ms_per_step"])
     assert result["chars"] > 3 * 12  # real text was streamed (each run's digest was checked to be the same)
+
+
+def test_penalised_streams_stream_the_same_texts_as_unpenalised_ones(world):
+    """The ``--repetition-penalty`` comparison times the same work: the stand-in's choices survive the penalty."""
+    plain = engine_host.measure(ROOT, world.tokenizer_dir, streams=3, tokens=12, repeats=1)
+    penalised = engine_host.measure(ROOT, world.tokenizer_dir, streams=3, tokens=12, repeats=1,
+                                    repetition_penalty=1.1)
+    assert penalised["texts_sha256"] == plain["texts_sha256"]
