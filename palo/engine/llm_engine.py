@@ -111,8 +111,8 @@ class LLMEngine:
                 whole cache holds.
             QueueFull: When ``max_waiting`` requests already wait.
             EngineClosed: After :meth:`close`.
-            ValueError: When ``logit_bias`` names an id outside the vocabulary, or stop strings or a structured
-                output come without a tokenizer.
+            ValueError: When ``logit_bias`` or ``stop_token_ids`` name an id outside the vocabulary, or stop strings
+                or a structured output come without a tokenizer.
             GrammarError: When the structured output's schema, pattern or choices cannot be compiled.
         """
         count = 0 if request.images is None else int(request.images.shape[0])
@@ -139,6 +139,8 @@ class LLMEngine:
         vocab = int(self.model.config.vocab_size)
         if any(token >= vocab for token, _ in request.sampling.logit_bias):
             raise ValueError(f"logit_bias names a token id outside the model's vocabulary [0, {vocab})")
+        if any(token >= vocab for token in request.sampling.stop_token_ids):
+            raise ValueError(f"stop_token_ids names a token id outside the model's vocabulary [0, {vocab})")
         if request.sampling.structured is not None:
             seq.matcher = self.structured_outputs().matcher(request.sampling.structured)
         if request.sampling.penalized and self._penalties is None:
@@ -252,6 +254,11 @@ class LLMEngine:
         params = [s.sampling for s in seqs]
         matchers = [s.matcher for s in seqs]
         allowed = logits if self._structured is None else self._structured.mask(logits, matchers)
+        early = [(i, s) for i, s in enumerate(seqs) if len(s.output_ids) < s.sampling.min_tokens]
+        if early:  # not allowed to end yet: their ending ids are out of reach
+            ends = [(i, t) for i, s in early for t in (*self.eos_ids, *s.sampling.stop_token_ids)]
+            allowed = allowed.to(torch.float32, copy=True) if allowed is logits else allowed
+            allowed[[i for i, _ in ends], [t for _, t in ends]] = -torch.inf
         penalised = [i for i, s in enumerate(seqs) if s.sampling.penalized]
         counts = rows = None
         if penalised:
@@ -275,7 +282,7 @@ class LLMEngine:
         self._generated.append((now, 1))
         if seq.cancelled:
             return self._finish(seq, "abort")
-        if token in self.eos_ids and not seq.sampling.ignore_eos:
+        if (token in self.eos_ids and not seq.sampling.ignore_eos) or token in seq.sampling.stop_token_ids:
             return self._finish(seq, "stop")
         seq.output_ids.append(token)
         if logprob is not None:

@@ -30,9 +30,14 @@ class SamplingParams:
         temperature: 0 (or anything up to 1e-3) is greedy.
         top_p: Nucleus mass kept, in (0, 1].
         top_k: Most candidates kept; 0 keeps all.
+        min_p: Candidates less likely than this fraction of the most likely one are dropped (vLLM's), in [0, 1];
+            0 keeps all.
         stop: Strings that end the answer (not included in it).
         seed: Seeds this request's own random stream, so its tokens do not depend on what it was batched with.
         ignore_eos: Keep going past end-of-sequence (benchmarks).
+        min_tokens: End-of-sequence and ``stop_token_ids`` cannot be chosen before this many tokens (vLLM's); stop
+            strings still end the answer.
+        stop_token_ids: Further ids that end the answer like end-of-sequence (not included in it).
         presence_penalty: Subtracted once from the logit of every token the answer already holds (OpenAI's), in
             [-2, 2]; negative values favour repeating.
         frequency_penalty: Subtracted from a token's logit once per time the answer holds it (OpenAI's), in [-2, 2].
@@ -57,9 +62,12 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -84,6 +92,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:  # also refuses NaN
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:  # also refuses NaN
@@ -101,8 +116,9 @@ class SamplingParams:
                 raise ValueError(f"logit_bias needs token ids >= 0 and biases in [-100, 100], got {token}: {bias}")
         if len({token for token, _ in self.logit_bias}) < len(self.logit_bias):
             raise ValueError("logit_bias names a token twice")
-        if self.structured is not None and self.ignore_eos:
-            raise ValueError("a structured answer ends where its shape is complete; it cannot ignore end-of-sequence")
+        if self.structured is not None and (self.ignore_eos or self.min_tokens):
+            raise ValueError("a structured answer ends where its shape is complete; it cannot ignore end-of-sequence "
+                             "or ask for a least number of tokens")
         object.__setattr__(self, "penalized",
                            bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1))
 
@@ -256,7 +272,8 @@ def sample(
 ) -> torch.Tensor:
     """Choose one token per row, each row with its own settings, on the logits' device.
 
-    Penalties come first (:func:`apply_penalties`), then each row's logit bias, then temperature, top-k and top-p.
+    Penalties come first (:func:`apply_penalties`), then each row's logit bias, then temperature, min-p, top-k and
+    top-p.
     Sampling uses the exponential race (``argmax(p / E)`` with ``E ~ Exp(1)`` is a draw from ``p``), so each row's
     randomness is one draw from its own generator and no row's choice depends on another's.
 
@@ -282,6 +299,11 @@ def sample(
     sub = logits.index_select(0, rows).float()
     temperature = torch.tensor([params[i].temperature for i in sampled_rows], device=device)[:, None]
     probs = torch.softmax(sub / temperature, dim=-1)
+    min_p = [params[i].min_p for i in sampled_rows]
+    if any(min_p):  # relative to each row's most likely candidate, after temperature
+        floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=device)[:, None]
+        probs = probs.masked_fill(probs < floor, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # top-p then counts mass among what min-p kept
     top_k = [params[i].top_k for i in sampled_rows]
     top_p = [params[i].top_p for i in sampled_rows]
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):

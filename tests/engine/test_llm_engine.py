@@ -12,7 +12,15 @@ import torch
 from engine_helpers import COLORS, QUESTIONS, pixels, prompt_ids, reference_tokens
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from palo.engine import EngineConfig, EngineRequest, LLMEngine, QueueFull, RequestTooLarge, SamplingParams
+from palo.engine import (
+    EngineConfig,
+    EngineRequest,
+    LLMEngine,
+    QueueFull,
+    RequestTooLarge,
+    SamplingParams,
+    StructuredOutput,
+)
 from palo.model.multimodal import ImagePlaceholderMismatch
 
 
@@ -254,6 +262,32 @@ def test_each_rows_logit_bias_gives_the_tokens_of_generate_with_that_bias(loaded
         engine.add_request(EngineRequest(requests[0][0], requests[0][1],
                                          SamplingParams(logit_bias={model.config.vocab_size: 1.0})))
     assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_min_tokens_holds_back_the_end_and_stop_token_ids_end_the_answer(loaded):
+    """``min_tokens``: the tokens of ``model.generate`` with ``min_new_tokens`` (here with the end pushed up by a
+    bias so that it matters); ``stop_token_ids``: the answer ends before the first of them."""
+    tokenizer, model, processor = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    requests = _mixed_requests(tokenizer, model, processor, 3, seed=9)
+    eos = next(iter(engine.eos_ids))
+    plain = [reference_tokens(model, tokenizer, ids, images, n, engine.eos_ids) for ids, images, n in requests]
+    stop_at = next(k for k in range(2, len(plain[1])) if plain[1][k] not in plain[1][:k])
+    outputs = engine.generate([
+        EngineRequest(*requests[0][:2], SamplingParams(max_tokens=12, min_tokens=5, logit_bias={eos: 100})),
+        EngineRequest(*requests[1][:2], SamplingParams(max_tokens=requests[1][2],
+                                                       stop_token_ids=[plain[1][stop_at], 999])),
+        EngineRequest(*requests[2][:2], SamplingParams(max_tokens=requests[2][2], min_tokens=3))])
+    ids, images, _ = requests[0]
+    rule = {"sequence_bias": [[[eos], 100.0]], "min_new_tokens": 5}
+    assert outputs[0].token_ids == reference_tokens(model, tokenizer, ids, images, 12, engine.eos_ids, **rule)
+    assert len(outputs[0].token_ids) == 5 and outputs[0].finish_reason == "stop"
+    assert outputs[1].token_ids == plain[1][:stop_at] and outputs[1].finish_reason == "stop"
+    assert outputs[2].token_ids == plain[2]  # a row that never wanted to end early is untouched
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request(EngineRequest(ids, images, SamplingParams(stop_token_ids=[model.config.vocab_size])))
+    with pytest.raises(ValueError, match="least number of tokens"):
+        SamplingParams(min_tokens=2, structured=StructuredOutput("json_object"))
 
 
 def test_a_cancelled_request_frees_its_cache_at_once(loaded):

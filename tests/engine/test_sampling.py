@@ -60,7 +60,9 @@ def test_a_row_draws_the_same_tokens_whatever_it_is_batched_with():
                                  dict(frequency_penalty=-2.1), dict(frequency_penalty=float("nan")),
                                  dict(repetition_penalty=0), dict(repetition_penalty=float("inf")),
                                  dict(logit_bias={-1: 1.0}), dict(logit_bias={3: 100.5}),
-                                 dict(logit_bias={3: float("nan")}), dict(logit_bias=[(3, 1.0), (3, 2.0)])])
+                                 dict(logit_bias={3: float("nan")}), dict(logit_bias=[(3, 1.0), (3, 2.0)]),
+                                 dict(min_p=1.5), dict(min_p=float("nan")), dict(min_tokens=-1),
+                                 dict(max_tokens=4, min_tokens=5), dict(stop_token_ids=[-2])])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -170,3 +172,19 @@ def test_the_penalty_state_counts_what_the_lists_count_and_gives_the_same_logits
     assert again == rows[1]
     seen, counts = state.gather(torch.tensor([again]))
     assert seen[0].nonzero().flatten().tolist() == [4] and not counts.any()
+
+
+def test_min_p_keeps_the_candidates_near_the_most_likely_and_top_p_counts_among_them():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    # min_p 0.5: only what is at least half as likely as token 0 (tokens 0 and 1). min_p 0.2 keeps 0-2, renormalised
+    # to 0.53 / 0.32 / 0.16, and top_p 0.83 then stops before token 2 (0.84 of the kept mass comes before it).
+    params = [SamplingParams(temperature=1.0, min_p=0.5), SamplingParams(temperature=1.0, min_p=0.2, top_p=0.83)]
+    g = [_gen(1), _gen(2)]
+    counts = torch.zeros(2, 4)
+    for _ in range(2000):
+        a, b = sample(logits, params, g).tolist()
+        counts[0, a] += 1
+        counts[1, b] += 1
+    assert counts[:, 2:].sum() == 0 and counts[:, :2].min() > 0
+    assert abs(counts[0, 0].item() / 2000 - 0.5 / 0.8) < 0.04  # in proportion among the kept
+    assert sample(logits[:1], [SamplingParams(min_p=0.9)], [None]).tolist() == [0]  # greedy rows: the argmax
