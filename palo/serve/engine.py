@@ -34,6 +34,7 @@ MAX_NEW_TOKENS_CAP = 1024
 DEFAULT_CONTEXT = 2048
 # Cap on images in one request, so one request cannot make the worker decode an unbounded number of images.
 MAX_IMAGES_PER_REQUEST = 16
+MAX_STOP_TOKEN_IDS = 64
 # Longer prompts cannot fit any LLaMA context anyway; refuse them before spending time tokenising them.
 MAX_PROMPT_CHARS = 1_000_000
 # The logger palo.engine writes its failures to (with their tracebacks).
@@ -194,7 +195,8 @@ class EngineBackend(ABC):
 
         Args:
             params: ``{"prompt", "images", "temperature", "top_p", "max_new_tokens", "stop"}`` (the original
-                protocol), optionally ``"top_k"``, ``"seed"`` and the penalties ``"presence_penalty"``,
+                protocol), optionally ``"top_k"``, ``"seed"``, vLLM's ``"min_p"``, ``"min_tokens"`` and
+                ``"stop_token_ids"``, the penalties ``"presence_penalty"``,
                 ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0), and
                 ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities),
                 ``"prompt_logprobs"`` (the same for the prompt's ids, in the first chunk after the prompt is computed;
@@ -238,6 +240,15 @@ class EngineBackend(ABC):
             raise RequestError(f"'seed' must be an integer, got {seed!r}")
         if top_k < 0:
             raise RequestError(f"'top_k' must be >= 0, got {top_k}")
+        min_p = _parse_number(params, "min_p", 0.0)
+        if not 0 <= min_p <= 1:
+            raise RequestError(f"'min_p' must be in [0, 1], got {min_p}")
+        min_tokens = _parse_number(params, "min_tokens", 0, integer=True)
+        stop_token_ids = params.get("stop_token_ids") or []
+        vocab = int(self.model.config.vocab_size)
+        if not is_token_ids(stop_token_ids, vocab, max_len=MAX_STOP_TOKEN_IDS, empty=True):
+            raise RequestError(f"'stop_token_ids' must be a list of up to {MAX_STOP_TOKEN_IDS} token ids in "
+                               f"[0, {vocab})")
         max_new_tokens = _parse_number(params, "max_new_tokens", 256, integer=True)
         if temperature < 0:
             raise RequestError(f"'temperature' must be >= 0, got {temperature}")
@@ -262,6 +273,8 @@ class EngineBackend(ABC):
             raise RequestError(f"'max_new_tokens' must be at least 1 (0 only with 'prompt_logprobs'), got "
                                f"{max_new_tokens}")
         max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
+        if not 0 <= min_tokens <= max_new_tokens:
+            raise RequestError(f"'min_tokens' must be from 0 to max_new_tokens ({max_new_tokens}), got {min_tokens}")
 
         num_placeholders = prompt.count(DEFAULT_IMAGE_TOKEN)
         if images and token_ids is not None:
@@ -309,6 +322,8 @@ class EngineBackend(ABC):
             images=pixels,
             max_new_tokens=max_new_tokens,
             sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    min_p=min_p, min_tokens=min(min_tokens, max_new_tokens),
+                                    stop_token_ids=tuple(stop_token_ids),
                                     stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
                                     prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
                                     structured=structured, **penalties),

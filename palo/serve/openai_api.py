@@ -6,7 +6,9 @@ protocol.
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
   ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``n``, ``top_k``, the presence, frequency and
-  repetition penalties, ``logprobs`` / ``top_logprobs``, ``stream_options.include_usage``.
+  repetition penalties, ``logit_bias``, vLLM's ``min_p``, ``min_tokens`` and ``stop_token_ids``, an answer shape
+  (``response_format`` or vLLM's ``guided_*`` / ``structured_outputs``), ``logprobs`` / ``top_logprobs``,
+  ``stream_options.include_usage``.
 * ``POST /v1/completions``: the legacy text completions: finished prompts sent as they are (no template, no
   images): ``prompt`` a string, a list of token ids, or a list of either (one answer, or ``n``, per prompt), the same
   settings, ``logprobs`` as a count of alternatives, and ``echo`` (the prompt before the answer; with ``logprobs``,
@@ -56,6 +58,7 @@ DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for the legacy text completions
 MAX_STOP_STRINGS = 4
+MAX_STOP_TOKEN_IDS = 64  # the worker's limit
 MAX_CHOICES = 16  # the most answers ("n") one request may ask for
 MAX_COMPLETION_ANSWERS = 128  # the most answers one text completion request may ask for, over all its prompts
 
@@ -98,6 +101,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # the worker scores the prompt's tokens (for echo with logprobs)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
     shape: dict[str, Any] = field(default_factory=dict)  # the field that asks for a structured answer, as sent
+    extras: dict[str, Any] = field(default_factory=dict)  # vLLM's min_p, min_tokens, stop_token_ids when asked
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -125,6 +129,7 @@ class GenerationRequest:
         if self.logit_bias:  # sent only when it asks for something, like the penalties
             params["logit_bias"] = {str(token): bias for token, bias in self.logit_bias.items()}
         params.update(self.shape)
+        params.update(self.extras)
         return params
 
 
@@ -302,6 +307,25 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
                                           ("repetition_penalty", (0.0, math.inf)))}
     if penalties["repetition_penalty"] == 0:
         raise APIError(400, "'repetition_penalty' must be > 0, got 0", param="repetition_penalty")
+    # vLLM's further sampling settings, sent to the worker only when they ask for something.
+    extras: dict[str, Any] = {}
+    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    if min_p:
+        extras["min_p"] = min_p
+    min_tokens = body.get("min_tokens")
+    if min_tokens is not None:
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 0 <= min_tokens <= max_tokens:
+            raise APIError(400, f"'min_tokens' must be an integer from 0 to max_tokens ({max_tokens}), got "
+                                f"{min_tokens!r}", param="min_tokens")
+        if min_tokens:
+            extras["min_tokens"] = min_tokens
+    stop_token_ids = body.get("stop_token_ids")
+    if stop_token_ids is not None:
+        if not is_token_ids(stop_token_ids, max_len=MAX_STOP_TOKEN_IDS, empty=True):
+            raise APIError(400, f"'stop_token_ids' must be a list of up to {MAX_STOP_TOKEN_IDS} token ids",
+                           param="stop_token_ids")
+        if stop_token_ids:
+            extras["stop_token_ids"] = stop_token_ids
     try:  # ids are checked against the model's vocabulary by its worker
         logit_bias = parse_logit_bias(body.get("logit_bias"))
     except ValueError as exc:
@@ -323,6 +347,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         top_k=top_k,
         penalties={key: value for key, value in penalties.items() if value != PENALTY_DEFAULTS[key]},
         logit_bias=logit_bias,
+        extras=extras,
         shape={} if shape_key is None else {shape_key: body[shape_key]},
     )
 

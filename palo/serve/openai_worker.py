@@ -3,10 +3,11 @@
 In the spirit of LLaVA's ``sglang_worker.py``: it registers with the controller and heartbeats like
 :mod:`palo.serve.model_worker`, but holds no model. Each ``/worker_generate_stream`` request of the original
 protocol (a finished prompt with ``<image>`` placeholders, base64 images, ``temperature``, ``top_p``,
-``max_new_tokens``, ``stop``; ``seed``, ``top_k``, the penalties, ``logit_bias``, an answer shape and ``logprobs``
-when set) becomes one streaming ``POST {api_base}/chat/completions``, and the deltas are sent back as the original
-cumulative, NUL-delimited chunks (with the backend's per-token log-probabilities when asked for). The controller,
-web UI and OpenAI API therefore mix native and engine-backed workers freely.
+``max_new_tokens``, ``stop``; ``seed``, ``top_k``, ``min_p``, ``min_tokens``, ``stop_token_ids``, the penalties,
+``logit_bias``, an answer shape and ``logprobs`` when set) becomes one streaming ``POST
+{api_base}/chat/completions``, and the deltas are sent back as the original cumulative, NUL-delimited chunks (with
+the backend's per-token log-probabilities when asked for). The controller, web UI and OpenAI API therefore mix
+native and engine-backed workers freely.
 
 The prompt is turned back into chat messages with the conversation template (``--conv-mode``, ``vicuna_v1`` for
 PALO) and the messages are rendered again to check that the backend, which renders them with the exported chat
@@ -48,6 +49,7 @@ from palo.serve.protocol import (
     WORKER_ERROR,
     encode_chunk,
     error_chunk,
+    is_token_ids,
     parse_logit_bias,
     parse_structured_output,
 )
@@ -68,6 +70,8 @@ FORWARDED: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "presence_penalty": ((int, float), 0),
     "frequency_penalty": ((int, float), 0),
     "repetition_penalty": ((int, float), 1),
+    "min_p": ((int, float), 0),
+    "min_tokens": (int, 0),
 }
 
 
@@ -262,6 +266,11 @@ class OpenAIWorker(BaseWorker):
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
             body[key] = value
+        stop_token_ids = params.get("stop_token_ids")
+        if stop_token_ids:  # the backend's token ids, as for logit_bias
+            if not is_token_ids(stop_token_ids):
+                raise PromptFormatError(f"'stop_token_ids' must be a list of token ids, got {str(stop_token_ids)[:80]}")
+            body["stop_token_ids"] = stop_token_ids
         try:  # the backend's token ids: forwarded as they are, for its own tokenizer
             logit_bias = parse_logit_bias(params.get("logit_bias"))
         except ValueError as exc:

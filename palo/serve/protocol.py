@@ -90,10 +90,10 @@ def decode_json_body(body: bytes) -> Any:
 
 
 def is_token_ids(value: Any, vocab: int | None = None, max_len: int | None = None, empty: bool = False) -> bool:
-    """Whether ``value`` is a list of token ids (JSON integers, not booleans), each in ``[0, vocab)`` when a vocab
-    size is given, at most ``max_len`` of them, and not empty unless ``empty``."""
+    """Whether ``value`` is a list of token ids (JSON integers, not booleans, from 0), each below ``vocab`` when a
+    vocab size is given, at most ``max_len`` of them, and not empty unless ``empty``."""
     return (isinstance(value, list) and (empty or bool(value)) and (max_len is None or len(value) <= max_len)
-            and all(isinstance(t, int) and not isinstance(t, bool) and (vocab is None or 0 <= t < vocab)
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 and (vocab is None or t < vocab)
                     for t in value))
 
 

@@ -93,8 +93,9 @@ class StaticBatchEngine(EngineBackend):
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
         prepared = super().prepare(params)
-        for key in ("logprobs", "prompt_logprobs", "logit_bias", "structured"):
-            if getattr(prepared.sampling, key) not in (None, ()):
+        for key in ("logprobs", "prompt_logprobs", "logit_bias", "structured", "min_p", "min_tokens",
+                    "stop_token_ids"):
+            if getattr(prepared.sampling, key) not in (None, (), 0):
                 name = parse_structured_output(params)[1] if key == "structured" else key
                 raise RequestError(f"'{name}' needs the paged engine; this worker runs --engine static")
         return prepared

@@ -126,6 +126,12 @@ def test_budget_uses_the_projector_token_count(world):
         ({"logit_bias": {"5": "1"}}, "'logit_bias' values must be numbers"),
         ({"logit_bias": {"5": 1, "05": 2}}, "'logit_bias' names token 5 twice"),
         ({"logit_bias": {"999999": 1}}, "'logit_bias' token id 999999 is not in the model's vocabulary"),
+        ({"min_p": 1.5}, "'min_p' must be in [0, 1], got 1.5"),
+        ({"min_tokens": -1}, "'min_tokens' must be from 0 to max_new_tokens"),
+        ({"min_tokens": 500}, "'min_tokens' must be from 0 to max_new_tokens (6), got 500"),
+        ({"stop_token_ids": [-1]}, "'stop_token_ids' must be a list of up to 64 token ids"),
+        ({"stop_token_ids": "2"}, "'stop_token_ids' must be a list"),
+        ({"stop_token_ids": [999999]}, "'stop_token_ids' must be a list of up to 64 token ids in [0, "),
         ({"response_format": {"type": "xml"}}, "'response_format' must be {'type': 'text' | 'json_object'"),
         ({"response_format": {"type": "json_schema"}}, "type json_schema needs 'json_schema'"),
         ({"guided_choice": []}, "'guided_choice' must be a list of 1 to 256 non-empty strings"),
@@ -238,6 +244,33 @@ def test_without_xgrammar_an_answer_shape_is_refused_with_what_to_install(loaded
         assert engine.generate([engine.prepare(_params(0))])[0].finish_reason in ("stop", "length")  # still serving
     finally:
         engine.close()
+
+
+def test_vllms_min_p_min_tokens_and_stop_token_ids_reach_the_sampler_and_the_static_engine_refuses_them(loaded):
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    paged = _engine(loaded, max_batch_size=8)
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len)
+    eos = tokenizer.eos_token_id
+    try:
+        free = paged.generate([paged.prepare(_params(1, max_new_tokens=12))])[0]
+        ids = tokenizer(free.text, add_special_tokens=False).input_ids
+        prepared = paged.prepare(_params(1, max_new_tokens=12, min_p=0.3, min_tokens=4, stop_token_ids=[7, 9]))
+        assert (prepared.sampling.min_p, prepared.sampling.min_tokens) == (0.3, 4)
+        assert prepared.sampling.stop_token_ids == (7, 9)
+        held, stopped = paged.generate([
+            paged.prepare(_params(2, max_new_tokens=12, min_tokens=4, logit_bias={str(eos): 100})),
+            paged.prepare(_params(1, max_new_tokens=12, stop_token_ids=[ids[0]]))])
+        for extra in ({"min_p": 0.1}, {"min_tokens": 2}, {"stop_token_ids": [5]}):
+            with pytest.raises(RequestError, match=f"'{next(iter(extra))}' needs the paged engine"):
+                static.prepare(_params(0, **extra))
+        assert static.prepare(_params(0, min_p=0, min_tokens=0, stop_token_ids=[])).sampling.min_p == 0
+    finally:
+        paged.close()
+        static.close()
+    assert held.completion_tokens == 4 and held.finish_reason == "stop"  # the end was pushed up, and held back
+    assert stopped.text == "" and stopped.finish_reason == "stop"  # its first token was a stop id
 
 
 def test_logit_bias_reaches_each_rows_sampler_and_the_static_engine_refuses_it(loaded):

@@ -77,7 +77,7 @@ def test_penalties_reach_the_sampler_through_the_official_client(cluster):
     assert c.chat.completions.create(frequency_penalty=2.0, **ask).choices[0].message.content == penalised[0]
 
 
-def test_logit_bias_with_ids_from_the_servers_tokenizer_forces_and_bans_words(cluster):
+def test_logit_bias_min_tokens_and_stop_ids_with_ids_from_the_servers_tokenizer(cluster):
     """What a client does to steer the answer: ids from ``/tokenize``, then ``logit_bias`` on the chat API."""
     c = client(cluster)
 
@@ -97,6 +97,12 @@ def test_logit_bias_with_ids_from_the_servers_tokenizer_forces_and_bans_words(cl
     assert other.choices[0].message.content != first.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         c.chat.completions.create(logit_bias={"999999": 5}, **ask)
+    # vLLM's min_tokens holds back the end a bias pushes up; its stop_token_ids end the answer.
+    eos = served("/tokenize", prompt="</s>", add_special_tokens=False)["tokens"]
+    held = c.chat.completions.create(logit_bias={str(eos[0]): 100}, extra_body={"min_tokens": 3}, **ask)
+    assert held.usage.completion_tokens == 3 and held.choices[0].finish_reason == "stop"
+    ended = c.chat.completions.create(logit_bias={str(word): 100}, extra_body={"stop_token_ids": [word]}, **ask)
+    assert ended.choices[0].message.content == "" and ended.choices[0].finish_reason == "stop"
 
 
 def test_structured_answers_through_the_official_client(cluster):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from serve_helpers import SYSTEM, served
 
-from palo.serve.openai_worker import OpenAIWorker
+from palo.serve.openai_worker import OpenAIWorker, PromptFormatError
 from palo.serve.protocol import iter_chunks
 from palo.serve.worker_base import create_app
 
@@ -44,3 +45,19 @@ def test_requests_reuse_the_backends_connection():
                 assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:Bonjour !")
         worker.stop()
     assert len(peers) == 3 and len(set(peers)) == 1  # one connection carried all three requests
+
+
+def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_something():
+    worker = OpenAIWorker("http://127.0.0.1:9/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9",
+                          no_register=True)
+    base = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0.5, "max_new_tokens": 8}
+    try:
+        _, body = worker.backend_request({**base, "min_p": 0.1, "min_tokens": 2, "stop_token_ids": [5, 6]})
+        assert (body["min_p"], body["min_tokens"], body["stop_token_ids"]) == (0.1, 2, [5, 6])
+        _, body = worker.backend_request({**base, "min_p": 0, "min_tokens": 0, "stop_token_ids": []})
+        assert not {"min_p", "min_tokens", "stop_token_ids"} & set(body)
+        for key, bad in (("min_tokens", 1.5), ("min_p", "x"), ("stop_token_ids", [-1])):
+            with pytest.raises(PromptFormatError, match=key):
+                worker.backend_request({**base, key: bad})
+    finally:
+        worker.stop()
