@@ -52,3 +52,19 @@ def test_triton_decode_kernel_equals_gathered_sdpa_on_cuda(world):
         assert engine.stats()["decode_attention"] == attention
         outputs[attention] = [o.token_ids for o in engine.generate(requests())]
     assert outputs["triton"] == outputs["sdpa"]
+
+
+def test_per_request_sampling_settings_on_cuda_give_the_cpu_engines_tokens(world):
+    """Penalties (counts kept on the device), logit bias, min_p/min_tokens and stop ids, greedy, in one CUDA-graph
+    batch: the same tokens as the engine on CPU (float32 both)."""
+    settings = [dict(repetition_penalty=1.6), dict(frequency_penalty=1.2, presence_penalty=0.5),
+                dict(logit_bias={7: 3.0, 11: -100}), dict(min_tokens=6, stop_token_ids=[5]), dict()]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        tokenizer, model, processor, _ = load_pretrained_model(world.full_dir, device=device, dtype=torch.float32)
+        requests = [EngineRequest(prompt_ids(tokenizer, QUESTIONS[i], i % 2),
+                                  pixels(processor, model, ["red"]).to(device) if i % 2 else None,
+                                  SamplingParams(max_tokens=16, **extra)) for i, extra in enumerate(settings)]
+        engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=8, block_size=8, kv_cache_gb=0.05))
+        answers[device] = [o.token_ids for o in engine.generate(requests)]
+    assert answers["cuda"] == answers["cpu"]
