@@ -195,8 +195,8 @@ class EngineBackend(ABC):
 
         Args:
             params: ``{"prompt", "images", "temperature", "top_p", "max_new_tokens", "stop"}`` (the original
-                protocol), optionally ``"top_k"``, ``"seed"``, vLLM's ``"min_p"``, ``"min_tokens"`` and
-                ``"stop_token_ids"``, the penalties ``"presence_penalty"``,
+                protocol), optionally ``"top_k"``, ``"seed"``, vLLM's ``"min_p"``, ``"min_tokens"``,
+                ``"stop_token_ids"`` and ``"ignore_eos"``, the penalties ``"presence_penalty"``,
                 ``"frequency_penalty"`` (OpenAI's, in [-2, 2]) and ``"repetition_penalty"`` (> 0), and
                 ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities),
                 ``"prompt_logprobs"`` (the same for the prompt's ids, in the first chunk after the prompt is computed;
@@ -244,6 +244,9 @@ class EngineBackend(ABC):
         if not 0 <= min_p <= 1:
             raise RequestError(f"'min_p' must be in [0, 1], got {min_p}")
         min_tokens = _parse_number(params, "min_tokens", 0, integer=True)
+        ignore_eos = params.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
         stop_token_ids = params.get("stop_token_ids") or []
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(stop_token_ids, vocab, max_len=MAX_STOP_TOKEN_IDS, empty=True):
@@ -316,17 +319,21 @@ class EngineBackend(ABC):
             if isinstance(pixels, list):
                 pixels = torch.stack(pixels)
             pixels = pixels.to(self.model.device, dtype=self.model.dtype)
+        try:  # combinations the engine refuses (a structured answer with min_tokens or ignore_eos)
+            sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                      min_p=min_p, min_tokens=min(min_tokens, max_new_tokens),
+                                      stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
+                                      stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
+                                      prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
+                                      structured=structured, **penalties)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
         return PreparedRequest(
             prompt=prompt,
             input_ids=input_ids,
             images=pixels,
             max_new_tokens=max_new_tokens,
-            sampling=SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    min_p=min_p, min_tokens=min(min_tokens, max_new_tokens),
-                                    stop_token_ids=tuple(stop_token_ids),
-                                    stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
-                                    prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
-                                    structured=structured, **penalties),
+            sampling=sampling,
             stop=stop or None,
             prompt_tokens=prompt_tokens,
             prompt_from_ids=token_ids is not None,

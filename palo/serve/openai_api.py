@@ -6,9 +6,9 @@ protocol.
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
   ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``n``, ``top_k``, the presence, frequency and
-  repetition penalties, ``logit_bias``, vLLM's ``min_p``, ``min_tokens`` and ``stop_token_ids``, an answer shape
-  (``response_format`` or vLLM's ``guided_*`` / ``structured_outputs``), ``logprobs`` / ``top_logprobs``,
-  ``stream_options.include_usage``.
+  repetition penalties, ``logit_bias``, vLLM's ``min_p``, ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``, an
+  answer shape (``response_format`` or vLLM's ``guided_*`` / ``structured_outputs``), ``logprobs`` /
+  ``top_logprobs``, ``stream_options.include_usage``.
 * ``POST /v1/completions``: the legacy text completions: finished prompts sent as they are (no template, no
   images): ``prompt`` a string, a list of token ids, or a list of either (one answer, or ``n``, per prompt), the same
   settings, ``logprobs`` as a count of alternatives, and ``echo`` (the prompt before the answer; with ``logprobs``,
@@ -101,7 +101,7 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # the worker scores the prompt's tokens (for echo with logprobs)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
     shape: dict[str, Any] = field(default_factory=dict)  # the field that asks for a structured answer, as sent
-    extras: dict[str, Any] = field(default_factory=dict)  # vLLM's min_p, min_tokens, stop_token_ids when asked
+    extras: dict[str, Any] = field(default_factory=dict)  # vLLM's min_p, min_tokens, stop_token_ids, ignore_eos
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -319,6 +319,11 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
                                 f"{min_tokens!r}", param="min_tokens")
         if min_tokens:
             extras["min_tokens"] = min_tokens
+    ignore_eos = body.get("ignore_eos")  # what vLLM's and SGLang's serving benchmarks send for fixed lengths
+    if ignore_eos is not None and not isinstance(ignore_eos, bool):
+        raise APIError(400, f"'ignore_eos' must be true or false, got {ignore_eos!r}", param="ignore_eos")
+    if ignore_eos:
+        extras["ignore_eos"] = True
     stop_token_ids = body.get("stop_token_ids")
     if stop_token_ids is not None:
         if not is_token_ids(stop_token_ids, max_len=MAX_STOP_TOKEN_IDS, empty=True):

@@ -266,6 +266,11 @@ class OpenAIWorker(BaseWorker):
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
             body[key] = value
+        ignore_eos = params.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise PromptFormatError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
+        if ignore_eos:
+            body["ignore_eos"] = True
         stop_token_ids = params.get("stop_token_ids")
         if stop_token_ids:  # the backend's token ids, as for logit_bias
             if not is_token_ids(stop_token_ids):

@@ -94,8 +94,8 @@ class StaticBatchEngine(EngineBackend):
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
         prepared = super().prepare(params)
         for key in ("logprobs", "prompt_logprobs", "logit_bias", "structured", "min_p", "min_tokens",
-                    "stop_token_ids"):
-            if getattr(prepared.sampling, key) not in (None, (), 0):
+                    "stop_token_ids", "ignore_eos"):
+            if getattr(prepared.sampling, key) not in (None, (), 0, False):
                 name = parse_structured_output(params)[1] if key == "structured" else key
                 raise RequestError(f"'{name}' needs the paged engine; this worker runs --engine static")
         return prepared

@@ -126,6 +126,9 @@ def test_budget_uses_the_projector_token_count(world):
         ({"logit_bias": {"5": "1"}}, "'logit_bias' values must be numbers"),
         ({"logit_bias": {"5": 1, "05": 2}}, "'logit_bias' names token 5 twice"),
         ({"logit_bias": {"999999": 1}}, "'logit_bias' token id 999999 is not in the model's vocabulary"),
+        ({"ignore_eos": "yes"}, "'ignore_eos' must be true or false, got 'yes'"),
+        ({"guided_choice": ["a", "b"], "min_tokens": 2}, "a structured answer ends where its shape is complete"),
+        ({"guided_regex": "a+", "ignore_eos": True}, "it cannot ignore end-of-sequence"),
         ({"min_p": 1.5}, "'min_p' must be in [0, 1], got 1.5"),
         ({"min_tokens": -1}, "'min_tokens' must be from 0 to max_new_tokens"),
         ({"min_tokens": 500}, "'min_tokens' must be from 0 to max_new_tokens (6), got 500"),
@@ -246,7 +249,7 @@ def test_without_xgrammar_an_answer_shape_is_refused_with_what_to_install(loaded
         engine.close()
 
 
-def test_vllms_min_p_min_tokens_and_stop_token_ids_reach_the_sampler_and_the_static_engine_refuses_them(loaded):
+def test_vllms_min_p_min_tokens_stop_ids_and_ignore_eos_reach_the_sampler_and_static_refuses_them(loaded):
     from palo.serve.static_engine import StaticBatchEngine
 
     tokenizer, model, image_processor, context_len = loaded
@@ -259,10 +262,11 @@ def test_vllms_min_p_min_tokens_and_stop_token_ids_reach_the_sampler_and_the_sta
         prepared = paged.prepare(_params(1, max_new_tokens=12, min_p=0.3, min_tokens=4, stop_token_ids=[7, 9]))
         assert (prepared.sampling.min_p, prepared.sampling.min_tokens) == (0.3, 4)
         assert prepared.sampling.stop_token_ids == (7, 9)
-        held, stopped = paged.generate([
+        held, stopped, running = paged.generate([
             paged.prepare(_params(2, max_new_tokens=12, min_tokens=4, logit_bias={str(eos): 100})),
-            paged.prepare(_params(1, max_new_tokens=12, stop_token_ids=[ids[0]]))])
-        for extra in ({"min_p": 0.1}, {"min_tokens": 2}, {"stop_token_ids": [5]}):
+            paged.prepare(_params(1, max_new_tokens=12, stop_token_ids=[ids[0]])),
+            paged.prepare(_params(2, max_new_tokens=7, ignore_eos=True, logit_bias={str(eos): 100}))])
+        for extra in ({"min_p": 0.1}, {"min_tokens": 2}, {"stop_token_ids": [5]}, {"ignore_eos": True}):
             with pytest.raises(RequestError, match=f"'{next(iter(extra))}' needs the paged engine"):
                 static.prepare(_params(0, **extra))
         assert static.prepare(_params(0, min_p=0, min_tokens=0, stop_token_ids=[])).sampling.min_p == 0
@@ -271,6 +275,7 @@ def test_vllms_min_p_min_tokens_and_stop_token_ids_reach_the_sampler_and_the_sta
         static.close()
     assert held.completion_tokens == 4 and held.finish_reason == "stop"  # the end was pushed up, and held back
     assert stopped.text == "" and stopped.finish_reason == "stop"  # its first token was a stop id
+    assert running.completion_tokens == 7 and running.finish_reason == "length"  # past every end-of-sequence
 
 
 def test_logit_bias_reaches_each_rows_sampler_and_the_static_engine_refuses_it(loaded):

@@ -360,18 +360,20 @@ def test_an_answer_shape_reaches_the_worker_as_it_was_asked_and_malformed_ones_a
             assert status == 400 and answer["error"]["param"] == next(iter(bad)) and bodies == [], bad
 
 
-def test_vllms_min_p_min_tokens_and_stop_token_ids_reach_the_worker_only_when_they_ask_for_something():
+def test_vllms_sampling_extras_reach_the_worker_only_when_they_ask_for_something():
     done = [{"text": "", "error_code": 0, "finish_reason": "stop"}]
     chat = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     text = {"model": "ckpt", "prompt": "hi", "max_tokens": 8}
-    asked = {"min_p": 0.05, "min_tokens": 3, "stop_token_ids": [2, 13]}
+    asked = {"min_p": 0.05, "min_tokens": 3, "stop_token_ids": [2, 13], "ignore_eos": True}
     for endpoint, base in ((chat_completion, chat), (text_completion, text)):
         status, _, bodies = _call(endpoint, {**base, **asked}, done)
         assert status == 200 and {k: bodies[0][k] for k in asked} == asked
-        status, _, bodies = _call(endpoint, {**base, "min_p": 0, "min_tokens": 0, "stop_token_ids": []}, done)
+        status, _, bodies = _call(endpoint, {**base, "min_p": 0, "min_tokens": 0, "stop_token_ids": [],
+                                             "ignore_eos": False}, done)
         assert status == 200 and not set(asked) & set(bodies[0])
         for key, bad in [("min_p", 1.2), ("min_p", "0.1"), ("min_tokens", 9), ("min_tokens", True),
-                         ("stop_token_ids", [-3]), ("stop_token_ids", [1] * 65), ("stop_token_ids", 2)]:
+                         ("stop_token_ids", [-3]), ("stop_token_ids", [1] * 65), ("stop_token_ids", 2),
+                         ("ignore_eos", "true"), ("ignore_eos", 1)]:
             status, answer, bodies = _call(endpoint, {**base, key: bad}, done)
             assert status == 400 and answer["error"]["param"] == key and bodies == [], (key, bad)
 

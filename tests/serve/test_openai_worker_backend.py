@@ -52,11 +52,13 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
                           no_register=True)
     base = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0.5, "max_new_tokens": 8}
     try:
-        _, body = worker.backend_request({**base, "min_p": 0.1, "min_tokens": 2, "stop_token_ids": [5, 6]})
-        assert (body["min_p"], body["min_tokens"], body["stop_token_ids"]) == (0.1, 2, [5, 6])
-        _, body = worker.backend_request({**base, "min_p": 0, "min_tokens": 0, "stop_token_ids": []})
-        assert not {"min_p", "min_tokens", "stop_token_ids"} & set(body)
-        for key, bad in (("min_tokens", 1.5), ("min_p", "x"), ("stop_token_ids", [-1])):
+        _, body = worker.backend_request({**base, "min_p": 0.1, "min_tokens": 2, "stop_token_ids": [5, 6],
+                                          "ignore_eos": True})
+        assert (body["min_p"], body["min_tokens"], body["stop_token_ids"], body["ignore_eos"]) == (0.1, 2, [5, 6], True)
+        _, body = worker.backend_request({**base, "min_p": 0, "min_tokens": 0, "stop_token_ids": [],
+                                          "ignore_eos": False})
+        assert not {"min_p", "min_tokens", "stop_token_ids", "ignore_eos"} & set(body)
+        for key, bad in (("min_tokens", 1.5), ("min_p", "x"), ("stop_token_ids", [-1]), ("ignore_eos", "yes")):
             with pytest.raises(PromptFormatError, match=key):
                 worker.backend_request({**base, key: bad})
     finally:
