@@ -21,7 +21,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from palo.engine.detokenizer import visible_text
-from palo.engine.sampling import apply_penalties, prompt_token_set
+from palo.engine.sampling import SamplingParams, apply_penalties, prompt_token_set
 from palo.mm_utils import left_pad
 from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, RequestError, Sink, StreamEvent
 from palo.serve.protocol import parse_structured_output
@@ -93,9 +93,12 @@ class StaticBatchEngine(EngineBackend):
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
         prepared = super().prepare(params)
+        # Each setting against its own default: logprobs=0 asks for the chosen tokens' logprobs, min_tokens=0 asks
+        # for nothing.
+        defaults = SamplingParams()
         for key in ("logprobs", "prompt_logprobs", "logit_bias", "structured", "min_p", "min_tokens",
                     "stop_token_ids", "ignore_eos"):
-            if getattr(prepared.sampling, key) not in (None, (), 0, False):
+            if getattr(prepared.sampling, key) != getattr(defaults, key):
                 name = parse_structured_output(params)[1] if key == "structured" else key
                 raise RequestError(f"'{name}' needs the paged engine; this worker runs --engine static")
         return prepared
