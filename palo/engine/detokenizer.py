@@ -89,12 +89,19 @@ class IncrementalDetokenizer:
         self.text += delta
         return delta
 
-    def visible(self, final: bool = False) -> tuple[str, bool]:
+    def visible(self, final: bool = False, search: bool = True) -> tuple[str, bool]:
         """:func:`visible_text` of the text so far with this detokenizer's stop strings, looking for them only
-        where the text added since the last call could complete one (so an answer's stop search stays linear)."""
+        where the text added since the last call could complete one (so an answer's stop search stays linear).
+
+        Args:
+            final: No more text follows (nothing is held back).
+            search: False while the answer may not end yet (``min_tokens``): a stop string completed in the text
+                so far is not looked for again, but a partial one at its end is still held back, so one that the
+                next tokens complete is found whole.
+        """
         text = self.text
         cut = -1
-        for stop in self.stops:
+        for stop in self.stops if search else ():
             found = text.find(stop, max(0, self._searched - len(stop) + 1))
             if found >= 0 and (cut < 0 or found < cut):
                 cut = found

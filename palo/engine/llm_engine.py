@@ -290,7 +290,8 @@ class LLMEngine:
         shown, stopped = "", False
         if seq.detokenizer is not None:
             seq.detokenizer.push(token)
-            shown, stopped = seq.detokenizer.visible()
+            # vLLM's rule: stop strings are looked for once the answer holds more than min_tokens tokens.
+            shown, stopped = seq.detokenizer.visible(search=len(seq.output_ids) > seq.sampling.min_tokens)
         if stopped:
             return self._finish(seq, "stop")
         if len(seq.output_ids) >= seq.sampling.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -310,7 +311,7 @@ class LLMEngine:
         seq.finish_reason, seq.error = reason, error
         if seq.detokenizer is not None:
             seq.detokenizer.flush()
-            shown, _ = seq.detokenizer.visible(final=True)
+            shown, _ = seq.detokenizer.visible(final=True, search=len(seq.output_ids) > seq.sampling.min_tokens)
         else:
             shown = seq.text
         delta = shown[len(seq.text):] if shown.startswith(seq.text) else shown

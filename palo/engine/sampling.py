@@ -35,8 +35,9 @@ class SamplingParams:
         stop: Strings that end the answer (not included in it).
         seed: Seeds this request's own random stream, so its tokens do not depend on what it was batched with.
         ignore_eos: Keep going past end-of-sequence (benchmarks).
-        min_tokens: End-of-sequence and ``stop_token_ids`` cannot be chosen before this many tokens (vLLM's); stop
-            strings still end the answer.
+        min_tokens: End-of-sequence and ``stop_token_ids`` cannot be chosen before this many tokens, and stop
+            strings are looked for only in the text after it (vLLM's rule: one that began before it and ends after
+            it counts).
         stop_token_ids: Further ids that end the answer like end-of-sequence (not included in it).
         presence_penalty: Subtracted once from the logit of every token the answer already holds (OpenAI's), in
             [-2, 2]; negative values favour repeating.

@@ -470,6 +470,32 @@ def test_stop_strings_and_the_model_length_end_answers(loaded):
     assert out.finish_reason == "length" and len(out.token_ids) == 5
 
 
+def test_stop_strings_are_looked_for_only_after_min_tokens(loaded):
+    """vLLM's rule: a stop string in the first ``min_tokens`` tokens' text does not end the answer; the first one
+    that ends after it does (even one that began before it)."""
+    tokenizer, model, _ = loaded
+    ids = prompt_ids(tokenizer, QUESTIONS[1], 0)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
+    free = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=40, ignore_eos=True))])[0]
+    texts = [tokenizer.decode(free.token_ids[:k], skip_special_tokens=True) for k in range(41)]
+    cases = 0
+    for stop in sorted({free.text[i:i + n] for n in (1, 2) for i in range(len(free.text) - n + 1)}):
+        first = free.text.find(stop)
+        for min_tokens in (3, 8, 15):
+            start = len(texts[min_tokens]) - len(stop) + 1  # occurrences ending after the first min_tokens' text
+            later = free.text.find(stop, max(start, 0))
+            if not (0 <= first < start and later >= 0) or "\ufffd" in texts[min_tokens]:
+                continue
+            cases += 1
+            out = engine.generate([EngineRequest(ids, None, SamplingParams(
+                max_tokens=40, stop=(stop,), ignore_eos=True, min_tokens=min_tokens))])[0]
+            assert out.finish_reason == "stop" and out.text == free.text[:later], (stop, min_tokens)
+            assert len(out.token_ids) > min_tokens
+        if cases >= 6:
+            break
+    assert cases >= 3  # the answer held stop strings both before and after min_tokens
+
+
 def test_bad_requests_are_refused_with_clear_errors(loaded):
     tokenizer, model, processor = loaded
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8, num_blocks=20, max_waiting=2))
