@@ -39,7 +39,9 @@ def _open_image(source: Any, name: str) -> Image.Image:
         image.load()
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError as exc:  # its message names an in-memory buffer by its address: no help
+        raise ImageLoadError(f"{name}: not a readable image (not a format Pillow can identify)") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
     return image.convert("RGB")
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, WORKER_SEED_RANGE
 from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestOutput, SamplingParams
 from palo.engine.sampling import MAX_LOGPROBS, TokenLogprob
 from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
@@ -236,8 +236,10 @@ class EngineBackend(ABC):
         top_p = _parse_number(params, "top_p", 1.0)
         top_k = _parse_number(params, "top_k", 0, integer=True)
         seed = params.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise RequestError(f"'seed' must be an integer, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                                 or not WORKER_SEED_RANGE[0] <= seed <= WORKER_SEED_RANGE[1]):
+            raise RequestError(f"'seed' must be an integer in [{WORKER_SEED_RANGE[0]}, {WORKER_SEED_RANGE[1]}], "
+                               f"got {seed!r}")
         if top_k < 0:
             raise RequestError(f"'top_k' must be >= 0, got {top_k}")
         min_p = _parse_number(params, "min_p", 0.0)

@@ -39,7 +39,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from palo.constants import DEFAULT_IMAGE_TOKEN
+from palo.constants import DEFAULT_IMAGE_TOKEN, SEED_RANGE
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -159,6 +159,8 @@ def _content(message: dict, index: int, images_allowed: bool) -> tuple[str, list
     """The text of a message and its images (base64), images first as ``<image>`` lines."""
     content = message.get("content")
     if content is None:
+        if message.get("role") != "assistant":  # OpenAI's: only an assistant message may come without content
+            raise APIError(400, f"messages[{index}].content is required", param="messages")
         return "", []
     if isinstance(content, str):
         return content, []
@@ -288,12 +290,20 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} strings", param="stop")
-    options = body.get("stream_options") or {}
-    if not isinstance(body.get("stream", False), bool):
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
         raise APIError(400, f"'stream' must be true or false, got {body['stream']!r}", param="stream")
+    options = body.get("stream_options")
+    if options is not None:  # OpenAI's rules: an object, and only with a stream
+        if not stream:
+            raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise APIError(400, f"'stream_options' must be {{'include_usage': true | false}}, got {options!r}",
+                           param="stream_options")
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, f"'seed' must be an integer, got {seed!r}", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise APIError(400, f"'seed' must be a 64-bit signed integer, got {seed!r}", param="seed")
     # Not OpenAI's, but vLLM's and SGLang's (-1 or 0: no limit), which clients send in the body's extra fields.
     top_k = body.get("top_k")
     top_k = 0 if top_k is None or top_k == -1 else top_k
@@ -346,7 +356,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         max_tokens=max_tokens,
         stops=[s for s in stops if s],
         stream=body.get("stream", False),
-        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        include_usage=bool(options and options.get("include_usage")),
         seed=seed,
         n=n,
         top_k=top_k,

@@ -103,7 +103,11 @@ def test_budget_uses_the_projector_token_count(world):
     ("change", "message"),
     [
         ({"images": ["%%%"]}, "base64"),
-        ({"images": [base64.b64encode(b"not an image").decode()]}, "not a readable image"),
+        ({"images": [base64.b64encode(b"not an image").decode()]},
+         "image 0: base64 image: not a readable image (not a format Pillow can identify)"),  # no buffer's address
+        ({"seed": 2**64},
+         "'seed' must be an integer in [-9223372036854775808, 18446744073709551615], got 18446744073709551616"),
+        ({"seed": -(2**63) - 1}, "'seed' must be an integer in"),
         ({"images": [image_b64(), image_b64()]}, "2 image(s) for 1"),
         ({"prompt": None}, "prompt"),
         ({"images": "abc"}, "images"),
@@ -186,6 +190,8 @@ def test_the_static_engine_samples_a_seeded_request_the_same_whatever_else_is_qu
 
     tokenizer, model, image_processor, context_len = loaded
     ask = _params(0, temperature=1.0, max_new_tokens=16, seed=5)
+    for seed in (-(2**63), 2**64 - 1):  # the ends of the range a worker takes, so the API's seed + i fits
+        assert _engine(loaded).prepare(dict(ask, seed=seed)).sampling.seed == seed
     static = StaticBatchEngine(tokenizer, model, image_processor, context_len)
     state = torch.get_rng_state()
     try:

@@ -173,7 +173,13 @@ def test_bodies_that_json_accepts_but_nothing_downstream_can_use_are_400():
 def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
     base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     for change, param in (({"stream": "yes"}, "stream"), ({"seed": "7"}, "seed"), ({"seed": 1.5}, "seed"),
-                          ({"model": 5}, "model")):
+                          ({"seed": 2**63}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"model": 5}, "model"),
+                          ({"stream_options": {"include_usage": True}}, "stream_options"),  # not streamed
+                          ({"stream": True, "stream_options": "usage"}, "stream_options"),
+                          ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+                          ({"messages": [{"role": "user"}]}, "messages"),
+                          ({"messages": [{"role": "system", "content": None}, {"role": "user", "content": "hi"}]},
+                           "messages")):
         router = FakeRouter(FakeStream())
         response = asyncio.run(chat_completion(json.dumps({**base, **change}).encode(), "", FakeRegistry(), router,
                                                None))
@@ -184,6 +190,13 @@ def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
     asyncio.run(chat_completion(json.dumps({**base, "seed": 7, "temperature": 0.9}).encode(), "", FakeRegistry(),
                                 router, None))
     assert router.bodies[0]["seed"] == 7
+    for seed, n in ((-(2**63), 1), (2**63 - 1, 2)):  # the 64-bit range's ends; answer i of n samples from seed + i
+        router = ChoiceRouter(lambda seed: "ok")
+        body = {**base, "seed": seed, "n": n, "temperature": 0.9,
+                "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                             {"role": "user", "content": "and?"}]}  # an assistant message may lack content
+        status = asyncio.run(chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)).status_code
+        assert status == 200 and [b["seed"] for b in router.bodies] == [seed + i for i in range(n)]
     router = FakeRouter(FakeStream([{"text": "", "error_code": 0, "finish_reason": "stop"}]))
     asyncio.run(chat_completion(json.dumps(base).encode(), "", FakeRegistry(), router, None))
     assert "seed" not in router.bodies[0]
