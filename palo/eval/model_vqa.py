@@ -45,6 +45,7 @@ from palo.mm_utils import (
 )
 from palo.mm_utils import preprocess_image as mm_preprocess_image
 from palo.model.config import MultimodalSpec, image_placeholder
+from palo.model.multimodal import spliced_length
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,19 @@ def clean_answer(text: str, stop: str | None) -> str:
     return text
 
 
+class QuestionTooLong(ValueError):
+    """A question's prompt (its images spliced in) leaves no room for an answer in the model's context.
+
+    Args:
+        index: The question's place in the batch.
+        message: What is wrong.
+    """
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class Answerer:
     """Generates answers for batches of prompts with one loaded model.
 
@@ -164,6 +178,9 @@ class Answerer:
         self.use_im_start_end = MultimodalSpec.from_config(model.config).use_im_start_end
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.unk_token_id or 0)
+        from palo.engine.llm_engine import DEFAULT_MAX_MODEL_LEN
+
+        self.context_len = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         if engine not in ("paged", "hf"):
             raise ValueError(f"engine must be 'paged' or 'hf', not {engine!r}")
         self.engine = None
@@ -177,6 +194,7 @@ class Answerer:
 
         Raises:
             ImageLoadError: If an image is missing or unreadable (the message names the question line).
+            QuestionTooLong: If a prompt leaves no room for an answer (the message names the question line).
         """
         images = []
         for q in questions:
@@ -184,7 +202,11 @@ class Answerer:
                 images.append(load_image(os.path.join(image_folder, q.image)) if q.image is not None else None)
             except ImageLoadError as exc:
                 raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
-        return self.answer_images([q.text for q in questions], images)
+        try:
+            return self.answer_images([q.text for q in questions], images)
+        except QuestionTooLong as exc:
+            q = questions[exc.index]
+            raise QuestionTooLong(exc.index, f"{q.where}: question {q.question_id!r}: {exc}") from exc
 
     def answer_images(self, texts: list[str], images: list[Any]) -> list[str]:
         """Answers for questions given as text and an RGB PIL image, a list of them, or None, in order (lmms-eval's
@@ -196,6 +218,11 @@ class Answerer:
             prompt = build_prompt(text, self.conv_mode, len(own), self.use_im_start_end)
             rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
             with_image.append(len(own))
+            # Both paths refuse it alike: the engine has no room to place it, generate would run past the context.
+            length = spliced_length(rows[-1], int(getattr(self.model, "image_token_count", 0)) if own else 0)
+            if length >= self.context_len:
+                raise QuestionTooLong(len(rows) - 1, f"the prompt takes {length} of the model's {self.context_len} "
+                                                     f"positions ({len(own)} image(s)); no room is left for an answer")
         if self.engine is not None:
             return self._answer_with_engine(rows, with_image, pixels)
         ids, mask = left_pad(rows, self.pad_id)
@@ -388,16 +415,16 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
             batch = pending[start:start + batch_size]
             try:
                 texts: list[str | None] = list(answerer.answer(batch, image_folder))
-            except ImageLoadError as exc:
+            except (ImageLoadError, QuestionTooLong) as exc:
                 if not skip_bad:
                     print(f"error: {exc}", file=sys.stderr)
                     return 2
-                # One bad image must not cost the whole batch: redo it question by question.
+                # One bad question must not cost the whole batch: redo it question by question.
                 texts = []
                 for q in batch:
                     try:
                         texts.extend(answerer.answer([q], image_folder))
-                    except ImageLoadError as one:
+                    except (ImageLoadError, QuestionTooLong) as one:
                         print(f"[skip] {one}", file=sys.stderr)
                         texts.append(None)
             for q, text in zip(batch, texts):
@@ -414,7 +441,7 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
                 })
             bar.update(len(batch))
     if skipped:
-        print(f"[skip] {skipped} question(s) skipped for unreadable images", file=sys.stderr)
+        print(f"[skip] {skipped} question(s) skipped (unreadable images or prompts too long)", file=sys.stderr)
     return 0
 
 

@@ -174,6 +174,24 @@ def test_unreadable_image_is_reported_per_question(world, bench, tmp_path, capsy
 
 
 @pytest.mark.parametrize("engine", ["paged", "hf"])
+def test_a_question_longer_than_the_context_is_refused_or_skipped_with_its_line(world, bench, tmp_path, capsys,
+                                                                               engine):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(
+        '{"question_id": 1, "image": "001.png", "text": "What colour?"}\n'
+        + json.dumps({"question_id": 2, "image": "002.png", "text": "word " * 3000}) + "\n", encoding="utf-8")
+    out = str(tmp_path / "a.jsonl")
+    args = [*("--engine", engine, "--batch-size", "2")]
+    assert _run(world, bench, str(questions), out, *args) == 2
+    err = capsys.readouterr().err
+    assert f"{questions}:2: question 2: the prompt takes " in err and "no room is left for an answer" in err
+    assert "Traceback" not in err and _read(out) == []  # nothing answered, nothing lost
+    assert _run(world, bench, str(questions), out, *args, "--skip-bad") == 0
+    assert [r["question_id"] for r in _read(out)] == [1]
+    assert "1 question(s) skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("engine", ["paged", "hf"])
 def test_answer_images_takes_several_images_per_question(world, engine):
     """A question with two images (lmms-eval's multi-image tasks): one ``<image>`` line per image, in order, and the
     answer model.generate gives for that prompt; the other rows of the batch (one image, none) are unaffected."""
