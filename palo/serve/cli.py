@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     # Positions per image from the tower's and projector's config (MultimodalSpec.tokens_per_image): the tower runs
     # only when the engine encodes the image.
     tokens_per_image = model.image_token_count
+    # The loader's context length is the original's (max_sequence_length, else 2048); a model with fewer positions
+    # (MobileLLaMA's 2048 against a 4096 setting, a small test model) is held to its own.
+    context_len = min(context_len, getattr(model.config, "max_position_embeddings", None) or context_len)
     # One conversation: a cache for one sequence at the full context (earlier turns' blocks are its prefix-cache
     # hits), not the default share of a GPU's memory that a server takes.
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len,

@@ -64,6 +64,17 @@ def test_a_prompt_that_fills_the_context_is_refused_with_its_true_length(world, 
     assert tower_calls == []
 
 
+def test_a_loader_context_past_the_models_positions_is_held_to_the_models(world, image_file, monkeypatch, capsys):
+    """A conversation longer than the model's positions but within the loader's context length (2048 unless the
+    config says otherwise) is refused like any other, not a traceback from the engine."""
+    _, model, _, _ = builder.load_pretrained_model(world.full_dir, device="cpu")
+    positions = model.config.max_position_embeddings
+    turns = iter(["word " * positions, ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
+    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, positions + 10_000)
+    assert rc == 1 and f"tokens, over the model's {positions}; start a new one]" in out and tower_calls == []
+
+
 def test_one_free_position_gives_a_one_token_answer(world, image_file, monkeypatch, capsys, first_turn_positions):
     rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, first_turn_positions + 1)
     assert rc == 0, out
@@ -90,6 +101,7 @@ def test_the_cache_holds_one_conversation_and_serves_every_turn(world, image_fil
     out = capsys.readouterr().out
     assert rc == 0 and out.count("ASSISTANT: ") == 3 and out.rstrip().endswith("exit...")
     (config,) = configs
-    _, _, _, context_len = builder.load_pretrained_model(world.full_dir, device="cpu")
+    _, model, _, context_len = builder.load_pretrained_model(world.full_dir, device="cpu")
+    context_len = min(context_len, model.config.max_position_embeddings)  # the model's own positions, if fewer
     assert config.max_num_seqs == 1 and config.max_model_len == context_len
     assert config.num_blocks == -(-context_len // config.block_size) + 1
