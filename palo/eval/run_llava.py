@@ -64,7 +64,8 @@ def eval_model(args: Any) -> str:
     Raises:
         palo.mm_utils.ImageLoadError: If an image cannot be read or a URL is refused.
         palo.model.builder.CheckpointError: If the checkpoint does not load.
-        ValueError: If the query's placeholders and the images disagree, or the checkpoint takes text only.
+        ValueError: If the query's placeholders and the images disagree, the checkpoint takes text only, or the
+            prompt leaves no room for an answer in the model's positions.
     """
     import torch
 
@@ -72,6 +73,7 @@ def eval_model(args: Any) -> str:
     from palo.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
     from palo.model.builder import load_pretrained_model
     from palo.model.config import MultimodalSpec
+    from palo.model.multimodal import spliced_length
 
     files = [f for f in args.image_file.split(args.sep) if f]
     if not files:
@@ -95,6 +97,11 @@ def eval_model(args: Any) -> str:
     conv.append_message(conv.roles[1], None)
     prompt = conv.get_prompt()
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    length = spliced_length(input_ids[0], model.image_token_count)
+    if positions is not None and length >= positions:
+        raise ValueError(f"the prompt takes {length} of the model's {positions} positions ({len(images)} image(s)); "
+                         "no room is left for an answer: shorten --query")
     pixels = process_images(images, image_processor, model.config)
     pixels = (pixels.to(model.device, dtype=next(model.parameters()).dtype) if isinstance(pixels, torch.Tensor)
               else pixels)

@@ -81,6 +81,11 @@ def test_clear_errors(world, tmp_path):
     done = _run("--model-path", world.full_dir, "--image-file", str(tmp_path / "nope.png"), "--query", "hi",
                 "--device", "cpu")
     assert done.returncode == 2 and "no such image file" in done.stderr
+    paths = _images(str(tmp_path))
+    args = build_parser().parse_args(["--model-path", world.full_dir, "--image-file", paths[0], "--device", "cpu",
+                                      "--query", "word " * 3000])
+    with pytest.raises(ValueError, match=r"the prompt takes \d+ of the model's \d+ positions \(1 image\(s\)\); no"):
+        eval_model(args)
 
 
 def test_remote_image_only_with_the_flag(world, tmp_path):
