@@ -165,6 +165,36 @@ def atomic_write(path: str, chunks: Iterable[str]) -> None:
         raise
 
 
+def read_json_samples(path: str, what: str = "file") -> list[dict[str, Any]]:
+    """A whole JSON file holding an array of objects (a LLaVA-format data set), read at once.
+
+    Args:
+        path: The file.
+        what: How error messages name it (``--translated``, ``the English set`` ...).
+
+    Returns:
+        The objects, in order.
+
+    Raises:
+        ValueError: Naming ``what`` and ``path``: the file is missing or unreadable, not UTF-8, not JSON (with the
+            line and column), or not an array of objects.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise ValueError(f"{what} {path}: expected a JSON array of samples (objects)")
+    return data
+
+
 def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> None:
     """Replace a file with ``records``, one JSON object per line (UTF-8, not ASCII-escaped), atomically."""
     atomic_write(path, (json.dumps(record, ensure_ascii=False) + "\n" for record in records))

@@ -53,6 +53,25 @@ def test_strict_reading_names_file_and_line(tmp_path):
         jsonl.read_jsonl(str(path))
 
 
+def test_a_json_sample_file_is_read_whole_or_refused_naming_the_file_and_the_fault(tmp_path):
+    good = tmp_path / "set.json"
+    good.write_text('[{"id": 1}, {"id": "二"}]', encoding="utf-8")
+    assert jsonl.read_json_samples(str(good)) == [{"id": 1}, {"id": "二"}]
+    cases = {"missing.json": (None, "no such file"),
+             "latin1.json": (b'[{"id": "caf\xe9"}]', "not UTF-8 text (invalid continuation byte at byte 12)"),
+             "broken.json": (b'[{"id": 1},\n {"id": 2,}]', "not valid JSON (Expecting property name enclosed in "
+                                                           "double quotes at line 2 column 11)"),
+             "object.json": (b'{"id": 1}', "expected a JSON array of samples (objects)"),
+             "strings.json": (b'["a", "b"]', "expected a JSON array of samples (objects)")}
+    for name, (content, why) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ValueError) as info:
+            jsonl.read_json_samples(str(path), "--translated")
+        assert str(info.value) == f"--translated {path}: {why}"
+
+
 def test_the_old_import_path_is_the_same_module_content():
     for name in old_path.__all__:
         assert getattr(old_path, name) is getattr(jsonl, name)

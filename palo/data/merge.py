@@ -10,14 +10,13 @@ is shuffled with ``random.Random(seed)``: the same inputs and seed give the same
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from collections import Counter
 from typing import Any
 
 from palo.data.translate import TARGET_LANGUAGES, conversation_key
-from palo.jsonl import atomic_write_json
+from palo.jsonl import atomic_write_json, read_json_samples
 
 
 def translated_language(samples: list[dict[str, Any]]) -> str | None:
@@ -77,13 +76,9 @@ def merge(english: list[dict[str, Any]], translated: list[list[dict[str, Any]]],
 
 def main_merge(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data merge``."""
-    with open(args.data_path, encoding="utf-8") as f:
-        english = json.load(f)
-    translated = []
-    for path in args.translated:
-        with open(path, encoding="utf-8") as f:
-            translated.append(json.load(f))
     try:
+        english = read_json_samples(args.data_path, "--data_path")
+        translated = [read_json_samples(path, "--translated") for path in args.translated]
         merged, counts = merge(english, translated, args.seed, args.keep_corrupt, args.image_prefix)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

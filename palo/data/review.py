@@ -23,7 +23,7 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.data.translate import conversation_key, join_image, source_hash, split_image
-from palo.jsonl import JsonlAppender, atomic_write_json, read_jsonl, read_log
+from palo.jsonl import JsonlAppender, atomic_write_json, read_json_samples, read_jsonl, read_log
 
 
 def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -82,10 +82,13 @@ def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any
 
 def main_apply_review(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data apply-review``."""
-    with open(args.data_path, encoding="utf-8") as f:
-        samples = json.load(f)
+    try:
+        samples = read_json_samples(args.data_path, "--data_path")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # Strict: a person edited this file, and a typo must name its line rather than silently drop what follows it.
-    entries = [record.data for record in read_jsonl(args.review)]
+    entries = [record.data for record in read_jsonl(args.review, required=("index", "language", "turn"))]
     try:
         report = apply_corrections(samples, entries)
     except (ValueError, KeyError, IndexError, TypeError) as exc:

@@ -337,7 +337,10 @@ def _validate_turns(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
                 f"turn {k + first}: expected {expected!r}, got {turn['from']!r}; "
                 "speakers must alternate, starting with 'human'"
             )
-        if not isinstance(turn["value"], str) or not turn["value"].strip():
+        if not isinstance(turn["value"], str):
+            raise BadSampleError(f"turn {k + first} ({turn['from']}): the value must be a string, got "
+                                 f"{type(turn['value']).__name__} {turn['value']!r}")
+        if not turn["value"].strip():
             raise BadSampleError(f"turn {k + first} ({turn['from']}): empty value {turn['value']!r}")
     if kept[-1]["from"] != SPEAKERS[1]:
         raise BadSampleError(f"the conversation ends with a human turn (turn {len(turns) - 1}); nothing to learn")

@@ -56,6 +56,17 @@ def test_merge_counts_and_layout(tmp_path, capsys):
     assert all(s["image"] == f"{s['id'][2:]}.jpg" for s in english)  # the English set is taken as it is
 
 
+def test_merge_refuses_a_missing_or_broken_set_naming_it(tmp_path, capsys):
+    english = _write(tmp_path / "en.json", _english(2))
+    broken = tmp_path / "ar.json"
+    broken.write_text('[{"id": 1},', encoding="utf-8")
+    out = tmp_path / "merged.json"
+    for translated, why in ((str(tmp_path / "gone.json"), "no such file"), (str(broken), "not valid JSON")):
+        assert main(["merge", "--data_path", english, "--translated", translated, "--output", str(out)]) == 2
+        assert f"error: --translated {translated}: {why}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_merge_shuffle_is_deterministic(tmp_path):
     a = _merge(tmp_path, "a.json", 7)
     b = _merge(tmp_path, "b.json", 7)

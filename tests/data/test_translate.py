@@ -368,6 +368,19 @@ def test_translate_end_to_end(tmp_path, server, capsys):
     assert "rejected" not in strict[0] and "rejected" in strict[1]
 
 
+def test_malformed_conversations_are_refused_before_any_request(tmp_path, server, capsys):
+    """A string would be translated letter by letter, a missing list would come out empty and "finished"."""
+    for bad in ("What is this?", None, [], [{"from": "human", "value": 5}]):
+        sample = {"id": "bad", "conversations": bad}
+        data = _write(tmp_path / "in.json", [SAMPLES[0], sample])
+        calls = len(server.calls)
+        out = tmp_path / "out"
+        assert main(_translate_args(data, str(out), server, "ar")) == 2
+        err = capsys.readouterr().err
+        assert f"--data_path {data}: sample 1 (id 'bad'): 'conversations' must be a non-empty list" in err, bad
+        assert len(server.calls) == calls and not out.exists()
+
+
 def test_preambles_never_reach_the_data(tmp_path, server):
     """A server that announces every translation ("Translation: ...", "以下是翻译：", "Sure! Here is ..."), for turns
     that themselves talk about translation: the preamble is removed at once (no second request), never kept."""
@@ -475,6 +488,10 @@ def test_apply_review_names_a_malformed_review_line(tmp_path, server, capsys):
     capsys.readouterr()
     assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 2
     assert f"{review_path}:1: not valid JSON" in capsys.readouterr().err
+    assert (out / "arabic.json").read_bytes() == before
+    review_path.write_text('{"corrected": "نص"}\n', encoding="utf-8")  # not an entry translate wrote
+    assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 2
+    assert f"{review_path}:1: missing key(s) index, language, turn" in capsys.readouterr().err
     assert (out / "arabic.json").read_bytes() == before
 
 

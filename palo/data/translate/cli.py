@@ -10,7 +10,9 @@ import sys
 from palo.data.translate.cache import TranslationCache
 from palo.data.translate.prompts import parse_target_language
 from palo.data.translate.runner import run
+from palo.data.translate.samples import malformed_samples
 from palo.data.translate.translator import Translator
+from palo.jsonl import read_json_samples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,13 +51,20 @@ def main_translate(args: argparse.Namespace) -> int:
     if not languages:
         print("error: --languages is empty", file=sys.stderr)
         return 2
-    with open(args.data_path, encoding="utf-8") as f:
-        samples = json.load(f)
-    if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
-        print(f"error: {args.data_path}: expected a JSON array of samples", file=sys.stderr)
+    try:
+        samples = read_json_samples(args.data_path, "--data_path")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.limit is not None:
         samples = samples[: args.limit]
+    bad = malformed_samples(samples)
+    if bad:  # before any request is paid for
+        first = samples[bad[0]]
+        print(f"error: --data_path {args.data_path}: sample {bad[0]} (id {first.get('id')!r}): 'conversations' must be "
+              f"a non-empty list of {{'from', 'value'}} turns with string values ({len(bad)} such sample(s); "
+              "palo-data validate lists them)", file=sys.stderr)
+        return 2
     cache = TranslationCache(args.cache or os.path.join(args.output_dir, "translation_cache.sqlite"))
     translator = Translator(
         args.model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),

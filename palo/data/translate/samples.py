@@ -23,6 +23,17 @@ def source_hash(sample: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
+def malformed_samples(samples: list[dict[str, Any]]) -> list[int]:
+    """Indices of samples whose ``conversations`` is not a non-empty list of ``{"from", "value"}`` turns with string
+    values: they cannot be translated (a string would be translated letter by letter), so a run refuses them first.
+    """
+    def well_formed(turns: Any) -> bool:
+        return isinstance(turns, list) and bool(turns) and all(
+            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in turns)
+
+    return [i for i, sample in enumerate(samples) if not well_formed(sample.get("conversations"))]
+
+
 def translate_sample(sample: dict[str, Any], language: str, translator: Translator, index: int
                      ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Translate every turn of one sample.
