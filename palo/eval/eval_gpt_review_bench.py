@@ -238,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     # Failures are data (the summary reports them), not an error; but a run where nothing could be judged usually
     # means a wrong key, model or URL, and the caller should hear about it.
     if reviews and ok == 0:
-        print("error: no question could be judged (check the API key, --judge-model and --judge-base-url)",
-              file=sys.stderr)
+        if all(item.problem is not None for item in items):  # no request was even sent: the inputs do not match
+            print("error: no question could be judged: none has a reference answer, a model answer and a context "
+                  "(were the answer files made from this question file?)", file=sys.stderr)
+        else:
+            print("error: no question could be judged (check the API key, --judge-model and --judge-base-url)",
+                  file=sys.stderr)
         return 3
     return 0
 

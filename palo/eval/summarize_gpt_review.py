@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dir:
+        if not os.path.isdir(args.dir):
+            print(f"error: -d {args.dir}: no such folder", file=sys.stderr)
+            return 2
         targets = find_files(args.dir, args.version, args.select)
     else:
         targets = [(os.path.basename(f).replace("gpt4_text_", "").replace(".jsonl", ""), f) for f in args.files]

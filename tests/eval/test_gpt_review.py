@@ -164,6 +164,17 @@ def test_everything_failing_exits_3(inputs, judge_server, capsys):
     assert sum(judge_server.count().values()) == 4  # a 401 is not retried
 
 
+def test_answers_for_other_questions_exit_3_saying_so_without_a_call(inputs, judge_server, tmp_path, capsys):
+    rows = [json.loads(line) for line in open(inputs["a2"], encoding="utf-8")]
+    _write(tmp_path / "other.jsonl", [dict(r, question_id=r["question_id"] + 1000) for r in rows])
+    args = _args(inputs, judge_server, "--no-cache")
+    args[args.index(inputs["a2"])] = str(tmp_path / "other.jsonl")
+    assert review.main(args) == 3
+    err = capsys.readouterr().err
+    assert "none has a reference answer, a model answer and a context" in err and "API key" not in err
+    assert sum(judge_server.count().values()) == 0
+
+
 def test_original_rule_file_and_missing_rule(inputs, judge_server, tmp_path, capsys):
     rules = {f"llava_bench_{c}": {"role": "Assistant", "prompt": f"RULE-{c}"} for c in ("conv", "detail", "complex")}
     rule_file = tmp_path / "rule.json"

@@ -80,6 +80,8 @@ def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
     out = capsys.readouterr().out
     # Without questions 1-3 no conv question is left; all = (10+7+9)/3 vs (7+7+5)/3 -> 6.333 / 8.667 = 73.1 %.
     assert "llava_bench_conv" not in out and "all 73.1 86.7 63.3 (judged 3, failed 1)" in out
+    assert summary.main(["-d", str(tmp_path / "nowhere")]) == 2
+    assert f"error: -d {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
 
 
 def test_table_across_languages(tmp_path, reviews):
