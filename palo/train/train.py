@@ -23,6 +23,7 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
+from palo.train.preprocess import BadSampleError  # noqa: E402
 from palo.train.trainer import PaloTrainer  # noqa: E402
 
 logger = logging.getLogger("palo.train")
@@ -52,22 +53,30 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo" if training_args.use_cpu else "nccl")
-    setup = setup_training(model_args, data_args, training_args)
+    # Bad data is found before the model is loaded, and reported as one line, not a traceback.
     if data_args.data_path is None:
-        raise SystemExit("--data_path is required")
-    dataset = LazySupervisedDataset(
-        data_args.data_path,
-        setup.tokenizer,
-        template_for(model_args.version),
-        image_folder=data_args.image_folder,
-        image_processor=setup.image_processor,
-        image_aspect_ratio=data_args.image_aspect_ratio,
-        mm_use_im_start_end=model_args.mm_use_im_start_end,
-        model_max_length=training_args.model_max_length,
-        image_tokens=setup.image_tokens,
-        over_length=data_args.over_length,
-        skip_bad_samples=data_args.skip_bad_samples,
-    )
+        raise SystemExit("error: --data_path is required")
+    if not os.path.isfile(data_args.data_path):
+        raise SystemExit(f"error: --data_path {data_args.data_path}: no such file")
+    setup = setup_training(model_args, data_args, training_args)
+    try:
+        dataset = LazySupervisedDataset(
+            data_args.data_path,
+            setup.tokenizer,
+            template_for(model_args.version),
+            image_folder=data_args.image_folder,
+            image_processor=setup.image_processor,
+            image_aspect_ratio=data_args.image_aspect_ratio,
+            mm_use_im_start_end=model_args.mm_use_im_start_end,
+            model_max_length=training_args.model_max_length,
+            image_tokens=setup.image_tokens,
+            over_length=data_args.over_length,
+            skip_bad_samples=data_args.skip_bad_samples,
+        )
+    except ValueError as exc:  # not one JSON array, an unreadable index cache
+        raise SystemExit(f"error: {exc}") from None
+    if len(dataset) == 0:
+        raise SystemExit(f"error: --data_path {data_args.data_path} holds no samples")
     if data_args.packing:
         if model_args.vision_tower is None:
             raise SystemExit("--packing True needs PALO's multimodal model (--vision_tower); text-only runs pad")
@@ -134,7 +143,10 @@ def finish_distributed() -> None:
 
 
 def main() -> None:
-    train()
+    try:
+        train()
+    except BadSampleError as exc:  # its message names the sample and --skip_bad_samples; checkpoints so far stay
+        raise SystemExit(f"error: {exc}") from None
     finish_distributed()
 
 

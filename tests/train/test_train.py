@@ -420,6 +420,36 @@ def test_bad_samples_stop_with_their_id_or_are_skipped_and_counted(world, data, 
     assert trainer.train_dataset.bad_samples.value == 1
 
 
+def test_a_missing_broken_or_empty_data_file_is_one_line_before_the_model_loads(world, data, tmp_path, monkeypatch):
+    import palo.train.train as train_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a data file that cannot train")
+
+    broken, empty = tmp_path / "broken.json", tmp_path / "empty.json"
+    broken.write_text('{"id": 1}', encoding="utf-8")
+    empty.write_text("[]", encoding="utf-8")
+    monkeypatch.setattr(train_module, "setup_training", no_model)
+    with pytest.raises(SystemExit, match=f"^error: --data_path {tmp_path / 'gone.json'}: no such file$"):
+        train(_flags(world, str(tmp_path / "gone.json"), str(tmp_path / "out")))
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match=r"^error: .*broken\.json: malformed JSON array at byte 0"):
+        train(_flags(world, str(broken), str(tmp_path / "out")))
+    with pytest.raises(SystemExit, match=f"^error: --data_path {empty} holds no samples$"):
+        train(_flags(world, str(empty), str(tmp_path / "out")))
+
+
+def test_the_command_line_reports_a_bad_sample_as_one_line(world, data, tmp_path, monkeypatch):
+    import palo.train.train as train_module
+
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([{"id": "empty", "conversations": []}] + json.load(open(data))[:3]))
+    path.parent.joinpath("images").symlink_to(os.path.join(os.path.dirname(data), "images"))
+    monkeypatch.setattr(sys, "argv", ["train_mem.py", *_flags(world, str(path), str(tmp_path / "out"))])
+    with pytest.raises(SystemExit, match=r"^error: bad training sample id='empty' .*--skip_bad_samples True"):
+        train_module.main()
+
+
 def test_corrupt_samples_are_filtered_before_training(world, data, tmp_path):
     """Samples flagged ``"corrupt": true`` (translations that failed review) never reach training: two of them,
     each of which would stop the run if it were read (a missing image, a broken conversation), sit among the good
