@@ -293,12 +293,21 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import torch
 
     from palo.conversation import conv_mode_for_checkpoint
     from palo.mm_utils import get_model_name_from_path
-    from palo.model.builder import load_pretrained_model
+    from palo.model.builder import CheckpointError, load_pretrained_model
+    from palo.model.vision_tower import VisionTowerError
+
+    # Settings that cannot work are refused before the model loads, in one line (argparse's exit status 2).
+    if args.engine == "paged":
+        try:
+            engine_config(args)
+        except ValueError as exc:
+            parser.error(str(exc))
 
     worker_id = uuid.uuid4().hex[:6]
     logger = build_logger("model_worker", f"model_worker_{worker_id}.log")
@@ -311,10 +320,15 @@ def main(argv: list[str] | None = None) -> int:
         device = "cpu"
     model_name = args.model_name or get_model_name_from_path(args.model_path)
     logger.info("loading %s on worker %s", model_name, worker_id)
-    tokenizer, model, image_processor, context_len = load_pretrained_model(
-        args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
-        vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn,
-    )
+    try:
+        tokenizer, model, image_processor, context_len = load_pretrained_model(
+            args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
+            vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn,
+        )
+    except (CheckpointError, VisionTowerError) as exc:
+        logger.error("cannot load %s: %s", args.model_path, exc)
+        print(f"palo-worker: error: {exc}", file=sys.stderr)
+        return 2
     if args.engine == "static":
         from palo.serve.static_engine import StaticBatchEngine
 

@@ -24,3 +24,23 @@ def test_engine_flags_reach_the_engine_config():
 def test_a_negative_image_cache_size_is_refused():
     with pytest.raises(ValueError, match="image_cache_size must be >= 0"):
         engine_config(build_parser().parse_args(["--model-path", "ckpt", "--image-cache-size", "-1"]))
+
+
+def test_the_worker_refuses_bad_settings_before_loading_and_a_missing_checkpoint_in_one_line(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from palo.model import builder
+    from palo.serve import model_worker
+
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    loads = []
+    real = builder.load_pretrained_model
+    monkeypatch.setattr(builder, "load_pretrained_model", lambda *a, **k: loads.append(a) or real(*a, **k))
+    for flag, value, message in (("--max-num-seqs", "0", "max_num_seqs must be at least 1, got 0"),
+                                 ("--kv-cache-gb", "-1", "kv_cache_gb must be positive, got -1.0")):
+        with pytest.raises(SystemExit) as info:
+            model_worker.main(["--model-path", "ckpt", flag, value, "--no-register"])
+        assert info.value.code == 2 and f"error: {message}\n" in capsys.readouterr().err
+    assert loads == []
+    (tmp_path / "ckpt.json").write_text("{}")
+    assert model_worker.main(["--model-path", str(tmp_path / "ckpt.json"), "--no-register", "--device", "cpu"]) == 2
+    assert f"palo-worker: error: '{tmp_path / 'ckpt.json'}' is a file" in capsys.readouterr().err
