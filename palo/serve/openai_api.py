@@ -246,6 +246,10 @@ def render_messages(messages: Any, conv_mode: str,
 
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the engine's
+# A request's later answers wait this long for places on busy workers (its first is refused at once), asking again
+# every BUSY_POLL_S.
+BUSY_WAIT_S = 30.0
+BUSY_POLL_S = 0.1
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
@@ -751,20 +755,40 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
     yield b"data: [DONE]\n\n"
 
 
+async def _open_in_time(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int,
+                        deadline: float | None) -> WorkerStream:
+    """:func:`open_chat`; until ``deadline`` (``time.monotonic``), busy workers are asked again."""
+    while True:
+        try:
+            return await open_chat(chat, registry, router, choice)
+        except APIError as exc:
+            left = 0.0 if deadline is None else deadline - time.monotonic()
+            if exc.status != 503 or not exc.headers or "Retry-After" not in exc.headers or left <= 0:
+                raise
+            await asyncio.sleep(min(BUSY_POLL_S, left))
+
+
 async def _open_answers(requests: list[GenerationRequest], registry: WorkerRegistry,
                         router: Router) -> list[tuple[Answers, Piece]]:
     """Open each request's ``n`` answers on workers (request by request: answer ``i`` of prompt ``p`` is choice
     ``p * n + i``, as OpenAI numbers them) and read the first piece of each.
+
+    A busy worker refuses the first answer at once (503, so the client backs off); the later ones wait up to
+    ``BUSY_WAIT_S`` for places, which the answers already placed free as they finish. Refusing them instead made
+    requests that arrive together each hold some places and all fail, over and over as their clients retried.
 
     Raises:
         APIError: When any answer cannot be opened or fails before its first piece (the others are closed).
     """
     streams: list[WorkerStream] = []
     answers: list[Answers] = []
+    deadline: float | None = None
     try:
         for chat in requests:
             for choice in range(chat.n):
-                streams.append(await open_chat(chat, registry, router, choice))
+                streams.append(await _open_in_time(chat, registry, router, choice, deadline))
+                if deadline is None:
+                    deadline = time.monotonic() + BUSY_WAIT_S
         asked = [chat for chat in requests for _ in range(chat.n)]
         answers = [_answers(stream, chat, registry.logger) for stream, chat in zip(streams, asked)]
         return [(pieces, await anext(pieces)) for pieces in answers]  # never empty: each ends with a finish_reason

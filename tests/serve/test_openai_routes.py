@@ -205,15 +205,18 @@ def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
 class ChoiceRouter:
     """Answers each opened request with its own stream: ``answer(seed)`` split into pieces, then a final chunk."""
 
-    def __init__(self, answer, fail_on: int | None = None) -> None:
+    def __init__(self, answer, fail_on: int | None = None, busy_times: int | None = None) -> None:
         self.answer = answer
         self.fail_on = fail_on  # the request (0-based) whose open fails with a busy error
+        self.busy_times = busy_times  # how many times it fails (None: always)
+        self.busy = 0  # busy errors answered
         self.bodies: list[dict] = []
         self.streams: list[FakeStream] = []
 
     async def open(self, model: str, body: bytes):
         params = json.loads(body)
-        if len(self.bodies) == self.fail_on:
+        if len(self.bodies) == self.fail_on and (self.busy_times is None or self.busy < self.busy_times):
+            self.busy += 1
             raise WorkersBusyError("every worker is busy", "2")
         self.bodies.append(params)
         text = self.answer(params.get("seed"))
@@ -270,14 +273,32 @@ def test_n_answers_stream_interleaved_each_under_its_index():
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5 + 12
 
 
-def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_opened():
+def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_opened(monkeypatch):
+    from palo.serve import openai_api
+
     for n in (0, 17, "2", 1.5, True):
         router = ChoiceRouter(lambda seed: "x")
         status, body = _ask_n(router, n)
         assert status == 400 and body["error"]["param"] == "n" and router.bodies == []
-    router = ChoiceRouter(lambda seed: "x", fail_on=2)
+    monkeypatch.setattr(openai_api, "BUSY_WAIT_S", 0.3)
+    monkeypatch.setattr(openai_api, "BUSY_POLL_S", 0.05)
+    router = ChoiceRouter(lambda seed: "x", fail_on=2)  # busy for good: the wait runs out
     status, body = _ask_n(router, 3)
     assert status == 503 and len(router.streams) == 2 and all(s.closed for s in router.streams)
+    assert router.busy >= 3  # asked again while the wait lasted
+
+
+def test_a_busy_worker_refuses_the_first_answer_at_once_and_later_ones_wait_for_places(monkeypatch):
+    """Requests that arrive together each holding some places must not all fail (and again on every retry)."""
+    from palo.serve import openai_api
+
+    monkeypatch.setattr(openai_api, "BUSY_POLL_S", 0.01)
+    router = ChoiceRouter(lambda seed: "x", fail_on=0, busy_times=1)
+    status, body = _ask_n(router, 3)
+    assert status == 503 and router.busy == 1 and router.streams == []  # nothing placed: the client backs off
+    router = ChoiceRouter(lambda seed: "ok", fail_on=1, busy_times=4)
+    status, body = _ask_n(router, 3)
+    assert status == 200 and router.busy == 4 and [c["message"]["content"] for c in body["choices"]] == ["ok"] * 3
 
 
 def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
