@@ -40,6 +40,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from palo.constants import CONTROLLER_HEART_BEAT_EXPIRATION
+from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.openai_api import create_openai_router
 from palo.serve.protocol import (
     INVALID_REQUEST,
@@ -286,6 +287,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
             await router.aclose()
 
     app = FastAPI(title="PALO controller", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes())
 
     async def json_body(request: Request) -> Any:
         try:
@@ -404,8 +406,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     import uvicorn
+
+    try:
+        max_request_bytes()
+    except ValueError as exc:
+        parser.error(str(exc))
 
     logger = build_logger("controller", "controller.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})

@@ -41,6 +41,7 @@ from palo.engine.config import EngineConfig
 from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
 from palo.engine.sampling import TokenLogprob
+from palo.serve.body_limit import max_request_bytes
 from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -303,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     from palo.model.vision_tower import VisionTowerError
 
     # Settings that cannot work are refused before the model loads, in one line (argparse's exit status 2).
-    if args.engine == "paged":
-        try:
+    try:
+        max_request_bytes()
+        if args.engine == "paged":
             engine_config(args)
-        except ValueError as exc:
-            parser.error(str(exc))
+    except ValueError as exc:
+        parser.error(str(exc))
 
     worker_id = uuid.uuid4().hex[:6]
     logger = build_logger("model_worker", f"model_worker_{worker_id}.log")

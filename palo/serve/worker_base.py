@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
+from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
@@ -315,6 +316,7 @@ class BaseWorker(ABC):
 def create_app(worker: BaseWorker) -> FastAPI:
     """The worker's FastAPI application: the original worker endpoints."""
     app = FastAPI(title=worker.title)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes())
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
