@@ -280,6 +280,8 @@ def export_hf_llava(
 
     if dtype != "auto" and dtype not in _DTYPES:
         raise ExportError(f"--dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ExportError(f"{output_dir!r} is a file; pass a folder to write")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ExportError(f"{output_dir!r} exists and is not empty; choose a new folder (or pass overwrite)")
     max_bytes = parse_size(max_shard_size)

@@ -61,6 +61,12 @@ def resolve_checkpoint_dir(path: str) -> str:
         return path
     if os.path.exists(path):
         raise CheckpointError(f"{path!r} is a file; pass the checkpoint folder that holds config.json")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:  # an absolute or relative path, not an "org/name" id: say only what is wrong
+        raise CheckpointError(f"{path!r}: no such folder") from None
     try:
         from huggingface_hub import snapshot_download
 

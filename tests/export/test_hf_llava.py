@@ -278,6 +278,11 @@ def test_cli_verb(world, tmp_path, capsys):
     assert palo_main(["export", "--to", "hf-llava", "--model-path", world.lora_dir,
                       "--output", str(tmp_path / "y")]) == 2
     assert "--model-base" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("notes")
+    assert palo_main(["export", "--to", "hf-llava", "--model-path", world.full_dir, "--output",
+                      str(tmp_path / "a_file"), "--overwrite"]) == 2
+    assert f"'{tmp_path / 'a_file'}' is a file; pass a folder to write" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "notes"
     with pytest.raises(SystemExit):
         palo_main(["export", "--to", "onnx", "--model-path", world.full_dir, "--output", str(tmp_path / "z")])
 

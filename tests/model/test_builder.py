@@ -249,8 +249,11 @@ def test_folder_that_is_no_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_pretrained_model(str(tmp_path), device="cpu")
-    with pytest.raises(CheckpointError, match="not a local folder"):
+    with pytest.raises(CheckpointError, match=f"^'{tmp_path / 'missing'}': no such folder$"):
         load_pretrained_model(str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(CheckpointError, match="'palo-org/not-here' is not a local folder and could not be found as a "
+                                              "Hugging Face repo"):
+        load_pretrained_model("palo-org/not-here", device="cpu")  # could be a hub id: the cache was searched
 
 
 def test_adapter_or_projector_without_base_asks_for_it(world):
