@@ -39,9 +39,11 @@ def _open_image(source: Any, name: str) -> Image.Image:
         image.load()
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as exc:  # Pillow refuses before the size check above can run
+        raise ImageLoadError(f"{name}: over the limit of {MAX_IMAGE_PIXELS:,} pixels; resize the image first") from exc
     except UnidentifiedImageError as exc:  # its message names an in-memory buffer by its address: no help
         raise ImageLoadError(f"{name}: not a readable image (not a format Pillow can identify)") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
     return image.convert("RGB")
 
@@ -81,6 +83,8 @@ def load_image_from_base64(data: str) -> Image.Image:
     """
     if data.startswith("data:"):
         _, _, data = data.partition(",")
+    if any(space in data for space in " \n\r\t"):  # line-wrapped base64 (the `base64` tool's), as the original took
+        data = "".join(data.split())
     try:
         raw = base64.b64decode(data, validate=True)
     except (ValueError, TypeError) as exc:

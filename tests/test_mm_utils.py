@@ -314,6 +314,14 @@ def test_load_rejects_too_many_pixels(tmp_path, monkeypatch):
     assert load_image(str(path)).size == (40, 25)
 
 
+def test_an_image_pillow_calls_a_decompression_bomb_gets_our_message(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses above twice this, before our check
+    data = base64.b64encode(_encode(Image.new("L", (50, 30)), "PNG")).decode()  # 1,500 pixels
+    with pytest.raises(ImageLoadError, match=f"^base64 image: over the limit of {mm_utils.MAX_IMAGE_PIXELS:,} pixels; "
+                                             "resize the image first$"):
+        load_image_from_base64(data)
+
+
 def test_load_from_base64_plain_and_data_url():
     image = _drawn(30, 77)
     b64 = base64.b64encode(_encode(image, "PNG")).decode()
@@ -323,6 +331,10 @@ def test_load_from_base64_plain_and_data_url():
         assert np.array_equal(np.asarray(loaded), np.asarray(image))
     jpeg = base64.b64encode(_encode(image, "JPEG")).decode()
     assert load_image_from_base64("data:image/jpeg;base64," + jpeg).size == (30, 77)
+    wrapped = "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76)) + "\n"  # as the `base64` tool writes it
+    assert np.array_equal(np.asarray(load_image_from_base64(wrapped)), np.asarray(image))
+    assert np.array_equal(np.asarray(load_image_from_base64("data:image/png;base64,\r\n " + wrapped)),
+                          np.asarray(image))
 
 
 def test_load_from_base64_errors():
