@@ -26,15 +26,16 @@ applied here, and the worker's stream is closed as soon as one appears. Errors u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -250,6 +251,10 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the engine's
 # every BUSY_POLL_S.
 BUSY_WAIT_S = 30.0
 BUSY_POLL_S = 0.1
+DISCONNECT_POLL_S = 0.25  # how often a request gathering a whole answer checks that its client is still there
+CLIENT_CLOSED = 499  # the status logged for a request whose client left (nginx's; nobody receives it)
+
+T = TypeVar("T")
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
@@ -807,12 +812,38 @@ async def _last_piece(pieces: Answers, first: Piece) -> Piece:
     return item
 
 
+class ClientGone(Exception):
+    """The client closed its connection before its answer was complete."""
+
+
+async def _unless_gone(work: Awaitable[T], disconnected: Callable[[], Awaitable[bool]] | None) -> T:
+    """``await work``, cancelled (and :class:`ClientGone` raised) once ``disconnected()`` says the client left.
+
+    A streamed answer stops with its client by itself (the server cancels the stream); a whole answer is gathered
+    here first, and without this its workers went on generating for nobody until every answer was complete.
+    """
+    if disconnected is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientGone
+
+
 async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                    api_key: str | None, parse: Callable[[Any], list[GenerationRequest]], shape: Shape) -> Response:
+                    api_key: str | None, parse: Callable[[Any], list[GenerationRequest]], shape: Shape,
+                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
     """A completion in ``shape``: JSON, or server-sent events when ``stream`` is set.
 
     Errors before the first piece of the answer get their HTTP status (:class:`APIError`); the worker is asked
-    only once the request is valid.
+    only once the request is valid. ``disconnected`` (the request's ``is_disconnected``) stops the workers of a
+    client that left before its whole answer was ready.
     """
     try:
         check_api_key(authorization, api_key)
@@ -821,9 +852,11 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         requests = parse(decoded)
-        choices = await _open_answers(requests, registry, router)
+        choices = await _unless_gone(_open_answers(requests, registry, router), disconnected)
     except APIError as exc:
         return exc.response()
+    except ClientGone:
+        return Response(status_code=CLIENT_CLOSED)
 
     request = requests[0]  # the settings all of them share (model, stream, n, logprobs)
     completion_id = shape.id_prefix + uuid.uuid4().hex
@@ -831,7 +864,13 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
     if request.stream:
         return StreamingResponse(_sse_events(choices, request, shape, completion_id, created),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    finals = await asyncio.gather(*(_last_piece(pieces, first) for pieces, first in choices), return_exceptions=True)
+    try:
+        finals = await _unless_gone(asyncio.gather(*(_last_piece(pieces, first) for pieces, first in choices),
+                                                   return_exceptions=True), disconnected)
+    except ClientGone:
+        for pieces, _ in choices:  # closes each worker stream, which stops its generation
+            await pieces.aclose()
+        return Response(status_code=CLIENT_CLOSED)
     for final in finals:
         if isinstance(final, APIError):
             return final.response()
@@ -847,17 +886,18 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
 
 
 async def chat_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                          api_key: str | None) -> Response:
+                          api_key: str | None, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
     """The ``POST /v1/chat/completions`` answer: a JSON completion, or server-sent events when ``stream`` is set."""
     return await _complete(body, authorization, registry, router, api_key,
-                           lambda decoded: [parse_chat_request(decoded, registry.conv_mode)], ChatShape())
+                           lambda decoded: [parse_chat_request(decoded, registry.conv_mode)], ChatShape(),
+                           disconnected)
 
 
 async def text_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                          api_key: str | None) -> Response:
+                          api_key: str | None, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
     """The ``POST /v1/completions`` answer (OpenAI's legacy text completions, as vLLM and SGLang serve them)."""
     return await _complete(body, authorization, registry, router, api_key, parse_completion_request,
-                           CompletionShape())
+                           CompletionShape(), disconnected)
 
 
 def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str | None = None) -> APIRouter:
@@ -878,11 +918,11 @@ def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str 
     @routes.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await chat_completion(await request.body(), request.headers.get("authorization", ""), registry,
-                                     router, api_key)
+                                     router, api_key, request.is_disconnected)
 
     @routes.post("/completions")
     async def completions(request: Request) -> Response:
         return await text_completion(await request.body(), request.headers.get("authorization", ""), registry,
-                                     router, api_key)
+                                     router, api_key, request.is_disconnected)
 
     return routes

@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+import time
 
 from palo.serve.openai_api import chat_completion, list_models, text_completion
 from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
@@ -629,3 +630,65 @@ def test_bad_continuation_and_prompt_scoring_requests_are_400():
                         ({"messages": user, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs")]:
         status, answer, sent = _call(chat_completion, {"model": "ckpt", "max_tokens": 4, **body}, LOGPROB_CHUNKS)
         assert status == 400 and answer["error"]["param"] == param and sent == [], body
+
+
+class EndlessStream(FakeStream):
+    """A worker still generating: one piece, then nothing more until it is closed."""
+
+    async def chunks(self):
+        yield {"text": "hi" + "x", "error_code": 0}
+        await asyncio.Event().wait()
+
+
+class EndlessRouter:
+    def __init__(self) -> None:
+        self.streams: list[EndlessStream] = []
+
+    async def open(self, model: str, body: bytes):
+        self.streams.append(EndlessStream())
+        return self.streams[-1]
+
+
+def test_a_whole_answer_whose_client_left_stops_its_workers(monkeypatch):
+    """A streamed answer stops with its client (the server cancels it); a whole one is gathered first, and its
+    workers went on generating for nobody."""
+    from palo.serve import openai_api
+
+    monkeypatch.setattr(openai_api, "DISCONNECT_POLL_S", 0.01)
+    for endpoint, body in ((chat_completion, {"messages": [{"role": "user", "content": "hi"}], "n": 3}),
+                           (text_completion, {"prompt": ["a", "b"], "n": 2})):
+        router = EndlessRouter()
+
+        def leaves_after(checks: int):
+            seen = []
+
+            async def disconnected() -> bool:
+                seen.append(1)
+                return len(seen) > checks  # the client leaves a little while after asking
+
+            return disconnected
+
+        request = json.dumps({"model": "ckpt", "max_tokens": 8, **body}).encode()
+        response = asyncio.run(asyncio.wait_for(endpoint(request, "", FakeRegistry(), router, None, leaves_after(3)),
+                                                10))
+        assert response.status_code == openai_api.CLIENT_CLOSED
+        assert len(router.streams) in (3, 4) and all(s.closed for s in router.streams)
+
+
+def test_a_client_that_leaves_while_its_later_answers_wait_for_places_frees_the_ones_placed(monkeypatch):
+    from palo.serve import openai_api
+
+    monkeypatch.setattr(openai_api, "DISCONNECT_POLL_S", 0.01)
+    monkeypatch.setattr(openai_api, "BUSY_POLL_S", 0.01)
+    router = ChoiceRouter(lambda seed: "x", fail_on=1)  # the second answer never finds a place
+    seen = []
+
+    async def disconnected() -> bool:
+        seen.append(1)
+        return len(seen) > 5
+
+    body = json.dumps({"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode()
+    started = time.monotonic()
+    response = asyncio.run(chat_completion(body, "", FakeRegistry(), router, None, disconnected))
+    assert response.status_code == openai_api.CLIENT_CLOSED and time.monotonic() - started < 5  # not BUSY_WAIT_S
+    assert len(router.streams) == 1 and router.streams[0].closed and router.busy >= 1
