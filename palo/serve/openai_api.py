@@ -253,8 +253,6 @@ BUSY_WAIT_S = 30.0
 BUSY_POLL_S = 0.1
 DISCONNECT_POLL_S = 0.25  # how often a request gathering a whole answer checks that its client is still there
 CLIENT_CLOSED = 499  # the status logged for a request whose client left (nginx's; nobody receives it)
-
-T = TypeVar("T")
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that
@@ -810,6 +808,9 @@ async def _last_piece(pieces: Answers, first: Piece) -> Piece:
     async for item in pieces:  # noqa: B007 - the last piece is the answer
         pass
     return item
+
+
+T = TypeVar("T")
 
 
 class ClientGone(Exception):
