@@ -2,7 +2,8 @@
 protocol.
 
 * ``GET /v1/models``: the models of the live workers.
-* ``POST /v1/chat/completions``: ``messages`` (``system``/``user``/``assistant``; a user message's ``content`` may
+* ``POST /v1/chat/completions``: ``messages`` (``system``/``user``/``assistant``, consecutive messages of one role
+  joined into one turn; a user message's ``content`` may
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
   ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``n``, ``top_k``, the presence, frequency and
@@ -197,15 +198,19 @@ def render_messages(messages: Any, conv_mode: str,
     Returns:
         ``(prompt, images as base64 strings in prompt order, the template's stop string)``.
 
+    Consecutive messages of one role are one turn, their texts joined by a newline (the template alternates
+    user and assistant turns).
+
     Raises:
-        APIError: If the messages are malformed or do not alternate user/assistant ending with a user message (an
-            assistant message with ``continue_final``).
+        APIError: If the messages are malformed, do not start with the user (after an optional system message) or do
+            not end with a user message (an assistant message with ``continue_final``).
     """
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     conv = conv_templates.get(conv_mode, conv_templates[DEFAULT_CONV_MODE]).copy()
     images: list[str] = []
     expected = "user"
+    last_role: str | None = None
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise APIError(400, f"messages[{index}] must be an object", param="messages")
@@ -219,12 +224,17 @@ def render_messages(messages: Any, conv_mode: str,
             continue
         if role not in ("user", "assistant"):
             raise APIError(400, f"messages[{index}]: unsupported role {role!r}", param="messages")
-        if role != expected:
-            raise APIError(400, f"messages[{index}]: expected a {expected} message (user and assistant messages must "
-                                "alternate, starting with the user)", param="messages")
+        if role != expected and not (conv.messages and role == last_role):
+            raise APIError(400, f"messages[{index}]: the first message after the system message must be the user's",
+                           param="messages")
         text, message_images = _content(message, index, images_allowed=role == "user")
         images.extend(message_images)
+        if role == last_role:  # one turn in several messages (an image, then the question): joined by a newline
+            before = conv.messages[-1][1]
+            conv.messages[-1][1] = before + ("" if not before or before.endswith("\n") else "\n") + text
+            continue
         conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], text)
+        last_role = role
         expected = "assistant" if role == "user" else "user"
     if continue_final:
         if expected != "user":

@@ -179,7 +179,7 @@ def test_errors(cluster):
         c.chat.completions.create(model="ckpt", messages=broken)
     with pytest.raises(openai.BadRequestError, match="too long"):
         c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "word " * 700}])
-    with pytest.raises(openai.BadRequestError, match="alternate"):
+    with pytest.raises(openai.BadRequestError, match="the first message after the system message must be the user's"):
         c.chat.completions.create(model="ckpt", messages=[{"role": "assistant", "content": "hi"}])
     bad_json = httpx.post(cluster.url + "/v1/chat/completions", content=b"{",
                           headers={"Authorization": f"Bearer {API_KEY}"})

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from palo.serve.openai_api import chat_completion, list_models, text_completion
 from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
 from palo.serve.routing import NoWorkerError, WorkersBusyError
@@ -692,3 +694,21 @@ def test_a_client_that_leaves_while_its_later_answers_wait_for_places_frees_the_
     response = asyncio.run(chat_completion(body, "", FakeRegistry(), router, None, disconnected))
     assert response.status_code == openai_api.CLIENT_CLOSED and time.monotonic() - started < 5  # not BUSY_WAIT_S
     assert len(router.streams) == 1 and router.streams[0].closed and router.busy >= 1
+
+
+def test_consecutive_messages_of_one_role_are_one_turn():
+    """Clients that send an image and then its question as two user messages get the prompt of one message."""
+    from palo.serve.openai_api import APIError, render_messages
+
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    one = [{"role": "user", "content": [image, {"type": "text", "text": "What is it?"}]},
+           {"role": "assistant", "content": "A cat.\nA black one."}, {"role": "user", "content": "Sure?"}]
+    split = [{"role": "user", "content": [image]}, {"role": "user", "content": "What is it?"},
+             {"role": "assistant", "content": "A cat."}, {"role": "assistant", "content": "A black one."},
+             {"role": "user", "content": "Sure?"}]
+    assert render_messages(split, "vicuna_v1") == render_messages(one, "vicuna_v1")
+    assert render_messages(split, "vicuna_v1")[0].count("USER:") == 2
+    for messages in ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}],
+                     [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]):
+        with pytest.raises(APIError, match="the first message after the system message must be the user's"):
+            render_messages(messages, "vicuna_v1")
