@@ -370,6 +370,10 @@ class LLMEngine:
             if seq.status != Status.FINISHED:
                 self._finish(seq, "error", "the engine was shut down")
 
+    def is_running(self) -> bool:
+        """Whether the background thread is running (started, not closed, not died)."""
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop the background thread; unfinished requests end with an error."""
         with self._cond:

@@ -304,6 +304,10 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
     async def _bad_json(request: Request, exc: _BadJson) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
 
+    @app.get("/health")
+    async def health() -> JSONResponse:  # the controller (and its API) answers; the models it can route to
+        return JSONResponse({"status": "ok", "models": controller.list_models()})
+
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Response:
         data = await json_body(request)

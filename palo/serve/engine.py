@@ -364,6 +364,10 @@ class EngineBackend(ABC):
         """Stop the background thread; unfinished requests end with an error event or silently."""
 
     @abstractmethod
+    def alive(self) -> bool:
+        """Whether the background thread is generating (started, not closed, not died)."""
+
+    @abstractmethod
     def submit(self, request: PreparedRequest, sink: Sink) -> Any:
         """Queue one request; its events go to ``sink`` from the engine thread.
 
@@ -462,6 +466,9 @@ class GenerationEngine(EngineBackend):
     def close(self, timeout: float = 30.0) -> None:
         """Stop the engine thread; unfinished requests end with an error."""
         self.engine.close(timeout)
+
+    def alive(self) -> bool:
+        return self.engine.is_running()
 
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, and an answer shape is compiled here, so a schema or pattern that

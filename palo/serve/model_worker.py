@@ -120,6 +120,13 @@ class ModelWorker(BaseWorker):
     def model_details(self) -> dict[str, Any]:
         return {"context_length": self.engine.max_context}
 
+    def check_health(self) -> bool:
+        """Whether the engine thread runs: a worker whose engine died sends no heartbeats, and ``/health`` is 503."""
+        return self.engine.alive()
+
+    def health(self) -> bool:
+        return self.check_health()  # costs nothing here: no backend to probe
+
     def start(self) -> None:
         """Start the engine and (unless ``no_register``) the registration/heartbeat thread."""
         self.engine.start()

@@ -119,6 +119,9 @@ class StaticBatchEngine(EngineBackend):
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closed
+
     def submit(self, request: PreparedRequest, sink: Sink) -> Job:
         """Queue one request; its events go to ``sink`` from the engine thread."""
         return self.submit_many([request], [sink])[0]

@@ -142,6 +142,10 @@ class BaseWorker(ABC):
         the controller expires it)."""
         return True
 
+    def health(self) -> bool:
+        """The ``GET /health`` answer: the last :meth:`check_health` (a worker whose check is cheap checks now)."""
+        return self.healthy
+
     # -- controller side -----------------------------------------------------------------------------------------
     def get_queue_length(self) -> int:
         """Requests generating plus requests waiting for a slot (0 before the first request)."""
@@ -325,6 +329,11 @@ def create_app(worker: BaseWorker) -> FastAPI:
     @app.post("/worker_get_status")
     async def worker_get_status() -> JSONResponse:
         return JSONResponse(worker.get_status())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:  # what orchestrators probe (vLLM's and SGLang's path)
+        ok = worker.health()
+        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
 
     @app.post("/model_details")
     async def model_details() -> JSONResponse:
