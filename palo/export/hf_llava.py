@@ -34,10 +34,14 @@ have no Llava equivalent and are refused with :class:`ExportError`; no custom-co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,6 +246,33 @@ def _image_processor(palo_processor: Any, pad: bool) -> Any:
     )
 
 
+@contextlib.contextmanager
+def staged_folder(final_dir: str) -> Iterator[str]:
+    """A new folder beside ``final_dir`` to write into; on success its files replace those of the same names in
+    ``final_dir`` (created if missing), on any error it is deleted and ``final_dir`` is untouched.
+
+    Yields:
+        The staging folder's path.
+    """
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not os.path.isdir(final_dir):
+        os.replace(staging, final_dir)
+        return
+    for name in os.listdir(staging):  # --overwrite into a folder that has other files
+        target = os.path.join(final_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
+
+
 def export_hf_llava(
     model_path: str,
     output_dir: str,
@@ -305,67 +336,68 @@ def export_hf_llava(
     tokenizer, model, palo_processor, _ = load_pretrained_model(
         model_path, model_base, device="cpu", device_map=None, dtype=torch_dtype, vision_tower=vision_tower
     )
-    os.makedirs(output_dir, exist_ok=True)
-    image_token_id = write_tokenizer(tokenizer, output_dir, IMAGE_TOKEN, chat_template=template)
-    vocab_rows = model.get_input_embeddings().weight.shape[0]
-    if vocab_rows != image_token_id:
-        raise ExportError(f"the model has {vocab_rows} embedding rows but the tokenizer {image_token_id} tokens")
+    final_dir = output_dir
+    with staged_folder(final_dir) as output_dir:  # a killed export leaves no half-written folder behind
+        image_token_id = write_tokenizer(tokenizer, output_dir, IMAGE_TOKEN, chat_template=template)
+        vocab_rows = model.get_input_embeddings().weight.shape[0]
+        if vocab_rows != image_token_id:
+            raise ExportError(f"the model has {vocab_rows} embedding rows but the tokenizer {image_token_id} tokens")
 
-    state, act = _llava_state(model, image_rows=1)
-    state = {k: v.to(torch_dtype) for k, v in state.items()}
-    weight_files = _save_sharded(state, output_dir, max_bytes)
+        state, act = _llava_state(model, image_rows=1)
+        state = {k: v.to(torch_dtype) for k, v in state.items()}
+        weight_files = _save_sharded(state, output_dir, max_bytes)
 
-    tower = model.get_vision_tower()
-    text_values = {k: v for k, v in model.config.to_dict().items()
-                   if not k.startswith(("mm_", "tokenizer_", "tune_mm", "freeze_mm", "use_mm", "image_aspect"))}
-    for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
-        text_values.pop(key, None)
-    text_config = LlamaConfig(**dict(text_values, vocab_size=vocab_rows + 1))
-    strategy = "full" if spec.select_feature == "cls_patch" else "default"
-    llava_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(**tower.config.to_dict()).to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_index=image_token_id,
-        projector_hidden_act=act,
-        vision_feature_layer=spec.select_layer,
-        vision_feature_select_strategy=strategy,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-        image_seq_length=tower.num_tokens,
-    )
-    llava_config.architectures = ["LlavaForConditionalGeneration"]
-    llava_config.torch_dtype = dtype
-    llava_config.save_pretrained(output_dir)
-    _add_legacy_dtype_key(os.path.join(output_dir, "config.json"), dtype)
+        tower = model.get_vision_tower()
+        text_values = {k: v for k, v in model.config.to_dict().items()
+                       if not k.startswith(("mm_", "tokenizer_", "tune_mm", "freeze_mm", "use_mm", "image_aspect"))}
+        for key in ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path"):
+            text_values.pop(key, None)
+        text_config = LlamaConfig(**dict(text_values, vocab_size=vocab_rows + 1))
+        strategy = "full" if spec.select_feature == "cls_patch" else "default"
+        llava_config = LlavaConfig(
+            vision_config=CLIPVisionConfig(**tower.config.to_dict()).to_dict(),
+            text_config=text_config.to_dict(),
+            image_token_index=image_token_id,
+            projector_hidden_act=act,
+            vision_feature_layer=spec.select_layer,
+            vision_feature_select_strategy=strategy,
+            multimodal_projector_bias=True,
+            tie_word_embeddings=False,
+            image_seq_length=tower.num_tokens,
+        )
+        llava_config.architectures = ["LlavaForConditionalGeneration"]
+        llava_config.torch_dtype = dtype
+        llava_config.save_pretrained(output_dir)
+        _add_legacy_dtype_key(os.path.join(output_dir, "config.json"), dtype)
 
-    generation = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id,
-        suppress_tokens=[image_token_id],
-    )
-    generation.save_pretrained(output_dir)
+        generation = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id,
+            suppress_tokens=[image_token_id],
+        )
+        generation.save_pretrained(output_dir)
 
-    image_processor = _image_processor(palo_processor, pad=spec.image_aspect_ratio == "pad")
-    from transformers import AutoTokenizer
+        image_processor = _image_processor(palo_processor, pad=spec.image_aspect_ratio == "pad")
+        from transformers import AutoTokenizer
 
-    fast_tokenizer = AutoTokenizer.from_pretrained(output_dir)
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=fast_tokenizer,
-        patch_size=tower.config.patch_size,
-        vision_feature_select_strategy=strategy,
-        chat_template=template,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,
-    )
-    processor.save_pretrained(output_dir)
-    # transformers 5 nests the image processor in processor_config.json; transformers 4.x (vLLM, SGLang) reads
-    # preprocessor_config.json.
-    image_processor.save_pretrained(output_dir)
-    # The processor re-saved the tokenizer through transformers; put back the exact files written above.
-    write_tokenizer(tokenizer, output_dir, IMAGE_TOKEN, chat_template=template)
+        fast_tokenizer = AutoTokenizer.from_pretrained(output_dir)
+        processor = LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=fast_tokenizer,
+            patch_size=tower.config.patch_size,
+            vision_feature_select_strategy=strategy,
+            chat_template=template,
+            image_token=IMAGE_TOKEN,
+            num_additional_image_tokens=1,
+        )
+        processor.save_pretrained(output_dir)
+        # transformers 5 nests the image processor in processor_config.json; transformers 4.x (vLLM, SGLang) reads
+        # preprocessor_config.json.
+        image_processor.save_pretrained(output_dir)
+        # The processor re-saved the tokenizer through transformers; put back the exact files written above.
+        write_tokenizer(tokenizer, output_dir, IMAGE_TOKEN, chat_template=template)
     num_tokens = tower.num_tokens
     logger.info("Exported %s to %s (%d weight files, <image> id %d, %d positions per image, template %s)",
-                model_path, output_dir, len(weight_files), image_token_id, num_tokens, mode)
-    return ExportResult(output_dir, image_token_id, num_tokens, mode, weight_files)
+                model_path, final_dir, len(weight_files), image_token_id, num_tokens, mode)
+    return ExportResult(final_dir, image_token_id, num_tokens, mode, weight_files)

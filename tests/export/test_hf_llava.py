@@ -246,6 +246,28 @@ def test_linear_projector_exports_exactly(world, tmp_path):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
+def test_a_failed_export_leaves_nothing_and_overwrite_replaces_only_its_own_files(world, tmp_path, monkeypatch):
+    from palo.export import hf_llava
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    out = tmp_path / "parent" / "hf"
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_llava, "_add_legacy_dtype_key", fail)  # after the weights are written
+        with pytest.raises(OSError, match="disk full"):
+            export_hf_llava(world.full_dir, str(out), dtype="float32")
+    assert not out.exists() and os.listdir(tmp_path / "parent") == []  # no half folder, no staging folder left
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    (out / "config.json").write_text("{}")
+    export = export_hf_llava(world.full_dir, str(out), dtype="float32", overwrite=True)
+    assert export.output_dir == str(out) and (out / "README.md").read_text() == "mine"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
+    assert sorted(os.listdir(tmp_path / "parent")) == ["hf"]
+    LlavaForConditionalGeneration.from_pretrained(str(out))  # whole
+
+
 def test_ldpnet_is_refused_clearly_before_anything_is_written(world, tmp_path):
     out = tmp_path / "ldp_hf"
     with pytest.raises(ExportError, match="ldpnet.*no transformers Llava equivalent"):
