@@ -8,15 +8,18 @@ Evaluation and translation runs are long and get interrupted. Everything here is
   leaves only whole lines behind (at worst one torn last line, which :func:`repair_tail` removes before a resumed
   run appends).
 * :func:`atomic_write`, :func:`write_jsonl_atomic` and :func:`atomic_write_json` replace a file through a temporary
-  file in the same folder and ``os.replace``: a reader sees the old file or the new one, never half of one.
+  file in the same folder and ``os.replace``: a reader sees the old file or the new one, never half of one;
+  :func:`staged_folder` does the same for a folder of files (an export, a merged checkpoint).
 
 Only the standard library is imported, so data tools can use this without pulling in torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -193,6 +196,33 @@ def read_json_samples(path: str, what: str = "file") -> list[dict[str, Any]]:
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
         raise ValueError(f"{what} {path}: expected a JSON array of samples (objects)")
     return data
+
+
+@contextlib.contextmanager
+def staged_folder(final_dir: str) -> Iterator[str]:
+    """A new folder beside ``final_dir`` to write into; on success its files replace those of the same names in
+    ``final_dir`` (created if missing), on any error it is deleted and ``final_dir`` is untouched.
+
+    Yields:
+        The staging folder's path.
+    """
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not os.path.isdir(final_dir):
+        os.replace(staging, final_dir)
+        return
+    for name in os.listdir(staging):  # --overwrite into a folder that has other files
+        target = os.path.join(final_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(staging, name), target)
+    os.rmdir(staging)
 
 
 def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> None:

@@ -9,7 +9,6 @@ Works whatever the folders are called: the LoRA folder is recognised by its file
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -17,6 +16,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from palo.jsonl import staged_folder  # noqa: E402
 from palo.mm_utils import get_model_name_from_path  # noqa: E402
 from palo.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
 
@@ -26,11 +26,11 @@ def merge_lora(model_path: str, model_base: str, save_model_path: str, dtype: to
     tokenizer, model, image_processor, _ = load_pretrained_model(
         model_path, model_base, get_model_name_from_path(model_path), device="cpu", dtype=dtype
     )
-    os.makedirs(save_model_path, exist_ok=True)
-    model.save_pretrained(save_model_path)
-    tokenizer.save_pretrained(save_model_path)
-    if image_processor is not None:
-        image_processor.save_pretrained(save_model_path)
+    with staged_folder(save_model_path) as staging:  # a killed save leaves no half-written checkpoint
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if image_processor is not None:
+            image_processor.save_pretrained(staging)
 
 
 def main(argv: list[str] | None = None) -> int:

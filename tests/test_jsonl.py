@@ -36,6 +36,28 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path):
     assert os.listdir(tmp_path) == ["out.jsonl"]
 
 
+def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "out" / "ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        with jsonl.staged_folder(str(target)) as staging:
+            (tmp_path / "out" / os.path.basename(staging) / "model.safetensors").write_text("half")
+            raise RuntimeError("killed")
+    assert os.listdir(tmp_path / "out") == []  # neither the folder nor its staging copy
+    with jsonl.staged_folder(str(target)) as staging:
+        os.makedirs(os.path.join(staging, "sub"))
+        (tmp_path / "out" / os.path.basename(staging) / "sub" / "a.txt").write_text("new")
+        (tmp_path / "out" / os.path.basename(staging) / "config.json").write_text("{}")
+    assert sorted(os.listdir(target)) == ["config.json", "sub"] and os.listdir(tmp_path / "out") == ["ckpt"]
+    (target / "notes.md").write_text("mine")
+    (target / "sub" / "old.txt").write_text("old")
+    with jsonl.staged_folder(str(target)) as staging:  # into an existing folder: its own names replaced
+        os.makedirs(os.path.join(staging, "sub"))
+        (tmp_path / "out" / os.path.basename(staging) / "sub" / "a.txt").write_text("newer")
+    assert (target / "notes.md").read_text() == "mine" and (target / "config.json").read_text() == "{}"
+    assert os.listdir(target / "sub") == ["a.txt"] and (target / "sub" / "a.txt").read_text() == "newer"
+    assert os.listdir(tmp_path / "out") == ["ckpt"]
+
+
 def test_read_log_stops_at_a_torn_line_and_repair_cuts_it(tmp_path):
     path = tmp_path / "progress.jsonl"
     path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"index": 2, "sam')

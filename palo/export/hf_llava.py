@@ -34,14 +34,10 @@ have no Llava equivalent and are refused with :class:`ExportError`; no custom-co
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +47,7 @@ from safetensors.torch import save_file
 from palo.conversation import conv_mode_for_checkpoint
 from palo.export.chat_template import chat_template_for
 from palo.export.tokenizer import write_tokenizer
+from palo.jsonl import staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -244,33 +241,6 @@ def _image_processor(palo_processor: Any, pad: bool) -> Any:
         do_convert_rgb=True,
         do_pad=pad,
     )
-
-
-@contextlib.contextmanager
-def staged_folder(final_dir: str) -> Iterator[str]:
-    """A new folder beside ``final_dir`` to write into; on success its files replace those of the same names in
-    ``final_dir`` (created if missing), on any error it is deleted and ``final_dir`` is untouched.
-
-    Yields:
-        The staging folder's path.
-    """
-    parent = os.path.dirname(os.path.abspath(final_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not os.path.isdir(final_dir):
-        os.replace(staging, final_dir)
-        return
-    for name in os.listdir(staging):  # --overwrite into a folder that has other files
-        target = os.path.join(final_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
-    os.rmdir(staging)
 
 
 def export_hf_llava(
