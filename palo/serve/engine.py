@@ -23,9 +23,10 @@ import torch
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, WORKER_SEED_RANGE
 from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestOutput, SamplingParams
 from palo.engine.sampling import MAX_LOGPROBS, TokenLogprob
-from palo.mm_utils import ImageLoadError, load_image_from_base64, process_images, tokenizer_image_token
+from palo.mm_utils import ImageLoadError, load_image, load_image_from_base64, process_images, tokenizer_image_token
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
+from palo.remote_images import RemoteImagePolicy, is_remote
 from palo.serve.protocol import is_token_ids, parse_logit_bias, parse_structured_output
 from palo.serve.utils import route_logs
 
@@ -177,6 +178,8 @@ class EngineBackend(ABC):
         self.max_context = int(getattr(model.config, "max_position_embeddings", None) or context_len or DEFAULT_CONTEXT)
         self.max_batch_size = max_batch_size
         self.logger = logger or logging.getLogger(type(self).__module__)
+        # http(s) image URLs are fetched under this policy (the worker's --allow-remote-images); None refuses them.
+        self.remote_images: RemoteImagePolicy | None = None
 
     # -- facts about the model -----------------------------------------------------------------------------------
     @property
@@ -190,6 +193,19 @@ class EngineBackend(ABC):
         return int(getattr(self.model, "image_token_count", 0)) if self.is_multimodal else 0
 
     # -- request parsing -----------------------------------------------------------------------------------------
+    def _load_image(self, data: str) -> Any:
+        """One image of a request: base64 (or a ``data:`` URL), or an http(s) URL fetched under the remote policy.
+
+        Raises:
+            ImageLoadError: If it cannot be read, or is a URL this worker does not fetch.
+        """
+        if not is_remote(data):
+            return load_image_from_base64(data)
+        if self.remote_images is None:
+            raise ImageLoadError(f"{data[:200]}: this worker does not fetch image URLs (start it with "
+                                 "--allow-remote-images), send the image as base64")
+        return load_image(data, allow_remote=True, policy=self.remote_images)
+
     def prepare(self, params: dict[str, Any]) -> PreparedRequest:
         """Validate a worker request (the original generation parameters) and tokenise it.
 
@@ -314,7 +330,7 @@ class EngineBackend(ABC):
             pil_images = []
             for i, data in enumerate(images):
                 try:
-                    pil_images.append(load_image_from_base64(data))
+                    pil_images.append(self._load_image(data))
                 except ImageLoadError as exc:
                     raise RequestError(f"image {i}: {exc}") from None
             pixels = process_images(pil_images, self.image_processor, self.model.config)

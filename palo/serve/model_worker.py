@@ -41,6 +41,7 @@ from palo.engine.config import EngineConfig
 from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
 from palo.engine.sampling import TokenLogprob
+from palo.remote_images import add_remote_image_args, policy_from_args
 from palo.serve.body_limit import max_request_bytes
 from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
@@ -261,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
     parser.add_argument("--max-queue", type=int, default=256,
                         help="requests that may wait for a place; beyond it HTTP 503 with Retry-After")
+    # http(s) image URLs in requests (the OpenAI API passes them through): refused unless allowed, then fetched
+    # under palo.remote_images' rules (public addresses only, size and time limits).
+    add_remote_image_args(parser.add_argument_group("image URLs in requests"))
     engine = parser.add_argument_group("generation engine")
     engine.add_argument("--engine", choices=["paged", "static"], default="paged",
                         help="paged: continuous batching over a paged KV cache (default); static: the previous "
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes()
         if args.engine == "paged":
             engine_config(args)
+        remote_images = policy_from_args(args) if args.allow_remote_images else None
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -347,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         engine = GenerationEngine(tokenizer, model, image_processor, context_len, logger=logger,
                                   engine_config=engine_config(args))
+    engine.remote_images = remote_images
     logger.info("multimodal: %s, %d positions per image, context %d; engine %s", engine.is_multimodal,
                 engine.image_token_count, engine.max_context, engine.stats())
     worker = ModelWorker(

@@ -150,10 +150,12 @@ def _image_data(part: dict) -> str:
     if not isinstance(url, str):
         raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}",
                        param="messages")
+    if url.lower().startswith(("http://", "https://")):
+        return url  # the worker fetches it if it runs with --allow-remote-images, and refuses it by name otherwise
     header, sep, data = url.partition(",")
     if not url.startswith("data:") or not sep or not header.endswith(";base64"):
-        raise APIError(400, "image URLs must be base64 data URLs (data:image/png;base64,...); remote images are not "
-                            "fetched", param="messages")
+        raise APIError(400, "image URLs must be base64 data URLs (data:image/png;base64,...) or http(s) URLs",
+                       param="messages")
     return data
 
 

@@ -80,8 +80,8 @@ class PromptFormatError(ValueError):
 
 
 def _data_url(image_b64: str) -> str:
-    if image_b64.startswith("data:"):
-        return image_b64
+    if image_b64.startswith("data:") or image_b64.lower().startswith(("http://", "https://")):
+        return image_b64  # a URL goes to the backend as it came: fetching it is the backend's to allow
     mime = "image/jpeg" if image_b64.startswith("/9j/") else "image/png"
     return f"data:{mime};base64,{image_b64}"
 

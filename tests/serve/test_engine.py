@@ -346,3 +346,47 @@ def test_the_static_engine_honours_top_k(loaded):
     finally:
         static.close()
     assert [o.text for o in top1] == [o.text for o in greedy]  # one candidate left: sampling is greedy
+
+
+def test_an_image_url_is_fetched_only_under_the_workers_remote_policy(loaded, tmp_path):
+    """An http(s) URL in 'images' (what the OpenAI API passes on) is refused by name unless the worker allows remote
+    images; allowed, it gives the answer of the same image sent as base64. A local path is never opened."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    from palo.remote_images import RemoteImagePolicy
+
+    image = make_image("orange", size=(70, 50))
+    image.save(tmp_path / "photo.png")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/photo.png"
+    engine = _engine(loaded)
+    try:
+        with pytest.raises(RequestError, match="image 0: .*this worker does not fetch image URLs \\(start it with "
+                                               "--allow-remote-images\\)"):
+            engine.prepare(_params(0, images=[url]))
+        engine.remote_images = RemoteImagePolicy()  # public addresses only: the loopback test server is refused
+        with pytest.raises(RequestError, match="loopback address 127.0.0.1"):
+            engine.prepare(_params(0, images=[url]))
+        engine.remote_images = RemoteImagePolicy.from_strings(["127.0.0.1/32"])
+        fetched = engine.generate([engine.prepare(_params(0, images=[url]))])[0]
+        sent = engine.generate([engine.prepare(_params(0, images=[image_b64(image)]))])[0]
+        assert fetched.text == sent.text and fetched.completion_tokens > 0
+        with pytest.raises(RequestError, match="image 0: "):  # a path is base64 to this worker, never a file
+            engine.prepare(_params(0, images=[str(tmp_path / "photo.png")]))
+    finally:
+        httpd.shutdown()
+        engine.close()
+
+
+def test_the_worker_takes_the_remote_image_flags():
+    from palo.remote_images import policy_from_args
+    from palo.serve.model_worker import build_parser
+
+    args = build_parser().parse_args(["--allow-remote-images", "--remote-image-allow-network", "10.0.0.0/8",
+                                      "--remote-image-max-mb", "2"])
+    policy = policy_from_args(args)
+    assert args.allow_remote_images and policy.max_bytes == 2 * 2**20 and str(policy.allow_networks[0]) == "10.0.0.0/8"
+    assert not build_parser().parse_args([]).allow_remote_images

@@ -172,8 +172,11 @@ def test_errors(cluster):
     with pytest.raises(openai.NotFoundError, match="no-such-model"):
         c.chat.completions.create(model="no-such-model", messages=image_message("hi"))
     remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
-    with pytest.raises(openai.BadRequestError, match="data URLs"):
+    with pytest.raises(openai.BadRequestError, match="this worker does not fetch image URLs"):  # passed on, refused
         c.chat.completions.create(model="ckpt", messages=remote)
+    local = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]
+    with pytest.raises(openai.BadRequestError, match="base64 data URLs .* or http"):
+        c.chat.completions.create(model="ckpt", messages=local)
     broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
     with pytest.raises(openai.BadRequestError, match="not a readable image"):
         c.chat.completions.create(model="ckpt", messages=broken)

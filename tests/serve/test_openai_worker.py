@@ -97,6 +97,8 @@ def test_prompt_to_messages_round_trips_and_refuses_what_it_cannot_send():
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0]["content"][0]["image_url"]["url"] == "data:image/png;base64," + image
     assert messages[0]["content"][1] == {"type": "text", "text": "इस चित्र में क्या है?"}
+    url = "https://example.com/cat.png"  # a URL goes on as it came: fetching it is the backend's to allow
+    assert prompt_to_messages(_conversation_prompt(), [url], "vicuna_v1")[0]["content"][0]["image_url"]["url"] == url
     custom = "Answer in one word."
     with_system = prompt_to_messages(f"{custom} USER: hi ASSISTANT:", [], "vicuna_v1")
     assert with_system[0] == {"role": "system", "content": custom}
