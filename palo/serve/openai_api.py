@@ -1,7 +1,7 @@
 """An OpenAI-compatible API (chat and text completions) on the controller, routed to model workers over the original
 protocol.
 
-* ``GET /v1/models``: the models of the live workers.
+* ``GET /v1/models``: the models of the live workers (``GET /v1/models/{model}``: one of them, or 404).
 * ``POST /v1/chat/completions``: ``messages`` (``system``/``user``/``assistant``, consecutive messages of one role
   joined into one turn; a user message's ``content`` may
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
@@ -598,15 +598,22 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
                        type_="authentication_error", code="invalid_api_key")
 
 
-def list_models(registry: WorkerRegistry, authorization: str, api_key: str | None) -> Response:
-    """The ``GET /v1/models`` answer."""
+def list_models(registry: WorkerRegistry, authorization: str, api_key: str | None,
+                model: str | None = None) -> Response:
+    """The ``GET /v1/models`` answer, or with ``model`` the ``GET /v1/models/{model}`` one (404 when not served)."""
     try:
         check_api_key(authorization, api_key)
+        created = int(time.time())
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "palo"} for m in registry.list_models()]
+        if model is None:
+            return JSONResponse({"object": "list", "data": data})
+        for entry in data:
+            if entry["id"] == model:
+                return JSONResponse(entry)
+        raise APIError(404, f"the model {model!r} does not exist or has no live worker; available: "
+                            f"{[entry['id'] for entry in data]}", param="model", code="model_not_found")
     except APIError as exc:
         return exc.response()
-    created = int(time.time())
-    data = [{"id": m, "object": "model", "created": created, "owned_by": "palo"} for m in registry.list_models()]
-    return JSONResponse({"object": "list", "data": data})
 
 
 async def open_chat(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int = 0) -> WorkerStream:
@@ -927,6 +934,10 @@ def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str 
     @routes.get("/models")
     async def models(request: Request) -> Response:
         return list_models(registry, request.headers.get("authorization", ""), api_key)
+
+    @routes.get("/models/{model:path}")  # a name may hold a slash ("org/PALO-7B")
+    async def model(model: str, request: Request) -> Response:
+        return list_models(registry, request.headers.get("authorization", ""), api_key, model)
 
     @routes.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:

@@ -25,6 +25,9 @@ def image_message(text: str, color: str = "red") -> list[dict]:
 def test_models_and_streamed_chat_with_an_image(cluster):
     c = client(cluster)
     assert "ckpt" in {m.id for m in c.models.list()}
+    assert c.models.retrieve("ckpt").id == "ckpt"  # what some clients call to check a model before using it
+    with pytest.raises(openai.NotFoundError, match="no-such/model"):
+        c.models.retrieve("no-such/model")
     stream = c.chat.completions.create(model="ckpt", messages=image_message("ما هذا؟"), stream=True, temperature=0,
                                        max_tokens=12, stream_options={"include_usage": True})
     deltas, finish, usage = [], None, None

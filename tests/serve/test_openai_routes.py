@@ -97,6 +97,11 @@ def test_models_need_the_key_when_one_is_set():
     assert list_models(FakeRegistry(), "Bearer wrong", "secret").status_code == 401
     ok = list_models(FakeRegistry(), "Bearer secret", "secret")
     assert ok.status_code == 200 and [m["id"] for m in json.loads(ok.body)["data"]] == ["ckpt"]
+    one = list_models(FakeRegistry(), "Bearer secret", "secret", "ckpt")
+    assert one.status_code == 200 and json.loads(one.body)["id"] == "ckpt"
+    assert list_models(FakeRegistry(), "Bearer wrong", "secret", "ckpt").status_code == 401
+    missing = list_models(FakeRegistry(), "Bearer secret", "secret", "other")
+    assert missing.status_code == 404 and json.loads(missing.body)["error"]["code"] == "model_not_found"
 
 
 def test_routing_errors_become_openai_errors():
