@@ -209,6 +209,9 @@ def staged_folder(final_dir: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished folder private to this user
     try:
         yield staging
     except BaseException:

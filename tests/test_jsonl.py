@@ -48,6 +48,9 @@ def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
         (tmp_path / "out" / os.path.basename(staging) / "sub" / "a.txt").write_text("new")
         (tmp_path / "out" / os.path.basename(staging) / "config.json").write_text("{}")
     assert sorted(os.listdir(target)) == ["config.json", "sub"] and os.listdir(tmp_path / "out") == ["ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(target).st_mode & 0o777 == 0o777 & ~umask  # as os.makedirs would make it, not private
     (target / "notes.md").write_text("mine")
     (target / "sub" / "old.txt").write_text("old")
     with jsonl.staged_folder(str(target)) as staging:  # into an existing folder: its own names replaced
