@@ -154,7 +154,7 @@ def atomic_write(path: str, chunks: Iterable[str]) -> None:
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = mkstemp_shared(folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for chunk in chunks:
@@ -166,6 +166,26 @@ def atomic_write(path: str, chunks: Iterable[str]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def mkstemp_shared(folder: str, prefix: str = "", suffix: str = "") -> tuple[int, str]:
+    """``tempfile.mkstemp`` in ``folder``, with the mode ``open()`` would give a new file (0666 less the umask).
+
+    mkstemp's 0600 would make the file, once moved into place, unreadable to the other users of a shared data set,
+    results folder or cache.
+
+    Returns:
+        ``(file descriptor, path)``, as ``mkstemp``.
+    """
+    fd, path = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, path
 
 
 def read_json_samples(path: str, what: str = "file") -> list[dict[str, Any]]:
@@ -209,9 +229,7 @@ def staged_folder(final_dir: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would make the finished folder private to this user
+    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the finished folder private to this user
     try:
         yield staging
     except BaseException:

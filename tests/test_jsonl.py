@@ -36,6 +36,21 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_no_temp_file(tmp_path):
     assert os.listdir(tmp_path) == ["out.jsonl"]
 
 
+def test_atomic_writes_and_caches_get_the_mode_open_would_give_not_mkstemps_private_one(tmp_path):
+    from palo.data.json_index import JsonArrayIndex
+
+    umask = os.umask(0o022)
+    try:
+        jsonl.atomic_write_json(str(tmp_path / "set.json"), [{"id": 1}])
+        jsonl.write_jsonl_atomic(str(tmp_path / "answers.jsonl"), [{"id": 1}])
+        JsonArrayIndex.build(str(tmp_path / "set.json"))  # writes its index cache beside the data set
+        written = [p for p in tmp_path.rglob("*") if p.is_file()]
+        assert len(written) >= 3 and all(p.stat().st_mode & 0o777 == 0o644 for p in written), [
+            (p.name, oct(p.stat().st_mode & 0o777)) for p in written]
+    finally:
+        os.umask(umask)
+
+
 def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
     target = tmp_path / "out" / "ckpt"
     with pytest.raises(RuntimeError, match="killed"):

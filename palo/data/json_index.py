@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import os
-import tempfile
 import threading
 import zipfile
 from collections import deque
@@ -35,6 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from palo.jsonl import mkstemp_shared
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "JsonArrayIndex", "cache_paths", "scan_json_array"]
 
@@ -235,12 +236,10 @@ def _save_cache(path: str, candidates: list[str], offsets: np.ndarray, lengths: 
         tmp = None
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=folder)
+            fd, tmp = mkstemp_shared(folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 # A file object, not a name: np.savez would append ".npz" to a name.
                 np.savez(f, meta=meta, offsets=offsets, lengths=lengths)
-            # mkstemp makes the file private (0600); the cache of a shared data set should be readable by all.
-            os.chmod(tmp, 0o644)
             os.replace(tmp, target)
             return
         except OSError:

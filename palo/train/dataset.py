@@ -20,7 +20,6 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.data.json_index import JsonArrayIndex
 from palo.data.languages import LANGUAGES, sample_language
+from palo.jsonl import mkstemp_shared
 from palo.mm_utils import ImageLoadError, load_image, preprocess_image
 from palo.model.multimodal import spliced_length
 from palo.train.preprocess import BadSampleError, build_supervised_example
@@ -113,7 +113,7 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
         language=np.array([r[3] for r in rows], dtype=np.int8),
     )
     try:  # best effort: a read-only data folder just means no cache
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
+        fd, tmp = mkstemp_shared(os.path.dirname(os.path.abspath(path)), suffix=".npz")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words,
                      language=meta.language)
@@ -234,7 +234,7 @@ class LazySupervisedDataset(Dataset):
         if lengths is None or lengths.shape != (len(self.meta.corrupt),):
             lengths = self._compute_lengths()
             try:  # best effort, as the metadata cache
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(cache)), suffix=".npy")
+                fd, tmp = mkstemp_shared(os.path.dirname(os.path.abspath(cache)), suffix=".npy")
                 with os.fdopen(fd, "wb") as f:
                     np.save(f, lengths)
                 os.replace(tmp, cache)

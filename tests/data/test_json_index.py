@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -257,7 +258,7 @@ def test_read_only_folder_uses_user_cache_dir(tmp_path, monkeypatch):
     data_dir, cache_dir = tmp_path / "data", tmp_path / "cache"
     data_dir.mkdir()
     path = _write(data_dir, json.dumps(_samples(4)))
-    real_mkstemp = json_index.tempfile.mkstemp
+    real_mkstemp = tempfile.mkstemp
 
     def mkstemp(*args, dir=None, **kwargs):  # noqa: A002 - mirrors tempfile.mkstemp
         # Tests run as root here, where chmod cannot make a folder read-only; fail the way a read-only FS does.
@@ -265,7 +266,7 @@ def test_read_only_folder_uses_user_cache_dir(tmp_path, monkeypatch):
             raise OSError(30, "Read-only file system", dir)
         return real_mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(json_index.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # the cache is written through palo.jsonl.mkstemp_shared
     index = JsonArrayIndex.build(path, cache_dir=cache_dir)
     assert not index.from_cache
     assert os.listdir(data_dir) == ["train.json"]
