@@ -54,7 +54,7 @@ from palo.serve.protocol import (
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
-from palo.serve.utils import build_logger
+from palo.serve.utils import build_logger, cannot_listen
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
 DISPATCH_METHODS = ("lottery", "shortest_queue")
@@ -418,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         max_request_bytes()
     except ValueError as exc:
         parser.error(str(exc))
+    problem = cannot_listen(args.host, args.port)
+    if problem:
+        parser.error(problem)
 
     logger = build_logger("controller", "controller.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})

@@ -54,7 +54,7 @@ from palo.serve.protocol import (
     error_chunk,
 )
 from palo.serve.tokenizer_api import detokenize, tokenize, tokenizer_info
-from palo.serve.utils import build_logger
+from palo.serve.utils import build_logger, cannot_listen
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main"]
@@ -315,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     from palo.model.vision_tower import VisionTowerError
 
     # Settings that cannot work are refused before the model loads, in one line (argparse's exit status 2).
+    problem = cannot_listen(args.host, args.port)
+    if problem:
+        parser.error(problem)
     try:
         max_request_bytes()
         if args.engine == "paged":

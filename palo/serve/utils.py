@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 
 # The original wrote its logs into the working directory (``LOGDIR = "."``), i.e. into a checkout when started from
 # one; here they go to this folder under it (ignored by git) unless $PALO_LOGDIR names another.
 DEFAULT_LOG_DIR = "logs"
+
+
+def cannot_listen(host: str, port: int | None) -> str | None:
+    """Why a service could not listen on ``host:port`` (the port is taken, the address is not this machine's), or
+    None when it can; checked before a worker spends minutes loading its model only to fail to bind.
+
+    ``port`` 0 or None (any free port) is always fine.
+    """
+    if not port:
+        return None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot listen on {host}:{port}: {exc}"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a TIME_WAIT port is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 def log_dir() -> str:
