@@ -1,5 +1,5 @@
 """A port already in use is one error line before anything loads: a worker does not spend minutes loading its model
-only to fail to bind, and the web UI does not end in gradio's traceback."""
+only to fail to bind, and the web UI does not end in gradio's traceback (the OpenAI-backed worker checks too)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from palo.serve import controller, gradio_web_server, model_worker
+from palo.serve import controller, gradio_web_server, model_worker, openai_worker
 from palo.serve.utils import cannot_listen
 
 
@@ -36,8 +36,9 @@ def test_each_service_refuses_a_taken_port_before_loading_anything(taken_port, m
     monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
     monkeypatch.setattr(builder, "load_pretrained_model", lambda *a, **k: pytest.fail("the model was loaded"))
     monkeypatch.setattr(gradio_web_server, "build_demo", lambda *a, **k: pytest.fail("the UI was built"))
-    for main in (model_worker.main, controller.main, gradio_web_server.main):
+    for main, extra in ((model_worker.main, []), (controller.main, []), (gradio_web_server.main, []),
+                        (openai_worker.main, ["--api-base", "http://127.0.0.1:9/v1", "--model-name", "m"])):
         with pytest.raises(SystemExit) as info:
-            main(["--host", "127.0.0.1", "--port", str(taken_port)])
+            main(["--host", "127.0.0.1", "--port", str(taken_port), *extra])
         assert info.value.code == 2
         assert f"error: cannot listen on 127.0.0.1:{taken_port}: Address already in use" in capsys.readouterr().err
