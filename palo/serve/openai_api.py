@@ -54,7 +54,14 @@ from palo.serve.protocol import (
     parse_structured_output,
     visible_text,
 )
-from palo.serve.routing import NoWorkerError, Router, WorkerRegistry, WorkerStream, WorkerUnreachableError
+from palo.serve.routing import (
+    NoWorkerError,
+    Router,
+    WorkerRegistry,
+    WorkersBusyError,
+    WorkerStream,
+    WorkerUnreachableError,
+)
 
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
@@ -211,8 +218,7 @@ def render_messages(messages: Any, conv_mode: str,
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     conv = conv_templates.get(conv_mode, conv_templates[DEFAULT_CONV_MODE]).copy()
     images: list[str] = []
-    expected = "user"
-    last_role: str | None = None
+    last_role: str | None = None  # of the last turn: "user" or "assistant"
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise APIError(400, f"messages[{index}] must be an object", param="messages")
@@ -226,7 +232,7 @@ def render_messages(messages: Any, conv_mode: str,
             continue
         if role not in ("user", "assistant"):
             raise APIError(400, f"messages[{index}]: unsupported role {role!r}", param="messages")
-        if role != expected and not (conv.messages and role == last_role):
+        if last_role is None and role != "user":
             raise APIError(400, f"messages[{index}]: the first message after the system message must be the user's",
                            param="messages")
         text, message_images = _content(message, index, images_allowed=role == "user")
@@ -237,9 +243,8 @@ def render_messages(messages: Any, conv_mode: str,
             continue
         conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], text)
         last_role = role
-        expected = "assistant" if role == "user" else "user"
     if continue_final:
-        if expected != "user":
+        if last_role != "assistant":
             raise APIError(400, "with 'continue_final_message' the last message must be an assistant message",
                            param="messages")
         segments = conv.get_prompt_segments()
@@ -252,7 +257,7 @@ def render_messages(messages: Any, conv_mode: str,
         last = segments[-1][0]
         end = last.index(answer) + len(answer)
         return "".join(text for text, _ in segments[:-1]) + last[:end], images, stop_string(conv)
-    if expected != "assistant":
+    if last_role != "user":
         raise APIError(400, "the last message must be a user message", param="messages")
     conv.append_message(conv.roles[1], None)
     return conv.get_prompt(), images, stop_string(conv)
@@ -616,21 +621,32 @@ def list_models(registry: WorkerRegistry, authorization: str, api_key: str | Non
         return exc.response()
 
 
-async def open_chat(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int = 0) -> WorkerStream:
+async def open_chat(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int = 0,
+                    busy_until: float | None = None) -> WorkerStream:
     """Send a request (its answer ``choice``) to a worker of its model.
+
+    Args:
+        busy_until: While every worker is busy, ask again every ``BUSY_POLL_S`` until this ``time.monotonic``
+            moment (None: refuse at once).
 
     Raises:
         APIError: 404 when no live worker serves the model, 503 (with ``Retry-After`` when the workers are busy)
             when none answers.
     """
-    try:
-        return await router.open(chat.model, json.dumps(chat.worker_params(choice)).encode("utf-8"))
-    except NoWorkerError:
-        raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
-                            f"{registry.list_models()}", param="model", code="model_not_found") from None
-    except WorkerUnreachableError as exc:
-        headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
-        raise APIError(503, str(exc), type_="server_error", headers=headers) from None
+    body = json.dumps(chat.worker_params(choice)).encode("utf-8")
+    while True:
+        try:
+            return await router.open(chat.model, body)
+        except NoWorkerError:
+            raise APIError(404, f"the model {chat.model!r} does not exist or has no live worker; available: "
+                                f"{registry.list_models()}", param="model", code="model_not_found") from None
+        except WorkerUnreachableError as exc:
+            left = 0.0 if busy_until is None else busy_until - time.monotonic()
+            if isinstance(exc, WorkersBusyError) and left > 0:
+                await asyncio.sleep(min(BUSY_POLL_S, left))
+                continue
+            headers = {"Retry-After": exc.retry_after} if exc.retry_after else None
+            raise APIError(503, str(exc), type_="server_error", headers=headers) from None
 
 
 class ChatShape:
@@ -777,19 +793,6 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
     yield b"data: [DONE]\n\n"
 
 
-async def _open_in_time(chat: GenerationRequest, registry: WorkerRegistry, router: Router, choice: int,
-                        deadline: float | None) -> WorkerStream:
-    """:func:`open_chat`; until ``deadline`` (``time.monotonic``), busy workers are asked again."""
-    while True:
-        try:
-            return await open_chat(chat, registry, router, choice)
-        except APIError as exc:
-            left = 0.0 if deadline is None else deadline - time.monotonic()
-            if exc.status != 503 or not exc.headers or "Retry-After" not in exc.headers or left <= 0:
-                raise
-            await asyncio.sleep(min(BUSY_POLL_S, left))
-
-
 async def _open_answers(requests: list[GenerationRequest], registry: WorkerRegistry,
                         router: Router) -> list[tuple[Answers, Piece]]:
     """Open each request's ``n`` answers on workers (request by request: answer ``i`` of prompt ``p`` is choice
@@ -808,7 +811,7 @@ async def _open_answers(requests: list[GenerationRequest], registry: WorkerRegis
     try:
         for chat in requests:
             for choice in range(chat.n):
-                streams.append(await _open_in_time(chat, registry, router, choice, deadline))
+                streams.append(await open_chat(chat, registry, router, choice, busy_until=deadline))
                 if deadline is None:
                     deadline = time.monotonic() + BUSY_WAIT_S
         asked = [chat for chat in requests for _ in range(chat.n)]
