@@ -42,12 +42,12 @@ class BodyLimit:
 
     Args:
         app: The application it wraps.
-        max_bytes: The cap (default: :func:`max_request_bytes`).
+        max_bytes: The cap (the services pass :func:`max_request_bytes`).
     """
 
-    def __init__(self, app: Any, max_bytes: int | None = None) -> None:
+    def __init__(self, app: Any, max_bytes: int) -> None:
         self.app = app
-        self.max_bytes = max_request_bytes() if max_bytes is None else max_bytes
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -54,7 +54,7 @@ from palo.serve.protocol import (
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
-from palo.serve.utils import build_logger, cannot_listen
+from palo.serve.utils import build_logger, refuse_unservable
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
 DISPATCH_METHODS = ("lottery", "shortest_queue")
@@ -414,13 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import uvicorn
 
-    try:
-        max_request_bytes()
-    except ValueError as exc:
-        parser.error(str(exc))
-    problem = cannot_listen(args.host, args.port)
-    if problem:
-        parser.error(problem)
+    refuse_unservable(parser, args)
 
     logger = build_logger("controller", "controller.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})

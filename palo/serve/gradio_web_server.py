@@ -31,7 +31,7 @@ import httpx
 
 from palo.conversation import Conversation, SeparatorStyle, conv_templates
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
-from palo.serve.utils import build_logger, cannot_listen, log_dir
+from palo.serve.utils import build_logger, log_dir, refuse_unservable
 
 CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
 CURSOR = "▌"
@@ -366,9 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = cannot_listen(args.host, args.port)
-    if problem:  # gradio would say so in a traceback
-        parser.error(problem)
+    refuse_unservable(parser, args, body_cap=False)  # gradio would say so in a traceback
     logger = build_logger("gradio_web_server", "gradio_web_server.log")
     logger.info("args: %s", args)
     server = WebServer(args.controller_url, moderate=args.moderate, logger=logger)

@@ -42,7 +42,6 @@ from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
 from palo.engine.sampling import TokenLogprob
 from palo.remote_images import add_remote_image_args, policy_from_args
-from palo.serve.body_limit import max_request_bytes
 from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -54,7 +53,7 @@ from palo.serve.protocol import (
     error_chunk,
 )
 from palo.serve.tokenizer_api import detokenize, tokenize, tokenizer_info
-from palo.serve.utils import build_logger, cannot_listen
+from palo.serve.utils import build_logger, refuse_unservable
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main"]
@@ -315,11 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     from palo.model.vision_tower import VisionTowerError
 
     # Settings that cannot work are refused before the model loads, in one line (argparse's exit status 2).
-    problem = cannot_listen(args.host, args.port)
-    if problem:
-        parser.error(problem)
+    refuse_unservable(parser, args)
     try:
-        max_request_bytes()
         if args.engine == "paged":
             engine_config(args)
         remote_images = policy_from_args(args) if args.allow_remote_images else None

@@ -53,7 +53,7 @@ from palo.serve.protocol import (
     parse_logit_bias,
     parse_structured_output,
 )
-from palo.serve.utils import build_logger, cannot_listen
+from palo.serve.utils import build_logger, refuse_unservable
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "main", "prompt_to_messages"]
@@ -408,9 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = cannot_listen(args.host, args.port)
-    if problem:
-        parser.error(problem)
+    refuse_unservable(parser, args)
 
     logger = build_logger("openai_worker", f"openai_worker_{uuid.uuid4().hex[:6]}.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})

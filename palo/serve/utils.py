@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import socket
 import sys
+
+from palo.serve.body_limit import max_request_bytes
 
 # The original wrote its logs into the working directory (``LOGDIR = "."``), i.e. into a checkout when started from
 # one; here they go to this folder under it (ignored by git) unless $PALO_LOGDIR names another.
@@ -32,6 +35,20 @@ def cannot_listen(host: str, port: int | None) -> str | None:
         except OSError as exc:
             return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
     return None
+
+
+def refuse_unservable(parser: argparse.ArgumentParser, args: argparse.Namespace, body_cap: bool = True) -> None:
+    """Exit with the parser's one-line error (status 2) before anything loads when the service could not start:
+    its ``--host``/``--port`` cannot be listened on, or (for the services that cap request bodies)
+    ``$PALO_MAX_REQUEST_MB`` is not a positive number."""
+    problem = cannot_listen(args.host, args.port)
+    if problem:
+        parser.error(problem)
+    if body_cap:
+        try:
+            max_request_bytes()
+        except ValueError as exc:
+            parser.error(str(exc))
 
 
 def log_dir() -> str:

@@ -70,6 +70,11 @@ def test_the_controller_api_and_the_worker_apps_carry_the_cap(monkeypatch):
 
     worker_app = create_app(Worker())
     assert any(m.cls is BodyLimit and m.kwargs["max_bytes"] == 1048 for m in worker_app.user_middleware)
-    with pytest.raises(SystemExit):
-        monkeypatch.setenv("PALO_MAX_REQUEST_MB", "many")
-        controller_module.main(["--port", "0"])
+    from palo.serve import model_worker, openai_worker
+
+    monkeypatch.setenv("PALO_MAX_REQUEST_MB", "many")  # refused in one line before anything starts
+    for main, extra in ((controller_module.main, []), (model_worker.main, ["--model-path", "nowhere"]),
+                        (openai_worker.main, ["--api-base", "http://127.0.0.1:9/v1", "--model-name", "m"])):
+        with pytest.raises(SystemExit) as info:
+            main(["--port", "0", *extra])
+        assert info.value.code == 2
