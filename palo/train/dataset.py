@@ -148,6 +148,7 @@ class LazySupervisedDataset(Dataset):
         image_tokens: LLM positions one image takes (576, 144 with LDP).
         over_length: ``truncate`` or ``skip`` samples longer than ``model_max_length``.
         skip_bad_samples: Skip and count bad samples instead of raising.
+        index: ``data_path``'s index, when the caller built it already (to check the file before loading a model).
     """
 
     def __init__(
@@ -163,10 +164,11 @@ class LazySupervisedDataset(Dataset):
         image_tokens: int = 576,
         over_length: str = "truncate",
         skip_bad_samples: bool = False,
+        index: JsonArrayIndex | None = None,
     ) -> None:
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"--data_path {data_path}: no such file")
-        self.index = JsonArrayIndex.build(data_path)
+        self.index = index if index is not None else JsonArrayIndex.build(data_path)
         self.meta = scan_metadata(self.index, data_path)
         self.keep = np.nonzero(~self.meta.corrupt)[0]
         filtered = int(self.meta.corrupt.sum())

@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script (the original commands): make `
 import transformers  # noqa: E402
 from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
+from palo.data.json_index import JsonArrayIndex  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
@@ -58,25 +59,29 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         raise SystemExit("error: --data_path is required")
     if not os.path.isfile(data_args.data_path):
         raise SystemExit(f"error: --data_path {data_args.data_path}: no such file")
-    setup = setup_training(model_args, data_args, training_args)
-    try:
-        dataset = LazySupervisedDataset(
-            data_args.data_path,
-            setup.tokenizer,
-            template_for(model_args.version),
-            image_folder=data_args.image_folder,
-            image_processor=setup.image_processor,
-            image_aspect_ratio=data_args.image_aspect_ratio,
-            mm_use_im_start_end=model_args.mm_use_im_start_end,
-            model_max_length=training_args.model_max_length,
-            image_tokens=setup.image_tokens,
-            over_length=data_args.over_length,
-            skip_bad_samples=data_args.skip_bad_samples,
-        )
+    try:  # the index (cached beside the file) does not need the model; the dataset takes it as built here
+        index = JsonArrayIndex.build(data_args.data_path)
     except ValueError as exc:  # not one JSON array, an unreadable index cache
         raise SystemExit(f"error: {exc}") from None
-    if len(dataset) == 0:
+    if len(index) == 0:
         raise SystemExit(f"error: --data_path {data_args.data_path} holds no samples")
+    setup = setup_training(model_args, data_args, training_args)
+    dataset = LazySupervisedDataset(
+        data_args.data_path,
+        setup.tokenizer,
+        template_for(model_args.version),
+        image_folder=data_args.image_folder,
+        image_processor=setup.image_processor,
+        image_aspect_ratio=data_args.image_aspect_ratio,
+        mm_use_im_start_end=model_args.mm_use_im_start_end,
+        model_max_length=training_args.model_max_length,
+        image_tokens=setup.image_tokens,
+        over_length=data_args.over_length,
+        skip_bad_samples=data_args.skip_bad_samples,
+        index=index,
+    )
+    if len(dataset) == 0:  # every sample was marked corrupt
+        raise SystemExit(f"error: --data_path {data_args.data_path} holds no samples that are not corrupt")
     if data_args.packing:
         if model_args.vision_tower is None:
             raise SystemExit("--packing True needs PALO's multimodal model (--vision_tower); text-only runs pad")

@@ -432,11 +432,15 @@ def test_a_missing_broken_or_empty_data_file_is_one_line_before_the_model_loads(
     monkeypatch.setattr(train_module, "setup_training", no_model)
     with pytest.raises(SystemExit, match=f"^error: --data_path {tmp_path / 'gone.json'}: no such file$"):
         train(_flags(world, str(tmp_path / "gone.json"), str(tmp_path / "out")))
-    monkeypatch.undo()
     with pytest.raises(SystemExit, match=r"^error: .*broken\.json: malformed JSON array at byte 0"):
         train(_flags(world, str(broken), str(tmp_path / "out")))
     with pytest.raises(SystemExit, match=f"^error: --data_path {empty} holds no samples$"):
         train(_flags(world, str(empty), str(tmp_path / "out")))
+    monkeypatch.undo()
+    corrupt = tmp_path / "corrupt.json"  # every sample marked corrupt: known only once the dataset is built
+    corrupt.write_text(json.dumps([dict(s, corrupt=True) for s in json.load(open(data))[:2]]), encoding="utf-8")
+    with pytest.raises(SystemExit, match=f"^error: --data_path {corrupt} holds no samples that are not corrupt$"):
+        train(_flags(world, str(corrupt), str(tmp_path / "out")))
 
 
 def test_the_command_line_reports_a_bad_sample_as_one_line(world, data, tmp_path, monkeypatch):
