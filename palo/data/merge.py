@@ -76,9 +76,9 @@ def merge(english: list[dict[str, Any]], translated: list[list[dict[str, Any]]],
 
 def main_merge(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data merge``."""
+    english = read_json_samples(args.data_path, "--data_path")  # its ValueError is palo-data's error line
+    translated = [read_json_samples(path, "--translated") for path in args.translated]
     try:
-        english = read_json_samples(args.data_path, "--data_path")
-        translated = [read_json_samples(path, "--translated") for path in args.translated]
         merged, counts = merge(english, translated, args.seed, args.keep_corrupt, args.image_prefix)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

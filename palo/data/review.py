@@ -82,11 +82,7 @@ def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any
 
 def main_apply_review(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data apply-review``."""
-    try:
-        samples = read_json_samples(args.data_path, "--data_path")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    samples = read_json_samples(args.data_path, "--data_path")  # its ValueError is palo-data's error line
     # Strict: a person edited this file, and a typo must name its line rather than silently drop what follows it.
     entries = [record.data for record in read_jsonl(args.review, required=("index", "language", "turn"))]
     try:

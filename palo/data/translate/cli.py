@@ -51,11 +51,7 @@ def main_translate(args: argparse.Namespace) -> int:
     if not languages:
         print("error: --languages is empty", file=sys.stderr)
         return 2
-    try:
-        samples = read_json_samples(args.data_path, "--data_path")
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    samples = read_json_samples(args.data_path, "--data_path")  # its ValueError is palo-data's error line
     if args.limit is not None:
         samples = samples[: args.limit]
     bad = malformed_samples(samples)
