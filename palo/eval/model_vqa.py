@@ -45,7 +45,7 @@ from palo.mm_utils import (
 )
 from palo.mm_utils import preprocess_image as mm_preprocess_image
 from palo.model.config import MultimodalSpec, image_placeholder
-from palo.model.multimodal import spliced_length
+from palo.model.multimodal import no_room_for_answer
 
 
 @dataclass(frozen=True)
@@ -219,10 +219,9 @@ class Answerer:
             rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
             with_image.append(len(own))
             # Both paths refuse it alike: the engine has no room to place it, generate would run past the context.
-            length = spliced_length(rows[-1], int(getattr(self.model, "image_token_count", 0)) if own else 0)
-            if length >= self.context_len:
-                raise QuestionTooLong(len(rows) - 1, f"the prompt takes {length} of the model's {self.context_len} "
-                                                     f"positions ({len(own)} image(s)); no room is left for an answer")
+            problem = no_room_for_answer(rows[-1], int(getattr(self.model, "image_token_count", 0)), self.context_len)
+            if problem:
+                raise QuestionTooLong(len(rows) - 1, problem)
         if self.engine is not None:
             return self._answer_with_engine(rows, with_image, pixels)
         ids, mask = left_pad(rows, self.pad_id)

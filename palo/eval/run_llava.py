@@ -73,7 +73,7 @@ def eval_model(args: Any) -> str:
     from palo.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
     from palo.model.builder import load_pretrained_model
     from palo.model.config import MultimodalSpec
-    from palo.model.multimodal import spliced_length
+    from palo.model.multimodal import no_room_for_answer
 
     files = [f for f in args.image_file.split(args.sep) if f]
     if not files:
@@ -98,10 +98,9 @@ def eval_model(args: Any) -> str:
     prompt = conv.get_prompt()
     input_ids = tokenizer_image_token(prompt, tokenizer, return_tensors="pt")[None].to(model.device)
     positions = getattr(model.config, "max_position_embeddings", None)
-    length = spliced_length(input_ids[0], model.image_token_count)
-    if positions is not None and length >= positions:
-        raise ValueError(f"the prompt takes {length} of the model's {positions} positions ({len(images)} image(s)); "
-                         "no room is left for an answer: shorten --query")
+    problem = positions and no_room_for_answer(input_ids[0], model.image_token_count, positions)
+    if problem:
+        raise ValueError(f"{problem}: shorten --query")
     pixels = process_images(images, image_processor, model.config)
     pixels = (pixels.to(model.device, dtype=next(model.parameters()).dtype) if isinstance(pixels, torch.Tensor)
               else pixels)

@@ -115,6 +115,21 @@ def spliced_length(input_ids: torch.Tensor | Sequence[int], tokens_per_image: in
     return length + images * (tokens_per_image - 1)
 
 
+def no_room_for_answer(input_ids: torch.Tensor | Sequence[int], tokens_per_image: int, positions: int) -> str | None:
+    """Why a prompt cannot be answered within the model's ``positions`` (its spliced length fills them), or None.
+
+    For the tools that generate with ``model.generate`` (which would run past the positions) or report per question
+    before the engine sees the prompt.
+    """
+    length = spliced_length(input_ids, tokens_per_image)
+    if length < positions:
+        return None
+    images = sum(1 for token in (input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids)
+                 if token == IMAGE_TOKEN_INDEX)
+    return (f"the prompt takes {length} of the model's {positions} positions ({images} image(s)); no room is left "
+            "for an answer")
+
+
 def plan_splice(
     input_ids: torch.Tensor,
     num_images: int,
