@@ -20,6 +20,9 @@ LOGDIR = "."
 # OpenAI's range for one token's logit bias (-100 bans a token, 100 all but forces it): the engine's and the API's.
 MAX_LOGIT_BIAS = 100.0
 
+# Image URLs fetched (only with --allow-remote-images; palo.remote_images) rather than read as base64 or a path.
+REMOTE_URL_SCHEMES = ("http://", "https://")
+
 # Seeds: the API takes a 64-bit signed integer (OpenAI's and vLLM's range); a worker takes all that torch's
 # generators take, so that the API's answer i of n, seeded with ``seed + i``, fits.
 SEED_RANGE = (-(2**63), 2**63 - 1)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
+from palo.constants import REMOTE_URL_SCHEMES
 from palo.mm_utils import ImageLoadError
 
 MAX_REDIRECTS = 3
@@ -70,7 +71,7 @@ class RemoteImagePolicy:
 
 
 def is_remote(path_or_url: str) -> bool:
-    return path_or_url.lower().startswith(("http://", "https://"))
+    return path_or_url.lower().startswith(REMOTE_URL_SCHEMES)
 
 
 def _system_resolve(host: str) -> list[str]:

@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from palo.constants import DEFAULT_IMAGE_TOKEN, SEED_RANGE
+from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, SEED_RANGE
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -157,7 +157,7 @@ def _image_data(part: dict) -> str:
     if not isinstance(url, str):
         raise APIError(400, "an image_url part needs {'image_url': {'url': 'data:image/...;base64,...'}}",
                        param="messages")
-    if url.lower().startswith(("http://", "https://")):
+    if url.lower().startswith(REMOTE_URL_SCHEMES):
         return url  # the worker fetches it if it runs with --allow-remote-images, and refuses it by name otherwise
     header, sep, data = url.partition(",")
     if not url.startswith("data:") or not sep or not header.endswith(";base64"):

@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from palo.constants import DEFAULT_IMAGE_TOKEN, WORKER_HEART_BEAT_INTERVAL
+from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
@@ -80,7 +80,7 @@ class PromptFormatError(ValueError):
 
 
 def _data_url(image_b64: str) -> str:
-    if image_b64.startswith("data:") or image_b64.lower().startswith(("http://", "https://")):
+    if image_b64.startswith("data:") or image_b64.lower().startswith(REMOTE_URL_SCHEMES):
         return image_b64  # a URL goes to the backend as it came: fetching it is the backend's to allow
     mime = "image/jpeg" if image_b64.startswith("/9j/") else "image/png"
     return f"data:{mime};base64,{image_b64}"
