@@ -228,7 +228,7 @@ def staged_folder(final_dir: str) -> Iterator[str]:
     """
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    staging = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(final_dir)) + ".partial-", dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the finished folder private to this user
     try:
         yield staging
