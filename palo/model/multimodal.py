@@ -115,6 +115,26 @@ def spliced_length(input_ids: torch.Tensor | Sequence[int], tokens_per_image: in
     return length + images * (tokens_per_image - 1)
 
 
+def ids_within(input_ids: torch.Tensor, tokens_per_image: int, positions: int) -> int:
+    """How many leading ids of one prompt start within its first ``positions`` spliced positions.
+
+    Where truncating the spliced sequence to ``positions`` (the model's ``max_length``) cuts the prompt: cutting its
+    ids there beforehand leaves the model nothing to drop but, at most, the last rows of an image that starts inside
+    and ends past the limit (rows that carry no label).
+
+    Args:
+        input_ids: ``[T]`` one prompt's ids, ``IMAGE_TOKEN_INDEX`` where each image goes.
+        tokens_per_image: Rows one image takes.
+        positions: The spliced positions to keep.
+
+    Returns:
+        The number of ids to keep (``T`` when the whole prompt fits).
+    """
+    widths = torch.where(input_ids == IMAGE_TOKEN_INDEX, tokens_per_image, 1)
+    starts = widths.cumsum(0) - widths  # the spliced position each id starts at, increasing
+    return int((starts < positions).sum())
+
+
 def no_room_for_answer(input_ids: torch.Tensor | Sequence[int], tokens_per_image: int, positions: int) -> str | None:
     """Why a prompt cannot be answered within the model's ``positions`` (its spliced length fills them), or None.
 

@@ -32,7 +32,7 @@ from palo.data.json_index import JsonArrayIndex
 from palo.data.languages import LANGUAGES, sample_language
 from palo.jsonl import mkstemp_shared
 from palo.mm_utils import ImageLoadError, load_image, preprocess_image
-from palo.model.multimodal import spliced_length
+from palo.model.multimodal import ids_within, spliced_length
 from palo.train.preprocess import BadSampleError, build_supervised_example
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class LazySupervisedDataset(Dataset):
         mm_use_im_start_end: Wrap ``<image>`` in start/end tokens.
         model_max_length: Maximum positions per sample, image rows included.
         image_tokens: LLM positions one image takes (576, 144 with LDP).
-        over_length: ``truncate`` or ``skip`` samples longer than ``model_max_length``.
+        over_length: ``truncate`` (to the ids whose spliced positions fit, so the labels are the ones the model
+            trains on) or ``skip`` samples longer than ``model_max_length``.
         skip_bad_samples: Skip and count bad samples instead of raising.
         index: ``data_path``'s index, when the caller built it already (to check the file before loading a model).
     """
@@ -292,6 +293,10 @@ class LazySupervisedDataset(Dataset):
                 raise BadSampleError(
                     f"after truncation to --model_max_length {self.model_max_length} no answer token is left"
                 )
+            # Cut here what the model would cut after splicing: the Trainer divides the loss by the labelled tokens
+            # it counts in the batch, which must be the ones the model trains on, not the cut-off ones too.
+            keep = ids_within(input_ids, self.image_tokens, self.model_max_length)
+            input_ids, labels = input_ids[:keep], labels[:keep]
         return input_ids, labels
 
     def build(self, sample: dict) -> dict[str, Any]:

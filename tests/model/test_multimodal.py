@@ -103,3 +103,22 @@ def test_spliced_length_is_the_length_plan_splice_lays_out(tokens_per_image):
         # The sentinel is replaced by the image rows, never counted as a position of its own.
         assert spliced_length(row, tokens_per_image) == planned == len(row) + images * (tokens_per_image - 1)
         assert spliced_length(torch.tensor(row), tokens_per_image) == planned
+
+
+@pytest.mark.parametrize("tokens_per_image", [1, 3, 7])
+def test_ids_within_cuts_the_ids_where_the_models_truncation_cuts_the_splice(tokens_per_image):
+    from palo.model.multimodal import ids_within, plan_splice, spliced_length
+
+    for row in ([1, 5, 6, 7], [1, IMG, 5, 6], [1, 5, IMG, 6, IMG, 8]):
+        ids = torch.tensor(row)
+        for limit in range(1, spliced_length(row, tokens_per_image) + 2):
+            keep = ids_within(ids, tokens_per_image, limit)
+            whole = plan_splice(ids[None], row.count(IMG), tokens_per_image, max_length=limit)
+            cut = ids[:keep]
+            part = plan_splice(cut[None], int((cut == IMG).sum()), tokens_per_image, max_length=limit)
+            # The same text lands at the same positions; nothing the cut kept is dropped by the model but image rows.
+            assert (part.text_src, part.text_dst) == (whole.text_src, whole.text_dst)
+            assert part.image_dst == whole.image_dst
+            if keep < len(row):  # the next id would start at the limit or later
+                assert spliced_length(row[:keep + 1], tokens_per_image) - (
+                    tokens_per_image if row[keep] == IMG else 1) >= limit

@@ -1,0 +1,87 @@
+"""Samples longer than ``--model_max_length``: the loss is the mean over the answer tokens the model trains on.
+
+The Trainer divides the summed token losses by the labelled tokens it counts in the batch (``num_items_in_batch``),
+while the model only sees the first ``--model_max_length`` positions of each spliced sample. Both must count the same
+tokens, so an over-long sample's cut-off answer cannot dilute the loss (and the gradient) of its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from palo.model.multimodal import spliced_length
+from palo.testing import tiny_data
+from palo.train.train import train
+
+ANSWER = "The shape in the picture is a red square on a white ground. "
+
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory) -> str:
+    """Six English samples: over-long image and text-only ones (past 128 positions) and short ones."""
+    root = str(tmp_path_factory.mktemp("long"))
+    os.makedirs(os.path.join(root, "images"))
+    samples = []
+    for i, (image, repeats) in enumerate([(True, 12), (False, 12), (True, 1), (False, 1), (True, 9), (True, 2)]):
+        turns = [{"from": "human", "value": ("<image>\n" if image else "") + "What is in the picture?"},
+                 {"from": "gpt", "value": ANSWER * repeats}]
+        sample = {"id": f"s{i}", "conversations": turns}
+        if image:
+            tiny_data.draw_shape("red", seed=i).save(os.path.join(root, "images", f"{i}.png"))
+            sample["image"] = f"{i}.png"
+        samples.append(sample)
+    path = os.path.join(root, "train.json")
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return path
+
+
+def _flags(world, data: str, out: str, *extra: str) -> list[str]:
+    return [
+        "--model_name_or_path", world.base_dir, "--version", "v1", "--data_path", data,
+        "--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
+        "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--image_aspect_ratio", "pad",
+        "--output_dir", out, "--per_device_train_batch_size", "6", "--max_steps", "1", "--learning_rate", "1e-3",
+        "--logging_steps", "1", "--model_max_length", "128", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "True", "--seed", "7", "--dataloader_num_workers", "0", *extra,
+    ]
+
+
+@pytest.mark.parametrize("packing", ["False", "True"])
+def test_the_logged_loss_is_the_mean_over_the_answer_tokens_trained_on(world, long_data, tmp_path, packing):
+    trainer = train(_flags(world, long_data, str(tmp_path / "out"), "--packing", packing))
+    dataset = trainer.train_dataset
+    assert max(spliced_length(dataset[i]["input_ids"], dataset.image_tokens) for i in range(len(dataset))) <= 128
+    (entry,) = [e for e in trainer.state.log_history if "loss" in e]
+    # Every sample is English: the overall loss is English's (logged to 4 decimals).
+    assert entry["loss"] == pytest.approx(entry["loss_english"], abs=2e-4)
+
+
+def test_an_over_long_sample_is_cut_where_the_model_would_cut_it(world, long_data):
+    from palo.model.tokenizer import load_tokenizer
+    from palo.model.vision_tower import load_image_processor
+    from palo.train.dataset import LazySupervisedDataset
+
+    image_tokens = world.model.image_token_count
+    dataset = LazySupervisedDataset(long_data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
+                                    image_folder=os.path.join(os.path.dirname(long_data), "images"),
+                                    image_processor=load_image_processor(world.clip_dir, 56), image_aspect_ratio="pad",
+                                    model_max_length=128, image_tokens=image_tokens)
+    full = LazySupervisedDataset(long_data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
+                                 image_folder=os.path.join(os.path.dirname(long_data), "images"),
+                                 image_processor=load_image_processor(world.clip_dir, 56), image_aspect_ratio="pad",
+                                 model_max_length=4096, image_tokens=image_tokens)
+    for i in range(len(dataset)):
+        cut, whole = dataset[i], full[i]
+        n = len(cut["input_ids"])
+        # A prefix of the whole sample, as long as fits: the next token would start at position 128 or later.
+        assert torch.equal(cut["input_ids"], whole["input_ids"][:n]) and torch.equal(cut["labels"], whole["labels"][:n])
+        if n < len(whole["input_ids"]):
+            assert spliced_length(cut["input_ids"], image_tokens) == 128
+        assert (cut["labels"] != IGNORE_INDEX).any()
+        assert int((cut["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == ("image" in cut)
