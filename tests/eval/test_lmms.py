@@ -317,3 +317,23 @@ def test_models_score_multiple_choice_options(world, task, mc_expected, tmp_path
     for doc_id, scores in enumerate(expected):
         assert [float(r[0]) for r in got[doc_id]] == [pytest.approx(loss, abs=1e-4) for loss, _ in scores]
         assert [str(r[1]) for r in got[doc_id]] == [str(g) for _, g in scores]
+
+
+class _Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_in_process_model_names_the_document_whose_prompt_leaves_no_room(world):
+    """A document whose question fills the model's positions is refused naming task, split and document (not the
+    question's place in a batch), before anything is generated."""
+    from palo.eval.lmms.model import PaloLMM
+
+    model = PaloLMM(pretrained=world.full_dir, device="cpu", batch_size=2)
+    docs = [{"q": "Name a colour."}, {"q": "colour " * 600}]
+    model.task_dict = {"t": {"test": docs}}
+    requests = [_Request(doc["q"], {"max_new_tokens": 2, "until": [NEVER]}, lambda doc: [], i, "t", "test")
+                for i, doc in enumerate(docs)]
+    with pytest.raises(ValueError, match=r"^t/test/1: the prompt takes \d+ of the model's \d+ positions"):
+        model.generate_until(requests)
+    assert len(model.generate_until(requests[:1])) == 1

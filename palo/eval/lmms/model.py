@@ -76,8 +76,11 @@ class PaloLMM(lmms):
                                                                        g.max_new_tokens)
                 for start in range(0, len(indices), self.batch_size):
                     batch = indices[start:start + self.batch_size]
-                    texts = self.answerer.answer_images([prompts[i].text for i in batch],
-                                                        [list(prompts[i].images) for i in batch])
+                    try:
+                        texts = self.answerer.answer_images([prompts[i].text for i in batch],
+                                                            [list(prompts[i].images) for i in batch])
+                    except model_vqa.QuestionTooLong as exc:
+                        raise ValueError(f"{prompts[batch[exc.index]].where}: {exc}") from None
                     for i, text in zip(batch, texts):
                         answers[i] = cut_at_stops(text, g.until)
                     bar.update(len(batch))
