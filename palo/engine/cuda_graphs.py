@@ -52,6 +52,7 @@ class DecodeGraphs:
         self.widths = widths
         # (batch, width) -> (graph, its static inputs, its output buffer)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], torch.Tensor]] = {}
+        self.logits: torch.Tensor | None = None  # [max batch, V] float32: every graph's output rows
         self.pool = None
         self._stream = None
 
@@ -90,22 +91,39 @@ class DecodeGraphs:
         )
 
     def _record(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Capture one decode step over the static ``inputs``: ``(graph, output buffer)``."""
+        """Capture one decode step over the static ``inputs``: ``(graph, its logits)``.
+
+        Every graph writes its logits into the first rows of one buffer: the engine reads a replay's logits before
+        the next replay, and outputs kept per graph would hold ``batch x vocabulary`` floats for every captured
+        (batch, width) pair (about 5 GiB for 256 sequences at a 4,096-position context and 32,000 words).
+        """
         runner = self.runner
-        device = runner.device
+        if self.logits is None:
+            vocab = runner.model.lm_head.weight.shape[0]
+            self.logits = torch.empty(max(self.batches), vocab, dtype=torch.float32, device=runner.device)
+        output = self.logits[: inputs[0].shape[0]]
+
+        def step() -> None:
+            output.copy_(runner.decode_forward(*inputs))
+
+        return self._capture(step), output
+
+    def _capture(self, step) -> torch.cuda.CUDAGraph:
+        """Run ``step`` once eagerly on a side stream (lazy inits, autotuning), then capture it in the shared pool."""
+        device = self.runner.device
         if self._stream is None:  # one side stream for every capture
             self._stream = torch.cuda.Stream(device)
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream), torch.no_grad():
-            runner.decode_forward(*inputs)  # warm-up outside the graph (lazy inits, autotuning)
+            step()
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.no_grad():
-            output = runner.decode_forward(*inputs)
+            step()
         if self.pool is None:
             self.pool = graph.pool()
-        return graph, output
+        return graph
 
     def _synchronize(self) -> None:
         torch.cuda.synchronize(self.runner.device)

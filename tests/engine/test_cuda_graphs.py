@@ -23,14 +23,15 @@ def test_every_batch_size_and_width_has_a_captured_shape_not_far_above_it():
 
 
 class _EagerReplay:
-    """Stands in for a captured graph: a replay runs the step on the static inputs into the static output."""
+    """Stands in for a captured graph: a replay runs the captured step eagerly (on the static inputs, into the
+    static output)."""
 
-    def __init__(self, runner, inputs, output) -> None:
-        self.runner, self.inputs, self.output = runner, inputs, output
+    def __init__(self, step) -> None:
+        self.step = step
         self.replays = 0
 
     def replay(self) -> None:
-        self.output.copy_(self.runner.decode_forward(*self.inputs))
+        self.step()
         self.replays += 1
 
 
@@ -42,9 +43,9 @@ class EagerGraphs(DecodeGraphs):
         self.picks: list[tuple[int, int, int, int]] = []  # (rows, blocks needed, captured batch, captured width)
         self.diffs: list[float] = []  # largest logit difference of each replay from the unpadded eager step
 
-    def _record(self, inputs):
-        output = self.runner.decode_forward(*inputs).clone()
-        return _EagerReplay(self.runner, inputs, output), output
+    def _capture(self, step):
+        step()  # the warm-up a capture runs
+        return _EagerReplay(step)
 
     def _synchronize(self) -> None:
         pass
@@ -88,6 +89,9 @@ def test_replays_on_padded_static_buffers_give_the_eager_tokens(loaded):
     assert sum(g.replays for g, _, _ in graphs.graphs.values()) == len(engine.batch_sizes) == len(graphs.picks)
     assert any(batch > rows for rows, _, batch, _ in graphs.picks)  # padding rows (the scratch block)
     assert any(width > need for _, need, _, width in graphs.picks)  # blocks past a row's length, masked
+    # Every graph's logits are rows of one buffer, not a batch x vocabulary block per captured pair.
+    assert {output.data_ptr() for _, _, output in graphs.graphs.values()} == {graphs.logits.data_ptr()}
+    assert graphs.logits.shape == (config.max_num_seqs, model.lm_head.weight.shape[0])
 
 
 def test_dropping_an_engine_with_graphs_frees_its_cache_at_once(loaded):
