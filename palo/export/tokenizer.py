@@ -21,6 +21,8 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from palo.model.tokenizer import sentencepiece_model_proto
+
 __all__ = ["build_fast_tokenizer", "write_tokenizer"]
 
 
@@ -39,9 +41,7 @@ def _sentencepiece_tokenizer(vocab_file: str) -> Tokenizer:
     normalizer follows SentencePiece's order (precompiled map, extra-whitespace removal, whitespace escaping) and
     then adds the dummy ``▁`` prefix to every segment between special tokens, as the legacy slow tokenizer did.
     """
-    from transformers.convert_slow_tokenizer import import_protobuf
-
-    proto = import_protobuf().ModelProto()
+    proto = sentencepiece_model_proto()()
     with open(vocab_file, "rb") as f:
         proto.ParseFromString(f.read())
     if proto.trainer_spec.model_type != 2:

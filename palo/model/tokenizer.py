@@ -27,6 +27,23 @@ from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 _LLAMA_TOKENIZER_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "PaloLlamaTokenizer", None}
 
 
+def sentencepiece_model_proto() -> type:
+    """The protobuf message class of a SentencePiece model file, as the installed protobuf runtime can load it.
+
+    sentencepiece's generated module refuses a protobuf runtime older than the one it was generated with (0.2.3:
+    protobuf 7.36), and other packages may hold protobuf back (lmms-eval's wandb pin keeps it below 7); transformers'
+    copy of the same schema loads on older runtimes.
+
+    Returns:
+        ``ModelProto``: ``ModelProto().ParseFromString(open("tokenizer.model", "rb").read())`` reads a model.
+    """
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as schema
+    except Exception:  # noqa: BLE001 - protobuf's VersionError (an Exception), or the module is missing
+        from transformers.utils import sentencepiece_model_pb2_new as schema
+    return schema.ModelProto
+
+
 class PaloLlamaTokenizer(SentencePieceBackend):
     """A SentencePiece LLaMA tokenizer with transformers-4.31 semantics.
 
@@ -180,9 +197,7 @@ class PaloLlamaTokenizer(SentencePieceBackend):
         cached = getattr(self, "_denormalizer", None)
         if cached is None:
             try:
-                from sentencepiece import sentencepiece_model_pb2
-
-                proto = sentencepiece_model_pb2.ModelProto()
+                proto = sentencepiece_model_proto()()
                 proto.ParseFromString(self.sp_model.serialized_model_proto())
                 cached = bool(proto.denormalizer_spec.precompiled_charsmap)
             except Exception:  # noqa: BLE001 - unreadable (no protobuf): assume the worst, decode every token

@@ -243,3 +243,27 @@ def test_streaming_piece_texts_extend_every_non_empty_decoding(world):
     # The table follows the tokenizer's added tokens.
     tok.add_tokens([tok.convert_ids_to_tokens(400)])
     assert tok.streaming_piece_texts()[400] is None and texts[400] is not None
+
+
+def test_model_file_is_read_where_sentencepieces_protobuf_module_cannot_load(world):
+    """sentencepiece 0.2.3's generated protobuf module refuses protobuf 6, which the ``lmms`` extra installs (its
+    wandb pin): streaming still skips the decode for word pieces, and the export still builds its tokenizer. A fresh
+    process, since one schema file can be registered with protobuf only once."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["sentencepiece.sentencepiece_model_pb2"] = None  # as if it could not load
+from palo.export.tokenizer import build_fast_tokenizer
+from palo.model.tokenizer import load_tokenizer
+tokenizer = load_tokenizer({world.tokenizer_dir!r})
+assert tokenizer.streaming_piece_texts() is not None, "no streaming table"
+fast, _ = build_fast_tokenizer(tokenizer, "<image>")
+text = "Bonjour, 世界! এটি একটি"
+assert fast.encode(text, add_special_tokens=False).ids == tokenizer(text, add_special_tokens=False).input_ids
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
