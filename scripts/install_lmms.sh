@@ -18,6 +18,7 @@ import importlib.util
 import torch
 import transformers
 import lmms_eval.evaluator  # noqa: F401
+from sentencepiece import sentencepiece_model_pb2  # noqa: F401 - fails where protobuf is older than its generated code
 from lmms_eval.models import get_model
 
 get_model("palo"), get_model("palo_api")
