@@ -62,26 +62,28 @@ def test_the_logged_loss_is_the_mean_over_the_answer_tokens_trained_on(world, lo
     assert entry["loss"] == pytest.approx(entry["loss_english"], abs=2e-4)
 
 
-def test_an_over_long_sample_is_cut_where_the_model_would_cut_it(world, long_data):
+def _dataset(world, data: str, max_length: int):
     from palo.model.tokenizer import load_tokenizer
     from palo.model.vision_tower import load_image_processor
     from palo.train.dataset import LazySupervisedDataset
 
-    image_tokens = world.model.image_token_count
-    dataset = LazySupervisedDataset(long_data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
-                                    image_folder=os.path.join(os.path.dirname(long_data), "images"),
-                                    image_processor=load_image_processor(world.clip_dir, 56), image_aspect_ratio="pad",
-                                    model_max_length=128, image_tokens=image_tokens)
-    full = LazySupervisedDataset(long_data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
-                                 image_folder=os.path.join(os.path.dirname(long_data), "images"),
+    return LazySupervisedDataset(data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
+                                 image_folder=os.path.join(os.path.dirname(data), "images"),
                                  image_processor=load_image_processor(world.clip_dir, 56), image_aspect_ratio="pad",
-                                 model_max_length=4096, image_tokens=image_tokens)
+                                 model_max_length=max_length, image_tokens=world.model.image_token_count)
+
+
+def test_an_over_long_sample_is_cut_where_the_model_would_cut_it(world, long_data):
+    dataset, full = _dataset(world, long_data, 128), _dataset(world, long_data, 4096)
+    cut_samples = 0
     for i in range(len(dataset)):
         cut, whole = dataset[i], full[i]
         n = len(cut["input_ids"])
         # A prefix of the whole sample, as long as fits: the next token would start at position 128 or later.
         assert torch.equal(cut["input_ids"], whole["input_ids"][:n]) and torch.equal(cut["labels"], whole["labels"][:n])
         if n < len(whole["input_ids"]):
-            assert spliced_length(cut["input_ids"], image_tokens) == 128
+            cut_samples += 1
+            assert spliced_length(cut["input_ids"], dataset.image_tokens) == 128
         assert (cut["labels"] != IGNORE_INDEX).any()
         assert int((cut["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == ("image" in cut)
+    assert cut_samples == 4  # all but the two one-sentence answers (this tokenizer takes many pieces a word)
