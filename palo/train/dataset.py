@@ -173,7 +173,9 @@ class LazySupervisedDataset(Dataset):
         self.meta = scan_metadata(self.index, data_path)
         self.keep = np.nonzero(~self.meta.corrupt)[0]
         filtered = int(self.meta.corrupt.sum())
-        logger.warning("Filtered %d conversations (corrupt: true); %d remain.", filtered, len(self.keep))
+        # The original printed the count always; a warning only when something was dropped.
+        logger.log(logging.WARNING if filtered else logging.INFO,
+                   "Filtered %d conversations (corrupt: true); %d remain.", filtered, len(self.keep))
         self.num_filtered = filtered
         self.tokenizer = tokenizer
         self.template = template

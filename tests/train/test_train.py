@@ -786,3 +786,21 @@ def test_compiled_layers_train_like_eager_and_save_the_same_files(world, data, t
         torch.load(os.path.join(str(tmp_path / "eager"), "adapter_model.bin")))
     tokenizer, loaded, _, _ = load_pretrained_model(out, world.base_dir, device="cpu")
     assert loaded.config.model_type == "palo"
+
+
+def test_the_filtered_count_is_a_warning_only_when_samples_were_dropped(world, data, tmp_path, caplog):
+    import logging
+
+    from palo.model.tokenizer import load_tokenizer
+    from palo.train.dataset import LazySupervisedDataset
+
+    samples = json.load(open(data))
+    flagged = tmp_path / "flagged.json"
+    flagged.write_text(json.dumps([dict(samples[0], corrupt=True)] + samples[1:], ensure_ascii=False))
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    with caplog.at_level(logging.INFO, logger="palo.train.dataset"):
+        LazySupervisedDataset(data, tokenizer, "vicuna_v1")
+        LazySupervisedDataset(str(flagged), tokenizer, "vicuna_v1")
+    records = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("Filtered")]
+    assert records == [(logging.INFO, f"Filtered 0 conversations (corrupt: true); {len(samples)} remain."),
+                       (logging.WARNING, f"Filtered 1 conversations (corrupt: true); {len(samples) - 1} remain.")]
