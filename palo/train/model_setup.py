@@ -40,6 +40,7 @@ class TrainingSetup:
     tokenizer: Any
     image_processor: Any
     image_tokens: int
+    embeddings_resized: bool = False  # tokens were added to the LLM's vocabulary (LoRA saves then carry embeddings)
 
 
 def compute_dtype(args: TrainingArguments) -> torch.dtype:
@@ -216,6 +217,7 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, args: T
         model = apply_lora(model, args)
 
     base = unwrap(model)
+    vocabulary = _rows(base.get_input_embeddings().weight)
     image_processor = None
     image_tokens = 0
     if model_args.vision_tower is not None:
@@ -241,7 +243,8 @@ def setup_training(model_args: ModelArguments, data_args: DataArguments, args: T
         _resize_with_mean_rows(base, len(tokenizer))
     if args.compile_layers:
         compile_decoder_layers(base)
-    return TrainingSetup(model=model, tokenizer=tokenizer, image_processor=image_processor, image_tokens=image_tokens)
+    return TrainingSetup(model=model, tokenizer=tokenizer, image_processor=image_processor, image_tokens=image_tokens,
+                         embeddings_resized=_rows(base.get_input_embeddings().weight) != vocabulary)
 
 
 def compile_decoder_layers(model: PreTrainedModel) -> int:

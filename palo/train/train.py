@@ -98,6 +98,7 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         processing_class=setup.tokenizer,
         image_processor=setup.image_processor,
         stage1=model_args.tune_mm_mlp_adapter,
+        save_embeddings=setup.embeddings_resized,
     )
     # The latest complete checkpoint-N (a save cut short stays in <output_dir>/.staging, which is never picked).
     checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None

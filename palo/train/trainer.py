@@ -66,13 +66,19 @@ class PaloTrainer(Trainer):
     Args:
         image_processor: Saved next to full checkpoints.
         stage1: ``--tune_mm_mlp_adapter``.
+        save_embeddings: Whether LoRA checkpoints carry the embedding and output layers (PEFT's
+            ``save_embedding_layers``): True where tokens were added to the vocabulary. ``"auto"`` lets PEFT find out
+            by loading the base model's config at every save, which warns that a ``llama`` config makes a ``palo``
+            one and, for a hub id, asks the hub each time.
         **kwargs: transformers Trainer arguments.
     """
 
-    def __init__(self, *args: Any, image_processor: Any = None, stage1: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, image_processor: Any = None, stage1: bool = False,
+                 save_embeddings: bool | str = "auto", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.image_processor = image_processor
         self.stage1 = stage1
+        self.save_embeddings = save_embeddings
         self._staging = False
         self._language_loss = torch.zeros(len(LANGUAGE_NAMES), dtype=torch.float64)
         self._language_tokens = torch.zeros(len(LANGUAGE_NAMES), dtype=torch.float64)
@@ -285,7 +291,8 @@ class PaloTrainer(Trainer):
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         # PEFT keeps the LoRA tensors (and biases per --lora_bias) and drops the adapter name from the keys;
         # .bin as in the original layout.
-        model.save_pretrained(output_dir, state_dict=state, safe_serialization=False)
+        model.save_pretrained(output_dir, state_dict=state, safe_serialization=False,
+                              save_embedding_layers=self.save_embeddings)
         checkpoint_files.save_non_lora(output_dir, checkpoint_files.non_lora_state(state, trainable))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

@@ -804,3 +804,33 @@ def test_the_filtered_count_is_a_warning_only_when_samples_were_dropped(world, d
     records = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("Filtered")]
     assert records == [(logging.INFO, f"Filtered 0 conversations (corrupt: true); {len(samples)} remain."),
                        (logging.WARNING, f"Filtered 1 conversations (corrupt: true); {len(samples) - 1} remain.")]
+
+
+@pytest.mark.parametrize("start_end", ["False", "True"])
+def test_lora_saves_carry_the_embeddings_only_when_tokens_were_added(world, data, tmp_path, start_end):
+    """PEFT's own check ("auto") loads the base model's config at every save, which warns that a ``llama`` config
+    makes a ``palo`` one (and asks the hub for a hub id); the trainer says what it knows instead: the vocabulary grew
+    (``--mm_use_im_start_end True`` adds two tokens) or it did not."""
+    import logging
+
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    config_logger = logging.getLogger("transformers.configuration_utils")
+    config_logger.addHandler(handler)
+    try:
+        out = str(tmp_path / "out")
+        train(_flags(world, data, out, "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+                     "--mm_use_im_start_end", start_end, "--max_steps", "2", "--save_strategy", "steps",
+                     "--save_steps", "1"))
+    finally:
+        config_logger.removeHandler(handler)
+    assert not [m for m in messages if "to instantiate a model of type" in m]
+    for folder in (out, os.path.join(out, "checkpoint-2")):
+        adapter = torch.load(os.path.join(folder, "adapter_model.bin"))
+        embeddings = {k for k in adapter if "embed_tokens" in k or "lm_head" in k}
+        assert bool(embeddings) == (start_end == "True"), sorted(adapter)
