@@ -427,6 +427,49 @@ def test_second_run_is_served_from_the_cache(tmp_path, server, capsys):
             assert json.load(fa) == json.load(fb)
 
 
+def test_texts_differing_only_in_protected_spans_are_sent_once(tmp_path, server):
+    """The cache and the in-flight memo are keyed by the masked text the model sees: turns that differ only in their
+    numbers, coordinates or code are one request per language, and each gets its own spans back. A turn that is
+    nothing but such spans (a bounding-box answer) is kept as it is, without a request."""
+    box = "[0.12, 0.40, 0.55, 0.89]"
+    samples = [_sample(i, f"<image>\nWhere is cat number {i + 1}?",
+                       f"It sits at [0.{i}1, 0.2, 0.3, 0.4] with {i + 2} toys.") for i in range(4)]
+    samples.append(_sample(4, "<image>\nGive the bounding box of the cat.", box))
+    out = str(tmp_path / "out")
+    assert main(_translate_args(_write(tmp_path / "in.json", samples), out, server, "ar,fr")) == 0
+    per_text = Counter((lang, text) for lang, text, _, _ in server.calls)
+    for language in ("arabic", "french"):
+        assert per_text[(language, "Where is cat number [[1]]?")] == 1
+        assert per_text[(language, "It sits at [[1]] with [[2]] toys.")] == 1
+        result = json.load(open(os.path.join(out, f"{language}.json"), encoding="utf-8"))
+        for i, sample in enumerate(result[:4]):
+            question, answer = (t["value"] for t in sample[f"{language}_conversation"])
+            assert question == "<image>\n" + fake_translate("Where is cat number [[1]]?", language).replace(
+                "[[1]]", str(i + 1))
+            assert f"[0.{i}1, 0.2, 0.3, 0.4]" in answer and str(i + 2) in answer and not sample["corrupt"]
+        assert result[4][f"{language}_conversation"][1]["value"] == box and not result[4]["corrupt"]
+    assert not any(text == "[[1]]" for _, text in per_text)
+    assert len(per_text) == 2 * 3  # per language: the two masked templates and the bounding-box question
+
+
+def test_a_cache_keyed_by_raw_texts_is_still_read(tmp_path, server):
+    """Caches written before keys were masked hold the restored translation under the raw text: a rerun with such
+    a cache sends nothing for those texts."""
+    from palo.data.translate import TranslationCache
+
+    cache = str(tmp_path / "old.sqlite")
+    legacy = TranslationCache(cache)
+    legacy.put("fake-mt", "arabic", "There are 3 cats.", "يوجد 3 القطة", [])
+    legacy.put("fake-mt", "arabic", "What is on the table?", "ماذا على الطاولة؟", [])
+    legacy.close()
+    data = _write(tmp_path / "in.json", [_sample(0, "<image>\nWhat is on the table?", "There are 3 cats.")])
+    out = str(tmp_path / "out")
+    assert main(_translate_args(data, out, server, "ar", "--cache", cache)) == 0
+    assert server.calls == []
+    result = json.load(open(os.path.join(out, "arabic.json"), encoding="utf-8"))
+    assert [t["value"] for t in result[0]["arabic_conversation"]] == ["<image>\nماذا على الطاولة؟", "يوجد 3 القطة"]
+
+
 def test_apply_review_merges_corrections(tmp_path, server, capsys):
     data = _write(tmp_path / "in.json", SAMPLES)
     out = tmp_path / "out"

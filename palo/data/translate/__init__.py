@@ -17,9 +17,10 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
   (``palo-data apply-review``).
 * **Resumable, nothing twice.** Every finished sample is appended (and flushed) to ``<language>.progress.jsonl``; a
   rerun skips what is there. Every translation (with its verdict) also goes to an SQLite cache keyed by
-  (model, language, exact source text) the moment it arrives, shared across runs, so a rerun after a kill sends no
-  string that was already translated; identical strings in flight at once are sent once. Final files are written
-  to a temp file and ``os.replace``-d.
+  (model, language, masked source text) the moment it arrives, shared across runs, so a rerun after a kill sends no
+  string that was already translated, texts that differ only in numbers, coordinates or code are sent once, and
+  identical strings in flight at once are sent once. A text that is nothing but such spans is not sent at all.
+  Final files are written to a temp file and ``os.replace``-d.
 * **Bounded concurrency** (``--parallel`` threads, one request in flight each) through the shared client of
   :mod:`palo.openai_client`: exponential backoff on 429, 408/409, 5xx, time-outs, dropped connections and malformed
   bodies, honouring ``Retry-After`` (seconds or an HTTP date). A sample whose requests still fail is left unfinished

@@ -9,7 +9,11 @@ from palo.openai_client import SqliteStore
 
 
 class TranslationCache(SqliteStore):
-    """Translations in SQLite, keyed by (model, language, exact source text); shared across runs.
+    """Translations in SQLite, keyed by (model, language, masked source text); shared across runs.
+
+    The source is the text as sent, numbers, coordinates and code replaced by ``[[n]]`` placeholders, and the
+    translation is stored masked too (each text restores its own spans). Caches written before keys were masked hold
+    restored translations under raw texts; the translator still reads those.
 
     Rejected translations are stored too, with their problems, so a rerun (or a run into a fresh output folder)
     reproduces the rejection without paying for the same failure again; ``--retry_rejected`` asks again instead.

@@ -1,9 +1,11 @@
 """The translator: one text through mask -> chat model -> clean -> check (-> stricter retry) -> restore, cached.
 
 Requests go through :class:`palo.openai_client.ChatClient` (bounded retries, ``Retry-After``, failures as
-:class:`RequestFailed`), the same client the LLM judge uses. Caching is per (model, language, source text) in
-:class:`~palo.data.translate.cache.TranslationCache` rather than per request, because a translation's outcome
-(accepted or rejected with its problems) spans up to two requests.
+:class:`RequestFailed`), the same client the LLM judge uses. Caching is per (model, language, *masked* source text)
+in :class:`~palo.data.translate.cache.TranslationCache` rather than per request, because a translation's outcome
+(accepted or rejected with its problems) spans up to two requests. The masked text is what the model sees, so texts
+that differ only in their numbers, coordinates or code ("It is at [0.12, ...]" in thousands of samples) are one
+request; each gets its own spans back when the cached masked translation is restored.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 
+from palo.data.languages import _LETTER_RE
 from palo.data.translate.cache import TranslationCache
 from palo.data.translate.check import check_translation
 from palo.data.translate.cleaning import clean_reply
 from palo.data.translate.prompts import system_prompt
-from palo.data.translate.spans import Masked, mask, restore
+from palo.data.translate.spans import _PLACEHOLDER_RE, Masked, mask, restore
 from palo.openai_client import DEFAULT_MAX_BACKOFF, ChatClient, RequestFailed
 
 __all__ = ["RequestFailed", "TextResult", "Translator"]
@@ -93,49 +96,64 @@ class Translator:
             found.insert(0, "reply cut off (max tokens)")
         return reply, found
 
-    def _translate_uncached(self, text: str, language: str) -> TextResult:
-        masked = mask(text)
+    def _translate_uncached(self, masked: Masked, language: str) -> TextResult:
+        """The masked translation of ``masked`` (accepted, or rejected with its problems), cached."""
         reply, problems = self._attempt(masked, language, None)
         if problems:
             self._count("strict_retries")
             reply, problems = self._attempt(masked, language, problems)
-        translation = restore(reply, masked.spans)
-        self.cache.put(self.model, language, text, translation, problems)
+        self.cache.put(self.model, language, masked.text, reply, problems)
         if problems:
             self._count("rejected")
-        return TextResult(translation, problems)
+        return TextResult(reply, problems)
+
+    def _lookup(self, masked: Masked, text: str, language: str) -> TextResult | None:
+        cached = self.cache.get(self.model, language, masked.text)
+        if cached is None and masked.spans:
+            # A cache written before keys were masked holds the restored translation under the raw text; a masked
+            # key never equals a raw text that has spans, so this finds only such entries.
+            legacy = self.cache.get(self.model, language, text)
+            if legacy is not None:
+                return TextResult(legacy[0], legacy[1], cached=True)
+        if cached is None or (cached[1] and self.retry_rejected):
+            return None
+        return TextResult(restore(cached[0], masked.spans), cached[1], cached=True)
 
     def translate(self, text: str, language: str) -> TextResult:
         """Translate one text (no ``<image>`` in it) into ``language``.
 
+        A text with nothing to translate once its numbers, coordinates and code are masked (e.g. a turn that is
+        only a bounding box) is returned as it is, without a request.
+
         Raises:
             RequestFailed: When the endpoint kept failing; nothing is cached then.
         """
-        if not text.strip():
+        masked = mask(text)
+        if not _LETTER_RE.search(_PLACEHOLDER_RE.sub(" ", masked.text)):
             return TextResult(text, [], cached=True)
-        cached = self.cache.get(self.model, language, text)
-        if cached is not None and not (cached[1] and self.retry_rejected):
+        found = self._lookup(masked, text, language)
+        if found is not None:
             self._count("cache_hits")
-            return TextResult(cached[0], cached[1], cached=True)
-        key = (language, text)
+            return found
+        key = (language, masked.text)
         with self._lock:
             future = self._inflight.get(key)
             owner = future is None
             if owner:
                 future = self._inflight[key] = Future()
-        if not owner:
+        if owner:
+            try:
+                result = self._translate_uncached(masked, language)
+            except BaseException as exc:
+                with self._lock:
+                    del self._inflight[key]  # a later sample may try again
+                future.set_exception(exc)
+                raise
+            future.set_result(result)
+            with self._lock:  # the cache answers from now on (with retry_rejected, the memo keeps a rejection once)
+                if not (result.problems and self.retry_rejected):
+                    del self._inflight[key]
+        else:
             result = future.result()  # re-raises the owner's RequestFailed
             self._count("cache_hits")
-            return dataclasses.replace(result, cached=True)
-        try:
-            result = self._translate_uncached(text, language)
-        except BaseException as exc:
-            with self._lock:
-                del self._inflight[key]  # a later sample may try again
-            future.set_exception(exc)
-            raise
-        future.set_result(result)
-        with self._lock:  # the cache answers from now on (with retry_rejected, the memo keeps a rejection once)
-            if not (result.problems and self.retry_rejected):
-                del self._inflight[key]
-        return result
+        return TextResult(restore(result.translation, masked.spans), result.problems, cached=not owner)
