@@ -469,6 +469,13 @@ def test_a_cache_keyed_by_raw_texts_is_still_read(tmp_path, server):
     result = json.load(open(os.path.join(out, "arabic.json"), encoding="utf-8"))
     assert [t["value"] for t in result[0]["arabic_conversation"]] == ["<image>\nماذا على الطاولة؟", "يوجد 3 القطة"]
 
+    # A rejection stored that way is asked again under --retry_rejected, as the masked text.
+    legacy = TranslationCache(cache)
+    legacy.put("fake-mt", "arabic", "There are 3 cats.", "There are 3 cats.", ["left unchanged (still English)"])
+    legacy.close()
+    assert main(_translate_args(data, str(tmp_path / "again"), server, "ar", "--cache", cache, "--retry_rejected")) == 0
+    assert [text for _, text, _, _ in server.calls] == ["There are [[1]] cats."]
+
 
 def test_apply_review_merges_corrections(tmp_path, server, capsys):
     data = _write(tmp_path / "in.json", SAMPLES)

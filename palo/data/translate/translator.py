@@ -113,7 +113,7 @@ class Translator:
             # A cache written before keys were masked holds the restored translation under the raw text; a masked
             # key never equals a raw text that has spans, so this finds only such entries.
             legacy = self.cache.get(self.model, language, text)
-            if legacy is not None:
+            if legacy is not None and not (legacy[1] and self.retry_rejected):
                 return TextResult(legacy[0], legacy[1], cached=True)
         if cached is None or (cached[1] and self.retry_rejected):
             return None
