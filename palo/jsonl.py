@@ -3,7 +3,8 @@
 Evaluation and translation runs are long and get interrupted. Everything here is built for that:
 
 * :func:`iter_jsonl` / :func:`read_jsonl` read strictly and name file and line on bad input (for inputs a person
-  made or edited); :func:`read_log` reads an append-only log of our own leniently, up to its first incomplete line.
+  made or edited); :func:`iter_log` / :func:`read_log` read an append-only log of our own leniently, up to its first
+  incomplete line.
 * :class:`JsonlAppender` writes one complete line per record with a single unbuffered ``write``, so a killed run
   leaves only whole lines behind (at worst one torn last line, which :func:`repair_tail` removes before a resumed
   run appends).
@@ -133,8 +134,11 @@ class JsonlAppender:
         # Unbuffered: one os-level write per record, so nothing sits in a Python buffer when the process dies.
         self._file = open(path, "ab", buffering=0)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any]) -> int:
+        """Append one record; returns the byte offset its line starts at (for readers that seek to it)."""
+        start = self._file.seek(0, os.SEEK_END)
         self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        return start
 
     def close(self) -> None:
         self._file.close()
@@ -266,33 +270,40 @@ def atomic_write_json(path: str, items: Iterable[Any]) -> None:
     atomic_write(path, _json_array(items))
 
 
-def read_log(path: str, repair: bool = False) -> list[Any]:
-    """The records of an append-only JSONL log up to its first incomplete or unreadable line.
+def iter_log(path: str, repair: bool = False) -> Iterator[tuple[int, Any]]:
+    """The records of an append-only JSONL log up to its first incomplete or unreadable line, read line by line.
 
     For logs this project writes itself (resume logs), where the only expected damage is a kill mid-write; inputs a
-    person edits go through the strict :func:`read_jsonl` instead.
+    person edits go through the strict :func:`read_jsonl` instead. Streaming: a log of millions of records is never
+    in memory at once.
 
     Args:
         path: The log; a missing file has no records.
-        repair: Cut everything from the first bad line off the file, so that appends continue a whole log.
+        repair: Once the records are read, cut everything from the first bad line off the file, so that appends
+            continue a whole log.
 
-    Returns:
-        The parsed lines, in order (whatever JSON values they hold).
+    Yields:
+        ``(byte offset of the line, parsed record)``, in order (whatever JSON values the lines hold).
     """
     if not os.path.exists(path):
-        return []
-    records, good_end = [], 0
+        return
+    good_end = 0
     with open(path, "rb") as f:
-        data = f.read()
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good_end += len(line)
-    if repair and good_end != len(data):
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                record = json.loads(line)
+            except ValueError:  # bad JSON or bad UTF-8
+                break
+            yield good_end, record
+            good_end += len(line)
+        size = os.fstat(f.fileno()).st_size
+    if repair and good_end != size:
         with open(path, "r+b") as f:
             f.truncate(good_end)
-    return records
+
+
+def read_log(path: str, repair: bool = False) -> list[Any]:
+    """All records of an append-only JSONL log (see :func:`iter_log`), in order."""
+    return [record for _, record in iter_log(path, repair=repair)]

@@ -86,6 +86,24 @@ def test_read_log_stops_at_a_torn_line_and_repair_cuts_it(tmp_path):
     assert jsonl.read_log(str(tmp_path / "missing.jsonl")) == []
 
 
+def test_appended_records_are_found_again_at_the_offsets_the_log_gives(tmp_path):
+    """Readers that keep offsets instead of records (the translation run) seek to what the appender returned."""
+    path = str(tmp_path / "progress.jsonl")
+    with jsonl.JsonlAppender(path) as log:
+        offsets = [log.write({"index": i, "text": "নমস্কার" * i}) for i in range(3)]
+    with jsonl.JsonlAppender(path) as log:  # reopened: offsets continue after what is there
+        offsets.append(log.write({"index": 3}))
+    assert [offset for offset, _ in jsonl.iter_log(path)] == offsets
+    with open(path, "rb") as f:
+        for i, offset in enumerate(offsets):
+            f.seek(offset)
+            assert json.loads(f.readline())["index"] == i
+    with open(path, "ab") as f:
+        f.write(b'{"index": 4, "text": "\xff"}\n{"index": 5}\n')  # a line that is not UTF-8 ends the log
+    assert [r["index"] for r in jsonl.read_log(path, repair=True)] == [0, 1, 2, 3]
+    assert os.path.getsize(path) == offsets[-1] + len(b'{"index": 3}\n')
+
+
 def test_strict_reading_names_file_and_line(tmp_path):
     path = tmp_path / "review.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2,}\n', encoding="utf-8")

@@ -23,7 +23,7 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.data.translate import conversation_key, join_image, source_hash, split_image
-from palo.jsonl import JsonlAppender, atomic_write_json, read_json_samples, read_jsonl, read_log
+from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_json_samples, read_jsonl
 
 
 def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -98,13 +98,13 @@ def main_apply_review(args: argparse.Namespace) -> int:
         candidate = args.data_path[: -len(".json")] + ".progress.jsonl"
         progress = candidate if os.path.exists(candidate) else None
     if progress and report["touched"]:
-        old = {int(r["index"]): r for r in read_log(progress) if isinstance(r, dict) and "index" in r}
+        old = {int(r["index"]): r.get("hash") for _, r in iter_log(progress) if isinstance(r, dict) and "index" in r}
         # The appender first cuts a torn last line (a killed translate run), so the corrections start a line of
         # their own instead of being glued to the torn one, where a resume would cut them off.
         with JsonlAppender(progress) as log:
             for index in report["touched"]:
                 review = [e for e in entries if int(e["index"]) == index and not (e.get("corrected") or "").strip()]
-                log.write({"index": index, "hash": old.get(index, {}).get("hash", source_hash(samples[index])),
+                log.write({"index": index, "hash": old.get(index) or source_hash(samples[index]),
                            "sample": samples[index], "review": review})
     del report["touched"]
     report["output"] = output

@@ -6,7 +6,7 @@ import os
 import threading
 from typing import Any
 
-from palo.data.translate.files import load_progress, output_paths, write_outputs
+from palo.data.translate.files import Progress, load_progress, output_paths, write_outputs
 from palo.data.translate.samples import source_hash, translate_sample
 from palo.data.translate.translator import RequestFailed, Translator
 from palo.jsonl import JsonlAppender
@@ -31,14 +31,13 @@ def run(samples: list[dict[str, Any]], languages: list[str], translator: Transla
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {language: output_paths(output_dir, language) for language in languages}
-    progress: dict[str, dict[int, dict[str, Any]]] = {}
+    hashes = [source_hash(s) for s in samples]
+    # Only where each finished record is in its log: the records themselves would not fit in memory at 150K x 9.
+    progress: dict[str, Progress] = {}
     todo: list[tuple[str, int]] = []
-    hashes = {i: source_hash(s) for i, s in enumerate(samples)}
     for language in languages:
-        done = load_progress(paths[language]["progress"])
-        # Keep only records that match the current input (same position, same English turns).
-        progress[language] = {i: r for i, r in done.items() if i < len(samples) and r.get("hash") == hashes[i]}
-        todo += [(language, i) for i in range(len(samples)) if i not in progress[language]]
+        progress[language] = load_progress(paths[language]["progress"], hashes)
+        todo += [(language, i) for i in range(len(samples)) if i not in progress[language].offsets]
     logs = {language: JsonlAppender(paths[language]["progress"]) for language in languages}
     failures: dict[str, list[dict[str, Any]]] = {language: [] for language in languages}
     lock = threading.Lock()
@@ -64,8 +63,7 @@ def run(samples: list[dict[str, Any]], languages: list[str], translator: Transla
             with lock:
                 # One unbuffered write per sample: after a kill the log holds whole samples (a torn last line is
                 # cut off on resume) and nothing waits in a Python buffer.
-                logs[language].write(record)
-                progress[language][i] = record
+                progress[language].add(i, logs[language].write(record), sample["corrupt"])
                 bar.update(1)
                 corrupt[0] += bool(review)
                 bar.set_postfix(tokens=translator.stats["tokens"], corrupt=corrupt[0], refresh=False)
@@ -83,14 +81,14 @@ def run(samples: list[dict[str, Any]], languages: list[str], translator: Transla
     report: dict[str, Any] = {"languages": {}, "requests": dict(translator.stats)}
     for language in languages:
         done = progress[language]
-        complete = len(done) == len(samples)
+        complete = len(done.offsets) == len(samples)
         if complete:
             write_outputs(paths[language], done)
         report["languages"][language] = {
             "samples": len(samples),
-            "finished": len(done),
-            "corrupt": sum(1 for r in done.values() if r["sample"].get("corrupt")),
-            "unfinished": len(samples) - len(done),
+            "finished": len(done.offsets),
+            "corrupt": len(done.corrupt),
+            "unfinished": len(samples) - len(done.offsets),
             "output": paths[language]["json"] if complete else None,
             "review": paths[language]["review"] if complete else None,
             "errors": failures[language][:5],
