@@ -5,6 +5,10 @@ kept under ``english_conversations`` and the language under ``language``; the ``
 dropped (it would double the size of a file that is already 13 GB at PALO scale, and the trainer ignores it).
 Samples flagged ``corrupt`` are left out unless ``--keep_corrupt`` (the trainer would drop them anyway). Everything
 is shuffled with ``random.Random(seed)``: the same inputs and seed give the same file, byte for byte.
+
+The inputs are never loaded whole (at PALO scale they are about 2M samples, tens of GB as Python objects): each is
+indexed by byte offset (:class:`~palo.data.json_index.JsonArrayIndex`), the shuffle permutes positions, and the
+output is written one sample at a time, read back from its input.
 """
 
 from __future__ import annotations
@@ -13,19 +17,17 @@ import argparse
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
+from palo.data.json_index import JsonArrayIndex
 from palo.data.translate import TARGET_LANGUAGES, conversation_key
-from palo.jsonl import atomic_write_json, read_json_samples
+from palo.jsonl import atomic_write_json
 
 
-def translated_language(samples: list[dict[str, Any]]) -> str | None:
-    """The language of a translated set, from its ``<language>_conversation`` key."""
-    for sample in samples:
-        for language in TARGET_LANGUAGES:
-            if conversation_key(language) in sample:
-                return language
-    return None
+def sample_language(sample: dict[str, Any]) -> str | None:
+    """The language of a translated sample, from its ``<language>_conversation`` key."""
+    return next((language for language in TARGET_LANGUAGES if conversation_key(language) in sample), None)
 
 
 def to_training(sample: dict[str, Any], language: str, image_prefix: str = "") -> dict[str, Any]:
@@ -39,55 +41,106 @@ def to_training(sample: dict[str, Any], language: str, image_prefix: str = "") -
     return out
 
 
-def merge(english: list[dict[str, Any]], translated: list[list[dict[str, Any]]], seed: int = 0,
-          keep_corrupt: bool = False, image_prefix: str = "") -> tuple[list[dict[str, Any]], dict[str, Counter]]:
-    """Combine and shuffle.
+class _Set:
+    """One input file, indexed: its samples are read (and checked) one at a time.
+
+    Raises (at construction and from :meth:`sample`):
+        ValueError: Naming ``what`` and the path: missing, unreadable, not a JSON array, an element that is not
+            valid UTF-8 JSON or not an object.
+    """
+
+    def __init__(self, path: str, what: str) -> None:
+        self.path, self.what = path, what
+        try:
+            self.index = JsonArrayIndex.build(path, cache=False)
+        except FileNotFoundError:
+            raise ValueError(f"{what} {path}: no such file") from None
+        except OSError as exc:
+            raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
+        except ValueError as exc:
+            raise ValueError(f"{what} {path}: not valid JSON ({str(exc).removeprefix(path + ': ')})") from None
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def sample(self, i: int) -> dict[str, Any]:
+        try:
+            sample = self.index.read(i)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{self.what} {self.path}: sample {i} is not UTF-8 text ({exc.reason})") from None
+        except ValueError as exc:
+            raise ValueError(f"{self.what} {self.path}: sample {i} is not valid JSON ({exc})") from None
+        if not isinstance(sample, dict):
+            raise ValueError(f"{self.what} {self.path}: expected a JSON array of samples (objects), "
+                             f"sample {i} is {type(sample).__name__}")
+        return sample
+
+
+def merge_files(english_path: str, translated_paths: list[str], output: str, seed: int = 0,
+                keep_corrupt: bool = False, image_prefix: str = "") -> dict[str, Counter]:
+    """Combine, shuffle and write, holding positions in memory rather than samples.
 
     Args:
-        english: The English training set (taken as it is), or [].
-        translated: Translated sets as written by ``palo-data translate``.
-        seed: Shuffle seed.
+        english_path: The English training set (taken as it is).
+        translated_paths: Translated sets as written by ``palo-data translate``.
+        output: The merged JSON array, written atomically.
+        seed: Shuffle seed; the permutation is that of ``random.Random(seed).shuffle`` over the English samples
+            followed by each translated set's kept samples, in input order.
         keep_corrupt: Keep samples flagged ``corrupt`` (flag and all).
         image_prefix: Prefix for the ``image`` of translated samples (``coco/train2017`` for LLaVA-Instruct-150K,
             which stores bare file names; the original's ``--append_coco``).
 
     Returns:
-        The merged samples and per-language counts (``kept`` and ``corrupt_dropped``).
+        Per-language counts (``kept`` and ``corrupt_dropped``).
 
     Raises:
-        ValueError: When a set has no ``<language>_conversation`` key.
+        ValueError: Naming the flag and file: an input that cannot be read as a JSON array of samples, or a
+            translated set without a ``<language>_conversation`` key.
     """
-    counts: dict[str, Counter] = {"english": Counter(kept=len(english))}
-    merged = list(english)
-    for samples in translated:
-        language = translated_language(samples)
-        if language is None:
-            raise ValueError("a translated set has no '<language>_conversation' key (was it made by translate?)")
-        counter = counts.setdefault(language, Counter())
-        for sample in samples:
-            if conversation_key(language) not in sample or (sample.get("corrupt") and not keep_corrupt):
-                counter["corrupt_dropped"] += 1
+    sets = [_Set(english_path, "--data_path")] + [_Set(path, "--translated") for path in translated_paths]
+    counts: dict[str, Counter] = {"english": Counter(kept=len(sets[0]))}
+    languages: list[str | None] = [None]
+    chosen: list[tuple[int, int]] = [(0, i) for i in range(len(sets[0]))]  # (set, sample), before the shuffle
+    for k, samples in enumerate(sets[1:], start=1):
+        language, kept = None, 0
+        for i in range(len(samples)):  # the filter pass: decides what is kept, keeps nothing but positions
+            sample = samples.sample(i)
+            language = language or sample_language(sample)
+            if language is None or conversation_key(language) not in sample or (
+                    sample.get("corrupt") and not keep_corrupt):
                 continue
-            merged.append(to_training(sample, language, image_prefix))
-            counter["kept"] += 1
-    random.Random(seed).shuffle(merged)
-    return merged, counts
+            chosen.append((k, i))
+            kept += 1
+        if language is None:
+            raise ValueError(f"--translated {samples.path}: no '<language>_conversation' key (was it made by "
+                             "translate?)")
+        counter = counts.setdefault(language, Counter())
+        counter["kept"] += kept
+        counter["corrupt_dropped"] += len(samples) - kept
+        languages.append(language)
+    random.Random(seed).shuffle(chosen)
+
+    def merged() -> Iterator[dict[str, Any]]:
+        for k, i in chosen:
+            sample = sets[k].sample(i)
+            yield sample if k == 0 else to_training(sample, languages[k], image_prefix)
+
+    atomic_write_json(output, merged())
+    return counts
 
 
 def main_merge(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data merge``."""
-    english = read_json_samples(args.data_path, "--data_path")  # its ValueError is palo-data's error line
-    translated = [read_json_samples(path, "--translated") for path in args.translated]
     try:
-        merged, counts = merge(english, translated, args.seed, args.keep_corrupt, args.image_prefix)
+        counts = merge_files(args.data_path, args.translated, args.output, args.seed, args.keep_corrupt,
+                             args.image_prefix)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    atomic_write_json(args.output, merged)
     for language, counter in counts.items():
         print(f"{language:10s} {counter['kept']:>9d} samples"
               + (f"  ({counter['corrupt_dropped']} corrupt dropped)" if counter["corrupt_dropped"] else ""))
-    print(f"{'total':10s} {len(merged):>9d} samples -> {args.output}")
+    print(f"{'total':10s} {sum(c['kept'] for c in counts.values()):>9d} samples -> {args.output}")
     return 0
 
 

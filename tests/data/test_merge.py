@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 from palo.data.cli import main
 
@@ -80,3 +81,50 @@ def test_merge_shuffle_is_deterministic(tmp_path):
 def test_merge_keep_corrupt(tmp_path):
     merged = _merge(tmp_path, "k.json", 0, "--keep_corrupt")
     assert sum(1 for s in merged if s.get("corrupt")) == 1
+
+
+def test_merge_refuses_samples_that_are_not_objects_or_not_utf8_and_sets_without_a_language(tmp_path, capsys):
+    english = _write(tmp_path / "en.json", _english(2))
+    numbers = _write(tmp_path / "numbers.json", [1, 2])
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"id": "é"}]'.encode("latin-1"))
+    plain = _write(tmp_path / "plain.json", _english(2))  # English, not a translated set
+    out = tmp_path / "merged.json"
+    for translated, why in ((numbers, "expected a JSON array of samples (objects)"), (str(latin1), "not UTF-8"),
+                            (plain, "no '<language>_conversation' key")):
+        assert main(["merge", "--data_path", english, "--translated", translated, "--output", str(out)]) == 2
+        assert f"error: --translated {translated}: " in (err := capsys.readouterr().err) and why in err, err
+    assert not out.exists() and not list(tmp_path.glob("*.npz"))  # no index caches left beside the inputs
+
+
+def test_merge_never_holds_the_sets_in_memory(tmp_path, capsys, monkeypatch):
+    """At PALO scale the inputs are ~2M samples (tens of GB as Python objects): merge keeps positions, and reads
+    each sample back when it writes it."""
+    import tracemalloc
+
+    from palo.data.json_index import JsonArrayIndex
+
+    # The index's scan works through 4 MB chunks with scratch arrays several times that size, a constant that would
+    # dwarf these small files; smaller chunks leave the merge's own memory to be measured.
+    build = JsonArrayIndex.build
+    monkeypatch.setattr(JsonArrayIndex, "build", classmethod(lambda cls, path, **kw: build(path, chunk_size=1 << 16,
+                                                                                             **kw)))
+
+    long = "word " * 400
+    english = _english(1000)
+    for sample in english:
+        sample["conversations"][1]["value"] += long
+    arabic = _translated("arabic", "ما هذا؟ " * 200, 1000, corrupt={3})
+    paths = [_write(tmp_path / "en.json", english), _write(tmp_path / "ar.json", arabic)]
+    inputs = sum(os.path.getsize(p) for p in paths)
+    del english, arabic
+    assert main(["merge", "--data_path", paths[0], "--translated", paths[1], "--output", str(tmp_path / "w.json")]) == 0
+    tracemalloc.start()
+    try:
+        assert main(["merge", "--data_path", paths[0], "--translated", paths[1], "--output",
+                     str(tmp_path / "m.json")]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "1999 samples" in capsys.readouterr().out
+    assert peak < inputs / 4, (peak, inputs)
