@@ -486,7 +486,7 @@ def test_memory_does_not_grow_with_the_languages_translated(tmp_path, server, ca
 
     words = "is on at it we go up by to an".split()  # short English words: long translations, a small input
     samples = [_sample(i, "<image>\nDescribe it.", " ".join(words[(i + k) % 10] for k in range(3000)) + f" {i}.")
-               for i in range(100)]
+               for i in range(200)]
     data = _write(tmp_path / "in.json", samples)
     assert main(_translate_args(_write(tmp_path / "one.json", samples[:1]), str(tmp_path / "warm"), server)) == 0
     peaks = {}
