@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -31,16 +33,26 @@ class Services:
     processes: list[subprocess.Popen] = field(default_factory=list)
 
     def stop(self) -> None:
-        """Terminate every service this object started (by its own process handle), then reap them."""
-        for proc in reversed(self.processes):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.processes:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """Terminate every service this object started (by its own process handle), then reap them.
+
+        Ctrl-C is ignored meanwhile: it is often pressed twice, and a second ``KeyboardInterrupt`` here would leave
+        the services running with nobody to stop them.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for proc in reversed(self.processes):
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in self.processes:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
 
 
 def _post_json(url: str, timeout: float = 2.0) -> dict:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -161,3 +164,28 @@ def test_refused_requests_are_counted_as_failed_not_lost(tmp_path, capsys):
     assert capsys.readouterr().err.count("no answer") == 30
     table = exact_match.build_table(bench, answers, "m")
     assert all(row["failed"] == 3 and row["all"] is None for row in table["languages"].values())
+
+
+def test_a_second_ctrl_c_while_stopping_still_stops_every_service(tmp_path):
+    """Ctrl-C is often pressed twice; the second one used to interrupt the shutdown with a traceback and leave the
+    services running. Run in a child process: a SIGINT in the test process would end the whole session."""
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent('''
+        import os, signal, subprocess, sys, threading
+        from palo.quickstart.serve import Services
+        slow = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0))); " \\
+               "print('up', flush=True); time.sleep(60)"
+        proc = subprocess.Popen([sys.executable, "-c", slow], stdout=subprocess.PIPE)
+        proc.stdout.readline()  # its SIGTERM handler is installed
+        services = Services("http://c", "http://w", "m", [proc])
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        try:
+            services.stop()
+        finally:
+            print("service exited:", proc.poll() is not None, flush=True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+    '''))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert result.returncode == 0, result.stderr
+    assert "service exited: True" in result.stdout
