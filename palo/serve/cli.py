@@ -1,7 +1,9 @@
 """Interactive chat about an image in the terminal, streamed (``python -m palo.serve.cli``).
 
 The flags are those of LLaVA's ``cli.py``; ``--conv-mode`` defaults to the template the checkpoint was trained
-with (from its config, not its name). Type in any of the 10 languages; an empty line or EOF ends the chat.
+with (from its config, not its name). Type in any of the 10 languages; an empty line, EOF or Ctrl-C at the prompt
+ends the chat, and Ctrl-C during an answer stops that answer (what it said so far stays in the conversation; a second
+Ctrl-C quits).
 Answers come from :mod:`palo.engine`, whose prefix cache keeps the image and the earlier turns: each turn computes
 only what is new.
 """
@@ -9,7 +11,9 @@ only what is new.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 import torch
 
@@ -91,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         try:
             inp = input(f"{roles[0]}: ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()
             inp = ""
         if not sys.stdin.isatty() and inp:
             print(inp)  # piped input is not echoed by the terminal: show it so transcripts read as a chat
@@ -113,17 +118,64 @@ def main(argv: list[str] | None = None) -> int:
         stop = stop_string(conv)
         sampling = SamplingParams(max_tokens=min(args.max_new_tokens, budget), temperature=max(args.temperature, 0.0),
                                   stop=(stop,) if stop else ())
-        request = EngineRequest(input_ids, images, sampling,
-                                on_output=lambda output: print(output.delta, end="", flush=True))
-        result = engine.generate([request])[0]
-        print()
+        stream = _Stream()
+        request = EngineRequest(input_ids, images, sampling, on_output=stream.show)
+        with _ctrl_c_stops(stream.stopped):
+            result = engine.generate([request])[0]
+        print(" [stopped]" if stream.stopped.is_set() else "")
         if result.error:
             print(f"[generation failed: {result.error}]", file=sys.stderr)
             return 1
-        outputs = result.text.strip()
+        # A stopped answer enters the conversation as far as it was shown.
+        outputs = (stream.shown if stream.stopped.is_set() else result.text).strip()
         conv.messages[-1][-1] = outputs
         if args.debug:
             print("\n", {"prompt": prompt, "outputs": outputs}, "\n")
+
+
+class _AnswerStopped(Exception):
+    """Raised from the output callback: the engine then cancels the request and frees its cache."""
+
+
+class _Stream:
+    """The engine's output callback for one answer: prints each new piece until ``stopped`` is set.
+
+    Attributes:
+        stopped: Set by Ctrl-C (see :class:`_ctrl_c_stops`).
+        shown: The text printed so far.
+    """
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self.shown = ""
+
+    def show(self, output) -> None:
+        if self.stopped.is_set():
+            if not output.finished:
+                raise _AnswerStopped  # from the callback, between engine steps: no step is cut in half
+            return
+        print(output.delta, end="", flush=True)
+        self.shown += output.delta
+
+
+class _ctrl_c_stops:  # noqa: N801 - used as a context manager, named like one
+    """While generating: the first Ctrl-C sets ``stopped`` (the answer ends at the next token, the engine intact);
+    a second one raises KeyboardInterrupt as usual."""
+
+    def __init__(self, stopped: threading.Event) -> None:
+        self.stopped, self.previous = stopped, None
+
+    def _handler(self, signum, frame) -> None:
+        self.stopped.set()
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,48 @@ def test_bad_image_and_bad_checkpoint_fail_clearly(world, tmp_path, image_file):
     assert result.returncode == 2 and "not a readable image" in result.stderr
     result = _run(["--model-path", str(tmp_path), "--image-file", image_file, "--device", "cpu"], "")
     assert result.returncode == 2 and "no config.json" in result.stderr
+
+
+_CTRL_C_DRIVER = '''
+import builtins, io, signal, sys
+from palo.engine import LLMEngine
+from palo.serve import cli
+mode, checkpoint, image = sys.argv[1:4]
+if mode == "answer":  # the user's Ctrl-C arrives while the third piece of the first answer is being shown
+    emit, calls = LLMEngine._emit, []
+    def interrupted(self, seq, output):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        emit(self, seq, output)
+    LLMEngine._emit = interrupted
+    sys.stdin = io.StringIO("What is in the image?\\nAnd its colour?\\n\\n")
+else:  # Ctrl-C at the prompt
+    def ctrl_c(prompt=""):
+        print(prompt, end="")
+        raise KeyboardInterrupt
+    builtins.input = ctrl_c
+sys.exit(cli.main(["--model-path", checkpoint, "--image-file", image, "--device", "cpu", "--temperature", "0",
+                   "--max-new-tokens", "40", "--debug"]))
+'''
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(world, image_file, tmp_path):
+    """Ctrl-C during an answer ends that answer at the next token (the engine is never cut mid-step), keeps what it
+    said in the conversation and returns to the prompt; Ctrl-C at the prompt ends the chat like an empty line.
+    (A child process: a SIGINT in the test process would end the whole session.)"""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_CTRL_C_DRIVER)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    run = lambda mode: subprocess.run([sys.executable, str(driver), mode, world.full_dir, image_file],  # noqa: E731
+                                      capture_output=True, text=True, timeout=300, env=env)
+    result = run("answer")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    first = out.split("ASSISTANT: ", 1)[1].split(" [stopped]\n", 1)[0]
+    assert first.strip() and out.count(" [stopped]") == 1 and out.rstrip().endswith("exit...")
+    # The chat went on: the second question was answered, with the first answer in its prompt as far as it was shown.
+    assert "USER: And its colour?\nASSISTANT: " in out
+    assert f"ASSISTANT: {first.strip()}</s>USER: And its colour? ASSISTANT:" in out
+    result = run("prompt")
+    assert result.returncode == 0 and result.stdout.rstrip().endswith("exit...") and "Traceback" not in result.stderr
