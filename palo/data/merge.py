@@ -7,7 +7,7 @@ Samples flagged ``corrupt`` are left out unless ``--keep_corrupt`` (the trainer 
 is shuffled with ``random.Random(seed)``: the same inputs and seed give the same file, byte for byte.
 
 The inputs are never loaded whole (at PALO scale they are about 2M samples, tens of GB as Python objects): each is
-indexed by byte offset (:class:`~palo.data.json_index.JsonArrayIndex`), the shuffle permutes positions, and the
+indexed by byte offset (:class:`~palo.data.sample_file.SampleFile`), the shuffle permutes positions, and the
 output is written one sample at a time, read back from its input.
 """
 
@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from palo.data.json_index import JsonArrayIndex
+from palo.data.sample_file import SampleFile
 from palo.data.translate import TARGET_LANGUAGES, conversation_key
 from palo.jsonl import atomic_write_json
 
@@ -39,41 +39,6 @@ def to_training(sample: dict[str, Any], language: str, image_prefix: str = "") -
     if image_prefix and "image" in out:
         out["image"] = image_prefix.rstrip("/") + "/" + str(out["image"])
     return out
-
-
-class _Set:
-    """One input file, indexed: its samples are read (and checked) one at a time.
-
-    Raises (at construction and from :meth:`sample`):
-        ValueError: Naming ``what`` and the path: missing, unreadable, not a JSON array, an element that is not
-            valid UTF-8 JSON or not an object.
-    """
-
-    def __init__(self, path: str, what: str) -> None:
-        self.path, self.what = path, what
-        try:
-            self.index = JsonArrayIndex.build(path, cache=False)
-        except FileNotFoundError:
-            raise ValueError(f"{what} {path}: no such file") from None
-        except OSError as exc:
-            raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
-        except ValueError as exc:
-            raise ValueError(f"{what} {path}: not valid JSON ({str(exc).removeprefix(path + ': ')})") from None
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def sample(self, i: int) -> dict[str, Any]:
-        try:
-            sample = self.index.read(i)
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{self.what} {self.path}: sample {i} is not UTF-8 text ({exc.reason})") from None
-        except ValueError as exc:
-            raise ValueError(f"{self.what} {self.path}: sample {i} is not valid JSON ({exc})") from None
-        if not isinstance(sample, dict):
-            raise ValueError(f"{self.what} {self.path}: expected a JSON array of samples (objects), "
-                             f"sample {i} is {type(sample).__name__}")
-        return sample
 
 
 def merge_files(english_path: str, translated_paths: list[str], output: str, seed: int = 0,
@@ -97,14 +62,14 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         ValueError: Naming the flag and file: an input that cannot be read as a JSON array of samples, or a
             translated set without a ``<language>_conversation`` key.
     """
-    sets = [_Set(english_path, "--data_path")] + [_Set(path, "--translated") for path in translated_paths]
+    sets = [SampleFile(english_path, "--data_path")] + [SampleFile(path, "--translated") for path in translated_paths]
     counts: dict[str, Counter] = {"english": Counter(kept=len(sets[0]))}
     languages: list[str | None] = [None]
     chosen: list[tuple[int, int]] = [(0, i) for i in range(len(sets[0]))]  # (set, sample), before the shuffle
     for k, samples in enumerate(sets[1:], start=1):
         language, kept = None, 0
         for i in range(len(samples)):  # the filter pass: decides what is kept, keeps nothing but positions
-            sample = samples.sample(i)
+            sample = samples[i]
             language = language or sample_language(sample)
             if language is None or conversation_key(language) not in sample or (
                     sample.get("corrupt") and not keep_corrupt):
@@ -122,7 +87,7 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
 
     def merged() -> Iterator[dict[str, Any]]:
         for k, i in chosen:
-            sample = sets[k].sample(i)
+            sample = sets[k][i]
             yield sample if k == 0 else to_training(sample, languages[k], image_prefix)
 
     atomic_write_json(output, merged())

@@ -502,6 +502,32 @@ def test_memory_does_not_grow_with_the_languages_translated(tmp_path, server, ca
     assert peaks["ar,zh,fr"] - peaks["ar"] < 0.25 * added, (peaks, added)
 
 
+def test_the_input_is_read_one_sample_at_a_time(tmp_path, server, capsys, monkeypatch):
+    """The English input is indexed by byte offset, not loaded: a run's peak memory stays well under the input's
+    size (loaded, it was several times that size)."""
+    import tracemalloc
+
+    from palo.data.json_index import JsonArrayIndex
+
+    # The index's scan works through 4 MB chunks with scratch arrays several times that size, a constant that would
+    # dwarf this small input; smaller chunks leave the run's own memory to be measured.
+    build = JsonArrayIndex.build
+    monkeypatch.setattr(JsonArrayIndex, "build", classmethod(lambda cls, path, **kw: build(path, chunk_size=1 << 16,
+                                                                                             **kw)))
+    answer = "The cat sits on the big table near the window and looks at the birds in the garden. " * 15
+    data = _write(tmp_path / "in.json", [_sample(i, "<image>\nDescribe it.", answer + f"It has {i} toys.")
+                                         for i in range(3000)])  # one request per text: they differ in a number
+    assert main(_translate_args(data, str(tmp_path / "warm"), server, "ar", "--limit", "2")) == 0
+    tracemalloc.start()
+    try:
+        assert main(_translate_args(data, str(tmp_path / "out"), server, "ar")) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    capsys.readouterr()
+    assert peak < os.path.getsize(data) / 3, (peak, os.path.getsize(data))
+
+
 def test_apply_review_merges_corrections(tmp_path, server, capsys):
     data = _write(tmp_path / "in.json", SAMPLES)
     out = tmp_path / "out"

@@ -7,12 +7,12 @@ import json
 import os
 import sys
 
+from palo.data.sample_file import SampleFile
 from palo.data.translate.cache import TranslationCache
 from palo.data.translate.prompts import parse_target_language
 from palo.data.translate.runner import run
 from palo.data.translate.samples import malformed_samples
 from palo.data.translate.translator import Translator
-from palo.jsonl import read_json_samples
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,9 +51,8 @@ def main_translate(args: argparse.Namespace) -> int:
     if not languages:
         print("error: --languages is empty", file=sys.stderr)
         return 2
-    samples = read_json_samples(args.data_path, "--data_path")  # its ValueError is palo-data's error line
-    if args.limit is not None:
-        samples = samples[: args.limit]
+    # Read one sample at a time (its ValueError is palo-data's error line): a run holds positions, not samples.
+    samples = SampleFile(args.data_path, "--data_path", limit=args.limit)
     bad = malformed_samples(samples)
     if bad:  # before any request is paid for
         first = samples[bad[0]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 from palo.data.translate.files import Progress, load_progress, output_paths, write_outputs
@@ -12,12 +13,13 @@ from palo.data.translate.translator import RequestFailed, Translator
 from palo.jsonl import JsonlAppender
 
 
-def run(samples: list[dict[str, Any]], languages: list[str], translator: Translator, output_dir: str,
+def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Translator, output_dir: str,
         parallel: int = 8, progress_bar: bool = True) -> dict[str, Any]:
     """Translate ``samples`` into each language, resuming from what ``output_dir`` already holds.
 
     Args:
-        samples: The LLaVA-Instruct samples.
+        samples: The LLaVA-Instruct samples: a list, or a :class:`~palo.data.sample_file.SampleFile` that reads
+            each one when it is translated.
         languages: Target languages (resolved names).
         translator: The shared translator.
         output_dir: Where the per-language files go.

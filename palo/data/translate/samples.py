@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from palo.data.translate.spans import join_image, split_image
@@ -23,7 +24,7 @@ def source_hash(sample: dict[str, Any]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def malformed_samples(samples: list[dict[str, Any]]) -> list[int]:
+def malformed_samples(samples: Sequence[dict[str, Any]]) -> list[int]:
     """Indices of samples whose ``conversations`` is not a non-empty list of ``{"from", "value"}`` turns with string
     values: they cannot be translated (a string would be translated letter by letter), so a run refuses them first.
     """
