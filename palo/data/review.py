@@ -15,26 +15,32 @@ file, the corrected samples are appended to it too, so a later ``palo-data trans
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
+from palo.data.sample_file import SampleFile
 from palo.data.translate import conversation_key, join_image, source_hash, split_image
-from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_json_samples, read_jsonl
+from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_jsonl
 
 
-def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Apply review entries to ``samples`` in place.
+def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str, Any]]
+                      ) -> tuple[dict[str, int], dict[int, dict[str, Any]]]:
+    """Apply review entries to the samples they name.
 
     Args:
-        samples: The translated set (``<language>_conversation`` and ``corrupt`` in each sample).
+        samples: The translated set (``<language>_conversation`` and ``corrupt`` in each sample): a list, or a
+            :class:`~palo.data.sample_file.SampleFile` that reads each sample when it is asked for.
         entries: Review lines; those with a null or empty ``corrected`` are skipped.
 
     Returns:
-        A report: corrected turns, samples cleared, samples still corrupt, entries skipped and why.
+        A report (corrected turns, samples cleared, samples still corrupt) and the corrected samples by index
+        (copies: ``samples`` is not changed).
 
     Raises:
         ValueError: When an entry points at a sample or turn that does not exist or whose English differs.
@@ -43,11 +49,11 @@ def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any
     for entry in entries:
         by_sample[int(entry["index"])].append(entry)
     corrected = cleared = pending = 0
-    touched = []
+    fixed: dict[int, dict[str, Any]] = {}
     for index, group in sorted(by_sample.items()):
         if not 0 <= index < len(samples):
             raise ValueError(f"review entry for sample {index}, but the set has {len(samples)} samples")
-        sample = samples[index]
+        sample = copy.deepcopy(samples[index])
         key = conversation_key(group[0]["language"])
         turns = sample.get(key)
         if not isinstance(turns, list):
@@ -75,38 +81,38 @@ def apply_corrections(samples: list[dict[str, Any]], entries: list[dict[str, Any
         else:
             sample["corrupt"] = False
             cleared += 1
-        touched.append(index)
-    return {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending,
-            "touched": touched}
+        fixed[index] = sample
+    return {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending}, fixed
 
 
 def main_apply_review(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data apply-review``."""
-    samples = read_json_samples(args.data_path, "--data_path")  # its ValueError is palo-data's error line
+    # One sample at a time (its ValueError is palo-data's error line): only the corrected ones are held.
+    samples = SampleFile(args.data_path, "--data_path")
     # Strict: a person edited this file, and a typo must name its line rather than silently drop what follows it.
     entries = [record.data for record in read_jsonl(args.review, required=("index", "language", "turn"))]
     try:
-        report = apply_corrections(samples, entries)
+        report, fixed = apply_corrections(samples, entries)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {args.review}: {exc}", file=sys.stderr)
         return 2
     output = args.output or args.data_path
-    atomic_write_json(output, samples)
+    # Every sample is read before the new file replaces the old one (in place by default).
+    atomic_write_json(output, (fixed[i] if i in fixed else samples[i] for i in range(len(samples))))
     # Keep the translate run's resume log in step, so a rerun rebuilds the set with the corrections in it.
     progress = args.progress
     if progress is None and args.data_path.endswith(".json"):
         candidate = args.data_path[: -len(".json")] + ".progress.jsonl"
         progress = candidate if os.path.exists(candidate) else None
-    if progress and report["touched"]:
+    if progress and fixed:
         old = {int(r["index"]): r.get("hash") for _, r in iter_log(progress) if isinstance(r, dict) and "index" in r}
         # The appender first cuts a torn last line (a killed translate run), so the corrections start a line of
         # their own instead of being glued to the torn one, where a resume would cut them off.
         with JsonlAppender(progress) as log:
-            for index in report["touched"]:
+            for index in fixed:
                 review = [e for e in entries if int(e["index"]) == index and not (e.get("corrected") or "").strip()]
-                log.write({"index": index, "hash": old.get(index) or source_hash(samples[index]),
-                           "sample": samples[index], "review": review})
-    del report["touched"]
+                log.write({"index": index, "hash": old.get(index) or source_hash(fixed[index]),
+                           "sample": fixed[index], "review": review})
     report["output"] = output
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0

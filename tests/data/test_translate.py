@@ -553,6 +553,39 @@ def test_apply_review_merges_corrections(tmp_path, server, capsys):
         assert json.load(f) == result
 
 
+def test_apply_review_reads_the_set_one_sample_at_a_time(tmp_path, capsys, monkeypatch):
+    """A translated set is as large as its English input (150K samples): apply-review holds only the corrected
+    samples, and rewrites the set in place sample by sample."""
+    import tracemalloc
+
+    from palo.data.json_index import JsonArrayIndex
+
+    build = JsonArrayIndex.build  # small scan chunks: see test_the_input_is_read_one_sample_at_a_time
+    monkeypatch.setattr(JsonArrayIndex, "build", classmethod(lambda cls, path, **kw: build(path, chunk_size=1 << 16,
+                                                                                             **kw)))
+    answer = "The cat sits on the big table near the window. " * 25
+    samples = [dict(_sample(i, "<image>\nDescribe it.", answer), corrupt=i == 7,
+                    arabic_conversation=[{"from": "human", "value": "<image>\nصفها."},
+                                         {"from": "gpt", "value": "القطة على الطاولة. " * 20}]) for i in range(3000)]
+    data = _write(tmp_path / "arabic.json", samples)
+    review = _write(tmp_path / "arabic.review.jsonl", [])
+    with open(review, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"language": "arabic", "index": 7, "turn": 1, "source": answer,
+                            "corrected": "القطة الكبيرة على الطاولة."}, ensure_ascii=False) + "\n")
+    size = os.path.getsize(data)
+    tracemalloc.start()
+    try:
+        assert main(["apply-review", "--data_path", data, "--review", review]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert json.loads(capsys.readouterr().out)["samples_cleared"] == 1
+    result = json.load(open(data, encoding="utf-8"))
+    assert result[7]["arabic_conversation"][1]["value"] == "القطة الكبيرة على الطاولة." and not result[7]["corrupt"]
+    assert result[:7] + result[8:] == samples[:7] + samples[8:]
+    assert peak < size / 3, (peak, size)
+
+
 def test_apply_review_after_a_killed_run_keeps_corrections_past_a_torn_log_line(tmp_path, server, capsys):
     """A translate run killed mid-write leaves a torn last line in the progress log; the corrections appended by
     apply-review must start a line of their own, or the next resume cuts them off with the torn line."""
