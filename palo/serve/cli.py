@@ -11,9 +11,11 @@ only what is new.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -158,25 +160,24 @@ class _Stream:
         self.shown += output.delta
 
 
-class _ctrl_c_stops:  # noqa: N801 - used as a context manager, named like one
+@contextlib.contextmanager
+def _ctrl_c_stops(stopped: threading.Event) -> Iterator[None]:
     """While generating: the first Ctrl-C sets ``stopped`` (the answer ends at the next token, the engine intact);
     a second one raises KeyboardInterrupt as usual."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
 
-    def __init__(self, stopped: threading.Event) -> None:
-        self.stopped, self.previous = stopped, None
+    def first_ctrl_c(signum, frame) -> None:
+        stopped.set()
+        signal.signal(signal.SIGINT, previous)
 
-    def _handler(self, signum, frame) -> None:
-        self.stopped.set()
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __enter__(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
+    signal.signal(signal.SIGINT, first_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 if __name__ == "__main__":
     sys.exit(main())
