@@ -25,7 +25,7 @@ from palo.data.translate import TARGET_LANGUAGES, conversation_key
 from palo.jsonl import atomic_write_json
 
 
-def sample_language(sample: dict[str, Any]) -> str | None:
+def translated_language(sample: dict[str, Any]) -> str | None:
     """The language of a translated sample, from its ``<language>_conversation`` key."""
     return next((language for language in TARGET_LANGUAGES if conversation_key(language) in sample), None)
 
@@ -70,7 +70,7 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         language, kept = None, 0
         for i in range(len(samples)):  # the filter pass: decides what is kept, keeps nothing but positions
             sample = samples[i]
-            language = language or sample_language(sample)
+            language = language or translated_language(sample)
             if language is None or conversation_key(language) not in sample or (
                     sample.get("corrupt") and not keep_corrupt):
                 continue

@@ -1,8 +1,8 @@
 """A LLaVA-format data set (one JSON array of samples) read one sample at a time, never loaded whole.
 
-The data tools that stream a set (``palo-data translate``, ``merge``) go through :class:`SampleFile`: the file is
-indexed by byte offset (:class:`~palo.data.json_index.JsonArrayIndex`, nothing cached beside it) and each sample is
-decoded and checked when it is used, with errors that name the flag and the file.
+The data tools that stream a set (``palo-data translate``, ``apply-review``, ``merge``) go through
+:class:`SampleFile`: the file is indexed by byte offset (:class:`~palo.data.json_index.JsonArrayIndex`, nothing
+cached beside it) and each sample is decoded and checked when it is used, with errors that name the flag and file.
 """
 
 from __future__ import annotations

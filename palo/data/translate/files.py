@@ -11,6 +11,7 @@ records back one at a time.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -43,8 +44,6 @@ class Progress:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """The records of the finished samples in input order, read back from the log one at a time."""
-        import json
-
         with open(self.path, "rb") as f:
             for index in sorted(self.offsets):
                 f.seek(self.offsets[index])
