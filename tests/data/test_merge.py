@@ -128,3 +128,19 @@ def test_merge_never_holds_the_sets_in_memory(tmp_path, capsys, monkeypatch):
         tracemalloc.stop()
     assert "1999 samples" in capsys.readouterr().out
     assert peak < inputs / 4, (peak, inputs)
+
+
+def test_merged_order_is_the_seeded_shuffle_of_english_then_each_kept_translated_sample(tmp_path):
+    """The streaming merge writes what shuffling the whole list in memory gave, so a rerun of an earlier merge with
+    the same inputs and seed reproduces its file."""
+    import random
+
+    from palo.data.merge import to_training
+
+    merged = _merge(tmp_path, "o.json", 3, "--image_prefix", "coco/train2017")
+    expected = _english(5)
+    expected += [to_training(s, "arabic", "coco/train2017") for s in _translated("arabic", "ما هذا؟", 4, {1})
+                 if not s["corrupt"]]
+    expected += [to_training(s, "chinese", "coco/train2017") for s in _translated("chinese", "这是什么？", 3, set())]
+    random.Random(3).shuffle(expected)
+    assert merged == expected
