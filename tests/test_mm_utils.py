@@ -347,6 +347,44 @@ def test_load_from_base64_errors():
         load_image_from_base64(base64.b64encode(data[: len(data) // 3]).decode())
 
 
+
+def _marked(width: int, height: int) -> Image.Image:
+    """Blue, with the stored pixels' left column red: where that column lands shows how the image was turned."""
+    image = Image.new("RGB", (width, height), (0, 0, 255))
+    ImageDraw.Draw(image).line([(0, 0), (0, height - 1)], fill=(255, 0, 0))
+    return image
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    return _encode(image, "PNG", exif=exif)  # PNG keeps the pixels exact; Pillow writes the tag in an eXIf chunk
+
+
+def test_a_phone_photos_orientation_tag_is_applied_on_every_path(tmp_path):
+    stored = _marked(4, 2)
+    # Orientation 6: "turn 90 degrees clockwise to display" (a phone held upright); the red left column goes on top.
+    data = _with_orientation(stored, 6)
+    path = tmp_path / "portrait.png"
+    path.write_bytes(data)
+    for loaded in (load_image(str(path)), load_image_from_base64(base64.b64encode(data).decode())):
+        assert loaded.size == (2, 4)
+        pixels = np.asarray(loaded)
+        assert (pixels[0] == [255, 0, 0]).all() and (pixels[1:] == [0, 0, 255]).all()
+    # Orientation 3: upside down; the red column ends on the right.
+    upside_down = load_image_from_base64(base64.b64encode(_with_orientation(stored, 3)).decode())
+    assert upside_down.size == (4, 2)
+    pixels = np.asarray(upside_down)
+    assert (pixels[:, -1] == [255, 0, 0]).all() and (pixels[:, :-1] == [0, 0, 255]).all()
+
+
+@pytest.mark.parametrize("exif", [b"garbage, not a TIFF header", b"Exif\x00\x00II*\x00\xff\xff\xff\x7f"],
+                         ids=["not-tiff", "offset-past-end"])
+def test_a_broken_exif_block_leaves_the_stored_pixels(exif):
+    stored = _marked(4, 2)
+    loaded = load_image_from_base64(base64.b64encode(_encode(stored, "PNG", exif=exif)).decode())
+    assert np.array_equal(np.asarray(loaded), np.asarray(stored))
+
 # --------------------------------------------------------------------------------------------------------------------
 # get_model_name_from_path
 
