@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from transformers import StoppingCriteria
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from palo.conversation import expand2square  # the one implementation; re-exported under LLaVA's name
+from palo.image_io import to_rgb, upright
 from palo.model.config import MultimodalSpec
 
 # Decompression-bomb guard: refuse images with more pixels than this (about 8k x 8k). CLIP sees 336x336 anyway.
@@ -45,20 +46,7 @@ def _open_image(source: Any, name: str) -> Image.Image:
         raise ImageLoadError(f"{name}: not a readable image (not a format Pillow can identify)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
-    return _upright(image).convert("RGB")
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    """The image as a viewer shows it: pixels turned by its EXIF ``Orientation`` tag (phone photos carry one).
-
-    The original loaders fed the stored pixels, so a portrait phone photo reached the model on its side while the
-    person asking saw it upright (the original web demo alone was spared: Gradio turns uploads itself).
-    transformers' ``load_image`` turns them too, so an exported checkpoint sees the same pixels.
-    """
-    try:
-        return ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - Pillow's EXIF parser fails in many ways on a broken block; viewers ignore it
-        return image
+    return to_rgb(upright(image))
 
 
 def load_image(path_or_url: str, allow_remote: bool = False, policy: Any = None) -> Image.Image:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from palo import mm_utils
+from palo.image_io import to_rgb
 from palo.mm_utils import (
     ImageLoadError,
     KeywordsStoppingCriteria,
@@ -384,6 +385,43 @@ def test_a_broken_exif_block_leaves_the_stored_pixels(exif):
     stored = _marked(4, 2)
     loaded = load_image_from_base64(base64.b64encode(_encode(stored, "PNG", exif=exif)).decode())
     assert np.array_equal(np.asarray(loaded), np.asarray(stored))
+
+
+def test_transparency_is_laid_over_white():
+    # Black strokes on a transparent background (a logo, a diagram): a plain convert("RGB") made it all black.
+    drawing = Image.new("RGBA", (6, 4), (0, 0, 0, 0))
+    drawing.putpixel((1, 1), (0, 0, 0, 255))
+    drawing.putpixel((2, 1), (255, 0, 0, 128))  # half-transparent red
+    loaded = np.asarray(load_image_from_base64(base64.b64encode(_encode(drawing, "PNG")).decode()), dtype=int)
+    assert (loaded[1, 1] == [0, 0, 0]).all()
+    assert (np.abs(loaded[1, 2] - [255, 127, 127]) <= 1).all()
+    background = np.ones(loaded.shape[:2], dtype=bool)
+    background[1, 1:3] = False
+    assert (loaded[background] == 255).all()
+    # The same in grey with alpha, and a palette image with a transparent index.
+    grey = load_image_from_base64(base64.b64encode(_encode(drawing.convert("LA"), "PNG")).decode())
+    assert np.asarray(grey)[0, 0].tolist() == [255, 255, 255] and np.asarray(grey)[1, 1].tolist() == [0, 0, 0]
+    palette = Image.new("P", (3, 1))
+    palette.putpalette([0, 0, 0, 0, 255, 0])
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0
+    loaded = np.asarray(load_image_from_base64(base64.b64encode(_encode(palette, "PNG", transparency=0)).decode()))
+    assert loaded.tolist() == [[[255, 255, 255], [0, 255, 0], [255, 255, 255]]]
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped():
+    levels = np.array([[0, 257, 32896, 65535]], dtype=np.uint16)  # 0, 1, 128, 255 in 8 bits
+    stored = Image.fromarray(levels)
+    assert stored.mode == "I;16"
+    loaded = load_image_from_base64(base64.b64encode(_encode(stored, "PNG")).decode())
+    assert np.asarray(loaded)[..., 0].tolist() == [[0, 1, 128, 255]]
+    assert np.asarray(loaded).std(axis=-1).max() == 0  # grey
+    assert np.asarray(to_rgb(stored.convert("I")))[..., 0].tolist() == [[0, 1, 128, 255]]
+
+def test_an_opaque_image_with_alpha_keeps_its_pixels():
+    image = _drawn(30, 20)
+    loaded = load_image_from_base64(base64.b64encode(_encode(image.convert("RGBA"), "PNG")).decode())
+    assert np.array_equal(np.asarray(loaded), np.asarray(image))
 
 # --------------------------------------------------------------------------------------------------------------------
 # get_model_name_from_path

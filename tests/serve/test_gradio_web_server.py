@@ -85,3 +85,22 @@ def test_the_page_is_served(cluster, tmp_path):
     finally:
         web.kill()
     assert os.path.isfile(os.path.join(REPO, "images", "fruits.png"))
+
+
+def test_a_transparent_upload_reaches_the_model_on_white(tmp_path):
+    gr = pytest.importorskip("gradio")
+    from gradio.data_classes import ImageData
+    from PIL import Image
+
+    from palo.serve.gradio_web_server import build_demo
+
+    server = WebServer("http://127.0.0.1:9")
+    imagebox = next(b for b in build_demo(server, ["m"]).blocks.values() if isinstance(b, gr.Image))
+    drawing = Image.new("RGBA", (6, 4), (0, 0, 0, 0))  # a black stroke on a transparent background
+    drawing.putpixel((1, 1), (0, 0, 0, 255))
+    drawing.save(tmp_path / "logo.png")
+    uploaded = imagebox.preprocess(ImageData(path=str(tmp_path / "logo.png")))  # what Gradio hands the callback
+    state = server.add_text(None, "What does it say?", uploaded)
+    sent = state.get_images(return_pil=True)[0]
+    assert sent.mode == "RGB" and sent.getpixel((1, 1)) == (0, 0, 0)
+    assert sum(sent.getpixel((x, y)) == (255, 255, 255) for x in range(6) for y in range(4)) == 23
