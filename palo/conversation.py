@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
+from palo.image_io import fit_square_canvas
 
 # A text turn, a demo image turn (text, image, process mode), or None for "generate here".
 Message = str | tuple[str, Image.Image, str] | None
@@ -422,7 +423,7 @@ def process_image(image: Image.Image, mode: str) -> Image.Image:
         ValueError: For an unknown mode.
     """
     if mode == "Pad":
-        return expand2square(image if image.mode == "RGB" else image.convert("RGB"), PAD_BACKGROUND)
+        return expand2square(fit_square_canvas(image if image.mode == "RGB" else image.convert("RGB")), PAD_BACKGROUND)
     if mode == "Resize":
         return image.resize(RESIZE_SIZE)
     if mode in ("Crop", "Default"):

@@ -1,14 +1,23 @@
-"""The pixels a viewer shows, from whatever a file stores: EXIF orientation applied, transparency on white, 16-bit grey
-scaled to 8 bits.
+"""Images as viewers show them, and bounds that keep their preprocessing cheap.
 
-Every image the model sees (training, evaluation, the CLI, the worker, the OpenAI API, the web demo) passes through
-these two functions, so each path sees the same pixels. Kept free of torch so that the web demo can use them.
+``upright`` and ``to_rgb`` give the pixels a viewer shows from whatever a file stores (EXIF orientation applied,
+transparency on white, 16-bit grey scaled to 8 bits); every image the model sees (training, evaluation, the CLI, the
+worker, the OpenAI API, the web demo) passes through both, so each path sees the same pixels. ``fit_square_canvas``
+and ``trim_for_centre_crop`` keep the images made while preprocessing within :data:`MAX_IMAGE_PIXELS`, whatever the
+shape: without them a thin sliver of a few kilobytes (1x60000) padded to a 60000x60000 square, about 10 GB. Kept free
+of torch so that the web demo can use them.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image, ImageOps
+
+# Decompression-bomb guard: refuse images with more pixels than this (8000 x 8000). CLIP sees 336x336 anyway. The
+# images made while preprocessing (the padded square, the resized strip before the centre crop) are held to it too.
+MAX_IMAGE_PIXELS = 64_000_000
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -39,3 +48,36 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def fit_square_canvas(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image, scaled down only if the square it will be padded to would have more than ``max_pixels``.
+
+    Every image whose long side is at most ``isqrt(max_pixels)`` (8,000 px) is returned unchanged, so its pixel values
+    are exactly the original's; a longer one (a long panorama, a sliver) is scaled to that long side first.
+    """
+    side = math.isqrt(max_pixels)
+    width, height = image.size
+    if max(width, height) <= side:
+        return image
+    scale = side / max(width, height)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+
+
+def trim_for_centre_crop(image: Image.Image, shortest_edge: int, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image, cut to its centre only if resizing its short side to ``shortest_edge`` would exceed ``max_pixels``.
+
+    A processor that resizes the short side and then centre-crops a square keeps only the middle of a long image, but
+    first makes the whole resized strip: ``shortest_edge**2 * aspect`` pixels, over a billion for a 1x10000 sliver at
+    336 (11 GB of memory measured). An
+    image with an aspect ratio up to ``max_pixels / shortest_edge**2`` (566:1 at 336) is returned unchanged; a longer
+    one is cut, around its centre, to that ratio, which keeps all that the centre crop keeps.
+    """
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    max_long = max(short, short * max_pixels // (shortest_edge * shortest_edge))
+    if long <= max_long:
+        return image
+    offset = (long - max_long) // 2
+    box = (offset, 0, offset + max_long, height) if width > height else (0, offset, width, offset + max_long)
+    return image.crop(box)

@@ -18,11 +18,8 @@ from transformers import StoppingCriteria
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from palo.conversation import expand2square  # the one implementation; re-exported under LLaVA's name
-from palo.image_io import to_rgb, upright
+from palo.image_io import MAX_IMAGE_PIXELS, fit_square_canvas, to_rgb, trim_for_centre_crop, upright
 from palo.model.config import MultimodalSpec
-
-# Decompression-bomb guard: refuse images with more pixels than this (about 8k x 8k). CLIP sees 336x336 anyway.
-MAX_IMAGE_PIXELS = 64_000_000
 
 
 class ImageLoadError(ValueError):
@@ -102,8 +99,19 @@ def preprocess_image(image: Image.Image, image_processor: Any, image_aspect_rati
     """Pixel values ``[3, H, W]`` of one image: ``pad`` squares it first (as PALO trained), anything else lets the
     CLIP processor resize the short side and centre-crop."""
     if image_aspect_ratio == "pad":
-        image = expand2square(image, pad_color(image_processor))
+        image = expand2square(fit_square_canvas(image, MAX_IMAGE_PIXELS), pad_color(image_processor))
+    else:
+        shortest_edge = _shortest_edge(image_processor)
+        if shortest_edge:
+            image = trim_for_centre_crop(image, shortest_edge, MAX_IMAGE_PIXELS)
     return image_processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
+
+
+def _shortest_edge(image_processor: Any) -> int | None:
+    """The side the processor resizes the short side to (CLIP's 336), or None when it resizes to a fixed size."""
+    size = getattr(image_processor, "size", None)
+    edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    return int(edge) if edge else None
 
 
 def process_images(images: Sequence[Image.Image], image_processor: Any, model_cfg: Any) -> torch.Tensor | list:

@@ -8,6 +8,7 @@ from io import BytesIO
 import pytest
 from PIL import Image
 
+from palo import conversation
 from palo.conversation import (
     Conversation,
     SeparatorStyle,
@@ -399,6 +400,19 @@ def test_get_images_sizes(size, mode, expected):
     (image,) = conv.get_images(return_pil=True)
     assert image.size == expected
 
+
+def test_the_demos_pad_of_a_sliver_stays_within_the_pixel_limit(monkeypatch):
+    padded, expand2square = [], conversation.expand2square
+
+    def expand(image, background):
+        padded.append(image.size)
+        return expand2square(image, background)
+
+    monkeypatch.setattr(conversation, "expand2square", expand)
+    conv = _demo_conv("vicuna_v1", "<image>\nQ", mode="Pad", image=Image.new("RGB", (1, 9000), (255, 0, 0)))
+    (image,) = conv.get_images(return_pil=True)
+    assert padded == [(1, 8000)]  # the 9000x9000 square (243 MB) is never made
+    assert image.size == (400, 400)
 
 def test_get_images_only_user_tuples_and_bad_mode():
     conv = conv_templates["vicuna_v1"].copy()

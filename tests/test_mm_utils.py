@@ -23,6 +23,7 @@ from palo.mm_utils import (
     load_image,
     load_image_from_base64,
     pad_color,
+    preprocess_image,
     process_images,
     tokenizer_image_token,
 )
@@ -120,6 +121,47 @@ def test_custom_image_index_and_tensor_output(tokenizer):
 def _random_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8), "RGB")
+
+
+class _SeenSizes:
+    """A processor that records the size of each image it is handed, then preprocesses it as the real one."""
+
+    def __init__(self, processor):
+        self.processor, self.sizes = processor, []
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def preprocess(self, image, **kwargs):
+        self.sizes.append(image.size)
+        return self.processor.preprocess(image, **kwargs)
+
+
+def test_a_sliver_is_cut_to_what_the_centre_crop_keeps_and_gives_the_same_pixels(processor, monkeypatch):
+    sliver = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4000, 20, 3), dtype=np.uint8))  # 20x4000
+    spy = _SeenSizes(processor)
+    whole = preprocess_image(sliver, spy, "square")
+    assert spy.sizes == [(20, 4000)]
+    # Allow a resized strip of 20 squares (CROP x 20*CROP): the 200:1 sliver is cut to 20:1 around its centre.
+    monkeypatch.setattr(mm_utils, "MAX_IMAGE_PIXELS", CROP * CROP * 20)
+    cut = preprocess_image(sliver, spy, "square")
+    assert spy.sizes[-1] == (20, 400)
+    assert torch.equal(cut, whole)  # the centre crop never reached the part cut away
+
+
+def test_the_padded_square_stays_within_the_pixel_limit(processor, monkeypatch):
+    panorama = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 3000, 3), dtype=np.uint8))
+    spy = _SeenSizes(processor)
+    whole = preprocess_image(panorama, spy, "pad")
+    assert spy.sizes == [(3000, 3000)]
+    monkeypatch.setattr(mm_utils, "MAX_IMAGE_PIXELS", 1000 * 1000)
+    bounded = preprocess_image(panorama, spy, "pad")
+    assert spy.sizes[-1] == (1000, 1000)
+    assert (bounded - whole).abs().mean() < 0.01  # normalised pixels: the same picture, resampled once more
+    at_the_limit = panorama.resize((1000, 17))
+    assert torch.equal(preprocess_image(at_the_limit, spy, "pad"),
+                       processor.preprocess(expand2square(at_the_limit, pad_color(processor)),
+                                            return_tensors="pt")["pixel_values"][0])
 
 
 def test_pad_color_of_clip_processor(processor):

@@ -1,0 +1,42 @@
+"""The bounds on preprocessing's intermediate images (palo/image_io.py); reading rules are tested through the loaders
+in test_mm_utils.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from palo.image_io import fit_square_canvas, trim_for_centre_crop
+
+
+def _noise(width: int, height: int) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(10, 10), (10, 1), (1, 10), (7, 3)])
+def test_an_image_whose_square_fits_is_returned_as_it_is(size):
+    image = _noise(*size)
+    assert fit_square_canvas(image, max_pixels=100) is image
+
+
+@pytest.mark.parametrize("size, scaled", [((40, 4), (10, 1)), ((4, 40), (1, 10)), ((11, 11), (10, 10)),
+                                          ((1, 60000), (1, 10))])
+def test_a_longer_image_is_scaled_to_the_squares_side(size, scaled):
+    assert fit_square_canvas(Image.new("RGB", size), max_pixels=100).size == scaled
+
+
+@pytest.mark.parametrize("size", [(5, 100), (100, 5), (5, 5), (1, 4)])
+def test_an_aspect_within_the_limit_is_not_cut(size):
+    image = _noise(*size)
+    assert trim_for_centre_crop(image, shortest_edge=2, max_pixels=80) is image  # up to 20:1 kept
+
+
+@pytest.mark.parametrize("wide", [True, False])
+def test_a_longer_image_is_cut_around_its_centre(wide):
+    stored = np.random.default_rng(1).integers(0, 256, (4, 200, 3), dtype=np.uint8)  # 200 wide, 4 high
+    if not wide:
+        stored = stored.transpose(1, 0, 2).copy()
+    trimmed = trim_for_centre_crop(Image.fromarray(stored), shortest_edge=2, max_pixels=80)  # 20:1 -> 80 long
+    expected = stored[:, 60:140] if wide else stored[60:140]
+    assert np.array_equal(np.asarray(trimmed), expected)
