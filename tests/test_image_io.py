@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palo.image_io import fit_square_canvas, trim_for_centre_crop
+from palo.image_io import fit_square_canvas, trim_for_centre_crop, upright
 
 
 def _noise(width: int, height: int) -> Image.Image:
@@ -40,3 +40,11 @@ def test_a_longer_image_is_cut_around_its_centre(wide):
     trimmed = trim_for_centre_crop(Image.fromarray(stored), shortest_edge=2, max_pixels=80)  # 20:1 -> 80 long
     expected = stored[:, 60:140] if wide else stored[60:140]
     assert np.array_equal(np.asarray(trimmed), expected)
+
+
+@pytest.mark.parametrize("orientation", [None, 1, 0, 9])
+def test_an_image_that_asks_for_no_turn_is_not_copied(orientation):
+    image = _noise(4, 2)
+    if orientation is not None:
+        image.getexif()[0x0112] = orientation  # 0 and 9 are not orientations: viewers show the stored pixels
+    assert upright(image) is image
