@@ -49,7 +49,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255, as viewers scale them
         return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
     if not {"A", "a"} & set(image.getbands()) and "transparency" not in image.info:
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
 

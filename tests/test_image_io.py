@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palo.image_io import fit_square_canvas, trim_for_centre_crop, upright
+from palo.image_io import fit_square_canvas, to_rgb, trim_for_centre_crop, upright
 
 
 def _noise(width: int, height: int) -> Image.Image:
@@ -48,3 +48,10 @@ def test_an_image_that_asks_for_no_turn_is_not_copied(orientation):
     if orientation is not None:
         image.getexif()[0x0112] = orientation  # 0 and 9 are not orientations: viewers show the stored pixels
     assert upright(image) is image
+
+
+def test_an_opaque_rgb_image_is_not_copied():
+    image = _noise(4, 2)
+    assert to_rgb(image) is image
+    image.info["transparency"] = (0, 0, 0)  # an RGB PNG may name one colour transparent: that one is laid on white
+    assert to_rgb(image) is not image
