@@ -85,3 +85,27 @@ def trim_for_centre_crop(image: Image.Image, shortest_edge: int, max_pixels: int
     offset = (long - max_long) // 2
     box = (offset, 0, offset + max_long, height) if width > height else (0, offset, width, offset + max_long)
     return image.crop(box)
+
+
+def read_differently(image: Image.Image) -> list[str]:
+    """Which of this module's rules touch a stored image, where the original read it with ``convert("RGB")``.
+
+    For reports (``palo-data validate``): from the image's header alone, without decoding it.
+
+    Returns:
+        Some of ``"exif_orientation"`` (turned upright), ``"transparency"`` (an alpha channel or a transparent
+        colour: its see-through pixels laid on white), ``"16_bit"`` (scaled, not clipped) and ``"pad_scaled"``
+        (long side over ``isqrt(MAX_IMAGE_PIXELS)``: scaled before ``pad``).
+    """
+    try:
+        orientation = image.getexif().get(_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored when reading, so it changes nothing
+        orientation = 1
+    notes = ["exif_orientation"] if orientation in range(2, 9) else []
+    if image.mode.startswith("I;16") or image.mode == "I":
+        notes.append("16_bit")
+    elif {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+        notes.append("transparency")
+    if max(image.size) > math.isqrt(MAX_IMAGE_PIXELS):
+        notes.append("pad_scaled")
+    return notes

@@ -3,7 +3,8 @@
 * ``palo-data inspect --data_path X --model_name_or_path Y --version v1 [--index N] [--json]``: the rendered prompt
   of each sample and exactly which tokens are supervised (with ``--json``: one object per sample).
 * ``palo-data validate --data_path X --image_folder D``: per-language counts, missing or corrupt images, malformed
-  turns; exits non-zero when anything is wrong.
+  turns, and how many images are read unlike the original (turned, flattened, scaled: :mod:`palo.image_io`); exits
+  non-zero when anything is wrong.
 * ``palo-data translate --data_path X --languages ar,zh,fr --output_dir D --base-url URL --model M``: translate with
   any OpenAI-compatible chat model, checked, cached and resumable (:mod:`palo.data.translate`).
 * ``palo-data apply-review --data_path D/arabic.json --review D/arabic.review.jsonl``: merge a person's corrections
@@ -82,14 +83,19 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def _check_image(path: str) -> str | None:
+def _check_image(path: str) -> tuple[str | None, list[str]]:
+    """(why the image cannot be read, or None; which reading rules touch it, see ``read_differently``)."""
+    from PIL import Image
+
+    from palo.image_io import read_differently
     from palo.mm_utils import ImageLoadError, load_image
 
     try:
         load_image(path)
     except ImageLoadError as exc:
-        return str(exc)
-    return None
+        return str(exc), []
+    with Image.open(path) as image:  # the header again (the loaded image has been turned and flattened)
+        return None, read_differently(image)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -100,6 +106,9 @@ def _validate(args: argparse.Namespace) -> int:
     problems: list[dict[str, Any]] = []
     images: list[tuple[int, Any, str]] = []
     corrupt = text_only = 0
+    # Images the original read otherwise (palo/image_io.py): a reproduction can see how much of its data that touches.
+    read_differently: collections.Counter[str] = collections.Counter(
+        {"exif_orientation": 0, "transparency": 0, "16_bit": 0, "pad_scaled": 0})
     for i in tqdm(range(len(index)), desc="samples", unit="sample", disable=args.quiet):
         sample = index.read(i)
         sample_id = sample.get("id") if isinstance(sample, dict) else None
@@ -120,16 +129,18 @@ def _validate(args: argparse.Namespace) -> int:
             text_only += 1
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         results = pool.map(_check_image, [path for _, _, path in images])
-        for (i, sample_id, _), error in tqdm(zip(images, results), total=len(images), desc="images", unit="image",
-                                             disable=args.quiet):
+        for (i, sample_id, _), (error, notes) in tqdm(zip(images, results), total=len(images), desc="images",
+                                                      unit="image", disable=args.quiet):
             if error:
                 problems.append({"index": i, "id": sample_id, "problem": error})
+            read_differently.update(notes)
     report = {
         "samples": len(index),
         "corrupt_filtered": corrupt,
         "image_samples": len(images),
         "text_only_samples": text_only,
         "languages": dict(languages.most_common()),
+        "images_read_unlike_the_original": dict(read_differently),
         "problems": len(problems),
     }
     print(json.dumps(report, ensure_ascii=False, indent=2))

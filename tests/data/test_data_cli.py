@@ -54,6 +54,8 @@ def test_validate_clean_and_broken(data, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["problems"] == 0 and report["samples"] == 12 and report["languages"]["english"] >= 1
+    assert report["images_read_unlike_the_original"] == {"exif_orientation": 0, "transparency": 0, "16_bit": 0,
+                                                         "pad_scaled": 0}
 
     samples = json.load(open(data))
     samples += [
@@ -75,3 +77,25 @@ def test_validate_clean_and_broken(data, tmp_path):
     assert result.returncode == 2 and "error" in result.stderr
     result = _run("validate", "--data_path", str(tmp_path / "missing.json"))
     assert result.returncode == 2 and "no such file" in result.stderr
+
+
+def test_validate_counts_the_images_read_unlike_the_original(data, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (8, 4)).save(tmp_path / "portrait.jpg", exif=exif)
+    Image.new("RGBA", (8, 4)).save(tmp_path / "logo.png")
+    Image.new("RGBA", (8, 4)).save(tmp_path / "logo2.png")
+    Image.fromarray(np.zeros((4, 8), dtype=np.uint16)).save(tmp_path / "scan.png")
+    Image.new("L", (8001, 1)).save(tmp_path / "sliver.png")
+    Image.new("RGB", (8, 4)).save(tmp_path / "plain.jpg")
+    turns = json.load(open(data))[0]["conversations"]
+    names = ["portrait.jpg", "logo.png", "logo2.png", "scan.png", "sliver.png", "plain.jpg"]
+    samples = [{"id": name, "image": name, "conversations": turns} for name in names]
+    (tmp_path / "set.json").write_text(json.dumps(samples, ensure_ascii=False))
+    result = _run("validate", "--data_path", str(tmp_path / "set.json"), "--image_folder", str(tmp_path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images_read_unlike_the_original"] == {
+        "exif_orientation": 1, "transparency": 2, "16_bit": 1, "pad_scaled": 1}
