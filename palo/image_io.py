@@ -47,7 +47,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit samples (Pillow reads 16-bit PNGs as these)
         grey = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255, as viewers scale them
-        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")  # 2-D uint8: "L"
     if not {"A", "a"} & set(image.getbands()) and "transparency" not in image.info:
         return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
     rgba = image.convert("RGBA")
