@@ -1,8 +1,9 @@
 """Images as viewers show them, and bounds that keep their preprocessing cheap.
 
 ``upright`` and ``to_rgb`` give the pixels a viewer shows from whatever a file stores (EXIF orientation applied,
-transparency on white, 16-bit grey scaled to 8 bits); every image the model sees (training, evaluation, the CLI, the
-worker, the OpenAI API, the web demo) passes through both, so each path sees the same pixels. ``fit_square_canvas``
+transparency on white, 16-bit grey scaled to 8 bits); every image the model sees (training, evaluation, lmms-eval
+tasks, the CLI, the worker, the OpenAI API, the web demo) passes through both (:func:`viewed`), so each path sees the
+same pixels. ``fit_square_canvas``
 and ``trim_for_centre_crop`` keep the images made while preprocessing within :data:`MAX_IMAGE_PIXELS`, whatever the
 shape: without them a thin sliver of a few kilobytes (1x60000) padded to a 60000x60000 square, about 10 GB. Kept free
 of torch so that the web demo can use them.
@@ -20,6 +21,11 @@ from PIL import Image, ImageOps
 MAX_IMAGE_PIXELS = 64_000_000
 
 _ORIENTATION = 0x0112  # the EXIF tag; 2-8 ask for a mirror and/or a turn
+
+
+def viewed(image: Image.Image) -> Image.Image:
+    """The RGB image a viewer shows (:func:`upright`, then :func:`to_rgb`): every image the model sees goes this way."""
+    return to_rgb(upright(image))
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -18,7 +18,7 @@ from transformers import StoppingCriteria
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 from palo.conversation import expand2square  # the one implementation; re-exported under LLaVA's name
-from palo.image_io import MAX_IMAGE_PIXELS, fit_square_canvas, to_rgb, trim_for_centre_crop, upright
+from palo.image_io import MAX_IMAGE_PIXELS, fit_square_canvas, trim_for_centre_crop, viewed
 from palo.model.config import MultimodalSpec
 
 
@@ -43,7 +43,7 @@ def _open_image(source: Any, name: str) -> Image.Image:
         raise ImageLoadError(f"{name}: not a readable image (not a format Pillow can identify)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
-    return to_rgb(upright(image))
+    return viewed(image)
 
 
 def load_image(path_or_url: str, allow_remote: bool = False, policy: Any = None) -> Image.Image:

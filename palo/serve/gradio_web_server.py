@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from palo.conversation import Conversation, SeparatorStyle, conv_templates
-from palo.image_io import to_rgb
+from palo.image_io import viewed
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
 from palo.serve.utils import build_logger, log_dir, refuse_unservable
 
@@ -173,7 +173,7 @@ class WebServer:
             return state
         text = text[: MAX_TEXT_CHARS_WITH_IMAGE if image is not None else MAX_TEXT_CHARS]
         if image is not None:
-            image = to_rgb(image)  # as the worker reads an image: transparency on white, 16-bit grey scaled
+            image = viewed(image)  # as the worker reads an image: upright, transparency on white, 16-bit scaled
             if "<image>" not in text:
                 text = text + "\n<image>"
             if state.get_images(return_pil=True):  # one image per conversation: a new image starts a new one
@@ -269,7 +269,7 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             with gr.Column(scale=3):
                 model_selector = gr.Dropdown(choices=models, value=models[0] if models else None, interactive=True,
                                              show_label=False, container=False, elem_id="model_selector")
-                # image_mode None: Gradio's "RGB" turns transparency black; to_rgb (in add_text) lays it on white.
+                # image_mode None: Gradio's "RGB" turns transparency black; viewed (in add_text) lays it on white.
                 imagebox = gr.Image(type="pil", image_mode=None, label="Image", elem_id="imagebox")
                 image_process_mode = gr.Radio(list(IMAGE_PROCESS_MODES), value="Default",
                                               label="Preprocess for non-square image", visible=False)

@@ -106,3 +106,28 @@ def test_scoring_requests_unpack_options_and_targets():
     assert [i.size for i in two.images] == [(4, 4), (2, 2)]  # several images, in the task's order
     with pytest.raises(ValueError, match="t/test/0: a visual of type str; PALO takes images only"):
         to_scorings([_Request("colour?", " red", lambda doc: ["clip.mp4"], 0, "t", "test")], docs)
+
+
+def test_task_images_are_read_as_every_other_path_reads_them():
+    """A chart with a transparent background and a phone photo, as lmms-eval's datasets decode them."""
+    import io
+
+    from PIL import Image
+
+    from palo.eval.lmms.requests import to_prompts, to_scorings
+
+    chart = Image.new("RGBA", (4, 2), (0, 0, 0, 0))  # black text on a transparent background
+    chart.putpixel((1, 1), (0, 0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 2), (0, 0, 255)).save(buffer, "JPEG", exif=exif)
+    photo = Image.open(io.BytesIO(buffer.getvalue()))
+    docs = {"t": {"test": [{"q": "?"}]}}
+    visuals = lambda doc: [chart, photo]  # noqa: E731
+    [prompt] = to_prompts([_Request("?", {"max_new_tokens": 4}, visuals, 0, "t", "test")], docs, 8)
+    [scoring] = to_scorings([_Request("?", " a", visuals, 0, "t", "test")], docs)
+    for shown_chart, shown_photo in (prompt.images, scoring.images):
+        assert shown_chart.mode == "RGB" and shown_chart.getpixel((0, 0)) == (255, 255, 255)
+        assert shown_chart.getpixel((1, 1)) == (0, 0, 0)
+        assert shown_photo.mode == "RGB" and shown_photo.size == (2, 4)

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from palo.image_io import viewed
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -55,7 +57,9 @@ def parse_generation(gen_kwargs: dict[str, Any], default_max_new_tokens: int) ->
 
 def _images(doc_to_visual: Any, doc: Any, where: str) -> tuple[Any, ...]:
     """The document's images as RGB, in order (PALO trained on one per question; several go in one prompt, each
-    with its own placeholder, as the OpenAI-compatible API lays them out).
+    with its own placeholder, as the OpenAI-compatible API lays them out), read as every other path reads images
+    (:func:`palo.image_io.viewed`): a plain ``convert("RGB")`` turned the transparent background of a chart or a
+    diagram black, hiding its black lines and text.
 
     Raises:
         ValueError: If a visual is not an image (lmms-eval's video or audio tasks).
@@ -65,7 +69,7 @@ def _images(doc_to_visual: Any, doc: Any, where: str) -> tuple[Any, ...]:
     for v in visuals:
         if not hasattr(v, "convert"):
             raise ValueError(f"{where}: a visual of type {type(v).__name__}; PALO takes images only")
-    return tuple(v.convert("RGB") for v in visuals)
+    return tuple(viewed(v) for v in visuals)
 
 
 def to_prompts(requests: list[Any], task_dict: dict, default_max_new_tokens: int) -> list[Prompt]:
