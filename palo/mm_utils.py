@@ -97,7 +97,12 @@ def pad_color(image_processor: Any) -> tuple[int, ...]:
 
 def preprocess_image(image: Image.Image, image_processor: Any, image_aspect_ratio: str | None) -> torch.Tensor:
     """Pixel values ``[3, H, W]`` of one image: ``pad`` squares it first (as PALO trained), anything else lets the
-    CLIP processor resize the short side and centre-crop."""
+    CLIP processor resize the short side and centre-crop.
+
+    The image is taken as a viewer shows it (:func:`palo.image_io.viewed`; the loaders have done so already, and it
+    changes nothing twice), so a PIL image a caller opened itself is read as every other path reads it.
+    """
+    image = viewed(image)
     if image_aspect_ratio == "pad":
         image = expand2square(fit_square_canvas(image, MAX_IMAGE_PIXELS), pad_color(image_processor))
     else:

@@ -164,6 +164,21 @@ def test_the_padded_square_stays_within_the_pixel_limit(processor, monkeypatch):
                                             return_tensors="pt")["pixel_values"][0])
 
 
+@pytest.mark.parametrize("aspect", ["pad", "square"])
+def test_process_images_reads_a_callers_own_image_as_the_loaders_do(processor, aspect, tmp_path):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png", exif=_exif_orientation(6))
+    scan = Image.fromarray(np.arange(40 * 20, dtype=np.uint16).reshape(20, 40) * 80)
+    scan.save(tmp_path / "scan.png")
+    cfg = SimpleNamespace(image_aspect_ratio=aspect)
+    for name in ("photo.png", "scan.png"):
+        opened = Image.open(tmp_path / name)  # as a user's script opens it, without palo's loaders
+        assert torch.equal(process_images([opened], processor, cfg),
+                           process_images([load_image(str(tmp_path / name))], processor, cfg))
+    assert not torch.equal(process_images([Image.open(tmp_path / "photo.png")], processor, cfg),
+                           process_images([photo], processor, cfg))  # the turn made a difference
+
+
 def test_pad_color_of_clip_processor(processor):
     assert pad_color(processor) == PAD_RGB
 
@@ -398,10 +413,14 @@ def _marked(width: int, height: int) -> Image.Image:
     return image
 
 
-def _with_orientation(image: Image.Image, orientation: int) -> bytes:
+def _exif_orientation(orientation: int) -> Image.Exif:
     exif = Image.Exif()
     exif[0x0112] = orientation  # the EXIF Orientation tag
-    return _encode(image, "PNG", exif=exif)  # PNG keeps the pixels exact; Pillow writes the tag in an eXIf chunk
+    return exif
+
+
+def _with_orientation(image: Image.Image, orientation: int) -> bytes:
+    return _encode(image, "PNG", exif=_exif_orientation(orientation))  # PNG: exact pixels; the tag in an eXIf chunk
 
 
 def test_a_phone_photos_orientation_tag_is_applied_on_every_path(tmp_path):
