@@ -3,10 +3,9 @@
 ``upright`` and ``to_rgb`` give the pixels a viewer shows from whatever a file stores (EXIF orientation applied,
 transparency on white, 16-bit grey scaled to 8 bits); every image the model sees (training, evaluation, lmms-eval
 tasks, the CLI, the worker, the OpenAI API, the web demo) passes through both (:func:`viewed`), so each path sees the
-same pixels. ``fit_square_canvas``
-and ``trim_for_centre_crop`` keep the images made while preprocessing within :data:`MAX_IMAGE_PIXELS`, whatever the
-shape: without them a thin sliver of a few kilobytes (1x60000) padded to a 60000x60000 square, about 10 GB. Kept free
-of torch so that the web demo can use them.
+same pixels. ``fit_square_canvas`` and ``trim_for_centre_crop`` keep the images made while preprocessing within
+:data:`MAX_IMAGE_PIXELS`, whatever the shape: without them a thin sliver of a few hundred bytes (1x60000) padded to a
+60000x60000 square, about 10 GB. Kept free of torch so that the web demo can use them.
 """
 
 from __future__ import annotations
@@ -79,9 +78,9 @@ def trim_for_centre_crop(image: Image.Image, shortest_edge: int, max_pixels: int
 
     A processor that resizes the short side and then centre-crops a square keeps only the middle of a long image, but
     first makes the whole resized strip: ``shortest_edge**2 * aspect`` pixels, over a billion for a 1x10000 sliver at
-    336 (11 GB of memory measured). An
-    image with an aspect ratio up to ``max_pixels / shortest_edge**2`` (566:1 at 336) is returned unchanged; a longer
-    one is cut, around its centre, to that ratio, which keeps all that the centre crop keeps.
+    336 (11 GB of memory measured). An image with an aspect ratio up to ``max_pixels / shortest_edge**2`` (566:1 at
+    336) is returned unchanged; a longer one is cut, around its centre, to that ratio, which keeps all that the centre
+    crop keeps.
     """
     width, height = image.size
     short, long = min(width, height), max(width, height)
