@@ -50,13 +50,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
     ``convert_to_rgb`` lays it over white too); and it clips 16-bit grey (scans, microscopy, depth maps) at 255, so
     such an image became almost all white.
     """
-    if image.mode.startswith("I;16") or image.mode == "I":  # 16-bit samples (Pillow reads 16-bit PNGs as these)
+    if _is_16_bit(image):
         grey = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255, as viewers scale them
         return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")  # 2-D uint8: "L"
-    if not {"A", "a"} & set(image.getbands()) and "transparency" not in image.info:
+    if not _has_transparency(image):
         return image if image.mode == "RGB" else image.convert("RGB")  # convert would copy an RGB image
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _is_16_bit(image: Image.Image) -> bool:
+    return image.mode.startswith("I;16") or image.mode == "I"  # Pillow reads 16-bit PNGs as these
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    """An alpha band, or a colour (RGB, L) or palette index (P) named transparent."""
+    return bool({"A", "a"} & set(image.getbands())) or "transparency" in image.info
 
 
 def fit_square_canvas(image: Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
@@ -107,9 +116,9 @@ def read_differently(image: Image.Image) -> list[str]:
     except Exception:  # noqa: BLE001 - a broken EXIF block is ignored when reading, so it changes nothing
         orientation = 1
     notes = ["exif_orientation"] if orientation in range(2, 9) else []
-    if image.mode.startswith("I;16") or image.mode == "I":
+    if _is_16_bit(image):
         notes.append("16_bit")
-    elif {"A", "a"} & set(image.getbands()) or "transparency" in image.info:
+    elif _has_transparency(image):
         notes.append("transparency")
     if max(image.size) > math.isqrt(MAX_IMAGE_PIXELS):
         notes.append("pad_scaled")
