@@ -50,8 +50,11 @@ def test_an_image_that_asks_for_no_turn_is_not_copied(orientation):
     assert upright(image) is image
 
 
-def test_an_opaque_rgb_image_is_not_copied():
+def test_an_rgb_image_keeps_its_pixels_unless_it_names_a_transparent_colour():
     image = _noise(4, 2)
-    assert to_rgb(image) is image
+    image.putpixel((0, 0), (0, 0, 0))
+    assert np.array_equal(np.asarray(to_rgb(image)), np.asarray(image))
     image.info["transparency"] = (0, 0, 0)  # an RGB PNG may name one colour transparent: that one is laid on white
-    assert to_rgb(image) is not image
+    expected = np.asarray(image).copy()
+    expected[0, 0] = 255
+    assert np.array_equal(np.asarray(to_rgb(image)), expected)
