@@ -34,9 +34,9 @@ def upright(image: Image.Image) -> Image.Image:
     person asking saw it upright (the original web demo alone was spared: Gradio turns uploads itself).
     transformers' ``load_image`` turns them too, so an exported checkpoint sees the same pixels.
     """
+    if not _asks_for_a_turn(image):  # nearly every image: as stored
+        return image  # exif_transpose would copy it (for a whole request, no faster or slower: image_load.py)
     try:
-        if image.getexif().get(_ORIENTATION, 1) not in range(2, 9):  # 1 or absent (nearly every image): as stored
-            return image  # exif_transpose would copy it (for a whole request, no faster or slower: image_load.py)
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - Pillow's EXIF parser fails in many ways on a broken block; viewers ignore it
         return image
@@ -59,6 +59,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _asks_for_a_turn(image: Image.Image) -> bool:
+    """An EXIF ``Orientation`` of 2-8 (1, absent, another value or a broken EXIF block: shown as stored)."""
+    try:
+        return image.getexif().get(_ORIENTATION, 1) in range(2, 9)
+    except Exception:  # noqa: BLE001 - Pillow's EXIF parser fails in many ways on a broken block; viewers ignore it
+        return False
 
 
 def _is_16_bit(image: Image.Image) -> bool:
@@ -113,11 +121,7 @@ def read_differently(image: Image.Image) -> list[str]:
         colour: its see-through pixels laid on white), ``"16_bit"`` (scaled, not clipped) and ``"pad_scaled"``
         (long side over ``isqrt(MAX_IMAGE_PIXELS)``: scaled before ``pad``).
     """
-    try:
-        orientation = image.getexif().get(_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored when reading, so it changes nothing
-        orientation = 1
-    notes = ["exif_orientation"] if orientation in range(2, 9) else []
+    notes = ["exif_orientation"] if _asks_for_a_turn(image) else []
     if _is_16_bit(image):
         notes.append("16_bit")
     elif _has_transparency(image):
