@@ -100,7 +100,8 @@ def preprocess_image(image: Image.Image, image_processor: Any, image_aspect_rati
     CLIP processor resize the short side and centre-crop.
 
     The image is taken as a viewer shows it (:func:`palo.image_io.viewed`; the loaders have done so already, and it
-    changes nothing twice), so a PIL image a caller opened itself is read as every other path reads it.
+    changes nothing twice), so a PIL image a caller opened itself is read as every other path reads it. The second
+    copy this makes of a loaded image is kept on purpose: skipping it measured slower per request (docs/benchmarks.md).
     """
     image = viewed(image)
     if image_aspect_ratio == "pad":
