@@ -38,6 +38,11 @@ def _letters(text: str) -> int:
     return len(_LETTER_RE.findall(text))
 
 
+def has_words(masked_text: str) -> bool:
+    """Whether a masked text has letters outside its placeholders, i.e. anything a model could translate."""
+    return _letters(_PLACEHOLDER_RE.sub(" ", masked_text)) > 0
+
+
 def check_translation(source: str, translation: str, language: str, n_placeholders: int = 0) -> list[str]:
     """Problems with one translated (still masked) text; an empty list means it is accepted.
 

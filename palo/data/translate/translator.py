@@ -15,12 +15,11 @@ import threading
 from collections import Counter
 from concurrent.futures import Future
 
-from palo.data.languages import _LETTER_RE
 from palo.data.translate.cache import TranslationCache
-from palo.data.translate.check import check_translation
+from palo.data.translate.check import check_translation, has_words
 from palo.data.translate.cleaning import clean_reply
 from palo.data.translate.prompts import system_prompt
-from palo.data.translate.spans import _PLACEHOLDER_RE, Masked, mask, restore
+from palo.data.translate.spans import Masked, mask, restore
 from palo.openai_client import DEFAULT_MAX_BACKOFF, ChatClient, RequestFailed
 
 __all__ = ["RequestFailed", "TextResult", "Translator"]
@@ -129,7 +128,7 @@ class Translator:
             RequestFailed: When the endpoint kept failing; nothing is cached then.
         """
         masked = mask(text)
-        if not _LETTER_RE.search(_PLACEHOLDER_RE.sub(" ", masked.text)):
+        if not has_words(masked.text):
             return TextResult(text, [], cached=True)
         found = self._lookup(masked, text, language)
         if found is not None:
