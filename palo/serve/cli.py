@@ -143,7 +143,7 @@ class _Stream:
     """The engine's output callback for one answer: prints each new piece until ``stopped`` is set.
 
     Attributes:
-        stopped: Set by Ctrl-C (see :class:`_ctrl_c_stops`).
+        stopped: Set by Ctrl-C (see :func:`_ctrl_c_stops`).
         shown: The text printed so far.
     """
 
