@@ -50,10 +50,10 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_cache = enable_prefix_cache
         self.ref_count = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_blocks))
-        self.scores: dict[int, BlockScores] = {}  # by block key, for prompts that score themselves
+        self.scores: dict[bytes, BlockScores] = {}  # by block key, for prompts that score themselves
         self.hits = 0  # prompt positions served from the cache, for statistics
         self.queries = 0
 
@@ -69,7 +69,7 @@ class BlockManager:
         return math.ceil(positions / self.block_size)
 
     # -- admission -----------------------------------------------------------------------------------------------
-    def _can_take(self, seq: Sequence, key: int) -> bool:
+    def _can_take(self, seq: Sequence, key: bytes) -> bool:
         """Whether ``seq`` may take the cached block ``key``: a prompt that scores itself only one whose scores were
         kept, with at least as many alternatives."""
         k = seq.sampling.prompt_logprobs
@@ -170,7 +170,7 @@ class BlockManager:
             self.hits += gained
         return gained
 
-    def shareable_ahead(self, seq: Sequence) -> list[int]:
+    def shareable_ahead(self, seq: Sequence) -> list[bytes]:
         """Keys of the prompt blocks ``seq`` has yet to compute that it could take from the cache instead."""
         if not self.enable_prefix_cache:
             return []

@@ -67,7 +67,7 @@ class Scheduler:
         """
         budget = self.config.max_prefill_tokens
         chunks = []
-        pending: set[int] = set()  # prompt blocks the older sequences have yet to compute
+        pending: set[bytes] = set()  # prompt blocks the older sequences have yet to compute
         size = self.blocks.block_size
         for seq in self.prefilling:
             self.blocks.adopt_cached(seq)

@@ -6,6 +6,7 @@ import enum
 import hashlib
 import itertools
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -171,7 +172,7 @@ class Sequence:
         # Streaming state, owned by the engine (see palo.engine.detokenizer).
         self.detokenizer: Any = None
         self.text = ""
-        self._block_keys: tuple[int, list[int]] | None = None
+        self._block_keys: tuple[int, list[bytes]] | None = None
         self._prompt_token_set: torch.Tensor | None = None
 
     # -- sizes ----------------------------------------------------------------------------------------------------
@@ -205,17 +206,29 @@ class Sequence:
         return min(self.prompt_len + self.sampling.max_tokens, max_model_len)
 
     # -- prefix-cache keys ---------------------------------------------------------------------------------------
-    def block_keys(self, block_size: int) -> list[int]:
-        """A chained hash for each *full* prompt block: equal hashes mean equal prompts up to the block's end."""
+    def block_keys(self, block_size: int) -> list[bytes]:
+        """A chained digest for each *full* prompt block: equal digests mean equal prompts up to the block's end.
+
+        The digest is cryptographic (BLAKE2b, 256 bits) because blocks are shared between requests: with a fast
+        non-cryptographic hash (Python's ``hash`` of the ids is not even seeded for integers) a client could send a
+        prompt whose block collides with another prompt's, and whichever came second would be answered from the
+        first one's K/V. Each block's bytes are its positions as int64 (a text id, or ``-1 - row`` for row ``row``
+        of the stacked image features), then the digests of the images those rows belong to.
+        """
         if self._block_keys is not None and self._block_keys[0] == block_size:
             return self._block_keys[1]
-        keys: list[int] = []
-        parent = 0
-        image_at = {p: (self.image_digests[row // self.tokens_per_image], row % self.tokens_per_image)
-                    for p, row in self.image_rows.items()}
+        values = list(self.prompt_ids)
+        for p, row in self.image_rows.items():
+            values[p] = -1 - row
+        keys: list[bytes] = []
+        parent = b""
         for b in range(self.prompt_len // block_size):
-            span = range(b * block_size, (b + 1) * block_size)
-            parent = hash((parent, tuple(image_at.get(p, self.prompt_ids[p]) for p in span)))
+            block = values[b * block_size:(b + 1) * block_size]
+            digest = hashlib.blake2b(parent, digest_size=32)
+            digest.update(array("q", block).tobytes())
+            for image in sorted({(-1 - v) // self.tokens_per_image for v in block if v < 0}):
+                digest.update(self.image_digests[image].encode() + b"\n")
+            parent = digest.digest()
             keys.append(parent)
         self._block_keys = (block_size, keys)
         return keys

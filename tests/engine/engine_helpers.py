@@ -16,6 +16,12 @@ QUESTIONS = [
 ]
 COLORS = ["red", "green", "black", "orange", "purple", "yellow", "blue", "pink"]
 
+# Two blocks of 16 ids (the engine's default block size) with the same Python ``hash`` of their tuples. CPython's
+# tuple hash is not seeded for integers, so this holds in every process; the pair was found by a birthday search
+# (Brent's cycle finding) over the last 8 ids, about 10^10 hash evaluations.
+COLLIDING_BLOCKS = ([1, 2, 3, 4, 5, 6, 7, 8, 215, 86, 25, 222, 3, 214, 237, 122],
+                    [1, 2, 3, 4, 5, 6, 7, 8, 190, 80, 224, 73, 217, 122, 61, 76])
+
 
 def make_image(color: str, size: tuple[int, int] = (64, 48)) -> Image.Image:
     image = Image.new("RGB", size, "white")

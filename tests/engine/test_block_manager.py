@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from engine_helpers import COLLIDING_BLOCKS
 
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.engine.block_manager import BlockManager
@@ -74,6 +75,37 @@ def test_image_rows_are_keyed_by_the_image_content():
     other = _seq(ids, blue, n=8)
     blocks.allocate(other, other.prompt_len + 2)
     assert other.num_cached == 4  # only the text before the image
+
+
+def test_blocks_that_collide_under_pythons_hash_are_not_shared():
+    """Blocks are shared between requests, so their keys must not collide for different content, even for a
+    client who chooses its prompt to make them collide."""
+    a, b = COLLIDING_BLOCKS
+    assert a != b and hash(tuple(a)) == hash(tuple(b))  # the pair really collides
+    blocks = BlockManager(num_blocks=8, block_size=16)
+    first = _seq(a + [9, 9])
+    blocks.allocate(first, 20)
+    first.num_computed = first.prompt_len
+    blocks.register_prefix(first)
+    second = _seq(b + [9, 9])
+    assert second.block_keys(16) != first.block_keys(16)
+    blocks.allocate(second, 20)
+    assert second.num_cached == 0 and second.block_table[0] != first.block_table[0]
+    again = _seq(a + [7, 7])
+    blocks.allocate(again, 20)
+    assert again.num_cached == 16  # the same content still shares
+
+
+def test_a_blocks_key_holds_its_images_in_their_order():
+    """Rows of two images in one block: the same images in the other order, or another image, is another block."""
+    red, blue = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)
+    ids = [1, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX, 5, 6, 7]  # block 0: id 1, red's 2 rows, blue's first row
+
+    def key(*images):
+        return _seq(ids, torch.cat(images), n=2).block_keys(4)[0]
+
+    assert key(red, blue) == key(red.clone(), blue.clone())
+    assert len({key(red, blue), key(blue, red), key(red, red), key(blue, blue)}) == 4
 
 
 def test_a_sequence_admitted_beside_its_prefix_adopts_it_once_cached_and_frees_its_own_blocks():

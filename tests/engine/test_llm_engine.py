@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from engine_helpers import COLORS, QUESTIONS, pixels, prompt_ids, reference_tokens
+from engine_helpers import COLLIDING_BLOCKS, COLORS, QUESTIONS, pixels, prompt_ids, reference_tokens
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from palo.engine import (
@@ -385,6 +385,18 @@ def test_prefix_cache_hit_skips_the_tower_and_gives_identical_tokens(loaded, mon
     other = engine.generate([EngineRequest(first_ids, pixels(processor, model, ["black"]),
                                            SamplingParams(max_tokens=16))])[0]
     assert other.cached_positions < first_ids.index(-200) + engine.config.block_size
+
+
+def test_a_prompt_made_to_collide_with_a_cached_one_gets_its_own_answer(loaded):
+    """A client that picks its ids so that its first block hashes like another prompt's (under Python's ``hash``)
+    must neither take that prompt's K/V nor leave its own for it."""
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=16))
+    tail = [9, 10, 11]
+    for ids in (COLLIDING_BLOCKS[0] + tail, COLLIDING_BLOCKS[1] + tail, COLLIDING_BLOCKS[0] + tail):
+        out = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=8))])[0]
+        assert out.token_ids == reference_tokens(model, tokenizer, ids, None, 8, engine.eos_ids)
+    assert out.cached_positions == 16  # the first prompt again: its own block is still shared
 
 
 @pytest.mark.parametrize("block_size", [4, 8])
