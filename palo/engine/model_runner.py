@@ -135,7 +135,7 @@ class ModelRunner:
         sequence keeps its features ``[k, n, D]`` until its prompt is computed."""
         missing: dict[str, torch.Tensor] = {}
         for seq in seqs:
-            for i, digest in enumerate(seq.image_digests):
+            for i, digest in enumerate(seq.image_keys):
                 if digest in self._image_features:
                     self._image_features.move_to_end(digest)
                 elif digest not in missing:
@@ -152,7 +152,7 @@ class ModelRunner:
             while len(self._image_features) > self.image_cache_size:
                 self._image_features.popitem(last=False)
         for seq in seqs:
-            seq.image_features = torch.stack([found[digest] for digest in seq.image_digests])
+            seq.image_features = torch.stack([found[digest] for digest in seq.image_keys])
 
     def _prompt_embeds(self, chunk: PrefillChunk) -> torch.Tensor:
         """``[n, D]`` input rows of a prefill chunk: token embeddings, with image features on image rows."""

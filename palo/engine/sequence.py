@@ -83,6 +83,9 @@ class EngineRequest:
         on_output: Called from the engine thread with each :class:`RequestOutput`; if it raises, the request is
             cancelled (its client went away).
         request_id: Unique id; generated when empty.
+        cache_salt: vLLM's ``cache_salt``: when set, the request shares cached prompt blocks and image features
+            only with requests that send the same salt (so that a client outside that group cannot learn from its
+            own timings whether someone's prompt or image was recently asked).
     """
 
     input_ids: list[int]
@@ -90,6 +93,7 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     on_output: OutputCallback | None = None
     request_id: str = ""
+    cache_salt: str | None = None
 
 
 class Status(enum.Enum):
@@ -147,8 +151,11 @@ class Sequence:
                 self.input_positions[src] = dst
         self.image_starts: list[int] = plan.image_dst[::tokens_per_image] if tokens_per_image else []
         self.num_images = len(self.image_starts)
-        self.image_digests = [image_digest(request.images[i])
-                              for i in range(self.num_images)] if self.num_images else []
+        # What the caches know this request's blocks and images by: their content, within its cache salt.
+        self.cache_namespace = b"" if request.cache_salt is None else hashlib.blake2b(
+            request.cache_salt.encode("utf-8", "surrogatepass"), digest_size=32, person=b"palo-cache-salt").digest()
+        suffix = f"@{self.cache_namespace.hex()}" if self.cache_namespace else ""
+        self.image_keys = [image_digest(request.images[i]) + suffix for i in range(self.num_images)]
         self.output_ids: list[int] = []
         self.output_logprobs: list[TokenLogprob] = []  # one per output id when the request asks for them
         # Per spliced prompt position when the request asks: the log-probability of its id after the positions
@@ -213,7 +220,8 @@ class Sequence:
         non-cryptographic hash (Python's ``hash`` of the ids is not even seeded for integers) a client could send a
         prompt whose block collides with another prompt's, and whichever came second would be answered from the
         first one's K/V. Each block's bytes are its positions as int64 (a text id, or ``-1 - row`` for row ``row``
-        of the stacked image features), then the digests of the images those rows belong to.
+        of the stacked image features), then the keys of the images those rows belong to. The first block's chain
+        starts from the request's cache salt, if it has one.
         """
         if self._block_keys is not None and self._block_keys[0] == block_size:
             return self._block_keys[1]
@@ -221,13 +229,13 @@ class Sequence:
         for p, row in self.image_rows.items():
             values[p] = -1 - row
         keys: list[bytes] = []
-        parent = b""
+        parent = self.cache_namespace
         for b in range(self.prompt_len // block_size):
             block = values[b * block_size:(b + 1) * block_size]
             digest = hashlib.blake2b(parent, digest_size=32)
             digest.update(array("q", block).tobytes())
             for image in sorted({(-1 - v) // self.tokens_per_image for v in block if v < 0}):
-                digest.update(self.image_digests[image].encode() + b"\n")
+                digest.update(self.image_keys[image].encode() + b"\n")
             parent = digest.digest()
             keys.append(parent)
         self._block_keys = (block_size, keys)

@@ -27,7 +27,7 @@ from palo.mm_utils import ImageLoadError, load_image, load_image_from_base64, pr
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
 from palo.remote_images import RemoteImagePolicy, is_remote
-from palo.serve.protocol import is_token_ids, parse_logit_bias, parse_structured_output
+from palo.serve.protocol import is_token_ids, parse_cache_salt, parse_logit_bias, parse_structured_output
 from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -63,6 +63,7 @@ class PreparedRequest:
         stop: Stop string, or None (end-of-sequence only).
         prompt_tokens: Context positions the prompt takes, image positions included.
         prompt_from_ids: Whether the prompt came as token ids (``prompt`` is then their text).
+        cache_salt: Shares cached prompt blocks and image features only with requests of the same salt.
     """
 
     prompt: str
@@ -73,6 +74,7 @@ class PreparedRequest:
     stop: str | None
     prompt_tokens: int
     prompt_from_ids: bool = False
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -219,8 +221,8 @@ class EngineBackend(ABC):
                 ``max_new_tokens`` may then be 0 to score the prompt only), ``"logit_bias"`` (OpenAI's
                 ``{"token id": bias}``), an answer shape (``"response_format"``, ``"guided_json"``,
                 ``"guided_regex"``, ``"guided_choice"`` or ``"structured_outputs"``, see
-                :func:`~palo.serve.protocol.parse_structured_output`) and ``"prompt_token_ids"`` instead of
-                ``"prompt"`` (the prompt as token ids, used as they are; no images).
+                :func:`~palo.serve.protocol.parse_structured_output`), ``"prompt_token_ids"`` instead of
+                ``"prompt"`` (the prompt as token ids, used as they are; no images) and vLLM's ``"cache_salt"``.
 
         Returns:
             The prepared request.
@@ -285,6 +287,7 @@ class EngineBackend(ABC):
         try:
             logit_bias = parse_logit_bias(params.get("logit_bias"), int(self.model.config.vocab_size))
             structured, _ = parse_structured_output(params)
+            cache_salt = parse_cache_salt(params.get("cache_salt"))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         logprobs, prompt_logprobs = (_alternatives(params, key) for key in ("logprobs", "prompt_logprobs"))
@@ -355,6 +358,7 @@ class EngineBackend(ABC):
             stop=stop or None,
             prompt_tokens=prompt_tokens,
             prompt_from_ids=token_ids is not None,
+            cache_salt=cache_salt,
         )
 
     def _prompt_token_ids(self, value: Any) -> list[int] | None:
@@ -510,6 +514,7 @@ class GenerationEngine(EngineBackend):
         job.seq = self.engine.add_request(EngineRequest(
             request.input_ids, request.images, request.sampling,
             on_output=lambda output: sink(_event(output, request.sampling.logprobs is not None)),
+            cache_salt=request.cache_salt,
         ))
         return job
 

@@ -7,9 +7,9 @@ protocol.
   be a list of ``text`` and ``image_url`` parts whose URLs are ``data:image/...;base64,`` URLs), ``stream`` (server-sent
   events ending with ``data: [DONE]``), ``temperature``, ``top_p``, ``max_tokens`` (or ``max_completion_tokens``),
   ``stop`` (a string or up to 4), ``seed`` (reproducible sampling), ``n``, ``top_k``, the presence, frequency and
-  repetition penalties, ``logit_bias``, vLLM's ``min_p``, ``min_tokens``, ``stop_token_ids`` and ``ignore_eos``, an
-  answer shape (``response_format`` or vLLM's ``guided_*`` / ``structured_outputs``), ``logprobs`` /
-  ``top_logprobs``, ``stream_options.include_usage``.
+  repetition penalties, ``logit_bias``, vLLM's ``min_p``, ``min_tokens``, ``stop_token_ids``, ``ignore_eos`` and
+  ``cache_salt`` (only requests with the same salt share the prefix cache), an answer shape (``response_format``
+  or vLLM's ``guided_*`` / ``structured_outputs``), ``logprobs`` / ``top_logprobs``, ``stream_options.include_usage``.
 * ``POST /v1/completions``: the legacy text completions: finished prompts sent as they are (no template, no
   images): ``prompt`` a string, a list of token ids, or a list of either (one answer, or ``n``, per prompt), the same
   settings, ``logprobs`` as a count of alternatives, and ``echo`` (the prompt before the answer; with ``logprobs``,
@@ -50,6 +50,7 @@ from palo.serve.protocol import (
     STRUCTURED_FIELDS,
     decode_json_body,
     is_token_ids,
+    parse_cache_salt,
     parse_logit_bias,
     parse_structured_output,
     visible_text,
@@ -110,7 +111,8 @@ class GenerationRequest:
     prompt_logprobs: int | None = None  # the worker scores the prompt's tokens (for echo with logprobs)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias added to its logit
     shape: dict[str, Any] = field(default_factory=dict)  # the field that asks for a structured answer, as sent
-    extras: dict[str, Any] = field(default_factory=dict)  # vLLM's min_p, min_tokens, stop_token_ids, ignore_eos
+    # vLLM's min_p, min_tokens, stop_token_ids, ignore_eos and cache_salt, those that ask for something
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -365,6 +367,12 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
                            param="stop_token_ids")
         if stop_token_ids:
             extras["stop_token_ids"] = stop_token_ids
+    try:  # vLLM's: which requests may share cached prompt blocks and image features with this one
+        cache_salt = parse_cache_salt(body.get("cache_salt"))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="cache_salt") from None
+    if cache_salt is not None:
+        extras["cache_salt"] = cache_salt
     try:  # ids are checked against the model's vocabulary by its worker
         logit_bias = parse_logit_bias(body.get("logit_bias"))
     except ValueError as exc:

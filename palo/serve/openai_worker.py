@@ -50,6 +50,7 @@ from palo.serve.protocol import (
     encode_chunk,
     error_chunk,
     is_token_ids,
+    parse_cache_salt,
     parse_logit_bias,
     parse_structured_output,
 )
@@ -276,6 +277,12 @@ class OpenAIWorker(BaseWorker):
             if not is_token_ids(stop_token_ids):
                 raise PromptFormatError(f"'stop_token_ids' must be a list of token ids, got {str(stop_token_ids)[:80]}")
             body["stop_token_ids"] = stop_token_ids
+        try:  # vLLM keeps its own prefix cache per salt; sent only when asked for, like the settings above
+            cache_salt = parse_cache_salt(params.get("cache_salt"))
+        except ValueError as exc:
+            raise PromptFormatError(str(exc)) from None
+        if cache_salt is not None:
+            body["cache_salt"] = cache_salt
         try:  # the backend's token ids: forwarded as they are, for its own tokenizer
             logit_bias = parse_logit_bias(params.get("logit_bias"))
         except ValueError as exc:

@@ -138,6 +138,30 @@ def parse_logit_bias(value: Any, vocab: int | None = None) -> dict[int, float]:
     return {token: b for token, b in bias.items() if b}
 
 
+MAX_CACHE_SALT_CHARS = 1_024
+
+
+def parse_cache_salt(value: Any) -> str | None:
+    """vLLM's ``cache_salt``: requests share cached prompt blocks and image features only with requests that send
+    the same salt (none: with every request that sends none).
+
+    Args:
+        value: The field as sent.
+
+    Returns:
+        The salt, or None when absent.
+
+    Raises:
+        ValueError: Unless it is absent or a non-empty string of at most ``MAX_CACHE_SALT_CHARS`` characters.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"'cache_salt' must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, "
+                         f"got {str(value)[:40]!r}")
+    return value
+
+
 # The fields that ask for a structured answer: OpenAI's, and vLLM's older and newer extras. At most one per request.
 STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "structured_outputs")
 MAX_STRUCTURE_CHARS = 100_000  # a schema, pattern or choice list, as text

@@ -11,8 +11,8 @@ from palo.engine.sampling import SamplingParams
 from palo.engine.sequence import EngineRequest, Sequence
 
 
-def _seq(ids, images=None, n=4):
-    return Sequence(EngineRequest(ids, images, SamplingParams(max_tokens=4)), tokens_per_image=n)
+def _seq(ids, images=None, n=4, salt=None):
+    return Sequence(EngineRequest(ids, images, SamplingParams(max_tokens=4), cache_salt=salt), tokens_per_image=n)
 
 
 def test_blocks_are_reserved_released_and_never_include_the_scratch_block():
@@ -106,6 +106,26 @@ def test_a_blocks_key_holds_its_images_in_their_order():
 
     assert key(red, blue) == key(red.clone(), blue.clone())
     assert len({key(red, blue), key(blue, red), key(red, red), key(blue, blue)}) == 4
+
+
+def test_a_cache_salt_shares_blocks_only_with_the_same_salt():
+    red = torch.zeros(1, 3, 8, 8)
+    ids = [1, 2, 3, 4, 5, 6, IMAGE_TOKEN_INDEX, 7, 8]  # blocks of 4: text, text + image, image rows
+
+    def admitted(salt, blocks):
+        seq = _seq(ids, red.clone(), n=8, salt=salt)
+        blocks.allocate(seq, seq.prompt_len + 2)
+        seq.num_computed = seq.prompt_len
+        blocks.register_prefix(seq)
+        return seq
+
+    for first, second, shared in ((None, None, True), ("alice", "alice", True), ("alice", "bob", False),
+                                  (None, "alice", False), ("alice", None, False), ("", None, False)):
+        blocks = BlockManager(num_blocks=30, block_size=4)
+        admitted(first, blocks)
+        later = admitted(second, blocks)
+        assert later.num_cached == (12 if shared else 0), (first, second)
+    assert _seq(ids, red, n=8, salt="alice").image_keys != _seq(ids, red, n=8, salt="bob").image_keys
 
 
 def test_a_sequence_admitted_beside_its_prefix_adopts_it_once_cached_and_frees_its_own_blocks():

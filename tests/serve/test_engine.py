@@ -138,6 +138,9 @@ def test_budget_uses_the_projector_token_count(world):
         ({"min_tokens": 500}, "'min_tokens' must be from 0 to max_new_tokens (6), got 500"),
         ({"stop_token_ids": [-1]}, "'stop_token_ids' must be a list of up to 64 token ids"),
         ({"stop_token_ids": "2"}, "'stop_token_ids' must be a list"),
+        ({"cache_salt": ""}, "'cache_salt' must be a non-empty string of at most 1024 characters, got ''"),
+        ({"cache_salt": 7}, "'cache_salt' must be a non-empty string"),
+        ({"cache_salt": "s" * 1025}, "'cache_salt' must be a non-empty string of at most 1024 characters"),
         ({"stop_token_ids": [999999]}, "'stop_token_ids' must be a list of up to 64 token ids in [0, "),
         ({"response_format": {"type": "xml"}}, "'response_format' must be {'type': 'text' | 'json_object'"),
         ({"response_format": {"type": "json_schema"}}, "type json_schema needs 'json_schema'"),
@@ -282,6 +285,31 @@ def test_vllms_min_p_min_tokens_stop_ids_and_ignore_eos_reach_the_sampler_and_st
     assert held.completion_tokens == 4 and held.finish_reason == "stop"  # the end was pushed up, and held back
     assert stopped.text == "" and stopped.finish_reason == "stop"  # its first token was a stop id
     assert running.completion_tokens == 7 and running.finish_reason == "length"  # past every end-of-sequence
+
+
+def test_a_cache_salt_keeps_the_prefix_cache_and_the_tower_to_its_own_requests(loaded):
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    paged = _engine(loaded, max_batch_size=4)
+    try:
+        answers, encoded = [], []
+        for salt in ("lab-a", "lab-b", None, "lab-a"):
+            extra = {} if salt is None else {"cache_salt": salt}
+            prepared = paged.prepare(_params(1, **extra))
+            assert prepared.cache_salt == salt
+            answers.append(paged.generate([prepared])[0].text)
+            encoded.append(paged.stats()["images_encoded"])
+        assert len(set(answers)) == 1
+        assert encoded == [1, 2, 3, 3]  # another salt (or none) runs the tower again; the same salt does not
+        assert paged.stats()["prefix_cache_hit_rate"] > 0.2  # the last request took its salt's blocks
+    finally:
+        paged.close()
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len)
+    try:  # it keeps no cache between requests, so a salt asks for nothing it does not already do
+        assert static.generate([static.prepare(_params(1, cache_salt="lab-a"))])[0].text == answers[0]
+    finally:
+        static.close()
 
 
 def test_logit_bias_reaches_each_rows_sampler_and_the_static_engine_refuses_it(loaded):

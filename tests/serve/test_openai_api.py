@@ -275,3 +275,22 @@ def test_chat_scores_an_answer_to_an_image_question(cluster, local):
             assert entry["logprob"] == pytest.approx(logprobs[position - 1, token].item(), abs=1e-4), i
             assert (entry["rank"] == 1) == (logprobs[position - 1].argmax().item() == token), i
         position += model.image_token_count if token == -200 else 1
+
+
+def test_a_cache_salt_from_the_official_client_keeps_an_image_to_its_group(cluster):
+    """vLLM's ``cache_salt`` (sent in ``extra_body``): another group's request runs the vision tower again instead
+    of finding the image cached, the same group's does not; a bad salt is a 400 naming it."""
+    c = client(cluster)
+
+    def encoded() -> int:
+        return httpx.post(cluster.main.url + "/worker_get_status", timeout=10).json()["engine"]["images_encoded"]
+
+    ask = dict(model="ckpt", messages=image_message("Qu'est-ce que c'est ?", "teal"), temperature=0, max_tokens=6)
+    answers, counts = [], [encoded()]
+    for salt in ("group-1", "group-2", "group-1"):
+        answers.append(c.chat.completions.create(extra_body={"cache_salt": salt}, **ask).choices[0].message.content)
+        counts.append(encoded())
+    assert len(set(answers)) == 1
+    assert [b - a for a, b in zip(counts, counts[1:])] == [1, 1, 0]
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        c.chat.completions.create(extra_body={"cache_salt": ""}, **ask)

@@ -420,6 +420,20 @@ def test_vllms_sampling_extras_reach_the_worker_only_when_they_ask_for_something
             assert status == 400 and answer["error"]["param"] == key and bodies == [], (key, bad)
 
 
+def test_a_cache_salt_reaches_the_worker_as_sent_and_a_bad_one_is_refused():
+    done = [{"text": "", "error_code": 0, "finish_reason": "stop"}]
+    chat = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    text = {"model": "ckpt", "prompt": "hi", "max_tokens": 8}
+    for endpoint, base in ((chat_completion, chat), (text_completion, text)):
+        status, _, bodies = _call(endpoint, {**base, "cache_salt": "tenant-7 ✓"}, done)
+        assert status == 200 and bodies[0]["cache_salt"] == "tenant-7 ✓"
+        status, _, bodies = _call(endpoint, base, done)
+        assert status == 200 and "cache_salt" not in bodies[0]
+        for bad in ("", 7, ["a"], "s" * 1025):
+            status, answer, bodies = _call(endpoint, {**base, "cache_salt": bad}, done)
+            assert status == 400 and answer["error"]["param"] == "cache_salt" and bodies == [], bad
+
+
 def _lp(token: str) -> dict:
     raw = token.encode()
     return {"token": token, "logprob": -0.5, "bytes": list(raw), "top_logprobs": []}

@@ -61,5 +61,10 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
         for key, bad in (("min_tokens", 1.5), ("min_p", "x"), ("stop_token_ids", [-1]), ("ignore_eos", "yes")):
             with pytest.raises(PromptFormatError, match=key):
                 worker.backend_request({**base, key: bad})
+        _, body = worker.backend_request({**base, "cache_salt": "tenant-7"})
+        assert body["cache_salt"] == "tenant-7"  # vLLM keeps its prefix cache per salt too
+        assert "cache_salt" not in worker.backend_request(base)[1]
+        with pytest.raises(PromptFormatError, match="'cache_salt' must be a non-empty string"):
+            worker.backend_request({**base, "cache_salt": ""})
     finally:
         worker.stop()
