@@ -179,5 +179,6 @@ def _ctrl_c_stops(stopped: threading.Event) -> Iterator[None]:
     finally:
         signal.signal(signal.SIGINT, previous)
 
+
 if __name__ == "__main__":
     sys.exit(main())
