@@ -414,6 +414,7 @@ def test_the_demos_pad_of_a_sliver_stays_within_the_pixel_limit(monkeypatch):
     assert padded == [(1, 8000)]  # the 9000x9000 square (243 MB) is never made
     assert image.size == (400, 400)
 
+
 def test_get_images_only_user_tuples_and_bad_mode():
     conv = conv_templates["vicuna_v1"].copy()
     conv.append_message("USER", Q1)

@@ -405,7 +405,6 @@ def test_load_from_base64_errors():
         load_image_from_base64(base64.b64encode(data[: len(data) // 3]).decode())
 
 
-
 def _marked(width: int, height: int) -> Image.Image:
     """Blue, with the stored pixels' left column red: where that column lands shows how the image was turned."""
     image = Image.new("RGB", (width, height), (0, 0, 255))
@@ -478,6 +477,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert np.asarray(loaded)[..., 0].tolist() == [[0, 1, 128, 255]]
     assert np.asarray(loaded).std(axis=-1).max() == 0  # grey
     assert np.asarray(to_rgb(stored.convert("I")))[..., 0].tolist() == [[0, 1, 128, 255]]
+
 
 def test_an_opaque_image_with_alpha_keeps_its_pixels():
     image = _drawn(30, 20)
