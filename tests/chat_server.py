@@ -1,14 +1,16 @@
 """A scripted OpenAI-compatible chat server for client tests (real sockets, stdlib ``http.server``).
 
-Each request gets the next response of the script; the last one repeats. A response is ``(status, body, headers)``:
-a 200 with a string body is a chat completion with that reply, a 200 with a dict body is sent as it is (a malformed
-completion), any other status is an OpenAI error body with that message. Every request body is recorded.
+Each request gets the next response of the script (the last one repeats), or what a ``respond`` function makes of
+its body. A response is ``(status, body, headers)``: a 200 with a string body is a chat completion with that reply, a
+200 with a dict body is sent as it is (a malformed completion), any other status is an OpenAI error body with that
+message. Every request body is recorded; a path other than ``/v1/chat/completions`` is a 404.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,10 +22,16 @@ def reply(text: str) -> Response:
 
 
 class ChatServer:
-    """Start with :meth:`start` (or use as a context manager); ``base_url`` is ``http://127.0.0.1:<port>/v1``."""
+    """Start with :meth:`start` (or use as a context manager); ``base_url`` is ``http://127.0.0.1:<port>/v1``.
 
-    def __init__(self, *script: Response) -> None:
+    Args:
+        script: The responses, in order.
+        respond: Makes each response from the request body instead (called in the server's threads).
+    """
+
+    def __init__(self, *script: Response, respond: Callable[[dict[str, Any]], Response] | None = None) -> None:
         self.script: list[Response] = list(script) or [reply("ok")]
+        self.respond = respond
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -41,7 +49,9 @@ class ChatServer:
     def _next(self, body: dict[str, Any]) -> Response:
         with self._lock:
             self.requests.append(body)
-            return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+            if self.respond is None:
+                return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        return self.respond(body)
 
     def start(self) -> ChatServer:
         server = self
@@ -52,9 +62,18 @@ class ChatServer:
             def log_message(self, *args: object) -> None:  # keep test output quiet
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client timed out or was killed and hung up: expected in those tests
+
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                status, content, headers = server._next(body)
+                if self.path.rstrip("/") != "/v1/chat/completions":
+                    status, content, headers = 404, f"no route {self.path}", {}
+                else:
+                    status, content, headers = server._next(body)
                 if status == 200 and isinstance(content, str):
                     payload: Any = {
                         "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model"),

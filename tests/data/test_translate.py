@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from chat_server import ChatServer  # tests/ is on sys.path (rootdir conftest, no packages)
 
 from palo.data.cli import main
 from palo.data.languages import detect_language
@@ -72,11 +72,11 @@ class FakeTranslator:
         self.stalled = threading.Event()
         self.release = threading.Event()
         self.lock = threading.Lock()
-        self.server: ThreadingHTTPServer | None = None
+        self.server: ChatServer | None = None
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        return self.server.base_url
 
     def answered(self, status: int = 200) -> Counter:
         with self.lock:
@@ -116,48 +116,12 @@ class FakeTranslator:
         return status, reply, headers
 
     def start(self) -> FakeTranslator:
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def handle(self) -> None:
-                try:
-                    super().handle()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client was killed mid-request: expected in the resume test
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                status, reply, headers = fake.respond(body)
-                if status == 200:
-                    payload = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                               "choices": [{"index": 0, "finish_reason": "stop",
-                                            "message": {"role": "assistant", "content": reply}}],
-                               "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
-                else:
-                    payload = {"error": {"message": reply, "type": "server_error", "code": status}}
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.server = ChatServer(respond=self.respond).start()
         return self
 
     def stop(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
 
 
 @pytest.fixture()

@@ -7,12 +7,12 @@ one repeating. Every request is recorded, so tests can count calls per question.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from chat_server import ChatServer  # tests/ is on sys.path (rootdir conftest, no packages)
 
 # (HTTP status, reply text): 200 returns the text as the assistant message, 0 sleeps float(text) seconds before
 # answering with the default (to provoke a client time-out), anything else returns an OpenAI error body.
@@ -38,12 +38,12 @@ class FakeJudge:
         self.reached = threading.Event()
         self.release = threading.Event()
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: ChatServer | None = None
 
     @property
     def base_url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+        return self._server.base_url
 
     def script(self, question: str, *responses: Response) -> None:
         self.scripts[question] = list(responses)
@@ -76,54 +76,10 @@ class FakeJudge:
         return response
 
     def start(self) -> FakeJudge:
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # keep test output quiet
-                pass
-
-            def handle(self) -> None:
-                try:
-                    super().handle()
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client timed out and hung up: expected in time-out tests
-
-            def do_POST(self) -> None:  # noqa: N802 - http.server naming
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not self.path.endswith("/chat/completions"):
-                    self._send(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
-                    return
-                status, text = judge._respond(body)
-                if status == 200:
-                    payload = {
-                        "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
-                        "model": body.get("model", ""),
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                    }
-                else:
-                    payload = {"error": {"message": text, "type": "server_error", "code": status}}
-                self._send(status, payload)
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._server = ChatServer(respond=lambda body: (*self._respond(body), {})).start()
         return self
 
     def stop(self) -> None:
         self.release.set()
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
