@@ -42,6 +42,42 @@ DEFAULT_MAX_MODEL_LEN = 2048
 RATE_WINDOW_S = 10.0  # tokens/s is measured over this window
 
 
+class TokenRate:
+    """Tokens generated over the last ``window`` seconds: the engine thread records them, any thread reads the rate.
+
+    The record is pruned as it grows (an offline run that never asks for the rate must not keep a timestamp per token
+    forever) and read under a lock: the worker's heart-beat thread and its status requests read it at the same time.
+
+    Args:
+        window: Seconds the rate is measured over.
+    """
+
+    def __init__(self, window: float = RATE_WINDOW_S) -> None:
+        self.window = window
+        self._times: deque[float] = deque()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        """Timestamps held: those within ``window`` seconds of the latest one."""
+        return len(self._times)
+
+    def _prune(self, now: float) -> None:
+        while self._times and self._times[0] < now - self.window:
+            self._times.popleft()
+
+    def record(self, now: float) -> None:
+        """One token generated at ``now`` (``time.monotonic()``)."""
+        with self._lock:
+            self._times.append(now)
+            self._prune(now)
+
+    def per_second(self, now: float) -> float:
+        """Tokens per second over the window that ends at ``now``."""
+        with self._lock:
+            self._prune(now)
+            return len(self._times) / self.window
+
+
 class LLMEngine:
     """Continuous-batching generation for one loaded model.
 
@@ -77,7 +113,7 @@ class LLMEngine:
         self._thread: threading.Thread | None = None
         self._structured: StructuredOutputs | None = None
         self._penalties: PenaltyState | None = None  # made with the first penalised request
-        self._generated: deque[tuple[float, int]] = deque()
+        self.token_rate = TokenRate()
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # sequences per decode step, for statistics and tests
         # Since start: decode steps and the tokens they decoded (their ratio over an interval is its mean batch).
         self.decode_steps = 0
@@ -278,8 +314,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token (and its log-probability, when asked): finish the sequence or stream what it adds."""
-        now = time.monotonic()
-        self._generated.append((now, 1))
+        self.token_rate.record(time.monotonic())
         if seq.cancelled:
             return self._finish(seq, "abort")
         if (token in self.eos_ids and not seq.sampling.ignore_eos) or token in seq.sampling.stop_token_ids:
@@ -421,10 +456,6 @@ class LLMEngine:
     # -- statistics -----------------------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Queue, running sequences, KV use, prefix-cache hits and recent throughput."""
-        now = time.monotonic()
-        while self._generated and self._generated[0][0] < now - RATE_WINDOW_S:
-            self._generated.popleft()
-        generated = sum(n for _, n in list(self._generated))
         usable = self.blocks.usable_blocks
         with self._cond:
             waiting = len(self.scheduler.waiting) + len(self._inbox)
@@ -439,7 +470,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": round(self.blocks.hits / self.blocks.queries, 4) if self.blocks.queries else 0.0,
             "images_encoded": self.runner.images_encoded,  # since start: images run through the vision tower
             "decode_attention": "triton" if self.runner.paged_attention else "sdpa",
-            "tokens_per_s": round(generated / RATE_WINDOW_S, 2),
+            "tokens_per_s": round(self.token_rate.per_second(time.monotonic()), 2),
             "decode_batch_max": max(self.batch_sizes, default=0),  # largest decode batch of the recent steps
             "decode_steps": self.decode_steps,  # counters since start: two readings give an interval's mean batch
             "decoded_tokens": self.decoded_tokens,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 import threading
 import time
 
@@ -21,6 +22,7 @@ from palo.engine import (
     SamplingParams,
     StructuredOutput,
 )
+from palo.engine.llm_engine import TokenRate
 from palo.model.multimodal import ImagePlaceholderMismatch
 
 
@@ -573,3 +575,58 @@ def test_text_only_llm_runs_too(world):
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
     out = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=10))])[0]
     assert out.token_ids == reference_tokens(model, tokenizer, ids, None, 10, engine.eos_ids)
+
+
+def test_tokens_per_s_counts_the_tokens_of_the_last_window(loaded):
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    requests = [EngineRequest(prompt_ids(tokenizer, q, 0), None, SamplingParams(max_tokens=n, ignore_eos=True))
+                for q, n in zip(QUESTIONS, (5, 9, 6))]
+    engine.generate(requests)
+    assert engine.stats()["tokens_per_s"] == round(20 / engine.token_rate.window, 2)
+
+
+def test_token_rate_forgets_what_left_the_window_and_holds_no_more():
+    rate = TokenRate(window=10.0)
+    for t in range(100):  # one token a second for 100 s
+        rate.record(float(t))
+    assert len(rate) == 11  # seconds 89 to 99: an offline run never asking the rate keeps no more than this
+    assert rate.per_second(99.0) == 1.1
+    assert rate.per_second(104.5) == 0.5  # seconds 95 to 99
+    assert rate.per_second(200.0) == 0.0 and len(rate) == 0
+
+
+def test_token_rate_is_read_from_many_threads_while_the_engine_records():
+    # The worker's heart-beat thread and its status requests read the rate at once; unguarded, two readers pruning
+    # the same old entries popped from an empty deque.
+    rate = TokenRate(window=10.0)
+    for _ in range(50_000):
+        rate.record(0.0)
+    errors: list[BaseException] = []
+    start = threading.Barrier(9)
+
+    def read() -> None:
+        start.wait()
+        try:
+            for k in range(200):
+                rate.per_second(100.0 + k)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    def write() -> None:
+        start.wait()
+        for k in range(2_000):
+            rate.record(100.0 + k / 10)
+
+    threads = [threading.Thread(target=read) for _ in range(8)] + [threading.Thread(target=write)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to make any race show
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    assert rate.per_second(300.0) == 10.0  # the writer's last 100 tokens, 290.0 to 299.9
