@@ -19,6 +19,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -114,6 +115,8 @@ class LLMEngine:
         self._structured: StructuredOutputs | None = None
         self._penalties: PenaltyState | None = None  # made with the first penalised request
         self.token_rate = TokenRate()
+        # Called from the engine thread with each request's last output (metrics); one that raises is logged.
+        self.finish_observers: list[Callable[[RequestOutput], None]] = []
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # sequences per decode step, for statistics and tests
         # Since start: decode steps and the tokens they decoded (their ratio over an interval is its mean batch).
         self.decode_steps = 0
@@ -370,6 +373,13 @@ class LLMEngine:
         output.prompt_logprobs = seq.prompt_logprobs
         if seq.first_token_at is not None:
             output.first_token_s = seq.first_token_at - seq.arrival
+        if output.finished:
+            output.latency_s = time.monotonic() - seq.arrival
+            for observe in self.finish_observers:
+                try:
+                    observe(output)
+                except Exception:  # noqa: BLE001 - statistics must never fail a request
+                    logger.exception("a finish observer failed")
         callback = seq.request.on_output
         if callback is None:
             return

@@ -36,6 +36,7 @@ class RequestOutput:
         prompt_positions: Context positions of the prompt (image rows included).
         cached_positions: Prompt positions whose KV came from the prefix cache.
         first_token_s: Seconds from submission to the first token (None before it).
+        latency_s: Seconds from submission to this output, on the last output (None before it).
         answer_logprobs: The sequence's growing list of per-token log-probabilities when the request asked for
             them (empty otherwise); read it through :attr:`logprobs`.
         prompt_logprobs: When the request asked for them and its prompt is computed: one entry per id of the
@@ -54,6 +55,7 @@ class RequestOutput:
     prompt_positions: int = 0
     cached_positions: int = 0
     first_token_s: float | None = None
+    latency_s: float | None = None
     answer_logprobs: list[TokenLogprob] = field(default_factory=list, repr=False, compare=False)
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, repr=False, compare=False)
 

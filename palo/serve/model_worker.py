@@ -16,6 +16,8 @@ the PALO README.) Endpoints (POST, JSON):
   When ``--max-queue`` requests already wait, a new one gets HTTP 503 with ``Retry-After`` instead of queueing.
 * ``/model_details``: ``{"context_length"}`` (as LLaVA's worker).
 
+Additions (GET): ``/health`` and ``/metrics`` (Prometheus text, :mod:`palo.serve.metrics`).
+
 The worker registers with the controller and sends a heartbeat every ``--heart-beat-interval`` seconds (15), and
 re-registers when the controller has forgotten it. Requests are batched continuously by :mod:`palo.engine` (a
 request joins the running batch between decode steps); ``--engine static`` serves with the previous static batches
@@ -40,6 +42,7 @@ from palo.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX, WORKER_HEART_
 from palo.engine.config import EngineConfig
 from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
+from palo.engine.llm_engine import LLMEngine
 from palo.engine.sampling import TokenLogprob
 from palo.remote_images import add_remote_image_args, policy_from_args
 from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
@@ -103,6 +106,11 @@ class ModelWorker(BaseWorker):
         self.max_queue = max_queue
         self.rejected = 0
         self.served = 0
+
+    @property
+    def llm_engine(self) -> LLMEngine | None:
+        inner = getattr(self.engine, "engine", None)  # GenerationEngine's; --engine static has none
+        return inner if isinstance(inner, LLMEngine) else None
 
     def status_details(self) -> dict[str, Any]:
         return {"engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,

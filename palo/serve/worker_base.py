@@ -1,13 +1,14 @@
 """What every worker does, whatever produces its answers: the controller link and the request flow around it.
 
-A worker registers with the controller once its own server answers, heartbeats every ``heart_beat_interval``
-seconds (re-registering when the controller has forgotten it), and serves the original worker endpoints
-(``/worker_generate_stream``, ``/worker_get_status``, ``/model_details``). Requests run under a concurrency limit
-(an asyncio semaphore); the ones waiting for it count in the queue length the worker reports, and a heartbeat goes
-out when a request starts and when it ends, as in the original worker. Those are coalesced: however many requests
-start or end together, one heartbeat reports the queue length as it is then, at most every ``SOON_BEAT_GAP_S``. All
-controller traffic goes through one kept-alive HTTP client: a new client per heartbeat costs tens of milliseconds of
-CPU (its TLS context), which under load took a large share of a small machine from generation.
+A worker registers with the controller once its own server answers, heartbeats every ``heart_beat_interval`` seconds
+(re-registering when the controller has forgotten it), and serves the original worker endpoints
+(``/worker_generate_stream``, ``/worker_get_status``, ``/model_details``; and ``GET /health``, ``GET /metrics``).
+Requests run under a concurrency limit (an asyncio semaphore); the ones waiting for it count in the queue length the
+worker reports, and a heartbeat goes out when a request starts and when it ends, as in the original worker. Those
+are coalesced: however many requests start or end together, one heartbeat reports the queue length as it is then, at
+most every ``SOON_BEAT_GAP_S``. All controller traffic goes through one kept-alive HTTP client: a new client per
+heartbeat costs tens of milliseconds of CPU (its TLS context), which under load took a large share of a small
+machine from generation.
 
 Subclasses say only how they answer: :meth:`BaseWorker.prepare` checks a request (raising :class:`Rejected` to
 answer at once) and :meth:`BaseWorker.generate` streams its chunks. Any other exception in either is logged with its
@@ -33,6 +34,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
 from palo.serve.body_limit import BodyLimit, max_request_bytes
+from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from palo.serve.metrics import WorkerMetrics
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
@@ -136,6 +139,12 @@ class BaseWorker(ABC):
     def status_details(self) -> dict[str, Any]:
         """Keys added to the status after the original ones (e.g. the engine's counters)."""
         return {}
+
+    @property
+    def llm_engine(self) -> Any:
+        """The continuous-batching :class:`~palo.engine.LLMEngine` this worker generates with, if any (its metrics
+        are served at ``GET /metrics``)."""
+        return None
 
     def check_health(self) -> bool:
         """Whether the worker can serve; checked before each periodic heartbeat (an unhealthy one sends none, so
@@ -321,6 +330,7 @@ def create_app(worker: BaseWorker) -> FastAPI:
     """The worker's FastAPI application: the original worker endpoints."""
     app = FastAPI(title=worker.title)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes())
+    metrics = WorkerMetrics(worker, worker.llm_engine)
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
@@ -334,6 +344,10 @@ def create_app(worker: BaseWorker) -> FastAPI:
     async def health() -> JSONResponse:  # what orchestrators probe (vLLM's and SGLang's path)
         ok = worker.health()
         return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:  # Prometheus text format (vLLM's path)
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/model_details")
     async def model_details() -> JSONResponse:

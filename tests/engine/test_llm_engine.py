@@ -630,3 +630,19 @@ def test_token_rate_is_read_from_many_threads_while_the_engine_records():
         sys.setswitchinterval(interval)
     assert errors == []
     assert rate.per_second(300.0) == 10.0  # the writer's last 100 tokens, 290.0 to 299.9
+
+
+def test_finish_observers_see_each_last_output_and_cannot_fail_a_request(loaded):
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=8))
+    seen = []
+
+    def broken(output) -> None:
+        raise RuntimeError("a metrics bug")
+
+    engine.finish_observers.extend([broken, seen.append])
+    requests = [EngineRequest(prompt_ids(tokenizer, q, 0), None, SamplingParams(max_tokens=4)) for q in QUESTIONS[:3]]
+    outputs = engine.generate(requests)
+    assert all(o.error is None and o.finished for o in outputs)
+    assert sorted(o.request_id for o in seen) == sorted(o.request_id for o in outputs)
+    assert all(o.latency_s >= o.first_token_s > 0 for o in seen)
