@@ -65,8 +65,10 @@ def test_the_controller_api_and_the_worker_apps_carry_the_cap(monkeypatch):
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     assert api.post("/v1/chat/completions", json={"model": "m", "messages": "x"}).status_code == 400  # still served
 
-    class Worker:
+    class Worker:  # what create_app reads of a BaseWorker when it builds the app
         title = "w"
+        model_name = "m"
+        llm_engine = None
 
     worker_app = create_app(Worker())
     assert any(m.cls is BodyLimit and m.kwargs["max_bytes"] == 1048 for m in worker_app.user_middleware)
