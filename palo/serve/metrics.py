@@ -110,16 +110,16 @@ class _Snapshot(Collector):
         yield gauge("palo:worker_requests_waiting", "Requests waiting for one of the worker's concurrency slots.",
                     self.worker.waiting)
         yield counter("palo:worker_requests_rejected", "Requests answered 503 because the queue was full.",
-                      getattr(self.worker, "rejected", 0))
+                      self.worker.rejected)
         if self.engine is None:
             return
         stats = self.engine.stats()
         yield gauge("palo:num_requests_running", "Requests in the engine's running batch.", stats["running"])
         yield gauge("palo:num_requests_waiting", "Requests in the engine waiting for a place or KV blocks.",
                     stats["waiting"])
-        total = stats["kv_blocks_total"]
+        total = stats["kv_blocks_total"]  # at least 1: the engine refuses a cache without a usable block
         yield gauge("palo:kv_cache_usage_perc", "Fraction of the KV cache's blocks in use (1 = full).",
-                    stats["kv_blocks_used"] / total if total else 0.0)
+                    stats["kv_blocks_used"] / total)
         yield gauge("palo:kv_cache_blocks", "KV-cache blocks (each of block_size positions).", total)
         blocks = self.engine.blocks
         yield counter("palo:prefix_cache_queries", "Prompt positions looked up in the prefix cache.", blocks.queries)

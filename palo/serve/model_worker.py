@@ -104,13 +104,11 @@ class ModelWorker(BaseWorker):
                          no_register=no_register, logger=logger)
         self.engine = engine
         self.max_queue = max_queue
-        self.rejected = 0
         self.served = 0
 
     @property
     def llm_engine(self) -> LLMEngine | None:
-        inner = getattr(self.engine, "engine", None)  # GenerationEngine's; --engine static has none
-        return inner if isinstance(inner, LLMEngine) else None
+        return self.engine.engine if isinstance(self.engine, GenerationEngine) else None  # --engine static: None
 
     def status_details(self) -> dict[str, Any]:
         return {"engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,

@@ -102,6 +102,7 @@ class BaseWorker(ABC):
         self.logger = logger or logging.getLogger(type(self).__module__)
         self.running = 0
         self.waiting = 0
+        self.rejected = 0  # answered 503 by a worker whose own queue was full (ModelWorker's --max-queue)
         self.healthy = True  # the last check_health(); an unhealthy worker sends no heartbeats
         self._semaphore: asyncio.Semaphore | None = None
         self._stop = threading.Event()

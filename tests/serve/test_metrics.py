@@ -23,7 +23,7 @@ def loaded(world):
     return load_pretrained_model(world.full_dir, device="cpu")
 
 
-def _worker(loaded, engine):
+def _worker(engine):
     worker = ModelWorker(engine, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
     worker.start()
     return worker
@@ -53,7 +53,7 @@ def test_metrics_count_the_requests_the_worker_served(loaded):
     tokenizer, model, processor, context_len = loaded
     engine = GenerationEngine(tokenizer, model, processor, context_len,
                               engine_config=EngineConfig(max_num_seqs=4, block_size=8))
-    worker = _worker(loaded, engine)
+    worker = _worker(engine)
     image = image_b64(make_image("green"))
     requests = [
         {"prompt": vicuna_prompt("ما هذا؟"), "images": [image], "temperature": 0, "max_new_tokens": 7},
@@ -95,7 +95,7 @@ def test_metrics_count_the_requests_the_worker_served(loaded):
 
 def test_a_worker_without_the_engine_reports_its_queue_only(loaded):
     tokenizer, model, processor, context_len = loaded
-    worker = _worker(loaded, StaticBatchEngine(tokenizer, model, processor, context_len))
+    worker = _worker(StaticBatchEngine(tokenizer, model, processor, context_len))
     try:
         with served(create_app(worker)) as url:
             _ask(url, {"prompt": vicuna_prompt("Hola", image=False), "temperature": 0, "max_new_tokens": 2})
@@ -109,7 +109,7 @@ def test_a_worker_without_the_engine_reports_its_queue_only(loaded):
 def test_kv_cache_use_and_running_requests_are_read_at_each_scrape(loaded):
     tokenizer, model, _, _ = loaded
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
-    metrics = WorkerMetrics(SimpleNamespace(model_name="ckpt", running=1, waiting=0), engine)
+    metrics = WorkerMetrics(SimpleNamespace(model_name="ckpt", running=1, waiting=0, rejected=0), engine)
     ids = tokenizer("USER: Hallo ASSISTANT:").input_ids
     engine.add_request(EngineRequest(ids, None, SamplingParams(max_tokens=30, ignore_eos=True)))
     engine.step()  # admitted and prefilled: its blocks are taken

@@ -93,6 +93,8 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_wor
     assert len(answers) == 3 and len(texts) == 1  # the same greedy answer for the same request, every time
     after = _status(url)
     assert after["engine"]["rejected"] == 1 and after["queue_length"] == 0 and after["engine"]["kv_blocks_used"] == 0
+    metrics = httpx.get(url + "/metrics", timeout=10).text  # the 503 is counted for Prometheus too
+    assert 'palo:worker_requests_rejected_total{model_name="ckpt"} 1.0' in metrics
 
 
 @pytest.mark.parametrize("gated_worker", [0], indirect=True)
