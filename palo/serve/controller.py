@@ -267,13 +267,15 @@ def _no_worker_message(controller: Controller, model: Any) -> str:
     return f"no live worker serves model {model!r}; available models: {controller.list_models()}"
 
 
-def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str | None = None) -> FastAPI:
+def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str | None = None,
+               prompt_tokens_details: bool = False) -> FastAPI:
     """The controller's FastAPI application (original endpoints plus the OpenAI-compatible API).
 
     Args:
         controller: The registry.
         read_timeout: Seconds to wait for each piece of a worker's stream.
         api_key: If set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        prompt_tokens_details: Report ``usage.prompt_tokens_details.cached_tokens`` on ``/v1/*``.
     """
     router = Router(controller, read_timeout)
 
@@ -386,7 +388,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
         return StreamingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE)
 
-    app.include_router(create_openai_router(controller, router, api_key))
+    app.include_router(create_openai_router(controller, router, api_key, prompt_tokens_details))
     app.include_router(create_tokenizer_router(controller, router, api_key))
     return app
 
@@ -406,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each piece of a worker's stream")
     parser.add_argument("--api-key", type=str, default=os.environ.get("PALO_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALO_API_KEY, else open)")
+    parser.add_argument("--enable-prompt-tokens-details", action="store_true",
+                        help="report usage.prompt_tokens_details.cached_tokens on /v1/* (prompt positions read from "
+                             "the prefix cache); off by default: without cache_salt it hints at others' prompts")
     return parser
 
 
@@ -419,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     logger = build_logger("controller", "controller.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})
     controller = Controller(args.dispatch_method, args.heart_beat_expiration, logger=logger)
-    app = create_app(controller, read_timeout=args.read_timeout, api_key=args.api_key)
+    app = create_app(controller, read_timeout=args.read_timeout, api_key=args.api_key,
+                     prompt_tokens_details=args.enable_prompt_tokens_details)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
     return 0
 

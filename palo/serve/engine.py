@@ -90,6 +90,7 @@ class StreamEvent:
         token_ids: The tokens generated so far, along with ``logprobs``.
         prompt_logprobs: Per prompt id, when the request asked and its prompt is computed (None for the first id and
             image placeholders).
+        cached_tokens: Prompt positions whose KV came from the prefix cache (not computed for this request).
     """
 
     text: str | None
@@ -99,6 +100,7 @@ class StreamEvent:
     logprobs: list[TokenLogprob] | None = None
     token_ids: list[int] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0
 
 
 Sink = Callable[[StreamEvent], None]
@@ -537,4 +539,4 @@ def _event(output: RequestOutput, with_logprobs: bool = False) -> StreamEvent:
     return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=output.num_tokens,
                        logprobs=output.logprobs if with_logprobs else None,
                        token_ids=output.token_ids if with_logprobs else None,
-                       prompt_logprobs=output.prompt_logprobs)
+                       prompt_logprobs=output.prompt_logprobs, cached_tokens=output.cached_positions)

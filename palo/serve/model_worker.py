@@ -190,7 +190,8 @@ class ModelWorker(BaseWorker):
                     return
                 usage = None
                 if event.finish_reason:
-                    usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens}
+                    usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens,
+                             "cached_tokens": event.cached_tokens}
                 logprobs = None
                 if event.logprobs is not None:  # this chunk's new tokens
                     logprobs = [logprob_entry(self.engine.tokenizer, token, entry) for token, entry in

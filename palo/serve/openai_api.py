@@ -588,13 +588,24 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
         await stream.aclose()
 
 
-def _usage(usages: list[dict | None], n: int = 1) -> dict[str, int]:
+def _usage(usages: list[dict | None], n: int = 1, details: bool = False) -> dict[str, Any]:
     """Usage of a request's answers (``n`` per prompt, prompt by prompt): each prompt once (its answers have the
-    same), the answers' tokens summed."""
-    prompt = sum(max((int((u or {}).get("prompt_tokens", 0)) for u in usages[first:first + n]), default=0)
-                 for first in range(0, len(usages), n))
+    same), the answers' tokens summed.
+
+    With ``details`` (the server's ``--enable-prompt-tokens-details``), ``prompt_tokens_details.cached_tokens``:
+    per prompt, the prompt positions its answers read from the prefix cache instead of computing (the least over its
+    ``n`` answers: the later ones find the first one's blocks), summed over the prompts. Left out when a worker did
+    not say (a backend that does not report it).
+    """
+    groups = [[u or {} for u in usages[first:first + n]] for first in range(0, len(usages), n)]
+    prompt = sum(max((int(u.get("prompt_tokens", 0)) for u in group), default=0) for group in groups)
     completion = sum(int((u or {}).get("completion_tokens", 0)) for u in usages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                             "total_tokens": prompt + completion}
+    if details and usages and all("cached_tokens" in u for group in groups for u in group):
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(min(int(u["cached_tokens"]) for u in group)
+                                                               for group in groups)}
+    return usage
 
 
 def check_api_key(authorization: str, api_key: str | None) -> None:
@@ -740,7 +751,7 @@ Answers = AsyncIterator[Piece]
 
 
 async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationRequest, shape: Shape,
-                      completion_id: str, created: int) -> AsyncIterator[bytes]:
+                      completion_id: str, created: int, details: bool = False) -> AsyncIterator[bytes]:
     """The streamed completion: per answer its opening chunk (chat: the role), content chunks and its finish
     chunk (answers in turn, each chunk carrying its answer's ``index``), then the optional usage and ``[DONE]``.
 
@@ -750,6 +761,7 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
 
     Args:
         choices: Per answer, its pieces and the first piece (already read).
+        details: Whether the usage chunk carries ``prompt_tokens_details`` (see :func:`_usage`).
 
     An error after the first piece can no longer change the HTTP status; it is sent as an ``{"error": ...}`` event.
     """
@@ -797,7 +809,7 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
         for answers, _ in choices:
             await answers.aclose()
     if request.include_usage:
-        yield event(None, usage=_usage(usages, request.n))
+        yield event(None, usage=_usage(usages, request.n, details))
     yield b"data: [DONE]\n\n"
 
 
@@ -869,12 +881,12 @@ async def _unless_gone(work: Awaitable[T], disconnected: Callable[[], Awaitable[
 
 async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
                     api_key: str | None, parse: Callable[[Any], list[GenerationRequest]], shape: Shape,
-                    disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
+                    disconnected: Callable[[], Awaitable[bool]] | None = None, details: bool = False) -> Response:
     """A completion in ``shape``: JSON, or server-sent events when ``stream`` is set.
 
     Errors before the first piece of the answer get their HTTP status (:class:`APIError`); the worker is asked
     only once the request is valid. ``disconnected`` (the request's ``is_disconnected``) stops the workers of a
-    client that left before its whole answer was ready.
+    client that left before its whole answer was ready. ``details``: usage with ``prompt_tokens_details``.
     """
     try:
         check_api_key(authorization, api_key)
@@ -893,7 +905,7 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
     completion_id = shape.id_prefix + uuid.uuid4().hex
     created = int(time.time())
     if request.stream:
-        return StreamingResponse(_sse_events(choices, request, shape, completion_id, created),
+        return StreamingResponse(_sse_events(choices, request, shape, completion_id, created, details),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     try:
         finals = await _unless_gone(asyncio.gather(*(_last_piece(pieces, first) for pieces, first in choices),
@@ -911,27 +923,30 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
         "id": completion_id, "object": shape.whole_object, "created": created, "model": request.model,
         "choices": [shape.whole(index, piece, None if request.logprobs is None else piece.logprobs)
                     for index, piece in enumerate(finals)],
-        "usage": _usage([piece.usage for piece in finals], request.n),
+        "usage": _usage([piece.usage for piece in finals], request.n, details),
         **shape.whole_extras(request, finals[0]),
     })
 
 
 async def chat_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                          api_key: str | None, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
+                          api_key: str | None, disconnected: Callable[[], Awaitable[bool]] | None = None,
+                          prompt_tokens_details: bool = False) -> Response:
     """The ``POST /v1/chat/completions`` answer: a JSON completion, or server-sent events when ``stream`` is set."""
     return await _complete(body, authorization, registry, router, api_key,
                            lambda decoded: [parse_chat_request(decoded, registry.conv_mode)], ChatShape(),
-                           disconnected)
+                           disconnected, prompt_tokens_details)
 
 
 async def text_completion(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
-                          api_key: str | None, disconnected: Callable[[], Awaitable[bool]] | None = None) -> Response:
+                          api_key: str | None, disconnected: Callable[[], Awaitable[bool]] | None = None,
+                          prompt_tokens_details: bool = False) -> Response:
     """The ``POST /v1/completions`` answer (OpenAI's legacy text completions, as vLLM and SGLang serve them)."""
     return await _complete(body, authorization, registry, router, api_key, parse_completion_request,
-                           CompletionShape(), disconnected)
+                           CompletionShape(), disconnected, prompt_tokens_details)
 
 
-def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str | None = None) -> APIRouter:
+def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str | None = None,
+                         prompt_tokens_details: bool = False) -> APIRouter:
     """The ``/v1`` routes: thin adapters from HTTP to :func:`list_models`, :func:`chat_completion` and
     :func:`text_completion`.
 
@@ -939,6 +954,9 @@ def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str 
         registry: The controller's worker registry (models, templates).
         router: Opens streams on the workers.
         api_key: If set, requests must send ``Authorization: Bearer <api_key>``.
+        prompt_tokens_details: Report ``usage.prompt_tokens_details.cached_tokens`` (vLLM's
+            ``--enable-prompt-tokens-details``; off by default: the count tells a client which prompts others sent,
+            unless they use ``cache_salt``).
     """
     routes = APIRouter(prefix="/v1")
 
@@ -953,11 +971,11 @@ def create_openai_router(registry: WorkerRegistry, router: Router, api_key: str 
     @routes.post("/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await chat_completion(await request.body(), request.headers.get("authorization", ""), registry,
-                                     router, api_key, request.is_disconnected)
+                                     router, api_key, request.is_disconnected, prompt_tokens_details)
 
     @routes.post("/completions")
     async def completions(request: Request) -> Response:
         return await text_completion(await request.body(), request.headers.get("authorization", ""), registry,
-                                     router, api_key, request.is_disconnected)
+                                     router, api_key, request.is_disconnected, prompt_tokens_details)
 
     return routes

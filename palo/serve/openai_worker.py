@@ -380,9 +380,14 @@ class OpenAIWorker(BaseWorker):
         if finish is None:
             yield error_chunk(f"the backend {self.api_base} ended the stream without finishing", WORKER_ERROR)
             return
+        reported = {"prompt_tokens": int((usage or {}).get("prompt_tokens", 0)),
+                    "completion_tokens": int((usage or {}).get("completion_tokens", 0))}
+        cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+        # Only a backend that reports it (vLLM with --enable-prompt-tokens-details); unknown is left out, not 0.
+        if isinstance(cached, int) and not isinstance(cached, bool):
+            reported["cached_tokens"] = cached
         yield encode_chunk(prompt + _trim_stop(text, stops), OK, finish_reason=finish, logprobs=take_logprobs(),
-                           usage={"prompt_tokens": int((usage or {}).get("prompt_tokens", 0)),
-                                  "completion_tokens": int((usage or {}).get("completion_tokens", 0))})
+                           usage=reported)
 
 
 def _trim_stop(text: str, stops: list[str]) -> str:

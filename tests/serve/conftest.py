@@ -53,7 +53,7 @@ def cluster(world, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster
     curl = f"http://127.0.0.1:{cport}"
     controller = Service("controller", _python() + [
         "palo/serve/controller.py", "--host", "127.0.0.1", "--port", str(cport),
-        "--heart-beat-expiration", str(HEART_BEAT_EXPIRATION), "--api-key", API_KEY,
+        "--heart-beat-expiration", str(HEART_BEAT_EXPIRATION), "--api-key", API_KEY, "--enable-prompt-tokens-details",
     ], os.path.join(logdir, "controller.out"), env, url=curl)
 
     def worker(name: str, port: int, model_name: str, module: bool, extra: list[str]) -> Service:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from palo.serve.openai_api import chat_completion, list_models, text_completion
+from palo.serve.openai_api import _usage, chat_completion, list_models, text_completion
 from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
 from palo.serve.routing import NoWorkerError, WorkersBusyError
 
@@ -229,7 +229,8 @@ class ChoiceRouter:
         self.bodies.append(params)
         text = self.answer(params.get("seed"))
         pieces = [{"text": params["prompt"] + text[:k], "error_code": 0} for k in range(1, len(text) + 1)]
-        pieces[-1].update(finish_reason="length", usage={"prompt_tokens": 7, "completion_tokens": len(text)})
+        pieces[-1].update(finish_reason="length", usage={"prompt_tokens": 7, "completion_tokens": len(text),
+                                                         "cached_tokens": 0})
         self.streams.append(FakeStream(pieces))
         return self.streams[-1]
 
@@ -257,9 +258,24 @@ def test_n_answers_each_from_its_own_seed_in_one_completion():
     assert status == 200 and [b["seed"] for b in router.bodies] == [40, 41, 42]
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "answer 40", "length"), (1, "answer 41", "length"), (2, "answer 42", "length")]
-    # The prompt is counted once, the answers' tokens summed.
+    # The prompt is counted once, the answers' tokens summed; cached tokens only with --enable-prompt-tokens-details.
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 27, "total_tokens": 34}
     assert all(s.closed and s.read_to_end for s in router.streams)
+
+
+def test_cached_prompt_tokens_are_reported_only_when_enabled_and_known():
+    """``prompt_tokens_details.cached_tokens``: per prompt the least its ``n`` answers read from the prefix cache (the
+    later answers find the first one's blocks), summed over prompts; only with the server's flag, and left out when
+    a worker did not say."""
+    usages = [{"prompt_tokens": 40, "completion_tokens": 3, "cached_tokens": 0},
+              {"prompt_tokens": 40, "completion_tokens": 4, "cached_tokens": 32},
+              {"prompt_tokens": 50, "completion_tokens": 5, "cached_tokens": 16},
+              {"prompt_tokens": 50, "completion_tokens": 6, "cached_tokens": 48}]
+    assert _usage(usages, 2) == {"prompt_tokens": 90, "completion_tokens": 18, "total_tokens": 108}
+    assert _usage(usages, 2, details=True)["prompt_tokens_details"] == {"cached_tokens": 16}
+    assert _usage(usages, 1, details=True)["prompt_tokens_details"] == {"cached_tokens": 96}
+    unknown = usages[:3] + [{"prompt_tokens": 50, "completion_tokens": 6}]  # a backend that does not report it
+    assert "prompt_tokens_details" not in _usage(unknown, 2, details=True)
 
 
 def test_n_answers_stream_interleaved_each_under_its_index():

@@ -126,7 +126,8 @@ def test_streams_through_the_controller_like_the_backend_worker(stack):
     # The tiny random model's greedy text barely depends on the prompt, so also require the backend to have counted
     # exactly the prompt the native worker counted (text and image positions): dropping the history or the image
     # changes it.
-    assert through_front[-1]["usage"] == direct[-1]["usage"]
+    counts = ("prompt_tokens", "completion_tokens")  # cached_tokens: the backend's API here does not report it
+    assert [through_front[-1]["usage"][k] for k in counts] == [direct[-1]["usage"][k] for k in counts]
     status = httpx.post(stack["openai_worker"].url + "/worker_get_status", timeout=5).json()
     assert status["model_names"] == [MODEL] and status["backend"]["reachable"] is True
 

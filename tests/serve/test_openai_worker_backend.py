@@ -16,7 +16,7 @@ from palo.serve.protocol import iter_chunks
 from palo.serve.worker_base import create_app
 
 
-def test_requests_reuse_the_backends_connection():
+def test_requests_reuse_the_backends_connection_and_relay_its_usage():
     peers: list[tuple[str, int]] = []
     backend = FastAPI()
 
@@ -24,12 +24,14 @@ def test_requests_reuse_the_backends_connection():
     async def completions(request: Request):
         peers.append((request.client.host, request.client.port))
         body = await request.json()
+        usage = {"prompt_tokens": 7, "completion_tokens": 2}
+        if len(peers) == 2:  # vLLM with --enable-prompt-tokens-details
+            usage["prompt_tokens_details"] = {"cached_tokens": 5}
 
         def events():
             for word in ("Bonjour", " !"):
                 yield f"data: {json.dumps({'choices': [{'delta': {'content': word}, 'finish_reason': None}]})}\n\n"
-            done = {"choices": [{"delta": {}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 7, "completion_tokens": 2}}
+            done = {"choices": [{"delta": {}, "finish_reason": "stop"}], "usage": usage}
             yield f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"
 
         assert body["stream"] is True
@@ -39,10 +41,13 @@ def test_requests_reuse_the_backends_connection():
     with served(backend) as burl:
         worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
         with served(create_app(worker)) as wurl, httpx.Client(timeout=30) as client:
-            for _ in range(3):
+            for cached in (None, 5, None):
                 response = client.post(wurl + "/worker_generate_stream", json=payload)
                 chunks = list(iter_chunks(response.iter_bytes()))
                 assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:Bonjour !")
+                # The backend's count of cached prompt tokens reaches the API only where the backend gave one.
+                assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2,
+                                               **({} if cached is None else {"cached_tokens": cached})}
         worker.stop()
     assert len(peers) == 3 and len(set(peers)) == 1  # one connection carried all three requests
 
