@@ -2,7 +2,7 @@
 
     palo quickstart | chat | data | train | export | demo
     palo eval  vqa | review | summary | report | bench | run-llava | shards
-    palo serve controller | worker | openai-worker | web | register-worker | test-message
+    palo serve controller | worker | openai-worker | web | register-worker | test-message | run-batch
 
 Each verb hands the rest of the command line, unchanged, to the ``main`` of the module that has always run that
 tool (``palo eval vqa ...`` is ``python -m palo.eval.model_vqa ...``), with ``sys.argv[0]`` set to ``palo eval vqa``
@@ -53,6 +53,8 @@ SERVE = {
     "web": Command("palo.serve.gradio_web_server", "the Gradio web demo"),
     "register-worker": Command("palo.serve.register_worker", "register a worker with a controller by hand"),
     "test-message": Command("palo.serve.test_message", "send one message to a model through a worker (smoke test)"),
+    "run-batch": Command("palo.serve.run_batch",
+                         "run a file of requests in OpenAI's Batch format against an OpenAI-compatible server"),
 }
 
 GROUPS = {"eval": EVAL, "serve": SERVE}

@@ -84,6 +84,11 @@ class Completion:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def retryable_status(status: int) -> bool:
+    """Whether an HTTP status may be gone when asked again: 408, 409, 429 and 5xx."""
+    return status in (408, 409, 429) or status >= 500
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Whether asking again can help: 429, 408/409, 5xx, time-outs, dropped connections, malformed bodies."""
     import openai
@@ -91,7 +96,7 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, openai.APIResponseValidationError)):
         return True
     if isinstance(exc, openai.APIStatusError):
-        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+        return retryable_status(exc.status_code)
     # A 200 whose body is not a chat completion (MalformedReply) or not JSON at all (the SDK's JSONDecodeError).
     return isinstance(exc, ValueError)
 

@@ -76,6 +76,7 @@ ALL_VERBS = [
     (["serve", "web"], "palo.serve.gradio_web_server", "palo serve web"),
     (["serve", "register-worker"], "palo.serve.register_worker", "palo serve register-worker"),
     (["serve", "test-message"], "palo.serve.test_message", "palo serve test-message"),
+    (["serve", "run-batch"], "palo.serve.run_batch", "palo serve run-batch"),
 ]
 
 

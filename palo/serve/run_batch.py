@@ -1,0 +1,337 @@
+"""Run a file of requests in OpenAI's Batch format against an OpenAI-compatible server (``palo serve run-batch``).
+
+The batch files researchers already have (made for OpenAI's Batch API, or for vLLM's ``run-batch``) run unchanged
+against this project's API, or against vLLM or SGLang serving an exported PALO::
+
+    palo serve run-batch -i requests.jsonl -o results.jsonl --base-url http://127.0.0.1:21001/v1 --model PALO-7B
+
+Input, one request per line: ``{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
+(``url`` ``/v1/chat/completions`` or ``/v1/completions``; ``custom_id`` unique). The whole file is checked before
+anything is sent: a malformed line is named (file and line) and nothing runs (``--skip-bad`` skips it instead).
+
+Output, one line per request in the input's order, OpenAI's batch output object::
+
+    {"id": "batch_req_...", "custom_id": "q1", "error": null,
+     "response": {"status_code": 200, "request_id": "...", "body": {<the completion>}}}
+
+A request the server refused keeps its status and error body under ``response`` (as OpenAI's error file has it); one
+that got no HTTP answer at all (retries used up on a dropped connection, a malformed body) has ``"response": null``
+and ``"error": {"code", "message"}``.
+
+* **Concurrency**: ``--concurrency`` requests in flight (the server's continuous batching does the rest).
+* **Retries**: 429, 408, 409, 5xx (a busy worker's 503 with its ``Retry-After``), time-outs and dropped
+  connections are asked again, with the shared policy of :mod:`palo.openai_client`; other statuses are answers.
+* **Nothing lost, resumable**: each result is appended to the output as one whole line when it arrives; run the
+  same command again after a crash or Ctrl-C and only the requests without a 200 are sent again. At the end the
+  output is rewritten atomically, one line per request in input order (the latest result of each).
+
+Exit status: 0 when every request has a 200, 1 when some do not (counted on stderr), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from palo.jsonl import JsonlAppender, atomic_write, iter_log
+from palo.openai_client import DEFAULT_MAX_BACKOFF, retry_after_seconds, retry_delay, retryable_status
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+DEFAULT_BASE_URL = "http://127.0.0.1:21001/v1"  # the controller's default address
+
+
+class BatchFileError(ValueError):
+    """The input file cannot be run (the message names file and line)."""
+
+
+class ServerError(RuntimeError):
+    """The server cannot be used at all (unreachable, or it refuses the key)."""
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """Where one request's line is in the input file; its body is read again only when it is sent.
+
+    Attributes:
+        custom_id: The caller's id.
+        url: The endpoint path (one of :data:`ENDPOINTS`).
+        offset: Byte offset of its line.
+    """
+
+    custom_id: str
+    url: str
+    offset: int
+
+
+def _problem(data: Any) -> str | None:
+    """What makes one parsed line unrunnable, or None."""
+    if not isinstance(data, dict):
+        return f"expected a JSON object, got {type(data).__name__}"
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "'custom_id' must be a non-empty string"
+    if data.get("method", "POST") != "POST":
+        return f"'method' must be POST, not {data.get('method')!r}"
+    if data.get("url") not in ENDPOINTS:
+        return f"'url' must be one of {', '.join(ENDPOINTS)}, not {data.get('url')!r}"
+    body = data.get("body")
+    if not isinstance(body, dict):
+        return "'body' must be a JSON object"
+    if body.get("stream"):
+        return "'body.stream' must not be set: a batch gets whole answers"
+    return None
+
+
+def read_requests(path: str, skip_bad: bool = False) -> list[BatchRequest]:
+    """Check every line of a batch file and return where each request is.
+
+    Args:
+        path: The input file.
+        skip_bad: Name a malformed line on stderr and go on, instead of raising.
+
+    Raises:
+        BatchFileError: A missing file, a malformed line (unless ``skip_bad``), a repeated ``custom_id`` or no request.
+    """
+    if not os.path.isfile(path):
+        raise BatchFileError(f"{path}: no such file")
+    requests: list[BatchRequest] = []
+    seen: dict[str, int] = {}
+    offset = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:  # bad JSON or bad UTF-8
+                problem: str | None = f"not valid JSON ({exc})"
+            else:
+                problem = _problem(data)
+            if problem is None and data["custom_id"] in seen:
+                # Never skipped: results are matched to requests by custom_id, so a repeat would lose one of them.
+                raise BatchFileError(f"{path}:{number}: custom_id {data['custom_id']!r} repeats line "
+                                     f"{seen[data['custom_id']]}")
+            if problem is not None:
+                if not skip_bad:
+                    raise BatchFileError(f"{path}:{number}: {problem}")
+                print(f"[skip] {path}:{number}: {problem}", file=sys.stderr)
+                continue
+            seen[data["custom_id"]] = number
+            requests.append(BatchRequest(data["custom_id"], data["url"], start))
+    if not requests:
+        raise BatchFileError(f"{path}: no requests")
+    return requests
+
+
+def _read_body(path: str, request: BatchRequest) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        f.seek(request.offset)
+        return json.loads(f.readline())["body"]
+
+
+def finished_results(path: str) -> dict[str, dict[str, Any]]:
+    """The results an earlier run left in ``path`` (a torn last line cut off), the latest per ``custom_id``."""
+    results: dict[str, dict[str, Any]] = {}
+    for _, record in iter_log(path, repair=True):
+        if isinstance(record, dict) and isinstance(record.get("custom_id"), str):
+            results[record["custom_id"]] = record
+    return results
+
+
+def succeeded(result: dict[str, Any] | None) -> bool:
+    return bool(result) and (result.get("response") or {}).get("status_code") == 200
+
+
+@dataclass
+class Settings:
+    """How requests are sent (see :func:`build_parser` for each)."""
+
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str | None = None
+    model: str | None = None
+    concurrency: int = 16
+    max_retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = DEFAULT_MAX_BACKOFF
+    timeout: float = 600.0
+
+
+def _output_line(custom_id: str, response: dict[str, Any] | None, error: dict[str, str] | None) -> dict[str, Any]:
+    return {"id": "batch_req_" + uuid.uuid4().hex, "custom_id": custom_id, "response": response, "error": error}
+
+
+async def _send(client: Any, settings: Settings, request: BatchRequest, body: dict[str, Any]) -> dict[str, Any]:
+    """One request, retried as :mod:`palo.openai_client` retries; its output line."""
+    import httpx
+
+    if settings.model is not None:
+        body = {**body, "model": settings.model}
+    url = settings.base_url.rstrip("/") + request.url[len("/v1"):]
+    last = ""
+    for attempt in range(settings.max_retries + 1):
+        hint = None
+        try:
+            reply = await client.post(url, json=body)
+        except httpx.HTTPError as exc:  # time-outs and dropped connections
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            try:
+                answer = reply.json()
+            except ValueError:
+                answer = None
+            status = reply.status_code
+            # Asked again: a status that may pass, and a 200 without a JSON object (a server's garbage).
+            if not retryable_status(status) and (status != 200 or isinstance(answer, dict)):
+                if not isinstance(answer, dict):  # a refusal in plain text (a proxy's 404 page)
+                    answer = {"error": {"message": reply.text[:1000], "type": "invalid_request_error"}}
+                request_id = reply.headers.get("x-request-id") or (str(answer.get("id", "")) if status == 200 else "")
+                return _output_line(request.custom_id, {"status_code": status, "request_id": request_id,
+                                                        "body": answer}, None)
+            last = f"HTTP {status}: {reply.text[:200]}"
+            hint = retry_after_seconds(reply.headers)
+        if attempt < settings.max_retries:
+            await asyncio.sleep(retry_delay(attempt, settings.backoff, settings.max_backoff, hint))
+    return _output_line(request.custom_id, None, {"code": "request_failed",
+                                                  "message": f"after {settings.max_retries + 1} attempt(s): {last}"})
+
+
+async def run_requests(input_path: str, requests: list[BatchRequest], output: JsonlAppender,
+                       settings: Settings) -> dict[str, dict[str, Any]]:
+    """Send ``requests`` with ``settings.concurrency`` in flight, appending each result as it arrives.
+
+    Returns:
+        The results by ``custom_id``.
+    """
+    import httpx
+
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    limits = httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency)
+    results: dict[str, dict[str, Any]] = {}
+    pending = iter(requests)
+    done = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal done
+        for request in pending:  # one shared iterator: each request is taken by one worker
+            result = await _send(client, settings, request, _read_body(input_path, request))
+            output.write(result)
+            results[request.custom_id] = result
+            done += 1
+            if done % 50 == 0 or done == len(requests):
+                print(f"{done}/{len(requests)} requests answered", file=sys.stderr, flush=True)
+
+    async with httpx.AsyncClient(headers=headers, timeout=settings.timeout, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(min(settings.concurrency, len(requests)))))
+    return results
+
+
+def check_server(settings: Settings) -> None:
+    """Fail at once, before any request, on a server that cannot be reached or refuses the key.
+
+    Without this a wrong ``--base-url`` cost every request its whole round of retries before the run gave up.
+
+    Raises:
+        ServerError: No HTTP answer from ``GET <base-url>/models``, or 401/403.
+    """
+    import httpx
+
+    url = settings.base_url.rstrip("/") + "/models"
+    headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+    try:
+        reply = httpx.get(url, headers=headers, timeout=min(settings.timeout, 30.0))
+    except httpx.HTTPError as exc:
+        raise ServerError(f"cannot reach {url} ({type(exc).__name__}: {exc}); is the server running?") from None
+    if reply.status_code in (401, 403):
+        raise ServerError(f"{url} refused the API key (HTTP {reply.status_code}); pass --api-key or $PALO_API_KEY")
+
+
+def _in_order(requests: list[BatchRequest], results: dict[str, dict[str, Any]]) -> Iterator[str]:
+    for request in requests:
+        if request.custom_id in results:
+            yield json.dumps(results[request.custom_id], ensure_ascii=False) + "\n"
+
+
+def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: bool = False) -> dict[str, int]:
+    """Run a batch file, resuming from what ``output_path`` already holds.
+
+    Returns:
+        Counts: ``requests``, ``resumed`` (200s found from an earlier run), ``sent``, ``succeeded``, ``failed``.
+
+    Raises:
+        BatchFileError: The input cannot be run (nothing is sent).
+        ServerError: The server cannot be reached or refuses the key (nothing is sent).
+    """
+    if os.path.abspath(input_path) == os.path.abspath(output_path):
+        raise BatchFileError(f"{output_path}: the output must not be the input file")
+    requests = read_requests(input_path, skip_bad)
+    earlier = finished_results(output_path)
+    todo = [r for r in requests if not succeeded(earlier.get(r.custom_id))]
+    if todo:
+        check_server(settings)
+    if len(todo) < len(requests):
+        print(f"[resume] {output_path}: {len(requests) - len(todo)} of {len(requests)} requests already answered",
+              file=sys.stderr)
+    try:
+        with JsonlAppender(output_path) as output:
+            fresh = asyncio.run(run_requests(input_path, todo, output, settings)) if todo else {}
+    finally:
+        # Also after Ctrl-C: what arrived is in the log; the tidy copy is written from it (and from the earlier run).
+        results = {**earlier, **finished_results(output_path)}
+        atomic_write(output_path, _in_order(requests, results))
+    good = sum(succeeded(results.get(r.custom_id)) for r in requests)
+    return {"requests": len(requests), "resumed": len(requests) - len(todo), "sent": len(fresh),
+            "succeeded": good, "failed": len(requests) - good}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-i", "--input-file", required=True, help="requests in OpenAI's Batch format (JSON lines)")
+    parser.add_argument("-o", "--output-file", required=True,
+                        help="results in OpenAI's batch output format; an existing one is resumed")
+    parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+                        help="the server's OpenAI API (default: $OPENAI_BASE_URL, else the local controller's)")
+    parser.add_argument("--api-key", default=os.environ.get("PALO_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                        help="bearer key (default: $PALO_API_KEY, else $OPENAI_API_KEY, else none)")
+    parser.add_argument("--model", default=None,
+                        help="send every request to this model, whatever its body names (files made for another "
+                             "provider name theirs)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight at once")
+    parser.add_argument("--max-retries", type=int, default=5,
+                        help="retries of a request on 429/408/409/5xx, time-outs and dropped connections")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one answer")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip malformed lines (named on stderr) and run the rest")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.max_retries < 0 or args.timeout <= 0:
+        parser.error("--concurrency must be at least 1, --max-retries at least 0 and --timeout positive")
+    settings = Settings(base_url=args.base_url, api_key=args.api_key, model=args.model, concurrency=args.concurrency,
+                        max_retries=args.max_retries, timeout=args.timeout)
+    try:
+        counts = run_batch(args.input_file, args.output_file, settings, skip_bad=args.skip_bad)
+    except (BatchFileError, ServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the answers so far are in {args.output_file}; run the same command to go on",
+              file=sys.stderr)
+        return 130
+    print(f"{counts['succeeded']} of {counts['requests']} requests answered (200) in {args.output_file} "
+          f"({counts['resumed']} from an earlier run); {counts['failed']} without", file=sys.stderr)
+    return 0 if counts["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""``palo serve run-batch``: OpenAI Batch files against an OpenAI-compatible server, retried, resumable."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from serve_helpers import API_KEY, free_port, image_b64, make_image, served
+
+from palo.serve import run_batch
+from palo.serve.run_batch import BatchFileError, Settings, read_requests
+
+FAST = Settings(backoff=0.01, max_backoff=0.05, concurrency=3)
+
+
+def chat_line(custom_id: str, text: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": text}], **body}}
+
+
+def write_lines(path, records) -> str:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def fake_server(asked: Counter, seen: list[dict]) -> FastAPI:
+    """Answers by the request's text: ``busy`` is 503 twice first, ``garbage`` a non-JSON 200 once first, ``bad`` a
+    400, ``text`` a plain-text 404; anything else is echoed back in upper case."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if request.headers.get("authorization") != "Bearer k":
+            return JSONResponse({"error": {"message": "bad key"}}, 401)
+        return {"object": "list", "data": [{"id": "m", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await request.json()
+        seen.append({"body": body, "authorization": request.headers.get("authorization")})
+        text = body["messages"][0]["content"]
+        asked[text] += 1
+        if text == "busy" and asked[text] <= 2:
+            return JSONResponse({"error": {"message": "busy"}}, 503, headers={"Retry-After": "0"})
+        if text == "garbage" and asked[text] == 1:
+            return PlainTextResponse("<html>oops</html>")
+        if text == "bad":
+            return JSONResponse({"error": {"message": "'temperature' must be at most 2", "type":
+                                           "invalid_request_error"}}, 400)
+        if text == "text":
+            return PlainTextResponse("no such route", 404)
+        return {"id": f"chatcmpl-{text}", "object": "chat.completion", "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()},
+                             "finish_reason": "stop"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        asked[body["prompt"]] += 1
+        return {"id": "cmpl-1", "object": "text_completion", "choices": [{"index": 0, "text": body["prompt"][::-1]}]}
+
+    return app
+
+
+def test_every_request_gets_its_result_in_input_order_retried_where_asking_again_helps(tmp_path):
+    asked, seen = Counter(), []
+    requests = [chat_line("a", "hello"), chat_line("b", "busy"), chat_line("c", "bad"), chat_line("d", "garbage"),
+                {"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {"model": "x", "prompt": "abc"}},
+                chat_line("f", "text")]
+    source = write_lines(tmp_path / "in.jsonl", requests)
+    out = str(tmp_path / "out.jsonl")
+    with served(fake_server(asked, seen)) as url:
+        settings = Settings(**{**FAST.__dict__, "base_url": url + "/v1", "api_key": "k", "model": "m"})
+        counts = run_batch.run_batch(source, out, settings)
+    assert counts == {"requests": 6, "resumed": 0, "sent": 6, "succeeded": 4, "failed": 2}
+    lines = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [line["custom_id"] for line in lines] == ["a", "b", "c", "d", "e", "f"]
+    assert all(line["id"].startswith("batch_req_") and line["error"] is None for line in lines)
+    status = {line["custom_id"]: line["response"]["status_code"] for line in lines}
+    assert status == {"a": 200, "b": 200, "c": 400, "d": 200, "e": 200, "f": 404}
+    by_id = {line["custom_id"]: line["response"] for line in lines}
+    assert by_id["a"]["body"]["choices"][0]["message"]["content"] == "HELLO"
+    assert by_id["a"]["request_id"] == "chatcmpl-hello"  # no x-request-id header: the completion's id
+    assert by_id["e"]["body"]["choices"][0]["text"] == "cba"
+    # A refusal is an answer: kept with its error body, never asked again; the busy and garbage ones were.
+    assert by_id["c"]["body"]["error"]["message"] == "'temperature' must be at most 2"
+    assert by_id["f"]["body"]["error"]["message"] == "no such route"
+    assert asked == Counter({"hello": 1, "busy": 3, "bad": 1, "garbage": 2, "abc": 1, "text": 1})
+    assert {s["body"]["model"] for s in seen} == {"m"} and {s["authorization"] for s in seen} == {"Bearer k"}
+
+
+def test_a_rerun_sends_only_what_has_no_answer_and_leaves_one_line_per_request(tmp_path):
+    asked, seen = Counter(), []
+    source = write_lines(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"w{i}") for i in range(5)])
+    out = tmp_path / "out.jsonl"
+    done = {"id": "batch_req_0", "custom_id": "q1", "error": None,
+            "response": {"status_code": 200, "request_id": "r", "body": {"answer": "kept"}}}
+    failed = {"id": "batch_req_1", "custom_id": "q3", "response": None,
+              "error": {"code": "request_failed", "message": "after 6 attempt(s): ConnectError"}}
+    # What a killed run leaves: whole lines, then a torn one.
+    out.write_text(json.dumps(done) + "\n" + json.dumps(failed) + "\n" + '{"id": "batch_req_2", "custom_id": "q4", "re',
+                   encoding="utf-8")
+    with served(fake_server(asked, seen)) as url:
+        counts = run_batch.run_batch(source, str(out), Settings(**{**FAST.__dict__, "base_url": url + "/v1",
+                                                                    "api_key": "k"}))
+    assert counts == {"requests": 5, "resumed": 1, "sent": 4, "succeeded": 5, "failed": 0}
+    assert asked == Counter({"w0": 1, "w2": 1, "w3": 1, "w4": 1})  # q1 was answered; q3's failure is asked again
+    lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [line["custom_id"] for line in lines] == ["q0", "q1", "q2", "q3", "q4"]
+    assert lines[1] == done and lines[3]["response"]["status_code"] == 200
+
+
+@pytest.mark.parametrize(("line", "problem"), [
+    ("{not json", "not valid JSON"),
+    (json.dumps({**chat_line("x", "hi"), "url": "/v1/embeddings"}), "'url' must be one of"),
+    (json.dumps({**chat_line("x", "hi"), "method": "GET"}), "'method' must be POST"),
+    (json.dumps(chat_line("x", "hi", stream=True)), "'body.stream' must not be set"),
+    (json.dumps({**chat_line("x", "hi"), "custom_id": 7}), "'custom_id' must be a non-empty string"),
+    (json.dumps({**chat_line("x", "hi"), "body": "hi"}), "'body' must be a JSON object"),
+    (json.dumps(chat_line("a", "again")), "custom_id 'a' repeats line 1"),
+])
+def test_a_bad_line_is_named_and_nothing_is_sent(tmp_path, capsys, line, problem):
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello"), line])
+    out = tmp_path / "out.jsonl"
+    # No server at all: the file is refused before anything would be sent.
+    assert run_batch.main(["-i", source, "-o", str(out), "--base-url", f"http://127.0.0.1:{free_port()}/v1"]) == 2
+    assert f"in.jsonl:2: {problem}" in capsys.readouterr().err and not out.exists()
+
+
+def test_skip_bad_runs_the_good_lines(tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello"), "[1, 2]", "", chat_line("b", "hi")])
+    assert [r.custom_id for r in read_requests(source, skip_bad=True)] == ["a", "b"]
+    assert "in.jsonl:2: expected a JSON object, got list" in capsys.readouterr().err
+    with pytest.raises(BatchFileError, match="repeats"):  # never skipped: results are matched by custom_id
+        read_requests(write_lines(tmp_path / "dup.jsonl", [chat_line("a", "x"), chat_line("a", "y")]), skip_bad=True)
+    with pytest.raises(BatchFileError, match="no requests"):
+        read_requests(write_lines(tmp_path / "empty.jsonl", [""]))
+
+
+def test_an_unreachable_server_or_a_refused_key_stops_the_run_at_once(tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello")])
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch.main(["-i", source, "-o", out, "--base-url", f"http://127.0.0.1:{free_port()}/v1"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+    with served(fake_server(Counter(), [])) as url:
+        assert run_batch.main(["-i", source, "-o", out, "--base-url", url + "/v1", "--api-key", "wrong"]) == 2
+        assert "refused the API key (HTTP 401)" in capsys.readouterr().err
+        assert run_batch.main(["-i", source, "-o", source, "--base-url", url + "/v1"]) == 2
+        assert "must not be the input file" in capsys.readouterr().err
+
+
+def test_a_batch_through_the_served_model(cluster, tmp_path):
+    """The project's own API: chat with an image and a text completion answered as the API answers them; a request
+    for a model nobody serves keeps its 404."""
+    import httpx
+
+    url = "data:image/png;base64," + image_b64(make_image("orange"))
+    chat = {"model": "ckpt", "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Qu'est-ce que c'est ?"}, {"type": "image_url", "image_url": {"url": url}}]}]}
+    completion = {"model": "ckpt", "prompt": "USER: 你好 ASSISTANT:", "max_tokens": 6, "temperature": 0}
+    source = write_lines(tmp_path / "in.jsonl", [
+        {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions", "body": chat},
+        {"custom_id": "text", "method": "POST", "url": "/v1/completions", "body": completion},
+        {"custom_id": "nobody", "method": "POST", "url": "/v1/chat/completions", "body": {**chat, "model": "nobody"}}])
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch.main(["-i", source, "-o", out, "--base-url", cluster.url + "/v1", "--api-key", API_KEY]) == 1
+    results = {r["custom_id"]: r["response"] for r in map(json.loads, open(out, encoding="utf-8"))}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    direct_chat = httpx.post(cluster.url + "/v1/chat/completions", json=chat, headers=headers, timeout=60).json()
+    direct_text = httpx.post(cluster.url + "/v1/completions", json=completion, headers=headers, timeout=60).json()
+    assert results["chat"]["status_code"] == 200 and results["chat"]["body"]["choices"] == direct_chat["choices"]
+    assert results["text"]["status_code"] == 200 and results["text"]["body"]["choices"] == direct_text["choices"]
+    assert results["chat"]["request_id"] == results["chat"]["body"]["id"]
+    assert results["nobody"]["status_code"] == 404 and "nobody" in results["nobody"]["body"]["error"]["message"]
