@@ -1,87 +1,20 @@
 """Serve the quickstart model: controller, model worker and Gradio web UI as subprocesses on 127.0.0.1.
 
-The three services are started with the same commands the README gives (``python -m palo.serve.<name>``), on
-free ports; :func:`start` waits until the worker has registered its model and the web UI answers, and
-:func:`serve_forever` prints the URL and keeps them running until Ctrl-C, then stops them.
+:func:`start` starts them with :func:`palo.serve.launch.start_services` (the README's commands, free ports) and
+waits until the worker has registered its model and the web UI answers; :func:`serve_forever` prints the URL and
+keeps them running until Ctrl-C, then stops them.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
 import time
-import urllib.request
-from dataclasses import dataclass, field
 
+from palo.serve.launch import Services, port_free, start_services
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Services:
-    controller_url: str
-    web_url: str
-    model_name: str
-    processes: list[subprocess.Popen] = field(default_factory=list)
-
-    def stop(self) -> None:
-        """Terminate every service this object started (by its own process handle), then reap them.
-
-        Ctrl-C is ignored meanwhile: it is often pressed twice, and a second ``KeyboardInterrupt`` here would leave
-        the services running with nobody to stop them.
-        """
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
-            for proc in reversed(self.processes):
-                if proc.poll() is None:
-                    proc.terminate()
-            for proc in self.processes:
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
-
-
-def _post_json(url: str, timeout: float = 2.0) -> dict:
-    request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read() or b"null") or {}
-
-
-def _reachable(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2.0):
-            return True
-    except Exception:
-        return False
-
-
-def _wait(what: str, ready, procs: list[subprocess.Popen], logs: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what}: a service exited with status {proc.returncode}; see the logs in {logs}")
-        try:
-            if ready():
-                return
-        except Exception:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{what} not ready after {timeout:.0f} s; see the logs in {logs}")
+__all__ = ["Services", "ask_served", "check_served", "serve_forever", "start"]
 
 
 def start(checkpoint: str, logs: str, web_port: int = 0, timeout: float = 180.0) -> Services:
@@ -90,43 +23,8 @@ def start(checkpoint: str, logs: str, web_port: int = 0, timeout: float = 180.0)
     Raises:
         RuntimeError: If a service exits early; TimeoutError if one is not ready in ``timeout`` seconds.
     """
-    os.makedirs(logs, exist_ok=True)
-    env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost")
-    c_port, w_port = free_port(), free_port()
-    web_port = web_port or free_port()
-    controller = f"http://127.0.0.1:{c_port}"
-    worker = f"http://127.0.0.1:{w_port}"
-    model_name = os.path.basename(os.path.normpath(checkpoint))
-    commands = {
-        "controller": [sys.executable, "-m", "palo.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)],
-        "model_worker": [sys.executable, "-m", "palo.serve.model_worker", "--host", "127.0.0.1", "--port", str(w_port),
-                         "--controller-address", controller, "--worker-address", worker,
-                         "--model-path", os.path.abspath(checkpoint), "--device", "cpu"],
-        "gradio_web_server": [sys.executable, "-m", "palo.serve.gradio_web_server", "--host", "127.0.0.1",
-                              "--port", str(web_port), "--controller-url", controller, "--model-list-mode", "reload"],
-    }
-    services = Services(controller, f"http://127.0.0.1:{web_port}", model_name)
-    try:
-        for name in ("controller", "model_worker"):
-            out = open(os.path.join(logs, f"{name}.out"), "ab")
-            services.processes.append(subprocess.Popen(commands[name], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                                       cwd=logs))
-            print(f"started {name}: " + " ".join(commands[name][1:]), flush=True)
-            if name == "controller":
-                _wait("controller", lambda: _post_json(controller + "/list_models") is not None, services.processes,
-                      logs, timeout)
-        _wait("model worker", lambda: model_name in _post_json(controller + "/list_models").get("models", []),
-              services.processes, logs, timeout)
-        out = open(os.path.join(logs, "gradio_web_server.out"), "ab")
-        services.processes.append(subprocess.Popen(commands["gradio_web_server"], stdout=out, stderr=subprocess.STDOUT,
-                                                   env=env, cwd=logs))
-        print("started gradio_web_server: " + " ".join(commands["gradio_web_server"][1:]), flush=True)
-        _wait("web UI", lambda: _reachable(services.web_url), services.processes, logs, timeout)
-    except BaseException:
-        services.stop()
-        raise
-    return services
+    return start_services(checkpoint, logs, worker_args=["--device", "cpu"], web=True, web_port=web_port,
+                          timeout=timeout)
 
 
 def serve_forever(checkpoint: str, logs: str, web_port: int = 7860) -> int:
@@ -134,7 +32,7 @@ def serve_forever(checkpoint: str, logs: str, web_port: int = 7860) -> int:
     from palo.quickstart.pipeline import banner
 
     banner("Serving the trained model (controller, worker, web UI on 127.0.0.1)")
-    if web_port and not _port_free(web_port):
+    if web_port and not port_free(web_port):
         web_port = 0
     services = start(checkpoint, logs, web_port)
     example = os.path.join(os.path.dirname(os.path.abspath(logs)), "data", "bench", "images", "eval-00000.png")
@@ -153,15 +51,6 @@ def serve_forever(checkpoint: str, logs: str, web_port: int = 7860) -> int:
         return 0
     finally:
         services.stop()
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def ask_served(api_base: str, model: str, bench: str, answers_dir: str, parallel: int = 8) -> int:

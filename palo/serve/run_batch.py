@@ -4,6 +4,11 @@ The batch files researchers already have (made for OpenAI's Batch API, or for vL
 against this project's API, or against vLLM or SGLang serving an exported PALO::
 
     palo serve run-batch -i requests.jsonl -o results.jsonl --base-url http://127.0.0.1:21001/v1 --model PALO-7B
+    palo serve run-batch -i requests.jsonl -o results.jsonl --model-path MBZUAI/PALO-7B   # serves it for the run
+
+With ``--model-path`` a controller and a model worker for the checkpoint are started on free local ports for the
+run (the README's commands, ``--worker-args`` passed on to the worker) and stopped after it; every request goes to
+that model, whatever its body names.
 
 Input, one request per line: ``{"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}``
 (``url`` ``/v1/chat/completions`` or ``/v1/completions``; ``custom_id`` unique). The whole file is checked before
@@ -34,7 +39,9 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +49,7 @@ from typing import Any
 
 from palo.jsonl import JsonlAppender, atomic_write, iter_log
 from palo.openai_client import DEFAULT_MAX_BACKOFF, retry_after_seconds, retry_delay, retryable_status
+from palo.serve.launch import Services, start_services
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_BASE_URL = "http://127.0.0.1:21001/v1"  # the controller's default address
@@ -296,8 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-i", "--input-file", required=True, help="requests in OpenAI's Batch format (JSON lines)")
     parser.add_argument("-o", "--output-file", required=True,
                         help="results in OpenAI's batch output format; an existing one is resumed")
-    parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL),
+    parser.add_argument("--base-url", default=None,
                         help="the server's OpenAI API (default: $OPENAI_BASE_URL, else the local controller's)")
+    parser.add_argument("--model-path", default=None,
+                        help="serve this checkpoint for the run instead (a controller and a worker on free ports)")
+    parser.add_argument("--worker-args", default="",
+                        help="with --model-path: more flags for the worker, one string "
+                             "(e.g. \"--model-base lmsys/vicuna-7b-v1.5 --device cuda --max-num-seqs 64\")")
+    parser.add_argument("--log-dir", default=None,
+                        help="with --model-path: where the services log (default: a new folder in the temp dir)")
     parser.add_argument("--api-key", default=os.environ.get("PALO_API_KEY") or os.environ.get("OPENAI_API_KEY"),
                         help="bearer key (default: $PALO_API_KEY, else $OPENAI_API_KEY, else none)")
     parser.add_argument("--model", default=None,
@@ -317,9 +332,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_retries < 0 or args.timeout <= 0:
         parser.error("--concurrency must be at least 1, --max-retries at least 0 and --timeout positive")
-    settings = Settings(base_url=args.base_url, api_key=args.api_key, model=args.model, concurrency=args.concurrency,
+    if args.model_path is not None and args.base_url is not None:
+        parser.error("--base-url and --model-path exclude each other: a server to use, or a checkpoint to serve")
+    if args.model_path is None and (args.worker_args or args.log_dir):
+        parser.error("--worker-args and --log-dir go with --model-path")
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL", DEFAULT_BASE_URL)
+    settings = Settings(base_url=base_url, api_key=args.api_key, model=args.model, concurrency=args.concurrency,
                         max_retries=args.max_retries, timeout=args.timeout)
+    services = None
     try:
+        read_requests(args.input_file, args.skip_bad)  # a bad file is refused before a model is loaded for it
+        if args.model_path is not None:
+            services = _serve(args.model_path, shlex.split(args.worker_args), args.log_dir)
+            settings.base_url, settings.api_key = services.controller_url + "/v1", None
+            settings.model = services.model_name
         counts = run_batch(args.input_file, args.output_file, settings, skip_bad=args.skip_bad)
     except (BatchFileError, ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -328,9 +354,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: the answers so far are in {args.output_file}; run the same command to go on",
               file=sys.stderr)
         return 130
+    finally:
+        if services is not None:
+            services.stop()
     print(f"{counts['succeeded']} of {counts['requests']} requests answered (200) in {args.output_file} "
           f"({counts['resumed']} from an earlier run); {counts['failed']} without", file=sys.stderr)
     return 0 if counts["failed"] == 0 else 1
+
+
+def _serve(model_path: str, worker_args: list[str], log_dir: str | None) -> Services:
+    """A controller and a worker for ``model_path`` on free local ports (see :mod:`palo.serve.launch`)."""
+    logs = log_dir or tempfile.mkdtemp(prefix="palo-run-batch-")
+    print(f"serving {model_path} for the batch; service logs in {logs}", file=sys.stderr, flush=True)
+    try:
+        return start_services(model_path, logs, worker_args=worker_args)
+    except (RuntimeError, TimeoutError) as exc:
+        raise ServerError(f"the model could not be served: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ def test_the_default_log_folder_is_ignored_by_git():
 def test_quickstart_services_get_the_quickstart_log_folder(tmp_path, monkeypatch):
     """``palo quickstart`` starts the services with PALO_LOGDIR (the variable they read) set to its logs folder."""
     from palo.quickstart import serve
+    from palo.serve import launch
 
     started = []
 
@@ -71,7 +72,7 @@ def test_quickstart_services_get_the_quickstart_log_folder(tmp_path, monkeypatch
 
     monkeypatch.delenv("PALO_LOGDIR", raising=False)
     monkeypatch.delenv("LOGDIR", raising=False)
-    monkeypatch.setattr(serve.subprocess, "Popen", Exited)
+    monkeypatch.setattr(launch.subprocess, "Popen", Exited)
     logs = tmp_path / "workdir" / "logs"
     with pytest.raises(RuntimeError, match="exited"):
         serve.start(str(tmp_path / "checkpoint"), str(logs), timeout=5)

@@ -175,3 +175,43 @@ def test_a_batch_through_the_served_model(cluster, tmp_path):
     assert results["text"]["status_code"] == 200 and results["text"]["body"]["choices"] == direct_text["choices"]
     assert results["chat"]["request_id"] == results["chat"]["body"]["id"]
     assert results["nobody"]["status_code"] == 404 and "nobody" in results["nobody"]["body"]["error"]["message"]
+
+
+def test_model_path_serves_the_checkpoint_for_the_run_and_stops_it(cluster, world, tmp_path, capsys):
+    """``--model-path``: a controller and a worker of its own answer every request (whatever model the body names)
+    as the cluster's worker of the same checkpoint does, and are gone after the run."""
+    import re
+
+    import httpx
+
+    chat = {"model": "gpt-4o", "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": "আপনি কেমন আছেন?"}]}
+    source = write_lines(tmp_path / "in.jsonl", [{"custom_id": "q", "method": "POST", "url": "/v1/chat/completions",
+                                                  "body": chat}])
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch.main(["-i", source, "-o", out, "--model-path", world.full_dir, "--log-dir", str(tmp_path / "logs"),
+                           "--worker-args", "--device cpu --model-name tiny-palo"]) == 0
+    (result,) = map(json.loads, open(out, encoding="utf-8"))
+    body = result["response"]["body"]
+    direct = httpx.post(cluster.url + "/v1/chat/completions", json={**chat, "model": "ckpt"},
+                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).json()
+    assert body["model"] == "tiny-palo" and body["choices"] == direct["choices"]
+    assert body["choices"][0]["message"]["content"]
+    ports = re.findall(r"--port (\d+)", capsys.readouterr().out)
+    assert len(ports) == 2  # controller and worker
+    for port in ports:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+
+
+def test_model_path_refuses_what_it_cannot_serve(tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello")])
+    out = str(tmp_path / "out.jsonl")
+    with pytest.raises(SystemExit):
+        run_batch.main(["-i", source, "-o", out, "--model-path", "x", "--base-url", "http://h/v1"])
+    assert "exclude each other" in capsys.readouterr().err
+    # A checkpoint folder that is not one: the worker exits, and the run says so without sending anything.
+    assert run_batch.main(["-i", source, "-o", out, "--model-path", str(tmp_path), "--log-dir",
+                           str(tmp_path / "logs")]) == 2
+    assert "the model could not be served" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
