@@ -271,7 +271,8 @@ def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: b
     """Run a batch file, resuming from what ``output_path`` already holds.
 
     Returns:
-        Counts: ``requests``, ``resumed`` (200s found from an earlier run), ``sent``, ``succeeded``, ``failed``.
+        Counts: ``requests``, ``resumed`` (200s found from an earlier run), ``sent``, ``succeeded``, ``failed``, and
+        the answered requests' ``prompt_tokens`` and ``completion_tokens`` (from their ``usage``).
 
     Raises:
         BatchFileError: The input cannot be run (nothing is sent).
@@ -294,9 +295,18 @@ def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: b
         # Also after Ctrl-C: what arrived is in the log; the tidy copy is written from it (and from the earlier run).
         results = {**earlier, **finished_results(output_path)}
         atomic_write(output_path, _in_order(requests, results))
-    good = sum(succeeded(results.get(r.custom_id)) for r in requests)
-    return {"requests": len(requests), "resumed": len(requests) - len(todo), "sent": len(fresh),
-            "succeeded": good, "failed": len(requests) - good}
+    answered = [results[r.custom_id] for r in requests if succeeded(results.get(r.custom_id))]
+    counts = {"requests": len(requests), "resumed": len(requests) - len(todo), "sent": len(fresh),
+              "succeeded": len(answered), "failed": len(requests) - len(answered)}
+    for key in ("prompt_tokens", "completion_tokens"):  # what the answers cost, as their servers counted it
+        counts[key] = sum(_usage_count(result, key) for result in answered)
+    return counts
+
+
+def _usage_count(result: dict[str, Any], key: str) -> int:
+    usage = (result["response"].get("body") or {}).get("usage")
+    value = usage.get(key) if isinstance(usage, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         if services is not None:
             services.stop()
     print(f"{counts['succeeded']} of {counts['requests']} requests answered (200) in {args.output_file} "
-          f"({counts['resumed']} from an earlier run); {counts['failed']} without", file=sys.stderr)
+          f"({counts['resumed']} from an earlier run); {counts['failed']} without. Tokens of the answered: "
+          f"{counts['prompt_tokens']} prompt, {counts['completion_tokens']} completion", file=sys.stderr)
     return 0 if counts["failed"] == 0 else 1
 
 

@@ -54,7 +54,8 @@ def fake_server(asked: Counter, seen: list[dict]) -> FastAPI:
             return PlainTextResponse("no such route", 404)
         return {"id": f"chatcmpl-{text}", "object": "chat.completion", "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.upper()},
-                             "finish_reason": "stop"}]}
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": len(text), "completion_tokens": 1, "total_tokens": len(text) + 1}}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -75,7 +76,9 @@ def test_every_request_gets_its_result_in_input_order_retried_where_asking_again
     with served(fake_server(asked, seen)) as url:
         settings = Settings(**{**FAST.__dict__, "base_url": url + "/v1", "api_key": "k", "model": "m"})
         counts = run_batch.run_batch(source, out, settings)
-    assert counts == {"requests": 6, "resumed": 0, "sent": 6, "succeeded": 4, "failed": 2}
+    # Tokens: the answered chats' usage (hello, busy, garbage); the text completion reported none.
+    assert counts == {"requests": 6, "resumed": 0, "sent": 6, "succeeded": 4, "failed": 2, "prompt_tokens": 16,
+                      "completion_tokens": 3}
     lines = [json.loads(line) for line in open(out, encoding="utf-8")]
     assert [line["custom_id"] for line in lines] == ["a", "b", "c", "d", "e", "f"]
     assert all(line["id"].startswith("batch_req_") and line["error"] is None for line in lines)
@@ -106,7 +109,8 @@ def test_a_rerun_sends_only_what_has_no_answer_and_leaves_one_line_per_request(t
     with served(fake_server(asked, seen)) as url:
         counts = run_batch.run_batch(source, str(out), Settings(**{**FAST.__dict__, "base_url": url + "/v1",
                                                                     "api_key": "k"}))
-    assert counts == {"requests": 5, "resumed": 1, "sent": 4, "succeeded": 5, "failed": 0}
+    assert counts == {"requests": 5, "resumed": 1, "sent": 4, "succeeded": 5, "failed": 0, "prompt_tokens": 8,
+                      "completion_tokens": 4}
     assert asked == Counter({"w0": 1, "w2": 1, "w3": 1, "w4": 1})  # q1 was answered; q3's failure is asked again
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [line["custom_id"] for line in lines] == ["q0", "q1", "q2", "q3", "q4"]
