@@ -108,7 +108,7 @@ def read_requests(path: str, skip_bad: bool = False) -> list[BatchRequest]:
         BatchFileError: A missing file, a malformed line (unless ``skip_bad``), a repeated ``custom_id`` or no request.
     """
     if not os.path.isfile(path):
-        raise BatchFileError(f"{path}: no such file")
+        raise BatchFileError(f"{path}: {'a folder, not a file' if os.path.isdir(path) else 'no such file'}")
     requests: list[BatchRequest] = []
     seen: dict[str, int] = {}
     offset = 0
@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = run_batch(args.input_file, args.output_file, settings, skip_bad=args.skip_bad)
     except (BatchFileError, ServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output that cannot be written (a missing or read-only folder, a full disk)
+        print(f"error: {exc.strerror or exc}: {exc.filename or args.output_file}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: the answers so far are in {args.output_file}; run the same command to go on",

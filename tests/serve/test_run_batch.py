@@ -154,6 +154,10 @@ def test_an_unreachable_server_or_a_refused_key_stops_the_run_at_once(tmp_path, 
         assert "refused the API key (HTTP 401)" in capsys.readouterr().err
         assert run_batch.main(["-i", source, "-o", source, "--base-url", url + "/v1"]) == 2
         assert "must not be the input file" in capsys.readouterr().err
+        (tmp_path / "plain").write_text("")
+        assert run_batch.main(["-i", source, "-o", str(tmp_path / "plain" / "out.jsonl"), "--base-url", url + "/v1",
+                               "--api-key", "k"]) == 2  # an output folder that is a file
+        assert "error: File exists" in capsys.readouterr().err
 
 
 def test_a_batch_through_the_served_model(cluster, tmp_path):
