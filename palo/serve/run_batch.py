@@ -288,8 +288,9 @@ def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: b
     if len(todo) < len(requests):
         print(f"[resume] {output_path}: {len(requests) - len(todo)} of {len(requests)} requests already answered",
               file=sys.stderr)
+    output = JsonlAppender(output_path)  # before the try: an output that cannot be opened has nothing to tidy
     try:
-        with JsonlAppender(output_path) as output:
+        with output:
             fresh = asyncio.run(run_requests(input_path, todo, output, settings)) if todo else {}
     finally:
         # Also after Ctrl-C: what arrived is in the log; the tidy copy is written from it (and from the earlier run).
