@@ -18,10 +18,11 @@ def test_import_palo_and_the_light_modules_import_no_torch():
     _run(
         "import sys\n"
         "import palo, palo.jsonl, palo.openai_client, palo.cli\n"
+        "from palo import LLM\n"  # the class; its module imports torch when a model is loaded
         "heavy = sorted(m for m in ('torch', 'transformers', 'palo.model') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
-        "assert palo.__version__ == '0.1.0'\n"
-        "assert {'PaloForCausalLM', 'PaloConfig', 'LlavaLlamaForCausalLM', 'model'} <= set(dir(palo))\n"
+        "assert palo.__version__ == '0.1.0' and LLM.__module__ == 'palo.llm'\n"
+        "assert {'PaloForCausalLM', 'PaloConfig', 'LlavaLlamaForCausalLM', 'model', 'LLM'} <= set(dir(palo))\n"
     )
 
 

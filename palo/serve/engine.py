@@ -197,7 +197,7 @@ class EngineBackend(ABC):
         return int(getattr(self.model, "image_token_count", 0)) if self.is_multimodal else 0
 
     # -- request parsing -----------------------------------------------------------------------------------------
-    def _load_image(self, data: str) -> Any:
+    def decode_image(self, data: str) -> Any:
         """One image of a request: base64 (or a ``data:`` URL), or an http(s) URL fetched under the remote policy.
 
         Raises:
@@ -210,7 +210,8 @@ class EngineBackend(ABC):
                                  "--allow-remote-images), send the image as base64")
         return load_image(data, allow_remote=True, policy=self.remote_images)
 
-    def prepare(self, params: dict[str, Any]) -> PreparedRequest:
+    def prepare(self, params: dict[str, Any], images: Sequence[Any] | None = None,
+                host_images: bool = False) -> PreparedRequest:
         """Validate a worker request (the original generation parameters) and tokenise it.
 
         Args:
@@ -225,6 +226,10 @@ class EngineBackend(ABC):
                 ``"guided_regex"``, ``"guided_choice"`` or ``"structured_outputs"``, see
                 :func:`~palo.serve.protocol.parse_structured_output`), ``"prompt_token_ids"`` instead of
                 ``"prompt"`` (the prompt as token ids, used as they are; no images) and vLLM's ``"cache_salt"``.
+            images: The prompt's images already read (RGB PIL images, for :mod:`palo.llm`), instead of
+                ``params["images"]``.
+            host_images: Keep the pixels in host memory (the engine moves them to the device when it encodes
+                them): for callers that prepare many requests before submitting them.
 
         Returns:
             The prepared request.
@@ -246,8 +251,9 @@ class EngineBackend(ABC):
             raise RequestError("'prompt' is required and must be a string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PromptTooLong(f"the prompt has {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
-        images = params.get("images") or []
-        if not isinstance(images, list) or not all(isinstance(x, str) for x in images):
+        read = images is not None
+        images = list(images) if read else params.get("images") or []
+        if not read and (not isinstance(images, list) or not all(isinstance(x, str) for x in images)):
             raise RequestError("'images' must be a list of base64-encoded PNG or JPEG strings")
         stop = params.get("stop")
         if stop is not None and not isinstance(stop, str):
@@ -335,13 +341,13 @@ class EngineBackend(ABC):
             pil_images = []
             for i, data in enumerate(images):
                 try:
-                    pil_images.append(self._load_image(data))
+                    pil_images.append(data if read else self.decode_image(data))
                 except ImageLoadError as exc:
                     raise RequestError(f"image {i}: {exc}") from None
             pixels = process_images(pil_images, self.image_processor, self.model.config)
             if isinstance(pixels, list):
                 pixels = torch.stack(pixels)
-            pixels = pixels.to(self.model.device, dtype=self.model.dtype)
+            pixels = pixels.to("cpu" if host_images else self.model.device, dtype=self.model.dtype)
         try:  # combinations the engine refuses (a structured answer with min_tokens or ignore_eos)
             sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, min_tokens=min(min_tokens, max_new_tokens),
@@ -414,8 +420,12 @@ class EngineBackend(ABC):
         """Queue several requests."""
         return [self.submit(request, sink) for request, sink in zip(requests, sinks)]
 
-    def generate(self, requests: Sequence[PreparedRequest], timeout: float = 300.0) -> list[StreamEvent]:
+    def generate(self, requests: Sequence[PreparedRequest], timeout: float | None = 300.0) -> list[StreamEvent]:
         """Submit requests together and wait for their last events (for scripts, tests and benchmarks).
+
+        Args:
+            requests: Prepared requests.
+            timeout: Seconds to wait for all of them (None: no limit).
 
         Returns:
             The final event of each request, in order.
@@ -433,9 +443,9 @@ class EngineBackend(ABC):
 
         self.start()
         self.submit_many(requests, [make_sink(i) for i in range(len(requests))])
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         for event in done:
-            if not event.wait(max(0.0, deadline - time.monotonic())):
+            if not event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
                 raise TimeoutError(f"generation did not finish within {timeout} s")
         return [e for e in last if e is not None]
 
@@ -492,10 +502,11 @@ class GenerationEngine(EngineBackend):
     def alive(self) -> bool:
         return self.engine.is_running()
 
-    def prepare(self, params: dict[str, Any]) -> PreparedRequest:
+    def prepare(self, params: dict[str, Any], images: Sequence[Any] | None = None,
+                host_images: bool = False) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, and an answer shape is compiled here, so a schema or pattern that
         cannot be used is refused with the request (the engine reuses the compiled grammar)."""
-        prepared = super().prepare(params)
+        prepared = super().prepare(params, images, host_images)
         if prepared.sampling.structured is not None:
             try:
                 self.engine.structured_outputs().matcher(prepared.sampling.structured)

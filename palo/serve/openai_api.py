@@ -153,7 +153,10 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     return float(value)
 
 
-def _image_data(part: dict) -> str:
+def image_part_data(part: dict) -> str:
+    """An ``image_url`` part's image: its base64 data, or its http(s) URL."""
+    if part.get("type") != "image_url":
+        raise APIError(400, f"unsupported content part {str(part)[:80]}", param="messages")
     image_url = part.get("image_url")
     url = image_url.get("url") if isinstance(image_url, dict) else image_url
     if not isinstance(url, str):
@@ -168,8 +171,10 @@ def _image_data(part: dict) -> str:
     return data
 
 
-def _content(message: dict, index: int, images_allowed: bool) -> tuple[str, list[str]]:
-    """The text of a message and its images (base64), images first as ``<image>`` lines."""
+def _content(message: dict, index: int, images_allowed: bool,
+             read_image: Callable[[dict], Any] = image_part_data) -> tuple[str, list[Any]]:
+    """The text of a message and its images (what ``read_image`` makes of each image part: base64 by default),
+    images first as ``<image>`` lines."""
     content = message.get("content")
     if content is None:
         if message.get("role") != "assistant":  # OpenAI's: only an assistant message may come without content
@@ -180,23 +185,26 @@ def _content(message: dict, index: int, images_allowed: bool) -> tuple[str, list
     if not isinstance(content, list):
         raise APIError(400, f"messages[{index}].content must be a string or a list of parts", param="messages")
     texts: list[str] = []
-    images: list[str] = []
+    images: list[Any] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image_url":
+        elif kind in ("image_url", "image"):  # "image": the Python API's local images (palo.llm); the API refuses it
             if not images_allowed:
                 raise APIError(400, f"messages[{index}]: only user messages can hold images", param="messages")
-            images.append(_image_data(part))
+            try:
+                images.append(read_image(part))
+            except APIError as exc:
+                raise APIError(400, f"messages[{index}]: {exc}", param="messages") from None
         else:
             raise APIError(400, f"messages[{index}]: unsupported content part {str(part)[:80]}", param="messages")
     text = "\n".join(texts)
     return (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + text, images
 
 
-def render_messages(messages: Any, conv_mode: str,
-                    continue_final: bool = False) -> tuple[str, list[str], str | None]:
+def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
+                    read_image: Callable[[dict], Any] = image_part_data) -> tuple[str, list[Any], str | None]:
     """Render OpenAI chat messages with a conversation template.
 
     Args:
@@ -205,9 +213,11 @@ def render_messages(messages: Any, conv_mode: str,
         continue_final: The last message is the assistant's, left open to be continued (vLLM's
             ``continue_final_message``): the prompt ends with its content, as the template renders an answer, without
             the separator that would close it (``... ASSISTANT: <content>`` in the Vicuna template).
+        read_image: Makes an image part into the image to send (default: its base64 data, or an http(s) URL);
+            raises :class:`APIError` for a part it does not take.
 
     Returns:
-        ``(prompt, images as base64 strings in prompt order, the template's stop string)``.
+        ``(prompt, images in prompt order, the template's stop string)``.
 
     Consecutive messages of one role are one turn, their texts joined by a newline (the template alternates
     user and assistant turns).
@@ -219,7 +229,7 @@ def render_messages(messages: Any, conv_mode: str,
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     conv = conv_templates.get(conv_mode, conv_templates[DEFAULT_CONV_MODE]).copy()
-    images: list[str] = []
+    images: list[Any] = []
     last_role: str | None = None  # of the last turn: "user" or "assistant"
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -237,7 +247,7 @@ def render_messages(messages: Any, conv_mode: str,
         if last_role is None and role != "user":
             raise APIError(400, f"messages[{index}]: the first message after the system message must be the user's",
                            param="messages")
-        text, message_images = _content(message, index, images_allowed=role == "user")
+        text, message_images = _content(message, index, images_allowed=role == "user", read_image=read_image)
         images.extend(message_images)
         if role == last_role:  # one turn in several messages (an image, then the question): joined by a newline
             before = conv.messages[-1][1]

@@ -90,9 +90,10 @@ class StaticBatchEngine(EngineBackend):
     def stats(self) -> dict[str, Any]:
         return {"waiting": self.queue_size(), "engine": "static"}
 
-    def prepare(self, params: dict[str, Any]) -> PreparedRequest:
+    def prepare(self, params: dict[str, Any], images: Sequence[Any] | None = None,
+                host_images: bool = False) -> PreparedRequest:
         """As :meth:`EngineBackend.prepare`, refusing what ``model.generate`` batches cannot stream here."""
-        prepared = super().prepare(params)
+        prepared = super().prepare(params, images, host_images)
         # Each setting against its own default: logprobs=0 asks for the chosen tokens' logprobs, min_tokens=0 asks
         # for nothing.
         defaults = SamplingParams()

@@ -1,0 +1,275 @@
+"""Batched generation in Python: ``LLM(path).chat(conversations)`` on the continuous-batching engine.
+
+What vLLM's ``LLM`` is to its users, for PALO checkpoints: load once, then hand over many conversations at once and
+get their answers back in order, generated together by :mod:`palo.engine` (paged KV cache, prefix cache: one image
+asked in 10 languages computes its features and shared prompt once)::
+
+    from palo.llm import LLM
+
+    llm = LLM("MBZUAI/PALO-7B")                          # the checkpoint's own template (vicuna_v1 for PALO)
+    photo = {"type": "image", "image": "photo.jpg"}      # a path or a PIL image
+    answers = llm.chat([[{"role": "user", "content": [photo, {"type": "text", "text": question}]}]
+                        for question in ("¿Qué es?", "这是什么？", "यह क्या है?")], max_tokens=128)
+    print([a.text for a in answers])
+
+Messages are OpenAI's chat messages, rendered exactly as the OpenAI API renders them
+(:func:`palo.serve.openai_api.render_messages`); an image part is OpenAI's ``{"type": "image_url", "image_url":
+{"url": "data:image/...;base64,..."}}`` or, for local use, ``{"type": "image", "image": <path or PIL image>}``.
+:meth:`LLM.generate` takes finished prompts (``<image>`` where each image goes) instead. The settings are the
+worker's (``max_tokens``, ``temperature`` (default 0: greedy, as ``model.generate``), ``top_p``, ``top_k``, ``stop``,
+``seed``, ``min_p``, ``min_tokens``, the penalties, ``logit_bias``, ``logprobs``, ``response_format`` ...), checked
+as the worker checks them: a bad conversation raises ``ValueError`` naming it before anything is generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class Answer:
+    """One generated answer.
+
+    Attributes:
+        text: The answer (the template's stop string and any ``stop`` left out).
+        finish_reason: ``"stop"`` (end of sequence or a stop string) or ``"length"`` (the token budget).
+        prompt_tokens: Context positions the prompt took, image positions included.
+        completion_tokens: Tokens generated.
+        cached_tokens: Prompt positions read from the prefix cache instead of computed.
+        logprobs: Per answer token its log-probability and alternatives, when ``logprobs`` was asked for.
+    """
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    logprobs: list[Any] | None = None
+
+
+class LLM:
+    """A loaded checkpoint and its generation engine (see the module docstring).
+
+    Args:
+        model_path: A local checkpoint folder or a hub id (through the local Hugging Face cache).
+        model_base: The base LLM of a LoRA or projector-only checkpoint.
+        device: ``cuda``, ``cuda:N`` or ``cpu`` (default: CUDA when there is one).
+        load_8bit, load_4bit: Quantise the LLM with bitsandbytes.
+        conv_mode: The conversation template (default: the one the checkpoint was trained with, from its config).
+        engine_config: Engine settings (``max_num_seqs``, KV cache size, prefix cache ...); the worker's defaults.
+        vision_tower: A local CLIP folder instead of ``mm_vision_tower``.
+        allow_remote_images: Fetch http(s) image URLs (off: as the worker without ``--allow-remote-images``).
+    """
+
+    def __init__(self, model_path: str, model_base: str | None = None, *, device: str | None = None,
+                 load_8bit: bool = False, load_4bit: bool = False, conv_mode: str | None = None,
+                 engine_config: Any = None, vision_tower: str | None = None,
+                 allow_remote_images: bool = False) -> None:
+        import torch
+
+        from palo.mm_utils import get_model_name_from_path
+        from palo.model.builder import load_pretrained_model
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        name = get_model_name_from_path(model_path)
+        tokenizer, model, image_processor, context_len = load_pretrained_model(
+            model_path, model_base, name, load_8bit, load_4bit, device=device, vision_tower=vision_tower)
+        self._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images,
+                    name)
+
+    @classmethod
+    def from_loaded(cls, tokenizer: Any, model: Any, image_processor: Any, context_len: int = 2048, *,
+                    conv_mode: str | None = None, engine_config: Any = None,
+                    allow_remote_images: bool = False) -> LLM:
+        """An :class:`LLM` around what :func:`~palo.model.builder.load_pretrained_model` returned."""
+        llm = cls.__new__(cls)
+        llm._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images, "")
+        return llm
+
+    def _setup(self, tokenizer: Any, model: Any, image_processor: Any, context_len: int, conv_mode: str | None,
+               engine_config: Any, allow_remote_images: bool, name: str) -> None:
+        from palo.conversation import conv_mode_for_checkpoint, conv_templates
+        from palo.engine import EngineConfig
+        from palo.remote_images import RemoteImagePolicy
+        from palo.serve.engine import GenerationEngine
+
+        if conv_mode is not None and conv_mode not in conv_templates:
+            raise ValueError(f"unknown conv_mode {conv_mode!r}; one of {', '.join(sorted(conv_templates))}")
+        self.tokenizer, self.model = tokenizer, model
+        self.conv_mode = conv_mode or conv_mode_for_checkpoint(model.config, name)
+        self.backend = GenerationEngine(tokenizer, model, image_processor, context_len,
+                                        engine_config=engine_config or EngineConfig())
+        self.backend.remote_images = RemoteImagePolicy() if allow_remote_images else None
+
+    def close(self) -> None:
+        """Stop the engine's thread; later calls raise :class:`palo.engine.EngineClosed`."""
+        self.backend.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+             temperature: float = 0.0, stop: str | Sequence[str] | None = None, timeout: float | None = None,
+             **settings: Any) -> list[Answer]:
+        """Answer chat conversations, generated together.
+
+        Args:
+            messages: One conversation (a list of OpenAI chat messages) or a list of them.
+            max_tokens: Most tokens per answer.
+            temperature: 0 for greedy decoding.
+            stop: Strings that end an answer (besides the template's), left out of it.
+            timeout: Seconds to wait for all answers (default: no limit).
+            **settings: Any other setting the worker takes (``top_p``, ``top_k``, ``seed``, ``min_p``,
+                ``presence_penalty``, ``logit_bias``, ``logprobs``, ``response_format``, ``cache_salt`` ...).
+
+        Returns:
+            One :class:`Answer` per conversation, in order.
+
+        Raises:
+            ValueError: A malformed conversation, an unreadable image, a setting out of range or a prompt with no
+                room for an answer; the message names the conversation. Nothing is generated then.
+        """
+        from palo.serve.openai_api import APIError, render_messages
+
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for index, conversation in enumerate(conversations):
+            try:
+                prompt, images, template_stop = render_messages(list(conversation), self.conv_mode,
+                                                                read_image=self._read_image)
+            except APIError as exc:
+                raise ValueError(f"conversation {index}: {exc}") from None
+            prompts.append((prompt, images, template_stop))
+        return self._run(prompts, "conversation", max_tokens, temperature, stop, timeout, settings)
+
+    def generate(self, prompts: str | Sequence[str], images: Sequence[Sequence[Any]] | None = None, *,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
+                 stop: str | Sequence[str] | None = None, timeout: float | None = None,
+                 **settings: Any) -> list[Answer]:
+        """Continue finished prompts (no template is applied), generated together.
+
+        Args:
+            prompts: One prompt or several, ``<image>`` where each image goes.
+            images: Per prompt, its images in order (paths or PIL images); None for none at all.
+            max_tokens, temperature, stop, timeout, settings: As for :meth:`chat`.
+
+        Returns:
+            One :class:`Answer` per prompt, in order.
+
+        Raises:
+            ValueError: As for :meth:`chat`, naming the prompt.
+        """
+        from palo.serve.openai_api import APIError
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts; give one per prompt")
+        rows = []
+        for index, prompt in enumerate(prompts):
+            own = [] if images is None else list(images[index] or [])
+            try:
+                rows.append((prompt, [self._read_image({"type": "image", "image": image}) for image in own], None))
+            except APIError as exc:
+                raise ValueError(f"prompt {index}: {exc}") from None
+        return self._run(rows, "prompt", max_tokens, temperature, stop, timeout, settings)
+
+    def _run(self, rows: list[tuple[str, list[Any], str | None]], what: str, max_tokens: int, temperature: float,
+             stop: str | Sequence[str] | None, timeout: float | None, settings: dict[str, Any]) -> list[Answer]:
+        from palo.serve.engine import PromptTooLong, RequestError
+
+        extra = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in extra):
+            raise ValueError(f"'stop' must be a string or a list of non-empty strings, got {stop!r}")
+        if "images" in settings or "prompt" in settings:
+            raise ValueError("give prompts and images as arguments, not as settings")
+        prepared = []
+        for index, (prompt, images, template_stop) in enumerate(rows):
+            params = {**settings, "prompt": prompt, "max_new_tokens": max_tokens, "temperature": temperature,
+                      "stop": template_stop}
+            try:  # every request is checked before any is submitted; pixels wait in host memory, as vLLM's do
+                request = self.backend.prepare(params, images, host_images=True)
+            except (RequestError, PromptTooLong) as exc:
+                raise ValueError(f"{what} {index}: {exc}") from None
+            if extra:  # the engine ends an answer at any of its stop strings
+                request.sampling = dataclasses.replace(request.sampling, stop=request.sampling.stop + extra)
+            prepared.append(request)
+        events = self._generate(prepared, timeout)
+        answers = []
+        for request, event in zip(prepared, events):
+            if event.error is not None:
+                raise RuntimeError(f"generation failed: {event.error}")
+            answers.append(Answer(text=event.text or "", finish_reason=event.finish_reason or "stop",
+                                  prompt_tokens=request.prompt_tokens, completion_tokens=event.completion_tokens,
+                                  cached_tokens=event.cached_tokens, logprobs=event.logprobs))
+        return answers
+
+    def _generate(self, requests: list[Any], timeout: float | None) -> list[Any]:
+        """Submit ``requests`` keeping at most the engine's waiting limit in flight (a list longer than its queue
+        would be refused), and return each one's last event, in order. An exception here (a time-out, Ctrl-C)
+        cancels what is still running."""
+        import queue
+        import time
+
+        finished: queue.Queue[int] = queue.Queue()
+        last: list[Any] = [None] * len(requests)
+
+        def sink_for(index: int) -> Any:
+            def sink(event: Any) -> None:
+                last[index] = event
+                if event.finish_reason or event.error:
+                    finished.put(index)
+
+            return sink
+
+        window = self.backend.engine.config.max_waiting
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.backend.start()
+        jobs: dict[int, Any] = {}
+        submitted = 0
+        try:
+            while submitted < len(requests) or jobs:
+                while submitted < len(requests) and len(jobs) < window:
+                    jobs[submitted] = self.backend.submit(requests[submitted], sink_for(submitted))
+                    submitted += 1
+                try:
+                    index = finished.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise TimeoutError(f"generation did not finish within {timeout} s") from None
+                jobs.pop(index)
+        finally:
+            for job in jobs.values():
+                job.cancel()
+        return last
+
+    def _read_image(self, part: dict) -> Any:
+        """An image part as an RGB PIL image: ``image_url`` (base64 data URL, or http(s) with
+        ``allow_remote_images``) or ``image`` (a path, or a PIL image)."""
+        from PIL import Image
+
+        from palo.image_io import MAX_IMAGE_PIXELS, viewed
+        from palo.mm_utils import ImageLoadError, load_image
+        from palo.serve.openai_api import APIError, image_part_data
+
+        try:
+            if part.get("type") == "image_url":  # base64, or a URL fetched under the remote policy (or refused)
+                return self.backend.decode_image(image_part_data(part))
+            image = part.get("image", part.get("path"))
+            if isinstance(image, Image.Image):
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ImageLoadError(f"{image.width}x{image.height} pixels is over the limit of "
+                                         f"{MAX_IMAGE_PIXELS:,}; resize the image first")
+                return viewed(image)
+            if isinstance(image, str):
+                return load_image(image)
+            raise APIError(400, "an image part needs {'type': 'image', 'image': <a path or a PIL image>}")
+        except ImageLoadError as exc:
+            raise APIError(400, str(exc)) from None
