@@ -747,3 +747,7 @@ def test_consecutive_messages_of_one_role_are_one_turn():
                      [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]):
         with pytest.raises(APIError, match="the first message after the system message must be the user's"):
             render_messages(messages, "vicuna_v1")
+    # The Python API's local image parts (palo.llm) are not the HTTP API's: a server never opens a client's path.
+    local = [{"role": "user", "content": [{"type": "image", "image": "/etc/passwd"}, {"type": "text", "text": "x"}]}]
+    with pytest.raises(APIError, match=r"messages\[0\]: unsupported content part"):
+        render_messages(local, "vicuna_v1")
