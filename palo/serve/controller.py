@@ -41,6 +41,8 @@ from starlette.concurrency import run_in_threadpool
 
 from palo.constants import CONTROLLER_HEART_BEAT_EXPIRATION
 from palo.serve.body_limit import BodyLimit, max_request_bytes
+from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from palo.serve.metrics import ControllerMetrics, RequestMetrics
 from palo.serve.openai_api import create_openai_router
 from palo.serve.protocol import (
     INVALID_REQUEST,
@@ -253,6 +255,15 @@ class Controller:
             info.queue_length += 1
         return name
 
+    def model_load(self) -> dict[str, tuple[int, int]]:
+        """Per model: its live workers and their queue lengths summed (for ``GET /metrics``)."""
+        load: dict[str, tuple[int, int]] = {}
+        for _, info in self._live_workers():
+            for model in info.model_names:
+                workers, queue = load.get(model, (0, 0))
+                load[model] = (workers + 1, queue + info.queue_length)
+        return load
+
     def worker_status(self) -> dict[str, Any]:
         """The aggregate status (a controller can act as a worker of a parent controller)."""
         workers = self._live_workers()
@@ -290,6 +301,8 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
     app = FastAPI(title="PALO controller", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes())
+    metrics = ControllerMetrics(controller)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: a refused oversized body counts too
 
     async def json_body(request: Request) -> Any:
         try:
@@ -309,6 +322,10 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
     @app.get("/health")
     async def health() -> JSONResponse:  # the controller (and its API) answers; the models it can route to
         return JSONResponse({"status": "ok", "models": controller.list_models()})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:  # Prometheus text format (vLLM's path)
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Response:

@@ -1,7 +1,8 @@
-"""Prometheus metrics of one worker (``GET /metrics``), named after vLLM's with the ``palo:`` prefix.
+"""Prometheus metrics (``GET /metrics``) of a worker and of the controller, named after vLLM's with the ``palo:``
+prefix.
 
-Each worker serves its own: the controller routes, it does not generate. Scrape every worker (its ``--worker``
-address) and sum by ``model_name`` for a model's totals. What is measured:
+Each worker serves its own (:class:`WorkerMetrics`): the controller routes, it does not generate. Scrape every
+worker (its ``--worker`` address) and sum by ``model_name`` for a model's totals. What is measured:
 
 * per request, from the engine's last output of each: its end (``palo:request_success_total`` by
   ``finished_reason``: stop, length, abort, error), its prompt and answer sizes (``palo:prompt_tokens_total`` counts
@@ -13,10 +14,16 @@ address) and sum by ``model_name`` for a model's totals. What is measured:
 
 A worker without the continuous-batching engine (``--engine static``, the OpenAI-backed worker) reports the
 worker-level figures only.
+
+The controller's (:class:`ControllerMetrics`) are what its clients see: requests by endpoint and HTTP status
+(``palo:api_requests_total``: a busy worker's 503, an unknown model's 404, a wrong key's 401), seconds until each
+answer starts (``palo:api_response_start_seconds``; for a streamed answer, until its headers), and at each scrape the
+live workers and their reported queue lengths per model.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -125,3 +132,89 @@ class _Snapshot(Collector):
         yield counter("palo:prefix_cache_queries", "Prompt positions looked up in the prefix cache.", blocks.queries)
         yield counter("palo:prefix_cache_hits", "Prompt positions served from the prefix cache.", blocks.hits)
         yield counter("palo:images_encoded", "Images run through the vision tower.", stats["images_encoded"])
+
+
+# Seconds until an answer starts: routing and validation are milliseconds, a whole (unstreamed) answer seconds.
+RESPONSE_START_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class ControllerMetrics:
+    """The controller's metrics, in a registry of their own.
+
+    Args:
+        controller: The :class:`~palo.serve.controller.Controller` (its live workers, read at each scrape).
+    """
+
+    def __init__(self, controller: Any) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("palo:api_requests", "HTTP requests answered, by endpoint (the route's path; "
+                                "'other' for a path no route has) and status.",
+                                ["endpoint", "status"], registry=self.registry)
+        self.response_start = Histogram("palo:api_response_start_seconds", "Seconds from a request's arrival to the "
+                                        "start of its answer (a streamed answer: its headers).", ["endpoint"],
+                                        buckets=RESPONSE_START_BUCKETS, registry=self.registry)
+        self.registry.register(_Workers(controller))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware counting each HTTP request by endpoint and status into :class:`ControllerMetrics`.
+
+    Plain ASGI, not Starlette's ``BaseHTTPMiddleware``: that one wraps streamed answers and hides a client's
+    disconnection from the handler, which the OpenAI API needs to stop generating for a client that left.
+
+    Args:
+        app: The application it wraps.
+        metrics: Where the counts go.
+    """
+
+    def __init__(self, app: Any, metrics: ControllerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500  # what the client gets when the application fails before it answers
+
+        async def counted_send(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                self.metrics.response_start.labels(_endpoint(scope)).observe(time.monotonic() - started)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted_send)
+        finally:
+            self.metrics.requests.labels(_endpoint(scope), str(status)).inc()
+
+
+def _endpoint(scope: dict) -> str:
+    """The route a request matched, as its path template (``/v1/models/{model:path}``), or ``other``: the label set
+    stays as small as the application's routes, whatever paths clients try."""
+    route = scope.get("route")  # set by the router once it has matched
+    return str(getattr(route, "path", None) or "other")
+
+
+class _Workers(Collector):
+    """Live workers and their reported queue lengths, per model, read at scrape time."""
+
+    def __init__(self, controller: Any) -> None:
+        self.controller = controller
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily("palo:workers", "Live workers serving each model.", labels=["model_name"])
+        queued = GaugeMetricFamily("palo:workers_queue_length", "Requests queued at a model's workers, as their "
+                                   "heartbeats last reported (plus those routed to them since).",
+                                   labels=["model_name"])
+        for model, (count, queue) in sorted(self.controller.model_load().items()):
+            workers.add_metric([model], count)
+            queued.add_metric([model], queue)
+        yield workers
+        yield queued

@@ -126,3 +126,35 @@ def test_kv_cache_use_and_running_requests_are_read_at_each_scrape(loaded):
     after = read()
     assert after["palo:kv_cache_usage_perc"] == 0 and after["palo:num_requests_running"] == 0
     assert after["palo:generation_tokens_total"] == 30
+
+
+def test_the_controllers_metrics_count_what_its_clients_got(cluster):
+    """``GET /metrics`` on the controller: requests by route and status as the clients received them (the deltas of
+    this test's own requests: the session's cluster serves other tests too), and its live workers per model."""
+    from serve_helpers import API_KEY
+
+    def requests_by_route() -> dict[tuple, float]:
+        return _scrape(cluster.url)["palo:api_requests_total"]
+
+    before = requests_by_route()
+    chat = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    key = {"Authorization": f"Bearer {API_KEY}"}
+    sent = [(chat, key, 200), (chat, {"Authorization": "Bearer wrong"}, 401), ({**chat, "model": "nobody"}, key, 404)]
+    for body, headers, status in sent:
+        assert httpx.post(cluster.url + "/v1/chat/completions", json=body, headers=headers, timeout=60).status_code \
+            == status
+    assert httpx.post(cluster.url + "/v1/chat/completions", content=b"{", headers=key, timeout=10).status_code == 400
+    assert httpx.get(cluster.url + "/no/such/path", timeout=10).status_code == 404
+    assert httpx.get(cluster.url + "/v1/models/no-such/model", headers=key, timeout=10).status_code == 404
+    after = requests_by_route()
+
+    def grew(endpoint: str, status: int) -> float:
+        labels = (("endpoint", endpoint), ("status", str(status)))
+        return after.get(labels, 0) - before.get(labels, 0)
+
+    assert [grew("/v1/chat/completions", s) for s in (200, 401, 404, 400)] == [1, 1, 1, 1]
+    assert grew("other", 404) == 1 and grew("/v1/models/{model:path}", 404) == 1  # the route, not each path tried
+    samples = _scrape(cluster.url)
+    assert samples["palo:workers"] == {(("model_name", "ckpt"),): 1, (("model_name", "twin"),): 2}
+    assert set(samples["palo:workers_queue_length"]) == {(("model_name", "ckpt"),), (("model_name", "twin"),)}
+    assert samples["palo:api_response_start_seconds_count"][(("endpoint", "/v1/chat/completions"),)] >= 4
