@@ -12,7 +12,8 @@ Endpoints (POST, JSON), as in the original PALO/LLaVA controller:
 * ``/worker_get_status``: the aggregate status, so a controller can register with a parent controller.
 
 It also serves the OpenAI-compatible API of :mod:`palo.serve.openai_api` (``/v1/models``, ``/v1/chat/completions``,
-``/v1/completions``), optionally behind ``--api-key``.
+``/v1/completions``), optionally behind ``--api-key``, and ``GET /health`` and ``GET /metrics`` (Prometheus:
+:class:`palo.serve.metrics.ControllerMetrics`).
 """
 
 from __future__ import annotations
