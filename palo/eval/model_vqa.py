@@ -2,7 +2,10 @@
 
 The flags are those of PALO's ``model_vqa.py`` (docs/formats.md §5.4), plus:
 
-* ``--batch-size``: batched generation with left padding; greedy output is the same as one question at a time.
+* ``--batch-size``: questions generated together. On the engine (the default) it is a window: that many questions
+  are in flight, and each one that ends makes room for the next (continuous batching; answers are still written in
+  question order); with ``--engine hf`` or beam search, batches of ``model.generate`` with left padding. Greedy
+  output is the same as one question at a time.
 * ``--max-new-tokens`` (1024, the original's fixed value) and ``--device``.
 * ``--image-preprocess``: ``pad`` (default) pads to a square as PALO was trained; ``crop`` lets the CLIP processor
   centre-crop, as the original script did (docs/compat.md#evaluation).
@@ -25,7 +28,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -208,20 +211,111 @@ class Answerer:
             q = questions[exc.index]
             raise QuestionTooLong(exc.index, f"{q.where}: question {q.question_id!r}: {exc}") from exc
 
+    def answer_in_order(self, questions: list[Question], image_folder: str,
+                        window: int) -> Iterator[tuple[Question, str | Exception]]:
+        """Answers as a stream, in question order, with up to ``window`` questions in flight on the engine.
+
+        A question that ends frees its place for the next one at once (continuous batching), instead of waiting for
+        the longest answer of a fixed batch. Each question's image is read when it is submitted, so memory holds
+        ``window`` of them at most. Without the engine (``--engine hf``, beam search), batches of ``window``.
+
+        Yields:
+            ``(question, answer)``, or ``(question, error)`` for one whose image cannot be read
+            (:class:`ImageLoadError`) or whose prompt leaves no room (:class:`QuestionTooLong`); the error names the
+            question line, and comes after every earlier question's answer.
+        """
+        if self.engine is None:
+            for start in range(0, len(questions), window):
+                batch = questions[start:start + window]
+                try:
+                    yield from zip(batch, self.answer(batch, image_folder))
+                except (ImageLoadError, QuestionTooLong):  # then question by question, to name the bad one
+                    for q in batch:
+                        try:
+                            yield q, self.answer([q], image_folder)[0]
+                        except (ImageLoadError, QuestionTooLong) as exc:
+                            yield q, exc
+            return
+        results: dict[int, str | Exception] = {}  # by position, until every earlier one is out
+        submitted = emitted = 0
+        in_flight = 0
+
+        def finished(position: int) -> Callable[[Any], None]:
+            def on_output(output: Any) -> None:
+                nonlocal in_flight
+                if output.finished:
+                    in_flight -= 1
+                    results[position] = (RuntimeError(f"generation failed: {output.error}") if output.error
+                                         else clean_answer(output.text, self.stop))
+            return on_output
+
+        while emitted < len(questions):
+            while submitted < len(questions) and in_flight < window:
+                q = questions[submitted]
+                try:
+                    request = self._engine_request(q, image_folder)
+                except (ImageLoadError, QuestionTooLong) as exc:
+                    results[submitted] = exc
+                else:
+                    request.on_output = finished(submitted)
+                    self.engine.add_request(request)
+                    in_flight += 1
+                submitted += 1
+            while emitted in results:
+                result = results.pop(emitted)
+                if isinstance(result, RuntimeError):
+                    raise result
+                yield questions[emitted], result
+                emitted += 1
+            if emitted < len(questions) and emitted not in results:
+                self.engine.step()
+
+    def _engine_request(self, q: Question, image_folder: str) -> Any:
+        """One question as an engine request (its image read now).
+
+        Raises:
+            ImageLoadError, QuestionTooLong: Naming the question line.
+        """
+        from palo.engine import EngineRequest
+
+        try:
+            image = load_image(os.path.join(image_folder, q.image)) if q.image is not None else None
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
+        try:
+            row, count, pixels = self._prompt(q.text, image)
+        except QuestionTooLong as exc:
+            raise QuestionTooLong(0, f"{q.where}: question {q.question_id!r}: {exc}") from exc
+        return EngineRequest(row.tolist(), torch.stack(pixels) if count else None, self._sampling())
+
+    def _prompt(self, text: str, image: Any) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
+        """A question's prompt ids, its image count and their pixels.
+
+        Raises:
+            QuestionTooLong: When the prompt leaves no room for an answer.
+        """
+        own = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        pixels = [mm_preprocess_image(i, self.image_processor, self.image_preprocess) for i in own]
+        prompt = build_prompt(text, self.conv_mode, len(own), self.use_im_start_end)
+        row = tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt")
+        # Both paths refuse it alike: the engine has no room to place it, generate would run past the context.
+        problem = no_room_for_answer(row, int(getattr(self.model, "image_token_count", 0)), self.context_len)
+        if problem:
+            raise QuestionTooLong(0, problem)
+        return row, len(own), pixels
+
     def answer_images(self, texts: list[str], images: list[Any]) -> list[str]:
         """Answers for questions given as text and an RGB PIL image, a list of them, or None, in order (lmms-eval's
         path)."""
         rows, pixels, with_image = [], [], []
-        for text, image in zip(texts, images, strict=True):
-            own = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-            pixels.extend(mm_preprocess_image(i, self.image_processor, self.image_preprocess) for i in own)
-            prompt = build_prompt(text, self.conv_mode, len(own), self.use_im_start_end)
-            rows.append(tokenizer_image_token(prompt, self.tokenizer, return_tensors="pt"))
-            with_image.append(len(own))
-            # Both paths refuse it alike: the engine has no room to place it, generate would run past the context.
-            problem = no_room_for_answer(rows[-1], int(getattr(self.model, "image_token_count", 0)), self.context_len)
-            if problem:
-                raise QuestionTooLong(len(rows) - 1, problem)
+        for index, (text, image) in enumerate(zip(texts, images, strict=True)):
+            try:
+                row, count, own = self._prompt(text, image)
+            except QuestionTooLong as exc:
+                raise QuestionTooLong(index, str(exc)) from None
+            rows.append(row)
+            with_image.append(count)
+            pixels.extend(own)
         if self.engine is not None:
             return self._answer_with_engine(rows, with_image, pixels)
         ids, mask = left_pad(rows, self.pad_id)
@@ -239,17 +333,23 @@ class Answerer:
         return [clean_answer(self.tokenizer.decode(row, skip_special_tokens=True), self.stop) for row in new]
 
 
-    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[int],
-                            pixels: list[torch.Tensor]) -> list[str]:
-        from palo.engine import EngineRequest, SamplingParams
+    def _sampling(self) -> Any:
+        """The engine's settings for this run's ``generate`` keyword arguments."""
+        from palo.engine import SamplingParams
 
         generation = self.generation
-        sampling = SamplingParams(
+        return SamplingParams(
             max_tokens=generation["max_new_tokens"],
             temperature=(generation.get("temperature") or 0.0) if generation.get("do_sample") else 0.0,
             top_p=generation.get("top_p") or 1.0,
             stop=(self.stop,) if self.stop else (),
         )
+
+    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[int],
+                            pixels: list[torch.Tensor]) -> list[str]:
+        from palo.engine import EngineRequest
+
+        sampling = self._sampling()
         requests, start = [], 0
         for row, count in zip(rows, with_image):  # count: images of this row, in order in ``pixels``
             requests.append(EngineRequest(row.tolist(), torch.stack(pixels[start:start + count]) if count else None,
@@ -410,35 +510,23 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
         return 2
     skipped = 0
     with JsonlAppender(answers_file) as out, tqdm(total=len(pending), desc="answering", file=sys.stderr) as bar:
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start:start + batch_size]
-            try:
-                texts: list[str | None] = list(answerer.answer(batch, image_folder))
-            except (ImageLoadError, QuestionTooLong) as exc:
+        for q, text in answerer.answer_in_order(pending, image_folder, batch_size):
+            bar.update(1)
+            if isinstance(text, Exception):
                 if not skip_bad:
-                    print(f"error: {exc}", file=sys.stderr)
+                    print(f"error: {text}", file=sys.stderr)
                     return 2
-                # One bad question must not cost the whole batch: redo it question by question.
-                texts = []
-                for q in batch:
-                    try:
-                        texts.extend(answerer.answer([q], image_folder))
-                    except (ImageLoadError, QuestionTooLong) as one:
-                        print(f"[skip] {one}", file=sys.stderr)
-                        texts.append(None)
-            for q, text in zip(batch, texts):
-                if text is None:
-                    skipped += 1
-                    continue
-                out.write({
-                    "question_id": q.question_id,
-                    "prompt": q.text,
-                    "text": text,
-                    "answer_id": shortuuid.uuid(),
-                    "model_id": model_name,
-                    "metadata": {},
-                })
-            bar.update(len(batch))
+                print(f"[skip] {text}", file=sys.stderr)
+                skipped += 1
+                continue
+            out.write({
+                "question_id": q.question_id,
+                "prompt": q.text,
+                "text": text,
+                "answer_id": shortuuid.uuid(),
+                "model_id": model_name,
+                "metadata": {},
+            })
     if skipped:
         print(f"[skip] {skipped} question(s) skipped (unreadable images or prompts too long)", file=sys.stderr)
     return 0

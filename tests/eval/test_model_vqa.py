@@ -185,10 +185,49 @@ def test_a_question_longer_than_the_context_is_refused_or_skipped_with_its_line(
     assert _run(world, bench, str(questions), out, *args) == 2
     err = capsys.readouterr().err
     assert f"{questions}:2: question 2: the prompt takes " in err and "no room is left for an answer" in err
-    assert "Traceback" not in err and _read(out) == []  # nothing answered, nothing lost
+    # The run stops at the bad question; what came before it is answered and kept (a rerun does not ask again).
+    assert "Traceback" not in err and [r["question_id"] for r in _read(out)] == [1]
     assert _run(world, bench, str(questions), out, *args, "--skip-bad") == 0
     assert [r["question_id"] for r in _read(out)] == [1]
-    assert "1 question(s) skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 question(s) skipped" in err and "1 of 2 questions already answered" in err
+
+
+def test_the_engine_window_admits_a_question_as_soon_as_one_ends(world, bench, questions):
+    """``--batch-size`` on the engine is a window, not a lockstep batch: the next question starts when the first in
+    flight ends, not when the whole batch has; the answers are one-by-one generation's, in question order."""
+    from palo.engine import EngineConfig, LLMEngine
+    from palo.eval.model_vqa import load_questions
+
+    generation = model_vqa.generation_kwargs(0.0, None, 1, 6)
+    answerer, _ = model_vqa.load_answerer(world.full_dir, None, "vicuna_v1", generation, device="cpu")
+    # Prefill one prompt a step, so the questions start, and so end, at different steps.
+    answerer.engine = LLMEngine(answerer.model, answerer.tokenizer, EngineConfig(max_prefill_tokens=48))
+    events: list[tuple[str, int]] = []
+    add = answerer.engine.add_request
+
+    def logged_add(request):
+        index = len([e for e in events if e[0] == "add"])
+        inner = request.on_output
+
+        def on_output(output):
+            if output.finished:
+                events.append(("end", index))
+            inner(output)
+
+        request.on_output = on_output
+        events.append(("add", index))
+        return add(request)
+
+    answerer.engine.add_request = logged_add
+    pending = load_questions(questions)
+    streamed = list(answerer.answer_in_order(pending, os.path.join(bench, "images"), window=3))
+    assert [q.question_id for q, _ in streamed] == [q.question_id for q in pending]
+    alone = [answerer.answer([q], os.path.join(bench, "images"))[0] for q in pending]
+    assert [text for _, text in streamed] == alone
+    # The 4th question was added after the first end and before the third one's.
+    first_end = events.index(next(e for e in events if e[0] == "end"))
+    assert first_end < events.index(("add", 3)) < events.index(("end", 2))
 
 
 @pytest.mark.parametrize("engine", ["paged", "hf"])
