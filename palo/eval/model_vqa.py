@@ -236,24 +236,67 @@ class Answerer:
                         except (ImageLoadError, QuestionTooLong) as exc:
                             yield q, exc
             return
-        results: dict[int, str | Exception] = {}  # by position, until every earlier one is out
+        for index, result in self._in_order(len(questions), lambda i: self._engine_request(questions[i], image_folder),
+                                            window):
+            yield questions[index], result
+
+    def answer_images_in_order(self, texts: list[str], images: list[Any], window: int) -> Iterator[str]:
+        """:meth:`answer_images` as a stream with up to ``window`` questions in flight on the engine, each that ends
+        making room for the next (lmms-eval's path); without the engine, batches of ``window``.
+
+        Raises:
+            QuestionTooLong: With the question's index, after the answers of the questions before it.
+        """
+        if self.engine is None:
+            for start in range(0, len(texts), window):
+                end = start + window
+                try:
+                    answers = self.answer_images(texts[start:end], images[start:end])
+                except QuestionTooLong as exc:  # the questions before it are answered first, as on the engine
+                    if exc.index:
+                        yield from self.answer_images(texts[start:start + exc.index], images[start:start + exc.index])
+                    raise QuestionTooLong(start + exc.index, str(exc)) from None
+                yield from answers
+            return
+
+        def request_for(index: int) -> Any:
+            from palo.engine import EngineRequest
+
+            try:
+                row, count, pixels = self._prompt(texts[index], images[index])
+            except QuestionTooLong as exc:
+                raise QuestionTooLong(index, str(exc)) from None
+            return EngineRequest(row.tolist(), torch.stack(pixels) if count else None, self._sampling())
+
+        for _, result in self._in_order(len(texts), request_for, window):
+            if isinstance(result, Exception):
+                raise result
+            yield result
+
+    def _in_order(self, count: int, request_for: Callable[[int], Any],
+                  window: int) -> Iterator[tuple[int, str | Exception]]:
+        """Run ``count`` engine requests, ``window`` in flight, and yield ``(index, answer)`` in index order.
+
+        ``request_for(i)`` builds request ``i`` when it is its turn to be submitted; an :class:`ImageLoadError` or
+        :class:`QuestionTooLong` it raises is yielded in that request's place. The engine is stepped in this thread.
+        """
+        results: dict[int, str | Exception] = {}  # by index, until every earlier one is out
         submitted = emitted = 0
         in_flight = 0
 
-        def finished(position: int) -> Callable[[Any], None]:
+        def finished(index: int) -> Callable[[Any], None]:
             def on_output(output: Any) -> None:
                 nonlocal in_flight
                 if output.finished:
                     in_flight -= 1
-                    results[position] = (RuntimeError(f"generation failed: {output.error}") if output.error
-                                         else clean_answer(output.text, self.stop))
+                    results[index] = (RuntimeError(f"generation failed: {output.error}") if output.error
+                                      else clean_answer(output.text, self.stop))
             return on_output
 
-        while emitted < len(questions):
-            while submitted < len(questions) and in_flight < window:
-                q = questions[submitted]
+        while emitted < count:
+            while submitted < count and in_flight < window:
                 try:
-                    request = self._engine_request(q, image_folder)
+                    request = request_for(submitted)
                 except (ImageLoadError, QuestionTooLong) as exc:
                     results[submitted] = exc
                 else:
@@ -265,9 +308,9 @@ class Answerer:
                 result = results.pop(emitted)
                 if isinstance(result, RuntimeError):
                     raise result
-                yield questions[emitted], result
+                yield emitted, result
                 emitted += 1
-            if emitted < len(questions) and emitted not in results:
+            if emitted < count and emitted not in results:
                 self.engine.step()
 
     def _engine_request(self, q: Question, image_folder: str) -> Any:

@@ -231,6 +231,23 @@ def test_the_engine_window_admits_a_question_as_soon_as_one_ends(world, bench, q
 
 
 @pytest.mark.parametrize("engine", ["paged", "hf"])
+def test_answer_images_in_order_streams_the_batch_answers(world, engine):
+    """lmms-eval's path as a stream (a window of 2 on the engine, batches of 2 with hf): the answers of one batch
+    of all, and a prompt with no room named by its index after the answers before it."""
+    generation = model_vqa.generation_kwargs(0.0, None, 1, 5)
+    answerer, _ = model_vqa.load_answerer(world.full_dir, None, "vicuna_v1", generation, device="cpu", engine=engine)
+    red, blue = Image.new("RGB", (30, 20), (200, 30, 30)), Image.new("RGB", (20, 30), (30, 30, 200))
+    texts = ["What colour?", "这是什么？", "Say hello.", "এটা কী?", "Two pictures."]
+    images = [red, blue, None, [red], [red, blue]]
+    assert list(answerer.answer_images_in_order(texts, images, 2)) == answerer.answer_images(texts, images)
+    stream = answerer.answer_images_in_order(texts[:3] + ["word " * 3000], images[:3] + [None], 2)
+    assert len([next(stream) for _ in range(3)]) == 3
+    with pytest.raises(model_vqa.QuestionTooLong) as caught:
+        next(stream)
+    assert caught.value.index == 3
+
+
+@pytest.mark.parametrize("engine", ["paged", "hf"])
 def test_answer_images_takes_several_images_per_question(world, engine):
     """A question with two images (lmms-eval's multi-image tasks): one ``<image>`` line per image, in order, and the
     answer model.generate gives for that prompt; the other rows of the batch (one image, none) are unaffected."""

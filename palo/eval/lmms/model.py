@@ -33,7 +33,8 @@ class PaloLMM(lmms):
         model_base: For LoRA / projector-only folders, as ``model_vqa --model-base``.
         conv_mode: The prompt template; by default the checkpoint's own (``vicuna_v1`` for PALO), as ``model_vqa``.
         device: ``cuda``, ``cuda:N`` or ``cpu`` (default: cuda when available).
-        batch_size: Questions generated together.
+        batch_size: Questions generated together: on the engine, that many in flight, each that ends making room
+            for the next; with ``engine=hf``, batches of that many.
         image_preprocess: ``pad`` (as PALO was trained) or ``crop``.
         engine: ``paged`` (the continuous-batching engine) or ``hf`` (``model.generate``; needed for beams).
         vision_tower: Override ``mm_vision_tower`` (a local CLIP folder).
@@ -74,16 +75,16 @@ class PaloLMM(lmms):
                     raise ValueError(f"{prompts[indices[0]].where}: num_beams={g.num_beams} needs engine=hf")
                 self.answerer.generation = model_vqa.generation_kwargs(g.temperature, g.top_p, g.num_beams,
                                                                        g.max_new_tokens)
-                for start in range(0, len(indices), self.batch_size):
-                    batch = indices[start:start + self.batch_size]
-                    try:
-                        texts = self.answerer.answer_images([prompts[i].text for i in batch],
-                                                            [list(prompts[i].images) for i in batch])
-                    except model_vqa.QuestionTooLong as exc:
-                        raise ValueError(f"{prompts[batch[exc.index]].where}: {exc}") from None
-                    for i, text in zip(batch, texts):
+                # batch_size questions in flight on the engine, each that ends making room for the next.
+                stream = self.answerer.answer_images_in_order([prompts[i].text for i in indices],
+                                                              [list(prompts[i].images) for i in indices],
+                                                              self.batch_size)
+                try:
+                    for i, text in zip(indices, stream):
                         answers[i] = cut_at_stops(text, g.until)
-                    bar.update(len(batch))
+                        bar.update(1)
+                except model_vqa.QuestionTooLong as exc:
+                    raise ValueError(f"{prompts[indices[exc.index]].where}: {exc}") from None
         return [a if a is not None else "" for a in answers]
 
     def loglikelihood(self, requests: list[Any]) -> list[Any]:
