@@ -260,13 +260,10 @@ class Answerer:
             return
 
         def request_for(index: int) -> Any:
-            from palo.engine import EngineRequest
-
             try:
-                row, count, pixels = self._prompt(texts[index], images[index])
+                return self._request(texts[index], images[index])
             except QuestionTooLong as exc:
                 raise QuestionTooLong(index, str(exc)) from None
-            return EngineRequest(row.tolist(), torch.stack(pixels) if count else None, self._sampling())
 
         for _, result in self._in_order(len(texts), request_for, window):
             if isinstance(result, Exception):
@@ -319,16 +316,24 @@ class Answerer:
         Raises:
             ImageLoadError, QuestionTooLong: Naming the question line.
         """
-        from palo.engine import EngineRequest
-
         try:
             image = load_image(os.path.join(image_folder, q.image)) if q.image is not None else None
         except ImageLoadError as exc:
             raise ImageLoadError(f"{q.where}: question {q.question_id!r}: {exc}") from exc
         try:
-            row, count, pixels = self._prompt(q.text, image)
+            return self._request(q.text, image)
         except QuestionTooLong as exc:
             raise QuestionTooLong(0, f"{q.where}: question {q.question_id!r}: {exc}") from exc
+
+    def _request(self, text: str, image: Any) -> Any:
+        """A question as an engine request with this run's sampling settings.
+
+        Raises:
+            QuestionTooLong: When the prompt leaves no room for an answer.
+        """
+        from palo.engine import EngineRequest
+
+        row, count, pixels = self._prompt(text, image)
         return EngineRequest(row.tolist(), torch.stack(pixels) if count else None, self._sampling())
 
     def _prompt(self, text: str, image: Any) -> tuple[torch.Tensor, int, list[torch.Tensor]]:
@@ -350,6 +355,8 @@ class Answerer:
     def answer_images(self, texts: list[str], images: list[Any]) -> list[str]:
         """Answers for questions given as text and an RGB PIL image, a list of them, or None, in order (lmms-eval's
         path)."""
+        if self.engine is not None:  # all in flight at once
+            return list(self.answer_images_in_order(texts, images, max(1, len(texts))))
         rows, pixels, with_image = [], [], []
         for index, (text, image) in enumerate(zip(texts, images, strict=True)):
             try:
@@ -359,8 +366,6 @@ class Answerer:
             rows.append(row)
             with_image.append(count)
             pixels.extend(own)
-        if self.engine is not None:
-            return self._answer_with_engine(rows, with_image, pixels)
         ids, mask = left_pad(rows, self.pad_id)
         device = self.model.device
         ids, mask = ids.to(device), mask.to(device)
@@ -387,23 +392,6 @@ class Answerer:
             top_p=generation.get("top_p") or 1.0,
             stop=(self.stop,) if self.stop else (),
         )
-
-    def _answer_with_engine(self, rows: list[torch.Tensor], with_image: list[int],
-                            pixels: list[torch.Tensor]) -> list[str]:
-        from palo.engine import EngineRequest
-
-        sampling = self._sampling()
-        requests, start = [], 0
-        for row, count in zip(rows, with_image):  # count: images of this row, in order in ``pixels``
-            requests.append(EngineRequest(row.tolist(), torch.stack(pixels[start:start + count]) if count else None,
-                                          sampling))
-            start += count
-        outputs = self.engine.generate(requests)
-        for output in outputs:
-            if output.error:
-                raise RuntimeError(f"generation failed: {output.error}")
-        return [clean_answer(output.text, self.stop) for output in outputs]
-
 
 def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int) -> dict[str, Any]:
     """``generate`` arguments of the original: sampling only when temperature > 0."""
