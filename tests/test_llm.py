@@ -100,6 +100,7 @@ def test_stop_strings_and_seeded_sampling(llm, photo):
 
 def test_bad_input_is_refused_naming_the_conversation_before_anything_runs(llm, photo, tmp_path):
     good = user("hi")
+    before = llm.backend.stats()
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not an image")
     cases = [
@@ -126,9 +127,13 @@ def test_bad_input_is_refused_naming_the_conversation_before_anything_runs(llm, 
     huge = Image.new("RGB", (9000, 8000))
     with pytest.raises(ValueError, match="over the limit"):
         llm.chat(user("x", {"type": "image", "image": huge}))
-    with pytest.raises(ValueError, match="no room is left for an answer"):
-        llm.chat(user("word " * 5000))
-    assert llm.backend.stats()["running"] == 0  # nothing was queued for the good conversations either
+    with pytest.raises(ValueError, match="conversation 1: .*no room is left for an answer"):
+        llm.chat([good, user("word " * 5000)])  # the first is checked too, and not started before the second
+    # Nothing ran, not even the good conversations before a bad one: no token decoded, no image encoded.
+    time.sleep(0.2)
+    after = llm.backend.stats()
+    assert [after[k] for k in ("decoded_tokens", "images_encoded", "running", "waiting")] == \
+        [before[k] for k in ("decoded_tokens", "images_encoded")] + [0, 0]
 
 
 def test_a_checkpoint_path_loads_and_answers(world, photo):
