@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                         max_retries=args.max_retries, timeout=args.timeout)
     services = None
     try:
-        read_requests(args.input_file, args.skip_bad)  # a bad file is refused before a model is loaded for it
         if args.model_path is not None:
+            read_requests(args.input_file, args.skip_bad)  # a bad file is refused before a model is loaded for it
             services = _serve(args.model_path, shlex.split(args.worker_args), args.log_dir)
             settings.base_url, settings.api_key = services.controller_url + "/v1", None
             settings.model = services.model_name
