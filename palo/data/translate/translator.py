@@ -137,6 +137,13 @@ class Translator:
         key = (language, masked.text)
         with self._lock:
             future = self._inflight.get(key)
+            if future is None:
+                # Asked again under the lock: an owner that finished between the lookup above and here has cached
+                # its result and left the memo, and this text must not be sent a second time.
+                found = self._lookup(masked, text, language)
+                if found is not None:
+                    self._count("cache_hits")
+                    return found
             owner = future is None
             if owner:
                 future = self._inflight[key] = Future()
@@ -149,8 +156,9 @@ class Translator:
                 future.set_exception(exc)
                 raise
             future.set_result(result)
-            with self._lock:  # the cache answers from now on (with retry_rejected, the memo keeps a rejection once)
-                if not (result.problems and self.retry_rejected):
+            with self._lock:  # the cache answers from now on (with retry_rejected, the memo keeps a rejection once;
+                # without a cache file, the memo keeps every result: each text is sent once a run either way)
+                if self.cache.path and not (result.problems and self.retry_rejected):
                     del self._inflight[key]
         else:
             result = future.result()  # re-raises the owner's RequestFailed
