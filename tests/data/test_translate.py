@@ -682,3 +682,38 @@ def test_check_accepts_real_translations(language):
     # ... and rejects the same text for a language of another script.
     other = "russian" if language != "russian" else "hindi"
     assert check_translation(source, GOOD[language], other, 1) != []
+
+
+@pytest.mark.parametrize("cache_file", [True, False])
+def test_a_text_whose_owner_finishes_between_lookup_and_lock_is_not_sent_again(tmp_path, server, cache_file):
+    """The interleaving CI once hit under load, forced: a second thread looks the text up (nothing yet), then the
+    owner translates it, caches it and leaves the in-flight memo, and only then does the second thread take the
+    lock. It must be answered from what the owner left (the cache, or without a cache file the memo), not send the
+    text again."""
+    from palo.data.translate import TranslationCache, Translator
+
+    cache = TranslationCache(str(tmp_path / "cache.sqlite") if cache_file else None)
+    translator = Translator("fake-mt", api_key="k", base_url=server.base_url, cache=cache, backoff=0.01)
+    real_lookup = translator._lookup
+    looked, owner_done = threading.Event(), threading.Event()
+    second = {}
+
+    def lookup(masked, text, language):
+        found = real_lookup(masked, text, language)
+        if threading.current_thread().name == "second" and not looked.is_set():
+            looked.set()
+            assert owner_done.wait(10)  # the owner runs to its end here
+        return found
+
+    translator._lookup = lookup
+    text = "The cat sleeps on the red table."
+    worker = threading.Thread(target=lambda: second.update(result=translator.translate(text, "french")),
+                              name="second")
+    worker.start()
+    assert looked.wait(10)
+    first = translator.translate(text, "french")
+    owner_done.set()
+    worker.join(10)
+    assert not first.cached and second["result"].cached
+    assert second["result"].translation == first.translation == fake_translate(text, "french")
+    assert [t for _, t, _, _ in server.calls] == [text]
