@@ -72,7 +72,8 @@ COMMANDS: dict[str, Command | None] = {
                      "fine-tune (the flags of the original train.py; torchrun/deepspeed for many GPUs)"),
     "eval": None,  # a group, see GROUPS
     "serve": None,
-    "export": Command("palo.export.cli", "export a checkpoint to transformers' Llava layout (--to hf-llava)"),
+    "export": Command("palo.export.cli",
+                      "export a checkpoint to transformers' Llava (--to hf-llava) or llama.cpp's GGUF (--to gguf)"),
     "demo": Command("palo.testing.demo", "chat with a tiny random checkpoint built on the spot (seconds, no download)"),
 }
 
