@@ -49,8 +49,21 @@ TEXTS = [
 ]
 
 
+_OPEN: list = []
+
+
 def _llama(path: str, **kwargs) -> llama_cpp.Llama:
-    return llama_cpp.Llama(path, n_ctx=2048, n_threads=2, verbose=False, **kwargs)
+    llm = llama_cpp.Llama(path, n_ctx=2048, n_threads=2, verbose=False, **kwargs)
+    _OPEN.append(llm)
+    return llm
+
+
+@pytest.fixture(autouse=True)
+def _close_models():
+    """Each test's llama.cpp models are freed when it ends (not by the garbage collector at interpreter exit)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 def _image(size: int, seed: int) -> Image.Image:
