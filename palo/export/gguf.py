@@ -50,7 +50,8 @@ import torch
 
 from palo.conversation import conv_mode_for_checkpoint
 from palo.export.chat_template import chat_template_for
-from palo.export.hf_llava import ExportError
+from palo.export.hf_llava import ExportError, checked_checkpoint_config
+from palo.export.tokenizer import read_sentencepiece_bpe
 from palo.jsonl import staged_folder
 
 logger = logging.getLogger(__name__)
@@ -254,18 +255,14 @@ def _vocabulary(tokenizer: Any, rows: int) -> tuple[list[str], list[float], list
     The SentencePiece pieces come first, as the model numbers them; tokens the loader added (``<im_patch>`` ...)
     keep their ids; rows no token names (a vocabulary padded to a multiple) get unused placeholders.
     """
-    from palo.model.tokenizer import sentencepiece_model_proto
-
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if not (vocab_file and os.path.isfile(vocab_file) and hasattr(tokenizer, "sp_model")):
         raise ExportError(f"cannot export a {type(tokenizer).__name__} to GGUF: a SentencePiece (LLaMA) tokenizer "
                           "is needed")
-    proto = sentencepiece_model_proto()()
-    with open(vocab_file, "rb") as f:
-        proto.ParseFromString(f.read())
-    if proto.trainer_spec.model_type != 2:
-        raise ExportError(f"{vocab_file}: only SentencePiece BPE (LLaMA) tokenizers export to GGUF's 'llama' "
-                          f"vocabulary, got model_type {proto.trainer_spec.model_type}")
+    try:
+        proto = read_sentencepiece_bpe(vocab_file)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
     tokens = [piece.piece for piece in proto.pieces]
     scores = [piece.score for piece in proto.pieces]
     types = [piece.type for piece in proto.pieces]
@@ -415,25 +412,12 @@ def export_gguf(
             package or a bad ``outtype``.
         palo.model.builder.CheckpointError: If ``model_path`` does not load.
     """
-    from transformers import AutoConfig
-
-    from palo.model.builder import detect_checkpoint_kind, load_pretrained_model, resolve_checkpoint_dir
-    from palo.model.config import MultimodalSpec
+    from palo.model.builder import load_pretrained_model
 
     if outtype not in GGUF_OUTTYPES:
         raise ExportError(f"outtype must be one of {', '.join(GGUF_OUTTYPES)}, got {outtype!r}")
     gguf = _import_gguf()
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ExportError(f"{output_dir!r} is a file; pass a folder to write")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ExportError(f"{output_dir!r} exists and is not empty; choose a new folder (or pass overwrite)")
-    # Check what can be checked before loading gigabytes.
-    model_dir = resolve_checkpoint_dir(model_path)
-    detect_checkpoint_kind(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    spec = MultimodalSpec.from_config(config)
-    if not spec.is_multimodal:
-        raise ExportError(f"{model_path!r} is a text-only LLM (its config names no mm_vision_tower); nothing to export")
+    model_dir, config, spec = checked_checkpoint_config(model_path, output_dir, overwrite)
     projector = gguf_projector_type(spec.projector_type)
     if spec.select_feature != "patch":
         raise ExportError(f"mm_vision_select_feature {spec.select_feature!r}: llama.cpp's LLaVA graph drops the "

@@ -51,7 +51,8 @@ from palo.jsonl import staged_folder
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExportError", "ExportResult", "check_exportable", "export_hf_llava", "llava_projector_state", "parse_size"]
+__all__ = ["ExportError", "ExportResult", "check_exportable", "checked_checkpoint_config", "export_hf_llava",
+           "llava_projector_state", "parse_size"]
 
 IMAGE_TOKEN = "<image>"
 _TOWER = "model.vision_tower.vision_tower."
@@ -243,6 +244,35 @@ def _image_processor(palo_processor: Any, pad: bool) -> Any:
     )
 
 
+def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool) -> tuple[str, Any, Any]:
+    """What every export checks before loading gigabytes: a writable ``output_dir`` and a multimodal checkpoint.
+
+    Returns:
+        The checkpoint folder, its config and its :class:`palo.model.config.MultimodalSpec`.
+
+    Raises:
+        ExportError: If ``output_dir`` is a file or a non-empty folder (without ``overwrite``), or the checkpoint
+            is a text-only LLM.
+        palo.model.builder.CheckpointError: If ``model_path`` is not a checkpoint.
+    """
+    from transformers import AutoConfig
+
+    from palo.model.builder import detect_checkpoint_kind, resolve_checkpoint_dir
+    from palo.model.config import MultimodalSpec
+
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ExportError(f"{output_dir!r} is a file; pass a folder to write")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise ExportError(f"{output_dir!r} exists and is not empty; choose a new folder (or pass overwrite)")
+    model_dir = resolve_checkpoint_dir(model_path)
+    detect_checkpoint_kind(model_dir)
+    config = AutoConfig.from_pretrained(model_dir)
+    spec = MultimodalSpec.from_config(config)
+    if not spec.is_multimodal:
+        raise ExportError(f"{model_path!r} is a text-only LLM (its config names no mm_vision_tower); nothing to export")
+    return model_dir, config, spec
+
+
 def export_hf_llava(
     model_path: str,
     output_dir: str,
@@ -274,25 +304,14 @@ def export_hf_llava(
         ExportError: For checkpoints Llava cannot express (``ldpnet``, deep MLP projectors, text-only LLMs).
         palo.model.builder.CheckpointError: If ``model_path`` does not load.
     """
-    from transformers import AutoConfig, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaProcessor
+    from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaProcessor
 
-    from palo.model.builder import detect_checkpoint_kind, load_pretrained_model, resolve_checkpoint_dir
-    from palo.model.config import MultimodalSpec
+    from palo.model.builder import load_pretrained_model
 
     if dtype != "auto" and dtype not in _DTYPES:
         raise ExportError(f"--dtype must be auto or one of {sorted(_DTYPES)}, got {dtype!r}")
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ExportError(f"{output_dir!r} is a file; pass a folder to write")
-    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
-        raise ExportError(f"{output_dir!r} exists and is not empty; choose a new folder (or pass overwrite)")
     max_bytes = parse_size(max_shard_size)
-    # Check what can be checked before loading gigabytes.
-    model_dir = resolve_checkpoint_dir(model_path)
-    detect_checkpoint_kind(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    spec = MultimodalSpec.from_config(config)
-    if not spec.is_multimodal:
-        raise ExportError(f"{model_path!r} is a text-only LLM (its config names no mm_vision_tower); nothing to export")
+    _, config, spec = checked_checkpoint_config(model_path, output_dir, overwrite)
     check_exportable(spec.projector_type)
     mode = conv_mode or conv_mode_for_checkpoint(config)
     image_placeholder = "<im_start><image><im_end>" if spec.use_im_start_end else IMAGE_TOKEN

@@ -23,12 +23,27 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from palo.model.tokenizer import sentencepiece_model_proto
 
-__all__ = ["build_fast_tokenizer", "write_tokenizer"]
+__all__ = ["build_fast_tokenizer", "read_sentencepiece_bpe", "write_tokenizer"]
 
 
 # SentencePiece piece types (sentencepiece_model.proto): only NORMAL pieces take part in BPE merges; USER_DEFINED
 # pieces are always emitted whole.
 _NORMAL, _USER_DEFINED = 1, 4
+
+
+def read_sentencepiece_bpe(vocab_file: str) -> Any:
+    """The parsed ``ModelProto`` of a SentencePiece model file.
+
+    Raises:
+        ValueError: If it is not a BPE model (LLaMA's kind; the exports handle no other).
+    """
+    proto = sentencepiece_model_proto()()
+    with open(vocab_file, "rb") as f:
+        proto.ParseFromString(f.read())
+    if proto.trainer_spec.model_type != 2:
+        raise ValueError(f"{vocab_file}: only SentencePiece BPE (LLaMA) tokenizers are exported, got model_type "
+                         f"{proto.trainer_spec.model_type}")
+    return proto
 
 
 def _sentencepiece_tokenizer(vocab_file: str) -> Tokenizer:
@@ -41,12 +56,7 @@ def _sentencepiece_tokenizer(vocab_file: str) -> Tokenizer:
     normalizer follows SentencePiece's order (precompiled map, extra-whitespace removal, whitespace escaping) and
     then adds the dummy ``▁`` prefix to every segment between special tokens, as the legacy slow tokenizer did.
     """
-    proto = sentencepiece_model_proto()()
-    with open(vocab_file, "rb") as f:
-        proto.ParseFromString(f.read())
-    if proto.trainer_spec.model_type != 2:
-        raise ValueError(f"{vocab_file}: only SentencePiece BPE (LLaMA) tokenizers are exported, got model_type "
-                         f"{proto.trainer_spec.model_type}")
+    proto = read_sentencepiece_bpe(vocab_file)
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     normal = {piece.piece: (piece.score, i) for i, piece in enumerate(proto.pieces) if piece.type == _NORMAL}
     ranked = sorted((-score, i, text[:k], text[k:]) for text, (score, i) in normal.items()
