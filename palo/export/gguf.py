@@ -401,7 +401,7 @@ def export_gguf(
         outtype: ``f32``, ``f16``, ``bf16`` or ``q8_0``.
         conv_mode: The conversation template the chat template renders (default: the checkpoint's).
         vision_tower: Override ``mm_vision_tower`` (a local CLIP folder for offline use).
-        name: The files' stem and ``general.name`` (default: the checkpoint folder's name).
+        name: The files' stem and ``general.name`` (default: the checkpoint folder's or hub repository's name).
         overwrite: Allow a non-empty ``output_dir``.
 
     Returns:
@@ -426,7 +426,8 @@ def export_gguf(
         raise ExportError("mm_use_im_start_end checkpoints wrap images in tokens llama.cpp does not add")
     mode = conv_mode or conv_mode_for_checkpoint(config)
     template = chat_template_for(mode, MEDIA_MARKER)
-    name = name or os.path.basename(os.path.normpath(model_dir)) or "palo"
+    # The folder's or the hub repository's name ("MBZUAI/PALO-7B" -> PALO-7B), never the cache's snapshot folder.
+    name = name or os.path.basename(os.path.normpath(model_path)) or "palo"
     if os.sep in name or not name.strip("."):
         raise ExportError(f"name {name!r} must be a plain file stem")
 

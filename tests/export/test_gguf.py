@@ -253,3 +253,20 @@ def test_cli(world, tmp_path, capsys):
             palo_main(["export", *wrong, "--model-path", world.full_dir, "--output", str(tmp_path / "o3")])
         assert exit_info.value.code == 2
         assert "applies to --to" in capsys.readouterr().err
+
+
+def test_hub_id_exports_offline_from_the_local_cache_under_the_repository_name(world, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    hf_home = tmp_path / "hf"
+    tiny.install_in_hf_cache(world.full_dir, "test-org/Tiny-PALO", str(hf_home))
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(hf_home / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    written = export_gguf("test-org/Tiny-PALO", str(tmp_path / "out"), outtype="f32")
+    assert sorted(os.listdir(tmp_path / "out")) == ["Tiny-PALO-f32.gguf", "mmproj-Tiny-PALO-f32.gguf"]
+    reader = gguf.GGUFReader(written.model_file)
+    assert _fields(reader)["general.name"] == "Tiny-PALO"
+    state = _language_model_state(world.model)
+    assert np.array_equal(_tensors(reader)["blk.1.ffn_down.weight"], state["model.layers.1.mlp.down_proj.weight"])
