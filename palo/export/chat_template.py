@@ -40,8 +40,31 @@ def _lit(text: str) -> str:
 
 
 # Reduces one message's content to its prompt text: images first (one placeholder each), then the text items.
+# A string content is kept as it is, unless the template knows a marker family (MARKER ... MARKER_END, set only for
+# llama.cpp): llama-server flattens a message's parts into one string with a marker where each image was, so each
+# marker found is moved to the front with the newline PALO puts after an image, and a newline the text already had
+# right after a marker is not doubled.
 _CONTENT_MACRO = """{%- macro render(message) -%}
-{%- if message['content'] is string -%}{{ message['content'] }}
+{%- if message['content'] is string -%}
+{%- if MARKER and MARKER in message['content'] -%}
+{%- set ns = namespace(images='', text='', after=false) -%}
+{%- set pieces = message['content'].split(MARKER_END) -%}
+{%- for piece in pieces -%}
+{%- if not loop.last and MARKER in piece -%}
+{%- set parts = piece.split(MARKER) -%}
+{%- set before = parts[0] -%}
+{%- set ns.text = ns.text + (before[1:] if ns.after and before.startswith('\n') else before) -%}
+{%- set ns.images = ns.images + MARKER + parts[1] + MARKER_END + '\n' -%}
+{%- set ns.after = true -%}
+{%- else -%}
+{%- set piece = piece if loop.last else piece + MARKER_END -%}
+{%- set ns.text = ns.text + (piece[1:] if ns.after and piece.startswith('\n') else piece) -%}
+{%- set ns.after = false -%}
+{%- endif -%}
+{%- endfor -%}
+{{ ns.images }}{{ ns.text }}
+{%- else -%}{{ message['content'] }}
+{%- endif -%}
 {%- else -%}
 {%- set ns = namespace(images='', texts=[]) -%}
 {%- for item in message['content'] -%}
@@ -104,13 +127,17 @@ _BODIES = {
 }
 
 
-def chat_template_for(conv_mode: str, image_placeholder: str = "<image>") -> str:
+def chat_template_for(conv_mode: str, image_placeholder: str = "<image>",
+                      marker: tuple[str, str] | None = None) -> str:
     """The Jinja chat template rendering ``conv_templates[conv_mode]``.
 
     Args:
         conv_mode: A key of :data:`palo.conversation.conv_templates` (PALO checkpoints: ``vicuna_v1``).
         image_placeholder: What one image becomes in the prompt (``<image>``, or ``<im_start><image><im_end>``
             for checkpoints with ``mm_use_im_start_end``).
+        marker: The start and end of the image markers a server may already have put into string contents
+            (llama.cpp: ``("<__media", "__>")``, which covers its fixed ``<__media__>`` and llama-server's
+            ``<__media_<random>__>``): found markers are laid out as image parts are. None: strings are kept.
 
     Returns:
         The template source.
@@ -139,6 +166,8 @@ def chat_template_for(conv_mode: str, image_placeholder: str = "<image>") -> str
         "SEP": conv.sep,
         "SEP2": conv.sep2 or "",
         "IMAGE": image_placeholder,
+        "MARKER": marker[0] if marker else "",
+        "MARKER_END": marker[1] if marker else "",
     }
     header = "".join(f"{{%- set {name} = {_lit(value)} -%}}\n" for name, value in constants.items())
     return header + _CONTENT_MACRO + _PREAMBLE + _BODIES[conv.sep_style]

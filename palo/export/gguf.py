@@ -59,8 +59,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["GGUF_OUTTYPES", "GGUFExportResult", "MEDIA_MARKER", "export_gguf", "gguf_projector_type"]
 
 GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
-# What llama.cpp's libmtmd replaces with an image's embeddings (mtmd_default_marker()).
+# What llama.cpp's libmtmd replaces with an image's embeddings (mtmd_default_marker()); llama-server writes
+# <__media_<random>__> instead, so the chat template recognises the family.
 MEDIA_MARKER = "<__media__>"
+MEDIA_MARKERS = ("<__media", "__>")
 _TOWER = "model.vision_tower.vision_tower."
 _PROJECTOR = "model.mm_projector."
 # llama.cpp's LDP graph lays the projected patches out on a fixed 24 x 24 grid (CLIP-L/14 at 336 pixels).
@@ -425,7 +427,7 @@ def export_gguf(
     if spec.use_im_start_end:
         raise ExportError("mm_use_im_start_end checkpoints wrap images in tokens llama.cpp does not add")
     mode = conv_mode or conv_mode_for_checkpoint(config)
-    template = chat_template_for(mode, MEDIA_MARKER)
+    template = chat_template_for(mode, MEDIA_MARKER, marker=MEDIA_MARKERS)
     # The folder's or the hub repository's name ("MBZUAI/PALO-7B" -> PALO-7B), never the cache's snapshot folder.
     name = name or os.path.basename(os.path.normpath(model_path)) or "palo"
     if os.sep in name or not name.strip("."):

@@ -120,6 +120,26 @@ def test_chat_template_renders_the_conversation_template_with_the_media_marker(e
     assert rendered == conv.get_prompt().replace("<image>", MEDIA_MARKER)
 
 
+@pytest.mark.parametrize(("content", "expected"), [
+    ("<__media_Xy12__>Qu'y a-t-il ?", "<__media_Xy12__>\nQu'y a-t-il ?"),  # llama-server: [image, text] flattened
+    ("Qu'y a-t-il ?<__media_Xy12__>", "<__media_Xy12__>\nQu'y a-t-il ?"),  # [text, image]: the image goes first
+    ("<__media__>\nQu'y a-t-il ?", "<__media__>\nQu'y a-t-il ?"),  # a marker written with PALO's newline
+    ("<__media__>Qu'y a-t-il ?", "<__media__>\nQu'y a-t-il ?"),  # llama-mtmd-cli puts the marker before -p
+    ("<__media_a__><__media_b__>两张", "<__media_a__>\n<__media_b__>\n两张"),
+    ("Two  spaces,\nno image", "Two  spaces,\nno image"),
+])
+def test_chat_template_lays_out_the_markers_llama_cpp_puts_in_strings(exported, content, expected):
+    """llama-server turns a message's parts into one string with a marker (<__media_<random>__>) where each image
+    was; llama-mtmd-cli prepends <__media__> to the prompt. Either way the template renders PALO's layout."""
+    template = _fields(gguf.GGUFReader(exported["f16"].model_file))["tokenizer.chat_template"]
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], expected)
+    conv.append_message(conv.roles[1], None)
+    rendered = jinja2.Environment().from_string(template).render(
+        messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+    assert rendered == conv.get_prompt()
+
+
 def test_mmproj_file_stops_at_the_layer_palo_reads(world, exported):
     reader = gguf.GGUFReader(exported["f32"].mmproj_file)
     fields = _fields(reader)
