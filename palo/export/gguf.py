@@ -119,10 +119,12 @@ class _Tensor:
     qtype: Any  # gguf.GGMLQuantizationType
 
 
-def _storage(gguf: Any, shape: tuple[int, ...], outtype: str, matrix_ok: bool) -> Any:
-    """The storage type of a tensor: 1-D tensors (norms, biases) and small ones stay F32."""
+def _storage(gguf: Any, shape: tuple[int, ...], outtype: str, rounded_ok: bool) -> Any:
+    """The storage type of a tensor for ``outtype``: 1-D tensors (norms, biases) and those added to activations as
+    they are (``rounded_ok`` false: the tower's position and class embeddings) stay F32; q8_0 applies to matrices
+    whose rows split into blocks of 32, other matrices are F16."""
     types = gguf.GGMLQuantizationType
-    if outtype == "f32" or len(shape) == 1 or not matrix_ok:
+    if outtype == "f32" or len(shape) == 1 or not rounded_ok:
         return types.F32
     if outtype == "bf16":
         return types.BF16
@@ -199,9 +201,9 @@ def _vision_tensors(gguf: Any, model: Any, layers: int, outtype: str) -> list[_T
             raise ExportError(f"no llama.cpp name for the vision tower's weight {key!r}")
         shape = tuple(value.shape)
         # Position and class embeddings are added to activations: F32, as llama.cpp's converters keep them.
-        matrix_ok = "embd" not in name or name.startswith("v.patch_embd")
+        rounded_ok = "embd" not in name or name.startswith("v.patch_embd")
         out.append(_Tensor(name, lambda value=value: _as_numpy(value), shape,
-                           _storage(gguf, shape, mm_outtype, matrix_ok)))
+                           _storage(gguf, shape, mm_outtype, rounded_ok)))
     return out
 
 
