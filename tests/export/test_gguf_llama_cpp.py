@@ -16,9 +16,12 @@ machine, about 5 minutes on 2 cores; CI does). What it shows, on the tiny models
 
 from __future__ import annotations
 
+import base64
 import ctypes
+import io
 import warnings
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -200,11 +203,11 @@ def test_chat_completion_evaluates_palos_prompt(palo, exported):
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
     tokenizer, model, processor = palo
-    reader_template = _chat_template(exported.model_file)
+    template = _chat_template(exported.model_file)
 
     class PaloHandler(Llava15ChatHandler):
         DEFAULT_SYSTEM_MESSAGE = None
-        CHAT_FORMAT = reader_template
+        CHAT_FORMAT = template
 
     question = TEXTS[2]
     conv = conv_templates["vicuna_v1"].copy()
@@ -215,9 +218,6 @@ def test_chat_completion_evaluates_palos_prompt(palo, exported):
 
     handler = PaloHandler(clip_model_path=exported.mmproj_file, verbose=False)
     llm = _llama(exported.model_file, chat_handler=handler)
-    import base64
-    import io
-
     buffer = io.BytesIO()
     _image(56, 0).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -235,8 +235,6 @@ def test_chat_completion_evaluates_palos_prompt(palo, exported):
 
 
 def _chat_template(path: str) -> str:
-    import gguf
-
     return gguf.GGUFReader(path).fields["tokenizer.chat_template"].contents()
 
 
