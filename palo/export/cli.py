@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a PALO checkpoint (full, LoRA + base, stage-1 projector + base) to transformers' Llava "
         "layout (hf-llava: loadable by LlavaForConditionalGeneration/AutoProcessor without trust_remote_code and "
         "served by vLLM and SGLang), or to GGUF (gguf: a language-model file and an mmproj file for llama.cpp's "
-        "llama-mtmd-cli / llama-server --mmproj, Ollama and llama-cpp-python).",
+        "llama-mtmd-cli / llama-server --mmproj, llama-cpp-python and runtimes built on llama.cpp).",
     )
     parser.add_argument("--to", required=True, choices=TARGETS, help="target format")
     parser.add_argument("--model-path", required=True, help="checkpoint folder or hub id")
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 5GB)")
     parser.add_argument("--outtype", default=None, choices=("f32", "f16", "bf16", "q8_0"),
                         help="gguf: weights storage (default f16; q8_0 quantises the language model's matrices)")
-    parser.add_argument("--name", default=None, help="gguf: the files' stem (default: the checkpoint folder's name)")
+    parser.add_argument("--name", default=None,
+                        help="gguf: the files' stem (default: the checkpoint folder's or hub repository's name)")
     parser.add_argument("--vision-tower", default=None, help="override mm_vision_tower (e.g. a local CLIP folder)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output")
     return parser
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.output_dir}: {len(result.weight_files)} weight file(s), <image> id {result.image_token_id}, "
           f"{result.num_image_tokens} positions per image, chat template {result.conv_mode}")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

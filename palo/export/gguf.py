@@ -1,4 +1,4 @@
-"""Export a PALO checkpoint to GGUF: llama.cpp, and what runs on it (Ollama, LM Studio, llama-cpp-python).
+"""Export a PALO checkpoint to GGUF: llama.cpp, and what runs on it (llama-cpp-python, runtimes built on it).
 
 llama.cpp's multimodal tools (``llama-mtmd-cli``, ``llama-server --mmproj``, libmtmd) load a LLaVA-style model as
 two files, and the export writes both, each staged and renamed into place (a killed export leaves nothing half
@@ -7,7 +7,8 @@ written):
 * ``<name>-<outtype>.gguf``: the language model, architecture ``llama``, with its SentencePiece vocabulary (pieces,
   scores and piece types as the model holds them, ``<s>``/``</s>``/``<unk>``, the dummy-prefix setting) and a chat
   template that renders the checkpoint's conversation template with llama.cpp's media marker ``<__media__>`` where
-  an image goes;
+  an image goes (and lays out the markers llama.cpp's CLI and server put into plain-text messages as PALO lays out
+  images: first, one newline after each);
 * ``mmproj-<name>-<outtype>.gguf``: the CLIP vision tower and the projector (``clip.projector_type`` ``mlp`` for
   PALO-7B/13B's ``mlp2x_gelu``, ``ldp`` for MobilePALO's ``ldpnet``).
 
@@ -16,7 +17,10 @@ What the format needs, and how PALO's model maps onto it:
 * **Vision layers.** PALO reads CLIP's ``hidden_states[mm_vision_select_layer]`` (-2: the input of the last layer)
   without the post-layernorm. The export writes the layers up to that one only and names it in
   ``clip.vision.feature_layer``, so llama.cpp stops there; the post-layernorm is left out. The class position is
-  computed and dropped, as PALO's ``patch`` features do (``cls_patch`` checkpoints are refused).
+  computed and dropped, as PALO's ``patch`` features do (``cls_patch`` checkpoints are refused). llama.cpp's own
+  LLaVA graph currently appends the class position after the patches instead of before them
+  (ggml-org/llama.cpp#25814); no file can make up for that, and its image features differ from PALO's until it is
+  fixed there.
 * **Rotary layout.** transformers' LLaMA rotates the two halves of each head; llama.cpp's ``llama`` rotates
   adjacent pairs, so the rows of ``q_proj`` and ``k_proj`` are reordered within each head (the logits are the
   same).
@@ -50,7 +54,7 @@ import torch
 
 from palo.conversation import conv_mode_for_checkpoint
 from palo.export.chat_template import chat_template_for
-from palo.export.hf_llava import ExportError, checked_checkpoint_config
+from palo.export.hf_llava import ExportError, checked_checkpoint_config, recorded_dtype
 from palo.export.tokenizer import read_sentencepiece_bpe
 from palo.jsonl import staged_folder
 
@@ -133,12 +137,15 @@ def _storage(gguf: Any, shape: tuple[int, ...], outtype: str, rounded_ok: bool) 
     return types.F16
 
 
+def _plain_dtype(gguf: Any, qtype: Any) -> Any:
+    """The numpy dtype of a storage type numpy holds itself (F32, F16), or None for those gguf packs into bytes."""
+    return {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(qtype)
+
+
 def _encode(gguf: Any, values: np.ndarray, qtype: Any) -> np.ndarray:
-    types = gguf.GGMLQuantizationType
-    if qtype == types.F32:
-        return values.astype(np.float32)
-    if qtype == types.F16:
-        return values.astype(np.float16)
+    dtype = _plain_dtype(gguf, qtype)
+    if dtype is not None:
+        return values.astype(dtype)
     return gguf.quants.quantize(values.astype(np.float32), qtype)  # BF16, Q8_0: the library's bit layout
 
 
@@ -207,7 +214,7 @@ def _vision_tensors(gguf: Any, model: Any, layers: int, outtype: str) -> list[_T
     return out
 
 
-def _projector_tensors(gguf: Any, model: Any, projector: str, outtype: str) -> list[_Tensor]:
+def _projector_tensors(gguf: Any, model: Any, outtype: str) -> list[_Tensor]:
     """The projector under llama.cpp's names: ``mm.0``/``mm.2`` (mlp), ``mm.model.*`` (ldp, 1x1 convolutions as
     matrices and depthwise kernels as ``[C, 3, 3]``, as its LDP graph reads them)."""
     mm_outtype = "f16" if outtype == "q8_0" else outtype
@@ -217,8 +224,6 @@ def _projector_tensors(gguf: Any, model: Any, projector: str, outtype: str) -> l
             continue
         name = "mm." + key[len(_PROJECTOR):]
         array_shape = tuple(s for s in value.shape if s != 1) if value.dim() == 4 else tuple(value.shape)
-        if value.dim() == 4 and not array_shape:
-            array_shape = (1,)
 
         def values(value: torch.Tensor = value, shape: tuple[int, ...] = array_shape) -> np.ndarray:
             return _as_numpy(value).reshape(shape)
@@ -236,14 +241,12 @@ def _projector_tensors(gguf: Any, model: Any, projector: str, outtype: str) -> l
 def _write(gguf: Any, writer: Any, tensors: list[_Tensor]) -> None:
     """Header, metadata and tensors, one tensor in memory at a time."""
     for t in tensors:
-        byte_shape = gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype) if t.qtype not in (
-            gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else t.shape
-        size = gguf.GGML_QUANT_SIZES[t.qtype]
-        nbytes = int(np.prod(t.shape)) // size[0] * size[1]
-        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(
-            t.qtype, np.uint8)
-        writer.add_tensor_info(t.name, byte_shape, np.dtype(dtype), nbytes,
-                               raw_dtype=None if dtype is not np.uint8 else t.qtype)
+        plain = _plain_dtype(gguf, t.qtype)
+        if plain is not None:
+            shape, dtype, raw = t.shape, np.dtype(plain), None
+        else:  # packed bytes, whose type the writer is told
+            shape, dtype, raw = gguf.quants.quant_shape_to_byte_shape(t.shape, t.qtype), np.dtype(np.uint8), t.qtype
+        writer.add_tensor_info(t.name, shape, dtype, int(np.prod(shape)) * dtype.itemsize, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -341,20 +344,29 @@ def _write_language_model(gguf: Any, path: str, model: Any, tokenizer: Any, name
     _write(gguf, writer, _llm_tensors(gguf, model, outtype))
 
 
-def _write_mmproj(gguf: Any, path: str, model: Any, processor: Any, name: str, outtype: str, projector: str) -> None:
-    tower = model.get_vision_tower()
-    vision = tower.config
-    spec = model.spec
-    total = vision.num_hidden_layers
-    layers = spec.select_layer if spec.select_layer >= 0 else total + 1 + spec.select_layer
+def _tower_layers(model: Any, projector: str) -> int:
+    """The CLIP layers llama.cpp must run (those before the one PALO reads).
+
+    Raises:
+        ExportError: For a tower llama.cpp's LLaVA graph cannot run as PALO does.
+    """
+    vision = model.get_vision_tower().config
+    select, total = model.spec.select_layer, vision.num_hidden_layers
+    layers = select if select >= 0 else total + 1 + select
     if not 0 < layers <= total:
-        raise ExportError(f"mm_vision_select_layer {spec.select_layer} is outside CLIP's {total} layers")
+        raise ExportError(f"mm_vision_select_layer {select} is outside CLIP's {total} layers")
     grid = vision.image_size // vision.patch_size
     if projector == "ldp" and grid != _LDP_GRID:
         raise ExportError(f"llama.cpp's LDP graph needs a {_LDP_GRID} x {_LDP_GRID} patch grid (CLIP-L/14 at 336 "
                           f"pixels); this tower has {grid} x {grid}")
     if vision.hidden_act != "quick_gelu":
         raise ExportError(f"CLIP hidden_act {vision.hidden_act!r}: llama.cpp's LLaVA tower runs quick_gelu")
+    return layers
+
+
+def _write_mmproj(gguf: Any, path: str, model: Any, processor: Any, name: str, outtype: str, projector: str,
+                  layers: int) -> None:
+    vision = model.get_vision_tower().config
     writer = gguf.GGUFWriter(path, "clip")
     writer.add_name(name)
     writer.add_file_type(_file_type(gguf, "f16" if outtype == "q8_0" else outtype))
@@ -373,7 +385,7 @@ def _write_mmproj(gguf: Any, path: str, model: Any, processor: Any, name: str, o
     writer.add_array("clip.vision.feature_layer", [layers])
     writer.add_vision_image_mean([float(v) for v in processor.image_mean])
     writer.add_vision_image_std([float(v) for v in processor.image_std])
-    tensors = _vision_tensors(gguf, model, layers, outtype) + _projector_tensors(gguf, model, projector, outtype)
+    tensors = _vision_tensors(gguf, model, layers, outtype) + _projector_tensors(gguf, model, outtype)
     _write(gguf, writer, tensors)
 
 
@@ -435,7 +447,7 @@ def export_gguf(
     if os.sep in name or not name.strip("."):
         raise ExportError(f"name {name!r} must be a plain file stem")
 
-    recorded = str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)).replace("torch.", "")
+    recorded = recorded_dtype(config)
     if recorded in ("float16", "bfloat16"):  # read at the checkpoint's own precision: a 7B in float32 is 28 GB
         dtype = getattr(torch, recorded)
     else:
@@ -443,11 +455,12 @@ def export_gguf(
     tokenizer, model, processor, _ = load_pretrained_model(
         model_path, model_base, device="cpu", device_map=None, dtype=dtype, vision_tower=vision_tower
     )
+    layers = _tower_layers(model, projector)  # refused now, not after the language model's file is written
     model_file = f"{name}-{outtype}.gguf"
     mmproj_file = f"mmproj-{name}-{outtype}.gguf"
     with staged_folder(output_dir) as staging:
         _write_language_model(gguf, os.path.join(staging, model_file), model, tokenizer, name, outtype, template)
-        _write_mmproj(gguf, os.path.join(staging, mmproj_file), model, processor, name, outtype, projector)
+        _write_mmproj(gguf, os.path.join(staging, mmproj_file), model, processor, name, outtype, projector, layers)
     logger.info("Exported %s to %s (%s, %s projector, template %s)", model_path, output_dir, outtype, projector, mode)
     return GGUFExportResult(os.path.join(output_dir, model_file), os.path.join(output_dir, mmproj_file), projector,
                             outtype, mode)

@@ -52,7 +52,7 @@ from palo.jsonl import staged_folder
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExportError", "ExportResult", "check_exportable", "checked_checkpoint_config", "export_hf_llava",
-           "llava_projector_state", "parse_size"]
+           "llava_projector_state", "parse_size", "recorded_dtype"]
 
 IMAGE_TOKEN = "<image>"
 _TOWER = "model.vision_tower.vision_tower."
@@ -244,6 +244,16 @@ def _image_processor(palo_processor: Any, pad: bool) -> Any:
     )
 
 
+def recorded_dtype(config: Any) -> str | None:
+    """The weights dtype a checkpoint's config records (``"float16"``, ...), or None.
+
+    transformers 5 names it ``dtype`` (and warns when ``torch_dtype`` is read); configs written by 4.x say
+    ``torch_dtype``, which transformers 5 maps onto ``dtype`` when it loads them.
+    """
+    recorded = getattr(config, "dtype", None) or config.to_dict().get("torch_dtype")
+    return str(recorded).replace("torch.", "") if recorded is not None else None
+
+
 def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool) -> tuple[str, Any, Any]:
     """What every export checks before loading gigabytes: a writable ``output_dir`` and a multimodal checkpoint.
 
@@ -317,8 +327,7 @@ def export_hf_llava(
     image_placeholder = "<im_start><image><im_end>" if spec.use_im_start_end else IMAGE_TOKEN
     template = chat_template_for(mode, image_placeholder)
     if dtype == "auto":
-        recorded = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
-        recorded = str(recorded).replace("torch.", "") if recorded is not None else None
+        recorded = recorded_dtype(config)
         dtype = recorded if recorded in _DTYPES else "float16"
     torch_dtype = _DTYPES[dtype]
 

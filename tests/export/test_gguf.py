@@ -228,7 +228,14 @@ def test_ldp_projector_is_written_as_llama_cpp_reads_it(ldp_world, tmp_path):
     assert np.array_equal(tensors["mm.model.mlp.3.bias"], state["model.mlp.3.bias"])
 
 
-def test_what_llama_cpp_cannot_run_is_refused_before_anything_is_written(world, tmp_path):
+def test_what_llama_cpp_cannot_run_is_refused_before_anything_is_written(world, tmp_path, monkeypatch):
+    import palo.export.gguf as module
+
+    def written(*args, **kwargs):
+        raise AssertionError("a file was written for an export that is refused")
+
+    monkeypatch.setattr(module, "_write_language_model", written)
+    monkeypatch.setattr(module, "_write_mmproj", written)
     out = str(tmp_path / "out")
     with pytest.raises(ExportError, match="24 x 24"):
         export_gguf(world.ldp_dir, out)  # ldpnet on a 4 x 4 grid
