@@ -89,6 +89,13 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
             print(f"[skip] {message}", file=sys.stderr)
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file (the same path written two ways, a symlink, a hard link), existing or not."""
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def read_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()) -> list[Record]:
     """All records of a file (see :func:`iter_jsonl`)."""
     return list(iter_jsonl(path, skip_bad=skip_bad, required=required))

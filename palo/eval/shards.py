@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from palo.eval.jsonl import JsonlError, iter_jsonl, repair_tail, write_jsonl_atomic
+from palo.jsonl import same_file
 
 
 def parse_gpu_list(spec: str) -> list[str]:
@@ -107,7 +108,13 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
     Raises:
         JsonlError: If a shard holds a malformed line or an answer to a question the file does not have (a shard
             from another run), or the question file is missing.
+        ValueError: If ``answers_file`` is also the question file or one of the shards (the merge would read
+            questions as answers, or delete the file it just wrote).
     """
+    for other in (question_file, *shard_files):
+        if same_file(answers_file, other):
+            what = "the question file" if other == question_file else "one of the shards"
+            raise ValueError(f"the answers file {answers_file} is also {what}: merge into a new file")
     order = question_order(question_file)
     known = set(order)
     answers: dict[str, dict] = {}
@@ -148,7 +155,7 @@ def _merge_main(argv: list[str]) -> int:
         return 2
     try:
         result = merge_answers(args.question_file, args.shards, args.answers_file, remove_shards=not args.keep)
-    except JsonlError as exc:
+    except ValueError as exc:  # JsonlError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.answers_file}: {result.answered} answers, {result.missing} question(s) unanswered", file=sys.stderr)

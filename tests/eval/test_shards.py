@@ -82,6 +82,32 @@ def test_three_chunks_merged_equal_the_unsharded_answers(world, bench, questions
     assert "5 answers, 3 question(s) unanswered" in capsys.readouterr().err
 
 
+def test_a_merge_into_its_own_input_is_refused_and_deletes_nothing(tmp_path, capsys):
+    """Merging into a shard would delete the file just written; into the question file, read questions as answers."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "q"}) + "\n" for i in range(4)))
+    shard_dir = tmp_path / "sh"
+    shard_dir.mkdir()
+    parts = [shard_dir / "s0.jsonl", shard_dir / "s1.jsonl"]
+    for k, part in enumerate(parts):
+        part.write_text("".join(json.dumps({"question_id": i, "text": f"a{i}"}) + "\n" for i in (2 * k, 2 * k + 1)))
+    before = [p.read_text() for p in parts]
+    for out in (parts[0], str(shard_dir / ".." / "sh" / "s1.jsonl"), questions):
+        assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(out),
+                            *map(str, parts)]) == 2
+        assert "merge into a new file" in capsys.readouterr().err
+    assert [p.read_text() for p in parts] == before
+    assert questions.read_text().count("question_id") == 4
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(parts[1])
+    with pytest.raises(ValueError, match="is also one of the shards"):
+        shards.merge_answers(str(questions), [str(p) for p in parts], str(link))
+    merged = tmp_path / "merged.jsonl"
+    assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged),
+                        *map(str, parts)]) == 0
+    assert [r["text"] for r in _read(merged)] == ["a0", "a1", "a2", "a3"]
+
+
 def test_gpu_lists():
     assert shards.parse_gpu_list("0,1 2") == ["0", "1", "2"]
     assert shards.parse_gpu_list("GPU-a1,GPU-b2") == ["GPU-a1", "GPU-b2"]
