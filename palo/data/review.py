@@ -29,6 +29,19 @@ from palo.data.translate import conversation_key, join_image, source_hash, split
 from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_jsonl
 
 
+def correction(entry: dict[str, Any]) -> str | None:
+    """The reviewer's text of a review entry, or None when the turn is left rejected (null or blank).
+
+    Raises:
+        ValueError: When ``corrected`` is neither a string nor null (a number, a list: a slip in editing).
+    """
+    text = entry.get("corrected")
+    if text is not None and not isinstance(text, str):
+        raise ValueError(f"sample {entry.get('index')} turn {entry.get('turn')}: 'corrected' must be a string or "
+                         f"null, got {type(text).__name__}")
+    return text if text and text.strip() else None
+
+
 def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str, Any]]
                       ) -> tuple[dict[str, int], dict[int, dict[str, Any]]]:
     """Apply review entries to the samples they name.
@@ -43,7 +56,8 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
         (copies: ``samples`` is not changed).
 
     Raises:
-        ValueError: When an entry points at a sample or turn that does not exist or whose English differs.
+        ValueError: When an entry points at a sample or turn that does not exist or whose English differs, or
+            its ``corrected`` is neither a string nor null.
     """
     by_sample: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
@@ -65,8 +79,8 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
             if english != entry.get("source"):
                 raise ValueError(f"sample {index} turn {k}: the English in the review entry differs from the set "
                                  "(was the review file made from another input?)")
-            text = entry.get("corrected")
-            if not isinstance(text, str) or not text.strip():
+            text = correction(entry)
+            if text is None:
                 open_turns += 1
                 continue
             _, images = split_image(english)
@@ -96,9 +110,6 @@ def main_apply_review(args: argparse.Namespace) -> int:
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {args.review}: {exc}", file=sys.stderr)
         return 2
-    output = args.output or args.data_path
-    # Every sample is read before the new file replaces the old one (in place by default).
-    atomic_write_json(output, (fixed[i] if i in fixed else samples[i] for i in range(len(samples))))
     # Keep the translate run's resume log in step, so a rerun rebuilds the set with the corrections in it.
     progress = args.progress
     if progress is None and args.data_path.endswith(".json"):
@@ -110,9 +121,13 @@ def main_apply_review(args: argparse.Namespace) -> int:
         # their own instead of being glued to the torn one, where a resume would cut them off.
         with JsonlAppender(progress) as log:
             for index in fixed:
-                review = [e for e in entries if int(e["index"]) == index and not (e.get("corrected") or "").strip()]
+                review = [e for e in entries if int(e["index"]) == index and correction(e) is None]
                 log.write({"index": index, "hash": old.get(index) or source_hash(fixed[index]),
                            "sample": fixed[index], "review": review})
+    # After the log: a run killed between the two leaves the corrections where a rerun of either command finds them.
+    output = args.output or args.data_path
+    # Every sample is read before the new file replaces the old one (in place by default).
+    atomic_write_json(output, (fixed[i] if i in fixed else samples[i] for i in range(len(samples))))
     report["output"] = output
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0

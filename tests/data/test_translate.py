@@ -591,6 +591,15 @@ def test_apply_review_names_a_malformed_review_line(tmp_path, server, capsys):
     assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 2
     assert f"{review_path}:1: missing key(s) index, language, turn" in capsys.readouterr().err
     assert (out / "arabic.json").read_bytes() == before
+    # A correction that is not text, beside a good one: refused before the set or the resume log is touched (the
+    # set rewritten without the log would lose the good correction at the next translate rerun).
+    entries = [json.loads(line) for line in lines[1:]] + [json.loads(lines[0][:-1] + "}")]
+    entries[0]["corrected"], entries[1]["corrected"] = "تظهر الصورة كلبا كبيرا بالقرب من شجرة.", 123
+    review_path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+    log = (out / "arabic.progress.jsonl").read_bytes()
+    assert main(["apply-review", "--data_path", str(out / "arabic.json"), "--review", str(review_path)]) == 2
+    assert "'corrected' must be a string or null, got int" in capsys.readouterr().err
+    assert (out / "arabic.json").read_bytes() == before and (out / "arabic.progress.jsonl").read_bytes() == log
 
 
 def test_apply_review_puts_image_back_in_front(tmp_path, server):
