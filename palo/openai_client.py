@@ -44,6 +44,13 @@ DEFAULT_MAX_BACKOFF = 60.0
 JITTER = 0.25
 
 
+def _total_tokens(response: Any) -> int:
+    """``usage.total_tokens`` of a reply, 0 where a server sends none or something that is not a count: the
+    reply itself is good, and a bookkeeping field must not cost it (or the run)."""
+    total = getattr(getattr(response, "usage", None), "total_tokens", None)
+    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else 0
+
+
 class RequestFailed(RuntimeError):
     """A request that failed for good: a non-retryable error, or retries used up.
 
@@ -339,9 +346,7 @@ class ChatClient:
                 hint = retry_after_seconds(_headers_of(exc))
                 self.sleep(retry_delay(attempt, self.backoff, self.max_backoff, hint))
                 continue
-            usage = getattr(response, "usage", None)
-            if usage is not None:
-                self.count("tokens", int(getattr(usage, "total_tokens", 0) or 0))
+            self.count("tokens", _total_tokens(response))
             if key is not None and (accept is None or accept(content)):
                 self.cache.put(key, self.model, content)
             return Completion(content, finish_reason, calls=attempt + 1)

@@ -102,6 +102,22 @@ def test_a_malformed_200_body_is_retried(body):
     assert completion.content == "hi" and completion.calls == 2 and len(waits) == 1
 
 
+@pytest.mark.parametrize("usage", [{"total_tokens": "lots"}, {"total_tokens": -3}, {"total_tokens": [5]}, "none", None])
+def test_a_good_reply_with_a_malformed_usage_is_kept_and_counts_no_tokens(usage, tmp_path):
+    """usage is bookkeeping: a server that fills it wrongly must not cost the reply (a paid judge call) or the run."""
+    body = {"id": "x", "object": "chat.completion", "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "8 9"}}]}
+    with ChatServer((200, body, {})) as server:
+        client = _client(server, [], cache=ReplyCache(str(tmp_path / "replies.sqlite")))
+        completion = client.complete(MESSAGES)
+        assert (completion.content, completion.calls) == ("8 9", 1) and client.stats["tokens"] == 0
+        assert client.complete(MESSAGES).cached  # and it was cached like any good reply
+    with ChatServer(reply("8 9")) as server:
+        client = _client(server, [])
+        client.complete(MESSAGES)
+        assert client.stats["tokens"] == 5
+
+
 def test_cache_hit_avoids_a_call(tmp_path):
     path = str(tmp_path / "cache" / "replies.sqlite")
     with ChatServer(reply("8 9")) as server:

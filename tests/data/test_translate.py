@@ -633,6 +633,34 @@ def test_unfinished_samples_exit_1_and_resume(tmp_path, server):
         assert [s["corrupt"] for s in json.load(f)] == [False, False, False]
 
 
+def test_an_unexpected_error_stops_the_run_says_what_it_was_and_keeps_what_finished(tmp_path, server, capsys,
+                                                                                   monkeypatch):
+    """A defect (not a failed call) would hit every sample and each costs requests: the run stops taking work."""
+    from palo.data.translate import runner
+
+    real = runner.translate_sample
+    seen: list[int] = []
+
+    def translate_sample(sample, language, translator, index):
+        seen.append(index)
+        if index == 1:
+            raise KeyError("surprise")
+        return real(sample, language, translator, index)
+
+    monkeypatch.setattr(runner, "translate_sample", translate_sample)
+    data = _write(tmp_path / "in.json", SAMPLES)
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    assert main(_translate_args(data, out, server, "ar", "--parallel", "1")) == 1
+    captured = capsys.readouterr()
+    errors = json.loads(captured.out)["languages"]["arabic"]["errors"]
+    error = "unexpected KeyError: 'surprise' (the run stopped)"
+    assert errors == [{"index": 1, "id": SAMPLES[1].get("id"), "error": error}]
+    assert "Traceback" in captured.err and "stopped on an unexpected error" in captured.err and seen == [0, 1]
+    monkeypatch.setattr(runner, "translate_sample", real)
+    assert main(_translate_args(data, out, server, "ar")) == 0  # the rerun finishes, sample 0 from the log
+
+
 def test_resume_after_kill(tmp_path, server):
     """SIGKILL mid-run, rerun: every sample once, in order; no source string answered twice."""
     questions = ["What is on the table?", "Describe the picture.", "What colour is the sky?"]

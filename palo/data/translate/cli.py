@@ -74,7 +74,8 @@ def main_translate(args: argparse.Namespace) -> int:
     print(json.dumps(report, ensure_ascii=False, indent=2))
     unfinished = sum(r["unfinished"] for r in report["languages"].values())
     if unfinished:
-        print(f"{unfinished} sample(s) unfinished because requests kept failing; rerun the same command to resume",
-              file=sys.stderr)
+        defect = any(e["error"].startswith("unexpected ") for r in report["languages"].values() for e in r["errors"])
+        why = "the run stopped on an unexpected error (above)" if defect else "requests kept failing"
+        print(f"{unfinished} sample(s) unfinished because {why}; rerun the same command to resume", file=sys.stderr)
         return 1
     return 0

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,8 +49,10 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
     work = iter(todo)
     bar = tqdm(total=len(todo), desc="translating", unit="sample", disable=not progress_bar, dynamic_ncols=True)
 
+    stop = threading.Event()  # set by an unexpected error: every sample would likely hit it, and calls cost money
+
     def worker() -> None:
-        while True:
+        while not stop.is_set():
             with lock:
                 item = next(work, None)
             if item is None:
@@ -61,6 +65,14 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
                     failures[language].append({"index": i, "id": samples[i].get("id"), "error": str(exc)})
                     bar.update(1)
                 continue
+            except Exception as exc:  # a defect, not a failed call: stop taking work, and say what it was
+                with lock:
+                    if not stop.is_set():
+                        traceback.print_exc(file=sys.stderr)
+                    stop.set()
+                    failures[language].append({"index": i, "id": samples[i].get("id"),
+                                               "error": f"unexpected {type(exc).__name__}: {exc} (the run stopped)"})
+                return
             record = {"index": i, "hash": hashes[i], "sample": sample, "review": review}
             with lock:
                 # One unbuffered write per sample: after a kill the log holds whole samples (a torn last line is
