@@ -310,7 +310,7 @@ def sample(
     if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         vocab = probs.shape[-1]
-        k = torch.tensor([k if k > 0 else vocab for k in top_k], device=device)[:, None]
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=device)[:, None]  # any int
         rank = torch.arange(vocab, device=device)[None, :]
         # Keep a candidate while the mass before it is under top_p (the first is always kept).
         before = sorted_probs.cumsum(dim=-1) - sorted_probs

@@ -46,6 +46,16 @@ def test_top_k_and_top_p_limit_the_candidates_per_row():
     assert seen[1] == {0, 1}  # 0.5 < 0.6, so the second is still needed; the third never
 
 
+def test_a_top_k_beyond_the_vocabulary_keeps_every_candidate_and_harms_no_other_row():
+    """A client's top_k of 10**19 once overflowed the step's tensor and failed every request decoding beside it."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
+    huge = [SamplingParams(temperature=1.0, top_k=10**19, seed=3), SamplingParams(temperature=1.0, top_k=2, seed=4)]
+    plain = [SamplingParams(temperature=1.0, seed=3), SamplingParams(temperature=1.0, top_k=2, seed=4)]
+    g_huge, g_plain = [_gen(3), _gen(4)], [_gen(3), _gen(4)]
+    for _ in range(50):
+        assert sample(logits, huge, g_huge).tolist() == sample(logits, plain, g_plain).tolist()
+
+
 def test_a_row_draws_the_same_tokens_whatever_it_is_batched_with():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
