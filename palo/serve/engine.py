@@ -132,6 +132,8 @@ def _parse_number(params: dict[str, Any], key: str, default: float, integer: boo
         raise RequestError(f"'{key}' must be {kind}, got {value!r}")
     try:
         number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise RequestError(f"'{key}' must be finite, got an integer of {len(str(value))} digits") from None
     except ValueError:
         raise RequestError(f"'{key}' must be {kind}, got {value!r}") from None
     if not math.isfinite(number):

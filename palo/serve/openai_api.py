@@ -149,8 +149,12 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise APIError(400, f"'{key}' must be a number in [{low}, {high}], got {value!r}", param=key)
-    return float(value)
+        raise APIError(400, f"'{key}' must be a number in [{low}, {high}], got {str(value)[:40]}", param=key)
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits is <= inf, but no float
+        raise APIError(400, f"'{key}' must be a number in [{low}, {high}], got an integer of {len(str(value))} "
+                       "digits", param=key) from None
 
 
 def image_part_data(part: dict) -> str:
@@ -309,6 +313,9 @@ def _model(body: Any, not_implemented: dict[str, Callable[[Any], bool]]) -> str:
     return model
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: int = 1) -> dict[str, Any]:
     """The sampling and streaming fields both endpoints take, validated (:class:`GenerationRequest` keywords)."""
     n = body.get("n", 1)
@@ -321,7 +328,10 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         max_tokens = default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least_max_tokens:
         floor = "a positive integer" if least_max_tokens else "an integer >= 0"
-        raise APIError(400, f"'max_tokens' must be {floor}, got {max_tokens!r}", param="max_tokens")
+        raise APIError(400, f"'max_tokens' must be {floor}, got {str(max_tokens)[:40]}", param="max_tokens")
+    # Any larger count means "up to the context" (the worker caps it there); past 2**31 it need not be carried,
+    # and at hundreds of digits the worker's number parsing could not.
+    max_tokens = min(max_tokens, INT32_MAX)
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
@@ -344,8 +354,9 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
     top_k = body.get("top_k")
     top_k = 0 if top_k is None or top_k == -1 else top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise APIError(400, f"'top_k' must be a positive integer, or 0 or -1 for no limit, got {top_k!r}",
+        raise APIError(400, f"'top_k' must be a positive integer, or 0 or -1 for no limit, got {str(top_k)[:40]}",
                        param="top_k")
+    top_k = min(top_k, INT32_MAX)  # beyond the vocabulary it keeps every candidate, whatever its size
     # OpenAI's two in [-2, 2], and vLLM's and SGLang's repetition penalty (> 0; transformers' rule over the prompt's
     # text and the answer). Only those that ask for something are sent, so a worker that lacks them sees no change.
     penalties = {key: _number(body, key, PENALTY_DEFAULTS[key], low, high)

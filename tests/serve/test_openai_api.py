@@ -209,6 +209,15 @@ def test_errors(cluster):
     bad_json = httpx.post(cluster.url + "/v1/chat/completions", content=b"{",
                           headers={"Authorization": f"Bearer {API_KEY}"})
     assert bad_json.status_code == 400 and "invalid JSON" in bad_json.json()["error"]["message"]
+    for field in ("max_tokens", "top_k", "repetition_penalty", "temperature"):  # 401 digits: no float holds it
+        huge = httpx.post(cluster.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], field: 10**400,
+                                "seed": 1, **({"max_tokens": 3} if field != "max_tokens" else {})})
+        if field in ("max_tokens", "top_k"):  # "up to the context" and "every candidate": answered
+            assert huge.status_code == 200, (field, huge.text)
+            continue
+        assert huge.status_code == 400, (field, huge.text)
+        assert huge.json()["error"]["type"] == "invalid_request_error" and field in huge.json()["error"]["message"]
     # ...and the next good request succeeds.
     ok = c.chat.completions.create(model="ckpt", messages=image_message("What is this?"), temperature=0, max_tokens=4)
     assert ok.choices[0].finish_reason in ("stop", "length")
