@@ -188,10 +188,10 @@ class ModelWorker(BaseWorker):
                     self.logger.error("request failed in the engine: %s", event.error)
                     yield error_chunk(event.error, WORKER_ERROR)
                     return
-                usage = None
-                if event.finish_reason:
-                    usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens,
-                             "cached_tokens": event.cached_tokens}
+                # In every chunk, so far: a client that ends the answer early (the API at a user stop string)
+                # still reports what was generated.
+                usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens,
+                         "cached_tokens": event.cached_tokens}
                 logprobs = None
                 if event.logprobs is not None:  # this chunk's new tokens
                     logprobs = [logprob_entry(self.engine.tokenizer, token, entry) for token, entry in

@@ -235,6 +235,13 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
     conv = conv_templates.get(conv_mode, conv_templates[DEFAULT_CONV_MODE]).copy()
     images: list[Any] = []
     last_role: str | None = None  # of the last turn: "user" or "assistant"
+    turn: list[str] = []  # the last turn's texts and separators, joined once it is complete (linear in the messages)
+
+    def close_turn() -> None:
+        if turn:
+            conv.messages[-1][1] = "".join(turn)
+            turn.clear()
+
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise APIError(400, f"messages[{index}] must be an object", param="messages")
@@ -254,11 +261,14 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
         text, message_images = _content(message, index, images_allowed=role == "user", read_image=read_image)
         images.extend(message_images)
         if role == last_role:  # one turn in several messages (an image, then the question): joined by a newline
-            before = conv.messages[-1][1]
-            conv.messages[-1][1] = before + ("" if not before or before.endswith("\n") else "\n") + text
+            before = next((part for part in reversed(turn) if part), "")
+            turn.extend(("" if not before or before.endswith("\n") else "\n", text))
             continue
+        close_turn()
         conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], text)
+        turn.append(text)
         last_role = role
+    close_turn()
     if continue_final:
         if last_role != "assistant":
             raise APIError(400, "with 'continue_final_message' the last message must be an assistant message",
@@ -551,6 +561,7 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
     prompt = chat.prompt  # what the worker's text starts with (for token ids: their text, in its first chunk)
     prompt_entries: list[dict] | None = None
     final: Piece | None = None
+    usage: dict | None = None
     try:
         async for obj in stream.chunks():
             if final is not None:
@@ -567,7 +578,8 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
                 prompt = obj["prompt"]
             text = str(obj.get("text", ""))
             text = text[len(prompt):] if text.startswith(prompt) else text
-            finish, usage = obj.get("finish_reason"), obj.get("usage")
+            # This project's workers send usage so far in every chunk, others in the last only: keep the latest.
+            finish, usage = obj.get("finish_reason"), obj.get("usage") or usage
             if "prompt_logprobs" in obj and prompt_entries is None:
                 prompt_entries = list(obj["prompt_logprobs"] or [])
             if chat.logprobs is not None:

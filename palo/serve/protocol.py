@@ -66,16 +66,22 @@ def encode_chunk(text: str, error_code: int = OK, **extra: Any) -> bytes:
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def decode_json_body(body: bytes) -> Any:
     """A request body parsed as JSON, for every endpoint that takes one.
 
     Raises:
-        ValueError: Saying why, for a body that is not JSON (``invalid JSON body: ...``), is nested too deeply for the
-            parser, or holds a lone surrogate escape (``"\\ud800"``): valid JSON syntax, but text no UTF-8 encoder
-            downstream (tokenizer, log, response) can handle.
+        ValueError: Saying why, for a body that is not JSON (``invalid JSON body: ...``; NaN and Infinity
+            included), is nested too deeply for the parser, or holds a lone surrogate escape (``"\\ud800"``):
+            valid JSON syntax, but text no UTF-8 encoder downstream (tokenizer, log, response) can handle.
     """
     try:
-        value = json.loads(body)
+        # NaN and Infinity are Python's extensions, not JSON: refused here, they cannot be passed on (httpx will
+        # not encode them to a worker) and no field takes them.
+        value = json.loads(body, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("invalid JSON body: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:

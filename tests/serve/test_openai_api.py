@@ -64,12 +64,19 @@ def test_usage_reports_the_prompt_positions_read_from_the_prefix_cache(cluster):
 def test_a_stop_string_ends_the_answer(cluster):
     c = client(cluster)
     messages = [{"role": "system", "content": "Answer briefly."}] + image_message("Describe it.", "green")
-    free = c.chat.completions.create(model="ckpt", messages=messages, temperature=0,
-                                     max_tokens=16).choices[0].message.content
+    whole = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16)
+    free = whole.choices[0].message.content
     assert len(free) > 4
     stop = free[len(free) // 2:][:2]
     cut = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16, stop=[stop])
     assert cut.choices[0].message.content == free[: free.find(stop)] and cut.choices[0].finish_reason == "stop"
+    # Usage counts what was generated up to the stop (it was all zeros when the API ended the answer itself).
+    assert cut.usage.prompt_tokens == whole.usage.prompt_tokens
+    assert 1 <= cut.usage.completion_tokens <= whole.usage.completion_tokens
+    assert cut.usage.total_tokens == cut.usage.prompt_tokens + cut.usage.completion_tokens
+    stream = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=16, stop=[stop],
+                                       stream=True, stream_options={"include_usage": True})
+    assert [chunk.usage for chunk in stream if chunk.usage][-1].prompt_tokens == whole.usage.prompt_tokens
 
 
 def test_several_sampled_answers_reproducible_by_seed(cluster):

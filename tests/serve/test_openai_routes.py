@@ -164,7 +164,8 @@ def test_bodies_that_json_accepts_but_nothing_downstream_can_use_are_400():
 
     assert decode_json_body(b'{"t": "\\ud83d\\ude00 \\u00e9"}') == {"t": "\U0001F600 é"}  # escaped pair
     for body, why in ((b"[" * 100_000, "nested too deeply"), (b'{"t": "a\\udc00"}', "lone surrogate"),
-                      (b'{"t": ', "Expecting value"), ("\u00e9".encode("latin-1"), "invalid JSON")):
+                      (b'{"t": ', "Expecting value"), ("\u00e9".encode("latin-1"), "invalid JSON"),
+                      (b'{"x": NaN}', "NaN is not a JSON number"), (b'[-Infinity]', "-Infinity is not a JSON number")):
         try:
             decode_json_body(body)
         except ValueError as exc:
@@ -743,6 +744,11 @@ def test_consecutive_messages_of_one_role_are_one_turn():
              {"role": "user", "content": "Sure?"}]
     assert render_messages(split, "vicuna_v1") == render_messages(one, "vicuna_v1")
     assert render_messages(split, "vicuna_v1")[0].count("USER:") == 2
+    # Texts ending in a newline (or empty) take none before the next; many pieces join as few would.
+    pieces = ["a", "b\n", "", "c", "d\n\n", "e"] * 2000
+    many = [{"role": "user", "content": text} for text in pieces]
+    joined = "a\nb\nc\nd\n\ne" + "\na\nb\nc\nd\n\ne" * 1999
+    assert render_messages(many, "vicuna_v1") == render_messages([{"role": "user", "content": joined}], "vicuna_v1")
     for messages in ([{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hi"}],
                      [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]):
         with pytest.raises(APIError, match="the first message after the system message must be the user's"):
