@@ -75,6 +75,20 @@ class WorkerInfo:
     conv_mode: str | None = None
 
 
+MAX_QUEUE_LENGTH = 2**31 - 1  # past any real queue; a larger count (or a float's infinity) broke the load division
+
+
+def parse_queue_length(value: Any) -> int:
+    """A worker's reported queue length: an integer from 0 to :data:`MAX_QUEUE_LENGTH`.
+
+    Raises:
+        ValueError: Saying what is wrong.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUEUE_LENGTH:
+        raise ValueError(f"'queue_length' must be an integer from 0 to {MAX_QUEUE_LENGTH}, got {str(value):.40}")
+    return value
+
+
 def parse_worker_status(status: Any) -> dict[str, Any]:
     """The parts of a worker's ``/worker_get_status`` answer the registry keeps, checked.
 
@@ -90,8 +104,7 @@ def parse_worker_status(status: Any) -> dict[str, Any]:
     speed, queue = status.get("speed"), status.get("queue_length")
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < float("inf"):
         raise ValueError(f"'speed' must be a number >= 0, got {speed!r:.40}")
-    if isinstance(queue, bool) or not isinstance(queue, int) or queue < 0:
-        raise ValueError(f"'queue_length' must be an integer >= 0, got {queue!r:.40}")
+    queue = parse_queue_length(queue)
     conv_mode = status.get("conv_mode")
     return {"model_names": names, "speed": speed, "queue_length": queue,
             "conv_mode": conv_mode if isinstance(conv_mode, str) else None}
@@ -364,9 +377,9 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         if not isinstance(data, dict) or not isinstance(data.get("worker_name"), str):
             return JSONResponse({"error": "expected {'worker_name': URL, 'queue_length': int}"}, status_code=400)
         try:
-            exist = controller.receive_heart_beat(data["worker_name"], int(data.get("queue_length", 0)))
-        except (TypeError, ValueError):
-            return JSONResponse({"error": "'queue_length' must be an integer"}, status_code=400)
+            exist = controller.receive_heart_beat(data["worker_name"], parse_queue_length(data.get("queue_length", 0)))
+        except ValueError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         return JSONResponse({"exist": exist})
 
     @app.post("/worker_get_status")

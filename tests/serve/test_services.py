@@ -125,6 +125,17 @@ def test_invalid_json_unknown_model_and_overlong_prompt(cluster):
     # Malformed registry calls are refused, not crashed on.
     assert httpx.post(cluster.url + "/get_worker_address", content=b"nope", timeout=5).status_code == 400
     assert httpx.post(cluster.url + "/receive_heart_beat", json={"x": 1}, timeout=5).status_code == 400
+    # A queue length no worker has (it broke the load division and every request for the model after it).
+    worker = cluster.main.url
+    for queue in (10**400, -1, 2.5, "3"):
+        beat = httpx.post(cluster.url + "/receive_heart_beat", json={"worker_name": worker, "queue_length": queue},
+                          timeout=5)
+        assert beat.status_code == 400 and "'queue_length' must be an integer from 0 to" in beat.text, beat.text
+        register = httpx.post(cluster.url + "/register_worker", timeout=5, json={
+            "worker_name": "http://127.0.0.1:9", "check_heart_beat": False,
+            "worker_status": {"model_names": ["ckpt"], "speed": 1, "queue_length": queue}})
+        assert register.status_code == 400 and "queue_length" in register.text, register.text
+    assert_good_stream(*stream(cluster.url, good), good["prompt"])
 
 
 def test_sixteen_concurrent_streams_all_complete(cluster):
