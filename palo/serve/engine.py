@@ -340,16 +340,17 @@ class EngineBackend(ABC):
 
         pixels = None
         if images:
-            pil_images = []
+            # One image at a time, decoded and made into pixels before the next is read: a request of 16 large
+            # images holds one decoded image at a time, not 16 (gigabytes each at the size limit).
+            rows = []
             for i, data in enumerate(images):
                 try:
-                    pil_images.append(data if read else self.decode_image(data))
+                    image = data if read else self.decode_image(data)
                 except ImageLoadError as exc:
                     raise RequestError(f"image {i}: {exc}") from None
-            pixels = process_images(pil_images, self.image_processor, self.model.config)
-            if isinstance(pixels, list):
-                pixels = torch.stack(pixels)
-            pixels = pixels.to("cpu" if host_images else self.model.device, dtype=self.model.dtype)
+                rows.append(process_images([image], self.image_processor, self.model.config)[0])
+                del image
+            pixels = torch.stack(rows).to("cpu" if host_images else self.model.device, dtype=self.model.dtype)
         try:  # combinations the engine refuses (a structured answer with min_tokens or ignore_eos)
             sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, min_tokens=min(min_tokens, max_new_tokens),

@@ -13,7 +13,8 @@ the PALO README.) Endpoints (POST, JSON):
 * ``/worker_get_status``: ``{"model_names", "speed", "queue_length", "conv_mode", "engine"}`` (``conv_mode`` is an
   addition: the template the checkpoint was trained with, used by the controller's OpenAI-compatible API;
   ``engine`` another: waiting and running sequences, KV cache use and recent tokens/s).
-  When ``--max-queue`` requests already wait, a new one gets HTTP 503 with ``Retry-After`` instead of queueing.
+  When ``--max-queue`` requests already wait, a new one gets HTTP 503 with ``Retry-After`` instead of queueing;
+  requests being read (images decoded, at most :data:`READ_CONCURRENCY` at once) count as waiting.
 * ``/model_details``: ``{"context_length"}`` (as LLaVA's worker).
 
 Additions (GET): ``/health`` and ``/metrics`` (Prometheus text, :mod:`palo.serve.metrics`).
@@ -62,6 +63,9 @@ from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main"]
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+# Requests whose images are decoded at once: decoding is CPU work (more threads than this gain little) and a
+# decoded image at the size limit takes about a gigabyte until it is made into pixels.
+READ_CONCURRENCY = 4
 
 
 class ModelWorker(BaseWorker):
@@ -105,6 +109,9 @@ class ModelWorker(BaseWorker):
         self.engine = engine
         self.max_queue = max_queue
         self.served = 0
+        # Requests read at once (images decoded: up to gigabytes each at the size limit), and those waiting to be.
+        self._reading = asyncio.Semaphore(READ_CONCURRENCY)
+        self.preparing = 0
 
     @property
     def llm_engine(self) -> LLMEngine | None:
@@ -112,6 +119,7 @@ class ModelWorker(BaseWorker):
 
     def status_details(self) -> dict[str, Any]:
         return {"engine": {**self.engine.stats(), "worker_running": self.running, "worker_waiting": self.waiting,
+                           "worker_preparing": self.preparing,
                            "rejected": self.rejected, "max_queue": self.max_queue}}
 
     def tokenizer_call(self, action: str, params: Any) -> dict[str, Any]:
@@ -145,8 +153,12 @@ class ModelWorker(BaseWorker):
     # -- requests ------------------------------------------------------------------------------------------------
     async def prepare(self, params: Any) -> PreparedRequest:
         """Validate and tokenise a request (in a thread: images are decoded), or reject it."""
+        # Before any work: a burst of large images must not all be decoded only to be refused.
+        self._refuse_when_full(self.preparing)
+        self.preparing += 1
         try:
-            prepared = await asyncio.to_thread(self.engine.prepare, params)
+            async with self._reading:
+                prepared = await asyncio.to_thread(self.engine.prepare, params)
         except RequestError as exc:
             self.logger.info("rejected request: %s", exc)
             raise Rejected(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST)) from None
@@ -156,16 +168,24 @@ class ModelWorker(BaseWorker):
             prompt = str(params.get("prompt") or "")  # none when it came as token ids
             raise Rejected(encode_chunk(prompt + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
                                         detail=str(exc), finish_reason="length"), 200) from None
-        if self.running + self.waiting >= self.limit_model_concurrency + self.max_queue:  # it would have to wait
-            self.rejected += 1
-            self.logger.warning("queue full (%d waiting): answering 503", self.waiting)
-            raise Rejected(error_chunk(f"the worker is busy: {self.waiting} requests are already waiting; retry in "
-                                       f"{RETRY_AFTER_S} s", WORKER_ERROR), 503, {"Retry-After": str(RETRY_AFTER_S)})
+        finally:
+            self.preparing -= 1
+        self._refuse_when_full()
         self.served += 1
         self.logger.info("request %d: %d prompt tokens, %d images, max_new_tokens=%d", self.served,
                          prepared.prompt_tokens, 0 if prepared.images is None else len(prepared.images),
                          prepared.max_new_tokens)
         return prepared
+
+    def _refuse_when_full(self, preparing: int = 0) -> None:
+        """503 with Retry-After when a request would have to wait beyond the queue (``preparing``: requests being
+        read, counted before a new one is)."""
+        if self.running + self.waiting + preparing >= self.limit_model_concurrency + self.max_queue:
+            self.rejected += 1
+            self.logger.warning("queue full (%d waiting, %d being read): answering 503", self.waiting, preparing)
+            raise Rejected(error_chunk(f"the worker is busy: {self.waiting + preparing} requests are already waiting;"
+                                       f" retry in {RETRY_AFTER_S} s", WORKER_ERROR), 503,
+                           {"Retry-After": str(RETRY_AFTER_S)})
 
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[bytes]:
         """Submit to the engine and relay its events as cumulative chunks (the prompt included)."""

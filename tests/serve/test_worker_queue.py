@@ -97,6 +97,52 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_wor
     assert 'palo:worker_requests_rejected_total{model_name="ckpt"} 1.0' in metrics
 
 
+@pytest.mark.parametrize("gated_worker", [6], indirect=True)
+def test_images_are_read_a_few_requests_at_a_time_and_a_burst_beyond_the_queue_is_refused_unread(gated_worker):
+    """Reading a request decodes its images (about a gigabyte each at the size limit): at most READ_CONCURRENCY at
+    once, and requests beyond the queue get their 503 before any is decoded."""
+    from palo.serve.model_worker import READ_CONCURRENCY
+
+    url, gate, worker = gated_worker
+    reading, most, calls = [0], [0], [0]
+    lock, release = threading.Lock(), threading.Event()
+    prepare = worker.engine.prepare
+
+    def slow_prepare(*args, **kwargs):
+        with lock:
+            calls[0] += 1
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        try:
+            release.wait(60)
+            return prepare(*args, **kwargs)
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    worker.engine.prepare = slow_prepare
+    params = {"prompt": vicuna_prompt("这是什么？"), "images": [image_b64(make_image("red"))], "temperature": 0,
+              "max_new_tokens": 2}
+    codes: list[int] = []
+
+    def ask() -> None:
+        codes.append(httpx.post(url + "/worker_generate_stream", json=params, timeout=60).status_code)
+
+    threads = [threading.Thread(target=ask) for _ in range(7)]  # the engine's 1 place and 6 waiting: all fit
+    for thread in threads:
+        thread.start()
+    _wait(lambda: _status(url)["engine"]["worker_preparing"] == 7, "seven requests being read")
+    assert most[0] == reading[0] == READ_CONCURRENCY < 7
+    refused = httpx.post(url + "/worker_generate_stream", json=params, timeout=10)  # an eighth: no room, unread
+    assert refused.status_code == 503 and calls[0] == READ_CONCURRENCY
+    release.set()
+    gate.set()
+    for thread in threads:
+        thread.join(60)
+    assert codes == [200] * 7 and most[0] == READ_CONCURRENCY and calls[0] == 7
+    assert _status(url)["engine"]["worker_preparing"] == 0
+
+
 @pytest.mark.parametrize("gated_worker", [0], indirect=True)
 def test_the_controller_passes_a_busy_workers_503_on_with_retry_after(gated_worker):
     from palo.serve.controller import Controller
