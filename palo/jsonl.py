@@ -127,19 +127,50 @@ def repair_tail(path: str) -> int:
     return 0
 
 
+def _lock_exclusively(fd: int) -> None:
+    """An advisory lock on an open file for this process's lifetime with it (POSIX ``flock``); where locks are not
+    supported (Windows, some network file systems) nothing is locked.
+
+    Raises:
+        BlockingIOError: If another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise
+    except OSError:  # no locks here (ENOLCK and the like): write unlocked, as before
+        return
+
+
 class JsonlAppender:
     """Append records to a JSON-lines file, each as one flushed ``write`` (crash-safe, see module doc).
 
+    One writer per file: the file is locked while open, and a second appender (another process) is refused.
+
     Args:
         path: The output file; its folder is created.
+
+    Raises:
+        JsonlError: If another process is appending to the file.
+        OSError: If the folder or file cannot be created.
     """
 
     def __init__(self, path: str) -> None:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        repair_tail(path)
         # Unbuffered: one os-level write per record, so nothing sits in a Python buffer when the process dies.
         self._file = open(path, "ab", buffering=0)
+        try:
+            _lock_exclusively(self._file.fileno())
+        except BlockingIOError:
+            self._file.close()
+            raise JsonlError(f"{path}: another process is writing this file (two runs on one output would each "
+                             "write what the other writes); wait for it, or write elsewhere") from None
+        repair_tail(path)  # under the lock: a torn line is never another writer's line in progress
 
     def write(self, record: dict[str, Any]) -> int:
         """Append one record; returns the byte offset its line starts at (for readers that seek to it)."""

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.eval.jsonl import JsonlAppender, JsonlError, iter_jsonl, repair_tail
+from palo.jsonl import same_file
 from palo.mm_utils import (
     ImageLoadError,
     KeywordsStoppingCriteria,
@@ -394,7 +395,19 @@ class Answerer:
         )
 
 def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, max_new_tokens: int) -> dict[str, Any]:
-    """``generate`` arguments of the original: sampling only when temperature > 0."""
+    """``generate`` arguments of the original: sampling only when temperature > 0.
+
+    Raises:
+        ValueError: For settings no generation takes (checked before a model is loaded), naming the flag.
+    """
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"--temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"--top_p must be in (0, 1], got {top_p}")
+    if num_beams < 1:
+        raise ValueError(f"--num_beams must be at least 1, got {num_beams}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sample = temperature > 0
     return dict(
         do_sample=sample,
@@ -520,8 +533,31 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
     if batch_size < 1:
         print("error: --batch-size must be at least 1", file=sys.stderr)
         return 2
+    if same_file(answers_file, question_file):
+        print(f"error: the answers file {answers_file} is the question file", file=sys.stderr)
+        return 2
     try:
         questions = get_chunk(load_questions(question_file, skip_bad), num_chunks, chunk_idx)
+    except (JsonlError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        # Opened (and locked: one run per answers file) before reading what it holds, so that two runs cannot both
+        # take the same questions as still to do.
+        out = JsonlAppender(answers_file)
+    except (JsonlError, OSError) as exc:
+        print(f"error: cannot write the answers file: {exc}", file=sys.stderr)
+        return 2
+    with out:
+        return _answer_pending(get_answerer, questions, image_folder, answers_file, out, batch_size, skip_bad,
+                               done_files)
+
+
+def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions: list[Question], image_folder: str,
+                    answers_file: str, out: JsonlAppender, batch_size: int, skip_bad: bool,
+                    done_files: tuple[str, ...]) -> int:
+    """:func:`answer_file` once its questions are read and its output is open."""
+    try:
         done = answered_ids(answers_file).union(*(answered_ids(f) for f in done_files))
         todo = [q for q in questions if str(q.question_id) not in done]
         pending = check_images(todo, image_folder, skip_bad)
@@ -540,7 +576,7 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
         print("error: this checkpoint takes text only but the questions have images", file=sys.stderr)
         return 2
     skipped = 0
-    with JsonlAppender(answers_file) as out, tqdm(total=len(pending), desc="answering", file=sys.stderr) as bar:
+    with tqdm(total=len(pending), desc="answering", file=sys.stderr) as bar:
         for q, text in answerer.answer_in_order(pending, image_folder, batch_size):
             bar.update(1)
             if isinstance(text, Exception):
@@ -565,7 +601,11 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    generation = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+    try:
+        generation = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     def loader() -> tuple[Answerer, str]:
         return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,

@@ -215,6 +215,10 @@ def answer_chunk(args: argparse.Namespace, tasks: list[Task]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    try:  # settings no generation takes: refused before any language is answered or a model loaded
+        model_vqa.generation_kwargs(args.temperature, None, 1, args.max_new_tokens)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     tasks, failed = make_tasks(args)
     os.makedirs(os.path.join(args.output_dir, "reviews"), exist_ok=True)
     if args.num_chunks > 1:

@@ -137,6 +137,31 @@ def test_missing_image_and_malformed_line_name_file_and_line(world, bench, tmp_p
     assert [r["question_id"] for r in _read(out)] == [1, 3, 4]
 
 
+def test_bad_settings_and_outputs_are_refused_before_the_model_loads(bench, questions, tmp_path, capsys):
+    """The model path does not exist: each of these must be refused by its own message, before any load."""
+    def run(answers: str, *extra: str) -> str:
+        assert model_vqa.main(["--model-path", str(tmp_path / "no-model"), "--question-file", questions,
+                               "--image-folder", os.path.join(bench, "images"), "--answers-file", answers,
+                               "--device", "cpu", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "no-model" not in err, err
+        return err
+
+    out = str(tmp_path / "a.jsonl")
+    assert "--max-new-tokens must be at least 1, got 0" in run(out, "--max-new-tokens", "0")
+    assert "--top_p must be in (0, 1], got 7.0" in run(out, "--temperature", "0.5", "--top_p", "7")
+    assert "--num_beams must be at least 1, got 0" in run(out, "--num_beams", "0")
+    assert "--temperature must be >= 0 (0: greedy), got -1.0" in run(out, "--temperature", "-1")
+    assert not os.path.exists(out)
+    assert f"the answers file {questions} is the question file" in run(questions)
+    (tmp_path / "folder").mkdir()
+    assert "cannot write the answers file" in run(str(tmp_path / "folder"))
+    assert "cannot write the answers file" in run("/proc/no-such-folder/a.jsonl")
+    # One run per answers file: a second (here: the file held open by another writer) is refused, not doubled.
+    with model_vqa.JsonlAppender(out):
+        assert "another process is writing this file" in run(out)
+
+
 def test_questions_with_non_string_text_or_image_are_refused_or_skipped(tmp_path, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text(
