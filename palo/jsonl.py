@@ -64,16 +64,20 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
     """
     if not os.path.isfile(path):
         raise JsonlError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            problem = None
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+        for number, line in enumerate(f, start=1):
+            problem = data = None
             try:
-                data = json.loads(raw)
+                raw = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raw, problem = "", f"not UTF-8 text ({exc.reason} at byte {exc.start + 1})"
+            if problem is None and not raw.strip():
+                continue
+            try:
+                data = json.loads(raw) if problem is None else None
             except json.JSONDecodeError as exc:
                 problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
-            else:
+            if problem is None:
                 if not isinstance(data, dict):
                     problem = f"expected a JSON object, got {type(data).__name__}"
                 else:

@@ -109,6 +109,12 @@ def test_strict_reading_names_file_and_line(tmp_path):
     path.write_text('{"a": 1}\n\n{"a": 2,}\n', encoding="utf-8")
     with pytest.raises(jsonl.JsonlError, match=r"review\.jsonl:3: not valid JSON"):
         jsonl.read_jsonl(str(path))
+    # A line in another encoding is named like any bad line (it was a UnicodeDecodeError from deep inside).
+    path.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n{"a": 3}\n')
+    why = r"review\.jsonl:2: not UTF-8 text \(invalid continuation byte at byte 11\)"
+    with pytest.raises(jsonl.JsonlError, match=why):
+        jsonl.read_jsonl(str(path))
+    assert [r.data["a"] for r in jsonl.read_jsonl(str(path), skip_bad=True)] == [1, 3]
 
 
 def test_a_json_sample_file_is_read_whole_or_refused_naming_the_file_and_the_fault(tmp_path):

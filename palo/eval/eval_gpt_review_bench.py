@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -189,17 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
+    cache_path = None if args.no_cache else (args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output)),
+                                                                       "judge_cache.sqlite"))
+    out = None
+    try:  # before anything is asked: an output that cannot be written would lose every paid review
+        out = JsonlAppender(args.output)  # locked: one run per reviews file, so read what it holds only now
+        if cache_path:
+            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
+        cache = ReplyCache(cache_path)
+    except (JsonlError, OSError, sqlite3.Error) as exc:
+        if out is not None:
+            out.close()
+        print(f"error: cannot write the reviews or the judge cache: {exc}", file=sys.stderr)
+        return 2
+
     previous = latest_reviews(args.output)
     pending = [it for it in items if not is_success(previous.get(str(it.question.data["question_id"]), {}))]
     if len(pending) < len(items):
         print(f"[resume] {len(items) - len(pending)} of {len(items)} questions already reviewed in {args.output}",
               file=sys.stderr)
-
-    cache_path = None if args.no_cache else (args.cache or os.path.join(os.path.dirname(os.path.abspath(args.output)),
-                                                                       "judge_cache.sqlite"))
-    if cache_path:
-        os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-    cache = ReplyCache(cache_path)
     client = JudgeClient(
         model=args.judge_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
         base_url=args.judge_base_url or None, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             return item, Judgment("", None, failed=True, reason=item.problem)
         return item, client.judge(item.content)
 
-    with JsonlAppender(args.output) as out, ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+    with out, ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         futures = [pool.submit(run, it) for it in pending]
         for future in as_completed(futures):
             item, judgment = future.result()

@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no reviews named {args.name}_<Language>.jsonl in {args.reviews_dir}", file=sys.stderr)
         return 2
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(args.reviews_dir)), f"{args.name}_summary")
-    paths = write_report(table, prefix)
+    try:
+        paths = write_report(table, prefix)
+    except OSError as exc:
+        print(f"error: cannot write the report {prefix}.*: {exc}", file=sys.stderr)
+        return 2
     print(to_markdown(table))
     print("written: " + ", ".join(paths.values()))
     return 0

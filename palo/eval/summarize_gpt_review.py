@@ -13,6 +13,7 @@ tuple in old files) are left out of the means and counted (docs/compat.md#evalua
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -50,7 +51,7 @@ def _scores(review: dict[str, Any]) -> list[float] | None:
     pair = review.get("tuple", review.get("score"))
     if review.get("failed") or not isinstance(pair, (list, tuple)) or len(pair) != 2:
         return None
-    if not all(isinstance(s, (int, float)) and s >= 0 for s in pair):
+    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0 <= s < math.inf for s in pair):
         return None
     return [float(pair[0]), float(pair[1])]
 
@@ -98,7 +99,14 @@ def summarize(reviews: list[dict[str, Any]], ignore: set[str] | None = None) -> 
 
 def load_reviews(path: str) -> list[dict[str, Any]]:
     """The review records of a file; malformed lines are reported and skipped (a summary should still print)."""
-    return [r.data for r in iter_jsonl(path, skip_bad=True)]
+    reviews = []
+    for record in iter_jsonl(path, skip_bad=True):
+        category = record.data.get("category")
+        if category is not None and not isinstance(category, str):
+            print(f"[skip] {record.where}: 'category' must be a string, got {str(category):.40}", file=sys.stderr)
+            continue
+        reviews.append(record.data)
+    return reviews
 
 
 def summarize_file(path: str, ignore: set[str] | None = None) -> dict[str, CategoryScore]:

@@ -157,6 +157,20 @@ def test_unparseable_reply_and_missing_answer_are_failed_not_scored(inputs, judg
     assert not reviews[10]["failed"] and not reviews[12]["failed"]
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_call(inputs, judge_server, tmp_path, capsys):
+    """Every paid review would be lost: the reviews file and the cache are opened before the judge is asked."""
+    for output, extra in (("/proc/no-such/r.jsonl", ["--no-cache"]), (str(tmp_path / "r.jsonl"),
+                                                                        ["--cache", "/proc/no-such/c.sqlite"])):
+        args = _args(inputs, judge_server, *extra)
+        args[args.index("-o") + 1] = output
+        assert review.main(args) == 2
+        assert "error: cannot write the reviews or the judge cache" in capsys.readouterr().err
+    with review.JsonlAppender(inputs["o"]):  # another run is writing these reviews
+        assert review.main(_args(inputs, judge_server, "--no-cache")) == 2
+        assert "another process is writing this file" in capsys.readouterr().err
+    assert sum(judge_server.count().values()) == 0
+
+
 def test_everything_failing_exits_3(inputs, judge_server, capsys):
     judge_server.default = (401, "bad key")
     assert review.main(_args(inputs, judge_server, "--no-cache")) == 3

@@ -82,6 +82,17 @@ def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
     assert "llava_bench_conv" not in out and "all 73.1 86.7 63.3 (judged 3, failed 1)" in out
     assert summary.main(["-d", str(tmp_path / "nowhere")]) == 2
     assert f"error: -d {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
+    # Lines a summary cannot use are reported and skipped, and the rest still summed (these were tracebacks, or
+    # scores of true/infinity).
+    with open(path, "ab") as f:
+        f.write(b'{"question_id": 8, "category": "llava_bench_conv", "content": "caf\xe9", "tuple": [1, 2]}\n')
+        f.write(b'{"question_id": 9, "category": ["x"], "tuple": [1, 2]}\n')
+        f.write(b'{"question_id": 10, "category": "llava_bench_conv", "tuple": [true, 2]}\n')
+        f.write(b'{"question_id": 11, "category": "llava_bench_conv", "tuple": [Infinity, 2]}\n')
+    assert summary.main(["-f", path]) == 0
+    captured = capsys.readouterr()
+    assert f"{path}:8: not UTF-8 text" in captured.err and f"{path}:9: 'category' must be a string" in captured.err
+    assert "all 80.0 80.0 64.0 (judged 5, failed 4)" in captured.out
 
 
 def test_table_across_languages(tmp_path, reviews):
@@ -113,3 +124,10 @@ def test_table_across_languages(tmp_path, reviews):
     assert json.load(open(paths["json"], encoding="utf-8"))["languages"]["urdu"]["detail_failed"] == 1
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_report_that_cannot_be_written_is_an_error_that_says_so(tmp_path, reviews, capsys):
+    folder = tmp_path / "evaluation" / "reviews"
+    _write(folder / "run_English.jsonl", reviews)
+    assert report.main(["--reviews-dir", str(folder), "--name", "run", "--out", "/proc/no-such/x"]) == 2
+    assert "error: cannot write the report /proc/no-such/x.*" in capsys.readouterr().err
