@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
+from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
 from palo.model.config import MultimodalSpec
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1 or not args.temperature >= 0:
+        print(f"error: --max-new-tokens must be at least 1 and --temperature at least 0 (0: greedy), got "
+              f"{args.max_new_tokens} and {args.temperature}", file=sys.stderr)
+        return 2
     from palo.engine import EngineConfig, EngineRequest, LLMEngine, SamplingParams
     from palo.model.builder import CheckpointError, load_pretrained_model
     from palo.model.vision_tower import VisionTowerError
@@ -105,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         if not inp:
             print("exit...")
             return 0
+        refused = _refused_turn(inp)
+        if refused:  # the turn is not sent; the conversation goes on
+            print(f"[{refused}]")
+            continue
         print(f"{roles[1]}: ", end="", flush=True)
         if image is not None and len(conv.messages) == conv.offset:  # the image rides on the first user turn
             inp = placeholder + "\n" + inp
@@ -115,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt_tokens = spliced_length(input_ids, tokens_per_image)
         budget = context_len - prompt_tokens
         if budget <= 0:
-            print(f"\n[the conversation is {prompt_tokens} tokens, over the model's {context_len}; start a new one]")
-            return 1
+            del conv.messages[-2:]  # not sent: a shorter question may still fit
+            print(f"\n[the conversation is {prompt_tokens} tokens, over the model's {context_len}; this turn was "
+                  "not sent: ask something shorter, or end the chat (empty line) and start a new one]")
+            continue
         stop = stop_string(conv)
         sampling = SamplingParams(max_tokens=min(args.max_new_tokens, budget), temperature=max(args.temperature, 0.0),
                                   stop=(stop,) if stop else ())
@@ -133,6 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         conv.messages[-1][-1] = outputs
         if args.debug:
             print("\n", {"prompt": prompt, "outputs": outputs}, "\n")
+
+
+def _refused_turn(text: str) -> str | None:
+    """Why a typed turn cannot be sent, or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates by the terminal's decoding
+        return "that line is not UTF-8 text; type it again"
+    if DEFAULT_IMAGE_TOKEN in text:
+        return (f"{DEFAULT_IMAGE_TOKEN} marks where an image goes and cannot be typed; the image is the one given by "
+                "--image-file")
+    return None
 
 
 class _AnswerStopped(Exception):

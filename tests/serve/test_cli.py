@@ -50,6 +50,28 @@ def test_bad_image_and_bad_checkpoint_fail_clearly(world, tmp_path, image_file):
     assert result.returncode == 2 and "no config.json" in result.stderr
 
 
+def test_turns_that_cannot_be_sent_are_refused_and_the_chat_goes_on(world, image_file):
+    """A typed <image>, a line that is not UTF-8, a turn over the context: each is said and skipped (each used to
+    end the chat with a traceback or an exit); a bad flag is refused before the model loads."""
+    args = ["--model-path", world.full_dir, "--image-file", image_file, "--device", "cpu", "--temperature", "0",
+            "--max-new-tokens", "4", "--debug"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    stdin = b"look at <image> here\n\xff\xfe bad\n" + b"word " * 3000 + b"\nWhat is in the image?\n\n"
+    result = subprocess.run([sys.executable, "-m", "palo.serve.cli", *args], input=stdin, capture_output=True,
+                            timeout=300, env=env)
+    out = result.stdout.decode("utf-8", "replace")
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    assert "<image> marks where an image goes and cannot be typed" in out
+    assert "that line is not UTF-8 text" in out and "this turn was not sent" in out
+    # The image rides on the first turn that was sent, and the refused ones are not in the conversation.
+    assert "USER: <image>\\nWhat is in the image? ASSISTANT:" in out and "look at" not in out.split("exit...")[0][
+        out.index("What is in the image?"):]
+    assert out.count("ASSISTANT: ") >= 2 and out.rstrip().endswith("exit...")
+    for flag, value in (("--max-new-tokens", "0"), ("--temperature", "-1")):
+        bad = _run(["--model-path", "/no/such/model", "--image-file", image_file, flag, value], "")
+        assert bad.returncode == 2 and "--max-new-tokens must be at least 1" in bad.stderr
+
+
 _CTRL_C_DRIVER = '''
 import builtins, io, signal, sys
 from palo.engine import LLMEngine

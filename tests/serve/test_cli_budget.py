@@ -58,8 +58,8 @@ def _chat(world, image_file, monkeypatch, capsys, context_len: int) -> tuple[int
 def test_a_prompt_that_fills_the_context_is_refused_with_its_true_length(world, image_file, monkeypatch, capsys,
                                                                          first_turn_positions):
     rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, first_turn_positions)
-    assert rc == 1
     assert f"[the conversation is {first_turn_positions} tokens, over the model's {first_turn_positions};" in out
+    assert "this turn was not sent" in out and rc == 0  # the chat went on (to the empty line that ends it)
     # The image's size came from the config: the tower never ran for a turn that was refused.
     assert tower_calls == []
 
@@ -72,7 +72,7 @@ def test_a_loader_context_past_the_models_positions_is_held_to_the_models(world,
     turns = iter(["word " * positions, ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
     rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, positions + 10_000)
-    assert rc == 1 and f"tokens, over the model's {positions}; start a new one]" in out and tower_calls == []
+    assert rc == 0 and f"tokens, over the model's {positions}; this turn was not sent" in out and tower_calls == []
 
 
 def test_one_free_position_gives_a_one_token_answer(world, image_file, monkeypatch, capsys, first_turn_positions):
