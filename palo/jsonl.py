@@ -313,30 +313,36 @@ def atomic_write_json(path: str, items: Iterable[Any]) -> None:
 
 
 def iter_log(path: str, repair: bool = False) -> Iterator[tuple[int, Any]]:
-    """The records of an append-only JSONL log up to its first incomplete or unreadable line, read line by line.
+    """The records of an append-only JSONL log, up to a torn last line, read line by line.
 
-    For logs this project writes itself (resume logs), where the only expected damage is a kill mid-write; inputs a
-    person edits go through the strict :func:`read_jsonl` instead. Streaming: a log of millions of records is never
-    in memory at once.
+    For logs this project writes itself (resume logs), where the only expected damage is a kill mid-write: an
+    incomplete or unreadable last line. Damage anywhere else (an edit, a disk fault) is an error naming the line,
+    never a reason to drop the finished records after it. Inputs a person edits go through the strict
+    :func:`read_jsonl` instead. Streaming: a log of millions of records is never in memory at once.
 
     Args:
         path: The log; a missing file has no records.
-        repair: Once the records are read, cut everything from the first bad line off the file, so that appends
-            continue a whole log.
+        repair: Once the records are read, cut a torn last line off the file, so that appends continue a whole log.
 
     Yields:
         ``(byte offset of the line, parsed record)``, in order (whatever JSON values the lines hold).
+
+    Raises:
+        JsonlError: If a line before the last cannot be read.
     """
     if not os.path.exists(path):
         return
     good_end = 0
     with open(path, "rb") as f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break
+        for number, line in enumerate(f, start=1):
             try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline")
                 record = json.loads(line)
             except ValueError:  # bad JSON or bad UTF-8
+                if f.read(1):  # lines follow: not a torn end
+                    raise JsonlError(f"{path}:{number}: a damaged line before the end of the log (not a torn "
+                                     "last line); fix or remove that line, then run again") from None
                 break
             yield good_end, record
             good_end += len(line)

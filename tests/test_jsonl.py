@@ -99,9 +99,24 @@ def test_appended_records_are_found_again_at_the_offsets_the_log_gives(tmp_path)
             f.seek(offset)
             assert json.loads(f.readline())["index"] == i
     with open(path, "ab") as f:
-        f.write(b'{"index": 4, "text": "\xff"}\n{"index": 5}\n')  # a line that is not UTF-8 ends the log
+        f.write(b'{"index": 4, "text": "\xff"}\n')  # a last line that is not UTF-8 is torn: cut
     assert [r["index"] for r in jsonl.read_log(path, repair=True)] == [0, 1, 2, 3]
     assert os.path.getsize(path) == offsets[-1] + len(b'{"index": 3}\n')
+
+
+def test_damage_before_the_end_of_a_log_is_named_and_nothing_after_it_is_cut(tmp_path):
+    """Only a kill mid-write is repaired; a damaged line with finished records after it (an edit, a disk fault)
+    used to cut them all off the file at the next resume."""
+    path = tmp_path / "progress.jsonl"
+    whole = b'{"index": 0}\n{"index": 1, "text": "\xff"}\n{"index": 2}\n{"index": 3, "sam'
+    path.write_bytes(whole)
+    for repair in (False, True):
+        with pytest.raises(jsonl.JsonlError, match=r"progress\.jsonl:2: a damaged line before the end of the log"):
+            jsonl.read_log(str(path), repair=repair)
+    assert path.read_bytes() == whole
+    path.write_bytes(b'{"index": 0}\n{"index": 1,\n{"index": 2}\n')  # not JSON, also before the end
+    with pytest.raises(jsonl.JsonlError, match=r":2: a damaged line"):
+        jsonl.read_log(str(path), repair=True)
 
 
 def test_strict_reading_names_file_and_line(tmp_path):

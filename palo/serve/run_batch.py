@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from palo.jsonl import JsonlAppender, atomic_write, iter_log
+from palo.jsonl import JsonlAppender, JsonlError, atomic_write, iter_log
 from palo.openai_client import DEFAULT_MAX_BACKOFF, retry_after_seconds, retry_delay, retryable_status
 from palo.serve.launch import Services, start_services
 
@@ -281,21 +281,27 @@ def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: b
     if os.path.abspath(input_path) == os.path.abspath(output_path):
         raise BatchFileError(f"{output_path}: the output must not be the input file")
     requests = read_requests(input_path, skip_bad)
-    earlier = finished_results(output_path)
-    todo = [r for r in requests if not succeeded(earlier.get(r.custom_id))]
-    if todo:
-        check_server(settings)
-    if len(todo) < len(requests):
-        print(f"[resume] {output_path}: {len(requests) - len(todo)} of {len(requests)} requests already answered",
-              file=sys.stderr)
-    output = JsonlAppender(output_path)  # before the try: an output that cannot be opened has nothing to tidy
-    try:
-        with output:
+    try:  # locked: one run per output, so what it holds is read only once it is this run's
+        output = JsonlAppender(output_path)
+    except JsonlError as exc:
+        raise BatchFileError(str(exc)) from None
+    with output:
+        try:
+            earlier = finished_results(output_path)
+        except JsonlError as exc:
+            raise BatchFileError(str(exc)) from None
+        todo = [r for r in requests if not succeeded(earlier.get(r.custom_id))]
+        if todo:
+            check_server(settings)
+        if len(todo) < len(requests):
+            print(f"[resume] {output_path}: {len(requests) - len(todo)} of {len(requests)} requests already answered",
+                  file=sys.stderr)
+        try:
             fresh = asyncio.run(run_requests(input_path, todo, output, settings)) if todo else {}
-    finally:
-        # Also after Ctrl-C: what arrived is in the log; the tidy copy is written from it (and from the earlier run).
-        results = {**earlier, **finished_results(output_path)}
-        atomic_write(output_path, _in_order(requests, results))
+        finally:
+            # Also after Ctrl-C: what arrived is in the log; the tidy copy is written from it (and the earlier run).
+            results = {**earlier, **finished_results(output_path)}
+            atomic_write(output_path, _in_order(requests, results))
     answered = [results[r.custom_id] for r in requests if succeeded(results.get(r.custom_id))]
     counts = {"requests": len(requests), "resumed": len(requests) - len(todo), "sent": len(fresh),
               "succeeded": len(answered), "failed": len(requests) - len(answered)}

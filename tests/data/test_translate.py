@@ -661,6 +661,19 @@ def test_an_unexpected_error_stops_the_run_says_what_it_was_and_keeps_what_finis
     assert main(_translate_args(data, out, server, "ar")) == 0  # the rerun finishes, sample 0 from the log
 
 
+def test_a_second_run_on_one_output_folder_is_refused_before_reading_or_asking(tmp_path, server, capsys):
+    from palo.jsonl import JsonlAppender
+
+    data = _write(tmp_path / "in.json", SAMPLES[:2])
+    out = tmp_path / "out"
+    out.mkdir()
+    with JsonlAppender(str(out / "arabic.progress.jsonl")):  # another run is writing it
+        assert main(_translate_args(data, str(out), server, "ar,zh")) == 2
+    assert "arabic.progress.jsonl: another process is writing this file" in capsys.readouterr().err
+    assert len(server.calls) == 0
+    assert main(_translate_args(data, str(out), server, "ar,zh")) == 0  # the lock of the refused run is gone
+
+
 def test_resume_after_kill(tmp_path, server):
     """SIGKILL mid-run, rerun: every sample once, in order; no source string answered twice."""
     questions = ["What is on the table?", "Describe the picture.", "What colour is the sky?"]

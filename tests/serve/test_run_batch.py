@@ -158,6 +158,14 @@ def test_an_unreachable_server_or_a_refused_key_stops_the_run_at_once(tmp_path, 
         assert run_batch.main(["-i", source, "-o", str(tmp_path / "plain" / "out.jsonl"), "--base-url", url + "/v1",
                                "--api-key", "k"]) == 2  # an output folder that is a file
         assert "error: File exists" in capsys.readouterr().err
+        # One run per output: a second is refused before it reads the first's results (it sent them again).
+        with run_batch.JsonlAppender(out):
+            assert run_batch.main(["-i", source, "-o", out, "--base-url", url + "/v1", "--api-key", "k"]) == 2
+            assert "another process is writing this file" in capsys.readouterr().err
+        with open(out, "wb") as f:  # a damaged line with a result after it: named, and nothing is cut
+            f.write(b'{"custom_id": "x", \n{"custom_id": "a", "response": {"status_code": 200}}\n')
+        assert run_batch.main(["-i", source, "-o", out, "--base-url", url + "/v1", "--api-key", "k"]) == 2
+        assert "out.jsonl:1: a damaged line before the end of the log" in capsys.readouterr().err
 
 
 def test_a_batch_through_the_served_model(cluster, tmp_path):

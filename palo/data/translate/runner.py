@@ -36,13 +36,21 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
     os.makedirs(output_dir, exist_ok=True)
     paths = {language: output_paths(output_dir, language) for language in languages}
     hashes = [source_hash(s) for s in samples]
+    # The logs first: each is locked (one run per output folder), so what they hold is read only once it is ours.
+    logs: dict[str, JsonlAppender] = {}
     # Only where each finished record is in its log: the records themselves would not fit in memory at 150K x 9.
     progress: dict[str, Progress] = {}
     todo: list[tuple[str, int]] = []
-    for language in languages:
-        progress[language] = load_progress(paths[language]["progress"], hashes)
-        todo += [(language, i) for i in range(len(samples)) if i not in progress[language].offsets]
-    logs = {language: JsonlAppender(paths[language]["progress"]) for language in languages}
+    try:
+        for language in languages:
+            logs[language] = JsonlAppender(paths[language]["progress"])
+        for language in languages:
+            progress[language] = load_progress(paths[language]["progress"], hashes)
+            todo += [(language, i) for i in range(len(samples)) if i not in progress[language].offsets]
+    except BaseException:
+        for log in logs.values():
+            log.close()
+        raise
     failures: dict[str, list[dict[str, Any]]] = {language: [] for language in languages}
     lock = threading.Lock()
     corrupt = [0]  # corrupt samples finished in this run, for the bar
