@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import Conversation, SeparatorStyle, conv_templates
 from palo.image_io import viewed
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
@@ -39,6 +40,7 @@ CURSOR = "▌"
 MAX_TEXT_CHARS, MAX_TEXT_CHARS_WITH_IMAGE = 1536, 1200
 MAX_NEW_TOKENS_CAP = 1536
 WORKER_TIMEOUT_S = 10.0  # between two pieces of the worker's stream (the original's value)
+MODERATION_TIMEOUT_S = 10.0  # per moderation call (one retry): the openai client's own default is 600 s
 _RTL_CHARS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")  # Hebrew, Arabic (Urdu, Persian...) blocks
 _STRONG_CHARS = re.compile(r"[^\W\d_]")
 
@@ -116,7 +118,7 @@ class WebServer:
             os.makedirs(log_dir(), exist_ok=True)
             with open(self._conv_log(), "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        except OSError as exc:
+        except (OSError, UnicodeEncodeError) as exc:  # a lone surrogate in the text: not worth a lost chat
             self.logger.error("cannot write the conversation log: %s", exc)
 
     def _save_images(self, images: list[Any]) -> list[str]:
@@ -129,13 +131,18 @@ class WebServer:
             if not os.path.isfile(path):
                 try:
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    image.convert("RGB").save(path)
+                    # Staged and renamed: a crash mid-write must not leave a torn file that is never written again.
+                    staged = f"{path}.{os.getpid()}.tmp"
+                    image.convert("RGB").save(staged, format="JPEG")
+                    os.replace(staged, path)
                 except OSError as exc:
                     self.logger.error("cannot save an image: %s", exc)
         return hashes
 
-    def vote(self, state: Conversation, kind: str, model: str, ip: str | None) -> None:
-        """Log an upvote, downvote or flag."""
+    def vote(self, state: Conversation | None, kind: str, model: str, ip: str | None) -> None:
+        """Log an upvote, downvote or flag (nothing without a conversation)."""
+        if state is None:
+            return
         self._append_log({"tstamp": round(time.time(), 4), "type": kind, "model": model, "state": state.dict(),
                           "ip": ip})
 
@@ -144,7 +151,9 @@ class WebServer:
         try:
             import openai
 
-            return bool(openai.OpenAI(max_retries=1).moderations.create(input=text).results[0].flagged)
+            # A bounded wait: this runs before the chat answers, in Gradio's shared threads.
+            client = openai.OpenAI(max_retries=1, timeout=MODERATION_TIMEOUT_S)
+            return bool(client.moderations.create(input=text).results[0].flagged)
         except Exception as exc:  # noqa: BLE001 - moderation is best effort; never block the chat on it
             self.logger.warning("moderation unavailable: %s", exc)
             return False
@@ -160,12 +169,19 @@ class WebServer:
 
         Returns:
             The new state; ``skip_next`` is set when nothing should be generated (empty input, moderated input).
+
+        Raises:
+            ValueError: For a text whose ``<image>`` placeholders do not match the images (none without an image,
+                at most one with it); the conversation is left as it was.
         """
         state = state or self.new_state()
         text = (text or "").strip()
         if not text and image is None:
             state.skip_next = True
             return state
+        if text.count(DEFAULT_IMAGE_TOKEN) > (image is not None):
+            raise ValueError(f"{DEFAULT_IMAGE_TOKEN} marks where the image goes: type it at most once, and only with "
+                             "an image attached")
         if self.moderate and self._flagged(text):
             state.skip_next = True
             state.messages.append([state.roles[0], text])
@@ -186,8 +202,9 @@ class WebServer:
         state.skip_next = False
         return state
 
-    def regenerate(self, state: Conversation, image_process_mode: str = "Default") -> Conversation:
+    def regenerate(self, state: Conversation | None, image_process_mode: str = "Default") -> Conversation:
         """Clear the last answer (re-applying the current image mode to the last image) to generate it again."""
+        state = state or self.new_state()
         if len(state.messages) < state.offset + 2:
             state.skip_next = True
             return state
@@ -200,9 +217,11 @@ class WebServer:
 
     def http_bot(self, state: Conversation, model: str, temperature: float, top_p: float, max_new_tokens: int,
                  ip: str | None = None) -> Iterator[Conversation]:
-        """Generate the answer to the last message, yielding the state after each streamed piece."""
-        if state.skip_next:
-            yield state
+        """Generate the answer to the last message, yielding the state after each streamed piece (nothing when the
+        conversation has no open answer: a turn that was refused, or none yet)."""
+        if (state is None or state.skip_next or len(state.messages) < state.offset + 2
+                or state.messages[-1][1] is not None):
+            yield state if state is not None else self.new_state()
             return
         start = time.time()
         if len(state.messages) == state.offset + 2:  # first round: rebuild the state from the PALO template
@@ -222,7 +241,7 @@ class WebServer:
         stop = state.sep if state.sep_style in (SeparatorStyle.SINGLE, SeparatorStyle.MPT) else state.sep2
         payload = {
             "model": model, "prompt": prompt, "temperature": float(temperature), "top_p": float(top_p),
-            "max_new_tokens": min(int(max_new_tokens), MAX_NEW_TOKENS_CAP), "stop": stop,
+            "max_new_tokens": max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_CAP)), "stop": stop,
             "images": state.get_images(),
         }
         self.logger.info("==== request ====\n%s", {**payload, "images": f"{len(images)} image(s)"})
@@ -235,8 +254,9 @@ class WebServer:
                     if chunk.get("error_code", 0) == 0:
                         state.messages[-1][-1] = str(chunk.get("text", ""))[len(prompt):].strip() + CURSOR
                         yield state
-                    else:
-                        state.messages[-1][-1] = f"{chunk.get('text')} (error_code: {chunk.get('error_code')})"
+                    else:  # shown as the answer, so kept in the prompt: no placeholder may survive in it
+                        error = str(chunk.get("text")).replace(DEFAULT_IMAGE_TOKEN, "(image)")
+                        state.messages[-1][-1] = f"{error} (error_code: {chunk.get('error_code')})"
                         yield state
                         return
         except (httpx.HTTPError, ValueError) as exc:
@@ -276,7 +296,7 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                 with gr.Accordion("Parameters", open=False):
                     temperature = gr.Slider(0.0, 1.0, value=0.2, step=0.1, interactive=True, label="Temperature")
                     top_p = gr.Slider(0.0, 1.0, value=0.7, step=0.1, interactive=True, label="Top P")
-                    max_output_tokens = gr.Slider(0, 1024, value=512, step=64, interactive=True,
+                    max_output_tokens = gr.Slider(64, 1024, value=512, step=64, interactive=True,
                                                   label="Max output tokens")
             with gr.Column(scale=8):
                 chatbot = gr.Chatbot(elem_id="chatbot", label="PALO Chatbot", height=550)
@@ -303,7 +323,13 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             return [gr.update(interactive=enabled) for _ in all_buttons]
 
         def on_add(s, text, image, mode):
-            s = server.add_text(s, text, image, mode)
+            try:
+                s = server.add_text(s, text, image, mode)
+            except ValueError as exc:  # the input stays where the user typed it; nothing is sent
+                gr.Warning(str(exc))
+                s = s or server.new_state()
+                s.skip_next = True
+                return [s, chatbot_messages(s), text, image] + [gr.update() for _ in all_buttons]
             if s.skip_next:  # nothing to answer: leave the buttons as they are
                 return [s, chatbot_messages(s), "", None] + [gr.update() for _ in all_buttons]
             # Disabled until the answer is complete, so nobody regenerates or votes on a half-written answer.
@@ -335,9 +361,10 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
         bot_outputs = [state, chatbot] + all_buttons
         add_outputs = [state, chatbot, textbox, imagebox] + all_buttons
         for trigger in (textbox.submit, submit_btn.click):
-            trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs, queue=False).then(
+            # .success: when adding failed (an image Gradio could not read), nothing is generated.
+            trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs, queue=False).success(
                 on_bot, bot_inputs, bot_outputs)
-        regenerate_btn.click(on_regenerate, [state, image_process_mode], add_outputs, queue=False).then(
+        regenerate_btn.click(on_regenerate, [state, image_process_mode], add_outputs, queue=False).success(
             on_bot, bot_inputs, bot_outputs)
         clear_btn.click(on_clear, None, add_outputs, queue=False)
         for button, kind in zip(vote_buttons, ("upvote", "downvote", "flag")):

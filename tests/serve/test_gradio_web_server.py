@@ -61,6 +61,34 @@ def test_errors_are_shown_in_the_chat(cluster, logdir):
     assert WebServer("http://127.0.0.1:9").get_model_list() == []
 
 
+def test_typed_placeholders_are_refused_and_handlers_take_an_empty_conversation(cluster, logdir):
+    """A typed <image> used to break the conversation until Clear; handlers crashed on no or an empty state."""
+    server = WebServer(cluster.url)
+    with pytest.raises(ValueError, match="marks where the image goes"):
+        server.add_text(None, "what is <image> here", None)
+    state = server.add_text(None, "Look: <image> what is it?", make_image())  # once, with an image: placed there
+    assert state.get_prompt().count("<image>") == 1
+    *_, state = server.http_bot(state, "ckpt", 0.0, 0.7, 4)
+    before = [list(m) for m in state.messages]
+    for text, image in (("and <image> this?", None), ("<image> <image>", make_image())):
+        with pytest.raises(ValueError, match="marks where the image goes"):
+            server.add_text(state, text, image)
+        assert [list(m) for m in state.messages] == before
+    state = server.add_text(state, "And its colour?", None)
+    *_, state = server.http_bot(state, "ckpt", 0.0, 0.7, 4)
+    assert not state.messages[-1][-1].startswith(SERVER_ERROR_MSG) and "error_code" not in state.messages[-1][-1]
+    # Nothing to answer: each handler returns a conversation, none raises.
+    assert list(server.http_bot(None, "ckpt", 0.0, 0.7, 4))[-1].messages == []
+    assert list(server.http_bot(server.new_state(), "ckpt", 0.0, 0.7, 4))[-1].messages == []
+    assert list(server.http_bot(state, "ckpt", 0.0, 0.7, 4))[-1] is state  # its last answer is already there
+    assert server.regenerate(None).skip_next
+    server.vote(None, "upvote", "ckpt", None)
+    # max_new_tokens below 1 (the slider used to reach 0) asks for one token, not an error.
+    state = server.add_text(None, "hello", None)
+    *_, state = server.http_bot(state, "ckpt", 0.0, 0.7, 0)
+    assert "error_code" not in state.messages[-1][-1]
+
+
 def test_rtl_detection():
     assert is_rtl("ما هذا؟") and is_rtl("یہ کیا ہے؟") and is_rtl('<img src="x"/> ما هذا')
     assert not is_rtl("What is this? ما") and not is_rtl("这是什么") and not is_rtl("")
