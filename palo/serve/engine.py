@@ -10,7 +10,6 @@ answers are the tokens ``model.generate`` gives the request alone.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -27,7 +26,13 @@ from palo.mm_utils import ImageLoadError, load_image, load_image_from_base64, pr
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
 from palo.remote_images import RemoteImagePolicy, is_remote
-from palo.serve.protocol import is_token_ids, parse_cache_salt, parse_logit_bias, parse_structured_output
+from palo.serve.protocol import (
+    is_token_ids,
+    parse_cache_salt,
+    parse_logit_bias,
+    parse_number,
+    parse_structured_output,
+)
 from palo.serve.utils import route_logs
 
 # The original worker's caps: at most 1024 new tokens, and a 2048-token context when the config does not say.
@@ -122,23 +127,11 @@ class Job:
 
 
 def _parse_number(params: dict[str, Any], key: str, default: float, integer: bool = False) -> float:
-    """``params[key]`` as a finite number (JSON numbers or numeric strings, as the original worker took them);
-    ``integer`` truncates it, as ``int(float(x))`` did there."""
-    value = params.get(key, default)
-    if value is None:
-        return default
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise RequestError(f"'{key}' must be {kind}, got {value!r}")
+    """:func:`~palo.serve.protocol.parse_number`, its refusal a :class:`RequestError`."""
     try:
-        number = float(value)
-    except OverflowError:  # an integer of hundreds of digits
-        raise RequestError(f"'{key}' must be finite, got an integer of {len(str(value))} digits") from None
-    except ValueError:
-        raise RequestError(f"'{key}' must be {kind}, got {value!r}") from None
-    if not math.isfinite(number):
-        raise RequestError(f"'{key}' must be finite, got {value!r}")
-    return int(number) if integer else number
+        return parse_number(params, key, default, integer)
+    except ValueError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def _alternatives(params: dict[str, Any], key: str) -> int | None:

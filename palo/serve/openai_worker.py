@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 import argparse
 import asyncio
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,6 +53,7 @@ from palo.serve.protocol import (
     is_token_ids,
     parse_cache_salt,
     parse_logit_bias,
+    parse_number,
     parse_structured_output,
 )
 from palo.serve.utils import build_logger, refuse_unservable
@@ -237,12 +239,12 @@ class OpenAIWorker(BaseWorker):
         images = params.get("images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
             raise PromptFormatError("'images' must be a list of base64 strings")
-        try:
-            temperature = float(params.get("temperature", 1.0))
-            top_p = float(params.get("top_p", 1.0))
-            max_new_tokens = min(int(params.get("max_new_tokens", 256)), MAX_NEW_TOKENS_CAP)
-        except (TypeError, ValueError) as exc:
-            raise PromptFormatError(f"bad generation parameter: {exc}") from exc
+        try:  # finite numbers, as the native worker takes them (an infinity reached the backend's JSON encoder)
+            temperature = parse_number(params, "temperature", 1.0)
+            top_p = parse_number(params, "top_p", 1.0)
+            max_new_tokens = min(parse_number(params, "max_new_tokens", 256, integer=True), MAX_NEW_TOKENS_CAP)
+        except ValueError as exc:
+            raise PromptFormatError(str(exc)) from None
         if max_new_tokens < 1:
             raise PromptFormatError("'max_new_tokens' must be positive")
         body: dict[str, Any] = {
@@ -256,7 +258,9 @@ class OpenAIWorker(BaseWorker):
             "stream_options": {"include_usage": True},
         }
         stop = params.get("stop")
-        if isinstance(stop, str) and stop:
+        if stop is not None and not isinstance(stop, str):  # the protocol's one stop string, as the native worker
+            raise PromptFormatError(f"'stop' must be a string, got {str(stop)[:80]}")
+        if stop:
             body["stop"] = [stop]
         # This project's extra settings go along only when they ask for something, so a backend that lacks one sees
         # the request it always saw; vLLM, SGLang and this project's API take them all (ranges are theirs to check).
@@ -264,8 +268,9 @@ class OpenAIWorker(BaseWorker):
             value = params.get(key)
             if value is None or value == default:
                 continue
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+                raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got "
+                                        f"{str(value)[:40]}")
             body[key] = value
         ignore_eos = params.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
@@ -359,17 +364,21 @@ class OpenAIWorker(BaseWorker):
                         done = True
                         continue
                     event = json.loads(data)
-                    if "error" in event:
+                    if isinstance(event, dict) and "error" in event:
                         yield error_chunk(f"the backend {self.api_base} failed: {event['error']}", WORKER_ERROR)
                         return
-                    usage = event.get("usage") or usage
-                    for choice in event.get("choices") or []:
-                        delta = (choice.get("delta") or {}).get("content") or ""
-                        finish = choice.get("finish_reason") or finish
-                        logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
+                    event_usage, choices = _event_parts(event)
+                    usage = event_usage or usage
+                    for delta, choice_finish, choice_logprobs in choices:
+                        finish = choice_finish or finish
+                        logprobs.extend(choice_logprobs)
                         if delta:
                             text += delta
                             yield encode_chunk(prompt + _trim_stop(text, stops), OK, logprobs=take_logprobs())
+        except MalformedEvent as exc:  # the backend's fault, said as such (no traceback: nothing here broke)
+            self.logger.error("backend %s sent a malformed event: %s", self.api_base, exc)
+            yield error_chunk(f"the backend {self.api_base} sent a malformed event: {exc}", WORKER_ERROR)
+            return
         except (httpx.HTTPError, ValueError) as exc:
             self.logger.error("backend %s failed: %r", self.api_base, exc)
             if isinstance(exc, httpx.TransportError):
@@ -380,14 +389,53 @@ class OpenAIWorker(BaseWorker):
         if finish is None:
             yield error_chunk(f"the backend {self.api_base} ended the stream without finishing", WORKER_ERROR)
             return
-        reported = {"prompt_tokens": int((usage or {}).get("prompt_tokens", 0)),
-                    "completion_tokens": int((usage or {}).get("completion_tokens", 0))}
-        cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+        usage = usage or {}
+        reported = {key: _count(usage.get(key)) or 0 for key in ("prompt_tokens", "completion_tokens")}
+        details = usage.get("prompt_tokens_details")
+        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
         # Only a backend that reports it (vLLM with --enable-prompt-tokens-details); unknown is left out, not 0.
-        if isinstance(cached, int) and not isinstance(cached, bool):
+        if cached is not None:
             reported["cached_tokens"] = cached
         yield encode_chunk(prompt + _trim_stop(text, stops), OK, finish_reason=finish, logprobs=take_logprobs(),
                            usage=reported)
+
+
+class MalformedEvent(ValueError):
+    """A streamed event of the backend that is not a chat-completion chunk."""
+
+
+def _count(value: Any) -> int | None:
+    """A token count of the backend's usage, or None where it sent something else (a good answer is kept)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _event_parts(event: Any) -> tuple[dict | None, list[tuple[str, str | None, list]]]:
+    """``(usage, [(new text, finish reason, log-probability entries) per choice])`` of one streamed chunk.
+
+    Raises:
+        MalformedEvent: Saying what is wrong, for a chunk of another shape.
+    """
+    if not isinstance(event, dict):
+        raise MalformedEvent(f"expected a JSON object, got {str(event)[:80]}")
+    usage = event.get("usage")
+    choices = event.get("choices") or []
+    if not isinstance(choices, list):
+        raise MalformedEvent(f"'choices' must be a list, got {str(choices)[:80]}")
+    parts = []
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(choice, dict) or not isinstance(delta, (dict, type(None))):
+            raise MalformedEvent(f"a choice must be an object with a 'delta' object, got {str(choice)[:80]}")
+        content = (delta or {}).get("content") or ""
+        finish = choice.get("finish_reason")
+        logprobs = choice.get("logprobs") or {}
+        entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+        if (not isinstance(content, str) or not isinstance(finish, (str, type(None)))
+                or not isinstance(entries, (list, type(None)))):
+            raise MalformedEvent(f"a choice's content, finish_reason or logprobs is of the wrong type: "
+                                 f"{str(choice)[:80]}")
+        parts.append((content, finish, entries or []))
+    return (usage if isinstance(usage, dict) else None), parts
 
 
 def _trim_stop(text: str, stops: list[str]) -> str:

@@ -19,6 +19,7 @@ chunk, and ``error_type`` on errors (used by the OpenAI-compatible API to pick a
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
@@ -93,6 +94,30 @@ def decode_json_body(body: bytes) -> Any:
             raise ValueError("invalid JSON body: a string holds a lone surrogate escape (\\ud800-\\udfff), which "
                              "is not Unicode text") from None
     return value
+
+
+def parse_number(params: dict[str, Any], key: str, default: float, integer: bool = False) -> float:
+    """``params[key]`` as a finite number (JSON numbers or numeric strings, as the original worker took them);
+    ``integer`` truncates it, as ``int(float(x))`` did there.
+
+    Raises:
+        ValueError: Naming the field, for anything else (a list, a bool, ``"inf"``, an integer of 400 digits).
+    """
+    value = params.get(key, default)
+    if value is None:
+        return default
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"'{key}' must be {kind}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        raise ValueError(f"'{key}' must be finite, got an integer of {len(str(value))} digits") from None
+    except ValueError:
+        raise ValueError(f"'{key}' must be {kind}, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"'{key}' must be finite, got {value!r}")
+    return int(number) if integer else number
 
 
 def is_token_ids(value: Any, vocab: int | None = None, max_len: int | None = None, empty: bool = False) -> bool:

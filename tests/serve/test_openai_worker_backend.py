@@ -71,5 +71,59 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
         assert "cache_salt" not in worker.backend_request(base)[1]
         with pytest.raises(PromptFormatError, match="'cache_salt' must be a non-empty string"):
             worker.backend_request({**base, "cache_salt": ""})
+        # Non-finite numbers are refused as the native worker refuses them (an infinity reached the backend's JSON
+        # encoder and came back as "the backend is unreachable"); so is a stop that is not one string.
+        for key, bad, why in (("max_new_tokens", 10**400, "must be finite, got an integer of 401 digits"),
+                              ("top_p", "nan", "must be finite"), ("temperature", float("inf"), "must be finite"),
+                              ("presence_penalty", float("inf"), "must be a finite number"),
+                              ("stop", ["lo"], "'stop' must be a string")):
+            with pytest.raises(PromptFormatError, match=why):
+                worker.backend_request({**base, key: bad})
     finally:
         worker.stop()
+
+
+@pytest.mark.parametrize("event", [42, [1, 2], {"choices": ["x"]}, {"choices": [{"delta": {"content": 5}}]},
+                                   {"choices": {"a": 1}}])
+def test_a_malformed_backend_event_is_named_as_the_backends(event, caplog):
+    """Said as the backend's fault, with no traceback (they were TypeErrors from inside the relay)."""
+    backend = FastAPI()
+
+    @backend.post("/v1/chat/completions")
+    async def completions(request: Request):
+        def events():
+            yield f"data: {json.dumps({'choices': [{'delta': {'content': 'Hi'}, 'finish_reason': None}]})}\n\n"
+            yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
+    with served(backend) as burl:
+        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
+        with served(create_app(worker)) as wurl:
+            chunks = list(iter_chunks(httpx.post(wurl + "/worker_generate_stream", json=payload, timeout=30)
+                                      .iter_bytes()))
+        worker.stop()
+    assert chunks[-1]["error_code"] != 0 and "sent a malformed event" in chunks[-1]["text"]
+    assert not any(record.exc_info for record in caplog.records)
+
+
+def test_a_good_answer_with_a_malformed_usage_is_kept():
+    backend = FastAPI()
+
+    @backend.post("/v1/chat/completions")
+    async def completions(request: Request):
+        done = {"choices": [{"delta": {"content": "Hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": "x", "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": -1}}}
+        return StreamingResponse(iter([f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"]),
+                                 media_type="text/event-stream")
+
+    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
+    with served(backend) as burl:
+        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
+        with served(create_app(worker)) as wurl:
+            chunks = list(iter_chunks(httpx.post(wurl + "/worker_generate_stream", json=payload, timeout=30)
+                                      .iter_bytes()))
+        worker.stop()
+    assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:Hi")
+    assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 2}
