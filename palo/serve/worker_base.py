@@ -65,6 +65,41 @@ class Rejected(Exception):
         return Response(self.chunk, self.status, media_type=STREAM_MEDIA_TYPE, headers=self.headers)
 
 
+# A client that reads nothing of its stream for this long is dropped: the request's place (and KV cache) goes to
+# requests whose clients read. A live client reads each chunk as it comes, long before this.
+WRITE_TIMEOUT_S = 60.0
+
+
+class StalledClientClosingResponse(StreamingResponse):
+    """A stream that gives up on a client that stopped reading (a hung process that keeps its socket open).
+
+    Without this, sending waits on the full socket buffer for as long as the connection stays open, and the request
+    keeps its concurrency place the whole time. Closing the stream runs its ``finally`` blocks (the place and the
+    engine's cache are freed); the server then closes the connection of the unfinished response.
+    """
+
+    def __init__(self, *args: Any, logger: logging.Logger, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = logger
+
+    async def stream_response(self, send: Any) -> None:
+        async def send_in_time(message: Any) -> None:
+            try:
+                await asyncio.wait_for(send(message), WRITE_TIMEOUT_S)
+            except TimeoutError:
+                raise _ClientStalled from None
+
+        try:
+            await super().stream_response(send_in_time)
+        except _ClientStalled:
+            self.logger.warning("a client read nothing for %.0f s: its stream is closed", WRITE_TIMEOUT_S)
+            await self.body_iterator.aclose()
+
+
+class _ClientStalled(Exception):
+    """Raised out of a send that waited :data:`WRITE_TIMEOUT_S` on a client that does not read."""
+
+
 class BaseWorker(ABC):
     """Registration, heartbeats, the concurrency limit and the request flow of one worker.
 
@@ -299,7 +334,8 @@ class BaseWorker(ABC):
             # The original answered every failure with status 200 and an error chunk (its checks ran in the stream).
             return Response(error_chunk(f"{type(exc).__name__}: {exc}", WORKER_ERROR), 200,
                             media_type=STREAM_MEDIA_TYPE)
-        return StreamingResponse(self._stream(prepared), media_type=STREAM_MEDIA_TYPE)
+        return StalledClientClosingResponse(self._stream(prepared), media_type=STREAM_MEDIA_TYPE,
+                                            logger=self.logger)
 
     async def _stream(self, prepared: Any) -> AsyncIterator[bytes]:
         self.waiting += 1

@@ -120,3 +120,45 @@ def test_periodic_heartbeats_check_health_and_an_unhealthy_worker_goes_quiet(lin
     worker.ok = True
     wait_until(lambda: len(beats) > count, 30, "heartbeats once healthy again")
     assert len(clients) == 1
+
+
+class FloodingWorker(GatedWorker):
+    """Streams 1 MB chunks until its stream is closed (an answer far larger than any socket buffer)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.closed = threading.Event()
+
+    async def generate(self, prepared):
+        try:
+            while True:
+                yield b"x" * (1 << 20) + b"\0"
+                await asyncio.sleep(0)
+        finally:
+            self.closed.set()
+
+
+def test_a_client_that_stops_reading_loses_its_stream_and_its_place(monkeypatch):
+    """Its place was held for as long as its socket stayed open; the next request waited behind it."""
+    import socket
+
+    monkeypatch.setattr(worker_base, "WRITE_TIMEOUT_S", 1.0)
+    worker = FloodingWorker("m", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1,
+                            no_register=True)
+    with served(create_app(worker)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)))
+        try:
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            silent.sendall(b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 2\r\n\r\n{}")
+            wait_until(lambda: worker.running == 1, 10, "the stream starting")
+            wait_until(worker.closed.is_set, 30, "the stalled stream closed")  # never read: dropped
+            wait_until(lambda: worker.running == 0, 10, "its place freed")
+            # The place is free again: the next client is served (and reads, so it is not dropped).
+            worker.closed.clear()
+            with httpx.stream("POST", url + "/worker_generate_stream", json={}, timeout=10) as response:
+                assert response.status_code == 200 and len(next(response.iter_bytes())) > 0
+        finally:
+            silent.close()
+    worker.stop()
