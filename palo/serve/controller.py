@@ -57,7 +57,7 @@ from palo.serve.protocol import (
 )
 from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
-from palo.serve.utils import build_logger, refuse_unservable
+from palo.serve.utils import build_logger, refuse_unservable, serve_http
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
 DISPATCH_METHODS = ("lottery", "shortest_queue")
@@ -448,8 +448,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    import uvicorn
-
     refuse_unservable(parser, args)
 
     logger = build_logger("controller", "controller.log")
@@ -457,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     controller = Controller(args.dispatch_method, args.heart_beat_expiration, logger=logger)
     app = create_app(controller, read_timeout=args.read_timeout, api_key=args.api_key,
                      prompt_tokens_details=args.enable_prompt_tokens_details)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=5)
+    serve_http(app, args.host, args.port)
     return 0
 
 

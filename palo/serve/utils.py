@@ -102,3 +102,53 @@ def route_logs(source: str, target: logging.Logger) -> None:
     for handler in target.handlers:
         if handler not in logger.handlers:
             logger.addHandler(handler)
+
+
+# Seconds a connection may stay idle: after a response (uvicorn's keep-alive timeout) and, here, also before its
+# first request, which uvicorn does not time (a socket that never sent a byte was held for good, and enough of them
+# ran the process out of file descriptors).
+IDLE_CONNECTION_S = 5
+OPEN_FILES_WANTED = 65536  # sockets are files: the common soft limit of 1,024 caps a busy server's connections
+
+
+def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
+    """Raise this process's soft limit on open files toward ``wanted`` (never above the hard limit)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a container that forbids it: serve with what there is
+            pass
+
+
+def _idle_closing_protocol() -> type | str:
+    """uvicorn's h11 protocol, timing a new connection's wait for its first request as it times keep-alive waits."""
+    try:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:  # pragma: no cover - another uvicorn layout: its own default
+        return "auto"
+
+    class IdleClosingH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # noqa: ANN001 - uvicorn's signature
+            super().connection_made(transport)
+            if getattr(self, "timeout_keep_alive_task", "absent") is None:  # the attributes this version has
+                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                    self.timeout_keep_alive_handler)
+
+    return IdleClosingH11Protocol
+
+
+def serve_http(app: object, host: str, port: int) -> None:
+    """Serve an ASGI app until interrupted, as every service of this project does (always through uvicorn's h11
+    protocol, extended as above, even where httptools is installed: the services stream, parsing is not their cost).
+    """
+    import uvicorn
+
+    raise_open_file_limit()
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=IDLE_CONNECTION_S,
+                http=_idle_closing_protocol())

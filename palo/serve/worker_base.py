@@ -37,6 +37,7 @@ from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import WorkerMetrics
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
+from palo.serve.utils import serve_http
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
@@ -424,10 +425,8 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
 
 def serve(worker: BaseWorker, host: str, port: int) -> None:
     """Start the worker's background work, serve its endpoints until interrupted, then stop it."""
-    import uvicorn
-
     worker.start()
     try:
-        uvicorn.run(create_app(worker), host=host, port=port, log_level="warning", timeout_keep_alive=5)
+        serve_http(create_app(worker), host, port)
     finally:
         worker.stop()

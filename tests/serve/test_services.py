@@ -190,3 +190,25 @@ def test_two_workers_share_work_and_a_dead_one_is_replaced(cluster):
     good = good_request("ckpt", max_new_tokens=4)
     assert_good_stream(*stream(cluster.url, good), good["prompt"])
     assert json.dumps(httpx.post(cluster.url + "/list_models").json())
+
+
+def test_a_connection_that_sends_nothing_is_closed_and_the_services_may_hold_many(cluster):
+    """uvicorn timed only idle keep-alive connections: a socket that never sent a byte was held for good, and about
+    a thousand of them (the usual open-file limit) stopped the controller and, with it, every heartbeat."""
+    import resource
+    import socket
+
+    from palo.serve.utils import IDLE_CONNECTION_S, OPEN_FILES_WANTED
+
+    for service in (cluster.controller, cluster.main):
+        host, port = service.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as silent:
+            silent.settimeout(IDLE_CONNECTION_S + 10)
+            start = time.monotonic()
+            assert silent.recv(1) == b""  # closed by the service, not by this timeout
+            assert IDLE_CONNECTION_S - 1 < time.monotonic() - start < IDLE_CONNECTION_S + 5
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        with open(f"/proc/{service.proc.pid}/limits", encoding="utf-8") as f:
+            soft = int(next(line for line in f if line.startswith("Max open files")).split()[3])
+        assert soft >= min(OPEN_FILES_WANTED, hard if hard != resource.RLIM_INFINITY else OPEN_FILES_WANTED)
+    assert httpx.post(cluster.url + "/list_models", timeout=10).status_code == 200
