@@ -18,12 +18,13 @@ Only the standard library is imported, so data tools can use this without pullin
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -265,9 +266,15 @@ def read_json_samples(path: str, what: str = "file") -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def staged_folder(final_dir: str) -> Iterator[str]:
+def staged_folder(final_dir: str, replaces: Sequence[str] = ()) -> Iterator[str]:
     """A new folder beside ``final_dir`` to write into; on success its files replace those of the same names in
     ``final_dir`` (created if missing), on any error it is deleted and ``final_dir`` is untouched.
+
+    Args:
+        final_dir: The folder the files end up in.
+        replaces: Glob patterns of files in ``final_dir`` that the writer owns: those it did not write this time
+            are removed (an earlier export's weight shards, which a loader would otherwise still read); other files
+            there (a README) are kept.
 
     Yields:
         The staging folder's path.
@@ -278,18 +285,23 @@ def staged_folder(final_dir: str) -> Iterator[str]:
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the finished folder private to this user
     try:
         yield staging
-    except BaseException:
+        if not os.path.isdir(final_dir):
+            os.replace(staging, final_dir)
+            return
+        written = set(os.listdir(staging))
+        for pattern in replaces:  # --overwrite: what an earlier run wrote and this one did not
+            for stale in glob.glob(os.path.join(glob.escape(final_dir), pattern)):
+                if os.path.basename(stale) not in written and os.path.isfile(stale):
+                    os.remove(stale)
+        for name in written:  # --overwrite into a folder that has other files
+            target = os.path.join(final_dir, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(staging, name), target)
+        os.rmdir(staging)
+    except BaseException:  # the write failed, or moving it in did (a folder where a file goes): nothing left over
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not os.path.isdir(final_dir):
-        os.replace(staging, final_dir)
-        return
-    for name in os.listdir(staging):  # --overwrite into a folder that has other files
-        target = os.path.join(final_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
-    os.rmdir(staging)
 
 
 def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> None:

@@ -76,6 +76,23 @@ def test_a_staged_folder_appears_whole_or_not_at_all(tmp_path):
     assert os.listdir(tmp_path / "out") == ["ckpt"]
 
 
+def test_a_staged_folder_that_cannot_be_moved_in_leaves_nothing_and_replaces_the_writers_stale_files(tmp_path):
+    target = tmp_path / "out"
+    target.write_text("a file where the folder goes")
+    with pytest.raises(OSError):
+        with jsonl.staged_folder(str(target)) as staging:
+            (tmp_path / os.path.basename(staging) / "model.safetensors").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # the staging folder did not stay behind
+    target.unlink()
+    target.mkdir()
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "README.md"):
+        (target / name).write_text("old")
+    with jsonl.staged_folder(str(target), replaces=("model*.safetensors",)) as staging:
+        (tmp_path / os.path.basename(staging) / "model-00001-of-00002.safetensors").write_text("new")
+    assert sorted(os.listdir(target)) == ["README.md", "model-00001-of-00002.safetensors"]
+    assert (target / "model-00001-of-00002.safetensors").read_text() == "new"
+
+
 def test_read_log_stops_at_a_torn_line_and_repair_cuts_it(tmp_path):
     path = tmp_path / "progress.jsonl"
     path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"index": 2, "sam')

@@ -48,6 +48,7 @@ from palo.conversation import conv_mode_for_checkpoint
 from palo.export.chat_template import chat_template_for
 from palo.export.tokenizer import write_tokenizer
 from palo.jsonl import staged_folder
+from palo.model.checkpoint_files import WEIGHT_FILE_PATTERNS
 
 logger = logging.getLogger(__name__)
 
@@ -275,6 +276,10 @@ def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool)
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise ExportError(f"{output_dir!r} exists and is not empty; choose a new folder (or pass overwrite)")
     model_dir = resolve_checkpoint_dir(model_path)
+    inside = os.path.commonpath([os.path.realpath(model_dir), os.path.realpath(output_dir)])
+    if inside == os.path.realpath(output_dir):  # the checkpoint is the output, or inside it
+        raise ExportError(f"{output_dir!r} holds the checkpoint {model_path!r}: an export there would replace what "
+                          "it reads; choose another folder")
     detect_checkpoint_kind(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
     spec = MultimodalSpec.from_config(config)
@@ -335,7 +340,8 @@ def export_hf_llava(
         model_path, model_base, device="cpu", device_map=None, dtype=torch_dtype, vision_tower=vision_tower
     )
     final_dir = output_dir
-    with staged_folder(final_dir) as output_dir:  # a killed export leaves no half-written folder behind
+    # A killed export leaves no half-written folder behind; over an earlier export, its weight files go.
+    with staged_folder(final_dir, replaces=WEIGHT_FILE_PATTERNS) as output_dir:
         image_token_id = write_tokenizer(tokenizer, output_dir, IMAGE_TOKEN, chat_template=template)
         vocab_rows = model.get_input_embeddings().weight.shape[0]
         if vocab_rows != image_token_id:

@@ -45,6 +45,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# Every weight file a full checkpoint may hold, as glob patterns: what a new save into a folder replaces (shards of
+# an earlier save that the new one did not write would still be read by a loader).
+WEIGHT_FILE_PATTERNS = (*WEIGHT_FILES, "model-*.safetensors", "pytorch_model-*.bin")
 # What a PEFT wrapper puts before the bare model's parameter names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
 # Names containing one of these belong in mm_projector.bin (the original's stage-1 save also matches the resampler).

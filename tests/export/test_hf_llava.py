@@ -266,6 +266,15 @@ def test_a_failed_export_leaves_nothing_and_overwrite_replaces_only_its_own_file
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
     assert sorted(os.listdir(tmp_path / "parent")) == ["hf"]
     LlavaForConditionalGeneration.from_pretrained(str(out))  # whole
+    # Over that export, a sharded one: the earlier model.safetensors goes (transformers read it instead of the shards).
+    export_hf_llava(world.full_dir, str(out), dtype="float16", overwrite=True, max_shard_size="100KB")
+    weights = sorted(f for f in os.listdir(out) if f.startswith("model"))
+    assert "model.safetensors" not in weights and "model.safetensors.index.json" in weights and len(weights) > 2
+    assert LlavaForConditionalGeneration.from_pretrained(str(out)).dtype == torch.float16
+    # The checkpoint itself (or a folder holding it) is never an output: the export would replace what it reads.
+    for inside in (world.full_dir, os.path.dirname(world.full_dir)):
+        with pytest.raises(hf_llava.ExportError, match="holds the checkpoint"):
+            export_hf_llava(world.full_dir, inside, overwrite=True)
 
 
 def test_ldpnet_is_refused_clearly_before_anything_is_written(world, tmp_path):
