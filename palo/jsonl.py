@@ -193,6 +193,23 @@ class JsonlAppender:
         self.close()
 
 
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """:func:`atomic_write` for bytes (a rendered figure)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = mkstemp_shared(folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write(path: str, chunks: Iterable[str]) -> None:
     """Write text to ``path`` through a temp file in the same folder and ``os.replace``: never half a file.
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from palo.data.sample_file import SampleFile
 from palo.data.translate import TARGET_LANGUAGES, conversation_key
-from palo.jsonl import atomic_write_json
+from palo.jsonl import atomic_write_json, same_file
 
 
 def translated_language(sample: dict[str, Any]) -> str | None:
@@ -62,6 +62,12 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         ValueError: Naming the flag and file: an input that cannot be read as a JSON array of samples, or a
             translated set without a ``<language>_conversation`` key.
     """
+    inputs = [english_path, *translated_paths]
+    for i, path in enumerate(inputs):
+        if same_file(output, path):
+            raise ValueError(f"--output {output} is also an input: merge into a new file")
+        if any(same_file(path, other) for other in inputs[:i]):
+            raise ValueError(f"{path} is given twice: its samples would be merged twice")
     sets = [SampleFile(english_path, "--data_path")] + [SampleFile(path, "--translated") for path in translated_paths]
     counts: dict[str, Counter] = {"english": Counter(kept=len(sets[0]))}
     languages: list[str | None] = [None]
@@ -70,7 +76,11 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         language, kept = None, 0
         for i in range(len(samples)):  # the filter pass: decides what is kept, keeps nothing but positions
             sample = samples[i]
-            language = language or translated_language(sample)
+            own = translated_language(sample)
+            if language is not None and own is not None and own != language:  # translate writes one per language
+                raise ValueError(f"--translated {samples.path}: sample {i} is {own}, the set's earlier samples are "
+                                 f"{language}: give each language's set as its own --translated file")
+            language = language or own
             if language is None or conversation_key(language) not in sample or (
                     sample.get("corrupt") and not keep_corrupt):
                 continue
@@ -101,6 +111,9 @@ def main_merge(args: argparse.Namespace) -> int:
                              args.image_prefix)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output that cannot be written (a folder, a missing or read-only place)
+        print(f"error: cannot write --output {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     for language, counter in counts.items():
         print(f"{language:10s} {counter['kept']:>9d} samples"

@@ -31,6 +31,7 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.data.languages import LANGUAGES, detect_language, sample_language
+from palo.jsonl import atomic_write, atomic_write_bytes, same_file
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece byte fallback (LLaMA: ids 3..258)
 
@@ -181,17 +182,6 @@ def markdown_table(title: str, table: dict[str, LanguageStats]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def plot(tables: dict[str, dict[str, LanguageStats]], path: str) -> None:
     """Bars per language: tokens per character (left) and byte-fallback share (right), one colour per set."""
     import io
@@ -219,7 +209,7 @@ def plot(tables: dict[str, dict[str, LanguageStats]], path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,6 +227,16 @@ def main_stats(args: argparse.Namespace) -> int:
     from palo.model.builder import CheckpointError, resolve_checkpoint_dir
     from palo.model.tokenizer import load_tokenizer
 
+    if args.out is not None:  # before the work: an output that would replace an input, or has no name
+        outputs = [args.out + ext for ext in (".md", ".json", ".png")]
+        if not os.path.basename(args.out):
+            print(f"error: --out {args.out!r} must be a path prefix such as stats/report (it names the files "
+                  "report.md, .json and .png)", file=sys.stderr)
+            return 2
+        clash = next((o for o in outputs if same_file(o, args.data_path)), None)
+        if clash:
+            print(f"error: --out {args.out} would write {clash}, which is --data_path", file=sys.stderr)
+            return 2
     try:
         tokenizer = load_tokenizer(resolve_checkpoint_dir(args.model_name_or_path))
     except (CheckpointError, OSError, ValueError) as exc:
@@ -270,7 +270,11 @@ def main_stats(args: argparse.Namespace) -> int:
         markdown += f"\n{malformed} malformed sample(s) skipped (no 'conversations' list)\n"
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else markdown)
     if args.out:
-        _write_atomic(args.out + ".md", markdown.encode("utf-8"))
-        _write_atomic(args.out + ".json", (json.dumps(report, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
-        plot(tables, args.out + ".png")
+        try:
+            atomic_write(args.out + ".md", [markdown])
+            atomic_write(args.out + ".json", [json.dumps(report, ensure_ascii=False, indent=2) + "\n"])
+            plot(tables, args.out + ".png")
+        except OSError as exc:
+            print(f"error: cannot write --out {args.out}.*: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0

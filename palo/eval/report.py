@@ -20,6 +20,7 @@ from typing import Any
 from palo.data.languages import HIGH_RESOURCE, LANGUAGES, LOW_RESOURCE
 from palo.eval.bench import display_name
 from palo.eval.summarize_gpt_review import CATEGORIES, CategoryScore, summarize_file
+from palo.jsonl import atomic_write, atomic_write_bytes
 
 COLUMNS = CATEGORIES + ("all",)
 AVERAGES = (
@@ -160,20 +161,19 @@ def plot(
     ax.legend(ncol=len(columns), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_report(table: dict[str, Any], prefix: str) -> dict[str, str]:
     """Write ``<prefix>.md``, ``.csv``, ``.json`` and ``.png``; return the paths by extension."""
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     paths = {ext: f"{prefix}.{ext}" for ext in ("md", "csv", "json", "png")}
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write(to_markdown(table))
-    with open(paths["csv"], "w", encoding="utf-8", newline="") as f:
-        f.write(to_csv(table))
-    with open(paths["json"], "w", encoding="utf-8") as f:
-        json.dump(table, f, indent=2, ensure_ascii=False)
+    # Each file whole or not at all (a rerun after a crash finds no half table).
+    atomic_write(paths["md"], [to_markdown(table)])
+    atomic_write(paths["csv"], [to_csv(table)])
+    atomic_write(paths["json"], [json.dumps(table, indent=2, ensure_ascii=False)])
     plot(table, paths["png"])
     return paths
 

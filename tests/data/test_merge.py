@@ -68,6 +68,27 @@ def test_merge_refuses_a_missing_or_broken_set_naming_it(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_merge_refuses_outputs_that_are_inputs_a_set_given_twice_and_a_set_of_two_languages(tmp_path, capsys):
+    """Each of these lost data without a word: an input replaced by the merge, a set merged twice, and the second
+    language of a mixed set dropped and counted as corrupt."""
+    english = _write(tmp_path / "en.json", _english(3))
+    arabic = _write(tmp_path / "ar.json", _translated("arabic", "ما هذا؟", 2, corrupt=set()))
+    before = {path: open(path, encoding="utf-8").read() for path in (english, arabic)}
+    for translated, output, why in (([arabic], english, "is also an input"), ([arabic], arabic, "is also an input"),
+                                    ([arabic, arabic], str(tmp_path / "m.json"), "is given twice")):
+        assert main(["merge", "--data_path", english, "--translated", *translated, "--output", output]) == 2
+        assert why in capsys.readouterr().err
+    assert {path: open(path, encoding="utf-8").read() for path in before} == before
+    mixed = _write(tmp_path / "mixed.json", _translated("arabic", "ما هذا؟", 2, set())
+                   + _translated("chinese", "这是什么？", 3, set()))
+    assert main(["merge", "--data_path", english, "--translated", mixed, "--output", str(tmp_path / "m.json")]) == 2
+    assert "sample 2 is chinese, the set's earlier samples are arabic" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(tmp_path / "folder")]) == 2
+    assert "cannot write --output" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+
+
 def test_merge_shuffle_is_deterministic(tmp_path):
     a = _merge(tmp_path, "a.json", 7)
     b = _merge(tmp_path, "b.json", 7)

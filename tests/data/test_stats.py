@@ -145,3 +145,10 @@ def test_bench_folder_languages_and_bad_input(world, tmp_path, capsys):
     assert cli.main(["stats", "--data_path", str(data), "--model_name_or_path", str(tmp_path / "nowhere"),
                      ]) == 2
     assert "no tokenizer could be loaded" in capsys.readouterr().err
+    # Outputs that would replace the data, or have no name, or cannot be written: refused, the data untouched.
+    before = data.read_bytes()
+    for out, why in ((str(tmp_path / "data"), "which is --data_path"), (str(tmp_path) + "/", "must be a path prefix"),
+                     ("/proc/no-such/s", "cannot write --out")):
+        assert cli.main(["stats", "--data_path", str(data), "--model_name_or_path", world.full_dir, "--out", out]) == 2
+        assert why in capsys.readouterr().err
+    assert data.read_bytes() == before
