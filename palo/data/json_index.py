@@ -212,12 +212,37 @@ def cache_paths(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     return [path + _CACHE_SUFFIX, os.path.join(os.fspath(cache_dir), name)]
 
 
+_SAMPLED_BLOCK = 1 << 16  # bytes read per sampled place of a file for its fingerprint
+_SAMPLED_PLACES = 32
+
+
+def content_fingerprint(path: str, st: os.stat_result) -> int:
+    """A 63-bit fingerprint of a file's size, modification time and sampled content: its start, its end and
+    :data:`_SAMPLED_PLACES` evenly spaced blocks (about 2 MB read, whatever the file's size).
+
+    Size and time alone are the same for a file replaced by one of equal size with its time kept (``cp -p``,
+    ``rsync -t``: a reshuffled copy of a training set), whose cached offsets would then be wrong.
+    """
+    digest = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        places = {0, max(0, st.st_size - _SAMPLED_BLOCK)}
+        places.update(st.st_size * k // _SAMPLED_PLACES for k in range(1, _SAMPLED_PLACES))
+        for place in sorted(places):
+            f.seek(place)
+            digest.update(f.read(_SAMPLED_BLOCK))
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def _cache_key(path: str, st: os.stat_result) -> list[int]:
+    return [CACHE_VERSION, st.st_size, st.st_mtime_ns, content_fingerprint(path, st)]
+
+
 def _load_cache(path: str, cache_file: str, st: os.stat_result) -> JsonArrayIndex | None:
-    """The cached index if ``cache_file`` exists and matches the file's size and mtime, else None."""
+    """The cached index if ``cache_file`` exists and matches the file (size, time, sampled content), else None."""
     try:
         with np.load(cache_file, allow_pickle=False) as data:
             meta = data["meta"]
-            if meta.tolist() != [CACHE_VERSION, st.st_size, st.st_mtime_ns]:
+            if meta.tolist() != _cache_key(path, st):
                 return None
             offsets, lengths = data["offsets"], data["lengths"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
@@ -230,7 +255,7 @@ def _load_cache(path: str, cache_file: str, st: os.stat_result) -> JsonArrayInde
 
 def _save_cache(path: str, candidates: list[str], offsets: np.ndarray, lengths: np.ndarray, st: os.stat_result) -> None:
     """Write the cache to the first writable candidate, atomically (temp file in the same folder + ``os.replace``)."""
-    meta = np.array([CACHE_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
+    meta = np.array(_cache_key(path, st), dtype=np.int64)
     for target in candidates:
         folder = os.path.dirname(target)
         tmp = None

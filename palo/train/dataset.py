@@ -20,6 +20,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from palo.data.json_index import JsonArrayIndex
+from palo.data.json_index import JsonArrayIndex, content_fingerprint
 from palo.data.languages import LANGUAGES, sample_language
 from palo.jsonl import mkstemp_shared
 from palo.mm_utils import ImageLoadError, load_image, preprocess_image
@@ -97,13 +98,13 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
     """Metadata of every sample, computed in parallel once and cached as ``<path>.meta.npz``."""
     stat = os.stat(path)
     cache = path + ".meta.npz"
-    key = np.array([_META_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64)
+    key = np.array([_META_VERSION, stat.st_size, stat.st_mtime_ns, content_fingerprint(path, stat)], dtype=np.int64)
     if os.path.isfile(cache):
         try:
             with np.load(cache) as data:
                 if np.array_equal(data["key"], key):
                     return SampleMeta(data["corrupt"], data["has_image"], data["words"], data["language"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: rebuilt, not trusted
             pass
     rows = _map_ranges(_meta_range, len(index), index, workers=workers)
     meta = SampleMeta(
@@ -112,15 +113,31 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
         words=np.array([r[2] for r in rows], dtype=np.int64),
         language=np.array([r[3] for r in rows], dtype=np.int8),
     )
-    try:  # best effort: a read-only data folder just means no cache
-        fd, tmp = mkstemp_shared(os.path.dirname(os.path.abspath(path)), suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words,
-                     language=meta.language)
-        os.replace(tmp, cache)
-    except OSError:
-        pass
+    with _cache_writer(cache) as f:  # best effort: a read-only data folder just means no cache
+        np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words, language=meta.language)
     return meta
+
+
+@contextlib.contextmanager
+def _cache_writer(cache: str) -> Any:
+    """A binary file that becomes ``cache`` when written whole (a hidden temp file beside it, then ``os.replace``);
+    where it cannot be written, a sink that keeps nothing. No temp file stays behind."""
+    try:
+        fd, tmp = mkstemp_shared(os.path.dirname(os.path.abspath(cache)), prefix="." + os.path.basename(cache) + ".",
+                                 suffix=".tmp")
+    except OSError:  # a read-only folder
+        with open(os.devnull, "wb") as sink:
+            yield sink
+        return
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, cache)
+    except OSError:  # a full disk: no cache this time
+        pass
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 _LENGTHS_VERSION = 1
@@ -227,24 +244,20 @@ class LazySupervisedDataset(Dataset):
             return self._token_lengths
         stat = os.stat(self.data_path)
         fingerprint = hashlib.sha256(repr((
-            _LENGTHS_VERSION, stat.st_size, stat.st_mtime_ns, type(self.tokenizer).__name__,
+            _LENGTHS_VERSION, stat.st_size, stat.st_mtime_ns, content_fingerprint(self.data_path, stat),
+            type(self.tokenizer).__name__,
             sorted(self.tokenizer.get_vocab().items()), self.template, self.mm_use_im_start_end, self.image_tokens,
             self.model_max_length, self.image_processor is not None,
         )).encode()).hexdigest()[:16]
         cache = f"{self.data_path}.lengths-{fingerprint}.npy"
         lengths = None
         if os.path.isfile(cache):
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, EOFError):  # damaged: rebuilt, not trusted
                 lengths = np.load(cache)
         if lengths is None or lengths.shape != (len(self.meta.corrupt),):
             lengths = self._compute_lengths()
-            try:  # best effort, as the metadata cache
-                fd, tmp = mkstemp_shared(os.path.dirname(os.path.abspath(cache)), suffix=".npy")
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, lengths)
-                os.replace(tmp, cache)
-            except OSError:
-                pass
+            with _cache_writer(cache) as f:  # best effort, as the metadata cache
+                np.save(f, lengths)
         self._token_lengths = lengths[self.keep].astype(np.int64)
         return self._token_lengths
 

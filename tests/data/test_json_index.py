@@ -234,6 +234,17 @@ def test_cache_reuse_and_invalidation(tmp_path):
     fourth = JsonArrayIndex.build(path)
     assert not fourth.from_cache and fourth.read(0)["conversations"][1]["from"] == "GPT"
 
+    # Same size and the time kept (cp -p, rsync -t of a reshuffled set): the content decides, rebuilt.
+    samples = _samples(12)
+    _write(tmp_path, json.dumps(samples[::-1], indent=1))
+    JsonArrayIndex.build(path)
+    kept = os.stat(path)
+    _write(tmp_path, json.dumps(samples[6:] + samples[:6], indent=1))
+    os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    assert os.stat(path).st_size == kept.st_size
+    fifth = JsonArrayIndex.build(path)
+    assert not fifth.from_cache and fifth.read(0) == samples[6]
+
     # Written atomically: no temp files are left next to the data.
     assert sorted(os.listdir(tmp_path)) == ["train.json", "train.json.idx.npz"]
 

@@ -161,6 +161,16 @@ def test_token_lengths_are_the_items_spliced_lengths_and_are_cached(world, data,
     assert _dataset(world, data, max_length=100).token_lengths().tolist() == expected
     monkeypatch.undo()
     assert _dataset(world, data, max_length=256).token_lengths().tolist() != expected  # other settings, other key
+    # Damaged caches (an empty or cut file, a kill mid-write on another file system) are rebuilt, not a crash.
+    folder = os.path.dirname(data)
+    caches = [os.path.join(folder, f) for f in os.listdir(folder) if ".lengths-" in f or f.endswith(".meta.npz")]
+    assert len(caches) >= 2
+    for damage in (b"", b"\x93NUMPY\x01\x00v"):
+        for cache in caches:
+            with open(cache, "wb") as f:
+                f.write(damage)
+        assert _dataset(world, data, max_length=100).token_lengths().tolist() == expected
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # no temp file stays behind
 
 
 def test_collator_keeps_the_planned_rows_unless_one_overflows(world, data):
