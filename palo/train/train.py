@@ -18,14 +18,13 @@ if __package__ in (None, ""):  # run as a script (the original commands): make `
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import transformers  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 from palo.data.json_index import JsonArrayIndex  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.preprocess import BadSampleError  # noqa: E402
-from palo.train.trainer import PaloTrainer  # noqa: E402
+from palo.train.trainer import DamagedCheckpointsError, PaloTrainer, resumable_checkpoint  # noqa: E402
 
 logger = logging.getLogger("palo.train")
 
@@ -100,8 +99,9 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         stage1=model_args.tune_mm_mlp_adapter,
         save_embeddings=setup.embeddings_resized,
     )
-    # The latest complete checkpoint-N (a save cut short stays in <output_dir>/.staging, which is never picked).
-    checkpoint = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    # The latest whole checkpoint-N (a save cut short stays in <output_dir>/.staging, which is never picked; one
+    # damaged later, by a disk fault or a cut copy, is passed over with a warning).
+    checkpoint = resumable_checkpoint(training_args.output_dir)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -151,7 +151,7 @@ def finish_distributed() -> None:
 def main() -> None:
     try:
         train()
-    except BadSampleError as exc:  # its message names the sample and --skip_bad_samples; checkpoints so far stay
+    except (BadSampleError, DamagedCheckpointsError) as exc:  # each message names what and where; files stay
         raise SystemExit(f"error: {exc}") from None
     finish_distributed()
 

@@ -13,10 +13,13 @@ written and read by :mod:`palo.model.checkpoint_files`; resuming checks their ke
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
 import time
+import zipfile
 from typing import Any
 
 import torch
@@ -38,6 +41,71 @@ from palo.train.sampler import LengthGroupedSampler, PackedStepSampler
 logger = logging.getLogger(__name__)
 
 STAGING = ".staging"
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class DamagedCheckpointsError(RuntimeError):
+    """Every ``checkpoint-N`` of a run to resume is damaged (the message names each and why)."""
+
+
+def checkpoint_damage(folder: str) -> str | None:
+    """Why a ``checkpoint-N`` folder cannot be resumed from, or None when it looks whole.
+
+    Cheap checks that catch a cut or emptied file (a disk fault, a copy cut short): ``trainer_state.json`` parses;
+    every JSON file parses; every safetensors file is as long as its header says; every torch pickle (``.bin``,
+    ``.pt``, ``.pth``: zip archives) has its directory, which is written last.
+    """
+    state = os.path.join(folder, "trainer_state.json")
+    if not os.path.isfile(state):
+        return "no trainer_state.json"
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            where = os.path.relpath(path, folder)
+            try:
+                if name.endswith(".json"):
+                    with open(path, encoding="utf-8") as f:
+                        json.load(f)
+                elif name.endswith(".safetensors"):
+                    with open(path, "rb") as f:
+                        header = int.from_bytes(f.read(8), "little")
+                        meta = json.loads(f.read(header))
+                    end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
+                    if os.path.getsize(path) < 8 + header + end:
+                        return f"{where} is cut short"
+                elif name.endswith((".bin", ".pt", ".pth")):
+                    with zipfile.ZipFile(path):
+                        pass
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+                return f"{where} cannot be read ({type(exc).__name__}: {str(exc)[:80]})"
+    return None
+
+
+def resumable_checkpoint(output_dir: str) -> str | None:
+    """The newest whole ``checkpoint-N`` of ``output_dir`` (None when there is none); damaged newer ones are
+    passed over with a warning naming each.
+
+    Raises:
+        DamagedCheckpointsError: When checkpoints exist but none is whole: starting over would silently discard
+            the run, so the user decides (move the damaged folders away to start over).
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
+                    if (m := _CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
+                   reverse=True)
+    damaged = []
+    for _, name in found:
+        folder = os.path.join(output_dir, name)
+        why = checkpoint_damage(folder)
+        if why is None:
+            return folder
+        logger.warning("not resuming from %s: %s", folder, why)
+        damaged.append(f"{name}: {why}")
+    if damaged:
+        raise DamagedCheckpointsError(f"{output_dir}: no checkpoint to resume from is whole ({'; '.join(damaged)}); "
+                                      "move them away to start the run over")
+    return None
 
 
 class _PackedStepEpoch(TrainerCallback):

@@ -834,3 +834,39 @@ def test_lora_saves_carry_the_embeddings_only_when_tokens_were_added(world, data
         adapter = torch.load(os.path.join(folder, "adapter_model.bin"))
         embeddings = {k for k in adapter if "embed_tokens" in k or "lm_head" in k}
         assert bool(embeddings) == (start_end == "True"), sorted(adapter)
+
+
+def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_path, caplog):
+    """A checkpoint-N cut or emptied after it was written (a disk fault, a copy cut short) stopped every resume
+    with a traceback until it was deleted by hand; the newest whole one is taken instead."""
+    from safetensors.torch import save_file
+
+    from palo.train.trainer import DamagedCheckpointsError, resumable_checkpoint
+
+    def checkpoint(step: int) -> str:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        save_file({"w": torch.ones(64, 64)}, str(folder / "model.safetensors"))
+        torch.save({"state": torch.zeros(64)}, str(folder / "optimizer.pt"))
+        return str(folder)
+
+    def cut(path: str, keep: int) -> None:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+
+    assert resumable_checkpoint(str(tmp_path / "none")) is None
+    steps = {step: checkpoint(step) for step in (4, 8, 12, 16)}
+    (tmp_path / "checkpoint-20").mkdir()  # empty
+    (tmp_path / ".staging").mkdir()
+    cut(os.path.join(steps[16], "model.safetensors"), 1000)
+    cut(os.path.join(steps[12], "optimizer.pt"), 200)
+    (tmp_path / "checkpoint-8" / "trainer_state.json").write_text("{")
+    with caplog.at_level("WARNING"):
+        assert resumable_checkpoint(str(tmp_path)) == steps[4]
+    said = caplog.text
+    assert "checkpoint-20: no trainer_state.json" in said and "model.safetensors is cut short" in said
+    assert "optimizer.pt cannot be read" in said and "trainer_state.json cannot be read" in said
+    cut(os.path.join(steps[4], "optimizer.pt"), 0)
+    with pytest.raises(DamagedCheckpointsError, match="no checkpoint to resume from is whole"):
+        resumable_checkpoint(str(tmp_path))
