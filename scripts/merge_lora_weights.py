@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from palo.jsonl import staged_folder  # noqa: E402
 from palo.mm_utils import get_model_name_from_path  # noqa: E402
 from palo.model.builder import CheckpointError, load_pretrained_model  # noqa: E402
+from palo.model.vision_tower import VisionTowerError  # noqa: E402
 
 
 def merge_lora(model_path: str, model_base: str, save_model_path: str, dtype: torch.dtype = torch.float16) -> None:
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         merge_lora(args.model_path, args.model_base, args.save_model_path, getattr(torch, args.dtype))
-    except (CheckpointError, ValueError, OSError) as exc:
+    except (CheckpointError, VisionTowerError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"merged model saved to {args.save_model_path}")

@@ -38,7 +38,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from palo.train.preprocess import BadSampleError, build_supervised_example, supervised_text
     from palo.train.train import template_for
 
-    tokenizer = load_tokenizer(resolve_checkpoint_dir(args.model_name_or_path))
+    try:
+        tokenizer = load_tokenizer(resolve_checkpoint_dir(args.model_name_or_path))
+    except OSError as exc:  # a folder without tokenizer files (CheckpointError is palo-data's ValueError line)
+        print(f"error: --model_name_or_path {args.model_name_or_path}: no tokenizer could be loaded ({exc})",
+              file=sys.stderr)
+        return 2
     if args.version != "v0" and tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
     index = JsonArrayIndex.build(args.data_path)

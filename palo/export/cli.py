@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--{option.replace('_', '-')} applies to --to {target} only")
     from palo.export.hf_llava import ExportError
     from palo.model.builder import CheckpointError
+    from palo.model.vision_tower import VisionTowerError
 
     try:
         if args.to == "gguf":
@@ -63,8 +64,11 @@ def main(argv: list[str] | None = None) -> int:
             args.model_path, args.output, args.model_base, conv_mode=args.conv_mode, dtype=args.dtype or "auto",
             max_shard_size=args.max_shard_size or "5GB", vision_tower=args.vision_tower, overwrite=args.overwrite,
         )
-    except (ExportError, CheckpointError, ValueError) as error:
+    except (ExportError, CheckpointError, VisionTowerError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file of the checkpoint missing or not JSON, an output that cannot be written
+        print(f"error: {error.strerror + ': ' + str(error.filename) if error.filename else error}", file=sys.stderr)
         return 2
     print(f"wrote {result.output_dir}: {len(result.weight_files)} weight file(s), <image> id {result.image_token_id}, "
           f"{result.num_image_tokens} positions per image, chat template {result.conv_mode}")

@@ -268,7 +268,7 @@ def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool)
     """
     from transformers import AutoConfig
 
-    from palo.model.builder import detect_checkpoint_kind, resolve_checkpoint_dir
+    from palo.model.builder import detect_checkpoint_kind, resolve_checkpoint_dir, unreadable_files_named
     from palo.model.config import MultimodalSpec
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -281,7 +281,8 @@ def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool)
         raise ExportError(f"{output_dir!r} holds the checkpoint {model_path!r}: an export there would replace what "
                           "it reads; choose another folder")
     detect_checkpoint_kind(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
+    with unreadable_files_named(model_path, None):
+        config = AutoConfig.from_pretrained(model_dir)
     spec = MultimodalSpec.from_config(config)
     if not spec.is_multimodal:
         raise ExportError(f"{model_path!r} is a text-only LLM (its config names no mm_vision_tower); nothing to export")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,11 +230,46 @@ def load_pretrained_model(
         ``(tokenizer, model, image_processor, context_len)``; ``image_processor`` is None for a text-only LLM.
 
     Raises:
-        CheckpointError: If the folder is not a checkpoint or lacks what its kind needs.
+        CheckpointError: If the folder is not a checkpoint, lacks what its kind needs, or a file of it cannot be
+            read (cut short, not JSON, a config field of the wrong type).
         palo.model.vision_tower.VisionTowerError: If the vision tower cannot be found.
         palo.model.attention.AttentionUnavailableError: If the chosen attention kernel is not installed.
     """
-    del model_name  # compatibility only: the files decide, not the name
+    with unreadable_files_named(model_path, model_base):
+        return _load_pretrained_model(model_path, model_base, load_8bit, load_4bit, device_map, device,
+                                      vision_tower=vision_tower, dtype=dtype, use_flash_attn=use_flash_attn,
+                                      attn_implementation=attn_implementation, **kwargs)
+
+
+@contextlib.contextmanager
+def unreadable_files_named(model_path: str, model_base: str | None) -> Iterator[None]:
+    """Turn a library's error about a damaged file (a cut safetensors file, a config field of the wrong type, a cut
+    pickle) into a :class:`CheckpointError` that names the checkpoint; every caller already answers those."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, StrictDataclassError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+        where = model_path if model_base is None else f"{model_path} (base {model_base})"
+        raise CheckpointError(f"{where}: a file cannot be read ({type(exc).__name__}: {str(exc)[:300]})") from exc
+
+
+def _load_pretrained_model(
+    model_path: str,
+    model_base: str | None,
+    load_8bit: bool,
+    load_4bit: bool,
+    device_map: Any,
+    device: str,
+    *,
+    vision_tower: str | None,
+    dtype: torch.dtype | None,
+    use_flash_attn: bool,
+    attn_implementation: str | None,
+    **kwargs: Any,
+) -> tuple[Any, PreTrainedModel, Any, int]:
+    """:func:`load_pretrained_model`, whose errors it names."""
     model_dir = resolve_checkpoint_dir(model_path)
     kind = detect_checkpoint_kind(model_dir)
     base_dir = resolve_checkpoint_dir(model_base) if model_base else None

@@ -318,6 +318,40 @@ def test_cli_verb(world, tmp_path, capsys):
         palo_main(["export", "--to", "onnx", "--model-path", world.full_dir, "--output", str(tmp_path / "z")])
 
 
+@pytest.mark.parametrize("target", ["hf-llava", "gguf"])
+def test_a_damaged_checkpoint_is_named_not_a_traceback(world, tmp_path, capsys, target):
+    import shutil
+
+    def damaged(name: str, damage) -> str:
+        folder = tmp_path / name
+        shutil.copytree(world.full_dir, folder)
+        damage(folder)
+        return str(folder)
+
+    def cut(folder):
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.truncate(os.path.getsize(folder / "model.safetensors") // 2)
+
+    def retype(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
+
+    def untokenized(folder):
+        for name in os.listdir(folder):
+            if name.startswith("tokenizer") or name == "special_tokens_map.json":
+                os.remove(folder / name)
+
+    for name, damage, why in (("cut", cut, "a file cannot be read (SafetensorError"),
+                              ("retyped", retype, "a file cannot be read (StrictDataclass"),
+                              ("notjson", lambda f: (f / "config.json").write_text("{"), "config"),
+                              ("untokenized", untokenized, "")):
+        out = tmp_path / f"out-{name}"
+        assert palo_main(["export", "--to", target, "--model-path", damaged(name, damage), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and why in err and "Traceback" not in err, err
+        assert not out.exists()
+
+
 def test_config_without_im_patch_key_keeps_the_loaders_extra_token(world, tmp_path):
     """Original configs may lack ``mm_use_im_patch_token``: the loader then adds ``<im_patch>`` (one more row), so
     ``<image>`` comes after it and every id and logit still matches."""
