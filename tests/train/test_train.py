@@ -276,6 +276,21 @@ def test_lora_train_save_load_and_merge(world, data, tmp_path):
     assert result.returncode == 0, result.stderr
     tokenizer, merged_model, _, _ = load_pretrained_model(merged, device="cpu")
     torch.testing.assert_close(_logits(merged_model, tokenizer, pixels), expected, rtol=1e-4, atol=1e-4)
+    # Saves that would replace what they read, or still load as the adapter: refused, the folders untouched.
+    before = sorted(os.listdir(out))
+    for save, why in ((out, "is or holds --model-path"), (os.path.dirname(world.base_dir), "is or holds --model-base")):
+        refused = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_lora_weights.py"),
+                                  "--model-path", out, "--model-base", world.base_dir, "--save-model-path", save],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and why in refused.stderr and "Traceback" not in refused.stderr
+    adapter_only = tmp_path / "adapter_only"
+    adapter_only.mkdir()
+    (adapter_only / "adapter_config.json").write_text("{}")
+    refused = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "merge_lora_weights.py"),
+                              "--model-path", out, "--model-base", world.base_dir, "--save-model-path",
+                              str(adapter_only)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "would still load as that adapter" in refused.stderr
+    assert sorted(os.listdir(out)) == before
 
 
 def test_stage1_then_stage2(world, data, tmp_path):
