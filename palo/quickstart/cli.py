@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # The verbs (`palo quickstart`, `palo export`, ...) are palo.cli's; this parses the quickstart's own options.
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from palo.quickstart.pipeline import QuickstartConfig, run
+    from palo.quickstart.pipeline import QuickstartConfig, WorkdirInUse, run
 
+    if not 0 <= args.port <= 65535:  # found after the whole pipeline otherwise, when the UI binds
+        print(f"error: --port must be from 0 to 65535, got {args.port}", file=sys.stderr)
+        return 2
     config = QuickstartConfig.tiny() if args.preset == "tiny" else QuickstartConfig()
     if args.steps is not None:
         if args.steps < 1:
@@ -54,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --workdir {args.workdir!r} is not a writable folder ({error.strerror or error})",
               file=sys.stderr)
         return 2
-    result = run(args.workdir, config)
+    try:
+        result = run(args.workdir, config)
+    except WorkdirInUse as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.no_serve:
         return 0
     if args.check_served:

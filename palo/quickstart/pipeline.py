@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from palo.quickstart.vision import TowerPretraining
 from palo.testing.tiny import TinyShapes
@@ -290,12 +290,46 @@ class Result:
     seconds: dict[str, float]
 
 
+CONFIG_FILE = "quickstart-config.json"
+
+
+class WorkdirInUse(ValueError):
+    """The workdir holds a run made with other settings (its stages would be skipped as done)."""
+
+
+def claim_workdir(workdir: str, config: QuickstartConfig) -> None:
+    """Record ``config`` in ``workdir``, or check it against the one recorded there.
+
+    Every stage skips what the workdir already holds, so a rerun with other settings (``--steps``, ``--preset``)
+    would report the earlier run's table as if it were the new one's.
+
+    Raises:
+        WorkdirInUse: Naming the settings that differ.
+    """
+    import json
+
+    path = os.path.join(workdir, CONFIG_FILE)
+    wanted = json.loads(json.dumps(asdict(config)))
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        differ = sorted(k for k in set(wanted) | set(recorded) if wanted.get(k) != recorded.get(k))
+        if differ:
+            raise WorkdirInUse(f"{workdir} holds a quickstart run with other settings ({', '.join(differ)}); "
+                               "choose another --workdir, or delete this one to start over")
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(wanted, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def run(workdir: str, config: QuickstartConfig) -> Result:
     """Every stage but serving; returns where things are and the timings."""
     from palo.quickstart import exact_match
 
     paths = Paths(os.path.abspath(workdir))
     os.makedirs(paths.workdir, exist_ok=True)
+    claim_workdir(paths.workdir, config)
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn, *args):

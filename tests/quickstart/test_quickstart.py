@@ -51,6 +51,12 @@ def test_rerun_skips_finished_stages(workdir, capsys):
     assert cli.main(["quickstart", "--workdir", workdir, "--no-serve", "--preset", "tiny", "--steps", "1"]) == 0
     out = capsys.readouterr().out
     assert out.count("[skip]") >= 5 and "vision tower already pre-trained" in out and "| Overall avg |" in out
+    # Other settings on the same workdir: refused before any stage, not the earlier run's table under a new banner.
+    before = sorted(os.listdir(workdir))
+    assert cli.main(["quickstart", "--workdir", workdir, "--no-serve", "--preset", "tiny", "--steps", "7"]) == 2
+    assert "holds a quickstart run with other settings (steps)" in capsys.readouterr().err
+    assert cli.main(["quickstart", "--workdir", workdir, "--no-serve"]) == 2  # the default preset
+    assert "other settings" in capsys.readouterr().err and sorted(os.listdir(workdir)) == before
 
 
 def test_bad_arguments(tmp_path, capsys):
@@ -63,6 +69,10 @@ def test_bad_arguments(tmp_path, capsys):
         cli.main(["quickstart", "--no-serve", "--check-served"])
     assert exit_info.value.code == 2
     assert cli.main(["quickstart", "--steps", "0", "--no-serve"]) == 2
+    for port in ("70000", "-5"):
+        assert cli.main(["quickstart", "--workdir", str(tmp_path / "w"), "--port", port]) == 2
+        assert "--port must be from 0 to 65535" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
