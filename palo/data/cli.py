@@ -115,7 +115,11 @@ def _validate(args: argparse.Namespace) -> int:
     read_differently: collections.Counter[str] = collections.Counter(
         {"exif_orientation": 0, "transparency": 0, "16_bit": 0, "pad_scaled": 0})
     for i in tqdm(range(len(index)), desc="samples", unit="sample", disable=args.quiet):
-        sample = index.read(i)
+        try:
+            sample = index.read(i)
+        except ValueError as exc:  # one problem among the others, not the end of the check
+            problems.append({"index": i, "id": None, "problem": str(exc)})
+            continue
         sample_id = sample.get("id") if isinstance(sample, dict) else None
         if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
             problems.append({"index": i, "id": sample_id, "problem": "no 'conversations' list"})

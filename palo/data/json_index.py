@@ -165,9 +165,15 @@ class JsonArrayIndex:
 
         Raises:
             IndexError: ``i`` is out of range.
-            ValueError: The element is not valid JSON (``json.JSONDecodeError``, a ``ValueError``).
+            ValueError: The element is not valid JSON, naming the file, the element and the byte.
         """
-        return json.loads(self.read_raw(i))
+        raw = self.read_raw(i)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+            where = int(self.offsets[i]) + getattr(exc, "pos", 0)
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+            raise ValueError(f"{self.path}: sample {i % len(self)} (byte {where}) is not valid JSON: {why}") from None
 
     def close(self) -> None:
         """Close this process's file handle; a later :meth:`read` reopens it."""

@@ -71,6 +71,14 @@ def test_validate_clean_and_broken(data, tmp_path):
     assert report["problems"] == 2 and report["corrupt_filtered"] == 1
     assert "'gone'" in result.stderr.replace('"', "'") and "no such image file" in result.stderr
     assert "roles" in result.stderr
+    # A sample that is not JSON (its brackets balance, so the index holds it) is one problem, named, among the rest.
+    text = broken.read_text()
+    bad = text[:-1] + ', {"id": x, "conversations": []}]'
+    broken.write_text(bad)
+    result = _run("validate", "--data_path", str(broken), "--image_folder", folder, "--quiet")
+    assert result.returncode == 1 and json.loads(result.stdout)["problems"] == 3
+    where = bad.encode().rindex(b'x, "conversations"')
+    assert f"{broken}: sample 15 (byte {where}) is not valid JSON: Expecting value" in result.stderr
 
     (tmp_path / "not_json.json").write_text("{not an array")
     result = _run("validate", "--data_path", str(tmp_path / "not_json.json"))

@@ -165,8 +165,8 @@ def test_element_contents_are_validated_on_read(tmp_path):
     path = _write(tmp_path, '[{"a": 1}, {"b": tru}, {"c": [{1]}}]')
     index = JsonArrayIndex.build(path, cache=False)
     assert len(index) == 3 and index.read(0) == {"a": 1}
-    for i in (1, 2):
-        with pytest.raises(json.JSONDecodeError):
+    for i, byte in ((1, 17), (2, 31)):  # named by file, sample and byte (a bare JSONDecodeError named nothing)
+        with pytest.raises(ValueError, match=rf"train\.json: sample {i} \(byte {byte}\) is not valid JSON"):
             index.read(i)
 
 
