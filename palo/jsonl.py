@@ -22,6 +22,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -282,6 +283,28 @@ def read_json_samples(path: str, what: str = "file") -> list[dict[str, Any]]:
     return data
 
 
+def _remove_abandoned(parent: str, owner: str) -> None:
+    """Remove staging folders ``<owner><pid>-*`` in ``parent`` whose process (on this host) is gone."""
+    for name in os.listdir(parent):
+        if not name.startswith(owner):
+            continue
+        pid = name[len(owner):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        print(f"[cleanup] removed {os.path.join(parent, name)}, left by a run that was stopped", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def staged_folder(final_dir: str, replaces: Sequence[str] = ()) -> Iterator[str]:
     """A new folder beside ``final_dir`` to write into; on success its files replace those of the same names in
@@ -298,7 +321,10 @@ def staged_folder(final_dir: str, replaces: Sequence[str] = ()) -> Iterator[str]
     """
     parent = os.path.dirname(os.path.abspath(final_dir))
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(final_dir)) + ".partial-", dir=parent)
+    # The name says whose it is, so that a later run can remove what a killed one left (gigabytes for a 13B).
+    owner = f".{os.path.basename(os.path.abspath(final_dir))}.partial-{socket.gethostname()}-"
+    _remove_abandoned(parent, owner)
+    staging = tempfile.mkdtemp(prefix=f"{owner}{os.getpid()}-", dir=parent)
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the finished folder private to this user
     try:
         yield staging

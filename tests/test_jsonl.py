@@ -171,3 +171,22 @@ def test_a_json_sample_file_is_read_whole_or_refused_naming_the_file_and_the_fau
 def test_the_old_import_path_is_the_same_module_content():
     for name in old_path.__all__:
         assert getattr(old_path, name) is getattr(jsonl, name)
+
+
+def test_a_staging_folder_left_by_a_killed_writer_is_removed_by_the_next_one(tmp_path):
+    """A killed export used to leave its hidden staging folder (gigabytes for a 13B) for good."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom palo import jsonl\nwith jsonl.staged_folder(sys.argv[1]) as staging:\n"
+            "    open(staging + '/part', 'w').write('x')\n    print(staging, flush=True)\n    time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True)
+    abandoned = writer.stdout.readline().strip()
+    writer.kill()
+    writer.wait()
+    assert os.path.isdir(abandoned)
+    live = tmp_path / f".out.partial-{__import__('socket').gethostname()}-{os.getpid()}-live"
+    live.mkdir()  # a writer that still runs (this process): left alone
+    with jsonl.staged_folder(str(tmp_path / "out")) as staging:
+        (tmp_path / os.path.basename(staging) / "done").write_text("y")
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name]) and os.listdir(tmp_path / "out") == ["done"]

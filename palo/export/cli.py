@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.output.strip():
+        parser.error("--output must name a folder")
     only = {"hf-llava": ("dtype", "max_shard_size"), "gguf": ("outtype", "name")}
     for target, options in only.items():
         for option in options:

@@ -316,6 +316,14 @@ def test_cli_verb(world, tmp_path, capsys):
     assert (tmp_path / "a_file").read_text() == "notes"
     with pytest.raises(SystemExit):
         palo_main(["export", "--to", "onnx", "--model-path", world.full_dir, "--output", str(tmp_path / "z")])
+    with pytest.raises(SystemExit):  # an empty --output (it staged a whole export beside the working folder)
+        palo_main(["export", "--to", "hf-llava", "--model-path", world.full_dir, "--output", ""])
+    assert "--output must name a folder" in capsys.readouterr().err
+    # An output under a file, or where nothing can be written: one line, no traceback.
+    for output in (str(tmp_path / "a_file" / "sub"), "/proc/no-such/out"):
+        assert palo_main(["export", "--to", "hf-llava", "--model-path", world.full_dir, "--output", output]) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("target", ["hf-llava", "gguf"])
