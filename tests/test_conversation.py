@@ -464,3 +464,21 @@ def test_conversation_constructor_accepts_tuples():
     conv.messages[0][1] = "y"
     assert conv.roles == ("A", "B")
     assert conv.get_prompt() == "s A: y "
+
+
+def test_the_chat_view_encodes_each_image_once(monkeypatch):
+    """A streamed answer redraws the chat per piece; a photo's preview was encoded again each time."""
+    import palo.conversation as conversation
+
+    calls = []
+    encode = conversation.encode_image_base64
+    monkeypatch.setattr(conversation, "encode_image_base64", lambda image: calls.append(1) or encode(image))
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], ("hi\n<image>", Image.new("RGB", (900, 600), "red"), "Default"))
+    conv.append_message(conv.roles[1], "a")
+    views = [conv.to_gradio_chatbot() for _ in range(5)]
+    assert len(calls) == 1 and all(view == views[0] for view in views)
+    conv.append_message(conv.roles[0], ("and?\n<image>", Image.new("RGB", (900, 600), "blue"), "Default"))
+    conv.append_message(conv.roles[1], None)
+    view = conv.to_gradio_chatbot()
+    assert len(calls) == 2 and view[0] == views[0][0] and view[2]["content"] != view[0]["content"]
