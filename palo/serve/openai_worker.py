@@ -337,6 +337,7 @@ class OpenAIWorker(BaseWorker):
         usage: dict | None = None
         stops = body.get("stop") or []
         logprobs: list[dict] = []  # the backend's entries not yet passed on
+        pieces = 0  # non-empty content deltas relayed
 
         def take_logprobs() -> list[dict] | None:
             """The entries since the last chunk (each chunk carries its new tokens'), when they were asked for."""
@@ -369,11 +370,20 @@ class OpenAIWorker(BaseWorker):
                         return
                     event_usage, choices = _event_parts(event)
                     usage = event_usage or usage
+                    # Each piece holds a token at least: a backend sending more than max_tokens ignores the limit
+                    # (it would be relayed without end), and the answer is cut there.
+                    cut = any(delta for delta, _, _ in choices) and pieces == body["max_tokens"]
+                    if cut:
+                        self.logger.warning("backend %s sent more than max_tokens=%d pieces; answer cut there",
+                                            self.api_base, body["max_tokens"])
+                        finish = finish or "length"
+                        break
                     for delta, choice_finish, choice_logprobs in choices:
                         finish = choice_finish or finish
                         logprobs.extend(choice_logprobs)
                         if delta:
                             text += delta
+                            pieces += 1
                             yield encode_chunk(prompt + _trim_stop(text, stops), OK, logprobs=take_logprobs())
         except MalformedEvent as exc:  # the backend's fault, said as such (no traceback: nothing here broke)
             self.logger.error("backend %s sent a malformed event: %s", self.api_base, exc)

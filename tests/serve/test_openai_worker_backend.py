@@ -127,3 +127,26 @@ def test_a_good_answer_with_a_malformed_usage_is_kept():
         worker.stop()
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:Hi")
     assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 2}
+
+
+def test_a_backend_that_ignores_max_tokens_is_cut_there():
+    """Relayed without end before (thousands of chunks for max_new_tokens 8, each repeating the whole answer)."""
+    backend = FastAPI()
+
+    @backend.post("/v1/chat/completions")
+    async def completions(request: Request):
+        def events():
+            for _ in range(10_000):
+                yield f"data: {json.dumps({'choices': [{'delta': {'content': ' la'}, 'finish_reason': None}]})}\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
+    with served(backend) as burl:
+        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
+        with served(create_app(worker)) as wurl:
+            chunks = list(iter_chunks(httpx.post(wurl + "/worker_generate_stream", json=payload, timeout=30)
+                                      .iter_bytes()))
+        worker.stop()
+    assert chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] == "length"
+    assert chunks[-1]["text"].endswith("ASSISTANT:" + " la" * 8) and len(chunks) == 9
