@@ -55,7 +55,7 @@ from palo.serve.protocol import (
     decode_json_body,
     error_chunk,
 )
-from palo.serve.routing import NoWorkerError, Router, WorkerUnreachableError
+from palo.serve.routing import HOPS_HEADER, MAX_HOPS, NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
 from palo.serve.utils import build_logger, refuse_unservable, serve_http
 
@@ -397,8 +397,14 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         if not isinstance(model, str):
             return Response(error_chunk("'model' is required and must be a string", NO_WORKER, INVALID_REQUEST), 400,
                             media_type=STREAM_MEDIA_TYPE)
+        hops = request.headers.get(HOPS_HEADER, "0")
+        hops = int(hops) if hops.isdigit() else 0
+        if hops >= MAX_HOPS:  # a worker registration that points back at a controller on the way
+            return Response(error_chunk(f"the request went through {hops} relays: the workers registered for "
+                                        f"{model!r} form a loop", WORKER_UNREACHABLE), 508,
+                            media_type=STREAM_MEDIA_TYPE)
         try:
-            stream = await router.open(model, body)
+            stream = await router.open(model, body, hops)
         except NoWorkerError:
             return Response(error_chunk(_no_worker_message(controller, model), NO_WORKER, MODEL_NOT_FOUND), 404,
                             media_type=STREAM_MEDIA_TYPE)

@@ -16,6 +16,9 @@ import httpx
 from palo.serve.protocol import aiter_chunks
 
 CONNECT_TIMEOUT_S = 5.0  # connecting to a worker for a generation request (the original's value)
+# Relays a generation request went through (controllers can be registered as other controllers' workers).
+HOPS_HEADER = "X-PALO-Relay-Hops"
+MAX_HOPS = 8  # far past any real hierarchy: more means the registrations form a loop
 
 
 class WorkerRegistry(Protocol):
@@ -101,8 +104,11 @@ class Router:
         if client is not None:
             await client.aclose()
 
-    async def open(self, model: str, body: bytes) -> WorkerStream:
+    async def open(self, model: str, body: bytes, hops: int = 0) -> WorkerStream:
         """Send ``body`` to a worker of ``model`` and return once its response headers arrived.
+
+        ``hops``: relays this request already went through (a controller registered as another's worker relays
+        on; the count, sent as :data:`HOPS_HEADER`, ends a loop of registrations instead of relaying for good).
 
         Raises:
             NoWorkerError: If no live worker serves the model.
@@ -125,7 +131,7 @@ class Router:
             tried.add(address)
             request = self.client.build_request(
                 "POST", address + "/worker_generate_stream", content=body,
-                headers={"Content-Type": "application/json"}, timeout=self.timeout,
+                headers={"Content-Type": "application/json", HOPS_HEADER: str(hops + 1)}, timeout=self.timeout,
             )
             response = await self._reach(address, self.client.send(request, stream=True))
             if isinstance(response, Exception):

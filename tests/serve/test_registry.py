@@ -142,3 +142,25 @@ def test_the_register_endpoint_answers_400_with_the_reason():
         good = {"worker_name": "http://w", "check_heart_beat": True, "worker_status": status("m")}
         assert client.post("/register_worker", json=good).status_code == 200
         assert client.post("/list_models").json() == {"models": ["m"]}
+
+
+def test_a_registration_loop_is_ended_not_relayed_for_good():
+    """A controller registered as its own worker (or a ring of controllers) relayed a request to itself until the
+    entry expired, or for good without heartbeat checks; the relay count ends it with a 508 that says why."""
+    import time
+
+    import httpx
+    from serve_helpers import served
+
+    from palo.serve.controller import create_app
+    from palo.serve.routing import MAX_HOPS
+
+    controller = Controller("shortest_queue")
+    with served(create_app(controller)) as url:
+        assert httpx.post(url + "/register_worker", timeout=10, json={
+            "worker_name": url, "check_heart_beat": False,
+            "worker_status": {"model_names": ["loop"], "speed": 1, "queue_length": 0}}).status_code == 200
+        start = time.monotonic()
+        answer = httpx.post(url + "/worker_generate_stream", json={"model": "loop", "prompt": "hi"}, timeout=60)
+        assert time.monotonic() - start < 30
+        assert f"the request went through {MAX_HOPS} relays" in answer.text and "form a loop" in answer.text
