@@ -328,6 +328,13 @@ def staged_folder(final_dir: str, replaces: Sequence[str] = ()) -> Iterator[str]
     os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would make the finished folder private to this user
     try:
         yield staging
+        # Files get the mode new files get (safetensors writes 0600: an export only its writer could read).
+        mode = 0o666 & ~_umask()
+        for root, _, names in os.walk(staging):
+            for name in names:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):
+                    os.chmod(path, mode | (os.stat(path).st_mode & 0o111))  # executables stay executable
         if not os.path.isdir(final_dir):
             os.replace(staging, final_dir)
             return

@@ -91,6 +91,14 @@ def test_a_staged_folder_that_cannot_be_moved_in_leaves_nothing_and_replaces_the
         (tmp_path / os.path.basename(staging) / "model-00001-of-00002.safetensors").write_text("new")
     assert sorted(os.listdir(target)) == ["README.md", "model-00001-of-00002.safetensors"]
     assert (target / "model-00001-of-00002.safetensors").read_text() == "new"
+    # A file its writer made private (safetensors writes 0600) gets the mode new files get.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with jsonl.staged_folder(str(tmp_path / "private")) as staging:
+        path = tmp_path / os.path.basename(staging) / "model.safetensors"
+        path.write_text("w")
+        os.chmod(path, 0o600)
+    assert (tmp_path / "private" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_read_log_stops_at_a_torn_line_and_repair_cuts_it(tmp_path):
