@@ -203,8 +203,10 @@ class JsonArrayIndex:
 
 
 # ------------------------------------------------------------------------------------------------------- caching
-def cache_paths(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[str]:
-    """Where the index of ``path`` is cached, in order of preference: next to the file, then a user cache dir.
+def cache_paths(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                suffix: str = _CACHE_SUFFIX) -> list[str]:
+    """Where a cache of ``path`` (its index by default) goes, in order of preference: next to the file, then a user
+    cache dir (a read-only data folder).
 
     The user-cache name includes a hash of the absolute path, so equal file names in different folders do not
     collide.
@@ -214,8 +216,8 @@ def cache_paths(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
         root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         cache_dir = os.path.join(root, "palo", "json_index")
     digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    name = f"{digest}-{os.path.basename(path)}{_CACHE_SUFFIX}"
-    return [path + _CACHE_SUFFIX, os.path.join(os.fspath(cache_dir), name)]
+    name = f"{digest}-{os.path.basename(path)}{suffix}"
+    return [path + suffix, os.path.join(os.fspath(cache_dir), name)]
 
 
 _SAMPLED_BLOCK = 1 << 16  # bytes read per sampled place of a file for its fingerprint

@@ -173,6 +173,33 @@ def test_token_lengths_are_the_items_spliced_lengths_and_are_cached(world, data,
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # no temp file stays behind
 
 
+def test_a_read_only_data_folder_keeps_its_caches_in_the_user_cache(world, data, tmp_path, monkeypatch):
+    """They were written nowhere, so a large set was re-tokenised at every --packing_rows run."""
+    import tempfile
+
+    from palo.train import dataset as dataset_module
+    from palo.train.dataset import LazySupervisedDataset
+
+    folder = os.path.dirname(data)
+    for name in os.listdir(folder):  # start without caches beside the data
+        if ".lengths-" in name or name.endswith((".meta.npz", ".idx.npz")):
+            os.remove(os.path.join(folder, name))
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):  # noqa: A002 - mirrors tempfile.mkstemp
+        if os.path.abspath(dir) == folder:  # root ignores chmod: fail the way a read-only file system does
+            raise OSError(30, "Read-only file system", dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    expected = _dataset(world, data, max_length=100).token_lengths().tolist()
+    assert not [f for f in os.listdir(folder) if ".lengths-" in f or f.endswith(".meta.npz")]
+    monkeypatch.setattr(LazySupervisedDataset, "_compute_lengths", lambda self: pytest.fail("lengths not cached"))
+    monkeypatch.setattr(dataset_module, "_map_ranges", lambda *a, **k: pytest.fail("metadata not cached"))
+    assert _dataset(world, data, max_length=100).token_lengths().tolist() == expected
+
+
 def test_collator_keeps_the_planned_rows_unless_one_overflows(world, data):
     from palo.train.dataset import PackedDataCollator
 
