@@ -194,25 +194,9 @@ class JsonlAppender:
         self.close()
 
 
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """:func:`atomic_write` for bytes (a rendered figure)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = mkstemp_shared(folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write(path: str, chunks: Iterable[str]) -> None:
-    """Write text to ``path`` through a temp file in the same folder and ``os.replace``: never half a file.
+def atomic_write(path: str, chunks: Iterable[str] | Iterable[bytes]) -> None:
+    """Write text (or bytes) to ``path`` through a temp file in the same folder and ``os.replace``: never half a
+    file.
 
     The temp file is unique (``mkstemp``), so two writers of the same path do not clobber each other's temp file,
     and it is removed again when writing fails. The folder is created.
@@ -221,9 +205,9 @@ def atomic_write(path: str, chunks: Iterable[str]) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = mkstemp_shared(folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
-                f.write(chunk)
+                f.write(chunk if isinstance(chunk, bytes) else chunk.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -31,7 +31,7 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.data.languages import LANGUAGES, detect_language, sample_language
-from palo.jsonl import atomic_write, atomic_write_bytes, same_file
+from palo.jsonl import atomic_write, same_file
 
 BYTE_PIECE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")  # SentencePiece byte fallback (LLaMA: ids 3..258)
 
@@ -209,7 +209,7 @@ def plot(tables: dict[str, dict[str, LanguageStats]], path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, [buffer.getvalue()])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

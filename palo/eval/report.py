@@ -20,7 +20,7 @@ from typing import Any
 from palo.data.languages import HIGH_RESOURCE, LANGUAGES, LOW_RESOURCE
 from palo.eval.bench import display_name
 from palo.eval.summarize_gpt_review import CATEGORIES, CategoryScore, summarize_file
-from palo.jsonl import atomic_write, atomic_write_bytes
+from palo.jsonl import atomic_write
 
 COLUMNS = CATEGORIES + ("all",)
 AVERAGES = (
@@ -164,7 +164,7 @@ def plot(
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, [buffer.getvalue()])
 
 
 def write_report(table: dict[str, Any], prefix: str) -> dict[str, str]:

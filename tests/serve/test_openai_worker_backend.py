@@ -83,19 +83,13 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
         worker.stop()
 
 
-@pytest.mark.parametrize("event", [42, [1, 2], {"choices": ["x"]}, {"choices": [{"delta": {"content": 5}}]},
-                                   {"choices": {"a": 1}}])
-def test_a_malformed_backend_event_is_named_as_the_backends(event, caplog):
-    """Said as the backend's fault, with no traceback (they were TypeErrors from inside the relay)."""
+def _relayed(events: list[str]) -> list[dict]:
+    """The worker's chunks for one request, its backend streaming ``events`` (SSE lines, ``data: ...``)."""
     backend = FastAPI()
 
     @backend.post("/v1/chat/completions")
     async def completions(request: Request):
-        def events():
-            yield f"data: {json.dumps({'choices': [{'delta': {'content': 'Hi'}, 'finish_reason': None}]})}\n\n"
-            yield f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(iter([f"{line}\n\n" for line in events]), media_type="text/event-stream")
 
     payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
     with served(backend) as burl:
@@ -104,49 +98,31 @@ def test_a_malformed_backend_event_is_named_as_the_backends(event, caplog):
             chunks = list(iter_chunks(httpx.post(wurl + "/worker_generate_stream", json=payload, timeout=30)
                                       .iter_bytes()))
         worker.stop()
+    return chunks
+
+
+def _piece(text: str, finish: str | None = None, **extra) -> str:
+    return "data: " + json.dumps({"choices": [{"delta": {"content": text}, "finish_reason": finish}], **extra})
+
+
+@pytest.mark.parametrize("event", [42, [1, 2], {"choices": ["x"]}, {"choices": [{"delta": {"content": 5}}]},
+                                   {"choices": {"a": 1}}])
+def test_a_malformed_backend_event_is_named_as_the_backends(event, caplog):
+    """Said as the backend's fault, with no traceback (they were TypeErrors from inside the relay)."""
+    chunks = _relayed([_piece("Hi"), f"data: {json.dumps(event)}", "data: [DONE]"])
     assert chunks[-1]["error_code"] != 0 and "sent a malformed event" in chunks[-1]["text"]
     assert not any(record.exc_info for record in caplog.records)
 
 
 def test_a_good_answer_with_a_malformed_usage_is_kept():
-    backend = FastAPI()
-
-    @backend.post("/v1/chat/completions")
-    async def completions(request: Request):
-        done = {"choices": [{"delta": {"content": "Hi"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": "x", "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": -1}}}
-        return StreamingResponse(iter([f"data: {json.dumps(done)}\n\ndata: [DONE]\n\n"]),
-                                 media_type="text/event-stream")
-
-    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
-    with served(backend) as burl:
-        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
-        with served(create_app(worker)) as wurl:
-            chunks = list(iter_chunks(httpx.post(wurl + "/worker_generate_stream", json=payload, timeout=30)
-                                      .iter_bytes()))
-        worker.stop()
+    usage = {"prompt_tokens": "x", "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": -1}}
+    chunks = _relayed([_piece("Hi", "stop", usage=usage), "data: [DONE]"])
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:Hi")
     assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 2}
 
 
 def test_a_backend_that_ignores_max_tokens_is_cut_there():
     """Relayed without end before (thousands of chunks for max_new_tokens 8, each repeating the whole answer)."""
-    backend = FastAPI()
-
-    @backend.post("/v1/chat/completions")
-    async def completions(request: Request):
-        def events():
-            for _ in range(10_000):
-                yield f"data: {json.dumps({'choices': [{'delta': {'content': ' la'}, 'finish_reason': None}]})}\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
-    with served(backend) as burl:
-        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
-        with served(create_app(worker)) as wurl:
-            chunks = list(iter_chunks(httpx.post(wurl + "/worker_generate_stream", json=payload, timeout=30)
-                                      .iter_bytes()))
-        worker.stop()
+    chunks = _relayed([_piece(" la")] * 10_000)
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] == "length"
     assert chunks[-1]["text"].endswith("ASSISTANT:" + " la" * 8) and len(chunks) == 9
