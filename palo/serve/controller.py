@@ -54,6 +54,7 @@ from palo.serve.protocol import (
     WORKER_UNREACHABLE,
     decode_json_body,
     error_chunk,
+    shown,
 )
 from palo.serve.routing import HOPS_HEADER, MAX_HOPS, NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
@@ -85,7 +86,7 @@ def parse_queue_length(value: Any) -> int:
         ValueError: Saying what is wrong.
     """
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUEUE_LENGTH:
-        raise ValueError(f"'queue_length' must be an integer from 0 to {MAX_QUEUE_LENGTH}, got {str(value):.40}")
+        raise ValueError(f"'queue_length' must be an integer from 0 to {MAX_QUEUE_LENGTH}, got {shown(value)}")
     return value
 
 
@@ -103,7 +104,7 @@ def parse_worker_status(status: Any) -> dict[str, Any]:
         raise ValueError(f"'model_names' must be a non-empty list of model names, got {names!r:.80}")
     speed, queue = status.get("speed"), status.get("queue_length")
     if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < float("inf"):
-        raise ValueError(f"'speed' must be a number >= 0, got {speed!r:.40}")
+        raise ValueError(f"'speed' must be a number >= 0, got {shown(repr(speed))}")
     queue = parse_queue_length(queue)
     conv_mode = status.get("conv_mode")
     return {"model_names": names, "speed": speed, "queue_length": queue,

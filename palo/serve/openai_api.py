@@ -53,6 +53,7 @@ from palo.serve.protocol import (
     parse_cache_salt,
     parse_logit_bias,
     parse_structured_output,
+    shown,
     visible_text,
 )
 from palo.serve.routing import (
@@ -149,7 +150,7 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise APIError(400, f"'{key}' must be a number in [{low}, {high}], got {str(value)[:40]}", param=key)
+        raise APIError(400, f"'{key}' must be a number in [{low}, {high}], got {shown(value)}", param=key)
     try:
         return float(value)
     except OverflowError:  # an integer of hundreds of digits is <= inf, but no float
@@ -236,11 +237,14 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
     images: list[Any] = []
     last_role: str | None = None  # of the last turn: "user" or "assistant"
     turn: list[str] = []  # the last turn's texts and separators, joined once it is complete (linear in the messages)
+    tail = ""  # the last non-empty text of the turn: whether the next needs a newline before it
 
     def close_turn() -> None:
+        nonlocal tail
         if turn:
             conv.messages[-1][1] = "".join(turn)
             turn.clear()
+        tail = ""
 
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -261,12 +265,13 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
         text, message_images = _content(message, index, images_allowed=role == "user", read_image=read_image)
         images.extend(message_images)
         if role == last_role:  # one turn in several messages (an image, then the question): joined by a newline
-            before = next((part for part in reversed(turn) if part), "")
-            turn.extend(("" if not before or before.endswith("\n") else "\n", text))
+            turn.extend(("" if not tail or tail.endswith("\n") else "\n", text))
+            tail = text or tail
             continue
         close_turn()
         conv.append_message(conv.roles[0] if role == "user" else conv.roles[1], text)
         turn.append(text)
+        tail = text
         last_role = role
     close_turn()
     if continue_final:
@@ -338,7 +343,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         max_tokens = default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least_max_tokens:
         floor = "a positive integer" if least_max_tokens else "an integer >= 0"
-        raise APIError(400, f"'max_tokens' must be {floor}, got {str(max_tokens)[:40]}", param="max_tokens")
+        raise APIError(400, f"'max_tokens' must be {floor}, got {shown(max_tokens)}", param="max_tokens")
     # Any larger count means "up to the context" (the worker caps it there); past 2**31 it need not be carried,
     # and at hundreds of digits the worker's number parsing could not.
     max_tokens = min(max_tokens, INT32_MAX)
@@ -364,7 +369,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
     top_k = body.get("top_k")
     top_k = 0 if top_k is None or top_k == -1 else top_k
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise APIError(400, f"'top_k' must be a positive integer, or 0 or -1 for no limit, got {str(top_k)[:40]}",
+        raise APIError(400, f"'top_k' must be a positive integer, or 0 or -1 for no limit, got {shown(top_k)}",
                        param="top_k")
     top_k = min(top_k, INT32_MAX)  # beyond the vocabulary it keeps every candidate, whatever its size
     # OpenAI's two in [-2, 2], and vLLM's and SGLang's repetition penalty (> 0; transformers' rule over the prompt's

@@ -55,6 +55,7 @@ from palo.serve.protocol import (
     parse_logit_bias,
     parse_number,
     parse_structured_output,
+    shown,
 )
 from palo.serve.utils import build_logger, refuse_unservable
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
@@ -270,7 +271,7 @@ class OpenAIWorker(BaseWorker):
                 continue
             if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got "
-                                        f"{str(value)[:40]}")
+                                        f"{shown(value)}")
             body[key] = value
         ignore_eos = params.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):

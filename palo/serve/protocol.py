@@ -96,6 +96,13 @@ def decode_json_body(body: bytes) -> Any:
     return value
 
 
+def shown(value: Any, limit: int = 40) -> str:
+    """A value as an error message quotes it: whole, or its start and how long it is (a cut 400-digit number
+    would read as another number)."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def parse_number(params: dict[str, Any], key: str, default: float, integer: bool = False) -> float:
     """``params[key]`` as a finite number (JSON numbers or numeric strings, as the original worker took them);
     ``integer`` truncates it, as ``int(float(x))`` did there.
