@@ -318,6 +318,15 @@ def claim_workdir(workdir: str, config: QuickstartConfig) -> None:
             raise WorkdirInUse(f"{workdir} holds a quickstart run with other settings ({', '.join(differ)}); "
                                "choose another --workdir, or delete this one to start over")
         return
+    # A workdir from before settings were recorded: its stage-2 run still says how many steps it took.
+    marker = os.path.join(Paths(workdir).stage2, TRAINED)
+    if os.path.isfile(marker):
+        with open(marker, encoding="utf-8") as f:
+            flags = json.load(f).get("flags") or []
+        ran = flags[flags.index("--max_steps") + 1] if "--max_steps" in flags[:-1] else None
+        if ran is not None and ran != str(config.steps):
+            raise WorkdirInUse(f"{workdir} holds a quickstart run of {ran} stage-2 steps, not {config.steps}; "
+                               "choose another --workdir, or delete this one to start over")
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(wanted, f, indent=1)
     os.replace(path + ".tmp", path)

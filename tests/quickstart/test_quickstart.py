@@ -57,6 +57,16 @@ def test_rerun_skips_finished_stages(workdir, capsys):
     assert "holds a quickstart run with other settings (steps)" in capsys.readouterr().err
     assert cli.main(["quickstart", "--workdir", workdir, "--no-serve"]) == 2  # the default preset
     assert "other settings" in capsys.readouterr().err and sorted(os.listdir(workdir)) == before
+    # A workdir from before settings were recorded: its stage-2 run's own flags say how many steps it took.
+    record = os.path.join(workdir, "quickstart-config.json")
+    saved = open(record, encoding="utf-8").read()
+    os.remove(record)
+    try:
+        assert cli.main(["quickstart", "--workdir", workdir, "--no-serve", "--preset", "tiny", "--steps", "7"]) == 2
+        assert "holds a quickstart run of 1 stage-2 steps, not 7" in capsys.readouterr().err
+    finally:
+        with open(record, "w", encoding="utf-8") as f:
+            f.write(saved)
 
 
 def test_bad_arguments(tmp_path, capsys):
