@@ -104,10 +104,11 @@ def route_logs(source: str, target: logging.Logger) -> None:
             logger.addHandler(handler)
 
 
-# Seconds a connection may stay idle: after a response (uvicorn's keep-alive timeout) and, here, also before its
-# first request, which uvicorn does not time (a socket that never sent a byte was held for good, and enough of them
-# ran the process out of file descriptors).
+# Seconds a connection may stay idle after a response (uvicorn's keep-alive timeout). Before its first request
+# uvicorn times nothing (a socket that never sent a byte, or trickled its headers, was held for good, and enough of
+# them ran the process out of file descriptors): FIRST_REQUEST_S bounds that.
 IDLE_CONNECTION_S = 5
+FIRST_REQUEST_S = 10  # a new connection's whole first request line and headers must arrive within this
 OPEN_FILES_WANTED = 65536  # sockets are files: the common soft limit of 1,024 caps a busy server's connections
 
 
@@ -134,11 +135,32 @@ def _idle_closing_protocol() -> type | str:
         return "auto"
 
     class IdleClosingH11Protocol(H11Protocol):
+        """Closes a connection that has not sent a whole first request (its headers) within
+        :data:`FIRST_REQUEST_S`: silent, or trickling its headers a byte at a time (which resets uvicorn's idle
+        timer on every byte)."""
+
+        _first_request = None
+
         def connection_made(self, transport) -> None:  # noqa: ANN001 - uvicorn's signature
             super().connection_made(transport)
-            if getattr(self, "timeout_keep_alive_task", "absent") is None:  # the attributes this version has
-                self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
-                                                                    self.timeout_keep_alive_handler)
+            self._first_request = self.loop.call_later(FIRST_REQUEST_S, self._no_first_request)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self._first_request is not None and getattr(self, "cycle", None) is not None:  # headers are in
+                self._first_request.cancel()
+                self._first_request = None
+
+        def connection_lost(self, exc) -> None:  # noqa: ANN001 - uvicorn's signature
+            if self._first_request is not None:
+                self._first_request.cancel()
+                self._first_request = None
+            super().connection_lost(exc)
+
+        def _no_first_request(self) -> None:
+            self._first_request = None
+            if getattr(self, "cycle", None) is None and not self.transport.is_closing():
+                self.transport.close()
 
     return IdleClosingH11Protocol
 

@@ -192,22 +192,49 @@ def test_two_workers_share_work_and_a_dead_one_is_replaced(cluster):
     assert json.dumps(httpx.post(cluster.url + "/list_models").json())
 
 
-def test_a_connection_that_sends_nothing_is_closed_and_the_services_may_hold_many(cluster):
-    """uvicorn timed only idle keep-alive connections: a socket that never sent a byte was held for good, and about
-    a thousand of them (the usual open-file limit) stopped the controller and, with it, every heartbeat."""
+def test_a_connection_that_sends_no_whole_request_is_closed_and_the_services_may_hold_many(cluster):
+    """uvicorn timed only idle keep-alive connections: a socket that never sent a byte, or trickled its headers a
+    byte at a time, was held for good, and about a thousand of them (the usual open-file limit) stopped the
+    controller and, with it, every heartbeat."""
     import resource
     import socket
+    import threading
 
-    from palo.serve.utils import IDLE_CONNECTION_S, OPEN_FILES_WANTED
+    from palo.serve.utils import FIRST_REQUEST_S, OPEN_FILES_WANTED
 
+    sockets = []
     for service in (cluster.controller, cluster.main):
         host, port = service.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port))) as silent:
-            silent.settimeout(IDLE_CONNECTION_S + 10)
-            start = time.monotonic()
-            assert silent.recv(1) == b""  # closed by the service, not by this timeout
-            assert IDLE_CONNECTION_S - 1 < time.monotonic() - start < IDLE_CONNECTION_S + 5
-        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        for _ in range(2):  # one silent, one trickling
+            sock = socket.create_connection((host, int(port)))
+            sock.settimeout(FIRST_REQUEST_S + 10)
+            sockets.append(sock)
+    start = time.monotonic()
+    stop = threading.Event()
+
+    def trickle() -> None:
+        header = b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        for byte in header:
+            for sock in sockets[1::2]:
+                try:
+                    sock.send(bytes([byte]))
+                except OSError:
+                    pass
+            if stop.wait(0.5):
+                return
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    try:
+        for sock in sockets:
+            assert sock.recv(1) == b""  # closed by the service, not by this socket's timeout
+        assert FIRST_REQUEST_S - 1 < time.monotonic() - start < FIRST_REQUEST_S + 8
+    finally:
+        stop.set()
+        for sock in sockets:
+            sock.close()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    for service in (cluster.controller, cluster.main):
         with open(f"/proc/{service.proc.pid}/limits", encoding="utf-8") as f:
             soft = int(next(line for line in f if line.startswith("Max open files")).split()[3])
         assert soft >= min(OPEN_FILES_WANTED, hard if hard != resource.RLIM_INFINITY else OPEN_FILES_WANTED)
