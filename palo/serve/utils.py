@@ -128,7 +128,7 @@ def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
 
 
 def _idle_closing_protocol() -> type | str:
-    """uvicorn's h11 protocol, timing a new connection's wait for its first request as it times keep-alive waits."""
+    """uvicorn's h11 protocol with a deadline for a new connection's first request (see the class)."""
     try:
         from uvicorn.protocols.http.h11_impl import H11Protocol
     except ImportError:  # pragma: no cover - another uvicorn layout: its own default

@@ -87,7 +87,7 @@ class StalledClientClosingResponse(StreamingResponse):
         async def send_in_time(message: Any) -> None:
             try:
                 await asyncio.wait_for(send(message), WRITE_TIMEOUT_S)
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
                 raise _ClientStalled from None
 
         try:
