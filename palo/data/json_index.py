@@ -22,6 +22,7 @@ with ``json.loads``, when that element is used. Malformed structure raises ``Val
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -29,6 +30,7 @@ import os
 import threading
 import zipfile
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +97,7 @@ class JsonArrayIndex:
         cache: bool = True,
         cache_dir: str | os.PathLike | None = None,
     ) -> JsonArrayIndex:
-        """Index ``path``, reusing a cached index when the file's size and mtime still match.
+        """Index ``path``, reusing a cached index when the file's size, mtime and sampled content still match.
 
         The cache is ``<path>.idx.npz``; when the file's folder is not writable it goes to ``cache_dir`` (default
         ``$XDG_CACHE_HOME/palo/json_index`` or ``~/.cache/palo/json_index``). It is written atomically, so a
@@ -118,9 +120,10 @@ class JsonArrayIndex:
         """
         path = os.fspath(path)
         before = os.stat(path)
+        key = _cache_key(path, before) if cache else []
         if cache:
             for candidate in cache_paths(path, cache_dir):
-                index = _load_cache(path, candidate, before)
+                index = _load_cache(path, candidate, key)
                 if index is not None:
                     return index
         offsets, lengths = scan_json_array(path, chunk_size=chunk_size, workers=workers)
@@ -128,7 +131,9 @@ class JsonArrayIndex:
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise RuntimeError(f"{path} changed while it was being indexed; the offsets are not trustworthy")
         if cache:
-            _save_cache(path, cache_paths(path, cache_dir), offsets, lengths, after)
+            with cache_writer(cache_paths(path, cache_dir)) as f:
+                # A file object, not a name: np.savez would append ".npz" to a name.
+                np.savez(f, meta=np.array(key, dtype=np.int64), offsets=offsets, lengths=lengths)
         return cls(path, offsets, lengths)
 
     # ---------------------------------------------------------------------------------------------------- access
@@ -245,12 +250,11 @@ def _cache_key(path: str, st: os.stat_result) -> list[int]:
     return [CACHE_VERSION, st.st_size, st.st_mtime_ns, content_fingerprint(path, st)]
 
 
-def _load_cache(path: str, cache_file: str, st: os.stat_result) -> JsonArrayIndex | None:
-    """The cached index if ``cache_file`` exists and matches the file (size, time, sampled content), else None."""
+def _load_cache(path: str, cache_file: str, key: list[int]) -> JsonArrayIndex | None:
+    """The cached index if ``cache_file`` exists and was written for ``key`` (:func:`_cache_key`), else None."""
     try:
         with np.load(cache_file, allow_pickle=False) as data:
-            meta = data["meta"]
-            if meta.tolist() != _cache_key(path, st):
+            if data["meta"].tolist() != key:
                 return None
             offsets, lengths = data["offsets"], data["lengths"]
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
@@ -261,24 +265,31 @@ def _load_cache(path: str, cache_file: str, st: os.stat_result) -> JsonArrayInde
     return JsonArrayIndex(path, offsets, lengths, from_cache=True)
 
 
-def _save_cache(path: str, candidates: list[str], offsets: np.ndarray, lengths: np.ndarray, st: os.stat_result) -> None:
-    """Write the cache to the first writable candidate, atomically (temp file in the same folder + ``os.replace``)."""
-    meta = np.array(_cache_key(path, st), dtype=np.int64)
-    for target in candidates:
-        folder = os.path.dirname(target)
-        tmp = None
+@contextlib.contextmanager
+def cache_writer(candidates: list[str]) -> Iterator[Any]:
+    """A binary file that becomes the first of ``candidates`` (:func:`cache_paths`) whose folder can be written: a
+    hidden temp file beside it, then ``os.replace``, so a crashed or concurrent writer never leaves a half cache.
+    Where none can be written (or the disk fills), a sink that keeps nothing: a cache is never worth a failed run.
+    No temp file stays behind."""
+    for cache in candidates:
+        folder = os.path.dirname(os.path.abspath(cache))
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = mkstemp_shared(folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
+            fd, tmp = mkstemp_shared(folder, prefix="." + os.path.basename(cache) + ".", suffix=".tmp")
+        except OSError:  # a read-only folder or file system: the next place
+            continue
+        try:
             with os.fdopen(fd, "wb") as f:
-                # A file object, not a name: np.savez would append ".npz" to a name.
-                np.savez(f, meta=meta, offsets=offsets, lengths=lengths)
-            os.replace(tmp, target)
-            return
-        except OSError:
-            # Read-only folder or file system: try the next location. The index itself is fine without a cache.
-            if tmp is not None and os.path.exists(tmp):
+                yield f
+            os.replace(tmp, cache)
+        except OSError:  # a full disk: no cache this time
+            pass
+        finally:
+            if os.path.exists(tmp):
                 os.unlink(tmp)
+        return
+    with open(os.devnull, "wb") as sink:
+        yield sink
 
 
 # ---------------------------------------------------------------------------------------------------- the scan

@@ -29,9 +29,8 @@ import torch
 from torch.utils.data import Dataset
 
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from palo.data.json_index import JsonArrayIndex, cache_paths, content_fingerprint
+from palo.data.json_index import JsonArrayIndex, cache_paths, cache_writer, content_fingerprint
 from palo.data.languages import LANGUAGES, sample_language
-from palo.jsonl import mkstemp_shared
 from palo.mm_utils import ImageLoadError, load_image, preprocess_image
 from palo.model.multimodal import ids_within, spliced_length
 from palo.train.preprocess import BadSampleError, build_supervised_example
@@ -95,7 +94,8 @@ def _map_ranges(func: Any, n: int, *prefix: Any, workers: int | None = None) -> 
 
 
 def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) -> SampleMeta:
-    """Metadata of every sample, computed in parallel once and cached as ``<path>.meta.npz``."""
+    """Metadata of every sample, computed in parallel once and cached as ``<path>.meta.npz`` (in the user cache for
+    a read-only data folder)."""
     stat = os.stat(path)
     caches = cache_paths(path, suffix=".meta.npz")  # beside the data, else (read-only data) the user cache
     key = np.array([_META_VERSION, stat.st_size, stat.st_mtime_ns, content_fingerprint(path, stat)], dtype=np.int64)
@@ -113,34 +113,9 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
         words=np.array([r[2] for r in rows], dtype=np.int64),
         language=np.array([r[3] for r in rows], dtype=np.int8),
     )
-    with _cache_writer(caches) as f:
+    with cache_writer(caches) as f:
         np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words, language=meta.language)
     return meta
-
-
-@contextlib.contextmanager
-def _cache_writer(caches: list[str]) -> Any:
-    """A binary file that becomes the first of ``caches`` whose folder can be written (a hidden temp file beside
-    it, then ``os.replace``); where none can, a sink that keeps nothing. No temp file stays behind."""
-    for cache in caches:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-            fd, tmp = mkstemp_shared(os.path.dirname(os.path.abspath(cache)),
-                                     prefix="." + os.path.basename(cache) + ".", suffix=".tmp")
-        except OSError:  # a read-only folder: the next place
-            continue
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
-            os.replace(tmp, cache)
-        except OSError:  # a full disk: no cache this time
-            pass
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return
-    with open(os.devnull, "wb") as sink:
-        yield sink
 
 
 _LENGTHS_VERSION = 1
@@ -261,7 +236,7 @@ class LazySupervisedDataset(Dataset):
                     break
         if lengths is None or lengths.shape != (len(self.meta.corrupt),):
             lengths = self._compute_lengths()
-            with _cache_writer(caches) as f:  # as the metadata cache
+            with cache_writer(caches) as f:  # as the metadata cache
                 np.save(f, lengths)
         self._token_lengths = lengths[self.keep].astype(np.int64)
         return self._token_lengths
