@@ -67,11 +67,14 @@ def checkpoint_damage(folder: str) -> str | None:
                     with open(path, encoding="utf-8") as f:
                         json.load(f)
                 elif name.endswith(".safetensors"):
+                    size = os.path.getsize(path)
                     with open(path, "rb") as f:
                         header = int.from_bytes(f.read(8), "little")
+                        if 8 + header > size:  # a cut (or garbled) length: never read that much
+                            return f"{where} is cut short"
                         meta = json.loads(f.read(header))
                     end = max((int(v["data_offsets"][1]) for k, v in meta.items() if k != "__metadata__"), default=0)
-                    if os.path.getsize(path) < 8 + header + end:
+                    if size < 8 + header + end:
                         return f"{where} is cut short"
                 elif name.endswith((".bin", ".pt", ".pth")):
                     with zipfile.ZipFile(path):

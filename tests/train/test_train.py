@@ -875,12 +875,17 @@ def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_pat
     (tmp_path / "checkpoint-20").mkdir()  # empty
     (tmp_path / ".staging").mkdir()
     cut(os.path.join(steps[16], "model.safetensors"), 1000)
+    garbled = tmp_path / "checkpoint-24"  # a header length past the file: said, never read (it would be 2**63 B)
+    shutil.copytree(steps[4], garbled)
+    with open(garbled / "model.safetensors", "r+b") as f:
+        f.write((2**63 - 1).to_bytes(8, "little"))
     cut(os.path.join(steps[12], "optimizer.pt"), 200)
     (tmp_path / "checkpoint-8" / "trainer_state.json").write_text("{")
     with caplog.at_level("WARNING"):
         assert resumable_checkpoint(str(tmp_path)) == steps[4]
     said = caplog.text
     assert "checkpoint-20: no trainer_state.json" in said and "model.safetensors is cut short" in said
+    assert "checkpoint-24: model.safetensors is cut short" in said
     assert "optimizer.pt cannot be read" in said and "trainer_state.json cannot be read" in said
     cut(os.path.join(steps[4], "optimizer.pt"), 0)
     with pytest.raises(DamagedCheckpointsError, match="no checkpoint to resume from is whole"):
