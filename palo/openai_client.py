@@ -44,11 +44,10 @@ DEFAULT_MAX_BACKOFF = 60.0
 JITTER = 0.25
 
 
-def _total_tokens(response: Any) -> int:
-    """``usage.total_tokens`` of a reply, 0 where a server sends none or something that is not a count: the
-    reply itself is good, and a bookkeeping field must not cost it (or the run)."""
-    total = getattr(getattr(response, "usage", None), "total_tokens", None)
-    return total if isinstance(total, int) and not isinstance(total, bool) and total >= 0 else 0
+def token_count(value: Any) -> int | None:
+    """A token count of a server's ``usage``, or None where it sent something else: the reply itself is good, and a
+    bookkeeping field must not cost it (or the run)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 class RequestFailed(RuntimeError):
@@ -346,7 +345,7 @@ class ChatClient:
                 hint = retry_after_seconds(_headers_of(exc))
                 self.sleep(retry_delay(attempt, self.backoff, self.max_backoff, hint))
                 continue
-            self.count("tokens", _total_tokens(response))
+            self.count("tokens", token_count(getattr(getattr(response, "usage", None), "total_tokens", None)) or 0)
             if key is not None and (accept is None or accept(content)):
                 self.cache.put(key, self.model, content)
             return Completion(content, finish_reason, calls=attempt + 1)

@@ -43,6 +43,7 @@ import httpx
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
+from palo.openai_client import token_count
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
     INVALID_REQUEST,
@@ -260,7 +261,7 @@ class OpenAIWorker(BaseWorker):
         }
         stop = params.get("stop")
         if stop is not None and not isinstance(stop, str):  # the protocol's one stop string, as the native worker
-            raise PromptFormatError(f"'stop' must be a string, got {str(stop)[:80]}")
+            raise PromptFormatError(f"'stop' must be a string, got {shown(stop)}")
         if stop:
             body["stop"] = [stop]
         # This project's extra settings go along only when they ask for something, so a backend that lacks one sees
@@ -401,9 +402,9 @@ class OpenAIWorker(BaseWorker):
             yield error_chunk(f"the backend {self.api_base} ended the stream without finishing", WORKER_ERROR)
             return
         usage = usage or {}
-        reported = {key: _count(usage.get(key)) or 0 for key in ("prompt_tokens", "completion_tokens")}
+        reported = {key: token_count(usage.get(key)) or 0 for key in ("prompt_tokens", "completion_tokens")}
         details = usage.get("prompt_tokens_details")
-        cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+        cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
         # Only a backend that reports it (vLLM with --enable-prompt-tokens-details); unknown is left out, not 0.
         if cached is not None:
             reported["cached_tokens"] = cached
@@ -413,11 +414,6 @@ class OpenAIWorker(BaseWorker):
 
 class MalformedEvent(ValueError):
     """A streamed event of the backend that is not a chat-completion chunk."""
-
-
-def _count(value: Any) -> int | None:
-    """A token count of the backend's usage, or None where it sent something else (a good answer is kept)."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _event_parts(event: Any) -> tuple[dict | None, list[tuple[str, str | None, list]]]:
