@@ -163,4 +163,5 @@ def test_a_registration_loop_is_ended_not_relayed_for_good():
         start = time.monotonic()
         answer = httpx.post(url + "/worker_generate_stream", json={"model": "loop", "prompt": "hi"}, timeout=60)
         assert time.monotonic() - start < 30
+        assert answer.status_code == 508
         assert f"the request went through {MAX_HOPS} relays" in answer.text and "form a loop" in answer.text
