@@ -217,7 +217,7 @@ def load_pretrained_model(
         load_8bit: Quantise the language model to 8 bits (bitsandbytes; CUDA, or CPU from bitsandbytes 0.50).
         load_4bit: Quantise it to 4-bit NF4 (same); CLIP, the projector and ``lm_head`` stay unquantised.
         device_map: transformers ``device_map`` on CUDA; on other devices everything goes to ``device``.
-        device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``.
+        device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``; ``cuda`` on a machine without CUDA loads on ``cpu``.
         vision_tower: Override ``mm_vision_tower`` (e.g. a local CLIP folder for offline use).
         dtype: Weights dtype; default float32 on CPU, float16 on CUDA.
         use_flash_attn: Use FlashAttention-2 (CUDA, flash-attn installed); the same as
@@ -280,6 +280,11 @@ def _load_pretrained_model(
         what = "a LoRA adapter" if kind is CheckpointKind.LORA else f"a stage-1 projector ({PROJECTOR_FILE})"
         raise CheckpointError(f"{model_path!r} holds {what}; pass the base LLM with --model-base (model_base=)")
 
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        # "cuda" is the original's default; without CUDA, device_map="auto" would still put every weight on the CPU,
+        # in float16 (slow there, and less exact for nothing), so the CPU gets what it would get when asked for.
+        logger.warning("no CUDA device: loading %s on cpu", model_path)
+        device = "cpu"
     if dtype is None:
         dtype = torch.float32 if str(device) == "cpu" else torch.float16
     if not str(device).startswith("cuda"):

@@ -221,6 +221,19 @@ def test_plain_llm_loads_without_image_processor(world):
     assert isinstance(model, LlamaForCausalLM) and processor is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="what the default device='cuda' does without CUDA")
+def test_default_device_without_cuda_loads_on_cpu_in_float32(world, pixels, caplog):
+    # The README's snippet leaves device at the original's "cuda"; on a CPU machine it got a float16 model.
+    with caplog.at_level("WARNING", logger="palo.model.builder"):
+        tokenizer, model, processor, _ = load_pretrained_model(world.full_dir)
+    assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert "no CUDA device" in caplog.text
+    ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")[None]
+    out = model.generate(ids, images=pixels, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 2)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
