@@ -50,6 +50,46 @@ class Record:
         return f"{self.path}:{self.line}"
 
 
+def _parse_line(line: bytes, required: tuple[str, ...]) -> tuple[dict[str, Any] | None, str | None]:
+    """``(object, None)`` for a good line, ``(None, problem)`` for a bad one, ``(None, None)`` for a blank one."""
+    try:
+        raw = line.decode("utf-8")
+    except UnicodeDecodeError as exc:  # bytes: a line that is not UTF-8 is named like any other bad line
+        return None, f"not UTF-8 text ({exc.reason} at byte {exc.start + 1})"
+    if not raw.strip():
+        return None, None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(data, dict):
+        return None, f"expected a JSON object, got {type(data).__name__}"
+    missing = [k for k in required if k not in data]
+    if missing:
+        return None, f"missing key(s) {', '.join(missing)}"
+    return data, None
+
+
+def scan_jsonl(path: str, required: tuple[str, ...] = ()) -> tuple[list[Record], list[tuple[int, str]]]:
+    """Every good record of a file and every bad line's ``(1-based number, problem)``, reporting nothing (for a
+    writer that decides what to do with the bad lines of its own output).
+
+    Raises:
+        JsonlError: If the file does not exist.
+    """
+    if not os.path.isfile(path):
+        raise JsonlError(f"{path}: no such file")
+    records, bad = [], []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            data, problem = _parse_line(line, required)
+            if problem is not None:
+                bad.append((number, problem))
+            elif data is not None:
+                records.append(Record(data, path, number))
+    return records, bad
+
+
 def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()) -> Iterator[Record]:
     """Yield the JSON objects of a file, one per non-blank line.
 
@@ -66,28 +106,12 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
     """
     if not os.path.isfile(path):
         raise JsonlError(f"{path}: no such file")
-    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+    with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
-            problem = data = None
-            try:
-                raw = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raw, problem = "", f"not UTF-8 text ({exc.reason} at byte {exc.start + 1})"
-            if problem is None and not raw.strip():
-                continue
-            try:
-                data = json.loads(raw) if problem is None else None
-            except json.JSONDecodeError as exc:
-                problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
+            data, problem = _parse_line(line, required)
             if problem is None:
-                if not isinstance(data, dict):
-                    problem = f"expected a JSON object, got {type(data).__name__}"
-                else:
-                    missing = [k for k in required if k not in data]
-                    if missing:
-                        problem = f"missing key(s) {', '.join(missing)}"
-            if problem is None:
-                yield Record(data, path, number)
+                if data is not None:
+                    yield Record(data, path, number)
                 continue
             message = f"{path}:{number}: {problem}"
             if not skip_bad:
@@ -169,6 +193,7 @@ class JsonlAppender:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         # Unbuffered: one os-level write per record, so nothing sits in a Python buffer when the process dies.
+        self.path = path
         self._file = open(path, "ab", buffering=0)
         try:
             _lock_exclusively(self._file.fileno())
@@ -177,6 +202,29 @@ class JsonlAppender:
             raise JsonlError(f"{path}: another process is writing this file (two runs on one output would each "
                              "write what the other writes); wait for it, or write elsewhere") from None
         repair_tail(path)  # under the lock: a torn line is never another writer's line in progress
+
+    def drop_lines(self, numbers: set[int]) -> None:
+        """Rewrite the file without its lines ``numbers`` (1-based: damaged lines a resumed run found), atomically
+        and without letting go of the lock: the new file is locked before it replaces the old one, and the
+        appender writes to it from then on."""
+        path = self.path
+        with open(path, "rb") as f:
+            kept = [line for number, line in enumerate(f, start=1) if number not in numbers]
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = mkstemp_shared(folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        new = os.fdopen(fd, "r+b", buffering=0)
+        try:
+            _lock_exclusively(new.fileno())
+            new.write(b"".join(kept))
+            os.fsync(new.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            new.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        self._file.close()
+        self._file = new
 
     def write(self, record: dict[str, Any]) -> int:
         """Append one record; returns the byte offset its line starts at (for readers that seek to it)."""

@@ -129,6 +129,26 @@ def test_appended_records_are_found_again_at_the_offsets_the_log_gives(tmp_path)
     assert os.path.getsize(path) == offsets[-1] + len(b'{"index": 3}\n')
 
 
+def test_a_writer_drops_damaged_lines_of_its_own_output_and_keeps_it_locked(tmp_path):
+    """model_vqa's resume: damaged answers go (their questions are answered again), whole ones stay byte for byte,
+    and no second run can slip in while the file is replaced."""
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(b'{"q": 0}\n{"q": 1, "te\n{"q": 2, "t": "\xd9\x85"}\n\xff\n\n{"q": 4}\n')
+    records, bad = jsonl.scan_jsonl(str(path), required=("q",))
+    assert [(r.data["q"], r.line) for r in records] == [(0, 1), (2, 3), (4, 6)]
+    assert [n for n, _ in bad] == [2, 4] and "not UTF-8" in bad[1][1]
+    with jsonl.JsonlAppender(str(path)) as out:
+        out.drop_lines({n for n, _ in bad})
+        assert path.read_bytes() == b'{"q": 0}\n{"q": 2, "t": "\xd9\x85"}\n\n{"q": 4}\n'
+        with pytest.raises(jsonl.JsonlError, match="another process is writing this file"):
+            jsonl.JsonlAppender(str(path))
+        out.write({"q": 5})
+    assert [r.data["q"] for r in jsonl.read_jsonl(str(path))] == [0, 2, 4, 5]
+    assert os.listdir(tmp_path) == ["answers.jsonl"]  # no temp file left behind
+    with pytest.raises(jsonl.JsonlError, match="no such file"):
+        jsonl.scan_jsonl(str(tmp_path / "missing.jsonl"))
+
+
 def test_damage_before_the_end_of_a_log_is_named_and_nothing_after_it_is_cut(tmp_path):
     """Only a kill mid-write is repaired; a damaged line with finished records after it (an edit, a disk fault)
     used to cut them all off the file at the next resume."""

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.eval.jsonl import JsonlAppender, JsonlError, iter_jsonl, repair_tail
-from palo.jsonl import same_file
+from palo.jsonl import same_file, scan_jsonl
 from palo.mm_utils import (
     ImageLoadError,
     KeywordsStoppingCriteria,
@@ -98,12 +98,23 @@ def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
     return items[chunk_idx * size:(chunk_idx + 1) * size]
 
 
-def answered_ids(answers_file: str) -> set[str]:
-    """question_ids (as strings, so ``1`` and ``"1"`` agree) already in an answers file; a torn tail is cut first."""
+def answered_ids(answers_file: str, out: JsonlAppender | None = None) -> set[str]:
+    """question_ids (as strings, so ``1`` and ``"1"`` agree) already in an answers file; a torn tail is cut first.
+
+    A damaged line (not JSON, no ``question_id``) is reported and its question counts as unanswered. With ``out``,
+    the run's own locked appender to ``answers_file``, such lines are also removed from the file, so that it holds
+    only whole answers for the review that reads it next (the question is answered again).
+    """
     if not os.path.isfile(answers_file):
         return set()
     repair_tail(answers_file)
-    return {str(r.data["question_id"]) for r in iter_jsonl(answers_file, skip_bad=True, required=("question_id",))}
+    records, bad = scan_jsonl(answers_file, required=("question_id",))
+    for number, problem in bad:
+        fate = "removed, its question is answered again" if out is not None else "skipped"
+        print(f"[skip] {answers_file}:{number}: {problem} ({fate})", file=sys.stderr)
+    if bad and out is not None:
+        out.drop_lines({number for number, _ in bad})
+    return {str(r.data["question_id"]) for r in records}
 
 
 def build_prompt(question: str, conv_mode: str, with_image: bool | int, use_im_start_end: bool) -> str:
@@ -558,7 +569,7 @@ def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions:
                     done_files: tuple[str, ...]) -> int:
     """:func:`answer_file` once its questions are read and its output is open."""
     try:
-        done = answered_ids(answers_file).union(*(answered_ids(f) for f in done_files))
+        done = answered_ids(answers_file, out).union(*(answered_ids(f) for f in done_files))
         todo = [q for q in questions if str(q.question_id) not in done]
         pending = check_images(todo, image_folder, skip_bad)
     except (JsonlError, ImageLoadError, ValueError) as exc:

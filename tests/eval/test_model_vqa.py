@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from palo.eval import model_vqa
-from palo.jsonl import JsonlError
+from palo.jsonl import JsonlError, read_jsonl
 from palo.mm_utils import expand2square, pad_color
 from palo.model.vision_tower import build_clip_image_processor
 
@@ -78,6 +78,33 @@ def test_batched_equals_one_by_one_and_resume_after_losing_the_tail(world, bench
     assert _run(world, bench, questions, batched, "--batch-size", "3") == 0
     assert "nothing to do" in capsys.readouterr().err
     assert _read(batched) == resumed
+
+
+def test_resume_removes_damaged_answers_and_answers_their_questions_again(world, bench, questions, tmp_path,
+                                                                          capsys):
+    """A damaged line before the end (a disk fault, an edit) was skipped and its question answered again, but the line
+    stayed, and the review after it refuses a file with a bad line: every rerun of the evaluation stopped there."""
+    answers = str(tmp_path / "answers.jsonl")
+    assert _run(world, bench, questions, answers, "--batch-size", "3") == 0
+    first = _read(answers)
+    with open(answers, "rb") as f:
+        lines = f.readlines()
+    lines[2] = lines[2][:20] + b"\n"  # cut short
+    lines[5] = b"\xff" + lines[5]  # not UTF-8
+    with open(answers, "wb") as f:
+        f.writelines(lines)
+    capsys.readouterr()
+    assert _run(world, bench, questions, answers, "--batch-size", "3") == 0
+    err = capsys.readouterr().err
+    assert "answers.jsonl:3: not valid JSON" in err and "answers.jsonl:6: not UTF-8" in err
+    assert "removed, its question is answered again" in err and "6 of 8 questions already answered" in err
+    resumed = read_jsonl(answers)  # strict, as the review reads it
+    assert sorted(r.data["question_id"] for r in resumed) == sorted(r["question_id"] for r in first)
+    by_id = {r["question_id"]: r for r in first}
+    for record in resumed:
+        same = record.data["answer_id"] == by_id[record.data["question_id"]]["answer_id"]
+        assert same == (record.data["question_id"] not in (first[2]["question_id"], first[5]["question_id"]))
+        assert record.data["text"] == by_id[record.data["question_id"]]["text"]
 
 
 def test_chunks_split_the_questions(world, bench, questions, tmp_path):
