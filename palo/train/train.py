@@ -30,11 +30,16 @@ logger = logging.getLogger("palo.train")
 
 
 def template_for(version: str) -> str:
-    """The conversation template of ``--version`` (``v0.5`` is ``v0`` with pad = unk; unknown -> ``vicuna_v1``)."""
+    """The conversation template of ``--version``, as the original chose it (docs/formats.md §4.1).
+
+    ``v0`` and ``v0.5`` change only the pad token (:func:`palo.train.model_setup.load_tokenizer_for_training`) and
+    keep the original's default conversation, ``vicuna_v1``; any other name is its template, and an unknown one
+    falls back to ``vicuna_v1``.
+    """
     from palo.conversation import conv_templates
 
     if version in ("v0", "v0.5"):
-        return "v0"
+        return "vicuna_v1"
     if version not in conv_templates:
         logger.warning("--version %s is not a template; using vicuna_v1 as the original did", version)
         return "vicuna_v1"

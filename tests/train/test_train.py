@@ -21,7 +21,7 @@ from palo.model.builder import load_pretrained_model
 from palo.testing import tiny_data
 from palo.train.model_setup import unwrap
 from palo.train.preprocess import BadSampleError
-from palo.train.train import train
+from palo.train.train import template_for, train
 from palo.train.trainer import PaloTrainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -890,3 +890,13 @@ def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_pat
     cut(os.path.join(steps[4], "optimizer.pt"), 0)
     with pytest.raises(DamagedCheckpointsError, match="no checkpoint to resume from is whole"):
         resumable_checkpoint(str(tmp_path))
+
+
+def test_version_picks_the_template_the_original_trained_with(caplog):
+    # The original's v0 / v0.5 branches only set the pad token and keep its default conversation, vicuna_v1; here they
+    # trained with the SINGLE-style v0 template (a "###" prompt no PALO server or evaluation renders).
+    assert template_for("v0") == template_for("v0.5") == "vicuna_v1"
+    assert [template_for(v) for v in ("v1", "plain", "llava_v1", "mpt")] == ["v1", "plain", "llava_v1", "mpt"]
+    with caplog.at_level("WARNING", logger="palo.train"):
+        assert template_for("v2") == "vicuna_v1"
+    assert "--version v2 is not a template" in caplog.text
