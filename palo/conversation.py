@@ -481,7 +481,7 @@ def stop_string(conv: Conversation) -> str | None:
     """The string that ends a model answer for this template.
 
     TWO-style templates end answers with ``sep2`` (``</s>``); every other style uses ``sep``
-    (docs/formats.md §3.5; the web demo's older rule: docs/compat.md#serving).
+    (docs/formats.md §3.5; the original web demo's other rule: docs/compat.md#serving).
 
     Args:
         conv: A conversation or template.

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
-from palo.conversation import Conversation, SeparatorStyle, conv_templates
+from palo.conversation import Conversation, conv_templates, stop_string
 from palo.image_io import viewed
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
 from palo.serve.utils import build_logger, log_dir, refuse_unservable
@@ -238,7 +238,7 @@ class WebServer:
         prompt = state.get_prompt()
         images = state.get_images(return_pil=True)
         image_hashes = self._save_images(images)
-        stop = state.sep if state.sep_style in (SeparatorStyle.SINGLE, SeparatorStyle.MPT) else state.sep2
+        stop = stop_string(state)
         payload = {
             "model": model, "prompt": prompt, "temperature": float(temperature), "top_p": float(top_p),
             "max_new_tokens": max(1, min(int(max_new_tokens), MAX_NEW_TOKENS_CAP)), "stop": stop,
