@@ -30,7 +30,7 @@ _MODEL_EXPORTS = frozenset({"LlavaLlamaForCausalLM", "PaloConfig", "PaloForCausa
 # Submodules reachable as attributes without importing them first, as when ``import palo`` loaded palo.model.
 _SUBMODULES = frozenset({
     "cli", "constants", "conversation", "data", "engine", "eval", "export", "jsonl", "llm", "mm_utils", "model",
-    "openai_client", "quickstart", "remote_images", "serve", "testing", "train",
+    "openai_client", "quickstart", "remote_images", "serve", "testing", "train", "utils",
 })
 
 

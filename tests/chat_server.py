@@ -3,7 +3,8 @@
 Each request gets the next response of the script (the last one repeats), or what a ``respond`` function makes of
 its body. A response is ``(status, body, headers)``: a 200 with a string body is a chat completion with that reply, a
 200 with a dict body is sent as it is (a malformed completion), any other status is an OpenAI error body with that
-message. Every request body is recorded; a path other than ``/v1/chat/completions`` is a 404.
+message. Every request body is recorded; a path other than ``/v1/chat/completions`` (or the ``path`` given) is a
+404.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ class ChatServer:
     Args:
         script: The responses, in order.
         respond: Makes each response from the request body instead (called in the server's threads).
+        path: The route served (another endpoint of the API, e.g. ``/v1/moderations``).
     """
 
-    def __init__(self, *script: Response, respond: Callable[[dict[str, Any]], Response] | None = None) -> None:
+    def __init__(self, *script: Response, respond: Callable[[dict[str, Any]], Response] | None = None,
+                 path: str = "/v1/chat/completions") -> None:
+        self.path = path
         self.script: list[Response] = list(script) or [reply("ok")]
         self.respond = respond
         self.requests: list[dict[str, Any]] = []
@@ -70,7 +74,7 @@ class ChatServer:
 
             def do_POST(self) -> None:  # noqa: N802 - http.server naming
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if self.path.rstrip("/") != "/v1/chat/completions":
+                if self.path.rstrip("/") != server.path:
                     status, content, headers = 404, f"no route {self.path}", {}
                 else:
                     status, content, headers = server._next(body)

@@ -33,14 +33,13 @@ from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import Conversation, conv_templates, stop_string
 from palo.image_io import viewed
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
-from palo.serve.utils import build_logger, log_dir, refuse_unservable
+from palo.serve.utils import build_logger, log_dir, refuse_unservable, violates_moderation
 
 CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
 CURSOR = "▌"
 MAX_TEXT_CHARS, MAX_TEXT_CHARS_WITH_IMAGE = 1536, 1200
 MAX_NEW_TOKENS_CAP = 1536
 WORKER_TIMEOUT_S = 10.0  # between two pieces of the worker's stream (the original's value)
-MODERATION_TIMEOUT_S = 10.0  # per moderation call (one retry): the openai client's own default is 600 s
 _RTL_CHARS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")  # Hebrew, Arabic (Urdu, Persian...) blocks
 _STRONG_CHARS = re.compile(r"[^\W\d_]")
 
@@ -146,18 +145,6 @@ class WebServer:
         self._append_log({"tstamp": round(time.time(), 4), "type": kind, "model": model, "state": state.dict(),
                           "ip": ip})
 
-    # -- moderation ----------------------------------------------------------------------------------------------
-    def _flagged(self, text: str) -> bool:
-        try:
-            import openai
-
-            # A bounded wait: this runs before the chat answers, in Gradio's shared threads.
-            client = openai.OpenAI(max_retries=1, timeout=MODERATION_TIMEOUT_S)
-            return bool(client.moderations.create(input=text).results[0].flagged)
-        except Exception as exc:  # noqa: BLE001 - moderation is best effort; never block the chat on it
-            self.logger.warning("moderation unavailable: %s", exc)
-            return False
-
     # -- chat flows ----------------------------------------------------------------------------------------------
     @staticmethod
     def new_state() -> Conversation:
@@ -182,7 +169,7 @@ class WebServer:
         if text.count(DEFAULT_IMAGE_TOKEN) > (image is not None):
             raise ValueError(f"{DEFAULT_IMAGE_TOKEN} marks where the image goes: type it at most once, and only with "
                              "an image attached")
-        if self.moderate and self._flagged(text):
+        if self.moderate and violates_moderation(text, self.logger):
             state.skip_next = True
             state.messages.append([state.roles[0], text])
             state.messages.append([state.roles[1], MODERATION_MSG])

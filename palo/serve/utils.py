@@ -87,6 +87,28 @@ def build_logger(name: str, filename: str) -> logging.Logger:
     return logger
 
 
+# Seconds one moderation call may take (one retry): the openai client's own default is 600 s, and the web demo asks
+# before the chat answers, in Gradio's shared threads.
+MODERATION_TIMEOUT_S = 10.0
+
+
+def violates_moderation(text: str, logger: logging.Logger | None = None) -> bool:
+    """Whether OpenAI's moderation endpoint flags ``text`` (the web demo's ``--moderate``; ``OPENAI_API_KEY`` and
+    ``OPENAI_BASE_URL`` from the environment).
+
+    Best effort, as the original: an unreachable or failing endpoint counts as not flagged (logged as a warning),
+    so that moderation never stops the chat.
+    """
+    try:
+        import openai
+
+        client = openai.OpenAI(max_retries=1, timeout=MODERATION_TIMEOUT_S)
+        return bool(client.moderations.create(input=text).results[0].flagged)
+    except Exception as exc:  # noqa: BLE001 - best effort: never block the chat on moderation
+        (logger or logging.getLogger(__name__)).warning("moderation unavailable: %s", exc)
+        return False
+
+
 def route_logs(source: str, target: logging.Logger) -> None:
     """Send the records of logger ``source`` also to the handlers of ``target`` (idempotent).
 
