@@ -317,6 +317,12 @@ def _load_pretrained_model(
         return tokenizer, model, None, getattr(model.config, "max_sequence_length", 2048)
 
     config = _as_palo_config(config)
+    if base_dir is not None:
+        # A LoRA or stage-1 run that added tokens (<im_patch> by default, <im_start>/<im_end>) records the grown
+        # vocabulary in its config; the base's weights have the base's rows: load them at that size, grow below.
+        base_vocab = getattr(AutoConfig.from_pretrained(base_dir), "vocab_size", None)
+        if base_vocab and base_vocab != config.vocab_size:
+            config.vocab_size = base_vocab
     tower_prefix = "model.vision_tower."
     # transformers prints a "MISSING" table for the tower and projector of LoRA/stage-1 bases (and for full
     # checkpoints without the tower); those are expected and filled below, and anything else raises, so quiet it.
@@ -324,6 +330,15 @@ def _load_pretrained_model(
         model, info = PaloForCausalLM.from_pretrained(
             base_dir or model_dir, config=config, output_loading_info=True, **load_kwargs
         )
+    # The original adds these tokens at load time; <im_patch> by default when the config does not say otherwise.
+    # Before a LoRA adapter is merged: one made after tokens were added carries the grown embeddings.
+    if spec.use_im_patch_token:
+        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
+    if spec.use_im_start_end:
+        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
+    base_rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != base_rows:
+        model.resize_token_embeddings(len(tokenizer))
     if kind is CheckpointKind.FULL:
         missing = _check_loading_info(info, (tower_prefix,), model_path)
     else:
@@ -347,14 +362,6 @@ def _load_pretrained_model(
     tower = model.get_vision_tower()
     tower.image_processor = load_image_processor(spec.vision_tower, tower.config.image_size, fallback_dirs=(model_dir,))
 
-    # The original adds these tokens at load time; <im_patch> by default when the config does not say otherwise.
-    if spec.use_im_patch_token:
-        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
-    if spec.use_im_start_end:
-        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
-    base_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != base_rows:
-        model.resize_token_embeddings(len(tokenizer))
     if kind is CheckpointKind.PROJECTOR and spec.use_im_start_end and len(tokenizer) > base_rows:
         # Stage 1 with <im_start>/<im_end> trained those rows and saved them in mm_projector.bin; without them the
         # new tokens would keep resize_token_embeddings' initialisation.

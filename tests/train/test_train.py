@@ -332,6 +332,11 @@ def test_stage1_with_start_end_tokens_hands_their_rows_to_stage2(world, data, tm
     _, base_llm, _, _ = load_pretrained_model(world.base_dir, device="cpu")
     start = base_llm.get_input_embeddings().weight.detach().mean(dim=0)
     assert (trained[-2:] - start).abs().max() > 1e-3
+    # The stage-1 folder loads with its base (its config records the grown vocabulary; it used to fail to load),
+    # with the trained rows (through float16, as the original's stage-1 branch).
+    tokenizer, loaded, _, _ = load_pretrained_model(stage1, world.base_dir, device="cpu")
+    assert len(tokenizer) == loaded.get_input_embeddings().weight.shape[0] == trained.shape[0]
+    torch.testing.assert_close(loaded.get_input_embeddings().weight[-2:].detach(), trained[-2:].half().float())
     stage2 = str(tmp_path / "stage2")
     trainer = train(_flags(world, data, stage2, "--pretrain_mm_mlp_adapter", os.path.join(stage1, "mm_projector.bin"),
                            "--mm_use_im_start_end", "True", "--max_steps", "1", "--learning_rate", "0"))
@@ -849,6 +854,15 @@ def test_lora_saves_carry_the_embeddings_only_when_tokens_were_added(world, data
         adapter = torch.load(os.path.join(folder, "adapter_model.bin"))
         embeddings = {k for k in adapter if "embed_tokens" in k or "lm_head" in k}
         assert bool(embeddings) == (start_end == "True"), sorted(adapter)
+    # The output loads with its base, the grown rows the adapter's (it used to fail: its config records the grown
+    # vocabulary, which the base's weights do not have).
+    tokenizer, model, _, _ = load_pretrained_model(out, world.base_dir, device="cpu")
+    with open(os.path.join(world.base_dir, "config.json")) as f:
+        base_rows = json.load(f)["vocab_size"]
+    assert len(tokenizer) == model.get_input_embeddings().weight.shape[0] == base_rows + 2 * (start_end == "True")
+    if start_end == "True":
+        saved = next(v for k, v in adapter.items() if "embed_tokens" in k)
+        torch.testing.assert_close(model.get_input_embeddings().weight.detach(), saved)
 
 
 def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_path, caplog):
