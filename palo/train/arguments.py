@@ -49,6 +49,14 @@ class ModelArguments:
         from palo.model.attention import check_attn_implementation
 
         check_attn_implementation(self.attn_implementation)
+        # Accepted so that LLaVA's and MobileVLM's scripts run; another value would ask for a model this is not
+        # (LLaVA's spatial_unpad adds a learned image_newline row), so it is refused rather than ignored.
+        if self.mm_patch_merge_type != "flat":
+            raise ValueError(f"--mm_patch_merge_type {self.mm_patch_merge_type!r} is not supported: PALO's projector "
+                             "takes the image's features flat (only 'flat')")
+        if self.vision_tower_type != "clip":
+            raise ValueError(f"--vision_tower_type {self.vision_tower_type!r} is not supported: PALO's vision tower is "
+                             "CLIP (only 'clip')")
 
 
 @dataclass

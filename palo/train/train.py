@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script (the original commands): make `
 import transformers  # noqa: E402
 
 from palo.data.json_index import JsonArrayIndex  # noqa: E402
+from palo.model.attention import AttentionUnavailableError  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
@@ -48,7 +49,10 @@ def template_for(version: str) -> str:
 
 def train(argv: list[str] | None = None) -> PaloTrainer:
     """Run one training job; returns the trainer (for tests and notebooks)."""
-    model_args, data_args, training_args = parse_args(argv)
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except (ValueError, AttentionUnavailableError) as exc:  # a flag's value, named by its own check: one line
+        raise SystemExit(f"error: {exc}") from None
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     transformers.set_seed(training_args.seed)
