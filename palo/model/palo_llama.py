@@ -77,6 +77,10 @@ class PaloModel(LlamaModel):
             mm_hidden = spec.mm_hidden_size or self.vision_tower.hidden_size
             self.mm_projector = build_projector(spec.projector_type, mm_hidden, config.hidden_size)
 
+    def get_vision_tower(self) -> CLIPVisionTower | None:
+        """Original API: the vision tower, or None for a text-only model."""
+        return getattr(self, "vision_tower", None)
+
 
 def _flatten_images(images: Any) -> list[torch.Tensor]:
     """Accept ``[N, 3, H, W]``, ``[B, k, 3, H, W]``, or a list of ``[3, H, W]`` / ``[k, 3, H, W]``."""
@@ -213,16 +217,49 @@ class PaloForCausalLM(LlamaForCausalLM):
         features = self.encode_images(images) if num_images else []
         return apply_splice(plan, input_ids, features, self.get_input_embeddings(), labels)
 
+    def prepare_inputs_labels_for_multimodal(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        labels: torch.Tensor | None,
+        images: Any,
+        image_sizes: Any = None,
+    ) -> tuple[Any, ...]:
+        """Original API (PALO / LLaVA-1.5, its argument order), for scripts that embed inputs themselves (scoring,
+        log-likelihoods): :meth:`prepare_multimodal_inputs` under the old name.
+
+        Returns:
+            ``(None, position_ids, attention_mask, past_key_values, inputs_embeds [B, L, D], labels)`` over the
+            spliced sequence; ``position_ids``, ``attention_mask`` and ``labels`` are None where they were given as
+            None (the mask also when no row is padded after the splice), as in the original. Without images, or
+            for one decoding step, the inputs come back as they are, with no embeddings.
+        """
+        if images is None or input_ids.shape[1] == 1:
+            return input_ids, position_ids, attention_mask, past_key_values, None, labels
+        spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, labels)
+        mask = spliced.attention_mask if attention_mask is not None or spliced.padded else None
+        if mask is not None and attention_mask is not None:
+            mask = mask.to(attention_mask.dtype)
+        positions = spliced.position_ids if position_ids is not None else None
+        return None, positions, mask, past_key_values, spliced.inputs_embeds, spliced.labels
+
     # -- forward / generate --------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         images: Any = None,
         image_sizes: Any = None,
+        return_dict: bool | None = None,
         packed: bool = False,
         **kwargs: Any,
     ) -> Any:
@@ -240,11 +277,16 @@ class PaloForCausalLM(LlamaForCausalLM):
                 each starts. Positions restart per sample through the splice, and attention never crosses samples:
                 the language model gets no attention mask, so transformers masks by the restarting positions
                 (a document mask for sdpa/eager/flex; flash-attn's varlen kernel on one flattened row).
-            **kwargs: Passed to the LLaMA forward (cache, ``use_cache``, ``logits_to_keep`` ...).
+            past_key_values, use_cache, output_attentions, output_hidden_states, return_dict: transformers' (the
+                original's positional order is kept); passed on when given.
+            **kwargs: Passed to the LLaMA forward (``logits_to_keep`` ...).
 
         Returns:
             transformers' ``CausalLMOutputWithPast`` over the spliced sequence.
         """
+        given = {"past_key_values": past_key_values, "use_cache": use_cache, "output_attentions": output_attentions,
+                 "output_hidden_states": output_hidden_states, "return_dict": return_dict}
+        kwargs.update((key, value) for key, value in given.items() if value is not None)
         if inputs_embeds is None and images is None and input_ids is not None and input_ids.shape[1] > 1:
             # (Decoding steps feed one generated id: no check, no host sync on the hot path.)
             if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
@@ -294,6 +336,10 @@ class PaloForCausalLM(LlamaForCausalLM):
             labels=labels,
             **kwargs,
         )
+        if isinstance(outputs, tuple):  # return_dict=False: transformers' tuple, as the original returned it
+            if rows is not None:
+                raise ValueError("return_dict=False is not supported for packed batches under flash_attention_2")
+            return outputs
         if rows is not None:
             if outputs.logits is not None:
                 outputs.logits = outputs.logits.view(*rows, -1)

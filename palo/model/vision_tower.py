@@ -243,18 +243,47 @@ class CLIPVisionTower(nn.Module):
             raise VisionTowerError(f"{source!r} does not fit the vision tower's architecture: {exc}") from exc
         target.to(device=param.device, dtype=param.dtype)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    # -- the original tower's attributes, for scripts that follow its loading code -------------------------------
+    @property
+    def is_loaded(self) -> bool:
+        """Always True: the tower gets its weights when the checkpoint loads (the original loaded them later)."""
+        return True
+
+    def load_model(self, device_map: Any = None) -> None:
+        """Nothing left to load (see :attr:`is_loaded`); kept for the original loader's
+        ``if not tower.is_loaded: tower.load_model()``."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.vision_model.embeddings.patch_embedding.weight.device
+
+    @property
+    def vision_tower_name(self) -> str:
+        return self.name
+
+    @property
+    def select_layer(self) -> int:
+        return self.features.select_layer
+
+    @property
+    def select_feature(self) -> str:
+        return self.features.select_feature
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """Encode images.
 
         Only the encoder layers up to ``select_layer`` run: with PALO's ``-2`` the last CLIP layer (whose output
         nobody reads) is skipped, which ``output_hidden_states=True`` would compute.
 
         Args:
-            images: Pixel values ``[N, 3, H, W]``.
+            images: Pixel values ``[N, 3, H, W]``; or, as the original took them, a list of ``[3, H, W]`` images.
 
         Returns:
-            Features ``[N, num_tokens, hidden_size]`` in the dtype of ``images``.
+            Features ``[N, num_tokens, hidden_size]`` in the dtype of ``images``; for a list, a list of
+            ``[1, num_tokens, hidden_size]``.
         """
+        if isinstance(images, (list, tuple)):
+            return [self(image[None]) for image in images]
         vision = self.vision_tower.vision_model
         weight = vision.embeddings.patch_embedding.weight
         layers = vision.encoder.layers

@@ -157,6 +157,64 @@ def test_training_forward_masks_image_rows_and_gives_loss(world):
     assert out.logits.shape[1] == ids.shape[1] - 1 + world.model.get_vision_tower().num_tokens
 
 
+def test_the_original_embedding_entry_point_and_positional_forward(world):
+    """Scripts written for PALO / LLaVA-1.5 embed inputs with prepare_inputs_labels_for_multimodal (its argument
+    order, a 6-tuple) and call forward positionally, past_key_values fourth."""
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model
+    ids, mask = left_pad([tokenizer_image_token(_prompt(q), tokenizer, return_tensors="pt")
+                          for q in ("What is this?", "这张图片里有什么颜色？")], tokenizer.pad_token_id or 0)
+    labels = ids.masked_fill(mask == 0, -100)
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        assert model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, labels, pixels)[1] is None
+        given = (mask.cumsum(-1) - 1).clamp(min=0)
+        none, positions, spliced_mask, cache, embeds, spliced_labels = model.prepare_inputs_labels_for_multimodal(
+            ids, given, mask, None, labels, pixels)
+        assert none is None and cache is None and spliced_mask.dtype == mask.dtype
+        n = model.get_vision_tower().num_tokens
+        assert embeds.shape[:2] == spliced_labels.shape == (2, ids.shape[1] - 1 + n)
+        assert int((spliced_labels == -100).sum(1).min()) >= n  # image rows are not learned
+        ours = model(input_ids=ids, attention_mask=mask, images=pixels, labels=labels)
+        theirs = model(inputs_embeds=embeds, attention_mask=spliced_mask, position_ids=positions, labels=spliced_labels)
+        torch.testing.assert_close(theirs.logits, ours.logits)
+        torch.testing.assert_close(theirs.loss, ours.loss)
+        # Without images, or for one decoding step, the inputs come back with no embeddings.
+        assert model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, None, None) == (
+            ids, None, mask, None, None, None)
+
+        # forward(input_ids, attention_mask, position_ids, past_key_values, ...): one cached step, positionally.
+        text = tokenizer("USER: hello ASSISTANT:", return_tensors="pt").input_ids
+        full = model(text).logits[:, -1]
+        step = model(text[:, :-1], None, None, None, None, None, True)
+        last = model(text[:, -1:], None, None, step.past_key_values).logits[:, -1]
+        # return_dict=False gives transformers' tuple, (loss, logits, ...) with labels, as the original did.
+        loss, logits = model(input_ids=ids, attention_mask=mask, images=pixels, labels=labels, return_dict=False)[:2]
+    torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((loss, logits), (ours.loss, ours.logits))
+
+
+def test_the_original_tower_loading_code_runs(world):
+    """LLaVA-derived loaders do: tower = model.get_model().get_vision_tower(); if not tower.is_loaded:
+    tower.load_model(); tower.to(device=..., dtype=...); then call it on a list of images."""
+    model = world.model
+    tower = model.get_model().get_vision_tower()
+    assert tower is model.get_vision_tower()
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    if not tower.is_loaded:
+        tower.load_model()
+    tower.load_model()  # nothing to load: the weights stay the checkpoint's
+    tower.to(device="cpu", dtype=torch.float32)
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
+    assert tower.device.type == "cpu" and tower.vision_tower_name == model.config.mm_vision_tower
+    assert (tower.select_layer, tower.select_feature) == (model.config.mm_vision_select_layer, "patch")
+    pixels = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        batched, listed = tower(pixels), tower([pixels[0], pixels[1]])
+    assert [f.shape for f in listed] == [(1, *batched.shape[1:])] * 2
+    torch.testing.assert_close(torch.cat(listed), batched)
+
+
 def test_images_and_placeholders_must_agree(world):
     tokenizer = load_tokenizer(world.tokenizer_dir)
     ids = tokenizer_image_token(_prompt("Two?", images=2), tokenizer, return_tensors="pt")[None]
