@@ -2,8 +2,8 @@
 
 Flags as in the original (docs/formats.md §5.5): ``-d/--dir``, ``-v/--version``, ``-s/--select``, ``-f/--files``,
 ``-i/--ignore``. For every file and every key in sorted order (``all``, ``llava_bench_complex``, ``llava_bench_conv``,
-``llava_bench_detail``) it prints ``<key> <relative> <reference x10> <model x10>`` as the original did, followed by
-how many reviews were used and how many failed.
+``llava_bench_detail``) it prints ``<key> <relative> <reference x10> <model x10>`` as the original did (scripts that
+split those lines get the fields they expect); how many reviews each line used and how many failed goes to stderr.
 
 The relative score is PALO's headline number: mean(model) / mean(reference) x 100, a ratio of means, with both
 means rounded to 3 decimals first (docs/formats.md §5.5). Failed judgments (``"failed": true``, or a ``[-1, -1]``
@@ -114,12 +114,16 @@ def summarize_file(path: str, ignore: set[str] | None = None) -> dict[str, Categ
 
 
 def format_line(key: str, score: CategoryScore) -> str:
-    """``<key> <relative> <ref x10> <model x10> (judged n, failed f)``; ``n/a`` where nothing was judged."""
+    """The original's line ``<key> <relative> <ref x10> <model x10>``; ``n/a`` where nothing was judged."""
     def show(x: float | None) -> str:
         return "n/a" if x is None else f"{x}"
 
-    return f"{key} {show(score.relative)} {show(score.reference)} {show(score.model)} " \
-           f"(judged {score.judged}, failed {score.failed})"
+    return f"{key} {show(score.relative)} {show(score.reference)} {show(score.model)}"
+
+
+def format_counts(label: str, key: str, score: CategoryScore) -> str:
+    """``[counts] <label> <key>: judged n, failed f``: what a line of :func:`format_line` rests on (stderr)."""
+    return f"[counts] {label} {key}: judged {score.judged}, failed {score.failed}"
 
 
 def find_files(directory: str, version: str | None, select: list[str] | None) -> list[tuple[str, str]]:
@@ -173,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(label)
         for key, score in scores.items():
             print(format_line(key, score))
+            print(format_counts(label, key, score), file=sys.stderr)
         print("=" * 33)
     return 0
 

@@ -67,19 +67,26 @@ def test_retry_replaces_failure_and_ignore_drops_questions(reviews):
 def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
     path = _write(tmp_path / "reviews" / "gpt4_text_model_English.jsonl", reviews)
     assert summary.main(["-f", path]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out == [
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [  # the original's lines, four fields each
         "model_English",
-        "all 80.0 80.0 64.0 (judged 5, failed 2)",
-        "llava_bench_complex 75.0 80.0 60.0 (judged 2, failed 0)",
-        "llava_bench_conv 92.9 70.0 65.0 (judged 2, failed 1)",
-        "llava_bench_detail 70.0 100.0 70.0 (judged 1, failed 1)",
+        "all 80.0 80.0 64.0",
+        "llava_bench_complex 75.0 80.0 60.0",
+        "llava_bench_conv 92.9 70.0 65.0",
+        "llava_bench_detail 70.0 100.0 70.0",
         "=" * 33,
     ]
+    assert captured.err.splitlines() == [
+        "[counts] model_English all: judged 5, failed 2",
+        "[counts] model_English llava_bench_complex: judged 2, failed 0",
+        "[counts] model_English llava_bench_conv: judged 2, failed 1",
+        "[counts] model_English llava_bench_detail: judged 1, failed 1",
+    ]
     assert summary.main(["-d", str(tmp_path / "reviews"), "-i", "1", "2", "3"]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     # Without questions 1-3 no conv question is left; all = (10+7+9)/3 vs (7+7+5)/3 -> 6.333 / 8.667 = 73.1 %.
-    assert "llava_bench_conv" not in out and "all 73.1 86.7 63.3 (judged 3, failed 1)" in out
+    assert "llava_bench_conv" not in captured.out and "all 73.1 86.7 63.3\n" in captured.out
+    assert "[counts] model_English all: judged 3, failed 1" in captured.err
     assert summary.main(["-d", str(tmp_path / "nowhere")]) == 2
     assert f"error: -d {tmp_path / 'nowhere'}: no such folder" in capsys.readouterr().err
     # Lines a summary cannot use are reported and skipped, and the rest still summed (these were tracebacks, or
@@ -92,7 +99,7 @@ def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
     assert summary.main(["-f", path]) == 0
     captured = capsys.readouterr()
     assert f"{path}:8: not UTF-8 text" in captured.err and f"{path}:9: 'category' must be a string" in captured.err
-    assert "all 80.0 80.0 64.0 (judged 5, failed 4)" in captured.out
+    assert "all 80.0 80.0 64.0\n" in captured.out and "all: judged 5, failed 4" in captured.err
 
 
 def test_table_across_languages(tmp_path, reviews):
