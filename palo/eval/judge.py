@@ -12,6 +12,7 @@ docs/compat.md#evaluation.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -68,6 +69,10 @@ def load_rules(path: str | None) -> dict[str, dict[str, str]]:
     """The rules: our rubric, or an original ``rule.json`` (keys ``llava_bench_<category>``, each role + prompt)."""
     if path is None:
         return DEFAULT_RULES
+    if not os.path.isfile(path):
+        # The original scripts pass palo/eval/table/rule.json, a file of LLaVA's repository that PALO's never held.
+        raise RuleError(f"{path}: no such rule file (the original rule.json is LLaVA's llava/eval/table/rule.json; "
+                        "without -r/--rule the built-in rubric is used)")
     with open(path, encoding="utf-8") as f:
         try:
             rules = json.load(f)

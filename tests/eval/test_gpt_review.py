@@ -201,6 +201,13 @@ def test_original_rule_file_and_missing_rule(inputs, judge_server, tmp_path, cap
     rule_file.write_text(json.dumps(rules), encoding="utf-8")
     assert review.main(_args(inputs, judge_server, "--no-cache", "--rule", str(rule_file))) == 2
     assert f"{inputs['q']}:3: no rule 'llava_bench_complex'" in capsys.readouterr().err
+    # The original scripts' path: a file of LLaVA's repository, never in PALO's; said so, nothing asked.
+    asked = len(judge_server.calls)
+    missing = str(tmp_path / "palo" / "eval" / "table" / "rule.json")
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--rule", missing)) == 2
+    err = capsys.readouterr().err
+    assert f"error: {missing}: no such rule file" in err and "llava/eval/table/rule.json" in err
+    assert len(judge_server.calls) == asked
 
 
 def test_killed_run_resumes_without_redoing_finished_items(inputs, judge_server):
