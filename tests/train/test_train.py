@@ -424,6 +424,8 @@ def test_killed_run_resumes_with_identical_losses(world, data, tmp_path, uninter
     ({"id": "wrong-roles", "conversations": [{"from": "human", "value": "Hi"}, {"from": "human", "value": "Hi"}]},
      "expected 'gpt'"),
     ({"id": "empty", "conversations": []}, "empty conversation"),
+    ({"id": "image-list", "image": ["a.png", "b.png"], "conversations": [  # several images: named, not "no such file"
+        {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]}, "must be one file name"),
 ])
 def test_bad_samples_stop_with_their_id_or_are_skipped_and_counted(world, data, tmp_path, sample, message):
     samples = json.load(open(data))[:8] + [sample]
