@@ -317,12 +317,18 @@ def _load_pretrained_model(
         return tokenizer, model, None, getattr(model.config, "max_sequence_length", 2048)
 
     config = _as_palo_config(config)
+    added_pad = None  # the id of the [PAD] token a --version v0 run appended, when the base has no such row
     if base_dir is not None:
-        # A LoRA or stage-1 run that added tokens (<im_patch> by default, <im_start>/<im_end>) records the grown
-        # vocabulary in its config; the base's weights have the base's rows: load them at that size, grow below.
-        base_vocab = getattr(AutoConfig.from_pretrained(base_dir), "vocab_size", None)
+        # A LoRA or stage-1 run that added tokens (<im_patch> by default, <im_start>/<im_end>, v0's [PAD]) records
+        # the grown vocabulary in its config; the base's weights have the base's rows: load them at that size and
+        # add the tokens below, in the order training added them, so that every id is the trained one.
+        base_config = AutoConfig.from_pretrained(base_dir)
+        base_vocab = getattr(base_config, "vocab_size", None)
         if base_vocab and base_vocab != config.vocab_size:
             config.vocab_size = base_vocab
+            pad = getattr(config, "pad_token_id", None)
+            if isinstance(pad, int) and pad >= base_vocab:
+                added_pad, config.pad_token_id = pad, getattr(base_config, "pad_token_id", None)
     tower_prefix = "model.vision_tower."
     # transformers prints a "MISSING" table for the tower and projector of LoRA/stage-1 bases (and for full
     # checkpoints without the tower); those are expected and filled below, and anything else raises, so quiet it.
@@ -332,6 +338,13 @@ def _load_pretrained_model(
         )
     # The original adds these tokens at load time; <im_patch> by default when the config does not say otherwise.
     # Before a LoRA adapter is merged: one made after tokens were added carries the grown embeddings.
+    if added_pad is not None:  # training added it first (palo.train.model_setup.load_tokenizer_for_training)
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        if tokenizer.pad_token_id != added_pad:
+            raise CheckpointError(f"{model_path!r}: its config's pad_token_id {added_pad} is past the base's "
+                                  "vocabulary, and it is not the [PAD] token --version v0 adds "
+                                  f"({tokenizer.pad_token_id})")
+        model.config.pad_token_id = added_pad
     if spec.use_im_patch_token:
         tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
     if spec.use_im_start_end:

@@ -867,6 +867,24 @@ def test_lora_saves_carry_the_embeddings_only_when_tokens_were_added(world, data
         torch.testing.assert_close(model.get_input_embeddings().weight.detach(), saved)
 
 
+def test_a_v0_lora_run_with_its_added_pad_token_loads_with_its_base(world, data, tmp_path):
+    """--version v0 appends a [PAD] token before the image tokens; the adapter carries that grown embedding and the
+    config a pad_token_id past the base's rows (loading failed: 'Padding_idx must be within num_embeddings')."""
+    out = str(tmp_path / "out")
+    train(_flags(world, data, out, "--version", "v0", "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+                 "--mm_use_im_patch_token", "True", "--max_steps", "1"))
+    with open(os.path.join(world.base_dir, "config.json")) as f:
+        base_rows = json.load(f)["vocab_size"]
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["vocab_size"] == base_rows + 2
+    tokenizer, model, _, _ = load_pretrained_model(out, world.base_dir, device="cpu")
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, model.config.pad_token_id) == ("[PAD]", base_rows, base_rows)
+    assert tokenizer.convert_tokens_to_ids("<im_patch>") == base_rows + 1  # the ids training gave them
+    adapter = torch.load(os.path.join(out, "adapter_model.bin"))
+    saved = next(v for k, v in adapter.items() if "embed_tokens" in k)
+    torch.testing.assert_close(model.get_input_embeddings().weight.detach(), saved)
+
+
 def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_path, caplog):
     """A checkpoint-N cut or emptied after it was written (a disk fault, a copy cut short) stopped every resume
     with a traceback until it was deleted by hand; the newest whole one is taken instead."""
