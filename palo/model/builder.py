@@ -96,6 +96,46 @@ def _without_multimodal_modules(model: PaloForCausalLM) -> Iterator[None]:
             inner._modules[name] = module
 
 
+def _base_vocabulary(config: Any, base_dir: str, base_tokens: int) -> int | None:
+    """Make the config of a LoRA or stage-1 folder load its base's weights: a run that added tokens (<im_patch> by
+    default, <im_start>/<im_end>, v0's [PAD]) records its grown vocabulary, which the base's rows do not have, so
+    the base loads at its own size and :func:`_add_trained_tokens` grows it.
+
+    Returns:
+        The id of the [PAD] token a ``--version v0`` run added (its config's ``pad_token_id`` is no token of the
+        base's tokenizer, of ``base_tokens``), or None.
+    """
+    base_config = AutoConfig.from_pretrained(base_dir)
+    base_vocab = getattr(base_config, "vocab_size", None)
+    if not base_vocab or base_vocab == config.vocab_size:
+        return None
+    config.vocab_size = base_vocab
+    pad = getattr(config, "pad_token_id", None)
+    if isinstance(pad, int) and pad >= base_tokens:
+        config.pad_token_id = getattr(base_config, "pad_token_id", None)
+        return pad
+    return None
+
+
+def _add_trained_tokens(model: PreTrainedModel, tokenizer: Any, added_pad: int | None, image_tokens: list[str],
+                        model_path: str) -> int:
+    """Add the tokens training added, in its order (v0's [PAD] first: ``load_tokenizer_for_training``; then the
+    image tokens), and grow the embeddings to the tokenizer; before a LoRA adapter is merged, since one made after
+    tokens were added carries the grown rows. Returns the rows the model had before."""
+    if added_pad is not None:
+        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+        if tokenizer.pad_token_id != added_pad:
+            raise CheckpointError(f"{model_path!r}: its config's pad_token_id {added_pad} is no token of the base, "
+                                  f"and not the [PAD] token --version v0 adds ({tokenizer.pad_token_id})")
+        model.config.pad_token_id = added_pad
+    if image_tokens:
+        tokenizer.add_tokens(image_tokens, special_tokens=True)
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) != rows:
+        model.resize_token_embeddings(len(tokenizer))
+    return rows
+
+
 def _merge_lora(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
     from peft import PeftModel
 
@@ -307,28 +347,18 @@ def _load_pretrained_model(
         config.mm_vision_tower = vision_tower
     spec = MultimodalSpec.from_config(config)
     tokenizer = load_tokenizer(base_dir or model_dir, use_fast=False)
+    added_pad = _base_vocabulary(config, base_dir, len(tokenizer)) if base_dir is not None else None
 
     if not spec.is_multimodal:
         if kind is CheckpointKind.PROJECTOR:
             raise CheckpointError(f"{model_path!r} has {PROJECTOR_FILE} but its config names no mm_vision_tower")
         model = AutoModelForCausalLM.from_pretrained(base_dir or model_dir, **load_kwargs)
+        _add_trained_tokens(model, tokenizer, added_pad, (), model_path)
         if kind is CheckpointKind.LORA:
             model = _merge_lora(model, model_dir)
         return tokenizer, model, None, getattr(model.config, "max_sequence_length", 2048)
 
     config = _as_palo_config(config)
-    added_pad = None  # the id of the [PAD] token a --version v0 run appended, when the base has no such row
-    if base_dir is not None:
-        # A LoRA or stage-1 run that added tokens (<im_patch> by default, <im_start>/<im_end>, v0's [PAD]) records
-        # the grown vocabulary in its config; the base's weights have the base's rows: load them at that size and
-        # add the tokens below, in the order training added them, so that every id is the trained one.
-        base_config = AutoConfig.from_pretrained(base_dir)
-        base_vocab = getattr(base_config, "vocab_size", None)
-        if base_vocab and base_vocab != config.vocab_size:
-            config.vocab_size = base_vocab
-            pad = getattr(config, "pad_token_id", None)
-            if isinstance(pad, int) and pad >= base_vocab:
-                added_pad, config.pad_token_id = pad, getattr(base_config, "pad_token_id", None)
     tower_prefix = "model.vision_tower."
     # transformers prints a "MISSING" table for the tower and projector of LoRA/stage-1 bases (and for full
     # checkpoints without the tower); those are expected and filled below, and anything else raises, so quiet it.
@@ -336,22 +366,10 @@ def _load_pretrained_model(
         model, info = PaloForCausalLM.from_pretrained(
             base_dir or model_dir, config=config, output_loading_info=True, **load_kwargs
         )
-    # The original adds these tokens at load time; <im_patch> by default when the config does not say otherwise.
-    # Before a LoRA adapter is merged: one made after tokens were added carries the grown embeddings.
-    if added_pad is not None:  # training added it first (palo.train.model_setup.load_tokenizer_for_training)
-        tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-        if tokenizer.pad_token_id != added_pad:
-            raise CheckpointError(f"{model_path!r}: its config's pad_token_id {added_pad} is past the base's "
-                                  "vocabulary, and it is not the [PAD] token --version v0 adds "
-                                  f"({tokenizer.pad_token_id})")
-        model.config.pad_token_id = added_pad
-    if spec.use_im_patch_token:
-        tokenizer.add_tokens([DEFAULT_IMAGE_PATCH_TOKEN], special_tokens=True)
-    if spec.use_im_start_end:
-        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
-    base_rows = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) != base_rows:
-        model.resize_token_embeddings(len(tokenizer))
+    # The original adds the image tokens at load time; <im_patch> by default when the config does not say otherwise.
+    image_tokens = ([DEFAULT_IMAGE_PATCH_TOKEN] if spec.use_im_patch_token else []) + (
+        [DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN] if spec.use_im_start_end else [])
+    base_rows = _add_trained_tokens(model, tokenizer, added_pad, image_tokens, model_path)
     if kind is CheckpointKind.FULL:
         missing = _check_loading_info(info, (tower_prefix,), model_path)
     else:

@@ -867,19 +867,44 @@ def test_lora_saves_carry_the_embeddings_only_when_tokens_were_added(world, data
         torch.testing.assert_close(model.get_input_embeddings().weight.detach(), saved)
 
 
-def test_a_v0_lora_run_with_its_added_pad_token_loads_with_its_base(world, data, tmp_path):
+@pytest.mark.parametrize("variant", ["multimodal", "text", "padded_base"])
+def test_a_v0_lora_run_with_its_added_pad_token_loads_with_its_base(world, data, tmp_path, variant):
     """--version v0 appends a [PAD] token before the image tokens; the adapter carries that grown embedding and the
-    config a pad_token_id past the base's rows (loading failed: 'Padding_idx must be within num_embeddings')."""
-    out = str(tmp_path / "out")
-    train(_flags(world, data, out, "--version", "v0", "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
-                 "--mm_use_im_patch_token", "True", "--max_steps", "1"))
-    with open(os.path.join(world.base_dir, "config.json")) as f:
-        base_rows = json.load(f)["vocab_size"]
+    config a pad_token_id past the base's tokens (loading failed: 'Padding_idx must be within num_embeddings', or a
+    size mismatch for a text-only run). A base whose embedding has more rows than its tokenizer has tokens (padded
+    to a multiple) gets the same ids."""
+    from transformers import LlamaForCausalLM
+
+    from palo.model.tokenizer import load_tokenizer
+
+    out, base = str(tmp_path / "out"), world.base_dir
+    if variant == "padded_base":
+        base = str(tmp_path / "base_padded")
+        llm = LlamaForCausalLM.from_pretrained(world.base_dir)
+        llm.resize_token_embeddings(llm.get_input_embeddings().weight.shape[0] + 8)
+        llm.save_pretrained(base)
+        load_tokenizer(world.base_dir).save_pretrained(base)
+    flags = _flags(world, data, out, "--version", "v0", "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+                   "--mm_use_im_patch_token", "True", "--max_steps", "1")
+    flags[flags.index("--model_name_or_path") + 1] = base
+    if variant == "text":  # the base LLM alone, on the text of the same samples
+        with open(data) as f:
+            samples = [{**{k: v for k, v in s.items() if k != "image"}, "conversations": [
+                {**t, "value": t["value"].replace("<image>", "").strip()} for t in s["conversations"]]}
+                for s in json.load(f)]
+        text = tmp_path / "text.json"
+        text.write_text(json.dumps(samples))
+        for flag in ("--vision_tower", "--image_folder"):
+            del flags[flags.index(flag):flags.index(flag) + 2]
+        flags[flags.index("--data_path") + 1] = str(text)
+    train(flags)
+    tokens = len(load_tokenizer(base))
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f)["vocab_size"] == base_rows + 2
-    tokenizer, model, _, _ = load_pretrained_model(out, world.base_dir, device="cpu")
-    assert (tokenizer.pad_token, tokenizer.pad_token_id, model.config.pad_token_id) == ("[PAD]", base_rows, base_rows)
-    assert tokenizer.convert_tokens_to_ids("<im_patch>") == base_rows + 1  # the ids training gave them
+        assert json.load(f)["vocab_size"] == tokens + 1 + (variant != "text")
+    tokenizer, model, _, _ = load_pretrained_model(out, base, device="cpu")
+    assert (tokenizer.pad_token, tokenizer.pad_token_id, model.config.pad_token_id) == ("[PAD]", tokens, tokens)
+    if variant != "text":
+        assert tokenizer.convert_tokens_to_ids("<im_patch>") == tokens + 1  # the ids training gave them
     adapter = torch.load(os.path.join(out, "adapter_model.bin"))
     saved = next(v for k, v in adapter.items() if "embed_tokens" in k)
     torch.testing.assert_close(model.get_input_embeddings().weight.detach(), saved)
