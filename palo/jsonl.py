@@ -207,7 +207,7 @@ class JsonlAppender:
         """Rewrite the file without its lines ``numbers`` (1-based: damaged lines a resumed run found), atomically
         and without letting go of the lock: the new file is locked before it replaces the old one, and the
         appender writes to it from then on."""
-        path = self.path
+        path = os.path.realpath(self.path)  # through a symlink: the file the appender writes, not the link
         with open(path, "rb") as f:
             kept = [line for number, line in enumerate(f, start=1) if number not in numbers]
         folder = os.path.dirname(os.path.abspath(path))

@@ -149,6 +149,17 @@ def test_a_writer_drops_damaged_lines_of_its_own_output_and_keeps_it_locked(tmp_
         jsonl.scan_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+def test_dropping_lines_through_a_symlink_rewrites_the_file_it_names(tmp_path):
+    real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_bytes(b'{"q": 0}\nBAD\n')
+    link.symlink_to(real)
+    with jsonl.JsonlAppender(str(link)) as out:
+        out.drop_lines({2})
+        out.write({"q": 1})
+    assert link.is_symlink() and real.read_bytes() == b'{"q": 0}\n{"q": 1}\n'
+    assert sorted(os.listdir(tmp_path)) == ["link.jsonl", "real.jsonl"]
+
+
 def test_damage_before_the_end_of_a_log_is_named_and_nothing_after_it_is_cut(tmp_path):
     """Only a kill mid-write is repaired; a damaged line with finished records after it (an edit, a disk fault)
     used to cut them all off the file at the next resume."""

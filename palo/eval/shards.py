@@ -107,7 +107,8 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
 
     Raises:
         JsonlError: If a shard holds a malformed line or an answer to a question the file does not have (a shard
-            from another run), or the question file is missing.
+            from another run), or the question file is missing. (A malformed line of ``answers_file`` is reported
+            and dropped.)
         ValueError: If ``answers_file`` is also the question file or one of the shards (the merge would read
             questions as answers, or delete the file it just wrote).
     """
@@ -122,7 +123,10 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
         if not os.path.isfile(path):
             continue
         repair_tail(path)  # a shard process killed mid-write
-        for record in iter_jsonl(path, required=("question_id",)):
+        # A damaged line of the merged file (a disk fault, an edit): the shards took its question as unanswered and
+        # answered it again, and the file is rewritten below, so it is reported and dropped, as model_vqa's resume
+        # drops it from its own file. A shard's damaged line is an error: its own rerun removes it.
+        for record in iter_jsonl(path, skip_bad=path == answers_file, required=("question_id",)):
             qid = str(record.data["question_id"])
             if qid not in known:
                 raise JsonlError(f"{record.where}: question_id {record.data['question_id']!r} "

@@ -204,11 +204,11 @@ class LazySupervisedDataset(Dataset):
         return np.where(m.has_image[self.keep], words, -words).tolist()
 
     def _load_image(self, sample: dict) -> torch.Tensor:
-        if not isinstance(sample["image"], str):
-            # LLaVA-OneVision-style lists of images: PALO's format has one image per sample (docs/formats.md §5.1).
+        if isinstance(sample["image"], (list, tuple, dict)) or sample["image"] is None:
+            # Lists of images (newer LLaVA data): PALO's format has one image per sample (docs/formats.md §5.1).
             raise BadSampleError(f"'image' must be one file name, not {type(sample['image']).__name__} "
                                  f"{str(sample['image'])[:80]}: PALO trains on one image per sample")
-        path = os.path.join(self.image_folder, sample["image"])
+        path = os.path.join(self.image_folder, str(sample["image"]))  # a number names a file as the original read it
         return preprocess_image(load_image(path), self.image_processor, self.image_aspect_ratio)
 
     def token_lengths(self) -> np.ndarray:

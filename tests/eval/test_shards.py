@@ -108,6 +108,30 @@ def test_a_merge_into_its_own_input_is_refused_and_deletes_nothing(tmp_path, cap
     assert [r["text"] for r in _read(merged)] == ["a0", "a1", "a2", "a3"]
 
 
+def test_a_damaged_line_of_the_merged_file_is_dropped_and_its_new_answer_taken(tmp_path, capsys):
+    """A rerun's shards read the merged file as done (skipping a damaged line, so they answer that question again);
+    the merge read it strictly and failed at every rerun."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "q"}) + "\n" for i in range(3)))
+    merged = tmp_path / "answers.jsonl"
+    merged.write_text(json.dumps({"question_id": 0, "text": "old0"}) + '\n{"question_id": 1, "te\n'
+                      + json.dumps({"question_id": 2, "text": "old2"}) + "\n")
+    assert model_vqa.answered_ids(str(merged)) == {"0", "2"}  # what a shard takes as done
+    shard = tmp_path / "sh" / "s0.jsonl"
+    shard.parent.mkdir()
+    shard.write_text(json.dumps({"question_id": 1, "text": "new1"}) + "\n")
+    capsys.readouterr()
+    assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged), str(shard)]) == 0
+    assert f"[skip] {merged}:2: not valid JSON" in capsys.readouterr().err
+    assert [r["text"] for r in _read(merged)] == ["old0", "new1", "old2"]
+    bad_shard = tmp_path / "sh" / "s1.jsonl"
+    bad_shard.parent.mkdir(exist_ok=True)  # the merge removed the shards' emptied folder
+    bad_shard.write_text('{"question_id": 1, "te\n' + json.dumps({"question_id": 2, "text": "x"}) + "\n")
+    assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged),
+                        str(bad_shard)]) == 2  # a shard's own damage is its rerun's to remove
+    assert f"{bad_shard}:1: not valid JSON" in capsys.readouterr().err
+
+
 def test_gpu_lists():
     assert shards.parse_gpu_list("0,1 2") == ["0", "1", "2"]
     assert shards.parse_gpu_list("GPU-a1,GPU-b2") == ["GPU-a1", "GPU-b2"]

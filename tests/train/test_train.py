@@ -442,6 +442,24 @@ def test_bad_samples_stop_with_their_id_or_are_skipped_and_counted(world, data, 
     assert trainer.train_dataset.bad_samples.value == 1
 
 
+def test_an_image_named_by_a_number_is_read_and_a_list_is_refused(tmp_path):
+    """A numeric 'image' names a file as the original's str() read it; a list (several images) is refused by name."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from palo.model.vision_tower import build_clip_image_processor
+    from palo.train.dataset import LazySupervisedDataset
+
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(tmp_path / "7", format="PNG")
+    dataset = SimpleNamespace(image_folder=str(tmp_path), image_processor=build_clip_image_processor(28),
+                              image_aspect_ratio="pad")
+    assert LazySupervisedDataset._load_image(dataset, {"image": 7}).shape == (3, 28, 28)
+    for value in (["7", "7"], None, {"path": "7"}):
+        with pytest.raises(BadSampleError, match="must be one file name"):
+            LazySupervisedDataset._load_image(dataset, {"image": value})
+
+
 def test_a_missing_broken_or_empty_data_file_is_one_line_before_the_model_loads(world, data, tmp_path, monkeypatch):
     import palo.train.train as train_module
 
