@@ -14,6 +14,7 @@ returns the prompt ids followed by the new ids (PALO's convention: callers slice
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,17 @@ from palo.model.config import LlavaLlamaConfig, MultimodalSpec, PaloConfig
 from palo.model.multimodal import SplicedInputs, apply_splice, plan_splice
 from palo.model.projectors import build_projector
 from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec, resolve_vision_config
+
+# What LLaMA's forward calls its KV cache: ``past_key_values`` (transformers 5.17, the lent GPU image's) or ``cache``
+# (5.25; the old name still works there, with a deprecation warning on every call).
+_CACHE_ARG = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _cache_length(cache: Any) -> int:
+    """Positions held by a KV cache (transformers' ``Cache``, or the legacy tuple of per-layer ``(k, v)``)."""
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[-1][-1].shape[-2])
 
 
 def build_vision_tower(config: PaloConfig, spec: MultimodalSpec) -> CLIPVisionTower:
@@ -237,6 +249,15 @@ class PaloForCausalLM(LlamaForCausalLM):
             for one decoding step, the inputs come back as they are, with no embeddings.
         """
         if images is None or input_ids.shape[1] == 1:
+            if images is not None and past_key_values is not None and attention_mask is not None:
+                # A decoding step of a hand-written loop that passes the images every step, as the original's
+                # generate did: the images are in the cache already; the text-level mask grows to the cached
+                # positions plus this one, and the position follows the real ones.
+                missing = _cache_length(past_key_values) + 1 - attention_mask.shape[1]
+                if missing > 0:
+                    ones = attention_mask.new_ones(len(attention_mask), missing)
+                    attention_mask = torch.cat([attention_mask, ones], dim=1)
+                position_ids = attention_mask.long().sum(dim=1, keepdim=True) - 1
             return input_ids, position_ids, attention_mask, past_key_values, None, labels
         spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, labels)
         mask = spliced.attention_mask if attention_mask is not None or spliced.padded else None
@@ -284,9 +305,15 @@ class PaloForCausalLM(LlamaForCausalLM):
         Returns:
             transformers' ``CausalLMOutputWithPast`` over the spliced sequence.
         """
-        given = {"past_key_values": past_key_values, "use_cache": use_cache, "output_attentions": output_attentions,
+        given = {_CACHE_ARG: past_key_values, "use_cache": use_cache, "output_attentions": output_attentions,
                  "output_hidden_states": output_hidden_states, "return_dict": return_dict}
         kwargs.update((key, value) for key, value in given.items() if value is not None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if images is not None and input_ids is not None and input_ids.shape[1] == 1 and cache is not None:
+            # One decoding step with the images passed again (the original's generate loop): they are cached.
+            _, position_ids, attention_mask, _, _, _ = self.prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, cache, None, images)
+            images = None
         if inputs_embeds is None and images is None and input_ids is not None and input_ids.shape[1] > 1:
             # (Decoding steps feed one generated id: no check, no host sync on the hot path.)
             if bool((input_ids == IMAGE_TOKEN_INDEX).any()):
@@ -317,7 +344,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             inputs_embeds = inputs_embeds + 0.0 * self._projector_probe().sum()
         if packed_positions is not None:
             # transformers derives the per-sample mask from the positions only when no cache is built.
-            if kwargs.get("past_key_values") is not None:
+            if cache is not None:
                 raise ValueError("a packed batch cannot extend a KV cache")
             kwargs["use_cache"] = False
         rows = None

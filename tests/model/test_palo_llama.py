@@ -194,6 +194,30 @@ def test_the_original_embedding_entry_point_and_positional_forward(world):
     torch.testing.assert_close((loss, logits), (ours.loss, ours.logits))
 
 
+@pytest.mark.parametrize("question", ["What is this?", "这张图片里有什么颜色？"])
+def test_a_hand_written_decoding_loop_that_passes_the_images_every_step(world, question):
+    """The original generate called forward with the images at every step and a text-level mask; the images are in
+    the cache after the first step, and the mask grows to the cached positions (the step used to splice them into one
+    token: a mask shape error). One prompt per batch: a hand-written loop over left-padded prompts meets the
+    checkpoint's right padding of the spliced rows, as it did in the original."""
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model.eval()
+    ids = tokenizer_image_token(_prompt(question), tokenizer, return_tensors="pt")[None]
+    mask = torch.ones_like(ids)
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        expected = model.generate(ids, images=pixels, max_new_tokens=4, min_new_tokens=4,
+                                  do_sample=False)[:, ids.shape[1]:]
+        out = model(ids, mask, None, None, None, None, True, None, None, pixels)
+        tokens = []
+        for _ in range(4):
+            step = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(step)
+            mask = torch.cat([mask, torch.ones_like(step)], dim=1)  # text level, as generate grows it
+            out = model(step, mask, None, out.past_key_values, None, None, True, None, None, pixels)
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
 def test_the_original_tower_loading_code_runs(world):
     """LLaVA-derived loaders do: tower = model.get_model().get_vision_tower(); if not tower.is_loaded:
     tower.load_model(); tower.to(device=..., dtype=...); then call it on a list of images."""
