@@ -214,6 +214,7 @@ class JsonlAppender:
         fd, tmp = mkstemp_shared(folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         new = os.fdopen(fd, "r+b", buffering=0)
         try:
+            os.fchmod(new.fileno(), os.stat(path).st_mode & 0o7777)  # the file keeps its mode (a shared group's write)
             _lock_exclusively(new.fileno())
             new.write(b"".join(kept))
             os.fsync(new.fileno())

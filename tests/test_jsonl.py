@@ -149,14 +149,16 @@ def test_a_writer_drops_damaged_lines_of_its_own_output_and_keeps_it_locked(tmp_
         jsonl.scan_jsonl(str(tmp_path / "missing.jsonl"))
 
 
-def test_dropping_lines_through_a_symlink_rewrites_the_file_it_names(tmp_path):
+def test_dropping_lines_through_a_symlink_rewrites_the_file_it_names_and_keeps_its_mode(tmp_path):
     real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
     real.write_bytes(b'{"q": 0}\nBAD\n')
+    real.chmod(0o664)  # group-writable, as a shared results folder has it
     link.symlink_to(real)
     with jsonl.JsonlAppender(str(link)) as out:
         out.drop_lines({2})
         out.write({"q": 1})
     assert link.is_symlink() and real.read_bytes() == b'{"q": 0}\n{"q": 1}\n'
+    assert real.stat().st_mode & 0o777 == 0o664  # the rewritten file keeps its mode
     assert sorted(os.listdir(tmp_path)) == ["link.jsonl", "real.jsonl"]
 
 
