@@ -70,6 +70,21 @@ def _parse_line(line: bytes, required: tuple[str, ...]) -> tuple[dict[str, Any] 
     return data, None
 
 
+def _parsed_lines(path: str, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+    """``(1-based number, object, problem)`` for every non-blank line of a file (one of the two is None).
+
+    Raises:
+        JsonlError: If the file does not exist.
+    """
+    if not os.path.isfile(path):
+        raise JsonlError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            data, problem = _parse_line(line, required)
+            if data is not None or problem is not None:
+                yield number, data, problem
+
+
 def scan_jsonl(path: str, required: tuple[str, ...] = ()) -> tuple[list[Record], list[tuple[int, str]]]:
     """Every good record of a file and every bad line's ``(1-based number, problem)``, reporting nothing (for a
     writer that decides what to do with the bad lines of its own output).
@@ -77,16 +92,12 @@ def scan_jsonl(path: str, required: tuple[str, ...] = ()) -> tuple[list[Record],
     Raises:
         JsonlError: If the file does not exist.
     """
-    if not os.path.isfile(path):
-        raise JsonlError(f"{path}: no such file")
     records, bad = [], []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            data, problem = _parse_line(line, required)
-            if problem is not None:
-                bad.append((number, problem))
-            elif data is not None:
-                records.append(Record(data, path, number))
+    for number, data, problem in _parsed_lines(path, required):
+        if problem is None:
+            records.append(Record(data, path, number))
+        else:
+            bad.append((number, problem))
     return records, bad
 
 
@@ -104,19 +115,14 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
     Raises:
         JsonlError: If the file does not exist, or (unless ``skip_bad``) on the first malformed line.
     """
-    if not os.path.isfile(path):
-        raise JsonlError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            data, problem = _parse_line(line, required)
-            if problem is None:
-                if data is not None:
-                    yield Record(data, path, number)
-                continue
-            message = f"{path}:{number}: {problem}"
-            if not skip_bad:
-                raise JsonlError(message)
-            print(f"[skip] {message}", file=sys.stderr)
+    for number, data, problem in _parsed_lines(path, required):
+        if problem is None:
+            yield Record(data, path, number)
+            continue
+        message = f"{path}:{number}: {problem}"
+        if not skip_bad:
+            raise JsonlError(message)
+        print(f"[skip] {message}", file=sys.stderr)
 
 
 def same_file(a: str, b: str) -> bool:
@@ -210,8 +216,7 @@ class JsonlAppender:
         path = os.path.realpath(self.path)  # through a symlink: the file the appender writes, not the link
         with open(path, "rb") as f:
             kept = [line for number, line in enumerate(f, start=1) if number not in numbers]
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = mkstemp_shared(folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        fd, tmp = mkstemp_shared(os.path.dirname(path), prefix="." + os.path.basename(path) + ".", suffix=".tmp")
         new = os.fdopen(fd, "r+b", buffering=0)
         try:
             os.fchmod(new.fileno(), os.stat(path).st_mode & 0o7777)  # the file keeps its mode (a shared group's write)
