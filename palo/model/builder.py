@@ -20,7 +20,7 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -117,7 +117,7 @@ def _base_vocabulary(config: Any, base_dir: str, base_tokens: int) -> int | None
     return None
 
 
-def _add_trained_tokens(model: PreTrainedModel, tokenizer: Any, added_pad: int | None, image_tokens: list[str],
+def _add_trained_tokens(model: PreTrainedModel, tokenizer: Any, added_pad: int | None, image_tokens: Sequence[str],
                         model_path: str) -> int:
     """Add the tokens training added, in its order (v0's [PAD] first: ``load_tokenizer_for_training``; then the
     image tokens), and grow the embeddings to the tokenizer; before a LoRA adapter is merged, since one made after

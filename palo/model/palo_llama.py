@@ -246,7 +246,9 @@ class PaloForCausalLM(LlamaForCausalLM):
             ``(None, position_ids, attention_mask, past_key_values, inputs_embeds [B, L, D], labels)`` over the
             spliced sequence; ``position_ids``, ``attention_mask`` and ``labels`` are None where they were given as
             None (the mask also when no row is padded after the splice), as in the original. Without images, or
-            for one decoding step, the inputs come back as they are, with no embeddings.
+            for one decoding step, the inputs come back with no embeddings; a decoding step with images, a cache
+            and a mask (the images are in the cache) gets the mask grown to the cache and its positions, as the
+            original's did.
         """
         if images is None or input_ids.shape[1] == 1:
             if images is not None and past_key_values is not None and attention_mask is not None:
