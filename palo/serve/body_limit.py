@@ -1,18 +1,31 @@
-"""A cap on the size of request bodies, for every HTTP service here (controller, OpenAI API, model workers).
+"""Limits on request bodies, for every HTTP service here (controller, OpenAI API, model workers): their size, and
+how slowly they may arrive.
 
-Without it a client could send gigabytes that the service reads whole into memory before any check runs. A body
-over the cap is answered HTTP 413 with an error in OpenAI's shape, as soon as its ``Content-Length`` (or, for a
+Without a size cap a client could send gigabytes that the service reads whole into memory before any check runs. A
+body over the cap is answered HTTP 413 with an error in OpenAI's shape, as soon as its ``Content-Length`` (or, for a
 chunked upload, its bytes so far) shows it, without reading the rest. The cap is ``$PALO_MAX_REQUEST_MB`` megabytes
 (default 256: a request's images are base64 text, and one image may have up to 64 million pixels).
+
+Without a pace a client could hold a request open for good by sending its body a byte at a time (uvicorn times a
+connection's headers, see :mod:`palo.serve.utils`, but nothing of its body), and enough such clients hold every
+open file of the process. A body must keep coming: no gap of more than :data:`BODY_IDLE_S` seconds between two of
+its pieces (nginx's ``client_body_timeout``), and, after the first :data:`BODY_GRACE_S` seconds, an average of at
+least :data:`MIN_BODY_BYTES_PER_S` (a 256 MB body may take over four hours; a byte every few seconds may not). A
+body that falls behind is answered HTTP 408 and its connection closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 from typing import Any
 
 DEFAULT_MAX_REQUEST_MB = 256
+BODY_IDLE_S = 10.0  # the longest silence between two pieces of a body
+BODY_GRACE_S = 10.0  # before the average pace counts (a slow start, a TCP window opening)
+MIN_BODY_BYTES_PER_S = 16 * 1024
 
 
 def max_request_bytes() -> int:
@@ -37,17 +50,28 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooSlow(Exception):
+    pass
+
+
 class BodyLimit:
-    """ASGI middleware answering 413 for a request body over ``max_bytes``.
+    """ASGI middleware answering 413 for a request body over ``max_bytes`` and 408 for one that arrives too slowly.
 
     Args:
         app: The application it wraps.
         max_bytes: The cap (the services pass :func:`max_request_bytes`).
+        idle_s: The longest silence between two pieces of a body.
+        grace_s: Seconds from the request's start before the average pace counts.
+        min_bytes_per_s: The least average pace of a body after ``grace_s``.
     """
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+    def __init__(self, app: Any, max_bytes: int, idle_s: float = BODY_IDLE_S, grace_s: float = BODY_GRACE_S,
+                 min_bytes_per_s: float = MIN_BODY_BYTES_PER_S) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.idle_s = idle_s
+        self.grace_s = grace_s
+        self.min_bytes_per_s = min_bytes_per_s
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -58,15 +82,28 @@ class BodyLimit:
             await self._refuse(send, f"{int(declared):,} bytes")
             return
         received = 0
+        body_done = False
         started = False
+        start = time.monotonic()
 
         async def limited_receive() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # what is left to receive is a disconnect, which may rightly wait for good
+                return await receive()
+            # The next piece must come within the idle time, and before the pace the bytes so far allow runs out.
+            paced_until = start + self.grace_s + received / self.min_bytes_per_s
+            wait = min(self.idle_s, paced_until - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:
+                raise _TooSlow from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise _TooLarge
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def watched_send(message: dict) -> None:
@@ -80,13 +117,24 @@ class BodyLimit:
             if started:  # cannot happen for endpoints that read their body first; nothing more can be said
                 raise
             await self._refuse(send, f"more than {self.max_bytes:,} bytes")
+        except _TooSlow:
+            if started:
+                raise
+            await self._answer(send, 408, f"the request body stopped arriving ({received:,} bytes in "
+                                          f"{time.monotonic() - start:.0f} s): a body must keep coming, with no "
+                                          f"pause over {self.idle_s:g} s and at least {self.min_bytes_per_s:,.0f} "
+                                          f"bytes/s on average after its first {self.grace_s:g} s",
+                               "request_timeout")
 
     async def _refuse(self, send: Any, size: str) -> None:
-        body = json.dumps({"error": {
-            "message": f"the request body is {size}, over the limit of {self.max_bytes:,} bytes "
-                       "($PALO_MAX_REQUEST_MB on the server)",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large"}}).encode("utf-8")
-        await send({"type": "http.response.start", "status": 413,
+        await self._answer(send, 413, f"the request body is {size}, over the limit of {self.max_bytes:,} bytes "
+                                      "($PALO_MAX_REQUEST_MB on the server)", "request_too_large")
+
+    @staticmethod
+    async def _answer(send: Any, status: int, message: str, code: str) -> None:
+        body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
+                                     "code": code}}).encode("utf-8")
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})

@@ -80,3 +80,71 @@ def test_the_controller_api_and_the_worker_apps_carry_the_cap(monkeypatch):
         with pytest.raises(SystemExit) as info:
             main(["--port", "0", *extra])
         assert info.value.code == 2
+
+
+def _run_asgi(middleware: BodyLimit, pieces: list[tuple[float, bytes, bool]]) -> tuple[list[dict], float]:
+    """Send a POST whose body comes as ``(delay_s, bytes, more_body)`` pieces; return what was sent back and when."""
+    import asyncio
+    import time
+
+    sent: list[dict] = []
+
+    async def main() -> float:
+        queue = list(pieces)
+
+        async def receive() -> dict:
+            if not queue:
+                await asyncio.sleep(3600)  # a disconnect that never comes
+            delay, body, more = queue.pop(0)
+            await asyncio.sleep(delay)
+            return {"type": "http.request", "body": body, "more_body": more}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        start = time.monotonic()
+        await middleware({"type": "http", "method": "POST", "headers": []}, receive, send)
+        return time.monotonic() - start
+
+    elapsed = asyncio.run(main())
+    return sent, elapsed
+
+
+def _echo_app():
+    read: list[bytes] = []
+
+    async def app(scope, receive, send) -> None:
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        read.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    return app, read
+
+
+def test_a_body_that_pauses_too_long_or_trickles_below_the_pace_is_408_and_a_steady_one_is_served():
+    """A client that sends its body a byte at a time held its request (and its socket) open for good."""
+    import json
+
+    app, read = _echo_app()
+    limit = BodyLimit(app, max_bytes=10_000, idle_s=0.3, grace_s=0.5, min_bytes_per_s=100)
+    # A pause over idle_s.
+    sent, elapsed = _run_asgi(limit, [(0.0, b"ab", True), (5.0, b"cd", False)])
+    assert sent[0]["status"] == 408 and elapsed < 2
+    error = json.loads(sent[1]["body"])["error"]
+    assert error["code"] == "request_timeout" and "2 bytes" in error["message"] and "0.3 s" in error["message"]
+    # Pieces each within idle_s, but a byte at a time: behind 100 bytes/s once the grace is over.
+    sent, elapsed = _run_asgi(limit, [(0.2, b"x", True)] * 40 + [(0.2, b"x", False)])
+    assert sent[0]["status"] == 408 and 0.5 < elapsed < 2.5
+    assert read == []  # neither reached the endpoint
+    # Steady pieces: 50 bytes every 0.2 s (250 bytes/s) for 2 s is served whole.
+    sent, _ = _run_asgi(limit, [(0.2, b"y" * 50, True)] * 9 + [(0.2, b"y" * 50, False)])
+    assert sent[0]["status"] == 200 and read == [b"y" * 500]
+    # The defaults a service gets: a pause of up to 10 s, 16 KiB/s after 10 s.
+    default = BodyLimit(app, max_bytes=1)
+    assert (default.idle_s, default.grace_s, default.min_bytes_per_s) == (10.0, 10.0, 16384)

@@ -193,31 +193,36 @@ def test_two_workers_share_work_and_a_dead_one_is_replaced(cluster):
 
 
 def test_a_connection_that_sends_no_whole_request_is_closed_and_the_services_may_hold_many(cluster):
-    """uvicorn timed only idle keep-alive connections: a socket that never sent a byte, or trickled its headers a
-    byte at a time, was held for good, and about a thousand of them (the usual open-file limit) stopped the
-    controller and, with it, every heartbeat."""
+    """uvicorn timed only idle keep-alive connections: a socket that never sent a byte, trickled its headers a byte at
+    a time, or sent its headers and then trickled its body, was held for good, and about a thousand of them (the
+    usual open-file limit) stopped the controller and, with it, every heartbeat."""
     import resource
     import socket
     import threading
 
+    from palo.serve.body_limit import BODY_GRACE_S
     from palo.serve.utils import FIRST_REQUEST_S, OPEN_FILES_WANTED
 
-    sockets = []
+    assert BODY_GRACE_S == FIRST_REQUEST_S  # both stalls end in the one window this test waits for
+    silent, heads, bodies = [], [], []
     for service in (cluster.controller, cluster.main):
         host, port = service.url.removeprefix("http://").split(":")
-        for _ in range(2):  # one silent, one trickling
+        for group in (silent, heads, bodies):
             sock = socket.create_connection((host, int(port)))
             sock.settimeout(FIRST_REQUEST_S + 10)
-            sockets.append(sock)
+            group.append(sock)
+    for sock in bodies:
+        sock.sendall(b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n")
     start = time.monotonic()
     stop = threading.Event()
 
     def trickle() -> None:
         header = b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
         for byte in header:
-            for sock in sockets[1::2]:
+            for sock, piece in [(sock, bytes([byte])) for sock in heads] + [(sock, b" ") for sock in bodies]:
                 try:
-                    sock.send(bytes([byte]))
+                    sock.send(piece)
                 except OSError:
                     pass
             if stop.wait(0.5):
@@ -226,12 +231,17 @@ def test_a_connection_that_sends_no_whole_request_is_closed_and_the_services_may
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
-        for sock in sockets:
+        for sock in silent + heads:
             assert sock.recv(1) == b""  # closed by the service, not by this socket's timeout
+        for sock in bodies:  # answered 408, then closed
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408") and b"request body stopped arriving" in answer
         assert FIRST_REQUEST_S - 1 < time.monotonic() - start < FIRST_REQUEST_S + 8
     finally:
         stop.set()
-        for sock in sockets:
+        for sock in silent + heads + bodies:
             sock.close()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     for service in (cluster.controller, cluster.main):
