@@ -182,6 +182,16 @@ def _lock_exclusively(fd: int) -> None:
         return
 
 
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is the file now at ``path``."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
 class JsonlAppender:
     """Append records to a JSON-lines file, each as one flushed ``write`` (crash-safe, see module doc).
 
@@ -200,13 +210,19 @@ class JsonlAppender:
         os.makedirs(folder, exist_ok=True)
         # Unbuffered: one os-level write per record, so nothing sits in a Python buffer when the process dies.
         self.path = path
-        self._file = open(path, "ab", buffering=0)
-        try:
-            _lock_exclusively(self._file.fileno())
-        except BlockingIOError:
+        while True:
+            self._file = open(path, "ab", buffering=0)
+            try:
+                _lock_exclusively(self._file.fileno())
+            except BlockingIOError:
+                self._file.close()
+                raise JsonlError(f"{path}: another process is writing this file (two runs on one output would each "
+                                 "write what the other writes); wait for it, or write elsewhere") from None
+            # Another appender's drop_lines may have replaced the file between the open and the lock: the lock
+            # then holds a file no longer at the path, and what is written to it would be lost. Open the path anew.
+            if _same_file(self._file.fileno(), path):
+                break
             self._file.close()
-            raise JsonlError(f"{path}: another process is writing this file (two runs on one output would each "
-                             "write what the other writes); wait for it, or write elsewhere") from None
         repair_tail(path)  # under the lock: a torn line is never another writer's line in progress
 
     def drop_lines(self, numbers: set[int]) -> None:

@@ -149,6 +149,33 @@ def test_a_writer_drops_damaged_lines_of_its_own_output_and_keeps_it_locked(tmp_
         jsonl.scan_jsonl(str(tmp_path / "missing.jsonl"))
 
 
+def test_a_second_appender_that_opened_the_file_before_it_was_rewritten_is_refused(tmp_path, monkeypatch):
+    """The window drop_lines leaves: a second run opens the old file, the first replaces it and lets go of the old
+    file's lock, and the second locks the old file, now at no path: everything it wrote was lost."""
+    path = tmp_path / "answers.jsonl"
+    path.write_bytes(b'{"q": 0}\nBAD\n')
+    first = jsonl.JsonlAppender(str(path))
+    real_lock = jsonl._lock_exclusively
+    raced = []
+
+    def lock_after_the_rewrite(fd: int) -> None:
+        if not raced:  # the second appender's first lock: the first rewrites the file just before it
+            raced.append(fd)
+            first.drop_lines({2})
+        real_lock(fd)
+
+    monkeypatch.setattr(jsonl, "_lock_exclusively", lock_after_the_rewrite)
+    with pytest.raises(jsonl.JsonlError, match="another process is writing this file"):
+        jsonl.JsonlAppender(str(path))
+    assert raced
+    first.write({"q": 1})
+    first.close()
+    assert path.read_bytes() == b'{"q": 0}\n{"q": 1}\n'
+    with jsonl.JsonlAppender(str(path)) as again:  # once the first is done, a later run appends as usual
+        again.write({"q": 2})
+    assert [r.data["q"] for r in jsonl.read_jsonl(str(path))] == [0, 1, 2]
+
+
 def test_dropping_lines_through_a_symlink_rewrites_the_file_it_names_and_keeps_its_mode(tmp_path):
     real, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
     real.write_bytes(b'{"q": 0}\nBAD\n')
