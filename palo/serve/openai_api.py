@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, SEED_RANGE
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
@@ -64,6 +64,7 @@ from palo.serve.routing import (
     WorkerStream,
     WorkerUnreachableError,
 )
+from palo.serve.utils import StalledClientClosingResponse
 
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
@@ -785,20 +786,135 @@ def _vllm_prompt_logprob(entry: dict) -> dict | None:
 
 
 Shape = ChatShape | CompletionShape
-Answers = AsyncIterator[Piece]
 
 
-async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationRequest, shape: Shape,
-                      completion_id: str, created: int, details: bool = False) -> AsyncIterator[bytes]:
+class AnswerReader:
+    """Reads one answer's pieces from its worker as they come, keeping the newest (a piece holds the whole answer
+    so far), so that no answer's worker ever waits on this process.
+
+    Reading a request's answers one after another deadlocked when they outnumbered the worker's free places: the
+    later answers waited for places held by earlier ones, which could not finish while nobody read them (their
+    streams stalled until the worker dropped them, 60 s later). Answers of one request, and prompts of one text
+    completion, now all read at once.
+
+    Args:
+        pieces: The answer's pieces (:func:`_answers`); the reader owns it and closes it.
+        changed: Set whenever this (or another answer of the same request) has something new.
+    """
+
+    def __init__(self, pieces: AsyncIterator[Piece], changed: asyncio.Event) -> None:
+        self.changed = changed
+        self._newest: Piece | None = None
+        self._taken: Piece | None = None
+        self._error: BaseException | None = None
+        self._started = asyncio.Event()  # a first piece came, or the answer ended without one
+        self._done = asyncio.Event()
+        self._task = asyncio.ensure_future(self._read(pieces))
+
+    async def _read(self, pieces: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in pieces:
+                self._newest = piece
+                self._started.set()
+                self.changed.set()
+        except Exception as exc:  # noqa: BLE001 - handed to whoever takes the answer's pieces
+            self._error = exc
+        finally:
+            self._started.set()
+            self._done.set()
+            self.changed.set()
+            await pieces.aclose()  # type: ignore[attr-defined]  # an async generator
+
+    def take(self) -> Piece | None:
+        """The newest piece if it is newer than the last one taken, else None.
+
+        The piece's ``logprobs`` (a list the answer keeps extending) hold exactly its tokens' entries as long as the
+        caller uses it before its next ``await``: the reader stores a piece at once after extending them.
+
+        Raises:
+            Exception: The answer's error (an :class:`APIError`), once every piece before it was taken.
+        """
+        if self._newest is not self._taken:
+            self._taken = self._newest
+            return self._taken
+        if self._error is not None:
+            raise self._error
+        return None
+
+    async def first(self) -> Piece:
+        """Wait for the answer's first piece.
+
+        Raises:
+            Exception: The answer's error, when it failed before its first piece.
+        """
+        await self._started.wait()
+        if self._newest is None:  # _answers always yields a piece before it ends, unless it failed
+            raise self._error or APIError(502, "the model worker sent nothing", type_="server_error")
+        return self._newest
+
+    async def last(self) -> Piece:
+        """Wait for the answer's end; its last piece."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._newest is not None  # _answers ends with a piece unless it failed
+        return self._newest
+
+    def cancel(self) -> None:
+        """Stop reading: the worker stream closes (in the reader's own task), which stops its generation.
+
+        Synchronous, so that cleanup running inside a cancelled scope (a client that left) still stops every
+        answer of the request.
+        """
+        self._task.cancel()
+
+    async def closed(self) -> None:
+        """Wait until the reader has stopped (its worker stream closed)."""
+        await asyncio.wait({self._task})  # its end (cancelled, as a rule) is not raised here
+
+
+def _cancel_all(answers: list[AnswerReader]) -> None:
+    for answer in answers:
+        answer.cancel()
+
+
+async def _close_all(answers: list[AnswerReader]) -> None:
+    """Stop every answer and wait until their worker streams are closed (where the caller's task may still wait:
+    not inside a cancelled scope, where :func:`_cancel_all` is all there is)."""
+    _cancel_all(answers)
+    for answer in answers:
+        await answer.closed()
+
+
+class _AnswerStream(StalledClientClosingResponse):
+    """The streamed completion's response: a client that reads nothing for ``WRITE_TIMEOUT_S`` is dropped (the
+    answers are read from their workers whatever the client does, so the worker no longer sees the stall), and the
+    answers stop however the response ends, also when the client left before its first event."""
+
+    def __init__(self, events: AsyncIterator[bytes], answers: list[AnswerReader], logger: logging.Logger) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                         logger=logger)
+        self.answers = answers
+
+    async def stream_response(self, send: Any) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            _cancel_all(self.answers)
+
+
+async def _sse_events(answers: list[AnswerReader], request: GenerationRequest, shape: Shape, completion_id: str,
+                      created: int, details: bool = False) -> AsyncIterator[bytes]:
     """The streamed completion: per answer its opening chunk (chat: the role), content chunks and its finish
-    chunk (answers in turn, each chunk carrying its answer's ``index``), then the optional usage and ``[DONE]``.
+    chunk (each chunk carrying its answer's ``index``, answers interleaved as their text comes), then the optional
+    usage and ``[DONE]``.
 
     With log-probabilities asked for, each content chunk carries those of the tokens that arrived since the last
     one; tokens whose text is still held back (half a character, a possible stop string) go with a later chunk,
     and any left at the end with the finish chunk.
 
     Args:
-        choices: Per answer, its pieces and the first piece (already read).
+        answers: The request's answers, each read since it was opened (:func:`_open_answers`).
         details: Whether the usage chunk carries ``prompt_tokens_details`` (see :func:`_usage`).
 
     An error after the first piece can no longer change the HTTP status; it is sent as an ``{"error": ...}`` event.
@@ -811,14 +927,15 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
             chunk["usage"] = usage
         return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
 
-    for index in range(len(choices)):
+    for index in range(len(answers)):
         opening = shape.opening(index)
         if opening is not None:
             yield event(opening)
-    sent = [""] * len(choices)
-    sent_logprobs = [0] * len(choices)
-    usages: list[dict | None] = [None] * len(choices)
-    pending = {index: first for index, (_, first) in enumerate(choices)}
+    sent = [""] * len(answers)
+    sent_logprobs = [0] * len(answers)
+    usages: list[dict | None] = [None] * len(answers)
+    unfinished = list(range(len(answers)))
+    changed = answers[0].changed  # shared by the request's answers
 
     def new_logprobs(index: int, piece: Piece) -> list[dict] | None:
         if request.logprobs is None:
@@ -827,67 +944,68 @@ async def _sse_events(choices: list[tuple[Answers, Piece]], request: GenerationR
         return new
 
     try:
-        while pending:
-            for index in list(pending):
-                piece = pending.pop(index)
+        while unfinished:
+            changed.clear()  # before looking: what comes while the chunks below are sent sets it again
+            for index in list(unfinished):
+                piece = answers[index].take()
+                if piece is None:
+                    continue
+                # Both chunks are built before the first is sent: after an await the answer's logprobs list may
+                # hold entries of a newer piece.
+                chunks = []
                 if piece.text.startswith(sent[index]) and len(piece.text) > len(sent[index]):
-                    yield event(shape.chunk(index, piece.text[len(sent[index]):], None, new_logprobs(index, piece)))
+                    chunks.append(shape.chunk(index, piece.text[len(sent[index]):], None, new_logprobs(index, piece)))
                     sent[index] = piece.text
                 if piece.finish is not None:
                     usages[index] = piece.usage
-                    yield event(shape.chunk(index, "", piece.finish, new_logprobs(index, piece) or None))
-                    continue
-                item = await anext(choices[index][0], None)
-                if item is not None:
-                    pending[index] = item
+                    chunks.append(shape.chunk(index, "", piece.finish, new_logprobs(index, piece) or None))
+                    unfinished.remove(index)
+                for chunk in chunks:
+                    yield event(chunk)
+            if unfinished and not changed.is_set():
+                await changed.wait()
     except APIError as exc:
         yield b"data: " + json.dumps(exc.body, ensure_ascii=False).encode("utf-8") + b"\n\n"
         return
     finally:
-        for answers, _ in choices:
-            await answers.aclose()
+        _cancel_all(answers)
     if request.include_usage:
         yield event(None, usage=_usage(usages, request.n, details))
     yield b"data: [DONE]\n\n"
 
 
 async def _open_answers(requests: list[GenerationRequest], registry: WorkerRegistry,
-                        router: Router) -> list[tuple[Answers, Piece]]:
+                        router: Router) -> list[AnswerReader]:
     """Open each request's ``n`` answers on workers (request by request: answer ``i`` of prompt ``p`` is choice
-    ``p * n + i``, as OpenAI numbers them) and read the first piece of each.
+    ``p * n + i``, as OpenAI numbers them), each read from as soon as it is open, and wait for the first piece of
+    each.
 
     A busy worker refuses the first answer at once (503, so the client backs off); the later ones wait up to
     ``BUSY_WAIT_S`` for places, which the answers already placed free as they finish. Refusing them instead made
     requests that arrive together each hold some places and all fail, over and over as their clients retried.
 
     Raises:
-        APIError: When any answer cannot be opened or fails before its first piece (the others are closed).
+        APIError: When any answer cannot be opened or fails before its first piece (the first such in choice order;
+            the others are closed).
     """
-    streams: list[WorkerStream] = []
-    answers: list[Answers] = []
+    changed = asyncio.Event()
+    answers: list[AnswerReader] = []
     deadline: float | None = None
     try:
         for chat in requests:
             for choice in range(chat.n):
-                streams.append(await open_chat(chat, registry, router, choice, busy_until=deadline))
+                stream = await open_chat(chat, registry, router, choice, busy_until=deadline)
+                answers.append(AnswerReader(_answers(stream, chat, registry.logger), changed))
                 if deadline is None:
                     deadline = time.monotonic() + BUSY_WAIT_S
-        asked = [chat for chat in requests for _ in range(chat.n)]
-        answers = [_answers(stream, chat, registry.logger) for stream, chat in zip(streams, asked)]
-        return [(pieces, await anext(pieces)) for pieces in answers]  # never empty: each ends with a finish_reason
+        firsts = await asyncio.gather(*(answer.first() for answer in answers), return_exceptions=True)
+        for first in firsts:
+            if isinstance(first, BaseException):
+                raise first
+        return answers
     except BaseException:
-        for pieces in answers:
-            await pieces.aclose()
-        for stream in streams:  # an answer not started yet has not closed its stream
-            await stream.aclose()
+        await _close_all(answers)
         raise
-
-
-async def _last_piece(pieces: Answers, first: Piece) -> Piece:
-    item = first
-    async for item in pieces:  # noqa: B007 - the last piece is the answer
-        pass
-    return item
 
 
 T = TypeVar("T")
@@ -933,7 +1051,7 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         requests = parse(decoded)
-        choices = await _unless_gone(_open_answers(requests, registry, router), disconnected)
+        answers = await _unless_gone(_open_answers(requests, registry, router), disconnected)
     except APIError as exc:
         return exc.response()
     except ClientGone:
@@ -943,14 +1061,13 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
     completion_id = shape.id_prefix + uuid.uuid4().hex
     created = int(time.time())
     if request.stream:
-        return StreamingResponse(_sse_events(choices, request, shape, completion_id, created, details),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _AnswerStream(_sse_events(answers, request, shape, completion_id, created, details), answers,
+                             registry.logger)
     try:
-        finals = await _unless_gone(asyncio.gather(*(_last_piece(pieces, first) for pieces, first in choices),
-                                                   return_exceptions=True), disconnected)
+        finals = await _unless_gone(asyncio.gather(*(answer.last() for answer in answers), return_exceptions=True),
+                                    disconnected)
     except ClientGone:
-        for pieces, _ in choices:  # closes each worker stream, which stops its generation
-            await pieces.aclose()
+        await _close_all(answers)  # closes each worker stream, which stops its generation
         return Response(status_code=CLIENT_CLOSED)
     for final in finals:
         if isinstance(final, APIError):

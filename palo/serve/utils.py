@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import socket
 import sys
+from typing import Any
+
+from starlette.responses import StreamingResponse
 
 from palo.serve.body_limit import max_request_bytes
 
@@ -196,3 +200,38 @@ def serve_http(app: object, host: str, port: int) -> None:
     raise_open_file_limit()
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=IDLE_CONNECTION_S,
                 http=_idle_closing_protocol())
+
+
+# A client that reads nothing of its stream for this long is dropped: the request's place (and KV cache) goes to
+# requests whose clients read. A live client reads each chunk as it comes, long before this.
+WRITE_TIMEOUT_S = 60.0
+
+
+class StalledClientClosingResponse(StreamingResponse):
+    """A stream that gives up on a client that stopped reading (a hung process that keeps its socket open).
+
+    Without this, sending waits on the full socket buffer for as long as the connection stays open, and the request
+    keeps its concurrency place the whole time. Closing the stream runs its ``finally`` blocks (the place and the
+    engine's cache are freed); the server then closes the connection of the unfinished response.
+    """
+
+    def __init__(self, *args: Any, logger: logging.Logger, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logger = logger
+
+    async def stream_response(self, send: Any) -> None:
+        async def send_in_time(message: Any) -> None:
+            try:
+                await asyncio.wait_for(send(message), WRITE_TIMEOUT_S)
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
+                raise _ClientStalled from None
+
+        try:
+            await super().stream_response(send_in_time)
+        except _ClientStalled:
+            self.logger.warning("a client read nothing for %.0f s: its stream is closed", WRITE_TIMEOUT_S)
+            await self.body_iterator.aclose()
+
+
+class _ClientStalled(Exception):
+    """Raised out of a send that waited :data:`WRITE_TIMEOUT_S` on a client that does not read."""

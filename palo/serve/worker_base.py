@@ -30,14 +30,14 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from palo.constants import WORKER_HEART_BEAT_INTERVAL
 from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import WorkerMetrics
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
-from palo.serve.utils import serve_http
+from palo.serve.utils import StalledClientClosingResponse, serve_http
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
@@ -64,41 +64,6 @@ class Rejected(Exception):
 
     def response(self) -> Response:
         return Response(self.chunk, self.status, media_type=STREAM_MEDIA_TYPE, headers=self.headers)
-
-
-# A client that reads nothing of its stream for this long is dropped: the request's place (and KV cache) goes to
-# requests whose clients read. A live client reads each chunk as it comes, long before this.
-WRITE_TIMEOUT_S = 60.0
-
-
-class StalledClientClosingResponse(StreamingResponse):
-    """A stream that gives up on a client that stopped reading (a hung process that keeps its socket open).
-
-    Without this, sending waits on the full socket buffer for as long as the connection stays open, and the request
-    keeps its concurrency place the whole time. Closing the stream runs its ``finally`` blocks (the place and the
-    engine's cache are freed); the server then closes the connection of the unfinished response.
-    """
-
-    def __init__(self, *args: Any, logger: logging.Logger, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.logger = logger
-
-    async def stream_response(self, send: Any) -> None:
-        async def send_in_time(message: Any) -> None:
-            try:
-                await asyncio.wait_for(send(message), WRITE_TIMEOUT_S)
-            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
-                raise _ClientStalled from None
-
-        try:
-            await super().stream_response(send_in_time)
-        except _ClientStalled:
-            self.logger.warning("a client read nothing for %.0f s: its stream is closed", WRITE_TIMEOUT_S)
-            await self.body_iterator.aclose()
-
-
-class _ClientStalled(Exception):
-    """Raised out of a send that waited :data:`WRITE_TIMEOUT_S` on a client that does not read."""
 
 
 class BaseWorker(ABC):

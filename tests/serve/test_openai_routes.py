@@ -47,6 +47,7 @@ class FakeStream:
 
     async def chunks(self):
         for piece in self.pieces:
+            await asyncio.sleep(0.01)  # a worker makes each chunk in its own time: the client reads each as it comes
             self.sent += 1
             yield piece
         self.read_to_end = self.fail is None
@@ -247,8 +248,12 @@ def _ask_n(router, n, stream=False, seed=None, include_usage=False):
     async def run():
         response = await chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router, None)
         if stream and response.status_code == 200:
-            return 200, b"".join([e async for e in response.body_iterator]).decode()
-        return response.status_code, json.loads(response.body)
+            answer = b"".join([e async for e in response.body_iterator]).decode()
+        else:
+            answer = json.loads(response.body)
+        # Checked before the event loop ends: its shutdown would close a forgotten stream too late to tell.
+        router.closed_in_time = [s.closed for s in router.streams]
+        return response.status_code, answer
 
     return asyncio.run(run())
 
@@ -261,7 +266,7 @@ def test_n_answers_each_from_its_own_seed_in_one_completion():
         (0, "answer 40", "length"), (1, "answer 41", "length"), (2, "answer 42", "length")]
     # The prompt is counted once, the answers' tokens summed; cached tokens only with --enable-prompt-tokens-details.
     assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 27, "total_tokens": 34}
-    assert all(s.closed and s.read_to_end for s in router.streams)
+    assert router.closed_in_time == [True] * 3 and all(s.read_to_end for s in router.streams)
 
 
 def test_cached_prompt_tokens_are_reported_only_when_enabled_and_known():
@@ -309,7 +314,7 @@ def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_open
     monkeypatch.setattr(openai_api, "BUSY_POLL_S", 0.05)
     router = ChoiceRouter(lambda seed: "x", fail_on=2)  # busy for good: the wait runs out
     status, body = _ask_n(router, 3)
-    assert status == 503 and len(router.streams) == 2 and all(s.closed for s in router.streams)
+    assert status == 503 and len(router.streams) == 2 and router.closed_in_time == [True, True]
     assert router.busy >= 3  # asked again while the wait lasted
 
 
@@ -707,10 +712,14 @@ def test_a_whole_answer_whose_client_left_stops_its_workers(monkeypatch):
             return disconnected
 
         request = json.dumps({"model": "ckpt", "max_tokens": 8, **body}).encode()
-        response = asyncio.run(asyncio.wait_for(endpoint(request, "", FakeRegistry(), router, None, leaves_after(3)),
-                                                10))
+
+        async def run(endpoint=endpoint, request=request, router=router):
+            response = await endpoint(request, "", FakeRegistry(), router, None, leaves_after(3))
+            return response, [s.closed for s in router.streams]  # before the loop's shutdown closes what is left
+
+        response, closed = asyncio.run(asyncio.wait_for(run(), 10))
         assert response.status_code == openai_api.CLIENT_CLOSED
-        assert len(router.streams) == answers and all(s.closed for s in router.streams)
+        assert len(router.streams) == answers and closed == [True] * answers
 
 
 def test_a_client_that_leaves_while_its_later_answers_wait_for_places_frees_the_ones_placed(monkeypatch):
@@ -727,9 +736,13 @@ def test_a_client_that_leaves_while_its_later_answers_wait_for_places_frees_the_
 
     body = json.dumps({"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode()
     started = time.monotonic()
-    response = asyncio.run(chat_completion(body, "", FakeRegistry(), router, None, disconnected))
+    async def run():
+        response = await chat_completion(body, "", FakeRegistry(), router, None, disconnected)
+        return response, [s.closed for s in router.streams]  # before the loop's shutdown closes what is left
+
+    response, closed = asyncio.run(run())
     assert response.status_code == openai_api.CLIENT_CLOSED and time.monotonic() - started < 5  # not BUSY_WAIT_S
-    assert len(router.streams) == 1 and router.streams[0].closed and router.busy >= 1
+    assert len(router.streams) == 1 and closed == [True] and router.busy >= 1
 
 
 def test_consecutive_messages_of_one_role_are_one_turn():
@@ -757,3 +770,119 @@ def test_consecutive_messages_of_one_role_are_one_turn():
     local = [{"role": "user", "content": [{"type": "image", "image": "/etc/passwd"}, {"type": "text", "text": "x"}]}]
     with pytest.raises(APIError, match=r"messages\[0\]: unsupported content part"):
         render_messages(local, "vicuna_v1")
+
+
+class OnePlaceRouter:
+    """A worker with one place: an answer takes it at its first piece and keeps it until its stream ends or is
+    closed; it makes each piece only when read (a worker whose client stopped reading stalls)."""
+
+    def __init__(self, pieces: int = 5) -> None:
+        self.place = asyncio.Semaphore(1)
+        self.pieces = pieces
+        self.streams: list[FakeStream] = []
+
+    async def open(self, model: str, body: bytes):
+        params = json.loads(body)
+        place, count = self.place, self.pieces
+
+        class PlacedStream(FakeStream):
+            async def chunks(self):
+                async with place:
+                    for k in range(1, count + 1):
+                        await asyncio.sleep(0)  # the worker's pace: other answers run in between
+                        piece = {"text": params["prompt"] + "y" * k, "error_code": 0}
+                        if k == count:
+                            piece.update(finish_reason="length", usage={"prompt_tokens": 3, "completion_tokens": k})
+                        self.sent += 1
+                        yield piece
+                    self.read_to_end = True
+
+        self.streams.append(PlacedStream())
+        return self.streams[-1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_more_answers_than_the_workers_places_are_all_answered(stream):
+    """Answers were read one after another, each to its first piece: the second waited for the place the first
+    held, and the first could not finish while nobody read it (over HTTP: 60 s, then the worker dropped it, 502)."""
+    for endpoint, body, answers in ((chat_completion, {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 3),
+                                    (text_completion, {"prompt": ["a", "b"], "n": 2}, 4)):
+        router = OnePlaceRouter()
+        request = json.dumps({"model": "ckpt", "max_tokens": 8, "stream": stream, **body}).encode()
+
+        async def run(endpoint=endpoint, request=request, router=router):
+            response = await endpoint(request, "", FakeRegistry(), router, None)
+            if stream:
+                result = b"".join([e async for e in response.body_iterator]).decode()
+            else:
+                result = json.loads(response.body)
+            return result, [s.closed for s in router.streams]
+
+        result, closed = asyncio.run(asyncio.wait_for(run(), 10))
+        if stream:
+            chunks = [json.loads(line[6:]) for line in result.split("\n\n") if line.startswith("data: {")]
+            texts: dict[int, str] = {}
+            for chunk in chunks:
+                (choice,) = chunk["choices"]
+                texts[choice["index"]] = texts.get(choice["index"], "") + (
+                    choice["delta"].get("content", "") if "delta" in choice else choice["text"])
+            assert result.endswith("data: [DONE]\n\n") and texts == {i: "yyyyy" for i in range(answers)}
+        else:
+            texts = [c.get("text", c.get("message", {}).get("content")) for c in result["choices"]]
+            assert texts == ["yyyyy"] * answers
+        assert closed == [True] * answers and all(s.read_to_end for s in router.streams)
+
+
+def test_a_streamed_answer_whose_client_left_before_its_first_event_stops_its_workers():
+    """The answers are read from their workers from the start: a client gone before the stream's first event must
+    still stop them (the stream's own cleanup never ran: it had not started)."""
+    router = EndlessRouter()
+    request = json.dumps({"model": "ckpt", "max_tokens": 8, "stream": True, "n": 2,
+                          "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def run():
+        response = await chat_completion(request, "", FakeRegistry(), router, None)
+
+        async def receive() -> dict:
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            await asyncio.Event().wait()  # the client never takes even the headers
+
+        await response({"type": "http"}, receive, send)
+        await asyncio.sleep(0.1)  # the readers' own tasks close their streams
+        return [s.closed for s in router.streams]
+
+    assert asyncio.run(asyncio.wait_for(run(), 10)) == [True, True]
+
+
+def test_a_streamed_answer_whose_client_stopped_reading_is_dropped(monkeypatch):
+    """The worker no longer sees a stalled client (its answers are read whatever the client does): the API's stream
+    drops it after WRITE_TIMEOUT_S, as the worker's does, and the workers stop."""
+    from palo.serve import utils as serve_utils
+
+    monkeypatch.setattr(serve_utils, "WRITE_TIMEOUT_S", 0.2)
+    router = EndlessRouter()
+    request = json.dumps({"model": "ckpt", "max_tokens": 8, "stream": True,
+                          "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    async def run():
+        response = await chat_completion(request, "", FakeRegistry(), router, None)
+        disconnected = asyncio.Event()
+        sent = []
+
+        async def receive() -> dict:
+            await disconnected.wait()  # connected until the server gives up
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if message.get("body"):  # takes the headers and one event, then reads nothing more
+                await asyncio.Event().wait()
+
+        await response({"type": "http"}, receive, send)
+        await asyncio.sleep(0.1)
+        return sent, [s.closed for s in router.streams]
+
+    sent, closed = asyncio.run(asyncio.wait_for(run(), 10))
+    assert sent[0]["status"] == 200 and closed == [True]

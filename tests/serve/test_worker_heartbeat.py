@@ -13,6 +13,7 @@ import pytest
 from fastapi import FastAPI, Request
 from serve_helpers import free_port, served, wait_until
 
+import palo.serve.utils as serve_utils
 import palo.serve.worker_base as worker_base
 from palo.serve.worker_base import BaseWorker, create_app
 
@@ -142,7 +143,7 @@ def test_a_client_that_stops_reading_loses_its_stream_and_its_place(monkeypatch)
     """Its place was held for as long as its socket stayed open; the next request waited behind it."""
     import socket
 
-    monkeypatch.setattr(worker_base, "WRITE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(serve_utils, "WRITE_TIMEOUT_S", 1.0)
     worker = FloodingWorker("m", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1,
                             no_register=True)
     with served(create_app(worker)) as url:
