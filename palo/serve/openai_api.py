@@ -115,6 +115,7 @@ class GenerationRequest:
     shape: dict[str, Any] = field(default_factory=dict)  # the field that asks for a structured answer, as sent
     # vLLM's min_p, min_tokens, stop_token_ids, ignore_eos and cache_salt, those that ask for something
     extras: dict[str, Any] = field(default_factory=dict)
+    prompt_field: str = "messages"  # what the request's prompt was sent as (errors about it name it)
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -187,6 +188,7 @@ def _content(message: dict, index: int, images_allowed: bool,
             raise APIError(400, f"messages[{index}].content is required", param="messages")
         return "", []
     if isinstance(content, str):
+        _no_placeholder(content, index)
         return content, []
     if not isinstance(content, list):
         raise APIError(400, f"messages[{index}].content must be a string or a list of parts", param="messages")
@@ -206,7 +208,18 @@ def _content(message: dict, index: int, images_allowed: bool,
         else:
             raise APIError(400, f"messages[{index}]: unsupported content part {str(part)[:80]}", param="messages")
     text = "\n".join(texts)
+    _no_placeholder(text, index)
     return (DEFAULT_IMAGE_TOKEN + "\n") * len(images) + text, images
+
+
+def _no_placeholder(text: str, index: int) -> None:
+    """Refuse ``<image>`` in a message's text: the prompt carries images as that text, so it would be taken for one
+    (as in the original's and vLLM's LLaVA prompts), and the request failed with a count of placeholders its sender
+    never wrote."""
+    if DEFAULT_IMAGE_TOKEN in text:
+        raise APIError(400, f"messages[{index}]: the text holds {DEFAULT_IMAGE_TOKEN!r}, which this model's prompts "
+                            "keep for images; send each image as an image_url part (it goes before the text)",
+                       param="messages")
 
 
 def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
@@ -339,12 +352,14 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
         raise APIError(400, f"'n' must be an integer from 1 to {MAX_CHOICES}, got {n!r}", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    # The newer name wins; null is "not given" for each (OpenAI's schema), as in vLLM.
+    max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(max_key)
     if max_tokens is None:
         max_tokens = default_max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < least_max_tokens:
         floor = "a positive integer" if least_max_tokens else "an integer >= 0"
-        raise APIError(400, f"'max_tokens' must be {floor}, got {shown(max_tokens)}", param="max_tokens")
+        raise APIError(400, f"'{max_key}' must be {floor}, got {shown(max_tokens)}", param=max_key)
     # Any larger count means "up to the context" (the worker caps it there); past 2**31 it need not be carried,
     # and at hundreds of digits the worker's number parsing could not.
     max_tokens = min(max_tokens, INT32_MAX)
@@ -352,14 +367,16 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
     stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops) or len(stops) > MAX_STOP_STRINGS:
         raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP_STRINGS} strings", param="stop")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    if stream is None:  # null: not given (OpenAI's schema allows it)
+        stream = False
     if not isinstance(stream, bool):
         raise APIError(400, f"'stream' must be true or false, got {body['stream']!r}", param="stream")
     options = body.get("stream_options")
     if options is not None:  # OpenAI's rules: an object, and only with a stream
         if not stream:
             raise APIError(400, "'stream_options' is only allowed when 'stream' is true", param="stream_options")
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool | None):
             raise APIError(400, f"'stream_options' must be {{'include_usage': true | false}}, got {options!r}",
                            param="stream_options")
     seed = body.get("seed")
@@ -424,7 +441,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
         max_tokens=max_tokens,
         stops=[s for s in stops if s],
-        stream=body.get("stream", False),
+        stream=stream,
         include_usage=bool(options and options.get("include_usage")),
         seed=seed,
         n=n,
@@ -530,7 +547,7 @@ def parse_completion_request(body: Any) -> list[GenerationRequest]:
     prompt_logprobs = logprobs if echo and logprobs is not None else 0 if echo and not fields["max_tokens"] else None
     return [GenerationRequest(model=model, prompt=p if isinstance(p, str) else "", images=[], template_stop=None,
                               logprobs=logprobs, prompt_token_ids=None if isinstance(p, str) else p,
-                              echo=bool(echo), prompt_logprobs=prompt_logprobs, **fields)
+                              echo=bool(echo), prompt_logprobs=prompt_logprobs, prompt_field="prompt", **fields)
             for p in prompts]
 
 
@@ -575,7 +592,7 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
             error_type = obj.get("error_type")
             if error_type == CONTEXT_LENGTH_EXCEEDED:
                 raise APIError(400, f"the prompt is too long: {obj.get('detail', '')}".strip(),
-                               code="context_length_exceeded", param="messages")
+                               code="context_length_exceeded", param=chat.prompt_field)
             if obj.get("error_code", OK) != OK:
                 if error_type == INVALID_REQUEST:
                     raise APIError(400, str(obj.get("text")))
@@ -752,9 +769,11 @@ class CompletionShape:
             offsets.append(self._offsets.get(index, 0))
             self._offsets[index] = offsets[-1] + len(entry["token"])
         # An echoed prompt's first token (and an image placeholder) has no probability: null, as OpenAI's and vLLM's.
+        # The token's own log-probability is always among its alternatives ("up to logprobs+1 elements", OpenAI's
+        # reference; vLLM's too), also with logprobs 0.
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [None if e["top_logprobs"] is None else {t["token"]: t["logprob"]
-                                                                         for t in e["top_logprobs"]}
+                "top_logprobs": [None if e["top_logprobs"] is None else
+                                 {**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
                                  for e in entries],
                 "text_offset": offsets}
 

@@ -531,7 +531,9 @@ def test_text_completions_send_the_prompt_as_it_is_and_answer_in_the_legacy_shap
     choice = body["choices"][0]
     assert choice["text"] == "Hello world" and choice["finish_reason"] == "stop"
     assert choice["logprobs"] == {"tokens": ["Hel", "l", "o wo", "rld"], "token_logprobs": [-0.5] * 4,
-                                  "top_logprobs": [{}] * 4, "text_offset": [0, 3, 4, 8]}
+                                  # the sampled token is always among its alternatives (OpenAI: "up to logprobs+1")
+                                  "top_logprobs": [{"Hel": -0.5}, {"l": -0.5}, {"o wo": -0.5}, {"rld": -0.5}],
+                                  "text_offset": [0, 3, 4, 8]}
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     # Streamed: text deltas, the legacy lists per chunk with offsets running on across chunks.
     status, chunks, _ = _complete(LOGPROB_CHUNKS, stream=True, logprobs=1, stream_options={"include_usage": True})
@@ -582,7 +584,7 @@ def test_echo_puts_the_prompt_and_its_scored_tokens_before_the_answer():
     assert choice["text"] == "USER: hi ASSISTANT:Hello world"
     assert choice["logprobs"]["tokens"] == ["<s>", " USER", "Hel", "l", "o wo", "rld"]
     assert choice["logprobs"]["token_logprobs"] == [None, -2.0, -0.5, -0.5, -0.5, -0.5]
-    assert choice["logprobs"]["top_logprobs"][:3] == [None, {" USER": -2.0}, {}]
+    assert choice["logprobs"]["top_logprobs"][:3] == [None, {" USER": -2.0}, {"Hel": -0.5}]
     # Streamed: the prompt comes first, with its entries, and the answer's follow.
     status, chunks, _ = _complete(echoed, stream=True, echo=True, logprobs=1)
     pieces = [(c["choices"][0]["text"], c["choices"][0]["logprobs"]["tokens"]) for c in chunks
@@ -886,3 +888,53 @@ def test_a_streamed_answer_whose_client_stopped_reading_is_dropped(monkeypatch):
 
     sent, closed = asyncio.run(asyncio.wait_for(run(), 10))
     assert sent[0]["status"] == 200 and closed == [True]
+
+
+def test_null_means_not_given_for_the_streaming_and_length_fields():
+    """OpenAI's schema lets ``stream``, ``stream_options.include_usage`` and both length fields be null (the official
+    client sends ``stream: null`` for ``stream=None``); they were refused, and a null ``max_completion_tokens`` hid
+    ``max_tokens`` (256 tokens instead of 3)."""
+    done = [{"text": "", "error_code": 0, "finish_reason": "stop"}]
+    base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}]}
+    status, body, sent = _call(chat_completion, {**base, "stream": None, "max_tokens": 3,
+                                                 "max_completion_tokens": None}, done)
+    assert status == 200 and body["object"] == "chat.completion" and sent[0]["max_new_tokens"] == 3
+    status, chunks, sent = _call(chat_completion, {**base, "stream": True, "stream_options": {"include_usage": None},
+                                                   "max_completion_tokens": 5, "max_tokens": None}, done)
+    assert status == 200 and all(c["choices"] for c in chunks) and sent[0]["max_new_tokens"] == 5
+    assert _call(text_completion, {"model": "ckpt", "prompt": "x", "stream": None}, done)[0] == 200
+    status, body, _ = _call(chat_completion, {**base, "max_completion_tokens": 0, "max_tokens": 3}, done)
+    assert status == 400 and body["error"]["param"] == "max_completion_tokens"  # the field that was wrong
+    for bad in (1, 0, "yes"):  # a boolean, not a number that equals one
+        status, body, _ = _call(chat_completion, {**base, "stream": True, "stream_options": {"include_usage": bad}},
+                                done)
+        assert status == 400 and body["error"]["param"] == "stream_options", bad
+
+
+def test_image_placeholder_text_in_a_chat_message_is_refused_by_name():
+    """The text ``<image>`` would be taken for an image's place (the prompt carries images as that text): the
+    request failed with a count of placeholders its sender never wrote."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    for messages in ([{"role": "user", "content": "what does <image> mean in HTML?"}],
+                     [{"role": "user", "content": [image, {"type": "text", "text": "is this an <image>?"}]}],
+                     [{"role": "system", "content": "answer about each <image>"}, {"role": "user", "content": "hi"}],
+                     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "<image>"},
+                      {"role": "user", "content": "and?"}]):
+        status, body, sent = _call(chat_completion, {"model": "ckpt", "messages": messages}, [])
+        assert status == 400 and body["error"]["param"] == "messages" and sent == [], messages
+        assert "holds '<image>'" in body["error"]["message"] and "image_url part" in body["error"]["message"]
+
+
+def test_a_completion_prompt_too_long_names_the_prompt_and_the_sampled_token_is_among_its_alternatives():
+    too_long = [{"text": "", "error_code": 1, "error_type": "context_length_exceeded", "detail": "600 > 512"}]
+    status, body, _ = _call(text_completion, {"model": "ckpt", "prompt": "x"}, too_long)
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded" and body["error"]["param"] == "prompt"
+    status, body, _ = _call(chat_completion, {"model": "ckpt", "messages": [{"role": "user", "content": "x"}]},
+                            too_long)
+    assert status == 400 and body["error"]["param"] == "messages"
+    sampled = {"token": " cat", "logprob": -1.5, "bytes": list(b" cat"),
+               "top_logprobs": [{"token": " dog", "logprob": -0.3, "bytes": list(b" dog")}]}
+    status, body, _ = _call(text_completion, {"model": "ckpt", "prompt": "x", "logprobs": 1}, [
+        {"text": " cat", "error_code": 0, "logprobs": [sampled], "finish_reason": "length",
+         "usage": {"prompt_tokens": 1, "completion_tokens": 1}}])
+    assert status == 200 and body["choices"][0]["logprobs"]["top_logprobs"] == [{" dog": -0.3, " cat": -1.5}]
