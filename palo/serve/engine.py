@@ -27,6 +27,7 @@ from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
 from palo.remote_images import RemoteImagePolicy, is_remote
 from palo.serve.protocol import (
+    SMALLEST_TOP_P,
     is_token_ids,
     parse_cache_salt,
     parse_logit_bias,
@@ -278,8 +279,9 @@ class EngineBackend(ABC):
         max_new_tokens = _parse_number(params, "max_new_tokens", 256, integer=True)
         if temperature < 0:
             raise RequestError(f"'temperature' must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise RequestError(f"'top_p' must be in (0, 1], got {top_p}")
+        if not 0 <= top_p <= 1:
+            raise RequestError(f"'top_p' must be in [0, 1], got {top_p}")
+        top_p = top_p or SMALLEST_TOP_P
         penalties = {key: _parse_number(params, key, 0.0) for key in ("presence_penalty", "frequency_penalty")}
         for key, value in penalties.items():
             if not -2 <= value <= 2:

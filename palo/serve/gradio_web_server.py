@@ -99,13 +99,14 @@ class WebServer:
             return []
         return sorted(models)
 
-    def worker_address(self, model: str) -> str:
+    def worker_address(self, model: str) -> str | None:
+        """A worker's address for ``model`` ("" when none serves it), or None when the controller did not answer."""
         try:
             return self.http.post(self.controller_url + "/get_worker_address", json={"model": model},
                                   timeout=10).json().get("address", "")
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             self.logger.error("controller unreachable: %s", exc)
-            return ""
+            return None
 
     # -- logging -------------------------------------------------------------------------------------------------
     def _conv_log(self) -> str:
@@ -218,7 +219,8 @@ class WebServer:
             state = fresh
         address = self.worker_address(model) if model else ""
         if not address:
-            reason = f"no worker serves model {model!r}" if model else "no model is selected"
+            reason = (f"the controller at {self.controller_url} does not answer" if address is None else
+                      f"no worker serves model {model!r}" if model else "no model is selected")
             state.messages[-1][-1] = f"{SERVER_ERROR_MSG} ({reason})"
             yield state
             return
@@ -323,6 +325,10 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             return [s, chatbot_messages(s), "", None] + buttons(False)
 
         def on_bot(s, model, temp, p, max_tokens, request: gr.Request):
+            if s is None or s.skip_next:  # nothing to answer (empty or refused input): the buttons stay as they are
+                s = s or server.new_state()
+                yield [s, chatbot_messages(s)] + [gr.update() for _ in all_buttons]
+                return
             state = s
             for state in server.http_bot(s, model, temp, p, max_tokens, ip_of(request)):
                 yield [state, chatbot_messages(state)] + buttons(False)

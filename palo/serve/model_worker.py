@@ -141,6 +141,9 @@ class ModelWorker(BaseWorker):
     def health(self) -> bool:
         return self.check_health()  # costs nothing here: no backend to probe
 
+    def serving(self) -> bool:
+        return self.check_health()  # a stopped engine answers nothing: requests must go elsewhere
+
     def start(self) -> None:
         """Start the engine and (unless ``no_register``) the registration/heartbeat thread."""
         self.engine.start()

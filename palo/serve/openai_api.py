@@ -47,6 +47,7 @@ from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
     OK,
+    SMALLEST_TOP_P,
     STRUCTURED_FIELDS,
     decode_json_body,
     is_token_ids,
@@ -438,7 +439,7 @@ def _generation_fields(body: dict, default_max_tokens: int, least_max_tokens: in
     shape_key = None if shape_field is None else shape_field.split(".")[0]
     return dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-6,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or SMALLEST_TOP_P,
         max_tokens=max_tokens,
         stops=[s for s in stops if s],
         stream=stream,

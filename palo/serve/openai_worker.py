@@ -48,6 +48,7 @@ from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
     INVALID_REQUEST,
     OK,
+    SMALLEST_TOP_P,
     WORKER_ERROR,
     encode_chunk,
     error_chunk,
@@ -254,7 +255,7 @@ class OpenAIWorker(BaseWorker):
             "messages": prompt_to_messages(prompt, images, self.conv_mode),
             # The original samples only above 0.001; below that it decodes greedily.
             "temperature": temperature if temperature > 0.001 else 0.0,
-            "top_p": min(max(top_p, 1e-6), 1.0),
+            "top_p": min(max(top_p, SMALLEST_TOP_P), 1.0),
             "max_tokens": max_new_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},

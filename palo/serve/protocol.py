@@ -35,6 +35,9 @@ PROMPT_TOO_LONG_MSG = "Exceeds max token length. Please start a new conversation
 
 # The Content-Type of the NUL-delimited streams (and of single error chunks answered at once).
 STREAM_MEDIA_TYPE = "application/octet-stream"
+# top_p 0 (the original web demo's slider starts there; OpenAI's API allows it) keeps the most likely token only:
+# the sampler keeps its first candidate and then none while the mass before the next is over this.
+SMALLEST_TOP_P = 1e-6
 
 OK = 0
 WORKER_ERROR = 1

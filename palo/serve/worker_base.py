@@ -66,6 +66,9 @@ class Rejected(Exception):
         return Response(self.chunk, self.status, media_type=STREAM_MEDIA_TYPE, headers=self.headers)
 
 
+UNHEALTHY_MESSAGE = "the worker is unhealthy (its engine stopped); the controller drops it"
+
+
 class BaseWorker(ABC):
     """Registration, heartbeats, the concurrency limit and the request flow of one worker.
 
@@ -156,6 +159,12 @@ class BaseWorker(ABC):
     def health(self) -> bool:
         """The ``GET /health`` answer: the last :meth:`check_health` (a worker whose check is cheap checks now)."""
         return self.healthy
+
+    def serving(self) -> bool:
+        """Whether the worker can answer requests now, told at no cost and for certain (a worker whose engine
+        stopped cannot); a worker that answers False refuses requests with 503 and its status too, so that a
+        controller sends requests elsewhere and drops it. Default: True (a backend's failures are its answers')."""
+        return True
 
     # -- controller side -----------------------------------------------------------------------------------------
     def get_queue_length(self) -> int:
@@ -287,6 +296,8 @@ class BaseWorker(ABC):
 
     async def generate_stream(self, request: Request) -> Response:
         """Handle ``/worker_generate_stream``."""
+        if not self.serving():  # 503: the controller's router tries another worker of the model
+            return Rejected(error_chunk(UNHEALTHY_MESSAGE, WORKER_ERROR), 503).response()
         try:
             params = decode_json_body(await request.body())
         except ValueError as exc:
@@ -341,6 +352,10 @@ def create_app(worker: BaseWorker) -> FastAPI:
 
     @app.post("/worker_get_status")
     async def worker_get_status() -> JSONResponse:
+        # An unhealthy worker must not look alive to a controller that polls it (its refresh re-registered a worker
+        # whose engine had stopped, with a fresh heartbeat time, so it was never dropped).
+        if not worker.serving():
+            return JSONResponse({"error": UNHEALTHY_MESSAGE}, status_code=503)
         return JSONResponse(worker.get_status())
 
     @app.get("/health")

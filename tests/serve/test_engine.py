@@ -111,7 +111,8 @@ def test_budget_uses_the_projector_token_count(world):
         ({"images": [image_b64(), image_b64()]}, "2 image(s) for 1"),
         ({"prompt": None}, "prompt"),
         ({"images": "abc"}, "images"),
-        ({"top_p": 0}, "top_p"),
+        ({"top_p": -0.1}, "'top_p' must be in [0, 1], got -0.1"),
+        ({"top_p": 1.5}, "'top_p' must be in [0, 1], got 1.5"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"stop": 3}, "stop"),
         ({"temperature": "hot"}, "'temperature' must be a number, got 'hot'"),
@@ -421,3 +422,24 @@ def test_the_worker_takes_the_remote_image_flags():
     policy = policy_from_args(args)
     assert args.allow_remote_images and policy.max_bytes == 2 * 2**20 and str(policy.allow_networks[0]) == "10.0.0.0/8"
     assert not build_parser().parse_args([]).allow_remote_images
+
+
+@pytest.mark.parametrize("kind", ["paged", "static"])
+def test_top_p_zero_keeps_the_most_likely_token_only(loaded, kind):
+    """The original web demo's Top P slider starts at 0, and OpenAI's API allows 0: the worker refused it, so every
+    answer at that setting was an error, even at temperature 0."""
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    engine = (_engine(loaded, max_batch_size=8, batch_wait_ms=50) if kind == "paged" else
+              StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=8, batch_wait_ms=50))
+    try:
+        greedy = engine.generate([engine.prepare(_params(i, max_new_tokens=16)) for i in range(3)])
+        nucleus0 = engine.generate([engine.prepare(_params(i, max_new_tokens=16, temperature=1.0, top_p=0, seed=i))
+                                    for i in range(3)])
+        sampled = engine.generate([engine.prepare(_params(i, max_new_tokens=16, temperature=1.0, seed=i))
+                                   for i in range(3)])
+    finally:
+        engine.close()
+    assert all(o.error is None for o in nucleus0) and [o.text for o in nucleus0] == [o.text for o in greedy]
+    assert [o.text for o in sampled] != [o.text for o in greedy]  # at temperature 1 the seeds alone would differ

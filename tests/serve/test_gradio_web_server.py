@@ -58,7 +58,26 @@ def test_errors_are_shown_in_the_chat(cluster, logdir):
     *_, long_state = server.http_bot(long_state, "ckpt", 0.2, 0.7, 8)
     assert "Exceeds max token length" in long_state.messages[-1][-1]
     assert server.add_text(None, "  ", None).skip_next
-    assert WebServer("http://127.0.0.1:9").get_model_list() == []
+    gone = WebServer("http://127.0.0.1:9")
+    assert gone.get_model_list() == []
+    *_, state = gone.http_bot(gone.add_text(None, "hello", None), "ckpt", 0.2, 0.7, 8)
+    # Not "no worker serves model": the controller itself did not answer.
+    assert state.messages[-1][-1] == f"{SERVER_ERROR_MSG} (the controller at http://127.0.0.1:9 does not answer)"
+
+
+def test_nothing_sent_leaves_the_buttons_as_they_were(tmp_path, monkeypatch):
+    """Enter on an empty textbox: nothing is generated, yet the chained answer handler enabled voting and
+    regenerating on an empty chat (a vote then logged an empty conversation)."""
+    pytest.importorskip("gradio")
+    from palo.serve.gradio_web_server import build_demo
+
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    server = WebServer("http://127.0.0.1:9")
+    handlers = {f.name: f.fn for f in build_demo(server, ["ckpt"], "once").fns.values()}
+    added = handlers["on_add"](server.new_state(), "", None, "Default")
+    assert added[0].skip_next and all(update == {"__type__": "update"} for update in added[4:])
+    *_, last = handlers["on_bot"](added[0], "ckpt", 0.2, 0.7, 64, None)
+    assert last[1] == [] and all(update == {"__type__": "update"} for update in last[2:])  # left as they were
 
 
 def test_typed_placeholders_are_refused_and_handlers_take_an_empty_conversation(cluster, logdir):

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from serve_helpers import served
 
 from palo.engine import EngineConfig
 from palo.model.builder import load_pretrained_model
@@ -64,6 +65,17 @@ def test_a_worker_whose_engine_thread_died_is_unhealthy(loaded):
         while engine.alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert _health(worker) == (503, {"status": "unhealthy"}) and not worker.check_health()
+        # Nor does it look alive to a controller that polls it, nor take requests (a 503 sends them elsewhere).
+        client = TestClient(create_app(worker))
+        status = client.post("/worker_get_status")
+        assert status.status_code == 503 and "unhealthy" in status.json()["error"]
+        answer = client.post("/worker_generate_stream", json={"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 2})
+        assert answer.status_code == 503 and b"unhealthy" in answer.content
+        controller = controller_module.Controller("shortest_queue", 30)
+        with served(create_app(worker)) as url:
+            controller.register_worker(url, True, {"model_names": ["ckpt"], "speed": 1, "queue_length": 0})
+            controller.refresh_all_workers()  # what the web demo's page loads call: it revived the dead worker
+            assert controller.list_models() == []
     finally:
         worker.stop()
 
