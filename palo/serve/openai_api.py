@@ -274,6 +274,10 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
             continue
         if role not in ("user", "assistant"):
             raise APIError(400, f"messages[{index}]: unsupported role {role!r}", param="messages")
+        for key in ("tool_calls", "function_call"):  # rendered as an empty answer, the model would see none of it
+            if message.get(key):
+                raise APIError(400, f"messages[{index}]: '{key}' is not supported by this server (no tools)",
+                               param="messages")
         if last_role is None and role != "user":
             raise APIError(400, f"messages[{index}]: the first message after the system message must be the user's",
                            param="messages")

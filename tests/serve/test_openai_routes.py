@@ -911,6 +911,20 @@ def test_null_means_not_given_for_the_streaming_and_length_fields():
         assert status == 400 and body["error"]["param"] == "stream_options", bad
 
 
+def test_tool_calls_in_the_history_are_refused_as_tools_are():
+    """An assistant message holding only tool calls was rendered as an empty answer: the model saw none of them."""
+    for call in ({"tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                 {"function_call": {"name": "f", "arguments": "{}"}}):
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, **call},
+                    {"role": "user", "content": "and?"}]
+        status, body, sent = _call(chat_completion, {"model": "ckpt", "messages": messages}, [])
+        assert status == 400 and "is not supported by this server" in body["error"]["message"] and sent == []
+    done = [{"text": "", "error_code": 0, "finish_reason": "stop"}]
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "tool_calls": []},
+                {"role": "user", "content": "and?"}]
+    assert _call(chat_completion, {"model": "ckpt", "messages": messages}, done)[0] == 200  # empty: nothing asked
+
+
 def test_image_placeholder_text_in_a_chat_message_is_refused_by_name():
     """The text ``<image>`` would be taken for an image's place (the prompt carries images as that text): the
     request failed with a count of placeholders its sender never wrote."""
