@@ -192,7 +192,7 @@ class PaloForCausalLM(LlamaForCausalLM):
         pixels = (images if isinstance(images, torch.Tensor) and images.dim() == 4
                   else torch.stack(_flatten_images(images)))
         features = self.vision_tower(pixels)
-        return self.projector(features.to(self.lm_head.weight.dtype))
+        return self.projector(features.to(self._projector_weight().dtype))
 
     def prepare_multimodal_inputs(
         self,
@@ -322,7 +322,16 @@ class PaloForCausalLM(LlamaForCausalLM):
                 raise ValueError("input_ids contain <image> sentinels (-200) but no images were given")
         if packed and (inputs_embeds is not None or position_ids is None):
             raise ValueError("a packed batch needs input_ids and the position_ids that mark where its samples start")
-        text_only = inputs_embeds is None and images is None
+        probe = None
+        if inputs_embeds is None and images is None and self.training and self.projector is not None \
+                and torch.is_grad_enabled():
+            # A text-only batch must run what an image batch runs, in the same order, or ranks whose batches differ
+            # in kind stop matching each other's collectives: every projector parameter needs its (zero) gradient,
+            # ZeRO-3 gathers the tower's weights for its forward, and ZeRO-2 reduces gradients in buckets in the
+            # order they become ready, which follows the order of the forward (image features before the token
+            # embeddings, packed or not). So one blank image goes through the tower and the projector first,
+            # weighted by zero (the original gave every text-only sample such an image).
+            probe = 0.0 * self._blank_image_features().sum()
         real_mask = attention_mask
         packed_positions = None
         if inputs_embeds is None and (images is not None or packed):
@@ -336,14 +345,11 @@ class PaloForCausalLM(LlamaForCausalLM):
             position_ids = spliced.position_ids
             packed_positions = position_ids if spliced.packed else None
             labels = spliced.labels
-        if text_only and self.training and self.projector is not None and torch.is_grad_enabled():
-            # A text-only batch: every rank must still produce a (zero) gradient for every projector parameter,
-            # or distributed gradient reduction stalls. Run the projector on one blank image, weighted by zero,
-            # instead of the original's blank image through CLIP for every text-only sample.
+        if probe is not None:
             if inputs_embeds is None:
                 inputs_embeds = self.get_input_embeddings()(input_ids)
                 input_ids = None
-            inputs_embeds = inputs_embeds + 0.0 * self._projector_probe().sum()
+            inputs_embeds = inputs_embeds + probe
         if packed_positions is not None:
             # transformers derives the per-sample mask from the positions only when no cache is built.
             if cache is not None:
@@ -394,10 +400,15 @@ class PaloForCausalLM(LlamaForCausalLM):
         see :mod:`palo.model.kernels`)."""
         return super().forward(**kwargs)
 
-    def _projector_probe(self) -> torch.Tensor:
-        tower = self.vision_tower
-        blank = self.lm_head.weight.new_zeros(1, tower.num_tokens, tower.hidden_size)
-        return self.projector(blank)
+    def _projector_weight(self) -> torch.Tensor:
+        # Through parameters(), not a module's .weight: under ZeRO-3 reading .weight gathers the whole tensor from
+        # every rank, a collective that only the ranks reaching this line would join.
+        return next(self.projector.parameters())
+
+    def _blank_image_features(self) -> torch.Tensor:
+        """One blank image through the vision tower and the projector: ``[1, n, hidden_size]``."""
+        size = self.vision_tower.config.image_size
+        return self.encode_images(self._projector_weight().new_zeros(1, 3, size, size))
 
     @torch.no_grad()
     def generate(

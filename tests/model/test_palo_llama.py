@@ -157,6 +157,58 @@ def test_training_forward_masks_image_rows_and_gives_loss(world):
     assert out.logits.shape[1] == ids.shape[1] - 1 + world.model.get_vision_tower().num_tokens
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_text_only_training_batch_runs_what_an_image_batch_runs_in_the_same_order(world, packed):
+    """Ranks whose batches differ in kind must issue the same collectives: the tower runs (ZeRO-3 gathers its
+    weights), and every trainable gradient becomes ready in the same order (ZeRO-2/3 reduce them in buckets in that
+    order); the text-only loss is unchanged. Before, the projector's gradients came before the embeddings' on a
+    text-only batch and after them on an image batch, and 2-rank ZeRO runs stopped in gloo."""
+    import copy
+
+    from palo.testing import tiny
+
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = tiny.build_palo_model(world.config, world.clip_dir, seed=3).train()
+    model.get_vision_tower().requires_grad_(False)  # frozen, as in every PALO recipe
+    order: list[str] = []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(lambda p, name=name: order.append(name))
+    tower_calls = []
+    model.get_vision_tower().register_forward_hook(lambda *_: tower_calls.append(1))
+
+    def step(question: str, images: int) -> tuple[list[str], torch.Tensor]:
+        ids = tokenizer_image_token(_prompt(question, images=images), tokenizer, return_tensors="pt")[None]
+        labels = torch.where(ids == IMAGE_TOKEN_INDEX, -100, ids)
+        kwargs = {"images": torch.randn(1, 3, 56, 56)} if images else {}
+        if packed:  # two samples in one row, positions restarting
+            ids, labels = torch.cat([ids, ids], 1), torch.cat([labels, labels], 1)
+            length = ids.shape[1] // 2
+            kwargs.update(packed=True, position_ids=torch.arange(length).repeat(2)[None])
+            if images:
+                kwargs["images"] = torch.randn(2, 3, 56, 56)
+        order.clear()
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=labels, **kwargs).loss
+        loss.backward()
+        return list(order), loss.detach()
+
+    image_order, _ = step("What colour is it?", images=1)
+    tower_calls.clear()
+    text_order, text_loss = step("Hello, how are you?", images=0)
+    assert text_order == image_order and "model.mm_projector.0.weight" in text_order
+    assert len(tower_calls) == 1  # one blank image through the tower
+    assert all(float(p.grad.abs().max()) == 0.0 for n, p in model.named_parameters() if "mm_projector" in n)
+    reference = copy.deepcopy(model).eval()  # no probe outside training
+    with torch.no_grad():
+        ids = tokenizer_image_token(_prompt("Hello, how are you?", images=0), tokenizer, return_tensors="pt")[None]
+        kwargs = {}
+        if packed:
+            ids = torch.cat([ids, ids], 1)
+            kwargs = dict(packed=True, position_ids=torch.arange(ids.shape[1] // 2).repeat(2)[None])
+        assert torch.allclose(reference(input_ids=ids, labels=ids, **kwargs).loss, text_loss, atol=1e-6)
+
+
 def test_the_original_embedding_entry_point_and_positional_forward(world):
     """Scripts written for PALO / LLaVA-1.5 embed inputs with prepare_inputs_labels_for_multimodal (its argument
     order, a 6-tuple) and call forward positionally, past_key_values fourth."""

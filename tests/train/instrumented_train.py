@@ -8,6 +8,8 @@ with two probes switched on by environment variables:
 * ``PALO_TEST_STALL_AT_SAVE=<N>`` and ``PALO_TEST_STALL_MARKER=<file>``: the save of ``checkpoint-N`` stops
   half-way (the model and optimizer written, the RNG and trainer state not yet) and the process writes the folder
   it was writing into the marker file and sleeps, so a test can kill it during a save deterministically.
+* ``PALO_TEST_BATCH_KINDS=<file>``: every optimizer step appends ``<global step> <rank> image|text``: whether this
+  rank's batch held images, so a test can see that ranks whose batches differ in kind trained together.
 * ``PALO_TEST_DUMP_ARGV=<file>``: write the entry point's arguments (JSON) and exit without training, so a test
   can rerun exactly what a launch script passes, in one process.
 * ``PALO_TEST_INTERPRETED_LIGER=1`` (with ``TRITON_INTERPRET=1``): ``--use_liger_kernel`` runs Liger's real RoPE and
@@ -53,6 +55,16 @@ if os.environ.get("PALO_TEST_INTERPRETED_LIGER"):
     kernels.liger_available = lambda: (True, "")
 if os.environ.get("PALO_TEST_STEP_LOG"):
     transformers.Trainer.training_step = _logged_training_step
+if os.environ.get("PALO_TEST_BATCH_KINDS"):
+    _unlogged_step = transformers.Trainer.training_step
+
+    def _kind_logging_training_step(self, model, inputs, *args, **kwargs):
+        kind = "image" if inputs.get("images") is not None else "text"
+        with open(os.environ["PALO_TEST_BATCH_KINDS"], "a") as f:
+            f.write(f"{self.state.global_step} {os.environ.get('RANK', '0')} {kind}\n")
+        return _unlogged_step(self, model, inputs, *args, **kwargs)
+
+    transformers.Trainer.training_step = _kind_logging_training_step
 if os.environ.get("PALO_TEST_STALL_AT_SAVE"):
     transformers.Trainer._save_rng_state = _stalling_save_rng_state
 

@@ -570,7 +570,7 @@ def _script_argv(args: list[str], tmp_path) -> list[str]:
         return json.load(f)
 
 
-def _one_process_reference(argv: list[str], out: str, monkeypatch) -> tuple[PaloTrainer, dict]:
+def _one_process_reference(argv: list[str], out: str, monkeypatch, per_device: int = 2) -> tuple[PaloTrainer, dict]:
     """The same job in this process with the same global batch (1 x 4 samples instead of 2 ranks x 2) and no
     DeepSpeed; returns the trainer and the trainable parameters' starting values."""
     argv = list(argv)
@@ -578,7 +578,8 @@ def _one_process_reference(argv: list[str], out: str, monkeypatch) -> tuple[Palo
         i = argv.index("--deepspeed")
         del argv[i:i + 2]
     first = _record_first_step(monkeypatch)
-    trainer = train(argv + ["--per_device_train_batch_size", "4", "--output_dir", out, "--save_strategy", "no"])
+    trainer = train(argv + ["--per_device_train_batch_size", str(2 * per_device), "--output_dir", out,
+                            "--save_strategy", "no"])
     return trainer, first["start"]
 
 
@@ -650,6 +651,32 @@ def test_deepspeed_through_the_original_scripts(world, data, tmp_path, monkeypat
         _assert_trained_weights(saved, reference, start)
     tokenizer, model, _, _ = load_pretrained_model(out, world.base_dir if lora else None, device="cpu")
     assert torch.isfinite(_logits(model, tokenizer, torch.randn(1, 3, 56, 56))).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_zero3_ranks_whose_batches_differ_in_kind_train_together(world, tmp_path, monkeypatch):
+    """One rank with images, the other text only, in the same step: a text-only batch skipped the vision tower
+    (whose ZeRO-3 weights the other rank gathered) and made its projector gradients ready in another order (ZeRO
+    reduces them in buckets in that order), so the ranks' collectives no longer matched and gloo stopped the run.
+    ``--packing_rows`` deals rows to ranks whatever their kind; here batches of one sample, half of them text."""
+    data = tiny_data.write_dataset(str(tmp_path / "mixed"), num_samples=12, multi_turn_every=0, text_only_every=2)
+    out = str(tmp_path / "results" / "PALO")
+    kinds = str(tmp_path / "kinds.log")
+    args, _ = _script_command(world, data, "finetune_palo.sh", out, "3", "--group_by_modality_length", "False",
+                              "--per_device_train_batch_size", "1", "--seed", "1")
+    env = dict(_launch_env(f"--nproc_per_node 2 --master_port {_free_port()} {INSTRUMENTED}"),
+               PALO_TEST_BATCH_KINDS=kinds)
+    _finish(_spawn(args, env))
+    steps: dict[int, set[str]] = {}
+    for line in open(kinds):
+        step, _, kind = line.split()
+        steps.setdefault(int(step), set()).add(kind)
+    assert any(found == {"image", "text"} for found in steps.values()), steps  # the case this test is about
+    reference, start = _one_process_reference(_script_argv(args, tmp_path), str(tmp_path / "one"), monkeypatch,
+                                              per_device=1)
+    _assert_two_ranks_match_one_process(out, reference, num_samples=12, per_device=1)
+    _assert_trained_weights(load_pretrained_model(out, device="cpu")[1].state_dict(), reference, start)
 
 
 @pytest.mark.slow
