@@ -35,3 +35,27 @@ def check_attn_implementation(name: str) -> str:
     if name == "flex_attention" and not is_torch_flex_attn_available():
         raise AttentionUnavailableError("attn_implementation flex_attention needs PyTorch >= 2.5; use sdpa otherwise")
     return name
+
+
+def check_trainable_on(name: str, device_type: str) -> None:
+    """Refuse, before anything loads, an attention that cannot run backward on ``device_type``.
+
+    FlexAttention has no backward on the CPU in the PyTorch versions this project runs on (inference works); asked
+    for, a CPU training run passed every check and stopped at its first step. The installed PyTorch is asked with a
+    one-head probe, so a version that gains it trains.
+
+    Raises:
+        AttentionUnavailableError: Saying what to use instead.
+    """
+    if name != "flex_attention" or device_type != "cpu":
+        return
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    probe = torch.zeros(1, 1, 16, 16, requires_grad=True)
+    try:
+        flex_attention(probe, probe, probe).sum().backward()
+    except NotImplementedError as exc:
+        raise AttentionUnavailableError(f"attn_implementation flex_attention cannot train on the CPU ({exc}); use "
+                                        "sdpa or eager there (FlexAttention trains on CUDA)") from None
+

@@ -41,6 +41,10 @@ LANGUAGE_NAMES = (*LANGUAGES, "other")
 _META_VERSION = 1
 
 
+class OverLengthSample(BadSampleError):
+    """A sample over ``--model_max_length`` under ``--over_length skip``: skipped and counted, never an error."""
+
+
 @dataclass
 class SampleMeta:
     """Per-sample facts from one pass over the data, in file order.
@@ -182,8 +186,9 @@ class LazySupervisedDataset(Dataset):
         self.image_tokens = image_tokens
         self.over_length = over_length
         self.skip_bad_samples = skip_bad_samples
-        # Shared across forked dataloader workers, so the count is global.
+        # Shared across forked dataloader workers, so the counts are global.
         self.bad_samples = mp.get_context("fork").Value("i", 0)
+        self.over_length_skipped = mp.get_context("fork").Value("i", 0)  # --over_length skip
         self.data_path = data_path
         self._token_lengths: np.ndarray | None = None
 
@@ -200,7 +205,9 @@ class LazySupervisedDataset(Dataset):
     def modality_lengths(self) -> list[int]:
         """Word count per sample, negative for text-only samples (for ``group_by_modality_length``)."""
         m = self.meta
-        words = m.words[self.keep]
+        # At least 1: a sample without words (an empty or missing conversation) still needs a length to be grouped;
+        # it is named, or skipped, when it is read (the sampler refused a 0, naming no sample).
+        words = np.maximum(m.words[self.keep], 1)
         return np.where(m.has_image[self.keep], words, -words).tolist()
 
     def _load_image(self, sample: dict) -> torch.Tensor:
@@ -281,7 +288,7 @@ class LazySupervisedDataset(Dataset):
         length = spliced_length(input_ids, self.image_tokens)
         if length > self.model_max_length:
             if self.over_length == "skip":
-                raise BadSampleError(f"{length} positions is over --model_max_length {self.model_max_length}")
+                raise OverLengthSample(f"{length} positions is over --model_max_length {self.model_max_length}")
             # Truncation happens after splicing (in the model); what must not happen is silently losing every
             # supervised token, which would train on nothing.
             supervised = (labels != IGNORE_INDEX).nonzero()
@@ -315,12 +322,16 @@ class LazySupervisedDataset(Dataset):
             except (BadSampleError, ImageLoadError) as exc:
                 sample_id = sample.get("id", "?") if isinstance(sample, dict) else "?"
                 message = f"bad training sample id={sample_id!r} (entry {position} of the data file): {exc}"
-                if not self.skip_bad_samples:
+                # --over_length skip skips what it names whatever --skip_bad_samples says (it stopped the run).
+                over_length = isinstance(exc, OverLengthSample)
+                if not (self.skip_bad_samples or over_length):
                     raise BadSampleError(message + " (pass --skip_bad_samples True to skip and count "
                                                    "such samples)") from exc
-                with self.bad_samples.get_lock():
-                    self.bad_samples.value += 1
-                logger.warning("skipped %s", message)
+                counter = self.over_length_skipped if over_length else self.bad_samples
+                with counter.get_lock():
+                    counter.value += 1
+                if not over_length:  # expected by whoever asked to skip them: one count at the end, no warning each
+                    logger.warning("skipped %s", message)
                 continue
             item["language"] = int(self.meta.language[position])
             return item
@@ -331,8 +342,8 @@ class LazySupervisedDataset(Dataset):
 class DataCollator:
     """Pads ids (pad id) and labels (IGNORE_INDEX) on the right; stacks the images of image samples.
 
-    Text-only samples carry no dummy image: the model connects its projector to the graph itself when a batch has
-    no image, so CLIP never runs on blank pictures.
+    Text-only samples carry no dummy image: the model runs one blank image through CLIP and the projector itself
+    when a batch has none (see ``PaloForCausalLM.forward``), not one per sample.
     """
 
     pad_token_id: int

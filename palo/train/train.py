@@ -17,10 +17,11 @@ import sys
 if __package__ in (None, ""):  # run as a script (the original commands): make ``palo`` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
+import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from palo.data.json_index import JsonArrayIndex  # noqa: E402
-from palo.model.attention import AttentionUnavailableError  # noqa: E402
+from palo.model.attention import AttentionUnavailableError, check_trainable_on  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
@@ -51,6 +52,9 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
     """Run one training job; returns the trainer (for tests and notebooks)."""
     try:
         model_args, data_args, training_args = parse_args(argv)
+        # (Not training_args.device: reading it sets up the process group, which must wait for DeepSpeed below.)
+        on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+        check_trainable_on(model_args.attn_implementation, "cpu" if on_cpu else "cuda")
     except (ValueError, AttentionUnavailableError) as exc:  # a flag's value, named by its own check: one line
         raise SystemExit(f"error: {exc}") from None
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
@@ -119,6 +123,9 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
     trainer.save_model(training_args.output_dir)
     if dataset.bad_samples.value:
         logger.warning("Skipped %d bad samples (--skip_bad_samples)", dataset.bad_samples.value)
+    if dataset.over_length_skipped.value:
+        logger.warning("Skipped %d samples over --model_max_length (--over_length skip)",
+                       dataset.over_length_skipped.value)
     return trainer
 
 
@@ -157,11 +164,21 @@ def finish_distributed() -> None:
     gc.collect()  # groups nothing references any more are destroyed (their threads joined) now, not at exit
 
 
+def _own_message(exc: Exception) -> str:
+    """The exception's message; for one a DataLoader worker raised, the worker's own (torch re-raises it in the main
+    process with the worker's whole traceback as its message, ending in ``<type>: <message>``)."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main() -> None:
     try:
         train()
     except (BadSampleError, DamagedCheckpointsError) as exc:  # each message names what and where; files stay
-        raise SystemExit(f"error: {exc}") from None
+        raise SystemExit(f"error: {_own_message(exc)}") from None
     finish_distributed()
 
 

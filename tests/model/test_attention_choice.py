@@ -75,3 +75,21 @@ def test_training_runs_with_the_chosen_kernel(world, tmp_path):
     ])
     assert trainer.model.config._attn_implementation == "eager"
     assert 0 < trainer.state.log_history[-1]["train_loss"] < 20
+
+
+def test_flex_attention_training_on_the_cpu_is_refused_before_anything_loads(world, tmp_path, monkeypatch):
+    """FlexAttention has no backward on the CPU here: the run passed every check and stopped at its first step with
+    torch's NotImplementedError. Now one line, before the data or the model is read; inference with it still works."""
+    import palo.train.train as train_module
+    from palo.model.attention import check_trainable_on
+
+    monkeypatch.setattr(train_module, "setup_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match="^error: attn_implementation flex_attention cannot train on the CPU .*sdpa"):
+        train_module.train(["--model_name_or_path", world.base_dir, "--data_path", str(tmp_path / "none.json"),
+                            "--output_dir", str(tmp_path / "out"), "--use_cpu", "True", "--report_to", "none",
+                            "--attn_implementation", "flex_attention"])
+    for name, device in (("sdpa", "cpu"), ("eager", "cpu"), ("flex_attention", "cuda")):
+        check_trainable_on(name, device)  # nothing to refuse
+    _, model, _, _ = load_pretrained_model(world.full_dir, device="cpu", attn_implementation="flex_attention")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 5, 9, 30, 7]])).logits).all()
