@@ -22,6 +22,8 @@ import transformers  # noqa: E402
 
 from palo.data.json_index import JsonArrayIndex  # noqa: E402
 from palo.model.attention import AttentionUnavailableError, check_trainable_on  # noqa: E402
+from palo.model.checkpoint_files import CheckpointError  # noqa: E402
+from palo.model.vision_tower import VisionTowerError  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
@@ -177,7 +179,8 @@ def _own_message(exc: Exception) -> str:
 def main() -> None:
     try:
         train()
-    except (BadSampleError, DamagedCheckpointsError) as exc:  # each message names what and where; files stay
+    except (BadSampleError, DamagedCheckpointsError, CheckpointError, VisionTowerError) as exc:
+        # Each message names what and where (a sample, a checkpoint or weights that cannot be read); files stay.
         raise SystemExit(f"error: {_own_message(exc)}") from None
     finish_distributed()
 

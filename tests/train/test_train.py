@@ -497,6 +497,12 @@ def test_the_command_line_reports_a_bad_sample_as_one_line(world, data, tmp_path
     monkeypatch.setattr(sys, "argv", ["train_mem.py", *_flags(world, str(path), str(tmp_path / "out"))])
     with pytest.raises(SystemExit, match=one_line):
         train_module.main()
+    # A stage-1 projector that is not there (a relative path from another folder): one line, not a traceback.
+    missing = str(tmp_path / "nope" / "mm_projector.bin")
+    monkeypatch.setattr(sys, "argv", ["train_mem.py", *_flags(world, str(path), str(tmp_path / "out3"),
+                                                              "--pretrain_mm_mlp_adapter", missing)])
+    with pytest.raises(SystemExit, match=f"^error: {missing} does not exist: pass a stage-1 output's"):
+        train_module.main()
     # Read by DataLoader workers (the launch scripts start 4): torch re-raises with the worker's whole traceback.
     monkeypatch.setattr(sys, "argv", ["train_mem.py", *_flags(world, str(path), str(tmp_path / "out2"),
                                                               "--dataloader_num_workers", "2")])
