@@ -822,20 +822,37 @@ class AnswerReader:
     completion, now all read at once.
 
     Args:
-        pieces: The answer's pieces (:func:`_answers`); the reader owns it and closes it.
+        stream: The answer's worker stream; the reader owns it and closes it.
+        chat: The request it answers.
+        logger: Where a broken stream is logged.
         changed: Set whenever this (or another answer of the same request) has something new.
     """
 
-    def __init__(self, pieces: AsyncIterator[Piece], changed: asyncio.Event) -> None:
+    def __init__(self, stream: WorkerStream, chat: GenerationRequest, logger: logging.Logger,
+                 changed: asyncio.Event) -> None:
         self.changed = changed
+        self._stream = stream
         self._newest: Piece | None = None
         self._taken: Piece | None = None
         self._error: BaseException | None = None
         self._started = asyncio.Event()  # a first piece came, or the answer ended without one
         self._done = asyncio.Event()
-        self._task = asyncio.ensure_future(self._read(pieces))
+        self._ran = False
+        self._closing: asyncio.Future | None = None
+        self._task = asyncio.ensure_future(self._read(_answers(stream, chat, logger)))
+        self._task.add_done_callback(self._close_unread)
+
+    def _close_unread(self, task: asyncio.Future) -> None:
+        # Cancelled before its first step (a later answer of the request failed to open at once): _answers never
+        # ran, so neither did its closing of the worker stream, which would generate for nobody.
+        if not self._ran:
+            self._started.set()
+            self._done.set()
+            self.changed.set()
+            self._closing = asyncio.ensure_future(self._stream.aclose())
 
     async def _read(self, pieces: AsyncIterator[Piece]) -> None:
+        self._ran = True
         try:
             async for piece in pieces:
                 self._newest = piece
@@ -895,6 +912,8 @@ class AnswerReader:
     async def closed(self) -> None:
         """Wait until the reader has stopped (its worker stream closed)."""
         await asyncio.wait({self._task})  # its end (cancelled, as a rule) is not raised here
+        if self._closing is not None:
+            await asyncio.wait({self._closing})
 
 
 def _cancel_all(answers: list[AnswerReader]) -> None:
@@ -1019,7 +1038,7 @@ async def _open_answers(requests: list[GenerationRequest], registry: WorkerRegis
         for chat in requests:
             for choice in range(chat.n):
                 stream = await open_chat(chat, registry, router, choice, busy_until=deadline)
-                answers.append(AnswerReader(_answers(stream, chat, registry.logger), changed))
+                answers.append(AnswerReader(stream, chat, registry.logger, changed))
                 if deadline is None:
                     deadline = time.monotonic() + BUSY_WAIT_S
         firsts = await asyncio.gather(*(answer.first() for answer in answers), return_exceptions=True)

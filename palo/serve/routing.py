@@ -18,6 +18,8 @@ from palo.serve.protocol import aiter_chunks
 CONNECT_TIMEOUT_S = 5.0  # connecting to a worker for a generation request (the original's value)
 # Relays a generation request went through (controllers can be registered as other controllers' workers).
 HOPS_HEADER = "X-PALO-Relay-Hops"
+# On a worker's 503: not a full queue but a worker that cannot serve (its engine stopped); it is dropped at once.
+UNHEALTHY_HEADER = "X-PALO-Worker-Unhealthy"
 MAX_HOPS = 8  # far past any real hierarchy: more means the registrations form a loop
 
 
@@ -136,6 +138,13 @@ class Router:
             response = await self._reach(address, self.client.send(request, stream=True))
             if isinstance(response, Exception):
                 last_error = response
+                continue
+            if response.status_code == 503 and response.headers.get(UNHEALTHY_HEADER):
+                # Not busy: it cannot serve. Dropped now, not when its heartbeats expire (until then its clients were
+                # told to retry a worker that would refuse them again).
+                self.registry.logger.warning("worker %s cannot serve (its engine stopped); dropping it", address)
+                self.registry.remove_worker(address)
+                await response.aclose()
                 continue
             if response.status_code == 503:  # its queue is full: another worker may have room
                 busy.append(response.headers.get("Retry-After", "1"))

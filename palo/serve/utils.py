@@ -205,6 +205,10 @@ def serve_http(app: object, host: str, port: int) -> None:
 # A client that reads nothing of its stream for this long is dropped: the request's place (and KV cache) goes to
 # requests whose clients read. A live client reads each chunk as it comes, long before this.
 WRITE_TIMEOUT_S = 60.0
+# Bytes sent (and timed) at a time: what a slow but steady client reads well within WRITE_TIMEOUT_S. A piece of the
+# stream may be far larger (the OpenAI API's event for all that an answer made while its client was reading the
+# last one, with log-probabilities), and timing it whole dropped a client that read it steadily, only slowly.
+SEND_SLICE_BYTES = 64 * 1024
 
 
 class StalledClientClosingResponse(StreamingResponse):
@@ -221,10 +225,18 @@ class StalledClientClosingResponse(StreamingResponse):
 
     async def stream_response(self, send: Any) -> None:
         async def send_in_time(message: Any) -> None:
-            try:
-                await asyncio.wait_for(send(message), WRITE_TIMEOUT_S)
-            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
-                raise _ClientStalled from None
+            body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+            pieces = [message]
+            if len(body) > SEND_SLICE_BYTES:  # the stream is bytes: its pieces may be sent in parts
+                more = message.get("more_body", False)
+                pieces = [{"type": "http.response.body", "body": body[i:i + SEND_SLICE_BYTES],
+                           "more_body": more or i + SEND_SLICE_BYTES < len(body)}
+                          for i in range(0, len(body), SEND_SLICE_BYTES)]
+            for piece in pieces:
+                try:
+                    await asyncio.wait_for(send(piece), WRITE_TIMEOUT_S)
+                except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
+                    raise _ClientStalled from None
 
         try:
             await super().stream_response(send_in_time)

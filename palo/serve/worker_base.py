@@ -37,6 +37,7 @@ from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import WorkerMetrics
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
+from palo.serve.routing import UNHEALTHY_HEADER
 from palo.serve.utils import StalledClientClosingResponse, serve_http
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
@@ -297,7 +298,7 @@ class BaseWorker(ABC):
     async def generate_stream(self, request: Request) -> Response:
         """Handle ``/worker_generate_stream``."""
         if not self.serving():  # 503: the controller's router tries another worker of the model
-            return Rejected(error_chunk(UNHEALTHY_MESSAGE, WORKER_ERROR), 503).response()
+            return Rejected(error_chunk(UNHEALTHY_MESSAGE, WORKER_ERROR), 503, {UNHEALTHY_HEADER: "1"}).response()
         try:
             params = decode_json_body(await request.body())
         except ValueError as exc:

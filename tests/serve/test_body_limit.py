@@ -145,6 +145,23 @@ def test_a_body_that_pauses_too_long_or_trickles_below_the_pace_is_408_and_a_ste
     # Steady pieces: 50 bytes every 0.2 s (250 bytes/s) for 2 s is served whole.
     sent, _ = _run_asgi(limit, [(0.2, b"y" * 50, True)] * 9 + [(0.2, b"y" * 50, False)])
     assert sent[0]["status"] == 200 and read == [b"y" * 500]
-    # The defaults a service gets: a pause of up to 10 s, 16 KiB/s after 10 s.
+    # The defaults a service gets: a pause of up to 10 s, 4 KiB/s after 10 s.
     default = BodyLimit(app, max_bytes=1)
-    assert (default.idle_s, default.grace_s, default.min_bytes_per_s) == (10.0, 10.0, 16384)
+    assert (default.idle_s, default.grace_s, default.min_bytes_per_s) == (10.0, 10.0, 4096)
+
+
+def test_the_pace_is_timed_from_when_the_service_reads_the_body():
+    """A body already in, read late by its service (a busy event loop, an endpoint that reads after other work), was
+    refused: past the pace's deadline the wait for the next piece was zero, and the receive was cancelled before it
+    could return what had arrived."""
+    import asyncio
+
+    app, read = _echo_app()
+
+    async def late_reader(scope, receive, send) -> None:
+        await asyncio.sleep(0.8)  # longer than grace + idle below: the body arrived long before this
+        await app(scope, receive, send)
+
+    limit = BodyLimit(late_reader, max_bytes=10_000, idle_s=0.3, grace_s=0.5, min_bytes_per_s=100)
+    sent, _ = _run_asgi(limit, [(0.0, b"z" * 10, True)] * 3 + [(0.0, b"z" * 10, False)])
+    assert sent[0]["status"] == 200 and read == [b"z" * 40]

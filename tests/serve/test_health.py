@@ -72,10 +72,16 @@ def test_a_worker_whose_engine_thread_died_is_unhealthy(loaded):
         answer = client.post("/worker_generate_stream", json={"prompt": "USER: hi ASSISTANT:", "max_new_tokens": 2})
         assert answer.status_code == 503 and b"unhealthy" in answer.content
         controller = controller_module.Controller("shortest_queue", 30)
+        status = {"model_names": ["ckpt"], "speed": 1, "queue_length": 0}
         with served(create_app(worker)) as url:
-            controller.register_worker(url, True, {"model_names": ["ckpt"], "speed": 1, "queue_length": 0})
+            controller.register_worker(url, True, status)
             controller.refresh_all_workers()  # what the web demo's page loads call: it revived the dead worker
             assert controller.list_models() == []
+            # A request relayed to it drops it at once: "no worker" (404), not "busy, retry" until heartbeats expire.
+            controller.register_worker(url, True, status)
+            relay = TestClient(controller_module.create_app(controller, read_timeout=5, api_key=None))
+            answer = relay.post("/worker_generate_stream", json={"model": "ckpt", "prompt": "USER: hi ASSISTANT:"})
+            assert answer.status_code == 404 and controller.list_models() == []
     finally:
         worker.stop()
 

@@ -952,3 +952,24 @@ def test_a_completion_prompt_too_long_names_the_prompt_and_the_sampled_token_is_
         {"text": " cat", "error_code": 0, "logprobs": [sampled], "finish_reason": "length",
          "usage": {"prompt_tokens": 1, "completion_tokens": 1}}])
     assert status == 200 and body["choices"][0]["logprobs"]["top_logprobs"] == [{" dog": -0.3, " cat": -1.5}]
+
+
+def test_an_answer_opened_before_a_later_one_fails_at_once_is_closed():
+    """The second open of a request failed without waiting (its model's worker left the registry): the first
+    answer's reader was cancelled before it ever ran, so its worker stream was never closed (generating for
+    nobody, its pooled connection held)."""
+
+    class SecondFails(ChoiceRouter):
+        async def open(self, model: str, body: bytes):
+            if self.streams:
+                raise NoWorkerError(model)
+            return await super().open(model, body)
+
+    router = SecondFails(lambda seed: "x" * 50)
+    body = json.dumps({"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "n": 2}).encode()
+
+    async def run():
+        response = await chat_completion(body, "", FakeRegistry(), router, None)
+        return response.status_code, [s.closed for s in router.streams]
+
+    assert asyncio.run(run()) == (404, [True])
