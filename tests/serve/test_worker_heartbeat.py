@@ -163,3 +163,28 @@ def test_a_client_that_stops_reading_loses_its_stream_and_its_place(monkeypatch)
         finally:
             silent.close()
     worker.stop()
+
+
+def test_a_large_piece_is_sent_in_timed_slices_so_a_slow_steady_reader_is_not_dropped(monkeypatch):
+    """A piece of the stream was sent, and timed, whole: a client reading steadily at its own pace was dropped as
+    stalled once one piece took longer than the limit to drain (the OpenAI API's coalesced events can be large)."""
+    import logging
+
+    monkeypatch.setattr(serve_utils, "WRITE_TIMEOUT_S", 0.3)
+    big = bytes(range(256)) * 4096  # 1 MiB: 1 s for this client to read, well over the limit as one send
+    sent: list[dict] = []
+
+    async def pieces():
+        yield big
+        yield b"end"
+
+    async def steady_client(message: dict) -> None:  # reads 1 MiB/s, never pausing
+        await asyncio.sleep(len(message.get("body", b"")) / 2**20)
+        sent.append(message)
+
+    response = serve_utils.StalledClientClosingResponse(pieces(), logger=logging.getLogger("test"))
+    asyncio.run(response.stream_response(steady_client))
+    bodies = [m for m in sent if m["type"] == "http.response.body"]
+    assert b"".join(m["body"] for m in bodies) == big + b"end"  # all of it, in order
+    assert max(len(m["body"]) for m in bodies) <= serve_utils.SEND_SLICE_BYTES
+    assert all(m["more_body"] for m in bodies[:-1]) and not bodies[-1]["more_body"]
