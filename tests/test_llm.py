@@ -116,7 +116,7 @@ def test_bad_input_is_refused_naming_the_conversation_before_anything_runs(llm, 
     for conversations, message in cases:
         with pytest.raises(ValueError, match=message):
             llm.chat(conversations)
-    for settings, message in [({"temperature": -1}, "'temperature' must be >= 0"), ({"top_p": 0}, "'top_p'"),
+    for settings, message in [({"temperature": -1}, "'temperature' must be >= 0"), ({"top_p": 1.5}, "'top_p'"),
                               ({"stop": [""]}, "'stop' must be"), ({"max_tokens": 0}, "'max_new_tokens'")]:
         with pytest.raises(ValueError, match=message):
             llm.chat(good, **settings)
