@@ -231,8 +231,13 @@ def test_a_connection_that_sends_no_whole_request_is_closed_and_the_services_may
     sender = threading.Thread(target=trickle, daemon=True)
     sender.start()
     try:
-        for sock in silent + heads:
+        for sock in silent:
             assert sock.recv(1) == b""  # closed by the service, not by this socket's timeout
+        for sock in heads:
+            try:
+                assert sock.recv(1) == b""
+            except ConnectionResetError:  # closed with the trickled bytes unread: the kernel may reset, not close
+                pass
         for sock in bodies:  # answered 408, then closed
             answer = b""
             try:
