@@ -284,6 +284,15 @@ class CLIPVisionTower(nn.Module):
         """
         if isinstance(images, (list, tuple)):
             return [self(image[None]) for image in images]
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.parameters()):
+            # Frozen (as always in PALO's recipes): record no graph, as the original's no_grad did. Without this,
+            # gradient checkpointing's input hook (transformers 5 hooks every nested model's embeddings, CLIP's
+            # too) makes the features require grad, and backward runs through the tower keeping its activations.
+            with torch.no_grad():
+                return self._encode(images)
+        return self._encode(images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
         vision = self.vision_tower.vision_model
         weight = vision.embeddings.patch_embedding.weight
         layers = vision.encoder.layers
