@@ -120,8 +120,11 @@ def _resize_with_mean_rows(model: PreTrainedModel, size: int) -> None:
 def load_language_model(model_args: ModelArguments, args: TrainingArguments) -> PreTrainedModel:
     """The base LLM as ``PaloForCausalLM`` (multimodal runs) or ``AutoModelForCausalLM`` (text-only)."""
     path = resolve_checkpoint_dir(model_args.model_name_or_path)
-    kwargs: dict[str, Any] = dict(dtype=compute_dtype(args) if args.bits != 16 else None, **_quantization_kwargs(args))
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    # 16-bit runs load in float32, whatever the checkpoint was saved in (Vicuna's config says float16, which
+    # transformers 5 would keep): the weights a run without DeepSpeed updates are its master weights, and float16
+    # ones overflow at the first step. DeepSpeed casts to bf16/fp16 itself and keeps float32 copies, as the original.
+    kwargs: dict[str, Any] = dict(dtype=compute_dtype(args) if args.bits != 16 else torch.float32,
+                                  **_quantization_kwargs(args))
     kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.vision_tower is None:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -186,8 +189,10 @@ def attach_vision_modules(model: PaloForCausalLM, model_args: ModelArguments, ar
     config.mm_hidden_size = tower.hidden_size
     config.mm_vision_config = tower.config.to_dict()  # lets this checkpoint load with no CLIP download
     if getattr(inner, "mm_projector", None) is None:
+        # float32 in 16-bit runs even when LoRA cast the LLM to bf16/fp16 (as the original): the projector trains
+        # whole, and at its learning rate (2e-5) most bf16 updates round away. QLoRA computes it in its dtype.
         inner.mm_projector = build_projector(spec.projector_type, tower.hidden_size, config.hidden_size).to(
-            device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype
+            device=model.lm_head.weight.device, dtype=torch.float32 if args.bits == 16 else compute_dtype(args)
         )
     inner.mm_projector.requires_grad_(True)
     if model_args.pretrain_mm_mlp_adapter:
