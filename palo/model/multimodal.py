@@ -309,7 +309,7 @@ def apply_splice(
         # A dummy image joins the graph with zero weight, so every projector parameter gets a gradient on every
         # rank even in a batch of text-only samples (distributed training needs that).
         dummy = image_features[plan.dummy_images].to(device=device, dtype=dtype)
-        inputs_embeds = inputs_embeds + dummy.sum() * 0
+        inputs_embeds = inputs_embeds + (dummy * 0).sum()  # weighted first: a float16 sum can overflow to inf
 
     real = index(plan.real_dst)
     attention_mask = torch.zeros(batch_size * length, dtype=torch.long, device=device)

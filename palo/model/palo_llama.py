@@ -331,7 +331,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             # order they become ready, which follows the order of the forward (image features before the token
             # embeddings, packed or not). So one blank image goes through the tower and the projector first,
             # weighted by zero (the original gave every text-only sample such an image).
-            probe = 0.0 * self._blank_image_features().sum()
+            probe = (self._blank_image_features() * 0.0).sum()  # weighted first: a float16 sum can overflow
         real_mask = attention_mask
         packed_positions = None
         if inputs_embeds is None and (images is not None or packed):

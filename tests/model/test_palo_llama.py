@@ -315,3 +315,23 @@ def test_image_batch_shapes_accepted(world):
     torch.testing.assert_close(a, c)
     with pytest.raises(ValueError, match="images must be"):
         world.model(input_ids=ids, images=torch.randn(2, 56, 56, 3, 1, 1))
+
+
+def test_zero_weighted_images_cannot_overflow_a_float16_batch(world):
+    """The blank image a text-only training batch runs, and a text-only row's dummy image, join the graph weighted
+    by zero: summed before weighting, float16 features past 65504 in all gave inf, 0 x inf NaN, and a NaN batch
+    (pure float16 as DeepSpeed --fp16 runs; a 7B's 576 x 4096 features get there at a mean of 0.03)."""
+    from palo.testing import tiny
+
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = tiny.build_palo_model(world.config, world.clip_dir, seed=3).half()
+    with torch.no_grad():
+        model.projector[-1].bias.fill_(80.0)  # every feature finite, their sum is not (in float16)
+    assert not torch.isfinite(model._blank_image_features().sum())
+    ids = tokenizer_image_token(_prompt("Say hello in French.", images=0), tokenizer, return_tensors="pt")[None]
+    assert torch.isfinite(model.train()(input_ids=ids, labels=ids).loss)
+    with_image = tokenizer_image_token(_prompt("What is it?"), tokenizer, return_tensors="pt")
+    text = ids[0, : len(with_image)]
+    spliced = model.prepare_multimodal_inputs(torch.stack([with_image, text]), torch.zeros(2, 3, 56, 56).half(),
+                                              torch.ones(2, len(with_image), dtype=torch.long))
+    assert torch.isfinite(spliced.inputs_embeds).all()
