@@ -319,6 +319,7 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit, and the engine's
 BUSY_WAIT_S = 30.0
 BUSY_POLL_S = 0.1
 DISCONNECT_POLL_S = 0.25  # how often a request gathering a whole answer checks that its client is still there
+READER_STOP_GRACE_S = 5.0  # how long an answer's reader may take to end once its worker stream was closed
 CLIENT_CLOSED = 499  # the status logged for a request whose client left (nginx's; nobody receives it)
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
@@ -643,7 +644,8 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
-        logger.exception("stream from worker %s failed", stream.worker)
+        if not stream.stopped:
+            logger.exception("stream from worker %s failed", stream.worker)
         raise APIError(502, f"the model worker failed: {exc}", type_="server_error") from None
     finally:
         await stream.aclose()
@@ -843,13 +845,13 @@ class AnswerReader:
         self._task.add_done_callback(self._close_unread)
 
     def _close_unread(self, task: asyncio.Future) -> None:
-        # Cancelled before its first step (a later answer of the request failed to open at once): _answers never
-        # ran, so neither did its closing of the worker stream, which would generate for nobody.
+        # Cancelled before its first step (the event loop shut down): _answers never ran, so neither did its closing
+        # of the worker stream, which would generate for nobody.
         if not self._ran:
             self._started.set()
             self._done.set()
             self.changed.set()
-            self._closing = asyncio.ensure_future(self._stream.aclose())
+            self.cancel()
 
     async def _read(self, pieces: AsyncIterator[Piece]) -> None:
         self._ran = True
@@ -902,18 +904,36 @@ class AnswerReader:
         return self._newest
 
     def cancel(self) -> None:
-        """Stop reading: the worker stream closes (in the reader's own task), which stops its generation.
+        """Stop reading: the worker stream is closed, which stops its generation, and the reader ends on it.
+
+        The stream is closed in a task of its own that nothing cancels, never by cancelling the reader: the reader
+        may be inside httpx's closing of the response at the body's end, and a cancellation landing there cut
+        httpcore's clean-up short (its shield does not hold against ``Task.cancel``), so the router's pool kept the
+        connection and its socket for good; the controller's open files grew with every such client that left.
 
         Synchronous, so that cleanup running inside a cancelled scope (a client that left) still stops every
         answer of the request.
         """
-        self._task.cancel()
+        if self._closing is None:
+            self._stream.stopped = True
+            self._closing = asyncio.ensure_future(self._stop())
+
+    async def _stop(self) -> None:
+        try:
+            await self._stream.aclose()
+        finally:
+            # The reader's pending read fails on the closed connection and it ends by itself. Had it been closing
+            # the response at that moment, that close is its own and ends too; only a reader that notices nothing
+            # within the grace is cancelled, safely now that the pool has the connection back.
+            if not self._task.done():
+                await asyncio.wait({self._task}, timeout=READER_STOP_GRACE_S)
+                self._task.cancel()
 
     async def closed(self) -> None:
         """Wait until the reader has stopped (its worker stream closed)."""
-        await asyncio.wait({self._task})  # its end (cancelled, as a rule) is not raised here
         if self._closing is not None:
             await asyncio.wait({self._closing})
+        await asyncio.wait({self._task})  # its end is not raised here
 
 
 def _cancel_all(answers: list[AnswerReader]) -> None:

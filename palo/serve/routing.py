@@ -70,6 +70,7 @@ class WorkerStream:
         self.worker = worker
         self.response = response
         self.status_code = response.status_code
+        self.stopped = False  # closed by whoever reads it (its client left): a read failing after that is expected
 
     def chunks(self) -> AsyncIterator[dict[str, Any]]:
         return aiter_chunks(self.response.aiter_bytes())

@@ -331,3 +331,58 @@ def test_a_cache_salt_from_the_official_client_keeps_an_image_to_its_group(clust
     assert [b - a for a, b in zip(counts, counts[1:])] == [1, 1, 0]
     with pytest.raises(openai.BadRequestError, match="cache_salt"):
         c.chat.completions.create(extra_body={"cache_salt": ""}, **ask)
+
+
+def test_stopping_an_answer_never_cuts_short_a_close_under_way_and_logs_no_failure(caplog):
+    """An answer whose client left is stopped by closing its worker stream from a task of its own. It was stopped by
+    cancelling its reader, which could land while the reader was inside httpx's close at the body's end: httpcore's
+    clean-up was cut short and the router's pool kept the connection and its socket for good (the controller's
+    open files grew with clients that left, by a soak test of 20,000 requests)."""
+    import asyncio
+    import logging
+
+    from palo.serve.openai_api import AnswerReader, GenerationRequest
+
+    chat = GenerationRequest(model="m", prompt="p", images=[], temperature=0.0, top_p=1.0, max_tokens=8,
+                             template_stop=None, stops=[], stream=True, include_usage=False)
+    logger = logging.getLogger("test.answer_reader")
+
+    class Stream:
+        worker = "http://worker"
+
+        def __init__(self, ends: bool) -> None:
+            self.ends, self.stopped, self.shut = ends, False, asyncio.Event()
+            self.closing, self.closes_finished = asyncio.Event(), []
+
+        async def chunks(self):
+            if not self.ends:  # a long answer: nothing comes until the stream is closed, then a read error
+                await self.shut.wait()
+                raise OSError("connection closed")
+            return
+            yield
+
+        async def aclose(self) -> None:
+            self.closing.set()
+            await asyncio.sleep(0.05)  # the close is I/O too (httpcore takes a lock and may close the socket)
+            self.shut.set()
+            self.closes_finished.append(asyncio.current_task())
+
+    async def scenario() -> None:
+        # 1. stopped while the reader closes the stream it read to the end: that close completes
+        stream = Stream(ends=True)
+        reader = AnswerReader(stream, chat, logger, asyncio.Event())
+        await stream.closing.wait()
+        reader.cancel()
+        await reader.closed()
+        assert reader._task in stream.closes_finished
+        # 2. stopped while the reader waits for a chunk: it ends on the closed stream, quietly
+        stream = Stream(ends=False)
+        reader = AnswerReader(stream, chat, logger, asyncio.Event())
+        await asyncio.sleep(0.01)
+        reader.cancel()
+        await asyncio.wait_for(reader.closed(), 5)
+        assert reader._task.done() and not reader._task.cancelled()
+
+    with caplog.at_level(logging.ERROR, logger="test.answer_reader"):
+        asyncio.run(scenario())
+    assert not caplog.records

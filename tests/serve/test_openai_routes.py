@@ -43,6 +43,8 @@ class FakeStream:
         self.fail = fail
         self.sent = 0
         self.closed = False
+        self.stopped = False  # set by the reader's owner before it closes the stream (routing.WorkerStream's)
+        self.shut = asyncio.Event()  # closed: a read still waiting fails, as on a closed connection
         self.read_to_end = False  # the body's end was read (over HTTP: the connection can be reused)
 
     async def chunks(self):
@@ -56,6 +58,7 @@ class FakeStream:
 
     async def aclose(self) -> None:
         self.closed = True
+        self.shut.set()
 
 
 class FakeRouter:
@@ -682,7 +685,8 @@ class EndlessStream(FakeStream):
 
     async def chunks(self):
         yield {"text": "hi" + "x", "error_code": 0}
-        await asyncio.Event().wait()
+        await self.shut.wait()
+        raise ConnectionResetError("closed")
 
 
 class EndlessRouter:
