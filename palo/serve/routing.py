@@ -7,6 +7,7 @@ Used by the controller's original ``/worker_generate_stream`` endpoint and by it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
@@ -63,6 +64,13 @@ class WorkersBusyError(WorkerUnreachableError):
         self.retry_after = retry_after
 
 
+async def _close(response: httpx.Response) -> None:
+    """Close ``response`` to the end even if the caller is cancelled meanwhile: a cancellation landing inside
+    httpcore's clean-up (its own shield does not hold against ``Task.cancel``) leaves the connection in the pool for
+    good, its socket open."""
+    await asyncio.shield(response.aclose())
+
+
 class WorkerStream:
     """An open streaming request to a worker: its HTTP status and its chunk objects."""
 
@@ -76,7 +84,7 @@ class WorkerStream:
         return aiter_chunks(self.response.aiter_bytes())
 
     async def aclose(self) -> None:
-        await self.response.aclose()
+        await _close(self.response)
 
 
 class Router:
@@ -145,11 +153,11 @@ class Router:
                 # told to retry a worker that would refuse them again).
                 self.registry.logger.warning("worker %s cannot serve (its engine stopped); dropping it", address)
                 self.registry.remove_worker(address)
-                await response.aclose()
+                await _close(response)
                 continue
             if response.status_code == 503:  # its queue is full: another worker may have room
                 busy.append(response.headers.get("Retry-After", "1"))
-                await response.aclose()
+                await _close(response)
                 continue
             return WorkerStream(address, response)
 

@@ -165,3 +165,28 @@ def test_a_registration_loop_is_ended_not_relayed_for_good():
         assert time.monotonic() - start < 30
         assert answer.status_code == 508
         assert f"the request went through {MAX_HOPS} relays" in answer.text and "form a loop" in answer.text
+
+
+def test_a_worker_stream_closes_to_the_end_when_its_closer_is_cancelled():
+    """httpcore's clean-up of a closed response, cut short by a cancellation, left the connection in the pool for
+    good with its socket open; closing a worker stream finishes whatever its caller does meanwhile."""
+    import asyncio
+
+    from palo.serve.routing import WorkerStream
+
+    class Response:
+        status_code = 200
+        finished = False
+
+        async def aclose(self) -> None:
+            await asyncio.sleep(0.05)
+            Response.finished = True
+
+    async def scenario() -> None:
+        closer = asyncio.ensure_future(WorkerStream("http://worker", Response()).aclose())
+        await asyncio.sleep(0.01)
+        closer.cancel()
+        await asyncio.sleep(0.1)
+        assert closer.cancelled() and Response.finished
+
+    asyncio.run(scenario())
