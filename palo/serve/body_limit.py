@@ -23,10 +23,13 @@ import os
 import time
 from typing import Any
 
+from starlette.requests import ClientDisconnect
+
 DEFAULT_MAX_REQUEST_MB = 256
 BODY_IDLE_S = 10.0  # the longest silence between two pieces of a body
 BODY_GRACE_S = 10.0  # before the average pace counts (a slow start, a TCP window opening)
 MIN_BODY_BYTES_PER_S = 4 * 1024  # 32 kbit/s: below any real uplink, far above a byte every few seconds
+CLIENT_CLOSED = 499  # the status logged for a request whose client left (nginx's; nobody receives it)
 
 
 def max_request_bytes() -> int:
@@ -116,6 +119,13 @@ class BodyLimit:
 
         try:
             await self.app(scope, limited_receive, watched_send)
+        except ClientDisconnect:
+            # The client left while its body was read: nothing failed and nobody is there to answer. It was a
+            # 500 with a 50-line traceback in the log, and counted as a server error.
+            if started:
+                raise
+            await send({"type": "http.response.start", "status": CLIENT_CLOSED, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
         except _TooLarge:
             if started:  # cannot happen for endpoints that read their body first; nothing more can be said
                 raise

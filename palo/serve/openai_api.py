@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse, Response
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, SEED_RANGE
 from palo.conversation import SeparatorStyle, conv_templates, stop_string
+from palo.serve.body_limit import CLIENT_CLOSED
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
@@ -320,7 +321,6 @@ BUSY_WAIT_S = 30.0
 BUSY_POLL_S = 0.1
 DISCONNECT_POLL_S = 0.25  # how often a request gathering a whole answer checks that its client is still there
 READER_STOP_GRACE_S = 5.0  # how long an answer's reader may take to end once its worker stream was closed
-CLIENT_CLOSED = 499  # the status logged for a request whose client left (nginx's; nobody receives it)
 PENALTY_DEFAULTS = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0}
 
 # Features of the chat API this server does not implement, each with the values that ask for nothing: a request that

@@ -165,3 +165,39 @@ def test_the_pace_is_timed_from_when_the_service_reads_the_body():
     limit = BodyLimit(late_reader, max_bytes=10_000, idle_s=0.3, grace_s=0.5, min_bytes_per_s=100)
     sent, _ = _run_asgi(limit, [(0.0, b"z" * 10, True)] * 3 + [(0.0, b"z" * 10, False)])
     assert sent[0]["status"] == 200 and read == [b"z" * 40]
+
+
+def test_a_client_that_leaves_while_its_body_is_read_is_499_not_a_server_error(caplog):
+    """It was a 500 with a 50-line traceback in the log (twice: the app's and uvicorn's), and counted as a server
+    error in the metrics: a soak test's clients that gave up early filled the logs with them."""
+    import asyncio
+    import logging
+
+    from palo.serve import controller as controller_module
+
+    controller = controller_module.Controller("shortest_queue", 30)
+    app = controller_module.create_app(controller, read_timeout=5, api_key=None)
+    sent: list[dict] = []
+
+    async def leave_halfway() -> None:
+        pieces = [{"type": "http.request", "body": b'{"model": "m", "mess', "more_body": True},
+                  {"type": "http.disconnect"}]
+
+        async def receive() -> dict:
+            return pieces.pop(0) if pieces else await asyncio.Event().wait()
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+                 "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 5), "server": ("127.0.0.1", 8)}
+        await app(scope, receive, send)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(leave_halfway())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    metrics = TestClient(app).get("/metrics").text
+    assert 'endpoint="/v1/chat/completions",status="499"' in metrics, metrics
