@@ -64,12 +64,14 @@ class LLM:
         engine_config: Engine settings (``max_num_seqs``, KV cache size, prefix cache ...); the worker's defaults.
         vision_tower: A local CLIP folder instead of ``mm_vision_tower``.
         allow_remote_images: Fetch http(s) image URLs (off: as the worker without ``--allow-remote-images``).
+        dtype: ``"float16"``, ``"bfloat16"``, ``"float32"`` or a torch dtype; None or ``"auto"``: float16 on CUDA,
+            float32 elsewhere.
     """
 
     def __init__(self, model_path: str, model_base: str | None = None, *, device: str | None = None,
                  load_8bit: bool = False, load_4bit: bool = False, conv_mode: str | None = None,
                  engine_config: Any = None, vision_tower: str | None = None,
-                 allow_remote_images: bool = False) -> None:
+                 allow_remote_images: bool = False, dtype: Any = None) -> None:
         import torch
 
         from palo.mm_utils import get_model_name_from_path
@@ -78,7 +80,7 @@ class LLM:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         name = get_model_name_from_path(model_path)
         tokenizer, model, image_processor, context_len = load_pretrained_model(
-            model_path, model_base, name, load_8bit, load_4bit, device=device, vision_tower=vision_tower)
+            model_path, model_base, name, load_8bit, load_4bit, device=device, vision_tower=vision_tower, dtype=dtype)
         self._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images,
                     name)
 

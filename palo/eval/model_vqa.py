@@ -48,6 +48,7 @@ from palo.mm_utils import (
     tokenizer_image_token,
 )
 from palo.mm_utils import preprocess_image as mm_preprocess_image
+from palo.model.builder import add_dtype_argument
 from palo.model.config import MultimodalSpec, image_placeholder
 from palo.model.multimodal import no_room_for_answer
 
@@ -465,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=1, help="questions generated together (left padding)")
     parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
+    add_dtype_argument(parser)
     parser.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad",
                         help="pad: square padding as in training; crop: the original script's centre crop")
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
@@ -482,7 +484,8 @@ class ModelLoadError(RuntimeError):
 
 def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None, generation: dict[str, Any],
                   image_preprocess: str = "pad", device: str | None = None,
-                  vision_tower: str | None = None, engine: str = "paged") -> tuple[Answerer, str]:
+                  vision_tower: str | None = None, engine: str = "paged",
+                  dtype: str | None = None) -> tuple[Answerer, str]:
     """Load a checkpoint and wrap it in an :class:`Answerer`.
 
     Args:
@@ -495,6 +498,7 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None
         device: Where to load the model (default: cuda when available).
         vision_tower: A local CLIP folder replacing ``mm_vision_tower``, or None.
         engine: ``paged`` or ``hf`` (see :class:`Answerer`).
+        dtype: ``--dtype``: ``float16``, ``bfloat16``, ``float32``; None or ``auto``: float16 on CUDA, else float32.
 
     Returns:
         The answerer and the model id written into answers (the checkpoint's folder name).
@@ -510,7 +514,7 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None
     model_name = get_model_name_from_path(model_path)
     try:
         tokenizer, model, image_processor, _ = load_pretrained_model(
-            model_path, model_base, model_name, device=device, vision_tower=vision_tower
+            model_path, model_base, model_name, device=device, vision_tower=vision_tower, dtype=dtype
         )
     except (CheckpointError, VisionTowerError, OSError) as exc:
         raise ModelLoadError(str(exc)) from exc
@@ -620,7 +624,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def loader() -> tuple[Answerer, str]:
         return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
-                             args.device, args.vision_tower, args.engine)
+                             args.device, args.vision_tower, args.engine, args.dtype)
 
     try:
         return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,

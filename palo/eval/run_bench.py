@@ -34,6 +34,7 @@ from palo.eval import eval_gpt_review_bench, model_vqa, report, shards, summariz
 from palo.eval.bench import BenchLayoutError, available_languages, display_name, language_files
 from palo.eval.jsonl import JsonlError
 from palo.eval.judge import DEFAULT_JUDGE_MODEL
+from palo.model.builder import add_dtype_argument
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, default=1)
     group.add_argument("--max-new-tokens", type=int, default=1024)
     group.add_argument("--device", default=None)
+    add_dtype_argument(group)
     group.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad")
     group.add_argument("--vision-tower", default=None)
     group.add_argument("--gpus", default=None,
@@ -142,7 +144,8 @@ def make_loader(args: argparse.Namespace) -> tuple[Callable[[], tuple[model_vqa.
     def loader() -> tuple[model_vqa.Answerer, str]:
         if not loaded:
             loaded.append(model_vqa.load_answerer(args.model_path, args.model_base, args.conv_mode, generation,
-                                                  args.image_preprocess, args.device, args.vision_tower))
+                                                  args.image_preprocess, args.device, args.vision_tower,
+                                                  dtype=args.dtype))
         return loaded[0]
 
     return loader, loaded

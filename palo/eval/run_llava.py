@@ -28,6 +28,8 @@ from palo.remote_images import add_remote_image_args, policy_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from palo.model.builder import add_dtype_argument
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
     parser.add_argument("--model-base", type=str, default=None)
@@ -40,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max_new_tokens", type=int, default=512)
     parser.add_argument("--device", type=str, default="cuda", help="cuda, cuda:N, cpu (cuda falls back to cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
     add_remote_image_args(parser)
     return parser
@@ -85,7 +88,8 @@ def eval_model(args: Any) -> str:
         device = "cpu"
     model_name = get_model_name_from_path(args.model_path)
     tokenizer, model, image_processor, _ = load_pretrained_model(
-        args.model_path, args.model_base, model_name, device=device, vision_tower=getattr(args, "vision_tower", None))
+        args.model_path, args.model_base, model_name, device=device, vision_tower=getattr(args, "vision_tower", None),
+        dtype=getattr(args, "dtype", None))
     if image_processor is None:
         raise ValueError(f"{args.model_path} takes text only; it cannot answer about images")
     conv_mode = args.conv_mode or conv_mode_for_checkpoint(model.config, model_name)

@@ -195,8 +195,34 @@ def require_bitsandbytes(what: str) -> None:
         raise ValueError(f"{what} needs bitsandbytes: pip install 'bitsandbytes>=0.50' (or pip install -e '.[train]')")
 
 
-def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[str, Any]:
-    """bitsandbytes settings of the original builder; 4-bit computes in float16 on CUDA, float32 elsewhere."""
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def add_dtype_argument(parser: Any) -> None:
+    """``--dtype`` of every command that loads a model for inference (the worker, the chat CLI, the evaluations)."""
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                        help="the weights' and the computation's dtype; auto: float16 on CUDA (as the original), "
+                             "float32 elsewhere. bfloat16 suits GPUs that have it and checkpoints trained in it")
+
+
+def dtype_from_name(name: str | torch.dtype | None) -> torch.dtype | None:
+    """``--dtype``'s value (a name, ``auto`` or None, or a torch dtype) as ``load_pretrained_model``'s ``dtype``.
+
+    Raises:
+        ValueError: For a name that is not a dtype a model loads in.
+    """
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def _quantization_kwargs(load_8bit: bool, load_4bit: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """bitsandbytes settings of the original builder; 4-bit computes in the model's dtype (by default float16 on
+    CUDA, as the original, and float32 elsewhere)."""
     if not (load_8bit or load_4bit):
         return {}
     if load_8bit and load_4bit:
@@ -209,7 +235,7 @@ def _quantization_kwargs(load_8bit: bool, load_4bit: bool, device: str) -> dict[
     return {
         "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_compute_dtype=torch.float16 if str(device).startswith("cuda") else torch.float32,
+            bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True,
             bnb_4bit_quant_type="nf4",
             llm_int8_skip_modules=QUANTIZATION_SKIP,
@@ -243,7 +269,7 @@ def load_pretrained_model(
     device: str = "cuda",
     *,
     vision_tower: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     use_flash_attn: bool = False,
     attn_implementation: str | None = None,
     **kwargs: Any,
@@ -259,7 +285,7 @@ def load_pretrained_model(
         device_map: transformers ``device_map`` on CUDA; on other devices everything goes to ``device``.
         device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``; ``cuda`` on a machine without CUDA loads on ``cpu``.
         vision_tower: Override ``mm_vision_tower`` (e.g. a local CLIP folder for offline use).
-        dtype: Weights dtype; default float32 on CPU, float16 on CUDA.
+        dtype: Weights dtype; default float32 on CPU, float16 on CUDA (a name as ``--dtype`` takes it, too).
         use_flash_attn: Use FlashAttention-2 (CUDA, flash-attn installed); the same as
             ``attn_implementation="flash_attention_2"``.
         attn_implementation: The language model's attention kernel: ``sdpa`` (default), ``flash_attention_2``,
@@ -277,7 +303,8 @@ def load_pretrained_model(
     """
     with unreadable_files_named(model_path, model_base):
         return _load_pretrained_model(model_path, model_base, load_8bit, load_4bit, device_map, device,
-                                      vision_tower=vision_tower, dtype=dtype, use_flash_attn=use_flash_attn,
+                                      vision_tower=vision_tower, dtype=dtype_from_name(dtype),
+                                      use_flash_attn=use_flash_attn,
                                       attn_implementation=attn_implementation, **kwargs)
 
 
@@ -330,7 +357,7 @@ def _load_pretrained_model(
     if not str(device).startswith("cuda"):
         device_map = {"": device}
     load_kwargs: dict[str, Any] = dict(dtype=dtype, device_map=device_map, **kwargs)
-    load_kwargs.update(_quantization_kwargs(load_8bit, load_4bit, device))
+    load_kwargs.update(_quantization_kwargs(load_8bit, load_4bit, dtype))
     if use_flash_attn:
         if attn_implementation not in (None, "flash_attention_2"):
             raise ValueError(f"use_flash_attn contradicts attn_implementation={attn_implementation!r}")

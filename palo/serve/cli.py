@@ -22,6 +22,7 @@ import torch
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.mm_utils import ImageLoadError, get_model_name_from_path, load_image, process_images, tokenizer_image_token
+from palo.model.builder import add_dtype_argument
 from palo.model.config import MultimodalSpec
 from palo.model.multimodal import spliced_length
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--image-file", type=str, default=None, help="local image to talk about (omit for text-only)")
     parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
+    add_dtype_argument(parser)
     parser.add_argument("--conv-mode", type=str, default=None, choices=sorted(conv_templates))
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer, model, image_processor, context_len = load_pretrained_model(
             args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
-            vision_tower=args.vision_tower,
+            vision_tower=args.vision_tower, dtype=args.dtype,
         )
     except (CheckpointError, VisionTowerError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

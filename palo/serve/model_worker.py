@@ -45,6 +45,7 @@ from palo.engine.detokenizer import token_bytes
 from palo.engine.errors import QueueFull
 from palo.engine.llm_engine import LLMEngine
 from palo.engine.sampling import TokenLogprob
+from palo.model.builder import add_dtype_argument
 from palo.remote_images import add_remote_image_args, policy_from_args
 from palo.serve.engine import EngineBackend, GenerationEngine, PreparedRequest, PromptTooLong, RequestError, StreamEvent
 from palo.serve.protocol import (
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-base", type=str, default=None)
     parser.add_argument("--model-name", type=str, default=None, help="default: derived from --model-path")
     parser.add_argument("--device", type=str, default="cuda", help="cuda, cuda:N, cpu, mps (cuda falls back to cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--multi-modal", action="store_true", help="deprecated: multimodality is read from the config")
     parser.add_argument("--limit-model-concurrency", type=int, default=32,
                         help="requests in the engine at once (the original's default was 5, when each batch ran "
@@ -366,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer, model, image_processor, context_len = load_pretrained_model(
             args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
-            vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn,
+            vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn, dtype=args.dtype,
         )
     except (CheckpointError, VisionTowerError) as exc:
         logger.error("cannot load %s: %s", args.model_path, exc)

@@ -15,6 +15,7 @@
 #   PYTHON                     interpreter (default: python, else python3)
 #   PALO_MODEL_BASE            --model-base for LoRA / stage-1 folders
 #   PALO_EVAL_DEVICE           cuda, cuda:N, cpu (default: cuda when available)
+#   PALO_EVAL_DTYPE            float16, bfloat16 or float32 (default: float16 on CUDA, as the original; else float32)
 #   PALO_EVAL_GPUS             GPUs to answer on, one shard process each, e.g. 0,1,2,3 (default: every visible
 #                              GPU: CUDA_VISIBLE_DEVICES, else all; none when PALO_EVAL_DEVICE picks one device);
 #                              the shards are merged in question order, then judged once

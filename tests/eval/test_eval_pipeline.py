@@ -175,3 +175,17 @@ def test_one_language_mode_of_llavabench(world, bench, judge_server, tmp_path, c
     assert (out / "reviews" / "judge_cache.sqlite").is_file()
     captured = capsys.readouterr()
     assert "all 114.3 70.0 80.0\n" in captured.out and "all: judged 4, failed 0" in captured.err  # each reply "7 8"
+
+
+def test_the_scripts_environment_becomes_run_bench_flags_that_it_accepts():
+    """PALO_EVAL_DTYPE (as PALO_EVAL_DEVICE) reaches run_bench as its flag; unset, no flag: the original's dtype."""
+    common = os.path.join(ROOT, "scripts", "eval", "common.sh")
+    show = f'source "{common}"; printf "%s\\n" "${{PALO_RUN_ARGS[@]}}"'
+    for dtype, expected in (("bfloat16", ["--dtype", "bfloat16"]), ("", [])):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PALO_", "OPENAI_"))}
+        env.update(PALO_EVAL_DTYPE=dtype, PALO_EVAL_DEVICE="cpu")
+        flags = subprocess.run(["bash", "-c", show], env=env, capture_output=True, text=True, check=True).stdout.split()
+        at = flags.index("--dtype") if "--dtype" in flags else len(flags)
+        assert flags[at:at + 2] == expected
+        args = run_bench.build_parser().parse_args(["--model-path", "m", *flags])
+        assert args.dtype == (dtype or "auto") and args.device == "cpu"

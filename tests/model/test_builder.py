@@ -234,6 +234,21 @@ def test_default_device_without_cuda_loads_on_cpu_in_float32(world, pixels, capl
     assert out.shape == (1, ids.shape[1] + 2)
 
 
+def test_a_dtype_by_name_loads_every_weight_in_it_and_a_wrong_name_is_refused(world, pixels):
+    """``--dtype`` of the worker, the chat CLI and the evaluations arrives as a name; bfloat16 suits checkpoints
+    trained in it (float16, the original's only choice on CUDA, can overflow where they do not)."""
+    from palo.model.builder import dtype_from_name
+
+    tokenizer, model, _, _ = load_pretrained_model(world.full_dir, device="cpu", dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = tokenizer_image_token("USER: <image>\nWhat? ASSISTANT:", tokenizer, return_tensors="pt")[None]
+    out = model.generate(ids, images=pixels, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 2)
+    assert dtype_from_name("auto") is None and dtype_from_name(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match="dtype must be auto or one of float16, bfloat16, float32, got 'half'"):
+        load_pretrained_model(world.full_dir, device="cpu", dtype="half")
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
@@ -366,3 +381,52 @@ def test_stage1_projector_with_start_end_tokens_loads_its_trained_rows(world, tm
     # Through float16 like the rest of the stage-1 file (the original's rounding, tested above for the projector).
     torch.testing.assert_close(weight[-added:], trained[-added:].half().float(), rtol=0, atol=0)
     torch.testing.assert_close(weight[:base_rows], world.model.get_input_embeddings().weight)
+
+
+def test_every_inference_entry_point_hands_its_dtype_to_the_loader(tmp_path, monkeypatch):
+    """``--dtype`` (``dtype=``) of the worker, the chat CLI, model_vqa, run_llava, the bench runner and palo.LLM
+    reaches ``load_pretrained_model``; left out, it is the original's choice (None: float16 on CUDA)."""
+    import json
+
+    from PIL import Image
+
+    import palo.model.builder as builder
+    from palo import LLM
+    from palo.eval import model_vqa, run_bench, run_llava
+    from palo.serve import cli, model_worker
+
+    asked: list = []
+
+    def loader(*args, dtype=None, **kwargs):
+        asked.append(dtype)
+        raise builder.CheckpointError("stop here")
+
+    monkeypatch.setattr(builder, "load_pretrained_model", loader)
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question_id": 1, "image": "a.png", "text": "What?"}) + "\n")
+    vqa = ["--question-file", str(questions), "--image-folder", str(tmp_path), "--answers-file",
+           str(tmp_path / "answers.jsonl")]
+
+    def run_bench_loader(argv):
+        try:
+            run_bench.make_loader(run_bench.build_parser().parse_args(["--model-path", "m", *argv]))[0]()
+        except model_vqa.ModelLoadError:
+            return 2
+
+    def llm(argv):
+        try:
+            LLM("m", device="cpu", **({"dtype": argv[1]} if argv else {}))
+        except builder.CheckpointError:
+            return 2
+
+    for run in (lambda argv: cli.main(["--model-path", "m", *argv]),
+                lambda argv: model_worker.main(["--model-path", "m", "--no-register", "--port", "0", *argv]),
+                lambda argv: model_vqa.main(["--model-path", "m", *vqa, *argv]),
+                lambda argv: run_llava.main(["--model-path", "m", "--image-file", str(image), "--query", "q", *argv]),
+                run_bench_loader, llm):
+        asked.clear()
+        assert run(["--dtype", "bfloat16"]) == 2 and run([]) == 2
+        assert [builder.dtype_from_name(d) for d in asked] == [torch.bfloat16, None], run
