@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from palo.constants import CONTROLLER_HEART_BEAT_EXPIRATION
@@ -58,7 +58,7 @@ from palo.serve.protocol import (
 )
 from palo.serve.routing import HOPS_HEADER, MAX_HOPS, NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
-from palo.serve.utils import build_logger, refuse_unservable, serve_http
+from palo.serve.utils import StalledClientClosingResponse, build_logger, refuse_unservable, serve_http
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
 DISPATCH_METHODS = ("lottery", "shortest_queue")
@@ -424,7 +424,10 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
             finally:
                 await stream.aclose()
 
-        return StreamingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE)
+        # As the worker's and the API's streams: a client that stops reading is dropped, and a client that left
+        # is noticed between two writes (a plain stream wrote every chunk at hand to the dead socket).
+        return StalledClientClosingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE,
+                                            logger=controller.logger)
 
     app.include_router(create_openai_router(controller, router, api_key, prompt_tokens_details))
     app.include_router(create_tokenizer_router(controller, router, api_key))

@@ -10,6 +10,7 @@ import socket
 import sys
 from typing import Any
 
+import anyio
 from starlette.responses import StreamingResponse
 
 from palo.serve.body_limit import max_request_bytes
@@ -237,12 +238,25 @@ class StalledClientClosingResponse(StreamingResponse):
                     await asyncio.wait_for(send(piece), WRITE_TIMEOUT_S)
                 except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
                     raise _ClientStalled from None
+                # The event loop runs before the next write: a write that finds the client gone only schedules the
+                # connection's loss, and until that runs uvicorn writes every piece at hand to the dead socket
+                # (asyncio logs "socket.send() raised exception." from the fifth on). wait_for gave the loop a turn
+                # by accident up to Python 3.11 (it made a task); from 3.12 it does not.
+                await asyncio.sleep(0)
 
         try:
             await super().stream_response(send_in_time)
         except _ClientStalled:
             self.logger.warning("a client read nothing for %.0f s: its stream is closed", WRITE_TIMEOUT_S)
-            await self.body_iterator.aclose()
+        finally:
+            # However the stream ends. A client that left cancels it, and Starlette leaves the iterator as it was:
+            # its finally blocks (the worker's place, the engine's job generating for nobody, the relay's upstream)
+            # waited for the garbage collector, which may take minutes under a light load. Shielded: the
+            # cancellation that ended the stream would cut this short too.
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
 
 
 class _ClientStalled(Exception):

@@ -188,3 +188,109 @@ def test_a_large_piece_is_sent_in_timed_slices_so_a_slow_steady_reader_is_not_dr
     assert b"".join(m["body"] for m in bodies) == big + b"end"  # all of it, in order
     assert max(len(m["body"]) for m in bodies) <= serve_utils.SEND_SLICE_BYTES
     assert all(m["more_body"] for m in bodies[:-1]) and not bodies[-1]["more_body"]
+
+
+def test_the_event_loop_runs_between_two_writes_of_a_stream(monkeypatch):
+    """A write that finds the client gone only schedules the connection's loss; until the loop runs it, every piece
+    at hand went to the dead socket (asyncio warned from the fifth: 326 lines in 300 requests through the
+    controller's relay). ``wait_for`` gave the loop a turn by accident up to Python 3.11; here it does not, as
+    from 3.12."""
+    import logging
+
+    async def wait_for(awaitable, timeout):  # Python 3.12's: no task, no turn of the loop
+        return await awaitable
+
+    monkeypatch.setattr(serve_utils.asyncio, "wait_for", wait_for)
+    turns: list[int] = []
+
+    async def pieces():
+        for k in range(4):
+            yield b"x%d" % k
+
+    async def send(message: dict) -> None:  # what a transport's write does: work for the loop, at its next turn
+        if message["type"] == "http.response.body":
+            turns.append(len(turns))
+            asyncio.get_running_loop().call_soon(lambda: turns.append(-1))
+
+    response = serve_utils.StalledClientClosingResponse(pieces(), logger=logging.getLogger("test"))
+    asyncio.run(response.stream_response(send))
+    writes = [k for k in turns if k >= 0]
+    assert len(writes) == 5  # four pieces and the end
+    assert all(turns[turns.index(k) + 1] == -1 for k in writes[:-1])  # each write's callback ran before the next
+
+
+def test_a_stream_cancelled_because_its_client_left_is_closed_at_once():
+    """Starlette cancels a stream whose client left (its task group's scope) and leaves the iterator as it was: the
+    worker's place, the engine's job generating for nobody and the relay's upstream were freed only when the
+    garbage collector found the iterator (here, where something still holds the response, never)."""
+    import logging
+
+    import anyio
+
+    closed: list[bool] = []
+
+    async def pieces():
+        try:
+            while True:
+                yield b"x"
+        finally:
+            await asyncio.sleep(0)  # closing may wait on I/O (the upstream's close)
+            closed.append(True)
+
+    async def send(message: dict) -> None:
+        await asyncio.sleep(0.001)
+
+    response = serve_utils.StalledClientClosingResponse(pieces(), logger=logging.getLogger("test"))
+
+    async def client_leaves() -> None:
+        async with anyio.create_task_group() as group:  # as StreamingResponse.__call__ runs it
+            group.start_soon(response.stream_response, send)
+            await asyncio.sleep(0.05)
+            group.cancel_scope.cancel()  # what its disconnect listener does
+        assert closed == [True]  # now, not when the loop shuts down (which closes every generator left)
+
+    asyncio.run(client_leaves())
+
+
+def test_the_controllers_relay_drops_a_client_that_stops_reading(monkeypatch):
+    """The controller relayed the original protocol with a plain stream: it alone kept a client that read nothing
+    (or had left) and the worker's answer to it, for as long as the worker sent."""
+    import json
+    import logging
+    import socket
+
+    from palo.serve import controller as controller_module
+
+    class JsonFlood(FloodingWorker):  # chunks the relay can parse
+        async def generate(self, prepared):
+            try:
+                while True:
+                    yield json.dumps({"text": "x" * (1 << 20), "error_code": 0}).encode() + b"\0"
+                    await asyncio.sleep(0)
+            finally:
+                self.closed.set()
+
+    monkeypatch.setattr(serve_utils, "WRITE_TIMEOUT_S", 1.0)
+    worker = JsonFlood("m", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1, no_register=True)
+    controller = controller_module.Controller("shortest_queue", 30)
+    warnings: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())  # the controller's own log, however set up
+    controller.logger.addHandler(handler)
+    with served(create_app(worker)) as worker_url, \
+            served(controller_module.create_app(controller, read_timeout=30, api_key=None)) as url:
+        assert controller.register_worker(worker_url, False, {"model_names": ["m"], "speed": 1, "queue_length": 0})
+        host, port = url.removeprefix("http://").split(":")
+        silent = socket.create_connection((host, int(port)))
+        try:
+            silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            body = b'{"model": "m"}'
+            silent.sendall(b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_until(lambda: worker.running == 1, 10, "the stream starting")
+            wait_until(worker.closed.is_set, 30, "the relay dropping its stalled client, closing the worker stream")
+        finally:
+            silent.close()
+    worker.stop()
+    controller.logger.removeHandler(handler)
+    assert any("read nothing" in message for message in warnings)
