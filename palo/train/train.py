@@ -28,7 +28,7 @@ from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.preprocess import BadSampleError  # noqa: E402
-from palo.train.trainer import DamagedCheckpointsError, PaloTrainer, resumable_checkpoint  # noqa: E402
+from palo.train.trainer import DamagedCheckpointsError, PaloTrainer, resume_point  # noqa: E402
 
 logger = logging.getLogger("palo.train")
 
@@ -79,6 +79,13 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         raise SystemExit(f"error: {exc}") from None
     if len(index) == 0:
         raise SystemExit(f"error: --data_path {data_args.data_path} holds no samples")
+    # --resume_from_checkpoint, else the latest whole checkpoint-N (a save cut short stays in <output_dir>/.staging,
+    # which is never picked; one damaged later, by a disk fault or a cut copy, is passed over with a warning and set
+    # aside). Found before the model loads: a checkpoint this run cannot resume is one line.
+    try:
+        checkpoint = resume_point(training_args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     setup = setup_training(model_args, data_args, training_args)
     dataset = LazySupervisedDataset(
         data_args.data_path,
@@ -114,9 +121,6 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         stage1=model_args.tune_mm_mlp_adapter,
         save_embeddings=setup.embeddings_resized,
     )
-    # The latest whole checkpoint-N (a save cut short stays in <output_dir>/.staging, which is never picked; one
-    # damaged later, by a disk fault or a cut copy, is passed over with a warning).
-    checkpoint = resumable_checkpoint(training_args.output_dir)
     if checkpoint is not None:
         logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -48,16 +48,23 @@ class DamagedCheckpointsError(RuntimeError):
     """Every ``checkpoint-N`` of a run to resume is damaged (the message names each and why)."""
 
 
-def checkpoint_damage(folder: str) -> str | None:
+def checkpoint_damage(folder: str, needs_optimizer: bool = True) -> str | None:
     """Why a ``checkpoint-N`` folder cannot be resumed from, or None when it looks whole.
 
     Cheap checks that catch a cut or emptied file (a disk fault, a copy cut short): ``trainer_state.json`` parses;
     every JSON file parses; every safetensors file is as long as its header says; every torch pickle (``.bin``,
-    ``.pt``, ``.pth``: zip archives) has its directory, which is written last.
+    ``.pt``, ``.pth``: zip archives) has its directory, which is written last. With ``needs_optimizer`` (every run
+    but ``--save_only_model``'s) the optimizer's state must be there too (``optimizer.pt`` and ``scheduler.pt``, or
+    DeepSpeed's step folder named by ``latest``): without it the Trainer resumed anyway, its optimizer and
+    learning-rate schedule started over.
     """
     state = os.path.join(folder, "trainer_state.json")
     if not os.path.isfile(state):
         return "no trainer_state.json"
+    if needs_optimizer:
+        missing = _missing_optimizer_state(folder)
+        if missing:
+            return missing
     for root, _, names in os.walk(folder):
         for name in names:
             path = os.path.join(root, name)
@@ -84,9 +91,51 @@ def checkpoint_damage(folder: str) -> str | None:
     return None
 
 
-def resumable_checkpoint(output_dir: str) -> str | None:
+def _missing_optimizer_state(folder: str) -> str | None:
+    latest = os.path.join(folder, "latest")
+    if os.path.isfile(latest):  # DeepSpeed's: its step folder holds the optimizer's shards
+        with open(latest, encoding="utf-8") as f:
+            step = f.read().strip()
+        step_dir = os.path.join(folder, step)
+        if not (os.path.isdir(step_dir) and any(n.endswith("optim_states.pt") for n in os.listdir(step_dir))):
+            return f"no optimizer state in {step or 'the step folder'}/ (named by 'latest')"
+        return None
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if not os.path.isfile(os.path.join(folder, name)):
+            return f"no {name}: its optimizer and learning-rate schedule would start over"
+    return None
+
+
+def saved_with_deepspeed(folder: str) -> int | None:
+    """The ZeRO stage a checkpoint was saved with (3, or 2 for stages 0-2, which resume alike), None without
+    DeepSpeed."""
+    latest = os.path.join(folder, "latest")
+    if not os.path.isfile(latest):
+        return None
+    with open(latest, encoding="utf-8") as f:
+        step_dir = os.path.join(folder, f.read().strip())
+    names = os.listdir(step_dir) if os.path.isdir(step_dir) else []
+    return 3 if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names) else 2
+
+
+def set_aside(folder: str) -> str:
+    """Rename a damaged ``checkpoint-N`` to ``damaged-checkpoint-N`` (``.1``, ``.2`` ... if taken), out of the
+    pattern checkpoint rotation keeps: as the highest-numbered folder it was always kept, and every new whole
+    checkpoint was deleted right after it was written (``--save_total_limit 1``, the scripts' value)."""
+    parent, name = os.path.split(folder.rstrip(os.sep))
+    target = os.path.join(parent, f"damaged-{name}")
+    k = 0
+    while os.path.exists(target):
+        k += 1
+        target = os.path.join(parent, f"damaged-{name}.{k}")
+    os.replace(folder, target)
+    return target
+
+
+def resumable_checkpoint(output_dir: str, needs_optimizer: bool = True, move_damaged: bool = False) -> str | None:
     """The newest whole ``checkpoint-N`` of ``output_dir`` (None when there is none); damaged newer ones are
-    passed over with a warning naming each.
+    passed over with a warning naming each, and with ``move_damaged`` (the process that saves) set aside
+    (:func:`set_aside`).
 
     Raises:
         DamagedCheckpointsError: When checkpoints exist but none is whole: starting over would silently discard
@@ -97,18 +146,67 @@ def resumable_checkpoint(output_dir: str) -> str | None:
     found = sorted(((int(m.group(1)), name) for name in os.listdir(output_dir)
                     if (m := _CHECKPOINT_NAME.match(name)) and os.path.isdir(os.path.join(output_dir, name))),
                    reverse=True)
-    damaged = []
+    damaged: list[tuple[str, str]] = []
     for _, name in found:
         folder = os.path.join(output_dir, name)
-        why = checkpoint_damage(folder)
+        why = checkpoint_damage(folder, needs_optimizer)
         if why is None:
+            for newer, reason in damaged:
+                moved = f"; moved to {set_aside(newer)}" if move_damaged else ""
+                logger.warning("not resuming from %s: %s%s", newer, reason, moved)
             return folder
-        logger.warning("not resuming from %s: %s", folder, why)
-        damaged.append(f"{name}: {why}")
-    if damaged:
-        raise DamagedCheckpointsError(f"{output_dir}: no checkpoint to resume from is whole ({'; '.join(damaged)}); "
+        damaged.append((folder, why))
+    if damaged:  # none is whole: nothing is moved, the user decides
+        for folder, why in damaged:
+            logger.warning("not resuming from %s: %s", folder, why)
+        raise DamagedCheckpointsError(f"{output_dir}: no checkpoint to resume from is whole "
+                                      f"({'; '.join(f'{os.path.basename(f)}: {w}' for f, w in damaged)}); "
                                       "move them away to start the run over")
     return None
+
+
+def resume_point(args: Any) -> str | None:
+    """The checkpoint a run resumes from: ``--resume_from_checkpoint PATH`` when given (it was ignored), else the
+    newest whole one of ``--output_dir`` (:func:`resumable_checkpoint`).
+
+    Raises:
+        ValueError: A given checkpoint that is not there or not whole, or one saved with DeepSpeed (or a ZeRO stage)
+            that this run does not use: its optimizer state cannot be resumed across that (without DeepSpeed the
+            Trainer silently started the optimizer and the schedule over; across stages DeepSpeed failed with a
+            bare assertion).
+        DamagedCheckpointsError: When checkpoints exist but none is whole.
+    """
+    needs_optimizer = not getattr(args, "save_only_model", False)
+    given = args.resume_from_checkpoint
+    if given and str(given).lower() not in ("true", "1"):
+        if not os.path.isdir(given):
+            raise ValueError(f"--resume_from_checkpoint {given}: no such folder")
+        why = checkpoint_damage(given, needs_optimizer)
+        if why is not None:
+            raise ValueError(f"--resume_from_checkpoint {given} cannot be resumed from: {why}")
+        checkpoint = given
+    else:
+        checkpoint = resumable_checkpoint(args.output_dir, needs_optimizer, move_damaged=args.should_save)
+    if checkpoint is not None and needs_optimizer:
+        saved, running = saved_with_deepspeed(checkpoint), _zero_stage(args)
+        if (saved is None) != (running is None) or (saved is not None and (saved == 3) != (running == 3)):
+            said = lambda stage: "without DeepSpeed" if stage is None else f"with ZeRO-{stage}"  # noqa: E731
+            raise ValueError(f"{checkpoint} was saved {said(saved)}{' (or a lower stage)' if saved == 2 else ''} and "
+                             f"this run is {said(running)}: its optimizer state cannot be resumed across that; launch "
+                             "as it was saved, or move the checkpoints away to start over")
+    return checkpoint
+
+
+def _zero_stage(args: Any) -> int | None:
+    """This run's ZeRO stage (3, or 2 for 0-2), None without DeepSpeed."""
+    config = args.deepspeed
+    if not config:
+        return None
+    if isinstance(config, str):
+        with open(config, encoding="utf-8") as f:
+            config = json.load(f)
+    stage = int((config.get("zero_optimization") or {}).get("stage", 0) or 0)
+    return 3 if stage == 3 else 2
 
 
 class _PackedStepEpoch(TrainerCallback):

@@ -985,6 +985,7 @@ def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_pat
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
         save_file({"w": torch.ones(64, 64)}, str(folder / "model.safetensors"))
         torch.save({"state": torch.zeros(64)}, str(folder / "optimizer.pt"))
+        torch.save({"last_epoch": step}, str(folder / "scheduler.pt"))
         return str(folder)
 
     def cut(path: str, keep: int) -> None:
@@ -1010,7 +1011,88 @@ def test_a_damaged_checkpoint_is_passed_over_and_all_damaged_is_an_error(tmp_pat
     assert "optimizer.pt cannot be read" in said and "trainer_state.json cannot be read" in said
     cut(os.path.join(steps[4], "optimizer.pt"), 0)
     with pytest.raises(DamagedCheckpointsError, match="no checkpoint to resume from is whole"):
-        resumable_checkpoint(str(tmp_path))
+        resumable_checkpoint(str(tmp_path), move_damaged=True)
+    assert sorted(p.name for p in tmp_path.glob("damaged-*")) == []  # none whole: the user decides, nothing moves
+
+
+def test_a_checkpoint_without_its_optimizer_is_passed_over_and_damaged_newer_ones_are_set_aside(tmp_path, caplog):
+    """A checkpoint whose optimizer.pt was lost resumed with a fresh optimizer and learning-rate schedule (warm-up
+    again, a schedule ending far from its end); and a damaged newest checkpoint, left in place, was always kept by
+    rotation as the highest-numbered one, so with --save_total_limit 1 every new whole checkpoint was deleted
+    right after it was written, and a crash then left nothing to resume from."""
+    from palo.train.trainer import resumable_checkpoint
+
+    def checkpoint(step: int, *files: str) -> str:
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for name in files:
+            torch.save({}, str(folder / name))
+        return str(folder)
+
+    whole = checkpoint(4, "optimizer.pt", "scheduler.pt")
+    checkpoint(8, "scheduler.pt")  # its optimizer.pt lost
+    deepspeed = checkpoint(12, "scheduler.pt")  # DeepSpeed's: the optimizer is in the step folder 'latest' names
+    (tmp_path / "checkpoint-12" / "latest").write_text("global_step12")
+    (tmp_path / "checkpoint-12" / "global_step12").mkdir()
+    with caplog.at_level("WARNING"):
+        assert resumable_checkpoint(str(tmp_path)) == whole
+    assert "checkpoint-8: no optimizer.pt" in caplog.text and "no optimizer state in global_step12/" in caplog.text
+    torch.save({}, str(tmp_path / "checkpoint-12" / "global_step12" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"))
+    assert resumable_checkpoint(str(tmp_path)) == deepspeed
+    assert resumable_checkpoint(str(tmp_path), needs_optimizer=False) == deepspeed  # --save_only_model's
+    os.remove(os.path.join(deepspeed, "latest"))
+    assert resumable_checkpoint(str(tmp_path), needs_optimizer=False) == deepspeed
+    assert resumable_checkpoint(str(tmp_path), move_damaged=True) == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "damaged-checkpoint-12",
+                                                          "damaged-checkpoint-8"]
+
+
+def test_resume_from_checkpoint_is_the_folder_given_and_a_run_resumes_only_as_it_was_saved(tmp_path):
+    """--resume_from_checkpoint PATH was ignored (the run trained from scratch); a checkpoint saved without
+    DeepSpeed resumed under it failed with "Can't find a valid checkpoint", one saved with DeepSpeed resumed
+    without it silently restarted the optimizer, across ZeRO stages DeepSpeed failed with a bare assertion."""
+    from types import SimpleNamespace
+
+    from palo.train.trainer import resume_point
+
+    def checkpoint(name: str, zero: int | None = None) -> str:
+        folder = tmp_path / "saved" / name
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+        torch.save({}, str(folder / "scheduler.pt"))
+        if zero is None:
+            torch.save({}, str(folder / "optimizer.pt"))
+        else:
+            (folder / "latest").write_text("global_step4")
+            (folder / "global_step4").mkdir()
+            shard = "zero_pp_rank_0_mp_rank_00_model_states.pt" if zero == 3 else "mp_rank_00_model_states.pt"
+            for file in (shard, "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+                torch.save({}, str(folder / "global_step4" / file))
+        return str(folder)
+
+    def args(resume=None, deepspeed=None, output_dir=str(tmp_path / "out")):
+        return SimpleNamespace(resume_from_checkpoint=resume, deepspeed=deepspeed, output_dir=output_dir,
+                               should_save=True, save_only_model=False)
+
+    plain, zero2, zero3 = checkpoint("plain"), checkpoint("zero2", 2), checkpoint("zero3", 3)
+    assert resume_point(args()) is None  # an empty output folder: from the start
+    assert resume_point(args(plain)) == plain
+    assert resume_point(args(zero2, {"zero_optimization": {"stage": 2}})) == zero2
+    assert resume_point(args(zero2, {"zero_optimization": {"stage": 1}})) == zero2  # stages 0-2 resume alike
+    assert resume_point(args(zero3, {"zero_optimization": {"stage": 3}})) == zero3
+    assert resume_point(args("True", output_dir=str(tmp_path / "saved"))) is None  # no checkpoint-N there
+    for given, deepspeed, said in ((plain, {"zero_optimization": {"stage": 2}}, "saved without DeepSpeed and this "
+                                    "run is with ZeRO-2"),
+                                   (zero2, None, r"saved with ZeRO-2 \(or a lower stage\) and this run is without"),
+                                   (zero3, {"zero_optimization": {"stage": 2}}, "saved with ZeRO-3 and this run is "
+                                    "with ZeRO-2"),
+                                   (str(tmp_path / "nowhere"), None, "no such folder")):
+        with pytest.raises(ValueError, match=said):
+            resume_point(args(given, deepspeed))
+    os.remove(os.path.join(plain, "optimizer.pt"))
+    with pytest.raises(ValueError, match="cannot be resumed from: no optimizer.pt"):
+        resume_point(args(plain))
 
 
 def test_version_picks_the_template_the_original_trained_with(caplog):
