@@ -479,7 +479,11 @@ class GenerationEngine(EngineBackend):
         if config.max_model_len is None or config.max_model_len > self.max_context:
             config = replace(config, max_model_len=self.max_context)
         self.engine = LLMEngine(model, tokenizer, config)
-        self.max_context = self.engine.max_model_len
+        # A cache smaller than the model's context (a small --kv-cache-gb) holds no longer sequence: requests are
+        # sized by what it holds, answers trimmed to it and longer prompts refused as too long (400), and
+        # /model_details says so. The engine refused them as too large, which the worker answered as a server error.
+        blocks = self.engine.blocks
+        self.max_context = min(self.engine.max_model_len, blocks.usable_blocks * blocks.block_size)
         self.max_batch_size = config.max_num_seqs
         self.eos_ids = self.engine.eos_ids
 

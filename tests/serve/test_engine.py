@@ -443,3 +443,23 @@ def test_top_p_zero_keeps_the_most_likely_token_only(loaded, kind):
         engine.close()
     assert all(o.error is None for o in nucleus0) and [o.text for o in nucleus0] == [o.text for o in greedy]
     assert [o.text for o in sampled] != [o.text for o in greedy]  # at temperature 1 the seeds alone would differ
+
+
+def test_a_cache_smaller_than_the_context_sizes_what_the_worker_takes(loaded):
+    """A request that fitted the model's context but not a small KV cache (a small --kv-cache-gb) was refused by
+    the engine as too large, which the worker answered as a server error (the API's 502): now the worker's context
+    is what the cache holds, answers are trimmed to it and longer prompts refused as too long."""
+    from palo.engine import EngineConfig
+
+    engine = _engine(loaded, engine_config=EngineConfig(max_num_seqs=2, num_blocks=6, block_size=16))
+    try:
+        assert engine.max_context == 80 < loaded[1].config.max_position_embeddings
+        prepared = engine.prepare({"prompt": vicuna_prompt("Describe the picture in detail.", image=False),
+                                   "temperature": 0, "max_new_tokens": 200, "ignore_eos": True})
+        out = engine.generate([prepared])[0]
+        assert out.error is None and out.finish_reason == "length"
+        assert prepared.prompt_tokens + out.completion_tokens == 80
+        with pytest.raises(PromptTooLong, match="of the model's 80 context positions"):
+            engine.prepare({"prompt": vicuna_prompt("word " * 100, image=False), "max_new_tokens": 4})
+    finally:
+        engine.close()
