@@ -28,6 +28,7 @@ from palo.train.arguments import parse_args  # noqa: E402
 from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.preprocess import BadSampleError  # noqa: E402
+from palo.train.run_record import resume_differences, run_record  # noqa: E402
 from palo.train.trainer import DamagedCheckpointsError, PaloTrainer, resume_point  # noqa: E402
 
 logger = logging.getLogger("palo.train")
@@ -121,7 +122,13 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         stage1=model_args.tune_mm_mlp_adapter,
         save_embeddings=setup.embeddings_resized,
     )
+    trainer.run_record = run_record(training_args, data_args, index, len(dataset))
     if checkpoint is not None:
+        changed = resume_differences(checkpoint, trainer.run_record)
+        if changed:
+            raise SystemExit(f"error: {checkpoint} cannot be resumed by this run, which would train other samples "
+                             f"than its run left: {'; '.join(changed)}. Resume as it was launched, or start over in "
+                             "another --output_dir")
         logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()

@@ -36,6 +36,7 @@ from palo.train.dataset import LANGUAGE_NAMES, RowTaggedDataset
 from palo.train.flops import FlopCounter, peak_flops
 from palo.train.model_setup import unwrap
 from palo.train.optim import parameter_groups
+from palo.train.run_record import write_record
 from palo.train.sampler import LengthGroupedSampler, PackedStepSampler
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,7 @@ class PaloTrainer(Trainer):
         self.image_processor = image_processor
         self.stage1 = stage1
         self.save_embeddings = save_embeddings
+        self.run_record: dict | None = None  # written into each checkpoint (palo.train.run_record)
         self._staging = False
         self._language_loss = torch.zeros(len(LANGUAGE_NAMES), dtype=torch.float64)
         self._language_tokens = torch.zeros(len(LANGUAGE_NAMES), dtype=torch.float64)
@@ -428,6 +430,8 @@ class PaloTrainer(Trainer):
         if self.args.parallel_mode.value == "distributed" and dist.is_initialized():
             dist.barrier()  # every rank's DeepSpeed shards are written
         if self.args.should_save:
+            if self.run_record is not None:
+                write_record(self.run_record, os.path.join(staging_dir, name))
             final = os.path.join(run_dir, name)
             if os.path.isdir(final):
                 shutil.rmtree(final)

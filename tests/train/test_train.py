@@ -1103,3 +1103,29 @@ def test_version_picks_the_template_the_original_trained_with(caplog):
     with caplog.at_level("WARNING", logger="palo.train"):
         assert template_for("v2") == "vicuna_v1"
     assert "--version v2 is not a template" in caplog.text
+
+
+def test_a_resume_that_would_train_other_samples_is_refused_and_a_batch_split_otherwise_is_not(world, data, tmp_path):
+    """The Trainer skips as many batches as the checkpoint's run trained: with another global batch (other ranks,
+    batch or accumulation), other packed-step settings or a changed data file, the same count landed elsewhere and
+    samples were trained a third time or never, silently. The checkpoint records its run (palo_run.json)."""
+    out = str(tmp_path / "run")
+    first = train(_flags(world, data, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+                         "--group_by_modality_length", "True"))
+    with open(os.path.join(out, "checkpoint-2", "palo_run.json")) as f:
+        assert json.load(f) == first.run_record and first.run_record["global_batch"] == 4
+    more = ["--max_steps", "3", "--group_by_modality_length", "True"]
+    with pytest.raises(SystemExit, match=r"checkpoint-2 cannot be resumed by this run.*the global batch .*: 4 then, "
+                                         r"2 now"):
+        train(_flags(world, data, out, *more, "--per_device_train_batch_size", "2"))
+    grown = tmp_path / "grown" / "train.json"
+    grown.parent.mkdir()
+    samples = json.load(open(data))
+    grown.write_text(json.dumps(samples + samples[:1]))
+    grown.parent.joinpath("images").symlink_to(os.path.join(os.path.dirname(data), "images"))
+    with pytest.raises(SystemExit, match=r"the data file changed \(24 samples then, 25 now\)"):
+        train(_flags(world, str(grown), out, *more))
+    # the same global batch, split otherwise: exact, so resumed
+    resumed = train(_flags(world, data, out, *more, "--per_device_train_batch_size", "2",
+                           "--gradient_accumulation_steps", "2"))
+    assert resumed.state.global_step == 3
