@@ -129,6 +129,31 @@ class _WithPrompt(StoppingCriteria):
         return result
 
 
+class _ContextLimit(StoppingCriteria):
+    """Ends each row when it fills the model's context: its prompt positions plus the tokens made so far.
+
+    Without it ``generate`` ran past ``max_position_embeddings`` wherever ``max_new_tokens`` allowed (the engine
+    stops every row there), so answers near the limit depended on the path.
+
+    Args:
+        prompt_positions: ``[B]``, each prompt's positions (images spliced in, padding not).
+        limit: The model's context.
+        prompt_columns: Columns of the prompt in the ids the criterion is shown (0 when generating from embeddings,
+            where transformers shows only the new ids).
+    """
+
+    def __init__(self, prompt_positions: torch.Tensor, limit: int, prompt_columns: int) -> None:
+        self.prompt_positions = prompt_positions
+        self.limit = limit
+        self.prompt_columns = prompt_columns
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
+        made = input_ids.shape[1] - self.prompt_columns
+        rows = self.prompt_positions.to(input_ids.device)
+        rows = rows.repeat_interleave(input_ids.shape[0] // rows.shape[0])  # beams, num_return_sequences
+        return rows + made >= self.limit
+
+
 class PaloForCausalLM(LlamaForCausalLM):
     """PALO / LLaVA-1.5 multimodal causal LM over a LLaMA-family language model."""
 
@@ -202,12 +227,15 @@ class PaloForCausalLM(LlamaForCausalLM):
         labels: torch.Tensor | None = None,
         padding_side: str | None = None,
         packed_position_ids: torch.Tensor | None = None,
+        truncate: bool = True,
     ) -> SplicedInputs:
         """Encode ``images`` and splice them into ``input_ids`` (see :mod:`palo.model.multimodal`).
 
         The layout is planned from ``input_ids`` before the vision tower is launched, so a mismatch fails before any
         compute and the device never waits on the host afterwards. ``packed_position_ids`` (``[B, T]``, 0 where each
-        sample of a packed row starts) makes the spliced positions restart per sample.
+        sample of a packed row starts) makes the spliced positions restart per sample. ``truncate``: cut each
+        sequence to ``tokenizer_model_max_length`` as the original did (training); generation keeps the whole
+        prompt, as the engine does.
         """
         spec = self.spec
         if images is None:
@@ -223,7 +251,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             self.image_token_count,
             attention_mask,
             padding_side=padding_side or spec.padding_side,
-            max_length=spec.max_length,
+            max_length=spec.max_length if truncate else None,
             position_ids=packed_position_ids,
         )
         features = self.encode_images(images) if num_images else []
@@ -438,12 +466,24 @@ class PaloForCausalLM(LlamaForCausalLM):
             (its ``scores`` / ``logits`` cover the ``n`` new tokens, as for a plain decoder).
         """
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        limit = getattr(self.config, "max_position_embeddings", None)
         if input_ids is None or images is None and not bool((input_ids == IMAGE_TOKEN_INDEX).any()):
+            if input_ids is not None and limit:
+                positions = (attention_mask.sum(1) if attention_mask is not None
+                             else torch.full((input_ids.shape[0],), input_ids.shape[1]))
+                _check_room(positions, limit)
+                stopping_criteria = StoppingCriteriaList(
+                    [*(stopping_criteria or []), _ContextLimit(positions, limit, input_ids.shape[1])])
             return super().generate(
                 input_ids, attention_mask=attention_mask, stopping_criteria=stopping_criteria, **kwargs
             )
-        spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, padding_side="left")
+        spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, padding_side="left",
+                                                 truncate=False)
         criteria = StoppingCriteriaList([_WithPrompt(c, input_ids) for c in (stopping_criteria or [])])
+        if limit:
+            positions = spliced.attention_mask.sum(1)
+            _check_room(positions, limit)
+            criteria.append(_ContextLimit(positions, limit, 0))
         out = super().generate(
             inputs_embeds=spliced.inputs_embeds,
             attention_mask=spliced.attention_mask,
@@ -459,6 +499,13 @@ class PaloForCausalLM(LlamaForCausalLM):
             return ids
         out.sequences = ids
         return out
+
+
+def _check_room(positions: torch.Tensor, limit: int) -> None:
+    longest = int(positions.max())
+    if longest >= limit:
+        raise ValueError(f"the prompt takes {longest} of the model's {limit} context positions; no room is left for "
+                         "an answer")
 
 
 class LlavaLlamaForCausalLM(PaloForCausalLM):

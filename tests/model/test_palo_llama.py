@@ -335,3 +335,32 @@ def test_zero_weighted_images_cannot_overflow_a_float16_batch(world):
     spliced = model.prepare_multimodal_inputs(torch.stack([with_image, text]), torch.zeros(2, 3, 56, 56).half(),
                                               torch.ones(2, len(with_image), dtype=torch.long))
     assert torch.isfinite(spliced.inputs_embeds).all()
+
+
+def test_generate_keeps_the_whole_prompt_and_stops_each_row_at_the_context(world):
+    """generate cut a prompt past tokenizer_model_max_length (the question and "ASSISTANT:" were lost: PALO-7B's
+    2,049 to 4,095 positions were answered truncated) and ran past max_position_embeddings wherever max_new_tokens
+    allowed; the engine does neither, so answers near the limit depended on the path."""
+    import copy
+
+    from palo.model.multimodal import spliced_length
+
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = copy.deepcopy(world.model).eval()
+    pixels = torch.randn(1, 3, 56, 56)
+    ids = tokenizer_image_token(_prompt("Describe the picture in detail, please."), tokenizer,
+                                return_tensors="pt")[None]
+    positions = spliced_length(ids[0], model.image_token_count)
+    free = model.generate(ids, images=pixels, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    model.config.tokenizer_model_max_length = positions - 5  # training's cut; not generation's
+    kept = model.generate(ids, images=pixels, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids.shape[1]:]
+    assert torch.equal(kept, free)
+    model.config.max_position_embeddings = positions + 3  # room for three answer tokens
+    limited = model.generate(ids, images=pixels, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(limited[0, ids.shape[1]:], free[:3])
+    text = tokenizer("USER: Hello there, how are you? ASSISTANT:", return_tensors="pt").input_ids
+    model.config.max_position_embeddings = text.shape[1] + 2
+    assert model.generate(text, max_new_tokens=6, min_new_tokens=6, do_sample=False).shape[1] == text.shape[1] + 2
+    model.config.max_position_embeddings = positions
+    with pytest.raises(ValueError, match=f"the prompt takes {positions} of the model's {positions} context"):
+        model.generate(ids, images=pixels, max_new_tokens=2)
