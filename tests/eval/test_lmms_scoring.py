@@ -131,3 +131,19 @@ def test_task_images_are_read_as_every_other_path_reads_them():
         assert shown_chart.mode == "RGB" and shown_chart.getpixel((0, 0)) == (255, 255, 255)
         assert shown_chart.getpixel((1, 1)) == (0, 0, 0)
         assert shown_photo.mode == "RGB" and shown_photo.size == (2, 4)
+
+
+def test_a_score_past_the_training_cut_is_the_whole_continuations(loaded):
+    """The forward cut the spliced sequence at tokenizer_model_max_length (training's), and the rows read as the
+    continuation's were then the prompt's: a wrong score, silently, where the engine's path scored it whole."""
+    tokenizer, model = loaded
+    images = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    context = tokenizer_image_token(_prompt("¿De qué color es?"), tokenizer)
+    full = tokenizer_image_token(_prompt("¿De qué color es?") + " Es rojo y pequeño.", tokenizer)
+    whole = score_continuation(model, context, full, images)
+    saved = model.config.tokenizer_model_max_length
+    model.config.tokenizer_model_max_length = len(full)  # under the spliced length: the image rows count too
+    try:
+        assert score_continuation(model, context, full, images).logprob == pytest.approx(whole.logprob, abs=1e-5)
+    finally:
+        model.config.tokenizer_model_max_length = saved

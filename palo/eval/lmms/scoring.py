@@ -80,9 +80,15 @@ def score_continuation(model: torch.nn.Module, context_ids: list[int], full_ids:
     target = torch.tensor(full_ids[start:], device=model.device)
     n = target.numel()
     input_ids = torch.tensor([full_ids], device=model.device)
-    if images is not None:
-        images = images.to(model.device, dtype=model.dtype)
-    logits = model(input_ids=input_ids, images=images).logits[0]  # [L', V], L' = length after the image splice
+    if images is None:
+        logits = model(input_ids=input_ids).logits[0]
+    else:
+        # Spliced here without the training cut at tokenizer_model_max_length, as the engine's path: the forward's
+        # cut dropped the continuation's end, and the rows read below were the prompt's.
+        spliced = model.prepare_multimodal_inputs(input_ids, images.to(model.device, dtype=model.dtype),
+                                                  truncate=False)
+        logits = model(inputs_embeds=spliced.inputs_embeds, attention_mask=spliced.attention_mask,
+                       position_ids=spliced.position_ids).logits[0]  # [L', V], L' = length after the image splice
     # The continuation is the end of the sequence, after any image rows: position t predicts token t + 1.
     logprobs = torch.log_softmax(logits[-n - 1:-1].float(), dim=-1)  # [n, V]
     picked = logprobs.gather(1, target[:, None])[:, 0]
