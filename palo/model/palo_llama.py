@@ -122,7 +122,11 @@ class _WithPrompt(StoppingCriteria):
         self.prompt_ids = prompt_ids
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.BoolTensor:
-        full = torch.cat([self.prompt_ids.to(input_ids.device), input_ids], dim=1)
+        # Beam search and num_return_sequences run k rows per prompt, each prompt's consecutive (a row count that
+        # differed from the prompts' failed to concatenate: model_vqa --num_beams 2 stopped at its first question).
+        prompts = self.prompt_ids.to(input_ids.device)
+        prompts = prompts.repeat_interleave(input_ids.shape[0] // prompts.shape[0], dim=0)
+        full = torch.cat([prompts, input_ids], dim=1)
         result = self.inner(full, scores, **kwargs)
         if isinstance(result, bool):
             result = torch.full((input_ids.shape[0],), result, dtype=torch.bool, device=input_ids.device)

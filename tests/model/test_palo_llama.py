@@ -364,3 +364,27 @@ def test_generate_keeps_the_whole_prompt_and_stops_each_row_at_the_context(world
     model.config.max_position_embeddings = positions
     with pytest.raises(ValueError, match=f"the prompt takes {positions} of the model's {positions} context"):
         model.generate(ids, images=pixels, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("settings", [{"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}],
+                         ids=["beams", "return-sequences"])
+def test_a_stopping_criterion_sees_each_row_with_its_prompt_under_beams_and_several_answers(world, settings):
+    """The criterion got the prompts' rows joined to k rows per prompt: a RuntimeError, so model_vqa and run_llava
+    with --num_beams 2 (their stop-string criterion is always on) stopped at the first question."""
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    model = world.model.eval()
+    ids = tokenizer_image_token(_prompt("What is it?"), tokenizer, return_tensors="pt")[None]
+    seen: list[torch.Tensor] = []
+
+    class Record(KeywordsStoppingCriteria):
+        def __call__(self, input_ids, scores=None, **kwargs):
+            seen.append(input_ids)
+            return super().__call__(input_ids, scores, **kwargs)
+
+    torch.manual_seed(0)
+    out = model.generate(ids, images=torch.randn(1, 3, 56, 56), max_new_tokens=3, pad_token_id=0,
+                         stopping_criteria=[Record(["</s>"], tokenizer, ids)], **settings)
+    assert out.shape[0] == settings.get("num_return_sequences", 1) and seen
+    # k rows per prompt (beam search shows 2 x beams candidates), each the prompt followed by its new tokens
+    assert all(rows.shape[0] >= 2 and torch.equal(rows[:, : ids.shape[1]], ids.expand(rows.shape[0], -1))
+               for rows in seen)
