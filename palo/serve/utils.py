@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -137,6 +139,9 @@ def route_logs(source: str, target: logging.Logger) -> None:
 IDLE_CONNECTION_S = 5
 FIRST_REQUEST_S = 10  # a new connection's whole first request line and headers must arrive within this
 OPEN_FILES_WANTED = 65536  # sockets are files: the common soft limit of 1,024 caps a busy server's connections
+# A connection closed with bytes still unsent (a dropped stream's client that reads nothing) is reset after this:
+# asyncio keeps a closing transport, and its socket, until its buffer drains, which such a client never lets happen.
+CLOSE_FLUSH_S = 30.0
 
 
 def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
@@ -154,6 +159,36 @@ def raise_open_file_limit(wanted: int = OPEN_FILES_WANTED) -> None:
             pass
 
 
+class _ClosingForGood:
+    """A connection's transport whose ``close`` gives up, after :data:`CLOSE_FLUSH_S`, on a peer that does not take
+    what is left to send (everything else is the transport's own).
+
+    A client that stopped reading had its stream dropped (its place and KV cache freed), but uvicorn's close waited
+    for the unsent buffer, so the socket stayed open for as long as the client did.
+    """
+
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._transport.close()
+        if self._transport.get_write_buffer_size():
+            self._loop.call_later(CLOSE_FLUSH_S, self._give_up)
+
+    def _give_up(self) -> None:
+        if not self._transport.get_write_buffer_size():  # it drained: the close went through
+            return
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:  # a reset, with what the kernel still held for the peer dropped too (not a FIN after it)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._transport.abort()
+
+
 def _idle_closing_protocol() -> type | str:
     """uvicorn's h11 protocol with a deadline for a new connection's first request (see the class)."""
     try:
@@ -164,12 +199,13 @@ def _idle_closing_protocol() -> type | str:
     class IdleClosingH11Protocol(H11Protocol):
         """Closes a connection that has not sent a whole first request (its headers) within
         :data:`FIRST_REQUEST_S`: silent, or trickling its headers a byte at a time (which resets uvicorn's idle
-        timer on every byte)."""
+        timer on every byte); and resets one closed with bytes unsent for :data:`CLOSE_FLUSH_S`
+        (:class:`_ClosingForGood`)."""
 
         _first_request = None
 
         def connection_made(self, transport) -> None:  # noqa: ANN001 - uvicorn's signature
-            super().connection_made(transport)
+            super().connection_made(_ClosingForGood(transport, self.loop))
             self._first_request = self.loop.call_later(FIRST_REQUEST_S, self._no_first_request)
 
         def handle_events(self) -> None:

@@ -294,3 +294,38 @@ def test_the_controllers_relay_drops_a_client_that_stops_reading(monkeypatch):
     worker.stop()
     controller.logger.removeHandler(handler)
     assert any("read nothing" in message for message in warnings)
+
+
+def test_a_dropped_clients_socket_is_reset_once_its_close_cannot_flush(monkeypatch):
+    """A client that reads nothing has its stream dropped (its place freed), but uvicorn's close waited for the unsent
+    bytes, so the socket stayed open as long as the client did: one file per such client, for good."""
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(serve_utils, "WRITE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(serve_utils, "CLOSE_FLUSH_S", 0.5)
+    worker = FloodingWorker("m", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1,
+                            no_register=True)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(worker), host="127.0.0.1", port=port, log_level="critical",
+                                           http=serve_utils._idle_closing_protocol()))  # as serve_http runs it
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, "a test server")
+        client = socket.create_connection(("127.0.0.1", port))
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.sendall(b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 2\r\n\r\n{}")
+        wait_until(worker.closed.is_set, 30, "the stalled stream dropped")
+        time.sleep(1.5)  # past the close's grace
+        client.settimeout(30)
+        with pytest.raises(ConnectionResetError):  # what the kernel held, then the reset: not megabytes, then FIN
+            while client.recv(1 << 16):
+                pass
+        client.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    worker.stop()
