@@ -92,14 +92,20 @@ def checkpoint_damage(folder: str, needs_optimizer: bool = True) -> str | None:
     return None
 
 
-def _missing_optimizer_state(folder: str) -> str | None:
+def _deepspeed_step(folder: str) -> str | None:
+    """The step folder DeepSpeed's ``latest`` names in a checkpoint (None: saved without DeepSpeed)."""
     latest = os.path.join(folder, "latest")
-    if os.path.isfile(latest):  # DeepSpeed's: its step folder holds the optimizer's shards
-        with open(latest, encoding="utf-8") as f:
-            step = f.read().strip()
-        step_dir = os.path.join(folder, step)
+    if not os.path.isfile(latest):
+        return None
+    with open(latest, encoding="utf-8") as f:
+        return os.path.join(folder, f.read().strip())
+
+
+def _missing_optimizer_state(folder: str) -> str | None:
+    step_dir = _deepspeed_step(folder)
+    if step_dir is not None:  # DeepSpeed's: its step folder holds the optimizer's shards
         if not (os.path.isdir(step_dir) and any(n.endswith("optim_states.pt") for n in os.listdir(step_dir))):
-            return f"no optimizer state in {step or 'the step folder'}/ (named by 'latest')"
+            return f"no optimizer state in {os.path.basename(step_dir) or 'the step folder'}/ (named by 'latest')"
         return None
     for name in ("optimizer.pt", "scheduler.pt"):
         if not os.path.isfile(os.path.join(folder, name)):
@@ -110,11 +116,9 @@ def _missing_optimizer_state(folder: str) -> str | None:
 def saved_with_deepspeed(folder: str) -> int | None:
     """The ZeRO stage a checkpoint was saved with (3, or 2 for stages 0-2, which resume alike), None without
     DeepSpeed."""
-    latest = os.path.join(folder, "latest")
-    if not os.path.isfile(latest):
+    step_dir = _deepspeed_step(folder)
+    if step_dir is None:
         return None
-    with open(latest, encoding="utf-8") as f:
-        step_dir = os.path.join(folder, f.read().strip())
     names = os.listdir(step_dir) if os.path.isdir(step_dir) else []
     return 3 if any(n.startswith("zero_pp_rank_") and n.endswith("_model_states.pt") for n in names) else 2
 
@@ -190,7 +194,7 @@ def resume_point(args: Any) -> str | None:
         checkpoint = resumable_checkpoint(args.output_dir, needs_optimizer, move_damaged=args.should_save)
     if checkpoint is not None and needs_optimizer:
         saved, running = saved_with_deepspeed(checkpoint), _zero_stage(args)
-        if (saved is None) != (running is None) or (saved is not None and (saved == 3) != (running == 3)):
+        if saved != running:  # each None, 2 (stages 0-2) or 3
             said = lambda stage: "without DeepSpeed" if stage is None else f"with ZeRO-{stage}"  # noqa: E731
             raise ValueError(f"{checkpoint} was saved {said(saved)}{' (or a lower stage)' if saved == 2 else ''} and "
                              f"this run is {said(running)}: its optimizer state cannot be resumed across that; launch "
