@@ -312,10 +312,11 @@ def sample(
         vocab = probs.shape[-1]
         k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k], device=device)[:, None]  # any int
         rank = torch.arange(vocab, device=device)[None, :]
-        # Keep a candidate while the mass before it is under top_p (the first is always kept).
-        before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep = (rank < k) & (before < torch.tensor(top_p, device=device)[:, None])
-        sorted_probs = sorted_probs * keep
+        # Top-k first, then top-p within what top-k kept (transformers' and vLLM's order): keep a candidate while
+        # the mass before it, out of the top-k candidates' mass, is under top_p (the first is always kept).
+        sorted_probs = sorted_probs * (rank < k)
+        before = (sorted_probs.cumsum(dim=-1) - sorted_probs) / sorted_probs.sum(dim=-1, keepdim=True)
+        sorted_probs = sorted_probs * (before < torch.tensor(top_p, device=device)[:, None])
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     noise = torch.empty_like(probs)
     for j, i in enumerate(sampled_rows):

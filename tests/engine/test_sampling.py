@@ -46,6 +46,16 @@ def test_top_k_and_top_p_limit_the_candidates_per_row():
     assert seen[1] == {0, 1}  # 0.5 < 0.6, so the second is still needed; the third never
 
 
+def test_top_p_counts_mass_among_the_top_k_candidates():
+    """Top-k first, then top-p of what it kept, renormalised (transformers' warpers and vLLM): of 0.5 / 0.3 / 0.2,
+    top-2 keeps 0.625 / 0.375, and top-p 0.6 then needs the first alone. Against the whole distribution the second
+    looked needed (0.5 < 0.6) and was drawn about a third of the time."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    g = _gen(5)
+    drawn = {sample(logits, [SamplingParams(temperature=1.0, top_k=2, top_p=0.6)], [g]).item() for _ in range(300)}
+    assert drawn == {0}
+
+
 def test_a_top_k_beyond_the_vocabulary_keeps_every_candidate_and_harms_no_other_row():
     """A client's top_k of 10**19 once overflowed the step's tensor and failed every request decoding beside it."""
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2))
