@@ -32,6 +32,7 @@ from palo.serve.protocol import (
     parse_cache_salt,
     parse_logit_bias,
     parse_number,
+    parse_stops,
     parse_structured_output,
 )
 from palo.serve.utils import route_logs
@@ -66,7 +67,7 @@ class PreparedRequest:
         images: Pixel values ``[k, 3, H, W]`` on the model's device, or None.
         max_new_tokens: The token budget after the context cap.
         sampling: The engine's sampling settings (token budget, temperature, top-p/k, stop, seed, penalties).
-        stop: Stop string, or None (end-of-sequence only).
+        stop: The protocol's stop string (the template's), or None; ``sampling.stop`` holds it and the client's.
         prompt_tokens: Context positions the prompt takes, image positions included.
         prompt_from_ids: Whether the prompt came as token ids (``prompt`` is then their text).
         cache_salt: Shares cached prompt blocks and image features only with requests of the same salt.
@@ -218,8 +219,9 @@ class EngineBackend(ABC):
                 ``"logprobs"`` (k alternatives per token: each chunk then carries its new tokens' log-probabilities),
                 ``"prompt_logprobs"`` (the same for the prompt's ids, in the first chunk after the prompt is computed;
                 ``max_new_tokens`` may then be 0 to score the prompt only), ``"logit_bias"`` (OpenAI's
-                ``{"token id": bias}``), an answer shape (``"response_format"``, ``"guided_json"``,
-                ``"guided_regex"``, ``"guided_choice"`` or ``"structured_outputs"``, see
+                ``{"token id": bias}``), ``"stops"`` (the client's stop strings, besides ``"stop"``), an answer shape
+                (``"response_format"``, ``"guided_json"``, ``"guided_regex"``, ``"guided_choice"`` or
+                ``"structured_outputs"``, see
                 :func:`~palo.serve.protocol.parse_structured_output`), ``"prompt_token_ids"`` instead of
                 ``"prompt"`` (the prompt as token ids, used as they are; no images) and vLLM's ``"cache_salt"``.
             images: The prompt's images already read (RGB PIL images, for :mod:`palo.llm`), instead of
@@ -293,6 +295,7 @@ class EngineBackend(ABC):
             logit_bias = parse_logit_bias(params.get("logit_bias"), int(self.model.config.vocab_size))
             structured, _ = parse_structured_output(params)
             cache_salt = parse_cache_salt(params.get("cache_salt"))
+            stops = parse_stops(params.get("stops"))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         logprobs, prompt_logprobs = (_alternatives(params, key) for key in ("logprobs", "prompt_logprobs"))
@@ -350,7 +353,7 @@ class EngineBackend(ABC):
             sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                       min_p=min_p, min_tokens=min(min_tokens, max_new_tokens),
                                       stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
-                                      stop=(stop,) if stop else (), seed=seed, logprobs=logprobs,
+                                      stop=((stop,) if stop else ()) + stops, seed=seed, logprobs=logprobs,
                                       prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
                                       structured=structured, **penalties)
         except ValueError as exc:

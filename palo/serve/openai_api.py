@@ -133,6 +133,8 @@ class GenerationRequest:
             "max_new_tokens": self.max_tokens,
             "stop": self.template_stop,
         }
+        if self.stops:  # this project's workers apply them (under min_tokens too); others ignore the field
+            params["stops"] = self.stops
         if self.seed is not None:  # this project's workers sample reproducibly from it
             params["seed"] = self.seed + choice
         if self.top_k:
@@ -620,7 +622,11 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
                 new = obj.get("logprobs") or []
                 logprobs.extend(new)
                 answer_entries += len(new)
-            shown, stopped = visible_text(text, chat.stops, final=finish is not None)
+            # The worker ends the answer at the client's stop strings; cutting at them again changes nothing, and
+            # serves a worker that does not take them, except under min_tokens, where one may stand in the first
+            # tokens (such a worker ignores min_tokens too).
+            shown, stopped = visible_text(text, () if chat.extras.get("min_tokens") else chat.stops,
+                                          final=finish is not None)
             if chat.echo:
                 shown = prompt + shown
             if stopped:  # closing the stream now stops the worker generating

@@ -56,6 +56,7 @@ from palo.serve.protocol import (
     parse_cache_salt,
     parse_logit_bias,
     parse_number,
+    parse_stops,
     parse_structured_output,
     shown,
 )
@@ -66,6 +67,7 @@ __all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "m
 
 HEALTH_TIMEOUT_S = 5.0
 MAX_NEW_TOKENS_CAP = 1024  # the original worker's cap
+BACKEND_STOP_STRINGS = 4  # OpenAI's limit on a request's stop strings (this project's API keeps it)
 
 
 # Worker-protocol settings beyond the original's, forwarded to the backend: (accepted types, value that asks for
@@ -263,8 +265,12 @@ class OpenAIWorker(BaseWorker):
         stop = params.get("stop")
         if stop is not None and not isinstance(stop, str):  # the protocol's one stop string, as the native worker
             raise PromptFormatError(f"'stop' must be a string, got {shown(stop)}")
-        if stop:
-            body["stop"] = [stop]
+        try:  # the client's own stop strings go to the backend with the template's, to be applied under min_tokens
+            stops = ([stop] if stop else []) + list(parse_stops(params.get("stops")))
+        except ValueError as exc:
+            raise PromptFormatError(str(exc)) from None
+        if stops:  # OpenAI's API (and this project's) takes up to 4; the rest are cut here as the text comes
+            body["stop"] = stops
         # This project's extra settings go along only when they ask for something, so a backend that lacks one sees
         # the request it always saw; vLLM, SGLang and this project's API take them all (ranges are theirs to check).
         for key, (kind, default) in FORWARDED.items():
@@ -339,6 +345,11 @@ class OpenAIWorker(BaseWorker):
         finish: str | None = None
         usage: dict | None = None
         stops = body.get("stop") or []
+        if len(stops) > BACKEND_STOP_STRINGS:
+            body = {**body, "stop": stops[:BACKEND_STOP_STRINGS]}
+        # A backend leaves its stop strings out, so cutting at them again changes nothing, except under min_tokens:
+        # there one may stand in the first tokens, and only those the backend was not sent are cut here.
+        trimmed = stops[BACKEND_STOP_STRINGS:] if body.get("min_tokens") else stops
         logprobs: list[dict] = []  # the backend's entries not yet passed on
         pieces = 0  # non-empty content deltas relayed
 
@@ -387,7 +398,7 @@ class OpenAIWorker(BaseWorker):
                         if delta:
                             text += delta
                             pieces += 1
-                            yield encode_chunk(prompt + _trim_stop(text, stops), OK, logprobs=take_logprobs())
+                            yield encode_chunk(prompt + _trim_stop(text, trimmed), OK, logprobs=take_logprobs())
         except MalformedEvent as exc:  # the backend's fault, said as such (no traceback: nothing here broke)
             self.logger.error("backend %s sent a malformed event: %s", self.api_base, exc)
             yield error_chunk(f"the backend {self.api_base} sent a malformed event: {exc}", WORKER_ERROR)
@@ -409,7 +420,7 @@ class OpenAIWorker(BaseWorker):
         # Only a backend that reports it (vLLM with --enable-prompt-tokens-details); unknown is left out, not 0.
         if cached is not None:
             reported["cached_tokens"] = cached
-        yield encode_chunk(prompt + _trim_stop(text, stops), OK, finish_reason=finish, logprobs=take_logprobs(),
+        yield encode_chunk(prompt + _trim_stop(text, trimmed), OK, finish_reason=finish, logprobs=take_logprobs(),
                            usage=reported)
 
 

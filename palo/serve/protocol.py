@@ -179,6 +179,30 @@ def parse_logit_bias(value: Any, vocab: int | None = None) -> dict[int, float]:
     return {token: b for token, b in bias.items() if b}
 
 
+# Stop strings a request may add to the template's (OpenAI's limit is 4; lmms-eval's ``until`` lists may be longer).
+MAX_STOP_STRINGS = 16
+
+
+def parse_stops(value: Any) -> tuple[str, ...]:
+    """This project's ``stops``: the client's own stop strings, applied by the worker besides the protocol's one
+    ``stop`` (the template's), so that ``min_tokens`` holds for them too and the answer ends with its usage.
+
+    Args:
+        value: The field as sent (absent: None).
+
+    Returns:
+        The non-empty strings, in order.
+
+    Raises:
+        ValueError: Unless it is absent or a list of at most ``MAX_STOP_STRINGS`` strings.
+    """
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in value):
+        raise ValueError(f"'stops' must be a list of up to {MAX_STOP_STRINGS} strings, got {shown(value)}")
+    return tuple(s for s in value if s)
+
+
 MAX_CACHE_SALT_CHARS = 1_024
 
 

@@ -285,7 +285,7 @@ class _BatchTracker(StoppingCriteria):
                 eos_hit = True
                 break
             job.ids.append(token)
-        stops = [job.request.stop] if job.request.stop else []
+        stops = job.request.sampling.stop
         text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
         shown, stopped = visible_text(text, stops, final=False)
         if eos_hit or stopped:
@@ -305,7 +305,7 @@ class _BatchTracker(StoppingCriteria):
             return
         if text is None:
             text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
-        stops = [job.request.stop] if job.request.stop else []
+        stops = job.request.sampling.stop
         shown, _ = visible_text(text, stops, final=True)
         job.shown = shown
         job.emit(StreamEvent(text=shown, finish_reason=reason, completion_tokens=len(job.ids)))

@@ -71,6 +71,27 @@ def test_each_row_stops_at_its_own_stop_string(loaded):
     assert out[1].text == free.text  # its neighbour in the batch is unaffected
 
 
+@pytest.mark.parametrize("kind", ["paged", "static"])
+def test_the_clients_stop_strings_end_the_answer_besides_the_templates(loaded, kind):
+    """``stops``: the OpenAI API's client stop strings, applied by the worker (so that min_tokens holds for them and
+    the answer ends with its usage), on either engine; the protocol's ``stop`` keeps its meaning."""
+    from palo.serve.static_engine import StaticBatchEngine
+
+    engine = _engine(loaded, max_batch_size=4) if kind == "paged" else StaticBatchEngine(*loaded)
+    try:
+        free = engine.generate([engine.prepare(_params(0, max_new_tokens=20))])[0]
+        stop = free.text[len(free.text) // 2:][:2]
+        prepared = engine.prepare(_params(0, max_new_tokens=20, stops=["\u0965", stop, ""]))
+        assert prepared.sampling.stop == ("</s>", "\u0965", stop) and prepared.stop == "</s>"
+        out = engine.generate([prepared])[0]
+        for bad in ("x", [1], ["a"] * 17):
+            with pytest.raises(RequestError, match="'stops' must be a list of up to 16 strings"):
+                engine.prepare(_params(0, stops=bad))
+    finally:
+        engine.close()
+    assert (out.text, out.finish_reason) == (free.text[: free.text.find(stop)], "stop")
+
+
 def test_streaming_events_extend_each_other(loaded):
     engine = _engine(loaded).start()
     events = []

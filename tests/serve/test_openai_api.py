@@ -129,6 +129,21 @@ def test_logit_bias_min_tokens_and_stop_ids_with_ids_from_the_servers_tokenizer(
     assert held.usage.completion_tokens == 3 and held.choices[0].finish_reason == "stop"
     ended = c.chat.completions.create(logit_bias={str(word): 100}, extra_body={"stop_token_ids": [word]}, **ask)
     assert ended.choices[0].message.content == "" and ended.choices[0].finish_reason == "stop"
+    # min_tokens holds for the client's stop strings too (vLLM's rule: one that ends after the first 3 tokens ends
+    # the answer): the API had cut at the first one itself and answered "" after 1 token.
+    one = served("/detokenize", tokens=[word])["prompt"].strip()
+    three = served("/detokenize", tokens=[word] * 3)["prompt"].strip()
+    for stream in (False, True):
+        held = c.chat.completions.create(logit_bias={str(word): 100}, stop=[one], extra_body={"min_tokens": 3},
+                                         stream=stream, **({"stream_options": {"include_usage": True}} if stream
+                                                           else {}), **ask)
+        if stream:
+            chunks = list(held)
+            text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+            usage = [ch.usage for ch in chunks if ch.usage][-1]
+        else:
+            text, usage = held.choices[0].message.content, held.usage
+        assert text.strip() == three and usage.completion_tokens == 4
 
 
 def test_structured_answers_through_the_official_client(cluster):

@@ -73,8 +73,9 @@ class FakeRouter:
         return self.outcome
 
 
-def _ask(router, stream: bool = False, stop: list[str] | None = None):
-    body = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 8}
+def _ask(router, stream: bool = False, stop: list[str] | None = None, **extra):
+    body = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "stream": stream, "max_tokens": 8,
+            **extra}
     if stop:
         body["stop"] = stop
 
@@ -149,6 +150,16 @@ def test_a_complete_answer_and_a_user_stop_string_that_closes_the_worker_stream(
     deltas = [json.loads(line[6:]) for line in events.split("\n\n") if line.startswith("data: {")]
     assert "".join(d["choices"][0]["delta"].get("content", "") for d in deltas) == "Hello"
     assert deltas[-1]["choices"][0]["finish_reason"] == "stop" and events.endswith("data: [DONE]\n\n")
+    # The worker is sent the client's stop strings (the template's goes as the protocol's one "stop"): it ends the
+    # answer there itself, with its usage. The cut above serves a worker that ignores them (this fake one).
+    assert router.bodies[-1]["stops"] == [" wo"] and "stops" not in router.bodies[0]
+
+    # Under min_tokens a stop string may stand in the first tokens: the worker applied the rule, so its text stands
+    # (the API cut it again, min_tokens unknown to it, and answered "Hello").
+    stream.closed, stream.sent, stream.read_to_end = False, 0, False
+    status, body = _ask(router, stop=[" wo"], min_tokens=3)
+    assert status == 200 and body["choices"][0]["message"]["content"] == "Hello world!"
+    assert router.bodies[-1]["stops"] == [" wo"] and router.bodies[-1]["min_tokens"] == 3
 
 
 def test_worker_failures_are_502_and_a_broken_stream_is_logged(caplog):

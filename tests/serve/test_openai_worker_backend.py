@@ -66,6 +66,11 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
         for key, bad in (("min_tokens", 1.5), ("min_p", "x"), ("stop_token_ids", [-1]), ("ignore_eos", "yes")):
             with pytest.raises(PromptFormatError, match=key):
                 worker.backend_request({**base, key: bad})
+        # The client's stop strings (this project's "stops") go to the backend with the template's "stop".
+        _, body = worker.backend_request({**base, "stop": "</s>", "stops": ["\n\n", "。"]})
+        assert body["stop"] == ["</s>", "\n\n", "。"] and "stop" not in worker.backend_request(base)[1]
+        with pytest.raises(PromptFormatError, match="'stops' must be a list"):
+            worker.backend_request({**base, "stops": "."})
         _, body = worker.backend_request({**base, "cache_salt": "tenant-7"})
         assert body["cache_salt"] == "tenant-7"  # vLLM keeps its prefix cache per salt too
         assert "cache_salt" not in worker.backend_request(base)[1]
@@ -83,15 +88,18 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
         worker.stop()
 
 
-def _relayed(events: list[str]) -> list[dict]:
-    """The worker's chunks for one request, its backend streaming ``events`` (SSE lines, ``data: ...``)."""
+def _relayed(events: list[str], sent: list[dict] | None = None, **params) -> list[dict]:
+    """The worker's chunks for one request (``params`` added to it), its backend streaming ``events`` (SSE lines,
+    ``data: ...``); the backend's request bodies are added to ``sent``."""
     backend = FastAPI()
 
     @backend.post("/v1/chat/completions")
     async def completions(request: Request):
+        if sent is not None:
+            sent.append(await request.json())
         return StreamingResponse(iter([f"{line}\n\n" for line in events]), media_type="text/event-stream")
 
-    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
+    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8, **params}
     with served(backend) as burl:
         worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
         with served(create_app(worker)) as wurl:
@@ -126,3 +134,15 @@ def test_a_backend_that_ignores_max_tokens_is_cut_there():
     chunks = _relayed([_piece(" la")] * 10_000)
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] == "length"
     assert chunks[-1]["text"].endswith("ASSISTANT:" + " la" * 8) and len(chunks) == 9
+
+
+def test_stop_strings_past_openais_four_are_cut_by_the_worker_and_min_tokens_keeps_the_backends_text():
+    """OpenAI's API (and this project's) refuses over 4 stop strings: the backend gets the first 4 and the worker
+    cuts at the rest. Under min_tokens the backend may keep one of its 4 in the first tokens, and that text stands."""
+    sent: list[dict] = []
+    chunks = _relayed([_piece("a. b; c"), _piece("", "stop"), "data: [DONE]"], sent,
+                      stop="</s>", stops=["#", "@", "%", ";"])
+    assert sent[-1]["stop"] == ["</s>", "#", "@", "%"] and chunks[-1]["text"].endswith("ASSISTANT:a. b")
+    chunks = _relayed([_piece("a. b; c"), _piece("", "stop"), "data: [DONE]"], sent, stops=["."], min_tokens=2)
+    assert sent[-1]["stop"] == ["."] and sent[-1]["min_tokens"] == 2
+    assert chunks[-1]["text"].endswith("ASSISTANT:a. b; c")
