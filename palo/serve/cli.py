@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if image is not None:
         images = process_images([image], image_processor, model.config).to(model.device, dtype=model.dtype)
     # Positions per image from the tower's and projector's config (MultimodalSpec.tokens_per_image): the tower runs
-    # only when the engine encodes the image.
-    tokens_per_image = model.image_token_count
-    # The loader's context length is the original's (max_sequence_length, else 2048); a model with fewer positions
-    # (MobileLLaMA's 2048 against a 4096 setting, a small test model) is held to its own.
-    context_len = min(context_len, getattr(model.config, "max_position_embeddings", None) or context_len)
+    # only when the engine encodes the image. A text-only LLM has none.
+    tokens_per_image = int(getattr(model, "image_token_count", 0))
+    # The model's own positions, as the worker, palo.LLM, model_vqa and model.generate hold it to; the loader's
+    # context length (the original's max_sequence_length, else 2048) only where the config names none.
+    context_len = int(getattr(model.config, "max_position_embeddings", None) or context_len)
     # One conversation: a cache for one sequence at the full context (earlier turns' blocks are its prefix-cache
     # hits), not the default share of a GPU's memory that a server takes.
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=1, max_model_len=context_len,
@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         # A stopped answer enters the conversation as far as it was shown.
         outputs = (stream.shown if stream.stopped.is_set() else result.text).strip()
+        if not outputs:  # an empty answer renders as an open turn, so the next prompt would lose its separator
+            del conv.messages[-2:]  # (the image, if it rode on this turn, rides on the next)
+            print("[no answer: this turn is left out of the conversation]")
+            continue
         conv.messages[-1][-1] = outputs
         if args.debug:
             print("\n", {"prompt": prompt, "outputs": outputs}, "\n")

@@ -77,11 +77,11 @@ import builtins, io, signal, sys
 from palo.engine import LLMEngine
 from palo.serve import cli
 mode, checkpoint, image = sys.argv[1:4]
-if mode == "answer":  # the user's Ctrl-C arrives while the third piece of the first answer is being shown
-    emit, calls = LLMEngine._emit, []
+if mode in ("answer", "first"):  # the user's Ctrl-C arrives while the third (first) piece of the first answer is
+    emit, calls = LLMEngine._emit, []  # being shown
     def interrupted(self, seq, output):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == (3 if mode == "answer" else 1):
             signal.raise_signal(signal.SIGINT)
         emit(self, seq, output)
     LLMEngine._emit = interrupted
@@ -115,3 +115,38 @@ def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(world, image_file, tmp_pat
     assert f"ASSISTANT: {first.strip()}</s>USER: And its colour? ASSISTANT:" in out
     result = run("prompt")
     assert result.returncode == 0 and result.stdout.rstrip().endswith("exit...") and "Traceback" not in result.stderr
+    # Stopped before anything was shown: no answer, so the turn is left out and the image rides on the next one
+    # (an empty answer had rendered as an open turn: "...image? ASSISTANT:USER: And its colour?").
+    result = run("first")
+    assert result.returncode == 0, result.stderr
+    assert "[no answer: this turn is left out of the conversation]" in result.stdout
+    assert "ASSISTANT:USER" not in result.stdout
+    assert "USER: <image>\\nAnd its colour? ASSISTANT:" in result.stdout
+
+
+def test_a_text_only_checkpoint_chats_and_the_context_is_the_models_positions(world, tmp_path):
+    """A text-only LLM chats without --image-file (it stopped at the model's missing image_token_count); the
+    conversation may fill the model's max_position_embeddings, as the worker's and palo.LLM's may (the CLI held it
+    to the loader's max_sequence_length, 2048 by default: PALO-7B turns of 2,049 to 4,096 tokens were refused)."""
+    text_only = _run(["--model-path", world.base_dir, "--device", "cpu", "--temperature", "0",
+                      "--max-new-tokens", "4"], "Bonjour, comment vas-tu ?\nEt toi ?\n\n")
+    assert text_only.returncode == 0, text_only.stderr
+    # (a plain LLaMA's conversation template: the original's default, Human / Assistant)
+    assert text_only.stdout.count("Assistant: ") == 2 and text_only.stdout.rstrip().endswith("exit...")
+    import json
+    import shutil
+
+    short = str(tmp_path / "short")
+    shutil.copytree(world.full_dir, short)
+    with open(os.path.join(short, "config.json")) as f:
+        config = json.load(f)
+    config["max_sequence_length"] = 100  # under the model's positions (its max_position_embeddings)
+    assert config["max_position_embeddings"] > 300
+    with open(os.path.join(short, "config.json"), "w") as f:
+        json.dump(config, f)
+    image = tmp_path / "grey.png"
+    Image.new("RGB", (40, 30), "grey").save(image)
+    result = _run(["--model-path", short, "--image-file", str(image), "--device", "cpu", "--temperature", "0",
+                   "--max-new-tokens", "2", "--debug"], "describe " * 60 + "\n\n")
+    assert result.returncode == 0, result.stderr
+    assert "this turn was not sent" not in result.stdout and "'outputs'" in result.stdout
