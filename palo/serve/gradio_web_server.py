@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 import argparse
 import datetime
 import hashlib
+import io
 import json
 import logging
 import re
@@ -32,11 +33,13 @@ import httpx
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import Conversation, conv_templates, stop_string
 from palo.image_io import viewed
+from palo.jsonl import atomic_write
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
 from palo.serve.utils import build_logger, log_dir, refuse_unservable, violates_moderation
 
 CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
 CURSOR = "▌"
+NO_ANSWER_MSG = "(no answer)"  # an answer that ended before its first word
 MAX_TEXT_CHARS, MAX_TEXT_CHARS_WITH_IMAGE = 1536, 1200
 MAX_NEW_TOKENS_CAP = 1536
 WORKER_TIMEOUT_S = 10.0  # between two pieces of the worker's stream (the original's value)
@@ -69,6 +72,14 @@ def chatbot_messages(state: Conversation) -> list[dict[str, str]]:
         if rtl:
             message["content"] = f'<div dir="rtl" class="rtl">\n\n{message["content"]}\n\n</div>'
     return messages
+
+
+def answer_pending(state: Conversation) -> bool:
+    """Whether the conversation's last answer is open: not generated yet, or still being written."""
+    if len(state.messages) <= state.offset:
+        return False
+    role, message = state.messages[-1]
+    return role == state.roles[1] and (message is None or (isinstance(message, str) and message.endswith(CURSOR)))
 
 
 class WebServer:
@@ -129,12 +140,13 @@ class WebServer:
             hashes.append(digest)
             path = os.path.join(log_dir(), "serve_images", day, f"{digest}.jpg")
             if not os.path.isfile(path):
+                jpeg = io.BytesIO()
+                image.convert("RGB").save(jpeg, format="JPEG")
                 try:
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    # Staged and renamed: a crash mid-write must not leave a torn file that is never written again.
-                    staged = f"{path}.{os.getpid()}.tmp"
-                    image.convert("RGB").save(staged, format="JPEG")
-                    os.replace(staged, path)
+                    # Through a temp file of its own and renamed: a crash mid-write leaves no torn file that is never
+                    # written again, and sessions saving the same image at once (an example clicked by several
+                    # users) do not share one temp file (a pid-named one was moved away under the others).
+                    atomic_write(path, [jpeg.getvalue()])
                 except OSError as exc:
                     self.logger.error("cannot save an image: %s", exc)
         return hashes
@@ -160,9 +172,12 @@ class WebServer:
 
         Raises:
             ValueError: For a text whose ``<image>`` placeholders do not match the images (none without an image,
-                at most one with it); the conversation is left as it was.
+                at most one with it), or while the last answer is still open (being written, or about to be): the
+                conversation is left as it was.
         """
         state = state or self.new_state()
+        if answer_pending(state):
+            raise ValueError("the answer is still being written: send this once it is done")
         text = (text or "").strip()
         if not text and image is None:
             state.skip_next = True
@@ -193,7 +208,7 @@ class WebServer:
     def regenerate(self, state: Conversation | None, image_process_mode: str = "Default") -> Conversation:
         """Clear the last answer (re-applying the current image mode to the last image) to generate it again."""
         state = state or self.new_state()
-        if len(state.messages) < state.offset + 2:
+        if len(state.messages) < state.offset + 2 or answer_pending(state):  # nothing to redo, or still being written
             state.skip_next = True
             return state
         state.messages[-1][-1] = None
@@ -234,27 +249,30 @@ class WebServer:
             "images": state.get_images(),
         }
         self.logger.info("==== request ====\n%s", {**payload, "images": f"{len(images)} image(s)"})
-        state.messages[-1][-1] = CURSOR
-        yield state
+        slot = state.messages[-1]  # this answer's own: written by reference, whatever else holds the state
+        slot[1] = CURSOR
         try:
+            yield state
             with self.http.stream("POST", address + "/worker_generate_stream", json=payload,
                                   timeout=WORKER_TIMEOUT_S) as response:
                 for chunk in iter_chunks(response.iter_bytes()):
                     if chunk.get("error_code", 0) == 0:
-                        state.messages[-1][-1] = str(chunk.get("text", ""))[len(prompt):].strip() + CURSOR
+                        slot[1] = str(chunk.get("text", ""))[len(prompt):].strip() + CURSOR
                         yield state
                     else:  # shown as the answer, so kept in the prompt: no placeholder may survive in it
                         error = str(chunk.get("text")).replace(DEFAULT_IMAGE_TOKEN, "(image)")
-                        state.messages[-1][-1] = f"{error} (error_code: {chunk.get('error_code')})"
+                        slot[1] = f"{error} (error_code: {chunk.get('error_code')})"
                         yield state
                         return
         except (httpx.HTTPError, ValueError) as exc:
             self.logger.error("worker %s failed: %s", address, exc)
-            state.messages[-1][-1] = f"{SERVER_ERROR_MSG} (error_code: 4)"
+            slot[1] = f"{SERVER_ERROR_MSG} (error_code: 4)"
             yield state
             return
-        answer = state.messages[-1][-1]
-        state.messages[-1][-1] = answer[: -len(CURSOR)] if answer.endswith(CURSOR) else answer
+        finally:  # also when the page went away mid-answer (the generator closed): no cursor is left in the answer
+            if slot[1].endswith(CURSOR):
+                # An empty answer would render as an open turn, running the next question into this one's prompt.
+                slot[1] = slot[1][: -len(CURSOR)] or NO_ANSWER_MSG
         yield state
         self._append_log({"tstamp": round(time.time(), 4), "type": "chat", "model": model, "start": round(start, 4),
                           "finish": round(time.time(), 4), "state": state.dict(), "images": image_hashes, "ip": ip})

@@ -151,3 +151,84 @@ def test_a_transparent_upload_reaches_the_model_on_white(tmp_path):
     sent = state.get_images(return_pil=True)[0]
     assert sent.mode == "RGB" and sent.getpixel((1, 1)) == (0, 0, 0)
     assert sum(sent.getpixel((x, y)) == (255, 255, 255) for x in range(6) for y in range(4)) == 23
+
+
+def test_a_message_sent_while_an_answer_streams_waits_and_the_turns_stay_paired(cluster, logdir):
+    """Enter pressed mid-answer: Gradio hands every handler the session's one state object, so the new message was
+    appended under the streaming answer, whose rest then filled the new question's slot (the question was never
+    answered; a new image's conversation was lost). Now it is refused until the answer is done."""
+    server = WebServer(cluster.url)
+    state = server.add_text(None, "Describe the image", make_image())
+    stream = server.http_bot(state, "ckpt", 0.0, 1.0, 24)
+    for _ in range(3):
+        shown = next(stream)
+    assert shown.messages[-1][-1].endswith(CURSOR)
+    for text, image in (("Second question", None), ("A new picture", make_image("green"))):
+        with pytest.raises(ValueError, match="still being written"):
+            server.add_text(shown, text, image)
+    assert server.regenerate(shown).skip_next and shown.messages[-1][-1].endswith(CURSOR)
+    *_, state = stream
+    assert len(state.messages) == state.offset + 2 and not state.messages[-1][-1].endswith(CURSOR)
+    state = server.add_text(state, "Second question", None)  # once the answer is done
+    *_, state = server.http_bot(state, "ckpt", 0.0, 1.0, 4)
+    assert [role for role, _ in state.messages[state.offset:]] == [state.roles[0], state.roles[1]] * 2
+    assert all(message for _, message in state.messages[state.offset:])
+
+
+def test_an_answer_left_mid_stream_or_empty_leaves_a_closed_turn(cluster, logdir):
+    """The page closed mid-answer (Gradio closes the generator): the cursor stayed in the answer for good. An answer
+    that ended before its first word left an empty one, which renders as an open turn in the next prompt."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+    from serve_helpers import served
+
+    server = WebServer(cluster.url)
+    stream = server.http_bot(server.add_text(None, "Describe the image", make_image()), "ckpt", 0.0, 1.0, 24)
+    for _ in range(3):
+        state = next(stream)
+    stream.close()
+    assert state.messages[-1][-1] and not state.messages[-1][-1].endswith(CURSOR)
+
+    worker = FastAPI()  # a worker whose answer is end-of-sequence at once
+
+    @worker.post("/worker_generate_stream")
+    async def generate(request: Request):
+        prompt = (await request.json())["prompt"]
+        chunk = json.dumps({"text": prompt, "error_code": 0, "finish_reason": "stop"}).encode() + b"\0"
+        return StreamingResponse(iter([chunk]))
+
+    with served(worker) as url:
+        server.worker_address = lambda model: url
+        *_, state = server.http_bot(server.add_text(None, "Hello", None), "ckpt", 0.0, 1.0, 8)
+    assert state.messages[-1][-1] == "(no answer)"
+    state = server.add_text(state, "Again?", None)
+    assert "ASSISTANT: (no answer)</s>USER: Again? ASSISTANT:" in state.get_prompt()
+
+
+def test_sessions_saving_the_same_image_at_once_all_succeed(logdir, caplog):
+    """An example image clicked by several users at once: they shared one pid-named temp file, moved away under
+    the others ('cannot save an image: No such file')."""
+    import logging
+    import threading
+
+    from PIL import Image
+
+    server = WebServer("http://127.0.0.1:9")
+    images = [Image.new("RGB", (32, 32), (i, 2 * i, 3 * i)) for i in range(12)]
+    barrier = threading.Barrier(4)
+
+    def save():
+        for image in images:
+            barrier.wait()
+            server._save_images([image])
+
+    with caplog.at_level(logging.ERROR):
+        threads = [threading.Thread(target=save) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not [r for r in caplog.records if "cannot save" in r.getMessage()]
+    saved = list(logdir.glob("serve_images/*/*"))
+    assert len(saved) == 12 and all(p.suffix == ".jpg" for p in saved)
+    assert all(Image.open(p).size == (32, 32) for p in saved)
