@@ -51,6 +51,8 @@ MAX_SHORT_EDGE = 400
 # The mmtag convention: the image goes in its own first exchange, acknowledged by the assistant.
 MMTAG_IMAGE_TURN = "<Image><image></Image>"
 MMTAG_IMAGE_REPLY = "Received."
+# ChatML's system turn tag: MPT-style system prompts carry it, and a system message given in a chat gets it.
+MPT_SYSTEM_PREFIX = "<|im_start|>system\n"
 
 
 class SeparatorStyle(enum.Enum):
@@ -559,10 +561,10 @@ _SYSTEM_LLAVA_LLAMA_2 = (
     "and assist the user with a variety of tasks using natural language."
 )
 _SYSTEM_MPT = (
-    "<|im_start|>system\n"
-    "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
+    MPT_SYSTEM_PREFIX
+    + "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
 )
-_SYSTEM_CHATML_DIRECT = "<|im_start|>system\nAnswer the questions."
+_SYSTEM_CHATML_DIRECT = MPT_SYSTEM_PREFIX + "Answer the questions."
 
 _MPT_ROLES = ("<|im_start|>user\n", "<|im_start|>assistant\n")
 

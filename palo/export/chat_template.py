@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 
-from palo.conversation import Conversation, SeparatorStyle, conv_templates
+from palo.conversation import MPT_SYSTEM_PREFIX, Conversation, SeparatorStyle, conv_templates
 
 __all__ = ["ChatTemplateError", "chat_template_for"]
 
@@ -43,7 +43,8 @@ def _lit(text: str) -> str:
 # A string content is kept as it is, unless the template knows a marker family (MARKER ... MARKER_END, set only for
 # llama.cpp): llama-server flattens a message's parts into one string with a marker where each image was, so each
 # marker found is moved to the front with the newline PALO puts after an image, and a newline the text already had
-# right after a marker is not doubled.
+# right after a marker is not doubled. Text on both sides of a marker was two text parts, which PALO joins with a
+# newline (llama-server puts none next to a marker).
 _CONTENT_MACRO = """{%- macro render(message) -%}
 {%- if message['content'] is string -%}
 {%- if MARKER and MARKER in message['content'] -%}
@@ -52,13 +53,16 @@ _CONTENT_MACRO = """{%- macro render(message) -%}
 {%- for piece in pieces -%}
 {%- if not loop.last and MARKER in piece -%}
 {%- set parts = piece.split(MARKER) -%}
-{%- set before = parts[0] -%}
-{%- set ns.text = ns.text + (before[1:] if ns.after and before.startswith('\n') else before) -%}
+{%- set before = parts[0][1:] if ns.after and parts[0].startswith('\n') else parts[0] -%}
+{%- set join = '\n' if ns.after and ns.text and before and not ns.text.endswith('\n') else '' -%}
+{%- set ns.text = ns.text + join + before -%}
 {%- set ns.images = ns.images + MARKER + parts[1] + MARKER_END + '\n' -%}
 {%- set ns.after = true -%}
 {%- else -%}
 {%- set piece = piece if loop.last else piece + MARKER_END -%}
-{%- set ns.text = ns.text + (piece[1:] if ns.after and piece.startswith('\n') else piece) -%}
+{%- set piece = piece[1:] if ns.after and piece.startswith('\n') else piece -%}
+{%- set join = '\n' if ns.after and ns.text and piece and not ns.text.endswith('\n') else '' -%}
+{%- set ns.text = ns.text + join + piece -%}
 {%- set ns.after = false -%}
 {%- endif -%}
 {%- endfor -%}
@@ -78,7 +82,7 @@ _CONTENT_MACRO = """{%- macro render(message) -%}
 """
 
 _PREAMBLE = """{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set system = render(messages[0]) -%}{%- set turns = messages[1:] -%}
+{%- set system = SYSTEM_PREFIX + render(messages[0]) -%}{%- set turns = messages[1:] -%}
 {%- else -%}{%- set system = SYSTEM -%}{%- set turns = messages -%}
 {%- endif -%}
 """
@@ -128,7 +132,7 @@ _BODIES = {
 
 
 def chat_template_for(conv_mode: str, image_placeholder: str = "<image>",
-                      marker: tuple[str, str] | None = None) -> str:
+                      marker: tuple[str, str] | None = None, bos: bool = False) -> str:
     """The Jinja chat template rendering ``conv_templates[conv_mode]``.
 
     Args:
@@ -138,6 +142,9 @@ def chat_template_for(conv_mode: str, image_placeholder: str = "<image>",
         marker: The start and end of the image markers a server may already have put into string contents
             (llama.cpp: ``("<__media", "__>")``, which covers its fixed ``<__media__>`` and llama-server's
             ``<__media_<random>__>``): found markers are laid out as image parts are. None: strings are kept.
+        bos: Start with the tokenizer's ``bos_token``, as PALO's prompt ids do: transformers' convention (its
+            tokenizer's ``apply_chat_template`` adds no special tokens, nor do vLLM's and SGLang's chat APIs by
+            default). Not for llama.cpp, which adds BOS itself (``add_bos_token``).
 
     Returns:
         The template source.
@@ -161,6 +168,8 @@ def chat_template_for(conv_mode: str, image_placeholder: str = "<image>",
         )
     constants = {
         "SYSTEM": conv.system,
+        # A given system message is tagged as the template's own system prompt is (ChatML's), as the API does.
+        "SYSTEM_PREFIX": MPT_SYSTEM_PREFIX if conv.sep_style is SeparatorStyle.MPT else "",
         "USER": conv.roles[0],
         "ASSISTANT": conv.roles[1],
         "SEP": conv.sep,
@@ -170,4 +179,4 @@ def chat_template_for(conv_mode: str, image_placeholder: str = "<image>",
         "MARKER_END": marker[1] if marker else "",
     }
     header = "".join(f"{{%- set {name} = {_lit(value)} -%}}\n" for name, value in constants.items())
-    return header + _CONTENT_MACRO + _PREAMBLE + _BODIES[conv.sep_style]
+    return header + _CONTENT_MACRO + _PREAMBLE + ("{{- bos_token -}}\n" if bos else "") + _BODIES[conv.sep_style]

@@ -331,7 +331,7 @@ def export_hf_llava(
     check_exportable(spec.projector_type)
     mode = conv_mode or conv_mode_for_checkpoint(config)
     image_placeholder = "<im_start><image><im_end>" if spec.use_im_start_end else IMAGE_TOKEN
-    template = chat_template_for(mode, image_placeholder)
+    template = chat_template_for(mode, image_placeholder, bos=True)
     if dtype == "auto":
         recorded = recorded_dtype(config)
         dtype = recorded if recorded in _DTYPES else "float16"

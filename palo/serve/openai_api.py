@@ -42,7 +42,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, SEED_RANGE
-from palo.conversation import SeparatorStyle, conv_templates, stop_string
+from palo.conversation import MPT_SYSTEM_PREFIX, SeparatorStyle, conv_templates, stop_string
 from palo.serve.body_limit import CLIENT_CLOSED
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -272,7 +272,7 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
             if index != 0:
                 raise APIError(400, "a system message may only come first", param="messages")
             text, _ = _content(message, index, images_allowed=False)
-            prefix = "<|im_start|>system\n" if conv.sep_style is SeparatorStyle.MPT else ""
+            prefix = MPT_SYSTEM_PREFIX if conv.sep_style is SeparatorStyle.MPT else ""
             conv.system = prefix + text
             continue
         if role not in ("user", "assistant"):

@@ -80,7 +80,7 @@ def tokenizer_info(tokenizer: Any, conv_mode: str, max_model_len: int) -> dict[s
     from palo.export.chat_template import ChatTemplateError, chat_template_for
 
     try:
-        template = chat_template_for(conv_mode)
+        template = chat_template_for(conv_mode, bos=True)  # as an exported folder's: with the BOS
     except (ChatTemplateError, KeyError, ValueError):
         template = None
     return {

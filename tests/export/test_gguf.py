@@ -127,6 +127,9 @@ def test_chat_template_renders_the_conversation_template_with_the_media_marker(e
     ("<__media__>Qu'y a-t-il ?", "<__media__>\nQu'y a-t-il ?"),  # llama-mtmd-cli puts the marker before -p
     ("<__media_a__><__media_b__>两张", "<__media_a__>\n<__media_b__>\n两张"),
     ("Two  spaces,\nno image", "Two  spaces,\nno image"),
+    # [text, image, text] flattened: the two text parts, as PALO joins them, with a newline between
+    ("这是什么<__media_Q__>用中文回答", "<__media_Q__>\n这是什么\n用中文回答"),
+    ("这是什么\n<__media__>\n用中文回答", "<__media__>\n这是什么\n用中文回答"),
 ])
 def test_chat_template_lays_out_the_markers_llama_cpp_puts_in_strings(exported, content, expected):
     """llama-server turns a message's parts into one string with a marker (<__media_<random>__>) where each image

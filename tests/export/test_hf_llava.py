@@ -18,7 +18,7 @@ from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGenera
 
 from palo.cli import main as palo_main
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.conversation import conv_templates
+from palo.conversation import MPT_SYSTEM_PREFIX, SeparatorStyle, conv_templates
 from palo.export import ExportError, export_hf_llava
 from palo.export.chat_template import ChatTemplateError, chat_template_for
 from palo.mm_utils import process_images, tokenizer_image_token
@@ -52,8 +52,8 @@ def _image(width: int, height: int, seed: int) -> Image.Image:
 
 def _palo_prompt(turns: list[str | None], images: int, conv_mode: str = "vicuna_v1", system: str | None = None) -> str:
     conv = conv_templates[conv_mode].copy()
-    if system is not None:
-        conv.system = system
+    if system is not None:  # as the OpenAI API renders a system message: ChatML's gets its tag
+        conv.system = (MPT_SYSTEM_PREFIX if conv.sep_style is SeparatorStyle.MPT else "") + system
     for i, text in enumerate(turns):
         if i == 0 and text is not None:
             text = "<image>\n" * images + text
@@ -115,7 +115,7 @@ def test_transformers_alone_gives_palo_logits_and_greedy_tokens(exports, fmt):
         image = _image(*size, seed=i)
         turns = [QUESTIONS[language], None]
         text = processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True)
-        inputs = processor(images=[image], text=text, return_tensors="pt")
+        inputs = processor(images=[image], text=text, return_tensors="pt", add_special_tokens=False)
         ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
         pixels = process_images([image], palo_processor, palo.config)
         assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id,
@@ -156,13 +156,19 @@ def test_processor_and_chat_template_give_tokenizer_image_token_ids(exports, lan
         ([QUESTIONS[language], None], 2, "Réponds brièvement. 简短回答。"),
         ([QUESTIONS[language], None], 0, None),
     ]
+    fast = AutoTokenizer.from_pretrained(export.output_dir)
     for turns, n_images, system in conversations:
-        text = processor.apply_chat_template(_messages(turns, n_images, system), add_generation_prompt=True)
-        assert text == _palo_prompt(turns, n_images, system=system)
+        messages = _messages(turns, n_images, system)
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        # The template carries the BOS, as chat templates do: vLLM's and SGLang's chat APIs and the tokenizer's
+        # apply_chat_template add no special tokens (without it their prompts lacked PALO's <s>).
+        assert text == "<s>" + _palo_prompt(turns, n_images, system=system)
         images = [_image(70, 50, seed=s) for s in range(n_images)] or None
-        ids = processor(images=images, text=text, return_tensors="pt")["input_ids"][0].tolist()
+        ids = processor(images=images, text=text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         expected = tokenizer_image_token(_palo_prompt(turns, n_images, system=system), tokenizer)
-        assert ids == _expand(expected, export.image_token_id, export.num_image_tokens)
+        assert ids[0].tolist() == _expand(expected, export.image_token_id, export.num_image_tokens)
+        assert fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                                        ) == _expand(expected, export.image_token_id, 1)
 
 
 def test_exported_tokenizer_matches_palo_on_plain_text(exports, world):
@@ -236,7 +242,7 @@ def test_linear_projector_exports_exactly(world, tmp_path):
     turns = [QUESTIONS["japanese"], None]
     inputs = processor(images=[image],
                        text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
-                       return_tensors="pt")
+                       return_tensors="pt", add_special_tokens=False)
     ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
     pixels = process_images([image], palo_processor, palo.config)  # "square": resize + centre crop, no pad
     torch.testing.assert_close(inputs["pixel_values"], pixels, rtol=0, atol=0)
@@ -382,7 +388,7 @@ def test_config_without_im_patch_key_keeps_the_loaders_extra_token(world, tmp_pa
     turns = [QUESTIONS["bengali"], None]
     inputs = processor(images=[image],
                        text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
-                       return_tensors="pt")
+                       return_tensors="pt", add_special_tokens=False)
     ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
     assert inputs["input_ids"][0].tolist() == _expand(ids[0].tolist(), export.image_token_id, export.num_image_tokens)
     with torch.no_grad():

@@ -30,7 +30,7 @@ def test_the_functions_are_the_checkpoints_tokenizer(tokenizer):
     assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == ("<s>", "</s>", 2048)
     from palo.export.chat_template import chat_template_for
 
-    assert info["chat_template"] == chat_template_for("vicuna_v1")
+    assert info["chat_template"] == chat_template_for("vicuna_v1", bos=True)
     for bad in ({"prompt": 3}, {"prompt": "x", "add_special_tokens": "no"}, {"messages": []}, [1]):
         with pytest.raises(TokenizerRequestError):
             tokenize(tokenizer, bad, 2048)
