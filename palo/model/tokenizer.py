@@ -255,4 +255,13 @@ def load_tokenizer(path: str, **kwargs: Any) -> PreTrainedTokenizerBase:
             f"No tokenizer files in {path!r}: expected tokenizer.model (SentencePiece) or tokenizer.json. "
             "A LoRA or stage-1 folder takes its tokenizer from --model-base."
         )
+    name = _tokenizer_class_name(path)
+    named_llama = name is not None and name in _LLAMA_TOKENIZER_CLASSES
+    if named_llama and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        # transformers would build a LLaMA tokenizer of no vocabulary at all (3 special tokens), and the loader
+        # would shrink the embeddings to it: a model that loads, answers and exports, all wrong.
+        raise FileNotFoundError(
+            f"{path!r} names a {name} in tokenizer_config.json but holds neither its tokenizer.model (SentencePiece) "
+            "nor a tokenizer.json: copy the tokenizer files from the checkpoint it came from"
+        )
     return AutoTokenizer.from_pretrained(path, **kwargs)

@@ -267,3 +267,19 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_a_llama_tokenizer_folder_without_its_vocabulary_raises(world, tmp_path):
+    """tokenizer_config.json names LlamaTokenizer but tokenizer.model is gone: transformers built a tokenizer of 3
+    special tokens, the loader shrank the embeddings to it, and the model loaded, answered and exported."""
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(world.tokenizer_dir, folder)
+    (folder / "tokenizer.model").unlink()
+    for stray in ("tokenizer.json",):
+        if (folder / stray).exists():
+            (folder / stray).unlink()
+    with pytest.raises(FileNotFoundError, match="holds neither its tokenizer.model") as info:
+        load_tokenizer(str(folder))
+    assert str(folder) in str(info.value)
