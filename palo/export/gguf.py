@@ -443,7 +443,9 @@ def export_gguf(
     mode = conv_mode or conv_mode_for_checkpoint(config)
     template = chat_template_for(mode, MEDIA_MARKER, marker=MEDIA_MARKERS)
     # The folder's or the hub repository's name ("MBZUAI/PALO-7B" -> PALO-7B), never the cache's snapshot folder.
-    name = name or os.path.basename(os.path.normpath(model_path)) or "palo"
+    # A local folder by its absolute path: "." and ".." name the folder they stand for.
+    where = os.path.abspath(model_path) if os.path.isdir(model_path) else os.path.normpath(model_path)
+    name = name or os.path.basename(where) or "palo"
     if os.sep in name or not name.strip("."):
         raise ExportError(f"name {name!r} must be a plain file stem")
 

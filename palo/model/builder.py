@@ -138,13 +138,21 @@ def _add_trained_tokens(model: PreTrainedModel, tokenizer: Any, added_pad: int |
 
 def _merge_lora(model: PreTrainedModel, adapter_dir: str) -> PreTrainedModel:
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     logger.info("Merging LoRA weights from %s", adapter_dir)
-    if isinstance(model, PaloForCausalLM):
-        with _without_multimodal_modules(model):
-            merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        return merged
-    return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    try:
+        if isinstance(model, PaloForCausalLM):
+            with _without_multimodal_modules(model):
+                merged = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+            return merged
+        return PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    # A cut adapter file: torch's memory map says EINVAL (an OSError naming no file), its zip reader RuntimeError.
+    except (OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise CheckpointError(f"{adapter_dir}: the LoRA adapter cannot be read ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); is adapter_model.* cut short?") from exc
 
 
 def _available_locally(name: str) -> bool:
@@ -317,7 +325,11 @@ def unreadable_files_named(model_path: str, model_base: str | None) -> Iterator[
 
     try:
         yield
-    except (SafetensorError, StrictDataclassError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    except (SafetensorError, StrictDataclassError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError,
+            RuntimeError) as exc:
+        # torch's zip reader says a cut pytorch_model.bin with a RuntimeError; any other RuntimeError is no file's
+        if isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+            raise
         where = model_path if model_base is None else f"{model_path} (base {model_base})"
         raise CheckpointError(f"{where}: a file cannot be read ({type(exc).__name__}: {str(exc)[:300]})") from exc
 

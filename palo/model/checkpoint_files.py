@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import pickle
 import uuid
+import zipfile
 from collections.abc import Collection, Iterable, Mapping
 
 import torch
@@ -169,15 +171,23 @@ def load_state_file(path: str) -> dict[str, torch.Tensor]:
     """A ``.bin`` (torch pickle, tensors only) or ``.safetensors`` state dict, on the CPU.
 
     Raises:
-        CheckpointError: If the file does not exist.
+        CheckpointError: If the file does not exist or cannot be read (cut short, not a state dict file).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # A cut file: torch's zip reader raises RuntimeError, its memory map OSError (EINVAL), a cut old-style pickle
+    # EOFError or UnpicklingError; said with the file's name, not as an anonymous errno or a traceback.
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); is it cut short?"
+                              ) from exc
 
 
 def _file_in(path: str, name: str) -> str:

@@ -209,6 +209,13 @@ def test_lora_checkpoint_exports_merged_weights(world, tmp_path):
     assert os.path.basename(written.model_file) == "finetune_out-f32.gguf"
 
 
+def test_the_current_folder_exports_under_its_own_name(world, tmp_path, monkeypatch):
+    """``--model-path .`` was refused: "name '.' must be a plain file stem"."""
+    monkeypatch.chdir(world.full_dir)
+    written = export_gguf(".", str(tmp_path / "out"), outtype="f32")
+    assert os.path.basename(written.model_file) == os.path.basename(world.full_dir) + "-f32.gguf"
+
+
 def test_ldp_projector_is_written_as_llama_cpp_reads_it(ldp_world, tmp_path):
     written = export_gguf(ldp_world, str(tmp_path / "out"), outtype="f16")
     reader = gguf.GGUFReader(written.mmproj_file)

@@ -364,6 +364,30 @@ def test_a_damaged_checkpoint_is_named_not_a_traceback(world, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert err.startswith("error: ") and why in err and "Traceback" not in err, err
         assert not out.exists()
+    # Cut pickles (.bin): each said with its file or folder (a traceback, or an "[Errno 22] Invalid argument" that
+    # named nothing), and a folder that lost its SentencePiece model (it exported as a 3-token model).
+    for name, source, file, base, why in (
+            ("cut-shard", world.full_bin_dir, "pytorch_model-00001-of-00002.bin", None, "(RuntimeError"),
+            ("cut-projector", world.projector_dir, "mm_projector.bin", world.base_dir, "mm_projector.bin cannot be"),
+            ("cut-non-lora", world.lora_dir, "non_lora_trainables.bin", world.base_dir, "non_lora_trainables.bin "),
+            ("cut-adapter", world.lora_dir, None, world.base_dir, "the LoRA adapter cannot be read"),
+            ("no-sp-model", world.full_dir, "tokenizer.model", None, "holds neither its tokenizer.model")):
+        folder = tmp_path / name
+        shutil.copytree(source, folder)
+        if file is None:  # the adapter, in whichever format it was saved
+            file = next(n for n in os.listdir(folder) if n.startswith("adapter_model."))
+        if name == "no-sp-model":
+            os.remove(folder / file)
+        else:
+            with open(folder / file, "r+b") as f:
+                f.truncate(os.path.getsize(folder / file) // 2)
+        out = tmp_path / f"out-{name}"
+        argv = ["export", "--to", target, "--model-path", str(folder), "--output", str(out)]
+        assert palo_main(argv + (["--model-base", base] if base else [])) == 2, name
+        err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1]  # after the base's loading bar, for those with a base
+        assert last.startswith("error: ") and why in last and str(folder) in last and "Traceback" not in err, err
+        assert not out.exists()
 
 
 def test_config_without_im_patch_key_keeps_the_loaders_extra_token(world, tmp_path):
