@@ -195,8 +195,10 @@ class LLM:
             raise ValueError("give prompts and images as arguments, not as settings")
         prepared = []
         for index, (prompt, images, template_stop) in enumerate(rows):
-            params = {**settings, "prompt": prompt, "max_new_tokens": max_tokens, "temperature": temperature,
-                      "stop": template_stop}
+            # A prompt's answer continues its text ("is" + " The"), as vLLM's generate; a conversation's starts
+            # without a space, as the original's chat answers.
+            params = {"continuation": what == "prompt", **settings, "prompt": prompt, "max_new_tokens": max_tokens,
+                      "temperature": temperature, "stop": template_stop}
             try:  # every request is checked before any is submitted; pixels wait in host memory, as vLLM's do
                 request = self.backend.prepare(params, images, host_images=True)
             except (RequestError, PromptTooLong) as exc:

@@ -84,7 +84,24 @@ def test_generate_continues_a_finished_prompt_as_chat_does(llm, photo):
     conv.append_message(conv.roles[1], None)
     (raw,) = llm.generate(conv.get_prompt(), [[photo]], max_tokens=8, stop="</s>")
     (chat,) = llm.chat(user("What is this?", {"type": "image", "image": photo}), max_tokens=8)
-    assert raw.text == chat.text and raw.prompt_tokens == chat.prompt_tokens
+    # The same tokens; the prompt's continuation keeps the space its first word brings ("ASSISTANT:" + " The"), the
+    # chat answer starts without it, as the original's.
+    assert raw.text.lstrip() == chat.text and raw.prompt_tokens == chat.prompt_tokens
+
+
+def test_a_continued_prompt_keeps_the_space_of_its_first_word(llm):
+    """'The capital of France is' went on as 'The The': the answer was decoded alone, and SentencePiece drops a
+    text's leading space. Its text is now what it adds to the prompt's (vLLM's rule), and a chat answer is as before."""
+    tokenizer = llm.backend.tokenizer
+    word = next(i for i in range(len(tokenizer)) if tokenizer.convert_ids_to_tokens(i).startswith("\u2581")
+                and tokenizer.convert_ids_to_tokens(i)[1:].isalpha() and len(tokenizer.convert_ids_to_tokens(i)) > 3)
+    prompt = "La capitale de la France est"
+    (raw,) = llm.generate(prompt, max_tokens=3, logit_bias={str(word): 100})
+    ids = tokenizer(prompt).input_ids
+    assert raw.text.startswith(" ")
+    assert prompt + raw.text == tokenizer.decode(ids + [word] * 3, skip_special_tokens=True)
+    (chat,) = llm.chat(user("Bonjour"), max_tokens=3, logit_bias={str(word): 100})
+    assert chat.text == raw.text[1:]
 
 
 def test_stop_strings_and_seeded_sampling(llm, photo):

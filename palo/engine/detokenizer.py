@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 REPLACEMENT = "\ufffd"
+# Prompt tokens an answer that continues the prompt's text is decoded after: enough for SentencePiece to see that
+# its first piece follows other text.
+CONTEXT = 4
 # Tokens a window grows to before its start moves up: longer windows cost more per decode, shorter ones more decodes.
 WINDOW = 6
 PROBE = 8  # characters of a stop string searched for at once when holding back its possible start
@@ -30,9 +33,13 @@ class IncrementalDetokenizer:
         tokenizer: A transformers tokenizer.
         skip_special_tokens: As in ``tokenizer.decode``.
         stops: Stop strings, for :meth:`visible`.
+        context: Token ids the answer's text continues (:func:`prompt_context`): the text is what the answer adds
+            to their decoding, so a word-initial first piece keeps its space. Empty: the answer is decoded on its
+            own, its first piece without the space (as the original worker's streamer showed chat answers).
     """
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, stops: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, stops: Sequence[str] = (),
+                 context: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stops = tuple(s for s in stops if s)
@@ -43,10 +50,12 @@ class IncrementalDetokenizer:
         # Most tokens are word pieces whose text just follows the text so far: no decode at all for them.
         pieces = getattr(tokenizer, "streaming_piece_texts", None) if skip_special_tokens else None
         self._pieces: list[str | None] | None = pieces() if pieces is not None else None
-        self.ids: list[int] = []
+        # The context's ids lead the answer's, as text already read: the first window decodes them with it.
+        self._context = len(context)
+        self.ids: list[int] = list(context)
         self.text = ""
         self._prefix = 0  # window start: enough context for the pieces after it to decode as in the full text
-        self._read = 0  # tokens already turned into text
+        self._read = len(context)  # tokens already turned into text
         self._before: str | None = None  # the decoding of ids[_prefix:_read], when known
 
     def _decode(self, ids: list[int]) -> str:
@@ -82,8 +91,10 @@ class IncrementalDetokenizer:
     def flush(self) -> str:
         """At the end: what the whole answer's decoding has beyond the text emitted so far (a trailing half
         character, held back while more tokens could complete it)."""
+        context = self._decode(self.ids[:self._context]) if self._context else ""
         full = self._decode(self.ids)
-        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        shown = context + self.text
+        delta = full[len(shown):] if full.startswith(shown) else ""
         self._prefix = self._read = len(self.ids)
         self._before = None
         self.text += delta
@@ -109,6 +120,30 @@ class IncrementalDetokenizer:
             return text[:cut], True
         self._searched = len(text)
         return _held_back(text, self.stops, final), False
+
+
+def prompt_context(tokenizer: Any, input_ids: Sequence[int]) -> list[int]:
+    """The prompt's last few text ids, for an answer that continues its text (raw completions): those after its
+    last image placeholder (a negative id), unless they decode to half a character (the answer's first byte
+    tokens would complete it, and the two texts would not extend each other)."""
+    tail: list[int] = []
+    for token in reversed(input_ids):
+        if token < 0 or len(tail) == CONTEXT:
+            break
+        tail.append(int(token))
+    tail.reverse()
+    if tail and tokenizer.decode(tail, skip_special_tokens=True).endswith(REPLACEMENT):
+        return []
+    return tail
+
+
+def decode_continuation(tokenizer: Any, context: Sequence[int], ids: Sequence[int]) -> str:
+    """``ids``' text after ``context``'s (:func:`prompt_context`); without context, their own decoding."""
+    if not context:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    before = tokenizer.decode(list(context), skip_special_tokens=True)
+    full = tokenizer.decode([*context, *ids], skip_special_tokens=True)
+    return full[len(before):] if full.startswith(before) else tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:

@@ -28,7 +28,7 @@ import torch
 from palo.constants import IMAGE_TOKEN_INDEX
 from palo.engine.block_manager import BlockManager
 from palo.engine.config import EngineConfig, plan_num_blocks
-from palo.engine.detokenizer import IncrementalDetokenizer
+from palo.engine.detokenizer import IncrementalDetokenizer, prompt_context
 from palo.engine.errors import EngineClosed, QueueFull, RequestTooLarge
 from palo.engine.model_runner import ModelRunner, cache_shape
 from palo.engine.sampling import PenaltyState, TokenLogprob, sample, token_logprobs
@@ -189,7 +189,8 @@ class LLMEngine:
         if request.sampling.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device).manual_seed(request.sampling.seed)
         if self.tokenizer is not None:  # without one (benchmarks) the engine reports token ids only
-            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, stops=request.sampling.stop)
+            context = prompt_context(self.tokenizer, request.input_ids) if request.sampling.continuation else ()
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, stops=request.sampling.stop, context=context)
         elif request.sampling.stop:
             raise ValueError("stop strings need a tokenizer")
         with self._cond:

@@ -57,6 +57,9 @@ class SamplingParams:
         logit_bias: ``(token id, bias)`` pairs (a mapping is accepted), each bias in [-100, 100], added to the
             token's logit after the penalties and before temperature (OpenAI's ``logit_bias``): -100 bans a token,
             100 all but forces it. Reported log-probabilities stay the model's own.
+        continuation: The answer's text continues the prompt's (raw completions, a continued final message): it is
+            decoded after the prompt's last tokens, so a word-initial first token keeps its space ("is" + " The").
+            Otherwise the answer is decoded on its own, as the original worker showed chat answers ("The").
     """
 
     max_tokens: int = 256
@@ -76,6 +79,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
     structured: StructuredOutput | None = None
+    continuation: bool = False
     # Whether the tokens seen so far change this request's logits: read for every row at every step, so set once
     # rather than computed by a property.
     penalized: bool = field(init=False, repr=False, compare=False)

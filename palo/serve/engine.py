@@ -223,7 +223,9 @@ class EngineBackend(ABC):
                 (``"response_format"``, ``"guided_json"``, ``"guided_regex"``, ``"guided_choice"`` or
                 ``"structured_outputs"``, see
                 :func:`~palo.serve.protocol.parse_structured_output`), ``"prompt_token_ids"`` instead of
-                ``"prompt"`` (the prompt as token ids, used as they are; no images) and vLLM's ``"cache_salt"``.
+                ``"prompt"`` (the prompt as token ids, used as they are; no images), vLLM's ``"cache_salt"`` and
+                ``"continuation"`` (the answer's text continues the prompt's: a word-initial first token keeps its
+                space, as raw completions need).
             images: The prompt's images already read (RGB PIL images, for :mod:`palo.llm`), instead of
                 ``params["images"]``.
             host_images: Keep the pixels in host memory (the engine moves them to the device when it encodes
@@ -273,6 +275,9 @@ class EngineBackend(ABC):
         ignore_eos = params.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise RequestError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
+        continuation = params.get("continuation", False)
+        if not isinstance(continuation, bool):
+            raise RequestError(f"'continuation' must be true or false, got {continuation!r}")
         stop_token_ids = params.get("stop_token_ids") or []
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(stop_token_ids, vocab, max_len=MAX_STOP_TOKEN_IDS, empty=True):
@@ -355,7 +360,7 @@ class EngineBackend(ABC):
                                       stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
                                       stop=((stop,) if stop else ()) + stops, seed=seed, logprobs=logprobs,
                                       prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
-                                      structured=structured, **penalties)
+                                      structured=structured, continuation=continuation, **penalties)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
         return PreparedRequest(

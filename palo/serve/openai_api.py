@@ -118,6 +118,9 @@ class GenerationRequest:
     # vLLM's min_p, min_tokens, stop_token_ids, ignore_eos and cache_salt, those that ask for something
     extras: dict[str, Any] = field(default_factory=dict)
     prompt_field: str = "messages"  # what the request's prompt was sent as (errors about it name it)
+    # The answer continues the prompt's text (completions, a continued final message): its first word keeps its
+    # space; a chat answer starts without one, as the original's.
+    continuation: bool = False
 
     def worker_params(self, choice: int = 0) -> dict[str, Any]:
         """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
@@ -135,6 +138,8 @@ class GenerationRequest:
         }
         if self.stops:  # this project's workers apply them (under min_tokens too); others ignore the field
             params["stops"] = self.stops
+        if self.continuation:  # sent only when asked for, like the settings below
+            params["continuation"] = True
         if self.seed is not None:  # this project's workers sample reproducibly from it
             params["seed"] = self.seed + choice
         if self.top_k:
@@ -504,7 +509,7 @@ def parse_chat_request(body: Any, conv_mode_for: Callable[[str], str | None]) ->
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     return GenerationRequest(model=model, prompt=prompt, images=images, template_stop=template_stop,
                              logprobs=(top_logprobs or 0) if logprobs else None, prompt_logprobs=prompt_logprobs,
-                             **fields)
+                             continuation=flags["continue_final_message"], **fields)
 
 
 # The legacy text completion's features this server does not implement, with the values that ask for nothing.
@@ -555,7 +560,8 @@ def parse_completion_request(body: Any) -> list[GenerationRequest]:
     prompt_logprobs = logprobs if echo and logprobs is not None else 0 if echo and not fields["max_tokens"] else None
     return [GenerationRequest(model=model, prompt=p if isinstance(p, str) else "", images=[], template_stop=None,
                               logprobs=logprobs, prompt_token_ids=None if isinstance(p, str) else p,
-                              echo=bool(echo), prompt_logprobs=prompt_logprobs, prompt_field="prompt", **fields)
+                              echo=bool(echo), prompt_logprobs=prompt_logprobs, prompt_field="prompt",
+                              continuation=True, **fields)
             for p in prompts]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from palo.engine.detokenizer import visible_text
+from palo.engine.detokenizer import decode_continuation, prompt_context, visible_text
 from palo.engine.sampling import SamplingParams, apply_penalties, prompt_token_set
 from palo.mm_utils import left_pad
 from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, RequestError, Sink, StreamEvent
@@ -37,6 +37,11 @@ class Job:
     shown: str = ""
     finished: bool = False
     cancelled: bool = False
+    context: list[int] = field(default_factory=list)  # prompt ids a continuation's text is decoded after
+
+    def text(self, tokenizer: Any) -> str:
+        """The answer's text so far (after the prompt's, for a continuation)."""
+        return decode_continuation(tokenizer, self.context, self.ids)
 
     def cancel(self) -> None:
         """The client went away: stop generating for this request at the next step."""
@@ -129,7 +134,8 @@ class StaticBatchEngine(EngineBackend):
 
     def submit_many(self, requests: Sequence[PreparedRequest], sinks: Sequence[Sink]) -> list[Job]:
         """Queue several requests at once (they can share a batch)."""
-        jobs = [Job(request, sink) for request, sink in zip(requests, sinks)]
+        jobs = [Job(request, sink, context=prompt_context(self.tokenizer, request.input_ids)
+                    if request.sampling.continuation else []) for request, sink in zip(requests, sinks)]
         with self._cond:
             if self._closed:
                 raise RuntimeError("the generation engine is closed")
@@ -286,7 +292,7 @@ class _BatchTracker(StoppingCriteria):
                 break
             job.ids.append(token)
         stops = job.request.sampling.stop
-        text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+        text = job.text(self.tokenizer)
         shown, stopped = visible_text(text, stops, final=False)
         if eos_hit or stopped:
             self.finish(job, "stop", text)
@@ -304,7 +310,7 @@ class _BatchTracker(StoppingCriteria):
         if job.cancelled:
             return
         if text is None:
-            text = self.tokenizer.decode(job.ids, skip_special_tokens=True)
+            text = job.text(self.tokenizer)
         stops = job.request.sampling.stop
         shown, _ = visible_text(text, stops, final=True)
         job.shown = shown

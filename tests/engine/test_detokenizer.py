@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from palo.engine.detokenizer import IncrementalDetokenizer, visible_text
+from palo.engine.detokenizer import IncrementalDetokenizer, decode_continuation, prompt_context, visible_text
 from palo.model.tokenizer import PaloLlamaTokenizer
 
 TEXTS = {
@@ -136,6 +136,25 @@ def test_random_ids_stream_to_the_decoding_of_the_whole_answer(tokenizer, seed):
         detok = IncrementalDetokenizer(tokenizer)
         chunks = [detok.push(t) for t in ids] + [detok.flush()]
         assert "".join(chunks) == detok.text == tokenizer.decode(ids, skip_special_tokens=True), ids
+        # Continuing a prompt: the chunks add up to what the answer adds to the prompt's text.
+        prompt = tokenizer(rng.choice(list(TEXTS.values())) + rng.choice(["", " and", " 鳄"])).input_ids
+        context = prompt_context(tokenizer, [-200, *prompt])
+        detok = IncrementalDetokenizer(tokenizer, context=context)
+        chunks = [detok.push(t) for t in ids] + [detok.flush()]
+        assert "".join(chunks) == detok.text == decode_continuation(tokenizer, context, ids), ids
+
+
+def test_a_continuation_keeps_the_space_of_its_first_word_and_takes_no_half_character_as_context(tokenizer):
+    word = tokenizer("hello", add_special_tokens=False).input_ids[0]  # "▁he..." : word-initial
+    prompt = tokenizer("Le chat").input_ids
+    context = prompt_context(tokenizer, prompt)
+    assert context == prompt[-4:] and -200 not in prompt_context(tokenizer, [*prompt, -200, *prompt[1:3]])
+    detok = IncrementalDetokenizer(tokenizer, context=context)
+    streamed = detok.push(word) + detok.push(word) + detok.flush()
+    alone = tokenizer.decode([word, word], skip_special_tokens=True)
+    assert streamed == " " + alone == tokenizer.decode(prompt + [word] * 2, skip_special_tokens=True)[len("Le chat"):]
+    cut = tokenizer("鳄", add_special_tokens=False).input_ids[:-1]  # the first bytes of a character
+    assert tokenizer.decode(cut).endswith("\ufffd") and prompt_context(tokenizer, cut) == []
 
 
 @pytest.mark.parametrize("seed", range(4))

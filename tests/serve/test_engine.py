@@ -71,6 +71,37 @@ def test_each_row_stops_at_its_own_stop_string(loaded):
     assert out[1].text == free.text  # its neighbour in the batch is unaffected
 
 
+def test_a_continuation_is_decoded_after_the_prompt_on_either_engine(loaded):
+    """``continuation``: the answer's text is what it adds to the prompt's (its first word keeps its space), on the
+    static engine as on the paged one; without it the answer is decoded alone, as before ("Bonjourhe he")."""
+    from palo.engine.detokenizer import prompt_context
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer = loaded[0]
+    word = tokenizer("hello", add_special_tokens=False).input_ids[0]  # word-initial ("▁...")
+    whole = tokenizer.decode(tokenizer("Bonjour").input_ids + [word] * 2, skip_special_tokens=True)
+    assert whole.startswith("Bonjour ")
+    paged = _engine(loaded, max_batch_size=4)
+    try:
+        texts = [paged.generate([paged.prepare(_params(3, prompt="Bonjour", stop=None, max_new_tokens=2,
+                                                       logit_bias={str(word): 100}, continuation=continuation))]
+                                )[0].text for continuation in (False, True)]
+        with pytest.raises(RequestError, match="'continuation' must be true or false"):
+            paged.prepare(_params(3, continuation="yes"))
+    finally:
+        paged.close()
+    assert texts == [whole[len("Bonjour "):], whole[len("Bonjour"):]]
+    static = StaticBatchEngine(*loaded)  # not started: the job waits, and its text is read as the engine reads it
+    try:
+        request = static.prepare(_params(3, prompt="Bonjour", stop=None, continuation=True))
+        (job,) = static.submit_many([request], [lambda event: None])
+        assert job.context == prompt_context(tokenizer, request.input_ids) != []
+        job.ids = [word, word]
+        assert job.text(tokenizer) == texts[1]
+    finally:
+        static.close()
+
+
 @pytest.mark.parametrize("kind", ["paged", "static"])
 def test_the_clients_stop_strings_end_the_answer_besides_the_templates(loaded, kind):
     """``stops``: the OpenAI API's client stop strings, applied by the worker (so that min_tokens holds for them and

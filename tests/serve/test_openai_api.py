@@ -146,6 +146,34 @@ def test_logit_bias_min_tokens_and_stop_ids_with_ids_from_the_servers_tokenizer(
         assert text.strip() == three and usage.completion_tokens == 4
 
 
+def test_a_continued_text_keeps_the_space_of_its_first_word(cluster):
+    """A completion, its echo and a continued final message answered 'Bonjourhe he' for 'Bonjour' + ' he he': the
+    answer was decoded alone, and SentencePiece drops a text's leading space. Now the prompt's text and the
+    answer's are the decoding of the whole (vLLM's rule); a chat answer still starts without the space."""
+    c = client(cluster)
+
+    def served(path: str, **body):
+        return httpx.post(cluster.url + path, json={"model": "ckpt", **body}, timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}"}).json()
+
+    word = served("/tokenize", prompt="hello", add_special_tokens=False)["tokens"][0]  # word-initial ("▁...")
+    prompt_ids = served("/tokenize", prompt="Bonjour", add_special_tokens=False)["tokens"]
+    whole = served("/detokenize", tokens=prompt_ids + [word] * 2)["prompt"]
+    assert whole.startswith("Bonjour ")
+    ask = dict(model="ckpt", temperature=0, max_tokens=2, logit_bias={str(word): 100})
+    plain = c.completions.create(prompt="Bonjour", **ask).choices[0].text
+    echoed = c.completions.create(prompt="Bonjour", echo=True, **ask).choices[0].text
+    streamed = "".join(chunk.choices[0].text for chunk in c.completions.create(prompt="Bonjour", stream=True, **ask)
+                       if chunk.choices)
+    assert plain == streamed == whole[len("Bonjour"):] and echoed == whole
+    messages = [{"role": "user", "content": "Salut"}, {"role": "assistant", "content": "Bonjour"}]
+    continued = c.chat.completions.create(messages=messages, extra_body={"continue_final_message": True,
+                                                                         "add_generation_prompt": False}, **ask)
+    assert continued.choices[0].message.content == plain
+    answered = c.chat.completions.create(messages=messages[:1], **ask)
+    assert answered.choices[0].message.content == plain.lstrip()
+
+
 def test_structured_answers_through_the_official_client(cluster):
     """JSON held to a schema (OpenAI's response_format), one of a list of choices (vLLM's extra), streamed or not;
     a pattern that does not compile is a 400 that says why."""
@@ -195,7 +223,12 @@ def test_text_completions_answer_the_rendered_chat_prompt_as_chat_does(cluster):
     chat = c.chat.completions.create(model="ckpt", messages=messages, temperature=0, max_tokens=12)
     prompt, _, _ = render_messages(messages, "vicuna_v1")
     text = c.completions.create(model="ckpt", prompt=prompt, temperature=0, max_tokens=12, logprobs=2)
-    assert text.object == "text_completion" and text.choices[0].text == chat.choices[0].message.content != ""
+    # The same tokens; a completion continues its prompt's text, so a word-initial first token keeps its space
+    # ("ASSISTANT:" + " Это"), where the chat answer starts without it (as the original's).
+    answer = chat.choices[0].message.content
+    assert text.object == "text_completion" and answer and text.choices[0].text.lstrip() == answer
+    first = text.choices[0].logprobs.tokens[0]
+    assert text.choices[0].text == (" " + answer if first.startswith(" ") else answer)
     # The same counts (the second reads the first's prompt from the prefix cache: more cached tokens).
     assert (text.usage.prompt_tokens, text.usage.completion_tokens) == (chat.usage.prompt_tokens,
                                                                         chat.usage.completion_tokens)
