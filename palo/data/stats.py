@@ -13,6 +13,7 @@ does. This module makes that visible, per language:
 
 A sample's language is :func:`palo.data.languages.sample_language` (all its turns together, as ``validate``); an
 evaluation question's is its bench folder's language when given a bench folder, else detected from its text.
+Training samples flagged ``corrupt: true`` are skipped and counted, as training and ``validate`` drop them.
 
 Outputs: a markdown table on stdout; with ``--out PREFIX``, ``PREFIX.md``, ``PREFIX.json`` and ``PREFIX.png`` (tokens
 per character and byte-fallback share per language), each written through a temporary file and ``os.replace``.
@@ -96,17 +97,23 @@ def _image_count(image: Any) -> int:
     return 1 if image else 0
 
 
-def training_stats(samples: Iterable[Any], counter: TokenCounter) -> tuple[dict[str, LanguageStats], int]:
+def training_stats(samples: Iterable[Any], counter: TokenCounter) -> tuple[dict[str, LanguageStats], int, int]:
     """Per-language statistics of training samples (docs/formats.md §5.1).
 
+    Samples flagged ``corrupt`` are skipped: training (and ``palo-data validate``) drops them.
+
     Returns:
-        The statistics by language, and the number of malformed samples (no ``conversations`` list) skipped.
+        The statistics by language, the number of malformed samples (no ``conversations`` list) skipped, and the
+        number of corrupt samples skipped.
     """
     table: dict[str, LanguageStats] = {}
-    malformed = 0
+    malformed = corrupt = 0
     for sample in samples:
         if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
             malformed += 1
+            continue
+        if sample.get("corrupt"):
+            corrupt += 1
             continue
         stats = table.setdefault(sample_language(sample), LanguageStats())
         turns = [t.get("value") for t in sample["conversations"] if isinstance(t, dict)]
@@ -117,7 +124,7 @@ def training_stats(samples: Iterable[Any], counter: TokenCounter) -> tuple[dict[
         stats.image_samples += 1 if images else 0
         stats.images += images
         counter.add(stats, turns)
-    return table, malformed
+    return table, malformed, corrupt
 
 
 def _question_files(path: str) -> Iterator[tuple[str | None, str]]:
@@ -245,7 +252,7 @@ def main_stats(args: argparse.Namespace) -> int:
         return 2
     counter = TokenCounter(tokenizer)
     index = JsonArrayIndex.build(args.data_path)
-    train, malformed = training_stats((index.read(i) for i in range(len(index))), counter)
+    train, malformed, corrupt = training_stats((index.read(i) for i in range(len(index))), counter)
     tables = {"training data": train}
     if args.questions:
         try:
@@ -257,6 +264,7 @@ def main_stats(args: argparse.Namespace) -> int:
         "tokenizer": args.model_name_or_path,
         "data_path": args.data_path,
         "malformed_samples": malformed,
+        "corrupt_samples": corrupt,
         "definitions": {
             "words": "whitespace-separated runs (a Chinese/Japanese 'word' is a phrase: compare those by characters)",
             "characters": "code points other than whitespace, <image> removed",
@@ -268,6 +276,8 @@ def main_stats(args: argparse.Namespace) -> int:
     markdown = "\n".join(markdown_table(name, table) for name, table in tables.items())
     if malformed:
         markdown += f"\n{malformed} malformed sample(s) skipped (no 'conversations' list)\n"
+    if corrupt:
+        markdown += f"\n{corrupt} corrupt sample(s) skipped (corrupt: true; training drops them)\n"
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else markdown)
     if args.out:
         try:

@@ -34,6 +34,9 @@ SAMPLES = [
     {"id": "bn1", "conversations": [
         {"from": "human", "value": f"বৃত্তটি কোন রঙের? {CLEF}"},
         {"from": "gpt", "value": "বৃত্তটি লাল।"}]},
+    # Dropped by training (and validate), so not counted: skipped, and the skip reported.
+    {"id": "fr-corrupt", "corrupt": True, "conversations": [
+        {"from": "human", "value": "Que fait le chat sur la table ?"}, {"from": "gpt", "value": "Le chat dort."}]},
     {"id": "broken", "image": "d.png"},
 ]
 LANGUAGE = {"en1": "english", "en2": "english", "zh1": "chinese", "hi1": "hindi", "bn1": "bengali"}
@@ -77,9 +80,9 @@ def test_stats_table_json_and_plot(world, tmp_path, capsys):
     printed = capsys.readouterr().out
 
     report = json.loads((out.parent / "stats.json").read_text(encoding="utf-8"))
-    assert report["malformed_samples"] == 1
+    assert report["malformed_samples"] == 1 and report["corrupt_samples"] == 1
     train = report["sets"]["training data"]
-    expected = _expected(world, SAMPLES[:-1])
+    expected = _expected(world, SAMPLES[:-2])
     assert list(train) == ["english", "chinese", "hindi", "bengali"]  # paper order
     for language, row in expected.items():
         got = {k: train[language][k] for k in row}
@@ -107,6 +110,7 @@ def test_stats_table_json_and_plot(world, tmp_path, capsys):
             f"{e['tokens'] / e['words']:.2f} | {e['tokens'] / e['characters']:.2f} | "
             f"{100 * e['byte_tokens'] / e['tokens']:.1f} % |") in md
     assert "### evaluation questions" in md and "1 malformed sample(s) skipped" in md
+    assert "1 corrupt sample(s) skipped" in md
     png = (out.parent / "stats.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert not [p for p in os.listdir(out.parent) if p.endswith(".tmp")]

@@ -3,8 +3,9 @@
 The server "translates" word by word into a fixed word list of the target language (read from the system
 message), copying the ``[[n]]`` placeholders it receives, and misbehaves on cue: a marker word in the English text
 makes it answer 500 once, 429 once (with Retry-After), echo the English, echo it once, mangle placeholders, or wrap
-the reply in angle brackets once, or put a preamble ("Translation: ...") before it. Every request is recorded, so
-tests count calls per (language, text).
+the reply in angle brackets once, or put a preamble ("Translation: ...") before it, refuse the request (400) or the
+key (401) every time, or stop a reply halfway with ``finish_reason: content_filter``. Once ``healed``, it answers
+every text well. Every request is recorded, so tests count calls per (language, text).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class FakeTranslator:
         self.calls: list[tuple[str, str, int, str]] = []  # (language, user text, status, system message)
         self.attempts: Counter = Counter()
         self.stall_after: int | None = None
+        self.healed = False  # no more misbehaving on cue
         self.stalled = threading.Event()
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -82,7 +84,7 @@ class FakeTranslator:
         with self.lock:
             return Counter((lang, text) for lang, text, s, _ in self.calls if s == status)
 
-    def respond(self, body: dict) -> tuple[int, str, dict]:
+    def respond(self, body: dict) -> tuple[int, str | dict, dict]:
         system = next(m["content"] for m in body["messages"] if m["role"] == "system")
         text = next(m["content"] for m in body["messages"] if m["role"] == "user")
         language = _LANGUAGE.search(system).group(1).lower()
@@ -97,7 +99,18 @@ class FakeTranslator:
             self.attempts[(language, text)] += 1
             n = self.attempts[(language, text)]
         good = fake_translate(text, language)
-        if "fivehundred" in text and n == 1:
+        if self.healed:
+            status, reply, headers = 200, good, {}
+        elif "refuseme" in text:
+            status, reply, headers = 400, "This model's maximum context length is 8192 tokens.", {}
+        elif "unauthorized" in text:
+            status, reply, headers = 401, "Incorrect API key provided.", {}
+        elif "contentfilter" in text:
+            status, headers = 200, {}
+            reply = {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                     "choices": [{"index": 0, "finish_reason": "content_filter",
+                                  "message": {"role": "assistant", "content": good[: len(good) // 2]}}]}
+        elif "fivehundred" in text and n == 1:
             status, reply, headers = 500, "boom", {}
         elif "ratelimit" in text and n == 1:
             status, reply, headers = 429, "slow down", {"Retry-After": "0.4"}
@@ -277,6 +290,53 @@ def test_short_urdu_reply_to_an_arabic_request_is_rejected_by_its_urdu_only_lett
     assert check_translation("What animal is it?", "یہ بلی ہے", "urdu") == []
 
 
+@pytest.mark.parametrize("source,reply,language,wrong", [
+    ("What is the man holding in his hand?", "¿Qué sostiene el hombre en su mano?", "french", "spanish"),
+    ("The cat is sleeping on the sofa.", "Le chat dort sur le canapé.", "spanish", "french"),
+    # Real translations: names and titles copied from the English carry the other language's words and accents.
+    ("The sign says 'El Paso Taqueria'.", "Le panneau indique « El Paso Taqueria ».", "french", None),
+    ("The bus goes to Málaga and Bogotá.", "Le bus va à Málaga et Bogotá.", "french", None),
+    ("Obama visited Madrid on July [[1]], [[2]].", "Obama a visité Madrid le [[1]] juillet [[2]].", "french", None),
+    ("Yes, it is true.", "Oui, c'est vrai.", "french", None),
+    ("The restaurant is called Le Petit Château.", "El restaurante se llama Le Petit Château.", "spanish", None),
+    ("There are [[1]] people on the beach.", "Hay [[1]] personas en la playa.", "spanish", None),
+    ("Yes, it is true.", "Sí, es verdad.", "spanish", None),
+])
+def test_french_and_spanish_are_told_apart(source, reply, language, wrong):
+    problems = check_translation(source, reply, language, source.count("[["))
+    assert problems == ([f"looks like {wrong}, not {language}"] if wrong else []), problems
+
+
+# A chat model declining in the target language, for a short turn (no length check below 40 characters).
+REFUSALS = {
+    "french": "Je suis désolé, je ne peux pas faire cela.",
+    "spanish": "Lo siento, pero no puedo ayudar con esa solicitud.",
+    "russian": "Извините, я не могу помочь с этим запросом.",
+    "chinese": "抱歉，我无法完成这个请求。",
+    "japanese": "申し訳ありませんが、そのリクエストにはお応えできません。",
+    "arabic": "عذرًا، لا أستطيع المساعدة في هذا الطلب.",
+    "hindi": "क्षमा करें, मैं इस अनुरोध में मदद नहीं कर सकता।",
+    "bengali": "দুঃখিত, আমি এই অনুরোধে সাহায্য করতে পারব না।",
+    "urdu": "معذرت، میں اس درخواست میں مدد نہیں کر سکتا۔",
+}
+
+
+@pytest.mark.parametrize("language", sorted(REFUSALS))
+def test_a_refusal_in_the_target_language_is_rejected(language):
+    problems = check_translation("What colour is the bus?", REFUSALS[language], language)
+    assert any(p.startswith("reads as a refusal") for p in problems), problems
+
+
+@pytest.mark.parametrize("reply,language", [
+    ("Je suis désolé, mais je ne peux pas lire le texte.", "french"),
+    ("Lo siento, pero no puedo leer el texto.", "spanish"),
+    ("抱歉，我无法看清这段文字。", "chinese"),
+    ("দুঃখিত, আমি লেখাটি পড়তে পারছি না।", "bengali"),
+])
+def test_a_source_that_apologises_itself_is_translated_with_the_apology(reply, language):
+    assert check_translation("I'm sorry, but I can't read the text.", reply, language) == []
+
+
 # --------------------------------------------------------------------------------------------------------------
 # End to end over HTTP
 # --------------------------------------------------------------------------------------------------------------
@@ -343,6 +403,21 @@ def test_malformed_conversations_are_refused_before_any_request(tmp_path, server
         err = capsys.readouterr().err
         assert f"--data_path {data}: sample 1 (id 'bad'): 'conversations' must be a non-empty list" in err, bad
         assert len(server.calls) == calls and not out.exists()
+
+
+@pytest.mark.parametrize("field,sample", [
+    ("conversations[0].value", _sample(1, "<image>\nWhat does the sign \ud83d say?", "It says hello.")),
+    ("image", dict(_sample(1, "<image>\nWhat is it?", "A dog."), image="\udc00.jpg")),
+])
+def test_a_lone_surrogate_is_refused_before_any_request(tmp_path, server, capsys, field, sample):
+    """Half an emoji (``"\\ud83d"``) is valid JSON but no text: it cannot be hashed, sent or written as UTF-8."""
+    data = tmp_path / "in.json"
+    data.write_text(json.dumps([SAMPLES[0], sample]), encoding="ascii")  # ensure_ascii: the escape as scraped
+    out = tmp_path / "out"
+    assert main(_translate_args(str(data), str(out), server, "ar")) == 2
+    err = capsys.readouterr().err
+    assert f"--data_path {data}: sample 1 (id '000000000001'): {field} holds a lone surrogate" in err, err
+    assert server.calls == [] and not out.exists()
 
 
 def test_preambles_never_reach_the_data(tmp_path, server):
@@ -631,6 +706,88 @@ def test_unfinished_samples_exit_1_and_resume(tmp_path, server):
     assert main(_translate_args(data, out, server, "ar", "--max_retries", "0")) == 0
     with open(os.path.join(out, "arabic.json"), encoding="utf-8") as f:
         assert [s["corrupt"] for s in json.load(f)] == [False, False, False]
+
+
+def test_a_request_the_endpoint_refuses_is_rejected_not_left_unfinished(tmp_path, server, capsys):
+    """A 400 (context length exceeded, a content filter on the prompt) comes back however often it is asked: the
+    sample is finished as rejected, so the language's file is written; --retry_rejected asks again."""
+    samples = [SAMPLES[0], _sample(1, "<image>\nrefuseme describe the picture.", "A big dog stands near a tree.")]
+    data = _write(tmp_path / "in.json", samples)
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"]["refused"] == 1 and report["languages"]["arabic"]["corrupt"] == 1
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        assert [s["corrupt"] for s in json.load(f)] == [False, True]
+    [entry] = [json.loads(line) for line in open(out / "arabic.review.jsonl", encoding="utf-8")]
+    assert (entry["index"], entry["turn"]) == (1, 0)
+    assert entry["problems"] == [entry["problems"][0]] and entry["problems"][0].startswith("request refused: ")
+    assert "HTTP 400" in entry["problems"][0] and "maximum context length" in entry["problems"][0]
+    assert server.answered(400)[("arabic", "refuseme describe the picture.")] == 1  # neither retried nor stricter
+
+    server.healed = True
+    assert main(_translate_args(data, str(out), server, "ar", "--retry_rejected")) == 0
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        assert [s["corrupt"] for s in json.load(f)] == [False, False]
+
+
+def test_a_refused_key_leaves_samples_unfinished(tmp_path, server, capsys):
+    """A 401 (or 403, 404) is about the run's settings, not a text: rejecting would flag the whole set corrupt."""
+    data = _write(tmp_path / "in.json", [_sample(0, "<image>\nunauthorized what is it?", "A dog.")])
+    assert main(_translate_args(data, str(tmp_path / "out"), server, "ar")) == 1
+    assert json.loads(capsys.readouterr().out)["languages"]["arabic"]["unfinished"] == 1
+
+
+def test_a_reply_stopped_by_a_content_filter_is_rejected(server):
+    """Half a translation that reads well is still half: any finish reason but "stop" rejects it."""
+    from palo.data.translate import Translator
+
+    translator = Translator("fake-mt", api_key="k", base_url=server.base_url, backoff=0.01)
+    result = translator.translate("contentfilter the cat sleeps on the red table near the window.", "french")
+    assert result.problems == ["generation stopped by 'content_filter', not 'stop'"]
+
+
+def test_retry_rejected_retranslates_the_corrupt_samples_of_the_output_folder(tmp_path, server, capsys):
+    data = _write(tmp_path / "in.json", SAMPLES[:5])  # 3 and 4 are rejected
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        assert [s["corrupt"] for s in json.load(f)] == [False, False, False, True, True]
+    server.healed = True
+    calls = len(server.calls)
+    assert main(_translate_args(data, str(out), server, "ar", "--retry_rejected")) == 0
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        result = json.load(f)
+    assert [s["corrupt"] for s in result] == [False] * 5
+    assert result[3]["arabic_conversation"][1]["value"] == fake_translate(
+        "echoenglish the picture shows a big dog near a tree.", "arabic")
+    assert not os.path.getsize(out / "arabic.review.jsonl")
+    # Only the rejected turns were asked again; the accepted ones came from the cache.
+    assert sorted(text for _, text, _, _ in server.calls[calls:]) == [
+        "echoenglish the picture shows a big dog near a tree.", "mangle it prints [[1]] and then [[2]] lines."]
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "ar", "--retry_rejected")) == 0  # nothing left to retry
+    assert len(server.calls) == calls + 2
+
+
+def test_resume_takes_the_other_fields_from_the_current_input(tmp_path, server):
+    """Resume matches finished samples by their conversations: ids, images and other fields fixed in the input
+    since (or samples with the same conversations swapped) must reach the output, without a new request."""
+    data = _write(tmp_path / "in.json", SAMPLES[:4])
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    changed = [dict(s, id=f"fixed-{i}", image=f"coco/train2017/{i}.jpg", source="llava") for i, s in
+               enumerate(SAMPLES[:4])]
+    _write(tmp_path / "in.json", changed)
+    calls = len(server.calls)
+    assert main(_translate_args(data, str(out), server, "ar")) == 0
+    assert len(server.calls) == calls
+    with open(out / "arabic.json", encoding="utf-8") as f:
+        result = json.load(f)
+    for source, sample in zip(changed, result):
+        assert list(sample) == [*source, "arabic_conversation", "corrupt"]  # the output form, as a fresh run's
+        assert {k: sample[k] for k in source} == source
+    assert [json.loads(line)["id"] for line in open(out / "arabic.review.jsonl", encoding="utf-8")] == ["fixed-3"]
 
 
 def test_an_unexpected_error_stops_the_run_says_what_it_was_and_keeps_what_finished(tmp_path, server, capsys,

@@ -24,7 +24,11 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
 * **Bounded concurrency** (``--parallel`` threads, one request in flight each) through the shared client of
   :mod:`palo.openai_client`: exponential backoff on 429, 408/409, 5xx, time-outs, dropped connections and malformed
   bodies, honouring ``Retry-After`` (seconds or an HTTP date). A sample whose requests still fail is left unfinished
-  (not flagged): the run exits 1 and a rerun picks it up.
+  (not flagged): the run exits 1 and a rerun picks it up. A request the endpoint refuses for what it holds (HTTP
+  400/413/422: context length exceeded, a content filter) is rejected like a bad reply instead (problem
+  ``request refused: ...``), since asking again cannot help.
+* **``--retry_rejected``** asks again for rejected texts the cache holds, and for the samples the resume log holds
+  as ``corrupt``; a success replaces them.
 
 Output per language, in ``--output_dir``: ``<language>.json`` (a JSON array: every input sample with its fields,
 ``conversations`` still English, ``<language>_conversation`` the translated turns, and ``corrupt``),

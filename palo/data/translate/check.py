@@ -28,6 +28,24 @@ _ECHO_RE = re.compile(
     r"|\boutput only\b|\bplaceholder|\[\[n\]\]|\benglish\b",
     re.IGNORECASE,
 )
+# A chat model declining or apologising in the target language ("Je suis désolé, je ne peux pas faire cela.",
+# "抱歉，我无法完成这个请求。"), which replaces a short turn whole. First-person phrases only: "il ne peut pas" is
+# content.
+_REFUSAL_RE = re.compile("|".join((
+    r"\bje suis désolée?\b", r"\bje ne peux pas\b", r"\bje ne suis pas en mesure\b", r"\bje m['’]excuse\b",  # French
+    r"\blo (?:siento|lamento)\b", r"\bno puedo\b", r"\bno me es posible\b",  # Spanish
+    r"\bизвините\b", r"\bпростите\b", r"\bя не могу\b", r"\bне могу помочь\b",  # Russian
+    "抱歉", "对不起", "我无法", "我不能",  # Chinese
+    "申し訳", "すみません", "ごめんなさい", "お手伝いできません", "お応えできません",  # Japanese
+    "عذر\u064b?ا", "آسف", "أعتذر", "لا أستطيع", "لا يمكنني",  # Arabic (عذرا / عذرًا)
+    "क्षमा (?:करें|कीजिए)", "मा(?:\u092b\u093c?|\u095e) (?:करें|कीजिए)", "मुझे खेद है", "मदद नहीं कर सकत",  # Hindi
+    "আমি দুঃখিত", "দুঃখিত,", "ক্ষমা করবেন", "সাহায্য করতে পার(?:ব|ছি|ি) না",  # Bengali (দুঃখিত alone: also "sad")
+    "معذرت", "معاف (?:کیج|کری)", "مدد نہیں کر سکت",  # Urdu
+)), re.IGNORECASE)
+# An English source that apologises or declines itself ("Sorry, I can't see the plate"): its translation may too.
+_SOURCE_REFUSAL_RE = re.compile(
+    r"\b(?:sorry|apolog\w*|excuse|pardon|regret\w*|afraid|unfortunately|unable|cannot|can['’]?t|not able|"
+    r"not possible|impossible)\b", re.IGNORECASE)
 _WORD_RE = re.compile(r"[^\W\d_]+")
 # Arabic-script letters only Urdu (of PALO's languages) writes: retroflex ٹ ڈ ڑ, noon ghunna ں, yeh barree ے ۓ,
 # heh goal ہ ۂ, teh marbuta goal ۃ; and the Urdu full stop ۔.
@@ -36,6 +54,13 @@ _URDU_ONLY_RE = re.compile("[\u0679\u0688\u0691\u06ba\u06d2\u06d3\u06c1\u06c2\u0
 
 def _letters(text: str) -> int:
     return len(_LETTER_RE.findall(text))
+
+
+def _own_words(translation: str, source: str) -> str:
+    """``translation`` without the words it shares with ``source``: names and titles copied from the English ("El
+    Paso", "Le Petit Château", "Málaga") say nothing about the language the translation is written in."""
+    shared = {word.lower() for word in _WORD_RE.findall(source)}
+    return _WORD_RE.sub(lambda m: " " if m.group(0).lower() in shared else m.group(0), translation)
 
 
 def has_words(masked_text: str) -> bool:
@@ -73,9 +98,14 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
         if in_script / letters < MIN_SCRIPT_RATIO:
             problems.append(f"not written in {language} script ({in_script}/{letters} letters are)")
         elif language in ("french", "spanish"):
-            # Latin script passes the script test even when nothing was translated, so look at the words.
-            if words >= 4 and detect_language(bare) == "english":
-                problems.append("still English")
+            # Latin script passes the script test even when nothing was translated, or when the reply is in the other
+            # of the two, so look at the words (below 4, too few stopwords and accents to decide).
+            if words >= 4:
+                other = "spanish" if language == "french" else "french"
+                if detect_language(bare) == "english":
+                    problems.append("still English")
+                elif detect_language(_own_words(bare, bare_source)) == other:
+                    problems.append(f"looks like {other}, not {language}")
         elif letters >= 12 or language in _CJK:
             detected = detect_language(bare)
             # Kana in a "Chinese" reply, or Urdu-only letters in an "Arabic" one (and vice versa) mean the wrong
@@ -99,6 +129,9 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
         m.group(0).lower() for m in _ECHO_RE.finditer(bare_source)}
     if echoed:
         problems.append(f"echoes instructions ({', '.join(sorted(echoed))})")
+    refusal = {m.group(0).lower() for m in _REFUSAL_RE.finditer(bare)}
+    if refusal and not _SOURCE_REFUSAL_RE.search(bare_source):
+        problems.append(f"reads as a refusal ({', '.join(sorted(refusal))}), not a translation")
     for bracket in "<>":
         if translation.count(bracket) > source.count(bracket):
             problems.append(f"angle bracket '{bracket}' not in the source")

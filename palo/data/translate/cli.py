@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_tokens", "--max-tokens", dest="max_tokens", type=int, default=None)
     parser.add_argument("--retry_rejected", "--retry-rejected", dest="retry_rejected", action="store_true",
-                        help="ask again for texts whose cached translation was rejected")
+                        help="ask again for rejected translations: cached ones, and corrupt samples in --output_dir")
     parser.add_argument("--limit", type=int, default=None, help="translate only the first N samples")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -55,10 +55,9 @@ def main_translate(args: argparse.Namespace) -> int:
     samples = SampleFile(args.data_path, "--data_path", limit=args.limit)
     bad = malformed_samples(samples)
     if bad:  # before any request is paid for
-        first = samples[bad[0]]
-        print(f"error: --data_path {args.data_path}: sample {bad[0]} (id {first.get('id')!r}): 'conversations' must be "
-              f"a non-empty list of {{'from', 'value'}} turns with string values ({len(bad)} such sample(s); "
-              "palo-data validate lists them)", file=sys.stderr)
+        index, problem = bad[0]
+        print(f"error: --data_path {args.data_path}: sample {index} (id {samples[index].get('id')!r}): {problem} "
+              f"({len(bad)} malformed sample(s))", file=sys.stderr)
         return 2
     cache = TranslationCache(args.cache or os.path.join(args.output_dir, "translation_cache.sqlite"))
     translator = Translator(

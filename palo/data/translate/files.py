@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from palo.data.translate.samples import conversation_key, with_translation
 from palo.jsonl import atomic_write_json, iter_log, write_jsonl_atomic
 
 
@@ -82,14 +83,29 @@ def output_paths(output_dir: str, language: str) -> dict[str, str]:
             (("json", ".json"), ("review", ".review.jsonl"), ("progress", ".progress.jsonl"))}
 
 
-def write_outputs(paths: dict[str, str], progress: Progress) -> None:
-    """The final JSON (input order) and the review file, both rebuilt from the progress log, one record at a time."""
+def write_outputs(paths: dict[str, str], progress: Progress, samples: Sequence[dict[str, Any]], language: str
+                  ) -> None:
+    """The final JSON (input order) and the review file, both rebuilt from the progress log, one record at a time.
+
+    Each output sample is the current input sample with the record's translated turns and ``corrupt`` flag (and each
+    review entry names the current ``id``): a record matches its input sample by the conversations alone, and the
+    other fields (``id``, ``image`` ...) may have changed since it was written.
+
+    Args:
+        paths: The language's files (:func:`output_paths`).
+        progress: Its finished samples, one for every input sample.
+        samples: The input samples.
+        language: The target language.
+    """
+    key = conversation_key(language)
     review: list[dict[str, Any]] = []  # rejected turns only: a small share of the set
 
-    def samples() -> Iterator[dict[str, Any]]:
+    def translated() -> Iterator[dict[str, Any]]:
         for record in progress.records():
-            review.extend(record["review"])
-            yield record["sample"]
+            sample = samples[int(record["index"])]
+            review.extend({**entry, "id": sample.get("id")} for entry in record["review"])
+            stored = record["sample"]
+            yield with_translation(sample, language, stored[key], stored["corrupt"])
 
-    atomic_write_json(paths["json"], samples())
+    atomic_write_json(paths["json"], translated())
     write_jsonl_atomic(paths["review"], review)

@@ -19,6 +19,8 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         parallel: int = 8, progress_bar: bool = True) -> dict[str, Any]:
     """Translate ``samples`` into each language, resuming from what ``output_dir`` already holds.
 
+    A sample already in the resume log is skipped, unless it is corrupt and ``translator.retry_rejected`` is set.
+
     Args:
         samples: The LLaVA-Instruct samples: a list, or a :class:`~palo.data.sample_file.SampleFile` that reads
             each one when it is translated.
@@ -45,8 +47,10 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         for language in languages:
             logs[language] = JsonlAppender(paths[language]["progress"])
         for language in languages:
-            progress[language] = load_progress(paths[language]["progress"], hashes)
-            todo += [(language, i) for i in range(len(samples)) if i not in progress[language].offsets]
+            done = progress[language] = load_progress(paths[language]["progress"], hashes)
+            # --retry_rejected asks again for the samples recorded corrupt too; the new record replaces the old.
+            todo += [(language, i) for i in range(len(samples))
+                     if i not in done.offsets or (translator.retry_rejected and i in done.corrupt)]
     except BaseException:
         for log in logs.values():
             log.close()
@@ -105,7 +109,7 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         done = progress[language]
         complete = len(done.offsets) == len(samples)
         if complete:
-            write_outputs(paths[language], done)
+            write_outputs(paths[language], done, samples, language)
         report["languages"][language] = {
             "samples": len(samples),
             "finished": len(done.offsets),

@@ -18,21 +18,69 @@ def conversation_key(language: str) -> str:
     return f"{language}_conversation"
 
 
+def with_translation(sample: dict[str, Any], language: str, turns: list[Any], corrupt: bool) -> dict[str, Any]:
+    """The output form of a translated sample (docs/formats.md §8): every field of ``sample`` as it is, then
+    ``<language>_conversation`` (``turns``) and ``corrupt``."""
+    out = dict(sample)
+    out[conversation_key(language)] = turns
+    out["corrupt"] = corrupt
+    return out
+
+
 def source_hash(sample: dict[str, Any]) -> str:
     """A fingerprint of what a sample's translation depends on, to notice a changed input file on resume."""
     blob = json.dumps(sample.get("conversations"), sort_keys=True, ensure_ascii=False)
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def malformed_samples(samples: Sequence[dict[str, Any]]) -> list[int]:
-    """Indices of samples whose ``conversations`` is not a non-empty list of ``{"from", "value"}`` turns with string
-    values: they cannot be translated (a string would be translated letter by letter), so a run refuses them first.
+def _lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The path (``conversations[0].value``) of the first string in ``value``, keys included, that holds a lone
+    surrogate, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            # A bad key is shown escaped: the message naming it must itself be printable.
+            name = key.encode("utf-8", "backslashreplace").decode("utf-8")
+            for child in (key, item):
+                found = _lone_surrogate(child, f"{path}.{name}" if path else name)
+                if found is not None:
+                    return found
+    elif isinstance(value, list):
+        for k, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{k}]")
+            if found is not None:
+                return found
+    return None
+
+
+def malformed_samples(samples: Sequence[dict[str, Any]]) -> list[tuple[int, str]]:
+    """The samples a run refuses before any request, with why.
+
+    A sample's ``conversations`` must be a non-empty list of ``{"from", "value"}`` turns with string values (a
+    string would be translated letter by letter). No text may hold a lone surrogate (``"\\ud83d"``, half an emoji:
+    valid JSON, but not text), which cannot be hashed, sent or written as UTF-8.
+
+    Returns:
+        ``(index, problem)`` per malformed sample, the problem naming the field.
     """
     def well_formed(turns: Any) -> bool:
         return isinstance(turns, list) and bool(turns) and all(
             isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in turns)
 
-    return [i for i, sample in enumerate(samples) if not well_formed(sample.get("conversations"))]
+    bad = []
+    for i, sample in enumerate(samples):
+        if not well_formed(sample.get("conversations")):
+            bad.append((i, "'conversations' must be a non-empty list of {'from', 'value'} turns with string values "
+                           "(palo-data validate lists such samples)"))
+        elif (field := _lone_surrogate(sample)) is not None:
+            bad.append((i, f"{field} holds a lone surrogate (an unpaired \\ud800-\\udfff escape, such as half an "
+                           "emoji), which is not text"))
+    return bad
 
 
 def translate_sample(sample: dict[str, Any], language: str, translator: Translator, index: int
@@ -67,7 +115,4 @@ def translate_sample(sample: dict[str, Any], language: str, translator: Translat
                 "source": turn["value"], "translation": join_image(result.translation, images),
                 "problems": result.problems, "corrected": None,
             })
-    out = dict(sample)
-    out[conversation_key(language)] = translated
-    out["corrupt"] = bool(review)
-    return out, review
+    return with_translation(sample, language, translated, bool(review)), review

@@ -24,6 +24,19 @@ from palo.openai_client import DEFAULT_MAX_BACKOFF, ChatClient, RequestFailed
 
 __all__ = ["RequestFailed", "TextResult", "Translator"]
 
+# HTTP statuses with which an endpoint turns down one request for what it holds (400: context length exceeded or a
+# content filter, 413: too large, 422: unprocessable). Asking again gets the same answer, so such a text is rejected
+# like a bad reply. Other non-retryable statuses (401 key, 403, 404 model) are about the run's settings, not the text:
+# those leave the sample unfinished, as a rerun with the settings fixed can succeed.
+REFUSED_STATUSES = frozenset({400, 413, 422})
+
+
+def refusal(exc: RequestFailed) -> str | None:
+    """Why the endpoint refused the request itself, or None for any other failure (retries used up, wrong key)."""
+    # ChatClient raises RequestFailed from the SDK's error, which carries the HTTP status.
+    status = getattr(exc.__cause__, "status_code", None)
+    return exc.last_error if status in REFUSED_STATUSES else None
+
 
 @dataclasses.dataclass
 class TextResult:
@@ -58,7 +71,8 @@ class Translator:
         timeout: Seconds per HTTP request.
         temperature: Sampling temperature (low: translations should be faithful, not creative).
         max_tokens: Reply length limit, or None for the server's.
-        retry_rejected: Ask again for texts whose cached translation was rejected (once per run).
+        retry_rejected: Ask again for texts whose cached translation was rejected (once per run); the runner then
+            also retranslates the samples its resume log holds as corrupt.
     """
 
     def __init__(self, model: str, api_key: str | None = None, base_url: str | None = None,
@@ -78,7 +92,7 @@ class Translator:
     @property
     def stats(self) -> Counter[str]:
         """Request counters (the client's ``requests``, ``retries``, ``tokens`` ... and ``cache_hits``,
-        ``strict_retries``, ``rejected``), reported at the end of a run."""
+        ``strict_retries``, ``rejected``, ``refused``), reported at the end of a run."""
         return self.chat.stats
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -93,14 +107,30 @@ class Translator:
         found = check_translation(masked.text, reply, language, len(masked.spans))
         if finish == "length":
             found.insert(0, "reply cut off (max tokens)")
+        elif finish not in ("stop", None):  # None: a server that does not say (or a cached reply)
+            # "content_filter" and the like: the reply is cut off or altered, however well it reads.
+            found.insert(0, f"generation stopped by {finish!r}, not 'stop'")
         return reply, found
 
     def _translate_uncached(self, masked: Masked, language: str) -> TextResult:
-        """The masked translation of ``masked`` (accepted, or rejected with its problems), cached."""
-        reply, problems = self._attempt(masked, language, None)
-        if problems:
-            self._count("strict_retries")
-            reply, problems = self._attempt(masked, language, problems)
+        """The masked translation of ``masked`` (accepted, or rejected with its problems), cached.
+
+        A request the endpoint refuses (:func:`refusal`) is a rejection whose "translation" is the English text.
+
+        Raises:
+            RequestFailed: For any other failure; nothing is cached then.
+        """
+        try:
+            reply, problems = self._attempt(masked, language, None)
+            if problems:
+                self._count("strict_retries")
+                reply, problems = self._attempt(masked, language, problems)
+        except RequestFailed as exc:
+            reason = refusal(exc)
+            if reason is None:
+                raise
+            self._count("refused")
+            reply, problems = masked.text, [f"request refused: {reason}"]
         self.cache.put(self.model, language, masked.text, reply, problems)
         if problems:
             self._count("rejected")
@@ -125,7 +155,8 @@ class Translator:
         only a bounding box) is returned as it is, without a request.
 
         Raises:
-            RequestFailed: When the endpoint kept failing; nothing is cached then.
+            RequestFailed: When the endpoint kept failing; nothing is cached then. A request it refused for its
+                content (HTTP 400/413/422) is not raised but rejected, with a ``request refused: ...`` problem.
         """
         masked = mask(text)
         if not has_words(masked.text):
