@@ -1,7 +1,8 @@
 """The chat CLI's context budget: an image takes ``image_token_count`` positions, its sentinel none of its own.
 
-``palo.serve.cli.main`` runs in this process with the real loader, whose reported context length is shrunk so that
-the first turn fits exactly (or by one token): any miscount of the spliced prompt turns one case into the other.
+``palo.serve.cli.main`` runs in this process with the real loader, whose model's positions
+(``max_position_embeddings``, the CLI's limit as every generating path's) are shrunk so that the first turn fits
+exactly (or by one token): any miscount of the spliced prompt turns one case into the other.
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ def first_turn_positions(world) -> int:
     return len(ids) - 1 + model.image_token_count
 
 
-def _chat(world, image_file, monkeypatch, capsys, context_len: int) -> tuple[int, str, list]:
-    """Run one CLI turn with the loader reporting ``context_len``; (exit status, stdout, tower calls)."""
+def _chat(world, image_file, monkeypatch, capsys, positions: int | None = None,
+          context_len: int = 2048) -> tuple[int, str, list]:
+    """Run one CLI turn with the model's config saying ``positions`` (None: as it is) and the loader reporting
+    ``context_len``; (exit status, stdout, tower calls)."""
     real = builder.load_pretrained_model
     tower_calls: list = []
 
     def shrunk(*args, **kwargs):
         tokenizer, model, processor, _ = real(*args, **kwargs)
         model.get_vision_tower().register_forward_hook(lambda *a: tower_calls.append(1))
+        if positions is not None:
+            model.config.max_position_embeddings = positions
         return tokenizer, model, processor, context_len
 
     monkeypatch.setattr(builder, "load_pretrained_model", shrunk)
@@ -57,7 +62,7 @@ def _chat(world, image_file, monkeypatch, capsys, context_len: int) -> tuple[int
 
 def test_a_prompt_that_fills_the_context_is_refused_with_its_true_length(world, image_file, monkeypatch, capsys,
                                                                          first_turn_positions):
-    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, first_turn_positions)
+    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, positions=first_turn_positions)
     assert f"[the conversation is {first_turn_positions} tokens, over the model's {first_turn_positions};" in out
     assert "this turn was not sent" in out and rc == 0  # the chat went on (to the empty line that ends it)
     # The image's size came from the config: the tower never ran for a turn that was refused.
@@ -71,12 +76,12 @@ def test_a_loader_context_past_the_models_positions_is_held_to_the_models(world,
     positions = model.config.max_position_embeddings
     turns = iter(["word " * positions, ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(turns))
-    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, positions + 10_000)
+    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, context_len=positions + 10_000)
     assert rc == 0 and f"tokens, over the model's {positions}; this turn was not sent" in out and tower_calls == []
 
 
 def test_one_free_position_gives_a_one_token_answer(world, image_file, monkeypatch, capsys, first_turn_positions):
-    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, first_turn_positions + 1)
+    rc, out, tower_calls = _chat(world, image_file, monkeypatch, capsys, positions=first_turn_positions + 1)
     assert rc == 0, out
     assert "the conversation is" not in out and out.rstrip().endswith("exit...")
     assert len(tower_calls) == 1  # the engine encoded the image once, to answer
