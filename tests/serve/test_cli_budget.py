@@ -106,7 +106,7 @@ def test_the_cache_holds_one_conversation_and_serves_every_turn(world, image_fil
     out = capsys.readouterr().out
     assert rc == 0 and out.count("ASSISTANT: ") == 3 and out.rstrip().endswith("exit...")
     (config,) = configs
-    _, model, _, context_len = builder.load_pretrained_model(world.full_dir, device="cpu")
-    context_len = min(context_len, model.config.max_position_embeddings)  # the model's own positions, if fewer
+    _, model, _, _ = builder.load_pretrained_model(world.full_dir, device="cpu")
+    context_len = model.config.max_position_embeddings  # the model's own positions
     assert config.max_num_seqs == 1 and config.max_model_len == context_len
     assert config.num_blocks == -(-context_len // config.block_size) + 1
