@@ -58,7 +58,13 @@ from palo.serve.protocol import (
 )
 from palo.serve.routing import HOPS_HEADER, MAX_HOPS, NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
-from palo.serve.utils import StalledClientClosingResponse, build_logger, refuse_unservable, serve_http
+from palo.serve.utils import (
+    StalledClientClosingResponse,
+    build_logger,
+    end_with_launcher,
+    refuse_unservable,
+    serve_http,
+)
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
 DISPATCH_METHODS = ("lottery", "shortest_queue")
@@ -459,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_unservable(parser, args)
+    end_with_launcher()
 
     logger = build_logger("controller", "controller.log")
     logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})

@@ -35,7 +35,7 @@ from palo.conversation import Conversation, conv_templates, stop_string
 from palo.image_io import viewed
 from palo.jsonl import atomic_write
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
-from palo.serve.utils import build_logger, log_dir, refuse_unservable, violates_moderation
+from palo.serve.utils import build_logger, end_with_launcher, log_dir, refuse_unservable, violates_moderation
 
 CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
 CURSOR = "▌"
@@ -408,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_unservable(parser, args, body_cap=False)  # gradio would say so in a traceback
+    end_with_launcher()
     logger = build_logger("gradio_web_server", "gradio_web_server.log")
     logger.info("args: %s", args)
     server = WebServer(args.controller_url, moderate=args.moderate, logger=logger)

@@ -112,8 +112,13 @@ def start_services(checkpoint: str, logs: str, *, worker_args: Sequence[str] = (
         RuntimeError: If a service exits early; TimeoutError if one is not ready in ``timeout`` seconds.
     """
     os.makedirs(logs, exist_ok=True)
-    env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), HF_HUB_OFFLINE="1", NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost")
+    # The hub's offline mode is the caller's to set (quickstart does): a hub id is downloaded unless it is cached.
+    # PALO_LAUNCHER_PID: each service ends when this process does, however it ends (end_with_launcher).
+    env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost", PALO_LAUNCHER_PID=str(os.getpid()))
+    # The services run in the logs folder: a local checkpoint by its absolute path, a hub id ("MBZUAI/PALO-7B") as
+    # it is (made absolute, it named a folder that does not exist).
+    model_path = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint
     c_port, w_port = free_port(), free_port()
     web_port = web_port or free_port()
     controller = f"http://127.0.0.1:{c_port}"
@@ -122,7 +127,7 @@ def start_services(checkpoint: str, logs: str, *, worker_args: Sequence[str] = (
         "controller": [sys.executable, "-m", "palo.serve.controller", "--host", "127.0.0.1", "--port", str(c_port)],
         "model_worker": [sys.executable, "-m", "palo.serve.model_worker", "--host", "127.0.0.1", "--port", str(w_port),
                          "--controller-address", controller, "--worker-address", worker,
-                         "--model-path", os.path.abspath(checkpoint), *worker_args],
+                         "--model-path", model_path, *worker_args],
         "gradio_web_server": [sys.executable, "-m", "palo.serve.gradio_web_server", "--host", "127.0.0.1",
                               "--port", str(web_port), "--controller-url", controller, "--model-list-mode", "reload"],
     }

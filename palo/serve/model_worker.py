@@ -58,7 +58,7 @@ from palo.serve.protocol import (
     error_chunk,
 )
 from palo.serve.tokenizer_api import detokenize, tokenize, tokenizer_info
-from palo.serve.utils import build_logger, refuse_unservable
+from palo.serve.utils import build_logger, end_with_launcher, refuse_unservable
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main"]
@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Settings that cannot work are refused before the model loads, in one line (argparse's exit status 2).
     refuse_unservable(parser, args)
+    end_with_launcher()
     try:
         if args.engine == "paged":
             engine_config(args)

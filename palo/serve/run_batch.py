@@ -30,7 +30,9 @@ and ``"error": {"code", "message"}``.
   same command again after a crash or Ctrl-C and only the requests without a 200 are sent again. At the end the
   output is rewritten atomically, one line per request in input order (the latest result of each).
 
-Exit status: 0 when every request has a 200, 1 when some do not (counted on stderr), 2 on bad input.
+Exit status: 0 when every request has a 200, 1 when some do not (counted on stderr), 2 on bad input or a server
+that cannot be used (unreachable or refusing the key at the start, or gone during the run: the answers so far are
+kept and a rerun goes on), 128 + the signal's number after Ctrl-C, SIGTERM or SIGHUP (the answers so far kept too).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import asyncio
 import json
 import os
 import shlex
+import signal
 import sys
 import tempfile
 import uuid
@@ -53,6 +56,9 @@ from palo.serve.launch import Services, start_services
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_BASE_URL = "http://127.0.0.1:21001/v1"  # the controller's default address
+# Requests in a row without any HTTP answer (their retries spent) after which the server is asked whether it is
+# still there: a server gone mid-run cost every remaining request its whole round of retries (hours for a big batch).
+GONE_AFTER = 3
 
 
 class BatchFileError(ValueError):
@@ -140,9 +146,23 @@ def read_requests(path: str, skip_bad: bool = False) -> list[BatchRequest]:
 
 
 def _read_body(path: str, request: BatchRequest) -> dict[str, Any]:
+    """The request's body, read again from its line when it is sent.
+
+    Raises:
+        BatchFileError: The line there is no longer this request's (the file was changed during the run: its
+            answer would have been filed under another request's ``custom_id``).
+    """
     with open(path, "rb") as f:
         f.seek(request.offset)
-        return json.loads(f.readline())["body"]
+        raw = f.readline()
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if _problem(data) is not None or (data["custom_id"], data["url"]) != (request.custom_id, request.url):
+        raise BatchFileError(f"{path}: the file changed during the run (the line of request {request.custom_id!r} "
+                             "now holds something else); leave the input as it is until the run ends, then rerun")
+    return data["body"]
 
 
 def finished_results(path: str) -> dict[str, dict[str, Any]]:
@@ -217,6 +237,10 @@ async def run_requests(input_path: str, requests: list[BatchRequest], output: Js
 
     Returns:
         The results by ``custom_id``.
+
+    Raises:
+        ServerError: Requests kept getting no HTTP answer and the server no longer answers ``GET /models``: the run
+            stops (a rerun resumes) rather than spending every remaining request's retries on a server that is gone.
     """
     import httpx
 
@@ -225,11 +249,17 @@ async def run_requests(input_path: str, requests: list[BatchRequest], output: Js
     results: dict[str, dict[str, Any]] = {}
     pending = iter(requests)
     done = 0
+    unanswered = 0  # requests in a row that got no HTTP answer at all
 
     async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal done
+        nonlocal done, unanswered
         for request in pending:  # one shared iterator: each request is taken by one worker
             result = await _send(client, settings, request, _read_body(input_path, request))
+            unanswered = unanswered + 1 if result["response"] is None else 0
+            if unanswered >= GONE_AFTER and not await asyncio.to_thread(server_answers, settings):
+                raise ServerError(f"{settings.base_url} stopped answering ({unanswered} requests in a row got no "
+                                  f"answer, the last: {result['error']['message']}); start it again and rerun: the "
+                                  "answers so far are kept")
             output.write(result)
             results[request.custom_id] = result
             done += 1
@@ -261,10 +291,50 @@ def check_server(settings: Settings) -> None:
         raise ServerError(f"{url} refused the API key (HTTP {reply.status_code}); pass --api-key or $PALO_API_KEY")
 
 
+def server_answers(settings: Settings) -> bool:
+    """Whether the server still answers ``GET <base-url>/models`` at all (any HTTP status)."""
+    import httpx
+
+    try:
+        httpx.get(settings.base_url.rstrip("/") + "/models", timeout=min(settings.timeout, 30.0))
+    except httpx.HTTPError:
+        return False
+    return True
+
+
 def _in_order(requests: list[BatchRequest], results: dict[str, dict[str, Any]]) -> Iterator[str]:
     for request in requests:
         if request.custom_id in results:
             yield json.dumps(results[request.custom_id], ensure_ascii=False) + "\n"
+
+
+def check_files(input_path: str, output_path: str, skip_bad: bool = False) -> tuple[list[BatchRequest], str]:
+    """The input's requests and the output's real path (through any symlink, so that the final atomic rewrite
+    replaces the file, not the link), checked before anything is sent or served.
+
+    Raises:
+        BatchFileError: A malformed input, or an output that is the input under another name (a symlink or a hard
+            link to it got the results appended to the requests).
+    """
+    from palo.jsonl import same_file
+
+    if same_file(input_path, output_path):
+        raise BatchFileError(f"{output_path}: the output must not be the input file")
+    return read_requests(input_path, skip_bad), os.path.realpath(output_path)
+
+
+def pending_requests(input_path: str, output_path: str, skip_bad: bool = False) -> int:
+    """How many of the input's requests the output lacks a 200 for (all of them for a new output).
+
+    Raises:
+        BatchFileError: As :func:`check_files`, or an output that cannot be read.
+    """
+    requests, output_path = check_files(input_path, output_path, skip_bad)
+    try:
+        earlier = finished_results(output_path) if os.path.exists(output_path) else {}
+    except JsonlError as exc:
+        raise BatchFileError(str(exc)) from None
+    return sum(1 for r in requests if not succeeded(earlier.get(r.custom_id)))
 
 
 def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: bool = False) -> dict[str, int]:
@@ -278,9 +348,7 @@ def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: b
         BatchFileError: The input cannot be run (nothing is sent).
         ServerError: The server cannot be reached or refuses the key (nothing is sent).
     """
-    if os.path.abspath(input_path) == os.path.abspath(output_path):
-        raise BatchFileError(f"{output_path}: the output must not be the input file")
-    requests = read_requests(input_path, skip_bad)
+    requests, output_path = check_files(input_path, output_path, skip_bad)
     try:  # locked: one run per output, so what it holds is read only once it is this run's
         output = JsonlAppender(output_path)
     except JsonlError as exc:
@@ -357,9 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(base_url=base_url, api_key=args.api_key, model=args.model, concurrency=args.concurrency,
                         max_retries=args.max_retries, timeout=args.timeout)
     services = None
+    previous = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        if args.model_path is not None:
-            read_requests(args.input_file, args.skip_bad)  # a bad file is refused before a model is loaded for it
+        # A bad file, or nothing left to send, is said before a model is loaded for it.
+        if args.model_path is not None and pending_requests(args.input_file, args.output_file, args.skip_bad):
             services = _serve(args.model_path, shlex.split(args.worker_args), args.log_dir)
             settings.base_url, settings.api_key = services.controller_url + "/v1", None
             settings.model = services.model_name
@@ -370,17 +439,32 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an output that cannot be written (a missing or read-only folder, a full disk)
         print(f"error: {exc.strerror or exc}: {exc.filename or args.output_file}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"interrupted: the answers so far are in {args.output_file}; run the same command to go on",
               file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", signal.SIGINT)
     finally:
         if services is not None:
             services.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"{counts['succeeded']} of {counts['requests']} requests answered (200) in {args.output_file} "
           f"({counts['resumed']} from an earlier run); {counts['failed']} without. Tokens of the answered: "
           f"{counts['prompt_tokens']} prompt, {counts['completion_tokens']} completion", file=sys.stderr)
     return 0 if counts["failed"] == 0 else 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (``kill``, a closed terminal, a job scheduler): ended as Ctrl-C ends a run, so that the
+    answers so far are written in order and the services this run started are stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
 
 
 def _serve(model_path: str, worker_args: list[str], log_dir: str | None) -> Services:

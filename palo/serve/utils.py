@@ -58,6 +58,25 @@ def refuse_unservable(parser: argparse.ArgumentParser, args: argparse.Namespace,
             parser.error(str(exc))
 
 
+def end_with_launcher() -> None:
+    """In a service started by :func:`palo.serve.launch.start_services` (``$PALO_LAUNCHER_PID`` set): on Linux, have
+    the kernel end it (SIGTERM) when the process that started it dies, however that dies (a SIGTERM or SIGKILL to
+    ``run-batch`` reaches no clean-up), so no service is left holding its port and a loaded model. Nothing for a
+    service started by hand."""
+    launcher = os.environ.get("PALO_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl: Services.stop still ends the services on a clean exit
+        return
+    if str(os.getppid()) != launcher:  # the launcher died before the request was made
+        sys.exit(f"the process that started this service ({launcher}) has ended")
+
+
 def log_dir() -> str:
     """Where the services write logs (``controller.log``, ``model_worker_<id>.log``, the web UI's conversation log
     and images): ``$PALO_LOGDIR``, else ``logs/`` under the working directory."""

@@ -231,3 +231,173 @@ def test_model_path_refuses_what_it_cannot_serve(tmp_path, capsys):
                            str(tmp_path / "logs")]) == 2
     assert "the model could not be served" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_input_changed_during_the_run_is_refused_not_filed_under_other_ids(tmp_path, capsys):
+    """Bodies are read again when sent: lines rewritten mid-run (same lengths) had their answers filed under the
+    other requests' custom_ids, exit 0."""
+    lines = [chat_line(f"q{i}", f"w{i}") for i in range(6)]
+    source = write_lines(tmp_path / "in.jsonl", lines)
+    asked, seen = Counter(), []
+    app = fake_server(asked, seen)
+
+    @app.middleware("http")
+    async def rewrite_after_the_first(request, call_next):
+        response = await call_next(request)
+        if request.url.path.endswith("/chat/completions") and sum(asked.values()) == 1:
+            write_lines(tmp_path / "in.jsonl", lines[::-1])
+        return response
+
+    out = str(tmp_path / "out.jsonl")
+    with served(app) as url:
+        assert run_batch.main(["-i", source, "-o", out, "--base-url", url + "/v1", "--api-key", "k",
+                               "--concurrency", "1"]) == 2
+    assert "the file changed during the run" in capsys.readouterr().err
+    kept = [json.loads(line) for line in open(out, encoding="utf-8")]
+    assert [(r["custom_id"], r["response"]["body"]["choices"][0]["message"]["content"]) for r in kept] == [("q0", "W0")]
+
+
+def test_a_server_gone_during_the_run_ends_it_instead_of_retrying_every_request(tmp_path, capsys, monkeypatch):
+    """Each request without an answer spends its whole round of retries (about 36 s by default): a server that died
+    with 10,000 requests to go kept a run busy for hours, writing failures."""
+    source = write_lines(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"w{i}") for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(run_batch, "check_server", lambda settings: None)  # it answered when the run began
+    gone = f"http://127.0.0.1:{free_port()}/v1"
+    assert run_batch.main(["-i", source, "-o", str(out), "--base-url", gone, "--concurrency", "2",
+                           "--max-retries", "0"]) == 2
+    assert "stopped answering" in capsys.readouterr().err
+    assert len(out.read_text(encoding="utf-8").splitlines()) < 10  # it stopped after a few, not all 40
+
+
+def test_an_output_that_links_to_the_input_is_refused_and_a_linked_output_stays_a_link(tmp_path, capsys):
+    """A symlink or hard link to the input as output got the results appended to the requests; the final rewrite
+    replaced a symlinked output with a plain file."""
+    import os
+
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello")])
+    os.symlink(source, tmp_path / "sym.jsonl")
+    os.link(source, tmp_path / "hard.jsonl")
+    before = open(source, encoding="utf-8").read()
+    with served(fake_server(Counter(), [])) as url:
+        for name in ("sym.jsonl", "hard.jsonl"):
+            assert run_batch.main(["-i", source, "-o", str(tmp_path / name), "--base-url", url + "/v1",
+                                   "--api-key", "k"]) == 2
+            assert "must not be the input file" in capsys.readouterr().err
+        assert open(source, encoding="utf-8").read() == before
+        (tmp_path / "results").mkdir()
+        os.symlink(tmp_path / "results" / "out.jsonl", tmp_path / "out.jsonl")
+        assert run_batch.main(["-i", source, "-o", str(tmp_path / "out.jsonl"), "--base-url", url + "/v1",
+                               "--api-key", "k"]) == 0
+    assert os.path.islink(tmp_path / "out.jsonl")
+    assert json.loads((tmp_path / "results" / "out.jsonl").read_text())["custom_id"] == "a"
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path):
+    """SIGTERM (kill, a scheduler) ended the process at once: no tidy output, and with --model-path the controller
+    and worker kept running with their ports and model (see the next test for those)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = write_lines(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"slow{i}") for i in range(30)])
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": []}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        import asyncio
+
+        body = await request.json()
+        await asyncio.sleep(0.3)
+        return {"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": body["model"]}}]}
+
+    out = tmp_path / "out.jsonl"
+    with served(app) as url:
+        proc = subprocess.Popen([sys.executable, "-m", "palo.serve.run_batch", "-i", source, "-o", str(out),
+                                 "--base-url", url + "/v1", "--concurrency", "1"], stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, NO_PROXY="127.0.0.1"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "run the same command to go on" in err, err
+    ids = [json.loads(line)["custom_id"] for line in out.read_text().splitlines()]
+    assert 2 <= len(ids) < 30 and ids == [f"q{i}" for i in range(len(ids))]  # whole lines, in input order
+
+
+def test_a_service_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    """run-batch --model-path killed outright (SIGKILL reaches no clean-up) left its controller and worker running."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = ("import time; from palo.serve.utils import end_with_launcher; end_with_launcher(); "
+             "print('ready', flush=True); time.sleep(60)")
+    launcher = ("import os, subprocess, sys, time; "
+                f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True, "
+                "env=dict(os.environ, PALO_LAUNCHER_PID=str(os.getpid()))); "
+                "assert p.stdout.readline() == 'ready\\n'; print(p.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    service = int(proc.stdout.readline())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(service, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(service, signal.SIGKILL)
+        pytest.fail("the service outlived the process that started it")
+
+
+def test_model_path_takes_a_hub_id_as_it_is_and_loads_nothing_when_all_is_answered(tmp_path, capsys, monkeypatch):
+    """A hub id was made an absolute path under the logs folder ('no such folder'), and the services were forced
+    offline; a finished batch started both services (minutes for a 7B) to say there was nothing to do."""
+    from palo.serve import launch
+
+    started: list = []
+
+    class Refused(Exception):
+        pass
+
+    class Running:  # the controller, as far as start_services looks at it
+        returncode = None
+
+        def poll(self):
+            return None
+
+        terminate = kill = wait = lambda self, *args, **kwargs: None
+
+    def popen(command, **kwargs):  # the controller starts; the worker's command is kept, and not run
+        started.append((command, kwargs["env"]))
+        if len(started) == 2:
+            raise Refused
+        return Running()
+
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    monkeypatch.setattr(launch, "_wait", lambda *args, **kwargs: None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(Refused):
+        launch.start_services("MBZUAI/PALO-7B", str(tmp_path / "logs"))
+    worker, env = started[-1]
+    assert worker[worker.index("--model-path") + 1] == "MBZUAI/PALO-7B"
+    assert "HF_HUB_OFFLINE" not in env and env["PALO_LAUNCHER_PID"]
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello")])
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "batch_req_0", "custom_id": "a", "error": None,
+                               "response": {"status_code": 200, "request_id": "r", "body": {}}}) + "\n")
+    monkeypatch.setattr(run_batch, "_serve", lambda *args: pytest.fail("served a model for a finished batch"))
+    assert run_batch.main(["-i", source, "-o", str(out), "--model-path", "MBZUAI/PALO-7B"]) == 0
+    assert "1 of 1 requests answered" in capsys.readouterr().err
