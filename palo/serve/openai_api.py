@@ -274,9 +274,13 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
             raise APIError(400, f"messages[{index}] must be an object", param="messages")
         role = message.get("role")
         if role in ("system", "developer"):
-            if index != 0:
-                raise APIError(400, "a system message may only come first", param="messages")
+            if last_role is not None:
+                raise APIError(400, "a system message may only come before the conversation's first turn",
+                               param="messages")
             text, _ = _content(message, index, images_allowed=False)
+            if index:  # a system and a developer message (as some clients send): one system prompt, a line each
+                conv.system += "\n" + text
+                continue
             prefix = MPT_SYSTEM_PREFIX if conv.sep_style is SeparatorStyle.MPT else ""
             conv.system = prefix + text
             continue

@@ -783,6 +783,16 @@ def test_consecutive_messages_of_one_role_are_one_turn():
                      [{"role": "system", "content": "s"}, {"role": "assistant", "content": "hi"}]):
         with pytest.raises(APIError, match="the first message after the system message must be the user's"):
             render_messages(messages, "vicuna_v1")
+    # A system and a developer message before the first turn (as some clients send) are one system prompt, a line
+    # each (the second was a 400, which OpenAI does not answer); after a turn one is still refused.
+    question = {"role": "user", "content": "hi"}
+    for mode, tag in (("vicuna_v1", ""), ("mpt", "<|im_start|>system\n")):
+        two = render_messages([{"role": "system", "content": "Be brief."}, {"role": "developer", "content": "In Urdu."},
+                               question], mode)[0]
+        one = render_messages([{"role": "system", "content": "Be brief.\nIn Urdu."}, question], mode)[0]
+        assert two == one and one.startswith(tag + "Be brief.\nIn Urdu.")
+    with pytest.raises(APIError, match="a system message may only come before the conversation's first turn"):
+        render_messages([question, {"role": "system", "content": "s"}], "vicuna_v1")
     # The Python API's local image parts (palo.llm) are not the HTTP API's: a server never opens a client's path.
     local = [{"role": "user", "content": [{"type": "image", "image": "/etc/passwd"}, {"type": "text", "text": "x"}]}]
     with pytest.raises(APIError, match=r"messages\[0\]: unsupported content part"):
