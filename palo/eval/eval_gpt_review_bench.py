@@ -10,9 +10,18 @@ model answer or context is missing, a request that still fails after its retries
 are all written as *failed* reviews (``"tuple": [-1, -1], "failed": true, "reason"``) that the summary counts but
 never averages.
 
-Resumable: questions with a successful review in ``-o`` are skipped; failed ones are tried again. New reviews are
-appended one flushed line at a time while the run goes; at the end the file is rewritten in question order with
-one review per question.
+Resumable: a question is skipped when ``-o`` holds a successful review made for the request this run would send:
+the same reference and model answers (``answer1_id``, ``answer2_id``), the same judge (``judge_model``; a review
+without one is the original's, made by ``gpt-4-0314``) and, for reviews that record it, the same request
+(``request_key``, this project's field: a hash of the judge model, the messages and the sampling settings, so an
+edited question, context, answer text or rubric counts too). Failed reviews and reviews made for another request
+are judged again. New reviews are appended one flushed line at a time while the run goes; at the end the file is
+rewritten in question order with one review per question of the question file. Reviews that no longer apply (of
+questions no longer in the question file, or made for another request and not yet judged again) are moved to
+``<output>.stale``, said on stderr, and never counted.
+
+Ctrl-C stops sending: requests not yet sent are cancelled, the replies of those in flight are waited for and
+written (Ctrl-C again stops at once), the file is compacted, and the interrupt goes on to the caller.
 """
 
 from __future__ import annotations
@@ -21,8 +30,8 @@ import argparse
 import os
 import sqlite3
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +48,7 @@ from palo.eval.judge import (
 from palo.jsonl import JsonlAppender, JsonlError, Record, iter_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
 
 FAILED_TUPLE = [-1, -1]
+ORIGINAL_JUDGE_MODEL = "gpt-4-0314"  # the original wrote no judge_model: it always asked this one
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Item:
     answer2_id: Any
     content: str | None  # the judge's user message; None when a piece is missing
     problem: str | None = None
+    request_key: str | None = None  # JudgeClient.fingerprint of the request; None when there is no request
 
 
 def is_success(review: dict[str, Any]) -> bool:
@@ -59,6 +70,20 @@ def is_success(review: dict[str, Any]) -> bool:
     if review.get("failed") or not isinstance(scores, (list, tuple)) or len(scores) != 2:
         return False
     return all(isinstance(s, (int, float)) and s >= 0 for s in scores)
+
+
+def made_for(review: dict[str, Any], item: Item, judge_model: str) -> bool:
+    """Whether a previous review judged the request this run would send for ``item``.
+
+    The answers are compared by id and the judge by name; a review that records its ``request_key`` must also have
+    been made for the same request (question, context, answer texts, rubric, judge settings). Reviews without it
+    (the original's, an earlier version's) are compared by ids and judge only.
+    """
+    if review.get("judge_model", ORIGINAL_JUDGE_MODEL) != judge_model:
+        return False
+    if (review.get("answer1_id"), review.get("answer2_id")) != (item.answer1_id, item.answer2_id):
+        return False
+    return review.get("request_key", item.request_key) == item.request_key
 
 
 def latest_reviews(path: str) -> dict[str, dict[str, Any]]:
@@ -129,24 +154,81 @@ def review_record(item: Item, judgment: Judgment, judge_model: str) -> dict[str,
         "judge_model": judge_model,
         "failed": judgment.failed,
     }
+    if item.request_key is not None:
+        record["request_key"] = item.request_key
     if judgment.failed:
         record["reason"] = judgment.reason
     return record
 
 
-def compact(path: str, questions: list[Record]) -> list[dict[str, Any]]:
-    """Rewrite the reviews file: one review per question (the latest), in question order, ids 1..n."""
+def stale_path(path: str) -> str:
+    """Where reviews that no longer apply go: ``<reviews file>.stale`` (not ``.jsonl``, so that
+    ``summarize_gpt_review -d`` never reads it as a model's reviews)."""
+    return path + ".stale"
+
+
+def compact(path: str, items: list[Item], judge_model: str) -> list[dict[str, Any]]:
+    """Rewrite the reviews file: one review per question (the latest), in question order, ids 1..n.
+
+    Reviews that no longer apply are appended to :func:`stale_path` first (nothing paid for is lost) and said on
+    stderr: those of questions no longer in the question file, and successful ones made for another request (left
+    when a run stops before judging that question again), which would otherwise be counted as scores of answers
+    they never saw.
+
+    Returns:
+        The reviews kept, as written.
+    """
     latest = latest_reviews(path)
-    ordered = []
-    for q in questions:
-        review = latest.pop(str(q.data["question_id"]), None)
-        if review is not None:
+    ordered, outdated = [], []
+    for item in items:
+        review = latest.pop(str(item.question.data["question_id"]), None)
+        if review is None:
+            continue
+        if is_success(review) and not made_for(review, item, judge_model):
+            outdated.append(review)
+        else:
             ordered.append(review)
-    ordered.extend(latest.values())  # reviews of questions no longer in the file: keep, do not lose data
+    removed = list(latest.values())
+    if removed or outdated:
+        with JsonlAppender(stale_path(path)) as side:
+            for review in removed + outdated:
+                side.write(review)
+        print(f"[stale] moved {len(removed) + len(outdated)} review(s) out of {path} into {stale_path(path)}, not "
+              f"counted: {len(removed)} of questions no longer in the question file, {len(outdated)} made for other "
+              "answers, another judge or another request", file=sys.stderr)
     for number, review in enumerate(ordered, start=1):
         review["id"] = number
     write_jsonl_atomic(path, ordered)
     return ordered
+
+
+def judge_all(pending: list[Item], judge: Callable[[Item], tuple[Item, Judgment]],
+              record: Callable[[Item, Judgment], None], parallel: int) -> None:
+    """Judge ``pending`` with up to ``parallel`` requests at a time, recording each outcome (in this thread) as it
+    completes.
+
+    Raises:
+        KeyboardInterrupt: On Ctrl-C, once the requests not yet sent are cancelled and the replies of those in
+            flight (paid for) are recorded; a second Ctrl-C while waiting for them stops at once.
+    """
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    futures = [pool.submit(judge, item) for item in pending]
+    recorded: set[Future] = set()
+    try:
+        for future in as_completed(futures):
+            record(*future.result())
+            recorded.add(future)
+    except BaseException as exc:
+        # The executor's own exit would wait for every queued request, sending them all after a Ctrl-C or an error.
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(exc, KeyboardInterrupt):
+            left = [f for f in futures if f not in recorded and not f.cancelled()]
+            print(f"[interrupted] {len(futures) - len(recorded) - len(left)} request(s) not sent; waiting for the "
+                  f"{len(left)} in flight (Ctrl-C again to stop now)", file=sys.stderr)
+            for future in left:
+                record(*future.result())
+        raise
+    pool.shutdown()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,18 +286,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot write the reviews or the judge cache: {exc}", file=sys.stderr)
         return 2
 
-    previous = latest_reviews(args.output)
-    pending = [it for it in items if not is_success(previous.get(str(it.question.data["question_id"]), {}))]
-    if len(pending) < len(items):
-        print(f"[resume] {len(items) - len(pending)} of {len(items)} questions already reviewed in {args.output}",
-              file=sys.stderr)
     client = JudgeClient(
         model=args.judge_model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
         base_url=args.judge_base_url or None, max_tokens=args.max_tokens, temperature=args.temperature,
         max_retries=args.max_retries, backoff=args.retry_base_delay, timeout=args.timeout, cache=cache,
     )
+    for item in items:
+        if item.content is not None:
+            item.request_key = client.fingerprint(item.content)
+    previous = latest_reviews(args.output)
+    pending, redone = [], 0
+    for item in items:
+        review = previous.get(str(item.question.data["question_id"]))
+        if review is not None and is_success(review):
+            if made_for(review, item, args.judge_model):
+                continue
+            redone += 1
+        pending.append(item)
+    if len(pending) < len(items):
+        print(f"[resume] {len(items) - len(pending)} of {len(items)} questions already reviewed in {args.output}",
+              file=sys.stderr)
+    if redone:
+        print(f"[resume] {redone} review(s) in {args.output} were made for other answers, another judge or another "
+              "request: judged again", file=sys.stderr)
 
-    lock = threading.Lock()
     failures: list[tuple[Any, str]] = []
     stats = {"judged": 0, "cached": 0, "calls": 0}
 
@@ -224,19 +318,22 @@ def main(argv: list[str] | None = None) -> int:
             return item, Judgment("", None, failed=True, reason=item.problem)
         return item, client.judge(item.content)
 
-    with out, ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        futures = [pool.submit(run, it) for it in pending]
-        for future in as_completed(futures):
-            item, judgment = future.result()
-            with lock:
-                out.write(review_record(item, judgment, args.judge_model))
-                stats["judged"] += 1
-                stats["cached"] += judgment.cached
-                stats["calls"] += judgment.calls
-                if judgment.failed:
-                    failures.append((item.question.data["question_id"], judgment.reason or "failed"))
+    def record(item: Item, judgment: Judgment) -> None:
+        out.write(review_record(item, judgment, args.judge_model))
+        stats["judged"] += 1
+        stats["cached"] += judgment.cached
+        stats["calls"] += judgment.calls
+        if judgment.failed:
+            failures.append((item.question.data["question_id"], judgment.reason or "failed"))
+
+    interrupted: KeyboardInterrupt | None = None
+    with out:
+        try:
+            judge_all(pending, run, record, args.parallel)
+        except KeyboardInterrupt as exc:
+            interrupted = exc
     cache.close()
-    reviews = compact(args.output, questions)
+    reviews = compact(args.output, items, args.judge_model)
 
     ok = sum(1 for r in reviews if is_success(r))
     print(f"reviewed {stats['judged']} question(s) with {args.judge_model} ({stats['cached']} from cache, "
@@ -244,6 +341,10 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     for qid, reason in failures:
         print(f"[failed] question_id {qid}: {reason}", file=sys.stderr)
+    if interrupted is not None:
+        print(f"interrupted: rerun the same command to judge the {len(pending) - stats['judged']} question(s) left",
+              file=sys.stderr)
+        raise interrupted
     # Failures are data (the summary reports them), not an error; but a run where nothing could be judged usually
     # means a wrong key, model or URL, and the caller should hear about it.
     if reviews and ok == 0:

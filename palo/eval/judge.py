@@ -115,41 +115,69 @@ def build_messages(user_content: str) -> list[dict[str, str]]:
 # Score parsing
 # ---------------------------------------------------------------------------------------------------------------
 
-_NUMBER = r"\d+(?:\.\d+)?"
+# Signed, so that "-3" is read as -3 and fails the range check instead of passing as 3.
+_NUMBER = r"[-+]?\d+(?:\.\d+)?"
 # "8/10", "8 / 10", "8 out of 10": the denominator is not a score.
 _DENOMINATOR = re.compile(r"\s*(?:/|out\s+of)\s*10(?:\.0+)?\b", re.IGNORECASE)
 # "Assistant 1", "Assistant #2", "Assistant1": the 1/2 is a label, not a score.
-_LABEL = re.compile(r"\b(?:assistant|answer|response)\s*#?\s*([12])\b", re.IGNORECASE)
+_LABEL_WORD = r"\b(?:assistant|answer|response)\s*#?\s*"
+_LABEL = re.compile(_LABEL_WORD + r"([12])\b", re.IGNORECASE)
+# A label and its score on one line ("Assistant 1: 8", "Assistant 1 receives a score of 6"). The gap between them
+# holds no digit and no other label, so "Assistant 1 with Assistant 2: 5" does not give Assistant 1 a 2.
+_LABELLED = re.compile(
+    rf"{_LABEL_WORD}([12])\b(?:(?!{_LABEL_WORD}[12]\b)[^\d\n]){{0,40}}?({_NUMBER})(?![\d.]*\d)", re.IGNORECASE
+)
+# Two unlabelled scores on a line: words without digits may come before them ("Scores:", "I give"); the two numbers
+# are side by side with at most one separator ("8 9", "8, 9", "[6, 4]", "8 and 7"); after them, only what a
+# punctuation mark sets apart and holds no digit ("8 9 (Assistant 2 is better)", "8 9. Both are fine").
+_PAIR = re.compile(
+    rf"^\D*?[\[(]?\s*({_NUMBER})(?:\s*(?:[,;&]|\band\b|\bvs\b\.?)\s*|\s+)({_NUMBER})\s*[\])]?"
+    r"(?:\s*[-\u2013\u2014(:;,.!]\D*)?$",
+    re.IGNORECASE,
+)
 # Markdown emphasis and heading marks around scores ("**8** **9**", "# 8 9").
 _MARKUP = re.compile(r"[*_`#]")
+# A list marker at the start of a line ("1. ", "2) ", "- "): "1. 8" holds one score, not two.
+_LIST_MARKER = re.compile(r"^\s*(?:\d{1,2}[.)]|[-+•])\s+")
+# A reasoning model's thoughts, which mention numbers that are not the scores; an unclosed block runs to the end.
+_THINKING = re.compile(r"<think>.*?(?:</think>|\Z)", re.IGNORECASE | re.DOTALL)
 
 
 class ScoreParseError(ValueError):
     """A judge reply without two recognisable scores."""
 
 
-def _numbers(text: str) -> list[float]:
-    text = _DENOMINATOR.sub("", text)
-    text = _LABEL.sub(" ", text)
-    return [float(x) for x in re.findall(rf"(?<![\w.]){_NUMBER}(?![\w.]*\d)", text)]
+def _without_thinking(reply: str) -> str:
+    text = _THINKING.sub("", reply)
+    end = text.lower().rfind("</think>")  # a server that put the opening tag in the prompt sends only the close
+    return text[end + len("</think>"):] if end >= 0 else text
 
 
-def _labelled(text: str) -> list[float] | None:
-    """Scores written per assistant anywhere in the reply ("Assistant 1: 8 ... Assistant 2: 9")."""
+def _clean(line: str) -> str:
+    return _LIST_MARKER.sub("", _DENOMINATOR.sub("", _MARKUP.sub("", line))).strip()
+
+
+def _labelled(line: str) -> dict[str, float]:
+    """Scores given by label on one line, the first per label."""
     found: dict[str, float] = {}
-    for match in re.finditer(rf"\bassistant\s*#?\s*([12])\b[^0-9\n]{{0,40}}?({_NUMBER})(?:\s*(?:/|out\s+of)\s*10)?",
-                             text, re.IGNORECASE):
+    for match in _LABELLED.finditer(line):
         found.setdefault(match.group(1), float(match.group(2)))
-    if "1" in found and "2" in found:
-        return [found["1"], found["2"]]
-    return None
+    return found
 
 
 def parse_scores(reply: str) -> tuple[float, float]:
     """Two scores (Assistant 1, Assistant 2) from a judge reply.
 
-    Tried in order: the first line that holds a number, which must then hold exactly two scores once labels
-    ("Assistant 1") and denominators ("/10") are removed; otherwise per-assistant labels anywhere in the reply.
+    A ``<think>`` block is dropped first. Then the first line that holds a number other than a label's decides:
+
+    * if it gives a score by label ("Assistant 2: 9, Assistant 1: 3"), the labels decide, this line and the next
+      ones ("Assistant 1: 8\\nAssistant 2: 9"), whatever the order;
+    * otherwise the line must hold two scores side by side, Assistant 1 first, and no other number ("8 9", "8, 9",
+      "Scores: 8/10 and 9/10", "**7** **10**", "8 9 (Assistant 2 is better)");
+    * a line that ends with a colon introduces what follows ("Evaluation of question 3 about image 001.jpg:") and
+      is passed over; any other line with numbers fails the parse rather than being guessed at.
+
+    List markers ("1. 8") and denominators ("/10", "out of 10") are not scores.
 
     Args:
         reply: The judge's raw reply.
@@ -162,19 +190,27 @@ def parse_scores(reply: str) -> tuple[float, float]:
     """
     if not reply or not reply.strip():
         raise ScoreParseError("empty reply")
-    for line in reply.splitlines():
-        line = _MARKUP.sub("", line).strip()
-        if not re.search(r"\d", line):
-            continue
-        numbers = _numbers(line)
-        if len(numbers) == 2:
-            scores = (numbers[0], numbers[1])
+    lines = [_clean(line) for line in _without_thinking(reply).splitlines()]
+    for index, line in enumerate(lines):
+        if _labelled(line):
+            found: dict[str, float] = {}
+            for later in lines[index:]:
+                for label, score in _labelled(later).items():
+                    found.setdefault(label, score)
+            if "1" not in found or "2" not in found:
+                raise ScoreParseError(f"a score for one assistant only: {line[:80]!r}")
+            scores = (found["1"], found["2"])
             break
-        labelled = _labelled(_MARKUP.sub("", reply))
-        if labelled is None:
-            raise ScoreParseError(f"expected two scores on the first line, found {len(numbers)}: {line[:80]!r}")
-        scores = (labelled[0], labelled[1])
-        break
+        unlabelled = _LABEL.sub(" ", line)
+        if not re.search(r"\d", unlabelled):
+            continue
+        pair = _PAIR.match(unlabelled)
+        if pair is not None:
+            scores = (float(pair.group(1)), float(pair.group(2)))
+            break
+        if line.endswith(":"):
+            continue
+        raise ScoreParseError(f"expected two scores on the first line with numbers: {line[:80]!r}")
     else:
         raise ScoreParseError(f"no scores in the reply: {reply.strip()[:80]!r}")
     if not all(0 <= s <= MAX_SCORE for s in scores):
@@ -241,6 +277,11 @@ class JudgeClient:
         self.chat = ChatClient(model, api_key=api_key, base_url=base_url, temperature=temperature,
                                max_tokens=max_tokens, max_retries=max_retries, backoff=backoff,
                                max_backoff=max_backoff, timeout=timeout, cache=cache)
+
+    def fingerprint(self, user_content: str) -> str:
+        """What identifies the request for ``user_content``: the reply cache's key (judge model, messages,
+        temperature, max_tokens), so a review made for it can be told from one made for another request."""
+        return request_key(self.model, build_messages(user_content), self.chat.temperature, self.chat.max_tokens)
 
     def judge(self, user_content: str) -> Judgment:
         """Score one request; never raises for API or parse problems (they become a failed :class:`Judgment`)."""

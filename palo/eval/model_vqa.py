@@ -17,9 +17,17 @@ The flags are those of PALO's ``model_vqa.py`` (docs/formats.md §5.4), plus:
 same default as ``run_bench`` and the chat CLI; LLaVA-1.5 checkpoints still get the original script's ``llava_v1``.
 A template passed explicitly is used as given.
 
-Runs are resumable: question_ids already in ``--answers-file`` are skipped and new answers are appended, one
-flushed line each, so a killed run loses nothing it wrote and never writes an answer twice. Every output line is
-an answer record (docs/formats.md §5.3): ``question_id, prompt, text, answer_id, model_id, metadata``.
+Runs are resumable: questions already answered in ``--answers-file`` are skipped and new answers are appended,
+one flushed line each, so a killed run loses nothing it wrote and never writes an answer twice. Every output line
+is an answer record (docs/formats.md §5.3): ``question_id, prompt, text, answer_id, model_id, metadata``; this
+project's ``metadata`` holds ``settings``: the template, image preprocessing and generation settings it was made with.
+
+An answer is kept on resume only if this run would give it (:class:`AnswerRun`): the same ``model_id``, the same
+question text (``prompt``) and the same settings (answers that record none, like the original's, are compared by
+model and question). Otherwise the run stops before loading the model, with one line naming the file and what
+differs: reusing an output name with another checkpoint, other settings or an edited question file would
+otherwise mix two runs in one file without a word. ``--overwrite`` removes those answers and answers their
+questions again; answers this run would give are still kept, so rerunning the same command resumes.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,23 +107,119 @@ def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
     return items[chunk_idx * size:(chunk_idx + 1) * size]
 
 
-def answered_ids(answers_file: str, out: JsonlAppender | None = None) -> set[str]:
-    """question_ids (as strings, so ``1`` and ``"1"`` agree) already in an answers file; a torn tail is cut first.
+def answer_settings(conv_mode: str | None, image_preprocess: str, generation: dict[str, Any]) -> dict[str, Any]:
+    """What an answer depends on besides the checkpoint and the question (stored as ``metadata.settings``)."""
+    return {"conv_mode": conv_mode, "image_preprocess": image_preprocess,
+            **{key: generation.get(key) for key in ("temperature", "top_p", "num_beams", "max_new_tokens")}}
 
-    A damaged line (not JSON, no ``question_id``) is reported and its question counts as unanswered. With ``out``,
-    the run's own locked appender to ``answers_file``, such lines are also removed from the file, so that it holds
-    only whole answers for the review that reads it next (the question is answered again).
+
+def model_id_of(model_path: str) -> str:
+    """The ``model_id`` answers of a checkpoint carry: its folder name (``<parent>_checkpoint-N`` for a step)."""
+    return get_model_name_from_path(os.path.expanduser(model_path))
+
+
+@dataclass(frozen=True)
+class AnswerRun:
+    """Who answers and how, known before the model loads: what an answer must match to be kept on resume.
+
+    Attributes:
+        model_id: The checkpoint's :func:`model_id_of`.
+        settings: :func:`answer_settings`. A ``conv_mode`` of None (the checkpoint's own template, not known before
+            it loads) is not compared: the checkpoint, through ``model_id``, decides it.
+    """
+
+    model_id: str
+    settings: dict[str, Any]
+
+    @classmethod
+    def of(cls, model_path: str, conv_mode: str | None, image_preprocess: str,
+           generation: dict[str, Any]) -> AnswerRun:
+        return cls(model_id_of(model_path), answer_settings(conv_mode, image_preprocess, generation))
+
+    def difference(self, answer: dict[str, Any], question: Question) -> str | None:
+        """Why this run would not give ``answer`` (an answer record) to ``question``, or None.
+
+        A field the record lacks is no difference: the original wrote no settings.
+        """
+        model_id = answer.get("model_id", self.model_id)
+        if model_id != self.model_id:
+            return f"model_id {model_id!r}, this run {self.model_id!r}"
+        prompt = answer.get("prompt", question.text)
+        if prompt != question.text:
+            return f"question {question.question_id!r} was {prompt!r:.50}, now {question.text!r:.50}"
+        metadata = answer.get("metadata")
+        settings = metadata.get("settings") if isinstance(metadata, dict) else None
+        for key, value in self.settings.items() if isinstance(settings, dict) else ():
+            if key in settings and settings[key] != value and not (key == "conv_mode" and value is None):
+                return f"{key} {settings[key]!r}, this run {value!r}"
+        return None
+
+
+class StaleAnswers(ValueError):
+    """An answers file holds answers this run would not give (another model, other settings, another question)."""
+
+
+def kept_answers(answers_file: str, questions: Sequence[Question] = (), run: AnswerRun | None = None,
+                 out: JsonlAppender | None = None, overwrite: bool = False) -> set[str]:
+    """question_ids (as strings, so ``1`` and ``"1"`` agree) answered in ``answers_file`` that a run keeps.
+
+    A torn tail is cut first. A damaged line (not JSON, no ``question_id``) is reported and its question counts as
+    unanswered. With ``out``, the run's own locked appender to ``answers_file``, such lines are also removed from
+    the file, so that it holds only whole answers for the review that reads it next (the question is answered
+    again). With ``run``, an answer to one of ``questions`` that ``run`` would not give (:meth:`AnswerRun.difference`)
+    stops the run, or with ``overwrite`` (and ``out``) is removed and its question answered again.
+
+    Raises:
+        StaleAnswers: On answers ``run`` would not give that may not be removed; its message (one line) names the
+            file, how many, what differs and what to do. The file is left as it was.
     """
     if not os.path.isfile(answers_file):
         return set()
     repair_tail(answers_file)
     records, bad = scan_jsonl(answers_file, required=("question_id",))
+    by_id = {str(q.question_id): q for q in questions}
+    stale = {}
+    for record in records if run is not None else ():
+        question = by_id.get(str(record.data["question_id"]))
+        why = run.difference(record.data, question) if question is not None else None
+        if why is not None:
+            stale[record.line] = why
+    if stale:
+        reasons = list(dict.fromkeys(stale.values()))  # distinct, first seen first
+        what = "; ".join(reasons[:2]) + (f"; and {len(reasons) - 2} more" if len(reasons) > 2 else "")
+        if not (overwrite and out is not None):
+            raise StaleAnswers(f"{answers_file} holds {len(stale)} answer(s) this run would not give ({what}): write "
+                               "to another answers file, or pass --overwrite to answer those questions again")
+        print(f"[overwrite] {answers_file}: {len(stale)} answer(s) removed ({what}); answering them again",
+              file=sys.stderr)
     for number, problem in bad:
         fate = "removed, its question is answered again" if out is not None else "skipped"
         print(f"[skip] {answers_file}:{number}: {problem} ({fate})", file=sys.stderr)
-    if bad and out is not None:
-        out.drop_lines({number for number, _ in bad})
-    return {str(r.data["question_id"]) for r in records}
+    drop = set(stale) | ({number for number, _ in bad} if out is not None else set())
+    if drop:
+        out.drop_lines(drop)
+    return {str(r.data["question_id"]) for r in records if r.line not in drop}
+
+
+def answered_ids(answers_file: str, out: JsonlAppender | None = None) -> set[str]:
+    """question_ids answered in an answers file, whoever answered them (:func:`kept_answers` without a run)."""
+    return kept_answers(answers_file, out=out)
+
+
+def check_answers_files(question_file: str, answers_files: list[str], run: AnswerRun, overwrite: bool) -> None:
+    """:func:`kept_answers` on files other processes will resume (a sharded run's merged and shard files), before
+    they start: one refusal for the task instead of one per shard, and with ``overwrite`` the answers another run
+    made removed once.
+
+    Raises:
+        StaleAnswers: As :func:`kept_answers`.
+        JsonlError: If the question file is malformed, or another process is writing one of the files.
+    """
+    questions = load_questions(question_file)
+    for path in answers_files:
+        if os.path.isfile(path):
+            with JsonlAppender(path) as out:
+                kept_answers(path, questions, run, out, overwrite)
 
 
 def build_prompt(question: str, conv_mode: str, with_image: bool | int, use_im_start_end: bool) -> str:
@@ -204,6 +308,11 @@ class Answerer:
             from palo.engine import LLMEngine
 
             self.engine = LLMEngine(model, tokenizer)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """:func:`answer_settings` of this answerer, written into every answer's metadata."""
+        return answer_settings(self.conv_mode, self.image_preprocess, self.generation)
 
     def answer(self, questions: list[Question], image_folder: str) -> list[str]:
         """Answers for a batch, in order.
@@ -475,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(beam search always uses it)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip and report malformed lines and missing/unreadable images instead of stopping")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="answer again the questions whose answers in --answers-file another checkpoint, other "
+                             "settings or another question text made (default: stop with an error); answers this "
+                             "run would give are kept, so a rerun still resumes")
     return parser
 
 
@@ -510,8 +623,8 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None
     from palo.model.vision_tower import VisionTowerError
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_name = model_id_of(model_path)
     model_path = os.path.expanduser(model_path)
-    model_name = get_model_name_from_path(model_path)
     try:
         tokenizer, model, image_processor, _ = load_pretrained_model(
             model_path, model_base, model_name, device=device, vision_tower=vision_tower, dtype=dtype
@@ -524,7 +637,8 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None
 
 def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file: str, image_folder: str,
                 answers_file: str, batch_size: int = 1, num_chunks: int = 1, chunk_idx: int = 0,
-                skip_bad: bool = False, done_files: tuple[str, ...] = ()) -> int:
+                skip_bad: bool = False, done_files: tuple[str, ...] = (), run: AnswerRun | None = None,
+                overwrite: bool = False) -> int:
     """Answer the pending questions of one question file, appending to ``answers_file``.
 
     Args:
@@ -532,15 +646,18 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
             finished run costs no model load (callers answering several files pass a cached loader).
         question_file: Questions jsonl.
         image_folder: Folder the ``image`` fields are relative to.
-        answers_file: Output; question_ids already in it are skipped.
+        answers_file: Output; questions already answered in it are skipped (see ``run``).
         batch_size: Questions generated together.
         num_chunks: Split the questions into this many slices ...
         chunk_idx: ... and answer this one.
         skip_bad: Skip and report bad lines and images instead of stopping.
         done_files: Other answers files whose questions count as answered (a shard skips what the merged file has).
+        run: The model and settings, known before loading: an answer in ``answers_file`` or ``done_files`` this run
+            would not give stops it (see :func:`kept_answers`). None: every answer is kept (resume by question_id).
+        overwrite: Remove such answers from ``answers_file`` and answer their questions again instead.
 
     Returns:
-        0 on success, 2 on bad input (reported on stderr).
+        0 on success, 2 on bad input or answers another run made (reported on stderr).
 
     Raises:
         ModelLoadError: From ``get_answerer``.
@@ -565,18 +682,19 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
         return 2
     with out:
         return _answer_pending(get_answerer, questions, image_folder, answers_file, out, batch_size, skip_bad,
-                               done_files)
+                               done_files, run, overwrite)
 
 
 def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions: list[Question], image_folder: str,
                     answers_file: str, out: JsonlAppender, batch_size: int, skip_bad: bool,
-                    done_files: tuple[str, ...]) -> int:
+                    done_files: tuple[str, ...], run: AnswerRun | None, overwrite: bool) -> int:
     """:func:`answer_file` once its questions are read and its output is open."""
     try:
-        done = answered_ids(answers_file, out).union(*(answered_ids(f) for f in done_files))
+        done = kept_answers(answers_file, questions, run, out, overwrite).union(
+            *(kept_answers(f, questions, run) for f in done_files))
         todo = [q for q in questions if str(q.question_id) not in done]
         pending = check_images(todo, image_folder, skip_bad)
-    except (JsonlError, ImageLoadError, ValueError) as exc:
+    except (JsonlError, ImageLoadError, ValueError) as exc:  # StaleAnswers included
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if len(todo) < len(questions):
@@ -607,7 +725,7 @@ def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions:
                 "text": text,
                 "answer_id": shortuuid.uuid(),
                 "model_id": model_name,
-                "metadata": {},
+                "metadata": {"settings": answerer.settings},
             })
     if skipped:
         print(f"[skip] {skipped} question(s) skipped (unreadable images or prompts too long)", file=sys.stderr)
@@ -626,9 +744,10 @@ def main(argv: list[str] | None = None) -> int:
         return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
                              args.device, args.vision_tower, args.engine, args.dtype)
 
+    run = AnswerRun.of(args.model_path, args.conv_mode, args.image_preprocess, generation)
     try:
         return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,
-                           args.num_chunks, args.chunk_idx, args.skip_bad)
+                           args.num_chunks, args.chunk_idx, args.skip_bad, run=run, overwrite=args.overwrite)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,9 @@ Two ways to name the work:
 * ``--images/--questions/--answers/--context --output-file F``: one set of files (``llavabench.sh``).
 
 Every step resumes, so rerunning the same command after an interruption only does what is left. A language that
-fails (bad input, judge unreachable) is reported and the others go on.
+fails (bad input, judge unreachable) is reported and the others go on. Answers another checkpoint, other settings or
+another question text made are not resumed: that language stops with the reason (``model_vqa``'s rule), unless
+``--overwrite`` has those questions answered again.
 
 ``--gpus 0,1,2`` (or ``auto``: every visible GPU) answers with one process per GPU, each a slice of every language
 (:mod:`palo.eval.shards`), merges the slices in question order, then judges once in this process.
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--gpus", default=None,
                        help="one answering process per GPU: a list (0,1,2) or auto (CUDA_VISIBLE_DEVICES, else every "
                             "GPU torch sees); fewer than two: one process")
+    group.add_argument("--overwrite", action="store_true",
+                       help="answer again the questions whose answers another checkpoint, other settings or another "
+                            "question text made (default: that language stops with an error)")
     group.add_argument("--num-chunks", type=int, default=1, help=argparse.SUPPRESS)  # a shard process (set by --gpus)
     group.add_argument("--chunk-idx", type=int, default=0, help=argparse.SUPPRESS)
     group = parser.add_argument_group("judging")
@@ -136,9 +141,18 @@ def judge_argv(args: argparse.Namespace, task: Task) -> list[str]:
     return argv
 
 
+def _generation(args: argparse.Namespace) -> dict:
+    return model_vqa.generation_kwargs(args.temperature, None, 1, args.max_new_tokens)
+
+
+def answer_run(args: argparse.Namespace) -> model_vqa.AnswerRun:
+    """The model and settings answers must have been made with to be resumed."""
+    return model_vqa.AnswerRun.of(args.model_path, args.conv_mode, args.image_preprocess, _generation(args))
+
+
 def make_loader(args: argparse.Namespace) -> tuple[Callable[[], tuple[model_vqa.Answerer, str]], list]:
     """A loader that loads the checkpoint on first need and then shares it (every language), and its cache."""
-    generation = model_vqa.generation_kwargs(args.temperature, None, 1, args.max_new_tokens)
+    generation = _generation(args)
     loaded: list[tuple[model_vqa.Answerer, str]] = []
 
     def loader() -> tuple[model_vqa.Answerer, str]:
@@ -172,6 +186,17 @@ def answer_sharded(argv: list[str], args: argparse.Namespace, tasks: list[Task],
     import subprocess
 
     n = len(gpus)
+    refused = []
+    # Answers another run made are looked for here, once: a shard that refuses them cannot stop the merge and the
+    # judging of what the files hold.
+    run = answer_run(args)
+    for task in tasks:
+        files = [task.answers_out, *(shards.shard_path(task.answers_out, k, n) for k in range(n))]
+        try:
+            model_vqa.check_answers_files(task.questions, files, run, args.overwrite)
+        except (ValueError, OSError) as exc:  # StaleAnswers, JsonlError
+            print(f"error: {exc}", file=sys.stderr)
+            refused.append(task.label)
     child_device = "cuda" if (args.device or "cuda").startswith("cuda") else args.device
     procs = []
     for k, gpu in enumerate(gpus):
@@ -182,8 +207,10 @@ def answer_sharded(argv: list[str], args: argparse.Namespace, tasks: list[Task],
     for k, code in enumerate(codes):
         if code != 0:
             print(f"error: shard {k}/{n} (GPU {gpus[k]}) exited with {code}", file=sys.stderr)
-    incomplete = []
+    incomplete = list(refused)
     for task in tasks:
+        if task.label in refused:
+            continue
         files = [shards.shard_path(task.answers_out, k, n) for k in range(n)]
         try:
             result = shards.merge_answers(task.questions, files, task.answers_out)
@@ -207,7 +234,8 @@ def answer_chunk(args: argparse.Namespace, tasks: list[Task]) -> int:
         out = shards.shard_path(task.answers_out, args.chunk_idx, args.num_chunks)
         try:
             rc = model_vqa.answer_file(loader, task.questions, task.images, out, args.batch_size, args.num_chunks,
-                                       args.chunk_idx, done_files=(task.answers_out,))
+                                       args.chunk_idx, done_files=(task.answers_out,), run=answer_run(args),
+                                       overwrite=args.overwrite)
         except model_vqa.ModelLoadError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -219,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:  # settings no generation takes: refused before any language is answered or a model loaded
-        model_vqa.generation_kwargs(args.temperature, None, 1, args.max_new_tokens)
+        _generation(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     tasks, failed = make_tasks(args)
@@ -239,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in tasks if len(gpus) < 2 else []:
         print(f"=== {task.label}: answering ===", file=sys.stderr)
         try:
-            rc = model_vqa.answer_file(loader, task.questions, task.images, task.answers_out, args.batch_size)
+            rc = model_vqa.answer_file(loader, task.questions, task.images, task.answers_out, args.batch_size,
+                                       run=answer_run(args), overwrite=args.overwrite)
         except model_vqa.ModelLoadError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -267,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             report.main(["--reviews-dir", os.path.join(args.output_dir, "reviews"), "--name", args.name,
                          "--languages", *languages, "--out", os.path.join(args.output_dir, f"{args.name}_summary")])
     if failed:
-        print(f"warning: incomplete: {', '.join(failed)} (rerun the same command to resume)", file=sys.stderr)
+        print(f"warning: incomplete: {', '.join(failed)} (see the errors above; rerunning the same command resumes "
+              "what was done)", file=sys.stderr)
         return 1
     return 0
 

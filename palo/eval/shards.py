@@ -84,8 +84,20 @@ class MergeResult:
 
 
 def question_order(question_file: str) -> list[str]:
-    """question_ids (as strings) in file order; bad lines are skipped here (answering reports them)."""
-    return [str(r.data["question_id"]) for r in iter_jsonl(question_file, skip_bad=True, required=("question_id",))]
+    """question_ids (as strings) in file order; bad lines are skipped here (answering reports them).
+
+    Raises:
+        JsonlError: On a repeated question_id, as :func:`palo.eval.model_vqa.load_questions` (the merge would write
+            one answer line per repeat).
+    """
+    first: dict[str, str] = {}
+    for record in iter_jsonl(question_file, skip_bad=True, required=("question_id",)):
+        qid = str(record.data["question_id"])
+        if qid in first:
+            raise JsonlError(f"{record.where}: duplicate question_id {record.data['question_id']!r} "
+                             f"(first at {first[qid]})")
+        first[qid] = record.where
+    return list(first)
 
 
 def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
@@ -107,8 +119,8 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
 
     Raises:
         JsonlError: If a shard holds a malformed line or an answer to a question the file does not have (a shard
-            from another run), or the question file is missing. (A malformed line of ``answers_file`` is reported
-            and dropped.)
+            from another run), or the question file is missing or repeats a question_id. (A malformed line of
+            ``answers_file`` is reported and dropped.)
         ValueError: If ``answers_file`` is also the question file or one of the shards (the merge would read
             questions as answers, or delete the file it just wrote).
     """

@@ -19,6 +19,7 @@ PALO_RUN_ARGS=(
 [ -n "${PALO_MODEL_BASE:-}" ] && PALO_RUN_ARGS+=(--model-base "$PALO_MODEL_BASE")
 [ -n "${PALO_EVAL_DEVICE:-}" ] && PALO_RUN_ARGS+=(--device "$PALO_EVAL_DEVICE")
 [ -n "${PALO_EVAL_DTYPE:-}" ] && PALO_RUN_ARGS+=(--dtype "$PALO_EVAL_DTYPE")
+[ "${PALO_EVAL_OVERWRITE:-0}" = 1 ] && PALO_RUN_ARGS+=(--overwrite)
 [ -n "${PALO_JUDGE_MODEL:-}" ] && PALO_RUN_ARGS+=(--judge-model "$PALO_JUDGE_MODEL")
 JUDGE_URL=${PALO_JUDGE_BASE_URL:-${OPENAI_BASE_URL:-}}
 [ -n "$JUDGE_URL" ] && PALO_RUN_ARGS+=(--judge-base-url "$JUDGE_URL")

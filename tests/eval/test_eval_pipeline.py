@@ -189,3 +189,40 @@ def test_the_scripts_environment_becomes_run_bench_flags_that_it_accepts():
         assert flags[at:at + 2] == expected
         args = run_bench.build_parser().parse_args(["--model-path", "m", *flags])
         assert args.dtype == (dtype or "auto") and args.device == "cpu"
+
+
+def test_a_rerun_with_another_checkpoint_is_refused_or_answered_and_judged_again(world, bench, judge_server, tmp_path,
+                                                                                  capsys):
+    """Under the same output name another checkpoint got the first one's answers and reviews as its own."""
+    english = os.path.join(bench, "english")
+    out = tmp_path / "evaluation"
+
+    def run(model: str, *extra: str) -> int:
+        return run_bench.main([
+            "--model-path", model, "--images", os.path.join(bench, "images"),
+            "--questions", os.path.join(english, "questions.jsonl"),
+            "--answers", os.path.join(english, "answers_gpt4.jsonl"),
+            "--context", os.path.join(english, "context.jsonl"), "--output-dir", str(out), "--output-file", "m",
+            "--device", "cpu", "--max-new-tokens", "3", "--judge-base-url", judge_server.base_url, "--batch-size", "4",
+            *extra,
+        ])
+
+    def read(path) -> list[dict]:
+        return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+    assert run(world.full_dir) == 0
+    answers = (out / "m.jsonl").read_text(encoding="utf-8")
+    capsys.readouterr()
+    assert run(world.full_bin_dir) == 1
+    err = capsys.readouterr().err
+    assert "holds 4 answer(s) this run would not give (model_id 'ckpt_a', this run 'ckpt_b')" in err
+    assert "incomplete: m" in err and (out / "m.jsonl").read_text(encoding="utf-8") == answers
+
+    assert run(world.full_bin_dir, "--overwrite") == 0
+    new = read(out / "m.jsonl")
+    assert {r["model_id"] for r in new} == {"ckpt_b"}
+    # The reviews are of the new answers (the judge's replies may come from its cache: the texts are the same).
+    assert [r["answer2_id"] for r in read(out / "reviews" / "m.jsonl")] == [r["answer_id"] for r in new]
+    capsys.readouterr()
+    assert run(world.full_bin_dir, "--overwrite") == 0  # the same command again resumes
+    assert "nothing to do" in capsys.readouterr().err and read(out / "m.jsonl") == new

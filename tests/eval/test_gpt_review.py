@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -35,6 +36,27 @@ def test_score_formats(reply, expected):
 
 @pytest.mark.parametrize("reply", ["", "I cannot judge these answers.", "8", "8 9 10", "11 9", "Assistant 1: 8 only"])
 def test_unparseable_replies_raise(reply):
+    with pytest.raises(ScoreParseError):
+        parse_scores(reply)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ("Assistant 2: 9, Assistant 1: 3", (3, 9)),  # labels win over position
+    ("Comparing Assistant 1 with Assistant 2:\nAssistant 1: 8\nAssistant 2: 5", (8, 5)),  # no label in a gap
+    ("<think>\nAssistant 1 lists 3 objects, Assistant 2 lists 2.\n</think>\n7 8", (7, 8)),
+    ("Evaluation of question 3 about image 001.jpg:\n7 8\nBoth fine.", (7, 8)),  # a heading is not the scores
+    ("8 9 (Assistant 2 is better)", (8, 9)),
+])
+def test_numbers_that_are_not_scores_are_not_read_as_scores(reply, expected):
+    assert parse_scores(reply) == expected
+
+
+@pytest.mark.parametrize("reply", [
+    "-3 5", "Assistant 1: -3\nAssistant 2: 5",  # signed: out of range, not 3
+    "1. 8\n2. 9",  # list markers are not scores
+    "The image shows 2 dogs and 001.jpg is small.\n8 9",  # a preamble with numbers: fail rather than guess
+])
+def test_replies_that_would_need_a_guess_raise(reply):
     with pytest.raises(ScoreParseError):
         parse_scores(reply)
 
@@ -240,3 +262,78 @@ def test_killed_run_resumes_without_redoing_finished_items(inputs, judge_server)
     assert judge_server.count() == {"Q-conv": 1, "Q-detail": 1, "Q-complex": 2, "Q-conv2": 1}
     final = _reviews(inputs["o"])
     assert [r["question_id"] for r in final] == [10, 11, 12, 13] and not any(r["failed"] for r in final)
+
+
+def test_resume_judges_again_what_was_reviewed_for_other_answers_judge_or_question(inputs, judge_server, tmp_path):
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert all("request_key" in r for r in _reviews(inputs["o"]))
+
+    # Every model answer replaced (new answer ids): all four judged again, and the new ids recorded.
+    rows = [json.loads(line) for line in open(inputs["a2"], encoding="utf-8")]
+    _write(tmp_path / "model.jsonl", [dict(r, answer_id=r["answer_id"] + "-v2") for r in rows])
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert sum(judge_server.count().values()) == 4
+    assert {r["answer2_id"] for r in _reviews(inputs["o"])} == {f"m{i}-v2" for i in range(10, 14)}
+
+    # Another judge: all judged again by it.
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "judge-y")) == 0
+    assert sum(judge_server.count().values()) == 4
+    # One question's text edited (same ids): only that one, through the request fingerprint.
+    judge_server.reset_calls()
+    questions = [json.loads(line) for line in open(inputs["q"], encoding="utf-8")]
+    questions[1]["text"] = "Q-detail, reworded"
+    _write(tmp_path / "q.jsonl", questions)
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "judge-y")) == 0
+    assert judge_server.count() == {"Q-detail, reworded": 1}
+
+    # Reviews of the original or an earlier version (no request_key) are compared by answer ids and judge; the
+    # original's carry no judge_model and were made by gpt-4-0314.
+    old = [{k: v for k, v in r.items() if k != "request_key"} for r in _reviews(inputs["o"])]
+    _write(tmp_path / "reviews" / "reviews.jsonl", old)
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "judge-y")) == 0
+    assert judge_server.count() == {}
+    _write(tmp_path / "reviews" / "reviews.jsonl", [{k: v for k, v in r.items() if k != "judge_model"} for r in old])
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "gpt-4-0314")) == 0
+    assert judge_server.count() == {}
+
+
+def test_reviews_of_removed_questions_leave_the_scored_file(inputs, judge_server, tmp_path, capsys):
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    judged = _reviews(inputs["o"])
+    questions = [json.loads(line) for line in open(inputs["q"], encoding="utf-8")]
+    _write(tmp_path / "q.jsonl", [q for q in questions if q["question_id"] != 11])
+    capsys.readouterr()
+    judge_server.reset_calls()
+
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert judge_server.count() == {}
+    kept = _reviews(inputs["o"])
+    assert [r["question_id"] for r in kept] == [10, 12, 13] and [r["id"] for r in kept] == [1, 2, 3]
+    assert _reviews(review.stale_path(inputs["o"])) == [dict(judged[1])]  # moved, not lost
+    assert "1 of questions no longer in the question file" in capsys.readouterr().err
+
+
+def test_ctrl_c_cancels_unsent_requests_writes_replies_in_flight_and_compacts(inputs, judge_server, monkeypatch):
+    """Ctrl-C (here: raised in the main thread while it writes the first review) used to leave the executor sending
+    every queued request, and the replies that came after it unwritten."""
+    judge_server.gate_question = "Q-detail"
+    real = review.review_record
+    calls = []
+
+    def interrupted_once(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            assert judge_server.reached.wait(timeout=30)  # the second request is in flight ...
+            threading.Timer(0.3, judge_server.release.set).start()  # ... and its reply comes after the Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(review, "review_record", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        review.main(_args(inputs, judge_server, "--no-cache", "--parallel", "1"))
+    assert judge_server.count() == {"Q-conv": 1, "Q-detail": 1}  # the two queued ones were never sent
+    written = _reviews(inputs["o"])
+    assert [(r["question_id"], r["id"]) for r in written] == [(10, 1), (11, 2)]  # both replies kept, compacted

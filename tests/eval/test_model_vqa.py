@@ -57,7 +57,10 @@ def test_batched_equals_one_by_one_and_resume_after_losing_the_tail(world, bench
     assert any(r["text"] for r in one)  # the random tiny model does say something
     for record in many:
         assert set(record) == ANSWER_KEYS
-        assert record["model_id"] == os.path.basename(world.full_dir) and record["metadata"] == {}
+        assert record["model_id"] == os.path.basename(world.full_dir)
+        assert record["metadata"] == {"settings": {"conv_mode": "vicuna_v1", "image_preprocess": "pad",
+                                                   "temperature": None, "top_p": None, "num_beams": 1,
+                                                   "max_new_tokens": 6}}
     assert many[4]["prompt"] == "ما لون الدائرة؟"  # the question as given, no image token
 
     # A killed run: the last three answers are gone and the last kept line is torn mid-write.
@@ -321,3 +324,47 @@ def test_answer_images_takes_several_images_per_question(world, engine):
                                       answerer.stop)
     assert got[0] == expected
     assert got[1:] == answerer.answer_images(texts[1:], [tall, None])
+
+
+def test_resume_keeps_only_answers_this_run_would_give(world, bench, questions, tmp_path, capsys):
+    """Answers were resumed by question_id alone: a rerun under the same output with another checkpoint said
+    "nothing to do" and kept the first one's answers, a partial file was completed by another model, an edited
+    question kept its old answer."""
+    out = str(tmp_path / "answers.jsonl")
+    assert _run(world, bench, questions, out, "--batch-size", "4") == 0
+    answered = _read(out)
+    rows = [json.loads(line) for line in open(questions, encoding="utf-8")]
+    rows[2]["text"] = "Why would anyone draw a triangle?"
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    other = ("--model-path", world.full_bin_dir)  # the same weights in another folder: another model_id
+    capsys.readouterr()
+    for question_file, extra, differs in (
+        (questions, other, "8 answer(s) this run would not give (model_id 'ckpt_a', this run 'ckpt_b')"),
+        (questions, ("--max-new-tokens", "5"), "8 answer(s) this run would not give (max_new_tokens 6, this run 5)"),
+        (str(edited), (), "1 answer(s) this run would not give (question 'english-2' was 'Why might"),
+    ):
+        assert _run(world, bench, question_file, out, *extra) == 2
+        err = capsys.readouterr().err
+        assert f"error: {out} holds {differs}" in err and "pass --overwrite" in err and "nothing to do" not in err
+        assert _read(out) == answered  # refused before any model load, the file as it was
+    # A partial file of one model is not completed by another.
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in answered[:3])
+    assert _run(world, bench, questions, out, *other) == 2
+    assert "holds 3 answer(s) this run would not give" in capsys.readouterr().err
+
+    # --overwrite answers those questions again; the same command run again resumes.
+    assert _run(world, bench, questions, out, *other, "--overwrite", "--batch-size", "4") == 0
+    assert "[overwrite]" in capsys.readouterr().err
+    mine = _read(out)
+    assert [r["question_id"] for r in mine] == [r["question_id"] for r in answered]
+    assert {r["model_id"] for r in mine} == {"ckpt_b"}
+    assert _run(world, bench, questions, out, *other, "--overwrite") == 0
+    assert "nothing to do" in capsys.readouterr().err and _read(out) == mine
+    # An edited question: only its answer is made again.
+    assert _run(world, bench, str(edited), out, *other, "--overwrite") == 0
+    again = {r["question_id"]: r for r in _read(out)}
+    assert [q for q, r in again.items() if r["answer_id"] != {m["question_id"]: m for m in mine}[q]["answer_id"]] \
+        == ["english-2"]
+    assert again["english-2"]["prompt"] == "Why would anyone draw a triangle?"

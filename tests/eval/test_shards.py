@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from palo.eval import model_vqa, run_bench, shards
+from palo.jsonl import JsonlError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "eval", "eval_all_languages.sh")
@@ -199,3 +201,48 @@ def test_script_answers_one_shard_per_gpu_merges_judges_once_and_resumes(world, 
     assert resumed_en[2]["answer_id"] != english[2]["answer_id"]  # really answered again
     assert resumed_zh[0]["answer_id"] == "kept-by-shard-0"
     assert _read(out / "tiny_Arabic.jsonl") == arabic  # complete: not touched
+
+
+def test_a_question_file_that_repeats_an_id_is_refused_as_answering_refuses_it(tmp_path):
+    """The merge wrote one answer line per repeat of a question_id."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "q"}) + "\n" for i in (1, 2, 1)))
+    shard = tmp_path / "s0.jsonl"
+    shard.write_text("".join(json.dumps({"question_id": i, "text": f"a{i}"}) + "\n" for i in (1, 2)))
+    merged = tmp_path / "merged.jsonl"
+    with pytest.raises(JsonlError, match=r"q.jsonl:3: duplicate question_id 1 \(first at .*q.jsonl:1\)"):
+        shards.merge_answers(str(questions), [str(shard)], str(merged))
+    with pytest.raises(JsonlError, match="q.jsonl:3: duplicate question_id 1"):
+        model_vqa.load_questions(str(questions))  # the same file, the same refusal
+    assert not merged.exists() and shard.exists()
+
+
+def test_a_sharded_run_checks_the_answers_it_resumes_once_before_the_shards_start(tmp_path, monkeypatch, capsys):
+    """Each shard refused another checkpoint's answers in the merged file, but the merge and the judging of that
+    file went on; here the parent refuses the language (or, with --overwrite, removes them) before any shard."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": f"q{i}"}) + "\n" for i in range(4)))
+    args = run_bench.build_parser().parse_args([
+        "--model-path", str(tmp_path / "ckpt_b"), "--images", str(tmp_path), "--questions", str(questions),
+        "--answers", str(questions), "--context", str(questions), "--output-dir", str(tmp_path / "out"),
+        "--output-file", "m", "--conv-mode", "vicuna_v1", "--max-new-tokens", "4",
+    ])
+    tasks, _ = run_bench.make_tasks(args)
+    merged = tasks[0].answers_out
+    os.makedirs(os.path.dirname(shards.shard_path(merged, 1, 2)))
+    for path, model_ids in ((merged, {0: "ckpt_a", 1: "ckpt_b"}), (shards.shard_path(merged, 1, 2), {2: "ckpt_a"})):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps({"question_id": i, "prompt": f"q{i}", "text": "a", "answer_id": f"{m}-{i}",
+                                     "model_id": m, "metadata": {}}) + "\n" for i, m in model_ids.items())
+    started = []
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, env: started.append(argv) or argparse.Namespace(
+        wait=lambda: 0))
+
+    assert run_bench.answer_sharded([], args, tasks, ["0", "1"]) == ["m"]
+    assert f"error: {merged} holds 1 answer(s) this run would not give (model_id 'ckpt_a'" in capsys.readouterr().err
+    assert [r["answer_id"] for r in _read(merged)] == ["ckpt_a-0", "ckpt_b-1"]  # neither changed nor merged
+
+    args.overwrite = True
+    assert run_bench.answer_sharded([], args, tasks, ["0", "1"]) == ["m"]  # the (stand-in) shards answered nothing
+    assert [r["answer_id"] for r in _read(merged)] == ["ckpt_b-1"]  # the shards answer 0 and 2 again
+    assert len(started) == 4
