@@ -18,6 +18,10 @@ bracket type it opened with; strings terminate; elements are separated by exactl
 trailing comma); nothing but whitespace follows the closing ``]``; no backslash outside a string. It does not
 validate the inside of an element (numbers, keys, colons, nested bracket types): :meth:`JsonArrayIndex.read` does,
 with ``json.loads``, when that element is used. Malformed structure raises ``ValueError`` naming the byte offset.
+
+The offsets hold only for the file as it was indexed: each process that opens it checks that its size, modification
+time and inode are still those recorded, and says so (:class:`DataFileChangedError`) rather than failing every later
+read as "not valid JSON".
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import itertools
 import json
 import os
 import threading
+import time
 import zipfile
 from collections import deque
 from collections.abc import Iterator
@@ -39,7 +44,7 @@ import numpy as np
 
 from palo.jsonl import mkstemp_shared
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "JsonArrayIndex", "cache_paths", "scan_json_array"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "DataFileChangedError", "JsonArrayIndex", "cache_paths", "scan_json_array"]
 
 # Large enough that numpy's per-call overhead (~100 us a chunk) vanishes; small enough that a chunk and its
 # scratch arrays stay near the CPU caches: 4 MB scanned 20-30% faster than 16 MB in scripts/bench/json_index.py.
@@ -60,29 +65,38 @@ _FAST_GAP = 64
 _OPEN, _START, _END, _CLOSE = 0, 1, 2, 3
 
 
+class DataFileChangedError(RuntimeError):
+    """The file changed after it was indexed: the recorded offsets no longer point at its elements."""
+
+
 class JsonArrayIndex:
     """Offsets and lengths of the elements of a file holding one JSON array; decodes elements on demand.
 
-    Only the path and two numpy arrays are pickled, so the index can be handed to DataLoader workers; each process
-    opens its own file handle on first :meth:`read` (a handle inherited across ``fork`` shares its file position with
-    the parent, and positional reads on it from several processes would race). The arrays are two Python objects
-    whatever N is, so reading them never touches per-sample reference counts and forked workers keep sharing
-    their pages: memory stays flat with the number of workers.
+    Only the path, two numpy arrays and the file's recorded state are pickled, so the index can be handed to
+    DataLoader workers; each process opens its own file handle on first :meth:`read` (a handle inherited across
+    ``fork`` shares its file position with the parent, and positional reads on it from several processes would race),
+    checking that the file is still the one indexed. The arrays are two Python objects whatever N is, so reading them
+    never touches per-sample reference counts and forked workers keep sharing their pages: memory stays flat with the
+    number of workers.
 
     Attributes:
         path: The JSON file.
         offsets: ``int64 [N]``, byte offset of each element's first byte (``{`` for an object).
         lengths: ``int64 [N]``, byte length of each element, without surrounding whitespace or commas.
         from_cache: Whether :meth:`build` loaded the arrays from a cache file instead of scanning.
+        indexed: ``(size, mtime_ns, inode, time)``: the file as it was indexed and when (``time.time()``), checked
+            whenever a process opens it; None (nothing checked) unless ``stat`` was given.
     """
 
-    def __init__(self, path: str | os.PathLike, offsets: np.ndarray, lengths: np.ndarray, from_cache: bool = False):
+    def __init__(self, path: str | os.PathLike, offsets: np.ndarray, lengths: np.ndarray, from_cache: bool = False,
+                 stat: os.stat_result | None = None):
         if offsets.shape != lengths.shape or offsets.ndim != 1:
             raise ValueError(f"offsets {offsets.shape} and lengths {lengths.shape} must be 1-D and the same shape")
         self.path = os.fspath(path)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         self.from_cache = from_cache
+        self.indexed = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ino, time.time())
         self._file = None
         self._pid: int | None = None
 
@@ -123,7 +137,7 @@ class JsonArrayIndex:
         key = _cache_key(path, before) if cache else []
         if cache:
             for candidate in cache_paths(path, cache_dir):
-                index = _load_cache(path, candidate, key)
+                index = _load_cache(path, candidate, key, before)
                 if index is not None:
                     return index
         offsets, lengths = scan_json_array(path, chunk_size=chunk_size, workers=workers)
@@ -134,7 +148,7 @@ class JsonArrayIndex:
             with cache_writer(cache_paths(path, cache_dir)) as f:
                 # A file object, not a name: np.savez would append ".npz" to a name.
                 np.savez(f, meta=np.array(key, dtype=np.int64), offsets=offsets, lengths=lengths)
-        return cls(path, offsets, lengths)
+        return cls(path, offsets, lengths, stat=before)
 
     # ---------------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -148,6 +162,7 @@ class JsonArrayIndex:
 
         Raises:
             IndexError: ``i`` is out of range.
+            DataFileChangedError: The file changed since it was indexed.
             OSError: The file is shorter than the index says (it changed after indexing).
         """
         n = len(self)
@@ -162,6 +177,7 @@ class JsonArrayIndex:
             f.seek(offset)
             data = f.read(length)
         if len(data) != length:
+            self._check_unchanged(f.fileno())
             raise OSError(f"{self.path}: short read of element {i} at byte {offset}; the file changed after indexing")
         return data
 
@@ -170,12 +186,14 @@ class JsonArrayIndex:
 
         Raises:
             IndexError: ``i`` is out of range.
+            DataFileChangedError: The file changed since it was indexed.
             ValueError: The element is not valid JSON, naming the file, the element and the byte.
         """
         raw = self.read_raw(i)
         try:
             return json.loads(raw)
         except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+            self._check_unchanged(self._handle().fileno())  # edited in place under this process's open handle
             where = int(self.offsets[i]) + getattr(exc, "pos", 0)
             why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
             raise ValueError(f"{self.path}: sample {i % len(self)} (byte {where}) is not valid JSON: {why}") from None
@@ -189,12 +207,36 @@ class JsonArrayIndex:
     def _handle(self):
         # Reopen after fork: the child must not use (or close) the parent's descriptor.
         if self._file is None or self._pid != os.getpid():
-            self._file, self._pid = open(self.path, "rb", buffering=0), os.getpid()
+            f = open(self.path, "rb", buffering=0)
+            try:
+                self._check_unchanged(f.fileno())
+            except DataFileChangedError:
+                f.close()
+                raise
+            self._file, self._pid = f, os.getpid()
         return self._file
+
+    def _check_unchanged(self, fd: int) -> None:
+        """Raise :class:`DataFileChangedError` if the open file ``fd`` is not the file as indexed.
+
+        A data file edited or replaced during a run (each DataLoader worker reopens it by path) made every later
+        sample read at the old offsets fail as "not valid JSON", which named the wrong cause.
+        """
+        if self.indexed is None:
+            return
+        size, mtime_ns, inode, indexed_at = self.indexed
+        st = os.fstat(fd)
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime_ns, inode):
+            how = "replaced by another file written" if st.st_ino != inode else "modified"
+            raise DataFileChangedError(
+                f"{self.path}: the data file changed since it was indexed at {_clock(indexed_at)} ({how} at "
+                f"{_clock(st.st_mtime_ns / 1e9)}: {st.st_size} bytes, {size} then); training reads it during the run: "
+                "do not edit it while training")
 
     # -------------------------------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict:
-        return {"path": self.path, "offsets": self.offsets, "lengths": self.lengths, "from_cache": self.from_cache}
+        return {"path": self.path, "offsets": self.offsets, "lengths": self.lengths, "from_cache": self.from_cache,
+                "indexed": self.indexed}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -205,6 +247,10 @@ class JsonArrayIndex:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def _clock(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
 # ------------------------------------------------------------------------------------------------------- caching
@@ -250,8 +296,9 @@ def _cache_key(path: str, st: os.stat_result) -> list[int]:
     return [CACHE_VERSION, st.st_size, st.st_mtime_ns, content_fingerprint(path, st)]
 
 
-def _load_cache(path: str, cache_file: str, key: list[int]) -> JsonArrayIndex | None:
-    """The cached index if ``cache_file`` exists and was written for ``key`` (:func:`_cache_key`), else None."""
+def _load_cache(path: str, cache_file: str, key: list[int], st: os.stat_result) -> JsonArrayIndex | None:
+    """The cached index if ``cache_file`` exists and was written for ``key`` (:func:`_cache_key` of ``st``, the file
+    as it is now), else None."""
     try:
         with np.load(cache_file, allow_pickle=False) as data:
             if data["meta"].tolist() != key:
@@ -262,7 +309,7 @@ def _load_cache(path: str, cache_file: str, key: list[int]) -> JsonArrayIndex | 
         return None
     if offsets.shape != lengths.shape or offsets.dtype != np.int64 or lengths.dtype != np.int64:
         return None
-    return JsonArrayIndex(path, offsets, lengths, from_cache=True)
+    return JsonArrayIndex(path, offsets, lengths, from_cache=True, stat=st)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from palo.train.preprocess import BadSampleError, build_supervised_example
 logger = logging.getLogger(__name__)
 
 LANGUAGE_NAMES = (*LANGUAGES, "other")
-_META_VERSION = 1
+_META_VERSION = 2
 
 
 class OverLengthSample(BadSampleError):
@@ -54,12 +54,15 @@ class SampleMeta:
         has_image: The sample names an image.
         words: Whitespace word count over all turns (the original's length for grouping).
         language: Index into :data:`LANGUAGE_NAMES`, detected from the text's script.
+        invalid_json: The entry is not valid JSON (the index checks only the array's structure, not what is inside
+            each element); its other fields are those of an empty sample.
     """
 
     corrupt: np.ndarray
     has_image: np.ndarray
     words: np.ndarray
     language: np.ndarray
+    invalid_json: np.ndarray
 
 
 def _meta_of(sample: Any) -> tuple[bool, bool, int, int]:
@@ -75,9 +78,17 @@ def _meta_of(sample: Any) -> tuple[bool, bool, int, int]:
     )
 
 
-def _meta_range(args: tuple[JsonArrayIndex, int, int]) -> list[tuple[bool, bool, int, int]]:
+def _meta_range(args: tuple[JsonArrayIndex, int, int]) -> list[tuple[bool, bool, int, int, bool]]:
     index, start, stop = args
-    return [_meta_of(index.read(i)) for i in range(start, stop)]
+    rows = []
+    for i in range(start, stop):
+        try:
+            sample = index.read(i)
+        except ValueError:  # flagged, and named by check_invalid_json before the model loads
+            rows.append((*_meta_of(None), True))
+            continue
+        rows.append((*_meta_of(sample), False))
+    return rows
 
 
 def _map_ranges(func: Any, n: int, *prefix: Any, workers: int | None = None) -> list[Any]:
@@ -107,7 +118,8 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
         try:
             with np.load(cache) as data:
                 if np.array_equal(data["key"], key):
-                    return SampleMeta(data["corrupt"], data["has_image"], data["words"], data["language"])
+                    return SampleMeta(data["corrupt"], data["has_image"], data["words"], data["language"],
+                                      data["invalid_json"])
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # damaged: rebuilt, not trusted
             pass
     rows = _map_ranges(_meta_range, len(index), index, workers=workers)
@@ -116,10 +128,40 @@ def scan_metadata(index: JsonArrayIndex, path: str, workers: int | None = None) 
         has_image=np.array([r[1] for r in rows], dtype=bool),
         words=np.array([r[2] for r in rows], dtype=np.int64),
         language=np.array([r[3] for r in rows], dtype=np.int8),
+        invalid_json=np.array([r[4] for r in rows], dtype=bool),
     )
     with cache_writer(caches) as f:
-        np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words, language=meta.language)
+        np.savez(f, key=key, corrupt=meta.corrupt, has_image=meta.has_image, words=meta.words, language=meta.language,
+                 invalid_json=meta.invalid_json)
     return meta
+
+
+def check_invalid_json(index: JsonArrayIndex, meta: SampleMeta, skip_bad_samples: bool) -> np.ndarray:
+    """The entries of the data file that are not valid JSON (``meta.invalid_json``), checked: cheap, so a training
+    run calls it before loading its model.
+
+    Args:
+        index: The data file's index.
+        meta: Its metadata (:func:`scan_metadata`).
+        skip_bad_samples: Whether such entries are skipped (and counted) rather than an error.
+
+    Returns:
+        Their positions in the file, in order.
+
+    Raises:
+        BadSampleError: Unless ``skip_bad_samples``, when there is one: its message names the file, the first such
+            sample and the byte where it stops being JSON.
+    """
+    invalid = np.flatnonzero(meta.invalid_json)
+    if len(invalid) and not skip_bad_samples:
+        try:
+            index.read(int(invalid[0]))
+            message = f"{index.path}: sample {invalid[0]} is not valid JSON"  # as scanned (a cached scan)
+        except ValueError as exc:  # the index's own message: the file, the sample, the byte and why
+            message = str(exc)
+        more = f" (and {len(invalid) - 1} more samples)" if len(invalid) > 1 else ""
+        raise BadSampleError(f"{message}{more} (pass --skip_bad_samples True to skip and count such samples)")
+    return invalid
 
 
 _LENGTHS_VERSION = 1
@@ -129,7 +171,8 @@ _LENGTHS_OF: LazySupervisedDataset | None = None  # the dataset forked length wo
 def _length_range(bounds: tuple[int, int]) -> list[int]:
     dataset = _LENGTHS_OF
     assert dataset is not None
-    return [dataset._length_of(dataset.index.read(i)) for i in range(*bounds)]
+    # An entry that is not JSON counts 1 position, as any sample that cannot be built (it is never trained).
+    return [1 if dataset.meta.invalid_json[i] else dataset._length_of(dataset.index.read(i)) for i in range(*bounds)]
 
 
 class LazySupervisedDataset(Dataset):
@@ -149,6 +192,11 @@ class LazySupervisedDataset(Dataset):
             trains on) or ``skip`` samples longer than ``model_max_length``.
         skip_bad_samples: Skip and count bad samples instead of raising.
         index: ``data_path``'s index, when the caller built it already (to check the file before loading a model).
+        meta: Its metadata (:func:`scan_metadata`), when the caller scanned it already (likewise).
+
+    Raises:
+        FileNotFoundError: ``data_path`` is not a file.
+        BadSampleError: An entry is not valid JSON, unless ``skip_bad_samples`` (:func:`check_invalid_json`).
     """
 
     def __init__(
@@ -165,12 +213,17 @@ class LazySupervisedDataset(Dataset):
         over_length: str = "truncate",
         skip_bad_samples: bool = False,
         index: JsonArrayIndex | None = None,
+        meta: SampleMeta | None = None,
     ) -> None:
         if not os.path.isfile(data_path):
             raise FileNotFoundError(f"--data_path {data_path}: no such file")
         self.index = index if index is not None else JsonArrayIndex.build(data_path)
-        self.meta = scan_metadata(self.index, data_path)
-        self.keep = np.nonzero(~self.meta.corrupt)[0]
+        self.meta = meta if meta is not None else scan_metadata(self.index, data_path)
+        invalid = check_invalid_json(self.index, self.meta, skip_bad_samples)
+        if len(invalid):
+            logger.warning("skipped %d entries of %s that are not valid JSON (the first: entry %d)", len(invalid),
+                           data_path, invalid[0])
+        self.keep = np.nonzero(~self.meta.corrupt & ~self.meta.invalid_json)[0]
         filtered = int(self.meta.corrupt.sum())
         # The original printed the count always; a warning only when something was dropped.
         logger.log(logging.WARNING if filtered else logging.INFO,
@@ -186,8 +239,8 @@ class LazySupervisedDataset(Dataset):
         self.image_tokens = image_tokens
         self.over_length = over_length
         self.skip_bad_samples = skip_bad_samples
-        # Shared across forked dataloader workers, so the counts are global.
-        self.bad_samples = mp.get_context("fork").Value("i", 0)
+        # Shared across forked dataloader workers, so the counts are global; entries that are not JSON count from here.
+        self.bad_samples = mp.get_context("fork").Value("i", len(invalid))
         self.over_length_skipped = mp.get_context("fork").Value("i", 0)  # --over_length skip
         self.data_path = data_path
         self._token_lengths: np.ndarray | None = None
@@ -236,7 +289,7 @@ class LazySupervisedDataset(Dataset):
             _LENGTHS_VERSION, stat.st_size, stat.st_mtime_ns, content_fingerprint(self.data_path, stat),
             type(self.tokenizer).__name__,
             sorted(self.tokenizer.get_vocab().items()), self.template, self.mm_use_im_start_end, self.image_tokens,
-            self.model_max_length, self.image_processor is not None,
+            self.model_max_length, self.over_length, self.image_processor is not None,
         )).encode()).hexdigest()[:16]
         caches = cache_paths(self.data_path, suffix=f".lengths-{fingerprint}.npy")
         lengths = None
@@ -309,7 +362,10 @@ class LazySupervisedDataset(Dataset):
         """One sample as tensors (raises :class:`BadSampleError` or ``ImageLoadError`` on bad data)."""
         input_ids, labels = self.tokenize(sample)
         item: dict[str, Any] = {"input_ids": input_ids, "labels": labels}
-        if "image" in sample:
+        # Truncation may have cut the placeholder (an image past --model_max_length): what is left is text that comes
+        # before the image and never attends to it, so it trains text-only. Loading the image anyway gave its batch
+        # one image more than placeholders (an error, or another sample's image spliced in its place).
+        if "image" in sample and bool((input_ids == IMAGE_TOKEN_INDEX).any()):
             item["image"] = self._load_image(sample)
         return item
 

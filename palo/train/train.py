@@ -20,12 +20,18 @@ if __package__ in (None, ""):  # run as a script (the original commands): make `
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from palo.data.json_index import JsonArrayIndex  # noqa: E402
+from palo.data.json_index import DataFileChangedError, JsonArrayIndex  # noqa: E402
 from palo.model.attention import AttentionUnavailableError, check_trainable_on  # noqa: E402
 from palo.model.checkpoint_files import CheckpointError  # noqa: E402
 from palo.model.vision_tower import VisionTowerError  # noqa: E402
 from palo.train.arguments import parse_args  # noqa: E402
-from palo.train.dataset import DataCollator, LazySupervisedDataset, PackedDataCollator  # noqa: E402
+from palo.train.dataset import (  # noqa: E402
+    DataCollator,
+    LazySupervisedDataset,
+    PackedDataCollator,
+    check_invalid_json,
+    scan_metadata,
+)
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.preprocess import BadSampleError  # noqa: E402
 from palo.train.run_record import resume_differences, run_record  # noqa: E402
@@ -80,6 +86,11 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         raise SystemExit(f"error: {exc}") from None
     if len(index) == 0:
         raise SystemExit(f"error: --data_path {data_args.data_path} holds no samples")
+    try:  # every sample decoded once (cached too): one that is not JSON is named here, not after the model loaded
+        meta = scan_metadata(index, data_args.data_path)
+        check_invalid_json(index, meta, data_args.skip_bad_samples)
+    except BadSampleError as exc:
+        raise SystemExit(f"error: {exc}") from None
     # --resume_from_checkpoint, else the latest whole checkpoint-N (a save cut short stays in <output_dir>/.staging,
     # which is never picked; one damaged later, by a disk fault or a cut copy, is passed over with a warning and set
     # aside). Found before the model loads: a checkpoint this run cannot resume is one line.
@@ -101,6 +112,7 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         over_length=data_args.over_length,
         skip_bad_samples=data_args.skip_bad_samples,
         index=index,
+        meta=meta,
     )
     if len(dataset) == 0:  # every sample was marked corrupt
         raise SystemExit(f"error: --data_path {data_args.data_path} holds no samples that are not corrupt")
@@ -190,8 +202,9 @@ def _own_message(exc: Exception) -> str:
 def main() -> None:
     try:
         train()
-    except (BadSampleError, DamagedCheckpointsError, CheckpointError, VisionTowerError) as exc:
-        # Each message names what and where (a sample, a checkpoint or weights that cannot be read); files stay.
+    except (BadSampleError, DataFileChangedError, DamagedCheckpointsError, CheckpointError, VisionTowerError) as exc:
+        # Each message names what and where (a sample, the data file, a checkpoint or weights that cannot be read);
+        # files stay.
         raise SystemExit(f"error: {_own_message(exc)}") from None
     finish_distributed()
 

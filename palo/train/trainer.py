@@ -214,20 +214,22 @@ def _zero_stage(args: Any) -> int | None:
     return 3 if stage == 3 else 2
 
 
-class _PackedStepEpoch(TrainerCallback):
-    """Tells the ``--packing_rows`` sampler which epoch starts, on every path.
+class _SamplerEpoch(TrainerCallback):
+    """Tells PALO's samplers (``--packing_rows``, ``--group_by_modality_length``) which epoch starts, on every path.
 
     accelerate forwards ``set_epoch`` through most of its dataloader wrappers but not through the one a resumed
-    multi-process run iterates (its skipping sampler around its sharding one), so the epoch is also taken from the
-    Trainer's state here: ``int(state.epoch)`` is the epoch the loop is about to run, on a fresh or a resumed run.
+    multi-process run iterates (its skipping sampler around its sharding one): the resumed epoch replayed epoch 0's
+    order. So the epoch is also taken from the Trainer's state here: ``int(state.epoch)`` is the epoch the loop is
+    about to run, on a fresh or a resumed run.
     """
 
     def __init__(self, trainer: PaloTrainer) -> None:
         self.trainer = trainer
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.trainer.packed_sampler is not None:
-            self.trainer.packed_sampler.set_epoch(int(state.epoch or 0))
+        for sampler in (self.trainer.packed_sampler, self.trainer.grouped_sampler):
+            if sampler is not None:
+                sampler.set_epoch(int(state.epoch or 0))
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -263,7 +265,8 @@ class PaloTrainer(Trainer):
         self._throughput = torch.zeros(3, dtype=torch.float64)
         self._flops: FlopCounter | None = None
         self.packed_sampler: PackedStepSampler | None = None  # set by get_train_dataloader with --packing_rows
-        self.add_callback(_PackedStepEpoch(self))
+        self.grouped_sampler: LengthGroupedSampler | None = None  # set by _get_train_sampler with grouping
+        self.add_callback(_SamplerEpoch(self))
 
     # -- data order and optimizer ----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -296,13 +299,14 @@ class PaloTrainer(Trainer):
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.group_by_modality_length:
-            return LengthGroupedSampler(
+            self.grouped_sampler = LengthGroupedSampler(
                 batch_size=self.args.train_batch_size,
                 world_size=self.args.world_size * self.args.gradient_accumulation_steps,
                 lengths=dataset.modality_lengths,
                 group_by_modality=True,
                 seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             )
+            return self.grouped_sampler
         return super()._get_train_sampler(dataset) if train_dataset is not None else super()._get_train_sampler()
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:

@@ -304,6 +304,34 @@ def test_file_changing_during_scan_is_detected(tmp_path, monkeypatch):
     assert not os.path.exists(path + ".idx.npz")
 
 
+def test_file_changed_after_indexing_is_named_as_such(tmp_path):
+    """Edited during a run, the file was reopened by path in each new DataLoader worker and read at the old offsets:
+    every later sample failed as "not valid JSON", naming the wrong cause, or, where the old offsets still held
+    whole elements (two samples of one size swapped), other samples were read silently."""
+    def changed(how: str) -> str:
+        return (rf"train\.json: the data file changed since it was indexed at [^(]*\({how} at [^)]*\); training reads "
+                r"it during the run: do not edit it while training$")
+
+    samples = _samples(6)
+    path = _write(tmp_path, json.dumps(samples, indent=1))
+    index = JsonArrayIndex.build(path)
+    assert index.read(1) == samples[1]  # this process's handle is open
+    samples[0]["conversations"][1]["value"] += " Fixed while training."
+    _write(tmp_path, json.dumps(samples, indent=1))  # in place (the same inode), longer
+    with pytest.raises(json_index.DataFileChangedError, match=changed("modified")):
+        index.read(2)  # the bytes at the old offsets are no longer one element
+
+    same_size = [{"id": f"sample-{i}"} for i in range(4)]
+    path = _write(tmp_path, json.dumps(same_size))
+    index = JsonArrayIndex.build(path)
+    _write(tmp_path, json.dumps(same_size[::-1]), name="reshuffled.json")
+    os.replace(os.path.join(tmp_path, "reshuffled.json"), path)
+    loader = torch.utils.data.DataLoader(_IndexDataset(index), batch_size=None, num_workers=1,
+                                         multiprocessing_context="fork", collate_fn=lambda x: x)
+    with pytest.raises(json_index.DataFileChangedError, match=changed("replaced by another file written")):
+        next(iter(loader))  # a new worker opens the file by path
+
+
 # ------------------------------------------------------------------------------------------- pickling and workers
 class _IndexDataset(torch.utils.data.Dataset):
     def __init__(self, index: JsonArrayIndex):
@@ -323,7 +351,7 @@ def test_pickle_holds_only_path_and_arrays(tmp_path):
     index = JsonArrayIndex.build(path, cache=False)
     index.read(0)  # opens the handle; pickling must still leave it out
     state = index.__getstate__()
-    assert set(state) == {"path", "offsets", "lengths", "from_cache"}
+    assert set(state) == {"path", "offsets", "lengths", "from_cache", "indexed"}
     clone = pickle.loads(pickle.dumps(index))
     assert clone._file is None
     assert [clone.read(i) for i in range(6)] == [index.read(i) for i in range(6)]

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -137,7 +138,7 @@ def test_zero2_with_packing_on_two_cpu_ranks_trains_and_saves_loadable_checkpoin
 
 
 # -- --packing_rows: steps of nearly full rows planned over the dataset ---------------------------------------------
-def _dataset(world, data: str, max_length: int = 256):
+def _dataset(world, data: str, max_length: int = 256, over_length: str = "truncate"):
     from palo.model.tokenizer import load_tokenizer
     from palo.model.vision_tower import load_image_processor
     from palo.train.dataset import LazySupervisedDataset
@@ -146,7 +147,7 @@ def _dataset(world, data: str, max_length: int = 256):
     return LazySupervisedDataset(data, load_tokenizer(world.tokenizer_dir), "vicuna_v1",
                                  image_folder=os.path.join(os.path.dirname(data), "images"), image_processor=processor,
                                  image_aspect_ratio="pad", model_max_length=max_length,
-                                 image_tokens=world.model.image_token_count)
+                                 image_tokens=world.model.image_token_count, over_length=over_length)
 
 
 def test_token_lengths_are_the_items_spliced_lengths_and_are_cached(world, data, monkeypatch):
@@ -171,6 +172,16 @@ def test_token_lengths_are_the_items_spliced_lengths_and_are_cached(world, data,
                 f.write(damage)
         assert _dataset(world, data, max_length=100).token_lengths().tolist() == expected
     assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]  # no temp file stays behind
+
+
+def test_token_lengths_are_cached_per_over_length(world, data):
+    """Under --over_length skip an over-long sample counts 1 position (it is never trained), truncated it counts
+    model_max_length; switching the flag reused the other setting's cached lengths to plan --packing_rows."""
+    whole = _dataset(world, data, max_length=4096).token_lengths()
+    truncated = _dataset(world, data, max_length=100).token_lengths()
+    skipped = _dataset(world, data, max_length=100, over_length="skip").token_lengths()
+    assert (whole > 100).any() and truncated.tolist() == np.minimum(whole, 100).tolist()
+    assert skipped.tolist() == np.where(whole > 100, 1, whole).tolist()
 
 
 def test_a_read_only_data_folder_keeps_its_caches_in_the_user_cache(world, data, tmp_path, monkeypatch):

@@ -416,6 +416,42 @@ def test_killed_run_resumes_with_identical_losses(world, data, tmp_path, uninter
     assert not os.path.exists(os.path.join(out, ".staging"))  # the resumed run's own saves cleared it
 
 
+def test_the_trainer_state_gives_the_grouped_sampler_its_epoch(tmp_path):
+    """Each epoch's start sets the --group_by_modality_length sampler's epoch from the Trainer's state: accelerate's
+    set_epoch never reaches it through the loader a resumed multi-process run iterates."""
+    from transformers import TrainerControl, TrainerState
+
+    from palo.train.arguments import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), group_by_modality_length=True, use_cpu=True, report_to="none")
+    trainer = PaloTrainer(model=torch.nn.Linear(1, 1), args=args)
+    sampler = trainer._get_train_sampler(type("Data", (), {"modality_lengths": [3, -2, 5, -1]})())
+    trainer.callback_handler.on_epoch_begin(args, TrainerState(epoch=1.5), TrainerControl())
+    assert sampler.epoch == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_two_ranks_resumed_mid_epoch_train_that_epochs_grouped_order(world, data, tmp_path):
+    """2 ranks under torchrun with --group_by_modality_length, resumed from a checkpoint inside the second epoch,
+    log the losses of the uninterrupted run: the resumed epoch replayed epoch 0's order (accelerate's skipping
+    loader never passed set_epoch on to the sampler)."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # 24 samples, 2 ranks x 2: 6 steps an epoch, 12 in all; checkpoint-8 is 2 steps into the second epoch.
+    flags = lambda out: _flags(world, data, out, "--num_train_epochs", "2", "--per_device_train_batch_size", "2",  # noqa: E731
+                               "--group_by_modality_length", "True", "--save_strategy", "steps", "--save_steps", "8",
+                               "--lr_scheduler_type", "constant", "--learning_rate", "1e-3")
+    launcher = lambda: [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port())]  # noqa: E731
+    reference = tmp_path / "reference"
+    _finish(_run_train_subprocess(flags(str(reference)), launcher=launcher()))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(reference / "checkpoint-8", resumed / "checkpoint-8")
+    output = _finish(_run_train_subprocess(flags(str(resumed)), launcher=launcher()))
+    assert "Resuming from" in output
+    losses = _losses(str(reference))
+    assert len(losses) == 12 and _losses(str(resumed)) == pytest.approx(losses, abs=1e-4)
+
+
 @pytest.mark.parametrize("sample,message", [
     ({"id": "no-image-file", "image": "missing.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]}, "no such image file"),
@@ -485,6 +521,31 @@ def test_a_missing_broken_or_empty_data_file_is_one_line_before_the_model_loads(
     corrupt.write_text(json.dumps([dict(s, corrupt=True) for s in json.load(open(data))[:2]]), encoding="utf-8")
     with pytest.raises(SystemExit, match=f"^error: --data_path {corrupt} holds no samples that are not corrupt$"):
         train(_flags(world, str(corrupt), str(tmp_path / "out")))
+
+
+def test_a_sample_that_is_not_json_is_one_line_before_the_model_loads_or_skipped(world, data, tmp_path, monkeypatch):
+    """A malformed object inside the array (a missing comma) passes the index, which checks only the array's
+    structure; it surfaced after the model loaded, as a traceback that --skip_bad_samples could not skip."""
+    import palo.train.train as train_module
+
+    good = json.load(open(data))[:4]
+    text = "[" + ", ".join([*map(json.dumps, good[:2]), '{"id": "bad-one" "conversations": []}',
+                            *map(json.dumps, good[2:])]) + "]"
+    path = tmp_path / "train.json"
+    path.write_text(text, encoding="ascii")
+    byte = text.index('"conversations": []')
+    flags = lambda out, *x: _flags(world, str(path), str(tmp_path / out), "--image_folder",  # noqa: E731
+                                   os.path.join(os.path.dirname(data), "images"), "--max_steps", "1", *x)
+    monkeypatch.setattr(train_module, "setup_training", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit, match=rf"^error: {path}: sample 2 \(byte {byte}\) is not valid JSON: Expecting "
+                                         r"',' delimiter \(pass --skip_bad_samples True to skip and count such "
+                                         r"samples\)$"):
+        train(flags("out1"))
+    monkeypatch.undo()
+    dataset = train(flags("out2", "--skip_bad_samples", "True")).train_dataset
+    assert len(dataset) == 4 and dataset.bad_samples.value == 1
+    assert [dataset.index.read(int(i))["id"] for i in dataset.keep] == [s["id"] for s in good]
+    assert dataset.token_lengths().shape == (4,)  # every entry is measured, the one that is not JSON too
 
 
 def test_the_command_line_reports_a_bad_sample_as_one_line(world, data, tmp_path, monkeypatch):

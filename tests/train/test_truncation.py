@@ -87,3 +87,26 @@ def test_an_over_long_sample_is_cut_where_the_model_would_cut_it(world, long_dat
         assert (cut["labels"] != IGNORE_INDEX).any()
         assert int((cut["input_ids"] == IMAGE_TOKEN_INDEX).sum()) == ("image" in cut)
     assert cut_samples == 4  # all but the two one-sentence answers (this tokenizer takes many pieces a word)
+
+
+def test_an_image_whose_placeholder_is_cut_off_is_not_loaded(world, tmp_path):
+    """A sample whose <image> comes after --model_max_length keeps the text before it, text-only: its image was
+    still loaded, so its batch had one image more than placeholders (ImagePlaceholderMismatch beside a text-only
+    sample, another sample's image spliced in beside an image one)."""
+    from palo.train.dataset import DataCollator
+
+    os.makedirs(tmp_path / "images")
+    tiny_data.draw_shape("red", seed=0).save(tmp_path / "images" / "0.png")
+    late = {"id": "late-image", "image": "0.png", "conversations": [
+        {"from": "human", "value": "Describe a red square."}, {"from": "gpt", "value": ANSWER * 4},
+        {"from": "human", "value": "<image>\nIs this one red?"}, {"from": "gpt", "value": "Yes."}]}
+    text = {"id": "text", "conversations": [{"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "Hi."}]}
+    (tmp_path / "train.json").write_text(json.dumps([late, text]))
+    dataset = _dataset(world, str(tmp_path / "train.json"), 128)
+    cut = dataset[0]
+    assert len(cut["input_ids"]) == 128 and (cut["labels"] != IGNORE_INDEX).any()  # cut in the first answer
+    assert "image" not in cut and not (cut["input_ids"] == IMAGE_TOKEN_INDEX).any()
+    batch = DataCollator(pad_token_id=0)([cut, dataset[1]])
+    batch.pop("languages")
+    with torch.no_grad():
+        assert torch.isfinite(world.model(**batch).loss)
