@@ -359,6 +359,10 @@ def run_batch(input_path: str, output_path: str, settings: Settings, skip_bad: b
         except JsonlError as exc:
             raise BatchFileError(str(exc)) from None
         todo = [r for r in requests if not succeeded(earlier.get(r.custom_id))]
+        gone = sorted(set(earlier) - {r.custom_id for r in requests})
+        if gone:  # said, not dropped silently: the tidy rewrite keeps one line per request of this input
+            print(f"[resume] {output_path}: {len(gone)} result(s) of requests no longer in {input_path} (first: "
+                  f"{gone[0]!r}) are left out of the rewritten output", file=sys.stderr)
         if todo:
             check_server(settings)
         if len(todo) < len(requests):

@@ -117,6 +117,19 @@ def test_a_rerun_sends_only_what_has_no_answer_and_leaves_one_line_per_request(t
     assert lines[1] == done and lines[3]["response"]["status_code"] == 200
 
 
+def test_a_rerun_says_which_results_it_leaves_out_for_requests_no_longer_in_the_input(tmp_path, capsys):
+    """A request removed from the input had its earlier result dropped from the rewritten output without a word."""
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("q0", "w0")])
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps({"id": f"batch_req_{c}", "custom_id": c, "error": None, "response": {
+        "status_code": 200, "request_id": "r", "body": {}}}) + "\n" for c in ("q0", "old")), encoding="utf-8")
+    counts = run_batch.run_batch(source, str(out), FAST)
+    assert counts["resumed"] == 1 and counts["sent"] == 0
+    err = capsys.readouterr().err
+    assert "1 result(s) of requests no longer in" in err and "(first: 'old')" in err
+    assert [json.loads(line)["custom_id"] for line in out.read_text(encoding="utf-8").splitlines()] == ["q0"]
+
+
 @pytest.mark.parametrize(("line", "problem"), [
     ("{not json", "not valid JSON"),
     (json.dumps({**chat_line("x", "hi"), "url": "/v1/embeddings"}), "'url' must be one of"),
