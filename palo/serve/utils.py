@@ -60,8 +60,8 @@ def refuse_unservable(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 def end_with_launcher() -> None:
     """In a service started by :func:`palo.serve.launch.start_services` (``$PALO_LAUNCHER_PID`` set): on Linux, have
-    the kernel end it (SIGTERM) when the process that started it dies, however that dies (a SIGTERM or SIGKILL to
-    ``run-batch`` reaches no clean-up), so no service is left holding its port and a loaded model. Nothing for a
+    the kernel end it (SIGTERM) when the process that started it dies, however that dies (a SIGKILL to ``run-batch``
+    reaches no clean-up of its own), so no service is left holding its port and a loaded model. Nothing for a
     service started by hand."""
     launcher = os.environ.get("PALO_LAUNCHER_PID")
     if not launcher or not sys.platform.startswith("linux"):
