@@ -25,6 +25,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -62,11 +63,14 @@ from palo.serve.utils import (
     StalledClientClosingResponse,
     build_logger,
     end_with_launcher,
+    header_count,
     refuse_unservable,
     serve_http,
+    service_url_error,
 )
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
+REFRESH_THREADS = 32  # workers polled at once by a refresh
 DISPATCH_METHODS = ("lottery", "shortest_queue")
 
 
@@ -83,6 +87,9 @@ class WorkerInfo:
 
 
 MAX_QUEUE_LENGTH = 2**31 - 1  # past any real queue; a larger count (or a float's infinity) broke the load division
+# Workers report speed 1 (the protocol's int); a bound keeps the sum over all workers finite (1e308 made the lottery's
+# weights and the controller's own status, their sum, infinite: 500s).
+MAX_SPEED = 1e9
 
 
 def parse_queue_length(value: Any) -> int:
@@ -101,7 +108,8 @@ def parse_worker_status(status: Any) -> dict[str, Any]:
 
     Raises:
         ValueError: Saying what is wrong, for a status that is not a JSON object with ``model_names`` (a non-empty
-            list of model names), ``speed`` (a number >= 0) and ``queue_length`` (an integer >= 0).
+            list of model names), ``speed`` (a number from 0 to :data:`MAX_SPEED`; 0: the worker takes no requests)
+            and ``queue_length`` (an integer >= 0).
     """
     if not isinstance(status, dict):
         raise ValueError(f"the worker status must be a JSON object, got {status!r:.80}")
@@ -109,8 +117,8 @@ def parse_worker_status(status: Any) -> dict[str, Any]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
         raise ValueError(f"'model_names' must be a non-empty list of model names, got {names!r:.80}")
     speed, queue = status.get("speed"), status.get("queue_length")
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed < float("inf"):
-        raise ValueError(f"'speed' must be a number >= 0, got {shown(repr(speed))}")
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0 <= speed <= MAX_SPEED:
+        raise ValueError(f"'speed' must be a number from 0 to {MAX_SPEED:g}, got {shown(repr(speed))}")
     queue = parse_queue_length(queue)
     conv_mode = status.get("conv_mode")
     return {"model_names": names, "speed": speed, "queue_length": queue,
@@ -146,7 +154,7 @@ class Controller:
         self.worker_info: dict[str, WorkerInfo] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._turn = 0  # rotates among equally loaded workers
+        self._turns: dict[str, int] = {}  # per model: rotates among its equally loaded workers
 
     # -- registry ------------------------------------------------------------------------------------------------
     def _fetch_status(self, worker_name: str) -> dict | None:
@@ -154,7 +162,7 @@ class Controller:
             response = httpx.post(worker_name + "/worker_get_status", timeout=STATUS_TIMEOUT_S)
             response.raise_for_status()
             return response.json()
-        except (httpx.HTTPError, ValueError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             self.logger.warning("status of %s unavailable: %s", worker_name, exc)
             return None
 
@@ -168,8 +176,8 @@ class Controller:
 
     def register(self, worker_name: str, check_heart_beat: bool, worker_status: dict | None) -> str | None:
         """:meth:`register_worker`, returning why a worker was refused (None when it was registered)."""
-        if not isinstance(worker_name, str) or not worker_name:
-            return "'worker_name' must be the worker's URL"
+        if (error := service_url_error(worker_name)) is not None:
+            return f"'worker_name' must be the worker's base URL: {error}"
         worker_name = worker_name.rstrip("/")
         if worker_status is None:
             worker_status = self.status_fetcher(worker_name)
@@ -193,11 +201,19 @@ class Controller:
                 self.logger.info("removed worker %s", worker_name)
 
     def refresh_all_workers(self) -> None:
-        """Re-register every known worker by polling it; drop the ones that do not answer."""
+        """Re-register every known worker by polling it; drop the ones that do not answer.
+
+        The workers are polled together, so the refresh takes one status timeout however many hang (one by one,
+        seven hung workers took 35 s and the web UI, which refreshes on each page load, gave up with no model).
+        """
         with self._lock:
             known = list(self.worker_info.items())
-        for name, info in known:
-            if not self.register_worker(name, info.check_heart_beat, None):
+        if not known:
+            return
+        with concurrent.futures.ThreadPoolExecutor(min(len(known), REFRESH_THREADS), "refresh-workers") as pool:
+            statuses = list(pool.map(self.status_fetcher, [name for name, _ in known]))
+        for (name, info), status in zip(known, statuses):
+            if status is None or not self.register_worker(name, info.check_heart_beat, status):
                 self.remove_worker(name)
 
     def receive_heart_beat(self, worker_name: str, queue_length: int) -> bool:
@@ -257,22 +273,23 @@ class Controller:
 
         ``lottery`` draws with probability proportional to speed. ``shortest_queue`` takes the smallest
         ``queue_length / speed`` and counts the request against that worker until its next heartbeat; workers tied
-        for the smallest take turns (docs/compat.md#serving).
+        for the smallest take turns, each model's among its own (docs/compat.md#serving). Under both, a worker of
+        speed 0 takes no requests.
         """
-        candidates = [(n, i) for n, i in self._live_workers(model_name) if n not in exclude]
+        candidates = [(n, i) for n, i in self._live_workers(model_name) if n not in exclude and i.speed > 0]
         if not candidates:
             return ""
         if self.dispatch_method == "lottery":
-            speeds = [max(0, info.speed) for _, info in candidates]
-            if sum(speeds) < 1e-4:
-                return ""
-            return random.choices([n for n, _ in candidates], weights=speeds)[0]
-        load = {name: info.queue_length / max(info.speed, 1e-4) for name, info in candidates}
+            return random.choices([n for n, _ in candidates], weights=[info.speed for _, info in candidates])[0]
+        load = {name: info.queue_length / info.speed for name, info in candidates}
         lightest = min(load.values())
         tied = sorted((n, i) for n, i in candidates if load[n] == lightest)
         with self._lock:
-            name, info = tied[self._turn % len(tied)]
-            self._turn += 1
+            # One counter per model: a shared one, bumped by another model's requests in between, kept landing on
+            # the same one of this model's idle workers.
+            turn = self._turns.get(model_name, 0)
+            self._turns[model_name] = turn + 1
+            name, info = tied[turn % len(tied)]
             info.queue_length += 1
         return name
 
@@ -404,8 +421,7 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         if not isinstance(model, str):
             return Response(error_chunk("'model' is required and must be a string", NO_WORKER, INVALID_REQUEST), 400,
                             media_type=STREAM_MEDIA_TYPE)
-        hops = request.headers.get(HOPS_HEADER, "0")
-        hops = int(hops) if hops.isdigit() else 0
+        hops = header_count(request.headers.get(HOPS_HEADER)) or 0
         if hops >= MAX_HOPS:  # a worker registration that points back at a controller on the way
             return Response(error_chunk(f"the request went through {hops} relays: the workers registered for "
                                         f"{model!r} form a loop", WORKER_UNREACHABLE), 508,

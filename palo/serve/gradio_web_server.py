@@ -35,7 +35,14 @@ from palo.conversation import Conversation, conv_templates, stop_string
 from palo.image_io import viewed
 from palo.jsonl import atomic_write
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
-from palo.serve.utils import build_logger, end_with_launcher, log_dir, refuse_unservable, violates_moderation
+from palo.serve.utils import (
+    build_logger,
+    end_with_launcher,
+    log_dir,
+    refuse_unservable,
+    service_url,
+    violates_moderation,
+)
 
 CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
 CURSOR = "▌"
@@ -395,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="PALO web demo (Gradio)")
     parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=None)
-    parser.add_argument("--controller-url", type=str, default="http://localhost:21001")
+    parser.add_argument("--controller-url", type=service_url, default="http://localhost:21001")
     parser.add_argument("--concurrency-count", type=int, default=10)
     parser.add_argument("--model-list-mode", type=str, default="once", choices=["once", "reload"])
     parser.add_argument("--share", action="store_true")

@@ -66,6 +66,19 @@ class Services:
                 signal.signal(signal.SIGINT, previous)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+
+
+def loopback_no_proxy(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """``NO_PROXY`` and ``no_proxy`` as ``environ`` has them (either spelling), with the loopback hosts added."""
+    hosts: list[str] = []
+    for name in ("no_proxy", "NO_PROXY"):
+        hosts += [h.strip() for h in environ.get(name, "").split(",") if h.strip() and h.strip() not in hosts]
+    hosts += [h for h in LOOPBACK_HOSTS if h not in hosts]
+    value = ",".join(hosts)
+    return {"NO_PROXY": value, "no_proxy": value}
+
+
 def _post_json(url: str, timeout: float = 2.0) -> dict:
     request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -114,8 +127,10 @@ def start_services(checkpoint: str, logs: str, *, worker_args: Sequence[str] = (
     os.makedirs(logs, exist_ok=True)
     # The hub's offline mode is the caller's to set (quickstart does): a hub id is downloaded unless it is cached.
     # PALO_LAUNCHER_PID: each service ends when this process does, however it ends (end_with_launcher).
-    env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", PALO_LAUNCHER_PID=str(os.getpid()))
+    # The services are on the loopback: no proxy for it, here (the readiness polls, the caller's clients) and in
+    # the services; a proxy set for everything else stays, and so do the hosts the user already exempted.
+    os.environ.update(loopback_no_proxy(os.environ))
+    env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), PALO_LAUNCHER_PID=str(os.getpid()))
     # The services run in the logs folder: a local checkpoint by its absolute path, a hub id ("MBZUAI/PALO-7B") as
     # it is (made absolute, it named a folder that does not exist).
     model_path = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint

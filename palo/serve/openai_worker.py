@@ -206,6 +206,17 @@ class OpenAIWorker(BaseWorker):
     def status_details(self) -> dict[str, Any]:
         return {"backend": {"api_base": self.api_base, "reachable": self.healthy}}
 
+    def serving(self) -> bool:
+        # The last probe (free): a worker whose backend is down must not answer its status, or each controller
+        # refresh (the web UI's page loads) re-registered it with a fresh heartbeat and requests kept reaching a
+        # dead backend; its 503s also let the router try another worker of the model. A worker that registers
+        # nowhere (no heartbeats, so no probes) keeps trying its backend.
+        return self.healthy or self.no_register
+
+    def unhealthy_message(self) -> str:
+        return (f"the backend {self.api_base} is unreachable or does not serve {self.model_name!r}; "
+                "the controller drops this worker until the backend is back")
+
     def model_details(self) -> dict[str, Any]:
         return {"context_length": self.context_length}
 

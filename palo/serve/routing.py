@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import httpx
 
 from palo.serve.protocol import aiter_chunks
+from palo.serve.utils import header_count
 
 CONNECT_TIMEOUT_S = 5.0  # connecting to a worker for a generation request (the original's value)
 # Relays a generation request went through (controllers can be registered as other controllers' workers).
@@ -133,9 +134,9 @@ class Router:
             address = self.registry.get_worker_address(model, exclude=tried)
             if not address:
                 if busy and last_error is None:
-                    waits = [b for b in busy if b.isdigit()]
+                    waits = [n for n in map(header_count, busy) if n is not None]
                     raise WorkersBusyError(f"every worker of {model!r} is busy; retry later",
-                                           min(waits, key=int) if waits else "1")
+                                           str(min(waits)) if waits else "1")
                 if last_error is not None:
                     raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
                 raise NoWorkerError(model)
@@ -170,8 +171,8 @@ class Router:
         """
         try:
             return await send
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            # The request never reached the worker: it is gone.
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            # The request never reached the worker: it is gone (or its registered address can reach nothing).
             self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
             self.registry.remove_worker(address)
             return exc

@@ -23,11 +23,12 @@ import httpx
 
 from palo.conversation import default_conversation, stop_string
 from palo.serve.protocol import iter_chunks
+from palo.serve.utils import service_url
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    parser.add_argument("--controller-address", type=service_url, default="http://localhost:21001")
     parser.add_argument("--worker-address", type=str, default=None)
     parser.add_argument("--model-name", type=str, default="facebook/opt-350m")
     parser.add_argument("--max-new-tokens", type=int, default=32)

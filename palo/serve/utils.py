@@ -10,6 +10,7 @@ import os
 import socket
 import struct
 import sys
+import urllib.parse
 from typing import Any
 
 import anyio
@@ -20,6 +21,41 @@ from palo.serve.body_limit import max_request_bytes
 # The original wrote its logs into the working directory (``LOGDIR = "."``), i.e. into a checkout when started from
 # one; here they go to this folder under it (ignored by git) unless $PALO_LOGDIR names another.
 DEFAULT_LOG_DIR = "logs"
+
+
+def service_url_error(url: object) -> str | None:
+    """Why ``url`` cannot be a service's base URL (a worker's or controller's address), or None when it can.
+
+    A base URL is absolute (``http://`` or ``https://`` with a host): httpx refuses anything else only when a request
+    is sent, so a worker registered as ``localhost:40000`` (the scheme left out) took its share of the requests and
+    failed each one.
+    """
+    if not isinstance(url, str) or not url:
+        return "expected the service's URL, e.g. http://localhost:21002"
+    if any(ord(c) < 0x20 or c == "\x7f" or c.isspace() for c in url):
+        return f"{url!r} has a space or a control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url!r} is not an http:// or https:// URL with a host (e.g. http://localhost:21002)"
+    return None
+
+
+def service_url(url: str) -> str:
+    """An argparse ``type`` for service addresses: the URL as given, or an error saying what is wrong."""
+    error = service_url_error(url)
+    if error is not None:
+        raise argparse.ArgumentTypeError(error)
+    return url
+
+
+def header_count(value: str | None) -> int | None:
+    """A header's non-negative integer value (ASCII digits only: ``str.isdigit`` also takes "²", which ``int``
+    refuses); None when it is absent or not one."""
+    return int(value) if value is not None and value.isascii() and value.isdigit() else None
 
 
 def cannot_listen(host: str, port: int | None) -> str | None:

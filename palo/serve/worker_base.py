@@ -38,7 +38,7 @@ from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import WorkerMetrics
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
 from palo.serve.routing import UNHEALTHY_HEADER
-from palo.serve.utils import StalledClientClosingResponse, serve_http
+from palo.serve.utils import StalledClientClosingResponse, serve_http, service_url
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
@@ -160,6 +160,10 @@ class BaseWorker(ABC):
     def health(self) -> bool:
         """The ``GET /health`` answer: the last :meth:`check_health` (a worker whose check is cheap checks now)."""
         return self.healthy
+
+    def unhealthy_message(self) -> str:
+        """What a request and a status poll are told while :meth:`serving` is False."""
+        return UNHEALTHY_MESSAGE
 
     def serving(self) -> bool:
         """Whether the worker can answer requests now, told at no cost and for certain (a worker whose engine
@@ -298,7 +302,8 @@ class BaseWorker(ABC):
     async def generate_stream(self, request: Request) -> Response:
         """Handle ``/worker_generate_stream``."""
         if not self.serving():  # 503: the controller's router tries another worker of the model
-            return Rejected(error_chunk(UNHEALTHY_MESSAGE, WORKER_ERROR), 503, {UNHEALTHY_HEADER: "1"}).response()
+            refusal = error_chunk(self.unhealthy_message(), WORKER_ERROR)
+            return Rejected(refusal, 503, {UNHEALTHY_HEADER: "1"}).response()
         try:
             params = decode_json_body(await request.body())
         except ValueError as exc:
@@ -356,7 +361,7 @@ def create_app(worker: BaseWorker) -> FastAPI:
         # An unhealthy worker must not look alive to a controller that polls it (its refresh re-registered a worker
         # whose engine had stopped, with a fresh heartbeat time, so it was never dropped).
         if not worker.serving():
-            return JSONResponse({"error": UNHEALTHY_MESSAGE}, status_code=503)
+            return JSONResponse({"error": worker.unhealthy_message(), **worker.status_details()}, status_code=503)
         return JSONResponse(worker.get_status())
 
     @app.get("/health")
@@ -400,8 +405,9 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every worker takes to find its controller and be found (the original's names and defaults)."""
     parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=21002)
-    parser.add_argument("--worker-address", type=str, default="http://localhost:21002")
-    parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
+    parser.add_argument("--worker-address", type=service_url, default="http://localhost:21002",
+                        help="the URL the controller reaches this worker at")
+    parser.add_argument("--controller-address", type=service_url, default="http://localhost:21001")
 
 
 def serve(worker: BaseWorker, host: str, port: int) -> None:

@@ -237,8 +237,9 @@ def test_backend_death_gives_a_clear_error_and_the_worker_expires(stack):
 
     wait_until(expired, HEART_BEAT_EXPIRATION * 6, "the controller to drop the worker of a dead backend")
     assert stack["openai_worker"].alive()
-    status = httpx.post(stack["openai_worker"].url + "/worker_get_status", timeout=5).json()
-    assert status["backend"]["reachable"] is False
+    # Its status is refused (a controller's refresh must not register it again), saying why.
+    status = httpx.post(stack["openai_worker"].url + "/worker_get_status", timeout=5)
+    assert status.status_code == 503 and status.json()["backend"]["reachable"] is False
     # Through the front controller the model is now simply unknown (error code 2), not a hang.
     chunks = _stream(stack["front"].url, payload)
     assert chunks[0]["error_code"] == 2

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from serve_helpers import SYSTEM, served
 
 from palo.serve.openai_worker import OpenAIWorker, PromptFormatError
@@ -146,3 +146,35 @@ def test_stop_strings_past_openais_four_are_cut_by_the_worker_and_min_tokens_kee
     chunks = _relayed([_piece("a. b; c"), _piece("", "stop"), "data: [DONE]"], sent, stops=["."], min_tokens=2)
     assert sent[-1]["stop"] == ["."] and sent[-1]["min_tokens"] == 2
     assert chunks[-1]["text"].endswith("ASSISTANT:a. b; c")
+
+
+def test_a_worker_whose_backend_is_down_does_not_answer_its_status():
+    """The controller's refresh (the web UI's page loads) polls ``/worker_get_status``: answered while the backend
+    was down, it re-registered the worker with a fresh heartbeat, so requests kept reaching a dead backend (502s)
+    and never went to another worker of the model."""
+    from fastapi.testclient import TestClient
+
+    up = {"models": True}
+    backend = FastAPI()
+
+    @backend.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "ckpt"}]} if up["models"] else Response(status_code=503)
+
+    with served(backend) as burl:
+        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9")
+        with TestClient(create_app(worker)) as client:
+            assert client.post("/worker_get_status").status_code == 503  # never probed: not known to serve
+            assert worker._update_health()
+            assert client.post("/worker_get_status").json()["model_names"] == ["ckpt"]
+            up["models"] = False
+            assert not worker._update_health()
+            assert client.post("/worker_get_status").status_code == 503
+            answer = client.post("/worker_generate_stream", json={"prompt": "USER: hi ASSISTANT:"})
+            assert answer.status_code == 503  # the controller's router tries another worker of the model
+        worker.stop()
+        # A worker that registers nowhere is never probed: it keeps sending its requests to the backend.
+        alone = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
+        with TestClient(create_app(alone)) as client:
+            assert client.post("/worker_get_status").status_code == 200
+        alone.stop()

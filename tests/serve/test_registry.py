@@ -190,3 +190,142 @@ def test_a_worker_stream_closes_to_the_end_when_its_closer_is_cancelled():
         assert closer.cancelled() and Response.finished
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("name", ["localhost:40000", "http://[::1", "http://127.0.0.1:1/\x00", "ftp://w", "http://"])
+def test_a_worker_name_that_is_not_an_http_url_is_refused_at_registration(name):
+    """A worker started with ``--worker localhost:40000`` (no scheme) was registered and took every other request,
+    each failing with "missing an 'http://' protocol"; a malformed URL made the register endpoint answer 500."""
+    from fastapi.testclient import TestClient
+
+    from palo.serve.controller import create_app
+
+    controller = Controller(status_fetcher=lambda worker: status("m"))
+    with TestClient(create_app(controller)) as client:
+        for worker_status in (status("m"), None):  # given, or polled from the worker
+            response = client.post("/register_worker", json={"worker_name": name, "check_heart_beat": True,
+                                                             "worker_status": worker_status})
+            assert response.status_code == 400 and "'worker_name' must be the worker's base URL" in response.text
+        assert client.post("/list_models").json() == {"models": []}
+
+
+def test_a_worker_whose_address_reaches_nothing_is_dropped_and_the_request_goes_to_another():
+    """An address httpx refuses to send to (an entry from before registration checked it) was neither dropped nor
+    skipped: the request failed with 503 although a good worker served the model."""
+    import httpx
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+    from serve_helpers import served
+
+    from palo.serve.controller import create_app
+
+    good = FastAPI()
+
+    @good.post("/worker_generate_stream")
+    async def answer():
+        return Response(encode_chunk("hello", 0))
+
+    controller = Controller("shortest_queue")
+    with served(good) as good_url, served(create_app(controller)) as url:
+        controller.register_worker(good_url, True, status("m", queue=5))  # busier: the bad one is tried first
+        controller.register_worker("http://placeholder", True, status("m"))
+        controller.worker_info["localhost:40000"] = controller.worker_info.pop("http://placeholder")  # no scheme
+        answer = httpx.post(url + "/worker_generate_stream", json={"model": "m", "prompt": "hi"}, timeout=30)
+        assert answer.status_code == 200 and b"hello" in answer.content
+        assert list(controller.worker_info) == [good_url]
+
+
+def test_tied_workers_take_turns_per_model_when_requests_for_models_alternate():
+    """One rotation counter shared by all models: requests for another model in between bumped it, so with
+    alternating traffic every request for ``a`` went to the same one of its two idle workers."""
+    c = Controller("shortest_queue", clock=Clock())
+    for name, model in (("http://a1", "a"), ("http://a2", "a"), ("http://b1", "b")):
+        c.register_worker(name, True, status(model))
+    picks = []
+    for _ in range(10):
+        for model in ("a", "b"):
+            worker = c.get_worker_address(model)
+            picks.append(worker)
+            assert c.receive_heart_beat(worker, 0)  # answered before the next request: idle again
+    assert picks.count("http://a1") == picks.count("http://a2") == 5
+
+
+@pytest.mark.parametrize("method", ["lottery", "shortest_queue"])
+def test_a_worker_of_speed_zero_takes_no_requests_under_either_method(method):
+    c = Controller(method, clock=Clock())
+    c.register_worker("http://zero", True, status("m", speed=0))
+    assert c.get_worker_address("m") == ""
+    c.register_worker("http://a", True, status("m"))
+    assert {c.get_worker_address("m") for _ in range(20)} == {"http://a"}
+
+
+def test_a_speed_that_would_overflow_the_sums_is_refused():
+    """Two workers of speed 1e308 were registered; then the lottery and the controller's own status (their sum,
+    infinite) answered 500."""
+    from palo.serve.controller import MAX_SPEED
+
+    c = Controller("lottery", clock=Clock())
+    assert not c.register_worker("http://a", True, status("m", speed=1e308))
+    assert c.register_worker("http://a", True, status("m", speed=MAX_SPEED))
+    assert c.register_worker("http://b", True, status("m", speed=MAX_SPEED))
+    assert c.get_worker_address("m") in {"http://a", "http://b"}
+    json.dumps(c.worker_status(), allow_nan=False)
+
+
+def test_a_refresh_polls_the_workers_together():
+    """One by one, each hung worker cost the refresh a status timeout (seven: 35 s), and the web UI, which refreshes
+    on each page load, gave up and offered no model at all."""
+    import threading
+
+    started = threading.Barrier(4, timeout=10)
+
+    def fetch(name):
+        started.wait()  # every poll is under way at once, or this times out (BrokenBarrierError)
+        return status("m") if name == "http://good" else None
+
+    c = Controller(status_fetcher=fetch, clock=Clock())
+    for name in ("http://good", "http://hung1", "http://hung2", "http://hung3"):
+        c.register_worker(name, True, status("m"))
+    c.refresh_all_workers()
+    assert set(c.worker_info) == {"http://good"}
+
+
+def test_a_relay_count_that_is_not_an_ascii_number_is_ignored():
+    """``"²".isdigit()`` is True but ``int("²")`` raises: the header (byte 0xB2, latin-1 on the wire) made the relay
+    endpoint answer 500."""
+    import http.client
+    import urllib.parse
+
+    from serve_helpers import served
+
+    from palo.serve.controller import create_app
+
+    with served(create_app(Controller())) as url:
+        where = urllib.parse.urlsplit(url)
+        connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        body = b'{"model": "m", "prompt": "hi"}'
+        connection.putrequest("POST", "/worker_generate_stream")
+        for name, value in (("Content-Type", b"application/json"), ("Content-Length", str(len(body)).encode()),
+                            ("X-PALO-Relay-Hops", b"\xb2")):
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        answer = connection.getresponse()
+        assert answer.status == 404 and b"no live worker serves model 'm'" in answer.read()
+        connection.close()
+
+
+@pytest.mark.parametrize("service, flag", [
+    ("model_worker", "--worker-address"), ("model_worker", "--controller-address"),
+    ("openai_worker", "--worker"), ("gradio_web_server", "--controller"), ("test_message", "--controller-address"),
+])
+def test_a_service_given_an_address_without_a_scheme_says_so_at_startup(service, flag, capsys):
+    """``--worker localhost:40000`` started a worker that registered an address nothing could be sent to."""
+    import importlib
+
+    parser = importlib.import_module(f"palo.serve.{service}").build_parser()
+    required = {"model_worker": [], "openai_worker": ["--api-base", "http://b/v1", "--model-name", "m"],
+                "gradio_web_server": [], "test_message": []}[service]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, flag, "localhost:40000"])
+    assert "'localhost:40000' is not an http:// or https:// URL" in capsys.readouterr().err
+    parser.parse_args([*required, flag, "http://localhost:40000"])
