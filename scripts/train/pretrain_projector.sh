@@ -7,10 +7,12 @@ if [ "$#" -lt 7 ]; then
   echo "usage: $0 BASE_LLM JSON_PATH IMAGE_FOLDER PROJECTOR_TYPE OUTPUT_DIR ZERO_LEVEL LR [extra flags]" >&2
   exit 2
 fi
-cd "$(dirname "$0")/../.."
-export PYTHONPATH="./:${PYTHONPATH:-}"
-${LAUNCHER:-deepspeed} palo/train/train_mem.py \
-    --deepspeed ./scripts/zero$6.json \
+# No cd: relative paths (the arguments, --image_folder's ./data) are the caller's, as for any command; run from
+# the repository root, as the original's README did, they name the same files as the original's.
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+export PYTHONPATH="$ROOT:${PYTHONPATH:-}"
+${LAUNCHER:-deepspeed} "$ROOT/palo/train/train_mem.py" \
+    --deepspeed "$ROOT/scripts/zero$6.json" \
     --model_name_or_path "$1" \
     --version plain \
     --data_path "$2" \

@@ -106,6 +106,6 @@ def test_offload_uses_the_unprefixed_gather_key() -> None:
 
 
 def test_launch_script_naming_covers_every_zero_level() -> None:
-    # The shell scripts select "./scripts/zero$ZERO_LEVEL.json"; the README uses levels 2 and 3.
+    # The shell scripts select "scripts/zero$ZERO_LEVEL.json"; the README uses levels 2 and 3.
     for level in ("1", "2", "3", "3_offload"):
         assert (SCRIPTS / f"zero{level}.json").is_file()
