@@ -9,8 +9,9 @@ written):
   template that renders the checkpoint's conversation template with llama.cpp's media marker ``<__media__>`` where
   an image goes (and lays out the markers llama.cpp's CLI and server put into plain-text messages as PALO lays out
   images: first, one newline after each);
-* ``mmproj-<name>-<outtype>.gguf``: the CLIP vision tower and the projector (``clip.projector_type`` ``mlp`` for
-  PALO-7B/13B's ``mlp2x_gelu``, ``ldp`` for MobilePALO's ``ldpnet``).
+* ``mmproj-<name>-<storage>.gguf``: the CLIP vision tower and the projector (``clip.projector_type`` ``mlp`` for
+  PALO-7B/13B's ``mlp2x_gelu``, ``ldp`` for MobilePALO's ``ldpnet``), named after what it holds: ``outtype``, but
+  ``f16`` for ``q8_0`` (the vision tower is not quantized).
 
 What the format needs, and how PALO's model maps onto it:
 
@@ -186,10 +187,15 @@ def _llm_tensors(gguf: Any, model: Any, outtype: str) -> list[_Tensor]:
     return out
 
 
+def _mmproj_outtype(outtype: str) -> str:
+    """The mmproj's storage for an export's ``outtype``: the vision tower and projector are not quantized."""
+    return "f16" if outtype == "q8_0" else outtype
+
+
 def _vision_tensors(gguf: Any, model: Any, layers: int, outtype: str) -> list[_Tensor]:
     """The tower's tensors up to the layer PALO reads (no post-layernorm), under llama.cpp's ``v.*`` names."""
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, layers)
-    mm_outtype = "f16" if outtype == "q8_0" else outtype
+    mm_outtype = _mmproj_outtype(outtype)
     out = []
     for key, value in model.state_dict().items():
         if not key.startswith(_TOWER) or key.endswith("position_ids") or ".post_layernorm." in key:
@@ -217,7 +223,7 @@ def _vision_tensors(gguf: Any, model: Any, layers: int, outtype: str) -> list[_T
 def _projector_tensors(gguf: Any, model: Any, outtype: str) -> list[_Tensor]:
     """The projector under llama.cpp's names: ``mm.0``/``mm.2`` (mlp), ``mm.model.*`` (ldp, 1x1 convolutions as
     matrices and depthwise kernels as ``[C, 3, 3]``, as its LDP graph reads them)."""
-    mm_outtype = "f16" if outtype == "q8_0" else outtype
+    mm_outtype = _mmproj_outtype(outtype)
     out = []
     for key, value in model.state_dict().items():
         if not key.startswith(_PROJECTOR):
@@ -369,7 +375,7 @@ def _write_mmproj(gguf: Any, path: str, model: Any, processor: Any, name: str, o
     vision = model.get_vision_tower().config
     writer = gguf.GGUFWriter(path, "clip")
     writer.add_name(name)
-    writer.add_file_type(_file_type(gguf, "f16" if outtype == "q8_0" else outtype))
+    writer.add_file_type(_file_type(gguf, _mmproj_outtype(outtype)))
     writer.add_clip_has_vision_encoder(True)
     writer.add_clip_projector_type(projector)
     writer.add_bool("clip.use_gelu", False)  # quick GELU, CLIP's own
@@ -459,7 +465,8 @@ def export_gguf(
     )
     layers = _tower_layers(model, projector)  # refused now, not after the language model's file is written
     model_file = f"{name}-{outtype}.gguf"
-    mmproj_file = f"mmproj-{name}-{outtype}.gguf"
+    # Named after what it holds: a q8_0 export's mmproj is f16 (mmproj-<name>-q8_0.gguf named a file that is not).
+    mmproj_file = f"mmproj-{name}-{_mmproj_outtype(outtype)}.gguf"
     with staged_folder(output_dir) as staging:
         _write_language_model(gguf, os.path.join(staging, model_file), model, tokenizer, name, outtype, template)
         _write_mmproj(gguf, os.path.join(staging, mmproj_file), model, processor, name, outtype, projector, layers)

@@ -281,7 +281,8 @@ def test_cli(world, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert palo_main(["export", "--to", "gguf", "--model-path", world.full_dir, "--output", out,
                       "--outtype", "q8_0", "--name", "palo-tiny"]) == 0
-    assert sorted(os.listdir(out)) == ["mmproj-palo-tiny-q8_0.gguf", "palo-tiny-q8_0.gguf"]
+    # The mmproj is named after what it holds: f16 (the vision tower is not quantized).
+    assert sorted(os.listdir(out)) == ["mmproj-palo-tiny-f16.gguf", "palo-tiny-q8_0.gguf"]
     assert "q8_0, mlp projector, chat template vicuna_v1" in capsys.readouterr().out
     assert palo_main(["export", "--to", "gguf", "--model-path", world.ldp_dir, "--output", str(tmp_path / "o2")]) == 2
     assert "24 x 24" in capsys.readouterr().err
