@@ -157,14 +157,21 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
     return MergeResult(answered=len(merged), missing=len(order) - len(merged))
 
 
-def _merge_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m palo.eval.shards merge",
-                                     description="Merge model_vqa chunk outputs in question order.")
-    parser.add_argument("--question-file", required=True)
-    parser.add_argument("--answers-file", required=True, help="the merged output (kept answers win)")
-    parser.add_argument("--keep", action="store_true", help="keep the shard files")
-    parser.add_argument("shards", nargs="+")
-    args = parser.parse_args(argv)
+def build_parser() -> argparse.ArgumentParser:
+    """``merge`` and its flags (``palo eval shards --help`` lists it; ``... merge --help`` shows its flags)."""
+    parser = argparse.ArgumentParser(description="Answer files of model_vqa --num-chunks runs.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="merge")
+    merge = commands.add_parser("merge", help="merge model_vqa chunk outputs in question order",
+                                description="Merge model_vqa chunk outputs in question order.")
+    merge.add_argument("--question-file", required=True)
+    merge.add_argument("--answers-file", required=True, help="the merged output (kept answers win)")
+    merge.add_argument("--keep", action="store_true", help="keep the shard files")
+    merge.add_argument("shards", nargs="+")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     absent = [s for s in args.shards if not os.path.isfile(s)]
     if absent:
         print(f"error: no such shard file: {', '.join(absent)}", file=sys.stderr)
@@ -176,14 +183,6 @@ def _merge_main(argv: list[str]) -> int:
         return 2
     print(f"{args.answers_file}: {result.answered} answers, {result.missing} question(s) unanswered", file=sys.stderr)
     return 1 if result.missing else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] != "merge":
-        print("usage: python -m palo.eval.shards merge --question-file Q --answers-file OUT SHARD...", file=sys.stderr)
-        return 2
-    return _merge_main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -246,3 +246,16 @@ def test_a_sharded_run_checks_the_answers_it_resumes_once_before_the_shards_star
     assert run_bench.answer_sharded([], args, tasks, ["0", "1"]) == ["m"]  # the (stand-in) shards answered nothing
     assert [r["answer_id"] for r in _read(merged)] == ["ckpt_b-1"]  # the shards answer 0 and 2 again
     assert len(started) == 4
+
+
+def test_help_lists_merge_and_names_the_typed_command(capsys):
+    """``palo eval shards --help`` printed one usage line to stderr and exited 2 (every other verb shows its help)."""
+    from palo import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "shards", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and out.startswith("usage: palo eval shards") and "merge" in out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "shards", "merge", "--help"])
+    assert exit_info.value.code == 0 and "--question-file" in capsys.readouterr().out
