@@ -33,6 +33,7 @@ def serve_forever(checkpoint: str, logs: str, web_port: int = 7860) -> int:
 
     banner("Serving the trained model (controller, worker, web UI on 127.0.0.1)")
     if web_port and not port_free(web_port):
+        print(f"Port {web_port} is busy: the web UI takes a free port (printed below).", flush=True)
         web_port = 0
     services = start(checkpoint, logs, web_port)
     example = os.path.join(os.path.dirname(os.path.abspath(logs)), "data", "bench", "images", "eval-00000.png")

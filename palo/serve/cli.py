@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", type=str, default="facebook/opt-350m")
     parser.add_argument("--model-base", type=str, default=None)
-    parser.add_argument("--image-file", type=str, default=None, help="local image to talk about (omit for text-only)")
+    parser.add_argument("--image-file", type=str, default=None,
+                        help="image to talk about: a local file, or an http(s) URL with --allow-remote-images "
+                             "(omit for text-only)")
     parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
     add_dtype_argument(parser)
     parser.add_argument("--conv-mode", type=str, default=None, choices=sorted(conv_templates))
