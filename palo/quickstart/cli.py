@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkdirInUse as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a stage's traceback from inside torch said nothing a user could act on
+        print("\ninterrupted: run the same command again to go on (finished stages are kept)", file=sys.stderr)
+        return 130
     if args.no_serve:
         return 0
     if args.check_served:

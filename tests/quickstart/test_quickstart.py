@@ -209,3 +209,14 @@ def test_a_second_ctrl_c_while_stopping_still_stops_every_service(tmp_path):
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0, result.stderr
     assert "service exited: True" in result.stdout
+
+
+def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    from palo.quickstart import pipeline
+
+    def interrupted(workdir, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run", interrupted)
+    assert cli.main(["quickstart", "--workdir", str(tmp_path / "w"), "--no-serve"]) == 130
+    assert "interrupted: run the same command again to go on" in capsys.readouterr().err
