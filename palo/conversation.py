@@ -495,9 +495,12 @@ def stop_string(conv: Conversation) -> str | None:
 
 
 def infer_conv_mode(model_name: str) -> str:
-    """Chooses a template key from a model name, for callers that were not given ``--conv-mode``.
+    """Chooses a template key from a model name, as LLaVA's ``cli.py`` did.
 
-    This is a compatibility adapter for names in the wild; prefer passing the template explicitly.
+    Nothing in the project calls this by default (templates come from the checkpoint's config,
+    :func:`conv_mode_for_checkpoint`); it is a compatibility adapter for callers that explicitly opt in to
+    name-based guessing. Prefer passing the template explicitly.
+
     PALO models (trained with ``--version v1``) always use ``vicuna_v1``, and MobileVLM uses ``v1`` (the
     same template). Other names follow LLaVA's ``cli.py``, checked in order on the lower-cased name:
     ``llama-2`` -> ``llava_llama_2``, ``mistral`` -> ``mistral_instruct``, ``v1.6-34b`` ->
@@ -740,22 +743,30 @@ conv_templates: dict[str, Conversation] = {
 
 
 def conv_mode_for_checkpoint(config: Any, model_name: str = "") -> str:
-    """The template a checkpoint was trained with, decided by its config rather than its folder name.
+    """The template a checkpoint was trained with, decided by its config alone.
 
-    PALO checkpoints (``model_type`` ``palo``) and MobileVLM ones were trained with ``--version v1``, i.e.
-    ``vicuna_v1``; LLaVA-1.5 checkpoints (``llava_llama``) with ``llava_v1`` unless the name says otherwise.
+    No behaviour follows from a folder or model name (identical checkpoint bytes must get identical prompts
+    wherever they sit), so only ``model_type`` decides:
+
+    * ``llava_llama`` and ``llava`` (LLaVA-1.5, whose release wrote ``llava``): ``llava_v1``, what LLaVA's
+      ``cli.py`` chose for the released ``llava-v1.5-*`` names;
+    * anything else: ``vicuna_v1``. That is what PALO checkpoints (``palo``, MobilePALO included) and MobileVLM
+      ones (``mobilevlm``, its ``v1`` is the same template) were trained with, and :data:`default_conversation`
+      for a plain LLaMA.
+
+    A config cannot tell a LLaVA-1.5 fine-tune on LLaMA-2, Mistral or MPT (``llava_llama_2``,
+    ``mistral_instruct``, ``mpt``) from a Vicuna-based one: those get the default above, and the caller's
+    template (``--conv-mode``, ``conv_mode=``) overrides it. :func:`infer_conv_mode` still maps names in the wild
+    to templates for callers that opt in explicitly.
 
     Args:
         config: The checkpoint's config (anything with ``model_type``).
-        model_name: The model's name, used only for LLaVA-family checkpoints.
+        model_name: Ignored; kept so that callers written for the name-based rule keep working.
 
     Returns:
         A key of :data:`conv_templates`.
     """
-    model_type = getattr(config, "model_type", "")
-    if model_type in ("palo", "mobilevlm"):
-        return "vicuna_v1"
-    if model_type == "llava_llama":
-        mode = infer_conv_mode(model_name)
-        return "llava_v1" if mode == "llava_v0" else mode
-    return infer_conv_mode(model_name) if model_name else "vicuna_v1"
+    del model_name  # kept only for the signature: the template must not depend on where a checkpoint sits
+    if getattr(config, "model_type", "") in ("llava_llama", "llava"):
+        return "llava_v1"
+    return "vicuna_v1"

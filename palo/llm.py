@@ -30,6 +30,48 @@ from typing import Any
 
 DEFAULT_MAX_TOKENS = 256
 
+# The settings :meth:`LLM.chat` and :meth:`LLM.generate` pass on to the engine, besides their own arguments: exactly
+# the request fields :meth:`palo.serve.engine.EngineBackend.prepare` reads and whose effect an :class:`Answer` shows.
+# Anything else is refused, since the engine would otherwise drop it without a word (a misspelt ``top_pp``, vLLM's
+# ``n``). Left out on purpose: ``prompt_logprobs`` (an Answer has no place for them), ``stops`` (``stop`` is the
+# argument), ``continuation`` (decided by chat vs generate) and ``prompt_token_ids`` (prompts are given as text).
+SETTINGS = frozenset({
+    "top_p", "top_k", "min_p", "seed", "min_tokens", "ignore_eos", "stop_token_ids",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
+    "response_format", "guided_json", "guided_regex", "guided_choice", "structured_outputs", "cache_salt",
+})
+
+
+def _token_budget(max_tokens: int | None, settings: dict[str, Any]) -> int:
+    """Check ``settings`` and return the answer's token budget; ``settings`` loses the keys handled here.
+
+    Args:
+        max_tokens: The ``max_tokens`` argument (None when not given).
+        settings: The other keyword arguments of :meth:`LLM.chat` / :meth:`LLM.generate`.
+
+    Returns:
+        The most tokens per answer.
+
+    Raises:
+        ValueError: For a setting the engine does not take, ``n`` other than 1, or both ``max_tokens`` and its
+            alias ``max_new_tokens``.
+    """
+    if "images" in settings or "prompt" in settings:
+        raise ValueError("give prompts and images as arguments, not as settings")
+    if "max_new_tokens" in settings:  # the name model.generate and the worker use for the same budget
+        if max_tokens is not None:
+            raise ValueError("give max_tokens or its alias max_new_tokens, not both")
+        max_tokens = settings.pop("max_new_tokens")
+    n = settings.pop("n", 1)
+    if n != 1:
+        raise ValueError(f"n={n!r}: one answer per conversation or prompt is generated; list it n times (with "
+                         "different seeds when sampling) for several answers")
+    unknown = sorted(set(settings) - SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are max_tokens "
+                         f"(max_new_tokens), temperature, stop, timeout and {', '.join(sorted(SETTINGS))}")
+    return DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+
 
 @dataclass
 class Answer:
@@ -52,6 +94,11 @@ class Answer:
     logprobs: list[Any] | None = None
 
 
+def _is_list(value: Any) -> bool:
+    """Whether ``value`` is a sequence of items (a list, a tuple ...): not a string, bytes or an image."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 class LLM:
     """A loaded checkpoint and its generation engine (see the module docstring).
 
@@ -60,7 +107,9 @@ class LLM:
         model_base: The base LLM of a LoRA or projector-only checkpoint.
         device: ``cuda``, ``cuda:N`` or ``cpu`` (default: CUDA when there is one).
         load_8bit, load_4bit: Quantise the LLM with bitsandbytes.
-        conv_mode: The conversation template (default: the one the checkpoint was trained with, from its config).
+        conv_mode: The conversation template (default: the one the checkpoint was trained with, from its config,
+            never from the folder's name: ``vicuna_v1`` for PALO, ``llava_v1`` for LLaVA-1.5; see
+            :func:`palo.conversation.conv_mode_for_checkpoint`). Give it for a checkpoint trained with another one.
         engine_config: Engine settings (``max_num_seqs``, KV cache size, prefix cache ...); the worker's defaults.
         vision_tower: A local CLIP folder instead of ``mm_vision_tower``.
         allow_remote_images: Fetch http(s) image URLs (off: as the worker without ``--allow-remote-images``).
@@ -78,11 +127,10 @@ class LLM:
         from palo.model.builder import load_pretrained_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        name = get_model_name_from_path(model_path)
         tokenizer, model, image_processor, context_len = load_pretrained_model(
-            model_path, model_base, name, load_8bit, load_4bit, device=device, vision_tower=vision_tower, dtype=dtype)
-        self._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images,
-                    name)
+            model_path, model_base, get_model_name_from_path(model_path), load_8bit, load_4bit, device=device,
+            vision_tower=vision_tower, dtype=dtype)
+        self._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images)
 
     @classmethod
     def from_loaded(cls, tokenizer: Any, model: Any, image_processor: Any, context_len: int = 2048, *,
@@ -90,11 +138,11 @@ class LLM:
                     allow_remote_images: bool = False) -> LLM:
         """An :class:`LLM` around what :func:`~palo.model.builder.load_pretrained_model` returned."""
         llm = cls.__new__(cls)
-        llm._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images, "")
+        llm._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images)
         return llm
 
     def _setup(self, tokenizer: Any, model: Any, image_processor: Any, context_len: int, conv_mode: str | None,
-               engine_config: Any, allow_remote_images: bool, name: str) -> None:
+               engine_config: Any, allow_remote_images: bool) -> None:
         from palo.conversation import conv_mode_for_checkpoint, conv_templates
         from palo.engine import EngineConfig
         from palo.remote_images import RemoteImagePolicy
@@ -103,7 +151,7 @@ class LLM:
         if conv_mode is not None and conv_mode not in conv_templates:
             raise ValueError(f"unknown conv_mode {conv_mode!r}; one of {', '.join(sorted(conv_templates))}")
         self.tokenizer, self.model = tokenizer, model
-        self.conv_mode = conv_mode or conv_mode_for_checkpoint(model.config, name)
+        self.conv_mode = conv_mode or conv_mode_for_checkpoint(model.config)
         self.backend = GenerationEngine(tokenizer, model, image_processor, context_len,
                                         engine_config=engine_config or EngineConfig())
         self.backend.remote_images = RemoteImagePolicy() if allow_remote_images else None
@@ -119,29 +167,34 @@ class LLM:
         self.close()
 
     # -- generation ----------------------------------------------------------------------------------------------
-    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]], *, max_tokens: int | None = None,
              temperature: float = 0.0, stop: str | Sequence[str] | None = None, timeout: float | None = None,
              **settings: Any) -> list[Answer]:
         """Answer chat conversations, generated together.
 
         Args:
             messages: One conversation (a list of OpenAI chat messages) or a list of them.
-            max_tokens: Most tokens per answer.
+            max_tokens: Most tokens per answer (default 256); ``max_new_tokens``, the name ``model.generate`` uses,
+                is taken as its alias.
             temperature: 0 for greedy decoding.
             stop: Strings that end an answer (besides the template's), left out of it.
             timeout: Seconds to wait for all answers (default: no limit).
-            **settings: Any other setting the worker takes (``top_p``, ``top_k``, ``seed``, ``min_p``,
-                ``presence_penalty``, ``logit_bias``, ``logprobs``, ``response_format``, ``cache_salt`` ...).
+            **settings: The worker's other settings (:data:`SETTINGS`: ``top_p``, ``top_k``, ``seed``, ``min_p``,
+                ``presence_penalty``, ``logit_bias``, ``logprobs``, ``response_format``, ``cache_salt`` ...), and
+                ``n=1`` (one answer each: any other ``n`` is refused).
 
         Returns:
             One :class:`Answer` per conversation, in order.
 
         Raises:
             ValueError: A malformed conversation, an unreadable image, a setting out of range or a prompt with no
-                room for an answer; the message names the conversation. Nothing is generated then.
+                room for an answer (the message names the conversation), or a setting the engine does not take
+                (a misspelt name, ``n`` other than 1, both ``max_tokens`` and ``max_new_tokens``). Nothing is
+                generated then.
         """
         from palo.serve.openai_api import APIError, render_messages
 
+        max_tokens = _token_budget(max_tokens, settings)
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for index, conversation in enumerate(conversations):
@@ -154,30 +207,41 @@ class LLM:
         return self._run(prompts, "conversation", max_tokens, temperature, stop, timeout, settings)
 
     def generate(self, prompts: str | Sequence[str], images: Sequence[Sequence[Any]] | None = None, *,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,
+                 max_tokens: int | None = None, temperature: float = 0.0,
                  stop: str | Sequence[str] | None = None, timeout: float | None = None,
                  **settings: Any) -> list[Answer]:
         """Continue finished prompts (no template is applied), generated together.
 
         Args:
             prompts: One prompt or several, ``<image>`` where each image goes.
-            images: Per prompt, its images in order (paths or PIL images); None for none at all.
+            images: Per prompt, a list of its images in order (paths or PIL images), e.g. ``[["photo.png"]]`` for
+                one prompt with one image; None for none at all.
             max_tokens, temperature, stop, timeout, settings: As for :meth:`chat`.
 
         Returns:
             One :class:`Answer` per prompt, in order.
 
         Raises:
-            ValueError: As for :meth:`chat`, naming the prompt.
+            ValueError: As for :meth:`chat`, naming the prompt; also when a prompt's entry in ``images`` is not
+                a list (a bare path or image).
         """
         from palo.serve.openai_api import APIError
 
+        max_tokens = _token_budget(max_tokens, settings)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if images is not None and not _is_list(images):
+            raise ValueError(f"images must be a list with one list of images per prompt (images=[[...]]), got "
+                             f"{type(images).__name__}")
         if images is not None and len(images) != len(prompts):
             raise ValueError(f"{len(images)} image lists for {len(prompts)} prompts; give one per prompt")
         rows = []
         for index, prompt in enumerate(prompts):
-            own = [] if images is None else list(images[index] or [])
+            own = None if images is None else images[index]
+            if own is not None and not _is_list(own):
+                # A path string would otherwise be read one character at a time, and a PIL image is no sequence.
+                raise ValueError(f"prompt {index}: its images must be a list, got {type(own).__name__} {own!r:.80}; "
+                                 "give a list of images per prompt, e.g. images=[['photo.png']] for one prompt")
+            own = list(own or [])
             try:
                 rows.append((prompt, [self._read_image({"type": "image", "image": image}) for image in own], None))
             except APIError as exc:
@@ -191,8 +255,6 @@ class LLM:
         extra = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if not all(isinstance(s, str) and s for s in extra):
             raise ValueError(f"'stop' must be a string or a list of non-empty strings, got {stop!r}")
-        if "images" in settings or "prompt" in settings:
-            raise ValueError("give prompts and images as arguments, not as settings")
         prepared = []
         for index, (prompt, images, template_stop) in enumerate(rows):
             # A prompt's answer continues its text ("is" + " The"), as vLLM's generate; a conversation's starts

@@ -12,6 +12,7 @@ from palo import conversation
 from palo.conversation import (
     Conversation,
     SeparatorStyle,
+    conv_mode_for_checkpoint,
     conv_templates,
     default_conversation,
     infer_conv_mode,
@@ -456,6 +457,19 @@ def test_stop_string(key, stop):
 def test_infer_conv_mode(name, mode):
     assert infer_conv_mode(name) == mode
     assert mode in conv_templates
+
+
+@pytest.mark.parametrize("model_type, mode", [
+    ("palo", "vicuna_v1"), ("mobilevlm", "vicuna_v1"), ("llama", "vicuna_v1"),
+    ("llava_llama", "llava_v1"), ("llava", "llava_v1"),
+])
+@pytest.mark.parametrize("folder", ["", "my-finetune", "my-mpt-finetune", "llama-2-ft", "mistral-run", "PALO-7B",
+                                    "llava-v1.6-34b", "LLaVA-13b-delta-v0"])
+def test_a_checkpoints_template_comes_from_its_config_whatever_its_folder_is_called(model_type, mode, folder):
+    """The same LLaVA-1.5 checkpoint got mpt, llava_llama_2 or mistral_instruct prompts (and a plain LLaMA
+    llava_v0) depending only on the name of the folder it was copied into."""
+    config = type("Config", (), {"model_type": model_type})()
+    assert conv_mode_for_checkpoint(config, folder) == mode
 
 
 def test_conversation_constructor_accepts_tuples():

@@ -186,3 +186,45 @@ def test_more_conversations_than_the_engine_queues_are_fed_to_it_as_places_free(
     stats = small.backend.stats()
     assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0)
     small.close()
+
+
+def test_unknown_settings_are_refused_and_max_new_tokens_is_taken_as_max_tokens(llm):
+    """chat() and generate() handed any keyword to the engine, which dropped what it does not read:
+    max_new_tokens=3 generated 256 tokens, n=2 gave one answer and a misspelt top_pp changed nothing."""
+    before = llm.backend.stats()["decoded_tokens"]
+    prompt = "USER: Tell me a story. ASSISTANT:"
+    for run in (lambda **kw: llm.chat(user("Tell me a story."), **kw), lambda **kw: llm.generate(prompt, **kw)):
+        with pytest.raises(ValueError, match="unknown setting.*'temprature', 'top_pp'"):
+            run(top_pp=0.1, temprature=2.0)
+        with pytest.raises(ValueError, match="n=2: one answer"):
+            run(n=2)
+        with pytest.raises(ValueError, match="max_tokens or its alias max_new_tokens, not both"):
+            run(max_tokens=4, max_new_tokens=3)
+    assert llm.backend.stats()["decoded_tokens"] == before  # refused before anything ran
+    (chat,) = llm.chat(user("Tell me a story."), max_new_tokens=3, ignore_eos=True, n=1)
+    (raw,) = llm.generate(prompt, max_new_tokens=2, ignore_eos=True)
+    assert (chat.completion_tokens, raw.completion_tokens) == (3, 2)
+
+
+def test_a_bare_path_or_image_as_a_prompts_images_is_refused_with_a_hint(llm, photo):
+    """images=[path] for one prompt read the path one character at a time ("/: no such image file"), and
+    images=[PIL image] raised a bare TypeError ("'PngImageFile' object is not iterable")."""
+    prompt = "USER: <image>\nWhat is this? ASSISTANT:"
+    for entry in (photo, Image.open(photo)):
+        with pytest.raises(ValueError, match=r"prompt 0: its images must be a list.*images=\[\['photo.png'\]\]"):
+            llm.generate(prompt, [entry], max_tokens=2)
+    with pytest.raises(ValueError, match="one list of images per prompt"):
+        llm.generate(prompt, photo, max_tokens=2)
+    (answer,) = llm.generate(prompt, [(photo,)], max_tokens=2)  # a tuple is a list of images too
+    assert answer.completion_tokens >= 1
+
+
+def test_the_default_template_does_not_depend_on_the_folder_name(world, tmp_path):
+    """LLM(path) chose the template of a LLaVA-1.5 checkpoint from its folder's name: in a folder called
+    'my-mpt-finetune' it talked mpt, in 'llama-2-ft' llava_llama_2."""
+    from palo.testing import tiny
+
+    config = dict(world.config, model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"])
+    folder = tiny.write_full_checkpoint(str(tmp_path / "my-mpt-finetune"), world.model, config, world.tokenizer_dir)
+    with LLM(folder, device="cpu") as llm:
+        assert llm.conv_mode == "llava_v1"

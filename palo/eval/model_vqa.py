@@ -629,9 +629,9 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None
         tokenizer, model, image_processor, _ = load_pretrained_model(
             model_path, model_base, model_name, device=device, vision_tower=vision_tower, dtype=dtype
         )
-    except (CheckpointError, VisionTowerError, OSError) as exc:
+    except (CheckpointError, VisionTowerError, OSError, ValueError) as exc:  # ValueError: a config value it cannot take
         raise ModelLoadError(str(exc)) from exc
-    conv_mode = conv_mode or conv_mode_for_checkpoint(model.config, model_name)
+    conv_mode = conv_mode or conv_mode_for_checkpoint(model.config)
     return Answerer(tokenizer, model, image_processor, conv_mode, generation, image_preprocess, engine), model_name
 
 

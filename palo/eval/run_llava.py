@@ -92,7 +92,7 @@ def eval_model(args: Any) -> str:
         dtype=getattr(args, "dtype", None))
     if image_processor is None:
         raise ValueError(f"{args.model_path} takes text only; it cannot answer about images")
-    conv_mode = args.conv_mode or conv_mode_for_checkpoint(model.config, model_name)
+    conv_mode = args.conv_mode or conv_mode_for_checkpoint(model.config)
     if conv_mode not in conv_templates:
         raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
     conv = conv_templates[conv_mode].copy()

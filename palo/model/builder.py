@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_PATCH_TOKEN
 from palo.model.attention import check_attn_implementation
@@ -41,7 +41,7 @@ from palo.model.checkpoint_files import (
     load_projector,
     new_token_rows,
 )
-from palo.model.config import MultimodalSpec, PaloConfig
+from palo.model.config import LlavaLlamaConfig, MultimodalSpec, PaloConfig
 from palo.model.palo_llama import PaloForCausalLM
 from palo.model.tokenizer import load_tokenizer
 from palo.model.vision_tower import VisionTowerError, load_image_processor
@@ -96,6 +96,34 @@ def _without_multimodal_modules(model: PaloForCausalLM) -> Iterator[None]:
             inner._modules[name] = module
 
 
+# Flat LLaMA + mm_* configs written under a model_type that transformers does not map to a LLaMA config: LLaVA-1.5's
+# release (LLaVA v1.1.x registered its config as "llava", and the released liuhaotian/llava-v1.5-* configs say so),
+# and MobileVLM. transformers maps "llava" to its own nested LlavaConfig (text_config / vision_config), which is
+# another format, and does not know "mobilevlm" at all; both are read as the flat format they are.
+FLAT_MULTIMODAL_CONFIGS: dict[str, type[PaloConfig]] = {"llava": LlavaLlamaConfig, "mobilevlm": PaloConfig}
+
+
+def read_config(model_dir: str) -> Any:
+    """The config of a checkpoint folder, as its format is rather than as its ``model_type`` alone says.
+
+    A flat LLaMA config with ``mm_*`` keys whose ``model_type`` is one of :data:`FLAT_MULTIMODAL_CONFIGS` loads as
+    that PALO config class; everything else (``palo``, ``llava_llama``, ``llama``, and a transformers Llava config
+    with ``text_config``/``vision_config``) goes through ``AutoConfig`` as before.
+
+    Args:
+        model_dir: A local checkpoint folder.
+
+    Returns:
+        The config object.
+    """
+    values, _ = PretrainedConfig.get_config_dict(model_dir)
+    config_class = FLAT_MULTIMODAL_CONFIGS.get(values.get("model_type"))
+    nested = "text_config" in values or "vision_config" in values
+    if config_class is None or nested or not any(key.startswith("mm_") for key in values):
+        return AutoConfig.from_pretrained(model_dir)
+    return config_class.from_dict({key: value for key, value in values.items() if key != "model_type"})
+
+
 def _base_vocabulary(config: Any, base_dir: str, base_tokens: int) -> int | None:
     """Make the config of a LoRA or stage-1 folder load its base's weights: a run that added tokens (<im_patch> by
     default, <im_start>/<im_end>, v0's [PAD]) records its grown vocabulary, which the base's rows do not have, so
@@ -105,7 +133,7 @@ def _base_vocabulary(config: Any, base_dir: str, base_tokens: int) -> int | None
         The id of the [PAD] token a ``--version v0`` run added (its config's ``pad_token_id`` is no token of the
         base's tokenizer, of ``base_tokens``), or None.
     """
-    base_config = AutoConfig.from_pretrained(base_dir)
+    base_config = read_config(base_dir)
     base_vocab = getattr(base_config, "vocab_size", None)
     if not base_vocab or base_vocab == config.vocab_size:
         return None
@@ -294,6 +322,7 @@ def load_pretrained_model(
         device: ``cuda``, ``cuda:N``, ``cpu`` or ``mps``; ``cuda`` on a machine without CUDA loads on ``cpu``.
         vision_tower: Override ``mm_vision_tower`` (e.g. a local CLIP folder for offline use).
         dtype: Weights dtype; default float32 on CPU, float16 on CUDA (a name as ``--dtype`` takes it, too).
+            ``torch_dtype=``, its name before transformers 5, is taken as the same argument.
         use_flash_attn: Use FlashAttention-2 (CUDA, flash-attn installed); the same as
             ``attn_implementation="flash_attention_2"``.
         attn_implementation: The language model's attention kernel: ``sdpa`` (default), ``flash_attention_2``,
@@ -308,10 +337,20 @@ def load_pretrained_model(
             read (cut short, not JSON, a config field of the wrong type).
         palo.model.vision_tower.VisionTowerError: If the vision tower cannot be found.
         palo.model.attention.AttentionUnavailableError: If the chosen attention kernel is not installed.
+        ValueError: For a dtype that is no dtype a model loads in, ``dtype`` and ``torch_dtype`` that disagree, or
+            an ``mm_*`` value the model cannot take (e.g. an ``mm_vision_select_layer`` outside CLIP's layers).
     """
+    dtype = dtype_from_name(dtype)
+    if "torch_dtype" in kwargs:
+        # transformers < 5's name for dtype, which LLaVA-family callers pass; transformers 5 would drop it in
+        # favour of the dtype given next to it, and load in another dtype without a word.
+        torch_dtype = dtype_from_name(kwargs.pop("torch_dtype"))
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; give one of them")
+        dtype = dtype or torch_dtype
     with unreadable_files_named(model_path, model_base):
         return _load_pretrained_model(model_path, model_base, load_8bit, load_4bit, device_map, device,
-                                      vision_tower=vision_tower, dtype=dtype_from_name(dtype),
+                                      vision_tower=vision_tower, dtype=dtype,
                                       use_flash_attn=use_flash_attn,
                                       attn_implementation=attn_implementation, **kwargs)
 
@@ -377,7 +416,7 @@ def _load_pretrained_model(
     if attn_implementation is not None:
         load_kwargs["attn_implementation"] = check_attn_implementation(attn_implementation)
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = read_config(model_dir)
     if kind is not CheckpointKind.FULL and getattr(config, "quantization_config", None) is not None:
         # A QLoRA run's config records how its base was quantised during training; the base's weights on disk are
         # not quantised, and whether to quantise them now is the caller's choice (load_4bit / load_8bit).

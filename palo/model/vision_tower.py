@@ -184,6 +184,16 @@ class CLIPVisionTower(nn.Module):
 
     def __init__(self, name: str, config: CLIPVisionConfig, features: VisionFeatureSpec) -> None:
         super().__init__()
+        # hidden_states holds the embedding output and one entry per layer; the original indexed it directly, so
+        # a value outside it failed there. Refuse it here rather than let the modulo in _encode wrap it round to
+        # another layer (25 on CLIP-L would silently read the raw patch embeddings).
+        layers = int(config.num_hidden_layers)
+        if not -(layers + 1) <= features.select_layer <= layers:
+            raise ValueError(
+                f"mm_vision_select_layer={features.select_layer} is outside the hidden states of the vision tower "
+                f"{name!r}: it has {layers} layers, so the value must be from {-(layers + 1)} to {layers} "
+                "(PALO and LLaVA-1.5 use -2)"
+            )
         self.name = name
         self.config = config
         self.features = features

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: this checkpoint takes text only; drop --image-file", file=sys.stderr)
         return 2
 
-    conv_mode = conv_mode_for_checkpoint(model.config, model_name)
+    conv_mode = conv_mode_for_checkpoint(model.config)
     if args.conv_mode and args.conv_mode != conv_mode:
         print(f"[note] the checkpoint was trained with --conv-mode {conv_mode}; using {args.conv_mode} as asked")
         conv_mode = args.conv_mode

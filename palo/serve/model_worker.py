@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model_path, args.model_base, model_name, args.load_8bit, args.load_4bit, device=device,
             vision_tower=args.vision_tower, use_flash_attn=args.use_flash_attn, dtype=args.dtype,
         )
-    except (CheckpointError, VisionTowerError) as exc:
+    except (CheckpointError, VisionTowerError, ValueError) as exc:  # ValueError: a config value it cannot take
         logger.error("cannot load %s: %s", args.model_path, exc)
         print(f"palo-worker: error: {exc}", file=sys.stderr)
         return 2
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, model_name, args.controller_address, args.worker_address,
         limit_model_concurrency=args.limit_model_concurrency,
         max_queue=args.max_queue,
-        conv_mode=conv_mode_for_checkpoint(model.config, model_name),
+        conv_mode=conv_mode_for_checkpoint(model.config),
         heart_beat_interval=args.heart_beat_interval,
         no_register=args.no_register,
         logger=logger,

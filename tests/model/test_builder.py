@@ -249,6 +249,17 @@ def test_a_dtype_by_name_loads_every_weight_in_it_and_a_wrong_name_is_refused(wo
         load_pretrained_model(world.full_dir, device="cpu", dtype="half")
 
 
+def test_torch_dtype_is_taken_as_dtype_and_a_contradicting_pair_is_refused(world):
+    """torch_dtype=, the name LLaVA-family callers and transformers < 5 use, was passed on to from_pretrained next
+    to dtype=, which transformers 5 prefers: torch_dtype=torch.float16 silently gave a float32 model."""
+    _, model, _, _ = load_pretrained_model(world.full_dir, device="cpu", torch_dtype=torch.float16)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    _, model, _, _ = load_pretrained_model(world.full_dir, device="cpu", dtype="bfloat16", torch_dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="dtype=torch.float32 and torch_dtype=torch.float16 disagree"):
+        load_pretrained_model(world.full_dir, device="cpu", dtype="float32", torch_dtype=torch.float16)
+
+
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 

@@ -132,6 +132,49 @@ def test_llava_llama_checkpoint_loads_and_generates(world, tmp_path, pixels):
     torch.testing.assert_close(_logits(auto, tokenizer, pixels), _logits(world.model, tokenizer, pixels))
 
 
+def test_llava_15_release_config_with_model_type_llava_loads_as_the_flat_format(world, tmp_path, pixels):
+    """LLaVA-1.5's release wrote ``model_type`` ``llava`` on its flat LLaMA + mm_* configs; transformers maps that to
+    its own nested LlavaConfig, and loading died in transformers with "'dict' object has no attribute 'to_dict'",
+    for full and stage-1 folders alike."""
+    config = dict(llava15_config(world), model_type="llava")
+    full = tiny.write_full_checkpoint(str(tmp_path / "full"), world.model, config, world.tokenizer_dir)
+    tokenizer, model, processor, _ = load_pretrained_model(full, device="cpu")
+    assert processor is not None and model.config.model_type == "llava_llama"
+    assert conv_mode_for_checkpoint(model.config) == "llava_v1"
+    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels),
+                               rtol=0, atol=0)
+    stage1 = tiny.write_projector_checkpoint(str(tmp_path / "stage1"), world.model, config)
+    _, from_projector, _, _ = load_pretrained_model(stage1, world.base_dir, device="cpu")
+    assert from_projector.config.model_type == "llava_llama"
+    # The projector's weights arrived (rounded through float16, as the original's stage-1 branch does).
+    for key, value in world.model.state_dict().items():
+        if key.startswith("model.mm_projector."):
+            torch.testing.assert_close(from_projector.state_dict()[key], value.half().float(), rtol=0, atol=0)
+
+
+def test_a_mobilevlm_config_loads_as_the_flat_format(world, tmp_path, pixels):
+    """MobileVLM writes ``model_type`` ``mobilevlm`` (and ``vision_tower_type``), which transformers does not know:
+    the same flat LLaMA + mm_* format as PALO's, read as such."""
+    config = dict(world.config, model_type="mobilevlm", architectures=["MobileLlamaForCausalLM"],
+                  vision_tower_type="clip")
+    folder = tiny.write_full_checkpoint(str(tmp_path / "mobilevlm"), world.model, config, world.tokenizer_dir)
+    tokenizer, model, processor, _ = load_pretrained_model(folder, device="cpu")
+    assert processor is not None and conv_mode_for_checkpoint(model.config) == "vicuna_v1"
+    torch.testing.assert_close(_logits(model, tokenizer, pixels), _logits(world.model, tokenizer, pixels),
+                               rtol=0, atol=0)
+
+
+def test_a_transformers_llava_config_is_not_read_as_the_flat_format(tmp_path):
+    """Only flat LLaMA + mm_* configs named ``llava`` are PALO's: transformers' own nested Llava config (text_config,
+    vision_config) keeps its own class."""
+    from transformers import LlavaConfig
+
+    from palo.model.builder import read_config
+
+    LlavaConfig().save_pretrained(str(tmp_path))
+    assert type(read_config(str(tmp_path))) is LlavaConfig
+
+
 # -- a released checkpoint: CLIP ViT-L/14-336 by hub id, no mm_vision_config, offline, nothing cached ---------------
 
 CLIP_L_336 = "openai/clip-vit-large-patch14-336"
@@ -247,3 +290,11 @@ def test_without_the_preset_the_released_checkpoint_cannot_load_offline(released
     monkeypatch.delitem(VISION_PRESETS, CLIP_L_336)
     with pytest.raises(VisionTowerError, match="Cannot resolve the vision tower 'openai/clip-vit-large-patch14-336'"):
         load_pretrained_model(folder, None, "PALO-7B", device="cpu")
+
+
+def test_loading_a_checkpoint_whose_select_layer_is_outside_clip_fails_naming_it(world, tmp_path):
+    """mm_vision_select_layer 4 on a 3-layer CLIP loaded and silently fed the embedding output (4 % 4 = 0)."""
+    config = dict(world.config, mm_vision_select_layer=4)
+    folder = tiny.write_full_checkpoint(str(tmp_path / "ckpt"), world.model, config, world.tokenizer_dir)
+    with pytest.raises(ValueError, match="mm_vision_select_layer=4 is outside"):
+        load_pretrained_model(folder, device="cpu")

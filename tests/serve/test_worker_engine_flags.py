@@ -44,3 +44,12 @@ def test_the_worker_refuses_bad_settings_before_loading_and_a_missing_checkpoint
     (tmp_path / "ckpt.json").write_text("{}")
     assert model_worker.main(["--model-path", str(tmp_path / "ckpt.json"), "--no-register", "--device", "cpu"]) == 2
     assert f"palo-worker: error: '{tmp_path / 'ckpt.json'}' is a file" in capsys.readouterr().err
+    # A config value the model cannot take (the loader's ValueError) is said in one line too, not a traceback.
+    bad = "mm_vision_select_layer=40 is outside the hidden states of the vision tower"
+
+    def refuses(*args, **kwargs):
+        raise ValueError(bad)
+
+    monkeypatch.setattr(builder, "load_pretrained_model", refuses)
+    assert model_worker.main(["--model-path", str(tmp_path), "--no-register", "--device", "cpu"]) == 2
+    assert f"palo-worker: error: {bad}" in capsys.readouterr().err
