@@ -314,6 +314,7 @@ class StalledClientClosingResponse(StreamingResponse):
     def __init__(self, *args: Any, logger: logging.Logger, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logger = logger
+        self.write_timeout = WRITE_TIMEOUT_S  # seconds a send may wait on the client (read now: tests lower it)
 
     async def stream_response(self, send: Any) -> None:
         async def send_in_time(message: Any) -> None:
@@ -326,7 +327,7 @@ class StalledClientClosingResponse(StreamingResponse):
                           for i in range(0, len(body), SEND_SLICE_BYTES)]
             for piece in pieces:
                 try:
-                    await asyncio.wait_for(send(piece), WRITE_TIMEOUT_S)
+                    await asyncio.wait_for(send(piece), self.write_timeout)
                 except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11, two before
                     raise _ClientStalled from None
                 # The event loop runs before the next write: a write that finds the client gone only schedules the
@@ -338,7 +339,7 @@ class StalledClientClosingResponse(StreamingResponse):
         try:
             await super().stream_response(send_in_time)
         except _ClientStalled:
-            self.logger.warning("a client read nothing for %.0f s: its stream is closed", WRITE_TIMEOUT_S)
+            self.logger.warning("a client read nothing for %.0f s: its stream is closed", self.write_timeout)
         finally:
             # However the stream ends. A client that left cancels it, and Starlette leaves the iterator as it was:
             # its finally blocks (the worker's place, the engine's job generating for nobody, the relay's upstream)

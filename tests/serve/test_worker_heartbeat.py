@@ -270,7 +270,16 @@ def test_the_controllers_relay_drops_a_client_that_stops_reading(monkeypatch):
             finally:
                 self.closed.set()
 
+    class PatientWorkerStream(serve_utils.StalledClientClosingResponse):
+        """The worker's side waits on the relay for long: under load its own 1 s could run out first (the relay
+        reads nothing while it waits on its client), and the worker, not the relay, ended the stream."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.write_timeout = 60.0
+
     monkeypatch.setattr(serve_utils, "WRITE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(worker_base, "StalledClientClosingResponse", PatientWorkerStream)
     worker = JsonFlood("m", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1, no_register=True)
     controller = controller_module.Controller("shortest_queue", 30)
     warnings: list[str] = []
