@@ -264,16 +264,49 @@ class JsonlAppender:
         self.close()
 
 
+def temp_prefix(path: str) -> str:
+    """The start of the names of ``path``'s temporary files written on this host (the writer's PID follows)."""
+    return f".{os.path.basename(path)}.partial-{socket.gethostname()}-"
+
+
+def remove_abandoned_temp_files(path: str) -> list[str]:
+    """Remove the temporary files that writers of ``path`` on this host left when they were killed (their PID is no
+    longer running): a killed merge of a 13 GB set left a 13 GB file behind, and nothing ever removed it.
+
+    Returns:
+        The files removed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix, removed = temp_prefix(path), []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) and name.endswith(".tmp") else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(folder, name))
+        except OSError:  # another run removed it first, or it is not ours to remove
+            continue
+        removed.append(os.path.join(folder, name))
+        print(f"[cleanup] removed {os.path.join(folder, name)}, left by a run that was stopped", file=sys.stderr)
+    return removed
+
+
 def atomic_write(path: str, chunks: Iterable[str] | Iterable[bytes]) -> None:
     """Write text (or bytes) to ``path`` through a temp file in the same folder and ``os.replace``: never half a
     file.
 
     The temp file is unique (``mkstemp``), so two writers of the same path do not clobber each other's temp file,
-    and it is removed again when writing fails. The folder is created.
+    and it is removed again when writing fails. It is named after this host and process, so the next write of
+    ``path`` removes it when this one is killed (:func:`remove_abandoned_temp_files`). The folder is created.
     """
+    remove_abandoned_temp_files(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = mkstemp_shared(folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = mkstemp_shared(folder, prefix=f"{temp_prefix(path)}{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import collections
+import heapq
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -103,61 +105,129 @@ def _check_image(path: str) -> tuple[str | None, list[str]]:
         return None, read_differently(image)
 
 
+# Image checks queued at most, per worker: enough to keep every worker busy while samples are read, and few enough
+# that memory stays flat however large the set (Executor.map submitted one Future per image up front: ~2.4 KB each).
+_QUEUED_PER_WORKER = 4
+
+
+def _bounded_map(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterable[tuple[Any, Any]], limit: int
+                 ) -> Iterator[tuple[Any, Any]]:
+    """``(key, fn(arg))`` for each ``(key, arg)`` of ``items``, in order, with at most ``limit`` calls queued or
+    running: ``items`` is consumed only as results are taken."""
+    pending: collections.deque = collections.deque()
+    for key, arg in items:
+        pending.append((key, pool.submit(fn, arg)))
+        if len(pending) >= limit:
+            key, future = pending.popleft()
+            yield key, future.result()
+    while pending:
+        key, future = pending.popleft()
+        yield key, future.result()
+
+
+class _Problems:
+    """The problems of a check: all counted, only the ``keep`` first by sample index held (a set where every image
+    is missing would otherwise hold one dict per sample)."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep, self.count, self._heap, self._seq = keep, 0, [], 0
+
+    def add(self, index: int, sample_id: Any, problem: str) -> None:
+        self.count += 1
+        self._seq += 1
+        # A max-heap on (index, arrival) through negation: the worst kept problem is popped when one more is found.
+        heapq.heappush(self._heap, (-index, -self._seq, {"index": index, "id": sample_id, "problem": problem}))
+        if len(self._heap) > self.keep:
+            heapq.heappop(self._heap)
+
+    def first(self) -> list[dict[str, Any]]:
+        return [problem for _, _, problem in sorted(self._heap, key=lambda item: (-item[0], -item[1]))]
+
+
+def _image_problem(image: Any) -> str | None:
+    """Why an ``image`` value names no single file (as training refuses it), or None."""
+    if isinstance(image, (list, tuple, dict)) or image is None:
+        return (f"'image' must be one file name, not {type(image).__name__} {str(image)[:80]}: PALO trains on one "
+                "image per sample")
+    return None
+
+
 def _validate(args: argparse.Namespace) -> int:
     from palo.train.preprocess import BadSampleError, check_turns
 
     index = JsonArrayIndex.build(args.data_path)
     languages: collections.Counter[str] = collections.Counter()
-    problems: list[dict[str, Any]] = []
-    images: list[tuple[int, Any, str]] = []
-    corrupt = text_only = 0
+    problems = _Problems(args.max_problems)
+    counts = collections.Counter(corrupt=0, text_only=0, image_samples=0)
     # Images the original read otherwise (palo/image_io.py): a reproduction can see how much of its data that touches.
     read_differently: collections.Counter[str] = collections.Counter(
         {"exif_orientation": 0, "transparency": 0, "16_bit": 0, "pad_scaled": 0})
-    for i in tqdm(range(len(index)), desc="samples", unit="sample", disable=args.quiet):
-        try:
-            sample = index.read(i)
-        except ValueError as exc:  # one problem among the others, not the end of the check
-            problems.append({"index": i, "id": None, "problem": str(exc)})
-            continue
-        sample_id = sample.get("id") if isinstance(sample, dict) else None
-        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
-            problems.append({"index": i, "id": sample_id, "problem": "no 'conversations' list"})
-            continue
-        if sample.get("corrupt"):
-            corrupt += 1
-            continue
-        languages[sample_language(sample)] += 1
-        try:
-            check_turns(sample["conversations"], "image" in sample)
-        except BadSampleError as exc:
-            problems.append({"index": i, "id": sample_id, "problem": str(exc)})
-        if "image" in sample:
-            images.append((i, sample_id, os.path.join(args.image_folder or "", str(sample["image"]))))
-        else:
-            text_only += 1
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        results = pool.map(_check_image, [path for _, _, path in images])
-        for (i, sample_id, _), (error, notes) in tqdm(zip(images, results), total=len(images), desc="images",
-                                                      unit="image", disable=args.quiet):
+
+    def image_paths() -> Iterator[tuple[tuple[int, Any], str]]:
+        """The samples, checked one by one; yields the image files to check, which the pool checks meanwhile."""
+        for i in tqdm(range(len(index)), desc="samples", unit="sample", disable=args.quiet):
+            try:
+                sample = index.read(i)
+            except ValueError as exc:  # one problem among the others, not the end of the check
+                problems.add(i, None, str(exc))
+                continue
+            sample_id = sample.get("id") if isinstance(sample, dict) else None
+            if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+                problems.add(i, sample_id, "no 'conversations' list")
+                continue
+            if sample.get("corrupt"):
+                counts["corrupt"] += 1
+                continue
+            languages[sample_language(sample)] += 1
+            try:
+                check_turns(sample["conversations"], "image" in sample)
+            except BadSampleError as exc:
+                problems.add(i, sample_id, str(exc))
+            if "image" not in sample:
+                counts["text_only"] += 1
+                continue
+            counts["image_samples"] += 1
+            wrong = _image_problem(sample["image"])
+            if wrong:
+                problems.add(i, sample_id, wrong)
+                continue
+            yield (i, sample_id), os.path.join(args.image_folder or "", str(sample["image"]))
+
+    workers = max(1, args.workers)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (i, sample_id), (error, notes) in _bounded_map(pool, _check_image, image_paths(),
+                                                           workers * _QUEUED_PER_WORKER):
             if error:
-                problems.append({"index": i, "id": sample_id, "problem": error})
+                problems.add(i, sample_id, error)
             read_differently.update(notes)
     report = {
         "samples": len(index),
-        "corrupt_filtered": corrupt,
-        "image_samples": len(images),
-        "text_only_samples": text_only,
+        "corrupt_filtered": counts["corrupt"],
+        "image_samples": counts["image_samples"],
+        "text_only_samples": counts["text_only"],
         "languages": dict(languages.most_common()),
         "images_read_unlike_the_original": dict(read_differently),
-        "problems": len(problems),
+        "problems": problems.count,
     }
     print(json.dumps(report, ensure_ascii=False, indent=2))
-    for problem in problems[: args.max_problems]:
+    for problem in problems.first():
         print(json.dumps(problem, ensure_ascii=False), file=sys.stderr)
-    if len(problems) > args.max_problems:
-        print(f"... and {len(problems) - args.max_problems} more problems", file=sys.stderr)
-    return 1 if problems else 0
+    if problems.count > args.max_problems:
+        print(f"... and {problems.count - args.max_problems} more problems", file=sys.stderr)
+    return 1 if problems.count else 0
+
+
+def _count_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer no smaller than ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="counts per language, bad images, malformed turns")
     validate.add_argument("--data_path", required=True)
     validate.add_argument("--image_folder", default="")
-    validate.add_argument("--workers", type=int, default=8)
-    validate.add_argument("--max_problems", type=int, default=50)
+    validate.add_argument("--workers", type=_count_at_least(1), default=8)
+    validate.add_argument("--max_problems", type=_count_at_least(0), default=50, help="problems listed (all counted)")
     validate.add_argument("--quiet", action="store_true", help="no progress bars")
     validate.set_defaults(func=_validate)
     from palo.data import stats

@@ -187,15 +187,20 @@ class JsonArrayIndex:
         Raises:
             IndexError: ``i`` is out of range.
             DataFileChangedError: The file changed since it was indexed.
-            ValueError: The element is not valid JSON, naming the file, the element and the byte.
+            ValueError: The element is not valid JSON (or nested deeper than Python's recursion limit), naming the
+                file, the element and the byte.
         """
         raw = self.read_raw(i)
         try:
             return json.loads(raw)
-        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, or nested too deep
             self._check_unchanged(self._handle().fileno())  # edited in place under this process's open handle
-            where = int(self.offsets[i]) + getattr(exc, "pos", 0)
-            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+            if isinstance(exc, RecursionError):  # a traceback otherwise, from every tool that reads the sample
+                where, why = int(self.offsets[i]), "nested too deeply"
+            elif isinstance(exc, UnicodeDecodeError):  # .start is where the bad byte is (it has no .pos)
+                where, why = int(self.offsets[i]) + exc.start, "not UTF-8 text"
+            else:
+                where, why = int(self.offsets[i]) + getattr(exc, "pos", 0), getattr(exc, "msg", str(exc))
             raise ValueError(f"{self.path}: sample {i % len(self)} (byte {where}) is not valid JSON: {why}") from None
 
     def close(self) -> None:

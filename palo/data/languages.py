@@ -7,7 +7,14 @@ Chinese, Cyrillic Russian, Devanagari Hindi, Bengali Bengali. Arabic script is U
 outnumber letters only Arabic uses, else Arabic. Latin script is English, Spanish or French, told apart by diacritics
 and short stopword lists. Any other script (Hangul, Thai, Greek, Hebrew, ...) or no letters at all gives ``"other"``.
 
-Letters are counted with a few compiled regular expressions (C speed) rather than a Python loop over characters.
+Scripts are not weighed letter for letter: a Han or Kana character carries about a word, so it counts twice, and a
+Devanagari or Bengali vowel sign counts beside its consonant (a syllable spelt with two or three Latin letters is one
+letter and one or two signs). Latin text inside quotation marks within text in another of PALO's scripts (a sign or
+a product name an answer quotes) does not decide the language. A training sample that ``palo-data merge`` labelled
+(``"language": "hindi"``) is taken at its label.
+
+Letters are counted with a few compiled regular expressions (C speed) rather than a Python loop over characters, and
+text that is all ASCII (most English) skips the script counts altogether.
 """
 
 from __future__ import annotations
@@ -50,8 +57,24 @@ _SCRIPTS = {
     "arabic": _ARABIC,
     "latin": _LATIN,
 }
-_SCRIPT_RE = {name: re.compile(f"(?={_LETTER})[{ranges}]") for name, ranges in _SCRIPTS.items()}
+# The range first, the letter test behind it: most characters fail the cheap range test and never get to the other.
+_SCRIPT_RE = {name: re.compile(f"[{ranges}](?<={_LETTER})") for name, ranges in _SCRIPTS.items()}
 _LETTER_RE = re.compile(_LETTER)
+
+# What detect_language weighs (the letter patterns above stay as they are: translate's script-share check uses them).
+# Devanagari and Bengali letters together with their vowel signs and viramas (categories Mn/Mc, not letters): the
+# ranges hold no digits or punctuation (the dandas and digits start at U+0964 and U+09E6).
+_SCRIPT_UNITS_RE = {
+    "devanagari": re.compile("[\u0900-\u0963\u0971-\u097f\ua8e0-\ua8f7\ua8fd-\ua8ff]"),
+    "bengali": re.compile("[\u0980-\u09e3\u09f0\u09f1\u09fc\u09fe]"),
+}
+# A Han or Kana character stands for about a word, which Latin spells with several letters: weighed letter for
+# letter, "iPhone" and "MacBook Pro" outweighed a whole Chinese sentence around them.
+_WEIGHT = {"kana": 2, "han": 2}
+# Quoted spans on one line: "...", “...”, «...», „...“, 「...」, 『...』. Straight single quotes are left alone
+# (they are apostrophes as often as quotes).
+_QUOTED = re.compile('"[^"\n]*"|“[^”\n]*”|«[^»\n]*»|„[^“”\n]*[“”]|「[^」\n]*」|『[^』\n]*』')
+_ASCII_LETTER = re.compile("[A-Za-z]")
 
 # Arabic script: letters that only Urdu uses among PALO's languages, and Arabic letters that Urdu replaces.
 # Urdu writes kaf as keheh (ک U+06A9), yeh as farsi yeh (ی U+06CC) or yeh barree (ے U+06D2), heh as heh goal
@@ -106,10 +129,28 @@ def _latin_language(text: str) -> str:
     raise AssertionError("unreachable")
 
 
-def detect_language(text: str) -> str:
-    """The PALO language of ``text``, decided by the script with the most letters.
+def _script_counts(text: str) -> dict[str, int]:
+    """Weighed letters per script (``cjk`` for Han and Kana together, ``kana`` for Kana alone, ``other``)."""
+    counts = {name: _count(pattern, text) for name, pattern in _SCRIPT_RE.items()}
+    counts["other"] = _count(_LETTER_RE, text) - sum(counts.values())
+    for name in ("devanagari", "bengali"):
+        if counts[name]:  # letters and vowel signs (no letters: no signs worth counting)
+            counts[name] = _count(_SCRIPT_UNITS_RE[name], text)
+    # Japanese mixes Kana with Han; the two count together against the other scripts.
+    counts["cjk"] = _WEIGHT["kana"] * counts["kana"] + _WEIGHT["han"] * counts.pop("han")
+    return counts
 
-    ``<image>`` placeholders, digits, punctuation and whitespace are ignored.
+
+def _best_script(counts: dict[str, int]) -> str:
+    return max((name for name in counts if name != "kana"), key=counts.__getitem__)
+
+
+def detect_language(text: str) -> str:
+    """The PALO language of ``text``, decided by the script with the most (weighed) letters.
+
+    ``<image>`` placeholders, digits, punctuation and whitespace are ignored. Han and Kana count twice, Indic vowel
+    signs count, and Latin text in quotation marks inside text in another PALO script is left out (see the module
+    docstring).
 
     Args:
         text: Any text, e.g. one turn of a conversation.
@@ -119,16 +160,22 @@ def detect_language(text: str) -> str:
         "arabic", "hindi", "bengali", "urdu"), or ``"other"`` for other scripts and for text without letters.
     """
     text = text.replace(DEFAULT_IMAGE_TOKEN, " ")
-    counts = {name: _count(pattern, text) for name, pattern in _SCRIPT_RE.items()}
-    counts["other"] = _count(_LETTER_RE, text) - sum(counts.values())
-    # Japanese mixes Kana with Han; the two count together against the other scripts.
-    kana = counts.pop("kana")
-    counts["cjk"] = kana + counts.pop("han")
-    script = max(counts, key=counts.__getitem__)
+    if text.isascii():  # most of the data (English): only Latin letters can be in it, no script counts needed
+        return _latin_language(text) if _ASCII_LETTER.search(text) else OTHER
+    counts = _script_counts(text)
+    script = _best_script(counts)
+    if script == "latin" and any(counts[name] for name in ("cjk", "cyrillic", "devanagari", "bengali", "arabic")):
+        # Latin winning over another PALO script may be a quoted sign or name ("Welcome to Central Park"): the
+        # language is that of the text around the quotation, when the rest still has letters.
+        unquoted = _QUOTED.sub(" ", text)
+        if unquoted != text:
+            rest = _script_counts(unquoted)
+            if _best_script(rest) not in ("latin", "other") and rest[_best_script(rest)]:
+                text, counts, script = unquoted, rest, _best_script(rest)
     if counts[script] == 0:
         return OTHER
     if script == "cjk":
-        return "japanese" if kana else "chinese"
+        return "japanese" if counts["kana"] else "chinese"
     if script == "arabic":
         return "urdu" if _count(_URDU_MARKS, text) > _count(_ARABIC_MARKS, text) else "arabic"
     if script == "latin":
@@ -137,7 +184,8 @@ def detect_language(text: str) -> str:
 
 
 def sample_language(sample: dict[str, Any]) -> str:
-    """The PALO language of a training sample (docs/formats.md §5.1), from all its conversation turns together.
+    """The PALO language of a training sample (docs/formats.md §5.1): its ``language`` label when it has one of
+    :data:`LANGUAGES` (``palo-data merge`` writes it), else detected from all its conversation turns together.
 
     Args:
         sample: A dict with ``conversations``, a list of ``{"from": ..., "value": ...}`` turns.
@@ -145,6 +193,9 @@ def sample_language(sample: dict[str, Any]) -> str:
     Returns:
         As :func:`detect_language`; ``"other"`` when there is no text.
     """
+    # merge knows which translation a sample is; detection can only guess (a quoted English sign in a Hindi answer).
+    if sample.get("language") in LANGUAGES:
+        return sample["language"]
     values = [turn.get("value") for turn in sample.get("conversations") or () if isinstance(turn, dict)]
     return detect_language("\n".join(v for v in values if isinstance(v, str)))
 

@@ -3,17 +3,22 @@
 Each translated sample becomes a training sample whose ``conversations`` are the translated turns, with the English
 kept under ``english_conversations`` and the language under ``language``; the ``<language>_conversation`` copy is
 dropped (it would double the size of a file that is already 13 GB at PALO scale, and the trainer ignores it).
-Samples flagged ``corrupt`` are left out unless ``--keep_corrupt`` (the trainer would drop them anyway). Everything
-is shuffled with ``random.Random(seed)``: the same inputs and seed give the same file, byte for byte.
+Samples flagged ``corrupt`` (English ones too) are left out unless ``--keep_corrupt`` (the trainer would drop them
+anyway), and so are samples of a translated set that were never translated (no ``<language>_conversation``); the
+two are counted apart. ``--image_prefix`` is put before relative image paths only. Everything is shuffled with
+``random.Random(seed)``: the same inputs and seed give the same file, byte for byte.
 
 The inputs are never loaded whole (at PALO scale they are about 2M samples, tens of GB as Python objects): each is
 indexed by byte offset (:class:`~palo.data.sample_file.SampleFile`), the shuffle permutes positions, and the
-output is written one sample at a time, read back from its input.
+output is written one sample at a time, read back from its input. Every sample is checked in the first pass, so a
+broken one stops the merge before the (hours-long) write rather than in the middle of it. The output is written
+atomically; the temporary file of a killed merge is removed by the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from collections import Counter
@@ -36,9 +41,25 @@ def to_training(sample: dict[str, Any], language: str, image_prefix: str = "") -
     out["english_conversations"] = sample["conversations"]
     out["conversations"] = sample[conversation_key(language)]
     out["language"] = language
-    if image_prefix and "image" in out:
+    # An absolute path already names the file (training joins it to the image folder, which keeps it as it is).
+    if image_prefix and "image" in out and not os.path.isabs(str(out["image"])):
         out["image"] = image_prefix.rstrip("/") + "/" + str(out["image"])
     return out
+
+
+def _check_sample(sample: dict[str, Any], keys: tuple[str, ...], where: str, image_prefix: str) -> None:
+    """Refuse, naming the sample, what the write pass could not turn into a training sample.
+
+    Raises:
+        ValueError: A key of ``keys`` that is not a list of turns, or (with a prefix) an ``image`` that is not one
+            file name.
+    """
+    for key in keys:
+        if not isinstance(sample.get(key), list):
+            raise ValueError(f"{where} has no '{key}' list")
+    image = sample.get("image")
+    if image_prefix and "image" in sample and (not isinstance(image, (str, int)) or isinstance(image, bool)):
+        raise ValueError(f"{where}: 'image' must be one file name, not {type(image).__name__} {str(image)[:80]}")
 
 
 def merge_files(english_path: str, translated_paths: list[str], output: str, seed: int = 0,
@@ -56,11 +77,12 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
             which stores bare file names; the original's ``--append_coco``).
 
     Returns:
-        Per-language counts (``kept`` and ``corrupt_dropped``).
+        Per-language counts: ``kept``, ``corrupt_dropped`` and (translated sets) ``untranslated_dropped``.
 
     Raises:
-        ValueError: Naming the flag and file: an input that cannot be read as a JSON array of samples, or a
-            translated set without a ``<language>_conversation`` key.
+        ValueError: Naming the flag and file: an input that cannot be read as a JSON array of samples, a
+            translated set without a ``<language>_conversation`` key, or a kept sample without its turns (or, with
+            ``image_prefix``, with an ``image`` that is not one file name).
     """
     inputs = [english_path, *translated_paths]
     for i, path in enumerate(inputs):
@@ -69,11 +91,20 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         if any(same_file(path, other) for other in inputs[:i]):
             raise ValueError(f"{path} is given twice: its samples would be merged twice")
     sets = [SampleFile(english_path, "--data_path")] + [SampleFile(path, "--translated") for path in translated_paths]
-    counts: dict[str, Counter] = {"english": Counter(kept=len(sets[0]))}
+    english = Counter(kept=0, corrupt_dropped=0)
+    counts: dict[str, Counter] = {"english": english}
     languages: list[str | None] = [None]
-    chosen: list[tuple[int, int]] = [(0, i) for i in range(len(sets[0]))]  # (set, sample), before the shuffle
+    chosen: list[tuple[int, int]] = []  # (set, sample), before the shuffle
+    for i in range(len(sets[0])):  # the English set, checked like the others: a broken sample stops it now
+        sample = sets[0][i]
+        _check_sample(sample, ("conversations",), f"--data_path {sets[0].path}: sample {i}", "")
+        if sample.get("corrupt") and not keep_corrupt:
+            english["corrupt_dropped"] += 1
+            continue
+        chosen.append((0, i))
+        english["kept"] += 1
     for k, samples in enumerate(sets[1:], start=1):
-        language, kept = None, 0
+        language, kept, corrupt, untranslated = None, 0, 0, 0
         for i in range(len(samples)):  # the filter pass: decides what is kept, keeps nothing but positions
             sample = samples[i]
             own = translated_language(sample)
@@ -81,9 +112,14 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
                 raise ValueError(f"--translated {samples.path}: sample {i} is {own}, the set's earlier samples are "
                                  f"{language}: give each language's set as its own --translated file")
             language = language or own
-            if language is None or conversation_key(language) not in sample or (
-                    sample.get("corrupt") and not keep_corrupt):
+            if own is None:  # never translated (left out of a partial run): not a corrupt translation
+                untranslated += 1
                 continue
+            if sample.get("corrupt") and not keep_corrupt:
+                corrupt += 1
+                continue
+            _check_sample(sample, ("conversations", conversation_key(language)),
+                          f"--translated {samples.path}: sample {i}", image_prefix)
             chosen.append((k, i))
             kept += 1
         if language is None:
@@ -91,7 +127,8 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
                              "translate?)")
         counter = counts.setdefault(language, Counter())
         counter["kept"] += kept
-        counter["corrupt_dropped"] += len(samples) - kept
+        counter["corrupt_dropped"] += corrupt
+        counter["untranslated_dropped"] += untranslated
         languages.append(language)
     random.Random(seed).shuffle(chosen)
 
@@ -116,8 +153,9 @@ def main_merge(args: argparse.Namespace) -> int:
         print(f"error: cannot write --output {args.output}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     for language, counter in counts.items():
-        print(f"{language:10s} {counter['kept']:>9d} samples"
-              + (f"  ({counter['corrupt_dropped']} corrupt dropped)" if counter["corrupt_dropped"] else ""))
+        dropped = [f"{counter[key]} {what} dropped" for key, what in
+                   (("corrupt_dropped", "corrupt"), ("untranslated_dropped", "untranslated")) if counter[key]]
+        print(f"{language:10s} {counter['kept']:>9d} samples" + (f"  ({', '.join(dropped)})" if dropped else ""))
     print(f"{'total':10s} {sum(c['kept'] for c in counts.values()):>9d} samples -> {args.output}")
     return 0
 

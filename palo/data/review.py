@@ -7,9 +7,13 @@
 
 The reviewer writes the right translation into ``corrected`` (leaving it null keeps the turn rejected). A
 correction replaces turn ``turn`` of ``<language>_conversation`` in sample ``index``; ``<image>`` is put back at the
-front of the turn when the English turn had one and the correction left it out. A sample whose every rejected turn
-is corrected gets ``corrupt: false``. When the translate run's ``<language>.progress.jsonl`` sits next to the data
-file, the corrected samples are appended to it too, so a later ``palo-data translate`` rerun keeps the corrections.
+front of the turn when the English turn had one and the correction left it out; a correction that adds ``<image>``
+to a turn whose English has none is refused (training would reject the sample). A sample whose every rejected turn
+is corrected gets ``corrupt: false``. Which turns were rejected comes from the translate run's
+``<language>.progress.jsonl`` (``--progress``, by default next to the data file) as well as from the review file, so
+a review file split between reviewers clears a sample only once all its rejected turns are corrected; without that
+log only the review file's lines are known, and a note says so. The corrected samples are appended to the log too,
+so a later ``palo-data translate`` rerun keeps the corrections. ``--output`` may not be the review file or the log.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.data.sample_file import SampleFile
-from palo.data.translate import conversation_key, join_image, source_hash, split_image
-from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_jsonl
+from palo.data.translate import check_translation, conversation_key, join_image, mask, source_hash, split_image
+from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_jsonl, same_file
 
 
 def correction(entry: dict[str, Any]) -> str | None:
@@ -42,28 +46,33 @@ def correction(entry: dict[str, Any]) -> str | None:
     return text if text and text.strip() else None
 
 
-def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str, Any]]
-                      ) -> tuple[dict[str, int], dict[int, dict[str, Any]]]:
+def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str, Any]],
+                      rejected: dict[int, list[dict[str, Any]]] | None = None
+                      ) -> tuple[dict[str, int], dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]]]:
     """Apply review entries to the samples they name.
 
     Args:
         samples: The translated set (``<language>_conversation`` and ``corrupt`` in each sample): a list, or a
             :class:`~palo.data.sample_file.SampleFile` that reads each sample when it is asked for.
         entries: Review lines; those with a null or empty ``corrected`` are skipped.
+        rejected: The review entries the translate run recorded per sample index (its progress log), i.e. every
+            turn still rejected; None when there is no log: the turns of a corrupt sample that ``entries`` do not
+            correct are then put through translate's quality check again, and any that fails keeps it corrupt.
 
     Returns:
-        A report (corrected turns, samples cleared, samples still corrupt) and the corrected samples by index
-        (copies: ``samples`` is not changed).
+        A report (corrected turns, samples cleared, samples still corrupt), the corrected samples by index (copies:
+        ``samples`` is not changed), and per corrected sample the review entries of its turns still rejected.
 
     Raises:
-        ValueError: When an entry points at a sample or turn that does not exist or whose English differs, or
-            its ``corrected`` is neither a string nor null.
+        ValueError: When an entry points at a sample or turn that does not exist or whose English differs, its
+            ``corrected`` is neither a string nor null, or it puts ``<image>`` into a turn whose English has none.
     """
     by_sample: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         by_sample[int(entry["index"])].append(entry)
     corrected = cleared = pending = 0
     fixed: dict[int, dict[str, Any]] = {}
+    still_open: dict[int, list[dict[str, Any]]] = {}
     for index, group in sorted(by_sample.items()):
         if not 0 <= index < len(samples):
             raise ValueError(f"review entry for sample {index}, but the set has {len(samples)} samples")
@@ -72,7 +81,7 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
         turns = sample.get(key)
         if not isinstance(turns, list):
             raise ValueError(f"sample {index} has no '{key}'")
-        open_turns = 0
+        done: set[int] = set()
         for entry in group:
             k = int(entry["turn"])
             english = sample["conversations"][k]["value"] if k < len(sample.get("conversations", [])) else None
@@ -81,52 +90,124 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
                                  "(was the review file made from another input?)")
             text = correction(entry)
             if text is None:
-                open_turns += 1
                 continue
             _, images = split_image(english)
+            if not images and DEFAULT_IMAGE_TOKEN in text:
+                # Training takes <image> only where the English has it: the sample would be refused, or its image
+                # spliced into an answer.
+                raise ValueError(f"sample {index} turn {k}: the correction adds {DEFAULT_IMAGE_TOKEN}, which the "
+                                 "English turn does not have; remove it")
             if images and DEFAULT_IMAGE_TOKEN not in text:
                 text = join_image(text.strip(), images)
             elif images:
                 text = join_image(split_image(text)[0], images)  # normalise: placeholders at the front
             turns[k] = {**turns[k], "value": text}
             corrected += 1
-        if open_turns:
+            done.add(k)
+        # Every turn translate rejected must be corrected, not only those this review file lists (it may be one
+        # reviewer's share of the file): the rest are still the rejected attempts.
+        known = list((rejected or {}).get(index, [])) + [e for e in group if correction(e) is None]
+        if rejected is None and sample.get("corrupt"):
+            # No log to say which turns translate rejected: check again the turns this file does not correct.
+            listed = {int(e["turn"]) for e in group}
+            known += [{"language": group[0]["language"], "index": index, "id": sample.get("id"), "turn": k,
+                       "from": turn.get("from"), "source": sample["conversations"][k]["value"],
+                       "translation": turn.get("value"), "problems": problems, "corrected": None}
+                      for k, turn in enumerate(turns) if k not in listed
+                      and (problems := _recheck(sample, k, group[0]["language"]))]
+        open_entries, seen = [], set()
+        for entry in known:
+            k = int(entry["turn"])
+            if k not in done and k not in seen:
+                seen.add(k)
+                open_entries.append(entry)
+        if open_entries:
             pending += 1
         else:
             sample["corrupt"] = False
             cleared += 1
         fixed[index] = sample
-    return {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending}, fixed
+        still_open[index] = open_entries
+    report = {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending}
+    return report, fixed, still_open
+
+
+def _recheck(sample: dict[str, Any], k: int, language: str) -> list[str]:
+    """Translate's quality check of turn ``k`` of a translated sample, as stored (spans and ``<image>`` restored).
+
+    Returns:
+        The problems (empty when the turn passes); a turn that is not a translated string is a problem itself.
+    """
+    english = sample.get("conversations", [])
+    turn = sample[conversation_key(language)][k]
+    if k >= len(english) or not isinstance(english[k], dict) or not isinstance(english[k].get("value"), str):
+        return []  # nothing was translated here
+    if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+        return ["not a translated text"]
+    source, translation = mask(split_image(english[k]["value"])[0]), mask(split_image(turn["value"])[0])
+    if not source.text.strip():
+        return []
+    return check_translation(source.text, translation.text, language, len(source.spans))
+
+
+def _progress_path(args: argparse.Namespace) -> str | None:
+    """The translate resume log: ``--progress``, else ``<data_path stem>.progress.jsonl`` when it exists."""
+    if args.progress is not None:
+        return args.progress
+    if args.data_path.endswith(".json"):
+        candidate = args.data_path[: -len(".json")] + ".progress.jsonl"
+        return candidate if os.path.exists(candidate) else None
+    return None
+
+
+def _logged(progress: str, indices: set[int]) -> tuple[dict[int, Any], dict[int, list[dict[str, Any]]]]:
+    """The hash and the still-rejected review entries of the last log record of each of ``indices``."""
+    hashes: dict[int, Any] = {}
+    rejected: dict[int, list[dict[str, Any]]] = {}
+    for _, record in iter_log(progress):
+        if not isinstance(record, dict) or "index" not in record or int(record["index"]) not in indices:
+            continue
+        index = int(record["index"])
+        hashes[index] = record.get("hash")
+        review = record.get("review")
+        rejected[index] = [e for e in review if isinstance(e, dict) and "turn" in e] if isinstance(review, list) else []
+    return hashes, rejected
 
 
 def main_apply_review(args: argparse.Namespace) -> int:
     """Entry point of ``palo-data apply-review``."""
+    output = args.output or args.data_path
+    progress = _progress_path(args)
+    # The output replaces whatever file it names: the reviewer's work, or the log a translate rerun resumes from.
+    for flag, path in (("--review", args.review), ("--progress", progress)):
+        if path and same_file(output, path):
+            print(f"error: --output {output} is also the {flag} file: write the set elsewhere", file=sys.stderr)
+            return 2
     # One sample at a time (its ValueError is palo-data's error line): only the corrected ones are held.
     samples = SampleFile(args.data_path, "--data_path")
     # Strict: a person edited this file, and a typo must name its line rather than silently drop what follows it.
     entries = [record.data for record in read_jsonl(args.review, required=("index", "language", "turn"))]
     try:
-        report, fixed = apply_corrections(samples, entries)
+        indices = {int(e["index"]) for e in entries}
+        hashes, rejected = _logged(progress, indices) if progress else ({}, None)
+        report, fixed, still_open = apply_corrections(samples, entries, rejected)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {args.review}: {exc}", file=sys.stderr)
         return 2
+    if rejected is None and report["samples_still_corrupt"]:
+        print(f"note: no translate progress log (--progress) for {args.data_path}: turns the review file does not "
+              "correct were checked again, and samples with a turn that fails stay corrupt", file=sys.stderr)
     # Keep the translate run's resume log in step, so a rerun rebuilds the set with the corrections in it.
-    progress = args.progress
-    if progress is None and args.data_path.endswith(".json"):
-        candidate = args.data_path[: -len(".json")] + ".progress.jsonl"
-        progress = candidate if os.path.exists(candidate) else None
     if progress and fixed:
-        old = {int(r["index"]): r.get("hash") for _, r in iter_log(progress) if isinstance(r, dict) and "index" in r}
         # The appender first cuts a torn last line (a killed translate run), so the corrections start a line of
         # their own instead of being glued to the torn one, where a resume would cut them off.
         with JsonlAppender(progress) as log:
             for index in fixed:
-                review = [e for e in entries if int(e["index"]) == index and correction(e) is None]
-                log.write({"index": index, "hash": old.get(index) or source_hash(fixed[index]),
-                           "sample": fixed[index], "review": review})
+                log.write({"index": index, "hash": hashes.get(index) or source_hash(fixed[index]),
+                           "sample": fixed[index], "review": still_open[index]})
     # After the log: a run killed between the two leaves the corrections where a rerun of either command finds them.
-    output = args.output or args.data_path
-    # Every sample is read before the new file replaces the old one (in place by default).
+    # Every sample is read before the new file replaces the old one (in place by default); the temporary file of a
+    # killed run is removed by the next one.
     atomic_write_json(output, (fixed[i] if i in fixed else samples[i] for i in range(len(samples))))
     report["output"] = output
     print(json.dumps(report, ensure_ascii=False, indent=2))

@@ -228,6 +228,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the JSON instead of the markdown table")
 
 
+def _input_files(paths: list[str]) -> Iterator[str]:
+    """Every file ``--questions`` names: the files given, and every file inside a bench folder given."""
+    for path in paths:
+        if os.path.isdir(path):
+            for root, _, names in os.walk(path):
+                yield from (os.path.join(root, name) for name in names)
+        else:
+            yield path
+
+
 def main_stats(args: argparse.Namespace) -> int:
     from palo.data.json_index import JsonArrayIndex
     from palo.jsonl import JsonlError
@@ -240,9 +250,10 @@ def main_stats(args: argparse.Namespace) -> int:
             print(f"error: --out {args.out!r} must be a path prefix such as stats/report (it names the files "
                   "report.md, .json and .png)", file=sys.stderr)
             return 2
-        clash = next((o for o in outputs if same_file(o, args.data_path)), None)
+        inputs = [("--data_path", args.data_path)] + [("--questions", path) for path in _input_files(args.questions)]
+        clash = next(((o, flag) for o in outputs for flag, path in inputs if same_file(o, path)), None)
         if clash:
-            print(f"error: --out {args.out} would write {clash}, which is --data_path", file=sys.stderr)
+            print(f"error: --out {args.out} would write {clash[0]}, which is {clash[1]}", file=sys.stderr)
             return 2
     try:
         tokenizer = load_tokenizer(resolve_checkpoint_dir(args.model_name_or_path))

@@ -38,7 +38,7 @@ from palo.train.preprocess import BadSampleError, build_supervised_example
 logger = logging.getLogger(__name__)
 
 LANGUAGE_NAMES = (*LANGUAGES, "other")
-_META_VERSION = 2
+_META_VERSION = 3  # 3: languages from merge's label and the reweighed detector (palo.data.languages)
 
 
 class OverLengthSample(BadSampleError):

@@ -107,3 +107,70 @@ def test_validate_counts_the_images_read_unlike_the_original(data, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images_read_unlike_the_original"] == {
         "exif_orientation": 1, "transparency": 2, "16_bit": 1, "pad_scaled": 1}
+
+
+def _validate_in_process(tmp_path, samples, *flags):
+    from palo.data.cli import main
+
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps(samples), encoding="utf-8")
+    return main(["validate", "--data_path", str(path), "--image_folder", str(tmp_path), "--quiet", *flags])
+
+
+def test_validate_keeps_only_a_bounded_number_of_image_checks_queued(tmp_path, monkeypatch, capsys):
+    """Executor.map submitted one image check per image sample up front (about 2.4 KB each, several GB for PALO's
+    2M samples); the checks must be queued a few per worker while the samples are read."""
+    import threading
+
+    from palo.data import cli
+    from palo.data.json_index import JsonArrayIndex
+
+    reads, checked, ahead = [0], [0], []
+    lock = threading.Lock()
+    real_read = JsonArrayIndex.read
+
+    def counting_read(self, i):
+        with lock:
+            reads[0] += 1
+        return real_read(self, i)
+
+    def fake_check(path):
+        with lock:
+            ahead.append(reads[0] - checked[0])  # samples read but not yet checked, when this check starts
+            checked[0] += 1
+        return (f"{path}: broken" if path.endswith("7.jpg") else None), []
+
+    monkeypatch.setattr(JsonArrayIndex, "read", counting_read)
+    monkeypatch.setattr(cli, "_check_image", fake_check)
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    samples = [{"id": i, "image": f"{i}.jpg", "conversations": turns} for i in range(400)]
+    assert _validate_in_process(tmp_path, samples, "--workers", "2", "--max_problems", "3") == 1
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["image_samples"] == 400 and report["problems"] == 40 and checked[0] == 400
+    assert max(ahead) <= 4 * 2 * cli._QUEUED_PER_WORKER, max(ahead)
+    # Only --max_problems problems are held and listed, the lowest sample indices first; the rest are counted.
+    listed = [json.loads(line)["index"] for line in out.err.splitlines() if line.startswith("{")]
+    assert listed == [7, 17, 27] and "... and 37 more problems" in out.err
+
+
+def test_validate_names_an_image_that_is_not_one_file_name(tmp_path, capsys):
+    """A list or null "image" was reported as "['a.jpg', 'a.jpg']: no such image file" / "None: no such image
+    file"; training refuses it as not one file name."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    samples = [{"id": "list", "image": ["a.jpg", "a.jpg"], "conversations": turns},
+               {"id": "null", "image": None, "conversations": turns},
+               {"id": "fine", "image": "a.jpg", "conversations": turns}]
+    assert _validate_in_process(tmp_path, samples) == 1
+    err = capsys.readouterr().err
+    assert err.count("'image' must be one file name") == 2 and "no such image file" not in err
+
+
+def test_validate_refuses_a_negative_max_problems(tmp_path, capsys):
+    """--max_problems -1 listed all but the last problem and then "... and 3 more problems" for two problems."""
+    with pytest.raises(SystemExit) as exit_info:
+        _validate_in_process(tmp_path, [], "--max_problems", "-1")
+    assert exit_info.value.code == 2 and "--max_problems: must be at least 0" in capsys.readouterr().err

@@ -374,3 +374,24 @@ def test_dataloader_workers_read_through_their_own_handles(tmp_path):
     assert all(item["own_handle"] for item in seen)
     assert len({item["pid"] for item in seen}) == 2 and os.getpid() not in {item["pid"] for item in seen}
     assert index.read(3) == samples[3]  # the parent's handle still works after the workers closed theirs
+
+
+def test_a_sample_nested_too_deeply_is_a_value_error_naming_it(tmp_path):
+    """A value nested 100,000 deep escaped as RecursionError: validate, inspect, stats and merge printed a
+    traceback instead of naming the sample."""
+    path = tmp_path / "deep.json"
+    path.write_bytes(b'[{"id": 0, "conversations": []},\n{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]")
+    index = JsonArrayIndex.build(str(path), cache=False)
+    assert index.read(0)["id"] == 0
+    start = path.read_bytes().index(b'{"x"')
+    with pytest.raises(ValueError, match=re.escape(f"sample 1 (byte {start}) is not valid JSON: nested too deeply")):
+        index.read(1)
+
+
+def test_bytes_that_are_not_utf8_are_placed_at_the_bad_byte(tmp_path):
+    """The offset of a UTF-8 error was the sample's start: UnicodeDecodeError has .start, not .pos."""
+    path = tmp_path / "latin1.json"
+    path.write_bytes(b'[{"id": 0, "conversations": [], "note": "caf\xe9"}]')
+    bad = path.read_bytes().index(b"\xe9")
+    with pytest.raises(ValueError, match=re.escape(f"sample 0 (byte {bad}) is not valid JSON: not UTF-8 text")):
+        JsonArrayIndex.build(str(path), cache=False).read(0)

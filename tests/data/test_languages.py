@@ -171,3 +171,60 @@ def test_sample_language_without_text():
     assert sample_language({"id": "x"}) == OTHER
     assert sample_language({"conversations": []}) == OTHER
     assert sample_language({"conversations": [{"from": "human", "value": None}, "junk"]}) == OTHER
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("图片中有一个 iPhone 和一台 MacBook Pro 笔记本电脑。", "chinese"),
+        ("この画像には、MacBook Pro と iPhone が写っています。", "japanese"),
+        ("बोर्ड पर Central Park लिखा है।", "hindi"),
+        ("বোর্ডে Central Park লেখা আছে।", "bengali"),
+    ],
+)
+def test_latin_names_do_not_outweigh_cjk_or_indic_text(text, expected):
+    """Han and Kana counted like one Latin letter each, and Devanagari/Bengali vowel signs not at all, so a product
+    name or two in Latin letters made these sentences "english"."""
+    assert detect_language(text) == expected
+
+
+# Merged samples whose answer quotes a sign in English (an ordinary OCR-style LLaVA answer).
+QUOTING_SAMPLES = {
+    "hindi": ("बोर्ड पर क्या लिखा है?", 'बोर्ड पर "Welcome to Central Park New York" लिखा है।'),
+    "bengali": ("বোর্ডে কী লেখা আছে?", 'বোর্ডে "Welcome to Central Park New York" লেখা আছে।'),
+    "chinese": ("牌子上写着什么？", '牌子上写着 "Welcome to Central Park, New York"。'),
+    "japanese": ("看板には何と書いてありますか？", "看板には「Welcome to Central Park, New York」と書いてあります。"),
+    "urdu": ("بورڈ پر کیا لکھا ہے؟", 'بورڈ پر "Welcome to Central Park New York" لکھا ہے۔'),
+    "russian": ("Что написано на табличке?", 'На табличке написано "Welcome to Central Park New York".'),
+}
+
+
+def _quoting_sample(language: str) -> dict:
+    question, answer = QUOTING_SAMPLES[language]
+    return {"id": language, "image": "a.jpg",
+            "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": answer}]}
+
+
+@pytest.mark.parametrize("language", sorted(QUOTING_SAMPLES))
+def test_a_quoted_english_sign_does_not_decide_the_language(language):
+    """The quoted sign's Latin letters outnumbered the Hindi, Bengali, Chinese and Japanese around it: validate,
+    stats and the trainer's metadata counted these samples as English."""
+    assert sample_language(_quoting_sample(language)) == language
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_sample_language_takes_the_label_merge_writes(language):
+    """merge labels every translated sample ("language": "hindi"), but the label was ignored and the text guessed
+    at instead."""
+    sample = {"language": language, "conversations": [{"from": "human", "value": "<image>\nWhat is on the sign?"},
+                                                      {"from": "gpt", "value": '"Welcome to Central Park"'}]}
+    assert sample_language(sample) == language
+    # A label that is not a PALO language (a typo, another tool's value) is not trusted: the text decides.
+    assert sample_language({**sample, "language": "klingon"}) == "english"
+    assert sample_language({**sample, "language": ["hindi"]}) == "english"
+
+
+def test_an_english_text_quoting_latin_text_is_still_decided_by_all_of_it():
+    """Quotations are only set aside for Latin text inside another PALO script; Latin-only text is unchanged."""
+    assert detect_language('What is in this picture? 请用中文回答。') == "english"
+    assert detect_language('The sign says "Stop" in big letters on a red background.') == "english"

@@ -165,3 +165,78 @@ def test_merged_order_is_the_seeded_shuffle_of_english_then_each_kept_translated
     expected += [to_training(s, "chinese", "coco/train2017") for s in _translated("chinese", "这是什么？", 3, set())]
     random.Random(3).shuffle(expected)
     assert merged == expected
+
+
+def test_merge_refuses_a_translated_sample_without_conversations_before_writing(tmp_path, capsys):
+    """A kept translated sample without 'conversations' raised KeyError (a traceback) from the write pass, i.e.
+    after the whole filter pass, hours in at PALO scale; a broken English sample likewise only at the end."""
+    english = _write(tmp_path / "en.json", _english(2))
+    broken = _translated("arabic", "ما هذا؟", 2, corrupt=set())
+    del broken[1]["conversations"]
+    arabic = _write(tmp_path / "ar.json", broken)
+    out = tmp_path / "out.json"
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--translated {arabic}: sample 1 has no 'conversations' list" in err and "Traceback" not in err
+    english_broken = _english(2)
+    english_broken[0]["conversations"] = "What is this?"
+    english = _write(tmp_path / "en.json", english_broken)
+    arabic = _write(tmp_path / "ar.json", _translated("arabic", "ما هذا؟", 2, corrupt=set()))
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(out)]) == 2
+    assert f"--data_path {english}: sample 0 has no 'conversations' list" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_merge_counts_untranslated_samples_apart_and_drops_corrupt_english_ones(tmp_path, capsys):
+    """An untranslated sample was reported as "corrupt dropped", and a corrupt English sample was kept and counted,
+    so the printed total overstated what the trainer uses."""
+    english = _english(2)
+    english[1]["corrupt"] = True
+    hindi = _translated("hindi", "यह क्या है?", 3, corrupt=set())
+    del hindi[2]["hindi_conversation"]  # never translated
+    out = tmp_path / "out.json"
+    assert main(["merge", "--data_path", _write(tmp_path / "en.json", english), "--translated",
+                 _write(tmp_path / "hi.json", hindi), "--output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["english", "1", "samples", "(1", "corrupt", "dropped)"]
+    assert lines[1].split() == ["hindi", "2", "samples", "(1", "untranslated", "dropped)"]
+    assert lines[2].split()[:2] == ["total", "3"]
+    merged = json.loads(out.read_text(encoding="utf-8"))
+    assert len(merged) == 3 and not any(sample.get("corrupt") for sample in merged)
+
+
+def test_merge_image_prefix_leaves_absolute_paths_and_refuses_a_list(tmp_path, capsys):
+    """--image_prefix turned "/data/coco/1.jpg" into "coco/train2017//data/coco/1.jpg" (a file that does not exist)
+    and a list into "coco/train2017/['a.jpg']"."""
+    arabic = _translated("arabic", "ما هذا؟", 2, corrupt=set())
+    arabic[0]["image"] = "/data/coco/1.jpg"
+    english = _write(tmp_path / "en.json", [])
+    out = tmp_path / "out.json"
+    args = ["merge", "--data_path", english, "--output", str(out), "--image_prefix", "coco/train2017"]
+    assert main([*args, "--translated", _write(tmp_path / "ar.json", arabic)]) == 0
+    assert sorted(s["image"] for s in json.loads(out.read_text(encoding="utf-8"))) == [
+        "/data/coco/1.jpg", "coco/train2017/1.jpg"]
+    arabic[1]["image"] = ["a.jpg"]
+    assert main([*args, "--translated", _write(tmp_path / "ar.json", arabic)]) == 2
+    assert "sample 1: 'image' must be one file name, not list" in capsys.readouterr().err
+
+
+def test_merge_removes_the_temp_file_a_killed_merge_left(tmp_path, capsys):
+    """A kill -9 mid-write left a full-size <output>.XXXX.tmp (13 GB at PALO scale) that no later run removed."""
+    import subprocess
+    import sys
+
+    from palo.jsonl import temp_prefix
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = tmp_path / "out.json"
+    orphan = tmp_path / f"{temp_prefix(str(out))}{int(dead.stdout)}-abc123.tmp"
+    orphan.write_text("[half a merge", encoding="utf-8")
+    live = tmp_path / f"{temp_prefix(str(out))}{os.getpid()}-def456.tmp"  # a merge still running: not touched
+    live.write_text("[", encoding="utf-8")
+    english = _write(tmp_path / "en.json", _english(2))
+    arabic = _write(tmp_path / "ar.json", _translated("arabic", "ما هذا؟", 2, corrupt=set()))
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(out)]) == 0
+    assert not orphan.exists() and live.exists() and len(json.loads(out.read_text(encoding="utf-8"))) == 4
+    assert f"[cleanup] removed {orphan}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [live.name]

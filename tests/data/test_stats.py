@@ -156,3 +156,21 @@ def test_bench_folder_languages_and_bad_input(world, tmp_path, capsys):
         assert cli.main(["stats", "--data_path", str(data), "--model_name_or_path", world.full_dir, "--out", out]) == 2
         assert why in capsys.readouterr().err
     assert data.read_bytes() == before
+
+
+def test_stats_out_may_not_replace_a_questions_input(tmp_path, capsys):
+    """Only --data_path was checked: --questions q.json --out q replaced the question file with the stats JSON."""
+    data = tmp_path / "data.json"
+    data.write_text("[]", encoding="utf-8")
+    questions = tmp_path / "q.json"
+    questions.write_text('{"question_id": 0, "text": "What is it?"}\n', encoding="utf-8")
+    bench = tmp_path / "bench" / "urdu"
+    bench.mkdir(parents=True)
+    (bench / "questions.json").write_text('{"question_id": 0, "text": "یہ کیا ہے؟"}\n', encoding="utf-8")
+    for given, out in ((str(questions), str(tmp_path / "q")), (str(tmp_path / "bench"), str(bench / "questions"))):
+        # The check comes before the tokenizer is loaded: none is needed to see the clash.
+        assert cli.main(["stats", "--data_path", str(data), "--model_name_or_path", str(tmp_path / "nowhere"),
+                         "--questions", given, "--out", out]) == 2
+        assert "which is --questions" in capsys.readouterr().err
+    assert questions.read_text(encoding="utf-8").startswith('{"question_id": 0')
+    assert (bench / "questions.json").read_text(encoding="utf-8").startswith('{"question_id": 0')
