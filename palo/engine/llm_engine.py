@@ -15,6 +15,7 @@ So a request joins the running batch between two decode steps and leaves it as s
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 import time
 import traceback
@@ -30,7 +31,7 @@ from palo.engine.block_manager import BlockManager
 from palo.engine.config import EngineConfig, plan_num_blocks
 from palo.engine.detokenizer import IncrementalDetokenizer, prompt_context
 from palo.engine.errors import EngineClosed, QueueFull, RequestTooLarge
-from palo.engine.model_runner import ModelRunner, cache_shape
+from palo.engine.model_runner import ModelRunner, PrefillChunk, cache_shape
 from palo.engine.sampling import PenaltyState, TokenLogprob, sample, token_logprobs
 from palo.engine.scheduler import Scheduler
 from palo.engine.sequence import EngineRequest, RequestOutput, Sequence, Status
@@ -79,6 +80,48 @@ class TokenRate:
             return len(self._times) / self.window
 
 
+def _check_prompt_ids(input_ids: Seq[int], vocab: int) -> int:
+    """Check every prompt id once, at admission (O(prompt length)); returns the number of image placeholders.
+
+    An id outside the embedding table would otherwise fail (or, negative, be read as id 0 or as an image row) only
+    deep in the engine thread, where it took down the other requests of its step or jammed the queue.
+
+    Raises:
+        ValueError: Naming the first bad position: an empty prompt, an id that is not an integer, or one outside
+            ``[0, vocab)`` that is not ``IMAGE_TOKEN_INDEX``.
+    """
+    if len(input_ids) == 0:
+        raise ValueError("input_ids is empty: a prompt needs at least one token")
+    placeholders = 0
+    for position, token in enumerate(input_ids):
+        if type(token) is int and 0 <= token < vocab:  # nearly every id: the cheapest test first
+            continue
+        try:
+            value = operator.index(token)  # NumPy and 0-d integer tensor ids too; never a float or a string
+        except TypeError:
+            raise ValueError(f"input_ids[{position}] is {token!r}, not an integer token id") from None
+        if 0 <= value < vocab and not isinstance(token, bool):
+            continue
+        if value == IMAGE_TOKEN_INDEX:
+            placeholders += 1
+            continue
+        raise ValueError(
+            f"input_ids[{position}] = {token!r} is not a token id of this model: ids must be in [0, {vocab}), or "
+            f"{IMAGE_TOKEN_INDEX} where an image goes"
+        )
+    return placeholders
+
+
+def _tower_input_shape(model: torch.nn.Module) -> tuple[int, int, int] | None:
+    """``(channels, height, width)`` of one image as ``model``'s vision tower takes it, when its config says so."""
+    getter = getattr(model, "get_vision_tower", None)
+    config = getattr(getter() if callable(getter) else None, "config", None)
+    size = getattr(config, "image_size", None)
+    if not isinstance(size, int):
+        return None
+    return int(getattr(config, "num_channels", 3)), size, size
+
+
 class LLMEngine:
     """Continuous-batching generation for one loaded model.
 
@@ -97,6 +140,8 @@ class LLMEngine:
         device = model.get_input_embeddings().weight.device
         shape = cache_shape(model)
         self.tokens_per_image = int(getattr(model, "image_token_count", 0) or 0)
+        # [3, H, W] of one image as the vision tower takes it (None: unknown, not checked at the door).
+        self.image_shape = _tower_input_shape(model) if self.tokens_per_image else None
         images_kept = config.image_cache_size if config.enable_prefix_cache and self.tokens_per_image else 0
         activation = config.max_prefill_tokens * model.config.hidden_size * 4 * 16  # a prefill's largest temporaries
         image_bytes = images_kept * self.tokens_per_image * model.config.hidden_size * shape.bytes_per_value
@@ -144,18 +189,24 @@ class LLMEngine:
     def add_request(self, request: EngineRequest) -> Sequence:
         """Queue a request; its outputs go to ``request.on_output`` from the engine thread.
 
+        Everything that depends on the request alone is checked here, so that a bad request is refused to its caller
+        and never reaches the engine thread, where it could only fail there (with whatever shared the step).
+
         Raises:
             ImagePlaceholderMismatch: When the images do not match the prompt's placeholders.
             RequestTooLarge: When the prompt leaves no room for an answer, or the request needs more KV than the
                 whole cache holds.
             QueueFull: When ``max_waiting`` requests already wait.
             EngineClosed: After :meth:`close`.
-            ValueError: When ``logit_bias`` or ``stop_token_ids`` name an id outside the vocabulary, or stop strings
-                or a structured output come without a tokenizer.
+            ValueError: When a prompt id is not an integer in ``[0, vocab)`` (or ``IMAGE_TOKEN_INDEX``), the images
+                are not a floating-point ``[k, 3, H, W]`` tensor of the vision tower's size, ``request_id`` names a
+                request still in flight, ``logit_bias`` or ``stop_token_ids`` name an id outside the vocabulary, or
+                stop strings or a structured output come without a tokenizer.
             GrammarError: When the structured output's schema, pattern or choices cannot be compiled.
         """
-        count = 0 if request.images is None else int(request.images.shape[0])
-        placeholders = sum(1 for token in request.input_ids if token == IMAGE_TOKEN_INDEX)
+        vocab = int(self.model.config.vocab_size)
+        placeholders = _check_prompt_ids(request.input_ids, vocab)
+        count = self._check_images(request.images)
         if placeholders != count:
             raise ImagePlaceholderMismatch(
                 f"Image features and image tokens do not match: {count} image(s) for {placeholders} <image> "
@@ -163,6 +214,11 @@ class LLMEngine:
             )
         if count and self.tokens_per_image == 0:
             raise ImagePlaceholderMismatch("this model takes text only (its config has no vision tower)")
+        if count and self.image_shape is not None and tuple(request.images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"the images are {list(request.images.shape[1:])} (channels, height, width) but the vision tower "
+                f"takes {list(self.image_shape)}: make them with palo.mm_utils.process_images"
+            )
         seq = Sequence(request, self.tokens_per_image)
         if seq.prompt_len + min(request.sampling.max_tokens, 1) > self.max_model_len:
             raise RequestTooLarge(
@@ -175,7 +231,6 @@ class LLMEngine:
                 f"the request needs {need} KV blocks but the cache holds {self.blocks.usable_blocks}: lower its "
                 "max_tokens or enlarge the cache (--kv-cache-gb)"
             )
-        vocab = int(self.model.config.vocab_size)
         if any(token >= vocab for token, _ in request.sampling.logit_bias):
             raise ValueError(f"logit_bias names a token id outside the model's vocabulary [0, {vocab})")
         if any(token >= vocab for token in request.sampling.stop_token_ids):
@@ -198,10 +253,36 @@ class LLMEngine:
                 raise EngineClosed("the engine is closed")
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_waiting:
                 raise QueueFull(f"{self.config.max_waiting} requests are already waiting")
+            if seq.request_id in self._by_id:
+                if request.request_id:
+                    # abort(id) and the output routing go by id: a second live request under it could not be
+                    # told apart from the first (and finishing either one would unregister the other).
+                    raise ValueError(f"request_id {request.request_id!r} is already in flight")
+                # A caller named its own request like this automatic id: number this one past it.
+                taken = seq.request_id
+                suffix = 1
+                while f"{taken}.{suffix}" in self._by_id:
+                    suffix += 1
+                seq.request_id = f"{taken}.{suffix}"
             self._inbox.append(seq)
             self._by_id[seq.request_id] = seq
             self._cond.notify_all()
         return seq
+
+    def _check_images(self, images: Any) -> int:
+        """The number of images of a request, after checking that they are a pixel tensor the tower can take.
+
+        Raises:
+            ValueError: When ``images`` is not a floating-point ``[k, C, H, W]`` tensor.
+        """
+        if images is None:
+            return 0
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be one pixel tensor [k, 3, H, W], not {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must hold floating-point pixel values, not {images.dtype}")
+        return int(images.shape[0])
 
     def structured_outputs(self) -> StructuredOutputs:
         """The grammar compiler and masker for this model's tokenizer, made on the first structured request.
@@ -231,48 +312,18 @@ class LLMEngine:
             return bool(self._inbox or self._aborts) or self.scheduler.has_work()
 
     def step(self) -> None:
-        """One iteration: take in requests, admit, prefill a chunk, decode one token for the running batch."""
-        with self._cond:
-            inbox, self._inbox = self._inbox, []
-            aborts, self._aborts = self._aborts, []
-        for seq in inbox:
-            self.scheduler.add(seq)
-        for seq in aborts:
-            if seq.status != Status.FINISHED:
-                self._finish(seq, "abort")
-        self.scheduler.admit()
+        """One iteration: take in requests, admit, prefill a chunk, decode one token for the running batch.
+
+        An error that belongs to one request (its input, its grammar) fails that request only; one the step cannot
+        pin on a request fails the requests of the phase it came from. The engine goes on serving either way.
+        """
+        self._take_in()
+        self.scheduler.admit(on_error=self._fail_one)
         self.steps += 1
 
         chunks = self.scheduler.prefill_chunks()
         if chunks:
-            seqs = [c.seq for c in chunks]
-            try:
-                encode = [c.seq for c in chunks if c.seq.image_features is None and c.seq.images_needed_from(c.start)]
-                if encode:
-                    self.runner.encode_images(encode)
-                logits, scores = self.runner.prefill(chunks)
-            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
-                self._fail(seqs, exc)
-            else:
-                completed = []
-                for i, c in enumerate(chunks):
-                    c.seq.num_computed = c.end
-                    for position, entry in scores.get(i, {}).items():
-                        c.seq.position_logprobs[position] = entry
-                    self.blocks.register_prefix(c.seq)  # with the block's scores, when they are asked for
-                    if c.completes_prompt:
-                        c.seq.collect_prompt_logprobs()
-                        c.seq.block_end_hidden = {}  # kept with its cached blocks, if anywhere
-                        completed.append(c.seq)
-                if completed:
-                    for seq, token, logprob in zip(completed, *self._sample(logits, completed)):
-                        seq.image_features = None
-                        if seq.sampling.max_tokens == 0:  # the prompt's scores were all it asked for
-                            self._finish(seq, "length")
-                            continue
-                        self.scheduler.start_decoding(seq)
-                        seq.first_token_at = time.monotonic()
-                        self._append(seq, token, logprob)
+            self._prefill(chunks)
 
         running = [s for s in self.scheduler.decoding if len(s.output_ids) > 0 and s.num_computed < s.num_tokens]
         if running:
@@ -281,16 +332,107 @@ class LLMEngine:
             self.decoded_tokens += len(running)
             try:
                 logits = self.runner.decode(running)
-            except Exception as exc:  # noqa: BLE001
+                tokens, logprobs, refused = self._sample(logits, running)
+            except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
                 self._fail(running, exc)
             else:
-                for seq, token, logprob in zip(running, *self._sample(logits, running)):
+                if refused:
+                    running, tokens, logprobs = self._drop_refused(running, tokens, logprobs, refused)
+                for seq, token, logprob in zip(running, tokens, logprobs):
                     seq.num_computed = seq.num_tokens
-                    self._append(seq, token, logprob)
+                    # Free until it catches (Python 3.11); what it catches (say a detokenizer choking on an id the
+                    # tokenizer lacks, in a padded vocabulary) belongs to this request alone.
+                    try:
+                        self._append(seq, token, logprob)
+                    except Exception as exc:  # noqa: BLE001
+                        self._fail_one(seq, exc)
 
-    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def _take_in(self) -> None:
+        """Queue the requests added and finish those cancelled since the last step (any thread adds them)."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        for seq in inbox:
+            self.scheduler.add(seq)
+        for seq in aborts:
+            if seq.status != Status.FINISHED:
+                self._finish(seq, "abort")
+
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        """Compute the chunks' prompt positions (their images first) and sample the first token of each prompt the
+        step completes.
+
+        When the batch raises and holds more than one chunk, each chunk is run again on its own, so that one
+        request's bad input (an image the tower cannot take, say) fails that request only. Nothing a failed prefill
+        did is kept: a chunk's positions count as computed only after its prefill returned, and a retry writes the
+        same cache slots again.
+        """
+        try:
+            encode = [c.seq for c in chunks if c.seq.image_features is None and c.seq.images_needed_from(c.start)]
+            if encode:
+                self.runner.encode_images(encode)
+            logits, scores = self.runner.prefill(chunks)
+        except Exception as exc:  # noqa: BLE001 - find whose request it was, keep serving the others
+            if len(chunks) == 1:
+                self._fail([chunks[0].seq], exc)
+            else:
+                logger.warning("a prefill of %d requests failed (%s: %s); running them one at a time",
+                               len(chunks), type(exc).__name__, exc)
+                for chunk in chunks:
+                    self._prefill([chunk])
+            return
+        completed = []
+        for i, c in enumerate(chunks):
+            c.seq.num_computed = c.end
+            for position, entry in scores.get(i, {}).items():
+                c.seq.position_logprobs[position] = entry
+            self.blocks.register_prefix(c.seq)  # with the block's scores, when they are asked for
+            if c.completes_prompt:
+                c.seq.collect_prompt_logprobs()
+                c.seq.block_end_hidden = {}  # kept with its cached blocks, if anywhere
+                completed.append(c.seq)
+        if not completed:
+            return
+        try:
+            tokens, logprobs, refused = self._sample(logits, completed)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(completed, exc)
+            return
+        if refused:
+            completed, tokens, logprobs = self._drop_refused(completed, tokens, logprobs, refused)
+        for seq, token, logprob in zip(completed, tokens, logprobs):
+            seq.image_features = None
+            if seq.sampling.max_tokens == 0:  # the prompt's scores were all it asked for
+                self._finish(seq, "length")
+                continue
+            self.scheduler.start_decoding(seq)
+            seq.first_token_at = time.monotonic()
+            try:
+                self._append(seq, token, logprob)
+            except Exception as exc:  # noqa: BLE001 - this request's alone (see step)
+                self._fail_one(seq, exc)
+
+    def _drop_refused(self, seqs: list[Sequence], tokens: list[int], logprobs: list[TokenLogprob | None],
+                      refused: dict[int, Exception]) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """Fail the sequences whose token their grammar refused (by index in ``seqs``); the others, kept in order."""
+        for i, exc in refused.items():
+            self._fail_one(seqs[i], exc)
+        keep = [i for i in range(len(seqs)) if i not in refused]
+        return [seqs[i] for i in keep], [tokens[i] for i in keep], [logprobs[i] for i in keep]
+
+    def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence],
+                ) -> tuple[list[int], list[TokenLogprob | None], dict[int, Exception]]:
         """One token for each sequence, with its own settings, (for penalties) what it has seen so far and (for a
-        structured answer) what its grammar allows next, and its log-probability for those that ask."""
+        structured answer) what its grammar allows next, and its log-probability for those that ask.
+
+        Args:
+            logits: ``[B, V]`` float32 logits, one row per sequence.
+            seqs: The B sequences.
+
+        Returns:
+            The B tokens, their log-probabilities (None where not asked for), and by row index the error of each
+            sequence whose grammar refused its token (those rows must be failed, not appended).
+        """
         params = [s.sampling for s in seqs]
         matchers = [s.matcher for s in seqs]
         allowed = logits if self._structured is None else self._structured.mask(logits, matchers)
@@ -311,10 +453,14 @@ class LLMEngine:
         if rows is not None:  # what they have seen now includes this step's token
             self._penalties.add(rows, tokens.index_select(0, torch.tensor(penalised, device=logits.device)))
         ids = tokens.tolist()
-        for matcher, token in zip(matchers, ids):
+        refused: dict[int, Exception] = {}
+        for i, (matcher, token) in enumerate(zip(matchers, ids)):
             if matcher is not None:
-                accept(matcher, token)
-        return ids, token_logprobs(logits, tokens, [p.logprobs for p in params])
+                try:
+                    accept(matcher, token)
+                except Exception as exc:  # noqa: BLE001 - that request's grammar is broken, not the batch
+                    refused[i] = exc
+        return ids, token_logprobs(logits, tokens, [p.logprobs for p in params]), refused
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token (and its log-probability, when asked): finish the sequence or stream what it adds."""
@@ -346,7 +492,8 @@ class LLMEngine:
             self._penalties.close(seq.penalty_row)
             seq.penalty_row = None
         with self._cond:
-            self._by_id.pop(seq.request_id, None)
+            if self._by_id.get(seq.request_id) is seq:  # never unregister another request under the same id
+                del self._by_id[seq.request_id]
         seq.finish_reason, seq.error = reason, error
         if seq.detokenizer is not None:
             seq.detokenizer.flush()
@@ -359,14 +506,18 @@ class LLMEngine:
                                       finished=True, finish_reason=reason, error=error,
                                       answer_logprobs=seq.output_logprobs))
 
-    def _fail(self, seqs: Seq[Sequence], exc: Exception) -> None:
-        logger.error("generation failed for %d request(s):\n%s", len(seqs), traceback.format_exc())
+    def _fail(self, seqs: Seq[Sequence], exc: BaseException) -> None:
+        """End ``seqs`` with ``exc`` as their error (those not finished yet) and log its traceback."""
+        logger.error("generation failed for %d request(s):\n%s", len(seqs), "".join(traceback.format_exception(exc)))
         message = f"{type(exc).__name__}: {exc}"
         for seq in seqs:
             if seq.status != Status.FINISHED:
                 self._finish(seq, "error", message)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def _fail_one(self, seq: Sequence, exc: BaseException) -> None:
+        self._fail([seq], exc)
 
     def _emit(self, seq: Sequence, output: RequestOutput) -> None:
         output.prompt_positions = seq.prompt_len
@@ -439,7 +590,13 @@ class LLMEngine:
     def generate(self, requests: Seq[EngineRequest], timeout: float = 600.0) -> list[RequestOutput]:
         """Submit requests and wait for their final outputs (in order).
 
-        Uses the background thread when it runs, else steps in this thread.
+        Uses the background thread when it runs, else steps in this thread. All or nothing: when it raises (a
+        request refused, the timeout, an interrupt) it first cancels every request it had queued, so that none of
+        them goes on running unseen (or answers later, inside another caller's ``generate``).
+
+        Raises:
+            TimeoutError: When the answers are not all in after ``timeout`` seconds.
+            Whatever :meth:`add_request` raises for one of the requests.
         """
         finals: list[RequestOutput | None] = [None] * len(requests)
         done = [threading.Event() for _ in requests]
@@ -453,15 +610,23 @@ class LLMEngine:
                     done[i].set()
             return callback
 
-        for i, request in enumerate(requests):
-            request.on_output = collect(i, request.on_output)
-            self.add_request(request)
-        if self._thread is None:
-            self.run_until_done()
-        deadline = time.monotonic() + timeout
-        for event in done:
-            if not event.wait(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"generation did not finish within {timeout} s")
+        submitted: list[Sequence] = []
+        try:
+            for i, request in enumerate(requests):
+                request.on_output = collect(i, request.on_output)
+                submitted.append(self.add_request(request))
+            if self._thread is None:
+                self.run_until_done()
+            deadline = time.monotonic() + timeout
+            for event in done:
+                if not event.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"generation did not finish within {timeout} s")
+        except BaseException:
+            for seq in submitted:
+                self.abort(seq)
+            if self._thread is None:  # nobody else steps: end them now (their callbacks see "abort")
+                self._take_in()
+            raise
         return [f for f in finals if f is not None]
 
     # -- statistics -----------------------------------------------------------------------------------------------

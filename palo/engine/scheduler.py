@@ -8,6 +8,7 @@ does not fit yet waits at the head of the queue (first come, first served) until
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from palo.engine.block_manager import BlockManager
 from palo.engine.config import EngineConfig
@@ -42,16 +43,30 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running set while places and KV blocks allow; returns them."""
+    def admit(self, on_error: Callable[[Sequence, Exception], None] | None = None) -> list[Sequence]:
+        """Move waiting sequences into the running set while places and KV blocks allow; returns them.
+
+        Args:
+            on_error: Called with a sequence whose admission raised (its prefix-cache keys, say), which has then
+                left the queue; without it the error propagates and the sequence stays at the head of the queue,
+                where it would raise again at every call and hold back everyone behind it.
+        """
         admitted = []
         while self.waiting and self.num_running < self.config.max_num_seqs:
             seq = self.waiting[0]
-            need = seq.max_positions(self.max_model_len)
-            if not self.blocks.can_allocate(seq, need):
-                break
-            self.waiting.popleft()
-            self.blocks.allocate(seq, need)
+            try:
+                need = seq.max_positions(self.max_model_len)
+                if not self.blocks.can_allocate(seq, need):
+                    break
+                self.waiting.popleft()
+                self.blocks.allocate(seq, need)
+            except Exception as exc:
+                if on_error is None:
+                    raise
+                if self.waiting and self.waiting[0] is seq:
+                    self.waiting.popleft()
+                on_error(seq, exc)
+                continue
             seq.status = Status.PREFILLING
             self.prefilling.append(seq)
             admitted.append(seq)

@@ -84,7 +84,8 @@ class EngineRequest:
         sampling: How to choose tokens.
         on_output: Called from the engine thread with each :class:`RequestOutput`; if it raises, the request is
             cancelled (its client went away).
-        request_id: Unique id; generated when empty.
+        request_id: Unique among the requests in flight (the engine refuses a second one under a live id);
+            generated when empty.
         cache_salt: vLLM's ``cache_salt``: when set, the request shares cached prompt blocks and image features
             only with requests that send the same salt (so that a client outside that group cannot learn from its
             own timings whether someone's prompt or image was recently asked).

@@ -423,8 +423,20 @@ class EngineBackend(ABC):
         """Requests generated together in each recent step or batch."""
 
     def submit_many(self, requests: Sequence[PreparedRequest], sinks: Sequence[Sink]) -> list[Any]:
-        """Queue several requests."""
-        return [self.submit(request, sink) for request, sink in zip(requests, sinks)]
+        """Queue several requests: all of them or none.
+
+        When one is refused (a full queue, a request too large) those queued before it are cancelled before the
+        error propagates: the caller gets no handle for them, so nobody would ever cancel or read them.
+        """
+        jobs = []
+        try:
+            for request, sink in zip(requests, sinks):
+                jobs.append(self.submit(request, sink))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
 
     def generate(self, requests: Sequence[PreparedRequest], timeout: float | None = 300.0) -> list[StreamEvent]:
         """Submit requests together and wait for their last events (for scripts, tests and benchmarks).
@@ -435,6 +447,10 @@ class EngineBackend(ABC):
 
         Returns:
             The final event of each request, in order.
+
+        Raises:
+            TimeoutError: When the answers are not all in after ``timeout`` seconds; every request is cancelled
+                first (as on any other error), so that none goes on generating for nobody.
         """
         done = [threading.Event() for _ in requests]
         last: list[StreamEvent | None] = [None] * len(requests)
@@ -448,11 +464,16 @@ class EngineBackend(ABC):
             return sink
 
         self.start()
-        self.submit_many(requests, [make_sink(i) for i in range(len(requests))])
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for event in done:
-            if not event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"generation did not finish within {timeout} s")
+        jobs = self.submit_many(requests, [make_sink(i) for i in range(len(requests))])
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for event in done:
+                if not event.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"generation did not finish within {timeout} s")
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
         return [e for e in last if e is not None]
 
 

@@ -515,3 +515,30 @@ def test_a_cache_smaller_than_the_context_sizes_what_the_worker_takes(loaded):
             engine.prepare({"prompt": vicuna_prompt("word " * 100, image=False), "max_new_tokens": 4})
     finally:
         engine.close()
+
+
+def test_generate_cancels_the_requests_it_queued_when_one_is_refused_or_it_times_out(loaded):
+    """Before, ``generate`` raised (a request refused part-way, or its timeout) and left the requests it had queued
+    generating in the background for nobody, to the end of their token budget."""
+    import dataclasses
+    import threading
+
+    from palo.engine import RequestTooLarge
+
+    engine = _engine(loaded, max_batch_size=2)
+    ended: list = []
+    done = threading.Event()
+    engine.engine.finish_observers.append(lambda output: (ended.append(output.finish_reason), done.set()))
+    try:
+        good = engine.prepare({"prompt": vicuna_prompt("Describe the picture in detail.", image=False),
+                               "temperature": 0, "max_new_tokens": 300, "ignore_eos": True})
+        too_large = dataclasses.replace(good, input_ids=[1] * (engine.max_context + 1))
+        with pytest.raises(RequestTooLarge):
+            engine.generate([good, too_large])
+        assert done.wait(30) and ended == ["abort"]
+        done.clear()
+        with pytest.raises(TimeoutError):
+            engine.generate([good], timeout=0.05)
+        assert done.wait(30) and ended == ["abort", "abort"]
+    finally:
+        engine.close()
