@@ -192,6 +192,8 @@ def test_a_second_ctrl_c_while_stopping_still_stops_every_service(tmp_path):
     script = tmp_path / "stop.py"
     script.write_text(textwrap.dedent('''
         import os, signal, subprocess, sys, threading
+        # As in a terminal: a test run started in the background inherits SIGINT ignored, and Python then keeps it so.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from palo.quickstart.serve import Services
         slow = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (time.sleep(1.5), sys.exit(0))); " \\
                "print('up', flush=True); time.sleep(60)"
