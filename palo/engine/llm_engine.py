@@ -214,11 +214,6 @@ class LLMEngine:
             )
         if count and self.tokens_per_image == 0:
             raise ImagePlaceholderMismatch("this model takes text only (its config has no vision tower)")
-        if count and self.image_shape is not None and tuple(request.images.shape[1:]) != self.image_shape:
-            raise ValueError(
-                f"the images are {list(request.images.shape[1:])} (channels, height, width) but the vision tower "
-                f"takes {list(self.image_shape)}: make them with palo.mm_utils.process_images"
-            )
         seq = Sequence(request, self.tokens_per_image)
         if seq.prompt_len + min(request.sampling.max_tokens, 1) > self.max_model_len:
             raise RequestTooLarge(
@@ -273,7 +268,7 @@ class LLMEngine:
         """The number of images of a request, after checking that they are a pixel tensor the tower can take.
 
         Raises:
-            ValueError: When ``images`` is not a floating-point ``[k, C, H, W]`` tensor.
+            ValueError: When ``images`` is not a floating-point ``[k, C, H, W]`` tensor of the vision tower's size.
         """
         if images is None:
             return 0
@@ -282,6 +277,11 @@ class LLMEngine:
             raise ValueError(f"images must be one pixel tensor [k, 3, H, W], not {shape}")
         if not images.is_floating_point():
             raise ValueError(f"images must hold floating-point pixel values, not {images.dtype}")
+        if self.image_shape is not None and tuple(images.shape[1:]) != self.image_shape:
+            raise ValueError(
+                f"the images are {list(images.shape[1:])} (channels, height, width) but the vision tower takes "
+                f"{list(self.image_shape)}: make them with palo.mm_utils.process_images"
+            )
         return int(images.shape[0])
 
     def structured_outputs(self) -> StructuredOutputs:
