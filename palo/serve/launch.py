@@ -71,11 +71,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
 
 def loopback_no_proxy(environ: dict[str, str] | os._Environ) -> dict[str, str]:
     """``NO_PROXY`` and ``no_proxy`` as ``environ`` has them (either spelling), with the loopback hosts added."""
-    hosts: list[str] = []
-    for name in ("no_proxy", "NO_PROXY"):
-        hosts += [h.strip() for h in environ.get(name, "").split(",") if h.strip() and h.strip() not in hosts]
-    hosts += [h for h in LOOPBACK_HOSTS if h not in hosts]
-    value = ",".join(hosts)
+    hosts = [host.strip() for name in ("no_proxy", "NO_PROXY") for host in environ.get(name, "").split(",")]
+    value = ",".join(dict.fromkeys(host for host in [*hosts, *LOOPBACK_HOSTS] if host))  # in order, once each
     return {"NO_PROXY": value, "no_proxy": value}
 
 
