@@ -7,7 +7,6 @@ import contextlib
 import io
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -18,6 +17,8 @@ import httpx
 import uvicorn
 from PIL import Image, ImageDraw
 
+from palo.serve.launch import free_port
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "test-key"
 HEART_BEAT_INTERVAL = 0.5
@@ -25,12 +26,6 @@ HEART_BEAT_EXPIRATION = 3.0
 START_TIMEOUT = 120.0
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:

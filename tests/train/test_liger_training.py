@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from palo.serve.launch import free_port
 from palo.testing import tiny_data
 from palo.testing.triton_interpreter import ROOT, interpreter_unusable
 
@@ -29,7 +30,7 @@ def data(tmp_path_factory) -> str:
 def _train(world, data: str, out: str, *extra: str) -> list[dict]:
     """2 CPU ranks under torchrun with ZeRO-3, full fine-tuning (lm_head trained); the logged steps."""
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    args = [torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    args = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()),
             os.path.join(ROOT, "tests", "train", "instrumented_train.py"),
             os.path.join(ROOT, "palo", "train", "train_mem.py"),
             "--deepspeed", os.path.join(ROOT, "scripts", "zero3.json"),

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import torch
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import load_pretrained_model
+from palo.serve.launch import free_port
 from palo.testing import tiny_data
 from palo.train.model_setup import unwrap
 from palo.train.preprocess import BadSampleError
@@ -84,12 +84,6 @@ def _kill(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = SUBPROCESS_TIMEOUT) -> None:
@@ -441,7 +435,7 @@ def test_two_ranks_resumed_mid_epoch_train_that_epochs_grouped_order(world, data
     flags = lambda out: _flags(world, data, out, "--num_train_epochs", "2", "--per_device_train_batch_size", "2",  # noqa: E731
                                "--group_by_modality_length", "True", "--save_strategy", "steps", "--save_steps", "8",
                                "--lr_scheduler_type", "constant", "--learning_rate", "1e-3")
-    launcher = lambda: [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port())]  # noqa: E731
+    launcher = lambda: [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]  # noqa: E731
     reference = tmp_path / "reference"
     _finish(_run_train_subprocess(flags(str(reference)), launcher=launcher()))
     resumed = tmp_path / "resumed"
@@ -617,7 +611,7 @@ def _launch_env(launcher: str | None) -> dict:
         env["LOCAL_SIZE"] = "2"
     else:
         torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-        env["LAUNCHER"] = f"{torchrun} {launcher or f'--nproc_per_node 2 --master_port {_free_port()}'}"
+        env["LAUNCHER"] = f"{torchrun} {launcher or f'--nproc_per_node 2 --master_port {free_port()}'}"
     return env
 
 
@@ -742,7 +736,7 @@ def test_zero3_ranks_whose_batches_differ_in_kind_train_together(world, tmp_path
     kinds = str(tmp_path / "kinds.log")
     args, _ = _script_command(world, data, "finetune_palo.sh", out, "3", "--group_by_modality_length", "False",
                               "--per_device_train_batch_size", "1", "--seed", "1")
-    env = dict(_launch_env(f"--nproc_per_node 2 --master_port {_free_port()} {INSTRUMENTED}"),
+    env = dict(_launch_env(f"--nproc_per_node 2 --master_port {free_port()} {INSTRUMENTED}"),
                PALO_TEST_BATCH_KINDS=kinds)
     _finish(_spawn(args, env))
     steps: dict[int, set[str]] = {}
@@ -797,7 +791,7 @@ def test_two_nodes_through_the_original_script(world, data, tmp_path):
     finetune_palo.sh with ZeRO-2 into one shared output folder, as nodes on a shared filesystem do. Only global
     rank 0 may write the model; both nodes' shards must land in the checkpoint."""
     out = str(tmp_path / "results" / "PALO-2node")
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         launcher = (f"--nnodes 2 --nproc_per_node 1 --node_rank {node} --master_addr 127.0.0.1 "
@@ -825,7 +819,7 @@ def test_ddp_with_torchrun(world, data, tmp_path, monkeypatch):
     flags = _flags(world, data, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "3",
                    "--learning_rate", "1e-3")
     _finish(_run_train_subprocess(flags + ["--per_device_train_batch_size", "2"],
-                                  launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port())]))
+                                  launcher=[torchrun, "--nproc_per_node", "2", "--master_port", str(free_port())]))
     reference, start = _one_process_reference(flags, str(tmp_path / "one"), monkeypatch)
     _assert_two_ranks_match_one_process(out, reference)
     for folder in (out, os.path.join(out, "checkpoint-3")):
