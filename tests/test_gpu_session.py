@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["engine_7b", "train_mix_mobile", "engine_mobile", "train_mix_7b_lora", "pytest_gpu", "engine_host"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1700)
 def test_dry_run_takes_every_step_and_writes_its_results(tmp_path):
     env = {**os.environ, "GPU_SESSION_DRY_RUN": "1", "OUT": str(tmp_path), "GPU_SESSION_SECONDS": "1500",
