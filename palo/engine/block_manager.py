@@ -21,6 +21,10 @@ from palo.engine.sequence import Sequence
 SCRATCH_BLOCK = 0
 
 
+class OutOfBlocks(RuntimeError):
+    """The free list cannot hold what a sequence asks for."""
+
+
 @dataclass
 class BlockScores:
     """What a prompt that scores itself keeps with a cached block, so a later one can take the block.
@@ -103,18 +107,29 @@ class BlockManager:
             found.append(block)
         return found
 
-    def can_allocate(self, seq: Sequence, positions: int) -> bool:
-        """Whether ``positions`` positions of KV can be reserved for ``seq`` now."""
-        cached = self._cached_prefix(seq)
+    def _fits(self, cached: list[int], positions: int) -> bool:
         revived = sum(1 for b in cached if self.ref_count[b] == 0)  # cached blocks sitting in the free list
         return self.blocks_for(positions) - len(cached) <= self.num_free - revived
+
+    def can_allocate(self, seq: Sequence, positions: int) -> bool:
+        """Whether ``positions`` positions of KV can be reserved for ``seq`` now."""
+        return self._fits(self._cached_prefix(seq), positions)
 
     def allocate(self, seq: Sequence, positions: int) -> None:
         """Reserve KV for ``positions`` positions of ``seq``, reusing cached prompt blocks.
 
-        Sets ``seq.block_table``, ``seq.num_computed`` and ``seq.num_cached``. Call :meth:`can_allocate` first.
+        Sets ``seq.block_table``, ``seq.num_computed`` and ``seq.num_cached``. All or nothing: the check comes
+        before any block changes hands, so a refused sequence holds none (and no cached block keeps a count for it).
+
+        Raises:
+            OutOfBlocks: When the free blocks cannot hold ``positions`` (:meth:`can_allocate` says so first).
         """
         cached = self._cached_prefix(seq)
+        if not self._fits(cached, positions):
+            raise OutOfBlocks(
+                f"{self.blocks_for(positions) - len(cached)} new KV blocks needed for {positions} positions, "
+                f"{self.num_free} free (some of them cached blocks this sequence reuses)"
+            )
         for block in cached:
             if self.ref_count[block] == 0:
                 del self.free[block]

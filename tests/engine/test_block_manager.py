@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from engine_helpers import COLLIDING_BLOCKS
 
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.engine.block_manager import BlockManager
+from palo.engine.block_manager import BlockManager, OutOfBlocks
 from palo.engine.sampling import SamplingParams
 from palo.engine.sequence import EngineRequest, Sequence
 
@@ -149,3 +150,20 @@ def test_a_sequence_admitted_beside_its_prefix_adopts_it_once_cached_and_frees_i
     blocks.release(first)
     blocks.release(second)
     assert blocks.num_free == blocks.usable_blocks
+
+
+def test_an_allocation_that_does_not_fit_is_refused_before_any_block_changes_hands():
+    blocks = BlockManager(num_blocks=5, block_size=2)
+    first = _seq([5, 6, 7, 8, 9])
+    blocks.allocate(first, 6)
+    first.num_computed = 5
+    blocks.register_prefix(first)  # its two full prompt blocks are now cached and shared
+    before = (list(blocks.ref_count), list(blocks.free), dict(blocks.hash_to_block))
+    greedy = _seq([5, 6, 7, 8, 9])  # takes the two cached blocks, then wants 3 more of the 1 free
+    assert not blocks.can_allocate(greedy, 10)
+    with pytest.raises(OutOfBlocks, match="3 new KV blocks needed for 10 positions, 1 free"):
+        blocks.allocate(greedy, 10)
+    assert (list(blocks.ref_count), list(blocks.free), dict(blocks.hash_to_block)) == before
+    assert greedy.block_table == []
+    blocks.release(first)
+    assert blocks.num_free == blocks.usable_blocks  # nothing leaked to the refused sequence
