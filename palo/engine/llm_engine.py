@@ -332,10 +332,10 @@ class LLMEngine:
             self.decoded_tokens += len(running)
             try:
                 logits = self.runner.decode(running)
-                tokens, logprobs, refused = self._sample(logits, running)
             except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving the others
                 self._fail(running, exc)
             else:
+                tokens, logprobs, refused = self._sample_each(logits, running)
                 if refused:
                     running, tokens, logprobs = self._drop_refused(running, tokens, logprobs, refused)
                 for seq, token, logprob in zip(running, tokens, logprobs):
@@ -393,11 +393,7 @@ class LLMEngine:
                 completed.append(c.seq)
         if not completed:
             return
-        try:
-            tokens, logprobs, refused = self._sample(logits, completed)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(completed, exc)
-            return
+        tokens, logprobs, refused = self._sample_each(logits, completed)
         if refused:
             completed, tokens, logprobs = self._drop_refused(completed, tokens, logprobs, refused)
         for seq, token, logprob in zip(completed, tokens, logprobs):
@@ -419,6 +415,36 @@ class LLMEngine:
             self._fail_one(seqs[i], exc)
         keep = [i for i in range(len(seqs)) if i not in refused]
         return [seqs[i] for i in keep], [tokens[i] for i in keep], [logprobs[i] for i in keep]
+
+    def _sample_each(self, logits: torch.Tensor, seqs: Seq[Sequence],
+                     ) -> tuple[list[int], list[TokenLogprob | None], dict[int, Exception]]:
+        """:meth:`_sample` for the batch; when that raises, each row on its own, so that what fails for one
+        request (its grammar's mask, its penalty row) fails that request only (in the returned refusals).
+
+        A row sampled again draws its randomness again: a seeded request in a batch that failed may answer
+        differently than alone. Nothing else is drawn twice (:meth:`_sample` changes state only after the last
+        thing that can raise for the batch).
+        """
+        try:
+            return self._sample(logits, seqs)
+        except Exception as exc:  # noqa: BLE001 - find whose request it was, keep serving the others
+            if len(seqs) == 1:
+                return [0], [None], {0: exc}
+            logger.warning("sampling %d requests failed (%s: %s); sampling them one at a time",
+                           len(seqs), type(exc).__name__, exc)
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob | None] = []
+        refused: dict[int, Exception] = {}
+        for i, seq in enumerate(seqs):
+            try:
+                token, logprob, own = self._sample(logits[i:i + 1], [seq])
+            except Exception as exc:  # noqa: BLE001
+                token, logprob, own = [0], [None], {0: exc}
+            tokens += token
+            logprobs += logprob
+            if own:
+                refused[i] = own[0]
+        return tokens, logprobs, refused
 
     def _sample(self, logits: torch.Tensor, seqs: Seq[Sequence],
                 ) -> tuple[list[int], list[TokenLogprob | None], dict[int, Exception]]:
@@ -450,9 +476,11 @@ class LLMEngine:
             rows = torch.tensor([seqs[i].penalty_row for i in penalised], device=logits.device)
             counts = self._penalties.gather(rows)
         tokens = sample(allowed, params, [s.generator for s in seqs], counts=counts)
+        logprobs = token_logprobs(logits, tokens, [p.logprobs for p in params])
+        ids = tokens.tolist()
+        # State changes last, once nothing else can raise: a batch that failed is sampled again row by row.
         if rows is not None:  # what they have seen now includes this step's token
             self._penalties.add(rows, tokens.index_select(0, torch.tensor(penalised, device=logits.device)))
-        ids = tokens.tolist()
         refused: dict[int, Exception] = {}
         for i, (matcher, token) in enumerate(zip(matchers, ids)):
             if matcher is not None:
@@ -460,7 +488,7 @@ class LLMEngine:
                     accept(matcher, token)
                 except Exception as exc:  # noqa: BLE001 - that request's grammar is broken, not the batch
                     refused[i] = exc
-        return ids, token_logprobs(logits, tokens, [p.logprobs for p in params]), refused
+        return ids, logprobs, refused
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """Record a sampled token (and its log-probability, when asked): finish the sequence or stream what it adds."""

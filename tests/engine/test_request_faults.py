@@ -10,7 +10,7 @@ import torch
 from engine_helpers import QUESTIONS, pixels, prompt_ids, reference_tokens
 
 from palo.constants import IMAGE_TOKEN_INDEX
-from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestTooLarge, SamplingParams, sequence
+from palo.engine import EngineConfig, EngineRequest, LLMEngine, RequestTooLarge, SamplingParams, llm_engine, sequence
 
 
 def _engine(loaded, **config) -> LLMEngine:
@@ -144,6 +144,61 @@ def test_a_token_its_grammar_refuses_fails_only_that_request(loaded):
     engine.run_until_done()
     assert finals[1].finish_reason == "error" and "grammar refused" in finals[1].error
     assert finals[0].error is None and finals[0].num_tokens == 5
+    _assert_idle(engine)
+
+
+@pytest.mark.parametrize("where", ["sample", "token_logprobs"])
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_sampling_that_raises_for_one_request_fails_only_that_request(loaded, monkeypatch, phase, where):
+    """Before, an error while sampling a step's tokens failed every request of the step; now the step samples its
+    rows again one at a time and only the request it belongs to fails. The others answer exactly what they answer
+    without it, penalties and log-probabilities included (nothing is counted twice by the second sampling)."""
+    tokenizer, _, _ = loaded
+    real_sample, real_token_logprobs = llm_engine.sample, llm_engine.token_logprobs
+    armed = [phase == "prefill"]
+    poison_row: list[bool] = []  # whether the batch being sampled holds the poisoned request
+
+    def sample(logits, params, generators, **kwargs):
+        poison_row[:] = [any(p.seed == 13 for p in params)]
+        if armed[0] and where == "sample" and poison_row[0]:
+            raise RuntimeError("probability tensor contains nan")
+        return real_sample(logits, params, generators, **kwargs)
+
+    def token_logprobs(logits, tokens, top):
+        if armed[0] and where == "token_logprobs" and poison_row[0]:
+            raise RuntimeError("probability tensor contains nan")
+        return real_token_logprobs(logits, tokens, top)
+
+    monkeypatch.setattr(llm_engine, "sample", sample)
+    monkeypatch.setattr(llm_engine, "token_logprobs", token_logprobs)
+    good = [SamplingParams(max_tokens=6, ignore_eos=True, presence_penalty=1.5, frequency_penalty=1.0),
+            SamplingParams(max_tokens=6, ignore_eos=True, logprobs=2)]
+    prompts = [prompt_ids(tokenizer, q, 0) for q in QUESTIONS[:3]]
+
+    def requests(poisoned: bool) -> list[EngineRequest]:
+        made = [EngineRequest(ids, None, params) for ids, params in zip(prompts, good)]
+        if poisoned:
+            made.append(EngineRequest(prompts[2], None, SamplingParams(max_tokens=6, ignore_eos=True, seed=13)))
+        return made
+
+    # Without the prefix cache the three prompts (one system prompt) are prefilled in one step, not one after another.
+    alone = _finals(_engine(loaded, enable_prefix_cache=False), requests(poisoned=False))
+    engine = _engine(loaded, enable_prefix_cache=False)
+    finals = [None] * 3
+    for i, request in enumerate(requests(poisoned=True)):
+        request.on_output = lambda output, i=i: finals.__setitem__(i, output) if output.finished else None
+        poisoned = engine.add_request(request)
+    engine.step()  # one step prefills all three and samples their first tokens together
+    assert all(seq.output_ids for seq in engine.scheduler.decoding) and len(engine.scheduler.decoding) == (
+        2 if phase == "prefill" else 3)
+    tokens_before = len(poisoned.output_ids)
+    armed[0] = True
+    engine.run_until_done()
+    assert finals[2].finish_reason == "error" and "probability tensor contains nan" in finals[2].error
+    assert finals[2].num_tokens == tokens_before == (0 if phase == "prefill" else 2)  # prefill and a decode step
+    for output, expected in zip(finals[:2], alone):
+        assert output.error is None and output.token_ids == expected.token_ids
+        assert output.answer_logprobs == expected.answer_logprobs
     _assert_idle(engine)
 
 
