@@ -111,15 +111,30 @@ class IncrementalDetokenizer:
                 next tokens complete is found whole.
         """
         text = self.text
-        cut = -1
-        for stop in self.stops if search else ():
-            found = text.find(stop, max(0, self._searched - len(stop) + 1))
-            if found >= 0 and (cut < 0 or found < cut):
-                cut = found
+        cut = first_stop(text, self.stops, self._searched) if search else -1
         if cut >= 0:
             return text[:cut], True
         self._searched = len(text)
-        return _held_back(text, self.stops, final), False
+        return held_back(text, self.stops, final), False
+
+
+def first_stop(text: str, stops: Sequence[str], searched: int = 0) -> int:
+    """Where the first stop string in ``text`` that ends past ``searched`` begins, or -1.
+
+    Args:
+        text: The text generated so far.
+        stops: Stop strings (empty ones are ignored).
+        searched: Length of the text already searched (a stop string wholly inside it was found then, or did not
+            count then: ``min_tokens``).
+    """
+    cut = -1
+    for stop in stops:
+        if not stop:
+            continue
+        found = text.find(stop, max(0, searched - len(stop) + 1))
+        if found >= 0 and (cut < 0 or found < cut):
+            cut = found
+    return cut
 
 
 def prompt_context(tokenizer: Any, input_ids: Sequence[int]) -> list[int]:
@@ -165,10 +180,10 @@ def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, boo
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     if cut >= 0:
         return text[:cut], True
-    return _held_back(text, stops, final), False
+    return held_back(text, stops, final), False
 
 
-def _held_back(text: str, stops: Sequence[str], final: bool) -> str:
+def held_back(text: str, stops: Sequence[str], final: bool) -> str:
     """``text`` (holding no complete stop string) less what may still change: a trailing partial stop string and
     trailing half characters, unless generation has ended."""
     if final:

@@ -43,6 +43,7 @@ import httpx
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
+from palo.engine.detokenizer import first_stop, held_back
 from palo.openai_client import token_count
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
@@ -358,9 +359,12 @@ class OpenAIWorker(BaseWorker):
         stops = body.get("stop") or []
         if len(stops) > BACKEND_STOP_STRINGS:
             body = {**body, "stop": stops[:BACKEND_STOP_STRINGS]}
-        # A backend leaves its stop strings out, so cutting at them again changes nothing, except under min_tokens:
-        # there one may stand in the first tokens, and only those the backend was not sent are cut here.
-        trimmed = stops[BACKEND_STOP_STRINGS:] if body.get("min_tokens") else stops
+        # The stop strings the backend was not sent end the answer here. A backend leaves its own out of the text,
+        # so looking for them too changes nothing, except under min_tokens: there one may stand in the first tokens,
+        # and that text stands.
+        min_tokens = body.get("min_tokens") or 0
+        local_stops = stops[BACKEND_STOP_STRINGS:] if min_tokens else stops
+        searched = 0  # a stop string must end past this point of `text` to count (vLLM's min_tokens rule)
         logprobs: list[dict] = []  # the backend's entries not yet passed on
         pieces = 0  # non-empty content deltas relayed
 
@@ -403,13 +407,24 @@ class OpenAIWorker(BaseWorker):
                                             self.api_base, body["max_tokens"])
                         finish = finish or "length"
                         break
+                    stopped = False
                     for delta, choice_finish, choice_logprobs in choices:
                         finish = choice_finish or finish
                         logprobs.extend(choice_logprobs)
                         if delta:
                             text += delta
                             pieces += 1
-                            yield encode_chunk(prompt + _trim_stop(text, trimmed), OK, logprobs=take_logprobs())
+                            cut = first_stop(text, local_stops, searched) if pieces > min_tokens else -1
+                            if cut >= 0:
+                                text, stopped = text[:cut], True
+                                break
+                            searched = len(text)
+                            # A partial stop string at the end is held back: the relayed texts only ever grow.
+                            yield encode_chunk(prompt + held_back(text, local_stops, final=False), OK,
+                                               logprobs=take_logprobs())
+                    if stopped:  # leaving the stream ends the backend's generation too
+                        finish = "stop"
+                        break
         except MalformedEvent as exc:  # the backend's fault, said as such (no traceback: nothing here broke)
             self.logger.error("backend %s sent a malformed event: %s", self.api_base, exc)
             yield error_chunk(f"the backend {self.api_base} sent a malformed event: {exc}", WORKER_ERROR)
@@ -424,15 +439,16 @@ class OpenAIWorker(BaseWorker):
         if finish is None:
             yield error_chunk(f"the backend {self.api_base} ended the stream without finishing", WORKER_ERROR)
             return
-        usage = usage or {}
+        # A stream left early (a stop string cut here, a backend past max_tokens) brought no usage: each relayed
+        # piece holds a token at least, and the prompt's count is unknown (0, as for a backend that sends none).
+        usage = usage or {"completion_tokens": pieces}
         reported = {key: token_count(usage.get(key)) or 0 for key in ("prompt_tokens", "completion_tokens")}
         details = usage.get("prompt_tokens_details")
         cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
         # Only a backend that reports it (vLLM with --enable-prompt-tokens-details); unknown is left out, not 0.
         if cached is not None:
             reported["cached_tokens"] = cached
-        yield encode_chunk(prompt + _trim_stop(text, trimmed), OK, finish_reason=finish, logprobs=take_logprobs(),
-                           usage=reported)
+        yield encode_chunk(prompt + text, OK, finish_reason=finish, logprobs=take_logprobs(), usage=reported)
 
 
 class MalformedEvent(ValueError):
@@ -466,15 +482,6 @@ def _event_parts(event: Any) -> tuple[dict | None, list[tuple[str, str | None, l
                                  f"{str(choice)[:80]}")
         parts.append((content, finish, entries or []))
     return (usage if isinstance(usage, dict) else None), parts
-
-
-def _trim_stop(text: str, stops: list[str]) -> str:
-    """The original protocol never sends the stop string: cut at its first occurrence."""
-    for stop in stops:
-        index = text.find(stop)
-        if index >= 0:
-            text = text[:index]
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

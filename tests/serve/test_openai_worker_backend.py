@@ -134,6 +134,7 @@ def test_a_backend_that_ignores_max_tokens_is_cut_there():
     chunks = _relayed([_piece(" la")] * 10_000)
     assert chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] == "length"
     assert chunks[-1]["text"].endswith("ASSISTANT:" + " la" * 8) and len(chunks) == 9
+    assert chunks[-1]["usage"] == {"prompt_tokens": 0, "completion_tokens": 8}  # the stream left carried none
 
 
 def test_stop_strings_past_openais_four_are_cut_by_the_worker_and_min_tokens_keeps_the_backends_text():
@@ -146,6 +147,23 @@ def test_stop_strings_past_openais_four_are_cut_by_the_worker_and_min_tokens_kee
     chunks = _relayed([_piece("a. b; c"), _piece("", "stop"), "data: [DONE]"], sent, stops=["."], min_tokens=2)
     assert sent[-1]["stop"] == ["."] and sent[-1]["min_tokens"] == 2
     assert chunks[-1]["text"].endswith("ASSISTANT:a. b; c")
+
+
+def test_a_stop_string_the_worker_cuts_ends_the_answer_there():
+    """Before, a stop string past the backend's four was only cut out of the text: the worker read on to the
+    backend's end (its generation wasted), sent the same text again with every piece, and ended with the
+    backend's "length"; a partial stop string was shown and taken back ("a#" then "a")."""
+    sent: list[dict] = []
+    events = [_piece("a"), _piece(" x"), _piece("; b"), _piece(" c"), _piece(" d", "length"), "data: [DONE]"]
+    chunks = _relayed(events, sent, stop="</s>", stops=["#", "@", "%", ";", " x!"])
+    assert sent[-1]["stop"] == ["</s>", "#", "@", "%"]
+    answers = [c["text"].split("ASSISTANT:")[1] for c in chunks]
+    assert answers == ["a", "a", "a x"]  # " x" is held back (it may begin " x!"), then shown: ";" ends it after
+    assert chunks[-1]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 3
+    # Under min_tokens a stop string wholly inside the first tokens does not count (vLLM's rule), a later one does.
+    chunks = _relayed([_piece("a;"), _piece(" b"), _piece(" c;"), _piece(" d", "length"), "data: [DONE]"],
+                      stops=["#", "@", "%", "/", ";"], min_tokens=2)
+    assert chunks[-1]["text"].endswith("ASSISTANT:a; b c") and chunks[-1]["finish_reason"] == "stop"
 
 
 def test_a_worker_whose_backend_is_down_does_not_answer_its_status():
