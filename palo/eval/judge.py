@@ -124,15 +124,25 @@ _LABEL_WORD = r"\b(?:assistant|answer|response)\s*#?\s*"
 _LABEL = re.compile(_LABEL_WORD + r"([12])\b", re.IGNORECASE)
 # A label and its score on one line ("Assistant 1: 8", "Assistant 1 receives a score of 6"). The gap between them
 # holds no digit and no other label, so "Assistant 1 with Assistant 2: 5" does not give Assistant 1 a 2.
+# The number must not count something: a word after it is one a score takes ("8 points", "6 while", "9 for its
+# detail", the next label), not a noun ("Assistant 2 lists 3 reasons", "mentions 2 dogs").
+_SCORE_FOLLOWER = (r"(?:points?|pts|and|or|while|but|whereas|because|for|since|as|respectively|overall|compared|with|"
+                   r"assistant|answer|response)\b")
 _LABELLED = re.compile(
-    rf"{_LABEL_WORD}([12])\b(?:(?!{_LABEL_WORD}[12]\b)[^\d\n]){{0,40}}?({_NUMBER})(?![\d.]*\d)", re.IGNORECASE
+    rf"{_LABEL_WORD}([12])\b(?:(?!{_LABEL_WORD}[12]\b)[^\d\n]){{0,40}}?({_NUMBER})(?![\d.]*\d)"
+    rf"(?!\s*(?!{_SCORE_FOLLOWER})[^\W\d_])",
+    re.IGNORECASE,
 )
+# A line that starts with its first number ("8 9 - Assistant 2 is better as it names 2 dogs"): the pair the rule
+# asks for comes first, whatever the explanation after it says.
+_LEADING_NUMBER = re.compile(rf"^[\[(]?\s*{_NUMBER}")
 # Two unlabelled scores on a line: words without digits may come before them ("Scores:", "I give"); the two numbers
 # are side by side with at most one separator ("8 9", "8, 9", "[6, 4]", "8 and 7"); after them, only what a
-# punctuation mark sets apart and holds no digit ("8 9 (Assistant 2 is better)", "8 9. Both are fine").
+# punctuation mark sets apart: text that holds no digit, or that begins with a word ("8 9 (Assistant 2 is better)",
+# "8 9. Both are fine", "8 9 - Assistant 2 names 2 dogs"), never a third number ("8 9, 10").
 _PAIR = re.compile(
     rf"^\D*?[\[(]?\s*({_NUMBER})(?:\s*(?:[,;&]|\band\b|\bvs\b\.?)\s*|\s+)({_NUMBER})\s*[\])]?"
-    r"(?:\s*[-\u2013\u2014(:;,.!]\D*)?$",
+    r"(?:\s*[-\u2013\u2014(:;,.!](?:\s*[^\W\d_].*|\D*))?$",
     re.IGNORECASE,
 )
 # Markdown emphasis and heading marks around scores ("**8** **9**", "# 8 9").
@@ -170,8 +180,10 @@ def parse_scores(reply: str) -> tuple[float, float]:
 
     A ``<think>`` block is dropped first. Then the first line that holds a number other than a label's decides:
 
+    * if it begins with two scores side by side ("8 9 - Assistant 2 names 2 dogs"), they are the scores;
     * if it gives a score by label ("Assistant 2: 9, Assistant 1: 3"), the labels decide, this line and the next
-      ones ("Assistant 1: 8\\nAssistant 2: 9"), whatever the order;
+      ones that begin with a label ("Assistant 1: 8\\nAssistant 2: 9"), whatever the order; a number followed by
+      a noun counts something ("Assistant 2 lists 3 reasons") and is not a score;
     * otherwise the line must hold two scores side by side, Assistant 1 first, and no other number ("8 9", "8, 9",
       "Scores: 8/10 and 9/10", "**7** **10**", "8 9 (Assistant 2 is better)");
     * a line that ends with a colon introduces what follows ("Evaluation of question 3 about image 001.jpg:") and
@@ -192,19 +204,25 @@ def parse_scores(reply: str) -> tuple[float, float]:
         raise ScoreParseError("empty reply")
     lines = [_clean(line) for line in _without_thinking(reply).splitlines()]
     for index, line in enumerate(lines):
-        if _labelled(line):
-            found: dict[str, float] = {}
-            for later in lines[index:]:
-                for label, score in _labelled(later).items():
-                    found.setdefault(label, score)
+        unlabelled = _LABEL.sub(" ", line)
+        pair = _PAIR.match(unlabelled)
+        if pair is not None and _LEADING_NUMBER.match(line):
+            scores = (float(pair.group(1)), float(pair.group(2)))
+            break
+        found = _labelled(line)
+        if found:
+            # Further scores by label only from lines that begin with one ("Assistant 2: 9"), never from the
+            # explanation's prose.
+            for later in lines[index + 1:]:
+                if _LABEL.match(later):
+                    for label, score in _labelled(later).items():
+                        found.setdefault(label, score)
             if "1" not in found or "2" not in found:
                 raise ScoreParseError(f"a score for one assistant only: {line[:80]!r}")
             scores = (found["1"], found["2"])
             break
-        unlabelled = _LABEL.sub(" ", line)
         if not re.search(r"\d", unlabelled):
             continue
-        pair = _PAIR.match(unlabelled)
         if pair is not None:
             scores = (float(pair.group(1)), float(pair.group(2)))
             break

@@ -46,6 +46,10 @@ def test_unparseable_replies_raise(reply):
     ("<think>\nAssistant 1 lists 3 objects, Assistant 2 lists 2.\n</think>\n7 8", (7, 8)),
     ("Evaluation of question 3 about image 001.jpg:\n7 8\nBoth fine.", (7, 8)),  # a heading is not the scores
     ("8 9 (Assistant 2 is better)", (8, 9)),
+    ("8 9 - Assistant 2 is better as it mentions 2 dogs", (8, 9)),  # the leading pair, not a count in the prose
+    ("Answer 1: 7  Answer 2: 6", (7, 6)),
+    ("Assistant 1 gets 8 points, Assistant 2 gets 9 points.", (8, 9)),
+    ("Assistant 1 scores 7 while Assistant 2 scores 10.", (7, 10)),
 ])
 def test_numbers_that_are_not_scores_are_not_read_as_scores(reply, expected):
     assert parse_scores(reply) == expected
@@ -55,6 +59,11 @@ def test_numbers_that_are_not_scores_are_not_read_as_scores(reply, expected):
     "-3 5", "Assistant 1: -3\nAssistant 2: 5",  # signed: out of range, not 3
     "1. 8\n2. 9",  # list markers are not scores
     "The image shows 2 dogs and 001.jpg is small.\n8 9",  # a preamble with numbers: fail rather than guess
+    # Counts in the explanation are not scores (they were read as 3, as 2, and as (3, 5) and (2, 4)):
+    "Assistant 1: 8\nAssistant 2 lists 3 reasons and gets 9.",
+    "Assistant 1: 8\n\nAssistant 2 mentions 2 dogs. Score 9",
+    "Assistant 1 provides 3 examples, Assistant 2 provides 5 examples.\n7 8",
+    "Assistant 1 gave 2 wrong facts: 4\nAssistant 2: 8",
 ])
 def test_replies_that_would_need_a_guess_raise(reply):
     with pytest.raises(ScoreParseError):
