@@ -67,8 +67,16 @@ def average_row(rows: dict[str, dict[str, Any]], group: tuple[str, ...]) -> dict
     return out
 
 
-def build_table(reviews_dir: str, name: str, languages: list[str] | None = None) -> dict[str, Any]:
+def build_table(reviews_dir: str, name: str, languages: list[str] | None = None,
+                skip: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Scores of every language with a reviews file, and the group averages.
+
+    Args:
+        reviews_dir: Folder of ``<name>_<Language>.jsonl`` reviews.
+        name: The run's name.
+        languages: Languages to report (default: all 10).
+        skip: Languages listed as not evaluated whatever their reviews file holds (a run that failed for them left
+            the reviews of earlier answers there).
 
     Returns:
         ``{"name", "languages": {lang: row}, "averages": {label: row}, "missing": [lang, ...]}``.
@@ -77,7 +85,7 @@ def build_table(reviews_dir: str, name: str, languages: list[str] | None = None)
     missing = []
     for language in languages or list(LANGUAGES):
         path = reviews_path(reviews_dir, name, language)
-        if not os.path.isfile(path):
+        if language in skip or not os.path.isfile(path):
             missing.append(language)
             continue
         rows[language] = language_row(summarize_file(path))
@@ -184,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="the output name given to eval_all_languages.sh")
     parser.add_argument("--languages", nargs="*", default=None, help="default: all 10 PALO languages")
     parser.add_argument("--out", default=None, help="output prefix (default: <reviews-dir>/../<NAME>_summary)")
+    parser.add_argument("--skip", nargs="*", default=[],
+                        help="languages to list as not evaluated whatever their reviews file holds")
     args = parser.parse_args(argv)
-    table = build_table(args.reviews_dir, args.name, args.languages)
+    table = build_table(args.reviews_dir, args.name, args.languages, skip=args.skip)
     if not table["languages"]:
         print(f"error: no reviews named {args.name}_<Language>.jsonl in {args.reviews_dir}", file=sys.stderr)
         return 2

@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(task.label)
     del loaded[:]  # free the model before judging
 
+    all_failed = []  # judged, every judgment failed: their reviews are this run's, shown with their failures
     for task in answered:
         print(f"=== {task.label}: judging ===", file=sys.stderr)
         rc = eval_gpt_review_bench.main(judge_argv(args, task))
@@ -286,15 +287,19 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if rc == 3:
             failed.append(task.label)
+            all_failed.append(task.label)
         print(f"=== {task.label} ===")
         summarize_gpt_review.main(["-f", task.reviews_out])
 
     if args.bench is not None:
-        # Every requested language, so those that could not run are listed as not evaluated.
+        # Every requested language, so those that could not run are listed as not evaluated; so are those that
+        # failed before their reviews were brought up to date (their file may hold an earlier checkpoint's).
         languages = args.languages or available_languages(args.bench)
+        stale = [label for label in failed if label not in all_failed]
         if tasks:
             report.main(["--reviews-dir", os.path.join(args.output_dir, "reviews"), "--name", args.name,
-                         "--languages", *languages, "--out", os.path.join(args.output_dir, f"{args.name}_summary")])
+                         "--languages", *languages, "--out", os.path.join(args.output_dir, f"{args.name}_summary"),
+                         "--skip", *stale])
     if failed:
         print(f"warning: incomplete: {', '.join(failed)} (see the errors above; rerunning the same command resumes "
               "what was done)", file=sys.stderr)
