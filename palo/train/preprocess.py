@@ -15,6 +15,8 @@ A sample is the ``conversations`` list of the PALO/LLaVA JSON format::
 from __future__ import annotations
 
 import dataclasses
+import json
+import weakref
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from typing import Any
@@ -144,10 +146,50 @@ def _encode_chunk(text: str, tokenizer: Any) -> list[TokenSpan]:
         return _encode_chunk_sentencepiece(text, tokenizer)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, return_offsets_mapping=True)
-        return [(i, s, e) for i, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        untrimmed = _untrimmed_backend(tokenizer)
+        if untrimmed is not None:
+            encoding = untrimmed.encode(text)
+            if encoding.ids != ids:
+                raise ValueError(f"{type(tokenizer).__name__}: its backend without trimmed offsets tokenizes "
+                                 f"{text[:60]!r} differently; cannot place its tokens in the text")
+            offsets = encoding.offsets
+        return [(i, s, e) for i, (s, e) in zip(ids, offsets)]
     raise TypeError(
         f"encode_with_offsets needs PaloLlamaTokenizer or a fast tokenizer, got {type(tokenizer).__name__}"
     )
+
+
+_UNTRIMMED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _untrimmed_backend(tokenizer: Any) -> Any | None:
+    """A copy of a fast tokenizer's backend whose offsets keep their whitespace, or None when they already do.
+
+    Byte-level BPE tokenizers (GPT-2, GPT-NeoX, MPT) ship with ``trim_offsets``: a token's offsets leave out its
+    whitespace, so a whitespace-only token (an indentation space) covers no characters and could never overlap an
+    answer, and the answer's code indentation would never be learned. Trimming changes the offsets only, never the
+    ids; the copy is made once per tokenizer.
+    """
+    if tokenizer in _UNTRIMMED:
+        return _UNTRIMMED[tokenizer]
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    trimmed = False
+
+    def untrim(node: Any) -> Any:
+        nonlocal trimmed
+        if isinstance(node, dict):
+            trimmed = trimmed or node.get("trim_offsets") is True
+            return {key: False if key == "trim_offsets" else untrim(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [untrim(value) for value in node]
+        return node
+
+    spec = untrim(spec)
+    _UNTRIMMED[tokenizer] = Tokenizer.from_str(json.dumps(spec)) if trimmed else None
+    return _UNTRIMMED[tokenizer]
 
 
 def _encode_chunk_sentencepiece(text: str, tokenizer: PaloLlamaTokenizer) -> list[TokenSpan]:

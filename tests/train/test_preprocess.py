@@ -381,3 +381,34 @@ def test_prompt_segments_concatenate_to_the_prompt(key):
     learned = [text for text, flag in segments if flag]
     # v0/default keep their pre-filled example exchange, whose answer is an assistant turn too.
     assert learned[-1].lstrip(" ").startswith("A1") and "Q2" not in "".join(learned)
+
+
+def _byte_level_bpe(trim_offsets: bool):
+    """A tiny GPT-2-style byte-level BPE, with the ``trim_offsets`` such tokenizer files ship with."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from palo.testing.corpus import all_text
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=trim_offsets)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    backend.train_from_iterator(all_text(), trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+
+
+@pytest.mark.parametrize("trim_offsets", [False, True])
+def test_whitespace_tokens_of_an_answer_are_learned_with_trimmed_offsets(trim_offsets):
+    """Before, a byte-level BPE with trim_offsets (GPT-2, GPT-NeoX, MPT files) gave each whitespace-only token an
+    empty span, so the answer's indentation and spaces were never learned ('deff():\\nreturn1')."""
+    tok = _byte_level_bpe(trim_offsets)
+    answer = "def f():\n    return 1"
+    turns = [{"from": "human", "value": "Write f."}, {"from": "gpt", "value": answer}]
+    for key in ("mpt", "v1"):
+        example = build_supervised_example(turns, tok, key, has_image=False)
+        assert example.input_ids == tokenizer_image_token(example.prompt, tok)
+        assert supervised_text(example, tok) == ANSWER_START[key] + answer + ANSWER_END[key]
