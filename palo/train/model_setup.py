@@ -76,7 +76,15 @@ def _quantization_kwargs(args: TrainingArguments) -> dict[str, Any]:
 
 
 def load_tokenizer_for_training(model_args: ModelArguments, args: TrainingArguments) -> Any:
-    """Right-padded tokenizer with ``model_max_length``; pad = unk except for ``v0`` (a new ``[PAD]``)."""
+    """Right-padded tokenizer with ``model_max_length``; pad = unk except for ``v0`` (a new ``[PAD]``).
+
+    A tokenizer without an unk token (byte-level BPEs: GPT-2, Qwen, Llama 3) keeps its own pad token, or pads with
+    its end-of-sequence token: padding is masked out of attention and labels, so any id serves, and the
+    vocabulary stays as it is.
+
+    Raises:
+        ValueError: For a tokenizer with no unk, pad or end-of-sequence token to pad with.
+    """
     tokenizer = load_tokenizer(
         resolve_checkpoint_dir(model_args.model_name_or_path), model_max_length=args.model_max_length,
         padding_side="right"
@@ -86,6 +94,11 @@ def load_tokenizer_for_training(model_args: ModelArguments, args: TrainingArgume
             tokenizer.add_special_tokens({"pad_token": "[PAD]"})
     elif tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
+    elif tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {model_args.model_name_or_path} has no unk, pad or end-of-sequence "
+                             "token to pad batches with")
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 

@@ -69,3 +69,35 @@ def test_the_frozen_tower_records_no_graph_under_gradient_checkpointing(world, t
     assert model.encode_images(pixels).requires_grad  # the projector still trains
     model.get_vision_tower().requires_grad_(True)  # a tower that is trained on purpose records its graph
     assert model.get_vision_tower()(pixels).requires_grad
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", None])
+def test_a_tokenizer_without_an_unk_token_pads_with_its_end_of_sequence_token(tmp_path, eos):
+    """Before, a byte-level BPE with no unk and no pad token (GPT-2, Qwen, Llama 3 style) left the pad id None and
+    the first batch failed in the collator with a TypeError."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from palo.testing.corpus import all_text
+    from palo.train.dataset import DataCollator
+    from palo.train.model_setup import load_tokenizer_for_training
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(all_text(), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos).save_pretrained(tmp_path / "tok")
+    args = (SimpleNamespace(model_name_or_path=str(tmp_path / "tok"), version="v1"),
+            SimpleNamespace(model_max_length=64))
+    if eos is None:
+        with pytest.raises(ValueError, match="no unk, pad or end-of-sequence token"):
+            load_tokenizer_for_training(*args)
+        return
+    tokenizer = load_tokenizer_for_training(*args)
+    assert tokenizer.unk_token is None and tokenizer.pad_token_id == tokenizer.eos_token_id == 0
+    batch = DataCollator(tokenizer.pad_token_id)([{"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([5, 6])},
+                                                  {"input_ids": torch.tensor([7]), "labels": torch.tensor([7])}])
+    assert batch["input_ids"].tolist() == [[5, 6], [7, 0]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
