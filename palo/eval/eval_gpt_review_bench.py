@@ -16,7 +16,8 @@ without one is the original's, made by ``gpt-4-0314``) and, for reviews that rec
 (``request_key``, this project's field: a hash of the judge model, the messages and the sampling settings, so an
 edited question, context, answer text or rubric counts too). Failed reviews and reviews made for another request
 are judged again. New reviews are appended one flushed line at a time while the run goes; at the end the file is
-rewritten in question order with one review per question of the question file. Reviews that no longer apply (of
+rewritten in question order with one review per question of the question file, under the category the question
+file gives it now (a corrected category changes no request, so its review is kept). Reviews that no longer apply (of
 questions no longer in the question file, or made for another request and not yet judged again) are moved to
 ``<output>.stale``, said on stderr, and never counted.
 
@@ -97,14 +98,40 @@ def latest_reviews(path: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def load_questions(path: str, skip_bad: bool = False) -> list[Record]:
+    """The question file's records (``question_id``, ``text``, ``category``), each question_id once.
+
+    A repeated question_id would be judged twice (paid twice) and then lose both reviews, as the reviews are keyed
+    by question_id; so it is refused, as :func:`palo.eval.model_vqa.load_questions` refuses it when answering.
+
+    Raises:
+        JsonlError: On a malformed line or a repeated question_id, naming the line (and the first one); with
+            ``skip_bad`` such lines are reported and skipped instead.
+    """
+    questions, first = [], {}
+    for record in read_jsonl(path, skip_bad, required=("question_id", "text", "category")):
+        qid = str(record.data["question_id"])
+        if qid in first:
+            problem = f"{record.where}: duplicate question_id {record.data['question_id']!r} (first at {first[qid]})"
+            if not skip_bad:
+                raise JsonlError(problem)
+            print(f"[skip] {problem}", file=sys.stderr)
+            continue
+        first[qid] = record.where
+        questions.append(record)
+    return questions
+
+
 def _context_text(record: Record) -> str:
-    caption = record.data.get("caption", "")
+    caption = record.data["caption"]
     return "\n".join(str(c) for c in caption) if isinstance(caption, list) else str(caption)
 
 
 def build_items(questions: list[Record], contexts: dict[str, Record], answers1: dict[str, Record],
                 answers2: dict[str, Record], rules: dict[str, dict[str, str]], files: dict[str, str]) -> list[Item]:
     """Join the four inputs by question_id (answers) and image (context).
+
+    Answer records must have ``text`` and context records ``caption`` (as :func:`main` reads them).
 
     Raises:
         RuleError: If a question's category has no rule (the message names the question line).
@@ -128,8 +155,8 @@ def build_items(questions: list[Record], contexts: dict[str, Record], answers1: 
             problem = f"no context for image {q.data.get('image')!r} in {files['context']}"
         content = None
         if problem is None:
-            content = build_user_content(_context_text(ctx), str(q.data["text"]), str(a1.data.get("text", "")),
-                                         str(a2.data.get("text", "")), rule)
+            content = build_user_content(_context_text(ctx), str(q.data["text"]), str(a1.data["text"]),
+                                         str(a2.data["text"]), rule)
         items.append(Item(
             question=q,
             category=category,
@@ -141,6 +168,11 @@ def build_items(questions: list[Record], contexts: dict[str, Record], answers1: 
     return items
 
 
+def review_category(item: Item) -> str:
+    """The ``category`` a review of ``item`` carries (docs/formats.md §5.3: the rule's name)."""
+    return f"llava_bench_{item.category}"
+
+
 def review_record(item: Item, judgment: Judgment, judge_model: str) -> dict[str, Any]:
     """A review line (docs/formats.md §5.3) plus ``judge_model``, ``failed`` and, for failures, ``reason``."""
     record = {
@@ -148,7 +180,7 @@ def review_record(item: Item, judgment: Judgment, judge_model: str) -> dict[str,
         "question_id": item.question.data["question_id"],
         "answer1_id": item.answer1_id,
         "answer2_id": item.answer2_id,
-        "category": f"llava_bench_{item.category}",
+        "category": review_category(item),
         "content": judgment.content,
         "tuple": list(judgment.scores) if judgment.scores else FAILED_TUPLE,
         "judge_model": judge_model,
@@ -173,7 +205,12 @@ def compact(path: str, items: list[Item], judge_model: str) -> list[dict[str, An
     Reviews that no longer apply are appended to :func:`stale_path` first (nothing paid for is lost) and said on
     stderr: those of questions no longer in the question file, and successful ones made for another request (left
     when a run stops before judging that question again), which would otherwise be counted as scores of answers
-    they never saw.
+    they never saw. A kept review gets its question's category as the question file gives it now: a corrected
+    category leaves the request alone (the three rubrics are one text), so the review is reused, and its old
+    category would file the score under the wrong one.
+
+    Call it while holding the file's :class:`JsonlAppender` (its lock): a run that took the lock after it was let go
+    would append to the file this replaces, and its reviews would be lost.
 
     Returns:
         The reviews kept, as written.
@@ -187,6 +224,7 @@ def compact(path: str, items: list[Item], judge_model: str) -> list[dict[str, An
         if is_success(review) and not made_for(review, item, judge_model):
             outdated.append(review)
         else:
+            review["category"] = review_category(item)
             ordered.append(review)
     removed = list(latest.values())
     if removed or outdated:
@@ -260,10 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     files = {"a1": args.answer_list[0], "a2": args.answer_list[1], "context": args.context}
     try:
         rules = load_rules(args.rule)
-        questions = read_jsonl(args.question, args.skip_bad, required=("question_id", "text", "category"))
-        contexts = {str(r.data["image"]): r for r in read_jsonl(args.context, args.skip_bad, required=("image",))}
+        questions = load_questions(args.question, args.skip_bad)
+        # The texts are required: a line without one would be judged as an empty answer (or context), and its score
+        # counted as if the model (or the reference) had said nothing.
+        contexts = {str(r.data["image"]): r
+                    for r in read_jsonl(args.context, args.skip_bad, required=("image", "caption"))}
         answers1, answers2 = (
-            {str(r.data["question_id"]): r for r in read_jsonl(files[k], args.skip_bad, required=("question_id",))}
+            {str(r.data["question_id"]): r
+             for r in read_jsonl(files[k], args.skip_bad, required=("question_id", "text"))}
             for k in ("a1", "a2")
         )
         items = build_items(questions, contexts, answers1, answers2, rules, files)
@@ -332,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             judge_all(pending, run, record, args.parallel)
         except KeyboardInterrupt as exc:
             interrupted = exc
-    cache.close()
-    reviews = compact(args.output, items, args.judge_model)
+        cache.close()
+        # Still locked: another run is refused until the file is rewritten, instead of appending to the file that
+        # the rewrite replaces.
+        reviews = compact(args.output, items, args.judge_model)
 
     ok = sum(1 for r in reviews if is_success(r))
     print(f"reviewed {stats['judged']} question(s) with {args.judge_model} ({stats['cached']} from cache, "

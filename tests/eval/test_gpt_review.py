@@ -346,3 +346,85 @@ def test_ctrl_c_cancels_unsent_requests_writes_replies_in_flight_and_compacts(in
     assert judge_server.count() == {"Q-conv": 1, "Q-detail": 1}  # the two queued ones were never sent
     written = _reviews(inputs["o"])
     assert [(r["question_id"], r["id"]) for r in written] == [(10, 1), (11, 2)]  # both replies kept, compacted
+
+
+def test_a_corrected_category_is_written_into_the_review_it_reuses(inputs, judge_server, tmp_path):
+    """The three rubrics are one text, so a corrected category leaves the request as it was and its review is
+    reused; the review kept its old category, and the summary filed the score under that one."""
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    questions = [json.loads(line) for line in open(inputs["q"], encoding="utf-8")]
+    questions[3]["category"] = "complex"
+    _write(tmp_path / "q.jsonl", questions)
+    judge_server.reset_calls()
+
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert judge_server.count() == {}  # not part of the request: nothing to judge again
+    assert [r["category"] for r in _reviews(inputs["o"])] == [
+        "llava_bench_conv", "llava_bench_detail", "llava_bench_complex", "llava_bench_complex"]
+
+
+@pytest.mark.parametrize("which, key", [("a1", "text"), ("a2", "text"), ("c", "caption")])
+def test_an_answer_without_text_or_a_context_without_caption_is_refused_before_any_call(
+        inputs, judge_server, tmp_path, capsys, which, key):
+    """Such a line was judged as an empty answer (or context), and the score counted."""
+    rows = [json.loads(line) for line in open(inputs[which], encoding="utf-8")]
+    rows[1]["txt"] = rows[1].pop(key)  # a misspelt key
+    _write(tmp_path / os.path.basename(inputs[which]), rows)
+
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 2
+    assert f"error: {inputs[which]}:2: missing key(s) {key}" in capsys.readouterr().err
+    assert sum(judge_server.count().values()) == 0 and not os.path.exists(inputs["o"])
+
+
+def test_a_question_file_that_repeats_an_id_is_refused_before_any_call(inputs, judge_server, tmp_path, capsys):
+    """Both questions were judged (paid), then both reviews lost: the reviews are kept by question_id."""
+    questions = [json.loads(line) for line in open(inputs["q"], encoding="utf-8")]
+    _write(tmp_path / "q.jsonl", [*questions, dict(questions[0], text="Q-again", category="detail")])
+
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 2
+    assert f"error: {inputs['q']}:5: duplicate question_id 10 (first at {inputs['q']}:1)" in capsys.readouterr().err
+    assert sum(judge_server.count().values()) == 0 and not os.path.exists(inputs["o"])
+    # --skip-bad: reported and skipped, as answering skips it.
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--skip-bad")) == 0
+    assert f"[skip] {inputs['q']}:5: duplicate question_id 10" in capsys.readouterr().err
+    assert judge_server.count("Q-again") == 0
+    assert [r["question_id"] for r in _reviews(inputs["o"])] == [10, 11, 12, 13]
+
+
+def test_another_run_is_refused_while_the_reviews_file_is_rewritten(inputs, judge_server, monkeypatch, capsys):
+    """The lock used to be let go before the file was rewritten (os.replace): a run that took it then appended its
+    paid review to the file being replaced, and the review was lost."""
+    judge_server.script("Q-complex", (500, "down"), (200, "7 8\nfine"))  # left for the second run to judge
+    real = review.compact
+    rewriting, may_rewrite = threading.Event(), threading.Event()
+
+    def paused(*args, **kwargs):
+        if threading.current_thread().name == "first":
+            rewriting.set()
+            assert may_rewrite.wait(timeout=30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(review, "compact", paused)
+    args = _args(inputs, judge_server, "--no-cache", "--max-retries", "0")
+    codes = {}
+    runs = [threading.Thread(target=lambda name=name: codes.__setitem__(name, review.main(args)), name=name)
+            for name in ("first", "second")]
+    runs[0].start()
+    try:
+        assert rewriting.wait(timeout=60)
+        judge_server.reset_calls()
+        judge_server.gate_question = "Q-complex"  # unlocked, the second run's request waits here ...
+        runs[1].start()
+        deadline = time.time() + 60
+        while runs[1].is_alive() and not judge_server.reached.is_set() and time.time() < deadline:
+            time.sleep(0.01)
+    finally:
+        may_rewrite.set()  # ... while the first run rewrites the file
+        runs[0].join(timeout=60)
+        judge_server.release.set()
+        if runs[1].is_alive():
+            runs[1].join(timeout=60)
+    assert codes == {"first": 0, "second": 2}
+    assert "another process is writing this file" in capsys.readouterr().err
+    assert judge_server.count() == {}
+    assert [r["failed"] for r in _reviews(inputs["o"])] == [False, False, True, False]
