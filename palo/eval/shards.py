@@ -105,8 +105,10 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
     """Merge shard answer files into ``answers_file`` in question-file order.
 
     Answers already in ``answers_file`` are kept and win over a shard's answer to the same question; within the
-    shards the first answer wins. The result is written atomically; then (``remove_shards``) the shard files are
-    deleted, their answers being in the final file.
+    shards the first answer wins. Its answers to questions no longer in the question file (a corrected bench that
+    dropped one) are kept after the others, said on stderr: answering and judging pass over them, as they do when
+    the answers were not sharded, and nothing answered is lost. The result is written atomically; then
+    (``remove_shards``) the shard files are deleted, their answers being in the final file.
 
     Args:
         question_file: Gives the order.
@@ -131,6 +133,7 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
     order = question_order(question_file)
     known = set(order)
     answers: dict[str, dict] = {}
+    unknown: list[dict] = []  # the final file's answers to questions no longer asked, in file order
     for path in [answers_file, *shard_files]:
         if not os.path.isfile(path):
             continue
@@ -141,12 +144,22 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
         for record in iter_jsonl(path, skip_bad=path == answers_file, required=("question_id",)):
             qid = str(record.data["question_id"])
             if qid not in known:
-                raise JsonlError(f"{record.where}: question_id {record.data['question_id']!r} "
-                                 f"is not in {question_file}")
+                if path != answers_file:  # a shard of another run (or another question file): nothing to merge
+                    raise JsonlError(f"{record.where}: question_id {record.data['question_id']!r} "
+                                     f"is not in {question_file}")
+                # The merged file was made for an earlier question file: refusing it would fail every rerun, which
+                # answers the shards and merges again; answering and judging pass over such answers as well.
+                unknown.append(record.data)
+                continue
             answers.setdefault(qid, record.data)
+    if unknown:
+        ids = [str(r["question_id"]) for r in unknown]
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        print(f"[merge] {answers_file}: kept {len(ids)} answer(s) to question(s) no longer in {question_file} at "
+              f"its end (question_id {shown}); judging passes over them", file=sys.stderr)
     merged = [answers[qid] for qid in order if qid in answers]
     os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
-    write_jsonl_atomic(answers_file, merged)
+    write_jsonl_atomic(answers_file, merged + unknown)
     if remove_shards:
         for path in shard_files:
             if os.path.isfile(path):

@@ -259,3 +259,26 @@ def test_help_lists_merge_and_names_the_typed_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", "shards", "merge", "--help"])
     assert exit_info.value.code == 0 and "--question-file" in capsys.readouterr().out
+
+
+def test_answers_of_the_merged_file_to_removed_questions_are_kept_not_an_error(tmp_path, capsys):
+    """A corrected bench dropped question 3: the merged file's answer to it failed every merge (so every rerun),
+    though answering and judging pass over it. It is kept, at the end. A shard's answer to it stays an error (a shard
+    of another run)."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "q"}) + "\n" for i in range(3)))
+    merged = tmp_path / "answers.jsonl"
+    merged.write_text("".join(json.dumps({"question_id": i, "text": f"old{i}"}) + "\n" for i in (0, 3)))
+    shard = tmp_path / "sh" / "s0.jsonl"
+    shard.parent.mkdir()
+    shard.write_text("".join(json.dumps({"question_id": i, "text": f"new{i}"}) + "\n" for i in (1, 2)))
+
+    assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged), str(shard)]) == 0
+    assert (f"[merge] {merged}: kept 1 answer(s) to question(s) no longer in {questions} at its end (question_id 3)"
+            in capsys.readouterr().err)
+    assert [r["text"] for r in _read(merged)] == ["old0", "new1", "new2", "old3"] and not shard.exists()
+    shard.parent.mkdir()
+    shard.write_text(json.dumps({"question_id": 3, "text": "new3"}) + "\n")
+    assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged), str(shard)]) == 2
+    assert f"{shard}:1: question_id 3 is not in {questions}" in capsys.readouterr().err
+    assert shard.exists()
