@@ -42,8 +42,10 @@ from palo.eval.judge import (
     Judgment,
     ReplyCache,
     RuleError,
+    ScoreParseError,
     build_user_content,
     load_rules,
+    parse_scores,
     rule_for,
 )
 from palo.jsonl import JsonlAppender, JsonlError, Record, iter_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
@@ -85,6 +87,22 @@ def made_for(review: dict[str, Any], item: Item, judge_model: str) -> bool:
     if (review.get("answer1_id"), review.get("answer2_id")) != (item.answer1_id, item.answer2_id):
         return False
     return review.get("request_key", item.request_key) == item.request_key
+
+
+def reread_scores(review: dict[str, Any]) -> tuple[float, float] | None:
+    """The scores this version reads in a successful review's reply, or None where it reads none.
+
+    A review of this project (it records ``request_key``) was scored by an earlier version of the parser, which may
+    have read a count in the explanation as a score; its reply is read again, so a resumed run corrects the score
+    (or judges the question again) instead of keeping it. Reviews of the original keep the scores its own rule
+    read.
+    """
+    if "request_key" not in review:
+        return tuple(review.get("tuple", review.get("score")))
+    try:
+        return parse_scores(str(review.get("content", "")))
+    except ScoreParseError:
+        return None
 
 
 def latest_reviews(path: str) -> dict[str, dict[str, Any]]:
@@ -337,12 +355,17 @@ def main(argv: list[str] | None = None) -> int:
         if item.content is not None:
             item.request_key = client.fingerprint(item.content)
     previous = latest_reviews(args.output)
-    pending, redone = [], 0
+    pending, redone, reread = [], 0, []
     for item in items:
         review = previous.get(str(item.question.data["question_id"]))
         if review is not None and is_success(review):
             if made_for(review, item, args.judge_model):
-                continue
+                scores = reread_scores(review)
+                if scores == tuple(review.get("tuple", review.get("score"))):
+                    continue
+                if scores is not None:  # the same reply, read right now: no need to ask again
+                    reread.append({**review, "tuple": list(scores)})
+                    continue
             redone += 1
         pending.append(item)
     if len(pending) < len(items):
@@ -350,7 +373,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
     if redone:
         print(f"[resume] {redone} review(s) in {args.output} were made for other answers, another judge or another "
-              "request: judged again", file=sys.stderr)
+              "request, or their reply no longer reads as two scores: judged again", file=sys.stderr)
+    if reread:
+        print(f"[resume] {len(reread)} review(s) in {args.output} read their reply's scores again (an earlier "
+              "version misread them)", file=sys.stderr)
 
     failures: list[tuple[Any, str]] = []
     stats = {"judged": 0, "cached": 0, "calls": 0}
@@ -370,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupted: KeyboardInterrupt | None = None
     with out:
+        for review in reread:  # the latest line per question counts: compact keeps these
+            out.write(review)
         try:
             judge_all(pending, run, record, args.parallel)
         except KeyboardInterrupt as exc:

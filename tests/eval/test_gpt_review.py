@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import pathlib
 import signal
 import threading
 import time
@@ -428,3 +429,26 @@ def test_another_run_is_refused_while_the_reviews_file_is_rewritten(inputs, judg
     assert "another process is writing this file" in capsys.readouterr().err
     assert judge_server.count() == {}
     assert [r["failed"] for r in _reviews(inputs["o"])] == [False, False, True, False]
+
+
+def test_a_resumed_run_reads_its_earlier_replies_again(inputs, judge_server, capsys):
+    """Reviews an earlier version scored by misreading a count ('lists 3 reasons' as a 3) were kept as they were:
+    now a reply that still reads as two scores gets them (no call), and one that does not is judged again."""
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    reviews = _reviews(inputs["o"])
+    reviews[0].update(content="Assistant 1: 8\nAssistant 2 lists 3 reasons and gets 9.", tuple=[8.0, 3.0])
+    reviews[1].update(content="7 8\nAssistant 2 names 2 dogs.", tuple=[2.0, 2.0])
+    original = {key: value for key, value in reviews[2].items() if key != "request_key"}  # the original's review
+    original.update(content="7 8\nAssistant 1 lists 3 dogs.", tuple=[7.0, 3.0])
+    reviews[2] = original
+    _write(pathlib.Path(inputs["o"]), reviews)
+    judge_server.reset_calls()
+    judge_server.script("Q-conv", (200, "6 9\nfine"))
+
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    err = capsys.readouterr().err
+    assert "1 review(s) in" in err and "read their reply's scores again" in err
+    assert judge_server.count() == {"Q-conv": 1}  # only the reply that reads as no scores now
+    kept = _reviews(inputs["o"])
+    assert [r["tuple"] for r in kept[:3]] == [[6.0, 9.0], [7.0, 8.0], [7.0, 3.0]]  # the original's rule stands
+    assert [r["question_id"] for r in kept] == [10, 11, 12, 13]
