@@ -266,9 +266,8 @@ def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool)
             is a text-only LLM.
         palo.model.builder.CheckpointError: If ``model_path`` is not a checkpoint.
     """
-    from transformers import AutoConfig
 
-    from palo.model.builder import detect_checkpoint_kind, resolve_checkpoint_dir, unreadable_files_named
+    from palo.model.builder import detect_checkpoint_kind, read_config, resolve_checkpoint_dir, unreadable_files_named
     from palo.model.config import MultimodalSpec
 
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -282,7 +281,7 @@ def checked_checkpoint_config(model_path: str, output_dir: str, overwrite: bool)
                           "it reads; choose another folder")
     detect_checkpoint_kind(model_dir)
     with unreadable_files_named(model_path, None):
-        config = AutoConfig.from_pretrained(model_dir)
+        config = read_config(model_dir)  # as the loader reads it: MobileVLM's flat "mobilevlm" config too
     spec = MultimodalSpec.from_config(config)
     if not spec.is_multimodal:
         raise ExportError(f"{model_path!r} is a text-only LLM (its config names no mm_vision_tower); nothing to export")

@@ -431,3 +431,17 @@ def test_default_dtype_is_the_checkpoints_or_float16(world, tmp_path):
         assert json.load(f)["torch_dtype"] == "float16"
     hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir)
     assert hf.dtype == torch.float16
+
+
+def test_a_mobilevlm_config_exports_as_the_loader_reads_it(world, tmp_path):
+    """MobileVLM's flat config (``model_type`` ``mobilevlm``, unknown to transformers) loads through
+    load_pretrained_model but both exports refused it: they read the config with AutoConfig, not as the loader."""
+    config = dict(world.config, model_type="mobilevlm", architectures=["MobileLlamaForCausalLM"],
+                  vision_tower_type="clip")
+    ckpt = tiny.write_full_checkpoint(str(tmp_path / "mobilevlm"), world.model, config, world.tokenizer_dir)
+    export = export_hf_llava(ckpt, str(tmp_path / "hf"), dtype="float32")
+    hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir).eval()
+    reference = export_hf_llava(world.full_dir, str(tmp_path / "reference"), dtype="float32")
+    expected = LlavaForConditionalGeneration.from_pretrained(reference.output_dir).state_dict()
+    for key, value in hf.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
