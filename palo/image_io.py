@@ -104,6 +104,7 @@ def trim_for_centre_crop(image: Image.Image, shortest_edge: int, max_pixels: int
     width, height = image.size
     short, long = min(width, height), max(width, height)
     max_long = max(short, short * max_pixels // (shortest_edge * shortest_edge))
+    max_long += (long - max_long) % 2  # an even cut: a half-pixel shift would move the crop ~84 pixels at 336
     if long <= max_long:
         return image
     offset = (long - max_long) // 2

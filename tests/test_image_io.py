@@ -58,3 +58,14 @@ def test_an_rgb_image_keeps_its_pixels_unless_it_names_a_transparent_colour():
     expected = np.asarray(image).copy()
     expected[0, 0] = 255
     assert np.array_equal(np.asarray(to_rgb(image)), expected)
+
+
+@pytest.mark.parametrize("long", [201, 203])
+def test_an_odd_cut_is_kept_even_so_the_centre_stays_the_centre(long):
+    """Before, cutting 121 of 201 columns took 60 on one side and 61 on the other: half a source column off centre,
+    which the resize to the model's size turned into a crop tens of pixels away from the untrimmed one."""
+    stored = np.random.default_rng(2).integers(0, 256, (4, long, 3), dtype=np.uint8)
+    trimmed = trim_for_centre_crop(Image.fromarray(stored), shortest_edge=2, max_pixels=80)  # 20:1 -> 80 long
+    cut = long - trimmed.size[0]
+    assert cut % 2 == 0 and trimmed.size[0] in (80, 81)
+    assert np.array_equal(np.asarray(trimmed), stored[:, cut // 2:long - cut // 2])
