@@ -7,6 +7,10 @@ normalizer from its arguments and does neither, so the export writes a complete 
 tokenizers pipeline built from the SentencePiece model in legacy mode, BOS added by the post-processor) and names
 the class ``PreTrainedTokenizerFast``, which every transformers version, vLLM and SGLang load verbatim.
 
+A checkpoint whose tokenizer config says ``"legacy": false`` is exported with the same pipeline: 4.31 then took the
+``▁`` off the first piece of a text that follows a special token (``</s>USER``), after merging, which no tokenizers
+pipeline can do, so a multi-turn prompt's text after ``</s>`` differs there by that one piece (the export says so).
+
 ``<image>`` is appended as a special token after the tokenizer's own vocabulary (and after tokens the loader
 added, such as ``<im_patch>``), so it splits the text exactly where :func:`palo.mm_utils.tokenizer_image_token`
 splits it: the text after it is encoded as if it began a sequence, dummy prefix included.
@@ -15,6 +19,7 @@ splits it: the text after it is encoded as if it began a sequence, dummy prefix 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -24,6 +29,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 from palo.model.tokenizer import sentencepiece_model_proto
 
 __all__ = ["build_fast_tokenizer", "read_sentencepiece_bpe", "write_tokenizer"]
+
+logger = logging.getLogger(__name__)
 
 
 # SentencePiece piece types (sentencepiece_model.proto): only NORMAL pieces take part in BPE merges; USER_DEFINED
@@ -107,16 +114,23 @@ def build_fast_tokenizer(tokenizer: Any, image_token: str) -> tuple[Tokenizer, i
     """
     vocab_file = getattr(tokenizer, "vocab_file", None)
     if vocab_file and os.path.isfile(vocab_file) and hasattr(tokenizer, "sp_model"):
+        if getattr(tokenizer, "original_legacy", True) is False:
+            logger.warning("the tokenizer config says \"legacy\": false: the exported tokenizer gives a text after a "
+                           "special token its dummy prefix; PALO's tokenizer (as transformers 4.31) takes it off, so "
+                           "a multi-turn prompt differs by one piece after each </s>")
         fast = _sentencepiece_tokenizer(vocab_file)
         base_size = fast.get_vocab_size(with_added_tokens=False)
         specials = [tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token]
         fast.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials if t])
-        # Tokens the loader added (<im_patch>, <im_start>, <im_end>) keep their ids.
+        # Tokens the loader added (<im_patch>, <im_start>, <im_end>) keep their ids, and take the whitespace beside
+        # them away as PaloLlamaTokenizer.added_token_spans does (4.31's rule for them).
         for token_id in sorted(tokenizer.added_tokens_decoder):
             if token_id < base_size:
                 continue
             token = tokenizer.added_tokens_decoder[token_id]
-            fast.add_special_tokens([AddedToken(token.content, normalized=False, special=True)])
+            strip = token.content not in specials
+            fast.add_special_tokens([AddedToken(token.content, normalized=False, special=True, lstrip=strip,
+                                                rstrip=strip)])
             if fast.token_to_id(token.content) != token_id:
                 raise ValueError(f"added token {token.content!r} would move from id {token_id}")
         bos = tokenizer.bos_token

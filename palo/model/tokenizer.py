@@ -4,7 +4,9 @@ PALO and LLaVA-1.5 tokenized with transformers 4.31's *slow* ``LlamaTokenizer``.
 tokenizers-backed ``LlamaTokenizer`` of transformers 5 in ways that change token ids:
 
 * every text segment between special tokens (``</s>USER: ...``) is encoded by SentencePiece on its own, so it gets
-  the dummy-prefix ``▁`` again (the "legacy" behaviour, which 4.31 applied whatever ``legacy`` the config said);
+  the dummy-prefix ``▁`` again: the "legacy" behaviour, 4.31's default. A config that says ``"legacy": false``
+  got 4.31's other rule, kept here too: only the text's start gets the prefix, and a segment after a special token
+  loses the ``▁`` of its first piece (``</s>USER`` is ``</s>``, ``U``... rather than ``</s>``, ``▁U``...);
 * leading spaces are kept (``" x"`` encodes as ``▁▁x``), while the tokenizers ``Metaspace`` pre-tokenizer merges
   the dummy prefix into an existing leading space.
 
@@ -22,6 +24,8 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+SPIECE_UNDERLINE = "\u2581"  # SentencePiece's word-start mark
 
 # tokenizer_class values (as written in tokenizer_config.json) that mean "LLaMA SentencePiece tokenizer".
 _LLAMA_TOKENIZER_CLASSES = {"LlamaTokenizer", "LlamaTokenizerFast", "PaloLlamaTokenizer", None}
@@ -69,12 +73,15 @@ class PaloLlamaTokenizer(SentencePieceBackend):
         add_bos_token: bool = True,
         add_eos_token: bool = False,
         clean_up_tokenization_spaces: bool = False,
+        legacy: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
-        # The 4.31 slow tokenizer segment-encoded as described above regardless of this flag; keep the key only so
-        # that a saved config round-trips.
+        # 4.31's segment rule (module docstring), from the config; 4.31 took a config without the key as legacy.
+        self.original_legacy = True if legacy is None else bool(legacy)
+        # The backend's own non-legacy mode changes how the SentencePiece model is loaded; this class applies
+        # 4.31's rule itself (tokenize, _tokenize) on the model as it is.
         kwargs["legacy"] = True
         super().__init__(
             vocab_file=vocab_file,
@@ -88,8 +95,74 @@ class PaloLlamaTokenizer(SentencePieceBackend):
             **kwargs,
         )
 
+    def tokenize(self, text: str, **kwargs: Any) -> list[str]:
+        """Pieces of ``text`` as 4.31's slow tokenizer made them (see :meth:`added_token_spans`, :meth:`_tokenize`)."""
+        split_special_tokens = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        if not self.original_legacy:  # 4.31: one dummy prefix for the whole text, marked by the only "▁" left
+            text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        if split_special_tokens:
+            return self._tokenize(text)
+        pieces: list[str] = []
+        for start, end, added in self.added_token_spans(text):
+            if added:
+                pieces.append(text[start:end])
+            else:
+                pieces.extend(self._tokenize(text[start:end]))
+        return pieces
+
+    def added_token_spans(self, text: str) -> list[tuple[int, int, bool]]:
+        """Where 4.31's ``tokenize`` split ``text`` on added tokens, as character spans.
+
+        The whitespace beside an added token is dropped as 4.31 dropped it: a named special token of the config
+        (BOS, EOS, unk, pad) strips only the sides its ``lstrip``/``rstrip`` name; any other added token
+        (``<im_start>``, ``<im_end>``, ``<im_patch>``, which 4.31 held as plain strings) strips both sides, so
+        ``"USER: <im_start>"`` has no ``▁`` before the token and ``"<im_end>\\nWhat"`` no newline after it.
+
+        Returns:
+            ``[(start, end, is_added_token), ...]`` in order; empty text segments are left out.
+
+        Raises:
+            NotImplementedError: For an added token with ``single_word`` (4.31 had no such rule to follow).
+        """
+        parts = self.tokens_trie.split(text)
+        bounds = [0]
+        for part in parts:
+            bounds.append(bounds[-1] + len(part))
+        spans = [[bounds[k], bounds[k + 1]] for k in range(len(parts))]
+        encoder, decoder = self._added_tokens_encoder, self._added_tokens_decoder
+        # The config's named tokens; transformers 5 also counts tokens added with special_tokens=True as special.
+        named = {str(token) for token in self._special_tokens_map.values() if token is not None}
+        for k, part in enumerate(parts):
+            if part not in encoder:
+                continue
+            token = decoder.get(encoder[part])
+            if getattr(token, "single_word", False):
+                raise NotImplementedError(f"added token {part!r} has single_word=True, which 4.31 did not apply")
+            strip_left = getattr(token, "lstrip", False) if part in named else True
+            strip_right = getattr(token, "rstrip", False) if part in named else True
+            if strip_right and k + 1 < len(spans):
+                after = text[spans[k + 1][0]:spans[k + 1][1]]
+                spans[k + 1][0] += len(after) - len(after.lstrip())
+            if strip_left and k > 0:
+                before = text[spans[k - 1][0]:spans[k - 1][1]]
+                spans[k - 1][1] -= len(before) - len(before.rstrip())
+        return [(start, end, text[start:end] in encoder or text[start:end] in self.all_special_tokens)
+                for start, end in spans if end > start]
+
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
-        return self.sp_model.encode(text, out_type=str)
+        """SentencePiece pieces of one segment between added tokens, by 4.31's rule for the config's ``legacy``."""
+        if self.original_legacy:
+            return self.sp_model.encode(text, out_type=str)
+        first = text.startswith(SPIECE_UNDERLINE)
+        if first:
+            text = text[1:]
+        tokens = self.sp_model.encode(text, out_type=str)
+        if not first and not text.startswith(" ") and tokens and tokens[0].startswith(SPIECE_UNDERLINE):
+            # A segment after a special token: its dummy prefix is dropped (the piece may then be one the
+            # vocabulary lacks, read as <unk>, as 4.31 read it).
+            tokens = ([tokens[0][1:]] if len(tokens[0]) > 1 else []) + tokens[1:]
+        return tokens
 
     def build_inputs_with_special_tokens(
         self, token_ids_0: list[int], token_ids_1: list[int] | None = None
@@ -212,6 +285,7 @@ class PaloLlamaTokenizer(SentencePieceBackend):
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
         config["tokenizer_class"] = "LlamaTokenizer"
+        config["legacy"] = self.original_legacy
         config.pop("backend", None)
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)

@@ -24,7 +24,7 @@ from typing import Any
 from palo.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.conversation import Conversation, Segment, SeparatorStyle, conv_templates
 from palo.model.config import expand_image_placeholders
-from palo.model.tokenizer import PaloLlamaTokenizer
+from palo.model.tokenizer import SPIECE_UNDERLINE, PaloLlamaTokenizer
 
 # The JSON speaker names, in the order the templates' roles are listed (user, assistant).
 SPEAKERS = ("human", "gpt")
@@ -193,58 +193,43 @@ def _untrimmed_backend(tokenizer: Any) -> Any | None:
 
 
 def _encode_chunk_sentencepiece(text: str, tokenizer: PaloLlamaTokenizer) -> list[TokenSpan]:
-    """Mirrors ``PreTrainedTokenizer.tokenize`` + ``build_inputs_with_special_tokens`` for PaloLlamaTokenizer.
+    """Mirrors :meth:`PaloLlamaTokenizer.tokenize` + ``build_inputs_with_special_tokens``, with offsets.
 
-    Text is split on added/special tokens (the tokenizer's trie); each text segment is encoded by
-    SentencePiece on its own (so it gets the dummy prefix again, the transformers-4.31 behaviour).
+    Text is split on added/special tokens (:meth:`PaloLlamaTokenizer.added_token_spans`, the whitespace beside them
+    dropped as 4.31 dropped it); each text segment is encoded by SentencePiece on its own, with the dummy prefix
+    again (legacy) or, for a config that says ``"legacy": false``, only at the text's start (a segment after an
+    added token loses the ``▁`` of its first piece).
     """
+    legacy = tokenizer.original_legacy
+    # Non-legacy: the tokenizer sees "▁" + the text with its own "▁" as spaces (same length); the added "▁" is the
+    # text's dummy prefix and covers no character of it.
+    seen = text if legacy else SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+    shift = 0 if legacy else 1
+    if tokenizer.split_special_tokens:
+        spans = [(0, len(seen), False)] if seen else []
+    else:
+        spans = tokenizer.added_token_spans(seen)
     tokens: list[TokenSpan] = []
-    for start, end, is_added in _split_added_tokens(text, tokenizer):
+    for start, end, is_added in spans:
         if is_added:
-            tokens.append((tokenizer.convert_tokens_to_ids(text[start:end]), start, end))
+            tokens.append((tokenizer.convert_tokens_to_ids(seen[start:end]), start - shift, end - shift))
             continue
-        pieces = _sentencepiece_pieces(tokenizer.sp_model, text[start:end])
+        segment = seen[start:end]
+        first = not legacy and segment.startswith(SPIECE_UNDERLINE)
+        if first:
+            segment, start = segment[1:], start + 1
+        pieces = _sentencepiece_pieces(tokenizer.sp_model, segment) if segment else []
+        if (not legacy and not first and not segment.startswith(" ") and pieces
+                and pieces[0][0].startswith(SPIECE_UNDERLINE)):
+            piece, piece_start, piece_end = pieces[0]
+            pieces = ([(piece[1:], piece_start, piece_end)] if len(piece) > 1 else []) + pieces[1:]
         ids = tokenizer.convert_tokens_to_ids([p for p, _, _ in pieces])
-        tokens.extend(_shift([(i, s, e) for i, (_, s, e) in zip(ids, pieces)], start))
+        tokens.extend(_shift([(i, s, e) for i, (_, s, e) in zip(ids, pieces)], start - shift))
     if tokenizer.add_bos_token:
         tokens.insert(0, (tokenizer.bos_token_id, 0, 0))
     if tokenizer.add_eos_token:
         tokens.append((tokenizer.eos_token_id, len(text), len(text)))
     return tokens
-
-
-def _split_added_tokens(text: str, tokenizer: Any) -> list[tuple[int, int, bool]]:
-    """Where ``PreTrainedTokenizer.tokenize`` splits ``text`` on added tokens, as char spans.
-
-    Returns:
-        ``[(start, end, is_added_token), ...]`` in order; empty text segments are left out, as tokenize does.
-    """
-    if tokenizer.split_special_tokens:
-        return [(0, len(text), False)] if text else []
-    parts = tokenizer.tokens_trie.split(text)
-    bounds = [0, *accumulate(len(p) for p in parts)]
-    spans = [[bounds[k], bounds[k + 1]] for k in range(len(parts))]
-    added = tokenizer._added_tokens_encoder
-    for k, part in enumerate(parts):
-        if part not in added:
-            continue
-        token = tokenizer._added_tokens_decoder.get(added[part])
-        if getattr(token, "single_word", False):
-            raise NotImplementedError(f"added token {part!r} has single_word=True, which offsets do not support")
-        # lstrip/rstrip: the neighbouring text loses its whitespace on that side, as in tokenize().
-        if getattr(token, "rstrip", False) and k + 1 < len(spans):
-            nxt = text[spans[k + 1][0]:spans[k + 1][1]]
-            spans[k + 1][0] += len(nxt) - len(nxt.lstrip())
-        if getattr(token, "lstrip", False) and k > 0:
-            prev = text[spans[k - 1][0]:spans[k - 1][1]]
-            spans[k - 1][1] -= len(prev) - len(prev.rstrip())
-    specials = set(tokenizer.all_special_tokens)
-    out = []
-    for start, end in spans:
-        piece = text[start:end]
-        if piece:
-            out.append((start, end, piece in added or piece in specials))
-    return out
 
 
 def _sentencepiece_pieces(sp_model: Any, text: str) -> list[tuple[str, int, int]]:

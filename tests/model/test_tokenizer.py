@@ -55,6 +55,27 @@ def emulate(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
     return ids
 
 
+def emulate_non_legacy(sp: spm.SentencePieceProcessor, text: str) -> list[int]:
+    """The 4.31 slow LlamaTokenizer when the config says ``"legacy": false`` (its ``tokenize``/``_tokenize``, checked
+    against transformers 4.31.0 itself on 18 prompts): "▁" + the text with its own "▁" as spaces; the first
+    segment keeps that one dummy prefix, and a later segment that does not begin with a space loses the "▁" of its
+    first piece."""
+    ids = [SPECIAL_IDS["<s>"]]
+    for part in re.split(r"(<s>|</s>|<unk>)", "▁" + text.replace("▁", " ")):
+        if not part:
+            continue
+        if part in SPECIAL_IDS:
+            ids.append(SPECIAL_IDS[part])
+            continue
+        first = part.startswith("▁")
+        part = part[1:] if first else part
+        pieces = sp.encode(part, out_type=str)
+        if not first and not part.startswith(" ") and pieces and pieces[0].startswith("▁"):
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        ids.extend(sp.piece_to_id(piece) for piece in pieces)
+    return ids
+
+
 @pytest.fixture(scope="module")
 def tokenizer(world):
     return load_tokenizer(world.tokenizer_dir)
@@ -141,7 +162,7 @@ def test_loads_transformers_431_folder(world, sp, tmp_path):
         "bos_token": _added_token("<s>"),
         "clean_up_tokenization_spaces": False,
         "eos_token": _added_token("</s>"),
-        "legacy": False,  # vicuna's config says False; 4.31's slow tokenizer segment-encoded anyway
+        "legacy": False,  # vicuna's config says False, and 4.31's slow tokenizer followed it
         "model_max_length": 2048,
         "pad_token": None,
         "padding_side": "right",
@@ -166,7 +187,27 @@ def test_loads_transformers_431_folder(world, sp, tmp_path):
     assert tok.model_max_length == 2048
     assert (tok.pad_token, tok.pad_token_id) == ("<unk>", 0)  # from special_tokens_map.json
     for text in PROMPTS:
-        assert tok(text).input_ids == emulate(sp, text)
+        assert tok(text).input_ids == emulate_non_legacy(sp, text)
+    # Before, the flag was ignored: "USER" after "</s>" kept a "▁" that 4.31 took away.
+    assert tok("ok</s>USER:").input_ids != emulate(sp, "ok</s>USER:")
+    tok.save_pretrained(str(tmp_path / "saved"))
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["legacy"] is False
+    assert load_tokenizer(str(tmp_path / "saved"))("ok</s>USER:").input_ids == emulate_non_legacy(sp, "ok</s>USER:")
+    config.pop("legacy")  # no key: 4.31's default, the legacy rule
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    assert load_tokenizer(str(tmp_path))("ok</s>USER:").input_ids == emulate(sp, "ok</s>USER:")
+
+
+def test_whitespace_beside_an_added_image_token_is_dropped_as_431_dropped_it(world, sp):
+    """4.31 held tokens added at load (<im_start>, <im_end>, <im_patch>) as plain strings and stripped the
+    whitespace on both sides of them (checked against transformers 4.31.0); the config's own special tokens strip
+    only where their lstrip/rstrip say (Vicuna's: nowhere)."""
+    tok = load_tokenizer(world.tokenizer_dir)
+    tok.add_tokens(["<im_patch>", "<im_start>", "<im_end>"], special_tokens=True)
+    start, end = tok.convert_tokens_to_ids(["<im_start>", "<im_end>"])
+    ids = tok("USER: <im_start> x <im_end>\nWhat").input_ids
+    assert ids == [1, *sp.encode("USER:"), start, *sp.encode("x"), end, *sp.encode("What")]
+    assert tok("a </s> b").input_ids == emulate(sp, "a </s> b")  # </s> keeps its neighbours' spaces
 
 
 def test_right_padding_with_unk_as_pad(world, sp):

@@ -8,6 +8,9 @@ as an independent oracle.
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -73,9 +76,19 @@ SAMPLES = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok(world):
-    return load_tokenizer(world.tokenizer_dir)
+@pytest.fixture(scope="module", params=[True, False], ids=["legacy", "non-legacy"])
+def tok(world, request, tmp_path_factory):
+    """PALO's tokenizer in both of 4.31's modes (the config's ``legacy``): labels must be right in each."""
+    if request.param:
+        return load_tokenizer(world.tokenizer_dir)
+    folder = tmp_path_factory.mktemp("non_legacy_tokenizer")
+    shutil.copytree(world.tokenizer_dir, folder, dirs_exist_ok=True)
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "legacy": False}), encoding="utf-8")
+    tokenizer = load_tokenizer(str(folder))
+    assert not tokenizer.original_legacy
+    return tokenizer
 
 
 def _turns(sample: str, placement: str) -> list[dict]:
@@ -322,8 +335,10 @@ def test_offsets_are_character_offsets(tok, sample):
             assert covered == "<image>"
             continue
         piece = tok.convert_ids_to_tokens(token_id)
-        # SentencePiece's dummy prefix is added where each separately encoded segment starts.
-        segment_start = start == 0 or prompt[:start].endswith(("<image>", "<s>", "</s>"))
+        # SentencePiece's dummy prefix is added where each separately encoded segment starts: each text between
+        # special tokens in the legacy mode, only each text between images otherwise.
+        after = ("<image>", "<s>", "</s>") if tok.original_legacy else ("<image>",)
+        segment_start = start == 0 or prompt[:start].endswith(after)
         if piece in ("<s>", "</s>"):
             assert covered == piece
         elif piece.startswith("<0x"):  # one byte of the one character it covers
