@@ -13,7 +13,9 @@ is corrected gets ``corrupt: false``. Which turns were rejected comes from the t
 ``<language>.progress.jsonl`` (``--progress``, by default next to the data file) as well as from the review file, so
 a review file split between reviewers clears a sample only once all its rejected turns are corrected; without that
 log only the review file's lines are known, and a note says so. The corrected samples are appended to the log too,
-so a later ``palo-data translate`` rerun keeps the corrections. ``--output`` may not be the review file or the log.
+so a later ``palo-data translate`` rerun keeps the corrections; with the log, a sample's corrections are applied to
+its last record there (which holds the corrections of earlier review files, also those written to another
+``--output``), not to the copy in ``--data_path``. ``--output`` may not be the review file or the log.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ def correction(entry: dict[str, Any]) -> str | None:
 
 
 def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str, Any]],
-                      rejected: dict[int, list[dict[str, Any]]] | None = None
+                      rejected: dict[int, list[dict[str, Any]]] | None = None,
+                      logged: dict[int, dict[str, Any]] | None = None
                       ) -> tuple[dict[str, int], dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]]]:
     """Apply review entries to the samples they name.
 
@@ -58,6 +61,9 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
         rejected: The review entries the translate run recorded per sample index (its progress log), i.e. every
             turn still rejected; None when there is no log: the turns of a corrupt sample that ``entries`` do not
             correct are then put through translate's quality check again, and any that fails keeps it corrupt.
+        logged: The ``sample`` of the same log records (by index), whose translated turns and ``corrupt`` flag are
+            the ones corrected: they hold the corrections of earlier review files, which ``samples`` lacks when
+            those were written with ``--output`` elsewhere. A record for other English than the set's is not used.
 
     Returns:
         A report (corrected turns, samples cleared, samples still corrupt), the corrected samples by index (copies:
@@ -78,6 +84,13 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
             raise ValueError(f"review entry for sample {index}, but the set has {len(samples)} samples")
         sample = copy.deepcopy(samples[index])
         key = conversation_key(group[0]["language"])
+        base = (logged or {}).get(index)
+        if isinstance(base, dict) and isinstance(base.get(key), list) and base.get("conversations") == sample.get(
+                "conversations") and len(base[key]) == len(sample.get(key) or ()):
+            # The log, not the set, says which turns are still rejected (``rejected``): the turns must come from
+            # the same record, or a turn an earlier review corrected only in the log counts as done here while the
+            # set still holds its rejected text.
+            sample[key], sample["corrupt"] = copy.deepcopy(base[key]), bool(base.get("corrupt"))
         turns = sample.get(key)
         if not isinstance(turns, list):
             raise ValueError(f"sample {index} has no '{key}'")
@@ -144,10 +157,46 @@ def _recheck(sample: dict[str, Any], k: int, language: str) -> list[str]:
         return []  # nothing was translated here
     if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
         return ["not a translated text"]
-    source, translation = mask(split_image(english[k]["value"])[0]), mask(split_image(turn["value"])[0])
+    source = mask(split_image(english[k]["value"])[0])
     if not source.text.strip():
         return []
-    return check_translation(source.text, translation.text, language, len(source.spans))
+    translation = _mask_spans(split_image(turn["value"])[0], source.spans)
+    return check_translation(source.text, translation, language, len(source.spans))
+
+
+def _mask_spans(text: str, spans: list[str]) -> str:
+    """``text`` (a restored translation) with each of the source's ``spans`` put back as its placeholder ``[[k]]``.
+
+    The spans are looked for, not the pattern that found them in the English run again: restored next to a letter
+    ("有3只猫", "3匹", "৩টি") a number no longer stands alone, so the pattern would miss it. Each span is taken at
+    its first place after the previous one's (the order of the English), else at any free place (a translation may
+    reorder them), and a number not as part of a longer one ("3" in "13").
+    """
+    taken: list[tuple[int, int, int]] = []  # (start, end, k)
+
+    def free(start: int, end: int) -> bool:
+        digit = (start > 0 and text[start - 1].isdigit()) or (end < len(text) and text[end].isdigit())
+        return not digit and all(end <= s or start >= e for s, e, _ in taken)
+
+    cursor = 0
+    for k, span in enumerate(spans, 1):
+        found = None
+        for begin in (cursor, 0):
+            at = text.find(span, begin)
+            while at != -1 and not free(at, at + len(span)):
+                at = text.find(span, at + 1)
+            if at != -1:
+                found = at
+                break
+        if found is None:  # missing from the translation: the check reports its placeholder missing
+            continue
+        taken.append((found, found + len(span), k))
+        cursor = found + len(span)
+    out, last = [], 0
+    for start, end, k in sorted(taken):
+        out.append(f"{text[last:start]}[[{k}]]")
+        last = end
+    return "".join(out) + text[last:]
 
 
 def _progress_path(args: argparse.Namespace) -> str | None:
@@ -160,10 +209,13 @@ def _progress_path(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _logged(progress: str, indices: set[int]) -> tuple[dict[int, Any], dict[int, list[dict[str, Any]]]]:
-    """The hash and the still-rejected review entries of the last log record of each of ``indices``."""
+def _logged(progress: str, indices: set[int]
+            ) -> tuple[dict[int, Any], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]]]:
+    """The hash, the still-rejected review entries and the translated sample of the last log record of each of
+    ``indices``."""
     hashes: dict[int, Any] = {}
     rejected: dict[int, list[dict[str, Any]]] = {}
+    samples: dict[int, dict[str, Any]] = {}
     for _, record in iter_log(progress):
         if not isinstance(record, dict) or "index" not in record or int(record["index"]) not in indices:
             continue
@@ -171,7 +223,12 @@ def _logged(progress: str, indices: set[int]) -> tuple[dict[int, Any], dict[int,
         hashes[index] = record.get("hash")
         review = record.get("review")
         rejected[index] = [e for e in review if isinstance(e, dict) and "turn" in e] if isinstance(review, list) else []
-    return hashes, rejected
+        sample = record.get("sample")
+        if isinstance(sample, dict):
+            samples[index] = sample
+        else:
+            samples.pop(index, None)
+    return hashes, rejected, samples
 
 
 def main_apply_review(args: argparse.Namespace) -> int:
@@ -189,8 +246,8 @@ def main_apply_review(args: argparse.Namespace) -> int:
     entries = [record.data for record in read_jsonl(args.review, required=("index", "language", "turn"))]
     try:
         indices = {int(e["index"]) for e in entries}
-        hashes, rejected = _logged(progress, indices) if progress else ({}, None)
-        report, fixed, still_open = apply_corrections(samples, entries, rejected)
+        hashes, rejected, logged = _logged(progress, indices) if progress else ({}, None, {})
+        report, fixed, still_open = apply_corrections(samples, entries, rejected, logged)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {args.review}: {exc}", file=sys.stderr)
         return 2

@@ -95,6 +95,54 @@ def test_without_a_log_a_turn_the_review_file_leaves_out_is_checked_again(tmp_pa
     assert json.load(open(data, encoding="utf-8"))[0]["corrupt"] is False
 
 
+def test_review_shares_written_to_another_output_build_on_each_other_through_the_log(tmp_path, capsys):
+    """Two reviewers' shares applied with --output beside a --data_path left as translate wrote it: the first
+    correction reached the log only, so the second apply took the turn as done from the log, kept its rejected
+    text from --data_path and cleared the sample."""
+    data = _write_json(tmp_path / "arabic.json", [TWO_REJECTED])
+    both = [_entry(0, 1, "A dog.", None), _entry(0, 3, "Brown.", None)]
+    log = _write_jsonl(tmp_path / "arabic.progress.jsonl",
+                       [{"index": 0, "hash": "h", "sample": TWO_REJECTED, "review": both}])
+    first = _write_jsonl(tmp_path / "part1.jsonl", [_entry(0, 1, "A dog.", "كلب.")])
+    second = _write_jsonl(tmp_path / "part2.jsonl", [_entry(0, 3, "Brown.", "بني.")])
+    a, b = str(tmp_path / "a.json"), str(tmp_path / "b.json")
+    assert main(["apply-review", "--data_path", data, "--review", first, "--output", a]) == 0
+    assert main(["apply-review", "--data_path", data, "--review", second, "--output", b]) == 0
+    capsys.readouterr()
+    sample = json.load(open(b, encoding="utf-8"))[0]
+    assert [t["value"] for t in sample["arabic_conversation"]] == ["<image>\nما هذا؟", "كلب.", "ما اللون؟", "بني."]
+    assert sample["corrupt"] is False
+    last = json.loads(open(log, encoding="utf-8").read().splitlines()[-1])
+    assert last["sample"] == sample and last["review"] == []
+
+
+def test_without_a_log_a_number_restored_next_to_a_cjk_or_bengali_letter_passes_the_recheck(tmp_path, capsys):
+    """The re-check masked the stored translation with the number pattern again, which misses a number glued to a
+    letter ('有3只猫', '৩টি'): 'placeholders missing', and the sample stayed corrupt with every rejected turn
+    corrected."""
+    for language, question, answer in (
+            ("chinese", "桌子上有几只猫？", "桌子上有3只猫，13只狗。"),
+            ("japanese", "テーブルの上に猫は何匹いますか？", "テーブルの上に猫が3匹、犬が13匹います。"),
+            ("bengali", "টেবিলে কয়টি বিড়াল আছে?", "টেবিলে 3টি বিড়াল এবং 13টি কুকুর আছে।")):
+        sample = {"id": "x", "image": "x.jpg",
+                  "conversations": [_human("<image>\nHow many cats are on the table?"),
+                                    _gpt("There are 3 cats and 13 dogs on the table.")],
+                  f"{language}_conversation": [_human("<image>\nHow many cats are on the table?"), _gpt(answer)],
+                  "corrupt": True}
+        data = _write_json(tmp_path / f"{language}.json", [sample])
+        entry = {**_entry(0, 0, "<image>\nHow many cats are on the table?", question), "language": language,
+                 "from": "human"}
+        review = _write_jsonl(tmp_path / f"{language}.review.jsonl", [entry])
+        assert main(["apply-review", "--data_path", data, "--review", review]) == 0
+        assert json.loads(capsys.readouterr().out)["samples_cleared"] == 1, language
+        assert json.load(open(data, encoding="utf-8"))[0]["corrupt"] is False
+    # A number the translation really lost is still reported.
+    from palo.data.review import _recheck
+
+    sample["bengali_conversation"][1]["value"] = "টেবিলে 3টি বিড়াল এবং কুকুর আছে।"
+    assert _recheck(sample, 1, "bengali") == ["placeholders missing: [[2]]"]
+
+
 def test_output_may_not_replace_the_review_file_or_the_progress_log(tmp_path, capsys):
     """--output naming the --review (or --progress) file replaced the reviewer's JSONL (or the translate resume
     log) with the JSON array, and the command exited 0."""

@@ -307,6 +307,60 @@ def test_french_and_spanish_are_told_apart(source, reply, language, wrong):
     assert problems == ([f"looks like {wrong}, not {language}"] if wrong else []), problems
 
 
+@pytest.mark.parametrize("source,reply,language", [
+    # Brands, product names and quoted signs copied from the English are Latin whatever the target: they used to be
+    # counted against the target script (and a Han character as one letter, where detect_language weighs it two).
+    ("The man is playing a Nintendo Wii game in the living room.", "男子正在客厅里玩Nintendo Wii游戏。", "chinese"),
+    ("The laptop on the desk is a MacBook Pro.", "桌上的笔记本电脑是MacBook Pro。", "chinese"),
+    ("The man is holding an iPhone.", "男人拿着一部iPhone。", "chinese"),
+    ("The laptop on the desk is a MacBook Pro.", "机の上のノートパソコンはMacBook Proです。", "japanese"),
+    ("There is a Starbucks coffee cup on the table.", "桌子上有一个Starbucks咖啡杯。", "chinese"),
+    ("The bus is operated by Greyhound.", "这辆巴士由Greyhound运营。", "chinese"),
+    ("The man is playing Nintendo Wii.", "Мужчина играет в Nintendo Wii.", "russian"),
+    ("A Toyota Corolla is parked near the Starbucks.", "Toyota Corolla припаркована возле Starbucks.", "russian"),
+    ("The man is playing Nintendo Wii.", "आदमी Nintendo Wii खेल रहा है।", "hindi"),
+    ("The man is playing Nintendo Wii.", "الرجل يلعب Nintendo Wii.", "arabic"),
+    ("The sign says 'Welcome to the park'.", "El letrero dice 'Welcome to the park'.", "spanish"),
+    ("The sign says 'Welcome to the park'.", "На вывеске написано «Welcome to the park».", "russian"),
+    ("The sign on the building says 'Bank of America'.", "Le panneau sur le bâtiment indique « Bank of America ».",
+     "french"),
+])
+def test_names_and_quoted_text_copied_from_the_english_do_not_count_against_the_target(source, reply, language):
+    assert check_translation(source, reply, language) == []
+
+
+@pytest.mark.parametrize("reply,language,expected", [
+    # ... while a reply that is English, or in another script, is still rejected, copied names or not.
+    ("The man is playing Nintendo Wii in the living room.", "chinese", "not written in chinese script"),
+    ("The man is playing Nintendo Wii in the living room.", "russian", "not written in russian script"),
+    ("The man is playing Nintendo Wii in the living room.", "spanish", "still English"),
+    ("The man plays Nintendo Wii in the living room.", "french", "still English"),  # reworded, still English
+    ("The man plays Nintendo Wii in the living room.", "japanese", "not written in japanese script"),
+    ("The man plays Nintendo Wii in the living room.", "arabic", "not written in arabic script"),
+    ("Nintendo Wii", "hindi", "not written in hindi script"),  # only the copied words
+    ("आदमी लिविंग रूम में Nintendo Wii खेल रहा है।", "russian", "not written in russian script"),
+    ("男子正在客厅里玩Nintendo Wii游戏。", "japanese", "looks like chinese, not japanese"),
+    ("El hombre juega a la Nintendo Wii en la sala.", "french", "looks like spanish, not french"),
+])
+def test_english_or_wrong_script_replies_with_copied_names_are_still_rejected(reply, language, expected):
+    problems = check_translation("The man is playing Nintendo Wii in the living room.", reply, language)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("source,reply,accepted", [
+    # Short Japanese answers are often Kanji alone, which reads as Chinese: they were rejected as Chinese.
+    ("Red.", "赤。", True),
+    ("Tokyo Station.", "東京駅。", True),
+    ("A bicycle.", "自転車。", True),
+    # A long Han-only reply to a Japanese request is Chinese.
+    ("There is a red double-decker bus on the street.", "街道上有一辆红色双层巴士。", False),
+    ("A red bus.", "一辆红色的公共汽车。", False),
+])
+def test_a_short_kanji_only_reply_is_not_taken_for_chinese(source, reply, accepted):
+    problems = check_translation(source, reply, "japanese")
+    assert (problems == []) if accepted else ("looks like chinese, not japanese" in problems), problems
+
+
 # A chat model declining in the target language, for a short turn (no length check below 40 characters).
 REFUSALS = {
     "french": "Je suis désolé, je ne peux pas faire cela.",
@@ -770,6 +824,65 @@ def test_retry_rejected_retranslates_the_corrupt_samples_of_the_output_folder(tm
     assert len(server.calls) == calls + 2
 
 
+def test_retry_rejected_keeps_the_turns_a_reviewer_corrected(tmp_path, server, capsys):
+    """A sample left corrupt after a review (one turn corrected, one still rejected) was retranslated whole by
+    --retry_rejected: the reviewer's turn was replaced by the model's rejected attempt again."""
+    data = _write(tmp_path / "in.json", [_sample(0, "<image>\nechoenglish what is on the big table?",
+                                                 "echoenglish a cat sits on the big table.")])
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    entries = [json.loads(line) for line in open(out / "french.review.jsonl", encoding="utf-8")]
+    assert [e["turn"] for e in entries] == [0, 1]
+    entries[1]["corrected"] = "un chat est assis sur la grande table."
+    review = _write(tmp_path / "review.jsonl", [])
+    with open(review, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+    assert main(["apply-review", "--data_path", str(out / "french.json"), "--review", review]) == 0
+    calls = len(server.calls)
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "fr", "--retry_rejected")) == 0  # turn 0 still fails
+    [sample] = json.load(open(out / "french.json", encoding="utf-8"))
+    assert sample["corrupt"] is True
+    assert sample["french_conversation"][1]["value"] == "un chat est assis sur la grande table."
+    assert [(e["turn"], e["corrected"]) for e in map(json.loads, open(out / "french.review.jsonl",
+                                                                         encoding="utf-8"))] == [(0, None)]
+    # Only the still-rejected turn was asked again (the first try and the stricter retry).
+    assert {text for _, text, _, _ in server.calls[calls:]} == {"echoenglish what is on the big table?"}
+    server.healed = True
+    assert main(_translate_args(data, str(out), server, "fr", "--retry_rejected")) == 0
+    [sample] = json.load(open(out / "french.json", encoding="utf-8"))
+    assert sample["corrupt"] is False
+    assert sample["french_conversation"] == [
+        {"from": "human", "value": "<image>\n" + fake_translate("echoenglish what is on the big table?", "french")},
+        {"from": "gpt", "value": "un chat est assis sur la grande table."}]
+
+
+def test_an_input_sample_flagged_corrupt_stays_corrupt(tmp_path, server, capsys):
+    """An input sample already flagged "corrupt": true came out of translate with "corrupt": false."""
+    flagged = dict(_sample(1, "<image>\nWhat is on the chair?", "A dog sits on the chair."), corrupt=True)
+    data = _write(tmp_path / "in.json", [_sample(0, "<image>\nWhat is on the table?", "A cat sits on the table."),
+                                         flagged])
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    assert json.loads(capsys.readouterr().out)["languages"]["french"]["corrupt"] == 1
+    assert [s["corrupt"] for s in json.load(open(out / "french.json", encoding="utf-8"))] == [False, True]
+    # --retry_rejected has no rejected turn of it to ask again: nothing is sent, and it stays flagged.
+    calls = len(server.calls)
+    assert main(_translate_args(data, str(out), server, "fr", "--retry_rejected")) == 0
+    assert len(server.calls) == calls
+    assert [s["corrupt"] for s in json.load(open(out / "french.json", encoding="utf-8"))] == [False, True]
+
+
+def test_an_output_dir_that_is_a_file_is_an_error_line(tmp_path, server, capsys):
+    """--output_dir naming an existing file died with a FileExistsError traceback."""
+    data = _write(tmp_path / "in.json", SAMPLES[:1])
+    (tmp_path / "notadir").write_text("", encoding="utf-8")
+    assert main(_translate_args(data, str(tmp_path / "notadir"), server, "fr")) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write --output_dir {tmp_path / 'notadir'}" in err and "Traceback" not in err
+    assert len(server.calls) == 0
+
+
 def test_resume_takes_the_other_fields_from_the_current_input(tmp_path, server):
     """Resume matches finished samples by their conversations: ids, images and other fields fixed in the input
     since (or samples with the same conversations swapped) must reach the output, without a new request."""
@@ -798,11 +911,11 @@ def test_an_unexpected_error_stops_the_run_says_what_it_was_and_keeps_what_finis
     real = runner.translate_sample
     seen: list[int] = []
 
-    def translate_sample(sample, language, translator, index):
+    def translate_sample(sample, language, translator, index, previous=None):
         seen.append(index)
         if index == 1:
             raise KeyError("surprise")
-        return real(sample, language, translator, index)
+        return real(sample, language, translator, index, previous)
 
     monkeypatch.setattr(runner, "translate_sample", translate_sample)
     data = _write(tmp_path / "in.json", SAMPLES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from palo.data.languages import _LETTER_RE, _SCRIPT_RE, LANGUAGES, detect_language
+from palo.data.languages import _LETTER_RE, _SCRIPT_RE, _WEIGHT, LANGUAGES, detect_language
 from palo.data.translate.cleaning import _PREAMBLE_RE
 from palo.data.translate.spans import _PLACEHOLDER_RE, placeholder_problems
 
@@ -15,9 +15,13 @@ _TARGET_SCRIPTS = {
     "spanish": ("latin",),
 }
 _CJK = ("chinese", "japanese")
-# Letters in the target script / all letters. Below this the text is mostly in another script; names and brands in
-# Latin letters ("iPhone", "Starbucks") keep real translations well above it.
+# Letters in the target script / all letters, both weighed as detect_language weighs them (a Han or Kana character
+# counts twice) and both counted on the words the translation does not copy from the English (:func:`_own_words`).
+# Below this the text is mostly in another script.
 MIN_SCRIPT_RATIO = 0.6
+# Japanese writes short answers in Kanji alone ("赤。", "東京駅。"), which look like Chinese: up to this many Han
+# characters without Kana say nothing about which of the two a reply is. Longer Japanese has Kana.
+MAX_KANJI_ONLY = 6
 # len(translation) / len(source), checked for sources of at least 40 characters (short strings vary too much).
 # CJK packs a word into one or two characters; everything else runs about 0.8-1.4x English.
 LENGTH_RATIO = {"chinese": (0.12, 1.5), "japanese": (0.15, 1.8)}
@@ -47,6 +51,10 @@ _SOURCE_REFUSAL_RE = re.compile(
     r"\b(?:sorry|apolog\w*|excuse|pardon|regret\w*|afraid|unfortunately|unable|cannot|can['’]?t|not able|"
     r"not possible|impossible)\b", re.IGNORECASE)
 _WORD_RE = re.compile(r"[^\W\d_]+")
+# A run of Latin letters, and a run of letters of any other script: "一部iPhone" is one word to _WORD_RE, but its
+# "iPhone" is copied from the English while the rest is not.
+_LATIN = _SCRIPT_RE["latin"].pattern
+_SCRIPT_WORD_RE = re.compile(f"(?:{_LATIN})+|(?:(?!{_LATIN})[^\\W\\d_])+")
 # Arabic-script letters only Urdu (of PALO's languages) writes: retroflex ٹ ڈ ڑ, noon ghunna ں, yeh barree ے ۓ,
 # heh goal ہ ۂ, teh marbuta goal ۃ; and the Urdu full stop ۔.
 _URDU_ONLY_RE = re.compile("[\u0679\u0688\u0691\u06ba\u06d2\u06d3\u06c1\u06c2\u06c3\u06d4]")
@@ -57,10 +65,19 @@ def _letters(text: str) -> int:
 
 
 def _own_words(translation: str, source: str) -> str:
-    """``translation`` without the words it shares with ``source``: names and titles copied from the English ("El
-    Paso", "Le Petit Château", "Málaga") say nothing about the language the translation is written in."""
-    shared = {word.lower() for word in _WORD_RE.findall(source)}
-    return _WORD_RE.sub(lambda m: " " if m.group(0).lower() in shared else m.group(0), translation)
+    """``translation`` without the words it shares with ``source``: names, brands and quoted signs copied from the
+    English ("El Paso", "Le Petit Château", "iPhone", "Welcome to the park") say nothing about the language the
+    translation is written in. Words are runs of one script, so a name glued to Chinese text is one word of its own."""
+    shared = {word.lower() for word in _SCRIPT_WORD_RE.findall(source)}
+    return _SCRIPT_WORD_RE.sub(lambda m: " " if m.group(0).lower() in shared else m.group(0), translation)
+
+
+def _script_letters(text: str, language: str) -> tuple[int, int]:
+    """(letters in ``language``'s script, all letters) of ``text``, Han and Kana weighed as detect_language does:
+    one character stands for about a word, which other scripts spell with several letters."""
+    counts = {name: len(_SCRIPT_RE[name].findall(text)) for name in {*_WEIGHT, *_TARGET_SCRIPTS[language]}}
+    letters = _letters(text) + sum((weight - 1) * counts[name] for name, weight in _WEIGHT.items())
+    return sum(_WEIGHT.get(name, 1) * counts[name] for name in _TARGET_SCRIPTS[language]), letters
 
 
 def has_words(masked_text: str) -> bool:
@@ -94,23 +111,33 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
     if source_letters and letters == 0:
         problems.append("no words in the translation")
     elif letters:
-        in_script = sum(len(_SCRIPT_RE[script].findall(bare)) for script in _TARGET_SCRIPTS[language])
-        if in_script / letters < MIN_SCRIPT_RATIO:
-            problems.append(f"not written in {language} script ({in_script}/{letters} letters are)")
+        # Judge the language on what the model wrote itself: names and quoted text copied from the English are in
+        # Latin letters whatever the target. A reply made only of copied words is judged whole (it is English).
+        own = _own_words(bare, bare_source)
+        if not _letters(own):
+            own = bare
+        in_script, own_letters = _script_letters(own, language)
+        if in_script / own_letters < MIN_SCRIPT_RATIO:
+            problems.append(f"not written in {language} script ({in_script}/{own_letters} letters are)")
         elif language in ("french", "spanish"):
             # Latin script passes the script test even when nothing was translated, or when the reply is in the other
             # of the two, so look at the words (below 4, too few stopwords and accents to decide).
             if words >= 4:
                 other = "spanish" if language == "french" else "french"
-                if detect_language(bare) == "english":
+                detected = detect_language(own)
+                if detected == "english":
                     problems.append("still English")
-                elif detect_language(_own_words(bare, bare_source)) == other:
+                elif detected == other:
                     problems.append(f"looks like {other}, not {language}")
-        elif letters >= 12 or language in _CJK:
-            detected = detect_language(bare)
+        elif _letters(own) >= 12 or language in _CJK:
+            detected = detect_language(own)
             # Kana in a "Chinese" reply, or Urdu-only letters in an "Arabic" one (and vice versa) mean the wrong
-            # language in the right script. Short Arabic-script texts can lack the telling letters, hence >= 12.
-            if detected in LANGUAGES and detected != language and not (language == "arabic" and letters < 30):
+            # language in the right script. Short Arabic-script texts can lack the telling letters, hence >= 12, and
+            # short Japanese ones the Kana.
+            undecided = (language == "arabic" and letters < 30) or (
+                language == "japanese" and detected == "chinese"
+                and len(_SCRIPT_RE["han"].findall(own)) <= MAX_KANJI_ONLY)
+            if detected in LANGUAGES and detected != language and not undecided:
                 problems.append(f"looks like {detected}, not {language}")
         if language == "arabic" and _URDU_ONLY_RE.search(bare) and not any("looks like" in p for p in problems):
             # However short: below 30 letters an Urdu-leaning letter count is not trusted (Persian-typed or

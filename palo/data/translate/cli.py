@@ -59,17 +59,22 @@ def main_translate(args: argparse.Namespace) -> int:
         print(f"error: --data_path {args.data_path}: sample {index} (id {samples[index].get('id')!r}): {problem} "
               f"({len(bad)} malformed sample(s))", file=sys.stderr)
         return 2
-    cache = TranslationCache(args.cache or os.path.join(args.output_dir, "translation_cache.sqlite"))
-    translator = Translator(
-        args.model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"), cache=cache, max_retries=args.max_retries,
-        backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout, temperature=args.temperature,
-        max_tokens=args.max_tokens, retry_rejected=args.retry_rejected,
-    )
     try:
-        report = run(samples, languages, translator, args.output_dir, args.parallel, progress_bar=not args.quiet)
-    finally:
-        cache.close()
+        cache = TranslationCache(args.cache or os.path.join(args.output_dir, "translation_cache.sqlite"))
+        translator = Translator(
+            args.model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+            base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"), cache=cache, max_retries=args.max_retries,
+            backoff=args.backoff, max_backoff=args.max_backoff, timeout=args.timeout, temperature=args.temperature,
+            max_tokens=args.max_tokens, retry_rejected=args.retry_rejected,
+        )
+        try:
+            report = run(samples, languages, translator, args.output_dir, args.parallel, progress_bar=not args.quiet)
+        finally:
+            cache.close()
+    except OSError as exc:  # an output folder that cannot be made or written (a file of that name, read-only)
+        at = f" ({exc.filename})" if exc.filename and exc.filename != args.output_dir else ""
+        print(f"error: cannot write --output_dir {args.output_dir}{at}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, ensure_ascii=False, indent=2))
     unfinished = sum(r["unfinished"] for r in report["languages"].values())
     if unfinished:

@@ -43,6 +43,12 @@ class Progress:
         else:
             self.corrupt.discard(index)
 
+    def record(self, index: int) -> dict[str, Any]:
+        """The record of finished sample ``index``, read back from the log."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offsets[index])
+            return json.loads(f.readline())
+
     def records(self) -> Iterator[dict[str, Any]]:
         """The records of the finished samples in input order, read back from the log one at a time."""
         with open(self.path, "rb") as f:

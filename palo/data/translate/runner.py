@@ -19,7 +19,8 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         parallel: int = 8, progress_bar: bool = True) -> dict[str, Any]:
     """Translate ``samples`` into each language, resuming from what ``output_dir`` already holds.
 
-    A sample already in the resume log is skipped, unless it is corrupt and ``translator.retry_rejected`` is set.
+    A sample already in the resume log is skipped, unless it is corrupt and ``translator.retry_rejected`` is set;
+    then the turns its last record lists as rejected are translated again and its other turns kept.
 
     Args:
         samples: The LLaVA-Instruct samples: a list, or a :class:`~palo.data.sample_file.SampleFile` that reads
@@ -71,7 +72,13 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
                 return
             language, i = item
             try:
-                sample, review = translate_sample(samples[i], language, translator, i)
+                # A corrupt sample retried (--retry_rejected): only the turns its record left rejected are asked
+                # again, so the turns a reviewer corrected since (apply-review) are kept. Under the lock: workers
+                # add to the offsets as they finish.
+                with lock:
+                    finished = progress[language]
+                    previous = finished.record(i) if i in finished.offsets else None
+                sample, review = translate_sample(samples[i], language, translator, i, previous)
             except RequestFailed as exc:
                 with lock:
                     failures[language].append({"index": i, "id": samples[i].get("id"), "error": str(exc)})
@@ -91,7 +98,7 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
                 # cut off on resume) and nothing waits in a Python buffer.
                 progress[language].add(i, logs[language].write(record), sample["corrupt"])
                 bar.update(1)
-                corrupt[0] += bool(review)
+                corrupt[0] += bool(sample["corrupt"])
                 bar.set_postfix(tokens=translator.stats["tokens"], corrupt=corrupt[0], refresh=False)
 
     try:

@@ -20,10 +20,11 @@ def conversation_key(language: str) -> str:
 
 def with_translation(sample: dict[str, Any], language: str, turns: list[Any], corrupt: bool) -> dict[str, Any]:
     """The output form of a translated sample (docs/formats.md §8): every field of ``sample`` as it is, then
-    ``<language>_conversation`` (``turns``) and ``corrupt``."""
+    ``<language>_conversation`` (``turns``) and ``corrupt``, which stays true for a sample the input flagged."""
     out = dict(sample)
     out[conversation_key(language)] = turns
-    out["corrupt"] = corrupt
+    # An input sample flagged corrupt (by an earlier tool or a person) is not made good by translating it.
+    out["corrupt"] = bool(sample.get("corrupt")) or corrupt
     return out
 
 
@@ -83,15 +84,38 @@ def malformed_samples(samples: Sequence[dict[str, Any]]) -> list[tuple[int, str]
     return bad
 
 
-def translate_sample(sample: dict[str, Any], language: str, translator: Translator, index: int
-                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Translate every turn of one sample.
+def _kept_turns(previous: dict[str, Any] | None, language: str, n_turns: int) -> dict[int, Any]:
+    """The turns of an earlier record of a sample that are not to be translated again: all but those its ``review``
+    lists as rejected. A reviewer's corrections (``apply-review`` appends them to the log) are among them.
+
+    Args:
+        previous: The sample's last resume-log record (``sample`` and ``review``), or None.
+        language: The target language.
+        n_turns: How many turns the English sample has.
+
+    Returns:
+        Turn index -> translated turn; empty when there is no record or it does not fit the sample.
+    """
+    if not isinstance(previous, dict) or not isinstance(previous.get("sample"), dict):
+        return {}
+    turns, review = previous["sample"].get(conversation_key(language)), previous.get("review")
+    if not isinstance(turns, list) or len(turns) != n_turns or not isinstance(review, list):
+        return {}  # not a record this run wrote: translate the whole sample
+    rejected = {int(entry["turn"]) for entry in review if isinstance(entry, dict) and "turn" in entry}
+    return {k: turn for k, turn in enumerate(turns) if k not in rejected}
+
+
+def translate_sample(sample: dict[str, Any], language: str, translator: Translator, index: int,
+                     previous: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Translate every turn of one sample, or with ``previous`` only the turns it left rejected.
 
     Args:
         sample: A LLaVA-Instruct sample (``conversations`` of ``{"from", "value"}`` turns).
         language: The target language.
         translator: The shared translator.
         index: The sample's position in the input (for the review file).
+        previous: The sample's last resume-log record, for ``--retry_rejected``: the turns its ``review`` lists are
+            translated again, the others (accepted, or corrected by a reviewer) are kept as they are.
 
     Returns:
         The sample with ``<language>_conversation`` and ``corrupt`` added (everything else unchanged), and the
@@ -101,8 +125,12 @@ def translate_sample(sample: dict[str, Any], language: str, translator: Translat
         RequestFailed: When the endpoint kept failing for one of its turns.
     """
     turns = sample.get("conversations") or []
+    kept = _kept_turns(previous, language, len(turns))
     translated, review = [], []
     for k, turn in enumerate(turns):
+        if k in kept:
+            translated.append(kept[k])
+            continue
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             translated.append(turn)
             continue
