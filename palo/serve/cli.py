@@ -137,14 +137,25 @@ def main(argv: list[str] | None = None) -> int:
                                   stop=(stop,) if stop else ())
         stream = _Stream()
         request = EngineRequest(input_ids, images, sampling, on_output=stream.show)
-        with _ctrl_c_stops(stream.stopped):
-            result = engine.generate([request])[0]
+        try:
+            with _ctrl_c_stops(stream.stopped):
+                result = engine.generate([request])[0]
+        except (ValueError, TimeoutError) as exc:
+            # A request the engine refuses (ValueError: ImagePlaceholderMismatch, RequestTooLarge, a bad sampling
+            # setting) or one that took too long: generate cancelled it and the engine is intact, so say why and
+            # leave the turn out; the conversation before it can go on.
+            del conv.messages[-2:]
+            print(f"\n[this turn could not be answered: {exc}; it is left out of the conversation]")
+            continue
         print(" [stopped]" if stream.stopped.is_set() else "")
         if result.error:
             print(f"[generation failed: {result.error}]", file=sys.stderr)
             return 1
-        # A stopped answer enters the conversation as far as it was shown.
+        # A stopped answer enters the conversation as far as it was shown. A literal <image> in it (a model asked
+        # which tag marks the image) would be one placeholder more than there are images in every later prompt, which
+        # the engine refuses: it is kept as "(image)", as the web demo keeps it.
         outputs = (stream.shown if stream.stopped.is_set() else result.text).strip()
+        outputs = outputs.replace(DEFAULT_IMAGE_TOKEN, "(image)")
         if not outputs:  # an empty answer renders as an open turn, so the next prompt would lose its separator
             del conv.messages[-2:]  # (the image, if it rode on this turn, rides on the next)
             print("[no answer: this turn is left out of the conversation]")

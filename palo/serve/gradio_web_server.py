@@ -81,6 +81,12 @@ def chatbot_messages(state: Conversation) -> list[dict[str, str]]:
     return messages
 
 
+def neutralised(text: str) -> str:
+    """``text`` with each ``<image>`` written as ``(image)``: a placeholder in an answer kept in the conversation would
+    put one more ``<image>`` than there are images into every later prompt, and the worker refuses those."""
+    return text.replace(DEFAULT_IMAGE_TOKEN, "(image)")
+
+
 def answer_pending(state: Conversation) -> bool:
     """Whether the conversation's last answer is open: not generated yet, or still being written."""
     if len(state.messages) <= state.offset:
@@ -176,11 +182,26 @@ class WebServer:
 
         Returns:
             The new state; ``skip_next`` is set when nothing should be generated (empty input, moderated input).
+            A moderated input leaves the conversation as it was (:meth:`submit` also says why).
 
         Raises:
             ValueError: For a text whose ``<image>`` placeholders do not match the images (none without an image,
                 at most one with it), or while the last answer is still open (being written, or about to be): the
                 conversation is left as it was.
+        """
+        return self.submit(state, text, image, image_process_mode)[0]
+
+    def submit(self, state: Conversation | None, text: str, image: Any,
+               image_process_mode: str = "Default") -> tuple[Conversation, str]:
+        """:meth:`add_text`, also giving what the textbox should show afterwards.
+
+        Returns:
+            The new state, and ``""`` (the message was taken, or there was none) or the moderation refusal. As in the
+            original demo, a flagged text never enters the conversation: it would be in every later prompt, and
+            Regenerate would send it to the worker unchecked.
+
+        Raises:
+            ValueError: As :meth:`add_text`.
         """
         state = state or self.new_state()
         if answer_pending(state):
@@ -188,15 +209,13 @@ class WebServer:
         text = (text or "").strip()
         if not text and image is None:
             state.skip_next = True
-            return state
+            return state, ""
         if text.count(DEFAULT_IMAGE_TOKEN) > (image is not None):
             raise ValueError(f"{DEFAULT_IMAGE_TOKEN} marks where the image goes: type it at most once, and only with "
                              "an image attached")
         if self.moderate and violates_moderation(text, self.logger):
-            state.skip_next = True
-            state.messages.append([state.roles[0], text])
-            state.messages.append([state.roles[1], MODERATION_MSG])
-            return state
+            state.skip_next = True  # nothing to answer; the conversation (and what Regenerate redoes) is unchanged
+            return state, MODERATION_MSG
         text = text[: MAX_TEXT_CHARS_WITH_IMAGE if image is not None else MAX_TEXT_CHARS]
         if image is not None:
             image = viewed(image)  # as the worker reads an image: upright, transparency on white, 16-bit scaled
@@ -210,7 +229,7 @@ class WebServer:
         state.append_message(state.roles[0], message)
         state.append_message(state.roles[1], None)
         state.skip_next = False
-        return state
+        return state, ""
 
     def regenerate(self, state: Conversation | None, image_process_mode: str = "Default") -> Conversation:
         """Clear the last answer (re-applying the current image mode to the last image) to generate it again."""
@@ -239,6 +258,9 @@ class WebServer:
             fresh.append_message(fresh.roles[0], state.messages[-2][1])
             fresh.append_message(fresh.roles[1], None)
             state = fresh
+        for message in state.messages[state.offset:]:  # answers kept before this one, whoever wrote them
+            if message[0] == state.roles[1] and isinstance(message[1], str):
+                message[1] = neutralised(message[1])
         address = self.worker_address(model) if model else ""
         if not address:
             reason = (f"the controller at {self.controller_url} does not answer" if address is None else
@@ -263,11 +285,13 @@ class WebServer:
             with self.http.stream("POST", address + "/worker_generate_stream", json=payload,
                                   timeout=WORKER_TIMEOUT_S) as response:
                 for chunk in iter_chunks(response.iter_bytes()):
+                    # Answer or error, it is kept in the conversation and so in every later prompt: no placeholder
+                    # may survive in it (a model asked which tag marks the image answers "<image>").
                     if chunk.get("error_code", 0) == 0:
-                        slot[1] = str(chunk.get("text", ""))[len(prompt):].strip() + CURSOR
+                        slot[1] = neutralised(str(chunk.get("text", ""))[len(prompt):].strip()) + CURSOR
                         yield state
-                    else:  # shown as the answer, so kept in the prompt: no placeholder may survive in it
-                        error = str(chunk.get("text")).replace(DEFAULT_IMAGE_TOKEN, "(image)")
+                    else:
+                        error = neutralised(str(chunk.get("text")))
                         slot[1] = f"{error} (error_code: {chunk.get('error_code')})"
                         yield state
                         return
@@ -338,14 +362,14 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
 
         def on_add(s, text, image, mode):
             try:
-                s = server.add_text(s, text, image, mode)
+                s, shown = server.submit(s, text, image, mode)
             except ValueError as exc:  # the input stays where the user typed it; nothing is sent
                 gr.Warning(str(exc))
                 s = s or server.new_state()
                 s.skip_next = True
                 return [s, chatbot_messages(s), text, image] + [gr.update() for _ in all_buttons]
-            if s.skip_next:  # nothing to answer: leave the buttons as they are
-                return [s, chatbot_messages(s), "", None] + [gr.update() for _ in all_buttons]
+            if s.skip_next:  # nothing to answer (the refusal, if moderated, in the textbox): buttons as they are
+                return [s, chatbot_messages(s), shown, None] + [gr.update() for _ in all_buttons]
             # Disabled until the answer is complete, so nobody regenerates or votes on a half-written answer.
             return [s, chatbot_messages(s), "", None] + buttons(False)
 

@@ -113,7 +113,8 @@ def start_services(checkpoint: str, logs: str, *, worker_args: Sequence[str] = (
     Args:
         checkpoint: The worker's ``--model-path``.
         logs: Folder for the services' output and logs.
-        worker_args: More flags for the worker (``--device cpu``, ``--model-base ...``, engine settings).
+        worker_args: More flags for the worker (``--device cpu``, ``--model-base ...``, engine settings); relative
+            paths in them are relative to the current working directory, as the checkpoint's.
         web: Also start the Gradio web UI.
         web_port: Its port (0: a free one).
         timeout: Seconds each service may take to be ready.
@@ -128,8 +129,10 @@ def start_services(checkpoint: str, logs: str, *, worker_args: Sequence[str] = (
     # the services; a proxy set for everything else stays, and so do the hosts the user already exempted.
     os.environ.update(loopback_no_proxy(os.environ))
     env = dict(os.environ, PALO_LOGDIR=os.path.abspath(logs), PALO_LAUNCHER_PID=str(os.getpid()))
-    # The services run in the logs folder: a local checkpoint by its absolute path, a hub id ("MBZUAI/PALO-7B") as
-    # it is (made absolute, it named a folder that does not exist).
+    # The services run in the caller's working directory, so every relative path the caller gives (the checkpoint,
+    # and any path in worker_args: --model-base, --vision-tower, ...) names what it names here; their logs go to
+    # PALO_LOGDIR and <logs>/<name>.out, not to that directory. The checkpoint is shown by its absolute path in the
+    # "started" line (a hub id, "MBZUAI/PALO-7B", as it is: made absolute it named a folder that does not exist).
     model_path = os.path.abspath(checkpoint) if os.path.exists(checkpoint) else checkpoint
     c_port, w_port = free_port(), free_port()
     web_port = web_port or free_port()
@@ -152,8 +155,7 @@ def start_services(checkpoint: str, logs: str, *, worker_args: Sequence[str] = (
 
     def launch(name: str) -> None:
         out = open(os.path.join(logs, f"{name}.out"), "ab")
-        services.processes.append(subprocess.Popen(commands[name], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                                   cwd=logs))
+        services.processes.append(subprocess.Popen(commands[name], stdout=out, stderr=subprocess.STDOUT, env=env))
         print(f"started {name}: " + " ".join(commands[name][1:]), flush=True)
 
     try:

@@ -5,7 +5,8 @@
 
 It posts ``{"worker_name", "check_heart_beat", "worker_status": null}`` to ``/register_worker``; the controller then
 asks the worker for its status itself. Without ``--check-heart-beat`` the controller never expires the worker (for
-one that does not heartbeat, e.g. behind another controller). Exits 1 when the controller does not accept it.
+one that does not heartbeat, e.g. behind another controller). Exits 1 when the controller does not accept it, or
+when its model list cannot be read afterwards (the registration stands; the error says so).
 """
 
 from __future__ import annotations
@@ -38,8 +39,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the controller refused {args.worker_name}: HTTP {response.status_code} {response.text[:300]}",
               file=sys.stderr)
         return 1
-    models = httpx.post(args.controller_address.rstrip("/") + "/list_models", timeout=10).json().get("models", [])
-    print(f"registered {args.worker_name}; the controller now serves {sorted(models)}")
+    try:
+        listed = httpx.post(args.controller_address.rstrip("/") + "/list_models", timeout=10)
+        if listed.status_code != 200:
+            raise ValueError(f"HTTP {listed.status_code} {listed.text[:300]}")
+        body = listed.json()
+        models = body.get("models") if isinstance(body, dict) else None
+        if not isinstance(models, list):
+            raise ValueError(f"its answer has no list of models: {listed.text[:300]}")
+        models = sorted(str(model) for model in models)
+    except (httpx.HTTPError, ValueError) as exc:  # unreachable, refused, not JSON, not the JSON expected
+        # The registration itself went through: say so, so that it is not taken for a failed one. One line: httpx's
+        # and json's messages may span several.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {args.worker_name} was registered, but the controller's model list could not be read: "
+              f"{reason}", file=sys.stderr)
+        return 1
+    print(f"registered {args.worker_name}; the controller now serves {models}")
     return 0
 
 

@@ -150,3 +150,64 @@ def test_a_text_only_checkpoint_chats_and_the_context_is_the_models_positions(wo
                    "--max-new-tokens", "2", "--debug"], "describe " * 60 + "\n\n")
     assert result.returncode == 0, result.stderr
     assert "this turn was not sent" not in result.stdout and "'outputs'" in result.stdout
+
+
+def _chat_in_process(world, image_file, monkeypatch, capsys, stdin: str, generate) -> tuple[int, str]:
+    """Run :func:`palo.serve.cli.main` in this process with ``LLMEngine.generate`` replaced by ``generate(real, self,
+    requests)``; (exit status, stdout)."""
+    import io
+
+    from palo import engine as engine_package
+    from palo.serve import cli
+
+    real = engine_package.LLMEngine.generate
+    monkeypatch.setattr(engine_package.LLMEngine, "generate",
+                        lambda self, requests, *a, **k: generate(real, self, requests, *a, **k))
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    rc = cli.main(["--model-path", world.full_dir, "--image-file", image_file, "--device", "cpu", "--temperature",
+                   "0", "--max-new-tokens", "4", "--debug"])
+    return rc, capsys.readouterr().out
+
+
+def test_an_answer_that_says_image_placeholder_does_not_break_the_next_turn(world, image_file, monkeypatch, capsys):
+    """A model answer holding the literal text "<image>" went into the conversation as it was: the next prompt had
+    one placeholder more than images, and the engine's ImagePlaceholderMismatch ended the CLI with a traceback."""
+    calls = []
+
+    def generate(real, self, requests, *a, **k):
+        outputs = real(self, requests, *a, **k)
+        calls.append(1)
+        if len(calls) == 1:  # as if the model, asked which tag marks the image, had answered it
+            outputs[0].text = "The tag is <image> here."
+        return outputs
+
+    rc, out = _chat_in_process(world, image_file, monkeypatch, capsys,
+                               "Which tag marks the image?\nAnd the colour?\n\n", generate)
+    assert rc == 0 and len(calls) == 2 and out.rstrip().endswith("exit...")
+    # The answer is kept with the placeholder written out, and the next turn was answered.
+    assert "ASSISTANT: The tag is (image) here.</s>USER: And the colour? ASSISTANT:" in out
+
+
+def test_a_turn_the_engine_refuses_is_left_out_and_the_chat_goes_on(world, image_file, monkeypatch, capsys):
+    """engine.generate raising for a request (ImagePlaceholderMismatch, RequestTooLarge: ValueErrors) was uncaught
+    and ended the chat with a traceback; now it is said, the turn is dropped and the next one is answered."""
+    from palo.constants import IMAGE_TOKEN_INDEX
+
+    calls = []
+
+    def generate(real, self, requests, *a, **k):
+        calls.append(1)
+        if len(calls) == 1:  # a second image sentinel with one image: the real engine refuses the request
+            requests[0].input_ids = [*requests[0].input_ids, IMAGE_TOKEN_INDEX]
+        return real(self, requests, *a, **k)
+
+    rc, out = _chat_in_process(world, image_file, monkeypatch, capsys,
+                               "What is in the image?\nAnd the colour?\n\n", generate)
+    assert rc == 0 and len(calls) == 2 and out.rstrip().endswith("exit...")
+    assert "[this turn could not be answered: Image features and image tokens do not match" in out
+    assert "it is left out of the conversation]" in out
+    # The refused turn left no trace, and the image rides on the next one.
+    assert "What is in the image?" not in out.split("it is left out of the conversation]", 1)[1]
+    assert "USER: <image>\\nAnd the colour? ASSISTANT:" in out

@@ -8,6 +8,7 @@ import sys
 
 import httpx
 import pytest
+from fastapi import Request  # at module level: FastAPI resolves a route's string annotations in its globals
 from serve_helpers import REPO, Service, free_port, listening_addresses, make_image, wait_until
 
 from palo.serve.gradio_web_server import CURSOR, WebServer, chatbot_messages, is_rtl
@@ -178,7 +179,7 @@ def test_a_message_sent_while_an_answer_streams_waits_and_the_turns_stay_paired(
 def test_an_answer_left_mid_stream_or_empty_leaves_a_closed_turn(cluster, logdir):
     """The page closed mid-answer (Gradio closes the generator): the cursor stayed in the answer for good. An answer
     that ended before its first word left an empty one, which renders as an open turn in the next prompt."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
     from serve_helpers import served
 
@@ -232,3 +233,85 @@ def test_sessions_saving_the_same_image_at_once_all_succeed(logdir, caplog):
     saved = list(logdir.glob("serve_images/*/*"))
     assert len(saved) == 12 and all(p.suffix == ".jpg" for p in saved)
     assert all(Image.open(p).size == (32, 32) for p in saved)
+
+
+def _recording_worker(answer: str):
+    """A worker that answers ``answer`` to every prompt and, as the real one, refuses (error_code 1) a prompt whose
+    ``<image>`` placeholders do not match its images; (app, the request bodies it got)."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    bodies: list[dict] = []
+    worker = FastAPI()
+
+    @worker.post("/worker_generate_stream")
+    async def generate(request: Request):
+        body = await request.json()
+        bodies.append(body)
+        if body["prompt"].count("<image>") != len(body["images"]):
+            chunk = {"text": "Image features and image tokens do not match", "error_code": 1}
+        else:
+            chunk = {"text": body["prompt"] + " " + answer, "error_code": 0}
+        return StreamingResponse(iter([json.dumps(chunk).encode() + b"\0"]))
+
+    return worker, bodies
+
+
+def test_a_moderated_message_never_enters_the_conversation(logdir, monkeypatch):
+    """With --moderate a flagged text was appended as a user turn (with the refusal as its answer): Regenerate, still
+    enabled, then sent it to the worker unchecked, and every later prompt carried it. As in the original demo it now
+    leaves the conversation as it was, and the refusal is shown in the textbox."""
+    from serve_helpers import served
+
+    import palo.serve.gradio_web_server as web
+    from palo.serve.protocol import MODERATION_MSG
+
+    flagged = {"on": False}
+    monkeypatch.setattr(web, "violates_moderation", lambda text, logger=None: flagged["on"])
+    worker, bodies = _recording_worker("Fine.")
+    with served(worker) as url:
+        server = WebServer("http://127.0.0.1:9", moderate=True)
+        server.worker_address = lambda model: url
+        *_, state = server.http_bot(server.add_text(None, "hello", None), "m", 0.2, 0.7, 8)
+        before = [list(m) for m in state.messages]
+        flagged["on"] = True
+        state = server.add_text(state, "FLAGGED TEXT", make_image())
+        assert state.skip_next and [list(m) for m in state.messages] == before
+        assert list(server.http_bot(state, "m", 0.2, 0.7, 8))[-1].messages == before and len(bodies) == 1
+        flagged["on"] = False
+        *_, state = server.http_bot(server.regenerate(state), "m", 0.2, 0.7, 8)  # redoes the answer to "hello"
+        *_, state = server.http_bot(server.add_text(state, "next", None), "m", 0.2, 0.7, 8)
+        assert len(bodies) == 3 and not any("FLAGGED" in body["prompt"] for body in bodies)
+        assert bodies[1]["prompt"].endswith("USER: hello ASSISTANT:")
+
+        pytest.importorskip("gradio")
+        handlers = {f.name: f.fn for f in web.build_demo(server, ["m"], "once").fns.values()}
+        flagged["on"] = True
+        added = handlers["on_add"](state, "FLAGGED TEXT", None, "Default")
+        assert added[0] is state and state.skip_next and added[2] == MODERATION_MSG  # the refusal, in the textbox
+        assert all(update == {"__type__": "update"} for update in added[4:])
+        assert "FLAGGED" not in json.dumps(added[1])  # nor in the chat
+        *_, last = handlers["on_bot"](added[0], "m", 0.2, 0.7, 64, None)
+        assert len(bodies) == 3
+
+
+def test_an_answer_that_says_image_placeholder_does_not_break_the_chat(logdir):
+    """A model answer holding the literal text "<image>" was kept as it was (only error text was neutralised): every
+    later prompt then had one placeholder more than images, and the worker refused every later turn."""
+    from serve_helpers import served
+
+    worker, bodies = _recording_worker("The tag is <image> here.")
+    with served(worker) as url:
+        server = WebServer("http://127.0.0.1:9")
+        server.worker_address = lambda model: url
+        states = list(server.http_bot(server.add_text(None, "Which tag?", make_image()), "m", 0.2, 0.7, 8))
+        state = states[-1]
+        assert state.messages[-1][-1] == "The tag is (image) here."
+        assert all("<image>" not in str(s.messages[-1][-1]) for s in states)  # not even while it streamed
+        for question in ("And the colour?", "hello?"):
+            *_, state = server.http_bot(server.add_text(state, question, None), "m", 0.2, 0.7, 8)
+            assert "error_code" not in state.messages[-1][-1] and bodies[-1]["prompt"].count("<image>") == 1
+        # An answer put into the conversation some other way (a restored state) is neutralised before it is sent.
+        state.messages[-1][-1] = "Again <image>."
+        *_, state = server.http_bot(server.add_text(state, "last?", None), "m", 0.2, 0.7, 8)
+        assert "error_code" not in state.messages[-1][-1] and "Again (image)." in bodies[-1]["prompt"]

@@ -32,3 +32,23 @@ def test_the_launcher_reaches_its_services_past_a_proxy_and_keeps_the_users_exem
     for env in envs:
         assert env["NO_PROXY"].split(",") == env["no_proxy"].split(",") == ["models.corp.example", "127.0.0.1",
                                                                             "localhost"]
+
+
+def test_relative_paths_in_worker_args_name_what_they_name_for_the_caller(world, tmp_path, monkeypatch):
+    """The services ran in the logs folder and only the checkpoint was made absolute: ``--vision-tower clip`` (or
+    ``--model-base ./base``) then named a folder under the logs, and the worker exited 2."""
+    import os
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(world.root)  # the caller's paths are relative to here
+    logs = tmp_path / "logs"
+    before = sorted(os.listdir(world.root))
+    services = launch.start_services(os.path.basename(world.full_dir), str(logs),
+                                     worker_args=["--device", "cpu", "--vision-tower",
+                                                  os.path.relpath(world.clip_dir, world.root)], timeout=120)
+    try:
+        assert services.model_name
+    finally:
+        services.stop()
+    assert (logs / "model_worker.out").is_file() and list(logs.glob("model_worker_*.log"))
+    assert sorted(os.listdir(world.root)) == before  # the logs went to their folder, not the working directory
