@@ -228,32 +228,37 @@ def test_a_rerun_with_another_checkpoint_is_refused_or_answered_and_judged_again
     assert "nothing to do" in capsys.readouterr().err and read(out / "m.jsonl") == new
 
 
-def test_a_language_that_fails_this_run_is_not_scored_from_an_earlier_checkpoints_reviews(tmp_path, judge_server,
+def test_a_language_that_fails_this_run_is_not_scored_from_an_earlier_checkpoints_reviews(bench, tmp_path, judge_server,
                                                                                          capsys):
     """Before, a language whose judging stopped on bad input kept its row in the table, scored from the reviews an
     earlier run had made for another checkpoint's answers (the judge moves those aside only once it runs through)."""
-    from conftest import QUESTIONS, write_bench
+    from palo.eval.bench import language_files
 
-    bench = write_bench(str(tmp_path / "bench"), ("english", "chinese"))
+    broken = tmp_path / "bench"
+    shutil.copytree(bench, broken)
     out = tmp_path / "evaluation"
     out.mkdir()
 
     def run(model: str) -> int:
         # Every answer already written as model_vqa would (model_id = the checkpoint's name): no model is loaded.
         for language in ("english", "chinese"):
+            questions = language_files(str(broken), language).questions
+            with open(questions, encoding="utf-8") as f:
+                asked = [json.loads(line) for line in f if line.strip()]
             with open(out / f"tiny_{language.capitalize()}.jsonl", "w", encoding="utf-8") as f:
-                for qid, _, _, text, _ in QUESTIONS[language]:
-                    f.write(json.dumps({"question_id": qid, "prompt": text, "text": f"{model} answer",
+                for question in asked:
+                    qid = question["question_id"]
+                    f.write(json.dumps({"question_id": qid, "prompt": question["text"], "text": f"{model} answer",
                                         "answer_id": f"{model}-{language}-{qid}", "model_id": model,
                                         "metadata": {}}) + "\n")
-        return run_bench.main(["--model-path", str(tmp_path / model), "--bench", bench, "--name", "tiny",
-                               "--output-dir", str(out), "--judge-base-url", judge_server.base_url,
-                               "--device", "cpu", "--max-retries", "0"])
+        return run_bench.main(["--model-path", str(tmp_path / model), "--bench", str(broken), "--name", "tiny",
+                               "--languages", "english", "chinese", "--output-dir", str(out),
+                               "--judge-base-url", judge_server.base_url, "--device", "cpu", "--max-retries", "0"])
 
     judge_server.default = (200, "8 4")
     assert run("ckpt_a") == 0
     judge_server.default = (200, "8 8")
-    with open(os.path.join(bench, "chinese", "context.jsonl"), "a", encoding="utf-8") as f:
+    with open(language_files(str(broken), "chinese").context, "a", encoding="utf-8") as f:
         f.write("{broken\n")  # the judge stops on Chinese before its reviews are brought up to date
     assert run("ckpt_b") == 1
     assert "incomplete: chinese" in capsys.readouterr().err
