@@ -14,6 +14,7 @@ So a request joins the running batch between two decode steps and leaves it as s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import threading
@@ -641,8 +642,10 @@ class LLMEngine:
         submitted: list[Sequence] = []
         try:
             for i, request in enumerate(requests):
-                request.on_output = collect(i, request.on_output)
-                submitted.append(self.add_request(request))
+                # A copy carries the collecting callback: the caller's request is left as it is, so one request
+                # given twice (n samples of a prompt) reports to two callbacks, and a later generate() adds none.
+                own = dataclasses.replace(request, on_output=collect(i, request.on_output))
+                submitted.append(self.add_request(own))
             if self._thread is None:
                 self.run_until_done()
             deadline = time.monotonic() + timeout

@@ -244,6 +244,29 @@ def test_generate_cancels_its_requests_when_it_times_out(loaded):
     assert last[0].finish_reason == "abort" and last[0].num_tokens < 400
 
 
+def test_generate_leaves_the_callers_requests_as_they_are(loaded):
+    """Before, generate() put its collecting callback on the caller's request: one request object given twice (n
+    samples of one prompt) sent both sequences' outputs to the last callback, so both answers were one of them (and
+    with the background thread generate returned when the first finished); given again to a later generate(), the
+    callbacks stacked."""
+    tokenizer, _, _ = loaded
+    engine = _engine(loaded)
+    seen: list[str] = []
+    caller = lambda output: seen.append(output.request_id) if output.finished else None  # noqa: E731
+    request = EngineRequest(prompt_ids(tokenizer, QUESTIONS[0], 0), None,
+                            SamplingParams(max_tokens=5, ignore_eos=True), caller)
+    submitted: list = []
+    add_request = engine.add_request
+    engine.add_request = lambda r: submitted.append(add_request(r)) or submitted[-1]
+    finals = engine.generate([request, request])
+    assert request.on_output is caller
+    assert [f.request_id for f in finals] == [s.request_id for s in submitted] and len(set(seen)) == 2
+    assert [f.token_ids for f in finals] == [s.output_ids for s in submitted]
+    engine.generate([request])
+    assert len(seen) == 3  # the caller's callback once more, not once per earlier generate()
+    _assert_idle(engine)
+
+
 # -- bug 4: duplicate request ids -------------------------------------------------------------------------------
 
 
