@@ -369,6 +369,12 @@ def _validate_turns(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any
                                  f"{type(turn['value']).__name__} {turn['value']!r}")
         if not turn["value"].strip():
             raise BadSampleError(f"turn {k + first} ({turn['from']}): empty value {turn['value']!r}")
+        try:
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError as exc:  # valid JSON ("\ud83d", half an emoji), but no text a tokenizer takes
+            raise BadSampleError(f"turn {k + first} ({turn['from']}): a lone surrogate {turn['value'][exc.start]!a} "
+                                 f"at character {exc.start} (an unpaired \\ud800-\\udfff escape), which is not text"
+                                 ) from None
     if kept[-1]["from"] != SPEAKERS[1]:
         raise BadSampleError(f"the conversation ends with a human turn (turn {len(turns) - 1}); nothing to learn")
     return kept

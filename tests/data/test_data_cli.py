@@ -62,23 +62,26 @@ def test_validate_clean_and_broken(data, tmp_path):
         {"id": "gone", "image": "nope.png", "conversations": samples[0]["conversations"]},
         {"id": "roles", "conversations": [{"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"}]},
         {"id": "flagged", "corrupt": True, "conversations": []},
+        {"id": "half-emoji", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b HALF"}]},
     ]
     broken = tmp_path / "broken.json"
-    broken.write_text(json.dumps(samples, ensure_ascii=False))
+    # Half an emoji as JSON writes it: valid JSON, but no text (training's tokenizer failed on it mid-run).
+    broken.write_text(json.dumps(samples, ensure_ascii=False).replace("HALF", "\\ud83d"))
     result = _run("validate", "--data_path", str(broken), "--image_folder", folder, "--quiet")
     assert result.returncode == 1
     report = json.loads(result.stdout)
-    assert report["problems"] == 2 and report["corrupt_filtered"] == 1
+    assert report["problems"] == 3 and report["corrupt_filtered"] == 1
     assert "'gone'" in result.stderr.replace('"', "'") and "no such image file" in result.stderr
     assert "roles" in result.stderr
+    assert "half-emoji" in result.stderr and "lone surrogate" in result.stderr
     # A sample that is not JSON (its brackets balance, so the index holds it) is one problem, named, among the rest.
     text = broken.read_text()
     bad = text[:-1] + ', {"id": x, "conversations": []}]'
     broken.write_text(bad)
     result = _run("validate", "--data_path", str(broken), "--image_folder", folder, "--quiet")
-    assert result.returncode == 1 and json.loads(result.stdout)["problems"] == 3
+    assert result.returncode == 1 and json.loads(result.stdout)["problems"] == 4
     where = bad.encode().rindex(b'x, "conversations"')
-    assert f"{broken}: sample 15 (byte {where}) is not valid JSON: Expecting value" in result.stderr
+    assert f"{broken}: sample 16 (byte {where}) is not valid JSON: Expecting value" in result.stderr
 
     (tmp_path / "not_json.json").write_text("{not an array")
     result = _run("validate", "--data_path", str(tmp_path / "not_json.json"))

@@ -287,6 +287,9 @@ def test_v0_prefilled_example_is_not_part_of_the_sample(tok):
          "v1", False, "ends with a human turn"),
         ([{"from": "human", "value": "a"}, {"from": "gpt", "value": ""}], "v1", False, "empty value"),
         ([{"from": "human", "value": "  "}, {"from": "gpt", "value": "b"}], "v1", False, "empty value"),
+        # Half an emoji: valid JSON, but the tokenizer failed on it mid-run (a UnicodeEncodeError, not skippable).
+        ([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b \ud83d"}], "v1", False,
+         r"turn 1 \(gpt\): a lone surrogate '\\ud83d' at character 2"),
         ([{"from": "human", "value": "a"}, {"from": "gpt", "value": 5}], "v1", False,
          r"turn 1 \(gpt\): the value must be a string, got int 5"),
         ([{"from": "gpt", "value": "hi"}], "v1", False, "empty conversation"),
