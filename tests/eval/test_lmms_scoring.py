@@ -96,8 +96,10 @@ def test_scoring_requests_unpack_options_and_targets():
     with_image = lambda doc: [image]  # noqa: E731
     got = to_scorings([_Request("colour?", " red", with_image, 0, "t", "test"),
                        _Request("colour?", lambda doc: doc["a"], None, 0, "t", "test")], docs)
+    # A loglikelihood task's target comes without the delimiter: it follows "ASSISTANT:" after a space all the same
+    # (it was scored as "ASSISTANT:red", a text the model never saw, and the API adapter gave another value).
     assert [(s.context, s.continuation, s.where) for s in got] == [("colour?", " red", "t/test/0"),
-                                                                  ("colour?", "red", "t/test/0")]
+                                                                  ("colour?", " red", "t/test/0")]
     assert [i.mode for i in got[0].images] == ["RGB"] and got[1].images == ()
     with pytest.raises(ValueError, match="t/test/1: the continuation to score must be text"):
         to_scorings([_Request("two", lambda doc: doc["a"], None, 1, "t", "test")], docs)
@@ -147,3 +149,19 @@ def test_a_score_past_the_training_cut_is_the_whole_continuations(loaded):
         assert score_continuation(model, context, full, images).logprob == pytest.approx(whole.logprob, abs=1e-5)
     finally:
         model.config.tokenizer_model_max_length = saved
+
+
+def test_image_markers_a_task_writes_into_its_text_are_taken_out():
+    """MMMU and MM-Vet (interleaved) write <image> into their text: with the adapters' own placeholder per image the
+    prompt had one too many, and every such task failed (the API refuses the marker in message text)."""
+    from PIL import Image
+
+    from palo.eval.lmms.requests import to_prompts, to_scorings
+
+    docs = {"t": {"test": [{}]}}
+    one = lambda doc: [Image.new("RGB", (2, 2))]  # noqa: E731
+    [prompt] = to_prompts([_Request("Look at <image>\nWhich colour?", {}, one, 0, "t", "test")], docs, 8)
+    [scoring] = to_scorings([_Request("<image> Which colour?", "red", one, 0, "t", "test")], docs)
+    assert (prompt.text, scoring.context) == ("Look at Which colour?", "Which colour?")
+    with pytest.raises(ValueError, match=r"t/test/0: the task's text places 2 <image> but gives 1 image"):
+        to_prompts([_Request("<image> and <image>?", {}, one, 0, "t", "test")], docs, 8)

@@ -4,9 +4,11 @@ settings), ``loglikelihood`` as (context, continuation, images)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.image_io import viewed
 
 
@@ -72,6 +74,33 @@ def _images(doc_to_visual: Any, doc: Any, where: str) -> tuple[Any, ...]:
     return tuple(viewed(v) for v in visuals)
 
 
+def _without_placeholders(context: str, images: tuple[Any, ...], where: str) -> str:
+    """The task's text without the ``<image>`` markers some tasks write into it (MMMU's ``<image 1>`` made
+    ``<image>``, MM-Vet's interleaved mode): PALO takes its images before the question, as it was trained, and both
+    adapters put one placeholder per image there (a marker left in the text was a placeholder too many, and the
+    API refuses it in message text).
+
+    Raises:
+        ValueError: If the text holds markers but not one per image.
+    """
+    markers = context.count(DEFAULT_IMAGE_TOKEN)
+    if not markers:
+        return context
+    if markers != len(images):
+        raise ValueError(f"{where}: the task's text places {markers} {DEFAULT_IMAGE_TOKEN} but gives {len(images)} "
+                         "image(s)")
+    return re.sub(rf"[ \t]*{re.escape(DEFAULT_IMAGE_TOKEN)}[ \t]*\n?", " ", context).strip()
+
+
+def _with_delimiter(continuation: str) -> str:
+    """The answer to score as it follows the open assistant turn (``ASSISTANT:``): after the space the template
+    puts there. lmms-eval's ``loglikelihood`` tasks send their target without ``target_delimiter`` ("red"), its
+    ``multiple_choice`` tasks with it (" red" by default); scored as given, "red" was glued to the colon
+    (``ASSISTANT:red``), a text the model never saw, and the API adapter (which renders the answer as a message)
+    gave another value."""
+    return continuation if not continuation or continuation.startswith(" ") else " " + continuation
+
+
 def to_prompts(requests: list[Any], task_dict: dict, default_max_new_tokens: int) -> list[Prompt]:
     """Unpack ``Instance.args`` = (context, generation_kwargs, doc_to_visual, doc_id, task, split).
 
@@ -83,8 +112,8 @@ def to_prompts(requests: list[Any], task_dict: dict, default_max_new_tokens: int
         context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
         where = f"{task}/{split}/{doc_id}"
         images = _images(doc_to_visual, task_dict[task][split][doc_id], where)
-        prompts.append(Prompt(str(context), images, parse_generation(dict(gen_kwargs or {}), default_max_new_tokens),
-                              where))
+        prompts.append(Prompt(_without_placeholders(str(context), images, where), images,
+                              parse_generation(dict(gen_kwargs or {}), default_max_new_tokens), where))
     return prompts
 
 
@@ -93,7 +122,7 @@ class Scoring:
     """One ``loglikelihood`` request: how likely is ``continuation`` as the answer to ``context``."""
 
     context: str
-    continuation: str  # with the task's target delimiter (a leading space by default)
+    continuation: str  # after the assistant tag: with a leading space (the task's delimiter, or one added)
     images: tuple[Any, ...]  # PIL.Image.Image
     where: str
 
@@ -118,7 +147,9 @@ def to_scorings(requests: list[Any], task_dict: dict) -> list[Scoring]:
         if not isinstance(continuation, str):
             raise ValueError(f"{where}: the continuation to score must be text, not {type(continuation).__name__}")
         context = context[0] if isinstance(context, list) else context
-        scorings.append(Scoring(str(context), continuation, _images(doc_to_visual, doc, where), where))
+        images = _images(doc_to_visual, doc, where)
+        scorings.append(Scoring(_without_placeholders(str(context), images, where), _with_delimiter(continuation),
+                                images, where))
     return scorings
 
 
