@@ -83,14 +83,20 @@ def decode_json_body(body: bytes) -> Any:
             valid JSON syntax, but text no UTF-8 encoder downstream (tokenizer, log, response) can handle.
     """
     try:
+        # UTF-8 only (RFC 8259 between systems; a byte-order mark is let pass): json.loads alone also reads UTF-16
+        # and UTF-32, whose escapes the surrogate check below, which reads the bytes, would not see.
+        text = body.decode("utf-8-sig") if isinstance(body, (bytes, bytearray)) else body
         # NaN and Infinity are Python's extensions, not JSON: refused here, they cannot be passed on (httpx will
         # not encode them to a worker) and no field takes them.
-        value = json.loads(body, parse_constant=_not_json)
+        value = json.loads(text, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("invalid JSON body: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid JSON body: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
         raise ValueError(f"invalid JSON body: {exc}") from None
-    if _SURROGATE_ESCAPE.search(body):  # escaped surrogate pairs (emoji) are fine; only lone halves are refused
+    raw = body if isinstance(body, (bytes, bytearray)) else body.encode("utf-8", "replace")
+    if _SURROGATE_ESCAPE.search(raw):  # escaped surrogate pairs (emoji) are fine; only lone halves are refused
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
