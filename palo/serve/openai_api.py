@@ -252,8 +252,17 @@ def render_messages(messages: Any, conv_mode: str, continue_final: bool = False,
 
     Raises:
         APIError: If the messages are malformed, do not start with the user (after an optional system message) or do
-            not end with a user message (an assistant message with ``continue_final``).
+            not end with a user message (an assistant message with ``continue_final``), or the template cannot
+            render them (a LLaMA-2 template needs text in the first user message).
     """
+    try:
+        return _render_messages(messages, conv_mode, continue_final, read_image)
+    except ValueError as exc:  # the template's own refusal: the request's fault, not the server's
+        raise APIError(400, f"the {conv_mode} template cannot render these messages: {exc}", param="messages") from None
+
+
+def _render_messages(messages: Any, conv_mode: str, continue_final: bool,
+                     read_image: Callable[[dict], Any]) -> tuple[str, list[Any], str | None]:
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     conv = conv_templates.get(conv_mode, conv_templates[DEFAULT_CONV_MODE]).copy()

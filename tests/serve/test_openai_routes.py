@@ -1002,3 +1002,19 @@ def test_an_answer_opened_before_a_later_one_fails_at_once_is_closed():
         return response.status_code, [s.closed for s in router.streams]
 
     assert asyncio.run(run()) == (404, [True])
+
+
+def test_messages_a_template_cannot_render_are_400_not_500():
+    """A LLaMA-2 template refuses a first user message without text with a ValueError, which escaped the route as a
+    500 (only a worker that reports such a template could send it there)."""
+
+    class Llama2Registry(FakeRegistry):
+        def conv_mode(self, model_name):
+            return "llava_llama_2"
+
+    router = FakeRouter(FakeStream())
+    body = {"model": "ckpt", "messages": [{"role": "user", "content": ""}]}
+    response = asyncio.run(chat_completion(json.dumps(body).encode(), "", Llama2Registry(), router, None))
+    error = json.loads(response.body)["error"]
+    assert response.status_code == 400 and error["param"] == "messages"
+    assert "llava_llama_2 template cannot render" in error["message"] and router.bodies == []
