@@ -26,7 +26,7 @@ from torch import nn
 
 from palo.model.ldp import LDPNetProjector, ldp_num_tokens
 
-__all__ = ["SUPPORTED_PROJECTORS", "build_projector", "projector_num_tokens"]
+__all__ = ["SUPPORTED_PROJECTORS", "build_projector", "check_projector_type", "projector_num_tokens"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,15 @@ def _resolve(projector_type: str) -> tuple[_ProjectorSpec, re.Match[str]]:
         f"Unknown mm_projector_type {projector_type!r}; supported types are: {', '.join(SUPPORTED_PROJECTORS)} "
         "(mlp{N}x_gelu for any N >= 1, e.g. mlp2x_gelu)."
     )
+
+
+def check_projector_type(projector_type: str) -> None:
+    """Refuse a ``mm_projector_type`` that names no projector (before anything is built or loaded).
+
+    Raises:
+        ValueError: Naming the supported types.
+    """
+    _resolve(projector_type)
 
 
 def build_projector(projector_type: str, mm_hidden_size: int, hidden_size: int) -> nn.Module:

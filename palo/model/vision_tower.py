@@ -54,6 +54,10 @@ class VisionTowerError(RuntimeError):
     """The vision tower named by the config cannot be resolved or loaded."""
 
 
+class VisionLayerError(VisionTowerError, ValueError):
+    """``mm_vision_select_layer`` names no hidden state of the tower (a ValueError too, as it was)."""
+
+
 @dataclass(frozen=True)
 class VisionFeatureSpec:
     """Which CLIP features feed the projector.
@@ -189,7 +193,7 @@ class CLIPVisionTower(nn.Module):
         # another layer (25 on CLIP-L would silently read the raw patch embeddings).
         layers = int(config.num_hidden_layers)
         if not -(layers + 1) <= features.select_layer <= layers:
-            raise ValueError(
+            raise VisionLayerError(
                 f"mm_vision_select_layer={features.select_layer} is outside the hidden states of the vision tower "
                 f"{name!r}: it has {layers} layers, so the value must be from {-(layers + 1)} to {layers} "
                 "(PALO and LLaVA-1.5 use -2)"

@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from palo.model.config import DEFAULT_VISION_SELECT_LAYER
+from palo.model.projectors import check_projector_type
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ class ModelArguments:
         if self.vision_tower_type != "clip":
             raise ValueError(f"--vision_tower_type {self.vision_tower_type!r} is not supported: PALO's vision tower is "
                              "CLIP (only 'clip')")
+        if self.vision_tower is not None:  # refused here, not after the language model has loaded
+            check_projector_type(self.mm_projector_type)
+            if self.mm_vision_select_feature not in ("patch", "cls_patch"):
+                raise ValueError(f"--mm_vision_select_feature {self.mm_vision_select_feature!r} is not supported; use "
+                                 "'patch' or 'cls_patch'")
 
 
 @dataclass
@@ -133,7 +139,11 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.warmup_ratio is not None:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), not {self.warmup_ratio}")
-            self.warmup_steps = self.warmup_ratio
+            if self.warmup_steps:  # as transformers 4.31: a number of steps given wins over the ratio
+                warnings.warn(f"--warmup_steps {self.warmup_steps} given: --warmup_ratio {self.warmup_ratio} ignored",
+                              stacklevel=2)
+            else:
+                self.warmup_steps = self.warmup_ratio
         if self.tf32 and not torch.cuda.is_available():
             # The original scripts pass --tf32 True; it only means something on Ampere+ GPUs.
             warnings.warn("--tf32 ignored: no CUDA device", stacklevel=2)
@@ -142,6 +152,9 @@ class TrainingArguments(transformers.TrainingArguments):
             raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
         if self.packing_rows < 0:
             raise ValueError(f"--packing_rows must be 0 (off) or a number of rows, not {self.packing_rows}")
+        if self.packing_rows and self.group_by_modality_length:  # PALO's scripts pass the grouping flag
+            warnings.warn("--group_by_modality_length is not applied with --packing_rows: steps are planned by "
+                          "length, so image and text samples may share one", stacklevel=2)
         if self.lora_bias not in ("none", "all", "lora_only"):
             raise ValueError(f"--lora_bias must be none, all or lora_only, not {self.lora_bias!r}")
         # PALO applies Liger itself (palo.model.kernels); transformers' Trainer must not try its own.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec
+from palo.model.vision_tower import CLIPVisionTower, VisionFeatureSpec, VisionTowerError
 from palo.testing import tiny
 
 
@@ -33,5 +33,7 @@ def test_a_select_layer_outside_hidden_states_is_refused_naming_it(clip_config):
     layers = clip_config.num_hidden_layers
     for select_layer in (layers + 1, -(layers + 2), 25):
         with pytest.raises(ValueError, match=f"mm_vision_select_layer={select_layer} .*from {-(layers + 1)} to "
-                                             f"{layers}"):
+                                             f"{layers}") as refused:
             CLIPVisionTower("clip", clip_config, VisionFeatureSpec(select_layer=select_layer))
+        # A VisionTowerError too, which training reports in one line (it was a traceback after the LLM loaded).
+        assert isinstance(refused.value, VisionTowerError)

@@ -29,3 +29,27 @@ def test_a_value_palo_cannot_honour_is_one_line_before_anything_loads(flag, valu
         train([*COMMON, flag, value])
     message = str(stop.value)
     assert message.startswith("error: ") and flag in message and says in message
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [
+    ("--mm_projector_type", "mlp2x_relu", "Unknown mm_projector_type 'mlp2x_relu'"),
+    ("--mm_vision_select_feature", "cls", "'patch' or 'cls_patch'"),
+])
+def test_a_model_flag_no_model_takes_is_refused_before_the_language_model_loads(flag, value, says):
+    """Refused only by the model builder before, as a traceback after the base LLM had loaded (minutes at 7B)."""
+    with pytest.raises(SystemExit) as stop:
+        train([*COMMON, "--vision_tower", "/nowhere/clip", "--model_name_or_path", "/nowhere/llm", flag, value])
+    assert str(stop.value).startswith("error: ") and says in str(stop.value)
+
+
+def test_warmup_steps_given_win_over_the_scripts_warmup_ratio():
+    """The ratio overwrote an explicit --warmup_steps (the PALO scripts all pass --warmup_ratio 0.03)."""
+    assert parse_args([*COMMON, "--warmup_ratio", "0.03"])[2].warmup_steps == 0.03
+    with pytest.warns(UserWarning, match="--warmup_ratio 0.03 ignored"):
+        _, _, args = parse_args([*COMMON, "--warmup_ratio", "0.03", "--warmup_steps", "100"])
+    assert args.warmup_steps == 100
+
+
+def test_grouping_by_modality_under_packed_steps_says_it_is_not_applied():
+    with pytest.warns(UserWarning, match="--group_by_modality_length is not applied with --packing_rows"):
+        parse_args([*COMMON, "--packing", "True", "--packing_rows", "2", "--group_by_modality_length", "True"])
