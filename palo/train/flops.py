@@ -12,7 +12,8 @@ checkpointing, flash attention's backward), so MFU falls when those waste time. 
 * attention in the language model, per layer and sample of length ``s``: causal ``QKᵀ`` and ``AV`` forward
   ``2·d·s·(s+1)``, three times that with the backward: ``6·d·s·(s+1)`` (``d`` = heads × head size), counted
   within each sample only;
-* the projector, per image row: ``6·|W|`` (``4·|W|`` when frozen);
+* the projector, per image: three times its forward FLOPs (twice when frozen), its matrix multiplies and
+  convolutions counted by torch on the feature rows it runs on (all 576 patches for LDP, which then pools them);
 * the frozen vision tower, forward only: ``2·|W|`` per patch token (CLS included) plus non-causal attention
   ``4·d·T²`` per layer and image of ``T`` tokens, over the layers that run (up to ``mm_vision_select_layer``);
   its convolutional patch embedding (under 1% at CLIP-L/336) is left out.
@@ -55,6 +56,26 @@ def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+def _projector_forward_flops(config, rows: int) -> float:
+    """Forward FLOPs of the projector on one image's ``rows`` feature rows, counted by torch on a copy of it with
+    no data (meta device: shapes only, so also under ZeRO-3, whose own parameters are partitioned).
+
+    Counted rather than derived from the Linear weights: LDP (``ldpnet``) runs its MLP on all 576 patch rows
+    before its convolutions (not counted by weights at all) reduce them to 144, so "weights x output rows" missed
+    about 34 GFLOP per image at MobilePALO's size.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from palo.model.projectors import build_projector
+
+    with torch.device("meta"):
+        projector = build_projector(config.mm_projector_type, config.mm_hidden_size, config.hidden_size)
+        features = torch.empty(1, rows, config.mm_hidden_size)
+    with FlopCounterMode(display=False) as counted:
+        projector(features)
+    return float(counted.get_total_flops())
+
+
 @dataclass
 class FlopCounter:
     """Per-token and per-image FLOP coefficients of one model (see the module docstring).
@@ -76,7 +97,7 @@ class FlopCounter:
         tower = getattr(base, "vision_tower", None)
         # The tower runs its layers up to the selected one only (PALO's -2 skips the last).
         vision_layers = tower.features.select_layer % (tower.config.num_hidden_layers + 1) if tower is not None else 0
-        lm = projector = vision = 0.0
+        lm = vision = 0.0
         for name, module in model.named_modules():
             if not isinstance(module, nn.Linear) and not hasattr(module, "in_features"):
                 continue
@@ -88,7 +109,7 @@ class FlopCounter:
                 if match and int(match.group(1)) < vision_layers:
                     vision += 2 * size
             elif "mm_projector" in name:
-                projector += (6 if _trains(module) else 4) * size
+                continue  # counted whole below, on the rows it really runs on
             else:
                 lm += (6 if _trains(module) else 4) * size
         config = base.config
@@ -98,7 +119,8 @@ class FlopCounter:
         if tower is not None:
             tokens_in = tower.num_patches + 1  # patches and CLS go through every layer
             image = vision * tokens_in + 4.0 * vision_layers * tower.config.hidden_size * tokens_in**2
-            image += projector * base.image_token_count
+            trains = any(p.requires_grad for n, p in model.named_parameters() if "mm_projector" in n)
+            image += _projector_forward_flops(config, tower.num_tokens) * (3 if trains else 2)
         return cls(lm_per_token=lm, lm_attention=attention, image_flops=image)
 
     def step(self, real_tokens: int, sample_lengths: torch.Tensor, num_images: int) -> float:
