@@ -147,8 +147,9 @@ class PaloLlamaTokenizer(SentencePieceBackend):
             if strip_left and k > 0:
                 before = text[spans[k - 1][0]:spans[k - 1][1]]
                 spans[k - 1][1] -= len(before) - len(before.rstrip())
-        return [(start, end, text[start:end] in encoder or text[start:end] in self.all_special_tokens)
-                for start, end in spans if end > start]
+        # The trie splits every added token out as a part of its own (the stripping above shortens only the text
+        # parts), so a part is an added token exactly when the encoder knows it.
+        return [(start, end, part in encoder) for (start, end), part in zip(spans, parts) if end > start]
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         """SentencePiece pieces of one segment between added tokens, by 4.31's rule for the config's ``legacy``."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ def _trains(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
-def _projector_forward_flops(config, rows: int) -> float:
+def _projector_forward_flops(config: Any, rows: int) -> float:
     """Forward FLOPs of the projector on one image's ``rows`` feature rows, counted by torch on a copy of it with
     no data (meta device: shapes only, so also under ZeRO-3, whose own parameters are partitioned).
 
