@@ -38,7 +38,10 @@ def test_models_and_streamed_chat_with_an_image(cluster):
         if chunk.usage:
             usage = chunk.usage
     streamed = "".join(deltas)
-    assert sum(1 for d in deltas if d) > 1 and finish in ("stop", "length")
+    # One content chunk or several: the API sends an answer's newest text whenever it writes, so when the worker
+    # runs ahead of it (a loaded machine: all 12 tokens before the first write) they come as one. That the pieces
+    # of a slower answer stream one by one is checked without timing in test_openai_routes (n answers in turn).
+    assert any(deltas) and finish in ("stop", "length")
     assert usage.completion_tokens >= 1 and usage.prompt_tokens > 16  # the image alone takes 16 positions
     # The same request without streaming gives the same greedy answer.
     full = c.chat.completions.create(model="ckpt", messages=image_message("ما هذا؟"), temperature=0, max_tokens=12)
