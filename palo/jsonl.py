@@ -25,7 +25,7 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +135,42 @@ def same_file(a: str, b: str) -> bool:
 def read_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()) -> list[Record]:
     """All records of a file (see :func:`iter_jsonl`)."""
     return list(iter_jsonl(path, skip_bad=skip_bad, required=required))
+
+
+def unique_records(records: Iterable[Record], key: str, skip_bad: bool = False,
+                   check: Callable[[Record], str | None] | None = None) -> list[Record]:
+    """The records in order, each value of ``key`` once, and only those ``check`` passes.
+
+    Values are compared as strings, so ``1`` and ``"1"`` are one question: the outputs written from them (answers,
+    reviews) are keyed and joined by the string, and a repeat would be worked on (paid for) twice, then lose one.
+
+    Args:
+        records: Records that all have ``key`` (read with it in ``required``).
+        key: The identifying field, e.g. ``"question_id"``.
+        skip_bad: Report a repeated or failing record on stderr and skip it, instead of raising.
+        check: The problem with a record (a sentence naming it), or None when it is good.
+
+    Returns:
+        The records kept, in their order.
+
+    Raises:
+        JsonlError: Unless ``skip_bad``, on the first repeat (naming both lines) or failing record.
+    """
+    kept, first = [], {}
+    for record in records:
+        value = str(record.data[key])
+        if value in first:
+            problem = f"duplicate {key} {record.data[key]!r} (first at {first[value]})"
+        else:
+            problem = check(record) if check is not None else None
+        if problem is not None:
+            if not skip_bad:
+                raise JsonlError(f"{record.where}: {problem}")
+            print(f"[skip] {record.where}: {problem}", file=sys.stderr)
+            continue
+        first[value] = record.where
+        kept.append(record)
+    return kept
 
 
 def repair_tail(path: str) -> int:

@@ -258,3 +258,21 @@ def test_a_staging_folder_left_by_a_killed_writer_is_removed_by_the_next_one(tmp
     with jsonl.staged_folder(str(tmp_path / "out")) as staging:
         (tmp_path / os.path.basename(staging) / "done").write_text("y")
     assert sorted(os.listdir(tmp_path)) == sorted(["out", live.name]) and os.listdir(tmp_path / "out") == ["done"]
+
+
+def test_unique_records_keeps_each_key_once_compared_as_text_and_names_both_lines(tmp_path, capsys):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question_id": 1, "t": "a"}\n{"question_id": 2, "t": 5}\n{"question_id": "1", "t": "b"}\n'
+                    '{"question_id": 3, "t": "c"}\n', encoding="utf-8")
+
+    def problem(record):
+        return None if isinstance(record.data["t"], str) else "'t' must be text"
+
+    with pytest.raises(jsonl.JsonlError, match=r"q\.jsonl:3: duplicate question_id '1' \(first at .*q\.jsonl:1\)"):
+        jsonl.unique_records(jsonl.iter_jsonl(str(path)), "question_id")
+    with pytest.raises(jsonl.JsonlError, match=r"q\.jsonl:2: 't' must be text"):
+        jsonl.unique_records(jsonl.iter_jsonl(str(path)), "question_id", check=problem)
+    kept = jsonl.unique_records(jsonl.iter_jsonl(str(path)), "question_id", skip_bad=True, check=problem)
+    assert [(r.data["question_id"], r.line) for r in kept] == [(1, 1), (3, 4)]
+    err = capsys.readouterr().err
+    assert "q.jsonl:2: 't' must be text" in err and "q.jsonl:3: duplicate question_id '1'" in err

@@ -48,7 +48,16 @@ from palo.eval.judge import (
     parse_scores,
     rule_for,
 )
-from palo.jsonl import JsonlAppender, JsonlError, Record, iter_jsonl, read_jsonl, repair_tail, write_jsonl_atomic
+from palo.jsonl import (
+    JsonlAppender,
+    JsonlError,
+    Record,
+    iter_jsonl,
+    read_jsonl,
+    repair_tail,
+    unique_records,
+    write_jsonl_atomic,
+)
 
 FAILED_TUPLE = [-1, -1]
 ORIGINAL_JUDGE_MODEL = "gpt-4-0314"  # the original wrote no judge_model: it always asked this one
@@ -126,18 +135,8 @@ def load_questions(path: str, skip_bad: bool = False) -> list[Record]:
         JsonlError: On a malformed line or a repeated question_id, naming the line (and the first one); with
             ``skip_bad`` such lines are reported and skipped instead.
     """
-    questions, first = [], {}
-    for record in read_jsonl(path, skip_bad, required=("question_id", "text", "category")):
-        qid = str(record.data["question_id"])
-        if qid in first:
-            problem = f"{record.where}: duplicate question_id {record.data['question_id']!r} (first at {first[qid]})"
-            if not skip_bad:
-                raise JsonlError(problem)
-            print(f"[skip] {problem}", file=sys.stderr)
-            continue
-        first[qid] = record.where
-        questions.append(record)
-    return questions
+    records = iter_jsonl(path, skip_bad, required=("question_id", "text", "category"))
+    return unique_records(records, "question_id", skip_bad)
 
 
 def _context_text(record: Record) -> str:

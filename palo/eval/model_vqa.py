@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
 from palo.eval.jsonl import JsonlAppender, JsonlError, iter_jsonl, repair_tail
-from palo.jsonl import same_file, scan_jsonl
+from palo.jsonl import Record, same_file, scan_jsonl, unique_records
 from palo.mm_utils import (
     ImageLoadError,
     KeywordsStoppingCriteria,
@@ -77,26 +77,17 @@ def load_questions(path: str, skip_bad: bool = False) -> list[Question]:
     Raises:
         JsonlError: On a malformed line or a duplicate question_id (unless ``skip_bad``, which reports and skips).
     """
-    questions: list[Question] = []
-    seen: dict[str, str] = {}
-    for record in iter_jsonl(path, skip_bad=skip_bad, required=("question_id", "text")):
+    def problem(record: Record) -> str | None:
         qid, text, image = record.data["question_id"], record.data["text"], record.data.get("image")
-        if str(qid) in seen:
-            problem = f"duplicate question_id {qid!r} (first at {seen[str(qid)]})"
-        elif not isinstance(text, str):
-            problem = f"question {qid!r}: 'text' must be a string, got {text!r:.60}"
-        elif image is not None and not isinstance(image, str):
-            problem = f"question {qid!r}: 'image' must be a file name, got {image!r:.60}"
-        else:
-            problem = None
-        if problem is not None:
-            if not skip_bad:
-                raise JsonlError(f"{record.where}: {problem}")
-            print(f"[skip] {record.where}: {problem}", file=sys.stderr)
-            continue
-        seen[str(qid)] = record.where
-        questions.append(Question(qid, text, image or None, record.where))
-    return questions
+        if not isinstance(text, str):
+            return f"question {qid!r}: 'text' must be a string, got {text!r:.60}"
+        if image is not None and not isinstance(image, str):
+            return f"question {qid!r}: 'image' must be a file name, got {image!r:.60}"
+        return None
+
+    records = iter_jsonl(path, skip_bad=skip_bad, required=("question_id", "text"))
+    return [Question(r.data["question_id"], r.data["text"], r.data.get("image") or None, r.where)
+            for r in unique_records(records, "question_id", skip_bad, check=problem)]
 
 
 def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from palo.eval.jsonl import JsonlError, iter_jsonl, repair_tail, write_jsonl_atomic
-from palo.jsonl import same_file
+from palo.jsonl import same_file, unique_records
 
 
 def parse_gpu_list(spec: str) -> list[str]:
@@ -90,14 +90,8 @@ def question_order(question_file: str) -> list[str]:
         JsonlError: On a repeated question_id, as :func:`palo.eval.model_vqa.load_questions` (the merge would write
             one answer line per repeat).
     """
-    first: dict[str, str] = {}
-    for record in iter_jsonl(question_file, skip_bad=True, required=("question_id",)):
-        qid = str(record.data["question_id"])
-        if qid in first:
-            raise JsonlError(f"{record.where}: duplicate question_id {record.data['question_id']!r} "
-                             f"(first at {first[qid]})")
-        first[qid] = record.where
-    return list(first)
+    records = iter_jsonl(question_file, skip_bad=True, required=("question_id",))
+    return [str(record.data["question_id"]) for record in unique_records(records, "question_id")]
 
 
 def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
