@@ -82,9 +82,10 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send, f"{int(declared):,} bytes")
-            return
+        # A body its Content-Length puts over the cap is refused at its first read, not here: by then the router has
+        # matched the request, so the 413 is counted under its endpoint (and a route that reads no body, or a path
+        # that has none, answers as it would anyway). Nothing of the body is read either way.
+        declared_over = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
         received = 0
         body_done = False
         started = False
@@ -94,6 +95,8 @@ class BodyLimit:
             nonlocal received, body_done, start
             if body_done:  # what is left to receive is a disconnect, which may rightly wait for good
                 return await receive()
+            if declared_over:
+                raise _TooLarge
             if start is None:
                 start = time.monotonic()
             # The next piece must come within the idle time, and before the pace the bytes so far allow runs out.
@@ -129,7 +132,8 @@ class BodyLimit:
         except _TooLarge:
             if started:  # cannot happen for endpoints that read their body first; nothing more can be said
                 raise
-            await self._refuse(send, f"more than {self.max_bytes:,} bytes")
+            size = f"{int(declared):,} bytes" if declared_over else f"more than {self.max_bytes:,} bytes"
+            await self._refuse(send, size)
         except _TooSlow:
             if started:
                 raise

@@ -64,6 +64,12 @@ def test_the_controller_api_and_the_worker_apps_carry_the_cap(monkeypatch):
     response = api.post("/v1/chat/completions", json=body)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
     assert api.post("/v1/chat/completions", json={"model": "m", "messages": "x"}).status_code == 400  # still served
+    chunked = api.post("/v1/chat/completions", content=iter([b"x" * 1000] * 3))
+    assert chunked.status_code == 413 and "more than 1,048 bytes" in chunked.json()["error"]["message"]
+    # Both refusals are counted under the route they were sent to (the declared one was "other": it was answered
+    # before the router had matched it).
+    metrics = api.get("/metrics").text
+    assert 'palo:api_requests_total{endpoint="/v1/chat/completions",status="413"} 2.0' in metrics
 
     class Worker:  # what create_app reads of a BaseWorker when it builds the app
         title = "w"
