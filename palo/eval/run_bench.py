@@ -177,6 +177,25 @@ def _without_gpus(argv: list[str]) -> list[str]:
     return out
 
 
+def take_in_shard_files(task: Task, run: model_vqa.AnswerRun, overwrite: bool) -> None:
+    """Check the task's answers file and every shard file an earlier run left (of any number of shards) for answers
+    another run made, then merge those shard files into the answers file, before this run answers.
+
+    A sharded run stopped before its merge keeps its answers in its shard files only; resumed with another number
+    of GPUs, or in one process, it would have answered all of them again and left the files behind for good.
+
+    Raises:
+        StaleAnswers: As :func:`palo.eval.model_vqa.check_answers_files`.
+        JsonlError: If a file is malformed or being written, or a shard answers a question the file does not have.
+    """
+    leftovers = shards.shard_files_of(task.answers_out)
+    model_vqa.check_answers_files(task.questions, [task.answers_out, *leftovers], run, overwrite)
+    if leftovers:
+        result = shards.merge_answers(task.questions, leftovers, task.answers_out)
+        print(f"[resume] {task.answers_out}: merged {len(leftovers)} shard file(s) an earlier run left "
+              f"({result.answered} answered, {result.missing} to go)", file=sys.stderr)
+
+
 def answer_sharded(argv: list[str], args: argparse.Namespace, tasks: list[Task], gpus: list[str]) -> list[str]:
     """Answer every task with one process per GPU, then merge each task's shards.
 
@@ -191,9 +210,8 @@ def answer_sharded(argv: list[str], args: argparse.Namespace, tasks: list[Task],
     # judging of what the files hold.
     run = answer_run(args)
     for task in tasks:
-        files = [task.answers_out, *(shards.shard_path(task.answers_out, k, n) for k in range(n))]
         try:
-            model_vqa.check_answers_files(task.questions, files, run, args.overwrite)
+            take_in_shard_files(task, run, args.overwrite)
         except (ValueError, OSError) as exc:  # StaleAnswers, JsonlError
             print(f"error: {exc}", file=sys.stderr)
             refused.append(task.label)
@@ -266,6 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         answered = [task for task in tasks if task.label not in incomplete]
     for task in tasks if len(gpus) < 2 else []:
         print(f"=== {task.label}: answering ===", file=sys.stderr)
+        if shards.shard_files_of(task.answers_out):
+            try:
+                take_in_shard_files(task, answer_run(args), args.overwrite)
+            except (ValueError, OSError) as exc:  # StaleAnswers, JsonlError
+                print(f"error: {exc}", file=sys.stderr)
+                failed.append(task.label)
+                continue
         try:
             rc = model_vqa.answer_file(loader, task.questions, task.images, task.answers_out, args.batch_size,
                                        run=answer_run(args), overwrite=args.overwrite)

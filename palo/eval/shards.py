@@ -5,7 +5,8 @@ questions (:func:`palo.eval.model_vqa.get_chunk`), so the shards are disjoint, c
 gives the same slices. Each shard process appends to its own file (``<output-dir>/shards/<stem>.<K>-of-<N>.jsonl``),
 resumable like every answers file; the merge then writes the final answers file in question-file order, through a
 temporary file and ``os.replace``, and removes the shard files it took in. Questions already in the final file count
-as answered for every shard, so a run can be resumed with another number of GPUs.
+as answered for every shard, and a resumed run first merges the shard files an interrupted one left (of any number
+of shards), so a run can be resumed with another number of GPUs, or in one process.
 
 Which GPUs (:func:`resolve_gpus`): an explicit list (``PALO_EVAL_GPUS=0,1,2`` in the eval scripts), else ``auto``:
 the ids in ``CUDA_VISIBLE_DEVICES``, else every device torch sees; ``auto`` finds none when CUDA is not available
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -73,6 +75,23 @@ def shard_path(answers_file: str, chunk_idx: int, num_chunks: int) -> str:
     folder, name = os.path.split(answers_file)
     stem = name[:-len(".jsonl")] if name.endswith(".jsonl") else name
     return os.path.join(folder, "shards", f"{stem}.{chunk_idx}-of-{num_chunks}.jsonl")
+
+
+def shard_files_of(answers_file: str) -> list[str]:
+    """Every shard file of ``answers_file`` on disk, of any number of shards, ordered by (N, K).
+
+    A run that was stopped before its merge leaves these behind; one resumed with another number of GPUs (or in one
+    process) would not otherwise look at them.
+    """
+    folder = os.path.dirname(shard_path(answers_file, 0, 1))
+    stem = os.path.basename(shard_path(answers_file, 0, 1))[:-len(".0-of-1.jsonl")]
+    pattern = re.compile(re.escape(stem) + r"\.(\d+)-of-(\d+)\.jsonl")
+    found = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        match = pattern.fullmatch(name)
+        if match and os.path.isfile(os.path.join(folder, name)):
+            found.append(((int(match[2]), int(match[1])), os.path.join(folder, name)))
+    return [path for _, path in sorted(found)]
 
 
 @dataclass(frozen=True)

@@ -282,3 +282,52 @@ def test_answers_of_the_merged_file_to_removed_questions_are_kept_not_an_error(t
     assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged), str(shard)]) == 2
     assert f"{shard}:1: question_id 3 is not in {questions}" in capsys.readouterr().err
     assert shard.exists()
+
+
+def test_shard_files_of_finds_every_count_of_shards_and_only_this_files(tmp_path):
+    merged = str(tmp_path / "out" / "m_English.jsonl")
+    folder = tmp_path / "out" / "shards"
+    assert shards.shard_files_of(merged) == []  # no folder yet
+    os.makedirs(folder)
+    for name in ("m_English.1-of-3.jsonl", "m_English.0-of-2.jsonl", "m_English.10-of-12.jsonl",
+                 "m_English_x.0-of-2.jsonl", "m_English.0-of-2.jsonl.tmp", "m_Englis.0-of-2.jsonl"):
+        (folder / name).write_text("")
+    assert [os.path.basename(p) for p in shards.shard_files_of(merged)] == [
+        "m_English.0-of-2.jsonl", "m_English.1-of-3.jsonl", "m_English.10-of-12.jsonl"]
+
+
+def test_a_killed_sharded_run_resumed_with_other_gpus_or_one_process_keeps_its_shards_answers(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A 3-GPU run stopped before its merge kept its answers only in its shard files; resumed with 2 GPUs or in one
+    process it answered every question again and left the files behind for good."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": f"q{i}"}) + "\n" for i in range(4)))
+
+    def setup(out: str) -> tuple[argparse.Namespace, list[str], run_bench.Task]:
+        argv = ["--model-path", str(tmp_path / "ckpt"), "--images", str(tmp_path), "--questions", str(questions),
+                "--answers", str(questions), "--context", str(questions), "--output-dir", str(tmp_path / out),
+                "--output-file", "m", "--conv-mode", "vicuna_v1", "--max-new-tokens", "4", "--device", "cpu",
+                "--judge-base-url", "http://127.0.0.1:9/v1", "--max-retries", "0"]
+        args = run_bench.build_parser().parse_args(argv)
+        tasks, _ = run_bench.make_tasks(args)
+        merged = tasks[0].answers_out
+        os.makedirs(os.path.dirname(shards.shard_path(merged, 0, 3)))
+        for k, ids in ((0, (0, 1)), (1, (2, 3))):  # shard 2 of 3 never ran (its slice is empty anyway)
+            with open(shards.shard_path(merged, k, 3), "w", encoding="utf-8") as f:
+                f.writelines(json.dumps({"question_id": i, "prompt": f"q{i}", "text": "a", "answer_id": f"kept-{i}",
+                                         "model_id": "ckpt", "metadata": {}}) + "\n" for i in ids)
+        return args, argv, tasks[0]
+
+    args, _, task = setup("two_gpus")
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, env: argparse.Namespace(wait=lambda: 0))
+    assert run_bench.answer_sharded([], args, [task], ["0", "1"]) == []
+    assert [r["answer_id"] for r in _read(task.answers_out)] == [f"kept-{i}" for i in range(4)]
+    assert shards.shard_files_of(task.answers_out) == []
+    assert "merged 2 shard file(s) an earlier run left (4 answered, 0 to go)" in capsys.readouterr().err
+
+    # One process: every question is answered by the shards' files, so the checkpoint (which does not exist) is
+    # never loaded; the judge is unreachable, which fails the language after answering.
+    _, argv, task = setup("one_process")
+    run_bench.main(argv)
+    assert [r["answer_id"] for r in _read(task.answers_out)] == [f"kept-{i}" for i in range(4)]
+    assert shards.shard_files_of(task.answers_out) == []
