@@ -448,8 +448,10 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
         # As the worker's and the API's streams: a client that stops reading is dropped, and a client that left
         # is noticed between two writes (a plain stream wrote every chunk at hand to the dead socket).
+        # on_close: a client that left before the first chunk cancels the stream before relay() starts, and then
+        # its finally never runs: the upstream stayed open and the worker generated the whole answer for nobody.
         return StalledClientClosingResponse(relay(), status_code=stream.status_code, media_type=STREAM_MEDIA_TYPE,
-                                            logger=controller.logger)
+                                            logger=controller.logger, on_close=stream.aclose)
 
     app.include_router(create_openai_router(controller, router, api_key, prompt_tokens_details))
     app.include_router(create_tokenizer_router(controller, router, api_key))

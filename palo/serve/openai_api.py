@@ -984,10 +984,10 @@ class _AnswerStream(StalledClientClosingResponse):
                          logger=logger)
         self.answers = answers
 
-    async def stream_response(self, send: Any) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
-            await super().stream_response(send)
-        finally:
+            await super().__call__(scope, receive, send)
+        finally:  # also when the stream never started: a client that left at once cancels it before its first step
             _cancel_all(self.answers)
 
 

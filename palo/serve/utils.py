@@ -11,6 +11,7 @@ import socket
 import struct
 import sys
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -309,12 +310,29 @@ class StalledClientClosingResponse(StreamingResponse):
     Without this, sending waits on the full socket buffer for as long as the connection stays open, and the request
     keeps its concurrency place the whole time. Closing the stream runs its ``finally`` blocks (the place and the
     engine's cache are freed); the server then closes the connection of the unfinished response.
+
+    Args:
+        *args, **kwargs: As for ``StreamingResponse`` (the body iterator first).
+        logger: Where a dropped client is logged.
+        on_close: Awaited however the response ends, after the body iterator is closed: frees what was taken for
+            the stream before its iterator started (a relay's upstream), which the iterator's own ``finally`` never
+            frees when the client left before its first piece (closing a generator that never started skips its
+            body).
     """
 
-    def __init__(self, *args: Any, logger: logging.Logger, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, logger: logging.Logger, on_close: Callable[[], Awaitable[None]] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.logger = logger
+        self.on_close = on_close
+        self._closed = False
         self.write_timeout = WRITE_TIMEOUT_S  # seconds a send may wait on the client (read now: tests lower it)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:  # also when stream_response never ran: a task cancelled before its first step runs none of it
+            await self._close()
 
     async def stream_response(self, send: Any) -> None:
         async def send_in_time(message: Any) -> None:
@@ -341,14 +359,25 @@ class StalledClientClosingResponse(StreamingResponse):
         except _ClientStalled:
             self.logger.warning("a client read nothing for %.0f s: its stream is closed", self.write_timeout)
         finally:
-            # However the stream ends. A client that left cancels it, and Starlette leaves the iterator as it was:
-            # its finally blocks (the worker's place, the engine's job generating for nobody, the relay's upstream)
-            # waited for the garbage collector, which may take minutes under a light load. Shielded: the
-            # cancellation that ended the stream would cut this short too.
+            await self._close()
+
+    async def _close(self) -> None:
+        """Close the body iterator and run ``on_close``, once, whatever cancels the caller.
+
+        However the stream ends. A client that left cancels it, and Starlette leaves the iterator as it was: its
+        finally blocks (the worker's place, the engine's job generating for nobody, the relay's upstream) waited
+        for the garbage collector, which may take minutes under a light load. Shielded: the cancellation that ended
+        the stream would cut this short too.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
-                with anyio.CancelScope(shield=True):
-                    await aclose()
+                await aclose()
+            if self.on_close is not None:
+                await self.on_close()
 
 
 class _ClientStalled(Exception):

@@ -305,6 +305,43 @@ def test_the_controllers_relay_drops_a_client_that_stops_reading(monkeypatch):
     assert any("read nothing" in message for message in warnings)
 
 
+def test_the_controllers_relay_closes_the_worker_stream_of_a_client_that_left_before_the_first_chunk():
+    """A client that closed its socket right after sending cancelled the relay's stream before the relay's
+    generator started, and closing a generator that never started skips its finally: the controller kept the
+    worker's stream open, and the worker generated the whole answer for nobody."""
+    import json
+    import socket
+
+    from palo.serve import controller as controller_module
+
+    class Trickle(GatedWorker):  # small chunks, slowly: no buffer ever fills, so nothing but a close ends it
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.closed = threading.Event()
+
+        async def generate(self, prepared):
+            try:
+                while True:
+                    await asyncio.sleep(0.05)
+                    yield json.dumps({"text": "x", "error_code": 0}).encode() + b"\0"
+            finally:
+                self.closed.set()
+
+    worker = Trickle("m", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=4, no_register=True)
+    controller = controller_module.Controller("shortest_queue", 30)
+    with served(create_app(worker)) as worker_url, \
+            served(controller_module.create_app(controller, read_timeout=30, api_key=None)) as url:
+        assert controller.register_worker(worker_url, False, {"model_names": ["m"], "speed": 1, "queue_length": 0})
+        host, port = url.removeprefix("http://").split(":")
+        body = b'{"model": "m"}'
+        with socket.create_connection((host, int(port))) as gone:
+            gone.sendall(b"POST /worker_generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_until(worker.closed.is_set, 15, "the relay closing the worker stream of a client that left")
+        wait_until(lambda: worker.running == 0, 10, "the worker's place freed")
+    worker.stop()
+
+
 def test_a_dropped_clients_socket_is_reset_once_its_close_cannot_flush(monkeypatch):
     """A client that reads nothing has its stream dropped (its place freed), but uvicorn's close waited for the unsent
     bytes, so the socket stayed open as long as the client did: one file per such client, for good."""
