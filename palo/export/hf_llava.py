@@ -28,8 +28,10 @@ of a trained model the token is not chosen in practice). Every other logit equal
 Projectors: Llava's is ``linear_1 -> act -> linear_2``. ``mlp2x_gelu`` maps onto it directly (exact GELU).
 ``linear`` and ``mlp1x_gelu`` become ``linear_1`` = the projector with ``act`` = ``linear`` (identity) and
 ``linear_2`` = the identity matrix (exact; costs one hidden x hidden matrix), ``identity`` both identity
-matrices. ``mlp{N}x_gelu`` with N >= 3 and ``ldpnet`` (MobilePALO's LDP: convolutions and a 4x token reduction)
-have no Llava equivalent and are refused with :class:`ExportError`; no custom-code folder is written.
+matrices. Such a folder loads in transformers and SGLang, but not in vLLM, whose Llava projector takes only the
+activations of its own table, none of them the identity (a warning says so at export). ``mlp{N}x_gelu`` with
+N >= 3 and ``ldpnet`` (MobilePALO's LDP: convolutions and a 4x token reduction) have no Llava equivalent and are
+refused with :class:`ExportError`; no custom-code folder is written.
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ def llava_projector_state(
         return torch.eye(rows, cols, dtype=dtype), torch.zeros(rows, dtype=dtype)
 
     mlp = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    if projector_type in ("linear", "identity") or (mlp and int(mlp.group(1)) == 1):
+        logger.warning("the %s projector exports with projector_hidden_act 'linear' (the identity): the folder loads "
+                       "in transformers and SGLang, but vLLM's Llava takes no identity activation and refuses it",
+                       projector_type)
     if projector_type == "linear" or (mlp and int(mlp.group(1)) == 1):
         w2, b2 = eye(hidden_size, hidden_size)
         prefix = "" if "weight" in state else "0."
@@ -212,12 +218,26 @@ def _save_sharded(state: dict[str, torch.Tensor], out_dir: str, max_shard_size: 
     return tuple(names)
 
 
-def _add_legacy_dtype_key(config_path: str, dtype: str) -> None:
-    """transformers 5 writes ``dtype``; transformers 4.x (what vLLM and SGLang pin) reads ``torch_dtype``."""
+def _add_legacy_keys(config_path: str, dtype: str) -> None:
+    """Add the keys transformers 4.x (what vLLM and SGLang pin) reads where transformers 5 writes others.
+
+    * ``torch_dtype``: transformers 5 writes ``dtype``.
+    * ``rope_theta`` and ``rope_scaling`` of the text config: transformers 5 writes one ``rope_parameters`` dict,
+      which 4.x ignores, so a LLaMA base with another theta or a scaled RoPE got 4.x's defaults (theta 10000, no
+      scaling), and vLLM on 4.x overwrote the theta with that default. transformers 5 reads the two keys back into
+      the same ``rope_parameters``.
+    """
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     config["torch_dtype"] = dtype
-    config.get("text_config", {})["torch_dtype"] = dtype
+    text = config.get("text_config", {})
+    text["torch_dtype"] = dtype
+    rope = text.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope:
+        text["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", "default")
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        text["rope_scaling"] = None if kind == "default" else dict(scaling, type=kind, rope_type=kind)
     with open(config_path, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2, sort_keys=True)
 
@@ -372,7 +392,7 @@ def export_hf_llava(
         llava_config.architectures = ["LlavaForConditionalGeneration"]
         llava_config.torch_dtype = dtype
         llava_config.save_pretrained(output_dir)
-        _add_legacy_dtype_key(os.path.join(output_dir, "config.json"), dtype)
+        _add_legacy_keys(os.path.join(output_dir, "config.json"), dtype)
 
         generation = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id,

@@ -164,6 +164,9 @@ def write_tokenizer(tokenizer: Any, out_dir: str, image_token: str, chat_templat
     pad = tokenizer.pad_token or tokenizer.unk_token
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        # transformers 4.x's PreTrainedTokenizerFast also returns token_type_ids, which Llava's generate refuses
+        # ("model_kwargs are not used by the model"); LLaMA's tokenizers name these two.
+        "model_input_names": ["input_ids", "attention_mask"],
         "bos_token": tokenizer.bos_token,
         "eos_token": tokenizer.eos_token,
         "unk_token": tokenizer.unk_token,

@@ -9,6 +9,7 @@ transformers' Llava with hand-mapped weights): logits within 1e-5, identical gre
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import pytest
@@ -225,24 +226,17 @@ def test_folder_layout(exports):
         assert json.load(f)["do_pad"] is True  # the tiny world trains with image_aspect_ratio "pad"
 
 
-def test_linear_projector_exports_exactly(world, tmp_path):
-    """``linear`` has no second layer: exported as linear_1 + identity activation + identity linear_2."""
-    from palo.model.tokenizer import load_tokenizer
-
-    palo_tok = load_tokenizer(world.tokenizer_dir)
-    config = tiny.palo_config_dict(tiny.tiny_llama_config(len(palo_tok)), world.clip_dir, projector_type="linear",
-                                   image_aspect_ratio="square")
-    model = tiny.build_palo_model(config, world.clip_dir, seed=5)
-    ckpt = tiny.write_full_checkpoint(str(tmp_path / "linear_ckpt"), model, config, world.tokenizer_dir)
-    export = export_hf_llava(ckpt, str(tmp_path / "linear_hf"), dtype="float32")
-    hf = LlavaForConditionalGeneration.from_pretrained(export.output_dir).eval()
-    processor = AutoProcessor.from_pretrained(export.output_dir)
+def _assert_exact_in_transformers(ckpt: str, output_dir: str) -> None:
+    """The export of ``ckpt`` gives PALO's logits for a Japanese question about an image, in transformers."""
+    hf = LlavaForConditionalGeneration.from_pretrained(output_dir).eval()
+    processor = AutoProcessor.from_pretrained(output_dir)
     tokenizer, palo, palo_processor, _ = load_pretrained_model(ckpt, device="cpu", dtype=torch.float32)
     image = _image(90, 40, seed=3)
     turns = [QUESTIONS["japanese"], None]
     inputs = processor(images=[image],
                        text=processor.apply_chat_template(_messages(turns, 1), add_generation_prompt=True),
                        return_tensors="pt", add_special_tokens=False)
+    assert "token_type_ids" not in inputs  # Llava's generate refuses it
     ids = tokenizer_image_token(_palo_prompt(turns, 1), tokenizer, return_tensors="pt")[None]
     pixels = process_images([image], palo_processor, palo.config)  # "square": resize + centre crop, no pad
     torch.testing.assert_close(inputs["pixel_values"], pixels, rtol=0, atol=0)
@@ -250,6 +244,45 @@ def test_linear_projector_exports_exactly(world, tmp_path):
         ours = palo(input_ids=ids, images=pixels).logits
         theirs = hf(**inputs).logits[..., : ours.shape[-1]]
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_a_scaled_rope_is_written_for_transformers_4_readers_too(world, tmp_path):
+    """transformers 5 writes RoPE as one ``rope_parameters`` dict, which 4.x (what vLLM and SGLang pin) ignores:
+    a base with another theta or a scaled RoPE was read with theta 10000 and no scaling, and vLLM on 4.x wrote
+    that default over the theta. The legacy keys are added; transformers 5 still reads the same model."""
+    from palo.model.tokenizer import load_tokenizer
+
+    palo_tok = load_tokenizer(world.tokenizer_dir)
+    config = tiny.palo_config_dict(tiny.tiny_llama_config(len(palo_tok)), world.clip_dir, image_aspect_ratio="square")
+    config.pop("rope_parameters", None)
+    config.update(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 4.0})
+    model = tiny.build_palo_model(config, world.clip_dir, seed=7)
+    ckpt = tiny.write_full_checkpoint(str(tmp_path / "rope_ckpt"), model, config, world.tokenizer_dir)
+    export = export_hf_llava(ckpt, str(tmp_path / "rope_hf"), dtype="float32")
+    with open(os.path.join(export.output_dir, "config.json"), encoding="utf-8") as f:
+        text = json.load(f)["text_config"]
+    assert text["rope_theta"] == 500000.0
+    assert text["rope_scaling"]["type"] == text["rope_scaling"]["rope_type"] == "linear"
+    assert text["rope_scaling"]["factor"] == 4.0
+    _assert_exact_in_transformers(ckpt, export.output_dir)
+    with open(os.path.join(export.output_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        assert json.load(f)["model_input_names"] == ["input_ids", "attention_mask"]  # 4.x added token_type_ids
+
+
+def test_linear_projector_exports_exactly(world, tmp_path, caplog):
+    """``linear`` has no second layer: exported as linear_1 + identity activation + identity linear_2 (which vLLM's
+    Llava refuses: the export says so)."""
+    from palo.model.tokenizer import load_tokenizer
+
+    palo_tok = load_tokenizer(world.tokenizer_dir)
+    config = tiny.palo_config_dict(tiny.tiny_llama_config(len(palo_tok)), world.clip_dir, projector_type="linear",
+                                   image_aspect_ratio="square")
+    model = tiny.build_palo_model(config, world.clip_dir, seed=5)
+    ckpt = tiny.write_full_checkpoint(str(tmp_path / "linear_ckpt"), model, config, world.tokenizer_dir)
+    with caplog.at_level(logging.WARNING, logger="palo.export.hf_llava"):
+        export = export_hf_llava(ckpt, str(tmp_path / "linear_hf"), dtype="float32")
+    assert any("vLLM's Llava takes no identity activation" in r.getMessage() for r in caplog.records)
+    _assert_exact_in_transformers(ckpt, export.output_dir)
 
 
 def test_a_failed_export_leaves_nothing_and_overwrite_replaces_only_its_own_files(world, tmp_path, monkeypatch):
@@ -260,7 +293,7 @@ def test_a_failed_export_leaves_nothing_and_overwrite_replaces_only_its_own_file
 
     out = tmp_path / "parent" / "hf"
     with monkeypatch.context() as patch:
-        patch.setattr(hf_llava, "_add_legacy_dtype_key", fail)  # after the weights are written
+        patch.setattr(hf_llava, "_add_legacy_keys", fail)  # after the weights are written
         with pytest.raises(OSError, match="disk full"):
             export_hf_llava(world.full_dir, str(out), dtype="float32")
     assert not out.exists() and os.listdir(tmp_path / "parent") == []  # no half folder, no staging folder left
