@@ -47,8 +47,10 @@ from palo.engine.detokenizer import first_stop, held_back
 from palo.openai_client import token_count
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
+    CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
     OK,
+    PROMPT_TOO_LONG_MSG,
     SMALLEST_TOP_P,
     WORKER_ERROR,
     encode_chunk,
@@ -69,6 +71,9 @@ __all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "m
 HEALTH_TIMEOUT_S = 5.0
 MAX_NEW_TOKENS_CAP = 1024  # the original worker's cap
 BACKEND_STOP_STRINGS = 4  # OpenAI's limit on a request's stop strings (this project's API keeps it)
+INVALID_REQUEST_STATUSES = (400, 413, 422)  # a backend's answers that blame the request (FastAPI's 422 included)
+MAX_BACKEND_MESSAGE_CHARS = 500
+PROMPT_TOO_LONG_PREFIX = "the prompt is too long: "  # how this project's API begins a context_length_exceeded message
 
 
 # Worker-protocol settings beyond the original's, forwarded to the backend: (accepted types, value that asks for
@@ -289,9 +294,14 @@ class OpenAIWorker(BaseWorker):
             value = params.get(key)
             if value is None or value == default:
                 continue
-            if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+            if (isinstance(value, bool) or not isinstance(value, kind)
+                    or (isinstance(value, float) and not math.isfinite(value))):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got "
                                         f"{shown(value)}")
+            try:  # an integer past a float's range (10**400) is refused as max_new_tokens is, not an OverflowError
+                parse_number(params, key, default)
+            except ValueError as exc:
+                raise PromptFormatError(str(exc)) from None
             body[key] = value
         ignore_eos = params.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
@@ -352,6 +362,26 @@ class OpenAIWorker(BaseWorker):
             self._backend = (loop, httpx.AsyncClient(timeout=timeout, limits=limits))
         return self._backend[1]
 
+    def _refusal(self, prompt: str, status: int, content: bytes) -> bytes:
+        """The chunk for a backend's non-200 answer (``content``, its body) to a request for ``prompt``.
+
+        The backend refuses the client's own mistakes (a corrupt image, a prompt over its context, a setting out of
+        its range) with 400, 413 or 422; they are said as the client's, with the backend's message, so that this
+        project's API answers 400 as the native worker makes it, not 502 "the model worker failed". A prompt over
+        the context is answered as the native worker answers it. Anything else stays the backend's failure.
+        """
+        message, code = _backend_error(content)
+        if status in INVALID_REQUEST_STATUSES:
+            self.logger.info("backend %s refused the request (HTTP %d): %s", self.api_base, status, message)
+            if code == CONTEXT_LENGTH_EXCEEDED:
+                # This project's API as the backend already says what the front's API says before the detail.
+                detail = message.removeprefix(PROMPT_TOO_LONG_PREFIX)
+                return encode_chunk(prompt + PROMPT_TOO_LONG_MSG, OK, error_type=CONTEXT_LENGTH_EXCEEDED,
+                                    detail=detail, finish_reason="length")
+            return error_chunk(message, WORKER_ERROR, INVALID_REQUEST)
+        self.logger.error("backend %s answered HTTP %d: %s", self.api_base, status, message)
+        return error_chunk(f"the backend {self.api_base} answered HTTP {status}: {message}", WORKER_ERROR)
+
     async def _relay(self, prompt: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
         text = ""
         finish: str | None = None
@@ -379,9 +409,7 @@ class OpenAIWorker(BaseWorker):
             async with self.backend_client().stream("POST", self.api_base + "/chat/completions", json=body,
                                                     headers=self.headers) as response:
                 if response.status_code != 200:
-                    detail = (await response.aread()).decode("utf-8", "replace")[:500]
-                    yield error_chunk(f"the backend {self.api_base} answered HTTP {response.status_code}: {detail}",
-                                      WORKER_ERROR)
+                    yield self._refusal(prompt, response.status_code, await response.aread())
                     return
                 done = False
                 async for line in response.aiter_lines():
@@ -449,6 +477,23 @@ class OpenAIWorker(BaseWorker):
         if cached is not None:
             reported["cached_tokens"] = cached
         yield encode_chunk(prompt + text, OK, finish_reason=finish, logprobs=take_logprobs(), usage=reported)
+
+
+def _backend_error(content: bytes) -> tuple[str, str | None]:
+    """``(message, code)`` of a backend's error body: OpenAI's ``{"error": {"message", "type", "param", "code"}}``,
+    or the flat ``{"message", "code", ...}`` of vLLM's and SGLang's older versions; for another body, its text (cut)
+    and no code."""
+    text = content.decode("utf-8", "replace")
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else body
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
+        code = error.get("code")
+        return error["message"][:MAX_BACKEND_MESSAGE_CHARS], code if isinstance(code, str) else None
+    return text[:MAX_BACKEND_MESSAGE_CHARS], None
 
 
 class MalformedEvent(ValueError):

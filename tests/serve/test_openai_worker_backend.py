@@ -12,7 +12,13 @@ from fastapi.responses import Response, StreamingResponse
 from serve_helpers import SYSTEM, served
 
 from palo.serve.openai_worker import OpenAIWorker, PromptFormatError
-from palo.serve.protocol import iter_chunks
+from palo.serve.protocol import (
+    CONTEXT_LENGTH_EXCEEDED,
+    INVALID_REQUEST,
+    PROMPT_TOO_LONG_MSG,
+    SERVER_ERROR,
+    iter_chunks,
+)
 from palo.serve.worker_base import create_app
 
 
@@ -88,6 +94,18 @@ def test_vllms_sampling_extras_go_to_the_backend_only_when_they_ask_for_somethin
         worker.stop()
 
 
+def test_a_forwarded_integer_past_a_floats_range_is_refused_by_name():
+    """10**400 raised OverflowError in math.isfinite: a server error with a logged traceback, not a refusal."""
+    worker = OpenAIWorker("http://127.0.0.1:9/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9",
+                          no_register=True)
+    try:
+        for key in ("seed", "top_k", "min_tokens", "presence_penalty"):
+            with pytest.raises(PromptFormatError, match=f"'{key}' must be finite, got an integer of 401 digits"):
+                worker.backend_request({"prompt": f"{SYSTEM} USER: hello ASSISTANT:", key: 10**400})
+    finally:
+        worker.stop()
+
+
 def _relayed(events: list[str], sent: list[dict] | None = None, **params) -> list[dict]:
     """The worker's chunks for one request (``params`` added to it), its backend streaming ``events`` (SSE lines,
     ``data: ...``); the backend's request bodies are added to ``sent``."""
@@ -120,6 +138,45 @@ def test_a_malformed_backend_event_is_named_as_the_backends(event, caplog):
     chunks = _relayed([_piece("Hi"), f"data: {json.dumps(event)}", "data: [DONE]"])
     assert chunks[-1]["error_code"] != 0 and "sent a malformed event" in chunks[-1]["text"]
     assert not any(record.exc_info for record in caplog.records)
+
+
+def test_the_backends_refusal_of_a_request_is_said_as_the_clients_mistake():
+    """Every non-200 answer of the backend was the worker's failure: a corrupt image or a prompt over the context,
+    refused by the backend with 400, reached the client of this project's API as 502 "the model worker failed"."""
+    answers = [
+        (400, {"error": {"message": "image 0 is not an image", "type": "invalid_request_error", "param": None,
+                         "code": None}}),
+        (400, {"error": {"message": "the prompt is too long: the prompt takes 3000 of 2048 positions",
+                         "type": "invalid_request_error",
+                         "param": "messages", "code": "context_length_exceeded"}}),
+        (400, {"object": "error", "message": "min_p must be in [0, 1]", "type": "BadRequestError", "code": 400}),
+        (422, "not JSON"),
+        (500, {"error": {"message": "out of memory", "type": "server_error", "param": None, "code": None}}),
+    ]
+    backend = FastAPI()
+
+    @backend.post("/v1/chat/completions")
+    async def completions():
+        status, body = answers.pop(0)
+        return Response(body if isinstance(body, str) else json.dumps(body), status)
+
+    prompt = f"{SYSTEM} USER: hello ASSISTANT:"
+    with served(backend) as burl:
+        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", no_register=True)
+        with served(create_app(worker)) as wurl, httpx.Client(timeout=30) as client:
+            chunks = [list(iter_chunks(client.post(wurl + "/worker_generate_stream", json={"prompt": prompt})
+                                       .iter_bytes()))[-1] for _ in range(5)]
+        worker.stop()
+    # The client's mistakes: invalid requests (this project's API answers 400) with the backend's message.
+    for chunk, message in zip([chunks[0], *chunks[2:4]], ["image 0 is not an image", "min_p must be in [0, 1]",
+                                                          "not JSON"]):
+        assert chunk == {"text": message, "error_code": 1, "error_type": INVALID_REQUEST}
+    # A prompt over the context, as the native worker answers it (400 context_length_exceeded there); the detail
+    # without the words this project's API puts before it again.
+    assert chunks[1] == {"text": prompt + PROMPT_TOO_LONG_MSG, "error_code": 0, "error_type": CONTEXT_LENGTH_EXCEEDED,
+                         "detail": "the prompt takes 3000 of 2048 positions", "finish_reason": "length"}
+    # The backend's own failure stays a server error.
+    assert chunks[4]["error_type"] == SERVER_ERROR and "answered HTTP 500: out of memory" in chunks[4]["text"]
 
 
 def test_a_good_answer_with_a_malformed_usage_is_kept():
