@@ -74,13 +74,21 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e400: valid JSON, but a float past a double's range is read as inf
+        raise ValueError(f"the number {literal[:40]} is out of range (over 1.8e308)")
+    return value
+
+
 def decode_json_body(body: bytes) -> Any:
     """A request body parsed as JSON, for every endpoint that takes one.
 
     Raises:
         ValueError: Saying why, for a body that is not JSON (``invalid JSON body: ...``; NaN and Infinity
-            included), is nested too deeply for the parser, or holds a lone surrogate escape (``"\\ud800"``):
-            valid JSON syntax, but text no UTF-8 encoder downstream (tokenizer, log, response) can handle.
+            included, and numbers past a double's range), is nested too deeply for the parser, or holds a lone
+            surrogate escape (``"\\ud800"``): valid JSON syntax, but text no UTF-8 encoder downstream (tokenizer,
+            log, response) can handle.
     """
     try:
         # UTF-8 only (RFC 8259 between systems; a byte-order mark is let pass): json.loads alone also reads UTF-16
@@ -88,7 +96,9 @@ def decode_json_body(body: bytes) -> Any:
         text = body.decode("utf-8-sig") if isinstance(body, (bytes, bytearray)) else body
         # NaN and Infinity are Python's extensions, not JSON: refused here, they cannot be passed on (httpx will
         # not encode them to a worker) and no field takes them.
-        value = json.loads(text, parse_constant=_not_json)
+        # A number too large for a double (1e400) is refused too: it was read as inf, which the API then named as
+        # an "Infinity" the client never sent, and the tokenizer endpoints could not encode back (a 500).
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("invalid JSON body: nested too deeply") from None
     except UnicodeDecodeError as exc:

@@ -179,9 +179,13 @@ def test_bodies_that_json_accepts_but_nothing_downstream_can_use_are_400():
 
     assert decode_json_body(b'{"t": "\\ud83d\\ude00 \\u00e9"}') == {"t": "\U0001F600 é"}  # escaped pair
     assert decode_json_body(b'\xef\xbb\xbf{"t": 1}') == {"t": 1}  # a UTF-8 byte-order mark is let pass
+    assert decode_json_body(b'[1e308, -2.5e-400, 10000000000000000000000]') == [1e308, -0.0, 10**22]  # in range
     for body, why in ((b"[" * 100_000, "nested too deeply"), (b'{"t": "a\\udc00"}', "lone surrogate"),
                       (b'{"t": ', "Expecting value"), ("\u00e9".encode("latin-1"), "invalid JSON"),
                       (b'{"x": NaN}', "NaN is not a JSON number"), (b'[-Infinity]', "-Infinity is not a JSON number"),
+                      # read as inf: the API blamed an "Infinity" the client never sent, /tokenize answered 500
+                      (b'{"repetition_penalty": 1e400}', "the number 1e400 is out of range"),
+                      (b'[-1E999]', "the number -1E999 is out of range"),
                       # UTF-16 and UTF-32, which json.loads reads too: a lone surrogate in them went past the check
                       # (the bytes hold no ASCII "\ud800") and /tokenize answered 500.
                       ('{"t": "\\ud800"}'.encode("utf-16"), "not UTF-8"), ('{"t": 1}'.encode("utf-32"), "not UTF-8")):
