@@ -19,7 +19,8 @@ are judged again. New reviews are appended one flushed line at a time while the 
 rewritten in question order with one review per question of the question file, under the category the question
 file gives it now (a corrected category changes no request, so its review is kept). Reviews that no longer apply (of
 questions no longer in the question file, or made for another request and not yet judged again) are moved to
-``<output>.stale``, said on stderr, and never counted.
+``<output>.stale`` (appended there before the rewrite, each once: a run killed between the two steps does not append
+them again), said on stderr, and never counted.
 
 Ctrl-C stops sending: requests not yet sent are cancelled, the replies of those in flight are waited for and
 written (Ctrl-C again stops at once), the file is compacted, and the interrupt goes on to the caller.
@@ -28,6 +29,7 @@ written (Ctrl-C again stops at once), the file is compacted, and the interrupt g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sqlite3
 import sys
@@ -216,15 +218,21 @@ def stale_path(path: str) -> str:
     return path + ".stale"
 
 
+def _canonical(record: dict[str, Any]) -> str:
+    """A record as one string, equal for equal JSON objects whatever the order of their keys."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
 def compact(path: str, items: list[Item], judge_model: str) -> list[dict[str, Any]]:
     """Rewrite the reviews file: one review per question (the latest), in question order, ids 1..n.
 
-    Reviews that no longer apply are appended to :func:`stale_path` first (nothing paid for is lost) and said on
-    stderr: those of questions no longer in the question file, and successful ones made for another request (left
-    when a run stops before judging that question again), which would otherwise be counted as scores of answers
-    they never saw. A kept review gets its question's category as the question file gives it now: a corrected
-    category leaves the request alone (the three rubrics are one text), so the review is reused, and its old
-    category would file the score under the wrong one.
+    Reviews that no longer apply are appended to :func:`stale_path` first (nothing paid for is lost), except those
+    already there (a run killed before the rewrite left them in both files), and said on stderr: those of questions
+    no longer in the question file, and successful ones made for another request (left when a run stops before
+    judging that question again), which would otherwise be counted as scores of answers they never saw. A kept
+    review gets its question's category as the question file gives it now: a corrected category leaves the request
+    alone (the three rubrics are one text), so the review is reused, and its old category would file the score under
+    the wrong one.
 
     Call it while holding the file's :class:`JsonlAppender` (its lock): a run that took the lock after it was let go
     would append to the file this replaces, and its reviews would be lost.
@@ -246,8 +254,12 @@ def compact(path: str, items: list[Item], judge_model: str) -> list[dict[str, An
     removed = list(latest.values())
     if removed or outdated:
         with JsonlAppender(stale_path(path)) as side:
+            # Read under the side file's lock: a run killed after this append and before the rewrite below left
+            # these reviews in both files, and the next run would append them to the side file a second time.
+            there = {_canonical(record.data) for record in iter_jsonl(side.path, skip_bad=True)}
             for review in removed + outdated:
-                side.write(review)
+                if _canonical(review) not in there:
+                    side.write(review)
         print(f"[stale] moved {len(removed) + len(outdated)} review(s) out of {path} into {stale_path(path)}, not "
               f"counted: {len(removed)} of questions no longer in the question file, {len(outdated)} made for other "
               "answers, another judge or another request", file=sys.stderr)

@@ -181,8 +181,9 @@ class WebServer:
         """Append the user's message (and an empty answer slot) to the conversation.
 
         Returns:
-            The new state; ``skip_next`` is set when nothing should be generated (empty input, moderated input).
-            A moderated input leaves the conversation as it was (:meth:`submit` also says why).
+            The new state; ``skip_next`` is set when nothing should be generated (empty input, moderated input, a
+            text holding a lone surrogate). A refused input leaves the conversation as it was (:meth:`submit` also
+            says why).
 
         Raises:
             ValueError: For a text whose ``<image>`` placeholders do not match the images (none without an image,
@@ -196,9 +197,9 @@ class WebServer:
         """:meth:`add_text`, also giving what the textbox should show afterwards.
 
         Returns:
-            The new state, and ``""`` (the message was taken, or there was none) or the moderation refusal. As in the
-            original demo, a flagged text never enters the conversation: it would be in every later prompt, and
-            Regenerate would send it to the worker unchecked.
+            The new state, and ``""`` (the message was taken, or there was none) or why it was refused: moderation,
+            or a lone surrogate. As in the original demo, a refused text never enters the conversation: it would be
+            in every later prompt, and Regenerate would send it to the worker unchecked.
 
         Raises:
             ValueError: As :meth:`add_text`.
@@ -210,6 +211,17 @@ class WebServer:
         if not text and image is None:
             state.skip_next = True
             return state, ""
+        try:
+            # Checked here, not when sending: a lone surrogate (half an emoji, which a browser sends when a paste cuts
+            # one in two and Gradio's JSON decoding keeps) cannot be UTF-8 encoded for the worker, and once in the
+            # conversation it would fail every later turn as a network error.
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # Refused as moderation does, the reason in the textbox: raised, its gr.Warning would not reach the
+            # browser (on_add is not queued), and the text could not be sent back to it (orjson refuses surrogates).
+            state.skip_next = True
+            return state, (f"NOT SENT: the message holds a lone surrogate {text[exc.start]!a} at character "
+                           f"{exc.start + 1} (half of an emoji), which is not Unicode text. Please type it again.")
         if text.count(DEFAULT_IMAGE_TOKEN) > (image is not None):
             raise ValueError(f"{DEFAULT_IMAGE_TOKEN} marks where the image goes: type it at most once, and only with "
                              "an image attached")
@@ -367,8 +379,10 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                 gr.Warning(str(exc))
                 s = s or server.new_state()
                 s.skip_next = True
-                return [s, chatbot_messages(s), text, image] + [gr.update() for _ in all_buttons]
-            if s.skip_next:  # nothing to answer (the refusal, if moderated, in the textbox): buttons as they are
+                # The textbox is left as it is, not sent back: a text refused for another reason may still hold a
+                # lone surrogate, which Gradio's orjson cannot encode (the whole reply would fail).
+                return [s, chatbot_messages(s), gr.update(), image] + [gr.update() for _ in all_buttons]
+            if s.skip_next:  # nothing to answer (a refusal says why in the textbox): buttons as they are
                 return [s, chatbot_messages(s), shown, None] + [gr.update() for _ in all_buttons]
             # Disabled until the answer is complete, so nobody regenerates or votes on a half-written answer.
             return [s, chatbot_messages(s), "", None] + buttons(False)

@@ -326,6 +326,26 @@ def test_reviews_of_removed_questions_leave_the_scored_file(inputs, judge_server
     assert "1 of questions no longer in the question file" in capsys.readouterr().err
 
 
+def test_a_run_killed_after_moving_stale_reviews_does_not_move_them_twice(inputs, judge_server, tmp_path, monkeypatch):
+    """Reviews leaving the file are appended to .stale before the file is rewritten without them: a run killed between
+    the two steps left them in both, and the next run appended them to .stale again (duplicate records)."""
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    judged = _reviews(inputs["o"])
+    questions = [json.loads(line) for line in open(inputs["q"], encoding="utf-8")]
+    _write(tmp_path / "q.jsonl", [q for q in questions if q["question_id"] != 11])
+
+    def killed(*args, **kwargs):
+        raise SystemExit("killed before the rewrite")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(review, "write_jsonl_atomic", killed)
+        with pytest.raises(SystemExit):
+            review.main(_args(inputs, judge_server, "--no-cache"))
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert [r["question_id"] for r in _reviews(inputs["o"])] == [10, 12, 13]
+    assert _reviews(review.stale_path(inputs["o"])) == [dict(judged[1])]  # once
+
+
 def test_ctrl_c_cancels_unsent_requests_writes_replies_in_flight_and_compacts(inputs, judge_server, monkeypatch):
     """Ctrl-C (here: raised in the main thread while it writes the first review) used to leave the executor sending
     every queued request, and the replies that came after it unwritten."""

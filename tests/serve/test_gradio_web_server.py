@@ -315,3 +315,29 @@ def test_an_answer_that_says_image_placeholder_does_not_break_the_chat(logdir):
         state.messages[-1][-1] = "Again <image>."
         *_, state = server.http_bot(server.add_text(state, "last?", None), "m", 0.2, 0.7, 8)
         assert "error_code" not in state.messages[-1][-1] and "Again (image)." in bodies[-1]["prompt"]
+
+
+def test_a_lone_surrogate_is_refused_and_the_chat_goes_on(logdir):
+    """Half an emoji ("\\ud83d", sent by a browser when a paste cuts one in two) entered the conversation: httpx could
+    not encode the request, the turn showed a network error, and so did every later turn. It is now refused as a
+    moderated text is, with the reason in the textbox, and the conversation stays as it was."""
+    from serve_helpers import served
+
+    worker, bodies = _recording_worker("Fine.")
+    with served(worker) as url:
+        server = WebServer("http://127.0.0.1:9")
+        server.worker_address = lambda model: url
+        *_, state = server.http_bot(server.add_text(None, "hello", None), "m", 0.2, 0.7, 8)
+        before = [list(m) for m in state.messages]
+        state, shown = server.submit(state, "what is this \ud83d", None)
+        assert state.skip_next and [list(m) for m in state.messages] == before and "lone surrogate" in shown
+        shown.encode("utf-8")  # the reason itself can be sent to the browser
+        *_, state = server.http_bot(server.add_text(state, "next", None), "m", 0.2, 0.7, 8)
+        assert state.messages[-1][-1] == "Fine." and len(bodies) == 2
+
+        pytest.importorskip("gradio")
+        import palo.serve.gradio_web_server as web
+
+        handlers = {f.name: f.fn for f in web.build_demo(server, ["m"], "once").fns.values()}
+        added = handlers["on_add"](state, "\ud83d", None, "Default")
+        assert added[0].skip_next and "lone surrogate" in added[2]  # the reason, in the textbox
