@@ -225,7 +225,8 @@ class EngineBackend(ABC):
                 :func:`~palo.serve.protocol.parse_structured_output`), ``"prompt_token_ids"`` instead of
                 ``"prompt"`` (the prompt as token ids, used as they are; no images), vLLM's ``"cache_salt"`` and
                 ``"continuation"`` (the answer's text continues the prompt's: a word-initial first token keeps its
-                space, as raw completions need).
+                space, as raw completions need) and ``"cap_max_new_tokens"`` (false: ``max_new_tokens`` is capped
+                at the context only, not at the original's 1024).
             images: The prompt's images already read (RGB PIL images, for :mod:`palo.llm`), instead of
                 ``params["images"]``.
             host_images: Keep the pixels in host memory (the engine moves them to the device when it encodes
@@ -278,6 +279,9 @@ class EngineBackend(ABC):
         continuation = params.get("continuation", False)
         if not isinstance(continuation, bool):
             raise RequestError(f"'continuation' must be true or false, got {continuation!r}")
+        capped = params.get("cap_max_new_tokens", True)
+        if not isinstance(capped, bool):
+            raise RequestError(f"'cap_max_new_tokens' must be true or false, got {capped!r}")
         stop_token_ids = params.get("stop_token_ids") or []
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(stop_token_ids, vocab, max_len=MAX_STOP_TOKEN_IDS, empty=True):
@@ -309,7 +313,8 @@ class EngineBackend(ABC):
         if max_new_tokens < least_tokens:
             raise RequestError(f"'max_new_tokens' must be at least 1 (0 only with 'prompt_logprobs'), got "
                                f"{max_new_tokens}")
-        max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
+        if capped:  # the original protocol's cap; the OpenAI API sends false: its max_tokens goes up to the context
+            max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
         if not 0 <= min_tokens <= max_new_tokens:
             raise RequestError(f"'min_tokens' must be from 0 to max_new_tokens ({max_new_tokens}), got {min_tokens}")
 

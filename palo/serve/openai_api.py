@@ -134,6 +134,9 @@ class GenerationRequest:
             "temperature": self.temperature,
             "top_p": self.top_p,
             "max_new_tokens": self.max_tokens,
+            # Up to the context, as OpenAI's max_tokens (this project's workers otherwise cap it at the original's
+            # 1024, and an answer asked for longer ended there as if at its limit); other workers ignore the field.
+            "cap_max_new_tokens": False,
             "stop": self.template_stop,
         }
         if self.stops:  # this project's workers apply them (under min_tokens too); others ignore the field

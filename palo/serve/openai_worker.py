@@ -264,9 +264,14 @@ class OpenAIWorker(BaseWorker):
         try:  # finite numbers, as the native worker takes them (an infinity reached the backend's JSON encoder)
             temperature = parse_number(params, "temperature", 1.0)
             top_p = parse_number(params, "top_p", 1.0)
-            max_new_tokens = min(parse_number(params, "max_new_tokens", 256, integer=True), MAX_NEW_TOKENS_CAP)
+            max_new_tokens = parse_number(params, "max_new_tokens", 256, integer=True)
         except ValueError as exc:
             raise PromptFormatError(str(exc)) from None
+        capped = params.get("cap_max_new_tokens", True)
+        if not isinstance(capped, bool):
+            raise PromptFormatError(f"'cap_max_new_tokens' must be true or false, got {shown(capped)}")
+        # The original protocol's cap, or (the OpenAI API's requests) the context: the backend counts the prompt.
+        max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP if capped else self.context_length)
         if max_new_tokens < 1:
             raise PromptFormatError("'max_new_tokens' must be positive")
         body: dict[str, Any] = {

@@ -227,6 +227,23 @@ def test_overlong_prompt(loaded):
     assert prepared.max_new_tokens == engine.max_context - prepared.prompt_tokens
 
 
+def test_the_original_cap_on_new_tokens_is_lifted_by_cap_max_new_tokens_false(loaded, monkeypatch):
+    """The original protocol caps max_new_tokens at 1024 (here 10); the OpenAI API sends cap_max_new_tokens false,
+    and its max_tokens then goes up to the context: the cap cut its answers at 1024 as if they had reached the
+    client's limit, and refused a min_tokens above 1024 naming a max_new_tokens the client never sent."""
+    from palo.serve import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "MAX_NEW_TOKENS_CAP", 10)
+    engine = _engine(loaded)
+    assert engine.prepare(_params(0, max_new_tokens=40)).max_new_tokens == 10  # the original's rule
+    uncapped = engine.prepare(_params(0, max_new_tokens=40, min_tokens=30, cap_max_new_tokens=False))
+    assert uncapped.max_new_tokens == 40 and uncapped.sampling.min_tokens == 30
+    whole = engine.prepare(_params(0, max_new_tokens=10**6, cap_max_new_tokens=False))
+    assert whole.max_new_tokens == engine.max_context - whole.prompt_tokens  # the context still caps it
+    with pytest.raises(RequestError, match="'cap_max_new_tokens' must be true or false, got 'no'"):
+        engine.prepare(_params(0, cap_max_new_tokens="no"))
+
+
 def test_the_static_baseline_engine_gives_the_same_answers(loaded):
     """``--engine static`` (the previous engine: one ``model.generate`` per batch) answers as the paged engine."""
     from palo.serve.static_engine import StaticBatchEngine

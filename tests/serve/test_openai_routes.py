@@ -222,6 +222,8 @@ def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
     asyncio.run(chat_completion(json.dumps({**base, "seed": 7, "temperature": 0.9}).encode(), "", FakeRegistry(),
                                 router, None))
     assert router.bodies[0]["seed"] == 7
+    # max_tokens goes up to the context: the worker's cap of the original protocol (1024) is lifted for the API
+    assert router.bodies[0]["cap_max_new_tokens"] is False
     for seed, n in ((-(2**63), 1), (2**63 - 1, 2)):  # the 64-bit range's ends; answer i of n samples from seed + i
         router = ChoiceRouter(lambda seed: "ok")
         body = {**base, "seed": seed, "n": n, "temperature": 0.9,

@@ -106,6 +106,22 @@ def test_a_forwarded_integer_past_a_floats_range_is_refused_by_name():
         worker.stop()
 
 
+def test_the_original_cap_on_new_tokens_is_lifted_for_the_api_up_to_the_context_length():
+    worker = OpenAIWorker("http://127.0.0.1:9/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9",
+                          context_length=4096, no_register=True)
+    try:
+        prompt = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:"}
+        assert worker.backend_request({**prompt, "max_new_tokens": 1500})[1]["max_tokens"] == 1024  # the original's
+        body = worker.backend_request({**prompt, "max_new_tokens": 1500, "cap_max_new_tokens": False})[1]
+        assert body["max_tokens"] == 1500 and "cap_max_new_tokens" not in body  # not a backend setting
+        body = worker.backend_request({**prompt, "max_new_tokens": 10**6, "cap_max_new_tokens": False})[1]
+        assert body["max_tokens"] == 4096  # the backend counts the prompt
+        with pytest.raises(PromptFormatError, match="'cap_max_new_tokens' must be true or false, got 1"):
+            worker.backend_request({**prompt, "cap_max_new_tokens": 1})
+    finally:
+        worker.stop()
+
+
 def _relayed(events: list[str], sent: list[dict] | None = None, **params) -> list[dict]:
     """The worker's chunks for one request (``params`` added to it), its backend streaming ``events`` (SSE lines,
     ``data: ...``); the backend's request bodies are added to ``sent``."""
