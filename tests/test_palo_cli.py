@@ -181,6 +181,9 @@ def test_a_forwarded_help_names_the_typed_command():
     result = _python("-m", "palo", "serve", "register-worker", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: palo serve register-worker")
+    result = _python("-m", "palo", "data", "merge", "--help")  # the data tools' parser named itself palo-data
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: palo data merge")
 
 
 def test_pyproject_scripts():

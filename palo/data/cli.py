@@ -231,7 +231,8 @@ def _count_at_least(minimum: int) -> Callable[[str], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="palo-data", description=__doc__.splitlines()[0])
+    # No fixed prog: usage lines and errors name the command typed (``palo data``, ``palo-data``).
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="rendered prompts and supervised tokens")
     inspect.add_argument("--data_path", required=True)

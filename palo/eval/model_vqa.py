@@ -564,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--batch-size", type=int, default=1, help="questions generated together (left padding)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="questions in flight together (continuous batching on the engine; batches with left "
+                             "padding for --engine hf and beam search)")
     parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
     add_dtype_argument(parser)
     parser.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad",
