@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 import argparse
 import datetime
 import hashlib
+import html
 import io
 import json
 import logging
@@ -79,6 +80,12 @@ def chatbot_messages(state: Conversation) -> list[dict[str, str]]:
         if rtl:
             message["content"] = f'<div dir="rtl" class="rtl">\n\n{message["content"]}\n\n</div>'
     return messages
+
+
+def refusal_notice(reason: str) -> str:
+    """The Markdown shown under the textbox for a message that was not sent, ``reason`` escaped: rendered as it is, a
+    reason's ``<image>`` would be taken for an HTML tag and vanish."""
+    return f"⚠️ **Not sent:** {html.escape(reason)}"
 
 
 def neutralised(text: str) -> str:
@@ -194,7 +201,7 @@ class WebServer:
 
     def submit(self, state: Conversation | None, text: str, image: Any,
                image_process_mode: str = "Default") -> tuple[Conversation, str]:
-        """:meth:`add_text`, also giving what the textbox should show afterwards.
+        """:meth:`add_text`, also giving why a message was refused.
 
         Returns:
             The new state, and ``""`` (the message was taken, or there was none) or why it was refused: moderation,
@@ -217,11 +224,9 @@ class WebServer:
             # conversation it would fail every later turn as a network error.
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            # Refused as moderation does, the reason in the textbox: raised, its gr.Warning would not reach the
-            # browser (on_add is not queued), and the text could not be sent back to it (orjson refuses surrogates).
             state.skip_next = True
-            return state, (f"NOT SENT: the message holds a lone surrogate {text[exc.start]!a} at character "
-                           f"{exc.start + 1} (half of an emoji), which is not Unicode text. Please type it again.")
+            return state, (f"the message holds a lone surrogate {text[exc.start]!a} at character {exc.start + 1} "
+                           "(half of an emoji), which is not Unicode text: please type it again")
         if text.count(DEFAULT_IMAGE_TOKEN) > (image is not None):
             raise ValueError(f"{DEFAULT_IMAGE_TOKEN} marks where the image goes: type it at most once, and only with "
                              "an image attached")
@@ -355,6 +360,9 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                                          "languages / اكتب سؤالك / اپنا سوال لکھیں", container=False, scale=8,
                                          elem_id="question", rtl=False)
                     submit_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                # Why the last message was not sent (empty otherwise), next to what the user typed: on_add is not
+                # queued, so a gr.Warning from it would only reach Python's warnings, never the browser.
+                notice = gr.Markdown("", elem_id="notice")
                 with gr.Row():
                     upvote_btn = gr.Button("👍 Upvote", interactive=False)
                     downvote_btn = gr.Button("👎 Downvote", interactive=False)
@@ -373,19 +381,22 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             return [gr.update(interactive=enabled) for _ in all_buttons]
 
         def on_add(s, text, image, mode):
+            unchanged = [gr.update() for _ in all_buttons]  # nothing to answer: the buttons stay as they are
             try:
-                s, shown = server.submit(s, text, image, mode)
-            except ValueError as exc:  # the input stays where the user typed it; nothing is sent
-                gr.Warning(str(exc))
+                s, refusal = server.submit(s, text, image, mode)
+            except ValueError as exc:  # a misplaced <image>, or an answer still being written
                 s = s or server.new_state()
                 s.skip_next = True
-                # The textbox is left as it is, not sent back: a text refused for another reason may still hold a
-                # lone surrogate, which Gradio's orjson cannot encode (the whole reply would fail).
-                return [s, chatbot_messages(s), gr.update(), image] + [gr.update() for _ in all_buttons]
-            if s.skip_next:  # nothing to answer (a refusal says why in the textbox): buttons as they are
-                return [s, chatbot_messages(s), shown, None] + [gr.update() for _ in all_buttons]
+                refusal = str(exc)
+            if refusal:
+                # The reason goes under the textbox, and the text and image stay for the user to fix. They are left
+                # as they are, not sent back: a refused text may hold a lone surrogate, which Gradio's orjson cannot
+                # encode (the whole reply would fail).
+                return [s, chatbot_messages(s), gr.update(), gr.update()] + unchanged + [refusal_notice(refusal)]
+            if s.skip_next:  # nothing typed
+                return [s, chatbot_messages(s), "", None] + unchanged + [gr.update()]
             # Disabled until the answer is complete, so nobody regenerates or votes on a half-written answer.
-            return [s, chatbot_messages(s), "", None] + buttons(False)
+            return [s, chatbot_messages(s), "", None] + buttons(False) + [""]
 
         def on_bot(s, model, temp, p, max_tokens, request: gr.Request):
             if s is None or s.skip_next:  # nothing to answer (empty or refused input): the buttons stay as they are
@@ -399,11 +410,11 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
 
         def on_regenerate(s, mode):
             s = server.regenerate(s or server.new_state(), mode)
-            return [s, chatbot_messages(s), "", None] + buttons(False)
+            return [s, chatbot_messages(s), "", None] + buttons(False) + [""]
 
         def on_clear():
             s = server.new_state()
-            return [s, [], "", None] + buttons(False)
+            return [s, [], "", None] + buttons(False) + [""]
 
         def make_vote(kind: str):
             def on_vote(s, model, request: gr.Request):
@@ -415,7 +426,7 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
 
         bot_inputs = [state, model_selector, temperature, top_p, max_output_tokens]
         bot_outputs = [state, chatbot] + all_buttons
-        add_outputs = [state, chatbot, textbox, imagebox] + all_buttons
+        add_outputs = [state, chatbot, textbox, imagebox] + all_buttons + [notice]
         for trigger in (textbox.submit, submit_btn.click):
             # .success: when adding failed (an image Gradio could not read), nothing is generated.
             trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs, queue=False).success(

@@ -81,6 +81,30 @@ def test_nothing_sent_leaves_the_buttons_as_they_were(tmp_path, monkeypatch):
     assert last[1] == [] and all(update == {"__type__": "update"} for update in last[2:])  # left as they were
 
 
+def test_a_refused_message_says_why_under_the_textbox_and_keeps_the_text(tmp_path, monkeypatch):
+    """A typed <image> without an image, or Enter while an answer is open: the handler's gr.Warning never reached the
+    browser (the event is not queued), so the text just stayed in the textbox with no reason given. The reason now
+    shows under the textbox, escaped (as Markdown its <image> vanished), until a message is sent."""
+    pytest.importorskip("gradio")
+    from palo.serve.gradio_web_server import build_demo
+
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    server = WebServer("http://127.0.0.1:9")
+    demo = build_demo(server, ["ckpt"], "once")
+    on_add = next(f for f in demo.fns.values() if f.name == "on_add")
+    names = [getattr(component, "elem_id", None) for component in on_add.outputs]
+    kept = {"__type__": "update"}  # left as the user had it
+    shown = dict(zip(names, on_add.fn(server.new_state(), "what is <image> here", None, "Default")))
+    assert "&lt;image&gt; marks where the image goes" in shown.get("notice", "")
+    assert shown["question"] == kept and shown["imagebox"] == kept
+    state = server.add_text(None, "hello", None)  # its answer is still to come
+    shown = dict(zip(names, on_add.fn(state, "second question", None, "Default")))
+    assert "still being written" in shown["notice"] and shown["question"] == kept
+    state.messages[-1][-1] = "Hi."
+    shown = dict(zip(names, on_add.fn(state, "second question", None, "Default")))
+    assert shown["question"] == "" and shown["notice"] == ""  # sent: the textbox and the notice are cleared
+
+
 def test_typed_placeholders_are_refused_and_handlers_take_an_empty_conversation(cluster, logdir):
     """A typed <image> used to break the conversation until Clear; handlers crashed on no or an empty state."""
     server = WebServer(cluster.url)
@@ -260,7 +284,7 @@ def _recording_worker(answer: str):
 def test_a_moderated_message_never_enters_the_conversation(logdir, monkeypatch):
     """With --moderate a flagged text was appended as a user turn (with the refusal as its answer): Regenerate, still
     enabled, then sent it to the worker unchecked, and every later prompt carried it. As in the original demo it now
-    leaves the conversation as it was, and the refusal is shown in the textbox."""
+    leaves the conversation as it was; the refusal is shown under the textbox, where the text stays to be reworded."""
     from serve_helpers import served
 
     import palo.serve.gradio_web_server as web
@@ -288,8 +312,8 @@ def test_a_moderated_message_never_enters_the_conversation(logdir, monkeypatch):
         handlers = {f.name: f.fn for f in web.build_demo(server, ["m"], "once").fns.values()}
         flagged["on"] = True
         added = handlers["on_add"](state, "FLAGGED TEXT", None, "Default")
-        assert added[0] is state and state.skip_next and added[2] == MODERATION_MSG  # the refusal, in the textbox
-        assert all(update == {"__type__": "update"} for update in added[4:])
+        assert added[0] is state and state.skip_next and MODERATION_MSG in added[-1]  # the refusal, under the text
+        assert all(update == {"__type__": "update"} for update in added[2:-1])  # the text and image stay
         assert "FLAGGED" not in json.dumps(added[1])  # nor in the chat
         *_, last = handlers["on_bot"](added[0], "m", 0.2, 0.7, 64, None)
         assert len(bodies) == 3
@@ -320,7 +344,7 @@ def test_an_answer_that_says_image_placeholder_does_not_break_the_chat(logdir):
 def test_a_lone_surrogate_is_refused_and_the_chat_goes_on(logdir):
     """Half an emoji ("\\ud83d", sent by a browser when a paste cuts one in two) entered the conversation: httpx could
     not encode the request, the turn showed a network error, and so did every later turn. It is now refused as a
-    moderated text is, with the reason in the textbox, and the conversation stays as it was."""
+    moderated text is, with the reason under the textbox, and the conversation stays as it was."""
     from serve_helpers import served
 
     worker, bodies = _recording_worker("Fine.")
@@ -340,4 +364,5 @@ def test_a_lone_surrogate_is_refused_and_the_chat_goes_on(logdir):
 
         handlers = {f.name: f.fn for f in web.build_demo(server, ["m"], "once").fns.values()}
         added = handlers["on_add"](state, "\ud83d", None, "Default")
-        assert added[0].skip_next and "lone surrogate" in added[2]  # the reason, in the textbox
+        assert added[0].skip_next and "lone surrogate" in added[-1]  # the reason, under the textbox
+        assert added[2] == {"__type__": "update"}  # the text is not sent back (orjson refuses surrogates)
