@@ -17,8 +17,10 @@ Every refusal raises :class:`RemoteImageError` (a :class:`palo.mm_utils.ImageLoa
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -108,27 +110,62 @@ def _checked_address(host: str, policy: RemoteImagePolicy) -> Address:
 def fetch_image_bytes(url: str, policy: RemoteImagePolicy = RemoteImagePolicy()) -> bytes:
     """The body of ``url`` under ``policy`` (see the module doc).
 
+    The fetch runs in a thread of its own, waited for ``policy.timeout`` seconds by the clock: httpx's timeout bounds
+    each read, so a server that sends its headers a line a second kept a fetch (and the worker's place for reading
+    images) for good. A fetch still running at the deadline has its connection closed, which ends it at its next
+    read.
+
     Raises:
         RemoteImageError: If the fetch is refused or fails.
     """
+    deadline = time.monotonic() + policy.timeout
+    outcome: list[bytes | BaseException] = []
+    clients: list = []  # the fetch's HTTP client, closed here if the fetch overruns
+    fetch = threading.Thread(target=_fetch_into, args=(url, policy, deadline, outcome, clients), daemon=True,
+                             name="palo-image-fetch")
+    fetch.start()
+    fetch.join(policy.timeout)
+    if fetch.is_alive():
+        for client in clients:
+            with contextlib.suppress(Exception):  # the fetch's thread is left to end on its own
+                client.close()
+        raise RemoteImageError(f"{url}: timed out after {policy.timeout:g} s")
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _fetch_into(url: str, policy: RemoteImagePolicy, deadline: float, outcome: list, clients: list) -> None:
+    try:
+        outcome.append(_fetch(url, policy, deadline, clients))
+    except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller, which raises it
+        outcome.append(exc)
+
+
+def _fetch(url: str, policy: RemoteImagePolicy, deadline: float, clients: list) -> bytes:
     import httpx
 
-    deadline = time.monotonic() + policy.timeout
     for _hop in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise RemoteImageError(f"{url}: only http(s) URLs with a host are fetched")
+        try:
+            port = parts.port
+        except ValueError as exc:  # "Port out of range 0-65535": a malformed URL, not a server error
+            raise RemoteImageError(f"{url}: {exc}") from None
         address = _checked_address(parts.hostname, policy)
         literal = f"[{address}]" if address.version == 6 else str(address)
-        netloc = literal + (f":{parts.port}" if parts.port else "")
+        netloc = literal + (f":{port}" if port else "")
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
-        host_header = parts.hostname + (f":{parts.port}" if parts.port else "")
+        host_header = parts.hostname + (f":{port}" if port else "")
         extensions = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise RemoteImageError(f"{url}: timed out after {policy.timeout:g} s")
         try:
             with httpx.Client(timeout=remaining, follow_redirects=False) as client:
+                clients[:] = [client]
                 with client.stream("GET", pinned, headers={"Host": host_header}, extensions=extensions) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")

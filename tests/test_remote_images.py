@@ -39,6 +39,16 @@ class _Handler(BaseHTTPRequestHandler):
             "/loop": (302, {"Location": "/loop"}, b""),
             "/missing": (404, {}, b"no"),
         }
+        if self.path == "/trickle":  # headers a line at a time: each read is quick, the whole never ends
+            self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(100):
+                try:
+                    self.wfile.write(b"X-Pad: a\r\n")
+                    self.wfile.flush()
+                except OSError:  # the client closed
+                    return
+                time.sleep(0.1)
+            return
         if self.path == "/slow":
             time.sleep(3)
             routes["/slow"] = (200, {}, _png())
@@ -99,6 +109,25 @@ def test_size_and_time_limits(server):
     with pytest.raises(RemoteImageError, match="timed out after 0.5 s"):
         fetch_image_bytes(server + "/slow", RemoteImagePolicy.from_strings(LOCAL, timeout=0.5))
     assert time.monotonic() - start < 2.5
+
+
+def test_the_time_limit_holds_for_a_server_that_trickles_its_headers(server):
+    """httpx's timeout bounds each read: headers sent a line at a time kept a fetch (and the worker's place for
+    reading images) for good. The clock now bounds the whole fetch, and the overrun fetch's thread ends too."""
+    start = time.monotonic()
+    with pytest.raises(RemoteImageError, match="timed out after 0.5 s"):
+        fetch_image_bytes(server + "/trickle", RemoteImagePolicy.from_strings(LOCAL, timeout=0.5))
+    assert time.monotonic() - start < 2.0
+    deadline = time.monotonic() + 5
+    while any(t.name == "palo-image-fetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "palo-image-fetch" for t in threading.enumerate())  # its connection was closed
+
+
+def test_a_port_out_of_range_is_a_refusal_not_a_crash():
+    """``urlsplit(...).port`` raises a plain ValueError, which the worker answered as a server error (502)."""
+    with pytest.raises(RemoteImageError, match="Port out of range"):
+        fetch_image_bytes("http://127.0.0.1:99999/a.png", RemoteImagePolicy.from_strings(LOCAL))
 
 
 def test_every_resolved_address_must_be_public():
