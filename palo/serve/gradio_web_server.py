@@ -26,6 +26,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +34,7 @@ import httpx
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import Conversation, conv_templates, stop_string
-from palo.image_io import viewed
+from palo.image_io import MAX_IMAGE_PIXELS, viewed
 from palo.jsonl import atomic_write
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
 from palo.serve.utils import (
@@ -460,10 +461,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cap_upload_pixels() -> None:
+    """Make Pillow refuse, in this process, images over :data:`~palo.image_io.MAX_IMAGE_PIXELS`, before decoding.
+
+    Gradio decodes an upload before any of this module's code sees it, and only Pillow's own bomb check (about 179
+    million pixels) stopped it: a 656 KB PNG of 13000 x 13000 RGBA took 3 GB to decode, where the worker refuses
+    it from its header. Pillow raises above twice its limit (and only warns above it), so the limit is set to half
+    the cap; Gradio shows the refusal (``show_error``).
+    """
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # images up to the cap are fine
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_unservable(parser, args, body_cap=False)  # gradio would say so in a traceback
+    cap_upload_pixels()
     end_with_launcher()
     logger = build_logger("gradio_web_server", "gradio_web_server.log")
     logger.info("args: %s", args)

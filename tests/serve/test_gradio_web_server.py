@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -366,3 +367,31 @@ def test_a_lone_surrogate_is_refused_and_the_chat_goes_on(logdir):
         added = handlers["on_add"](state, "\ud83d", None, "Default")
         assert added[0].skip_next and "lone surrogate" in added[-1]  # the reason, under the textbox
         assert added[2] == {"__type__": "update"}  # the text is not sent back (orjson refuses surrogates)
+
+
+def test_the_demo_process_refuses_uploads_over_the_pixel_cap_before_decoding(monkeypatch):
+    """Gradio decodes an upload before the demo sees it, and only Pillow's own bomb check (~179 MP) stopped it: a
+    656 KB PNG of 169 MP took 3 GB to decode. The demo's process now refuses what the worker refuses."""
+    import warnings
+
+    from PIL import Image
+
+    from palo.image_io import MAX_IMAGE_PIXELS
+    from palo.serve import gradio_web_server as web
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    web.cap_upload_pixels()
+
+    def png(width: int, height: int) -> io.BytesIO:
+        buffer = io.BytesIO()
+        Image.new("1", (width, height)).save(buffer, format="PNG")  # a few KB: the size is in the header
+        buffer.seek(0)
+        return buffer
+
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(png(MAX_IMAGE_PIXELS // 8000 + 1, 8000))  # just over the cap: refused from the header
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # as the demo sets it
+        assert Image.open(png(MAX_IMAGE_PIXELS // 8000, 8000)).size == (MAX_IMAGE_PIXELS // 8000, 8000)
