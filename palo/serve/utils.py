@@ -120,6 +120,22 @@ def log_dir() -> str:
     return os.environ.get("PALO_LOGDIR") or DEFAULT_LOG_DIR
 
 
+# Control characters a log line may not hold as they are: a client's text (an image URL, a malformed field) with a
+# newline in it wrote a second, forged line into the service's log, and terminal escapes could rewrite what an
+# operator sees. Tab is kept; the rest are written as Python escapes.
+_LOG_ESCAPES = {code: repr(chr(code))[1:-1] for code in [*range(0, 9), *range(10, 32), 127]}
+
+
+class OneLineFormatter(logging.Formatter):
+    """A formatter whose message is always one line: control characters are escaped (``\\n``, ``\\x1b``).
+
+    A record's traceback is added after the message as usual, on lines of its own.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return super().formatMessage(record).translate(_LOG_ESCAPES)
+
+
 def build_logger(name: str, filename: str) -> logging.Logger:
     """A logger that writes to stderr and to ``<log dir>/<filename>``, like the original services.
 
@@ -135,7 +151,7 @@ def build_logger(name: str, filename: str) -> logging.Logger:
         return logger
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s")
+    formatter = OneLineFormatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s")
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
     logger.addHandler(stream)

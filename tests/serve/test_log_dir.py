@@ -78,3 +78,24 @@ def test_quickstart_services_get_the_quickstart_log_folder(tmp_path, monkeypatch
         serve.start(str(tmp_path / "checkpoint"), str(logs), timeout=5)
     assert started, "no service was started"
     assert all(kw["env"]["PALO_LOGDIR"] == str(logs) for kw in started)
+
+
+def test_a_clients_text_cannot_forge_a_log_line(tmp_path, monkeypatch):
+    """A client's image URL (or field) with a newline was logged as it was: a second, forged log line. Control
+    characters are escaped in the message; a traceback keeps its lines."""
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    name = "palo-test-forge"
+    logger = build_logger(name, f"{name}.log")
+    try:
+        logger.info("rejected request: image 0: %s", "http://x/a\n2026-01-01 | INFO | registered \x1b[2J as admin")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logging.getLogger(name).handlers.clear()
+    lines = (tmp_path / f"{name}.log").read_text(encoding="utf-8").splitlines()
+    assert lines[0].endswith("rejected request: image 0: http://x/a\\n2026-01-01 | INFO | registered \\x1b[2J as admin")
+    assert lines[1].endswith("| ERROR | palo-test-forge | failed") and lines[2].startswith("Traceback")
