@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -126,22 +127,30 @@ def format_counts(label: str, key: str, score: CategoryScore) -> str:
     return f"[counts] {label} {key}: judged {score.judged}, failed {score.failed}"
 
 
-def find_files(directory: str, version: str | None, select: list[str] | None) -> list[tuple[str, str]]:
-    """(label, path) of the review files of a directory, chosen by the original's naming rules."""
-    take_all = "review" in os.path.basename(os.path.normpath(directory))
+def find_files(directory: str | None, version: str | None, select: list[str] | None,
+               files: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(label, path) of the review files to summarise, by the original's rules, in sorted order.
+
+    ``files`` (``-f``) if given, else the directory's ``.jsonl`` files whose names start with ``gpt4_text``,
+    ``reviews_`` or ``review_``, or all of them when the ``-d`` argument contains ``review`` anywhere (so
+    ``evaluation/reviews/run1`` reads every file, as the original did). Both kinds are then sorted and filtered
+    alike: ``select`` substrings and the version (``0613`` if the label contains it, else ``0314``) are matched
+    against the label (the name without ``gpt4_text_`` and ``.jsonl``). With both ``-d`` and ``-f`` the names are
+    read inside the directory.
+    """
+    if files:
+        names = list(files)
+    else:
+        names = [name for name in os.listdir(directory or ".") if name.endswith(".jsonl") and (
+            name.startswith(("gpt4_text", "reviews_", "review_")) or "review" in (directory or ""))]
     found = []
-    for name in sorted(os.listdir(directory)):
-        if not name.endswith(".jsonl"):
+    for name in sorted(names):
+        label = os.path.basename(name).replace("gpt4_text_", "").replace(".jsonl", "")
+        if select and not all(s in label for s in select):
             continue
-        if not (take_all or name.startswith(("gpt4_text", "reviews_", "review_"))):
+        if version and ("0613" if "0613" in label else "0314") != version:
             continue
-        file_version = "0613" if "0613" in name else "0314"
-        if version and file_version != version:
-            continue
-        if select and not all(s in name for s in select):
-            continue
-        label = name.replace("gpt4_text_", "").replace(".jsonl", "")
-        found.append((label, os.path.join(directory, name)))
+        found.append((label, os.path.join(directory, name) if directory else name))
     return found
 
 
@@ -157,13 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.dir:
-        if not os.path.isdir(args.dir):
-            print(f"error: -d {args.dir}: no such folder", file=sys.stderr)
-            return 2
-        targets = find_files(args.dir, args.version, args.select)
-    else:
-        targets = [(os.path.basename(f).replace("gpt4_text_", "").replace(".jsonl", ""), f) for f in args.files]
+    if args.dir and not os.path.isdir(args.dir):
+        print(f"error: -d {args.dir}: no such folder", file=sys.stderr)
+        return 2
+    targets = find_files(args.dir, args.version, args.select, args.files) if args.dir or args.files else []
     if not targets:
         print("error: no review files (pass -f FILE ... or -d DIR)", file=sys.stderr)
         return 2

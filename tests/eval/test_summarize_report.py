@@ -138,3 +138,23 @@ def test_a_report_that_cannot_be_written_is_an_error_that_says_so(tmp_path, revi
     _write(folder / "run_English.jsonl", reviews)
     assert report.main(["--reviews-dir", str(folder), "--name", "run", "--out", "/proc/no-such/x"]) == 2
     assert "error: cannot write the report /proc/no-such/x.*" in capsys.readouterr().err
+
+
+def test_files_are_chosen_sorted_and_filtered_as_the_original_chose_them(reviews, tmp_path, capsys):
+    """The original tests ``'review' in`` the whole -d argument (a run folder below evaluation/reviews/ was read
+    here only when its own name said review), and sorts and filters -f files like the folder's (here -f kept the
+    order typed and ignored -s and -v)."""
+    run = tmp_path / "reviews" / "run1"
+    for name in ("B_English_0613.jsonl", "A_English.jsonl"):
+        _write(run / name, reviews)
+
+    def labels(argv: list[str]) -> list[str]:
+        assert summary.main(argv) == 0
+        return [line for line in capsys.readouterr().out.splitlines() if line.endswith(("English", "_0613"))]
+
+    assert labels(["-d", str(run)]) == ["A_English", "B_English_0613"]
+    files = [str(run / "B_English_0613.jsonl"), str(run / "A_English.jsonl")]
+    assert labels(["-f", *files]) == ["A_English", "B_English_0613"]
+    assert labels(["-f", *files, "-v", "0314"]) == ["A_English"]
+    assert labels(["-f", *files, "-s", "B_"]) == ["B_English_0613"]
+    assert labels(["-d", str(run), "-f", "A_English.jsonl"]) == ["A_English"]  # -f names inside -d
