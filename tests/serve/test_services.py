@@ -11,7 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from PIL import Image
-from serve_helpers import API_KEY, HEART_BEAT_EXPIRATION, image_b64, make_image, vicuna_prompt, wait_until
+from serve_helpers import (
+    API_KEY,
+    HEART_BEAT_EXPIRATION,
+    START_TIMEOUT,
+    image_b64,
+    make_image,
+    vicuna_prompt,
+    wait_until,
+)
 
 from palo.serve.protocol import PROMPT_TOO_LONG_MSG, SERVER_ERROR_MSG, iter_chunks
 
@@ -161,6 +169,19 @@ def _served(service) -> int:
 
 
 def test_two_workers_share_work_and_a_dead_one_is_replaced(cluster):
+    """Both twins are killed on the way; they are started again at the end, whatever happened, so that the tests
+    after this one (the cluster is shared by a test process's tests) find the cluster as the fixture describes it."""
+    try:
+        _fail_over(cluster)
+    finally:
+        for twin in cluster.twins:
+            if not twin.alive():
+                twin.start()
+        wait_until(lambda: httpx.post(cluster.url + "/worker_get_status", timeout=2).json()["speed"] == 3,
+                   START_TIMEOUT, "the twins registering again")
+
+
+def _fail_over(cluster) -> None:
     twin0, twin1 = cluster.twins
     body = good_request("twin", max_new_tokens=4)
     before = (_served(twin0), _served(twin1))

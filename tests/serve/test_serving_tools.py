@@ -38,9 +38,9 @@ def test_test_message_fails_clearly_without_a_worker(cluster):
 def test_register_worker_by_hand(cluster, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PALO_LOGDIR=str(tmp_path))  # its log is not the checkout's logs/
     controller = Service("manual_controller", [sys.executable, "palo/serve/controller.py", "--host", "127.0.0.1",
-                                               "--port", str(port)], str(tmp_path / "controller.out"),
-                         dict(os.environ, HF_HUB_OFFLINE="1"), url=url)
+                                               "--port", str(port)], str(tmp_path / "controller.out"), env, url=url)
     controller.start()
     try:
         wait_until(lambda: httpx.post(url + "/list_models", timeout=2).status_code == 200, 60, "the controller")

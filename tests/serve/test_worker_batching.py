@@ -4,9 +4,10 @@ Six requests (five languages, with and without an image, different lengths) are 
 then all at once. Under the concurrent load:
 
 * the worker's ``/worker_get_status`` counters show its engine decoded more tokens than it ran decode steps (more
-  than one sequence in a step);
-* the six streams advance together: their chunks arrive interleaved, many times over, where one-at-a-time
-  generation would finish one stream before the next one starts (at most five switches between streams);
+  than one sequence in a step), and many times over: at least three extra tokens per request, where one-at-a-time
+  generation gives none (the server's count: when each chunk reached this test's client threads depended on how
+  they were scheduled);
+* each stream arrives in several chunks;
 * every answer equals the one the same request got alone. Batching may change a logit's last bits, so an answer
   is allowed to differ only where the request's lone greedy generation (in this process, same checkpoint) was at a
   near-tie of its two best tokens (README, "Use"; :mod:`palo.testing.greedy`).
@@ -64,12 +65,6 @@ def _stream(url: str, body: dict, start: threading.Barrier | None = None) -> tup
     return chunks[-1]["text"][len(body["prompt"]):].strip(), times
 
 
-def _switches(times: list[list[float]]) -> int:
-    """How often consecutive chunks (in arrival order, over all streams) belong to different streams."""
-    events = sorted((t, i) for i, ts in enumerate(times) for t in ts)
-    return sum(a[1] != b[1] for a, b in zip(events, events[1:]))
-
-
 def test_concurrent_requests_are_generated_together_with_their_lone_answers(cluster, world):
     url = cluster.main.url  # the worker itself, not through the controller
     bodies = [_body(q, c) for q, c in QUESTIONS]
@@ -92,9 +87,11 @@ def test_concurrent_requests_are_generated_together_with_their_lone_answers(clus
     # poll of its running count raced against a run this short). One sequence per step gives tokens == steps.
     steps, tokens = steps_after - steps_before, tokens_after - tokens_before
     assert 0 < steps < tokens, f"{tokens} tokens in {steps} decode steps: never two sequences in one step"
-    # ... and the streams advanced together: one at a time would give at most len - 1 switches.
-    assert all(len(ts) >= 3 for ts in times), [len(ts) for ts in times]
-    assert _switches(times) >= 3 * len(bodies), f"{_switches(times)} switches between streams: not interleaved"
+    # ... and advanced together many times over: a step of k sequences decodes k - 1 tokens more than a step of
+    # one. (Counted by the server: the chunks' arrival times at this test's client threads measured how those
+    # threads were scheduled, and on a loaded machine a stream's chunks were read in one burst.)
+    assert tokens - steps >= 3 * len(bodies), f"{tokens} tokens in {steps} steps: rarely more than one at a time"
+    assert all(len(ts) >= 3 for ts in times), [len(ts) for ts in times]  # each streamed, not one final chunk
 
     differing = [i for i in range(len(bodies)) if together[i] != alone[i]]
     if differing:
