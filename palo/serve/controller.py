@@ -11,6 +11,11 @@ Endpoints (POST, JSON), as in the original PALO/LLaVA controller:
   request retried on another worker of the model before code 3 is reported (docs/compat.md#serving).
 * ``/worker_get_status``: the aggregate status, so a controller can register with a parent controller.
 
+With ``--worker-key`` (or ``$PALO_WORKER_KEY``) the routes that change the registry or generate
+(``/register_worker``, ``/receive_heart_beat``, ``/refresh_all_workers``, ``/worker_generate_stream``) require
+``Authorization: Bearer <worker key>``, which this project's workers send; without it they are open, as in the
+original. The read-only routes stay open either way (the web demo and the original clients call them).
+
 It also serves the OpenAI-compatible API of :mod:`palo.serve.openai_api` (``/v1/models``, ``/v1/chat/completions``,
 ``/v1/completions``), optionally behind ``--api-key``, and ``GET /health`` and ``GET /metrics`` (Prometheus:
 :class:`palo.serve.metrics.ControllerMetrics`).
@@ -27,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 import argparse
 import concurrent.futures
 import dataclasses
+import hmac
 import json
 import logging
 import random
@@ -60,6 +66,7 @@ from palo.serve.protocol import (
 from palo.serve.routing import HOPS_HEADER, MAX_HOPS, NoWorkerError, Router, WorkerUnreachableError
 from palo.serve.tokenizer_api import create_tokenizer_router
 from palo.serve.utils import (
+    WORKER_KEY_ENV,
     StalledClientClosingResponse,
     build_logger,
     end_with_launcher,
@@ -67,11 +74,17 @@ from palo.serve.utils import (
     refuse_unservable,
     serve_http,
     service_url_error,
+    worker_key_arg,
 )
 
 STATUS_TIMEOUT_S = 5.0  # polling a worker's status (the original's value)
 REFRESH_THREADS = 32  # workers polled at once by a refresh
 DISPATCH_METHODS = ("lottery", "shortest_queue")
+# The original protocol's routes that change the registry or generate: behind --worker-key when one is set.
+WORKER_KEY_ROUTES = ("/register_worker", "/receive_heart_beat", "/refresh_all_workers", "/worker_generate_stream")
+AUTHENTICATION_ERROR = "authentication_error"  # the error_type of a refused stream (OpenAI's name for a 401)
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}  # what a 401 must say it wants (RFC 9110)
+SECRET_ARGS = ("api_key", "worker_key")  # shown as *** in the logged arguments
 
 
 @dataclasses.dataclass
@@ -312,21 +325,66 @@ class Controller:
         }
 
 
+def worker_key_refusal(authorization: str, worker_key: str | None) -> str | None:
+    """Why a request to one of :data:`WORKER_KEY_ROUTES` is refused; None when it may go on.
+
+    Args:
+        authorization: The request's ``Authorization`` header ("" when absent).
+        worker_key: The controller's ``--worker-key``; None or "" accepts every request, as the original did.
+    """
+    if not worker_key:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    # compare_digest: the time taken must not tell how much of a guess was right.
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), worker_key.encode()):
+        return None
+    return ("missing or wrong worker key: this controller runs with --worker-key, so workers and tools must send "
+            f"'Authorization: Bearer <worker key>' (their --worker-key or ${WORKER_KEY_ENV})")
+
+
+class KeyedRouter(Router):
+    """A :class:`Router` whose requests to workers carry the controller's worker key.
+
+    A worker registered with this controller may itself be a controller (one level down) that runs with the same
+    ``--worker-key``: without the key its ``/worker_generate_stream`` would refuse every relayed request. Plain
+    workers ignore the header. Only workers that were registered with the key (it is required to register) get it.
+
+    Args:
+        registry: The worker registry.
+        read_timeout: Seconds to wait for each piece of a worker's answer.
+        worker_key: Sent as ``Authorization: Bearer``.
+    """
+
+    def __init__(self, registry: Controller, read_timeout: float, worker_key: str) -> None:
+        super().__init__(registry, read_timeout)
+        self.worker_key = worker_key
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        fresh = self._client is None
+        client = super().client
+        if fresh:  # the base class makes the client on first use; its requests' own headers merge with these
+            client.headers["Authorization"] = f"Bearer {self.worker_key}"
+        return client
+
+
 def _no_worker_message(controller: Controller, model: Any) -> str:
     return f"no live worker serves model {model!r}; available models: {controller.list_models()}"
 
 
 def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str | None = None,
-               prompt_tokens_details: bool = False) -> FastAPI:
+               prompt_tokens_details: bool = False, worker_key: str | None = None) -> FastAPI:
     """The controller's FastAPI application (original endpoints plus the OpenAI-compatible API).
 
     Args:
         controller: The registry.
         read_timeout: Seconds to wait for each piece of a worker's stream.
-        api_key: If set, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
+        api_key: If set, ``/v1/*`` and the tokenizer routes require ``Authorization: Bearer <api_key>``.
         prompt_tokens_details: Report ``usage.prompt_tokens_details.cached_tokens`` on ``/v1/*``.
+        worker_key: If set, :data:`WORKER_KEY_ROUTES` require ``Authorization: Bearer <worker_key>`` (401
+            otherwise, the registry untouched), and requests relayed to workers carry it.
     """
-    router = Router(controller, read_timeout)
+    router = KeyedRouter(controller, read_timeout, worker_key) if worker_key else Router(controller, read_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -357,6 +415,20 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
     async def _bad_json(request: Request, exc: _BadJson) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=400)
 
+    def key_refusal(request: Request) -> str | None:
+        """Why a request to one of :data:`WORKER_KEY_ROUTES` is refused (None: go on); checked before its body is
+        read, so that a refused request costs nothing and changes nothing."""
+        reason = worker_key_refusal(request.headers.get("authorization", ""), worker_key)
+        if reason is not None:  # the address only: whatever the request sent as a key is never logged
+            controller.logger.warning("refused %s from %s: missing or wrong worker key", request.url.path,
+                                      request.client.host if request.client else "an unknown address")
+        return reason
+
+    def unauthorized(request: Request) -> JSONResponse | None:
+        """The 401 of a JSON registry route called without the worker key, in the shape its other errors take."""
+        reason = key_refusal(request)
+        return None if reason is None else JSONResponse({"error": reason}, 401, headers=UNAUTHORIZED_HEADERS)
+
     @app.get("/health")
     async def health() -> JSONResponse:  # the controller (and its API) answers; the models it can route to
         return JSONResponse({"status": "ok", "models": controller.list_models()})
@@ -367,6 +439,8 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Response:
+        if (refusal := unauthorized(request)) is not None:
+            return refusal
         data = await json_body(request)
         if (not isinstance(data, dict) or not isinstance(data.get("worker_name"), str) or not data["worker_name"]
                 or not isinstance(data.get("check_heart_beat", False), bool)):
@@ -379,7 +453,9 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
         return JSONResponse(None)
 
     @app.post("/refresh_all_workers")
-    async def refresh_all_workers() -> Response:
+    async def refresh_all_workers(request: Request) -> Response:
+        if (refusal := unauthorized(request)) is not None:
+            return refusal
         await run_in_threadpool(controller.refresh_all_workers)
         return JSONResponse(None)
 
@@ -397,6 +473,8 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request) -> Response:
+        if (refusal := unauthorized(request)) is not None:
+            return refusal
         data = await json_body(request)
         if not isinstance(data, dict) or not isinstance(data.get("worker_name"), str):
             return JSONResponse({"error": "expected {'worker_name': URL, 'queue_length': int}"}, status_code=400)
@@ -412,6 +490,9 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> Response:
+        if (reason := key_refusal(request)) is not None:  # one error chunk, as this route's other refusals
+            return Response(error_chunk(reason, WORKER_ERROR, AUTHENTICATION_ERROR), 401,
+                            media_type=STREAM_MEDIA_TYPE, headers=UNAUTHORIZED_HEADERS)
         body = await request.body()
         try:
             params = decode_json_body(body)
@@ -473,6 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds to wait for each piece of a worker's stream")
     parser.add_argument("--api-key", type=str, default=os.environ.get("PALO_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALO_API_KEY, else open)")
+    parser.add_argument("--worker-key", type=worker_key_arg, default=os.environ.get(WORKER_KEY_ENV),
+                        help="require 'Authorization: Bearer KEY' on /register_worker, /receive_heart_beat, "
+                             "/refresh_all_workers and /worker_generate_stream; give the workers the same key "
+                             f"(default: ${WORKER_KEY_ENV}, else open as in the original)")
     parser.add_argument("--enable-prompt-tokens-details", action="store_true",
                         help="report usage.prompt_tokens_details.cached_tokens on /v1/* (prompt positions read from "
                              "the prefix cache); off by default: without cache_salt it hints at others' prompts")
@@ -486,10 +571,10 @@ def main(argv: list[str] | None = None) -> int:
     end_with_launcher()
 
     logger = build_logger("controller", "controller.log")
-    logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})
+    logger.info("args: %s", {k: ("***" if k in SECRET_ARGS and v else v) for k, v in vars(args).items()})
     controller = Controller(args.dispatch_method, args.heart_beat_expiration, logger=logger)
     app = create_app(controller, read_timeout=args.read_timeout, api_key=args.api_key,
-                     prompt_tokens_details=args.enable_prompt_tokens_details)
+                     prompt_tokens_details=args.enable_prompt_tokens_details, worker_key=args.worker_key)
     serve_http(app, args.host, args.port)
     return 0
 

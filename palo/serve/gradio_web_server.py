@@ -38,12 +38,14 @@ from palo.image_io import MAX_IMAGE_PIXELS, viewed
 from palo.jsonl import atomic_write
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
 from palo.serve.utils import (
+    add_worker_key_argument,
     build_logger,
     end_with_launcher,
     log_dir,
     refuse_unservable,
     service_url,
     violates_moderation,
+    worker_key_headers,
 )
 
 CONV_MODE = "vicuna_v1"  # PALO serves with this template for every new conversation
@@ -110,15 +112,18 @@ class WebServer:
         controller_url: The controller's base URL.
         moderate: Check inputs with the OpenAI moderation endpoint (needs ``OPENAI_API_KEY``).
         logger: Where to log.
+        worker_key: The controller's ``--worker-key``: sent with the refresh of the workers (which a keyed
+            controller refuses without it) and the streams (a worker may be such a controller, one level down).
     """
 
-    def __init__(self, controller_url: str, moderate: bool = False, logger: Any = None) -> None:
+    def __init__(self, controller_url: str, moderate: bool = False, logger: Any = None,
+                 worker_key: str | None = None) -> None:
         self.controller_url = controller_url.rstrip("/")
         self.moderate = moderate
         self.logger = logger or logging.getLogger(__name__)
         # One kept-alive client for the controller and the workers (thread-safe; Gradio runs handlers in threads):
         # a client per call would pay a new TLS context and connection for each message.
-        self.http = httpx.Client(headers={"User-Agent": "PALO Client"})
+        self.http = httpx.Client(headers={"User-Agent": "PALO Client", **worker_key_headers(worker_key)})
 
     # -- controller ----------------------------------------------------------------------------------------------
     def get_model_list(self) -> list[str]:
@@ -458,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true")
     parser.add_argument("--moderate", action="store_true")
     parser.add_argument("--embed", action="store_true")
+    add_worker_key_argument(parser)
     return parser
 
 
@@ -482,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     cap_upload_pixels()
     end_with_launcher()
     logger = build_logger("gradio_web_server", "gradio_web_server.log")
-    logger.info("args: %s", args)
-    server = WebServer(args.controller_url, moderate=args.moderate, logger=logger)
+    logger.info("args: %s", {k: ("***" if k == "worker_key" and v else v) for k, v in vars(args).items()})
+    server = WebServer(args.controller_url, moderate=args.moderate, logger=logger, worker_key=args.worker_key)
     models = server.get_model_list()
     demo = build_demo(server, models, args.model_list_mode, args.embed)
     demo.queue(default_concurrency_limit=args.concurrency_count, api_open=False)

@@ -5,8 +5,8 @@ Run ``python -m palo.serve.model_worker`` or ``python palo/serve/model_worker.py
     python palo/serve/model_worker.py --host 0.0.0.0 --controller http://localhost:10000 --port 40000 \\
         --worker http://localhost:40000 --model-path MBZUAI/PALO-13B
 
-(``--controller``/``--worker`` are argparse abbreviations of ``--controller-address``/``--worker-address``, as in
-the PALO README.) Endpoints (POST, JSON):
+(``--controller`` is an argparse abbreviation of ``--controller-address`` and ``--worker`` an alias of
+``--worker-address``, as the PALO README writes them.) Endpoints (POST, JSON):
 
 * ``/worker_generate_stream``: generation parameters in, NUL-delimited cumulative JSON chunks out
   (:mod:`palo.serve.protocol`). Malformed requests get HTTP 400 whose body is one error chunk.
@@ -87,6 +87,7 @@ class ModelWorker(BaseWorker):
         heart_beat_interval: Seconds between heartbeats.
         no_register: Do not register with a controller.
         logger: Where to log.
+        worker_key: The controller's ``--worker-key``, sent with the registration and heartbeats.
     """
 
     title = "PALO model worker"
@@ -103,10 +104,11 @@ class ModelWorker(BaseWorker):
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
         no_register: bool = False,
         logger: Any = None,
+        worker_key: str | None = None,
     ) -> None:
         super().__init__(model_name, controller_addr, worker_addr, conv_mode=conv_mode,
                          limit_model_concurrency=limit_model_concurrency, heart_beat_interval=heart_beat_interval,
-                         no_register=no_register, logger=logger)
+                         no_register=no_register, logger=logger, worker_key=worker_key)
         self.engine = engine
         self.max_queue = max_queue
         self.served = 0
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_id = uuid.uuid4().hex[:6]
     logger = build_logger("model_worker", f"model_worker_{worker_id}.log")
-    logger.info("args: %s", args)
+    logger.info("args: %s", {k: ("***" if k == "worker_key" and v else v) for k, v in vars(args).items()})
     if args.multi_modal:
         logger.warning("--multi-modal is deprecated and ignored: multimodality is read from the checkpoint's config")
     device = args.device
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         heart_beat_interval=args.heart_beat_interval,
         no_register=args.no_register,
         logger=logger,
+        worker_key=args.worker_key,
     )
     serve(worker, args.host, args.port)
     return 0

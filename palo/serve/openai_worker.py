@@ -188,6 +188,7 @@ class OpenAIWorker(BaseWorker):
         context_length: Reported by ``/model_details``.
         no_register: Do not register with a controller.
         logger: Where to log.
+        worker_key: The controller's ``--worker-key``, sent with the registration and heartbeats.
     """
 
     title = "PALO OpenAI-backed worker"
@@ -195,13 +196,14 @@ class OpenAIWorker(BaseWorker):
     def __init__(self, api_base: str, api_key: str | None, model_name: str, controller_addr: str, worker_addr: str,
                  conv_mode: str = "vicuna_v1", limit_model_concurrency: int = 32,
                  heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL, request_timeout: float = 120.0,
-                 context_length: int = 2048, no_register: bool = False, logger: Any = None) -> None:
+                 context_length: int = 2048, no_register: bool = False, logger: Any = None,
+                 worker_key: str | None = None) -> None:
         if conv_mode not in conv_templates or conv_templates[conv_mode].sep_style is not SeparatorStyle.TWO:
             raise ValueError(f"--conv-mode {conv_mode!r}: the OpenAI-backed worker handles TWO-style templates "
                              "(vicuna_v1, llava_v1), which PALO uses")
         super().__init__(model_name, controller_addr, worker_addr, conv_mode=conv_mode,
                          limit_model_concurrency=limit_model_concurrency, heart_beat_interval=heart_beat_interval,
-                         no_register=no_register, logger=logger)
+                         no_register=no_register, logger=logger, worker_key=worker_key)
         self.api_base = api_base.rstrip("/")
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.request_timeout = request_timeout
@@ -558,13 +560,14 @@ def main(argv: list[str] | None = None) -> int:
     refuse_unservable(parser, args)
 
     logger = build_logger("openai_worker", f"openai_worker_{uuid.uuid4().hex[:6]}.log")
-    logger.info("args: %s", {k: ("***" if k == "api_key" and v else v) for k, v in vars(args).items()})
+    logger.info("args: %s", {k: ("***" if k in ("api_key", "worker_key") and v else v) for k, v in vars(args).items()})
     try:
         worker = OpenAIWorker(args.api_base, args.api_key, args.model_name, args.controller_address,
                               args.worker_address, conv_mode=args.conv_mode,
                               limit_model_concurrency=args.limit_model_concurrency,
                               heart_beat_interval=args.heart_beat_interval, request_timeout=args.request_timeout,
-                              context_length=args.context_length, no_register=args.no_register, logger=logger)
+                              context_length=args.context_length, no_register=args.no_register, logger=logger,
+                              worker_key=args.worker_key)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,27 +1,37 @@
 """Register a worker with a controller by hand, as the original ``palo/serve/register_worker.py``.
 
     python palo/serve/register_worker.py --controller-address http://localhost:21001 \\
-        --worker-name http://localhost:21002 [--check-heart-beat]
+        --worker-name http://localhost:21002 [--check-heart-beat] [--worker-key KEY]
 
 It posts ``{"worker_name", "check_heart_beat", "worker_status": null}`` to ``/register_worker``; the controller then
 asks the worker for its status itself. Without ``--check-heart-beat`` the controller never expires the worker (for
-one that does not heartbeat, e.g. behind another controller). Exits 1 when the controller does not accept it, or
+one that does not heartbeat, e.g. behind another controller). A controller that runs with ``--worker-key`` wants
+the same key (``--worker-key`` or ``$PALO_WORKER_KEY``). Exits 1 when the controller does not accept it, or
 when its model list cannot be read afterwards (the registration stands; the error says so).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
 
+if __package__ in (None, ""):  # run as a script: import ``palo`` (for the worker key flag) from this checkout
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+
 import httpx
+
+from palo.serve.utils import add_worker_key_argument, worker_key_headers
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--controller-address", type=str, default="http://localhost:21001")
-    parser.add_argument("--worker-name", type=str, required=True, help="the worker's base URL")
+    # "--worker" spelled out: it abbreviated --worker-name until --worker-key made it ambiguous.
+    parser.add_argument("--worker-name", "--worker", type=str, required=True, help="the worker's base URL")
     parser.add_argument("--check-heart-beat", action="store_true")
+    add_worker_key_argument(parser)
     return parser
 
 
@@ -31,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"worker_name": args.worker_name.rstrip("/"), "check_heart_beat": args.check_heart_beat,
             "worker_status": None}
     try:
-        response = httpx.post(url, json=data, timeout=10)
+        response = httpx.post(url, json=data, timeout=10, headers=worker_key_headers(args.worker_key))
     except httpx.HTTPError as exc:
         print(f"error: cannot reach the controller at {args.controller_address}: {exc}", file=sys.stderr)
         return 1

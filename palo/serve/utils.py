@@ -120,6 +120,36 @@ def log_dir() -> str:
     return os.environ.get("PALO_LOGDIR") or DEFAULT_LOG_DIR
 
 
+WORKER_KEY_ENV = "PALO_WORKER_KEY"  # the default of every --worker-key (controller, workers, tools)
+
+
+def worker_key_arg(value: str) -> str | None:
+    """``--worker-key`` (and ``$PALO_WORKER_KEY``, which argparse passes through here too): None when empty.
+
+    Raises:
+        argparse.ArgumentTypeError: For a key that cannot travel in an HTTP header as it is (non-ASCII characters,
+            spaces or control characters): httpx cannot send it, and a worker's heartbeats would stop at once.
+    """
+    if not value:
+        return None
+    if not all("!" <= c <= "~" for c in value):
+        raise argparse.ArgumentTypeError(f"the worker key (--worker-key or ${WORKER_KEY_ENV}) must be printable ASCII "
+                                         "without spaces: it is sent in an HTTP header")
+    return value
+
+
+def worker_key_headers(worker_key: str | None) -> dict[str, str]:
+    """The headers that carry ``worker_key`` to a controller (none without a key)."""
+    return {"Authorization": f"Bearer {worker_key}"} if worker_key else {}
+
+
+def add_worker_key_argument(parser: argparse.ArgumentParser) -> None:
+    """``--worker-key``, as every client of a controller's registry and generation routes takes it."""
+    parser.add_argument("--worker-key", type=worker_key_arg, default=os.environ.get(WORKER_KEY_ENV),
+                        help="the controller's --worker-key, sent as 'Authorization: Bearer KEY' to its "
+                             f"registry and generation routes (default: ${WORKER_KEY_ENV}, else none)")
+
+
 # Control characters a log line may not hold as they are: a client's text (an image URL, a malformed field) with a
 # newline in it wrote a second, forged line into the service's log, and terminal escapes could rewrite what an
 # operator sees. Tab is kept; the rest are written as Python escapes.

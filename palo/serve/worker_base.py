@@ -8,7 +8,9 @@ worker reports, and a heartbeat goes out when a request starts and when it ends,
 are coalesced: however many requests start or end together, one heartbeat reports the queue length as it is then, at
 most every ``SOON_BEAT_GAP_S``. All controller traffic goes through one kept-alive HTTP client: a new client per
 heartbeat costs tens of milliseconds of CPU (its TLS context), which under load took a large share of a small
-machine from generation.
+machine from generation. With a worker key (``--worker-key`` or ``$PALO_WORKER_KEY``, the controller's own), the
+registration and heartbeats carry ``Authorization: Bearer <worker key>``; a controller that runs with the key
+refuses them without it.
 
 Subclasses say only how they answer: :meth:`BaseWorker.prepare` checks a request (raising :class:`Rejected` to
 answer at once) and :meth:`BaseWorker.generate` streams its chunks. Any other exception in either is logged with its
@@ -38,7 +40,13 @@ from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import WorkerMetrics
 from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
 from palo.serve.routing import UNHEALTHY_HEADER
-from palo.serve.utils import StalledClientClosingResponse, serve_http, service_url
+from palo.serve.utils import (
+    StalledClientClosingResponse,
+    add_worker_key_argument,
+    serve_http,
+    service_url,
+    worker_key_headers,
+)
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
@@ -82,6 +90,7 @@ class BaseWorker(ABC):
         heart_beat_interval: Seconds between heartbeats.
         no_register: Do not register with a controller (and send no heartbeats).
         logger: Where to log (default: the subclass's module logger).
+        worker_key: The controller's ``--worker-key``, sent with the registration and heartbeats (None: none).
     """
 
     title = "PALO worker"
@@ -96,6 +105,7 @@ class BaseWorker(ABC):
         heart_beat_interval: float = WORKER_HEART_BEAT_INTERVAL,
         no_register: bool = False,
         logger: logging.Logger | None = None,
+        worker_key: str | None = None,
     ) -> None:
         self.model_name = model_name
         self.controller_addr = controller_addr.rstrip("/")
@@ -114,6 +124,8 @@ class BaseWorker(ABC):
         self._beat_soon = threading.Event()  # set by heart_beat_soon, consumed by the heartbeat thread
         self._http: httpx.Client | None = None
         self._http_lock = threading.Lock()
+        # Sent only to the controller: the worker's probes of its own server need no key.
+        self._controller_headers = worker_key_headers(worker_key)
 
     # -- what subclasses provide ---------------------------------------------------------------------------------
     @abstractmethod
@@ -196,7 +208,8 @@ class BaseWorker(ABC):
         """Register with the controller; returns whether it accepted."""
         data = {"worker_name": self.worker_addr, "check_heart_beat": True, "worker_status": self.get_status()}
         try:
-            response = self.http().post(self.controller_addr + "/register_worker", json=data)
+            response = self.http().post(self.controller_addr + "/register_worker", json=data,
+                                        headers=self._controller_headers)
         except httpx.HTTPError as exc:
             self.logger.warning("registration with %s failed: %s", self.controller_addr, exc)
             return False
@@ -224,6 +237,7 @@ class BaseWorker(ABC):
                 response = self.http().post(
                     self.controller_addr + "/receive_heart_beat",
                     json={"worker_name": self.worker_addr, "queue_length": self.get_queue_length()},
+                    headers=self._controller_headers,
                 )
                 exist = bool(response.json().get("exist"))
                 break
@@ -405,9 +419,11 @@ def add_address_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags every worker takes to find its controller and be found (the original's names and defaults)."""
     parser.add_argument("--host", type=str, default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     parser.add_argument("--port", type=int, default=21002)
-    parser.add_argument("--worker-address", type=service_url, default="http://localhost:21002",
+    # "--worker" spelled out: the README's abbreviation of --worker-address, which --worker-key made ambiguous.
+    parser.add_argument("--worker-address", "--worker", type=service_url, default="http://localhost:21002",
                         help="the URL the controller reaches this worker at")
     parser.add_argument("--controller-address", type=service_url, default="http://localhost:21001")
+    add_worker_key_argument(parser)
 
 
 def serve(worker: BaseWorker, host: str, port: int) -> None:
