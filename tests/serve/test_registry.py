@@ -86,6 +86,14 @@ def test_chunks_round_trip_and_split_anywhere():
         assert [o["text"] for o in objs] == ["prompt ما", "bad image", "x"]
     assert (json.loads(encode_chunk("t", 0, finish_reason="stop")[:-1])
             == {"text": "t", "error_code": 0, "finish_reason": "stop"})
+    # One byte at a time, and a chunk of a megabyte in 16 KB reads: the pieces of an unfinished chunk are kept and
+    # joined once (its buffer was copied and scanned again at every read).
+    decoder = ChunkDecoder()
+    assert [o["text"] for b in range(len(data)) for o in decoder.feed(data[b:b + 1])] == ["prompt ما", "bad image", "x"]
+    big = encode_chunk("y" * 2**20, 0) + encode_chunk("z", 0)
+    decoder = ChunkDecoder()
+    objs = [o for i in range(0, len(big), 16384) for o in decoder.feed(big[i:i + 16384])] + decoder.close()
+    assert [o["text"] for o in objs] == ["y" * 2**20, "z"] and decoder.close() == []
 
 
 @pytest.mark.parametrize(
