@@ -50,6 +50,12 @@ class IncrementalDetokenizer:
         # Most tokens are word pieces whose text just follows the text so far: no decode at all for them.
         pieces = getattr(tokenizer, "streaming_piece_texts", None) if skip_special_tokens else None
         self._pieces: list[str | None] | None = pieces() if pieces is not None else None
+        # Special ids that decode to nothing (skipped): read without a decode. Otherwise each one stayed in the
+        # window unread, and a run of them (an ignore_eos answer past its </s>) decoded a window as long as the run
+        # at every token.
+        self._silent: frozenset[int] = frozenset(
+            i for i in (getattr(tokenizer, "all_special_ids", None) or [] if skip_special_tokens else [])
+            if self._decode([i]) == "")
         # The context's ids lead the answer's, as text already read: the first window decodes them with it.
         self._context = len(context)
         self.ids: list[int] = list(context)
@@ -63,6 +69,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one token; returns the text it completes (possibly empty)."""
+        if token_id in self._silent and self._read == len(self.ids):
+            # Nothing held back: the window's text with it is the text without it (and `_before` stays right).
+            self.ids.append(token_id)
+            self._read = len(self.ids)
+            return ""
         pieces = self._pieces
         if pieces is not None and self.text and self._read == len(self.ids) and 0 <= token_id < len(pieces):
             piece = pieces[token_id]  # nothing held back, so `text` is the decoding of `ids`, and not empty

@@ -192,3 +192,29 @@ def test_held_back_text_is_the_longest_end_that_could_begin_a_stop_string():
         hold = max((k for stop in stops for k in range(len(stop)) if k <= len(text) and text.endswith(stop[:k])),
                    default=0)
         assert visible_text(text, stops, final=False) == (text[: len(text) - hold], False), (text, stops)
+
+
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["palo tokenizer", "decode only"])
+def test_a_run_of_skipped_special_tokens_is_read_without_growing_the_window(tokenizer, fast_paths):
+    """An ignore_eos answer past its </s> (serving benchmarks ask for them) pushed </s> after </s>: each adds no
+    text, so none was read, and every push decoded a window as long as the run (311 us a token at 16,000)."""
+
+    class Counting:
+        decoded = 0
+
+        def __getattr__(self, name):
+            if name.startswith("streaming_") and not fast_paths:
+                raise AttributeError(name)
+            return getattr(tokenizer, name)
+
+        def decode(self, ids, **kwargs):
+            Counting.decoded += len(ids)
+            return tokenizer.decode(ids, **kwargs)
+
+    words = tokenizer("Describe the picture. 这是什么？", add_special_tokens=False).input_ids
+    ids = words + [tokenizer.eos_token_id] * 600 + words + [tokenizer.eos_token_id] * 600
+    detok = IncrementalDetokenizer(Counting())
+    chunks = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(chunks) == detok.text == tokenizer.decode(ids, skip_special_tokens=True)
+    if not fast_paths:  # every window decode is counted: a few ids per token, not the run so far
+        assert Counting.decoded < 20 * len(ids), Counting.decoded
