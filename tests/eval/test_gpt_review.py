@@ -41,6 +41,14 @@ def test_unparseable_replies_raise(reply):
         parse_scores(reply)
 
 
+@pytest.mark.timeout(30)  # a guard, not a measurement: the old parser needed minutes for this reply
+def test_a_long_run_of_spaces_in_a_reply_is_parsed_at_once():
+    """Two patterns began with optional space and rescanned a run from each position in it: 16,000 spaces in a
+    reply took 9 s to parse (twice per reply, and again on resume); these 60,000 took minutes."""
+    assert parse_scores("The answers differ." + " " * 60_000 + "Both are fine.\n8 9") == (8.0, 9.0)
+    assert parse_scores("Assistant 1:" + " " * 60_000 + "7\nAssistant 2: 6") == (7.0, 6.0)
+
+
 @pytest.mark.parametrize("reply, expected", [
     ("Assistant 2: 9, Assistant 1: 3", (3, 9)),  # labels win over position
     ("Comparing Assistant 1 with Assistant 2:\nAssistant 1: 8\nAssistant 2: 5", (8, 5)),  # no label in a gap
