@@ -173,6 +173,24 @@ def unique_records(records: Iterable[Record], key: str, skip_bad: bool = False,
     return kept
 
 
+def _last_line(f: Any, block: int = 1 << 16) -> tuple[int, bytes]:
+    """``(offset, bytes)`` of a binary file's last line, its newline included if it has one, read backwards block by
+    block: a resumed run checks its log's end, and reading a log of gigabytes whole took seconds and as much memory.
+    """
+    end = f.seek(0, os.SEEK_END)
+    tail = b""
+    position = end
+    while position > 0:
+        step = min(block, position)
+        position -= step
+        f.seek(position)
+        tail = f.read(step) + tail
+        cut = tail.rfind(b"\n", 0, len(tail) - 1)  # the line's own newline, at its end, does not end it
+        if cut >= 0:
+            return position + cut + 1, tail[cut + 1:]
+    return 0, tail
+
+
 def repair_tail(path: str) -> int:
     """Cut a torn last line (no trailing newline and not valid JSON) left by a killed writer.
 
@@ -182,17 +200,16 @@ def repair_tail(path: str) -> int:
     if not os.path.isfile(path) or os.path.getsize(path) == 0:
         return 0
     with open(path, "rb") as f:
-        data = f.read()
-    if data.endswith(b"\n"):
+        start, last = _last_line(f)
+    if last.endswith(b"\n"):
         return 0
-    start = data.rfind(b"\n") + 1
     try:
-        json.loads(data[start:].decode("utf-8"))
+        json.loads(last.decode("utf-8"))
     except (ValueError, UnicodeDecodeError):
         with open(path, "r+b") as f:
             f.truncate(start)
-        print(f"[resume] {path}: removed a torn last line ({len(data) - start} bytes)", file=sys.stderr)
-        return len(data) - start
+        print(f"[resume] {path}: removed a torn last line ({len(last)} bytes)", file=sys.stderr)
+        return len(last)
     # A whole record that only lacks its newline: keep it, complete the line.
     with open(path, "ab") as f:
         f.write(b"\n")

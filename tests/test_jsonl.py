@@ -276,3 +276,31 @@ def test_unique_records_keeps_each_key_once_compared_as_text_and_names_both_line
     assert [(r.data["question_id"], r.line) for r in kept] == [(1, 1), (3, 4)]
     err = capsys.readouterr().err
     assert "q.jsonl:2: 't' must be text" in err and "q.jsonl:3: duplicate question_id '1'" in err
+
+
+def test_repair_tail_reads_the_end_of_a_log_not_all_of_it(tmp_path):
+    """A resumed run checks its log's last line: it read the whole file (seconds and as much memory for a log of
+    gigabytes). The last line is found reading backwards, and equals what the whole file says it is."""
+    import io
+
+    class Counted(io.BytesIO):
+        read_bytes = 0
+
+        def read(self, size=-1):
+            data = super().read(size)
+            Counted.read_bytes += len(data)
+            return data
+
+    cases = [b"a\n", b"a", b"a\nb", b"\n", b"\n\n", b"xx\n\nyy", b"x" * 200_000 + b"\n" + b"y" * 70_000, b"z" * 70_000]
+    for data in cases:
+        for block in (1, 3, 1 << 16):
+            whole = data.rfind(b"\n", 0, len(data) - 1) + 1 if data.endswith(b"\n") else data.rfind(b"\n") + 1
+            assert jsonl._last_line(io.BytesIO(data), block) == (whole, data[whole:]), (data[:8], block)
+    Counted.read_bytes = 0
+    assert jsonl._last_line(Counted(b'{"a": 1}\n' * 1_000_000 + b'{"torn')) == (9_000_000, b'{"torn')
+    assert Counted.read_bytes <= 1 << 16  # one block of a 9 MB log
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"a": 1}\n' * 100_000 + b'{"torn')
+    assert jsonl.repair_tail(str(log)) == 6 and log.read_bytes() == b'{"a": 1}\n' * 100_000
+    log.write_bytes(b'{"a": 1}\n{"b": 2}')  # whole, only its newline missing: kept and completed
+    assert jsonl.repair_tail(str(log)) == 0 and log.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
