@@ -314,11 +314,7 @@ def test_the_controllers_relay_closes_the_worker_stream_of_a_client_that_left_be
 
     from palo.serve import controller as controller_module
 
-    class Trickle(GatedWorker):  # small chunks, slowly: no buffer ever fills, so nothing but a close ends it
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.closed = threading.Event()
-
+    class Trickle(FloodingWorker):  # small chunks, slowly: no buffer ever fills, so nothing but a close ends it
         async def generate(self, prepared):
             try:
                 while True:
