@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 import argparse
 import concurrent.futures
 import dataclasses
-import hmac
 import json
 import logging
 import random
@@ -68,9 +67,11 @@ from palo.serve.tokenizer_api import create_tokenizer_router
 from palo.serve.utils import (
     WORKER_KEY_ENV,
     StalledClientClosingResponse,
+    bearer_matches,
     build_logger,
     end_with_launcher,
     header_count,
+    masked_args,
     refuse_unservable,
     serve_http,
     service_url_error,
@@ -84,7 +85,6 @@ DISPATCH_METHODS = ("lottery", "shortest_queue")
 WORKER_KEY_ROUTES = ("/register_worker", "/receive_heart_beat", "/refresh_all_workers", "/worker_generate_stream")
 AUTHENTICATION_ERROR = "authentication_error"  # the error_type of a refused stream (OpenAI's name for a 401)
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}  # what a 401 must say it wants (RFC 9110)
-SECRET_ARGS = ("api_key", "worker_key")  # shown as *** in the logged arguments
 
 
 @dataclasses.dataclass
@@ -332,11 +332,7 @@ def worker_key_refusal(authorization: str, worker_key: str | None) -> str | None
         authorization: The request's ``Authorization`` header ("" when absent).
         worker_key: The controller's ``--worker-key``; None or "" accepts every request, as the original did.
     """
-    if not worker_key:
-        return None
-    scheme, _, token = authorization.partition(" ")
-    # compare_digest: the time taken must not tell how much of a guess was right.
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), worker_key.encode()):
+    if not worker_key or bearer_matches(authorization, worker_key):
         return None
     return ("missing or wrong worker key: this controller runs with --worker-key, so workers and tools must send "
             f"'Authorization: Bearer <worker key>' (their --worker-key or ${WORKER_KEY_ENV})")
@@ -571,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     end_with_launcher()
 
     logger = build_logger("controller", "controller.log")
-    logger.info("args: %s", {k: ("***" if k in SECRET_ARGS and v else v) for k, v in vars(args).items()})
+    logger.info("args: %s", masked_args(args))
     controller = Controller(args.dispatch_method, args.heart_beat_expiration, logger=logger)
     app = create_app(controller, read_timeout=args.read_timeout, api_key=args.api_key,
                      prompt_tokens_details=args.enable_prompt_tokens_details, worker_key=args.worker_key)

@@ -42,6 +42,7 @@ from palo.serve.utils import (
     build_logger,
     end_with_launcher,
     log_dir,
+    masked_args,
     refuse_unservable,
     service_url,
     violates_moderation,
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     cap_upload_pixels()
     end_with_launcher()
     logger = build_logger("gradio_web_server", "gradio_web_server.log")
-    logger.info("args: %s", {k: ("***" if k == "worker_key" and v else v) for k, v in vars(args).items()})
+    logger.info("args: %s", masked_args(args))
     server = WebServer(args.controller_url, moderate=args.moderate, logger=logger, worker_key=args.worker_key)
     models = server.get_model_list()
     demo = build_demo(server, models, args.model_list_mode, args.embed)

@@ -58,7 +58,7 @@ from palo.serve.protocol import (
     error_chunk,
 )
 from palo.serve.tokenizer_api import detokenize, tokenize, tokenizer_info
-from palo.serve.utils import build_logger, end_with_launcher, refuse_unservable
+from palo.serve.utils import build_logger, end_with_launcher, masked_args, refuse_unservable
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main"]
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     worker_id = uuid.uuid4().hex[:6]
     logger = build_logger("model_worker", f"model_worker_{worker_id}.log")
-    logger.info("args: %s", {k: ("***" if k == "worker_key" and v else v) for k, v in vars(args).items()})
+    logger.info("args: %s", masked_args(args))
     if args.multi_modal:
         logger.warning("--multi-modal is deprecated and ignored: multimodality is read from the checkpoint's config")
     device = args.device

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -66,7 +65,7 @@ from palo.serve.routing import (
     WorkerStream,
     WorkerUnreachableError,
 )
-from palo.serve.utils import StalledClientClosingResponse
+from palo.serve.utils import StalledClientClosingResponse, bearer_matches
 
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
@@ -705,10 +704,7 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
     Raises:
         APIError: 401 for a missing or wrong key.
     """
-    if not api_key:
-        return
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    if api_key and not bearer_matches(authorization, api_key):
         raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                        type_="authentication_error", code="invalid_api_key")
 

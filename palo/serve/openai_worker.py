@@ -63,7 +63,7 @@ from palo.serve.protocol import (
     parse_structured_output,
     shown,
 )
-from palo.serve.utils import build_logger, refuse_unservable
+from palo.serve.utils import build_logger, masked_args, refuse_unservable
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "main", "prompt_to_messages"]
@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_unservable(parser, args)
 
     logger = build_logger("openai_worker", f"openai_worker_{uuid.uuid4().hex[:6]}.log")
-    logger.info("args: %s", {k: ("***" if k in ("api_key", "worker_key") and v else v) for k, v in vars(args).items()})
+    logger.info("args: %s", masked_args(args))
     try:
         worker = OpenAIWorker(args.api_base, args.api_key, args.model_name, args.controller_address,
                               args.worker_address, conv_mode=args.conv_mode,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import socket
@@ -121,6 +122,19 @@ def log_dir() -> str:
 
 
 WORKER_KEY_ENV = "PALO_WORKER_KEY"  # the default of every --worker-key (controller, workers, tools)
+SECRET_ARGS = ("api_key", "worker_key")  # shown as *** where a service logs its arguments
+
+
+def masked_args(args: argparse.Namespace) -> dict[str, Any]:
+    """A service's arguments for its log, the keys among them (:data:`SECRET_ARGS`) shown as ``***``."""
+    return {k: ("***" if k in SECRET_ARGS and v else v) for k, v in vars(args).items()}
+
+
+def bearer_matches(authorization: str, key: str) -> bool:
+    """Whether an ``Authorization`` header is ``Bearer <key>`` (compared in constant time: the time taken must not
+    tell how much of a guess was right)."""
+    scheme, _, token = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
 
 def worker_key_arg(value: str) -> str | None:
