@@ -163,15 +163,6 @@ def prompt_context(tokenizer: Any, input_ids: Sequence[int]) -> list[int]:
     return tail
 
 
-def decode_continuation(tokenizer: Any, context: Sequence[int], ids: Sequence[int]) -> str:
-    """``ids``' text after ``context``'s (:func:`prompt_context`); without context, their own decoding."""
-    if not context:
-        return tokenizer.decode(list(ids), skip_special_tokens=True)
-    before = tokenizer.decode(list(context), skip_special_tokens=True)
-    full = tokenizer.decode([*context, *ids], skip_special_tokens=True)
-    return full[len(before):] if full.startswith(before) else tokenizer.decode(list(ids), skip_special_tokens=True)
-
-
 def visible_text(text: str, stops: Sequence[str], final: bool) -> tuple[str, bool]:
     """The part of a growing text that can be shown without ever having to take it back.
 

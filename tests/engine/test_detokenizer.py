@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from palo.engine.detokenizer import IncrementalDetokenizer, decode_continuation, prompt_context, visible_text
+from palo.engine.detokenizer import IncrementalDetokenizer, prompt_context, visible_text
 from palo.model.tokenizer import PaloLlamaTokenizer
 
 TEXTS = {
@@ -14,6 +14,16 @@ TEXTS = {
     "hindi": "इस चित्र में क्या दिखाया गया है? ॐ",
     "mixed": "A red circle, 红色的圆形 and লাল বৃত্ত, 🦜 ✓.",
 }
+
+
+def decode_continuation(tokenizer, context: list[int], ids: list[int]) -> str:
+    """The reference: ``ids``' text after ``context``'s, from whole decodings (no longer used by the static engine,
+    which decoded the whole answer this way at every step)."""
+    if not context:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+    before = tokenizer.decode(list(context), skip_special_tokens=True)
+    full = tokenizer.decode([*context, *ids], skip_special_tokens=True)
+    return full[len(before):] if full.startswith(before) else tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 @pytest.fixture(scope="module")
