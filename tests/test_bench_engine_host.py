@@ -23,3 +23,11 @@ def test_penalised_streams_stream_the_same_texts_as_unpenalised_ones(world):
     penalised = engine_host.measure(ROOT, world.tokenizer_dir, streams=3, tokens=12, repeats=1,
                                     repetition_penalty=1.1)
     assert penalised["texts_sha256"] == plain["texts_sha256"]
+
+
+def test_eos_after_ends_the_text_and_keeps_generating(world):
+    """``--eos-after N``: the answers' text stops after N tokens (the rest is </s>, which adds none) while the
+    streams go on to their length, so what is timed is the run of skipped special tokens."""
+    full = engine_host.measure(ROOT, world.tokenizer_dir, streams=3, tokens=24, repeats=1)
+    cut = engine_host.measure(ROOT, world.tokenizer_dir, streams=3, tokens=24, repeats=1, eos_after=4)
+    assert 0 < cut["chars"] < full["chars"]

@@ -16,6 +16,7 @@ very same texts.
 
     python scripts/bench/engine_host.py                         # against HEAD (uncommitted changes vs last commit)
     python scripts/bench/engine_host.py --against c804949 --tokens 128 1024
+    python scripts/bench/engine_host.py --against 7a6146c~1 --tokens 1024 --eos-after 64   # ignore_eos past </s>
     python scripts/bench/engine_host.py --against none     # this tree alone (a machine without git history, such
                                                            # as a lent GPU's copy: that CPU's host time per step)
 """
@@ -35,9 +36,11 @@ import time
 
 from revisions import REPO, add_arguments, checked_out, cpu_name, import_palo_from, measure_in_child, short_revision
 
+PROMPT_TOKENS = 24  # a stream's prompt: the first tokens of a sample text (some are shorter)
+
 
 def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int,
-            repetition_penalty: float = 1.0) -> dict:
+            repetition_penalty: float = 1.0, eos_after: int | None = None) -> dict:
     """In this process, with ``palo`` imported from ``tree``: milliseconds per decode step (one figure per repeat)
     and a digest of the streamed texts."""
     import_palo_from(tree)
@@ -56,7 +59,7 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
     model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=1, num_attention_heads=4,
                                          max_position_embeddings=tokens + 64)).eval()
-    prompts = [answers[i % len(answers)][:24] for i in range(streams)]
+    prompts = [answers[i % len(answers)][:PROMPT_TOKENS] for i in range(streams)]
 
     calls = [0]
 
@@ -64,6 +67,8 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
         """``[B, V]`` logits whose argmax is a token of the sample texts, chosen by position and last token."""
         calls[0] += 1
         pick = stream_of_ids[(positions * 7 + ids) % len(stream_of_ids)]
+        if eos_after is not None:  # from here on </s>, as a model past its answer (ignore_eos keeps generating)
+            pick = torch.where(positions >= PROMPT_TOKENS + eos_after, tokenizer.eos_token_id, pick)
         return torch.nn.functional.one_hot(pick, vocab).float()
 
     def once() -> tuple[float, list[str]]:
@@ -98,11 +103,12 @@ def measure(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: i
 
 
 def run_side(tree: str, tokenizer_dir: str, streams: int, tokens: int, repeats: int,
-             repetition_penalty: float = 1.0) -> dict:
+             repetition_penalty: float = 1.0, eos_after: int | None = None) -> dict:
     """:func:`measure` in a fresh process (each side imports its own ``palo``)."""
+    eos = [] if eos_after is None else ["--eos-after", str(eos_after)]
     return measure_in_child(__file__, tree, ["--tokenizer", tokenizer_dir, "--streams", str(streams), "--tokens",
                                              str(tokens), "--repeats", str(repeats), "--repetition-penalty",
-                                             str(repetition_penalty)])
+                                             str(repetition_penalty), *eos])
 
 
 def main() -> None:
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="every stream asks for this penalty (the stand-in's one-hot logits keep their argmax "
                              "under it, so the texts stay the same): the host cost of penalised sampling")
+    parser.add_argument("--eos-after", type=int, default=None, metavar="N",
+                        help="the stand-in picks </s> for every answer token after the first N (with ignore_eos, "
+                             "as serving benchmarks ask): the host cost of a run of skipped special tokens")
     parser.add_argument("--tokenizer", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,13 +129,15 @@ def main() -> None:
 
         torch.set_num_threads(1)  # both sides alike, and less noise from the other core
         print(json.dumps(measure(args.child, args.tokenizer, args.streams, args.tokens[0], args.repeats,
-                                 args.repetition_penalty)))
+                                 args.repetition_penalty, args.eos_after)))
         return
 
     sys.path.insert(0, str(REPO))
     from palo.testing.tiny import train_sentencepiece
 
     penalty = f", repetition penalty {args.repetition_penalty}" if args.repetition_penalty != 1 else ""
+    if args.eos_after is not None:
+        penalty += f", </s> after {args.eos_after} answer tokens (ignore_eos)"
     print(f"# engine host time per decode step, {args.streams} streams{penalty}, on {cpu_name()} ({os.cpu_count()} "
           "cores; each measuring process uses one thread)", flush=True)
 
@@ -146,7 +157,7 @@ def main() -> None:
             for i in range(args.rounds):
                 for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
                     result = run_side(sides[name], tokenizer_dir, args.streams, tokens, args.repeats,
-                                      args.repetition_penalty)
+                                      args.repetition_penalty, args.eos_after)
                     figures[name].extend(result["ms_per_step"])
                     digests.add(result["texts_sha256"])
             if len(digests) != 1:
