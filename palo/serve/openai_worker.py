@@ -63,7 +63,7 @@ from palo.serve.protocol import (
     parse_structured_output,
     shown,
 )
-from palo.serve.utils import build_logger, masked_args, refuse_unservable
+from palo.serve.utils import build_logger, masked_args, refuse_unservable, sse_lines
 from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, create_app, serve
 
 __all__ = ["OpenAIWorker", "PromptFormatError", "build_parser", "create_app", "main", "prompt_to_messages"]
@@ -419,7 +419,7 @@ class OpenAIWorker(BaseWorker):
                     yield self._refusal(prompt, response.status_code, await response.aread())
                     return
                 done = False
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_bytes()):
                     # After [DONE], read on to the body's end without using it: a response left unread closes
                     # its connection instead of returning it to the pool for the next request.
                     if done or not line.startswith("data:"):

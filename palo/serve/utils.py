@@ -8,11 +8,12 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import socket
 import struct
 import sys
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -168,6 +169,30 @@ def add_worker_key_argument(parser: argparse.ArgumentParser) -> None:
 # newline in it wrote a second, forged line into the service's log, and terminal escapes could rewrite what an
 # operator sees. Tab is kept; the rest are written as Python escapes.
 _LOG_ESCAPES = {code: repr(chr(code))[1:-1] for code in [*range(0, 9), *range(10, 32), 127]}
+
+
+# Where a server-sent events body ends its lines (the SSE spec): CR LF, LF or CR, and nothing else.
+_SSE_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterable[bytes]) -> AsyncIterator[str]:
+    """The lines of a server-sent events body (``response.aiter_bytes()``), without their line ends.
+
+    httpx's ``aiter_lines`` also ends a line at U+2028, U+2029 and U+0085, as ``str.splitlines`` does; JSON leaves
+    those characters unescaped inside strings (this project's API and vLLM send them raw), so an answer that held
+    one was cut into two halves that are not JSON.
+    """
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        held = pending.endswith(b"\r")  # maybe the first half of a CR LF: wait for the next byte
+        *lines, pending = _SSE_LINE_END.split(pending[:-1] if held else pending)
+        if held:
+            pending += b"\r"
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
 
 
 class OneLineFormatter(logging.Formatter):

@@ -38,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
+from palo.serve.utils import sse_lines  # noqa: E402
 from scripts.bench.serve_batching import QUESTIONS, build_tiny_checkpoint, free_port  # noqa: E402
 
 
@@ -81,7 +82,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, item: dict, start
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 return {"error": f"HTTP {response.status_code}: {(await response.aread())[:200]!r}", "sent": sent}
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response.aiter_bytes()):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])

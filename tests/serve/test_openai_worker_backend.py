@@ -3,6 +3,7 @@ cost every request a handshake), and health checks go through the worker's one H
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -19,6 +20,7 @@ from palo.serve.protocol import (
     SERVER_ERROR,
     iter_chunks,
 )
+from palo.serve.utils import sse_lines
 from palo.serve.worker_base import create_app
 
 
@@ -193,6 +195,28 @@ def test_the_backends_refusal_of_a_request_is_said_as_the_clients_mistake():
                          "detail": "the prompt takes 3000 of 2048 positions", "finish_reason": "length"}
     # The backend's own failure stays a server error.
     assert chunks[4]["error_type"] == SERVER_ERROR and "answered HTTP 500: out of memory" in chunks[4]["text"]
+
+
+@pytest.mark.parametrize("text", ["سطر\u2028سطر", "एक\u2029दो", "a\x85b", "ligne\rsuite"])
+def test_line_separators_inside_a_backends_json_are_relayed_as_text(text):
+    """JSON leaves U+2028, U+2029 and U+0085 unescaped in strings (this project's API and vLLM send them raw);
+    the relay read the body with httpx's ``aiter_lines``, which also ends lines there, and lost the answer."""
+    raw = "data: " + json.dumps({"choices": [{"delta": {"content": text}, "finish_reason": "stop"}]},
+                                ensure_ascii=False)
+    chunks = _relayed([raw, "data: [DONE]"])
+    assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:" + text)
+
+
+def test_sse_lines_end_only_where_server_sent_events_end_them():
+    async def lines(*chunks: bytes) -> list[str]:
+        async def body():
+            for chunk in chunks:
+                yield chunk
+        return [line async for line in sse_lines(body())]
+
+    # CR LF split across reads is one line end; a lone CR ends a line; a last line without its end is kept.
+    assert asyncio.run(lines(b"data: 1\r", b"\ndata: 2\rdata: 3\n\n", b"data: \xe2\x80", b"\xa84")) == \
+        ["data: 1", "data: 2", "data: 3", "", "data: \u20284"]
 
 
 def test_a_good_answer_with_a_malformed_usage_is_kept():
