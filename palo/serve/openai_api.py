@@ -27,6 +27,7 @@ applied here, and the worker's stream is closed as soon as one appears. Errors u
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -790,15 +791,21 @@ class CompletionShape:
     whole_object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
 
     def __init__(self) -> None:
-        self._offsets: dict[int, int] = {}  # per answer: characters of the tokens already written
+        # Per answer: the characters its tokens so far decode to, and a decoder holding the bytes of a character
+        # that a token began and the next ends.
+        self._offsets: dict[int, int] = {}
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
 
     def _legacy(self, index: int, entries: list[dict] | None) -> dict | None:
         if entries is None:
             return None
+        decoder = self._decoders.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         offsets = []
         for entry in entries:
+            # A character offset into the text: a token's text counts its characters, and a token with part of a
+            # character (its ``token`` spells the bytes as "\\xe0") counts the character once, where it is whole.
             offsets.append(self._offsets.get(index, 0))
-            self._offsets[index] = offsets[-1] + len(entry["token"])
+            self._offsets[index] = offsets[-1] + len(decoder.decode(_token_bytes(entry)))
         # An echoed prompt's first token (and an image placeholder) has no probability: null, as OpenAI's and vLLM's.
         # The token's own log-probability is always among its alternatives ("up to logprobs+1 elements", OpenAI's
         # reference; vLLM's too), also with logprobs 0.
@@ -820,6 +827,14 @@ class CompletionShape:
 
     def whole_extras(self, request: GenerationRequest, first: Piece) -> dict:
         return {}  # an echo carries the prompt's scores in each choice's logprobs
+
+
+def _token_bytes(entry: dict) -> bytes:
+    """A log-probability entry's token as bytes: its ``bytes`` (a backend may send none, or ones that are not)."""
+    with contextlib.suppress(TypeError, ValueError):
+        if entry.get("bytes") is not None:
+            return bytes(entry["bytes"])
+    return str(entry["token"]).encode("utf-8", "surrogatepass")
 
 
 def _vllm_prompt_logprob(entry: dict) -> dict | None:

@@ -569,6 +569,25 @@ def test_text_completions_send_the_prompt_as_it_is_and_answer_in_the_legacy_shap
     assert sent[0]["max_new_tokens"] == 3 and "logprobs" not in sent[0] and body["choices"][0]["logprobs"] is None
 
 
+def test_text_offsets_count_characters_where_tokens_hold_parts_of_one():
+    """A token holding part of a character is spelled ``"\\xc3"`` (4 characters), and the offsets counted those
+    spellings: in Hindi most of them pointed past the end of the text."""
+    def entry(raw: bytes) -> dict:
+        return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": -0.5, "bytes": list(raw),
+                "top_logprobs": []}
+
+    tokens = [b"n", b"\xc3", b"\xa9e", b" \xe0\xa4", b"\xa8!"]
+    chunks = [{"text": "n", "error_code": 0, "logprobs": [entry(tokens[0]), entry(tokens[1])]},
+              {"text": "née", "error_code": 0, "logprobs": [entry(tokens[2]), entry(tokens[3])]},
+              {"text": "née न!", "error_code": 0, "logprobs": [entry(tokens[4])], "finish_reason": "stop",
+               "usage": {"prompt_tokens": 3, "completion_tokens": 5}}]
+    for stream in (False, True):
+        status, body, _ = _complete(chunks, stream=stream, logprobs=0)
+        pieces = [body] if not stream else [c for c in body if c["choices"]]
+        offsets = [o for piece in pieces for o in (piece["choices"][0]["logprobs"] or {}).get("text_offset", [])]
+        assert status == 200 and offsets == [0, 1, 1, 3, 4], stream  # each where the token's first byte is
+
+
 def test_text_completion_requests_it_cannot_answer_faithfully_are_400():
     for extra, param in [({"echo": "yes"}, "echo"), ({"suffix": "end"}, "suffix"), ({"best_of": 3}, "best_of"),
                          ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": ["a", ""]}, "prompt"),
