@@ -231,6 +231,9 @@ def test_check_translation(translation, language, expected):
 def test_clean_reply_strips_wrapping_only_when_source_had_none():
     assert clean_reply('"Le chat."', "The cat.") == "Le chat."
     assert clean_reply('"Le chat."', '"The cat."') == '"Le chat."'
+    # A quoted source translated with the target's own quotation marks keeps them.
+    for reply in ("«Bienvenue à Central Park»", "“欢迎来到中央公园”", "「セントラルパークへようこそ」"):
+        assert clean_reply(reply, '"Welcome to Central Park"') == reply
     assert clean_reply("```\nLe chat.\n```", "The cat.") == "Le chat."
 
 

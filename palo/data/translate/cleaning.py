@@ -46,6 +46,9 @@ def strip_preamble(reply: str, source: str) -> str:
 
 
 _WRAPPERS = [('"', '"'), ("“", "”"), ("'", "'"), ("«", "»"), ("「", "」")]
+# Quotation marks a source may open with: its translation may wrap the text in the target's own marks ("X" becomes
+# «X» in French, “X” in Chinese, 「X」 in Japanese), which are then the source's quotes, not the model's addition.
+_OPENING_QUOTES = tuple({left for left, _ in _WRAPPERS} | {"‘", "„", "『", "‹"})
 
 
 def clean_reply(reply: str, source: str) -> str:
@@ -54,10 +57,12 @@ def clean_reply(reply: str, source: str) -> str:
     text = strip_preamble(reply.strip(), source).strip()
     if text.startswith("```") and text.endswith("```") and not source.lstrip().startswith("```") and len(text) > 6:
         text = re.sub(r"^```[\w-]*\n?|\n?```$", "", text).strip()
+    if source.strip().startswith(_OPENING_QUOTES):
+        return text
     for left, right in _WRAPPERS:
         inner = text[len(left):-len(right)]
         if (len(text) >= 2 and text.startswith(left) and text.endswith(right) and left not in inner
-                and right not in inner and not source.strip().startswith(left)):
+                and right not in inner):
             text = text[len(left):-len(right)].strip()
             break
     return text
