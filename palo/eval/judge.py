@@ -139,10 +139,11 @@ _LEADING_NUMBER = re.compile(rf"^[\[(]?\s*{_NUMBER}")
 # Two unlabelled scores on a line: words without digits may come before them ("Scores:", "I give"); the two numbers
 # are side by side with at most one separator ("8 9", "8, 9", "[6, 4]", "8 and 7"); after them, only what a
 # punctuation mark sets apart: text that holds no digit, or that begins with a word ("8 9 (Assistant 2 is better)",
-# "8 9. Both are fine", "8 9 - Assistant 2 names 2 dogs"), never a third number ("8 9, 10").
+# "8 9. Both are fine", "8 9 - Assistant 2 names 2 dogs"), never a third number ("8 9, 10"). A judge writing in the
+# answers' language uses that script's commas and stops ("８，７。", "٨، ٧"); \d already reads its digits.
 _PAIR = re.compile(
-    rf"^\D*?[\[(]?\s*({_NUMBER})(?:\s*(?:[,;&]|\band\b|\bvs\b\.?)\s*|\s+)({_NUMBER})\s*[\])]?"
-    r"(?:\s*[-\u2013\u2014(:;,.!](?:\s*[^\W\d_].*|\D*))?$",
+    rf"^\D*?[\[(]?\s*({_NUMBER})(?:\s*(?:[,;&，、،；]|\band\b|\bvs\b\.?)\s*|\s+)({_NUMBER})\s*[\])]?"
+    r"(?:\s*[-\u2013\u2014(:;,.!，。；：！（、،](?:\s*[^\W\d_].*|\D*))?$",
     re.IGNORECASE,
 )
 # Markdown emphasis and heading marks around scores ("**8** **9**", "# 8 9").

@@ -30,6 +30,9 @@ from palo.eval.judge import DEFAULT_RULES, ScoreParseError, build_user_content, 
     ("[6, 4]", (6, 4)),
     ("Here are my scores:\n3 5", (3, 5)),
     ("Assistant 1 receives a score of 6, while Assistant 2 gets 4.", (6, 4)),
+    # A judge writing in the answers' language: full-width or Arabic-Indic digits, and that script's comma.
+    ("８ ７", (8, 7)), ("٨ ٧", (8, 7)), ("８，７", (8, 7)), ("8，7", (8, 7)), ("8、7", (8, 7)), ("٨، ٧", (8, 7)),
+    ("8；7", (8, 7)), ("８，７。助手2的回答更详细。", (8, 7)),
 ])
 def test_score_formats(reply, expected):
     assert parse_scores(reply) == expected
