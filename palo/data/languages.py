@@ -20,6 +20,7 @@ text that is all ASCII (most English) skips the script counts altogether.
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
@@ -162,6 +163,10 @@ def detect_language(text: str) -> str:
     text = text.replace(DEFAULT_IMAGE_TOKEN, " ")
     if text.isascii():  # most of the data (English): only Latin letters can be in it, no script counts needed
         return _latin_language(text) if _ASCII_LETTER.search(text) else OTHER
+    # Composed, as the accent and stopword patterns are written: "très" with a combining grave (NFD, which some
+    # tools and macOS file names produce) was "tre" and an accent mark the patterns do not see, so French read as
+    # English.
+    text = unicodedata.normalize("NFC", text)
     counts = _script_counts(text)
     script = _best_script(counts)
     if script == "latin" and any(counts[name] for name in ("cjk", "cyrillic", "devanagari", "bengali", "arabic")):

@@ -3,6 +3,8 @@ mixed scripts, Urdu against Arabic, Spanish against French without accents, and 
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 
 from palo.data.languages import LANGUAGES, OTHER, detect_language, sample_language
@@ -83,6 +85,18 @@ def test_sentences_cover_every_language():
 )
 def test_one_sentence(language, sentence):
     assert detect_language(sentence) == language
+
+
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_decomposed_text_is_read_as_composed(language):
+    """NFD text (accents as combining marks, as some tools write it): French read as English before."""
+    for sentence in SENTENCES[language]:
+        assert detect_language(unicodedata.normalize("NFD", sentence)) == language
+
+
+def test_decomposed_accents_still_decide():
+    """Where the accents decide (no French stopword but "un"), NFD text was English."""
+    assert detect_language(unicodedata.normalize("NFD", "Un garçon très âgé à côté.")) == "french"
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
