@@ -93,8 +93,10 @@ class StreamEvent:
         finish_reason: ``"stop"`` or ``"length"`` on the last event, else None.
         error: An error message; the request is over.
         completion_tokens: Tokens generated so far.
-        logprobs: Per token generated so far, its log-probability and top alternatives, when the request asked.
-        token_ids: The tokens generated so far, along with ``logprobs``.
+        logprobs: Per token generated, its log-probability and top alternatives, when the request asked: the
+            request's growing list, of which this event covers the first ``completion_tokens`` (copying the answer
+            so far into every event cost time quadratic in its length).
+        token_ids: The tokens generated, along with ``logprobs`` (also the growing list).
         prompt_logprobs: Per prompt id, when the request asked and its prompt is computed (None for the first id and
             image placeholders).
         cached_tokens: Prompt positions whose KV came from the prefix cache (not computed for this request).
@@ -584,6 +586,6 @@ def _event(output: RequestOutput, with_logprobs: bool = False) -> StreamEvent:
     if output.finished and reason is None:  # aborted: the client is gone; tell it nothing new
         reason = "stop"
     return StreamEvent(text=output.text, finish_reason=reason, completion_tokens=output.num_tokens,
-                       logprobs=output.logprobs if with_logprobs else None,
-                       token_ids=output.token_ids if with_logprobs else None,
+                       logprobs=output.answer_logprobs if with_logprobs else None,
+                       token_ids=output.answer_ids if with_logprobs else None,
                        prompt_logprobs=output.prompt_logprobs, cached_tokens=output.cached_positions)

@@ -219,10 +219,11 @@ class ModelWorker(BaseWorker):
                 usage = {"prompt_tokens": prepared.prompt_tokens, "completion_tokens": event.completion_tokens,
                          "cached_tokens": event.cached_tokens}
                 logprobs = None
-                if event.logprobs is not None:  # this chunk's new tokens
+                if event.logprobs is not None:  # this chunk's new tokens (the lists may have grown since)
+                    new = slice(sent_logprobs, event.completion_tokens)
                     logprobs = [logprob_entry(self.engine.tokenizer, token, entry) for token, entry in
-                                zip(event.token_ids[sent_logprobs:], event.logprobs[sent_logprobs:])]
-                    sent_logprobs = len(event.logprobs)
+                                zip(event.token_ids[new], event.logprobs[new])]
+                    sent_logprobs = event.completion_tokens
                 # The text a token-id prompt spells, which the stream's text starts with, once for its client.
                 extra: dict[str, Any] = {"prompt": prepared.prompt} if prepared.prompt_from_ids and first else {}
                 first = False

@@ -51,6 +51,9 @@ def test_chunks_carry_each_new_tokens_logprob_and_alternatives(loaded):
     entries = [entry for chunk in chunks for entry in chunk.get("logprobs", [])]
     assert sum(1 for chunk in chunks if chunk.get("logprobs")) > 1  # streamed with the text, not all at the end
     assert len(entries) == chunks[-1]["usage"]["completion_tokens"] > 0
+    # Each chunk carries the entries of the tokens it counts, however far the engine has gone meanwhile.
+    counted = [len([e for c in chunks[: i + 1] for e in c.get("logprobs", [])]) for i in range(len(chunks))]
+    assert counted == [c["usage"]["completion_tokens"] for c in chunks]
     # The tokens' own bytes, joined, are the answer (a word-initial space aside; a stray byte decodes to U+FFFD).
     answer = chunks[-1]["text"][len(_params()["prompt"]):]
     assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", "replace").lstrip(" ") == answer.lstrip(" ")
