@@ -62,6 +62,26 @@ def test_freed_cached_blocks_are_found_again_until_handed_out():
     assert not blocks.hash_to_block and other.num_cached == 0
 
 
+def test_released_blocks_without_cached_content_are_handed_out_before_cached_ones():
+    """A finished sequence's answer blocks (nothing to find again) go to the front of the free list, so a short
+    request that comes and goes takes them again and the cached prompt blocks survive it."""
+    blocks = BlockManager(num_blocks=4, block_size=2)  # 3 usable blocks
+    cached = _seq([5, 6, 7, 8, 9])
+    blocks.allocate(cached, 6)  # every block: 2 full prompt blocks and one for the rest
+    cached.num_computed = 5
+    blocks.register_prefix(cached)
+    rest = cached.block_table[2]
+    blocks.release(cached)
+    for ids in ([1], [2]):  # a short unrelated request, then another
+        short = _seq(ids)
+        blocks.allocate(short, 2)
+        assert short.block_table == [rest]
+        blocks.release(short)
+    again = _seq([5, 6, 7, 8, 9])
+    blocks.allocate(again, 6)
+    assert again.num_cached == 4  # both cached prompt blocks are still there
+
+
 def test_image_rows_are_keyed_by_the_image_content():
     blocks = BlockManager(num_blocks=30, block_size=4)
     red, blue = torch.zeros(1, 3, 8, 8), torch.ones(1, 3, 8, 8)

@@ -292,6 +292,21 @@ def test_min_tokens_holds_back_the_end_and_stop_token_ids_end_the_answer(loaded)
         SamplingParams(min_tokens=2, structured=StructuredOutput("json_object"))
 
 
+def test_min_tokens_holds_back_stop_token_ids_as_it_does_the_end(loaded):
+    """A stop id pushed up by a bias cannot end the answer before ``min_tokens`` tokens, any more than
+    end-of-sequence can: the tokens are ``model.generate``'s with that id as a further end and ``min_new_tokens``."""
+    tokenizer, model, _ = loaded
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
+    ids = prompt_ids(tokenizer, QUESTIONS[0], 0)
+    stop, eos = 42, next(iter(engine.eos_ids))
+    assert stop not in engine.eos_ids
+    out = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=12, min_tokens=5, stop_token_ids=[stop],
+                                                                  logit_bias={stop: 100}))])[0]
+    rule = {"sequence_bias": [[[stop], 100.0]], "min_new_tokens": 5, "eos_token_id": [eos, stop]}
+    assert out.token_ids == reference_tokens(model, tokenizer, ids, None, 12, engine.eos_ids | {stop}, **rule)
+    assert len(out.token_ids) == 5 and stop not in out.token_ids and out.finish_reason == "stop"
+
+
 def test_a_cancelled_request_frees_its_cache_at_once(loaded):
     tokenizer, model, processor = loaded
     engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=4, block_size=4, enable_prefix_cache=False))
@@ -530,6 +545,28 @@ def test_stop_strings_are_looked_for_only_after_min_tokens(loaded):
         if cases >= 6:
             break
     assert cases >= 3  # the answer held stop strings both before and after min_tokens
+
+
+def test_stop_strings_count_from_the_token_after_min_tokens(loaded):
+    """The boundary of vLLM's rule: with ``min_tokens=k`` stop strings are looked for once the answer holds more than
+    k tokens, in text that ends after the first k tokens' text. A stop string that is exactly token k's text (and
+    occurs nowhere else) never ends the answer; one that is exactly token k + 1's text ends it there."""
+    tokenizer, model, _ = loaded
+    ids = prompt_ids(tokenizer, QUESTIONS[0], 0)
+    engine = LLMEngine(model, tokenizer, EngineConfig(max_num_seqs=2, block_size=8))
+    free = engine.generate([EngineRequest(ids, None, SamplingParams(max_tokens=20, ignore_eos=True))])[0]
+    texts = [tokenizer.decode(free.token_ids[:n], skip_special_tokens=True) for n in range(21)]
+    own = [texts[n][len(texts[n - 1]):] for n in range(1, 21)]  # own[n - 1]: what token n adds to the text
+
+    def unique(text):
+        return text and "\ufffd" not in text and free.text.count(text) == 1
+
+    k = next(k for k in range(2, 19) if unique(own[k - 1]) and unique(own[k]))
+    at_k, after_k = engine.generate([
+        EngineRequest(ids, None, SamplingParams(max_tokens=20, ignore_eos=True, min_tokens=k, stop=(own[k - 1],))),
+        EngineRequest(ids, None, SamplingParams(max_tokens=20, ignore_eos=True, min_tokens=k, stop=(own[k],)))])
+    assert at_k.finish_reason == "length" and at_k.text == free.text
+    assert after_k.finish_reason == "stop" and after_k.text == texts[k] and len(after_k.token_ids) == k + 1
 
 
 def test_bad_requests_are_refused_with_clear_errors(loaded):

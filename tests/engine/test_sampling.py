@@ -46,6 +46,20 @@ def test_top_k_and_top_p_limit_the_candidates_per_row():
     assert seen[1] == {0, 1}  # 0.5 < 0.6, so the second is still needed; the third never
 
 
+def test_top_p_stops_at_the_candidate_whose_mass_before_it_reaches_top_p():
+    """A candidate is kept while the mass before it is *under* top_p: of two tokens at exactly 0.5, top_p 0.5 keeps
+    the first alone (its 0.5 already reaches top_p). Which of the tied two sorts first is the sort's affair (token 0
+    on CPU); that only one is ever drawn is the rule."""
+    logits = torch.zeros(1, 2)  # exactly 0.5 each, so the mass before the second is exactly 0.5
+
+    def drawn(top_p):
+        return {sample(logits, [SamplingParams(temperature=1.0, top_p=top_p)], [_gen(seed)]).item()
+                for seed in range(40)}
+
+    assert len(drawn(0.5)) == 1
+    assert drawn(0.51) == {0, 1}  # just above, the second is needed too
+
+
 def test_top_p_counts_mass_among_the_top_k_candidates():
     """Top-k first, then top-p of what it kept, renormalised (transformers' warpers and vLLM): of 0.5 / 0.3 / 0.2,
     top-2 keeps 0.625 / 0.375, and top-p 0.6 then needs the first alone. Against the whole distribution the second
@@ -208,3 +222,11 @@ def test_min_p_keeps_the_candidates_near_the_most_likely_and_top_p_counts_among_
     assert counts[:, 2:].sum() == 0 and counts[:, :2].min() > 0
     assert abs(counts[0, 0].item() / 2000 - 0.5 / 0.8) < 0.04  # in proportion among the kept
     assert sample(logits[:1], [SamplingParams(min_p=0.9)], [None]).tolist() == [0]  # greedy rows: the argmax
+
+
+def test_min_p_of_one_keeps_only_the_most_likely_token():
+    """min_p 1 drops every candidate less likely than the most likely one, not that one too (which left no mass at
+    all): it is greedy, whatever the seed."""
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    params = [SamplingParams(temperature=1.0, min_p=1.0)]
+    assert [sample(logits, params, [_gen(seed)]).item() for seed in range(20)] == [1] * 20

@@ -1,4 +1,5 @@
-"""Prefill planning: a prompt that another is computing waits for it, a short shared start does not."""
+"""Admission in arrival order, and prefill planning: a prompt that another is computing waits for it, a short shared
+start does not."""
 
 from __future__ import annotations
 
@@ -13,9 +14,24 @@ def _seq(ids):
     return Sequence(EngineRequest(ids, None, SamplingParams(max_tokens=4)), tokens_per_image=0)
 
 
-def _scheduler(prefix_cache: bool = True) -> Scheduler:
+def _scheduler(prefix_cache: bool = True, num_blocks: int = 64) -> Scheduler:
     config = EngineConfig(max_num_seqs=8, block_size=4, max_prefill_tokens=1000, enable_prefix_cache=prefix_cache)
-    return Scheduler(config, BlockManager(num_blocks=64, block_size=4, enable_prefix_cache=prefix_cache), 512)
+    return Scheduler(config, BlockManager(num_blocks=num_blocks, block_size=4, enable_prefix_cache=prefix_cache), 512)
+
+
+def test_a_request_that_does_not_fit_yet_holds_back_the_later_ones():
+    """First come, first served: a small request behind a large one that must wait does not jump ahead of it (it
+    would fit, but then the large one could wait for ever behind a stream of small ones)."""
+    scheduler = _scheduler(num_blocks=11)  # 10 usable blocks of 4 positions
+    a, b = _seq(list(range(1, 29))), _seq(list(range(101, 129)))  # 28 + 4 positions: 8 blocks each
+    c = _seq([201, 202, 203, 204])  # 2 blocks: it would fit beside a
+    for seq in (a, b, c):
+        scheduler.add(seq)
+    assert scheduler.admit() == [a]
+    assert list(scheduler.waiting) == [b, c]
+    assert scheduler.admit() == [] and list(scheduler.waiting) == [b, c]
+    scheduler.finish(a)
+    assert scheduler.admit() == [b, c] and not scheduler.waiting
 
 
 def test_a_prompt_mostly_shared_with_one_being_computed_waits_and_then_takes_its_blocks():
