@@ -14,6 +14,7 @@ import pytest
 
 from palo.eval import eval_gpt_review_bench as review
 from palo.eval.judge import DEFAULT_RULES, ScoreParseError, build_user_content, parse_scores
+from palo.jsonl import Record
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -483,3 +484,55 @@ def test_a_resumed_run_reads_its_earlier_replies_again(inputs, judge_server, cap
     kept = _reviews(inputs["o"])
     assert [r["tuple"] for r in kept[:3]] == [[6.0, 9.0], [7.0, 8.0], [7.0, 3.0]]  # the original's rule stands
     assert [r["question_id"] for r in kept] == [10, 11, 12, 13]
+
+
+def _item(qid: int, answer2_id: str, request_key: str | None = "key") -> review.Item:
+    return review.Item(question=Record({"question_id": qid, "category": "conv"}, "q.jsonl", qid),
+                       category="conv", answer1_id=f"r{qid}", answer2_id=answer2_id, content="...",
+                       request_key=request_key)
+
+
+def test_compaction_moves_successful_reviews_of_another_request_to_stale(tmp_path, capsys):
+    """A run stopped before judging a question again (its model answers were replaced) left the review of the old
+    answer as the question's latest: compaction moves it to .stale, so it is never counted as the new answer's."""
+    path = str(tmp_path / "reviews.jsonl")
+    kept = {"id": 7, "question_id": 10, "answer1_id": "r10", "answer2_id": "m10", "category": "llava_bench_conv",
+            "content": "8 9", "tuple": [8, 9], "judge_model": "judge-x", "failed": False, "request_key": "key"}
+    other_answer = dict(kept, question_id=11, answer1_id="r11", answer2_id="m11-old")
+    other_request = dict(kept, question_id=12, answer1_id="r12", answer2_id="m12", request_key="old-key")
+    _write(tmp_path / "reviews.jsonl", [kept, other_answer, other_request])
+    items = [_item(10, "m10"), _item(11, "m11"), _item(12, "m12")]
+
+    assert review.compact(path, items, "judge-x") == [dict(kept, id=1)]
+    assert _reviews(path) == [dict(kept, id=1)]
+    assert _reviews(review.stale_path(path)) == [other_answer, other_request]
+    assert "2 made for other answers" in capsys.readouterr().err
+
+
+def test_a_review_without_judge_model_is_the_original_judges_and_is_redone_for_another(inputs, judge_server,
+                                                                                          tmp_path):
+    """The original wrote no judge_model (it always asked gpt-4-0314): resumed with another judge, its reviews are
+    judged again, not taken as that judge's."""
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    original = [{k: v for k, v in r.items() if k not in ("judge_model", "request_key")} for r in _reviews(inputs["o"])]
+    _write(tmp_path / "reviews" / "reviews.jsonl", original)
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0  # judge-x
+    assert sum(judge_server.count().values()) == 4
+    assert all(r["judge_model"] == "judge-x" for r in _reviews(inputs["o"]))
+
+
+def test_an_original_format_failure_is_not_a_success_and_is_judged_again(inputs, judge_server, tmp_path):
+    """The original marked a failed judgment only by the scores [-1, -1] (no "failed" key): it is no score, and a
+    resumed run judges the question again."""
+    assert not review.is_success({"tuple": [-1, -1]}) and not review.is_success({"score": [-1, 8]})
+    assert review.is_success({"tuple": [0, 8]}) and review.is_success({"score": [7, 8]})
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "gpt-4-0314")) == 0
+    original = [{k: v for k, v in r.items() if k not in ("judge_model", "request_key", "failed")}
+                for r in _reviews(inputs["o"])]
+    original[1]["tuple"] = [-1, -1]
+    _write(tmp_path / "reviews" / "reviews.jsonl", original)
+    judge_server.reset_calls()
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "gpt-4-0314")) == 0
+    assert judge_server.count() == {"Q-detail": 1}
+    assert [r["tuple"][0] >= 0 for r in _reviews(inputs["o"])] == [True] * 4

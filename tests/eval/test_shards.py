@@ -331,3 +331,20 @@ def test_a_killed_sharded_run_resumed_with_other_gpus_or_one_process_keeps_its_s
     run_bench.main(argv)
     assert [r["answer_id"] for r in _read(task.answers_out)] == [f"kept-{i}" for i in range(4)]
     assert shards.shard_files_of(task.answers_out) == []
+
+
+def test_the_final_files_answer_wins_over_a_shards_and_the_first_shard_over_later_ones(tmp_path):
+    """A question answered in the final file and again in a shard (a rerun's shard) keeps the final file's answer,
+    the one answering and judging already used; between shards the first given wins."""
+    def write(name: str, rows: list[tuple[str, str]]) -> str:
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"question_id": q, "text": t}) + "\n" for q, t in rows), encoding="utf-8")
+        return str(path)
+
+    questions = write("questions.jsonl", [("a", "Qa"), ("b", "Qb"), ("c", "Qc")])
+    final = write("answers.jsonl", [("a", "final a")])
+    first = write("shard0.jsonl", [("a", "shard a"), ("b", "first b")])
+    second = write("shard1.jsonl", [("b", "second b"), ("c", "second c")])
+    assert shards.merge_answers(questions, [first, second], final) == shards.MergeResult(answered=3, missing=0)
+    assert [(r["question_id"], r["text"]) for r in _read(final)] == [("a", "final a"), ("b", "first b"),
+                                                                      ("c", "second c")]

@@ -158,3 +158,18 @@ def test_files_are_chosen_sorted_and_filtered_as_the_original_chose_them(reviews
     assert labels(["-f", *files, "-v", "0314"]) == ["A_English"]
     assert labels(["-f", *files, "-s", "B_"]) == ["B_English_0613"]
     assert labels(["-d", str(run), "-f", "A_English.jsonl"]) == ["A_English"]  # -f names inside -d
+
+
+def test_a_group_average_is_over_the_languages_that_have_the_column():
+    """A language without a score in a column (every detail judgment failed) is left out of that column's mean,
+    not counted as 0: the average is the other languages' score."""
+    def row(**scores) -> dict:
+        return {**{c: scores.get(c) for c in report.COLUMNS}, "failed": 0, "judged": 3}
+
+    rows = {"english": row(conv=90.0, detail=80.0, complex=70.0, all=80.0),
+            "chinese": row(conv=70.0, detail=None, complex=50.0, all=60.0)}
+    average = report.average_row(rows, ("english", "chinese", "french"))
+    assert average["languages"] == ["english", "chinese"]
+    assert (average["conv"], average["detail"], average["complex"], average["all"]) == (80.0, 80.0, 60.0, 70.0)
+    assert (average["detail_languages"], average["all_languages"]) == (1, 2)
+    assert report.average_row(rows, ("french",)) is None

@@ -18,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
+from palo.constants import IGNORE_INDEX
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import load_pretrained_model
 from palo.testing import tiny_data
+from palo.train.dataset import PackedDataCollator, pack_rows
 from palo.train.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -212,8 +214,6 @@ def test_a_read_only_data_folder_keeps_its_caches_in_the_user_cache(world, data,
 
 
 def test_collator_keeps_the_planned_rows_unless_one_overflows(world, data):
-    from palo.train.dataset import PackedDataCollator
-
     dataset = _dataset(world, data)
     items = [dict(dataset[i]) for i in range(4)]
     lengths = [len(x["input_ids"]) - 1 + dataset.image_tokens * ("image" in x) for x in items]
@@ -254,3 +254,21 @@ def test_packing_rows_run_trains_every_sample_each_epoch_and_resumes_identically
     assert again.state.global_step == 2 * steps
     assert not (resumed / "checkpoint-3").exists()  # it resumed rather than started over
     assert _losses(again) == pytest.approx(_losses(reference), abs=1e-4)
+
+
+def test_pack_rows_fills_a_row_exactly_to_capacity():
+    """Samples whose lengths add up to exactly ``max_length`` share one row: a full row is not an overflow (two
+    rows would widen the batch for nothing)."""
+    assert pack_rows([4, 4], 8) == [[0, 1]]
+    assert pack_rows([3, 5, 8], 8) == [[2], [1, 0]]  # 8 alone (capacity or more), then 5 + 3 exactly full
+    assert pack_rows([4, 5], 8) == [[1], [0]]  # one position over: two rows
+
+
+def test_packed_collator_never_trains_a_sample_on_the_one_before_it():
+    """Each packed sample's first label is IGNORE_INDEX even where the item labels it, so no position learns to
+    predict the next sample's first token from the previous sample's last one."""
+    items = [{"input_ids": torch.tensor([11, 12, 13]), "labels": torch.tensor([11, 12, 13])},
+             {"input_ids": torch.tensor([21, 22]), "labels": torch.tensor([21, 22])}]
+    batch = PackedDataCollator(pad_token_id=0, max_length=8, image_tokens=0)(items)
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22]]  # one row, samples back to back
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 12, 13, IGNORE_INDEX, 22]]

@@ -20,6 +20,7 @@ from palo.model.tokenizer import load_tokenizer
 from palo.train.preprocess import (
     BadSampleError,
     SupervisedExample,
+    _labels,
     build_supervised_example,
     encode_with_offsets,
     normalize_image_turns,
@@ -430,3 +431,15 @@ def test_whitespace_tokens_of_an_answer_are_learned_with_trimmed_offsets(trim_of
         example = build_supervised_example(turns, tok, key, has_image=False)
         assert example.input_ids == tokenizer_image_token(example.prompt, tok)
         assert supervised_text(example, tok) == ANSWER_START[key] + answer + ANSWER_END[key]
+
+
+def test_a_token_that_straddles_an_answer_boundary_is_learned():
+    """Labels come from character overlap: a token with any character of an answer is learned, also when it begins
+    before the answer or ends after it (a piece merging the role tag's space with the answer's first letters, or the
+    answer's last letters with what follows); only tokens with no answer character, BOS and image tokens are not."""
+    segments = [("abcd", False), ("efgh", True), ("ij", False)]
+    tokens = [(1, 0, 0), (5, 0, 3), (6, 3, 5), (7, 5, 7), (8, 7, 9), (9, 9, 10), (IMAGE_TOKEN_INDEX, 5, 6)]
+    assert _labels(tokens, segments, bos_token_id=1) == [IGNORE_INDEX, IGNORE_INDEX, 6, 7, 8, IGNORE_INDEX,
+                                                          IGNORE_INDEX]
+    # A token spanning the whole answer and more on both sides is learned too.
+    assert _labels([(4, 2, 10)], segments, bos_token_id=None) == [4]

@@ -16,6 +16,7 @@ import torch
 from palo.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.model.multimodal import spliced_length
 from palo.testing import tiny_data
+from palo.train.preprocess import BadSampleError
 from palo.train.train import train
 
 ANSWER = "The shape in the picture is a red square on a white ground. "
@@ -110,3 +111,19 @@ def test_an_image_whose_placeholder_is_cut_off_is_not_loaded(world, tmp_path):
     batch.pop("languages")
     with torch.no_grad():
         assert torch.isfinite(world.model(**batch).loss)
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["image", "text-only"])
+def test_truncation_keeps_at_least_one_answer_token_or_refuses_the_sample(world, long_data, index):
+    """A cut that ends right before the first answer token (spliced, image rows counted) leaves nothing to train on:
+    the sample is refused, not trained on zero tokens; one position more keeps exactly that answer token."""
+    with open(long_data) as f:
+        sample = json.load(f)[index]
+    ids, labels = _dataset(world, long_data, 4096).tokenize(sample)
+    first = int((labels != IGNORE_INDEX).nonzero()[0])
+    first_spliced = spliced_length(ids[:first], world.model.image_token_count)
+    assert first_spliced < spliced_length(ids, world.model.image_token_count) - 1  # a sample longer than both cuts
+    with pytest.raises(BadSampleError, match="no answer token is left"):
+        _dataset(world, long_data, first_spliced).tokenize(sample)
+    _, kept = _dataset(world, long_data, first_spliced + 1).tokenize(sample)
+    assert int((kept != IGNORE_INDEX).sum()) == 1 and len(kept) == first + 1
