@@ -19,8 +19,9 @@ def test_llava_baseline_batches_train_on_what_palo_trains_on():
     from palo.train.dataset import DataCollator
     from palo.train.flops import FlopCounter
 
+    # model_max_length under most samples' lengths: PALO truncates, Llava does not, so the mix must cut them first.
     args = argparse.Namespace(shape="tiny", device="cpu", dtype="float32", batch=4, repeats=1, lora=False,
-                              gradient_checkpointing=False, model_max_length=1024, attn_implementation=None,
+                              gradient_checkpointing=False, model_max_length=96, attn_implementation=None,
                               liger=False, compile_layers=False, peak_flops=1e12)
     shape = train_step.SHAPES["tiny"]
     batch = train_step._mix_batches(args, shape.vocab, shape.vision["image_size"])[0]
@@ -42,7 +43,7 @@ def test_a_measuring_process_that_dies_ends_the_benchmark_with_its_reason(capfd)
     """Each side measures in a spawned process; one that fails (here: too little data for a timed step after the
     warm-up) must end the run at once, not leave the benchmark waiting for its result."""
     args = argparse.Namespace(shape="tiny", device="cpu", dtype="float32", batch=1, repeats=0, lora=False,
-                              gradient_checkpointing=False, model_max_length=1024, attn_implementation=None,
+                              gradient_checkpointing=False, model_max_length=96, attn_implementation=None,
                               liger=False, compile_layers=False, packing_rows=0, peak_flops=1e12)
     with pytest.raises(SystemExit, match=r"_time_mix failed \(exit code 1\)"):
         train_step._in_process(train_step._time_mix, args)

@@ -165,7 +165,12 @@ def llava665k_lengths(count: int, seed: int = 0) -> list[tuple[int, bool]]:
 def _mix_batches(args: argparse.Namespace, vocab: int, image_size: int) -> list[list[dict]]:
     from palo.train.sampler import LengthGroupedSampler
 
-    samples = llava665k_lengths(args.batch * (args.repeats + 1), seed=0)
+    vision = SHAPES[args.shape].vision
+    image_rows = (vision["image_size"] // vision["patch_size"]) ** 2
+    # Each sample fits --model-max-length as it is: PALO truncates what is longer and transformers' Llava does not,
+    # so a cut sample would give the two sides different work (the mix fits the default 2,048 whole).
+    samples = [(min(length, args.model_max_length - (image_rows if image else 0)), image)
+               for length, image in llava665k_lengths(args.batch * (args.repeats + 1), seed=0)]
     gen = torch.Generator().manual_seed(0)
     items = []
     for length, image in samples:
