@@ -21,6 +21,7 @@ import torch
 from palo.constants import IGNORE_INDEX
 from palo.mm_utils import tokenizer_image_token
 from palo.model.builder import load_pretrained_model
+from palo.serve.launch import free_port
 from palo.testing import tiny_data
 from palo.train.dataset import PackedDataCollator, pack_rows
 from palo.train.train import train
@@ -115,7 +116,8 @@ def test_zero2_with_packing_on_two_cpu_ranks_trains_and_saves_loadable_checkpoin
     """The original finetune script under torchrun (2 CPU processes, gloo) with ZeRO-2 and --packing True."""
     out = str(tmp_path / "results" / "PALO-packed")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    env = dict(os.environ, LAUNCHER=f"{torchrun} --nproc_per_node 2", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, LAUNCHER=f"{torchrun} --nproc_per_node 2 --master_port {free_port()}",
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     projector = os.path.join(world.projector_dir, "mm_projector.bin")
     args = ["bash", os.path.join(ROOT, "scripts", "train", "finetune_palo.sh"), world.base_dir, data, projector,
