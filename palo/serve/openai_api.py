@@ -117,14 +117,28 @@ class GenerationRequest:
     shape: dict[str, Any] = field(default_factory=dict)  # the field that asks for a structured answer, as sent
     # vLLM's min_p, min_tokens, stop_token_ids, ignore_eos and cache_salt, those that ask for something
     extras: dict[str, Any] = field(default_factory=dict)
+    _body: bytes | None = field(default=None, init=False, repr=False, compare=False)  # worker_body's shared part
     prompt_field: str = "messages"  # what the request's prompt was sent as (errors about it name it)
     # The answer continues the prompt's text (completions, a continued final message): its first word keeps its
     # space; a chat answer starts without one, as the original's.
     continuation: bool = False
 
-    def worker_params(self, choice: int = 0) -> dict[str, Any]:
-        """The worker request of answer ``choice`` (of ``n``): with a seed, answer i samples from ``seed + i``, so
-        the answers differ and each is reproducible."""
+    def worker_body(self, choice: int = 0) -> bytes | tuple[bytes, ...]:
+        """The worker request of answer ``choice`` (of ``n``), as JSON for :meth:`Router.open`.
+
+        With a seed, answer i samples from ``seed + i`` (this project's workers sample reproducibly from it), so the
+        answers differ and each is reproducible. What every answer shares (the prompt and its images) is encoded
+        once and the same bytes are sent for each, its seed after them: n answers do not hold n copies of the
+        images while they run.
+        """
+        if self._body is None:  # with a seed: without the closing brace, where each answer's seed goes
+            whole = json.dumps(self._shared_params()).encode("utf-8")
+            self._body = whole if self.seed is None else whole[:-1]
+        if self.seed is None:
+            return self._body
+        return self._body, f', "seed": {self.seed + choice}}}'.encode()
+
+    def _shared_params(self) -> dict[str, Any]:
         prompt: dict[str, Any] = ({"prompt": self.prompt} if self.prompt_token_ids is None else
                                   {"prompt_token_ids": self.prompt_token_ids})
         params = {
@@ -143,8 +157,6 @@ class GenerationRequest:
             params["stops"] = self.stops
         if self.continuation:  # sent only when asked for, like the settings below
             params["continuation"] = True
-        if self.seed is not None:  # this project's workers sample reproducibly from it
-            params["seed"] = self.seed + choice
         if self.top_k:
             params["top_k"] = self.top_k
         params.update(self.penalties)
@@ -740,7 +752,7 @@ async def open_chat(chat: GenerationRequest, registry: WorkerRegistry, router: R
         APIError: 404 when no live worker serves the model, 503 (with ``Retry-After`` when the workers are busy)
             when none answers.
     """
-    body = json.dumps(chat.worker_params(choice)).encode("utf-8")
+    body = chat.worker_body(choice)
     while True:
         try:
             return await router.open(chat.model, body)

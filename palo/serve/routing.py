@@ -88,6 +88,16 @@ class WorkerStream:
         await _close(self.response)
 
 
+async def _pieces(body: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    for piece in body:
+        yield piece
+
+
+def body_bytes(body: bytes | tuple[bytes, ...]) -> bytes:
+    """A body given to :meth:`Router.open`, whole."""
+    return body if isinstance(body, bytes) else b"".join(body)
+
+
 class Router:
     """Opens generation streams on workers chosen by the registry, retrying when a worker is down.
 
@@ -116,9 +126,11 @@ class Router:
         if client is not None:
             await client.aclose()
 
-    async def open(self, model: str, body: bytes, hops: int = 0) -> WorkerStream:
+    async def open(self, model: str, body: bytes | tuple[bytes, ...], hops: int = 0) -> WorkerStream:
         """Send ``body`` to a worker of ``model`` and return once its response headers arrived.
 
+        ``body``: the request's JSON, whole or in pieces sent one after the other (so that the answers of one API
+        request, which differ only in their seeds, share one copy of its images instead of holding one each).
         ``hops``: relays this request already went through (a controller registered as another's worker relays
         on; the count, sent as :data:`HOPS_HEADER`, ends a loop of registrations instead of relaying for good).
 
@@ -141,9 +153,12 @@ class Router:
                     raise WorkerUnreachableError(f"no worker of {model!r} answered: {last_error}")
                 raise NoWorkerError(model)
             tried.add(address)
+            headers = {"Content-Type": "application/json", HOPS_HEADER: str(hops + 1)}
+            if not isinstance(body, bytes):  # its length declared: sent as one body, not in chunked encoding
+                headers["Content-Length"] = str(sum(map(len, body)))
             request = self.client.build_request(
-                "POST", address + "/worker_generate_stream", content=body,
-                headers={"Content-Type": "application/json", HOPS_HEADER: str(hops + 1)}, timeout=self.timeout,
+                "POST", address + "/worker_generate_stream",
+                content=body if isinstance(body, bytes) else _pieces(body), headers=headers, timeout=self.timeout,
             )
             response = await self._reach(address, self.client.send(request, stream=True))
             if isinstance(response, Exception):

@@ -13,7 +13,7 @@ import pytest
 
 from palo.serve.openai_api import _usage, chat_completion, list_models, text_completion
 from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
-from palo.serve.routing import NoWorkerError, WorkersBusyError
+from palo.serve.routing import NoWorkerError, WorkersBusyError, body_bytes
 
 
 class FakeRegistry:
@@ -66,8 +66,8 @@ class FakeRouter:
         self.outcome = outcome
         self.bodies: list[dict] = []
 
-    async def open(self, model: str, body: bytes):
-        self.bodies.append(json.loads(body))
+    async def open(self, model: str, body: bytes | tuple[bytes, ...]):
+        self.bodies.append(json.loads(body_bytes(body)))
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return self.outcome
@@ -126,7 +126,7 @@ def test_a_complete_answer_and_a_user_stop_string_that_closes_the_worker_stream(
     original_open = router.open
 
     async def open_with_answer(model, body):
-        prompt = json.loads(body)["prompt"]
+        prompt = json.loads(body_bytes(body))["prompt"]
         stream.pieces = [{"text": prompt + t, "error_code": 0} for t in ("Hel", "Hello wo", "Hello world!")]
         stream.pieces[-1].update(finish_reason="stop", usage={"prompt_tokens": 5, "completion_tokens": 3})
         return await original_open(model, body)
@@ -236,6 +236,29 @@ def test_stream_must_be_a_boolean_and_seed_an_integer_that_reaches_the_worker():
     assert "seed" not in router.bodies[0]
 
 
+def test_the_answers_of_one_request_share_one_copy_of_its_images():
+    """Each of n answers was sent its own encoding of the request, images included, held while it ran: n copies."""
+    image = "data:image/png;base64," + "AAAA" * 10_000  # the API passes images on as they are
+    message = {"role": "user", "content": [{"type": "text", "text": "what?"},
+                                           {"type": "image_url", "image_url": {"url": image}}]}
+    class Keeping(ChoiceRouter):
+        async def open(self, model: str, body: bytes | tuple[bytes, ...]):
+            self.sent.append(body)
+            return await super().open(model, body)
+
+    for seed in (None, 7):
+        router = Keeping(lambda seed: "ok")
+        sent = router.sent = []
+        body = {"model": "ckpt", "messages": [message], "n": 3, "temperature": 0.9,
+                **({} if seed is None else {"seed": seed})}
+        assert asyncio.run(chat_completion(json.dumps(body).encode(), "", FakeRegistry(), router,
+                                           None)).status_code == 200
+        shared = [b if seed is None else b[0] for b in sent]
+        assert len(sent) == 3 and all(part is shared[0] for part in shared), seed
+        assert [b.get("seed") for b in router.bodies] == ([None] * 3 if seed is None else [7, 8, 9])
+        assert all(b["images"] == router.bodies[0]["images"] and b["images"] for b in router.bodies)
+
+
 class ChoiceRouter:
     """Answers each opened request with its own stream: ``answer(seed)`` split into pieces, then a final chunk."""
 
@@ -247,8 +270,8 @@ class ChoiceRouter:
         self.bodies: list[dict] = []
         self.streams: list[FakeStream] = []
 
-    async def open(self, model: str, body: bytes):
-        params = json.loads(body)
+    async def open(self, model: str, body: bytes | tuple[bytes, ...]):
+        params = json.loads(body_bytes(body))
         if len(self.bodies) == self.fail_on and (self.busy_times is None or self.busy < self.busy_times):
             self.busy += 1
             raise WorkersBusyError("every worker is busy", "2")
@@ -733,7 +756,7 @@ class EndlessRouter:
     def __init__(self) -> None:
         self.streams: list[EndlessStream] = []
 
-    async def open(self, model: str, body: bytes):
+    async def open(self, model: str, body: bytes | tuple[bytes, ...]):
         self.streams.append(EndlessStream())
         return self.streams[-1]
 
@@ -837,8 +860,8 @@ class OnePlaceRouter:
         self.pieces = pieces
         self.streams: list[FakeStream] = []
 
-    async def open(self, model: str, body: bytes):
-        params = json.loads(body)
+    async def open(self, model: str, body: bytes | tuple[bytes, ...]):
+        params = json.loads(body_bytes(body))
         place, count = self.place, self.pieces
 
         class PlacedStream(FakeStream):
@@ -1014,7 +1037,7 @@ def test_an_answer_opened_before_a_later_one_fails_at_once_is_closed():
     nobody, its pooled connection held)."""
 
     class SecondFails(ChoiceRouter):
-        async def open(self, model: str, body: bytes):
+        async def open(self, model: str, body: bytes | tuple[bytes, ...]):
             if self.streams:
                 raise NoWorkerError(model)
             return await super().open(model, body)
