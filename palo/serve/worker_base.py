@@ -315,6 +315,15 @@ class BaseWorker(ABC):
 
     async def generate_stream(self, request: Request) -> Response:
         """Handle ``/worker_generate_stream``."""
+        response = await self._answer(request)
+        if not isinstance(response, StalledClientClosingResponse):
+            # Refused at once: the controller counted the request in this worker's queue when it sent it, and only a
+            # heartbeat corrects that (a stream's start and end send theirs); refusals alone kept it counted up to a
+            # heartbeat interval, so a stream of bad requests showed as a long queue.
+            self.heart_beat_soon()
+        return response
+
+    async def _answer(self, request: Request) -> Response:
         if not self.serving():  # 503: the controller's router tries another worker of the model
             refusal = error_chunk(self.unhealthy_message(), WORKER_ERROR)
             return Rejected(refusal, 503, {UNHEALTHY_HEADER: "1"}).response()

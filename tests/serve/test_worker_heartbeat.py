@@ -15,7 +15,7 @@ from serve_helpers import free_port, served, wait_until
 
 import palo.serve.utils as serve_utils
 import palo.serve.worker_base as worker_base
-from palo.serve.worker_base import BaseWorker, create_app
+from palo.serve.worker_base import BaseWorker, Rejected, create_app
 
 
 class GatedWorker(BaseWorker):
@@ -106,6 +106,44 @@ def test_requests_send_their_queue_length_through_one_kept_alive_client(link):
     assert beats[-1] == 0  # the controller's last word is the idle queue
     assert 2 <= len(beats) <= 20  # one per start and end at the most, coalesced when they come together
     assert len(clients) == 1  # registration, probes and every heartbeat shared one client
+
+
+class RefusingWorker(GatedWorker):
+    async def prepare(self, params):
+        if params.get("bad"):
+            raise Rejected(b'{"text": "no", "error_code": 1}\0', 400)
+        return params
+
+
+def test_a_request_refused_at_once_sends_the_queue_length_too():
+    """The controller counts a request in its worker's queue when it sends it; a refused one (bad image, prompt too
+    long, queue full, not JSON) sent no heartbeat, so the count stayed up until the periodic one."""
+    beats: list[int] = []
+    controller = FastAPI()
+
+    @controller.post("/register_worker")
+    async def register():
+        return {}
+
+    @controller.post("/receive_heart_beat")
+    async def heart_beat(request: Request):
+        beats.append((await request.json())["queue_length"])
+        return {"exist": True}
+
+    with served(controller) as curl:
+        port = free_port()
+        worker = RefusingWorker("refusing", curl, f"http://127.0.0.1:{port}", heart_beat_interval=1000.0)
+        with served(create_app(worker), port) as url:
+            worker.start()
+            try:
+                for body in ({"bad": True}, "not json"):
+                    count = len(beats)
+                    sent = ({"json": body} if isinstance(body, dict) else {"content": body})
+                    assert httpx.post(url + "/worker_generate_stream", timeout=30, **sent).status_code == 400
+                    wait_until(lambda: len(beats) > count, 30, "a heartbeat after the refusal")  # noqa: B023
+                    assert beats[-1] == 0
+            finally:
+                worker.stop()
 
 
 def test_periodic_heartbeats_check_health_and_an_unhealthy_worker_goes_quiet(link):
