@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import logging.handlers
 import os
 import re
 import socket
@@ -227,7 +228,10 @@ def build_logger(name: str, filename: str) -> logging.Logger:
     directory = log_dir()
     try:
         os.makedirs(directory, exist_ok=True)
-        file_handler = logging.FileHandler(os.path.join(directory, filename), encoding="utf-8")
+        # A new file each day (UTC), the old ones kept with their date, as the original services wrote them: one file
+        # for the life of a worker grew without bound (about 0.5 GB a day at 50 requests/s).
+        file_handler = logging.handlers.TimedRotatingFileHandler(os.path.join(directory, filename), when="D",
+                                                                 utc=True, encoding="utf-8")
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
     except OSError as exc:  # a read-only working directory must not stop the service

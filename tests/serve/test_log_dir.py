@@ -35,6 +35,25 @@ def test_default_is_a_logs_folder_under_the_working_directory(tmp_path, monkeypa
     assert "hello" in (tmp_path / "logs" / "palo-test-default.log").read_text()
 
 
+def test_a_service_log_starts_a_new_file_each_day_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """As the original services' logs: one file for the life of a worker grew without bound."""
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    logger = build_logger("palo-test-daily", "palo-test-daily.log")
+    try:
+        logger.info("yesterday")
+        (handler,) = [h for h in logger.handlers if isinstance(h, logging.FileHandler)]
+        handler.rolloverAt = 0  # the day is over
+        logger.info("today")
+    finally:
+        for handler in logger.handlers:
+            handler.close()
+        logging.getLogger("palo-test-daily").handlers.clear()
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0] == "palo-test-daily.log" and files[1].startswith("palo-test-daily.log.")
+    assert "today" in (tmp_path / files[0]).read_text() and "yesterday" not in (tmp_path / files[0]).read_text()
+    assert "yesterday" in (tmp_path / files[1]).read_text()
+
+
 def test_palo_logdir_overrides(tmp_path, monkeypatch):
     monkeypatch.setenv("PALO_LOGDIR", str(tmp_path / "elsewhere"))
     monkeypatch.chdir(tmp_path)
