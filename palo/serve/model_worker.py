@@ -35,6 +35,8 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 
 import argparse
 import asyncio
+import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -64,6 +66,7 @@ from palo.serve.worker_base import BaseWorker, Rejected, add_address_arguments, 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main"]
 
 RETRY_AFTER_S = 1  # what a 503 for a full queue tells the client to wait
+FULL_LOG_INTERVAL_S = 1.0  # the least time between two "queue full" log lines
 # Requests whose images are decoded at once: decoding is CPU work (more threads than this gain little) and a
 # decoded image at the size limit takes about a gigabyte until it is made into pixels.
 READ_CONCURRENCY = 4
@@ -111,6 +114,7 @@ class ModelWorker(BaseWorker):
                          no_register=no_register, logger=logger, worker_key=worker_key)
         self.engine = engine
         self.max_queue = max_queue
+        self._full_logged = (-math.inf, 0)  # (time.monotonic of the last "queue full" line, refusals not logged since)
         self.served = 0
         # Requests read at once (images decoded: up to gigabytes each at the size limit), and those waiting to be.
         self._reading = asyncio.Semaphore(READ_CONCURRENCY)
@@ -188,7 +192,16 @@ class ModelWorker(BaseWorker):
         read, counted before a new one is)."""
         if self.running + self.waiting + preparing >= self.limit_model_concurrency + self.max_queue:
             self.rejected += 1
-            self.logger.warning("queue full (%d waiting, %d being read): answering 503", self.waiting, preparing)
+            # At most a line a second: the API asks again every 0.1 s for the later answers of an n > 1 request
+            # while the workers are busy (hundreds of lines in a burst of a few dozen requests).
+            last, unlogged = self._full_logged
+            now = time.monotonic()
+            if now - last < FULL_LOG_INTERVAL_S:
+                self._full_logged = (last, unlogged + 1)
+            else:
+                self._full_logged = (now, 0)
+                self.logger.warning("queue full (%d waiting, %d being read): answering 503%s", self.waiting, preparing,
+                                    f" ({unlogged} more 503s since the last line)" if unlogged else "")
             raise Rejected(error_chunk(f"the worker is busy: {self.waiting + preparing} requests are already waiting;"
                                        f" retry in {RETRY_AFTER_S} s", WORKER_ERROR), 503,
                            {"Retry-After": str(RETRY_AFTER_S)})

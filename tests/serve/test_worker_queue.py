@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -56,7 +57,7 @@ def _wait(predicate, what: str) -> None:
 
 
 def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_worker):
-    url, gate, _ = gated_worker
+    url, gate, worker = gated_worker
     params = {"prompt": vicuna_prompt("ما هذا؟"), "images": [image_b64(make_image("green"))], "temperature": 0,
               "max_new_tokens": 12}
     answers: dict[int, list] = {}
@@ -78,9 +79,18 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_wor
     assert status["queue_length"] == 3 and status["engine"]["max_queue"] == 2
     assert {"running", "waiting", "kv_blocks_total", "kv_blocks_used", "tokens_per_s"} <= set(status["engine"])
 
-    refused = httpx.post(url + "/worker_generate_stream", json=params, timeout=10)
-    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
-    assert "busy" in json.loads(refused.content.rstrip(b"\0"))["text"]
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    worker.logger.addHandler(handler)
+    try:
+        for _ in range(4):  # as the API asks again for a later answer: counted each time, logged once a second
+            refused = httpx.post(url + "/worker_generate_stream", json=params, timeout=10)
+            assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+            assert "busy" in json.loads(refused.content.rstrip(b"\0"))["text"]
+    finally:
+        worker.logger.removeHandler(handler)
+    assert 1 <= len([line for line in lines if "queue full" in line]) <= 2  # 2 if the 4 took over a second
 
     gate.set()
     for thread in threads:
@@ -92,9 +102,9 @@ def test_a_full_queue_answers_503_and_every_accepted_request_completes(gated_wor
         texts.add(chunks[-1]["text"])
     assert len(answers) == 3 and len(texts) == 1  # the same greedy answer for the same request, every time
     after = _status(url)
-    assert after["engine"]["rejected"] == 1 and after["queue_length"] == 0 and after["engine"]["kv_blocks_used"] == 0
+    assert after["engine"]["rejected"] == 4 and after["queue_length"] == 0 and after["engine"]["kv_blocks_used"] == 0
     metrics = httpx.get(url + "/metrics", timeout=10).text  # the 503 is counted for Prometheus too
-    assert 'palo:worker_requests_rejected_total{model_name="ckpt"} 1.0' in metrics
+    assert 'palo:worker_requests_rejected_total{model_name="ckpt"} 4.0' in metrics
 
 
 @pytest.mark.parametrize("gated_worker", [6], indirect=True)
