@@ -93,11 +93,6 @@ async def _pieces(body: tuple[bytes, ...]) -> AsyncIterator[bytes]:
         yield piece
 
 
-def body_bytes(body: bytes | tuple[bytes, ...]) -> bytes:
-    """A body given to :meth:`Router.open`, whole."""
-    return body if isinstance(body, bytes) else b"".join(body)
-
-
 class Router:
     """Opens generation streams on workers chosen by the registry, retrying when a worker is down.
 

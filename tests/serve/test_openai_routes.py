@@ -13,7 +13,12 @@ import pytest
 
 from palo.serve.openai_api import _usage, chat_completion, list_models, text_completion
 from palo.serve.protocol import SERVER_ERROR_MSG, WORKER_ERROR
-from palo.serve.routing import NoWorkerError, WorkersBusyError, body_bytes
+from palo.serve.routing import NoWorkerError, WorkersBusyError
+
+
+def body_bytes(body: bytes | tuple[bytes, ...]) -> bytes:
+    """A body given to ``Router.open``, whole (the answers of one request send theirs in pieces)."""
+    return body if isinstance(body, bytes) else b"".join(body)
 
 
 class FakeRegistry:
