@@ -444,13 +444,16 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
         for button, kind in zip(vote_buttons, ("upvote", "downvote", "flag")):
             button.click(make_vote(kind), [state, model_selector], [textbox] + vote_buttons, queue=False)
 
+        # Only the model list: the conversation starts empty (None) in each page session, and every handler takes
+        # None. In reload mode the list waits on the controller's refresh of all workers, which can end after the
+        # first message was sent; had it set the state too, it would have wiped that turn.
         def on_load(request: gr.Request):
             choices = server.get_model_list() if model_list_mode == "reload" else models
             wanted = dict(request.query_params).get("model") if request is not None else None
             value = wanted if wanted in choices else (choices[0] if choices else None)
-            return server.new_state(), gr.update(choices=choices, value=value, visible=True)
+            return gr.update(choices=choices, value=value, visible=True)
 
-        demo.load(on_load, None, [state, model_selector], queue=False)
+        demo.load(on_load, None, [model_selector], queue=False)
     return demo
 
 

@@ -82,6 +82,27 @@ def test_nothing_sent_leaves_the_buttons_as_they_were(tmp_path, monkeypatch):
     assert last[1] == [] and all(update == {"__type__": "update"} for update in last[2:])  # left as they were
 
 
+def test_a_late_page_load_does_not_wipe_the_conversation(tmp_path, monkeypatch):
+    """In reload mode the page's load event waits on the controller refreshing every worker; on a busy machine it
+    ended after the first message was sent and, as it also reset the conversation, wiped that turn (the next prompt
+    lacked it; when it ended between adding the question and answering it, the chat went blank). The load event
+    now sets the model list only."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from palo.serve.gradio_web_server import build_demo
+
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path))
+    server = WebServer("http://127.0.0.1:9")
+    monkeypatch.setattr(server, "get_model_list", lambda: ["a", "ckpt"])
+    demo = build_demo(server, ["ckpt"], "reload")
+    on_load = next(f for f in demo.fns.values() if f.name == "on_load")
+    assert not any(isinstance(component, gr.State) for component in on_load.outputs)
+    assert [getattr(component, "elem_id", None) for component in on_load.outputs] == ["model_selector"]
+    update = on_load.fn(None)
+    assert update["choices"] == ["a", "ckpt"] and update["value"] == "a"
+
+
 def test_a_refused_message_says_why_under_the_textbox_and_keeps_the_text(tmp_path, monkeypatch):
     """A typed <image> without an image, or Enter while an answer is open: the handler's gr.Warning never reached the
     browser (the event is not queued), so the text just stayed in the textbox with no reason given. The reason now
