@@ -5,21 +5,95 @@ transparency on white, 16-bit grey scaled to 8 bits); every image the model sees
 tasks, the CLI, the worker, the OpenAI API, the web demo) passes through both (:func:`viewed`), so each path sees the
 same pixels. ``fit_square_canvas`` and ``trim_for_centre_crop`` keep the images made while preprocessing within
 :data:`MAX_IMAGE_PIXELS`, whatever the shape: without them a thin sliver of a few hundred bytes (1x60000) padded to a
-60000x60000 square, about 10 GB. Kept free of torch so that the web demo can use them.
+60000x60000 square, about 10 GB. ``load_image`` and ``load_image_from_base64`` read a file, URL or base64 string
+through the same rules, refusing what cannot be read with :class:`ImageLoadError` (:mod:`palo.mm_utils` keeps them
+under their LLaVA names). Kept free of torch so that the web demo and ``palo-data validate`` can use them.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import math
+import os
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Decompression-bomb guard: refuse images with more pixels than this (8000 x 8000). CLIP sees 336x336 anyway. The
 # images made while preprocessing (the padded square, the resized strip before the centre crop) are held to it too.
 MAX_IMAGE_PIXELS = 64_000_000
 
 _ORIENTATION = 0x0112  # the EXIF tag; 2-8 ask for a mirror and/or a turn
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read: missing, corrupt, not an image, or too large."""
+
+
+def _open_image(source: Any, name: str) -> Image.Image:
+    try:
+        image = Image.open(source)
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ImageLoadError(
+                f"{name}: {width}x{height} pixels is over the limit of {MAX_IMAGE_PIXELS:,}; resize the image first"
+            )
+        image.load()
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow refuses before the size check above can run
+        raise ImageLoadError(f"{name}: over the limit of {MAX_IMAGE_PIXELS:,} pixels; resize the image first") from exc
+    except UnidentifiedImageError as exc:  # its message names an in-memory buffer by its address: no help
+        raise ImageLoadError(f"{name}: not a readable image (not a format Pillow can identify)") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"{name}: not a readable image ({exc})") from exc
+    return viewed(image)
+
+
+def load_image(path_or_url: str, allow_remote: bool = False, policy: Any = None) -> Image.Image:
+    """Open a local image file, or an http(s) URL when ``allow_remote``, as RGB.
+
+    Args:
+        path_or_url: A local path, or an ``http(s)://`` URL.
+        allow_remote: Fetch URLs (``--allow-remote-images``); without it they are refused.
+        policy: A :class:`palo.remote_images.RemoteImagePolicy` (size and time limits, allowed networks).
+
+    Returns:
+        The image in RGB mode.
+
+    Raises:
+        ImageLoadError: If the file is missing, not an image, corrupt or too large, or a URL is refused.
+    """
+    from palo.remote_images import RemoteImagePolicy, fetch_image_bytes, is_remote
+
+    if is_remote(path_or_url):
+        if not allow_remote:
+            raise ImageLoadError(f"{path_or_url}: remote images are not fetched without --allow-remote-images; "
+                                 "or download it and pass a local path")
+        return _open_image(io.BytesIO(fetch_image_bytes(path_or_url, policy or RemoteImagePolicy())), path_or_url)
+    if not os.path.isfile(path_or_url):
+        raise ImageLoadError(f"{path_or_url}: no such image file")
+    with open(path_or_url, "rb") as f:
+        return _open_image(io.BytesIO(f.read()), path_or_url)
+
+
+def load_image_from_base64(data: str) -> Image.Image:
+    """Decode a base64 string (optionally a ``data:image/...;base64,`` URL) into an RGB image.
+
+    Raises:
+        ImageLoadError: If the string is not valid base64 or not an image.
+    """
+    if data.startswith("data:"):
+        _, _, data = data.partition(",")
+    if any(space in data for space in " \n\r\t"):  # line-wrapped base64 (the `base64` tool's), as the original took
+        data = "".join(data.split())
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ImageLoadError(f"image is not valid base64 ({exc})") from exc
+    return _open_image(io.BytesIO(raw), "base64 image")
 
 
 def viewed(image: Image.Image) -> Image.Image:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from palo.constants import REMOTE_URL_SCHEMES
-from palo.mm_utils import ImageLoadError
+from palo.image_io import ImageLoadError
 
 MAX_REDIRECTS = 3
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # far above any photo CLIP needs (it sees 336x336)

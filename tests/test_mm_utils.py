@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from palo import mm_utils
+from palo import image_io, mm_utils
 from palo.image_io import to_rgb
 from palo.mm_utils import (
     ImageLoadError,
@@ -359,7 +359,7 @@ def test_load_rejects_missing_path_and_url(tmp_path):
 
 
 def test_load_rejects_too_many_pixels(tmp_path, monkeypatch):
-    monkeypatch.setattr(mm_utils, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(image_io, "MAX_IMAGE_PIXELS", 1000)  # the loaders' limit (mm_utils re-exports them)
     data = _encode(_drawn(50, 30), "PNG")  # 1500 pixels
     path = tmp_path / "big.png"
     path.write_bytes(data)

@@ -94,8 +94,7 @@ def _check_image(path: str) -> tuple[str | None, list[str]]:
     """(why the image cannot be read, or None; which reading rules touch it, see ``read_differently``)."""
     from PIL import Image
 
-    from palo.image_io import read_differently
-    from palo.mm_utils import ImageLoadError, load_image
+    from palo.image_io import ImageLoadError, load_image, read_differently
 
     try:
         load_image(path)
@@ -153,7 +152,7 @@ def _image_problem(image: Any) -> str | None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from palo.train.preprocess import BadSampleError, check_turns
+    from palo.data.turns import BadSampleError, check_turns
 
     index = JsonArrayIndex.build(args.data_path)
     languages: collections.Counter[str] = collections.Counter()

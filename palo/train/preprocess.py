@@ -23,20 +23,15 @@ from typing import Any
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from palo.conversation import Conversation, Segment, SeparatorStyle, conv_templates
+from palo.data.turns import BadSampleError, check_placeholders, validate_turns
 from palo.model.config import expand_image_placeholders
 from palo.model.tokenizer import SPIECE_UNDERLINE, PaloLlamaTokenizer
 
-# The JSON speaker names, in the order the templates' roles are listed (user, assistant).
-SPEAKERS = ("human", "gpt")
 # The mmtag convention wraps the placeholder (docs/formats.md §3.1).
 MMTAG_IMAGE = "<Image>" + DEFAULT_IMAGE_TOKEN + "</Image>"
 
 # (token id, char start, char end): the token covers text[start:end] of the encoded string.
 TokenSpan = tuple[int, int, int]
-
-
-class BadSampleError(ValueError):
-    """A training sample that cannot become a supervised example (its message says why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,8 +312,8 @@ def build_supervised_example(
         # (whose brackets preprocess_multimodal had just added), so that flag changes nothing here.
         segments = _plain_segments(turns, has_image)
     else:
-        turns = _validate_turns(turns)
-        _check_placeholders(turns, has_image)
+        turns = validate_turns(turns)
+        check_placeholders(turns, has_image)
         if has_image:
             turns = normalize_image_turns(turns, template.version, mm_use_im_start_end)
         segments = _template_segments(template, turns)
@@ -340,69 +335,14 @@ def _template(key: str) -> Conversation:
     return conv_templates[key]
 
 
-def _validate_turns(turns: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Checks speakers and values; returns the turns without a leading ``gpt`` turn.
-
-    Turn numbers in messages are positions in the sample as given.
-    """
-    if not turns:
-        raise BadSampleError("empty conversation: no turns")
-    for k, turn in enumerate(turns):
-        if not isinstance(turn, Mapping) or "from" not in turn or "value" not in turn:
-            raise BadSampleError(f"turn {k} is not a {{'from', 'value'}} object: {turn!r}")
-        if turn["from"] not in SPEAKERS:
-            raise BadSampleError(f"turn {k}: unknown speaker 'from'={turn['from']!r}; expected 'human' or 'gpt'")
-    # The original silently drops one leading non-human turn (e.g. a greeting left over from ShareGPT).
-    first = 0 if turns[0]["from"] == SPEAKERS[0] else 1
-    kept = list(turns[first:])
-    if not kept:
-        raise BadSampleError("empty conversation: only a gpt turn, which is dropped")
-    for k, turn in enumerate(kept):
-        expected = SPEAKERS[k % 2]
-        if turn["from"] != expected:
-            raise BadSampleError(
-                f"turn {k + first}: expected {expected!r}, got {turn['from']!r}; "
-                "speakers must alternate, starting with 'human'"
-            )
-        if not isinstance(turn["value"], str):
-            raise BadSampleError(f"turn {k + first} ({turn['from']}): the value must be a string, got "
-                                 f"{type(turn['value']).__name__} {turn['value']!r}")
-        if not turn["value"].strip():
-            raise BadSampleError(f"turn {k + first} ({turn['from']}): empty value {turn['value']!r}")
-        try:
-            turn["value"].encode("utf-8")
-        except UnicodeEncodeError as exc:  # valid JSON ("\ud83d", half an emoji), but no text a tokenizer takes
-            raise BadSampleError(f"turn {k + first} ({turn['from']}): a lone surrogate {turn['value'][exc.start]!a} "
-                                 f"at character {exc.start} (an unpaired \\ud800-\\udfff escape), which is not text"
-                                 ) from None
-    if kept[-1]["from"] != SPEAKERS[1]:
-        raise BadSampleError(f"the conversation ends with a human turn (turn {len(turns) - 1}); nothing to learn")
-    return kept
-
-
-def _check_placeholders(turns: Sequence[Mapping[str, Any]], has_image: bool) -> None:
-    """One ``<image>`` turn (a human one) for an image sample, none for a text-only one.
-
-    The splice (docs/formats.md §3.9) needs one placeholder per image: a text-only ``<image>`` would become a
-    sentinel with no features, and an image without a placeholder would be silently dropped.
-    """
-    where = [k for k, turn in enumerate(turns) if DEFAULT_IMAGE_TOKEN in turn["value"]]
-    if not has_image and where:
-        raise BadSampleError(f"a text-only sample has an {DEFAULT_IMAGE_TOKEN} placeholder (in turn {where[0]})")
-    if has_image and (len(where) != 1 or turns[where[0]]["from"] != SPEAKERS[0]):
-        raise BadSampleError(
-            f"an image sample needs {DEFAULT_IMAGE_TOKEN} in exactly one human turn; found it in turns {where}"
-        )
-
-
 def _plain_segments(turns: Sequence[Mapping[str, Any]], has_image: bool) -> list[Segment]:
     """Stage-1 prompt: ``<image>`` + caption + ``\\n``, the caption and newline learned."""
     if len(turns) != 2:
         raise BadSampleError(f"a plain (stage-1) sample must have exactly 2 turns (image, caption), got {len(turns)}")
-    turns = _validate_turns(turns)
+    turns = validate_turns(turns)
     if not has_image or DEFAULT_IMAGE_TOKEN not in turns[0]["value"]:
         raise BadSampleError(f"a plain (stage-1) sample needs an image and {DEFAULT_IMAGE_TOKEN} in its first turn")
-    _check_placeholders(turns, has_image)
+    check_placeholders(turns, has_image)
     # The first turn becomes a bare "<image>"; the answer ends with the plain template's sep.
     return [(DEFAULT_IMAGE_TOKEN, False), (turns[1]["value"] + conv_templates["plain"].sep, True)]
 
@@ -430,12 +370,3 @@ def _labels(tokens: Sequence[TokenSpan], segments: Sequence[Segment], bos_token_
         never = token_id == IMAGE_TOKEN_INDEX or (position == 0 and token_id == bos_token_id)
         labels.append(token_id if learned and not never else IGNORE_INDEX)
     return labels
-
-
-def check_turns(turns: Sequence[Mapping[str, Any]], has_image: bool) -> None:
-    """The structural checks of :func:`build_supervised_example`, without tokenizing (for data validation).
-
-    Raises:
-        BadSampleError: Naming the problem.
-    """
-    _check_placeholders(_validate_turns(turns), has_image)

@@ -177,3 +177,23 @@ def test_validate_refuses_a_negative_max_problems(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _validate_in_process(tmp_path, [], "--max_problems", "-1")
     assert exit_info.value.code == 2 and "--max_problems: must be at least 0" in capsys.readouterr().err
+
+
+def test_validate_does_not_load_the_model_stack(tmp_path):
+    """Its turn checks came from the training preprocessing, which imports the model package and transformers:
+    ten seconds before the first sample was read. They live in palo.data.turns now, which imports neither."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.jpg")
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    bad = [{"from": "gpt", "value": "A cat."}, {"from": "gpt", "value": "Again."}]
+    (tmp_path / "set.json").write_text(json.dumps([{"id": "ok", "image": "a.jpg", "conversations": turns},
+                                                   {"id": "bad", "conversations": bad}]), encoding="utf-8")
+    script = ("import sys\nfrom palo.data.cli import main\n"
+              f"code = main(['validate', '--data_path', {str(tmp_path / 'set.json')!r}, '--image_folder', "
+              f"{str(tmp_path)!r}, '--quiet'])\n"
+              "print(code, sorted(m for m in ('palo.model', 'transformers', 'torch') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "1 []", result.stdout  # one problem found, nothing heavy imported
+    assert "expected 'human', got 'gpt'" in result.stderr
