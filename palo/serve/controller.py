@@ -219,6 +219,7 @@ class Controller:
         The workers are polled together, so the refresh takes one status timeout however many hang (one by one,
         seven hung workers took 35 s and the web UI, which refreshes on each page load, gave up with no model).
         """
+        started = self.clock()
         with self._lock:
             known = list(self.worker_info.items())
         if not known:
@@ -226,8 +227,25 @@ class Controller:
         with concurrent.futures.ThreadPoolExecutor(min(len(known), REFRESH_THREADS), "refresh-workers") as pool:
             statuses = list(pool.map(self.status_fetcher, [name for name, _ in known]))
         for (name, info), status in zip(known, statuses):
-            if status is None or not self.register_worker(name, info.check_heart_beat, status):
-                self.remove_worker(name)
+            fresh = None
+            if status is not None:
+                try:
+                    fresh = WorkerInfo(**parse_worker_status(status), check_heart_beat=info.check_heart_beat,
+                                       last_heart_beat=self.clock())
+                except ValueError as exc:
+                    self.logger.warning("dropping %s: %s", name, exc)
+            with self._lock:
+                # The polls take up to a status timeout: what happened to a worker meanwhile is newer than its poll
+                # and wins. A removal stays (the worker died after answering), a registration stays (it came back
+                # after its poll failed), a heartbeat's queue length stays.
+                if self.worker_info.get(name) is not info or info.last_heart_beat > started:
+                    continue
+                if fresh is None:
+                    del self.worker_info[name]
+                else:
+                    self.worker_info[name] = fresh
+            if fresh is None:
+                self.logger.info("removed worker %s (no usable status)", name)
 
     def receive_heart_beat(self, worker_name: str, queue_length: int) -> bool:
         """Record a heartbeat; False tells the worker to register again."""

@@ -298,6 +298,35 @@ def test_a_refresh_polls_the_workers_together():
     assert set(c.worker_info) == {"http://good"}
 
 
+def test_a_refresh_never_undoes_what_happened_while_it_polled():
+    """The refresh acted on polls up to a status timeout old: a worker removed after answering its poll came back
+    (the API then routed to a dead worker), a worker that registered again after its poll failed was removed, and a
+    heartbeat's queue length was overwritten by the older polled one."""
+    clock = Clock()
+    c = Controller(heart_beat_expiration=30, clock=clock)
+
+    def fetch(name):
+        if name == "http://died":  # answered, then was dropped (its stream failed)
+            c.remove_worker(name)
+            return status("m")
+        if name == "http://back":  # did not answer, then restarted and registered
+            c.register_worker(name, True, status("m", queue=2))
+            return None
+        if name == "http://busy":  # a heartbeat with a newer queue length arrived during the poll
+            clock.now += 1
+            c.receive_heart_beat(name, 7)
+            return status("m", queue=0)
+        return {"http://fine": status("m", "n", queue=3), "http://gone": None}[name]
+
+    c.status_fetcher = fetch
+    for name in ("http://died", "http://back", "http://busy", "http://fine", "http://gone"):
+        c.register_worker(name, True, status("m"))
+    c.refresh_all_workers()
+    assert set(c.worker_info) == {"http://back", "http://busy", "http://fine"}
+    assert c.worker_info["http://back"].queue_length == 2 and c.worker_info["http://busy"].queue_length == 7
+    assert c.worker_info["http://fine"].queue_length == 3 and c.worker_info["http://fine"].model_names == ["m", "n"]
+
+
 def test_a_relay_count_that_is_not_an_ascii_number_is_ignored():
     """``"²".isdigit()`` is True but ``int("²")`` raises: the header (byte 0xB2, latin-1 on the wire) made the relay
     endpoint answer 500."""
