@@ -1149,6 +1149,22 @@ async def _unless_gone(work: Awaitable[T], disconnected: Callable[[], Awaitable[
             raise ClientGone
 
 
+async def _lasts(answers: list[AnswerReader]) -> list[Piece]:
+    """Every answer's last piece, in order; the first answer to fail raises its error at once.
+
+    Gathering them all first held an early failure until the slowest answer was complete: the client waited for
+    an error, and that answer was generated in full for nobody (a streamed request already ends at the error).
+    """
+    waits = [asyncio.ensure_future(answer.last()) for answer in answers]
+    try:
+        for done in asyncio.as_completed(waits):
+            await done
+    finally:
+        for wait in waits:
+            wait.cancel()  # only the waits (on an event); the caller stops the answers themselves
+    return [wait.result() for wait in waits]
+
+
 async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, router: Router,
                     api_key: str | None, parse: Callable[[Any], list[GenerationRequest]], shape: Shape,
                     disconnected: Callable[[], Awaitable[bool]] | None = None, details: bool = False) -> Response:
@@ -1178,16 +1194,16 @@ async def _complete(body: bytes, authorization: str, registry: WorkerRegistry, r
         return _AnswerStream(_sse_events(answers, request, shape, completion_id, created, details), answers,
                              registry.logger)
     try:
-        finals = await _unless_gone(asyncio.gather(*(answer.last() for answer in answers), return_exceptions=True),
-                                    disconnected)
+        finals = await _unless_gone(_lasts(answers), disconnected)
     except ClientGone:
         await _close_all(answers)  # closes each worker stream, which stops its generation
         return Response(status_code=CLIENT_CLOSED)
-    for final in finals:
-        if isinstance(final, APIError):
-            return final.response()
-        if isinstance(final, BaseException):
-            raise final
+    except APIError as exc:  # one answer failed: the others are not wanted any more
+        await _close_all(answers)
+        return exc.response()
+    except BaseException:
+        _cancel_all(answers)
+        raise
     return JSONResponse({
         "id": completion_id, "object": shape.whole_object, "created": created, "model": request.model,
         "choices": [shape.whole(index, piece, None if request.logprobs is None else piece.logprobs)

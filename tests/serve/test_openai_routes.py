@@ -1071,3 +1071,36 @@ def test_messages_a_template_cannot_render_are_400_not_500():
     error = json.loads(response.body)["error"]
     assert response.status_code == 400 and error["param"] == "messages"
     assert "llava_llama_2 template cannot render" in error["message"] and router.bodies == []
+
+
+class OneFailsRouter:
+    """The first answer's worker fails after a piece; every other answer is still being generated (endless)."""
+
+    def __init__(self) -> None:
+        self.streams: list[FakeStream] = []
+
+    async def open(self, model: str, body: bytes | tuple[bytes, ...]):
+        if self.streams:
+            self.streams.append(EndlessStream())
+        else:
+            self.streams.append(FakeStream([{"text": "hi" + "x", "error_code": 0}],
+                                           fail=ConnectionResetError("worker went away")))
+        return self.streams[-1]
+
+
+def test_a_whole_answer_fails_as_soon_as_one_of_its_answers_fails():
+    """The answers were all gathered before their errors were looked at: the client got its 502 only once the
+    slowest answer was complete, and that answer was generated in full for nobody (a streamed request already
+    ended at the error)."""
+    for endpoint, body, answers in ((chat_completion, {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 3),
+                                    (text_completion, {"prompt": ["a", "b"], "n": 2}, 4)):
+        router = OneFailsRouter()
+        request = json.dumps({"model": "ckpt", "max_tokens": 8, **body}).encode()
+
+        async def run(endpoint=endpoint, request=request, router=router):
+            response = await endpoint(request, "", FakeRegistry(), router, None)
+            return response, [s.closed for s in router.streams]  # before the loop's shutdown closes what is left
+
+        response, closed = asyncio.run(asyncio.wait_for(run(), 10))  # the endless answers never end by themselves
+        assert response.status_code == 502 and "worker went away" in json.loads(response.body)["error"]["message"]
+        assert len(router.streams) == answers and closed == [True] * answers
