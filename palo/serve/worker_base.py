@@ -340,11 +340,22 @@ class BaseWorker(ABC):
             # The original answered every failure with status 200 and an error chunk (its checks ran in the stream).
             return Response(error_chunk(f"{type(exc).__name__}: {exc}", WORKER_ERROR), 200,
                             media_type=STREAM_MEDIA_TYPE)
-        return StalledClientClosingResponse(self._stream(prepared), media_type=STREAM_MEDIA_TYPE,
-                                            logger=self.logger)
-
-    async def _stream(self, prepared: Any) -> AsyncIterator[bytes]:
+        # Counted as waiting in the step whose queue check admitted it: counted only once its stream began, requests
+        # admitted meanwhile (the response is sent first) each passed the check, and a full queue took a few more.
         self.waiting += 1
+        started = [False]
+
+        async def unless_started() -> None:
+            if not started[0]:  # the client left before the stream's first step: its finally never runs
+                self.waiting -= 1
+                self.heart_beat_soon()
+
+        return StalledClientClosingResponse(self._stream(prepared, started), media_type=STREAM_MEDIA_TYPE,
+                                            logger=self.logger, on_close=unless_started)
+
+    async def _stream(self, prepared: Any, started: list[bool]) -> AsyncIterator[bytes]:
+        """The answer's chunks, once a concurrency slot is free; the request is already counted as waiting."""
+        started[0] = True
         acquired = False
         try:
             await self.semaphore.acquire()

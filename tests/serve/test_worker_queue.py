@@ -201,3 +201,40 @@ def test_a_client_that_disconnects_is_dropped_and_its_cache_freed(gated_worker):
     assert reason == "abort" and generated < 300, generated
     _wait(lambda: _status(url)["engine"]["kv_blocks_used"] == 0 and _status(url)["queue_length"] == 0,
           "the cache and the queue emptied")
+
+
+def test_a_request_counts_in_the_queue_from_its_admission_not_from_its_streams_first_step(world):
+    """A request was counted as waiting only once its response body began, after the response was sent: requests
+    admitted in between each passed the queue check, and a full queue took more (4 of 8 rounds of a burst over real
+    HTTP went over --max-queue). Here the streams never begin at all: only the admitted requests may pass, and a
+    client that leaves before its stream's first step leaves nothing counted."""
+    import asyncio
+
+    from palo.serve.utils import StalledClientClosingResponse
+
+    tokenizer, model, processor, context_len = load_pretrained_model(world.full_dir, device="cpu")
+    engine = GenerationEngine(tokenizer, model, processor, context_len,
+                              engine_config=EngineConfig(max_num_seqs=1, block_size=8))
+    worker = ModelWorker(engine, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9", limit_model_concurrency=1,
+                         max_queue=2, no_register=True)
+    body = json.dumps({"prompt": vicuna_prompt("hello", image=False), "temperature": 0, "max_new_tokens": 4}).encode()
+
+    class Request:
+        async def body(self) -> bytes:
+            return body
+
+    async def run():
+        responses = [await worker._answer(Request()) for _ in range(4)]
+        counted = worker.get_queue_length()
+        for response in responses:
+            if isinstance(response, StalledClientClosingResponse):
+                await response._close()  # what the response does however it ends: here, before its first step
+        return [r.status_code for r in responses], counted
+
+    worker.start()
+    try:
+        codes, counted = asyncio.run(run())
+    finally:
+        worker.stop()
+    assert codes == [200, 200, 200, 503] and counted == 3  # 1 slot + a queue of 2
+    assert worker.waiting == 0 and worker.running == 0
