@@ -53,6 +53,7 @@ from palo.serve.metrics import ControllerMetrics, RequestMetrics
 from palo.serve.openai_api import create_openai_router
 from palo.serve.protocol import (
     INVALID_REQUEST,
+    KEEPALIVE_CHUNK,
     MODEL_NOT_FOUND,
     NO_WORKER,
     STREAM_MEDIA_TYPE,
@@ -69,6 +70,7 @@ from palo.serve.utils import (
     StalledClientClosingResponse,
     bearer_matches,
     build_logger,
+    describe_error,
     end_with_launcher,
     header_count,
     masked_args,
@@ -533,11 +535,12 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
 
         async def relay() -> AsyncIterator[bytes]:
             try:
-                async for obj in stream.chunks():  # re-encoded whole, so a cut stream never yields half a chunk
-                    yield json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\0"
+                # Re-encoded whole, so a cut stream never yields half a chunk; the worker's keep-alives pass on.
+                async for obj in stream.chunks(keepalives=True):
+                    yield KEEPALIVE_CHUNK if obj is None else json.dumps(obj, ensure_ascii=False).encode() + b"\0"
             except (httpx.HTTPError, ValueError) as exc:
-                controller.logger.warning("stream from %s failed: %s", stream.worker, exc)
-                yield error_chunk(f"worker {stream.worker} failed: {exc}", WORKER_UNREACHABLE)
+                controller.logger.warning("stream from %s failed: %s", stream.worker, describe_error(exc))
+                yield error_chunk(f"worker {stream.worker} failed: {describe_error(exc)}", WORKER_UNREACHABLE)
             finally:
                 await stream.aclose()
 

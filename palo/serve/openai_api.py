@@ -66,7 +66,7 @@ from palo.serve.routing import (
     WorkerStream,
     WorkerUnreachableError,
 )
-from palo.serve.utils import StalledClientClosingResponse, bearer_matches
+from palo.serve.utils import StalledClientClosingResponse, bearer_matches, describe_error
 
 DEFAULT_CONV_MODE = "vicuna_v1"
 DEFAULT_MAX_TOKENS = 256  # the worker protocol's default
@@ -686,7 +686,7 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
     except Exception as exc:  # noqa: BLE001 - a broken worker stream must become an API error, not a crash
         if not stream.stopped:
             logger.exception("stream from worker %s failed", stream.worker)
-        raise APIError(502, f"the model worker failed: {exc}", type_="server_error") from None
+        raise APIError(502, f"the model worker failed: {describe_error(exc)}", type_="server_error") from None
     finally:
         await stream.aclose()
 

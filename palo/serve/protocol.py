@@ -35,6 +35,10 @@ PROMPT_TOO_LONG_MSG = "Exceeds max token length. Please start a new conversation
 
 # The Content-Type of the NUL-delimited streams (and of single error chunks answered at once).
 STREAM_MEDIA_TYPE = "application/octet-stream"
+# An empty chunk, which clients skip (the original protocol's do too): a worker sends one every few seconds while a
+# request waits for a place, so that a reader's per-read timeout (the web demo's 10 s, the API's --read-timeout) does
+# not fail a request that is only waiting its turn.
+KEEPALIVE_CHUNK = b"\0"
 # top_p 0 (the original web demo's slider starts there; OpenAI's API allows it) keeps the most likely token only:
 # the sampler keeps its first candidate and then none while the mass before the next is over this.
 SMALLEST_TOP_P = 1e-6
@@ -331,6 +335,7 @@ class ChunkDecoder:
 
     def __init__(self) -> None:
         self._pieces: list[bytes] = []
+        self.empty = 0  # empty pieces (keep-alives) skipped so far
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         """Add bytes; return the complete objects they finish."""
@@ -340,7 +345,9 @@ class ChunkDecoder:
             return []
         *complete, rest = b"".join([*self._pieces, data]).split(b"\0")
         self._pieces = [rest] if rest else []
-        return [json.loads(piece.decode("utf-8")) for piece in complete if piece.strip()]
+        objects = [json.loads(piece.decode("utf-8")) for piece in complete if piece.strip()]
+        self.empty += len(complete) - len(objects)
+        return objects
 
     def close(self) -> list[dict[str, Any]]:
         """Objects left in the buffer when the stream ended without a final delimiter."""
@@ -356,11 +363,17 @@ def iter_chunks(byte_chunks: Iterable[bytes]) -> Iterator[dict[str, Any]]:
     yield from decoder.close()
 
 
-async def aiter_chunks(byte_chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
-    """Decode an asynchronous byte stream into chunk objects."""
+async def aiter_chunks(byte_chunks: AsyncIterator[bytes], keepalives: bool = False
+                       ) -> AsyncIterator[dict[str, Any] | None]:
+    """Decode an asynchronous byte stream into chunk objects; with ``keepalives``, also None where a read brought
+    only empty chunks (for a relay to pass on)."""
     decoder = ChunkDecoder()
     async for data in byte_chunks:
-        for obj in decoder.feed(data):
+        objects = decoder.feed(data)
+        for obj in objects:
             yield obj
+        if keepalives and decoder.empty and not objects:
+            yield None
+        decoder.empty = 0
     for obj in decoder.close():
         yield obj

@@ -81,8 +81,9 @@ class WorkerStream:
         self.status_code = response.status_code
         self.stopped = False  # closed by whoever reads it (its client left): a read failing after that is expected
 
-    def chunks(self) -> AsyncIterator[dict[str, Any]]:
-        return aiter_chunks(self.response.aiter_bytes())
+    def chunks(self, keepalives: bool = False) -> AsyncIterator[dict[str, Any] | None]:
+        """The worker's chunk objects; with ``keepalives``, None for its keep-alives too (a relay passes them on)."""
+        return aiter_chunks(self.response.aiter_bytes(), keepalives)
 
     async def aclose(self) -> None:
         await _close(self.response)

@@ -48,6 +48,12 @@ def service_url_error(url: object) -> str | None:
     return None
 
 
+def describe_error(exc: BaseException) -> str:
+    """An exception's message, or its type's name when it has none (httpx's timeouts have none: a bare "failed: "
+    told nothing)."""
+    return str(exc) or type(exc).__name__
+
+
 def service_url(url: str) -> str:
     """An argparse ``type`` for service addresses: the URL as given, or an error saying what is wrong."""
     error = service_url_error(url)

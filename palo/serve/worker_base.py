@@ -38,7 +38,14 @@ from palo.constants import WORKER_HEART_BEAT_INTERVAL
 from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import WorkerMetrics
-from palo.serve.protocol import INVALID_REQUEST, STREAM_MEDIA_TYPE, WORKER_ERROR, decode_json_body, error_chunk
+from palo.serve.protocol import (
+    INVALID_REQUEST,
+    KEEPALIVE_CHUNK,
+    STREAM_MEDIA_TYPE,
+    WORKER_ERROR,
+    decode_json_body,
+    error_chunk,
+)
 from palo.serve.routing import UNHEALTHY_HEADER
 from palo.serve.utils import (
     StalledClientClosingResponse,
@@ -50,6 +57,9 @@ from palo.serve.utils import (
 
 CONTROLLER_TIMEOUT_S = 5.0  # the original's timeout for registration and heartbeats
 RETRY_INTERVAL_S = 5.0  # and its retry interval when the controller cannot be reached
+# Seconds between keep-alives while a request waits for a place: half the shortest per-read timeout of a client (the
+# web demo's 10 s, the original's).
+QUEUE_KEEPALIVE_S = 5.0
 LISTEN_TIMEOUT_S = 60.0  # how long to wait for this worker's own server before registering anyway
 # Request heartbeats are at most this often: the ones asked for in between are folded into the next, which reports
 # the queue length as it is then. Under load that keeps the heartbeat thread from taking the GIL from generation.
@@ -357,8 +367,12 @@ class BaseWorker(ABC):
         """The answer's chunks, once a concurrency slot is free; the request is already counted as waiting."""
         started[0] = True
         acquired = False
+        slot: asyncio.Future | None = None
         try:
-            await self.semaphore.acquire()
+            slot = asyncio.ensure_future(self.semaphore.acquire())
+            while not (await asyncio.wait({slot}, timeout=QUEUE_KEEPALIVE_S))[0]:
+                yield KEEPALIVE_CHUNK  # nothing to say yet: readers with a per-read timeout keep waiting
+            await slot
             acquired = True
             self.waiting -= 1
             self.running += 1
@@ -372,6 +386,11 @@ class BaseWorker(ABC):
             self.logger.exception("generation failed")
             yield error_chunk(f"{type(exc).__name__}: {exc}", WORKER_ERROR)
         finally:
+            if slot is not None and not acquired:
+                if slot.done() and not slot.cancelled() and slot.exception() is None:
+                    self.semaphore.release()  # the place came while the client was leaving (at a keep-alive)
+                else:
+                    slot.cancel()  # a place given just now is handed on by the cancelled acquire itself
             if acquired:
                 self.running -= 1
                 self.semaphore.release()

@@ -177,6 +177,11 @@ def test_worker_failures_are_502_and_a_broken_stream_is_logged(caplog):
         status, body = _ask(FakeRouter(broken))
     assert status == 502 and "worker went away" in body["error"]["message"] and broken.closed
     assert any(r.exc_info for r in caplog.records) and "Traceback" in caplog.text
+    # An error without a message (httpx's timeouts) is named by its type, not left as "failed: ".
+    import httpx
+
+    status, body = _ask(FakeRouter(FakeStream(fail=httpx.ReadTimeout(""))))
+    assert status == 502 and body["error"]["message"] == "the model worker failed: ReadTimeout"
 
 
 def test_bodies_that_json_accepts_but_nothing_downstream_can_use_are_400():

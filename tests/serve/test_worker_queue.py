@@ -238,3 +238,75 @@ def test_a_request_counts_in_the_queue_from_its_admission_not_from_its_streams_f
         worker.stop()
     assert codes == [200, 200, 200, 503] and counted == 3  # 1 slot + a queue of 2
     assert worker.waiting == 0 and worker.running == 0
+
+
+def test_a_request_waiting_for_a_place_outlives_its_readers_per_read_timeout(gated_worker, monkeypatch):
+    """A queued request sent nothing until it had a place: a reader's per-read timeout (the web demo's 10 s, the API's
+    --read-timeout) failed it, as "the model worker failed: " with no reason, while it was only waiting its turn. The
+    worker now sends empty chunks while it waits, and the controller's relay passes them on."""
+    from palo.serve import worker_base
+    from palo.serve.controller import Controller
+    from palo.serve.controller import create_app as controller_app
+
+    monkeypatch.setattr(worker_base, "QUEUE_KEEPALIVE_S", 0.1)
+    worker_url, gate, _ = gated_worker
+    controller = Controller()
+    body = {"model": "ckpt", "prompt": vicuna_prompt("Что это?", image=False), "temperature": 0, "max_new_tokens": 4}
+    results: dict[str, object] = {}
+
+    def ask(name: str, url: str) -> None:
+        try:
+            with httpx.stream("POST", url + "/worker_generate_stream", json=body,
+                              timeout=httpx.Timeout(1.0, connect=10)) as response:
+                data = b"".join(response.iter_bytes())
+            results[name] = (response.status_code, data)
+        except httpx.HTTPError as exc:
+            results[name] = exc
+
+    with served(controller_app(controller)) as url:
+        assert httpx.post(url + "/register_worker", json={"worker_name": worker_url, "check_heart_beat": False},
+                          timeout=10).status_code == 200
+        first = threading.Thread(target=lambda: httpx.post(worker_url + "/worker_generate_stream", json=body,
+                                                           timeout=60))
+        first.start()
+        _wait(lambda: _status(worker_url)["engine"]["worker_running"] == 1, "the first request in the engine")
+        waiting = [threading.Thread(target=ask, args=("direct", worker_url)),
+                   threading.Thread(target=ask, args=("relayed", url))]
+        for thread in waiting:
+            thread.start()
+        _wait(lambda: _status(worker_url)["engine"]["worker_waiting"] == 2, "two requests waiting")
+        time.sleep(2.5)  # over twice the readers' timeout
+        gate.set()
+        for thread in [first, *waiting]:
+            thread.join(60)
+    for name in ("direct", "relayed"):
+        status, data = results[name]  # an exception here: the reader timed out
+        assert status == 200 and data.startswith(b"\0\0"), (name, data[:20])
+        chunks = ChunkDecoder().feed(data)
+        assert chunks and chunks[-1]["error_code"] == 0 and chunks[-1]["finish_reason"] in ("stop", "length")
+
+
+def test_a_client_that_leaves_while_its_request_waits_frees_nothing_it_did_not_hold(gated_worker, monkeypatch):
+    """The waiting request now sends keep-alives, so its client can leave in the middle of one: the place it waited
+    for is given up (or handed on, when it came just then), and the worker serves the next request."""
+    from palo.serve import worker_base
+
+    monkeypatch.setattr(worker_base, "QUEUE_KEEPALIVE_S", 0.05)
+    url, gate, worker = gated_worker
+    body = {"model": "ckpt", "prompt": vicuna_prompt("Что это?", image=False), "temperature": 0, "max_new_tokens": 4}
+    first = threading.Thread(target=lambda: httpx.post(url + "/worker_generate_stream", json=body, timeout=60))
+    first.start()
+    _wait(lambda: _status(url)["engine"]["worker_running"] == 1, "the first request in the engine")
+    with httpx.stream("POST", url + "/worker_generate_stream", json=body, timeout=60) as response:
+        seen = b""
+        for data in response.iter_bytes():
+            seen += data
+            if len(seen) >= 3:
+                break  # three keep-alives: leave while still waiting
+    assert seen[:3] == b"\0\0\0"
+    _wait(lambda: _status(url)["engine"]["worker_waiting"] == 0, "the left request no longer waiting")
+    gate.set()
+    first.join(60)
+    answer = httpx.post(url + "/worker_generate_stream", json=body, timeout=60)
+    assert answer.status_code == 200 and ChunkDecoder().feed(answer.content)[-1]["error_code"] == 0
+    _wait(lambda: _status(url)["queue_length"] == 0 and worker.semaphore._value == 1, "the worker idle, its place free")
