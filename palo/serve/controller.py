@@ -301,13 +301,15 @@ class Controller:
         """The conversation template reported by a worker of the model (None if unknown)."""
         return next((info.conv_mode for _, info in self._live_workers(model_name) if info.conv_mode), None)
 
-    def get_worker_address(self, model_name: str, exclude: set[str] | frozenset = frozenset()) -> str:
+    def get_worker_address(self, model_name: str, exclude: set[str] | frozenset = frozenset(),
+                           count: bool = True) -> str:
         """Choose a live worker for a model; ``""`` when there is none.
 
         ``lottery`` draws with probability proportional to speed. ``shortest_queue`` takes the smallest
         ``queue_length / speed`` and counts the request against that worker until its next heartbeat; workers tied
         for the smallest take turns, each model's among its own (docs/compat.md#serving). Under both, a worker of
-        speed 0 takes no requests.
+        speed 0 takes no requests. ``count=False`` for a request that is not generation (tokenizing): the worker
+        sends no heartbeat for it, so the count would stand until its next periodic one.
         """
         candidates = [(n, i) for n, i in self._live_workers(model_name) if n not in exclude and i.speed > 0]
         if not candidates:
@@ -323,7 +325,8 @@ class Controller:
             turn = self._turns.get(model_name, 0)
             self._turns[model_name] = turn + 1
             name, info = tied[turn % len(tied)]
-            info.queue_length += 1
+            if count:
+                info.queue_length += 1
         return name
 
     def model_load(self) -> dict[str, tuple[int, int]]:

@@ -30,8 +30,10 @@ class WorkerRegistry(Protocol):
 
     logger: logging.Logger
 
-    def get_worker_address(self, model_name: str, exclude: set[str] | frozenset = frozenset()) -> str:
-        """A live worker of the model not in ``exclude``; ``""`` when there is none."""
+    def get_worker_address(self, model_name: str, exclude: set[str] | frozenset = frozenset(),
+                           count: bool = True) -> str:
+        """A live worker of the model not in ``exclude``; ``""`` when there is none. ``count``: the request counts
+        in the worker's queue length until its next heartbeat (generation; not for a tokenizer call)."""
         ...
 
     def remove_worker(self, worker_name: str) -> None:
@@ -202,7 +204,8 @@ class Router:
         """
         tried: set[str] = set()
         last_error: Exception | None = None
-        while address := self.registry.get_worker_address(model, exclude=tried):
+        # Not counted in the worker's queue: these calls are answered at once and send no heartbeat to correct it.
+        while address := self.registry.get_worker_address(model, exclude=tried, count=False):
             tried.add(address)
             response = await self._reach(
                 address, self.client.post(address + path, json=payload, timeout=self.timeout))

@@ -76,3 +76,38 @@ def test_the_model_may_be_left_out_only_while_one_is_served():
         _model_for(_Registry([]), None)
     with pytest.raises(APIError, match="non-empty string"):
         _model_for(_Registry(["ckpt"]), 3)
+
+
+def test_tokenizer_calls_do_not_count_in_a_workers_queue():
+    """The route chose its worker as generation does, counting the call in the worker's queue length until the
+    worker's next heartbeat; a tokenizer call sends none (it is answered at once), so 20 /tokenize calls showed as a
+    queue of 20 for up to 15 s, and shortest-queue dispatch sent generation elsewhere."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from serve_helpers import served
+
+    from palo.serve.controller import Controller
+    from palo.serve.routing import Router
+
+    worker = FastAPI()
+
+    @worker.post("/tokenize")
+    async def answer() -> dict:
+        return {"tokens": [1], "count": 1, "max_model_len": 8}
+
+    controller = Controller()
+    with served(worker) as url:
+        controller.register_worker(url, False, {"model_names": ["ckpt"], "speed": 1, "queue_length": 0})
+        router = Router(controller, 10)
+
+        async def run():
+            try:
+                return [await router.call("ckpt", "/tokenize", {"prompt": "x"}) for _ in range(3)]
+            finally:
+                await router.aclose()
+
+        answers = asyncio.run(run())
+    assert [status for status, _ in answers] == [200] * 3
+    assert controller.worker_status()["queue_length"] == 0
+    assert controller.get_worker_address("ckpt") == url and controller.worker_status()["queue_length"] == 1
