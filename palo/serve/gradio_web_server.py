@@ -25,8 +25,8 @@ import io
 import json
 import logging
 import re
+import threading
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +34,7 @@ import httpx
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.conversation import Conversation, conv_templates, stop_string
-from palo.image_io import MAX_IMAGE_PIXELS, viewed
+from palo.image_io import ImageLoadError, load_image, viewed
 from palo.jsonl import atomic_write
 from palo.serve.protocol import MODERATION_MSG, SERVER_ERROR_MSG, iter_chunks
 from palo.serve.utils import (
@@ -55,6 +55,7 @@ NO_ANSWER_MSG = "(no answer)"  # an answer that ended before its first word
 MAX_TEXT_CHARS, MAX_TEXT_CHARS_WITH_IMAGE = 1536, 1200
 MAX_NEW_TOKENS_CAP = 1536
 WORKER_TIMEOUT_S = 10.0  # between two pieces of the worker's stream (the original's value)
+STILL_WRITING = "the answer is still being written: send this once it is done"
 _RTL_CHARS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")  # Hebrew, Arabic (Urdu, Persian...) blocks
 _STRONG_CHARS = re.compile(r"[^\W\d_]")
 
@@ -106,6 +107,31 @@ def answer_pending(state: Conversation) -> bool:
     return role == state.roles[1] and (message is None or (isinstance(message, str) and message.endswith(CURSOR)))
 
 
+_FAILED_ANSWER = re.compile(r"\(error_code: \d+\)\Z")
+
+
+def read_upload(path: str | None) -> Any:
+    """The image box's file, read as every path reads images (:func:`palo.image_io.load_image`), or None.
+
+    Raises:
+        ImageLoadError: Naming the file as the user knows it (its base name, not the path of Gradio's copy).
+    """
+    if path is None:
+        return None
+    try:
+        return load_image(path)
+    except ImageLoadError as exc:
+        raise ImageLoadError(str(exc).replace(path, os.path.basename(path))) from None
+
+
+def answer_failed(state: Conversation) -> bool:
+    """Whether the conversation's last answer is an error :meth:`WebServer.http_bot` wrote (nothing to vote on)."""
+    if len(state.messages) <= state.offset or state.messages[-1][0] != state.roles[1]:
+        return False
+    message = state.messages[-1][1]
+    return isinstance(message, str) and (message.startswith(SERVER_ERROR_MSG) or bool(_FAILED_ANSWER.search(message)))
+
+
 class WebServer:
     """The demo's logic, independent of the Gradio layout (so it can be tested without a browser).
 
@@ -125,6 +151,9 @@ class WebServer:
         # One kept-alive client for the controller and the workers (thread-safe; Gradio runs handlers in threads):
         # a client per call would pay a new TLS context and connection for each message.
         self.http = httpx.Client(headers={"User-Agent": "PALO Client", **worker_key_headers(worker_key)})
+        # Guards a conversation's open answer: two handlers (a send and a second send while the first waits in
+        # Gradio's queue, each with its chained answer) run in threads of their own.
+        self._answers = threading.Lock()
 
     # -- controller ----------------------------------------------------------------------------------------------
     def get_model_list(self) -> list[str]:
@@ -219,12 +248,12 @@ class WebServer:
             ValueError: As :meth:`add_text`.
         """
         state = state or self.new_state()
-        if answer_pending(state):
-            raise ValueError("the answer is still being written: send this once it is done")
         text = (text or "").strip()
-        if not text and image is None:
+        if not text and image is None:  # nothing to send, whatever else is going on
             state.skip_next = True
             return state, ""
+        if answer_pending(state):  # said before any other check (or a moderation request) is made
+            raise ValueError(STILL_WRITING)
         try:
             # Checked here, not when sending: a lone surrogate (half an emoji, which a browser sends when a paste cuts
             # one in two and Gradio's JSON decoding keeps) cannot be UTF-8 encoded for the worker, and once in the
@@ -245,42 +274,76 @@ class WebServer:
             image = viewed(image)  # as the worker reads an image: upright, transparency on white, 16-bit scaled
             if "<image>" not in text:
                 text = text + "\n<image>"
-            if state.get_images(return_pil=True):  # one image per conversation: a new image starts a new one
-                state = self.new_state()
             message: Any = (text, image, image_process_mode)
         else:
             message = text
-        state.append_message(state.roles[0], message)
-        state.append_message(state.roles[1], None)
-        state.skip_next = False
+        with self._answers:  # checked again: another send of this conversation may have been taken meanwhile
+            if answer_pending(state):
+                raise ValueError(STILL_WRITING)
+            if image is not None and state.get_images(return_pil=True):  # one image per conversation: a new image
+                state = self.new_state()  # starts a new one
+            state.append_message(state.roles[0], message)
+            state.append_message(state.roles[1], None)
+            state.skip_next = False
         return state, ""
 
     def regenerate(self, state: Conversation | None, image_process_mode: str = "Default") -> Conversation:
         """Clear the last answer (re-applying the current image mode to the last image) to generate it again."""
         state = state or self.new_state()
-        if len(state.messages) < state.offset + 2 or answer_pending(state):  # nothing to redo, or still being written
-            state.skip_next = True
-            return state
-        state.messages[-1][-1] = None
-        previous = state.messages[-2][1]
-        if isinstance(previous, tuple):
-            state.messages[-2][1] = previous[:2] + (image_process_mode,)
-        state.skip_next = False
+        with self._answers:
+            if len(state.messages) < state.offset + 2 or answer_pending(state):  # nothing to redo, or being written
+                state.skip_next = True
+                return state
+            state.messages[-1][-1] = None
+            previous = state.messages[-2][1]
+            if isinstance(previous, tuple):
+                state.messages[-2][1] = previous[:2] + (image_process_mode,)
+            state.skip_next = False
         return state
 
+    def claim(self, state: Conversation | None) -> bool:
+        """Take the conversation's open answer to generate it (it shows the cursor from now on); False when it has
+        none to take: none was asked for (a refused or empty send), or another handler has it already.
+
+        Each send chains an answer handler, also a send refused because an answer is still open; the open answer
+        is generated by whichever handler claims it first, once.
+        """
+        with self._answers:
+            if (state is None or len(state.messages) < state.offset + 2 or state.messages[-1][0] != state.roles[1]
+                    or state.messages[-1][1] is not None):
+                return False
+            state.messages[-1][1] = CURSOR
+            return True
+
     def http_bot(self, state: Conversation, model: str, temperature: float, top_p: float, max_new_tokens: int,
-                 ip: str | None = None) -> Iterator[Conversation]:
+                 ip: str | None = None, claimed: bool = False) -> Iterator[Conversation]:
         """Generate the answer to the last message, yielding the state after each streamed piece (nothing when the
-        conversation has no open answer: a turn that was refused, or none yet)."""
-        if (state is None or state.skip_next or len(state.messages) < state.offset + 2
-                or state.messages[-1][1] is not None):
+        conversation has no open answer: a turn that was refused, or none yet, or one another handler generates).
+
+        Args:
+            claimed: The caller has :meth:`claim` ed the answer already.
+        """
+        if not claimed and not self.claim(state):
             yield state if state is not None else self.new_state()
             return
+        try:
+            yield from self._generate(state, model, temperature, top_p, max_new_tokens, ip)
+        finally:  # however it ended: an answer left with the cursor would be open for good (nothing could be sent)
+            if state.messages[-1][1] == CURSOR:
+                state.messages[-1][1] = NO_ANSWER_MSG
+
+    def _generate(self, state: Conversation, model: str, temperature: float, top_p: float, max_new_tokens: int,
+                  ip: str | None) -> Iterator[Conversation]:
         start = time.time()
         if len(state.messages) == state.offset + 2:  # first round: rebuild the state from the PALO template
             fresh = self.new_state()
             fresh.append_message(fresh.roles[0], state.messages[-2][1])
-            fresh.append_message(fresh.roles[1], None)
+            fresh.append_message(fresh.roles[1], CURSOR)
+            # The claimed answer and the rebuilt one are one list, so the answer shows in either state: until this
+            # handler's first update the session still holds the old one (where a second handler finds it claimed).
+            claimed = state.messages[-1]
+            claimed[0] = fresh.roles[1]
+            fresh.messages[-1] = claimed
             state = fresh
         for message in state.messages[state.offset:]:  # answers kept before this one, whoever wrote them
             if message[0] == state.roles[1] and isinstance(message[1], str):
@@ -292,7 +355,11 @@ class WebServer:
             state.messages[-1][-1] = f"{SERVER_ERROR_MSG} ({reason})"
             yield state
             return
-        prompt = state.get_prompt()
+        slot = state.messages[-1]  # this answer's own: written by reference, whatever else holds the state
+        with self._answers:  # rendered with the answer open, as the template expects; no claim sees it open
+            slot[1] = None
+            prompt = state.get_prompt()
+            slot[1] = CURSOR
         images = state.get_images(return_pil=True)
         image_hashes = self._save_images(images)
         stop = stop_string(state)
@@ -302,8 +369,6 @@ class WebServer:
             "images": state.get_images(),
         }
         self.logger.info("==== request ====\n%s", {**payload, "images": f"{len(images)} image(s)"})
-        slot = state.messages[-1]  # this answer's own: written by reference, whatever else holds the state
-        slot[1] = CURSOR
         try:
             yield state
             with self.http.stream("POST", address + "/worker_generate_stream", json=payload,
@@ -351,8 +416,10 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             with gr.Column(scale=3):
                 model_selector = gr.Dropdown(choices=models, value=models[0] if models else None, interactive=True,
                                              show_label=False, container=False, elem_id="model_selector")
-                # image_mode None: Gradio's "RGB" turns transparency black; viewed (in add_text) lays it on white.
-                imagebox = gr.Image(type="pil", image_mode=None, label="Image", elem_id="imagebox")
+                # A file path: Gradio only opens the upload's header, and on_add reads it (a corrupt or oversized
+                # file is refused there, with the reason under the textbox). image_mode None: Gradio's "RGB" would
+                # turn transparency black; the loader lays it on white.
+                imagebox = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
                 image_process_mode = gr.Radio(list(IMAGE_PROCESS_MODES), value="Default",
                                               label="Preprocess for non-square image", visible=False)
                 with gr.Accordion("Parameters", open=False):
@@ -367,8 +434,8 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                                          "languages / اكتب سؤالك / اپنا سوال لکھیں", container=False, scale=8,
                                          elem_id="question", rtl=False)
                     submit_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                # Why the last message was not sent (empty otherwise), next to what the user typed: on_add is not
-                # queued, so a gr.Warning from it would only reach Python's warnings, never the browser.
+                # Why the last message was not sent (empty otherwise), next to what the user typed, which stays there
+                # to be fixed (a gr.Warning would be a toast that vanishes).
                 notice = gr.Markdown("", elem_id="notice")
                 with gr.Row():
                     upvote_btn = gr.Button("👍 Upvote", interactive=False)
@@ -390,10 +457,11 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
         def on_add(s, text, image, mode):
             unchanged = [gr.update() for _ in all_buttons]  # nothing to answer: the buttons stay as they are
             try:
-                s, refusal = server.submit(s, text, image, mode)
-            except ValueError as exc:  # a misplaced <image>, or an answer still being written
+                s, refusal = server.submit(s, text, read_upload(image), mode)
+            except ValueError as exc:  # an unreadable image, a misplaced <image>, or an answer still being written
+                # The conversation is left as it is: its open answer (maybe still waiting in Gradio's queue) is
+                # generated all the same, by whichever answer handler claims it.
                 s = s or server.new_state()
-                s.skip_next = True
                 refusal = str(exc)
             if refusal:
                 # The reason goes under the textbox, and the text and image stay for the user to fix. They are left
@@ -406,17 +474,23 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             return [s, chatbot_messages(s), "", None] + buttons(False) + [""]
 
         def on_bot(s, model, temp, p, max_tokens, request: gr.Request):
-            if s is None or s.skip_next:  # nothing to answer (empty or refused input): the buttons stay as they are
-                s = s or server.new_state()
-                yield [s, chatbot_messages(s)] + [gr.update() for _ in all_buttons]
+            if not server.claim(s):  # nothing to answer (an empty or refused send), or another handler answers it:
+                s = s or server.new_state()  # the buttons and the notice stay as they are
+                yield [s, chatbot_messages(s)] + [gr.update() for _ in all_buttons] + [gr.update()]
                 return
             state = s
-            for state in server.http_bot(s, model, temp, p, max_tokens, ip_of(request)):
-                yield [state, chatbot_messages(state)] + buttons(False)
-            yield [state, chatbot_messages(state)] + buttons(True)
+            for state in server.http_bot(s, model, temp, p, max_tokens, ip_of(request), claimed=True):
+                yield [state, chatbot_messages(state)] + buttons(False) + [gr.update()]
+            # No votes on an error (as in the original demo); a notice about a send refused while this answer was
+            # being written is out of date now.
+            votes = [gr.update(interactive=not answer_failed(state)) for _ in vote_buttons]
+            yield [state, chatbot_messages(state)] + votes + [gr.update(interactive=True)] * 2 + [""]
 
         def on_regenerate(s, mode):
             s = server.regenerate(s or server.new_state(), mode)
+            if s.skip_next:  # nothing to redo, or its answer is still open: everything stays as it is
+                return [s, chatbot_messages(s), gr.update(), gr.update()] + [gr.update() for _ in all_buttons] + [
+                    gr.update()]
             return [s, chatbot_messages(s), "", None] + buttons(False) + [""]
 
         def on_clear():
@@ -432,15 +506,21 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             return on_vote
 
         bot_inputs = [state, model_selector, temperature, top_p, max_output_tokens]
-        bot_outputs = [state, chatbot] + all_buttons
+        bot_outputs = [state, chatbot] + all_buttons + [notice]
         add_outputs = [state, chatbot, textbox, imagebox] + all_buttons + [notice]
+        answering = []
         for trigger in (textbox.submit, submit_btn.click):
-            # .success: when adding failed (an image Gradio could not read), nothing is generated.
-            trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs, queue=False).success(
-                on_bot, bot_inputs, bot_outputs)
-        regenerate_btn.click(on_regenerate, [state, image_process_mode], add_outputs, queue=False).success(
-            on_bot, bot_inputs, bot_outputs)
+            # Queued, unlike the original's: Gradio reads the uploaded image before on_add runs, and shows why it
+            # could not (a corrupt, non-image or oversized file) only for a queued event (a bare "Error" otherwise).
+            # .success: when adding failed, nothing is generated.
+            answering.append(trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs,
+                                     show_progress="hidden").success(on_bot, bot_inputs, bot_outputs))
+        answering.append(regenerate_btn.click(on_regenerate, [state, image_process_mode], add_outputs,
+                                              queue=False).success(on_bot, bot_inputs, bot_outputs))
         clear_btn.click(on_clear, None, add_outputs, queue=False)
+        # The chat's own trash icon (Gradio shows one) emptied the screen only: the next question still carried the
+        # old conversation. It clears as the Clear button does, stopping an answer being written.
+        chatbot.clear(on_clear, None, add_outputs, queue=False, cancels=answering)
         for button, kind in zip(vote_buttons, ("upvote", "downvote", "flag")):
             button.click(make_vote(kind), [state, model_selector], [textbox] + vote_buttons, queue=False)
 
@@ -471,25 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cap_upload_pixels() -> None:
-    """Make Pillow refuse, in this process, images over :data:`~palo.image_io.MAX_IMAGE_PIXELS`, before decoding.
-
-    Gradio decodes an upload before any of this module's code sees it, and only Pillow's own bomb check (about 179
-    million pixels) stopped it: a 656 KB PNG of 13000 x 13000 RGBA took 3 GB to decode, where the worker refuses
-    it from its header. Pillow raises above twice its limit (and only warns above it), so the limit is set to half
-    the cap; Gradio shows the refusal (``show_error``).
-    """
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS // 2
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # images up to the cap are fine
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_unservable(parser, args, body_cap=False)  # gradio would say so in a traceback
-    cap_upload_pixels()
     end_with_launcher()
     logger = build_logger("gradio_web_server", "gradio_web_server.log")
     logger.info("args: %s", masked_args(args))

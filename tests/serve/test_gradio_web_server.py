@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -189,12 +188,14 @@ def test_a_transparent_upload_reaches_the_model_on_white(tmp_path):
     from palo.serve.gradio_web_server import build_demo
 
     server = WebServer("http://127.0.0.1:9")
-    imagebox = next(b for b in build_demo(server, ["m"]).blocks.values() if isinstance(b, gr.Image))
+    demo = build_demo(server, ["m"])
+    imagebox = next(b for b in demo.blocks.values() if isinstance(b, gr.Image))
+    on_add = next(f.fn for f in demo.fns.values() if f.name == "on_add")
     drawing = Image.new("RGBA", (6, 4), (0, 0, 0, 0))  # a black stroke on a transparent background
     drawing.putpixel((1, 1), (0, 0, 0, 255))
     drawing.save(tmp_path / "logo.png")
     uploaded = imagebox.preprocess(ImageData(path=str(tmp_path / "logo.png")))  # what Gradio hands the callback
-    state = server.add_text(None, "What does it say?", uploaded)
+    state = on_add(server.new_state(), "What does it say?", uploaded, "Default")[0]
     sent = state.get_images(return_pil=True)[0]
     assert sent.mode == "RGB" and sent.getpixel((1, 1)) == (0, 0, 0)
     assert sum(sent.getpixel((x, y)) == (255, 255, 255) for x in range(6) for y in range(4)) == 23
@@ -390,29 +391,88 @@ def test_a_lone_surrogate_is_refused_and_the_chat_goes_on(logdir):
         assert added[2] == {"__type__": "update"}  # the text is not sent back (orjson refuses surrogates)
 
 
-def test_the_demo_process_refuses_uploads_over_the_pixel_cap_before_decoding(monkeypatch):
-    """Gradio decodes an upload before the demo sees it, and only Pillow's own bomb check (~179 MP) stopped it: a
-    656 KB PNG of 169 MP took 3 GB to decode. The demo's process now refuses what the worker refuses."""
-    import warnings
-
+def test_an_unreadable_upload_is_refused_under_the_textbox_before_anything_decodes_it(tmp_path, monkeypatch):
+    """Gradio decoded the upload before the demo saw it: a corrupt, non-image or oversized file failed there, and the
+    page showed a bare "Error" over the chat, the reason only in the server log (a 169 MP PNG of 656 KB also took 3
+    GB to decode). The image box now hands over the file's path; on_add reads it as every path reads images and
+    says why it cannot, under the textbox, the text and the image left for the user to change."""
+    pytest.importorskip("gradio")
     from PIL import Image
 
     from palo.image_io import MAX_IMAGE_PIXELS
-    from palo.serve import gradio_web_server as web
+    from palo.serve.gradio_web_server import build_demo
 
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
-    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    web.cap_upload_pixels()
+    monkeypatch.setenv("PALO_LOGDIR", str(tmp_path / "logs"))
+    server = WebServer("http://127.0.0.1:9")
+    on_add = next(f for f in build_demo(server, ["ckpt"], "once").fns.values() if f.name == "on_add")
+    names = [getattr(component, "elem_id", None) for component in on_add.outputs]
+    make_image("red", (40, 30)).save(tmp_path / "fine.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "fine.png").read_bytes()[:60])  # the header, then nothing
+    Image.new("1", (MAX_IMAGE_PIXELS // 8000 + 1, 8000)).save(tmp_path / "huge.png")  # a few KB: the size is in
+    (tmp_path / "text.png").write_text("not an image")  # its header, and nothing decodes it
+    for name, reason in (("cut.png", "cut.png: not a readable image"),
+                         ("huge.png", f"huge.png: {MAX_IMAGE_PIXELS // 8000 + 1}x8000 pixels is over the limit"),
+                         ("text.png", "text.png: not a readable image")):
+        state = server.new_state()
+        shown = dict(zip(names, on_add.fn(state, "What is it?", str(tmp_path / name), "Default")))
+        assert reason in shown["notice"] and str(tmp_path) not in shown["notice"], shown["notice"]
+        assert shown["question"] == {"__type__": "update"} and shown["imagebox"] == {"__type__": "update"}
+        assert state.messages == []
+    state = server.new_state()
+    shown = dict(zip(names, on_add.fn(state, "What is it?", str(tmp_path / "fine.png"), "Default")))
+    assert shown["notice"] == "" and shown["question"] == "" and shown["imagebox"] is None
+    assert state.get_images(return_pil=True)[0].size == (40, 30)
 
-    def png(width: int, height: int) -> io.BytesIO:
-        buffer = io.BytesIO()
-        Image.new("1", (width, height)).save(buffer, format="PNG")  # a few KB: the size is in the header
-        buffer.seek(0)
-        return buffer
 
-    with pytest.raises(Image.DecompressionBombError):
-        Image.open(png(MAX_IMAGE_PIXELS // 8000 + 1, 8000))  # just over the cap: refused from the header
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # as the demo sets it
-        assert Image.open(png(MAX_IMAGE_PIXELS // 8000, 8000)).size == (MAX_IMAGE_PIXELS // 8000, 8000)
+def test_a_second_send_while_the_answer_waits_in_the_queue_loses_nothing(logdir):
+    """A send refused because the answer was still open (a second Enter while the first question waited in Gradio's
+    queue) marked the shared conversation as "nothing to answer": the queued answer handler then skipped it, the
+    question was never sent, and the tab stayed locked ("still being written", every button off) until a reload.
+    The open answer is now generated once, by whichever handler claims it, and the buttons come back."""
+    pytest.importorskip("gradio")
+    from serve_helpers import served
+
+    from palo.serve.gradio_web_server import build_demo
+
+    worker, bodies = _recording_worker("Fine.")
+    with served(worker) as url:
+        server = WebServer("http://127.0.0.1:9")
+        server.worker_address = lambda model: url
+        demo = build_demo(server, ["m"], "once")
+        handlers = {f.name: f.fn for f in demo.fns.values()}
+        names = [getattr(c, "elem_id", None) for c in next(f for f in demo.fns.values() if f.name == "on_add").outputs]
+        state = handlers["on_add"](server.new_state(), "first question", None, "Default")[0]
+        empty = dict(zip(names, handlers["on_add"](state, "", None, "Default")))  # Enter on the emptied textbox
+        assert empty["notice"] == {"__type__": "update"}  # nothing typed: nothing to say either
+        second = dict(zip(names, handlers["on_add"](state, "second question", None, "Default")))
+        assert "still being written" in second["notice"] and second["question"] == {"__type__": "update"}
+        # Each send chained an answer handler: the refused one happens to run first, then the queued one.
+        for _ in range(2):
+            *_, last = handlers["on_bot"](state, "m", 0.2, 0.7, 64, None)
+        assert len(bodies) == 1 and bodies[0]["prompt"].endswith("USER: first question ASSISTANT:")
+        assert [m[1] for m in state.messages] == ["first question", "Fine."]
+        assert not server.claim(state) and handlers["on_add"](state, "second question", None, "Default")[-1] == ""
+
+
+def test_votes_stay_off_after_an_error_and_the_chats_trash_icon_clears_the_conversation(logdir):
+    """Votes were enabled on an error answer (and logged it as a rated answer); the original demo keeps only
+    Regenerate and Clear. Gradio's trash icon on the chat emptied the screen but not the conversation: the next
+    question carried the old one to the worker."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from palo.serve.gradio_web_server import build_demo
+
+    server = WebServer("http://127.0.0.1:9")
+    server.worker_address = lambda model: ""  # no worker serves it: the answer is an error
+    demo = build_demo(server, ["m"], "once")
+    handlers = {f.name: f.fn for f in demo.fns.values()}
+    state = handlers["on_add"](server.new_state(), "hello", None, "Default")[0]
+    *_, last = handlers["on_bot"](state, "m", 0.2, 0.7, 64, None)
+    assert state.messages[-1][1].startswith(SERVER_ERROR_MSG)
+    assert [update["interactive"] for update in last[2:7]] == [False, False, False, True, True]
+    chatbot = next(b for b in demo.blocks.values() if isinstance(b, gr.Chatbot))
+    on_trash = [f for f in demo.fns.values() if any(t[0] == chatbot._id and t[1] == "clear" for t in f.targets)]
+    assert [f.name for f in on_trash if f.name] == ["on_clear"]
+    by_id = {f._id: f for f in demo.fns.values()}
+    assert {by_id[i].name for f in on_trash for i in f.cancels} == {"on_bot"}  # an answer being written stops
