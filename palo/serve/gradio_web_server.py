@@ -428,7 +428,8 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                     max_output_tokens = gr.Slider(64, 1024, value=512, step=64, interactive=True,
                                                   label="Max output tokens")
             with gr.Column(scale=8):
-                chatbot = gr.Chatbot(elem_id="chatbot", label="PALO Chatbot", height=550)
+                # No "share" button: it posts to a Hugging Face Space's discussions, and does nothing elsewhere.
+                chatbot = gr.Chatbot(elem_id="chatbot", label="PALO Chatbot", height=550, buttons=["copy", "copy_all"])
                 with gr.Row():
                     textbox = gr.Textbox(show_label=False, placeholder="Enter text and press ENTER — any of the 10 "
                                          "languages / اكتب سؤالك / اپنا سوال لکھیں", container=False, scale=8,

@@ -472,6 +472,7 @@ def test_votes_stay_off_after_an_error_and_the_chats_trash_icon_clears_the_conve
     assert state.messages[-1][1].startswith(SERVER_ERROR_MSG)
     assert [update["interactive"] for update in last[2:7]] == [False, False, False, True, True]
     chatbot = next(b for b in demo.blocks.values() if isinstance(b, gr.Chatbot))
+    assert "share" not in chatbot.buttons  # it posts to a Hugging Face Space's discussions; nothing happened here
     on_trash = [f for f in demo.fns.values() if any(t[0] == chatbot._id and t[1] == "clear" for t in f.targets)]
     assert [f.name for f in on_trash if f.name] == ["on_clear"]
     by_id = {f._id: f for f in demo.fns.values()}
