@@ -527,14 +527,18 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
 
         # Only the model list: the conversation starts empty (None) in each page session, and every handler takes
         # None. In reload mode the list waits on the controller's refresh of all workers, which can end after the
-        # first message was sent; had it set the state too, it would have wiped that turn.
-        def on_load(request: gr.Request):
+        # first message was sent (had it set the state too, it would have wiped that turn) or after the user picked
+        # a model: the shown model is replaced only when ?model= names another or it is no longer served.
+        def on_load(shown, request: gr.Request):
             choices = server.get_model_list() if model_list_mode == "reload" else models
             wanted = dict(request.query_params).get("model") if request is not None else None
-            value = wanted if wanted in choices else (choices[0] if choices else None)
-            return gr.update(choices=choices, value=value, visible=True)
+            if wanted in choices:
+                return gr.update(choices=choices, value=wanted, visible=True)
+            if shown in choices:
+                return gr.update(choices=choices, visible=True)  # whatever is shown now stays
+            return gr.update(choices=choices, value=choices[0] if choices else None, visible=True)
 
-        demo.load(on_load, None, [model_selector], queue=False)
+        demo.load(on_load, [model_selector], [model_selector], queue=False)
     return demo
 
 

@@ -85,8 +85,10 @@ def test_a_late_page_load_does_not_wipe_the_conversation(tmp_path, monkeypatch):
     """In reload mode the page's load event waits on the controller refreshing every worker; on a busy machine it
     ended after the first message was sent and, as it also reset the conversation, wiped that turn (the next prompt
     lacked it; when it ended between adding the question and answering it, the chat went blank). The load event
-    now sets the model list only."""
+    now sets the model list only, and keeps a model picked meanwhile (it put the first one back)."""
     pytest.importorskip("gradio")
+    from types import SimpleNamespace
+
     import gradio as gr
 
     from palo.serve.gradio_web_server import build_demo
@@ -98,8 +100,12 @@ def test_a_late_page_load_does_not_wipe_the_conversation(tmp_path, monkeypatch):
     on_load = next(f for f in demo.fns.values() if f.name == "on_load")
     assert not any(isinstance(component, gr.State) for component in on_load.outputs)
     assert [getattr(component, "elem_id", None) for component in on_load.outputs] == ["model_selector"]
-    update = on_load.fn(None)
-    assert update["choices"] == ["a", "ckpt"] and update["value"] == "a"
+    # A model the user may have picked before the list came is left as it is, unless it is gone or ?model= names one.
+    update = on_load.fn("ckpt", None)
+    assert update["choices"] == ["a", "ckpt"] and "value" not in update
+    assert on_load.fn("gone", None)["value"] == "a"
+    asked = SimpleNamespace(query_params={"model": "ckpt"})
+    assert on_load.fn("a", asked)["value"] == "ckpt"
 
 
 def test_a_refused_message_says_why_under_the_textbox_and_keeps_the_text(tmp_path, monkeypatch):
