@@ -49,6 +49,7 @@ from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
+    KEEPALIVE_CHUNK,
     OK,
     PROMPT_TOO_LONG_MSG,
     SMALLEST_TOP_P,
@@ -422,7 +423,12 @@ class OpenAIWorker(BaseWorker):
                 async for line in sse_lines(response.aiter_bytes()):
                     # After [DONE], read on to the body's end without using it: a response left unread closes
                     # its connection instead of returning it to the pool for the next request.
-                    if done or not line.startswith("data:"):
+                    if done:
+                        continue
+                    if line.startswith(":"):  # a backend's keep-alive comment (it is busy, not gone): passed on,
+                        yield KEEPALIVE_CHUNK  # so that our own readers' per-read timeouts wait as this one does
+                        continue
+                    if not line.startswith("data:"):
                         continue
                     data = line[len("data:"):].strip()
                     if data == "[DONE]":
@@ -466,8 +472,11 @@ class OpenAIWorker(BaseWorker):
             return
         except (httpx.HTTPError, ValueError) as exc:
             self.logger.error("backend %s failed: %r", self.api_base, exc)
-            if isinstance(exc, httpx.TransportError):
-                self.healthy = False  # no heartbeat around requests until a periodic check finds it back
+            if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                # The backend cannot be reached: no heartbeat around requests until a periodic check finds it back.
+                # A read timeout or a stream broken off is this request's failure (a long prefill, one bad
+                # connection): taking the worker out for a heartbeat interval refused every request meanwhile.
+                self.healthy = False
             yield error_chunk(f"the backend {self.api_base} is unreachable or broke off the stream "
                               f"({type(exc).__name__}: {exc})", WORKER_ERROR)
             return

@@ -293,3 +293,54 @@ def test_a_worker_whose_backend_is_down_does_not_answer_its_status():
         with TestClient(create_app(alone)) as client:
             assert client.post("/worker_get_status").status_code == 200
         alone.stop()
+
+
+def test_a_backend_slow_on_one_request_fails_that_request_only_and_its_keepalives_pass_on():
+    """A read timeout (one slow request: a long prefill) marked the backend down: the worker then refused every
+    request with 503, and answered its status 503 (a controller polling it dropped it), until the next periodic
+    check, up to a heartbeat interval later. And a backend's keep-alive comments (a busy backend) were swallowed: the
+    worker's own readers, with their per-read timeouts, saw nothing and gave up."""
+    calls = []
+    backend = FastAPI()
+
+    @backend.get("/v1/models")
+    async def models():
+        return {"data": [{"id": "ckpt"}]}
+
+    @backend.post("/v1/chat/completions")
+    async def completions(request: Request):
+        calls.append(1)
+        first = len(calls) == 1
+
+        async def events():
+            if first:
+                await asyncio.sleep(2)  # past the worker's request timeout: nothing sent meanwhile
+            yield f"data: {json.dumps({'choices': [{'delta': {'content': 'Hi'}, 'finish_reason': None}]})}\n\n"
+            if not first:
+                for _ in range(6):  # busy for 1.2 s, saying so every 0.2 s
+                    await asyncio.sleep(0.2)
+                    yield ": ping\n\n"
+            yield f"data: {json.dumps({'choices': [{'delta': {}, 'finish_reason': 'stop'}]})}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    payload = {"prompt": f"{SYSTEM} USER: hello ASSISTANT:", "temperature": 0, "max_new_tokens": 8}
+    with served(backend) as burl:
+        # Registering (never started here): a worker found unhealthy would refuse everything.
+        worker = OpenAIWorker(burl + "/v1", None, "ckpt", "http://127.0.0.1:9", "http://127.0.0.1:9",
+                              request_timeout=0.5)
+        try:
+            assert worker._update_health()
+            with served(create_app(worker)) as wurl, httpx.Client(timeout=httpx.Timeout(0.8, connect=10)) as client:
+                slow = list(iter_chunks(client.post(wurl + "/worker_generate_stream", json=payload,
+                                                    timeout=30).iter_bytes()))
+                assert slow[-1]["error_code"] != 0 and "ReadTimeout" in slow[-1]["text"]
+                assert client.post(wurl + "/worker_get_status").status_code == 200
+                with client.stream("POST", wurl + "/worker_generate_stream", json=payload) as response:
+                    assert response.status_code == 200
+                    data = b"".join(response.iter_bytes())  # no read waits 0.8 s: the pings come through
+                chunks = list(iter_chunks([data]))
+                assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("ASSISTANT:Hi")
+                assert data.split(b"\0").count(b"") == 1 + 6  # the six pings, as empty chunks (and the end)
+        finally:
+            worker.stop()
