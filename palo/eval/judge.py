@@ -313,8 +313,14 @@ class JudgeClient:
             reply = self.chat.complete(build_messages(user_content), accept=_parses)
         except RequestFailed as exc:
             return Judgment("", None, failed=True, reason=f"request failed {exc}", calls=exc.attempts)
+        readable, cut = reply.content, reply.finish_reason == "length"
+        if cut:  # cut at max_tokens: its last line may be cut too ("8 1" of "8 10"); the lines before it stand
+            readable = readable.rsplit("\n", 1)[0] if "\n" in readable else ""
         try:
-            scores = parse_scores(reply.content)
+            scores = parse_scores(readable)
         except ScoreParseError as exc:
+            if cut:
+                return Judgment(reply.content, None, failed=True, calls=reply.calls,
+                                reason="reply cut off (max tokens) before its scores were complete")
             return Judgment(reply.content, None, failed=True, reason=f"unparseable reply: {exc}", calls=reply.calls)
         return Judgment(reply.content, scores, failed=False, calls=reply.calls, cached=reply.cached)

@@ -54,3 +54,24 @@ def test_only_parsed_replies_are_cached(tmp_path):
     # The judge's request: the original system message, temperature 0.2 and max_tokens 1024 as before.
     assert server.requests[0]["temperature"] == 0.2 and server.requests[0]["max_tokens"] == 1024
     assert server.requests[0]["messages"][1] == {"role": "user", "content": CONTENT}
+
+
+def _cut(text: str):
+    """A reply the server cut at max_tokens (finish_reason "length")."""
+    return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge-x",
+                 "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text}}],
+                 "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}, {}
+
+
+def test_a_reply_cut_in_its_score_line_is_a_failed_judgment_and_is_not_cached(tmp_path):
+    """With a small --max-tokens the server's "8 1" (of "8 10", finish_reason "length") was scored [8, 1] and cached,
+    so a rerun kept it without asking again. A cut reply is read without its last line, which may be cut too, and is
+    never cached."""
+    path = str(tmp_path / "judge_cache.sqlite")
+    with ChatServer(_cut("8 1"), _cut("8 10\nAssistant 1 was"), reply("8 10\nBoth fine.")) as server:
+        cut = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+        assert cut.failed and cut.scores is None and "cut off (max tokens)" in cut.reason
+        whole_line = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)  # the score line came whole
+        assert not whole_line.failed and whole_line.scores == (8, 10)
+        again = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+    assert again.scores == (8, 10) and not again.cached and server.calls == 3  # neither cut reply was cached
