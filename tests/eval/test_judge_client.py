@@ -58,8 +58,9 @@ def test_only_parsed_replies_are_cached(tmp_path):
 
 def _cut(text: str):
     """A reply the server cut at max_tokens (finish_reason "length")."""
+    message = {"role": "assistant", "content": text}
     return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge-x",
-                 "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": text}}],
+                 "choices": [{"index": 0, "finish_reason": "length", "message": message}],
                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}, {}
 
 
