@@ -207,8 +207,12 @@ async def _send(client: Any, settings: Settings, request: BatchRequest, body: di
     for attempt in range(settings.max_retries + 1):
         hint = None
         try:
-            reply = await client.post(url, json=body)
-        except httpx.HTTPError as exc:  # time-outs and dropped connections
+            # The whole answer within --timeout: httpx's timeout bounds each read, so a body dripped a byte at a
+            # time never timed out, and the run never ended.
+            reply = await asyncio.wait_for(client.post(url, json=body), settings.timeout)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            last = f"no whole answer within --timeout {settings.timeout:g} s"
+        except httpx.HTTPError as exc:  # dropped connections
             last = f"{type(exc).__name__}: {exc}"
         else:
             try:

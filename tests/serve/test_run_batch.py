@@ -414,3 +414,32 @@ def test_model_path_takes_a_hub_id_as_it_is_and_loads_nothing_when_all_is_answer
     monkeypatch.setattr(run_batch, "_serve", lambda *args: pytest.fail("served a model for a finished batch"))
     assert run_batch.main(["-i", source, "-o", str(out), "--model-path", "MBZUAI/PALO-7B"]) == 0
     assert "1 of 1 requests answered" in capsys.readouterr().err
+
+
+def test_an_answer_dripped_a_byte_at_a_time_times_out_as_a_whole(tmp_path):
+    """--timeout bounded each read of the answer, not the answer: a server dripping its body a byte every 0.2 s
+    (a proxy's keep-alive, a stuck backend) held the request, and the run, for as long as it dripped."""
+    import asyncio
+
+    from fastapi.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        async def drip():
+            for _ in range(100):  # 20 s in all
+                await asyncio.sleep(0.2)
+                yield b" "
+
+        return StreamingResponse(drip(), media_type="application/json")
+
+    source = write_lines(tmp_path / "in.jsonl", [chat_line("a", "hello")])
+    out = str(tmp_path / "out.jsonl")
+    with served(app) as url, run_batch.JsonlAppender(out) as output:
+        settings = Settings(**{**FAST.__dict__, "base_url": url + "/v1", "timeout": 1.0, "max_retries": 1})
+        results = asyncio.run(asyncio.wait_for(run_batch.run_requests(source, read_requests(source), output,
+                                                                      settings), 10))
+    assert results["a"]["response"] is None
+    assert results["a"]["error"] == {"code": "request_failed",
+                                     "message": "after 2 attempt(s): no whole answer within --timeout 1 s"}
