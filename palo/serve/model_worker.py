@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: import ``palo`` from this chec
 
 import argparse
 import asyncio
+import dataclasses
 import math
 import time
 import uuid
@@ -209,11 +210,26 @@ class ModelWorker(BaseWorker):
     async def generate(self, prepared: PreparedRequest) -> AsyncIterator[bytes]:
         """Submit to the engine and relay its events as cumulative chunks (the prompt included)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        # Events not yet read: at most the newest non-final one, then the last one (final or error). An event holds
+        # the whole answer so far, so the one before it is stale once it comes: an unbounded queue of them held
+        # memory growing with the square of the answer for a client that reads slowly, and then sent it every
+        # stale chunk. Touched on the event loop only (the engine thread hands events over through
+        # call_soon_threadsafe), so it needs no lock.
+        pending: list[StreamEvent] = []
+        arrived = asyncio.Event()
+
+        def deliver(event: StreamEvent) -> None:
+            if pending and _superseded(pending[-1], event):
+                stale = pending.pop()
+                if event.prompt_logprobs is None and stale.prompt_logprobs is not None:
+                    event = dataclasses.replace(event, prompt_logprobs=stale.prompt_logprobs)  # sent once: keep it
+            pending.append(event)
+            arrived.set()
+
         job = None
         try:
             try:
-                job = self.engine.submit(prepared, lambda event: loop.call_soon_threadsafe(queue.put_nowait, event))
+                job = self.engine.submit(prepared, lambda event: loop.call_soon_threadsafe(deliver, event))
             except QueueFull as exc:  # only when --max-num-seqs and the engine queue are smaller than the limit
                 yield error_chunk(f"the worker is busy: {exc}", WORKER_ERROR)
                 return
@@ -221,7 +237,10 @@ class ModelWorker(BaseWorker):
             prompt_sent = False
             first = True
             while True:
-                event = await queue.get()
+                while not pending:
+                    arrived.clear()
+                    await arrived.wait()
+                event = pending.pop(0)
                 if event.error is not None:
                     # The engine logged the traceback where it caught the exception; this names the request.
                     self.logger.error("request failed in the engine: %s", event.error)
@@ -251,6 +270,18 @@ class ModelWorker(BaseWorker):
         finally:
             if job is not None:
                 job.cancel()  # a no-op when it finished; stops generating for a client that went away
+
+
+def _superseded(queued: StreamEvent, newer: StreamEvent) -> bool:
+    """Whether ``newer`` makes ``queued`` (not yet read) redundant: ``queued`` is an in-progress event, and
+    ``newer`` is no error.
+
+    Events are cumulative: text, token count and the (shared, growing) logprob lists of the newer one cover the
+    older's, and :meth:`ModelWorker.generate` slices a chunk's logprobs by what it has sent, so a skipped event loses
+    nothing. A final or error event is never replaced. An error does not replace the text before it either: it has
+    no text of its own, so the client keeps what was generated before it failed.
+    """
+    return queued.finish_reason is None and queued.error is None and newer.error is None
 
 
 # Where a token's probability underflows to 0 its log-probability is reported as this (JSON has no -Infinity).

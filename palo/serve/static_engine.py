@@ -26,6 +26,9 @@ from palo.mm_utils import left_pad
 from palo.serve.engine import DEFAULT_CONTEXT, EngineBackend, PreparedRequest, RequestError, Sink, StreamEvent
 from palo.serve.protocol import parse_structured_output
 
+# The error a request still queued when the engine closes ends with (the paged engine's words).
+SHUT_DOWN = "the engine was shut down"
+
 
 @dataclass
 class Job:
@@ -131,10 +134,28 @@ class StaticBatchEngine(EngineBackend):
         return self
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the batching thread after the current batch and wait for it."""
+        """Stop the batching thread after the current batch and wait for it.
+
+        The batch being generated runs to its end; every request still queued (a batch being collected in the
+        ``batch_wait_ms`` window included) ends at once with the error ``"the engine was shut down"``, as on the
+        paged engine. Before, they were left in the queue with no last event, and their callers waited for ever
+        (or to :meth:`~palo.serve.engine.EngineBackend.generate`'s timeout).
+
+        Args:
+            timeout: Seconds to wait for the batching thread (the current batch) to end.
+        """
         with self._cond:
             self._closed = True
+            # Taken under the lock: the batching thread takes no job from here once it sees _closed, and submit
+            # refuses new ones, so each queued job is answered exactly once, here.
+            abandoned, self._pending = self._pending, []
             self._cond.notify_all()
+        # Answered before the join, not after: the current batch may run for a long time, and these requests will
+        # never be generated. Sinks are thread-safe (the worker's hands the event to its event loop).
+        for job in abandoned:
+            if not job.finished and not job.cancelled:  # a cancelled request's client is gone: tell it nothing
+                job.finished = True
+                job.emit(StreamEvent(text=None, error=SHUT_DOWN))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -174,6 +195,8 @@ class StaticBatchEngine(EngineBackend):
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            if self._closed:  # closed while collecting: close() has answered (and removed) the queued jobs
+                return None
             key = _sampling_key(self._pending[0].request)
             batch = [job for job in self._pending if _sampling_key(job.request) == key][: self.max_batch_size]
             chosen = set(map(id, batch))

@@ -590,3 +590,88 @@ def test_generate_cancels_the_requests_it_queued_when_one_is_refused_or_it_times
         assert done.wait(30) and ended == ["abort", "abort"]
     finally:
         engine.close()
+
+
+def test_closing_the_static_engine_ends_every_queued_request_with_an_error_at_once(loaded, monkeypatch):
+    """Before, ``close`` stopped the batching thread and left the queued requests (and a batch being collected in
+    the ``batch_wait_ms`` window) with no last event: their callers waited for ever, ``generate`` to its timeout.
+    Now each gets the paged engine's error at once, the batch being generated still ends normally, and a cancelled
+    request is told nothing."""
+    import threading
+
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    started, gate = threading.Event(), threading.Event()
+    generate = model.generate
+
+    def gated_generate(*args, **kwargs):  # holds the first batch inside model.generate until the gate opens
+        started.set()
+        gate.wait(30)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", gated_generate)
+
+    class Last:
+        """A sink keeping the events it gets; ``done`` is set at the last one."""
+
+        def __init__(self):
+            self.events, self.done = [], threading.Event()
+
+        def __call__(self, event):
+            self.events.append(event)
+            if event.finish_reason or event.error:
+                self.done.set()
+
+    def request():
+        return static.prepare(_params(3, max_new_tokens=4))  # text-only: quick
+
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=1, batch_wait_ms=0)
+    closer = threading.Thread(target=static.close)
+    running, queued, cancelled = Last(), [Last(), Last()], Last()
+    try:
+        static.start()
+        static.submit(request(), running)
+        assert started.wait(30)  # the first request's batch is in model.generate, held there
+        for sink in queued:
+            static.submit(request(), sink)
+        static.submit(request(), cancelled).cancel()
+        assert static.queue_size() == 3
+        closer.start()  # close() waits for the running batch, which waits for the gate: from another thread
+        for sink in queued:
+            assert sink.done.wait(5), "a queued request got no last event when the engine closed"
+        assert [[(e.text, e.finish_reason, e.error) for e in sink.events] for sink in queued] == [
+            [(None, None, "the engine was shut down")]] * 2
+        assert static.queue_size() == 0 and not running.done.is_set()
+    finally:
+        gate.set()
+        static.close()  # idempotent; also when the test failed before the closer started
+        if closer.is_alive():
+            closer.join(60)
+    assert running.done.is_set() and running.events[-1].finish_reason in ("stop", "length")
+    assert running.events[-1].error is None and cancelled.events == []
+
+
+def test_closing_the_static_engine_while_it_collects_a_batch_answers_the_batch_with_an_error(loaded):
+    """A request being collected for a batch (the ``batch_wait_ms`` window) is still queued: ``close`` ends it with
+    the error and returns at once, instead of generating it first (or, before, leaving it unanswered)."""
+    import threading
+    import time
+
+    from palo.serve.static_engine import StaticBatchEngine
+
+    tokenizer, model, image_processor, context_len = loaded
+    static = StaticBatchEngine(tokenizer, model, image_processor, context_len, max_batch_size=8,
+                               batch_wait_ms=60_000)
+    events, done = [], threading.Event()
+    try:
+        static.start()
+        static.submit(static.prepare(_params(3, max_new_tokens=4)), lambda e: (events.append(e), done.set()))
+        time.sleep(0.1)  # the thread has taken up the request and waits for more (either way, the answer is the same)
+        began = time.monotonic()
+        static.close()
+        assert time.monotonic() - began < 5 and done.wait(5)
+    finally:
+        static.close()
+    assert [(e.text, e.finish_reason, e.error) for e in events] == [(None, None, "the engine was shut down")]
+    assert static.queue_size() == 0 and list(static.batch_sizes) == []  # nothing was generated
