@@ -163,20 +163,20 @@ def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
     return getattr(response, "headers", None) if response is not None else None
 
 
-def _reply_of(response: Any) -> tuple[str, str | None]:
-    """(content, finish_reason) of a chat completion, or :class:`MalformedReply`.
-
-    The SDK builds response objects without validating them, so a server that answers 200 with the wrong body
-    shows up here as missing attributes, not as an SDK error.
-    """
+def _reply_of(body: bytes) -> tuple[str, str | None, int | None]:
+    """(content, finish_reason, total tokens) of a chat completion's JSON body, or :class:`MalformedReply` (a
+    server that answers 200 with the wrong body)."""
     try:
-        choice = response.choices[0]
-        content = choice.message.content
-    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+        response = json.loads(body)
+        choice = response["choices"][0]
+        content = choice["message"]["content"]
+    except (ValueError, IndexError, KeyError, TypeError) as exc:
         raise MalformedReply(f"not a chat completion ({type(exc).__name__}: {exc})") from None
     if not isinstance(content, str):
         raise MalformedReply("reply has no text content")
-    return content, getattr(choice, "finish_reason", None)
+    usage = response.get("usage")
+    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    return content, finish, token_count(usage.get("total_tokens")) if isinstance(usage, dict) else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,6 +297,7 @@ class ChatClient:
         self.max_backoff = max_backoff
         self.cache = cache or ReplyCache(None)
         self.sleep = sleep  # public so tests can record the waits
+        self.timeout = timeout
         self._client = openai.OpenAI(api_key=api_key or "EMPTY", base_url=base_url, max_retries=0, timeout=timeout)
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()
@@ -335,8 +336,7 @@ class ChatClient:
         for attempt in range(self.max_retries + 1):
             self.count("requests")
             try:
-                response = self._client.chat.completions.create(**kwargs)
-                content, finish_reason = _reply_of(response)
+                content, finish_reason, tokens = _reply_of(self._read(kwargs))
             except (openai.OpenAIError, ValueError) as exc:
                 if not is_retryable(exc) or attempt == self.max_retries:
                     self.count("failed_requests")
@@ -345,9 +345,31 @@ class ChatClient:
                 hint = retry_after_seconds(_headers_of(exc))
                 self.sleep(retry_delay(attempt, self.backoff, self.max_backoff, hint))
                 continue
-            self.count("tokens", token_count(getattr(getattr(response, "usage", None), "total_tokens", None)) or 0)
+            self.count("tokens", tokens or 0)
             # A reply the server cut at max_tokens is never served again: read from the cache it would look whole.
             if key is not None and finish_reason != "length" and (accept is None or accept(content)):
                 self.cache.put(key, self.model, content)
             return Completion(content, finish_reason, calls=attempt + 1)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    def _read(self, kwargs: dict[str, Any]) -> bytes:
+        """One chat completion's body, whole within ``timeout`` seconds.
+
+        The HTTP client's time-out bounds each read: a server dripping its body a byte at a time (a stuck backend
+        behind a proxy that keeps the connection alive) held a request, and the run, for as long as it dripped.
+        The body is read here piece by piece against a deadline instead.
+
+        Raises:
+            openai.APITimeoutError: The body took longer than ``timeout`` (retried as other time-outs).
+            openai.OpenAIError: As the SDK raises them (an error status, a failed connection).
+        """
+        import openai
+
+        deadline = time.monotonic() + self.timeout
+        with self._client.chat.completions.with_streaming_response.create(**kwargs) as response:
+            body = bytearray()
+            for piece in response.iter_bytes():
+                body += piece
+                if time.monotonic() > deadline:
+                    raise openai.APITimeoutError(request=response.http_request)
+            return bytes(body)

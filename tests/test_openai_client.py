@@ -163,3 +163,54 @@ def test_the_shared_modules_import_neither_torch_nor_openai():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_body_dripped_a_byte_at_a_time_times_out_as_a_whole_and_is_retried():
+    """The time-out bounded each read: a server dripping its body a byte every 0.1 s (a stuck backend behind a proxy
+    that keeps the connection alive) held the request, and a translation or judging run, for as long as it dripped.
+    The whole body must come within the time-out; a late one is a time-out, retried as others are."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    good = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "hi"}}]}).encode()
+    calls = []
+
+    class Dripping(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            calls.append(1)
+            dripped = len(calls) == 1  # the first answer: 10 s of spaces, a byte every 0.1 s, before the reply
+            body = b" " * 100 + good if dripped else good
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                for piece in ([body[k:k + 1] for k in range(len(body))] if dripped else [body]):
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(0.1 if dripped else 0)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up, as it should
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Dripping)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        waits: list[float] = []
+        client = ChatClient("m", api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                            sleep=waits.append, max_retries=2, backoff=0.01, timeout=1.0)
+        started = time.monotonic()
+        completion = client.complete(MESSAGES)
+        assert completion.content == "hi" and completion.calls == 2 and time.monotonic() - started < 5
+        assert client.stats["retries"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
