@@ -153,9 +153,14 @@ def retry_delay(attempt: int, backoff: float, max_backoff: float, hint: float | 
 
 
 def describe(exc: BaseException) -> str:
-    """``Name (HTTP status): message`` for a failure record (the message cut to 200 characters)."""
+    """``Name (HTTP status): message`` for a failure record (the message cut to 200 characters), with its cause's
+    message where that says more (the SDK's "Connection error." hides "peer closed connection without sending
+    complete message body")."""
     status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}{f' (HTTP {status})' if status else ''}: {str(exc)[:200]}"
+    message, cause = str(exc), exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in message:
+        message = f"{message} ({type(cause).__name__}: {cause})"
+    return f"{type(exc).__name__}{f' (HTTP {status})' if status else ''}: {message[:200]}"
 
 
 def _headers_of(exc: BaseException) -> Mapping[str, str] | None:

@@ -214,3 +214,19 @@ def test_a_body_dripped_a_byte_at_a_time_times_out_as_a_whole_and_is_retried():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_failure_record_names_the_cause_the_sdk_wraps():
+    """A 200 cut off half-way was recorded as "APIConnectionError: Connection error.", its cause lost."""
+    from palo.openai_client import describe
+
+    try:
+        try:
+            raise ConnectionError("peer closed connection without sending complete message body")
+        except ConnectionError as cause:
+            raise RuntimeError("Connection error.") from cause
+    except RuntimeError as exc:
+        wrapped = exc
+    assert describe(wrapped) == ("RuntimeError: Connection error. (ConnectionError: peer closed connection without "
+                                 "sending complete message body)")
+    assert describe(ValueError("x")) == "ValueError: x"
