@@ -198,7 +198,7 @@ class LLMEngine:
             RequestTooLarge: When the prompt leaves no room for an answer, or the request needs more KV than the
                 whole cache holds.
             QueueFull: When ``max_waiting`` requests already wait.
-            EngineClosed: After :meth:`close`.
+            EngineClosed: After :meth:`close`, or once the engine thread has died.
             ValueError: When a prompt id is not an integer in ``[0, vocab)`` (or ``IMAGE_TOKEN_INDEX``), the images
                 are not a floating-point ``[k, 3, H, W]`` tensor of the vision tower's size, ``request_id`` names a
                 request still in flight, ``logit_bias`` or ``stop_token_ids`` name an id outside the vocabulary, or
@@ -524,11 +524,18 @@ class LLMEngine:
             if self._by_id.get(seq.request_id) is seq:  # never unregister another request under the same id
                 del self._by_id[seq.request_id]
         seq.finish_reason, seq.error = reason, error
+        shown = seq.text
         if seq.detokenizer is not None:
-            seq.detokenizer.flush()
-            shown, _ = seq.detokenizer.visible(final=True, search=len(seq.output_ids) > seq.sampling.min_tokens)
-        else:
-            shown = seq.text
+            try:
+                seq.detokenizer.flush()
+                shown, _ = seq.detokenizer.visible(final=True, search=len(seq.output_ids) > seq.sampling.min_tokens)
+            except Exception:  # noqa: BLE001 - the request is already out of the scheduler: it must get its event
+                # A detokenizer that choked on a token (an id the tokenizer lacks, in a padded vocabulary) chokes
+                # again on the whole answer. Raising here would skip the final event (its caller waits forever) and
+                # fail the step, with every other request in it: end with the text already streamed instead.
+                logger.exception("detokenizing the end of request %s failed; its text ends where it stood",
+                                 seq.request_id)
+                shown = seq.text
         delta = shown[len(seq.text):] if shown.startswith(seq.text) else shown
         seq.text = shown
         self._emit(seq, RequestOutput(seq.request_id, shown, delta, seq.output_ids, len(seq.output_ids),
@@ -543,7 +550,11 @@ class LLMEngine:
             if seq.status != Status.FINISHED:
                 self._finish(seq, "error", message)
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # noqa: BLE001 - a sticky CUDA error raises here too: the requests are failed already
+                # Raising from the error handler would kill the engine thread (it runs inside _loop's handler).
+                logger.exception("emptying the CUDA cache after a failure failed")
 
     def _fail_one(self, seq: Sequence, exc: BaseException) -> None:
         self._fail([seq], exc)
@@ -580,32 +591,57 @@ class LLMEngine:
         return self
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not (self._inbox or self._aborts or self.scheduler.has_work()):
-                    self._cond.wait()
-                if self._closed:
-                    break
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not (self._inbox or self._aborts or self.scheduler.has_work()):
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                try:
+                    self.step()
+                except Exception:  # noqa: BLE001 - a bug in one step must not kill the worker
+                    logger.error("engine step failed:\n%s", traceback.format_exc())
+                    running = list(self.scheduler.prefilling) + list(self.scheduler.decoding)
+                    self._fail(running, RuntimeError("engine step failed"))
+        except BaseException:
+            logger.critical("the engine thread died; failing every request:\n%s", traceback.format_exc())
+            raise
+        finally:
+            # However the thread ends (close, or an error its own handler raised), nobody steps after it: refuse
+            # new requests and end every queued one, or their callers would wait forever.
+            self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Close the engine and end every request not finished yet (queued, running, or still in the inbox) with
+        an error; only ever run by whoever steps the engine (its thread, or :meth:`close` when none was started)."""
+        with self._cond:
+            self._closed = True
+            # Swapped out under the lock: add_request sees the engine closed from now on, and stats() stops
+            # counting requests that were ended here.
+            inbox, self._inbox = self._inbox, []
+            self._aborts = []
+            self._cond.notify_all()
+        for seq in list(self.scheduler.waiting) + self.scheduler.prefilling + self.scheduler.decoding + inbox:
+            if seq.status == Status.FINISHED:
+                continue
             try:
-                self.step()
-            except Exception:  # noqa: BLE001 - a bug in one step must not kill the worker
-                logger.error("engine step failed:\n%s", traceback.format_exc())
-                running = list(self.scheduler.prefilling) + list(self.scheduler.decoding)
-                self._fail(running, RuntimeError("engine step failed"))
-        for seq in list(self.scheduler.waiting) + self.scheduler.prefilling + self.scheduler.decoding + self._inbox:
-            if seq.status != Status.FINISHED:
                 self._finish(seq, "error", "the engine was shut down")
+            except Exception:  # noqa: BLE001 - one that cannot be ended cleanly must not keep the others waiting
+                logger.exception("ending request %s at shutdown failed", seq.request_id)
 
     def is_running(self) -> bool:
         """Whether the background thread is running (started, not closed, not died)."""
         return self._thread is not None and self._thread.is_alive() and not self._closed
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop the background thread; unfinished requests end with an error."""
+        """Stop the background thread; unfinished requests end with an error (at once when it was never started)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self._thread is None:  # never started: no thread will end the requests already added
+            self._shut_down()
+        elif self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
     def run_until_done(self, max_steps: int = 1_000_000) -> None:
