@@ -369,10 +369,13 @@ class BaseWorker(ABC):
         acquired = False
         slot: asyncio.Future | None = None
         try:
-            slot = asyncio.ensure_future(self.semaphore.acquire())
-            while not (await asyncio.wait({slot}, timeout=QUEUE_KEEPALIVE_S))[0]:
-                yield KEEPALIVE_CHUNK  # nothing to say yet: readers with a per-read timeout keep waiting
-            await slot
+            if self.semaphore.locked():  # a wait: keep-alives until a place is free
+                slot = asyncio.ensure_future(self.semaphore.acquire())
+                while not (await asyncio.wait({slot}, timeout=QUEUE_KEEPALIVE_S))[0]:
+                    yield KEEPALIVE_CHUNK  # nothing to say yet: readers with a per-read timeout keep waiting
+                await slot
+            else:  # a free place is taken in this step, as before: generation starts without a turn of the loop
+                await self.semaphore.acquire()
             acquired = True
             self.waiting -= 1
             self.running += 1
