@@ -803,21 +803,26 @@ class CompletionShape:
     whole_object, chunk_object, id_prefix = "text_completion", "text_completion", "cmpl-"
 
     def __init__(self) -> None:
-        # Per answer: the characters its tokens so far decode to, and a decoder holding the bytes of a character
-        # that a token began and the next ends.
+        # Per answer: the characters its tokens so far decode to, a decoder holding the bytes of a character that a
+        # token began and the next ends, and how many of those characters come before the text (see _lead).
         self._offsets: dict[int, int] = {}
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}
+        self._leads: dict[int, int] = {}
 
-    def _legacy(self, index: int, entries: list[dict] | None) -> dict | None:
+    def _legacy(self, index: int, text: str, entries: list[dict] | None) -> dict | None:
         if entries is None:
             return None
+        if index not in self._leads:
+            self._leads[index] = _lead(text, entries)
+        lead = self._leads[index]
         decoder = self._decoders.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         offsets = []
         for entry in entries:
             # A character offset into the text: a token's text counts its characters, and a token with part of a
             # character (its ``token`` spells the bytes as "\\xe0") counts the character once, where it is whole.
-            offsets.append(self._offsets.get(index, 0))
-            self._offsets[index] = offsets[-1] + len(decoder.decode(_token_bytes(entry)))
+            spelt = self._offsets.get(index, 0)
+            offsets.append(max(0, spelt - lead))
+            self._offsets[index] = spelt + len(decoder.decode(_token_bytes(entry)))
         # An echoed prompt's first token (and an image placeholder) has no probability: null, as OpenAI's and vLLM's.
         # The token's own log-probability is always among its alternatives ("up to logprobs+1 elements", OpenAI's
         # reference; vLLM's too), also with logprobs 0.
@@ -831,14 +836,27 @@ class CompletionShape:
         return None
 
     def chunk(self, index: int, text: str, finish: str | None, logprobs: list[dict] | None) -> dict:
-        return {"index": index, "text": text, "logprobs": self._legacy(index, logprobs), "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": self._legacy(index, text, logprobs), "finish_reason": finish}
 
     def whole(self, index: int, piece: Piece, logprobs: list[dict] | None) -> dict:
-        return {"index": index, "text": piece.text, "logprobs": self._legacy(index, logprobs),
+        return {"index": index, "text": piece.text, "logprobs": self._legacy(index, piece.text, logprobs),
                 "finish_reason": piece.finish or "stop"}
 
     def whole_extras(self, request: GenerationRequest, first: Piece) -> dict:
         return {}  # an echo carries the prompt's scores in each choice's logprobs
+
+
+def _lead(text: str, entries: list[dict]) -> int:
+    """How many characters the first tokens spell before where the text begins: an echoed prompt's tokens start
+    with the BOS token (``<s>``) and SentencePiece's space before the first word, neither of which is in the text,
+    so without this every ``text_offset`` of an echo pointed 4 characters past its token. 0 when the tokens spell
+    the text from its start (an answer), or when the text's start is not found among them."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    spelt = "".join(decoder.decode(_token_bytes(entry)) for entry in entries)
+    probe = text[:16]
+    if not probe or spelt.startswith(probe):
+        return 0
+    return max(0, spelt.find(probe))
 
 
 def _token_bytes(entry: dict) -> bytes:

@@ -333,6 +333,23 @@ def test_scoring_continuations_as_evaluation_harnesses_do(cluster, local):
                                                                             by_text.usage.completion_tokens)
 
 
+def test_text_offsets_of_an_echo_point_into_its_text(cluster):
+    """Each ``text_offset`` is where its token stands in the returned text, also for an echoed prompt, whose first
+    tokens (``<s>`` and SentencePiece's space before the first word) are not in the text: they stand at 0."""
+    c = client(cluster)
+    for prompt in ("USER: ¿Qué es esto? ASSISTANT: Una manzana.", "Bonjour"):
+        whole = c.completions.create(model="ckpt", prompt=prompt, max_tokens=0, echo=True, logprobs=0).choices[0]
+        tokens, offsets = whole.logprobs.tokens, whole.logprobs.text_offset
+        assert tokens[:2] == ["<s>", " " + prompt[:len(tokens[1]) - 1]] and offsets[:2] == [0, 0]
+        # Past the first word, each token spells the text from its offset to the next one's.
+        assert [whole.text[start:end] for start, end in zip(offsets[2:], offsets[3:] + [len(whole.text)])] == \
+            tokens[2:]
+        streamed = c.completions.create(model="ckpt", prompt=prompt, max_tokens=4, echo=True, logprobs=0,
+                                        stream=True, temperature=0)
+        pieces = [chunk.choices[0] for chunk in streamed if chunk.choices and chunk.choices[0].logprobs]
+        assert [o for piece in pieces for o in piece.logprobs.text_offset][:len(offsets)] == offsets
+
+
 def test_chat_scores_an_answer_to_an_image_question(cluster, local):
     """vLLM's chat extras: the assistant's answer continued (``continue_final_message``) and ``prompt_logprobs``
     with ``prompt_token_ids``: the answer's tokens scored after the image and the question, as one forward pass over
