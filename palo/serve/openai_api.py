@@ -1055,7 +1055,8 @@ async def _sse_events(answers: list[AnswerReader], request: GenerationRequest, s
     def event(choice: dict | None, usage: dict | None = None) -> bytes:
         chunk: dict[str, Any] = {"id": completion_id, "object": shape.chunk_object, "created": created,
                                  "model": request.model, "choices": [] if choice is None else [choice]}
-        if usage is not None:
+        if usage is not None or request.include_usage:
+            # OpenAI: with include_usage "all other chunks will also include a usage field, but with a null value"
             chunk["usage"] = usage
         return b"data: " + json.dumps(chunk, ensure_ascii=False).encode("utf-8") + b"\n\n"
 

@@ -358,6 +358,10 @@ def test_n_answers_stream_interleaved_each_under_its_index():
     indexes = [c["choices"][0]["index"] for c in chunks[2:-1]]
     assert indexes[:4] == [0, 1, 0, 1]  # in turn, not one answer after the other
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5 + 12
+    # OpenAI's include_usage: "all other chunks will also include a usage field, but with a null value".
+    assert all("usage" in chunk and chunk["usage"] is None for chunk in chunks[:-1])
+    status, events = _ask_n(ChoiceRouter(lambda seed: "x"), 1, stream=True)
+    assert status == 200 and '"usage"' not in events  # not asked for: no usage field at all
 
 
 def test_n_out_of_range_is_400_and_a_failed_open_closes_the_answers_already_opened(monkeypatch):
