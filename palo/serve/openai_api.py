@@ -367,6 +367,7 @@ NOT_IMPLEMENTED: dict[str, Callable[[Any], bool]] = {
     "function_call": lambda v: v in (None, "none"),
     "modalities": lambda v: v in (None, ["text"]),
     "audio": lambda v: v is None,
+    "web_search_options": lambda v: v is None,  # any object, even {}, asks for a web search first
 }
 
 

@@ -395,7 +395,7 @@ def test_a_busy_worker_refuses_the_first_answer_at_once_and_later_ones_wait_for_
 def test_features_the_server_lacks_are_refused_by_name_and_their_no_op_values_accepted():
     base = {"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     refused = [("tools", [{"type": "function", "function": {"name": "f"}}]),
-               ("tool_choice", "auto"), ("modalities", ["audio"])]
+               ("tool_choice", "auto"), ("modalities", ["audio"]), ("web_search_options", {})]
     for key, value in refused:
         router = FakeRouter(FakeStream())
         response = asyncio.run(chat_completion(json.dumps({**base, key: value}).encode(), "", FakeRegistry(), router,
