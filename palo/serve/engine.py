@@ -50,7 +50,16 @@ ENGINE_LOGGER = "palo.engine"
 
 
 class RequestError(ValueError):
-    """The request is malformed (HTTP 400): bad field types, images that cannot be read, a wrong image count."""
+    """The request is malformed (HTTP 400): bad field types, images that cannot be read, a wrong image count.
+
+    Args:
+        message: What is wrong, for the client.
+        field: The request field it is about (a worker field: the OpenAI API names its own one after it), if one.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PromptTooLong(ValueError):
@@ -135,7 +144,15 @@ def _parse_number(params: dict[str, Any], key: str, default: float, integer: boo
     try:
         return parse_number(params, key, default, integer)
     except ValueError as exc:
-        raise RequestError(str(exc)) from None
+        raise RequestError(str(exc), key) from None
+
+
+def _parsed(field: str, parse: Callable[..., Any], *args: Any) -> Any:
+    """``parse(*args)``, its refusal a :class:`RequestError` about ``field``."""
+    try:
+        return parse(*args)
+    except ValueError as exc:
+        raise RequestError(str(exc), field) from None
 
 
 def _alternatives(params: dict[str, Any], key: str) -> int | None:
@@ -144,7 +161,7 @@ def _alternatives(params: dict[str, Any], key: str) -> int | None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                               or not 0 <= value <= MAX_LOGPROBS):
         raise RequestError(f"'{key}' must be null or an integer from 0 to {MAX_LOGPROBS} (alternatives per "
-                           f"token), got {value!r}")
+                           f"token), got {value!r}", key)
     return value
 
 
@@ -248,19 +265,19 @@ class EngineBackend(ABC):
         prompt = params.get("prompt")
         if token_ids is not None:  # the stream's text starts with the prompt: here the text its ids spell
             if prompt is not None:
-                raise RequestError("send either 'prompt' or 'prompt_token_ids', not both")
+                raise RequestError("send either 'prompt' or 'prompt_token_ids', not both", "prompt")
             prompt = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         elif not isinstance(prompt, str):
-            raise RequestError("'prompt' is required and must be a string")
+            raise RequestError("'prompt' is required and must be a string", "prompt")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise PromptTooLong(f"the prompt has {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
         read = images is not None
         images = list(images) if read else params.get("images") or []
         if not read and (not isinstance(images, list) or not all(isinstance(x, str) for x in images)):
-            raise RequestError("'images' must be a list of base64-encoded PNG or JPEG strings")
+            raise RequestError("'images' must be a list of base64-encoded PNG or JPEG strings", "images")
         stop = params.get("stop")
         if stop is not None and not isinstance(stop, str):
-            raise RequestError(f"'stop' must be a string, got {stop!r}")
+            raise RequestError(f"'stop' must be a string, got {stop!r}", "stop")
         temperature = _parse_number(params, "temperature", 1.0)
         top_p = _parse_number(params, "top_p", 1.0)
         top_k = _parse_number(params, "top_k", 0, integer=True)
@@ -268,70 +285,71 @@ class EngineBackend(ABC):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                                  or not WORKER_SEED_RANGE[0] <= seed <= WORKER_SEED_RANGE[1]):
             raise RequestError(f"'seed' must be an integer in [{WORKER_SEED_RANGE[0]}, {WORKER_SEED_RANGE[1]}], "
-                               f"got {seed!r}")
+                               f"got {seed!r}", "seed")
         if top_k < 0:
-            raise RequestError(f"'top_k' must be >= 0, got {top_k}")
+            raise RequestError(f"'top_k' must be >= 0, got {top_k}", "top_k")
         min_p = _parse_number(params, "min_p", 0.0)
         if not 0 <= min_p <= 1:
-            raise RequestError(f"'min_p' must be in [0, 1], got {min_p}")
+            raise RequestError(f"'min_p' must be in [0, 1], got {min_p}", "min_p")
         min_tokens = _parse_number(params, "min_tokens", 0, integer=True)
         ignore_eos = params.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
-            raise RequestError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
+            raise RequestError(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
         continuation = params.get("continuation", False)
         if not isinstance(continuation, bool):
-            raise RequestError(f"'continuation' must be true or false, got {continuation!r}")
+            raise RequestError(f"'continuation' must be true or false, got {continuation!r}", "continuation")
         capped = params.get("cap_max_new_tokens", True)
         if not isinstance(capped, bool):
-            raise RequestError(f"'cap_max_new_tokens' must be true or false, got {capped!r}")
+            raise RequestError(f"'cap_max_new_tokens' must be true or false, got {capped!r}", "cap_max_new_tokens")
         stop_token_ids = params.get("stop_token_ids") or []
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(stop_token_ids, vocab, max_len=MAX_STOP_TOKEN_IDS, empty=True):
             raise RequestError(f"'stop_token_ids' must be a list of up to {MAX_STOP_TOKEN_IDS} token ids in "
-                               f"[0, {vocab})")
+                               f"[0, {vocab})", "stop_token_ids")
         max_new_tokens = _parse_number(params, "max_new_tokens", 256, integer=True)
         if temperature < 0:
-            raise RequestError(f"'temperature' must be >= 0, got {temperature}")
+            raise RequestError(f"'temperature' must be >= 0, got {temperature}", "temperature")
         if not 0 <= top_p <= 1:
-            raise RequestError(f"'top_p' must be in [0, 1], got {top_p}")
+            raise RequestError(f"'top_p' must be in [0, 1], got {top_p}", "top_p")
         top_p = top_p or SMALLEST_TOP_P
         penalties = {key: _parse_number(params, key, 0.0) for key in ("presence_penalty", "frequency_penalty")}
         for key, value in penalties.items():
             if not -2 <= value <= 2:
-                raise RequestError(f"'{key}' must be in [-2, 2], got {value}")
+                raise RequestError(f"'{key}' must be in [-2, 2], got {value}", key)
         penalties["repetition_penalty"] = _parse_number(params, "repetition_penalty", 1.0)
         if penalties["repetition_penalty"] <= 0:
-            raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}")
-        try:
-            logit_bias = parse_logit_bias(params.get("logit_bias"), int(self.model.config.vocab_size))
-            structured, _ = parse_structured_output(params)
-            cache_salt = parse_cache_salt(params.get("cache_salt"))
-            stops = parse_stops(params.get("stops"))
-        except ValueError as exc:
-            raise RequestError(str(exc)) from None
+            raise RequestError(f"'repetition_penalty' must be > 0, got {penalties['repetition_penalty']}",
+                               "repetition_penalty")
+        logit_bias = _parsed("logit_bias", parse_logit_bias, params.get("logit_bias"), vocab)
+        structured, _ = _parsed("structured", parse_structured_output, params)
+        cache_salt = _parsed("cache_salt", parse_cache_salt, params.get("cache_salt"))
+        stops = _parsed("stops", parse_stops, params.get("stops"))
         logprobs, prompt_logprobs = (_alternatives(params, key) for key in ("logprobs", "prompt_logprobs"))
         # No answer at all: only to score the prompt.
         least_tokens = 0 if prompt_logprobs is not None else 1
         if max_new_tokens < least_tokens:
             raise RequestError(f"'max_new_tokens' must be at least 1 (0 only with 'prompt_logprobs'), got "
-                               f"{max_new_tokens}")
+                               f"{max_new_tokens}", "max_new_tokens")
         if capped:  # the original protocol's cap; the OpenAI API sends false: its max_tokens goes up to the context
             max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP)
         if not 0 <= min_tokens <= max_new_tokens:
-            raise RequestError(f"'min_tokens' must be from 0 to max_new_tokens ({max_new_tokens}), got {min_tokens}")
+            raise RequestError(f"'min_tokens' must be from 0 to max_new_tokens ({max_new_tokens}), got {min_tokens}",
+                               "min_tokens")
 
         num_placeholders = prompt.count(DEFAULT_IMAGE_TOKEN)
         if images and token_ids is not None:
-            raise RequestError("a 'prompt_token_ids' prompt takes no images; send the prompt as text with <image>")
+            raise RequestError("a 'prompt_token_ids' prompt takes no images; send the prompt as text with <image>",
+                               "images")
         if images and not self.is_multimodal:
-            raise RequestError("this model takes text only (its config has no vision tower); send no images")
+            raise RequestError("this model takes text only (its config has no vision tower); send no images", "images")
         if self.is_multimodal and len(images) != num_placeholders:
             raise RequestError(
                 f"{len(images)} image(s) for {num_placeholders} <image> placeholder(s) in the prompt; "
-                "send exactly one image per <image>"
+                "send exactly one image per <image>", "images"
             )
         if len(images) > MAX_IMAGES_PER_REQUEST:
-            raise RequestError(f"{len(images)} images is over the limit of {MAX_IMAGES_PER_REQUEST} per request")
+            raise RequestError(f"{len(images)} images is over the limit of {MAX_IMAGES_PER_REQUEST} per request",
+                               "images")
 
         if token_ids is not None:
             input_ids = token_ids
@@ -357,7 +375,7 @@ class EngineBackend(ABC):
                 try:
                     image = data if read else self.decode_image(data)
                 except ImageLoadError as exc:
-                    raise RequestError(f"image {i}: {exc}") from None
+                    raise RequestError(f"image {i}: {exc}", "images") from None
                 rows.append(process_images([image], self.image_processor, self.model.config)[0])
                 del image
             pixels = torch.stack(rows).to("cpu" if host_images else self.model.device, dtype=self.model.dtype)
@@ -392,7 +410,9 @@ class EngineBackend(ABC):
             return None
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(value, vocab, max_len=MAX_PROMPT_CHARS):
-            raise RequestError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab})")
+            # Said without the field's name: the OpenAI API's clients sent these ids as 'prompt'.
+            raise RequestError(f"a prompt of token ids must be a non-empty list of at most {MAX_PROMPT_CHARS} token "
+                               f"ids in [0, {vocab}) (the model's vocabulary)", "prompt_token_ids")
         return value
 
     # -- queue (each engine's own) ---------------------------------------------------------------------------------
@@ -550,9 +570,9 @@ class GenerationEngine(EngineBackend):
                 self.engine.structured_outputs().matcher(prepared.sampling.structured)
             except ImportError:
                 raise RequestError("structured outputs need the xgrammar package on the worker (pip install "
-                                   "xgrammar)") from None
+                                   "xgrammar)", "structured") from None
             except ValueError as exc:
-                raise RequestError(str(exc)) from None
+                raise RequestError(str(exc), "structured") from None
         return prepared
 
     def submit(self, request: PreparedRequest, sink: Sink) -> Job:

@@ -172,7 +172,7 @@ class ModelWorker(BaseWorker):
                 prepared = await asyncio.to_thread(self.engine.prepare, params)
         except RequestError as exc:
             self.logger.info("rejected request: %s", exc)
-            raise Rejected(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST)) from None
+            raise Rejected(error_chunk(str(exc), WORKER_ERROR, INVALID_REQUEST, exc.field)) from None
         except PromptTooLong as exc:
             # The original protocol: error code 0, the prompt followed by the message.
             self.logger.info("prompt too long: %s", exc)

@@ -123,6 +123,18 @@ class GenerationRequest:
     # space; a chat answer starts without one, as the original's.
     continuation: bool = False
 
+    def param_of(self, field: Any) -> str | None:
+        """The request parameter a worker's refusal is about, named as this request named it: the worker says
+        ``prompt_token_ids`` or ``images`` for what came as ``prompt`` or ``messages``, ``max_new_tokens`` for
+        ``max_tokens`` ... (None when the worker named none, or is of an earlier version)."""
+        if not isinstance(field, str):
+            return None
+        if field in ("prompt", "prompt_token_ids", "images"):
+            return self.prompt_field
+        if field == "structured":
+            return next(iter(self.shape), "response_format")
+        return {"max_new_tokens": "max_tokens", "stops": "stop", "prompt_logprobs": "logprobs"}.get(field, field)
+
     def worker_body(self, choice: int = 0) -> bytes | tuple[bytes, ...]:
         """The worker request of answer ``choice`` (of ``n``), as JSON for :meth:`Router.open`.
 
@@ -638,7 +650,7 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
                                code="context_length_exceeded", param=chat.prompt_field)
             if obj.get("error_code", OK) != OK:
                 if error_type == INVALID_REQUEST:
-                    raise APIError(400, str(obj.get("text")))
+                    raise APIError(400, str(obj.get("text")), param=chat.param_of(obj.get("param")))
                 raise APIError(502, f"the model worker failed: {obj.get('text')}", type_="server_error")
             if isinstance(obj.get("prompt"), str):
                 prompt = obj["prompt"]

@@ -318,10 +318,11 @@ def _text(spec: str, key: str) -> str:
     return spec
 
 
-def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR) -> bytes:
-    """An error chunk whose text starts with the original message (for codes 1-3) and then says what happened."""
+def error_chunk(reason: str, error_code: int, error_type: str = SERVER_ERROR, param: str | None = None) -> bytes:
+    """An error chunk whose text starts with the original message (for codes 1-3) and then says what happened;
+    ``param``: the request field a refused request's error is about (left out when None)."""
     text = reason if error_type == INVALID_REQUEST else f"{SERVER_ERROR_MSG} ({reason})"
-    return encode_chunk(text, error_code, error_type=error_type)
+    return encode_chunk(text, error_code, error_type=error_type, param=param)
 
 
 class ChunkDecoder:

@@ -122,7 +122,7 @@ class StaticBatchEngine(EngineBackend):
                     "stop_token_ids", "ignore_eos"):
             if getattr(prepared.sampling, key) != getattr(defaults, key):
                 name = parse_structured_output(params)[1] if key == "structured" else key
-                raise RequestError(f"'{name}' needs the paged engine; this worker runs --engine static")
+                raise RequestError(f"'{name}' needs the paged engine; this worker runs --engine static", key)
         return prepared
 
     # -- queue ---------------------------------------------------------------------------------------------------

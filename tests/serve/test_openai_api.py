@@ -258,8 +258,17 @@ def test_errors(cluster):
     with pytest.raises(openai.BadRequestError, match="base64 data URLs .* or http"):
         c.chat.completions.create(model="ckpt", messages=local)
     broken = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
-    with pytest.raises(openai.BadRequestError, match="not a readable image"):
+    with pytest.raises(openai.BadRequestError, match="not a readable image") as refused:
         c.chat.completions.create(model="ckpt", messages=broken)
+    assert refused.value.param == "messages"  # the worker's refusal, named as the client named the field
+    # Refused by the worker (only it knows the vocabulary), named as sent: 'prompt', not the worker's field.
+    with pytest.raises(openai.BadRequestError, match="token ids in \\[0, ") as refused:
+        c.completions.create(model="ckpt", prompt=[10**6], max_tokens=2)
+    assert refused.value.param == "prompt" and "prompt_token_ids" not in refused.value.message
+    with pytest.raises(openai.BadRequestError, match="not in the model's vocabulary") as refused:
+        c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "hi"}],
+                                  logit_bias={str(10**6): 1})
+    assert refused.value.param == "logit_bias"
     with pytest.raises(openai.BadRequestError, match="too long"):
         c.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "word " * 700}])
     with pytest.raises(openai.BadRequestError, match="the first message after the system message must be the user's"):
