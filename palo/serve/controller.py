@@ -43,14 +43,16 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from palo.constants import CONTROLLER_HEART_BEAT_EXPIRATION
 from palo.serve.body_limit import BodyLimit, max_request_bytes
 from palo.serve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from palo.serve.metrics import ControllerMetrics, RequestMetrics
-from palo.serve.openai_api import create_openai_router
+from palo.serve.openai_api import create_openai_router, is_openai_path, openai_error
 from palo.serve.protocol import (
     INVALID_REQUEST,
     KEEPALIVE_CHUNK,
@@ -428,7 +430,20 @@ def create_app(controller: Controller, read_timeout: float = 120.0, api_key: str
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:  # keeps serving after any bug
         controller.logger.exception("error handling %s", request.url.path)
+        if is_openai_path(request.url.path):
+            return openai_error(500, f"{type(exc).__name__}: {exc}", "server_error")
         return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        """An unknown path or a wrong method: under /v1 in OpenAI's error shape (its clients read
+        ``error.message``), FastAPI's own elsewhere."""
+        if not is_openai_path(request.url.path):
+            return await http_exception_handler(request, exc)
+        message = {404: f"Invalid URL ({request.method} {request.url.path})",
+                   405: f"Method {request.method} is not allowed for {request.url.path}"}.get(exc.status_code,
+                                                                                           str(exc.detail))
+        return openai_error(exc.status_code, message, headers=exc.headers)
 
     @app.exception_handler(_BadJson)
     async def _bad_json(request: Request, exc: _BadJson) -> JSONResponse:

@@ -77,6 +77,17 @@ MAX_CHOICES = 16  # the most answers ("n") one request may ask for
 MAX_COMPLETION_ANSWERS = 128  # the most answers one text completion request may ask for, over all its prompts
 
 
+def is_openai_path(path: str) -> bool:
+    """Whether ``path`` is one of the OpenAI API's (``/v1/...``): its errors take OpenAI's shape."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error response in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return APIError(status, message, type_, param, code, headers).response()
+
+
 class APIError(Exception):
     """An error returned in OpenAI's JSON shape."""
 

@@ -276,6 +276,14 @@ def test_errors(cluster):
     bad_json = httpx.post(cluster.url + "/v1/chat/completions", content=b"{",
                           headers={"Authorization": f"Bearer {API_KEY}"})
     assert bad_json.status_code == 400 and "invalid JSON" in bad_json.json()["error"]["message"]
+    # Paths and methods it lacks, in OpenAI's shape too (FastAPI's own was {"detail": "Not Found"}).
+    with pytest.raises(openai.NotFoundError, match="Invalid URL") as missing:
+        c.embeddings.create(model="ckpt", input="hi")
+    assert missing.value.body["type"] == "invalid_request_error"
+    wrong_method = httpx.get(cluster.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert set(wrong_method.json()["error"]) == {"message", "type", "param", "code"}
+    assert httpx.get(cluster.url + "/no-such-path").json() == {"detail": "Not Found"}  # outside /v1: as before
     for field in ("max_tokens", "top_k", "repetition_penalty", "temperature"):  # 401 digits: no float holds it
         huge = httpx.post(cluster.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                           json={"model": "ckpt", "messages": [{"role": "user", "content": "hi"}], field: 10**400,
