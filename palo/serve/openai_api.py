@@ -230,10 +230,16 @@ def _content(message: dict, index: int, images_allowed: bool,
     """The text of a message and its images (what ``read_image`` makes of each image part: base64 by default),
     images first as ``<image>`` lines."""
     content = message.get("content")
+    assistant = message.get("role") == "assistant"
     if content is None:
-        if message.get("role") != "assistant":  # OpenAI's: only an assistant message may come without content
+        if not assistant:  # OpenAI's: only an assistant message may come without content
             raise APIError(400, f"messages[{index}].content is required", param="messages")
-        return "", []
+        # An earlier answer that refused, sent back as it came: its words are what the assistant said.
+        refusal = message.get("refusal")
+        if not isinstance(refusal, str):
+            return "", []
+        _no_placeholder(refusal, index)
+        return refusal, []
     if isinstance(content, str):
         _no_placeholder(content, index)
         return content, []
@@ -245,6 +251,8 @@ def _content(message: dict, index: int, images_allowed: bool,
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "refusal" and assistant and isinstance(part.get("refusal"), str):  # OpenAI's assistant part
+            texts.append(part["refusal"])
         elif kind in ("image_url", "image"):  # "image": the Python API's local images (palo.llm); the API refuses it
             if not images_allowed:
                 raise APIError(400, f"messages[{index}]: only user messages can hold images", param="messages")

@@ -828,6 +828,25 @@ def test_a_client_that_leaves_while_its_later_answers_wait_for_places_frees_the_
     assert len(router.streams) == 1 and closed == [True] and router.busy >= 1
 
 
+def test_an_earlier_refusal_sent_back_is_what_the_assistant_said():
+    """OpenAI's assistant messages may carry a ``refusal`` part, or ``refusal`` with null content (as a client sends
+    an earlier answer back): its words are the turn's text. Only an assistant's; ``<image>`` in it is refused."""
+    from palo.serve.openai_api import APIError, render_messages
+
+    said = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "I can't help with that."},
+            {"role": "user", "content": "b"}]
+    as_part = [said[0], {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't help with that."}]},
+               said[2]]
+    as_field = [said[0], {"role": "assistant", "content": None, "refusal": "I can't help with that."}, said[2]]
+    assert render_messages(as_part, "vicuna_v1") == render_messages(as_field, "vicuna_v1") == \
+        render_messages(said, "vicuna_v1")
+    with pytest.raises(APIError, match="unsupported content part"):
+        render_messages([{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}], "vicuna_v1")
+    with pytest.raises(APIError, match="keep for images"):
+        render_messages([said[0], {"role": "assistant", "content": None, "refusal": "<image>"}, said[2]],
+                        "vicuna_v1")
+
+
 def test_consecutive_messages_of_one_role_are_one_turn():
     """Clients that send an image and then its question as two user messages get the prompt of one message."""
     from palo.serve.openai_api import APIError, render_messages
