@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="languages to list as not evaluated whatever their reviews file holds")
     args = parser.parse_args(argv)
     table = build_table(args.reviews_dir, args.name, args.languages, skip=args.skip)
-    if not table["languages"]:
+    # A run whose every language failed (--skip) still writes its table, each language "not evaluated": said to have
+    # no reviews, when they lay there (an earlier run's), the user was sent looking for a missing file.
+    if not table["languages"] and not args.skip:
         print(f"error: no reviews named {args.name}_<Language>.jsonl in {args.reviews_dir}", file=sys.stderr)
         return 2
     prefix = args.out or os.path.join(os.path.dirname(os.path.abspath(args.reviews_dir)), f"{args.name}_summary")

@@ -266,3 +266,12 @@ def test_a_language_that_fails_this_run_is_not_scored_from_an_earlier_checkpoint
     assert list(table["languages"]) == ["english"] and table["missing"] == ["chinese"]
     assert table["languages"]["english"]["all"] == 100.0  # ckpt_b's own reviews, 8 8
     assert "Not evaluated: Chinese" in (out / "tiny_summary.md").read_text(encoding="utf-8")
+    # Every language fails this run: the table says so (it kept ckpt_b's English score, and claimed there were no
+    # reviews, which lay there).
+    with open(language_files(str(broken), "english").context, "a", encoding="utf-8") as f:
+        f.write("{broken\n")
+    assert run("ckpt_c") == 1
+    err = capsys.readouterr().err
+    assert "incomplete: english, chinese" in err and "no reviews" not in err
+    table = json.loads((out / "tiny_summary.json").read_text(encoding="utf-8"))
+    assert table["languages"] == {} and table["missing"] == ["english", "chinese"]
