@@ -148,6 +148,9 @@ class TrainingArguments(transformers.TrainingArguments):
             # The original scripts pass --tf32 True; it only means something on Ampere+ GPUs.
             warnings.warn("--tf32 ignored: no CUDA device", stacklevel=2)
             self.tf32 = None
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:  # it exited 0, saving the untrained model as trained
+            raise ValueError(f"--num_train_epochs {self.num_train_epochs:g} trains nothing: give a positive number of "
+                             "epochs (a fraction trains part of one), or --max_steps")
         if self.bits not in (4, 8, 16):
             raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
         if self.packing_rows < 0:

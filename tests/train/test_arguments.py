@@ -20,6 +20,8 @@ def test_llava_and_mobilevlm_flags_parse_at_the_values_palo_runs():
     ("--mm_patch_merge_type", "spatial_unpad", "only 'flat'"),
     ("--vision_tower_type", "siglip", "only 'clip'"),
     ("--image_aspect_ratio", "anyres", "'pad' or 'square'"),
+    # It trained nothing, exited 0 and saved the untrained model where the trained one goes.
+    ("--num_train_epochs", "0", "trains nothing"),
 ])
 def test_a_value_palo_cannot_honour_is_one_line_before_anything_loads(flag, value, says, capsys):
     # spatial_unpad and siglip were accepted and silently ignored: the run trained another model than asked for.
@@ -40,6 +42,11 @@ def test_a_model_flag_no_model_takes_is_refused_before_the_language_model_loads(
     with pytest.raises(SystemExit) as stop:
         train([*COMMON, "--vision_tower", "/nowhere/clip", "--model_name_or_path", "/nowhere/llm", flag, value])
     assert str(stop.value).startswith("error: ") and says in str(stop.value)
+
+
+def test_zero_epochs_train_only_with_max_steps():
+    assert parse_args([*COMMON, "--num_train_epochs", "0", "--max_steps", "2"])[2].max_steps == 2
+    assert parse_args([*COMMON, "--num_train_epochs", "0.5"])[2].num_train_epochs == 0.5
 
 
 def test_warmup_steps_given_win_over_the_scripts_warmup_ratio():
