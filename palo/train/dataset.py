@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import zipfile
@@ -242,6 +243,10 @@ class LazySupervisedDataset(Dataset):
         # Shared across forked dataloader workers, so the counts are global; entries that are not JSON count from here.
         self.bad_samples = mp.get_context("fork").Value("i", len(invalid))
         self.over_length_skipped = mp.get_context("fork").Value("i", 0)  # --over_length skip
+        # Per dataset slot, whether it was skipped (1 bad, 2 over length): each counted once a run, however often
+        # it is drawn, and passed over without being read again.
+        self._skipped = mp.get_context("fork").Array("b", len(self.keep), lock=False)
+        self._stride = replacement_stride(len(self.keep))
         self.data_path = data_path
         self._token_lengths: np.ndarray | None = None
 
@@ -370,8 +375,16 @@ class LazySupervisedDataset(Dataset):
         return item
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        # A skipped sample's place goes to the slot a stride further on (then two strides ...): a run of k skipped
+        # neighbours hands its places to k different samples (the next sample each took all of them: in a file
+        # sorted by length with an over-length tail, one sample filled most of the epoch). The stride is prime to
+        # the size, so every slot is tried before the data is called all bad; the choice depends on i alone, so a
+        # resumed run draws the same samples.
         for attempt in range(len(self.keep)):
-            position = int(self.keep[(i + attempt) % len(self.keep)])
+            slot = (i + attempt * self._stride) % len(self.keep)
+            if self._skipped[slot]:
+                continue
+            position = int(self.keep[slot])
             sample = self.index.read(position)
             try:
                 item = self.build(sample)
@@ -384,9 +397,12 @@ class LazySupervisedDataset(Dataset):
                     raise BadSampleError(message + " (pass --skip_bad_samples True to skip and count "
                                                    "such samples)") from exc
                 counter = self.over_length_skipped if over_length else self.bad_samples
-                with counter.get_lock():
-                    counter.value += 1
-                if not over_length:  # expected by whoever asked to skip them: one count at the end, no warning each
+                with counter.get_lock():  # another dataloader worker may have skipped it meanwhile
+                    first = not self._skipped[slot]
+                    if first:
+                        self._skipped[slot] = 2 if over_length else 1
+                        counter.value += 1
+                if first and not over_length:  # expected by whoever asked for it: counted at the end, named once
                     logger.warning("skipped %s", message)
                 continue
             item["language"] = int(self.meta.language[position])
@@ -421,6 +437,15 @@ class DataCollator:
             out["images"] = torch.stack(images)
         out["languages"] = torch.tensor([x.get("language", len(LANGUAGE_NAMES) - 1) for x in items], dtype=torch.long)
         return out
+
+
+def replacement_stride(size: int) -> int:
+    """The step between a skipped sample's slot and its replacement's: about 0.618 of ``size`` (so neighbours'
+    replacements lie far apart and apart from each other), made prime to ``size`` (so stepping visits every slot)."""
+    stride = max(1, round(size * 0.6180339887))
+    while math.gcd(stride, size) != 1:
+        stride += 1
+    return stride
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:

@@ -74,6 +74,37 @@ def _dataset(world, data: str, max_length: int):
                                  model_max_length=max_length, image_tokens=world.model.image_token_count)
 
 
+@pytest.mark.parametrize("fault", ["over_length", "bad"])
+def test_a_run_of_skipped_samples_is_counted_once_and_spread_over_other_samples(world, tmp_path, fault):
+    """Four skipped neighbours: each gave its place to the next sample (which so trained 5 times an epoch) and was
+    counted on every try (10 an epoch, 4 in the file); in a file sorted by length with an over-length tail, one
+    sample filled most of the epoch."""
+    from palo.model.tokenizer import load_tokenizer
+    from palo.train.dataset import LazySupervisedDataset
+
+    answers = [f"Answer number {word}." for word in ("one two three four five six seven eight nine ten eleven "
+                                                     "twelve").split()]
+    samples = [{"id": f"s{i}", "conversations": [{"from": "human", "value": "Count?"},
+                                                 {"from": "gpt", "value": answer}]} for i, answer in enumerate(answers)]
+    for i in range(3, 7):  # over --model_max_length, or with an empty answer
+        samples[i]["conversations"][1]["value"] = ANSWER * 12 if fault == "over_length" else ""
+    (tmp_path / "train.json").write_text(json.dumps(samples))
+
+    def dataset():
+        return LazySupervisedDataset(str(tmp_path / "train.json"), load_tokenizer(world.tokenizer_dir), "vicuna_v1",
+                                     model_max_length=128, over_length="skip", skip_bad_samples=fault == "bad")
+
+    data = dataset()
+    epochs = [[tuple(data[i]["input_ids"].tolist()) for i in range(len(data))] for _ in range(2)]
+    counter = data.over_length_skipped if fault == "over_length" else data.bad_samples
+    assert counter.value == 4  # each skipped sample once, over both epochs
+    assert epochs[0] == epochs[1]
+    drawn = [epochs[0].count(ids) for ids in set(epochs[0])]
+    assert len(drawn) == 8 and sorted(drawn) == [1] * 4 + [2] * 4  # 4 places, 4 different samples
+    again = dataset()  # a resumed run draws the same samples
+    assert [tuple(again[i]["input_ids"].tolist()) for i in range(len(again))] == epochs[0]
+
+
 def test_an_over_long_sample_is_cut_where_the_model_would_cut_it(world, long_data):
     dataset, full = _dataset(world, long_data, 128), _dataset(world, long_data, 4096)
     cut_samples = 0
