@@ -65,6 +65,12 @@ _FAST_GAP = 64
 _OPEN, _START, _END, _CLOSE = 0, 1, 2, 3
 
 
+def _starts_with_bom(path: str) -> bool:
+    """Whether the file starts with a UTF-8 byte order mark (a chunk may hold only its first byte)."""
+    with open(path, "rb") as f:
+        return f.read(3) == b"\xef\xbb\xbf"
+
+
 class DataFileChangedError(RuntimeError):
     """The file changed after it was indexed: the recorded offsets no longer point at its elements."""
 
@@ -544,6 +550,9 @@ class _Scanner:
                 return  # leading whitespace only so far
             if raw[skip] != _OPEN_ARRAY:
                 found = raw[skip : skip + 1]
+                if base + skip == 0 and found == b"\xef" and _starts_with_bom(self.path):  # json.load refuses it too
+                    raise self._error("the file starts with a UTF-8 byte order mark (BOM); save it as UTF-8 without "
+                                      "one", 0)
                 raise self._error(f"expected '[' (the file must hold one JSON array), found {found!r}", base + skip)
             # Only whitespace precedes the '[', so the chunk holds no quote, backslash or bracket before it.
             self.started = True

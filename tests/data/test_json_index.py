@@ -176,6 +176,7 @@ MALFORMED = [
     ("   \n ", 5, "empty"),
     ('{"a": 1}', 0, "expected '['"),
     ('  x[{"a": 1}]', 2, "expected '['"),
+    ('\ufeff[{"a": 1}]', 0, "byte order mark"),
     ('[{"a": 1}', 9, "unbalanced"),
     ('[{"a": [1, 2]}, {"b": 2}', 24, "unbalanced"),
     ('[{"a": "b]', 10, "unterminated string"),
