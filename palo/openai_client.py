@@ -365,7 +365,9 @@ class ChatClient:
         The body is read here piece by piece against a deadline instead.
 
         Raises:
-            openai.APITimeoutError: The body took longer than ``timeout`` (retried as other time-outs).
+            openai.APITimeoutError: The body took longer than ``timeout``, or a read of it timed out (retried as
+                other time-outs).
+            openai.APIConnectionError: The connection broke while the body was read.
             openai.OpenAIError: As the SDK raises them (an error status, a failed connection).
         """
         import openai
@@ -373,8 +375,18 @@ class ChatClient:
         deadline = time.monotonic() + self.timeout
         with self._client.chat.completions.with_streaming_response.create(**kwargs) as response:
             body = bytearray()
-            for piece in response.iter_bytes():
-                body += piece
-                if time.monotonic() > deadline:
-                    raise openai.APITimeoutError(request=response.http_request)
+            try:
+                for piece in response.iter_bytes():
+                    body += piece
+                    if time.monotonic() > deadline:
+                        raise openai.APITimeoutError(request=response.http_request)
+            except openai.OpenAIError:
+                raise
+            except Exception as exc:
+                # Reading the body raises the HTTP library's own errors (httpx or httpx2, as the SDK's version
+                # has it), which the SDK turns into its own only while it sends: made the SDK's here, so that a
+                # connection dropped mid-body, or silent past the time-out, is retried as any other.
+                if "timeout" in type(exc).__name__.lower():
+                    raise openai.APITimeoutError(request=response.http_request) from exc
+                raise openai.APIConnectionError(request=response.http_request) from exc
             return bytes(body)

@@ -216,6 +216,61 @@ def test_a_body_dripped_a_byte_at_a_time_times_out_as_a_whole_and_is_retried():
         server.server_close()
 
 
+@pytest.mark.parametrize("fault", ["dropped", "silent"])
+def test_a_body_cut_off_or_never_sent_after_the_headers_is_retried(fault):
+    """The body is read after the SDK returned the response: a connection dropped half-way through it, or a server
+    silent after its headers, raised the HTTP library's own error (not the SDK's), which the retry loop did not
+    catch: a judging or translation run stopped with a traceback at the first such reply."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    good = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": "hi"}}]}).encode()
+    calls = []
+
+    class Faulty(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server naming
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            calls.append(1)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(good)))
+            self.end_headers()
+            if len(calls) > 1:
+                self.wfile.write(good)
+                return
+            self.wfile.write(good[:10])
+            self.wfile.flush()
+            if fault == "silent":
+                time.sleep(3)  # past the client's time-out
+            self.close_connection = True  # the rest of the body never comes
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Faulty)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        waits: list[float] = []
+        client = ChatClient("m", api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                            sleep=waits.append, max_retries=2, backoff=0.01, timeout=1.0)
+        completion = client.complete(MESSAGES)
+        assert completion.content == "hi" and completion.calls == 2 and client.stats["retries"] == 1
+        # Retries used up: a failure record naming what happened, not a traceback.
+        calls.clear()
+        client = ChatClient("m", api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+                            sleep=waits.append, max_retries=0, timeout=1.0)
+        with pytest.raises(RequestFailed, match="APITimeoutError" if fault == "silent" else "APIConnectionError"):
+            client.complete([{"role": "user", "content": "again"}])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_failure_record_names_the_cause_the_sdk_wraps():
     """A 200 cut off half-way was recorded as "APIConnectionError: Connection error.", its cause lost."""
     from palo.openai_client import describe
