@@ -173,6 +173,11 @@ def _reply_of(body: bytes) -> tuple[str, str | None, int | None]:
     server that answers 200 with the wrong body)."""
     try:
         response = json.loads(body)
+        if isinstance(response, dict) and "choices" not in response and response.get("error"):
+            # A proxy or backend that answers 200 with an error body: its message says what went wrong.
+            error = response["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise MalformedReply(f"the server answered 200 with an error: {str(message)[:200]}")
         choice = response["choices"][0]
         content = choice["message"]["content"]
     except (ValueError, IndexError, KeyError, TypeError) as exc:

@@ -102,6 +102,17 @@ def test_a_malformed_200_body_is_retried(body):
     assert completion.content == "hi" and completion.calls == 2 and len(waits) == 1
 
 
+def test_a_200_error_body_is_retried_and_its_message_kept():
+    """A proxy that answers 200 with {"error": ...} was recorded as "KeyError: 'choices'"."""
+    overloaded = {"error": {"message": "upstream overloaded", "type": "server_error"}}
+    waits: list[float] = []
+    with ChatServer((200, overloaded, {}), reply("hi")) as server:
+        assert _client(server, waits).complete(MESSAGES).calls == 2
+    with ChatServer((200, overloaded, {})) as server, \
+            pytest.raises(RequestFailed, match="answered 200 with an error: upstream overloaded"):
+        _client(server, waits, max_retries=0).complete(MESSAGES)
+
+
 @pytest.mark.parametrize("usage", [{"total_tokens": "lots"}, {"total_tokens": -3}, {"total_tokens": [5]}, "none", None])
 def test_a_good_reply_with_a_malformed_usage_is_kept_and_counts_no_tokens(usage, tmp_path):
     """usage is bookkeeping: a server that fills it wrongly must not cost the reply (a paid judge call) or the run."""
