@@ -356,8 +356,10 @@ class ChatClient:
                 self.sleep(retry_delay(attempt, self.backoff, self.max_backoff, hint))
                 continue
             self.count("tokens", tokens or 0)
-            # A reply the server cut at max_tokens is never served again: read from the cache it would look whole.
-            if key is not None and finish_reason != "length" and (accept is None or accept(content)):
+            # A reply the server cut (at max_tokens, or by its content filter) is never served again: read from the
+            # cache it would look whole.
+            if key is not None and finish_reason not in ("length", "content_filter") and (accept is None
+                                                                                         or accept(content)):
                 self.cache.put(key, self.model, content)
             return Completion(content, finish_reason, calls=attempt + 1)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover

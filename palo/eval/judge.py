@@ -128,11 +128,16 @@ _LABEL = re.compile(_LABEL_WORD + r"([12])\b", re.IGNORECASE)
 # detail", the next label), not a noun ("Assistant 2 lists 3 reasons", "mentions 2 dogs").
 _SCORE_FOLLOWER = (r"(?:points?|pts|and|or|while|but|whereas|because|for|since|as|respectively|overall|compared|with|"
                    r"assistant|answer|response)\b")
+# Nor is a number that is one end of a range or a choice ("7-8", "3 to 4", "7 or 8"), an approximation ("~8"), or
+# a decimal comma's whole part ("8,5"): which score the judge meant is a guess, so the parse fails.
 _LABELLED = re.compile(
-    rf"{_LABEL_WORD}([12])\b(?:(?!{_LABEL_WORD}[12]\b)[^\d\n]){{0,40}}?({_NUMBER})(?![\d.]*\d)"
-    rf"(?!\s*(?!{_SCORE_FOLLOWER})[^\W\d_])",
+    rf"{_LABEL_WORD}([12])\b(?:(?!{_LABEL_WORD}[12]\b)[^\d\n]){{0,40}}?(?<![~\u2248])({_NUMBER})(?![\d.]*\d)"
+    rf"(?!\s*(?!{_SCORE_FOLLOWER})[^\W\d_])(?!\s*(?:[-\u2013\u2014~]|to\b|or\b)\s*[-+]?\d)(?!,\d)",
     re.IGNORECASE,
 )
+# A scale other than 10 left on a line once "/10" and "out of 10" are gone ("1/5", "8/20", "(out of 5)"): its numbers
+# are not scores out of 10, and rescaling them would be a guess too.
+_OTHER_SCALE = re.compile(r"(?:/|\bout\s+of)\s*\d", re.IGNORECASE)
 # A line that starts with its first number ("8 9 - Assistant 2 is better as it names 2 dogs"): the pair the rule
 # asks for comes first, whatever the explanation after it says.
 _LEADING_NUMBER = re.compile(rf"^[\[(]?\s*{_NUMBER}")
@@ -195,7 +200,9 @@ def parse_scores(reply: str) -> tuple[float, float]:
     * a line that ends with a colon introduces what follows ("Evaluation of question 3 about image 001.jpg:") and
       is passed over; any other line with numbers fails the parse rather than being guessed at.
 
-    List markers ("1. 8") and denominators ("/10", "out of 10") are not scores.
+    List markers ("1. 8") and denominators ("/10", "out of 10") are not scores. A range, a choice or an approximation
+    ("7-8", "7 or 8", "~8") and a scale other than 10 ("4/5", "out of 5") fail the parse: which score out of 10 was
+    meant would be a guess.
 
     Args:
         reply: The judge's raw reply.
@@ -209,19 +216,27 @@ def parse_scores(reply: str) -> tuple[float, float]:
     if not reply or not reply.strip():
         raise ScoreParseError("empty reply")
     lines = [_clean(line) for line in _without_thinking(reply).splitlines()]
+
+    def on_scale(line: str) -> str:
+        if _OTHER_SCALE.search(line):
+            raise ScoreParseError(f"scores on another scale than 10: {line[:80]!r}")
+        return line
+
     for index, line in enumerate(lines):
         unlabelled = _LABEL.sub(" ", line)
         pair = _PAIR.match(unlabelled)
         if pair is not None and _LEADING_NUMBER.match(line):
+            on_scale(line)
             scores = (float(pair.group(1)), float(pair.group(2)))
             break
         found = _labelled(line)
         if found:
+            on_scale(line)
             # Further scores by label only from lines that begin with one ("Assistant 2: 9"), never from the
             # explanation's prose.
             for later in lines[index + 1:]:
                 if _LABEL.match(later):
-                    for label, score in _labelled(later).items():
+                    for label, score in _labelled(on_scale(later)).items():
                         found.setdefault(label, score)
             if "1" not in found or "2" not in found:
                 raise ScoreParseError(f"a score for one assistant only: {line[:80]!r}")
@@ -230,11 +245,14 @@ def parse_scores(reply: str) -> tuple[float, float]:
         if not re.search(r"\d", unlabelled):
             continue
         if pair is not None:
+            on_scale(line)
+            if len({label.group(1) for label in _LABEL.finditer(line)}) == 1:  # "Assistant 1: 8,5": not 8 and 5
+                raise ScoreParseError(f"two numbers after one assistant's label: {line[:80]!r}")
             scores = (float(pair.group(1)), float(pair.group(2)))
             break
         if line.endswith(":"):
             continue
-        raise ScoreParseError(f"expected two scores on the first line with numbers: {line[:80]!r}")
+        raise ScoreParseError(f"expected two scores on the first line with numbers: {on_scale(line)[:80]!r}")
     else:
         raise ScoreParseError(f"no scores in the reply: {reply.strip()[:80]!r}")
     if not all(0 <= s <= MAX_SCORE for s in scores):
@@ -313,6 +331,9 @@ class JudgeClient:
             reply = self.chat.complete(build_messages(user_content), accept=_parses)
         except RequestFailed as exc:
             return Judgment("", None, failed=True, reason=f"request failed {exc}", calls=exc.attempts)
+        if reply.finish_reason == "content_filter":  # what is left of a filtered reply is not the judge's verdict
+            return Judgment(reply.content, None, failed=True, calls=reply.calls,
+                            reason="the endpoint's content filter stopped the reply")
         readable, cut = reply.content, reply.finish_reason == "length"
         if cut:  # cut at max_tokens: its last line may be cut too ("8 1" of "8 10"); the lines before it stand
             readable = readable.rsplit("\n", 1)[0] if "\n" in readable else ""

@@ -63,6 +63,8 @@ def test_a_long_run_of_spaces_in_a_reply_is_parsed_at_once():
     ("Answer 1: 7  Answer 2: 6", (7, 6)),
     ("Assistant 1 gets 8 points, Assistant 2 gets 9 points.", (8, 9)),
     ("Assistant 1 scores 7 while Assistant 2 scores 10.", (7, 10)),
+    ("Assistant 1: 8 – Assistant 2: 6", (8, 6)), ("Assistant 1: 8 - clear\nAssistant 2: 6 - vague", (8, 6)),
+    ("8 9\nAssistant 1 names 3/5 of the objects.", (8, 9)),  # a fraction in the explanation, not the scores' line
 ])
 def test_numbers_that_are_not_scores_are_not_read_as_scores(reply, expected):
     assert parse_scores(reply) == expected
@@ -77,6 +79,12 @@ def test_numbers_that_are_not_scores_are_not_read_as_scores(reply, expected):
     "Assistant 1: 8\n\nAssistant 2 mentions 2 dogs. Score 9",
     "Assistant 1 provides 3 examples, Assistant 2 provides 5 examples.\n7 8",
     "Assistant 1 gave 2 wrong facts: 4\nAssistant 2: 8",
+    # Ranges, choices, approximations and other scales were read as the first number (1 and 4 out of 5 as 1 and 4
+    # out of 10; 7-8 as 7); the same numbers without labels already failed.
+    "Assistant 1: 1/5\nAssistant 2: 4/5", "Assistant 1: 8/20\nAssistant 2: 7/20", "8 7 (out of 5)",
+    "Assistant 1: 8, Assistant 2: 7 (out of 5)", "Assistant 1: 7-8\nAssistant 2: 6", "Assistant 1: 7–8\nAssistant 2: 6",
+    "Assistant 1: 7 or 8\nAssistant 2: 6", "Assistant 1: ~8\nAssistant 2: 7", "Assistant 1: 8,5\nAssistant 2: 7,5",
+    "Assistant 1: 8\nAssistant 2: 3/5",
 ])
 def test_replies_that_would_need_a_guess_raise(reply):
     with pytest.raises(ScoreParseError):

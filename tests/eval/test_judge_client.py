@@ -56,11 +56,11 @@ def test_only_parsed_replies_are_cached(tmp_path):
     assert server.requests[0]["messages"][1] == {"role": "user", "content": CONTENT}
 
 
-def _cut(text: str):
-    """A reply the server cut at max_tokens (finish_reason "length")."""
+def _cut(text: str, finish_reason: str = "length"):
+    """A reply the server cut at max_tokens (finish_reason "length"), or by its content filter."""
     message = {"role": "assistant", "content": text}
     return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": "judge-x",
-                 "choices": [{"index": 0, "finish_reason": "length", "message": message}],
+                 "choices": [{"index": 0, "finish_reason": finish_reason, "message": message}],
                  "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}, {}
 
 
@@ -76,3 +76,13 @@ def test_a_reply_cut_in_its_score_line_is_a_failed_judgment_and_is_not_cached(tm
         assert not whole_line.failed and whole_line.scores == (8, 10)
         again = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
     assert again.scores == (8, 10) and not again.cached and server.calls == 3  # neither cut reply was cached
+
+
+def test_a_reply_stopped_by_a_content_filter_is_a_failed_judgment_and_is_not_cached(tmp_path):
+    """Its "4 5" (finish_reason "content_filter") was scored and cached: what a filter left is not a verdict."""
+    path = str(tmp_path / "judge_cache.sqlite")
+    with ChatServer(_cut("4 5\nAssistant 1", "content_filter"), reply("8 9\nBoth fine.")) as server:
+        filtered = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+        assert filtered.failed and filtered.scores is None and "content filter" in filtered.reason
+        again = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
+    assert again.scores == (8, 9) and not again.cached and server.calls == 2
