@@ -461,7 +461,8 @@ class PaloForCausalLM(LlamaForCausalLM):
             image_sizes: Accepted for LLaVA-1.6 callers; unused.
             attention_mask: ``[B, T]``; None means no padding.
             stopping_criteria: Criteria written for ids-based generation; they are shown prompt + new ids.
-            **kwargs: transformers generation arguments (``max_new_tokens``, ``do_sample``, ``temperature`` ...).
+            **kwargs: transformers generation arguments (``max_new_tokens``, ``do_sample``, ``temperature`` ...);
+                ``max_length`` / ``min_length`` count the prompt's ids, an image one id, as the original's did.
 
         Returns:
             ``[B, T + n]``: the prompt ids followed by the generated ids (padded with the pad id where a row stopped
@@ -481,6 +482,7 @@ class PaloForCausalLM(LlamaForCausalLM):
             return super().generate(
                 input_ids, attention_mask=attention_mask, stopping_criteria=stopping_criteria, **kwargs
             )
+        kwargs = _lengths_as_new_tokens(kwargs, input_ids.shape[1])
         spliced = self.prepare_multimodal_inputs(input_ids, images, attention_mask, padding_side="left",
                                                  truncate=False)
         criteria = StoppingCriteriaList([_WithPrompt(c, input_ids) for c in (stopping_criteria or [])])
@@ -503,6 +505,29 @@ class PaloForCausalLM(LlamaForCausalLM):
             return ids
         out.sequences = ids
         return out
+
+
+def _lengths_as_new_tokens(kwargs: dict[str, Any], prompt_ids: int) -> dict[str, Any]:
+    """``max_length`` / ``min_length`` as the new tokens they leave, for generation from spliced embeddings.
+
+    They count the prompt's ids, an image one id, as generation from ids counts them (the original's generate, and
+    this one's without images); from embeddings transformers counts each image's feature positions instead (576 at
+    CLIP-L/336), so ``max_length=512`` failed and larger values gave 575 tokens fewer. ``max_new_tokens`` /
+    ``min_new_tokens``, when given, win, as in transformers.
+
+    Raises:
+        ValueError: When ``max_length`` leaves no room after the prompt's ids (as transformers says it for ids).
+    """
+    kwargs = dict(kwargs)
+    max_length, min_length = kwargs.pop("max_length", None), kwargs.pop("min_length", None)
+    if max_length is not None and kwargs.get("max_new_tokens") is None:
+        if max_length <= prompt_ids:
+            raise ValueError(f"Input length of input_ids is {prompt_ids}, but `max_length` is set to {max_length}: "
+                             "no room for new tokens (set `max_new_tokens` instead)")
+        kwargs["max_new_tokens"] = max_length - prompt_ids
+    if min_length is not None and kwargs.get("min_new_tokens") is None and min_length > prompt_ids:
+        kwargs["min_new_tokens"] = min_length - prompt_ids
+    return kwargs
 
 
 def _check_room(positions: torch.Tensor, limit: int) -> None:

@@ -82,6 +82,30 @@ def test_generate_with_output_dict_returns_prompt_and_new_ids_and_their_scores(w
     assert [s[0].argmax().item() for s in out.scores] == plain[0, ids.shape[1]:].tolist()
 
 
+def test_max_and_min_length_count_the_prompts_ids_with_images_as_without(world):
+    """``max_length`` counts the prompt's ids, an image one id, as generation from ids does (the original's, and
+    this one's for text): from the spliced embeddings transformers counted every feature position (576 a CLIP-L/336
+    image), so ``max_length=512`` failed with a PALO-7B prompt and larger values gave 575 tokens too few."""
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    ids = tokenizer_image_token(_prompt("Что на картинке?"), tokenizer, return_tensors="pt")[None]
+    pixels = torch.randn(1, 3, 56, 56)
+    prompt = ids.shape[1]
+    assert world.model.get_vision_tower().num_tokens > 1  # the case: more positions than ids
+    # An end-of-sequence token that greedy decoding picks at once, so that only min_length holds the answer open.
+    first = int(world.model.generate(ids, images=pixels, max_new_tokens=1, do_sample=False)[0, -1])
+    for extra in (1, 3, 7):
+        out = world.model.generate(ids, images=pixels, max_length=prompt + extra, do_sample=False, eos_token_id=-1)
+        assert out.shape[1] == prompt + extra
+        held = world.model.generate(ids, images=pixels, min_length=prompt + extra, max_new_tokens=10,
+                                    eos_token_id=first, do_sample=False)
+        assert held.shape[1] - prompt > extra - 1 and first not in held[0, prompt:prompt + extra].tolist()
+    # max_new_tokens wins over max_length, as in transformers.
+    assert world.model.generate(ids, images=pixels, max_length=prompt + 2, max_new_tokens=4, eos_token_id=-1,
+                                do_sample=False).shape[1] == prompt + 4
+    with pytest.raises(ValueError, match="no room for new tokens"):
+        world.model.generate(ids, images=pixels, max_length=prompt)
+
+
 def test_batched_generation_equals_one_by_one(world):
     tokenizer = load_tokenizer(world.tokenizer_dir)
     model = world.model
