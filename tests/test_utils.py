@@ -39,6 +39,22 @@ def test_messages_logger_and_semaphore_text_are_the_originals():
     assert asyncio.run(texts()) == ["Semaphore(value=1, locked=False)", "Semaphore(value=0, locked=True)"]
 
 
+def test_stream_to_logger_sends_each_line_to_the_logger(caplog):
+    import logging
+
+    from palo.utils import StreamToLogger
+
+    stream = StreamToLogger(logging.getLogger("palo.test.stream"), logging.WARNING)
+    with caplog.at_level(logging.INFO, logger="palo.test.stream"):
+        assert stream.write("one\ntw") == 6
+        stream.write("o  \nthree")
+        stream.flush()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, "one"),
+                                                                       (logging.WARNING, "two"),
+                                                                       (logging.WARNING, "three")]
+    assert stream.encoding == stream.terminal.encoding  # the rest is the real stdout's
+
+
 def test_violates_moderation_asks_the_endpoint_and_a_failure_does_not_flag(monkeypatch, caplog):
     from palo.utils import violates_moderation
 

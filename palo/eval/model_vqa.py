@@ -90,6 +90,12 @@ def load_questions(path: str, skip_bad: bool = False) -> list[Question]:
             for r in unique_records(records, "question_id", skip_bad, check=problem)]
 
 
+def split_list(items: list[Any], n: int) -> list[list[Any]]:
+    """``items`` in consecutive slices of size ceil(len / n) (the original's helper; :func:`get_chunk` picks one)."""
+    size = max(1, math.ceil(len(items) / n))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
     """The ``chunk_idx``-th of ``num_chunks`` consecutive slices of size ceil(n / num_chunks), as the original."""
     if not 0 <= chunk_idx < num_chunks:
@@ -725,6 +731,36 @@ def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions:
     return 0
 
 
+def _answer(args: argparse.Namespace, generation: dict[str, Any]) -> int:
+    def loader() -> tuple[Answerer, str]:
+        return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
+                             args.device, args.vision_tower, args.engine, args.dtype)
+
+    run = AnswerRun.of(args.model_path, args.conv_mode, args.image_preprocess, generation)
+    return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,
+                       args.num_chunks, args.chunk_idx, args.skip_bad, run=run, overwrite=args.overwrite)
+
+
+def eval_model(args: Any) -> int:
+    """The original's entry point: answer ``args.question_file`` into ``args.answers_file``, as the command does.
+
+    Args:
+        args: The parsed arguments of the original's parser (``model_path``, ``question_file``, ``answers_file``,
+            ``image_folder``, ``conv_mode``, ``num_chunks``, ``chunk_idx``, ``temperature``, ``top_p``,
+            ``num_beams`` ...), or any object with such attributes; those it lacks take this command's defaults.
+
+    Returns:
+        0 when every question has its answer, 1 otherwise (each reason printed).
+
+    Raises:
+        ValueError: For generation settings that cannot be used.
+        ModelLoadError: When the checkpoint does not load.
+    """
+    settings = argparse.Namespace(**{**vars(build_parser().parse_args([])), **vars(args)})
+    generation = generation_kwargs(settings.temperature, settings.top_p, settings.num_beams, settings.max_new_tokens)
+    return _answer(settings, generation)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -732,15 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-    def loader() -> tuple[Answerer, str]:
-        return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
-                             args.device, args.vision_tower, args.engine, args.dtype)
-
-    run = AnswerRun.of(args.model_path, args.conv_mode, args.image_preprocess, generation)
     try:
-        return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,
-                           args.num_chunks, args.chunk_idx, args.skip_bad, run=run, overwrite=args.overwrite)
+        return _answer(args, generation)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

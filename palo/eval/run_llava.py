@@ -48,6 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def image_parser(args: Any) -> list[str]:
+    """The images ``args.image_file`` names, split at ``args.sep`` (LLaVA's helper of the same name)."""
+    return [f for f in args.image_file.split(getattr(args, "sep", ",")) if f]
+
+
+def load_image(image_file: str, allow_remote: bool = False, policy: Any = None) -> Any:
+    """One image as RGB (LLaVA's helper of the same name; :func:`palo.mm_utils.load_image`): an http(s) URL is
+    fetched only with ``allow_remote``, within ``policy`` (a :class:`palo.remote_images.RemoteImagePolicy`)."""
+    from palo.mm_utils import load_image as load
+
+    return load(image_file, allow_remote=allow_remote, policy=policy)
+
+
+def load_images(image_files: list[str], allow_remote: bool = False, policy: Any = None) -> list[Any]:
+    """:func:`load_image` of each file, in order (LLaVA's helper of the same name)."""
+    return [load_image(f, allow_remote, policy) for f in image_files]
+
+
 def _query_with_images(query: str, num_images: int, token: str) -> str:
     """``query`` with one image ``token`` (``MultimodalSpec.image_placeholder``) per image.
 
@@ -73,16 +91,15 @@ def eval_model(args: Any) -> str:
     import torch
 
     from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
-    from palo.mm_utils import get_model_name_from_path, load_image, process_images, tokenizer_image_token
+    from palo.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
     from palo.model.builder import load_pretrained_model
     from palo.model.config import MultimodalSpec
     from palo.model.multimodal import no_room_for_answer
 
-    files = [f for f in args.image_file.split(args.sep) if f]
+    files = image_parser(args)
     if not files:
         raise ValueError("--image-file names no image")
-    policy = policy_from_args(args)
-    images = [load_image(f, allow_remote=getattr(args, "allow_remote_images", False), policy=policy) for f in files]
+    images = load_images(files, getattr(args, "allow_remote_images", False), policy_from_args(args))
     device = getattr(args, "device", "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         device = "cpu"

@@ -118,6 +118,23 @@ def test_chunks_split_the_questions(world, bench, questions, tmp_path):
     assert model_vqa.get_chunk(list(range(8)), 3, 0) == [0, 1, 2]
     with pytest.raises(ValueError, match="chunk-idx 3"):
         model_vqa.get_chunk(list(range(8)), 3, 3)
+    assert model_vqa.split_list(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # the original's helper
+
+
+def test_eval_model_takes_the_originals_namespace(world, bench, questions, tmp_path):
+    """Scripts and notebooks call the original's ``eval_model(args)`` with its parser's namespace (no --device,
+    --batch-size ... here: this command's defaults fill them); it answers as the command does."""
+    import argparse
+
+    by_command = str(tmp_path / "command.jsonl")
+    assert _run(world, bench, questions, by_command) == 0
+    by_call = str(tmp_path / "call.jsonl")
+    args = argparse.Namespace(model_path=world.full_dir, model_base=None, image_folder=os.path.join(bench, "images"),
+                              question_file=questions, answers_file=by_call, conv_mode="vicuna_v1", num_chunks=1,
+                              chunk_idx=0, temperature=0.0, top_p=None, num_beams=1, max_new_tokens=6, device="cpu")
+    assert model_vqa.eval_model(args) == 0
+    assert [(r["question_id"], r["text"]) for r in _read(by_call)] == [(r["question_id"], r["text"])
+                                                                        for r in _read(by_command)]
 
 
 def test_pad_is_default_and_crop_reproduces_the_original(bench):

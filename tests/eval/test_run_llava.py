@@ -77,6 +77,19 @@ def test_eval_model_with_placeholders_in_the_query(world, tmp_path, capsys):
         eval_model(bad)
 
 
+def test_the_originals_image_helpers(tmp_path):
+    from palo.eval.run_llava import image_parser, load_image, load_images
+    from palo.mm_utils import ImageLoadError
+
+    paths = _images(str(tmp_path))
+    args = argparse.Namespace(image_file=";".join(paths) + ";", sep=";")
+    assert image_parser(args) == paths
+    images = load_images(image_parser(args))
+    assert [image.mode for image in images] == ["RGB", "RGB"] and images[0].size == load_image(paths[0]).size
+    with pytest.raises(ImageLoadError, match="allow-remote-images"):
+        load_image("https://example.com/a.png")
+
+
 def test_clear_errors(world, tmp_path):
     done = _run("--model-path", world.full_dir, "--image-file", str(tmp_path / "nope.png"), "--query", "hi",
                 "--device", "cpu")
