@@ -287,6 +287,9 @@ class PaloLlamaTokenizer(SentencePieceBackend):
             config = json.load(f)
         config["tokenizer_class"] = "LlamaTokenizer"
         config["legacy"] = self.original_legacy
+        # Said outright: transformers' own LlamaTokenizer (AutoTokenizer, vLLM, SGLang) added no BOS without them,
+        # so every prompt it encoded from a folder saved here lacked the <s> the model was trained with.
+        config["add_bos_token"], config["add_eos_token"] = self.add_bos_token, self.add_eos_token
         config.pop("backend", None)
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)

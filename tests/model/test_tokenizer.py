@@ -140,6 +140,14 @@ def test_saved_config_names_llama_tokenizer_and_reloads(tokenizer, tmp_path):
     assert isinstance(reloaded, PaloLlamaTokenizer)
     for text in PROMPTS:
         assert reloaded(text).input_ids == tokenizer(text).input_ids
+    # transformers' own tokenizer (AutoTokenizer, as vLLM and SGLang load it) reads the folder with BOS too: without
+    # add_bos_token in the config it encoded every prompt without the <s> the model was trained with.
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
+    assert theirs("Hello").input_ids[0] == tokenizer.bos_token_id and theirs("Hello").input_ids[-1] != \
+        tokenizer.eos_token_id
 
 
 def _added_token(content: str) -> dict:
