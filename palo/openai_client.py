@@ -77,12 +77,15 @@ class Completion:
         finish_reason: Why generation stopped (``"length"`` when cut off); None for a cached reply.
         calls: HTTP attempts made (0 for a cache hit).
         cached: Whether the reply came from the cache.
+        refusal: The model's refusal, when it declined instead of answering (OpenAI's ``refusal`` with no
+            content; ``content`` is then empty); such a reply is never cached.
     """
 
     content: str
     finish_reason: str | None
     calls: int
     cached: bool = False
+    refusal: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,25 +171,35 @@ def _headers_of(exc: BaseException) -> Mapping[str, str] | None:
     return getattr(response, "headers", None) if response is not None else None
 
 
-def _reply_of(body: bytes) -> tuple[str, str | None, int | None]:
-    """(content, finish_reason, total tokens) of a chat completion's JSON body, or :class:`MalformedReply` (a
-    server that answers 200 with the wrong body)."""
+def _reply_of(body: bytes) -> tuple[str, str | None, int | None, str | None]:
+    """(content, finish_reason, total tokens, refusal) of a chat completion's JSON body, or :class:`MalformedReply`
+    (a server that answers 200 with the wrong body). A reply the model declined has no content and a ``refusal``
+    text: it comes back as content "" and that text (asking again gets the same answer: not a malformed body)."""
     try:
         response = json.loads(body)
-        if isinstance(response, dict) and "choices" not in response and response.get("error"):
-            # A proxy or backend that answers 200 with an error body: its message says what went wrong.
-            error = response["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise MalformedReply(f"the server answered 200 with an error: {str(message)[:200]}")
-        choice = response["choices"][0]
-        content = choice["message"]["content"]
-    except (ValueError, IndexError, KeyError, TypeError) as exc:
+    except ValueError as exc:
         raise MalformedReply(f"not a chat completion ({type(exc).__name__}: {exc})") from None
-    if not isinstance(content, str):
+    if isinstance(response, dict) and "choices" not in response and response.get("error"):
+        # A proxy or backend that answers 200 with an error body: its message says what went wrong.
+        error = response["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise MalformedReply(f"the server answered 200 with an error: {str(message)[:200]}")
+    try:
+        choice = response["choices"][0]
+        message = choice["message"]
+        content = message["content"] if "content" in message else None
+    except (IndexError, KeyError, TypeError) as exc:
+        raise MalformedReply(f"not a chat completion ({type(exc).__name__}: {exc})") from None
+    refusal = message.get("refusal") if isinstance(message, dict) else None
+    if not content and isinstance(refusal, str) and refusal.strip():
+        content, refusal = "", refusal.strip()
+    elif not isinstance(content, str):
         raise MalformedReply("reply has no text content")
+    else:
+        refusal = None
     usage = response.get("usage")
     finish = choice.get("finish_reason") if isinstance(choice, dict) else None
-    return content, finish, token_count(usage.get("total_tokens")) if isinstance(usage, dict) else None
+    return content, finish, token_count(usage.get("total_tokens")) if isinstance(usage, dict) else None, refusal
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -346,7 +359,7 @@ class ChatClient:
         for attempt in range(self.max_retries + 1):
             self.count("requests")
             try:
-                content, finish_reason, tokens = _reply_of(self._read(kwargs))
+                content, finish_reason, tokens, refusal = _reply_of(self._read(kwargs))
             except (openai.OpenAIError, ValueError) as exc:
                 if not is_retryable(exc) or attempt == self.max_retries:
                     self.count("failed_requests")
@@ -358,10 +371,10 @@ class ChatClient:
             self.count("tokens", tokens or 0)
             # A reply the server cut (at max_tokens, or by its content filter) is never served again: read from the
             # cache it would look whole.
-            if key is not None and finish_reason not in ("length", "content_filter") and (accept is None
-                                                                                         or accept(content)):
+            if (key is not None and refusal is None and finish_reason not in ("length", "content_filter")
+                    and (accept is None or accept(content))):
                 self.cache.put(key, self.model, content)
-            return Completion(content, finish_reason, calls=attempt + 1)
+            return Completion(content, finish_reason, calls=attempt + 1, refusal=refusal)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
 
     def _read(self, kwargs: dict[str, Any]) -> bytes:

@@ -113,6 +113,20 @@ def test_a_200_error_body_is_retried_and_its_message_kept():
         _client(server, waits, max_retries=0).complete(MESSAGES)
 
 
+def test_a_refusal_is_an_answer_not_a_malformed_body(tmp_path):
+    """A 200 whose message has no content and a ``refusal`` (OpenAI's shape) was retried as malformed until the
+    retries ran out: the model declines the same text the same way. It is returned at once, and never cached."""
+    declined = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "I can't help with that."}}]}
+    waits: list[float] = []
+    with ChatServer((200, declined, {}), reply("hi")) as server:
+        client = _client(server, waits, cache=ReplyCache(str(tmp_path / "cache.sqlite")))
+        completion = client.complete(MESSAGES)
+        assert (completion.content, completion.refusal, completion.calls) == ("", "I can't help with that.", 1)
+        again = client.complete(MESSAGES)
+    assert (again.content, again.refusal, again.cached) == ("hi", None, False) and waits == []
+
+
 @pytest.mark.parametrize("usage", [{"total_tokens": "lots"}, {"total_tokens": -3}, {"total_tokens": [5]}, "none", None])
 def test_a_good_reply_with_a_malformed_usage_is_kept_and_counts_no_tokens(usage, tmp_path):
     """usage is bookkeeping: a server that fills it wrongly must not cost the reply (a paid judge call) or the run."""

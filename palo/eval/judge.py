@@ -331,6 +331,8 @@ class JudgeClient:
             reply = self.chat.complete(build_messages(user_content), accept=_parses)
         except RequestFailed as exc:
             return Judgment("", None, failed=True, reason=f"request failed {exc}", calls=exc.attempts)
+        if reply.refusal is not None:
+            return Judgment("", None, failed=True, calls=reply.calls, reason=f"the judge declined: {reply.refusal}")
         if reply.finish_reason == "content_filter":  # what is left of a filtered reply is not the judge's verdict
             return Judgment(reply.content, None, failed=True, calls=reply.calls,
                             reason="the endpoint's content filter stopped the reply")

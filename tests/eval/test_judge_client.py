@@ -86,3 +86,12 @@ def test_a_reply_stopped_by_a_content_filter_is_a_failed_judgment_and_is_not_cac
         assert filtered.failed and filtered.scores is None and "content filter" in filtered.reason
         again = _judge(server, [], cache=ReplyCache(path)).judge(CONTENT)
     assert again.scores == (8, 9) and not again.cached and server.calls == 2
+
+
+def test_a_judge_that_declines_is_a_failed_judgment_saying_so():
+    declined = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "I won't grade these."}}]}
+    with ChatServer((200, declined, {})) as server:
+        judgment = _judge(server, []).judge(CONTENT)
+    assert judgment.failed and judgment.scores is None and judgment.reason == "the judge declined: I won't grade these."
+    assert server.calls == 1  # not retried as a malformed body
