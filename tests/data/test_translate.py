@@ -3,8 +3,9 @@
 The server "translates" word by word into a fixed word list of the target language (read from the system
 message), copying the ``[[n]]`` placeholders it receives, and misbehaves on cue: a marker word in the English text
 makes it answer 500 once, 429 once (with Retry-After), echo the English, echo it once, mangle placeholders, or wrap
-the reply in angle brackets once, or put a preamble ("Translation: ...") before it, refuse the request (400) or the
-key (401) every time, or stop a reply halfway with ``finish_reason: content_filter``. Once ``healed``, it answers
+the reply in angle brackets once, or put a preamble ("Translation: ...") before it, refuse the request (400), the
+key (401), the access (403) or the model (404) every time, decline in a 200 (``content: null`` and a ``refusal``), or
+stop a reply halfway with ``finish_reason: content_filter``. Once ``healed``, it answers
 every text well. Every request is recorded, so tests count calls per (language, text).
 """
 
@@ -105,6 +106,15 @@ class FakeTranslator:
             status, reply, headers = 400, "This model's maximum context length is 8192 tokens.", {}
         elif "unauthorized" in text:
             status, reply, headers = 401, "Incorrect API key provided.", {}
+        elif "forbidden" in text:
+            status, reply, headers = 403, "This key may not use this model.", {}
+        elif "nomodel" in text:
+            status, reply, headers = 404, "The model 'fake-mt' does not exist.", {}
+        elif "declineme" in text:  # OpenAI's shape of a refusal: no content, a "refusal" text
+            status, headers = 200, {}
+            reply = {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                     "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                         "role": "assistant", "content": None, "refusal": "I'm sorry, I can't help with that."}}]}
         elif "contentfilter" in text:
             status, headers = 200, {}
             reply = {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": body.get("model"),
@@ -392,6 +402,106 @@ def test_a_refusal_in_the_target_language_is_rejected(language):
 ])
 def test_a_source_that_apologises_itself_is_translated_with_the_apology(reply, language):
     assert check_translation("I'm sorry, but I can't read the text.", reply, language) == []
+
+
+@pytest.mark.parametrize("source,reply,language,expected", [
+    # A dialogue the model went on to make up.
+    ("The cat is sleeping peacefully on the wooden table near the window.",
+     "Le chat dort paisiblement sur la table en bois près de la fenêtre.\nHuman: Et le chien ?\nGPT: Il dort aussi.",
+     "french", "adds dialogue turns (gpt:, human:)"),
+    ("What is on the table?", "桌子上有什么？ USER: 还有呢？ ASSISTANT: 一只猫。", "chinese", "adds dialogue turns"),
+    # Invented text for a short source (no ratio check below 40 characters).
+    ("What is this?", "Qu'est-ce que c'est ? " + "Il s'agit d'une longue description inventée du chien. " * 50,
+     "french", "implausibly long for a short source"),
+    ("What is this?", "这是什么？" + "这是一段关于狗和花园的很长的编造描述。" * 5, "chinese",
+     "implausibly long for a short source"),
+    # The English copied back beside its translation.
+    ("It is a small brown dog.", "C'est un petit chien brun. It is a small brown dog.", "french",
+     "echoes the English source"),
+    ("It is a small brown dog.", "这是一只棕色的小狗。It is a small brown dog.", "chinese",
+     "echoes the English source"),
+    ("The cat is sleeping on the red sofa.", "The cat is sleeping on the sofa. Кошка спит на красном диване.",
+     "russian", "echoes the English source"),  # most of it, not verbatim
+    # Notes and wishes the model adds, in English or in the target language, on a line of their own or not.
+    ("The cat is sleeping peacefully on the wooden table near the window.",
+     "Le chat dort paisiblement sur la table en bois près de la fenêtre.\n\nNote: 'peacefully' was rendered as "
+     "'paisiblement'.", "french", "adds a note or comment (note:, rendered as)"),
+    ("What is this?", "Qu'est-ce que c'est ? Hope this helps!", "french", "adds a note or comment (hope this helps)"),
+    ("The bicycle is parked against a green fence by the road.",
+     "Le vélo est garé contre une clôture verte au bord de la route. Let me know if you need anything else.",
+     "french", "adds a note or comment (anything else, if you need, let me know)"),
+    ("What color is the large bus in the street?",
+     "Quelle est la couleur du grand bus dans la rue ? J'espère que cela vous aide !", "french",
+     "adds a note or comment (j'espère que cela)"),
+    ("It is a small brown dog.", "C'est un petit chien brun. (Remarque : « brown » peut aussi se dire « marron ».)",
+     "french", "adds a note or comment (remarque :)"),
+    ("It is a small brown dog.", "Es un pequeño perro marrón. Espero que esto te sirva.", "spanish",
+     "adds a note or comment (espero que esto)"),
+    ("It is a small brown dog.", "这是一只棕色的小狗。（注：也可以译为褐色。）", "chinese", "adds a note or comment"),
+    # Any language: a line more than the source is text added.
+    ("It is a small brown dog.", "यह एक छोटा भूरा कुत्ता है।\nयह बहुत प्यारा है।", "hindi",
+     "has 2 lines where the source has 1"),
+    # The wrong language in the right script, told by letters the target never writes.
+    ("The cat is sleeping peacefully on the wooden table near the window.",
+     "Кіт спокійно спить на дерев'яному столі біля вікна.", "russian", "looks like ukrainian, not russian"),
+    ("What is the cat doing on the wooden table?", "Що робить кіт на дерев'яному столі?", "russian",
+     "looks like ukrainian, not russian"),
+    ("What is the cat doing on the wooden table?", "گربه روی میز چوبی چه کار می\u200cکند؟", "arabic",
+     "looks like persian, not arabic"),
+    ("It is a small brown dog.", "این یک سگ کوچک قهوه\u200cای است.", "arabic", "looks like persian, not arabic"),
+])
+def test_additions_copies_and_a_related_language_are_rejected(source, reply, language, expected):
+    """Replies the check took as good (corrupt: false, merged into training data): made-up turns, invented text for
+    a short source, the English copied back, notes and wishes, Ukrainian for Russian, Persian for Arabic."""
+    problems = check_translation(source, clean_reply(reply, source), language)
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("source,reply,language", [
+    # What the checks above look for, where it is the translation: the source says it too.
+    ("Note: the picture is blurry.", "Remarque : l'image est floue.", "french"),
+    ("Note: the picture is blurry.", "Nota: la imagen está borrosa.", "spanish"),
+    ("Note: the picture is blurry.", "注：图片很模糊。", "chinese"),
+    ("Note: the picture is blurry.", "ملاحظة: الصورة ضبابية.", "arabic"),
+    ("The student got a grade: 15 out of 20.", "L'élève a obtenu une note : 15 sur 20.", "french"),
+    ("I hope this helps you find the dog.", "J'espère que cela vous aidera à trouver le chien.", "french"),
+    ("The screen shows 'User: admin' at the top.", "L'écran affiche « User: admin » en haut.", "french"),
+    ("The man in the picture is a user of the system.", "L'homme sur la photo est un utilisateur du système.",
+     "french"),
+    ("Can you translate the sign?", "Pouvez-vous traduire le panneau ?", "french"),
+    ("1. A red car\n2. A blue bus\n3. A green truck", "1. Une voiture rouge\n2. Un bus bleu\n3. Un camion vert",
+     "french"),
+    ("Sure! The image shows a cat.", "Bien sûr ! L'image montre un chat.", "french"),
+    ("Sure! The image shows a cat.", "当然！图片显示了一只猫。", "chinese"),
+    # Quoted English titles and signs copied into a translation of their own: a part of the source, not all of it.
+    ("The book is titled 'The Old Man and the Sea'.", "Le livre s'intitule « The Old Man and the Sea ».", "french"),
+    ("The book is titled 'The Old Man and the Sea'.", "这本书的书名是《The Old Man and the Sea》。", "chinese"),
+    ("The title is 'Harry Potter and the Chamber of Secrets'.",
+     "Le titre est « Harry Potter and the Chamber of Secrets ».", "french"),
+    ("The sign reads 'Welcome to Central Park'.", "На вывеске написано «Welcome to Central Park».", "russian"),
+    ("The New York Times.", "Le New York Times.", "french"),
+    # Short sources with natural translations, well under the bound.
+    ("Where is the dog sitting in this picture?", "এই ছবিতে কুকুরটি কোথায় বসে আছে?", "bengali"),
+    ("Where is the dog sitting in this picture?", "اس تصویر میں کتا کہاں بیٹھا ہے؟", "urdu"),
+    ("What is the cat doing on the wooden table?", "ماذا تفعل القطة على الطاولة الخشبية؟", "arabic"),
+    ("What is the man holding?", "Что держит мужчина?", "russian"),
+])
+def test_translations_that_only_resemble_additions_or_copies_are_accepted(source, reply, language):
+    assert check_translation(source, clean_reply(reply, source), language) == []
+
+
+def test_a_bare_courtesy_opener_is_removed_unless_the_source_opens_so():
+    source = "What is the cat doing on the wooden table?"
+    assert clean_reply("Sure! Que fait le chat sur la table en bois ?", source) == (
+        "Que fait le chat sur la table en bois ?")
+    assert clean_reply("Certainly,\n¿Qué hace el gato sobre la mesa de madera?", source) == (
+        "¿Qué hace el gato sobre la mesa de madera?")
+    # Uncleaned, it is rejected for its start.
+    problems = check_translation(source, "Sure! Que fait le chat sur la table en bois ?", "french")
+    assert any(p.startswith("begins with a preamble ('Sure!')") for p in problems), problems
+    # The source opens with assent itself: the reply's opening is its translation.
+    assert clean_reply("Bien sûr ! L'image montre un chat.", "Sure! The image shows a cat.") == (
+        "Bien sûr ! L'image montre un chat.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -793,6 +903,47 @@ def test_a_refused_key_leaves_samples_unfinished(tmp_path, server, capsys):
     data = _write(tmp_path / "in.json", [_sample(0, "<image>\nunauthorized what is it?", "A dog.")])
     assert main(_translate_args(data, str(tmp_path / "out"), server, "ar")) == 1
     assert json.loads(capsys.readouterr().out)["languages"]["arabic"]["unfinished"] == 1
+
+
+@pytest.mark.parametrize("cue,status,says", [
+    ("unauthorized", 401, "the endpoint refused the API key (HTTP 401): check --api_key"),
+    ("forbidden", 403, "the endpoint denied access (HTTP 403)"),
+    ("nomodel", 404, "the endpoint has no such model or path (HTTP 404): check --model and --base_url"),
+])
+def test_a_refused_key_or_model_stops_the_run_at_the_first_request(tmp_path, server, capsys, cue, status, says):
+    """Every request would fail alike: the run sent one per sample and ended with "rerun to resume"."""
+    samples = [_sample(i, f"<image>\n{cue} what is on table number {i}?", "A dog.") for i in range(6)]
+    data = _write(tmp_path / "in.json", samples)
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "ar,fr", "--parallel", "1")) == 1
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert says in report["stopped"] and f"error: {says}" in captured.err
+    assert len(server.calls) == 1 and server.calls[0][2] == status  # stopped at the first, not retried
+    # Nothing flagged corrupt or finished: a rerun with the setting fixed translates every sample.
+    assert [(r["unfinished"], r["corrupt"]) for r in report["languages"].values()] == [(6, 0), (6, 0)]
+    assert not (out / "arabic.json").exists() and not (out / "arabic.progress.jsonl").read_text()
+    server.healed = True
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "ar,fr")) == 0
+    assert [s["corrupt"] for s in json.load(open(out / "arabic.json", encoding="utf-8"))] == [False] * 6
+
+
+def test_a_reply_the_model_refused_is_rejected_not_retried_or_left_unfinished(tmp_path, server, capsys):
+    """A 200 with ``content: null`` and a ``refusal`` was read as a malformed body: retried, then the sample left
+    unfinished on every rerun. It is rejected as the endpoint's 400 is, with the refusal in the review file."""
+    samples = [SAMPLES[0], _sample(1, "<image>\ndeclineme describe the picture.", "A big dog stands near a tree.")]
+    data = _write(tmp_path / "in.json", samples)
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["requests"]["refused"] == 1 and report["languages"]["french"]["corrupt"] == 1
+    with open(out / "french.json", encoding="utf-8") as f:
+        assert [s["corrupt"] for s in json.load(f)] == [False, True]
+    [entry] = [json.loads(line) for line in open(out / "french.review.jsonl", encoding="utf-8")]
+    assert (entry["index"], entry["turn"]) == (1, 0)
+    assert entry["problems"] == ["request refused: the model declined (refusal): I'm sorry, I can't help with that."]
+    assert server.answered()[("french", "declineme describe the picture.")] == 1  # neither retried nor stricter
 
 
 def test_a_reply_stopped_by_a_content_filter_is_rejected(server):

@@ -7,11 +7,14 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
   (``<image>\\n``), where training expects it (docs/compat.md#data).
   Code blocks, inline code, bracketed coordinates (``[0.12, 0.40, 0.55, 0.89]``) and numbers are replaced by
   placeholders ``[[1]]``, ``[[2]]`` ... that the model must copy; they are restored afterwards and checked.
-* **Quality check on every translation** (:func:`check_translation`): target script, not left in English, a
-  plausible length, placeholders intact, no echoed instructions, no new angle brackets. A preamble a chat model
-  puts before the translation ("Translation:", "Here is the translation:", "Voici la traduction :", "الترجمة:",
-  "翻译：" ...) is recognised by its place, the start of the reply, and removed (:func:`strip_preamble`), unless the
-  source itself starts with such a label; whether the source mentions translation elsewhere does not matter. A failing
+* **Quality check on every translation** (:func:`check_translation`): target script, not a related language in
+  that script (letters Russian, Arabic never write), not left in English nor the English copied beside it, a
+  plausible length (an absolute bound for short sources), placeholders intact, no echoed instructions, no lines,
+  made-up dialogue turns ("Human:", "GPT:") or notes ("Note: ...", "Hope this helps!", "Remarque : ...") the source
+  does not have, no new angle brackets. A preamble a chat model puts before the translation ("Translation:", "Here
+  is the translation:", "Voici la traduction :", "الترجمة:", "翻译：", a bare "Sure! " ...) is recognised by its
+  place, the start of the reply, and removed (:func:`strip_preamble`), unless the source itself starts with such a
+  label; whether the source mentions translation elsewhere does not matter. A failing
   translation is asked for once more with a stricter instruction that names the problems; if it fails again the sample
   is kept with ``corrupt: true`` and its bad turns go to a review file a person can correct
   (``palo-data apply-review``).
@@ -25,8 +28,10 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
   :mod:`palo.openai_client`: exponential backoff on 429, 408/409, 5xx, time-outs, dropped connections and malformed
   bodies, honouring ``Retry-After`` (seconds or an HTTP date). A sample whose requests still fail is left unfinished
   (not flagged): the run exits 1 and a rerun picks it up. A request the endpoint refuses for what it holds (HTTP
-  400/413/422: context length exceeded, a content filter) is rejected like a bad reply instead (problem
-  ``request refused: ...``), since asking again cannot help.
+  400/413/422: context length exceeded, a content filter), or a reply the model declined (``content: null`` with a
+  ``refusal``), is rejected like a bad reply instead (problem ``request refused: ...``), since asking again cannot
+  help. A wrong key, access or model (HTTP 401/403/404) stops the run at the first such error, with what to fix;
+  its samples stay unfinished, not flagged.
 * **``--retry_rejected``** asks again for rejected texts the cache holds, and for the samples the resume log holds
   as ``corrupt``; a success replaces them.
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+from difflib import SequenceMatcher
 
 from palo.data.languages import _LETTER_RE, _SCRIPT_RE, _WEIGHT, LANGUAGES, detect_language
-from palo.data.translate.cleaning import _PREAMBLE_RE
+from palo.data.translate.cleaning import preamble_of
 from palo.data.translate.spans import _PLACEHOLDER_RE, placeholder_problems
 
 # Scripts (in palo.data.languages' names) whose letters count as "written in the target script".
@@ -22,10 +23,13 @@ MIN_SCRIPT_RATIO = 0.6
 # Japanese writes short answers in Kanji alone ("赤。", "東京駅。"), which look like Chinese: up to this many Han
 # characters without Kana say nothing about which of the two a reply is. Longer Japanese has Kana.
 MAX_KANJI_ONLY = 6
-# len(translation) / len(source), checked for sources of at least 40 characters (short strings vary too much).
-# CJK packs a word into one or two characters; everything else runs about 0.8-1.4x English.
+# len(translation) / len(source), checked for sources of at least SHORT_SOURCE characters (short strings vary too
+# much). CJK packs a word into one or two characters; everything else runs about 0.8-1.4x English.
 LENGTH_RATIO = {"chinese": (0.12, 1.5), "japanese": (0.15, 1.8)}
 DEFAULT_LENGTH_RATIO = (0.35, 3.0)
+# A shorter source may be translated into at most what one of SHORT_SOURCE characters may (the ratio's upper bound
+# times SHORT_SOURCE: 120 characters, 60 in Chinese): "What is this?" answered with a page is invented text.
+SHORT_SOURCE = 40
 # Phrases of a chat model talking about the task instead of doing it.
 _ECHO_RE = re.compile(
     r"\btranslat(?:e|ed|ion|ing)\b|\bhere is\b|\bhere's\b|\bas an ai\b|\bi cannot\b|\bi can't\b|\bi'm sorry\b"
@@ -58,6 +62,46 @@ _SCRIPT_WORD_RE = re.compile(f"(?:{_LATIN})+|(?:(?!{_LATIN})[^\\W\\d_])+")
 # Arabic-script letters only Urdu (of PALO's languages) writes: retroflex ٹ ڈ ڑ, noon ghunna ں, yeh barree ے ۓ,
 # heh goal ہ ۂ, teh marbuta goal ۃ; and the Urdu full stop ۔.
 _URDU_ONLY_RE = re.compile("[\u0679\u0688\u0691\u06ba\u06d2\u06d3\u06c1\u06c2\u06c3\u06d4]")
+# Arabic-script letters Arabic never writes but Persian (and Urdu) do: peh پ, tcheh چ, jeh ژ, gaf گ, and the Persian
+# forms of yeh ی (U+06CC; Arabic: ي U+064A, ى U+0649) and kaf ک (U+06A9; Arabic: ك U+0643).
+_NOT_ARABIC_RE = re.compile("[\u067e\u0686\u0698\u06af\u06cc\u06a9]")
+# Cyrillic letters Russian never writes: Ukrainian і ї є ґ (Belarusian і too).
+_NOT_RUSSIAN_RE = re.compile("[\u0456\u0457\u0454\u0491\u0406\u0407\u0404\u0490]")
+# A chat-log role marker: a turn the model went on to make up ("...\nHuman: Et le chien ?\nGPT: Il dort aussi.").
+_ROLE_RE = re.compile(r"(?<![^\W_])(?:human|gpt|chatgpt|user|assistant|system)\s*[:：]", re.IGNORECASE)
+# Where a label ("Note:") starts: the text, a line, a parenthesis or a sentence ("La note : 15/20" is a grade).
+_LABEL_AT = r"(?:^|(?<=[\n(（.!?。！？]))\s*"
+# English a model adds about its work or to its reader ("Note: 'peacefully' was rendered as ...", "Hope this
+# helps!", "Let me know if you need anything else."). Flagged when the source does not say the same.
+_NOTE_RE = re.compile(
+    _LABEL_AT + r"(?:translator['’]s\s+)?notes?\s*[:：]|\bnote that\b|\bhope (?:this|that|it) helps\b|\bi hope\b"
+    r"|\blet me know\b|\bfeel free\b|\banything else\b|\bif you (?:need|have|want|would like)\b"
+    r"|\brendered as\b|\bliteral(?:ly)?\b",
+    re.IGNORECASE,
+)
+# The same in the target languages, each with what the source must say for it to be a translation instead: a
+# label "Remarque :", "Nota:", "注：" ... (source: note, remark, caution ...), or a wish that it helps (source: hope,
+# help, useful).
+_TARGET_NOTES = (
+    (re.compile(
+        _LABEL_AT + r"(?:remarque|note|nota|nb|n\.b\.|примечание|注|注意|备注|備考|ملاحظة|टिप्पणी|नोट|দ্রষ্টব্য|নোট|نوٹ)"
+        r"\s*[:：]", re.IGNORECASE),
+     # ("Note :", "Nota:" are also a grade.)
+     re.compile(r"\b(?:notes?|noted|remarks?|nb|n\.b|caution|attention|warning|important|p\.?s|grades?|scores?|"
+                r"marks?|rating|rated)\b", re.IGNORECASE)),
+    (re.compile(
+        r"\bj['’]esp[èe]re que (?:cela|ça|ceci|c['’]est)\b|\bespero que (?:esto|esta|te|le|les|sea|sirva)\b"
+        r"|надеюсь,? (?:это|что это)|希望(?:这|這|以上)|お役に立て", re.IGNORECASE),
+     re.compile(r"\b(?:hope[sd]?|hoping|help\w*|useful)\b", re.IGNORECASE)),
+    # A word for "translation" ("(Traduction littérale)", "（翻译说明）") where the source has none: about the work.
+    # Not Russian: "перевод" is also a transfer.
+    (re.compile(r"\btraduc\w*|\btradu[iz]\w*|翻译|翻譯|翻訳|ترجم|अनुवाद|অনুবাদ", re.IGNORECASE),
+     re.compile(r"\btranslat\w*|\binterpret\w*", re.IGNORECASE)),
+)
+# A run of copied English words counts from this many words on (shorter runs are names and common words).
+MIN_COPIED_RUN = 3
+# Share of the source's words a reply may hold verbatim (in runs, in order) beside a translation of its own.
+MAX_COPIED_SHARE = 0.7
 
 
 def _letters(text: str) -> int:
@@ -78,6 +122,37 @@ def _script_letters(text: str, language: str) -> tuple[int, int]:
     counts = {name: len(_SCRIPT_RE[name].findall(text)) for name in {*_WEIGHT, *_TARGET_SCRIPTS[language]}}
     letters = _letters(text) + sum((weight - 1) * counts[name] for name, weight in _WEIGHT.items())
     return sum(_WEIGHT.get(name, 1) * counts[name] for name in _TARGET_SCRIPTS[language]), letters
+
+
+def _weighted_letters(text: str) -> int:
+    """Letters of ``text``, a Han or Kana character counting as detect_language counts it (about a word)."""
+    return _letters(text) + sum((weight - 1) * len(_SCRIPT_RE[name].findall(text)) for name, weight in _WEIGHT.items())
+
+
+def _copies_source(bare: str, bare_source: str) -> bool:
+    """Whether ``bare`` holds the English source verbatim, or most of it (runs of MIN_COPIED_RUN words or more, in
+    order, covering MAX_COPIED_SHARE of its words), *beside* text of its own: the source copied back after (or
+    before) its translation. A reply that is little more than the source ("Le New York Times." for "The New York
+    Times.") is left to the language checks."""
+    source_words = [w.lower() for w in _SCRIPT_WORD_RE.findall(bare_source)]
+    if len(source_words) < 4:
+        return False
+    matches = list(_SCRIPT_WORD_RE.finditer(bare))
+    words = [m.group(0).lower() for m in matches]
+    vocabulary = set(source_words)
+    if sum(w in vocabulary for w in words) < MAX_COPIED_SHARE * len(source_words):  # cheap: most replies stop here
+        return False
+    blocks = [b for b in SequenceMatcher(None, source_words, words, autojunk=False).get_matching_blocks()
+              if b.size >= MIN_COPIED_RUN]
+    if sum(b.size for b in blocks) < MAX_COPIED_SHARE * len(source_words):
+        return False
+    copied = {k for b in blocks for k in range(b.b, b.b + b.size)}
+    rest = "".join(" " if k in copied else m.group(0) for k, m in enumerate(matches))
+    return _weighted_letters(rest) >= 0.3 * _weighted_letters(bare_source)
+
+
+def _lines(text: str) -> int:
+    return sum(1 for line in text.splitlines() if line.strip())
 
 
 def has_words(masked_text: str) -> bool:
@@ -101,8 +176,8 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
     if not translation.strip():
         return ["empty translation"]
     problems = placeholder_problems(translation, n_placeholders)
-    preamble = _PREAMBLE_RE.match(translation)
-    if preamble and not _PREAMBLE_RE.match(source):
+    preamble = preamble_of(translation, source)
+    if preamble:
         problems.append(f"begins with a preamble ({preamble.group(0).strip()!r}), not with the translation")
     bare = _PLACEHOLDER_RE.sub(" ", translation)
     bare_source = _PLACEHOLDER_RE.sub(" ", source)
@@ -139,19 +214,41 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
                 and len(_SCRIPT_RE["han"].findall(own)) <= MAX_KANJI_ONLY)
             if detected in LANGUAGES and detected != language and not undecided:
                 problems.append(f"looks like {detected}, not {language}")
-        if language == "arabic" and _URDU_ONLY_RE.search(bare) and not any("looks like" in p for p in problems):
-            # However short: below 30 letters an Urdu-leaning letter count is not trusted (Persian-typed or
-            # transliterated Arabic has ی ک گ چ پ too), but these letters never occur in Arabic.
-            problems.append("looks like urdu, not arabic (letters only Urdu writes)")
+        if language == "arabic" and not any("looks like" in p for p in problems):
+            # However short: below 30 letters the letter count is not trusted, but these letters never occur in
+            # Arabic.
+            if _URDU_ONLY_RE.search(bare):
+                problems.append("looks like urdu, not arabic (letters only Urdu writes)")
+            elif foreign := sorted(set(_NOT_ARABIC_RE.findall(bare))):
+                problems.append(f"looks like persian, not arabic (letters Arabic does not write: {' '.join(foreign)})")
+        if language == "russian" and (foreign := sorted(set(_NOT_RUSSIAN_RE.findall(own)))):
+            problems.append(f"looks like ukrainian, not russian (letters Russian does not write: {' '.join(foreign)})")
     if words >= 3 and bare.strip().lower() == bare_source.strip().lower():
         problems.append("left unchanged (still English)")
-    elif len(bare_source.strip()) >= 40 and bare_source.strip().lower() in bare.lower():
+    elif (len(bare_source.strip()) >= 40 and bare_source.strip().lower() in bare.lower()) or _copies_source(
+            bare, bare_source):
         problems.append("echoes the English source")
-    if len(source) >= 40:
-        low, high = LENGTH_RATIO.get(language, DEFAULT_LENGTH_RATIO)
+    low, high = LENGTH_RATIO.get(language, DEFAULT_LENGTH_RATIO)
+    if len(source) >= SHORT_SOURCE:
         ratio = len(translation) / len(source)
         if not low <= ratio <= high:
             problems.append(f"implausible length ratio {ratio:.2f} (expected {low}-{high})")
+    elif len(translation) > high * SHORT_SOURCE:
+        problems.append(f"implausibly long for a short source ({len(translation)} characters for {len(source)}; "
+                        f"at most {high * SHORT_SOURCE:.0f})")
+    if _lines(translation) > _lines(source):
+        # The prompt asks to keep line breaks: a line more is text added (a note, a made-up turn) in any language.
+        problems.append(f"has {_lines(translation)} lines where the source has {_lines(source)} (text added?)")
+    roles = {m.group(0).lower() for m in _ROLE_RE.finditer(bare)} - {
+        m.group(0).lower() for m in _ROLE_RE.finditer(bare_source)}
+    if roles:
+        problems.append(f"adds dialogue turns ({', '.join(sorted(roles))}) the source does not have")
+    notes = {m.group(0).strip().lower() for m in _NOTE_RE.finditer(bare)} - {
+        m.group(0).strip().lower() for m in _NOTE_RE.finditer(bare_source)}
+    notes |= {m.group(0).strip().lower() for pattern, said in _TARGET_NOTES if not said.search(bare_source)
+              for m in pattern.finditer(bare)}
+    if notes:
+        problems.append(f"adds a note or comment ({', '.join(sorted(notes))}), not in the source")
     echoed = {m.group(0).lower() for m in _ECHO_RE.finditer(bare)} - {
         m.group(0).lower() for m in _ECHO_RE.finditer(bare_source)}
     if echoed:

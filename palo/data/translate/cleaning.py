@@ -32,17 +32,41 @@ _PREAMBLE_RE = re.compile(
 )
 
 
+# An English word of assent with its punctuation opening a reply ("Sure! ", "Certainly,\n", "Of course. "): no
+# target language writes it, so it is the model's, unless the source opens with such a word itself (see _OPENS_WITH_
+# ASSENT_RE). "OK" and "Okay" are left alone: French and Spanish write them too.
+_COURTESY_RE = re.compile(
+    r"^\s*(?:sure(?:\s+thing)?|certainly|of\s+course|absolutely|no\s+problem|gladly)\s*[!.,:]+\s*(?=\S)",
+    re.IGNORECASE,
+)
+_OPENS_WITH_ASSENT_RE = re.compile(
+    r"^\W*(?:sure|certainly|of\s+course|absolutely|no\s+problem|gladly|ok|okay|yes|yeah|alright|all\s+right|"
+    r"definitely|indeed|naturally|well)\b",
+    re.IGNORECASE,
+)
+
+
+def preamble_of(reply: str, source: str) -> re.Match | None:
+    """The preamble opening ``reply`` (a label such as "Translation:", or a bare "Sure! "), or None; none when the
+    source opens the same way (then the reply's opening is its translation)."""
+    match = _PREAMBLE_RE.match(reply)
+    if match is not None and not _PREAMBLE_RE.match(source):
+        return match
+    match = _COURTESY_RE.match(reply)
+    if match is not None and not _OPENS_WITH_ASSENT_RE.match(source):
+        return match
+    return None
+
+
 def strip_preamble(reply: str, source: str) -> str:
-    """``reply`` without a preamble ("Translation: ...", "Here is the translation:\\n...") at its start.
+    """``reply`` without a preamble ("Translation: ...", "Here is the translation:\\n...", "Sure! ...") at its start.
 
     Decided by position only: the preamble must open the reply, and it is kept when the source opens with such a
     label itself (then it is the translation of that label). Words the source uses elsewhere change nothing, so
     "Translation: ..." is removed from the reply to "Can you give a translation of the sign?".
     """
-    match = _PREAMBLE_RE.match(reply)
-    if match is None or _PREAMBLE_RE.match(source):
-        return reply
-    return reply[match.end():]
+    match = preamble_of(reply, source)
+    return reply if match is None else reply[match.end():]
 
 
 _WRAPPERS = [('"', '"'), ("“", "”"), ("'", "'"), ("«", "»"), ("「", "」")]

@@ -77,6 +77,11 @@ def main_translate(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(report, ensure_ascii=False, indent=2))
     unfinished = sum(r["unfinished"] for r in report["languages"].values())
+    if report.get("stopped"):  # a wrong key, model or URL: every request would fail alike
+        print(f"error: {report['stopped']}", file=sys.stderr)
+        print(f"the run stopped at the first such error; {unfinished} sample(s) unfinished (none marked corrupt): fix "
+              "the setting and rerun the same command to resume", file=sys.stderr)
+        return 1
     if unfinished:
         defect = any(e["error"].startswith("unexpected ") for r in report["languages"].values() for e in r["errors"])
         why = "the run stopped on an unexpected error (above)" if defect else "requests kept failing"

@@ -11,7 +11,7 @@ from typing import Any
 
 from palo.data.translate.files import Progress, load_progress, output_paths, write_outputs
 from palo.data.translate.samples import source_hash, translate_sample
-from palo.data.translate.translator import RequestFailed, Translator
+from palo.data.translate.translator import RequestFailed, Translator, settings_error
 from palo.jsonl import JsonlAppender
 
 
@@ -32,7 +32,9 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         progress_bar: Show a tqdm bar (ETA and tokens).
 
     Returns:
-        A report: per language the sample, corrupt and unfinished counts, plus the translator's request counters.
+        A report: per language the sample, corrupt and unfinished counts, plus the translator's request counters,
+        and ``stopped``: why the run stopped taking work early (a wrong key, model or URL: :func:`settings_error`),
+        or None.
     """
     from tqdm import tqdm
 
@@ -62,7 +64,10 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
     work = iter(todo)
     bar = tqdm(total=len(todo), desc="translating", unit="sample", disable=not progress_bar, dynamic_ncols=True)
 
-    stop = threading.Event()  # set by an unexpected error: every sample would likely hit it, and calls cost money
+    # Set by an unexpected error or a settings error (HTTP 401/403/404): every sample would likely hit it, and calls
+    # cost money.
+    stop = threading.Event()
+    stopped: list[str] = []  # the settings error that stopped the run
 
     def worker() -> None:
         while not stop.is_set():
@@ -80,9 +85,15 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
                     previous = finished.record(i) if i in finished.offsets else None
                 sample, review = translate_sample(samples[i], language, translator, i, previous)
             except RequestFailed as exc:
+                fatal = settings_error(exc)
                 with lock:
+                    if fatal is not None and not stopped:
+                        stopped.append(fatal)
                     failures[language].append({"index": i, "id": samples[i].get("id"), "error": str(exc)})
                     bar.update(1)
+                if fatal is not None:  # the sample stays unfinished (not corrupt): a rerun with it fixed resumes
+                    stop.set()
+                    return
                 continue
             except Exception as exc:  # a defect, not a failed call: stop taking work, and say what it was
                 with lock:
@@ -111,7 +122,8 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         bar.close()
         for f in logs.values():
             f.close()
-    report: dict[str, Any] = {"languages": {}, "requests": dict(translator.stats)}
+    report: dict[str, Any] = {"languages": {}, "requests": dict(translator.stats),
+                              "stopped": stopped[0] if stopped else None}
     for language in languages:
         done = progress[language]
         complete = len(done.offsets) == len(samples)

@@ -22,13 +22,22 @@ from palo.data.translate.prompts import system_prompt
 from palo.data.translate.spans import Masked, mask, restore
 from palo.openai_client import DEFAULT_MAX_BACKOFF, ChatClient, RequestFailed
 
-__all__ = ["RequestFailed", "TextResult", "Translator"]
+__all__ = ["ModelRefused", "RequestFailed", "TextResult", "Translator", "settings_error"]
 
 # HTTP statuses with which an endpoint turns down one request for what it holds (400: context length exceeded or a
 # content filter, 413: too large, 422: unprocessable). Asking again gets the same answer, so such a text is rejected
-# like a bad reply. Other non-retryable statuses (401 key, 403, 404 model) are about the run's settings, not the text:
-# those leave the sample unfinished, as a rerun with the settings fixed can succeed.
+# like a bad reply, as is a reply the model itself refused (:class:`ModelRefused`). Other non-retryable statuses (401
+# key, 403, 404 model) are about the run's settings, not the text: every request would fail alike, so they stop the
+# run (:func:`settings_error`) and leave its samples unfinished, as a rerun with the settings fixed can succeed.
 REFUSED_STATUSES = frozenset({400, 413, 422})
+
+
+# What a non-retryable status about the run's settings means, for the message that stops the run.
+SETTINGS_STATUSES = {
+    401: "the endpoint refused the API key (HTTP 401): check --api_key (or $OPENAI_API_KEY)",
+    403: "the endpoint denied access (HTTP 403): check --api_key and that it may use --model",
+    404: "the endpoint has no such model or path (HTTP 404): check --model and --base_url",
+}
 
 
 def refusal(exc: RequestFailed) -> str | None:
@@ -36,6 +45,20 @@ def refusal(exc: RequestFailed) -> str | None:
     # ChatClient raises RequestFailed from the SDK's error, which carries the HTTP status.
     status = getattr(exc.__cause__, "status_code", None)
     return exc.last_error if status in REFUSED_STATUSES else None
+
+
+def settings_error(exc: BaseException) -> str | None:
+    """What to fix when ``exc`` is a failure every request of the run would meet (a wrong key, a model or URL the
+    endpoint does not have: HTTP 401, 403, 404), with what the server said; None for any other failure."""
+    if not isinstance(exc, RequestFailed):
+        return None
+    what = SETTINGS_STATUSES.get(getattr(exc.__cause__, "status_code", None))
+    return None if what is None else f"{what} ({exc.last_error})"
+
+
+class ModelRefused(Exception):
+    """A 200 reply whose message declines instead of answering (OpenAI's ``refusal``, no content): the model answers
+    the same text the same way, so it is rejected as the endpoint's own refusal is."""
 
 
 @dataclasses.dataclass
@@ -102,6 +125,8 @@ class Translator:
         messages = [{"role": "system", "content": system_prompt(language, problems)},
                     {"role": "user", "content": masked.text}]
         completion = self.chat.complete(messages)
+        if completion.refusal is not None:
+            raise ModelRefused(completion.refusal)
         content, finish = completion.content, completion.finish_reason
         reply = clean_reply(content, masked.text)
         found = check_translation(masked.text, reply, language, len(masked.spans))
@@ -115,7 +140,8 @@ class Translator:
     def _translate_uncached(self, masked: Masked, language: str) -> TextResult:
         """The masked translation of ``masked`` (accepted, or rejected with its problems), cached.
 
-        A request the endpoint refuses (:func:`refusal`) is a rejection whose "translation" is the English text.
+        A request the endpoint refuses (:func:`refusal`), or a reply the model refused (:class:`ModelRefused`), is a
+        rejection whose "translation" is the English text.
 
         Raises:
             RequestFailed: For any other failure; nothing is cached then.
@@ -131,6 +157,9 @@ class Translator:
                 raise
             self._count("refused")
             reply, problems = masked.text, [f"request refused: {reason}"]
+        except ModelRefused as exc:  # as the endpoint's 400: the same text would be refused again
+            self._count("refused")
+            reply, problems = masked.text, [f"request refused: the model declined (refusal): {exc}"]
         self.cache.put(self.model, language, masked.text, reply, problems)
         if problems:
             self._count("rejected")
@@ -156,7 +185,8 @@ class Translator:
 
         Raises:
             RequestFailed: When the endpoint kept failing; nothing is cached then. A request it refused for its
-                content (HTTP 400/413/422) is not raised but rejected, with a ``request refused: ...`` problem.
+                content (HTTP 400/413/422, or a reply with a ``refusal`` and no content) is not raised but rejected,
+                with a ``request refused: ...`` problem.
         """
         masked = mask(text)
         if not has_words(masked.text):
