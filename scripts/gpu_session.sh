@@ -17,8 +17,9 @@ OUT=${OUT:-./gpu-check}; mkdir -p "$OUT"
 if [[ ${GPU_SESSION_DRY_RUN:-0} == 1 ]]; then
   ON="--device cpu --dtype float32"; BIG=tiny; MOBILE=tiny; SLACK=4  # a 2-core CPU, maybe shared: wider limits
   MIX_LEN="--model-max-length 512"  # the mixes' samples cut to fit: the same steps in under half the CPU time
+  MIX_MOBILE=1; MIX_LORA=1  # timed steps of the mixes after the warm-up: one runs the same code as several
 else
-  ON="--device cuda --dtype bfloat16"; BIG=7b; MOBILE=mobile; SLACK=1; MIX_LEN=""
+  ON="--device cuda --dtype bfloat16"; BIG=7b; MOBILE=mobile; SLACK=1; MIX_LEN=""; MIX_MOBILE=3; MIX_LORA=2
 fi
 DEADLINE=$(( $(date +%s) + ${GPU_SESSION_SECONDS:-540} ))
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -60,11 +61,11 @@ step() {
 step engine_7b 150 python3 scripts/bench/generate.py --shape $BIG $ON --batches 1 32 \
   --prompt-len 64 --new-tokens 64 --repeats 3 --json "$OUT/engine_7b.json"
 step train_mix_mobile 170 python3 scripts/bench/train_step.py --workload llava665k --shape $MOBILE $ON \
-  --batch 16 --repeats 3 --packing-rows 6 $LIGER $MIX_LEN --llava-baseline --json "$OUT/train_mix_mobile.json"
+  --batch 16 --repeats $MIX_MOBILE --packing-rows 6 $LIGER $MIX_LEN --llava-baseline --json "$OUT/train_mix_mobile.json"
 step engine_mobile 60 python3 scripts/bench/generate.py --shape $MOBILE $ON --batches 1 \
   --prompt-len 64 --new-tokens 64 --repeats 3 --json "$OUT/engine_mobile.json"
 step train_mix_7b_lora 120 python3 scripts/bench/train_step.py --workload llava665k --shape $BIG --lora \
-  --gradient-checkpointing $ON --batch 8 --repeats 2 --packing-rows 3 $LIGER $MIX_LEN \
+  --gradient-checkpointing $ON --batch 8 --repeats $MIX_LORA --packing-rows 3 $LIGER $MIX_LEN \
   --json "$OUT/train_mix_7b_lora.json"
 step pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine tests/model
 # 6. the engine's host time per decode step on this machine's CPU (decode forward stubbed; issue 11's 32 streams
