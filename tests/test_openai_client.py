@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from chat_server import ChatServer, reply  # tests/ is on sys.path (rootdir conftest, no packages)
@@ -190,19 +195,17 @@ def test_the_shared_modules_import_neither_torch_nor_openai():
     assert result.returncode == 0, result.stderr
 
 
-def test_a_body_dripped_a_byte_at_a_time_times_out_as_a_whole_and_is_retried():
-    """The time-out bounded each read: a server dripping its body a byte every 0.1 s (a stuck backend behind a proxy
-    that keeps the connection alive) held the request, and a translation or judging run, for as long as it dripped.
-    The whole body must come within the time-out; a late one is a time-out, retried as others are."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+GOOD_BODY = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": "hi"}}]}).encode()
 
-    good = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": "hi"}}]}).encode()
+
+@contextlib.contextmanager
+def _raw_server(answer: Callable[[BaseHTTPRequestHandler, int], None]) -> Iterator[str]:
+    """A server whose ``answer(handler, call)`` writes each response itself (call 1, 2 ...), for faults the
+    scripted ChatServer cannot make; yields its base URL."""
     calls = []
 
-    class Dripping(BaseHTTPRequestHandler):
+    class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: object) -> None:
@@ -211,34 +214,50 @@ def test_a_body_dripped_a_byte_at_a_time_times_out_as_a_whole_and_is_retried():
         def do_POST(self) -> None:  # noqa: N802 - http.server naming
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             calls.append(1)
-            dripped = len(calls) == 1  # the first answer: 10 s of spaces, a byte every 0.1 s, before the reply
-            body = b" " * 100 + good if dripped else good
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
             try:
-                for piece in ([body[k:k + 1] for k in range(len(body))] if dripped else [body]):
-                    self.wfile.write(piece)
-                    self.wfile.flush()
-                    time.sleep(0.1 if dripped else 0)
+                answer(self, len(calls))
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client gave up, as it should
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Dripping)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _headers(handler: BaseHTTPRequestHandler, length: int) -> None:
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(length))
+    handler.end_headers()
+
+
+def test_a_body_dripped_a_byte_at_a_time_times_out_as_a_whole_and_is_retried():
+    """The time-out bounded each read: a server dripping its body a byte every 0.1 s (a stuck backend behind a proxy
+    that keeps the connection alive) held the request, and a translation or judging run, for as long as it dripped.
+    The whole body must come within the time-out; a late one is a time-out, retried as others are."""
+
+    def answer(handler: BaseHTTPRequestHandler, call: int) -> None:
+        dripped = call == 1  # the first answer: 10 s of spaces, a byte every 0.1 s, before the reply
+        body = b" " * 100 + GOOD_BODY if dripped else GOOD_BODY
+        _headers(handler, len(body))
+        for piece in ([body[k:k + 1] for k in range(len(body))] if dripped else [body]):
+            handler.wfile.write(piece)
+            handler.wfile.flush()
+            time.sleep(0.1 if dripped else 0)
+
+    with _raw_server(answer) as base_url:
         waits: list[float] = []
-        client = ChatClient("m", api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
-                            sleep=waits.append, max_retries=2, backoff=0.01, timeout=1.0)
+        client = ChatClient("m", api_key="k", base_url=base_url, sleep=waits.append, max_retries=2, backoff=0.01,
+                            timeout=1.0)
         started = time.monotonic()
         completion = client.complete(MESSAGES)
         assert completion.content == "hi" and completion.calls == 2 and time.monotonic() - started < 5
         assert client.stats["retries"] == 1
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("fault", ["dropped", "silent"])
@@ -246,54 +265,30 @@ def test_a_body_cut_off_or_never_sent_after_the_headers_is_retried(fault):
     """The body is read after the SDK returned the response: a connection dropped half-way through it, or a server
     silent after its headers, raised the HTTP library's own error (not the SDK's), which the retry loop did not
     catch: a judging or translation run stopped with a traceback at the first such reply."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    failing = {"calls": 1}  # how many answers in a row are faulty
 
-    good = json.dumps({"choices": [{"index": 0, "finish_reason": "stop",
-                                    "message": {"role": "assistant", "content": "hi"}}]}).encode()
-    calls = []
+    def answer(handler: BaseHTTPRequestHandler, call: int) -> None:
+        _headers(handler, len(GOOD_BODY))
+        if call > failing["calls"]:
+            handler.wfile.write(GOOD_BODY)
+            return
+        handler.wfile.write(GOOD_BODY[:10])
+        handler.wfile.flush()
+        if fault == "silent":
+            time.sleep(3)  # past the client's time-out
+        handler.close_connection = True  # the rest of the body never comes
 
-    class Faulty(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_POST(self) -> None:  # noqa: N802 - http.server naming
-            self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            calls.append(1)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(good)))
-            self.end_headers()
-            if len(calls) > 1:
-                self.wfile.write(good)
-                return
-            self.wfile.write(good[:10])
-            self.wfile.flush()
-            if fault == "silent":
-                time.sleep(3)  # past the client's time-out
-            self.close_connection = True  # the rest of the body never comes
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Faulty)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
+    with _raw_server(answer) as base_url:
         waits: list[float] = []
-        client = ChatClient("m", api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
-                            sleep=waits.append, max_retries=2, backoff=0.01, timeout=1.0)
+        client = ChatClient("m", api_key="k", base_url=base_url, sleep=waits.append, max_retries=2, backoff=0.01,
+                            timeout=1.0)
         completion = client.complete(MESSAGES)
         assert completion.content == "hi" and completion.calls == 2 and client.stats["retries"] == 1
         # Retries used up: a failure record naming what happened, not a traceback.
-        calls.clear()
-        client = ChatClient("m", api_key="k", base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
-                            sleep=waits.append, max_retries=0, timeout=1.0)
+        failing["calls"] = 10**6
+        client = ChatClient("m", api_key="k", base_url=base_url, sleep=waits.append, max_retries=0, timeout=1.0)
         with pytest.raises(RequestFailed, match="APITimeoutError" if fault == "silent" else "APIConnectionError"):
             client.complete([{"role": "user", "content": "again"}])
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_a_failure_record_names_the_cause_the_sdk_wraps():
