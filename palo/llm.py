@@ -24,11 +24,14 @@ as the worker checks them: a bad conversation raises ``ValueError`` naming it be
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MAX_TOKENS = 256
+# How often a call whose requests find the engine's queue full of others' looks again for room.
+QUEUE_RETRY_S = 0.02
 
 # The settings :meth:`LLM.chat` and :meth:`LLM.generate` pass on to the engine, besides their own arguments: exactly
 # the request fields :meth:`palo.serve.engine.EngineBackend.prepare` reads and whose effect an :class:`Answer` shows.
@@ -70,7 +73,23 @@ def _token_budget(max_tokens: int | None, settings: dict[str, Any]) -> int:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(map(repr, unknown))}; the settings are max_tokens "
                          f"(max_new_tokens), temperature, stop, timeout and {', '.join(sorted(SETTINGS))}")
-    return DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    if max_tokens is None:
+        return DEFAULT_MAX_TOKENS
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number of at least 1, got {max_tokens!r}")
+    return max_tokens
+
+
+def _checked(temperature: Any, timeout: Any) -> float:
+    """``temperature`` as a number (None: 0, the default, greedy), once it and ``timeout`` are numbers.
+
+    Raises:
+        ValueError: For a temperature or a timeout that is not a number (a timeout of "5" failed deep inside).
+    """
+    for name, value in (("temperature", temperature), ("timeout", timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+    return 0.0 if temperature is None else float(temperature)
 
 
 @dataclass
@@ -155,10 +174,14 @@ class LLM:
         self.backend = GenerationEngine(tokenizer, model, image_processor, context_len,
                                         engine_config=engine_config or EngineConfig())
         self.backend.remote_images = RemoteImagePolicy() if allow_remote_images else None
+        # An LLM dropped without close() (a notebook cell run again) stopped nothing: its engine thread ran on and
+        # held the model and the KV cache until the process ended. The finaliser holds the backend, not the LLM.
+        self._finalizer = weakref.finalize(self, self.backend.close)
 
     def close(self) -> None:
-        """Stop the engine's thread; later calls raise :class:`palo.engine.EngineClosed`."""
-        self.backend.close()
+        """Stop the engine's thread and free the KV cache; later calls raise :class:`palo.engine.EngineClosed`.
+        Also done when the object is garbage-collected, or at the end of a ``with`` block."""
+        self._finalizer()
 
     def __enter__(self) -> LLM:
         return self
@@ -174,9 +197,9 @@ class LLM:
 
         Args:
             messages: One conversation (a list of OpenAI chat messages) or a list of them.
-            max_tokens: Most tokens per answer (default 256); ``max_new_tokens``, the name ``model.generate`` uses,
-                is taken as its alias.
-            temperature: 0 for greedy decoding.
+            max_tokens: Most tokens per answer (default 256; up to the model's context); ``max_new_tokens``, the
+                name ``model.generate`` uses, is taken as its alias.
+            temperature: 0 (or None) for greedy decoding.
             stop: Strings that end an answer (besides the template's), left out of it.
             timeout: Seconds to wait for all answers (default: no limit).
             **settings: The worker's other settings (:data:`SETTINGS`: ``top_p``, ``top_k``, ``seed``, ``min_p``,
@@ -252,6 +275,7 @@ class LLM:
              stop: str | Sequence[str] | None, timeout: float | None, settings: dict[str, Any]) -> list[Answer]:
         from palo.serve.engine import PromptTooLong, RequestError
 
+        temperature = _checked(temperature, timeout)
         extra = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if not all(isinstance(s, str) and s for s in extra):
             raise ValueError(f"'stop' must be a string or a list of non-empty strings, got {stop!r}")
@@ -259,8 +283,10 @@ class LLM:
         for index, (prompt, images, template_stop) in enumerate(rows):
             # A prompt's answer continues its text ("is" + " The"), as vLLM's generate; a conversation's starts
             # without a space, as the original's chat answers.
+            # max_tokens goes up to the context, as the OpenAI API's (the worker's own default caps it at the
+            # original's 1024, and a longer answer asked for ended there as if at its budget).
             params = {"continuation": what == "prompt", **settings, "prompt": prompt, "max_new_tokens": max_tokens,
-                      "temperature": temperature, "stop": template_stop}
+                      "cap_max_new_tokens": False, "temperature": temperature, "stop": template_stop}
             try:  # every request is checked before any is submitted; pixels wait in host memory, as vLLM's do
                 request = self.backend.prepare(params, images, host_images=True)
             except (RequestError, PromptTooLong) as exc:
@@ -285,6 +311,8 @@ class LLM:
         import queue
         import time
 
+        from palo.engine.errors import QueueFull
+
         finished: queue.Queue[int] = queue.Queue()
         last: list[Any] = [None] * len(requests)
 
@@ -303,13 +331,25 @@ class LLM:
         submitted = 0
         try:
             while submitted < len(requests) or jobs:
+                full = False
                 while submitted < len(requests) and len(jobs) < window:
-                    jobs[submitted] = self.backend.submit(requests[submitted], sink_for(submitted))
+                    try:
+                        jobs[submitted] = self.backend.submit(requests[submitted], sink_for(submitted))
+                    except QueueFull:
+                        # Requests of others fill the queue (another thread's call, or a cancelled call's that the
+                        # engine has not dropped yet): wait for room, as for the window, instead of failing.
+                        full = True
+                        break
                     submitted += 1
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if full and not jobs:  # none of ours to wait for: look again shortly
+                    wait = QUEUE_RETRY_S if wait is None else min(wait, QUEUE_RETRY_S)
                 try:
-                    index = finished.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+                    index = finished.get(timeout=wait)
                 except queue.Empty:
-                    raise TimeoutError(f"generation did not finish within {timeout} s") from None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError(f"generation did not finish within {timeout} s") from None
+                    continue
                 jobs.pop(index)
         finally:
             for job in jobs.values():

@@ -134,7 +134,7 @@ def test_bad_input_is_refused_naming_the_conversation_before_anything_runs(llm, 
         with pytest.raises(ValueError, match=message):
             llm.chat(conversations)
     for settings, message in [({"temperature": -1}, "'temperature' must be >= 0"), ({"top_p": 1.5}, "'top_p'"),
-                              ({"stop": [""]}, "'stop' must be"), ({"max_tokens": 0}, "'max_new_tokens'")]:
+                              ({"stop": [""]}, "'stop' must be"), ({"max_tokens": 0}, "max_tokens must be")]:
         with pytest.raises(ValueError, match=message):
             llm.chat(good, **settings)
     with pytest.raises(ValueError, match="prompt 0: 0 image.* for 1 <image>"):
@@ -186,6 +186,69 @@ def test_more_conversations_than_the_engine_queues_are_fed_to_it_as_places_free(
     stats = small.backend.stats()
     assert (stats["running"], stats["waiting"], stats["kv_blocks_used"]) == (0, 0, 0)
     small.close()
+
+
+def test_calls_from_several_threads_share_the_engines_queue(llm, photo):
+    """Each call kept its own requests under the engine's waiting limit but not the others': two threads calling at
+    once both failed with QueueFull, and so did a call made right after a timed-out one (whose cancelled requests
+    still counted as waiting). A call that finds the queue full of others' requests waits for room."""
+    import threading
+
+    from palo.engine import EngineConfig
+
+    small = LLM.from_loaded(llm.tokenizer, llm.model, llm.backend.image_processor,
+                            engine_config=EngineConfig(max_num_seqs=2, max_waiting=2))
+    conversations = [user(q, {"type": "image", "image": photo}) for q in QUESTIONS] + [user(q) for q in QUESTIONS]
+    expected = [a.text for a in llm.chat(conversations, max_tokens=4)]
+    results: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def call(index: int) -> None:
+        try:
+            results[index] = [a.text for a in small.chat(conversations, max_tokens=4)]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors and results == {i: expected for i in range(3)}
+    with pytest.raises(TimeoutError):
+        small.chat(conversations, max_tokens=500, ignore_eos=True, timeout=0.2)
+    assert [a.text for a in small.chat(conversations, max_tokens=4)] == expected  # at once after the time-out
+    small.close()
+
+
+def test_an_llm_dropped_without_close_stops_its_engine(llm):
+    """Its engine thread ran on (holding the model and the KV cache) until the process ended: a notebook cell that
+    makes an LLM, run again, kept every earlier one."""
+    import gc
+
+    dropped = LLM.from_loaded(llm.tokenizer, llm.model, llm.backend.image_processor)
+    dropped.generate("USER: hi ASSISTANT:", max_tokens=2)
+    engine = dropped.backend.engine
+    assert engine.is_running()
+    del dropped
+    gc.collect()
+    assert not engine.is_running()
+
+
+def test_temperature_none_is_greedy_and_max_tokens_goes_up_to_the_context(llm, monkeypatch):
+    """temperature=None sampled at the worker's default of 1; max_tokens past 1024 (the original worker's cap) ended
+    there as if at its budget."""
+    (greedy,) = llm.generate("USER: Tell me a story. ASSISTANT:", max_tokens=8)
+    assert [llm.generate("USER: Tell me a story. ASSISTANT:", max_tokens=8, temperature=None, seed=seed)[0].text
+            for seed in (1, 2)] == [greedy.text] * 2
+    monkeypatch.setattr(llm.model.config, "max_position_embeddings", 1200)
+    with LLM.from_loaded(llm.tokenizer, llm.model, None, context_len=1200) as longer:
+        (answer,) = longer.generate("USER: Tell me a story. ASSISTANT:", max_tokens=1100, ignore_eos=True)
+    assert (answer.completion_tokens, answer.finish_reason) == (1100, "length")
+    for bad in ({"max_tokens": "5"}, {"max_tokens": 3.5}, {"max_tokens": 0}, {"timeout": "5"},
+                {"temperature": "0"}):
+        with pytest.raises(ValueError, match="max_tokens must be|timeout must be|temperature must be"):
+            llm.generate("USER: hi ASSISTANT:", **bad)
 
 
 def test_unknown_settings_are_refused_and_max_new_tokens_is_taken_as_max_tokens(llm):
