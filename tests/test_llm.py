@@ -245,6 +245,11 @@ def test_temperature_none_is_greedy_and_max_tokens_goes_up_to_the_context(llm, m
     with LLM.from_loaded(llm.tokenizer, llm.model, None, context_len=1200) as longer:
         (answer,) = longer.generate("USER: Tell me a story. ASSISTANT:", max_tokens=1100, ignore_eos=True)
     assert (answer.completion_tokens, answer.finish_reason) == (1100, "length")
+    # vLLM's top_k=-1 ("no limit") was refused; it is top_k 0.
+    assert llm.generate("USER: hi ASSISTANT:", max_tokens=4, top_k=-1, temperature=0.9, seed=3)[0].text == \
+        llm.generate("USER: hi ASSISTANT:", max_tokens=4, temperature=0.9, seed=3)[0].text
+    with pytest.raises(ValueError, match="'top_k' must be >= 0"):
+        llm.generate("USER: hi ASSISTANT:", top_k=-2)
     for bad in ({"max_tokens": "5"}, {"max_tokens": 3.5}, {"max_tokens": 0}, {"timeout": "5"},
                 {"temperature": "0"}):
         with pytest.raises(ValueError, match="max_tokens must be|timeout must be|temperature must be"):

@@ -286,8 +286,10 @@ class EngineBackend(ABC):
                                  or not WORKER_SEED_RANGE[0] <= seed <= WORKER_SEED_RANGE[1]):
             raise RequestError(f"'seed' must be an integer in [{WORKER_SEED_RANGE[0]}, {WORKER_SEED_RANGE[1]}], "
                                f"got {seed!r}", "seed")
+        if top_k == -1:  # vLLM's "no limit" (its LLM and its API), as the OpenAI API here takes it
+            top_k = 0
         if top_k < 0:
-            raise RequestError(f"'top_k' must be >= 0, got {top_k}", "top_k")
+            raise RequestError(f"'top_k' must be >= 0 (or -1: no limit), got {top_k}", "top_k")
         min_p = _parse_number(params, "min_p", 0.0)
         if not 0 <= min_p <= 1:
             raise RequestError(f"'min_p' must be in [0, 1], got {min_p}", "min_p")
