@@ -412,9 +412,8 @@ class EngineBackend(ABC):
             return None
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(value, vocab, max_len=MAX_PROMPT_CHARS):
-            # Said without the field's name: the OpenAI API's clients sent these ids as 'prompt'.
-            raise RequestError(f"a prompt of token ids must be a non-empty list of at most {MAX_PROMPT_CHARS} token "
-                               f"ids in [0, {vocab}) (the model's vocabulary)", "prompt_token_ids")
+            raise RequestError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab})",
+                               "prompt_token_ids")
         return value
 
     # -- queue (each engine's own) ---------------------------------------------------------------------------------

@@ -669,7 +669,11 @@ async def _answers(stream: WorkerStream, chat: GenerationRequest, logger: loggin
                                code="context_length_exceeded", param=chat.prompt_field)
             if obj.get("error_code", OK) != OK:
                 if error_type == INVALID_REQUEST:
-                    raise APIError(400, str(obj.get("text")), param=chat.param_of(obj.get("param")))
+                    field, param = obj.get("param"), chat.param_of(obj.get("param"))
+                    message = str(obj.get("text"))
+                    if param is not None and param != field:  # named as the client named it: 'prompt', not the
+                        message = message.replace(f"'{field}'", f"'{param}'")  # worker's 'prompt_token_ids'
+                    raise APIError(400, message, param=param)
                 raise APIError(502, f"the model worker failed: {obj.get('text')}", type_="server_error")
             if isinstance(obj.get("prompt"), str):
                 prompt = obj["prompt"]
