@@ -187,10 +187,11 @@ def _reply_of(body: bytes) -> tuple[str, str | None, int | None, str | None]:
     try:
         choice = response["choices"][0]
         message = choice["message"]
-        content = message["content"] if "content" in message else None
     except (IndexError, KeyError, TypeError) as exc:
         raise MalformedReply(f"not a chat completion ({type(exc).__name__}: {exc})") from None
-    refusal = message.get("refusal") if isinstance(message, dict) else None
+    if not isinstance(message, dict):
+        raise MalformedReply(f"not a chat completion (its message is {type(message).__name__})")
+    content, refusal = message.get("content"), message.get("refusal")
     if not content and isinstance(refusal, str) and refusal.strip():
         content, refusal = "", refusal.strip()
     elif not isinstance(content, str):
