@@ -898,20 +898,14 @@ def test_a_request_the_endpoint_refuses_is_rejected_not_left_unfinished(tmp_path
         assert [s["corrupt"] for s in json.load(f)] == [False, False]
 
 
-def test_a_refused_key_leaves_samples_unfinished(tmp_path, server, capsys):
-    """A 401 (or 403, 404) is about the run's settings, not a text: rejecting would flag the whole set corrupt."""
-    data = _write(tmp_path / "in.json", [_sample(0, "<image>\nunauthorized what is it?", "A dog.")])
-    assert main(_translate_args(data, str(tmp_path / "out"), server, "ar")) == 1
-    assert json.loads(capsys.readouterr().out)["languages"]["arabic"]["unfinished"] == 1
-
-
 @pytest.mark.parametrize("cue,status,says", [
     ("unauthorized", 401, "the endpoint refused the API key (HTTP 401): check --api_key"),
     ("forbidden", 403, "the endpoint denied access (HTTP 403)"),
     ("nomodel", 404, "the endpoint has no such model or path (HTTP 404): check --model and --base_url"),
 ])
 def test_a_refused_key_or_model_stops_the_run_at_the_first_request(tmp_path, server, capsys, cue, status, says):
-    """Every request would fail alike: the run sent one per sample and ended with "rerun to resume"."""
+    """Every request would fail alike: the run sent one per sample and ended with "rerun to resume". It is about the
+    run's settings, not a text: its samples stay unfinished (rejecting them would flag the whole set corrupt)."""
     samples = [_sample(i, f"<image>\n{cue} what is on table number {i}?", "A dog.") for i in range(6)]
     data = _write(tmp_path / "in.json", samples)
     out = tmp_path / "out"
