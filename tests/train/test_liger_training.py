@@ -37,7 +37,7 @@ def _train(world, data: str, out: str, *extra: str) -> list[dict]:
             "--model_name_or_path", world.base_dir, "--version", "v1", "--data_path", data,
             "--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
             "--mm_projector_type", "mlp2x_gelu", "--mm_vision_select_layer", "-2", "--image_aspect_ratio", "pad",
-            "--output_dir", out, "--per_device_train_batch_size", "2", "--max_steps", "3", "--learning_rate", "2e-3",
+            "--output_dir", out, "--per_device_train_batch_size", "2", "--max_steps", "2", "--learning_rate", "2e-3",
             "--lr_scheduler_type", "constant", "--logging_steps", "1", "--model_max_length", "256",
             "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True", "--bf16", "False", "--seed", "7",
             "--dataloader_num_workers", "0", *extra]
@@ -53,7 +53,7 @@ def _train(world, data: str, out: str, *extra: str) -> list[dict]:
 def test_zero3_trains_with_the_fused_head_like_without_it(world, data, tmp_path):
     plain = _train(world, data, str(tmp_path / "plain"))
     fused = _train(world, data, str(tmp_path / "liger"), "--use_liger_kernel", "True")
-    assert len(fused) == len(plain) == 3
+    assert len(fused) == len(plain) == 2
     for key, tolerance in (("loss", 1e-4), ("grad_norm", 1e-3)):
         assert [e[key] for e in fused] == pytest.approx([e[key] for e in plain], rel=tolerance), key
     # Per-language losses come from the fused head's per-token losses (no logits there): the same values.
