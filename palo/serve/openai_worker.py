@@ -91,7 +91,24 @@ FORWARDED: dict[str, tuple[type | tuple[type, ...], Any]] = {
 
 
 class PromptFormatError(ValueError):
-    """A worker-protocol prompt that cannot be expressed as chat messages for the backend."""
+    """A worker-protocol request that cannot be forwarded faithfully (400).
+
+    Args:
+        message: What is wrong, for the client.
+        field: The request field it is about, if one (the error chunk's ``param``, as the native worker's).
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _parsed(field: str, parse: Any, *args: Any) -> Any:
+    """``parse(*args)``, its ``ValueError`` a :class:`PromptFormatError` about ``field``."""
+    try:
+        return parse(*args)
+    except ValueError as exc:
+        raise PromptFormatError(str(exc), field) from None
 
 
 def _data_url(image_b64: str) -> str:
@@ -122,12 +139,12 @@ def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[d
     if prompt.count(DEFAULT_IMAGE_TOKEN) != len(images):
         raise PromptFormatError(
             f"the prompt has {prompt.count(DEFAULT_IMAGE_TOKEN)} {DEFAULT_IMAGE_TOKEN} placeholders but "
-            f"{len(images)} images were sent")
+            f"{len(images)} images were sent", "images")
     head = f"{conv.sep}{user}:"
     start = prompt.find(head)
     end = f"{assistant}:"
     if start < 0 or not prompt.endswith(end):
-        raise PromptFormatError(f"the prompt is not a {conv_mode} prompt ending with an open '{end}' turn")
+        raise PromptFormatError(f"the prompt is not a {conv_mode} prompt ending with an open '{end}' turn", "prompt")
     system = prompt[:start]
     messages: list[dict[str, Any]] = []
     if system != conv.system:
@@ -137,7 +154,8 @@ def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[d
     for index, round_text in enumerate(rounds):
         question, found, answer = round_text.partition(f"{conv.sep}{assistant}:")
         if not question.startswith(f"{user}:") or not found:
-            raise PromptFormatError(f"round {index + 1} of the prompt is not '{user}: ...{conv.sep}{assistant}: ...'")
+            raise PromptFormatError(f"round {index + 1} of the prompt is not '{user}: ...{conv.sep}{assistant}: ...'",
+                                    "prompt")
         question = question[len(user) + 1:]
         question = question[1:] if question.startswith(" ") else question
         count = question.count(DEFAULT_IMAGE_TOKEN)
@@ -146,7 +164,7 @@ def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[d
             bare = bare[len(DEFAULT_IMAGE_TOKEN) + 1:]
         if DEFAULT_IMAGE_TOKEN in bare:
             raise PromptFormatError(f"an {DEFAULT_IMAGE_TOKEN} placeholder is not at the front of its message; PALO "
-                                    "places images there (the chat template cannot put it elsewhere)")
+                                    "places images there (the chat template cannot put it elsewhere)", "prompt")
         if count:
             content: Any = [{"type": "image_url", "image_url": {"url": _data_url(b64)}} for b64 in pending[:count]]
             content.append({"type": "text", "text": bare})
@@ -157,16 +175,16 @@ def prompt_to_messages(prompt: str, images: list[str], conv_mode: str) -> list[d
         last = index == len(rounds) - 1
         if last:
             if answer != "":
-                raise PromptFormatError(f"the prompt must end with an open '{end}' turn")
+                raise PromptFormatError(f"the prompt must end with an open '{end}' turn", "prompt")
         else:
             messages.append({"role": "assistant", "content": answer[1:] if answer.startswith(" ") else answer})
     try:
         rendered, _, _ = render_messages(messages, conv_mode)
     except APIError as exc:
-        raise PromptFormatError(str(exc)) from exc
+        raise PromptFormatError(str(exc), "prompt") from exc
     if rendered != prompt:
         raise PromptFormatError(f"the prompt does not round-trip through the {conv_mode} chat template, so the backend "
-                                "would see a different prompt")
+                                "would see a different prompt", "prompt")
     return messages
 
 
@@ -257,26 +275,25 @@ class OpenAIWorker(BaseWorker):
         for key in ("prompt_token_ids", "prompt_logprobs"):
             if params.get(key) is not None:  # a chat API neither takes token ids nor scores a prompt
                 raise PromptFormatError(f"'{key}' is not supported by a worker that forwards to an OpenAI-compatible "
-                                        "backend as chat messages")
+                                        "backend as chat messages", key)
         prompt = params.get("prompt")
         if not isinstance(prompt, str):
-            raise PromptFormatError("'prompt' (a string) is required")
+            raise PromptFormatError("'prompt' (a string) is required", "prompt")
         images = params.get("images") or []
         if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-            raise PromptFormatError("'images' must be a list of base64 strings")
-        try:  # finite numbers, as the native worker takes them (an infinity reached the backend's JSON encoder)
-            temperature = parse_number(params, "temperature", 1.0)
-            top_p = parse_number(params, "top_p", 1.0)
-            max_new_tokens = parse_number(params, "max_new_tokens", 256, integer=True)
-        except ValueError as exc:
-            raise PromptFormatError(str(exc)) from None
+            raise PromptFormatError("'images' must be a list of base64 strings", "images")
+        # finite numbers, as the native worker takes them (an infinity reached the backend's JSON encoder)
+        temperature = _parsed("temperature", parse_number, params, "temperature", 1.0)
+        top_p = _parsed("top_p", parse_number, params, "top_p", 1.0)
+        max_new_tokens = _parsed("max_new_tokens", parse_number, params, "max_new_tokens", 256, True)
         capped = params.get("cap_max_new_tokens", True)
         if not isinstance(capped, bool):
-            raise PromptFormatError(f"'cap_max_new_tokens' must be true or false, got {shown(capped)}")
+            raise PromptFormatError(f"'cap_max_new_tokens' must be true or false, got {shown(capped)}",
+                                    "cap_max_new_tokens")
         # The original protocol's cap, or (the OpenAI API's requests) the context: the backend counts the prompt.
         max_new_tokens = min(max_new_tokens, MAX_NEW_TOKENS_CAP if capped else self.context_length)
         if max_new_tokens < 1:
-            raise PromptFormatError("'max_new_tokens' must be positive")
+            raise PromptFormatError("'max_new_tokens' must be positive", "max_new_tokens")
         body: dict[str, Any] = {
             "model": self.model_name,
             "messages": prompt_to_messages(prompt, images, self.conv_mode),
@@ -289,11 +306,9 @@ class OpenAIWorker(BaseWorker):
         }
         stop = params.get("stop")
         if stop is not None and not isinstance(stop, str):  # the protocol's one stop string, as the native worker
-            raise PromptFormatError(f"'stop' must be a string, got {shown(stop)}")
-        try:  # the client's own stop strings go to the backend with the template's, to be applied under min_tokens
-            stops = ([stop] if stop else []) + list(parse_stops(params.get("stops")))
-        except ValueError as exc:
-            raise PromptFormatError(str(exc)) from None
+            raise PromptFormatError(f"'stop' must be a string, got {shown(stop)}", "stop")
+        # the client's own stop strings go to the backend with the template's, to be applied under min_tokens
+        stops = ([stop] if stop else []) + list(_parsed("stops", parse_stops, params.get("stops")))
         if stops:  # OpenAI's API (and this project's) takes up to 4; the rest are cut here as the text comes
             body["stop"] = stops
         # This project's extra settings go along only when they ask for something, so a backend that lacks one sees
@@ -305,38 +320,31 @@ class OpenAIWorker(BaseWorker):
             if (isinstance(value, bool) or not isinstance(value, kind)
                     or (isinstance(value, float) and not math.isfinite(value))):
                 raise PromptFormatError(f"'{key}' must be {'an integer' if kind is int else 'a finite number'}, got "
-                                        f"{shown(value)}")
-            try:  # an integer past a float's range (10**400) is refused as max_new_tokens is, not an OverflowError
-                parse_number(params, key, default)
-            except ValueError as exc:
-                raise PromptFormatError(str(exc)) from None
+                                        f"{shown(value)}", key)
+            # an integer past a float's range (10**400) is refused as max_new_tokens is, not an OverflowError
+            _parsed(key, parse_number, params, key, default)
             body[key] = value
         ignore_eos = params.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
-            raise PromptFormatError(f"'ignore_eos' must be true or false, got {ignore_eos!r}")
+            raise PromptFormatError(f"'ignore_eos' must be true or false, got {ignore_eos!r}", "ignore_eos")
         if ignore_eos:
             body["ignore_eos"] = True
         stop_token_ids = params.get("stop_token_ids")
         if stop_token_ids:  # the backend's token ids, as for logit_bias
             if not is_token_ids(stop_token_ids):
-                raise PromptFormatError(f"'stop_token_ids' must be a list of token ids, got {str(stop_token_ids)[:80]}")
+                raise PromptFormatError(f"'stop_token_ids' must be a list of token ids, got {str(stop_token_ids)[:80]}",
+                                        "stop_token_ids")
             body["stop_token_ids"] = stop_token_ids
-        try:  # vLLM keeps its own prefix cache per salt; sent only when asked for, like the settings above
-            cache_salt = parse_cache_salt(params.get("cache_salt"))
-        except ValueError as exc:
-            raise PromptFormatError(str(exc)) from None
+        # vLLM keeps its own prefix cache per salt; sent only when asked for, like the settings above
+        cache_salt = _parsed("cache_salt", parse_cache_salt, params.get("cache_salt"))
         if cache_salt is not None:
             body["cache_salt"] = cache_salt
-        try:  # the backend's token ids: forwarded as they are, for its own tokenizer
-            logit_bias = parse_logit_bias(params.get("logit_bias"))
-        except ValueError as exc:
-            raise PromptFormatError(str(exc)) from None
+        # the backend's token ids: forwarded as they are, for its own tokenizer
+        logit_bias = _parsed("logit_bias", parse_logit_bias, params.get("logit_bias"))
         if logit_bias:
             body["logit_bias"] = {str(token): bias for token, bias in logit_bias.items()}
-        try:  # an answer shape goes as it was asked for: the backend (vLLM, SGLang, this API) takes each form
-            _, shape_field = parse_structured_output(params)
-        except ValueError as exc:
-            raise PromptFormatError(str(exc)) from None
+        # an answer shape goes as it was asked for: the backend (vLLM, SGLang, this API) takes each form
+        _, shape_field = _parsed("structured", parse_structured_output, params)
         if shape_field is not None:
             top = shape_field.split(".")[0]
             body[top] = params[top]
@@ -344,7 +352,7 @@ class OpenAIWorker(BaseWorker):
         if logprobs is not None:  # k alternatives per token, as OpenAI's chat API asks for them
             if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
                 raise PromptFormatError(f"'logprobs' must be null or an integer from 0 to {MAX_TOP_LOGPROBS}, "
-                                        f"got {logprobs!r}")
+                                        f"got {logprobs!r}", "logprobs")
             body.update(logprobs=True, top_logprobs=logprobs)
         return prompt, body
 
@@ -354,7 +362,7 @@ class OpenAIWorker(BaseWorker):
             return self.backend_request(params)
         except PromptFormatError as exc:
             self.logger.info("rejected request: %s", exc)
-            raise Rejected(error_chunk(f"invalid request: {exc}", WORKER_ERROR, INVALID_REQUEST)) from None
+            raise Rejected(error_chunk(f"invalid request: {exc}", WORKER_ERROR, INVALID_REQUEST, exc.field)) from None
 
     def generate(self, prepared: tuple[str, dict[str, Any]]) -> AsyncIterator[bytes]:
         return self._relay(*prepared)

@@ -164,6 +164,7 @@ def test_seed_top_k_and_penalties_reach_the_backend(stack):
     response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
                           json=dict(payload, top_k="8"))
     assert response.status_code == 400 and "'top_k' must be an integer" in response.text
+    assert json.loads(response.content.rstrip(b"\0"))["param"] == "top_k"
 
 
 def test_logit_bias_goes_to_the_backend_as_it_is(stack):
@@ -210,13 +211,20 @@ def test_a_prompt_it_cannot_forward_gets_a_clear_error(stack):
                           json={"prompt": "no template here", "images": [], "stop": "</s>"})
     assert response.status_code == 400
     chunk = json.loads(response.content.rstrip(b"\0"))
-    assert chunk["error_code"] == 1 and "vicuna_v1" in chunk["text"]
+    assert chunk["error_code"] == 1 and "vicuna_v1" in chunk["text"] and chunk["param"] == "prompt"
     # Token-id prompts and prompt scoring cannot go through a chat API: refused by name, not answered otherwise.
     for extra in ({"prompt_token_ids": [1, 2, 3]}, {"prompt_logprobs": 1}):
         response = httpx.post(stack["openai_worker"].url + "/worker_generate_stream", timeout=10,
                               json={"prompt": "USER: hi ASSISTANT:", "images": [], "stop": "</s>", **extra})
         chunk = json.loads(response.content.rstrip(b"\0"))
         assert response.status_code == 400 and f"'{next(iter(extra))}' is not supported" in chunk["text"]
+        assert chunk["param"] == next(iter(extra))
+    # The front API names the field as its client sent it, as it does for the native worker's refusals.
+    response = httpx.post(stack["front"].url + "/v1/completions", timeout=10,
+                          json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 4})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "prompt", error
+    assert "'prompt' is not supported" in error["message"]
     # Nor has it a tokenizer of its own to serve.
     response = httpx.post(stack["openai_worker"].url + "/worker_tokenize", json={"prompt": "hi"}, timeout=10)
     assert response.status_code == 501 and "no tokenizer" in response.json()["error"]
