@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sqlite3
 import sys
@@ -57,6 +58,7 @@ from palo.jsonl import (
     iter_jsonl,
     read_jsonl,
     repair_tail,
+    same_file,
     unique_records,
     write_jsonl_atomic,
 )
@@ -322,9 +324,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def judge_settings_error(parallel: int, max_retries: int, retry_base_delay: float, timeout: float = 1.0) -> str | None:
+    """What is wrong with the judge's request settings, or None (a timeout of 0 failed every request only after the
+    whole retry schedule, as a connection error)."""
+    if parallel < 1:
+        return f"--parallel must be at least 1, got {parallel}"
+    if max_retries < 0:
+        return f"--max-retries must be at least 0, got {max_retries}"
+    if not (math.isfinite(retry_base_delay) and retry_base_delay >= 0):
+        return f"--retry-base-delay must be a number of seconds from 0, got {retry_base_delay}"
+    if not (math.isfinite(timeout) and timeout > 0):
+        return f"--timeout must be a positive number of seconds, got {timeout}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = judge_settings_error(args.parallel, args.max_retries, args.retry_base_delay, args.timeout)
+    if problem:
+        parser.error(problem)
     files = {"a1": args.answer_list[0], "a2": args.answer_list[1], "context": args.context}
+    # The reviews are appended to -o and the file compacted at the end: naming an input there replaced it by reviews.
+    inputs = {"question": args.question, "context": args.context, "reference answers": args.answer_list[0],
+              "model answers": args.answer_list[1], "rule": args.rule}
+    clash = next((name for name, path in inputs.items() if path and same_file(args.output, path)), None)
+    if clash:
+        print(f"error: the reviews file {args.output} is the {clash} file", file=sys.stderr)
+        return 2
     try:
         rules = load_rules(args.rule)
         questions = load_questions(args.question, args.skip_bad)

@@ -223,6 +223,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_call(inputs, jud
     assert sum(judge_server.count().values()) == 0
 
 
+def test_an_output_that_is_an_input_is_refused_before_any_call(inputs, judge_server, tmp_path, capsys):
+    """Reviews appended to (and compacted into) an input file replaced it: the model's answers were lost."""
+    for key, name in (("q", "question"), ("c", "context"), ("a1", "reference answers"), ("a2", "model answers")):
+        before = open(inputs[key], encoding="utf-8").read()
+        args = _args(inputs, judge_server, "--no-cache")
+        args[args.index("-o") + 1] = inputs[key].replace(str(tmp_path), str(tmp_path) + "/.")  # spelt another way
+        assert review.main(args) == 2
+        assert f"is the {name} file" in capsys.readouterr().err
+        assert open(inputs[key], encoding="utf-8").read() == before
+    assert sum(judge_server.count().values()) == 0
+
+
+@pytest.mark.parametrize("flag, value", [("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "nan"),
+                                         ("--parallel", "0"), ("--max-retries", "-1"), ("--retry-base-delay", "-2")])
+def test_request_settings_that_cannot_work_are_refused_by_name(inputs, judge_server, flag, value, capsys):
+    """A timeout of 0 failed every request after the whole retry schedule, reported as a connection error."""
+    with pytest.raises(SystemExit) as exit_info:
+        review.main(_args(inputs, judge_server, "--no-cache", flag, value))
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    assert sum(judge_server.count().values()) == 0
+
+
 def test_everything_failing_exits_3(inputs, judge_server, capsys):
     judge_server.default = (401, "bad key")
     assert review.main(_args(inputs, judge_server, "--no-cache")) == 3
