@@ -36,6 +36,7 @@ from palo.eval import eval_gpt_review_bench, model_vqa, report, shards, summariz
 from palo.eval.bench import BenchLayoutError, available_languages, display_name, language_files
 from palo.eval.jsonl import JsonlError
 from palo.eval.judge import DEFAULT_JUDGE_MODEL
+from palo.jsonl import same_file
 from palo.model.builder import add_dtype_argument
 
 
@@ -127,6 +128,17 @@ def make_tasks(args: argparse.Namespace) -> tuple[list[Task], list[str]]:
         tasks.append(Task(language, files.questions, files.answers, files.context, files.images,
                           os.path.join(out, f"{stem}.jsonl"), os.path.join(out, "reviews", f"{stem}.jsonl")))
     return tasks, broken
+
+
+def clashing_output(task: Task) -> str | None:
+    """Why an output of ``task`` is one of its inputs, or None. Answers written to the reference answers file were
+    read as a finished run (the reference judged against itself); reviews there replaced it."""
+    inputs = (("questions", task.questions), ("reference answers", task.answers), ("context", task.context))
+    for kind, output in (("answers", task.answers_out), ("reviews", task.reviews_out)):
+        for name, path in inputs:
+            if same_file(output, path):
+                return f"{task.label}: the {kind} file {output} is the {name} file (choose another --output-dir)"
+    return None
 
 
 def judge_argv(args: argparse.Namespace, task: Task) -> list[str]:
@@ -268,7 +280,13 @@ def main(argv: list[str] | None = None) -> int:
         _generation(args)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    problem = eval_gpt_review_bench.judge_settings_error(args.parallel, args.max_retries, args.retry_base_delay)
+    if problem:  # before any language is answered, not when the judge starts
+        raise SystemExit(f"error: {problem}")
     tasks, failed = make_tasks(args)
+    clash = next(filter(None, map(clashing_output, tasks)), None)
+    if clash:
+        raise SystemExit(f"error: {clash}")
     os.makedirs(os.path.join(args.output_dir, "reviews"), exist_ok=True)
     if args.num_chunks > 1:
         return answer_chunk(args, tasks)

@@ -177,6 +177,28 @@ def test_one_language_mode_of_llavabench(world, bench, judge_server, tmp_path, c
     assert "all 114.3 70.0 80.0\n" in captured.out and "all: judged 4, failed 0" in captured.err  # each reply "7 8"
 
 
+def test_an_output_that_is_an_input_is_refused_before_anything_is_answered(world, bench, tmp_path, capsys):
+    """An answers file that is the reference answers was read as a finished run: the reference judged against
+    itself, scored, exit 0."""
+    english = tmp_path / "english"
+    shutil.copytree(os.path.join(bench, "english"), english)
+    reference = english / "answers_gpt4.jsonl"
+    before = reference.read_text(encoding="utf-8")
+    common = ["--model-path", world.full_dir, "--images", os.path.join(bench, "images"),
+              "--questions", str(english / "questions.jsonl"), "--answers", str(reference),
+              "--context", str(english / "context.jsonl"), "--device", "cpu", "--judge-base-url", "http://127.0.0.1:9/v1"]
+    for output_dir, output_file, name in ((english, "answers_gpt4.jsonl", "reference answers"),
+                                          (tmp_path, "english/answers_gpt4", "reference answers"),
+                                          (english / "..", "english/context", "context")):
+        with pytest.raises(SystemExit) as exit_info:
+            run_bench.main([*common, "--output-dir", str(output_dir), "--output-file", output_file])
+        assert f"answers file {output_dir}" in str(exit_info.value) and f"is the {name} file" in str(exit_info.value)
+    with pytest.raises(SystemExit) as exit_info:  # a judge setting that cannot work: before any answering
+        run_bench.main([*common, "--output-dir", str(tmp_path / "out"), "--output-file", "m", "--parallel", "0"])
+    assert "--parallel must be at least 1" in str(exit_info.value)
+    assert reference.read_text(encoding="utf-8") == before and not (tmp_path / "out").exists()
+
+
 def test_the_scripts_environment_becomes_run_bench_flags_that_it_accepts():
     """PALO_EVAL_DTYPE (as PALO_EVAL_DEVICE) reaches run_bench as its flag; unset, no flag: the original's dtype."""
     common = os.path.join(ROOT, "scripts", "eval", "common.sh")
