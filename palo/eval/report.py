@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[],
                         help="languages to list as not evaluated whatever their reviews file holds")
     args = parser.parse_args(argv)
+    if args.out is not None and not os.path.basename(args.out):  # 'dir/' wrote the hidden files dir/.md, dir/.csv ...
+        parser.error(f"--out {args.out!r} must be a path prefix such as reports/run1 (it names run1.md, .csv, .json "
+                     "and .png)")
     table = build_table(args.reviews_dir, args.name, args.languages, skip=args.skip)
     # A run whose every language failed (--skip) still writes its table, each language "not evaluated": said to have
     # no reviews, when they lay there (an earlier run's), the user was sent looking for a missing file.

@@ -99,14 +99,25 @@ def summarize(reviews: list[dict[str, Any]], ignore: set[str] | None = None) -> 
 
 
 def load_reviews(path: str) -> list[dict[str, Any]]:
-    """The review records of a file; malformed lines are reported and skipped (a summary should still print)."""
-    reviews = []
+    """The review records of a file; malformed lines are reported and skipped (a summary should still print).
+
+    Raises:
+        JsonlError: If the file holds records but none is a review: an answers file given by mistake was summed as
+            every answer a failed judgment.
+    """
+    reviews, others = [], 0
     for record in iter_jsonl(path, skip_bad=True):
         category = record.data.get("category")
         if category is not None and not isinstance(category, str):
             print(f"[skip] {record.where}: 'category' must be a string, got {str(category):.40}", file=sys.stderr)
             continue
+        if not {"tuple", "score", "failed"} & record.data.keys():  # what a judge's review has, failed or not
+            print(f"[skip] {record.where}: not a review (no 'tuple' of scores)", file=sys.stderr)
+            others += 1
+            continue
         reviews.append(record.data)
+    if others and not reviews:
+        raise JsonlError(f"{path} is not a reviews file: none of its {others} lines has a 'tuple' of scores")
     return reviews
 
 

@@ -100,6 +100,16 @@ def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
     captured = capsys.readouterr()
     assert f"{path}:8: not UTF-8 text" in captured.err and f"{path}:9: 'category' must be a string" in captured.err
     assert "all 80.0 80.0 64.0\n" in captured.out and "all: judged 5, failed 4" in captured.err
+    # An answers file is not a reviews file: it was summed as every answer a failed judgment ("all n/a", exit 0).
+    answers = _write(tmp_path / "answers.jsonl", [{"question_id": i, "text": "a cat", "answer_id": f"a{i}"}
+                                                  for i in range(3)])
+    assert summary.main(["-f", answers]) == 2
+    assert f"{answers} is not a reviews file: none of its 3 lines" in capsys.readouterr().err
+    with open(path, "a", encoding="utf-8") as f:  # one such line among reviews: named and skipped
+        f.write('{"question_id": 12, "text": "a cat"}\n')
+    assert summary.main(["-f", path]) == 0
+    captured = capsys.readouterr()
+    assert f"{path}:12: not a review" in captured.err and "all: judged 5, failed 4" in captured.err
 
 
 def test_table_across_languages(tmp_path, reviews):
@@ -138,6 +148,12 @@ def test_a_report_that_cannot_be_written_is_an_error_that_says_so(tmp_path, revi
     _write(folder / "run_English.jsonl", reviews)
     assert report.main(["--reviews-dir", str(folder), "--name", "run", "--out", "/proc/no-such/x"]) == 2
     assert "error: cannot write the report /proc/no-such/x.*" in capsys.readouterr().err
+    out = tmp_path / "reports"
+    out.mkdir()
+    with pytest.raises(SystemExit) as exit_info:  # a folder, not a prefix: it wrote reports/.md, .csv ...
+        report.main(["--reviews-dir", str(folder), "--name", "run", "--out", f"{out}/"])
+    assert exit_info.value.code == 2 and "must be a path prefix" in capsys.readouterr().err
+    assert os.listdir(out) == []
 
 
 def test_files_are_chosen_sorted_and_filtered_as_the_original_chose_them(reviews, tmp_path, capsys):
