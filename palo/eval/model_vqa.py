@@ -98,6 +98,8 @@ def split_list(items: list[Any], n: int) -> list[list[Any]]:
 
 def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
     """The ``chunk_idx``-th of ``num_chunks`` consecutive slices of size ceil(n / num_chunks), as the original."""
+    if num_chunks < 1:
+        raise ValueError(f"--num-chunks must be at least 1, got {num_chunks}")
     if not 0 <= chunk_idx < num_chunks:
         raise ValueError(f"--chunk-idx {chunk_idx} is outside 0..{num_chunks - 1}")
     size = math.ceil(len(items) / num_chunks)

@@ -118,6 +118,9 @@ def test_chunks_split_the_questions(world, bench, questions, tmp_path):
     assert model_vqa.get_chunk(list(range(8)), 3, 0) == [0, 1, 2]
     with pytest.raises(ValueError, match="chunk-idx 3"):
         model_vqa.get_chunk(list(range(8)), 3, 3)
+    for chunks in (0, -1):  # it blamed --chunk-idx 0 ("outside 0..-1")
+        with pytest.raises(ValueError, match=f"--num-chunks must be at least 1, got {chunks}"):
+            model_vqa.get_chunk(list(range(8)), chunks, 0)
     assert model_vqa.split_list(list(range(8)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # the original's helper
 
 
