@@ -1,7 +1,8 @@
 """Example images and questions for the web demo, in several of PALO's ten languages.
 
 The images are small drawings made with PIL (:func:`draw_example_images`), shipped in the repository's ``images/``
-folder; the web server redraws any that are missing.
+folder; the web server redraws any that are missing. An installed package has no such folder (and its install tree
+may be read-only): there they are drawn into the user's cache (:func:`examples_dir`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ from PIL import Image, ImageDraw
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGES_DIR = os.path.join(REPO_ROOT, "images")
+
+
+def examples_dir() -> str:
+    """The checkout's ``images/`` when this is a checkout, else ``$XDG_CACHE_HOME/palo/images`` (``~/.cache``):
+    an installed package's folder above ``palo/`` is ``site-packages``, which is not ours to write in."""
+    if os.path.isfile(os.path.join(REPO_ROOT, "pyproject.toml")) and os.path.isdir(IMAGES_DIR):
+        return IMAGES_DIR
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "palo", "images")
 
 
 def _fruits() -> Image.Image:
@@ -72,12 +82,17 @@ EXAMPLES: list[tuple[str, str]] = [
 ]
 
 
-def draw_example_images(out_dir: str = IMAGES_DIR, overwrite: bool = False) -> list[str]:
-    """Draw the example images into ``out_dir`` (only the missing ones unless ``overwrite``).
+def draw_example_images(out_dir: str | None = None, overwrite: bool = False) -> list[str]:
+    """Draw the example images into ``out_dir`` (default :func:`examples_dir`; only the missing ones unless
+    ``overwrite``).
 
     Returns:
         The paths of all example images.
+
+    Raises:
+        OSError: If the folder cannot be written.
     """
+    out_dir = out_dir or examples_dir()
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for name, draw in DRAWINGS.items():
@@ -88,10 +103,15 @@ def draw_example_images(out_dir: str = IMAGES_DIR, overwrite: bool = False) -> l
     return paths
 
 
-def example_rows(out_dir: str = IMAGES_DIR) -> list[list[str]]:
-    """``[[image path, question], ...]`` for ``gr.Examples``, drawing missing images first."""
-    draw_example_images(out_dir)
-    return [[os.path.join(out_dir, name), question] for name, question in EXAMPLES]
+def example_rows(out_dir: str | None = None) -> list[list[str]]:
+    """``[[image path, question], ...]`` for ``gr.Examples``, drawing missing images first.
+
+    Raises:
+        OSError: If a missing image cannot be drawn there.
+    """
+    paths = draw_example_images(out_dir)
+    folder = os.path.dirname(paths[0])
+    return [[os.path.join(folder, name), question] for name, question in EXAMPLES]
 
 
 if __name__ == "__main__":

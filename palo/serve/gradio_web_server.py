@@ -444,8 +444,14 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
                     flag_btn = gr.Button("⚠️ Flag", interactive=False)
                     regenerate_btn = gr.Button("🔄 Regenerate", interactive=False, elem_id="regenerate")
                     clear_btn = gr.Button("🗑️ Clear", interactive=False, elem_id="clear")
-        gr.Examples(examples=example_rows(), inputs=[imagebox, textbox],
-                    label="Examples (Hindi, Arabic, Urdu, Spanish, Chinese, Bengali, Russian, English)")
+        try:
+            examples = example_rows()
+        except OSError as exc:  # a read-only home or cache: the demo works without its examples
+            server.logger.warning("no example images (%s): the page is served without examples", exc)
+            examples = []
+        if examples:
+            gr.Examples(examples=examples, inputs=[imagebox, textbox],
+                        label="Examples (Hindi, Arabic, Urdu, Spanish, Chinese, Bengali, Russian, English)")
         if not embed:
             gr.Markdown(TOS_MD)
 

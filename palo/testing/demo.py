@@ -30,18 +30,32 @@ def build_demo_checkpoint(workdir: str) -> str:
     return checkpoint
 
 
+def _default_image(workdir: str) -> str:
+    """The checkout's ``images/shapes.png``; an installed package has no ``images/``: a drawing in ``workdir``."""
+    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "images", "shapes.png")
+    if os.path.isfile(shipped):
+        return shipped
+    drawn = os.path.join(workdir, "shapes.png")
+    if not os.path.isfile(drawn):
+        from palo.testing.tiny_data import draw_shape
+
+        draw_shape("red", size=128).save(drawn)
+    return drawn
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/demo")
-    parser.add_argument("--image-file",
-                        default=os.path.join(os.path.dirname(__file__), "..", "..", "images", "shapes.png"))
+    parser.add_argument("--image-file", default=None,
+                        help="default: the checkout's images/shapes.png, else a drawing made in --workdir")
     args = parser.parse_args(argv)
     checkpoint = build_demo_checkpoint(args.workdir)
+    image_file = args.image_file or _default_image(args.workdir)
     print(f"Built a tiny PALO checkpoint (random weights) in {checkpoint}; chatting in 4 languages:")
     from palo.serve import cli
 
     sys.stdin = io.StringIO("\n".join(QUESTIONS) + "\n\n")
-    return cli.main(["--model-path", checkpoint, "--image-file", args.image_file, "--device", "cpu",
+    return cli.main(["--model-path", checkpoint, "--image-file", image_file, "--device", "cpu",
                      "--temperature", "0", "--max-new-tokens", "16"])
 
 
