@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 from dataclasses import dataclass
+
+from palo.extras import MissingExtra, install_hint
 
 HELP_FLAGS = ("-h", "--help")
 
@@ -32,6 +35,7 @@ class Command:
     module: str
     help: str
     func: str = "main"
+    extras: tuple[str, ...] = ()  # the optional extras it needs (pyproject.toml), named when a package is missing
 
 
 EVAL = {
@@ -58,6 +62,9 @@ SERVE = {
 }
 
 GROUPS = {"eval": EVAL, "serve": SERVE}
+EXTRAS = {  # the optional extras (pyproject.toml) whose packages a verb imports: named when one is missing
+    "eval": ("eval",), "serve": ("serve",), "quickstart": ("eval", "serve"), "data": ("eval",), "train": ("train",),
+}
 GROUP_TITLE = {"eval": "evaluation", "serve": "serving"}  # `palo --help`: "<title>: <sub-verbs>"
 GROUP_HELP = {
     "eval": "Evaluate: multilingual LLaVA-Bench answering, judging and reports.",
@@ -118,13 +125,28 @@ def _unknown(kind: str, name: str, valid: list[str], help_command: str) -> int:
     return 2
 
 
-def run(command: Command, prog: str, argv: list[str]) -> int:
-    """Import ``command``'s module and run its ``main`` on ``argv``, with ``sys.argv`` = ``[prog, *argv]``."""
-    entry = getattr(importlib.import_module(command.module), command.func)
+def run(command: Command, prog: str, argv: list[str], extras: tuple[str, ...] = ()) -> int:
+    """Import ``command``'s module and run its ``main`` on ``argv``, with ``sys.argv`` = ``[prog, *argv]``;
+    ``extras``: the optional extras it needs.
+
+    A package the command needs that is not installed (an optional extra left out) is named in one line with the
+    ``pip install`` that brings it, not a traceback (``palo serve controller --help`` failed on ``import httpx``).
+    """
     saved = sys.argv
     sys.argv = [prog, *argv]  # argparse's usage line names the command typed; argv-less mains read sys.argv
     try:
+        entry = getattr(importlib.import_module(command.module), command.func)
         result = entry(list(argv)) if inspect.signature(entry).parameters else entry()
+    except MissingExtra as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if not package or package == "palo":
+            raise
+        hint = install_hint(*extras) if extras else f"pip install {package}"
+        print(f"{prog}: needs the package {package!r}, not installed here: {hint}", file=sys.stderr)
+        return 1
     finally:
         sys.argv = saved
     return 0 if result is None else result
@@ -134,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch ``palo <verb> [<sub-verb>] args...`` (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in (*HELP_FLAGS, "--version")):
-        return run(COMMANDS["quickstart"], "palo", argv)  # `palo`, `palo --workdir ...`: the quickstart, as before
+        # `palo`, `palo --workdir ...`: the quickstart, as before
+        return run(COMMANDS["quickstart"], "palo", argv, EXTRAS["quickstart"])
     verb, rest = argv[0], argv[1:]
     if verb in HELP_FLAGS:
         print(usage(), end="")
@@ -151,8 +174,32 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if rest else 2
         if rest[0] not in group:
             return _unknown(f"{verb} command", rest[0], list(group), f"palo {verb} --help")
-        return run(group[rest[0]], f"palo {verb} {rest[0]}", rest[1:])
-    return run(COMMANDS[verb], f"palo {verb}", rest)
+        return run(group[rest[0]], f"palo {verb} {rest[0]}", rest[1:], EXTRAS[verb])
+    return run(COMMANDS[verb], f"palo {verb}", rest, EXTRAS.get(verb, ()))
+
+
+def _script(*verbs: str):
+    """The ``main`` of an older console script (``palo-controller`` is ``palo serve controller``): the same run,
+    its usage line naming the script, and a missing extra said in one line."""
+    def script() -> int:
+        group = GROUPS.get(verbs[0])
+        command = group[verbs[1]] if group else COMMANDS[verbs[0]]
+        return run(command, os.path.basename(sys.argv[0]), sys.argv[1:], EXTRAS.get(verbs[0], ()))
+
+    return script
+
+
+# [project.scripts] in pyproject.toml
+chat_script = _script("chat")
+data_script = _script("data")
+eval_vqa_script = _script("eval", "vqa")
+eval_review_script = _script("eval", "review")
+eval_summary_script = _script("eval", "summary")
+eval_report_script = _script("eval", "report")
+eval_bench_script = _script("eval", "bench")
+controller_script = _script("serve", "controller")
+worker_script = _script("serve", "worker")
+web_script = _script("serve", "web")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,17 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
+def _require_engine() -> None:
+    """The engine's request handling and chat rendering are the server's (palo.serve): the serve extra's packages.
+
+    Raises:
+        MissingExtra: Naming them, where the import of ``starlette`` deep in the serving code failed.
+    """
+    from palo.extras import require
+
+    require("palo.LLM", "serve", packages=("fastapi", "starlette", "anyio"))
+
+
 class LLM:
     """A loaded checkpoint and its generation engine (see the module docstring).
 
@@ -145,6 +156,7 @@ class LLM:
         from palo.mm_utils import get_model_name_from_path
         from palo.model.builder import load_pretrained_model
 
+        _require_engine()  # before the checkpoint loads (minutes for a 7B), not after
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         tokenizer, model, image_processor, context_len = load_pretrained_model(
             model_path, model_base, get_model_name_from_path(model_path), load_8bit, load_4bit, device=device,
@@ -162,6 +174,7 @@ class LLM:
 
     def _setup(self, tokenizer: Any, model: Any, image_processor: Any, context_len: int, conv_mode: str | None,
                engine_config: Any, allow_remote_images: bool) -> None:
+        _require_engine()
         from palo.conversation import conv_mode_for_checkpoint, conv_templates
         from palo.engine import EngineConfig
         from palo.remote_images import RemoteImagePolicy

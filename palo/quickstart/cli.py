@@ -37,8 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     # The verbs (`palo quickstart`, `palo export`, ...) are palo.cli's; this parses the quickstart's own options.
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    from palo.extras import MissingExtra, require
     from palo.quickstart.pipeline import QuickstartConfig, WorkdirInUse, run
 
+    try:  # before the training: its end (the plot, the services) failed on a missing package minutes later
+        require("palo quickstart (its results plot)", "eval", packages=("matplotlib",))
+        if not args.no_serve:
+            require("palo quickstart (serving the model; --no-serve stops before)", "serve")
+    except MissingExtra as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not 0 <= args.port <= 65535:  # found after the whole pipeline otherwise, when the UI binds
         print(f"error: --port must be from 0 to 65535, got {args.port}", file=sys.stderr)
         return 2
