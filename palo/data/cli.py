@@ -21,6 +21,7 @@ import argparse
 import collections
 import heapq
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -216,8 +217,8 @@ def _validate(args: argparse.Namespace) -> int:
     return 1 if problems.count else 0
 
 
-def _count_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer no smaller than ``minimum``."""
+def count_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer no smaller than ``minimum`` (argparse's error names the flag)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -227,6 +228,21 @@ def _count_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
         return value
     return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse ``type``: a finite number of seconds above 0 (argparse's error names the flag).
+
+    A time-out of 0 or less fails every request at once, and "nan" or "inf" is no limit a client can keep: each
+    request would then be retried through the whole back-off schedule before the run said anything.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="counts per language, bad images, malformed turns")
     validate.add_argument("--data_path", required=True)
     validate.add_argument("--image_folder", default="")
-    validate.add_argument("--workers", type=_count_at_least(1), default=8)
-    validate.add_argument("--max_problems", type=_count_at_least(0), default=50, help="problems listed (all counted)")
+    validate.add_argument("--workers", type=count_at_least(1), default=8)
+    validate.add_argument("--max_problems", type=count_at_least(0), default=50, help="problems listed (all counted)")
     validate.add_argument("--quiet", action="store_true", help="no progress bars")
     validate.set_defaults(func=_validate)
     from palo.data import stats

@@ -19,15 +19,17 @@ class SampleFile(Sequence):
     Args:
         path: The file.
         what: How errors name it (``--data_path``, ``--translated`` ...).
-        limit: Only the first ``limit`` samples (None: all).
+        limit: Only the first ``limit`` samples (None: all; 0: none).
 
     Raises (at construction, and from indexing or iteration):
         ValueError: Naming ``what`` and ``path``: missing, unreadable, not one JSON array, or a sample that is not
-            valid UTF-8 JSON or not an object.
+            valid UTF-8 JSON or not an object; a negative ``limit``.
     """
 
     def __init__(self, path: str, what: str, limit: int | None = None) -> None:
         self.path, self.what = path, what
+        if limit is not None and limit < 0:  # was taken as 0: no samples, which a caller may write out as the set
+            raise ValueError(f"{what} {path}: limit must be at least 0, got {limit}")
         try:
             self.index = JsonArrayIndex.build(path, cache=False)
         except FileNotFoundError:
@@ -36,7 +38,7 @@ class SampleFile(Sequence):
             raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
         except ValueError as exc:
             raise ValueError(f"{what} {path}: not valid JSON ({str(exc).removeprefix(path + ': ')})") from None
-        self._len = len(self.index) if limit is None else max(0, min(limit, len(self.index)))
+        self._len = len(self.index) if limit is None else min(limit, len(self.index))
 
     def __len__(self) -> int:
         return self._len

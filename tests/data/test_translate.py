@@ -1031,6 +1031,47 @@ def test_an_output_dir_that_is_a_file_is_an_error_line(tmp_path, server, capsys)
     assert len(server.calls) == 0
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_a_limit_below_one_is_refused_and_leaves_a_finished_set_alone(tmp_path, server, capsys, limit):
+    """--limit 0 (or -1, taken as 0) made a run over no samples: "complete", so it replaced the finished
+    <language>.json and its review file with empty ones and exited 0."""
+    data = _write(tmp_path / "in.json", SAMPLES[:2])
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    capsys.readouterr()
+    kept = {name: (out / name).read_bytes() for name in ("french.json", "french.review.jsonl")}
+    calls = len(server.calls)
+    with pytest.raises(SystemExit) as stop:
+        main(_translate_args(data, str(out), server, "fr", "--limit", limit))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --limit: must be at least 1, got {limit}" in err and "Traceback" not in err
+    assert {name: (out / name).read_bytes() for name in kept} == kept and len(server.calls) == calls
+
+
+def test_a_sample_file_refuses_a_negative_limit(tmp_path):
+    """A negative limit was taken as 0: no samples, which the translate runner took for a finished set."""
+    from palo.data.sample_file import SampleFile
+
+    data = _write(tmp_path / "in.json", SAMPLES[:2])
+    assert [len(SampleFile(data, "--data_path", limit=n)) for n in (None, 0, 1, 5)] == [2, 0, 1, 2]
+    with pytest.raises(ValueError, match=r"--data_path .*in\.json: limit must be at least 0, got -1"):
+        SampleFile(data, "--data_path", limit=-1)
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(tmp_path, server, capsys, timeout):
+    """--timeout 0 or less was taken: every request then timed out at once through the whole retry schedule, and
+    the run ended saying "requests kept failing"."""
+    data = _write(tmp_path / "in.json", SAMPLES[:1])
+    with pytest.raises(SystemExit) as stop:
+        main(_translate_args(data, str(tmp_path / "out"), server, "fr", "--timeout", timeout))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --timeout: " in err and timeout in err and "Traceback" not in err
+    assert server.calls == [] and not (tmp_path / "out").exists()
+
+
 def test_resume_takes_the_other_fields_from_the_current_input(tmp_path, server):
     """Resume matches finished samples by their conversations: ids, images and other fields fixed in the input
     since (or samples with the same conversations swapped) must reach the output, without a new request."""

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from palo.data.cli import count_at_least, positive_seconds
 from palo.data.sample_file import SampleFile
 from palo.data.translate.cache import TranslationCache
 from palo.data.translate.prompts import parse_target_language
@@ -32,12 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max_retries", "--max-retries", dest="max_retries", type=int, default=6)
     parser.add_argument("--backoff", type=float, default=1.0, help="base retry delay in seconds (doubles)")
     parser.add_argument("--max_backoff", "--max-backoff", dest="max_backoff", type=float, default=60.0)
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    parser.add_argument("--timeout", type=positive_seconds, default=120.0, help="seconds per request")
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--max_tokens", "--max-tokens", dest="max_tokens", type=int, default=None)
     parser.add_argument("--retry_rejected", "--retry-rejected", dest="retry_rejected", action="store_true",
                         help="ask again for rejected translations: cached ones, and corrupt samples in --output_dir")
-    parser.add_argument("--limit", type=int, default=None, help="translate only the first N samples")
+    # At least 1: a run over no samples is "complete", and would replace a finished <language>.json (and its review
+    # file) with empty ones.
+    parser.add_argument("--limit", type=count_at_least(1), default=None, help="translate only the first N samples")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
