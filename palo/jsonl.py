@@ -125,6 +125,26 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
         print(f"[skip] {message}", file=sys.stderr)
 
 
+def cannot_write(path: str, folder: bool = False) -> str | None:
+    """Why nothing can be written at ``path`` (None when it can): a folder where a file goes (or, with ``folder``,
+    a file where the folder goes), a file standing where one of the folders of its path should be, or a folder this
+    user may not write in. Checked before the work, as a writer finds it only at its end; a failure only writing
+    finds (a full disk) is still the writer's to report.
+    """
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        return "a file, not a folder"
+    if not folder and os.path.isdir(path):
+        return "a folder, not a file"
+    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):  # the missing folders are made below the nearest one that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"no permission to write in {parent}"
+    return None
+
+
 def same_file(a: str, b: str) -> bool:
     """Whether two paths name one file (the same path written two ways, a symlink, a hard link), existing or not."""
     if os.path.exists(a) and os.path.exists(b):

@@ -32,7 +32,7 @@ from typing import Any
 from palo.constants import DEFAULT_IMAGE_TOKEN
 from palo.data.sample_file import SampleFile
 from palo.data.translate import check_translation, conversation_key, join_image, mask, source_hash, split_image
-from palo.jsonl import JsonlAppender, atomic_write_json, iter_log, read_jsonl, same_file
+from palo.jsonl import JsonlAppender, atomic_write_json, cannot_write, iter_log, read_jsonl, same_file
 
 
 def correction(entry: dict[str, Any]) -> str | None:
@@ -240,6 +240,10 @@ def main_apply_review(args: argparse.Namespace) -> int:
         if path and same_file(output, path):
             print(f"error: --output {output} is also the {flag} file: write the set elsewhere", file=sys.stderr)
             return 2
+    problem = cannot_write(output)  # before anything is read or appended to the translate log
+    if problem:
+        print(f"error: cannot write --output {output}: {problem}", file=sys.stderr)
+        return 2
     # One sample at a time (its ValueError is palo-data's error line): only the corrected ones are held.
     samples = SampleFile(args.data_path, "--data_path")
     # Strict: a person edited this file, and a typo must name its line rather than silently drop what follows it.
@@ -265,7 +269,12 @@ def main_apply_review(args: argparse.Namespace) -> int:
     # After the log: a run killed between the two leaves the corrections where a rerun of either command finds them.
     # Every sample is read before the new file replaces the old one (in place by default); the temporary file of a
     # killed run is removed by the next one.
-    atomic_write_json(output, (fixed[i] if i in fixed else samples[i] for i in range(len(samples))))
+    try:
+        atomic_write_json(output, (fixed[i] if i in fixed else samples[i] for i in range(len(samples))))
+    except OSError as exc:  # what cannot_write cannot see: a full disk, a quota, a file system gone read-only
+        kept = f"; the corrections are kept in {progress}, rerun to write the set" if progress and fixed else ""
+        print(f"error: cannot write --output {output}: {exc.strerror or exc}{kept}", file=sys.stderr)
+        return 2
     report["output"] = output
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0

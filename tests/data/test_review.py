@@ -172,3 +172,40 @@ def test_apply_review_removes_the_temp_file_a_killed_run_left(tmp_path, capsys):
     assert main(["apply-review", "--data_path", data, "--review", review]) == 0
     assert not orphan.exists() and f"[cleanup] removed {orphan}" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_output_that_cannot_be_a_file_is_one_error_line_before_the_log_changes(tmp_path, capsys, monkeypatch):
+    """--output naming an existing folder died with an IsADirectoryError traceback, after the corrections had been
+    appended to the translate log."""
+    data = _write_json(tmp_path / "arabic.json", [TWO_REJECTED])
+    both = [_entry(0, 1, "A dog.", None), _entry(0, 3, "Brown.", None)]
+    log = _write_jsonl(tmp_path / "arabic.progress.jsonl",
+                       [{"index": 0, "hash": "h", "sample": TWO_REJECTED, "review": both}])
+    review = _write_jsonl(tmp_path / "r.jsonl", [_entry(0, 1, "A dog.", "كلب."), _entry(0, 3, "Brown.", "بني.")])
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    kept = {path: open(path, "rb").read() for path in (data, review, log)}
+    for output, says in ((tmp_path / "adir", "a folder, not a file"),
+                         (tmp_path / "afile" / "sub" / "out.json", f"{tmp_path / 'afile'} is a file, not a folder")):
+        assert main(["apply-review", "--data_path", data, "--review", review, "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: cannot write --output {output}: {says}" in err and "Traceback" not in err, err
+        assert {path: open(path, "rb").read() for path in kept} == kept
+    # A failure only the write meets is one line too, and the corrections wait in the log for the rerun.
+    import errno
+
+    from palo.data import review as review_module
+
+    def full_disk(path, items):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    output = tmp_path / "new" / "arabic.json"
+    with monkeypatch.context() as patch:
+        patch.setattr(review_module, "atomic_write_json", full_disk)
+        assert main(["apply-review", "--data_path", data, "--review", review, "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write --output {output}: No space left on device; the corrections are kept in {log}" in err
+    assert "Traceback" not in err
+    assert main(["apply-review", "--data_path", data, "--review", review, "--output", str(output)]) == 0
+    capsys.readouterr()
+    assert json.load(open(output, encoding="utf-8"))[0]["corrupt"] is False
