@@ -151,6 +151,15 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.max_steps <= 0 and self.num_train_epochs <= 0:  # it exited 0, saving the untrained model as trained
             raise ValueError(f"--num_train_epochs {self.num_train_epochs:g} trains nothing: give a positive number of "
                              "epochs (a fraction trains part of one), or --max_steps")
+        # Refused here, not where they break once the model has loaded: a batch of 0 in torch's sampler, no steps to
+        # accumulate as a ZeroDivisionError, and a --model_max_length with no room for a prompt token and an answer
+        # token as the first sample's fault.
+        for flag in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, flag) < 1:
+                raise ValueError(f"--{flag} must be at least 1, not {getattr(self, flag)}")
+        if self.model_max_length < 2:
+            raise ValueError(f"--model_max_length must be at least 2 (a prompt token and an answer token), not "
+                             f"{self.model_max_length}")
         if self.bits not in (4, 8, 16):
             raise ValueError(f"--bits must be 4, 8 or 16, not {self.bits}")
         if self.packing_rows < 0:

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from palo.data.json_index import DataFileChangedError, JsonArrayIndex  # noqa: E402
+from palo.jsonl import cannot_write  # noqa: E402
 from palo.model.attention import AttentionUnavailableError, check_trainable_on  # noqa: E402
 from palo.model.checkpoint_files import CheckpointError  # noqa: E402
 from palo.model.vision_tower import VisionTowerError  # noqa: E402
@@ -64,6 +65,11 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
         # (Not training_args.device: reading it sets up the process group, which must wait for DeepSpeed below.)
         on_cpu = training_args.use_cpu or not torch.cuda.is_available()
         check_trainable_on(model_args.attn_implementation, "cpu" if on_cpu else "cuda")
+        # transformers' Trainer found it when it first wrote there (a FileExistsError traceback for a file of that
+        # name), after the model had loaded.
+        unwritable = cannot_write(training_args.output_dir, folder=True)
+        if unwritable:
+            raise ValueError(f"--output_dir {training_args.output_dir}: {unwritable}")
     except (ValueError, AttentionUnavailableError) as exc:  # a flag's value, named by its own check: one line
         raise SystemExit(f"error: {exc}") from None
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,

@@ -22,6 +22,11 @@ def test_llava_and_mobilevlm_flags_parse_at_the_values_palo_runs():
     ("--image_aspect_ratio", "anyres", "'pad' or 'square'"),
     # It trained nothing, exited 0 and saved the untrained model where the trained one goes.
     ("--num_train_epochs", "0", "trains nothing"),
+    # Each failed only once the model had loaded: torch's sampler (a traceback at train()), a ZeroDivisionError in
+    # the Trainer, and every sample blamed in turn ("pass --skip_bad_samples True").
+    ("--per_device_train_batch_size", "0", "must be at least 1, not 0"),
+    ("--gradient_accumulation_steps", "0", "must be at least 1, not 0"),
+    ("--model_max_length", "0", "must be at least 2"),
 ])
 def test_a_value_palo_cannot_honour_is_one_line_before_anything_loads(flag, value, says, capsys):
     # spatial_unpad and siglip were accepted and silently ignored: the run trained another model than asked for.
@@ -31,6 +36,21 @@ def test_a_value_palo_cannot_honour_is_one_line_before_anything_loads(flag, valu
         train([*COMMON, flag, value])
     message = str(stop.value)
     assert message.startswith("error: ") and flag in message and says in message
+
+
+def test_an_output_dir_no_run_can_save_into_is_one_line_before_anything_loads(tmp_path):
+    """--output_dir naming a file died with transformers' FileExistsError traceback, after the model had loaded."""
+    (tmp_path / "afile").write_text("", encoding="utf-8")
+    for output_dir, says in ((tmp_path / "afile", f"--output_dir {tmp_path / 'afile'}: a file, not a folder"),
+                             (tmp_path / "afile" / "run", f"{tmp_path / 'afile'} is a file, not a folder")):
+        with pytest.raises(SystemExit) as stop:
+            train([*COMMON, "--output_dir", str(output_dir)])
+        message = str(stop.value)
+        assert message.startswith("error: --output_dir ") and says in message, message
+    # A folder still to be made, under one that exists, is what a first run names.
+    from palo.jsonl import cannot_write
+
+    assert cannot_write(str(tmp_path / "new" / "run"), folder=True) is None
 
 
 @pytest.mark.parametrize(("flag", "value", "says"), [
