@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--num_beams", type=int, default=1)
-    parser.add_argument("--max_new_tokens", type=int, default=512)
+    # Also spelled as model_vqa's flag, which its shared checks (model_vqa.generation_kwargs) name in their errors.
+    parser.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int, default=512)
     parser.add_argument("--device", type=str, default="cuda", help="cuda, cuda:N, cpu (cuda falls back to cpu)")
     add_dtype_argument(parser)
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
@@ -84,18 +85,28 @@ def eval_model(args: Any) -> str:
 
     Raises:
         palo.mm_utils.ImageLoadError: If an image cannot be read or a URL is refused.
-        palo.model.builder.CheckpointError: If the checkpoint does not load.
-        ValueError: If the query's placeholders and the images disagree, the checkpoint takes text only, or the
-            prompt leaves no room for an answer in the model's positions.
+        palo.model.builder.CheckpointError: If the checkpoint does not load (and OSError for a missing tokenizer
+            file or a config.json that is not JSON, as transformers raises them).
+        ValueError: If a generation setting cannot be used (``--num_beams 0``, ``--temperature -1`` ...) or
+            ``--conv-mode`` is unknown (both said before anything loads), the query's placeholders and the images
+            disagree, the checkpoint takes text only, or the prompt leaves no room for an answer in the model's
+            positions.
     """
     import torch
 
     from palo.conversation import conv_mode_for_checkpoint, conv_templates, stop_string
+    from palo.eval.model_vqa import generation_kwargs
     from palo.mm_utils import get_model_name_from_path, process_images, tokenizer_image_token
     from palo.model.builder import load_pretrained_model
     from palo.model.config import MultimodalSpec
     from palo.model.multimodal import no_room_for_answer
 
+    # model_vqa's checks: a setting no generation takes is one line before the model loads, not a ZeroDivisionError
+    # from beam search (--num_beams 0) or a negative temperature passed through as greedy decoding.
+    generation = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
+    generation.pop("top_k", None)  # sampling keeps generate's default top_k, as LLaVA's run_llava did
+    if args.conv_mode is not None and args.conv_mode not in conv_templates:
+        raise ValueError(f"unknown --conv-mode {args.conv_mode!r}; known: {sorted(conv_templates)}")
     files = image_parser(args)
     if not files:
         raise ValueError("--image-file names no image")
@@ -109,10 +120,7 @@ def eval_model(args: Any) -> str:
         dtype=getattr(args, "dtype", None))
     if image_processor is None:
         raise ValueError(f"{args.model_path} takes text only; it cannot answer about images")
-    conv_mode = args.conv_mode or conv_mode_for_checkpoint(model.config)
-    if conv_mode not in conv_templates:
-        raise ValueError(f"unknown --conv-mode {conv_mode!r}; known: {sorted(conv_templates)}")
-    conv = conv_templates[conv_mode].copy()
+    conv = conv_templates[args.conv_mode or conv_mode_for_checkpoint(model.config)].copy()
     query = _query_with_images(args.query, len(images), MultimodalSpec.from_config(model.config).image_placeholder)
     conv.append_message(conv.roles[0], query)
     conv.append_message(conv.roles[1], None)
@@ -125,13 +133,8 @@ def eval_model(args: Any) -> str:
     pixels = process_images(images, image_processor, model.config)
     pixels = (pixels.to(model.device, dtype=next(model.parameters()).dtype) if isinstance(pixels, torch.Tensor)
               else pixels)
-    sample = args.temperature > 0
     with torch.inference_mode():
-        output = model.generate(
-            input_ids, images=pixels, do_sample=sample, temperature=args.temperature if sample else None,
-            top_p=args.top_p if sample else None, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-            use_cache=True,
-        )
+        output = model.generate(input_ids, images=pixels, **generation, use_cache=True)
     answer = tokenizer.decode(output[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
     stop = stop_string(conv)
     if stop and answer.endswith(stop):
@@ -144,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from palo.mm_utils import ImageLoadError
     from palo.model.builder import CheckpointError
+    from palo.model.vision_tower import VisionTowerError
 
     try:
         eval_model(args)
-    except (ImageLoadError, CheckpointError, ValueError) as error:
+    # OSError: what transformers raises for a checkpoint without tokenizer files or with a config.json that is not
+    # JSON (a traceback before); the same errors model_vqa's loader turns into one line.
+    except (ImageLoadError, CheckpointError, VisionTowerError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

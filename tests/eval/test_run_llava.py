@@ -101,6 +101,52 @@ def test_clear_errors(world, tmp_path):
         eval_model(args)
 
 
+@pytest.mark.parametrize(("flags", "says"), [
+    # A ZeroDivisionError traceback from beam search, after the model had loaded.
+    (["--num_beams", "0"], "--num_beams must be at least 1, got 0"),
+    # Taken without a word, and decoded greedily.
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--max_new_tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--conv-mode", "vicuna_v9"], "unknown --conv-mode 'vicuna_v9'"),
+])
+def test_a_setting_no_generation_takes_is_one_line_before_the_model_loads(flags, says, tmp_path, capsys, monkeypatch):
+    """The same checks as model_vqa's (``generation_kwargs``), made before the model loads."""
+    import palo.model.builder as builder
+    from palo.eval.run_llava import main
+
+    def loader(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(builder, "load_pretrained_model", loader)
+    image = _images(str(tmp_path))[0]
+    assert main(["--model-path", str(tmp_path / "ckpt"), "--image-file", image, "--query", "hi", "--device", "cpu",
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+
+
+def test_a_checkpoint_that_does_not_load_is_one_line(world, tmp_path, capsys):
+    """A checkpoint folder without its tokenizer files, or with a config.json that is not JSON, died with a
+    FileNotFoundError / OSError traceback (model_vqa said it in one line)."""
+    import shutil
+
+    from palo.eval.run_llava import main
+
+    paths = _images(str(tmp_path))
+    notok = shutil.copytree(world.full_dir, tmp_path / "notok")
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (notok / name).exists():
+            (notok / name).unlink()
+    badjson = shutil.copytree(world.full_dir, tmp_path / "badjson")
+    (badjson / "config.json").write_text('{"a": 1,', encoding="utf-8")
+    for folder, says in ((notok, "tokenizer"), (badjson, "config.json")):
+        assert main(["--model-path", str(folder), "--image-file", paths[0], "--query", "hi", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and "Traceback" not in err, err
+
+
 def test_remote_image_only_with_the_flag(world, tmp_path):
     paths = _images(str(tmp_path))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(tmp_path)))
