@@ -5,14 +5,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import subprocess
 import sys
 from types import SimpleNamespace
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts", "bench"))
 
 import image_load  # noqa: E402
-from revisions import measure_in_child  # noqa: E402
+from revisions import measure_in_child, short_revision  # noqa: E402
 
 
 def test_a_measuring_process_gives_the_workers_pixels(tmp_path):
@@ -27,3 +30,19 @@ def test_a_measuring_process_gives_the_workers_pixels(tmp_path):
     image = load_image_from_base64(base64.b64encode(path.read_bytes()).decode())
     pixels = process_images([image], build_clip_image_processor(336), SimpleNamespace(image_aspect_ratio="pad"))
     assert result["pixels_sha256"] == hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+
+
+def test_a_revision_that_does_not_exist_is_one_line():
+    """--against naming no commit here (a typo, a branch not fetched) died with git's CalledProcessError traceback."""
+    with pytest.raises(SystemExit) as stop:
+        short_revision("nosuchrev")
+    assert str(stop.value).startswith("error: --against nosuchrev: ")
+    # A tree is no revision to check out, though rev-parse names it.
+    tree = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD^{tree}"], capture_output=True, text=True).stdout
+    if tree.strip():
+        with pytest.raises(SystemExit, match="no such revision"):
+            short_revision(tree.strip())
+    done = subprocess.run([sys.executable, image_load.__file__, "--against", "nosuchrev"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.startswith("error: --against nosuchrev: "), done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1

@@ -45,8 +45,22 @@ def measure_in_child(script: str, tree: str, options: list[str]) -> dict:
 
 
 def short_revision(revision: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", revision], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    """The short hash of the commit ``revision`` (``--against``) names in this repository.
+
+    Raises:
+        SystemExit: With one line naming ``--against``, when it names no commit here (a typo, a branch not fetched)
+            or git cannot be run: it was a CalledProcessError traceback.
+    """
+    try:
+        # --verify: exactly one object, or nothing; ^{commit}: a tag is followed to its commit, a tree or blob refused.
+        done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", "--quiet", "--short",
+                               f"{revision}^{{commit}}"], capture_output=True, text=True)
+    except OSError as exc:  # no git on PATH
+        raise SystemExit(f"error: --against {revision}: cannot run git ({exc.strerror or exc})") from None
+    if done.returncode != 0 or not done.stdout.strip():
+        raise SystemExit(f"error: --against {revision}: no such revision (a commit, branch or tag) in the git "
+                         f"repository at {REPO}")
+    return done.stdout.strip()
 
 
 @contextlib.contextmanager
