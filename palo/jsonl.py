@@ -18,6 +18,7 @@ Only the standard library is imported, so data tools can use this without pullin
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -265,6 +266,22 @@ def _same_file(fd: int, path: str) -> bool:
     return (opened.st_dev, opened.st_ino) == (at_path.st_dev, at_path.st_ino)
 
 
+def _write_all(file: Any, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered ``file``: its ``write`` may write less than asked without raising (a
+    disk that fills within the data), and taking that as done cut a record, or, in a rewrite, half the file.
+
+    Raises:
+        OSError: The error of the write that failed (ENOSPC ...), or ENOSPC when one wrote nothing.
+    """
+    view, done = memoryview(data), 0
+    while done < len(view):
+        written = file.write(view[done:])
+        if not written:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {done} of {len(view)} bytes)",
+                          getattr(file, "name", None))
+        done += written
+
+
 class JsonlAppender:
     """Append records to a JSON-lines file, each as one flushed ``write`` (crash-safe, see module doc).
 
@@ -310,7 +327,7 @@ class JsonlAppender:
         try:
             os.fchmod(new.fileno(), os.stat(path).st_mode & 0o7777)  # the file keeps its mode (a shared group's write)
             _lock_exclusively(new.fileno())
-            new.write(b"".join(kept))
+            _write_all(new, b"".join(kept))
             os.fsync(new.fileno())
             os.replace(tmp, path)
         except BaseException:
@@ -322,9 +339,19 @@ class JsonlAppender:
         self._file = new
 
     def write(self, record: dict[str, Any]) -> int:
-        """Append one record; returns the byte offset its line starts at (for readers that seek to it)."""
+        """Append one record; returns the byte offset its line starts at (for readers that seek to it).
+
+        Raises:
+            OSError: If the record could not be written whole (a full disk): what part of it was written is cut
+                off again, so the file ends with its last whole record.
+        """
         start = self._file.seek(0, os.SEEK_END)
-        self._file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        try:
+            _write_all(self._file, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        except OSError:
+            with contextlib.suppress(OSError):  # shrinking needs no space; if even that fails, resume repairs it
+                self._file.truncate(start)
+            raise
         return start
 
     def close(self) -> None:

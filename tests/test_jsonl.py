@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import palo.eval.jsonl as old_path
 import palo.jsonl as jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_atomic_writes_create_the_folder_and_write_utf8_lines(tmp_path):
@@ -304,3 +308,49 @@ def test_repair_tail_reads_the_end_of_a_log_not_all_of_it(tmp_path):
     assert jsonl.repair_tail(str(log)) == 6 and log.read_bytes() == b'{"a": 1}\n' * 100_000
     log.write_bytes(b'{"a": 1}\n{"b": 2}')  # whole, only its newline missing: kept and completed
     assert jsonl.repair_tail(str(log)) == 0 and log.read_bytes() == b'{"a": 1}\n{"b": 2}\n'
+
+
+_SHORT_WRITES = r'''
+import json, resource, signal, sys
+from palo.jsonl import JsonlAppender
+path, limit = sys.argv[1], int(sys.argv[2])
+with JsonlAppender(path) as out:
+    for i in range(40):
+        out.write({"question_id": i, "text": "answer %d " % i + "x" * 380})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write is cut short, then fails (EFBIG): a full disk
+hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+outcome = []
+with JsonlAppender(path) as out:
+    try:
+        out.drop_lines({2})  # a resumed run removing a damaged line: the rewrite of ~16 KB reaches the limit
+        outcome.append("dropped")
+    except OSError as exc:
+        outcome.append("drop failed: " + exc.strerror)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+with open(path, "rb") as f:
+    size = len(f.read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 600, hard))
+with JsonlAppender(path) as out:
+    try:
+        for i in range(40, 45):  # the second record crosses the limit part-way
+            out.write({"question_id": i, "text": "answer %d " % i + "x" * 380})
+    except OSError as exc:
+        outcome.append("append failed: " + exc.strerror)
+print(json.dumps(outcome))
+'''
+
+
+def test_a_write_cut_short_by_a_full_disk_fails_and_leaves_only_whole_records(tmp_path):
+    """A write that wrote part of its bytes without raising was taken as done: a resumed run removing one damaged
+    line replaced a 40-answer file by its first half, and the last record of a run was cut, exit 0."""
+    path = tmp_path / "answers.jsonl"
+    run = subprocess.run([sys.executable, "-c", _SHORT_WRITES, str(path), "10000"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0, run.stderr
+    outcome = json.loads(run.stdout)
+    assert outcome[0].startswith("drop failed") and outcome[1].startswith("append failed"), outcome
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    ids = [json.loads(line)["question_id"] for line in data.splitlines()]
+    assert ids == list(range(41))  # all 40 kept (the failed rewrite changed nothing), then the one whole append
