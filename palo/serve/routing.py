@@ -8,7 +8,9 @@ Used by the controller's original ``/worker_generate_stream`` endpoint and by it
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, Protocol
 
@@ -65,6 +67,23 @@ class WorkersBusyError(WorkerUnreachableError):
     def __init__(self, message: str, retry_after: str | None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# Connection errors that are this process's own shortage, not the worker's absence.
+_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _local_exhaustion(exc: BaseException) -> str | None:
+    """``os.strerror`` of the resource this process ran out of when ``exc`` (or an error it came from) is one: out
+    of file descriptors under load, a connect failed as if the worker were gone, and the controller dropped healthy
+    workers and answered 404 "no such model" until their next heartbeat."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _EXHAUSTION:
+            return os.strerror(exc.errno)
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 async def _close(response: httpx.Response) -> None:
@@ -185,6 +204,14 @@ class Router:
         try:
             return await send
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            exhausted = _local_exhaustion(exc)
+            if exhausted is not None:  # this process could not open a socket: the worker is fine, keep it
+                self.registry.logger.warning("cannot connect to worker %s: %s (this process is out of resources)",
+                                             address, exhausted)
+                error = WorkerUnreachableError(f"the controller cannot open a connection now ({exhausted}): it is "
+                                               "overloaded; retry shortly")
+                error.retry_after = "1"
+                raise error from exc
             # The request never reached the worker: it is gone (or its registered address can reach nothing).
             self.registry.logger.warning("worker %s unreachable (%s); dropping it", address, exc)
             self.registry.remove_worker(address)
