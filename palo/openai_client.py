@@ -32,6 +32,7 @@ import math
 import os
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -275,8 +276,20 @@ class ReplyCache(SqliteStore):
         row = self._query("SELECT content FROM replies WHERE key = ?", (key,))
         return row[0] if row else None
 
+    unwritable: str | None = None  # why puts stopped (said once), when the file could not be written
+
     def put(self, key: str, model: str, content: str) -> None:
-        self._write("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, model, content, time.time()))
+        """Keep a reply. A cache that cannot be written (a full disk) is said once on stderr and written no more: the
+        reply, paid for, is still used (the error ended a judging run, and the reviews of replies in flight were
+        lost)."""
+        if self.unwritable is not None:
+            return
+        try:
+            self._write("INSERT OR REPLACE INTO replies VALUES (?, ?, ?, ?)", (key, model, content, time.time()))
+        except sqlite3.Error as exc:
+            self.unwritable = str(exc)
+            print(f"warning: the reply cache {self.path} cannot be written ({exc}): replies are used but no longer "
+                  "cached", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,30 @@ def test_cache_hit_avoids_a_call(tmp_path):
         cache.close()
 
 
+def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_reply(tmp_path, monkeypatch, capsys):
+    """A full disk under the judge's SQLite cache raised from the put: the judging run ended with a traceback and
+    the reviews of replies already paid for were lost."""
+    import sqlite3
+
+    cache = ReplyCache(str(tmp_path / "replies.sqlite"))
+    writes = []
+
+    def full(sql, params):
+        writes.append(sql)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(cache, "_write", full)
+    with ChatServer(reply("8 9")) as server:
+        client = _client(server, [], cache=cache)
+        assert client.complete(MESSAGES).content == "8 9"
+        assert client.complete([{"role": "user", "content": "other"}]).content == "8 9"
+        assert server.calls == 2
+    assert len(writes) == 1  # said once, then not tried for every reply
+    err = capsys.readouterr().err
+    assert err.count("cannot be written (database or disk is full): replies are used but no longer cached") == 1
+    cache.close()
+
+
 def test_rejected_replies_are_not_cached_and_stale_entries_are_asked_again(tmp_path):
     path = str(tmp_path / "replies.sqlite")
     with ChatServer(reply("no scores here"), reply("7 7")) as server:
