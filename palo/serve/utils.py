@@ -8,11 +8,13 @@ import contextlib
 import hmac
 import logging
 import logging.handlers
+import math
 import os
 import re
 import socket
 import struct
 import sys
+import time
 import urllib.parse
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -379,6 +381,41 @@ def _idle_closing_protocol() -> type | str:
     return IdleClosingH11Protocol
 
 
+# The same asyncio error (its first line) is logged at most once in this many seconds.
+REPEATED_ERROR_S = 10.0
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets a record through at most once per ``seconds`` for each first line of its message.
+
+    Out of file descriptors, Python 3.11's event loop logs "socket.accept() out of system resource" and its
+    traceback on every turn of the loop (cpython gh-151615): a million lines in seconds, so a process out of
+    descriptors soon filled the disk with its log as well.
+    """
+
+    def __init__(self, seconds: float = REPEATED_ERROR_S) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg).split("\n", 1)[0]
+        now = time.monotonic()
+        if now - self._last.get(key, -math.inf) < self.seconds:
+            return False
+        if len(self._last) > 1000:  # distinct messages are few; keep the table bounded all the same
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def limit_repeated_loop_errors() -> None:
+    """Install :class:`RepeatLimiter` on the ``asyncio`` logger (idempotent)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, RepeatLimiter) for f in logger.filters):
+        logger.addFilter(RepeatLimiter())
+
+
 def serve_http(app: object, host: str, port: int) -> None:
     """Serve an ASGI app until interrupted, as every service of this project does (always through uvicorn's h11
     protocol, extended as above, even where httptools is installed: the services stream, parsing is not their cost).
@@ -386,6 +423,7 @@ def serve_http(app: object, host: str, port: int) -> None:
     import uvicorn
 
     raise_open_file_limit()
+    limit_repeated_loop_errors()
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=IDLE_CONNECTION_S,
                 http=_idle_closing_protocol())
 
