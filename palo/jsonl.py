@@ -126,6 +126,25 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
         print(f"[skip] {message}", file=sys.stderr)
 
 
+# Free space below which a write that failed without saying why (SQLite's "disk I/O error", torch's "iostream
+# error", numpy's "8192 requested and 2768 written") is put down to a full disk: a write of a few KiB cannot fail for
+# want of room above it, and a full disk leaves less than one of its chunks.
+FULL_DISK_BYTES = 1 << 20
+
+
+def nearly_full(path: str) -> int | None:
+    """The free bytes on the disk holding ``path`` (or its nearest existing folder) when under
+    :data:`FULL_DISK_BYTES`, else None (also when it cannot be read)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return None
+    return free if free < FULL_DISK_BYTES else None
+
+
 def cannot_write(path: str, folder: bool = False) -> str | None:
     """Why nothing can be written at ``path`` (None when it can): a folder where a file goes (or, with ``folder``,
     a file where the folder goes), a file standing where one of the folders of its path should be, or a folder this
