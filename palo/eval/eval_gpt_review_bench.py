@@ -424,8 +424,17 @@ def main(argv: list[str] | None = None) -> int:
             return item, Judgment("", None, failed=True, reason=item.problem)
         return item, client.judge(item.content)
 
+    unwritten: list[OSError] = []  # an append that failed (a full disk), told apart from the judge's own errors
+
+    def append(review: dict[str, Any]) -> None:
+        try:
+            out.write(review)
+        except OSError as exc:
+            unwritten.append(exc)
+            raise
+
     def record(item: Item, judgment: Judgment) -> None:
-        out.write(review_record(item, judgment, args.judge_model))
+        append(review_record(item, judgment, args.judge_model))
         stats["judged"] += 1
         stats["cached"] += judgment.cached
         stats["calls"] += judgment.calls
@@ -434,16 +443,29 @@ def main(argv: list[str] | None = None) -> int:
 
     interrupted: KeyboardInterrupt | None = None
     with out:
-        for review in reread:  # the latest line per question counts: compact keeps these
-            out.write(review)
         try:
+            for review in reread:  # the latest line per question counts: compact keeps these
+                append(review)
             judge_all(pending, run, record, args.parallel)
         except KeyboardInterrupt as exc:
             interrupted = exc
+        except OSError:
+            if not unwritten:
+                raise
         cache.close()
+        if unwritten:  # judge_all sends no more requests; the reviews appended so far are whole lines, kept
+            print(f"error: cannot write the reviews file {args.output}: {unwritten[0].strerror or unwritten[0]}; the "
+                  f"{stats['judged']} review(s) this run wrote are kept, rerun with room to judge the rest",
+                  file=sys.stderr)
+            return 2
         # Still locked: another run is refused until the file is rewritten, instead of appending to the file that
         # the rewrite replaces.
-        reviews = compact(args.output, items, args.judge_model)
+        try:
+            reviews = compact(args.output, items, args.judge_model)
+        except OSError as exc:  # the rewrite is atomic: the appended file stays as it was, and a rerun compacts it
+            print(f"error: cannot rewrite the reviews file {args.output}: {exc.strerror or exc}; its "
+                  f"{stats['judged']} new review(s) are kept as appended, rerun with room to finish", file=sys.stderr)
+            return 2
 
     ok = sum(1 for r in reviews if is_success(r))
     print(f"reviewed {stats['judged']} question(s) with {args.judge_model} ({stats['cached']} from cache, "

@@ -658,7 +658,8 @@ def answer_file(get_answerer: Callable[[], tuple[Answerer, str]], question_file:
         overwrite: Remove such answers from ``answers_file`` and answer their questions again instead.
 
     Returns:
-        0 on success, 2 on bad input or answers another run made (reported on stderr).
+        0 on success, 2 on bad input, answers another run made or an answers file that cannot be written (a full
+        disk: the answers written before stay, for a rerun to resume from; reported on stderr).
 
     Raises:
         ModelLoadError: From ``get_answerer``.
@@ -709,7 +710,8 @@ def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions:
     if answerer.image_processor is None and any(q.image for q in pending):
         print("error: this checkpoint takes text only but the questions have images", file=sys.stderr)
         return 2
-    skipped = 0
+    skipped = written = 0
+    failed: OSError | None = None
     with tqdm(total=len(pending), desc="answering", file=sys.stderr) as bar:
         for q, text in answerer.answer_in_order(pending, image_folder, batch_size):
             bar.update(1)
@@ -720,14 +722,23 @@ def _answer_pending(get_answerer: Callable[[], tuple[Answerer, str]], questions:
                 print(f"[skip] {text}", file=sys.stderr)
                 skipped += 1
                 continue
-            out.write({
-                "question_id": q.question_id,
-                "prompt": q.text,
-                "text": text,
-                "answer_id": shortuuid.uuid(),
-                "model_id": model_name,
-                "metadata": {"settings": answerer.settings},
-            })
+            try:
+                out.write({
+                    "question_id": q.question_id,
+                    "prompt": q.text,
+                    "text": text,
+                    "answer_id": shortuuid.uuid(),
+                    "model_id": model_name,
+                    "metadata": {"settings": answerer.settings},
+                })
+            except OSError as exc:  # a full disk, a quota: a traceback said neither which file nor that answers stay
+                failed = exc
+                break
+            written += 1
+    if failed is not None:  # once the bar is closed, so that the line is not appended to it
+        print(f"error: cannot write the answers file {answers_file}: {failed.strerror or failed}; the {written} "
+              "answer(s) this run wrote are kept, rerun with room to answer the rest", file=sys.stderr)
+        return 2
     if skipped:
         print(f"[skip] {skipped} question(s) skipped (unreadable images or prompts too long)", file=sys.stderr)
     return 0

@@ -207,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # JsonlError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk: the merged file is replaced only once whole, the shards removed only after
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: cannot merge into {args.answers_file}: {exc.strerror or exc}{where}; no answer is lost (the "
+              "shards are removed only once the merged file is written), rerun with room to merge", file=sys.stderr)
+        return 2
     print(f"{args.answers_file}: {result.answered} answers, {result.missing} question(s) unanswered", file=sys.stderr)
     return 1 if result.missing else 0
 

@@ -566,3 +566,43 @@ def test_an_original_format_failure_is_not_a_success_and_is_judged_again(inputs,
     assert review.main(_args(inputs, judge_server, "--no-cache", "--judge-model", "gpt-4-0314")) == 0
     assert judge_server.count() == {"Q-detail": 1}
     assert [r["tuple"][0] >= 0 for r in _reviews(inputs["o"])] == [True] * 4
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_reviews_written(inputs, judge_server, monkeypatch, capsys):
+    """A review that could not be appended (ENOSPC) ended the run in a traceback; the paid reviews before it must stay
+    and a rerun with room judge only the rest. The final rewrite failing the same way keeps the appended file."""
+    import errno
+
+    from palo import jsonl
+
+    real_write, real_rewrite = jsonl.JsonlAppender.write, review.write_jsonl_atomic
+    writes = []
+
+    def fills_up(self, record):
+        writes.append(record)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, record)
+
+    monkeypatch.setattr(jsonl.JsonlAppender, "write", fills_up)
+    assert review.main(_args(inputs, judge_server, "--no-cache", "--parallel", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write the reviews file {inputs['o']}: No space left on device; the 2 review(s)" in err
+    assert "Traceback" not in err
+    assert [r["question_id"] for r in _reviews(inputs["o"])] == [w["question_id"] for w in writes[:2]]
+
+    def full(path, records):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(jsonl.JsonlAppender, "write", real_write)
+    monkeypatch.setattr(review, "write_jsonl_atomic", full)
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 2
+    assert f"error: cannot rewrite the reviews file {inputs['o']}: No space left on device" in capsys.readouterr().err
+    assert len(_reviews(inputs["o"])) == 4
+    asked = judge_server.count()
+    assert (asked["Q-conv"], asked["Q-detail"]) == (1, 1)  # the reviews kept were not asked for again
+
+    monkeypatch.setattr(review, "write_jsonl_atomic", real_rewrite)
+    assert review.main(_args(inputs, judge_server, "--no-cache")) == 0
+    assert judge_server.count() == asked  # nothing asked again: the appended reviews are compacted
+    assert [r["question_id"] for r in _reviews(inputs["o"])] == [10, 11, 12, 13]

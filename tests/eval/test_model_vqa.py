@@ -388,3 +388,35 @@ def test_resume_keeps_only_answers_this_run_would_give(world, bench, questions, 
     assert [q for q, r in again.items() if r["answer_id"] != {m["question_id"]: m for m in mine}[q]["answer_id"]] \
         == ["english-2"]
     assert again["english-2"]["prompt"] == "Why would anyone draw a triangle?"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_answers_written(world, bench, questions, tmp_path, monkeypatch,
+                                                                capsys):
+    """An answer that could not be appended (ENOSPC) ended the run in a traceback naming neither the file nor that the
+    answers before it stay."""
+    import errno
+
+    from palo import jsonl
+
+    out = str(tmp_path / "answers.jsonl")
+    real_write = jsonl.JsonlAppender.write
+    calls = []
+
+    def fills_up(self, record):
+        calls.append(record["question_id"])
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, record)
+
+    monkeypatch.setattr(jsonl.JsonlAppender, "write", fills_up)
+    capsys.readouterr()
+    assert _run(world, bench, questions, out, "--batch-size", "3") == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write the answers file {out}: No space left on device; the 3 answer(s)" in err
+    assert "Traceback" not in err
+    assert [r["question_id"] for r in _read(out)] == calls[:3]
+
+    monkeypatch.setattr(jsonl.JsonlAppender, "write", real_write)  # room again: the rerun answers only the rest
+    assert _run(world, bench, questions, out, "--batch-size", "3") == 0
+    assert "3 of 8 questions already answered" in capsys.readouterr().err
+    assert len(_read(out)) == 8

@@ -348,3 +348,30 @@ def test_the_final_files_answer_wins_over_a_shards_and_the_first_shard_over_late
     assert shards.merge_answers(questions, [first, second], final) == shards.MergeResult(answered=3, missing=0)
     assert [(r["question_id"], r["text"]) for r in _read(final)] == [("a", "final a"), ("b", "first b"),
                                                                       ("c", "second c")]
+
+
+def test_a_merge_into_a_full_disk_is_one_line_and_keeps_the_shards(tmp_path):
+    """A merged file that could not be written (a full disk; here a file-size limit) ended in a traceback: one line,
+    the shards kept, no temp file left, and a rerun with room merges."""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "q"}) + "\n" for i in range(4)))
+    parts = [tmp_path / "sh" / "s0.jsonl", tmp_path / "sh" / "s1.jsonl"]
+    parts[0].parent.mkdir()
+    for k, part in enumerate(parts):
+        rows = ({"question_id": i, "text": f"a{i}" * 20} for i in (2 * k, 2 * k + 1))
+        part.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    before = [p.read_text() for p in parts]
+    merged = tmp_path / "out" / "merged.jsonl"
+    argv = ["merge", "--question-file", str(questions), "--answers-file", str(merged), *map(str, parts)]
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100)); from palo.eval import shards; "
+               "sys.exit(shards.main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", limited, *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: cannot merge into {merged}: File too large;"), done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1
+    assert [p.read_text() for p in parts] == before
+    assert not merged.exists() and os.listdir(merged.parent) == []  # no half file, no temp file
+    assert shards.main(argv) == 0
+    assert [r["question_id"] for r in _read(merged)] == [0, 1, 2, 3]
