@@ -1226,3 +1226,76 @@ def test_a_text_whose_owner_finishes_between_lookup_and_lock_is_not_sent_again(t
     assert not first.cached and second["result"].cached
     assert second["result"].translation == first.translation == fake_translate(text, "french")
     assert [t for _, t, _, _ in server.calls] == [text]
+
+
+def test_a_full_disk_under_the_progress_log_stops_the_run_in_one_line_and_keeps_what_finished(tmp_path, server,
+                                                                                              capsys, monkeypatch):
+    """A log write failing (ENOSPC) raised in the worker threads: "Exception in thread" tracebacks, then every
+    unfinished sample blamed on requests that had not failed."""
+    import errno
+
+    from palo.jsonl import JsonlAppender
+
+    real_write = JsonlAppender.write
+    written = []
+
+    def fills_up(self, record):
+        if len(written) >= 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(record["index"])
+        return real_write(self, record)
+
+    monkeypatch.setattr(JsonlAppender, "write", fills_up)
+    data = _write(tmp_path / "in.json", SAMPLES)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "fr", "--parallel", "2")) == 1
+    captured = capsys.readouterr()
+    log = out / "french.progress.jsonl"
+    assert captured.err.splitlines() == [
+        f"error: cannot write the progress log {log}: No space left on device; the run stopped, the samples "
+        "finished are kept: rerun the same command with room to resume"]
+    assert captured.out == ""
+    assert sorted(json.loads(line)["index"] for line in log.read_text(encoding="utf-8").splitlines()) \
+        == sorted(written)
+    monkeypatch.setattr(JsonlAppender, "write", real_write)
+    assert main(_translate_args(data, str(out), server, "fr")) == 0  # room again: resumes and finishes
+    assert len(json.load(open(out / "french.json", encoding="utf-8"))) == len(SAMPLES)
+
+
+def test_a_translation_cache_on_a_full_disk_is_one_line(tmp_path, server, capsys, monkeypatch):
+    """The cache in the output folder on a full disk: a bare ``sqlite3.OperationalError: disk I/O error`` traceback
+    when it is opened (here a file-size limit makes the same error), the run's defect handler when it is written."""
+    import sqlite3
+
+    from palo.data.translate import cache, runner
+
+    data = _write(tmp_path / "in.json", SAMPLES[:3])
+    out = tmp_path / "out"
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); from palo.data.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", limited, *_translate_args(data, str(out), server, "fr")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"error: cannot write the translation cache {out / 'translation_cache.sqlite'}: disk I/O " \
+                          "error\n"
+    assert len(server.calls) == 0
+
+    # Written mid-run: the disk is full, so SQLite's unclear error is put down to it.
+    def full(*args):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    real_put, real_free = cache.TranslationCache.put, runner.nearly_full
+    monkeypatch.setattr(cache.TranslationCache, "put", full)
+    monkeypatch.setattr(runner, "nearly_full", lambda path: 0)
+    capsys.readouterr()
+    assert main(_translate_args(data, str(out), server, "fr", "--parallel", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"error: cannot write the translation cache {out / 'translation_cache.sqlite'}: disk I/O error (the disk "
+        "holding it is full: 0 KiB free); the run stopped, the samples finished are kept: rerun the same command "
+        "with room to resume"]
+    monkeypatch.setattr(cache.TranslationCache, "put", real_put)
+    monkeypatch.setattr(runner, "nearly_full", real_free)
+    assert main(_translate_args(data, str(out), server, "fr")) == 0  # room again: the same folder finishes

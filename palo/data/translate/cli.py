@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 
 from palo.data.cli import count_at_least, positive_seconds
 from palo.data.sample_file import SampleFile
 from palo.data.translate.cache import TranslationCache
 from palo.data.translate.prompts import parse_target_language
-from palo.data.translate.runner import run
+from palo.data.translate.runner import StorageError, run, storage_problem
 from palo.data.translate.samples import malformed_samples
 from palo.data.translate.translator import Translator
 
@@ -62,8 +63,13 @@ def main_translate(args: argparse.Namespace) -> int:
         print(f"error: --data_path {args.data_path}: sample {index} (id {samples[index].get('id')!r}): {problem} "
               f"({len(bad)} malformed sample(s))", file=sys.stderr)
         return 2
+    cache_path = args.cache or os.path.join(args.output_dir, "translation_cache.sqlite")
     try:
-        cache = TranslationCache(args.cache or os.path.join(args.output_dir, "translation_cache.sqlite"))
+        try:
+            cache = TranslationCache(cache_path)
+        except sqlite3.Error as exc:  # a full disk (SQLite says "disk I/O error"), a file that is not a database
+            print(f"error: {storage_problem('the translation cache', cache_path, exc)}", file=sys.stderr)
+            return 2
         translator = Translator(
             args.model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
             base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"), cache=cache, max_retries=args.max_retries,
@@ -74,6 +80,10 @@ def main_translate(args: argparse.Namespace) -> int:
             report = run(samples, languages, translator, args.output_dir, args.parallel, progress_bar=not args.quiet)
         finally:
             cache.close()
+    except StorageError as exc:  # mid-run: what finished is in the progress logs and the cache
+        print(f"error: {exc}; the run stopped, the samples finished are kept: rerun the same command with room to "
+              "resume", file=sys.stderr)
+        return 1
     except OSError as exc:  # an output folder that cannot be made or written (a file of that name, read-only)
         at = f" ({exc.filename})" if exc.filename and exc.filename != args.output_dir else ""
         print(f"error: cannot write --output_dir {args.output_dir}{at}: {exc.strerror or exc}", file=sys.stderr)

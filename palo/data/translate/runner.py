@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import threading
 import traceback
@@ -12,7 +13,28 @@ from typing import Any
 from palo.data.translate.files import Progress, load_progress, output_paths, write_outputs
 from palo.data.translate.samples import source_hash, translate_sample
 from palo.data.translate.translator import RequestFailed, Translator, settings_error
-from palo.jsonl import JsonlAppender
+from palo.jsonl import JsonlAppender, nearly_full
+
+
+class StorageError(Exception):
+    """A progress log or the translation cache could not be written (a full disk, a quota): the run stopped taking
+    work, since every sample after would fail alike. What the logs and the cache hold is kept; a rerun resumes."""
+
+
+def storage_problem(what: str, path: str, exc: BaseException) -> str:
+    """``cannot write <what> <path>: <cause>``, the cause said plainly when the disk is full: SQLite reports a full
+    disk as a bare "disk I/O error".
+
+    Args:
+        what: What the file is (``the translation cache``).
+        path: The file.
+        exc: The OSError or sqlite3 error the write raised.
+    """
+    cause = (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
+    free = nearly_full(path)
+    if free is not None and "space" not in cause and "full" not in cause:
+        cause += f" (the disk holding it is full: {free // 1024} KiB free)"
+    return f"cannot write {what} {path}: {cause}"
 
 
 def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Translator, output_dir: str,
@@ -35,6 +57,10 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         A report: per language the sample, corrupt and unfinished counts, plus the translator's request counters,
         and ``stopped``: why the run stopped taking work early (a wrong key, model or URL: :func:`settings_error`),
         or None.
+
+    Raises:
+        StorageError: When a progress log or the translation cache could not be written (a full disk): the run
+            stopped taking work, the samples finished before are kept in the logs.
     """
     from tqdm import tqdm
 
@@ -68,6 +94,13 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
     # cost money.
     stop = threading.Event()
     stopped: list[str] = []  # the settings error that stopped the run
+    unwritten: list[str] = []  # the progress log or cache that could not be written, which stopped the run
+
+    def storage_failed(problem: str) -> None:
+        """Stop taking work: a full disk fails every sample after, and each has been paid for. Under the lock."""
+        if not unwritten:
+            unwritten.append(problem)
+        stop.set()
 
     def worker() -> None:
         while not stop.is_set():
@@ -95,6 +128,10 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
                     stop.set()
                     return
                 continue
+            except sqlite3.Error as exc:  # the cache could not store a translation: not a defect of this code
+                with lock:
+                    storage_failed(storage_problem("the translation cache", translator.cache.path or "", exc))
+                return
             except Exception as exc:  # a defect, not a failed call: stop taking work, and say what it was
                 with lock:
                     if not stop.is_set():
@@ -107,7 +144,12 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
             with lock:
                 # One unbuffered write per sample: after a kill the log holds whole samples (a torn last line is
                 # cut off on resume) and nothing waits in a Python buffer.
-                progress[language].add(i, logs[language].write(record), sample["corrupt"])
+                try:
+                    offset = logs[language].write(record)
+                except OSError as exc:  # in the thread it was an "Exception in thread" and requests were blamed
+                    storage_failed(storage_problem("the progress log", paths[language]["progress"], exc))
+                    return
+                progress[language].add(i, offset, sample["corrupt"])
                 bar.update(1)
                 corrupt[0] += bool(sample["corrupt"])
                 bar.set_postfix(tokens=translator.stats["tokens"], corrupt=corrupt[0], refresh=False)
@@ -122,6 +164,8 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         bar.close()
         for f in logs.values():
             f.close()
+    if unwritten:  # no output is written either: it would go to the same full disk, and a rerun writes it
+        raise StorageError(unwritten[0])
     report: dict[str, Any] = {"languages": {}, "requests": dict(translator.stats),
                               "stopped": stopped[0] if stopped else None}
     for language in languages:
