@@ -271,7 +271,19 @@ async def run_requests(input_path: str, requests: list[BatchRequest], output: Js
                 print(f"{done}/{len(requests)} requests answered", file=sys.stderr, flush=True)
 
     async with httpx.AsyncClient(headers=headers, timeout=settings.timeout, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(min(settings.concurrency, len(requests)))))
+        workers = [asyncio.ensure_future(worker(client)) for _ in range(min(settings.concurrency, len(requests)))]
+        try:
+            await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # One worker failing (a result that cannot be written: a full disk) must end the others before the
+            # client closes: asyncio.gather left them sending on the closed client, and each one's failure came out
+            # as an "unhandled exception during asyncio.run() shutdown" traceback above the error line.
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+    failed = next((task.exception() for task in workers if not task.cancelled() and task.exception()), None)
+    if failed is not None:
+        raise failed
     return results
 
 

@@ -443,3 +443,31 @@ def test_an_answer_dripped_a_byte_at_a_time_times_out_as_a_whole(tmp_path):
     assert results["a"]["response"] is None
     assert results["a"]["error"] == {"code": "request_failed",
                                      "message": "after 2 attempt(s): no whole answer within --timeout 1 s"}
+
+
+def test_a_result_that_cannot_be_written_ends_the_run_with_its_error_line_only(tmp_path):
+    """A full disk (here a file-size limit) failed one worker; asyncio.gather left the others sending on the closed
+    client, and their failures came out as 42 lines of "unhandled exception during asyncio.run() shutdown" above the
+    error line."""
+    import os
+    import subprocess
+    import sys
+
+    source = write_lines(tmp_path / "in.jsonl", [chat_line(f"q{i}", f"w{i}" * 20) for i in range(40)])
+    out = tmp_path / "out.jsonl"
+    limited = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)); from palo.serve import run_batch; "
+               "sys.exit(run_batch.main(sys.argv[1:]))")
+    asked, seen = Counter(), []
+    with served(fake_server(asked, seen)) as url:
+        done = subprocess.run([sys.executable, "-c", limited, "-i", source, "-o", str(out), "--base-url", url + "/v1",
+                               "--api-key", "k", "--concurrency", "4"], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, NO_PROXY="127.0.0.1"))
+        assert done.returncode == 2
+        assert done.stderr == f"error: File too large: {out}\n"
+        whole = out.read_text(encoding="utf-8").rpartition("\n")[0]  # a torn last line is the appender's to mend
+        kept = [int(json.loads(line)["custom_id"][1:]) for line in whole.splitlines()]
+        assert 0 < len(kept) < 40  # the whole lines written before the limit stay ...
+        assert run_batch.main(["-i", source, "-o", str(out), "--base-url", url + "/v1", "--api-key", "k"]) == 0
+    assert [asked[f"w{i}" * 20] for i in kept] == [1] * len(kept)  # ... and are not asked for again
+    assert [json.loads(line)["custom_id"] for line in out.read_text().splitlines()] == [f"q{i}" for i in range(40)]
