@@ -4,9 +4,13 @@ and :mod:`palo.export.gguf`."""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 TARGETS = ("hf-llava", "gguf")
+# Errors only a write raises: a full disk, a quota, a file-size limit.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-tower", default=None, help="override mm_vision_tower (e.g. a local CLIP folder)")
     parser.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --output")
     return parser
+
+
+def _writing_output(error: OSError, output: str) -> bool:
+    """Whether ``error`` came from writing the export (not from reading the checkpoint): a write-only errno, or a
+    file in ``output`` or in its staging folder (``.<name>.partial-...`` beside it)."""
+    if error.errno in _WRITE_ERRNOS:
+        return True
+    if not error.filename:
+        return False
+    final = os.path.abspath(output)
+    folder = os.path.dirname(os.path.abspath(str(error.filename)))
+    return folder == final or (os.path.dirname(folder) == os.path.dirname(final)
+                               and os.path.basename(folder).startswith(f".{os.path.basename(final)}.partial-"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a file of the checkpoint missing or not JSON, an output that cannot be written
+        if _writing_output(error, args.output):  # named by --output: the file named is in a staging folder, now gone
+            name = f" ({os.path.basename(str(error.filename))})" if error.filename else ""
+            print(f"error: cannot write --output {args.output}{name}: {error.strerror or error}; nothing of this "
+                  "export was left there", file=sys.stderr)
+            return 2
         print(f"error: {error.strerror + ': ' + str(error.filename) if error.filename else error}", file=sys.stderr)
         return 2
     print(f"wrote {result.output_dir}: {len(result.weight_files)} weight file(s), <image> id {result.image_token_id}, "

@@ -43,6 +43,8 @@ itself).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -57,7 +59,7 @@ from palo.conversation import conv_mode_for_checkpoint
 from palo.export.chat_template import chat_template_for
 from palo.export.hf_llava import ExportError, checked_checkpoint_config, recorded_dtype
 from palo.export.tokenizer import read_sentencepiece_bpe
-from palo.jsonl import staged_folder
+from palo.jsonl import nearly_full, staged_folder
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +246,34 @@ def _projector_tensors(gguf: Any, model: Any, outtype: str) -> list[_Tensor]:
     return out
 
 
+def _write_error(path: str, error: OSError) -> OSError:
+    """The OSError to report for a failed write of ``path``: with the file, and with the cause that numpy drops.
+
+    numpy's ``tofile`` reports a short write as "8192 requested and 2768 written", without errno or file; the likely
+    cause, a full disk, is read from the free space left.
+    """
+    if error.errno is not None:
+        return OSError(error.errno, error.strerror, error.filename or path)
+    if nearly_full(path) is not None:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    return OSError(None, f"the write stopped short ({error}): a quota or a file-size limit?", path)
+
+
 def _write(gguf: Any, writer: Any, tensors: list[_Tensor]) -> None:
-    """Header, metadata and tensors, one tensor in memory at a time."""
+    """Header, metadata and tensors, one tensor in memory at a time.
+
+    Raises:
+        OSError: A write that failed (a full disk), naming the file.
+    """
+    try:
+        _write_all(gguf, writer, tensors)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # what it still buffers would go to the same full disk
+            writer.close()
+        raise _write_error(str(writer.path), error) from error
+
+
+def _write_all(gguf: Any, writer: Any, tensors: list[_Tensor]) -> None:
     for t in tensors:
         plain = _plain_dtype(gguf, t.qtype)
         if plain is not None:

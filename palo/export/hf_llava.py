@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from palo.conversation import conv_mode_for_checkpoint
@@ -187,6 +188,25 @@ def _llava_state(model: Any, image_rows: int) -> tuple[dict[str, torch.Tensor], 
     return out, act
 
 
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    """``save_file``, its failure to write raised as the OSError it is.
+
+    Raises:
+        OSError: A write that failed (``No space left on device``, with ``path``): safetensors raises its own
+            SafetensorError, an "I/O error ... (os error 28)" that callers catching OSError let through as a
+            traceback.
+        ExportError: For any other SafetensorError.
+    """
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code:
+            number = int(code.group(1))
+            raise OSError(number, os.strerror(number), path) from error
+        raise ExportError(f"cannot write {path}: {error}") from error
+
+
 def _save_sharded(state: dict[str, torch.Tensor], out_dir: str, max_shard_size: int) -> tuple[str, ...]:
     """Save like ``save_pretrained``: shards of at most ``max_shard_size`` bytes (a tensor never splits)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -203,13 +223,13 @@ def _save_sharded(state: dict[str, torch.Tensor], out_dir: str, max_shard_size: 
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=metadata)
+        _save_safetensors(shards[0], os.path.join(out_dir, "model.safetensors"), metadata)
         return ("model.safetensors",)
     names = []
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out_dir, name), metadata=metadata)
+        _save_safetensors(shard, os.path.join(out_dir, name), metadata)
         names.append(name)
         weight_map.update({k: name for k in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())

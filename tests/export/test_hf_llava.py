@@ -478,3 +478,27 @@ def test_a_mobilevlm_config_exports_as_the_loader_reads_it(world, tmp_path):
     expected = LlavaForConditionalGeneration.from_pretrained(reference.output_dir).state_dict()
     for key, value in hf.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", ["hf-llava", "gguf"])
+def test_a_full_disk_is_one_line_naming_the_output_and_leaves_nothing(world, tmp_path, target):
+    """On a full disk hf-llava died with safetensors' SafetensorError traceback (the command caught OSError only) and
+    gguf said only numpy's "8192 requested and 2768 written". Here a file-size limit stops the writes, and for gguf
+    the free space numpy's short write is judged by reads as none left, as on the full disk."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "parent" / target
+    script = ("import resource, shutil, signal, sys, types; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10)); "
+              "shutil.disk_usage = lambda path: types.SimpleNamespace(total=1 << 30, used=1 << 30, free=0); "
+              "from palo.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, "export", "--to", target, "--model-path", world.full_dir,
+                           "--output", str(out)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # after the loading bar
+    cause = "File too large" if target == "hf-llava" else "No space left on device"
+    assert last.startswith(f"error: cannot write --output {out} (") and f"): {cause}; nothing of this" in last, last
+    assert os.listdir(tmp_path / "parent") == []  # no half export, no staging folder
