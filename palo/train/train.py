@@ -36,7 +36,12 @@ from palo.train.dataset import (  # noqa: E402
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.preprocess import BadSampleError  # noqa: E402
 from palo.train.run_record import resume_differences, run_record  # noqa: E402
-from palo.train.trainer import DamagedCheckpointsError, PaloTrainer, resume_point  # noqa: E402
+from palo.train.trainer import (  # noqa: E402
+    CheckpointSaveError,
+    DamagedCheckpointsError,
+    PaloTrainer,
+    resume_point,
+)
 
 logger = logging.getLogger("palo.train")
 
@@ -208,9 +213,10 @@ def _own_message(exc: Exception) -> str:
 def main() -> None:
     try:
         train()
-    except (BadSampleError, DataFileChangedError, DamagedCheckpointsError, CheckpointError, VisionTowerError) as exc:
-        # Each message names what and where (a sample, the data file, a checkpoint or weights that cannot be read);
-        # files stay.
+    except (BadSampleError, DataFileChangedError, DamagedCheckpointsError, CheckpointError, VisionTowerError,
+            CheckpointSaveError) as exc:
+        # Each message names what and where (a sample, the data file, a checkpoint or weights that cannot be read or
+        # saved); files stay.
         raise SystemExit(f"error: {_own_message(exc)}") from None
     finish_distributed()
 

@@ -13,6 +13,7 @@ written and read by :mod:`palo.model.checkpoint_files`; resuming checks their ke
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,12 +25,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from palo.constants import IGNORE_INDEX
+from palo.jsonl import nearly_full
 from palo.model import checkpoint_files
 from palo.model.config import MultimodalSpec
 from palo.train.dataset import LANGUAGE_NAMES, RowTaggedDataset
@@ -47,6 +50,36 @@ _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class DamagedCheckpointsError(RuntimeError):
     """Every ``checkpoint-N`` of a run to resume is damaged (the message names each and why)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A ``checkpoint-N`` could not be written (a full disk): the run stopped; the message names the checkpoint, the
+    likely cause and the checkpoint a rerun resumes from, which the failed save left as it was."""
+
+
+# What torch.save says when a write fails: no errno, no file, no "disk full" ("basic_ios::clear: iostream error",
+# "[enforce fail at inline_container.cc:672] . unexpected pos 61248 vs 61140", "PytorchStreamWriter failed ...").
+_TORCH_WRITE_FAILURES = ("basic_ios::clear", "iostream error", "unexpected pos", "PytorchStreamWriter failed",
+                         "file write failed")
+def save_failure_cause(exc: BaseException, folder: str) -> str | None:
+    """Why saving into ``folder`` failed, said plainly, or None when ``exc`` is no failed write (a defect, to raise).
+
+    torch's own words for a full disk name neither the cause nor the file, so the free space left tells it.
+    """
+    said = (str(exc).strip().splitlines() or [""])[0][:200]
+    free = nearly_full(folder)
+    full = free is not None
+    if isinstance(exc, OSError):
+        cause = exc.strerror or said
+    elif isinstance(exc, SafetensorError) or any(s in said for s in _TORCH_WRITE_FAILURES) or full:
+        cause = f"{type(exc).__name__}: {said}"
+    else:
+        return None
+    if full and not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return f"no space left on the device ({free // 1024} KiB free; {cause})"
+    if not isinstance(exc, OSError):
+        return f"{cause} (a write that failed: a quota or a file-size limit?)"
+    return cause
 
 
 def checkpoint_damage(folder: str, needs_optimizer: bool = True) -> str | None:
@@ -427,14 +460,35 @@ class PaloTrainer(Trainer):
         return os.path.join(run_dir, STAGING) if self._staging else run_dir
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        try:
+            self._save_staged_checkpoint(model, trial, run_dir, name)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            cause = save_failure_cause(exc, os.path.join(run_dir, STAGING))
+            if cause is None:
+                raise
+            if self.args.should_save:  # the half-written checkpoint: its room is what the rerun needs
+                shutil.rmtree(os.path.join(run_dir, STAGING), ignore_errors=True)
+            # A traceback from deep in torch ("basic_ios::clear: iostream error") said neither which checkpoint
+            # nor why, nor that the run can go on from the one before.
+            try:
+                previous = resumable_checkpoint(run_dir, not self.args.save_only_model)
+            except DamagedCheckpointsError:
+                previous = None
+            resume = (f"{previous} is intact: make room and rerun the same command to resume from it" if previous
+                      else "no earlier checkpoint to resume from: a rerun starts over")
+            raise CheckpointSaveError(f"cannot save {os.path.join(run_dir, name)}: {cause}; the run stopped, "
+                                      f"{resume}") from exc
+
+    def _save_staged_checkpoint(self, model: nn.Module, trial: Any, run_dir: str, name: str) -> None:
+        """The checkpoint written under ``.staging`` and renamed into place when whole."""
         self._staging = True
         try:
             staging_dir = self._get_output_dir(trial)
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
-        run_dir = self._get_output_dir(trial)
-        name = f"checkpoint-{self.state.global_step}"
         if self.args.parallel_mode.value == "distributed" and dist.is_initialized():
             dist.barrier()  # every rank's DeepSpeed shards are written
         if self.args.should_save:

@@ -1184,3 +1184,53 @@ def test_a_resume_that_would_train_other_samples_is_refused_and_a_batch_split_ot
     resumed = train(_flags(world, data, out, *more, "--per_device_train_batch_size", "2",
                            "--gradient_accumulation_steps", "2"))
     assert resumed.state.global_step == 3
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_one_line_and_the_run_resumes_from_the_one_before(world, data, tmp_path,
+                                                                                               monkeypatch, caplog):
+    """On a full disk torch.save fails with "basic_ios::clear: iostream error" / "unexpected pos": a traceback that
+    named neither the checkpoint nor the cause. Here the save of checkpoint-4's optimizer raises what torch raised
+    there, and the disk reads as full."""
+    import logging
+
+    import palo.train.train as train_module
+    from palo.train import trainer as trainer_module
+
+    out = str(tmp_path / "run")
+    flags = _flags(world, data, out, "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2",
+                   "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16")
+    real_save = torch.save
+
+    def full_disk_at_step_4(obj, f, *args, **kwargs):
+        if str(f).endswith(os.path.join("checkpoint-4", "optimizer.pt")):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 61248 vs 61140")
+        return real_save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_disk_at_step_4)
+        patch.setattr(trainer_module, "nearly_full", lambda folder: 4096)  # the disk full to 4 KiB
+        patch.setattr(sys, "argv", ["train_mem.py", *flags])
+        with pytest.raises(SystemExit) as stopped:
+            train_module.main()
+    message = str(stopped.value.code)
+    assert "\n" not in message
+    assert message == (f"error: cannot save {os.path.join(out, 'checkpoint-4')}: no space left on the device (4 KiB "
+                       "free; RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 61248 vs "
+                       f"61140); the run stopped, {os.path.join(out, 'checkpoint-2')} is intact: make room and rerun "
+                       "the same command to resume from it")
+    assert _checkpoints(out) == ["checkpoint-2"] and not os.path.exists(os.path.join(out, ".staging"))
+
+    with caplog.at_level(logging.INFO, logger="palo.train"):
+        resumed = train(flags)  # room again
+    assert f"Resuming from {os.path.join(out, 'checkpoint-2')}" in caplog.text
+    assert resumed.state.global_step == 6 and _checkpoints(out) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_a_save_that_fails_for_another_reason_is_not_taken_for_a_full_disk(tmp_path):
+    from palo.train.trainer import save_failure_cause
+
+    assert save_failure_cause(RuntimeError("CUDA error: an illegal memory access"), str(tmp_path)) is None
+    assert save_failure_cause(RuntimeError("basic_ios::clear: iostream error"), str(tmp_path)) == (
+        "RuntimeError: basic_ios::clear: iostream error (a write that failed: a quota or a file-size limit?)")
+    assert save_failure_cause(OSError(28, "No space left on device"), str(tmp_path / "not" / "yet")) == \
+        "No space left on device"
