@@ -23,6 +23,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from palo.extras import PACKAGES as EXTRA_PACKAGES
 from palo.extras import MissingExtra, install_hint
 
 HELP_FLAGS = ("-h", "--help")
@@ -144,7 +145,9 @@ def run(command: Command, prog: str, argv: list[str], extras: tuple[str, ...] = 
         package = (exc.name or "").split(".")[0]
         if not package or package == "palo":
             raise
-        hint = install_hint(*extras) if extras else f"pip install {package}"
+        # The extra's install where the package is one of its own; else the package (a dependency of a dependency).
+        ours = [extra for extra in extras if package in EXTRA_PACKAGES[extra]]
+        hint = install_hint(*ours) if ours else f"pip install {package}"
         print(f"{prog}: needs the package {package!r}, not installed here: {hint}", file=sys.stderr)
         return 1
     finally:

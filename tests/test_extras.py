@@ -40,6 +40,14 @@ def test_a_serving_command_without_the_serve_extra_says_what_to_install(entry):
     assert "Traceback" not in run.stderr
 
 
+def test_a_missing_package_that_no_extra_brings_is_named_as_itself():
+    """shortuuid is a base dependency: installing the eval extra would not bring it back."""
+    run = _without(["shortuuid"], "from palo.cli import main\nsys.exit(main(['eval', 'vqa', '--help']))")
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip() == ("palo eval vqa: needs the package 'shortuuid', not installed here: "
+                                  "pip install shortuuid")
+
+
 def test_a_data_command_without_the_eval_extra_says_what_to_install(tmp_path):
     """palo-data translate imports openai when it starts translating."""
     data = tmp_path / "data.json"
