@@ -6,7 +6,7 @@ count lands elsewhere: samples are trained a third time or not at all, the learn
 says so. Each ``checkpoint-N`` holds ``palo_run.json`` (this record); a resume compares it with the run's own and
 stops with one line naming each difference. A global batch split differently (2 ranks x 2 or 1 x 4, or with
 gradient accumulation) resumes exactly and stays allowed. Checkpoints written before the record existed are
-resumed as before.
+resumed as before, with a warning that the resume is not checked (:func:`unrecorded`).
 """
 
 from __future__ import annotations
@@ -68,4 +68,25 @@ def resume_differences(checkpoint: str, record: dict[str, Any]) -> list[str]:
     if record["packing_rows"] and saved.get("world_size") not in (None, record["world_size"]):
         said.append(f"the ranks with --packing_rows (each takes one planned step): {saved['world_size']} then, "
                     f"{record['world_size']} now")
+    return said
+
+
+def unrecorded(checkpoint: str, per_device_batch: int) -> str | None:
+    """The warning for a checkpoint written before checkpoints recorded their run (an earlier version of this
+    project), None for a recorded one. Such a resume cannot be checked: with another global batch it trained samples
+    twice and nothing said so. Its ``trainer_state.json`` still has the per-device batch, said when it differs (the
+    global batch may still be the same, split over other ranks, so this is not refused).
+    """
+    if os.path.isfile(os.path.join(checkpoint, RECORD_FILE)):
+        return None
+    try:
+        with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as f:
+            then = json.load(f).get("train_batch_size")
+    except (OSError, ValueError, AttributeError):
+        then = None
+    said = (f"{checkpoint} was written before checkpoints recorded their run ({RECORD_FILE}), so this resume is not "
+            "checked: resume it with the global batch, data, packing and seed it was launched with")
+    if isinstance(then, int) and then != per_device_batch:
+        said += (f" (its per-device batch was {then}, this run's is {per_device_batch}: unless the ranks or the "
+                 "gradient accumulation changed to keep the global batch, samples are trained twice or skipped)")
     return said

@@ -35,7 +35,7 @@ from palo.train.dataset import (  # noqa: E402
 )
 from palo.train.model_setup import setup_training, unwrap  # noqa: E402
 from palo.train.preprocess import BadSampleError  # noqa: E402
-from palo.train.run_record import resume_differences, run_record  # noqa: E402
+from palo.train.run_record import resume_differences, run_record, unrecorded  # noqa: E402
 from palo.train.trainer import (  # noqa: E402
     CheckpointSaveError,
     DamagedCheckpointsError,
@@ -152,6 +152,9 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
             raise SystemExit(f"error: {checkpoint} cannot be resumed by this run, which would train other samples "
                              f"than its run left: {'; '.join(changed)}. Resume as it was launched, or start over in "
                              "another --output_dir")
+        unchecked = unrecorded(checkpoint, training_args.per_device_train_batch_size)
+        if unchecked:
+            logger.warning(unchecked)
         logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_state()

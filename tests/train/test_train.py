@@ -1234,3 +1234,28 @@ def test_a_save_that_fails_for_another_reason_is_not_taken_for_a_full_disk(tmp_p
         "RuntimeError: basic_ios::clear: iostream error (a write that failed: a quota or a file-size limit?)")
     assert save_failure_cause(OSError(28, "No space left on device"), str(tmp_path / "not" / "yet")) == \
         "No space left on device"
+
+
+def test_a_checkpoint_from_before_run_records_resumes_with_a_warning_naming_a_changed_batch(world, data, tmp_path,
+                                                                                          caplog):
+    """A checkpoint an earlier version wrote has no palo_run.json: its resume with another global batch trained
+    samples twice and nothing said so. It still resumes (its global batch cannot be known), with a warning."""
+    import logging
+
+    out = str(tmp_path / "run")
+    common = ("--save_strategy", "steps", "--save_steps", "2", "--lora_enable", "True", "--lora_r", "8",
+              "--lora_alpha", "16")
+    train(_flags(world, data, out, *common, "--max_steps", "2"))
+    os.remove(os.path.join(out, "checkpoint-2", "palo_run.json"))  # as the earlier version wrote it
+    flags = _flags(world, data, out, *common, "--max_steps", "3")
+    flags[flags.index("--per_device_train_batch_size") + 1] = "2"
+    with caplog.at_level(logging.INFO, logger="palo.train"):
+        resumed = train(flags)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not checked" in
+                r.getMessage()]
+    assert warnings == [f"{os.path.join(out, 'checkpoint-2')} was written before checkpoints recorded their run "
+                        "(palo_run.json), so this resume is not checked: resume it with the global batch, data, "
+                        "packing and seed it was launched with (its per-device batch was 4, this run's is 2: unless "
+                        "the ranks or the gradient accumulation changed to keep the global batch, samples are trained "
+                        "twice or skipped)"]
+    assert resumed.state.global_step == 3
