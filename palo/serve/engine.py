@@ -412,8 +412,8 @@ class EngineBackend(ABC):
             return None
         vocab = int(self.model.config.vocab_size)
         if not is_token_ids(value, vocab, max_len=MAX_PROMPT_CHARS):
-            raise RequestError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab})",
-                               "prompt_token_ids")
+            raise RequestError(f"'prompt_token_ids' must be a non-empty list of token ids in [0, {vocab}), at most "
+                               f"{MAX_PROMPT_CHARS}", "prompt_token_ids")
         return value
 
     # -- queue (each engine's own) ---------------------------------------------------------------------------------
