@@ -36,7 +36,6 @@ class Command:
     module: str
     help: str
     func: str = "main"
-    extras: tuple[str, ...] = ()  # the optional extras it needs (pyproject.toml), named when a package is missing
 
 
 EVAL = {
