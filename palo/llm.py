@@ -168,13 +168,13 @@ class LLM:
                     conv_mode: str | None = None, engine_config: Any = None,
                     allow_remote_images: bool = False) -> LLM:
         """An :class:`LLM` around what :func:`~palo.model.builder.load_pretrained_model` returned."""
+        _require_engine()
         llm = cls.__new__(cls)
         llm._setup(tokenizer, model, image_processor, context_len, conv_mode, engine_config, allow_remote_images)
         return llm
 
     def _setup(self, tokenizer: Any, model: Any, image_processor: Any, context_len: int, conv_mode: str | None,
                engine_config: Any, allow_remote_images: bool) -> None:
-        _require_engine()
         from palo.conversation import conv_mode_for_checkpoint, conv_templates
         from palo.engine import EngineConfig
         from palo.remote_images import RemoteImagePolicy
