@@ -32,7 +32,9 @@ def build_demo_checkpoint(workdir: str) -> str:
 
 def _default_image(workdir: str) -> str:
     """The checkout's ``images/shapes.png``; an installed package has no ``images/``: a drawing in ``workdir``."""
-    shipped = os.path.join(os.path.dirname(__file__), "..", "..", "images", "shapes.png")
+    from palo.serve.examples import IMAGES_DIR  # the checkout's images/, as the web demo finds it
+
+    shipped = os.path.join(IMAGES_DIR, "shapes.png")
     if os.path.isfile(shipped):
         return shipped
     drawn = os.path.join(workdir, "shapes.png")

@@ -9,8 +9,9 @@ from palo.testing import demo
 
 
 def test_the_demo_chats_also_where_no_images_folder_was_installed(tmp_path, monkeypatch, capsys):
-    installed = tmp_path / "site-packages" / "palo" / "testing" / "demo.py"  # no images/ two levels up
-    monkeypatch.setattr(demo, "__file__", str(installed))
+    from palo.serve import examples
+
+    monkeypatch.setattr(examples, "IMAGES_DIR", str(tmp_path / "site-packages" / "images"))  # nothing there
     workdir = tmp_path / "runs"
     assert demo.main(["--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
