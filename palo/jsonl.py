@@ -132,14 +132,19 @@ def iter_jsonl(path: str, skip_bad: bool = False, required: tuple[str, ...] = ()
 FULL_DISK_BYTES = 1 << 20
 
 
+def _nearest_existing(path: str) -> str:
+    """``path``, absolute, or its nearest ancestor that exists (where missing folders would be made)."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def nearly_full(path: str) -> int | None:
-    """The free bytes on the disk holding ``path`` (or its nearest existing folder) when under
+    """The free bytes on the disk holding ``path`` (or its nearest existing ancestor) when under
     :data:`FULL_DISK_BYTES`, else None (also when it cannot be read)."""
-    folder = os.path.abspath(path)
-    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
     try:
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(_nearest_existing(path)).free
     except OSError:
         return None
     return free if free < FULL_DISK_BYTES else None
@@ -155,9 +160,7 @@ def cannot_write(path: str, folder: bool = False) -> str | None:
         return "a file, not a folder"
     if not folder and os.path.isdir(path):
         return "a folder, not a file"
-    parent = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(parent):  # the missing folders are made below the nearest one that exists
-        parent = os.path.dirname(parent)
+    parent = _nearest_existing(path if folder else os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         return f"{parent} is a file, not a folder"
     if not os.access(parent, os.W_OK | os.X_OK):
