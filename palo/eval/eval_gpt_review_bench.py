@@ -324,16 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def judge_settings_error(parallel: int, max_retries: int, retry_base_delay: float, timeout: float = 1.0) -> str | None:
+def judge_settings_error(parallel: int, max_retries: int, retry_base_delay: float,
+                         timeout: float | None = None) -> str | None:
     """What is wrong with the judge's request settings, or None (a timeout of 0 failed every request only after the
-    whole retry schedule, as a connection error)."""
+    whole retry schedule, as a connection error); ``timeout`` None: not set here (run_bench has no flag for it)."""
     if parallel < 1:
         return f"--parallel must be at least 1, got {parallel}"
     if max_retries < 0:
         return f"--max-retries must be at least 0, got {max_retries}"
     if not (math.isfinite(retry_base_delay) and retry_base_delay >= 0):
         return f"--retry-base-delay must be a number of seconds from 0, got {retry_base_delay}"
-    if not (math.isfinite(timeout) and timeout > 0):
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
         return f"--timeout must be a positive number of seconds, got {timeout}"
     return None
 
