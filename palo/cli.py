@@ -191,6 +191,19 @@ def _script(*verbs: str):
     return script
 
 
+def module_main(module: str) -> int:
+    """Run ``python -m <module>`` (or ``python <path>/<module>.py``) of a verb's module through :func:`run`.
+
+    The module calls this before its own imports, which would fail on a missing extra (``fastapi``, ``gradio``) with
+    a traceback; here the extra is named in one line. Arguments and usage line are the module's as before.
+    """
+    for verb, command in COMMANDS.items():
+        for candidate in GROUPS[verb].values() if verb in GROUPS else (command,):
+            if candidate.module == module:
+                return run(candidate, os.path.basename(sys.argv[0]), sys.argv[1:], EXTRAS.get(verb, ()))
+    raise ValueError(f"{module} is not the module of a palo command")
+
+
 # [project.scripts] in pyproject.toml
 chat_script = _script("chat")
 data_script = _script("data")

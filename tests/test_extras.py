@@ -40,6 +40,19 @@ def test_a_serving_command_without_the_serve_extra_says_what_to_install(entry):
     assert "Traceback" not in run.stderr
 
 
+
+@pytest.mark.parametrize("module", ["controller", "model_worker", "openai_worker", "gradio_web_server"])
+@pytest.mark.parametrize("how", ["module", "path"])
+def test_python_m_of_a_serving_module_without_the_serve_extra_says_what_to_install(module, how):
+    """The original commands (``python -m palo.serve.controller``) import fastapi/gradio before their main runs."""
+    run_it = (f"runpy.run_module('palo.serve.{module}', run_name='__main__', alter_sys=True)" if how == "module" else
+              f"runpy.run_path('palo/serve/{module}.py', run_name='__main__')")
+    run = _without(["fastapi", "starlette", "gradio"], f"import runpy\nsys.argv = ['{module}.py', '--help']\n{run_it}")
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.startswith(f"{module}.py: needs the package "), run.stderr
+    assert run.stderr.strip().endswith("not installed here: pip install 'palo[serve]'")
+    assert "Traceback" not in run.stderr
+
 def test_a_missing_package_that_no_extra_brings_is_named_as_itself():
     """shortuuid is a base dependency: installing the eval extra would not bring it back."""
     run = _without(["shortuuid"], "from palo.cli import main\nsys.exit(main(['eval', 'vqa', '--help']))")

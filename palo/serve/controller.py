@@ -29,6 +29,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout, not files next to this one
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # through palo.cli, before the imports below: a missing extra is one line
+    from palo.cli import module_main
+
+    sys.exit(module_main("palo.serve.controller"))
+
 import argparse
 import concurrent.futures
 import dataclasses
@@ -612,10 +617,3 @@ def main(argv: list[str] | None = None) -> int:
                      prompt_tokens_details=args.enable_prompt_tokens_details, worker_key=args.worker_key)
     serve_http(app, args.host, args.port)
     return 0
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module, so its classes are the ones other modules import.
-    from palo.serve.controller import main as _main
-
-    sys.exit(_main())

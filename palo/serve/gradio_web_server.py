@@ -17,6 +17,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout, not files next to this one
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # through palo.cli, before the imports below: a missing extra is one line
+    from palo.cli import module_main
+
+    sys.exit(module_main("palo.serve.gradio_web_server"))
+
 import argparse
 import datetime
 import hashlib
@@ -575,10 +580,3 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=args.concurrency_count, api_open=False)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, css=CSS, show_error=True)
     return 0
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module, so its classes are the ones other modules import.
-    from palo.serve.gradio_web_server import main as _main
-
-    sys.exit(_main())

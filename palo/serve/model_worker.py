@@ -33,6 +33,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout, not files next to this one
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # through palo.cli, before the imports below: a missing extra is one line
+    from palo.cli import module_main
+
+    sys.exit(module_main("palo.serve.model_worker"))
+
 import argparse
 import asyncio
 import dataclasses
@@ -446,10 +451,3 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve(worker, args.host, args.port)
     return 0
-
-
-if __name__ == "__main__":
-    # Run the package's copy of this module, so its classes are the ones other modules import.
-    from palo.serve.model_worker import main as _main
-
-    sys.exit(_main())

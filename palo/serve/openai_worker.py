@@ -31,6 +31,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: import ``palo`` from this checkout
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if __name__ == "__main__":  # through palo.cli, before the imports below: a missing extra is one line
+    from palo.cli import module_main
+
+    sys.exit(module_main("palo.serve.openai_worker"))
+
 import argparse
 import asyncio
 import json
@@ -590,7 +595,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     serve(worker, args.host, args.port)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
