@@ -52,11 +52,11 @@ def _open_image(source: Any, name: str) -> Image.Image:
     return viewed(image)
 
 
-def load_image(path_or_url: str, allow_remote: bool = False, policy: Any = None) -> Image.Image:
+def load_image(path_or_url: str | os.PathLike, allow_remote: bool = False, policy: Any = None) -> Image.Image:
     """Open a local image file, or an http(s) URL when ``allow_remote``, as RGB.
 
     Args:
-        path_or_url: A local path, or an ``http(s)://`` URL.
+        path_or_url: A local path (``str`` or :class:`os.PathLike`), or an ``http(s)://`` URL.
         allow_remote: Fetch URLs (``--allow-remote-images``); without it they are refused.
         policy: A :class:`palo.remote_images.RemoteImagePolicy` (size and time limits, allowed networks).
 
@@ -68,6 +68,10 @@ def load_image(path_or_url: str, allow_remote: bool = False, policy: Any = None)
     """
     from palo.remote_images import RemoteImagePolicy, fetch_image_bytes, is_remote
 
+    if isinstance(path_or_url, os.PathLike):
+        path_or_url = os.fspath(path_or_url)
+    if not isinstance(path_or_url, str):
+        raise ImageLoadError(f"an image is a path or a URL, not {type(path_or_url).__name__}")
     if is_remote(path_or_url):
         if not allow_remote:
             raise ImageLoadError(f"{path_or_url}: remote images are not fetched without --allow-remote-images; "
@@ -85,7 +89,7 @@ def load_image_from_base64(data: str) -> Image.Image:
     Raises:
         ImageLoadError: If the string is not valid base64 or not an image.
     """
-    if data.startswith("data:"):
+    if is_data_url(data):
         _, _, data = data.partition(",")
     if any(space in data for space in " \n\r\t"):  # line-wrapped base64 (the `base64` tool's), as the original took
         data = "".join(data.split())
@@ -94,6 +98,18 @@ def load_image_from_base64(data: str) -> Image.Image:
     except (ValueError, TypeError) as exc:
         raise ImageLoadError(f"image is not valid base64 ({exc})") from exc
     return _open_image(io.BytesIO(raw), "base64 image")
+
+
+def is_data_url(value: str) -> bool:
+    """A ``data:`` URL: the scheme matched without regard to case, as URL schemes are (RFC 3986 3.1)."""
+    return value[:5].lower() == "data:"
+
+
+def data_url_base64(url: str) -> str | None:
+    """The payload of a base64 ``data:[<mime>];base64,<payload>`` URL (``DATA:IMAGE/PNG;BASE64,`` too, as browsers
+    read them), or None for anything else."""
+    header, sep, payload = url.partition(",")
+    return payload if sep and is_data_url(header) and header.lower().endswith(";base64") else None
 
 
 def viewed(image: Image.Image) -> Image.Image:
@@ -106,7 +122,6 @@ def upright(image: Image.Image) -> Image.Image:
 
     The original loaders fed the stored pixels, so a portrait phone photo reached the model on its side while the
     person asking saw it upright (the original web demo alone was spared: Gradio turns uploads itself).
-    transformers' ``load_image`` turns them too, so an exported checkpoint sees the same pixels.
     """
     if not _asks_for_a_turn(image):  # nearly every image: as stored
         return image  # exif_transpose would copy it (for a whole request, no faster or slower: image_load.py)
@@ -117,16 +132,21 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """The RGB image a viewer shows: transparency laid over white, 16-bit grey scaled to 8 bits.
+    """The RGB image a viewer shows: transparency laid over white, 16-bit grey scaled to 8 bits (and its
+    transparent grey value, if it names one, white).
 
     A plain ``convert("RGB")`` (the original's) keeps the colour stored under transparent pixels, usually black, so a
     logo or diagram of black lines on a transparent background became an all-black image (transformers'
-    ``convert_to_rgb`` lays it over white too); and it clips 16-bit grey (scans, microscopy, depth maps) at 255, so
-    such an image became almost all white.
+    ``convert_to_rgb`` lays it over white too, but its ``load_image`` converts before that); and it clips 16-bit grey
+    (scans, microscopy, depth maps) at 255, so such an image became almost all white.
     """
     if _is_16_bit(image):
-        grey = np.asarray(image).astype(np.float32) / 257.0  # 65535 -> 255, as viewers scale them
-        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")  # 2-D uint8: "L"
+        stored = np.asarray(image)
+        grey = np.clip(np.rint(stored.astype(np.float32) / 257.0), 0, 255).astype(np.uint8)  # 65535 -> 255, as viewers
+        key = image.info.get("transparency")
+        if isinstance(key, int):  # a grey value named transparent (PNG tRNS): on white, as for 8-bit grey below
+            grey[stored == key] = 255
+        return Image.fromarray(grey).convert("RGB")  # 2-D uint8: "L"
     if not _has_transparency(image):
         # Even an RGB image is converted (copied): returning the decoder's own image object saved 10 ms of a
         # 12-megapixel load but made its preprocessing 40 ms slower (scripts/bench/image_load.py).
@@ -199,7 +219,7 @@ def read_differently(image: Image.Image) -> list[str]:
     notes = ["exif_orientation"] if _asks_for_a_turn(image) else []
     if _is_16_bit(image):
         notes.append("16_bit")
-    elif _has_transparency(image):
+    if _has_transparency(image):
         notes.append("transparency")
     if max(image.size) > math.isqrt(MAX_IMAGE_PIXELS):
         notes.append("pad_scaled")

@@ -24,6 +24,7 @@ as the worker checks them: a bad conversation raises ``ValueError`` naming it be
 from __future__ import annotations
 
 import dataclasses
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -387,8 +388,9 @@ class LLM:
                     raise ImageLoadError(f"{image.width}x{image.height} pixels is over the limit of "
                                          f"{MAX_IMAGE_PIXELS:,}; resize the image first")
                 return viewed(image)
-            if isinstance(image, str):
-                return load_image(image)
-            raise APIError(400, "an image part needs {'type': 'image', 'image': <a path or a PIL image>}")
+            if isinstance(image, (str, os.PathLike)):
+                return load_image(os.fspath(image))
+            raise APIError(400, "an image part needs {'type': 'image', 'image': <a path or a PIL image>}, got "
+                           f"{type(image).__name__}")
         except ImageLoadError as exc:
             raise APIError(400, str(exc)) from None

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palo.image_io import fit_square_canvas, to_rgb, trim_for_centre_crop, upright
+from palo.image_io import fit_square_canvas, read_differently, to_rgb, trim_for_centre_crop, upright
 
 
 def _noise(width: int, height: int) -> Image.Image:
@@ -69,3 +69,10 @@ def test_an_odd_cut_is_kept_even_so_the_centre_stays_the_centre(long):
     cut = long - trimmed.size[0]
     assert cut % 2 == 0 and trimmed.size[0] in (80, 81)
     assert np.array_equal(np.asarray(trimmed), stored[:, cut // 2:long - cut // 2])
+
+
+def test_sixteen_bit_grey_with_a_transparent_grey_is_counted_under_both_rules():
+    image = Image.fromarray(np.zeros((2, 3), dtype=np.uint16))
+    assert read_differently(image) == ["16_bit"]
+    image.info["transparency"] = 0
+    assert read_differently(image) == ["16_bit", "transparency"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import pathlib
 import time
 
 import pytest
@@ -70,11 +71,13 @@ def test_an_image_as_a_path_a_pil_image_or_a_data_url_is_the_same_image(llm, pho
     Image.open(photo).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
     parts = [{"type": "image", "image": photo}, {"type": "image", "image": Image.open(photo)},
              {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}},
-             {"type": "image", "image": str(other)}]
+             {"type": "image", "image": str(other)}, {"type": "image", "image": pathlib.Path(photo)},
+             {"type": "image_url", "image_url": {"url": "DATA:IMAGE/PNG;BASE64," + data}}]
     answers = llm.chat([user("Describe it.", part) for part in parts], max_tokens=4, logprobs=0)
     scores = [[logprob for logprob, _ in answer.logprobs] for answer in answers]
     assert answers[0].text == alone(llm, "Describe it.", photo, 4).strip()
-    assert scores[1] == pytest.approx(scores[0], abs=1e-5) and scores[2] == pytest.approx(scores[0], abs=1e-5)
+    for same in (1, 2, 4, 5):  # a PIL image, a data URL, a pathlib.Path, a data URL's scheme in capitals
+        assert scores[same] == pytest.approx(scores[0], abs=1e-5), parts[same]
     assert scores[3] != pytest.approx(scores[0], abs=1e-5)  # the mirrored photo is another image
 
 

@@ -395,6 +395,23 @@ def test_load_from_base64_plain_and_data_url():
                           np.asarray(image))
 
 
+def test_a_data_url_is_read_whatever_the_case_of_its_scheme():
+    """URL schemes are case-insensitive (RFC 3986), and browsers read ``;BASE64`` too: the worker took
+    ``data:image/png;BASE64,`` but called ``DATA:IMAGE/PNG;BASE64,`` "not valid base64"."""
+    image = _drawn(30, 77)
+    b64 = base64.b64encode(_encode(image, "PNG")).decode()
+    for header in ("DATA:IMAGE/PNG;BASE64,", "Data:image/png;base64,", "data:image/png;BASE64,"):
+        assert np.array_equal(np.asarray(load_image_from_base64(header + b64)), np.asarray(image))
+
+
+def test_a_path_object_is_a_path_and_anything_else_is_refused_by_name(tmp_path):
+    image = _drawn(30, 20)
+    image.save(tmp_path / "drawn.png")
+    assert np.array_equal(np.asarray(load_image(tmp_path / "drawn.png")), np.asarray(image))
+    with pytest.raises(ImageLoadError, match="^an image is a path or a URL, not int$"):
+        load_image(7)
+
+
 def test_load_from_base64_errors():
     with pytest.raises(ImageLoadError, match="not valid base64"):
         load_image_from_base64("this is %% not base64!")
@@ -477,6 +494,14 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     assert np.asarray(loaded)[..., 0].tolist() == [[0, 1, 128, 255]]
     assert np.asarray(loaded).std(axis=-1).max() == 0  # grey
     assert np.asarray(to_rgb(stored.convert("I")))[..., 0].tolist() == [[0, 1, 128, 255]]
+
+
+def test_sixteen_bit_grey_naming_a_transparent_grey_is_white_there():
+    """A PNG tRNS key on 16-bit grey, laid on white as for 8-bit grey (it came out black: scaled, never composited)."""
+    stored = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
+    for image in (stored, Image.fromarray(np.array([[0, 128, 255]], dtype=np.uint8))):  # 16 and 8 bits alike
+        loaded = load_image_from_base64(base64.b64encode(_encode(image, "PNG", transparency=0)).decode())
+        assert np.asarray(loaded)[..., 0].tolist() == [[255, 128, 255]], image.mode
 
 
 def test_an_opaque_image_with_alpha_keeps_its_pixels():

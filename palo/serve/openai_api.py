@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse, Response
 
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, SEED_RANGE
 from palo.conversation import MPT_SYSTEM_PREFIX, SeparatorStyle, conv_templates, stop_string
+from palo.image_io import data_url_base64
 from palo.serve.body_limit import CLIENT_CLOSED
 from palo.serve.protocol import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -218,8 +219,8 @@ def image_part_data(part: dict) -> str:
                        param="messages")
     if url.lower().startswith(REMOTE_URL_SCHEMES):
         return url  # the worker fetches it if it runs with --allow-remote-images, and refuses it by name otherwise
-    header, sep, data = url.partition(",")
-    if not url.startswith("data:") or not sep or not header.endswith(";base64"):
+    data = data_url_base64(url)
+    if data is None:
         raise APIError(400, "image URLs must be base64 data URLs (data:image/png;base64,...) or http(s) URLs",
                        param="messages")
     return data

@@ -49,6 +49,7 @@ import httpx
 from palo.constants import DEFAULT_IMAGE_TOKEN, REMOTE_URL_SCHEMES, WORKER_HEART_BEAT_INTERVAL
 from palo.conversation import SeparatorStyle, conv_templates
 from palo.engine.detokenizer import first_stop, held_back
+from palo.image_io import is_data_url
 from palo.openai_client import token_count
 from palo.serve.openai_api import MAX_TOP_LOGPROBS, APIError, render_messages
 from palo.serve.protocol import (
@@ -117,7 +118,7 @@ def _parsed(field: str, parse: Any, *args: Any) -> Any:
 
 
 def _data_url(image_b64: str) -> str:
-    if image_b64.startswith("data:") or image_b64.lower().startswith(REMOTE_URL_SCHEMES):
+    if is_data_url(image_b64) or image_b64.lower().startswith(REMOTE_URL_SCHEMES):
         return image_b64  # a URL goes to the backend as it came: fetching it is the backend's to allow
     mime = "image/jpeg" if image_b64.startswith("/9j/") else "image/png"
     return f"data:{mime};base64,{image_b64}"

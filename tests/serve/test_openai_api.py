@@ -472,3 +472,14 @@ def test_stopping_an_answer_never_cuts_short_a_close_under_way_and_logs_no_failu
     with caplog.at_level(logging.ERROR, logger="test.answer_reader"):
         asyncio.run(scenario())
     assert not caplog.records
+
+
+def test_an_image_url_is_a_data_url_whatever_the_case_of_its_scheme():
+    """As the worker reads them: ``DATA:IMAGE/PNG;BASE64,`` was refused here and ``;BASE64`` taken by the worker."""
+    from palo.serve.openai_api import APIError, image_part_data
+
+    for url in ("DATA:IMAGE/PNG;BASE64,iVBO", "Data:image/png;base64,iVBO", "data:image/png;BASE64,iVBO"):
+        assert image_part_data({"type": "image_url", "image_url": {"url": url}}) == "iVBO"
+    for url in ("data:image/png,iVBO", "image/png;base64,iVBO", "data:image/png;base64"):  # not base64 / no scheme
+        with pytest.raises(APIError, match="must be base64 data URLs"):
+            image_part_data({"type": "image_url", "image_url": {"url": url}})

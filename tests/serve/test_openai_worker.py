@@ -97,6 +97,9 @@ def test_prompt_to_messages_round_trips_and_refuses_what_it_cannot_send():
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0]["content"][0]["image_url"]["url"] == "data:image/png;base64," + image
     assert messages[0]["content"][1] == {"type": "text", "text": "इस चित्र में क्या है?"}
+    shouted = "DATA:IMAGE/PNG;BASE64," + image  # a data URL whatever its case, not wrapped in a second one
+    assert prompt_to_messages(_conversation_prompt(), [shouted], "vicuna_v1")[0]["content"][0]["image_url"]["url"] == (
+        shouted)
     url = "https://example.com/cat.png"  # a URL goes on as it came: fetching it is the backend's to allow
     assert prompt_to_messages(_conversation_prompt(), [url], "vicuna_v1")[0]["content"][0]["image_url"]["url"] == url
     custom = "Answer in one word."
