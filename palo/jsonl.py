@@ -304,6 +304,30 @@ def _write_all(file: Any, data: bytes) -> None:
         done += written
 
 
+def open_locked(path: str) -> Any:
+    """``path`` opened for appending (created if missing, unbuffered) and locked as a :class:`JsonlAppender`'s file.
+
+    A whole-file rewrite or removal of a file another process appends to (a shard merge) holds this first: done under
+    the writer, its later records went to a replaced or deleted file, reported written and lost.
+
+    Raises:
+        JsonlError: If another process holds the file (an appender, or another such rewrite).
+    """
+    while True:
+        file = open(path, "ab", buffering=0)
+        try:
+            _lock_exclusively(file.fileno())
+        except BlockingIOError:
+            file.close()
+            raise JsonlError(f"{path}: another process is writing this file (two runs on one output would each "
+                             "write what the other writes); wait for it, or write elsewhere") from None
+        # Another appender's drop_lines may have replaced the file between the open and the lock: the lock then
+        # holds a file no longer at the path, and what is written to it would be lost. Open the path anew.
+        if _same_file(file.fileno(), path):
+            return file
+        file.close()
+
+
 class JsonlAppender:
     """Append records to a JSON-lines file, each as one flushed ``write`` (crash-safe, see module doc).
 
@@ -322,19 +346,7 @@ class JsonlAppender:
         os.makedirs(folder, exist_ok=True)
         # Unbuffered: one os-level write per record, so nothing sits in a Python buffer when the process dies.
         self.path = path
-        while True:
-            self._file = open(path, "ab", buffering=0)
-            try:
-                _lock_exclusively(self._file.fileno())
-            except BlockingIOError:
-                self._file.close()
-                raise JsonlError(f"{path}: another process is writing this file (two runs on one output would each "
-                                 "write what the other writes); wait for it, or write elsewhere") from None
-            # Another appender's drop_lines may have replaced the file between the open and the lock: the lock
-            # then holds a file no longer at the path, and what is written to it would be lost. Open the path anew.
-            if _same_file(self._file.fileno(), path):
-                break
-            self._file.close()
+        self._file = open_locked(path)
         repair_tail(path)  # under the lock: a torn line is never another writer's line in progress
 
     def drop_lines(self, numbers: set[int]) -> None:

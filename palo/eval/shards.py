@@ -19,6 +19,7 @@ or a single device was chosen with ``--device``. Each shard process gets one id 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -26,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from palo.eval.jsonl import JsonlError, iter_jsonl, repair_tail, write_jsonl_atomic
-from palo.jsonl import same_file, unique_records
+from palo.jsonl import open_locked, same_file, unique_records
 
 
 def parse_gpu_list(spec: str) -> list[str]:
@@ -134,7 +135,8 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
 
     Raises:
         JsonlError: If a shard holds a malformed line or an answer to a question the file does not have (a shard
-            from another run), or the question file is missing or repeats a question_id. (A malformed line of
+            from another run), the question file is missing or repeats a question_id, or another process is writing
+            the answers file or a shard. (A malformed line of
             ``answers_file`` is reported and dropped.)
         ValueError: If ``answers_file`` is also the question file or one of the shards (the merge would read
             questions as answers, or delete the file it just wrote).
@@ -144,6 +146,25 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
             what = "the question file" if other == question_file else "one of the shards"
             raise ValueError(f"the answers file {answers_file} is also {what}: merge into a new file")
     order = question_order(question_file)
+    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
+    created = not os.path.exists(answers_file)  # locking creates it: removed again if the merge fails
+    try:
+        with contextlib.ExitStack() as held:
+            # Every file merged is locked as its writers lock it, so one another process still writes (a shard of a
+            # run in progress, the answers file of a model_vqa run) is refused, not replaced or deleted under it.
+            for path in [answers_file, *shard_files]:
+                if path == answers_file or os.path.isfile(path):
+                    held.enter_context(open_locked(path))
+            return _merge_held(order, question_file, shard_files, answers_file, remove_shards)
+    except BaseException:
+        if created and os.path.isfile(answers_file) and os.path.getsize(answers_file) == 0:
+            os.remove(answers_file)
+        raise
+
+
+def _merge_held(order: list[str], question_file: str, shard_files: list[str], answers_file: str,
+                remove_shards: bool) -> MergeResult:
+    """:func:`merge_answers`' work, with every file locked."""
     known = set(order)
     answers: dict[str, dict] = {}
     unknown: list[dict] = []  # the final file's answers to questions no longer asked, in file order
@@ -171,7 +192,6 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
         print(f"[merge] {answers_file}: kept {len(ids)} answer(s) to question(s) no longer in {question_file} at "
               f"its end (question_id {shown}); judging passes over them", file=sys.stderr)
     merged = [answers[qid] for qid in order if qid in answers]
-    os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
     write_jsonl_atomic(answers_file, merged + unknown)
     if remove_shards:
         for path in shard_files:

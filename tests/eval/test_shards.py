@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from palo.eval import model_vqa, run_bench, shards
-from palo.jsonl import JsonlError
+from palo.jsonl import JsonlAppender, JsonlError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "scripts", "eval", "eval_all_languages.sh")
@@ -108,6 +108,29 @@ def test_a_merge_into_its_own_input_is_refused_and_deletes_nothing(tmp_path, cap
     assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(merged),
                         *map(str, parts)]) == 0
     assert [r["text"] for r in _read(merged)] == ["a0", "a1", "a2", "a3"]
+
+
+@pytest.mark.parametrize("busy", ["shard", "answers"])
+def test_a_file_another_process_still_writes_is_not_merged_replaced_or_deleted(tmp_path, capsys, busy):
+    """A second sharded bench merged (and deleted) the first run's live shards, and a merge replaced the answers file
+    of a model_vqa run in progress: their later answers, reported written, were lost. (A lock is held per open file,
+    so an appender opened here stands for another process's.)"""
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": "q"}) + "\n" for i in range(4)))
+    answers, shard = tmp_path / "answers.jsonl", tmp_path / "sh" / "s0.jsonl"
+    shard.parent.mkdir()
+    shard.write_text(json.dumps({"question_id": 0, "text": "a0"}) + "\n")
+    if busy == "answers":
+        answers.write_text(json.dumps({"question_id": 1, "text": "a1"}) + "\n")
+    with JsonlAppender(str(shard if busy == "shard" else answers)) as writer:
+        assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(answers),
+                            str(shard)]) == 2
+        assert "another process is writing this file" in capsys.readouterr().err
+        writer.write({"question_id": 2, "text": "a2"})  # the writer goes on; its record must reach the merge
+    assert shard.exists() and answers.exists() == (busy == "answers")  # nothing deleted, no empty file made
+    assert shards.main(["merge", "--question-file", str(questions), "--answers-file", str(answers), str(shard)]) == 1
+    expected = ["a0", "a1", "a2"] if busy == "answers" else ["a0", "a2"]
+    assert [r["text"] for r in _read(answers)] == expected and not shard.exists()
 
 
 def test_a_damaged_line_of_the_merged_file_is_dropped_and_its_new_answer_taken(tmp_path, capsys):
