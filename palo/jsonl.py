@@ -278,6 +278,27 @@ def _lock_exclusively(fd: int) -> None:
         return
 
 
+def lock_folder(folder: str) -> int:
+    """Lock ``folder`` (created if missing) against other processes for as long as the returned descriptor is open:
+    an exclusive ``flock`` on the folder itself, so no lock file lands among a run's outputs. Where locks are not
+    supported nothing is locked, as for :class:`JsonlAppender`.
+
+    Returns:
+        The folder's descriptor; closing it (or the process ending) lets go.
+
+    Raises:
+        BlockingIOError: If another process holds the folder.
+    """
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        _lock_exclusively(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _same_file(fd: int, path: str) -> bool:
     """Whether the open file ``fd`` is the file now at ``path``."""
     try:

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from palo.data.json_index import DataFileChangedError, JsonArrayIndex  # noqa: E402
-from palo.jsonl import cannot_write  # noqa: E402
+from palo.jsonl import cannot_write, lock_folder  # noqa: E402
 from palo.model.attention import AttentionUnavailableError, check_trainable_on  # noqa: E402
 from palo.model.checkpoint_files import CheckpointError  # noqa: E402
 from palo.model.vision_tower import VisionTowerError  # noqa: E402
@@ -77,6 +77,36 @@ def train(argv: list[str] | None = None) -> PaloTrainer:
             raise ValueError(f"--output_dir {training_args.output_dir}: {unwritable}")
     except (ValueError, AttentionUnavailableError) as exc:  # a flag's value, named by its own check: one line
         raise SystemExit(f"error: {exc}") from None
+    lock = lock_output_dir(training_args.output_dir)
+    try:
+        return _train(model_args, data_args, training_args)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def lock_output_dir(output_dir: str) -> int | None:
+    """Lock ``output_dir`` for this run (global rank 0 only: the ranks of one run share it); returns the descriptor
+    to close when the run ends, None on the other ranks.
+
+    Two runs on one folder saved over each other: each rotated away checkpoints the other was resuming from, and
+    replaced the other's checkpoint being staged, ending in errors that blamed a full disk or a missing adapter.
+
+    Raises:
+        SystemExit: If another run holds the folder.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    try:
+        return lock_folder(output_dir)
+    except BlockingIOError:
+        raise SystemExit(f"error: --output_dir {output_dir}: another training run is writing it (two runs would "
+                         "save over each other's checkpoints); wait for it to finish, or choose another --output_dir"
+                         ) from None
+
+
+def _train(model_args, data_args, training_args) -> PaloTrainer:
+    """:func:`train` after its flag checks, ``output_dir`` locked."""
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     transformers.set_seed(training_args.seed)

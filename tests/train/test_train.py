@@ -517,6 +517,36 @@ def test_a_missing_broken_or_empty_data_file_is_one_line_before_the_model_loads(
         train(_flags(world, str(corrupt), str(tmp_path / "out")))
 
 
+def test_an_output_dir_another_run_writes_is_refused_before_the_model_loads(world, data, tmp_path, monkeypatch):
+    """Two runs on one folder rotated away each other's checkpoints (a resume then blamed a missing adapter) and
+    replaced each other's staged checkpoint (blamed on a full disk). A lock is held per open descriptor, so one taken
+    here stands for another process's."""
+    import palo.train.train as train_module
+    from palo.jsonl import lock_folder
+
+    class Loaded(Exception):
+        pass
+
+    def no_model(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(train_module, "setup_training", no_model)
+    out = tmp_path / "out"
+    other_run = lock_folder(str(out))
+    try:
+        with pytest.raises(SystemExit, match=f"^error: --output_dir {out}: another training run is writing it"):
+            train(_flags(world, data, str(out)))
+        monkeypatch.setenv("RANK", "1")  # the other ranks of a run share its folder: only rank 0 locks it
+        with pytest.raises(Loaded):
+            train(_flags(world, data, str(out)))
+    finally:
+        os.close(other_run)
+    monkeypatch.delenv("RANK")
+    with pytest.raises(Loaded):  # a run that ends (here by an error) lets go: the next run in the process locks it
+        train(_flags(world, data, str(out)))
+    os.close(lock_folder(str(out)))
+
+
 def test_a_sample_that_is_not_json_is_one_line_before_the_model_loads_or_skipped(world, data, tmp_path, monkeypatch):
     """A malformed object inside the array (a missing comma) passes the index, which checks only the array's
     structure; it surfaced after the model loaded, as a traceback that --skip_bad_samples could not skip."""
