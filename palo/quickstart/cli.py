@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # The verbs (`palo quickstart`, `palo export`, ...) are palo.cli's; this parses the quickstart's own options.
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from palo.extras import MissingExtra, require
-    from palo.quickstart.pipeline import QuickstartConfig, WorkdirInUse, run
+    from palo.quickstart.pipeline import QuickstartConfig, StageFailed, WorkdirInUse, run
 
     try:  # before the training: its end (the plot, the services) failed on a missing package minutes later
         require("palo quickstart (its results plot)", "eval", packages=("matplotlib",))
@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkdirInUse as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except StageFailed as error:  # its cause is in the stage's own line above
+        print(f"error: {error}; run the same command again to go on (finished stages are kept)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a stage's traceback from inside torch said nothing a user could act on
         print("\ninterrupted: run the same command again to go on (finished stages are kept)", file=sys.stderr)
         return 130

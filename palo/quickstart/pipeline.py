@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
+from palo.jsonl import lock_folder
 from palo.quickstart.vision import TowerPretraining
 from palo.testing.tiny import TinyShapes
 
@@ -278,7 +279,7 @@ def evaluate(paths: Paths, config: QuickstartConfig, task) -> dict:
         rc = model_vqa.answer_file(loader, files.questions, files.images,
                                    exact_match.answers_path(paths.answers, language), batch_size=config.eval_batch_size)
         if rc != 0:
-            raise RuntimeError(f"model_vqa failed for {language} (exit status {rc})")
+            raise StageFailed(f"answering the {display_name(language)} questions failed (model_vqa exit status {rc})")
     return exact_match.build_table(task.bench, paths.answers, os.path.basename(paths.stage2))
 
 
@@ -294,7 +295,12 @@ CONFIG_FILE = "quickstart-config.json"
 
 
 class WorkdirInUse(ValueError):
-    """The workdir holds a run made with other settings (its stages would be skipped as done)."""
+    """The workdir holds a run made with other settings (its stages would be skipped as done), or another quickstart
+    is running in it."""
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped after saying why (its own error line); the stages finished before it are kept."""
 
 
 def claim_workdir(workdir: str, config: QuickstartConfig) -> None:
@@ -333,11 +339,28 @@ def claim_workdir(workdir: str, config: QuickstartConfig) -> None:
 
 
 def run(workdir: str, config: QuickstartConfig) -> Result:
-    """Every stage but serving; returns where things are and the timings."""
+    """Every stage but serving; returns where things are and the timings.
+
+    Raises:
+        WorkdirInUse: ``workdir`` holds a run with other settings, or another quickstart runs in it.
+        StageFailed: A stage stopped (said in its own line); the finished ones are kept for a rerun.
+    """
+    paths = Paths(os.path.abspath(workdir))
+    try:  # two runs in one workdir replaced each other's stage folders while the other read them
+        lock = lock_folder(paths.workdir)
+    except BlockingIOError:
+        raise WorkdirInUse(f"{workdir}: another quickstart is running in it; wait for it to finish, or choose "
+                           "another --workdir") from None
+    try:
+        return _run_locked(paths, config)
+    finally:
+        os.close(lock)
+
+
+def _run_locked(paths: Paths, config: QuickstartConfig) -> Result:
+    """:func:`run`'s stages, the workdir locked."""
     from palo.quickstart import exact_match
 
-    paths = Paths(os.path.abspath(workdir))
-    os.makedirs(paths.workdir, exist_ok=True)
     claim_workdir(paths.workdir, config)
     seconds: dict[str, float] = {}
 

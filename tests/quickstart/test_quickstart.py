@@ -213,6 +213,47 @@ def test_a_second_ctrl_c_while_stopping_still_stops_every_service(tmp_path):
     assert "service exited: True" in result.stdout
 
 
+def test_a_workdir_another_quickstart_runs_in_is_refused_in_one_line(tmp_path, capsys):
+    """Two runs in one workdir replaced each other's stage folders while the other loaded them (tracebacks). A lock
+    is held per open descriptor, so one taken here stands for another process's."""
+    from palo.jsonl import lock_folder
+
+    other_run = lock_folder(str(tmp_path / "w"))
+    try:
+        assert cli.main(["quickstart", "--workdir", str(tmp_path / "w"), "--no-serve", "--preset", "tiny"]) == 2
+    finally:
+        os.close(other_run)
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'w'}: another quickstart is running in it; wait "
+                                               "for it to finish, or choose another --workdir")
+    assert os.listdir(tmp_path / "w") == []
+
+
+def test_a_stage_that_fails_is_one_line_saying_how_to_go_on(tmp_path, monkeypatch, capsys):
+    """model_vqa's own error line was followed by a RuntimeError traceback."""
+    from types import SimpleNamespace
+
+    from palo.eval import model_vqa
+    from palo.quickstart import pipeline
+
+    bench = tmp_path / "bench" / "english"
+    bench.mkdir(parents=True)
+    for name in ("questions.jsonl", "answers.jsonl", "context.jsonl"):
+        (bench / name).write_text("")
+    monkeypatch.setattr(model_vqa, "answer_file", lambda *args, **kwargs: 2)
+    stopped = r"^answering the English questions failed \(model_vqa exit status 2\)$"
+    with pytest.raises(pipeline.StageFailed, match=stopped):
+        pipeline.evaluate(pipeline.Paths(str(tmp_path)), pipeline.QuickstartConfig.tiny(),
+                          SimpleNamespace(bench=str(tmp_path / "bench")))
+
+    def failed(workdir, config):
+        raise pipeline.StageFailed("answering the Hindi questions failed (model_vqa exit status 2)")
+
+    monkeypatch.setattr(pipeline, "run", failed)
+    assert cli.main(["quickstart", "--workdir", str(tmp_path / "w"), "--no-serve"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: answering the Hindi questions failed (model_vqa exit status 2); "
+                                               "run the same command again to go on (finished stages are kept)")
+
+
 def test_ctrl_c_says_how_to_go_on_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
     from palo.quickstart import pipeline
 
