@@ -7,8 +7,10 @@ The flags are those of PALO's ``model_vqa.py`` (docs/formats.md §5.4), plus:
   question order); with ``--engine hf`` or beam search, batches of ``model.generate`` with left padding. Greedy
   output is the same as one question at a time.
 * ``--max-new-tokens`` (1024, the original's fixed value) and ``--device``.
-* ``--image-preprocess``: ``pad`` (default) pads to a square as PALO was trained; ``crop`` lets the CLIP processor
-  centre-crop, as the original script did (docs/compat.md#evaluation).
+* ``--image-preprocess``: by default as the checkpoint was trained, from its config's ``image_aspect_ratio`` (``pad``
+  for PALO's releases: padded to a square; anything else: the CLIP processor's centre crop, as
+  :func:`palo.mm_utils.process_images` does); ``pad`` or ``crop`` overrides it, ``crop`` being what the original
+  script did whatever the config (docs/compat.md#evaluation).
 * ``--skip-bad``: skip (and report) questions with a malformed line or a missing / unreadable image instead of
   stopping with an error that names the file and line.
 
@@ -106,7 +108,7 @@ def get_chunk(items: list[Any], num_chunks: int, chunk_idx: int) -> list[Any]:
     return items[chunk_idx * size:(chunk_idx + 1) * size]
 
 
-def answer_settings(conv_mode: str | None, image_preprocess: str, generation: dict[str, Any]) -> dict[str, Any]:
+def answer_settings(conv_mode: str | None, image_preprocess: str | None, generation: dict[str, Any]) -> dict[str, Any]:
     """What an answer depends on besides the checkpoint and the question (stored as ``metadata.settings``)."""
     return {"conv_mode": conv_mode, "image_preprocess": image_preprocess,
             **{key: generation.get(key) for key in ("temperature", "top_p", "num_beams", "max_new_tokens")}}
@@ -117,21 +119,32 @@ def model_id_of(model_path: str) -> str:
     return get_model_name_from_path(os.path.expanduser(model_path))
 
 
+# Settings whose default (None) the checkpoint's config decides once it loads: not compared before that.
+CHECKPOINT_DECIDES = ("conv_mode", "image_preprocess")
+
+
+def image_preprocess_for(config: Any) -> str:
+    """How a checkpoint's images were preprocessed in training, from its config alone: ``pad`` when it says
+    ``image_aspect_ratio: pad`` (PALO's releases), else ``crop`` (the rule of :func:`palo.mm_utils.process_images`)."""
+    return "pad" if getattr(config, "image_aspect_ratio", None) == "pad" else "crop"
+
+
 @dataclass(frozen=True)
 class AnswerRun:
     """Who answers and how, known before the model loads: what an answer must match to be kept on resume.
 
     Attributes:
         model_id: The checkpoint's :func:`model_id_of`.
-        settings: :func:`answer_settings`. A ``conv_mode`` of None (the checkpoint's own template, not known before
-            it loads) is not compared: the checkpoint, through ``model_id``, decides it.
+        settings: :func:`answer_settings`. A ``conv_mode`` or ``image_preprocess`` of None (the checkpoint's own
+            template or preprocessing, not known before it loads) is not compared: the checkpoint, through
+            ``model_id``, decides it.
     """
 
     model_id: str
     settings: dict[str, Any]
 
     @classmethod
-    def of(cls, model_path: str, conv_mode: str | None, image_preprocess: str,
+    def of(cls, model_path: str, conv_mode: str | None, image_preprocess: str | None,
            generation: dict[str, Any]) -> AnswerRun:
         return cls(model_id_of(model_path), answer_settings(conv_mode, image_preprocess, generation))
 
@@ -149,7 +162,7 @@ class AnswerRun:
         metadata = answer.get("metadata")
         settings = metadata.get("settings") if isinstance(metadata, dict) else None
         for key, value in self.settings.items() if isinstance(settings, dict) else ():
-            if key in settings and settings[key] != value and not (key == "conv_mode" and value is None):
+            if key in settings and settings[key] != value and not (value is None and key in CHECKPOINT_DECIDES):
                 return f"{key} {settings[key]!r}, this run {value!r}"
         return None
 
@@ -280,19 +293,19 @@ class Answerer:
         image_processor: Its CLIP processor.
         conv_mode: A key of ``conv_templates``.
         generation: ``generate`` keyword arguments (sampling, beams, max_new_tokens).
-        image_preprocess: ``pad`` or ``crop``.
+        image_preprocess: ``pad`` or ``crop``; None: as the checkpoint was trained (:func:`image_preprocess_for`).
         engine: ``paged`` (the continuous-batching engine, :mod:`palo.engine`) or ``hf`` (``model.generate``);
             beam search always runs through ``model.generate``.
     """
 
     def __init__(self, tokenizer: Any, model: Any, image_processor: Any, conv_mode: str, generation: dict[str, Any],
-                 image_preprocess: str = "pad", engine: str = "paged") -> None:
+                 image_preprocess: str | None = None, engine: str = "paged") -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.image_processor = image_processor
         self.conv_mode = conv_mode
         self.generation = generation
-        self.image_preprocess = image_preprocess
+        self.image_preprocess = image_preprocess or image_preprocess_for(model.config)
         self.stop = stop_string(conv_templates[conv_mode])
         self.use_im_start_end = MultimodalSpec.from_config(model.config).use_im_start_end
         pad = tokenizer.pad_token_id
@@ -577,8 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "padding for --engine hf and beam search)")
     parser.add_argument("--device", type=str, default=None, help="cuda, cuda:N, cpu (default: cuda when available)")
     add_dtype_argument(parser)
-    parser.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad",
-                        help="pad: square padding as in training; crop: the original script's centre crop")
+    parser.add_argument("--image-preprocess", choices=("pad", "crop"), default=None,
+                        help="default: as the checkpoint was trained (its config's image_aspect_ratio: pad for "
+                             "PALO); pad: square padding; crop: the CLIP processor's centre crop (the original "
+                             "script's, whatever the config)")
     parser.add_argument("--vision-tower", type=str, default=None, help="override mm_vision_tower (a local CLIP folder)")
     parser.add_argument("--engine", choices=("paged", "hf"), default="paged",
                         help="paged: continuous batching over a paged KV cache (default); hf: model.generate "
@@ -597,7 +612,7 @@ class ModelLoadError(RuntimeError):
 
 
 def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None, generation: dict[str, Any],
-                  image_preprocess: str = "pad", device: str | None = None,
+                  image_preprocess: str | None = None, device: str | None = None,
                   vision_tower: str | None = None, engine: str = "paged",
                   dtype: str | None = None) -> tuple[Answerer, str]:
     """Load a checkpoint and wrap it in an :class:`Answerer`.
@@ -608,7 +623,7 @@ def load_answerer(model_path: str, model_base: str | None, conv_mode: str | None
         conv_mode: A key of ``conv_templates``, used as given; None: the checkpoint's own template
             (:func:`palo.conversation.conv_mode_for_checkpoint`, ``vicuna_v1`` for PALO).
         generation: ``generate`` keyword arguments (:func:`generation_kwargs`).
-        image_preprocess: ``pad`` or ``crop``.
+        image_preprocess: ``pad`` or ``crop``; None: as the checkpoint was trained (:func:`image_preprocess_for`).
         device: Where to load the model (default: cuda when available).
         vision_tower: A local CLIP folder replacing ``mm_vision_tower``, or None.
         engine: ``paged`` or ``hf`` (see :class:`Answerer`).

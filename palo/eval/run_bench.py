@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-new-tokens", type=int, default=1024)
     group.add_argument("--device", default=None)
     add_dtype_argument(group)
-    group.add_argument("--image-preprocess", choices=("pad", "crop"), default="pad")
+    group.add_argument("--image-preprocess", choices=("pad", "crop"), default=None,
+                       help="default: as the checkpoint was trained (its config's image_aspect_ratio)")
     group.add_argument("--vision-tower", default=None)
     group.add_argument("--gpus", default=None,
                        help="one answering process per GPU: a list (0,1,2) or auto (CUDA_VISIBLE_DEVICES, else every "

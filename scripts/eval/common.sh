@@ -10,12 +10,12 @@ PALO_RUN_ARGS=(
     --temperature 0
     --batch-size "${PALO_EVAL_BATCH_SIZE:-1}"
     --max-new-tokens "${PALO_EVAL_MAX_NEW_TOKENS:-1024}"
-    --image-preprocess "${PALO_EVAL_IMAGE_PREPROCESS:-pad}"
     --parallel "${PALO_JUDGE_PARALLEL:-4}"
     --max-retries "${PALO_JUDGE_MAX_RETRIES:-5}"
     --retry-base-delay "${PALO_JUDGE_RETRY_DELAY:-1}"
     --gpus "${PALO_EVAL_GPUS:-auto}"
 )
+[ -n "${PALO_EVAL_IMAGE_PREPROCESS:-}" ] && PALO_RUN_ARGS+=(--image-preprocess "$PALO_EVAL_IMAGE_PREPROCESS")
 [ -n "${PALO_MODEL_BASE:-}" ] && PALO_RUN_ARGS+=(--model-base "$PALO_MODEL_BASE")
 [ -n "${PALO_EVAL_DEVICE:-}" ] && PALO_RUN_ARGS+=(--device "$PALO_EVAL_DEVICE")
 [ -n "${PALO_EVAL_DTYPE:-}" ] && PALO_RUN_ARGS+=(--dtype "$PALO_EVAL_DTYPE")

@@ -21,7 +21,7 @@
 #                              the shards are merged in question order, then judged once
 #   PALO_EVAL_BATCH_SIZE       questions generated together (default 1)
 #   PALO_EVAL_MAX_NEW_TOKENS   answer length limit (default 1024, as the original)
-#   PALO_EVAL_IMAGE_PREPROCESS pad (default, as in training) or crop (the original script)
+#   PALO_EVAL_IMAGE_PREPROCESS pad or crop (the original script); default: as the checkpoint was trained
 #   PALO_EVAL_OVERWRITE        1: answer again the questions whose answers another checkpoint, other settings or
 #                              an edited question file made (default: that language stops with an error saying so)
 #   OPENAI_API_KEY             judge API key

@@ -140,7 +140,7 @@ def test_eval_model_takes_the_originals_namespace(world, bench, questions, tmp_p
                                                                         for r in _read(by_command)]
 
 
-def test_pad_is_default_and_crop_reproduces_the_original(bench):
+def test_pad_and_crop_are_the_two_rules_and_crop_reproduces_the_original(bench):
     processor = build_clip_image_processor(56)
     wide = os.path.join(bench, "images", "001.png")
     image = Image.open(wide).convert("RGB")
@@ -151,8 +151,31 @@ def test_pad_is_default_and_crop_reproduces_the_original(bench):
     expected_crop = processor.preprocess(image, return_tensors="pt")["pixel_values"][0]
     assert torch.equal(padded, expected_pad) and torch.equal(cropped, expected_crop)
     assert not torch.equal(padded, cropped)  # a non-square image: the crop cuts the sides off
-    assert model_vqa.build_parser().parse_args([]).image_preprocess == "pad"
     assert model_vqa.build_parser().parse_args([]).max_new_tokens == 1024
+
+
+def test_images_are_preprocessed_as_the_checkpoint_was_trained_unless_a_rule_is_chosen(world, bench, questions,
+                                                                                       tmp_path):
+    """The default was pad whatever the config: a checkpoint trained with ``square`` (or no ``image_aspect_ratio``)
+    was answered from padded images here and from centre crops on every other path."""
+    square = tmp_path / "square"
+    shutil.copytree(world.full_dir, square)
+    config = json.loads((square / "config.json").read_text())
+    assert config["image_aspect_ratio"] == "pad"
+    config["image_aspect_ratio"] = "square"
+    (square / "config.json").write_text(json.dumps(config))
+    assert model_vqa.build_parser().parse_args([]).image_preprocess is None
+    for path, chosen, used in ((world.full_dir, None, "pad"), (str(square), None, "crop"), (str(square), "pad", "pad")):
+        answerer, _ = model_vqa.load_answerer(path, None, "vicuna_v1", model_vqa.generation_kwargs(0.0, None, 1, 3),
+                                              chosen, device="cpu")
+        assert answerer.image_preprocess == used and answerer.settings["image_preprocess"] == used, (path, chosen)
+    assert model_vqa.image_preprocess_for(type("Config", (), {})()) == "crop"  # no key: as process_images reads it
+    # Answers recorded with the old default (pad) resume under the new one; an explicit other rule is refused.
+    out = str(tmp_path / "answers.jsonl")
+    assert _run(world, bench, questions, out, "--image-preprocess", "pad") == 0
+    assert {r["metadata"]["settings"]["image_preprocess"] for r in _read(out)} == {"pad"}
+    assert _run(world, bench, questions, out) == 0
+    assert _run(world, bench, questions, out, "--image-preprocess", "crop") == 2
 
 
 def test_missing_image_and_malformed_line_name_file_and_line(world, bench, tmp_path, capsys):

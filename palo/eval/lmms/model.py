@@ -35,7 +35,8 @@ class PaloLMM(lmms):
         device: ``cuda``, ``cuda:N`` or ``cpu`` (default: cuda when available).
         batch_size: Questions generated together: on the engine, that many in flight, each that ends making room
             for the next; with ``engine=hf``, batches of that many.
-        image_preprocess: ``pad`` (as PALO was trained) or ``crop``.
+        image_preprocess: ``pad`` or ``crop``; default: as the checkpoint was trained (its config's
+            ``image_aspect_ratio``: ``pad`` for PALO).
         engine: ``paged`` (the continuous-batching engine) or ``hf`` (``model.generate``; needed for beams).
         vision_tower: Override ``mm_vision_tower`` (a local CLIP folder).
         max_new_tokens: Used when a task does not set it.
@@ -46,7 +47,7 @@ class PaloLMM(lmms):
     """
 
     def __init__(self, pretrained: str, model_base: str | None = None, conv_mode: str | None = None,
-                 device: str | None = None, batch_size: Any = 1, image_preprocess: str = "pad",
+                 device: str | None = None, batch_size: Any = 1, image_preprocess: str | None = None,
                  engine: str = "paged", vision_tower: str | None = None, max_new_tokens: Any = 1024,
                  **unknown: Any) -> None:
         super().__init__()
