@@ -123,6 +123,10 @@ class MultimodalSpec:
             raise ValueError(
                 f"mm_vision_select_feature={select_feature!r} is not supported; use 'patch' or 'cls_patch'"
             )
+        projector_type = getattr(config, "mm_projector_type", None) or "linear"
+        if projector_type == "ldpnet" and select_feature == "cls_patch":  # found at the first image otherwise
+            raise ValueError("mm_projector_type='ldpnet' needs mm_vision_select_feature='patch': LDP pools a square "
+                             "grid of patch features, and 'cls_patch' adds the CLS feature to it")
         select_layer = getattr(config, "mm_vision_select_layer", None)
         if tower is not None and select_layer is None:
             raise ValueError(
@@ -133,7 +137,7 @@ class MultimodalSpec:
             vision_tower=tower,
             select_layer=int(select_layer) if select_layer is not None else DEFAULT_VISION_SELECT_LAYER,
             select_feature=select_feature,
-            projector_type=getattr(config, "mm_projector_type", None) or "linear",
+            projector_type=projector_type,
             mm_hidden_size=getattr(config, "mm_hidden_size", None),
             use_im_start_end=bool(getattr(config, "mm_use_im_start_end", False)),
             use_im_patch_token=bool(getattr(config, "mm_use_im_patch_token", True)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +44,24 @@ def test_a_released_config_reads_as_before(world):
     assert ((bare.image_aspect_ratio, bare.max_length, bare.padding_side, bare.use_im_start_end)
             == (None, None, "right", False))
     assert bare.use_im_patch_token is True
+
+
+def test_ldp_with_the_cls_feature_is_refused_when_the_config_is_read(world, tmp_path):
+    """LDP pools a square grid; with ``cls_patch`` the checkpoint loaded and the first image raised inside the engine
+    (tracebacks from model_vqa, the CLI and the worker)."""
+    from palo.model.builder import load_pretrained_model
+
+    refused = "mm_projector_type='ldpnet' needs mm_vision_select_feature='patch'"
+    with pytest.raises(ValueError, match=refused):
+        MultimodalSpec.from_config(SimpleNamespace(mm_vision_tower="clip", mm_vision_select_layer=-2,
+                                                   mm_projector_type="ldpnet", mm_vision_select_feature="cls_patch"))
+    folder = tmp_path / "ldp-cls"
+    shutil.copytree(world.full_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, mm_projector_type="ldpnet",
+                                                        mm_vision_select_feature="cls_patch")))
+    with pytest.raises(ValueError, match=refused):
+        load_pretrained_model(str(folder), None, "ldp-cls", device="cpu")
 
 
 def test_select_layer_is_read_from_the_config_and_training_defaults_to_the_same():
