@@ -103,6 +103,10 @@ def _without_multimodal_modules(model: PaloForCausalLM) -> Iterator[None]:
 FLAT_MULTIMODAL_CONFIGS: dict[str, type[PaloConfig]] = {"llava": LlavaLlamaConfig, "mobilevlm": PaloConfig}
 
 
+# LLaVA's checkpoints on other language models: their LLMs are not LLaMA, which PALO's model is built on.
+OTHER_LLAVA_FORMATS = {"llava_mistral": "LLaVA's Mistral model", "llava_mpt": "LLaVA's MPT model"}
+
+
 def read_config(model_dir: str) -> Any:
     """The config of a checkpoint folder, as its format is rather than as its ``model_type`` alone says.
 
@@ -115,8 +119,15 @@ def read_config(model_dir: str) -> Any:
 
     Returns:
         The config object.
+
+    Raises:
+        CheckpointError: For LLaVA's ``llava_mistral`` and ``llava_mpt``, which are not PALO formats.
     """
     values, _ = PretrainedConfig.get_config_dict(model_dir)
+    if values.get("model_type") in OTHER_LLAVA_FORMATS:  # transformers would advise an upgrade that cannot help
+        raise CheckpointError(
+            f"{model_dir}: model_type {values['model_type']!r} is {OTHER_LLAVA_FORMATS[values['model_type']]}, not "
+            "a format PALO loads (palo, llava_llama, llava, mobilevlm; docs/formats.md)")
     config_class = FLAT_MULTIMODAL_CONFIGS.get(values.get("model_type"))
     nested = "text_config" in values or "vision_config" in values
     if config_class is None or nested or not any(key.startswith("mm_") for key in values):

@@ -175,6 +175,19 @@ def test_a_transformers_llava_config_is_not_read_as_the_flat_format(tmp_path):
     assert type(read_config(str(tmp_path))) is LlavaConfig
 
 
+@pytest.mark.parametrize("model_type", ["llava_mistral", "llava_mpt"])
+def test_llavas_on_other_language_models_are_named_as_not_palo_formats(world, tmp_path, model_type):
+    """transformers' refusal advised upgrading it, which can never help (docs/formats.md: not PALO formats)."""
+    from palo.model.builder import CheckpointError
+
+    folder = tiny.write_full_checkpoint(str(tmp_path / model_type), world.model, dict(world.config,
+                                        model_type=model_type), world.tokenizer_dir)
+    with pytest.raises(CheckpointError, match=f"model_type '{model_type}' is LLaVA's .* model, not a format PALO "
+                                              "loads") as refused:
+        load_pretrained_model(folder, device="cpu")
+    assert "upgrade" not in str(refused.value)
+
+
 # -- a released checkpoint: CLIP ViT-L/14-336 by hub id, no mm_vision_config, offline, nothing cached ---------------
 
 CLIP_L_336 = "openai/clip-vit-large-patch14-336"
