@@ -31,7 +31,7 @@ from typing import Any
 from tqdm import tqdm
 
 from palo.constants import IGNORE_INDEX
-from palo.data.json_index import JsonArrayIndex
+from palo.data.json_index import DataFileChangedError, JsonArrayIndex
 from palo.data.languages import sample_language
 
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ValueError as exc:  # e.g. a file that is not one JSON array
+    except (ValueError, DataFileChangedError) as exc:  # e.g. a file that is not one JSON array, or one edited meanwhile
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -19,9 +19,13 @@ trailing comma); nothing but whitespace follows the closing ``]``; no backslash 
 validate the inside of an element (numbers, keys, colons, nested bracket types): :meth:`JsonArrayIndex.read` does,
 with ``json.loads``, when that element is used. Malformed structure raises ``ValueError`` naming the byte offset.
 
-The offsets hold only for the file as it was indexed: each process that opens it checks that its size, modification
-time and inode are still those recorded, and says so (:class:`DataFileChangedError`) rather than failing every later
-read as "not valid JSON".
+The offsets hold only for the file as it was indexed, so the index opens it before it scans it and reads that open
+file (that inode) from then on: a file replaced atomically meanwhile (``os.replace``, as a rerun of the command that
+wrote it does) is still read as the version indexed. Another process (a DataLoader worker) reaches the same inode
+through the descriptor it inherited or, failing that, through the path or the indexing process's descriptor, and
+uses it only when its size, modification time and inode are those recorded; a file changed in place, or one no
+process can reach any more, is named as such (:class:`DataFileChangedError`) rather than failing every later read as
+"not valid JSON".
 """
 
 from __future__ import annotations
@@ -61,29 +65,29 @@ _IS_WS[list(_WS)] = True
 # keeps the vectorised gap check's temporaries small.
 _FAST_GAP = 64
 
+# Descriptors are opened bare (no file object: see JsonArrayIndex.__init__); O_BINARY exists on Windows only.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_BINARY", 0)
+
 # Kinds of depth-1 events. OPEN/CLOSE are the outer array's brackets; START/END an element's own brackets.
 _OPEN, _START, _END, _CLOSE = 0, 1, 2, 3
 
 
-def _starts_with_bom(path: str) -> bool:
-    """Whether the file starts with a UTF-8 byte order mark (a chunk may hold only its first byte)."""
-    with open(path, "rb") as f:
-        return f.read(3) == b"\xef\xbb\xbf"
-
-
 class DataFileChangedError(RuntimeError):
-    """The file changed after it was indexed: the recorded offsets no longer point at its elements."""
+    """The file changed while or after it was indexed: the recorded offsets no longer point at its elements."""
 
 
 class JsonArrayIndex:
     """Offsets and lengths of the elements of a file holding one JSON array; decodes elements on demand.
 
-    Only the path, two numpy arrays and the file's recorded state are pickled, so the index can be handed to
-    DataLoader workers; each process opens its own file handle on first :meth:`read` (a handle inherited across
-    ``fork`` shares its file position with the parent, and positional reads on it from several processes would race),
-    checking that the file is still the one indexed. The arrays are two Python objects whatever N is, so reading them
-    never touches per-sample reference counts and forked workers keep sharing their pages: memory stays flat with the
-    number of workers.
+    :meth:`build` leaves the file it scanned open: reads go to that inode, whatever the path names by then. Only the
+    path, two numpy arrays, the file's recorded state and which process holds it open are pickled, so the index can be
+    handed to DataLoader workers. A process other than the one that opened the descriptor finds the indexed file on
+    first :meth:`read`, in this order: the descriptor it inherited across ``fork`` (reads are positional, so the
+    shared file position does not matter), the path, and (Linux) ``/proc/<pid>/fd/<fd>`` of the process holding it
+    (a spawned worker, or one the index was pickled to, while the file at the path is another); each is used only if
+    its size, modification time and inode are those recorded. The arrays are two Python objects whatever N is, so
+    reading them never touches per-sample reference counts and forked workers keep sharing their pages: memory stays
+    flat with the number of workers.
 
     Attributes:
         path: The JSON file.
@@ -92,10 +96,14 @@ class JsonArrayIndex:
         from_cache: Whether :meth:`build` loaded the arrays from a cache file instead of scanning.
         indexed: ``(size, mtime_ns, inode, time)``: the file as it was indexed and when (``time.time()``), checked
             whenever a process opens it; None (nothing checked) unless ``stat`` was given.
+
+    Args:
+        fd: A descriptor of the file as indexed (``stat`` is its ``os.fstat``), which the index takes over and
+            closes; None: the path is opened on first :meth:`read`.
     """
 
     def __init__(self, path: str | os.PathLike, offsets: np.ndarray, lengths: np.ndarray, from_cache: bool = False,
-                 stat: os.stat_result | None = None):
+                 stat: os.stat_result | None = None, fd: int | None = None):
         if offsets.shape != lengths.shape or offsets.ndim != 1:
             raise ValueError(f"offsets {offsets.shape} and lengths {lengths.shape} must be 1-D and the same shape")
         self.path = os.fspath(path)
@@ -103,8 +111,12 @@ class JsonArrayIndex:
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
         self.from_cache = from_cache
         self.indexed = None if stat is None else (stat.st_size, stat.st_mtime_ns, stat.st_ino, time.time())
-        self._file = None
-        self._pid: int | None = None
+        # A bare descriptor, not a file object: a copy of this object in a forked child must never close it when it
+        # is garbage collected (its number may name another file there by then); only the process in _pid closes it.
+        self._fd = fd
+        self._pid: int | None = None if fd is None else os.getpid()
+        # (pid, fd) of a process that held the indexed file open when this index was pickled (see _open_indexed).
+        self._holder: tuple[int, int] | None = None
 
     # ----------------------------------------------------------------------------------------------- construction
     @classmethod
@@ -136,25 +148,33 @@ class JsonArrayIndex:
         Raises:
             ValueError: The file is not one well-formed JSON array (the message names the byte offset).
             OSError: The file cannot be read.
-            RuntimeError: The file changed while it was being scanned.
+            DataFileChangedError: The file changed (in place) while it was being scanned.
         """
         path = os.fspath(path)
-        before = os.stat(path)
-        key = _cache_key(path, before) if cache else []
-        if cache:
-            for candidate in cache_paths(path, cache_dir):
-                index = _load_cache(path, candidate, key, before)
-                if index is not None:
-                    return index
-        offsets, lengths = scan_json_array(path, chunk_size=chunk_size, workers=workers)
-        after = os.stat(path)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            raise RuntimeError(f"{path} changed while it was being indexed; the offsets are not trustworthy")
-        if cache:
-            with cache_writer(cache_paths(path, cache_dir)) as f:
-                # A file object, not a name: np.savez would append ".npz" to a name.
-                np.savez(f, meta=np.array(key, dtype=np.int64), offsets=offsets, lengths=lengths)
-        return cls(path, offsets, lengths, stat=before)
+        # Opened first and kept: the offsets describe this inode, which a rerun of the command that wrote the file
+        # may replace at the path at any moment (os.replace) while this process goes on reading.
+        fd = os.open(path, _READ_FLAGS)
+        try:
+            before = os.fstat(fd)
+            key = _cache_key(path, before, fd) if cache else []
+            if cache:
+                for candidate in cache_paths(path, cache_dir):
+                    index = _load_cache(path, candidate, key, before, fd)
+                    if index is not None:
+                        return index
+            offsets, lengths = scan_json_array(path, chunk_size=chunk_size, workers=workers, fd=fd)
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise DataFileChangedError(f"{path} changed while it was being indexed; the offsets are not "
+                                           "trustworthy")
+            if cache:
+                with cache_writer(cache_paths(path, cache_dir)) as f:
+                    # A file object, not a name: np.savez would append ".npz" to a name.
+                    np.savez(f, meta=np.array(key, dtype=np.int64), offsets=offsets, lengths=lengths)
+            return cls(path, offsets, lengths, stat=before, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     # ---------------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
@@ -175,15 +195,16 @@ class JsonArrayIndex:
         if not -n <= i < n:
             raise IndexError(f"element {i} out of range for {n} elements")
         offset, length = int(self.offsets[i]), int(self.lengths[i])
-        f = self._handle()
+        fd = self._handle()
         if hasattr(os, "pread"):
-            # Positional read: no shared file position, so threads of one process may read concurrently.
-            data = os.pread(f.fileno(), length, offset)
+            # Positional read: no shared file position, so threads (and forked processes sharing the descriptor)
+            # may read concurrently.
+            data = os.pread(fd, length, offset)
         else:  # pragma: no cover - Windows
-            f.seek(offset)
-            data = f.read(length)
+            os.lseek(fd, offset, os.SEEK_SET)
+            data = os.read(fd, length)
         if len(data) != length:
-            self._check_unchanged(f.fileno())
+            self._check_unchanged(fd)
             raise OSError(f"{self.path}: short read of element {i} at byte {offset}; the file changed after indexing")
         return data
 
@@ -200,7 +221,7 @@ class JsonArrayIndex:
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError, bytes that are not UTF-8, or nested too deep
-            self._check_unchanged(self._handle().fileno())  # edited in place under this process's open handle
+            self._check_unchanged(self._handle())  # edited in place under this process's open handle
             if isinstance(exc, RecursionError):  # a traceback otherwise, from every tool that reads the sample
                 where, why = int(self.offsets[i]), "nested too deeply"
             elif isinstance(exc, UnicodeDecodeError):  # .start is where the bad byte is (it has no .pos)
@@ -209,49 +230,117 @@ class JsonArrayIndex:
                 where, why = int(self.offsets[i]) + getattr(exc, "pos", 0), getattr(exc, "msg", str(exc))
             raise ValueError(f"{self.path}: sample {i % len(self)} (byte {where}) is not valid JSON: {why}") from None
 
-    def close(self) -> None:
-        """Close this process's file handle; a later :meth:`read` reopens it."""
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file, self._pid = None, None
+    def check_unchanged(self) -> None:
+        """Raise :class:`DataFileChangedError` if the file read was edited in place since it was indexed.
 
-    def _handle(self):
-        # Reopen after fork: the child must not use (or close) the parent's descriptor.
-        if self._file is None or self._pid != os.getpid():
-            f = open(self.path, "rb", buffering=0)
-            try:
-                self._check_unchanged(f.fileno())
-            except DataFileChangedError:
-                f.close()
+        Reads only check the file when they fail; a pass whose output must match one version of the file (a merge)
+        calls this once it has read everything, since an edit that kept elements where they were reads silently.
+        """
+        self._check_unchanged(self._handle())
+
+    def close(self) -> None:
+        """Close this process's descriptor; a later :meth:`read` opens the file again (as :meth:`read` does after
+        ``fork``)."""
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd, self._pid = None, None
+
+    def _handle(self) -> int:
+        """This process's descriptor of the file as indexed, found on first use (see the class docstring)."""
+        if self._fd is None or self._pid != os.getpid():
+            # After fork the parent's descriptor is used if it is still the file as indexed, and never closed here
+            # otherwise: its number may name another file in this process by now.
+            inherited = self._fd if self._pid != os.getpid() else None
+            self._fd, self._pid = self._open_indexed(inherited), os.getpid()
+        return self._fd
+
+    def _open_indexed(self, inherited: int | None) -> int:
+        """A descriptor of the file as indexed, owned by this process.
+
+        Raises:
+            DataFileChangedError: Neither the inherited descriptor, nor the path, nor the holder's descriptor is the
+                file as indexed; the message describes the file at the path.
+            OSError: The path cannot be opened and no holder's descriptor is the file as indexed.
+        """
+        if inherited is not None and self._is_indexed(inherited):  # fork: the parent's open file, as indexed
+            return inherited
+        try:
+            fd = os.open(self.path, _READ_FLAGS)
+        except OSError:  # removed or moved away since: its holder may still have it
+            held = self._open_held()
+            if held is None:
                 raise
-            self._file, self._pid = f, os.getpid()
-        return self._file
+            return held
+        if self.indexed is None or self._is_indexed(fd):
+            return fd
+        held = self._open_held()
+        try:
+            if held is None:
+                raise self._changed_error(os.fstat(fd))
+        finally:
+            os.close(fd)
+        return held
+
+    def _open_held(self) -> int | None:
+        """The indexed file opened through the descriptor of the process that held it when this index was pickled,
+        or None (no holder, it has exited or closed it, or no ``/proc``).
+
+        Linux lets a process open another's descriptor, of the same user, through ``/proc/<pid>/fd/<fd>``; that
+        reaches the inode the indexing process still reads after the path was given to another file.
+        """
+        if self._holder is None or self.indexed is None:
+            return None
+        try:
+            held = os.open("/proc/{}/fd/{}".format(*self._holder), _READ_FLAGS)
+        except OSError:
+            return None
+        if self._is_indexed(held):
+            return held
+        os.close(held)  # the holder's number names another file by now
+        return None
+
+    def _is_indexed(self, fd: int) -> bool:
+        """Whether ``fd`` is open on the file as indexed (False for a closed descriptor)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return False
+        return self.indexed is not None and (st.st_size, st.st_mtime_ns, st.st_ino) == self.indexed[:3]
 
     def _check_unchanged(self, fd: int) -> None:
-        """Raise :class:`DataFileChangedError` if the open file ``fd`` is not the file as indexed.
-
-        A data file edited or replaced during a run (each DataLoader worker reopens it by path) made every later
-        sample read at the old offsets fail as "not valid JSON", which named the wrong cause.
-        """
+        """Raise :class:`DataFileChangedError` if the open file ``fd`` is not the file as indexed."""
         if self.indexed is None:
             return
-        size, mtime_ns, inode, indexed_at = self.indexed
         st = os.fstat(fd)
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != (size, mtime_ns, inode):
-            how = "replaced by another file written" if st.st_ino != inode else "modified"
-            raise DataFileChangedError(
-                f"{self.path}: the data file changed since it was indexed at {_clock(indexed_at)} ({how} at "
-                f"{_clock(st.st_mtime_ns / 1e9)}: {st.st_size} bytes, {size} then); training reads it during the run: "
-                "do not edit it while training")
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self.indexed[:3]:
+            raise self._changed_error(st)
+
+    def _changed_error(self, st: os.stat_result) -> DataFileChangedError:
+        """What to say of the file ``st`` describes, which is not the file as indexed.
+
+        A data file edited during a run made every later sample read at the old offsets fail as "not valid JSON",
+        which named the wrong cause. The message names no command: training, ``palo-data`` and others read files
+        through this index.
+        """
+        size, _, inode, indexed_at = self.indexed
+        how = "replaced by another file written" if st.st_ino != inode else "modified"
+        return DataFileChangedError(
+            f"{self.path}: the data file changed since it was indexed at {_clock(indexed_at)} ({how} at "
+            f"{_clock(st.st_mtime_ns / 1e9)}: {st.st_size} bytes, {size} then); the command reading it needs it "
+            "unchanged until it ends: do not edit it while one runs")
 
     # -------------------------------------------------------------------------------------------------- pickling
     def __getstate__(self) -> dict:
+        # Where an unpickling process can still find the indexed file once the path names another one: this
+        # process's descriptor if it has one, else the holder this index was unpickled with.
+        holder = (os.getpid(), self._fd) if self._fd is not None and self._pid == os.getpid() else self._holder
         return {"path": self.path, "offsets": self.offsets, "lengths": self.lengths, "from_cache": self.from_cache,
-                "indexed": self.indexed}
+                "indexed": self.indexed, "holder": holder}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._file, self._pid = None, None
+        self._holder = state.get("holder")  # pickled before it existed
+        self._fd, self._pid = None, None
 
     def __del__(self) -> None:
         try:
@@ -286,30 +375,37 @@ _SAMPLED_BLOCK = 1 << 16  # bytes read per sampled place of a file for its finge
 _SAMPLED_PLACES = 32
 
 
-def content_fingerprint(path: str, st: os.stat_result) -> int:
+def content_fingerprint(path: str, st: os.stat_result, fd: int | None = None) -> int:
     """A 63-bit fingerprint of a file's size, modification time and sampled content: its start, its end and
     :data:`_SAMPLED_PLACES` evenly spaced blocks (about 2 MB read, whatever the file's size).
 
     Size and time alone are the same for a file replaced by one of equal size with its time kept (``cp -p``,
     ``rsync -t``: a reshuffled copy of a training set), whose cached offsets would then be wrong.
+
+    Args:
+        path: The file (opened unless ``fd`` is given).
+        st: Its ``os.stat``.
+        fd: A descriptor of the file ``st`` describes, read (positionally) instead of opening ``path``, which may
+            name another file by now.
     """
     digest = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode())
-    with open(path, "rb") as f:
+    with open(path, "rb") if fd is None else contextlib.nullcontext() as f:
+        reader = _Reader(f if f is not None else fd)
         places = {0, max(0, st.st_size - _SAMPLED_BLOCK)}
         places.update(st.st_size * k // _SAMPLED_PLACES for k in range(1, _SAMPLED_PLACES))
         for place in sorted(places):
-            f.seek(place)
-            digest.update(f.read(_SAMPLED_BLOCK))
+            digest.update(reader.read(_SAMPLED_BLOCK, place))
     return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
-def _cache_key(path: str, st: os.stat_result) -> list[int]:
-    return [CACHE_VERSION, st.st_size, st.st_mtime_ns, content_fingerprint(path, st)]
+def _cache_key(path: str, st: os.stat_result, fd: int | None = None) -> list[int]:
+    return [CACHE_VERSION, st.st_size, st.st_mtime_ns, content_fingerprint(path, st, fd)]
 
 
-def _load_cache(path: str, cache_file: str, key: list[int], st: os.stat_result) -> JsonArrayIndex | None:
+def _load_cache(path: str, cache_file: str, key: list[int], st: os.stat_result,
+                fd: int | None = None) -> JsonArrayIndex | None:
     """The cached index if ``cache_file`` exists and was written for ``key`` (:func:`_cache_key` of ``st``, the file
-    as it is now), else None."""
+    as it is now), else None. The index takes over ``fd`` (the file ``st`` describes) only when it is returned."""
     try:
         with np.load(cache_file, allow_pickle=False) as data:
             if data["meta"].tolist() != key:
@@ -320,7 +416,7 @@ def _load_cache(path: str, cache_file: str, key: list[int], st: os.stat_result) 
         return None
     if offsets.shape != lengths.shape or offsets.dtype != np.int64 or lengths.dtype != np.int64:
         return None
-    return JsonArrayIndex(path, offsets, lengths, from_cache=True, stat=st)
+    return JsonArrayIndex(path, offsets, lengths, from_cache=True, stat=st, fd=fd)
 
 
 @contextlib.contextmanager
@@ -352,7 +448,7 @@ def cache_writer(candidates: list[str]) -> Iterator[Any]:
 
 # ---------------------------------------------------------------------------------------------------- the scan
 def scan_json_array(
-    path: str | os.PathLike, chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None
+    path: str | os.PathLike, chunk_size: int = DEFAULT_CHUNK_SIZE, workers: int | None = None, fd: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scan a file holding one JSON array once and return its elements' byte offsets and lengths.
 
@@ -365,6 +461,8 @@ def scan_json_array(
         path: The file.
         chunk_size: Bytes per read.
         workers: Threads for the first stage; default ``min(8, cpu count)``. 1 runs everything in this thread.
+        fd: An open descriptor of the file, read (positionally) instead of opening ``path``, which then only names it
+            in messages; it stays open.
 
     Returns:
         ``(offsets, lengths)``, both ``int64 [N]``, in file order.
@@ -378,10 +476,10 @@ def scan_json_array(
     if workers is None:
         # The ordered second stage is ~10% of the work, so gains flatten out after a handful of threads.
         workers = min(8, os.cpu_count() or 1)
-    with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
+    with open(path, "rb", buffering=0) if fd is None else contextlib.nullcontext() as f:
+        reader = _Reader(f if f is not None else fd)
+        size = os.fstat(reader.fd).st_size
         bases = range(0, size, chunk_size)
-        reader = _Reader(f)
         scratch = threading.local()
         scanner = _Scanner(path, reader)
 
@@ -414,18 +512,19 @@ def scan_json_array(
 
 
 class _Reader:
-    """Positional reads of one open file, safe from several threads (no shared file position)."""
+    """Positional reads of one open file (a binary file object or a descriptor), safe from several threads (no shared
+    file position)."""
 
     def __init__(self, f):
-        self.f = f
+        self.fd = f if isinstance(f, int) else f.fileno()
         self.lock = threading.Lock()
 
     def read(self, size: int, offset: int) -> bytes:
         if hasattr(os, "pread"):
-            return os.pread(self.f.fileno(), size, offset)
+            return os.pread(self.fd, size, offset)
         with self.lock:  # pragma: no cover - Windows has no pread
-            self.f.seek(offset)
-            return self.f.read(size)
+            os.lseek(self.fd, offset, os.SEEK_SET)
+            return os.read(self.fd, size)
 
 
 @dataclass
@@ -550,7 +649,8 @@ class _Scanner:
                 return  # leading whitespace only so far
             if raw[skip] != _OPEN_ARRAY:
                 found = raw[skip : skip + 1]
-                if base + skip == 0 and found == b"\xef" and _starts_with_bom(self.path):  # json.load refuses it too
+                # A UTF-8 byte order mark, which json.load refuses too (a chunk may hold only its first byte).
+                if base + skip == 0 and found == b"\xef" and self.reader.read(3, 0) == b"\xef\xbb\xbf":
                     raise self._error("the file starts with a UTF-8 byte order mark (BOM); save it as UTF-8 without "
                                       "one", 0)
                 raise self._error(f"expected '[' (the file must hold one JSON array), found {found!r}", base + skip)

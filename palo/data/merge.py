@@ -12,7 +12,9 @@ The inputs are never loaded whole (at PALO scale they are about 2M samples, tens
 indexed by byte offset (:class:`~palo.data.sample_file.SampleFile`), the shuffle permutes positions, and the
 output is written one sample at a time, read back from its input. Every sample is checked in the first pass, so a
 broken one stops the merge before the (hours-long) write rather than in the middle of it. The output is written
-atomically; the temporary file of a killed merge is removed by the next one.
+atomically; the temporary file of a killed merge is removed by the next one. Each input is read as it was when the
+merge indexed it, even if a rerun of ``palo-data translate`` replaces it meanwhile; one edited in place stops the
+merge, and no output is written.
 """
 
 from __future__ import annotations
@@ -136,6 +138,9 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         for k, i in chosen:
             sample = sets[k][i]
             yield sample if k == 0 else to_training(sample, languages[k], image_prefix)
+        # Before the output replaces anything: an input edited in place without moving its samples reads silently.
+        for samples in sets:
+            samples.check_unchanged()
 
     atomic_write_json(output, merged())
     return counts

@@ -197,3 +197,26 @@ def test_validate_does_not_load_the_model_stack(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[-2] == "1 []", result.stdout  # one problem found, nothing heavy imported
     assert "expected 'human', got 'gpt'" in result.stderr
+
+
+def test_validate_of_a_file_edited_in_place_meanwhile_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """A data file edited in place after it was indexed raised DataFileChangedError (a RuntimeError) past main's
+    ValueError handler: a traceback, whose message also told the user not to edit it "while training"."""
+    from palo.data import cli
+    from palo.data.json_index import JsonArrayIndex
+
+    turns = [{"from": "human", "value": "What is it?"}, {"from": "gpt", "value": "A cat."}]
+    samples = [{"id": i, "conversations": turns} for i in range(4)]
+    build = JsonArrayIndex.build
+
+    def build_then_edit(path, **kwargs):
+        index = build(path, **kwargs)
+        samples[0]["conversations"] = [dict(turns[0], value="What is it, really?"), turns[1]]
+        (tmp_path / "set.json").write_text(json.dumps(samples), encoding="utf-8")  # in place, samples moved on
+        return index
+
+    monkeypatch.setattr(cli.JsonArrayIndex, "build", build_then_edit)
+    assert _validate_in_process(tmp_path, samples) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'set.json'}: the data file changed since "), err
+    assert "(modified at " in err and "training" not in err, err

@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import re
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -305,32 +307,82 @@ def test_file_changing_during_scan_is_detected(tmp_path, monkeypatch):
     assert not os.path.exists(path + ".idx.npz")
 
 
-def test_file_changed_after_indexing_is_named_as_such(tmp_path):
-    """Edited during a run, the file was reopened by path in each new DataLoader worker and read at the old offsets:
-    every later sample failed as "not valid JSON", naming the wrong cause, or, where the old offsets still held
-    whole elements (two samples of one size swapped), other samples were read silently."""
-    def changed(how: str) -> str:
-        return (rf"train\.json: the data file changed since it was indexed at [^(]*\({how} at [^)]*\); training reads "
-                r"it during the run: do not edit it while training$")
+def _changed(how: str) -> str:
+    """The message of a data file that changed after it was indexed: it names no command (not only training reads
+    files through the index)."""
+    return (rf"train\.json: the data file changed since it was indexed at [^(]*\({how} at [^)]*\); the command "
+            r"reading it needs it unchanged until it ends: do not edit it while one runs$")
 
+
+def test_file_changed_after_indexing_is_named_as_such(tmp_path):
+    """Edited during a run, the file was read at the old offsets: every later sample failed as "not valid JSON",
+    naming the wrong cause, or, where the old offsets still held whole elements (two samples of one size swapped),
+    other samples were read silently."""
     samples = _samples(6)
     path = _write(tmp_path, json.dumps(samples, indent=1))
     index = JsonArrayIndex.build(path)
-    assert index.read(1) == samples[1]  # this process's handle is open
+    assert index.read(1) == samples[1]
     samples[0]["conversations"][1]["value"] += " Fixed while training."
     _write(tmp_path, json.dumps(samples, indent=1))  # in place (the same inode), longer
-    with pytest.raises(json_index.DataFileChangedError, match=changed("modified")):
+    with pytest.raises(json_index.DataFileChangedError, match=_changed("modified")) as raised:
         index.read(2)  # the bytes at the old offsets are no longer one element
+    assert "training" not in str(raised.value)  # palo-data merge, validate ... read through the index too
 
+    # Edited in place without moving an element (same size, a later time): reads succeed, check_unchanged says so.
     same_size = [{"id": f"sample-{i}"} for i in range(4)]
     path = _write(tmp_path, json.dumps(same_size))
     index = JsonArrayIndex.build(path)
-    _write(tmp_path, json.dumps(same_size[::-1]), name="reshuffled.json")
-    os.replace(os.path.join(tmp_path, "reshuffled.json"), path)
-    loader = torch.utils.data.DataLoader(_IndexDataset(index), batch_size=None, num_workers=1,
+    _write(tmp_path, json.dumps(same_size[::-1]))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a clock tick apart, whatever the FS
+    assert index.read(0) == {"id": "sample-3"}
+    with pytest.raises(json_index.DataFileChangedError, match=_changed("modified")):
+        index.check_unchanged()
+
+
+def _replace(tmp_path, samples) -> None:
+    """Write ``train.json`` anew and move it into place atomically, as a rerun of palo-data translate does."""
+    _write(tmp_path, json.dumps(samples), name="rewritten.json")
+    os.replace(os.path.join(tmp_path, "rewritten.json"), os.path.join(tmp_path, "train.json"))
+
+
+def test_file_replaced_atomically_after_indexing_is_read_as_indexed(tmp_path):
+    """The file was opened on first read, not when it was indexed: replaced atomically in between (a rerun of
+    palo-data translate while palo-data merge ran), every read raised DataFileChangedError, a traceback from
+    palo-data merge. The index now holds the inode it scanned, in this process and in forked DataLoader workers."""
+    samples = [{"id": f"sample-{i}"} for i in range(4)]
+    path = _write(tmp_path, json.dumps(samples))
+    index = JsonArrayIndex.build(path)
+    _replace(tmp_path, samples)  # the same content, a new inode: what the audit's rerun did
+    _replace(tmp_path, samples[::-1])  # and content of the same size, which the old offsets would read silently
+    assert [index.read(i) for i in range(4)] == samples
+    index.check_unchanged()
+    loader = torch.utils.data.DataLoader(_IndexDataset(index), batch_size=None, num_workers=2,
                                          multiprocessing_context="fork", collate_fn=lambda x: x)
-    with pytest.raises(json_index.DataFileChangedError, match=changed("replaced by another file written")):
-        next(iter(loader))  # a new worker opens the file by path
+    seen = sorted(loader, key=lambda item: item["i"])
+    assert [json.loads(item["json"]) for item in seen] == samples and all(item["own_handle"] for item in seen)
+
+
+def test_a_pickled_index_reaches_the_indexed_file_after_it_was_replaced(tmp_path):
+    """A spawned worker gets the index pickled, without the descriptor: it finds the file as indexed through the
+    indexing process's descriptor (Linux /proc) while the path names a new file; with nothing left to reach, the
+    replacement is named."""
+    samples = [{"id": f"sample-{i}"} for i in range(4)]
+    path = _write(tmp_path, json.dumps(samples))
+    index = JsonArrayIndex.build(path)
+    _replace(tmp_path, samples[::-1])
+    child = subprocess.run([sys.executable, "-c", "import pickle, sys; index = pickle.load(sys.stdin.buffer); "
+                            "print(index.read(0)['id'], index.read(3)['id'])"],
+                           input=pickle.dumps(index), capture_output=True, timeout=60)
+    if os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        assert child.returncode == 0 and child.stdout.split() == [b"sample-0", b"sample-3"], child.stderr
+    else:  # no /proc: the replacement is named, as before
+        assert b"replaced by another file written" in child.stderr
+
+    clone = pickle.loads(pickle.dumps(index))
+    index.close()  # nothing holds the indexed file any more
+    with pytest.raises(json_index.DataFileChangedError, match=_changed("replaced by another file written")):
+        clone.read(0)
 
 
 # ------------------------------------------------------------------------------------------- pickling and workers
@@ -343,7 +395,7 @@ class _IndexDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         sample = self.index.read(i)
-        # The worker must have opened its own handle, not reuse the parent's.
+        # The worker must own the descriptor it reads (the parent's inherited one, checked, or one it opened).
         return {"i": i, "json": json.dumps(sample), "pid": os.getpid(), "own_handle": self.index._pid == os.getpid()}
 
 
@@ -352,9 +404,10 @@ def test_pickle_holds_only_path_and_arrays(tmp_path):
     index = JsonArrayIndex.build(path, cache=False)
     index.read(0)  # opens the handle; pickling must still leave it out
     state = index.__getstate__()
-    assert set(state) == {"path", "offsets", "lengths", "from_cache", "indexed"}
+    assert set(state) == {"path", "offsets", "lengths", "from_cache", "indexed", "holder"}
+    assert state["holder"] == (os.getpid(), index._fd)  # a number, not the open file
     clone = pickle.loads(pickle.dumps(index))
-    assert clone._file is None
+    assert clone._fd is None
     assert [clone.read(i) for i in range(6)] == [index.read(i) for i in range(6)]
 
 

@@ -240,3 +240,76 @@ def test_merge_removes_the_temp_file_a_killed_merge_left(tmp_path, capsys):
     assert not orphan.exists() and live.exists() and len(json.loads(out.read_text(encoding="utf-8"))) == 4
     assert f"[cleanup] removed {orphan}" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == [live.name]
+
+
+def _set_up_translated_inputs(tmp_path) -> tuple[str, str, list[dict]]:
+    english = _write(tmp_path / "en.json", _english(3))
+    arabic = _translated("arabic", "ما هذا؟", 4, corrupt=set())
+    return english, _write(tmp_path / "ar.json", arabic), arabic
+
+
+def _hook_after_indexing(monkeypatch, path: str, change) -> None:
+    """Run ``change()`` once ``path`` has been indexed by merge, before any of its samples is read."""
+    from palo.data import merge
+
+    real = merge.SampleFile
+
+    def indexed_then_changed(file, what, *args, **kwargs):
+        samples = real(file, what, *args, **kwargs)
+        if file == path:
+            change()
+        return samples
+
+    monkeypatch.setattr(merge, "SampleFile", indexed_then_changed)
+
+
+def test_merge_reads_an_input_replaced_atomically_meanwhile_as_it_was_indexed(tmp_path, capsys, monkeypatch):
+    """A rerun of palo-data translate replaces <language>.json atomically (same content) while a merge reads it: the
+    file was opened on first read, after indexing, so the merge died with a DataFileChangedError traceback (a
+    RuntimeError, past the ValueError handlers) whose message spoke of training."""
+    import random
+
+    from palo.data.merge import to_training
+
+    english, arabic, samples = _set_up_translated_inputs(tmp_path)
+
+    def rerun_of_translate() -> None:
+        # A reordered set of the same size: the old offsets would read other samples without noticing.
+        _write(tmp_path / "ar.rerun.json", samples[::-1])
+        os.replace(tmp_path / "ar.rerun.json", arabic)
+
+    _hook_after_indexing(monkeypatch, arabic, rerun_of_translate)
+    out = tmp_path / "m.json"
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(out), "--seed", "0"]) == 0
+    assert "total              7 samples" in capsys.readouterr().out
+    expected = _english(3) + [to_training(sample, "arabic") for sample in samples]  # the version indexed
+    random.Random(0).shuffle(expected)
+    assert json.loads(out.read_text(encoding="utf-8")) == expected
+
+
+def test_merge_of_an_input_edited_in_place_meanwhile_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """An input edited in place during the merge (its samples where they were, so every read succeeds) stops it
+    with one line naming the flag and file, not training, and writes no output."""
+    from palo.data import merge
+
+    english, arabic, samples = _set_up_translated_inputs(tmp_path)
+    real_to_training, edited = merge.to_training, []
+
+    def edit_during_the_write_pass(sample, *args):
+        if not edited:  # the first translated sample of the write pass: the file was read before, and is open
+            edited.append(True)
+            text = (tmp_path / "ar.json").read_bytes().replace("هذا".encode(), "ذلك".encode())
+            with open(arabic, "r+b") as f:  # in place: the same inode, the same size
+                f.write(text)
+            st = os.stat(arabic)
+            os.utime(arabic, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # a clock tick later on any FS
+        return real_to_training(sample, *args)
+
+    monkeypatch.setattr(merge, "to_training", edit_during_the_write_pass)
+    out = tmp_path / "m.json"
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert edited and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: --translated {arabic}: the data file changed since it was indexed at "), err
+    assert "(modified at " in err and "training" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["ar.json", "en.json"]  # no output, no temp file
