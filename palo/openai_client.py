@@ -219,6 +219,7 @@ class SqliteStore:
     """
 
     SCHEMA = ""
+    TIMEOUT = 60.0  # seconds a statement waits for another process's lock (opening the file included)
 
     def __init__(self, path: str | None) -> None:
         self.path = path
@@ -228,10 +229,37 @@ class SqliteStore:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             # The busy time-out lets several processes (one per language, say) share a file; WAL keeps their
             # readers and the writer apart.
-            self._db = sqlite3.connect(path, timeout=60, check_same_thread=False)
-            with self._lock, self._db:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(self.SCHEMA)
+            self._db = sqlite3.connect(path, timeout=self.TIMEOUT, check_same_thread=False)
+            try:
+                self._set_up()
+            except BaseException:
+                self._db.close()
+                self._db = None
+                raise
+
+    def _set_up(self) -> None:
+        """Switch to WAL and create the table, retrying while another process holds the file locked.
+
+        The busy time-out does not cover the switch to WAL: SQLite answers "database is locked" at once, without
+        waiting, when another connection holds a write lock (a process creating the table of the same fresh file,
+        two judge or translate runs started together on one ``--cache``). Both statements are idempotent, so they
+        are retried, with short growing pauses, for as long as the time-out would have waited.
+        """
+        deadline = time.monotonic() + self.TIMEOUT
+        pause = 0.005
+        while True:
+            try:
+                with self._lock, self._db:
+                    self._db.execute("PRAGMA journal_mode=WAL")
+                    self._db.execute(self.SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                left = deadline - time.monotonic()
+                if not _is_locked(exc) or left <= 0:
+                    raise
+            # Jitter: processes that collided do not collide again. The last try is at the deadline.
+            time.sleep(min(left, pause * (1 + random.random())))
+            pause = min(2 * pause, 0.25)
 
     @property
     def enabled(self) -> bool:
@@ -254,6 +282,14 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    """Whether ``exc`` is SQLite's SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock (worth a retry)."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; the message before
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc) or "busy" in str(exc)
 
 
 def request_key(model: str, messages: list[dict[str, str]], temperature: float, max_tokens: int | None) -> str:

@@ -189,6 +189,81 @@ def test_a_cache_that_cannot_be_written_costs_the_cache_not_the_reply(tmp_path, 
     cache.close()
 
 
+def _open_and_write(path: str, barrier, i: int) -> None:
+    """One process of the race below: open the shared cache with the others, then write to it."""
+    barrier.wait()
+    cache = ReplyCache(path)
+    cache.put(f"key-{i}", "m", f"reply {i}")
+    cache.close()
+
+
+def _write_lock(path: str):
+    """Another connection holding a write lock on ``path`` (a process in the middle of creating the table)."""
+    import sqlite3
+
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_a_fresh_cache_opened_by_several_processes_at_once_opens_in_each(tmp_path):
+    """Two judge or translate runs started together on one --cache: a few percent of the processes opening a fresh
+    file at the same instant died with "database is locked" from PRAGMA journal_mode=WAL, which SQLite refuses at
+    once, without the busy time-out, while another connection holds a write lock (as one creating the table does).
+    Every other trial holds such a lock for a moment while the processes open the file, so the old code fails each
+    of those, not only by chance."""
+    import multiprocessing
+    import sqlite3
+
+    context = multiprocessing.get_context("fork")
+    processes = 4
+    for trial in range(12):
+        path = str(tmp_path / f"{trial}.sqlite")
+        barrier = context.Barrier(processes + 1)  # this process lets them go
+        racers = [context.Process(target=_open_and_write, args=(path, barrier, i)) for i in range(processes)]
+        for racer in racers:
+            racer.start()
+        # Taken after the fork: a child inherits SQLite's in-process lock state, and would wait for it for ever.
+        lock = _write_lock(path) if trial % 2 == 0 else None
+        barrier.wait()
+        if lock is not None:
+            time.sleep(0.15)  # the racers meet the lock
+            lock.rollback()
+            lock.close()
+        for racer in racers:
+            racer.join(60)
+        assert [racer.exitcode for racer in racers] == [0] * processes, f"trial {trial}"
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert db.execute("SELECT count(*) FROM replies").fetchone() == (processes,)
+
+
+def test_opening_a_cache_waits_for_a_write_lock_only_as_long_as_the_time_out(tmp_path, monkeypatch):
+    """The switch to WAL is retried while another connection holds the file, and gives up after the busy time-out,
+    as a statement would."""
+    import sqlite3
+
+    path = str(tmp_path / "replies.sqlite")
+    lock = _write_lock(path)
+    threading.Timer(0.3, lock.rollback).start()
+    began = time.monotonic()
+    cache = ReplyCache(path)
+    assert time.monotonic() - began >= 0.25
+    cache.put("k", "m", "8 9")
+    assert cache.get("k") == "8 9"
+    cache.close()
+    lock.close()
+
+    path = str(tmp_path / "held.sqlite")
+    lock = _write_lock(path)
+    monkeypatch.setattr(ReplyCache, "TIMEOUT", 0.3)
+    began = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+        ReplyCache(path)
+    assert 0.25 <= time.monotonic() - began < 5
+    lock.close()
+
+
 def test_rejected_replies_are_not_cached_and_stale_entries_are_asked_again(tmp_path):
     path = str(tmp_path / "replies.sqlite")
     with ChatServer(reply("no scores here"), reply("7 7")) as server:
