@@ -42,6 +42,18 @@ def display_name(language: str) -> str:
     return language[:1].upper() + language[1:]
 
 
+def canonical_language(language: str) -> str:
+    """A PALO language in the lower case of its bench folder whatever the case given (``English``, as the output
+    files are named); any other name as given (a bench may hold other languages)."""
+    return language.lower() if language.lower() in LANGUAGES else language
+
+
+def paper_order(languages: list[str]) -> list[str]:
+    """``languages`` (:func:`canonical_language`, once each): PALO's in the paper's order, then the others as given."""
+    unique = list(dict.fromkeys(canonical_language(language) for language in languages))
+    return sorted(unique, key=lambda lang: LANGUAGES.index(lang) if lang in LANGUAGES else len(LANGUAGES))
+
+
 def _find(folders: list[str], names: tuple[str, ...]) -> str | None:
     for folder in folders:
         for name in names:

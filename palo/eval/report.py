@@ -18,9 +18,9 @@ import sys
 from typing import Any
 
 from palo.data.languages import HIGH_RESOURCE, LANGUAGES, LOW_RESOURCE
-from palo.eval.bench import display_name
+from palo.eval.bench import canonical_language, display_name, paper_order
 from palo.eval.summarize_gpt_review import CATEGORIES, CategoryScore, summarize_file
-from palo.jsonl import atomic_write
+from palo.jsonl import JsonlError, atomic_write
 
 COLUMNS = CATEGORIES + ("all",)
 AVERAGES = (
@@ -74,16 +74,20 @@ def build_table(reviews_dir: str, name: str, languages: list[str] | None = None,
     Args:
         reviews_dir: Folder of ``<name>_<Language>.jsonl`` reviews.
         name: The run's name.
-        languages: Languages to report (default: all 10).
+        languages: Languages to report (default: all 10), in any case; rows follow the paper's order.
         skip: Languages listed as not evaluated whatever their reviews file holds (a run that failed for them left
             the reviews of earlier answers there).
 
     Returns:
         ``{"name", "languages": {lang: row}, "averages": {label: row}, "missing": [lang, ...]}``.
+
+    Raises:
+        JsonlError: If a file named as a reviews file holds no reviews (an answers file of the same name).
     """
     rows: dict[str, dict[str, Any]] = {}
     missing = []
-    for language in languages or list(LANGUAGES):
+    skip = {canonical_language(language) for language in skip}  # `--skip English` was ignored, English averaged in
+    for language in paper_order(languages or list(LANGUAGES)):
         path = reviews_path(reviews_dir, name, language)
         if language in skip or not os.path.isfile(path):
             missing.append(language)
@@ -198,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None and not os.path.basename(args.out):  # 'dir/' wrote the hidden files dir/.md, dir/.csv ...
         parser.error(f"--out {args.out!r} must be a path prefix such as reports/run1 (it names run1.md, .csv, .json "
                      "and .png)")
-    table = build_table(args.reviews_dir, args.name, args.languages, skip=args.skip)
+    try:
+        table = build_table(args.reviews_dir, args.name, args.languages, skip=args.skip)
+    except JsonlError as exc:  # --reviews-dir naming the answers folder: its files have the same names
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # A run whose every language failed (--skip) still writes its table, each language "not evaluated": said to have
     # no reviews, when they lay there (an earlier run's), the user was sent looking for a missing file.
     if not table["languages"] and not args.skip:

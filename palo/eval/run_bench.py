@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from palo.conversation import conv_templates
 from palo.eval import eval_gpt_review_bench, model_vqa, report, shards, summarize_gpt_review
-from palo.eval.bench import BenchLayoutError, available_languages, display_name, language_files
+from palo.eval.bench import BenchLayoutError, available_languages, display_name, language_files, paper_order
 from palo.eval.jsonl import JsonlError
 from palo.eval.judge import DEFAULT_JUDGE_MODEL
 from palo.jsonl import same_file
@@ -114,7 +114,7 @@ def make_tasks(args: argparse.Namespace) -> tuple[list[Task], list[str]]:
         raise SystemExit("error: --bench needs --name")
     if not os.path.isdir(args.bench):
         raise SystemExit(f"error: bench folder {args.bench} not found (set MULTILINGUAL_LLAVA_BENCH_PATH)")
-    languages = args.languages or available_languages(args.bench)
+    languages = paper_order(args.languages) if args.languages else available_languages(args.bench)
     if not languages:
         raise SystemExit(f"error: no language folders in {args.bench}")
     tasks, broken = [], []

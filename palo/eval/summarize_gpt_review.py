@@ -30,11 +30,14 @@ class CategoryScore:
     """Scores of one category (or ``all``).
 
     Attributes:
-        relative: round(model_mean / reference_mean * 100, 1), None when nothing was judged.
+        relative: round(model_mean / reference_mean * 100, 1); None when nothing was judged, or when the
+            reference's mean is 0 (no ratio).
         reference: The reference (Assistant 1) mean x 10, rounded to 1 decimal.
         model: The model (Assistant 2) mean x 10, rounded to 1 decimal.
         judged: Reviews used.
         failed: Failed reviews left out.
+        replaced: Earlier reviews of a question a later line of the file reviews again, left out (a resumed run's
+            retries; in a file holding several runs or languages, reviews of other questions with the same id).
     """
 
     relative: float | None
@@ -42,6 +45,7 @@ class CategoryScore:
     model: float | None
     judged: int
     failed: int
+    replaced: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,32 +61,40 @@ def _scores(review: dict[str, Any]) -> list[float] | None:
     return [float(pair[0]), float(pair[1])]
 
 
-def score_of(pairs: list[list[float]], failed: int) -> CategoryScore:
+def score_of(pairs: list[list[float]], failed: int, replaced: int = 0) -> CategoryScore:
     """Means and the relative score of (reference, model) pairs, rounded as the original."""
     if not pairs:
-        return CategoryScore(None, None, None, 0, failed)
+        return CategoryScore(None, None, None, 0, failed, replaced)
     reference = round(sum(p[0] for p in pairs) / len(pairs), 3)
     model = round(sum(p[1] for p in pairs) / len(pairs), 3)
     relative = round(model / reference * 100, 1) if reference > 0 else None
-    return CategoryScore(relative, round(reference * 10, 1), round(model * 10, 1), len(pairs), failed)
+    return CategoryScore(relative, round(reference * 10, 1), round(model * 10, 1), len(pairs), failed, replaced)
 
 
 def summarize(reviews: list[dict[str, Any]], ignore: set[str] | None = None) -> dict[str, CategoryScore]:
     """Per-category and overall scores of a list of reviews.
 
     Args:
-        reviews: Review records; the last one per question_id counts (a resumed run may append a retry).
+        reviews: Review records; the last one per question_id counts (a resumed run may append a retry), the earlier
+            ones are counted as ``replaced``.
         ignore: question_ids (as strings) to leave out.
 
     Returns:
-        ``{"all": ..., "llava_bench_conv": ..., ...}``: the categories present, each with failed ones counted.
+        ``{"all": ..., "llava_bench_conv": ..., ...}``: the categories present, each with failed and replaced ones
+        counted.
     """
     ignore = ignore or set()
     latest: dict[str, dict[str, Any]] = {}
+    replaced: dict[str, int] = {"all": 0}
     for index, review in enumerate(reviews):
         qid = str(review.get("question_id", f"#{index}"))
-        if qid not in ignore:
-            latest[qid] = review
+        if qid in ignore:
+            continue
+        earlier = latest.get(qid)
+        if earlier is not None:  # said, not silent: 3 of 6 reviews of a two-language file were dropped unseen
+            for key in ["all"] + ([earlier["category"]] if earlier.get("category") else []):
+                replaced[key] = replaced.get(key, 0) + 1
+        latest[qid] = review
     pairs: dict[str, list[list[float]]] = {"all": []}
     failed: dict[str, int] = {"all": 0}
     for review in latest.values():
@@ -95,7 +107,8 @@ def summarize(reviews: list[dict[str, Any]], ignore: set[str] | None = None) -> 
                 failed[key] += 1
             else:
                 pairs[key].append(scores)
-    return {key: score_of(pairs[key], failed[key]) for key in sorted(pairs)}
+    return {key: score_of(pairs.get(key, []), failed.get(key, 0), replaced.get(key, 0))
+            for key in sorted(pairs.keys() | replaced.keys())}
 
 
 def load_reviews(path: str) -> list[dict[str, Any]]:
@@ -134,8 +147,13 @@ def format_line(key: str, score: CategoryScore) -> str:
 
 
 def format_counts(label: str, key: str, score: CategoryScore) -> str:
-    """``[counts] <label> <key>: judged n, failed f``: what a line of :func:`format_line` rests on (stderr)."""
-    return f"[counts] {label} {key}: judged {score.judged}, failed {score.failed}"
+    """``[counts] <label> <key>: judged n, failed f[, replaced r]``: what a line of :func:`format_line` rests on
+    (stderr)."""
+    counts = f"[counts] {label} {key}: judged {score.judged}, failed {score.failed}"
+    if score.replaced:
+        counts += (f", replaced {score.replaced} (earlier reviews of a question_id a later line reviews again: a "
+                   "resumed run's retries; a file of several runs or languages is not one set of reviews)")
+    return counts
 
 
 def find_files(directory: str | None, version: str | None, select: list[str] | None,

@@ -59,9 +59,28 @@ def test_scores_by_hand(reviews):
 def test_retry_replaces_failure_and_ignore_drops_questions(reviews):
     retried = reviews + [_review(5, "detail", (4, 6))]  # a resumed run appended a successful retry of question 5
     result = summary.summarize(retried)
-    assert result["llava_bench_detail"] == summary.CategoryScore(92.9, 70.0, 65.0, 2, 0)  # 6.5 / 7
+    assert result["llava_bench_detail"] == summary.CategoryScore(92.9, 70.0, 65.0, 2, 0, replaced=1)  # 6.5 / 7
     assert "llava_bench_detail" not in summary.summarize(reviews, ignore={"4", "5"})
     assert summary.score_of([], failed=3) == summary.CategoryScore(None, None, None, 0, 3)
+
+
+def test_a_review_replaced_by_a_later_one_of_its_question_is_counted_not_dropped_unseen(tmp_path, capsys):
+    """The last review per question_id counts (a resumed run's retry); two languages in one file lost half their
+    reviews without a word."""
+    english = [_review(1, "conv", (8, 6)), _review(2, "detail", (6, 6))]
+    arabic = [_review(1, "conv", (10, 5)), _review(2, "detail", (4, 2))]
+    result = summary.summarize(english + arabic)
+    assert result["all"] == summary.CategoryScore(50.0, 70.0, 35.0, judged=2, failed=0, replaced=2)
+    assert result["llava_bench_conv"].replaced == 1 and result["llava_bench_detail"].replaced == 1
+    path = _write(tmp_path / "mixed.jsonl", english + arabic)
+    assert summary.main(["-f", path]) == 0
+    assert ("[counts] mixed all: judged 2, failed 0, replaced 2 (earlier reviews of a question_id a later line "
+            "reviews again: a resumed run's retries; a file of several runs or languages is not one set of reviews)"
+            in capsys.readouterr().err)
+
+
+def test_a_category_whose_reference_mean_is_zero_has_no_ratio():
+    assert summary.score_of([[0.0, 5.0]], failed=0) == summary.CategoryScore(None, 0.0, 50.0, judged=1, failed=0)
 
 
 def test_cli_prints_scores_with_failed_counts(reviews, tmp_path, capsys):
@@ -141,6 +160,32 @@ def test_table_across_languages(tmp_path, reviews):
     assert json.load(open(paths["json"], encoding="utf-8"))["languages"]["urdu"]["detail_failed"] == 1
     with open(paths["png"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_languages_are_named_in_any_case_and_listed_in_the_papers_order(tmp_path, reviews, capsys):
+    """``--languages English`` printed no averages and ``--skip English`` was ignored (English averaged in); rows
+    followed the order typed, where the docstring promises the paper's."""
+    folder = tmp_path / "reviews"
+    for language in ("English", "Arabic", "Urdu"):
+        _write(folder / f"run_{language}.jsonl", reviews)
+    table = report.build_table(str(folder), "run", ["Urdu", "english", "ARABIC"])
+    assert list(table["languages"]) == ["english", "arabic", "urdu"]
+    assert table["averages"]["Overall avg"]["languages"] == ["english", "arabic", "urdu"]
+    skipped = report.build_table(str(folder), "run", ["urdu", "english", "arabic"], skip=["English"])
+    assert list(skipped["languages"]) == ["arabic", "urdu"] and skipped["missing"] == ["english"]
+    assert skipped["averages"]["Low-resource avg"]["languages"] == ["arabic", "urdu"]
+    assert "High-resource avg" not in skipped["averages"]
+
+
+def test_a_reviews_folder_of_answers_is_one_error_line(tmp_path, capsys):
+    """run_bench writes answers as <output-dir>/<NAME>_<Language>.jsonl, the names of the reviews one folder down."""
+    answers = [{"question_id": i, "text": "a cat", "answer_id": f"a{i}"} for i in range(3)]
+    _write(tmp_path / "run_English.jsonl", answers)
+    assert report.main(["--reviews-dir", str(tmp_path), "--name", "run"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (f"error: {tmp_path / 'run_English.jsonl'} is not a reviews file: none of "
+                                            "its 3 lines has a 'tuple' of scores")
+    assert "Traceback" not in err
 
 
 def test_a_report_that_cannot_be_written_is_an_error_that_says_so(tmp_path, reviews, capsys):
