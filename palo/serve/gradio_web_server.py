@@ -32,7 +32,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -403,6 +403,22 @@ class WebServer:
                           "finish": round(time.time(), 4), "state": state.dict(), "images": image_hashes, "ip": ip})
 
 
+def unopened_upload(preprocess: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """An image box's ``preprocess`` that hands an uploaded file's path over unopened.
+
+    ``gr.Image(type="filepath", image_mode=None)`` hands over the path too, but opens the file with Pillow first: a
+    file Pillow cannot identify, or one over Pillow's own pixel limit, failed there with Gradio's error (its
+    temporary path in it) before ``on_add`` could say why under the textbox. (An instance's method, not a subclass:
+    Gradio writes a ``.pyi`` file beside the module of every component class.)
+    """
+    def unopened(payload: Any) -> Any:
+        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+            return preprocess(payload)  # nothing uploaded, or a data: URL Gradio decodes itself
+        return str(payload.path)
+
+    return unopened
+
+
 def build_demo(server: WebServer, models: list[str], model_list_mode: str = "once", embed: bool = False):
     """Lay out the Gradio 6 app around :class:`WebServer`."""
     import gradio as gr  # (no ``from __future__ import annotations`` here: Gradio reads ``gr.Request`` hints)
@@ -421,10 +437,11 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
             with gr.Column(scale=3):
                 model_selector = gr.Dropdown(choices=models, value=models[0] if models else None, interactive=True,
                                              show_label=False, container=False, elem_id="model_selector")
-                # A file path: Gradio only opens the upload's header, and on_add reads it (a corrupt or oversized
-                # file is refused there, with the reason under the textbox). image_mode None: Gradio's "RGB" would
-                # turn transparency black; the loader lays it on white.
+                # A file path, unopened: on_add reads it (a corrupt, non-image or oversized file is refused there,
+                # with the reason under the textbox). image_mode None: Gradio's "RGB" would turn transparency black
+                # (for data: URLs, which Gradio decodes itself); the loader lays it on white.
                 imagebox = gr.Image(type="filepath", image_mode=None, label="Image", elem_id="imagebox")
+                imagebox.preprocess = unopened_upload(imagebox.preprocess)
                 image_process_mode = gr.Radio(list(IMAGE_PROCESS_MODES), value="Default",
                                               label="Preprocess for non-square image", visible=False)
                 with gr.Accordion("Parameters", open=False):
@@ -522,9 +539,8 @@ def build_demo(server: WebServer, models: list[str], model_list_mode: str = "onc
         add_outputs = [state, chatbot, textbox, imagebox] + all_buttons + [notice]
         answering = []
         for trigger in (textbox.submit, submit_btn.click):
-            # Queued, unlike the original's: Gradio reads the uploaded image before on_add runs, and shows why it
-            # could not (a corrupt, non-image or oversized file) only for a queued event (a bare "Error" otherwise).
-            # .success: when adding failed, nothing is generated.
+            # Queued, unlike the original's: an error Gradio raises before on_add runs is shown only for a queued
+            # event (a bare "Error" otherwise). .success: when adding failed, nothing is generated.
             answering.append(trigger(on_add, [state, textbox, imagebox, image_process_mode], add_outputs,
                                      show_progress="hidden").success(on_bot, bot_inputs, bot_outputs))
         answering.append(regenerate_btn.click(on_regenerate, [state, image_process_mode], add_outputs,

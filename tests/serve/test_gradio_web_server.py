@@ -410,17 +410,26 @@ def test_an_unreadable_upload_is_refused_under_the_textbox_before_anything_decod
 
     monkeypatch.setenv("PALO_LOGDIR", str(tmp_path / "logs"))
     server = WebServer("http://127.0.0.1:9")
+    from gradio.data_classes import ImageData
+
     on_add = next(f for f in build_demo(server, ["ckpt"], "once").fns.values() if f.name == "on_add")
     names = [getattr(component, "elem_id", None) for component in on_add.outputs]
+    imagebox = next(component for component in on_add.inputs if getattr(component, "elem_id", None) == "imagebox")
     make_image("red", (40, 30)).save(tmp_path / "fine.png")
     (tmp_path / "cut.png").write_bytes((tmp_path / "fine.png").read_bytes()[:60])  # the header, then nothing
     Image.new("1", (MAX_IMAGE_PIXELS // 8000 + 1, 8000)).save(tmp_path / "huge.png")  # a few KB: the size is in
+    Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # over Pillow's own limit: Image.open refuses it
     (tmp_path / "text.png").write_text("not an image")  # its header, and nothing decodes it
     for name, reason in (("cut.png", "cut.png: not a readable image"),
                          ("huge.png", f"huge.png: {MAX_IMAGE_PIXELS // 8000 + 1}x8000 pixels is over the limit"),
+                         ("bomb.png", f"bomb.png: over the limit of {MAX_IMAGE_PIXELS:,} pixels"),
                          ("text.png", "text.png: not a readable image")):
         state = server.new_state()
-        shown = dict(zip(names, on_add.fn(state, "What is it?", str(tmp_path / name), "Default")))
+        # Through the image box's own preprocessing, as Gradio runs it before the handler (it opened the file and
+        # failed there for text.png and bomb.png, with Gradio's error and its temporary path).
+        path = imagebox.preprocess(ImageData(path=str(tmp_path / name), orig_name=name))
+        assert path == str(tmp_path / name)
+        shown = dict(zip(names, on_add.fn(state, "What is it?", path, "Default")))
         assert reason in shown["notice"] and str(tmp_path) not in shown["notice"], shown["notice"]
         assert shown["question"] == {"__type__": "update"} and shown["imagebox"] == {"__type__": "update"}
         assert state.messages == []
