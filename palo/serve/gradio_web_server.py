@@ -378,7 +378,15 @@ class WebServer:
             yield state
             with self.http.stream("POST", address + "/worker_generate_stream", json=payload,
                                   timeout=WORKER_TIMEOUT_S) as response:
-                for chunk in iter_chunks(response.iter_bytes()):
+                chunks = iter_chunks(response.iter_bytes())
+                if response.status_code >= 400:
+                    # PALO's services send their errors as protocol chunks; anything else (a proxy's 503, a port
+                    # taken by another service) was read as an empty answer, logged as a chat and offered for votes.
+                    body = response.read()
+                    chunks = list(iter_chunks([body]))
+                    if not chunks or "error_code" not in chunks[0]:
+                        raise ValueError(f"HTTP {response.status_code}: {body[:200]!r}")
+                for chunk in chunks:
                     # Answer or error, it is kept in the conversation and so in every later prompt: no placeholder
                     # may survive in it (a model asked which tag marks the image answers "<image>").
                     if chunk.get("error_code", 0) == 0:

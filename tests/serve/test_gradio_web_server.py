@@ -492,3 +492,23 @@ def test_votes_stay_off_after_an_error_and_the_chats_trash_icon_clears_the_conve
     assert [f.name for f in on_trash if f.name] == ["on_clear"]
     by_id = {f._id: f for f in demo.fns.values()}
     assert {by_id[i].name for f in on_trash for i in f.cancels} == {"on_bot"}  # an answer being written stops
+
+
+@pytest.mark.parametrize("status, body, shown", [
+    (503, b'{"detail": "Service Unavailable"}', f"{SERVER_ERROR_MSG} (error_code: 4)"),  # not PALO's: a proxy
+    (404, b"<html>Not Found</html>", f"{SERVER_ERROR_MSG} (error_code: 4)"),  # a port another service took
+    (503, None, "overloaded, retry (error_code: 3)"),  # PALO's own error chunk, sent with its status
+])
+def test_an_http_error_from_the_worker_address_is_an_error_not_an_empty_answer(logdir, status, body, shown):
+    """A JSON body that is not a protocol chunk was read as an empty piece of the answer: "(no answer)", logged as a
+    chat and offered for votes."""
+    from palo.serve.gradio_web_server import answer_failed
+    from palo.serve.protocol import encode_chunk
+
+    content = body if body is not None else encode_chunk("overloaded, retry", 3)
+    server = WebServer("http://127.0.0.1:9")
+    server.worker_address = lambda model: "http://worker"
+    server.http = httpx.Client(transport=httpx.MockTransport(lambda request: httpx.Response(status, content=content)))
+    *_, state = server.http_bot(server.add_text(None, "hello", None), "ckpt", 0.2, 0.7, 8)
+    assert state.messages[-1][1] == shown and answer_failed(state)
+    assert not os.path.exists(server._conv_log())  # no chat record of an answer that never came
