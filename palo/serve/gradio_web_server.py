@@ -7,8 +7,9 @@ The flows are the original demo's (``docs/formats.md`` §7.8): the model list co
 controller (``once`` at start, with ``?model=`` preselection, or ``reload`` on every page load); a question with an
 image starts a fresh ``vicuna_v1`` conversation; the prompt goes to the worker chosen by the controller and the
 answer streams in with a ``▌`` cursor; errors are shown in the chat; chats and votes are appended as JSON lines to
-``<log dir>/YYYY-MM-DD-conv.json`` and images saved under ``<log dir>/serve_images/``. Messages in Arabic-script
-languages (Arabic, Urdu) are shown right-to-left, together with the answer to them.
+``<log dir>/YYYY-MM-DD-conv.json`` and images saved under ``<log dir>/serve_images/``. Each paragraph is shown in
+the direction of its first letter (Arabic and Urdu right-to-left), and the answer to a question asked in such a
+language starts right-to-left whatever its first letter.
 """
 
 import os
@@ -64,9 +65,12 @@ STILL_WRITING = "the answer is still being written: send this once it is done"
 _RTL_CHARS = re.compile(r"[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefc]")  # Hebrew, Arabic (Urdu, Persian...) blocks
 _STRONG_CHARS = re.compile(r"[^\W\d_]")
 
+RLM = "\u200f"  # RIGHT-TO-LEFT MARK: a strong right-to-left character, invisible
 CSS = """
-#chatbot .rtl, .rtl { direction: rtl; text-align: right; unicode-bidi: plaintext; }
-#chatbot .message, #chatbot .prose, #question textarea { unicode-bidi: plaintext; text-align: start; }
+#chatbot .message, #chatbot .prose, #question textarea,
+#chatbot .message-content :is(p, li, h1, h2, h3, h4, h5, h6, blockquote, td, th) {
+  unicode-bidi: plaintext; text-align: start;
+}
 footer { display: none !important; }
 """
 TITLE_MD = "# 🌍 PALO: A Polyglot Large Multimodal Model for 5B People"
@@ -81,14 +85,20 @@ def is_rtl(text: str) -> bool:
 
 
 def chatbot_messages(state: Conversation) -> list[dict[str, str]]:
-    """The conversation in Gradio's messages format; an exchange asked in an RTL language is shown RTL."""
+    """The conversation in Gradio's messages format; the answer to a question asked in an RTL language starts RTL.
+
+    Every paragraph takes the direction of its first letter (the CSS's ``unicode-bidi: plaintext``); an answer to an
+    RTL question starts with an invisible right-to-left mark, so that its first paragraph reads right-to-left even
+    when it opens with a Latin word or a number. (A ``<div dir="rtl">`` around such messages did that too, but
+    Gradio's copy buttons copied the markup with the text.)
+    """
     messages = state.to_gradio_chatbot()
     rtl = False
     for message in messages:
         if message["role"] == "user":
             rtl = is_rtl(message["content"])
-        if rtl:
-            message["content"] = f'<div dir="rtl" class="rtl">\n\n{message["content"]}\n\n</div>'
+        elif rtl and isinstance(message["content"], str):
+            message["content"] = RLM + message["content"]
     return messages
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastapi import Request  # at module level: FastAPI resolves a route's string annotations in its globals
 from serve_helpers import REPO, Service, free_port, listening_addresses, make_image, wait_until
 
-from palo.serve.gradio_web_server import CURSOR, WebServer, chatbot_messages, is_rtl
+from palo.serve.gradio_web_server import CURSOR, RLM, WebServer, chatbot_messages, is_rtl
 from palo.serve.protocol import SERVER_ERROR_MSG
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,7 +33,10 @@ def test_arabic_question_streams_an_answer_shown_right_to_left(cluster, logdir):
     assert len(streamed) > 1 and not states[-1].endswith(CURSOR) and states[-1]
     shown = chatbot_messages(state)
     assert [m["role"] for m in shown] == ["user", "assistant"]
-    assert all('dir="rtl"' in m["content"] for m in shown)  # question and answer
+    # Shown right-to-left without markup (Gradio's copy buttons copied it): the question's own first letter sets its
+    # direction, the answer starts with an invisible right-to-left mark, whatever its own first letter.
+    assert not any("dir=" in m["content"] for m in shown)
+    assert shown[1]["content"] == RLM + state.messages[-1][-1] and not shown[0]["content"].startswith(RLM)
     assert "data:image/png;base64," in shown[0]["content"]
     records = [json.loads(line) for line in open(next(logdir.glob("*-conv.json")), encoding="utf-8")]
     assert records[-1]["type"] == "chat" and records[-1]["model"] == "ckpt" and len(records[-1]["images"]) == 1
@@ -42,7 +45,7 @@ def test_arabic_question_streams_an_answer_shown_right_to_left(cluster, logdir):
     # A follow-up in English is shown left-to-right; regenerate gives the same greedy answer.
     state = server.add_text(state, "And in English?", None)
     *_, state = server.http_bot(state, "ckpt", 0.0, 0.7, 8)
-    assert 'dir="rtl"' not in chatbot_messages(state)[-1]["content"]
+    assert not chatbot_messages(state)[-1]["content"].startswith(RLM)
     answer = state.messages[-1][-1]
     *_, state = server.http_bot(server.regenerate(state), "ckpt", 0.0, 0.7, 8)
     assert state.messages[-1][-1] == answer
