@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 QUANTIZATION_SKIP = ["model.mm_projector", "model.vision_tower", "lm_head", "mm_projector", "vision_tower"]
 
 
-def resolve_checkpoint_dir(path: str) -> str:
-    """A local folder for ``path``: the folder itself, or the snapshot of a hub id in the local HF cache.
+def resolve_checkpoint_dir(path: str, cache_dir: str | None = None) -> str:
+    """A local folder for ``path``: the folder itself, or the snapshot of a hub id in the local HF cache (``cache_dir``
+    when given: training's ``--cache_dir``, as the original passed it to ``from_pretrained``).
 
     Raises:
         CheckpointError: If ``path`` is neither.
@@ -72,7 +73,7 @@ def resolve_checkpoint_dir(path: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=path)
+        return snapshot_download(repo_id=path, cache_dir=cache_dir)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
         offline = " (HF_HUB_OFFLINE=1: only the local cache is searched)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise CheckpointError(

@@ -86,7 +86,7 @@ def load_tokenizer_for_training(model_args: ModelArguments, args: TrainingArgume
         ValueError: For a tokenizer with no unk, pad or end-of-sequence token to pad with.
     """
     tokenizer = load_tokenizer(
-        resolve_checkpoint_dir(model_args.model_name_or_path), model_max_length=args.model_max_length,
+        resolve_checkpoint_dir(model_args.model_name_or_path, args.cache_dir), model_max_length=args.model_max_length,
         padding_side="right"
     )
     if model_args.version == "v0":
@@ -132,7 +132,7 @@ def _resize_with_mean_rows(model: PreTrainedModel, size: int) -> None:
 
 def load_language_model(model_args: ModelArguments, args: TrainingArguments) -> PreTrainedModel:
     """The base LLM as ``PaloForCausalLM`` (multimodal runs) or ``AutoModelForCausalLM`` (text-only)."""
-    path = resolve_checkpoint_dir(model_args.model_name_or_path)
+    path = resolve_checkpoint_dir(model_args.model_name_or_path, args.cache_dir)
     # 16-bit runs load in float32, whatever the checkpoint was saved in (Vicuna's config says float16, which
     # transformers 5 would keep): the weights a run without DeepSpeed updates are its master weights, and float16
     # ones overflow at the first step. DeepSpeed casts to bf16/fp16 itself and keeps float32 copies, as the original.

@@ -91,7 +91,7 @@ def test_a_tokenizer_without_an_unk_token_pads_with_its_end_of_sequence_token(tm
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos).save_pretrained(tmp_path / "tok")
     args = (SimpleNamespace(model_name_or_path=str(tmp_path / "tok"), version="v1"),
-            SimpleNamespace(model_max_length=64))
+            SimpleNamespace(model_max_length=64, cache_dir=None))
     if eos is None:
         with pytest.raises(ValueError, match="no unk, pad or end-of-sequence token"):
             load_tokenizer_for_training(*args)
@@ -101,3 +101,24 @@ def test_a_tokenizer_without_an_unk_token_pads_with_its_end_of_sequence_token(tm
     batch = DataCollator(tokenizer.pad_token_id)([{"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([5, 6])},
                                                   {"input_ids": torch.tensor([7]), "labels": torch.tensor([7])}])
     assert batch["input_ids"].tolist() == [[5, 6], [7, 0]] and batch["attention_mask"].tolist() == [[1, 1], [1, 0]]
+
+
+def test_the_base_model_is_found_in_the_cache_named_by_cache_dir(world, tmp_path, monkeypatch):
+    """The original passed --cache_dir to from_pretrained for the LLM and its tokenizer; here it was accepted and
+    ignored, so a base model cached there was not found offline."""
+    import huggingface_hub.constants as hub_constants
+
+    from palo.model.builder import CheckpointError
+    from palo.testing import tiny
+
+    cache = tmp_path / "elsewhere"
+    tiny.install_in_hf_cache(world.base_dir, "test-org/tiny-llm", str(cache))
+    empty = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_HOME", str(empty))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(empty / "hub"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="test-org/tiny-llm"):
+        _setup(world, tmp_path, "test-org/tiny-llm")
+    setup = _setup(world, tmp_path, "test-org/tiny-llm", "--cache_dir", str(cache / "hub"))
+    assert setup.tokenizer is not None and unwrap(setup.model).config.vocab_size > 0
