@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--controller-address", type=service_url, default="http://localhost:21001")
     # "--worker" spelled out: it abbreviated --worker-address until --worker-key made it ambiguous.
-    parser.add_argument("--worker-address", "--worker", type=str, default=None)
+    parser.add_argument("--worker-address", "--worker", type=service_url, default=None)
     parser.add_argument("--model-name", type=str, default="facebook/opt-350m")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--message", type=str, default="Tell me a story with more than 1000 words.")

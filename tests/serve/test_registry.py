@@ -354,6 +354,7 @@ def test_a_relay_count_that_is_not_an_ascii_number_is_ignored():
 @pytest.mark.parametrize("service, flag", [
     ("model_worker", "--worker-address"), ("model_worker", "--controller-address"),
     ("openai_worker", "--worker"), ("gradio_web_server", "--controller"), ("test_message", "--controller-address"),
+    ("test_message", "--worker"),
 ])
 def test_a_service_given_an_address_without_a_scheme_says_so_at_startup(service, flag, capsys):
     """``--worker localhost:40000`` started a worker that registered an address nothing could be sent to."""
