@@ -265,6 +265,20 @@ class _SamplerEpoch(TrainerCallback):
                 sampler.set_epoch(int(state.epoch or 0))
 
 
+class _SaveOnSchedule(TrainerCallback):
+    """Checkpoints on the ``--save_steps`` schedule only, as the original's transformers (4.31) wrote them.
+
+    transformers 5 also saves one at the last step, whatever the schedule: the original scripts' ``--save_steps
+    50000``, longer than any PALO run, then wrote a whole checkpoint (with the optimizer state: tens of GB for a
+    full fine-tune) beside the final model, which the run saves anyway. Runs after DefaultFlowCallback, which asked.
+    """
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        on_schedule = state.save_steps > 0 and state.global_step % state.save_steps == 0
+        if state.global_step >= state.max_steps and args.save_strategy == "steps" and not on_schedule:
+            control.should_save = False
+
+
 def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
 
@@ -300,6 +314,7 @@ class PaloTrainer(Trainer):
         self.packed_sampler: PackedStepSampler | None = None  # set by get_train_dataloader with --packing_rows
         self.grouped_sampler: LengthGroupedSampler | None = None  # set by _get_train_sampler with grouping
         self.add_callback(_SamplerEpoch(self))
+        self.add_callback(_SaveOnSchedule())
 
     # -- data order and optimizer ----------------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:

@@ -124,7 +124,7 @@ def test_zero2_with_packing_on_two_cpu_ranks_trains_and_saves_loadable_checkpoin
             "mlp2x_gelu", out, "2", "1e-3",
             "--image_folder", os.path.join(os.path.dirname(data), "images"), "--vision_tower", world.clip_dir,
             "--use_cpu", "True", "--bf16", "False", "--tf32", "False", "--per_device_train_batch_size", "4",
-            "--max_steps", "3", "--save_steps", "2", "--dataloader_num_workers", "0",
+            "--max_steps", "3", "--save_steps", "3", "--dataloader_num_workers", "0",
             "--gradient_checkpointing", "False", "--model_max_length", "256", "--packing", "True"]
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

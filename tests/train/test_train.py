@@ -406,7 +406,7 @@ def test_killed_run_resumes_with_identical_losses(world, data, tmp_path, uninter
     assert f"Resuming from {os.path.join(out, 'checkpoint-8')}" in output
     assert _steps_run(resumed_log) == list(range(8, 18))  # only the remaining steps, from global step 8 on
     assert _losses(out) == pytest.approx(uninterrupted_losses, abs=1e-4)
-    assert _checkpoints(out) == ["checkpoint-16", "checkpoint-18"]
+    assert _checkpoints(out) == ["checkpoint-12", "checkpoint-16"]  # on the schedule only: none at the last step
     assert not os.path.exists(os.path.join(out, ".staging"))  # the resumed run's own saves cleared it
 
 
@@ -515,6 +515,17 @@ def test_a_missing_broken_or_empty_data_file_is_one_line_before_the_model_loads(
     corrupt.write_text(json.dumps([dict(s, corrupt=True) for s in json.load(open(data))[:2]]), encoding="utf-8")
     with pytest.raises(SystemExit, match=f"^error: --data_path {corrupt} holds no samples that are not corrupt$"):
         train(_flags(world, str(corrupt), str(tmp_path / "out")))
+
+
+def test_checkpoints_are_written_on_the_save_steps_schedule_only(world, data, tmp_path):
+    """transformers 5 also saves a checkpoint at the last step: the original scripts' --save_steps 50000 (longer
+    than any run) wrote a whole checkpoint, optimizer state included, beside the final model; 4.31 did not."""
+    out = str(tmp_path / "out")
+    trainer = train(_flags(world, data, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "2",
+                           "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8"))
+    assert trainer.state.global_step == 3
+    assert _checkpoints(out) == ["checkpoint-2"]
+    assert os.path.isfile(os.path.join(out, "adapter_model.bin"))  # the final model, saved by the run
 
 
 def test_an_output_dir_another_run_writes_is_refused_before_the_model_loads(world, data, tmp_path, monkeypatch):
@@ -657,7 +668,7 @@ def _script_command(world, data: str, script: str, out: str, zero: str, *extra: 
     """A fine-tuning script (finetune_palo.sh / finetune_lora_palo.sh) for 3 steps of 2 ranks x 2 samples."""
     projector = os.path.join(world.projector_dir, "mm_projector.bin")
     args = ["bash", os.path.join(ROOT, "scripts", "train", script), world.base_dir, data, projector, "mlp2x_gelu", out,
-            zero, "1e-3", *_cpu_flags(world, data), "--max_steps", "3", "--save_steps", "2", *extra]
+            zero, "1e-3", *_cpu_flags(world, data), "--max_steps", "3", "--save_steps", "3", *extra]
     return args, _launch_env(launcher)
 
 
@@ -790,7 +801,7 @@ def test_pretrain_projector_script(world, tmp_path, monkeypatch):
     out = str(tmp_path / "stage1")
     args = ["bash", os.path.join(ROOT, "scripts", "train", "pretrain_projector.sh"), world.base_dir, captions,
             os.path.join(os.path.dirname(captions), "images"), "mlp2x_gelu", out, "2", "1e-3",
-            *_cpu_flags(world, captions), "--save_steps", "2"]
+            *_cpu_flags(world, captions), "--save_steps", "3"]
     _finish(_spawn(args, _launch_env(None)))
     reference, start = _one_process_reference(_script_argv(args, tmp_path), str(tmp_path / "one"), monkeypatch)
     _assert_two_ranks_match_one_process(out, reference, num_samples=12)  # 1 epoch: 3 steps of 2 x 2
