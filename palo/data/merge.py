@@ -8,6 +8,11 @@ anyway), and so are samples of a translated set that were never translated (no `
 two are counted apart. ``--image_prefix`` is put before relative image paths only. Everything is shuffled with
 ``random.Random(seed)``: the same inputs and seed give the same file, byte for byte.
 
+A set's language is the one translate wrote it for: its file's name when that names a language (``russian.json``,
+as translate names its output), else its samples' ``<language>_conversation`` key. A set translated from an earlier
+translated set carries that set's key too (translate keeps every field), so an unnamed set whose samples carry
+several is refused rather than labelled by a guess, and so is a named set whose samples carry another language's.
+
 The inputs are never loaded whole (at PALO scale they are about 2M samples, tens of GB as Python objects): each is
 indexed by byte offset (:class:`~palo.data.sample_file.SampleFile`), the shuffle permutes positions, and the
 output is written one sample at a time, read back from its input. Every sample is checked in the first pass, so a
@@ -28,18 +33,61 @@ from collections.abc import Iterator
 from typing import Any
 
 from palo.data.sample_file import SampleFile
-from palo.data.translate import TARGET_LANGUAGES, conversation_key
+from palo.data.translate import TARGET_LANGUAGES, conversation_key, parse_target_language
 from palo.jsonl import atomic_write_json, same_file
 
 
-def translated_language(sample: dict[str, Any]) -> str | None:
-    """The language of a translated sample, from its ``<language>_conversation`` key."""
-    return next((language for language in TARGET_LANGUAGES if conversation_key(language) in sample), None)
+def translated_language(sample: dict[str, Any], named: str | None = None) -> str | None:
+    """The language of a translated sample, from its ``<language>_conversation`` key.
+
+    A sample may carry more than one such key: translate keeps every field of its input, so a set translated from
+    an earlier set (original PALO outputs keep ``<language>_conversation``, docs/formats.md §8) holds that set's key
+    beside its own. Which one translate wrote is then told by the file's name, ``<language>.json`` as translate
+    names it (:func:`set_language`).
+
+    Args:
+        sample: A sample of a translated set.
+        named: The language the set's file name says, or None.
+
+    Returns:
+        ``named`` when the sample has its key, else the one language whose key the sample has, or None (never
+        translated).
+
+    Raises:
+        ValueError: A sample of a named set with another language's key but not its own (another language's set,
+            or one mixed into it), or one of an unnamed set with keys of several languages: which of them translate
+            wrote cannot be told, and guessing would label (and merge) the set as another language.
+    """
+    if named is not None and conversation_key(named) in sample:
+        return named
+    found = [language for language in TARGET_LANGUAGES if conversation_key(language) in sample]
+    if named is not None and found:  # another language's set under this name, or one mixed into it
+        raise ValueError(f"is {' and '.join(found)}, not {named} as the file's name says: give each language's set "
+                         "as its own --translated file, named for its language")
+    if len(found) > 1:
+        keys = " and ".join(repr(conversation_key(language)) for language in found)
+        names = " or ".join(f"{language}.json" for language in found)
+        raise ValueError(f"carries {keys}: which one translate wrote is told by the file's name, <language>.json as "
+                         f"translate names it; name the file for the language it was translated into ({names})")
+    return found[0] if found else None
+
+
+def set_language(path: str) -> str | None:
+    """The language a translated set's file name says: translate writes ``<language>.json`` (``russian.json``); an
+    ISO code (``ru.json``) and a suffix after a dot (``russian.reviewed.json``, an apply-review ``--output``) are
+    taken too. None when the name says no target language."""
+    stem = os.path.basename(path).split(".")[0]
+    try:
+        return parse_target_language(stem)
+    except ValueError:
+        return None
 
 
 def to_training(sample: dict[str, Any], language: str, image_prefix: str = "") -> dict[str, Any]:
-    """One translated sample as a training sample (``conversations`` in ``language``)."""
-    out = {k: v for k, v in sample.items() if k != conversation_key(language)}
+    """One translated sample as a training sample (``conversations`` in ``language``), without its
+    ``<language>_conversation`` copies: its own, and those of a set it was translated from."""
+    copies = {conversation_key(other) for other in TARGET_LANGUAGES}
+    out = {k: v for k, v in sample.items() if k not in copies}
     out["english_conversations"] = sample["conversations"]
     out["conversations"] = sample[conversation_key(language)]
     out["language"] = language
@@ -83,8 +131,9 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
 
     Raises:
         ValueError: Naming the flag and file: an input that cannot be read as a JSON array of samples, a
-            translated set without a ``<language>_conversation`` key, or a kept sample without its turns (or, with
-            ``image_prefix``, with an ``image`` that is not one file name).
+            translated set without a ``<language>_conversation`` key or whose language cannot be told
+            (:func:`translated_language`), or a kept sample without its turns (or, with ``image_prefix``, with an
+            ``image`` that is not one file name).
     """
     inputs = [english_path, *translated_paths]
     for i, path in enumerate(inputs):
@@ -107,9 +156,13 @@ def merge_files(english_path: str, translated_paths: list[str], output: str, see
         english["kept"] += 1
     for k, samples in enumerate(sets[1:], start=1):
         language, kept, corrupt, untranslated = None, 0, 0, 0
+        named = set_language(samples.path)
         for i in range(len(samples)):  # the filter pass: decides what is kept, keeps nothing but positions
             sample = samples[i]
-            own = translated_language(sample)
+            try:
+                own = translated_language(sample, named)
+            except ValueError as exc:
+                raise ValueError(f"--translated {samples.path}: sample {i} {exc}") from None
             if language is not None and own is not None and own != language:  # translate writes one per language
                 raise ValueError(f"--translated {samples.path}: sample {i} is {own}, the set's earlier samples are "
                                  f"{language}: give each language's set as its own --translated file")

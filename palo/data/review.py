@@ -9,7 +9,8 @@ The reviewer writes the right translation into ``corrected`` (leaving it null ke
 correction replaces turn ``turn`` of ``<language>_conversation`` in sample ``index``; ``<image>`` is put back at the
 front of the turn when the English turn had one and the correction left it out; a correction that adds ``<image>``
 to a turn whose English has none is refused (training would reject the sample). A sample whose every rejected turn
-is corrected gets ``corrupt: false``. Which turns were rejected comes from the translate run's
+is corrected gets ``corrupt: false``, unless the English input flagged it ``corrupt`` itself (the log says which; a
+translate rerun would flag it again): it stays corrupt. Which turns were rejected comes from the translate run's
 ``<language>.progress.jsonl`` (``--progress``, by default next to the data file) as well as from the review file, so
 a review file split between reviewers clears a sample only once all its rejected turns are corrected; without that
 log only the review file's lines are known, and a note says so. The corrected samples are appended to the log too,
@@ -50,7 +51,7 @@ def correction(entry: dict[str, Any]) -> str | None:
 
 def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str, Any]],
                       rejected: dict[int, list[dict[str, Any]]] | None = None,
-                      logged: dict[int, dict[str, Any]] | None = None
+                      logged: dict[int, dict[str, Any]] | None = None, flagged: set[int] | None = None
                       ) -> tuple[dict[str, int], dict[int, dict[str, Any]], dict[int, list[dict[str, Any]]]]:
     """Apply review entries to the samples they name.
 
@@ -64,9 +65,12 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
         logged: The ``sample`` of the same log records (by index), whose translated turns and ``corrupt`` flag are
             the ones corrected: they hold the corrections of earlier review files, which ``samples`` lacks when
             those were written with ``--output`` elsewhere. A record for other English than the set's is not used.
+        flagged: The indices of samples the English input flagged ``corrupt`` (the log records it): they stay
+            corrupt when every rejected turn is corrected, as translate keeps them (without the log none is known).
 
     Returns:
-        A report (corrected turns, samples cleared, samples still corrupt), the corrected samples by index (copies:
+        A report (corrected turns, samples cleared, samples still corrupt with a turn rejected, samples with every
+        turn corrected that stay corrupt as the input flagged them), the corrected samples by index (copies:
         ``samples`` is not changed), and per corrected sample the review entries of its turns still rejected.
 
     Raises:
@@ -76,7 +80,7 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
     by_sample: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for entry in entries:
         by_sample[int(entry["index"])].append(entry)
-    corrected = cleared = pending = 0
+    corrected = cleared = pending = kept_flagged = 0
     fixed: dict[int, dict[str, Any]] = {}
     still_open: dict[int, list[dict[str, Any]]] = {}
     for index, group in sorted(by_sample.items()):
@@ -136,12 +140,18 @@ def apply_corrections(samples: Sequence[dict[str, Any]], entries: list[dict[str,
                 open_entries.append(entry)
         if open_entries:
             pending += 1
+        elif index in (flagged or ()):
+            # The English itself was flagged (by an earlier tool or a person): correcting its translation does not
+            # make it good, and a translate rerun would flag it again (with_translation).
+            sample["corrupt"] = True
+            kept_flagged += 1
         else:
             sample["corrupt"] = False
             cleared += 1
         fixed[index] = sample
         still_open[index] = open_entries
-    report = {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending}
+    report = {"corrected_turns": corrected, "samples_cleared": cleared, "samples_still_corrupt": pending,
+              "samples_flagged_in_input": kept_flagged}
     return report, fixed, still_open
 
 
@@ -210,25 +220,35 @@ def _progress_path(args: argparse.Namespace) -> str | None:
 
 
 def _logged(progress: str, indices: set[int]
-            ) -> tuple[dict[int, Any], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]]]:
+            ) -> tuple[dict[int, Any], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], set[int]]:
     """The hash, the still-rejected review entries and the translated sample of the last log record of each of
-    ``indices``."""
+    ``indices``, and which of them the English input flagged ``corrupt``.
+
+    A record says the input flagged its sample with ``input_corrupt`` (translate writes it), or, in a log older than
+    that key, by a ``corrupt`` sample without a rejected turn, which nothing else makes. The flag holds for later
+    records of the same English (an apply-review before this rule wrote ``corrupt: false`` over it).
+    """
     hashes: dict[int, Any] = {}
     rejected: dict[int, list[dict[str, Any]]] = {}
     samples: dict[int, dict[str, Any]] = {}
+    flagged: set[int] = set()
     for _, record in iter_log(progress):
         if not isinstance(record, dict) or "index" not in record or int(record["index"]) not in indices:
             continue
         index = int(record["index"])
+        if index in hashes and record.get("hash") != hashes[index]:
+            flagged.discard(index)  # a record for other English: its flag is not this input's
         hashes[index] = record.get("hash")
         review = record.get("review")
         rejected[index] = [e for e in review if isinstance(e, dict) and "turn" in e] if isinstance(review, list) else []
         sample = record.get("sample")
         if isinstance(sample, dict):
             samples[index] = sample
+            if record.get("input_corrupt") is True or (sample.get("corrupt") and not rejected[index]):
+                flagged.add(index)
         else:
             samples.pop(index, None)
-    return hashes, rejected, samples
+    return hashes, rejected, samples, flagged
 
 
 def main_apply_review(args: argparse.Namespace) -> int:
@@ -250,22 +270,28 @@ def main_apply_review(args: argparse.Namespace) -> int:
     entries = [record.data for record in read_jsonl(args.review, required=("index", "language", "turn"))]
     try:
         indices = {int(e["index"]) for e in entries}
-        hashes, rejected, logged = _logged(progress, indices) if progress else ({}, None, {})
-        report, fixed, still_open = apply_corrections(samples, entries, rejected, logged)
+        hashes, rejected, logged, flagged = _logged(progress, indices) if progress else ({}, None, {}, set())
+        report, fixed, still_open = apply_corrections(samples, entries, rejected, logged, flagged)
     except (ValueError, KeyError, IndexError, TypeError) as exc:
         print(f"error: {args.review}: {exc}", file=sys.stderr)
         return 2
     if rejected is None and report["samples_still_corrupt"]:
         print(f"note: no translate progress log (--progress) for {args.data_path}: turns the review file does not "
               "correct were checked again, and samples with a turn that fails stay corrupt", file=sys.stderr)
+    if report["samples_flagged_in_input"]:
+        print(f"note: {report['samples_flagged_in_input']} sample(s) with every rejected turn corrected stay corrupt: "
+              "the English input flagged them corrupt itself", file=sys.stderr)
     # Keep the translate run's resume log in step, so a rerun rebuilds the set with the corrections in it.
     if progress and fixed:
         # The appender first cuts a torn last line (a killed translate run), so the corrections start a line of
         # their own instead of being glued to the torn one, where a resume would cut them off.
         with JsonlAppender(progress) as log:
             for index in fixed:
-                log.write({"index": index, "hash": hashes.get(index) or source_hash(fixed[index]),
-                           "sample": fixed[index], "review": still_open[index]})
+                record = {"index": index, "hash": hashes.get(index) or source_hash(fixed[index]),
+                          "sample": fixed[index], "review": still_open[index]}
+                if index in flagged:  # as translate writes it, for the next apply-review
+                    record["input_corrupt"] = True
+                log.write(record)
     # After the log: a run killed between the two leaves the corrections where a rerun of either command finds them.
     # Every sample is read before the new file replaces the old one (in place by default); the temporary file of a
     # killed run is removed by the next one.

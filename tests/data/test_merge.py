@@ -313,3 +313,41 @@ def test_merge_of_an_input_edited_in_place_meanwhile_is_one_error_line(tmp_path,
     assert err.startswith(f"error: --translated {arabic}: the data file changed since it was indexed at "), err
     assert "(modified at " in err and "training" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["ar.json", "en.json"]  # no output, no temp file
+
+
+def _retranslated(n: int) -> list[dict]:
+    """A Russian set translated from a Spanish one (original PALO outputs keep ``<language>_conversation``):
+    translate keeps every field of its input, so each sample carries both keys."""
+    out = []
+    for sample in _translated("spanish", "¿Qué es esto?", n, corrupt=set()):
+        sample["russian_conversation"] = [{"from": "human", "value": "<image>\nЧто это?"},
+                                          {"from": "gpt", "value": "Что это?"}]
+        out.append(sample)
+    return out
+
+
+def test_a_set_translated_from_another_translated_set_is_merged_as_the_language_it_was_translated_into(tmp_path,
+                                                                                                       capsys):
+    """The first <language>_conversation key present was taken: a Russian set whose samples also carry the Spanish
+    key they were translated from was labelled and merged as Spanish."""
+    english = _write(tmp_path / "en.json", _english(1))
+    russian = _write(tmp_path / "russian.json", _retranslated(2))  # the name translate gives its output
+    out = tmp_path / "m.json"
+    assert main(["merge", "--data_path", english, "--translated", russian, "--output", str(out)]) == 0
+    assert "russian" in capsys.readouterr().out
+    merged = [s for s in json.loads(out.read_text(encoding="utf-8")) if "language" in s]
+    assert [s["language"] for s in merged] == ["russian", "russian"]
+    for sample in merged:
+        assert sample["conversations"][1]["value"] == "Что это?"
+        assert sample["english_conversations"][0]["value"] == "<image>\nWhat is this?"
+        assert "russian_conversation" not in sample and "spanish_conversation" not in sample
+    # Whose name says no language: which key translate wrote cannot be told, so the merge refuses rather than guess.
+    unnamed = _write(tmp_path / "set.json", _retranslated(2))
+    assert main(["merge", "--data_path", english, "--translated", unnamed, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--translated {unnamed}: sample 0 carries 'spanish_conversation' and 'russian_conversation'" in err
+    assert "spanish.json or russian.json" in err
+    # Named for a language its samples were not translated into (a renamed file): refused too.
+    arabic = _write(tmp_path / "ar.json", _retranslated(2))
+    assert main(["merge", "--data_path", english, "--translated", arabic, "--output", str(out)]) == 2
+    assert "sample 0 is spanish and russian, not arabic as the file's name says" in capsys.readouterr().err

@@ -95,6 +95,40 @@ def test_without_a_log_a_turn_the_review_file_leaves_out_is_checked_again(tmp_pa
     assert json.load(open(data, encoding="utf-8"))[0]["corrupt"] is False
 
 
+def test_a_sample_the_english_input_flagged_corrupt_stays_corrupt_once_its_turns_are_corrected(tmp_path, capsys):
+    """The sample was cleared (corrupt: false) although its English was flagged corrupt: a translate rerun then wrote
+    it corrupt again, and its report counted it as good."""
+    data = _write_json(tmp_path / "arabic.json", [TWO_REJECTED])
+    both = [_entry(0, 1, "A dog.", None), _entry(0, 3, "Brown.", None)]
+    log = _write_jsonl(tmp_path / "arabic.progress.jsonl",
+                       [{"index": 0, "hash": "h", "sample": TWO_REJECTED, "review": both, "input_corrupt": True}])
+    review = _write_jsonl(tmp_path / "r.jsonl", [_entry(0, 1, "A dog.", "كلب."), _entry(0, 3, "Brown.", "بني.")])
+    assert main(["apply-review", "--data_path", data, "--review", review]) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert (report["corrected_turns"], report["samples_cleared"], report["samples_flagged_in_input"]) == (2, 0, 1)
+    assert "the English input flagged them corrupt itself" in out.err
+    sample = json.load(open(data, encoding="utf-8"))[0]
+    assert sample["corrupt"] is True and sample["arabic_conversation"][3]["value"] == "بني."
+    # The log's new record says so too, for a translate rerun's count and the next review.
+    last = json.loads(open(log, encoding="utf-8").read().splitlines()[-1])
+    assert last["sample"]["corrupt"] is True and last["review"] == [] and last["input_corrupt"] is True
+
+
+def test_a_log_older_than_input_corrupt_still_tells_a_flagged_input_by_a_corrupt_record_without_rejections(
+        tmp_path, capsys):
+    """A record without rejected turns is corrupt only for its input's flag: a reviewer's correction of one of its
+    turns cleared it."""
+    flagged = dict(TWO_REJECTED, arabic_conversation=[_human("<image>\nما هذا؟"), _gpt("كلب."), _human("ما اللون؟"),
+                                                      _gpt("Brown.")])
+    data = _write_json(tmp_path / "arabic.json", [flagged])
+    _write_jsonl(tmp_path / "arabic.progress.jsonl", [{"index": 0, "hash": "h", "sample": flagged, "review": []}])
+    review = _write_jsonl(tmp_path / "r.jsonl", [_entry(0, 3, "Brown.", "بني.")])
+    assert main(["apply-review", "--data_path", data, "--review", review]) == 0
+    assert json.loads(capsys.readouterr().out)["samples_flagged_in_input"] == 1
+    assert json.load(open(data, encoding="utf-8"))[0]["corrupt"] is True
+
+
 def test_review_shares_written_to_another_output_build_on_each_other_through_the_log(tmp_path, capsys):
     """Two reviewers' shares applied with --output beside a --data_path left as translate wrote it: the first
     correction reached the log only, so the second apply took the turn as done from the log, kept its rejected

@@ -29,6 +29,7 @@ from palo.data.languages import detect_language
 from palo.data.translate import (
     check_translation,
     clean_reply,
+    join_image,
     mask,
     parse_target_language,
     restore,
@@ -502,6 +503,126 @@ def test_a_bare_courtesy_opener_is_removed_unless_the_source_opens_so():
     # The source opens with assent itself: the reply's opening is its translation.
     assert clean_reply("Bien sûr ! L'image montre un chat.", "Sure! The image shows a cat.") == (
         "Bien sûr ! L'image montre un chat.")
+
+
+UMBRELLA = "The man on the left is holding a large umbrella while walking his dog in the rain."
+
+
+@pytest.mark.parametrize("source,reply,language", [
+    # Only the end translated: what is left passes the script and language checks, which judge the words the reply
+    # does not share with the English.
+    ("What is the man on the left holding?", "What is the man on the left держит?", "russian"),
+    (UMBRELLA, UMBRELLA[:-12] + "в дождь.", "russian"),
+    (UMBRELLA, UMBRELLA[:-12] + "تحت المطر.", "arabic"),
+    (UMBRELLA, UMBRELLA[:-12] + "在雨中。", "chinese"),
+    (UMBRELLA, UMBRELLA[:-12] + "बारिश में।", "hindi"),
+    ("What is the man on the left holding?", "Que tient the man on the left ?", "french"),
+    # One sentence of a turn left in English: less than half of the source, but a run of it.
+    ("The man is holding it. It is a dog.", "Мужчина держит это. It is a dog.", "russian"),
+    ("The man is riding a bicycle down the busy street near the old market. Several people are walking on the "
+     "sidewalk beside him. He is wearing a red helmet.",
+     "El hombre va en bicicleta por la concurrida calle cerca del viejo mercado. Varias personas caminan por la acera "
+     "a su lado. He is wearing a red helmet.", "spanish"),
+])
+def test_a_reply_left_partly_in_english_is_rejected(source, reply, language):
+    """Such replies were accepted (corrupt: false, merged into training data) although the docs promise a
+    translation "not left in English"."""
+    problems = check_translation(source, clean_reply(reply, source), language)
+    assert any(p.startswith("partly left in English") for p in problems), problems
+
+
+@pytest.mark.parametrize("source,reply,language", [
+    # Names, brands, titles and technical terms a translation keeps in English, in a Latin-script target ...
+    ("The man is wearing a New York Yankees cap.", "El hombre lleva una gorra de los New York Yankees.", "spanish"),
+    ("The laptop runs Microsoft Office and Google Chrome.", "El portátil ejecuta Microsoft Office y Google Chrome.",
+     "spanish"),
+    ("The book is called The Lord of the Rings.", "Le livre s'appelle The Lord of the Rings.", "french"),
+    ("The article explains how deep learning models recognize faces.",
+     "L'article explique comment les modèles de deep learning reconnaissent les visages.", "french"),
+    ("The sign says 'Welcome to the park' in big letters.", "Le panneau dit 'Welcome to the park' en grandes lettres.",
+     "french"),
+    # ... and in others: names, quoted signs (quoted in the English only, too) and terms.
+    ("Harry Potter and the Chamber of Secrets is a book.", "Harry Potter and the Chamber of Secrets — это книга.",
+     "russian"),
+    ("He is playing Call of Duty on a PlayStation.", "Он играет в Call of Duty на PlayStation.", "russian"),
+    ("The shirt says 'keep calm and carry on'.", "На футболке написано keep calm and carry on.", "russian"),
+    ("The chart compares the GPU memory bandwidth of the models.", "图表比较了各模型的GPU memory bandwidth。",
+     "chinese"),
+    ("The poster advertises the movie Star Wars: The Force Awakens.",
+     "ポスターは映画Star Wars: The Force Awakensを宣伝しています。", "japanese"),
+    ("The man is editing a video in Final Cut Pro on a MacBook Pro.",
+     "आदमी MacBook Pro पर Final Cut Pro में वीडियो एडिट कर रहा है।", "hindi"),
+    ("The sign says 'Welcome to the park' in big letters.", "تقول اللافتة 'Welcome to the park' بأحرف كبيرة.",
+     "arabic"),
+    ("The file is named train_model_final.py on the desktop.", "文件名为train_model_final.py，在桌面上。", "chinese"),
+])
+def test_names_brands_and_terms_kept_in_english_are_not_a_reply_left_in_english(source, reply, language):
+    assert check_translation(source, clean_reply(reply, source), language) == []
+
+
+@pytest.mark.parametrize("reply,clean", [
+    ("```Машина на фото красная.```", "Машина на фото красная."),  # the first word was taken for a language tag
+    ("```\nМашина на фото красная.\n```", "Машина на фото красная."),
+    ("```text\nМашина на фото красная.\n```", "Машина на фото красная."),
+])
+def test_a_code_fence_is_removed_without_the_reply_s_first_word(reply, clean):
+    source = "The car in the photo is red."
+    assert clean_reply(reply, source) == clean
+    assert check_translation(source, clean_reply(reply, source), "russian") == []
+
+
+@pytest.mark.parametrize("text,masked,spans", [
+    # The pattern backtracked to the integer part: "3" was masked and ".5kg" left to the model.
+    ("It weighs 3.5kg.", "It weighs [[1]]kg.", ["3.5"]),
+    ("Zoom 1.5x here.", "Zoom [[1]]x here.", ["1.5"]),
+    ("A 2.5mm screw and a 1,200mAh battery.", "A [[1]]mm screw and a [[2]]mAh battery.", ["2.5", "1,200"]),
+    ("It opens at 10:30am.", "It opens at [[1]]am.", ["10:30"]),
+    # As before: an integer glued to letters is a word the model handles, a number alone is masked.
+    ("The 3rd of 4K TVs weighs 3kg.", "The 3rd of 4K TVs weighs 3kg.", []),
+    ("It weighs 3.5 kg, or 12%.", "It weighs [[1]] kg, or [[2]].", ["3.5", "12%"]),
+])
+def test_a_decimal_glued_to_a_unit_is_masked_whole(text, masked, spans):
+    result = mask(text)
+    assert (result.text, result.spans) == (masked, spans)
+    assert restore(result.text, result.spans) == text
+
+
+@pytest.mark.parametrize("value,text", [
+    ("Describe the scene <image> in detail please.", "Describe the scene  in detail please."),
+    ("Look at this<image>, what is it?", "Look at this, what is it?"),
+    ("What is it?\n<image>", "What is it?"),
+])
+def test_an_image_in_mid_sentence_is_removed_as_training_removes_it(value, text):
+    """It was replaced by a line break, which split the sentence sent to the model in two."""
+    assert split_image(value) == (text, 1)
+    # Training's normalisation (palo.train.preprocess.normalize_image_turns) of the English turn, which the
+    # translated turn follows: the placeholder on its own first line, then the text.
+    assert join_image(*split_image(value)) == "<image>\n" + value.replace("<image>", "").strip()
+
+
+@pytest.mark.parametrize("source,reply,language", [
+    ("Transfer: the money was sent to the shop owner.", "Перевод: деньги были отправлены владельцу магазина.",
+     "russian"),
+    ("Transfer to account: the money was sent.", "Перевод на счёт: деньги были отправлены.", "russian"),
+    ("Conversion: five miles is about eight kilometres.", "Перевод: пять миль — это около восьми километров.",
+     "russian"),
+    ("Interpreter: please sit down.", "翻译：请坐。", "chinese"),
+])
+def test_a_label_that_translates_the_source_s_opening_label_is_kept(source, reply, language):
+    """"Перевод" is a transfer as well as a translation: the reply's translation of the source's "Transfer:" was
+    stripped as a preamble."""
+    assert clean_reply(reply, source) == reply
+    assert check_translation(source, reply, language) == []
+
+
+@pytest.mark.parametrize("source,reply,clean", [
+    # The word's other meaning elsewhere in the source, or a source whose opening is no such label: a preamble.
+    ("What is the transfer fee?", "Перевод: Какова комиссия за перевод?", "Какова комиссия за перевод?"),
+    ("Transfer the files to the laptop.", "Перевод: Перенесите файлы на ноутбук.", "Перенесите файлы на ноутбук."),
+    ("Who is the interpreter here?", "翻译：这里谁是口译员？", "这里谁是口译员？"),
+])
+def test_a_preamble_word_with_a_second_meaning_is_still_a_preamble_elsewhere(source, reply, clean):
+    assert clean_reply(reply, source) == clean
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1019,6 +1140,47 @@ def test_an_input_sample_flagged_corrupt_stays_corrupt(tmp_path, server, capsys)
     assert main(_translate_args(data, str(out), server, "fr", "--retry_rejected")) == 0
     assert len(server.calls) == calls
     assert [s["corrupt"] for s in json.load(open(out / "french.json", encoding="utf-8"))] == [False, True]
+
+
+def test_a_review_leaves_an_input_sample_flagged_corrupt_corrupt_as_translate_does(tmp_path, server, capsys):
+    """apply-review cleared a sample the English input had flagged corrupt once its rejected turn was corrected; a
+    translate rerun then wrote it corrupt again (the input's flag) while its report counted 0 corrupt."""
+    flagged = dict(_sample(0, "<image>\nWhat is on the chair?", "echoenglish a dog sits on the chair."), corrupt=True)
+    data = _write(tmp_path / "in.json", [flagged, _sample(1, "<image>\nWhat is on the table?",
+                                                          "echoenglish a cat sits on the table.")])
+    out = tmp_path / "out"
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    assert json.loads(capsys.readouterr().out)["languages"]["french"]["corrupt"] == 2
+    review = out / "french.review.jsonl"
+    entries = [json.loads(line) for line in open(review, encoding="utf-8")]
+    assert [(e["index"], e["turn"]) for e in entries] == [(0, 1), (1, 1)]
+    for entry, text in zip(entries, ("un chien est assis sur la chaise.", "un chat est assis sur la table.")):
+        entry["corrected"] = text
+    review.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+    assert main(["apply-review", "--data_path", str(out / "french.json"), "--review", str(review)]) == 0
+    printed = capsys.readouterr()
+    report = json.loads(printed.out)
+    assert (report["samples_cleared"], report["samples_flagged_in_input"]) == (1, 1)
+    assert "the English input flagged them corrupt itself" in printed.err
+    reviewed = json.load(open(out / "french.json", encoding="utf-8"))
+    assert [s["corrupt"] for s in reviewed] == [True, False]
+    assert reviewed[0]["french_conversation"][1]["value"] == "un chien est assis sur la chaise."
+    # A rerun rebuilds the same set from the log, and its report counts what it wrote.
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    assert json.loads(capsys.readouterr().out)["languages"]["french"]["corrupt"] == 1
+    assert json.load(open(out / "french.json", encoding="utf-8")) == reviewed
+    # A log whose last record cleared the flag (an apply-review before this rule): the report still counts what the
+    # rerun writes.
+    log = out / "french.progress.jsonl"
+    last = json.loads(log.read_text(encoding="utf-8").splitlines()[-2])  # apply-review's record of sample 0
+    assert last["index"] == 0 and last["input_corrupt"] is True
+    del last["input_corrupt"]
+    last["sample"]["corrupt"] = False
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(last, ensure_ascii=False) + "\n")
+    assert main(_translate_args(data, str(out), server, "fr")) == 0
+    assert json.loads(capsys.readouterr().out)["languages"]["french"]["corrupt"] == 1
+    assert [s["corrupt"] for s in json.load(open(out / "french.json", encoding="utf-8"))] == [True, False]
 
 
 def test_an_output_dir_that_is_a_file_is_an_error_line(tmp_path, server, capsys):

@@ -14,7 +14,8 @@ PALO's multilingual set was made by translating LLaVA-Instruct-150K with a chat 
   does not have, no new angle brackets. A preamble a chat model puts before the translation ("Translation:", "Here
   is the translation:", "Voici la traduction :", "الترجمة:", "翻译：", a bare "Sure! " ...) is recognised by its
   place, the start of the reply, and removed (:func:`strip_preamble`), unless the source itself starts with such a
-  label; whether the source mentions translation elsewhere does not matter. A failing
+  label, or with one the preamble's word also means ("Transfer:" for "Перевод:"); whether the source mentions
+  translation elsewhere does not matter. A failing
   translation is asked for once more with a stricter instruction that names the problems; if it fails again the sample
   is kept with ``corrupt: true`` and its bad turns go to a review file a person can correct
   (``palo-data apply-review``).

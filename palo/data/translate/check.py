@@ -102,6 +102,22 @@ _TARGET_NOTES = (
 MIN_COPIED_RUN = 3
 # Share of the source's words a reply may hold verbatim (in runs, in order) beside a translation of its own.
 MAX_COPIED_SHARE = 0.7
+# A reply left partly in English ("What is the man on the left держит?"): the words it keeps verbatim from the source
+# in runs of MIN_COPIED_RUN or more, names and quoted text aside, must be fewer than this share of the source's words,
+# and fewer than LONG_KEPT_RUN one after the other (a sentence of a long turn left untranslated: "It is a dog.").
+MAX_KEPT_SHARE = 0.5
+LONG_KEPT_RUN = 4
+# Quoted text (a sign, a title) may stay in English: "...", “...”, ‘...’, «...», „...“, 「...」, 『...』, 《...》,
+# ‹...›, and '...' when the marks stand outside words (not the apostrophes of "l'image" or "it's").
+_QUOTED_RE = re.compile(r'"[^"\n]*"|“[^”\n]*”|‘[^’\n]*’|«[^»\n]*»|„[^“”\n]*[“”]|「[^」\n]*」|『[^』\n]*』|《[^》\n]*》'
+                        r"|‹[^›\n]*›|(?<![^\W_])'[^'\n]*'(?![^\W_])")
+# Where a sentence ends, and what may stand between that and the next sentence's first word.
+_SENTENCE_END = ".!?…\n"
+_OPENERS = " \t\"'“‘«„「『《‹(["
+# A word glued to more by a digit or by "_", ".", "/", "@", "\\" or ":" without a space: a part of a name a
+# translation keeps (a file name, an address, an identifier), not English left untranslated.
+_GLUED_RE = re.compile(r"\d|[_./@\\:]\w")
+_GLUED_BEFORE_RE = re.compile(r"(?:\d|\w[_./@\\:])\Z")
 
 
 def _letters(text: str) -> int:
@@ -149,6 +165,75 @@ def _copies_source(bare: str, bare_source: str) -> bool:
     copied = {k for b in blocks for k in range(b.b, b.b + b.size)}
     rest = "".join(" " if k in copied else m.group(0) for k, m in enumerate(matches))
     return _weighted_letters(rest) >= 0.3 * _weighted_letters(bare_source)
+
+
+def _quoted(text: str, matches: list[re.Match]) -> list[bool]:
+    """Per word of ``matches`` (found in ``text``), whether it stands inside quotation marks."""
+    spans = [m.span() for m in _QUOTED_RE.finditer(text)]
+    return [any(start < m.start() < end for start, end in spans) for m in matches]
+
+
+def _is_name(text: str, match: re.Match) -> bool:
+    """Whether a word of the English ``text`` reads as (part of) a name: a capital inside it ("iPhone", "NVIDIA"),
+    a capital initial away from the start of a sentence ("the New York Times"), or a part of a file name, address
+    or identifier ("train_model.py", "www.example.com", "python3"). A sentence's first word and "I" are capitalised
+    whatever they are."""
+    word = match.group(0)
+    start, end = match.span()
+    if (any(c.isupper() for c in word[1:]) or _GLUED_RE.match(text, end)
+            or _GLUED_BEFORE_RE.search(text[max(0, start - 2):start])):
+        return True
+    if not word[0].isupper() or len(word) == 1:
+        return False
+    while start > 0 and text[start - 1] in _OPENERS:
+        start -= 1
+    return start > 0 and text[start - 1] not in _SENTENCE_END
+
+
+def _kept_english(bare: str, bare_source: str) -> str | None:
+    """What of the English source ``bare`` keeps as it was instead of translating it, when that is a substantial
+    part: the source's words copied in runs of MIN_COPIED_RUN or more ("What is the man on the left держит?"),
+    not counting names ("New York Times", "MacBook Pro", "train_model.py") nor text quoted in either (a sign, a
+    title), which a translation keeps in English, make MAX_KEPT_SHARE of the source's words or more, or hold
+    LONG_KEPT_RUN such words one after the other.
+
+    Such a reply passes the language checks, which judge the words the translation does not share with the source
+    (:func:`_own_words`): what is left of it is in the target language.
+
+    Returns:
+        The problem, quoting the longest stretch of kept words; None when the reply keeps no substantial part.
+    """
+    source_matches = list(_SCRIPT_WORD_RE.finditer(bare_source))
+    source_words = [m.group(0).lower() for m in source_matches]
+    matches = list(_SCRIPT_WORD_RE.finditer(bare))
+    words = [m.group(0).lower() for m in matches]
+    vocabulary = set(source_words)
+    if sum(w in vocabulary for w in words) < MIN_COPIED_RUN:  # cheap: most replies stop here
+        return None
+    blocks = [b for b in SequenceMatcher(None, source_words, words, autojunk=False).get_matching_blocks()
+              if b.size >= MIN_COPIED_RUN]
+    if not blocks:
+        return None
+    source_free = [not (_is_name(bare_source, m) or quoted) for m, quoted in
+                   zip(source_matches, _quoted(bare_source, source_matches))]
+    reply_quoted = _quoted(bare, matches)
+    kept, longest, run = 0, 0, (0, 0)
+    for block in blocks:
+        first = None  # where the current stretch of kept words starts in the reply
+        for j in range(block.size):
+            if not source_free[block.a + j] or reply_quoted[block.b + j]:
+                first = None
+                continue
+            kept += 1
+            first = block.b + j if first is None else first
+            if block.b + j + 1 - first > longest:
+                longest, run = block.b + j + 1 - first, (matches[first].start(), matches[block.b + j].end())
+    if kept < MIN_COPIED_RUN or (kept < MAX_KEPT_SHARE * len(source_words) and longest < LONG_KEPT_RUN):
+        return None
+    snippet = bare[run[0]:run[1]]
+    snippet = snippet if len(snippet) <= 60 else snippet[:57] + "..."
+    return (f"partly left in English ({kept} of the source's {len(source_words)} words kept as they are, "
+            f"e.g. {snippet!r})")
 
 
 def _lines(text: str) -> int:
@@ -228,6 +313,8 @@ def check_translation(source: str, translation: str, language: str, n_placeholde
     elif (len(bare_source.strip()) >= 40 and bare_source.strip().lower() in bare.lower()) or _copies_source(
             bare, bare_source):
         problems.append("echoes the English source")
+    elif kept := _kept_english(bare, bare_source):
+        problems.append(kept)
     low, high = LENGTH_RATIO.get(language, DEFAULT_LENGTH_RATIO)
     if len(source) >= SHORT_SOURCE:
         ratio = len(translation) / len(source)

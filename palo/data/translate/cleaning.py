@@ -46,11 +46,32 @@ _OPENS_WITH_ASSENT_RE = re.compile(
 )
 
 
+# Preamble words that also translate another English label, with that label as a source opens with it (its first
+# words up to a colon or the end of its line: "Transfer:", "Transfer to account 2:"): Russian "перевод" is a
+# transfer, a remittance or a conversion as well as a translation ("Transfer: the money was sent." is "Перевод:
+# деньги были отправлены."), Chinese "翻译" an interpreter or translator (the person) as well.
+_LABEL_START = r"\W*(?:(?:the|a|an|my|your)\s+)?(?:"
+_LABEL_END = r")\b[^\n:：.!?]{0,40}(?:[:：]|\n)"
+_SECOND_MEANINGS = (
+    (re.compile("перевод", re.IGNORECASE),
+     re.compile(_LABEL_START + r"transfer\w*|remittance\w*|conver(?:sion|sions|t|ts|ting)|wire|relocation"
+                + _LABEL_END, re.IGNORECASE)),
+    (re.compile("翻译|翻譯"), re.compile(_LABEL_START + r"interpret\w*|translator\w*" + _LABEL_END, re.IGNORECASE)),
+)
+
+
+def _translates_source_label(preamble: str, source: str) -> bool:
+    """Whether ``preamble`` (the start of a reply that reads as one) is the translation of the label ``source``
+    opens with, in a second meaning of its word: "Перевод:" for "Transfer:", "翻译：" for "Interpreter:"."""
+    return any(word.search(preamble) and label.match(source) for word, label in _SECOND_MEANINGS)
+
+
 def preamble_of(reply: str, source: str) -> re.Match | None:
     """The preamble opening ``reply`` (a label such as "Translation:", or a bare "Sure! "), or None; none when the
-    source opens the same way (then the reply's opening is its translation)."""
+    source opens the same way (then the reply's opening is its translation), or with a label the preamble's word
+    also means ("Transfer:" for the Russian "Перевод:")."""
     match = _PREAMBLE_RE.match(reply)
-    if match is not None and not _PREAMBLE_RE.match(source):
+    if match is not None and not _PREAMBLE_RE.match(source) and not _translates_source_label(match.group(0), source):
         return match
     match = _COURTESY_RE.match(reply)
     if match is not None and not _OPENS_WITH_ASSENT_RE.match(source):
@@ -62,7 +83,8 @@ def strip_preamble(reply: str, source: str) -> str:
     """``reply`` without a preamble ("Translation: ...", "Here is the translation:\\n...", "Sure! ...") at its start.
 
     Decided by position only: the preamble must open the reply, and it is kept when the source opens with such a
-    label itself (then it is the translation of that label). Words the source uses elsewhere change nothing, so
+    label itself, or with one the preamble's word also means ("Transfer:" for "Перевод:"): then it is the
+    translation of that label. Words the source uses elsewhere change nothing, so
     "Translation: ..." is removed from the reply to "Can you give a translation of the sign?".
     """
     match = preamble_of(reply, source)
@@ -80,7 +102,9 @@ def clean_reply(reply: str, source: str) -> str:
     (:func:`strip_preamble`), then quotes or a code fence around the rest."""
     text = strip_preamble(reply.strip(), source).strip()
     if text.startswith("```") and text.endswith("```") and not source.lstrip().startswith("```") and len(text) > 6:
-        text = re.sub(r"^```[\w-]*\n?|\n?```$", "", text).strip()
+        # A language tag ("```json") ends at its line break: in "```Машина на фото красная.```" the word after the
+        # fence is the translation's.
+        text = re.sub(r"^```(?:[\w-]*[ \t]*\n)?|\n?```$", "", text).strip()
     if source.strip().startswith(_OPENING_QUOTES):
         return text
     for left, right in _WRAPPERS:

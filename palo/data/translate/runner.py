@@ -66,7 +66,14 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
 
     os.makedirs(output_dir, exist_ok=True)
     paths = {language: output_paths(output_dir, language) for language in languages}
-    hashes = [source_hash(s) for s in samples]
+    # The input's own corrupt flags too (in the same pass over the input): translate keeps them (with_translation),
+    # so the report counts them, and the log records them for apply-review, which must not clear such a sample.
+    hashes: list[str] = []
+    flagged: set[int] = set()
+    for i, sample in enumerate(samples):
+        hashes.append(source_hash(sample))
+        if sample.get("corrupt"):
+            flagged.add(i)
     # The logs first: each is locked (one run per output folder), so what they hold is read only once it is ours.
     logs: dict[str, JsonlAppender] = {}
     # Only where each finished record is in its log: the records themselves would not fit in memory at 150K x 9.
@@ -141,6 +148,8 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
                                                "error": f"unexpected {type(exc).__name__}: {exc} (the run stopped)"})
                 return
             record = {"index": i, "hash": hashes[i], "sample": sample, "review": review}
+            if i in flagged:  # (only then: a key on each of 1.4M lines would say nothing)
+                record["input_corrupt"] = True
             with lock:
                 # One unbuffered write per sample: after a kill the log holds whole samples (a torn last line is
                 # cut off on resume) and nothing waits in a Python buffer.
@@ -176,7 +185,9 @@ def run(samples: Sequence[dict[str, Any]], languages: list[str], translator: Tra
         report["languages"][language] = {
             "samples": len(samples),
             "finished": len(done.offsets),
-            "corrupt": len(done.corrupt),
+            # What the output says: a sample the input flagged is written corrupt whatever its record holds (a
+            # record an older apply-review cleared, an input flagged since).
+            "corrupt": len(done.corrupt | (flagged & done.offsets.keys())),
             "unfinished": len(samples) - len(done.offsets),
             "output": paths[language]["json"] if complete else None,
             "review": paths[language]["review"] if complete else None,

@@ -12,8 +12,6 @@ from collections import Counter
 
 from palo.constants import DEFAULT_IMAGE_TOKEN
 
-_IMAGE_RE = re.compile(r"\s*" + re.escape(DEFAULT_IMAGE_TOKEN) + r"\s*")
-
 # Order matters: a code block may hold numbers and brackets, a coordinate list holds numbers.
 _PROTECTED = re.compile(
     r"```.*?```"  # fenced code blocks
@@ -21,8 +19,9 @@ _PROTECTED = re.compile(
     r"|\[\[\d+\]\]"  # a literal placeholder-lookalike in the source: protect it so restoring stays unambiguous
     r"|\[\s*-?\d+(?:\.\d+)?(?:\s*,\s*-?\d+(?:\.\d+)?)+\s*\]"  # [0.12, 0.40, 0.55, 0.89]
     # A number that is not part of a word ("COCO2017", "3rd", "x-5" stay words the model handles). Decimals, thousands
-    # separators, times and fractions stay one token so their punctuation is not "localised" by the model.
-    r"|(?<![\w.-])-?\d+(?:[.,:/]\d+)*%?(?!\w)",
+    # separators, times and fractions stay one token so their punctuation is not "localised" by the model, also when
+    # a unit is glued to them ("3.5kg", "1.5x": the unit is left to translate); an integer glued to letters is a word.
+    r"|(?<![\w.-])-?\d+(?:(?:[.,:/]\d+)+%?|%?(?!\w))",
     re.DOTALL,
 )
 # What comes back: models sometimes pad the brackets, use full-width brackets (CJK) or native digits (Arabic,
@@ -44,11 +43,16 @@ class Masked:
 
 
 def split_image(value: str) -> tuple[str, int]:
-    """The text of a turn without its ``<image>`` placeholders, and how many there were."""
+    """The text of a turn without its ``<image>`` placeholders, and how many there were.
+
+    Each placeholder is removed and the text stripped, as training's normalisation does
+    (:func:`palo.train.preprocess.normalize_image_turns`): one in mid-sentence leaves the sentence whole
+    ("Describe the scene <image> in detail." is sent as one sentence, not broken over two lines).
+    """
     count = value.count(DEFAULT_IMAGE_TOKEN)
     if not count:
         return value, 0
-    return _IMAGE_RE.sub("\n", value).strip(), count
+    return value.replace(DEFAULT_IMAGE_TOKEN, "").strip(), count
 
 
 def join_image(text: str, count: int) -> str:
