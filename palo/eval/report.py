@@ -49,6 +49,7 @@ def language_row(scores: dict[str, CategoryScore]) -> dict[str, Any]:
     row["model"] = all_score.model if all_score else None
     row["failed"] = row["all_failed"]
     row["judged"] = row["all_judged"]
+    row["replaced"] = all_score.replaced if all_score else 0  # earlier reviews of a question reviewed again
     return row
 
 

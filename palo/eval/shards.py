@@ -136,8 +136,7 @@ def merge_answers(question_file: str, shard_files: list[str], answers_file: str,
     Raises:
         JsonlError: If a shard holds a malformed line or an answer to a question the file does not have (a shard
             from another run), the question file is missing or repeats a question_id, or another process is writing
-            the answers file or a shard. (A malformed line of
-            ``answers_file`` is reported and dropped.)
+            the answers file or a shard. (A malformed line of ``answers_file`` is reported and dropped.)
         ValueError: If ``answers_file`` is also the question file or one of the shards (the merge would read
             questions as answers, or delete the file it just wrote).
     """

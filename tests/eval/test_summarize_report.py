@@ -77,6 +77,7 @@ def test_a_review_replaced_by_a_later_one_of_its_question_is_counted_not_dropped
     assert ("[counts] mixed all: judged 2, failed 0, replaced 2 (earlier reviews of a question_id a later line "
             "reviews again: a resumed run's retries; a file of several runs or languages is not one set of reviews)"
             in capsys.readouterr().err)
+    assert report.language_row(result)["replaced"] == 2  # in the report's JSON too
 
 
 def test_a_category_whose_reference_mean_is_zero_has_no_ratio():
