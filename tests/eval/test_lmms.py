@@ -337,3 +337,29 @@ def test_in_process_model_names_the_document_whose_prompt_leaves_no_room(world):
     with pytest.raises(ValueError, match=r"^t/test/1: the prompt takes \d+ of the model's \d+ positions"):
         model.generate_until(requests)
     assert len(model.generate_until(requests[:1])) == 1
+
+
+@pytest.mark.parametrize("engine", ["paged", "hf"])
+def test_scoring_a_document_past_the_positions_is_refused_naming_it_on_both_engines(world, engine):
+    """engine=hf returned a score computed past the model's positions; the engine refused the whole batch without
+    naming the document."""
+    from palo.eval.lmms.model import PaloLMM
+
+    model = PaloLMM(pretrained=world.full_dir, device="cpu", engine=engine)
+    docs = [{"q": "Name a colour."}, {"q": "colour " * 600}]
+    model.task_dict = {"t": {"test": docs}}
+    requests = [_Request(doc["q"], " red", lambda doc: [], i, "t", "test") for i, doc in enumerate(docs)]
+    with pytest.raises(ValueError, match=r"^t/test/1: the question and its option take \d+ of the model's \d+ "):
+        model.loglikelihood(requests)
+    assert len(model.loglikelihood(requests[:1])) == 1
+
+
+@pytest.mark.parametrize("arg, refused", [
+    ("conv_mode=bogus", "conv_mode='bogus' is not a template"),
+    ("image_preprocess=Pad", "image_preprocess='Pad' must be 'pad' or 'crop'"),  # it ran as the centre crop
+])
+def test_a_mistyped_template_or_preprocessing_is_refused_before_loading(tmp_path, arg, refused):
+    from palo.eval.lmms.model import PaloLMM
+
+    with pytest.raises(ValueError, match=refused):  # a missing checkpoint: refused before anything loads
+        PaloLMM.create_from_arg_string(f"pretrained={tmp_path / 'none'},device=cpu,{arg}")

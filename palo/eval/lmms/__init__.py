@@ -9,9 +9,9 @@ Two models, registered with lmms-eval through its entry-point group ``lmms_eval.
 * ``palo_api`` (:class:`palo.eval.lmms.api.PaloAPI`): a running PALO server through its OpenAI-compatible API
   (``palo-controller`` + ``palo-worker``), requests sent concurrently.
 
-``palo`` answers ``generate_until`` and log-likelihood requests (``multiple_choice`` / ``loglikelihood`` tasks,
-scored by :mod:`palo.eval.lmms.scoring`); ``palo_api`` only ``generate_until``, since a chat API cannot score a
-given continuation. Nothing here imports lmms-eval until lmms-eval loads the entry point.
+Both answer ``generate_until`` and log-likelihood requests (``multiple_choice`` tasks): ``palo`` scores with
+:mod:`palo.eval.lmms.scoring` or the engine, ``palo_api`` through the server's prompt log-probabilities. Nothing
+here imports lmms-eval until lmms-eval loads the entry point.
 """
 
 from __future__ import annotations

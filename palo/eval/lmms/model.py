@@ -9,10 +9,12 @@ import torch
 from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
+from palo.conversation import conv_templates
 from palo.eval import model_vqa
 from palo.eval.lmms.requests import cut_at_stops, loglikelihood_response, to_prompts, to_scorings
 from palo.eval.lmms.scoring import continuation_start, score_continuation
 from palo.mm_utils import preprocess_image, tokenizer_image_token
+from palo.model.multimodal import spliced_length
 
 # Log-likelihood requests scored by the engine at once (their images are held until then).
 SCORE_BATCH = 256
@@ -57,6 +59,12 @@ class PaloLMM(lmms):
         self.default_max_new_tokens = _int(max_new_tokens, "max_new_tokens")
         if self.batch_size < 1:
             raise ValueError("palo: batch_size must be at least 1")
+        # Checked before loading: an unknown template was a bare KeyError after it, and any preprocessing other than
+        # "pad" ran as the centre crop (image_preprocess=Pad scored every image another way without a word).
+        if conv_mode is not None and conv_mode not in conv_templates:
+            raise ValueError(f"palo: conv_mode={conv_mode!r} is not a template ({', '.join(sorted(conv_templates))})")
+        if image_preprocess is not None and image_preprocess not in ("pad", "crop"):
+            raise ValueError(f"palo: image_preprocess={image_preprocess!r} must be 'pad' or 'crop'")
         generation = model_vqa.generation_kwargs(0.0, None, 1, self.default_max_new_tokens)
         self.answerer, self.model_name = model_vqa.load_answerer(
             str(pretrained), model_base, conv_mode, generation, image_preprocess, device, vision_tower, engine)
@@ -116,6 +124,12 @@ class PaloLMM(lmms):
                 prompt = model_vqa.build_prompt(s.context, a.conv_mode, len(s.images), a.use_im_start_end)
                 context_ids = tokenizer_image_token(prompt, a.tokenizer)
                 full_ids = tokenizer_image_token(prompt + s.continuation, a.tokenizer)
+                # Both engines alike, naming the document: model.generate's scoring ran past the positions and
+                # returned a number; the engine refused the whole batch without saying which document.
+                length = spliced_length(full_ids, int(getattr(a.model, "image_token_count", 0)))
+                if length > a.context_len:
+                    raise ValueError(f"{s.where}: the question and its option take {length} of the model's "
+                                     f"{a.context_len} positions")
                 images = None
                 if s.images:
                     if last is None or last[0] != s.where:
