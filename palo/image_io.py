@@ -209,18 +209,40 @@ def trim_for_centre_crop(image: Image.Image, shortest_edge: int, max_pixels: int
 def read_differently(image: Image.Image) -> list[str]:
     """Which of this module's rules touch a stored image, where the original read it with ``convert("RGB")``.
 
-    For reports (``palo-data validate``): from the image's header alone, without decoding it.
+    For reports (``palo-data validate``): the orientation, bit depth and size come from the image's header; only an
+    image whose header names transparency (an alpha band, a transparent colour or palette index) is decoded, to see
+    whether any pixel is actually see-through.
 
     Returns:
-        Some of ``"exif_orientation"`` (turned upright), ``"transparency"`` (an alpha channel or a transparent
-        colour: its see-through pixels laid on white), ``"16_bit"`` (scaled, not clipped) and ``"pad_scaled"``
-        (long side over ``isqrt(MAX_IMAGE_PIXELS)``: scaled before ``pad``).
+        Some of ``"exif_orientation"`` (turned upright), ``"transparency"`` (some pixel see-through, by its alpha or
+        a transparent colour: laid on white; an alpha of 255 everywhere reads as the original read it),
+        ``"16_bit"`` (scaled, not clipped) and ``"pad_scaled"`` (long side over ``isqrt(MAX_IMAGE_PIXELS)``: scaled
+        before ``pad``).
     """
     notes = ["exif_orientation"] if _asks_for_a_turn(image) else []
     if _is_16_bit(image):
         notes.append("16_bit")
-    if _has_transparency(image):
+    if _shows_transparency(image):
         notes.append("transparency")
     if max(image.size) > math.isqrt(MAX_IMAGE_PIXELS):
         notes.append("pad_scaled")
     return notes
+
+
+def _shows_transparency(image: Image.Image) -> bool:
+    """Some pixel is see-through: what :func:`to_rgb` lays on white differs from the original's ``convert("RGB")``.
+
+    :func:`_has_transparency` (the header) is not enough: an RGBA file whose alpha is 255 everywhere is common (many
+    tools always write one) and composites to exactly the original's pixels. Only such images are decoded here.
+    """
+    if not _has_transparency(image):
+        return False
+    if _is_16_bit(image):  # to_rgb whitens the stored grey value named transparent, where it occurs
+        key = image.info.get("transparency")
+        return isinstance(key, int) and bool((np.asarray(image) == key).any())
+    bands = image.getbands()
+    alpha_band = next((band for band in ("A", "a") if band in bands), None)
+    # With no alpha band, Pillow's RGBA conversion turns the transparent colour or palette entries into alpha, as
+    # to_rgb's does.
+    alpha = image.getchannel(alpha_band) if alpha_band else image.convert("RGBA").getchannel("A")
+    return alpha.getextrema()[0] < 255

@@ -76,3 +76,26 @@ def test_sixteen_bit_grey_with_a_transparent_grey_is_counted_under_both_rules():
     assert read_differently(image) == ["16_bit"]
     image.info["transparency"] = 0
     assert read_differently(image) == ["16_bit", "transparency"]
+
+
+def test_transparency_is_counted_only_where_a_pixel_is_see_through():
+    """An RGBA image whose alpha is 255 everywhere was counted under "transparency" from its header, though it reads
+    exactly as the original read it."""
+    opaque = _noise(4, 3).convert("RGBA")
+    assert read_differently(opaque) == []
+    assert np.array_equal(np.asarray(to_rgb(opaque)), np.asarray(opaque.convert("RGB")))
+    seen_through = opaque.copy()
+    seen_through.putpixel((1, 1), (0, 0, 0, 128))
+    assert read_differently(seen_through) == ["transparency"]
+    # A palette index named transparent counts only where some pixel uses it.
+    palette = Image.new("P", (3, 2), 1)
+    palette.info["transparency"] = 0
+    assert read_differently(palette) == []
+    palette.putpixel((2, 1), 0)
+    assert read_differently(palette) == ["transparency"]
+    # So does a colour named transparent in an RGB image.
+    rgb = Image.new("RGB", (3, 2), (10, 20, 30))
+    rgb.info["transparency"] = (0, 0, 0)
+    assert read_differently(rgb) == []
+    rgb.putpixel((0, 0), (0, 0, 0))
+    assert read_differently(rgb) == ["transparency"]

@@ -49,6 +49,14 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     if args.version != "v0" and tokenizer.unk_token is not None:
         tokenizer.pad_token = tokenizer.unk_token
+    if args.mm_use_im_start_end:
+        # As training's _add_vision_tokens (palo/train/model_setup.py) does before it tokenizes: without them a base
+        # LLM's tokenizer splits <im_start>/<im_end> into pieces and every count here differs from training's. A
+        # checkpoint trained with them has them already (adding is then a no-op). That function also resizes the
+        # model's embeddings, so it cannot take a bare tokenizer.
+        from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
+
+        tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)
     index = JsonArrayIndex.build(args.data_path)
     positions = [args.index] if args.index is not None else range(len(index))
     if args.index is not None and not 0 <= args.index < len(index):
@@ -59,6 +67,12 @@ def _inspect(args: argparse.Namespace) -> int:
     for i in positions:
         sample = index.read(i)
         sample_id = sample.get("id") if isinstance(sample, dict) else None
+        if isinstance(sample, dict) and sample.get("corrupt"):
+            # Decided first, as training does (palo/train/dataset.py): it filters the sample out whatever it holds.
+            record = {"index": i, "id": sample_id, "skipped": "corrupt: true (training filters it out)"}
+            print(json.dumps(record, ensure_ascii=False) if args.json else f"[{i}] id={sample_id!r}: skipped "
+                  "(corrupt: true; training filters it out)")
+            continue
         try:
             if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
                 raise BadSampleError("no 'conversations' list")
@@ -158,7 +172,7 @@ def _validate(args: argparse.Namespace) -> int:
     index = JsonArrayIndex.build(args.data_path)
     languages: collections.Counter[str] = collections.Counter()
     problems = _Problems(args.max_problems)
-    counts = collections.Counter(corrupt=0, text_only=0, image_samples=0)
+    counts = collections.Counter(corrupt=0, kept=0, text_only=0, image_samples=0)
     # Images the original read otherwise (palo/image_io.py): a reproduction can see how much of its data that touches.
     read_differently: collections.Counter[str] = collections.Counter(
         {"exif_orientation": 0, "transparency": 0, "16_bit": 0, "pad_scaled": 0})
@@ -172,11 +186,13 @@ def _validate(args: argparse.Namespace) -> int:
                 problems.add(i, None, str(exc))
                 continue
             sample_id = sample.get("id") if isinstance(sample, dict) else None
+            if isinstance(sample, dict) and sample.get("corrupt"):
+                # Decided first, as training does (palo/train/dataset.py): filtered out whatever it holds.
+                counts["corrupt"] += 1
+                continue
+            counts["kept"] += 1  # training keeps it (and trains on it, or fails on it if malformed)
             if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
                 problems.add(i, sample_id, "no 'conversations' list")
-                continue
-            if sample.get("corrupt"):
-                counts["corrupt"] += 1
                 continue
             languages[sample_language(sample)] += 1
             try:
@@ -200,6 +216,13 @@ def _validate(args: argparse.Namespace) -> int:
             if error:
                 problems.add(i, sample_id, error)
             read_differently.update(notes)
+    # A set training refuses outright (palo/train/train.py), in its words: nothing to train on is a problem too.
+    if not len(index):
+        refused = f"--data_path {args.data_path} holds no samples"
+    elif not counts["kept"]:
+        refused = f"--data_path {args.data_path} holds no samples that are not corrupt"
+    else:
+        refused = None
     report = {
         "samples": len(index),
         "corrupt_filtered": counts["corrupt"],
@@ -207,14 +230,16 @@ def _validate(args: argparse.Namespace) -> int:
         "text_only_samples": counts["text_only"],
         "languages": dict(languages.most_common()),
         "images_read_unlike_the_original": dict(read_differently),
-        "problems": problems.count,
+        "problems": problems.count + bool(refused),
     }
     print(json.dumps(report, ensure_ascii=False, indent=2))
+    if refused:
+        print(json.dumps({"index": None, "id": None, "problem": refused}, ensure_ascii=False), file=sys.stderr)
     for problem in problems.first():
         print(json.dumps(problem, ensure_ascii=False), file=sys.stderr)
     if problems.count > args.max_problems:
         print(f"... and {problems.count - args.max_problems} more problems", file=sys.stderr)
-    return 1 if problems.count else 0
+    return 1 if problems.count or refused else 0
 
 
 def count_at_least(minimum: int) -> Callable[[str], int]:

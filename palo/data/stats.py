@@ -91,6 +91,20 @@ class TokenCounter:
             stats.byte_tokens += sum(1 for i in ids if i in self._byte_ids)
 
 
+# Stands for an entry of the data file that is not valid JSON: counted malformed, as validate lists it and training
+# skips it (--skip_bad_samples), rather than ending the whole report.
+NOT_JSON = object()
+
+
+def _read_all(index: Any) -> Iterator[Any]:
+    """Every entry of a :class:`~palo.data.json_index.JsonArrayIndex`, :data:`NOT_JSON` for one that is not JSON."""
+    for i in range(len(index)):
+        try:
+            yield index.read(i)
+        except ValueError:
+            yield NOT_JSON
+
+
 def _image_count(image: Any) -> int:
     if isinstance(image, list):
         return len(image)
@@ -100,20 +114,25 @@ def _image_count(image: Any) -> int:
 def training_stats(samples: Iterable[Any], counter: TokenCounter) -> tuple[dict[str, LanguageStats], int, int]:
     """Per-language statistics of training samples (docs/formats.md §5.1).
 
-    Samples flagged ``corrupt`` are skipped: training (and ``palo-data validate``) drops them.
+    Samples flagged ``corrupt`` are skipped, whatever else they hold: training (and ``palo-data validate``) drops
+    them.
+
+    Args:
+        samples: The samples; :data:`NOT_JSON` in place of an entry that is not valid JSON.
+        counter: Counts the tokens.
 
     Returns:
-        The statistics by language, the number of malformed samples (no ``conversations`` list) skipped, and the
-        number of corrupt samples skipped.
+        The statistics by language, the number of malformed samples (not valid JSON, or no ``conversations`` list)
+        skipped, and the number of corrupt samples skipped.
     """
     table: dict[str, LanguageStats] = {}
     malformed = corrupt = 0
     for sample in samples:
-        if not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
-            malformed += 1
-            continue
-        if sample.get("corrupt"):
+        if isinstance(sample, dict) and sample.get("corrupt"):  # decided first, as training does: filtered out
             corrupt += 1
+            continue
+        if sample is NOT_JSON or not isinstance(sample, dict) or not isinstance(sample.get("conversations"), list):
+            malformed += 1
             continue
         stats = table.setdefault(sample_language(sample), LanguageStats())
         turns = [t.get("value") for t in sample["conversations"] if isinstance(t, dict)]
@@ -263,7 +282,7 @@ def main_stats(args: argparse.Namespace) -> int:
         return 2
     counter = TokenCounter(tokenizer)
     index = JsonArrayIndex.build(args.data_path)
-    train, malformed, corrupt = training_stats((index.read(i) for i in range(len(index))), counter)
+    train, malformed, corrupt = training_stats(_read_all(index), counter)
     tables = {"training data": train}
     if args.questions:
         try:
@@ -286,7 +305,7 @@ def main_stats(args: argparse.Namespace) -> int:
     }
     markdown = "\n".join(markdown_table(name, table) for name, table in tables.items())
     if malformed:
-        markdown += f"\n{malformed} malformed sample(s) skipped (no 'conversations' list)\n"
+        markdown += f"\n{malformed} malformed sample(s) skipped (not valid JSON, or no 'conversations' list)\n"
     if corrupt:
         markdown += f"\n{corrupt} corrupt sample(s) skipped (corrupt: true; training drops them)\n"
     print(json.dumps(report, ensure_ascii=False, indent=2) if args.json else markdown)

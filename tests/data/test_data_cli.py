@@ -220,3 +220,58 @@ def test_validate_of_a_file_edited_in_place_meanwhile_is_one_error_line(tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'set.json'}: the data file changed since "), err
     assert "(modified at " in err and "training" not in err, err
+
+
+_TURNS = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]
+
+
+def test_a_corrupt_sample_without_conversations_is_filtered_as_training_filters_it(world, tmp_path, capsys):
+    """validate, and inspect, checked 'conversations' before 'corrupt': a corrupt: true sample with none was a
+    problem ("no 'conversations' list") and an inspect ERROR, where training filters it out without a word."""
+    from palo.data.cli import main
+
+    samples = [{"id": "ok", "conversations": _TURNS}, {"id": "c2", "corrupt": True}]
+    assert _validate_in_process(tmp_path, samples) == 0
+    out = capsys.readouterr()
+    report = json.loads(out.out)
+    assert report["problems"] == 0 and report["corrupt_filtered"] == 1 and report["text_only_samples"] == 1
+    assert out.err == ""
+    assert main(["inspect", "--data_path", str(tmp_path / "set.json"), "--model_name_or_path", world.tokenizer_dir,
+                 "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "error" not in records[1] and records[1]["skipped"].startswith("corrupt: true"), records[1]
+
+
+@pytest.mark.parametrize("samples, words", [
+    ([], "holds no samples"),
+    ([{"id": "c1", "corrupt": True, "conversations": _TURNS}], "holds no samples that are not corrupt"),
+])
+def test_validate_refuses_a_set_training_refuses(tmp_path, capsys, samples, words):
+    """An empty set, or one whose every sample is corrupt: true, passed (exit 0); training stops on both."""
+    assert _validate_in_process(tmp_path, samples) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out)["problems"] == 1
+    problem = json.loads(out.err)
+    assert problem["problem"] == f"--data_path {tmp_path / 'set.json'} {words}", problem
+
+
+def test_inspect_with_image_start_end_tokenizes_as_training_does(world, tmp_path, capsys):
+    """--mm_use_im_start_end with a base LLM's tokenizer split <im_start>/<im_end> into pieces: training adds them
+    as tokens (model_setup._add_vision_tokens) first, so the counts differed."""
+    from palo.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN
+    from palo.data.cli import main
+    from palo.model.tokenizer import load_tokenizer
+    from palo.train.preprocess import build_supervised_example
+
+    turns = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": turns}]), encoding="utf-8")
+    assert main(["inspect", "--data_path", str(path), "--model_name_or_path", world.tokenizer_dir, "--json",
+                 "--mm_use_im_start_end"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    tokenizer = load_tokenizer(world.tokenizer_dir)
+    tokenizer.pad_token = tokenizer.unk_token
+    assert DEFAULT_IM_START_TOKEN not in tokenizer.get_vocab()  # a base tokenizer: the case that went wrong
+    tokenizer.add_tokens([DEFAULT_IM_START_TOKEN, DEFAULT_IM_END_TOKEN], special_tokens=True)  # as training
+    expected = build_supervised_example(turns, tokenizer, "v1", True, True)
+    assert record["token_count"] == len(expected.input_ids)

@@ -174,3 +174,23 @@ def test_stats_out_may_not_replace_a_questions_input(tmp_path, capsys):
         assert "which is --questions" in capsys.readouterr().err
     assert questions.read_text(encoding="utf-8").startswith('{"question_id": 0')
     assert (bench / "questions.json").read_text(encoding="utf-8").startswith('{"question_id": 0')
+
+
+def test_stats_decides_corrupt_before_conversations(world, tmp_path, capsys):
+    """A corrupt: true sample without 'conversations' was counted malformed; training filters it as corrupt."""
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([SAMPLES[1], {"id": "c2", "corrupt": True}]), encoding="utf-8")
+    assert cli.main(["stats", "--data_path", str(data), "--model_name_or_path", world.full_dir, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["malformed_samples"], report["corrupt_samples"]) == (0, 1)
+
+
+def test_stats_counts_an_entry_that_is_not_json_as_malformed_and_goes_on(world, tmp_path, capsys):
+    """One entry that is not valid JSON ended the whole report (exit 2), where validate lists it and training skips
+    it with --skip_bad_samples."""
+    data = tmp_path / "data.json"
+    good = json.dumps(SAMPLES[1])
+    data.write_text(f'[{good},\n{{"id": "bad" "conversations": []}},\n{good}]', encoding="utf-8")
+    assert cli.main(["stats", "--data_path", str(data), "--model_name_or_path", world.full_dir, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["malformed_samples"] == 1 and report["sets"]["training data"]["english"]["samples"] == 2
