@@ -129,6 +129,22 @@ def image_preprocess_for(config: Any) -> str:
     return "pad" if getattr(config, "image_aspect_ratio", None) == "pad" else "crop"
 
 
+def checkpoint_image_preprocess(model_path: str) -> str | None:
+    """:func:`image_preprocess_for` the checkpoint's ``config.json``, read before the model loads, so that answers a
+    run resumes are compared with the rule it will use (answers made with ``crop`` were resumed by a run padding its
+    images, one file of two kinds); None when the config cannot be read here (loading then says why).
+    """
+    from transformers import PretrainedConfig
+
+    from palo.model.builder import CheckpointError, resolve_checkpoint_dir
+
+    try:
+        values, _ = PretrainedConfig.get_config_dict(resolve_checkpoint_dir(os.path.expanduser(model_path)))
+    except (CheckpointError, OSError, ValueError):
+        return None
+    return "pad" if values.get("image_aspect_ratio") == "pad" else "crop"
+
+
 @dataclass(frozen=True)
 class AnswerRun:
     """Who answers and how, known before the model loads: what an answer must match to be kept on resume.
@@ -764,7 +780,8 @@ def _answer(args: argparse.Namespace, generation: dict[str, Any]) -> int:
         return load_answerer(args.model_path, args.model_base, args.conv_mode, generation, args.image_preprocess,
                              args.device, args.vision_tower, args.engine, args.dtype)
 
-    run = AnswerRun.of(args.model_path, args.conv_mode, args.image_preprocess, generation)
+    image_preprocess = args.image_preprocess or checkpoint_image_preprocess(args.model_path)
+    run = AnswerRun.of(args.model_path, args.conv_mode, image_preprocess, generation)
     return answer_file(loader, args.question_file, args.image_folder, args.answers_file, args.batch_size,
                        args.num_chunks, args.chunk_idx, args.skip_bad, run=run, overwrite=args.overwrite)
 

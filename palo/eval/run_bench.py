@@ -160,7 +160,8 @@ def _generation(args: argparse.Namespace) -> dict:
 
 def answer_run(args: argparse.Namespace) -> model_vqa.AnswerRun:
     """The model and settings answers must have been made with to be resumed."""
-    return model_vqa.AnswerRun.of(args.model_path, args.conv_mode, args.image_preprocess, _generation(args))
+    image_preprocess = args.image_preprocess or model_vqa.checkpoint_image_preprocess(args.model_path)
+    return model_vqa.AnswerRun.of(args.model_path, args.conv_mode, image_preprocess, _generation(args))
 
 
 def make_loader(args: argparse.Namespace) -> tuple[Callable[[], tuple[model_vqa.Answerer, str]], list]:

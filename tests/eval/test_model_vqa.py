@@ -176,6 +176,15 @@ def test_images_are_preprocessed_as_the_checkpoint_was_trained_unless_a_rule_is_
     assert {r["metadata"]["settings"]["image_preprocess"] for r in _read(out)} == {"pad"}
     assert _run(world, bench, questions, out) == 0
     assert _run(world, bench, questions, out, "--image-preprocess", "crop") == 2
+    # Answers made with crop are not resumed by a default run, which pads for this checkpoint (one file of both).
+    cropped = str(tmp_path / "cropped.jsonl")
+    assert _run(world, bench, questions, cropped, "--image-preprocess", "crop") == 0
+    with open(cropped, encoding="utf-8") as f:
+        kept = f.readlines()[:2]  # as if killed after two answers
+    with open(cropped, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    assert _run(world, bench, questions, cropped) == 2
+    assert len(_read(cropped)) == 2
 
 
 def test_missing_image_and_malformed_line_name_file_and_line(world, bench, tmp_path, capsys):
